@@ -1,0 +1,202 @@
+"""The inference service's nouns: signatures, resolved versions, serving configs, predictions, loaded models."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+
+from modelforge._refs import ModelRef
+
+__all__ = [
+    "BatchingConfig",
+    "CacheConfig",
+    "CacheMode",
+    "LoadedModel",
+    "ModelRef",
+    "ModelState",
+    "ModelStatistics",
+    "Prediction",
+    "ResolvedModel",
+    "ServingConfig",
+    "SessionConfig",
+    "Signature",
+    "TensorSpec",
+    "Timings",
+]
+
+DYNAMIC = -1  # a dimension whose size is chosen per request
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """The declared type and shape of one model input or output.
+
+    dtype is a numpy dtype (np.dtype(object) for strings); shape uses DYNAMIC (-1) for free dimensions.
+    """
+
+    name: str
+    dtype: np.dtype[Any]
+    shape: tuple[int, ...]
+    dim_names: tuple[str, ...] = ()
+
+    @property
+    def is_string(self) -> bool:
+        return self.dtype == np.dtype(object)
+
+    @property
+    def batchable(self) -> bool:
+        """True when the leading dimension is dynamic, so that requests can be stacked along it."""
+        return len(self.shape) >= 1 and self.shape[0] == DYNAMIC
+
+
+@dataclass(frozen=True, slots=True)
+class Signature:
+    """The inputs and outputs of an ONNX graph, in graph order."""
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def input(self, name: str) -> TensorSpec | None:
+        return next((spec for spec in self.inputs if spec.name == name), None)
+
+    def output(self, name: str) -> TensorSpec | None:
+        return next((spec for spec in self.outputs if spec.name == name), None)
+
+    @property
+    def batchable(self) -> bool:
+        """True when every input and output has a dynamic leading dimension."""
+        return all(spec.batchable for spec in (*self.inputs, *self.outputs))
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedModel:
+    """One model version as the registry describes it, the target of a resolved ModelRef."""
+
+    name: str
+    version: int
+    sha256: str
+    size_bytes: int
+    signature: Signature
+    labels: Mapping[str, str] = field(default_factory=dict)
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.name, self.version)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchingConfig:
+    """Dynamic batching of one model version. max_batch_size 0 turns batching off."""
+
+    max_batch_size: int = 0
+    max_queue_delay_us: int = 500
+    preferred_batch_sizes: tuple[int, ...] = ()
+    priority_levels: int = 1  # request priority 1 is the most urgent; 0 (the default) means the least urgent level
+    max_queue_size: int = 1024
+    default_queue_timeout: float | None = None  # seconds a request may wait in the queue; None: no limit
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """The Redis prediction cache of one model version; off by default."""
+
+    enabled: bool = False
+    ttl_seconds: int = 300
+    max_entry_bytes: int = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class SessionConfig:
+    """ONNX Runtime session options. 0 threads means ONNX Runtime's own default."""
+
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+    graph_optimization_level: str = "all"  # disabled | basic | extended | all
+    execution_providers: tuple[str, ...] = ("CPUExecutionProvider",)
+
+
+@dataclass(frozen=True, slots=True)
+class ServingConfig:
+    """How one model version is served: server-wide defaults overridden by the version's labels."""
+
+    batching: BatchingConfig = BatchingConfig()
+    cache: CacheConfig = CacheConfig()
+    session: SessionConfig = SessionConfig()
+
+
+class CacheMode(enum.Enum):
+    """What a prediction does with the cache: use it, ignore it, or recompute and overwrite the entry."""
+
+    USE = "use"
+    BYPASS = "bypass"
+    REFRESH = "refresh"
+
+
+@dataclass(slots=True)
+class Timings:
+    """Where a request's time went, in seconds."""
+
+    queue: float = 0.0
+    compute: float = 0.0
+    total: float = 0.0
+
+
+@dataclass(slots=True)
+class Prediction:
+    """The outputs of one request, with the version that produced them."""
+
+    outputs: dict[str, np.ndarray]
+    model: str
+    version: int
+    sha256: str
+    timings: Timings
+    cache_hit: bool = False
+
+
+class ModelState(enum.Enum):
+    """Where a loaded model version is in its lifecycle."""
+
+    LOADING = "loading"
+    READY = "ready"
+    UNLOADING = "unloading"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedModel:
+    """A snapshot of one model version held (or being loaded) by the engine."""
+
+    name: str
+    version: int
+    sha256: str
+    state: ModelState
+    reason: str = ""  # why it FAILED
+    memory_bytes: int = 0  # estimate
+    last_use: datetime | None = None
+    in_flight: int = 0
+    load_seconds: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class ModelStatistics:
+    """Counters of one model version since it was first used."""
+
+    name: str
+    version: int
+    requests: int = 0
+    failures: int = 0
+    inferences: int = 0  # items, counting each row of a batched request
+    executions: int = 0  # session runs; fewer than inferences when batching merges requests
+    queue_seconds: float = 0.0  # sums over successful requests
+    compute_seconds: float = 0.0
+    total_seconds: float = 0.0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    batch_sizes: Mapping[int, int] = field(default_factory=dict)  # items per execution -> executions
+    last_inference: datetime | None = None
