@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,11 +18,14 @@ Stop = Callable[[], None]
 
 def start_postgres(data_dir: Path) -> tuple[str, Stop]:
     """Starts (or joins) a PostgreSQL server whose data lives in data_dir/postgres; returns its URL and a stopper."""
-    import pgserver  # imported here: only the embedded mode needs it
-
     pgdata = (data_dir / "postgres").resolve()
     pgdata.mkdir(parents=True, exist_ok=True)
-    server = pgserver.get_server(pgdata, cleanup_mode="stop")
+    with warnings.catch_warnings():
+        # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); pgserver copes with the fallback.
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
+        import pgserver  # imported here: only the embedded mode needs it
+
+        server = pgserver.get_server(pgdata, cleanup_mode="stop")
     url: str = server.get_uri()
     log.info("embedded PostgreSQL at %s", pgdata)
 
