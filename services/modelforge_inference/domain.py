@@ -36,13 +36,16 @@ DYNAMIC = -1  # a dimension whose size is chosen per request
 class TensorSpec:
     """The declared type and shape of one model input or output.
 
-    dtype is a numpy dtype (np.dtype(object) for strings); shape uses DYNAMIC (-1) for free dimensions.
+    dtype is the numpy dtype that holds the elements (np.dtype(object) for strings, uint16 bit patterns for
+    bfloat16); ort_type is ONNX Runtime's type string ("tensor(float)"), which tells bfloat16 from uint16.
+    shape uses DYNAMIC (-1) for free dimensions.
     """
 
     name: str
     dtype: np.dtype[Any]
     shape: tuple[int, ...]
     dim_names: tuple[str, ...] = ()
+    ort_type: str = ""
 
     @property
     def is_string(self) -> bool:

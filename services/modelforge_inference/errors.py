@@ -1,0 +1,123 @@
+"""The inference service's specific errors, each a kind from modelforge_server.errors with a stable reason."""
+
+from __future__ import annotations
+
+from modelforge_server.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
+
+
+class InvalidInput(InvalidArgument):
+    reason = "INVALID_INPUT"
+
+    def __init__(self, name: str, problem: str) -> None:
+        super().__init__(f"input {name!r}: {problem}", field=f"inputs[{name}]", input=name)
+
+
+class UnknownOutput(InvalidArgument):
+    reason = "UNKNOWN_OUTPUT"
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        super().__init__(
+            f"the model has no output {name!r}; its outputs are {', '.join(map(repr, known))}",
+            field="output_names",
+            output=name,
+        )
+
+
+class RequestTooLarge(InvalidArgument):
+    reason = "REQUEST_TOO_LARGE"
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(
+            f"the inputs add up to {size} bytes, more than this server's limit of {limit} "
+            "(MODELFORGE_MAX_REQUEST_BYTES); split the request into smaller batches",
+            field="inputs",
+            size=str(size),
+            limit=str(limit),
+        )
+
+
+class InvalidPriority(InvalidArgument):
+    reason = "INVALID_PRIORITY"
+
+    def __init__(self, priority: int) -> None:
+        super().__init__(f"priority must be 0 or more, got {priority}", field="priority")
+
+
+class InvalidTimeout(InvalidArgument):
+    reason = "INVALID_TIMEOUT"
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__(f"timeout must not be negative, got {timeout} s", field="timeout")
+
+
+class ModelRunFailed(InvalidArgument):
+    """ONNX Runtime refused inputs that passed the signature checks (values or shapes the graph cannot take)."""
+
+    reason = "MODEL_RUN_FAILED"
+
+    def __init__(self, model: str, version: int, detail: str) -> None:
+        super().__init__(
+            f"{model}:{version} could not run on these inputs: {detail}", model=model, version=str(version)
+        )
+
+
+class QueueFull(ResourceExhausted):
+    reason = "QUEUE_FULL"
+
+    def __init__(self, model: str, version: int, size: int) -> None:
+        super().__init__(
+            f"the queue of {model}:{version} is full ({size} requests waiting); retry with backoff",
+            model=model,
+            version=str(version),
+        )
+
+
+class QueueTimeout(DeadlineExceeded):
+    reason = "QUEUE_TIMEOUT"
+
+    def __init__(self, model: str, version: int, waited: float) -> None:
+        super().__init__(
+            f"the request waited {waited * 1000:.1f} ms in the queue of {model}:{version} and its deadline "
+            "passed before it could run; raise the timeout or lower the load",
+            model=model,
+            version=str(version),
+        )
+
+
+class ModelNotLoaded(NotFound):
+    reason = "MODEL_NOT_LOADED"
+
+    def __init__(self, ref: str) -> None:
+        super().__init__(f"{ref} is not loaded on this server; ListLoadedModels shows what is", model=ref)
+
+
+class ModelLoadFailed(FailedPrecondition):
+    reason = "MODEL_LOAD_FAILED"
+
+    def __init__(self, model: str, version: int, detail: str) -> None:
+        super().__init__(f"{model}:{version} could not be loaded: {detail}", model=model, version=str(version))
+
+
+class InvalidServingConfig(FailedPrecondition):
+    reason = "INVALID_SERVING_CONFIG"
+
+    def __init__(self, model: str, version: int, label: str, value: str, expected: str) -> None:
+        super().__init__(
+            f"{model}:{version} has label {label}={value!r}, but it takes {expected}; fix it with UpdateModelVersion",
+            model=model,
+            version=str(version),
+            label=label,
+        )
+
+
+class ModelUnloading(FailedPrecondition):
+    reason = "MODEL_UNLOADING"
+
+    def __init__(self, model: str, version: int) -> None:
+        super().__init__(f"{model}:{version} is being unloaded; retry", model=model, version=str(version))

@@ -1,0 +1,51 @@
+"""The inference service's settings, from MODELFORGE_* variables; the server-wide serving defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from modelforge_server.settings import MiB, ServerSettings
+
+GiB = 1024 * MiB
+
+
+@dataclass(frozen=True)
+class InferenceSettings(ServerSettings):
+    """Everything the inference process reads at start. Per-version labels override the serving defaults."""
+
+    port: int = 50052
+    # Where the registry listens; resolution, downloads and model events come from it.
+    registry_address: str = "127.0.0.1:50051"
+    # Loaded sessions: at most this many model versions, and an estimated memory budget across them.
+    max_loaded_models: int = 8
+    memory_budget_bytes: int = 8 * GiB
+    # Requests whose inputs add up to more bytes are refused with INVALID_ARGUMENT.
+    max_request_bytes: int = 64 * MiB
+    # The local cache of model files, keyed by sha256; None means data_dir/models.
+    model_dir: Path | None = None
+    model_cache_bytes: int = 20 * GiB
+    # Threads running ONNX Runtime (session.run releases the GIL); 0 means one per CPU core.
+    compute_threads: int = 0
+    # Run every model once on zeros before it counts as READY.
+    warmup: bool = True
+    # Session options, server-wide.
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+    graph_optimization_level: str = "all"
+    execution_providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    # Dynamic batching defaults. max_batch_size 0 turns batching off.
+    max_batch_size: int = 0
+    max_queue_delay_us: int = 500
+    preferred_batch_sizes: tuple[str, ...] = ()
+    priority_levels: int = 1
+    max_queue_size: int = 1024
+    default_queue_timeout: float | None = None
+    # Prediction cache defaults; a version turns it on with the label modelforge.io/cache=true.
+    cache_enabled: bool = False
+    cache_ttl_seconds: int = 300
+    cache_max_entry_bytes: int = 1 * MiB
+
+    @property
+    def model_directory(self) -> Path:
+        return self.model_dir if self.model_dir is not None else self.data_dir / "models"
