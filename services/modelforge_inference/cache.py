@@ -1,0 +1,533 @@
+"""The prediction cache in Redis, and single-flight sharing of identical work.
+
+An entry maps a prediction key to the outputs of one request. The key is a BLAKE2b digest over the model file's
+sha256, the inputs in canonical form and the requested output names (:func:`prediction_digest`), so it names the
+answer by content: two replicas, or two versions sharing one file, share their entries, and a new file never meets
+an old entry. Values are a compact binary layout (:func:`encode_outputs`), never pickle.
+
+Redis is an optimisation, never a dependency of a prediction. Every Redis failure is translated here and only here:
+a connection-level failure puts the cache in *degraded* mode (``degraded`` / ``degraded_reason``), in which ``get``
+and ``put`` are no-ops answering a miss without touching Redis, while a background probe pings Redis with backoff and
+leaves degraded mode on its own when Redis answers again. No method of :class:`PredictionCache` raises because of
+Redis.
+
+Single flight is per process: concurrent identical misses in one replica run the model once
+(:meth:`PredictionCache.single_flight`); two replicas missing the same key at the same moment each compute it once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import logging
+import random
+import struct
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping
+from typing import Any, Generic, TypeVar
+
+import numpy as np
+import redis.asyncio
+import redis.exceptions
+
+from modelforge_inference.domain import ResolvedModel
+from modelforge_server.errors import Unavailable
+
+__all__ = [
+    "CacheCounts",
+    "PredictionCache",
+    "PredictionKey",
+    "SingleFlight",
+    "decode_outputs",
+    "encode_outputs",
+    "prediction_digest",
+]
+
+log = logging.getLogger(__name__)
+
+K = TypeVar("K", bound=Hashable)
+T = TypeVar("T")
+
+_STRING = "bytes"  # the dtype label of string tensors (numpy object arrays of bytes or str)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Keys
+
+
+def _dtype_label(array: np.ndarray) -> str:
+    if array.dtype.kind in "OSU":
+        return _STRING
+    return array.dtype.newbyteorder("<").str  # "<f4", "|u1", "|b1": the same label on every machine
+
+
+def _little_endian(array: np.ndarray) -> np.ndarray:
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    return np.ascontiguousarray(array)
+
+
+def _element_bytes(value: Any) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, bytearray | memoryview | np.bytes_):
+        return bytes(value)
+    raise ValueError(f"string tensors hold bytes or str elements, not {type(value).__name__}")
+
+
+def _frame(digest: Any, data: bytes) -> None:
+    digest.update(struct.pack("<Q", len(data)))
+    digest.update(data)
+
+
+def prediction_digest(model_sha256: str, inputs: Mapping[str, np.ndarray], output_names: Iterable[str] = ()) -> bytes:
+    """The 32-byte BLAKE2b digest naming one prediction.
+
+    It covers the model file's sha256, every input as (name, dtype, shape, bytes) in name order, and the sorted,
+    de-duplicated requested output names (empty means "all outputs", a key of its own). Every field is
+    length-framed, so no two different requests share a byte stream. Numbers are hashed as little-endian
+    row-major bytes, whatever the array's memory layout; string elements as their bytes (str is UTF-8 encoded).
+    """
+    digest = hashlib.blake2b(digest_size=32, person=b"modelforge-pred1")
+    _frame(digest, model_sha256.encode())
+    digest.update(struct.pack("<I", len(inputs)))
+    for name in sorted(inputs):
+        array = np.asarray(inputs[name])
+        label = _dtype_label(array)
+        _frame(digest, name.encode())
+        _frame(digest, label.encode())
+        digest.update(struct.pack(f"<I{array.ndim}q", array.ndim, *array.shape))
+        if label == _STRING:
+            digest.update(struct.pack("<Q", array.size))
+            for element in array.reshape(-1):
+                _frame(digest, _element_bytes(element))
+        else:
+            data = _little_endian(array)
+            digest.update(struct.pack("<Q", data.nbytes))
+            digest.update(data.reshape(-1).view(np.uint8))
+    names = sorted(set(output_names))
+    digest.update(struct.pack("<I", len(names)))
+    for name in names:
+        _frame(digest, name.encode())
+    return digest.digest()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PredictionKey:
+    """Names one cache entry; also says which model version the entry is counted under."""
+
+    model: str
+    version: int
+    digest: bytes
+
+    @classmethod
+    def of(
+        cls, model: ResolvedModel, inputs: Mapping[str, np.ndarray], output_names: Iterable[str] = ()
+    ) -> PredictionKey:
+        """The key of a prediction of ``model`` on ``inputs``, asking for ``output_names`` (empty: all)."""
+        return cls(model.name, model.version, prediction_digest(model.sha256, inputs, output_names))
+
+    @property
+    def hex(self) -> str:
+        return self.digest.hex()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Values
+#
+#   value  := b"MFP1" u32:count output*
+#   output := u16:len name  u8:len dtype  u8:ndim i64*ndim:shape  u64:len  pad-to-8  payload
+#   payload of a number tensor: its little-endian row-major bytes; of a string tensor: (u32:len bytes)* per element
+
+_MAGIC = b"MFP1"
+_HEAD = struct.Struct("<4sI")
+
+
+def _payload(array: np.ndarray) -> tuple[str, bytes | memoryview]:
+    label = _dtype_label(array)
+    if label == _STRING:
+        elements = [_element_bytes(element) for element in array.reshape(-1)]
+        parts = []
+        for element in elements:
+            parts.append(struct.pack("<I", len(element)))
+            parts.append(element)
+        return label, b"".join(parts)
+    data = _little_endian(array)
+    return label, data.reshape(-1).view(np.uint8).data
+
+
+def _entry_size(outputs: Mapping[str, np.ndarray]) -> int:
+    """A lower bound of the encoded size, cheap enough to refuse big entries before encoding them."""
+    size = _HEAD.size
+    for name, array in outputs.items():
+        size += 40 + len(name) + 8 * array.ndim
+        if array.dtype.kind in "OSU":
+            size += 4 * array.size + sum(len(_element_bytes(e)) for e in np.asarray(array).reshape(-1))
+        else:
+            size += array.nbytes
+    return size
+
+
+def encode_outputs(outputs: Mapping[str, np.ndarray]) -> bytes:
+    """Serialises named arrays compactly: a small header per output, then its raw bytes."""
+    parts: list[bytes | memoryview] = [_HEAD.pack(_MAGIC, len(outputs))]
+    offset = _HEAD.size
+    for name, value in outputs.items():
+        array = np.asarray(value)
+        label, payload = _payload(array)
+        encoded_name = name.encode()
+        header = struct.pack(
+            f"<H{len(encoded_name)}sB{len(label)}sB{array.ndim}qQ",
+            len(encoded_name),
+            encoded_name,
+            len(label),
+            label.encode(),
+            array.ndim,
+            *array.shape,
+            len(payload),
+        )
+        offset += len(header)
+        padding = -offset % 8  # payloads start 8-byte aligned, so decoded arrays are aligned views
+        parts.append(header + b"\0" * padding)
+        offset += padding + len(payload)
+        parts.append(payload)
+    return b"".join(parts)
+
+
+def decode_outputs(value: bytes) -> dict[str, np.ndarray]:
+    """The inverse of :func:`encode_outputs`. Number arrays are read-only views over ``value`` (no copy);
+    string tensors come back as object arrays of bytes.
+
+    Raises:
+        ValueError: ``value`` is not in this layout or is truncated.
+    """
+    try:
+        magic, count = _HEAD.unpack_from(value, 0)
+        if magic != _MAGIC:
+            raise ValueError("not a ModelForge prediction cache entry")
+        offset = _HEAD.size
+        outputs: dict[str, np.ndarray] = {}
+        for _ in range(count):
+            (name_len,) = struct.unpack_from("<H", value, offset)
+            name = value[offset + 2 : offset + 2 + name_len].decode()
+            offset += 2 + name_len
+            label_len = value[offset]
+            label = value[offset + 1 : offset + 1 + label_len].decode()
+            offset += 1 + label_len
+            ndim = value[offset]
+            shape = struct.unpack_from(f"<{ndim}q", value, offset + 1)
+            (size,) = struct.unpack_from("<Q", value, offset + 1 + 8 * ndim)
+            offset += 1 + 8 * ndim + 8
+            offset += -offset % 8
+            if offset + size > len(value):
+                raise ValueError("truncated entry")
+            if label == _STRING:
+                elements = np.empty(int(np.prod(shape, dtype=np.int64)), dtype=object)
+                position, end = offset, offset + size
+                for index in range(elements.size):
+                    (length,) = struct.unpack_from("<I", value, position)
+                    elements[index] = value[position + 4 : position + 4 + length]
+                    position += 4 + length
+                if position != end:
+                    raise ValueError("string payload length mismatch")
+                outputs[name] = elements.reshape(shape)
+            else:
+                dtype = np.dtype(label)
+                outputs[name] = np.frombuffer(value, dtype=dtype, count=size // dtype.itemsize, offset=offset).reshape(
+                    shape
+                )
+            offset += size
+        if offset != len(value):
+            raise ValueError("trailing bytes")
+        return outputs
+    except (struct.error, UnicodeDecodeError, TypeError, IndexError) as exc:
+        raise ValueError(f"corrupt prediction cache entry: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Single flight
+
+
+class _Flight(Generic[T]):
+    __slots__ = ("task", "waiters")
+
+    def __init__(self, task: asyncio.Future[T]) -> None:
+        self.task = task
+        self.waiters = 0
+
+
+class SingleFlight(Generic[K, T]):
+    """Runs one coroutine per key at a time; concurrent callers with the same key share its result or error.
+
+    The work runs in a task of its own, so a caller that is cancelled leaves it running for the others; when the
+    last caller waiting on it is cancelled, it is cancelled too. :meth:`forget` makes later callers start afresh
+    while earlier ones keep waiting on the running work (used when what the work reads has just changed).
+    """
+
+    def __init__(self) -> None:
+        self._flights: dict[K, _Flight[T]] = {}
+
+    def __len__(self) -> int:
+        return len(self._flights)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._flights
+
+    async def run(self, key: K, work: Callable[[], Awaitable[T]]) -> T:
+        flight = self._flights.get(key)
+        if flight is None:
+            flight = _Flight(asyncio.ensure_future(work()))
+            self._flights[key] = flight
+            flight.task.add_done_callback(lambda _, f=flight: self._finished(key, f))
+        flight.waiters += 1
+        try:
+            return await asyncio.shield(flight.task)
+        finally:
+            flight.waiters -= 1
+            if flight.waiters == 0 and not flight.task.done():
+                self._finished(key, flight)
+                flight.task.cancel()
+
+    def forget(self, key: K) -> None:
+        self._flights.pop(key, None)
+
+    def forget_where(self, predicate: Callable[[K], bool]) -> None:
+        for key in [key for key in self._flights if predicate(key)]:
+            del self._flights[key]
+
+    def _finished(self, key: K, flight: _Flight[T]) -> None:
+        if self._flights.get(key) is flight:
+            del self._flights[key]
+        if flight.task.done() and not flight.task.cancelled():
+            flight.task.exception()  # retrieved here, so an error nobody awaited is not logged as unhandled
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The cache
+
+
+@dataclasses.dataclass(slots=True)
+class CacheCounts:
+    """What the cache did for one model version since the process started."""
+
+    hits: int = 0  # answered from Redis
+    misses: int = 0  # looked up, not there
+    skipped: int = 0  # not looked up or not stored because the cache was degraded
+    stores: int = 0  # entries written
+    oversized: int = 0  # entries not written because they exceed the version's max_entry_bytes
+    errors: int = 0  # Redis calls that failed, and entries that could not be decoded
+
+
+class CacheUnavailable(Unavailable):
+    reason = "PREDICTION_CACHE_UNAVAILABLE"
+
+    def __init__(self, why: str) -> None:
+        super().__init__(f"the prediction cache (Redis) is unreachable: {why}; predictions run uncached meanwhile")
+
+
+# Failures that say Redis cannot be reached (as opposed to a command Redis refused).
+_CONNECTION_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError, TimeoutError)
+_FAILED = object()
+
+
+class PredictionCache:
+    """Prediction outputs in Redis, keyed by :class:`PredictionKey`, with single flight and degraded mode.
+
+    Use it as ``async with PredictionCache(redis) as cache:`` (or ``await cache.start()`` / ``await cache.aclose()``):
+    the background probe that ends degraded mode runs between the two. The Redis client is the caller's to create
+    and close.
+
+    Args:
+        redis: A ``redis.asyncio.Redis`` with ``decode_responses=False``.
+        key_prefix: Prepended to the hex digest to form the Redis key.
+        operation_timeout: Longest a request waits on one Redis call before the cache counts Redis as down.
+        probe_interval: First delay between probes while degraded; doubles up to ``max_probe_interval``.
+    """
+
+    def __init__(
+        self,
+        redis: redis.asyncio.Redis,
+        *,
+        key_prefix: str = "modelforge:pred:",
+        operation_timeout: float = 0.5,
+        probe_interval: float = 0.05,
+        max_probe_interval: float = 5.0,
+    ) -> None:
+        self._redis = redis
+        self._prefix = key_prefix
+        self._timeout = operation_timeout
+        self._probe_interval = probe_interval
+        self._max_probe_interval = max_probe_interval
+        self._flights: SingleFlight[bytes, Any] = SingleFlight()
+        self._counts: dict[tuple[str, int], CacheCounts] = {}
+        self._degraded_reason: str | None = None
+        self._trouble = asyncio.Event()
+        self._recovered = asyncio.Event()
+        self._probe: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> PredictionCache:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        """Starts the background probe; checks Redis once so that ``degraded`` is meaningful from the start."""
+        if self._probe is None:
+            self._probe = asyncio.create_task(self._probe_loop(), name="modelforge.inference.cache.probe")
+            await self._command(self._redis.ping())
+
+    async def aclose(self) -> None:
+        probe, self._probe = self._probe, None
+        if probe is not None:
+            probe.cancel()
+            await asyncio.gather(probe, return_exceptions=True)
+
+    # -- state -----------------------------------------------------------------------------------------------
+
+    @property
+    def degraded(self) -> bool:
+        """True while Redis is unreachable and the cache is bypassed."""
+        return self._degraded_reason is not None
+
+    @property
+    def degraded_reason(self) -> str | None:
+        """Why the cache is degraded (the last Redis error), or None."""
+        return self._degraded_reason
+
+    async def check(self) -> None:
+        """Raises Unavailable while degraded; for health checks (``app.Server.watch_dependency``)."""
+        if self._degraded_reason is not None:
+            raise CacheUnavailable(self._degraded_reason)
+
+    async def wait_recovered(self) -> None:
+        """Returns once the cache is not degraded."""
+        while self._degraded_reason is not None:
+            self._recovered.clear()
+            await self._recovered.wait()
+
+    def counts(self, model: str, version: int) -> CacheCounts:
+        """The counters of one model version (a copy; zeros if the cache never saw it)."""
+        return dataclasses.replace(self._counts.get((model, version), CacheCounts()))
+
+    def statistics(self) -> dict[tuple[str, int], CacheCounts]:
+        """The counters of every model version seen, keyed by (name, version)."""
+        return {key: self.counts(*key) for key in self._counts}
+
+    # -- entries ---------------------------------------------------------------------------------------------
+
+    def key(
+        self, model: ResolvedModel, inputs: Mapping[str, np.ndarray], output_names: Iterable[str] = ()
+    ) -> PredictionKey:
+        """The key of a prediction; see :func:`prediction_digest`. Hashes the inputs on the calling thread."""
+        return PredictionKey.of(model, inputs, output_names)
+
+    async def get(self, key: PredictionKey) -> dict[str, np.ndarray] | None:
+        """The cached outputs, or None on a miss, while degraded, or when Redis fails."""
+        counts = self._count(key)
+        if self._degraded_reason is not None:
+            counts.skipped += 1
+            return None
+        value = await self._command(self._redis.get(self._prefix + key.hex))
+        if value is _FAILED:
+            counts.errors += 1
+            return None
+        if value is None:
+            counts.misses += 1
+            return None
+        try:
+            outputs = decode_outputs(value)
+        except ValueError as exc:
+            log.warning("dropping undecodable prediction cache entry %s: %s", key.hex, exc)
+            counts.errors += 1
+            await self._command(self._redis.delete(self._prefix + key.hex))
+            return None
+        counts.hits += 1
+        return outputs
+
+    async def put(
+        self,
+        key: PredictionKey,
+        outputs: Mapping[str, np.ndarray],
+        ttl_seconds: float | None,
+        max_entry_bytes: int,
+    ) -> bool:
+        """Stores outputs under key for ttl_seconds (None: no expiry). Returns whether the entry was written.
+
+        Entries larger than max_entry_bytes are not written (counted as ``oversized``); nor is anything while
+        degraded or when Redis fails.
+        """
+        counts = self._count(key)
+        if self._degraded_reason is not None:
+            counts.skipped += 1
+            return False
+        if _entry_size(outputs) > max_entry_bytes:
+            counts.oversized += 1
+            return False
+        value = encode_outputs(outputs)
+        if len(value) > max_entry_bytes:
+            counts.oversized += 1
+            return False
+        expiry = None if ttl_seconds is None else max(1, round(ttl_seconds * 1000))
+        result = await self._command(self._redis.set(self._prefix + key.hex, value, px=expiry))
+        if result is _FAILED:
+            counts.errors += 1
+            return False
+        counts.stores += 1
+        return True
+
+    async def single_flight(self, key: PredictionKey, compute: Callable[[], Awaitable[T]]) -> T:
+        """Runs compute once for concurrent callers with the same key (in this process) and gives each its result.
+
+        Typical use on a miss: ``await cache.single_flight(key, run_and_store)``, where run_and_store runs the model
+        and calls :meth:`put`. An exception from compute reaches every caller sharing it.
+        """
+        return await self._flights.run(key.digest, compute)
+
+    # -- Redis -----------------------------------------------------------------------------------------------
+
+    def _count(self, key: PredictionKey) -> CacheCounts:
+        counts = self._counts.get((key.model, key.version))
+        if counts is None:
+            counts = self._counts[(key.model, key.version)] = CacheCounts()
+        return counts
+
+    async def _command(self, command: Awaitable[Any]) -> Any:
+        """Awaits one Redis command; translates every Redis failure into _FAILED (and degraded mode)."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await command
+        except _CONNECTION_ERRORS as exc:
+            self._degrade(exc)
+            return _FAILED
+        except redis.exceptions.RedisError as exc:  # a command Redis refused (OOM, read-only replica, ...)
+            log.warning("prediction cache command failed: %s", exc)
+            return _FAILED
+
+    def _degrade(self, exc: BaseException) -> None:
+        reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if self._degraded_reason is None:
+            log.warning("prediction cache degraded, predictions run uncached until Redis answers: %s", reason)
+        self._degraded_reason = reason
+        self._trouble.set()
+
+    async def _probe_loop(self) -> None:
+        while True:
+            await self._trouble.wait()
+            self._trouble.clear()
+            delay = self._probe_interval
+            while self._degraded_reason is not None:
+                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+                delay = min(delay * 2, self._max_probe_interval)
+                try:
+                    async with asyncio.timeout(self._timeout):
+                        await self._redis.ping()
+                except _CONNECTION_ERRORS + (redis.exceptions.RedisError,) as exc:
+                    self._degraded_reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                    continue
+                log.info("prediction cache recovered: Redis answers again")
+                self._degraded_reason = None
+                self._recovered.set()
