@@ -1,0 +1,186 @@
+"""The prediction cache against a real Redis: entries, TTL, size limit, single flight, and Redis going away."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis.asyncio
+
+from modelforge_inference.cache import PredictionCache, PredictionKey
+from modelforge_inference.domain import ResolvedModel, Signature
+from modelforge_server import embedded
+
+MODEL = ResolvedModel("mlp", 2, "0f" * 32, 1234, Signature((), ()))
+INPUTS = {"x": np.arange(8, dtype=np.float32).reshape(2, 4)}
+OUTPUTS = {"y": np.array([[0.25, 0.75], [0.5, 0.5]], dtype=np.float32), "label": np.array([1, 0], dtype=np.int64)}
+
+
+async def _poll(condition, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+async def client(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
+    client = redis.asyncio.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def cache(client: redis.asyncio.Redis) -> AsyncIterator[PredictionCache]:
+    async with PredictionCache(client) as cache:
+        yield cache
+
+
+def key(inputs: dict[str, np.ndarray] = INPUTS, outputs: tuple[str, ...] = ()) -> PredictionKey:
+    return PredictionKey.of(MODEL, inputs, outputs)
+
+
+async def test_miss_then_hit_returns_the_stored_outputs(cache: PredictionCache) -> None:
+    assert await cache.get(key()) is None
+    assert await cache.put(key(), OUTPUTS, ttl_seconds=60, max_entry_bytes=1 << 20)
+    hit = await cache.get(key())
+    assert hit is not None and list(hit) == ["y", "label"]
+    np.testing.assert_array_equal(hit["y"], OUTPUTS["y"])
+    np.testing.assert_array_equal(hit["label"], OUTPUTS["label"])
+    assert hit["label"].dtype == np.int64
+    counts = cache.counts("mlp", 2)
+    assert (counts.hits, counts.misses, counts.stores, counts.errors) == (1, 1, 1, 0)
+    assert cache.statistics() == {("mlp", 2): counts}
+    assert not cache.degraded
+
+
+async def test_other_inputs_or_outputs_miss(cache: PredictionCache) -> None:
+    await cache.put(key(), OUTPUTS, ttl_seconds=60, max_entry_bytes=1 << 20)
+    assert await cache.get(key({"x": INPUTS["x"] + 1})) is None
+    assert await cache.get(key(outputs=("y",))) is None
+
+
+async def test_entries_carry_the_ttl_and_expire(cache: PredictionCache, client: redis.asyncio.Redis) -> None:
+    await cache.put(key(), OUTPUTS, ttl_seconds=30, max_entry_bytes=1 << 20)
+    assert 0 < await client.pttl("modelforge:pred:" + key().hex) <= 30_000
+
+    short = key(outputs=("y",))
+    assert await cache.put(short, OUTPUTS, ttl_seconds=0.05, max_entry_bytes=1 << 20)
+    await _poll_async(lambda: client.exists("modelforge:pred:" + short.hex), "the entry to expire")
+    assert await cache.get(short) is None
+    assert await cache.get(key()) is not None
+
+
+async def _poll_async(exists, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while await exists():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def test_entries_over_the_size_limit_are_not_stored(cache: PredictionCache, client: redis.asyncio.Redis) -> None:
+    big = {"y": np.zeros(4096, np.float32)}  # 16 KiB
+    assert not await cache.put(key(), big, ttl_seconds=60, max_entry_bytes=16 * 1024)
+    assert await client.dbsize() == 0
+    assert await cache.get(key()) is None
+    assert cache.counts("mlp", 2).oversized == 1
+    assert await cache.put(key(), big, ttl_seconds=60, max_entry_bytes=17 * 1024)
+
+
+async def test_undecodable_entry_is_a_miss_and_is_removed(cache: PredictionCache, client: redis.asyncio.Redis) -> None:
+    await client.set("modelforge:pred:" + key().hex, b"garbage")
+    assert await cache.get(key()) is None
+    assert cache.counts("mlp", 2).errors == 1
+    assert not await client.exists("modelforge:pred:" + key().hex)
+
+
+async def test_concurrent_identical_misses_compute_once(cache: PredictionCache) -> None:
+    release = asyncio.Event()
+    calls = 0
+
+    async def compute() -> dict[str, np.ndarray]:
+        nonlocal calls
+        calls += 1
+        await release.wait()
+        await cache.put(key(), OUTPUTS, ttl_seconds=60, max_entry_bytes=1 << 20)
+        return OUTPUTS
+
+    async def predict() -> dict[str, np.ndarray]:
+        hit = await cache.get(key())
+        return hit if hit is not None else await cache.single_flight(key(), compute)
+
+    callers = [asyncio.create_task(predict()) for _ in range(16)]
+    await _poll(lambda: calls == 1 and cache.counts("mlp", 2).misses == 16, "every caller to miss")
+    release.set()
+    results = await asyncio.gather(*callers)
+    assert calls == 1
+    for result in results:
+        np.testing.assert_array_equal(result["y"], OUTPUTS["y"])
+    assert await predict() is not None
+    assert calls == 1
+
+
+async def test_key_prefix_separates_caches(client: redis.asyncio.Redis) -> None:
+    async with PredictionCache(client, key_prefix="a:") as first, PredictionCache(client, key_prefix="b:") as second:
+        await first.put(key(), OUTPUTS, ttl_seconds=60, max_entry_bytes=1 << 20)
+        assert await second.get(key()) is None
+        assert await client.exists("a:" + key().hex)
+
+
+async def test_redis_stopped_and_restarted(tmp_path: Path) -> None:
+    """Predictions never see Redis errors: the cache degrades to a no-op, then recovers by itself."""
+    port = embedded.free_port()
+    url, stop = embedded.start_redis(tmp_path, port)
+    client = redis.asyncio.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
+    try:
+        async with PredictionCache(client, operation_timeout=0.5, max_probe_interval=0.2) as cache:
+            assert await cache.put(key(), OUTPUTS, ttl_seconds=60, max_entry_bytes=1 << 20)
+            assert await cache.get(key()) is not None
+            await cache.check()
+
+            await asyncio.to_thread(stop)
+            assert await cache.get(key()) is None  # the failing call itself answers a miss
+            assert cache.degraded
+            assert cache.degraded_reason
+            assert await cache.get(key()) is None  # and later ones do not touch Redis
+            assert not await cache.put(key(), OUTPUTS, ttl_seconds=60, max_entry_bytes=1 << 20)
+            with pytest.raises(Exception) as caught:
+                await cache.check()
+            assert type(caught.value).__name__ == "CacheUnavailable"
+            counts = cache.counts("mlp", 2)
+            assert counts.errors == 1 and counts.skipped == 2
+
+            _, stop = await asyncio.to_thread(embedded.start_redis, tmp_path, port)
+            await asyncio.wait_for(cache.wait_recovered(), 30)
+            assert not cache.degraded and cache.degraded_reason is None
+            await cache.check()
+            assert await cache.put(key(), OUTPUTS, ttl_seconds=60, max_entry_bytes=1 << 20)
+            hit = await cache.get(key())
+            assert hit is not None
+            np.testing.assert_array_equal(hit["y"], OUTPUTS["y"])
+    finally:
+        await client.aclose()
+        await asyncio.to_thread(stop)
+
+
+async def test_cache_starts_degraded_when_redis_is_down_and_recovers(tmp_path: Path) -> None:
+    port = embedded.free_port()
+    client = redis.asyncio.Redis.from_url(f"redis://127.0.0.1:{port}/0", socket_connect_timeout=0.5)
+    stop = None
+    try:
+        async with PredictionCache(client, max_probe_interval=0.2) as cache:
+            assert cache.degraded
+            assert await cache.get(key()) is None
+            _, stop = await asyncio.to_thread(embedded.start_redis, tmp_path, port)
+            await asyncio.wait_for(cache.wait_recovered(), 30)
+            assert await cache.put(key(), OUTPUTS, ttl_seconds=60, max_entry_bytes=1 << 20)
+    finally:
+        await client.aclose()
+        if stop is not None:
+            await asyncio.to_thread(stop)
