@@ -279,3 +279,36 @@ def test_element_count() -> None:
     assert tensors.element_count([]) == 1
     assert tensors.element_count([2, 0, 3]) == 0
     assert tensors.element_count((4, 5)) == 20
+
+
+def test_text_decoding_for_onnx_runtime() -> None:
+    tensor = tensors.to_tensor(np.array([["caf\u00e9", b"x"]], dtype=object), "t")
+    text = tensors.to_numpy(tensor, text=True)
+    assert text.dtype == object
+    assert text.shape == (1, 2)
+    assert text.tolist() == [["caf\u00e9", "x"]]
+    bad = Tensor(name="t", dtype=DataType.DATA_TYPE_STRING, shape=[2], string_data=[b"ok", b"a\xffb"])
+    with pytest.raises(ValueError, match="tensor 't': string element 1 is not valid UTF-8"):
+        tensors.to_numpy(bad, text=True)
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.array([b"ab", "c\u00e9"], dtype=object),
+        np.array(["ab", "c\u00e9"]),
+        np.array(["ab", "c\u00e9"], dtype=object),
+        np.array([b"ab", "c\u00e9".encode()]),
+    ],
+)
+def test_to_text(array: np.ndarray) -> None:
+    text = tensors.to_text(array)
+    assert text.dtype == object
+    assert text.tolist() == ["ab", "c\u00e9"]
+
+
+def test_to_text_rejects_numbers_and_bad_utf8() -> None:
+    with pytest.raises(ValueError, match="tensor 'n': expected strings, got an array of int64"):
+        tensors.to_text(np.array([1, 2]), "n")
+    with pytest.raises(ValueError, match="string element 0 is not valid UTF-8"):
+        tensors.to_text(np.array([b"\xff"], dtype=object))

@@ -55,6 +55,7 @@ __all__ = [
     "to_ort_type",
     "to_spec",
     "to_tensor",
+    "to_text",
     "to_v2_datatype",
 ]
 
@@ -289,20 +290,25 @@ def _check_shape(shape: Sequence[int], what: str) -> int:
     return math.prod(shape)
 
 
-def to_numpy(tensor: Tensor) -> np.ndarray[Any, Any]:
+def to_numpy(tensor: Tensor, *, text: bool = False) -> np.ndarray[Any, Any]:
     """Decodes a Tensor into a numpy array without copying the data.
 
     Args:
         tensor: The message. Numbers come from ``raw_data`` (little-endian, row-major),
             strings from ``string_data``.
+        text: For STRING, decode each element as UTF-8 and return ``str`` elements.
+            ONNX Runtime needs this: it turns ``bytes`` elements of object arrays into
+            their ``repr`` (``"b'cat'"``) and only handles UTF-8 text.
 
     Returns:
         For numbers, a read-only array viewing the message's bytes (``uint16`` bit
-        patterns for BFLOAT16). For STRING, an ``object`` array of ``bytes``.
+        patterns for BFLOAT16). For STRING, an ``object`` array of ``bytes`` (or of
+        ``str`` with ``text=True``).
 
     Raises:
         ValueError: dtype unset or unknown, a negative dimension, a byte length that
-            does not match the shape, data in the wrong field, or BOOL bytes other than 0 and 1.
+            does not match the shape, data in the wrong field, BOOL bytes other than 0 and 1,
+            or (with ``text=True``) an element that is not valid UTF-8.
     """
     what = f"tensor {tensor.name!r}" if tensor.name else "tensor"
     dtype = _known(tensor.dtype, what)
@@ -315,7 +321,7 @@ def to_numpy(tensor: Tensor) -> np.ndarray[Any, Any]:
         if len(strings) != count:
             raise ValueError(f"{what}: shape {list(shape)} holds {count} strings, but string_data has {len(strings)}")
         out = np.empty(count, dtype=object)
-        out[:] = list(strings)
+        out[:] = _decode_utf8(strings, what) if text else list(strings)
         return out.reshape(shape)
     if tensor.string_data:
         raise ValueError(f"{what}: string_data is only for STRING tensors; {data_type_name(dtype)} goes in raw_data")
@@ -331,6 +337,43 @@ def to_numpy(tensor: Tensor) -> np.ndarray[Any, Any]:
     if dtype == _D.DATA_TYPE_BOOL and count and array.view(np.uint8).max() > 1:
         raise ValueError(f"{what}: BOOL elements must be bytes 0 or 1")
     return array
+
+
+def _decode_utf8(strings: Iterable[bytes], what: str) -> list[str]:
+    out: list[str] = []
+    for index, item in enumerate(strings):
+        try:
+            out.append(item.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ValueError(
+                f"{what}: string element {index} is not valid UTF-8 ({exc.reason} at byte {exc.start}); "
+                "models take strings as UTF-8 text"
+            ) from None
+    return out
+
+
+def to_text(array: Any, name: str = "") -> np.ndarray[Any, Any]:
+    """Turns a string array (bytes or str elements, or an S/U dtype) into an ``object`` array of ``str``.
+
+    The form ONNX Runtime takes for ``tensor(string)`` inputs. ``bytes`` are decoded as UTF-8.
+
+    Raises:
+        ValueError: an element is neither bytes nor str, or is not valid UTF-8.
+    """
+    what = f"tensor {name!r}" if name else "tensor"
+    array = np.asarray(array)
+    if array.dtype.kind == "U":
+        return array.astype(object)
+    if array.dtype.kind not in "OS":
+        raise ValueError(f"{what}: expected strings, got an array of {array.dtype}")
+    items = array.ravel(order="C").tolist()
+    if array.dtype.kind == "O" and all(type(item) is str for item in items):
+        decoded: list[str] = items
+    else:
+        decoded = _decode_utf8(_string_elements(array, what), what)
+    out = np.empty(array.size, dtype=object)
+    out[:] = decoded
+    return out.reshape(array.shape)
 
 
 def _string_elements(array: np.ndarray[Any, Any], what: str) -> list[bytes]:
