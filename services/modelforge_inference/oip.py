@@ -1,0 +1,236 @@
+"""The Open Inference Protocol (V2) front: translates GRPCInferenceService RPCs to InferenceEngine calls."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from importlib import metadata
+from typing import Any
+
+import grpc
+
+from modelforge._refs import ModelRef
+from modelforge.oip.v2 import grpc_service_pb2 as pb
+from modelforge.oip.v2 import grpc_service_pb2_grpc
+from modelforge_inference import oip_convert as convert
+from modelforge_inference.engine import InferenceEngine
+from modelforge_server.errors import NotFound, ServiceError
+
+__all__ = ["SERVICE", "SERVED_METHODS", "OipServicer", "add_oip_servicer_to_server"]
+
+log = logging.getLogger("modelforge.inference.oip")
+
+SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+
+# The methods ModelForge serves. The others (shared memory, trace and log settings) stay declared in the
+# service descriptor, so reflection and clients see the whole protocol, but are not registered: gRPC itself
+# answers them UNIMPLEMENTED.
+SERVED_METHODS = (
+    "ServerLive",
+    "ServerReady",
+    "ModelReady",
+    "ServerMetadata",
+    "ModelMetadata",
+    "ModelInfer",
+    "ModelStreamInfer",
+    "ModelConfig",
+    "ModelStatistics",
+    "RepositoryIndex",
+    "RepositoryModelLoad",
+    "RepositoryModelUnload",
+)
+
+SERVER_NAME = "modelforge"
+
+
+def _server_version() -> str:
+    try:
+        return metadata.version("modelforge")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
+    """Translates Open Inference Protocol RPCs to InferenceEngine calls; holds no logic of its own.
+
+    ``ready`` tells ServerReady whether the server takes requests (the composition root passes the
+    server's health, e.g. ``lambda: server.serving``).
+    """
+
+    def __init__(self, engine: InferenceEngine, *, ready: Callable[[], bool] = lambda: True) -> None:
+        self._engine = engine
+        self._ready = ready
+        self._metadata = pb.ServerMetadataResponse(
+            name=SERVER_NAME, version=_server_version(), extensions=convert.EXTENSIONS
+        )
+
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self._ready())
+
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelReadyResponse:
+        ref = convert.model_ref(request.name, request.version, field="name")
+        if ref.version is None:
+            # An alias or "newest" names a version only once the registry resolves it.
+            try:
+                model, _ = await self._engine.describe(ref)
+            except NotFound:
+                return pb.ModelReadyResponse(ready=False)
+            ref = ModelRef(model.name, version=model.version)
+        return pb.ModelReadyResponse(ready=self._engine.is_ready(ref))
+
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerMetadataResponse:
+        return self._metadata
+
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelMetadataResponse:
+        model, _ = await self._engine.describe(convert.model_ref(request.name, request.version, field="name"))
+        return convert.model_metadata(model)
+
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInferResponse:
+        return await self._infer(request, context)
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        # Requests run concurrently, so that a client streaming many of them fills the batcher; responses go
+        # out as they complete and clients match them by `id`. A failed request is answered in-band.
+        done: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        running: set[asyncio.Task[None]] = set()
+
+        async def answer(request: pb.ModelInferRequest) -> None:
+            await done.put(await self._stream_answer(request, context))
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    task = asyncio.create_task(answer(request))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                while running:
+                    await asyncio.gather(*running, return_exceptions=True)
+            finally:
+                await done.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (response := await done.get()) is not None:
+                yield response
+            await reader  # surfaces a broken request stream
+        finally:
+            for task in (reader, *running):
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.gather(reader, *running, return_exceptions=True)
+
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelConfigResponse:
+        model, serving = await self._engine.describe(convert.model_ref(request.name, request.version, field="name"))
+        return pb.ModelConfigResponse(config=convert.model_config(model, serving))
+
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelStatisticsResponse:
+        ref = convert.model_ref(request.name, request.version, field="name") if request.name else None
+        stats = await self._engine.statistics(ref)
+        return pb.ModelStatisticsResponse(model_stats=[convert.model_statistics(s) for s in stats])
+
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryIndexResponse:
+        models = [convert.model_index(m) for m in self._engine.loaded()]
+        if request.ready:
+            models = [m for m in models if m.state == "READY"]
+        return pb.RepositoryIndexResponse(models=models)
+
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelLoadResponse:
+        convert.check_repository_parameters(request.parameters)
+        ref = convert.repository_model_ref(request.model_name)
+        await self._engine.load(ref, time_remaining=context.time_remaining())
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelUnloadResponse:
+        await self._engine.unload(convert.repository_model_ref(request.model_name))
+        return pb.RepositoryModelUnloadResponse()
+
+    async def _infer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+        ref = convert.model_ref(request.model_name, request.model_version)
+        inputs = convert.decode_inputs(request)
+        outputs = convert.requested_outputs(request)
+        prediction = await self._engine.predict(
+            ref,
+            inputs,
+            outputs=outputs or None,
+            priority=convert.priority(request.parameters),
+            timeout=convert.timeout_seconds(request.parameters),
+            time_remaining=context.time_remaining(),
+        )
+        return convert.infer_response(
+            model=prediction.model, version=prediction.version, request_id=request.id, outputs=prediction.outputs
+        )
+
+    async def _stream_answer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelStreamInferResponse:
+        try:
+            return pb.ModelStreamInferResponse(infer_response=await self._infer(request, context))
+        except ServiceError as exc:
+            message = str(exc)
+        except Exception:
+            log.exception("unexpected error in a ModelStreamInfer request")
+            message = "internal error; details are in the server log"
+        return pb.ModelStreamInferResponse(
+            error_message=message,
+            infer_response=pb.ModelInferResponse(
+                model_name=request.model_name, model_version=request.model_version, id=request.id
+            ),
+        )
+
+
+_FACTORIES = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def add_oip_servicer_to_server(servicer: OipServicer, server: grpc.aio.Server) -> None:
+    """Registers the served methods of GRPCInferenceService (see SERVED_METHODS) on ``server``.
+
+    It stands in for the generated ``add_GRPCInferenceServiceServicer_to_server``, which would register the
+    unserved methods too and let their placeholder bodies fail as INTERNAL rather than UNIMPLEMENTED.
+    """
+    handlers: dict[str, Any] = {}
+    for name in SERVED_METHODS:
+        method = SERVICE.methods_by_name[name]
+        request_class = getattr(pb, method.input_type.name)
+        response_class = getattr(pb, method.output_type.name)
+        factory = _FACTORIES[(method.client_streaming, method.server_streaming)]
+        handlers[name] = factory(
+            getattr(servicer, name),
+            request_deserializer=request_class.FromString,
+            response_serializer=response_class.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
+    server.add_registered_method_handlers(SERVICE.full_name, handlers)

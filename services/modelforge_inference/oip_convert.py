@@ -1,0 +1,492 @@
+"""Open Inference Protocol (V2) messages to and from numpy arrays and the inference domain.
+
+Tensors arrive either as raw little-endian bytes (``raw_input_contents``, one entry per
+input, in the order of ``inputs``) or as typed ``InferTensorContents``. Raw numbers
+become read-only numpy views over the bytes protobuf hands out, without another copy.
+BYTES elements travel raw as a 4-byte little-endian length followed by the bytes, and
+become ``object`` arrays of ``bytes``. FP16 is ``float16``; BF16 has no numpy dtype and
+is carried as ``uint16`` bit patterns, as :mod:`modelforge.tensors` does. Responses
+always carry raw bytes.
+
+A malformed input raises :class:`~modelforge_inference.errors.InvalidInput` naming it,
+as the InferenceService does; other malformed requests raise :class:`InvalidV2Request`.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+
+from modelforge import tensors
+from modelforge._refs import ModelRef
+from modelforge.oip.v2 import grpc_service_pb2 as pb
+from modelforge.oip.v2 import model_config_pb2 as config_pb
+from modelforge_inference.domain import (
+    LoadedModel,
+    ModelState,
+    ModelStatistics,
+    ResolvedModel,
+    ServingConfig,
+    Signature,
+    TensorSpec,
+)
+from modelforge_inference.errors import InvalidInput
+from modelforge_server.errors import InvalidArgument
+
+__all__ = [
+    "BACKEND",
+    "check_repository_parameters",
+    "EXTENSIONS",
+    "PLATFORM",
+    "InvalidV2Request",
+    "datatype_of",
+    "decode_bytes",
+    "decode_inputs",
+    "encode_bytes",
+    "infer_response",
+    "max_batch_size",
+    "model_config",
+    "model_index",
+    "model_metadata",
+    "model_ref",
+    "model_statistics",
+    "priority",
+    "repository_model_ref",
+    "requested_outputs",
+    "timeout_seconds",
+]
+
+PLATFORM = "onnxruntime_onnx"
+BACKEND = "onnxruntime"
+
+# The protocol extensions ModelForge implements, in the names clients test for. Request
+# priority and timeout make up "schedule_policy". No classification, sequences, shared
+# memory, trace or log settings: those RPCs answer UNIMPLEMENTED.
+EXTENSIONS = ("model_repository", "model_configuration", "schedule_policy", "statistics")
+
+_LENGTH = struct.Struct("<I")
+
+# V2 datatype -> (numpy dtype, the InferTensorContents field holding it, or None for raw only).
+_TYPED: dict[str, tuple[np.dtype[Any], str | None]] = {
+    "BOOL": (np.dtype("?"), "bool_contents"),
+    "INT8": (np.dtype("i1"), "int_contents"),
+    "INT16": (np.dtype("<i2"), "int_contents"),
+    "INT32": (np.dtype("<i4"), "int_contents"),
+    "INT64": (np.dtype("<i8"), "int64_contents"),
+    "UINT8": (np.dtype("u1"), "uint_contents"),
+    "UINT16": (np.dtype("<u2"), "uint_contents"),
+    "UINT32": (np.dtype("<u4"), "uint_contents"),
+    "UINT64": (np.dtype("<u8"), "uint64_contents"),
+    "FP16": (np.dtype("<f2"), None),
+    "BF16": (np.dtype("<u2"), None),
+    "FP32": (np.dtype("<f4"), "fp32_contents"),
+    "FP64": (np.dtype("<f8"), "fp64_contents"),
+    "BYTES": (np.dtype(object), "bytes_contents"),
+}
+
+# V2 datatype -> the model configuration's DataType.
+_CONFIG_TYPES: dict[str, int] = {
+    "BOOL": config_pb.TYPE_BOOL,
+    "UINT8": config_pb.TYPE_UINT8,
+    "UINT16": config_pb.TYPE_UINT16,
+    "UINT32": config_pb.TYPE_UINT32,
+    "UINT64": config_pb.TYPE_UINT64,
+    "INT8": config_pb.TYPE_INT8,
+    "INT16": config_pb.TYPE_INT16,
+    "INT32": config_pb.TYPE_INT32,
+    "INT64": config_pb.TYPE_INT64,
+    "FP16": config_pb.TYPE_FP16,
+    "FP32": config_pb.TYPE_FP32,
+    "FP64": config_pb.TYPE_FP64,
+    "BYTES": config_pb.TYPE_STRING,
+    "BF16": config_pb.TYPE_BF16,
+}
+
+# Our lifecycle states in the words RepositoryIndex uses.
+_STATES = {
+    ModelState.LOADING: "LOADING",
+    ModelState.READY: "READY",
+    ModelState.UNLOADING: "UNLOADING",
+    ModelState.FAILED: "UNAVAILABLE",
+}
+
+
+class InvalidV2Request(InvalidArgument):
+    """An Open Inference Protocol request that cannot be decoded."""
+
+    reason = "INVALID_V2_REQUEST"
+
+
+def model_ref(name: str, version: str, *, field: str = "model_name") -> ModelRef:
+    """The ModelRef of a V2 model name and version (``"3"``, ``"production"`` or ``""``)."""
+    if not name:
+        raise InvalidV2Request(f"{field} is required: set it to the registry's model name", field=field)
+    try:
+        return ModelRef.from_parts(name, version)
+    except ValueError as exc:
+        raise InvalidV2Request(str(exc), field=field) from None
+
+
+def _shape(tensor: pb.ModelInferRequest.InferInputTensor) -> tuple[int, ...]:
+    shape = tuple(tensor.shape)
+    if any(dim < 0 for dim in shape):
+        raise InvalidInput(tensor.name, f"shape {list(shape)} has a negative dimension; dimensions are 0 or more")
+    return shape
+
+
+def _dtype(tensor: pb.ModelInferRequest.InferInputTensor) -> tuple[np.dtype[Any], str | None]:
+    found = _TYPED.get(tensor.datatype)
+    if found is None:
+        raise InvalidInput(tensor.name, f"unknown datatype {tensor.datatype!r}; use one of {', '.join(sorted(_TYPED))}")
+    return found
+
+
+def decode_bytes(raw: bytes, count: int, name: str) -> np.ndarray[Any, Any]:
+    """Splits the length-prefixed BYTES elements of input ``name`` into a flat ``object`` array of ``bytes``."""
+    out = np.empty(count, dtype=object)
+    view = memoryview(raw)
+    offset = 0
+    for index in range(count):
+        if offset + 4 > len(raw):
+            raise InvalidInput(
+                name,
+                f"BYTES data ends after {index} of {count} elements; each element is a 4-byte "
+                "little-endian length followed by that many bytes",
+            )
+        (length,) = _LENGTH.unpack_from(raw, offset)
+        offset += 4
+        if offset + length > len(raw):
+            raise InvalidInput(
+                name, f"BYTES element {index} declares {length} bytes but only {len(raw) - offset} remain"
+            )
+        out[index] = bytes(view[offset : offset + length])
+        offset += length
+    if offset != len(raw):
+        raise InvalidInput(name, f"{len(raw) - offset} bytes follow the {count} BYTES elements the shape holds")
+    return out
+
+
+def encode_bytes(array: np.ndarray[Any, Any]) -> bytes:
+    """Serialises a BYTES array, row-major, each element as a 4-byte little-endian length and its bytes."""
+    parts: list[bytes] = []
+    for item in array.ravel(order="C").tolist():
+        data = item.encode("utf-8") if isinstance(item, str) else bytes(item)
+        parts.append(_LENGTH.pack(len(data)))
+        parts.append(data)
+    return b"".join(parts)
+
+
+def _from_raw(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes) -> np.ndarray[Any, Any]:
+    shape = _shape(tensor)
+    dtype, _ = _dtype(tensor)
+    count = tensors.element_count(shape)
+    if tensor.datatype == "BYTES":
+        return decode_bytes(raw, count, tensor.name).reshape(shape)
+    expected = count * dtype.itemsize
+    if len(raw) != expected:
+        raise InvalidInput(
+            tensor.name,
+            f"shape {list(shape)} of {tensor.datatype} needs {expected} bytes "
+            f"({count} x {dtype.itemsize}), but its raw_input_contents entry has {len(raw)}",
+        )
+    array = np.frombuffer(raw, dtype=dtype).reshape(shape)
+    if tensor.datatype == "BOOL" and count and array.view(np.uint8).max() > 1:
+        raise InvalidInput(tensor.name, "BOOL elements must be bytes 0 or 1")
+    return array
+
+
+def _from_contents(tensor: pb.ModelInferRequest.InferInputTensor) -> np.ndarray[Any, Any]:
+    shape = _shape(tensor)
+    dtype, field = _dtype(tensor)
+    if field is None:
+        raise InvalidInput(tensor.name, f"{tensor.datatype} has no typed contents field; send it in raw_input_contents")
+    values = getattr(tensor.contents, field)
+    count = tensors.element_count(shape)
+    if len(values) != count:
+        raise InvalidInput(
+            tensor.name, f"shape {list(shape)} holds {count} elements, but contents.{field} has {len(values)}"
+        )
+    if tensor.datatype == "BYTES":
+        out = np.empty(count, dtype=object)
+        out[:] = list(values)
+        return out.reshape(shape)
+    wide = np.asarray(values, dtype=np.int64 if dtype.kind in "iu" and dtype.itemsize < 8 else dtype)
+    if wide.dtype != dtype:
+        info = np.iinfo(dtype)
+        if count and (wide.min() < info.min or wide.max() > info.max):
+            raise InvalidInput(
+                tensor.name,
+                f"a value of contents.{field} is outside the range of {tensor.datatype} ({info.min} to {info.max})",
+            )
+        wide = wide.astype(dtype)
+    return wide.reshape(shape)
+
+
+def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray[Any, Any]]:
+    """The request's inputs as numpy arrays, by name.
+
+    Raises:
+        InvalidV2Request: a duplicate or unnamed input, an unknown datatype, a negative
+            dimension, data that does not match the shape, or raw and typed data mixed.
+    """
+    inputs = request.inputs
+    # Read the repeated bytes field once: every read copies the bytes out of the message.
+    raws = list(request.raw_input_contents)
+    if raws and len(raws) != len(inputs):
+        raise InvalidV2Request(
+            f"raw_input_contents has {len(raws)} entries for {len(inputs)} inputs; "
+            "send one entry per input, in the order of inputs",
+            field="raw_input_contents",
+        )
+    out: dict[str, np.ndarray[Any, Any]] = {}
+    for index, tensor in enumerate(inputs):
+        if not tensor.name:
+            raise InvalidV2Request(f"inputs[{index}].name is required", field="inputs.name")
+        if tensor.name in out:
+            raise InvalidInput(tensor.name, "appears twice in inputs; send each input once")
+        if raws:
+            if tensor.HasField("contents"):
+                raise InvalidInput(
+                    tensor.name, "typed contents are set while raw_input_contents is too; send every input one way"
+                )
+            out[tensor.name] = _from_raw(tensor, raws[index])
+        else:
+            out[tensor.name] = _from_contents(tensor)
+    return out
+
+
+def requested_outputs(request: pb.ModelInferRequest) -> tuple[str, ...]:
+    """The output names the request asks for, in its order; empty for all outputs."""
+    names: list[str] = []
+    for output in request.outputs:
+        if not output.name:
+            raise InvalidV2Request("outputs[].name is required", field="outputs.name")
+        if "classification" in output.parameters:
+            raise InvalidV2Request(
+                f"output {output.name!r}: the classification parameter is not supported; "
+                "request the output itself and rank it on the client",
+                field="outputs.parameters",
+            )
+        if output.name not in names:
+            names.append(output.name)
+    return tuple(names)
+
+
+def _integer(parameters: Mapping[str, pb.InferParameter], key: str) -> int | None:
+    if key not in parameters:
+        return None
+    parameter = parameters[key]
+    kind = parameter.WhichOneof("parameter_choice")
+    if kind == "int64_param":
+        return parameter.int64_param
+    if kind == "uint64_param":
+        return parameter.uint64_param
+    raise InvalidV2Request(
+        f"parameter {key!r} must be an integer (int64_param or uint64_param), not {kind or 'empty'}",
+        field=f"parameters.{key}",
+    )
+
+
+def priority(parameters: Mapping[str, pb.InferParameter]) -> int:
+    """The request's queue priority: 1 is the most urgent; 0 (absent) is the model's default level."""
+    value = _integer(parameters, "priority")
+    if value is None:
+        return 0
+    if value < 0:
+        raise InvalidV2Request(f"parameter 'priority' is {value}; use 1 (most urgent) or more", field="priority")
+    return value
+
+
+def timeout_seconds(parameters: Mapping[str, pb.InferParameter]) -> float | None:
+    """The request's queue timeout: the ``timeout`` parameter, in microseconds, as seconds; None if absent or 0."""
+    value = _integer(parameters, "timeout")
+    if not value:
+        return None
+    if value < 0:
+        raise InvalidV2Request(f"parameter 'timeout' is {value} microseconds; use a positive value", field="timeout")
+    return value / 1_000_000
+
+
+def datatype_of(array: np.ndarray[Any, Any], spec: TensorSpec | None = None) -> str:
+    """The V2 datatype of an output array; a uint16 output the signature declares bfloat16 is BF16."""
+    if spec is not None and spec.dtype.name == "bfloat16":
+        return "BF16"
+    return tensors.to_v2_datatype(tensors.from_numpy_dtype(array.dtype))
+
+
+def _raw(array: np.ndarray[Any, Any], datatype: str) -> bytes:
+    if datatype == "BYTES":
+        return encode_bytes(array)
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    return array.tobytes(order="C")
+
+
+def infer_response(
+    *,
+    model: str,
+    version: int,
+    request_id: str,
+    outputs: Mapping[str, np.ndarray[Any, Any]],
+    signature: Signature | None = None,
+) -> pb.ModelInferResponse:
+    """A ModelInferResponse carrying every output of ``outputs``, in its order, as raw bytes."""
+    tensors_out: list[pb.ModelInferResponse.InferOutputTensor] = []
+    raws: list[bytes] = []
+    for name, array in outputs.items():
+        datatype = datatype_of(array, signature.output(name) if signature is not None else None)
+        tensors_out.append(pb.ModelInferResponse.InferOutputTensor(name=name, datatype=datatype, shape=array.shape))
+        raws.append(_raw(array, datatype))
+    return pb.ModelInferResponse(
+        model_name=model,
+        model_version=str(version),
+        id=request_id,
+        outputs=tensors_out,
+        raw_output_contents=raws,
+    )
+
+
+def _spec_datatype(spec: TensorSpec) -> str:
+    if spec.dtype.name == "bfloat16":
+        return "BF16"
+    return tensors.to_v2_datatype(tensors.from_numpy_dtype(spec.dtype))
+
+
+def _tensor_metadata(specs: Iterable[TensorSpec]) -> list[pb.ModelMetadataResponse.TensorMetadata]:
+    return [
+        pb.ModelMetadataResponse.TensorMetadata(name=spec.name, datatype=_spec_datatype(spec), shape=spec.shape)
+        for spec in specs
+    ]
+
+
+def model_metadata(model: ResolvedModel) -> pb.ModelMetadataResponse:
+    """The ModelMetadata answer for one resolved model version."""
+    return pb.ModelMetadataResponse(
+        name=model.name,
+        versions=[str(model.version)],
+        platform=PLATFORM,
+        inputs=_tensor_metadata(model.signature.inputs),
+        outputs=_tensor_metadata(model.signature.outputs),
+    )
+
+
+def max_batch_size(signature: Signature, serving: ServingConfig) -> int:
+    """The max_batch_size a V2 client sees: the batcher's limit when the model batches, else 0."""
+    return serving.batching.max_batch_size if signature.batchable else 0
+
+
+def model_config(model: ResolvedModel, serving: ServingConfig) -> config_pb.ModelConfig:
+    """The model configuration in the V2 shape. With max_batch_size > 0, dims leave out the batch dimension."""
+    batch = max_batch_size(model.signature, serving)
+    skip = 1 if batch > 0 else 0
+    config = config_pb.ModelConfig(
+        name=model.name,
+        platform=PLATFORM,
+        backend=BACKEND,
+        max_batch_size=batch,
+        input=[
+            config_pb.ModelInput(name=spec.name, data_type=_CONFIG_TYPES[_spec_datatype(spec)], dims=spec.shape[skip:])
+            for spec in model.signature.inputs
+        ],
+        output=[
+            config_pb.ModelOutput(name=spec.name, data_type=_CONFIG_TYPES[_spec_datatype(spec)], dims=spec.shape[skip:])
+            for spec in model.signature.outputs
+        ],
+        instance_group=[
+            config_pb.ModelInstanceGroup(name=model.name, kind=config_pb.ModelInstanceGroup.KIND_CPU, count=1)
+        ],
+        version_policy=config_pb.ModelVersionPolicy(
+            specific=config_pb.ModelVersionPolicy.Specific(versions=[model.version])
+        ),
+        response_cache=config_pb.ModelResponseCache(enable=serving.cache.enabled),
+    )
+    if batch > 0:
+        batching = serving.batching
+        timeout_us = int(batching.default_queue_timeout * 1_000_000) if batching.default_queue_timeout else 0
+        config.dynamic_batching.CopyFrom(
+            config_pb.ModelDynamicBatching(
+                preferred_batch_size=batching.preferred_batch_sizes,
+                max_queue_delay_microseconds=batching.max_queue_delay_us,
+                priority_levels=batching.priority_levels,
+                default_priority_level=batching.priority_levels,
+                default_queue_policy=config_pb.ModelQueuePolicy(
+                    timeout_action=config_pb.ModelQueuePolicy.REJECT,
+                    default_timeout_microseconds=timeout_us,
+                    allow_timeout_override=True,
+                    max_queue_size=batching.max_queue_size,
+                ),
+            )
+        )
+    return config
+
+
+def _ns(seconds: float) -> int:
+    return max(0, round(seconds * 1_000_000_000))
+
+
+def _ms_since_epoch(when: datetime | None) -> int:
+    return round(when.timestamp() * 1000) if when is not None else 0
+
+
+def model_statistics(stats: ModelStatistics) -> pb.ModelStatistics:
+    """One model version's counters in the V2 shape; durations the engine does not split are 0."""
+    succeeded = stats.requests  # requests answered successfully
+    duration = pb.StatisticDuration
+    return pb.ModelStatistics(
+        name=stats.name,
+        version=str(stats.version),
+        last_inference=_ms_since_epoch(stats.last_inference),
+        inference_count=stats.inferences,
+        execution_count=stats.executions,
+        inference_stats=pb.InferStatistics(
+            success=duration(count=succeeded, ns=_ns(stats.total_seconds)),
+            fail=duration(count=stats.failures),
+            queue=duration(count=succeeded, ns=_ns(stats.queue_seconds)),
+            compute_input=duration(count=succeeded),
+            compute_infer=duration(count=succeeded, ns=_ns(stats.compute_seconds)),
+            compute_output=duration(count=succeeded),
+            cache_hit=duration(count=stats.cache_hits),
+            cache_miss=duration(count=stats.cache_misses),
+        ),
+        batch_stats=[
+            pb.InferBatchStatistics(
+                batch_size=size,
+                compute_input=duration(count=count),
+                compute_infer=duration(count=count),
+                compute_output=duration(count=count),
+            )
+            for size, count in sorted(stats.batch_sizes.items())
+        ],
+    )
+
+
+def model_index(loaded: LoadedModel) -> pb.RepositoryIndexResponse.ModelIndex:
+    """One loaded (or loading, or failed) model version as RepositoryIndex lists it."""
+    return pb.RepositoryIndexResponse.ModelIndex(
+        name=loaded.name, version=str(loaded.version), state=_STATES[loaded.state], reason=loaded.reason
+    )
+
+
+def check_repository_parameters(parameters: Mapping[str, pb.ModelRepositoryParameter]) -> None:
+    """Refuses load parameters that would replace the model's configuration or files: the registry owns both."""
+    for key in parameters:
+        if key == "config" or key.startswith("file:"):
+            raise InvalidV2Request(
+                f"parameter {key!r} is not supported: model files and serving settings come from the registry; "
+                "upload a new version or change the version's labels instead",
+                field=f"parameters.{key}",
+            )
+
+
+def repository_model_ref(model_name: str) -> ModelRef:
+    """The ModelRef of a repository request's model_name: ``name``, ``name:3`` or ``name@alias``."""
+    if not model_name:
+        raise InvalidV2Request("model_name is required: set it to the registry's model name", field="model_name")
+    try:
+        return ModelRef.parse(model_name)
+    except ValueError as exc:
+        raise InvalidV2Request(str(exc), field="model_name") from None
