@@ -1,0 +1,248 @@
+"""The SDK's exceptions, and the one place where gRPC failures become them.
+
+Every failed call raises a subclass of :class:`ModelForgeError`, chosen by the call's
+gRPC status code, and raised ``from`` the original ``grpc.RpcError``::
+
+    ModelForgeError                 any failed call; .code, .reason, .details, .metadata
+    ├── InvalidArgumentError        INVALID_ARGUMENT, OUT_OF_RANGE: fix the request
+    ├── NotFoundError               NOT_FOUND: no such model, version, alias or job
+    ├── AlreadyExistsError          ALREADY_EXISTS: the thing to create exists
+    ├── FailedPreconditionError     FAILED_PRECONDITION: not allowed in the current state
+    ├── ResourceExhaustedError      RESOURCE_EXHAUSTED: a size limit, quota or queue is full
+    ├── DeadlineExceededError       DEADLINE_EXCEEDED: the deadline passed first
+    ├── UnavailableError            UNAVAILABLE: the service is down or unreachable; retry later
+    ├── AbortedError                ABORTED: a concurrent change got in the way; retry
+    ├── CancelledError              CANCELLED: the call was cancelled
+    ├── PermissionDeniedError       PERMISSION_DENIED
+    ├── UnauthenticatedError        UNAUTHENTICATED
+    ├── InternalError               INTERNAL, DATA_LOSS: a server bug; the server log has more
+    └── UnimplementedError          UNIMPLEMENTED: the server does not offer that call
+
+UNKNOWN (and any code not listed) raises ModelForgeError itself.
+
+ModelForge servers attach a ``google.rpc.Status`` in the ``grpc-status-details-bin``
+trailer: its ``ErrorInfo`` gives a stable ``reason`` (``MODEL_NOT_FOUND``), a ``domain``
+(``modelforge.registry``) and ``metadata`` (``{"model": "fraud"}``), and a ``BadRequest``
+names the request fields at fault. Branch on ``reason``, never on the message text.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Iterator, Mapping
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+__all__ = [
+    "AbortedError",
+    "AlreadyExistsError",
+    "CancelledError",
+    "DeadlineExceededError",
+    "FailedPreconditionError",
+    "InternalError",
+    "InvalidArgumentError",
+    "ModelForgeError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "ResourceExhaustedError",
+    "UnauthenticatedError",
+    "UnavailableError",
+    "UnimplementedError",
+    "atranslated",
+    "error_from_rpc",
+    "translated",
+]
+
+
+class ModelForgeError(Exception):
+    """A call to a ModelForge service failed.
+
+    Attributes:
+        code: The gRPC status code.
+        details: The server's message: what was wrong and how to fix it (also ``str(error)``).
+        reason: A stable UPPER_SNAKE identifier such as ``"MODEL_NOT_FOUND"``, or ``""`` when the
+            server sent none (for example when the connection failed before reaching it).
+        domain: Which service gave the reason (``"modelforge.registry"``), or ``""``.
+        metadata: Facts about the failure (``{"model": "fraud"}``); empty when none.
+        field_violations: Request field -> what is wrong with it, from ``google.rpc.BadRequest``.
+        status: The whole ``google.rpc.Status`` the server attached, or None.
+    """
+
+    def __init__(
+        self,
+        details: str,
+        *,
+        code: grpc.StatusCode = grpc.StatusCode.UNKNOWN,
+        reason: str = "",
+        domain: str = "",
+        metadata: Mapping[str, str] | None = None,
+        field_violations: Mapping[str, str] | None = None,
+        status: status_pb2.Status | None = None,
+    ) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+        self.reason = reason
+        self.domain = domain
+        self.metadata: dict[str, str] = dict(metadata or {})
+        self.field_violations: dict[str, str] = dict(field_violations or {})
+        self.status = status
+
+    def __str__(self) -> str:
+        return self.details
+
+    def __repr__(self) -> str:
+        reason = f", reason={self.reason!r}" if self.reason else ""
+        return f"{type(self).__name__}({self.details!r}, code={self.code.name}{reason})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keyword-only arguments need help to survive pickling (for worker processes).
+        return (_rebuild, (type(self), self.details, self.code.name, self.__dict__.copy()))
+
+
+def _rebuild(cls: type[ModelForgeError], details: str, code: str, state: dict[str, Any]) -> ModelForgeError:
+    error = cls(details, code=grpc.StatusCode[code])
+    error.__dict__.update(state)
+    return error
+
+
+class InvalidArgumentError(ModelForgeError):
+    """The request is malformed (a bad name, a wrong tensor shape ...); retrying it unchanged fails again."""
+
+
+class NotFoundError(ModelForgeError):
+    """The named model, version, alias or job does not exist."""
+
+
+class AlreadyExistsError(ModelForgeError):
+    """The thing to create exists already."""
+
+
+class FailedPreconditionError(ModelForgeError):
+    """The system is not in a state that allows the request (e.g. deleting a version an alias points at)."""
+
+
+class ResourceExhaustedError(ModelForgeError):
+    """A size limit, quota or queue is full."""
+
+
+class DeadlineExceededError(ModelForgeError):
+    """The deadline passed before the work was done."""
+
+
+class UnavailableError(ModelForgeError):
+    """The service is down or unreachable; retrying later may succeed."""
+
+
+class AbortedError(ModelForgeError):
+    """A concurrent change got in the way; retrying the whole operation may succeed."""
+
+
+class CancelledError(ModelForgeError):
+    """The call was cancelled."""
+
+
+class PermissionDeniedError(ModelForgeError):
+    """The caller may not do this."""
+
+
+class UnauthenticatedError(ModelForgeError):
+    """The call carried no valid credentials."""
+
+
+class InternalError(ModelForgeError):
+    """The server failed unexpectedly; its log has the details."""
+
+
+class UnimplementedError(ModelForgeError):
+    """The server does not implement this call (an older server, or the wrong port)."""
+
+
+_BY_CODE: dict[grpc.StatusCode, type[ModelForgeError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
+    grpc.StatusCode.OUT_OF_RANGE: InvalidArgumentError,
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExistsError,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+    grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.ABORTED: AbortedError,
+    grpc.StatusCode.CANCELLED: CancelledError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.INTERNAL: InternalError,
+    grpc.StatusCode.DATA_LOSS: InternalError,
+    grpc.StatusCode.UNIMPLEMENTED: UnimplementedError,
+}
+
+
+def _rich_status(error: grpc.RpcError) -> status_pb2.Status | None:
+    try:
+        return rpc_status.from_call(error)  # type: ignore[arg-type]
+    except (ValueError, DecodeError, AttributeError, TypeError):
+        # A trailer that does not match the call's status, does not parse, or an error that is no Call.
+        return None
+
+
+def error_from_rpc(error: grpc.RpcError) -> ModelForgeError:
+    """Builds the ModelForgeError for a failed call (``grpc.RpcError`` or ``grpc.aio.AioRpcError``).
+
+    The caller raises it ``from`` the RpcError; :func:`translated` does both.
+    """
+    code_method = getattr(error, "code", None)
+    details_method = getattr(error, "details", None)
+    code = code_method() if callable(code_method) else grpc.StatusCode.UNKNOWN
+    if not isinstance(code, grpc.StatusCode):
+        code = grpc.StatusCode.UNKNOWN
+    details = (details_method() if callable(details_method) else None) or str(error) or code.name
+    status = _rich_status(error)
+    reason = domain = ""
+    metadata: dict[str, str] = {}
+    violations: dict[str, str] = {}
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason, domain, metadata = info.reason, info.domain, dict(info.metadata)
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            violations.update((v.field, v.description) for v in bad.field_violations)
+    kind = _BY_CODE.get(code, ModelForgeError)
+    return kind(
+        details,
+        code=code,
+        reason=reason,
+        domain=domain,
+        metadata=metadata,
+        field_violations=violations,
+        status=status,
+    )
+
+
+@contextlib.contextmanager
+def translated() -> Iterator[None]:
+    """Turns a ``grpc.RpcError`` raised inside the block into the matching ModelForgeError.
+
+    Works for sync calls and, inside ``async def``, for awaited aio calls and ``async for``
+    over aio streams. Other exceptions pass through unchanged.
+
+    Raises:
+        ModelForgeError: a subclass chosen by the status code, raised from the RpcError.
+    """
+    try:
+        yield
+    except grpc.RpcError as exc:
+        raise error_from_rpc(exc) from exc
+
+
+@contextlib.asynccontextmanager
+async def atranslated() -> AsyncIterator[None]:
+    """``async with`` form of :func:`translated`, for code that prefers it; the behaviour is the same."""
+    with translated():
+        yield
