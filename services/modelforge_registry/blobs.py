@@ -1,0 +1,113 @@
+"""Model files on disk, content-addressed by sha256, written through staged temporary files and atomic renames."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import BinaryIO
+
+# Chunks at least this large are written and hashed in a worker thread rather than on the event loop.
+_THREAD_THRESHOLD = 64 * 1024
+
+
+class StagedFile:
+    """A temporary file that an upload fills; it hashes the bytes as they arrive."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.size = 0
+        self._hash = hashlib.sha256()
+        self._file = open(path, "xb")  # noqa: SIM115  # closed by finish() or discard()
+
+    async def write(self, chunk: bytes) -> None:
+        if len(chunk) >= _THREAD_THRESHOLD:
+            await asyncio.to_thread(self._write, chunk)
+        else:
+            self._write(chunk)
+
+    def _write(self, chunk: bytes) -> None:
+        self._file.write(chunk)
+        self._hash.update(chunk)
+        self.size += len(chunk)
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+    async def finish(self) -> None:
+        """Flushes the bytes to disk and closes the file."""
+        await asyncio.to_thread(self._finish)
+
+    def _finish(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+
+    def discard(self) -> None:
+        """Closes and removes the file if it is still staged; safe to call more than once."""
+        with contextlib.suppress(OSError):
+            self._file.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+class BlobStore:
+    """Files under root/<sha256[:2]>/<sha256>; uploads are staged in root/.incoming on the same file system."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.incoming = root / ".incoming"
+
+    def open(self) -> None:
+        """Creates the directories and removes staged files left by a process that died mid-upload."""
+        self.incoming.mkdir(parents=True, exist_ok=True)
+        for leftover in self.incoming.iterdir():
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+
+    def path(self, sha256: str) -> Path:
+        return self.root / sha256[:2] / sha256
+
+    def stage(self) -> StagedFile:
+        """A new empty temporary file for one upload."""
+        return StagedFile(self.incoming / f"upload-{uuid.uuid4().hex}.part")
+
+    async def place(self, staged: StagedFile, sha256: str) -> None:
+        """Moves a finished staged file to its content address (atomically; identical bytes may already be there)."""
+        await asyncio.to_thread(self._place, staged.path, self.path(sha256))
+
+    @staticmethod
+    def _place(source: Path, target: Path) -> None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(source, target)
+        directory = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+    async def remove(self, sha256: str) -> None:
+        await asyncio.to_thread(self._remove, self.path(sha256))
+
+    @staticmethod
+    def _remove(path: Path) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+    async def read(self, sha256: str, chunk_bytes: int) -> AsyncIterator[bytes]:
+        """Opens the file now (FileNotFoundError if missing) and returns an iterator over its chunks."""
+        handle = await asyncio.to_thread(open, self.path(sha256), "rb")
+        return self._chunks(handle, chunk_bytes)
+
+    @staticmethod
+    async def _chunks(handle: BinaryIO, chunk_bytes: int) -> AsyncIterator[bytes]:
+        try:
+            while chunk := await asyncio.to_thread(handle.read, chunk_bytes):
+                yield chunk
+        finally:
+            handle.close()

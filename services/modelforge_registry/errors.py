@@ -1,0 +1,213 @@
+"""The registry's specific errors; each is one of modelforge_server's kinds and builds its own message."""
+
+from __future__ import annotations
+
+from modelforge_server.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+
+
+class InvalidModelName(InvalidArgument):
+    reason = "INVALID_MODEL_NAME"
+
+    def __init__(self, name: str, field: str = "name") -> None:
+        super().__init__(
+            f"model name {name!r} is invalid: use 1 to 63 characters of a-z, 0-9 and '-', "
+            "starting with a letter and not ending with '-'",
+            field=field,
+            model=name,
+        )
+
+
+class InvalidAlias(InvalidArgument):
+    reason = "INVALID_ALIAS"
+
+    def __init__(self, alias: str, field: str = "alias") -> None:
+        super().__init__(
+            f"alias {alias!r} is invalid: use 1 to 63 characters of a-z, 0-9, '-' and '_', starting with a letter",
+            field=field,
+            alias=alias,
+        )
+
+
+class InvalidVersionNumber(InvalidArgument):
+    reason = "INVALID_VERSION"
+
+    def __init__(self, version: int, field: str = "version") -> None:
+        super().__init__(f"version must be a positive number, got {version}", field=field)
+
+
+class InvalidUpdateMask(InvalidArgument):
+    reason = "INVALID_UPDATE_MASK"
+
+    def __init__(self, path: str, allowed: tuple[str, ...]) -> None:
+        if not path:
+            message = f"update_mask is required: name the fields to change ({', '.join(allowed)}, or '*')"
+        else:
+            message = f"update_mask names {path!r}, which cannot be changed; use {', '.join(allowed)}, or '*'"
+        super().__init__(message, field="update_mask")
+
+
+class ModelNotFound(NotFound):
+    reason = "MODEL_NOT_FOUND"
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no model named {name!r}; `modelforge models ls` shows the names", model=name)
+
+
+class ModelExists(AlreadyExists):
+    reason = "MODEL_EXISTS"
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"a model named {name!r} exists already; choose another name", model=name)
+
+
+class VersionNotFound(NotFound):
+    reason = "VERSION_NOT_FOUND"
+
+    def __init__(self, model: str, version: int) -> None:
+        super().__init__(
+            f"model {model!r} has no version {version}; `modelforge models show {model}` lists its versions",
+            model=model,
+            version=str(version),
+        )
+
+
+class AliasNotFound(NotFound):
+    reason = "ALIAS_NOT_FOUND"
+
+    def __init__(self, model: str, alias: str) -> None:
+        super().__init__(f"model {model!r} has no alias {alias!r}", model=model, alias=alias)
+
+
+class NoReadyVersion(NotFound):
+    reason = "NO_READY_VERSION"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"model {model!r} has no READY version; upload one or restore an archived one", model=model)
+
+
+class ModelHasVersions(FailedPrecondition):
+    reason = "MODEL_HAS_VERSIONS"
+
+    def __init__(self, name: str, count: int) -> None:
+        super().__init__(
+            f"model {name!r} still has {count} version(s); delete them first or pass force to delete everything",
+            model=name,
+        )
+
+
+class VersionHasAliases(FailedPrecondition):
+    reason = "VERSION_HAS_ALIASES"
+
+    def __init__(self, model: str, version: int, aliases: list[str]) -> None:
+        super().__init__(
+            f"version {version} of {model!r} is the target of alias(es) {', '.join(aliases)}; "
+            "move or delete them first",
+            model=model,
+            version=str(version),
+            aliases=",".join(aliases),
+        )
+
+
+class VersionArchived(FailedPrecondition):
+    reason = "VERSION_ARCHIVED"
+
+    def __init__(self, model: str, version: int) -> None:
+        super().__init__(
+            f"version {version} of {model!r} is ARCHIVED; restore it before pointing an alias at it",
+            model=model,
+            version=str(version),
+        )
+
+
+class ModelTooLarge(ResourceExhausted):
+    reason = "MODEL_TOO_LARGE"
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(
+            f"the model file passes the registry's limit of {limit} bytes (at least {size} bytes); "
+            "the operator can raise MODELFORGE_MAX_MODEL_BYTES",
+            limit=str(limit),
+        )
+
+
+class UploadOutOfOrder(InvalidArgument):
+    reason = "UPLOAD_OUT_OF_ORDER"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, field="header")
+
+
+class InvalidChecksum(InvalidArgument):
+    reason = "INVALID_CHECKSUM"
+
+    def __init__(self, value: str) -> None:
+        super().__init__(f"header.sha256 must be 64 lowercase hex characters, got {value!r}", field="header.sha256")
+
+
+class SizeMismatch(InvalidArgument):
+    reason = "SIZE_MISMATCH"
+
+    def __init__(self, expected: int, received: int) -> None:
+        super().__init__(
+            f"the header announced {expected} bytes but {received} arrived; the upload was truncated or the "
+            "header is wrong",
+            field="header.size_bytes",
+            expected=str(expected),
+            received=str(received),
+        )
+
+
+class ChecksumMismatch(InvalidArgument):
+    reason = "CHECKSUM_MISMATCH"
+
+    def __init__(self, expected: str, received: str) -> None:
+        super().__init__(
+            f"the bytes received have sha256 {received}, not {expected} as announced; the file was corrupted "
+            "in transit or the header is wrong",
+            field="header.sha256",
+            expected=expected,
+            received=received,
+        )
+
+
+class InvalidOnnx(InvalidArgument):
+    reason = "INVALID_ONNX"
+
+    def __init__(self, why: str) -> None:
+        super().__init__(f"the file is not a valid ONNX model: {why}")
+
+
+class ExternalDataRefused(InvalidArgument):
+    reason = "EXTERNAL_DATA"
+
+    def __init__(self, tensor: str, location: str, escapes: bool) -> None:
+        where = "a path outside the model's directory" if escapes else "a separate file"
+        super().__init__(
+            f"tensor {tensor!r} keeps its data in {where} ({location!r}); the registry stores single-file models: "
+            "save the model with all tensors inside it (onnx.save(model, path, save_as_external_data=False))",
+            tensor=tensor,
+            location=location,
+        )
+
+
+class DatabaseUnavailable(Unavailable):
+    reason = "DATABASE_UNAVAILABLE"
+
+    def __init__(self) -> None:
+        super().__init__("the registry cannot reach PostgreSQL right now; retry later")
+
+
+class WatchInterrupted(Unavailable):
+    reason = "WATCH_INTERRUPTED"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the registry lost its event feed from PostgreSQL, so events may have been missed; watch again"
+        )

@@ -1,0 +1,124 @@
+"""Fans model events out to watchers; every replica hears every change through PostgreSQL LISTEN/NOTIFY."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from modelforge_registry.domain import EventType, ModelEvent
+from modelforge_registry.errors import DatabaseUnavailable, WatchInterrupted
+from modelforge_registry.store import EVENTS_CHANNEL
+
+log = logging.getLogger("modelforge.registry.events")
+
+# A watcher that falls this many events behind is disconnected (with UNAVAILABLE) rather than slowing the others.
+_QUEUE_LIMIT = 10_000
+_LOST = None  # queued to tell a watcher that the feed broke and events may have been missed
+
+
+class EventHub:
+    """One LISTEN connection per process, shared by all watchers of this replica.
+
+    Events are published inside the writing transaction (store._notify), so PostgreSQL delivers them on commit,
+    to every replica, in commit order. When the LISTEN connection breaks, current watchers end with
+    WatchInterrupted (they may have missed events) and the hub reconnects in the background.
+    """
+
+    def __init__(self, database_url: str, *, retry_seconds: float = 1.0) -> None:
+        self._url = database_url
+        self._retry = retry_seconds
+        self._watchers: set[asyncio.Queue[ModelEvent | None]] = set()
+        self._live = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._listen_forever(), name="registry-events")
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self._interrupt()
+
+    async def watch(self, model: str = "", *, wait_seconds: float = 5.0) -> AsyncIterator[ModelEvent]:
+        """WATCH_STARTED once the subscription is live, then every later event (of `model` if given)."""
+        queue: asyncio.Queue[ModelEvent | None] = asyncio.Queue(_QUEUE_LIMIT)
+        try:
+            async with asyncio.timeout(wait_seconds):
+                while not self._live.is_set():
+                    await self._live.wait()
+        except TimeoutError:
+            raise DatabaseUnavailable() from None
+        # Registered in the same step as the check above: the feed is live now, so nothing after this is missed.
+        self._watchers.add(queue)
+        try:
+            yield ModelEvent(type=EventType.WATCH_STARTED, model=model)
+            while True:
+                event = await queue.get()
+                if event is _LOST:
+                    raise WatchInterrupted()
+                if not model or event.model == model:
+                    yield event
+        finally:
+            self._watchers.discard(queue)
+
+    async def _listen_forever(self) -> None:
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(self._url, autocommit=True) as conn:
+                    await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(EVENTS_CHANNEL)))
+                    self._live.set()
+                    log.info("listening for model events")
+                    async for notify in conn.notifies():
+                        self._publish(_parse(notify.payload))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the connection broke, or PostgreSQL is down: retry
+                if self._live.is_set():
+                    log.warning("model event feed interrupted: %s", exc)
+            self._live.clear()
+            self._interrupt()
+            await asyncio.sleep(self._retry)  # back off before reconnecting; not used for synchronisation
+
+    def _publish(self, event: ModelEvent | None) -> None:
+        if event is None:
+            return
+        for queue in list(self._watchers):
+            if queue.full():  # a watcher this far behind is cut off rather than holding memory without bound
+                self._watchers.discard(queue)
+                queue.get_nowait()
+                queue.put_nowait(_LOST)
+            else:
+                queue.put_nowait(event)
+
+    def _interrupt(self) -> None:
+        for queue in list(self._watchers):
+            self._watchers.discard(queue)
+            if queue.full():
+                queue.get_nowait()
+            queue.put_nowait(_LOST)
+
+
+def _parse(payload: str) -> ModelEvent | None:
+    try:
+        doc: dict[str, Any] = json.loads(payload)
+        return ModelEvent(
+            type=EventType(doc["type"]),
+            model=doc["model"],
+            version=int(doc.get("version") or 0),
+            alias=doc.get("alias") or "",
+            event_time=datetime.fromisoformat(doc["event_time"]),
+        )
+    except (ValueError, KeyError, TypeError):
+        log.error("ignoring a malformed model event: %r", payload)
+        return None

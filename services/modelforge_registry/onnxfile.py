@@ -1,0 +1,146 @@
+"""Validates an ONNX file and reads its signature and facts; runs in a worker thread, never on the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import posixpath
+from collections.abc import Iterator
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from modelforge_registry.domain import OnnxInfo, OperatorSet, Signature, TensorSpec
+from modelforge_registry.errors import ExternalDataRefused, InvalidOnnx
+
+# ONNX TensorProto element types to our DataType names (modelforge.common.v1.DataType without its prefix).
+_DTYPES = {
+    onnx.TensorProto.FLOAT: "FLOAT32",
+    onnx.TensorProto.DOUBLE: "FLOAT64",
+    onnx.TensorProto.FLOAT16: "FLOAT16",
+    onnx.TensorProto.BFLOAT16: "BFLOAT16",
+    onnx.TensorProto.INT8: "INT8",
+    onnx.TensorProto.INT16: "INT16",
+    onnx.TensorProto.INT32: "INT32",
+    onnx.TensorProto.INT64: "INT64",
+    onnx.TensorProto.UINT8: "UINT8",
+    onnx.TensorProto.UINT16: "UINT16",
+    onnx.TensorProto.UINT32: "UINT32",
+    onnx.TensorProto.UINT64: "UINT64",
+    onnx.TensorProto.BOOL: "BOOL",
+    onnx.TensorProto.STRING: "STRING",
+}
+
+
+async def inspect(path: Path) -> tuple[Signature, OnnxInfo]:
+    """Validates the file; returns its signature and facts, or raises InvalidOnnx / ExternalDataRefused."""
+    return await asyncio.to_thread(inspect_file, path)
+
+
+def inspect_file(path: Path) -> tuple[Signature, OnnxInfo]:
+    try:
+        model = onnx.load_model(os.fspath(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError) as exc:
+        raise InvalidOnnx(f"it cannot be parsed as an ONNX protobuf ({_first_line(exc)})") from None
+    if not model.HasField("graph"):
+        raise InvalidOnnx("it has no graph (is it an ONNX file at all, and complete?)")
+    refuse_external_data(model)
+    try:
+        onnx.checker.check_model(model)
+    except (onnx.checker.ValidationError, ValueError, RuntimeError) as exc:
+        raise InvalidOnnx(f"onnx.checker refused it: {_first_line(exc)}") from None
+    return signature(model), facts(model)
+
+
+def refuse_external_data(model: onnx.ModelProto) -> None:
+    """Refuses any tensor stored outside the file; names escaping paths as such."""
+    for tensor in _tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL and not tensor.external_data:
+            continue
+        entries = {entry.key: entry.value for entry in tensor.external_data}
+        location = entries.get("location", "")
+        raise ExternalDataRefused(tensor.name, location, escapes=escapes_directory(location))
+
+
+def escapes_directory(location: str) -> bool:
+    """True when a relative location would resolve outside the model's directory (or is absolute)."""
+    normalized = location.replace("\\", "/")
+    if not normalized or normalized.startswith("/") or (len(normalized) > 1 and normalized[1] == ":"):
+        return True
+    return posixpath.normpath(normalized).split("/")[0] == ".."
+
+
+def _tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    yield from _graph_tensors(model.graph)
+    for function in model.functions:
+        for node in function.node:
+            yield from _node_tensors(node)
+
+
+def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        yield from _node_tensors(node)
+
+
+def _node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
+    for attribute in node.attribute:
+        if attribute.HasField("t"):
+            yield attribute.t
+        yield from attribute.tensors
+        if attribute.HasField("sparse_tensor"):
+            yield attribute.sparse_tensor.values
+            yield attribute.sparse_tensor.indices
+        if attribute.HasField("g"):
+            yield from _graph_tensors(attribute.g)
+        for graph in attribute.graphs:
+            yield from _graph_tensors(graph)
+
+
+def signature(model: onnx.ModelProto) -> Signature:
+    initializers = {tensor.name for tensor in model.graph.initializer}
+    inputs = tuple(_spec(value) for value in model.graph.input if value.name not in initializers)
+    outputs = tuple(_spec(value) for value in model.graph.output)
+    return Signature(inputs=inputs, outputs=outputs)
+
+
+def _spec(value: onnx.ValueInfoProto) -> TensorSpec:
+    if value.type.WhichOneof("value") != "tensor_type":
+        return TensorSpec(name=value.name, dtype="UNSPECIFIED", shape=(), dim_names=())
+    tensor_type = value.type.tensor_type
+    shape: list[int] = []
+    names: list[str] = []
+    for dim in tensor_type.shape.dim:
+        if dim.HasField("dim_value") and dim.dim_value >= 0:
+            shape.append(dim.dim_value)
+            names.append("")
+        else:
+            shape.append(-1)
+            names.append(dim.dim_param)
+    return TensorSpec(
+        name=value.name,
+        dtype=_DTYPES.get(tensor_type.elem_type, "UNSPECIFIED"),
+        shape=tuple(shape),
+        dim_names=tuple(names),
+    )
+
+
+def facts(model: onnx.ModelProto) -> OnnxInfo:
+    return OnnxInfo(
+        ir_version=model.ir_version,
+        opset_imports=tuple(OperatorSet(domain=o.domain, version=o.version) for o in model.opset_import),
+        producer_name=model.producer_name,
+        producer_version=model.producer_version,
+        graph_name=model.graph.name,
+        doc_string=model.doc_string,
+        metadata_props={prop.key: prop.value for prop in model.metadata_props},
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]

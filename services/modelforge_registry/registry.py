@@ -1,0 +1,231 @@
+"""The registry's behaviour: models, versions, aliases, uploads and downloads, over the store and the blob store."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import TypeVar
+
+from modelforge_registry import onnxfile
+from modelforge_registry.blobs import BlobStore
+from modelforge_registry.domain import (
+    ALIAS_NAME,
+    MODEL_NAME,
+    SHA256_HEX,
+    Model,
+    ModelChanges,
+    ModelEvent,
+    ModelFilter,
+    ModelRef,
+    ModelVersion,
+    NewModel,
+    Page,
+    StoredFile,
+    UploadHeader,
+    VersionChanges,
+    VersionState,
+)
+from modelforge_registry.errors import (
+    ChecksumMismatch,
+    InvalidAlias,
+    InvalidChecksum,
+    InvalidModelName,
+    InvalidVersionNumber,
+    ModelTooLarge,
+    SizeMismatch,
+    VersionNotFound,
+)
+from modelforge_registry.events import EventHub
+from modelforge_registry.store import RegistryStore
+from modelforge_server.errors import InvalidArgument
+
+log = logging.getLogger("modelforge.registry")
+
+K = TypeVar("K")
+
+
+def check_model_name(name: str, field: str = "name") -> str:
+    if not MODEL_NAME.match(name):
+        raise InvalidModelName(name, field)
+    return name
+
+
+def check_alias(alias: str, field: str = "alias") -> str:
+    if not ALIAS_NAME.match(alias):
+        raise InvalidAlias(alias, field)
+    return alias
+
+
+def check_version(version: int, field: str = "version") -> int:
+    if version <= 0:
+        raise InvalidVersionNumber(version, field)
+    return version
+
+
+class ModelRegistry:
+    """Stores ONNX models as numbered, immutable versions with movable aliases."""
+
+    def __init__(
+        self,
+        store: RegistryStore,
+        blobs: BlobStore,
+        events: EventHub,
+        *,
+        max_model_bytes: int,
+        chunk_bytes: int,
+    ) -> None:
+        self._store = store
+        self._blobs = blobs
+        self._events = events
+        self._max_model_bytes = max_model_bytes
+        self._chunk_bytes = chunk_bytes
+
+    async def ping(self) -> None:
+        """Raises unless the database answers; the health check."""
+        await self._store.ping()
+
+    # Models
+
+    async def create_model(self, new: NewModel) -> Model:
+        check_model_name(new.name, "model.name")
+        return await self._store.create_model(new)
+
+    async def get_model(self, name: str) -> Model:
+        return await self._store.get_model(name)
+
+    async def list_models(self, where: ModelFilter, *, limit: int, after: list[object] | None) -> Page[Model]:
+        return await self._store.list_models(where, limit=limit, after=_key(after, str))
+
+    async def update_model(self, name: str, changes: ModelChanges) -> Model:
+        return await self._store.update_model(name, changes)
+
+    async def delete_model(self, name: str, *, force: bool) -> int:
+        """Deletes the model; with force also its versions, aliases and the files nothing else uses."""
+        count, unused = await self._store.delete_model(name, force=force)
+        for sha256 in unused:
+            await self._collect(sha256)
+        return count
+
+    # Versions
+
+    async def upload(self, header: UploadHeader, chunks: AsyncIterator[bytes]) -> ModelVersion:
+        """Receives, checks and stores a new version; on any failure (or cancellation) nothing is left behind.
+
+        The size limit is enforced as bytes arrive; the announced size and sha256, and the ONNX file itself, are
+        checked once all bytes are in; then the file moves into the blob store and the version row is inserted in
+        one transaction.
+        """
+        check_model_name(header.model, "header.model")
+        if not SHA256_HEX.match(header.sha256):
+            raise InvalidChecksum(header.sha256)
+        if header.size_bytes <= 0:
+            raise InvalidArgument("header.size_bytes must be the file's size in bytes", field="header.size_bytes")
+        if header.size_bytes > self._max_model_bytes:
+            raise ModelTooLarge(header.size_bytes, self._max_model_bytes)
+        if not header.create_model:
+            await self._store.get_model(header.model)  # NOT_FOUND before any byte is read
+        staged = self._blobs.stage()
+        try:
+            async for chunk in chunks:
+                if staged.size + len(chunk) > self._max_model_bytes:
+                    raise ModelTooLarge(staged.size + len(chunk), self._max_model_bytes)
+                await staged.write(chunk)
+            await staged.finish()
+            if staged.size != header.size_bytes:
+                raise SizeMismatch(header.size_bytes, staged.size)
+            if staged.sha256 != header.sha256:
+                raise ChecksumMismatch(header.sha256, staged.sha256)
+            signature, info = await onnxfile.inspect(staged.path)
+            file = StoredFile(sha256=staged.sha256, size_bytes=staged.size, signature=signature, onnx=info)
+            placed = False
+
+            async def place() -> None:
+                nonlocal placed
+                placed = True
+                await self._blobs.place(staged, file.sha256)
+
+            try:
+                version = await self._store.add_version(header, file, place)
+            except BaseException:
+                if placed:  # the transaction did not commit: drop the file unless another version has it
+                    await self._collect(file.sha256)
+                raise
+        finally:
+            staged.discard()
+        log.info("stored %s:%d (%d bytes, sha256 %s)", version.model, version.version, file.size_bytes, file.sha256)
+        return version
+
+    async def get_version(self, model: str, version: int) -> ModelVersion:
+        return await self._store.get_version(model, check_version(version))
+
+    async def resolve(self, ref: ModelRef) -> ModelVersion:
+        """The version a reference points at now: by number, by alias, or the newest READY one."""
+        if ref.version is not None:
+            check_version(ref.version, "ref.version")
+        if ref.alias is not None:
+            check_alias(ref.alias, "ref.alias")
+        return await self._store.resolve(ref)
+
+    async def list_versions(
+        self, model: str, state: VersionState | None, *, limit: int, after: list[object] | None
+    ) -> Page[ModelVersion]:
+        return await self._store.list_versions(model, state, limit=limit, before=_key(after, int))
+
+    async def update_version(self, model: str, version: int, changes: VersionChanges) -> ModelVersion:
+        return await self._store.update_version(model, check_version(version), changes)
+
+    async def archive(self, model: str, version: int) -> ModelVersion:
+        archived, _ = await self._store.set_state(model, check_version(version), VersionState.ARCHIVED)
+        return archived
+
+    async def restore(self, model: str, version: int) -> ModelVersion:
+        restored, _ = await self._store.set_state(model, check_version(version), VersionState.READY)
+        return restored
+
+    async def delete_version(self, model: str, version: int) -> bool:
+        """Deletes the version; returns True when its file went too, because no other version used it."""
+        unused = await self._store.delete_version(model, check_version(version))
+        if unused is not None:
+            await self._collect(unused)
+        return unused is not None
+
+    async def download(self, ref: ModelRef) -> tuple[ModelVersion, AsyncIterator[bytes]]:
+        """The resolved version and its file's chunks; the file is opened before this returns."""
+        version = await self.resolve(ref)
+        try:
+            chunks = await self._blobs.read(version.sha256, self._chunk_bytes)
+        except FileNotFoundError:  # deleted between the lookup and the open
+            raise VersionNotFound(version.model, version.version) from None
+        return version, chunks
+
+    # Aliases
+
+    async def set_alias(self, model: str, alias: str, version: int) -> tuple[ModelVersion, int]:
+        check_alias(alias)
+        return await self._store.set_alias(model, alias, check_version(version))
+
+    async def delete_alias(self, model: str, alias: str) -> int:
+        return await self._store.delete_alias(model, alias)
+
+    # Events
+
+    def watch(self, model: str = "") -> AsyncIterator[ModelEvent]:
+        """WATCH_STARTED, then every change committed through any replica (of `model` if given)."""
+        return self._events.watch(model)
+
+    async def _collect(self, sha256: str) -> None:
+        """Removes a file from disk if no committed version records it, under the file's lock."""
+        async with self._store.blob_lock(sha256) as recorded:
+            if not recorded:
+                await self._blobs.remove(sha256)
+
+
+def _key(key: list[object] | None, kind: type[K]) -> K | None:
+    """The single sort key inside a page token, checked for its type."""
+    if key is None:
+        return None
+    if len(key) != 1 or not isinstance(key[0], kind) or isinstance(key[0], bool):
+        raise InvalidArgument(
+            "page_token does not belong to this listing; pass next_page_token unchanged", field="page_token"
+        )
+    return key[0]

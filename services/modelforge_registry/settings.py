@@ -1,0 +1,23 @@
+"""The registry's settings: MODELFORGE_* variables on top of the common server settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from modelforge_server.settings import MiB, ServerSettings
+
+
+@dataclass(frozen=True)
+class RegistrySettings(ServerSettings):
+    """Settings of the registry process."""
+
+    port: int = 50051
+    # Uploads are refused (RESOURCE_EXHAUSTED) as soon as the bytes received pass this.
+    max_model_bytes: int = 2048 * MiB
+    # Where model files live, content-addressed; defaults to data_dir/blobs.
+    blob_dir: Path | None = None
+
+    @property
+    def blob_root(self) -> Path:
+        return self.blob_dir if self.blob_dir is not None else self.data_dir / "blobs"
