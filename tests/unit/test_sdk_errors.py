@@ -20,6 +20,7 @@ from modelforge._errors import (
     CancelledError,
     DeadlineExceededError,
     FailedPreconditionError,
+    IntegrityError,
     InternalError,
     InvalidArgumentError,
     ModelForgeError,
@@ -109,7 +110,7 @@ EXPECTED: dict[grpc.StatusCode, type[ModelForgeError]] = {
     grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
     grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
     grpc.StatusCode.INTERNAL: InternalError,
-    grpc.StatusCode.DATA_LOSS: InternalError,
+    grpc.StatusCode.DATA_LOSS: IntegrityError,
     grpc.StatusCode.UNIMPLEMENTED: UnimplementedError,
     grpc.StatusCode.UNKNOWN: ModelForgeError,
 }
@@ -228,3 +229,19 @@ def test_errors_pickle_with_their_fields(channel: grpc.Channel) -> None:
         {"inputs[0].shape": "bad"},
     )
     assert repr(copy) == "NotFoundError('failed with NOT_FOUND', code=NOT_FOUND, reason='TEST_NOT_FOUND')"
+
+
+def test_errors_raised_without_a_call_carry_their_class_code() -> None:
+    error = IntegrityError("sha256 mismatch")
+    assert (error.code, error.details, error.reason, error.metadata, error.status) == (
+        grpc.StatusCode.DATA_LOSS,
+        "sha256 mismatch",
+        "",
+        {},
+        None,
+    )
+    assert NotFoundError("x").code == grpc.StatusCode.NOT_FOUND
+    assert ModelForgeError("x").code == grpc.StatusCode.UNKNOWN
+    for code, kind in EXPECTED.items():
+        if kind not in (InvalidArgumentError, IntegrityError):  # the two that take a second code
+            assert kind.default_code == code

@@ -15,10 +15,13 @@ gRPC status code, and raised ``from`` the original ``grpc.RpcError``::
     ├── CancelledError              CANCELLED: the call was cancelled
     ├── PermissionDeniedError       PERMISSION_DENIED
     ├── UnauthenticatedError        UNAUTHENTICATED
-    ├── InternalError               INTERNAL, DATA_LOSS: a server bug; the server log has more
-    └── UnimplementedError          UNIMPLEMENTED: the server does not offer that call
+    ├── InternalError               INTERNAL: a server bug; the server log has more
+    ├── UnimplementedError          UNIMPLEMENTED: the server does not offer that call
+    └── IntegrityError              DATA_LOSS, or raised by the SDK itself when bytes received do not
+                                    match their announced size or sha256
 
-UNKNOWN (and any code not listed) raises ModelForgeError itself.
+UNKNOWN (and any code not listed) raises ModelForgeError itself. Errors the SDK raises
+without a call (IntegrityError) carry their class's code and no reason.
 
 ModelForge servers attach a ``google.rpc.Status`` in the ``grpc-status-details-bin``
 trailer: its ``ErrorInfo`` gives a stable ``reason`` (``MODEL_NOT_FOUND``), a ``domain``
@@ -30,7 +33,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Iterator, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -44,6 +47,7 @@ __all__ = [
     "DeadlineExceededError",
     "FailedPreconditionError",
     "InternalError",
+    "IntegrityError",
     "InvalidArgumentError",
     "ModelForgeError",
     "NotFoundError",
@@ -62,7 +66,7 @@ class ModelForgeError(Exception):
     """A call to a ModelForge service failed.
 
     Attributes:
-        code: The gRPC status code.
+        code: The gRPC status code (the class's ``default_code`` for errors raised without a call).
         details: The server's message: what was wrong and how to fix it (also ``str(error)``).
         reason: A stable UPPER_SNAKE identifier such as ``"MODEL_NOT_FOUND"``, or ``""`` when the
             server sent none (for example when the connection failed before reaching it).
@@ -72,11 +76,13 @@ class ModelForgeError(Exception):
         status: The whole ``google.rpc.Status`` the server attached, or None.
     """
 
+    default_code: ClassVar[grpc.StatusCode] = grpc.StatusCode.UNKNOWN
+
     def __init__(
         self,
         details: str,
         *,
-        code: grpc.StatusCode = grpc.StatusCode.UNKNOWN,
+        code: grpc.StatusCode | None = None,
         reason: str = "",
         domain: str = "",
         metadata: Mapping[str, str] | None = None,
@@ -84,7 +90,7 @@ class ModelForgeError(Exception):
         status: status_pb2.Status | None = None,
     ) -> None:
         super().__init__(details)
-        self.code = code
+        self.code = code if code is not None else self.default_code
         self.details = details
         self.reason = reason
         self.domain = domain
@@ -113,53 +119,88 @@ def _rebuild(cls: type[ModelForgeError], details: str, code: str, state: dict[st
 class InvalidArgumentError(ModelForgeError):
     """The request is malformed (a bad name, a wrong tensor shape ...); retrying it unchanged fails again."""
 
+    default_code = grpc.StatusCode.INVALID_ARGUMENT
+
 
 class NotFoundError(ModelForgeError):
     """The named model, version, alias or job does not exist."""
+
+    default_code = grpc.StatusCode.NOT_FOUND
 
 
 class AlreadyExistsError(ModelForgeError):
     """The thing to create exists already."""
 
+    default_code = grpc.StatusCode.ALREADY_EXISTS
+
 
 class FailedPreconditionError(ModelForgeError):
     """The system is not in a state that allows the request (e.g. deleting a version an alias points at)."""
+
+    default_code = grpc.StatusCode.FAILED_PRECONDITION
 
 
 class ResourceExhaustedError(ModelForgeError):
     """A size limit, quota or queue is full."""
 
+    default_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
 
 class DeadlineExceededError(ModelForgeError):
     """The deadline passed before the work was done."""
+
+    default_code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 class UnavailableError(ModelForgeError):
     """The service is down or unreachable; retrying later may succeed."""
 
+    default_code = grpc.StatusCode.UNAVAILABLE
+
 
 class AbortedError(ModelForgeError):
     """A concurrent change got in the way; retrying the whole operation may succeed."""
+
+    default_code = grpc.StatusCode.ABORTED
 
 
 class CancelledError(ModelForgeError):
     """The call was cancelled."""
 
+    default_code = grpc.StatusCode.CANCELLED
+
 
 class PermissionDeniedError(ModelForgeError):
     """The caller may not do this."""
+
+    default_code = grpc.StatusCode.PERMISSION_DENIED
 
 
 class UnauthenticatedError(ModelForgeError):
     """The call carried no valid credentials."""
 
+    default_code = grpc.StatusCode.UNAUTHENTICATED
+
 
 class InternalError(ModelForgeError):
     """The server failed unexpectedly; its log has the details."""
 
+    default_code = grpc.StatusCode.INTERNAL
+
 
 class UnimplementedError(ModelForgeError):
     """The server does not implement this call (an older server, or the wrong port)."""
+
+    default_code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class IntegrityError(ModelForgeError):
+    """Data arrived corrupt or incomplete: a size or sha256 that does not match, or a stream out of order.
+
+    The SDK raises it itself (with code DATA_LOSS) and keeps nothing it received; retrying usually helps.
+    """
+
+    default_code = grpc.StatusCode.DATA_LOSS
 
 
 _BY_CODE: dict[grpc.StatusCode, type[ModelForgeError]] = {
@@ -176,7 +217,7 @@ _BY_CODE: dict[grpc.StatusCode, type[ModelForgeError]] = {
     grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
     grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
     grpc.StatusCode.INTERNAL: InternalError,
-    grpc.StatusCode.DATA_LOSS: InternalError,
+    grpc.StatusCode.DATA_LOSS: IntegrityError,
     grpc.StatusCode.UNIMPLEMENTED: UnimplementedError,
 }
 
