@@ -1,0 +1,308 @@
+"""ModelResolver against a real registry (PostgreSQL, gRPC): caching, invalidation by events, reconnection."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import grpc.aio
+import numpy as np
+import pytest
+
+from modelforge.registry.v1 import registry_pb2, registry_pb2_grpc
+from modelforge_inference.domain import ModelRef
+from modelforge_inference.registry_client import RegistryNotFound, RegistryUnavailable
+from modelforge_inference.resolver import ModelEvent, ModelEventType, ModelResolver
+from modelforge_registry.__main__ import build as build_registry
+from modelforge_registry.settings import RegistrySettings
+from modelforge_server import status
+from tests.fixtures.onnx_models import build_add_one, model_bytes
+
+# Short reconnect backoff, so that a restarted registry is reached again within a test's patience.
+CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 50),
+    ("grpc.min_reconnect_backoff_ms", 50),
+    ("grpc.max_reconnect_backoff_ms", 250),
+]
+
+
+class CallCounter(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
+    """Counts the RPCs a channel sends, by method name."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = {}
+
+    def _count(self, details: grpc.aio.ClientCallDetails) -> None:
+        method = details.method.decode() if isinstance(details.method, bytes) else details.method
+        name = method.rsplit("/", 1)[-1]
+        self.calls[name] = self.calls.get(name, 0) + 1
+
+    async def intercept_unary_unary(self, continuation, client_call_details, request):
+        self._count(client_call_details)
+        return await continuation(client_call_details, request)
+
+    async def intercept_unary_stream(self, continuation, client_call_details, request):
+        self._count(client_call_details)
+        return await continuation(client_call_details, request)
+
+
+@dataclass
+class Registry:
+    """An in-process registry server that a test can stop and start again on the same port."""
+
+    settings: RegistrySettings
+    port: int = 0
+    stack: AsyncExitStack | None = None
+    counter: CallCounter = field(default_factory=CallCounter)
+
+    async def start(self) -> None:
+        stack = AsyncExitStack()
+        server = await build_registry(self.settings, stack)
+        self.port = server.add_port(f"127.0.0.1:{self.port}")
+        await server.start()
+        self.stack = stack
+
+    async def stop(self) -> None:
+        stack, self.stack = self.stack, None
+        if stack is not None:
+            await stack.aclose()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+@pytest.fixture
+async def registry(clean_db: str, tmp_path: Path) -> AsyncIterator[Registry]:
+    registry = Registry(RegistrySettings(database_url=clean_db, data_dir=tmp_path / "registry", grace_seconds=0.5))
+    await registry.start()
+    try:
+        yield registry
+    finally:
+        await registry.stop()
+
+
+@pytest.fixture
+async def stub(registry: Registry) -> AsyncIterator[registry_pb2_grpc.RegistryServiceStub]:
+    """A stub for the code under test, on a channel that counts its calls."""
+    async with grpc.aio.insecure_channel(
+        registry.address, options=CHANNEL_OPTIONS, interceptors=[registry.counter]
+    ) as channel:
+        yield registry_pb2_grpc.RegistryServiceStub(channel)
+
+
+@pytest.fixture
+async def admin(registry: Registry) -> AsyncIterator[registry_pb2_grpc.RegistryServiceStub]:
+    """A stub for the test's own changes to the registry, on a channel of its own."""
+    async with grpc.aio.insecure_channel(registry.address, options=CHANNEL_OPTIONS) as channel:
+        yield registry_pb2_grpc.RegistryServiceStub(channel)
+
+
+@pytest.fixture
+async def resolver(stub: registry_pb2_grpc.RegistryServiceStub) -> AsyncIterator[ModelResolver]:
+    async with ModelResolver(stub, min_backoff=0.02, max_backoff=0.2) as resolver:
+        await asyncio.wait_for(resolver.wait_connected(), 30)
+        yield resolver
+
+
+async def upload(stub: registry_pb2_grpc.RegistryServiceStub, model: str, data: bytes) -> registry_pb2.ModelVersion:
+    sha256 = hashlib.sha256(data).hexdigest()
+
+    async def messages() -> AsyncIterator[registry_pb2.UploadModelVersionRequest]:
+        header = registry_pb2.UploadModelVersionHeader(
+            model=model, create_model=True, sha256=sha256, size_bytes=len(data)
+        )
+        yield registry_pb2.UploadModelVersionRequest(header=header)
+        for offset in range(0, len(data), 64 * 1024):
+            yield registry_pb2.UploadModelVersionRequest(chunk=data[offset : offset + 64 * 1024])
+
+    response = await stub.UploadModelVersion(messages())
+    return response.model_version
+
+
+def add_one_bytes(width: int) -> bytes:
+    return model_bytes(build_add_one(width=width))
+
+
+async def poll(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+class EventLog:
+    """A listener that records events and lets a test wait for one."""
+
+    def __init__(self) -> None:
+        self.events: list[ModelEvent] = []
+        self._changed = asyncio.Event()
+
+    def __call__(self, event: ModelEvent) -> None:
+        self.events.append(event)
+        self._changed.set()
+
+    async def wait_for(
+        self, kind: ModelEventType, model: str = "", count: int = 1, timeout: float = 30.0
+    ) -> ModelEvent:
+        """The count-th event of that kind about model, once it has arrived."""
+        async with asyncio.timeout(timeout):
+            while True:
+                matching = [event for event in self.events if event.type is kind and event.model == model]
+                if len(matching) >= count:
+                    return matching[count - 1]
+                self._changed.clear()
+                await self._changed.wait()
+
+
+async def test_resolves_by_number_alias_and_latest(admin, resolver: ModelResolver) -> None:
+    first = await upload(admin, "adder", add_one_bytes(4))
+    second = await upload(admin, "adder", add_one_bytes(5))
+    await admin.SetAlias(registry_pb2.SetAliasRequest(model="adder", alias="production", version=1))
+
+    latest = await resolver.resolve(ModelRef("adder"))
+    assert (latest.name, latest.version, latest.sha256) == ("adder", 2, second.sha256)
+    assert latest.size_bytes == second.size_bytes
+
+    production = await resolver.resolve(ModelRef("adder", alias="production"))
+    assert (production.version, production.sha256) == (1, first.sha256)
+    assert production.aliases == ("production",)
+    [spec] = production.signature.inputs
+    assert spec.dtype == np.dtype(np.float32)
+    assert spec.shape[1:] == (4,)
+
+    assert (await resolver.resolve(ModelRef("adder", version=1))).sha256 == first.sha256
+
+
+async def test_resolutions_are_cached_and_concurrent_ones_share_a_call(
+    admin, registry: Registry, resolver: ModelResolver
+) -> None:
+    await upload(admin, "adder", add_one_bytes(4))
+    ref = ModelRef("adder", version=1)
+    results = await asyncio.gather(*(resolver.resolve(ref) for _ in range(20)))
+    assert all(result == results[0] for result in results)
+    assert registry.counter.calls["ResolveModelRef"] == 1
+    assert resolver.cached(ref) == results[0]
+    assert await resolver.resolve(ref) is resolver.cached(ref)
+    assert registry.counter.calls["ResolveModelRef"] == 1
+
+
+async def test_unknown_refs_are_not_found_with_the_registry_reason(admin, resolver: ModelResolver) -> None:
+    with pytest.raises(RegistryNotFound) as caught:
+        await resolver.resolve(ModelRef("nothing-here"))
+    assert status.code_for(caught.value) == grpc.StatusCode.NOT_FOUND
+    assert "nothing-here" in str(caught.value)
+    assert caught.value.reason == "MODEL_NOT_FOUND"
+
+    await upload(admin, "adder", add_one_bytes(4))
+    for ref in (ModelRef("adder", version=7), ModelRef("adder", alias="production")):
+        with pytest.raises(RegistryNotFound) as caught:
+            await resolver.resolve(ref)
+        assert status.code_for(caught.value) == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_moved_alias_is_seen_from_the_next_request_on(admin, resolver: ModelResolver) -> None:
+    await upload(admin, "adder", add_one_bytes(4))
+    await upload(admin, "adder", add_one_bytes(5))
+    await admin.SetAlias(registry_pb2.SetAliasRequest(model="adder", alias="production", version=1))
+    ref = ModelRef("adder", alias="production")
+    assert (await resolver.resolve(ref)).version == 1
+    assert resolver.cached(ref) is not None
+
+    log = EventLog()
+    resolver.add_listener(log)
+    await admin.SetAlias(registry_pb2.SetAliasRequest(model="adder", alias="production", version=2))
+    event = await log.wait_for(ModelEventType.ALIAS_SET, "adder")
+    assert (event.version, event.alias) == (2, "production")
+    assert resolver.cached(ref) is None
+    assert (await resolver.resolve(ref)).version == 2
+
+
+async def test_a_new_version_becomes_latest(admin, resolver: ModelResolver) -> None:
+    await upload(admin, "adder", add_one_bytes(4))
+    assert (await resolver.resolve(ModelRef("adder"))).version == 1
+    log = EventLog()
+    resolver.add_listener(log)
+    await upload(admin, "adder", add_one_bytes(5))
+    await log.wait_for(ModelEventType.VERSION_CREATED, "adder")
+    assert (await resolver.resolve(ModelRef("adder"))).version == 2
+
+
+async def test_listeners_hear_of_archived_and_deleted_versions(admin, resolver: ModelResolver) -> None:
+    await upload(admin, "adder", add_one_bytes(4))
+    await upload(admin, "adder", add_one_bytes(5))
+    log = EventLog()
+    remove = resolver.add_listener(log)
+    await admin.ArchiveModelVersion(registry_pb2.ArchiveModelVersionRequest(model="adder", version=1))
+    archived = await log.wait_for(ModelEventType.VERSION_ARCHIVED, "adder")
+    assert archived.version == 1
+    await admin.DeleteModelVersion(registry_pb2.DeleteModelVersionRequest(model="adder", version=1))
+    deleted = await log.wait_for(ModelEventType.VERSION_DELETED, "adder")
+    assert deleted.version == 1
+    with pytest.raises(RegistryNotFound):
+        await resolver.resolve(ModelRef("adder", version=1))
+    remove()
+    assert log not in resolver._listeners
+
+
+async def test_a_failing_listener_does_not_stop_the_watch(admin, resolver: ModelResolver) -> None:
+    def broken(event: ModelEvent) -> None:
+        raise RuntimeError("listener bug")
+
+    resolver.add_listener(broken)
+    log = EventLog()
+    resolver.add_listener(log)
+    await upload(admin, "adder", add_one_bytes(4))
+    await log.wait_for(ModelEventType.VERSION_CREATED, "adder")
+    await upload(admin, "adder", add_one_bytes(5))
+    assert (await log.wait_for(ModelEventType.VERSION_CREATED, "adder", count=2)).version == 2
+    assert resolver.connected
+
+
+async def test_reconnects_after_the_registry_restarts_and_drops_its_cache(
+    admin, registry: Registry, resolver: ModelResolver
+) -> None:
+    await upload(admin, "adder", add_one_bytes(4))
+    ref = ModelRef("adder", version=1)
+    await resolver.resolve(ref)
+    assert resolver.cached(ref) is not None and resolver.reconnects == 1
+    log = EventLog()
+    resolver.add_listener(log)
+
+    await registry.stop()
+    await poll(lambda: not resolver.connected, "the resolver to notice the registry is gone")
+    assert resolver.cached(ref) is None
+    with pytest.raises(RegistryUnavailable) as caught:
+        await resolver.resolve(ref)
+    assert status.code_for(caught.value) == grpc.StatusCode.UNAVAILABLE
+
+    await registry.start()
+    await asyncio.wait_for(resolver.wait_connected(), 30)
+    assert resolver.reconnects == 2
+    assert [event.type for event in log.events] == [ModelEventType.WATCH_STARTED]
+    calls = registry.counter.calls["ResolveModelRef"]
+    assert (await resolver.resolve(ref)).version == 1
+    assert registry.counter.calls["ResolveModelRef"] == calls + 1
+
+    # Events flow again on the new stream.
+    await upload(admin, "adder", add_one_bytes(5))
+    await log.wait_for(ModelEventType.VERSION_CREATED, "adder")
+    assert (await resolver.resolve(ModelRef("adder"))).version == 2
+
+
+async def test_resolves_uncached_without_a_watch(admin, registry: Registry, stub) -> None:
+    await upload(admin, "adder", add_one_bytes(4))
+    resolver = ModelResolver(stub)  # never started
+    ref = ModelRef("adder", version=1)
+    assert (await resolver.resolve(ref)).version == 1
+    assert (await resolver.resolve(ref)).version == 1
+    assert registry.counter.calls["ResolveModelRef"] == 2
+    assert resolver.cached(ref) is None
+    await resolver.aclose()
