@@ -1,0 +1,238 @@
+"""UploadModelVersion: validation, limits, all-or-nothing storage, cancellation and concurrent uploads."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from pathlib import Path
+
+import grpc
+import pytest
+
+from modelforge.common.v1 import tensor_pb2
+from modelforge.registry.v1 import registry_pb2 as pb
+from tests.fixtures.onnx_models import build_add_one, model_bytes
+from tests.fixtures.servers import MiB, upload_model, upload_requests
+from tests.integration.registry.calls import failure
+
+
+def blob_files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and ".incoming" not in p.parts]
+
+
+def staged_files(root: Path) -> list[Path]:
+    incoming = root / ".incoming"
+    return list(incoming.iterdir()) if incoming.exists() else []
+
+
+async def assert_nothing_stored(registry, model: str) -> None:
+    code, _, _ = await failure(registry.stub.GetModel(pb.GetModelRequest(name=model)))
+    assert code == grpc.StatusCode.NOT_FOUND, "the model row was left behind"
+    assert blob_files(registry.settings.blob_root) == [], "a blob was left behind"
+    assert staged_files(registry.settings.blob_root) == [], "a temporary file was left behind"
+
+
+async def send(stub, requests):
+    async def stream():
+        for request in requests:
+            yield request
+
+    return await stub.UploadModelVersion(stream())
+
+
+async def test_upload_stores_the_version_with_signature_and_facts(registry, multi_io) -> None:
+    version = await upload_model(
+        registry.stub,
+        "multi",
+        multi_io.data,
+        description="two in, two out",
+        labels={"stage": "test"},
+        version_label="1.0.0",
+    )
+    assert (version.model, version.version, version.state) == ("multi", 1, pb.VERSION_STATE_READY)
+    assert (version.sha256, version.size_bytes) == (multi_io.sha256, multi_io.size)
+    assert (version.description, dict(version.labels), version.version_label) == (
+        "two in, two out",
+        {"stage": "test"},
+        "1.0.0",
+    )
+    inputs = {spec.name: spec for spec in version.signature.inputs}
+    assert set(inputs) == {"features", "ids"}
+    assert inputs["features"].dtype == tensor_pb2.DATA_TYPE_FLOAT32
+    assert list(inputs["features"].shape) == [-1, 4]
+    assert list(inputs["features"].dim_names) == ["batch", ""]
+    assert inputs["ids"].dtype == tensor_pb2.DATA_TYPE_INT64
+    assert [o.name for o in version.signature.outputs] == ["scores", "id_sum"]
+    assert version.onnx.ir_version == 8
+    assert [(o.domain, o.version) for o in version.onnx.opset_imports] == [("", 17)]
+    assert version.onnx.producer_name == "modelforge-tests"
+    assert version.onnx.graph_name
+    stored = registry.settings.blob_root / multi_io.sha256[:2] / multi_io.sha256
+    assert stored.read_bytes() == multi_io.data
+    assert staged_files(registry.settings.blob_root) == []
+    got = await registry.stub.GetModelVersion(pb.GetModelVersionRequest(model="multi", version=1))
+    assert got.model_version == version
+
+
+async def test_upload_reads_metadata_props(registry_stub) -> None:
+    import onnx
+
+    model = build_add_one(width=3)
+    onnx.helper.set_model_props(model, {"author": "ml-team", "license": "apache-2.0"})
+    version = await upload_model(registry_stub, "props", model_bytes(model))
+    assert dict(version.onnx.metadata_props) == {"author": "ml-team", "license": "apache-2.0"}
+    assert version.onnx.doc_string == "Adds one."
+
+
+async def test_same_bytes_are_stored_once(registry, add_one) -> None:
+    first = await upload_model(registry.stub, "one", add_one.data)
+    second = await upload_model(registry.stub, "two", add_one.data)
+    third = await upload_model(registry.stub, "one", add_one.data)
+    assert first.sha256 == second.sha256 == third.sha256
+    assert third.version == 2
+    assert len(blob_files(registry.settings.blob_root)) == 1
+
+
+async def test_upload_to_unknown_model_without_create_is_not_found(registry, add_one) -> None:
+    code, reason, _ = await failure(send(registry.stub, upload_requests("ghost", add_one.data, create_model=False)))
+    assert (code, reason) == (grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND")
+    await assert_nothing_stored(registry, "ghost")
+
+
+@pytest.mark.parametrize(
+    ("fixture", "reason"),
+    [("not_onnx", "INVALID_ONNX"), ("truncated_onnx", "INVALID_ONNX"), ("external_data_escape", "EXTERNAL_DATA")],
+)
+async def test_bad_files_are_refused_and_leave_nothing(registry, request, fixture: str, reason: str) -> None:
+    bad = request.getfixturevalue(fixture)
+    code, got_reason, details = await failure(send(registry.stub, upload_requests("bad", bad.data)))
+    assert (code, got_reason) == (grpc.StatusCode.INVALID_ARGUMENT, reason)
+    assert details
+    await assert_nothing_stored(registry, "bad")
+
+
+async def test_external_data_escaping_the_directory_is_named_as_such(registry_stub, external_data_escape) -> None:
+    _, _, details = await failure(send(registry_stub, upload_requests("bad", external_data_escape.data)))
+    assert "outside the model's directory" in details
+    assert "../../etc/passwd" in details
+
+
+async def test_external_data_beside_the_model_is_refused(registry, external_data_model) -> None:
+    code, reason, details = await failure(send(registry.stub, upload_requests("ext", external_data_model.data)))
+    assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "EXTERNAL_DATA")
+    assert "weights.bin" in details
+    await assert_nothing_stored(registry, "ext")
+
+
+async def test_checksum_mismatch_leaves_no_version(registry, add_one) -> None:
+    wrong = hashlib.sha256(b"something else").hexdigest()
+    code, reason, _ = await failure(send(registry.stub, upload_requests("sum", add_one.data, sha256=wrong)))
+    assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "CHECKSUM_MISMATCH")
+    await assert_nothing_stored(registry, "sum")
+
+
+async def test_size_mismatch_leaves_no_version(registry, add_one) -> None:
+    for size in (add_one.size + 1, add_one.size - 1):
+        code, reason, _ = await failure(send(registry.stub, upload_requests("size", add_one.data, size_bytes=size)))
+        assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "SIZE_MISMATCH")
+    await assert_nothing_stored(registry, "size")
+
+
+async def test_malformed_headers_are_invalid(registry, add_one) -> None:
+    stub = registry.stub
+    cases = [
+        upload_requests("BadName", add_one.data),
+        upload_requests("ok", add_one.data, sha256="ABC"),
+        upload_requests("ok", add_one.data, size_bytes=0),
+        upload_requests("", add_one.data),
+        upload_requests("ok", add_one.data)[1:],  # no header
+        [*upload_requests("ok", add_one.data), upload_requests("ok", add_one.data)[0]],  # a second header
+        [],
+    ]
+    for requests in cases:
+        code, _, _ = await failure(send(stub, requests))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+    await assert_nothing_stored(registry, "ok")
+
+
+async def test_announced_size_over_the_limit_is_refused_at_once(registry, add_one) -> None:
+    limit = registry.settings.max_model_bytes
+    code, reason, details = await failure(
+        send(registry.stub, upload_requests("big", add_one.data, size_bytes=limit + 1))
+    )
+    assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "MODEL_TOO_LARGE")
+    assert "MODELFORGE_MAX_MODEL_BYTES" in details
+
+
+async def test_upload_over_the_limit_is_refused_before_the_rest_is_read(registry) -> None:
+    limit = registry.settings.max_model_bytes
+    chunk = b"\0" * MiB
+    header = upload_requests("big", b"x", sha256="0" * 64, size_bytes=MiB)[0]  # understates the size
+    never = asyncio.Event()
+    sent = 0
+
+    async def stream():
+        nonlocal sent
+        yield header
+        while sent <= limit:
+            yield pb.UploadModelVersionRequest(chunk=chunk)
+            sent += len(chunk)
+        await never.wait()  # the rest of the file: never sent, so the answer must come without it
+        yield pb.UploadModelVersionRequest(chunk=chunk)
+
+    code, reason, _ = await failure(asyncio.wait_for(registry.stub.UploadModelVersion(stream()), 60))
+    assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "MODEL_TOO_LARGE")
+    await assert_nothing_stored(registry, "big")
+
+
+async def test_client_cancelling_mid_upload_leaves_nothing(registry, mlp) -> None:
+    requests = upload_requests("cancelled", mlp.data, chunk_bytes=16 * 1024)
+    half = len(requests) // 2
+    stalled = asyncio.Event()
+
+    async def stream():
+        for request in requests[:half]:
+            yield request
+        await stalled.wait()  # the client stops sending and then cancels
+        for request in requests[half:]:
+            yield request
+
+    call = registry.stub.UploadModelVersion(stream())
+    root = registry.settings.blob_root
+
+    async def staged_bytes_arrived() -> None:
+        while not any(p.stat().st_size > 0 for p in staged_files(root)):
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(staged_bytes_arrived(), 30)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+
+    async def staging_emptied() -> None:
+        while staged_files(root):
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(staging_emptied(), 30)
+    await assert_nothing_stored(registry, "cancelled")
+
+
+async def test_parallel_uploads_get_distinct_consecutive_versions(registry) -> None:
+    files = [model_bytes(build_add_one(width=w)) for w in range(1, 9)]
+    await registry.stub.CreateModel(pb.CreateModelRequest(model=pb.Model(name="par")))
+    versions = await asyncio.gather(*(upload_model(registry.stub, "par", data, create_model=False) for data in files))
+    assert sorted(v.version for v in versions) == list(range(1, 9))
+    by_sha = {v.sha256: v.version for v in versions}
+    assert len(by_sha) == 8
+    for data in files:  # each number belongs to the file that was uploaded with it
+        sha = hashlib.sha256(data).hexdigest()
+        got = await registry.stub.GetModelVersion(pb.GetModelVersionRequest(model="par", version=by_sha[sha]))
+        assert got.model_version.sha256 == sha
+
+
+async def test_parallel_uploads_of_the_same_bytes_creating_the_model(registry, add_one) -> None:
+    versions = await asyncio.gather(*(upload_model(registry.stub, "same", add_one.data) for _ in range(8)))
+    assert sorted(v.version for v in versions) == list(range(1, 9))
+    assert len(blob_files(registry.settings.blob_root)) == 1
+    model = (await registry.stub.GetModel(pb.GetModelRequest(name="same"))).model
+    assert model.latest_version == 8
