@@ -3,4 +3,5 @@
 pytest_plugins = [
     "tests.fixtures.postgres",
     "tests.fixtures.redis",
+    "tests.fixtures.onnx_models",
 ]
