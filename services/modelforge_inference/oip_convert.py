@@ -54,6 +54,7 @@ __all__ = [
     "model_metadata",
     "model_ref",
     "model_statistics",
+    "needs_signature",
     "priority",
     "repository_model_ref",
     "requested_outputs",
@@ -69,6 +70,8 @@ BACKEND = "onnxruntime"
 EXTENSIONS = ("model_repository", "model_configuration", "schedule_policy", "statistics")
 
 _LENGTH = struct.Struct("<I")
+_BFLOAT16 = "tensor(bfloat16)"
+_UINT16 = np.dtype("<u2")
 
 # V2 datatype -> (numpy dtype, the InferTensorContents field holding it, or None for raw only).
 _TYPED: dict[str, tuple[np.dtype[Any], str | None]] = {
@@ -313,9 +316,14 @@ def timeout_seconds(parameters: Mapping[str, pb.InferParameter]) -> float | None
 
 def datatype_of(array: np.ndarray[Any, Any], spec: TensorSpec | None = None) -> str:
     """The V2 datatype of an output array; a uint16 output the signature declares bfloat16 is BF16."""
-    if spec is not None and spec.dtype.name == "bfloat16":
+    if spec is not None and spec.ort_type == _BFLOAT16:
         return "BF16"
     return tensors.to_v2_datatype(tensors.from_numpy_dtype(array.dtype))
+
+
+def needs_signature(outputs: Mapping[str, np.ndarray[Any, Any]]) -> bool:
+    """True when an output's datatype depends on the signature: uint16 arrays may hold bfloat16 bit patterns."""
+    return any(array.dtype == _UINT16 for array in outputs.values())
 
 
 def _raw(array: np.ndarray[Any, Any], datatype: str) -> bytes:
@@ -351,8 +359,8 @@ def infer_response(
 
 
 def _spec_datatype(spec: TensorSpec) -> str:
-    if spec.dtype.name == "bfloat16":
-        return "BF16"
+    if spec.ort_type:
+        return tensors.to_v2_datatype(tensors.from_ort_type(spec.ort_type))
     return tensors.to_v2_datatype(tensors.from_numpy_dtype(spec.dtype))
 
 

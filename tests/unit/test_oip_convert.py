@@ -454,3 +454,20 @@ def test_repository_index_states(state: ModelState, words: str) -> None:
 
 def test_server_extensions_name_only_what_modelforge_serves() -> None:
     assert set(convert.EXTENSIONS) == {"model_repository", "model_configuration", "schedule_policy", "statistics"}
+
+
+def test_bfloat16_is_told_from_uint16_by_the_onnx_runtime_type() -> None:
+    bf16 = TensorSpec("h", np.dtype("<u2"), (-1, 2), ort_type="tensor(bfloat16)")
+    uint16 = TensorSpec("u", np.dtype("<u2"), (-1, 2), ort_type="tensor(uint16)")
+    signature = Signature(inputs=(bf16,), outputs=(bf16, uint16))
+    model = ResolvedModel("m", 1, "00" * 32, 1, signature)
+    metadata = convert.model_metadata(model)
+    assert [t.datatype for t in metadata.inputs] == ["BF16"]
+    assert [t.datatype for t in metadata.outputs] == ["BF16", "UINT16"]
+    assert convert.model_config(model, ServingConfig()).input[0].data_type == config_pb.TYPE_BF16
+    outputs = {"h": np.array([[0x3F80, 0]], dtype="<u2"), "u": np.array([[1, 2]], dtype="<u2")}
+    assert convert.needs_signature(outputs)
+    assert not convert.needs_signature({"y": np.zeros(2, dtype=np.float32)})
+    response = convert.infer_response(model="m", version=1, request_id="", outputs=outputs, signature=signature)
+    assert [o.datatype for o in response.outputs] == ["BF16", "UINT16"]
+    assert response.raw_output_contents[0] == outputs["h"].tobytes()
