@@ -1,4 +1,13 @@
-"""Builds a service's grpc.aio server (status mapping, health, reflection, limits) and runs it until a signal."""
+"""Builds a service's grpc.aio server and runs it until a signal.
+
+The server carries the status mapping, RPC metrics, server spans (when tracing is on), health, reflection and
+message limits. Health has three kinds of names:
+
+- ``liveness``: SERVING whenever the process answers (a Kubernetes liveness probe);
+- ``""`` and each served service name: SERVING while started and every required dependency answers (readiness);
+- ``dependency/<name>``: one per watched dependency, so an operator sees which one is down, including optional
+  ones (such as a cache) that do not gate readiness.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +24,8 @@ from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from modelforge_server import telemetry as _telemetry
+from modelforge_server.metrics import Endpoint, Metrics, RpcMetricsInterceptor
 from modelforge_server.settings import ServerSettings
 from modelforge_server.status import StatusInterceptor
 
@@ -22,6 +33,8 @@ log = logging.getLogger("modelforge.server")
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+LIVENESS = "liveness"
+DEPENDENCY_PREFIX = "dependency/"
 
 
 @dataclass(frozen=True)
@@ -43,14 +56,23 @@ Check = Callable[[], Awaitable[object]]
 class Server:
     """A grpc.aio server with its health service; health follows the dependencies it watches."""
 
-    def __init__(self, server: grpc.aio.Server, health_servicer: health.aio.HealthServicer, names: Sequence[str]):
+    def __init__(
+        self,
+        server: grpc.aio.Server,
+        health_servicer: health.aio.HealthServicer,
+        names: Sequence[str],
+        *,
+        metrics: Metrics | None = None,
+    ):
         self.grpc = server
         self.health = health_servicer
         self.names = tuple(names)
+        self.metrics = metrics if metrics is not None else Metrics()
         self._started = False
         self._serving = False
         self._checks: dict[str, tuple[Check, float]] = {}
         self._dependencies: dict[str, bool] = {}
+        self._optional: set[str] = set()
         self._watchers: set[asyncio.Task[None]] = set()
 
     def add_port(self, address: str) -> int:
@@ -60,16 +82,24 @@ class Server:
             raise OSError(f"cannot listen on {address}: the address is in use or invalid")
         return port
 
-    def watch_dependency(self, name: str, check: Check, interval: float = 2.0) -> None:
-        """Keeps health NOT_SERVING while `check()` raises or times out, SERVING once it passes again."""
+    def watch_dependency(self, name: str, check: Check, interval: float = 2.0, *, required: bool = True) -> None:
+        """Keeps health NOT_SERVING while `check()` raises or times out, SERVING once it passes again.
+
+        An optional dependency (``required=False``, e.g. a cache) is reported under ``dependency/<name>`` and in
+        ``modelforge_dependency_up`` but leaves readiness alone: the service runs degraded without it.
+        """
         self._checks[name] = (check, interval)
         self._dependencies[name] = True
+        if not required:
+            self._optional.add(name)
+        self.metrics.dependency_up.labels(name).set(1)
         if self._started:
             self._watch(name)
 
     async def start(self) -> None:
         await self.grpc.start()
         self._started = True
+        await self.health.set(LIVENESS, SERVING)
         for name in self._checks:
             self._watch(name)
         await self.set_serving(True)
@@ -90,8 +120,8 @@ class Server:
 
     @property
     def serving(self) -> bool:
-        """True while started, not shutting down, and every watched dependency is reachable."""
-        return self._serving and all(self._dependencies.values())
+        """True while started, not shutting down, and every required dependency is reachable."""
+        return self._serving and all(up for name, up in self._dependencies.items() if name not in self._optional)
 
     @property
     def dependencies(self) -> dict[str, bool]:
@@ -116,6 +146,7 @@ class Server:
                 if healthy:
                     log.info("dependency %s is reachable again", name)
                 self._dependencies[name] = healthy
+                self.metrics.dependency_up.labels(name).set(1 if healthy else 0)
                 await self._publish()
             await asyncio.sleep(interval)
 
@@ -123,13 +154,34 @@ class Server:
         status = SERVING if self.serving else NOT_SERVING
         for name in ("", *self.names):
             await self.health.set(name, status)
+        for name, up in self._dependencies.items():
+            await self.health.set(DEPENDENCY_PREFIX + name, SERVING if up else NOT_SERVING)
 
 
-def build_server(apis: Sequence[Api], *, domain: str, settings: ServerSettings) -> Server:
-    """A server with the status interceptor, health, reflection and message limits; ports are bound by the caller."""
+def build_server(
+    apis: Sequence[Api],
+    *,
+    domain: str,
+    settings: ServerSettings,
+    metrics: Metrics | None = None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+) -> Server:
+    """A server with metrics, tracing, the status interceptor, health, reflection and message limits.
+
+    Ports are bound by the caller. Pass the service's own `metrics` when its core declares metrics too, so that
+    both are served on one port; otherwise the server makes its own (``server.metrics``). Server spans are added
+    when :func:`modelforge_server.telemetry.setup` turned tracing on before this call. `interceptors` run
+    innermost, just outside the servicers' status mapping.
+    """
     names = [api.name for api in apis]
+    metrics = metrics if metrics is not None else Metrics()
+    chain: list[grpc.aio.ServerInterceptor] = [RpcMetricsInterceptor(metrics)]
+    if (tracing := _telemetry.server_interceptor()) is not None:
+        chain.append(tracing)
+    chain.extend(interceptors)
+    chain.append(StatusInterceptor(domain, names))
     server = grpc.aio.server(
-        interceptors=[StatusInterceptor(domain, names)],
+        interceptors=chain,
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -143,14 +195,34 @@ def build_server(apis: Sequence[Api], *, domain: str, settings: ServerSettings) 
     reflection.enable_server_reflection(
         [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
     )
-    return Server(server, health_servicer, names)
+    return Server(server, health_servicer, names, metrics=metrics)
 
 
-async def serve(server: Server, settings: ServerSettings) -> None:
-    """Binds settings.host:port, serves until SIGTERM or SIGINT, then shuts down gracefully."""
+async def serve(server: Server, settings: ServerSettings, *, telemetry: _telemetry.Telemetry | None = None) -> None:
+    """Binds settings.host:port (and the metrics port), serves until SIGTERM or SIGINT, then shuts down gracefully.
+
+    With `telemetry` (from ``telemetry.setup``), /metrics is served on settings.host:telemetry.metrics_port
+    unless that port is 0, and buffered spans are flushed at the end.
+    """
     server.add_port(settings.address)
-    await server.start()
-    log.info("serving %s on %s", ", ".join(server.names), settings.address)
+    endpoint: Endpoint | None = None
+    if telemetry is not None and telemetry.metrics_port:
+        endpoint = server.metrics.serve(settings.host, telemetry.metrics_port)
+        log.info("metrics on http://%s:%d/metrics", settings.host, endpoint.port)
+    try:
+        await server.start()
+        log.info("serving %s on %s", ", ".join(server.names), settings.address)
+        await _wait_for_signal()
+        log.info("shutting down; calls in flight get %.1f s", settings.grace_seconds)
+        await server.stop(settings.grace_seconds)
+    finally:
+        if endpoint is not None:
+            endpoint.close()
+        if telemetry is not None:
+            telemetry.shutdown()
+
+
+async def _wait_for_signal() -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -161,5 +233,3 @@ async def serve(server: Server, settings: ServerSettings) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(sig)
-    log.info("shutting down; calls in flight get %.1f s", settings.grace_seconds)
-    await server.stop(settings.grace_seconds)

@@ -1,18 +1,77 @@
-"""Logging set-up: one JSON object per line when stdout is not a terminal, readable text when it is."""
+"""Logging set-up: one JSON object per line when stderr is not a terminal, readable text when it is.
+
+Every line carries the service; and, where they exist, the trace and span ids of the current OpenTelemetry span
+and the fields bound with :func:`bind` (``model``, ``job_id``...) or passed as ``extra``. Values that look like
+payloads (bytes, arrays) are never written: they are replaced by their size.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import logging
 import sys
 import time
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, TextIO
 
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+from opentelemetry import trace
+
+__all__ = ["JsonFormatter", "TextFormatter", "bind", "bound", "configure"]
+
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
+_BOUND: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("modelforge_log_fields", default=None)
+_MAX_VALUE_CHARS = 512
+
+
+@contextlib.contextmanager
+def bind(**fields: Any) -> Iterator[None]:
+    """Adds fields to every log line written inside the block (in this task and the ones it starts).
+
+    Use the keys ``model`` (a model ref such as ``resnet:3``) and ``job_id`` for the domain identifiers.
+    """
+    token = _BOUND.set({**(_BOUND.get() or {}), **fields})
+    try:
+        yield
+    finally:
+        _BOUND.reset(token)
+
+
+def bound() -> dict[str, Any]:
+    """The fields :func:`bind` attached to the current context."""
+    return dict(_BOUND.get() or {})
+
+
+def _context_fields(record: logging.LogRecord) -> dict[str, Any]:
+    """trace_id/span_id, bound fields, then the record's own `extra`; payload-like values are summarised."""
+    fields: dict[str, Any] = {}
+    span_context = trace.get_current_span().get_span_context()
+    if span_context.is_valid:
+        fields["trace_id"] = format(span_context.trace_id, "032x")
+        fields["span_id"] = format(span_context.span_id, "016x")
+    fields.update(_BOUND.get() or {})
+    fields.update({k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")})
+    return {k: _safe(v) for k, v in fields.items()}
+
+
+def _safe(value: Any) -> Any:
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, bytes | bytearray | memoryview):
+        return f"<{len(value)} bytes>"
+    if hasattr(value, "__array_interface__") or hasattr(value, "nbytes"):
+        return f"<array of {getattr(value, 'nbytes', '?')} bytes>"
+    text = value if isinstance(value, str) else str(value)
+    return text if len(text) <= _MAX_VALUE_CHARS else text[:_MAX_VALUE_CHARS] + f"...<{len(text)} chars>"
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
 
 
 class JsonFormatter(logging.Formatter):
-    """Formats a record as one JSON line with the service name and any `extra` fields."""
+    """Formats a record as one JSON line with the service, the trace context and any bound or `extra` fields."""
 
     def __init__(self, service: str) -> None:
         super().__init__()
@@ -20,25 +79,44 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "time": _timestamp(record),
             "level": record.levelname,
             "service": self._service,
             "logger": record.name,
             "message": record.getMessage(),
         }
-        entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")})
+        entry.update(_context_fields(record))
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
 
 
-def configure(service: str, level: str = "INFO") -> None:
-    """Routes every logger to stderr in the format that suits where the output goes."""
-    handler = logging.StreamHandler(sys.stderr)
-    if sys.stderr.isatty():
-        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)-7s {service} %(name)s: %(message)s"))
-    else:
-        handler.setFormatter(JsonFormatter(service))
+class TextFormatter(logging.Formatter):
+    """One readable line: time, level, service, logger, message, then key=value context."""
+
+    def __init__(self, service: str) -> None:
+        super().__init__()
+        self._service = service
+
+    def format(self, record: logging.LogRecord) -> str:
+        context = " ".join(f"{k}={v}" for k, v in _context_fields(record).items() if k != "span_id")
+        line = f"{_timestamp(record)} {record.levelname:<7} {self._service} {record.name}: {record.getMessage()}"
+        if context:
+            line += f"  [{context}]"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def configure(service: str, level: str = "INFO", *, stream: TextIO | None = None) -> None:
+    """Routes every logger to stderr (or `stream`) in the format that suits where the output goes.
+
+    `level` comes from MODELFORGE_LOG_LEVEL through the service settings (``settings.log_level``).
+    """
+    out = sys.stderr if stream is None else stream
+    handler = logging.StreamHandler(out)
+    isatty = getattr(out, "isatty", None)
+    handler.setFormatter(TextFormatter(service) if isatty is not None and isatty() else JsonFormatter(service))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -1,0 +1,269 @@
+"""Prometheus metrics: one registry per server process, RPC metrics for every service, and the HTTP exposition.
+
+Every service gets, from :func:`modelforge_server.app.build_server`:
+
+- ``modelforge_rpc_requests_total{grpc_service, grpc_method, grpc_code}``: finished RPCs by final status code;
+- ``modelforge_rpc_duration_seconds{grpc_service, grpc_method}``: a latency histogram (to the end of the stream
+  for streaming RPCs);
+- ``modelforge_rpc_in_flight{grpc_service, grpc_method}``: RPCs being handled now;
+- ``modelforge_dependency_up{dependency}``: 1 while a watched dependency answers its health check, else 0;
+- ``process_resident_memory_bytes``, ``process_cpu_seconds_total`` and the rest of the process collector.
+
+A service declares its own metrics on the same :class:`Metrics` object (``metrics.counter(...)``), so they are
+served on the same port. Names follow the Prometheus conventions: a ``modelforge_`` prefix, base units
+(``_seconds``, ``_bytes``), and ``_total`` added by the client library to counters.
+
+Several processes of one role (the jobs workers that the ``dramatiq`` command forks) use prometheus_client's
+multiprocess mode: set ``PROMETHEUS_MULTIPROC_DIR`` to an empty directory shared by those processes before they
+start; every process then writes its samples there, and one exposition process
+(``--fork-function modelforge_server.metrics:serve_multiprocess``) sums them. Counters and histograms add up
+across processes, and gauges are summed over live processes only, so nothing is counted twice or lost when a
+worker restarts. Processes that each serve gRPC (registry, inference, jobs API replicas) each serve their own
+port instead; Prometheus scrapes every replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import signal
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+    multiprocess,
+    start_http_server,
+)
+
+from modelforge_server.settings import from_env
+
+__all__ = [
+    "LATENCY_BUCKETS",
+    "Endpoint",
+    "ExpositionSettings",
+    "Metrics",
+    "RpcMetricsInterceptor",
+    "multiprocess_enabled",
+    "serve_multiprocess",
+]
+
+# From half a millisecond (a cache hit) to a minute (a large upload or a slow batch).
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def multiprocess_enabled() -> bool:
+    """True when prometheus_client writes samples to a shared directory (the variable must be set before start)."""
+    return bool(os.environ.get(_MULTIPROC_ENV))
+
+
+@dataclass(frozen=True)
+class ExpositionSettings:
+    """Where a process serves its metrics: MODELFORGE_HOST and MODELFORGE_METRICS_PORT (0 disables)."""
+
+    host: str = "127.0.0.1"
+    metrics_port: int = 0
+
+
+class Metrics:
+    """The metrics of one server process, in their own registry (so tests can build many servers in one process)."""
+
+    def __init__(self, *, registry: CollectorRegistry | None = None, process_collector: bool = True) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        if process_collector and not multiprocess_enabled():
+            ProcessCollector(registry=self.registry)
+        self.rpc_requests = self.counter(
+            "modelforge_rpc_requests",
+            "RPCs finished, by method and final status code.",
+            ("grpc_service", "grpc_method", "grpc_code"),
+        )
+        self.rpc_duration = self.histogram(
+            "modelforge_rpc_duration_seconds",
+            "Time from the start of an RPC to its status, streams included.",
+            ("grpc_service", "grpc_method"),
+        )
+        self.rpc_in_flight = self.gauge(
+            "modelforge_rpc_in_flight", "RPCs being handled now.", ("grpc_service", "grpc_method")
+        )
+        self.dependency_up = self.gauge(
+            "modelforge_dependency_up",
+            "1 while a dependency passes its health check, 0 while it fails.",
+            ("dependency",),
+        )
+
+    def counter(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> Counter:
+        """Declares a counter; exposed as ``<name>_total``."""
+        return Counter(name, documentation, labelnames, registry=self.registry)
+
+    def gauge(
+        self, name: str, documentation: str, labelnames: Sequence[str] = (), *, multiprocess_mode: str = "livesum"
+    ) -> Gauge:
+        """Declares a gauge; across worker processes it is summed over the live ones unless told otherwise."""
+        return Gauge(name, documentation, labelnames, registry=self.registry, multiprocess_mode=multiprocess_mode)  # type: ignore[arg-type]
+
+    def histogram(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str] = (),
+        *,
+        buckets: Sequence[float] = LATENCY_BUCKETS,
+    ) -> Histogram:
+        """Declares a histogram; name it with its unit (``_seconds``, ``_bytes``) or as a plain count."""
+        return Histogram(name, documentation, labelnames, registry=self.registry, buckets=tuple(buckets))
+
+    def collector_registry(self) -> CollectorRegistry:
+        """What to expose: this registry, or the sum over all processes in multiprocess mode."""
+        if not multiprocess_enabled():
+            return self.registry
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return registry
+
+    def exposition(self) -> bytes:
+        """The Prometheus text format of everything declared here."""
+        return generate_latest(self.collector_registry())
+
+    def serve(self, host: str, port: int) -> Endpoint:
+        """Serves ``/metrics`` over HTTP on a daemon thread; port 0 picks a free port (see Endpoint.port)."""
+        server, thread = start_http_server(port, addr=host, registry=self.collector_registry())
+        return Endpoint(server, thread)
+
+
+class Endpoint:
+    """A running metrics HTTP endpoint."""
+
+    def __init__(self, server: Any, thread: Any) -> None:
+        self._server = server
+        self._thread = thread
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+
+_FACTORIES: dict[str, Callable[..., grpc.RpcMethodHandler]] = {
+    "unary_unary": grpc.unary_unary_rpc_method_handler,
+    "unary_stream": grpc.unary_stream_rpc_method_handler,
+    "stream_unary": grpc.stream_unary_rpc_method_handler,
+    "stream_stream": grpc.stream_stream_rpc_method_handler,
+}
+
+
+class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts every RPC by method and final code, times it, and tracks how many are in flight."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Any],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        service, _, method = handler_call_details.method.lstrip("/").partition("/")
+        requests = "stream" if handler.request_streaming else "unary"
+        shape = f"{requests}_{'stream' if handler.response_streaming else 'unary'}"
+        wrap = self._stream if handler.response_streaming else self._unary
+        return _FACTORIES[shape](
+            wrap(getattr(handler, shape), service, method),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _unary(self, behavior: Callable[..., Any], service: str, method: str) -> Callable[..., Any]:
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started = self._begin(service, method)
+            code = grpc.StatusCode.UNKNOWN
+            try:
+                response = await behavior(request, context)
+                code = _final_code(context, grpc.StatusCode.OK)
+                return response
+            except grpc.aio.AbortError:
+                code = _final_code(context, grpc.StatusCode.UNKNOWN)
+                raise
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            finally:
+                self._end(service, method, code, started)
+
+        return call
+
+    def _stream(self, behavior: Callable[..., Any], service: str, method: str) -> Callable[..., Any]:
+        if not inspect.isasyncgenfunction(behavior):
+            return self._unary(behavior, service, method)  # a coroutine that writes with context.write()
+
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started = self._begin(service, method)
+            code = grpc.StatusCode.UNKNOWN
+            try:
+                async for response in behavior(request, context):
+                    yield response
+                code = _final_code(context, grpc.StatusCode.OK)
+            except grpc.aio.AbortError:
+                code = _final_code(context, grpc.StatusCode.UNKNOWN)
+                raise
+            except (asyncio.CancelledError, GeneratorExit):
+                code = grpc.StatusCode.CANCELLED
+                raise
+            finally:
+                self._end(service, method, code, started)
+
+        return call
+
+    def _begin(self, service: str, method: str) -> float:
+        self._metrics.rpc_in_flight.labels(service, method).inc()
+        return time.perf_counter()
+
+    def _end(self, service: str, method: str, code: grpc.StatusCode, started: float) -> None:
+        m = self._metrics
+        m.rpc_in_flight.labels(service, method).dec()
+        m.rpc_duration.labels(service, method).observe(time.perf_counter() - started)
+        m.rpc_requests.labels(service, method, code.name).inc()
+
+
+def _final_code(context: grpc.aio.ServicerContext, default: grpc.StatusCode) -> grpc.StatusCode:
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code
+    if isinstance(code, int):  # some grpc versions hand back the integer value
+        return next((c for c in grpc.StatusCode if c.value[0] == code), default)
+    return default
+
+
+def serve_multiprocess() -> int:
+    """Entry point of the exposition process for forked workers: sums PROMETHEUS_MULTIPROC_DIR over processes.
+
+    Run it with ``dramatiq ... --fork-function modelforge_server.metrics:serve_multiprocess``; it listens on
+    MODELFORGE_HOST:MODELFORGE_METRICS_PORT until the dramatiq master stops it.
+    """
+    if not multiprocess_enabled():
+        raise RuntimeError(f"{_MULTIPROC_ENV} is not set; the workers have nowhere to write their metrics")
+    settings = from_env(ExpositionSettings)
+    if settings.metrics_port == 0:
+        return 0
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    start_http_server(settings.metrics_port, addr=settings.host, registry=registry)
+    while True:  # the dramatiq master stops this process with SIGTERM, which exits through its handler
+        signal.pause()

@@ -1,0 +1,203 @@
+"""Traces and the metrics port: set up once in a process's main(), never at import.
+
+Tracing is off unless ``OTEL_EXPORTER_OTLP_ENDPOINT`` or ``MODELFORGE_OTLP_ENDPOINT`` names an OTLP/gRPC collector.
+Off means no TracerProvider, no instrumentation and no interceptor: spans started through :func:`tracer` are the
+OpenTelemetry API's no-op spans. On, :func:`setup` installs the TracerProvider and the maintained
+instrumentations: gRPC (server spans through :func:`server_interceptor`, client spans on every ``grpc.aio``
+channel opened afterwards), psycopg and Redis. Health checks and reflection are never traced.
+
+Context crosses process boundaries in gRPC metadata (the instrumentation does it) and in Dramatiq messages, where
+the sender puts :func:`inject` into the message and the actor runs inside :func:`attached`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+from modelforge_server.settings import from_env
+
+__all__ = [
+    "Telemetry",
+    "TelemetrySettings",
+    "attached",
+    "extract",
+    "inject",
+    "server_interceptor",
+    "setup",
+    "tracer",
+    "tracing_enabled",
+]
+
+log = logging.getLogger("modelforge.telemetry")
+
+# The standard OpenTelemetry variable; the exporter reads it (and OTEL_EXPORTER_OTLP_HEADERS etc.) itself.
+OTEL_ENDPOINT_ENV = "OTEL_EXPORTER_OTLP_ENDPOINT"
+
+
+@dataclass(frozen=True)
+class TelemetrySettings:
+    """MODELFORGE_OTLP_ENDPOINT, MODELFORGE_TRACE_SAMPLE_RATIO and MODELFORGE_METRICS_PORT."""
+
+    otlp_endpoint: str | None = None
+    trace_sample_ratio: float = 1.0
+    metrics_port: int | None = None
+
+
+@dataclass(frozen=True)
+class Telemetry:
+    """What :func:`setup` configured for this process; pass it to ``app.serve`` to expose the metrics port."""
+
+    service: str
+    metrics_port: int
+    """The HTTP port of /metrics; 0 when metrics are not served."""
+    provider: TracerProvider | None
+    """None while tracing is off."""
+
+    @property
+    def tracing(self) -> bool:
+        return self.provider is not None
+
+    def tracer(self, name: str) -> trace.Tracer:
+        return tracer(name)
+
+    def shutdown(self) -> None:
+        """Flushes spans still buffered; the provider also does this at interpreter exit."""
+        if self.provider is not None:
+            self.provider.force_flush()
+
+
+def setup(
+    service_name: str,
+    settings: object | None = None,
+    *,
+    metrics_port: int = 0,
+    environ: Mapping[str, str] | None = None,
+    span_exporter: SpanExporter | None = None,
+) -> Telemetry:
+    """Configures tracing for this process and decides the metrics port. Call it once, first thing in main().
+
+    ``metrics_port`` is the service's default (9101 registry, 9102 inference, 9103 jobs); MODELFORGE_METRICS_PORT
+    overrides it and 0 disables. ``span_exporter`` is for tests: spans go to it synchronously, whatever the
+    environment says. ``settings`` is the service's settings object; its ``metrics_port``/``otlp_endpoint``
+    attributes, when it has them, win over the variables.
+    """
+    env = os.environ if environ is None else environ
+    own = from_env(TelemetrySettings, env)
+    port = _pick(getattr(settings, "metrics_port", None), own.metrics_port, metrics_port)
+    endpoint = _pick(getattr(settings, "otlp_endpoint", None), own.otlp_endpoint, env.get(OTEL_ENDPOINT_ENV) or None)
+    if endpoint is None and span_exporter is None:
+        return Telemetry(service_name, port, None)
+    provider = _provider(service_name, own.trace_sample_ratio)
+    if span_exporter is not None:
+        provider.add_span_processor(SimpleSpanProcessor(span_exporter))
+    if endpoint is not None:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        exporter = OTLPSpanExporter(endpoint=endpoint, insecure=not endpoint.startswith("https://"))
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+        log.info("exporting traces to %s", endpoint)
+    _instrument(provider)
+    return Telemetry(service_name, port, provider)
+
+
+def _pick(*candidates: Any) -> Any:
+    return next((c for c in candidates if c is not None), None)
+
+
+def _provider(service_name: str, ratio: float) -> TracerProvider:
+    """The process's TracerProvider: created once; later calls (tests building several services) reuse it."""
+    current = trace.get_tracer_provider()
+    if isinstance(current, TracerProvider):
+        return current
+    resource = Resource.create(
+        {
+            "service.name": service_name,
+            "service.namespace": "modelforge",
+            "service.instance.id": f"{socket.gethostname()}-{os.getpid()}",
+        }
+    )
+    provider = TracerProvider(resource=resource, sampler=ParentBased(TraceIdRatioBased(ratio)))
+    trace.set_tracer_provider(provider)
+    return provider
+
+
+def _untraced() -> Any:
+    return filters.negate(filters.any_of(filters.health_check(), filters.service_prefix("grpc.reflection")))
+
+
+def _instrument(provider: TracerProvider) -> None:
+    """Client spans on grpc.aio channels, spans for SQL statements and Redis commands; once per process."""
+    from opentelemetry.instrumentation.grpc import GrpcAioInstrumentorClient
+    from opentelemetry.instrumentation.psycopg import PsycopgInstrumentor
+    from opentelemetry.instrumentation.redis import RedisInstrumentor
+
+    for instrumentor, options in (
+        (GrpcAioInstrumentorClient(filter_=_untraced()), {}),
+        (PsycopgInstrumentor(), {"enable_commenter": False}),
+        (RedisInstrumentor(), {}),
+    ):
+        if not instrumentor.is_instrumented_by_opentelemetry:
+            instrumentor.instrument(tracer_provider=provider, **options)
+
+
+def tracing_enabled() -> bool:
+    """True once :func:`setup` installed a TracerProvider in this process."""
+    return isinstance(trace.get_tracer_provider(), TracerProvider)
+
+
+def server_interceptor() -> grpc.aio.ServerInterceptor | None:
+    """The gRPC server-span interceptor (health and reflection left out), or None while tracing is off."""
+    if not tracing_enabled():
+        return None
+    return aio_server_interceptor(filter_=_untraced())  # type: ignore[no-any-return]
+
+
+def tracer(name: str) -> trace.Tracer:
+    """A tracer for a module's own spans (``tracer(__name__).start_as_current_span("batch")``); no-op while off."""
+    return trace.get_tracer(name)
+
+
+def inject(carrier: dict[str, str] | None = None) -> dict[str, str]:
+    """The current trace context as a dict of strings (W3C traceparent), to put into a queued message."""
+    carrier = {} if carrier is None else carrier
+    propagate.inject(carrier)
+    return carrier
+
+
+def extract(carrier: Mapping[str, str] | None) -> otel_context.Context:
+    """The trace context that :func:`inject` stored; an empty one when the message carries none."""
+    return propagate.extract(dict(carrier or {}))
+
+
+@contextlib.contextmanager
+def attached(
+    carrier: Mapping[str, str] | None, name: str, *, attributes: Mapping[str, Any] | None = None
+) -> Iterator[trace.Span]:
+    """Runs the block inside a CONSUMER span whose parent is the context carried by a message.
+
+    Use it in the coroutine itself (Dramatiq runs async actors on another thread, where the worker thread's
+    context does not reach).
+    """
+    token = otel_context.attach(extract(carrier))
+    try:
+        with tracer("modelforge.messages").start_as_current_span(
+            name, kind=trace.SpanKind.CONSUMER, attributes=dict(attributes or {})
+        ) as span:
+            yield span
+    finally:
+        otel_context.detach(token)
