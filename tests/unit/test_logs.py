@@ -1,0 +1,105 @@
+"""Log lines: JSON or text by destination, the service and trace context on every line, no payloads."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+
+from modelforge_server import logs
+
+# A provider of the test's own: spans become current without touching the process-wide provider.
+TRACER = TracerProvider().get_tracer("modelforge.test")
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture
+def root_logger() -> Iterator[logging.Logger]:
+    """The root logger, with its handlers and level put back after the test."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        yield root
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+def json_lines(stream: io.StringIO) -> list[dict[str, object]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_lines_are_json_with_the_service_when_the_output_is_not_a_terminal(root_logger: logging.Logger) -> None:
+    stream = io.StringIO()
+    logs.configure("modelforge-registry", "info", stream=stream)
+    logging.getLogger("modelforge.registry").info("model %s created", "resnet")
+    logging.getLogger("modelforge.registry").debug("not at INFO")
+
+    (line,) = json_lines(stream)
+    assert line["service"] == "modelforge-registry"
+    assert line["level"] == "INFO"
+    assert line["message"] == "model resnet created"
+    assert "trace_id" not in line
+
+
+def test_lines_are_text_on_a_terminal(root_logger: logging.Logger) -> None:
+    stream = Terminal()
+    logs.configure("modelforge-jobs", "DEBUG", stream=stream)
+    with logs.bind(job_id="0b5e"):
+        logging.getLogger("modelforge.jobs").debug("job started")
+
+    text = stream.getvalue()
+    assert "modelforge-jobs" in text and "job started" in text and "job_id=0b5e" in text
+    assert not text.lstrip().startswith("{")
+
+
+def test_a_line_inside_a_span_carries_its_trace_and_span_ids(root_logger: logging.Logger) -> None:
+    stream = io.StringIO()
+    logs.configure("modelforge-inference", stream=stream)
+    with TRACER.start_as_current_span("Predict") as span:
+        logging.getLogger("modelforge.inference").info("predicting")
+
+    (line,) = json_lines(stream)
+    assert line["trace_id"] == format(span.get_span_context().trace_id, "032x")
+    assert line["span_id"] == format(span.get_span_context().span_id, "016x")
+    assert line["service"] == "modelforge-inference"
+
+
+def test_bound_fields_and_extra_appear_on_every_line_in_the_block(root_logger: logging.Logger) -> None:
+    stream = io.StringIO()
+    logs.configure("modelforge-jobs", stream=stream)
+    log = logging.getLogger("modelforge.jobs")
+    with logs.bind(job_id="job-7", model="resnet:3"):
+        log.info("batch done", extra={"items": 32})
+        with logs.bind(model="resnet:4"):
+            log.info("switched")
+    log.info("outside")
+
+    first, second, outside = json_lines(stream)
+    assert (first["job_id"], first["model"], first["items"]) == ("job-7", "resnet:3", 32)
+    assert (second["job_id"], second["model"]) == ("job-7", "resnet:4")
+    assert "job_id" not in outside and "model" not in outside
+
+
+def test_payloads_are_never_written(root_logger: logging.Logger) -> None:
+    stream = io.StringIO()
+    logs.configure("modelforge-inference", stream=stream)
+    tensor = np.full((4, 4), 7.25, dtype=np.float32)
+    logging.getLogger("modelforge.inference").info(
+        "request refused", extra={"input": tensor, "raw": tensor.tobytes(), "note": "x" * 10_000}
+    )
+
+    (line,) = json_lines(stream)
+    assert line["input"] == "<array of 64 bytes>"
+    assert line["raw"] == "<64 bytes>"
+    assert len(line["note"]) < 600
+    assert "7.25" not in stream.getvalue()
