@@ -1,0 +1,261 @@
+"""ModelFileCache: model files on local disk, named by their sha256, fetched from the registry when missing.
+
+A file is downloaded (DownloadModelVersion) into a temporary file in the cache directory, checked against the
+version's size and sha256 (hashed off the event loop), and moved into place with ``os.replace``: a file under its
+final name is always whole and verified, so files found in the directory at start are trusted. A download that
+does not verify leaves nothing behind and raises :class:`ModelFileCorrupt` (UNAVAILABLE: retrying may succeed).
+Concurrent requests for one sha256 share one download.
+
+The directory holds at most ``max_bytes``: before a download, least recently used files are deleted until the new
+one fits. A file that is *pinned* (:meth:`ModelFileCache.pinned`, held while an ONNX Runtime session is created
+from it) is never deleted; if pinned files alone exceed the bound, the cache overshoots it until they are
+unpinned, rather than fail a load. Sessions read the whole file when they are created, so a file may go once
+its session exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from modelforge.registry.v1 import registry_pb2_grpc
+from modelforge_inference.cache import SingleFlight
+from modelforge_inference.domain import ResolvedModel
+from modelforge_inference.registry_client import ModelFileCorrupt, RegistryClient
+from modelforge_server import errors
+
+__all__ = ["ModelFileCache", "ModelFileCacheFailed", "ModelFileCorrupt", "ModelFileTooLarge"]
+
+log = logging.getLogger(__name__)
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_PARTIAL = ".part"
+
+
+class ModelFileTooLarge(errors.ResourceExhausted):
+    reason = "MODEL_FILE_TOO_LARGE"
+
+    def __init__(self, model: ResolvedModel, max_bytes: int) -> None:
+        super().__init__(
+            f"{model.name}:{model.version} is {model.size_bytes} bytes, more than the model file cache holds "
+            f"({max_bytes} bytes, MODELFORGE_MODEL_CACHE_BYTES); raise that limit to serve it",
+            model=model.name,
+            version=str(model.version),
+        )
+
+
+class ModelFileCacheFailed(errors.Unavailable):
+    reason = "MODEL_FILE_CACHE_FAILED"
+
+    def __init__(self, model: ResolvedModel, directory: Path, exc: OSError) -> None:
+        super().__init__(
+            f"could not store the file of {model.name}:{model.version} in {directory}: {exc.strerror or exc}; "
+            "check the disk of the inference server",
+            model=model.name,
+            version=str(model.version),
+        )
+
+
+def _write_and_hash(file: BinaryIO, digest: Any, chunk: bytes) -> None:
+    file.write(chunk)
+    digest.update(chunk)
+
+
+def _finish(file: BinaryIO, partial: Path, final: Path) -> None:
+    file.flush()
+    os.fsync(file.fileno())
+    file.close()
+    os.replace(partial, final)
+
+
+def _discard(file: BinaryIO | None, partial: Path) -> None:
+    if file is not None:
+        file.close()
+    partial.unlink(missing_ok=True)
+
+
+class ModelFileCache:
+    """Verified model files on local disk, by sha256, bounded in size, least recently used evicted first.
+
+    Args:
+        registry: A RegistryServiceStub on a grpc.aio channel.
+        directory: Where the files live; created if missing. Files in it named by a sha256 are adopted (as
+            verified), leftovers of interrupted downloads are removed. This scan runs in the constructor, once,
+            before serving.
+        max_bytes: The most bytes of files kept (pinned files aside).
+    """
+
+    def __init__(self, registry: registry_pb2_grpc.RegistryServiceStub, directory: Path, max_bytes: int) -> None:
+        self._registry = RegistryClient(registry)
+        self._directory = Path(directory)
+        self._max_bytes = max_bytes
+        self._files: collections.OrderedDict[str, int] = collections.OrderedDict()  # sha256 -> size, LRU first
+        self._pins: collections.Counter[str] = collections.Counter()
+        self._reserved = 0  # bytes of downloads in progress
+        self._flights: SingleFlight[str, Path] = SingleFlight()
+        self._scan()
+
+    # -- state -----------------------------------------------------------------------------------------------
+
+    @property
+    def directory(self) -> Path:
+        return self._directory
+
+    @property
+    def max_bytes(self) -> int:
+        return self._max_bytes
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of the files held (downloads in progress excluded)."""
+        return sum(self._files.values())
+
+    def __contains__(self, sha256: object) -> bool:
+        return sha256 in self._files
+
+    def files(self) -> list[str]:
+        """The sha256 of every file held, least recently used first."""
+        return list(self._files)
+
+    def is_pinned(self, sha256: str) -> bool:
+        return self._pins[sha256] > 0
+
+    # -- use -------------------------------------------------------------------------------------------------
+
+    async def path_for(self, model: ResolvedModel) -> Path:
+        """The local path of model's file, downloading it first if needed. Not pinned: see :meth:`pinned`.
+
+        Raises:
+            ModelFileCorrupt: the downloaded bytes do not match the version's size or sha256.
+            ModelFileTooLarge: the file alone is larger than the cache.
+            RegistryNotFound, RegistryUnavailable: from the registry.
+            ModelFileCacheFailed: the local disk failed.
+        """
+        async with self.pinned(model) as path:
+            return path
+
+    @contextlib.asynccontextmanager
+    async def pinned(self, model: ResolvedModel) -> AsyncIterator[Path]:
+        """``async with cache.pinned(model) as path:`` the file at path is not evicted inside the block."""
+        sha256 = model.sha256
+        self._pins[sha256] += 1
+        try:
+            yield await self._ensure(model)
+        finally:
+            self._pins[sha256] -= 1
+            if self._pins[sha256] <= 0:
+                del self._pins[sha256]
+                if sha256 in self._files:
+                    self._files.move_to_end(sha256)  # its use ends now: it is the most recently used
+                if self.used_bytes + self._reserved > self._max_bytes:
+                    await self._make_room(keep=sha256)  # back within the bound now that others may go
+
+    async def _ensure(self, model: ResolvedModel) -> Path:
+        sha256 = model.sha256
+        if not _SHA256.fullmatch(sha256):
+            raise ModelFileCorrupt(model, f"{sha256!r} is not a lowercase hex sha256")
+        path = self._directory / sha256
+        if sha256 in self._files:
+            if path.is_file():
+                self._files.move_to_end(sha256)
+                return path
+            log.warning("model file %s vanished from %s; downloading it again", sha256, self._directory)
+            del self._files[sha256]
+        return await self._flights.run(sha256, lambda: self._download(model))
+
+    # -- filling and evicting --------------------------------------------------------------------------------
+
+    async def _download(self, model: ResolvedModel) -> Path:
+        size = model.size_bytes
+        if size > self._max_bytes:
+            raise ModelFileTooLarge(model, self._max_bytes)
+        self._reserved += size
+        try:
+            return await self._fetch(model)
+        finally:
+            self._reserved -= size
+
+    async def _fetch(self, model: ResolvedModel) -> Path:
+        size = model.size_bytes
+        await self._make_room()
+        final = self._directory / model.sha256
+        partial = self._directory / f".{model.sha256}.{secrets.token_hex(4)}{_PARTIAL}"
+        digest = hashlib.sha256()
+        file: BinaryIO | None = None
+        try:
+            file = await asyncio.to_thread(partial.open, "wb")
+            received = 0
+            async with contextlib.aclosing(self._registry.download(model)) as chunks:
+                async for chunk in chunks:
+                    received += len(chunk)
+                    if received > size:
+                        raise ModelFileCorrupt(model, f"more than the {size} bytes recorded arrived")
+                    await asyncio.to_thread(_write_and_hash, file, digest, chunk)
+            if received != size:
+                raise ModelFileCorrupt(model, f"{received} bytes arrived, {size} recorded")
+            if digest.hexdigest() != model.sha256:
+                raise ModelFileCorrupt(model, f"the bytes hash to {digest.hexdigest()}, not {model.sha256}")
+            await asyncio.to_thread(_finish, file, partial, final)
+        except BaseException as exc:
+            await asyncio.shield(asyncio.to_thread(_discard, file, partial))
+            if isinstance(exc, OSError):
+                raise ModelFileCacheFailed(model, self._directory, exc) from exc
+            raise
+        self._files[model.sha256] = size
+        log.info("stored the file of %s:%d (%d bytes) as %s", model.name, model.version, size, final)
+        return final
+
+    async def _make_room(self, keep: str = "") -> None:
+        """Deletes least recently used, unpinned files until the downloads in progress fit (or nothing can go).
+
+        keep: a file not to delete, the one whose path a caller is about to get."""
+        excess = self.used_bytes + self._reserved - self._max_bytes
+        victims: list[str] = []
+        for sha256, size in self._files.items():
+            if excess <= 0:
+                break
+            if sha256 == keep or self._pins[sha256] > 0 or sha256 in self._flights:
+                continue
+            victims.append(sha256)
+            excess -= size
+        for sha256 in victims:
+            del self._files[sha256]
+        if victims:
+            await asyncio.to_thread(self._delete, victims)
+        if excess > 0:
+            log.warning(
+                "model file cache over its %d bytes by %d: the remaining files are in use", self._max_bytes, excess
+            )
+
+    def _delete(self, victims: list[str]) -> None:
+        for sha256 in victims:
+            with contextlib.suppress(FileNotFoundError):
+                (self._directory / sha256).unlink()
+            log.info("evicted model file %s from %s", sha256, self._directory)
+
+    def _scan(self) -> None:
+        self._directory.mkdir(parents=True, exist_ok=True)
+        found: list[tuple[float, str, int]] = []
+        for entry in os.scandir(self._directory):
+            if entry.name.endswith(_PARTIAL):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+            elif _SHA256.fullmatch(entry.name) and entry.is_file():
+                stat = entry.stat()
+                found.append((stat.st_mtime, entry.name, stat.st_size))
+        for _, sha256, size in sorted(found):
+            self._files[sha256] = size
+        excess = self.used_bytes - self._max_bytes
+        while excess > 0 and self._files:
+            sha256, size = self._files.popitem(last=False)
+            self._delete([sha256])
+            excess -= size

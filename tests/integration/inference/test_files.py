@@ -1,0 +1,154 @@
+"""ModelFileCache against a real registry: verified downloads, sharing, LRU eviction with pins, corrupt files."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import os
+from pathlib import Path
+
+import grpc
+import pytest
+
+from modelforge.registry.v1 import registry_pb2_grpc
+from modelforge_inference.domain import ResolvedModel
+from modelforge_inference.files import ModelFileCache, ModelFileCorrupt, ModelFileTooLarge
+from modelforge_inference.registry_client import RegistryNotFound, resolved_model
+from modelforge_server import status
+from tests.integration.inference import test_resolver as harness
+from tests.integration.inference.test_resolver import Registry, add_one_bytes, upload
+
+# The registry fixtures of the resolver tests: an in-process registry, a counted stub and an admin stub.
+registry = harness.registry
+stub = harness.stub
+admin = harness.admin
+
+
+async def add_versions(admin: registry_pb2_grpc.RegistryServiceStub, *widths: int) -> list[ResolvedModel]:
+    return [resolved_model(await upload(admin, "adder", add_one_bytes(width))) for width in widths]
+
+
+def entries(directory: Path) -> set[str]:
+    return {entry.name for entry in directory.iterdir()}
+
+
+async def test_downloads_verifies_and_names_the_file_by_sha256(admin, registry: Registry, stub, tmp_path: Path) -> None:
+    [model] = await add_versions(admin, 4)
+    cache = ModelFileCache(stub, tmp_path / "models", max_bytes=1 << 20)
+    path = await cache.path_for(model)
+    assert path == tmp_path / "models" / model.sha256
+    assert path.read_bytes() == add_one_bytes(4)
+    assert entries(tmp_path / "models") == {model.sha256}
+    assert cache.used_bytes == model.size_bytes
+    assert model.sha256 in cache
+
+    assert await cache.path_for(model) == path
+    assert registry.counter.calls["DownloadModelVersion"] == 1
+
+
+async def test_concurrent_requests_share_one_download(admin, registry: Registry, stub, tmp_path: Path) -> None:
+    [model] = await add_versions(admin, 4)
+    cache = ModelFileCache(stub, tmp_path / "models", max_bytes=1 << 20)
+    paths = await asyncio.gather(*(cache.path_for(model) for _ in range(10)))
+    assert set(paths) == {tmp_path / "models" / model.sha256}
+    assert registry.counter.calls["DownloadModelVersion"] == 1
+
+
+async def test_files_present_at_start_are_adopted_and_partial_ones_removed(admin, stub, tmp_path: Path) -> None:
+    [model] = await add_versions(admin, 4)
+    directory = tmp_path / "models"
+    first = ModelFileCache(stub, directory, max_bytes=1 << 20)
+    await first.path_for(model)
+    (directory / f".{model.sha256}.dead.part").write_bytes(b"half a file")
+
+    second = ModelFileCache(stub, directory, max_bytes=1 << 20)
+    assert entries(directory) == {model.sha256}
+    assert second.files() == [model.sha256]
+
+
+async def test_least_recently_used_unpinned_files_are_evicted(admin, registry: Registry, stub, tmp_path: Path) -> None:
+    a, b, c = await add_versions(admin, 4, 5, 6)
+    directory = tmp_path / "models"
+    cache = ModelFileCache(stub, directory, max_bytes=a.size_bytes + b.size_bytes + c.size_bytes - 1)
+
+    await cache.path_for(a)
+    await cache.path_for(b)
+    await cache.path_for(a)  # b is now the least recently used
+    await cache.path_for(c)
+    assert entries(directory) == {a.sha256, c.sha256}
+    assert cache.files() == [a.sha256, c.sha256]
+    assert cache.used_bytes <= cache.max_bytes
+
+    async with cache.pinned(a) as path:  # a is the least recently used now, but in use
+        assert cache.is_pinned(a.sha256)
+        await cache.path_for(b)
+        assert path.exists()
+        assert entries(directory) == {a.sha256, b.sha256}
+    assert not cache.is_pinned(a.sha256)
+    assert registry.counter.calls["DownloadModelVersion"] == 4
+
+
+async def test_pinned_files_may_overshoot_the_bound_rather_than_fail(admin, stub, tmp_path: Path) -> None:
+    a, b = await add_versions(admin, 4, 5)
+    cache = ModelFileCache(stub, tmp_path / "models", max_bytes=max(a.size_bytes, b.size_bytes))
+    async with cache.pinned(a):
+        assert (await cache.path_for(b)).exists()
+        assert entries(tmp_path / "models") == {a.sha256, b.sha256}
+    await cache.path_for(a)
+    assert entries(tmp_path / "models") == {a.sha256}
+
+
+async def test_a_file_larger_than_the_cache_is_resource_exhausted(admin, stub, tmp_path: Path) -> None:
+    [model] = await add_versions(admin, 4)
+    cache = ModelFileCache(stub, tmp_path / "models", max_bytes=model.size_bytes - 1)
+    with pytest.raises(ModelFileTooLarge) as caught:
+        await cache.path_for(model)
+    assert status.code_for(caught.value) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert entries(tmp_path / "models") == set()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param({"sha256": "0" * 64}, id="sha256"),
+        pytest.param({"size_bytes": 10}, id="size"),
+    ],
+)
+async def test_a_file_that_does_not_match_its_record_leaves_nothing(
+    admin, stub, tmp_path: Path, change: dict[str, object]
+) -> None:
+    [model] = await add_versions(admin, 4)
+    cache = ModelFileCache(stub, tmp_path / "models", max_bytes=1 << 20)
+    with pytest.raises(ModelFileCorrupt) as caught:
+        await cache.path_for(dataclasses.replace(model, **change))
+    assert status.code_for(caught.value) == grpc.StatusCode.UNAVAILABLE
+    assert caught.value.reason == "MODEL_FILE_CORRUPT"
+    assert entries(tmp_path / "models") == set()
+    assert cache.used_bytes == 0
+
+
+async def test_corrupted_bytes_fail_the_sha256_check_and_leave_nothing(
+    admin, registry: Registry, stub, tmp_path: Path
+) -> None:
+    [model] = await add_versions(admin, 4)
+    blob = registry.settings.blob_root / model.sha256[:2] / model.sha256
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    os.chmod(blob, 0o644)
+    blob.write_bytes(bytes(data))
+
+    cache = ModelFileCache(stub, tmp_path / "models", max_bytes=1 << 20)
+    with pytest.raises(ModelFileCorrupt) as caught:
+        await cache.path_for(model)
+    assert hashlib.sha256(data).hexdigest() in str(caught.value)
+    assert entries(tmp_path / "models") == set()
+
+
+async def test_an_unknown_version_is_not_found(admin, stub, tmp_path: Path) -> None:
+    [model] = await add_versions(admin, 4)
+    cache = ModelFileCache(stub, tmp_path / "models", max_bytes=1 << 20)
+    with pytest.raises(RegistryNotFound) as caught:
+        await cache.path_for(dataclasses.replace(model, version=9))
+    assert status.code_for(caught.value) == grpc.StatusCode.NOT_FOUND
+    assert entries(tmp_path / "models") == set()
