@@ -1,0 +1,97 @@
+"""ModelForge's Python SDK: clients of the registry and inference services, model references and errors.
+
+::
+
+    import modelforge
+
+    with modelforge.RegistryClient() as registry:
+        registry.push("model.onnx", name="fraud", alias="production")
+    with modelforge.InferenceClient() as inference:
+        outputs = inference.predict("fraud@production", {"input": features})
+
+Each client has an asyncio twin with the same methods (``AsyncRegistryClient``, ``AsyncInferenceClient``).
+Addresses default to ``MODELFORGE_REGISTRY_ADDRESS`` / ``MODELFORGE_INFERENCE_ADDRESS``, else localhost.
+Failed calls raise :class:`ModelForgeError` subclasses (``NotFoundError``...). The generated gRPC modules live
+beside this package (``modelforge.registry.v1.registry_pb2``...), and each client exposes its raw stub.
+"""
+
+from __future__ import annotations
+
+from modelforge._domain import (
+    CacheStatus,
+    LoadedModel,
+    Model,
+    ModelEvent,
+    ModelEventType,
+    ModelState,
+    ModelStatistics,
+    ModelVersion,
+    OnnxInfo,
+    Prediction,
+    Signature,
+    Statistics,
+    TensorSpec,
+    Timings,
+    VersionState,
+)
+from modelforge._errors import (
+    AbortedError,
+    AlreadyExistsError,
+    CancelledError,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    IntegrityError,
+    InternalError,
+    InvalidArgumentError,
+    ModelForgeError,
+    NotFoundError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    UnauthenticatedError,
+    UnavailableError,
+    UnimplementedError,
+)
+from modelforge._inference import AsyncInferenceClient, InferenceClient
+from modelforge._refs import ModelRef
+from modelforge._registry import AsyncRegistryClient, RegistryClient
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AbortedError",
+    "AlreadyExistsError",
+    "AsyncInferenceClient",
+    "AsyncRegistryClient",
+    "CacheStatus",
+    "CancelledError",
+    "DeadlineExceededError",
+    "FailedPreconditionError",
+    "InferenceClient",
+    "IntegrityError",
+    "InternalError",
+    "InvalidArgumentError",
+    "LoadedModel",
+    "Model",
+    "ModelEvent",
+    "ModelEventType",
+    "ModelForgeError",
+    "ModelRef",
+    "ModelState",
+    "ModelStatistics",
+    "ModelVersion",
+    "NotFoundError",
+    "OnnxInfo",
+    "PermissionDeniedError",
+    "Prediction",
+    "RegistryClient",
+    "ResourceExhaustedError",
+    "Signature",
+    "Statistics",
+    "TensorSpec",
+    "Timings",
+    "UnauthenticatedError",
+    "UnavailableError",
+    "UnimplementedError",
+    "VersionState",
+    "__version__",
+]

@@ -1,0 +1,163 @@
+"""Channels to the ModelForge services: where they are, message limits, and retries of idempotent calls.
+
+A client's target comes from its ``target`` argument, else from ``MODELFORGE_<SERVICE>_ADDRESS``
+(``MODELFORGE_REGISTRY_ADDRESS``, ``MODELFORGE_INFERENCE_ADDRESS``, ``MODELFORGE_JOBS_ADDRESS``), else from the
+service's default port on localhost. This module is the only place in the SDK that reads the environment.
+
+Retries follow AIP-194: only ``UNAVAILABLE``, only for RPCs that are safe to repeat, and by gRPC itself through
+the channel's service config (``retryPolicy``), never by a hand-written loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import grpc.aio
+
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "Service",
+    "INFERENCE",
+    "JOBS",
+    "REGISTRY",
+    "channel_options",
+    "open_aio_channel",
+    "open_channel",
+    "resolve_target",
+]
+
+MiB = 1024 * 1024
+# The servers' default MODELFORGE_MAX_MESSAGE_BYTES; large tensors go through the streaming RPCs instead.
+DEFAULT_MAX_MESSAGE_BYTES = 64 * MiB
+
+
+@dataclass(frozen=True)
+class Service:
+    """What the SDK knows about one ModelForge service in order to reach it."""
+
+    key: str
+    """Short name: ``registry``, ``inference`` or ``jobs``; the env variable is ``MODELFORGE_<KEY>_ADDRESS``."""
+    full_name: str
+    """The gRPC service name, for example ``modelforge.registry.v1.RegistryService``."""
+    default_port: int
+    idempotent_methods: tuple[str, ...]
+    """RPCs that gRPC may repeat on UNAVAILABLE: reads, and writes whose repetition changes nothing."""
+
+    @property
+    def env_var(self) -> str:
+        return f"MODELFORGE_{self.key.upper()}_ADDRESS"
+
+    @property
+    def default_target(self) -> str:
+        return f"127.0.0.1:{self.default_port}"
+
+
+REGISTRY = Service(
+    key="registry",
+    full_name="modelforge.registry.v1.RegistryService",
+    default_port=50051,
+    idempotent_methods=(
+        "GetModel",
+        "ListModels",
+        "UpdateModel",
+        "GetModelVersion",
+        "ResolveModelRef",
+        "ListModelVersions",
+        "UpdateModelVersion",
+        "ArchiveModelVersion",
+        "RestoreModelVersion",
+        "SetAlias",
+        "DownloadModelVersion",
+    ),
+)
+INFERENCE = Service(
+    key="inference",
+    full_name="modelforge.inference.v1.InferenceService",
+    default_port=50052,
+    idempotent_methods=(
+        "Predict",
+        "PredictStream",
+        "LoadModel",
+        "UnloadModel",
+        "ListLoadedModels",
+        "GetModelStatistics",
+    ),
+)
+JOBS = Service(
+    key="jobs",
+    full_name="modelforge.jobs.v1.JobService",
+    default_port=50053,
+    # CreateJob is repeatable because the SDK always sends a request_id.
+    idempotent_methods=(
+        "CreateJob",
+        "GetJob",
+        "ListJobs",
+        "CancelJob",
+        "GetDataset",
+        "WatchJob",
+        "GetJobResult",
+    ),
+)
+
+
+def resolve_target(service: Service, target: str | None, environ: Mapping[str, str] | None = None) -> str:
+    """The address to dial: the explicit target, else the service's env variable, else localhost:default port."""
+    if target:
+        return target
+    env = os.environ if environ is None else environ
+    return env.get(service.env_var) or service.default_target
+
+
+def _service_config(service: Service) -> str:
+    return json.dumps(
+        {
+            "methodConfig": [
+                {
+                    "name": [{"service": service.full_name, "method": m} for m in service.idempotent_methods],
+                    "retryPolicy": {
+                        "maxAttempts": 5,
+                        "initialBackoff": "0.1s",
+                        "maxBackoff": "2s",
+                        "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["UNAVAILABLE"],
+                    },
+                }
+            ]
+        }
+    )
+
+
+def channel_options(
+    service: Service, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, extra: Sequence[tuple[str, Any]] = ()
+) -> list[tuple[str, Any]]:
+    """Channel arguments: message limits, retries through the service config, and any caller extras."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.enable_retries", 1),
+        ("grpc.service_config", _service_config(service)),
+        *extra,
+    ]
+
+
+def open_channel(
+    service: Service, target: str | None, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+) -> grpc.Channel:
+    """A blocking-API channel to ``service`` (plaintext; put TLS in front with your own channel)."""
+    return grpc.insecure_channel(
+        resolve_target(service, target), options=channel_options(service, max_message_bytes=max_message_bytes)
+    )
+
+
+def open_aio_channel(
+    service: Service, target: str | None, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+) -> grpc.aio.Channel:
+    """An asyncio channel to ``service``; same options as :func:`open_channel`."""
+    return grpc.aio.insecure_channel(
+        resolve_target(service, target), options=channel_options(service, max_message_bytes=max_message_bytes)
+    )

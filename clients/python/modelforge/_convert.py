@@ -1,0 +1,577 @@
+"""Pure conversions shared by the sync and async clients: protobuf messages to SDK values and back.
+
+Nothing here does I/O or knows about channels, so each client is a thin shell that builds a request here, sends
+it, and converts the answer here. The stateful pieces (:class:`UploadPlan`, :class:`DownloadCheck`,
+:class:`StreamAssembler`) take messages one at a time and leave reading and writing to the caller.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import numpy as np
+from google.protobuf import duration_pb2, field_mask_pb2, timestamp_pb2
+
+from modelforge import tensors
+from modelforge._domain import (
+    CacheStatus,
+    LoadedModel,
+    Model,
+    ModelEvent,
+    ModelEventType,
+    ModelState,
+    ModelStatistics,
+    ModelVersion,
+    OnnxInfo,
+    Prediction,
+    Signature,
+    TensorSpec,
+    Timings,
+    VersionState,
+)
+from modelforge._errors import IntegrityError
+from modelforge._refs import ModelRef
+from modelforge.common.v1 import tensor_pb2
+from modelforge.inference.v1 import inference_pb2
+from modelforge.registry.v1 import registry_pb2
+
+Progress = Callable[[int, int], None]
+"""A progress callback: ``progress(done_bytes, total_bytes)``."""
+
+MiB = 1024 * 1024
+DEFAULT_CHUNK_BYTES = 1 * MiB
+
+
+# --- scalars -------------------------------------------------------------------------------------------------
+
+
+def _time(ts: timestamp_pb2.Timestamp) -> datetime | None:
+    if ts.seconds == 0 and ts.nanos == 0:
+        return None
+    return ts.ToDatetime(tzinfo=UTC)
+
+
+def _duration(d: duration_pb2.Duration) -> timedelta:
+    return d.ToTimedelta()
+
+
+def duration_proto(seconds: float | None) -> duration_pb2.Duration | None:
+    """A Duration for ``seconds``; None stays None (the field is left unset)."""
+    if seconds is None:
+        return None
+    if seconds < 0:
+        raise ValueError(f"a timeout must be 0 or more seconds, not {seconds!r}")
+    d = duration_pb2.Duration()
+    d.FromTimedelta(timedelta(seconds=seconds))
+    return d
+
+
+def _dtype_name(dtype: int) -> str:
+    return tensors.data_type_name(dtype).lower()
+
+
+# --- references ----------------------------------------------------------------------------------------------
+
+
+def ref_proto(ref: str | ModelRef) -> registry_pb2.ModelRef:
+    """The ``ModelRef`` message for a reference string or value; raises ValueError for a malformed string."""
+    parsed = ModelRef.parse(ref)
+    if parsed.version is not None:
+        return registry_pb2.ModelRef(name=parsed.name, version=parsed.version)
+    if parsed.alias is not None:
+        return registry_pb2.ModelRef(name=parsed.name, alias=parsed.alias)
+    return registry_pb2.ModelRef(name=parsed.name)
+
+
+def version_number(ref: str | ModelRef) -> int | None:
+    """The version number a reference names directly, or None when it needs resolving."""
+    return ModelRef.parse(ref).version
+
+
+# --- registry ------------------------------------------------------------------------------------------------
+
+
+def tensor_spec(spec: tensor_pb2.TensorSpec) -> TensorSpec:
+    return TensorSpec(
+        name=spec.name, dtype=_dtype_name(spec.dtype), shape=tuple(spec.shape), dim_names=tuple(spec.dim_names)
+    )
+
+
+def signature(sig: registry_pb2.Signature) -> Signature:
+    return Signature(
+        inputs=tuple(tensor_spec(s) for s in sig.inputs), outputs=tuple(tensor_spec(s) for s in sig.outputs)
+    )
+
+
+def onnx_info(info: registry_pb2.OnnxInfo) -> OnnxInfo:
+    return OnnxInfo(
+        ir_version=info.ir_version,
+        opset_imports={o.domain: o.version for o in info.opset_imports},
+        producer_name=info.producer_name,
+        producer_version=info.producer_version,
+        graph_name=info.graph_name,
+        doc_string=info.doc_string,
+        metadata_props=dict(info.metadata_props),
+    )
+
+
+def model(message: registry_pb2.Model) -> Model:
+    """The SDK value of a ``Model`` message."""
+    return Model(
+        name=message.name,
+        description=message.description,
+        labels=dict(message.labels),
+        aliases=dict(sorted(message.aliases.items())),
+        latest_version=message.latest_version or None,
+        create_time=_time(message.create_time),
+        update_time=_time(message.update_time),
+    )
+
+
+_VERSION_STATES = {
+    registry_pb2.VERSION_STATE_READY: VersionState.READY,
+    registry_pb2.VERSION_STATE_ARCHIVED: VersionState.ARCHIVED,
+}
+
+
+def version_state_proto(state: VersionState | str | None) -> registry_pb2.VersionState.ValueType:
+    """The enum value for a state filter; None means any state."""
+    if state is None:
+        return registry_pb2.VERSION_STATE_UNSPECIFIED
+    wanted = VersionState(state.upper()) if isinstance(state, str) else state
+    return next(k for k, v in _VERSION_STATES.items() if v is wanted)
+
+
+def model_version(message: registry_pb2.ModelVersion) -> ModelVersion:
+    """The SDK value of a ``ModelVersion`` message."""
+    return ModelVersion(
+        model=message.model,
+        version=message.version,
+        state=_VERSION_STATES.get(message.state, VersionState.READY),
+        sha256=message.sha256,
+        size_bytes=message.size_bytes,
+        signature=signature(message.signature),
+        onnx=onnx_info(message.onnx),
+        description=message.description,
+        labels=dict(message.labels),
+        version_label=message.version_label,
+        aliases=tuple(message.aliases),
+        create_time=_time(message.create_time),
+    )
+
+
+def model_event(message: registry_pb2.ModelEvent) -> ModelEvent:
+    """The SDK value of a ``ModelEvent`` message."""
+    name = registry_pb2.ModelEventType.Name(message.type).removeprefix("MODEL_EVENT_TYPE_")
+    return ModelEvent(
+        type=ModelEventType(name),
+        model=message.model,
+        version=message.version or None,
+        alias=message.alias,
+        event_time=_time(message.event_time),
+    )
+
+
+def list_models_request(
+    *, name_prefix: str, labels: Mapping[str, str] | None, page_size: int, page_token: str
+) -> registry_pb2.ListModelsRequest:
+    return registry_pb2.ListModelsRequest(
+        page_size=page_size, page_token=page_token, name_prefix=name_prefix, labels=dict(labels or {})
+    )
+
+
+def update_model_request(
+    name: str, *, description: str | None, labels: Mapping[str, str] | None
+) -> registry_pb2.UpdateModelRequest:
+    """An UpdateModel request whose mask names exactly the fields given (not None)."""
+    paths = [p for p, v in (("description", description), ("labels", labels)) if v is not None]
+    if not paths:
+        raise ValueError("nothing to update: pass description=... and/or labels=...")
+    return registry_pb2.UpdateModelRequest(
+        model=registry_pb2.Model(name=name, description=description or "", labels=dict(labels or {})),
+        update_mask=field_mask_pb2.FieldMask(paths=paths),
+    )
+
+
+def update_version_request(
+    name: str,
+    version: int,
+    *,
+    description: str | None,
+    labels: Mapping[str, str] | None,
+    version_label: str | None,
+) -> registry_pb2.UpdateModelVersionRequest:
+    """An UpdateModelVersion request whose mask names exactly the fields given (not None)."""
+    given = (("description", description), ("labels", labels), ("version_label", version_label))
+    paths = [p for p, v in given if v is not None]
+    if not paths:
+        raise ValueError("nothing to update: pass description=..., labels=... and/or version_label=...")
+    return registry_pb2.UpdateModelVersionRequest(
+        model_version=registry_pb2.ModelVersion(
+            model=name,
+            version=version,
+            description=description or "",
+            labels=dict(labels or {}),
+            version_label=version_label or "",
+        ),
+        update_mask=field_mask_pb2.FieldMask(paths=paths),
+    )
+
+
+# --- uploads and downloads -----------------------------------------------------------------------------------
+
+
+@dataclass
+class UploadPlan:
+    """What an upload sends: the header (with sha256 and size computed beforehand), then chunks.
+
+    The caller hashes the source first (:func:`sha256_of_bytes`, or :func:`hash_stream` over a file), builds the
+    plan, then feeds it the chunks it reads; :meth:`chunk` reports progress as each chunk is handed to gRPC.
+    """
+
+    header: registry_pb2.UploadModelVersionHeader
+    progress: Progress | None = None
+    sent: int = 0
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        name: str,
+        sha256: str,
+        size: int,
+        create_model: bool,
+        description: str,
+        labels: Mapping[str, str] | None,
+        version_label: str,
+        progress: Progress | None,
+    ) -> UploadPlan:
+        header = registry_pb2.UploadModelVersionHeader(
+            model=name,
+            create_model=create_model,
+            description=description,
+            labels=dict(labels or {}),
+            version_label=version_label,
+            sha256=sha256,
+            size_bytes=size,
+        )
+        return cls(header=header, progress=progress)
+
+    def first(self) -> registry_pb2.UploadModelVersionRequest:
+        """The header message; reports 0 bytes sent."""
+        if self.progress is not None:
+            self.progress(0, self.header.size_bytes)
+        return registry_pb2.UploadModelVersionRequest(header=self.header)
+
+    def chunk(self, data: bytes) -> registry_pb2.UploadModelVersionRequest:
+        """The message for the next chunk; reports the bytes sent so far."""
+        self.sent += len(data)
+        if self.progress is not None:
+            self.progress(self.sent, self.header.size_bytes)
+        return registry_pb2.UploadModelVersionRequest(chunk=data)
+
+    def requests_from_bytes(self, data: bytes | bytearray | memoryview, chunk_bytes: int) -> Iterator[Any]:
+        """Every request message for an in-memory file: the header, then slices of ``data``."""
+        view = memoryview(data)
+        yield self.first()
+        for start in range(0, len(view), chunk_bytes):
+            yield self.chunk(bytes(view[start : start + chunk_bytes]))
+
+
+def sha256_of_bytes(data: bytes | bytearray | memoryview) -> str:
+    """The lowercase hex sha256 of ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def hash_file(path: Any, chunk_bytes: int = 4 * MiB) -> tuple[str, int]:
+    """The lowercase hex sha256 and the size of a file, read in chunks (blocking: run it in a thread from async)."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk_bytes):
+            digest.update(block)
+            size += len(block)
+    return digest.hexdigest(), size
+
+
+@dataclass
+class DownloadCheck:
+    """Checks a download as it arrives: the header first, then chunks; :meth:`finish` verifies size and sha256."""
+
+    progress: Progress | None = None
+    version: ModelVersion | None = None
+    received: int = 0
+    _digest: Any = field(default_factory=hashlib.sha256)
+
+    def accept(self, message: registry_pb2.DownloadModelVersionResponse) -> bytes:
+        """Takes one stream message and returns the file bytes it carries (empty for the header)."""
+        which = message.WhichOneof("content")
+        if which == "model_version":
+            if self.version is not None:
+                raise IntegrityError("the download stream sent a second header; the server is misbehaving")
+            self.version = model_version(message.model_version)
+            if self.progress is not None:
+                self.progress(0, self.version.size_bytes)
+            return b""
+        if self.version is None:
+            raise IntegrityError("the download stream sent file bytes before its header; the server is misbehaving")
+        data = message.chunk
+        self.received += len(data)
+        if self.received > self.version.size_bytes:
+            raise IntegrityError(
+                f"{self.version.ref} is {self.version.size_bytes} bytes, but the server sent more; download aborted"
+            )
+        self._digest.update(data)
+        if self.progress is not None:
+            self.progress(self.received, self.version.size_bytes)
+        return data
+
+    def finish(self) -> ModelVersion:
+        """Verifies the whole file and returns its version; raises IntegrityError on a short or corrupt file."""
+        if self.version is None:
+            raise IntegrityError("the download stream ended before its header; retry the download")
+        if self.received != self.version.size_bytes:
+            raise IntegrityError(
+                f"{self.version.ref} is {self.version.size_bytes} bytes, but the download ended after "
+                f"{self.received}; retry the download"
+            )
+        actual = self._digest.hexdigest()
+        if actual != self.version.sha256:
+            raise IntegrityError(
+                f"{self.version.ref}: the downloaded file's sha256 is {actual}, but the registry says "
+                f"{self.version.sha256}; the file was not kept, retry the download"
+            )
+        return self.version
+
+
+# --- inference -----------------------------------------------------------------------------------------------
+
+_CACHE_MODES = {
+    None: inference_pb2.CACHE_MODE_UNSPECIFIED,
+    "use": inference_pb2.CACHE_MODE_USE,
+    "bypass": inference_pb2.CACHE_MODE_BYPASS,
+    "refresh": inference_pb2.CACHE_MODE_REFRESH,
+}
+
+
+def _inference_fields(
+    ref: str | ModelRef,
+    inputs: Mapping[str, Any],
+    *,
+    outputs: list[str] | tuple[str, ...] | None,
+    priority: int,
+    queue_timeout: float | None,
+    cache: str | None,
+) -> dict[str, Any]:
+    if not isinstance(inputs, Mapping) or not inputs:
+        raise ValueError("inputs must be a non-empty mapping of input name to array, e.g. {'input': array}")
+    if cache not in _CACHE_MODES:
+        raise ValueError(f"cache must be 'use', 'bypass', 'refresh' or None, not {cache!r}")
+    fields: dict[str, Any] = {
+        "ref": ref_proto(ref),
+        "inputs": [tensors.to_tensor(value, name) for name, value in inputs.items()],
+        "output_names": list(outputs or ()),
+        "priority": priority,
+        "cache_mode": _CACHE_MODES[cache],
+    }
+    timeout = duration_proto(queue_timeout)
+    if timeout is not None:
+        fields["timeout"] = timeout
+    return fields
+
+
+def predict_request(ref: str | ModelRef, inputs: Mapping[str, Any], **options: Any) -> inference_pb2.PredictRequest:
+    """A Predict request; inputs are numpy arrays (or anything ``np.asarray`` takes), keyed by input name."""
+    return inference_pb2.PredictRequest(**_inference_fields(ref, inputs, **options))
+
+
+def predict_stream_request(
+    ref: str | ModelRef, inputs: Mapping[str, Any], **options: Any
+) -> inference_pb2.PredictStreamRequest:
+    """A PredictStream request; same arguments as :func:`predict_request`."""
+    return inference_pb2.PredictStreamRequest(**_inference_fields(ref, inputs, **options))
+
+
+def timings(message: inference_pb2.Timings) -> Timings:
+    return Timings(queue=_duration(message.queue), compute=_duration(message.compute), total=_duration(message.total))
+
+
+def outputs(response: inference_pb2.PredictResponse) -> dict[str, np.ndarray[Any, Any]]:
+    """The outputs of a Predict response as numpy arrays (read-only views over the message's bytes)."""
+    return {t.name: tensors.to_numpy(t) for t in response.outputs}
+
+
+def prediction(response: inference_pb2.PredictResponse) -> Prediction:
+    """A Predict response with its outputs and the facts about how it ran."""
+    return Prediction(
+        outputs=outputs(response),
+        model=response.model,
+        version=response.version,
+        sha256=response.sha256,
+        timings=timings(response.timings),
+        cache_hit=response.cache_hit,
+    )
+
+
+@dataclass
+class _Output:
+    spec: inference_pb2.StreamedOutput
+    buffer: bytearray | list[bytes]
+    filled: int = 0
+
+
+class StreamAssembler:
+    """Reassembles the outputs of a PredictStream call, message by message, and checks them against the trailer.
+
+    Numeric outputs are written into one preallocated buffer each, so memory stays at the size of the outputs.
+    Progress counts the bytes received over the bytes announced in the header (STRING outputs count elements).
+    """
+
+    def __init__(self, progress: Progress | None = None) -> None:
+        self._progress = progress
+        self._header: inference_pb2.PredictStreamHeader | None = None
+        self._outputs: dict[str, _Output] = {}
+        self._trailer: inference_pb2.PredictStreamTrailer | None = None
+        self._total = 0
+        self._done = 0
+
+    def accept(self, message: inference_pb2.PredictStreamResponse) -> None:
+        which = message.WhichOneof("content")
+        if which == "header":
+            self._on_header(message.header)
+        elif which == "chunk":
+            self._on_chunk(message.chunk)
+        elif which == "trailer":
+            if self._header is None:
+                raise IntegrityError("the prediction stream sent its trailer before its header")
+            self._trailer = message.trailer
+        else:
+            raise IntegrityError("the prediction stream sent an empty message; the server is misbehaving")
+
+    def _on_header(self, header: inference_pb2.PredictStreamHeader) -> None:
+        if self._header is not None:
+            raise IntegrityError("the prediction stream sent a second header; the server is misbehaving")
+        self._header = header
+        for spec in header.outputs:
+            is_string = spec.dtype == tensor_pb2.DATA_TYPE_STRING
+            self._outputs[spec.name] = _Output(spec, [] if is_string else bytearray(spec.byte_size))
+            self._total += spec.byte_size
+        if self._progress is not None:
+            self._progress(0, self._total)
+
+    def _on_chunk(self, chunk: inference_pb2.PredictStreamChunk) -> None:
+        out = self._outputs.get(chunk.output)
+        if self._header is None or out is None:
+            raise IntegrityError(f"the prediction stream sent bytes of an unannounced output {chunk.output!r}")
+        if chunk.offset != out.filled:
+            raise IntegrityError(
+                f"output {chunk.output!r}: a chunk starts at {chunk.offset}, expected {out.filled}; "
+                "the stream is out of order"
+            )
+        if isinstance(out.buffer, list):
+            out.buffer.extend(chunk.string_data)
+            step = len(chunk.string_data)
+        else:
+            step = len(chunk.data)
+            if out.filled + step > out.spec.byte_size:
+                raise IntegrityError(f"output {chunk.output!r}: more bytes than the {out.spec.byte_size} announced")
+            out.buffer[out.filled : out.filled + step] = chunk.data
+        out.filled += step
+        self._done += step
+        if self._progress is not None:
+            self._progress(self._done, self._total)
+
+    def finish(self) -> Prediction:
+        """The reassembled outputs; raises IntegrityError if the stream was incomplete or a checksum differs."""
+        if self._header is None or self._trailer is None:
+            raise IntegrityError("the prediction stream ended early, before its trailer; retry the call")
+        result: dict[str, np.ndarray[Any, Any]] = {}
+        for name, out in self._outputs.items():
+            if out.filled != out.spec.byte_size:
+                raise IntegrityError(f"output {name!r}: received {out.filled} of {out.spec.byte_size} announced")
+            array, digest = _finish_output(out)
+            expected = self._trailer.sha256.get(name)
+            if expected and expected != digest:
+                raise IntegrityError(f"output {name!r}: sha256 {digest} differs from the server's {expected}")
+            result[name] = array
+        header = self._header
+        return Prediction(
+            outputs=result,
+            model=header.model,
+            version=header.version,
+            sha256=header.sha256,
+            timings=timings(self._trailer.timings),
+            cache_hit=header.cache_hit,
+        )
+
+
+def _finish_output(out: _Output) -> tuple[np.ndarray[Any, Any], str]:
+    shape = tuple(out.spec.shape)
+    if isinstance(out.buffer, list):
+        digest = hashlib.sha256()
+        for item in out.buffer:
+            digest.update(len(item).to_bytes(4, "little"))
+            digest.update(item)
+        array = np.empty(len(out.buffer), dtype=object)
+        array[:] = out.buffer
+        return array.reshape(shape), digest.hexdigest()
+    dtype = tensors.to_numpy_dtype(out.spec.dtype)
+    array = np.frombuffer(out.buffer, dtype=dtype).reshape(shape)
+    return array, hashlib.sha256(out.buffer).hexdigest()
+
+
+_LOADED_STATES = {
+    inference_pb2.LOADED_MODEL_STATE_LOADING: ModelState.LOADING,
+    inference_pb2.LOADED_MODEL_STATE_READY: ModelState.READY,
+    inference_pb2.LOADED_MODEL_STATE_UNLOADING: ModelState.UNLOADING,
+    inference_pb2.LOADED_MODEL_STATE_FAILED: ModelState.FAILED,
+}
+
+
+def loaded_model(message: inference_pb2.LoadedModel) -> LoadedModel:
+    """The SDK value of a ``LoadedModel`` message."""
+    return LoadedModel(
+        model=message.model,
+        version=message.version,
+        sha256=message.sha256,
+        state=_LOADED_STATES.get(message.state, ModelState.READY),
+        reason=message.reason,
+        memory_bytes=message.memory_bytes,
+        last_used=_time(message.last_use_time),
+        in_flight=message.in_flight,
+        load_duration=_duration(message.load_duration),
+    )
+
+
+def model_statistics(message: inference_pb2.ModelStatistics) -> ModelStatistics:
+    """The SDK value of a ``ModelStatistics`` message."""
+    return ModelStatistics(
+        model=message.model,
+        version=message.version,
+        request_count=message.request_count,
+        failure_count=message.failure_count,
+        inference_count=message.inference_count,
+        execution_count=message.execution_count,
+        queue_time=_duration(message.queue_duration),
+        compute_time=_duration(message.compute_duration),
+        total_time=_duration(message.total_duration),
+        cache_hit_count=message.cache_hit_count,
+        cache_miss_count=message.cache_miss_count,
+        batch_sizes=dict(sorted(message.batch_sizes.items())),
+        last_inference_time=_time(message.last_inference_time),
+    )
+
+
+_CACHE_STATUSES = {
+    inference_pb2.CACHE_STATUS_OK: CacheStatus.OK,
+    inference_pb2.CACHE_STATUS_DEGRADED: CacheStatus.DEGRADED,
+    inference_pb2.CACHE_STATUS_DISABLED: CacheStatus.DISABLED,
+}
+
+
+def cache_status(value: int) -> CacheStatus:
+    return _CACHE_STATUSES.get(value, CacheStatus.DISABLED)

@@ -1,0 +1,321 @@
+"""The values the SDK hands back: plain frozen dataclasses, built from protobuf messages by ``_convert``.
+
+They hold Python types (``datetime``, ``tuple``, ``dict``, ``enum``), never protobuf messages, so that they
+print, compare and pickle like any other value. The raw messages stay reachable through each client's stub.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import numpy as np
+
+from modelforge._refs import ModelRef
+
+__all__ = [
+    "CacheStatus",
+    "LoadedModel",
+    "Model",
+    "ModelEvent",
+    "ModelEventType",
+    "ModelStatistics",
+    "ModelVersion",
+    "ModelState",
+    "OnnxInfo",
+    "Prediction",
+    "Signature",
+    "Statistics",
+    "TensorSpec",
+    "Timings",
+    "VersionState",
+]
+
+
+class VersionState(enum.Enum):
+    """The lifecycle state of a model version."""
+
+    READY = "READY"
+    """Usable: can be the newest version and the target of an alias."""
+    ARCHIVED = "ARCHIVED"
+    """Retired: never the newest version nor an alias target; still reachable by number."""
+
+
+class ModelEventType(enum.Enum):
+    """What a :class:`ModelEvent` reports."""
+
+    WATCH_STARTED = "WATCH_STARTED"
+    MODEL_CREATED = "MODEL_CREATED"
+    MODEL_UPDATED = "MODEL_UPDATED"
+    MODEL_DELETED = "MODEL_DELETED"
+    VERSION_CREATED = "VERSION_CREATED"
+    VERSION_UPDATED = "VERSION_UPDATED"
+    VERSION_ARCHIVED = "VERSION_ARCHIVED"
+    VERSION_RESTORED = "VERSION_RESTORED"
+    VERSION_DELETED = "VERSION_DELETED"
+    ALIAS_SET = "ALIAS_SET"
+    ALIAS_DELETED = "ALIAS_DELETED"
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """The declared name, element type and shape of a model input or output.
+
+    Attributes:
+        name: The input or output name in the ONNX graph.
+        dtype: The element type in lowercase: ``"float32"``, ``"int64"``, ``"string"``, ``"bfloat16"``...
+        shape: One entry per dimension; ``-1`` marks a dynamic dimension.
+        dim_names: The symbolic name of each dimension (``"batch"``), ``""`` where it has none.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    dim_names: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        dims = ", ".join(n or str(d) if d < 0 else str(d) for d, n in zip(self.shape, self._names(), strict=True))
+        return f"{self.name}: {self.dtype}[{dims}]"
+
+    def _names(self) -> tuple[str, ...]:
+        return self.dim_names if len(self.dim_names) == len(self.shape) else ("",) * len(self.shape)
+
+
+@dataclass(frozen=True, slots=True)
+class Signature:
+    """The inputs and outputs of a model, in graph order."""
+
+    inputs: tuple[TensorSpec, ...] = ()
+    outputs: tuple[TensorSpec, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class OnnxInfo:
+    """Facts the registry read from the ONNX file.
+
+    Attributes:
+        ir_version: The ONNX IR version.
+        opset_imports: Operator set domain (``""`` for the default domain) to version.
+        producer_name: The tool that produced the file.
+        producer_version: That tool's version.
+        graph_name: The main graph's name.
+        doc_string: The model's doc string.
+        metadata_props: The model's metadata properties.
+    """
+
+    ir_version: int = 0
+    opset_imports: Mapping[str, int] = field(default_factory=dict)
+    producer_name: str = ""
+    producer_version: str = ""
+    graph_name: str = ""
+    doc_string: str = ""
+    metadata_props: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Model:
+    """A named model: the container of numbered versions and movable aliases.
+
+    Attributes:
+        name: The model name.
+        description: Free text.
+        labels: Free key/value labels.
+        aliases: Alias name to the version it points at.
+        latest_version: The newest READY version, or None when there is none.
+        create_time: When the model was created.
+        update_time: When its description or labels last changed.
+    """
+
+    name: str
+    description: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    aliases: Mapping[str, int] = field(default_factory=dict)
+    latest_version: int | None = None
+    create_time: datetime | None = None
+    update_time: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelVersion:
+    """One numbered, immutable file of a model, with what the registry knows about it.
+
+    Attributes:
+        model: The model name.
+        version: The version number, assigned by the registry.
+        state: READY or ARCHIVED.
+        sha256: Lowercase hex sha256 of the file.
+        size_bytes: The file's size.
+        signature: The model's inputs and outputs.
+        onnx: Facts read from the ONNX file.
+        description: Free text.
+        labels: Free key/value labels.
+        version_label: A free-form label such as a semver, or ``""``.
+        aliases: The aliases pointing at this version, sorted.
+        create_time: When the version was uploaded.
+    """
+
+    model: str
+    version: int
+    state: VersionState
+    sha256: str
+    size_bytes: int
+    signature: Signature = field(default_factory=Signature)
+    onnx: OnnxInfo = field(default_factory=OnnxInfo)
+    description: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    version_label: str = ""
+    aliases: tuple[str, ...] = ()
+    create_time: datetime | None = None
+
+    @property
+    def ref(self) -> ModelRef:
+        """The reference to exactly this version (``name:version``)."""
+        return ModelRef(self.model, version=self.version)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelEvent:
+    """A change to a model, a version or an alias, as the registry reports it.
+
+    Attributes:
+        type: What happened.
+        model: The model concerned; ``""`` for WATCH_STARTED.
+        version: The version concerned, or None for model-level events.
+        alias: The alias concerned, for ALIAS_SET and ALIAS_DELETED; ``""`` otherwise.
+        event_time: When the change was committed.
+    """
+
+    type: ModelEventType
+    model: str = ""
+    version: int | None = None
+    alias: str = ""
+    event_time: datetime | None = None
+
+
+class ModelState(enum.Enum):
+    """Where a model version is in an inference server's lifecycle."""
+
+    LOADING = "LOADING"
+    READY = "READY"
+    UNLOADING = "UNLOADING"
+    FAILED = "FAILED"
+
+
+class CacheStatus(enum.Enum):
+    """The health of an inference server's prediction cache."""
+
+    OK = "OK"
+    """Redis answers."""
+    DEGRADED = "DEGRADED"
+    """Redis does not answer: predictions run uncached until it is back."""
+    DISABLED = "DISABLED"
+    """The server has no prediction cache configured."""
+
+
+@dataclass(frozen=True, slots=True)
+class Timings:
+    """Where the time of one prediction went, as the server measured it.
+
+    Attributes:
+        queue: Waiting in the model's batch queue.
+        compute: Running the model (the whole batch the request was part of).
+        total: From the request's arrival to its answer.
+    """
+
+    queue: timedelta = timedelta()
+    compute: timedelta = timedelta()
+    total: timedelta = timedelta()
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """The outputs of one prediction, with the version that produced them.
+
+    Attributes:
+        outputs: Output name to array, in the model's output order.
+        model: The model name.
+        version: The version that ran, after resolving the reference.
+        sha256: That version's file sha256.
+        timings: Where the time went.
+        cache_hit: True when the prediction cache answered.
+    """
+
+    outputs: Mapping[str, np.ndarray[Any, Any]]
+    model: str
+    version: int
+    sha256: str = ""
+    timings: Timings = field(default_factory=Timings)
+    cache_hit: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedModel:
+    """A model version an inference server holds.
+
+    Attributes:
+        model: The model name.
+        version: The version number.
+        sha256: The file's sha256.
+        state: LOADING, READY, UNLOADING or FAILED.
+        reason: Why it FAILED; ``""`` otherwise.
+        memory_bytes: An estimate of the memory the loaded session takes.
+        last_used: When a request last used it, or None.
+        in_flight: Requests running or queued on it now.
+        load_duration: How long loading took, warmup included.
+    """
+
+    model: str
+    version: int
+    sha256: str = ""
+    state: ModelState = ModelState.READY
+    reason: str = ""
+    memory_bytes: int = 0
+    last_used: datetime | None = None
+    in_flight: int = 0
+    load_duration: timedelta = timedelta()
+
+
+@dataclass(frozen=True, slots=True)
+class ModelStatistics:
+    """The counters of one model version since an inference server first ran it.
+
+    Attributes:
+        model: The model name.
+        version: The version number.
+        request_count: Requests answered successfully.
+        failure_count: Requests that failed.
+        inference_count: Items run, counting every row of a batched run.
+        execution_count: Model runs; fewer than ``inference_count`` when batching merged requests.
+        queue_time: Sum of successful requests' time in the queue.
+        compute_time: Sum of successful requests' compute time.
+        total_time: Sum of successful requests' total time.
+        cache_hit_count: Requests the prediction cache answered.
+        cache_miss_count: Requests that looked in the cache and ran the model.
+        batch_sizes: Items per run to the number of runs of that size.
+        last_inference_time: When the version last answered, or None.
+    """
+
+    model: str
+    version: int
+    request_count: int = 0
+    failure_count: int = 0
+    inference_count: int = 0
+    execution_count: int = 0
+    queue_time: timedelta = timedelta()
+    compute_time: timedelta = timedelta()
+    total_time: timedelta = timedelta()
+    cache_hit_count: int = 0
+    cache_miss_count: int = 0
+    batch_sizes: Mapping[int, int] = field(default_factory=dict)
+    last_inference_time: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Statistics:
+    """What GetModelStatistics reports: one entry per model version, and the prediction cache's health."""
+
+    models: tuple[ModelStatistics, ...] = ()
+    cache_status: CacheStatus = CacheStatus.DISABLED

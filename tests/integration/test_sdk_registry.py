@@ -1,0 +1,252 @@
+# ruff: noqa: F811  (pytest fixtures imported from tests/fixtures are parameters here)
+"""The SDK's registry clients against a real registry (PostgreSQL, gRPC over localhost).
+
+The sync client blocks, so its scenarios run in a worker thread while the server keeps the test's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from pathlib import Path
+
+import grpc
+import onnx
+import pytest
+
+from modelforge import (
+    AlreadyExistsError,
+    AsyncRegistryClient,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    ModelEventType,
+    NotFoundError,
+    RegistryClient,
+    ResourceExhaustedError,
+    UnavailableError,
+    VersionState,
+)
+from modelforge.registry.v1 import registry_pb2
+from tests.fixtures.onnx_models import ModelFile, add_one, mlp, not_onnx, onnx_dir  # noqa: F401
+from tests.fixtures.servers import RunningRegistry, registry, registry_settings  # noqa: F401
+
+
+@pytest.fixture
+async def client(registry: RunningRegistry) -> AsyncRegistryClient:
+    async with AsyncRegistryClient(registry.address) as c:
+        yield c
+
+
+async def test_push_bytes_reports_progress_and_sends_the_checksum(client: AsyncRegistryClient, mlp: ModelFile) -> None:
+    seen: list[tuple[int, int]] = []
+    version = await client.push(mlp.data, name="fraud", chunk_bytes=1000, progress=lambda d, t: seen.append((d, t)))
+    assert (version.model, version.version, version.state) == ("fraud", 1, VersionState.READY)
+    assert version.sha256 == hashlib.sha256(mlp.data).hexdigest()
+    assert version.size_bytes == len(mlp.data)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+    assert seen[0] == (0, len(mlp.data)) and seen[-1] == (len(mlp.data), len(mlp.data))
+    assert len(seen) == 1 + -(-len(mlp.data) // 1000)
+    graph = onnx.load_model_from_string(mlp.data).graph
+    assert [s.name for s in version.signature.inputs] == [i.name for i in graph.input]
+    assert version.signature.inputs[0].shape[0] == -1  # the batch dimension is dynamic
+
+
+async def test_push_file_with_alias_then_resolve_every_ref_form(
+    client: AsyncRegistryClient, add_one: ModelFile
+) -> None:
+    first = await client.push(add_one.path, name="adder", version_label="1.0.0", labels={"team": "core"})
+    second = await client.push(add_one.path, name="adder", alias="production")
+    assert (first.version, second.version) == (1, 2)
+    assert second.aliases == ("production",)
+    assert (await client.resolve("adder")).version == 2
+    assert (await client.resolve("adder:1")).version_label == "1.0.0"
+    assert (await client.resolve("adder@production")).version == 2
+    model = await client.get_model("adder")
+    assert model.latest_version == 2 and model.aliases == {"production": 2}
+
+
+async def test_list_models_pages_lazily_over_every_model(client: AsyncRegistryClient) -> None:
+    names = [f"m-{i:02d}" for i in range(7)]
+    for name in names:
+        await client.create_model(name, labels={"kind": "even" if int(name[-2:]) % 2 == 0 else "odd"})
+    listed = [m.name async for m in client.list_models(page_size=2)]
+    assert listed == names
+    evens = [m.name async for m in client.list_models(labels={"kind": "even"}, page_size=3)]
+    assert evens == ["m-00", "m-02", "m-04", "m-06"]
+    assert [m.name async for m in client.list_models(name_prefix="m-0")] == names
+
+
+async def test_versions_list_archive_restore_and_delete(client: AsyncRegistryClient, add_one: ModelFile) -> None:
+    for _ in range(3):
+        await client.push(add_one.data, name="adder")
+    archived = await client.archive("adder:3")
+    assert archived.state is VersionState.ARCHIVED
+    assert (await client.resolve("adder")).version == 2
+    assert [v.version async for v in client.list_versions("adder", page_size=1)] == [3, 2, 1]
+    assert [v.version async for v in client.list_versions("adder", state="ARCHIVED")] == [3]
+    assert (await client.restore("adder:3")).state is VersionState.READY
+    await client.set_alias("adder", "canary", 1)
+    with pytest.raises(FailedPreconditionError) as caught:
+        await client.delete_version("adder@canary")
+    assert caught.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert caught.value.reason == "VERSION_HAS_ALIASES"
+    assert await client.delete_alias("adder", "canary") == 1
+    await client.delete_version("adder:1")
+    updated = await client.update_version("adder:2", description="second", version_label="2.0")
+    assert (updated.description, updated.version_label) == ("second", "2.0")
+    with pytest.raises(FailedPreconditionError):
+        await client.delete_model("adder")
+    assert await client.delete_model("adder", force=True) == 2
+    with pytest.raises(NotFoundError):
+        await client.get_model("adder")
+
+
+async def test_download_verifies_and_writes_atomically(
+    client: AsyncRegistryClient,
+    add_one: ModelFile,
+    tmp_path: Path,
+) -> None:
+    await client.push(add_one.data, name="adder", alias="production")
+    out = tmp_path / "downloads"
+    out.mkdir()
+    seen: list[int] = []
+    version = await client.download("adder@production", out / "out.onnx", progress=lambda d, t: seen.append(d))
+    assert (out / "out.onnx").read_bytes() == add_one.data
+    assert version.version == 1 and seen[-1] == len(add_one.data)
+    await client.download("adder", out)
+    assert (out / "adder.onnx").read_bytes() == add_one.data
+    assert sorted(p.name for p in out.iterdir()) == ["adder.onnx", "out.onnx"]  # no partial files left
+
+
+async def test_failures_are_typed_errors_with_code_and_reason(
+    client: AsyncRegistryClient,
+    not_onnx: ModelFile,
+    add_one: ModelFile,
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(NotFoundError) as caught:
+        await client.resolve("ghost")
+    assert caught.value.code == grpc.StatusCode.NOT_FOUND
+    assert caught.value.reason == "MODEL_NOT_FOUND"
+    assert "'ghost'" in str(caught.value)
+    assert isinstance(caught.value.__cause__, grpc.aio.AioRpcError)
+
+    await client.create_model("taken")
+    with pytest.raises(AlreadyExistsError) as exists:
+        await client.create_model("taken")
+    assert exists.value.code == grpc.StatusCode.ALREADY_EXISTS
+
+    with pytest.raises(InvalidArgumentError) as bad:
+        await client.push(not_onnx.data, name="broken")
+    assert bad.value.code == grpc.StatusCode.INVALID_ARGUMENT and bad.value.reason == "INVALID_ONNX"
+
+    with pytest.raises(NotFoundError) as missing:
+        await client.push(add_one.data, name="absent", create_model=False)
+    assert missing.value.reason == "MODEL_NOT_FOUND"
+
+    out = tmp_path / "downloads"
+    with pytest.raises(NotFoundError):
+        await client.download("taken:7", out / "x.onnx")
+    assert list(out.iterdir()) == []
+
+    with pytest.raises(ValueError, match="invalid model reference"):
+        await client.resolve("bad:ref@x")
+
+
+async def test_push_over_the_limit_is_resource_exhausted(
+    registry: RunningRegistry,
+) -> None:
+    too_big = b"\0" * (registry.settings.max_model_bytes + 1)
+    async with AsyncRegistryClient(registry.address) as client:
+        with pytest.raises(ResourceExhaustedError) as caught:
+            await client.push(too_big, name="huge")
+    assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert caught.value.reason == "MODEL_TOO_LARGE"
+
+
+async def test_watch_sees_changes_after_it_started(client: AsyncRegistryClient, add_one: ModelFile) -> None:
+    events = client.watch(model="adder")
+    first = await anext(events)
+    assert first.type is ModelEventType.WATCH_STARTED
+    await client.push(add_one.data, name="adder", alias="production")
+    kinds = []
+    async for event in events:
+        kinds.append(event.type)
+        if event.type is ModelEventType.ALIAS_SET:
+            assert (event.model, event.version, event.alias) == ("adder", 1, "production")
+            break
+    await events.aclose()
+    assert ModelEventType.VERSION_CREATED in kinds
+
+
+async def test_raw_stub_is_reachable(client: AsyncRegistryClient) -> None:
+    response = await client.registry_stub.CreateModel(
+        registry_pb2.CreateModelRequest(model=registry_pb2.Model(name="raw"))
+    )
+    assert response.model.name == "raw"
+
+
+def _sync_scenario(address: str, model_file: Path, data: bytes, out_dir: Path) -> None:
+    with RegistryClient(address) as registry:
+        progress: list[int] = []
+        version = registry.push(
+            model_file, name="sync-model", alias="production", progress=lambda d, t: progress.append(d)
+        )
+        assert version.ref.version == 1 and version.aliases == ("production",)
+        assert progress[-1] == len(data)
+        registry.push(data, name="sync-model")
+        assert [m.name for m in registry.list_models(page_size=1)] == ["sync-model"]
+        assert [v.version for v in registry.list_versions("sync-model")] == [2, 1]
+        assert registry.resolve("sync-model@production").version == 1
+        registry.download("sync-model:2", out_dir / "v2.onnx")
+        assert (out_dir / "v2.onnx").read_bytes() == data
+        registry.set_alias("sync-model", "production", 2)
+        assert registry.archive("sync-model:1").state is VersionState.ARCHIVED
+        try:
+            registry.archive("sync-model@production")
+        except FailedPreconditionError as exc:
+            assert exc.code == grpc.StatusCode.FAILED_PRECONDITION
+        else:
+            raise AssertionError("archiving the alias target must fail")
+        try:
+            registry.get_model("nope")
+        except NotFoundError as exc:
+            assert exc.reason == "MODEL_NOT_FOUND"
+        else:
+            raise AssertionError("an unknown model must raise NotFoundError")
+        events = registry.watch()
+        assert next(events).type is ModelEventType.WATCH_STARTED
+        events.close()
+
+
+async def test_sync_client_covers_the_same_ground(
+    registry: RunningRegistry,
+    add_one: ModelFile,
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "downloads"
+    out.mkdir()
+    await asyncio.to_thread(_sync_scenario, registry.address, add_one.path, add_one.data, out)
+
+
+def _unreachable(address: str) -> None:
+    with RegistryClient(address, timeout=5) as registry:
+        try:
+            registry.get_model("anything")
+        except UnavailableError as exc:
+            assert exc.code == grpc.StatusCode.UNAVAILABLE
+        else:
+            raise AssertionError("a registry that is not there must raise UnavailableError")
+
+
+async def test_unreachable_registry_is_unavailable(unused_address: str) -> None:
+    await asyncio.to_thread(_unreachable, unused_address)
+
+
+@pytest.fixture
+def unused_address() -> str:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{sock.getsockname()[1]}"

@@ -1,0 +1,230 @@
+"""The SDK's public surface, and its pure conversions (no servers, no sockets)."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+
+import numpy as np
+import pytest
+
+import modelforge
+from modelforge import _channel, _convert
+from modelforge.common.v1 import tensor_pb2
+from modelforge.inference.v1 import inference_pb2
+from modelforge.registry.v1 import registry_pb2
+
+PUBLIC = [
+    "AbortedError",
+    "AlreadyExistsError",
+    "AsyncInferenceClient",
+    "AsyncRegistryClient",
+    "CacheStatus",
+    "CancelledError",
+    "DeadlineExceededError",
+    "FailedPreconditionError",
+    "InferenceClient",
+    "IntegrityError",
+    "InternalError",
+    "InvalidArgumentError",
+    "LoadedModel",
+    "Model",
+    "ModelEvent",
+    "ModelEventType",
+    "ModelForgeError",
+    "ModelRef",
+    "ModelState",
+    "ModelStatistics",
+    "ModelVersion",
+    "NotFoundError",
+    "OnnxInfo",
+    "PermissionDeniedError",
+    "Prediction",
+    "RegistryClient",
+    "ResourceExhaustedError",
+    "Signature",
+    "Statistics",
+    "TensorSpec",
+    "Timings",
+    "UnauthenticatedError",
+    "UnavailableError",
+    "UnimplementedError",
+    "VersionState",
+    "__version__",
+]
+
+PAIRS = [
+    (modelforge.RegistryClient, modelforge.AsyncRegistryClient),
+    (modelforge.InferenceClient, modelforge.AsyncInferenceClient),
+]
+
+
+def test_public_names_are_pinned() -> None:
+    assert sorted(modelforge.__all__) == PUBLIC
+    for name in modelforge.__all__:
+        assert hasattr(modelforge, name), name
+
+
+def _methods(cls: type) -> dict[str, inspect.Signature]:
+    return {
+        name: inspect.signature(member)
+        for name, member in vars(cls).items()
+        if callable(member) and not name.startswith("_")
+    }
+
+
+@pytest.mark.parametrize(("sync", "aio"), PAIRS, ids=lambda c: c.__name__)
+def test_sync_and_async_clients_have_the_same_methods_and_arguments(sync: type, aio: type) -> None:
+    sync_methods, aio_methods = _methods(sync), _methods(aio)
+    assert sorted(sync_methods) == sorted(aio_methods)
+    for name, signature in sync_methods.items():
+        assert list(signature.parameters) == list(aio_methods[name].parameters), name
+        for param in signature.parameters.values():
+            other = aio_methods[name].parameters[param.name]
+            assert (param.kind, param.default) == (other.kind, other.default), f"{name}({param.name})"
+
+
+@pytest.mark.parametrize(("sync", "aio"), PAIRS, ids=lambda c: c.__name__)
+def test_options_are_keyword_only(sync: type, aio: type) -> None:
+    for cls in (sync, aio):
+        init = inspect.signature(cls.__init__).parameters
+        assert [p for p in init if init[p].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD] == ["self", "target"]
+
+
+def test_async_methods_are_coroutines_or_async_iterators() -> None:
+    for _, aio in PAIRS:
+        for name in _methods(aio):
+            member = getattr(aio, name)
+            assert inspect.iscoroutinefunction(member) or inspect.isasyncgenfunction(member), name
+
+
+def test_channel_target_comes_from_argument_then_environment_then_default() -> None:
+    env = {"MODELFORGE_REGISTRY_ADDRESS": "registry.internal:7000"}
+    assert _channel.resolve_target(_channel.REGISTRY, "here:1", env) == "here:1"
+    assert _channel.resolve_target(_channel.REGISTRY, None, env) == "registry.internal:7000"
+    assert _channel.resolve_target(_channel.INFERENCE, None, env) == "127.0.0.1:50052"
+
+
+def test_retry_policy_covers_only_idempotent_registry_calls() -> None:
+    import json
+
+    options = dict(_channel.channel_options(_channel.REGISTRY))
+    config = json.loads(options["grpc.service_config"])
+    (method_config,) = config["methodConfig"]
+    methods = {n["method"] for n in method_config["name"]}
+    assert {"GetModel", "ResolveModelRef", "DownloadModelVersion"} <= methods
+    assert not {"UploadModelVersion", "CreateModel", "DeleteModel", "DeleteModelVersion", "DeleteAlias"} & methods
+    assert method_config["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
+    service = registry_pb2.DESCRIPTOR.services_by_name["RegistryService"]
+    assert methods <= set(service.methods_by_name)
+
+
+def test_ref_proto_keeps_the_selector() -> None:
+    assert _convert.ref_proto("m:3").WhichOneof("selector") == "version"
+    assert _convert.ref_proto("m@prod").alias == "prod"
+    assert _convert.ref_proto("m").WhichOneof("selector") is None
+    with pytest.raises(ValueError):
+        _convert.ref_proto("M")
+
+
+def test_update_requests_mask_only_the_fields_given() -> None:
+    request = _convert.update_model_request("m", description="d", labels=None)
+    assert list(request.update_mask.paths) == ["description"]
+    with pytest.raises(ValueError, match="nothing to update"):
+        _convert.update_model_request("m", description=None, labels=None)
+
+
+def _download(data: bytes, *, sha256: str | None = None, size: int | None = None) -> list[object]:
+    header = registry_pb2.ModelVersion(
+        model="m",
+        version=1,
+        sha256=sha256 or hashlib.sha256(data).hexdigest(),
+        size_bytes=len(data) if size is None else size,
+    )
+    return [
+        registry_pb2.DownloadModelVersionResponse(model_version=header),
+        *(registry_pb2.DownloadModelVersionResponse(chunk=data[i : i + 3]) for i in range(0, len(data), 3)),
+    ]
+
+
+def test_download_check_accepts_a_good_stream() -> None:
+    check = _convert.DownloadCheck()
+    received = b"".join(check.accept(m) for m in _download(b"hello world"))  # type: ignore[arg-type]
+    assert received == b"hello world"
+    assert check.finish().version == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"sha256": "0" * 64}, "sha256"), ({"size": 20}, "ended after"), ({"size": 4}, "sent more")],
+)
+def test_download_check_refuses_a_corrupt_or_short_stream(kwargs: dict[str, object], message: str) -> None:
+    check = _convert.DownloadCheck()
+    with pytest.raises(modelforge.IntegrityError, match=message):
+        for m in _download(b"hello world", **kwargs):  # type: ignore[arg-type]
+            check.accept(m)  # type: ignore[arg-type]
+        check.finish()
+
+
+def _stream(array: np.ndarray, chunk: int, *, digest: str | None = None) -> list[inference_pb2.PredictStreamResponse]:
+    raw = array.tobytes()
+    header = inference_pb2.PredictStreamHeader(
+        model="gen",
+        version=2,
+        outputs=[
+            inference_pb2.StreamedOutput(
+                name="image", dtype=tensor_pb2.DATA_TYPE_FLOAT32, shape=array.shape, byte_size=len(raw)
+            )
+        ],
+    )
+    chunks = [
+        inference_pb2.PredictStreamResponse(
+            chunk=inference_pb2.PredictStreamChunk(output="image", offset=i, data=raw[i : i + chunk])
+        )
+        for i in range(0, len(raw), chunk)
+    ]
+    trailer = inference_pb2.PredictStreamTrailer(sha256={"image": digest or hashlib.sha256(raw).hexdigest()})
+    return [
+        inference_pb2.PredictStreamResponse(header=header),
+        *chunks,
+        inference_pb2.PredictStreamResponse(trailer=trailer),
+    ]
+
+
+def test_stream_assembler_reassembles_outputs_and_reports_progress() -> None:
+    array = np.arange(2 * 3 * 5, dtype=np.float32).reshape(2, 3, 5)
+    seen: list[tuple[int, int]] = []
+    assembler = _convert.StreamAssembler(lambda d, t: seen.append((d, t)))
+    for message in _stream(array, 7):
+        assembler.accept(message)
+    prediction = assembler.finish()
+    np.testing.assert_array_equal(prediction.outputs["image"], array)
+    assert (prediction.model, prediction.version) == ("gen", 2)
+    assert seen[0] == (0, array.nbytes) and seen[-1] == (array.nbytes, array.nbytes)
+
+
+def test_stream_assembler_refuses_a_bad_checksum_or_an_early_end() -> None:
+    array = np.ones((4,), dtype=np.float32)
+    assembler = _convert.StreamAssembler()
+    for message in _stream(array, 8, digest="f" * 64):
+        assembler.accept(message)
+    with pytest.raises(modelforge.IntegrityError, match="sha256"):
+        assembler.finish()
+    early = _convert.StreamAssembler()
+    for message in _stream(array, 8)[:-1]:
+        early.accept(message)
+    with pytest.raises(modelforge.IntegrityError, match="ended early"):
+        early.finish()
+
+
+def test_predict_request_encodes_inputs_as_raw_bytes() -> None:
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    request = _convert.predict_request(
+        "mlp@prod", {"x": x}, outputs=None, priority=1, queue_timeout=0.5, cache="bypass"
+    )
+    (tensor,) = request.inputs
+    assert tensor.raw_data == x.tobytes() and list(tensor.shape) == [2, 3]
+    assert request.timeout.ToTimedelta().total_seconds() == 0.5
+    assert request.cache_mode == inference_pb2.CACHE_MODE_BYPASS
+    with pytest.raises(ValueError, match="non-empty mapping"):
+        _convert.predict_request("mlp", {}, outputs=None, priority=0, queue_timeout=None, cache=None)
