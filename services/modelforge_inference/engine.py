@@ -1,32 +1,213 @@
-"""InferenceEngine: resolves refs, holds ONNX Runtime sessions in an LRU, batches, caches and runs predictions."""
+"""InferenceEngine: resolves refs, holds ONNX Runtime sessions in an LRU, batches, caches and runs predictions.
+
+The engine is the transport-free core of the inference service; the InferenceService servicer and the Open
+Inference Protocol servicer both translate to it. A prediction goes: resolve the ref (the resolver's cache), check
+the inputs against the signature, look in the prediction cache, take the version's session (created once, even for
+concurrent first requests), queue in the version's batcher, run on the engine's compute threads, split the batch,
+store the cache entry, answer.
+
+Loaded versions live in an LRU bounded by a count and an estimated memory budget. Unloading or evicting a version
+takes it out of the table at once (the next request loads it afresh) and releases its session once the requests in
+flight on it have finished.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import asyncio
+import functools
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
+from modelforge_inference import serving
+from modelforge_inference.batcher import Batcher, BatchResult, Feeds, Outcome, split
 from modelforge_inference.domain import (
     CacheMode,
     LoadedModel,
     ModelRef,
+    ModelState,
     ModelStatistics,
     Prediction,
     ResolvedModel,
     ServingConfig,
+    Timings,
 )
+from modelforge_inference.errors import (
+    InvalidPriority,
+    InvalidTimeout,
+    LoadTimeout,
+    ModelLoadFailed,
+    ModelNotLoaded,
+    ModelRunFailed,
+)
+from modelforge_inference.sessions import INPUT_ERRORS, ModelSession, describe_error, resident_bytes, stack
+from modelforge_inference.settings import InferenceSettings
+from modelforge_inference.signature import batch_rows, check_inputs, check_outputs, request_bytes
+from modelforge_server.errors import ServiceError
+
+__all__ = ["InferenceEngine"]
+
+log = logging.getLogger("modelforge.inference.engine")
+
+T = TypeVar("T")
+
+# Inputs larger than this are hashed for the cache key on a worker thread rather than on the event loop.
+_HASH_OFF_LOOP_BYTES = 256 * 1024
+
+
+class Resolver(Protocol):
+    async def resolve(self, ref: ModelRef, *, timeout: float | None = None) -> ResolvedModel: ...
+
+    def add_listener(self, callback: Callable[[Any], None]) -> Callable[[], None]: ...
+
+
+class ModelFiles(Protocol):
+    def pinned(self, model: ResolvedModel) -> AbstractAsyncContextManager[Path]: ...
+
+
+class Cache(Protocol):
+    @property
+    def degraded(self) -> bool: ...
+
+    def key(self, model: ResolvedModel, inputs: Mapping[str, np.ndarray], output_names: Sequence[str] = ()) -> Any: ...
+
+    async def get(self, key: Any) -> dict[str, np.ndarray] | None: ...
+
+    async def put(
+        self, key: Any, outputs: Mapping[str, np.ndarray], ttl_seconds: float | None, max_entry_bytes: int
+    ) -> bool: ...
+
+    async def single_flight(self, key: Any, compute: Callable[[], Awaitable[T]]) -> T: ...
+
+    def counts(self, model: str, version: int) -> Any: ...
+
+
+@dataclass(eq=False)
+class _Slot:
+    """One model version in the engine's table, from LOADING to its release."""
+
+    model: ResolvedModel
+    config: ServingConfig
+    state: ModelState = ModelState.LOADING
+    reason: str = ""
+    loading: asyncio.Future[None] | None = None
+    drained: asyncio.Future[None] | None = None
+    session: ModelSession | None = None
+    batcher: Batcher | None = None
+    memory: int = 0
+    load_seconds: float = 0.0
+    last_use: float = field(default_factory=time.time)
+    in_flight: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.idle.set()
+
+    def snapshot(self) -> LoadedModel:
+        return LoadedModel(
+            name=self.model.name,
+            version=self.model.version,
+            sha256=self.model.sha256,
+            state=self.state,
+            reason=self.reason,
+            memory_bytes=self.memory,
+            last_use=datetime.fromtimestamp(self.last_use, UTC),
+            in_flight=self.in_flight,
+            load_seconds=self.load_seconds,
+        )
+
+
+@dataclass
+class _Counters:
+    requests: int = 0
+    failures: int = 0
+    inferences: int = 0
+    executions: int = 0
+    queue_seconds: float = 0.0
+    compute_seconds: float = 0.0
+    total_seconds: float = 0.0
+    batch_sizes: dict[int, int] = field(default_factory=dict)
+    last_inference: float | None = None
+
+    def executed(self, rows: int, requests: int, compute: float) -> None:
+        self.executions += 1
+        self.inferences += rows
+        self.batch_sizes[rows] = self.batch_sizes.get(rows, 0) + 1
 
 
 class InferenceEngine:
-    """The transport-free core that both the InferenceService and the V2 (OIP) servicers call."""
+    """The transport-free core that both the InferenceService and the V2 (OIP) servicers call.
+
+    Args:
+        settings: Limits, thread counts and the server-wide serving defaults.
+        resolver: Resolves ModelRefs (the registry, cached).
+        files: Gives the local path of a version's file, downloading it when missing.
+        cache: The Redis prediction cache, or None to run without one.
+    """
+
+    def __init__(
+        self,
+        settings: InferenceSettings,
+        *,
+        resolver: Resolver,
+        files: ModelFiles,
+        cache: Cache | None = None,
+    ) -> None:
+        self._settings = settings
+        self._resolver = resolver
+        self._files = files
+        self._cache = cache
+        self._defaults = serving.defaults(settings)
+        self._threads = settings.compute_threads or os.cpu_count() or 1
+        self._compute: ThreadPoolExecutor | None = None
+        self._loader: ThreadPoolExecutor | None = None
+        self._slots: OrderedDict[tuple[str, int], _Slot] = OrderedDict()  # least recently used first
+        self._unloading: set[_Slot] = set()
+        self._counters: dict[tuple[str, int], _Counters] = {}
+        self._configs: dict[tuple[str, int, frozenset[tuple[str, str]]], ServingConfig] = {}
+        self._tasks: set[asyncio.Future[Any]] = set()
+        self._remove_listener: Callable[[], None] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Starts the compute pool and background work. Call once before anything else."""
-        raise NotImplementedError
+        """Starts the compute pool and listens to registry events. Call once before anything else."""
+        self._compute = ThreadPoolExecutor(self._threads, thread_name_prefix="modelforge-compute")
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="modelforge-load")
+        self._remove_listener = self._resolver.add_listener(self._on_registry_event)
 
     async def aclose(self) -> None:
-        """Drains queues, unloads every session and stops the compute pool."""
-        raise NotImplementedError
+        """Fails what is still queued, releases every session and stops the thread pools."""
+        if self._remove_listener is not None:
+            self._remove_listener()
+            self._remove_listener = None
+        slots = [*self._slots.values(), *self._unloading]
+        self._slots.clear()
+        for slot in slots:
+            slot.state = ModelState.UNLOADING
+            if slot.batcher is not None:
+                await slot.batcher.aclose()
+            slot.session = None
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._unloading.clear()
+        for executor in (self._compute, self._loader):
+            if executor is not None:
+                await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True)
+        self._compute = self._loader = None
+
+    # -- predictions -----------------------------------------------------------------------------------------
 
     async def predict(
         self,
@@ -47,34 +228,385 @@ class InferenceEngine:
         Raises InvalidArgument kinds for bad inputs, NotFound for unknown refs, ResourceExhausted when the queue
         is full, DeadlineExceeded when the deadline passes in the queue.
         """
-        raise NotImplementedError
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        if priority < 0:
+            raise InvalidPriority(priority)
+        if timeout is not None and timeout < 0:
+            raise InvalidTimeout(timeout)
+        deadline = None if time_remaining is None else started + time_remaining
+        model = await self._resolve(ref, deadline)
+        config = self._config(model)
+        feeds = check_inputs(model.signature, inputs, max_request_bytes=self._settings.max_request_bytes)
+        names = check_outputs(model.signature, outputs)
+        counters = self._counters_of(model)
+        try:
+            if self._cache is not None and config.cache.enabled and cache_mode is not CacheMode.BYPASS:
+                result, selected, hit = await self._predict_cached(
+                    model, config, feeds, names, tuple(outputs or ()), priority, timeout, deadline, cache_mode
+                )
+            else:
+                result = await self._run(model, config, feeds, priority, timeout, deadline)
+                selected, hit = {name: result.outputs[name] for name in names}, False
+        except Exception:
+            counters.failures += 1
+            raise
+        total = loop.time() - started
+        counters.requests += 1
+        counters.total_seconds += total
+        counters.last_inference = time.time()
+        timings = Timings(total=total)
+        if result is not None:
+            timings.queue, timings.compute = result.queue_seconds, result.compute_seconds
+            counters.queue_seconds += result.queue_seconds
+            counters.compute_seconds += result.compute_seconds
+        return Prediction(
+            outputs=selected,
+            model=model.name,
+            version=model.version,
+            sha256=model.sha256,
+            timings=timings,
+            cache_hit=hit,
+        )
+
+    async def _predict_cached(
+        self,
+        model: ResolvedModel,
+        config: ServingConfig,
+        feeds: Feeds,
+        names: tuple[str, ...],
+        requested: tuple[str, ...],
+        priority: int,
+        timeout: float | None,
+        deadline: float | None,
+        mode: CacheMode,
+    ) -> tuple[BatchResult | None, dict[str, np.ndarray], bool]:
+        assert self._cache is not None
+        cache = self._cache
+        if request_bytes(feeds) > _HASH_OFF_LOOP_BYTES:
+            key = await asyncio.to_thread(cache.key, model, feeds, requested)
+        else:
+            key = cache.key(model, feeds, requested)
+        if mode is CacheMode.USE:
+            hit = await cache.get(key)
+            if hit is not None:
+                return None, {name: hit[name] for name in names if name in hit}, True
+
+        async def compute() -> tuple[BatchResult, dict[str, np.ndarray]]:
+            result = await self._run(model, config, feeds, priority, timeout, deadline)
+            selected = {name: result.outputs[name] for name in names}
+            await cache.put(key, selected, config.cache.ttl_seconds, config.cache.max_entry_bytes)
+            return result, selected
+
+        result, selected = await cache.single_flight(key, compute)
+        return result, selected, False
+
+    async def _run(
+        self,
+        model: ResolvedModel,
+        config: ServingConfig,
+        feeds: Feeds,
+        priority: int,
+        timeout: float | None,
+        deadline: float | None,
+    ) -> BatchResult:
+        slot = await self._acquire(model, config, deadline)
+        try:
+            assert slot.batcher is not None
+            now = asyncio.get_running_loop().time()
+            limits = [deadline]
+            if config.batching.default_queue_timeout is not None:
+                limits.append(now + config.batching.default_queue_timeout)
+            if timeout is not None:
+                limits.append(now + timeout)
+            expires = min((limit for limit in limits if limit is not None), default=None)
+            return await slot.batcher.submit(feeds, priority=priority, expires_at=expires)
+        finally:
+            self._release(slot)
+
+    def _execute(self, slot: _Slot, batch: Sequence[Feeds]) -> list[Outcome]:
+        """Runs one batch on a compute thread: stack, run once, split; a merged batch that fails runs item by item,
+        so that one bad request fails alone."""
+        session = slot.session
+        if session is None:
+            return [ModelRunFailed(slot.model.name, slot.model.version, "the model was unloaded")] * len(batch)
+        if len(batch) == 1:
+            return [self._run_one(session, slot.model, batch[0])]
+        rows = [batch_rows(feeds) or 1 for feeds in batch]
+        try:
+            merged = session.run({name: stack([feeds[name] for feeds in batch]) for name in batch[0]})
+        except INPUT_ERRORS:
+            return [self._run_one(session, slot.model, feeds) for feeds in batch]
+        parts = split(merged, rows)
+        if parts is None:  # outputs do not follow the batch dimension after all
+            return [self._run_one(session, slot.model, feeds) for feeds in batch]
+        return list(parts)
+
+    @staticmethod
+    def _run_one(session: ModelSession, model: ResolvedModel, feeds: Feeds) -> Outcome:
+        try:
+            return session.run(feeds)
+        except INPUT_ERRORS as exc:
+            return ModelRunFailed(model.name, model.version, describe_error(exc))
+        except Exception as exc:  # a fault of ours or of ONNX Runtime: INTERNAL, logged by the status interceptor
+            return exc
+
+    # -- the table of loaded versions ------------------------------------------------------------------------
+
+    async def _acquire(self, model: ResolvedModel, config: ServingConfig, deadline: float | None) -> _Slot:
+        """The READY slot of model, loading it first if needed, counted in flight until _release."""
+        key = model.key
+        while True:
+            slot = self._slots.get(key)
+            if slot is not None and slot.state is ModelState.READY and slot.config != config:
+                self._begin_unload(slot)  # the version's labels changed: serve it with its new settings
+                slot = None
+            if slot is None or slot.state is ModelState.FAILED:
+                slot = _Slot(model, config)
+                self._slots[key] = slot
+                slot.loading = self._spawn(self._load(slot))
+            self._slots.move_to_end(key)
+            if slot.state is ModelState.READY:
+                slot.in_flight += 1
+                slot.idle.clear()
+                slot.last_use = time.time()
+                return slot
+            assert slot.loading is not None
+            await self._until(asyncio.shield(slot.loading), deadline, lambda: LoadTimeout(model.name, model.version))
+
+    def _release(self, slot: _Slot) -> None:
+        slot.in_flight -= 1
+        slot.last_use = time.time()
+        if slot.in_flight == 0:
+            slot.idle.set()
+
+    async def _load(self, slot: _Slot) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        model = slot.model
+        try:
+            assert self._loader is not None
+            async with self._files.pinned(model) as path:  # the file stays while the session reads it
+                session, memory = await loop.run_in_executor(self._loader, self._open, path, slot)
+        except BaseException as exc:
+            slot.state = ModelState.FAILED
+            slot.reason = str(exc) if isinstance(exc, ServiceError) else describe_error(exc)
+            log.warning("loading %s:%s failed: %s", model.name, model.version, slot.reason)
+            if isinstance(exc, ServiceError | asyncio.CancelledError):
+                raise
+            raise ModelLoadFailed(model.name, model.version, slot.reason) from exc
+        slot.session, slot.memory = session, memory
+        slot.load_seconds = loop.time() - started
+        if slot.state is not ModelState.LOADING:  # unloaded while loading
+            return
+        assert self._compute is not None
+        counters = self._counters_of(model)
+        slot.batcher = Batcher(
+            model=model.name,
+            version=model.version,
+            config=slot.config.batching,
+            mergeable=model.signature.batchable,
+            execute=functools.partial(self._execute, slot),
+            executor=self._compute,
+            concurrency=self._threads,
+            on_execution=counters.executed,
+        )
+        slot.batcher.start()
+        slot.state = ModelState.READY
+        log.info("loaded %s:%s in %.3f s (about %d MiB)", model.name, model.version, slot.load_seconds, memory >> 20)
+        self._enforce_budget(keep=slot)
+
+    def _open(self, path: Path, slot: _Slot) -> tuple[ModelSession, int]:
+        """On the loader thread: create the session, warm it up, estimate what it took."""
+        before = resident_bytes()
+        session = ModelSession(path, slot.config.session)
+        if self._settings.warmup:
+            session.warmup(slot.model.signature)
+        return session, max(resident_bytes() - before, slot.model.size_bytes)
+
+    def _enforce_budget(self, keep: _Slot) -> None:
+        """Evicts least recently used READY versions while the table holds too many or too much."""
+        while True:
+            held = [slot for slot in self._slots.values() if slot.state in (ModelState.READY, ModelState.LOADING)]
+            memory = sum(slot.memory for slot in held)
+            if len(held) <= self._settings.max_loaded_models and memory <= self._settings.memory_budget_bytes:
+                return
+            victim = next((s for s in held if s is not keep and s.state is ModelState.READY), None)
+            if victim is None:
+                return
+            log.info(
+                "evicting %s:%s (least recently used) to stay within %d models and %d MiB",
+                victim.model.name,
+                victim.model.version,
+                self._settings.max_loaded_models,
+                self._settings.memory_budget_bytes >> 20,
+            )
+            self._begin_unload(victim)
+
+    def _begin_unload(self, slot: _Slot) -> asyncio.Future[None]:
+        """Takes slot out of the table now and releases it once its requests in flight have finished."""
+        if slot.drained is not None:
+            return slot.drained
+        if self._slots.get(slot.model.key) is slot:
+            del self._slots[slot.model.key]
+        if slot.state is ModelState.FAILED:
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            future.set_result(None)
+            slot.drained = future
+            return future
+        slot.state = ModelState.UNLOADING
+        self._unloading.add(slot)
+        slot.drained = self._spawn(self._drain(slot))
+        return slot.drained
+
+    async def _drain(self, slot: _Slot) -> None:
+        try:
+            if slot.loading is not None and not slot.loading.done():
+                await asyncio.wait([slot.loading])
+            await slot.idle.wait()
+            if slot.batcher is not None:
+                await slot.batcher.aclose()
+            slot.batcher = None
+            slot.session = None  # the last reference: ONNX Runtime frees the session's memory
+            log.info("unloaded %s:%s", slot.model.name, slot.model.version)
+        finally:
+            self._unloading.discard(slot)
+
+    def _on_registry_event(self, event: Any) -> None:
+        """A deleted version or model is unloaded; labels that changed apply on the next request."""
+        kind = getattr(getattr(event, "type", None), "name", "")
+        if kind == "MODEL_DELETED":
+            doomed = [slot for slot in self._slots.values() if slot.model.name == event.model]
+        elif kind == "VERSION_DELETED":
+            doomed = [slot for key, slot in self._slots.items() if key == (event.model, event.version)]
+        else:
+            return
+        for slot in doomed:
+            self._begin_unload(slot)
+
+    # -- management ------------------------------------------------------------------------------------------
 
     async def load(self, ref: ModelRef, *, time_remaining: float | None = None) -> LoadedModel:
         """Loads the version `ref` resolves to (with a warmup run) and returns it READY."""
-        raise NotImplementedError
+        deadline = None if time_remaining is None else asyncio.get_running_loop().time() + time_remaining
+        model = await self._resolve(ref, deadline)
+        slot = await self._acquire(model, self._config(model), deadline)
+        self._release(slot)
+        return slot.snapshot()
 
     async def unload(self, ref: ModelRef) -> list[LoadedModel]:
         """Unloads the version `ref` names (every loaded version of the model when ref has no selector), after
         the requests in flight on it finish. Raises ModelNotLoaded when nothing matches."""
-        raise NotImplementedError
+        if ref.is_latest:
+            slots = [slot for slot in self._slots.values() if slot.model.name == ref.name]
+        else:
+            model = await self._resolve(ref, None)
+            slot = self._slots.get(model.key)
+            slots = [slot] if slot is not None else []
+        if not slots:
+            raise ModelNotLoaded(str(ref))
+        drains = [self._begin_unload(slot) for slot in slots]
+        snapshots = [slot.snapshot() for slot in slots]
+        await asyncio.gather(*drains)
+        return snapshots
 
     def loaded(self) -> list[LoadedModel]:
         """Snapshots of every version held, ordered by name and version."""
-        raise NotImplementedError
+        slots = [*self._slots.values(), *self._unloading]
+        return sorted((slot.snapshot() for slot in slots), key=lambda m: (m.name, m.version, m.state.value))
 
     async def statistics(self, ref: ModelRef | None = None) -> list[ModelStatistics]:
         """Counters per version: all versions, every version of ref.name (no selector), or the one ref names."""
-        raise NotImplementedError
+        if ref is None:
+            keys = sorted(self._counters)
+        elif ref.is_latest:
+            keys = sorted(key for key in self._counters if key[0] == ref.name)
+        else:
+            model = await self._resolve(ref, None)
+            keys = [model.key]
+        return [self._statistics_of(*key) for key in keys]
 
     async def describe(self, ref: ModelRef) -> tuple[ResolvedModel, ServingConfig]:
         """The version `ref` resolves to and how it is served (batching, cache, session), without loading it."""
-        raise NotImplementedError
+        model = await self._resolve(ref, None)
+        return model, self._config(model)
 
     def is_ready(self, ref: ModelRef) -> bool:
-        """True when the version that ref names by number is loaded and READY (no registry call)."""
-        raise NotImplementedError
+        """True when the version ref names by number is loaded and READY (no registry call; False for refs
+        without a version number: resolve them with describe first)."""
+        if ref.version is None:
+            return False
+        slot = self._slots.get((ref.name, ref.version))
+        return slot is not None and slot.state is ModelState.READY
 
     @property
     def cache_degraded(self) -> bool | None:
         """None without a prediction cache; True while Redis does not answer."""
-        raise NotImplementedError
+        return None if self._cache is None else self._cache.degraded
+
+    # -- helpers ---------------------------------------------------------------------------------------------
+
+    async def _resolve(self, ref: ModelRef, deadline: float | None) -> ResolvedModel:
+        timeout = None if deadline is None else max(0.0, deadline - asyncio.get_running_loop().time())
+        return await self._resolver.resolve(ref, timeout=timeout)
+
+    def _config(self, model: ResolvedModel) -> ServingConfig:
+        key = (model.name, model.version, frozenset(model.labels.items()))
+        config = self._configs.get(key)
+        if config is None:
+            config = serving.serving_config(self._defaults, model)
+            if len(self._configs) > 4096:
+                self._configs.clear()
+            self._configs[key] = config
+        return config
+
+    def _counters_of(self, model: ResolvedModel) -> _Counters:
+        counters = self._counters.get(model.key)
+        if counters is None:
+            counters = self._counters[model.key] = _Counters()
+        return counters
+
+    def _statistics_of(self, name: str, version: int) -> ModelStatistics:
+        counters = self._counters.get((name, version), _Counters())
+        hits = misses = 0
+        if self._cache is not None:
+            counts = self._cache.counts(name, version)
+            hits, misses = counts.hits, counts.misses
+        return ModelStatistics(
+            name=name,
+            version=version,
+            requests=counters.requests,
+            failures=counters.failures,
+            inferences=counters.inferences,
+            executions=counters.executions,
+            queue_seconds=counters.queue_seconds,
+            compute_seconds=counters.compute_seconds,
+            total_seconds=counters.total_seconds,
+            cache_hits=hits,
+            cache_misses=misses,
+            batch_sizes=dict(counters.batch_sizes),
+            last_inference=None
+            if counters.last_inference is None
+            else datetime.fromtimestamp(counters.last_inference, UTC),
+        )
+
+    def _spawn(self, coro: Awaitable[T]) -> asyncio.Future[T]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._finished)
+        return task
+
+    def _finished(self, task: asyncio.Future[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: failures reach the callers waiting on the task, not the loop's log
+
+    @staticmethod
+    async def _until(awaitable: Awaitable[T], deadline: float | None, error: Callable[[], ServiceError]) -> T:
+        if deadline is None:
+            return await awaitable
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await awaitable
+        except TimeoutError:
+            raise error() from None

@@ -121,3 +121,14 @@ class ModelUnloading(FailedPrecondition):
 
     def __init__(self, model: str, version: int) -> None:
         super().__init__(f"{model}:{version} is being unloaded; retry", model=model, version=str(version))
+
+
+class LoadTimeout(DeadlineExceeded):
+    reason = "LOAD_TIMEOUT"
+
+    def __init__(self, model: str, version: int) -> None:
+        super().__init__(
+            f"the deadline passed while {model}:{version} was loading; it keeps loading, so retry shortly",
+            model=model,
+            version=str(version),
+        )

@@ -1,0 +1,126 @@
+"""The inference service's composition root: `python -m modelforge_inference` serves InferenceService and the
+Open Inference Protocol (V2) on port 50052."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from contextlib import AsyncExitStack
+
+import grpc
+import redis.asyncio
+
+from modelforge.inference.v1 import inference_pb2, inference_pb2_grpc
+from modelforge.registry.v1 import registry_pb2_grpc
+from modelforge_inference.cache import PredictionCache
+from modelforge_inference.engine import InferenceEngine
+from modelforge_inference.files import ModelFileCache
+from modelforge_inference.oip import SERVICE as OIP_SERVICE
+from modelforge_inference.oip import OipServicer, add_oip_servicer_to_server
+from modelforge_inference.resolver import ModelResolver
+from modelforge_inference.servicer import InferenceServicer
+from modelforge_inference.settings import InferenceSettings
+from modelforge_server import app, embedded
+from modelforge_server.settings import from_env
+
+SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"]
+CACHE_HEALTH_NAME = "modelforge.inference.PredictionCache"
+
+log = logging.getLogger("modelforge.inference")
+
+
+def registry_channel(settings: InferenceSettings) -> grpc.aio.Channel:
+    """The channel to the registry: keepalive so a broken event stream is noticed, short reconnect backoff."""
+    return grpc.aio.insecure_channel(
+        settings.registry_address,
+        options=[
+            ("grpc.keepalive_time_ms", 10_000),
+            ("grpc.keepalive_timeout_ms", 5_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 2_000),
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ],
+    )
+
+
+async def build(settings: InferenceSettings, stack: AsyncExitStack) -> app.Server:
+    """Opens what the inference service needs on `stack` and returns its server, not yet bound."""
+    channel = registry_channel(settings)
+    stack.push_async_callback(channel.close)
+    registry = registry_pb2_grpc.RegistryServiceStub(channel)
+
+    resolver = ModelResolver(registry)
+    await resolver.start()
+    stack.push_async_callback(resolver.aclose)
+    files = await asyncio.to_thread(ModelFileCache, registry, settings.model_directory, settings.model_cache_bytes)
+
+    redis_url = settings.redis_url
+    if redis_url is None:
+        redis_url, stop_redis = await asyncio.to_thread(embedded.start_redis, settings.data_dir)
+        stack.callback(stop_redis)
+    client = redis.asyncio.Redis.from_url(redis_url, socket_connect_timeout=0.5, socket_timeout=1.0)
+    stack.push_async_callback(client.aclose)
+    cache = PredictionCache(client)
+    await cache.start()
+    stack.push_async_callback(cache.aclose)
+
+    engine = InferenceEngine(settings, resolver=resolver, files=files, cache=cache)
+    await engine.start()
+    stack.push_async_callback(engine.aclose)
+
+    holder: list[app.Server] = []
+    server = app.build_server(
+        [
+            app.Api(
+                SERVICE,
+                InferenceServicer(engine, chunk_bytes=settings.chunk_bytes),
+                inference_pb2_grpc.add_InferenceServiceServicer_to_server,
+            ),
+            app.Api(
+                OIP_SERVICE,
+                OipServicer(engine, ready=lambda: bool(holder) and holder[0].serving),
+                add_oip_servicer_to_server,
+            ),
+        ],
+        domain="modelforge.inference",
+        settings=settings,
+    )
+    holder.append(server)
+    stack.push_async_callback(server.stop, settings.grace_seconds)
+    # The cache is optional for serving: its state has a health name of its own instead of failing the service.
+    watcher = asyncio.create_task(_watch_cache(server, cache), name="modelforge.inference.cache-health")
+    stack.push_async_callback(_cancel, watcher)
+    return server
+
+
+async def _watch_cache(server: app.Server, cache: PredictionCache) -> None:
+    reported: bool | None = None
+    while True:
+        if cache.degraded != reported:
+            reported = cache.degraded
+            await server.health.set(CACHE_HEALTH_NAME, app.NOT_SERVING if reported else app.SERVING)
+        await asyncio.sleep(1.0)
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def run(settings: InferenceSettings) -> None:
+    async with AsyncExitStack() as stack:
+        server = await build(settings, stack)
+        await app.serve(server, settings)
+
+
+def main() -> None:
+    settings = from_env(InferenceSettings)
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(run(settings))
+
+
+if __name__ == "__main__":
+    main()

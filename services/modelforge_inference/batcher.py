@@ -1,0 +1,297 @@
+"""Dynamic batching of one model version: priority queues, queue deadlines, merging compatible requests.
+
+A Batcher owns a background task that takes requests off its queues, strictly by priority level and in arrival
+order within a level, and hands batches to a blocking `execute` function on the engine's thread pool. It forms a
+batch only when one of its compute slots is free, so requests that arrive while the model is busy wait together
+and leave together. A batch merges requests whose inputs agree on every dimension but the first; it leaves when it
+holds max_batch_size rows, a preferred number of rows, or when its oldest request has waited max_queue_delay_us.
+A request leaves the queue without running when its deadline passes (QueueTimeout) or its caller goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import functools
+import logging
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from modelforge_inference.domain import BatchingConfig
+from modelforge_inference.errors import ModelUnloading, QueueFull, QueueTimeout
+from modelforge_inference.signature import batch_key, batch_rows
+
+log = logging.getLogger("modelforge.inference.batcher")
+
+Feeds = Mapping[str, np.ndarray]
+Outcome = dict[str, np.ndarray] | BaseException
+# Runs a batch on a worker thread: one feeds mapping per request in, one outputs mapping (or error) per request out.
+Execute = Callable[[Sequence[Feeds]], list[Outcome]]
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    """What one request gets back from the batcher."""
+
+    outputs: dict[str, np.ndarray]
+    queue_seconds: float
+    compute_seconds: float
+    batch_rows: int  # rows of the run the request was part of
+
+
+@dataclass(eq=False, slots=True)
+class _Pending:
+    feeds: Feeds
+    rows: int | None  # None: the inputs disagree on dimension 0, so the request always runs alone
+    key: Hashable
+    level: int
+    enqueued: float
+    future: asyncio.Future[BatchResult]
+    timer: asyncio.TimerHandle | None = None
+    queued: bool = True
+
+
+@dataclass(slots=True)
+class _Queues:
+    levels: list[collections.deque[_Pending]] = field(default_factory=list)
+    size: int = 0
+
+
+class Batcher:
+    """The queue and scheduler of one model version. Start it once; aclose it when the version is unloaded.
+
+    Args:
+        model, version: Named in errors.
+        config: Batching settings; max_batch_size 0 runs every request alone (priorities and deadlines still apply).
+        mergeable: False when the model cannot be batched (some input or output has a fixed leading dimension).
+        execute: Runs a batch; called on `executor`.
+        concurrency: Batches of this version that may run at the same time.
+        on_execution: Called on the loop after every run with (rows, requests, compute seconds).
+    """
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        version: int,
+        config: BatchingConfig,
+        mergeable: bool,
+        execute: Execute,
+        executor: Executor,
+        concurrency: int = 1,
+        on_execution: Callable[[int, int, float], None] | None = None,
+    ) -> None:
+        self.model = model
+        self.version = version
+        self.config = config
+        self._merging = mergeable and config.max_batch_size > 0
+        self._execute_fn = execute
+        self._executor = executor
+        self._on_execution = on_execution
+        self._queues = _Queues([collections.deque() for _ in range(max(1, config.priority_levels))])
+        self._slots = asyncio.Semaphore(max(1, concurrency))
+        self._arrived = asyncio.Event()
+        self._running: set[asyncio.Task[None]] = set()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._delay = config.max_queue_delay_us / 1_000_000
+        self._preferred = frozenset(config.preferred_batch_sizes)
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting to run."""
+        return self._queues.size
+
+    @property
+    def running(self) -> int:
+        """Batches running now."""
+        return len(self._running)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._serve(), name=f"batcher {self.model}:{self.version}")
+
+    async def aclose(self) -> None:
+        """Stops taking work; requests still queued fail with ModelUnloading; running batches finish."""
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for level in self._queues.levels:
+            while level:
+                pending = level.popleft()
+                self._queues.size -= 1
+                self._dequeued(pending)
+                if not pending.future.done():
+                    pending.future.set_exception(ModelUnloading(self.model, self.version))
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
+
+    def level_of(self, priority: int) -> int:
+        """Priority 1 is the most urgent level; 0 and anything past the last level mean the last level."""
+        levels = len(self._queues.levels)
+        return priority - 1 if 1 <= priority <= levels else levels - 1
+
+    async def submit(self, feeds: Feeds, *, priority: int = 0, expires_at: float | None = None) -> BatchResult:
+        """Queues a request and waits for its outputs.
+
+        expires_at (event-loop time) is when the request must have started running; past it, the request leaves
+        the queue with QueueTimeout. Raises QueueFull at once when the queue holds max_queue_size requests.
+        """
+        if self._closed:
+            raise ModelUnloading(self.model, self.version)
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if expires_at is not None and expires_at <= now:
+            raise QueueTimeout(self.model, self.version, 0.0)
+        if self._queues.size >= self.config.max_queue_size:
+            raise QueueFull(self.model, self.version, self._queues.size)
+        future: asyncio.Future[BatchResult] = loop.create_future()
+        pending = _Pending(
+            feeds=feeds,
+            rows=batch_rows(feeds) if self._merging else None,
+            key=batch_key(feeds) if self._merging else None,
+            level=self.level_of(priority),
+            enqueued=now,
+            future=future,
+        )
+        self._queues.levels[pending.level].append(pending)
+        self._queues.size += 1
+        if expires_at is not None:
+            pending.timer = loop.call_at(expires_at, self._expire, pending)
+        future.add_done_callback(functools.partial(self._abandon, pending))
+        self._arrived.set()
+        return await future
+
+    # -- queue bookkeeping -----------------------------------------------------------------------------------
+
+    def _remove(self, pending: _Pending) -> None:
+        if pending.queued:
+            self._queues.levels[pending.level].remove(pending)
+            self._queues.size -= 1
+            self._dequeued(pending)
+
+    @staticmethod
+    def _dequeued(pending: _Pending) -> None:
+        pending.queued = False
+        if pending.timer is not None:
+            pending.timer.cancel()
+            pending.timer = None
+
+    def _expire(self, pending: _Pending) -> None:
+        if pending.queued and not pending.future.done():
+            self._remove(pending)
+            waited = asyncio.get_running_loop().time() - pending.enqueued
+            pending.future.set_exception(QueueTimeout(self.model, self.version, waited))
+
+    def _abandon(self, pending: _Pending, future: asyncio.Future[BatchResult]) -> None:
+        if future.cancelled():  # the caller went away: never run it
+            self._remove(pending)
+
+    def _head(self) -> _Pending:
+        return next(level[0] for level in self._queues.levels if level)
+
+    def _collect(self, head: _Pending) -> tuple[list[_Pending], int]:
+        """The head and the compatible requests after it, by priority then age, within max_batch_size rows."""
+        limit = self.config.max_batch_size
+        batch, rows = [head], head.rows or 1
+        if head.rows is None or rows >= limit:
+            return batch, rows
+        for level in self._queues.levels:
+            for pending in level:
+                if pending is head or pending.rows is None or pending.key != head.key:
+                    continue
+                if rows + pending.rows <= limit:
+                    batch.append(pending)
+                    rows += pending.rows
+                    if rows == limit:
+                        return batch, rows
+        return batch, rows
+
+    # -- scheduling ------------------------------------------------------------------------------------------
+
+    async def _serve(self) -> None:
+        while True:
+            await self._slots.acquire()
+            try:
+                batch = await self._next_batch()
+            except BaseException:
+                self._slots.release()
+                raise
+            task = asyncio.create_task(self._run(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _next_batch(self) -> list[_Pending]:
+        loop = asyncio.get_running_loop()
+        while True:
+            while self._queues.size == 0:
+                self._arrived.clear()
+                await self._arrived.wait()
+            head = self._head()
+            if not self._merging or head.rows is None:
+                self._take([head])
+                return [head]
+            batch, rows = self._collect(head)
+            remaining = head.enqueued + self._delay - loop.time()
+            if rows >= self.config.max_batch_size or rows in self._preferred or remaining <= 0:
+                self._take(batch)
+                return batch
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await self._arrived.wait()
+
+    def _take(self, batch: list[_Pending]) -> None:
+        for pending in batch:
+            level = self._queues.levels[pending.level]
+            if level and level[0] is pending:
+                level.popleft()
+            else:
+                level.remove(pending)
+            self._queues.size -= 1
+            self._dequeued(pending)
+
+    async def _run(self, batch: list[_Pending]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            live = [pending for pending in batch if not pending.future.done()]
+            if not live:
+                return
+            started = loop.time()
+            try:
+                outcomes = await loop.run_in_executor(self._executor, self._execute_fn, [p.feeds for p in live])
+            except Exception as exc:  # the executor itself failed; every request of the batch shares the error
+                outcomes = [exc] * len(live)
+            compute = loop.time() - started
+            rows = sum(pending.rows or 1 for pending in live)
+            if self._on_execution is not None:
+                self._on_execution(rows, len(live), compute)
+            for pending, outcome in zip(live, outcomes, strict=True):
+                if pending.future.done():
+                    continue
+                if isinstance(outcome, BaseException):
+                    pending.future.set_exception(outcome)
+                else:
+                    pending.future.set_result(BatchResult(outcome, started - pending.enqueued, compute, rows))
+        finally:
+            self._slots.release()
+
+
+def split(outputs: Mapping[str, np.ndarray], rows: Sequence[int]) -> list[dict[str, np.ndarray]] | None:
+    """Splits the outputs of a merged run back per request (views, no copies); None if they do not line up."""
+    total = sum(rows)
+    if any(array.ndim == 0 or array.shape[0] != total for array in outputs.values()):
+        return None
+    parts: list[dict[str, np.ndarray]] = []
+    start = 0
+    for count in rows:
+        parts.append({name: array[start : start + count] for name, array in outputs.items()})
+        start += count
+    return parts

@@ -1,0 +1,238 @@
+"""modelforge.inference.v1 messages to and from the inference domain; tensors through modelforge.tensors."""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from modelforge import tensors
+from modelforge.common.v1 import tensor_pb2
+from modelforge.inference.v1 import inference_pb2 as pb
+from modelforge.registry.v1 import registry_pb2
+from modelforge_inference.domain import (
+    CacheMode,
+    LoadedModel,
+    ModelRef,
+    ModelState,
+    ModelStatistics,
+    Prediction,
+    Timings,
+)
+from modelforge_inference.errors import InvalidInput
+from modelforge_server.errors import InvalidArgument
+
+_CACHE_MODES = {
+    pb.CACHE_MODE_UNSPECIFIED: CacheMode.USE,
+    pb.CACHE_MODE_USE: CacheMode.USE,
+    pb.CACHE_MODE_BYPASS: CacheMode.BYPASS,
+    pb.CACHE_MODE_REFRESH: CacheMode.REFRESH,
+}
+_STATES = {
+    ModelState.LOADING: pb.LOADED_MODEL_STATE_LOADING,
+    ModelState.READY: pb.LOADED_MODEL_STATE_READY,
+    ModelState.UNLOADING: pb.LOADED_MODEL_STATE_UNLOADING,
+    ModelState.FAILED: pb.LOADED_MODEL_STATE_FAILED,
+}
+
+
+class InvalidModelRef(InvalidArgument):
+    reason = "INVALID_MODEL_REF"
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(f"ref: {problem}", field="ref")
+
+
+# -- requests ------------------------------------------------------------------------------------------------
+
+
+def model_ref(ref: registry_pb2.ModelRef, *, required: bool = True) -> ModelRef | None:
+    """The domain ModelRef of a request's ref; None when it is unset and not required."""
+    if not ref.name:
+        if required:
+            raise InvalidModelRef("ref.name is required: the name of a model in the registry")
+        return None
+    selector = ref.WhichOneof("selector")
+    try:
+        if selector == "version":
+            return ModelRef(ref.name, version=ref.version)
+        if selector == "alias":
+            return ModelRef(ref.name, alias=ref.alias)
+        return ModelRef(ref.name)
+    except ValueError as exc:
+        raise InvalidModelRef(str(exc)) from None
+
+
+def inputs(messages: Sequence[tensor_pb2.Tensor]) -> dict[str, np.ndarray]:
+    """Decodes input tensors without copying their bytes; names must be set and unique."""
+    if not messages:
+        raise InvalidArgument("inputs is required: one tensor per model input", field="inputs")
+    decoded: dict[str, np.ndarray] = {}
+    for index, message in enumerate(messages):
+        name = message.name
+        if not name:
+            raise InvalidArgument(f"inputs[{index}].name is required: the model input it feeds", field="inputs")
+        if name in decoded:
+            raise InvalidInput(name, "given twice; send each input once")
+        try:
+            decoded[name] = tensors.to_numpy(message)
+        except ValueError as exc:
+            raise InvalidInput(name, str(exc).removeprefix(f"tensor {name!r}: ")) from None
+    return decoded
+
+
+def cache_mode(value: int) -> CacheMode:
+    mode = _CACHE_MODES.get(value)  # type: ignore[call-overload]
+    if mode is None:
+        raise InvalidArgument(f"cache_mode {value} is not a CacheMode value", field="cache_mode")
+    return mode
+
+
+def timeout(request: pb.PredictRequest | pb.PredictStreamRequest) -> float | None:
+    """The request's queue timeout in seconds; None when unset (zero counts as unset)."""
+    if not request.HasField("timeout"):
+        return None
+    seconds = request.timeout.seconds + request.timeout.nanos / 1e9
+    if seconds < 0:
+        raise InvalidArgument(f"timeout must not be negative, got {seconds} s", field="timeout")
+    return seconds or None
+
+
+# -- responses -----------------------------------------------------------------------------------------------
+
+
+def duration(seconds: float) -> duration_pb2.Duration:
+    whole = int(seconds)
+    return duration_pb2.Duration(seconds=whole, nanos=int(round((seconds - whole) * 1e9)))
+
+
+def timestamp(value: Any) -> timestamp_pb2.Timestamp | None:
+    if value is None:
+        return None
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def timings(value: Timings) -> pb.Timings:
+    return pb.Timings(queue=duration(value.queue), compute=duration(value.compute), total=duration(value.total))
+
+
+def predict_response(prediction: Prediction) -> pb.PredictResponse:
+    return pb.PredictResponse(
+        model=prediction.model,
+        version=prediction.version,
+        sha256=prediction.sha256,
+        outputs=[tensors.to_tensor(array, name) for name, array in prediction.outputs.items()],
+        timings=timings(prediction.timings),
+        cache_hit=prediction.cache_hit,
+    )
+
+
+def loaded_model(model: LoadedModel) -> pb.LoadedModel:
+    return pb.LoadedModel(
+        model=model.name,
+        version=model.version,
+        sha256=model.sha256,
+        state=_STATES[model.state],
+        reason=model.reason,
+        memory_bytes=model.memory_bytes,
+        last_use_time=timestamp(model.last_use),
+        in_flight=model.in_flight,
+        load_duration=duration(model.load_seconds),
+    )
+
+
+def model_statistics(stats: ModelStatistics) -> pb.ModelStatistics:
+    return pb.ModelStatistics(
+        model=stats.name,
+        version=stats.version,
+        request_count=stats.requests,
+        failure_count=stats.failures,
+        inference_count=stats.inferences,
+        execution_count=stats.executions,
+        queue_duration=duration(stats.queue_seconds),
+        compute_duration=duration(stats.compute_seconds),
+        total_duration=duration(stats.total_seconds),
+        cache_hit_count=stats.cache_hits,
+        cache_miss_count=stats.cache_misses,
+        batch_sizes=dict(stats.batch_sizes),
+        last_inference_time=timestamp(stats.last_inference),
+    )
+
+
+def cache_status(degraded: bool | None) -> pb.CacheStatus.ValueType:
+    if degraded is None:
+        return pb.CACHE_STATUS_DISABLED
+    return pb.CACHE_STATUS_DEGRADED if degraded else pb.CACHE_STATUS_OK
+
+
+# -- streams -------------------------------------------------------------------------------------------------
+
+
+def raw_view(array: np.ndarray) -> memoryview:
+    """The array's little-endian bytes as a flat view; copies only when the array is not already laid out so."""
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    return memoryview(np.ascontiguousarray(array)).cast("B")
+
+
+def string_elements(array: np.ndarray) -> list[bytes]:
+    return [item if isinstance(item, bytes) else str(item).encode() for item in array.reshape(-1).tolist()]
+
+
+def streamed_output(name: str, array: np.ndarray) -> pb.StreamedOutput:
+    dtype = tensors.from_numpy_dtype(array.dtype)
+    size = array.size if dtype == tensor_pb2.DATA_TYPE_STRING else array.nbytes
+    return pb.StreamedOutput(name=name, dtype=dtype, shape=array.shape, byte_size=size)
+
+
+def stream_header(prediction: Prediction) -> pb.PredictStreamResponse:
+    return pb.PredictStreamResponse(
+        header=pb.PredictStreamHeader(
+            model=prediction.model,
+            version=prediction.version,
+            sha256=prediction.sha256,
+            outputs=[streamed_output(name, array) for name, array in prediction.outputs.items()],
+            cache_hit=prediction.cache_hit,
+        )
+    )
+
+
+def raw_chunks(name: str, view: memoryview, chunk_bytes: int) -> Iterator[pb.PredictStreamResponse]:
+    """One message per chunk_bytes slice; the slice is copied once, into the bytes protobuf requires."""
+    for offset in range(0, len(view), chunk_bytes):
+        yield pb.PredictStreamResponse(
+            chunk=pb.PredictStreamChunk(output=name, offset=offset, data=bytes(view[offset : offset + chunk_bytes]))
+        )
+
+
+def string_chunks(name: str, elements: list[bytes], chunk_bytes: int) -> Iterator[pb.PredictStreamResponse]:
+    start, size = 0, 0
+    for index, element in enumerate(elements):
+        if size and size + len(element) > chunk_bytes:
+            yield pb.PredictStreamResponse(
+                chunk=pb.PredictStreamChunk(output=name, offset=start, string_data=elements[start:index])
+            )
+            start, size = index, 0
+        size += len(element)
+    if start < len(elements):
+        yield pb.PredictStreamResponse(
+            chunk=pb.PredictStreamChunk(output=name, offset=start, string_data=elements[start:])
+        )
+
+
+def string_digest(elements: list[bytes]) -> str:
+    digest = hashlib.sha256()
+    for element in elements:
+        digest.update(struct.pack("<I", len(element)))
+        digest.update(element)
+    return digest.hexdigest()
+
+
+def stream_trailer(value: Timings, digests: dict[str, str]) -> pb.PredictStreamResponse:
+    return pb.PredictStreamResponse(trailer=pb.PredictStreamTrailer(timings=timings(value), sha256=digests))

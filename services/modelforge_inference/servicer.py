@@ -1,0 +1,118 @@
+"""Translates modelforge.inference.v1.InferenceService RPCs to InferenceEngine calls; holds no logic of its own."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+
+import grpc
+
+from modelforge import tensors
+from modelforge.common.v1 import tensor_pb2
+from modelforge.inference.v1 import inference_pb2 as pb
+from modelforge.inference.v1 import inference_pb2_grpc
+from modelforge_inference import convert
+from modelforge_inference.domain import ModelRef, Prediction
+from modelforge_inference.engine import InferenceEngine
+from modelforge_server import paging
+
+# Outputs at least this large are hashed on a worker thread while their chunks go out.
+_HASH_OFF_LOOP_BYTES = 1 << 20
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
+    """The InferenceService over an InferenceEngine."""
+
+    def __init__(self, engine: InferenceEngine, *, chunk_bytes: int) -> None:
+        self._engine = engine
+        self._chunk_bytes = chunk_bytes
+
+    async def _predict(
+        self, request: pb.PredictRequest | pb.PredictStreamRequest, context: grpc.aio.ServicerContext
+    ) -> Prediction:
+        ref = convert.model_ref(request.ref)
+        assert ref is not None
+        return await self._engine.predict(
+            ref,
+            convert.inputs(request.inputs),
+            outputs=list(request.output_names) or None,
+            priority=request.priority,
+            timeout=convert.timeout(request),
+            cache_mode=convert.cache_mode(request.cache_mode),
+            time_remaining=context.time_remaining(),
+        )
+
+    async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> pb.PredictResponse:
+        return convert.predict_response(await self._predict(request, context))
+
+    async def PredictStream(
+        self, request: pb.PredictStreamRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.PredictStreamResponse]:
+        prediction = await self._predict(request, context)
+        yield convert.stream_header(prediction)
+        digests: dict[str, str] = {}
+        hashing: dict[str, asyncio.Future[str]] = {}
+        try:
+            for name, array in prediction.outputs.items():
+                # Each yield waits for the transport (flow control); a cancelled call stops here.
+                if tensors.from_numpy_dtype(array.dtype) == tensor_pb2.DATA_TYPE_STRING:
+                    elements = convert.string_elements(array)
+                    digests[name] = convert.string_digest(elements)
+                    for message in convert.string_chunks(name, elements, self._chunk_bytes):
+                        yield message
+                    continue
+                view = convert.raw_view(array)
+                if len(view) >= _HASH_OFF_LOOP_BYTES:  # hashlib releases the GIL: hash while streaming
+                    hashing[name] = asyncio.ensure_future(asyncio.to_thread(_sha256, view))
+                else:
+                    digests[name] = _sha256(view)
+                for message in convert.raw_chunks(name, view, self._chunk_bytes):
+                    yield message
+            for name, future in hashing.items():
+                digests[name] = await future
+        finally:
+            for future in hashing.values():
+                future.cancel()
+        ordered = {name: digests[name] for name in prediction.outputs}
+        yield convert.stream_trailer(prediction.timings, ordered)
+
+    async def LoadModel(self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext) -> pb.LoadModelResponse:
+        ref = convert.model_ref(request.ref)
+        assert ref is not None
+        loaded = await self._engine.load(ref, time_remaining=context.time_remaining())
+        return pb.LoadModelResponse(loaded_model=convert.loaded_model(loaded))
+
+    async def UnloadModel(
+        self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UnloadModelResponse:
+        ref = convert.model_ref(request.ref)
+        assert ref is not None
+        unloaded = await self._engine.unload(ref)
+        return pb.UnloadModelResponse(unloaded_models=[convert.loaded_model(m) for m in unloaded])
+
+    async def ListLoadedModels(
+        self, request: pb.ListLoadedModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListLoadedModelsResponse:
+        limit = paging.page_size(request.page_size, default=100, maximum=1000)
+        after = paging.decode(request.page_token)
+        models = [m for m in self._engine.loaded() if not request.model or m.name == request.model]
+        if after is not None:
+            models = [m for m in models if [m.name, m.version] > after]
+        page = models[:limit]
+        token = paging.encode([page[-1].name, page[-1].version]) if len(models) > limit else ""
+        return pb.ListLoadedModelsResponse(loaded_models=[convert.loaded_model(m) for m in page], next_page_token=token)
+
+    async def GetModelStatistics(
+        self, request: pb.GetModelStatisticsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetModelStatisticsResponse:
+        ref: ModelRef | None = convert.model_ref(request.ref, required=False) if request.HasField("ref") else None
+        statistics = await self._engine.statistics(ref)
+        return pb.GetModelStatisticsResponse(
+            model_statistics=[convert.model_statistics(s) for s in statistics],
+            cache_status=convert.cache_status(self._engine.cache_degraded),
+        )
+
+
+def _sha256(view: memoryview) -> str:
+    return hashlib.sha256(view).hexdigest()

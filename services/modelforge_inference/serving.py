@@ -1,0 +1,143 @@
+"""ServingConfig of a model version: the server-wide defaults, overridden by the version's modelforge.io/ labels.
+
+| label                                    | takes                                       |
+| ---------------------------------------- | ------------------------------------------- |
+| modelforge.io/max-batch-size             | integer >= 0 (0: no batching)               |
+| modelforge.io/max-queue-delay-us         | integer >= 0                                |
+| modelforge.io/preferred-batch-sizes      | comma-separated integers >= 1               |
+| modelforge.io/priority-levels            | integer >= 1                                |
+| modelforge.io/max-queue-size             | integer >= 1                                |
+| modelforge.io/queue-timeout-seconds      | number > 0, or "none"                       |
+| modelforge.io/cache                      | true or false                               |
+| modelforge.io/cache-ttl-seconds          | integer >= 1                                |
+| modelforge.io/cache-max-entry-bytes      | integer >= 1                                |
+| modelforge.io/intra-op-threads           | integer >= 0 (0: ONNX Runtime's default)    |
+| modelforge.io/inter-op-threads           | integer >= 0                                |
+| modelforge.io/graph-optimization-level   | disabled, basic, extended or all            |
+| modelforge.io/execution-providers        | comma-separated ONNX Runtime provider names |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from modelforge_inference.domain import BatchingConfig, CacheConfig, ResolvedModel, ServingConfig, SessionConfig
+from modelforge_inference.errors import InvalidServingConfig
+from modelforge_inference.settings import InferenceSettings
+
+PREFIX = "modelforge.io/"
+OPTIMIZATION_LEVELS = ("disabled", "basic", "extended", "all")
+
+
+def _int(minimum: int) -> tuple[Callable[[str], Any], str]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise ValueError
+        return value
+
+    return parse, f"an integer >= {minimum}"
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    sizes = tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
+    if any(size < 1 for size in sizes):
+        raise ValueError
+    return sizes
+
+
+def _timeout(text: str) -> float | None:
+    if text.strip().lower() in ("", "none"):
+        return None
+    value = float(text)
+    if not value > 0:
+        raise ValueError
+    return value
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("true", "1", "yes", "on"):
+        return True
+    if lowered in ("false", "0", "no", "off"):
+        return False
+    raise ValueError
+
+
+def _level(text: str) -> str:
+    if text not in OPTIMIZATION_LEVELS:
+        raise ValueError
+    return text
+
+
+def _providers(text: str) -> tuple[str, ...]:
+    providers = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not providers:
+        raise ValueError
+    return providers
+
+
+# label suffix -> (section, field, parser, what it takes)
+_LABELS: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
+    "max-batch-size": ("batching", "max_batch_size", *_int(0)),
+    "max-queue-delay-us": ("batching", "max_queue_delay_us", *_int(0)),
+    "preferred-batch-sizes": ("batching", "preferred_batch_sizes", _sizes, "comma-separated integers >= 1"),
+    "priority-levels": ("batching", "priority_levels", *_int(1)),
+    "max-queue-size": ("batching", "max_queue_size", *_int(1)),
+    "queue-timeout-seconds": ("batching", "default_queue_timeout", _timeout, 'a number of seconds > 0 or "none"'),
+    "cache": ("cache", "enabled", _bool, "true or false"),
+    "cache-ttl-seconds": ("cache", "ttl_seconds", *_int(1)),
+    "cache-max-entry-bytes": ("cache", "max_entry_bytes", *_int(1)),
+    "intra-op-threads": ("session", "intra_op_threads", *_int(0)),
+    "inter-op-threads": ("session", "inter_op_threads", *_int(0)),
+    "graph-optimization-level": ("session", "graph_optimization_level", _level, " | ".join(OPTIMIZATION_LEVELS)),
+    "execution-providers": ("session", "execution_providers", _providers, "comma-separated provider names"),
+}
+
+
+def defaults(settings: InferenceSettings) -> ServingConfig:
+    """The server-wide ServingConfig from MODELFORGE_* settings."""
+    return ServingConfig(
+        batching=BatchingConfig(
+            max_batch_size=settings.max_batch_size,
+            max_queue_delay_us=settings.max_queue_delay_us,
+            preferred_batch_sizes=_sizes(",".join(settings.preferred_batch_sizes)),
+            priority_levels=max(1, settings.priority_levels),
+            max_queue_size=max(1, settings.max_queue_size),
+            default_queue_timeout=settings.default_queue_timeout,
+        ),
+        cache=CacheConfig(
+            enabled=settings.cache_enabled,
+            ttl_seconds=settings.cache_ttl_seconds,
+            max_entry_bytes=settings.cache_max_entry_bytes,
+        ),
+        session=SessionConfig(
+            intra_op_threads=settings.intra_op_threads,
+            inter_op_threads=settings.inter_op_threads,
+            graph_optimization_level=settings.graph_optimization_level,
+            execution_providers=settings.execution_providers,
+        ),
+    )
+
+
+def serving_config(base: ServingConfig, model: ResolvedModel) -> ServingConfig:
+    """base with the version's modelforge.io/ labels applied; InvalidServingConfig names a bad label."""
+    changes: dict[str, dict[str, Any]] = {"batching": {}, "cache": {}, "session": {}}
+    for label, text in model.labels.items():
+        if not label.startswith(PREFIX):
+            continue
+        entry = _LABELS.get(label.removeprefix(PREFIX))
+        if entry is None:
+            continue  # other tools may use the prefix; unknown keys are theirs
+        section, field, parse, expected = entry
+        try:
+            changes[section][field] = parse(text)
+        except ValueError:
+            raise InvalidServingConfig(model.name, model.version, label, text, expected) from None
+    return ServingConfig(
+        batching=dataclasses.replace(base.batching, **changes["batching"]),
+        cache=dataclasses.replace(base.cache, **changes["cache"]),
+        session=dataclasses.replace(base.session, **changes["session"]),
+    )

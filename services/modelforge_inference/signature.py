@@ -1,0 +1,120 @@
+"""Checks request inputs and output names against a model's signature before ONNX Runtime sees them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from modelforge import tensors
+from modelforge_inference.domain import DYNAMIC, Signature, TensorSpec
+from modelforge_inference.errors import InvalidInput, RequestTooLarge, UnknownOutput
+
+_OBJECT = np.dtype(object)
+
+
+def describe(spec: TensorSpec) -> str:
+    """How an input is declared, for messages: "FLOAT32 [-1, 64]"."""
+    return f"{dtype_name(spec)} {list(spec.shape)}"
+
+
+def dtype_name(spec: TensorSpec) -> str:
+    if spec.ort_type.startswith("tensor(") and spec.ort_type.endswith(")"):
+        return spec.ort_type[7:-1]
+    return "string" if spec.is_string else str(spec.dtype)
+
+
+def _array_dtype_name(array: np.ndarray[Any, Any]) -> str:
+    return "string" if array.dtype.kind in "OSU" else str(array.dtype)
+
+
+def request_bytes(inputs: Mapping[str, np.ndarray[Any, Any]]) -> int:
+    """The payload size of a request: raw bytes of number tensors, element bytes of string tensors."""
+    total = 0
+    for array in inputs.values():
+        if array.dtype == _OBJECT:
+            total += sum(len(item) for item in array.reshape(-1).tolist() if isinstance(item, bytes | str))
+        else:
+            total += array.nbytes
+    return total
+
+
+def check_inputs(
+    signature: Signature, inputs: Mapping[str, np.ndarray[Any, Any]], *, max_request_bytes: int
+) -> dict[str, np.ndarray[Any, Any]]:
+    """Returns the inputs in signature order, ready for ONNX Runtime; raises InvalidArgument naming the input.
+
+    Checks, in order: total size, unknown names, missing inputs, dtype, rank, fixed dimensions. String inputs given
+    as numpy str/bytes arrays are turned into object arrays, which is what ONNX Runtime takes.
+    """
+    size = request_bytes(inputs)
+    if size > max_request_bytes:
+        raise RequestTooLarge(size, max_request_bytes)
+    known = {spec.name for spec in signature.inputs}
+    for name in inputs:
+        if name not in known:
+            raise InvalidInput(
+                name, f"the model has no such input; its inputs are {', '.join(map(repr, sorted(known)))}"
+            )
+    feeds: dict[str, np.ndarray[Any, Any]] = {}
+    for spec in signature.inputs:
+        array = inputs.get(spec.name)
+        if array is None:
+            raise InvalidInput(spec.name, f"missing; the model needs it as {describe(spec)}")
+        feeds[spec.name] = check_tensor(spec, array)
+    return feeds
+
+
+def check_tensor(spec: TensorSpec, array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """Checks one input's dtype, rank and fixed dimensions; returns it as ONNX Runtime takes it."""
+    if spec.is_string:
+        if array.dtype.kind not in "OSU":
+            raise InvalidInput(
+                spec.name, f"expected string elements (DATA_TYPE_STRING), got {_array_dtype_name(array)}"
+            )
+        try:
+            array = tensors.to_text(array, spec.name)  # ONNX Runtime takes str elements, not bytes
+        except ValueError as exc:
+            raise InvalidInput(spec.name, str(exc).removeprefix(f"tensor {spec.name!r}: ")) from None
+    elif array.dtype != spec.dtype:
+        raise InvalidInput(
+            spec.name, f"expected dtype {dtype_name(spec)}, got {_array_dtype_name(array)}; declared {describe(spec)}"
+        )
+    if array.ndim != len(spec.shape):
+        raise InvalidInput(
+            spec.name,
+            f"expected rank {len(spec.shape)} ({describe(spec)}), got shape {list(array.shape)} of rank {array.ndim}",
+        )
+    for axis, (want, got) in enumerate(zip(spec.shape, array.shape, strict=True)):
+        if want != DYNAMIC and want != got:
+            raise InvalidInput(
+                spec.name,
+                f"dimension {axis} must be {want} ({describe(spec)}), got {got} in shape {list(array.shape)}",
+            )
+    return array
+
+
+def check_outputs(signature: Signature, names: Iterable[str] | None) -> tuple[str, ...]:
+    """The requested output names in request order without duplicates, or every output when none are named."""
+    known = [spec.name for spec in signature.outputs]
+    if not names:
+        return tuple(known)
+    chosen: list[str] = []
+    for name in names:
+        if name not in known:
+            raise UnknownOutput(name, known)
+        if name not in chosen:
+            chosen.append(name)
+    return tuple(chosen)
+
+
+def batch_key(feeds: Mapping[str, np.ndarray[Any, Any]]) -> tuple[tuple[int, ...], ...]:
+    """Requests with equal keys can be stacked along dimension 0: every other dimension agrees."""
+    return tuple(array.shape[1:] for array in feeds.values())
+
+
+def batch_rows(feeds: Mapping[str, np.ndarray[Any, Any]]) -> int | None:
+    """The leading dimension shared by every input, or None when they differ (such a request runs alone)."""
+    rows = {array.shape[0] if array.ndim else -1 for array in feeds.values()}
+    return rows.pop() if len(rows) == 1 and -1 not in rows else None
