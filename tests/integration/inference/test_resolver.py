@@ -14,14 +14,16 @@ import grpc
 import grpc.aio
 import numpy as np
 import pytest
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
 
 from modelforge.registry.v1 import registry_pb2, registry_pb2_grpc
 from modelforge_inference.domain import ModelRef
-from modelforge_inference.registry_client import RegistryNotFound, RegistryUnavailable
-from modelforge_inference.resolver import ModelEvent, ModelEventType, ModelResolver
+from modelforge_inference.registry_client import RegistryNotFound, RegistryUnavailable, translate
+from modelforge_inference.resolver import ModelEvent, ModelEventType, ModelResolver, ResolveTimeout
 from modelforge_registry.__main__ import build as build_registry
 from modelforge_registry.settings import RegistrySettings
-from modelforge_server import status
+from modelforge_server import errors, status
 from tests.fixtures.onnx_models import build_add_one, model_bytes
 
 # Short reconnect backoff, so that a restarted registry is reached again within a test's patience.
@@ -327,3 +329,47 @@ async def test_resolves_uncached_without_a_watch(admin, registry: Registry, stub
     assert registry.counter.calls["ResolveModelRef"] == 2
     assert resolver.cached(ref) is None
     await resolver.aclose()
+
+
+async def test_a_caller_whose_time_runs_out_gets_deadline_exceeded(admin, resolver: ModelResolver) -> None:
+    await upload(admin, "adder", add_one_bytes(4))
+    with pytest.raises(ResolveTimeout) as caught:
+        await resolver.resolve(ModelRef("adder", version=1), timeout=0)
+    assert status.code_for(caught.value) == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert (await resolver.resolve(ModelRef("adder", version=1), timeout=30)).version == 1
+
+
+def _rpc_error(code: grpc.StatusCode, details: str, reason: str = "") -> grpc.aio.AioRpcError:
+    trailers = grpc.aio.Metadata()
+    if reason:
+        info = any_pb2.Any()
+        info.Pack(error_details_pb2.ErrorInfo(reason=reason, domain="modelforge.registry", metadata={"model": "m"}))
+        packed = status_pb2.Status(code=code.value[0], message=details, details=[info]).SerializeToString()
+        trailers.add("grpc-status-details-bin", packed)
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailers, details)
+
+
+@pytest.mark.parametrize(
+    ("code", "kind", "expected"),
+    [
+        (grpc.StatusCode.NOT_FOUND, RegistryNotFound, grpc.StatusCode.NOT_FOUND),
+        (grpc.StatusCode.UNAVAILABLE, RegistryUnavailable, grpc.StatusCode.UNAVAILABLE),
+        (grpc.StatusCode.INTERNAL, RegistryUnavailable, grpc.StatusCode.UNAVAILABLE),
+        (grpc.StatusCode.CANCELLED, RegistryUnavailable, grpc.StatusCode.UNAVAILABLE),
+        (grpc.StatusCode.INVALID_ARGUMENT, errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+        (grpc.StatusCode.FAILED_PRECONDITION, errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+    ],
+)
+def test_registry_statuses_become_domain_errors(
+    code: grpc.StatusCode, kind: type[errors.ServiceError], expected: grpc.StatusCode
+) -> None:
+    error = translate(_rpc_error(code, "the registry's words", reason="SOME_REASON"), "resolve m")
+    assert isinstance(error, kind)
+    assert status.code_for(error) == expected
+    assert "the registry's words" in str(error)
+    assert error.metadata == {"model": "m"}
+    if kind is not RegistryUnavailable:
+        assert error.reason == "SOME_REASON"
+    bare = translate(_rpc_error(code, ""), "resolve m")
+    assert isinstance(bare, kind) and str(bare)
