@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,6 +14,8 @@ from typing import BinaryIO
 
 # Chunks at least this large are written and hashed in a worker thread rather than on the event loop.
 _THREAD_THRESHOLD = 64 * 1024
+# A staged file nobody has written to for this long belongs to an upload whose process died.
+_STALE_SECONDS = 3600.0
 
 
 class StagedFile:
@@ -64,11 +67,17 @@ class BlobStore:
         self.incoming = root / ".incoming"
 
     def open(self) -> None:
-        """Creates the directories and removes staged files left by a process that died mid-upload."""
+        """Creates the directories and removes staged files left by a process that died mid-upload.
+
+        Replicas may share the directory, so only files untouched for a while count as left over: an upload in
+        progress writes to its file with every chunk.
+        """
         self.incoming.mkdir(parents=True, exist_ok=True)
+        cutoff = time.time() - _STALE_SECONDS
         for leftover in self.incoming.iterdir():
             with contextlib.suppress(OSError):
-                leftover.unlink()
+                if leftover.stat().st_mtime < cutoff:
+                    leftover.unlink()
 
     def path(self, sha256: str) -> Path:
         return self.root / sha256[:2] / sha256
