@@ -1,0 +1,80 @@
+"""The jobs API's composition root: `python -m modelforge_jobs` serves JobService on port 50053.
+
+The API records jobs and sends their ids to Dramatiq; the workers (modelforge_jobs.worker) run them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import AsyncExitStack
+from dataclasses import replace
+
+import grpc
+import redis.asyncio
+
+from modelforge.jobs.v1 import jobs_pb2, jobs_pb2_grpc
+from modelforge_jobs.actors import JobQueue, declare_actors, make_broker
+from modelforge_jobs.datasets import DatasetStore
+from modelforge_jobs.inference_client import RegistryClient
+from modelforge_jobs.jobs import Jobs
+from modelforge_jobs.servicer import JobServicer
+from modelforge_jobs.settings import JobsSettings
+from modelforge_jobs.store import JobStore
+from modelforge_server import app, db, embedded, logs
+from modelforge_server.settings import from_env
+
+SERVICE = jobs_pb2.DESCRIPTOR.services_by_name["JobService"]
+
+
+async def build(settings: JobsSettings, stack: AsyncExitStack) -> app.Server:
+    """Opens what the jobs API needs on `stack`, migrates its schema and returns its server, not yet bound."""
+    if settings.database_url is None:
+        url, stop_postgres = await asyncio.to_thread(embedded.start_postgres, settings.data_dir)
+        stack.callback(stop_postgres)
+        settings = replace(settings, database_url=url)
+    if settings.redis_url is None:
+        url, stop_redis = await asyncio.to_thread(embedded.start_redis, settings.data_dir)
+        stack.callback(stop_redis)
+        settings = replace(settings, redis_url=url)
+    assert settings.database_url is not None and settings.redis_url is not None
+    pool = await stack.enter_async_context(db.open_pool(settings.database_url))
+    await db.migrate(pool, schema="jobs", package="modelforge_jobs.migrations")
+    broker = make_broker(settings)
+    stack.callback(broker.close)
+    queue = JobQueue(declare_actors(broker, settings))
+    registry_channel = grpc.aio.insecure_channel(settings.registry_address)
+    stack.push_async_callback(registry_channel.close)
+    redis_client = redis.asyncio.Redis.from_url(settings.redis_url)
+    stack.push_async_callback(redis_client.aclose)
+    jobs = Jobs(
+        JobStore(pool),
+        DatasetStore(settings.dataset_root),
+        RegistryClient(registry_channel, timeout=10.0),
+        queue.send,
+        watch_interval=settings.watch_interval,
+    )
+    server = app.build_server(
+        [app.Api(SERVICE, JobServicer(jobs, settings), jobs_pb2_grpc.add_JobServiceServicer_to_server)],
+        domain="modelforge.jobs",
+        settings=settings,
+    )
+    server.watch_dependency("postgresql", lambda: db.ping(pool))
+    server.watch_dependency("redis", redis_client.ping)
+    stack.push_async_callback(server.stop, settings.grace_seconds)
+    return server
+
+
+async def run(settings: JobsSettings) -> None:
+    async with AsyncExitStack() as stack:
+        server = await build(settings, stack)
+        await app.serve(server, settings)
+
+
+def main() -> None:
+    settings = from_env(JobsSettings)
+    logs.configure("modelforge-jobs", settings.log_level)
+    asyncio.run(run(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""The Dramatiq side of the jobs service: the run_job actors, the queue the API sends to, and the worker's resources.
+
+Messages carry the job id only. There is one actor per priority, each on its own queue, with Dramatiq priorities
+that make a worker take HIGH before NORMAL before LOW among the messages it has fetched. Nothing here touches
+Dramatiq's global broker: worker.py does, for the `dramatiq` command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Mapping
+from contextlib import AsyncExitStack
+from typing import Any
+from uuid import UUID
+
+import dramatiq
+import grpc
+import redis
+from dramatiq.asyncio import get_event_loop_thread
+
+from modelforge_jobs.datasets import DatasetStore
+from modelforge_jobs.domain import Priority
+from modelforge_jobs.errors import DependencyUnavailable
+from modelforge_jobs.inference_client import InferenceClient
+from modelforge_jobs.runner import JobRunner, RunnerSettings
+from modelforge_jobs.settings import JobsSettings
+from modelforge_jobs.store import JobStore
+from modelforge_server import db
+
+log = logging.getLogger("modelforge.jobs.worker")
+
+QUEUES = {Priority.HIGH: "jobs-high", Priority.NORMAL: "jobs-normal", Priority.LOW: "jobs-low"}
+_DRAMATIQ_PRIORITY = {Priority.HIGH: 0, Priority.NORMAL: 10, Priority.LOW: 20}  # lower runs first
+_MONTH_MS = 30 * 24 * 3600 * 1000
+
+
+class JobQueue:
+    """Sends run_job messages (the job id only) to the queue of the job's priority."""
+
+    def __init__(self, actors: Mapping[Priority, dramatiq.Actor[..., Any]]) -> None:
+        self._actors = dict(actors)
+
+    async def send(self, job_id: UUID, priority: Priority) -> None:
+        try:
+            await asyncio.to_thread(self._actors[priority].send, str(job_id))
+        except (redis.RedisError, dramatiq.errors.ConnectionError) as exc:
+            raise DependencyUnavailable("job queue (Redis)", type(exc).__name__) from exc
+
+
+class WorkerResources(dramatiq.Middleware):
+    """Opens the pool, the inference channel and the runner on the AsyncIO middleware's loop at worker boot,
+    runs the maintenance loop (reaper, lost messages, retention) there, and closes everything at shutdown."""
+
+    def __init__(self, settings: JobsSettings, *, worker_id: str | None = None) -> None:
+        if not settings.database_url:
+            raise ValueError("the jobs worker needs MODELFORGE_DATABASE_URL")
+        self.settings = settings
+        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.queue: JobQueue | None = None
+        self._runner: JobRunner | None = None
+        self._store: JobStore | None = None
+        self._datasets = DatasetStore(settings.dataset_root)
+        self._stack: AsyncExitStack | None = None
+        self._maintenance: asyncio.Task[None] | None = None
+
+    @property
+    def runner(self) -> JobRunner:
+        if self._runner is None:
+            raise RuntimeError("the worker's resources are not open: the worker has not booted")
+        return self._runner
+
+    # Dramatiq hooks; AsyncIO must come before this middleware, so that its loop runs at boot and stops after us.
+    def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        loop_thread = get_event_loop_thread()
+        if loop_thread is None:
+            raise RuntimeError("add the AsyncIO middleware before WorkerResources")
+        loop_thread.run_coroutine(self.open())
+
+    def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        loop_thread = get_event_loop_thread()
+        if loop_thread is not None:
+            loop_thread.run_coroutine(self.close())
+
+    async def open(self) -> None:
+        settings = self.settings
+        stack = AsyncExitStack()
+        await stack.__aenter__()
+        try:
+            assert settings.database_url is not None
+            pool = await stack.enter_async_context(
+                db.open_pool(settings.database_url, max_size=max(4, settings.worker_threads * 2))
+            )
+            await db.migrate(pool, schema="jobs", package="modelforge_jobs.migrations")
+            channel = grpc.aio.insecure_channel(
+                settings.inference_address,
+                options=[
+                    ("grpc.max_receive_message_length", settings.max_message_bytes),
+                    ("grpc.max_send_message_length", settings.max_message_bytes),
+                ],
+            )
+            stack.push_async_callback(channel.close)
+            self._store = JobStore(pool)
+            self._runner = JobRunner(
+                self._store,
+                self._datasets,
+                InferenceClient(channel, timeout=settings.inference_timeout),
+                RunnerSettings(
+                    worker_id=self.worker_id,
+                    heartbeat_interval=settings.heartbeat_interval,
+                    stale_after=settings.heartbeat_timeout,
+                ),
+            )
+            self._maintenance = asyncio.create_task(self._maintain(), name="jobs-maintenance")
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._stack = stack
+        log.info("jobs worker %s ready (inference at %s)", self.worker_id, settings.inference_address)
+
+    async def close(self) -> None:
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._maintenance
+            self._maintenance = None
+        if self._stack is not None:
+            await self._stack.aclose()
+            self._stack = None
+        self._runner = None
+
+    async def maintain_once(self) -> None:
+        """Requeues the jobs of stopped workers, resends lost messages, deletes expired jobs and datasets."""
+        store, queue, settings = self._store, self.queue, self.settings
+        if store is None or queue is None:
+            return
+        for job_id, priority in await store.reap(stale_after=settings.heartbeat_timeout):
+            log.warning("job %s: its worker stopped heartbeating; queued again", job_id)
+            await queue.send(job_id, priority)
+        for job_id, priority in await store.unsent(older_than=settings.resend_after):
+            log.warning("job %s: queued long ago and never picked up; message sent again", job_id)
+            await queue.send(job_id, priority)
+        deleted, orphans = await store.expire(retention=settings.job_retention)
+        for sha256 in orphans:
+            self._datasets.delete(sha256)
+        if deleted or orphans:
+            log.info("retention: deleted %d job(s) and %d dataset file(s)", deleted, len(orphans))
+
+    async def _maintain(self) -> None:
+        while True:
+            try:
+                await self.maintain_once()
+            except Exception as exc:
+                log.warning("maintenance pass failed: %s", exc)
+            await asyncio.sleep(self.settings.maintenance_interval)
+
+
+def declare_actors(
+    broker: dramatiq.Broker, settings: JobsSettings, resources: WorkerResources | None = None
+) -> dict[Priority, dramatiq.Actor[..., Any]]:
+    """Declares the run_job actors on `broker`; the API process passes no resources and only sends."""
+
+    async def run_job(job_id: str) -> None:
+        """Runs one job. Redelivery is safe: the runner resumes from stored progress."""
+        if resources is None:
+            raise RuntimeError("run_job runs in a jobs worker, not in the API process")
+        await resources.runner.run(UUID(job_id))
+
+    actors = {
+        priority: dramatiq.Actor(
+            run_job,
+            broker=broker,
+            actor_name=f"run_job_{priority.name.lower()}",
+            queue_name=queue,
+            priority=_DRAMATIQ_PRIORITY[priority],
+            options={
+                "max_retries": settings.max_max_attempts,
+                "min_backoff": int(settings.retry_min_backoff * 1000),
+                "max_backoff": int(settings.retry_max_backoff * 1000),
+                "time_limit": _MONTH_MS,  # the job's own time limit applies, in the runner
+            },
+        )
+        for priority, queue in QUEUES.items()
+    }
+    if resources is not None:
+        resources.queue = JobQueue(actors)
+    return actors
+
+
+def make_broker(settings: JobsSettings, *, namespace: str | None = None) -> dramatiq.Broker:
+    """A RedisBroker on the suite's Redis with the AsyncIO middleware."""
+    from dramatiq.brokers.redis import RedisBroker
+    from dramatiq.middleware import AsyncIO
+
+    if not settings.redis_url:
+        raise ValueError("the jobs service needs MODELFORGE_REDIS_URL")
+    broker = RedisBroker(url=settings.redis_url, namespace=namespace or settings.queue_namespace)
+    broker.add_middleware(AsyncIO())
+    return broker

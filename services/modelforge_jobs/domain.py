@@ -1,0 +1,167 @@
+"""The jobs service's domain: jobs, their progress and errors, datasets, and what a submission asks for."""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+from datetime import datetime
+from uuid import UUID
+
+
+class JobState(enum.Enum):
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED)
+
+    @property
+    def live(self) -> bool:
+        return not self.terminal
+
+
+class Priority(enum.IntEnum):
+    LOW = 1
+    NORMAL = 2
+    HIGH = 3
+
+
+@dataclass(frozen=True)
+class ModelRefSpec:
+    """A model reference as a client wrote it: a name plus at most one of a version or an alias."""
+
+    name: str
+    version: int | None = None
+    alias: str | None = None
+
+    def __str__(self) -> str:
+        if self.version is not None:
+            return f"{self.name}:{self.version}"
+        if self.alias is not None:
+            return f"{self.name}@{self.alias}"
+        return self.name
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """The dtype (modelforge.common.v1.DataType number) and the per-item shape of one named tensor."""
+
+    name: str
+    dtype: int
+    item_shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """What the registry says a reference points at now."""
+
+    name: str
+    version: int
+    sha256: str
+    inputs: tuple[TensorInfo, ...]  # item_shape: the declared shape without its first (batch) dimension
+    input_ranks: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class JobError:
+    code: str
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Progress:
+    items_done: int
+    items_total: int
+    batches_done: int
+    batches_total: int
+    items_per_second: float
+    seconds_remaining: float | None
+
+
+@dataclass(frozen=True)
+class Job:
+    id: UUID
+    model_ref: ModelRefSpec
+    model_version: int
+    state: JobState
+    progress: Progress
+    dataset_id: UUID | None
+    batch_size: int
+    priority: Priority
+    labels: dict[str, str]
+    max_attempts: int
+    time_limit: float | None
+    attempt_count: int
+    worker_id: str
+    create_time: datetime
+    start_time: datetime | None
+    finish_time: datetime | None
+    update_time: datetime
+    queued_seconds: float
+    inference_seconds: float
+    error: JobError | None
+    request_id: str | None
+
+
+@dataclass(frozen=True)
+class Dataset:
+    id: UUID
+    sha256: str
+    size_bytes: int
+    item_count: int
+    record_count: int
+    tensors: tuple[TensorInfo, ...]
+    display_name: str
+    labels: dict[str, str]
+    create_time: datetime
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A validated submission: what to run, on what, and how."""
+
+    model_ref: ModelRefSpec
+    batch_size: int
+    priority: Priority
+    labels: dict[str, str]
+    max_attempts: int
+    time_limit: float | None
+    request_id: str | None
+    dataset_id: UUID | None = None
+    inline_input: bytes | None = None  # a serialized DatasetRecord
+    inline_tensors: tuple[TensorInfo, ...] = ()
+    inline_items: int = 0
+
+
+@dataclass(frozen=True)
+class JobFilter:
+    state: JobState | None = None
+    model: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Page:
+    items: list[Job]
+    last_key: list[str] | None
+    has_more: bool
+
+
+@dataclass(frozen=True)
+class ResultRecord:
+    """The stored outputs of one batch: a serialized DatasetRecord covering items first_item .. + item_count."""
+
+    batch_index: int
+    first_item: int
+    item_count: int
+    record: bytes
+
+
+def batch_count(items: int, batch_size: int) -> int:
+    return math.ceil(items / batch_size) if items else 0

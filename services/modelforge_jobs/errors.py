@@ -1,0 +1,163 @@
+"""The jobs service's specific errors; each is one of modelforge_server's kinds and builds its own message."""
+
+from __future__ import annotations
+
+from modelforge_server.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ServiceError,
+    Unavailable,
+)
+
+
+class JobNotFound(NotFound):
+    reason = "JOB_NOT_FOUND"
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"no job with id {job_id!r}; `modelforge jobs ls` shows the jobs", job=job_id)
+
+
+class DatasetNotFound(NotFound):
+    reason = "DATASET_NOT_FOUND"
+
+    def __init__(self, dataset_id: str) -> None:
+        super().__init__(f"no dataset with id {dataset_id!r}; upload it first", field="dataset_id", dataset=dataset_id)
+
+
+class InvalidId(InvalidArgument):
+    reason = "INVALID_ID"
+
+    def __init__(self, value: str, field: str) -> None:
+        super().__init__(f"{field} {value!r} is not a UUID", field=field)
+
+
+class InvalidInput(InvalidArgument):
+    """The job's input is empty, malformed, or does not match the model's signature."""
+
+    reason = "INVALID_INPUT"
+
+    def __init__(self, message: str, *, field: str = "input", **metadata: str) -> None:
+        super().__init__(message, field=field, **metadata)
+
+
+class InvalidDataset(InvalidArgument):
+    reason = "INVALID_DATASET"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"the dataset file is invalid: {message}", field="chunk")
+
+
+class ChecksumMismatch(InvalidArgument):
+    reason = "CHECKSUM_MISMATCH"
+
+    def __init__(self, what: str, expected: str, actual: str) -> None:
+        super().__init__(
+            f"the uploaded {what} is {actual}, the header says {expected}; nothing was stored", field=f"header.{what}"
+        )
+
+
+class JobNotFinished(FailedPrecondition):
+    reason = "JOB_NOT_FINISHED"
+
+    def __init__(self, job_id: str, state: str) -> None:
+        super().__init__(f"job {job_id} is {state}; cancel it first, then delete it", job=job_id, state=state)
+
+
+class JobNotCompleted(FailedPrecondition):
+    reason = "JOB_NOT_COMPLETED"
+
+    def __init__(self, job_id: str, state: str) -> None:
+        super().__init__(
+            f"job {job_id} is {state}; results are available once it is COMPLETED (`modelforge jobs watch`)",
+            job=job_id,
+            state=state,
+        )
+
+
+class JobStateConflict(FailedPrecondition):
+    reason = "INVALID_JOB_STATE"
+
+    def __init__(self, job_id: str, state: str, action: str, allowed: str) -> None:
+        super().__init__(f"cannot {action} job {job_id}: it is {state}, not {allowed}", job=job_id, state=state)
+
+
+class DatasetInUse(FailedPrecondition):
+    reason = "DATASET_IN_USE"
+
+    def __init__(self, dataset_id: str, jobs: int) -> None:
+        super().__init__(
+            f"dataset {dataset_id} is read by {jobs} queued or running job(s); cancel them or wait",
+            dataset=dataset_id,
+        )
+
+
+class RequestIdConflict(FailedPrecondition):
+    reason = "REQUEST_ID_REUSED"
+
+
+class TimeLimitExceeded(DeadlineExceeded):
+    reason = "TIME_LIMIT_EXCEEDED"
+
+    def __init__(self, limit: float) -> None:
+        super().__init__(f"the job ran past its time limit of {limit:g} s")
+
+
+class AttemptsExhausted(ServiceError):
+    """Not raised to clients: recorded on a job whose transient failures used up its attempts."""
+
+    reason = "ATTEMPTS_EXHAUSTED"
+
+
+class DependencyUnavailable(Unavailable):
+    reason = "DEPENDENCY_UNAVAILABLE"
+
+    def __init__(self, what: str, detail: str) -> None:
+        super().__init__(f"the {what} is unavailable ({detail}); retry later", dependency=what)
+
+
+class _Remote:
+    """A failure reported by the registry or the inference service; keeps the remote reason when it sent one."""
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)  # type: ignore[call-arg]
+        if reason:
+            self.reason = reason
+
+
+class RemoteInvalidArgument(_Remote, InvalidArgument):
+    reason = "INVALID_INPUT"
+
+
+class RemoteNotFound(_Remote, NotFound):
+    reason = "MODEL_NOT_FOUND"
+
+
+class RemoteFailedPrecondition(_Remote, FailedPrecondition):
+    reason = "FAILED_PRECONDITION"
+
+
+class RemoteResourceExhausted(_Remote, ResourceExhausted):
+    reason = "RESOURCE_EXHAUSTED"
+
+
+class RemoteDeadlineExceeded(_Remote, DeadlineExceeded):
+    reason = "DEADLINE_EXCEEDED"
+
+
+class RemoteUnavailable(_Remote, Unavailable):
+    reason = "UNAVAILABLE"
+
+
+class RemoteInternal(_Remote, ServiceError):
+    reason = "REMOTE_INTERNAL"
+
+
+TRANSIENT: tuple[type[ServiceError], ...] = (Unavailable, ResourceExhausted, DeadlineExceeded)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether running the job again later may succeed; TimeLimitExceeded is a deadline that never will."""
+    return isinstance(exc, TRANSIENT) and not isinstance(exc, TimeLimitExceeded)

@@ -1,0 +1,247 @@
+"""The jobs core: submission checks, reads, state changes, watching, results and datasets; transport-free."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import replace
+from typing import Any
+from uuid import UUID
+
+from modelforge import tensors as tensor_codec
+from modelforge_jobs.datasets import DatasetStore, describe_record, summarize
+from modelforge_jobs.domain import (
+    Dataset,
+    Job,
+    JobFilter,
+    JobSpec,
+    JobState,
+    Page,
+    Priority,
+    ResolvedModel,
+    ResultRecord,
+    TensorInfo,
+    batch_count,
+)
+from modelforge_jobs.errors import (
+    InvalidId,
+    InvalidInput,
+    JobNotCompleted,
+    JobNotFinished,
+    JobStateConflict,
+)
+from modelforge_jobs.inference_client import RegistryClient
+from modelforge_jobs.store import JobStore
+from modelforge_server.errors import FailedPrecondition, require
+
+log = logging.getLogger("modelforge.jobs")
+
+Send = Callable[[UUID, Priority], Awaitable[None]]
+
+
+def parse_id(value: str, field: str = "id") -> UUID:
+    require(value, field)
+    try:
+        return UUID(value)
+    except ValueError:
+        raise InvalidId(value, field) from None
+
+
+def check_signature(model: ResolvedModel, tensors: Sequence[TensorInfo]) -> None:
+    """Raises InvalidInput unless the items' tensors are exactly the model's inputs, with dtype and shape."""
+    given = {t.name: t for t in tensors}
+    expected = {t.name for t in model.inputs}
+    unknown = sorted(set(given) - expected)
+    if unknown:
+        raise InvalidInput(
+            f"{model.name}:{model.version} has no input named {unknown[0]!r}; its inputs are {sorted(expected)}",
+            input=unknown[0],
+        )
+    for spec, rank in zip(model.inputs, model.input_ranks, strict=True):
+        tensor = given.get(spec.name)
+        if tensor is None:
+            raise InvalidInput(f"input {spec.name!r} of {model.name}:{model.version} is missing", input=spec.name)
+        if tensor.dtype != spec.dtype:
+            raise InvalidInput(
+                f"input {spec.name!r} has dtype {_dtype(tensor.dtype)}, the model takes {_dtype(spec.dtype)}",
+                input=spec.name,
+            )
+        if len(tensor.item_shape) + 1 != rank:
+            raise InvalidInput(
+                f"input {spec.name!r} has rank {len(tensor.item_shape) + 1}, the model takes rank {rank} "
+                "(the first dimension indexes the items)",
+                input=spec.name,
+            )
+        for axis, (got, want) in enumerate(zip(tensor.item_shape, spec.item_shape, strict=True), start=1):
+            if want >= 0 and got != want:
+                raise InvalidInput(
+                    f"input {spec.name!r} has size {got} in dimension {axis}, the model takes {want}",
+                    input=spec.name,
+                )
+
+
+def _dtype(value: int) -> str:
+    try:
+        return tensor_codec.data_type_name(value)
+    except ValueError:
+        return str(value)
+
+
+class Jobs:
+    """What the JobService does, over the store, the dataset files, the registry and the job queue."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        datasets: DatasetStore,
+        registry: RegistryClient,
+        send: Send,
+        *,
+        watch_interval: float = 0.2,
+        result_page: int = 64,
+    ) -> None:
+        self._store = store
+        self._datasets = datasets
+        self._registry = registry
+        self._send = send
+        self._watch_interval = watch_interval
+        self._result_page = result_page
+
+    # --- submission -----------------------------------------------------------------------------------------
+
+    async def submit(self, spec: JobSpec) -> Job:
+        """Resolves and pins the model, checks the input, records the job and queues it (once per request_id)."""
+        if spec.request_id:
+            existing = await self._store.get_job_by_request_id(spec.request_id)
+            if existing is not None:
+                return existing
+        model = await self._registry.resolve(spec.model_ref)
+        if spec.dataset_id is not None:
+            dataset = await self._store.get_dataset(spec.dataset_id)
+            tensors, items = dataset.tensors, dataset.item_count
+        else:
+            tensors, items = spec.inline_tensors, spec.inline_items
+        if items == 0:
+            raise InvalidInput("the input holds no items; give at least one", field="inline_input")
+        check_signature(model, tensors)
+        job, created = await self._store.insert_job(
+            uuid.uuid4(),
+            spec,
+            model_version=model.version,
+            items_total=items,
+            batches_total=batch_count(items, spec.batch_size),
+        )
+        if created:
+            log.info("job %s submitted: %s:%d, %d items", job.id, model.name, model.version, items)
+            await self._send(job.id, job.priority)
+        return job
+
+    # --- reads and state changes ----------------------------------------------------------------------------
+
+    async def get(self, job_id: UUID) -> Job:
+        return await self._store.get_job(job_id)
+
+    async def list(self, where: JobFilter, *, limit: int, after: list[Any] | None) -> Page:
+        return await self._store.list_jobs(where, limit=limit, after=after)
+
+    async def cancel(self, job_id: UUID) -> Job:
+        job = await self._store.cancel(job_id)
+        if job is not None:
+            log.info("job %s cancelled", job_id)
+            return job
+        job = await self._store.get_job(job_id)
+        if job.state is JobState.CANCELLED:
+            return job
+        raise JobStateConflict(str(job_id), job.state.value, "cancel", "QUEUED or RUNNING")
+
+    async def retry(self, job_id: UUID) -> Job:
+        job = await self._store.get_job(job_id)
+        retryable = job.state in (JobState.FAILED, JobState.CANCELLED)
+        if retryable and job.dataset_id is None and await self._store.inline_input(job_id) is None:
+            raise FailedPrecondition(f"job {job_id} cannot run again: its dataset was deleted")
+        requeued = await self._store.requeue_finished(job_id)
+        if requeued is None:
+            job = await self._store.get_job(job_id)
+            raise JobStateConflict(str(job_id), job.state.value, "retry", "FAILED or CANCELLED")
+        log.info("job %s queued again", job_id)
+        await self._send(requeued.id, requeued.priority)
+        return requeued
+
+    async def delete(self, job_id: UUID) -> int:
+        deleted = await self._store.delete_job(job_id)
+        if deleted is None:
+            job = await self._store.get_job(job_id)
+            raise JobNotFinished(str(job_id), job.state.value)
+        log.info("job %s deleted", job_id)
+        return deleted
+
+    async def watch(self, job_id: UUID) -> AsyncIterator[Job]:
+        """The job now, then each change of state or progress, ending with its terminal state."""
+        last: tuple[object, ...] | None = None
+        while True:
+            job = await self._store.get_job(job_id)
+            key = (job.state, job.progress.items_done, job.attempt_count, job.worker_id)
+            if key != last:
+                last = key
+                yield job
+            if job.state.terminal:
+                return
+            await asyncio.sleep(self._watch_interval)
+
+    async def results(self, job_id: UUID) -> AsyncIterator[ResultRecord]:
+        """The stored outputs of a COMPLETED job, batch by batch in item order."""
+        job = await self._store.get_job(job_id)
+        if job.state is not JobState.COMPLETED:
+            raise JobNotCompleted(str(job_id), job.state.value)
+        after = -1
+        while True:
+            page = await self._store.results(job_id, after=after, limit=self._result_page)
+            for record in page:
+                yield record
+            if len(page) < self._result_page:
+                return
+            after = page[-1].batch_index
+
+    # --- datasets -------------------------------------------------------------------------------------------
+
+    async def upload_dataset(
+        self, chunks: AsyncIterator[bytes], *, sha256: str, size: int, display_name: str, labels: dict[str, str]
+    ) -> Dataset:
+        """Receives, checks and stores a dataset file, all or nothing."""
+        tmp, data = await self._datasets.receive(chunks, sha256=sha256, size=size)
+        try:
+            summary = await asyncio.to_thread(summarize, data)
+            self._datasets.commit(tmp, sha256)
+        except BaseException:
+            self._datasets.discard(tmp)
+            raise
+        dataset = Dataset(
+            id=uuid.uuid4(),
+            sha256=sha256,
+            size_bytes=size,
+            item_count=summary.item_count,
+            record_count=summary.record_count,
+            tensors=summary.tensors,
+            display_name=display_name,
+            labels=labels,
+            create_time=None,  # type: ignore[arg-type]  # set by the database
+        )
+        stored = await self._store.insert_dataset(dataset)
+        log.info("dataset %s stored: %d items in %d records", stored.id, stored.item_count, stored.record_count)
+        return stored
+
+    async def get_dataset(self, dataset_id: UUID) -> Dataset:
+        return await self._store.get_dataset(dataset_id)
+
+    async def delete_dataset(self, dataset_id: UUID) -> None:
+        orphan = await self._store.delete_dataset(dataset_id)
+        if orphan is not None:
+            self._datasets.delete(orphan)
+
+
+def inline_spec(spec: JobSpec, tensors: Sequence[Any]) -> JobSpec:
+    """Fills the inline fields of a spec from the request's tensors (InvalidInput when they do not agree)."""
+    infos, items = describe_record(tensors, error=InvalidInput)
+    return replace(spec, inline_tensors=tuple(infos), inline_items=items)

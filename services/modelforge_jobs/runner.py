@@ -1,0 +1,199 @@
+"""The job runner: runs one job's unfinished batches on the inference service, idempotently.
+
+Every batch's outputs are stored with its index and the progress in one transaction, and a batch already stored is
+never stored again, so a redelivered or retried job resumes at its first unfinished batch. Between batches the runner
+sees cancellation (the store refuses the write), and a heartbeat tells the reaper that the worker is alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from uuid import UUID
+
+from modelforge.jobs.v1.jobs_pb2 import DatasetRecord
+from modelforge_jobs.datasets import DatasetStore, Items
+from modelforge_jobs.domain import Job, JobError, JobState, Priority, ResultRecord
+from modelforge_jobs.errors import AttemptsExhausted, TimeLimitExceeded, is_transient
+from modelforge_jobs.inference_client import InferenceClient
+from modelforge_jobs.store import JobStore
+from modelforge_server.errors import FailedPrecondition, ServiceError
+from modelforge_server.status import code_for
+
+log = logging.getLogger("modelforge.jobs.runner")
+
+
+class RetryLater(Exception):
+    """Raised to the queue after a transient failure: the job is QUEUED again and its message is retried."""
+
+    def __init__(self, job_id: UUID, cause: BaseException) -> None:
+        super().__init__(f"job {job_id} will run again: {cause}")
+        self.job_id = job_id
+
+
+@dataclass(frozen=True)
+class RunnerSettings:
+    worker_id: str
+    heartbeat_interval: float
+    stale_after: float
+    batch_concurrency: int = 4  # batches in flight at once, to keep the inference service's batcher busy
+
+
+class _Stop(Exception):
+    """The job was cancelled or taken over: stop quietly."""
+
+
+def _error(exc: BaseException) -> JobError:
+    if isinstance(exc, ServiceError):
+        return JobError(code_for(exc).name, exc.reason, str(exc))
+    return JobError("INTERNAL", "INTERNAL", "the worker failed unexpectedly; details are in the worker's log")
+
+
+class JobRunner:
+    """Runs jobs for one worker process."""
+
+    def __init__(
+        self, store: JobStore, datasets: DatasetStore, inference: InferenceClient, settings: RunnerSettings
+    ) -> None:
+        self._store = store
+        self._datasets = datasets
+        self._inference = inference
+        self._settings = settings
+
+    @property
+    def worker_id(self) -> str:
+        return self._settings.worker_id
+
+    async def run(self, job_id: UUID) -> JobState | None:
+        """Runs the job's unfinished batches; returns its state at the end, None when there was nothing to do.
+
+        Raises RetryLater after a transient failure when attempts remain.
+        """
+        job = await self._store.claim(job_id, self.worker_id, stale_after=self._settings.stale_after)
+        if job is None:
+            log.info("job %s is not QUEUED (finished, cancelled, or running elsewhere): message dropped", job_id)
+            return None
+        log.info("job %s running, attempt %d of %d", job_id, job.attempt_count, job.max_attempts)
+        try:
+            async with self._heartbeat(job_id):
+                state = await self._run_batches(job)
+        except _Stop:
+            return (await self._store.get_job(job_id)).state
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt | SystemExit):
+                raise
+            return await self._failed(job, exc)
+        return state
+
+    async def _failed(self, job: Job, exc: BaseException) -> JobState:
+        if not isinstance(exc, ServiceError):
+            log.error("job %s: unexpected failure", job.id, exc_info=exc)
+        if is_transient(exc) or not isinstance(exc, ServiceError):
+            if job.attempt_count < job.max_attempts:
+                log.warning("job %s: transient failure, will run again: %s", job.id, exc)
+                if await self._store.release(job.id, self.worker_id, retry_in=0.0):
+                    raise RetryLater(job.id, exc) from exc
+                return (await self._store.get_job(job.id)).state
+            cause = _error(exc)
+            error = JobError(
+                cause.code,
+                AttemptsExhausted.reason,
+                f"gave up after {job.attempt_count} attempts; the last failed with: {cause.message}",
+            )
+        else:
+            error = _error(exc)
+        log.warning("job %s failed: %s %s", job.id, error.reason, error.message)
+        await self._store.fail(job.id, self.worker_id, error)
+        return JobState.FAILED
+
+    async def _load(self, job: Job) -> Items:
+        if job.dataset_id is not None:
+            dataset = await self._store.get_dataset(job.dataset_id)
+            data = await self._datasets.read(dataset.sha256)
+            return await asyncio.to_thread(Items.from_bytes, data, delimited=True)
+        record = await self._store.inline_input(job.id)
+        if record is None:
+            raise FailedPrecondition("the job's input is gone: its dataset was deleted")
+        return await asyncio.to_thread(Items.from_bytes, record, delimited=False)
+
+    async def _run_batches(self, job: Job) -> JobState:
+        started = time.monotonic()
+        deadline = started + job.time_limit if job.time_limit else None
+        done = await self._store.done_batches(job.id)
+        todo = [index for index in range(job.progress.batches_total) if index not in done]
+        if todo:
+            items = await self._load(job)
+            await self._pipeline(job, items, iter(todo), deadline)
+        if await self._store.complete(job.id, self.worker_id):
+            log.info("job %s completed", job.id)
+            return JobState.COMPLETED
+        raise _Stop
+
+    async def _pipeline(self, job: Job, items: Items, todo: Iterator[int], deadline: float | None) -> None:
+        """Runs the batches with a few in flight; the first failure stops the others."""
+        failure: list[BaseException] = []
+
+        async def lane() -> None:
+            for index in todo:
+                if failure:
+                    return
+                try:
+                    await self._batch(job, items, index, deadline)
+                except BaseException as exc:
+                    failure.append(exc)
+                    return
+
+        lanes = max(1, min(self._settings.batch_concurrency, job.progress.batches_total))
+        await asyncio.gather(*(lane() for _ in range(lanes)))
+        if failure:
+            stops = [exc for exc in failure if isinstance(exc, _Stop)]
+            raise stops[0] if stops else failure[0]
+
+    async def _batch(self, job: Job, items: Items, index: int, deadline: float | None) -> None:
+        first = index * job.batch_size
+        last = min(first + job.batch_size, job.progress.items_total)
+        timeout = None
+        if deadline is not None:
+            timeout = deadline - time.monotonic()
+            if timeout <= 0:
+                raise TimeLimitExceeded(job.time_limit or 0.0)
+        inputs = items.batch(first, last)
+        began = time.monotonic()
+        try:
+            outputs = await self._inference.predict(
+                job.model_ref.name, job.model_version, inputs, priority=Priority(job.priority), timeout=timeout
+            )
+        except ServiceError as exc:
+            if deadline is not None and time.monotonic() >= deadline and is_transient(exc):
+                raise TimeLimitExceeded(job.time_limit or 0.0) from exc
+            raise
+        seconds = time.monotonic() - began
+        record = DatasetRecord(tensors=outputs).SerializeToString()
+        state = await self._store.store_batch(
+            job.id, self.worker_id, ResultRecord(index, first, last - first, record), seconds
+        )
+        if state is not JobState.RUNNING:
+            log.info("job %s stops before batch %d: it is %s", job.id, index, state.value if state else "elsewhere")
+            raise _Stop
+
+    @contextlib.asynccontextmanager
+    async def _heartbeat(self, job_id: UUID) -> AsyncIterator[None]:
+        async def beat() -> None:
+            while True:
+                await asyncio.sleep(self._settings.heartbeat_interval)
+                try:
+                    await self._store.heartbeat(job_id, self.worker_id)
+                except ServiceError as exc:
+                    log.warning("job %s: heartbeat failed: %s", job_id, exc)
+
+        task = asyncio.create_task(beat(), name=f"heartbeat-{job_id}")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

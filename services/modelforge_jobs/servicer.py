@@ -1,0 +1,165 @@
+"""Translates JobService RPCs to Jobs calls; holds no logic of its own."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+import grpc
+
+from modelforge.jobs.v1 import jobs_pb2, jobs_pb2_grpc
+from modelforge_jobs import convert
+from modelforge_jobs.domain import JobFilter, JobSpec
+from modelforge_jobs.errors import InvalidInput
+from modelforge_jobs.jobs import Jobs, inline_spec, parse_id
+from modelforge_jobs.settings import JobsSettings
+from modelforge_server import paging
+from modelforge_server.errors import InvalidArgument, require
+
+_SHA256_HEX = frozenset("0123456789abcdef")
+
+
+class JobServicer(jobs_pb2_grpc.JobServiceServicer):
+    """The gRPC face of Jobs."""
+
+    def __init__(self, jobs: Jobs, settings: JobsSettings) -> None:
+        self._jobs = jobs
+        self._settings = settings
+
+    def _spec(self, request: jobs_pb2.CreateJobRequest) -> JobSpec:
+        settings = self._settings
+        require(request.model_ref.name, "model_ref.name")
+        if request.batch_size < 0 or request.batch_size > settings.max_batch_size:
+            raise InvalidArgument(
+                f"batch_size must be 1 to {settings.max_batch_size} (0 for the default)", field="batch_size"
+            )
+        if request.max_attempts < 0 or request.max_attempts > settings.max_max_attempts:
+            raise InvalidArgument(
+                f"max_attempts must be 1 to {settings.max_max_attempts} (0 for the default)", field="max_attempts"
+            )
+        priority = convert.priority_from_proto(request.priority)
+        if priority is None:
+            raise InvalidArgument(f"priority {request.priority} is not a JobPriority", field="priority")
+        limit = request.time_limit.ToTimedelta().total_seconds() if request.HasField("time_limit") else 0.0
+        if limit < 0:
+            raise InvalidArgument("time_limit must not be negative", field="time_limit")
+        if len(request.request_id) > 128:
+            raise InvalidArgument("request_id is longer than 128 characters", field="request_id")
+        spec = JobSpec(
+            model_ref=convert.ref_from_proto(request.model_ref),
+            batch_size=request.batch_size or settings.default_batch_size,
+            priority=priority,
+            labels=dict(request.labels),
+            max_attempts=request.max_attempts or settings.default_max_attempts,
+            time_limit=limit or None,
+            request_id=request.request_id or None,
+        )
+        which = request.WhichOneof("input")
+        if which == "dataset_id":
+            return replace(spec, dataset_id=parse_id(request.dataset_id, "dataset_id"))
+        if which == "inline_input":
+            spec = replace(spec, inline_input=request.inline_input.SerializeToString())
+            return inline_spec(spec, request.inline_input.tensors)
+        raise InvalidInput("the input is required: set inline_input or dataset_id")
+
+    async def CreateJob(
+        self, request: jobs_pb2.CreateJobRequest, context: grpc.aio.ServicerContext
+    ) -> jobs_pb2.CreateJobResponse:
+        job = await self._jobs.submit(self._spec(request))
+        return jobs_pb2.CreateJobResponse(job=convert.job_to_proto(job))
+
+    async def GetJob(
+        self, request: jobs_pb2.GetJobRequest, context: grpc.aio.ServicerContext
+    ) -> jobs_pb2.GetJobResponse:
+        job = await self._jobs.get(parse_id(request.id))
+        return jobs_pb2.GetJobResponse(job=convert.job_to_proto(job))
+
+    async def ListJobs(
+        self, request: jobs_pb2.ListJobsRequest, context: grpc.aio.ServicerContext
+    ) -> jobs_pb2.ListJobsResponse:
+        state = None
+        if request.state:
+            state = convert.state_from_proto(request.state)
+            if state is None:
+                raise InvalidArgument(f"state {request.state} is not a JobState", field="state")
+        page = await self._jobs.list(
+            JobFilter(state=state, model=request.model or None, labels=dict(request.labels)),
+            limit=paging.page_size(request.page_size, default=50, maximum=500),
+            after=paging.decode(request.page_token),
+        )
+        return jobs_pb2.ListJobsResponse(
+            jobs=[convert.job_to_proto(job) for job in page.items],
+            next_page_token=paging.encode(page.last_key) if page.has_more and page.last_key else "",
+        )
+
+    async def CancelJob(
+        self, request: jobs_pb2.CancelJobRequest, context: grpc.aio.ServicerContext
+    ) -> jobs_pb2.CancelJobResponse:
+        job = await self._jobs.cancel(parse_id(request.id))
+        return jobs_pb2.CancelJobResponse(job=convert.job_to_proto(job))
+
+    async def RetryJob(
+        self, request: jobs_pb2.RetryJobRequest, context: grpc.aio.ServicerContext
+    ) -> jobs_pb2.RetryJobResponse:
+        job = await self._jobs.retry(parse_id(request.id))
+        return jobs_pb2.RetryJobResponse(job=convert.job_to_proto(job))
+
+    async def DeleteJob(
+        self, request: jobs_pb2.DeleteJobRequest, context: grpc.aio.ServicerContext
+    ) -> jobs_pb2.DeleteJobResponse:
+        deleted = await self._jobs.delete(parse_id(request.id))
+        return jobs_pb2.DeleteJobResponse(deleted_items=deleted)
+
+    async def WatchJob(
+        self, request: jobs_pb2.WatchJobRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[jobs_pb2.WatchJobResponse]:
+        async for job in self._jobs.watch(parse_id(request.id)):
+            yield jobs_pb2.WatchJobResponse(job=convert.job_to_proto(job))
+
+    async def GetJobResult(
+        self, request: jobs_pb2.GetJobResultRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[jobs_pb2.GetJobResultResponse]:
+        async for result in self._jobs.results(parse_id(request.id)):
+            yield jobs_pb2.GetJobResultResponse(
+                first_item=result.first_item, record=jobs_pb2.DatasetRecord.FromString(result.record)
+            )
+
+    async def UploadDataset(
+        self, request_iterator: AsyncIterator[jobs_pb2.UploadDatasetRequest], context: grpc.aio.ServicerContext
+    ) -> jobs_pb2.UploadDatasetResponse:
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("content") != "header":
+            raise InvalidArgument("the first message of an upload must carry the header", field="header")
+        header = first.header
+        sha256 = header.sha256.lower()
+        if len(sha256) != 64 or not set(sha256) <= _SHA256_HEX:
+            raise InvalidArgument("header.sha256 must be 64 lowercase hex digits", field="header.sha256")
+        if header.size_bytes <= 0:
+            raise InvalidArgument("header.size_bytes must be positive", field="header.size_bytes")
+
+        async def chunks() -> AsyncIterator[bytes]:
+            async for message in request_iterator:
+                if message.WhichOneof("content") != "chunk":
+                    raise InvalidArgument("only the first message of an upload may carry a header", field="header")
+                yield message.chunk
+
+        dataset = await self._jobs.upload_dataset(
+            chunks(),
+            sha256=sha256,
+            size=header.size_bytes,
+            display_name=header.display_name,
+            labels=dict(header.labels),
+        )
+        return jobs_pb2.UploadDatasetResponse(dataset=convert.dataset_to_proto(dataset))
+
+    async def GetDataset(
+        self, request: jobs_pb2.GetDatasetRequest, context: grpc.aio.ServicerContext
+    ) -> jobs_pb2.GetDatasetResponse:
+        dataset = await self._jobs.get_dataset(parse_id(request.id))
+        return jobs_pb2.GetDatasetResponse(dataset=convert.dataset_to_proto(dataset))
+
+    async def DeleteDataset(
+        self, request: jobs_pb2.DeleteDatasetRequest, context: grpc.aio.ServicerContext
+    ) -> jobs_pb2.DeleteDatasetResponse:
+        await self._jobs.delete_dataset(parse_id(request.id))
+        return jobs_pb2.DeleteDatasetResponse()

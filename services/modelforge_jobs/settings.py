@@ -1,0 +1,53 @@
+"""The jobs service's settings (API and workers), from MODELFORGE_* variables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from modelforge_server.settings import ServerSettings
+
+DAY = 86400.0
+
+
+@dataclass(frozen=True)
+class JobsSettings(ServerSettings):
+    """Everything the jobs API and the jobs workers read at start."""
+
+    port: int = 50053
+    # Where the registry and the inference service listen.
+    registry_address: str = "127.0.0.1:50051"
+    inference_address: str = "127.0.0.1:50052"
+    # Uploaded datasets, content-addressed; None means data_dir/datasets. Workers read it too, so on several
+    # hosts it must be a shared volume.
+    dataset_dir: Path | None = None
+    # The Redis key prefix of the Dramatiq queues; the API and its workers must agree on it.
+    queue_namespace: str = "modelforge"
+    # Finished jobs, their results and unused datasets are deleted this many seconds after they finished.
+    job_retention: float = 7 * DAY
+    # How often a worker looks for stale jobs and expired ones.
+    maintenance_interval: float = 10.0
+    # A running job's worker writes a heartbeat this often; after heartbeat_timeout without one, the job is
+    # requeued for another worker.
+    heartbeat_interval: float = 2.0
+    heartbeat_timeout: float = 30.0
+    # A QUEUED job whose message was sent this long ago and never picked up is sent again (a lost message).
+    resend_after: float = 600.0
+    # Exponential backoff between runs after a transient failure.
+    retry_min_backoff: float = 1.0
+    retry_max_backoff: float = 60.0
+    # The deadline of one inference call.
+    inference_timeout: float = 60.0
+    # Threads of one worker process, that is jobs it runs at the same time.
+    worker_threads: int = 4
+    # How often WatchJob looks at the job.
+    watch_interval: float = 0.2
+    # Defaults and limits of CreateJob.
+    default_batch_size: int = 256
+    max_batch_size: int = 65536
+    default_max_attempts: int = 3
+    max_max_attempts: int = 20
+
+    @property
+    def dataset_root(self) -> Path:
+        return self.dataset_dir if self.dataset_dir is not None else self.data_dir / "datasets"

@@ -1,0 +1,522 @@
+"""Every SQL statement of the jobs service. Returns domain objects and raises domain errors."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from modelforge_jobs.domain import (
+    Dataset,
+    Job,
+    JobError,
+    JobFilter,
+    JobSpec,
+    JobState,
+    ModelRefSpec,
+    Page,
+    Priority,
+    Progress,
+    ResultRecord,
+    TensorInfo,
+)
+from modelforge_jobs.errors import DatasetInUse, DatasetNotFound, DependencyUnavailable, JobNotFound
+
+_JOB_COLUMNS = """
+    id, request_id, model_name, ref_version, ref_alias, model_version, state, dataset_id, items_total, batch_size,
+    batches_total, items_done, batches_done, priority, labels, max_attempts, time_limit_seconds, attempt_count,
+    worker_id, create_time, start_time, finish_time, update_time, queued_since, queued_seconds, inference_seconds,
+    run_start_time, run_items_start, error_code, error_reason, error_message, now() AS now
+"""
+
+_LIVE = ("QUEUED", "RUNNING")
+
+
+def _seconds(start: datetime | None, end: datetime) -> float:
+    return max((end - start).total_seconds(), 0.0) if start is not None else 0.0
+
+
+def _job(row: dict[str, Any]) -> Job:
+    state = JobState(row["state"])
+    done, total = row["items_done"], row["items_total"]
+    rate = 0.0
+    if state is JobState.RUNNING and row["run_start_time"] is not None:
+        elapsed = _seconds(row["run_start_time"], row["update_time"])
+        run_items = done - row["run_items_start"]
+        if elapsed > 0 and run_items > 0:
+            rate = run_items / elapsed
+    remaining = (total - done) / rate if rate > 0 else (0.0 if state is JobState.COMPLETED else None)
+    error = None
+    if row["error_code"] is not None and state is JobState.FAILED:
+        error = JobError(row["error_code"], row["error_reason"] or "", row["error_message"] or "")
+    return Job(
+        id=row["id"],
+        model_ref=ModelRefSpec(row["model_name"], row["ref_version"], row["ref_alias"]),
+        model_version=row["model_version"],
+        state=state,
+        progress=Progress(done, total, row["batches_done"], row["batches_total"], rate, remaining),
+        dataset_id=row["dataset_id"],
+        batch_size=row["batch_size"],
+        priority=Priority(row["priority"]),
+        labels=dict(row["labels"]),
+        max_attempts=row["max_attempts"],
+        time_limit=row["time_limit_seconds"],
+        attempt_count=row["attempt_count"],
+        worker_id=row["worker_id"],
+        create_time=row["create_time"],
+        start_time=row["start_time"],
+        finish_time=row["finish_time"],
+        update_time=row["update_time"],
+        queued_seconds=row["queued_seconds"] + _seconds(row["queued_since"], row["now"]),
+        inference_seconds=row["inference_seconds"],
+        error=error,
+        request_id=row["request_id"],
+    )
+
+
+def _dataset(row: dict[str, Any]) -> Dataset:
+    return Dataset(
+        id=row["id"],
+        sha256=row["sha256"],
+        size_bytes=row["size_bytes"],
+        item_count=row["item_count"],
+        record_count=row["record_count"],
+        tensors=tuple(TensorInfo(t["name"], t["dtype"], tuple(t["item_shape"])) for t in row["tensors"]),
+        display_name=row["display_name"],
+        labels=dict(row["labels"]),
+        create_time=row["create_time"],
+    )
+
+
+class JobStore:
+    """The jobs, datasets, inline inputs and per-batch results in the `jobs` schema."""
+
+    def __init__(self, pool: AsyncConnectionPool) -> None:
+        self._pool = pool
+
+    @contextlib.asynccontextmanager
+    async def _cursor(self, *, transaction: bool = False) -> AsyncIterator[psycopg.AsyncCursor[dict[str, Any]]]:
+        """A dict-row cursor; PostgreSQL going away becomes Unavailable here, at the boundary."""
+        try:
+            async with self._pool.connection() as conn:
+                if transaction:
+                    async with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+                        yield cur
+                else:
+                    async with conn.cursor(row_factory=dict_row) as cur:
+                        yield cur
+        except (psycopg.OperationalError, PoolTimeout) as exc:
+            raise DependencyUnavailable("database", type(exc).__name__) from exc
+
+    # --- submission and reads -----------------------------------------------------------------------------
+
+    async def insert_job(
+        self, job_id: UUID, spec: JobSpec, *, model_version: int, items_total: int, batches_total: int
+    ) -> tuple[Job, bool]:
+        """Inserts a QUEUED job (and its inline input) and returns it with True; for a request_id seen before,
+        returns that job and False."""
+        async with self._cursor(transaction=True) as cur:
+            await cur.execute(
+                f"""
+                INSERT INTO jobs.jobs (id, request_id, inline_input, model_name, ref_version, ref_alias,
+                    model_version, state, dataset_id, items_total, batch_size, batches_total, priority, labels,
+                    max_attempts, time_limit_seconds, queued_since)
+                VALUES (%(id)s, %(request_id)s, %(inline)s, %(name)s, %(ref_version)s, %(ref_alias)s,
+                    %(model_version)s, 'QUEUED', %(dataset_id)s, %(items_total)s, %(batch_size)s, %(batches_total)s,
+                    %(priority)s, %(labels)s, %(max_attempts)s, %(time_limit)s, now())
+                ON CONFLICT (request_id) DO NOTHING
+                RETURNING {_JOB_COLUMNS}
+                """,
+                {
+                    "id": job_id,
+                    "request_id": spec.request_id,
+                    "inline": spec.inline_input is not None,
+                    "name": spec.model_ref.name,
+                    "ref_version": spec.model_ref.version,
+                    "ref_alias": spec.model_ref.alias,
+                    "model_version": model_version,
+                    "dataset_id": spec.dataset_id,
+                    "items_total": items_total,
+                    "batch_size": spec.batch_size,
+                    "batches_total": batches_total,
+                    "priority": int(spec.priority),
+                    "labels": Jsonb(spec.labels),
+                    "max_attempts": spec.max_attempts,
+                    "time_limit": spec.time_limit,
+                },
+            )
+            row = await cur.fetchone()
+            if row is not None and spec.inline_input is not None:
+                await cur.execute(
+                    "INSERT INTO jobs.inputs (job_id, record) VALUES (%s, %s)", (job_id, spec.inline_input)
+                )
+        if row is not None:
+            return _job(row), True
+        async with self._cursor() as cur:
+            await cur.execute(f"SELECT {_JOB_COLUMNS} FROM jobs.jobs WHERE request_id = %s", (spec.request_id,))
+            row = await cur.fetchone()
+        if row is None:  # deleted between the two statements
+            raise JobNotFound(f"request_id={spec.request_id}")
+        return _job(row), False
+
+    async def get_job_by_request_id(self, request_id: str) -> Job | None:
+        async with self._cursor() as cur:
+            await cur.execute(f"SELECT {_JOB_COLUMNS} FROM jobs.jobs WHERE request_id = %s", (request_id,))
+            row = await cur.fetchone()
+        return _job(row) if row is not None else None
+
+    async def get_job(self, job_id: UUID) -> Job:
+        async with self._cursor() as cur:
+            await cur.execute(f"SELECT {_JOB_COLUMNS} FROM jobs.jobs WHERE id = %s", (job_id,))
+            row = await cur.fetchone()
+        if row is None:
+            raise JobNotFound(str(job_id))
+        return _job(row)
+
+    async def list_jobs(self, where: JobFilter, *, limit: int, after: list[Any] | None) -> Page:
+        clauses, params = ["TRUE"], []
+        if where.state is not None:
+            clauses.append("state = %s")
+            params.append(where.state.value)
+        if where.model:
+            clauses.append("model_name = %s")
+            params.append(where.model)
+        if where.labels:
+            clauses.append("labels @> %s")
+            params.append(Jsonb(where.labels))
+        if after is not None:
+            clauses.append("(create_time, id) < (%s::timestamptz, %s::uuid)")
+            params += [after[0], after[1]]
+        async with self._cursor() as cur:
+            await cur.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs.jobs WHERE {' AND '.join(clauses)}"
+                " ORDER BY create_time DESC, id DESC LIMIT %s",
+                (*params, limit + 1),
+            )
+            rows = await cur.fetchall()
+        jobs = [_job(row) for row in rows[:limit]]
+        last = [jobs[-1].create_time.isoformat(), str(jobs[-1].id)] if jobs else None
+        return Page(jobs, last, len(rows) > limit)
+
+    # --- state changes from the API -----------------------------------------------------------------------
+
+    async def cancel(self, job_id: UUID) -> Job | None:
+        """Cancels a QUEUED or RUNNING job; None when the job is in another state."""
+        async with self._cursor() as cur:
+            await cur.execute(
+                f"""
+                UPDATE jobs.jobs SET state = 'CANCELLED', finish_time = now(), update_time = now(),
+                    queued_seconds = queued_seconds + COALESCE(EXTRACT(EPOCH FROM now() - queued_since), 0),
+                    queued_since = NULL
+                WHERE id = %s AND state IN ('QUEUED', 'RUNNING')
+                RETURNING {_JOB_COLUMNS}
+                """,
+                (job_id,),
+            )
+            row = await cur.fetchone()
+        return _job(row) if row is not None else None
+
+    async def requeue_finished(self, job_id: UUID) -> Job | None:
+        """Makes a FAILED or CANCELLED job QUEUED again with a fresh attempt budget; None in other states."""
+        async with self._cursor() as cur:
+            await cur.execute(
+                f"""
+                UPDATE jobs.jobs SET state = 'QUEUED', finish_time = NULL, update_time = now(), attempt_count = 0,
+                    queued_since = now(), enqueue_time = now(), error_code = NULL, error_reason = NULL,
+                    error_message = NULL
+                WHERE id = %s AND state IN ('FAILED', 'CANCELLED')
+                RETURNING {_JOB_COLUMNS}
+                """,
+                (job_id,),
+            )
+            row = await cur.fetchone()
+        return _job(row) if row is not None else None
+
+    async def delete_job(self, job_id: UUID) -> int | None:
+        """Deletes a terminal job with its input and results; returns its items done, None if it is live."""
+        async with self._cursor() as cur:
+            await cur.execute(
+                "DELETE FROM jobs.jobs WHERE id = %s AND state IN ('COMPLETED', 'FAILED', 'CANCELLED')"
+                " RETURNING items_done",
+                (job_id,),
+            )
+            row = await cur.fetchone()
+        return row["items_done"] if row is not None else None
+
+    async def results(self, job_id: UUID, *, after: int, limit: int) -> list[ResultRecord]:
+        """The stored batches with an index above `after`, in order."""
+        async with self._cursor() as cur:
+            await cur.execute(
+                "SELECT batch_index, first_item, item_count, record FROM jobs.results"
+                " WHERE job_id = %s AND batch_index > %s ORDER BY batch_index LIMIT %s",
+                (job_id, after, limit),
+            )
+            rows = await cur.fetchall()
+        return [ResultRecord(r["batch_index"], r["first_item"], r["item_count"], bytes(r["record"])) for r in rows]
+
+    # --- the worker's side ----------------------------------------------------------------------------------
+
+    async def claim(self, job_id: UUID, worker_id: str, *, stale_after: float) -> Job | None:
+        """Makes a QUEUED job (or a RUNNING one whose worker stopped heartbeating) RUNNING on this worker.
+
+        None when the job is gone, finished, cancelled or running elsewhere: the message is then a duplicate.
+        """
+        async with self._cursor() as cur:
+            await cur.execute(
+                f"""
+                UPDATE jobs.jobs SET state = 'RUNNING', worker_id = %(worker)s, heartbeat_time = now(),
+                    attempt_count = attempt_count + 1, start_time = COALESCE(start_time, now()),
+                    queued_seconds = queued_seconds + COALESCE(EXTRACT(EPOCH FROM now() - queued_since), 0),
+                    queued_since = NULL, run_start_time = now(), run_items_start = items_done, update_time = now()
+                WHERE id = %(id)s AND (state = 'QUEUED'
+                    OR (state = 'RUNNING' AND heartbeat_time < now() - make_interval(secs => %(stale)s)))
+                RETURNING {_JOB_COLUMNS}
+                """,
+                {"id": job_id, "worker": worker_id, "stale": stale_after},
+            )
+            row = await cur.fetchone()
+        return _job(row) if row is not None else None
+
+    async def inline_input(self, job_id: UUID) -> bytes | None:
+        async with self._cursor() as cur:
+            await cur.execute("SELECT record FROM jobs.inputs WHERE job_id = %s", (job_id,))
+            row = await cur.fetchone()
+        return bytes(row["record"]) if row is not None else None
+
+    async def done_batches(self, job_id: UUID) -> set[int]:
+        async with self._cursor() as cur:
+            await cur.execute("SELECT batch_index FROM jobs.results WHERE job_id = %s", (job_id,))
+            return {row["batch_index"] for row in await cur.fetchall()}
+
+    async def store_batch(
+        self, job_id: UUID, worker_id: str, batch: ResultRecord, inference_seconds: float
+    ) -> JobState | None:
+        """Stores one batch's outputs and the progress in one transaction, if the job is still RUNNING here.
+
+        Returns RUNNING when stored (or stored before: a batch is never written twice), otherwise the job's
+        state now (CANCELLED, or RUNNING elsewhere as None after the reaper gave it away).
+        """
+        async with self._cursor(transaction=True) as cur:
+            await cur.execute("SELECT state, worker_id FROM jobs.jobs WHERE id = %s FOR UPDATE", (job_id,))
+            row = await cur.fetchone()
+            if row is None:
+                return None
+            if row["state"] != "RUNNING" or row["worker_id"] != worker_id:
+                return JobState(row["state"]) if row["state"] != "RUNNING" else None
+            await cur.execute(
+                """
+                WITH stored AS (
+                    INSERT INTO jobs.results (job_id, batch_index, first_item, item_count, record)
+                    VALUES (%(id)s, %(index)s, %(first)s, %(count)s, %(record)s)
+                    ON CONFLICT DO NOTHING
+                    RETURNING item_count
+                )
+                UPDATE jobs.jobs SET
+                    items_done = items_done + COALESCE((SELECT sum(item_count) FROM stored), 0),
+                    batches_done = batches_done + (SELECT count(*) FROM stored),
+                    inference_seconds = inference_seconds + %(seconds)s,
+                    heartbeat_time = now(), update_time = now()
+                WHERE id = %(id)s
+                """,
+                {
+                    "id": job_id,
+                    "index": batch.batch_index,
+                    "first": batch.first_item,
+                    "count": batch.item_count,
+                    "record": batch.record,
+                    "seconds": inference_seconds,
+                },
+            )
+        return JobState.RUNNING
+
+    async def heartbeat(self, job_id: UUID, worker_id: str) -> bool:
+        """Refreshes the heartbeat; False when the job is no longer RUNNING on this worker."""
+        async with self._cursor() as cur:
+            await cur.execute(
+                "UPDATE jobs.jobs SET heartbeat_time = now() WHERE id = %s AND state = 'RUNNING' AND worker_id = %s",
+                (job_id, worker_id),
+            )
+            return cur.rowcount == 1
+
+    async def complete(self, job_id: UUID, worker_id: str) -> bool:
+        async with self._cursor() as cur:
+            await cur.execute(
+                """
+                UPDATE jobs.jobs SET state = 'COMPLETED', finish_time = now(), update_time = now()
+                WHERE id = %s AND state = 'RUNNING' AND worker_id = %s AND batches_done = batches_total
+                """,
+                (job_id, worker_id),
+            )
+            return cur.rowcount == 1
+
+    async def fail(self, job_id: UUID, worker_id: str | None, error: JobError) -> bool:
+        """Marks the job FAILED with the error: a RUNNING job of this worker, or (worker None) a QUEUED one."""
+        condition = "state = 'QUEUED'" if worker_id is None else "state = 'RUNNING' AND worker_id = %(worker)s"
+        async with self._cursor() as cur:
+            await cur.execute(
+                f"""
+                UPDATE jobs.jobs SET state = 'FAILED', finish_time = now(), update_time = now(),
+                    queued_seconds = queued_seconds + COALESCE(EXTRACT(EPOCH FROM now() - queued_since), 0),
+                    queued_since = NULL, error_code = %(code)s, error_reason = %(reason)s, error_message = %(message)s
+                WHERE id = %(id)s AND {condition}
+                """,
+                {
+                    "id": job_id,
+                    "worker": worker_id,
+                    "code": error.code,
+                    "reason": error.reason,
+                    "message": error.message,
+                },
+            )
+            return cur.rowcount == 1
+
+    async def release(self, job_id: UUID, worker_id: str, *, retry_in: float) -> bool:
+        """Puts a RUNNING job of this worker back to QUEUED, to run again after a transient failure."""
+        async with self._cursor() as cur:
+            await cur.execute(
+                """
+                UPDATE jobs.jobs SET state = 'QUEUED', queued_since = now(), update_time = now(),
+                    enqueue_time = now() + make_interval(secs => %s)
+                WHERE id = %s AND state = 'RUNNING' AND worker_id = %s
+                """,
+                (retry_in, job_id, worker_id),
+            )
+            return cur.rowcount == 1
+
+    async def mark_sent(self, job_id: UUID) -> None:
+        async with self._cursor() as cur:
+            await cur.execute("UPDATE jobs.jobs SET enqueue_time = now() WHERE id = %s", (job_id,))
+
+    # --- maintenance ----------------------------------------------------------------------------------------
+
+    async def reap(self, *, stale_after: float) -> list[tuple[UUID, Priority]]:
+        """Requeues RUNNING jobs whose worker stopped heartbeating, and fails those out of attempts.
+
+        Returns the requeued jobs, whose messages the caller sends again.
+        """
+        params = {"stale": stale_after}
+        stale = "state = 'RUNNING' AND heartbeat_time < now() - make_interval(secs => %(stale)s)"
+        async with self._cursor(transaction=True) as cur:
+            await cur.execute(
+                f"""
+                UPDATE jobs.jobs SET state = 'FAILED', finish_time = now(), update_time = now(),
+                    error_code = 'UNAVAILABLE', error_reason = 'WORKER_LOST',
+                    error_message = 'the worker running the job stopped, and the job has no attempts left'
+                WHERE {stale} AND attempt_count >= max_attempts
+                """,
+                params,
+            )
+            await cur.execute(
+                f"""
+                UPDATE jobs.jobs SET state = 'QUEUED', queued_since = now(), update_time = now(), enqueue_time = now()
+                WHERE {stale}
+                RETURNING id, priority
+                """,
+                params,
+            )
+            rows = await cur.fetchall()
+        return [(row["id"], Priority(row["priority"])) for row in rows]
+
+    async def unsent(self, *, older_than: float) -> list[tuple[UUID, Priority]]:
+        """QUEUED jobs whose message went out long ago and was never picked up; marks them sent again."""
+        async with self._cursor() as cur:
+            await cur.execute(
+                """
+                UPDATE jobs.jobs SET enqueue_time = now()
+                WHERE state = 'QUEUED' AND enqueue_time < now() - make_interval(secs => %s)
+                RETURNING id, priority
+                """,
+                (older_than,),
+            )
+            rows = await cur.fetchall()
+        return [(row["id"], Priority(row["priority"])) for row in rows]
+
+    async def expire(self, *, retention: float) -> tuple[int, list[str]]:
+        """Deletes jobs finished more than `retention` seconds ago, and datasets as old that no live job reads.
+
+        Returns the number of jobs deleted and the sha256 of dataset files no dataset uses any more.
+        """
+        params = {"retention": retention}
+        async with self._cursor(transaction=True) as cur:
+            await cur.execute(
+                "DELETE FROM jobs.jobs WHERE finish_time < now() - make_interval(secs => %(retention)s)", params
+            )
+            jobs = cur.rowcount
+            await cur.execute(
+                """
+                DELETE FROM jobs.datasets d
+                WHERE create_time < now() - make_interval(secs => %(retention)s)
+                  AND NOT EXISTS (SELECT 1 FROM jobs.jobs j WHERE j.dataset_id = d.id AND j.state = ANY(%(live)s))
+                RETURNING sha256
+                """,
+                {**params, "live": list(_LIVE)},
+            )
+            shas = {row["sha256"] for row in await cur.fetchall()}
+            orphans = []
+            for sha in sorted(shas):
+                await cur.execute("SELECT 1 FROM jobs.datasets WHERE sha256 = %s LIMIT 1", (sha,))
+                if await cur.fetchone() is None:
+                    orphans.append(sha)
+        return jobs, orphans
+
+    # --- datasets -------------------------------------------------------------------------------------------
+
+    async def insert_dataset(self, dataset: Dataset) -> Dataset:
+        async with self._cursor() as cur:
+            await cur.execute(
+                """
+                INSERT INTO jobs.datasets (id, sha256, size_bytes, item_count, record_count, tensors, display_name,
+                    labels)
+                VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+                RETURNING *
+                """,
+                (
+                    dataset.id,
+                    dataset.sha256,
+                    dataset.size_bytes,
+                    dataset.item_count,
+                    dataset.record_count,
+                    Jsonb(
+                        [{"name": t.name, "dtype": t.dtype, "item_shape": list(t.item_shape)} for t in dataset.tensors]
+                    ),
+                    dataset.display_name,
+                    Jsonb(dataset.labels),
+                ),
+            )
+            row = await cur.fetchone()
+        assert row is not None
+        return _dataset(row)
+
+    async def get_dataset(self, dataset_id: UUID) -> Dataset:
+        async with self._cursor() as cur:
+            await cur.execute("SELECT * FROM jobs.datasets WHERE id = %s", (dataset_id,))
+            row = await cur.fetchone()
+        if row is None:
+            raise DatasetNotFound(str(dataset_id))
+        return _dataset(row)
+
+    async def delete_dataset(self, dataset_id: UUID) -> str | None:
+        """Deletes a dataset no live job reads; returns its sha256 when no other dataset shares the file."""
+        async with self._cursor(transaction=True) as cur:
+            await cur.execute("SELECT sha256 FROM jobs.datasets WHERE id = %s FOR UPDATE", (dataset_id,))
+            row = await cur.fetchone()
+            if row is None:
+                raise DatasetNotFound(str(dataset_id))
+            await cur.execute(
+                "SELECT count(*) AS n FROM jobs.jobs WHERE dataset_id = %s AND state = ANY(%s)",
+                (dataset_id, list(_LIVE)),
+            )
+            live = await cur.fetchone()
+            if live is not None and live["n"]:
+                raise DatasetInUse(str(dataset_id), live["n"])
+            await cur.execute("DELETE FROM jobs.datasets WHERE id = %s", (dataset_id,))
+            await cur.execute("SELECT 1 FROM jobs.datasets WHERE sha256 = %s LIMIT 1", (row["sha256"],))
+            shared = await cur.fetchone()
+        return None if shared is not None else row["sha256"]
