@@ -35,6 +35,7 @@ from modelforge_server.errors import Unavailable
 
 __all__ = [
     "CacheCounts",
+    "CacheUnavailable",
     "PredictionCache",
     "PredictionKey",
     "SingleFlight",
@@ -321,6 +322,8 @@ class CacheCounts:
 
 
 class CacheUnavailable(Unavailable):
+    """Raised only by :meth:`PredictionCache.check`, for health reporting; predictions never see it."""
+
     reason = "PREDICTION_CACHE_UNAVAILABLE"
 
     def __init__(self, why: str) -> None:

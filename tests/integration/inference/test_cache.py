@@ -7,13 +7,14 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import redis.asyncio
 
-from modelforge_inference.cache import PredictionCache, PredictionKey
+from modelforge_inference.cache import CacheUnavailable, PredictionCache, PredictionKey
 from modelforge_inference.domain import ResolvedModel, Signature
-from modelforge_server import embedded
+from modelforge_server import embedded, status
 
 MODEL = ResolvedModel("mlp", 2, "0f" * 32, 1234, Signature((), ()))
 INPUTS = {"x": np.arange(8, dtype=np.float32).reshape(2, 4)}
@@ -150,9 +151,9 @@ async def test_redis_stopped_and_restarted(tmp_path: Path) -> None:
             assert cache.degraded_reason
             assert await cache.get(key()) is None  # and later ones do not touch Redis
             assert not await cache.put(key(), OUTPUTS, ttl_seconds=60, max_entry_bytes=1 << 20)
-            with pytest.raises(Exception) as caught:
+            with pytest.raises(CacheUnavailable) as caught:
                 await cache.check()
-            assert type(caught.value).__name__ == "CacheUnavailable"
+            assert status.code_for(caught.value) == grpc.StatusCode.UNAVAILABLE
             counts = cache.counts("mlp", 2)
             assert counts.errors == 1 and counts.skipped == 2
 
