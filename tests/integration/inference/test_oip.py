@@ -1,0 +1,379 @@
+"""The Open Inference Protocol (V2) endpoint over real gRPC, a real registry and real ONNX Runtime sessions.
+
+These tests use ModelForge's own generated V2 stubs; test_tritonclient.py drives the same endpoint with
+tritonclient from PyPI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from modelforge.oip.v2 import grpc_service_pb2 as pb
+from modelforge.oip.v2 import grpc_service_pb2_grpc
+from modelforge.oip.v2 import model_config_pb2 as config_pb
+from modelforge.registry.v1 import registry_pb2
+from tests.fixtures.onnx_models import ModelFile
+from tests.integration.inference.conftest import RunningInference, failure, upload
+
+Tensor = pb.ModelInferRequest.InferInputTensor
+Output = pb.ModelInferRequest.InferRequestedOutputTensor
+
+DATATYPES = {np.dtype("<f4"): "FP32", np.dtype("<i8"): "INT64", np.dtype("<f2"): "FP16", np.dtype(object): "BYTES"}
+
+
+@dataclass
+class V2:
+    """The V2 stub of a running inference server, and a way to publish models through its registry."""
+
+    running: RunningInference
+
+    @property
+    def stub(self) -> grpc_service_pb2_grpc.GRPCInferenceServiceStub:
+        return self.running.oip
+
+    @property
+    def registry(self) -> Any:
+        return self.running.registry_stub
+
+    async def publish(self, name: str, model: ModelFile, **labels: str) -> int:
+        return (await upload(self.running, name, model, labels=labels)).version
+
+
+@pytest.fixture
+def v2(inference: RunningInference) -> V2:
+    return V2(inference)
+
+
+def _encode_bytes(items: list[bytes]) -> bytes:
+    return b"".join(struct.pack("<I", len(item)) + item for item in items)
+
+
+def _decode_bytes(raw: bytes) -> list[bytes]:
+    items, offset = [], 0
+    while offset < len(raw):
+        (length,) = struct.unpack_from("<I", raw, offset)
+        items.append(raw[offset + 4 : offset + 4 + length])
+        offset += 4 + length
+    return items
+
+
+def infer_request(model: str, inputs: dict[str, np.ndarray], **fields: Any) -> pb.ModelInferRequest:
+    """A request carrying every input as raw bytes (BYTES elements length-prefixed)."""
+    tensors, raws = [], []
+    for name, array in inputs.items():
+        tensors.append(Tensor(name=name, datatype=DATATYPES[array.dtype], shape=array.shape))
+        raws.append(_encode_bytes(array.ravel().tolist()) if array.dtype == object else array.tobytes())
+    return pb.ModelInferRequest(model_name=model, inputs=tensors, raw_input_contents=raws, **fields)
+
+
+def outputs_of(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
+    numpy = {"FP32": "<f4", "INT64": "<i8", "FP16": "<f2"}
+    out = {}
+    for tensor, raw in zip(response.outputs, response.raw_output_contents, strict=True):
+        if tensor.datatype == "BYTES":
+            out[tensor.name] = np.array(_decode_bytes(raw), dtype=object).reshape(tuple(tensor.shape))
+        else:
+            out[tensor.name] = np.frombuffer(raw, dtype=numpy[tensor.datatype]).reshape(tuple(tensor.shape))
+    return out
+
+
+def run_onnxruntime(model: ModelFile, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    session = ort.InferenceSession(model.data, providers=["CPUExecutionProvider"])
+    feeds = {k: v.astype(str) if v.dtype == object else v for k, v in inputs.items()}
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds), strict=True))
+
+
+async def assert_status(call: Any, code: grpc.StatusCode) -> str:
+    """Awaits a call that must fail with `code`; returns the details."""
+    got, _, details = await failure(call)
+    assert got == code, details
+    return details
+
+
+# --- server ----------------------------------------------------------------------------------------------------
+
+
+async def test_server_is_live_ready_and_lists_its_extensions(v2: V2) -> None:
+    assert (await v2.stub.ServerLive(pb.ServerLiveRequest())).live
+    assert (await v2.stub.ServerReady(pb.ServerReadyRequest())).ready
+    metadata = await v2.stub.ServerMetadata(pb.ServerMetadataRequest())
+    assert metadata.name == "modelforge"
+    assert metadata.version
+    assert set(metadata.extensions) == {"model_repository", "model_configuration", "schedule_policy", "statistics"}
+
+
+async def test_unserved_protocol_methods_are_unimplemented(v2: V2) -> None:
+    await assert_status(
+        v2.stub.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest()), grpc.StatusCode.UNIMPLEMENTED
+    )
+    await assert_status(v2.stub.TraceSetting(pb.TraceSettingRequest()), grpc.StatusCode.UNIMPLEMENTED)
+    await assert_status(v2.stub.LogSettings(pb.LogSettingsRequest()), grpc.StatusCode.UNIMPLEMENTED)
+
+
+# --- metadata and configuration --------------------------------------------------------------------------------
+
+
+async def test_model_metadata_by_number_alias_and_newest(v2: V2, mlp: ModelFile, multi_io: ModelFile) -> None:
+    first = await v2.publish("scorer", mlp)
+    second = await v2.publish("scorer", multi_io)
+    await v2.registry.SetAlias(registry_pb2.SetAliasRequest(model="scorer", alias="production", version=first))
+
+    newest = await v2.stub.ModelMetadata(pb.ModelMetadataRequest(name="scorer"))
+    assert list(newest.versions) == [str(second)]
+    assert newest.platform == "onnxruntime_onnx"
+    assert [(t.name, t.datatype, list(t.shape)) for t in newest.inputs] == [
+        ("features", "FP32", [-1, 4]),
+        ("ids", "INT64", [-1, 2]),
+    ]
+    assert [t.name for t in newest.outputs] == ["scores", "id_sum"]
+
+    aliased = await v2.stub.ModelMetadata(pb.ModelMetadataRequest(name="scorer", version="production"))
+    numbered = await v2.stub.ModelMetadata(pb.ModelMetadataRequest(name="scorer", version=str(first)))
+    assert aliased == numbered
+    assert [(t.name, t.datatype, list(t.shape)) for t in aliased.inputs] == [("input", "FP32", [-1, 64])]
+
+
+async def test_metadata_of_unknown_model_is_not_found(v2: V2) -> None:
+    details = await assert_status(
+        v2.stub.ModelMetadata(pb.ModelMetadataRequest(name="no-such-model")), grpc.StatusCode.NOT_FOUND
+    )
+    assert "no-such-model" in details
+
+
+async def test_bad_model_version_is_invalid_argument(v2: V2, mlp: ModelFile) -> None:
+    await v2.publish("mlp", mlp)
+    await assert_status(
+        v2.stub.ModelMetadata(pb.ModelMetadataRequest(name="mlp", version="not an alias!")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+
+
+async def test_model_config_reports_batching_in_the_protocols_shape(v2: V2, mlp: ModelFile) -> None:
+    await v2.publish(
+        "mlp",
+        mlp,
+        **{
+            "modelforge.io/max-batch-size": "16",
+            "modelforge.io/max-queue-delay-us": "300",
+            "modelforge.io/preferred-batch-sizes": "4,8",
+            "modelforge.io/max-queue-size": "50",
+        },
+    )
+    config = (await v2.stub.ModelConfig(pb.ModelConfigRequest(name="mlp"))).config
+    assert (config.name, config.platform, config.backend, config.max_batch_size) == (
+        "mlp",
+        "onnxruntime_onnx",
+        "onnxruntime",
+        16,
+    )
+    assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == [("input", config_pb.TYPE_FP32, [64])]
+    assert [(o.name, o.data_type, list(o.dims)) for o in config.output] == [("output", config_pb.TYPE_FP32, [8])]
+    assert list(config.dynamic_batching.preferred_batch_size) == [4, 8]
+    assert config.dynamic_batching.max_queue_delay_microseconds == 300
+    assert config.dynamic_batching.default_queue_policy.max_queue_size == 50
+
+
+async def test_model_config_without_batching_keeps_every_dimension(v2: V2, mlp: ModelFile) -> None:
+    await v2.publish("mlp", mlp, **{"modelforge.io/max-batch-size": "0"})
+    config = (await v2.stub.ModelConfig(pb.ModelConfigRequest(name="mlp"))).config
+    assert config.max_batch_size == 0
+    assert config.WhichOneof("scheduling_choice") is None
+    assert list(config.input[0].dims) == [-1, 64]
+
+
+# --- inference -------------------------------------------------------------------------------------------------
+
+
+async def test_infer_with_raw_inputs_equals_onnxruntime_and_echoes_the_id(v2: V2, mlp: ModelFile) -> None:
+    version = await v2.publish("mlp", mlp)
+    inputs = mlp.sample(3)
+    response = await v2.stub.ModelInfer(infer_request("mlp", inputs, id="request-42"))
+    assert (response.model_name, response.model_version, response.id) == ("mlp", str(version), "request-42")
+    assert [(o.name, o.datatype, list(o.shape)) for o in response.outputs] == [("output", "FP32", [3, 8])]
+    np.testing.assert_allclose(outputs_of(response)["output"], run_onnxruntime(mlp, inputs)["output"], rtol=1e-6)
+
+
+async def test_infer_with_typed_contents_equals_raw(v2: V2, multi_io: ModelFile) -> None:
+    await v2.publish("multi", multi_io)
+    inputs = multi_io.sample(2)
+    typed = pb.ModelInferRequest(
+        model_name="multi",
+        inputs=[
+            Tensor(
+                name="features",
+                datatype="FP32",
+                shape=[2, 4],
+                contents=pb.InferTensorContents(fp32_contents=inputs["features"].ravel().tolist()),
+            ),
+            Tensor(
+                name="ids",
+                datatype="INT64",
+                shape=[2, 2],
+                contents=pb.InferTensorContents(int64_contents=inputs["ids"].ravel().tolist()),
+            ),
+        ],
+    )
+    from_typed = outputs_of(await v2.stub.ModelInfer(typed))
+    from_raw = outputs_of(await v2.stub.ModelInfer(infer_request("multi", inputs)))
+    expected = run_onnxruntime(multi_io, inputs)
+    for name in ("scores", "id_sum"):
+        np.testing.assert_array_equal(from_typed[name], from_raw[name])
+        np.testing.assert_allclose(from_raw[name], expected[name], rtol=1e-6)
+
+
+async def test_requested_outputs_return_only_those_in_request_order(v2: V2, multi_io: ModelFile) -> None:
+    await v2.publish("multi", multi_io)
+    request = infer_request("multi", multi_io.sample(2), outputs=[Output(name="id_sum")])
+    response = await v2.stub.ModelInfer(request)
+    assert [o.name for o in response.outputs] == ["id_sum"]
+    assert len(response.raw_output_contents) == 1
+    np.testing.assert_array_equal(
+        outputs_of(response)["id_sum"], run_onnxruntime(multi_io, multi_io.sample(2))["id_sum"]
+    )
+
+
+async def test_unknown_requested_output_is_invalid_argument(v2: V2, mlp: ModelFile) -> None:
+    await v2.publish("mlp", mlp)
+    request = infer_request("mlp", mlp.sample(1), outputs=[Output(name="nope")])
+    details = await assert_status(v2.stub.ModelInfer(request), grpc.StatusCode.INVALID_ARGUMENT)
+    assert "'nope'" in details
+
+
+async def test_bytes_inputs_and_outputs_travel_length_prefixed(v2: V2, string_model: ModelFile) -> None:
+    await v2.publish("animals", string_model)
+    text = np.array([b"cat", b"zebra", b"bird"], dtype=object)
+    response = await v2.stub.ModelInfer(infer_request("animals", {"text": text}))
+    assert {o.name: o.datatype for o in response.outputs} == {"label_id": "INT64", "label": "BYTES"}
+    out = outputs_of(response)
+    assert out["label"].tolist() == [b"CAT", b"UNKNOWN", b"BIRD"]
+    assert out["label_id"].tolist() == [0, -1, 2]
+
+
+async def test_priority_and_timeout_parameters_are_accepted(v2: V2, mlp: ModelFile) -> None:
+    await v2.publish("mlp", mlp, **{"modelforge.io/priority-levels": "2"})
+    request = infer_request("mlp", mlp.sample(1))
+    request.parameters["priority"].uint64_param = 1
+    request.parameters["timeout"].int64_param = 5_000_000
+    response = await v2.stub.ModelInfer(request)
+    assert list(response.outputs[0].shape) == [1, 8]
+
+
+async def test_non_integer_priority_is_invalid_argument(v2: V2, mlp: ModelFile) -> None:
+    await v2.publish("mlp", mlp)
+    request = infer_request("mlp", mlp.sample(1))
+    request.parameters["priority"].string_param = "high"
+    await assert_status(v2.stub.ModelInfer(request), grpc.StatusCode.INVALID_ARGUMENT)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "needle"),
+    [
+        (lambda r: r.raw_input_contents.__setitem__(0, b"\x00" * 7), "'input'"),
+        (lambda r: setattr(r.inputs[0], "datatype", "FP64"), "'input'"),
+        (lambda r: r.inputs[0].shape.__setitem__(1, 32), "'input'"),
+        (lambda r: setattr(r.inputs[0], "datatype", "FLOAT"), "unknown datatype"),
+        (lambda r: setattr(r, "model_name", ""), "model_name"),
+    ],
+)
+async def test_bad_inputs_are_invalid_argument(v2: V2, mlp: ModelFile, mutate: Any, needle: str) -> None:
+    await v2.publish("mlp", mlp)
+    request = infer_request("mlp", mlp.sample(1))
+    mutate(request)
+    details = await assert_status(v2.stub.ModelInfer(request), grpc.StatusCode.INVALID_ARGUMENT)
+    assert needle in details
+
+
+async def test_infer_on_unknown_model_is_not_found(v2: V2, mlp: ModelFile) -> None:
+    await assert_status(v2.stub.ModelInfer(infer_request("no-such-model", mlp.sample(1))), grpc.StatusCode.NOT_FOUND)
+
+
+# --- streaming -------------------------------------------------------------------------------------------------
+
+
+async def test_stream_answers_every_request_and_reports_failures_in_band(v2: V2, mlp: ModelFile) -> None:
+    await v2.publish("mlp", mlp)
+    good = [infer_request("mlp", mlp.sample(1, seed=i), id=f"good-{i}") for i in range(5)]
+    bad = infer_request("no-such-model", mlp.sample(1), id="bad")
+
+    async def requests() -> AsyncIterator[pb.ModelInferRequest]:
+        for request in (*good[:2], bad, *good[2:]):
+            yield request
+
+    answers = [answer async for answer in v2.stub.ModelStreamInfer(requests())]
+    by_id = {a.infer_response.id: a for a in answers}
+    assert sorted(by_id) == sorted(["bad", *(r.id for r in good)])
+    assert "no-such-model" in by_id["bad"].error_message
+    for index, request in enumerate(good):
+        answer = by_id[request.id]
+        assert answer.error_message == ""
+        expected = run_onnxruntime(mlp, mlp.sample(1, seed=index))["output"]
+        np.testing.assert_allclose(outputs_of(answer.infer_response)["output"], expected, rtol=1e-6)
+
+
+async def test_stream_keeps_going_after_a_bad_input(v2: V2, mlp: ModelFile) -> None:
+    await v2.publish("mlp", mlp)
+    bad = infer_request("mlp", mlp.sample(1), id="bad")
+    bad.raw_input_contents[0] = b"\x00"
+    good = infer_request("mlp", mlp.sample(1), id="good")
+
+    async def requests() -> AsyncIterator[pb.ModelInferRequest]:
+        yield bad
+        yield good
+
+    answers = {a.infer_response.id: a for a in [x async for x in v2.stub.ModelStreamInfer(requests())]}
+    assert "'input'" in answers["bad"].error_message
+    assert answers["good"].error_message == ""
+
+
+# --- repository and statistics ---------------------------------------------------------------------------------
+
+
+async def test_repository_load_index_ready_and_unload(v2: V2, mlp: ModelFile) -> None:
+    version = await v2.publish("mlp", mlp)
+    ready = pb.ModelReadyRequest(name="mlp", version=str(version))
+    assert not (await v2.stub.ModelReady(ready)).ready
+
+    await v2.stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="mlp"))
+    assert (await v2.stub.ModelReady(ready)).ready
+    assert (await v2.stub.ModelReady(pb.ModelReadyRequest(name="mlp"))).ready
+    index = await v2.stub.RepositoryIndex(pb.RepositoryIndexRequest(ready=True))
+    assert [(m.name, m.version, m.state) for m in index.models] == [("mlp", str(version), "READY")]
+
+    await v2.stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="mlp"))
+    assert not (await v2.stub.ModelReady(ready)).ready
+    assert not (await v2.stub.RepositoryIndex(pb.RepositoryIndexRequest(ready=True))).models
+
+
+async def test_repository_load_of_unknown_model_is_not_found(v2: V2) -> None:
+    await assert_status(
+        v2.stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="no-such-model")),
+        grpc.StatusCode.NOT_FOUND,
+    )
+
+
+async def test_model_ready_of_unknown_model_is_false(v2: V2) -> None:
+    assert not (await v2.stub.ModelReady(pb.ModelReadyRequest(name="no-such-model"))).ready
+
+
+async def test_statistics_count_requests_per_version(v2: V2, mlp: ModelFile) -> None:
+    version = await v2.publish("mlp", mlp)
+    await asyncio.gather(*(v2.stub.ModelInfer(infer_request("mlp", mlp.sample(1, seed=i))) for i in range(3)))
+    stats = await v2.stub.ModelStatistics(pb.ModelStatisticsRequest(name="mlp"))
+    [entry] = stats.model_stats
+    assert (entry.name, entry.version) == ("mlp", str(version))
+    assert entry.inference_stats.success.count == 3
+    assert entry.inference_count == 3
+    assert 1 <= entry.execution_count <= 3
+    assert entry.last_inference > 0
+    everything = await v2.stub.ModelStatistics(pb.ModelStatisticsRequest())
+    assert [s.name for s in everything.model_stats] == ["mlp"]
