@@ -16,11 +16,12 @@ from modelforge_inference.domain import ResolvedModel
 from modelforge_inference.files import ModelFileCache, ModelFileCorrupt, ModelFileTooLarge
 from modelforge_inference.registry_client import RegistryNotFound, resolved_model
 from modelforge_server import status
+from tests.fixtures.servers import upload_model as upload
 from tests.integration.inference import test_resolver as harness
-from tests.integration.inference.test_resolver import Registry, add_one_bytes, upload
+from tests.integration.inference.test_resolver import Registry, add_one_bytes
 
 # The registry fixtures of the resolver tests: an in-process registry, a counted stub and an admin stub.
-registry = harness.registry
+restartable_registry = harness.restartable_registry
 stub = harness.stub
 admin = harness.admin
 
@@ -33,7 +34,9 @@ def entries(directory: Path) -> set[str]:
     return {entry.name for entry in directory.iterdir()}
 
 
-async def test_downloads_verifies_and_names_the_file_by_sha256(admin, registry: Registry, stub, tmp_path: Path) -> None:
+async def test_downloads_verifies_and_names_the_file_by_sha256(
+    admin, restartable_registry: Registry, stub, tmp_path: Path
+) -> None:
     [model] = await add_versions(admin, 4)
     cache = ModelFileCache(stub, tmp_path / "models", max_bytes=1 << 20)
     path = await cache.path_for(model)
@@ -44,15 +47,17 @@ async def test_downloads_verifies_and_names_the_file_by_sha256(admin, registry: 
     assert model.sha256 in cache
 
     assert await cache.path_for(model) == path
-    assert registry.counter.calls["DownloadModelVersion"] == 1
+    assert restartable_registry.counter.calls["DownloadModelVersion"] == 1
 
 
-async def test_concurrent_requests_share_one_download(admin, registry: Registry, stub, tmp_path: Path) -> None:
+async def test_concurrent_requests_share_one_download(
+    admin, restartable_registry: Registry, stub, tmp_path: Path
+) -> None:
     [model] = await add_versions(admin, 4)
     cache = ModelFileCache(stub, tmp_path / "models", max_bytes=1 << 20)
     paths = await asyncio.gather(*(cache.path_for(model) for _ in range(10)))
     assert set(paths) == {tmp_path / "models" / model.sha256}
-    assert registry.counter.calls["DownloadModelVersion"] == 1
+    assert restartable_registry.counter.calls["DownloadModelVersion"] == 1
 
 
 async def test_files_present_at_start_are_adopted_and_partial_ones_removed(admin, stub, tmp_path: Path) -> None:
@@ -67,7 +72,9 @@ async def test_files_present_at_start_are_adopted_and_partial_ones_removed(admin
     assert second.files() == [model.sha256]
 
 
-async def test_least_recently_used_unpinned_files_are_evicted(admin, registry: Registry, stub, tmp_path: Path) -> None:
+async def test_least_recently_used_unpinned_files_are_evicted(
+    admin, restartable_registry: Registry, stub, tmp_path: Path
+) -> None:
     a, b, c = await add_versions(admin, 4, 5, 6)
     directory = tmp_path / "models"
     cache = ModelFileCache(stub, directory, max_bytes=a.size_bytes + b.size_bytes + c.size_bytes - 1)
@@ -86,7 +93,7 @@ async def test_least_recently_used_unpinned_files_are_evicted(admin, registry: R
         assert path.exists()
         assert entries(directory) == {a.sha256, b.sha256}
     assert not cache.is_pinned(a.sha256)
-    assert registry.counter.calls["DownloadModelVersion"] == 4
+    assert restartable_registry.counter.calls["DownloadModelVersion"] == 4
 
 
 async def test_pinned_files_may_overshoot_the_bound_rather_than_fail(admin, stub, tmp_path: Path) -> None:
@@ -129,10 +136,10 @@ async def test_a_file_that_does_not_match_its_record_leaves_nothing(
 
 
 async def test_corrupted_bytes_fail_the_sha256_check_and_leave_nothing(
-    admin, registry: Registry, stub, tmp_path: Path
+    admin, restartable_registry: Registry, stub, tmp_path: Path
 ) -> None:
     [model] = await add_versions(admin, 4)
-    blob = registry.settings.blob_root / model.sha256[:2] / model.sha256
+    blob = restartable_registry.settings.blob_root / model.sha256[:2] / model.sha256
     data = bytearray(blob.read_bytes())
     data[len(data) // 2] ^= 0xFF
     os.chmod(blob, 0o644)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
@@ -25,6 +24,8 @@ from modelforge_registry.__main__ import build as build_registry
 from modelforge_registry.settings import RegistrySettings
 from modelforge_server import errors, status
 from tests.fixtures.onnx_models import build_add_one, model_bytes
+from tests.fixtures.servers import registry_settings_for
+from tests.fixtures.servers import upload_model as upload
 
 # Short reconnect backoff, so that a restarted registry is reached again within a test's patience.
 CHANNEL_OPTIONS = [
@@ -92,8 +93,9 @@ class Registry:
 
 
 @pytest.fixture
-async def registry(clean_db: str, tmp_path: Path) -> AsyncIterator[Registry]:
-    registry = Registry(RegistrySettings(database_url=clean_db, data_dir=tmp_path / "registry", grace_seconds=0.5))
+async def restartable_registry(clean_db: str, tmp_path: Path) -> AsyncIterator[Registry]:
+    """Unlike tests.fixtures.servers' `registry`, one that can stop and start again on its port."""
+    registry = Registry(registry_settings_for(clean_db, tmp_path / "registry", grace_seconds=0.5))
     await registry.start()
     try:
         yield registry
@@ -102,18 +104,18 @@ async def registry(clean_db: str, tmp_path: Path) -> AsyncIterator[Registry]:
 
 
 @pytest.fixture
-async def stub(registry: Registry) -> AsyncIterator[registry_pb2_grpc.RegistryServiceStub]:
+async def stub(restartable_registry: Registry) -> AsyncIterator[registry_pb2_grpc.RegistryServiceStub]:
     """A stub for the code under test, on a channel that counts its calls."""
     async with grpc.aio.insecure_channel(
-        registry.address, options=CHANNEL_OPTIONS, interceptors=registry.counter.interceptors
+        restartable_registry.address, options=CHANNEL_OPTIONS, interceptors=restartable_registry.counter.interceptors
     ) as channel:
         yield registry_pb2_grpc.RegistryServiceStub(channel)
 
 
 @pytest.fixture
-async def admin(registry: Registry) -> AsyncIterator[registry_pb2_grpc.RegistryServiceStub]:
+async def admin(restartable_registry: Registry) -> AsyncIterator[registry_pb2_grpc.RegistryServiceStub]:
     """A stub for the test's own changes to the registry, on a channel of its own."""
-    async with grpc.aio.insecure_channel(registry.address, options=CHANNEL_OPTIONS) as channel:
+    async with grpc.aio.insecure_channel(restartable_registry.address, options=CHANNEL_OPTIONS) as channel:
         yield registry_pb2_grpc.RegistryServiceStub(channel)
 
 
@@ -122,21 +124,6 @@ async def resolver(stub: registry_pb2_grpc.RegistryServiceStub) -> AsyncIterator
     async with ModelResolver(stub, min_backoff=0.02, max_backoff=0.2) as resolver:
         await asyncio.wait_for(resolver.wait_connected(), 30)
         yield resolver
-
-
-async def upload(stub: registry_pb2_grpc.RegistryServiceStub, model: str, data: bytes) -> registry_pb2.ModelVersion:
-    sha256 = hashlib.sha256(data).hexdigest()
-
-    async def messages() -> AsyncIterator[registry_pb2.UploadModelVersionRequest]:
-        header = registry_pb2.UploadModelVersionHeader(
-            model=model, create_model=True, sha256=sha256, size_bytes=len(data)
-        )
-        yield registry_pb2.UploadModelVersionRequest(header=header)
-        for offset in range(0, len(data), 64 * 1024):
-            yield registry_pb2.UploadModelVersionRequest(chunk=data[offset : offset + 64 * 1024])
-
-    response = await stub.UploadModelVersion(messages())
-    return response.model_version
 
 
 def add_one_bytes(width: int) -> bytes:
@@ -204,17 +191,17 @@ async def test_resolves_by_number_alias_and_latest(admin, resolver: ModelResolve
 
 
 async def test_resolutions_are_cached_and_concurrent_ones_share_a_call(
-    admin, registry: Registry, resolver: ModelResolver, events: EventLog
+    admin, restartable_registry: Registry, resolver: ModelResolver, events: EventLog
 ) -> None:
     await upload(admin, "adder", add_one_bytes(4))
     await events.wait_for(ModelEventType.VERSION_CREATED, "adder")
     ref = ModelRef("adder", version=1)
     results = await asyncio.gather(*(resolver.resolve(ref) for _ in range(20)))
     assert all(result == results[0] for result in results)
-    assert registry.counter.calls["ResolveModelRef"] == 1
+    assert restartable_registry.counter.calls["ResolveModelRef"] == 1
     assert resolver.cached(ref) == results[0]
     assert await resolver.resolve(ref) is resolver.cached(ref)
-    assert registry.counter.calls["ResolveModelRef"] == 1
+    assert restartable_registry.counter.calls["ResolveModelRef"] == 1
 
 
 async def test_unknown_refs_are_not_found_with_the_registry_reason(admin, resolver: ModelResolver) -> None:
@@ -289,7 +276,7 @@ async def test_a_failing_listener_does_not_stop_the_watch(admin, resolver: Model
 
 
 async def test_reconnects_after_the_registry_restarts_and_drops_its_cache(
-    admin, registry: Registry, resolver: ModelResolver, events: EventLog
+    admin, restartable_registry: Registry, resolver: ModelResolver, events: EventLog
 ) -> None:
     await upload(admin, "adder", add_one_bytes(4))
     await events.wait_for(ModelEventType.VERSION_CREATED, "adder")
@@ -299,20 +286,20 @@ async def test_reconnects_after_the_registry_restarts_and_drops_its_cache(
     log = EventLog()
     resolver.add_listener(log)
 
-    await registry.stop()
+    await restartable_registry.stop()
     await poll(lambda: not resolver.connected, "the resolver to notice the registry is gone")
     assert resolver.cached(ref) is None
     with pytest.raises(RegistryUnavailable) as caught:
         await resolver.resolve(ref)
     assert status.code_for(caught.value) == grpc.StatusCode.UNAVAILABLE
 
-    await registry.start()
+    await restartable_registry.start()
     await asyncio.wait_for(resolver.wait_connected(), 30)
     assert resolver.reconnects == 2
     assert [event.type for event in log.events] == [ModelEventType.WATCH_STARTED]
-    calls = registry.counter.calls["ResolveModelRef"]
+    calls = restartable_registry.counter.calls["ResolveModelRef"]
     assert (await resolver.resolve(ref)).version == 1
-    assert registry.counter.calls["ResolveModelRef"] == calls + 1
+    assert restartable_registry.counter.calls["ResolveModelRef"] == calls + 1
 
     # Events flow again on the new stream.
     await upload(admin, "adder", add_one_bytes(5))
@@ -320,13 +307,13 @@ async def test_reconnects_after_the_registry_restarts_and_drops_its_cache(
     assert (await resolver.resolve(ModelRef("adder"))).version == 2
 
 
-async def test_resolves_uncached_without_a_watch(admin, registry: Registry, stub) -> None:
+async def test_resolves_uncached_without_a_watch(admin, restartable_registry: Registry, stub) -> None:
     await upload(admin, "adder", add_one_bytes(4))
     resolver = ModelResolver(stub)  # never started
     ref = ModelRef("adder", version=1)
     assert (await resolver.resolve(ref)).version == 1
     assert (await resolver.resolve(ref)).version == 1
-    assert registry.counter.calls["ResolveModelRef"] == 2
+    assert restartable_registry.counter.calls["ResolveModelRef"] == 2
     assert resolver.cached(ref) is None
     await resolver.aclose()
 
