@@ -91,6 +91,11 @@ _TYPED: dict[str, tuple[np.dtype[Any], str | None]] = {
     "BYTES": (np.dtype(object), "bytes_contents"),
 }
 
+# numpy dtype -> V2 datatype of an output, for the dtypes ONNX Runtime returns (uint16 may also mean BF16).
+_DATATYPES: dict[np.dtype[Any], str] = {
+    dtype: datatype for datatype, (dtype, _) in _TYPED.items() if datatype != "BF16"
+}
+
 # V2 datatype -> the model configuration's DataType.
 _CONFIG_TYPES: dict[str, int] = {
     "BOOL": config_pb.TYPE_BOOL,
@@ -318,7 +323,8 @@ def datatype_of(array: np.ndarray[Any, Any], spec: TensorSpec | None = None) -> 
     """The V2 datatype of an output array; a uint16 output the signature declares bfloat16 is BF16."""
     if spec is not None and spec.ort_type == _BFLOAT16:
         return "BF16"
-    return tensors.to_v2_datatype(tensors.from_numpy_dtype(array.dtype))
+    found = _DATATYPES.get(array.dtype)  # the common dtypes without the general lookup, on the hot path
+    return found if found is not None else tensors.to_v2_datatype(tensors.from_numpy_dtype(array.dtype))
 
 
 def needs_signature(outputs: Mapping[str, np.ndarray[Any, Any]]) -> bool:
