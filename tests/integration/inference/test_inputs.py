@@ -1,0 +1,171 @@
+"""Every kind of bad Predict request gets INVALID_ARGUMENT (or NOT_FOUND) with the input named, and the server
+keeps serving."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from modelforge import tensors
+from modelforge.common.v1 import tensor_pb2
+from modelforge.inference.v1 import inference_pb2
+from modelforge.registry.v1 import registry_pb2
+from tests.fixtures.onnx_models import ModelFile, model_bytes
+from tests.integration.inference.conftest import (
+    RunningInference,
+    failure,
+    outputs,
+    predict_request,
+    ref,
+    upload,
+)
+
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+
+
+def reshape_to_2x2() -> onnx.ModelProto:
+    """x float32 [n] -> y [2, 2]: passes any signature check, but ONNX Runtime refuses every n but 4."""
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])],
+        "reshape",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])],
+        [onnx.numpy_helper.from_array(np.array([2, 2], dtype=np.int64), "shape")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.fixture
+async def served(inference: RunningInference, mlp: ModelFile, multi_io: ModelFile, string_model: ModelFile):
+    await upload(inference, "mlp", mlp)
+    await upload(inference, "multi-io", multi_io)
+    await upload(inference, "strings", string_model)
+    await upload(inference, "reshape", model_bytes(reshape_to_2x2()))
+    return inference
+
+
+def tensor(name: str, dtype: int, shape: list[int], raw: bytes = b"", strings: list[bytes] | None = None):
+    return tensor_pb2.Tensor(name=name, dtype=dtype, shape=shape, raw_data=raw, string_data=strings or [])
+
+
+F32 = tensor_pb2.DATA_TYPE_FLOAT32
+MLP_INPUT = np.zeros((2, 64), dtype=np.float32)
+
+
+CASES = {
+    "missing input": ("multi-io", [tensors.to_tensor(np.zeros((1, 4), np.float32), "features")], "ids", "missing"),
+    "unknown input": (
+        "mlp",
+        [tensors.to_tensor(MLP_INPUT, "input"), tensors.to_tensor(MLP_INPUT, "extra")],
+        "extra",
+        "no such input",
+    ),
+    "wrong dtype": ("mlp", [tensors.to_tensor(MLP_INPUT.astype(np.float64), "input")], "input", "dtype"),
+    "wrong rank": ("mlp", [tensors.to_tensor(np.zeros(64, np.float32), "input")], "input", "rank 2"),
+    "wrong fixed dimension": ("mlp", [tensors.to_tensor(np.zeros((2, 63), np.float32), "input")], "input", "64"),
+    "byte length": ("mlp", [tensor("input", F32, [2, 64], b"\0" * 100)], "input", "512 bytes"),
+    "dtype unset": ("mlp", [tensor("input", tensor_pb2.DATA_TYPE_UNSPECIFIED, [2, 64], b"\0" * 512)], "input", "dtype"),
+    "negative dimension": ("mlp", [tensor("input", F32, [-2, 64])], "input", "negative"),
+    "given twice": (
+        "mlp",
+        [tensors.to_tensor(MLP_INPUT, "input"), tensors.to_tensor(MLP_INPUT, "input")],
+        "input",
+        "twice",
+    ),
+    "number for a string input": ("strings", [tensors.to_tensor(np.zeros(2, np.float32), "text")], "text", "string"),
+    "string that is not UTF-8": (
+        "strings",
+        [tensor("text", tensor_pb2.DATA_TYPE_STRING, [1], strings=[b"\xff\xfe"])],
+        "text",
+        "UTF-8",
+    ),
+    "strings in raw_data": ("strings", [tensor("text", tensor_pb2.DATA_TYPE_STRING, [1], b"abc")], "text", "string"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+async def test_bad_input_is_invalid_argument_naming_it(served: RunningInference, case: str):
+    model, inputs, culprit, words = CASES[case]
+    request = inference_pb2.PredictRequest(ref=ref(model), inputs=inputs)
+
+    code, reason, details = await failure(served.stub.Predict(request))
+
+    assert code == INVALID, details
+    assert reason == "INVALID_INPUT"
+    assert repr(culprit) in details
+    assert words in details
+
+
+async def test_request_over_the_size_limit_is_invalid_argument(start_inference, mlp: ModelFile):
+    async with start_inference(max_request_bytes=1024) as running:
+        await upload(running, "mlp", mlp)
+        request = predict_request("mlp", {"input": np.zeros((8, 64), np.float32)})  # 2048 bytes
+
+        code, reason, details = await failure(running.stub.Predict(request))
+
+        assert (code, reason) == (INVALID, "REQUEST_TOO_LARGE")
+        assert "MODELFORGE_MAX_REQUEST_BYTES" in details
+
+
+async def test_unknown_output_is_invalid_argument(served: RunningInference):
+    request = predict_request("mlp", {"input": MLP_INPUT}, output_names=["nope"])
+
+    code, reason, details = await failure(served.stub.Predict(request))
+
+    assert (code, reason) == (INVALID, "UNKNOWN_OUTPUT")
+    assert "'nope'" in details and "'output'" in details
+
+
+async def test_onnxruntime_refusing_the_input_is_invalid_argument(served: RunningInference):
+    request = predict_request("reshape", {"x": np.zeros(5, np.float32)})
+
+    code, reason, details = await failure(served.stub.Predict(request))
+
+    assert (code, reason) == (INVALID, "MODEL_RUN_FAILED")
+    assert "reshape:1" in details
+    good = await served.stub.Predict(predict_request("reshape", {"x": np.arange(4, dtype=np.float32)}))
+    assert outputs(good)["y"].shape == (2, 2)
+
+
+@pytest.mark.parametrize(
+    ("target", "code"),
+    [
+        (registry_pb2.ModelRef(), INVALID),
+        (registry_pb2.ModelRef(name="Not A Name"), INVALID),
+        (registry_pb2.ModelRef(name="mlp", alias="NOPE!"), INVALID),
+        (registry_pb2.ModelRef(name="nope"), grpc.StatusCode.NOT_FOUND),
+        (registry_pb2.ModelRef(name="mlp", version=99), grpc.StatusCode.NOT_FOUND),
+        (registry_pb2.ModelRef(name="mlp", alias="missing"), grpc.StatusCode.NOT_FOUND),
+    ],
+)
+async def test_bad_refs(served: RunningInference, target: registry_pb2.ModelRef, code: grpc.StatusCode):
+    got, _, details = await failure(served.stub.Predict(predict_request(target, {"input": MLP_INPUT})))
+
+    assert got == code, details
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"priority": -1}, {"cache_mode": 42}, {}],
+    ids=["negative priority", "unknown cache mode", "no inputs"],
+)
+async def test_bad_request_fields_are_invalid_argument(served: RunningInference, fields: dict):
+    inputs = {} if not fields else {"input": MLP_INPUT}
+    code, _, details = await failure(served.stub.Predict(predict_request("mlp", inputs, **fields)))
+
+    assert code == INVALID, details
+
+
+async def test_server_keeps_serving_after_bad_inputs(served: RunningInference):
+    for case in CASES.values():
+        model, inputs, _, _ = case
+        await failure(served.stub.Predict(inference_pb2.PredictRequest(ref=ref(model), inputs=inputs)))
+
+    response = await served.stub.Predict(predict_request("mlp", {"input": MLP_INPUT}))
+
+    assert outputs(response)["output"].shape == (2, 8)
