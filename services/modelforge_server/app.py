@@ -25,7 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from modelforge_server import telemetry as _telemetry
-from modelforge_server.metrics import Endpoint, Metrics, RpcMetricsInterceptor
+from modelforge_server.metrics import Metrics, RpcMetricsInterceptor
 from modelforge_server.settings import ServerSettings
 from modelforge_server.status import StatusInterceptor
 
@@ -205,10 +205,7 @@ async def serve(server: Server, settings: ServerSettings, *, telemetry: _telemet
     unless that port is 0, and buffered spans are flushed at the end.
     """
     server.add_port(settings.address)
-    endpoint: Endpoint | None = None
-    if telemetry is not None and telemetry.metrics_port:
-        endpoint = server.metrics.serve(settings.host, telemetry.metrics_port)
-        log.info("metrics on http://%s:%d/metrics", settings.host, endpoint.port)
+    endpoint = telemetry.serve_metrics(server.metrics, settings.host) if telemetry is not None else None
     try:
         await server.start()
         log.info("serving %s on %s", ", ".join(server.names), settings.address)

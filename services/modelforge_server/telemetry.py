@@ -29,6 +29,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
+from modelforge_server.metrics import Endpoint, Metrics
 from modelforge_server.settings import from_env
 
 __all__ = [
@@ -74,6 +75,18 @@ class Telemetry:
 
     def tracer(self, name: str) -> trace.Tracer:
         return tracer(name)
+
+    def serve_metrics(self, metrics: Metrics, host: str) -> Endpoint | None:
+        """Serves `metrics` on host:metrics_port; None (nothing served) when the port is 0.
+
+        ``app.serve`` does this for gRPC servers; processes without one (jobs workers) call it themselves and
+        ``close()`` the endpoint when they stop.
+        """
+        if not self.metrics_port:
+            return None
+        endpoint = metrics.serve(host, self.metrics_port)
+        log.info("metrics on http://%s:%d/metrics", host, endpoint.port)
+        return endpoint
 
     def shutdown(self) -> None:
         """Flushes spans still buffered; the provider also does this at interpreter exit."""

@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from modelforge.registry.v1 import registry_pb2, registry_pb2_grpc
 from modelforge_server import app, embedded, errors, logs, telemetry
+from modelforge_server.metrics import Metrics
 from modelforge_server.settings import ServerSettings
 
 REGISTRY = "modelforge.registry.v1.RegistryService"
@@ -266,3 +267,11 @@ async def test_a_queued_message_carries_the_trace_to_its_consumer(spans: InMemor
     assert consumer.kind == trace.SpanKind.CONSUMER
     assert consumer.context.trace_id == producer.get_span_context().trace_id
     assert consumer.parent is not None and consumer.parent.span_id == producer.get_span_context().span_id
+
+
+def test_tracing_is_off_and_the_metrics_port_is_the_default_without_settings() -> None:
+    configured = telemetry.setup("modelforge-registry", ServerSettings(), metrics_port=9101, environ={})
+    assert (configured.metrics_port, configured.provider) == (9101, None)
+    disabled = telemetry.setup("modelforge-jobs", metrics_port=9103, environ={"MODELFORGE_METRICS_PORT": "0"})
+    assert disabled.metrics_port == 0
+    assert telemetry.setup("modelforge-jobs", None, environ={}).serve_metrics(Metrics(), "127.0.0.1") is None
