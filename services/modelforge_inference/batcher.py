@@ -46,7 +46,7 @@ class BatchResult:
 @dataclass(eq=False, slots=True)
 class _Pending:
     feeds: Feeds
-    rows: int | None  # None: the inputs disagree on dimension 0, so the request always runs alone
+    rows: int | None  # None: the inputs disagree on dimension 0 (or are scalars): the request always runs alone
     key: Hashable
     level: int
     enqueued: float
@@ -155,7 +155,7 @@ class Batcher:
         future: asyncio.Future[BatchResult] = loop.create_future()
         pending = _Pending(
             feeds=feeds,
-            rows=batch_rows(feeds) if self._merging else None,
+            rows=batch_rows(feeds),
             key=batch_key(feeds) if self._merging else None,
             level=self.level_of(priority),
             enqueued=now,
