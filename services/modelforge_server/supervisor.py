@@ -207,14 +207,14 @@ class Supervisor:
         if self._settings.database_url:
             self.say("PostgreSQL: using MODELFORGE_DATABASE_URL")
         else:
-            url, stop = await asyncio.to_thread(embedded.start_postgres, data_dir)
+            url, stop = await _embedded("PostgreSQL", embedded.start_postgres, data_dir)
             stack.push_async_callback(asyncio.to_thread, _quietly(stop, "PostgreSQL"))
             self._env["MODELFORGE_DATABASE_URL"] = url
             self.say(f"PostgreSQL: embedded, data in {data_dir / 'postgres'}")
         if self._settings.redis_url:
             self.say("Redis: using MODELFORGE_REDIS_URL")
         else:
-            url, stop = await asyncio.to_thread(embedded.start_redis, data_dir)
+            url, stop = await _embedded("Redis", embedded.start_redis, data_dir)
             stack.push_async_callback(asyncio.to_thread, _quietly(stop, "Redis"))
             self._env["MODELFORGE_REDIS_URL"] = url
             self.say(f"Redis: embedded at {url}, data in {data_dir / 'redis'}")
@@ -301,6 +301,18 @@ async def _serving(address: str, service: str) -> None:
             if response.status == SERVING:
                 call.cancel()
                 return
+
+
+async def _embedded(
+    what: str, start: Callable[[Path], tuple[str, embedded.Stop]], data_dir: Path
+) -> tuple[str, embedded.Stop]:
+    try:
+        return await asyncio.to_thread(start, data_dir)
+    except Exception as exc:  # pgserver and redis-server fail in many ways; say which store and where its log is
+        raise SupervisorError(
+            f"could not start the embedded {what} in {data_dir}: {exc}. Its log is in that directory; or point "
+            f"MODELFORGE_{'DATABASE' if what == 'PostgreSQL' else 'REDIS'}_URL at a running server"
+        ) from exc
 
 
 def _quietly(stop: Callable[[], None], what: str) -> Callable[[], None]:

@@ -1,0 +1,178 @@
+# ruff: noqa: F811  (pytest fixtures imported from tests/fixtures are parameters here)
+"""`modelforge up` as users run it: a subprocess on embedded PostgreSQL and Redis, driven by the CLI and reflection."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from tests.fixtures.onnx_models import ModelFile, add_one, onnx_dir  # noqa: F401
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+MODELFORGE = Path(sys.executable).with_name("modelforge")
+READY_LINE = "ModelForge is up."
+START_TIMEOUT = 180.0
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+@dataclass
+class Suite:
+    process: subprocess.Popen[str]
+    lines: queue.Queue[str | None] = field(default_factory=queue.Queue)
+    seen: list[str] = field(default_factory=list)
+
+    def wait_for(self, text: str, timeout: float) -> None:
+        """Reads `up`'s stdout until a line contains `text`; fails if the process ends first."""
+        while True:
+            try:
+                line = self.lines.get(timeout=timeout)
+            except queue.Empty:
+                pytest.fail(f"`modelforge up` printed no {text!r} within {timeout:.0f} s; it printed {self.seen}")
+            if line is None:
+                pytest.fail(
+                    f"`modelforge up` exited with {self.process.wait()} before {text!r}; it printed {self.seen}"
+                )
+            self.seen.append(line)
+            if text in line:
+                return
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGINT)
+        return self.process.wait(timeout=120)
+
+
+@dataclass
+class Env:
+    data_dir: Path
+    registry: str
+    inference: str
+    ports: list[int]
+
+    def environ(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MODELFORGE_")}
+        env["MODELFORGE_DATA_DIR"] = str(self.data_dir)
+        env["MODELFORGE_REGISTRY_ADDRESS"] = self.registry
+        env["MODELFORGE_INFERENCE_ADDRESS"] = self.inference
+        return env
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Env:
+    ports = _free_ports(3)
+    return Env(tmp_path / "data", f"127.0.0.1:{ports[0]}", f"127.0.0.1:{ports[1]}", ports)
+
+
+@contextmanager
+def up(env: Env) -> Iterator[Suite]:
+    registry_port, inference_port, jobs_port = env.ports
+    process = subprocess.Popen(
+        [str(MODELFORGE), "up", "--registry-port", str(registry_port), "--inference-port", str(inference_port),
+         "--jobs-port", str(jobs_port)],
+        env=env.environ(),
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )  # fmt: skip
+    suite = Suite(process)
+
+    def pump() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            suite.lines.put(line.rstrip("\n"))
+        suite.lines.put(None)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        suite.wait_for(READY_LINE, START_TIMEOUT)
+        yield suite
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        reader.join(timeout=10)
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+def cli(env: Env, *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(MODELFORGE), *argv], env=env.environ(), capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def test_up_serves_the_suite_and_keeps_data_across_a_restart(env: Env, add_one: ModelFile, tmp_path: Path) -> None:
+    with up(env) as suite:
+        listening = {line.split()[0]: line.split()[-1] for line in suite.seen if " listening on " in line}
+        assert listening["registry"] == env.registry, suite.seen
+
+        pushed = cli(env, "models", "push", str(add_one.path), "--name", "demo", "--alias", "production")
+        assert pushed.returncode == 0, pushed.stderr
+        assert pushed.stdout.startswith("pushed demo:1 (production)")
+
+        with grpc.insecure_channel(env.registry) as channel:
+            services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+        assert {"modelforge.registry.v1.RegistryService", "grpc.health.v1.Health"} <= services
+
+        if "inference" in listening:
+            np.save(tmp_path / "x.npy", np.ones((2, 4), dtype=np.float32))
+            predicted = cli(env, "predict", "demo@production", "--input", f"x={tmp_path / 'x.npy'}",
+                            "--out", str(tmp_path / "out"))  # fmt: skip
+            assert predicted.returncode == 0, predicted.stderr
+            np.testing.assert_array_equal(np.load(tmp_path / "out" / "y.npy"), np.full((2, 4), 2, np.float32))
+
+        assert suite.stop() == 0
+        suite.wait_for("modelforge up: stopped", 30)
+
+    with up(env) as suite:
+        listed = cli(env, "models", "show", "demo", "--json")
+        assert listed.returncode == 0, listed.stderr
+        assert '"production": 1' in listed.stdout
+        assert add_one.sha256 in listed.stdout
+        assert suite.stop() == 0
+
+
+def test_a_port_in_use_stops_up_with_a_clear_message(env: Env) -> None:
+    registry_port = env.ports[0]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", registry_port))
+        taken.listen()
+        result = subprocess.run(
+            [str(MODELFORGE), "up", "--registry-port", str(registry_port), "--only", "registry"],
+            env=env.environ(),
+            capture_output=True,
+            text=True,
+            timeout=START_TIMEOUT,
+            check=False,
+        )
+    assert result.returncode == 1
+    assert "modelforge up: registry exited with code" in result.stderr

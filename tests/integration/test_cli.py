@@ -1,0 +1,137 @@
+# ruff: noqa: F811  (pytest fixtures imported from tests/fixtures are parameters here)
+"""The `modelforge` command against a real registry: output, exit status, and one-line errors.
+
+`main()` blocks, so each invocation runs in a worker thread while the server keeps the test's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from modelforge import AsyncRegistryClient, VersionState
+from modelforge.cli import ProgressBar, main
+from tests.fixtures.onnx_models import ModelFile, add_one, not_onnx, onnx_dir  # noqa: F401
+from tests.fixtures.servers import RunningRegistry, registry, registry_settings  # noqa: F401
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def cli(registry: RunningRegistry):  # type: ignore[no-untyped-def]
+    async def run(*argv: str) -> Result:
+        out, err = io.StringIO(), io.StringIO()
+        code = await asyncio.to_thread(main, [*argv, "--registry", registry.address], out=out, err=err)
+        return Result(code, out.getvalue(), err.getvalue())
+
+    return run
+
+
+async def test_push_list_show_alias_archive_and_remove(cli, add_one: ModelFile, registry: RunningRegistry) -> None:  # type: ignore[no-untyped-def]
+    pushed = await cli("models", "push", str(add_one.path), "--name", "demo", "--alias", "production")
+    assert pushed.code == 0, pushed.err
+    assert pushed.out.startswith("pushed demo:1 (production)")
+    assert add_one.sha256 in pushed.out
+
+    second = await cli("models", "push", str(add_one.path), "--name", "demo", "--version-label", "2.0", "--json")
+    assert json.loads(second.out)["version"] == 2
+
+    listed = await cli("models", "ls")
+    assert listed.code == 0
+    header, row = listed.out.splitlines()
+    assert header.split()[:3] == ["NAME", "LATEST", "ALIASES"]
+    assert row.split()[:3] == ["demo", "2", "production=1"]
+
+    versions = await cli("models", "ls", "demo")
+    assert [line.split()[0] for line in versions.out.splitlines()[1:]] == ["2", "1"]
+
+    shown = await cli("models", "show", "demo@production")
+    assert shown.code == 0
+    assert "version      demo:1" in shown.out and "inputs" in shown.out
+    shown_json = await cli("models", "show", "demo", "--json")
+    assert json.loads(shown_json.out)["model"]["aliases"] == {"production": 1}
+
+    moved = await cli("models", "alias", "demo", "2", "production")
+    assert (moved.code, moved.out.strip()) == (0, "demo@production -> 2")
+
+    archived = await cli("models", "archive", "demo:1")
+    assert (archived.code, archived.out.strip()) == (0, "archived demo:1")
+    async with AsyncRegistryClient(registry.address) as client:
+        assert (await client.resolve("demo:1")).state is VersionState.ARCHIVED
+
+    refused = await cli("models", "rm", "demo:2")
+    assert refused.code == 1
+    assert refused.err.startswith("modelforge: ") and len(refused.err.strip().splitlines()) == 1
+
+    assert (await cli("models", "rm", "demo:1")).code == 0
+    not_empty = await cli("models", "rm", "demo")
+    assert not_empty.code == 1
+    forced = await cli("models", "rm", "demo", "--force")
+    assert (forced.code, forced.out.strip()) == (0, "deleted model demo and 1 version(s)")
+    assert (await cli("models", "ls")).out.splitlines()[1:] == []
+
+
+async def test_pull_writes_the_verified_file(cli, add_one: ModelFile, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    await cli("models", "push", str(add_one.path), "--name", "demo")
+    target = tmp_path / "pulled.onnx"
+    pulled = await cli("models", "pull", "demo", "--out", str(target))
+    assert pulled.code == 0, pulled.err
+    assert target.read_bytes() == add_one.data
+
+
+async def test_errors_are_one_line_and_non_zero(cli, not_onnx: ModelFile, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    missing = await cli("models", "show", "ghost")
+    assert missing.code == 1
+    assert missing.err.count("\n") == 1 and "'ghost'" in missing.err
+
+    bad_file = await cli("models", "push", str(not_onnx.path), "--name", "broken")
+    assert bad_file.code == 1 and bad_file.err.startswith("modelforge: ")
+
+    no_file = await cli("models", "push", str(tmp_path / "absent.onnx"), "--name", "x")
+    assert no_file.code == 2 and "no such file" in no_file.err
+
+    bad_ref = await cli("models", "show", "Not-A-Name")
+    assert bad_ref.code == 2 and "invalid model name" in bad_ref.err
+
+
+async def test_an_unreachable_registry_says_where_it_looked() -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{sock.getsockname()[1]}"
+    out, err = io.StringIO(), io.StringIO()
+    code = await asyncio.to_thread(main, ["models", "ls", "--registry", address, "--timeout", "5"], out=out, err=err)
+    assert code == 1
+    assert f"cannot reach the registry service at {address}" in err.getvalue()
+    assert "MODELFORGE_REGISTRY_ADDRESS" in err.getvalue()
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_draws_on_a_terminal_only() -> None:
+    terminal = _Terminal()
+    bar = ProgressBar("uploading m.onnx", terminal)
+    for done in (0, 512, 1024):
+        bar(done, 1024)
+    bar.close()
+    frames = terminal.getvalue().split("\r")[1:]
+    assert len(frames) == 3 and "100.0%" in frames[-1] and frames[-1].endswith("\n")
+    piped = io.StringIO()
+    quiet = ProgressBar("uploading", piped)
+    quiet(1, 2)
+    quiet.close()
+    assert piped.getvalue() == ""
