@@ -1,0 +1,199 @@
+"""Cancel, retry, failures and retries, request_id idempotency, retention."""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import AsyncExitStack
+from dataclasses import replace
+
+import grpc
+import numpy as np
+
+from modelforge.jobs.v1 import jobs_pb2
+from modelforge.registry.v1 import registry_pb2
+from modelforge_inference.__main__ import build as build_inference
+from tests.integration.jobs.conftest import (
+    getter,
+    inline_request,
+    results,
+    upload,
+    upload_dataset,
+    wait_for,
+    wait_terminal,
+)
+
+
+def _x(items: int) -> np.ndarray:
+    return np.arange(items * 4, dtype=np.float32).reshape(items, 4)
+
+
+async def _check_all_items_once(stub, job_id: str, x: np.ndarray, batch: int) -> None:
+    firsts, outputs = await results(stub, job_id)
+    assert firsts == list(range(0, len(x), batch))
+    np.testing.assert_array_equal(outputs["y"], x + 1)
+
+
+async def test_cancelled_queued_job_never_runs(jobs_api, jobs_settings, start_worker, inference, add_one) -> None:
+    await upload(inference, "add-one", add_one)
+    job = (await jobs_api.stub.CreateJob(inline_request("add-one", {"x": _x(8)}))).job
+    cancelled = (await jobs_api.stub.CancelJob(jobs_pb2.CancelJobRequest(id=job.id))).job
+    assert cancelled.state == jobs_pb2.JOB_STATE_CANCELLED
+    async with start_worker(jobs_settings) as worker:
+        await worker.join()  # the message was delivered and dropped
+    after = (await jobs_api.stub.GetJob(jobs_pb2.GetJobRequest(id=job.id))).job
+    assert after.state == jobs_pb2.JOB_STATE_CANCELLED
+    assert after.attempt_count == 0 and after.progress.items_done == 0 and not after.HasField("start_time")
+    again = (await jobs_api.stub.CancelJob(jobs_pb2.CancelJobRequest(id=job.id))).job
+    assert again.state == jobs_pb2.JOB_STATE_CANCELLED
+
+
+async def test_cancelled_running_job_keeps_its_items_and_retry_finishes_it(
+    jobs_api, worker, inference, add_one
+) -> None:
+    await upload(inference, "add-one", add_one)
+    x = _x(20_000)
+    job = (await jobs_api.stub.CreateJob(inline_request("add-one", {"x": x}, batch_size=10))).job
+    await wait_for(getter(jobs_api.stub, job.id), lambda j: j.progress.items_done > 0)
+    await jobs_api.stub.CancelJob(jobs_pb2.CancelJobRequest(id=job.id))
+    await worker.join()
+    stopped = (await jobs_api.stub.GetJob(jobs_pb2.GetJobRequest(id=job.id))).job
+    assert stopped.state == jobs_pb2.JOB_STATE_CANCELLED
+    assert 0 < stopped.progress.items_done < 20_000
+    result = await _failure(jobs_api.stub.GetJobResult(jobs_pb2.GetJobResultRequest(id=job.id)))
+    assert result == grpc.StatusCode.FAILED_PRECONDITION
+
+    retried = (await jobs_api.stub.RetryJob(jobs_pb2.RetryJobRequest(id=job.id))).job
+    assert retried.state == jobs_pb2.JOB_STATE_QUEUED
+    assert retried.progress.items_done == stopped.progress.items_done
+    final = await wait_terminal(jobs_api.stub, job.id)
+    assert final.state == jobs_pb2.JOB_STATE_COMPLETED and final.progress.items_done == 20_000
+    await _check_all_items_once(jobs_api.stub, job.id, x, 10)
+
+
+async def _failure(call) -> grpc.StatusCode:
+    try:
+        async for _ in call:
+            pass
+    except grpc.aio.AioRpcError as exc:
+        return exc.code()
+    raise AssertionError("the stream succeeded")
+
+
+async def test_transient_failure_is_retried_and_the_job_finishes(
+    jobs_settings, start_jobs_api, start_worker, inference, add_one, redis_url, tmp_path
+) -> None:
+    """The inference service stops mid-job and comes back on the same port; the job resumes and completes."""
+    await upload(inference, "add-one", add_one)
+    from tests.integration.inference.conftest import inference_settings_for
+
+    own = inference_settings_for(inference.registry.address, tmp_path / "own-inference", redis_url)
+
+    async def serve(port: int) -> tuple[AsyncExitStack, int]:
+        stack = AsyncExitStack()
+        server = await build_inference(own, stack)
+        bound = server.add_port(f"127.0.0.1:{port}")
+        await server.start()
+        return stack, bound
+
+    stack, port = await serve(0)
+    settings = replace(jobs_settings, inference_address=f"127.0.0.1:{port}")
+    x = _x(30_000)
+    async with start_jobs_api(settings) as api, start_worker(settings):
+        request = inline_request("add-one", {"x": x}, batch_size=10, max_attempts=20)
+        job = (await api.stub.CreateJob(request)).job
+        await wait_for(getter(api.stub, job.id), lambda j: j.progress.items_done > 0)
+        await stack.aclose()  # inference goes away mid-job
+        failed_over = await wait_for(getter(api.stub, job.id), lambda j: j.attempt_count >= 2)
+        assert failed_over.progress.items_done < 30_000
+        stack, _ = await serve(port)  # and comes back on the same port
+        try:
+            final = await wait_terminal(api.stub, job.id)
+        finally:
+            await stack.aclose()
+        assert final.state == jobs_pb2.JOB_STATE_COMPLETED, final.error
+        assert final.attempt_count >= 2
+        await _check_all_items_once(api.stub, job.id, x, 10)
+
+
+async def test_permanent_failure_fails_at_once_with_its_reason(
+    jobs_api, jobs_settings, start_worker, inference, add_one
+) -> None:
+    version = await upload(inference, "add-one", add_one)
+    job = (await jobs_api.stub.CreateJob(inline_request("add-one", {"x": _x(8)}, max_attempts=5))).job
+    # The version the job is pinned to disappears before a worker runs it: NOT_FOUND is not worth retrying.
+    await inference.registry_stub.DeleteModelVersion(
+        registry_pb2.DeleteModelVersionRequest(model="add-one", version=version.version)
+    )
+    async with start_worker(jobs_settings):
+        final = await wait_terminal(jobs_api.stub, job.id)
+    assert final.state == jobs_pb2.JOB_STATE_FAILED
+    assert final.attempt_count == 1
+    assert final.error.code == "NOT_FOUND"
+    assert final.error.reason and final.error.message
+    assert "Traceback" not in final.error.message
+
+
+async def test_time_limit_fails_the_job(jobs_api, worker, inference, add_one) -> None:
+    await upload(inference, "add-one", add_one)
+    request = inline_request("add-one", {"x": _x(50_000)}, batch_size=5)
+    request.time_limit.FromMilliseconds(300)
+    job = (await jobs_api.stub.CreateJob(request)).job
+    final = await wait_terminal(jobs_api.stub, job.id)
+    assert final.state == jobs_pb2.JOB_STATE_FAILED
+    assert (final.error.code, final.error.reason) == ("DEADLINE_EXCEEDED", "TIME_LIMIT_EXCEEDED")
+    assert final.attempt_count == 1
+
+
+async def test_concurrent_creates_with_one_request_id_make_one_job(jobs_api, inference, add_one) -> None:
+    await upload(inference, "add-one", add_one)
+    request = inline_request("add-one", {"x": _x(4)}, request_id="0b7c6a2e-retry-me")
+    responses = await asyncio.gather(*(jobs_api.stub.CreateJob(request) for _ in range(12)))
+    assert len({r.job.id for r in responses}) == 1
+    listed = await jobs_api.stub.ListJobs(jobs_pb2.ListJobsRequest())
+    assert [j.id for j in listed.jobs] == [responses[0].job.id]
+    assert listed.jobs[0].request_id == "0b7c6a2e-retry-me"
+
+
+async def test_restarted_api_loses_nothing(jobs_settings, start_jobs_api, start_worker, inference, add_one) -> None:
+    await upload(inference, "add-one", add_one)
+    async with start_jobs_api(jobs_settings) as first:
+        created = [(await first.stub.CreateJob(inline_request("add-one", {"x": _x(5 + i)}))).job for i in range(3)]
+        before = [j.id for j in (await first.stub.ListJobs(jobs_pb2.ListJobsRequest())).jobs]
+    async with start_jobs_api(jobs_settings) as second, start_worker(jobs_settings):
+        after = [j.id for j in (await second.stub.ListJobs(jobs_pb2.ListJobsRequest())).jobs]
+        assert after == before == [j.id for j in created][::-1]
+        for i, job in enumerate(created):
+            final = await wait_terminal(second.stub, job.id)
+            assert final.state == jobs_pb2.JOB_STATE_COMPLETED
+            await _check_all_items_once(second.stub, job.id, _x(5 + i), 256)
+
+
+async def test_retention_deletes_finished_jobs_and_unused_datasets(
+    jobs_settings, start_jobs_api, start_worker, inference, add_one
+) -> None:
+    await upload(inference, "add-one", add_one)
+    settings = replace(jobs_settings, job_retention=1.0)
+    async with start_jobs_api(settings) as api:
+        from tests.integration.jobs.conftest import dataset_file
+
+        dataset = await upload_dataset(api.stub, dataset_file({"x": _x(6)}, record_items=4))
+        job = (await api.stub.CreateJob(inline_request("add-one", {"x": _x(3)}))).job
+        async with start_worker(settings):
+            assert (await wait_terminal(api.stub, job.id)).state == jobs_pb2.JOB_STATE_COMPLETED
+
+            async def gone(call) -> bool:
+                try:
+                    await call
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code() == grpc.StatusCode.NOT_FOUND
+                return False
+
+            for _ in range(500):
+                if await gone(api.stub.GetJob(jobs_pb2.GetJobRequest(id=job.id))) and await gone(
+                    api.stub.GetDataset(jobs_pb2.GetDatasetRequest(id=dataset.id))
+                ):
+                    break
+                await asyncio.sleep(0.02)
+            else:
+                raise AssertionError("retention did not delete the job and the dataset")
+        assert not list((settings.dataset_root).rglob(dataset.sha256))
