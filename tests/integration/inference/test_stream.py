@@ -1,0 +1,92 @@
+"""PredictStream over real gRPC: a 200 MB output in chunks, reassembled and checked against its sha256."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+
+from modelforge import tensors
+from modelforge.common.v1 import tensor_pb2
+from modelforge.inference.v1 import inference_pb2 as pb
+from tests.fixtures.onnx_models import ModelFile
+from tests.integration.inference.conftest import RunningInference, predict_request, ref, upload
+
+MiB = 1024 * 1024
+
+
+def stream_request(model: str, inputs: dict[str, np.ndarray], **fields) -> pb.PredictStreamRequest:
+    plain = predict_request(model, inputs, **fields)
+    return pb.PredictStreamRequest(ref=plain.ref, inputs=plain.inputs, output_names=plain.output_names)
+
+
+async def test_200_mb_output_streams_in_chunks_and_reassembles(inference: RunningInference, image_generator: ModelFile):
+    await upload(inference, "imagegen", image_generator)
+    latent = np.random.default_rng(3).standard_normal((67, 16)).astype(np.float32)  # 67 x 3 MiB = 201 MiB
+    chunk_bytes = inference.settings.chunk_bytes
+
+    call = inference.stub.PredictStream(stream_request("imagegen", {"latent": latent}))
+    header = (await call.read()).header
+    (spec,) = header.outputs
+    assert (spec.name, list(spec.shape), spec.dtype) == ("image", [67, 3, 512, 512], tensor_pb2.DATA_TYPE_FLOAT32)
+    assert spec.byte_size == 67 * 3 * 512 * 512 * 4
+    buffer = bytearray(spec.byte_size)
+    received = chunks = 0
+    trailer = None
+    while (message := await call.read()) is not grpc.aio.EOF:
+        kind = message.WhichOneof("content")
+        if kind == "chunk":
+            chunk = message.chunk
+            assert chunk.output == "image" and chunk.offset == received
+            assert 0 < len(chunk.data) <= chunk_bytes
+            buffer[received : received + len(chunk.data)] = chunk.data
+            received += len(chunk.data)
+            chunks += 1
+        else:
+            assert kind == "trailer"
+            trailer = message.trailer
+
+    assert received == spec.byte_size and chunks == -(-spec.byte_size // chunk_bytes)
+    assert trailer is not None
+    assert trailer.sha256["image"] == hashlib.sha256(buffer).hexdigest()
+    image = np.frombuffer(buffer, dtype=np.float32).reshape(67, 3, 512, 512)
+    session = ort.InferenceSession(str(image_generator.path), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(image, session.run(["image"], {"latent": latent})[0])
+    assert (header.model, header.version, header.sha256) == ("imagegen", 1, image_generator.sha256)
+
+
+async def test_stream_of_strings_and_several_outputs(inference: RunningInference, string_model: ModelFile):
+    await upload(inference, "strings", string_model)
+    text = np.array(["cat", "fish", "dog"], dtype=object)
+
+    messages = [m async for m in inference.stub.PredictStream(stream_request("strings", {"text": text}))]
+
+    assert [m.WhichOneof("content") for m in messages] == ["header", "chunk", "chunk", "trailer"]
+    ids = np.frombuffer(messages[1].chunk.data, dtype=np.int64)
+    assert ids.tolist() == [0, -1, 1]
+    assert list(messages[2].chunk.string_data) == [b"CAT", b"UNKNOWN", b"DOG"]
+    assert set(messages[3].trailer.sha256) == {"label_id", "label"}
+
+
+async def test_cancelled_stream_stops_and_the_server_keeps_serving(
+    inference: RunningInference, image_generator: ModelFile
+):
+    await upload(inference, "imagegen", image_generator)
+    latent = np.zeros((16, 16), dtype=np.float32)  # 48 MiB
+    call = inference.stub.PredictStream(stream_request("imagegen", {"latent": latent}))
+    assert (await call.read()).WhichOneof("content") == "header"
+    assert (await call.read()).WhichOneof("content") == "chunk"
+
+    call.cancel()
+
+    async with asyncio.timeout(10):  # the stream's request leaves the server's books
+        while True:
+            listed = await inference.stub.ListLoadedModels(pb.ListLoadedModelsRequest())
+            if all(m.in_flight == 0 for m in listed.loaded_models):
+                break
+            await asyncio.sleep(0.01)
+    small = await inference.stub.Predict(predict_request(ref("imagegen"), {"latent": latent[:1]}))
+    assert tensors.to_numpy(small.outputs[0]).shape == (1, 3, 512, 512)
