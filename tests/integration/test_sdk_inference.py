@@ -1,0 +1,130 @@
+# ruff: noqa: F811  (pytest fixtures imported from conftest modules are parameters here)
+"""The SDK's inference clients against a real inference service and registry (PostgreSQL, Redis, gRPC).
+
+The sync client blocks, so its scenario runs in a worker thread while the servers keep the test's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import numpy as np
+import pytest
+
+from modelforge import (
+    AsyncInferenceClient,
+    AsyncRegistryClient,
+    InferenceClient,
+    InvalidArgumentError,
+    ModelState,
+    NotFoundError,
+)
+from tests.integration.inference.conftest import (  # noqa: F401
+    ModelFile,
+    RunningInference,
+    add_one,
+    image_generator,
+    inference,
+    onnx_dir,
+    registry,
+    registry_settings,
+    start_inference,
+)
+
+
+@pytest.fixture
+async def client(inference: RunningInference) -> AsyncInferenceClient:
+    async with AsyncInferenceClient(inference.address) as c:
+        yield c
+
+
+async def _push(inference: RunningInference, model: ModelFile, name: str, alias: str | None = None) -> None:
+    async with AsyncRegistryClient(inference.registry.address) as registry:
+        await registry.push(model.data, name=name, alias=alias)
+
+
+async def test_predict_returns_numpy_outputs(
+    client: AsyncInferenceClient, inference: RunningInference, add_one: ModelFile
+) -> None:
+    await _push(inference, add_one, "adder", alias="production")
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    outputs = await client.predict("adder@production", {"x": x})
+    assert list(outputs) == ["y"]
+    np.testing.assert_array_equal(outputs["y"], x + 1)
+    full = await client.predict_full("adder", {"x": x}, cache="bypass")
+    assert (full.model, full.version, full.cache_hit) == ("adder", 1, False)
+    assert full.sha256 == add_one.sha256
+    assert full.timings.total.total_seconds() > 0
+
+
+async def test_predict_stream_reassembles_large_outputs_with_progress(
+    client: AsyncInferenceClient, inference: RunningInference, image_generator: ModelFile
+) -> None:
+    await _push(inference, image_generator, "painter")
+    feeds = image_generator.sample(2)
+    expected = await client.predict("painter", feeds)
+    seen: list[tuple[int, int]] = []
+    streamed = await client.predict_stream("painter", feeds, progress=lambda d, t: seen.append((d, t)))
+    assert list(streamed.outputs) == list(expected)
+    for name, array in expected.items():
+        np.testing.assert_array_equal(streamed.outputs[name], array)
+    total = sum(a.nbytes for a in expected.values())
+    assert seen[0] == (0, total) and seen[-1] == (total, total)
+    assert len(seen) > 2  # several chunks, each reported
+
+
+async def test_load_list_statistics_and_unload(
+    client: AsyncInferenceClient, inference: RunningInference, add_one: ModelFile
+) -> None:
+    await _push(inference, add_one, "adder")
+    loaded = await client.load("adder:1")
+    assert (loaded.model, loaded.version, loaded.state) == ("adder", 1, ModelState.READY)
+    assert [(m.model, m.version) async for m in client.list_loaded()] == [("adder", 1)]
+    await client.predict("adder:1", {"x": np.zeros((1, 4), np.float32)})
+    stats = await client.statistics("adder")
+    (entry,) = stats.models
+    assert (entry.model, entry.version, entry.request_count, entry.failure_count) == ("adder", 1, 1, 0)
+    unloaded = await client.unload("adder")
+    assert [(m.model, m.version) for m in unloaded] == [("adder", 1)]
+    assert [m async for m in client.list_loaded()] == []
+
+
+async def test_failures_are_typed_errors(
+    client: AsyncInferenceClient, inference: RunningInference, add_one: ModelFile
+) -> None:
+    with pytest.raises(NotFoundError) as missing:
+        await client.predict("ghost", {"x": np.zeros((1, 4), np.float32)})
+    assert missing.value.code == grpc.StatusCode.NOT_FOUND
+    await _push(inference, add_one, "adder")
+    with pytest.raises(InvalidArgumentError) as bad:
+        await client.predict("adder", {"x": np.zeros((1, 5), np.float32)})
+    assert bad.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "'x'" in str(bad.value)
+    with pytest.raises(NotFoundError):
+        await client.unload("adder")
+    with pytest.raises(ValueError, match="non-empty mapping"):
+        await client.predict("adder", {})
+
+
+def _sync_scenario(address: str) -> None:
+    x = np.ones((3, 4), dtype=np.float32)
+    with InferenceClient(address) as inference:
+        np.testing.assert_array_equal(inference.predict("adder", {"x": x})["y"], x + 1)
+        streamed = inference.predict_stream("adder", {"x": x})
+        np.testing.assert_array_equal(streamed.outputs["y"], x + 1)
+        assert inference.load("adder").state is ModelState.READY
+        assert [m.model for m in inference.list_loaded(model="adder")] == ["adder"]
+        assert inference.statistics().models[0].request_count == 2
+        assert len(inference.unload("adder:1")) == 1
+        try:
+            inference.predict("adder", {"nope": x})
+        except InvalidArgumentError as exc:
+            assert exc.code == grpc.StatusCode.INVALID_ARGUMENT
+        else:
+            raise AssertionError("an unknown input must raise InvalidArgumentError")
+
+
+async def test_sync_client_covers_the_same_ground(inference: RunningInference, add_one: ModelFile) -> None:
+    await _push(inference, add_one, "adder")
+    await asyncio.to_thread(_sync_scenario, inference.address)
