@@ -1,0 +1,76 @@
+"""Dynamic batching over real gRPC: 64 concurrent callers with mixed shapes get what unbatched runs give."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto
+
+from modelforge.inference.v1 import inference_pb2 as pb
+from tests.fixtures.onnx_models import ModelFile, build_identity, model_bytes
+from tests.integration.inference.conftest import RunningInference, outputs, predict_request, ref, upload
+
+BATCHING = {"modelforge.io/max-batch-size": "16", "modelforge.io/max-queue-delay-us": "20000"}
+IDENTITY = model_bytes(build_identity(TensorProto.FLOAT, ["batch", "n"]))
+
+
+def run_alone(data: bytes | str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds), strict=True))
+
+
+async def statistics(running: RunningInference, model: str) -> pb.ModelStatistics:
+    response = await running.stub.GetModelStatistics(pb.GetModelStatisticsRequest(ref=ref(model)))
+    (entry,) = response.model_statistics
+    return entry
+
+
+@pytest.mark.parametrize("fixture", ["mlp", "multi_io", "string_model", "identity"])
+async def test_batched_equals_unbatched_under_64_concurrent_callers(
+    inference: RunningInference, fixture: str, request: pytest.FixtureRequest
+):
+    if fixture == "identity":
+        data: bytes | str = IDENTITY
+        requests = [
+            {"x": np.random.default_rng(i).standard_normal((1 + i % 3, (2, 3, 5)[i % 3])).astype(np.float32)}
+            for i in range(64)
+        ]  # three widths: only requests of one width may share a batch
+    else:
+        model: ModelFile = request.getfixturevalue(fixture)
+        data = str(model.path)
+        requests = [model.sample(batch=1 + i % 4, seed=i) for i in range(64)]
+    await upload(inference, "batched", IDENTITY if fixture == "identity" else model, labels=BATCHING)
+    await inference.stub.LoadModel(pb.LoadModelRequest(ref=ref("batched")))
+
+    responses = await asyncio.gather(*(inference.stub.Predict(predict_request("batched", f)) for f in requests))
+
+    for feeds, response in zip(requests, responses, strict=True):
+        got, want = outputs(response), run_alone(data, feeds)
+        assert list(got) == list(want)
+        for name, expected in want.items():
+            if expected.dtype == object:
+                assert [x.decode() for x in got[name].reshape(-1)] == list(expected.reshape(-1))
+            else:
+                # GEMM kernels may block rows differently by batch size: equal up to float rounding
+                np.testing.assert_allclose(got[name], expected, rtol=1e-6, atol=1e-7)
+                assert got[name].shape == expected.shape
+    stats = await statistics(inference, "batched")
+    assert stats.request_count == 64
+    assert stats.inference_count == sum(next(iter(f.values())).shape[0] for f in requests)
+    assert stats.execution_count < 64  # requests were merged
+    assert max(stats.batch_sizes) <= 16
+
+
+async def test_model_with_a_fixed_leading_dimension_is_never_merged(inference: RunningInference, fixed_shape):
+    await upload(inference, "fixed", fixed_shape, labels=BATCHING)
+    x = np.ones((1, 4), dtype=np.float32)
+
+    responses = await asyncio.gather(*(inference.stub.Predict(predict_request("fixed", {"x": x})) for _ in range(8)))
+
+    assert all(np.array_equal(outputs(r)["y"], 2 * x) for r in responses)
+    stats = await statistics(inference, "fixed")
+    assert (stats.execution_count, dict(stats.batch_sizes)) == (8, {1: 8})
