@@ -94,8 +94,15 @@ class DatasetInUse(FailedPrecondition):
         )
 
 
-class RequestIdConflict(FailedPrecondition):
-    reason = "REQUEST_ID_REUSED"
+class VersionArchived(FailedPrecondition):
+    reason = "VERSION_ARCHIVED"
+
+    def __init__(self, model: str, version: int) -> None:
+        super().__init__(
+            f"{model}:{version} is ARCHIVED and takes no new jobs; restore it or submit another version",
+            model=model,
+            version=str(version),
+        )
 
 
 class TimeLimitExceeded(DeadlineExceeded):

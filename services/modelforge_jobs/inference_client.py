@@ -79,6 +79,8 @@ class RegistryClient:
         except grpc.aio.AioRpcError as exc:
             raise translate(exc, "registry") from exc
         version = response.model_version
+        if version.state == registry_pb2.VERSION_STATE_ARCHIVED:
+            raise errors.VersionArchived(version.model, int(version.version))
         inputs = tuple(
             TensorInfo(spec.name, int(spec.dtype), tuple(int(d) for d in spec.shape[1:]))
             for spec in version.signature.inputs

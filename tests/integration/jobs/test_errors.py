@@ -1,0 +1,195 @@
+"""Every bad request gets its exact status code and reason, and leaves nothing queued."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+
+import grpc
+import numpy as np
+
+from modelforge.jobs.v1 import jobs_pb2
+from modelforge.registry.v1 import registry_pb2
+from tests.integration.jobs.conftest import (
+    dataset_file,
+    error_reason,
+    getter,
+    inline_request,
+    upload,
+    upload_dataset,
+    wait_for,
+    wait_terminal,
+)
+
+X = np.ones((6, 4), dtype=np.float32)
+
+
+async def _fails(call) -> tuple[grpc.StatusCode, str]:
+    try:
+        result = await call if not hasattr(call, "__aiter__") else [m async for m in call]
+    except grpc.aio.AioRpcError as exc:
+        return exc.code(), error_reason(exc)
+    raise AssertionError(f"the call succeeded: {result}")
+
+
+async def _no_jobs(stub) -> None:
+    assert list((await stub.ListJobs(jobs_pb2.ListJobsRequest())).jobs) == []
+
+
+async def test_unknown_model_is_not_found_before_anything_is_queued(jobs_api) -> None:
+    code, reason = await _fails(jobs_api.stub.CreateJob(inline_request("nope", {"x": X})))
+    assert (code, reason) == (grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND")
+    await _no_jobs(jobs_api.stub)
+
+
+async def test_unknown_version_and_alias(jobs_api, inference, add_one) -> None:
+    await upload(inference, "add-one", add_one)
+    request = inline_request("add-one", {"x": X})
+    request.model_ref.version = 9
+    assert (await _fails(jobs_api.stub.CreateJob(request)))[0] == grpc.StatusCode.NOT_FOUND
+    request.model_ref.alias = "production"
+    assert (await _fails(jobs_api.stub.CreateJob(request)))[0] == grpc.StatusCode.NOT_FOUND
+    await _no_jobs(jobs_api.stub)
+
+
+async def test_archived_version_is_failed_precondition(jobs_api, inference, add_one) -> None:
+    version = await upload(inference, "add-one", add_one)
+    await inference.registry_stub.ArchiveModelVersion(
+        registry_pb2.ArchiveModelVersionRequest(model="add-one", version=version.version)
+    )
+    pinned = inline_request("add-one", {"x": X})
+    pinned.model_ref.version = version.version
+    assert await _fails(jobs_api.stub.CreateJob(pinned)) == (grpc.StatusCode.FAILED_PRECONDITION, "VERSION_ARCHIVED")
+    latest = await _fails(jobs_api.stub.CreateJob(inline_request("add-one", {"x": X})))
+    assert latest == (grpc.StatusCode.NOT_FOUND, "NO_READY_VERSION")
+    await _no_jobs(jobs_api.stub)
+
+
+async def test_signature_mismatches_are_invalid_argument(jobs_api, inference, add_one) -> None:
+    await upload(inference, "add-one", add_one)
+    bad_inputs = [
+        {"x": X.astype(np.float64)},  # dtype
+        {"x": np.ones((6, 5), dtype=np.float32)},  # width
+        {"x": np.ones((6, 4, 1), dtype=np.float32)},  # rank
+        {"z": X},  # unknown name
+        {"x": X, "extra": X},  # an extra input
+    ]
+    for inputs in bad_inputs:
+        code, reason = await _fails(jobs_api.stub.CreateJob(inline_request("add-one", inputs)))
+        assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT"), inputs
+    await _no_jobs(jobs_api.stub)
+
+
+async def test_empty_input_is_invalid_argument(jobs_api, inference, add_one) -> None:
+    await upload(inference, "add-one", add_one)
+    empty_items = inline_request("add-one", {"x": np.ones((0, 4), dtype=np.float32)})
+    no_tensors = jobs_pb2.CreateJobRequest(
+        model_ref=registry_pb2.ModelRef(name="add-one"), inline_input=jobs_pb2.InlineInput()
+    )
+    no_input = jobs_pb2.CreateJobRequest(model_ref=registry_pb2.ModelRef(name="add-one"))
+    for request in (empty_items, no_tensors, no_input):
+        code, reason = await _fails(jobs_api.stub.CreateJob(request))
+        assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT")
+    await _no_jobs(jobs_api.stub)
+
+
+async def test_bad_request_fields_are_invalid_argument(jobs_api, inference, add_one) -> None:
+    await upload(inference, "add-one", add_one)
+    for fields in ({"batch_size": -1}, {"batch_size": 1 << 20}, {"max_attempts": 99}, {"request_id": "r" * 200}):
+        code, _ = await _fails(jobs_api.stub.CreateJob(inline_request("add-one", {"x": X}, **fields)))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, fields
+    nameless = jobs_pb2.CreateJobRequest(inline_input=inline_request("add-one", {"x": X}).inline_input)
+    assert (await _fails(jobs_api.stub.CreateJob(nameless)))[0] == grpc.StatusCode.INVALID_ARGUMENT
+    await _no_jobs(jobs_api.stub)
+
+
+async def test_unknown_and_malformed_ids(jobs_api) -> None:
+    missing = str(uuid.uuid4())
+    assert await _fails(jobs_api.stub.GetJob(jobs_pb2.GetJobRequest(id=missing))) == (
+        grpc.StatusCode.NOT_FOUND,
+        "JOB_NOT_FOUND",
+    )
+    assert (await _fails(jobs_api.stub.GetJob(jobs_pb2.GetJobRequest(id="not-a-uuid"))))[0] == (
+        grpc.StatusCode.INVALID_ARGUMENT
+    )
+    assert (await _fails(jobs_api.stub.GetJob(jobs_pb2.GetJobRequest())))[0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert (await _fails(jobs_api.stub.WatchJob(jobs_pb2.WatchJobRequest(id=missing))))[0] == (
+        grpc.StatusCode.NOT_FOUND
+    )
+    assert (await _fails(jobs_api.stub.GetDataset(jobs_pb2.GetDatasetRequest(id=missing)))) == (
+        grpc.StatusCode.NOT_FOUND,
+        "DATASET_NOT_FOUND",
+    )
+    request = jobs_pb2.CreateJobRequest(model_ref=registry_pb2.ModelRef(name="nope"), dataset_id=missing)
+    assert (await _fails(jobs_api.stub.CreateJob(request)))[0] == grpc.StatusCode.NOT_FOUND
+    assert (await _fails(jobs_api.stub.ListJobs(jobs_pb2.ListJobsRequest(page_token="garbage!"))))[0] == (
+        grpc.StatusCode.INVALID_ARGUMENT
+    )
+
+
+async def test_dataset_checksum_and_size_mismatch_store_nothing(jobs_api) -> None:
+    data = dataset_file({"x": X}, record_items=4)
+    code, reason = await _fails(upload_dataset(jobs_api.stub, data, sha256=hashlib.sha256(b"other").hexdigest()))
+    assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "CHECKSUM_MISMATCH")
+    garbage = b"\x05abc"
+    code, reason = await _fails(upload_dataset(jobs_api.stub, garbage))
+    assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_DATASET")
+    root = jobs_api.settings.dataset_root
+    assert not root.exists() or not [p for p in root.rglob("*") if p.is_file()]
+
+
+async def test_dataset_signature_mismatch_and_in_use(jobs_api, inference, add_one) -> None:
+    await upload(inference, "add-one", add_one)
+    wrong = await upload_dataset(jobs_api.stub, dataset_file({"x": np.ones((3, 7), np.float32)}, record_items=2))
+    request = jobs_pb2.CreateJobRequest(model_ref=registry_pb2.ModelRef(name="add-one"), dataset_id=wrong.id)
+    assert (await _fails(jobs_api.stub.CreateJob(request)))[0] == grpc.StatusCode.INVALID_ARGUMENT
+
+    good = await upload_dataset(jobs_api.stub, dataset_file({"x": X}, record_items=4))
+    request.dataset_id = good.id
+    job = (await jobs_api.stub.CreateJob(request)).job  # QUEUED: no worker runs here
+    code, reason = await _fails(jobs_api.stub.DeleteDataset(jobs_pb2.DeleteDatasetRequest(id=good.id)))
+    assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "DATASET_IN_USE")
+    await jobs_api.stub.CancelJob(jobs_pb2.CancelJobRequest(id=job.id))
+    await jobs_api.stub.DeleteDataset(jobs_pb2.DeleteDatasetRequest(id=good.id))
+    assert (await _fails(jobs_api.stub.GetDataset(jobs_pb2.GetDatasetRequest(id=good.id))))[0] == (
+        grpc.StatusCode.NOT_FOUND
+    )
+    code, _ = await _fails(jobs_api.stub.RetryJob(jobs_pb2.RetryJobRequest(id=job.id)))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_result_of_unfinished_job_and_delete_of_running_job_are_failed_precondition(
+    jobs_api, worker, inference, add_one
+) -> None:
+    await upload(inference, "add-one", add_one)
+    big = np.ones((50_000, 4), dtype=np.float32)
+    job = (await jobs_api.stub.CreateJob(inline_request("add-one", {"x": big}, batch_size=10))).job
+    await wait_for(getter(jobs_api.stub, job.id), lambda j: j.state == jobs_pb2.JOB_STATE_RUNNING)
+    assert await _fails(jobs_api.stub.GetJobResult(jobs_pb2.GetJobResultRequest(id=job.id))) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "JOB_NOT_COMPLETED",
+    )
+    assert await _fails(jobs_api.stub.DeleteJob(jobs_pb2.DeleteJobRequest(id=job.id))) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "JOB_NOT_FINISHED",
+    )
+    assert (await _fails(jobs_api.stub.RetryJob(jobs_pb2.RetryJobRequest(id=job.id))))[0] == (
+        grpc.StatusCode.FAILED_PRECONDITION
+    )
+    await jobs_api.stub.CancelJob(jobs_pb2.CancelJobRequest(id=job.id))
+    await worker.join()
+    cancelled = (await jobs_api.stub.GetJob(jobs_pb2.GetJobRequest(id=job.id))).job
+    assert cancelled.state == jobs_pb2.JOB_STATE_CANCELLED
+    deleted = await jobs_api.stub.DeleteJob(jobs_pb2.DeleteJobRequest(id=job.id))
+    assert deleted.deleted_items == cancelled.progress.items_done
+    assert (await _fails(jobs_api.stub.GetJob(jobs_pb2.GetJobRequest(id=job.id))))[0] == grpc.StatusCode.NOT_FOUND
+
+
+async def test_cancel_of_completed_job_is_failed_precondition(jobs_api, worker, inference, add_one) -> None:
+    await upload(inference, "add-one", add_one)
+    job = (await jobs_api.stub.CreateJob(inline_request("add-one", {"x": X}))).job
+    assert (await wait_terminal(jobs_api.stub, job.id)).state == jobs_pb2.JOB_STATE_COMPLETED
+    assert await _fails(jobs_api.stub.CancelJob(jobs_pb2.CancelJobRequest(id=job.id))) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "INVALID_JOB_STATE",
+    )
