@@ -1,0 +1,200 @@
+"""Batcher policy without servers: merging, priorities, queue bounds, deadlines, cancellation, shutdown.
+
+The execute function runs on a real thread pool; a gate (threading.Event) holds the first batch so that the
+tests decide what is queued behind it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from modelforge_inference.batcher import Batcher, Feeds, Outcome, split
+from modelforge_inference.domain import BatchingConfig
+from modelforge_inference.errors import ModelUnloading, QueueFull, QueueTimeout
+
+
+class Recorder:
+    """Doubles its input; records every batch; the first batch waits for `gate`."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[float]] = []
+        self.gate = threading.Event()
+        self.started = threading.Event()
+
+    def __call__(self, batch: Sequence[Feeds]) -> list[Outcome]:
+        self.started.set()
+        self.gate.wait(10)
+        self.batches.append([float(f["x"][0, 0]) for f in batch])
+        merged = np.concatenate([f["x"] for f in batch])
+        return list(split({"y": merged * 2}, [f["x"].shape[0] for f in batch]) or [])
+
+
+@pytest.fixture
+async def pool() -> AsyncIterator[ThreadPoolExecutor]:
+    executor = ThreadPoolExecutor(1)
+    yield executor
+    executor.shutdown(wait=True)
+
+
+def make(pool: ThreadPoolExecutor, recorder: Recorder, **config: object) -> Batcher:
+    batcher = Batcher(
+        model="m",
+        version=1,
+        config=BatchingConfig(**config),  # type: ignore[arg-type]
+        mergeable=True,
+        execute=recorder,
+        executor=pool,
+        concurrency=1,
+    )
+    batcher.start()
+    return batcher
+
+
+def feeds(value: float, rows: int = 1, width: int = 2) -> Feeds:
+    return {"x": np.full((rows, width), value, dtype=np.float32)}
+
+
+async def wait_started(recorder: Recorder) -> None:
+    await asyncio.to_thread(recorder.started.wait, 10)
+
+
+async def test_compatible_requests_merge_and_outputs_split_back(pool):
+    recorder = Recorder()
+    batcher = make(pool, recorder, max_batch_size=8, max_queue_delay_us=1_000_000)
+    first = asyncio.ensure_future(batcher.submit(feeds(0)))
+    await wait_started(recorder)
+    rest = [asyncio.ensure_future(batcher.submit(feeds(v, rows=2))) for v in (1, 2, 3, 4)]
+    odd = asyncio.ensure_future(batcher.submit(feeds(9, width=3)))  # other trailing dims: never merged
+    await asyncio.sleep(0)
+
+    recorder.gate.set()
+    results = await asyncio.gather(first, *rest, odd)
+
+    assert recorder.batches[0] == [0.0]
+    assert sorted(map(sorted, recorder.batches[1:])) == [[1.0, 2.0, 3.0, 4.0], [9.0]]
+    for value, result in zip((0, 1, 2, 3, 4, 9), results, strict=True):
+        assert np.all(result.outputs["y"] == 2 * value)
+    assert results[1].batch_rows == 8 and results[1].outputs["y"].shape == (2, 2)
+    await batcher.aclose()
+
+
+async def test_priority_levels_are_strict_and_fifo_within(pool):
+    recorder = Recorder()
+    batcher = make(pool, recorder, priority_levels=3)
+    first = asyncio.ensure_future(batcher.submit(feeds(0)))
+    await wait_started(recorder)
+    order = [(1, 3), (2, 1), (3, 0), (4, 2), (5, 1), (6, 3)]  # (value, priority); 0 means the last level
+    tasks = [asyncio.ensure_future(batcher.submit(feeds(v), priority=p)) for v, p in order]
+    await asyncio.sleep(0)
+
+    recorder.gate.set()
+    await asyncio.gather(first, *tasks)
+
+    assert [b[0] for b in recorder.batches] == [0, 2, 5, 4, 1, 3, 6]
+    await batcher.aclose()
+
+
+async def test_full_queue_refuses_at_once(pool):
+    recorder = Recorder()
+    batcher = make(pool, recorder, max_queue_size=2)
+    first = asyncio.ensure_future(batcher.submit(feeds(0)))
+    await wait_started(recorder)
+    queued = [asyncio.ensure_future(batcher.submit(feeds(v))) for v in (1, 2)]
+    await asyncio.sleep(0)
+
+    with pytest.raises(QueueFull):
+        await batcher.submit(feeds(3))
+
+    recorder.gate.set()
+    await asyncio.gather(first, *queued)
+
+
+async def test_expired_request_leaves_the_queue_and_never_runs(pool):
+    recorder = Recorder()
+    batcher = make(pool, recorder)
+    first = asyncio.ensure_future(batcher.submit(feeds(0)))
+    await wait_started(recorder)
+    loop = asyncio.get_running_loop()
+
+    with pytest.raises(QueueTimeout):
+        await batcher.submit(feeds(1), expires_at=loop.time() + 0.01)
+    assert batcher.queued == 0
+
+    recorder.gate.set()
+    await first
+    await batcher.aclose()
+    assert recorder.batches == [[0.0]]
+
+
+async def test_cancelled_request_never_runs(pool):
+    recorder = Recorder()
+    batcher = make(pool, recorder)
+    first = asyncio.ensure_future(batcher.submit(feeds(0)))
+    await wait_started(recorder)
+    doomed = asyncio.ensure_future(batcher.submit(feeds(1)))
+    await asyncio.sleep(0)
+    assert batcher.queued == 1
+
+    doomed.cancel()
+    await asyncio.sleep(0)
+
+    assert batcher.queued == 0
+    recorder.gate.set()
+    await first
+    await batcher.aclose()
+    assert recorder.batches == [[0.0]]
+
+
+async def test_preferred_size_leaves_without_waiting_for_the_delay(pool):
+    recorder = Recorder()
+    recorder.gate.set()
+    batcher = make(pool, recorder, max_batch_size=8, max_queue_delay_us=60_000_000, preferred_batch_sizes=(2,))
+
+    async with asyncio.timeout(10):  # far less than the 60 s delay
+        await asyncio.gather(batcher.submit(feeds(1)), batcher.submit(feeds(2)))
+
+    assert recorder.batches == [[1.0, 2.0]]
+    await batcher.aclose()
+
+
+async def test_without_batching_every_request_runs_alone(pool):
+    recorder = Recorder()
+    recorder.gate.set()
+    batcher = make(pool, recorder, max_batch_size=0)
+
+    await asyncio.gather(*(batcher.submit(feeds(v)) for v in range(4)))
+
+    assert recorder.batches == [[0.0], [1.0], [2.0], [3.0]]
+    await batcher.aclose()
+
+
+async def test_close_fails_what_is_queued(pool):
+    recorder = Recorder()
+    batcher = make(pool, recorder)
+    first = asyncio.ensure_future(batcher.submit(feeds(0)))
+    await wait_started(recorder)
+    queued = asyncio.ensure_future(batcher.submit(feeds(1)))
+    await asyncio.sleep(0)
+
+    closing = asyncio.ensure_future(batcher.aclose())
+    await asyncio.sleep(0)
+    recorder.gate.set()
+    await closing
+
+    assert np.all((await first).outputs["y"] == 0)
+    with pytest.raises(ModelUnloading):
+        await queued
+    with pytest.raises(ModelUnloading):
+        await batcher.submit(feeds(2))
+
+
+def test_split_refuses_outputs_that_do_not_follow_the_batch():
+    assert split({"y": np.zeros((3, 2))}, [1, 1]) is None
+    parts = split({"y": np.arange(6).reshape(3, 2)}, [1, 2])
+    assert parts is not None and parts[1]["y"].tolist() == [[2, 3], [4, 5]]

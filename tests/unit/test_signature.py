@@ -1,0 +1,102 @@
+"""Signature checks and serving labels, without servers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from modelforge_inference import serving
+from modelforge_inference.domain import ResolvedModel, Signature, TensorSpec
+from modelforge_inference.errors import InvalidInput, InvalidServingConfig, RequestTooLarge, UnknownOutput
+from modelforge_inference.settings import InferenceSettings
+from modelforge_inference.signature import batch_key, batch_rows, check_inputs, check_outputs
+
+F32 = np.dtype(np.float32)
+SIGNATURE = Signature(
+    inputs=(
+        TensorSpec("image", F32, (-1, 3, 8, 8), ort_type="tensor(float)"),
+        TensorSpec("text", np.dtype(object), (-1,), ort_type="tensor(string)"),
+    ),
+    outputs=(TensorSpec("logits", F32, (-1, 10)), TensorSpec("label", np.dtype(object), (-1,))),
+)
+
+
+def good(**override: np.ndarray) -> dict[str, np.ndarray]:
+    return {"image": np.zeros((2, 3, 8, 8), F32), "text": np.array([b"a", "b"], dtype=object)} | override
+
+
+def test_good_inputs_come_back_in_signature_order_with_text_strings():
+    feeds = check_inputs(SIGNATURE, {"text": good()["text"], "image": good()["image"]}, max_request_bytes=1 << 20)
+
+    assert list(feeds) == ["image", "text"]
+    assert feeds["text"].tolist() == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("inputs", "culprit", "words"),
+    [
+        ({"image": np.zeros((2, 3, 8, 8), F32)}, "text", "missing"),
+        (good(extra=np.zeros(1, F32)), "extra", "no such input"),
+        (good(image=np.zeros((2, 3, 8, 8), np.float64)), "image", "expected dtype float"),
+        (good(image=np.zeros((2, 3, 8), F32)), "image", "rank 4"),
+        (good(image=np.zeros((2, 3, 8, 9), F32)), "image", "dimension 3 must be 8"),
+        (good(text=np.zeros(2, F32)), "text", "string"),
+        (good(text=np.array([b"\xff"], dtype=object)), "text", "UTF-8"),
+    ],
+)
+def test_each_bad_input_names_the_input(inputs, culprit, words):
+    with pytest.raises(InvalidInput) as caught:
+        check_inputs(SIGNATURE, inputs, max_request_bytes=1 << 20)
+
+    assert caught.value.metadata["input"] == culprit
+    assert words in str(caught.value)
+
+
+def test_request_over_the_limit():
+    with pytest.raises(RequestTooLarge):
+        check_inputs(SIGNATURE, good(), max_request_bytes=100)
+
+
+def test_outputs_default_to_all_and_refuse_unknown_names():
+    assert check_outputs(SIGNATURE, None) == ("logits", "label")
+    assert check_outputs(SIGNATURE, ["label", "label"]) == ("label",)
+    with pytest.raises(UnknownOutput):
+        check_outputs(SIGNATURE, ["nope"])
+
+
+def test_batch_key_and_rows():
+    assert batch_key(good()) == ((3, 8, 8), ())
+    assert batch_rows(good()) == 2
+    assert batch_rows(good(text=np.array(["a"], dtype=object))) is None
+    assert SIGNATURE.batchable
+
+
+def test_labels_override_server_defaults():
+    model = ResolvedModel(
+        "m",
+        1,
+        "0" * 64,
+        1,
+        SIGNATURE,
+        labels={
+            "modelforge.io/max-batch-size": "32",
+            "modelforge.io/preferred-batch-sizes": "8, 4",
+            "modelforge.io/cache": "true",
+            "modelforge.io/execution-providers": "CUDAExecutionProvider,CPUExecutionProvider",
+            "team": "vision",
+        },
+    )
+
+    config = serving.serving_config(serving.defaults(InferenceSettings(max_queue_size=7)), model)
+
+    assert (config.batching.max_batch_size, config.batching.preferred_batch_sizes) == (32, (4, 8))
+    assert config.batching.max_queue_size == 7
+    assert config.cache.enabled
+    assert config.session.execution_providers == ("CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+def test_bad_label_names_itself():
+    model = ResolvedModel("m", 1, "0" * 64, 1, SIGNATURE, labels={"modelforge.io/priority-levels": "0"})
+
+    with pytest.raises(InvalidServingConfig, match="modelforge.io/priority-levels"):
+        serving.serving_config(serving.defaults(InferenceSettings()), model)
