@@ -66,7 +66,7 @@ async def wait_started(recorder: Recorder) -> None:
 
 async def test_compatible_requests_merge_and_outputs_split_back(pool):
     recorder = Recorder()
-    batcher = make(pool, recorder, max_batch_size=8, max_queue_delay_us=1_000_000)
+    batcher = make(pool, recorder, max_batch_size=8, max_queue_delay_us=100_000)
     first = asyncio.ensure_future(batcher.submit(feeds(0)))
     await wait_started(recorder)
     rest = [asyncio.ensure_future(batcher.submit(feeds(v, rows=2))) for v in (1, 2, 3, 4)]
