@@ -9,8 +9,12 @@
     with modelforge.InferenceClient() as inference:
         outputs = inference.predict("fraud@production", {"input": features})
 
-Each client has an asyncio twin with the same methods (``AsyncRegistryClient``, ``AsyncInferenceClient``).
-Addresses default to ``MODELFORGE_REGISTRY_ADDRESS`` / ``MODELFORGE_INFERENCE_ADDRESS``, else localhost.
+    with modelforge.JobsClient() as jobs:
+        outputs = jobs.submit("fraud@production", "items.npz").result()
+
+Each client has an asyncio twin with the same methods (``AsyncRegistryClient``, ``AsyncInferenceClient``,
+``AsyncJobsClient``). Addresses default to ``MODELFORGE_REGISTRY_ADDRESS``, ``MODELFORGE_INFERENCE_ADDRESS`` and
+``MODELFORGE_JOBS_ADDRESS``, else localhost.
 Failed calls raise :class:`ModelForgeError` subclasses (``NotFoundError``...). The generated gRPC modules live
 beside this package (``modelforge.registry.v1.registry_pb2``...), and each client exposes its raw stub.
 """
@@ -19,6 +23,12 @@ from __future__ import annotations
 
 from modelforge._domain import (
     CacheStatus,
+    Dataset,
+    JobFailure,
+    JobPriority,
+    JobProgress,
+    JobState,
+    JobStatus,
     LoadedModel,
     Model,
     ModelEvent,
@@ -52,6 +62,7 @@ from modelforge._errors import (
     UnimplementedError,
 )
 from modelforge._inference import AsyncInferenceClient, InferenceClient
+from modelforge._jobs import AsyncJob, AsyncJobsClient, Job, JobsClient
 from modelforge._refs import ModelRef
 from modelforge._registry import AsyncRegistryClient, RegistryClient
 
@@ -61,15 +72,25 @@ __all__ = [
     "AbortedError",
     "AlreadyExistsError",
     "AsyncInferenceClient",
+    "AsyncJob",
+    "AsyncJobsClient",
     "AsyncRegistryClient",
     "CacheStatus",
     "CancelledError",
+    "Dataset",
     "DeadlineExceededError",
     "FailedPreconditionError",
     "InferenceClient",
     "IntegrityError",
     "InternalError",
     "InvalidArgumentError",
+    "Job",
+    "JobFailure",
+    "JobPriority",
+    "JobProgress",
+    "JobState",
+    "JobStatus",
+    "JobsClient",
     "LoadedModel",
     "Model",
     "ModelEvent",

@@ -19,6 +19,12 @@ from google.protobuf import duration_pb2, field_mask_pb2, timestamp_pb2
 from modelforge import tensors
 from modelforge._domain import (
     CacheStatus,
+    Dataset,
+    JobFailure,
+    JobPriority,
+    JobProgress,
+    JobState,
+    JobStatus,
     LoadedModel,
     Model,
     ModelEvent,
@@ -37,6 +43,7 @@ from modelforge._errors import IntegrityError
 from modelforge._refs import ModelRef
 from modelforge.common.v1 import tensor_pb2
 from modelforge.inference.v1 import inference_pb2
+from modelforge.jobs.v1 import jobs_pb2
 from modelforge.registry.v1 import registry_pb2
 
 Progress = Callable[[int, int], None]
@@ -575,3 +582,202 @@ _CACHE_STATUSES = {
 
 def cache_status(value: int) -> CacheStatus:
     return _CACHE_STATUSES.get(value, CacheStatus.DISABLED)
+
+
+# --- jobs ----------------------------------------------------------------------------------------------------
+
+_JOB_STATES = {
+    jobs_pb2.JOB_STATE_QUEUED: JobState.QUEUED,
+    jobs_pb2.JOB_STATE_RUNNING: JobState.RUNNING,
+    jobs_pb2.JOB_STATE_COMPLETED: JobState.COMPLETED,
+    jobs_pb2.JOB_STATE_FAILED: JobState.FAILED,
+    jobs_pb2.JOB_STATE_CANCELLED: JobState.CANCELLED,
+}
+_PRIORITIES = {
+    jobs_pb2.JOB_PRIORITY_LOW: JobPriority.LOW,
+    jobs_pb2.JOB_PRIORITY_NORMAL: JobPriority.NORMAL,
+    jobs_pb2.JOB_PRIORITY_HIGH: JobPriority.HIGH,
+}
+
+
+def job_state_proto(state: JobState | str | None) -> jobs_pb2.JobState.ValueType:
+    """The enum value for a state filter; None means any state."""
+    if state is None:
+        return jobs_pb2.JOB_STATE_UNSPECIFIED
+    wanted = JobState(state.upper()) if isinstance(state, str) else state
+    return next(k for k, v in _JOB_STATES.items() if v is wanted)
+
+
+def job_priority_proto(priority: JobPriority | str | None) -> jobs_pb2.JobPriority.ValueType:
+    """The enum value for ``"low"``, ``"normal"``, ``"high"`` (or a JobPriority); None means NORMAL."""
+    if priority is None:
+        return jobs_pb2.JOB_PRIORITY_UNSPECIFIED
+    wanted = JobPriority(priority.upper()) if isinstance(priority, str) else priority
+    return next(k for k, v in _PRIORITIES.items() if v is wanted)
+
+
+def _ref_value(ref: registry_pb2.ModelRef) -> ModelRef:
+    which = ref.WhichOneof("selector")
+    if which == "version":
+        return ModelRef(ref.name, version=ref.version)
+    if which == "alias":
+        return ModelRef(ref.name, alias=ref.alias)
+    return ModelRef(ref.name)
+
+
+def job_status(message: jobs_pb2.Job) -> JobStatus:
+    """The SDK value of a ``Job`` message."""
+    p = message.progress
+    return JobStatus(
+        id=message.id,
+        model_ref=_ref_value(message.model_ref),
+        model_version=message.model_version,
+        state=_JOB_STATES.get(message.state, JobState.QUEUED),
+        progress=JobProgress(
+            items_done=p.items_done,
+            items_total=p.items_total,
+            batches_done=p.batches_done,
+            batches_total=p.batches_total,
+            items_per_second=p.items_per_second,
+            time_remaining=_duration(p.estimated_time_remaining) if p.HasField("estimated_time_remaining") else None,
+        ),
+        dataset_id=message.dataset_id,
+        batch_size=message.batch_size,
+        priority=_PRIORITIES.get(message.priority, JobPriority.NORMAL),
+        labels=dict(message.labels),
+        max_attempts=message.max_attempts,
+        time_limit=_duration(message.time_limit) if message.HasField("time_limit") else None,
+        attempt_count=message.attempt_count,
+        worker_id=message.worker_id,
+        create_time=_time(message.create_time),
+        start_time=_time(message.start_time),
+        finish_time=_time(message.finish_time),
+        update_time=_time(message.update_time),
+        queued_time=_duration(message.queued_duration),
+        inference_time=_duration(message.inference_duration),
+        error=JobFailure(message.error.code, message.error.reason, message.error.message)
+        if message.HasField("error")
+        else None,
+        request_id=message.request_id,
+    )
+
+
+def dataset(message: jobs_pb2.Dataset) -> Dataset:
+    """The SDK value of a ``Dataset`` message."""
+    return Dataset(
+        id=message.id,
+        sha256=message.sha256,
+        size_bytes=message.size_bytes,
+        item_count=message.item_count,
+        record_count=message.record_count,
+        tensors=tuple(tensor_spec(t) for t in message.tensors),
+        display_name=message.display_name,
+        labels=dict(message.labels),
+        create_time=_time(message.create_time),
+    )
+
+
+def _items(arrays: Mapping[str, Any]) -> tuple[dict[str, np.ndarray[Any, Any]], int]:
+    """The arrays (as numpy) and their common item count (the length of their first dimension)."""
+    if not isinstance(arrays, Mapping) or not arrays:
+        raise ValueError("job input must be a non-empty mapping of input name to array, e.g. {'input': array}")
+    converted = {name: np.asarray(value) for name, value in arrays.items()}
+    counts = {name: (a.shape[0] if a.ndim else None) for name, a in converted.items()}
+    if None in counts.values():
+        scalar = next(n for n, c in counts.items() if c is None)
+        raise ValueError(f"input {scalar!r} is a scalar; job inputs have a first dimension that counts the items")
+    if len(set(counts.values())) != 1:
+        raise ValueError(f"every input must have the same number of items (first dimension); got {counts}")
+    return converted, next(iter(counts.values()))  # type: ignore[return-value]
+
+
+def inline_input(arrays: Mapping[str, Any]) -> jobs_pb2.InlineInput:
+    """The inline input of a job: one tensor per input, the first dimension counting the items."""
+    converted, _ = _items(arrays)
+    return jobs_pb2.InlineInput(tensors=[tensors.to_tensor(a, name) for name, a in converted.items()])
+
+
+def input_bytes(arrays: Mapping[str, Any]) -> int:
+    """Roughly how many bytes the arrays take on the wire (numbers only; strings count as 64 bytes each)."""
+    return sum(a.nbytes if a.dtype != object else a.size * 64 for a in (np.asarray(v) for v in arrays.values()))
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if not value:
+            out.append(byte)
+            return bytes(out)
+        out.append(byte | 0x80)
+
+
+def encode_dataset(arrays: Mapping[str, Any], *, record_bytes: int = 1 * MiB) -> bytes:
+    """A dataset file for ``arrays``: length-delimited DatasetRecord messages of about ``record_bytes`` each.
+
+    The items (rows along the first dimension) are split into records in order; every record carries every
+    input. See ``DatasetRecord`` in jobs.proto for the format.
+    """
+    converted, count = _items(arrays)
+    if count == 0:
+        raise ValueError("a dataset needs at least one item; the inputs' first dimension is 0")
+    per_item = max(1, input_bytes({n: a[:1] for n, a in converted.items()}))
+    step = max(1, record_bytes // per_item)
+    out = bytearray()
+    for start in range(0, count, step):
+        record = jobs_pb2.DatasetRecord(
+            tensors=[tensors.to_tensor(a[start : start + step], name) for name, a in converted.items()]
+        )
+        body = record.SerializeToString()
+        out += _varint(len(body))
+        out += body
+    return bytes(out)
+
+
+class ResultAssembler:
+    """Collects a job's result stream, record by record in item order, into one array per output."""
+
+    def __init__(self) -> None:
+        self._parts: dict[str, list[np.ndarray[Any, Any]]] = {}
+        self._next = 0
+
+    def accept(self, message: jobs_pb2.GetJobResultResponse) -> None:
+        if message.first_item != self._next:
+            raise IntegrityError(
+                f"the job result skipped or repeated items: a record starts at item {message.first_item}, "
+                f"expected {self._next}; retry the call"
+            )
+        count = None
+        for tensor in message.record.tensors:
+            array = tensors.to_numpy(tensor)
+            count = array.shape[0] if array.ndim else 1
+            self._parts.setdefault(tensor.name, []).append(array)
+        self._next += count or 0
+
+    def finish(self) -> dict[str, np.ndarray[Any, Any]]:
+        """Output name to the outputs of every item, in item order."""
+        return {name: np.concatenate(parts) for name, parts in self._parts.items()}
+
+
+def dataset_upload_requests(
+    data: bytes,
+    *,
+    display_name: str,
+    labels: Mapping[str, str] | None,
+    chunk_bytes: int,
+    progress: Progress | None,
+) -> Iterator[jobs_pb2.UploadDatasetRequest]:
+    """Every message of a dataset upload: the header with sha256 and size, then chunks, reporting progress."""
+    header = jobs_pb2.UploadDatasetHeader(
+        display_name=display_name, labels=dict(labels or {}), sha256=sha256_of_bytes(data), size_bytes=len(data)
+    )
+    if progress is not None:
+        progress(0, len(data))
+    yield jobs_pb2.UploadDatasetRequest(header=header)
+    view = memoryview(data)
+    for start in range(0, len(view), chunk_bytes):
+        piece = bytes(view[start : start + chunk_bytes])
+        if progress is not None:
+            progress(start + len(piece), len(data))
+        yield jobs_pb2.UploadDatasetRequest(chunk=piece)

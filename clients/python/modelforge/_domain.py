@@ -18,6 +18,12 @@ from modelforge._refs import ModelRef
 
 __all__ = [
     "CacheStatus",
+    "Dataset",
+    "JobFailure",
+    "JobPriority",
+    "JobProgress",
+    "JobState",
+    "JobStatus",
     "LoadedModel",
     "Model",
     "ModelEvent",
@@ -319,3 +325,145 @@ class Statistics:
 
     models: tuple[ModelStatistics, ...] = ()
     cache_status: CacheStatus = CacheStatus.DISABLED
+
+
+class JobState(enum.Enum):
+    """Where a job is in its lifecycle. COMPLETED, FAILED and CANCELLED are terminal."""
+
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def terminal(self) -> bool:
+        """True for COMPLETED, FAILED and CANCELLED: the job will not change again unless retried."""
+        return self in (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED)
+
+
+class JobPriority(enum.Enum):
+    """How urgent a job is: it orders the worker queue and sets its inference requests' priority."""
+
+    LOW = "LOW"
+    NORMAL = "NORMAL"
+    HIGH = "HIGH"
+
+
+@dataclass(frozen=True, slots=True)
+class JobProgress:
+    """How far a job has got.
+
+    Attributes:
+        items_done: Items whose outputs are stored.
+        items_total: Items in the job's input.
+        batches_done: Batches whose outputs are stored.
+        batches_total: Batches in the job.
+        items_per_second: Throughput of the current run; 0 until its first batch is done.
+        time_remaining: Estimated time until every item is done, or None while unknown.
+    """
+
+    items_done: int = 0
+    items_total: int = 0
+    batches_done: int = 0
+    batches_total: int = 0
+    items_per_second: float = 0.0
+    time_remaining: timedelta | None = None
+
+    @property
+    def fraction(self) -> float:
+        """items_done / items_total, between 0 and 1 (1 for an empty job)."""
+        return self.items_done / self.items_total if self.items_total else 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class JobFailure:
+    """Why a job failed.
+
+    Attributes:
+        code: The gRPC status code name, e.g. ``"INVALID_ARGUMENT"``.
+        reason: A stable identifier, e.g. ``"MODEL_NOT_FOUND"`` or ``"ATTEMPTS_EXHAUSTED"``.
+        message: What went wrong, for people.
+    """
+
+    code: str
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class JobStatus:
+    """A snapshot of a batch inference job.
+
+    Attributes:
+        id: The job's id (a UUID).
+        model_ref: The model reference as submitted.
+        model_version: The version it resolved to at submit time; the job always runs that version.
+        state: Where the job is.
+        progress: How far it has got.
+        dataset_id: The dataset it reads, or ``""`` for inline input.
+        batch_size: Items per inference request.
+        priority: LOW, NORMAL or HIGH.
+        labels: Labels given at submit time.
+        max_attempts: Runs the job may start before it fails for good.
+        time_limit: How long one run may take, or None for no limit.
+        attempt_count: Runs started so far.
+        worker_id: The worker running it, or the last one that did.
+        create_time: When it was submitted.
+        start_time: When a worker first started it, or None.
+        finish_time: When it reached a terminal state, or None.
+        update_time: When its state or progress last changed.
+        queued_time: Time spent waiting for a worker, over all runs.
+        inference_time: Time spent in inference calls, over all runs.
+        error: Why it failed; None unless FAILED.
+        request_id: The request_id it was submitted with.
+    """
+
+    id: str
+    model_ref: ModelRef
+    model_version: int
+    state: JobState
+    progress: JobProgress = field(default_factory=JobProgress)
+    dataset_id: str = ""
+    batch_size: int = 0
+    priority: JobPriority = JobPriority.NORMAL
+    labels: Mapping[str, str] = field(default_factory=dict)
+    max_attempts: int = 0
+    time_limit: timedelta | None = None
+    attempt_count: int = 0
+    worker_id: str = ""
+    create_time: datetime | None = None
+    start_time: datetime | None = None
+    finish_time: datetime | None = None
+    update_time: datetime | None = None
+    queued_time: timedelta = timedelta()
+    inference_time: timedelta = timedelta()
+    error: JobFailure | None = None
+    request_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Dataset:
+    """A dataset uploaded for jobs to read.
+
+    Attributes:
+        id: The dataset's id (a UUID); pass it to ``submit(..., dataset=id)``.
+        sha256: The file's sha256.
+        size_bytes: The file's size.
+        item_count: Items in the dataset.
+        record_count: Records in the file.
+        tensors: The tensors of each item, with -1 as the first (item) dimension.
+        display_name: The name given at upload.
+        labels: The labels given at upload.
+        create_time: When the upload completed.
+    """
+
+    id: str
+    sha256: str
+    size_bytes: int
+    item_count: int
+    record_count: int = 0
+    tensors: tuple[TensorSpec, ...] = ()
+    display_name: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    create_time: datetime | None = None

@@ -1,0 +1,575 @@
+"""JobsClient and AsyncJobsClient: batch inference jobs and their datasets, and the Job handles they return.
+
+Same methods and arguments on both; the async ones are awaited. Requests are built and answers read through
+``_convert``, so only the I/O differs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import grpc
+import grpc.aio
+import numpy as np
+
+from modelforge import _convert
+from modelforge._channel import DEFAULT_MAX_MESSAGE_BYTES, JOBS, open_aio_channel, open_channel
+from modelforge._convert import DEFAULT_CHUNK_BYTES, MiB, Progress
+from modelforge._domain import Dataset, JobPriority, JobState, JobStatus
+from modelforge._errors import DeadlineExceededError, translated
+from modelforge._refs import ModelRef
+from modelforge.jobs.v1 import jobs_pb2 as pb
+from modelforge.jobs.v1 import jobs_pb2_grpc
+
+__all__ = ["AsyncJob", "AsyncJobsClient", "Job", "JobsClient"]
+
+Inputs = Mapping[str, Any] | str | os.PathLike[str]
+"""A job's items: input name to array (the first dimension counts the items), or a path to a ``.npz`` file."""
+
+INLINE_LIMIT_BYTES = 4 * MiB
+"""Inputs larger than this are uploaded as a dataset first instead of travelling inside CreateJob."""
+
+
+def _arrays(source: Inputs) -> dict[str, np.ndarray[Any, Any]]:
+    if isinstance(source, Mapping):
+        return {name: np.asarray(value) for name, value in source.items()}
+    with np.load(Path(source), allow_pickle=False) as archive:
+        return {name: archive[name] for name in archive.files}
+
+
+def _create_request(
+    ref: str | ModelRef,
+    *,
+    inline: Mapping[str, Any] | None,
+    dataset_id: str | None,
+    batch_size: int,
+    priority: JobPriority | str | None,
+    labels: Mapping[str, str] | None,
+    max_attempts: int,
+    time_limit: float | None,
+    request_id: str | None,
+) -> pb.CreateJobRequest:
+    request = pb.CreateJobRequest(
+        model_ref=_convert.ref_proto(ref),
+        batch_size=batch_size,
+        priority=_convert.job_priority_proto(priority),
+        labels=dict(labels or {}),
+        max_attempts=max_attempts,
+        request_id=request_id or str(uuid.uuid4()),  # always set, so that gRPC may retry CreateJob safely
+    )
+    if inline is not None:
+        request.inline_input.CopyFrom(_convert.inline_input(inline))
+    else:
+        request.dataset_id = dataset_id or ""
+    limit = _convert.duration_proto(time_limit)
+    if limit is not None:
+        request.time_limit.CopyFrom(limit)
+    return request
+
+
+def _plan_input(inputs: Inputs | None, dataset: str | None) -> tuple[dict[str, np.ndarray[Any, Any]] | None, bool]:
+    """The arrays to send (None when a dataset id is given) and whether they go as a dataset upload."""
+    if (inputs is None) == (dataset is None):
+        raise ValueError("give the job's input as inputs=... (arrays or a .npz path) or dataset=... (an id)")
+    if inputs is None:
+        return None, False
+    arrays = _arrays(inputs)
+    return arrays, not isinstance(inputs, Mapping) or _convert.input_bytes(arrays) > INLINE_LIMIT_BYTES
+
+
+def _summary(status: JobStatus) -> str:
+    return f"{status.state.value}, {status.progress.items_done}/{status.progress.items_total} items"
+
+
+class Job:
+    """A handle on a batch inference job: its last known status, and what can be done with it.
+
+    Attributes:
+        status: The job as last seen (refreshed by :meth:`refresh`, :meth:`watch`, :meth:`wait`...).
+    """
+
+    def __init__(self, client: JobsClient, status: JobStatus) -> None:
+        self._client = client
+        self.status = status
+
+    def __repr__(self) -> str:
+        return f"Job({self.id!r}, {_summary(self.status)})"
+
+    @property
+    def id(self) -> str:
+        """The job's id."""
+        return self.status.id
+
+    def refresh(self) -> JobStatus:
+        """Fetches the job's current status."""
+        with translated():
+            response = self._client.jobs_stub.GetJob(pb.GetJobRequest(id=self.id), timeout=self._client.timeout)
+        self.status = _convert.job_status(response.job)
+        return self.status
+
+    def watch(self, *, timeout: float | None = None) -> Iterator[JobStatus]:
+        """Iterates over the job's status as it changes: the current one first, the terminal one last.
+
+        Args:
+            timeout: Give up after this many seconds (DeadlineExceededError); None to watch until the end.
+        """
+        call = self._client.jobs_stub.WatchJob(pb.WatchJobRequest(id=self.id), timeout=timeout)
+        try:
+            with translated():
+                for message in call:
+                    self.status = _convert.job_status(message.job)
+                    yield self.status
+        finally:
+            call.cancel()
+
+    def wait(self, timeout: float | None = None) -> JobStatus:
+        """Blocks until the job is COMPLETED, FAILED or CANCELLED and returns that status.
+
+        Raises:
+            TimeoutError: the job is still going after ``timeout`` seconds.
+        """
+        try:
+            for _ in self.watch(timeout=timeout):
+                pass
+        except DeadlineExceededError:
+            raise TimeoutError(
+                f"job {self.id} is still {self.status.state.value} after {timeout} s "
+                f"({self.status.progress.items_done}/{self.status.progress.items_total} items)"
+            ) from None
+        return self.status
+
+    def result(self, timeout: float | None = None) -> dict[str, np.ndarray[Any, Any]]:
+        """Waits for the job, then returns its outputs: output name to one array over every item, in order.
+
+        Raises:
+            FailedPreconditionError: the job ended FAILED or CANCELLED (``status.error`` says why).
+            TimeoutError: the job is still going after ``timeout`` seconds.
+        """
+        self.wait(timeout)
+        assembler = _convert.ResultAssembler()
+        call = self._client.jobs_stub.GetJobResult(pb.GetJobResultRequest(id=self.id))
+        try:
+            with translated():
+                for message in call:
+                    assembler.accept(message)
+        finally:
+            call.cancel()
+        return assembler.finish()
+
+    def cancel(self) -> JobStatus:
+        """Cancels the job: a queued job never runs; a running one stops before its next batch."""
+        with translated():
+            response = self._client.jobs_stub.CancelJob(pb.CancelJobRequest(id=self.id), timeout=self._client.timeout)
+        self.status = _convert.job_status(response.job)
+        return self.status
+
+    def retry(self) -> JobStatus:
+        """Runs a FAILED or CANCELLED job again from its first unfinished batch."""
+        with translated():
+            response = self._client.jobs_stub.RetryJob(pb.RetryJobRequest(id=self.id), timeout=self._client.timeout)
+        self.status = _convert.job_status(response.job)
+        return self.status
+
+    def delete(self) -> int:
+        """Deletes a finished job and its results; returns how many items' outputs went with it."""
+        with translated():
+            response = self._client.jobs_stub.DeleteJob(pb.DeleteJobRequest(id=self.id), timeout=self._client.timeout)
+        return response.deleted_items
+
+
+class JobsClient:
+    """A blocking client of the ModelForge jobs service.
+
+    ::
+
+        with JobsClient() as jobs:
+            job = jobs.submit("fraud@production", {"input": features}, batch_size=512)
+            for status in job.watch():
+                print(status.progress.items_done, "/", status.progress.items_total)
+            scores = job.result()["scores"]
+
+    Args:
+        target: ``host:port`` of the jobs service; defaults to ``MODELFORGE_JOBS_ADDRESS``, else
+            ``127.0.0.1:50053``.
+        channel: A channel of your own; the client does not close it. Excludes ``target``.
+        timeout: Seconds allowed for each unary call; None for no limit. Watches and uploads have no limit.
+        max_message_bytes: Largest message sent or received.
+    """
+
+    def __init__(
+        self,
+        target: str | None = None,
+        *,
+        channel: grpc.Channel | None = None,
+        timeout: float | None = 30.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        if channel is not None and target is not None:
+            raise ValueError("pass either target or channel, not both")
+        self._owns_channel = channel is None
+        self._channel = channel or open_channel(JOBS, target, max_message_bytes=max_message_bytes)
+        self.timeout = timeout
+        self.jobs_stub = jobs_pb2_grpc.JobServiceStub(self._channel)
+        """The generated stub over this client's channel, for calls the client does not wrap."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Closes the channel (unless it was passed in)."""
+        if self._owns_channel:
+            self._channel.close()
+
+    def submit(
+        self,
+        ref: str | ModelRef,
+        inputs: Inputs | None = None,
+        *,
+        dataset: str | None = None,
+        batch_size: int = 0,
+        priority: JobPriority | str | None = None,
+        labels: Mapping[str, str] | None = None,
+        max_attempts: int = 0,
+        time_limit: float | None = None,
+        request_id: str | None = None,
+        progress: Progress | None = None,
+    ) -> Job:
+        """Submits a job that runs a model over many items, and returns its handle.
+
+        The reference is resolved now and the job pinned to that version.
+
+        Args:
+            ref: ``"name"``, ``"name:3"`` or ``"name@production"``.
+            inputs: Input name to array (the first dimension counts the items), or a ``.npz`` path. Arrays over
+                4 MiB, and files, are uploaded as a dataset first.
+            dataset: The id of a dataset uploaded before, instead of ``inputs``.
+            batch_size: Items per inference request; 0 for the server's default.
+            priority: ``"low"``, ``"normal"`` or ``"high"``.
+            labels: Labels, for filtering :meth:`list_jobs`.
+            max_attempts: Runs the job may start; 0 for the server's default.
+            time_limit: Seconds one run may take; None for no limit.
+            request_id: Makes the submission idempotent; a fresh UUID when not given.
+            progress: Called as ``progress(bytes_sent, total_bytes)`` during a dataset upload.
+
+        Raises:
+            NotFoundError: unknown model, version, alias or dataset.
+            InvalidArgumentError: empty input, or input that does not match the model's signature.
+        """
+        arrays, upload = _plan_input(inputs, dataset)
+        if upload and arrays is not None:
+            dataset, arrays = self.upload_dataset(arrays, progress=progress).id, None
+        request = _create_request(
+            ref,
+            inline=arrays,
+            dataset_id=dataset,
+            batch_size=batch_size,
+            priority=priority,
+            labels=labels,
+            max_attempts=max_attempts,
+            time_limit=time_limit,
+            request_id=request_id,
+        )
+        with translated():
+            response = self.jobs_stub.CreateJob(request, timeout=self.timeout)
+        return Job(self, _convert.job_status(response.job))
+
+    def get_job(self, job_id: str) -> Job:
+        """Returns a handle on an existing job. Raises NotFoundError if there is none with that id."""
+        with translated():
+            response = self.jobs_stub.GetJob(pb.GetJobRequest(id=job_id), timeout=self.timeout)
+        return Job(self, _convert.job_status(response.job))
+
+    def list_jobs(
+        self,
+        *,
+        state: JobState | str | None = None,
+        model: str = "",
+        labels: Mapping[str, str] | None = None,
+        page_size: int = 100,
+    ) -> Iterator[Job]:
+        """Iterates over jobs, newest first, fetching pages lazily; filtered by state, model name and labels."""
+        token = ""
+        state_value = _convert.job_state_proto(state)
+        while True:
+            request = pb.ListJobsRequest(
+                page_size=page_size, page_token=token, state=state_value, model=model, labels=dict(labels or {})
+            )
+            with translated():
+                page = self.jobs_stub.ListJobs(request, timeout=self.timeout)
+            yield from (Job(self, _convert.job_status(j)) for j in page.jobs)
+            if not (token := page.next_page_token):
+                return
+
+    def upload_dataset(
+        self,
+        source: Inputs,
+        *,
+        display_name: str = "",
+        labels: Mapping[str, str] | None = None,
+        progress: Progress | None = None,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ) -> Dataset:
+        """Uploads arrays (or a ``.npz`` file) as a dataset that jobs can read by id.
+
+        Args:
+            source: Input name to array (the first dimension counts the items), or a ``.npz`` path.
+            display_name: A name for people.
+            labels: Free labels.
+            progress: Called as ``progress(bytes_sent, total_bytes)``.
+            chunk_bytes: Bytes per message.
+        """
+        data = _convert.encode_dataset(_arrays(source))
+        requests = _convert.dataset_upload_requests(
+            data, display_name=display_name, labels=labels, chunk_bytes=chunk_bytes, progress=progress
+        )
+        with translated():
+            response = self.jobs_stub.UploadDataset(requests)
+        return _convert.dataset(response.dataset)
+
+    def get_dataset(self, dataset_id: str) -> Dataset:
+        """Returns one dataset. Raises NotFoundError if there is none with that id."""
+        with translated():
+            response = self.jobs_stub.GetDataset(pb.GetDatasetRequest(id=dataset_id), timeout=self.timeout)
+        return _convert.dataset(response.dataset)
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        """Deletes a dataset. Raises FailedPreconditionError while a queued or running job reads it."""
+        with translated():
+            self.jobs_stub.DeleteDataset(pb.DeleteDatasetRequest(id=dataset_id), timeout=self.timeout)
+
+
+class AsyncJob:
+    """The asyncio twin of :class:`Job`: the same methods, awaited."""
+
+    def __init__(self, client: AsyncJobsClient, status: JobStatus) -> None:
+        self._client = client
+        self.status = status
+
+    def __repr__(self) -> str:
+        return f"AsyncJob({self.id!r}, {_summary(self.status)})"
+
+    @property
+    def id(self) -> str:
+        """The job's id."""
+        return self.status.id
+
+    async def refresh(self) -> JobStatus:
+        """See :meth:`Job.refresh`."""
+        with translated():
+            response = await self._client.jobs_stub.GetJob(pb.GetJobRequest(id=self.id), timeout=self._client.timeout)
+        self.status = _convert.job_status(response.job)
+        return self.status
+
+    async def watch(self, *, timeout: float | None = None) -> AsyncIterator[JobStatus]:
+        """See :meth:`Job.watch`; iterate with ``async for``."""
+        call = self._client.jobs_stub.WatchJob(pb.WatchJobRequest(id=self.id), timeout=timeout)
+        try:
+            with translated():
+                async for message in call:
+                    self.status = _convert.job_status(message.job)
+                    yield self.status
+        finally:
+            call.cancel()
+
+    async def wait(self, timeout: float | None = None) -> JobStatus:
+        """See :meth:`Job.wait`."""
+        try:
+            async for _ in self.watch(timeout=timeout):
+                pass
+        except DeadlineExceededError:
+            raise TimeoutError(
+                f"job {self.id} is still {self.status.state.value} after {timeout} s "
+                f"({self.status.progress.items_done}/{self.status.progress.items_total} items)"
+            ) from None
+        return self.status
+
+    async def result(self, timeout: float | None = None) -> dict[str, np.ndarray[Any, Any]]:
+        """See :meth:`Job.result`."""
+        await self.wait(timeout)
+        assembler = _convert.ResultAssembler()
+        call = self._client.jobs_stub.GetJobResult(pb.GetJobResultRequest(id=self.id))
+        try:
+            with translated():
+                async for message in call:
+                    assembler.accept(message)
+        finally:
+            call.cancel()
+        return assembler.finish()
+
+    async def cancel(self) -> JobStatus:
+        """See :meth:`Job.cancel`."""
+        with translated():
+            response = await self._client.jobs_stub.CancelJob(
+                pb.CancelJobRequest(id=self.id), timeout=self._client.timeout
+            )
+        self.status = _convert.job_status(response.job)
+        return self.status
+
+    async def retry(self) -> JobStatus:
+        """See :meth:`Job.retry`."""
+        with translated():
+            response = await self._client.jobs_stub.RetryJob(
+                pb.RetryJobRequest(id=self.id), timeout=self._client.timeout
+            )
+        self.status = _convert.job_status(response.job)
+        return self.status
+
+    async def delete(self) -> int:
+        """See :meth:`Job.delete`."""
+        with translated():
+            response = await self._client.jobs_stub.DeleteJob(
+                pb.DeleteJobRequest(id=self.id), timeout=self._client.timeout
+            )
+        return response.deleted_items
+
+
+class AsyncJobsClient:
+    """The asyncio twin of :class:`JobsClient`: the same methods, awaited; handles are :class:`AsyncJob`.
+
+    ::
+
+        async with AsyncJobsClient() as jobs:
+            job = await jobs.submit("fraud@production", "items.npz")
+            async for status in job.watch():
+                ...
+            outputs = await job.result()
+
+    Args:
+        target: ``host:port`` of the jobs service; defaults to ``MODELFORGE_JOBS_ADDRESS``, else
+            ``127.0.0.1:50053``.
+        channel: A ``grpc.aio`` channel of your own; the client does not close it. Excludes ``target``.
+        timeout: Seconds allowed for each unary call; None for no limit.
+        max_message_bytes: Largest message sent or received.
+    """
+
+    def __init__(
+        self,
+        target: str | None = None,
+        *,
+        channel: grpc.aio.Channel | None = None,
+        timeout: float | None = 30.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        if channel is not None and target is not None:
+            raise ValueError("pass either target or channel, not both")
+        self._owns_channel = channel is None
+        self._channel = channel or open_aio_channel(JOBS, target, max_message_bytes=max_message_bytes)
+        self.timeout = timeout
+        self.jobs_stub = jobs_pb2_grpc.JobServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        """The generated stub over this client's channel, for calls the client does not wrap."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Closes the channel (unless it was passed in)."""
+        if self._owns_channel:
+            await self._channel.close()
+
+    async def submit(
+        self,
+        ref: str | ModelRef,
+        inputs: Inputs | None = None,
+        *,
+        dataset: str | None = None,
+        batch_size: int = 0,
+        priority: JobPriority | str | None = None,
+        labels: Mapping[str, str] | None = None,
+        max_attempts: int = 0,
+        time_limit: float | None = None,
+        request_id: str | None = None,
+        progress: Progress | None = None,
+    ) -> AsyncJob:
+        """See :meth:`JobsClient.submit`. Reading and encoding the input run in a thread."""
+        arrays, upload = await asyncio.to_thread(_plan_input, inputs, dataset)
+        if upload and arrays is not None:
+            dataset, arrays = (await self.upload_dataset(arrays, progress=progress)).id, None
+        request = await asyncio.to_thread(
+            lambda: _create_request(
+                ref,
+                inline=arrays,
+                dataset_id=dataset,
+                batch_size=batch_size,
+                priority=priority,
+                labels=labels,
+                max_attempts=max_attempts,
+                time_limit=time_limit,
+                request_id=request_id,
+            )
+        )
+        with translated():
+            response = await self.jobs_stub.CreateJob(request, timeout=self.timeout)
+        return AsyncJob(self, _convert.job_status(response.job))
+
+    async def get_job(self, job_id: str) -> AsyncJob:
+        """See :meth:`JobsClient.get_job`."""
+        with translated():
+            response = await self.jobs_stub.GetJob(pb.GetJobRequest(id=job_id), timeout=self.timeout)
+        return AsyncJob(self, _convert.job_status(response.job))
+
+    async def list_jobs(
+        self,
+        *,
+        state: JobState | str | None = None,
+        model: str = "",
+        labels: Mapping[str, str] | None = None,
+        page_size: int = 100,
+    ) -> AsyncIterator[AsyncJob]:
+        """See :meth:`JobsClient.list_jobs`; iterate with ``async for``."""
+        token = ""
+        state_value = _convert.job_state_proto(state)
+        while True:
+            request = pb.ListJobsRequest(
+                page_size=page_size, page_token=token, state=state_value, model=model, labels=dict(labels or {})
+            )
+            with translated():
+                page = await self.jobs_stub.ListJobs(request, timeout=self.timeout)
+            for j in page.jobs:
+                yield AsyncJob(self, _convert.job_status(j))
+            if not (token := page.next_page_token):
+                return
+
+    async def upload_dataset(
+        self,
+        source: Inputs,
+        *,
+        display_name: str = "",
+        labels: Mapping[str, str] | None = None,
+        progress: Progress | None = None,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ) -> Dataset:
+        """See :meth:`JobsClient.upload_dataset`. Encoding runs in a thread; progress is called on the loop."""
+        data = await asyncio.to_thread(lambda: _convert.encode_dataset(_arrays(source)))
+        requests = _convert.dataset_upload_requests(
+            data, display_name=display_name, labels=labels, chunk_bytes=chunk_bytes, progress=progress
+        )
+        with translated():
+            response = await self.jobs_stub.UploadDataset(requests)
+        return _convert.dataset(response.dataset)
+
+    async def get_dataset(self, dataset_id: str) -> Dataset:
+        """See :meth:`JobsClient.get_dataset`."""
+        with translated():
+            response = await self.jobs_stub.GetDataset(pb.GetDatasetRequest(id=dataset_id), timeout=self.timeout)
+        return _convert.dataset(response.dataset)
+
+    async def delete_dataset(self, dataset_id: str) -> None:
+        """See :meth:`JobsClient.delete_dataset`."""
+        with translated():
+            await self.jobs_stub.DeleteDataset(pb.DeleteDatasetRequest(id=dataset_id), timeout=self.timeout)

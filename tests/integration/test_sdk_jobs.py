@@ -1,0 +1,119 @@
+# ruff: noqa: F811  (pytest fixtures imported from conftest modules are parameters here)
+"""The SDK's jobs clients against a real jobs API, real Dramatiq workers on Redis, inference and registry.
+
+The sync client blocks, so its scenario runs in a worker thread while the servers keep the test's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from modelforge import (
+    AsyncJobsClient,
+    AsyncRegistryClient,
+    FailedPreconditionError,
+    JobsClient,
+    JobState,
+    NotFoundError,
+)
+from tests.fixtures.onnx_models import ModelFile
+from tests.integration.jobs.conftest import (  # noqa: F401
+    InProcessWorker,
+    RunningInference,
+    RunningJobs,
+    add_one,
+    inference,
+    jobs_api,
+    jobs_settings,
+    onnx_dir,
+    registry,
+    registry_settings,
+    start_inference,
+    worker,
+)
+
+
+@pytest.fixture
+async def adder(inference: RunningInference, add_one: ModelFile) -> str:
+    async with AsyncRegistryClient(inference.registry.address) as registry_client:
+        await registry_client.push(add_one.data, name="adder", alias="production")
+    return "adder@production"
+
+
+@pytest.fixture
+async def client(jobs_api: RunningJobs) -> AsyncJobsClient:
+    async with AsyncJobsClient(f"127.0.0.1:{jobs_api.port}") as c:
+        yield c
+
+
+async def test_submit_watch_and_result(client: AsyncJobsClient, worker: InProcessWorker, adder: str) -> None:
+    x = np.arange(100 * 4, dtype=np.float32).reshape(100, 4)
+    job = await client.submit(adder, {"x": x}, batch_size=16, labels={"team": "core"})
+    assert job.status.model_version == 1 and job.status.state is JobState.QUEUED
+    done = []
+    async for status in job.watch():
+        done.append(status.progress.items_done)
+    assert done == sorted(done)
+    assert job.status.state is JobState.COMPLETED and job.status.progress.items_done == 100
+    outputs = await job.result()
+    np.testing.assert_array_equal(outputs["y"], x + 1)
+    assert [j.id async for j in client.list_jobs(labels={"team": "core"})] == [job.id]
+    assert (await client.get_job(job.id)).status.state is JobState.COMPLETED
+    assert await job.delete() == 100
+
+
+async def test_submit_a_npz_file_uploads_a_dataset_with_progress(
+    client: AsyncJobsClient, worker: InProcessWorker, adder: str, tmp_path: Path
+) -> None:
+    x = np.random.default_rng(0).random((300, 4), dtype=np.float32)
+    np.savez(tmp_path / "items.npz", x=x)
+    seen: list[int] = []
+    job = await client.submit(adder, tmp_path / "items.npz", batch_size=64, progress=lambda d, t: seen.append(d))
+    assert job.status.dataset_id and seen and seen[-1] > 0
+    dataset = await client.get_dataset(job.status.dataset_id)
+    assert dataset.item_count == 300
+    np.testing.assert_array_equal((await job.result(timeout=120))["y"], x + 1)
+
+
+async def test_cancel_retry_and_errors_without_a_worker(client: AsyncJobsClient, adder: str) -> None:
+    job = await client.submit(adder, {"x": np.zeros((4, 4), np.float32)})
+    with pytest.raises(TimeoutError, match="still QUEUED"):
+        await job.wait(timeout=0.5)
+    assert (await job.cancel()).state is JobState.CANCELLED
+    with pytest.raises(FailedPreconditionError) as not_completed:
+        await job.result()
+    assert not_completed.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert (await job.retry()).state is JobState.QUEUED
+    await job.cancel()
+    with pytest.raises(NotFoundError) as unknown:
+        await client.submit("ghost", {"x": np.zeros((1, 4), np.float32)})
+    assert unknown.value.code == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(ValueError, match="inputs=... .* or dataset="):
+        await client.submit(adder)
+    with pytest.raises(ValueError, match="same number of items"):
+        await client.submit(adder, {"x": np.zeros((2, 4)), "z": np.zeros((3, 4))})
+
+
+def _sync_scenario(address: str, ref: str) -> None:
+    x = np.ones((10, 4), dtype=np.float32)
+    with JobsClient(address) as jobs:
+        job = jobs.submit(ref, {"x": x}, batch_size=4, priority="high")
+        states = [status.state for status in job.watch()]
+        assert states[-1] is JobState.COMPLETED
+        np.testing.assert_array_equal(job.result()["y"], x + 1)
+        assert job.id in [j.id for j in jobs.list_jobs(state="COMPLETED")]
+        dataset = jobs.upload_dataset({"x": x}, display_name="ones")
+        assert (dataset.item_count, dataset.display_name) == (10, "ones")
+        second = jobs.submit(ref, dataset=dataset.id)
+        assert second.wait(timeout=120).state is JobState.COMPLETED
+        second.delete()
+        jobs.delete_dataset(dataset.id)
+
+
+async def test_sync_client_covers_the_same_ground(jobs_api: RunningJobs, worker: InProcessWorker, adder: str) -> None:
+    await asyncio.to_thread(_sync_scenario, f"127.0.0.1:{jobs_api.port}", adder)
