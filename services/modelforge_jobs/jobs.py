@@ -34,7 +34,7 @@ from modelforge_jobs.errors import (
 )
 from modelforge_jobs.inference_client import RegistryClient
 from modelforge_jobs.store import JobStore
-from modelforge_server.errors import FailedPrecondition, require
+from modelforge_server.errors import FailedPrecondition, Unavailable, require
 
 log = logging.getLogger("modelforge.jobs")
 
@@ -135,8 +135,16 @@ class Jobs:
         )
         if created:
             log.info("job %s submitted: %s:%d, %d items", job.id, model.name, model.version, items)
-            await self._send(job.id, job.priority)
+            await self._enqueue(job)
         return job
+
+    async def _enqueue(self, job: Job) -> None:
+        """Sends the job's message; if the queue is down, a worker's maintenance pass sends it later."""
+        try:
+            await self._send(job.id, job.priority)
+        except Unavailable as exc:
+            log.warning("job %s recorded but not queued yet (%s); a worker will queue it", job.id, exc)
+            await self._store.mark_unsent(job.id)
 
     # --- reads and state changes ----------------------------------------------------------------------------
 
@@ -166,7 +174,7 @@ class Jobs:
             job = await self._store.get_job(job_id)
             raise JobStateConflict(str(job_id), job.state.value, "retry", "FAILED or CANCELLED")
         log.info("job %s queued again", job_id)
-        await self._send(requeued.id, requeued.priority)
+        await self._enqueue(requeued)
         return requeued
 
     async def delete(self, job_id: UUID) -> int:

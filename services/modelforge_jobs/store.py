@@ -390,9 +390,10 @@ class JobStore:
             )
             return cur.rowcount == 1
 
-    async def mark_sent(self, job_id: UUID) -> None:
+    async def mark_unsent(self, job_id: UUID) -> None:
+        """Records that the job's message could not be sent, so that the next maintenance pass sends it."""
         async with self._cursor() as cur:
-            await cur.execute("UPDATE jobs.jobs SET enqueue_time = now() WHERE id = %s", (job_id,))
+            await cur.execute("UPDATE jobs.jobs SET enqueue_time = '-infinity' WHERE id = %s", (job_id,))
 
     # --- maintenance ----------------------------------------------------------------------------------------
 
