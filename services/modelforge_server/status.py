@@ -60,6 +60,9 @@ def status_for(exc: errors.ServiceError, domain: str) -> status_pb2.Status:
 
 async def abort(context: grpc.aio.ServicerContext, exc: BaseException, domain: str) -> NoReturn:
     """Ends the call with the status that `exc` maps to."""
+    if isinstance(exc, NotImplementedError):
+        # The generated servicer base classes raise it for RPCs a service does not implement.
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this method is not implemented by this server")
     if not isinstance(exc, errors.ServiceError):
         log.error("unexpected error in %s", domain, exc_info=exc)
         await context.abort(grpc.StatusCode.INTERNAL, "internal error; details are in the server log")

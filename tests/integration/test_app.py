@@ -1,0 +1,78 @@
+"""The server bootstrap over real channels: status mapping, health, dependencies and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from modelforge.jobs.v1 import jobs_pb2, jobs_pb2_grpc
+from modelforge_server import app
+from modelforge_server.settings import ServerSettings
+
+SERVICE = jobs_pb2.DESCRIPTOR.services_by_name["JobService"]
+
+
+class Unfinished(jobs_pb2_grpc.JobServiceServicer):
+    """Implements nothing: the generated base class answers every method."""
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[tuple[app.Server, grpc.aio.Channel]]:
+    server = app.build_server(
+        [app.Api(SERVICE, Unfinished(), jobs_pb2_grpc.add_JobServiceServicer_to_server)],
+        domain="modelforge.test",
+        settings=ServerSettings(),
+    )
+    port = server.add_port("127.0.0.1:0")
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield server, channel
+    await server.stop(None)
+
+
+async def health_of(channel: grpc.aio.Channel, name: str) -> int:
+    response = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=name))
+    return response.status
+
+
+async def test_an_unimplemented_method_answers_unimplemented(server: tuple[app.Server, grpc.aio.Channel]) -> None:
+    _, channel = server
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await jobs_pb2_grpc.JobServiceStub(channel).GetJob(jobs_pb2.GetJobRequest())
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_health_follows_a_watched_dependency(server: tuple[app.Server, grpc.aio.Channel]) -> None:
+    srv, channel = server
+    assert await health_of(channel, SERVICE.full_name) == health_pb2.HealthCheckResponse.SERVING
+    down = asyncio.Event()
+
+    async def check() -> None:
+        if down.is_set():
+            raise ConnectionError("dependency is down")
+
+    srv.watch_dependency("thing", check, interval=0.05)
+    down.set()
+    await _until(lambda: health_of(channel, SERVICE.full_name), health_pb2.HealthCheckResponse.NOT_SERVING)
+    assert await health_of(channel, "") == health_pb2.HealthCheckResponse.NOT_SERVING
+    down.clear()
+    await _until(lambda: health_of(channel, SERVICE.full_name), health_pb2.HealthCheckResponse.SERVING)
+
+
+async def test_stop_flips_health_and_refuses_new_calls(server: tuple[app.Server, grpc.aio.Channel]) -> None:
+    srv, channel = server
+    await srv.stop(grace=1.0)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await health_of(channel, "")
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def _until(probe, expected: int, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = asyncio.get_running_loop().time() + timeout
+    while (status := await probe()) != expected:
+        assert asyncio.get_running_loop().time() < deadline, f"health stayed {status}, expected {expected}"
+        await asyncio.sleep(0.02)
