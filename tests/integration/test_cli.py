@@ -12,12 +12,22 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from modelforge import AsyncRegistryClient, VersionState
 from modelforge.cli import ProgressBar, main
 from tests.fixtures.onnx_models import ModelFile, add_one, not_onnx, onnx_dir  # noqa: F401
 from tests.fixtures.servers import RunningRegistry, registry, registry_settings  # noqa: F401
+from tests.integration.jobs.conftest import (  # noqa: F401
+    InProcessWorker,
+    RunningJobs,
+    inference,
+    jobs_api,
+    jobs_settings,
+    start_inference,
+    worker,
+)
 
 
 @dataclass
@@ -115,6 +125,49 @@ async def test_an_unreachable_registry_says_where_it_looked() -> None:
     assert code == 1
     assert f"cannot reach the registry service at {address}" in err.getvalue()
     assert "MODELFORGE_REGISTRY_ADDRESS" in err.getvalue()
+
+
+async def test_predict_load_stats_and_jobs(
+    cli, inference, jobs_api: RunningJobs, worker: InProcessWorker, add_one: ModelFile, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    assert (await cli("models", "push", str(add_one.path), "--name", "demo", "--alias", "production")).code == 0
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    np.save(tmp_path / "x.npy", x)
+    addresses = ("--inference", inference.address, "--jobs", f"127.0.0.1:{jobs_api.port}")
+
+    predicted = await cli("predict", "demo@production", "--input", f"x={tmp_path / 'x.npy'}",
+                          "--out", str(tmp_path / "out"), *addresses)  # fmt: skip
+    assert predicted.code == 0, predicted.err
+    assert predicted.out.startswith("demo:1 answered in ")
+    np.testing.assert_array_equal(np.load(tmp_path / "out" / "y.npy"), x + 1)
+    streamed = await cli("predict", "demo", "--input", f"x={tmp_path / 'x.npy'}", "--stream", *addresses)
+    assert streamed.code == 0 and "y: float32[3, 4]" in streamed.out
+
+    loaded = await cli("models", "load", "demo:1", *addresses)
+    assert loaded.code == 0 and loaded.out.startswith("loaded demo:1 (READY")
+    stats = await cli("stats", "demo", "--json", *addresses)
+    assert json.loads(stats.out)["models"][0]["request_count"] == 2
+    assert (await cli("models", "unload", "demo", *addresses)).out.strip() == "unloaded demo:1"
+    bad = await cli("predict", "demo", "--input", f"wrong={tmp_path / 'x.npy'}", *addresses)
+    assert bad.code == 1 and bad.err.count("\n") == 1
+
+    np.savez(tmp_path / "items.npz", x=x)
+    submitted = await cli("jobs", "submit", "demo@production", "--input", str(tmp_path / "items.npz"),
+                          "--batch-size", "2", "--wait", *addresses)  # fmt: skip
+    assert submitted.code == 0, submitted.err
+    job_id = submitted.out.split()[2]
+    assert f"job {job_id} COMPLETED: 3/3 items" in submitted.out
+    listed = await cli("jobs", "ls", "--state", "COMPLETED", *addresses)
+    assert job_id in listed.out
+    shown = await cli("jobs", "show", job_id, *addresses)
+    assert "state        COMPLETED" in shown.out
+    result = await cli("jobs", "result", job_id, "--out", str(tmp_path / "result.npz"), *addresses)
+    assert result.code == 0, result.err
+    with np.load(tmp_path / "result.npz") as saved:
+        np.testing.assert_array_equal(saved["y"], x + 1)
+    missing = await cli("jobs", "show", "00000000-0000-0000-0000-000000000000", *addresses)
+    assert missing.code == 1 and missing.err.startswith("modelforge: ")
+    assert (await cli("jobs", "rm", job_id, *addresses)).code == 0
 
 
 class _Terminal(io.StringIO):

@@ -1,4 +1,4 @@
-"""The ``modelforge`` command: run the suite, manage models, predict.
+"""The ``modelforge`` command: run the suite, manage models, predict, run batch jobs.
 
 Every command that talks to a service finds it through a flag (``--registry``, ``--inference``, ``--jobs``),
 else ``MODELFORGE_REGISTRY_ADDRESS`` and friends, else the default port on localhost. Failures print one line,
@@ -22,10 +22,11 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from modelforge._channel import INFERENCE, REGISTRY, Service, resolve_target
-from modelforge._domain import Model, ModelVersion, Prediction
+from modelforge._channel import INFERENCE, JOBS, REGISTRY, Service, resolve_target
+from modelforge._domain import JobState, JobStatus, Model, ModelVersion, Prediction
 from modelforge._errors import ModelForgeError, UnavailableError
 from modelforge._inference import InferenceClient
+from modelforge._jobs import Job, JobsClient
 from modelforge._refs import ModelRef
 from modelforge._registry import RegistryClient
 
@@ -47,8 +48,9 @@ class ProgressBar:
 
     WIDTH = 30
 
-    def __init__(self, label: str, stream: TextIO | None = None) -> None:
+    def __init__(self, label: str, stream: TextIO | None = None, *, unit: str = "bytes") -> None:
         self._label = label
+        self._format = _size if unit == "bytes" else _count
         self._stream = stream or sys.stderr
         self._live = self._stream.isatty()
         self._shown = -1
@@ -63,10 +65,10 @@ class ProgressBar:
         self._shown = permille
         filled = self.WIDTH * permille // 1000
         elapsed = max(time.monotonic() - self._started, 1e-6)
-        rate = _size(int(done / elapsed))
+        rate = self._format(int(done / elapsed))
         line = (
             f"\r{self._label} [{'#' * filled}{'.' * (self.WIDTH - filled)}] {permille / 10:5.1f}% "
-            f"{_size(done)}/{_size(total)} {rate}/s"
+            f"{self._format(done)}/{self._format(total)} {rate}/s"
         )
         self._stream.write(line)
         self._stream.flush()
@@ -84,6 +86,10 @@ def _size(n: int) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return f"{value:.1f} GB"
+
+
+def _count(n: int) -> str:
+    return f"{n} items"
 
 
 def _when(value: datetime | None) -> str:
@@ -150,6 +156,12 @@ class Context:
     def inference(self) -> Iterator[InferenceClient]:
         self.service = INFERENCE
         with InferenceClient(self.target(INFERENCE), timeout=self.args.timeout) as client:
+            yield client
+
+    @contextlib.contextmanager
+    def jobs(self) -> Iterator[JobsClient]:
+        self.service = JOBS
+        with JobsClient(self.target(JOBS), timeout=self.args.timeout) as client:
             yield client
 
     def target(self, service: Service) -> str:
@@ -450,6 +462,133 @@ def cmd_stats(ctx: Context) -> int:
     return 0
 
 
+def _job_line(status: JobStatus) -> str:
+    p = status.progress
+    line = f"job {status.id} {status.state.value}: {p.items_done}/{p.items_total} items"
+    if status.state is JobState.RUNNING and p.items_per_second:
+        line += f", {p.items_per_second:.0f} items/s"
+    if status.error is not None:
+        line += f"; {status.error.code} {status.error.reason}: {status.error.message}"
+    return line
+
+
+def _follow(job: Job, ctx: Context) -> int:
+    """Follows a job to its end: a live bar on a terminal, a line per state change otherwise."""
+    bar = ProgressBar(f"job {job.id[:8]}", ctx.err, unit="items")
+    last: JobState | None = None
+    try:
+        for status in job.watch():
+            bar(status.progress.items_done, status.progress.items_total)
+            if status.state is not last and not ctx.err.isatty():
+                print(_job_line(status), file=ctx.err)
+            last = status.state
+    finally:
+        bar.close()
+    print(_job_line(job.status), file=ctx.out)
+    return 0 if job.status.state is JobState.COMPLETED else 1
+
+
+def cmd_jobs_submit(ctx: Context) -> int:
+    a = ctx.args
+    inputs = _read_inputs(a.input)
+    bar = ProgressBar("uploading the dataset", ctx.err)
+    with ctx.jobs() as jobs:
+        try:
+            job = jobs.submit(
+                a.ref,
+                inputs,
+                batch_size=a.batch_size,
+                priority=a.priority,
+                labels=_labels(a.label),
+                max_attempts=a.max_attempts,
+                time_limit=a.time_limit,
+                progress=bar,
+            )
+        finally:
+            bar.close()
+        print(f"submitted job {job.id} ({job.status.model_ref} resolved to version {job.status.model_version})",
+              file=ctx.out)  # fmt: skip
+        if a.wait:
+            return _follow(job, ctx)
+    return 0
+
+
+def cmd_jobs_ls(ctx: Context) -> int:
+    a = ctx.args
+    with ctx.jobs() as jobs:
+        listed = [j.status for j in jobs.list_jobs(state=a.state, model=a.model or "", labels=_labels(a.label))]
+    if a.json:
+        _print_json(listed, ctx.out)
+        return 0
+    rows = [
+        [s.id, f"{s.model_ref.name}:{s.model_version}", s.state.value,
+         f"{s.progress.items_done}/{s.progress.items_total}", _when(s.create_time)]
+        for s in listed
+    ]  # fmt: skip
+    _table(rows, ["ID", "MODEL", "STATE", "ITEMS", "CREATED"], ctx.out)
+    return 0
+
+
+def cmd_jobs_show(ctx: Context) -> int:
+    with ctx.jobs() as jobs:
+        s = jobs.get_job(ctx.args.id).status
+    if ctx.args.json:
+        _print_json(s, ctx.out)
+        return 0
+    p = s.progress
+    print(f"job          {s.id}", file=ctx.out)
+    print(f"model        {s.model_ref} (version {s.model_version})", file=ctx.out)
+    print(f"state        {s.state.value}", file=ctx.out)
+    print(
+        f"progress     {p.items_done}/{p.items_total} items, {p.batches_done}/{p.batches_total} batches", file=ctx.out
+    )
+    print(f"input        {'dataset ' + s.dataset_id if s.dataset_id else 'inline'}", file=ctx.out)
+    print(f"batch size   {s.batch_size}, priority {s.priority.value}", file=ctx.out)
+    print(f"attempts     {s.attempt_count} of {s.max_attempts}", file=ctx.out)
+    print(f"created      {_when(s.create_time)}", file=ctx.out)
+    print(f"started      {_when(s.start_time)}", file=ctx.out)
+    print(f"finished     {_when(s.finish_time)}", file=ctx.out)
+    if s.error is not None:
+        print(f"error        {s.error.code} {s.error.reason}: {s.error.message}", file=ctx.out)
+    return 0
+
+
+def cmd_jobs_watch(ctx: Context) -> int:
+    with ctx.jobs() as jobs:
+        return _follow(jobs.get_job(ctx.args.id), ctx)
+
+
+def cmd_jobs_cancel(ctx: Context) -> int:
+    with ctx.jobs() as jobs:
+        status = jobs.get_job(ctx.args.id).cancel()
+    print(_job_line(status), file=ctx.out)
+    return 0
+
+
+def cmd_jobs_retry(ctx: Context) -> int:
+    with ctx.jobs() as jobs:
+        status = jobs.get_job(ctx.args.id).retry()
+    print(_job_line(status), file=ctx.out)
+    return 0
+
+
+def cmd_jobs_rm(ctx: Context) -> int:
+    with ctx.jobs() as jobs:
+        deleted = jobs.get_job(ctx.args.id).delete()
+    print(f"deleted job {ctx.args.id} and the outputs of {deleted} items", file=ctx.out)
+    return 0
+
+
+def cmd_jobs_result(ctx: Context) -> int:
+    out = Path(ctx.args.out)
+    with ctx.jobs() as jobs:
+        outputs = jobs.get_job(ctx.args.id).result(timeout=ctx.args.wait_timeout)
+    np.savez(out, **outputs)
+    summary = ", ".join(f"{name} {a.dtype}{list(a.shape)}" for name, a in outputs.items())
+    print(f"wrote {summary} to {out}", file=ctx.out)
+    return 0
+
+
 # --- the parser ----------------------------------------------------------------------------------------------
 
 
@@ -481,7 +620,7 @@ def _address_flags(parser: argparse.ArgumentParser, *, top: bool) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line, for ``main`` and for documentation tools."""
     parser = argparse.ArgumentParser(
-        prog="modelforge", description="Run ModelForge, manage its models and run predictions."
+        prog="modelforge", description="Run ModelForge, manage its models, run predictions and batch jobs."
     )
     _address_flags(parser, top=True)
     common = argparse.ArgumentParser(add_help=False)
@@ -584,6 +723,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ref", nargs="?", metavar="REF", help="one model (NAME) or version (NAME:VERSION)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=cmd_stats)
+
+    jobs = commands.add_parser("jobs", help="submit batch jobs, follow them and fetch their results")
+    sub = jobs.add_subparsers(dest="jobs_command", metavar="ACTION", required=True)
+
+    p = sub.add_parser("submit", parents=[common], help="run a model over the items of .npz/.npy files")
+    p.add_argument("ref", metavar="REF", help="NAME, NAME:VERSION or NAME@ALIAS (pinned to its version now)")
+    p.add_argument("--input", action="append", required=True, metavar="FILE.npz|NAME=FILE.npy",
+                   help="the items: every array of FILE.npz by name, or one input per NAME=FILE.npy")  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=0, help="items per inference request (default: the server's)")
+    p.add_argument("--priority", choices=["low", "normal", "high"], help="queue priority")
+    p.add_argument("--label", action="append", metavar="KEY=VALUE", help="a label for the job (repeatable)")
+    p.add_argument("--max-attempts", type=int, default=0, help="runs the job may start (default: the server's)")
+    p.add_argument("--time-limit", type=float, metavar="SECONDS", help="how long one run may take")
+    p.add_argument("--wait", action="store_true", help="follow the job to its end; exit 1 unless it COMPLETED")
+    p.set_defaults(run=cmd_jobs_submit)
+
+    p = sub.add_parser("ls", parents=[common], help="list jobs, newest first")
+    p.add_argument("--state", choices=[s.value for s in JobState], help="only jobs in this state")
+    p.add_argument("--model", help="only jobs of this model")
+    p.add_argument("--label", action="append", metavar="KEY=VALUE", help="only jobs with this label")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=cmd_jobs_ls)
+
+    for name, helptext, run in (
+        ("show", "show a job", cmd_jobs_show),
+        ("watch", "follow a job's progress to its end; exit 1 unless it COMPLETED", cmd_jobs_watch),
+        ("cancel", "cancel a job (a running one stops before its next batch)", cmd_jobs_cancel),
+        ("retry", "run a FAILED or CANCELLED job again from its first unfinished batch", cmd_jobs_retry),
+        ("rm", "delete a finished job and its results", cmd_jobs_rm),
+    ):
+        p = sub.add_parser(name, parents=[common], help=helptext)
+        p.add_argument("id", metavar="ID")
+        if name == "show":
+            p.add_argument("--json", action="store_true", help="print JSON")
+        p.set_defaults(run=run)
+
+    p = sub.add_parser("result", parents=[common], help="save a COMPLETED job's outputs as .npz")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("--out", required=True, metavar="FILE.npz", help="where to write the outputs")
+    p.add_argument("--wait-timeout", type=float, metavar="SECONDS", help="wait at most this long for the job")
+    p.set_defaults(run=cmd_jobs_result)
     return parser
 
 
@@ -617,6 +797,9 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: T
     except ValueError as exc:  # a malformed reference, label or input caught before any call
         print(f"modelforge: {exc}", file=err)
         return 2
+    except TimeoutError as exc:
+        print(f"modelforge: {exc}", file=err)
+        return 1
     except OSError as exc:
         print(f"modelforge: {exc.strerror or exc}: {exc.filename}" if exc.filename else f"modelforge: {exc}", file=err)
         return 1
