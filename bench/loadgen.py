@@ -1,21 +1,31 @@
-"""A closed-loop gRPC load generator: processes of grpc.aio clients replaying pre-serialised requests.
+"""A closed-loop gRPC load generator: persistent processes of grpc.aio callers replaying pre-serialised requests.
 
 Requests are serialised once, before the clock starts, and responses are not parsed, so the client's cost per
-call is the gRPC transport alone. Each worker process runs its share of the concurrent callers for a fixed time
-and returns raw latencies; the parent merges them.
+call is the gRPC transport alone. The worker processes are started once and reused for every measurement; each
+runs its share of the concurrent callers over one channel, and all of them measure the same window of the
+system-wide monotonic clock. A worker reports the latency of every call that ended inside the window, the bytes
+it received, the errors, and the CPU time it spent inside the window, so that the benchmark can tell how much of
+the machine the load generator itself took.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing as mp
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 
 import grpc
 import numpy as np
 
-_OPTIONS = [("grpc.max_receive_message_length", 1 << 30), ("grpc.max_send_message_length", 1 << 30)]
+_OPTIONS = [
+    ("grpc.max_receive_message_length", 1 << 30),
+    ("grpc.max_send_message_length", 1 << 30),
+    ("grpc.so_reuseport", 0),
+]
 
 
 @dataclass(frozen=True)
@@ -30,80 +40,188 @@ class Load:
 
 @dataclass(frozen=True)
 class Result:
-    """Latencies in seconds of every call completed inside the measured window, and the window's length."""
+    """Latencies in seconds of every call that ended inside the measured window, and what the window cost."""
 
     latencies: np.ndarray
     seconds: float
     errors: int
     response_bytes: int
+    client_cpu_seconds: float
+    first_error: str = ""
+
+    @property
+    def calls(self) -> int:
+        return len(self.latencies)
 
     @property
     def calls_per_second(self) -> float:
-        return len(self.latencies) / self.seconds if self.seconds else 0.0
+        return self.calls / self.seconds if self.seconds else 0.0
+
+    @property
+    def bytes_per_second(self) -> float:
+        return self.response_bytes / self.seconds if self.seconds else 0.0
+
+    @property
+    def client_cores(self) -> float:
+        """CPU cores the load generator kept busy on average during the window."""
+        return self.client_cpu_seconds / self.seconds if self.seconds else 0.0
 
     def percentile(self, q: float) -> float:
         return float(np.percentile(self.latencies, q)) if len(self.latencies) else float("nan")
 
 
-async def _callers(load: Load, callers: int, warmup: float, duration: float) -> tuple[list[float], int, int, float]:
+@dataclass(frozen=True)
+class _Job:
+    load: Load
+    callers: int
+    warmup_until: float  # time.monotonic(): callers start at once, calls ending before this do not count
+    stop_at: float
+
+
+async def _callers(job: _Job) -> tuple[list[float], int, int, float, str]:
+    load = job.load
     async with grpc.aio.insecure_channel(load.target, options=_OPTIONS) as channel:
-        if load.streaming:
-            stream = channel.unary_stream(load.method)
-        else:
-            unary = channel.unary_unary(load.method)
+        await asyncio.wait_for(channel.channel_ready(), timeout=30)
+        stream = channel.unary_stream(load.method)
+        unary = channel.unary_unary(load.method)
         latencies: list[float] = []
         errors = 0
         received = 0
-        start = time.perf_counter()
-        measure_from = start + warmup
-        stop_at = measure_from + duration
+        first_error = ""
+        clock = time.monotonic
+        measure_from, stop_at = job.warmup_until, job.stop_at
+        cpu = [0.0, 0.0]
 
         async def caller() -> None:
-            nonlocal errors, received
+            nonlocal errors, received, first_error
+            request = load.request
             while True:
-                began = time.perf_counter()
+                began = clock()
                 if began >= stop_at:
                     return
                 try:
                     if load.streaming:
                         size = 0
-                        async for message in stream(load.request):
+                        async for message in stream(request):
                             size += len(message)
                     else:
-                        size = len(await unary(load.request))
-                except grpc.aio.AioRpcError:
+                        size = len(await unary(request))
+                except grpc.aio.AioRpcError as exc:
                     errors += 1
+                    if not first_error:
+                        first_error = f"{exc.code().name}: {exc.details()}"
+                    await asyncio.sleep(0.01)
                     continue
-                ended = time.perf_counter()
-                if began >= measure_from and ended <= stop_at:
+                ended = clock()
+                if measure_from <= ended <= stop_at:
                     latencies.append(ended - began)
                     received += size
 
-        await asyncio.gather(*(caller() for _ in range(callers)))
-        return latencies, errors, received, duration
+        async def cpu_meter() -> None:
+            await asyncio.sleep(max(0.0, measure_from - clock()))
+            cpu[0] = time.process_time()
+            await asyncio.sleep(max(0.0, stop_at - clock()))
+            cpu[1] = time.process_time()
+
+        await asyncio.gather(cpu_meter(), *(caller() for _ in range(job.callers)))
+        return latencies, errors, received, cpu[1] - cpu[0], first_error
 
 
-def _process(load: Load, callers: int, warmup: float, duration: float, out: mp.Queue) -> None:
-    out.put(asyncio.run(_callers(load, callers, warmup, duration)))
+def _serve(conn: Connection) -> None:
+    """A worker process: runs the jobs it is sent until it receives None."""
+    while True:
+        job = conn.recv()
+        if job is None:
+            return
+        try:
+            conn.send(asyncio.run(_callers(job)))
+        except Exception as exc:  # report, keep serving: the parent decides
+            conn.send(exc)
 
 
-def run(load: Load, *, concurrency: int, duration: float, warmup: float = 1.0, processes: int = 0) -> Result:
-    """Keeps `concurrency` calls in flight for `duration` seconds after a warm-up, from one or more processes."""
-    processes = processes or (1 if concurrency < 8 else 2)
-    processes = min(processes, concurrency)
-    shares = [concurrency // processes + (1 if i < concurrency % processes else 0) for i in range(processes)]
-    ctx = mp.get_context("spawn")
-    queue: mp.Queue = ctx.Queue()
-    workers = [ctx.Process(target=_process, args=(load, share, warmup, duration, queue)) for share in shares]
-    for worker in workers:
-        worker.start()
-    parts = [queue.get() for _ in workers]
-    for worker in workers:
-        worker.join()
-    latencies = np.concatenate([np.asarray(p[0], dtype=np.float64) for p in parts])
-    return Result(
-        latencies=latencies,
-        seconds=duration,
-        errors=sum(p[1] for p in parts),
-        response_bytes=sum(p[2] for p in parts),
-    )
+class LoadGenerator:
+    """A set of worker processes that keep `concurrency` calls in flight for a fixed window.
+
+    Use as a context manager; the processes start once (spawned, so they hold no state of the parent) and are
+    reused by every `run`.
+    """
+
+    def __init__(self, processes: int = 2) -> None:
+        ctx = mp.get_context("spawn")
+        self._conns: list[Connection] = []
+        self._procs: list[mp.process.BaseProcess] = []
+        for _ in range(max(1, processes)):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_serve, args=(child,), daemon=True)
+            proc.start()
+            child.close()
+            self._conns.append(parent)
+            self._procs.append(proc)
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs if p.pid is not None]
+
+    def __enter__(self) -> LoadGenerator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for conn in self._conns:
+            with contextlib.suppress(OSError):
+                conn.send(None)
+        for proc in self._procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+        self._conns.clear()
+        self._procs.clear()
+
+    def start(
+        self, load: Load, *, concurrency: int, duration: float, warmup: float = 1.0, processes: int = 0
+    ) -> Pending:
+        """Starts a measurement and returns at once; `Pending.wait()` gives the Result.
+
+        The window opens `warmup` seconds (plus a short set-up allowance) from now and lasts `duration` seconds.
+        processes: how many worker processes share the callers (0: one below concurrency 16, else all).
+        """
+        count = processes or (1 if concurrency < 16 else len(self._conns))
+        count = max(1, min(count, concurrency, len(self._conns)))
+        shares = [concurrency // count + (1 if i < concurrency % count else 0) for i in range(count)]
+        begin = time.monotonic() + 0.3 + warmup
+        stop = begin + duration
+        conns = self._conns[:count]
+        for conn, share in zip(conns, shares, strict=True):
+            conn.send(_Job(load, share, begin, stop))
+        return Pending(conns, begin, stop, duration)
+
+    def run(self, load: Load, *, concurrency: int, duration: float, warmup: float = 1.0, processes: int = 0) -> Result:
+        """Keeps `concurrency` calls in flight for `duration` seconds after a warm-up and returns what happened."""
+        return self.start(load, concurrency=concurrency, duration=duration, warmup=warmup, processes=processes).wait()
+
+
+@dataclass
+class Pending:
+    """A measurement in progress: the window it measures (time.monotonic) and the workers to collect from."""
+
+    conns: Sequence[Connection]
+    begin: float
+    stop: float
+    duration: float
+
+    def wait(self) -> Result:
+        parts = [conn.recv() for conn in self.conns]
+        for part in parts:
+            if isinstance(part, Exception):
+                raise RuntimeError(f"a load generator process failed: {part!r}") from part
+        latencies = np.concatenate([np.asarray(p[0], dtype=np.float64) for p in parts])
+        return Result(
+            latencies=latencies,
+            seconds=self.duration,
+            errors=sum(p[1] for p in parts),
+            response_bytes=sum(p[2] for p in parts),
+            client_cpu_seconds=sum(p[3] for p in parts),
+            first_error=next((p[4] for p in parts if p[4]), ""),
+        )

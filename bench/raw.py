@@ -15,6 +15,7 @@ import onnxruntime as ort
 class RawFigures:
     """Sequential batch-1 latency and rate, threaded batch-1 rate, and the best items/s over batch sizes."""
 
+    intra_op_threads: int
     p50_seconds: float
     p99_seconds: float
     batch1_items_per_second: float
@@ -49,10 +50,15 @@ def measure(
     *,
     seconds: float,
     batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64),
-    threads: int = 4,
+    threads: int = 2,
+    intra_op_threads: int = 0,
 ) -> RawFigures:
-    """Measures the model on `item` (a batch of one) for about `seconds` per figure."""
-    sess = session(model)
+    """Measures the model on `item` (a batch of one) for about `seconds` per figure.
+
+    threads: callers sharing the session for the threaded batch-1 figure (as the server's compute threads do).
+    intra_op_threads: ONNX Runtime's intra-op pool (0: its default, one per core).
+    """
+    sess = session(model, intra_op_threads=intra_op_threads)
     feeds = dict(item)
     for _ in range(20):
         sess.run(None, feeds)
@@ -79,6 +85,7 @@ def measure(
         if rate > best[1]:
             best = (size, rate)
     return RawFigures(
+        intra_op_threads=intra_op_threads,
         p50_seconds=float(np.percentile(lat, 50)),
         p99_seconds=float(np.percentile(lat, 99)),
         batch1_items_per_second=count / seconds,
