@@ -71,6 +71,7 @@ class Env:
     data_dir: Path
     registry: str
     inference: str
+    jobs: str
     ports: list[int]
 
     def environ(self) -> dict[str, str]:
@@ -78,13 +79,14 @@ class Env:
         env["MODELFORGE_DATA_DIR"] = str(self.data_dir)
         env["MODELFORGE_REGISTRY_ADDRESS"] = self.registry
         env["MODELFORGE_INFERENCE_ADDRESS"] = self.inference
+        env["MODELFORGE_JOBS_ADDRESS"] = self.jobs
         return env
 
 
 @pytest.fixture
 def env(tmp_path: Path) -> Env:
     ports = _free_ports(3)
-    return Env(tmp_path / "data", f"127.0.0.1:{ports[0]}", f"127.0.0.1:{ports[1]}", ports)
+    return Env(tmp_path / "data", *(f"127.0.0.1:{port}" for port in ports), ports)
 
 
 @contextmanager
@@ -149,6 +151,12 @@ def test_up_serves_the_suite_and_keeps_data_across_a_restart(env: Env, add_one: 
                             "--out", str(tmp_path / "out"))  # fmt: skip
             assert predicted.returncode == 0, predicted.stderr
             np.testing.assert_array_equal(np.load(tmp_path / "out" / "y.npy"), np.full((2, 4), 2, np.float32))
+
+        if "jobs" in listening:  # the jobs API and a worker process, both started by `up`
+            np.savez(tmp_path / "items.npz", x=np.ones((5, 4), dtype=np.float32))
+            job = cli(env, "jobs", "submit", "demo", "--input", str(tmp_path / "items.npz"), "--wait")
+            assert job.returncode == 0, job.stderr
+            assert "COMPLETED: 5/5 items" in job.stdout
 
         assert suite.stop() == 0
         suite.wait_for("modelforge up: stopped", 30)
