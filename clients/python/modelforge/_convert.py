@@ -581,7 +581,7 @@ _CACHE_STATUSES = {
 
 
 def cache_status(value: int) -> CacheStatus:
-    return _CACHE_STATUSES.get(value, CacheStatus.DISABLED)
+    return _CACHE_STATUSES.get(inference_pb2.CacheStatus.ValueType(value), CacheStatus.DISABLED)
 
 
 # --- jobs ----------------------------------------------------------------------------------------------------

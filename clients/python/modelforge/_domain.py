@@ -256,6 +256,10 @@ class Prediction:
     timings: Timings = field(default_factory=Timings)
     cache_hit: bool = False
 
+    def outputs_dict(self) -> dict[str, np.ndarray[Any, Any]]:
+        """The outputs as a new dict (name to array, in the model's output order)."""
+        return dict(self.outputs)
+
 
 @dataclass(frozen=True, slots=True)
 class LoadedModel:

@@ -119,7 +119,7 @@ class InferenceClient:
         """
         return self.predict_full(
             ref, inputs, outputs=outputs, priority=priority, queue_timeout=queue_timeout, cache=cache
-        ).outputs  # type: ignore[return-value]
+        ).outputs_dict()
 
     def predict_full(
         self,
@@ -249,7 +249,7 @@ class AsyncInferenceClient:
         self._owns_channel = channel is None
         self._channel = channel or open_aio_channel(INFERENCE, target, max_message_bytes=max_message_bytes)
         self._timeout = timeout
-        self.inference_stub = inference_pb2_grpc.InferenceServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        self.inference_stub = inference_pb2_grpc.InferenceServiceStub(self._channel)
         """The generated stub over this client's channel, for calls the client does not wrap."""
 
     async def __aenter__(self) -> Self:
@@ -279,7 +279,7 @@ class AsyncInferenceClient:
         prediction = await self.predict_full(
             ref, inputs, outputs=outputs, priority=priority, queue_timeout=queue_timeout, cache=cache
         )
-        return prediction.outputs  # type: ignore[return-value]
+        return prediction.outputs_dict()
 
     async def predict_full(
         self,

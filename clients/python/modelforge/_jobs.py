@@ -180,7 +180,7 @@ class Job:
         """Deletes a finished job and its results; returns how many items' outputs went with it."""
         with translated():
             response = self._client.jobs_stub.DeleteJob(pb.DeleteJobRequest(id=self.id), timeout=self._client.timeout)
-        return response.deleted_items
+        return int(response.deleted_items)
 
 
 class JobsClient:
@@ -431,7 +431,7 @@ class AsyncJob:
             response = await self._client.jobs_stub.DeleteJob(
                 pb.DeleteJobRequest(id=self.id), timeout=self._client.timeout
             )
-        return response.deleted_items
+        return int(response.deleted_items)
 
 
 class AsyncJobsClient:
@@ -466,7 +466,7 @@ class AsyncJobsClient:
         self._owns_channel = channel is None
         self._channel = channel or open_aio_channel(JOBS, target, max_message_bytes=max_message_bytes)
         self.timeout = timeout
-        self.jobs_stub = jobs_pb2_grpc.JobServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        self.jobs_stub = jobs_pb2_grpc.JobServiceStub(self._channel)
         """The generated stub over this client's channel, for calls the client does not wrap."""
 
     async def __aenter__(self) -> Self:

@@ -32,10 +32,6 @@ Source = str | os.PathLike[str] | bytes | bytearray | memoryview
 """What :meth:`RegistryClient.push` uploads: a file path, or the file's bytes."""
 
 
-def _is_bytes(source: Source) -> bool:
-    return isinstance(source, bytes | bytearray | memoryview)
-
-
 def _check_chunk(chunk_bytes: int) -> int:
     if chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be at least 1, not {chunk_bytes}")
@@ -55,6 +51,28 @@ def _temp_beside(target: Path) -> tuple[IO[bytes], Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
     return os.fdopen(fd, "wb"), Path(name)
+
+
+def _upload_plan(
+    name: str,
+    sha256: str,
+    size: int,
+    create_model: bool,
+    description: str,
+    labels: Mapping[str, str] | None,
+    version_label: str,
+    progress: Progress | None,
+) -> _convert.UploadPlan:
+    return _convert.UploadPlan.build(
+        name=name,
+        sha256=sha256,
+        size=size,
+        create_model=create_model,
+        description=description,
+        labels=labels,
+        version_label=version_label,
+        progress=progress,
+    )
 
 
 class RegistryClient:
@@ -173,7 +191,7 @@ class RegistryClient:
             response = self.registry_stub.DeleteModel(
                 pb.DeleteModelRequest(name=name, force=force), timeout=self._timeout
             )
-        return response.deleted_versions
+        return int(response.deleted_versions)
 
     # --- versions ---
 
@@ -214,43 +232,21 @@ class RegistryClient:
             ResourceExhaustedError: the file is larger than the registry accepts.
         """
         _check_chunk(chunk_bytes)
-        if _is_bytes(source):
-            data = source  # type: ignore[assignment]
-            plan = self._plan(name, _convert.sha256_of_bytes(data), len(data), create_model, description, labels,
-                              version_label, progress)  # fmt: skip
+        if isinstance(source, bytes | bytearray | memoryview):
+            data = source
+            sha256 = _convert.sha256_of_bytes(data)
+            plan = _upload_plan(name, sha256, len(data), create_model, description, labels, version_label, progress)
             requests: Iterator[pb.UploadModelVersionRequest] = plan.requests_from_bytes(data, chunk_bytes)
         else:
             sha256, size = _convert.hash_file(source)
-            plan = self._plan(name, sha256, size, create_model, description, labels, version_label, progress)
-            requests = self._file_requests(plan, Path(source), chunk_bytes)  # type: ignore[arg-type]
+            plan = _upload_plan(name, sha256, size, create_model, description, labels, version_label, progress)
+            requests = self._file_requests(plan, Path(source), chunk_bytes)
         with translated():
             response = self.registry_stub.UploadModelVersion(requests)
         version = _convert.model_version(response.model_version)
         if alias is not None:
             version = self.set_alias(name, alias, version.version)
         return version
-
-    @staticmethod
-    def _plan(
-        name: str,
-        sha256: str,
-        size: int,
-        create_model: bool,
-        description: str,
-        labels: Mapping[str, str] | None,
-        version_label: str,
-        progress: Progress | None,
-    ) -> _convert.UploadPlan:
-        return _convert.UploadPlan.build(
-            name=name,
-            sha256=sha256,
-            size=size,
-            create_model=create_model,
-            description=description,
-            labels=labels,
-            version_label=version_label,
-            progress=progress,
-        )
 
     @staticmethod
     def _file_requests(plan: _convert.UploadPlan, path: Path, chunk_bytes: int) -> Iterator[Any]:
@@ -347,7 +343,7 @@ class RegistryClient:
             response = self.registry_stub.DeleteModelVersion(
                 pb.DeleteModelVersionRequest(model=name, version=number), timeout=self._timeout
             )
-        return response.blob_deleted
+        return bool(response.blob_deleted)
 
     # --- aliases ---
 
@@ -369,7 +365,7 @@ class RegistryClient:
             response = self.registry_stub.DeleteAlias(
                 pb.DeleteAliasRequest(model=name, alias=alias), timeout=self._timeout
             )
-        return response.previous_version
+        return int(response.previous_version)
 
     # --- files and events ---
 
@@ -452,7 +448,7 @@ class AsyncRegistryClient:
         self._owns_channel = channel is None
         self._channel = channel or open_aio_channel(REGISTRY, target, max_message_bytes=max_message_bytes)
         self._timeout = timeout
-        self.registry_stub = registry_pb2_grpc.RegistryServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        self.registry_stub = registry_pb2_grpc.RegistryServiceStub(self._channel)
         """The generated stub over this client's channel, for calls the client does not wrap."""
 
     async def __aenter__(self) -> Self:
@@ -514,7 +510,7 @@ class AsyncRegistryClient:
             response = await self.registry_stub.DeleteModel(
                 pb.DeleteModelRequest(name=name, force=force), timeout=self._timeout
             )
-        return response.deleted_versions
+        return int(response.deleted_versions)
 
     # --- versions ---
 
@@ -534,17 +530,15 @@ class AsyncRegistryClient:
         """See :meth:`RegistryClient.push`. Hashing and file reads run in a thread; progress is called on the loop."""
         _check_chunk(chunk_bytes)
         requests: Any
-        if _is_bytes(source):
-            data = source  # type: ignore[assignment]
+        if isinstance(source, bytes | bytearray | memoryview):
+            data = source
             sha256 = await asyncio.to_thread(_convert.sha256_of_bytes, data)
-            plan = RegistryClient._plan(name, sha256, len(data), create_model, description, labels, version_label,
-                                        progress)  # fmt: skip
+            plan = _upload_plan(name, sha256, len(data), create_model, description, labels, version_label, progress)
             requests = plan.requests_from_bytes(data, chunk_bytes)
         else:
             sha256, size = await asyncio.to_thread(_convert.hash_file, source)
-            plan = RegistryClient._plan(name, sha256, size, create_model, description, labels, version_label,
-                                        progress)  # fmt: skip
-            requests = self._file_requests(plan, Path(source), chunk_bytes)  # type: ignore[arg-type]
+            plan = _upload_plan(name, sha256, size, create_model, description, labels, version_label, progress)
+            requests = self._file_requests(plan, Path(source), chunk_bytes)
         with translated():
             response = await self.registry_stub.UploadModelVersion(requests)
         version = _convert.model_version(response.model_version)
@@ -629,7 +623,7 @@ class AsyncRegistryClient:
             response = await self.registry_stub.DeleteModelVersion(
                 pb.DeleteModelVersionRequest(model=name, version=number), timeout=self._timeout
             )
-        return response.blob_deleted
+        return bool(response.blob_deleted)
 
     # --- aliases ---
 
@@ -647,7 +641,7 @@ class AsyncRegistryClient:
             response = await self.registry_stub.DeleteAlias(
                 pb.DeleteAliasRequest(model=name, alias=alias), timeout=self._timeout
             )
-        return response.previous_version
+        return int(response.previous_version)
 
     # --- files and events ---
 

@@ -583,7 +583,7 @@ def cmd_jobs_result(ctx: Context) -> int:
     out = Path(ctx.args.out)
     with ctx.jobs() as jobs:
         outputs = jobs.get_job(ctx.args.id).result(timeout=ctx.args.wait_timeout)
-    np.savez(out, **outputs)
+    np.savez(out, **outputs)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
     summary = ", ".join(f"{name} {a.dtype}{list(a.shape)}" for name, a in outputs.items())
     print(f"wrote {summary} to {out}", file=ctx.out)
     return 0
