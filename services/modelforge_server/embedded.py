@@ -54,6 +54,7 @@ def start_redis(data_dir: Path, port: int = 0) -> tuple[str, Stop]:
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,  # a Ctrl-C meant for the services must not stop Redis before they have stopped
     )  # fmt: skip
     _wait_for_port(port, process, timeout=15.0, what=f"redis-server (log: {rdir / 'redis.log'})")
     log.info("embedded Redis on 127.0.0.1:%d, data in %s", port, rdir)
