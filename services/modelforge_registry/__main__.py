@@ -21,8 +21,9 @@ SERVICE = registry_pb2.DESCRIPTOR.services_by_name["RegistryService"]
 
 async def build(settings: RegistrySettings, stack: AsyncExitStack) -> app.Server:
     """Opens what the registry needs on `stack`, migrates its schema and returns its server, not yet bound."""
-    url = settings.database_url
-    if url is None:
+    if settings.database_url is not None:
+        url = settings.database_url
+    else:  # the embedded default: a real PostgreSQL from the pgserver wheel, data under data_dir
         url, stop_postgres = await asyncio.to_thread(embedded.start_postgres, settings.data_dir)
         stack.callback(stop_postgres)
     pool = await stack.enter_async_context(db.open_pool(url))

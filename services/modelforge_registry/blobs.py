@@ -8,7 +8,7 @@ import hashlib
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -108,13 +108,13 @@ class BlobStore:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
 
-    async def read(self, sha256: str, chunk_bytes: int) -> AsyncIterator[bytes]:
+    async def read(self, sha256: str, chunk_bytes: int) -> AsyncGenerator[bytes, None]:
         """Opens the file now (FileNotFoundError if missing) and returns an iterator over its chunks."""
         handle = await asyncio.to_thread(open, self.path(sha256), "rb")
         return self._chunks(handle, chunk_bytes)
 
     @staticmethod
-    async def _chunks(handle: BinaryIO, chunk_bytes: int) -> AsyncIterator[bytes]:
+    async def _chunks(handle: BinaryIO, chunk_bytes: int) -> AsyncGenerator[bytes, None]:
         try:
             while chunk := await asyncio.to_thread(handle.read, chunk_bytes):
                 yield chunk

@@ -15,7 +15,7 @@ from modelforge_registry.domain import OnnxInfo, OperatorSet, Signature, TensorS
 from modelforge_registry.errors import ExternalDataRefused, InvalidOnnx
 
 # ONNX TensorProto element types to our DataType names (modelforge.common.v1.DataType without its prefix).
-_DTYPES = {
+_DTYPES: dict[int, str] = {
     onnx.TensorProto.FLOAT: "FLOAT32",
     onnx.TensorProto.DOUBLE: "FLOAT64",
     onnx.TensorProto.FLOAT16: "FLOAT16",

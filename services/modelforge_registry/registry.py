@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TypeVar
 
 from modelforge_registry import onnxfile
@@ -189,7 +189,7 @@ class ModelRegistry:
             await self._collect(unused)
         return unused is not None
 
-    async def download(self, ref: ModelRef) -> tuple[ModelVersion, AsyncIterator[bytes]]:
+    async def download(self, ref: ModelRef) -> tuple[ModelVersion, AsyncGenerator[bytes, None]]:
         """The resolved version and its file's chunks; the file is opened before this returns."""
         version = await self.resolve(ref)
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any, TypeAlias
 
 import grpc
 
@@ -15,7 +16,7 @@ from modelforge_registry.registry import ModelRegistry
 from modelforge_server import paging
 from modelforge_server.errors import require
 
-Context = grpc.aio.ServicerContext
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
