@@ -4,7 +4,6 @@ Open Inference Protocol (V2) on port 50052."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from contextlib import AsyncExitStack
 
@@ -18,14 +17,21 @@ from modelforge_inference.engine import InferenceEngine
 from modelforge_inference.files import ModelFileCache
 from modelforge_inference.oip import SERVICE as OIP_SERVICE
 from modelforge_inference.oip import OipServicer, add_oip_servicer_to_server
+from modelforge_inference.registry_client import RegistryHealth
 from modelforge_inference.resolver import ModelResolver
 from modelforge_inference.servicer import InferenceServicer
 from modelforge_inference.settings import InferenceSettings
-from modelforge_server import app, embedded
+from modelforge_server import app, embedded, logs, telemetry
+from modelforge_server.metrics import Metrics
 from modelforge_server.settings import from_env
 
 SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"]
-CACHE_HEALTH_NAME = "modelforge.inference.PredictionCache"
+SERVICE_NAME = "modelforge-inference"
+METRICS_PORT = 9102
+# Health names of the dependencies (``dependency/<name>``). The registry gates readiness; Redis only the cache.
+REGISTRY_DEPENDENCY = "registry"
+CACHE_DEPENDENCY = "redis"
+CACHE_HEALTH_NAME = app.DEPENDENCY_PREFIX + CACHE_DEPENDENCY
 
 log = logging.getLogger("modelforge.inference")
 
@@ -66,7 +72,8 @@ async def build(settings: InferenceSettings, stack: AsyncExitStack) -> app.Serve
     await cache.start()
     stack.push_async_callback(cache.aclose)
 
-    engine = InferenceEngine(settings, resolver=resolver, files=files, cache=cache)
+    metrics = Metrics()
+    engine = InferenceEngine(settings, resolver=resolver, files=files, cache=cache, metrics=metrics)
     await engine.start()
     stack.push_async_callback(engine.aclose)
 
@@ -86,40 +93,30 @@ async def build(settings: InferenceSettings, stack: AsyncExitStack) -> app.Serve
         ],
         domain="modelforge.inference",
         settings=settings,
+        metrics=metrics,
     )
     holder.append(server)
     stack.push_async_callback(server.stop, settings.grace_seconds)
-    # The cache is optional for serving: its state has a health name of its own instead of failing the service.
-    watcher = asyncio.create_task(_watch_cache(server, cache), name="modelforge.inference.cache-health")
-    stack.push_async_callback(_cancel, watcher)
+    # Readiness follows the registry (nothing resolves or downloads without it); Redis down only degrades the
+    # cache, so it is watched as an optional dependency with a health name of its own.
+    interval = settings.health_check_seconds
+    server.watch_dependency(REGISTRY_DEPENDENCY, RegistryHealth(channel), interval)
+    server.watch_dependency(CACHE_DEPENDENCY, cache.check, interval, required=False)
     return server
 
 
-async def _watch_cache(server: app.Server, cache: PredictionCache) -> None:
-    reported: bool | None = None
-    while True:
-        if cache.degraded != reported:
-            reported = cache.degraded
-            await server.health.set(CACHE_HEALTH_NAME, app.NOT_SERVING if reported else app.SERVING)
-        await asyncio.sleep(1.0)
-
-
-async def _cancel(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-
-
-async def run(settings: InferenceSettings) -> None:
+async def run(settings: InferenceSettings, tel: telemetry.Telemetry | None = None) -> None:
     async with AsyncExitStack() as stack:
         server = await build(settings, stack)
-        await app.serve(server, settings)
+        await app.serve(server, settings, telemetry=tel)
 
 
 def main() -> None:
     settings = from_env(InferenceSettings)
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(run(settings))
+    logs.configure(SERVICE_NAME, settings.log_level)
+    # Before anything opens a channel or builds the server: tracing, when on, instruments both.
+    tel = telemetry.setup(SERVICE_NAME, settings, metrics_port=METRICS_PORT)
+    asyncio.run(run(settings, tel))
 
 
 if __name__ == "__main__":

@@ -402,7 +402,13 @@ class PredictionCache:
         return self._degraded_reason
 
     async def check(self) -> None:
-        """Raises Unavailable while degraded; for health checks (``app.Server.watch_dependency``)."""
+        """Raises Unavailable while degraded; for health checks (``app.Server.watch_dependency``).
+
+        While not degraded it pings Redis, so that Redis going away is noticed without traffic (a failed ping
+        degrades the cache, as a failed get or put does).
+        """
+        if self._degraded_reason is None:
+            await self._command(self._redis.ping())
         if self._degraded_reason is not None:
             raise CacheUnavailable(self._degraded_reason)
 

@@ -54,6 +54,7 @@ from modelforge_inference.sessions import INPUT_ERRORS, ModelSession, describe_e
 from modelforge_inference.settings import InferenceSettings
 from modelforge_inference.signature import batch_rows, check_inputs, check_outputs, request_bytes
 from modelforge_server.errors import ServiceError
+from modelforge_server.metrics import Metrics
 
 __all__ = ["InferenceEngine"]
 
@@ -153,6 +154,7 @@ class InferenceEngine:
         resolver: Resolves ModelRefs (the registry, cached).
         files: Gives the local path of a version's file, downloading it when missing.
         cache: The Redis prediction cache, or None to run without one.
+        metrics: The process's metrics, on which the engine declares its own; None: a private set.
     """
 
     def __init__(
@@ -162,8 +164,10 @@ class InferenceEngine:
         resolver: Resolver,
         files: ModelFiles,
         cache: Cache | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._settings = settings
+        self._metrics = metrics if metrics is not None else Metrics(process_collector=False)
         self._resolver = resolver
         self._files = files
         self._cache = cache

@@ -15,8 +15,12 @@ class InferenceSettings(ServerSettings):
     """Everything the inference process reads at start. Per-version labels override the serving defaults."""
 
     port: int = 50052
+    # Prometheus /metrics over HTTP (MODELFORGE_METRICS_PORT); 0 turns the endpoint off.
+    metrics_port: int = 9102
     # Where the registry listens; resolution, downloads and model events come from it.
     registry_address: str = "127.0.0.1:50051"
+    # How often health checks probe the registry and Redis, in seconds.
+    health_check_seconds: float = 2.0
     # Loaded sessions: at most this many model versions, and an estimated memory budget across them.
     max_loaded_models: int = 8
     memory_budget_bytes: int = 8 * GiB
