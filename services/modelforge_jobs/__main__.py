@@ -1,6 +1,8 @@
 """The jobs API's composition root: `python -m modelforge_jobs` serves JobService on port 50053.
 
-The API records jobs and sends their ids to Dramatiq; the workers (modelforge_jobs.worker) run them.
+The API records jobs and sends their ids (with the trace context) to Dramatiq; the workers (modelforge_jobs.worker)
+run them. Its metrics are on MODELFORGE_METRICS_PORT (9103; 0 turns them off), and it is ready while PostgreSQL,
+Redis and the inference service answer.
 """
 
 from __future__ import annotations
@@ -15,15 +17,22 @@ import redis.asyncio
 from modelforge.jobs.v1 import jobs_pb2, jobs_pb2_grpc
 from modelforge_jobs.actors import JobQueue, declare_actors, make_broker
 from modelforge_jobs.datasets import DatasetStore
-from modelforge_jobs.inference_client import RegistryClient
+from modelforge_jobs.inference_client import InferenceHealth, RegistryClient
 from modelforge_jobs.jobs import Jobs
+from modelforge_jobs.metrics import ApiMetrics
 from modelforge_jobs.servicer import JobServicer
-from modelforge_jobs.settings import JobsSettings
+from modelforge_jobs.settings import API_METRICS_PORT, JobsSettings
 from modelforge_jobs.store import JobStore
-from modelforge_server import app, db, embedded, logs
+from modelforge_server import app, db, embedded, logs, telemetry
+from modelforge_server.metrics import Metrics
 from modelforge_server.settings import from_env
 
 SERVICE = jobs_pb2.DESCRIPTOR.services_by_name["JobService"]
+SERVICE_NAME = "modelforge-jobs"
+# Health names of the dependencies (``dependency/<name>``); all three gate readiness.
+POSTGRES_DEPENDENCY = "postgresql"
+REDIS_DEPENDENCY = "redis"
+INFERENCE_DEPENDENCY = "inference"
 
 
 async def build(settings: JobsSettings, stack: AsyncExitStack) -> app.Server:
@@ -44,36 +53,44 @@ async def build(settings: JobsSettings, stack: AsyncExitStack) -> app.Server:
     queue = JobQueue(declare_actors(broker, settings))
     registry_channel = grpc.aio.insecure_channel(settings.registry_address)
     stack.push_async_callback(registry_channel.close)
+    inference_channel = grpc.aio.insecure_channel(settings.inference_address)
+    stack.push_async_callback(inference_channel.close)
     redis_client = redis.asyncio.Redis.from_url(settings.redis_url)
     stack.push_async_callback(redis_client.aclose)
+    metrics = Metrics()
     jobs = Jobs(
         JobStore(pool),
         DatasetStore(settings.dataset_root),
         RegistryClient(registry_channel, timeout=10.0),
         queue.send,
         watch_interval=settings.watch_interval,
+        metrics=ApiMetrics(metrics),
     )
     server = app.build_server(
         [app.Api(SERVICE, JobServicer(jobs, settings), jobs_pb2_grpc.add_JobServiceServicer_to_server)],
         domain="modelforge.jobs",
         settings=settings,
+        metrics=metrics,
     )
-    server.watch_dependency("postgresql", lambda: db.ping(pool))
-    server.watch_dependency("redis", redis_client.ping)
+    server.watch_dependency(POSTGRES_DEPENDENCY, lambda: db.ping(pool))
+    server.watch_dependency(REDIS_DEPENDENCY, redis_client.ping)
+    server.watch_dependency(INFERENCE_DEPENDENCY, InferenceHealth(inference_channel))
     stack.push_async_callback(server.stop, settings.grace_seconds)
     return server
 
 
-async def run(settings: JobsSettings) -> None:
+async def run(settings: JobsSettings, tel: telemetry.Telemetry | None = None) -> None:
     async with AsyncExitStack() as stack:
         server = await build(settings, stack)
-        await app.serve(server, settings)
+        await app.serve(server, settings, telemetry=tel)
 
 
 def main() -> None:
     settings = from_env(JobsSettings)
-    logs.configure("modelforge-jobs", settings.log_level)
-    asyncio.run(run(settings))
+    logs.configure(SERVICE_NAME, settings.log_level)
+    # Before any channel or pool exists, so that the clients are instrumented and the server gets its spans.
+    tel = telemetry.setup(SERVICE_NAME, settings, metrics_port=API_METRICS_PORT)
+    asyncio.run(run(settings, tel))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """The Dramatiq side of the jobs service: the run_job actors, the queue the API sends to, and the worker's resources.
 
-Messages carry the job id only. There is one actor per priority, each on its own queue, with Dramatiq priorities
-that make a worker take HIGH before NORMAL before LOW among the messages it has fetched. Nothing here touches
-Dramatiq's global broker: worker.py does, for the `dramatiq` command.
+Messages carry the job id, and the sender's trace context (W3C ``traceparent``) when tracing is on, so that a
+job's run continues the trace of the CreateJob (or RetryJob) that queued it. There is one actor per priority, each
+on its own queue, with Dramatiq priorities that make a worker take HIGH before NORMAL before LOW among the messages
+it has fetched. Nothing here touches Dramatiq's global broker: worker.py does, for the `dramatiq` command.
 """
 
 from __future__ import annotations
@@ -27,10 +28,13 @@ from modelforge_jobs.datasets import DatasetStore
 from modelforge_jobs.domain import Priority
 from modelforge_jobs.errors import DependencyUnavailable
 from modelforge_jobs.inference_client import InferenceClient
+from modelforge_jobs.metrics import WorkerMetrics
 from modelforge_jobs.runner import JobRunner, RunnerSettings
 from modelforge_jobs.settings import JobsSettings
 from modelforge_jobs.store import JobStore
-from modelforge_server import db
+from modelforge_server import db, logs, telemetry
+from modelforge_server.metrics import Endpoint, Metrics, multiprocess_enabled
+from modelforge_server.telemetry import Telemetry
 
 log = logging.getLogger("modelforge.jobs.worker")
 
@@ -40,27 +44,63 @@ _MONTH_MS = 30 * 24 * 3600 * 1000
 
 
 class JobQueue:
-    """Sends run_job messages (the job id only) to the queue of the job's priority."""
+    """Sends run_job messages (the job id, and the current trace context) to the queue of the job's priority."""
 
     def __init__(self, actors: Mapping[Priority, dramatiq.Actor[..., Any]]) -> None:
         self._actors = dict(actors)
+        self._broker = next(iter(self._actors.values())).broker
 
     async def send(self, job_id: UUID, priority: Priority) -> None:
+        carrier = telemetry.inject()  # here, on the loop: the calling RPC's span is the current one
+        kwargs = {"trace": carrier} if carrier else {}
         try:
-            await asyncio.to_thread(self._actors[priority].send, str(job_id))
+            await asyncio.to_thread(self._actors[priority].send, str(job_id), **kwargs)
         except (redis.RedisError, dramatiq.errors.ConnectionError) as exc:
             raise DependencyUnavailable("job queue (Redis)", type(exc).__name__) from exc
+
+    def queues(self) -> dict[str, str]:
+        """Queue name to the Redis list that holds its waiting messages (a RedisBroker's `namespace:queue`)."""
+        broker: Any = self._broker
+        return {actor.queue_name: f"{broker.namespace}:{actor.queue_name}" for actor in self._actors.values()}
+
+    async def lengths(self) -> dict[str, int]:
+        """Messages waiting in each queue (taken by no worker yet)."""
+        broker: Any = self._broker
+        names = self.queues()
+
+        def read() -> list[int]:
+            pipeline = broker.client.pipeline(transaction=False)
+            for key in names.values():
+                pipeline.llen(key)
+            return [int(n) for n in pipeline.execute()]
+
+        try:
+            counts = await asyncio.to_thread(read)
+        except redis.RedisError as exc:
+            raise DependencyUnavailable("job queue (Redis)", type(exc).__name__) from exc
+        return dict(zip(names, counts, strict=True))
 
 
 class WorkerResources(dramatiq.Middleware):
     """Opens the pool, the inference channel and the runner on the AsyncIO middleware's loop at worker boot,
-    runs the maintenance loop (reaper, lost messages, retention) there, and closes everything at shutdown."""
+    runs the maintenance loop (reaper, lost messages, retention, the suite's gauges) there, serves the worker's
+    /metrics when `telemetry` names a port, and closes everything at shutdown."""
 
-    def __init__(self, settings: JobsSettings, *, worker_id: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: JobsSettings,
+        *,
+        worker_id: str | None = None,
+        metrics: WorkerMetrics | None = None,
+        telemetry: Telemetry | None = None,
+    ) -> None:
         if not settings.database_url:
             raise ValueError("the jobs worker needs MODELFORGE_DATABASE_URL")
         self.settings = settings
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.metrics = metrics if metrics is not None else WorkerMetrics(Metrics())
+        self.telemetry = telemetry
+        self.endpoint: Endpoint | None = None
         self.queue: JobQueue | None = None
         self._runner: JobRunner | None = None
         self._store: JobStore | None = None
@@ -80,11 +120,34 @@ class WorkerResources(dramatiq.Middleware):
         if loop_thread is None:
             raise RuntimeError("add the AsyncIO middleware before WorkerResources")
         loop_thread.run_coroutine(self.open())
+        self._serve_metrics()
 
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        if self.endpoint is not None:
+            self.endpoint.close()
+            self.endpoint = None
         loop_thread = get_event_loop_thread()
         if loop_thread is not None:
             loop_thread.run_coroutine(self.close())
+
+    def _serve_metrics(self) -> None:
+        """Serves /metrics on the worker's port; in multiprocess mode the dramatiq fork function serves instead.
+
+        A port already taken (another worker on this host with the same setting) costs the metrics, not the
+        worker: it logs a warning and goes on running jobs.
+        """
+        if self.telemetry is None or multiprocess_enabled():
+            return
+        try:
+            self.endpoint = self.telemetry.serve_metrics(self.metrics.metrics, self.settings.host)
+        except OSError as exc:
+            log.warning(
+                "jobs worker %s serves no metrics: port %d is taken (%s); give each worker on a host its own "
+                "MODELFORGE_WORKER_METRICS_PORT, or 0",
+                self.worker_id,
+                self.telemetry.metrics_port,
+                exc,
+            )
 
     async def open(self) -> None:
         settings = self.settings
@@ -114,6 +177,7 @@ class WorkerResources(dramatiq.Middleware):
                     heartbeat_interval=settings.heartbeat_interval,
                     stale_after=settings.heartbeat_timeout,
                 ),
+                self.metrics,
             )
             self._maintenance = asyncio.create_task(self._maintain(), name="jobs-maintenance")
         except BaseException:
@@ -134,21 +198,26 @@ class WorkerResources(dramatiq.Middleware):
         self._runner = None
 
     async def maintain_once(self) -> None:
-        """Requeues the jobs of stopped workers, resends lost messages, deletes expired jobs and datasets."""
+        """Requeues the jobs of stopped workers, resends lost messages, deletes expired jobs and datasets, and
+        sets the gauges of jobs by state, items per second and queue lengths."""
         store, queue, settings = self._store, self.queue, self.settings
         if store is None or queue is None:
             return
         for job_id, priority in await store.reap(stale_after=settings.heartbeat_timeout):
-            log.warning("job %s: its worker stopped heartbeating; queued again", job_id)
+            log.warning("job %s: its worker stopped heartbeating; queued again", job_id, extra={"job_id": job_id})
+            self.metrics.reaped.inc()
             await queue.send(job_id, priority)
         for job_id, priority in await store.unsent(older_than=settings.resend_after):
             log.warning("job %s: queued long ago and never picked up; message sent again", job_id)
+            self.metrics.resent.inc()
             await queue.send(job_id, priority)
         deleted, orphans = await store.expire(retention=settings.job_retention)
         for sha256 in orphans:
             self._datasets.delete(sha256)
         if deleted or orphans:
             log.info("retention: deleted %d job(s) and %d dataset file(s)", deleted, len(orphans))
+        by_state, rate = await store.census()
+        self.metrics.suite_seen(by_state, rate, await queue.lengths())
 
     async def _maintain(self) -> None:
         while True:
@@ -164,11 +233,16 @@ def declare_actors(
 ) -> dict[Priority, dramatiq.Actor[..., Any]]:
     """Declares the run_job actors on `broker`; the API process passes no resources and only sends."""
 
-    async def run_job(job_id: str) -> None:
-        """Runs one job. Redelivery is safe: the runner resumes from stored progress."""
+    async def run_job(job_id: str, trace: dict[str, str] | None = None) -> None:
+        """Runs one job, in a span that continues the sender's trace. Redelivery is safe: the runner resumes from
+        stored progress."""
         if resources is None:
             raise RuntimeError("run_job runs in a jobs worker, not in the API process")
-        await resources.runner.run(UUID(job_id))
+        with (
+            logs.bind(job_id=job_id),
+            telemetry.attached(trace, "modelforge.jobs.run_job", attributes={"modelforge.job_id": job_id}),
+        ):
+            await resources.runner.run(UUID(job_id))
 
     actors = {
         priority: dramatiq.Actor(

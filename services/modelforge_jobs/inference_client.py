@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from modelforge.common.v1.tensor_pb2 import Tensor
 from modelforge.inference.v1 import inference_pb2, inference_pb2_grpc
@@ -117,3 +118,24 @@ class InferenceClient:
         except grpc.aio.AioRpcError as exc:
             raise translate(exc, "inference service") from exc
         return list(response.outputs)
+
+
+class InferenceHealth:
+    """The inference service's readiness as a dependency check of the jobs API: ``await InferenceHealth(channel)()``
+    raises DependencyUnavailable unless it reports its InferenceService SERVING (health RPCs are never traced)."""
+
+    SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+
+    def __init__(self, channel: grpc.aio.Channel, *, timeout: float = 1.0) -> None:
+        self._stub = health_pb2_grpc.HealthStub(channel)
+        self._request = health_pb2.HealthCheckRequest(service=self.SERVICE)
+        self._timeout = timeout
+
+    async def __call__(self) -> None:
+        try:
+            response = await self._stub.Check(self._request, timeout=self._timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise errors.DependencyUnavailable("inference service", exc.code().name) from exc
+        if response.status != health_pb2.HealthCheckResponse.SERVING:
+            status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+            raise errors.DependencyUnavailable("inference service", f"its health check answers {status}")

@@ -33,6 +33,7 @@ from modelforge_jobs.errors import (
     JobStateConflict,
 )
 from modelforge_jobs.inference_client import RegistryClient
+from modelforge_jobs.metrics import ApiMetrics
 from modelforge_jobs.store import JobStore
 from modelforge_server.errors import FailedPrecondition, Unavailable, require
 
@@ -101,6 +102,7 @@ class Jobs:
         *,
         watch_interval: float = 0.2,
         result_page: int = 64,
+        metrics: ApiMetrics | None = None,
     ) -> None:
         self._store = store
         self._datasets = datasets
@@ -108,6 +110,7 @@ class Jobs:
         self._send = send
         self._watch_interval = watch_interval
         self._result_page = result_page
+        self._metrics = metrics
 
     # --- submission -----------------------------------------------------------------------------------------
 
@@ -135,6 +138,8 @@ class Jobs:
         )
         if created:
             log.info("job %s submitted: %s:%d, %d items", job.id, model.name, model.version, items)
+            if self._metrics is not None:
+                self._metrics.job_submitted(job.priority)
             await self._enqueue(job)
         return job
 

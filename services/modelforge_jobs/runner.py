@@ -3,6 +3,9 @@
 Every batch's outputs are stored with its index and the progress in one transaction, and a batch already stored is
 never stored again, so a redelivered or retried job resumes at its first unfinished batch. Between batches the runner
 sees cancellation (the store refuses the write), and a heartbeat tells the reaper that the worker is alive.
+
+Each batch runs in a ``modelforge.jobs.batch`` span (with its index and size), so that the inference call it makes
+is a child of it, and the run's counters go to the worker's metrics.
 """
 
 from __future__ import annotations
@@ -20,11 +23,14 @@ from modelforge_jobs.datasets import DatasetStore, Items
 from modelforge_jobs.domain import Job, JobError, JobState, Priority, ResultRecord
 from modelforge_jobs.errors import AttemptsExhausted, TimeLimitExceeded, is_transient
 from modelforge_jobs.inference_client import InferenceClient
+from modelforge_jobs.metrics import WorkerMetrics
 from modelforge_jobs.store import JobStore
+from modelforge_server import logs, telemetry
 from modelforge_server.errors import FailedPrecondition, ServiceError
 from modelforge_server.status import code_for
 
 log = logging.getLogger("modelforge.jobs.runner")
+tracer = telemetry.tracer("modelforge.jobs")
 
 
 class RetryLater(Exception):
@@ -57,12 +63,18 @@ class JobRunner:
     """Runs jobs for one worker process."""
 
     def __init__(
-        self, store: JobStore, datasets: DatasetStore, inference: InferenceClient, settings: RunnerSettings
+        self,
+        store: JobStore,
+        datasets: DatasetStore,
+        inference: InferenceClient,
+        settings: RunnerSettings,
+        metrics: WorkerMetrics,
     ) -> None:
         self._store = store
         self._datasets = datasets
         self._inference = inference
         self._settings = settings
+        self._metrics = metrics
 
     @property
     def worker_id(self) -> str:
@@ -77,17 +89,21 @@ class JobRunner:
         if job is None:
             log.info("job %s is not QUEUED (finished, cancelled, or running elsewhere): message dropped", job_id)
             return None
-        log.info("job %s running, attempt %d of %d", job_id, job.attempt_count, job.max_attempts)
-        try:
-            async with self._heartbeat(job_id):
-                state = await self._run_batches(job)
-        except _Stop:
-            return (await self._store.get_job(job_id)).state
-        except BaseException as exc:
-            if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt | SystemExit):
-                raise
-            return await self._failed(job, exc)
-        return state
+        self._metrics.started.inc()
+        with logs.bind(model=f"{job.model_ref.name}:{job.model_version}"):
+            log.info("job %s running, attempt %d of %d", job_id, job.attempt_count, job.max_attempts)
+            try:
+                async with self._heartbeat(job_id):
+                    state = await self._run_batches(job)
+            except _Stop:
+                self._metrics.stopped.inc()
+                return (await self._store.get_job(job_id)).state
+            except BaseException as exc:
+                if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt | SystemExit):
+                    raise
+                return await self._failed(job, exc)
+            self._metrics.completed.inc()
+            return state
 
     async def _failed(self, job: Job, exc: BaseException) -> JobState:
         if not isinstance(exc, ServiceError):
@@ -96,7 +112,9 @@ class JobRunner:
             if job.attempt_count < job.max_attempts:
                 log.warning("job %s: transient failure, will run again: %s", job.id, exc)
                 if await self._store.release(job.id, self.worker_id, retry_in=0.0):
+                    self._metrics.retries.inc()
                     raise RetryLater(job.id, exc) from exc
+                self._metrics.stopped.inc()
                 return (await self._store.get_job(job.id)).state
             cause = _error(exc)
             error = JobError(
@@ -107,7 +125,8 @@ class JobRunner:
         else:
             error = _error(exc)
         log.warning("job %s failed: %s %s", job.id, error.reason, error.message)
-        await self._store.fail(job.id, self.worker_id, error)
+        if await self._store.fail(job.id, self.worker_id, error):
+            self._metrics.failed.labels(error.reason).inc()
         return JobState.FAILED
 
     async def _load(self, job: Job) -> Items:
@@ -161,22 +180,26 @@ class JobRunner:
             timeout = deadline - time.monotonic()
             if timeout <= 0:
                 raise TimeLimitExceeded(job.time_limit or 0.0)
-        inputs = items.batch(first, last)
-        began = time.monotonic()
-        try:
-            outputs = await self._inference.predict(
-                job.model_ref.name, job.model_version, inputs, priority=Priority(job.priority), timeout=timeout
+        attributes = {"modelforge.batch.index": index, "modelforge.batch.size": last - first}
+        with tracer.start_as_current_span("modelforge.jobs.batch", attributes=attributes):
+            inputs = items.batch(first, last)
+            began = time.monotonic()
+            try:
+                outputs = await self._inference.predict(
+                    job.model_ref.name, job.model_version, inputs, priority=Priority(job.priority), timeout=timeout
+                )
+            except ServiceError as exc:
+                if deadline is not None and time.monotonic() >= deadline and is_transient(exc):
+                    raise TimeLimitExceeded(job.time_limit or 0.0) from exc
+                raise
+            seconds = time.monotonic() - began
+            record = DatasetRecord(tensors=outputs).SerializeToString()
+            state = await self._store.store_batch(
+                job.id, self.worker_id, ResultRecord(index, first, last - first, record), seconds
             )
-        except ServiceError as exc:
-            if deadline is not None and time.monotonic() >= deadline and is_transient(exc):
-                raise TimeLimitExceeded(job.time_limit or 0.0) from exc
-            raise
-        seconds = time.monotonic() - began
-        record = DatasetRecord(tensors=outputs).SerializeToString()
-        state = await self._store.store_batch(
-            job.id, self.worker_id, ResultRecord(index, first, last - first, record), seconds
-        )
-        if state is not JobState.RUNNING:
+        if state is JobState.RUNNING:
+            self._metrics.batch_stored(last - first, seconds)
+        else:
             log.info("job %s stops before batch %d: it is %s", job.id, index, state.value if state else "elsewhere")
             raise _Stop
 

@@ -8,6 +8,8 @@ from pathlib import Path
 from modelforge_server.settings import ServerSettings
 
 DAY = 86400.0
+API_METRICS_PORT = 9103
+WORKER_METRICS_PORT = 9104
 
 
 @dataclass(frozen=True)
@@ -15,6 +17,12 @@ class JobsSettings(ServerSettings):
     """Everything the jobs API and the jobs workers read at start."""
 
     port: int = 50053
+    # Prometheus /metrics of the jobs API (MODELFORGE_METRICS_PORT); None means 9103, 0 turns it off.
+    metrics_port: int | None = None
+    # /metrics of a worker process (MODELFORGE_WORKER_METRICS_PORT); None means MODELFORGE_METRICS_PORT when that
+    # is set (a worker in a container of its own), else 9104; 0 turns it off. Several worker processes on one host
+    # each need their own port, or 0, or prometheus_client's multiprocess mode (see modelforge_jobs.worker).
+    worker_metrics_port: int | None = None
     # Where the registry and the inference service listen.
     registry_address: str = "127.0.0.1:50051"
     inference_address: str = "127.0.0.1:50052"

@@ -439,6 +439,21 @@ class JobStore:
             rows = await cur.fetchall()
         return [(row["id"], Priority(row["priority"])) for row in rows]
 
+    async def census(self) -> tuple[dict[JobState, int], float]:
+        """The number of jobs in each state, and the combined items per second of the RUNNING ones."""
+        async with self._cursor() as cur:
+            await cur.execute(
+                """
+                SELECT state, count(*) AS n, COALESCE(sum(
+                    CASE WHEN state = 'RUNNING' AND update_time > run_start_time AND items_done > run_items_start
+                    THEN (items_done - run_items_start) / EXTRACT(EPOCH FROM update_time - run_start_time)
+                    END), 0)::float8 AS rate
+                FROM jobs.jobs GROUP BY state
+                """
+            )
+            rows = await cur.fetchall()
+        return {JobState(row["state"]): row["n"] for row in rows}, sum(row["rate"] for row in rows)
+
     async def expire(self, *, retention: float) -> tuple[int, list[str]]:
         """Deletes jobs finished more than `retention` seconds ago, and datasets as old that no live job reads.
 

@@ -3,20 +3,44 @@
 Run it as `dramatiq modelforge_jobs.worker` (Dramatiq's CLI: processes, threads, reloads) or as
 `python -m modelforge_jobs.worker` (one process with MODELFORGE_WORKER_THREADS threads). Settings come from the
 same MODELFORGE_* variables as the jobs API; both must name the same Redis and MODELFORGE_QUEUE_NAMESPACE.
+
+Telemetry: logs go to stderr as modelforge-jobs-worker; traces are exported when an OTLP endpoint is set, and each
+job runs in a span that continues the trace of the CreateJob that queued it. Each worker process serves /metrics
+on MODELFORGE_WORKER_METRICS_PORT (default: MODELFORGE_METRICS_PORT when set, as in a container of its own, else
+9104; 0 turns it off). Several worker processes on one host must not share a port:
+
+- one `python -m modelforge_jobs.worker` per process: give each its own MODELFORGE_WORKER_METRICS_PORT (a worker
+  whose port is taken logs a warning and runs without metrics), or 0 for all but one;
+- `dramatiq modelforge_jobs.worker --processes N`: set PROMETHEUS_MULTIPROC_DIR to an empty directory and add
+  `--fork-function modelforge_server.metrics:serve_multiprocess`; the workers then serve nothing themselves, and
+  the fork serves their sum on MODELFORGE_METRICS_PORT.
 """
 
 from __future__ import annotations
 
+import signal
+import threading
+from dataclasses import replace
+
 import dramatiq
 
 from modelforge_jobs.actors import QUEUES, WorkerResources, declare_actors, make_broker
-from modelforge_jobs.settings import JobsSettings
-from modelforge_server import logs
+from modelforge_jobs.metrics import WorkerMetrics
+from modelforge_jobs.settings import WORKER_METRICS_PORT, JobsSettings
+from modelforge_server import logs, telemetry
+from modelforge_server.metrics import Metrics
 from modelforge_server.settings import from_env
 
+SERVICE_NAME = "modelforge-jobs-worker"
+
 settings = from_env(JobsSettings)
+logs.configure(SERVICE_NAME, settings.log_level)
+# Before the broker and the worker's channels exist, so that the gRPC, psycopg and Redis clients are instrumented.
+tel = telemetry.setup(
+    SERVICE_NAME, replace(settings, metrics_port=settings.worker_metrics_port), metrics_port=WORKER_METRICS_PORT
+)
 broker = make_broker(settings)
-resources = WorkerResources(settings)
+resources = WorkerResources(settings, metrics=WorkerMetrics(Metrics()), telemetry=tel)
 broker.add_middleware(resources)
 dramatiq.set_broker(broker)
 actors = declare_actors(broker, settings, resources)
@@ -24,10 +48,6 @@ actors = declare_actors(broker, settings, resources)
 
 def main() -> None:
     """Runs one worker in this process until SIGTERM or SIGINT."""
-    import signal
-    import threading
-
-    logs.configure("modelforge-jobs-worker", settings.log_level)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -37,6 +57,7 @@ def main() -> None:
         stop.wait()
     finally:
         worker.stop()
+        tel.shutdown()
 
 
 if __name__ == "__main__":

@@ -98,7 +98,7 @@ async def test_transient_failure_is_retried_and_the_job_finishes(
     stack, port = await serve(0)
     settings = replace(jobs_settings, inference_address=f"127.0.0.1:{port}")
     x = _x(30_000)
-    async with start_jobs_api(settings) as api, start_worker(settings):
+    async with start_jobs_api(settings) as api, start_worker(settings) as worker:
         request = inline_request("add-one", {"x": x}, batch_size=10, max_attempts=20)
         job = (await api.stub.CreateJob(request)).job
         await wait_for(getter(api.stub, job.id), lambda j: j.progress.items_done > 0)
@@ -113,6 +113,10 @@ async def test_transient_failure_is_retried_and_the_job_finishes(
         assert final.state == jobs_pb2.JOB_STATE_COMPLETED, final.error
         assert final.attempt_count >= 2
         await _check_all_items_once(api.stub, job.id, x, 10)
+    counted = worker.resources.metrics.metrics.registry.get_sample_value
+    assert counted("modelforge_jobs_retries_total") == final.attempt_count - 1  # every run but the last
+    assert counted("modelforge_jobs_runs_started_total") == final.attempt_count
+    assert counted("modelforge_jobs_items_total") == 30_000  # stored once each, across the runs
 
 
 async def test_permanent_failure_fails_at_once_with_its_reason(

@@ -1,14 +1,27 @@
-"""A worker process killed mid-job: the job completes on another worker with every item's output exactly once."""
+"""A worker process killed mid-job: the job completes on another worker with every item's output exactly once,
+and the workers' counters add up to the job: nothing counted twice, nothing lost."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
+import urllib.request
+from dataclasses import replace
 
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from modelforge.jobs.v1 import jobs_pb2
+from modelforge_server import embedded
 from tests.integration.jobs.conftest import getter, inline_request, results, upload, wait_for, wait_terminal
+
+
+def scrape_items(port: int) -> float:
+    """modelforge_jobs_items_total as the worker process serves it on its metrics port."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels}
+    return samples["modelforge_jobs_items_total"]
 
 
 async def test_sigkilled_worker_job_completes_on_another_worker_exactly_once(
@@ -17,8 +30,10 @@ async def test_sigkilled_worker_job_completes_on_another_worker_exactly_once(
     await upload(inference, "add-one", add_one)
     x = np.arange(20_000 * 4, dtype=np.float32).reshape(20_000, 4)
     job = (await jobs_api.stub.CreateJob(inline_request("add-one", {"x": x}, batch_size=10))).job
-    with spawn_worker(jobs_settings) as process:
+    metrics_port = embedded.free_port()
+    with spawn_worker(replace(jobs_settings, worker_metrics_port=metrics_port)) as process:
         first = await wait_for(getter(jobs_api.stub, job.id), lambda j: j.progress.items_done > 0, timeout=60)
+        assert await asyncio.to_thread(scrape_items, metrics_port) > 0  # the worker process serves its metrics
         process.send_signal(signal.SIGKILL)
         await asyncio.to_thread(process.wait, 30)
     killed = (await jobs_api.stub.GetJob(jobs_pb2.GetJobRequest(id=job.id))).job
@@ -34,3 +49,11 @@ async def test_sigkilled_worker_job_completes_on_another_worker_exactly_once(
     firsts, outputs = await results(jobs_api.stub, job.id)
     assert firsts == list(range(0, 20_000, 10))  # every batch once, in order
     np.testing.assert_array_equal(outputs["y"], x + 1)
+
+    # The survivor counts the reaped job, and exactly the items and batches the killed worker left undone.
+    counted = survivor.resources.metrics.metrics.registry.get_sample_value
+    assert counted("modelforge_jobs_reaped_total") == 1
+    assert counted("modelforge_jobs_items_total") == 20_000 - killed.progress.items_done
+    assert counted("modelforge_jobs_batches_total") == 2_000 - killed.progress.batches_done
+    assert counted("modelforge_jobs_runs_started_total") == 1
+    assert counted("modelforge_jobs_completed_total") == 1
