@@ -1,18 +1,22 @@
-"""Traces across services: a prediction is one trace from the caller through inference into the registry.
+"""Traces across services: a prediction is one trace from the caller through inference into the registry, and a
+job is one trace from CreateJob through the Dramatiq message and the worker to each inference batch.
 
-The registry and inference are built by their production `build` functions after tracing is set up, as their
-`main()` does, and spans are kept in memory.
+The registry, inference and the jobs API are built by their production `build` functions after tracing is set up,
+as their `main()` does; the jobs worker runs in this process as a dramatiq.Worker with the production middleware
+and actors. All share this process's TracerProvider, and spans are kept in memory.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from modelforge.jobs.v1 import jobs_pb2
 from modelforge_server import telemetry
 from tests.fixtures.onnx_models import ModelFile
 from tests.integration.inference.conftest import (  # noqa: F401
@@ -23,6 +27,15 @@ from tests.integration.inference.conftest import (  # noqa: F401
     registry_settings,
     start_inference,
     upload,
+)
+from tests.integration.jobs.conftest import (  # noqa: F401
+    InProcessWorker,
+    RunningJobs,
+    inline_request,
+    jobs_api,
+    jobs_settings,
+    wait_terminal,
+    worker,
 )
 
 PREDICT = "/modelforge.inference.v1.InferenceService/Predict"
@@ -76,3 +89,76 @@ async def test_a_prediction_is_one_trace_through_inference_into_the_registry(
         assert chain[0] == f"{span.name} CLIENT", chain
         assert f"{PREDICT} SERVER" in chain and chain[-1] == "caller INTERNAL", chain
     assert all("grpc.health" not in s.name for s in spans.get_finished_spans())
+
+
+CREATE_JOB = "/modelforge.jobs.v1.JobService/CreateJob"
+RUN_JOB = "modelforge.jobs.run_job"
+BATCH = "modelforge.jobs.batch"
+
+
+async def test_a_job_is_one_trace_from_create_job_through_the_worker_to_inference_and_the_registry(
+    spans: InMemorySpanExporter,
+    jobs_api: RunningJobs,
+    worker: InProcessWorker,
+    inference: RunningInference,  # noqa: F811
+    add_one: ModelFile,
+) -> None:
+    """CreateJob -> the Dramatiq message -> run_job on a real worker -> a span per batch -> Predict on a real
+    inference server -> its registry lookups: one trace, each span the child of the one before."""
+    await upload(inference, "traced-job", add_one)
+    x = np.arange(10 * 4, dtype=np.float32).reshape(10, 4)
+    spans.clear()
+    with telemetry.tracer("modelforge.test").start_as_current_span("caller") as caller:
+        job = (await jobs_api.stub.CreateJob(inline_request("traced-job", {"x": x}, batch_size=4))).job
+    final = await wait_terminal(jobs_api.stub, job.id)
+    assert final.state == jobs_pb2.JOB_STATE_COMPLETED, final.error
+    await worker.join()  # the run_job span has ended once the worker is done with the message
+
+    trace_id = caller.get_span_context().trace_id
+    finished = spans.get_finished_spans()
+    in_trace = [s for s in finished if s.context.trace_id == trace_id]
+    by_id = {s.context.span_id: s for s in in_trace}
+
+    def named(name: str, kind: trace.SpanKind) -> list[ReadableSpan]:
+        return [s for s in in_trace if s.name == name and s.kind == kind]
+
+    [create_server] = named(CREATE_JOB, trace.SpanKind.SERVER)
+    assert ancestors(create_server, by_id) == [f"{CREATE_JOB} CLIENT", "caller INTERNAL"]
+
+    [run_job] = named(RUN_JOB, trace.SpanKind.CONSUMER)
+    assert run_job.parent is not None and run_job.parent.span_id == create_server.context.span_id
+    assert run_job.attributes is not None and run_job.attributes["modelforge.job_id"] == job.id
+
+    batches = named(BATCH, trace.SpanKind.INTERNAL)
+    assert sorted(s.attributes["modelforge.batch.size"] for s in batches if s.attributes) == [2, 4, 4]
+    assert all(s.parent is not None and s.parent.span_id == run_job.context.span_id for s in batches)
+
+    predicts = named(PREDICT, trace.SpanKind.SERVER)
+    assert len(predicts) == 3, "one Predict per batch, all in the job's trace"
+    every_predict = [s for s in finished if s.name == PREDICT and s.kind == trace.SpanKind.SERVER]
+    assert len(every_predict) == 3, "a Predict of the job outside its trace"
+    above_predict = [
+        f"{PREDICT} CLIENT",
+        f"{BATCH} INTERNAL",
+        f"{RUN_JOB} CONSUMER",
+        f"{CREATE_JOB} SERVER",
+        f"{CREATE_JOB} CLIENT",
+        "caller INTERNAL",
+    ]
+    for span in predicts:
+        assert ancestors(span, by_id) == above_predict
+
+    registry_served = [
+        s for s in in_trace if s.kind == trace.SpanKind.SERVER and s.name.startswith("/modelforge.registry.v1.")
+    ]
+    # The jobs API resolves the ref at submit time; inference resolves it (and fetches the file) at the first batch.
+    by_caller: dict[str, list[list[str]]] = {"jobs": [], "inference": []}
+    for span in registry_served:
+        chain = ancestors(span, by_id)
+        assert chain[0] == f"{span.name} CLIENT" and chain[-1] == "caller INTERNAL", chain
+        by_caller["inference" if f"{PREDICT} SERVER" in chain else "jobs"].append(chain)
+    assert [chain[1] for chain in by_caller["jobs"]] == [f"{CREATE_JOB} SERVER"]
+    assert by_caller["inference"], f"no registry lookup under a Predict: {sorted({s.name for s in in_trace})}"
+    for chain in by_caller["inference"]:
+        assert chain[chain.index(f"{PREDICT} SERVER") + 1 :] == above_predict, chain
+    assert all("grpc.health" not in s.name for s in finished)
