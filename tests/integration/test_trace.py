@@ -8,6 +8,10 @@ and actors. All share this process's TracerProvider, and spans are kept in memor
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
+import logging
 from collections.abc import Iterator
 
 import numpy as np
@@ -17,7 +21,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from modelforge.jobs.v1 import jobs_pb2
-from modelforge_server import telemetry
+from modelforge_server import logs, telemetry
 from tests.fixtures.onnx_models import ModelFile
 from tests.integration.inference.conftest import (  # noqa: F401
     RunningInference,
@@ -91,6 +95,23 @@ async def test_a_prediction_is_one_trace_through_inference_into_the_registry(
     assert all("grpc.health" not in s.name for s in spans.get_finished_spans())
 
 
+@contextlib.contextmanager
+def worker_log() -> Iterator[io.StringIO]:
+    """The JSON lines the jobs runner logs at INFO inside the block."""
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(logs.JsonFormatter("modelforge-jobs-worker"))
+    logger = logging.getLogger("modelforge.jobs.runner")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield out
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 CREATE_JOB = "/modelforge.jobs.v1.JobService/CreateJob"
 RUN_JOB = "modelforge.jobs.run_job"
 BATCH = "modelforge.jobs.batch"
@@ -105,16 +126,22 @@ async def test_a_job_is_one_trace_from_create_job_through_the_worker_to_inferenc
 ) -> None:
     """CreateJob -> the Dramatiq message -> run_job on a real worker -> a span per batch -> Predict on a real
     inference server -> its registry lookups: one trace, each span the child of the one before."""
-    await upload(inference, "traced-job", add_one)
+    version = await upload(inference, "traced-job", add_one)
     x = np.arange(10 * 4, dtype=np.float32).reshape(10, 4)
     spans.clear()
-    with telemetry.tracer("modelforge.test").start_as_current_span("caller") as caller:
-        job = (await jobs_api.stub.CreateJob(inline_request("traced-job", {"x": x}, batch_size=4))).job
-    final = await wait_terminal(jobs_api.stub, job.id)
-    assert final.state == jobs_pb2.JOB_STATE_COMPLETED, final.error
-    await worker.join()  # the run_job span has ended once the worker is done with the message
+    with worker_log() as lines:
+        with telemetry.tracer("modelforge.test").start_as_current_span("caller") as caller:
+            job = (await jobs_api.stub.CreateJob(inline_request("traced-job", {"x": x}, batch_size=4))).job
+        final = await wait_terminal(jobs_api.stub, job.id)
+        assert final.state == jobs_pb2.JOB_STATE_COMPLETED, final.error
+        await worker.join()  # the run_job span has ended once the worker is done with the message
 
     trace_id = caller.get_span_context().trace_id
+    # The worker's log lines carry the job's trace id, the job id and the model it runs.
+    entries = [json.loads(line) for line in lines.getvalue().splitlines()]
+    [running] = [e for e in entries if e["message"].startswith(f"job {job.id} running")]
+    assert running["trace_id"] == format(trace_id, "032x")
+    assert running["job_id"] == job.id and running["model"] == f"traced-job:{version.version}"
     finished = spans.get_finished_spans()
     in_trace = [s for s in finished if s.context.trace_id == trace_id]
     by_id = {s.context.span_id: s for s in in_trace}
