@@ -12,8 +12,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from modelforge.registry.v1 import registry_pb2 as pb
-from modelforge_server import embedded
 from tests.fixtures.servers import registry_settings_for, running_registry, upload_model
+from tests.integration.registry import pgcontrol
 from tests.integration.registry.calls import failure
 
 SERVICE = "modelforge.registry.v1.RegistryService"
@@ -70,7 +70,8 @@ async def next_status(stream) -> int:
 
 
 async def test_health_is_not_serving_while_postgresql_is_down(tmp_path: Path, add_one) -> None:
-    url, stop_postgres = await asyncio.to_thread(embedded.start_postgres, tmp_path / "own-pg")
+    own_pg = tmp_path / "own-pg"
+    url = await pgcontrol.run("start", own_pg)
     try:
         settings = registry_settings_for(url, tmp_path / "registry")
         async with running_registry(settings) as registry:
@@ -81,21 +82,20 @@ async def test_health_is_not_serving_while_postgresql_is_down(tmp_path: Path, ad
             watch = registry.stub.WatchModelEvents(pb.WatchModelEventsRequest())
             assert (await asyncio.wait_for(watch.read(), 30)).event.type == pb.MODEL_EVENT_TYPE_WATCH_STARTED
 
-            await asyncio.to_thread(stop_postgres)
+            await pgcontrol.run("stop", own_pg)
             assert await next_status(statuses) == NOT_SERVING
             code, _, _ = await failure(watch.read())  # events may be missed now: the watcher is told so
             assert code == grpc.StatusCode.UNAVAILABLE
             code, reason, _ = await failure(registry.stub.GetModel(pb.GetModelRequest(name="durable")))
             assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "DATABASE_UNAVAILABLE")
 
-            url_again, stop_postgres = await asyncio.to_thread(embedded.start_postgres, tmp_path / "own-pg")
-            assert url_again == url
+            assert await pgcontrol.run("start", own_pg) == url
             assert await next_status(statuses) == SERVING  # without a restart of the registry
             got = await registry.stub.GetModel(pb.GetModelRequest(name="durable"))
             assert got.model.latest_version == 1
             statuses.cancel()
     finally:
-        await asyncio.to_thread(stop_postgres)
+        await pgcontrol.run("stop", own_pg)
 
 
 async def test_database_schema_is_registry(registry, add_one, clean_db) -> None:
