@@ -184,6 +184,7 @@ class LoadedModel:
     last_use: datetime | None = None
     in_flight: int = 0
     load_seconds: float = 0.0
+    queued: int = 0  # requests waiting in its queue
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,7 @@ flight on it have finished.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
 import os
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
+from opentelemetry.trace import Status, StatusCode
 
 from modelforge_inference import serving
 from modelforge_inference.batcher import Batcher, BatchResult, Feeds, Outcome, split
@@ -49,11 +51,14 @@ from modelforge_inference.errors import (
     ModelLoadFailed,
     ModelNotLoaded,
     ModelRunFailed,
+    QueueFull,
 )
+from modelforge_inference.metrics import InferenceMetrics, Rejection, UnloadReason, VersionInstruments
 from modelforge_inference.sessions import INPUT_ERRORS, ModelSession, describe_error, resident_bytes, stack
 from modelforge_inference.settings import InferenceSettings
 from modelforge_inference.signature import batch_rows, check_inputs, check_outputs, request_bytes
-from modelforge_server.errors import ServiceError
+from modelforge_server import telemetry
+from modelforge_server.errors import DeadlineExceeded, InvalidArgument, ServiceError
 from modelforge_server.metrics import Metrics
 
 __all__ = ["InferenceEngine"]
@@ -110,6 +115,7 @@ class _Slot:
     last_use: float = field(default_factory=time.time)
     in_flight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    unload_reason: UnloadReason | None = None
 
     def __post_init__(self) -> None:
         self.idle.set()
@@ -125,11 +131,13 @@ class _Slot:
             last_use=datetime.fromtimestamp(self.last_use, UTC),
             in_flight=self.in_flight,
             load_seconds=self.load_seconds,
+            queued=self.batcher.queued if self.batcher is not None else 0,
         )
 
 
 @dataclass
 class _Counters:
+    instruments: VersionInstruments = field(default_factory=VersionInstruments)
     requests: int = 0
     failures: int = 0
     inferences: int = 0
@@ -144,6 +152,8 @@ class _Counters:
         self.executions += 1
         self.inferences += rows
         self.batch_sizes[rows] = self.batch_sizes.get(rows, 0) + 1
+        self.instruments.batch_size.observe(rows)
+        self.instruments.compute_seconds.observe(compute)
 
 
 class InferenceEngine:
@@ -167,7 +177,15 @@ class InferenceEngine:
         metrics: Metrics | None = None,
     ) -> None:
         self._settings = settings
-        self._metrics = metrics if metrics is not None else Metrics(process_collector=False)
+        self._metrics = InferenceMetrics(
+            metrics if metrics is not None else Metrics(process_collector=False),
+            statistics=self._all_statistics,
+            instruments=self._all_instruments,
+            loaded=self.loaded,
+        )
+        self._tracer = telemetry.tracer(__name__)
+        # Decided once: with tracing off, the prediction path does not even create no-op spans.
+        self._tracing = telemetry.tracing_enabled()
         self._resolver = resolver
         self._files = files
         self._cache = cache
@@ -240,11 +258,11 @@ class InferenceEngine:
             raise InvalidTimeout(timeout)
         deadline = None if time_remaining is None else started + time_remaining
         model = await self._resolve(ref, deadline)
-        config = self._config(model)
-        feeds = check_inputs(model.signature, inputs, max_request_bytes=self._settings.max_request_bytes)
-        names = check_outputs(model.signature, outputs)
         counters = self._counters_of(model)
         try:
+            config = self._config(model)
+            feeds = check_inputs(model.signature, inputs, max_request_bytes=self._settings.max_request_bytes)
+            names = check_outputs(model.signature, outputs)
             if self._cache is not None and config.cache.enabled and cache_mode is not CacheMode.BYPASS:
                 result, selected, hit = await self._predict_cached(
                     model, config, feeds, names, tuple(outputs or ()), priority, timeout, deadline, cache_mode
@@ -252,8 +270,13 @@ class InferenceEngine:
             else:
                 result = await self._run(model, config, feeds, priority, timeout, deadline)
                 selected, hit = {name: result.outputs[name] for name in names}, False
-        except Exception:
+        except Exception as exc:
             counters.failures += 1
+            if (reason := _rejection(exc)) is not None:
+                self._metrics.rejected(model.name, model.version, reason)
+            raise
+        except asyncio.CancelledError:  # the caller went away; a queued request never ran
+            self._metrics.rejected(model.name, model.version, Rejection.CANCELLED)
             raise
         total = loop.time() - started
         counters.requests += 1
@@ -264,6 +287,7 @@ class InferenceEngine:
             timings.queue, timings.compute = result.queue_seconds, result.compute_seconds
             counters.queue_seconds += result.queue_seconds
             counters.compute_seconds += result.compute_seconds
+            counters.instruments.queue_seconds.observe(result.queue_seconds)
         return Prediction(
             outputs=selected,
             model=model.name,
@@ -292,7 +316,12 @@ class InferenceEngine:
         else:
             key = cache.key(model, feeds, requested)
         if mode is CacheMode.USE:
-            hit = await cache.get(key)
+            if self._tracing:
+                with self._tracer.start_as_current_span("cache lookup", attributes=_attributes(model)) as span:
+                    hit = await cache.get(key)
+                    span.set_attribute("modelforge.cache_hit", hit is not None)
+            else:
+                hit = await cache.get(key)
             if hit is not None:
                 return None, {name: hit[name] for name in names if name in hit}, True
 
@@ -324,9 +353,36 @@ class InferenceEngine:
             if timeout is not None:
                 limits.append(now + timeout)
             expires = min((limit for limit in limits if limit is not None), default=None)
+            if self._tracing:
+                return await self._traced_submit(slot.batcher, model, feeds, priority, expires)
             return await slot.batcher.submit(feeds, priority=priority, expires_at=expires)
         finally:
             self._release(slot)
+
+    async def _traced_submit(
+        self, batcher: Batcher, model: ResolvedModel, feeds: Feeds, priority: int, expires: float | None
+    ) -> BatchResult:
+        """Submits with a "queue wait" and a "batch execution" span, drawn afterwards from the batcher's timings
+        (a batch runs for many requests at once, each of which gets the spans in its own trace)."""
+        attributes = _attributes(model)
+        queued_at = time.time_ns()
+        try:
+            result = await batcher.submit(feeds, priority=priority, expires_at=expires)
+        except BaseException as exc:
+            span = self._tracer.start_span("queue wait", start_time=queued_at, attributes=attributes)
+            span.record_exception(exc)
+            span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+            span.end()
+            raise
+        started = queued_at + round(result.queue_seconds * 1e9)
+        self._tracer.start_span("queue wait", start_time=queued_at, attributes=attributes).end(end_time=started)
+        execution = self._tracer.start_span(
+            "batch execution",
+            start_time=started,
+            attributes={**attributes, "modelforge.batch_size": result.batch_rows},
+        )
+        execution.end(end_time=started + round(result.compute_seconds * 1e9))
+        return result
 
     def _execute(self, slot: _Slot, batch: Sequence[Feeds]) -> list[Outcome]:
         """Runs one batch on a compute thread: stack, run once, split; a merged batch that fails runs item by item,
@@ -363,7 +419,7 @@ class InferenceEngine:
         while True:
             slot = self._slots.get(key)
             if slot is not None and slot.state is ModelState.READY and slot.config != config:
-                self._begin_unload(slot)  # the version's labels changed: serve it with its new settings
+                self._begin_unload(slot, UnloadReason.RECONFIGURED)  # its labels changed: serve it anew
                 slot = None
             if slot is None or slot.state is ModelState.FAILED:
                 slot = _Slot(model, config)
@@ -385,22 +441,30 @@ class InferenceEngine:
             slot.idle.set()
 
     async def _load(self, slot: _Slot) -> None:
+        with self._tracer.start_as_current_span("model load", attributes=_attributes(slot.model)):
+            await self._load_slot(slot)
+
+    async def _load_slot(self, slot: _Slot) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
         model = slot.model
         try:
             assert self._loader is not None
             async with self._files.pinned(model) as path:  # the file stays while the session reads it
-                session, memory = await loop.run_in_executor(self._loader, self._open, path, slot)
+                # The loader thread runs in this task's context, so its spans join the load's trace.
+                run = contextvars.copy_context().run
+                session, memory = await loop.run_in_executor(self._loader, run, self._open, path, slot)
         except BaseException as exc:
             slot.state = ModelState.FAILED
             slot.reason = str(exc) if isinstance(exc, ServiceError) else describe_error(exc)
             log.warning("loading %s:%s failed: %s", model.name, model.version, slot.reason)
+            self._metrics.load_failed(model.name, model.version)
             if isinstance(exc, ServiceError | asyncio.CancelledError):
                 raise
             raise ModelLoadFailed(model.name, model.version, slot.reason) from exc
         slot.session, slot.memory = session, memory
         slot.load_seconds = loop.time() - started
+        self._metrics.loaded(model.name, model.version, slot.load_seconds)
         if slot.state is not ModelState.LOADING:  # unloaded while loading
             return
         assert self._compute is not None
@@ -423,9 +487,12 @@ class InferenceEngine:
     def _open(self, path: Path, slot: _Slot) -> tuple[ModelSession, int]:
         """On the loader thread: create the session, warm it up, estimate what it took."""
         before = resident_bytes()
-        session = ModelSession(path, slot.config.session)
+        attributes = _attributes(slot.model)
+        with self._tracer.start_as_current_span("session creation", attributes=attributes):
+            session = ModelSession(path, slot.config.session)
         if self._settings.warmup:
-            session.warmup(slot.model.signature)
+            with self._tracer.start_as_current_span("warmup", attributes=attributes):
+                session.warmup(slot.model.signature)
         return session, max(resident_bytes() - before, slot.model.size_bytes)
 
     def _enforce_budget(self, keep: _Slot) -> None:
@@ -445,12 +512,13 @@ class InferenceEngine:
                 self._settings.max_loaded_models,
                 self._settings.memory_budget_bytes >> 20,
             )
-            self._begin_unload(victim)
+            self._begin_unload(victim, UnloadReason.EVICTED)
 
-    def _begin_unload(self, slot: _Slot) -> asyncio.Future[None]:
+    def _begin_unload(self, slot: _Slot, reason: UnloadReason) -> asyncio.Future[None]:
         """Takes slot out of the table now and releases it once its requests in flight have finished."""
         if slot.drained is not None:
             return slot.drained
+        slot.unload_reason = reason
         if self._slots.get(slot.model.key) is slot:
             del self._slots[slot.model.key]
         if slot.state is ModelState.FAILED:
@@ -473,6 +541,8 @@ class InferenceEngine:
             slot.batcher = None
             slot.session = None  # the last reference: ONNX Runtime frees the session's memory
             log.info("unloaded %s:%s", slot.model.name, slot.model.version)
+            if slot.unload_reason is not None and slot.load_seconds:
+                self._metrics.unloaded(slot.model.name, slot.model.version, slot.unload_reason)
         finally:
             self._unloading.discard(slot)
 
@@ -486,7 +556,7 @@ class InferenceEngine:
         else:
             return
         for slot in doomed:
-            self._begin_unload(slot)
+            self._begin_unload(slot, UnloadReason.RETIRED)
 
     # -- management ------------------------------------------------------------------------------------------
 
@@ -509,7 +579,7 @@ class InferenceEngine:
             slots = [slot] if slot is not None else []
         if not slots:
             raise ModelNotLoaded(str(ref))
-        drains = [self._begin_unload(slot) for slot in slots]
+        drains = [self._begin_unload(slot, UnloadReason.REQUESTED) for slot in slots]
         snapshots = [slot.snapshot() for slot in slots]
         await asyncio.gather(*drains)
         return snapshots
@@ -570,12 +640,21 @@ class InferenceEngine:
             counters = self._counters[model.key] = _Counters()
         return counters
 
+    def _all_statistics(self) -> list[ModelStatistics]:
+        """Every version's statistics; called by the metrics endpoint's thread (the copies below are atomic)."""
+        return [self._statistics_of(*key) for key in list(self._counters)]
+
+    def _all_instruments(self) -> list[tuple[tuple[str, int], VersionInstruments]]:
+        return [(key, counters.instruments) for key, counters in list(self._counters.items())]
+
     def _statistics_of(self, name: str, version: int) -> ModelStatistics:
-        counters = self._counters.get((name, version), _Counters())
         hits = misses = 0
         if self._cache is not None:
             counts = self._cache.counts(name, version)
             hits, misses = counts.hits, counts.misses
+        counters = self._counters.get((name, version))
+        if counters is None:  # never used in this process
+            return ModelStatistics(name=name, version=version, cache_hits=hits, cache_misses=misses)
         return ModelStatistics(
             name=name,
             version=version,
@@ -614,3 +693,18 @@ class InferenceEngine:
                 return await awaitable
         except TimeoutError:
             raise error() from None
+
+
+def _attributes(model: ResolvedModel) -> dict[str, Any]:
+    return {"modelforge.model": model.name, "modelforge.version": model.version}
+
+
+def _rejection(exc: Exception) -> Rejection | None:
+    """The metrics' reason for a request that got no outputs because of itself or its queue; None otherwise."""
+    if isinstance(exc, QueueFull):
+        return Rejection.QUEUE_FULL
+    if isinstance(exc, DeadlineExceeded):
+        return Rejection.DEADLINE
+    if isinstance(exc, InvalidArgument):
+        return Rejection.INVALID
+    return None

@@ -31,7 +31,7 @@ from modelforge.registry.v1 import registry_pb2_grpc
 from modelforge_inference.cache import SingleFlight
 from modelforge_inference.domain import ResolvedModel
 from modelforge_inference.registry_client import ModelFileCorrupt, RegistryClient
-from modelforge_server import errors
+from modelforge_server import errors, telemetry
 
 __all__ = ["ModelFileCache", "ModelFileCacheFailed", "ModelFileCorrupt", "ModelFileTooLarge"]
 
@@ -102,6 +102,7 @@ class ModelFileCache:
         self._pins: collections.Counter[str] = collections.Counter()
         self._reserved = 0  # bytes of downloads in progress
         self._flights: SingleFlight[str, Path] = SingleFlight()
+        self._tracer = telemetry.tracer(__name__)
         self._scan()
 
     # -- state -----------------------------------------------------------------------------------------------
@@ -179,8 +180,10 @@ class ModelFileCache:
         if size > self._max_bytes:
             raise ModelFileTooLarge(model, self._max_bytes)
         self._reserved += size
+        attributes = {"modelforge.model": model.name, "modelforge.version": model.version, "modelforge.bytes": size}
         try:
-            return await self._fetch(model)
+            with self._tracer.start_as_current_span("model download", attributes=attributes):
+                return await self._fetch(model)
         finally:
             self._reserved -= size
 

@@ -1,0 +1,108 @@
+"""The inference service's Prometheus endpoint after traffic: per model and version, counters move by exactly the
+amount of work done."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from modelforge.inference.v1 import inference_pb2 as pb
+from modelforge_server.metrics import Endpoint
+from tests.fixtures.onnx_models import ModelFile
+from tests.integration.inference.conftest import RunningInference, failure, predict_request, ref, upload
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(port: int) -> Samples:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(samples: Samples, name: str, model: str, version: int = 1, **labels: str) -> float:
+    key = tuple(sorted({"model": model, "version": str(version), **labels}.items()))
+    return samples.get((name, key), 0.0)
+
+
+@pytest.fixture
+def endpoint(inference: RunningInference) -> Iterator[Endpoint]:
+    """The server's metrics served on a free port, as `app.serve` serves them on MODELFORGE_METRICS_PORT."""
+    served = inference.server.metrics.serve("127.0.0.1", 0)
+    yield served
+    served.close()
+
+
+async def test_ten_predictions_move_the_counters_by_ten(
+    inference: RunningInference, endpoint: Endpoint, mlp: ModelFile
+):
+    await upload(inference, "mlp", mlp)
+    await inference.stub.Predict(predict_request("mlp", mlp.sample(batch=1)))  # loads the model
+    before = await asyncio.to_thread(scrape, endpoint.port)
+
+    await asyncio.gather(
+        *(inference.stub.Predict(predict_request("mlp", mlp.sample(batch=2, seed=i))) for i in range(10))
+    )
+
+    after = await asyncio.to_thread(scrape, endpoint.port)
+
+    def moved(name: str, **labels: str) -> float:
+        return value(after, name, "mlp", **labels) - value(before, name, "mlp", **labels)
+
+    assert moved("modelforge_inference_requests_total") == 10
+    assert moved("modelforge_inference_items_total") == 20
+    executions = moved("modelforge_inference_executions_total")
+    assert 1 <= executions <= 10
+    assert value(after, "modelforge_inference_batch_size_count", "mlp") == value(
+        after, "modelforge_inference_executions_total", "mlp"
+    )
+    assert value(after, "modelforge_inference_compute_duration_seconds_count", "mlp") == value(
+        after, "modelforge_inference_executions_total", "mlp"
+    )
+    assert moved("modelforge_inference_batch_size_sum") == 20
+    assert moved("modelforge_inference_queue_duration_seconds_count") == 10
+    assert moved("modelforge_inference_failed_requests_total") == 0
+    assert value(after, "modelforge_inference_model_loads_total", "mlp", result="ok") == 1
+    assert value(after, "modelforge_inference_model_load_duration_seconds_count", "mlp") == 1
+    assert value(after, "modelforge_inference_queue_depth", "mlp") == 0
+    assert value(after, "modelforge_inference_model_memory_bytes", "mlp") > 0
+    assert after[("modelforge_inference_loaded_models", (("state", "ready"),))] == 1
+    rpcs = (
+        ("grpc_code", "OK"),
+        ("grpc_method", "Predict"),
+        ("grpc_service", "modelforge.inference.v1.InferenceService"),
+    )
+    assert after[("modelforge_rpc_requests_total", rpcs)] - before[("modelforge_rpc_requests_total", rpcs)] == 10
+
+
+async def test_cache_hits_misses_rejections_and_unloads_are_counted(
+    inference: RunningInference, endpoint: Endpoint, add_one: ModelFile
+):
+    await upload(inference, "cached", add_one, labels={"modelforge.io/cache": "true"})
+    feeds = add_one.sample(batch=1)
+    for _ in range(3):
+        await inference.stub.Predict(predict_request("cached", feeds))
+    bad = predict_request("cached", {"x": feeds["x"].astype("float64")})
+    code, _, _ = await failure(inference.stub.Predict(bad))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    await inference.stub.UnloadModel(pb.UnloadModelRequest(ref=ref("cached")))
+
+    samples = await asyncio.to_thread(scrape, endpoint.port)
+
+    assert value(samples, "modelforge_inference_cache_misses_total", "cached") == 1
+    assert value(samples, "modelforge_inference_cache_hits_total", "cached") == 2
+    assert value(samples, "modelforge_inference_requests_total", "cached") == 4
+    assert value(samples, "modelforge_inference_failed_requests_total", "cached") == 1
+    assert value(samples, "modelforge_inference_rejected_requests_total", "cached", reason="invalid") == 1
+    assert value(samples, "modelforge_inference_executions_total", "cached") == 1
+    assert value(samples, "modelforge_inference_model_unloads_total", "cached", reason="requested") == 1
+    assert samples[("modelforge_inference_loaded_models", (("state", "ready"),))] == 0
