@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 import urllib.request
 from dataclasses import replace
 
@@ -24,6 +25,14 @@ def scrape_items(port: int) -> float:
     return samples["modelforge_jobs_items_total"]
 
 
+async def until_items_counted(port: int, *, timeout: float = 30.0) -> None:
+    """Polls the worker's /metrics until it counts stored items (it counts just after each batch commits)."""
+    deadline = time.monotonic() + timeout
+    while await asyncio.to_thread(scrape_items, port) == 0:
+        assert time.monotonic() < deadline, "the worker process never counted an item on its metrics port"
+        await asyncio.sleep(0.02)
+
+
 async def test_sigkilled_worker_job_completes_on_another_worker_exactly_once(
     jobs_api, jobs_settings, spawn_worker, start_worker, inference, add_one
 ) -> None:
@@ -33,7 +42,7 @@ async def test_sigkilled_worker_job_completes_on_another_worker_exactly_once(
     metrics_port = embedded.free_port()
     with spawn_worker(replace(jobs_settings, worker_metrics_port=metrics_port)) as process:
         first = await wait_for(getter(jobs_api.stub, job.id), lambda j: j.progress.items_done > 0, timeout=60)
-        assert await asyncio.to_thread(scrape_items, metrics_port) > 0  # the worker process serves its metrics
+        await until_items_counted(metrics_port)  # the worker process serves its own metrics
         process.send_signal(signal.SIGKILL)
         await asyncio.to_thread(process.wait, 30)
     killed = (await jobs_api.stub.GetJob(jobs_pb2.GetJobRequest(id=job.id))).job
