@@ -26,6 +26,8 @@ from modelforge_inference.domain import (
 from modelforge_inference.errors import InvalidInput
 from modelforge_server.errors import InvalidArgument
 
+_UINT16 = np.dtype("<u2")
+
 _CACHE_MODES = {
     pb.CACHE_MODE_UNSPECIFIED: CacheMode.USE,
     pb.CACHE_MODE_USE: CacheMode.USE,
@@ -122,12 +124,22 @@ def timings(value: Timings) -> pb.Timings:
     return pb.Timings(queue=duration(value.queue), compute=duration(value.compute), total=duration(value.total))
 
 
+def _dtype(prediction: Prediction, name: str, array: np.ndarray) -> tensor_pb2.DataType.ValueType | None:
+    """BFLOAT16 for an output the signature declares so (its array holds uint16 bits); None: the array's own."""
+    if array.dtype == _UINT16 and prediction.is_bfloat16(name):
+        return tensor_pb2.DATA_TYPE_BFLOAT16
+    return None
+
+
 def predict_response(prediction: Prediction) -> pb.PredictResponse:
     return pb.PredictResponse(
         model=prediction.model,
         version=prediction.version,
         sha256=prediction.sha256,
-        outputs=[tensors.to_tensor(array, name) for name, array in prediction.outputs.items()],
+        outputs=[
+            tensors.to_tensor(array, name, dtype=_dtype(prediction, name, array))
+            for name, array in prediction.outputs.items()
+        ],
         timings=timings(prediction.timings),
         cache_hit=prediction.cache_hit,
     )
@@ -185,8 +197,10 @@ def string_elements(array: np.ndarray) -> list[bytes]:
     return [item if isinstance(item, bytes) else str(item).encode() for item in array.reshape(-1).tolist()]
 
 
-def streamed_output(name: str, array: np.ndarray) -> pb.StreamedOutput:
-    dtype = tensors.from_numpy_dtype(array.dtype)
+def streamed_output(
+    name: str, array: np.ndarray, dtype: tensor_pb2.DataType.ValueType | None = None
+) -> pb.StreamedOutput:
+    dtype = tensors.from_numpy_dtype(array.dtype) if dtype is None else dtype
     size = array.size if dtype == tensor_pb2.DATA_TYPE_STRING else array.nbytes
     return pb.StreamedOutput(name=name, dtype=dtype, shape=array.shape, byte_size=size)
 
@@ -197,7 +211,10 @@ def stream_header(prediction: Prediction) -> pb.PredictStreamResponse:
             model=prediction.model,
             version=prediction.version,
             sha256=prediction.sha256,
-            outputs=[streamed_output(name, array) for name, array in prediction.outputs.items()],
+            outputs=[
+                streamed_output(name, array, _dtype(prediction, name, array))
+                for name, array in prediction.outputs.items()
+            ],
             cache_hit=prediction.cache_hit,
         )
     )

@@ -30,6 +30,7 @@ __all__ = [
 ]
 
 DYNAMIC = -1  # a dimension whose size is chosen per request
+BFLOAT16 = "tensor(bfloat16)"  # ONNX Runtime's type string of the one dtype numpy has no name for
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +161,12 @@ class Prediction:
     sha256: str
     timings: Timings
     cache_hit: bool = False
+    signature: Signature | None = None  # of the version that answered: tells bfloat16 outputs from uint16 ones
+
+    def is_bfloat16(self, name: str) -> bool:
+        """True when output `name` holds bfloat16 bit patterns (its array is uint16)."""
+        spec = self.signature.output(name) if self.signature is not None else None
+        return spec is not None and spec.ort_type == BFLOAT16
 
 
 class ModelState(enum.Enum):

@@ -295,6 +295,7 @@ class InferenceEngine:
             sha256=model.sha256,
             timings=timings,
             cache_hit=hit,
+            signature=model.signature,
         )
 
     async def _predict_cached(

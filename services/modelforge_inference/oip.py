@@ -185,16 +185,12 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             timeout=convert.timeout_seconds(request.parameters),
             time_remaining=context.time_remaining(),
         )
-        signature = None
-        if convert.needs_signature(prediction.outputs):
-            model, _ = await self._engine.describe(ModelRef(prediction.model, version=prediction.version))
-            signature = model.signature
         return convert.infer_response(
             model=prediction.model,
             version=prediction.version,
             request_id=request.id,
             outputs=prediction.outputs,
-            signature=signature,
+            signature=prediction.signature if convert.needs_signature(prediction.outputs) else None,
         )
 
     async def _stream_answer(

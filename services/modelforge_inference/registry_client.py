@@ -163,6 +163,7 @@ def _spec(spec: tensor_pb2.TensorSpec) -> TensorSpec:
         dtype=tensors.to_numpy_dtype(spec.dtype),
         shape=tuple(spec.shape),
         dim_names=tuple(spec.dim_names),
+        ort_type=tensors.to_ort_type(spec.dtype),  # tells bfloat16 from uint16, which share a numpy dtype
     )
 
 

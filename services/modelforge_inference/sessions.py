@@ -1,17 +1,25 @@
 """ONNX Runtime sessions: options from a SessionConfig, provider fallback, warmup, and what their errors mean.
 
 Everything here blocks; the engine calls it on its own threads, never on the event loop.
+
+bfloat16 has no numpy dtype: ModelForge carries it as uint16 bit patterns. A session whose graph takes bfloat16
+inputs feeds them as OrtValues typed BFLOAT16 over those bits (no copy), and one that returns bfloat16 outputs
+runs with OrtValue outputs and copies their bits into uint16 arrays. Every other session keeps ONNX Runtime's
+plain numpy path.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+from onnx import TensorProto
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from modelforge_inference.domain import DYNAMIC, SessionConfig, Signature, TensorSpec
@@ -25,6 +33,8 @@ _LEVELS = {
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
 _CPU = "CPUExecutionProvider"
+_BFLOAT16 = "tensor(bfloat16)"
+_STRING = "tensor(string)"
 
 # ONNX Runtime raises these when what it was given cannot run: bad values or shapes the graph cannot take
 # (a Reshape that does not fit, an index out of range). The signature checks have passed by then, and the
@@ -65,12 +75,46 @@ class ModelSession:
 
     def __init__(self, path: Path, config: SessionConfig) -> None:
         self.session = ort.InferenceSession(str(path), session_options(config), providers=providers(config))
-        self.output_names = [output.name for output in self.session.get_outputs()]
+        outputs = self.session.get_outputs()
+        self.output_names = [output.name for output in outputs]
         self._run_options = ort.RunOptions()
+        inputs = self.session.get_inputs()
+        self._bfloat16_inputs = frozenset(spec.name for spec in inputs if spec.type == _BFLOAT16)
+        self._bfloat16_outputs = tuple(output.type == _BFLOAT16 for output in outputs)
+        # Outputs come back as OrtValues only when one of them is bfloat16 (numpy cannot hold it).
+        self._by_value = any(self._bfloat16_outputs)
+        self._typed = self._by_value or bool(self._bfloat16_inputs)
+        if self._by_value and any(spec.type == _STRING for spec in inputs):
+            raise ValueError(
+                "a model with string inputs and bfloat16 outputs cannot be served: ONNX Runtime takes string "
+                "inputs only on the path that cannot return bfloat16; cast the outputs to float32 or float16"
+            )
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._typed:
+            return self._run_typed(feeds)
         results = self.session.run(self.output_names, feeds, self._run_options)
         return dict(zip(self.output_names, results, strict=True))
+
+    def _run_typed(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The run of a graph with bfloat16 inputs or outputs, which travel as uint16 bit patterns."""
+        values: dict[str, Any] = {}
+        for name, array in feeds.items():
+            if name in self._bfloat16_inputs:
+                bits = np.ascontiguousarray(array, dtype=np.uint16)
+                values[name] = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(bits, TensorProto.BFLOAT16)
+            elif self._by_value:
+                values[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
+            else:
+                values[name] = array
+        if not self._by_value:
+            results = self.session.run(self.output_names, values, self._run_options)
+            return dict(zip(self.output_names, results, strict=True))
+        produced = self.session.run_with_ort_values(self.output_names, values, self._run_options)
+        return {
+            name: _bfloat16_bits(value) if bfloat16 else value.numpy()
+            for name, value, bfloat16 in zip(self.output_names, produced, self._bfloat16_outputs, strict=True)
+        }
 
     def warmup(self, signature: Signature) -> None:
         """Runs once on zeros (dynamic dimensions 1); a model that refuses zeros is logged and still served."""
@@ -78,6 +122,16 @@ class ModelSession:
             self.run({spec.name: _zeros(spec) for spec in signature.inputs})
         except INPUT_ERRORS as exc:
             log.warning("warmup run failed; serving the model anyway: %s", exc)
+
+
+def _bfloat16_bits(value: ort.OrtValue) -> np.ndarray:
+    """A copy of a CPU bfloat16 OrtValue's elements as uint16 bit patterns."""
+    shape = tuple(value.shape())
+    count = int(np.prod(shape, dtype=np.int64))
+    if count == 0:
+        return np.empty(shape, dtype=np.uint16)
+    elements = (ctypes.c_uint16 * count).from_address(value.data_ptr())
+    return np.ctypeslib.as_array(elements).reshape(shape).copy()
 
 
 def _zeros(spec: TensorSpec) -> np.ndarray:
