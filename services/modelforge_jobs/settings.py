@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from modelforge_server.settings import ServerSettings
@@ -55,6 +55,10 @@ class JobsSettings(ServerSettings):
     max_batch_size: int = 65536
     default_max_attempts: int = 3
     max_max_attempts: int = 20
+
+    def for_worker(self) -> JobsSettings:
+        """These settings as a worker process hands them to telemetry.setup: its metrics port is the worker's."""
+        return replace(self, metrics_port=self.worker_metrics_port)
 
     @property
     def dataset_root(self) -> Path:

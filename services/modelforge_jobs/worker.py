@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import signal
 import threading
-from dataclasses import replace
 
 import dramatiq
 
@@ -36,9 +35,7 @@ SERVICE_NAME = "modelforge-jobs-worker"
 settings = from_env(JobsSettings)
 logs.configure(SERVICE_NAME, settings.log_level)
 # Before the broker and the worker's channels exist, so that the gRPC, psycopg and Redis clients are instrumented.
-tel = telemetry.setup(
-    SERVICE_NAME, replace(settings, metrics_port=settings.worker_metrics_port), metrics_port=WORKER_METRICS_PORT
-)
+tel = telemetry.setup(SERVICE_NAME, settings.for_worker(), metrics_port=WORKER_METRICS_PORT)
 broker = make_broker(settings)
 resources = WorkerResources(settings, metrics=WorkerMetrics(Metrics()), telemetry=tel)
 broker.add_middleware(resources)
