@@ -17,12 +17,14 @@ from modelforge.registry.v1 import registry_pb2
 PUBLIC = [
     "AbortedError",
     "AlreadyExistsError",
+    "AsyncClient",
     "AsyncInferenceClient",
     "AsyncJob",
     "AsyncJobsClient",
     "AsyncRegistryClient",
     "CacheStatus",
     "CancelledError",
+    "Client",
     "Dataset",
     "DeadlineExceededError",
     "FailedPreconditionError",
@@ -68,6 +70,7 @@ PAIRS = [
     (modelforge.InferenceClient, modelforge.AsyncInferenceClient),
     (modelforge.JobsClient, modelforge.AsyncJobsClient),
     (modelforge.Job, modelforge.AsyncJob),
+    (modelforge.Client, modelforge.AsyncClient),
 ]
 CLIENTS = PAIRS[:3]
 

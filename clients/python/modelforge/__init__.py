@@ -4,7 +4,11 @@
 
     import modelforge
 
-    with modelforge.RegistryClient() as registry:
+    with modelforge.Client() as mf:                      # the whole suite through one handle
+        mf.upload_model("model.onnx", name="fraud", alias="production")
+        outputs = mf.predict("fraud@production", {"input": features})
+
+    with modelforge.RegistryClient() as registry:        # or one client per service
         registry.push("model.onnx", name="fraud", alias="production")
     with modelforge.InferenceClient() as inference:
         outputs = inference.predict("fraud@production", {"input": features})
@@ -21,6 +25,7 @@ beside this package (``modelforge.registry.v1.registry_pb2``...), and each clien
 
 from __future__ import annotations
 
+from modelforge._client import AsyncClient, Client
 from modelforge._domain import (
     CacheStatus,
     Dataset,
@@ -71,12 +76,14 @@ __version__ = "0.1.0"
 __all__ = [
     "AbortedError",
     "AlreadyExistsError",
+    "AsyncClient",
     "AsyncInferenceClient",
     "AsyncJob",
     "AsyncJobsClient",
     "AsyncRegistryClient",
     "CacheStatus",
     "CancelledError",
+    "Client",
     "Dataset",
     "DeadlineExceededError",
     "FailedPreconditionError",
