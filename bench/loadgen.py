@@ -82,8 +82,8 @@ async def _callers(job: _Job) -> tuple[list[float], int, int, float, str]:
     load = job.load
     async with grpc.aio.insecure_channel(load.target, options=_OPTIONS) as channel:
         await asyncio.wait_for(channel.channel_ready(), timeout=30)
-        stream = channel.unary_stream(load.method)
-        unary = channel.unary_unary(load.method)
+        stream = channel.unary_stream(load.method, _registered_method=True)
+        unary = channel.unary_unary(load.method, _registered_method=True)
         latencies: list[float] = []
         errors = 0
         received = 0

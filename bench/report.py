@@ -70,6 +70,10 @@ def _target(rows: list[list[str]], what: str, figure: float | None, goal: float,
     rows.append([what, f"{figure:,.2f} {unit}", f"{'≥' if higher else '≤'} {goal:,.2f} {unit}", status])
 
 
+def _per_call(p: Point) -> str:
+    return _fmt(p.server_cores / p.calls_per_second * 1e6) if p.calls_per_second else "–"
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -126,7 +130,7 @@ def render(out: Collected, *, args: argparse.Namespace, command: str, machine: d
         ("mlp", "MLP 64→256→256→8"),
         ("cnn", "CNN [N,3,64,64]"),
         ("gen", "Image generator [N,16] → [N,3,512,512]"),
-    ):  # noqa: E501
+    ):
         mine = [p for k, p in points.items() if k[0] == key and k[1] in ("predict", "v2", "stream") and k[4] == 1]
         if not mine:
             continue
@@ -138,9 +142,9 @@ def render(out: Collected, *, args: argparse.Namespace, command: str, machine: d
                          ms(p.p50), ms(p.p99), _ratio(p.items_per_second, base.get("b1", 0)),
                          _ratio(p.items_per_second, base.get("best", 0)),
                          f"{p.server_cores:.2f} / {p.client_cores:.2f} / {p.other_cores:.2f}",
-                         str(p.errors)])  # fmt: skip
+                         _per_call(p), str(p.errors)])  # fmt: skip
         parts.append(_table(["API", "batching", "c", "items/s", "p50 ms", "p99 ms", "÷ raw b1", "÷ raw best",
-                             "cores server / client / other", "errors"], rows))  # fmt: skip
+                             "cores server / client / other", "server µs CPU/call", "errors"], rows))  # fmt: skip
 
     stream = sorted((p for k, p in points.items() if k[1] == "stream" and k[4] == 8), key=lambda p: p.concurrency)
     if stream:
@@ -266,6 +270,7 @@ def write_sweep(
         header.append(f"{p.workload} {API[p.api]} {'batched' if p.batching else 'single'} c={p.concurrency}")
     rows = []
     for label, pts in results:
-        rows.append([label] + [f"{_fmt(p.items_per_second)}/s, p50 {ms(p.p50)} ms" for p in pts])
+        rows.append([label] + [f"{_fmt(p.items_per_second)}/s, p50 {ms(p.p50)} ms, {_per_call(p)} µs" for p in pts])
     lines.append(_table(header, rows))
+    lines.append("\nEach cell: items/s, p50 latency, and the inference process's CPU time per call (µs).")
     _replace_block(path, SWEEP_BEGIN, SWEEP_END, "\n".join(lines), "Thread settings")
