@@ -88,6 +88,7 @@ class ResolvedModel:
     signature: Signature
     labels: Mapping[str, str] = field(default_factory=dict)
     aliases: tuple[str, ...] = ()
+    archived: bool = False  # retired in the registry: still served when asked for by number, never kept loaded
 
     @property
     def key(self) -> tuple[str, int]:

@@ -58,7 +58,7 @@ from modelforge_inference.sessions import INPUT_ERRORS, ModelSession, describe_e
 from modelforge_inference.settings import InferenceSettings
 from modelforge_inference.signature import batch_rows, check_inputs, check_outputs, request_bytes
 from modelforge_server import telemetry
-from modelforge_server.errors import DeadlineExceeded, InvalidArgument, ServiceError
+from modelforge_server.errors import DeadlineExceeded, InvalidArgument, NotFound, ServiceError
 from modelforge_server.metrics import Metrics
 
 __all__ = ["InferenceEngine"]
@@ -548,16 +548,42 @@ class InferenceEngine:
             self._unloading.discard(slot)
 
     def _on_registry_event(self, event: Any) -> None:
-        """A deleted version or model is unloaded; labels that changed apply on the next request."""
+        """A deleted or archived version, or a deleted model, is unloaded; labels that changed apply on the next
+        request. When the event stream (re)starts, events may have been missed: what is held is checked again."""
         kind = getattr(getattr(event, "type", None), "name", "")
+        if kind == "WATCH_STARTED":
+            if self._slots:
+                self._spawn(self._recheck())
+            return
         if kind == "MODEL_DELETED":
             doomed = [slot for slot in self._slots.values() if slot.model.name == event.model]
-        elif kind == "VERSION_DELETED":
+        elif kind in ("VERSION_DELETED", "VERSION_ARCHIVED"):
             doomed = [slot for key, slot in self._slots.items() if key == (event.model, event.version)]
         else:
             return
         for slot in doomed:
             self._begin_unload(slot, UnloadReason.RETIRED)
+
+    async def _recheck(self) -> None:
+        """Resolves every version held again and unloads those the registry deleted or archived meanwhile."""
+        held = list(self._slots.items())
+        results = await asyncio.gather(
+            *(self._resolver.resolve(ModelRef(name, version=version)) for (name, version), _ in held),
+            return_exceptions=True,
+        )
+        for (key, slot), result in zip(held, results, strict=True):
+            if isinstance(result, NotFound):
+                why = "no longer in the registry"
+            elif isinstance(result, BaseException):
+                log.warning("could not check %s:%s against the registry: %s", key[0], key[1], result)
+                continue
+            elif result.archived:
+                why = "archived in the registry"
+            else:
+                continue
+            if self._slots.get(key) is slot:
+                log.info("unloading %s:%s: %s while the registry's events were not followed", *key, why)
+                self._begin_unload(slot, UnloadReason.RETIRED)
 
     # -- management ------------------------------------------------------------------------------------------
 

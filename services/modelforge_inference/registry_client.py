@@ -180,6 +180,7 @@ def resolved_model(version: registry_pb2.ModelVersion) -> ResolvedModel:
         ),
         labels=dict(version.labels),
         aliases=tuple(version.aliases),
+        archived=version.state == registry_pb2.VERSION_STATE_ARCHIVED,
     )
 
 

@@ -1,0 +1,105 @@
+"""Loaded versions follow the registry: archived or deleted versions are unloaded on their events, and on the
+events the service missed while its watch on the registry was down, once the watch is back."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import pytest
+
+from modelforge.inference.v1 import inference_pb2 as pb
+from modelforge.registry.v1 import registry_pb2
+from modelforge_registry.settings import RegistrySettings
+from tests.fixtures.onnx_models import ModelFile
+from tests.fixtures.servers import RunningRegistry, registry_settings_for, running_registry
+from tests.integration.inference.conftest import (
+    RunningInference,
+    inference_settings_for,
+    predict_request,
+    ref,
+    running_inference,
+    upload,
+)
+from tests.integration.inference.test_resolver import Registry
+
+READY = pb.LOADED_MODEL_STATE_READY
+
+
+async def loaded(running: RunningInference) -> list[tuple[str, int]]:
+    response = await running.stub.ListLoadedModels(pb.ListLoadedModelsRequest())
+    return [(m.model, m.version) for m in response.loaded_models if m.state == READY]
+
+
+async def wait_loaded(running: RunningInference, expected: list[tuple[str, int]], timeout: float = 30.0) -> None:
+    async with asyncio.timeout(timeout):
+        while (current := await loaded(running)) != expected:
+            await asyncio.sleep(0.01)
+    assert current == expected
+
+
+async def load_three(running: RunningInference, add_one: ModelFile) -> None:
+    """Versions 1 and 2 of "retired" and version 1 of "kept", all loaded."""
+    await upload(running, "retired", add_one)
+    await upload(running, "retired", add_one)
+    await upload(running, "kept", add_one)
+    for target in (ref("retired", version=1), ref("retired", version=2), ref("kept", version=1)):
+        await running.stub.LoadModel(pb.LoadModelRequest(ref=target))
+    await wait_loaded(running, [("kept", 1), ("retired", 1), ("retired", 2)])
+
+
+async def test_archived_and_deleted_versions_are_unloaded_on_their_events(
+    inference: RunningInference, add_one: ModelFile
+):
+    await load_three(inference, add_one)
+    registry = inference.registry_stub
+
+    await registry.ArchiveModelVersion(registry_pb2.ArchiveModelVersionRequest(model="retired", version=1))
+    await registry.DeleteModelVersion(registry_pb2.DeleteModelVersionRequest(model="retired", version=2))
+
+    await wait_loaded(inference, [("kept", 1)])
+    # An archived version still answers when asked for by number; it is loaded again for that.
+    response = await inference.stub.Predict(predict_request(ref("retired", version=1), add_one.sample(batch=1)))
+    assert response.version == 1
+
+
+@pytest.fixture
+def shared_settings(clean_db: str, tmp_path: Path) -> RegistrySettings:
+    return registry_settings_for(clean_db, tmp_path / "registry", grace_seconds=0.5)
+
+
+@pytest.fixture
+async def watched(shared_settings: RegistrySettings) -> AsyncIterator[Registry]:
+    """The registry replica inference talks to; the test stops and restarts it."""
+    replica = Registry(shared_settings)
+    await replica.start()
+    try:
+        yield replica
+    finally:
+        await replica.stop()
+
+
+@pytest.fixture
+async def other(shared_settings: RegistrySettings) -> AsyncIterator[RunningRegistry]:
+    """A second replica on the same database and blob store, for the changes made while the first is down."""
+    async with running_registry(shared_settings) as replica:
+        yield replica
+
+
+async def test_versions_retired_while_the_watch_was_down_are_unloaded_once_it_is_back(
+    watched: Registry, other: RunningRegistry, redis_url: str, tmp_path: Path, add_one: ModelFile
+):
+    settings = inference_settings_for(watched.address, tmp_path / "inference", redis_url)
+    async with AsyncExitStack() as stack:
+        running = await stack.enter_async_context(running_inference(settings, other))
+        await load_three(running, add_one)
+
+        await watched.stop()  # the service's event stream breaks; the changes below reach it as no event
+        await other.stub.ArchiveModelVersion(registry_pb2.ArchiveModelVersionRequest(model="retired", version=1))
+        await other.stub.DeleteModelVersion(registry_pb2.DeleteModelVersionRequest(model="retired", version=2))
+        assert await loaded(running) == [("kept", 1), ("retired", 1), ("retired", 2)]
+        await watched.start()
+
+        await wait_loaded(running, [("kept", 1)])
