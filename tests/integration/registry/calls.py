@@ -14,10 +14,10 @@ from modelforge.registry.v1 import registry_pb2 as pb
 async def failure(call: Awaitable[Any]) -> tuple[grpc.StatusCode, str, str]:
     """Awaits a call that must fail; returns its status code, ErrorInfo reason and details."""
     try:
-        await call
+        result = await call
     except grpc.aio.AioRpcError as exc:
         return exc.code(), _reason(exc), exc.details() or ""
-    raise AssertionError("the call succeeded but was expected to fail")
+    raise AssertionError(f"the call succeeded but was expected to fail: {result!r}")
 
 
 def _reason(exc: grpc.aio.AioRpcError) -> str:

@@ -254,7 +254,9 @@ class RegistryServiceServicer:
 
     def WatchModelEvents(self, request, context):
         """Streams changes to models, versions and aliases, made through any replica of the registry. The first
-        message is always MODEL_EVENT_TYPE_WATCH_STARTED: from then on, no change is missed.
+        message is always MODEL_EVENT_TYPE_WATCH_STARTED: from then on, no change is missed (a change committed just
+        before may also follow it). UNAVAILABLE when the registry loses its event feed: events may have been missed,
+        so drop what depends on them and watch again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

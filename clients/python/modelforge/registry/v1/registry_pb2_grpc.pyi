@@ -84,7 +84,9 @@ class RegistryServiceStub:
     """Streams a version's file: one header message, then chunks of the server's MODELFORGE_CHUNK_BYTES."""
     WatchModelEvents: _grpc.UnaryStreamMultiCallable[_registry_pb2.WatchModelEventsRequest, _registry_pb2.WatchModelEventsResponse]
     """Streams changes to models, versions and aliases, made through any replica of the registry. The first
-    message is always MODEL_EVENT_TYPE_WATCH_STARTED: from then on, no change is missed.
+    message is always MODEL_EVENT_TYPE_WATCH_STARTED: from then on, no change is missed (a change committed just
+    before may also follow it). UNAVAILABLE when the registry loses its event feed: events may have been missed,
+    so drop what depends on them and watch again.
     """
 
 @_typing.type_check_only
@@ -143,7 +145,9 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     """Streams a version's file: one header message, then chunks of the server's MODELFORGE_CHUNK_BYTES."""
     WatchModelEvents: _aio.UnaryStreamMultiCallable[_registry_pb2.WatchModelEventsRequest, _registry_pb2.WatchModelEventsResponse]  # type: ignore[assignment]
     """Streams changes to models, versions and aliases, made through any replica of the registry. The first
-    message is always MODEL_EVENT_TYPE_WATCH_STARTED: from then on, no change is missed.
+    message is always MODEL_EVENT_TYPE_WATCH_STARTED: from then on, no change is missed (a change committed just
+    before may also follow it). UNAVAILABLE when the registry loses its event feed: events may have been missed,
+    so drop what depends on them and watch again.
     """
 
 class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -301,7 +305,9 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_registry_pb2.WatchModelEventsResponse], _abc.AsyncIterator[_registry_pb2.WatchModelEventsResponse]]:
         """Streams changes to models, versions and aliases, made through any replica of the registry. The first
-        message is always MODEL_EVENT_TYPE_WATCH_STARTED: from then on, no change is missed.
+        message is always MODEL_EVENT_TYPE_WATCH_STARTED: from then on, no change is missed (a change committed just
+        before may also follow it). UNAVAILABLE when the registry loses its event feed: events may have been missed,
+        so drop what depends on them and watch again.
         """
 
 def add_RegistryServiceServicer_to_server(servicer: RegistryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
