@@ -13,12 +13,17 @@ Redis.
 
 Single flight is per process: concurrent identical misses in one replica run the model once
 (:meth:`PredictionCache.single_flight`); two replicas missing the same key at the same moment each compute it once.
+
+Entries are written in the background (:meth:`PredictionCache.put_later`), so a slow Redis adds nothing to the
+latency of a miss; until its write completes, an entry is answered from memory, so a repeat arriving meanwhile is
+a hit rather than a second computation.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hashlib
 import logging
 import random
@@ -346,6 +351,7 @@ class PredictionCache:
         redis: A ``redis.asyncio.Redis`` with ``decode_responses=False``.
         key_prefix: Prepended to the hex digest to form the Redis key.
         operation_timeout: Longest a request waits on one Redis call before the cache counts Redis as down.
+        write_timeout: Longest a background write may take (nobody waits for it) before Redis counts as down.
         probe_interval: First delay between probes while degraded; doubles up to ``max_probe_interval``.
     """
 
@@ -355,12 +361,16 @@ class PredictionCache:
         *,
         key_prefix: str = "modelforge:pred:",
         operation_timeout: float = 0.5,
+        write_timeout: float = 5.0,
         probe_interval: float = 0.05,
         max_probe_interval: float = 5.0,
     ) -> None:
         self._redis = redis
         self._prefix = key_prefix
         self._timeout = operation_timeout
+        self._write_timeout = write_timeout
+        self._writing: dict[bytes, Mapping[str, np.ndarray]] = {}  # digest -> outputs whose write is under way
+        self._writes: set[asyncio.Task[bool]] = set()
         self._probe_interval = probe_interval
         self._max_probe_interval = max_probe_interval
         self._flights: SingleFlight[bytes, Any] = SingleFlight()
@@ -384,6 +394,12 @@ class PredictionCache:
             await self._command(self._redis.ping())
 
     async def aclose(self) -> None:
+        """Gives background writes up to one operation timeout to finish, then cancels them and the probe."""
+        if self._writes:
+            await asyncio.wait(self._writes, timeout=self._timeout)
+        for task in self._writes:
+            task.cancel()
+        await asyncio.gather(*self._writes, return_exceptions=True)
         probe, self._probe = self._probe, None
         if probe is not None:
             probe.cancel()
@@ -437,6 +453,10 @@ class PredictionCache:
     async def get(self, key: PredictionKey) -> dict[str, np.ndarray] | None:
         """The cached outputs, or None on a miss, while degraded, or when Redis fails."""
         counts = self._count(key)
+        writing = self._writing.get(key.digest)
+        if writing is not None:  # stored a moment ago; its write to Redis is still under way
+            counts.hits += 1
+            return dict(writing)
         if self._degraded_reason is not None:
             counts.skipped += 1
             return None
@@ -457,6 +477,40 @@ class PredictionCache:
         counts.hits += 1
         return outputs
 
+    def put_later(
+        self,
+        key: PredictionKey,
+        outputs: Mapping[str, np.ndarray],
+        ttl_seconds: float | None,
+        max_entry_bytes: int,
+    ) -> None:
+        """Stores outputs as :meth:`put` does, in a background task; returns at once.
+
+        Until the write completes, :meth:`get` answers key from memory. Nothing is kept while degraded.
+        """
+        if self._degraded_reason is not None:
+            self._count(key).skipped += 1
+            return
+        if _entry_size(outputs) > max_entry_bytes:
+            self._count(key).oversized += 1
+            return
+        self._writing[key.digest] = outputs
+        task = asyncio.ensure_future(self._put(key, outputs, ttl_seconds, max_entry_bytes, self._write_timeout))
+        self._writes.add(task)
+        task.add_done_callback(functools.partial(self._written, key.digest, outputs))
+
+    async def flush(self) -> None:
+        """Waits for the background writes started so far."""
+        if self._writes:
+            await asyncio.wait(list(self._writes))
+
+    def _written(self, digest: bytes, outputs: Mapping[str, np.ndarray], task: asyncio.Task[bool]) -> None:
+        self._writes.discard(task)
+        if self._writing.get(digest) is outputs:  # a later write of the same key keeps its own
+            del self._writing[digest]
+        if not task.cancelled():
+            task.exception()  # _put does not raise; retrieved so that a bug is not reported as unhandled
+
     async def put(
         self,
         key: PredictionKey,
@@ -469,6 +523,16 @@ class PredictionCache:
         Entries larger than max_entry_bytes are not written (counted as ``oversized``); nor is anything while
         degraded or when Redis fails.
         """
+        return await self._put(key, outputs, ttl_seconds, max_entry_bytes, self._timeout)
+
+    async def _put(
+        self,
+        key: PredictionKey,
+        outputs: Mapping[str, np.ndarray],
+        ttl_seconds: float | None,
+        max_entry_bytes: int,
+        timeout: float,
+    ) -> bool:
         counts = self._count(key)
         if self._degraded_reason is not None:
             counts.skipped += 1
@@ -481,7 +545,7 @@ class PredictionCache:
             counts.oversized += 1
             return False
         expiry = None if ttl_seconds is None else max(1, round(ttl_seconds * 1000))
-        result = await self._command(self._redis.set(self._prefix + key.hex, value, px=expiry))
+        result = await self._command(self._redis.set(self._prefix + key.hex, value, px=expiry), timeout)
         if result is _FAILED:
             counts.errors += 1
             return False
@@ -504,10 +568,10 @@ class PredictionCache:
             counts = self._counts[(key.model, key.version)] = CacheCounts()
         return counts
 
-    async def _command(self, command: Awaitable[Any]) -> Any:
+    async def _command(self, command: Awaitable[Any], timeout: float | None = None) -> Any:
         """Awaits one Redis command; translates every Redis failure into _FAILED (and degraded mode)."""
         try:
-            async with asyncio.timeout(self._timeout):
+            async with asyncio.timeout(self._timeout if timeout is None else timeout):
                 return await command
         except _CONNECTION_ERRORS as exc:
             self._degrade(exc)

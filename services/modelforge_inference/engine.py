@@ -89,9 +89,9 @@ class Cache(Protocol):
 
     async def get(self, key: Any) -> dict[str, np.ndarray] | None: ...
 
-    async def put(
+    def put_later(
         self, key: Any, outputs: Mapping[str, np.ndarray], ttl_seconds: float | None, max_entry_bytes: int
-    ) -> bool: ...
+    ) -> None: ...
 
     async def single_flight(self, key: Any, compute: Callable[[], Awaitable[T]]) -> T: ...
 
@@ -329,7 +329,7 @@ class InferenceEngine:
         async def compute() -> tuple[BatchResult, dict[str, np.ndarray]]:
             result = await self._run(model, config, feeds, priority, timeout, deadline)
             selected = {name: result.outputs[name] for name in names}
-            await cache.put(key, selected, config.cache.ttl_seconds, config.cache.max_entry_bytes)
+            cache.put_later(key, selected, config.cache.ttl_seconds, config.cache.max_entry_bytes)  # not awaited
             return result, selected
 
         result, selected = await cache.single_flight(key, compute)

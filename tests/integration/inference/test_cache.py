@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -185,3 +185,41 @@ async def test_cache_starts_degraded_when_redis_is_down_and_recovers(tmp_path: P
         await client.aclose()
         if stop is not None:
             await asyncio.to_thread(stop)
+
+
+@pytest.fixture
+async def paused_writes(client: redis.asyncio.Redis) -> AsyncIterator[Callable[[], Awaitable[None]]]:
+    """Makes Redis hold every write command (reads still answer) until the returned function is awaited."""
+    await client.execute_command("CLIENT", "PAUSE", "10000", "WRITE")
+
+    async def resume() -> None:
+        await client.execute_command("CLIENT", "UNPAUSE")
+
+    try:
+        yield resume
+    finally:
+        await resume()
+
+
+async def test_background_writes_do_not_wait_for_redis_and_answer_meanwhile(
+    cache: PredictionCache, client: redis.asyncio.Redis, paused_writes: Callable[[], Awaitable[None]]
+) -> None:
+    cache.put_later(key(), OUTPUTS, ttl_seconds=60, max_entry_bytes=1 << 20)  # returns at once: nothing awaited
+
+    hit = await cache.get(key())  # the write is held by Redis; the entry answers from memory
+    assert hit is not None
+    np.testing.assert_array_equal(hit["y"], OUTPUTS["y"])
+    assert not await client.exists("modelforge:pred:" + key().hex)
+
+    await paused_writes()
+    await cache.flush()
+    assert await client.exists("modelforge:pred:" + key().hex)
+    assert (cache.counts("mlp", 2).hits, cache.counts("mlp", 2).stores) == (1, 1)
+    assert not cache.degraded
+
+
+async def test_background_writes_skip_oversized_entries(cache: PredictionCache) -> None:
+    cache.put_later(key(), OUTPUTS, ttl_seconds=60, max_entry_bytes=16)
+    await cache.flush()
+    assert await cache.get(key()) is None
+    assert cache.counts("mlp", 2).oversized == 1

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
+import redis.asyncio
 
 from modelforge.inference.v1 import inference_pb2 as pb
 from tests.fixtures.onnx_models import ModelFile
@@ -42,5 +45,29 @@ async def test_hit_miss_bypass_and_refresh(inference: RunningInference, multi_io
             np.testing.assert_array_equal(outputs(response)[name], array)
     assert [t.name for t in only_one.outputs] == ["id_sum"]  # its own entry: the requested outputs are in the key
     assert await cache_counts(inference, "cached") == (1, 2)
+    stats = await inference.stub.GetModelStatistics(pb.GetModelStatisticsRequest())
+    assert stats.cache_status == pb.CACHE_STATUS_OK
+
+
+async def test_a_miss_does_not_wait_for_the_cache_write(
+    inference: RunningInference, add_one: ModelFile, redis_url: str
+):
+    await upload(inference, "cached", add_one, labels={"modelforge.io/cache": "true"})
+    feeds = add_one.sample(batch=1)
+    client = redis.asyncio.Redis.from_url(redis_url)
+    await client.execute_command("CLIENT", "PAUSE", "10000", "WRITE")  # Redis holds writes; reads answer
+    try:
+        miss = await inference.stub.Predict(predict_request("cached", feeds))
+        repeat = await inference.stub.Predict(predict_request("cached", feeds))
+        assert not await client.keys("modelforge:pred:*")  # the entry's write is still held
+    finally:
+        await client.execute_command("CLIENT", "UNPAUSE")
+
+    assert (miss.cache_hit, repeat.cache_hit) == (False, True)
+    np.testing.assert_array_equal(outputs(repeat)["y"], outputs(miss)["y"])
+    async with asyncio.timeout(10):
+        while not await client.keys("modelforge:pred:*"):
+            await asyncio.sleep(0.01)
+    await client.aclose()
     stats = await inference.stub.GetModelStatistics(pb.GetModelStatisticsRequest())
     assert stats.cache_status == pb.CACHE_STATUS_OK
