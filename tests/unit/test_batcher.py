@@ -198,3 +198,26 @@ def test_split_refuses_outputs_that_do_not_follow_the_batch():
     assert split({"y": np.zeros((3, 2))}, [1, 1]) is None
     parts = split({"y": np.arange(6).reshape(3, 2)}, [1, 2])
     assert parts is not None and parts[1]["y"].tolist() == [[2, 3], [4, 5]]
+
+
+@pytest.mark.parametrize(("max_batch_size", "mergeable"), [(0, True), (8, False)])
+async def test_a_request_run_alone_counts_all_its_rows(pool, max_batch_size: int, mergeable: bool):
+    recorder = Recorder()
+    recorder.gate.set()
+    executions: list[tuple[int, int]] = []
+    batcher = Batcher(
+        model="m",
+        version=1,
+        config=BatchingConfig(max_batch_size=max_batch_size),
+        mergeable=mergeable,
+        execute=recorder,
+        executor=pool,
+        on_execution=lambda rows, requests, _: executions.append((rows, requests)),
+    )
+    batcher.start()
+
+    result = await batcher.submit(feeds(1, rows=3))
+
+    assert result.batch_rows == 3
+    assert executions == [(3, 1)]
+    await batcher.aclose()

@@ -377,3 +377,12 @@ async def test_statistics_count_requests_per_version(v2: V2, mlp: ModelFile) -> 
     assert entry.last_inference > 0
     everything = await v2.stub.ModelStatistics(pb.ModelStatisticsRequest())
     assert [s.name for s in everything.model_stats] == ["mlp"]
+
+
+async def test_statistics_count_every_row_of_a_request_run_alone(v2: V2, mlp: ModelFile) -> None:
+    await v2.publish("mlp", mlp)  # batching is off by default: each request runs alone
+    await v2.stub.ModelInfer(infer_request("mlp", mlp.sample(2)))
+    stats = await v2.stub.ModelStatistics(pb.ModelStatisticsRequest(name="mlp"))
+    [entry] = stats.model_stats
+    assert (entry.inference_stats.success.count, entry.inference_count, entry.execution_count) == (1, 2, 1)
+    assert [(b.batch_size, b.compute_infer.count) for b in entry.batch_stats] == [(2, 1)]
