@@ -74,6 +74,7 @@ class Server:
         self._dependencies: dict[str, bool] = {}
         self._optional: set[str] = set()
         self._watchers: set[asyncio.Task[None]] = set()
+        self._before_stop: list[Callable[[], Awaitable[object]]] = []
 
     def add_port(self, address: str) -> int:
         """Binds an insecure port and returns its number (useful with port 0)."""
@@ -112,7 +113,21 @@ class Server:
             task.cancel()
         await asyncio.gather(*self._watchers, return_exceptions=True)
         self._watchers.clear()
+        for hook in reversed(self._before_stop):
+            try:
+                await hook()
+            except Exception:
+                log.exception("a shutdown hook failed; stopping anyway")
+        self._before_stop.clear()
         await self.grpc.stop(grace)
+
+    def before_stop(self, hook: Callable[[], Awaitable[object]]) -> None:
+        """Runs `hook` on stop, once health is NOT_SERVING and before calls in flight are waited for.
+
+        For what would otherwise hold calls open through the whole grace period, such as the feeds behind
+        endless server streams (watches): ending them lets those calls finish at once.
+        """
+        self._before_stop.append(hook)
 
     async def set_serving(self, serving: bool) -> None:
         self._serving = serving

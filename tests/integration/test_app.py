@@ -76,3 +76,19 @@ async def _until(probe, expected: int, timeout: float = 5.0) -> None:  # type: i
     while (status := await probe()) != expected:
         assert asyncio.get_running_loop().time() < deadline, f"health stayed {status}, expected {expected}"
         await asyncio.sleep(0.02)
+
+
+async def test_before_stop_hooks_end_endless_streams_before_the_grace_period(
+    server: tuple[app.Server, grpc.aio.Channel],
+) -> None:
+    srv, channel = server
+    watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service="liveness"))
+    assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+    seen: list[bool] = []
+
+    async def close_feeds() -> None:
+        seen.append(srv.serving)
+
+    srv.before_stop(close_feeds)
+    await srv.stop(grace=0.5)
+    assert seen == [False]  # the hook ran once, after readiness turned NOT_SERVING
