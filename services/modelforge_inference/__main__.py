@@ -17,7 +17,7 @@ from modelforge_inference.engine import InferenceEngine
 from modelforge_inference.files import ModelFileCache
 from modelforge_inference.oip import SERVICE as OIP_SERVICE
 from modelforge_inference.oip import OipServicer, add_oip_servicer_to_server
-from modelforge_inference.registry_client import RegistryHealth
+from modelforge_inference.registry_client import RegistryClient, RegistryHealth
 from modelforge_inference.resolver import ModelResolver
 from modelforge_inference.servicer import InferenceServicer
 from modelforge_inference.settings import InferenceSettings
@@ -73,7 +73,9 @@ async def build(settings: InferenceSettings, stack: AsyncExitStack) -> app.Serve
     stack.push_async_callback(cache.aclose)
 
     metrics = Metrics()
-    engine = InferenceEngine(settings, resolver=resolver, files=files, cache=cache, metrics=metrics)
+    engine = InferenceEngine(
+        settings, resolver=resolver, files=files, cache=cache, catalog=RegistryClient(registry), metrics=metrics
+    )
     await engine.start()
     stack.push_async_callback(engine.aclose)
 

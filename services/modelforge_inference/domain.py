@@ -20,7 +20,9 @@ __all__ = [
     "ModelRef",
     "ModelState",
     "ModelStatistics",
+    "ModelSummary",
     "Prediction",
+    "RepositoryEntry",
     "ResolvedModel",
     "ServingConfig",
     "SessionConfig",
@@ -193,6 +195,25 @@ class LoadedModel:
     in_flight: int = 0
     load_seconds: float = 0.0
     queued: int = 0  # requests waiting in its queue
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSummary:
+    """A model as the registry lists it."""
+
+    name: str
+    latest_version: int = 0  # the newest READY version; 0 when it has none
+
+
+@dataclass(frozen=True, slots=True)
+class RepositoryEntry:
+    """One line of the model repository's index: a version held by the engine, or a registry model it does not
+    hold (state None; version is then the model's newest READY version, None when it has none)."""
+
+    name: str
+    version: int | None
+    state: ModelState | None
+    reason: str = ""
 
 
 @dataclass(frozen=True, slots=True)

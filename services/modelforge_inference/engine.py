@@ -20,7 +20,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -39,7 +39,9 @@ from modelforge_inference.domain import (
     ModelRef,
     ModelState,
     ModelStatistics,
+    ModelSummary,
     Prediction,
+    RepositoryEntry,
     ResolvedModel,
     ServingConfig,
     Timings,
@@ -75,6 +77,10 @@ class Resolver(Protocol):
     async def resolve(self, ref: ModelRef, *, timeout: float | None = None) -> ResolvedModel: ...
 
     def add_listener(self, callback: Callable[[Any], None]) -> Callable[[], None]: ...
+
+
+class Catalog(Protocol):
+    def list_models(self) -> AsyncIterator[ModelSummary]: ...
 
 
 class ModelFiles(Protocol):
@@ -164,6 +170,7 @@ class InferenceEngine:
         resolver: Resolves ModelRefs (the registry, cached).
         files: Gives the local path of a version's file, downloading it when missing.
         cache: The Redis prediction cache, or None to run without one.
+        catalog: Lists the registry's models, for the repository index; None: the index lists loaded versions only.
         metrics: The process's metrics, on which the engine declares its own; None: a private set.
     """
 
@@ -174,8 +181,10 @@ class InferenceEngine:
         resolver: Resolver,
         files: ModelFiles,
         cache: Cache | None = None,
+        catalog: Catalog | None = None,
         metrics: Metrics | None = None,
     ) -> None:
+        self._catalog = catalog
         self._settings = settings
         self._metrics = InferenceMetrics(
             metrics if metrics is not None else Metrics(process_collector=False),
@@ -615,6 +624,27 @@ class InferenceEngine:
         """Snapshots of every version held, ordered by name and version."""
         slots = [*self._slots.values(), *self._unloading]
         return sorted((slot.snapshot() for slot in slots), key=lambda m: (m.name, m.version, m.state.value))
+
+    async def repository_index(self) -> list[RepositoryEntry]:
+        """The registry's models with what the engine holds of them, in name then version order.
+
+        A model with versions held has one entry per version (in its state); one with none has a single entry
+        without a state, naming its newest READY version. Versions held of a model the registry no longer lists
+        (being unloaded) are included.
+        """
+        held: dict[str, list[LoadedModel]] = {}
+        for model in self.loaded():
+            held.setdefault(model.name, []).append(model)
+        entries: list[RepositoryEntry] = []
+        if self._catalog is not None:
+            async for summary in self._catalog.list_models():
+                if summary.name not in held:
+                    version = summary.latest_version or None
+                    why = "unloaded" if version is not None else "no READY version"
+                    entries.append(RepositoryEntry(summary.name, version, None, why))
+        for versions in held.values():
+            entries.extend(RepositoryEntry(m.name, m.version, m.state, m.reason) for m in versions)
+        return sorted(entries, key=lambda e: (e.name, e.version or 0))
 
     async def statistics(self, ref: ModelRef | None = None) -> list[ModelStatistics]:
         """Counters per version: all versions, every version of ref.name (no selector), or the one ref names."""

@@ -154,7 +154,7 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     async def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryIndexResponse:
-        models = [convert.model_index(m) for m in self._engine.loaded()]
+        models = [convert.model_index(entry) for entry in await self._engine.repository_index()]
         if request.ready:
             models = [m for m in models if m.state == "READY"]
         return pb.RepositoryIndexResponse(models=models)

@@ -29,6 +29,7 @@ from modelforge_inference.domain import (
     LoadedModel,
     ModelState,
     ModelStatistics,
+    RepositoryEntry,
     ResolvedModel,
     ServingConfig,
     Signature,
@@ -478,10 +479,14 @@ def model_statistics(stats: ModelStatistics) -> pb.ModelStatistics:
     )
 
 
-def model_index(loaded: LoadedModel) -> pb.RepositoryIndexResponse.ModelIndex:
-    """One loaded (or loading, or failed) model version as RepositoryIndex lists it."""
+def model_index(loaded: LoadedModel | RepositoryEntry) -> pb.RepositoryIndexResponse.ModelIndex:
+    """One repository entry as RepositoryIndex lists it: a held version in its state, or a model not loaded
+    (UNAVAILABLE, with its newest READY version if it has one)."""
     return pb.RepositoryIndexResponse.ModelIndex(
-        name=loaded.name, version=str(loaded.version), state=_STATES[loaded.state], reason=loaded.reason
+        name=loaded.name,
+        version="" if loaded.version is None else str(loaded.version),
+        state="UNAVAILABLE" if loaded.state is None else _STATES[loaded.state],
+        reason=loaded.reason,
     )
 
 

@@ -30,7 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from modelforge import tensors
 from modelforge.common.v1 import tensor_pb2
 from modelforge.registry.v1 import registry_pb2, registry_pb2_grpc
-from modelforge_inference.domain import ModelRef, ResolvedModel, Signature, TensorSpec
+from modelforge_inference.domain import ModelRef, ModelSummary, ResolvedModel, Signature, TensorSpec
 from modelforge_server import errors
 
 __all__ = [
@@ -212,10 +212,25 @@ class ModelFileCorrupt(errors.Unavailable):
 
 
 class RegistryClient:
-    """ResolveModelRef, DownloadModelVersion and WatchModelEvents, in domain terms and with domain errors."""
+    """ResolveModelRef, DownloadModelVersion, WatchModelEvents and ListModels, in domain terms and with domain
+    errors."""
 
-    def __init__(self, stub: registry_pb2_grpc.RegistryServiceStub) -> None:
+    def __init__(self, stub: registry_pb2_grpc.RegistryServiceStub, *, call_timeout: float = 10.0) -> None:
         self._stub = stub
+        self._call_timeout = call_timeout
+
+    async def list_models(self, *, page_size: int = 500) -> AsyncIterator[ModelSummary]:
+        """Every model in the registry, in name order, fetched page by page."""
+        token = ""
+        while True:
+            with translated("list its models"):
+                page = await self._stub.ListModels(
+                    registry_pb2.ListModelsRequest(page_size=page_size, page_token=token), timeout=self._call_timeout
+                )
+            for model in page.models:
+                yield ModelSummary(model.name, model.latest_version)
+            if not (token := page.next_page_token):
+                return
 
     async def resolve(self, ref: ModelRef, *, timeout: float | None = None) -> ResolvedModel:
         """The version ``ref`` points at now."""

@@ -354,6 +354,27 @@ async def test_repository_load_index_ready_and_unload(v2: V2, mlp: ModelFile) ->
     assert not (await v2.stub.RepositoryIndex(pb.RepositoryIndexRequest(ready=True))).models
 
 
+async def test_repository_index_lists_the_registry_models_with_their_loaded_state(v2: V2, add_one: ModelFile) -> None:
+    await v2.publish("loaded", add_one)
+    await v2.publish("loaded", add_one)
+    await v2.publish("idle", add_one)
+    await v2.publish("retired", add_one)
+    await v2.registry.ArchiveModelVersion(registry_pb2.ArchiveModelVersionRequest(model="retired", version=1))
+    for version in ("1", "2"):
+        await v2.stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name=f"loaded:{version}"))
+
+    index = await v2.stub.RepositoryIndex(pb.RepositoryIndexRequest())
+
+    assert [(m.name, m.version, m.state, m.reason) for m in index.models] == [
+        ("idle", "1", "UNAVAILABLE", "unloaded"),
+        ("loaded", "1", "READY", ""),
+        ("loaded", "2", "READY", ""),
+        ("retired", "", "UNAVAILABLE", "no READY version"),
+    ]
+    ready = await v2.stub.RepositoryIndex(pb.RepositoryIndexRequest(ready=True))
+    assert [(m.name, m.version) for m in ready.models] == [("loaded", "1"), ("loaded", "2")]
+
+
 async def test_repository_load_of_unknown_model_is_not_found(v2: V2) -> None:
     await assert_status(
         v2.stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="no-such-model")),

@@ -18,7 +18,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from modelforge.registry.v1 import registry_pb2, registry_pb2_grpc
 from modelforge_inference.domain import ModelRef
-from modelforge_inference.registry_client import RegistryNotFound, RegistryUnavailable, translate
+from modelforge_inference.registry_client import RegistryClient, RegistryNotFound, RegistryUnavailable, translate
 from modelforge_inference.resolver import ModelEvent, ModelEventType, ModelResolver, ResolveTimeout
 from modelforge_registry.__main__ import build as build_registry
 from modelforge_registry.settings import RegistrySettings
@@ -188,6 +188,29 @@ async def test_resolves_by_number_alias_and_latest(admin, resolver: ModelResolve
     assert spec.shape[1:] == (4,)
 
     assert (await resolver.resolve(ModelRef("adder", version=1))).sha256 == first.sha256
+
+
+async def test_archived_versions_resolve_by_number_marked_archived(admin, resolver: ModelResolver) -> None:
+    await upload(admin, "adder", add_one_bytes(4))
+    await admin.ArchiveModelVersion(registry_pb2.ArchiveModelVersionRequest(model="adder", version=1))
+
+    resolved = await resolver.resolve(ModelRef("adder", version=1))
+
+    assert resolved.archived
+    assert resolved.signature.inputs[0].ort_type == "tensor(float)"
+
+
+async def test_the_registry_models_are_listed_page_by_page(
+    admin, restartable_registry: Registry, stub: registry_pb2_grpc.RegistryServiceStub
+) -> None:
+    for name in ("e", "a", "c", "b", "d"):
+        await upload(admin, name, add_one_bytes(4))
+    await admin.CreateModel(registry_pb2.CreateModelRequest(model=registry_pb2.Model(name="f")))
+
+    models = [m async for m in RegistryClient(stub).list_models(page_size=2)]
+
+    assert [(m.name, m.latest_version) for m in models] == [("a", 1), ("b", 1), ("c", 1), ("d", 1), ("e", 1), ("f", 0)]
+    assert restartable_registry.counter.calls["ListModels"] == 3
 
 
 async def test_resolutions_are_cached_and_concurrent_ones_share_a_call(

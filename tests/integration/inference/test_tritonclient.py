@@ -354,7 +354,8 @@ async def test_repository_index_load_and_unload(triton: TritonClient, inference:
     assert seen["ready_after_load"] is True
     assert [(m["name"], m["version"], m["state"]) for m in seen["index_after_load"]] == [("mlp", str(version), "READY")]
     assert seen["ready_after_unload"] is False
-    assert seen["index_after_unload"] == []
+    unloaded = [(m["name"], m["version"], m["state"], m["reason"]) for m in seen["index_after_unload"]]
+    assert unloaded == [("mlp", str(version), "UNAVAILABLE", "unloaded")]  # still in the repository
     assert seen["load_unknown"]["status"] == "StatusCode.NOT_FOUND"
 
 
