@@ -29,9 +29,9 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     def _spec(self, request: jobs_pb2.CreateJobRequest) -> JobSpec:
         settings = self._settings
         require(request.model_ref.name, "model_ref.name")
-        if request.batch_size < 0 or request.batch_size > settings.max_batch_size:
+        if request.batch_size < 0 or request.batch_size > settings.max_job_batch_size:
             raise InvalidArgument(
-                f"batch_size must be 1 to {settings.max_batch_size} (0 for the default)", field="batch_size"
+                f"batch_size must be 1 to {settings.max_job_batch_size} (0 for the default)", field="batch_size"
             )
         if request.max_attempts < 0 or request.max_attempts > settings.max_max_attempts:
             raise InvalidArgument(
@@ -47,7 +47,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             raise InvalidArgument("request_id is longer than 128 characters", field="request_id")
         spec = JobSpec(
             model_ref=convert.ref_from_proto(request.model_ref),
-            batch_size=request.batch_size or settings.default_batch_size,
+            batch_size=request.batch_size or settings.default_job_batch_size,
             priority=priority,
             labels=dict(request.labels),
             max_attempts=request.max_attempts or settings.default_max_attempts,

@@ -51,8 +51,8 @@ class JobsSettings(ServerSettings):
     # How often WatchJob looks at the job.
     watch_interval: float = 0.2
     # Defaults and limits of CreateJob.
-    default_batch_size: int = 256
-    max_batch_size: int = 65536
+    default_job_batch_size: int = 256
+    max_job_batch_size: int = 65536
     default_max_attempts: int = 3
     max_max_attempts: int = 20
 

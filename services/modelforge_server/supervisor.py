@@ -60,6 +60,8 @@ class Program:
     """Started only if this program runs too (workers need their API's service)."""
 
 
+DEFAULT_WORKER_METRICS_PORT = 9104
+
 PROGRAMS: tuple[Program, ...] = (
     Program("registry", "modelforge_registry", "modelforge.registry.v1.RegistryService", 50051),
     Program("inference", "modelforge_inference", "modelforge.inference.v1.InferenceService", 50052),
@@ -225,6 +227,10 @@ class Supervisor:
         if port is not None:
             env["MODELFORGE_PORT"] = str(port)
         label = program.name if count == 1 else f"{program.name}-{index + 1}"
+        if program.default_port is None and count > 1:
+            # Several workers on one host: each serves /metrics on its own port, counting up from the first.
+            first = int(env.get("MODELFORGE_WORKER_METRICS_PORT", DEFAULT_WORKER_METRICS_PORT))
+            env["MODELFORGE_WORKER_METRICS_PORT"] = str(first + index if first else 0)
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
