@@ -16,7 +16,6 @@ import redis.asyncio
 
 from modelforge.jobs.v1 import jobs_pb2, jobs_pb2_grpc
 from modelforge_jobs.actors import JobQueue, declare_actors, make_broker
-from modelforge_jobs.datasets import DatasetStore
 from modelforge_jobs.inference_client import InferenceHealth, RegistryClient
 from modelforge_jobs.jobs import Jobs
 from modelforge_jobs.metrics import ApiMetrics
@@ -60,7 +59,7 @@ async def build(settings: JobsSettings, stack: AsyncExitStack) -> app.Server:
     metrics = Metrics()
     jobs = Jobs(
         JobStore(pool),
-        DatasetStore(settings.dataset_root),
+        settings.upload_dir,
         RegistryClient(registry_channel, timeout=10.0),
         queue.send,
         watch_interval=settings.watch_interval,

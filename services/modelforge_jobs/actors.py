@@ -24,7 +24,6 @@ import grpc
 import redis
 from dramatiq.asyncio import get_event_loop_thread
 
-from modelforge_jobs.datasets import DatasetStore
 from modelforge_jobs.domain import Priority
 from modelforge_jobs.errors import DependencyUnavailable
 from modelforge_jobs.inference_client import InferenceClient
@@ -104,7 +103,6 @@ class WorkerResources(dramatiq.Middleware):
         self.queue: JobQueue | None = None
         self._runner: JobRunner | None = None
         self._store: JobStore | None = None
-        self._datasets = DatasetStore(settings.dataset_root)
         self._stack: AsyncExitStack | None = None
         self._maintenance: asyncio.Task[None] | None = None
 
@@ -170,7 +168,6 @@ class WorkerResources(dramatiq.Middleware):
             self._store = JobStore(pool)
             self._runner = JobRunner(
                 self._store,
-                self._datasets,
                 InferenceClient(channel, timeout=settings.inference_timeout),
                 RunnerSettings(
                     worker_id=self.worker_id,
@@ -211,11 +208,9 @@ class WorkerResources(dramatiq.Middleware):
             log.warning("job %s: queued long ago and never picked up; message sent again", job_id)
             self.metrics.resent.inc()
             await queue.send(job_id, priority)
-        deleted, orphans = await store.expire(retention=settings.job_retention)
-        for sha256 in orphans:
-            self._datasets.delete(sha256)
-        if deleted or orphans:
-            log.info("retention: deleted %d job(s) and %d dataset file(s)", deleted, len(orphans))
+        jobs, datasets = await store.expire(retention=settings.job_retention)
+        if jobs or datasets:
+            log.info("retention: deleted %d job(s) and %d dataset(s)", jobs, datasets)
         by_state, rate = await store.census()
         self.metrics.suite_seen(by_state, rate, await queue.lengths())
 

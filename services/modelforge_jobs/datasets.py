@@ -1,4 +1,4 @@
-"""The dataset record format and the content-addressed dataset store.
+"""The dataset record format, dataset uploads, and reading a job's items batch by batch.
 
 Format (language-neutral, documented in jobs.proto at DatasetRecord): a file is a sequence of records; each record
 is its byte length as a base-128 varint (the way protobuf encodes lengths) followed by a serialized
@@ -6,28 +6,33 @@ is its byte length as a base-128 varint (the way protobuf encodes lengths) follo
 the record's item count as its first dimension; every record carries the same names, dtypes and per-item shapes.
 The items of a dataset are the records' items, in order. Job results use the same records, one per batch.
 
-Files are stored under their sha256 in the dataset directory; several datasets may share one file.
+The file form is the wire form only. An upload lands in a temporary file of the API's own (`received`), is checked
+and scanned (`scan_file`), and its records are stored in PostgreSQL, one row each with the items it covers
+(`file_records`); a worker reads back only the records of the batches it runs (`DatasetItems`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
-import os
-import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Protocol, TypeVar
 
 import numpy as np
 
 from modelforge import tensors
 from modelforge.common.v1.tensor_pb2 import Tensor
 from modelforge.jobs.v1.jobs_pb2 import DatasetRecord
-from modelforge_jobs.domain import TensorInfo
+from modelforge_jobs.domain import InputRecord, TensorInfo
 from modelforge_jobs.errors import ChecksumMismatch, InvalidDataset, InvalidInput
+from modelforge_server.errors import FailedPrecondition
+
+T = TypeVar("T")
 
 
 def encode_varint(value: int) -> bytes:
@@ -130,25 +135,153 @@ class DatasetSummary:
     tensors: tuple[TensorInfo, ...]
     item_count: int
     record_count: int
+    record_items: tuple[int, ...] = ()  # the item count of each record, in order
+
+
+def _summarize(records: Iterable[DatasetRecord]) -> DatasetSummary:
+    first: list[TensorInfo] | None = None
+    counts: list[int] = []
+    for record in records:
+        infos, count = describe_record(record.tensors)
+        if count == 0:
+            raise InvalidDataset(f"record {len(counts)} holds no items")
+        if first is None:
+            first = infos
+        elif sorted(infos, key=lambda i: i.name) != sorted(first, key=lambda i: i.name):
+            raise InvalidDataset(f"record {len(counts)} has other names, dtypes or item shapes than record 0")
+        counts.append(count)
+    if first is None:
+        raise InvalidDataset("it holds no records")
+    return DatasetSummary(tuple(first), sum(counts), len(counts), tuple(counts))
 
 
 def summarize(data: bytes) -> DatasetSummary:
     """Checks that every record parses and agrees with the first; CPU-bound, run it in a thread."""
-    first: list[TensorInfo] | None = None
-    items = records = 0
-    for record in read_records(data):
-        infos, count = describe_record(record.tensors)
-        if count == 0:
-            raise InvalidDataset(f"record {records} holds no items")
-        if first is None:
-            first = infos
-        elif sorted(infos, key=lambda i: i.name) != sorted(first, key=lambda i: i.name):
-            raise InvalidDataset(f"record {records} has other names, dtypes or item shapes than record 0")
-        items += count
-        records += 1
-    if first is None:
-        raise InvalidDataset("it holds no records")
-    return DatasetSummary(tuple(first), items, records)
+    return _summarize(read_records(data))
+
+
+def _read_varint(file: IO[bytes], pos: int) -> tuple[int, int] | None:
+    """The varint at `pos` and the position after it; None at the end of the file."""
+    result = shift = 0
+    start = pos
+    while True:
+        byte = file.read(1)
+        if not byte:
+            if pos == start:
+                return None
+            raise InvalidDataset(f"the file ends inside a record length at byte {pos}")
+        pos += 1
+        result |= (byte[0] & 0x7F) << shift
+        if not byte[0] & 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise InvalidDataset(f"a record length at byte {pos} is not a valid varint")
+
+
+def _file_bodies(file: IO[bytes], size: int) -> Iterator[tuple[int, bytes]]:
+    """The position and bytes of each record of a file of `size` bytes, one record in memory at a time."""
+    pos = 0
+    while (head := _read_varint(file, pos)) is not None:
+        length, pos = head
+        if pos + length > size:
+            raise InvalidDataset(f"a record at byte {pos} claims {length} bytes but the file ends first")
+        body = file.read(length)
+        if len(body) != length:
+            raise InvalidDataset(f"a record at byte {pos} claims {length} bytes but the file ends first")
+        yield pos, body
+        pos += length
+
+
+def scan_file(path: Path) -> DatasetSummary:
+    """`summarize` for a file, reading one record at a time; CPU- and IO-bound, run it in a thread."""
+
+    def records(file: IO[bytes], size: int) -> Iterator[DatasetRecord]:
+        for pos, body in _file_bodies(file, size):
+            record = DatasetRecord()
+            try:
+                record.ParseFromString(body)
+            except Exception:
+                raise InvalidDataset(f"the record at byte {pos} is not a DatasetRecord") from None
+            yield record
+
+    with path.open("rb") as file:
+        return _summarize(records(file, path.stat().st_size))
+
+
+async def file_records(
+    path: Path, record_items: Sequence[int], *, group_bytes: int = 8 << 20
+) -> AsyncIterator[InputRecord]:
+    """The records of a scanned file as rows to store, read in groups of about `group_bytes` in a thread."""
+    size = path.stat().st_size
+    with path.open("rb") as file:
+        bodies = _file_bodies(file, size)
+
+        def group() -> list[bytes]:
+            out: list[bytes] = []
+            taken = 0
+            for _, body in bodies:
+                out.append(body)
+                taken += len(body)
+                if taken >= group_bytes:
+                    break
+            return out
+
+        index = first = 0
+        while batch := await _settled(asyncio.to_thread(group)):
+            for body in batch:
+                count = record_items[index]
+                yield InputRecord(index, first, count, body)
+                index += 1
+                first += count
+
+
+async def _settled(awaitable: Awaitable[T]) -> T:
+    """Awaits a thread's work; if cancelled meanwhile, lets the thread finish before raising, so that nothing
+    touches a file after its owner closed or removed it."""
+    task = asyncio.ensure_future(awaitable)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait([task])
+        raise
+
+
+def _append(file: IO[bytes], digest: Any, chunk: bytes) -> None:
+    digest.update(chunk)
+    file.write(chunk)
+
+
+@contextlib.asynccontextmanager
+async def received(chunks: AsyncIterator[bytes], *, scratch: Path, sha256: str, size: int) -> AsyncIterator[Path]:
+    """The uploaded bytes in a temporary file under `scratch` (the API's own disk, shared with nobody), checked
+    for size and sha256 as they arrive. The file is removed when the block ends, however it ends: a failure, a
+    cancelled upload or a stored dataset all leave nothing behind."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix="upload-", suffix=".partial", dir=scratch)
+    path = Path(name)
+    try:
+        digest = hashlib.sha256()
+        with open(handle, "wb") as file:
+            count = 0
+            async for chunk in chunks:
+                count += len(chunk)
+                if count > size:
+                    raise ChecksumMismatch("size_bytes", str(size), f"more than {size} bytes")
+                await _settled(asyncio.to_thread(_append, file, digest, chunk))
+        if count != size:
+            raise ChecksumMismatch("size_bytes", str(size), str(count))
+        if (actual := digest.hexdigest()) != sha256:
+            raise ChecksumMismatch("sha256", sha256, actual)
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+
+
+class BatchSource(Protocol):
+    """A job's input, read batch by batch as inference inputs."""
+
+    async def read(self, start: int, stop: int) -> list[Tensor]: ...
 
 
 class Items:
@@ -182,58 +315,75 @@ class Items:
             for name, array in self._arrays.items()
         ]
 
+    async def read(self, start: int, stop: int) -> list[Tensor]:
+        return self.batch(start, stop)
 
-class DatasetStore:
-    """Dataset files under their sha256 in one directory; writes go through a temporary file and a rename."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
+Fetch = Callable[[int, int], Awaitable[list[InputRecord]]]
 
-    def path(self, sha256: str) -> Path:
-        return self.root / sha256[:2] / sha256
 
-    async def receive(self, chunks: AsyncIterator[bytes], *, sha256: str, size: int) -> tuple[Path, bytes]:
-        """Writes the chunks to a temporary file, checking size and sha256; returns it and its bytes.
+@dataclass(frozen=True)
+class _Decoded:
+    first_item: int
+    item_count: int
+    arrays: dict[str, np.ndarray[Any, Any]]
+    dtypes: dict[str, int]
 
-        The caller moves it into place with `commit` or removes it with `discard`.
-        """
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".upload-{uuid.uuid4().hex}"
-        digest = hashlib.sha256()
-        parts: list[bytes] = []
-        received = 0
-        try:
-            async for chunk in chunks:
-                received += len(chunk)
-                if received > size:
-                    raise ChecksumMismatch("size_bytes", str(size), f"more than {size} bytes")
-                digest.update(chunk)
-                parts.append(chunk)
-            if received != size:
-                raise ChecksumMismatch("size_bytes", str(size), str(received))
-            actual = digest.hexdigest()
-            if actual != sha256:
-                raise ChecksumMismatch("sha256", sha256, actual)
-            data = b"".join(parts)
-            await asyncio.to_thread(tmp.write_bytes, data)
-        except BaseException:
-            self.discard(tmp)
-            raise
-        return tmp, data
 
-    def commit(self, tmp: Path, sha256: str) -> None:
-        target = self.path(sha256)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, target)
+def _decode(record: InputRecord) -> _Decoded:
+    message = DatasetRecord.FromString(record.record)
+    return _Decoded(
+        record.first_item,
+        record.item_count,
+        {t.name: tensors.to_numpy(t) for t in message.tensors},
+        {t.name: int(t.dtype) for t in message.tensors},
+    )
 
-    @staticmethod
-    def discard(tmp: Path) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
 
-    async def read(self, sha256: str) -> bytes:
-        return await asyncio.to_thread(self.path(sha256).read_bytes)
+class DatasetItems:
+    """A stored dataset's items, read by item range: each batch fetches only the records it covers.
 
-    def delete(self, sha256: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.path(sha256).unlink()
+    The last few records decoded stay in memory, since consecutive batches (run a few at a time) usually share
+    records; memory stays bounded by `cached_records` records whatever the dataset's size.
+    """
+
+    def __init__(self, fetch: Fetch, *, cached_records: int = 8) -> None:
+        self._fetch = fetch
+        self._cache: collections.OrderedDict[int, _Decoded] = collections.OrderedDict()
+        self._limit = max(1, cached_records)
+
+    def _cached(self, start: int, stop: int) -> list[_Decoded] | None:
+        """The cached records covering start .. stop - 1 in order, or None if one is missing."""
+        found: list[_Decoded] = []
+        pos = start
+        while pos < stop:
+            record = next((r for r in self._cache.values() if r.first_item <= pos < r.first_item + r.item_count), None)
+            if record is None:
+                return None
+            found.append(record)
+            pos = record.first_item + record.item_count
+        return found
+
+    async def read(self, start: int, stop: int) -> list[Tensor]:
+        records = self._cached(start, stop)
+        if records is None:
+            fetched = await self._fetch(start, stop)
+            records = await asyncio.to_thread(lambda: [_decode(r) for r in fetched])
+            covered = sum(min(stop, r.first_item + r.item_count) - max(start, r.first_item) for r in records)
+            if covered != stop - start:
+                raise FailedPrecondition(
+                    f"the job's dataset holds no records for items {start} to {stop - 1}: it is gone; upload it again"
+                )
+            for record in records:
+                self._cache[record.first_item] = record
+        for record in records:
+            self._cache.move_to_end(record.first_item)
+        while len(self._cache) > self._limit:
+            self._cache.popitem(last=False)
+        dtypes = records[0].dtypes
+        out: list[Tensor] = []
+        for name in records[0].arrays:
+            parts = [r.arrays[name][max(start - r.first_item, 0) : stop - r.first_item] for r in records]
+            array = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            out.append(tensors.to_tensor(array, name=name, dtype=dtypes[name]))
+        return out

@@ -163,5 +163,15 @@ class ResultRecord:
     record: bytes
 
 
+@dataclass(frozen=True)
+class InputRecord:
+    """One stored record of a dataset: a serialized DatasetRecord holding items first_item .. + item_count."""
+
+    index: int
+    first_item: int
+    item_count: int
+    record: bytes
+
+
 def batch_count(items: int, batch_size: int) -> int:
     return math.ceil(items / batch_size) if items else 0

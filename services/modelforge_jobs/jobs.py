@@ -7,11 +7,12 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 from modelforge import tensors as tensor_codec
-from modelforge_jobs.datasets import DatasetStore, describe_record, summarize
+from modelforge_jobs.datasets import describe_record, file_records, received, scan_file
 from modelforge_jobs.domain import (
     Dataset,
     Job,
@@ -91,12 +92,15 @@ def _dtype(value: int) -> str:
 
 
 class Jobs:
-    """What the JobService does, over the store, the dataset files, the registry and the job queue."""
+    """What the JobService does, over the store, the registry and the job queue.
+
+    `scratch` is a directory of this process's own where uploads wait while they are checked; nothing else reads it.
+    """
 
     def __init__(
         self,
         store: JobStore,
-        datasets: DatasetStore,
+        scratch: Path,
         registry: RegistryClient,
         send: Send,
         *,
@@ -105,7 +109,7 @@ class Jobs:
         metrics: ApiMetrics | None = None,
     ) -> None:
         self._store = store
-        self._datasets = datasets
+        self._scratch = scratch
         self._registry = registry
         self._send = send
         self._watch_interval = watch_interval
@@ -222,26 +226,23 @@ class Jobs:
     async def upload_dataset(
         self, chunks: AsyncIterator[bytes], *, sha256: str, size: int, display_name: str, labels: dict[str, str]
     ) -> Dataset:
-        """Receives, checks and stores a dataset file, all or nothing."""
-        tmp, data = await self._datasets.receive(chunks, sha256=sha256, size=size)
-        try:
-            summary = await asyncio.to_thread(summarize, data)
-            self._datasets.commit(tmp, sha256)
-        except BaseException:
-            self._datasets.discard(tmp)
-            raise
-        dataset = Dataset(
-            id=uuid.uuid4(),
-            sha256=sha256,
-            size_bytes=size,
-            item_count=summary.item_count,
-            record_count=summary.record_count,
-            tensors=summary.tensors,
-            display_name=display_name,
-            labels=labels,
-            create_time=None,  # type: ignore[arg-type]  # set by the database
-        )
-        stored = await self._store.insert_dataset(dataset)
+        """Receives the upload into a scratch file (checking size and sha256), checks its records, then stores the
+        dataset and its records in one transaction. All or nothing: a failure or a cancelled upload leaves no row
+        and no file."""
+        async with received(chunks, scratch=self._scratch, sha256=sha256, size=size) as path:
+            summary = await asyncio.to_thread(scan_file, path)
+            dataset = Dataset(
+                id=uuid.uuid4(),
+                sha256=sha256,
+                size_bytes=size,
+                item_count=summary.item_count,
+                record_count=summary.record_count,
+                tensors=summary.tensors,
+                display_name=display_name,
+                labels=labels,
+                create_time=None,  # type: ignore[arg-type]  # set by the database
+            )
+            stored = await self._store.insert_dataset(dataset, file_records(path, summary.record_items))
         log.info("dataset %s stored: %d items in %d records", stored.id, stored.item_count, stored.record_count)
         return stored
 
@@ -249,9 +250,8 @@ class Jobs:
         return await self._store.get_dataset(dataset_id)
 
     async def delete_dataset(self, dataset_id: UUID) -> None:
-        orphan = await self._store.delete_dataset(dataset_id)
-        if orphan is not None:
-            self._datasets.delete(orphan)
+        await self._store.delete_dataset(dataset_id)
+        log.info("dataset %s deleted", dataset_id)
 
 
 def inline_spec(spec: JobSpec, tensors: Sequence[Any]) -> JobSpec:

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from uuid import UUID
 
 from modelforge.jobs.v1.jobs_pb2 import DatasetRecord
-from modelforge_jobs.datasets import DatasetStore, Items
-from modelforge_jobs.domain import Job, JobError, JobState, Priority, ResultRecord
+from modelforge_jobs.datasets import BatchSource, DatasetItems, Items
+from modelforge_jobs.domain import InputRecord, Job, JobError, JobState, Priority, ResultRecord
 from modelforge_jobs.errors import AttemptsExhausted, TimeLimitExceeded, is_transient
 from modelforge_jobs.inference_client import InferenceClient
 from modelforge_jobs.metrics import WorkerMetrics
@@ -65,13 +65,11 @@ class JobRunner:
     def __init__(
         self,
         store: JobStore,
-        datasets: DatasetStore,
         inference: InferenceClient,
         settings: RunnerSettings,
         metrics: WorkerMetrics,
     ) -> None:
         self._store = store
-        self._datasets = datasets
         self._inference = inference
         self._settings = settings
         self._metrics = metrics
@@ -129,11 +127,16 @@ class JobRunner:
             self._metrics.failed.labels(error.reason).inc()
         return JobState.FAILED
 
-    async def _load(self, job: Job) -> Items:
+    async def _load(self, job: Job) -> BatchSource:
+        """The job's input: a dataset is read from the database record by record as batches need it; an inline
+        input is one record, read whole."""
         if job.dataset_id is not None:
-            dataset = await self._store.get_dataset(job.dataset_id)
-            data = await self._datasets.read(dataset.sha256)
-            return await asyncio.to_thread(Items.from_bytes, data, delimited=True)
+            dataset_id = job.dataset_id
+
+            async def fetch(start: int, stop: int) -> list[InputRecord]:
+                return await self._store.dataset_records(dataset_id, start, stop)
+
+            return DatasetItems(fetch, cached_records=2 * self._settings.batch_concurrency)
         record = await self._store.inline_input(job.id)
         if record is None:
             raise FailedPrecondition("the job's input is gone: its dataset was deleted")
@@ -152,7 +155,7 @@ class JobRunner:
             return JobState.COMPLETED
         raise _Stop
 
-    async def _pipeline(self, job: Job, items: Items, todo: Iterator[int], deadline: float | None) -> None:
+    async def _pipeline(self, job: Job, items: BatchSource, todo: Iterator[int], deadline: float | None) -> None:
         """Runs the batches with a few in flight; the first failure stops the others."""
         failure: list[BaseException] = []
 
@@ -172,7 +175,7 @@ class JobRunner:
             stops = [exc for exc in failure if isinstance(exc, _Stop)]
             raise stops[0] if stops else failure[0]
 
-    async def _batch(self, job: Job, items: Items, index: int, deadline: float | None) -> None:
+    async def _batch(self, job: Job, items: BatchSource, index: int, deadline: float | None) -> None:
         first = index * job.batch_size
         last = min(first + job.batch_size, job.progress.items_total)
         timeout = None
@@ -182,7 +185,7 @@ class JobRunner:
                 raise TimeLimitExceeded(job.time_limit or 0.0)
         attributes = {"modelforge.batch.index": index, "modelforge.batch.size": last - first}
         with tracer.start_as_current_span("modelforge.jobs.batch", attributes=attributes):
-            inputs = items.batch(first, last)
+            inputs = await items.read(first, last)
             began = time.monotonic()
             try:
                 outputs = await self._inference.predict(

@@ -26,9 +26,6 @@ class JobsSettings(ServerSettings):
     # Where the registry and the inference service listen.
     registry_address: str = "127.0.0.1:50051"
     inference_address: str = "127.0.0.1:50052"
-    # Uploaded datasets, content-addressed; None means data_dir/datasets. Workers read it too, so on several
-    # hosts it must be a shared volume.
-    dataset_dir: Path | None = None
     # The Redis key prefix of the Dramatiq queues; the API and its workers must agree on it.
     queue_namespace: str = "modelforge"
     # Finished jobs, their results and unused datasets are deleted this many seconds after they finished.
@@ -61,5 +58,7 @@ class JobsSettings(ServerSettings):
         return replace(self, metrics_port=self.worker_metrics_port)
 
     @property
-    def dataset_root(self) -> Path:
-        return self.dataset_dir if self.dataset_dir is not None else self.data_dir / "datasets"
+    def upload_dir(self) -> Path:
+        """Where the jobs API keeps dataset uploads while it checks them: its own scratch space, shared with no
+        other process (datasets themselves live in PostgreSQL)."""
+        return self.data_dir / "uploads"

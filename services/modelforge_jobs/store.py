@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -15,6 +15,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from modelforge_jobs.domain import (
     Dataset,
+    InputRecord,
     Job,
     JobError,
     JobFilter,
@@ -96,7 +97,7 @@ def _dataset(row: dict[str, Any]) -> Dataset:
 
 
 class JobStore:
-    """The jobs, datasets, inline inputs and per-batch results in the `jobs` schema."""
+    """The jobs, datasets and their records, inline inputs and per-batch results in the `jobs` schema."""
 
     def __init__(self, pool: AsyncConnectionPool) -> None:
         self._pool = pool
@@ -454,11 +455,9 @@ class JobStore:
             rows = await cur.fetchall()
         return {JobState(row["state"]): row["n"] for row in rows}, sum(row["rate"] for row in rows)
 
-    async def expire(self, *, retention: float) -> tuple[int, list[str]]:
-        """Deletes jobs finished more than `retention` seconds ago, and datasets as old that no live job reads.
-
-        Returns the number of jobs deleted and the sha256 of dataset files no dataset uses any more.
-        """
+    async def expire(self, *, retention: float) -> tuple[int, int]:
+        """Deletes jobs finished more than `retention` seconds ago, and datasets as old that no live job reads
+        (their records go with them). Returns the numbers of jobs and datasets deleted."""
         params = {"retention": retention}
         async with self._cursor(transaction=True) as cur:
             await cur.execute(
@@ -470,22 +469,18 @@ class JobStore:
                 DELETE FROM jobs.datasets d
                 WHERE create_time < now() - make_interval(secs => %(retention)s)
                   AND NOT EXISTS (SELECT 1 FROM jobs.jobs j WHERE j.dataset_id = d.id AND j.state = ANY(%(live)s))
-                RETURNING sha256
                 """,
                 {**params, "live": list(_LIVE)},
             )
-            shas = {row["sha256"] for row in await cur.fetchall()}
-            orphans = []
-            for sha in sorted(shas):
-                await cur.execute("SELECT 1 FROM jobs.datasets WHERE sha256 = %s LIMIT 1", (sha,))
-                if await cur.fetchone() is None:
-                    orphans.append(sha)
-        return jobs, orphans
+            datasets = cur.rowcount
+        return jobs, datasets
 
     # --- datasets -------------------------------------------------------------------------------------------
 
-    async def insert_dataset(self, dataset: Dataset) -> Dataset:
-        async with self._cursor() as cur:
+    async def insert_dataset(self, dataset: Dataset, records: AsyncIterable[InputRecord]) -> Dataset:
+        """Inserts the dataset and all its records in one transaction: all of it, or (on any failure or
+        cancellation) nothing. The records are copied in as they come, never all in memory."""
+        async with self._cursor(transaction=True) as cur:
             await cur.execute(
                 """
                 INSERT INTO jobs.datasets (id, sha256, size_bytes, item_count, record_count, tensors, display_name,
@@ -507,8 +502,33 @@ class JobStore:
                 ),
             )
             row = await cur.fetchone()
+            async with cur.copy(
+                "COPY jobs.dataset_records (dataset_id, record_index, first_item, item_count, record)"
+                " FROM STDIN (FORMAT BINARY)"
+            ) as copy:
+                copy.set_types(["uuid", "int4", "int8", "int4", "bytea"])
+                async for r in records:
+                    await copy.write_row((dataset.id, r.index, r.first_item, r.item_count, r.record))
         assert row is not None
         return _dataset(row)
+
+    async def dataset_records(self, dataset_id: UUID, start: int, stop: int) -> list[InputRecord]:
+        """The records of the dataset that hold items start .. stop - 1, in order."""
+        async with self._cursor() as cur:
+            await cur.execute(
+                """
+                SELECT record_index, first_item, item_count, record FROM jobs.dataset_records
+                WHERE dataset_id = %(id)s AND first_item < %(stop)s AND first_item + item_count > %(start)s
+                  AND first_item >= (
+                    SELECT first_item FROM jobs.dataset_records
+                    WHERE dataset_id = %(id)s AND first_item <= %(start)s
+                    ORDER BY first_item DESC LIMIT 1)
+                ORDER BY first_item
+                """,
+                {"id": dataset_id, "start": start, "stop": stop},
+            )
+            rows = await cur.fetchall()
+        return [InputRecord(r["record_index"], r["first_item"], r["item_count"], bytes(r["record"])) for r in rows]
 
     async def get_dataset(self, dataset_id: UUID) -> Dataset:
         async with self._cursor() as cur:
@@ -518,12 +538,11 @@ class JobStore:
             raise DatasetNotFound(str(dataset_id))
         return _dataset(row)
 
-    async def delete_dataset(self, dataset_id: UUID) -> str | None:
-        """Deletes a dataset no live job reads; returns its sha256 when no other dataset shares the file."""
+    async def delete_dataset(self, dataset_id: UUID) -> None:
+        """Deletes a dataset, and its records, unless a live job reads it."""
         async with self._cursor(transaction=True) as cur:
-            await cur.execute("SELECT sha256 FROM jobs.datasets WHERE id = %s FOR UPDATE", (dataset_id,))
-            row = await cur.fetchone()
-            if row is None:
+            await cur.execute("SELECT 1 FROM jobs.datasets WHERE id = %s FOR UPDATE", (dataset_id,))
+            if await cur.fetchone() is None:
                 raise DatasetNotFound(str(dataset_id))
             await cur.execute(
                 "SELECT count(*) AS n FROM jobs.jobs WHERE dataset_id = %s AND state = ANY(%s)",
@@ -533,6 +552,3 @@ class JobStore:
             if live is not None and live["n"]:
                 raise DatasetInUse(str(dataset_id), live["n"])
             await cur.execute("DELETE FROM jobs.datasets WHERE id = %s", (dataset_id,))
-            await cur.execute("SELECT 1 FROM jobs.datasets WHERE sha256 = %s LIMIT 1", (row["sha256"],))
-            shared = await cur.fetchone()
-        return None if shared is not None else row["sha256"]

@@ -1,6 +1,9 @@
-"""The dataset record format: varint-length-prefixed DatasetRecord messages (see DatasetRecord in jobs.proto)."""
+"""The dataset record format: varint-length-prefixed DatasetRecord messages (see DatasetRecord in jobs.proto), checked
+in memory and in upload files, stored as rows and read back by item range."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,16 +12,20 @@ from google.protobuf import wrappers_pb2
 from modelforge import _convert, tensors
 from modelforge.jobs.v1.jobs_pb2 import DatasetRecord
 from modelforge_jobs.datasets import (
+    DatasetItems,
+    DatasetSummary,
     Items,
     describe_record,
     encode_varint,
+    file_records,
     read_records,
+    scan_file,
     summarize,
     write_records,
 )
-from modelforge_jobs.domain import TensorInfo
+from modelforge_jobs.domain import InputRecord, TensorInfo
 from modelforge_jobs.errors import InvalidDataset, InvalidInput
-from modelforge_server.errors import InvalidArgument
+from modelforge_server.errors import FailedPrecondition, InvalidArgument
 
 
 def record(**arrays: np.ndarray) -> DatasetRecord:
@@ -157,3 +164,60 @@ def test_data_that_does_not_fill_the_shape_is_refused() -> None:
 def test_a_record_without_items_is_refused() -> None:
     with pytest.raises(InvalidDataset, match="record 0 holds no items"):
         summarize(write_records([record(x=x(0))]))
+
+
+# --- files: what an upload is checked with, one record in memory at a time ------------------------------------
+
+
+def scanned(tmp_path: Path, data: bytes) -> DatasetSummary:
+    path = tmp_path / "upload.partial"
+    path.write_bytes(data)
+    return scan_file(path)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (write_records([record(x=x(3)), record(x=x(2))])[:-1], "claims .* bytes but the file ends first"),
+        (write_records([record(x=x(1))]) + b"\x96", "ends inside a record length"),
+        (b"\xff" * 11 + b"\x00", "not a valid varint"),
+        (encode_varint(6) + b"\x0a\xff\xff\xff\xff\x0f", "is not a DatasetRecord"),
+        (write_records([record(x=x(3)), record(y=x(2))]), "record 1 has other names, dtypes or item shapes"),
+        (write_records([record(x=x(0))]), "record 0 holds no items"),
+        (b"", "holds no records"),
+    ],
+)
+def test_a_file_is_refused_for_what_bytes_are_refused_for(tmp_path: Path, data: bytes, message: str) -> None:
+    with pytest.raises(InvalidDataset, match=message):
+        summarize(data)
+    with pytest.raises(InvalidDataset, match=message):
+        scanned(tmp_path, data)
+
+
+async def test_a_file_scans_and_reads_back_as_rows_with_their_item_ranges(tmp_path: Path) -> None:
+    records = [record(x=x(3)), record(x=x(5, 3)), record(x=x(1, 8))]
+    data = write_records(records)
+    summary = scanned(tmp_path, data)
+    assert summary == DatasetSummary(summarize(data).tensors, 9, 3, (3, 5, 1))
+    rows = [r async for r in file_records(tmp_path / "upload.partial", summary.record_items, group_bytes=1)]
+    assert [(r.index, r.first_item, r.item_count) for r in rows] == [(0, 0, 3), (1, 3, 5), (2, 8, 1)]
+    assert [DatasetRecord.FromString(r.record) for r in rows] == records
+
+
+async def test_dataset_items_assemble_batches_across_records() -> None:
+    whole = x(10)
+    rows = [
+        InputRecord(i, a, b - a, record(x=whole[a:b]).SerializeToString())
+        for i, (a, b) in enumerate([(0, 4), (4, 5), (5, 10)])
+    ]
+
+    async def fetch(start: int, stop: int) -> list[InputRecord]:
+        return [r for r in rows if r.first_item < stop and r.first_item + r.item_count > start]
+
+    items = DatasetItems(fetch, cached_records=1)
+    for start, stop in [(0, 10), (3, 6), (9, 10), (0, 1)]:
+        (tensor,) = await items.read(start, stop)
+        np.testing.assert_array_equal(tensors.to_numpy(tensor), whole[start:stop])
+    rows.clear()  # a dataset deleted under a job
+    with pytest.raises(FailedPrecondition, match="no records for items 2 to 3"):
+        await DatasetItems(fetch).read(2, 4)

@@ -28,6 +28,7 @@ from typing import Any
 import dramatiq
 import grpc
 import numpy as np
+import psycopg
 import pytest
 
 from modelforge import tensors
@@ -228,6 +229,17 @@ async def results(stub: jobs_pb2_grpc.JobServiceStub, job_id: str) -> tuple[list
         for tensor in message.record.tensors:
             parts.setdefault(tensor.name, []).append(tensors.to_numpy(tensor))
     return firsts, {name: np.concatenate(chunks) for name, chunks in parts.items()}
+
+
+async def stored_datasets(settings: JobsSettings) -> tuple[int, int]:
+    """How many datasets and dataset records the jobs schema holds."""
+    async with await psycopg.AsyncConnection.connect(settings.database_url or "") as conn:
+        cur = await conn.execute(
+            "SELECT (SELECT count(*) FROM jobs.datasets), (SELECT count(*) FROM jobs.dataset_records)"
+        )
+        row = await cur.fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
 
 
 def dataset_file(inputs: dict[str, np.ndarray], *, record_items: int) -> bytes:

@@ -15,6 +15,7 @@ from tests.integration.jobs.conftest import (
     error_reason,
     getter,
     inline_request,
+    stored_datasets,
     upload,
     upload_dataset,
     wait_for,
@@ -134,8 +135,9 @@ async def test_dataset_checksum_and_size_mismatch_store_nothing(jobs_api) -> Non
     garbage = b"\x05abc"
     code, reason = await _fails(upload_dataset(jobs_api.stub, garbage))
     assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_DATASET")
-    root = jobs_api.settings.dataset_root
-    assert not root.exists() or not [p for p in root.rglob("*") if p.is_file()]
+    scratch = jobs_api.settings.upload_dir
+    assert not scratch.exists() or not list(scratch.iterdir())
+    assert await stored_datasets(jobs_api.settings) == (0, 0)
 
 
 async def test_dataset_signature_mismatch_and_in_use(jobs_api, inference, add_one) -> None:
@@ -150,7 +152,9 @@ async def test_dataset_signature_mismatch_and_in_use(jobs_api, inference, add_on
     code, reason = await _fails(jobs_api.stub.DeleteDataset(jobs_pb2.DeleteDatasetRequest(id=good.id)))
     assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "DATASET_IN_USE")
     await jobs_api.stub.CancelJob(jobs_pb2.CancelJobRequest(id=job.id))
+    assert await stored_datasets(jobs_api.settings) == (2, 2 + 2)  # 3 and 6 items in records of 2 and 4
     await jobs_api.stub.DeleteDataset(jobs_pb2.DeleteDatasetRequest(id=good.id))
+    assert await stored_datasets(jobs_api.settings) == (1, 2)  # its records went with it
     assert (await _fails(jobs_api.stub.GetDataset(jobs_pb2.GetDatasetRequest(id=good.id))))[0] == (
         grpc.StatusCode.NOT_FOUND
     )

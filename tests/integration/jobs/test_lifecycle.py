@@ -16,6 +16,7 @@ from tests.integration.jobs.conftest import (
     getter,
     inline_request,
     results,
+    stored_datasets,
     upload,
     upload_dataset,
     wait_for,
@@ -200,4 +201,4 @@ async def test_retention_deletes_finished_jobs_and_unused_datasets(
                 await asyncio.sleep(0.02)
             else:
                 raise AssertionError("retention did not delete the job and the dataset")
-        assert not list((settings.dataset_root).rglob(dataset.sha256))
+        assert await stored_datasets(settings) == (0, 0)  # its records went with it

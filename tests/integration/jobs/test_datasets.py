@@ -1,0 +1,117 @@
+"""Datasets live in PostgreSQL: an upload is all or nothing, a worker reads only the records a batch needs, and a
+worker needs no disk of the API's (nothing is shared but PostgreSQL, Redis and gRPC)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import shutil
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from modelforge import tensors
+from modelforge.jobs.v1 import jobs_pb2
+from modelforge.registry.v1 import registry_pb2
+from modelforge_jobs.datasets import DatasetItems
+from modelforge_jobs.store import JobStore
+from tests.integration.jobs.conftest import (
+    dataset_file,
+    results,
+    stored_datasets,
+    upload,
+    upload_dataset,
+    wait_terminal,
+)
+
+
+async def until(condition: Callable[[], bool], what: str, *, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        await asyncio.sleep(0.02)
+
+
+def scratch_bytes(scratch: Path) -> int:
+    return sum(p.stat().st_size for p in scratch.iterdir()) if scratch.exists() else 0
+
+
+async def test_an_upload_cancelled_mid_stream_leaves_no_row_no_records_and_no_file(jobs_api) -> None:
+    data = dataset_file({"x": np.ones((4096, 64), np.float32)}, record_items=256)
+    half = len(data) // 2
+    never = asyncio.Event()
+
+    async def requests() -> AsyncIterator[jobs_pb2.UploadDatasetRequest]:
+        yield jobs_pb2.UploadDatasetRequest(
+            header=jobs_pb2.UploadDatasetHeader(sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data))
+        )
+        yield jobs_pb2.UploadDatasetRequest(chunk=data[:half])
+        await never.wait()  # the client goes quiet mid-stream, then gives up
+
+    scratch = jobs_api.settings.upload_dir
+    call = jobs_api.stub.UploadDataset(requests())
+    await until(lambda: scratch_bytes(scratch) >= half, "the API has half the upload in its scratch file")
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    await until(lambda: not list(scratch.iterdir()), "the API removed the partial upload")
+    assert await stored_datasets(jobs_api.settings) == (0, 0)
+
+    # The API goes on taking uploads, and a stored upload leaves no scratch file either.
+    dataset = await upload_dataset(jobs_api.stub, data)
+    assert (dataset.item_count, dataset.record_count) == (4096, 16)
+    assert await stored_datasets(jobs_api.settings) == (1, 16)
+    assert not list(scratch.iterdir())
+
+
+async def test_a_batch_reads_only_the_records_that_hold_its_items(jobs_api, db_pool) -> None:
+    x = np.arange(50 * 3, dtype=np.float32).reshape(50, 3)
+    dataset = await upload_dataset(jobs_api.stub, dataset_file({"x": x}, record_items=7))  # 0, 7, ..., 49
+    store = JobStore(db_pool)
+    dataset_id = uuid.UUID(dataset.id)
+
+    records = await store.dataset_records(dataset_id, 10, 22)
+    assert [(r.index, r.first_item, r.item_count) for r in records] == [(1, 7, 7), (2, 14, 7), (3, 21, 7)]
+    assert [r.first_item for r in await store.dataset_records(dataset_id, 49, 50)] == [49]
+    assert await store.dataset_records(dataset_id, 50, 60) == []
+
+    fetched: list[tuple[int, int]] = []
+
+    async def fetch(start: int, stop: int):
+        fetched.append((start, stop))
+        return await store.dataset_records(dataset_id, start, stop)
+
+    items = DatasetItems(fetch, cached_records=4)
+    for start, stop in [(5, 30), (8, 12), (30, 50), (0, 50)]:
+        batch = {t.name: tensors.to_numpy(t) for t in await items.read(start, stop)}
+        np.testing.assert_array_equal(batch["x"], x[start:stop])
+    # (8, 12) lay in records already read; (0, 50) needed more records than the cache keeps.
+    assert fetched == [(5, 30), (30, 50), (0, 50)]
+
+
+async def test_a_dataset_job_runs_on_a_worker_with_a_data_dir_of_its_own(
+    jobs_api, jobs_settings, spawn_worker, inference, add_one, tmp_path
+) -> None:
+    await upload(inference, "add-one", add_one)
+    x = np.arange(1000 * 4, dtype=np.float32).reshape(1000, 4)
+    dataset = await upload_dataset(jobs_api.stub, dataset_file({"x": x}, record_items=300))
+    # Nothing of the API's disk survives, and the worker is pointed elsewhere.
+    shutil.rmtree(jobs_settings.data_dir)
+    worker_dir = tmp_path / "worker-host"
+    request = jobs_pb2.CreateJobRequest(
+        model_ref=registry_pb2.ModelRef(name="add-one"), dataset_id=dataset.id, batch_size=128
+    )
+    job = (await jobs_api.stub.CreateJob(request)).job
+    with spawn_worker(replace(jobs_settings, data_dir=worker_dir)):
+        final = await wait_terminal(jobs_api.stub, job.id)
+    assert final.state == jobs_pb2.JOB_STATE_COMPLETED, final.error
+    firsts, outputs = await results(jobs_api.stub, job.id)
+    assert firsts == list(range(0, 1000, 128))
+    np.testing.assert_array_equal(outputs["y"], x + 1)
+    assert not jobs_settings.data_dir.exists()
+    assert not worker_dir.exists() or not [p for p in worker_dir.rglob("*") if p.is_file()]
