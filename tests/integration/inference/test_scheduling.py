@@ -20,6 +20,9 @@ from tests.integration.inference.conftest import RunningInference, StartInferenc
 SLOW = model_bytes(build_heavy(depth=32))
 BLOCKER = {"x": np.ones((4096, 512), dtype=np.float32)}  # most of a second on one thread
 SMALL = {"x": np.ones((1, 512), dtype=np.float32)}
+# Tens of milliseconds each: requests that run one after the other also answer far enough apart that the
+# client sees them finish in the order they ran.
+MEDIUM = {"x": np.ones((256, 512), dtype=np.float32)}
 
 
 @pytest.fixture
@@ -60,7 +63,7 @@ async def test_higher_priority_runs_first_and_each_level_in_order(single_thread:
     finished: list[str] = []
 
     async def call(label: str, priority: int) -> None:
-        await single_thread.stub.Predict(predict_request("slow", SMALL, priority=priority))
+        await single_thread.stub.Predict(predict_request("slow", MEDIUM, priority=priority))
         finished.append(label)
 
     tasks = []
