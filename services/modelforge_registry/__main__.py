@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from contextlib import AsyncExitStack
 
 from modelforge.registry.v1 import registry_pb2, registry_pb2_grpc
@@ -13,10 +12,13 @@ from modelforge_registry.registry import ModelRegistry
 from modelforge_registry.servicer import RegistryServicer
 from modelforge_registry.settings import RegistrySettings
 from modelforge_registry.store import RegistryStore
-from modelforge_server import app, db, embedded
+from modelforge_server import app, db, embedded, logs, telemetry
+from modelforge_server.metrics import Metrics
 from modelforge_server.settings import from_env
 
 SERVICE = registry_pb2.DESCRIPTOR.services_by_name["RegistryService"]
+SERVICE_NAME = "modelforge-registry"
+METRICS_PORT = 9101
 
 
 async def build(settings: RegistrySettings, stack: AsyncExitStack) -> app.Server:
@@ -31,36 +33,43 @@ async def build(settings: RegistrySettings, stack: AsyncExitStack) -> app.Server
     blobs = BlobStore(settings.blob_root)
     await asyncio.to_thread(blobs.open)
     events = EventHub(url)
+    metrics = Metrics()
     registry = ModelRegistry(
         RegistryStore(pool),
         blobs,
         events,
         max_model_bytes=settings.max_model_bytes,
         chunk_bytes=settings.chunk_bytes,
+        metrics=metrics,
     )
     server = app.build_server(
         [app.Api(SERVICE, RegistryServicer(registry), registry_pb2_grpc.add_RegistryServiceServicer_to_server)],
         domain="modelforge.registry",
         settings=settings,
+        metrics=metrics,
     )
     server.watch_dependency("postgresql", registry.ping)
     stack.push_async_callback(server.stop, settings.grace_seconds)
-    # Closed before the server stops: open watch streams end with UNAVAILABLE rather than holding up shutdown.
     await events.start()
     stack.push_async_callback(events.aclose)
+    # On stop, once readiness is NOT_SERVING: open watch streams end at once with UNAVAILABLE (their clients watch
+    # another replica) instead of holding the server up for the whole grace period.
+    server.before_stop(events.aclose)
     return server
 
 
-async def run(settings: RegistrySettings) -> None:
+async def run(settings: RegistrySettings, tel: telemetry.Telemetry | None = None) -> None:
     async with AsyncExitStack() as stack:
         server = await build(settings, stack)
-        await app.serve(server, settings)
+        await app.serve(server, settings, telemetry=tel)
 
 
 def main() -> None:
     settings = from_env(RegistrySettings)
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(run(settings))
+    logs.configure(SERVICE_NAME, settings.log_level)
+    # Before the pool and the server exist: tracing, when on, instruments both.
+    tel = telemetry.setup(SERVICE_NAME, settings, metrics_port=METRICS_PORT)
+    asyncio.run(run(settings, tel))
 
 
 if __name__ == "__main__":

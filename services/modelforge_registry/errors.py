@@ -211,3 +211,10 @@ class WatchInterrupted(Unavailable):
         super().__init__(
             "the registry lost its event feed from PostgreSQL, so events may have been missed; watch again"
         )
+
+
+class ReplicaStopping(Unavailable):
+    reason = "REPLICA_STOPPING"
+
+    def __init__(self) -> None:
+        super().__init__("this registry replica is shutting down; watch again (another replica will answer)")

@@ -14,14 +14,16 @@ import psycopg
 from psycopg import sql
 
 from modelforge_registry.domain import EventType, ModelEvent
-from modelforge_registry.errors import DatabaseUnavailable, WatchInterrupted
+from modelforge_registry.errors import DatabaseUnavailable, ReplicaStopping, WatchInterrupted
 from modelforge_registry.store import EVENTS_CHANNEL
 
 log = logging.getLogger("modelforge.registry.events")
 
 # A watcher that falls this many events behind is disconnected (with UNAVAILABLE) rather than slowing the others.
 _QUEUE_LIMIT = 10_000
-_LOST = None  # queued to tell a watcher that the feed broke and events may have been missed
+# Queued to end a watch: the feed broke and events may have been missed, or this replica is shutting down.
+_LOST = None
+_CLOSED = "closed"
 
 
 class EventHub:
@@ -29,36 +31,43 @@ class EventHub:
 
     Events are published inside the writing transaction (store._notify), so PostgreSQL delivers them on commit,
     to every replica, in commit order. When the LISTEN connection breaks, current watchers end with
-    WatchInterrupted (they may have missed events) and the hub reconnects in the background.
+    WatchInterrupted (they may have missed events) and the hub reconnects in the background. Once closed (the
+    server is stopping), current watchers end with ReplicaStopping and new ones are refused with it.
     """
 
     def __init__(self, database_url: str, *, retry_seconds: float = 1.0) -> None:
         self._url = database_url
         self._retry = retry_seconds
-        self._watchers: set[asyncio.Queue[ModelEvent | None]] = set()
+        self._watchers: set[asyncio.Queue[ModelEvent | str | None]] = set()
         self._live = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._closed = False
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._listen_forever(), name="registry-events")
 
     async def aclose(self) -> None:
+        """Stops listening and ends every watch with ReplicaStopping; later calls do nothing."""
+        self._closed = True
         if self._task is not None:
-            self._task.cancel()
+            task, self._task = self._task, None
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        self._interrupt()
+                await task
+        self._live.set()  # wakes watches still waiting for the feed; they see the hub closed
+        self._interrupt(_CLOSED)
 
     async def watch(self, model: str = "", *, wait_seconds: float = 5.0) -> AsyncIterator[ModelEvent]:
         """WATCH_STARTED once the subscription is live, then every later event (of `model` if given)."""
-        queue: asyncio.Queue[ModelEvent | None] = asyncio.Queue(_QUEUE_LIMIT)
+        queue: asyncio.Queue[ModelEvent | str | None] = asyncio.Queue(_QUEUE_LIMIT)
         try:
             async with asyncio.timeout(wait_seconds):
                 while not self._live.is_set():
                     await self._live.wait()
         except TimeoutError:
             raise DatabaseUnavailable() from None
+        if self._closed:
+            raise ReplicaStopping()
         # Registered in the same step as the check above: the feed is live now, so nothing after this is missed.
         self._watchers.add(queue)
         try:
@@ -67,6 +76,8 @@ class EventHub:
                 event = await queue.get()
                 if event is _LOST:
                     raise WatchInterrupted()
+                if isinstance(event, str):
+                    raise ReplicaStopping()
                 if not model or event.model == model:
                     yield event
         finally:
@@ -101,12 +112,12 @@ class EventHub:
             else:
                 queue.put_nowait(event)
 
-    def _interrupt(self) -> None:
+    def _interrupt(self, why: str | None = _LOST) -> None:
         for queue in list(self._watchers):
             self._watchers.discard(queue)
             if queue.full():
                 queue.get_nowait()
-            queue.put_nowait(_LOST)
+            queue.put_nowait(why)
 
 
 def _parse(payload: str) -> ModelEvent | None:

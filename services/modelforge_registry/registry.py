@@ -38,6 +38,7 @@ from modelforge_registry.errors import (
 from modelforge_registry.events import EventHub
 from modelforge_registry.store import RegistryStore
 from modelforge_server.errors import InvalidArgument
+from modelforge_server.metrics import Metrics
 
 log = logging.getLogger("modelforge.registry")
 
@@ -73,7 +74,9 @@ class ModelRegistry:
         *,
         max_model_bytes: int,
         chunk_bytes: int,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics if metrics is not None else Metrics(process_collector=False)
         self._store = store
         self._blobs = blobs
         self._events = events

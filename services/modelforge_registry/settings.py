@@ -13,6 +13,8 @@ class RegistrySettings(ServerSettings):
     """Settings of the registry process."""
 
     port: int = 50051
+    # /metrics over HTTP on host:metrics_port (MODELFORGE_METRICS_PORT); 0 serves none.
+    metrics_port: int = 9101
     # Uploads are refused (RESOURCE_EXHAUSTED) as soon as the bytes received pass this.
     max_model_bytes: int = 2048 * MiB
     # Where model files live, content-addressed; defaults to data_dir/blobs.

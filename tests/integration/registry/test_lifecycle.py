@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -76,6 +77,28 @@ async def events_until_failure(watch) -> None:
         if message is grpc.aio.EOF:
             return
         assert message.event.model == "durable"
+
+
+async def test_stopping_ends_open_watches_at_once_rather_than_after_the_grace_period(registry_settings) -> None:
+    settings = replace(registry_settings, grace_seconds=600.0)
+    async with running_registry(settings) as registry:
+        watch = registry.stub.WatchModelEvents(pb.WatchModelEventsRequest())
+        assert (await asyncio.wait_for(watch.read(), 30)).event.type == pb.MODEL_EVENT_TYPE_WATCH_STARTED
+        metrics = registry.server.metrics.registry
+        labels = {"grpc_service": SERVICE, "grpc_method": "WatchModelEvents"}
+        assert metrics.get_sample_value("modelforge_rpc_in_flight", labels) == 1
+
+        async with asyncio.timeout(60):  # only so that a regression fails instead of waiting out the grace period
+            await registry.server.stop(settings.grace_seconds)
+        # By the time stop() returned, the watch had ended on its own, with UNAVAILABLE: not cut off at the end of
+        # the grace period (that would count as CANCELLED).
+        assert metrics.get_sample_value("modelforge_rpc_in_flight", labels) == 0
+        assert metrics.get_sample_value("modelforge_rpc_requests_total", {**labels, "grpc_code": "UNAVAILABLE"}) == 1
+        assert await watch.code() == grpc.StatusCode.UNAVAILABLE
+        code, reason, details = await failure(events_until_failure(watch))
+        assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "REPLICA_STOPPING")
+        assert "watch again" in details
+    # Leaving the block stops the server and closes the event hub a second time: both are no-ops now.
 
 
 async def test_health_is_not_serving_while_postgresql_is_down(tmp_path: Path, add_one) -> None:
