@@ -16,6 +16,7 @@ import redis.asyncio
 
 from modelforge.jobs.v1 import jobs_pb2, jobs_pb2_grpc
 from modelforge_jobs.actors import JobQueue, declare_actors, make_broker
+from modelforge_jobs.events import JobChanges
 from modelforge_jobs.inference_client import InferenceHealth, RegistryClient
 from modelforge_jobs.jobs import Jobs
 from modelforge_jobs.metrics import ApiMetrics
@@ -56,12 +57,16 @@ async def build(settings: JobsSettings, stack: AsyncExitStack) -> app.Server:
     stack.push_async_callback(inference_channel.close)
     redis_client = redis.asyncio.Redis.from_url(settings.redis_url)
     stack.push_async_callback(redis_client.aclose)
+    changes = JobChanges(settings.database_url)
+    await changes.start()
+    stack.push_async_callback(changes.aclose)
     metrics = Metrics()
     jobs = Jobs(
         JobStore(pool),
         settings.upload_dir,
         RegistryClient(registry_channel, timeout=10.0),
         queue.send,
+        changes=changes,
         watch_interval=settings.watch_interval,
         metrics=ApiMetrics(metrics),
     )

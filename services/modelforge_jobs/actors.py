@@ -28,7 +28,7 @@ from modelforge_jobs.domain import Priority
 from modelforge_jobs.errors import DependencyUnavailable
 from modelforge_jobs.inference_client import InferenceClient
 from modelforge_jobs.metrics import WorkerMetrics
-from modelforge_jobs.runner import JobRunner, RunnerSettings
+from modelforge_jobs.runner import JobRunner, RetryLater, RunnerSettings
 from modelforge_jobs.settings import JobsSettings
 from modelforge_jobs.store import JobStore
 from modelforge_server import db, logs, telemetry
@@ -173,6 +173,8 @@ class WorkerResources(dramatiq.Middleware):
                     worker_id=self.worker_id,
                     heartbeat_interval=settings.heartbeat_interval,
                     stale_after=settings.heartbeat_timeout,
+                    retry_min_backoff=settings.retry_min_backoff,
+                    retry_max_backoff=settings.retry_max_backoff,
                 ),
                 self.metrics,
             )
@@ -237,7 +239,12 @@ def declare_actors(
             logs.bind(job_id=job_id),
             telemetry.attached(trace, "modelforge.jobs.run_job", attributes={"modelforge.job_id": job_id}),
         ):
-            await resources.runner.run(UUID(job_id))
+            try:
+                await resources.runner.run(UUID(job_id))
+            except RetryLater as exc:
+                # The runner logged it; Retry makes Dramatiq requeue the message after the delay without
+                # logging a traceback for an expected failure.
+                raise dramatiq.Retry(str(exc), delay=int(exc.delay * 1000)) from exc
 
     actors = {
         priority: dramatiq.Actor(

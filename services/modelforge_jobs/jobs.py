@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -33,6 +34,7 @@ from modelforge_jobs.errors import (
     JobNotFinished,
     JobStateConflict,
 )
+from modelforge_jobs.events import JobChanges
 from modelforge_jobs.inference_client import RegistryClient
 from modelforge_jobs.metrics import ApiMetrics
 from modelforge_jobs.store import JobStore
@@ -104,7 +106,9 @@ class Jobs:
         registry: RegistryClient,
         send: Send,
         *,
-        watch_interval: float = 0.2,
+        changes: JobChanges | None = None,
+        watch_interval: float = 2.0,
+        watch_spacing: float = 0.05,
         result_page: int = 64,
         metrics: ApiMetrics | None = None,
     ) -> None:
@@ -112,7 +116,9 @@ class Jobs:
         self._scratch = scratch
         self._registry = registry
         self._send = send
+        self._changes = changes
         self._watch_interval = watch_interval
+        self._watch_spacing = watch_spacing
         self._result_page = result_page
         self._metrics = metrics
 
@@ -195,17 +201,32 @@ class Jobs:
         return deleted
 
     async def watch(self, job_id: UUID) -> AsyncIterator[Job]:
-        """The job now, then each change of state or progress, ending with its terminal state."""
+        """The job now, then each change of state or progress, ending with its terminal state.
+
+        Woken by the database's change notifications, which come in bursts: reads are at least `watch_spacing`
+        apart, and at most `watch_interval` apart when no notification comes (or none can, the LISTEN
+        connection being down).
+        """
         last: tuple[object, ...] | None = None
-        while True:
-            job = await self._store.get_job(job_id)
-            key = (job.state, job.progress.items_done, job.attempt_count, job.worker_id)
-            if key != last:
-                last = key
-                yield job
-            if job.state.terminal:
-                return
-            await asyncio.sleep(self._watch_interval)
+        with self._subscribe(job_id) as changed:
+            while True:
+                changed.clear()  # before reading: a change committed after the read sets it again
+                job = await self._store.get_job(job_id)
+                key = (job.state, job.progress.items_done, job.attempt_count, job.worker_id)
+                if key != last:
+                    last = key
+                    yield job
+                if job.state.terminal:
+                    return
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._watch_interval):
+                        await changed.wait()
+                await asyncio.sleep(self._watch_spacing)  # rate limit, not synchronisation
+
+    def _subscribe(self, job_id: UUID) -> contextlib.AbstractContextManager[asyncio.Event]:
+        if self._changes is not None:
+            return self._changes.subscribe(job_id)
+        return contextlib.nullcontext(asyncio.Event())  # no notifications: poll every watch_interval
 
     async def results(self, job_id: UUID) -> AsyncIterator[ResultRecord]:
         """The stored outputs of a COMPLETED job, batch by batch in item order."""

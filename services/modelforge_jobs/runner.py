@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -34,11 +35,13 @@ tracer = telemetry.tracer("modelforge.jobs")
 
 
 class RetryLater(Exception):
-    """Raised to the queue after a transient failure: the job is QUEUED again and its message is retried."""
+    """Raised to the queue after a transient failure: the job is QUEUED again and its message is retried after
+    `delay` seconds."""
 
-    def __init__(self, job_id: UUID, cause: BaseException) -> None:
-        super().__init__(f"job {job_id} will run again: {cause}")
+    def __init__(self, job_id: UUID, cause: BaseException, delay: float) -> None:
+        super().__init__(f"job {job_id} will run again in {delay:.1f} s: {cause}")
         self.job_id = job_id
+        self.delay = delay
 
 
 @dataclass(frozen=True)
@@ -47,10 +50,23 @@ class RunnerSettings:
     heartbeat_interval: float
     stale_after: float
     batch_concurrency: int = 4  # batches in flight at once, to keep the inference service's batcher busy
+    retry_min_backoff: float = 1.0
+    retry_max_backoff: float = 60.0
+
+    def backoff(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt `attempt` (1, 2, ...): doubling from the minimum up to the
+        maximum, with jitter in its upper half so that jobs failed by one outage do not come back in step."""
+        ceiling = min(self.retry_max_backoff, self.retry_min_backoff * 2 ** max(attempt - 1, 0))
+        return ceiling * (0.5 + random.random() / 2)
 
 
 class _Stop(Exception):
     """The job was cancelled or taken over: stop quietly."""
+
+
+def _one_line(exc: BaseException) -> str:
+    reason = exc.reason if isinstance(exc, ServiceError) else type(exc).__name__
+    return f"{reason}: {' '.join(str(exc).split())}"
 
 
 def _error(exc: BaseException) -> JobError:
@@ -108,10 +124,19 @@ class JobRunner:
             log.error("job %s: unexpected failure", job.id, exc_info=exc)
         if is_transient(exc) or not isinstance(exc, ServiceError):
             if job.attempt_count < job.max_attempts:
-                log.warning("job %s: transient failure, will run again: %s", job.id, exc)
-                if await self._store.release(job.id, self.worker_id, retry_in=0.0):
+                delay = self._settings.backoff(job.attempt_count)
+                if await self._store.release(job.id, self.worker_id, retry_in=delay):
+                    # Expected while a dependency restarts: one line, no traceback.
+                    log.warning(
+                        "job %s: attempt %d of %d failed (%s); running again in %.1f s",
+                        job.id,
+                        job.attempt_count,
+                        job.max_attempts,
+                        _one_line(exc),
+                        delay,
+                    )
                     self._metrics.retries.inc()
-                    raise RetryLater(job.id, exc) from exc
+                    raise RetryLater(job.id, exc, delay) from exc
                 self._metrics.stopped.inc()
                 return (await self._store.get_job(job.id)).state
             cause = _error(exc)

@@ -45,8 +45,9 @@ class JobsSettings(ServerSettings):
     inference_timeout: float = 60.0
     # Threads of one worker process, that is jobs it runs at the same time.
     worker_threads: int = 4
-    # How often WatchJob looks at the job.
-    watch_interval: float = 0.2
+    # WatchJob reads the job when PostgreSQL announces a change, and at least this often: the fallback for a late
+    # notification or a broken LISTEN connection.
+    watch_interval: float = 2.0
     # Defaults and limits of CreateJob.
     default_job_batch_size: int = 256
     max_job_batch_size: int = 65536

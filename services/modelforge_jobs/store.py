@@ -9,6 +9,7 @@ from typing import Any
 from uuid import UUID
 
 import psycopg
+from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
@@ -38,6 +39,8 @@ _JOB_COLUMNS = """
 """
 
 _LIVE = ("QUEUED", "RUNNING")
+# Where PostgreSQL announces job changes (migration 0003's trigger): the payload is the job id.
+CHANGES_CHANNEL = "modelforge_jobs_changed"
 
 
 def _seconds(start: datetime | None, end: datetime) -> float:
@@ -94,6 +97,27 @@ def _dataset(row: dict[str, Any]) -> Dataset:
         labels=dict(row["labels"]),
         create_time=row["create_time"],
     )
+
+
+@contextlib.asynccontextmanager
+async def listen_for_changes(database_url: str) -> AsyncIterator[AsyncIterator[UUID]]:
+    """A connection of its own that LISTENs for job changes; yields, once listening, the ids of changed jobs as
+    their transactions commit. DependencyUnavailable when PostgreSQL cannot be reached or the connection breaks."""
+    try:
+        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+            await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANGES_CHANNEL)))
+
+            async def changes() -> AsyncIterator[UUID]:
+                try:
+                    async for notify in conn.notifies():
+                        with contextlib.suppress(ValueError):
+                            yield UUID(notify.payload)
+                except psycopg.OperationalError as exc:
+                    raise DependencyUnavailable("database", type(exc).__name__) from exc
+
+            yield changes()
+    except psycopg.OperationalError as exc:
+        raise DependencyUnavailable("database", type(exc).__name__) from exc
 
 
 class JobStore:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from contextlib import AsyncExitStack
 from dataclasses import replace
 
@@ -81,9 +82,10 @@ async def _failure(call) -> grpc.StatusCode:
 
 
 async def test_transient_failure_is_retried_and_the_job_finishes(
-    jobs_settings, start_jobs_api, start_worker, inference, add_one, redis_url, tmp_path
+    jobs_settings, start_jobs_api, start_worker, inference, add_one, redis_url, tmp_path, caplog
 ) -> None:
-    """The inference service stops mid-job and comes back on the same port; the job resumes and completes."""
+    """The inference service stops mid-job and comes back on the same port; the job resumes and completes, and
+    each retry is one quiet log line."""
     await upload(inference, "add-one", add_one)
     from tests.integration.inference.conftest import inference_settings_for
 
@@ -118,6 +120,14 @@ async def test_transient_failure_is_retried_and_the_job_finishes(
     assert counted("modelforge_jobs_retries_total") == final.attempt_count - 1  # every run but the last
     assert counted("modelforge_jobs_runs_started_total") == final.attempt_count
     assert counted("modelforge_jobs_items_total") == 30_000  # stored once each, across the runs
+
+    retried = [r for r in caplog.records if r.name == "modelforge.jobs.runner" and "running again in" in r.message]
+    assert len(retried) == final.attempt_count - 1
+    for record in retried:
+        assert record.levelno == logging.WARNING and record.exc_info is None and "\n" not in record.message
+        assert record.message.startswith(f"job {job.id}: attempt ") and "UNAVAILABLE" in record.message
+    tracebacks = [r for r in caplog.records if r.exc_info and r.name.startswith(("dramatiq", "modelforge.jobs"))]
+    assert not tracebacks, [r.message for r in tracebacks]
 
 
 async def test_permanent_failure_fails_at_once_with_its_reason(
