@@ -85,11 +85,11 @@ def test_services_start_after_their_dependencies_are_healthy(compose: dict[str, 
 
 def test_blobs_and_data_live_on_named_volumes(compose: dict[str, Any]) -> None:
     assert {"modelforge-data", "postgres-data", "redis-data"} <= set(compose["volumes"])
-    for name in ("registry", "jobs", "jobs-worker"):
-        assert "modelforge-data:/data" in compose["services"][name]["volumes"]
+    # Model files are the only state on disk; job datasets and results live in PostgreSQL.
+    assert "modelforge-data:/data" in compose["services"]["registry"]["volumes"]
     shared = compose["x-modelforge-environment"]
     assert shared["MODELFORGE_BLOB_DIR"].startswith("/data/")
-    assert shared["MODELFORGE_DATASET_DIR"].startswith("/data/")
+    assert not any("DATASET" in key for key in shared)
 
 
 def test_observability_is_an_opt_in_profile_wired_to_the_services(compose: dict[str, Any]) -> None:
