@@ -77,6 +77,9 @@ class Env:
     def environ(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MODELFORGE_")}
         env["MODELFORGE_DATA_DIR"] = str(self.data_dir)
+        # Metrics have their own tests; here the default ports could be held by a suite already running.
+        env["MODELFORGE_METRICS_PORT"] = "0"
+        env["MODELFORGE_WORKER_METRICS_PORT"] = "0"
         env["MODELFORGE_REGISTRY_ADDRESS"] = self.registry
         env["MODELFORGE_INFERENCE_ADDRESS"] = self.inference
         env["MODELFORGE_JOBS_ADDRESS"] = self.jobs
