@@ -174,6 +174,16 @@ class Page(Generic[T]):
 
 
 @dataclass(frozen=True)
+class Inventory:
+    """What the database holds, counted: the registry's gauges."""
+
+    models: int
+    versions: dict[VersionState, int]
+    blobs: int
+    blob_bytes: int
+
+
+@dataclass(frozen=True)
 class ModelEvent:
     type: EventType
     model: str = ""

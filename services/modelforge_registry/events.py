@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from datetime import datetime
 from typing import Any
 
@@ -57,7 +57,7 @@ class EventHub:
         self._live.set()  # wakes watches still waiting for the feed; they see the hub closed
         self._interrupt(_CLOSED)
 
-    async def watch(self, model: str = "", *, wait_seconds: float = 5.0) -> AsyncIterator[ModelEvent]:
+    async def watch(self, model: str = "", *, wait_seconds: float = 5.0) -> AsyncGenerator[ModelEvent, None]:
         """WATCH_STARTED once the subscription is live, then every later event (of `model` if given)."""
         queue: asyncio.Queue[ModelEvent | str | None] = asyncio.Queue(_QUEUE_LIMIT)
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TypeVar
@@ -36,8 +37,10 @@ from modelforge_registry.errors import (
     VersionNotFound,
 )
 from modelforge_registry.events import EventHub
+from modelforge_registry.metrics import RegistryMetrics
 from modelforge_registry.store import RegistryStore
-from modelforge_server.errors import InvalidArgument
+from modelforge_server import telemetry
+from modelforge_server.errors import InvalidArgument, require
 from modelforge_server.metrics import Metrics
 
 log = logging.getLogger("modelforge.registry")
@@ -76,12 +79,15 @@ class ModelRegistry:
         chunk_bytes: int,
         metrics: Metrics | None = None,
     ) -> None:
-        self.metrics = metrics if metrics is not None else Metrics(process_collector=False)
         self._store = store
         self._blobs = blobs
         self._events = events
         self._max_model_bytes = max_model_bytes
         self._chunk_bytes = chunk_bytes
+        self._metrics = RegistryMetrics(
+            metrics if metrics is not None else Metrics(process_collector=False), store.inventory
+        )
+        self._tracer = telemetry.tracer(__name__)
 
     async def ping(self) -> None:
         """Raises unless the database answers; the health check."""
@@ -116,9 +122,18 @@ class ModelRegistry:
 
         The size limit is enforced as bytes arrive; the announced size and sha256, and the ONNX file itself, are
         checked once all bytes are in; then the file moves into the blob store and the version row is inserted in
-        one transaction.
+        one transaction. Every call counts once in ``modelforge_registry_uploads_total``, by its result.
         """
-        check_model_name(header.model, "header.model")
+        try:
+            version = await self._upload(header, chunks)
+        except BaseException as exc:
+            self._metrics.upload_ended(exc)
+            raise
+        self._metrics.upload_ended(None)
+        return version
+
+    async def _upload(self, header: UploadHeader, chunks: AsyncIterator[bytes]) -> ModelVersion:
+        check_model_name(require(header.model, "header.model"), "header.model")
         if not SHA256_HEX.match(header.sha256):
             raise InvalidChecksum(header.sha256)
         if header.size_bytes <= 0:
@@ -127,9 +142,11 @@ class ModelRegistry:
             raise ModelTooLarge(header.size_bytes, self._max_model_bytes)
         if not header.create_model:
             await self._store.get_model(header.model)  # NOT_FOUND before any byte is read
+        attributes: dict[str, str | int] = {"modelforge.model": header.model}
         staged = self._blobs.stage()
         try:
             async for chunk in chunks:
+                self._metrics.received(len(chunk))
                 if staged.size + len(chunk) > self._max_model_bytes:
                     raise ModelTooLarge(staged.size + len(chunk), self._max_model_bytes)
                 await staged.write(chunk)
@@ -138,14 +155,17 @@ class ModelRegistry:
                 raise SizeMismatch(header.size_bytes, staged.size)
             if staged.sha256 != header.sha256:
                 raise ChecksumMismatch(header.sha256, staged.sha256)
-            signature, info = await onnxfile.inspect(staged.path)
+            attributes["modelforge.size_bytes"] = staged.size
+            with self._tracer.start_as_current_span("upload validation", attributes=attributes):
+                signature, info = await onnxfile.inspect(staged.path)
             file = StoredFile(sha256=staged.sha256, size_bytes=staged.size, signature=signature, onnx=info)
             placed = False
 
             async def place() -> None:
                 nonlocal placed
                 placed = True
-                await self._blobs.place(staged, file.sha256)
+                with self._tracer.start_as_current_span("blob write", attributes=attributes):
+                    await self._blobs.place(staged, file.sha256)
 
             try:
                 version = await self._store.add_version(header, file, place)
@@ -212,9 +232,15 @@ class ModelRegistry:
 
     # Events
 
-    def watch(self, model: str = "") -> AsyncIterator[ModelEvent]:
+    async def watch(self, model: str = "") -> AsyncIterator[ModelEvent]:
         """WATCH_STARTED, then every change committed through any replica (of `model` if given)."""
-        return self._events.watch(model)
+        self._metrics.watch_opened()
+        try:
+            async with contextlib.aclosing(self._events.watch(model)) as events:
+                async for event in events:
+                    yield event
+        finally:
+            self._metrics.watch_closed()
 
     async def _collect(self, sha256: str) -> None:
         """Removes a file from disk if no committed version records it, under the file's lock."""

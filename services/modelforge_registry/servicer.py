@@ -73,7 +73,6 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         if first is None or first.WhichOneof("content") != "header":
             raise UploadOutOfOrder("the first message of an upload must carry the header, and only the header")
         header = convert.header_from_proto(first.header)
-        require(header.model, "header.model")
         version = await self._registry.upload(header, _chunks(request_iterator))
         return registry_pb2.UploadModelVersionResponse(model_version=convert.version_to_proto(version))
 

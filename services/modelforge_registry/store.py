@@ -15,6 +15,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from modelforge_registry.domain import (
     EventType,
+    Inventory,
     Model,
     ModelChanges,
     ModelFilter,
@@ -162,6 +163,28 @@ class RegistryStore:
         """Raises unless PostgreSQL answers."""
         async with self._pool.connection(timeout=2.0) as conn:
             await conn.execute("SELECT 1")
+
+    async def inventory(self) -> Inventory:
+        """Models, versions by state and stored files, counted in one snapshot."""
+        async with self._connection() as conn:
+            cur = await conn.execute(
+                """
+                SELECT (SELECT count(*) FROM registry.models),
+                       (SELECT COALESCE(jsonb_object_agg(state, n), '{}'::jsonb)
+                          FROM (SELECT state, count(*) AS n FROM registry.versions GROUP BY state) s),
+                       (SELECT count(*) FROM registry.blobs),
+                       (SELECT COALESCE(sum(size_bytes), 0) FROM registry.blobs)
+                """
+            )
+            row = await cur.fetchone()
+        assert row is not None
+        models, versions, blobs, blob_bytes = row
+        return Inventory(
+            models=int(models),
+            versions={VersionState(state): int(n) for state, n in versions.items()},
+            blobs=int(blobs),
+            blob_bytes=int(blob_bytes),
+        )
 
     # Models
 
