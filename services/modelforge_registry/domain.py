@@ -10,9 +10,16 @@ from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
-MODEL_NAME = re.compile(r"^[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?$")
-ALIAS_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
-SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+# Matched with fullmatch (a trailing newline does not pass).
+MODEL_NAME = re.compile(r"[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?")
+ALIAS_NAME = re.compile(r"[a-z][a-z0-9_-]{0,62}")
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+# Label keys as Kubernetes has them: an optional DNS-subdomain prefix and '/', then a name of at most 63 characters
+# of A-Z, a-z, 0-9, '-', '_' and '.' that begins and ends with a letter or digit (modelforge.io/max-batch-size).
+LABEL_PREFIX = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*")
+LABEL_PREFIX_MAX = 253
+LABEL_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,61}[A-Za-z0-9])?")
+LABEL_VALUE_MAX = 256
 
 
 class VersionState(enum.StrEnum):

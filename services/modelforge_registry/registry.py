@@ -11,6 +11,10 @@ from modelforge_registry import onnxfile
 from modelforge_registry.blobs import BlobStore
 from modelforge_registry.domain import (
     ALIAS_NAME,
+    LABEL_NAME,
+    LABEL_PREFIX,
+    LABEL_PREFIX_MAX,
+    LABEL_VALUE_MAX,
     MODEL_NAME,
     SHA256_HEX,
     Model,
@@ -30,6 +34,7 @@ from modelforge_registry.errors import (
     ChecksumMismatch,
     InvalidAlias,
     InvalidChecksum,
+    InvalidLabel,
     InvalidModelName,
     InvalidVersionNumber,
     ModelTooLarge,
@@ -49,15 +54,43 @@ K = TypeVar("K")
 
 
 def check_model_name(name: str, field: str = "name") -> str:
-    if not MODEL_NAME.match(name):
+    if not MODEL_NAME.fullmatch(name):
         raise InvalidModelName(name, field)
     return name
 
 
 def check_alias(alias: str, field: str = "alias") -> str:
-    if not ALIAS_NAME.match(alias):
+    if not ALIAS_NAME.fullmatch(alias):
         raise InvalidAlias(alias, field)
     return alias
+
+
+def check_labels(labels: dict[str, str] | None, field: str = "labels") -> dict[str, str] | None:
+    """Label keys like Kubernetes': [prefix/]name, the prefix a DNS subdomain, the name 1 to 63 characters of
+    A-Z, a-z, 0-9, '-', '_' and '.' beginning and ending with a letter or digit; values up to 256 characters."""
+    for key, value in (labels or {}).items():
+        prefix, slash, name = key.rpartition("/")
+        if slash and not prefix:
+            raise InvalidLabel(key, "the prefix before '/' is empty; drop the '/' or name a DNS subdomain", field)
+        if prefix and (len(prefix) > LABEL_PREFIX_MAX or not LABEL_PREFIX.fullmatch(prefix)):
+            raise InvalidLabel(
+                key,
+                f"the prefix {prefix!r} must be a DNS subdomain of at most {LABEL_PREFIX_MAX} characters "
+                "(lowercase letters, digits, '-' and '.', such as modelforge.io)",
+                field,
+            )
+        if not LABEL_NAME.fullmatch(name):
+            raise InvalidLabel(
+                key,
+                "the name (after any 'prefix/') must be 1 to 63 characters of A-Z, a-z, 0-9, '-', '_' and '.', "
+                "beginning and ending with a letter or digit",
+                field,
+            )
+        if len(value) > LABEL_VALUE_MAX:
+            raise InvalidLabel(
+                key, f"its value has {len(value)} characters; at most {LABEL_VALUE_MAX} are allowed", field
+            )
+    return labels
 
 
 def check_version(version: int, field: str = "version") -> int:
@@ -97,6 +130,7 @@ class ModelRegistry:
 
     async def create_model(self, new: NewModel) -> Model:
         check_model_name(new.name, "model.name")
+        check_labels(new.labels, "model.labels")
         return await self._store.create_model(new)
 
     async def get_model(self, name: str) -> Model:
@@ -106,6 +140,7 @@ class ModelRegistry:
         return await self._store.list_models(where, limit=limit, after=_key(after, str))
 
     async def update_model(self, name: str, changes: ModelChanges) -> Model:
+        check_labels(changes.labels, "model.labels")
         return await self._store.update_model(name, changes)
 
     async def delete_model(self, name: str, *, force: bool) -> int:
@@ -134,7 +169,8 @@ class ModelRegistry:
 
     async def _upload(self, header: UploadHeader, chunks: AsyncIterator[bytes]) -> ModelVersion:
         check_model_name(require(header.model, "header.model"), "header.model")
-        if not SHA256_HEX.match(header.sha256):
+        check_labels(header.labels, "header.labels")
+        if not SHA256_HEX.fullmatch(header.sha256):
             raise InvalidChecksum(header.sha256)
         if header.size_bytes <= 0:
             raise InvalidArgument("header.size_bytes must be the file's size in bytes", field="header.size_bytes")
@@ -195,6 +231,7 @@ class ModelRegistry:
         return await self._store.list_versions(model, state, limit=limit, before=_key(after, int))
 
     async def update_version(self, model: str, version: int, changes: VersionChanges) -> ModelVersion:
+        check_labels(changes.labels, "model_version.labels")
         return await self._store.update_version(model, check_version(version), changes)
 
     async def archive(self, model: str, version: int) -> ModelVersion:

@@ -16,19 +16,34 @@ async def failure(call: Awaitable[Any]) -> tuple[grpc.StatusCode, str, str]:
     try:
         result = await call
     except grpc.aio.AioRpcError as exc:
-        return exc.code(), _reason(exc), exc.details() or ""
+        return exc.code(), reason_of(exc), exc.details() or ""
     raise AssertionError(f"the call succeeded but was expected to fail: {result!r}")
 
 
-def _reason(exc: grpc.aio.AioRpcError) -> str:
+def reason_of(exc: grpc.aio.AioRpcError) -> str:
+    """The ErrorInfo reason in a failed call's google.rpc.Status; "" when there is none."""
+    for detail in _details(exc):
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return info.reason
+    return ""
+
+
+def violated_fields(exc: grpc.aio.AioRpcError) -> list[str]:
+    """The request fields named by the BadRequest detail of a failed call's google.rpc.Status."""
+    fields: list[str] = []
+    for detail in _details(exc):
+        bad = error_details_pb2.BadRequest()
+        if detail.Unpack(bad):
+            fields += [violation.field for violation in bad.field_violations]
+    return fields
+
+
+def _details(exc: grpc.aio.AioRpcError) -> list[Any]:
     for key, value in exc.trailing_metadata() or ():
         if key == "grpc-status-details-bin":
-            status = status_pb2.Status.FromString(value)
-            for detail in status.details:
-                info = error_details_pb2.ErrorInfo()
-                if detail.Unpack(info):
-                    return info.reason
-    return ""
+            return list(status_pb2.Status.FromString(value).details)
+    return []
 
 
 def ref(name: str, *, version: int | None = None, alias: str | None = None) -> pb.ResolveModelRefRequest:

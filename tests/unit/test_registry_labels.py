@@ -1,0 +1,71 @@
+"""Label keys and values of models and versions: Kubernetes-style keys, values of at most 256 characters."""
+
+from __future__ import annotations
+
+import pytest
+
+from modelforge_registry.errors import InvalidLabel
+from modelforge_registry.registry import check_labels
+
+VALID_KEYS = [
+    "team",
+    "a",
+    "Stage",
+    "1",
+    "v1.2_x-y",
+    "modelforge.io/max-batch-size",
+    "modelforge.io/cache",
+    "example.com/Owner",
+    "a-b.c-d/e",
+    "x" * 63,
+    f"{'p' * 63}.{'q' * 63}.{'r' * 63}.{'s' * 61}/name",  # a prefix of 253 characters
+]
+INVALID_KEYS = [
+    "",
+    "/name",
+    "modelforge.io/",
+    "-team",
+    "team-",
+    "_team",
+    "team.",
+    "x" * 64,
+    "has space",
+    "ümlaut",
+    "team\n",
+    "Modelforge.io/cache",  # the prefix is a DNS subdomain: lowercase
+    "modelforge..io/cache",
+    "-modelforge.io/cache",
+    "a/b/c",
+    "under_score.io/name",
+    f"{'p' * 63}.{'q' * 63}.{'r' * 63}.{'s' * 62}/name",  # a prefix of 254 characters
+]
+
+
+@pytest.mark.parametrize("key", VALID_KEYS)
+def test_valid_keys_pass(key: str) -> None:
+    assert check_labels({key: "value"}) == {key: "value"}
+
+
+@pytest.mark.parametrize("key", INVALID_KEYS)
+def test_invalid_keys_are_refused_by_name(key: str) -> None:
+    with pytest.raises(InvalidLabel) as caught:
+        check_labels({"fine": "ok", key: "value"}, "model.labels")
+    assert repr(key) in str(caught.value)
+    assert caught.value.metadata["label"] == key
+    assert caught.value.field == "model.labels"
+
+
+def test_values_up_to_256_characters_of_anything_pass() -> None:
+    labels = {"empty": "", "long": "v" * 256, "free": "1.2.3-rc.1+build/ä ü?"}
+    assert check_labels(labels) == labels
+
+
+def test_a_longer_value_is_refused_naming_its_key() -> None:
+    with pytest.raises(InvalidLabel) as caught:
+        check_labels({"note": "v" * 257})
+    assert "'note'" in str(caught.value) and "257" in str(caught.value)
+
+
+def test_no_labels_is_fine() -> None:
+    assert check_labels(None) is None
+    assert check_labels({}) == {}
