@@ -42,6 +42,7 @@ async def build(settings: RegistrySettings, stack: AsyncExitStack) -> app.Server
         chunk_bytes=settings.chunk_bytes,
         metrics=metrics,
     )
+    await registry.sweep_orphans()  # files left by a replica that died mid-upload
     server = app.build_server(
         [app.Api(SERVICE, RegistryServicer(registry), registry_pb2_grpc.add_RegistryServiceServicer_to_server)],
         domain="modelforge.registry",

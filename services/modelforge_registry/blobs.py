@@ -12,10 +12,13 @@ from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import BinaryIO
 
+from modelforge_registry.domain import SHA256_HEX
+
 # Chunks at least this large are written and hashed in a worker thread rather than on the event loop.
 _THREAD_THRESHOLD = 64 * 1024
-# A staged file nobody has written to for this long belongs to an upload whose process died.
-_STALE_SECONDS = 3600.0
+# A staged file nobody has written to for this long belongs to an upload whose process died; a stored file this old
+# that no version records is left over too (see ModelRegistry.sweep_orphans).
+STALE_SECONDS = 3600.0
 
 
 class StagedFile:
@@ -73,7 +76,7 @@ class BlobStore:
         progress writes to its file with every chunk.
         """
         self.incoming.mkdir(parents=True, exist_ok=True)
-        cutoff = time.time() - _STALE_SECONDS
+        cutoff = time.time() - STALE_SECONDS
         for leftover in self.incoming.iterdir():
             with contextlib.suppress(OSError):
                 if leftover.stat().st_mtime < cutoff:
@@ -81,6 +84,23 @@ class BlobStore:
 
     def path(self, sha256: str) -> Path:
         return self.root / sha256[:2] / sha256
+
+    def stored_before(self, cutoff: float) -> list[str]:
+        """The sha256 of every stored file last modified before `cutoff` (a time.time() value).
+
+        Only files at their content address count; anything else in the directory is left alone.
+        """
+        found = []
+        for shard in self.root.iterdir():
+            if len(shard.name) != 2 or not shard.is_dir():
+                continue
+            for entry in shard.iterdir():
+                if not (SHA256_HEX.fullmatch(entry.name) and entry.name.startswith(shard.name)):
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    if entry.is_file() and entry.stat().st_mtime < cutoff:
+                        found.append(entry.name)
+        return sorted(found)
 
     def stage(self) -> StagedFile:
         """A new empty temporary file for one upload."""

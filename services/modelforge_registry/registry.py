@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TypeVar
 
 from modelforge_registry import onnxfile
-from modelforge_registry.blobs import BlobStore
+from modelforge_registry.blobs import STALE_SECONDS, BlobStore
 from modelforge_registry.domain import (
     ALIAS_NAME,
     LABEL_NAME,
@@ -279,11 +281,35 @@ class ModelRegistry:
         finally:
             self._metrics.watch_closed()
 
-    async def _collect(self, sha256: str) -> None:
-        """Removes a file from disk if no committed version records it, under the file's lock."""
+    async def sweep_orphans(self, *, min_age_seconds: float = STALE_SECONDS) -> int:
+        """Removes stored files that no version records and nobody wrote for `min_age_seconds`; returns how many.
+
+        Such files are left when a process dies between placing a file and committing (or dropping) its version.
+        Replicas may share the blob directory, so a file younger than that may belong to an upload in progress;
+        each removal also holds the file's lock, as uploads do while they place and record it.
+        """
+        candidates = await asyncio.to_thread(self._blobs.stored_before, time.time() - min_age_seconds)
+        if not candidates:
+            return 0
+        recorded = await self._store.recorded_blobs(candidates)
+        removed = 0
+        for sha256 in candidates:
+            if sha256 in recorded:
+                continue
+            try:
+                removed += await self._collect(sha256)
+            except OSError as exc:
+                log.warning("cannot remove the orphaned file %s: %s", sha256, exc)
+        if removed:
+            log.info("removed %d orphaned file(s) from the blob store", removed)
+        return removed
+
+    async def _collect(self, sha256: str) -> bool:
+        """Removes a file from disk if no committed version records it, under the file's lock; True if it did."""
         async with self._store.blob_lock(sha256) as recorded:
             if not recorded:
                 await self._blobs.remove(sha256)
+        return not recorded
 
 
 def _key(key: list[object] | None, kind: type[K]) -> K | None:

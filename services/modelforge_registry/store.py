@@ -324,6 +324,12 @@ class RegistryStore:
             cur = await conn.execute("SELECT 1 FROM registry.blobs WHERE sha256 = %s", (sha256,))
             yield await cur.fetchone() is not None
 
+    async def recorded_blobs(self, sha256s: list[str]) -> set[str]:
+        """Those of `sha256s` that a registry.blobs row records (which some version uses, or is about to)."""
+        async with self._connection() as conn:
+            cur = await conn.execute("SELECT sha256 FROM registry.blobs WHERE sha256 = ANY(%s)", (sha256s,))
+            return {row[0] for row in await cur.fetchall()}
+
     async def get_version(self, model: str, version: int) -> ModelVersion:
         async with self._connection() as conn:
             return await _version(conn, model, version)

@@ -94,3 +94,14 @@ def test_open_removes_only_staged_files_untouched_for_an_hour(tmp_path: Path) ->
     os.utime(stale, (two_hours_ago, two_hours_ago))
     store.open()
     assert sorted(p.name for p in store.incoming.iterdir()) == ["upload-new.part"]
+
+
+async def test_stored_before_lists_old_files_at_their_content_address_only(store: BlobStore) -> None:
+    old, new = await put(store, SMALL), await put(store, LARGE)
+    two_hours_ago = time.time() - 7200
+    os.utime(store.path(old), (two_hours_ago, two_hours_ago))
+    stray = store.root / old[:2] / "notes.txt"
+    stray.write_bytes(b"not a blob")
+    os.utime(stray, (two_hours_ago, two_hours_ago))
+    assert store.stored_before(time.time() - 3600) == [old]
+    assert store.stored_before(time.time() + 60) == sorted([old, new])
