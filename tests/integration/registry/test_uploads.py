@@ -215,6 +215,9 @@ async def test_client_cancelling_mid_upload_leaves_nothing(registry, mlp) -> Non
 
     await asyncio.wait_for(staging_emptied(), 30)
     await assert_nothing_stored(registry, "cancelled")
+    uploads = registry.server.metrics.registry.get_sample_value
+    assert uploads("modelforge_registry_uploads_total", {"result": "cancelled"}) == 1
+    assert uploads("modelforge_registry_uploads_total", {"result": "ok"}) == 0
 
 
 async def test_parallel_uploads_get_distinct_consecutive_versions(registry) -> None:
