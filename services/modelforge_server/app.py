@@ -78,7 +78,7 @@ class Server:
 
     def add_port(self, address: str) -> int:
         """Binds an insecure port and returns its number (useful with port 0)."""
-        port = self.grpc.add_insecure_port(address)
+        port: int = self.grpc.add_insecure_port(address)
         if port == 0:
             raise OSError(f"cannot listen on {address}: the address is in use or invalid")
         return port

@@ -82,7 +82,7 @@ async def migrate(pool: AsyncConnectionPool, *, schema: str, package: str) -> li
                 )
                 if await cur.fetchone():
                     continue
-                await conn.execute(text)  # type: ignore[arg-type]  # trusted SQL shipped with the package
+                await conn.execute(text)  # trusted SQL shipped with the package
                 await conn.execute(
                     sql.SQL("INSERT INTO {}.schema_migrations (version, name) VALUES (%s, %s)").format(ident),
                     (number, name),

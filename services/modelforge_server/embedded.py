@@ -23,9 +23,9 @@ def start_postgres(data_dir: Path) -> tuple[str, Stop]:
     with warnings.catch_warnings():
         # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); pgserver copes with the fallback.
         warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
-        import pgserver  # imported here: only the embedded mode needs it
+        from pgserver.postgres_server import get_server  # imported here: only the embedded mode needs it
 
-        server = pgserver.get_server(pgdata, cleanup_mode="stop")
+        server = get_server(pgdata, cleanup_mode="stop")
     url: str = server.get_uri()
     log.info("embedded PostgreSQL at %s", pgdata)
 

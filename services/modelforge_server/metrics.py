@@ -166,7 +166,7 @@ _FACTORIES: dict[str, Callable[..., grpc.RpcMethodHandler]] = {
 }
 
 
-class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
+class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc has no type stubs
     """Counts every RPC by method and final code, times it, and tracks how many are in flight."""
 
     def __init__(self, metrics: Metrics) -> None:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import Any, NoReturn
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from typing import Any, NoReturn, Protocol
 
 import grpc
 from google.protobuf import any_pb2
@@ -58,7 +58,15 @@ def status_for(exc: errors.ServiceError, domain: str) -> status_pb2.Status:
     return status_pb2.Status(code=code.value[0], message=str(exc), details=details)
 
 
-async def abort(context: grpc.aio.ServicerContext, exc: BaseException, domain: str) -> NoReturn:
+class AbortingContext(Protocol):
+    """What `abort` needs of a grpc.aio.ServicerContext: its ``abort`` ends the call by raising, never returning."""
+
+    async def abort(
+        self, code: grpc.StatusCode, details: str = ..., trailing_metadata: Sequence[tuple[str, str | bytes]] = ...
+    ) -> NoReturn: ...
+
+
+async def abort(context: AbortingContext, exc: BaseException, domain: str) -> NoReturn:
     """Ends the call with the status that `exc` maps to."""
     if isinstance(exc, NotImplementedError):
         # The generated servicer base classes raise it for RPCs a service does not implement.
@@ -73,7 +81,7 @@ async def abort(context: grpc.aio.ServicerContext, exc: BaseException, domain: s
 Behavior = Callable[[Any, grpc.aio.ServicerContext], Any]
 
 
-class StatusInterceptor(grpc.aio.ServerInterceptor):
+class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc has no type stubs
     """Turns exceptions escaping our servicers into statuses, for all four RPC shapes."""
 
     def __init__(self, domain: str, services: Iterable[str]) -> None:

@@ -224,7 +224,7 @@ _BY_CODE: dict[grpc.StatusCode, type[ModelForgeError]] = {
 
 def _rich_status(error: grpc.RpcError) -> status_pb2.Status | None:
     try:
-        return rpc_status.from_call(error)  # type: ignore[arg-type]
+        return rpc_status.from_call(error)
     except (ValueError, DecodeError, AttributeError, TypeError):
         # A trailer that does not match the call's status, does not parse, or an error that is no Call.
         return None

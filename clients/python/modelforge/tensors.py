@@ -361,19 +361,19 @@ def to_text(array: Any, name: str = "") -> np.ndarray[Any, Any]:
         ValueError: an element is neither bytes nor str, or is not valid UTF-8.
     """
     what = f"tensor {name!r}" if name else "tensor"
-    array = np.asarray(array)
-    if array.dtype.kind == "U":
-        return array.astype(object)
-    if array.dtype.kind not in "OS":
-        raise ValueError(f"{what}: expected strings, got an array of {array.dtype}")
-    items = array.ravel(order="C").tolist()
-    if array.dtype.kind == "O" and all(type(item) is str for item in items):
+    values: np.ndarray[Any, Any] = np.asarray(array)
+    if values.dtype.kind == "U":
+        return values.astype(object)
+    if values.dtype.kind not in "OS":
+        raise ValueError(f"{what}: expected strings, got an array of {values.dtype}")
+    items = values.ravel(order="C").tolist()
+    if values.dtype.kind == "O" and all(type(item) is str for item in items):
         decoded: list[str] = items
     else:
-        decoded = _decode_utf8(_string_elements(array, what), what)
-    out = np.empty(array.size, dtype=object)
+        decoded = _decode_utf8(_string_elements(values, what), what)
+    out = np.empty(values.size, dtype=object)
     out[:] = decoded
-    return out.reshape(array.shape)
+    return out.reshape(values.shape)
 
 
 def _string_elements(array: np.ndarray[Any, Any], what: str) -> list[bytes]:
