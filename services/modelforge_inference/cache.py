@@ -112,7 +112,7 @@ def prediction_digest(model_sha256: str, inputs: Mapping[str, np.ndarray], outpu
         else:
             data = _little_endian(array)
             digest.update(struct.pack("<Q", data.nbytes))
-            digest.update(data.reshape(-1).view(np.uint8))
+            digest.update(data.reshape(-1).view(np.uint8).data)
     names = sorted(set(output_names))
     digest.update(struct.pack("<I", len(names)))
     for name in names:
@@ -286,7 +286,7 @@ class SingleFlight(Generic[K, T]):
         if flight is None:
             flight = _Flight(asyncio.ensure_future(work()))
             self._flights[key] = flight
-            flight.task.add_done_callback(lambda _, f=flight: self._finished(key, f))
+            flight.task.add_done_callback(lambda _: self._finished(key, flight))  # flight is never rebound
         flight.waiters += 1
         try:
             return await asyncio.shield(flight.task)
@@ -558,7 +558,9 @@ class PredictionCache:
         Typical use on a miss: ``await cache.single_flight(key, run_and_store)``, where run_and_store runs the model
         and calls :meth:`put`. An exception from compute reaches every caller sharing it.
         """
-        return await self._flights.run(key.digest, compute)
+        # The flights are shared by all callers (typed Any); the work for one key is always the same compute, so T.
+        result: T = await self._flights.run(key.digest, compute)
+        return result
 
     # -- Redis -----------------------------------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ from modelforge_server.errors import InvalidArgument
 
 _UINT16 = np.dtype("<u2")
 
-_CACHE_MODES = {
+_CACHE_MODES: dict[int, CacheMode] = {
     pb.CACHE_MODE_UNSPECIFIED: CacheMode.USE,
     pb.CACHE_MODE_USE: CacheMode.USE,
     pb.CACHE_MODE_BYPASS: CacheMode.BYPASS,
@@ -88,7 +88,7 @@ def inputs(messages: Sequence[tensor_pb2.Tensor]) -> dict[str, np.ndarray]:
 
 
 def cache_mode(value: int) -> CacheMode:
-    mode = _CACHE_MODES.get(value)  # type: ignore[call-overload]
+    mode = _CACHE_MODES.get(value)
     if mode is None:
         raise InvalidArgument(f"cache_mode {value} is not a CacheMode value", field="cache_mode")
     return mode
@@ -190,7 +190,7 @@ def raw_view(array: np.ndarray) -> memoryview:
     """The array's little-endian bytes as a flat view; copies only when the array is not already laid out so."""
     if array.dtype.byteorder == ">":
         array = array.astype(array.dtype.newbyteorder("<"))
-    return memoryview(np.ascontiguousarray(array)).cast("B")
+    return np.ascontiguousarray(array).data.cast("B")
 
 
 def string_elements(array: np.ndarray) -> list[bytes]:

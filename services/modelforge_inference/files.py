@@ -27,6 +27,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from opentelemetry.util.types import AttributeValue
+
 from modelforge.registry.v1 import registry_pb2_grpc
 from modelforge_inference.cache import SingleFlight
 from modelforge_inference.domain import ResolvedModel
@@ -180,7 +182,11 @@ class ModelFileCache:
         if size > self._max_bytes:
             raise ModelFileTooLarge(model, self._max_bytes)
         self._reserved += size
-        attributes = {"modelforge.model": model.name, "modelforge.version": model.version, "modelforge.bytes": size}
+        attributes: dict[str, AttributeValue] = {
+            "modelforge.model": model.name,
+            "modelforge.version": model.version,
+            "modelforge.bytes": size,
+        }
         try:
             with self._tracer.start_as_current_span("model download", attributes=attributes):
                 return await self._fetch(model)

@@ -189,9 +189,9 @@ class _EngineCollector(Collector):
         )
         for name, documentation, attribute in histograms:
             histogram = HistogramMetricFamily(PREFIX + name, documentation, labels=LABELS)
-            for (model, version), held in instruments:
-                buckets, total = getattr(held, attribute).buckets()
-                histogram.add_metric([model, str(version)], buckets, total)
+            for (model_name, version), version_instruments in instruments:
+                buckets, total = getattr(version_instruments, attribute).buckets()
+                histogram.add_metric([model_name, str(version)], buckets, total)
             yield histogram
         counters = (
             ("requests", "Prediction requests that resolved to the version, answered or not.", "requests"),

@@ -98,7 +98,7 @@ _DATATYPES: dict[np.dtype[Any], str] = {
 }
 
 # V2 datatype -> the model configuration's DataType.
-_CONFIG_TYPES: dict[str, int] = {
+_CONFIG_TYPES: dict[str, config_pb.DataType.ValueType] = {
     "BOOL": config_pb.TYPE_BOOL,
     "UINT8": config_pb.TYPE_UINT8,
     "UINT16": config_pb.TYPE_UINT16,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import grpc
@@ -240,7 +240,7 @@ class RegistryClient:
             )
         return resolved_model(response.model_version)
 
-    async def download(self, model: ResolvedModel) -> AsyncIterator[bytes]:
+    async def download(self, model: ResolvedModel) -> AsyncGenerator[bytes, None]:
         """The file of ``model``, chunk by chunk. Checks that the registry sends that very version and sha256;
         the caller checks the bytes. Closing the generator early cancels the call."""
         what = f"send the file of {model.name}:{model.version}"
@@ -270,7 +270,7 @@ class RegistryClient:
         finally:
             call.cancel()
 
-    async def watch(self, model: str = "") -> AsyncIterator[ModelEvent]:
+    async def watch(self, model: str = "") -> AsyncGenerator[ModelEvent, None]:
         """The registry's model events, from WATCH_STARTED on, until the stream breaks (RegistryUnavailable) or
         the registry ends it (the generator returns). Closing the generator cancels the call."""
         call = self._stub.WatchModelEvents(registry_pb2.WatchModelEventsRequest(model=model))
