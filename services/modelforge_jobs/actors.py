@@ -246,7 +246,7 @@ def declare_actors(
                 # logging a traceback for an expected failure.
                 raise dramatiq.Retry(str(exc), delay=int(exc.delay * 1000)) from exc
 
-    actors = {
+    actors: dict[Priority, dramatiq.Actor[[str, dict[str, str] | None], None]] = {
         priority: dramatiq.Actor(
             run_job,
             broker=broker,

@@ -18,23 +18,23 @@ _STATES = {
     JobState.FAILED: jobs_pb2.JOB_STATE_FAILED,
     JobState.CANCELLED: jobs_pb2.JOB_STATE_CANCELLED,
 }
-_STATES_BACK = {value: key for key, value in _STATES.items()}
+_STATES_BACK: dict[int, JobState] = {value: key for key, value in _STATES.items()}
 _PRIORITIES = {
     Priority.LOW: jobs_pb2.JOB_PRIORITY_LOW,
     Priority.NORMAL: jobs_pb2.JOB_PRIORITY_NORMAL,
     Priority.HIGH: jobs_pb2.JOB_PRIORITY_HIGH,
 }
-_PRIORITIES_BACK = {value: key for key, value in _PRIORITIES.items()}
+_PRIORITIES_BACK: dict[int, Priority] = {value: key for key, value in _PRIORITIES.items()}
 
 
 def state_from_proto(value: int) -> JobState | None:
-    return _STATES_BACK.get(value)  # type: ignore[call-overload]
+    return _STATES_BACK.get(value)
 
 
 def priority_from_proto(value: int) -> Priority | None:
     if value == jobs_pb2.JOB_PRIORITY_UNSPECIFIED:
         return Priority.NORMAL
-    return _PRIORITIES_BACK.get(value)  # type: ignore[call-overload]
+    return _PRIORITIES_BACK.get(value)
 
 
 def ref_from_proto(ref: registry_pb2.ModelRef) -> ModelRefSpec:

@@ -81,7 +81,8 @@ def read_records(data: bytes) -> Iterator[DatasetRecord]:
             raise InvalidDataset(f"a record at byte {pos} claims {length} bytes but the file ends first")
         record = DatasetRecord()
         try:
-            record.ParseFromString(view[pos : pos + length])
+            # types-protobuf says bytes; the runtime takes any buffer, and a view spares a copy per record.
+            record.ParseFromString(view[pos : pos + length])  # type: ignore[arg-type]
         except Exception:
             raise InvalidDataset(f"the record at byte {pos} is not a DatasetRecord") from None
         pos += length

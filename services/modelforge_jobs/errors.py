@@ -125,40 +125,43 @@ class DependencyUnavailable(Unavailable):
         super().__init__(f"the {what} is unavailable ({detail}); retry later", dependency=what)
 
 
-class _Remote:
-    """A failure reported by the registry or the inference service; keeps the remote reason when it sent one."""
+class RemoteError(ServiceError):
+    """A failure reported by the registry or the inference service; keeps the remote reason when it sent one.
+
+    Each subclass is also the kind (InvalidArgument, NotFound, ...) the remote status code stands for.
+    """
 
     def __init__(self, message: str, *, reason: str | None = None) -> None:
-        super().__init__(message)  # type: ignore[call-arg]
+        super().__init__(message)
         if reason:
             self.reason = reason
 
 
-class RemoteInvalidArgument(_Remote, InvalidArgument):
+class RemoteInvalidArgument(RemoteError, InvalidArgument):
     reason = "INVALID_INPUT"
 
 
-class RemoteNotFound(_Remote, NotFound):
+class RemoteNotFound(RemoteError, NotFound):
     reason = "MODEL_NOT_FOUND"
 
 
-class RemoteFailedPrecondition(_Remote, FailedPrecondition):
+class RemoteFailedPrecondition(RemoteError, FailedPrecondition):
     reason = "FAILED_PRECONDITION"
 
 
-class RemoteResourceExhausted(_Remote, ResourceExhausted):
+class RemoteResourceExhausted(RemoteError, ResourceExhausted):
     reason = "RESOURCE_EXHAUSTED"
 
 
-class RemoteDeadlineExceeded(_Remote, DeadlineExceeded):
+class RemoteDeadlineExceeded(RemoteError, DeadlineExceeded):
     reason = "DEADLINE_EXCEEDED"
 
 
-class RemoteUnavailable(_Remote, Unavailable):
+class RemoteUnavailable(RemoteError, Unavailable):
     reason = "UNAVAILABLE"
 
 
-class RemoteInternal(_Remote, ServiceError):
+class RemoteInternal(RemoteError):
     reason = "REMOTE_INTERNAL"
 
 

@@ -20,7 +20,7 @@ from modelforge_jobs import errors
 from modelforge_jobs.domain import ModelRefSpec, Priority, ResolvedModel, TensorInfo
 from modelforge_server.errors import ServiceError
 
-_KINDS: dict[grpc.StatusCode, type[ServiceError]] = {
+_KINDS: dict[grpc.StatusCode, type[errors.RemoteError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: errors.RemoteInvalidArgument,
     grpc.StatusCode.OUT_OF_RANGE: errors.RemoteInvalidArgument,
     grpc.StatusCode.NOT_FOUND: errors.RemoteNotFound,
@@ -53,7 +53,7 @@ def translate(exc: grpc.aio.AioRpcError, service: str) -> ServiceError:
     kind = _KINDS.get(code, errors.RemoteInternal)
     details = exc.details() or code.name
     message = details if kind is not errors.RemoteUnavailable else f"the {service} is unavailable: {details}"
-    return kind(message, reason=_remote_reason(exc))  # type: ignore[call-arg]
+    return kind(message, reason=_remote_reason(exc))
 
 
 def _ref_proto(ref: ModelRefSpec) -> registry_pb2.ModelRef:

@@ -56,7 +56,7 @@ class RunnerSettings:
     def backoff(self, attempt: int) -> float:
         """Seconds to wait after failed attempt `attempt` (1, 2, ...): doubling from the minimum up to the
         maximum, with jitter in its upper half so that jobs failed by one outage do not come back in step."""
-        ceiling = min(self.retry_max_backoff, self.retry_min_backoff * 2 ** max(attempt - 1, 0))
+        ceiling: float = min(self.retry_max_backoff, self.retry_min_backoff * 2 ** max(attempt - 1, 0))
         return ceiling * (0.5 + random.random() / 2)
 
 

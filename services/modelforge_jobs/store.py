@@ -206,7 +206,8 @@ class JobStore:
         return _job(row)
 
     async def list_jobs(self, where: JobFilter, *, limit: int, after: list[Any] | None) -> Page:
-        clauses, params = ["TRUE"], []
+        clauses: list[str] = ["TRUE"]
+        params: list[object] = []
         if where.state is not None:
             clauses.append("state = %s")
             params.append(where.state.value)
