@@ -42,10 +42,11 @@ $(BUF): package.json
 	npm install --no-audit --no-fund --silent
 	@touch $(BUF)
 
-## ruff, buf lint and both formatters in check mode.
+## ruff, mypy (strict), buf lint and both formatters in check mode.
 lint: $(STAMP) $(BUF)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	$(BUF) lint
 	$(BUF) format -d --exit-code
 
