@@ -369,8 +369,19 @@ def machine() -> dict[str, str]:
         "grpcio": grpc.__version__,
         "onnxruntime": onnxruntime.__version__,
         "numpy": np.__version__,
+        "ModelForge commit": _commit(),
         "load average before the run": " ".join(f"{v:.2f}" for v in os.getloadavg()),
     }
+
+
+def _commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "services", "clients"], capture_output=True,
+                               text=True, check=True)  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.stdout.strip() + (" (services or SDK modified)" if dirty.stdout.strip() else "")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -398,7 +409,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args.duration = args.duration or (0.8 if args.quick else 3.0)
     args.warmup = args.warmup if args.warmup is not None else (0.3 if args.quick else 1.0)
     args.raw_seconds = 0.3 if args.quick else 1.0
-    args.raw_every_run = False
+    args.raw_every_run = True
     args.load_repeats = 1 if args.quick else 3
     args.job_repeats = 5 if args.quick else 20
     if args.quick and args.job_items == 100_000:
