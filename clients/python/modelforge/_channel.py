@@ -14,7 +14,8 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 import grpc
 import grpc.aio
@@ -161,3 +162,53 @@ def open_aio_channel(
     return grpc.aio.insecure_channel(
         resolve_target(service, target), options=channel_options(service, max_message_bytes=max_message_bytes)
     )
+
+
+class ChannelClient:
+    """What every blocking client shares: one channel, opened from a target or borrowed, closed on exit."""
+
+    def __init__(
+        self, service: Service, target: str | None, channel: grpc.Channel | None, max_message_bytes: int
+    ) -> None:
+        if channel is not None and target is not None:
+            raise ValueError("pass either target or channel, not both")
+        self._owns_channel = channel is None
+        self._channel = channel or open_channel(service, target, max_message_bytes=max_message_bytes)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Closes the channel (unless it was passed in). Calls in flight are cancelled."""
+        if self._owns_channel:
+            self._channel.close()
+
+
+class AsyncChannelClient:
+    """What every asyncio client shares: one grpc.aio channel, opened from a target or borrowed, closed on exit."""
+
+    def __init__(
+        self, service: Service, target: str | None, channel: grpc.aio.Channel | None, max_message_bytes: int
+    ) -> None:
+        if channel is not None and target is not None:
+            raise ValueError("pass either target or channel, not both")
+        self._owns_channel = channel is None
+        self._channel = channel or open_aio_channel(service, target, max_message_bytes=max_message_bytes)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Closes the channel (unless it was passed in). Calls in flight are cancelled."""
+        if self._owns_channel:
+            await self._channel.close()

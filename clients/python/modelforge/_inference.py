@@ -7,15 +7,14 @@ Same methods and arguments on both; the async one is awaited. Requests are built
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import grpc
 import grpc.aio
 import numpy as np
 
 from modelforge import _convert
-from modelforge._channel import DEFAULT_MAX_MESSAGE_BYTES, INFERENCE, open_aio_channel, open_channel
+from modelforge._channel import DEFAULT_MAX_MESSAGE_BYTES, INFERENCE, AsyncChannelClient, ChannelClient
 from modelforge._convert import Progress
 from modelforge._domain import LoadedModel, Prediction, Statistics
 from modelforge._errors import translated
@@ -42,7 +41,7 @@ def _statistics_request(ref: str | ModelRef | None) -> pb.GetModelStatisticsRequ
     return pb.GetModelStatisticsRequest(ref=_convert.ref_proto(ref))
 
 
-class InferenceClient:
+class InferenceClient(ChannelClient):
     """A blocking client of the ModelForge inference service.
 
     ::
@@ -73,26 +72,10 @@ class InferenceClient:
         timeout: float | None = 60.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
-        if channel is not None and target is not None:
-            raise ValueError("pass either target or channel, not both")
-        self._owns_channel = channel is None
-        self._channel = channel or open_channel(INFERENCE, target, max_message_bytes=max_message_bytes)
+        super().__init__(INFERENCE, target, channel, max_message_bytes)
         self._timeout = timeout
         self.inference_stub = inference_pb2_grpc.InferenceServiceStub(self._channel)
         """The generated stub over this client's channel, for calls the client does not wrap."""
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Closes the channel (unless it was passed in)."""
-        if self._owns_channel:
-            self._channel.close()
 
     def predict(
         self,
@@ -220,7 +203,7 @@ class InferenceClient:
         return _statistics(response)
 
 
-class AsyncInferenceClient:
+class AsyncInferenceClient(AsyncChannelClient):
     """The asyncio twin of :class:`InferenceClient`: the same methods, awaited.
 
     ::
@@ -244,26 +227,10 @@ class AsyncInferenceClient:
         timeout: float | None = 60.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
-        if channel is not None and target is not None:
-            raise ValueError("pass either target or channel, not both")
-        self._owns_channel = channel is None
-        self._channel = channel or open_aio_channel(INFERENCE, target, max_message_bytes=max_message_bytes)
+        super().__init__(INFERENCE, target, channel, max_message_bytes)
         self._timeout = timeout
         self.inference_stub = inference_pb2_grpc.InferenceServiceStub(self._channel)
         """The generated stub over this client's channel, for calls the client does not wrap."""
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        """Closes the channel (unless it was passed in)."""
-        if self._owns_channel:
-            await self._channel.close()
 
     async def predict(
         self,

@@ -11,15 +11,14 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import grpc
 import grpc.aio
 import numpy as np
 
 from modelforge import _convert
-from modelforge._channel import DEFAULT_MAX_MESSAGE_BYTES, JOBS, open_aio_channel, open_channel
+from modelforge._channel import DEFAULT_MAX_MESSAGE_BYTES, JOBS, AsyncChannelClient, ChannelClient
 from modelforge._convert import DEFAULT_CHUNK_BYTES, MiB, Progress
 from modelforge._domain import Dataset, JobPriority, JobState, JobStatus
 from modelforge._errors import DeadlineExceededError, translated
@@ -183,7 +182,7 @@ class Job:
         return int(response.deleted_items)
 
 
-class JobsClient:
+class JobsClient(ChannelClient):
     """A blocking client of the ModelForge jobs service.
 
     ::
@@ -210,26 +209,10 @@ class JobsClient:
         timeout: float | None = 30.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
-        if channel is not None and target is not None:
-            raise ValueError("pass either target or channel, not both")
-        self._owns_channel = channel is None
-        self._channel = channel or open_channel(JOBS, target, max_message_bytes=max_message_bytes)
+        super().__init__(JOBS, target, channel, max_message_bytes)
         self.timeout = timeout
         self.jobs_stub = jobs_pb2_grpc.JobServiceStub(self._channel)
         """The generated stub over this client's channel, for calls the client does not wrap."""
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Closes the channel (unless it was passed in)."""
-        if self._owns_channel:
-            self._channel.close()
 
     def submit(
         self,
@@ -434,7 +417,7 @@ class AsyncJob:
         return int(response.deleted_items)
 
 
-class AsyncJobsClient:
+class AsyncJobsClient(AsyncChannelClient):
     """The asyncio twin of :class:`JobsClient`: the same methods, awaited; handles are :class:`AsyncJob`.
 
     ::
@@ -461,26 +444,10 @@ class AsyncJobsClient:
         timeout: float | None = 30.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
-        if channel is not None and target is not None:
-            raise ValueError("pass either target or channel, not both")
-        self._owns_channel = channel is None
-        self._channel = channel or open_aio_channel(JOBS, target, max_message_bytes=max_message_bytes)
+        super().__init__(JOBS, target, channel, max_message_bytes)
         self.timeout = timeout
         self.jobs_stub = jobs_pb2_grpc.JobServiceStub(self._channel)
         """The generated stub over this client's channel, for calls the client does not wrap."""
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        """Closes the channel (unless it was passed in)."""
-        if self._owns_channel:
-            await self._channel.close()
 
     async def submit(
         self,

@@ -11,14 +11,13 @@ import os
 import tempfile
 from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Any, Self
+from typing import IO, Any
 
 import grpc
 import grpc.aio
 
 from modelforge import _convert
-from modelforge._channel import DEFAULT_MAX_MESSAGE_BYTES, REGISTRY, open_aio_channel, open_channel
+from modelforge._channel import DEFAULT_MAX_MESSAGE_BYTES, REGISTRY, AsyncChannelClient, ChannelClient
 from modelforge._convert import DEFAULT_CHUNK_BYTES, Progress
 from modelforge._domain import Model, ModelEvent, ModelVersion, VersionState
 from modelforge._errors import translated
@@ -75,7 +74,7 @@ def _upload_plan(
     )
 
 
-class RegistryClient:
+class RegistryClient(ChannelClient):
     """A blocking client of the ModelForge registry.
 
     Use it as a context manager, or call :meth:`close`::
@@ -106,26 +105,10 @@ class RegistryClient:
         timeout: float | None = 30.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
-        if channel is not None and target is not None:
-            raise ValueError("pass either target or channel, not both")
-        self._owns_channel = channel is None
-        self._channel = channel or open_channel(REGISTRY, target, max_message_bytes=max_message_bytes)
+        super().__init__(REGISTRY, target, channel, max_message_bytes)
         self._timeout = timeout
         self.registry_stub = registry_pb2_grpc.RegistryServiceStub(self._channel)
         """The generated stub over this client's channel, for calls the client does not wrap."""
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Closes the channel (unless it was passed in). Calls in flight are cancelled."""
-        if self._owns_channel:
-            self._channel.close()
 
     # --- models ---
 
@@ -417,7 +400,7 @@ class RegistryClient:
             call.cancel()
 
 
-class AsyncRegistryClient:
+class AsyncRegistryClient(AsyncChannelClient):
     """The asyncio twin of :class:`RegistryClient`: the same methods, awaited.
 
     Use it as an async context manager, or ``await client.close()``::
@@ -443,26 +426,10 @@ class AsyncRegistryClient:
         timeout: float | None = 30.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
-        if channel is not None and target is not None:
-            raise ValueError("pass either target or channel, not both")
-        self._owns_channel = channel is None
-        self._channel = channel or open_aio_channel(REGISTRY, target, max_message_bytes=max_message_bytes)
+        super().__init__(REGISTRY, target, channel, max_message_bytes)
         self._timeout = timeout
         self.registry_stub = registry_pb2_grpc.RegistryServiceStub(self._channel)
         """The generated stub over this client's channel, for calls the client does not wrap."""
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        """Closes the channel (unless it was passed in). Calls in flight are cancelled."""
-        if self._owns_channel:
-            await self._channel.close()
 
     # --- models ---
 
