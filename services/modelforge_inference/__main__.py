@@ -10,7 +10,6 @@ from contextlib import AsyncExitStack
 import grpc
 import redis.asyncio
 
-from modelforge.inference.v1 import inference_pb2, inference_pb2_grpc
 from modelforge.registry.v1 import registry_pb2_grpc
 from modelforge_inference.cache import PredictionCache
 from modelforge_inference.engine import InferenceEngine
@@ -19,13 +18,12 @@ from modelforge_inference.oip import SERVICE as OIP_SERVICE
 from modelforge_inference.oip import OipServicer, add_oip_servicer_to_server
 from modelforge_inference.registry_client import RegistryClient, RegistryHealth
 from modelforge_inference.resolver import ModelResolver
-from modelforge_inference.servicer import InferenceServicer
+from modelforge_inference.servicer import SERVICE, InferenceServicer, add_inference_servicer_to_server
 from modelforge_inference.settings import InferenceSettings
 from modelforge_server import app, embedded, logs, telemetry
 from modelforge_server.metrics import Metrics
 from modelforge_server.settings import from_env
 
-SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"]
 SERVICE_NAME = "modelforge-inference"
 METRICS_PORT = 9102
 # Health names of the dependencies (``dependency/<name>``). The registry gates readiness; Redis only the cache.
@@ -86,7 +84,7 @@ async def build(settings: InferenceSettings, stack: AsyncExitStack) -> app.Serve
             app.Api(
                 SERVICE,
                 InferenceServicer(engine, chunk_bytes=settings.chunk_bytes),
-                inference_pb2_grpc.add_InferenceServiceServicer_to_server,
+                add_inference_servicer_to_server,
             ),
             app.Api(
                 OIP_SERVICE,

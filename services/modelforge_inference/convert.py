@@ -14,6 +14,7 @@ from modelforge import tensors
 from modelforge.common.v1 import tensor_pb2
 from modelforge.inference.v1 import inference_pb2 as pb
 from modelforge.registry.v1 import registry_pb2
+from modelforge_inference import wire
 from modelforge_inference.domain import (
     CacheMode,
     LoadedModel,
@@ -145,6 +146,38 @@ def predict_response(prediction: Prediction) -> pb.PredictResponse:
     )
 
 
+# Field numbers of the messages assembled by hand below (see inference.proto and tensor.proto).
+_PREDICT_RESPONSE_OUTPUTS = 4
+_TENSOR_RAW_DATA = 4
+_STREAM_RESPONSE_CHUNK = 2
+_CHUNK_DATA = 3
+
+
+def _tensor_parts(prediction: Prediction, name: str, array: np.ndarray) -> wire.Parts:
+    """A Tensor's serialised parts: a STRING tensor through protobuf, a numeric one with raw_data as a view."""
+    dtype = _dtype(prediction, name, array)
+    found = tensors.from_numpy_dtype(array.dtype)
+    if found == tensor_pb2.DATA_TYPE_STRING:
+        return [tensors.to_tensor(array, name).SerializeToString()]
+    data = raw_view(array)
+    head = tensor_pb2.Tensor(name=name, dtype=found if dtype is None else dtype, shape=array.shape)
+    parts: wire.Parts = [head.SerializeToString()]
+    if len(data):  # proto3 leaves an empty bytes field out
+        parts += wire.length_delimited(_TENSOR_RAW_DATA, [data])
+    return parts
+
+
+def predict_response_bytes(prediction: Prediction) -> bytes:
+    """The serialised PredictResponse of `predict_response`, byte for byte, each output's bytes copied once."""
+    head = pb.PredictResponse(model=prediction.model, version=prediction.version, sha256=prediction.sha256)
+    tail = pb.PredictResponse(timings=timings(prediction.timings), cache_hit=prediction.cache_hit)
+    parts: wire.Parts = [head.SerializeToString()]
+    for name, array in prediction.outputs.items():
+        parts += wire.length_delimited(_PREDICT_RESPONSE_OUTPUTS, _tensor_parts(prediction, name, array))
+    parts.append(tail.SerializeToString())
+    return wire.join(parts)
+
+
 def loaded_model(model: LoadedModel) -> pb.LoadedModel:
     return pb.LoadedModel(
         model=model.name,
@@ -190,7 +223,7 @@ def raw_view(array: np.ndarray) -> memoryview:
     """The array's little-endian bytes as a flat view; copies only when the array is not already laid out so."""
     if array.dtype.byteorder == ">":
         array = array.astype(array.dtype.newbyteorder("<"))
-    return np.ascontiguousarray(array).data.cast("B")
+    return np.ascontiguousarray(array).reshape(-1).view(np.uint8).data  # also for empty arrays
 
 
 def string_elements(array: np.ndarray) -> list[bytes]:
@@ -220,12 +253,12 @@ def stream_header(prediction: Prediction) -> pb.PredictStreamResponse:
     )
 
 
-def raw_chunks(name: str, view: memoryview, chunk_bytes: int) -> Iterator[pb.PredictStreamResponse]:
-    """One message per chunk_bytes slice; the slice is copied once, into the bytes protobuf requires."""
+def raw_chunks(name: str, view: memoryview, chunk_bytes: int) -> Iterator[bytes]:
+    """One serialised PredictStreamResponse per chunk_bytes slice; the slice is copied once, into the message."""
     for offset in range(0, len(view), chunk_bytes):
-        yield pb.PredictStreamResponse(
-            chunk=pb.PredictStreamChunk(output=name, offset=offset, data=bytes(view[offset : offset + chunk_bytes]))
-        )
+        head = pb.PredictStreamChunk(output=name, offset=offset).SerializeToString()
+        chunk = [head, *wire.length_delimited(_CHUNK_DATA, [view[offset : offset + chunk_bytes]])]
+        yield wire.join(wire.length_delimited(_STREAM_RESPONSE_CHUNK, chunk))
 
 
 def string_chunks(name: str, elements: list[bytes], chunk_bytes: int) -> Iterator[pb.PredictStreamResponse]:

@@ -15,6 +15,7 @@ from modelforge._refs import ModelRef
 from modelforge.oip.v2 import grpc_service_pb2 as pb
 from modelforge.oip.v2 import grpc_service_pb2_grpc
 from modelforge_inference import oip_convert as convert
+from modelforge_inference import wire
 from modelforge_inference.engine import InferenceEngine
 from modelforge_server.errors import NotFound, ServiceError
 
@@ -100,17 +101,18 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         model, _ = await self._engine.describe(convert.model_ref(request.name, request.version, field="name"))
         return convert.model_metadata(model)
 
-    async def ModelInfer(
+    # ModelInfer and ModelStreamInfer answer with pre-serialised messages (see wire.py).
+    async def ModelInfer(  # type: ignore[override]
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ModelInferResponse:
-        return await self._infer(request, context)
+    ) -> bytes:
+        return wire.join(await self._infer(request, context))
 
-    async def ModelStreamInfer(
+    async def ModelStreamInfer(  # type: ignore[override]
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+    ) -> AsyncIterator[pb.ModelStreamInferResponse | bytes]:
         # Requests run concurrently, so that a client streaming many of them fills the batcher; responses go
         # out as they complete and clients match them by `id`. A failed request is answered in-band.
-        done: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        done: asyncio.Queue[pb.ModelStreamInferResponse | bytes | None] = asyncio.Queue()
         running: set[asyncio.Task[None]] = set()
 
         async def answer(request: pb.ModelInferRequest) -> None:
@@ -173,7 +175,7 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         await self._engine.unload(convert.repository_model_ref(request.model_name))
         return pb.RepositoryModelUnloadResponse()
 
-    async def _infer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+    async def _infer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> wire.Parts:
         ref = convert.model_ref(request.model_name, request.model_version)
         inputs = convert.decode_inputs(request)
         outputs = convert.requested_outputs(request)
@@ -185,7 +187,7 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             timeout=convert.timeout_seconds(request.parameters),
             time_remaining=context.time_remaining(),
         )
-        return convert.infer_response(
+        return convert.infer_response_parts(
             model=prediction.model,
             version=prediction.version,
             request_id=request.id,
@@ -195,9 +197,9 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def _stream_answer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ModelStreamInferResponse:
+    ) -> pb.ModelStreamInferResponse | bytes:
         try:
-            return pb.ModelStreamInferResponse(infer_response=await self._infer(request, context))
+            return wire.join(convert.stream_infer_response(await self._infer(request, context)))
         except ServiceError as exc:
             message = str(exc)
         except Exception:
@@ -234,7 +236,7 @@ def add_oip_servicer_to_server(servicer: OipServicer, server: grpc.aio.Server) -
         handlers[name] = factory(
             getattr(servicer, name),
             request_deserializer=request_class.FromString,
-            response_serializer=response_class.SerializeToString,
+            response_serializer=wire.passthrough(response_class.SerializeToString),
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
     server.add_registered_method_handlers(SERVICE.full_name, handlers)

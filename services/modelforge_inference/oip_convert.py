@@ -25,6 +25,7 @@ from modelforge import tensors
 from modelforge._refs import ModelRef
 from modelforge.oip.v2 import grpc_service_pb2 as pb
 from modelforge.oip.v2 import model_config_pb2 as config_pb
+from modelforge_inference import wire
 from modelforge_inference.domain import (
     LoadedModel,
     ModelState,
@@ -363,6 +364,43 @@ def infer_response(
         outputs=tensors_out,
         raw_output_contents=raws,
     )
+
+
+_RAW_OUTPUT_CONTENTS = 6  # ModelInferResponse.raw_output_contents
+_STREAM_INFER_RESPONSE = 2  # ModelStreamInferResponse.infer_response
+
+
+def _raw_view(array: np.ndarray[Any, Any], datatype: str) -> bytes | memoryview:
+    if datatype == "BYTES":
+        return encode_bytes(array)
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    return np.ascontiguousarray(array).reshape(-1).view(np.uint8).data  # also for empty arrays
+
+
+def infer_response_parts(
+    *,
+    model: str,
+    version: int,
+    request_id: str,
+    outputs: Mapping[str, np.ndarray[Any, Any]],
+    signature: Signature | None = None,
+) -> wire.Parts:
+    """The serialised `infer_response`, byte for byte, as parts: raw outputs are views of the arrays (field 6
+    follows every other field, so appending it keeps protobuf's own byte order)."""
+    tensors_out: list[pb.ModelInferResponse.InferOutputTensor] = []
+    raws: wire.Parts = []
+    for name, array in outputs.items():
+        datatype = datatype_of(array, signature.output(name) if signature is not None else None)
+        tensors_out.append(pb.ModelInferResponse.InferOutputTensor(name=name, datatype=datatype, shape=array.shape))
+        raws += wire.length_delimited(_RAW_OUTPUT_CONTENTS, [_raw_view(array, datatype)])
+    head = pb.ModelInferResponse(model_name=model, model_version=str(version), id=request_id, outputs=tensors_out)
+    return [head.SerializeToString(), *raws]
+
+
+def stream_infer_response(parts: wire.Parts) -> wire.Parts:
+    """A ModelStreamInferResponse around the serialised ModelInferResponse in ``parts``."""
+    return wire.length_delimited(_STREAM_INFER_RESPONSE, parts)
 
 
 def _spec_datatype(spec: TensorSpec) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
@@ -12,10 +13,12 @@ from modelforge import tensors
 from modelforge.common.v1 import tensor_pb2
 from modelforge.inference.v1 import inference_pb2 as pb
 from modelforge.inference.v1 import inference_pb2_grpc
-from modelforge_inference import convert
+from modelforge_inference import convert, wire
 from modelforge_inference.domain import ModelRef, Prediction
 from modelforge_inference.engine import InferenceEngine
 from modelforge_server import paging
+
+SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"]
 
 # Outputs at least this large are hashed on a worker thread while their chunks go out.
 _HASH_OFF_LOOP_BYTES = 1 << 20
@@ -43,12 +46,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             time_remaining=context.time_remaining(),
         )
 
-    async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> pb.PredictResponse:
-        return convert.predict_response(await self._predict(request, context))
+    # Predict and PredictStream answer with pre-serialised messages (see wire.py and add_inference_servicer_to_server).
+    async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> bytes:  # type: ignore[override]
+        return convert.predict_response_bytes(await self._predict(request, context))
 
-    async def PredictStream(
+    async def PredictStream(  # type: ignore[override]
         self, request: pb.PredictStreamRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.PredictStreamResponse]:
+    ) -> AsyncIterator[pb.PredictStreamResponse | bytes]:
         prediction = await self._predict(request, context)
         yield convert.stream_header(prediction)
         digests: dict[str, str] = {}
@@ -67,8 +71,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                     hashing[name] = asyncio.ensure_future(asyncio.to_thread(_sha256, view))
                 else:
                     digests[name] = _sha256(view)
-                for message in convert.raw_chunks(name, view, self._chunk_bytes):
-                    yield message
+                for chunk in convert.raw_chunks(name, view, self._chunk_bytes):
+                    yield chunk
             for name, future in hashing.items():
                 digests[name] = await future
         finally:
@@ -116,3 +120,24 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
 def _sha256(view: memoryview) -> str:
     return hashlib.sha256(view).hexdigest()
+
+
+_FACTORIES = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+}
+
+
+def add_inference_servicer_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+    """Registers InferenceService like the generated function does, with serialisers that send the
+    pre-serialised responses of Predict and PredictStream as they are."""
+    handlers: dict[str, Any] = {}
+    for method in SERVICE.methods:
+        response_class = getattr(pb, method.output_type.name)
+        handlers[method.name] = _FACTORIES[(method.client_streaming, method.server_streaming)](
+            getattr(servicer, method.name),
+            request_deserializer=getattr(pb, method.input_type.name).FromString,
+            response_serializer=wire.passthrough(response_class.SerializeToString),
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
+    server.add_registered_method_handlers(SERVICE.full_name, handlers)

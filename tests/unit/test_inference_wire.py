@@ -1,0 +1,123 @@
+"""Responses assembled by hand (modelforge_inference.wire) equal what protobuf itself would serialise."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from modelforge.inference.v1 import inference_pb2
+from modelforge.oip.v2 import grpc_service_pb2 as oip_pb
+from modelforge_inference import convert, oip_convert, wire
+from modelforge_inference.domain import Prediction, Signature, TensorSpec, Timings
+
+BF16 = "tensor(bfloat16)"
+
+
+def _outputs() -> dict[str, np.ndarray[Any, Any]]:
+    big = np.arange(3 * 64 * 64, dtype=np.float32).reshape(1, 3, 64, 64)  # lengths past two varint bytes
+    return {
+        "image": big,
+        "strided": big[0, :, ::2, ::3],  # not contiguous: gathered once
+        "big_endian": np.arange(6, dtype=">i8").reshape(2, 3),
+        "half": np.array([[1.5, -2.0]], dtype=np.float16),
+        "flags": np.array([True, False, True]),
+        "bf16": np.array([0x3F80, 0xC000], dtype="<u2"),  # bfloat16 bit patterns, per the signature
+        "plain_u16": np.array([1, 2], dtype="<u2"),
+        "empty": np.zeros((0, 4), dtype=np.float32),
+        "scalar": np.float64(2.5) * np.ones(()),
+        "words": np.array([b"a", b"", "caf\u00e9".encode()], dtype=object),
+    }
+
+
+def _signature() -> Signature:
+    return Signature(
+        inputs=(),
+        outputs=(
+            TensorSpec("bf16", np.dtype("<u2"), (-1,), ort_type=BF16),
+            TensorSpec("plain_u16", np.dtype("<u2"), (-1,), ort_type="tensor(uint16)"),
+        ),
+    )
+
+
+def _prediction(outputs: dict[str, np.ndarray[Any, Any]]) -> Prediction:
+    return Prediction(
+        outputs=outputs,
+        model="gen",
+        version=7,
+        sha256="ab" * 32,
+        timings=Timings(queue=0.001, compute=0.25, total=1.5),
+        cache_hit=True,
+        signature=_signature(),
+    )
+
+
+def test_predict_response_bytes_are_what_protobuf_serialises() -> None:
+    prediction = _prediction(_outputs())
+    expected = convert.predict_response(prediction)
+    assembled = convert.predict_response_bytes(prediction)
+    assert inference_pb2.PredictResponse.FromString(assembled) == expected
+    assert assembled == expected.SerializeToString()
+
+
+@pytest.mark.parametrize("name", sorted(_outputs()))
+def test_each_output_alone_round_trips_through_predict_response_bytes(name: str) -> None:
+    prediction = _prediction({name: _outputs()[name]})
+    expected = convert.predict_response(prediction)
+    assert inference_pb2.PredictResponse.FromString(convert.predict_response_bytes(prediction)) == expected
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 1000, 1 << 14, 1 << 20])
+def test_raw_chunks_parse_to_the_chunks_protobuf_would_build(chunk_bytes: int) -> None:
+    array = np.arange(4096, dtype=np.float32).reshape(4, 1024)
+    view = convert.raw_view(array)
+    if chunk_bytes == 1:
+        view = view[:300]  # a byte at a time, kept short
+    chunks = [inference_pb2.PredictStreamResponse.FromString(c) for c in convert.raw_chunks("y", view, chunk_bytes)]
+    expected = [
+        inference_pb2.PredictStreamResponse(
+            chunk=inference_pb2.PredictStreamChunk(
+                output="y", offset=offset, data=bytes(view[offset : offset + chunk_bytes])
+            )
+        )
+        for offset in range(0, len(view), chunk_bytes)
+    ]
+    assert chunks == expected
+    assert b"".join(c.chunk.data for c in chunks) == bytes(view)
+
+
+def test_infer_response_parts_are_what_protobuf_serialises() -> None:
+    outputs = {name: array for name, array in _outputs().items()}
+    outputs["words"] = np.array([[b"x", b"yz"]], dtype=object)
+    kwargs: dict[str, Any] = {
+        "model": "gen",
+        "version": 3,
+        "request_id": "req-1",
+        "outputs": outputs,
+        "signature": _signature(),
+    }
+    expected = oip_convert.infer_response(**kwargs)
+    assembled = wire.join(oip_convert.infer_response_parts(**kwargs))
+    assert oip_pb.ModelInferResponse.FromString(assembled) == expected
+    assert assembled == expected.SerializeToString()
+    assert expected.outputs[[o.name for o in expected.outputs].index("bf16")].datatype == "BF16"
+
+    streamed = wire.join(oip_convert.stream_infer_response(oip_convert.infer_response_parts(**kwargs)))
+    assert streamed == oip_pb.ModelStreamInferResponse(infer_response=expected).SerializeToString()
+
+
+@pytest.mark.parametrize("size", [0, 1, 127, 128, 300, 16383, 16384, 2_097_151, 2_097_152])
+def test_length_prefixes_match_protobuf_at_varint_boundaries(size: int) -> None:
+    data = bytes(size)
+    expected = inference_pb2.PredictStreamChunk(data=data).SerializeToString() if size else b""
+    assembled = wire.join(wire.length_delimited(3, [memoryview(data)])) if size else b""
+    assert assembled == expected
+    assert wire.varint(size) == expected[1 : 1 + len(wire.varint(size))] or size == 0
+
+
+def test_passthrough_sends_bytes_unchanged_and_serialises_messages() -> None:
+    serialize = wire.passthrough(inference_pb2.PredictResponse.SerializeToString)
+    message = inference_pb2.PredictResponse(model="m", version=1)
+    assert serialize(b"\x0a\x01m") == b"\x0a\x01m"
+    assert serialize(message) == message.SerializeToString()
