@@ -126,6 +126,9 @@ class SessionConfig:
     inter_op_threads: int = 0
     graph_optimization_level: str = "all"  # disabled | basic | extended | all
     execution_providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    # ONNX Runtime's pool threads busy-wait for work between runs unless told not to; on a shared host that
+    # spinning costs more CPU per request than a small model's run (docs/PERFORMANCE.md, thread settings).
+    allow_spinning: bool = False
 
 
 @dataclass(frozen=True, slots=True)

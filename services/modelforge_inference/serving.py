@@ -15,6 +15,7 @@
 | modelforge.io/inter-op-threads           | integer >= 0                                |
 | modelforge.io/graph-optimization-level   | disabled, basic, extended or all            |
 | modelforge.io/execution-providers        | comma-separated ONNX Runtime provider names |
+| modelforge.io/allow-spinning             | true or false (default false)               |
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ _LABELS: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
     "inter-op-threads": ("session", "inter_op_threads", *_int(0)),
     "graph-optimization-level": ("session", "graph_optimization_level", _level, " | ".join(OPTIMIZATION_LEVELS)),
     "execution-providers": ("session", "execution_providers", _providers, "comma-separated provider names"),
+    "allow-spinning": ("session", "allow_spinning", _bool, "true or false"),
 }
 
 

@@ -66,6 +66,9 @@ def session_options(config: SessionConfig) -> ort.SessionOptions:
     options.intra_op_num_threads = config.intra_op_threads
     options.inter_op_num_threads = config.inter_op_threads
     options.graph_optimization_level = _LEVELS[config.graph_optimization_level]
+    spinning = "1" if config.allow_spinning else "0"
+    options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
+    options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
     options.log_severity_level = 3  # errors only: warnings about unused initializers are noise here
     return options
 
