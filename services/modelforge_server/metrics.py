@@ -166,11 +166,32 @@ _FACTORIES: dict[str, Callable[..., grpc.RpcMethodHandler]] = {
 }
 
 
+class _MethodMetrics:
+    """The labelled children of one method, looked up once: `labels()` takes a lock and hashes every call."""
+
+    __slots__ = ("_metrics", "_method", "_requests", "_service", "duration", "in_flight")
+
+    def __init__(self, metrics: Metrics, service: str, method: str) -> None:
+        self._metrics, self._service, self._method = metrics, service, method
+        self.in_flight = metrics.rpc_in_flight.labels(service, method)
+        self.duration = metrics.rpc_duration.labels(service, method)
+        self._requests: dict[grpc.StatusCode, Any] = {}
+
+    def requests(self, code: grpc.StatusCode) -> Any:
+        child = self._requests.get(code)
+        if child is None:
+            child = self._requests[code] = self._metrics.rpc_requests.labels(self._service, self._method, code.name)
+        return child
+
+
 class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc has no type stubs
     """Counts every RPC by method and final code, times it, and tracks how many are in flight."""
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
+        # method -> (the handler the chain returned, its wrapped handler); handlers are long-lived objects, so
+        # the wrapper is built once per method instead of once per call.
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -180,19 +201,30 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        service, _, method = handler_call_details.method.lstrip("/").partition("/")
+        cached = self._wrapped.get(handler_call_details.method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler, handler_call_details.method)
+        self._wrapped[handler_call_details.method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, full_method: str) -> grpc.RpcMethodHandler:
+        service, _, method = full_method.lstrip("/").partition("/")
+        children = _MethodMetrics(self._metrics, service, method)
         requests = "stream" if handler.request_streaming else "unary"
         shape = f"{requests}_{'stream' if handler.response_streaming else 'unary'}"
         wrap = self._stream if handler.response_streaming else self._unary
         return _FACTORIES[shape](
-            wrap(getattr(handler, shape), service, method),
+            wrap(getattr(handler, shape), children),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
 
-    def _unary(self, behavior: Callable[..., Any], service: str, method: str) -> Callable[..., Any]:
+    @staticmethod
+    def _unary(behavior: Callable[..., Any], children: _MethodMetrics) -> Callable[..., Any]:
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            started = self._begin(service, method)
+            children.in_flight.inc()
+            started = time.perf_counter()
             code = grpc.StatusCode.UNKNOWN
             try:
                 response = await behavior(request, context)
@@ -205,16 +237,18 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  
                 code = grpc.StatusCode.CANCELLED
                 raise
             finally:
-                self._end(service, method, code, started)
+                _end(children, code, started)
 
         return call
 
-    def _stream(self, behavior: Callable[..., Any], service: str, method: str) -> Callable[..., Any]:
+    @staticmethod
+    def _stream(behavior: Callable[..., Any], children: _MethodMetrics) -> Callable[..., Any]:
         if not inspect.isasyncgenfunction(behavior):
-            return self._unary(behavior, service, method)  # a coroutine that writes with context.write()
+            return RpcMetricsInterceptor._unary(behavior, children)  # a coroutine that writes with context.write()
 
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            started = self._begin(service, method)
+            children.in_flight.inc()
+            started = time.perf_counter()
             code = grpc.StatusCode.UNKNOWN
             try:
                 async for response in behavior(request, context):
@@ -227,19 +261,15 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  
                 code = grpc.StatusCode.CANCELLED
                 raise
             finally:
-                self._end(service, method, code, started)
+                _end(children, code, started)
 
         return call
 
-    def _begin(self, service: str, method: str) -> float:
-        self._metrics.rpc_in_flight.labels(service, method).inc()
-        return time.perf_counter()
 
-    def _end(self, service: str, method: str, code: grpc.StatusCode, started: float) -> None:
-        m = self._metrics
-        m.rpc_in_flight.labels(service, method).dec()
-        m.rpc_duration.labels(service, method).observe(time.perf_counter() - started)
-        m.rpc_requests.labels(service, method, code.name).inc()
+def _end(children: _MethodMetrics, code: grpc.StatusCode, started: float) -> None:
+    children.in_flight.dec()
+    children.duration.observe(time.perf_counter() - started)
+    children.requests(code).inc()
 
 
 def _final_code(context: grpc.aio.ServicerContext, default: grpc.StatusCode) -> grpc.StatusCode:

@@ -87,6 +87,8 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # gr
     def __init__(self, domain: str, services: Iterable[str]) -> None:
         self._domain = domain
         self._prefixes = tuple(f"/{name}/" for name in services)  # health and reflection keep their own handling
+        # method -> (the handler the chain returned, its wrapped handler): built once per method, not per call.
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -96,6 +98,14 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # gr
         handler = await continuation(handler_call_details)
         if handler is None or not handler_call_details.method.startswith(self._prefixes):
             return handler
+        cached = self._wrapped.get(handler_call_details.method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler)
+        self._wrapped[handler_call_details.method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         requests = "stream" if handler.request_streaming else "unary"
         responses = "stream" if handler.response_streaming else "unary"
         shape = f"{requests}_{responses}"
