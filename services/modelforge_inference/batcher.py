@@ -6,6 +6,10 @@ batch only when one of its compute slots is free, so requests that arrive while 
 and leave together. A batch merges requests whose inputs agree on every dimension but the first; it leaves when it
 holds max_batch_size rows, a preferred number of rows, or when its oldest request has waited max_queue_delay_us.
 A request leaves the queue without running when its deadline passes (QueueTimeout) or its caller goes away.
+
+Without merging, a version whose runs take only microseconds (an average under `inline_below`) runs on the
+event loop: the hop to a compute thread and back costs several times more than such a run. Every run is timed,
+so a version that turns slow goes back to the threads at once.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import collections
 import contextlib
 import functools
 import logging
+import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -26,6 +31,9 @@ from modelforge_inference.errors import ModelUnloading, QueueFull, QueueTimeout
 from modelforge_inference.signature import batch_key, batch_rows
 
 log = logging.getLogger("modelforge.inference.batcher")
+
+# Weight of the newest run in the moving average of run times.
+_RUN_WEIGHT = 0.2
 
 Feeds = Mapping[str, np.ndarray]
 Outcome = dict[str, np.ndarray] | BaseException
@@ -71,6 +79,8 @@ class Batcher:
         execute: Runs a batch; called on `executor`.
         concurrency: Batches of this version that may run at the same time.
         on_execution: Called on the loop after every run with (rows, requests, compute seconds).
+        inline_below: Without merging, run on the event loop while the version's recent runs (a moving average)
+            took less than this many seconds; 0 never does.
     """
 
     def __init__(
@@ -84,6 +94,7 @@ class Batcher:
         executor: Executor,
         concurrency: int = 1,
         on_execution: Callable[[int, int, float], None] | None = None,
+        inline_below: float = 0.0,
     ) -> None:
         self.model = model
         self.version = version
@@ -100,6 +111,8 @@ class Batcher:
         self._closed = False
         self._delay = config.max_queue_delay_us / 1_000_000
         self._preferred = frozenset(config.preferred_batch_sizes)
+        self._inline_below = 0.0 if self._merging else inline_below
+        self._run_seconds: float | None = None  # moving average of execute's own time; None until a run
 
     @property
     def queued(self) -> int:
@@ -224,6 +237,9 @@ class Batcher:
             except BaseException:
                 self._slots.release()
                 raise
+            if self._run_seconds is not None and self._run_seconds < self._inline_below:
+                self._run_inline(batch)
+                continue
             task = asyncio.create_task(self._run(batch))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
@@ -258,6 +274,32 @@ class Batcher:
             self._queues.size -= 1
             self._dequeued(pending)
 
+    def _timed(self, feeds: Sequence[Feeds]) -> list[Outcome]:
+        """execute, timed for the moving average (on a compute thread or inline). The thread's CPU time leaves
+        out waits for the GIL, which on a busy loop would make a 10 us run look slow."""
+        started = time.thread_time()
+        try:
+            return self._execute_fn(feeds)
+        finally:
+            took = time.thread_time() - started
+            average = self._run_seconds
+            self._run_seconds = took if average is None else average + _RUN_WEIGHT * (took - average)
+
+    def _run_inline(self, batch: list[_Pending]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            live = [pending for pending in batch if not pending.future.done()]
+            if not live:
+                return
+            started = loop.time()
+            try:
+                outcomes = self._timed([p.feeds for p in live])
+            except Exception as exc:
+                outcomes = [exc] * len(live)
+            self._settle(live, outcomes, started, loop.time() - started)
+        finally:
+            self._slots.release()
+
     async def _run(self, batch: list[_Pending]) -> None:
         loop = asyncio.get_running_loop()
         try:
@@ -266,22 +308,24 @@ class Batcher:
                 return
             started = loop.time()
             try:
-                outcomes = await loop.run_in_executor(self._executor, self._execute_fn, [p.feeds for p in live])
+                outcomes = await loop.run_in_executor(self._executor, self._timed, [p.feeds for p in live])
             except Exception as exc:  # the executor itself failed; every request of the batch shares the error
                 outcomes = [exc] * len(live)
-            compute = loop.time() - started
-            rows = sum(pending.rows or 1 for pending in live)
-            if self._on_execution is not None:
-                self._on_execution(rows, len(live), compute)
-            for pending, outcome in zip(live, outcomes, strict=True):
-                if pending.future.done():
-                    continue
-                if isinstance(outcome, BaseException):
-                    pending.future.set_exception(outcome)
-                else:
-                    pending.future.set_result(BatchResult(outcome, started - pending.enqueued, compute, rows))
+            self._settle(live, outcomes, started, loop.time() - started)
         finally:
             self._slots.release()
+
+    def _settle(self, live: list[_Pending], outcomes: list[Outcome], started: float, compute: float) -> None:
+        rows = sum(pending.rows or 1 for pending in live)
+        if self._on_execution is not None:
+            self._on_execution(rows, len(live), compute)
+        for pending, outcome in zip(live, outcomes, strict=True):
+            if pending.future.done():
+                continue
+            if isinstance(outcome, BaseException):
+                pending.future.set_exception(outcome)
+            else:
+                pending.future.set_result(BatchResult(outcome, started - pending.enqueued, compute, rows))
 
 
 def split(outputs: Mapping[str, np.ndarray], rows: Sequence[int]) -> list[dict[str, np.ndarray]] | None:

@@ -71,6 +71,9 @@ T = TypeVar("T")
 
 # Inputs larger than this are hashed for the cache key on a worker thread rather than on the event loop.
 _HASH_OFF_LOOP_BYTES = 256 * 1024
+# Unbatched versions whose runs average less than this run on the event loop: handing them to a compute thread
+# and back costs more (about 100 us of CPU per request for the benchmark's MLP, whose run takes 10 us).
+_INLINE_RUN_SECONDS = 75e-6
 
 
 class Resolver(Protocol):
@@ -488,6 +491,7 @@ class InferenceEngine:
             executor=self._compute,
             concurrency=self._threads,
             on_execution=counters.executed,
+            inline_below=_INLINE_RUN_SECONDS,
         )
         slot.batcher.start()
         slot.state = ModelState.READY

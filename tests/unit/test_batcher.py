@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -221,3 +222,38 @@ async def test_a_request_run_alone_counts_all_its_rows(pool, max_batch_size: int
     assert result.batch_rows == 3
     assert executions == [(3, 1)]
     await batcher.aclose()
+
+
+async def test_tiny_unbatched_runs_move_onto_the_loop_and_slow_ones_back_to_threads(pool):
+    threads: list[int] = []
+    delay = {"spin": 0.0}
+
+    def execute(batch: Sequence[Feeds]) -> list[Outcome]:
+        threads.append(threading.get_ident())
+        end = time.thread_time() + delay["spin"]
+        while time.thread_time() < end:  # busy work, counted in the thread's CPU time
+            pass
+        return [{"y": item["x"]} for item in batch]
+
+    batcher = Batcher(
+        model="m",
+        version=1,
+        config=BatchingConfig(max_batch_size=0),
+        mergeable=True,
+        execute=execute,
+        executor=pool,
+        inline_below=0.01,
+    )
+    batcher.start()
+    try:
+        loop_thread = threading.get_ident()
+        await batcher.submit(feeds(1.0))  # unmeasured: a compute thread
+        await batcher.submit(feeds(2.0))  # measured tiny: the loop
+        assert threads[0] != loop_thread
+        assert threads[1] == loop_thread
+        delay["spin"] = 0.05  # turns slow: the average passes the bound, later runs leave the loop
+        for value in range(5):
+            await batcher.submit(feeds(float(value)))
+        assert threads[-1] != loop_thread
+    finally:
+        await batcher.aclose()
