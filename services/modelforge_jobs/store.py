@@ -120,6 +120,41 @@ async def listen_for_changes(database_url: str) -> AsyncIterator[AsyncIterator[U
         raise DependencyUnavailable("database", type(exc).__name__) from exc
 
 
+# A batch's outputs and the job's progress, in one statement. `job` locks the row only if the job is RUNNING on
+# this worker (re-checked on the newest row version when a cancel or the reaper committed meanwhile), so the outputs
+# are stored and counted together or not at all; the primary key of jobs.results makes a batch stored before count
+# for nothing (ON CONFLICT DO NOTHING), so a redelivered batch is never written or counted twice. The lock is held
+# until the commit at the end of the statement: a cancel waits for at most one batch's write, then wins.
+_STORE_BATCH = """
+    WITH job AS (
+        SELECT id FROM jobs.jobs
+        WHERE id = %(id)s AND state = 'RUNNING' AND worker_id = %(worker)s
+        FOR NO KEY UPDATE
+    ), stored AS (
+        INSERT INTO jobs.results (job_id, batch_index, first_item, item_count, record)
+        SELECT id, %(index)s, %(first)s, %(count)s, %(record)s FROM job
+        ON CONFLICT DO NOTHING
+        RETURNING item_count
+    ), progress AS (
+        UPDATE jobs.jobs j SET
+            items_done = j.items_done + COALESCE((SELECT sum(item_count) FROM stored), 0),
+            batches_done = j.batches_done + (SELECT count(*) FROM stored),
+            inference_seconds = j.inference_seconds + %(seconds)s,
+            heartbeat_time = now(), update_time = now()
+        FROM job WHERE j.id = job.id
+        RETURNING j.id
+    )
+    SELECT EXISTS (SELECT 1 FROM progress) AS stored, set_config('synchronous_commit', 'off', true)
+"""
+# set_config(..., true) lasts until the end of the statement's own transaction, so only this commit is asynchronous.
+# Why a batch's commit need not wait for its WAL to reach disk: if the worker dies, PostgreSQL still writes the
+# commit out (within wal_writer_delay), so nothing acknowledged is lost. If PostgreSQL itself crashes, the last
+# batches committed this way may be lost, outputs and progress together (WAL replays in order, so what survives is
+# a consistent prefix): the job is then redelivered, or still RUNNING and reaped, and its runner stores those
+# batches again, which is safe because storing is idempotent. Nothing that a client can rely on is lost: the job's
+# COMPLETED commit is synchronous, and a synchronous commit flushes all WAL before it, every batch included.
+
+
 class JobStore:
     """The jobs, datasets and their records, inline inputs and per-batch results in the `jobs` schema."""
 
@@ -324,35 +359,22 @@ class JobStore:
     async def store_batch(
         self, job_id: UUID, worker_id: str, batch: ResultRecord, inference_seconds: float
     ) -> JobState | None:
-        """Stores one batch's outputs and the progress in one transaction, if the job is still RUNNING here.
+        """Stores one batch's outputs and the progress atomically, if the job is still RUNNING here.
 
         Returns RUNNING when stored (or stored before: a batch is never written twice), otherwise the job's
         state now (CANCELLED, or RUNNING elsewhere as None after the reaper gave it away).
+
+        One statement, committed on its own (the pool's connections autocommit): the job's row is locked from the
+        check to the commit at the end of the statement and no longer, so the runner's lanes, each storing a batch,
+        take turns for that instant only, never across a round trip to this process. Its commit does not wait for
+        the WAL flush (see _STORE_BATCH).
         """
-        async with self._cursor(transaction=True) as cur:
-            await cur.execute("SELECT state, worker_id FROM jobs.jobs WHERE id = %s FOR UPDATE", (job_id,))
-            row = await cur.fetchone()
-            if row is None:
-                return None
-            if row["state"] != "RUNNING" or row["worker_id"] != worker_id:
-                return JobState(row["state"]) if row["state"] != "RUNNING" else None
+        async with self._cursor() as cur:
             await cur.execute(
-                """
-                WITH stored AS (
-                    INSERT INTO jobs.results (job_id, batch_index, first_item, item_count, record)
-                    VALUES (%(id)s, %(index)s, %(first)s, %(count)s, %(record)s)
-                    ON CONFLICT DO NOTHING
-                    RETURNING item_count
-                )
-                UPDATE jobs.jobs SET
-                    items_done = items_done + COALESCE((SELECT sum(item_count) FROM stored), 0),
-                    batches_done = batches_done + (SELECT count(*) FROM stored),
-                    inference_seconds = inference_seconds + %(seconds)s,
-                    heartbeat_time = now(), update_time = now()
-                WHERE id = %(id)s
-                """,
+                _STORE_BATCH,
                 {
                     "id": job_id,
+                    "worker": worker_id,
                     "index": batch.batch_index,
                     "first": batch.first_item,
                     "count": batch.item_count,
@@ -360,7 +382,16 @@ class JobStore:
                     "seconds": inference_seconds,
                 },
             )
-        return JobState.RUNNING
+            row = await cur.fetchone()
+        if row is not None and row["stored"]:
+            return JobState.RUNNING
+        # Not RUNNING on this worker any more (the statement stored nothing): say what the job is now.
+        async with self._cursor() as cur:
+            await cur.execute("SELECT state FROM jobs.jobs WHERE id = %s", (job_id,))
+            row = await cur.fetchone()
+        if row is None or row["state"] == "RUNNING":
+            return None
+        return JobState(row["state"])
 
     async def heartbeat(self, job_id: UUID, worker_id: str) -> bool:
         """Refreshes the heartbeat; False when the job is no longer RUNNING on this worker."""
