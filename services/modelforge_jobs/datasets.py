@@ -344,14 +344,18 @@ def _decode(record: InputRecord) -> _Decoded:
 class DatasetItems:
     """A stored dataset's items, read by item range: each batch fetches only the records it covers.
 
-    The last few records decoded stay in memory, since consecutive batches (run a few at a time) usually share
-    records; memory stays bounded by `cached_records` records whatever the dataset's size.
+    A miss fetches the records of `read_ahead` items from the batch's start (at least the batch), so that a runner
+    reading its batches in order makes one query per several batches. The records of the last fetch, and the
+    `cached_records` records used last, stay in memory decoded, since consecutive batches usually share records;
+    memory stays bounded by those whatever the dataset's size.
     """
 
-    def __init__(self, fetch: Fetch, *, cached_records: int = 8) -> None:
+    def __init__(self, fetch: Fetch, *, cached_records: int = 8, read_ahead: int = 0) -> None:
         self._fetch = fetch
         self._cache: collections.OrderedDict[int, _Decoded] = collections.OrderedDict()
         self._limit = max(1, cached_records)
+        self._read_ahead = max(0, read_ahead)
+        self._fetched = 0  # records of the last fetch, never evicted before the next one
 
     def _cached(self, start: int, stop: int) -> list[_Decoded] | None:
         """The cached records covering start .. stop - 1 in order, or None if one is missing."""
@@ -368,18 +372,21 @@ class DatasetItems:
     async def read(self, start: int, stop: int) -> list[Tensor]:
         records = self._cached(start, stop)
         if records is None:
-            fetched = await self._fetch(start, stop)
-            records = await asyncio.to_thread(lambda: [_decode(r) for r in fetched])
+            fetched = await self._fetch(start, max(stop, start + self._read_ahead))
+            decoded = await asyncio.to_thread(lambda: [_decode(r) for r in fetched])
+            records = [r for r in decoded if r.first_item < stop and r.first_item + r.item_count > start]
             covered = sum(min(stop, r.first_item + r.item_count) - max(start, r.first_item) for r in records)
             if covered != stop - start:
                 raise FailedPrecondition(
                     f"the job's dataset holds no records for items {start} to {stop - 1}: it is gone; upload it again"
                 )
-            for record in records:
+            for record in decoded:
                 self._cache[record.first_item] = record
+                self._cache.move_to_end(record.first_item)
+            self._fetched = len(decoded)
         for record in records:
             self._cache.move_to_end(record.first_item)
-        while len(self._cache) > self._limit:
+        while len(self._cache) > max(self._limit, self._fetched):
             self._cache.popitem(last=False)
         dtypes = records[0].dtypes
         out: list[Tensor] = []

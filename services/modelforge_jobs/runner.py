@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from uuid import UUID
 
+from modelforge.common.v1.tensor_pb2 import Tensor
 from modelforge.jobs.v1.jobs_pb2 import DatasetRecord
 from modelforge_jobs.datasets import BatchSource, DatasetItems, Items
 from modelforge_jobs.domain import InputRecord, Job, JobError, JobState, Priority, ResultRecord
@@ -49,7 +50,8 @@ class RunnerSettings:
     worker_id: str
     heartbeat_interval: float
     stale_after: float
-    batch_concurrency: int = 4  # batches in flight at once, to keep the inference service's batcher busy
+    batch_concurrency: int = 8  # batches in flight at once, to keep the inference service busy
+    read_ahead_batches: int = 16  # the input each dataset fetch reads, in batches
     retry_min_backoff: float = 1.0
     retry_max_backoff: float = 60.0
 
@@ -161,7 +163,9 @@ class JobRunner:
             async def fetch(start: int, stop: int) -> list[InputRecord]:
                 return await self._store.dataset_records(dataset_id, start, stop)
 
-            return DatasetItems(fetch, cached_records=2 * self._settings.batch_concurrency)
+            # Batches are read in order, one at a time: each fetch reads ahead for the next few batches.
+            ahead = self._settings.read_ahead_batches * job.batch_size
+            return DatasetItems(fetch, cached_records=2 * self._settings.batch_concurrency, read_ahead=ahead)
         record = await self._store.inline_input(job.id)
         if record is None:
             raise FailedPrecondition("the job's input is gone: its dataset was deleted")
@@ -181,26 +185,47 @@ class JobRunner:
         raise _Stop
 
     async def _pipeline(self, job: Job, items: BatchSource, todo: Iterator[int], deadline: float | None) -> None:
-        """Runs the batches with a few in flight; the first failure stops the others."""
+        """Runs the batches with a few in flight; the first failure stops the others.
+
+        One reader reads the batches' inputs in order, a little ahead of the lanes, so that the input is fetched
+        once and never waited for; each lane runs a batch on the inference service and stores its outputs.
+        """
         failure: list[BaseException] = []
+        lanes = max(1, min(self._settings.batch_concurrency, job.progress.batches_total))
+        ready: asyncio.Queue[tuple[int, list[Tensor]] | None] = asyncio.Queue(maxsize=lanes)
+
+        async def reader() -> None:
+            try:
+                for index in todo:
+                    if failure:
+                        break
+                    first = index * job.batch_size
+                    last = min(first + job.batch_size, job.progress.items_total)
+                    await ready.put((index, await items.read(first, last)))
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:
+                failure.append(exc)
+            await ready.put(None)  # the end mark, passed on from lane to lane
 
         async def lane() -> None:
-            for index in todo:
+            while (entry := await ready.get()) is not None:
                 if failure:
-                    return
+                    continue  # drain, so that the reader never waits on a full queue
                 try:
-                    await self._batch(job, items, index, deadline)
+                    await self._batch(job, *entry, deadline)
+                except asyncio.CancelledError:
+                    raise
                 except BaseException as exc:
                     failure.append(exc)
-                    return
+            ready.put_nowait(None)  # room: this lane just took it
 
-        lanes = max(1, min(self._settings.batch_concurrency, job.progress.batches_total))
-        await asyncio.gather(*(lane() for _ in range(lanes)))
+        await asyncio.gather(reader(), *(lane() for _ in range(lanes)))
         if failure:
             stops = [exc for exc in failure if isinstance(exc, _Stop)]
             raise stops[0] if stops else failure[0]
 
-    async def _batch(self, job: Job, items: BatchSource, index: int, deadline: float | None) -> None:
+    async def _batch(self, job: Job, index: int, inputs: list[Tensor], deadline: float | None) -> None:
         first = index * job.batch_size
         last = min(first + job.batch_size, job.progress.items_total)
         timeout = None
@@ -210,7 +235,6 @@ class JobRunner:
                 raise TimeLimitExceeded(job.time_limit or 0.0)
         attributes = {"modelforge.batch.index": index, "modelforge.batch.size": last - first}
         with tracer.start_as_current_span("modelforge.jobs.batch", attributes=attributes):
-            inputs = await items.read(first, last)
             began = time.monotonic()
             try:
                 outputs = await self._inference.predict(

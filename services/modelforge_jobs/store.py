@@ -582,6 +582,7 @@ class JobStore:
                 ORDER BY first_item
                 """,
                 {"id": dataset_id, "start": start, "stop": stop},
+                binary=True,  # the records arrive as their bytes, not as hex text to decode
             )
             rows = await cur.fetchall()
         return [InputRecord(r["record_index"], r["first_item"], r["item_count"], bytes(r["record"])) for r in rows]

@@ -221,3 +221,22 @@ async def test_dataset_items_assemble_batches_across_records() -> None:
     rows.clear()  # a dataset deleted under a job
     with pytest.raises(FailedPrecondition, match="no records for items 2 to 3"):
         await DatasetItems(fetch).read(2, 4)
+
+
+async def test_dataset_items_read_ahead_fetch_once_for_the_batches_that_follow() -> None:
+    whole = x(100)
+    rows = [
+        InputRecord(i, a, 10, record(x=whole[a : a + 10]).SerializeToString()) for i, a in enumerate(range(0, 100, 10))
+    ]
+    fetched: list[tuple[int, int]] = []
+
+    async def fetch(start: int, stop: int) -> list[InputRecord]:
+        fetched.append((start, stop))
+        return [r for r in rows if r.first_item < stop and r.first_item + r.item_count > start]
+
+    # A cache of one record still keeps everything the last fetch read.
+    items = DatasetItems(fetch, cached_records=1, read_ahead=40)
+    for start in range(0, 100, 8):
+        (tensor,) = await items.read(start, min(start + 8, 100))
+        np.testing.assert_array_equal(tensors.to_numpy(tensor), whole[start : start + 8])
+    assert fetched == [(0, 40), (40, 80), (80, 120)]
