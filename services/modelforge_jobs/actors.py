@@ -24,6 +24,7 @@ import grpc
 import redis
 from dramatiq.asyncio import get_event_loop_thread
 
+from modelforge_jobs.broker import WakingRedisBroker
 from modelforge_jobs.domain import Priority
 from modelforge_jobs.errors import DependencyUnavailable
 from modelforge_jobs.inference_client import InferenceClient
@@ -268,12 +269,11 @@ def declare_actors(
 
 
 def make_broker(settings: JobsSettings, *, namespace: str | None = None) -> dramatiq.Broker:
-    """A RedisBroker on the suite's Redis with the AsyncIO middleware."""
-    from dramatiq.brokers.redis import RedisBroker
+    """A Redis broker on the suite's Redis (its idle consumers woken by each send) with the AsyncIO middleware."""
     from dramatiq.middleware import AsyncIO
 
     if not settings.redis_url:
         raise ValueError("the jobs service needs MODELFORGE_REDIS_URL")
-    broker = RedisBroker(url=settings.redis_url, namespace=namespace or settings.queue_namespace)
+    broker = WakingRedisBroker(url=settings.redis_url, namespace=namespace or settings.queue_namespace)
     broker.add_middleware(AsyncIO())
     return broker

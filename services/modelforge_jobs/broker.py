@@ -1,0 +1,77 @@
+"""The jobs queue's broker: Dramatiq's Redis broker, whose idle consumers wake as soon as a message is sent.
+
+Dramatiq's Redis consumers poll: after an empty fetch a consumer sleeps, longer after each miss, up to the worker
+timeout (1 s by default), so a job sent to an idle worker waited for the next poll, tens to hundreds of
+milliseconds. Here every send to a queue also PUBLISHes on that queue's wake channel, and an idle consumer waits on
+the channel instead of sleeping. The worker timeout stays as a fallback poll: a wake-up missed (Redis pub/sub
+delivers to whoever listens at that moment, so a consumer reconnecting misses it) costs at most that, as before.
+Delay queues (retries waiting for their time) are not woken: their consumer polls for messages that came due.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import redis
+from dramatiq import Message
+from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
+from dramatiq.common import dq_name
+from dramatiq.errors import ConnectionClosed
+
+
+class WakingRedisBroker(RedisBroker):
+    """A RedisBroker that announces each immediate send on the queue's wake channel."""
+
+    def __init__(self, *, url: str, namespace: str) -> None:
+        super().__init__(url=url, namespace=namespace)  # type: ignore[no-untyped-call]
+
+    def wake_channel(self, queue_name: str) -> str:
+        return f"{self.namespace}:{queue_name}:wake"
+
+    def enqueue(self, message: Message[Any], *, delay: int | None = None) -> Message[Any]:
+        sent: Message[Any] = super().enqueue(message, delay=delay)
+        if delay is None:
+            # The message is stored; a lost wake-up only delays it to the consumers' fallback poll.
+            with contextlib.suppress(redis.RedisError):
+                self.client.publish(self.wake_channel(sent.queue_name), b"")
+        return sent
+
+    @property
+    def consumer_class(self) -> type[_RedisConsumer]:
+        return _WakingConsumer
+
+
+class _WakingConsumer(_RedisConsumer):
+    """Between empty fetches, waits for a wake-up on its queue's channel, at most the worker timeout."""
+
+    def __init__(self, broker: WakingRedisBroker, queue_name: str, prefetch: int, timeout: int) -> None:
+        super().__init__(broker, queue_name, prefetch, timeout)  # type: ignore[no-untyped-call]
+        self._wakes: redis.client.PubSub | None = None
+        self._idle = timeout / 1000
+        if queue_name != dq_name(queue_name):  # not a delay queue
+            self._wakes = broker.client.pubsub(ignore_subscribe_messages=True)
+            try:
+                self._wakes.subscribe(broker.wake_channel(queue_name))
+            except redis.ConnectionError as exc:
+                self.close()
+                raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
+            self.timeout = 0  # no sleep in the base class after an empty fetch: the wait is on the channel
+
+    def __next__(self) -> Any:
+        message = super().__next__()  # type: ignore[no-untyped-call]
+        if message is None and self._wakes is not None:
+            try:
+                if self._wakes.get_message(timeout=self._idle) is not None:
+                    while self._wakes.get_message(timeout=0.0) is not None:  # one fetch serves them all
+                        pass
+            except redis.ConnectionError as exc:
+                raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
+        return message
+
+    def close(self) -> None:
+        if self._wakes is not None:
+            with contextlib.suppress(redis.RedisError):
+                self._wakes.close()
+            self._wakes = None
+        super().close()

@@ -1,0 +1,52 @@
+"""The jobs broker on a real Redis: an idle consumer wakes when a message is sent, not at its next poll."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import dramatiq
+from dramatiq.common import dq_name
+
+from modelforge_jobs.broker import WakingRedisBroker
+
+HOUR_MS = 3_600_000
+
+
+def test_an_idle_consumer_takes_a_message_sent_long_before_its_next_poll(redis_url: str) -> None:
+    broker = WakingRedisBroker(url=redis_url, namespace=f"test-{uuid.uuid4().hex[:8]}")
+    try:
+        actor = dramatiq.Actor(
+            lambda n: None, broker=broker, actor_name="noop", queue_name="wake", priority=0, options={}
+        )
+        # A fallback poll of an hour: only the wake-up can deliver the message while the test waits.
+        consumer = broker.consume("wake", prefetch=1, timeout=HOUR_MS)
+        taken: list[dramatiq.MessageProxy] = []
+
+        def consume() -> None:
+            for message in consumer:
+                if message is not None:
+                    taken.append(message)
+                    return
+
+        assert next(consumer) is None  # the queue is empty: one fetch, then the consumer waits on the channel
+        thread = threading.Thread(target=consume, daemon=True)
+        thread.start()
+        actor.send(1)
+        thread.join(timeout=30)
+        assert [m.args for m in taken] == [(1,)]
+        consumer.ack(taken[0])
+        consumer.close()
+    finally:
+        broker.close()
+
+
+def test_delay_queues_keep_polling(redis_url: str) -> None:
+    broker = WakingRedisBroker(url=redis_url, namespace=f"test-{uuid.uuid4().hex[:8]}")
+    try:
+        dramatiq.Actor(lambda n: None, broker=broker, actor_name="noop", queue_name="wake", priority=0, options={})
+        consumer = broker.consume(dq_name("wake"), prefetch=1, timeout=10)
+        assert next(consumer) is None  # a short poll, no channel to wait on
+        consumer.close()
+    finally:
+        broker.close()
