@@ -114,11 +114,14 @@ class WorkerResources(dramatiq.Middleware):
         return self._runner
 
     # Dramatiq hooks; AsyncIO must come before this middleware, so that its loop runs at boot and stops after us.
-    def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+    def before_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        # Before the worker starts its consumers: a message taken at once must find the runner ready.
         loop_thread = get_event_loop_thread()
         if loop_thread is None:
             raise RuntimeError("add the AsyncIO middleware before WorkerResources")
         loop_thread.run_coroutine(self.open())
+
+    def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         self._serve_metrics()
 
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:

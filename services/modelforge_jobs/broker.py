@@ -41,6 +41,11 @@ class WakingRedisBroker(RedisBroker):
     def consumer_class(self) -> type[_RedisConsumer]:
         return _WakingConsumer
 
+    def close(self) -> None:
+        """Closes the broker's Redis connections too (Dramatiq's RedisBroker leaves them to the collector)."""
+        super().close()
+        self.client.connection_pool.disconnect()
+
 
 class _WakingConsumer(_RedisConsumer):
     """Between empty fetches, waits for a wake-up on its queue's channel, at most the worker timeout."""

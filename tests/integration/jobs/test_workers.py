@@ -4,6 +4,7 @@ and the workers' counters add up to the job: nothing counted twice, nothing lost
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import time
 import urllib.request
@@ -66,3 +67,17 @@ async def test_sigkilled_worker_job_completes_on_another_worker_exactly_once(
     assert counted("modelforge_jobs_batches_total") == 2_000 - killed.progress.batches_done
     assert counted("modelforge_jobs_runs_started_total") == 1
     assert counted("modelforge_jobs_completed_total") == 1
+
+
+async def test_a_job_queued_before_its_worker_boots_runs_at_the_first_delivery(
+    jobs_api, jobs_settings, start_worker, inference, add_one, caplog
+) -> None:
+    await upload(inference, "add-one", add_one)
+    x = np.arange(8 * 4, dtype=np.float32).reshape(8, 4)
+    job = (await jobs_api.stub.CreateJob(inline_request("add-one", {"x": x}))).job
+    with caplog.at_level(logging.WARNING, logger="dramatiq"):
+        async with start_worker(jobs_settings):  # its consumers find the message waiting
+            final = await wait_terminal(jobs_api.stub, job.id)
+    assert final.state == jobs_pb2.JOB_STATE_COMPLETED, final.error
+    failed = [r.getMessage() for r in caplog.records if r.name.startswith("dramatiq") and r.levelno >= logging.ERROR]
+    assert failed == []  # no delivery reached the actor before the worker's pool and runner were open
