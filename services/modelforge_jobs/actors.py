@@ -158,7 +158,9 @@ class WorkerResources(dramatiq.Middleware):
         try:
             assert settings.database_url is not None
             pool = await stack.enter_async_context(
-                db.open_pool(settings.database_url, max_size=max(4, settings.worker_threads * 2))
+                # Each batch's store checks a connection out: skip the round trip of the check when the
+                # connection was in use within the last second.
+                db.open_pool(settings.database_url, max_size=max(8, settings.worker_threads * 4), recheck_after=1.0)
             )
             await db.migrate(pool, schema="jobs", package="modelforge_jobs.migrations")
             channel = grpc.aio.insecure_channel(
