@@ -1,0 +1,59 @@
+"""The worker's batch write on a real PostgreSQL: outputs and progress together, each batch once, nothing after a
+cancel or a takeover, and lanes writing at the same time all counted."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+from modelforge_jobs.domain import JobSpec, JobState, ModelRefSpec, Priority, ResultRecord
+from modelforge_jobs.store import JobStore
+from modelforge_server import db
+
+
+async def running_job(store: JobStore, *, batches: int, worker: str = "w1") -> uuid.UUID:
+    spec = JobSpec(ModelRefSpec("m", 1, None), 10, Priority.NORMAL, {}, 3, None, None, inline_input=b"")
+    job_id = uuid.uuid4()
+    await store.insert_job(job_id, spec, model_version=1, items_total=10 * batches, batches_total=batches)
+    assert await store.claim(job_id, worker, stale_after=30.0) is not None
+    return job_id
+
+
+def batch(index: int) -> ResultRecord:
+    return ResultRecord(index, index * 10, 10, f"outputs {index}".encode())
+
+
+async def test_a_batch_stored_twice_is_written_and_counted_once(db_pool) -> None:
+    await db.migrate(db_pool, schema="jobs", package="modelforge_jobs.migrations")
+    store = JobStore(db_pool)
+    job_id = await running_job(store, batches=3)
+    assert await store.store_batch(job_id, "w1", batch(1), 0.5) is JobState.RUNNING
+    assert await store.store_batch(job_id, "w1", batch(1), 0.5) is JobState.RUNNING  # a redelivered batch
+    job = await store.get_job(job_id)
+    assert (job.progress.items_done, job.progress.batches_done) == (10, 1)
+    assert await store.done_batches(job_id) == {1}
+
+
+async def test_concurrent_lanes_are_all_counted(db_pool) -> None:
+    await db.migrate(db_pool, schema="jobs", package="modelforge_jobs.migrations")
+    store = JobStore(db_pool)
+    job_id = await running_job(store, batches=40)
+    states = await asyncio.gather(*(store.store_batch(job_id, "w1", batch(i), 0.1) for i in range(40)))
+    assert set(states) == {JobState.RUNNING}
+    job = await store.get_job(job_id)
+    assert (job.progress.items_done, job.progress.batches_done) == (400, 40)
+    assert await store.complete(job_id, "w1")
+
+
+async def test_nothing_is_stored_after_a_cancel_or_by_a_worker_that_lost_the_job(db_pool) -> None:
+    await db.migrate(db_pool, schema="jobs", package="modelforge_jobs.migrations")
+    store = JobStore(db_pool)
+    job_id = await running_job(store, batches=3)
+    assert await store.store_batch(job_id, "w1", batch(0), 0.5) is JobState.RUNNING
+    assert await store.store_batch(job_id, "w2", batch(1), 0.5) is None  # RUNNING, but not on w2
+    assert await store.cancel(job_id) is not None
+    assert await store.store_batch(job_id, "w1", batch(2), 0.5) is JobState.CANCELLED
+    job = await store.get_job(job_id)
+    assert (job.progress.items_done, job.progress.batches_done) == (10, 1)
+    assert await store.done_batches(job_id) == {0}
+    assert await store.store_batch(uuid.uuid4(), "w1", batch(0), 0.5) is None  # no such job
