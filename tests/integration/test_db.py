@@ -55,3 +55,31 @@ async def test_ping_fails_once_the_pool_is_closed(clean_db: str) -> None:
         await db.ping(pool)
     with pytest.raises(Exception):  # noqa: B017 - any failure will do: the pool is closed
         await db.ping(pool)
+
+
+async def _terminate(pool: AsyncConnectionPool, other: AsyncConnectionPool) -> None:
+    """Kills, from another pool, the backend of the connection `pool` hands out next."""
+    async with pool.connection() as conn:
+        pid = conn.info.backend_pid
+    async with other.connection() as conn:
+        await conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+
+async def test_checked_pool_replaces_a_connection_that_died_while_idle(clean_db: str) -> None:
+    async with (
+        db.open_pool(clean_db, min_size=1, max_size=1) as pool,
+        db.open_pool(clean_db, min_size=1, max_size=1) as other,
+    ):
+        await _terminate(pool, other)
+        await db.ping(pool)  # the check found the dead connection and the pool made a new one
+
+
+async def test_recheck_after_skips_the_check_for_a_connection_just_used(clean_db: str) -> None:
+    async with (
+        db.open_pool(clean_db, min_size=1, max_size=1, recheck_after=60.0) as pool,
+        db.open_pool(clean_db, min_size=1, max_size=1) as other,
+    ):
+        await _terminate(pool, other)
+        with pytest.raises(psycopg.OperationalError):  # handed out unchecked: the query meets the dead backend
+            await db.ping(pool)
+        await db.ping(pool)  # the pool dropped the broken connection; the next one works
