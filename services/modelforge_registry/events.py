@@ -51,7 +51,11 @@ class EventHub:
         self._closed = True
         if self._task is not None:
             task, self._task = self._task, None
-            task.cancel()
+            # A cancellation that lands while psycopg is still connecting can be absorbed by it; cancel again at
+            # the next await rather than wait on a feed that would then listen forever.
+            while not task.done():
+                task.cancel()
+                await asyncio.wait({task}, timeout=0.1)
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._live.set()  # wakes watches still waiting for the feed; they see the hub closed
@@ -84,9 +88,11 @@ class EventHub:
             self._watchers.discard(queue)
 
     async def _listen_forever(self) -> None:
-        while True:
+        while not self._closed:
             try:
                 async with await psycopg.AsyncConnection.connect(self._url, autocommit=True) as conn:
+                    if self._closed:
+                        return
                     await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(EVENTS_CHANNEL)))
                     self._live.set()
                     log.info("listening for model events")
