@@ -44,9 +44,14 @@ class JobChanges:
     async def aclose(self) -> None:
         if self._task is not None:
             task, self._task = self._task, None
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # psycopg may absorb a cancellation that lands while it connects: cancel again, for at most 5 s.
+            deadline = asyncio.get_running_loop().time() + 5.0
+            while not task.done() and asyncio.get_running_loop().time() < deadline:
+                task.cancel()
+                await asyncio.wait({task}, timeout=0.1)
+            if task.done():
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         self._live.clear()
         self._wake_all()
 

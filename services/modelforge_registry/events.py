@@ -24,6 +24,7 @@ _QUEUE_LIMIT = 10_000
 # Queued to end a watch: the feed broke and events may have been missed, or this replica is shutting down.
 _LOST = None
 _CLOSED = "closed"
+_CLOSE_SECONDS = 5.0
 
 
 class EventHub:
@@ -41,6 +42,7 @@ class EventHub:
         self._watchers: set[asyncio.Queue[ModelEvent | str | None]] = set()
         self._live = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._conn: psycopg.AsyncConnection[Any] | None = None
         self._closed = False
 
     async def start(self) -> None:
@@ -51,13 +53,20 @@ class EventHub:
         self._closed = True
         if self._task is not None:
             task, self._task = self._task, None
-            # A cancellation that lands while psycopg is still connecting can be absorbed by it; cancel again at
-            # the next await rather than wait on a feed that would then listen forever.
-            while not task.done():
+            # A cancellation that lands while psycopg is connecting or waiting can be absorbed by it. Closing the
+            # LISTEN connection ends any wait on it, and cancelling again reaches the next await; bounded, so that
+            # shutdown never waits on the feed.
+            deadline = asyncio.get_running_loop().time() + _CLOSE_SECONDS
+            while not task.done() and asyncio.get_running_loop().time() < deadline:
                 task.cancel()
+                if self._conn is not None:
+                    await self._conn.close()
                 await asyncio.wait({task}, timeout=0.1)
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            if task.done():
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            else:
+                log.warning("the model event feed did not stop within %.0f s; leaving it behind", _CLOSE_SECONDS)
         self._live.set()  # wakes watches still waiting for the feed; they see the hub closed
         self._interrupt(_CLOSED)
 
@@ -91,6 +100,7 @@ class EventHub:
         while not self._closed:
             try:
                 async with await psycopg.AsyncConnection.connect(self._url, autocommit=True) as conn:
+                    self._conn = conn
                     if self._closed:
                         return
                     await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(EVENTS_CHANNEL)))
