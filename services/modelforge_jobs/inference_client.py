@@ -28,6 +28,10 @@ _KINDS: dict[grpc.StatusCode, type[errors.RemoteError]] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: errors.RemoteResourceExhausted,
     grpc.StatusCode.DEADLINE_EXCEEDED: errors.RemoteDeadlineExceeded,
     grpc.StatusCode.UNAVAILABLE: errors.RemoteUnavailable,
+    # The worker never cancels its own calls (its shutdown cancels the task instead): CANCELLED comes from a server
+    # that stopped mid-call, and ABORTED from a concurrent change there; both succeed when tried again.
+    grpc.StatusCode.CANCELLED: errors.RemoteUnavailable,
+    grpc.StatusCode.ABORTED: errors.RemoteUnavailable,
 }
 
 # Job priority to PredictRequest.priority: 1 is the most urgent level; levels past the model's count are its last.
