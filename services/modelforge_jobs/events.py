@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from uuid import UUID
 
 from modelforge_jobs.store import listen_for_changes
+from modelforge_server import tasks
 
 log = logging.getLogger("modelforge.jobs.events")
 
@@ -44,14 +45,7 @@ class JobChanges:
     async def aclose(self) -> None:
         if self._task is not None:
             task, self._task = self._task, None
-            # psycopg may absorb a cancellation that lands while it connects: cancel again, for at most 5 s.
-            deadline = asyncio.get_running_loop().time() + 5.0
-            while not task.done() and asyncio.get_running_loop().time() < deadline:
-                task.cancel()
-                await asyncio.wait({task}, timeout=0.1)
-            if task.done():
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            await tasks.stop(task)  # bounded: psycopg may absorb a cancellation that lands while it connects
         self._live.clear()
         self._wake_all()
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import AsyncGenerator
@@ -16,6 +15,7 @@ from psycopg import sql
 from modelforge_registry.domain import EventType, ModelEvent
 from modelforge_registry.errors import DatabaseUnavailable, ReplicaStopping, WatchInterrupted
 from modelforge_registry.store import EVENTS_CHANNEL
+from modelforge_server import tasks
 
 log = logging.getLogger("modelforge.registry.events")
 
@@ -53,22 +53,15 @@ class EventHub:
         self._closed = True
         if self._task is not None:
             task, self._task = self._task, None
-            # A cancellation that lands while psycopg is connecting or waiting can be absorbed by it. Closing the
-            # LISTEN connection ends any wait on it, and cancelling again reaches the next await; bounded, so that
-            # shutdown never waits on the feed.
-            deadline = asyncio.get_running_loop().time() + _CLOSE_SECONDS
-            while not task.done() and asyncio.get_running_loop().time() < deadline:
-                task.cancel()
-                if self._conn is not None:
-                    await self._conn.close()
-                await asyncio.wait({task}, timeout=0.1)
-            if task.done():
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-            else:
+            # Closing the LISTEN connection ends any wait on it; bounded, so that shutdown never waits on the feed.
+            if not await tasks.stop(task, timeout=_CLOSE_SECONDS, nudge=self._close_connection):
                 log.warning("the model event feed did not stop within %.0f s; leaving it behind", _CLOSE_SECONDS)
         self._live.set()  # wakes watches still waiting for the feed; they see the hub closed
         self._interrupt(_CLOSED)
+
+    async def _close_connection(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
 
     async def watch(self, model: str = "", *, wait_seconds: float = 5.0) -> AsyncGenerator[ModelEvent, None]:
         """WATCH_STARTED once the subscription is live, then every later event (of `model` if given)."""
