@@ -1,8 +1,10 @@
 """The job runner: runs one job's unfinished batches on the inference service, idempotently.
 
 Every batch's outputs are stored with its index and the progress in one transaction, and a batch already stored is
-never stored again, so a redelivered or retried job resumes at its first unfinished batch. Between batches the runner
-sees cancellation (the store refuses the write), and a heartbeat tells the reaper that the worker is alive.
+never stored again, so a redelivered or retried job resumes at its first unfinished batch. Finished batches are
+written in groups (one statement for up to `write_batches` of them, within `write_interval`), which coalesces the
+progress updates that watchers see. At every write the runner sees cancellation (the store refuses the write) and
+starts no further batch, and a heartbeat tells the reaper that the worker is alive.
 
 Each batch runs in a ``modelforge.jobs.batch`` span (with its index and size), so that the inference call it makes
 is a child of it, and the run's counters go to the worker's metrics.
@@ -52,6 +54,11 @@ class RunnerSettings:
     stale_after: float
     batch_concurrency: int = 8  # batches in flight at once, to keep the inference service busy
     read_ahead_batches: int = 16  # the input each dataset fetch reads, in batches
+    # Finished batches are stored in groups, one statement each: at most this many batches or (about) this many
+    # bytes of outputs, and a finished batch waits at most write_interval seconds for others to join its group.
+    write_batches: int = 32
+    write_bytes: int = 8 << 20
+    write_interval: float = 0.05
     retry_min_backoff: float = 1.0
     retry_max_backoff: float = 60.0
 
@@ -188,11 +195,14 @@ class JobRunner:
         """Runs the batches with a few in flight; the first failure stops the others.
 
         One reader reads the batches' inputs in order, a little ahead of the lanes, so that the input is fetched
-        once and never waited for; each lane runs a batch on the inference service and stores its outputs.
+        once and never waited for; each lane runs a batch on the inference service and hands its outputs to one
+        writer, which stores the finished batches a group at a time. Batches finished before a failure are still
+        stored; after a cancel or a takeover nothing more is.
         """
         failure: list[BaseException] = []
         lanes = max(1, min(self._settings.batch_concurrency, job.progress.batches_total))
         ready: asyncio.Queue[tuple[int, list[Tensor]] | None] = asyncio.Queue(maxsize=lanes)
+        writer = _ResultWriter(self._store, job.id, self.worker_id, self._settings, self._metrics)
 
         async def reader() -> None:
             try:
@@ -213,19 +223,37 @@ class JobRunner:
                 if failure:
                     continue  # drain, so that the reader never waits on a full queue
                 try:
-                    await self._batch(job, *entry, deadline)
+                    await writer.add(*await self._batch(job, *entry, deadline))
                 except asyncio.CancelledError:
                     raise
                 except BaseException as exc:
                     failure.append(exc)
             ready.put_nowait(None)  # room: this lane just took it
 
-        await asyncio.gather(reader(), *(lane() for _ in range(lanes)))
+        async def run_lanes() -> None:
+            try:
+                await asyncio.gather(*(lane() for _ in range(lanes)))
+            finally:
+                writer.close()  # the writer stores what is left, then ends
+
+        async def write() -> None:
+            try:
+                await writer.run()
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:
+                failure.append(exc)
+                writer.close()  # lanes waiting for room go on, and drop their outputs
+
+        await asyncio.gather(reader(), run_lanes(), write())
         if failure:
             stops = [exc for exc in failure if isinstance(exc, _Stop)]
             raise stops[0] if stops else failure[0]
 
-    async def _batch(self, job: Job, index: int, inputs: list[Tensor], deadline: float | None) -> None:
+    async def _batch(
+        self, job: Job, index: int, inputs: list[Tensor], deadline: float | None
+    ) -> tuple[ResultRecord, float]:
+        """Runs one batch on the inference service: its outputs as a result record, and the seconds it took."""
         first = index * job.batch_size
         last = min(first + job.batch_size, job.progress.items_total)
         timeout = None
@@ -245,15 +273,8 @@ class JobRunner:
                     raise TimeLimitExceeded(job.time_limit or 0.0) from exc
                 raise
             seconds = time.monotonic() - began
-            record = DatasetRecord(tensors=outputs).SerializeToString()
-            state = await self._store.store_batch(
-                job.id, self.worker_id, ResultRecord(index, first, last - first, record), seconds
-            )
-        if state is JobState.RUNNING:
-            self._metrics.batch_stored(last - first, seconds)
-        else:
-            log.info("job %s stops before batch %d: it is %s", job.id, index, state.value if state else "elsewhere")
-            raise _Stop
+        record = DatasetRecord(tensors=outputs).SerializeToString()
+        return ResultRecord(index, first, last - first, record), seconds
 
     @contextlib.asynccontextmanager
     async def _heartbeat(self, job_id: UUID) -> AsyncIterator[None]:
@@ -272,3 +293,109 @@ class JobRunner:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+class _ResultWriter:
+    """Stores a job's finished batches a group at a time: each write is one statement (one round trip, one commit,
+    one progress update and one notification to watchers) for up to `write_batches` batches.
+
+    A finished batch waits at most `write_interval` for others to share its write, less when a full group (by count
+    or by bytes) is waiting; when the lanes are done, what is left is written at once. Lanes wait for room while
+    two full groups are waiting, so the outputs held in memory stay bounded. A write that finds the job no longer
+    RUNNING on this worker (cancelled, or taken over) raises _Stop, and nothing more is written.
+    """
+
+    def __init__(
+        self, store: JobStore, job_id: UUID, worker_id: str, settings: RunnerSettings, metrics: WorkerMetrics
+    ) -> None:
+        self._store = store
+        self._job_id = job_id
+        self._worker_id = worker_id
+        self._settings = settings
+        self._metrics = metrics
+        self._pending: list[tuple[ResultRecord, float]] = []
+        self._pending_bytes = 0
+        self._since = 0.0  # when the oldest waiting batch began to wait (loop time)
+        self._started = asyncio.Event()  # something waits to be written
+        self._full = asyncio.Event()  # a full group waits, or the lanes are done
+        self._room = asyncio.Event()  # lanes may add again
+        self._closed = False
+
+    async def add(self, result: ResultRecord, seconds: float) -> None:
+        """Hands over one finished batch; waits while two full groups wait. Dropped once the writer is closed."""
+        while self._group_waits(factor=2) and not self._closed:
+            self._room.clear()
+            await self._room.wait()
+        if self._closed:
+            return
+        if not self._pending:
+            self._since = asyncio.get_running_loop().time()
+        self._pending.append((result, seconds))
+        self._pending_bytes += len(result.record)
+        self._started.set()
+        if self._group_waits():
+            self._full.set()
+
+    def close(self) -> None:
+        """No more batches: the writer writes what waits, then its run ends."""
+        self._closed = True
+        self._full.set()
+        self._started.set()
+        self._room.set()
+
+    async def run(self) -> None:
+        """Writes groups until closed and nothing waits; raises _Stop when the job stopped being ours."""
+        while True:
+            await self._started.wait()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(self._since + self._settings.write_interval):
+                    await self._full.wait()
+            group = self._take()
+            self._since = asyncio.get_running_loop().time()  # what is left waits from now
+            if not self._pending and not self._closed:
+                self._started.clear()
+            if not self._closed and not self._group_waits():
+                self._full.clear()
+            self._room.set()
+            if group:
+                await self._write(group)
+            elif self._closed:
+                return
+
+    def _group_waits(self, factor: int = 1) -> bool:
+        """Whether `factor` full groups wait, counted in batches or in bytes."""
+        return (
+            len(self._pending) >= factor * self._settings.write_batches
+            or self._pending_bytes >= factor * self._settings.write_bytes
+        )
+
+    def _take(self) -> list[tuple[ResultRecord, float]]:
+        """The oldest waiting batches, up to a full group (at least one batch, however large)."""
+        count = taken = 0
+        limit, room = self._settings.write_batches, self._settings.write_bytes
+        for result, _ in self._pending:
+            if count == limit or (count and taken + len(result.record) > room):
+                break
+            count += 1
+            taken += len(result.record)
+        group, self._pending = self._pending[:count], self._pending[count:]
+        self._pending_bytes -= taken
+        return group
+
+    async def _write(self, group: list[tuple[ResultRecord, float]]) -> None:
+        results = [result for result, _ in group]
+        seconds = sum(seconds for _, seconds in group)
+        state = await self._store.store_batches(self._job_id, self._worker_id, results, seconds)
+        if state is not JobState.RUNNING:
+            self._closed = True
+            self._room.set()
+            first = min(result.batch_index for result in results)
+            log.info(
+                "job %s stops before batch %d: it is %s",
+                self._job_id,
+                first,
+                state.value if state else "elsewhere",
+            )
+            raise _Stop
+        for result, took in group:
+            self._metrics.batch_stored(result.item_count, took)

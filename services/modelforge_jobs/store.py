@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -120,19 +120,22 @@ async def listen_for_changes(database_url: str) -> AsyncIterator[AsyncIterator[U
         raise DependencyUnavailable("database", type(exc).__name__) from exc
 
 
-# A batch's outputs and the job's progress, in one statement. `job` locks the row only if the job is RUNNING on
+# Some batches' outputs and the job's progress, in one statement. `job` locks the row only if the job is RUNNING on
 # this worker (re-checked on the newest row version when a cancel or the reaper committed meanwhile), so the outputs
 # are stored and counted together or not at all; the primary key of jobs.results makes a batch stored before count
 # for nothing (ON CONFLICT DO NOTHING), so a redelivered batch is never written or counted twice. The lock is held
-# until the commit at the end of the statement: a cancel waits for at most one batch's write, then wins.
-_STORE_BATCH = """
+# until the commit at the end of the statement: a cancel waits for at most one write, then wins. The batches arrive
+# as parallel arrays, one element per batch, so that a write of many batches is still one round trip and one commit.
+_STORE_BATCHES = """
     WITH job AS (
         SELECT id FROM jobs.jobs
         WHERE id = %(id)s AND state = 'RUNNING' AND worker_id = %(worker)s
         FOR NO KEY UPDATE
     ), stored AS (
         INSERT INTO jobs.results (job_id, batch_index, first_item, item_count, record)
-        SELECT id, %(index)s, %(first)s, %(count)s, %(record)s FROM job
+        SELECT job.id, b.batch_index, b.first_item, b.item_count, b.record
+        FROM job CROSS JOIN unnest(%(indexes)s::bigint[], %(firsts)s::bigint[], %(counts)s::integer[],
+            %(records)s::bytea[]) AS b (batch_index, first_item, item_count, record)
         ON CONFLICT DO NOTHING
         RETURNING item_count
     ), progress AS (
@@ -147,7 +150,7 @@ _STORE_BATCH = """
     SELECT EXISTS (SELECT 1 FROM progress) AS stored, set_config('synchronous_commit', 'off', true)
 """
 # set_config(..., true) lasts until the end of the statement's own transaction, so only this commit is asynchronous.
-# Why a batch's commit need not wait for its WAL to reach disk: if the worker dies, PostgreSQL still writes the
+# Why a write's commit need not wait for its WAL to reach disk: if the worker dies, PostgreSQL still writes the
 # commit out (within wal_writer_delay), so nothing acknowledged is lost. If PostgreSQL itself crashes, the last
 # batches committed this way may be lost, outputs and progress together (WAL replays in order, so what survives is
 # a consistent prefix): the job is then redelivered, or still RUNNING and reaped, and its runner stores those
@@ -356,29 +359,28 @@ class JobStore:
             await cur.execute("SELECT batch_index FROM jobs.results WHERE job_id = %s", (job_id,))
             return {row["batch_index"] for row in await cur.fetchall()}
 
-    async def store_batch(
-        self, job_id: UUID, worker_id: str, batch: ResultRecord, inference_seconds: float
+    async def store_batches(
+        self, job_id: UUID, worker_id: str, batches: Sequence[ResultRecord], inference_seconds: float
     ) -> JobState | None:
-        """Stores one batch's outputs and the progress atomically, if the job is still RUNNING here.
+        """Stores some batches' outputs and the progress atomically, if the job is still RUNNING here.
 
-        Returns RUNNING when stored (or stored before: a batch is never written twice), otherwise the job's
-        state now (CANCELLED, or RUNNING elsewhere as None after the reaper gave it away).
+        Returns RUNNING when stored (a batch stored before counts for nothing: none is written twice), otherwise
+        the job's state now (CANCELLED, or RUNNING elsewhere as None after the reaper gave it away).
 
         One statement, committed on its own (the pool's connections autocommit): the job's row is locked from the
-        check to the commit at the end of the statement and no longer, so the runner's lanes, each storing a batch,
-        take turns for that instant only, never across a round trip to this process. Its commit does not wait for
-        the WAL flush (see _STORE_BATCH).
+        check to the commit at the end of the statement and no longer, so writers take turns for that instant only,
+        never across a round trip to this process. Its commit does not wait for the WAL flush (see _STORE_BATCHES).
         """
         async with self._cursor() as cur:
             await cur.execute(
-                _STORE_BATCH,
+                _STORE_BATCHES,
                 {
                     "id": job_id,
                     "worker": worker_id,
-                    "index": batch.batch_index,
-                    "first": batch.first_item,
-                    "count": batch.item_count,
-                    "record": batch.record,
+                    "indexes": [b.batch_index for b in batches],
+                    "firsts": [b.first_item for b in batches],
+                    "counts": [b.item_count for b in batches],
+                    "records": [b.record for b in batches],
                     "seconds": inference_seconds,
                 },
             )

@@ -1,5 +1,5 @@
-"""The worker's batch write on a real PostgreSQL: outputs and progress together, each batch once, nothing after a
-cancel or a takeover, and lanes writing at the same time all counted."""
+"""The worker's batch writes on a real PostgreSQL: outputs and progress together, each batch once (alone or in a
+group that repeats some), nothing after a cancel or a takeover, and writers at the same time all counted."""
 
 from __future__ import annotations
 
@@ -27,18 +27,37 @@ async def test_a_batch_stored_twice_is_written_and_counted_once(db_pool) -> None
     await db.migrate(db_pool, schema="jobs", package="modelforge_jobs.migrations")
     store = JobStore(db_pool)
     job_id = await running_job(store, batches=3)
-    assert await store.store_batch(job_id, "w1", batch(1), 0.5) is JobState.RUNNING
-    assert await store.store_batch(job_id, "w1", batch(1), 0.5) is JobState.RUNNING  # a redelivered batch
+    assert await store.store_batches(job_id, "w1", [batch(1)], 0.5) is JobState.RUNNING
+    assert await store.store_batches(job_id, "w1", [batch(1)], 0.5) is JobState.RUNNING  # a redelivered batch
     job = await store.get_job(job_id)
     assert (job.progress.items_done, job.progress.batches_done) == (10, 1)
     assert await store.done_batches(job_id) == {1}
+
+
+async def test_a_group_stores_its_new_batches_and_counts_none_stored_before(db_pool) -> None:
+    await db.migrate(db_pool, schema="jobs", package="modelforge_jobs.migrations")
+    store = JobStore(db_pool)
+    job_id = await running_job(store, batches=6)
+    assert await store.store_batches(job_id, "w1", [batch(0), batch(2)], 0.5) is JobState.RUNNING
+    # A redelivered run that finished batch 2 again, with new ones: only 1, 3 and 4 are written and counted.
+    assert await store.store_batches(job_id, "w1", [batch(1), batch(2), batch(3), batch(4)], 0.5) is JobState.RUNNING
+    job = await store.get_job(job_id)
+    assert (job.progress.items_done, job.progress.batches_done) == (50, 5)
+    assert await store.done_batches(job_id) == {0, 1, 2, 3, 4}
+    stored = await store.results(job_id, after=-1, limit=10)
+    assert [(r.batch_index, r.first_item, r.item_count, r.record) for r in stored] == [
+        (i, i * 10, 10, f"outputs {i}".encode()) for i in range(5)
+    ]
+    assert not await store.complete(job_id, "w1")  # batch 5 is missing
+    assert await store.store_batches(job_id, "w1", [batch(5)], 0.5) is JobState.RUNNING
+    assert await store.complete(job_id, "w1")
 
 
 async def test_concurrent_lanes_are_all_counted(db_pool) -> None:
     await db.migrate(db_pool, schema="jobs", package="modelforge_jobs.migrations")
     store = JobStore(db_pool)
     job_id = await running_job(store, batches=40)
-    states = await asyncio.gather(*(store.store_batch(job_id, "w1", batch(i), 0.1) for i in range(40)))
+    states = await asyncio.gather(*(store.store_batches(job_id, "w1", [batch(i)], 0.1) for i in range(40)))
     assert set(states) == {JobState.RUNNING}
     job = await store.get_job(job_id)
     assert (job.progress.items_done, job.progress.batches_done) == (400, 40)
@@ -49,11 +68,11 @@ async def test_nothing_is_stored_after_a_cancel_or_by_a_worker_that_lost_the_job
     await db.migrate(db_pool, schema="jobs", package="modelforge_jobs.migrations")
     store = JobStore(db_pool)
     job_id = await running_job(store, batches=3)
-    assert await store.store_batch(job_id, "w1", batch(0), 0.5) is JobState.RUNNING
-    assert await store.store_batch(job_id, "w2", batch(1), 0.5) is None  # RUNNING, but not on w2
+    assert await store.store_batches(job_id, "w1", [batch(0)], 0.5) is JobState.RUNNING
+    assert await store.store_batches(job_id, "w2", [batch(1)], 0.5) is None  # RUNNING, but not on w2
     assert await store.cancel(job_id) is not None
-    assert await store.store_batch(job_id, "w1", batch(2), 0.5) is JobState.CANCELLED
+    assert await store.store_batches(job_id, "w1", [batch(2)], 0.5) is JobState.CANCELLED
     job = await store.get_job(job_id)
     assert (job.progress.items_done, job.progress.batches_done) == (10, 1)
     assert await store.done_batches(job_id) == {0}
-    assert await store.store_batch(uuid.uuid4(), "w1", batch(0), 0.5) is None  # no such job
+    assert await store.store_batches(uuid.uuid4(), "w1", [batch(0)], 0.5) is None  # no such job
