@@ -421,7 +421,7 @@ class InferenceEngine:
             return session.run(feeds)
         except INPUT_ERRORS as exc:
             return ModelRunFailed(model.name, model.version, describe_error(exc))
-        except Exception as exc:  # a fault of ours or of ONNX Runtime: INTERNAL, logged by the status interceptor
+        except Exception as exc:  # a fault of ours or of ONNX Runtime: INTERNAL, logged by the status mapping
             return exc
 
     # -- the table of loaded versions ------------------------------------------------------------------------

@@ -22,12 +22,12 @@ from typing import Any
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from modelforge_server import telemetry as _telemetry
-from modelforge_server.metrics import Metrics, RpcMetricsInterceptor
+from modelforge_server.handlers import Registrar
+from modelforge_server.metrics import Metrics
 from modelforge_server.settings import ServerSettings
-from modelforge_server.status import StatusInterceptor
 
 log = logging.getLogger("modelforge.server")
 
@@ -43,7 +43,7 @@ class Api:
 
     descriptor: ServiceDescriptor
     servicer: Any
-    add_to_server: Callable[[Any, grpc.aio.Server], None]
+    add_to_server: Callable[[Any, Any], None]  # called with a Registrar standing in for the server
 
     @property
     def name(self) -> str:
@@ -179,37 +179,35 @@ def build_server(
     domain: str,
     settings: ServerSettings,
     metrics: Metrics | None = None,
-    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> Server:
-    """A server with metrics, tracing, the status interceptor, health, reflection and message limits.
+    """A server with RPC metrics, the status mapping, server spans (when tracing is on), health, reflection and
+    message limits.
 
     Ports are bound by the caller. Pass the service's own `metrics` when its core declares metrics too, so that
-    both are served on one port; otherwise the server makes its own (``server.metrics``). Server spans are added
-    when :func:`modelforge_server.telemetry.setup` turned tracing on before this call. `interceptors` run
-    innermost, just outside the servicers' status mapping.
+    both are served on one port; otherwise the server makes its own (``server.metrics``). Every handler is
+    registered through a :class:`~modelforge_server.handlers.Registrar`, which wraps it once with its metrics and,
+    for the `apis`, the status mapping. Server spans are added when :func:`modelforge_server.telemetry.setup`
+    turned tracing on before this call; otherwise the server runs no interceptor.
     """
     names = [api.name for api in apis]
     metrics = metrics if metrics is not None else Metrics()
-    chain: list[grpc.aio.ServerInterceptor] = [RpcMetricsInterceptor(metrics)]
-    if (tracing := _telemetry.server_interceptor()) is not None:
-        chain.append(tracing)
-    chain.extend(interceptors)
-    chain.append(StatusInterceptor(domain, names))
+    tracing = _telemetry.server_interceptor()
     server = grpc.aio.server(
-        interceptors=chain,
+        interceptors=[tracing] if tracing is not None else None,
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ],
     )
+    registrar = Registrar(server, metrics, domain=domain, mapped=names)
     for api in apis:
-        api.add_to_server(api.servicer, server)
+        api.add_to_server(api.servicer, registrar)
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
-    )
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, registrar)
+    reflected = [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
+    # What reflection.enable_server_reflection does for a grpc.aio server, through the registrar.
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection.aio.ReflectionServicer(reflected), registrar)
     return Server(server, health_servicer, names, metrics=metrics)
 
 

@@ -24,16 +24,12 @@ port instead; Prometheus scrapes every replica.
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import os
 import signal
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -52,7 +48,6 @@ __all__ = [
     "Endpoint",
     "ExpositionSettings",
     "Metrics",
-    "RpcMetricsInterceptor",
     "multiprocess_enabled",
     "serve_multiprocess",
 ]
@@ -156,129 +151,6 @@ class Endpoint:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
-
-
-_FACTORIES: dict[str, Callable[..., grpc.RpcMethodHandler]] = {
-    "unary_unary": grpc.unary_unary_rpc_method_handler,
-    "unary_stream": grpc.unary_stream_rpc_method_handler,
-    "stream_unary": grpc.stream_unary_rpc_method_handler,
-    "stream_stream": grpc.stream_stream_rpc_method_handler,
-}
-
-
-class _MethodMetrics:
-    """The labelled children of one method, looked up once: `labels()` takes a lock and hashes every call."""
-
-    __slots__ = ("_metrics", "_method", "_requests", "_service", "duration", "in_flight")
-
-    def __init__(self, metrics: Metrics, service: str, method: str) -> None:
-        self._metrics, self._service, self._method = metrics, service, method
-        self.in_flight = metrics.rpc_in_flight.labels(service, method)
-        self.duration = metrics.rpc_duration.labels(service, method)
-        self._requests: dict[grpc.StatusCode, Any] = {}
-
-    def requests(self, code: grpc.StatusCode) -> Any:
-        child = self._requests.get(code)
-        if child is None:
-            child = self._requests[code] = self._metrics.rpc_requests.labels(self._service, self._method, code.name)
-        return child
-
-
-class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc has no type stubs
-    """Counts every RPC by method and final code, times it, and tracks how many are in flight."""
-
-    def __init__(self, metrics: Metrics) -> None:
-        self._metrics = metrics
-        # method -> (the handler the chain returned, its wrapped handler); handlers are long-lived objects, so
-        # the wrapper is built once per method instead of once per call.
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Any],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        cached = self._wrapped.get(handler_call_details.method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self._wrap(handler, handler_call_details.method)
-        self._wrapped[handler_call_details.method] = (handler, wrapped)
-        return wrapped
-
-    def _wrap(self, handler: grpc.RpcMethodHandler, full_method: str) -> grpc.RpcMethodHandler:
-        service, _, method = full_method.lstrip("/").partition("/")
-        children = _MethodMetrics(self._metrics, service, method)
-        requests = "stream" if handler.request_streaming else "unary"
-        shape = f"{requests}_{'stream' if handler.response_streaming else 'unary'}"
-        wrap = self._stream if handler.response_streaming else self._unary
-        return _FACTORIES[shape](
-            wrap(getattr(handler, shape), children),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-
-    @staticmethod
-    def _unary(behavior: Callable[..., Any], children: _MethodMetrics) -> Callable[..., Any]:
-        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            children.in_flight.inc()
-            started = time.perf_counter()
-            code = grpc.StatusCode.UNKNOWN
-            try:
-                response = await behavior(request, context)
-                code = _final_code(context, grpc.StatusCode.OK)
-                return response
-            except grpc.aio.AbortError:
-                code = _final_code(context, grpc.StatusCode.UNKNOWN)
-                raise
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
-                raise
-            finally:
-                _end(children, code, started)
-
-        return call
-
-    @staticmethod
-    def _stream(behavior: Callable[..., Any], children: _MethodMetrics) -> Callable[..., Any]:
-        if not inspect.isasyncgenfunction(behavior):
-            return RpcMetricsInterceptor._unary(behavior, children)  # a coroutine that writes with context.write()
-
-        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            children.in_flight.inc()
-            started = time.perf_counter()
-            code = grpc.StatusCode.UNKNOWN
-            try:
-                async for response in behavior(request, context):
-                    yield response
-                code = _final_code(context, grpc.StatusCode.OK)
-            except grpc.aio.AbortError:
-                code = _final_code(context, grpc.StatusCode.UNKNOWN)
-                raise
-            except (asyncio.CancelledError, GeneratorExit):
-                code = grpc.StatusCode.CANCELLED
-                raise
-            finally:
-                _end(children, code, started)
-
-        return call
-
-
-def _end(children: _MethodMetrics, code: grpc.StatusCode, started: float) -> None:
-    children.in_flight.dec()
-    children.duration.observe(time.perf_counter() - started)
-    children.requests(code).inc()
-
-
-def _final_code(context: grpc.aio.ServicerContext, default: grpc.StatusCode) -> grpc.StatusCode:
-    code = context.code()
-    if isinstance(code, grpc.StatusCode):
-        return code
-    if isinstance(code, int):  # some grpc versions hand back the integer value
-        return next((c for c in grpc.StatusCode if c.value[0] == code), default)
-    return default
 
 
 def serve_multiprocess() -> int:

@@ -1,10 +1,10 @@
-"""The one mapping from error kinds to gRPC status codes, applied by an interceptor to all four RPC shapes."""
+"""The one mapping from error kinds to gRPC status codes, applied to every RPC by :mod:`modelforge_server.handlers`."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from typing import Any, NoReturn, Protocol
+from collections.abc import Sequence
+from typing import NoReturn, Protocol
 
 import grpc
 from google.protobuf import any_pb2
@@ -24,13 +24,6 @@ _CODES: dict[type[errors.ServiceError], grpc.StatusCode] = {
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.Aborted: grpc.StatusCode.ABORTED,
     errors.Cancelled: grpc.StatusCode.CANCELLED,
-}
-
-_FACTORIES = {
-    "unary_unary": grpc.unary_unary_rpc_method_handler,
-    "unary_stream": grpc.unary_stream_rpc_method_handler,
-    "stream_unary": grpc.stream_unary_rpc_method_handler,
-    "stream_stream": grpc.stream_stream_rpc_method_handler,
 }
 
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
@@ -76,65 +69,3 @@ async def abort(context: AbortingContext, exc: BaseException, domain: str) -> No
         await context.abort(grpc.StatusCode.INTERNAL, "internal error; details are in the server log")
     status = status_for(exc, domain)
     await context.abort(code_for(exc), str(exc), ((STATUS_DETAILS_KEY, status.SerializeToString()),))
-
-
-Behavior = Callable[[Any, grpc.aio.ServicerContext], Any]
-
-
-class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc has no type stubs
-    """Turns exceptions escaping our servicers into statuses, for all four RPC shapes."""
-
-    def __init__(self, domain: str, services: Iterable[str]) -> None:
-        self._domain = domain
-        self._prefixes = tuple(f"/{name}/" for name in services)  # health and reflection keep their own handling
-        # method -> (the handler the chain returned, its wrapped handler): built once per method, not per call.
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None or not handler_call_details.method.startswith(self._prefixes):
-            return handler
-        cached = self._wrapped.get(handler_call_details.method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self._wrap(handler)
-        self._wrapped[handler_call_details.method] = (handler, wrapped)
-        return wrapped
-
-    def _wrap(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        requests = "stream" if handler.request_streaming else "unary"
-        responses = "stream" if handler.response_streaming else "unary"
-        shape = f"{requests}_{responses}"
-        wrap = self._stream if handler.response_streaming else self._unary
-        return _FACTORIES[shape](
-            wrap(getattr(handler, shape)),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-
-    def _unary(self, behavior: Behavior) -> Behavior:
-        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            try:
-                return await behavior(request, context)
-            except grpc.aio.AbortError:
-                raise
-            except Exception as exc:
-                await abort(context, exc, self._domain)
-
-        return call
-
-    def _stream(self, behavior: Behavior) -> Behavior:
-        async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            try:
-                async for response in behavior(request, context):
-                    yield response
-            except grpc.aio.AbortError:
-                raise
-            except Exception as exc:
-                await abort(context, exc, self._domain)
-
-        return call

@@ -1,0 +1,176 @@
+"""Every RPC handler of a server wrapped once, when it is registered, with its metrics and the status mapping.
+
+grpc.aio runs server interceptors on every call: a coroutine per interceptor that looks the handler up again, even
+when the interceptor only ever returns the same wrapped handler. On a batch-1 inference that machinery cost more
+than ModelForge's own work, so the two things every call needs, its metrics and the mapping of escaping exceptions
+to statuses, are applied here instead, by :class:`Registrar`: it stands in for the server in the generated
+``add_*_to_server`` functions and registers each method's handler already wrapped, with the labelled metric
+children looked up once. A call then runs one wrapper frame and no interceptor at all (the OpenTelemetry server
+interceptor is added only while tracing is on).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from typing import Any
+
+import grpc
+
+from modelforge_server.metrics import Metrics
+from modelforge_server.status import abort
+
+Behavior = Callable[[Any, grpc.aio.ServicerContext], Any]
+
+_FACTORIES: dict[str, Callable[..., grpc.RpcMethodHandler]] = {
+    "unary_unary": grpc.unary_unary_rpc_method_handler,
+    "unary_stream": grpc.unary_stream_rpc_method_handler,
+    "stream_unary": grpc.stream_unary_rpc_method_handler,
+    "stream_stream": grpc.stream_stream_rpc_method_handler,
+}
+
+
+class Registrar:
+    """What the generated ``add_*_to_server`` functions call instead of the server: wraps, then registers.
+
+    Methods of the services named in `mapped` get the status mapping (errors of `domain`); every method, health
+    and reflection included, gets the RPC metrics.
+    """
+
+    def __init__(self, server: grpc.aio.Server, metrics: Metrics, *, domain: str, mapped: Iterable[str]) -> None:
+        self._server = server
+        self._metrics = metrics
+        self._domain = domain
+        self._mapped = frozenset(mapped)
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}  # "/service/Method" -> its wrapped handler
+
+    def add_registered_method_handlers(self, service: str, handlers: Mapping[str, grpc.RpcMethodHandler]) -> None:
+        self._server.add_registered_method_handlers(
+            service, {name: self._wrap(f"/{service}/{name}", handler) for name, handler in handlers.items()}
+        )
+
+    def add_generic_rpc_handlers(self, generic_handlers: Iterable[grpc.GenericRpcHandler]) -> None:
+        self._server.add_generic_rpc_handlers(tuple(_Generic(handler, self) for handler in generic_handlers))
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """The wrapped handler of `method`, built once however often it is looked up."""
+        wrapped = self._wrapped.get(method)
+        if wrapped is None:
+            wrapped = self._wrapped[method] = self._build(method, handler)
+        return wrapped
+
+    def _build(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        service, _, name = method.lstrip("/").partition("/")
+        children = _MethodMetrics(self._metrics, service, name)
+        domain = self._domain if service in self._mapped else None
+        shape = f"{'stream' if handler.request_streaming else 'unary'}_"
+        shape += "stream" if handler.response_streaming else "unary"
+        behavior = getattr(handler, shape)
+        streams = handler.response_streaming and inspect.isasyncgenfunction(behavior)
+        wrap = _stream if streams else _unary  # a streaming method may also be a coroutine writing with write()
+        return _FACTORIES[shape](
+            wrap(behavior, children, domain),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+class _Generic(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc has no type stubs
+    """A generic handler whose answers are the registrar's wrapped handlers."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler, registrar: Registrar) -> None:
+        self._inner = inner
+        self._registrar = registrar
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = self._inner.service(handler_call_details)
+        if handler is None:
+            return None
+        return self._registrar._wrap(handler_call_details.method, handler)
+
+
+class _MethodMetrics:
+    """The labelled children of one method, looked up once: `labels()` takes a lock and hashes every call."""
+
+    __slots__ = ("_metrics", "_method", "_requests", "_service", "duration", "in_flight")
+
+    def __init__(self, metrics: Metrics, service: str, method: str) -> None:
+        self._metrics, self._service, self._method = metrics, service, method
+        self.in_flight = metrics.rpc_in_flight.labels(service, method)
+        self.duration = metrics.rpc_duration.labels(service, method)
+        self._requests: dict[grpc.StatusCode, Any] = {}
+
+    def end(self, code: grpc.StatusCode, started: float) -> None:
+        self.in_flight.dec()
+        self.duration.observe(time.perf_counter() - started)
+        child = self._requests.get(code)
+        if child is None:
+            child = self._requests[code] = self._metrics.rpc_requests.labels(self._service, self._method, code.name)
+        child.inc()
+
+
+def _unary(behavior: Behavior, children: _MethodMetrics, domain: str | None) -> Behavior:
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        children.in_flight.inc()
+        started = time.perf_counter()
+        code = grpc.StatusCode.UNKNOWN
+        try:
+            response = await behavior(request, context)
+            code = _final_code(context, grpc.StatusCode.OK)
+            return response
+        except grpc.aio.AbortError:
+            code = _final_code(context, grpc.StatusCode.UNKNOWN)
+            raise
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:
+            if domain is None:
+                raise
+            try:
+                await abort(context, exc, domain)
+            finally:
+                code = _final_code(context, grpc.StatusCode.UNKNOWN)
+        finally:
+            children.end(code, started)
+
+    return call
+
+
+def _stream(behavior: Behavior, children: _MethodMetrics, domain: str | None) -> Behavior:
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        children.in_flight.inc()
+        started = time.perf_counter()
+        code = grpc.StatusCode.UNKNOWN
+        try:
+            async for response in behavior(request, context):
+                yield response
+            code = _final_code(context, grpc.StatusCode.OK)
+        except grpc.aio.AbortError:
+            code = _final_code(context, grpc.StatusCode.UNKNOWN)
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:
+            if domain is None:
+                raise
+            try:
+                await abort(context, exc, domain)
+            finally:
+                code = _final_code(context, grpc.StatusCode.UNKNOWN)
+        finally:
+            children.end(code, started)
+
+    return call
+
+
+def _final_code(context: grpc.aio.ServicerContext, default: grpc.StatusCode) -> grpc.StatusCode:
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code
+    if isinstance(code, int):  # some grpc versions hand back the integer value
+        return next((c for c in grpc.StatusCode if c.value[0] == code), default)
+    return default
