@@ -25,6 +25,7 @@ _OPTIONS = [
     ("grpc.max_receive_message_length", 1 << 30),
     ("grpc.max_send_message_length", 1 << 30),
     ("grpc.so_reuseport", 0),
+    ("grpc.http2.max_frame_size", (1 << 24) - 1),  # what the SDK's channels advertise
 ]
 
 

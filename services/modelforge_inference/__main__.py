@@ -45,6 +45,7 @@ def registry_channel(settings: InferenceSettings) -> grpc.aio.Channel:
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 2_000),
             ("grpc.max_receive_message_length", settings.max_message_bytes),
+            app.LARGE_FRAMES,
         ],
     )
 

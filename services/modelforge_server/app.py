@@ -34,6 +34,10 @@ log = logging.getLogger("modelforge.server")
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 LIVENESS = "liveness"
+# HTTP/2's largest frame, advertised by every server and by the channels between services: large messages (model
+# uploads, inference outputs) then travel in a few frames rather than hundreds of 16 KiB ones.
+MAX_FRAME_SIZE = (1 << 24) - 1
+LARGE_FRAMES = ("grpc.http2.max_frame_size", MAX_FRAME_SIZE)
 DEPENDENCY_PREFIX = "dependency/"
 
 
@@ -197,6 +201,7 @@ def build_server(
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
+            LARGE_FRAMES,
             ("grpc.so_reuseport", 0),
         ],
     )

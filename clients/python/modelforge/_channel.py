@@ -133,13 +133,20 @@ def _service_config(service: Service) -> str:
     )
 
 
+MAX_FRAME_SIZE = (1 << 24) - 1  # HTTP/2's largest SETTINGS_MAX_FRAME_SIZE
+
+
 def channel_options(
     service: Service, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, extra: Sequence[tuple[str, Any]] = ()
 ) -> list[tuple[str, Any]]:
-    """Channel arguments: message limits, retries through the service config, and any caller extras."""
+    """Channel arguments: message limits, HTTP/2 frames as large as the protocol allows, retries through the service
+    config, and any caller extras."""
     return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
+        # The largest frame we accept: a multi-MiB output then arrives in a few frames instead of hundreds of
+        # 16 KiB ones, which moves large responses about a quarter faster (docs/PERFORMANCE.md).
+        ("grpc.http2.max_frame_size", MAX_FRAME_SIZE),
         ("grpc.enable_retries", 1),
         ("grpc.service_config", _service_config(service)),
         *extra,
