@@ -68,7 +68,7 @@ async def build(settings: InferenceSettings, stack: AsyncExitStack) -> app.Serve
         redis_url = embedded_url
     client = redis.asyncio.Redis.from_url(redis_url, socket_connect_timeout=0.5, socket_timeout=1.0)
     stack.push_async_callback(client.aclose)
-    cache = PredictionCache(client)
+    cache = PredictionCache(client, local_bytes=settings.cache_local_bytes)
     await cache.start()
     stack.push_async_callback(cache.aclose)
 

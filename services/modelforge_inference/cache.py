@@ -17,6 +17,12 @@ Single flight is per process: concurrent identical misses in one replica run the
 Entries are written in the background (:meth:`PredictionCache.put_later`), so a slow Redis adds nothing to the
 latency of a miss; until its write completes, an entry is answered from memory, so a repeat arriving meanwhile is
 a hit rather than a second computation.
+
+In front of Redis sits a small in-process tier (:class:`LocalTier`, ``local_bytes``; 0 turns it off): the entries
+this process stored or read most recently, bounded in bytes, each expiring when its Redis entry does (a Redis hit
+brings its remaining TTL along). A hit there is a dictionary lookup instead of a Redis round trip. Because a key
+names its answer by content, a local entry can only be stale after a ``refresh`` on another replica, and then only
+until it expires. While the cache is degraded the local tier is not consulted either: the cache as a whole is off.
 """
 
 from __future__ import annotations
@@ -28,8 +34,10 @@ import hashlib
 import logging
 import random
 import struct
+import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 import numpy as np
 import redis.asyncio
@@ -41,6 +49,7 @@ from modelforge_server.errors import Unavailable
 __all__ = [
     "CacheCounts",
     "CacheUnavailable",
+    "LocalTier",
     "PredictionCache",
     "PredictionKey",
     "SingleFlight",
@@ -253,6 +262,63 @@ def decode_outputs(value: bytes) -> dict[str, np.ndarray]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The in-process tier
+
+
+class LocalTier:
+    """The most recently used entries of this process: at most `capacity` bytes, each until its expiry.
+
+    Entries are kept decoded (the arrays a prediction answers with), sized as their encoded form; an entry larger
+    than a quarter of the capacity is not kept, so one big answer cannot flush the rest. Expiry times are on the
+    monotonic clock; None never expires.
+    """
+
+    def __init__(self, capacity: int, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.capacity = capacity
+        self._clock = clock
+        self._entries: OrderedDict[bytes, tuple[Mapping[str, np.ndarray], float | None, int]] = OrderedDict()
+        self._bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def size(self) -> int:
+        """Bytes held now."""
+        return self._bytes
+
+    def get(self, digest: bytes) -> Mapping[str, np.ndarray] | None:
+        entry = self._entries.get(digest)
+        if entry is None:
+            return None
+        outputs, expires, _ = entry
+        if expires is not None and self._clock() >= expires:
+            self._drop(digest)
+            return None
+        self._entries.move_to_end(digest)
+        return outputs
+
+    def put(self, digest: bytes, outputs: Mapping[str, np.ndarray], ttl_seconds: float | None, size: int) -> None:
+        self._drop(digest)
+        if ttl_seconds is not None and ttl_seconds <= 0 or size > self.capacity // 4:
+            return
+        expires = None if ttl_seconds is None else self._clock() + ttl_seconds
+        self._entries[digest] = (outputs, expires, size)
+        self._bytes += size
+        while self._bytes > self.capacity:
+            self._drop(next(iter(self._entries)))
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._bytes = 0
+
+    def _drop(self, digest: bytes) -> None:
+        entry = self._entries.pop(digest, None)
+        if entry is not None:
+            self._bytes -= entry[2]
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Single flight
 
 
@@ -318,7 +384,8 @@ class SingleFlight(Generic[K, T]):
 class CacheCounts:
     """What the cache did for one model version since the process started."""
 
-    hits: int = 0  # answered from Redis
+    hits: int = 0  # answered from the cache (Redis or the in-process tier)
+    local_hits: int = 0  # of those, answered by the in-process tier without asking Redis
     misses: int = 0  # looked up, not there
     skipped: int = 0  # not looked up or not stored because the cache was degraded
     stores: int = 0  # entries written
@@ -353,6 +420,7 @@ class PredictionCache:
         operation_timeout: Longest a request waits on one Redis call before the cache counts Redis as down.
         write_timeout: Longest a background write may take (nobody waits for it) before Redis counts as down.
         probe_interval: First delay between probes while degraded; doubles up to ``max_probe_interval``.
+        local_bytes: Capacity of the in-process tier in front of Redis (:class:`LocalTier`); 0 turns it off.
     """
 
     def __init__(
@@ -364,11 +432,13 @@ class PredictionCache:
         write_timeout: float = 5.0,
         probe_interval: float = 0.05,
         max_probe_interval: float = 5.0,
+        local_bytes: int = 0,
     ) -> None:
         self._redis = redis
         self._prefix = key_prefix
         self._timeout = operation_timeout
         self._write_timeout = write_timeout
+        self._local = LocalTier(local_bytes) if local_bytes > 0 else None
         self._writing: dict[bytes, Mapping[str, np.ndarray]] = {}  # digest -> outputs whose write is under way
         self._writes: set[asyncio.Task[bool]] = set()
         self._probe_interval = probe_interval
@@ -460,10 +530,17 @@ class PredictionCache:
         if self._degraded_reason is not None:
             counts.skipped += 1
             return None
-        value = await self._command(self._redis.get(self._prefix + key.hex))
-        if value is _FAILED:
+        if self._local is not None:
+            local = self._local.get(key.digest)
+            if local is not None:
+                counts.hits += 1
+                counts.local_hits += 1
+                return dict(local)
+        found = await self._command(self._fetch(key))
+        if found is _FAILED:
             counts.errors += 1
             return None
+        value, ttl = found
         if value is None:
             counts.misses += 1
             return None
@@ -475,7 +552,21 @@ class PredictionCache:
             await self._command(self._redis.delete(self._prefix + key.hex))
             return None
         counts.hits += 1
+        if self._local is not None:
+            self._local.put(key.digest, outputs, ttl, len(value))
         return outputs
+
+    async def _fetch(self, key: PredictionKey) -> tuple[bytes | None, float | None]:
+        """An entry and, when the in-process tier is on, its remaining lifetime in seconds (None: it never expires),
+        in one round trip."""
+        name = self._prefix + key.hex
+        if self._local is None:
+            return cast("bytes | None", await self._redis.get(name)), None  # the client does not decode
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.get(name)
+            pipe.pttl(name)
+            value, pttl = await pipe.execute()
+        return value, None if pttl == -1 else max(pttl, 0) / 1000  # -2: gone meanwhile, so not kept
 
     def put_later(
         self,
@@ -491,9 +582,12 @@ class PredictionCache:
         if self._degraded_reason is not None:
             self._count(key).skipped += 1
             return
-        if _entry_size(outputs) > max_entry_bytes:
+        size = _entry_size(outputs)
+        if size > max_entry_bytes:
             self._count(key).oversized += 1
             return
+        if self._local is not None:
+            self._local.put(key.digest, outputs, ttl_seconds, size)
         self._writing[key.digest] = outputs
         task = asyncio.ensure_future(self._put(key, outputs, ttl_seconds, max_entry_bytes, self._write_timeout))
         self._writes.add(task)
@@ -550,6 +644,8 @@ class PredictionCache:
             counts.errors += 1
             return False
         counts.stores += 1
+        if self._local is not None:
+            self._local.put(key.digest, outputs, ttl_seconds, len(value))
         return True
 
     async def single_flight(self, key: PredictionKey, compute: Callable[[], Awaitable[T]]) -> T:

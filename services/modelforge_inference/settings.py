@@ -49,6 +49,8 @@ class InferenceSettings(ServerSettings):
     cache_enabled: bool = False
     cache_ttl_seconds: int = 300
     cache_max_entry_bytes: int = 1 * MiB
+    # The in-process tier in front of Redis: the most recent entries, in bytes; 0 turns it off.
+    cache_local_bytes: int = 64 * MiB
 
     @property
     def model_directory(self) -> Path:

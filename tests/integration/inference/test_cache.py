@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import redis.asyncio
 
-from modelforge_inference.cache import CacheUnavailable, PredictionCache, PredictionKey
+from modelforge_inference.cache import CacheUnavailable, LocalTier, PredictionCache, PredictionKey
 from modelforge_inference.domain import ResolvedModel, Signature
 from modelforge_server import embedded, status
 
@@ -223,3 +223,94 @@ async def test_background_writes_skip_oversized_entries(cache: PredictionCache) 
     await cache.flush()
     assert await cache.get(key()) is None
     assert cache.counts("mlp", 2).oversized == 1
+
+
+# -- the in-process tier ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def tiered(client: redis.asyncio.Redis) -> AsyncIterator[PredictionCache]:
+    async with PredictionCache(client, local_bytes=1 << 20) as cache:
+        yield cache
+
+
+async def test_the_local_tier_answers_repeats_without_asking_redis(
+    tiered: PredictionCache, client: redis.asyncio.Redis
+) -> None:
+    await tiered.put(key(), OUTPUTS, ttl_seconds=60, max_entry_bytes=1 << 20)
+    await client.delete("modelforge:pred:" + key().hex)  # Redis no longer has it; this process still does
+
+    hit = await tiered.get(key())
+    assert hit is not None
+    np.testing.assert_array_equal(hit["y"], OUTPUTS["y"])
+    np.testing.assert_array_equal(hit["label"], OUTPUTS["label"])
+    counts = tiered.counts("mlp", 2)
+    assert (counts.hits, counts.local_hits, counts.misses) == (1, 1, 0)
+
+
+async def test_a_redis_hit_is_kept_locally_until_its_redis_entry_expires(client: redis.asyncio.Redis) -> None:
+    async with PredictionCache(client) as writer, PredictionCache(client, local_bytes=1 << 20) as reader:
+        await writer.put(key(), OUTPUTS, ttl_seconds=0.6, max_entry_bytes=1 << 20)
+        assert await reader.get(key()) is not None  # from Redis, with its remaining TTL
+        assert await reader.get(key()) is not None  # from the local tier
+        assert (reader.counts("mlp", 2).hits, reader.counts("mlp", 2).local_hits) == (2, 1)
+
+        await _poll_async(lambda: client.exists("modelforge:pred:" + key().hex), "the Redis entry to expire")
+        await asyncio.sleep(0.05)
+        assert await reader.get(key()) is None  # expired locally too, and missed in Redis
+        assert reader.counts("mlp", 2).misses == 1
+
+
+async def test_entries_without_expiry_are_kept_locally_without_expiry(
+    tiered: PredictionCache, client: redis.asyncio.Redis
+) -> None:
+    async with PredictionCache(client) as writer:
+        await writer.put(key(), OUTPUTS, ttl_seconds=None, max_entry_bytes=1 << 20)
+    assert await tiered.get(key()) is not None
+    await client.delete("modelforge:pred:" + key().hex)
+    assert await tiered.get(key()) is not None
+    assert tiered.counts("mlp", 2).local_hits == 1
+
+
+async def test_the_local_tier_is_off_while_the_cache_is_degraded(tmp_path: Path) -> None:
+    port = embedded.free_port()
+    url, stop = embedded.start_redis(tmp_path, port)
+    client = redis.asyncio.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
+    try:
+        async with PredictionCache(client, max_probe_interval=0.2, local_bytes=1 << 20) as cache:
+            assert await cache.put(key(), OUTPUTS, ttl_seconds=60, max_entry_bytes=1 << 20)
+            await asyncio.to_thread(stop)
+            with pytest.raises(CacheUnavailable):
+                await cache.check()
+            assert await cache.get(key()) is None  # degraded: the whole cache is off, the local tier included
+            assert cache.counts("mlp", 2).local_hits == 0
+
+            _, stop = await asyncio.to_thread(embedded.start_redis, tmp_path, port)
+            await asyncio.wait_for(cache.wait_recovered(), 30)
+            assert await cache.get(key()) is not None  # the local copy is still valid once Redis answers
+            assert cache.counts("mlp", 2).local_hits == 1
+    finally:
+        await client.aclose()
+        await asyncio.to_thread(stop)
+
+
+def test_the_local_tier_evicts_the_least_recently_used_and_honours_expiry() -> None:
+    now = [100.0]
+    tier = LocalTier(4000, clock=lambda: now[0])
+    outputs = {"y": np.zeros(4, np.float32)}
+    for name in (b"a", b"b", b"c"):
+        tier.put(name, outputs, ttl_seconds=10, size=1000)
+    assert tier.get(b"a") is not None  # a is now the most recent; b the least
+    tier.put(b"d", outputs, ttl_seconds=10, size=1000)
+    tier.put(b"e", outputs, ttl_seconds=10, size=1000)
+    assert (tier.get(b"b"), len(tier), tier.size) == (None, 4, 4000)
+    assert all(tier.get(name) is not None for name in (b"a", b"c", b"d", b"e"))
+
+    tier.put(b"big", outputs, ttl_seconds=10, size=1001)  # over a quarter of the capacity: not kept
+    assert tier.get(b"big") is None
+    tier.put(b"gone", outputs, ttl_seconds=0, size=10)  # already expired: not kept
+    assert tier.get(b"gone") is None
+
+    now[0] += 10
+    assert tier.get(b"a") is None  # expired at its deadline
+    assert tier.size == 3000
