@@ -125,7 +125,8 @@ async def listen_for_changes(database_url: str) -> AsyncIterator[AsyncIterator[U
 # are stored and counted together or not at all; the primary key of jobs.results makes a batch stored before count
 # for nothing (ON CONFLICT DO NOTHING), so a redelivered batch is never written or counted twice. The lock is held
 # until the commit at the end of the statement: a cancel waits for at most one write, then wins. The batches arrive
-# as parallel arrays, one element per batch, so that a write of many batches is still one round trip and one commit.
+# as parallel arrays, one element per batch, so that a write of many batches is still one round trip and one commit;
+# they travel in binary (%b): psycopg's text form of a bytea array would escape every output byte in Python.
 _STORE_BATCHES = """
     WITH job AS (
         SELECT id FROM jobs.jobs
@@ -134,8 +135,8 @@ _STORE_BATCHES = """
     ), stored AS (
         INSERT INTO jobs.results (job_id, batch_index, first_item, item_count, record)
         SELECT job.id, b.batch_index, b.first_item, b.item_count, b.record
-        FROM job CROSS JOIN unnest(%(indexes)s::bigint[], %(firsts)s::bigint[], %(counts)s::integer[],
-            %(records)s::bytea[]) AS b (batch_index, first_item, item_count, record)
+        FROM job CROSS JOIN unnest(%(indexes)b::bigint[], %(firsts)b::bigint[], %(counts)b::integer[],
+            %(records)b::bytea[]) AS b (batch_index, first_item, item_count, record)
         ON CONFLICT DO NOTHING
         RETURNING item_count
     ), progress AS (
