@@ -120,7 +120,7 @@ def main() -> None:
     logs.configure(SERVICE_NAME, settings.log_level)
     # Before anything opens a channel or builds the server: tracing, when on, instruments both.
     tel = telemetry.setup(SERVICE_NAME, settings, metrics_port=METRICS_PORT)
-    asyncio.run(run(settings, tel))
+    app.run(run(settings, tel), settings.event_loop)
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ def main() -> None:
     logs.configure(SERVICE_NAME, settings.log_level)
     # Before any channel or pool exists, so that the clients are instrumented and the server gets its spans.
     tel = telemetry.setup(SERVICE_NAME, settings, metrics_port=API_METRICS_PORT)
-    asyncio.run(run(settings, tel))
+    app.run(run(settings, tel), settings.event_loop)
 
 
 if __name__ == "__main__":

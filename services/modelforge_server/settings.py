@@ -37,6 +37,8 @@ class ServerSettings:
     max_message_bytes: int = 64 * MiB
     grace_seconds: float = 10.0
     chunk_bytes: int = 1 * MiB
+    # The event loop of a service process: "auto" (uvloop when installed, else asyncio's), "uvloop" or "asyncio".
+    event_loop: str = "auto"
     labels: dict[str, str] = field(default_factory=dict)
 
     @property
