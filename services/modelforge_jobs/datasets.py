@@ -14,6 +14,7 @@ and scanned (`scan_file`), and its records are stored in PostgreSQL, one row eac
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import contextlib
 import hashlib
@@ -23,10 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol, TypeVar
 
-import numpy as np
-
 from modelforge import tensors
-from modelforge.common.v1.tensor_pb2 import Tensor
+from modelforge.common.v1.tensor_pb2 import DataType, Tensor
 from modelforge.jobs.v1.jobs_pb2 import DatasetRecord
 from modelforge_jobs.domain import InputRecord, TensorInfo
 from modelforge_jobs.errors import ChecksumMismatch, InvalidDataset, InvalidInput
@@ -285,24 +284,94 @@ class BatchSource(Protocol):
     async def read(self, start: int, stop: int) -> list[Tensor]: ...
 
 
-class Items:
-    """A job's whole input as numpy arrays, sliced into batches of inference inputs."""
+@dataclass(frozen=True)
+class _Column:
+    """One tensor of a record, kept as its wire data: raw little-endian bytes (or, for STRING, the elements), of
+    which each item takes `stride` bytes (elements). A batch's tensor is a slice of it, with no decoding."""
 
-    def __init__(self, arrays: dict[str, np.ndarray[Any, Any]], dtypes: dict[str, int]) -> None:
-        self._arrays = arrays
-        self._dtypes = dtypes
-        self.count = len(next(iter(arrays.values()))) if arrays else 0
+    name: str
+    dtype: DataType.ValueType
+    item_shape: tuple[int, ...]
+    raw: memoryview
+    strings: Sequence[bytes]
+    stride: int
+
+    @classmethod
+    def of(cls, tensor: Tensor, items: int) -> _Column:
+        item_shape = tuple(int(d) for d in tensor.shape[1:])
+        elements = tensors.element_count(item_shape)
+        if tensor.dtype == DataType.DATA_TYPE_STRING:
+            raw, strings, stride, size = memoryview(b""), list(tensor.string_data), elements, len(tensor.string_data)
+        else:
+            raw, strings, stride = memoryview(tensor.raw_data), [], elements * tensors.itemsize(tensor.dtype)
+            size = len(raw)
+        if len(tensor.shape) < 1 or tensor.shape[0] != items or size != items * stride:
+            raise InvalidDataset(f"tensor {tensor.name!r}: its data does not match its dtype and shape")
+        return cls(tensor.name, tensor.dtype, item_shape, raw, strings, stride)
+
+    def tensor(self, parts: Sequence[tuple[_Column, int, int]], items: int) -> Tensor:
+        """This tensor for `items` items made of item ranges of columns like this one (`parts`: column, start,
+        stop), the data copied once."""
+        shape = (items, *self.item_shape)
+        if self.dtype == DataType.DATA_TYPE_STRING:
+            strings = [s for c, a, b in parts for s in c.strings[a * c.stride : b * c.stride]]
+            return Tensor(name=self.name, dtype=self.dtype, shape=shape, string_data=strings)
+        views = [c.raw[a * c.stride : b * c.stride] for c, a, b in parts]
+        raw = bytes(views[0]) if len(views) == 1 else b"".join(views)
+        return Tensor(name=self.name, dtype=self.dtype, shape=shape, raw_data=raw)
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    """One record, parsed: the items first_item .. + item_count of every tensor."""
+
+    first_item: int
+    item_count: int
+    columns: dict[str, _Column]
+
+    @classmethod
+    def of(cls, message: DatasetRecord, first_item: int) -> _Decoded:
+        items = int(message.tensors[0].shape[0]) if message.tensors and message.tensors[0].shape else 0
+        return cls(first_item, items, {t.name: _Column.of(t, items) for t in message.tensors})
+
+
+def _decode(record: InputRecord) -> _Decoded:
+    decoded = _Decoded.of(DatasetRecord.FromString(record.record), record.first_item)
+    if decoded.item_count != record.item_count:
+        raise InvalidDataset(f"record {record.index} holds {decoded.item_count} items, not {record.item_count}")
+    return decoded
+
+
+def _assemble(records: Sequence[_Decoded], start: int, stop: int) -> list[Tensor]:
+    """The inference inputs of items start .. stop - 1, from the records that hold them, in order."""
+    return [
+        column.tensor(
+            [
+                (r.columns[name], max(start - r.first_item, 0), min(stop, r.first_item + r.item_count) - r.first_item)
+                for r in records
+            ],
+            stop - start,
+        )
+        for name, column in records[0].columns.items()
+    ]
+
+
+class Items:
+    """A job's whole input, parsed once and sliced into batches of inference inputs."""
+
+    def __init__(self, records: Sequence[_Decoded]) -> None:
+        self._records = list(records)
+        self._firsts = [r.first_item for r in self._records]
+        self.count = sum(r.item_count for r in self._records)
 
     @classmethod
     def from_records(cls, records: Sequence[DatasetRecord]) -> Items:
-        parts: dict[str, list[np.ndarray[Any, Any]]] = {}
-        dtypes: dict[str, int] = {}
+        decoded: list[_Decoded] = []
+        first = 0
         for record in records:
-            for tensor in record.tensors:
-                parts.setdefault(tensor.name, []).append(tensors.to_numpy(tensor))
-                dtypes[tensor.name] = int(tensor.dtype)
-        arrays = {name: chunks[0] if len(chunks) == 1 else np.concatenate(chunks) for name, chunks in parts.items()}
-        return cls(arrays, dtypes)
+            decoded.append(_Decoded.of(record, first))
+            first += decoded[-1].item_count
+        return cls(decoded)
 
     @classmethod
     def from_bytes(cls, data: bytes, *, delimited: bool) -> Items:
@@ -311,10 +380,9 @@ class Items:
         return cls.from_records(records)
 
     def batch(self, start: int, stop: int) -> list[Tensor]:
-        return [
-            tensors.to_tensor(array[start:stop], name=name, dtype=self._dtypes[name])
-            for name, array in self._arrays.items()
-        ]
+        first = bisect.bisect_right(self._firsts, start) - 1
+        last = bisect.bisect_left(self._firsts, stop)
+        return _assemble(self._records[first:last], start, stop)
 
     async def read(self, start: int, stop: int) -> list[Tensor]:
         return self.batch(start, stop)
@@ -322,23 +390,9 @@ class Items:
 
 Fetch = Callable[[int, int], Awaitable[list[InputRecord]]]
 
-
-@dataclass(frozen=True)
-class _Decoded:
-    first_item: int
-    item_count: int
-    arrays: dict[str, np.ndarray[Any, Any]]
-    dtypes: dict[str, int]
-
-
-def _decode(record: InputRecord) -> _Decoded:
-    message = DatasetRecord.FromString(record.record)
-    return _Decoded(
-        record.first_item,
-        record.item_count,
-        {t.name: tensors.to_numpy(t) for t in message.tensors},
-        {t.name: int(t.dtype) for t in message.tensors},
-    )
+# Records of up to this many bytes in all are parsed on the event loop: a hand-off to a thread costs more than
+# parsing them (they are copied, never decoded element by element). Larger fetches are parsed in a thread.
+_PARSE_INLINE_BYTES = 2 << 20
 
 
 class DatasetItems:
@@ -346,7 +400,7 @@ class DatasetItems:
 
     A miss fetches the records of `read_ahead` items from the batch's start (at least the batch), so that a runner
     reading its batches in order makes one query per several batches. The records of the last fetch, and the
-    `cached_records` records used last, stay in memory decoded, since consecutive batches usually share records;
+    `cached_records` records used last, stay in memory parsed, since consecutive batches usually share records;
     memory stays bounded by those whatever the dataset's size.
     """
 
@@ -373,7 +427,10 @@ class DatasetItems:
         records = self._cached(start, stop)
         if records is None:
             fetched = await self._fetch(start, max(stop, start + self._read_ahead))
-            decoded = await asyncio.to_thread(lambda: [_decode(r) for r in fetched])
+            if sum(len(r.record) for r in fetched) <= _PARSE_INLINE_BYTES:
+                decoded = [_decode(r) for r in fetched]
+            else:
+                decoded = await asyncio.to_thread(lambda: [_decode(r) for r in fetched])
             records = [r for r in decoded if r.first_item < stop and r.first_item + r.item_count > start]
             covered = sum(min(stop, r.first_item + r.item_count) - max(start, r.first_item) for r in records)
             if covered != stop - start:
@@ -388,10 +445,4 @@ class DatasetItems:
             self._cache.move_to_end(record.first_item)
         while len(self._cache) > max(self._limit, self._fetched):
             self._cache.popitem(last=False)
-        dtypes = records[0].dtypes
-        out: list[Tensor] = []
-        for name in records[0].arrays:
-            parts = [r.arrays[name][max(start - r.first_item, 0) : stop - r.first_item] for r in records]
-            array = parts[0] if len(parts) == 1 else np.concatenate(parts)
-            out.append(tensors.to_tensor(array, name=name, dtype=dtypes[name]))
-        return out
+        return _assemble(records, start, stop)
