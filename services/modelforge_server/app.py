@@ -24,6 +24,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
+from modelforge_server import tasks
 from modelforge_server import telemetry as _telemetry
 from modelforge_server.handlers import Registrar
 from modelforge_server.metrics import Metrics
@@ -73,6 +74,7 @@ class Server:
         self.names = tuple(names)
         self.metrics = metrics if metrics is not None else Metrics()
         self._started = False
+        self._stopping = False
         self._serving = False
         self._checks: dict[str, tuple[Check, float]] = {}
         self._dependencies: dict[str, bool] = {}
@@ -112,10 +114,10 @@ class Server:
     async def stop(self, grace: float | None) -> None:
         """Flips health to NOT_SERVING, refuses new calls and lets calls in flight finish within `grace` seconds."""
         self._serving = False
+        self._stopping = True
         await self.health.enter_graceful_shutdown()
-        for task in self._watchers:
-            task.cancel()
-        await asyncio.gather(*self._watchers, return_exceptions=True)
+        # Re-cancelled until done: a probe whose check finishes as it is cancelled may not see that cancellation.
+        await asyncio.gather(*(tasks.stop(task) for task in self._watchers))
         self._watchers.clear()
         for hook in reversed(self._before_stop):
             try:
@@ -151,9 +153,10 @@ class Server:
         self._watchers.add(task)
 
     async def _probe(self, name: str, check: Check, interval: float) -> None:
-        while True:
+        while not self._stopping:
             try:
-                await asyncio.wait_for(check(), timeout=max(interval, 1.0))
+                async with asyncio.timeout(max(interval, 1.0)):
+                    await check()
                 healthy = True
             except asyncio.CancelledError:
                 raise

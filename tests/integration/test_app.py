@@ -71,6 +71,28 @@ async def test_stop_flips_health_and_refuses_new_calls(server: tuple[app.Server,
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
+async def test_stop_ends_a_probe_whose_check_swallowed_the_cancellation(
+    server: tuple[app.Server, grpc.aio.Channel],
+) -> None:
+    """A check that finishes as it is cancelled (a library absorbing the cancellation, or asyncio.wait_for's race on
+    Python 3.11) must not keep its probe, and so the shutdown, running forever."""
+    srv, _ = server
+    checking = asyncio.Event()
+    swallowed: list[bool] = []
+
+    async def check() -> None:
+        checking.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            swallowed.append(True)  # and returns as if the check had passed
+
+    srv.watch_dependency("absorbing", check, interval=0.05)
+    await asyncio.wait_for(checking.wait(), 5)
+    await asyncio.wait_for(srv.stop(grace=0.5), 10)
+    assert swallowed == [True]
+
+
 async def _until(probe, expected: int, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
     deadline = asyncio.get_running_loop().time() + timeout
     while (status := await probe()) != expected:
