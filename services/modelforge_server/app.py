@@ -219,26 +219,46 @@ def build_server(
     return Server(server, health_servicer, names, metrics=metrics)
 
 
-def run(main: Coroutine[Any, Any, None], event_loop: str = "auto") -> None:
-    """Runs a service process's main coroutine to completion on the event loop `event_loop` names.
+def loop_factory(event_loop: str = "auto") -> Callable[[], asyncio.AbstractEventLoop]:
+    """What makes the event loops of a service process, as MODELFORGE_EVENT_LOOP (`event_loop`) names it.
 
     uvloop, where installed, spends measurably less CPU per RPC than asyncio's own loop (docs/PERFORMANCE.md), so
-    "auto" takes it; "asyncio" keeps the standard loop (MODELFORGE_EVENT_LOOP).
+    "auto" takes it; "asyncio" keeps the standard loop; "uvloop" insists on it.
     """
     if event_loop not in ("auto", "uvloop", "asyncio"):
-        main.close()
         raise ValueError(f"MODELFORGE_EVENT_LOOP must be auto, uvloop or asyncio, not {event_loop!r}")
     if event_loop != "asyncio":
         try:
             import uvloop  # optional: not built for every platform
         except ImportError:
             if event_loop == "uvloop":
-                main.close()
                 raise ValueError("MODELFORGE_EVENT_LOOP=uvloop, but uvloop is not installed") from None
         else:
-            uvloop.run(main)
-            return
-    asyncio.run(main)
+            return uvloop.Loop
+    return asyncio.DefaultEventLoopPolicy().new_event_loop  # the standard loop, whatever policy is installed
+
+
+def run(main: Coroutine[Any, Any, None], event_loop: str = "auto") -> None:
+    """Runs a service process's main coroutine to completion on a loop from :func:`loop_factory`."""
+    try:
+        factory = loop_factory(event_loop)
+    except ValueError:
+        main.close()
+        raise
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main)
+
+
+def use_event_loop(event_loop: str = "auto") -> None:
+    """Makes every loop this process creates from now on come from :func:`loop_factory`, including loops that a
+    library creates itself with ``asyncio.new_event_loop()`` (the jobs workers' Dramatiq AsyncIO thread)."""
+    factory = loop_factory(event_loop)
+
+    class Policy(asyncio.DefaultEventLoopPolicy):
+        def new_event_loop(self) -> asyncio.AbstractEventLoop:
+            return factory()
+
+    asyncio.set_event_loop_policy(Policy())
 
 
 async def serve(server: Server, settings: ServerSettings, *, telemetry: _telemetry.Telemetry | None = None) -> None:

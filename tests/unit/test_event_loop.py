@@ -36,3 +36,22 @@ def test_an_unknown_loop_is_refused_with_the_variable_to_fix() -> None:
 
     with pytest.raises(ValueError, match="MODELFORGE_EVENT_LOOP must be auto, uvloop or asyncio"):
         app.run(main(), "trio")
+
+
+def test_use_event_loop_applies_to_loops_that_libraries_create() -> None:
+    previous = asyncio.get_event_loop_policy()
+    try:
+        app.use_event_loop("auto")
+        loop = asyncio.new_event_loop()
+        try:
+            assert type(loop).__module__.startswith("uvloop")
+        finally:
+            loop.close()
+        app.use_event_loop("asyncio")
+        loop = asyncio.new_event_loop()
+        try:
+            assert type(loop).__module__.startswith("asyncio")
+        finally:
+            loop.close()
+    finally:
+        asyncio.set_event_loop_policy(previous)
