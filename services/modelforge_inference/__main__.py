@@ -11,6 +11,7 @@ import grpc
 import redis.asyncio
 
 from modelforge.registry.v1 import registry_pb2_grpc
+from modelforge_inference import allocator
 from modelforge_inference.cache import PredictionCache
 from modelforge_inference.engine import InferenceEngine
 from modelforge_inference.files import ModelFileCache
@@ -118,6 +119,7 @@ async def run(settings: InferenceSettings, tel: telemetry.Telemetry | None = Non
 def main() -> None:
     settings = from_env(InferenceSettings)
     logs.configure(SERVICE_NAME, settings.log_level)
+    allocator.keep_freed_memory()  # before the first large buffer
     # Before anything opens a channel or builds the server: tracing, when on, instruments both.
     tel = telemetry.setup(SERVICE_NAME, settings, metrics_port=METRICS_PORT)
     app.run(run(settings, tel), settings.event_loop)
