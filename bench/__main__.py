@@ -369,9 +369,19 @@ def machine() -> dict[str, str]:
         "grpcio": grpc.__version__,
         "onnxruntime": onnxruntime.__version__,
         "numpy": np.__version__,
+        "services' event loop": _event_loop(),
         "ModelForge commit": _commit(),
         "load average before the run": " ".join(f"{v:.2f}" for v in os.getloadavg()),
     }
+
+
+def _event_loop() -> str:
+    """The loop the suite's processes run on (they take uvloop when installed; MODELFORGE_EVENT_LOOP is not passed)."""
+    try:
+        import uvloop
+    except ImportError:
+        return "asyncio"
+    return f"uvloop {uvloop.__version__}"
 
 
 def _commit() -> str:
