@@ -14,7 +14,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from modelforge.common.v1.tensor_pb2 import Tensor
-from modelforge.inference.v1 import inference_pb2, inference_pb2_grpc
+from modelforge.inference.v1 import inference_pb2
 from modelforge.registry.v1 import registry_pb2, registry_pb2_grpc
 from modelforge_jobs import errors
 from modelforge_jobs.domain import ModelRefSpec, Priority, ResolvedModel, TensorInfo
@@ -95,11 +95,30 @@ class RegistryClient:
 
 
 class InferenceClient:
-    """Runs batches on the inference service, always on the pinned version."""
+    """Runs batches on the inference service, always on the pinned version.
+
+    A batch's Predict is sent and received as bytes, which keeps the Python work per call small: the request is
+    the job's fixed fields, serialized once per job, around each input tensor's own serialization (protobuf's wire
+    format is the concatenation of the fields, so these are the very bytes protobuf makes of the PredictRequest),
+    and the response's outputs become a DatasetRecord by changing only their field tags. No message is built for
+    a whole batch on either side.
+    """
+
+    PREDICT = f"/{inference_pb2.DESCRIPTOR.services_by_name['InferenceService'].full_name}/Predict"
 
     def __init__(self, channel: grpc.aio.Channel, *, timeout: float) -> None:
-        self._stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        # No serializers: requests and responses pass as bytes.
+        self._predict = channel.unary_unary(self.PREDICT, _registered_method=True)
         self._timeout = timeout
+        self._around_inputs: dict[tuple[str, int, Priority], tuple[bytes, bytes]] = {}
+
+    def _around(self, model: str, version: int, priority: Priority) -> tuple[bytes, bytes]:
+        key = (model, version, priority)
+        around = self._around_inputs.get(key)
+        if around is None:
+            around = request_around(model, version, priority)
+            self._around_inputs = {key: around}  # a runner runs one job at a time: keep the last one only
+        return around
 
     async def predict(
         self,
@@ -109,19 +128,90 @@ class InferenceClient:
         *,
         priority: Priority,
         timeout: float | None = None,
-    ) -> list[Tensor]:
-        request = inference_pb2.PredictRequest(
-            ref=registry_pb2.ModelRef(name=model, version=version),
-            inputs=inputs,
-            priority=_INFERENCE_PRIORITY[priority],
-            cache_mode=inference_pb2.CACHE_MODE_BYPASS,
-        )
+    ) -> bytes:
+        """Runs one batch; returns its outputs as a serialized DatasetRecord."""
+        request = predict_request(self._around(model, version, priority), inputs)
         deadline = self._timeout if timeout is None else min(timeout, self._timeout)
         try:
-            response = await self._stub.Predict(request, timeout=deadline)
+            response = await self._predict(request, timeout=deadline)
         except grpc.aio.AioRpcError as exc:
             raise translate(exc, "inference service") from exc
-        return list(response.outputs)
+        return outputs_record(response)
+
+
+# The keys (field number << 3 | wire type 2) of PredictRequest.inputs, PredictResponse.outputs, DatasetRecord.tensors.
+_INPUTS_TAG = bytes([2 << 3 | 2])
+_OUTPUTS_KEY = 4 << 3 | 2
+_TENSORS_TAG = bytes([1 << 3 | 2])
+
+
+def request_around(model: str, version: int, priority: Priority) -> tuple[bytes, bytes]:
+    """A batch's serialized PredictRequest less its inputs: the bytes before them (the ref, field 1) and the bytes
+    after them (fields 4 and 6), so that the request comes in field order, as protobuf writes it."""
+    before = inference_pb2.PredictRequest(ref=registry_pb2.ModelRef(name=model, version=version))
+    after = inference_pb2.PredictRequest(
+        priority=_INFERENCE_PRIORITY[priority], cache_mode=inference_pb2.CACHE_MODE_BYPASS
+    )
+    return before.SerializeToString(), after.SerializeToString()
+
+
+def predict_request(around: tuple[bytes, bytes], inputs: Sequence[Tensor]) -> bytes:
+    """The serialized PredictRequest of a batch: its inputs' serializations between the bytes of `request_around`."""
+    parts = [around[0]]
+    for tensor in inputs:
+        data = tensor.SerializeToString()
+        parts += (_INPUTS_TAG, _varint(len(data)), data)
+    parts.append(around[1])
+    return b"".join(parts)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    """The varint at `pos` and the position after it."""
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def outputs_record(response: bytes) -> bytes:
+    """A serialized PredictResponse's outputs as a serialized DatasetRecord: each output's bytes, tagged as one of
+    the record's tensors; the response's other fields are skipped. Raises RemoteInternal when it is malformed."""
+    parts: list[bytes | memoryview] = []
+    view = memoryview(response)
+    pos, end = 0, len(response)
+    try:
+        while pos < end:
+            key, body = _read_varint(response, pos)
+            wire = key & 7
+            if wire == 0:
+                pos = _read_varint(response, body)[1]
+            elif wire == 2:
+                size, start = _read_varint(response, body)
+                pos = start + size
+                if key == _OUTPUTS_KEY:
+                    parts += (_TENSORS_TAG, view[body:pos])  # the same length, then the same tensor
+            elif wire in (1, 5):
+                pos = body + (8 if wire == 1 else 4)
+            else:
+                raise ValueError(f"wire type {wire}")
+    except (IndexError, ValueError) as exc:
+        raise errors.RemoteInternal(f"the inference service sent a malformed PredictResponse: {exc}") from exc
+    if pos != end:
+        raise errors.RemoteInternal("the inference service sent a truncated PredictResponse")
+    return b"".join(parts)
 
 
 class InferenceHealth:

@@ -6,8 +6,9 @@ written in groups (one statement for up to `write_batches` of them, within `writ
 progress updates that watchers see. At every write the runner sees cancellation (the store refuses the write) and
 starts no further batch, and a heartbeat tells the reaper that the worker is alive.
 
-Each batch runs in a ``modelforge.jobs.batch`` span (with its index and size), so that the inference call it makes
-is a child of it, and the run's counters go to the worker's metrics.
+While tracing is on, each batch runs in a ``modelforge.jobs.batch`` span (with its index and size), so that the
+inference call it makes is a child of it; while it is off, batches make no span at all. The run's counters go to the
+worker's metrics.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from dataclasses import dataclass
 from uuid import UUID
 
 from modelforge.common.v1.tensor_pb2 import Tensor
-from modelforge.jobs.v1.jobs_pb2 import DatasetRecord
 from modelforge_jobs.datasets import BatchSource, DatasetItems, Items
 from modelforge_jobs.domain import InputRecord, Job, JobError, JobState, Priority, ResultRecord
 from modelforge_jobs.errors import AttemptsExhausted, TimeLimitExceeded, is_transient
@@ -261,11 +261,14 @@ class JobRunner:
             timeout = deadline - time.monotonic()
             if timeout <= 0:
                 raise TimeLimitExceeded(job.time_limit or 0.0)
-        attributes = {"modelforge.batch.index": index, "modelforge.batch.size": last - first}
-        with tracer.start_as_current_span("modelforge.jobs.batch", attributes=attributes):
+        span: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
+        if telemetry.tracing_enabled():
+            attributes = {"modelforge.batch.index": index, "modelforge.batch.size": last - first}
+            span = tracer.start_as_current_span("modelforge.jobs.batch", attributes=attributes)
+        with span:
             began = time.monotonic()
             try:
-                outputs = await self._inference.predict(
+                record = await self._inference.predict(
                     job.model_ref.name, job.model_version, inputs, priority=Priority(job.priority), timeout=timeout
                 )
             except ServiceError as exc:
@@ -273,7 +276,6 @@ class JobRunner:
                     raise TimeLimitExceeded(job.time_limit or 0.0) from exc
                 raise
             seconds = time.monotonic() - began
-        record = DatasetRecord(tensors=outputs).SerializeToString()
         return ResultRecord(index, first, last - first, record), seconds
 
     @contextlib.asynccontextmanager
