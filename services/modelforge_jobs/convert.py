@@ -9,7 +9,8 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from modelforge.common.v1.tensor_pb2 import TensorSpec
 from modelforge.jobs.v1 import jobs_pb2
 from modelforge.registry.v1 import registry_pb2
-from modelforge_jobs.domain import Dataset, Job, JobState, ModelRefSpec, Priority
+from modelforge_jobs.domain import Dataset, Job, JobState, Priority
+from modelforge_server.refs import ModelRef
 
 _STATES = {
     JobState.QUEUED: jobs_pb2.JOB_STATE_QUEUED,
@@ -37,16 +38,16 @@ def priority_from_proto(value: int) -> Priority | None:
     return _PRIORITIES_BACK.get(value)
 
 
-def ref_from_proto(ref: registry_pb2.ModelRef) -> ModelRefSpec:
+def ref_from_proto(ref: registry_pb2.ModelRef) -> ModelRef:
     selector = ref.WhichOneof("selector")
-    return ModelRefSpec(
+    return ModelRef(
         ref.name,
         version=ref.version if selector == "version" else None,
         alias=ref.alias if selector == "alias" else None,
     )
 
 
-def ref_to_proto(ref: ModelRefSpec) -> registry_pb2.ModelRef:
+def ref_to_proto(ref: ModelRef) -> registry_pb2.ModelRef:
     proto = registry_pb2.ModelRef(name=ref.name)
     if ref.version is not None:
         proto.version = ref.version

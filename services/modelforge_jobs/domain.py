@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from uuid import UUID
 
+from modelforge_server.refs import ModelRef
+
 
 class JobState(enum.Enum):
     QUEUED = "QUEUED"
@@ -29,22 +31,6 @@ class Priority(enum.IntEnum):
     LOW = 1
     NORMAL = 2
     HIGH = 3
-
-
-@dataclass(frozen=True)
-class ModelRefSpec:
-    """A model reference as a client wrote it: a name plus at most one of a version or an alias."""
-
-    name: str
-    version: int | None = None
-    alias: str | None = None
-
-    def __str__(self) -> str:
-        if self.version is not None:
-            return f"{self.name}:{self.version}"
-        if self.alias is not None:
-            return f"{self.name}@{self.alias}"
-        return self.name
 
 
 @dataclass(frozen=True)
@@ -87,7 +73,7 @@ class Progress:
 @dataclass(frozen=True)
 class Job:
     id: UUID
-    model_ref: ModelRefSpec
+    model_ref: ModelRef
     model_version: int
     state: JobState
     progress: Progress
@@ -126,7 +112,7 @@ class Dataset:
 class JobSpec:
     """A validated submission: what to run, on what, and how."""
 
-    model_ref: ModelRefSpec
+    model_ref: ModelRef
     batch_size: int
     priority: Priority
     labels: dict[str, str]

@@ -16,9 +16,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from modelforge.common.v1.tensor_pb2 import Tensor
 from modelforge.inference.v1 import inference_pb2
 from modelforge.registry.v1 import registry_pb2, registry_pb2_grpc
-from modelforge_jobs import errors
-from modelforge_jobs.domain import ModelRefSpec, Priority, ResolvedModel, TensorInfo
+from modelforge_jobs import convert, errors
+from modelforge_jobs.domain import Priority, ResolvedModel, TensorInfo
 from modelforge_server.errors import ServiceError
+from modelforge_server.refs import ModelRef
 
 _KINDS: dict[grpc.StatusCode, type[errors.RemoteError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: errors.RemoteInvalidArgument,
@@ -60,15 +61,6 @@ def translate(exc: grpc.aio.AioRpcError, service: str) -> ServiceError:
     return kind(message, reason=_remote_reason(exc))
 
 
-def _ref_proto(ref: ModelRefSpec) -> registry_pb2.ModelRef:
-    proto = registry_pb2.ModelRef(name=ref.name)
-    if ref.version is not None:
-        proto.version = ref.version
-    elif ref.alias is not None:
-        proto.alias = ref.alias
-    return proto
-
-
 class RegistryClient:
     """Resolves model references with the registry."""
 
@@ -76,10 +68,10 @@ class RegistryClient:
         self._stub = registry_pb2_grpc.RegistryServiceStub(channel)
         self._timeout = timeout
 
-    async def resolve(self, ref: ModelRefSpec) -> ResolvedModel:
+    async def resolve(self, ref: ModelRef) -> ResolvedModel:
         try:
             response = await self._stub.ResolveModelRef(
-                registry_pb2.ResolveModelRefRequest(ref=_ref_proto(ref)), timeout=self._timeout
+                registry_pb2.ResolveModelRefRequest(ref=convert.ref_to_proto(ref)), timeout=self._timeout
             )
         except grpc.aio.AioRpcError as exc:
             raise translate(exc, "registry") from exc

@@ -22,7 +22,6 @@ from modelforge_jobs.domain import (
     JobFilter,
     JobSpec,
     JobState,
-    ModelRefSpec,
     Page,
     Priority,
     Progress,
@@ -30,6 +29,7 @@ from modelforge_jobs.domain import (
     TensorInfo,
 )
 from modelforge_jobs.errors import DatasetInUse, DatasetNotFound, DependencyUnavailable, JobNotFound
+from modelforge_server.refs import ModelRef
 
 _JOB_COLUMNS = """
     id, request_id, model_name, ref_version, ref_alias, model_version, state, dataset_id, items_total, batch_size,
@@ -62,7 +62,7 @@ def _job(row: dict[str, Any]) -> Job:
         error = JobError(row["error_code"], row["error_reason"] or "", row["error_message"] or "")
     return Job(
         id=row["id"],
-        model_ref=ModelRefSpec(row["model_name"], row["ref_version"], row["ref_alias"]),
+        model_ref=ModelRef(row["model_name"], row["ref_version"], row["ref_alias"]),
         model_version=row["model_version"],
         state=state,
         progress=Progress(done, total, row["batches_done"], row["batches_total"], rate, remaining),

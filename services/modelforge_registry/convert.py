@@ -13,7 +13,6 @@ from modelforge_registry.domain import (
     Model,
     ModelChanges,
     ModelEvent,
-    ModelRef,
     ModelVersion,
     OnnxInfo,
     Signature,
@@ -23,6 +22,7 @@ from modelforge_registry.domain import (
     VersionState,
 )
 from modelforge_registry.errors import InvalidUpdateMask
+from modelforge_server.refs import ModelRef
 
 MODEL_MUTABLE = ("description", "labels")
 VERSION_MUTABLE = ("description", "labels", "version_label")

@@ -104,22 +104,6 @@ class ModelVersion:
 
 
 @dataclass(frozen=True)
-class ModelRef:
-    """A model name plus a version number, an alias, or neither (the newest READY version)."""
-
-    name: str
-    version: int | None = None
-    alias: str | None = None
-
-    def __str__(self) -> str:
-        if self.version is not None:
-            return f"{self.name}:{self.version}"
-        if self.alias is not None:
-            return f"{self.name}@{self.alias}"
-        return self.name
-
-
-@dataclass(frozen=True)
 class NewModel:
     name: str
     description: str = ""

@@ -23,7 +23,6 @@ from modelforge_registry.domain import (
     ModelChanges,
     ModelEvent,
     ModelFilter,
-    ModelRef,
     ModelVersion,
     NewModel,
     Page,
@@ -49,6 +48,7 @@ from modelforge_registry.store import RegistryStore
 from modelforge_server import telemetry
 from modelforge_server.errors import InvalidArgument, require
 from modelforge_server.metrics import Metrics
+from modelforge_server.refs import ModelRef
 
 log = logging.getLogger("modelforge.registry")
 

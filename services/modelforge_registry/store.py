@@ -19,7 +19,6 @@ from modelforge_registry.domain import (
     Model,
     ModelChanges,
     ModelFilter,
-    ModelRef,
     ModelVersion,
     NewModel,
     OnnxInfo,
@@ -44,6 +43,7 @@ from modelforge_registry.errors import (
     VersionNotFound,
 )
 from modelforge_server.errors import Aborted
+from modelforge_server.refs import ModelRef
 
 # The PostgreSQL channel on which every replica publishes and hears model events.
 EVENTS_CHANNEL = "modelforge_registry_events"

@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-from modelforge_jobs.domain import JobSpec, JobState, ModelRefSpec, Priority, ResultRecord
+from modelforge_jobs.domain import JobSpec, JobState, Priority, ResultRecord
 from modelforge_jobs.store import JobStore
 from modelforge_server import db
+from modelforge_server.refs import ModelRef
 
 
 async def running_job(store: JobStore, *, batches: int, worker: str = "w1") -> uuid.UUID:
-    spec = JobSpec(ModelRefSpec("m", 1, None), 10, Priority.NORMAL, {}, 3, None, None, inline_input=b"")
+    spec = JobSpec(ModelRef("m", 1, None), 10, Priority.NORMAL, {}, 3, None, None, inline_input=b"")
     job_id = uuid.uuid4()
     await store.insert_job(job_id, spec, model_version=1, items_total=10 * batches, batches_total=batches)
     assert await store.claim(job_id, worker, stale_after=30.0) is not None
