@@ -12,6 +12,7 @@ interceptor is added only while tracing is on).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
@@ -23,6 +24,9 @@ from modelforge_server.metrics import Metrics
 from modelforge_server.status import abort
 
 Behavior = Callable[[Any, grpc.aio.ServicerContext], Any]
+
+# How long a refused client-streaming call keeps reading what the client still sends (see _drain).
+_DRAIN_SECONDS = 2.0
 
 _FACTORIES: dict[str, Callable[..., grpc.RpcMethodHandler]] = {
     "unary_unary": grpc.unary_unary_rpc_method_handler,
@@ -65,13 +69,14 @@ class Registrar:
         service, _, name = method.lstrip("/").partition("/")
         children = _MethodMetrics(self._metrics, service, name)
         domain = self._domain if service in self._mapped else None
+        drain = _DRAIN_SECONDS if handler.request_streaming else 0.0
         shape = f"{'stream' if handler.request_streaming else 'unary'}_"
         shape += "stream" if handler.response_streaming else "unary"
         behavior = getattr(handler, shape)
         streams = handler.response_streaming and inspect.isasyncgenfunction(behavior)
         wrap = _stream if streams else _unary  # a streaming method may also be a coroutine writing with write()
         return _FACTORIES[shape](
-            wrap(behavior, children, domain),
+            wrap(behavior, children, domain, drain),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
@@ -111,7 +116,7 @@ class _MethodMetrics:
         child.inc()
 
 
-def _unary(behavior: Behavior, children: _MethodMetrics, domain: str | None) -> Behavior:
+def _unary(behavior: Behavior, children: _MethodMetrics, domain: str | None, drain: float) -> Behavior:
     async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
         children.in_flight.inc()
         started = time.perf_counter()
@@ -129,6 +134,8 @@ def _unary(behavior: Behavior, children: _MethodMetrics, domain: str | None) -> 
         except Exception as exc:
             if domain is None:
                 raise
+            if drain:
+                await _drain(request, drain)
             try:
                 await abort(context, exc, domain)
             finally:
@@ -139,7 +146,7 @@ def _unary(behavior: Behavior, children: _MethodMetrics, domain: str | None) -> 
     return call
 
 
-def _stream(behavior: Behavior, children: _MethodMetrics, domain: str | None) -> Behavior:
+def _stream(behavior: Behavior, children: _MethodMetrics, domain: str | None, drain: float) -> Behavior:
     async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         children.in_flight.inc()
         started = time.perf_counter()
@@ -157,6 +164,8 @@ def _stream(behavior: Behavior, children: _MethodMetrics, domain: str | None) ->
         except Exception as exc:
             if domain is None:
                 raise
+            if drain:
+                await _drain(request, drain)
             try:
                 await abort(context, exc, domain)
             finally:
@@ -165,6 +174,20 @@ def _stream(behavior: Behavior, children: _MethodMetrics, domain: str | None) ->
             children.end(code, started)
 
     return call
+
+
+async def _drain(requests: AsyncIterator[Any], seconds: float) -> None:
+    """Reads and drops what a client is still sending, for at most `seconds`, before a refusal is answered.
+
+    A grpc.aio client whose call ends while it is still writing reports INTERNAL ("Internal error from Core")
+    instead of the server's status (grpc/grpc#36066). An upload refused early (over the size limit, a bad header)
+    is therefore answered once the client has sent its last message, or after `seconds`: the client sees the
+    real code and reason, and nothing it sent is kept.
+    """
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(seconds):
+            async for _ in requests:
+                pass
 
 
 def _final_code(context: grpc.aio.ServicerContext, default: grpc.StatusCode) -> grpc.StatusCode:
