@@ -17,6 +17,7 @@ from modelforge.common.v1.tensor_pb2 import Tensor
 from modelforge.inference.v1 import inference_pb2
 from modelforge.registry.v1 import registry_pb2, registry_pb2_grpc
 from modelforge_jobs import convert, errors
+from modelforge_jobs.datasets import encode_varint
 from modelforge_jobs.domain import Priority, ResolvedModel, TensorInfo
 from modelforge_server.errors import ServiceError
 from modelforge_server.refs import ModelRef
@@ -152,18 +153,9 @@ def predict_request(around: tuple[bytes, bytes], inputs: Sequence[Tensor]) -> by
     parts = [around[0]]
     for tensor in inputs:
         data = tensor.SerializeToString()
-        parts += (_INPUTS_TAG, _varint(len(data)), data)
+        parts += (_INPUTS_TAG, encode_varint(len(data)), data)
     parts.append(around[1])
     return b"".join(parts)
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
