@@ -16,7 +16,7 @@ import contextlib
 import inspect
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 
@@ -134,10 +134,8 @@ def _unary(behavior: Behavior, children: _MethodMetrics, domain: str | None, dra
         except Exception as exc:
             if domain is None:
                 raise
-            if drain:
-                await _drain(request, drain)
             try:
-                await abort(context, exc, domain)
+                await _refuse(request, context, exc, domain, drain)
             finally:
                 code = _final_code(context, grpc.StatusCode.UNKNOWN)
         finally:
@@ -164,16 +162,23 @@ def _stream(behavior: Behavior, children: _MethodMetrics, domain: str | None, dr
         except Exception as exc:
             if domain is None:
                 raise
-            if drain:
-                await _drain(request, drain)
             try:
-                await abort(context, exc, domain)
+                await _refuse(request, context, exc, domain, drain)
             finally:
                 code = _final_code(context, grpc.StatusCode.UNKNOWN)
         finally:
             children.end(code, started)
 
     return call
+
+
+async def _refuse(
+    request: Any, context: grpc.aio.ServicerContext, exc: Exception, domain: str, drain: float
+) -> NoReturn:
+    """Ends a call that raised with the status `exc` maps to; a client-streaming one after draining it."""
+    if drain:
+        await _drain(request, drain)
+    await abort(context, exc, domain)
 
 
 async def _drain(requests: AsyncIterator[Any], seconds: float) -> None:
