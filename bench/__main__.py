@@ -29,13 +29,15 @@ import numpy as np
 import modelforge
 from bench import jobs as jobs_bench
 from bench import raw, report, scenarios
-from bench.loadgen import Load, LoadGenerator
+from bench.loadgen import BIDI, SERVER_STREAM, Load, LoadGenerator
 from bench.measure import Point, measure, median, median_point, ms
 from bench.suite import Suite
 from modelforge.inference.v1 import inference_pb2
 
 SECTIONS = ("overhead", "raw", "mlp", "cnn", "gen", "stream", "cache", "load", "jobs")
 MATRIX = ("mlp", "cnn", "gen")
+# predict: Predict; v2: V2 ModelInfer; v2s: V2 ModelStreamInfer (one stream per caller); stream: PredictStream
+APIS = ("predict", "v2", "v2s", "stream")
 
 
 @dataclass
@@ -102,7 +104,9 @@ def _load(suite: Suite, api: str, model: str, inputs: dict[str, np.ndarray]) -> 
     if api == "v2":
         return Load(suite.inference, scenarios.MODEL_INFER, scenarios.model_infer_request(model, inputs))
     if api == "stream":
-        return Load(suite.inference, scenarios.PREDICT_STREAM, scenarios.stream_request(model, inputs), streaming=True)
+        return Load(suite.inference, scenarios.PREDICT_STREAM, scenarios.stream_request(model, inputs), SERVER_STREAM)
+    if api == "v2s":
+        return Load(suite.inference, scenarios.MODEL_STREAM_INFER, scenarios.model_infer_request(model, inputs), BIDI)
     raise ValueError(api)
 
 
@@ -160,7 +164,8 @@ def run_matrix(
     out: Collected,
     server: int | None,
 ) -> None:
-    apis = ("predict", "v2", "stream") if workload.key == "gen" else ("predict", "v2")
+    apis = ("predict", "v2", "stream") if workload.key == "gen" else ("predict", "v2", "v2s")
+    apis = tuple(api for api in apis if api in args.apis)
     _say(f"{workload.title}: batch-1 requests")
     for api in apis:
         for batching in (False, True):
@@ -193,16 +198,33 @@ def run_cache(gen: LoadGenerator, suite: Suite, args: argparse.Namespace, out: C
     with modelforge.InferenceClient(suite.inference) as client:
         for _ in range(2):  # the first may be the miss that fills the entry
             response = client.inference_stub.Predict(inference_pb2.PredictRequest.FromString(request), timeout=30)
-    out.cache_hits.append(response.cache_hit)
-    _say(f"prediction cache hits (MLP, Predict with CACHE_MODE_USE; the answer says cache_hit={response.cache_hit})")
-    load = Load(suite.inference, scenarios.PREDICT, request)
-    for concurrency in (1, 16):
-        point = measure(
-            gen, load, workload="mlp", api="cache", batching=False, concurrency=concurrency, batch=1,
-            duration=args.duration, warmup=args.warmup, server_pid=server,
-        )  # fmt: skip
-        out.add(point)
-        _row(point)
+        out.cache_hits.append(response.cache_hit)
+        _say(
+            f"prediction cache hits (MLP, Predict with CACHE_MODE_USE; the answer says cache_hit={response.cache_hit})"
+        )
+        loads = {
+            "cache": Load(suite.inference, scenarios.PREDICT, request),
+            # V2 requests use the cache of a version that enables it; the statistics tell whether they hit.
+            "cache-v2s": _load(suite, "v2s", "bench-mlp-cache", workload.item),
+        }
+        for api, load in loads.items():
+            hits_before = _cache_hits(client, "bench-mlp-cache")
+            calls = 0
+            for concurrency in (1, 16):
+                point = measure(
+                    gen, load, workload="mlp", api=api, batching=False, concurrency=concurrency, batch=1,
+                    duration=args.duration, warmup=args.warmup, server_pid=server,
+                )  # fmt: skip
+                calls += round(point.calls_per_second * args.duration)
+                out.add(point)
+                _row(point)
+            hits = _cache_hits(client, "bench-mlp-cache") - hits_before
+            out.cache_hits.append(hits >= calls)
+            _say(f"  {api}: the service counted {hits:,} cache hits for the {calls:,} calls measured (and warm-ups)")
+
+
+def _cache_hits(client: modelforge.InferenceClient, name: str) -> int:
+    return sum(m.cache_hit_count for m in client.statistics(name).models)
 
 
 def run_load(suite: Suite, args: argparse.Namespace, out: Collected) -> None:
@@ -402,6 +424,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=1, help="runs to take medians over (default 1)")
     parser.add_argument("--only", help=f"comma-separated subset of: {', '.join(SECTIONS)}")
     parser.add_argument("--concurrency", default="1,4,16,64", help="concurrencies of the matrix (default 1,4,16,64)")
+    parser.add_argument("--apis", default=",".join(APIS), help=f"APIs of the matrix (default all: {', '.join(APIS)})")
     parser.add_argument("--out", help="the report to write (default docs/PERFORMANCE.md; none for --quick)")
     parser.add_argument(
         "--intra-op-threads",
@@ -431,6 +454,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args.only = only
     args.needs_mlp = bool({"cache", "load", "jobs"} & set(only))
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    args.apis = [a.strip() for a in args.apis.split(",") if a.strip()]
+    if set(args.apis) - set(APIS):
+        parser.error(f"unknown APIs {', '.join(sorted(set(args.apis) - set(APIS)))}; choose from {', '.join(APIS)}")
     if args.out is None and not args.quick:
         args.out = "docs/PERFORMANCE.md"
     args.settings_text = [f"{k}={v}" for k, v in suite_settings(args).items()]

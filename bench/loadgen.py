@@ -29,14 +29,26 @@ _OPTIONS = [
 ]
 
 
+UNARY = "unary"
+SERVER_STREAM = "server-stream"  # one request, a stream of answers (PredictStream)
+BIDI = "bidi"  # one long-lived stream per caller, one request in flight on it (V2 ModelStreamInfer)
+
+# A ModelStreamInferResponse whose first byte is field 1's tag carries an error_message: answered in-band.
+_IN_BAND_ERROR = b"\x0a"
+
+
 @dataclass(frozen=True)
 class Load:
-    """What to send: a full method name, one serialised request, and whether the answer is a stream."""
+    """What to send: a full method name, one serialised request, and the call's shape (UNARY, SERVER_STREAM, BIDI).
+
+    BIDI callers each open one bidirectional stream and keep one request in flight on it, as Triton's
+    perf_analyzer does with --streaming; answers that carry an in-band error_message count as errors.
+    """
 
     target: str
     method: str
     request: bytes
-    streaming: bool = False
+    kind: str = UNARY
 
 
 @dataclass(frozen=True)
@@ -85,6 +97,7 @@ async def _callers(job: _Job) -> tuple[list[float], int, int, float, str]:
         await asyncio.wait_for(channel.channel_ready(), timeout=30)
         stream = channel.unary_stream(load.method, _registered_method=True)
         unary = channel.unary_unary(load.method, _registered_method=True)
+        bidi = channel.stream_stream(load.method, _registered_method=True)
         latencies: list[float] = []
         errors = 0
         received = 0
@@ -96,15 +109,26 @@ async def _callers(job: _Job) -> tuple[list[float], int, int, float, str]:
         async def caller() -> None:
             nonlocal errors, received, first_error
             request = load.request
+            call = bidi() if load.kind == BIDI else None
             while True:
                 began = clock()
                 if began >= stop_at:
-                    return
+                    break
                 try:
-                    if load.streaming:
+                    if call is not None:
+                        await call.write(request)
+                        message = await call.read()
+                        if message is grpc.aio.EOF:
+                            raise RuntimeError("the server ended the stream")
+                        size = len(message)
+                        if message[:1] == _IN_BAND_ERROR:
+                            errors += 1
+                            first_error = first_error or f"in-band: {message[2:200]!r}"
+                            continue
+                    elif load.kind == SERVER_STREAM:
                         size = 0
-                        async for message in stream(request):
-                            size += len(message)
+                        async for part in stream(request):
+                            size += len(part)
                     else:
                         size = len(await unary(request))
                 except grpc.aio.AioRpcError as exc:
@@ -112,11 +136,17 @@ async def _callers(job: _Job) -> tuple[list[float], int, int, float, str]:
                     if not first_error:
                         first_error = f"{exc.code().name}: {exc.details()}"
                     await asyncio.sleep(0.01)
+                    if call is not None:
+                        call = bidi()
                     continue
                 ended = clock()
                 if measure_from <= ended <= stop_at:
                     latencies.append(ended - began)
                     received += size
+            if call is not None:
+                await call.done_writing()
+                while await call.read() is not grpc.aio.EOF:
+                    pass
 
         async def cpu_meter() -> None:
             await asyncio.sleep(max(0.0, measure_from - clock()))

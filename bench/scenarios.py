@@ -16,6 +16,7 @@ from tests.fixtures import onnx_models
 PREDICT = "/modelforge.inference.v1.InferenceService/Predict"
 PREDICT_STREAM = "/modelforge.inference.v1.InferenceService/PredictStream"
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+MODEL_STREAM_INFER = "/inference.GRPCInferenceService/ModelStreamInfer"
 SERVER_LIVE = "/inference.GRPCInferenceService/ServerLive"
 
 # The labels that turn a version's dynamic batching on (see modelforge_inference.serving).

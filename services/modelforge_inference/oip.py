@@ -113,17 +113,19 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         # Requests run concurrently, so that a client streaming many of them fills the batcher; responses go
         # out as they complete and clients match them by `id`. A failed request is answered in-band.
         done: asyncio.Queue[pb.ModelStreamInferResponse | bytes | None] = asyncio.Queue()
-        running: set[asyncio.Task[None]] = set()
+        running: set[asyncio.Task[pb.ModelStreamInferResponse | bytes]] = set()
 
-        async def answer(request: pb.ModelInferRequest) -> None:
-            await done.put(await self._stream_answer(request, context))
+        def answered(task: asyncio.Task[pb.ModelStreamInferResponse | bytes]) -> None:
+            running.discard(task)
+            if not task.cancelled():  # _stream_answer answers every error in-band
+                done.put_nowait(task.result())
 
         async def read() -> None:
             try:
                 async for request in request_iterator:
-                    task = asyncio.create_task(answer(request))
+                    task = asyncio.create_task(self._stream_answer(request, context))
                     running.add(task)
-                    task.add_done_callback(running.discard)
+                    task.add_done_callback(answered)
                 while running:
                     await asyncio.gather(*running, return_exceptions=True)
             finally:

@@ -257,3 +257,56 @@ async def test_tiny_unbatched_runs_move_onto_the_loop_and_slow_ones_back_to_thre
         assert threads[-1] != loop_thread
     finally:
         await batcher.aclose()
+
+
+async def test_a_tiny_run_with_nobody_queued_runs_in_the_callers_task(pool):
+    tasks: list[asyncio.Task[object] | None] = []
+
+    def execute(batch: Sequence[Feeds]) -> list[Outcome]:
+        tasks.append(asyncio.current_task() if threading.current_thread() is threading.main_thread() else None)
+        return [{"y": item["x"] * 2} for item in batch]
+
+    executions: list[tuple[int, int]] = []
+    batcher = Batcher(
+        model="m",
+        version=1,
+        config=BatchingConfig(max_batch_size=0),
+        mergeable=True,
+        execute=execute,
+        executor=pool,
+        inline_below=0.01,
+        on_execution=lambda rows, requests, seconds: executions.append((rows, requests)),
+    )
+    batcher.start()
+    try:
+        await batcher.submit(feeds(1.0))  # unmeasured: a compute thread
+        result = await batcher.submit(feeds(3.0, rows=2))
+        assert tasks == [None, asyncio.current_task()]
+        np.testing.assert_array_equal(result.outputs["y"], feeds(3.0, rows=2)["x"] * 2)
+        assert (result.queue_seconds, result.batch_rows) == (0.0, 2)
+        assert executions == [(1, 1), (2, 1)]
+        assert batcher.queued == 0
+    finally:
+        await batcher.aclose()
+
+
+async def test_a_tiny_run_that_fails_raises_in_the_callers_task(pool):
+    def execute(batch: Sequence[Feeds]) -> list[Outcome]:
+        return [ValueError(f"bad {float(item['x'][0, 0])}") for item in batch]
+
+    batcher = Batcher(
+        model="m",
+        version=1,
+        config=BatchingConfig(max_batch_size=0),
+        mergeable=True,
+        execute=execute,
+        executor=pool,
+        inline_below=0.01,
+    )
+    batcher.start()
+    try:
+        for value in (1.0, 2.0):  # the first on a thread, the second on the loop
+            with pytest.raises(ValueError, match=f"bad {value}"):
+                await batcher.submit(feeds(value))
+    finally:
+        await batcher.aclose()
