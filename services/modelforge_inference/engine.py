@@ -431,7 +431,13 @@ class InferenceEngine:
         key = model.key
         while True:
             slot = self._slots.get(key)
-            if slot is not None and slot.state is ModelState.READY and slot.config != config:
+            # _config hands out one object per version and labels: the identity check spares a deep compare.
+            if (
+                slot is not None
+                and slot.state is ModelState.READY
+                and slot.config is not config
+                and slot.config != config
+            ):
                 self._begin_unload(slot, UnloadReason.RECONFIGURED)  # its labels changed: serve it anew
                 slot = None
             if slot is None or slot.state is ModelState.FAILED:

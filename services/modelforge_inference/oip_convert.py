@@ -14,6 +14,7 @@ as the InferenceService does; other malformed requests raise :class:`InvalidV2Re
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Iterable, Mapping
 from datetime import datetime
@@ -136,9 +137,16 @@ def model_ref(name: str, version: str, *, field: str = "model_name") -> ModelRef
     if not name:
         raise InvalidV2Request(f"{field} is required: set it to the registry's model name", field=field)
     try:
-        return ModelRef.from_parts(name, version)
+        return _parsed_ref(name, version)
     except ValueError as exc:
         raise InvalidV2Request(str(exc), field=field) from None
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed_ref(name: str, version: str) -> ModelRef:
+    """ModelRef.from_parts, remembered: every request repeats one of a few (name, version) pairs. A ModelRef is
+    immutable, and a pair that fails to parse raises again (lru_cache keeps no exceptions)."""
+    return ModelRef.from_parts(name, version)
 
 
 def _shape(tensor: pb.ModelInferRequest.InferInputTensor) -> tuple[int, ...]:
@@ -387,15 +395,37 @@ def infer_response_parts(
     signature: Signature | None = None,
 ) -> wire.Parts:
     """The serialised `infer_response`, byte for byte, as parts: raw outputs are views of the arrays (field 6
-    follows every other field, so appending it keeps protobuf's own byte order)."""
-    tensors_out: list[pb.ModelInferResponse.InferOutputTensor] = []
+    follows every other field, so appending it keeps protobuf's own byte order).
+
+    The fields before them are serialised pieces that repeat from request to request (the model and version,
+    each output's metadata), kept in small caches, and the request's id between them, in field-number order as
+    protobuf writes them.
+    """
+    parts: wire.Parts = [_response_prefix(model, version)]
+    if request_id:
+        parts += wire.length_delimited(_RESPONSE_ID, [request_id.encode()])
     raws: wire.Parts = []
     for name, array in outputs.items():
         datatype = datatype_of(array, signature.output(name) if signature is not None else None)
-        tensors_out.append(pb.ModelInferResponse.InferOutputTensor(name=name, datatype=datatype, shape=array.shape))
+        parts.append(_output_metadata(name, datatype, array.shape))
         raws += wire.length_delimited(_RAW_OUTPUT_CONTENTS, [_raw_view(array, datatype)])
-    head = pb.ModelInferResponse(model_name=model, model_version=str(version), id=request_id, outputs=tensors_out)
-    return [head.SerializeToString(), *raws]
+    return [*parts, *raws]
+
+
+_RESPONSE_ID = 3  # ModelInferResponse.id
+
+
+@functools.lru_cache(maxsize=1024)
+def _response_prefix(model: str, version: int) -> bytes:
+    """ModelInferResponse fields 1 and 2 (model_name, model_version), serialised."""
+    return pb.ModelInferResponse(model_name=model, model_version=str(version)).SerializeToString()
+
+
+@functools.lru_cache(maxsize=4096)
+def _output_metadata(name: str, datatype: str, shape: tuple[int, ...]) -> bytes:
+    """One ModelInferResponse.outputs entry (field 5: name, datatype, shape), serialised."""
+    output = pb.ModelInferResponse.InferOutputTensor(name=name, datatype=datatype, shape=shape)
+    return pb.ModelInferResponse(outputs=[output]).SerializeToString()
 
 
 def stream_infer_response(parts: wire.Parts) -> wire.Parts:

@@ -107,6 +107,14 @@ def test_infer_response_parts_are_what_protobuf_serialises() -> None:
     assert streamed == oip_pb.ModelStreamInferResponse(infer_response=expected).SerializeToString()
 
 
+def test_infer_responses_built_from_remembered_pieces_match_protobuf_for_every_id_and_shape() -> None:
+    for request_id, rows in [("", 1), ("a", 2), ("é-42" * 40, 1), ("", 3), ("a", 1)]:  # repeats hit the caches
+        outputs = {"y": np.arange(rows * 4, dtype=np.float32).reshape(rows, 4), "n": np.ones(rows, dtype=np.int64)}
+        kwargs: dict[str, Any] = {"model": "mlp", "version": 7, "request_id": request_id, "outputs": outputs}
+        assembled = wire.join(oip_convert.infer_response_parts(**kwargs))
+        assert assembled == oip_convert.infer_response(**kwargs).SerializeToString()
+
+
 @pytest.mark.parametrize("size", [0, 1, 127, 128, 300, 16383, 16384, 2_097_151, 2_097_152])
 def test_length_prefixes_match_protobuf_at_varint_boundaries(size: int) -> None:
     data = bytes(size)
