@@ -301,7 +301,11 @@ def suite_settings(args: argparse.Namespace) -> dict[str, str]:
 
 def one_run(index: int, args: argparse.Namespace, out: Collected) -> None:
     selected = [w for w in scenarios.workloads() if w.key in args.only]
-    load_all = [w for w in scenarios.workloads() if w.key in args.only or (w.key == "mlp" and args.needs_mlp)]
+    load_all = [
+        w
+        for w in scenarios.workloads()
+        if w.key in args.only or (w.key == "mlp" and args.needs_mlp) or (w.key == "gen" and "stream" in args.only)
+    ]
     _say(f"== run {index + 1} of {args.runs}: starting the suite ({' '.join(args.settings_text) or 'defaults'})")
     began = time.perf_counter()
     suite = Suite.start(suite_settings(args), workers=1)
