@@ -28,13 +28,13 @@ import numpy as np
 
 import modelforge
 from bench import jobs as jobs_bench
-from bench import raw, report, scenarios
+from bench import raw, report, scenarios, transport
 from bench.loadgen import BIDI, SERVER_STREAM, Load, LoadGenerator
 from bench.measure import Point, measure, median, median_point, ms
 from bench.suite import Suite
 from modelforge.inference.v1 import inference_pb2
 
-SECTIONS = ("overhead", "raw", "mlp", "cnn", "gen", "stream", "cache", "load", "jobs")
+SECTIONS = ("transport", "overhead", "raw", "mlp", "cnn", "gen", "stream", "cache", "load", "jobs")
 MATRIX = ("mlp", "cnn", "gen")
 # predict: Predict; v2: V2 ModelInfer; v2s: V2 ModelStreamInfer (one stream per caller); stream: PredictStream
 APIS = ("predict", "v2", "v2s", "stream")
@@ -125,12 +125,33 @@ def run_overhead(
             duration=args.duration, warmup=args.warmup, server_pid=server,
         )  # fmt: skip
         out.add(point)
-        rate = max(point.calls_per_second, 1e-9)
-        _row(
-            point,
-            f"  | client {point.client_cores / rate * 1e6:.0f} µs CPU/call, server "
-            f"{point.server_cores / rate * 1e6:.0f} µs CPU/call",
-        )
+        _per_call_row(point)
+
+
+def run_transport(gen: LoadGenerator, args: argparse.Namespace, out: Collected) -> None:
+    """A bare grpc.aio server, no ModelForge code: what a unary call and a message on an open stream cost."""
+    _say("bare grpc.aio server (no ModelForge code): a unary call against a message on an open stream")
+    with transport.bare_server() as (address, pid):
+        for api, load in (
+            ("bare", Load(address, transport.UNARY, b"r" * 100)),
+            ("bare-bidi", Load(address, transport.BIDI, b"r" * 100, BIDI)),
+        ):
+            for concurrency in (1, 16):
+                point = measure(
+                    gen, load, workload="-", api=api, batching=False, concurrency=concurrency, batch=1,
+                    duration=args.duration, warmup=args.warmup, server_pid=pid,
+                )  # fmt: skip
+                out.add(point)
+                _per_call_row(point)
+
+
+def _per_call_row(point: Point) -> None:
+    rate = max(point.calls_per_second, 1e-9)
+    _row(
+        point,
+        f"  | client {point.client_cores / rate * 1e6:.0f} µs CPU/call, server "
+        f"{point.server_cores / rate * 1e6:.0f} µs CPU/call",
+    )
 
 
 def run_raw(selected: list[scenarios.Workload], args: argparse.Namespace, out: Collected) -> None:
@@ -316,6 +337,8 @@ def one_run(index: int, args: argparse.Namespace, out: Collected) -> None:
             run_load(suite, args, out)  # first: nothing else is loaded or cached yet
         upload_models(suite, load_all, cache="cache" in args.only)
         with LoadGenerator(args.client_processes) as gen:
+            if "transport" in args.only:
+                run_transport(gen, args, out)
             if "overhead" in args.only:
                 run_overhead(gen, suite, args, out, server)
             if "raw" in args.only and index == 0 or "raw" in args.only and args.raw_every_run:

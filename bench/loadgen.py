@@ -34,7 +34,7 @@ SERVER_STREAM = "server-stream"  # one request, a stream of answers (PredictStre
 BIDI = "bidi"  # one long-lived stream per caller, one request in flight on it (V2 ModelStreamInfer)
 
 # A ModelStreamInferResponse whose first byte is field 1's tag carries an error_message: answered in-band.
-_IN_BAND_ERROR = b"\x0a"
+IN_BAND_ERROR = b"\x0a"
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ async def _callers(job: _Job) -> tuple[list[float], int, int, float, str]:
                         if message is grpc.aio.EOF:
                             raise RuntimeError("the server ended the stream")
                         size = len(message)
-                        if message[:1] == _IN_BAND_ERROR:
+                        if message[:1] == IN_BAND_ERROR:
                             errors += 1
                             first_error = first_error or f"in-band: {message[2:200]!r}"
                             continue

@@ -24,7 +24,10 @@ API = {
     "cache": "Predict (cache hit)",
     "cache-v2s": "V2 ModelStreamInfer (cache hit)",
     "live": "V2 ServerLive",
+    "bare": "bare grpc.aio server, unary call",
+    "bare-bidi": "bare grpc.aio server, message on an open stream",
 }
+FLOOR_APIS = ("bare", "bare-bidi", "live")
 MATRIX_APIS = ("predict", "v2", "v2s", "stream")
 
 
@@ -105,16 +108,17 @@ def render(out: Collected, *, args: argparse.Namespace, command: str, machine: d
     parts.append(_table(["", ""], rows))
 
     # the load generator's own cost
-    live = [p for key, p in points.items() if key[1] == "live"]
+    live = [p for key, p in points.items() if key[1] in FLOOR_APIS]
     if live:
-        parts.append("### Transport and load generator cost (V2 ServerLive: no model, nothing computed)\n")
+        parts.append("### Transport and load generator cost (nothing computed: a bare Python gRPC server, and V2 "
+                     "ServerLive on the inference service)\n")  # fmt: skip
         rows = []
-        for p in sorted(live, key=lambda p: p.concurrency):
+        for p in sorted(live, key=lambda p: (FLOOR_APIS.index(p.api), p.concurrency)):
             rate = max(p.calls_per_second, 1e-9)
-            rows.append([str(p.concurrency), _fmt(p.calls_per_second), ms(p.p50), ms(p.p99),
+            rows.append([API[p.api], str(p.concurrency), _fmt(p.calls_per_second), ms(p.p50), ms(p.p99),
                          f"{p.client_cores / rate * 1e6:.0f}", f"{p.server_cores / rate * 1e6:.0f}",
                          f"{p.client_cores:.2f}", f"{p.server_cores:.2f}", f"{p.other_cores:.2f}"])  # fmt: skip
-        parts.append(_table(["c", "calls/s", "p50 ms", "p99 ms", "client µs CPU/call", "server µs CPU/call",
+        parts.append(_table(["what", "c", "calls/s", "p50 ms", "p99 ms", "client µs CPU/call", "server µs CPU/call",
                              "client cores", "server cores", "other cores"], rows))  # fmt: skip
 
     # raw ONNX Runtime
