@@ -10,6 +10,9 @@ A request leaves the queue without running when its deadline passes (QueueTimeou
 Without merging, a version whose runs take only microseconds (an average under `inline_below`) runs on the
 event loop: the hop to a compute thread and back costs several times more than such a run. Every run is timed,
 so a version that turns slow goes back to the threads at once.
+
+Durations (time queued, compute, the batching delay) are measured with time.perf_counter: an event loop's own
+clock may tick in whole milliseconds (uvloop's does). Deadlines stay in loop time, where the loop's timers are.
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ class _Pending:
     rows: int | None  # None: the inputs disagree on dimension 0 (or are scalars): the request always runs alone
     key: Hashable
     level: int
-    enqueued: float
+    enqueued: float  # time.perf_counter()
     future: asyncio.Future[BatchResult]
     timer: asyncio.TimerHandle | None = None
     queued: bool = True
@@ -168,14 +171,14 @@ class Batcher:
         if self._queues.size == 0 and self._runs_inline():
             # Nobody waits ahead of it and the run takes microseconds: run it now, in the caller's task, instead of
             # handing it to the scheduler task and back.
-            return self._run_now(feeds, now)
+            return self._run_now(feeds)
         future: asyncio.Future[BatchResult] = loop.create_future()
         pending = _Pending(
             feeds=feeds,
             rows=batch_rows(feeds),
             key=batch_key(feeds) if self._merging else None,
             level=self.level_of(priority),
-            enqueued=now,
+            enqueued=time.perf_counter(),
             future=future,
         )
         self._queues.levels[pending.level].append(pending)
@@ -204,7 +207,7 @@ class Batcher:
     def _expire(self, pending: _Pending) -> None:
         if pending.queued and not pending.future.done():
             self._remove(pending)
-            waited = asyncio.get_running_loop().time() - pending.enqueued
+            waited = time.perf_counter() - pending.enqueued
             pending.future.set_exception(QueueTimeout(self.model, self.version, waited))
 
     def _abandon(self, pending: _Pending, future: asyncio.Future[BatchResult]) -> None:
@@ -253,7 +256,6 @@ class Batcher:
             task.add_done_callback(self._running.discard)
 
     async def _next_batch(self) -> list[_Pending]:
-        loop = asyncio.get_running_loop()
         while True:
             while self._queues.size == 0:
                 self._arrived.clear()
@@ -263,7 +265,7 @@ class Batcher:
                 self._take([head])
                 return [head]
             batch, rows = self._collect(head)
-            remaining = head.enqueued + self._delay - loop.time()
+            remaining = head.enqueued + self._delay - time.perf_counter()
             if rows >= self.config.max_batch_size or rows in self._preferred or remaining <= 0:
                 self._take(batch)
                 return batch
@@ -282,25 +284,26 @@ class Batcher:
             self._queues.size -= 1
             self._dequeued(pending)
 
-    def _timed(self, feeds: Sequence[Feeds]) -> list[Outcome]:
-        """execute, timed for the moving average (on a compute thread or inline). The thread's CPU time leaves
-        out waits for the GIL, which on a busy loop would make a 10 us run look slow."""
-        started = time.thread_time()
+    def _timed(self, feeds: Sequence[Feeds], clock: Callable[[], float] = time.thread_time) -> list[Outcome]:
+        """execute, timed for the moving average. On a compute thread the clock is the thread's CPU time, which
+        leaves out waits for the GIL (on a busy loop they would make a 10 us run look slow); on the loop, which
+        holds the GIL throughout, the cheaper wall clock serves."""
+        started = clock()
         try:
             return self._execute_fn(feeds)
         finally:
-            took = time.thread_time() - started
+            took = clock() - started
             average = self._run_seconds
             self._run_seconds = took if average is None else average + _RUN_WEIGHT * (took - average)
 
-    def _run_now(self, feeds: Feeds, now: float) -> BatchResult:
+    def _run_now(self, feeds: Feeds) -> BatchResult:
         """One request run on the loop, never queued: its outcome goes straight back to the caller."""
-        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
         try:
-            (outcome,) = self._timed([feeds])
+            (outcome,) = self._timed([feeds], time.perf_counter)
         except Exception as exc:
             outcome = exc
-        compute, rows = loop.time() - now, batch_rows(feeds) or 1
+        compute, rows = time.perf_counter() - started, batch_rows(feeds) or 1
         if self._on_execution is not None:
             self._on_execution(rows, 1, compute)
         if isinstance(outcome, BaseException):
@@ -308,17 +311,16 @@ class Batcher:
         return BatchResult(outcome, 0.0, compute, rows)
 
     def _run_inline(self, batch: list[_Pending]) -> None:
-        loop = asyncio.get_running_loop()
         try:
             live = [pending for pending in batch if not pending.future.done()]
             if not live:
                 return
-            started = loop.time()
+            started = time.perf_counter()
             try:
-                outcomes = self._timed([p.feeds for p in live])
+                outcomes = self._timed([p.feeds for p in live], time.perf_counter)
             except Exception as exc:
                 outcomes = [exc] * len(live)
-            self._settle(live, outcomes, started, loop.time() - started)
+            self._settle(live, outcomes, started, time.perf_counter() - started)
         finally:
             self._slots.release()
 
@@ -328,12 +330,12 @@ class Batcher:
             live = [pending for pending in batch if not pending.future.done()]
             if not live:
                 return
-            started = loop.time()
+            started = time.perf_counter()
             try:
                 outcomes = await loop.run_in_executor(self._executor, self._timed, [p.feeds for p in live])
             except Exception as exc:  # the executor itself failed; every request of the batch shares the error
                 outcomes = [exc] * len(live)
-            self._settle(live, outcomes, started, loop.time() - started)
+            self._settle(live, outcomes, started, time.perf_counter() - started)
         finally:
             self._slots.release()
 

@@ -310,3 +310,62 @@ async def test_a_tiny_run_that_fails_raises_in_the_callers_task(pool):
                 await batcher.submit(feeds(value))
     finally:
         await batcher.aclose()
+
+
+def _spin(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def _whole_milliseconds(values: Sequence[float]) -> bool:
+    return all(abs(v * 1000 - round(v * 1000)) < 1e-9 for v in values)
+
+
+@pytest.mark.parametrize("inline", [False, True], ids=["threads", "loop"])
+def test_timings_are_precise_on_uvloop_whose_clock_ticks_in_milliseconds(inline):
+    uvloop = pytest.importorskip("uvloop")
+
+    def execute(batch: Sequence[Feeds]) -> list[Outcome]:
+        _spin(0.0015)
+        return [{"y": item["x"]} for item in batch]
+
+    async def main() -> list[float]:
+        assert _whole_milliseconds([asyncio.get_running_loop().time()])  # what makes the loop's clock unfit
+        with ThreadPoolExecutor(1) as executor:
+            batcher = Batcher(
+                model="m",
+                version=1,
+                config=BatchingConfig(max_batch_size=0),
+                mergeable=True,
+                execute=execute,
+                executor=executor,
+                inline_below=1.0 if inline else 0.0,
+            )
+            batcher.start()
+            try:
+                await batcher.submit(feeds(0.0))  # the first run is measured: later ones may run on the loop
+                return [(await batcher.submit(feeds(float(i)))).compute_seconds for i in range(5)]
+            finally:
+                await batcher.aclose()
+
+    computes = asyncio.Runner(loop_factory=uvloop.new_event_loop).run(main())
+    assert all(c >= 0.0015 for c in computes), computes
+    assert not _whole_milliseconds(computes), computes
+
+
+def test_a_lone_request_waits_the_whole_sub_millisecond_batching_delay_on_uvloop():
+    uvloop = pytest.importorskip("uvloop")
+
+    async def main() -> list[float]:
+        with ThreadPoolExecutor(1) as executor:
+            batcher = make(executor, Recorder(), max_batch_size=8, max_queue_delay_us=600)
+            batcher._execute_fn.gate.set()  # type: ignore[attr-defined]
+            try:
+                return [(await batcher.submit(feeds(float(i)))).queue_seconds for i in range(5)]
+            finally:
+                await batcher.aclose()
+
+    waits = asyncio.Runner(loop_factory=uvloop.new_event_loop).run(main())
+    assert all(w >= 0.0006 for w in waits), waits
+    assert not _whole_milliseconds(waits), waits
