@@ -383,7 +383,12 @@ def _raw_view(array: np.ndarray[Any, Any], datatype: str) -> bytes | memoryview:
         return encode_bytes(array)
     if array.dtype.byteorder == ">":
         array = array.astype(array.dtype.newbyteorder("<"))
+    if array.nbytes <= _COPY_UP_TO:
+        return array.tobytes(order="C")
     return np.ascontiguousarray(array).reshape(-1).view(np.uint8).data  # also for empty arrays
+
+
+_COPY_UP_TO = 4096  # a copy of a small output costs less than the view of it (about 0.1 against 0.9 us)
 
 
 def infer_response_parts(
