@@ -92,7 +92,11 @@ async def build(settings: InferenceSettings, stack: AsyncExitStack) -> app.Serve
                 OIP_SERVICE,
                 # The generated stub marks every OIP method abstract; at run time the base class answers the ones
                 # ModelForge leaves out (shared memory, tracing, logging) with UNIMPLEMENTED.
-                OipServicer(engine, ready=lambda: bool(holder) and holder[0].serving),  # type: ignore[abstract]
+                OipServicer(  # type: ignore[abstract]
+                    engine,
+                    ready=lambda: bool(holder) and holder[0].serving,
+                    stream_max_in_flight=settings.stream_max_in_flight,
+                ),
                 add_oip_servicer_to_server,
             ),
         ],

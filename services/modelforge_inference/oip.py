@@ -60,9 +60,14 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     server's health, e.g. ``lambda: server.serving``).
     """
 
-    def __init__(self, engine: InferenceEngine, *, ready: Callable[[], bool] = lambda: True) -> None:
+    def __init__(
+        self, engine: InferenceEngine, *, ready: Callable[[], bool] = lambda: True, stream_max_in_flight: int = 256
+    ) -> None:
+        if stream_max_in_flight < 1:
+            raise ValueError(f"stream_max_in_flight must be at least 1, not {stream_max_in_flight}")
         self._engine = engine
         self._ready = ready
+        self._stream_max_in_flight = stream_max_in_flight
         self._metadata = pb.ServerMetadataResponse(
             name=SERVER_NAME, version=_server_version(), extensions=convert.EXTENSIONS
         )
@@ -111,9 +116,11 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse | bytes]:
         # Requests run concurrently, so that a client streaming many of them fills the batcher; responses go
-        # out as they complete and clients match them by `id`. A failed request is answered in-band.
+        # out as they complete and clients match them by `id`. A failed request is answered in-band. At most
+        # stream_max_in_flight requests run or wait to be sent; past that the stream stops reading.
         done: asyncio.Queue[pb.ModelStreamInferResponse | bytes | None] = asyncio.Queue()
         running: set[asyncio.Task[pb.ModelStreamInferResponse | bytes]] = set()
+        room = asyncio.Semaphore(self._stream_max_in_flight)
 
         def answered(task: asyncio.Task[pb.ModelStreamInferResponse | bytes]) -> None:
             running.discard(task)
@@ -123,6 +130,7 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         async def read() -> None:
             try:
                 async for request in request_iterator:
+                    await room.acquire()
                     task = asyncio.create_task(self._stream_answer(request, context))
                     running.add(task)
                     task.add_done_callback(answered)
@@ -135,6 +143,7 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         try:
             while (response := await done.get()) is not None:
                 yield response
+                room.release()  # sent: its place goes to the next request
             await reader  # surfaces a broken request stream
         finally:
             for task in (reader, *running):

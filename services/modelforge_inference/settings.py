@@ -26,6 +26,9 @@ class InferenceSettings(ServerSettings):
     memory_budget_bytes: int = 8 * GiB
     # Requests whose inputs add up to more bytes are refused with INVALID_ARGUMENT.
     max_request_bytes: int = 64 * MiB
+    # Requests of one V2 ModelStreamInfer stream running or waiting to be sent at once; past it the stream reads
+    # no more until answers leave, and HTTP/2 flow control holds the client back.
+    stream_max_in_flight: int = 256
     # The local cache of model files, keyed by sha256; None means data_dir/models.
     model_dir: Path | None = None
     model_cache_bytes: int = 20 * GiB

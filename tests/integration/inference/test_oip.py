@@ -335,6 +335,37 @@ async def test_stream_keeps_going_after_a_bad_input(v2: V2, mlp: ModelFile) -> N
     assert answers["good"].error_message == ""
 
 
+async def test_a_stream_holds_at_most_stream_max_in_flight_requests(start_inference: Any, mlp: ModelFile) -> None:
+    # Batching with a long delay merges whatever is queued: with room for two requests, no batch holds more.
+    batching = {"modelforge.io/max-batch-size": "8", "modelforge.io/max-queue-delay-us": "50000"}
+    async with start_inference(stream_max_in_flight=2) as running:
+        v2 = V2(running)
+        await v2.publish("mlp", mlp, **batching)
+        sent = [infer_request("mlp", mlp.sample(1, seed=i), id=str(i)) for i in range(8)]
+
+        async def requests() -> AsyncIterator[pb.ModelInferRequest]:
+            for request in sent:  # all at once: the server, not the client, holds them back
+                yield request
+
+        answers = [answer async for answer in v2.stub.ModelStreamInfer(requests())]
+        assert sorted(a.infer_response.id for a in answers) == sorted(r.id for r in sent)
+        for answer in answers:
+            assert answer.error_message == ""
+            expected = run_onnxruntime(mlp, mlp.sample(1, seed=int(answer.infer_response.id)))["output"]
+            np.testing.assert_allclose(outputs_of(answer.infer_response)["output"], expected, rtol=1e-6)
+        (stats,) = (await v2.stub.ModelStatistics(pb.ModelStatisticsRequest(name="mlp"))).model_stats
+        assert stats.inference_count == 8
+        assert stats.batch_stats and max(b.batch_size for b in stats.batch_stats) <= 2
+        assert stats.execution_count >= 4
+
+
+def test_stream_max_in_flight_must_be_positive() -> None:
+    from modelforge_inference.oip import OipServicer
+
+    with pytest.raises(ValueError, match="stream_max_in_flight must be at least 1"):
+        OipServicer(None, stream_max_in_flight=0)  # type: ignore[abstract, arg-type]
+
+
 # --- repository and statistics ---------------------------------------------------------------------------------
 
 
