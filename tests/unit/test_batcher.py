@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import pytest
@@ -59,6 +60,23 @@ def make(pool: ThreadPoolExecutor, recorder: Recorder, **config: object) -> Batc
 
 def feeds(value: float, rows: int = 1, width: int = 2) -> Feeds:
     return {"x": np.full((rows, width), value, dtype=np.float32)}
+
+
+def unbatched(
+    executor: ThreadPoolExecutor, execute: Callable[[Sequence[Feeds]], list[Outcome]], **options: Any
+) -> Batcher:
+    """A started batcher that never merges (max_batch_size 0), running tiny runs on the loop unless told otherwise."""
+    batcher = Batcher(
+        model="m",
+        version=1,
+        config=BatchingConfig(max_batch_size=0),
+        mergeable=True,
+        execute=execute,
+        executor=executor,
+        **{"inline_below": 0.01, **options},
+    )
+    batcher.start()
+    return batcher
 
 
 async def wait_started(recorder: Recorder) -> None:
@@ -235,16 +253,7 @@ async def test_tiny_unbatched_runs_move_onto_the_loop_and_slow_ones_back_to_thre
             pass
         return [{"y": item["x"]} for item in batch]
 
-    batcher = Batcher(
-        model="m",
-        version=1,
-        config=BatchingConfig(max_batch_size=0),
-        mergeable=True,
-        execute=execute,
-        executor=pool,
-        inline_below=0.01,
-    )
-    batcher.start()
+    batcher = unbatched(pool, execute)
     try:
         loop_thread = threading.get_ident()
         await batcher.submit(feeds(1.0))  # unmeasured: a compute thread
@@ -267,17 +276,7 @@ async def test_a_tiny_run_with_nobody_queued_runs_in_the_callers_task(pool):
         return [{"y": item["x"] * 2} for item in batch]
 
     executions: list[tuple[int, int]] = []
-    batcher = Batcher(
-        model="m",
-        version=1,
-        config=BatchingConfig(max_batch_size=0),
-        mergeable=True,
-        execute=execute,
-        executor=pool,
-        inline_below=0.01,
-        on_execution=lambda rows, requests, seconds: executions.append((rows, requests)),
-    )
-    batcher.start()
+    batcher = unbatched(pool, execute, on_execution=lambda rows, requests, seconds: executions.append((rows, requests)))
     try:
         await batcher.submit(feeds(1.0))  # unmeasured: a compute thread
         result = await batcher.submit(feeds(3.0, rows=2))
@@ -294,16 +293,7 @@ async def test_a_tiny_run_that_fails_raises_in_the_callers_task(pool):
     def execute(batch: Sequence[Feeds]) -> list[Outcome]:
         return [ValueError(f"bad {float(item['x'][0, 0])}") for item in batch]
 
-    batcher = Batcher(
-        model="m",
-        version=1,
-        config=BatchingConfig(max_batch_size=0),
-        mergeable=True,
-        execute=execute,
-        executor=pool,
-        inline_below=0.01,
-    )
-    batcher.start()
+    batcher = unbatched(pool, execute)
     try:
         for value in (1.0, 2.0):  # the first on a thread, the second on the loop
             with pytest.raises(ValueError, match=f"bad {value}"):
@@ -333,16 +323,7 @@ def test_timings_are_precise_on_uvloop_whose_clock_ticks_in_milliseconds(inline)
     async def main() -> list[float]:
         assert _whole_milliseconds([asyncio.get_running_loop().time()])  # what makes the loop's clock unfit
         with ThreadPoolExecutor(1) as executor:
-            batcher = Batcher(
-                model="m",
-                version=1,
-                config=BatchingConfig(max_batch_size=0),
-                mergeable=True,
-                execute=execute,
-                executor=executor,
-                inline_below=1.0 if inline else 0.0,
-            )
-            batcher.start()
+            batcher = unbatched(executor, execute, inline_below=1.0 if inline else 0.0)
             try:
                 await batcher.submit(feeds(0.0))  # the first run is measured: later ones may run on the loop
                 return [(await batcher.submit(feeds(float(i)))).compute_seconds for i in range(5)]
