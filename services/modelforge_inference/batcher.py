@@ -296,14 +296,19 @@ class Batcher:
             average = self._run_seconds
             self._run_seconds = took if average is None else average + _RUN_WEIGHT * (took - average)
 
-    def _run_now(self, feeds: Feeds) -> BatchResult:
-        """One request run on the loop, never queued: its outcome goes straight back to the caller."""
+    def _on_loop(self, feeds: list[Feeds]) -> tuple[list[Outcome], float, float]:
+        """Runs a batch on the event loop: one outcome per request, when it started and how long it took."""
         started = time.perf_counter()
         try:
-            (outcome,) = self._timed([feeds], time.perf_counter)
+            outcomes = self._timed(feeds, time.perf_counter)
         except Exception as exc:
-            outcome = exc
-        compute, rows = time.perf_counter() - started, batch_rows(feeds) or 1
+            outcomes = [exc] * len(feeds)
+        return outcomes, started, time.perf_counter() - started
+
+    def _run_now(self, feeds: Feeds) -> BatchResult:
+        """One request run on the loop, never queued: its outcome goes straight back to the caller."""
+        (outcome,), _, compute = self._on_loop([feeds])
+        rows = batch_rows(feeds) or 1
         if self._on_execution is not None:
             self._on_execution(rows, 1, compute)
         if isinstance(outcome, BaseException):
@@ -313,14 +318,8 @@ class Batcher:
     def _run_inline(self, batch: list[_Pending]) -> None:
         try:
             live = [pending for pending in batch if not pending.future.done()]
-            if not live:
-                return
-            started = time.perf_counter()
-            try:
-                outcomes = self._timed([p.feeds for p in live], time.perf_counter)
-            except Exception as exc:
-                outcomes = [exc] * len(live)
-            self._settle(live, outcomes, started, time.perf_counter() - started)
+            if live:
+                self._settle(live, *self._on_loop([p.feeds for p in live]))
         finally:
             self._slots.release()
 
