@@ -103,8 +103,9 @@ def _load(suite: Suite, api: str, model: str, inputs: dict[str, np.ndarray]) -> 
         return Load(suite.inference, scenarios.PREDICT, scenarios.predict_request(model, inputs))
     if api == "v2":
         return Load(suite.inference, scenarios.MODEL_INFER, scenarios.model_infer_request(model, inputs))
-    if api == "stream":
-        return Load(suite.inference, scenarios.PREDICT_STREAM, scenarios.stream_request(model, inputs), SERVER_STREAM)
+    if api in ("stream", "stream-nosha"):
+        request = scenarios.stream_request(model, inputs, sha256=api == "stream")
+        return Load(suite.inference, scenarios.PREDICT_STREAM, request, SERVER_STREAM)
     if api == "v2s":
         return Load(suite.inference, scenarios.MODEL_STREAM_INFER, scenarios.model_infer_request(model, inputs), BIDI)
     raise ValueError(api)
@@ -202,15 +203,17 @@ def run_matrix(
 
 def run_stream(gen: LoadGenerator, suite: Suite, args: argparse.Namespace, out: Collected, server: int | None) -> None:
     workload = next(w for w in scenarios.workloads() if w.key == "gen")
-    _say("PredictStream of batch-8 requests on the image generator (24 MiB of output per call)")
-    load = _load(suite, "stream", _model_name("gen", False), workload.batch(8))
-    for concurrency in (1, 2, 4):
-        point = measure(
-            gen, load, workload="gen", api="stream", batching=False, concurrency=concurrency, batch=8,
-            duration=args.duration, warmup=args.warmup, server_pid=server,
-        )  # fmt: skip
-        out.add(point)
-        _row(point)
+    _say("PredictStream of batch-8 requests on the image generator (24 MiB of output per call), with and without")
+    _say("the trailer's sha256 per output (skip_sha256)")
+    for api in ("stream", "stream-nosha"):
+        load = _load(suite, api, _model_name("gen", False), workload.batch(8))
+        for concurrency in (1, 2, 4):
+            point = measure(
+                gen, load, workload="gen", api=api, batching=False, concurrency=concurrency, batch=8,
+                duration=args.duration, warmup=args.warmup, server_pid=server,
+            )  # fmt: skip
+            out.add(point)
+            _row(point)
 
 
 def run_cache(gen: LoadGenerator, suite: Suite, args: argparse.Namespace, out: Collected, server: int | None) -> None:

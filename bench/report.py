@@ -21,6 +21,7 @@ API = {
     "v2": "V2 ModelInfer",
     "v2s": "V2 ModelStreamInfer",
     "stream": "PredictStream",
+    "stream-nosha": "PredictStream, skip_sha256",
     "cache": "Predict (cache hit)",
     "cache-v2s": "V2 ModelStreamInfer (cache hit)",
     "live": "V2 ServerLive",
@@ -29,6 +30,7 @@ API = {
 }
 FLOOR_APIS = ("bare", "bare-bidi", "live")
 MATRIX_APIS = ("predict", "v2", "v2s", "stream")
+STREAM_APIS = ("stream", "stream-nosha")
 
 
 def _fmt(value: float, digits: int = 0) -> str:
@@ -158,14 +160,16 @@ def render(out: Collected, *, args: argparse.Namespace, command: str, machine: d
         parts.append(_table(["API", "batching", "c", "items/s", "p50 ms", "p99 ms", "÷ raw b1", "÷ raw best",
                              "cores server / client / other", "server µs CPU/call", "errors"], rows))  # fmt: skip
 
-    stream = sorted((p for k, p in points.items() if k[1] == "stream" and k[4] == 8), key=lambda p: p.concurrency)
+    stream = sorted((p for k, p in points.items() if k[1] in STREAM_APIS and k[4] == 8),
+                    key=lambda p: (STREAM_APIS.index(p.api), p.concurrency))  # fmt: skip
     if stream:
         parts.append("### PredictStream, batch-8 requests on the image generator (25.2 MB of output per call)\n")
-        rows = [[str(p.concurrency), _fmt(p.mb_per_second), _fmt(p.items_per_second), ms(p.p50), ms(p.p99),
-                 f"{p.server_cores:.2f} / {p.client_cores:.2f} / {p.other_cores:.2f}", str(p.errors)]
+        parts.append("The trailer carries a sha256 per output unless the request sets `skip_sha256`.\n")
+        rows = [[API[p.api], str(p.concurrency), _fmt(p.mb_per_second), _fmt(p.items_per_second), ms(p.p50),
+                 ms(p.p99), f"{p.server_cores:.2f} / {p.client_cores:.2f} / {p.other_cores:.2f}", str(p.errors)]
                 for p in stream]  # fmt: skip
-        parts.append(_table(["c", "MB/s (10^6 B)", "items/s", "p50 ms", "p99 ms", "cores server / client / other",
-                             "errors"], rows))  # fmt: skip
+        parts.append(_table(["API", "c", "MB/s (10^6 B)", "items/s", "p50 ms", "p99 ms",
+                             "cores server / client / other", "errors"], rows))  # fmt: skip
 
     cache = sorted((p for k, p in points.items() if k[1].startswith("cache")), key=lambda p: (p.api, p.concurrency))
     if cache:
@@ -236,10 +240,11 @@ def targets(
         best = max(cands, key=lambda p: p.items_per_second, default=None)
         _target(rows, f"Image generator {API[api]} batch-1 (best c), ÷ raw batch-1 items/s",
                 best.items_per_second / raw_gen * 100 if best and raw_gen else None, 50, "%", True)  # fmt: skip
-    stream = [p for k, p in points.items() if k[1] == "stream" and k[4] == 8]
-    best_stream = max(stream, key=lambda p: p.mb_per_second, default=None)
-    _target(rows, "PredictStream batch-8 (best c)", best_stream.mb_per_second / 1e3 if best_stream else None,
-            1.0, "GB/s", True)  # fmt: skip
+    for api in STREAM_APIS:
+        stream = [p for k, p in points.items() if k[1] == api and k[4] == 8]
+        best_stream = max(stream, key=lambda p: p.mb_per_second, default=None)
+        _target(rows, f"{API[api]} batch-8 (best c)", best_stream.mb_per_second / 1e3 if best_stream else None,
+                1.0, "GB/s", True)  # fmt: skip
     for api in ("cache", "cache-v2s"):
         hit = _get(points, "mlp", api, False, 1, 1)
         _target(rows, f"{API[api]} p50 (c=1)", hit.p50 * 1e3 if hit else None, 0.5, "ms", False)

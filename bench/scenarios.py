@@ -100,11 +100,12 @@ def predict_request(model: str, inputs: dict[str, np.ndarray], *, cache: bool = 
     return request.SerializeToString()
 
 
-def stream_request(model: str, inputs: dict[str, np.ndarray]) -> bytes:
+def stream_request(model: str, inputs: dict[str, np.ndarray], *, sha256: bool = True) -> bytes:
     request = inference_pb2.PredictStreamRequest(
         ref=registry_pb2.ModelRef(name=model),
         inputs=[tensors.to_tensor(value, name=name) for name, value in inputs.items()],
         cache_mode=inference_pb2.CACHE_MODE_BYPASS,
+        skip_sha256=not sha256,
     )
     return request.SerializeToString()
 

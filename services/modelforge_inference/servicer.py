@@ -55,6 +55,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     ) -> AsyncIterator[pb.PredictStreamResponse | bytes]:
         prediction = await self._predict(request, context)
         yield convert.stream_header(prediction)
+        hashed = not request.skip_sha256
         digests: dict[str, str] = {}
         hashing: dict[str, asyncio.Future[str]] = {}
         try:
@@ -62,14 +63,15 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 # Each yield waits for the transport (flow control); a cancelled call stops here.
                 if tensors.from_numpy_dtype(array.dtype) == tensor_pb2.DATA_TYPE_STRING:
                     elements = convert.string_elements(array)
-                    digests[name] = convert.string_digest(elements)
+                    if hashed:
+                        digests[name] = convert.string_digest(elements)
                     for message in convert.string_chunks(name, elements, self._chunk_bytes):
                         yield message
                     continue
                 view = convert.raw_view(array)
-                if len(view) >= _HASH_OFF_LOOP_BYTES:  # hashlib releases the GIL: hash while streaming
+                if hashed and len(view) >= _HASH_OFF_LOOP_BYTES:  # hashlib releases the GIL: hash while streaming
                     hashing[name] = asyncio.ensure_future(asyncio.to_thread(_sha256, view))
-                else:
+                elif hashed:
                     digests[name] = _sha256(view)
                 for chunk in convert.raw_chunks(name, view, self._chunk_bytes):
                     yield chunk
@@ -78,7 +80,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         finally:
             for future in hashing.values():
                 future.cancel()
-        ordered = {name: digests[name] for name in prediction.outputs}
+        ordered = {name: digests[name] for name in prediction.outputs if name in digests}
         yield convert.stream_trailer(prediction.timings, ordered)
 
     async def LoadModel(self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext) -> pb.LoadModelResponse:

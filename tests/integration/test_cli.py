@@ -142,11 +142,17 @@ async def test_predict_load_stats_and_jobs(
     np.testing.assert_array_equal(np.load(tmp_path / "out" / "y.npy"), x + 1)
     streamed = await cli("predict", "demo", "--input", f"x={tmp_path / 'x.npy'}", "--stream", *addresses)
     assert streamed.code == 0 and "y: float32[3, 4]" in streamed.out
+    unhashed = await cli("predict", "demo", "--input", f"x={tmp_path / 'x.npy'}", "--stream", "--no-sha256",
+                         "--out", str(tmp_path / "unhashed"), *addresses)  # fmt: skip
+    assert unhashed.code == 0, unhashed.err
+    np.testing.assert_array_equal(np.load(tmp_path / "unhashed" / "y.npy"), x + 1)
+    misused = await cli("predict", "demo", "--input", f"x={tmp_path / 'x.npy'}", "--no-sha256", *addresses)
+    assert misused.code == 2 and "--no-sha256 applies to --stream only" in misused.err
 
     loaded = await cli("models", "load", "demo:1", *addresses)
     assert loaded.code == 0 and loaded.out.startswith("loaded demo:1 (READY")
     stats = await cli("stats", "demo", "--json", *addresses)
-    assert json.loads(stats.out)["models"][0]["request_count"] == 2
+    assert json.loads(stats.out)["models"][0]["request_count"] == 3
     assert (await cli("models", "unload", "demo", *addresses)).out.strip() == "unloaded demo:1"
     bad = await cli("predict", "demo", "--input", f"wrong={tmp_path / 'x.npy'}", *addresses)
     assert bad.code == 1 and bad.err.count("\n") == 1

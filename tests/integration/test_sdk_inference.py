@@ -72,6 +72,9 @@ async def test_predict_stream_reassembles_large_outputs_with_progress(
     total = sum(a.nbytes for a in expected.values())
     assert seen[0] == (0, total) and seen[-1] == (total, total)
     assert len(seen) > 2  # several chunks, each reported
+    unverified = await client.predict_stream("painter", feeds, verify=False)
+    for name, array in expected.items():
+        np.testing.assert_array_equal(unverified.outputs[name], array)
 
 
 async def test_load_list_statistics_and_unload(

@@ -182,7 +182,9 @@ def test_download_check_refuses_a_corrupt_or_short_stream(kwargs: dict[str, obje
         check.finish()
 
 
-def _stream(array: np.ndarray, chunk: int, *, digest: str | None = None) -> list[inference_pb2.PredictStreamResponse]:
+def _stream(
+    array: np.ndarray, chunk: int, *, digest: str | None = None, hashed: bool = True
+) -> list[inference_pb2.PredictStreamResponse]:
     raw = array.tobytes()
     header = inference_pb2.PredictStreamHeader(
         model="gen",
@@ -199,7 +201,8 @@ def _stream(array: np.ndarray, chunk: int, *, digest: str | None = None) -> list
         )
         for i in range(0, len(raw), chunk)
     ]
-    trailer = inference_pb2.PredictStreamTrailer(sha256={"image": digest or hashlib.sha256(raw).hexdigest()})
+    digests = {"image": digest or hashlib.sha256(raw).hexdigest()} if hashed else {}
+    trailer = inference_pb2.PredictStreamTrailer(sha256=digests)
     return [
         inference_pb2.PredictStreamResponse(header=header),
         *chunks,
@@ -231,6 +234,36 @@ def test_stream_assembler_refuses_a_bad_checksum_or_an_early_end() -> None:
         early.accept(message)
     with pytest.raises(modelforge.IntegrityError, match="ended early"):
         early.finish()
+
+
+def test_a_verifying_assembler_refuses_an_output_the_trailer_has_no_sha256_for() -> None:
+    array = np.arange(6, dtype=np.float32)
+    verifying = _convert.StreamAssembler()
+    for message in _stream(array, 8, hashed=False):
+        verifying.accept(message)
+    with pytest.raises(modelforge.IntegrityError, match="no sha256"):
+        verifying.finish()
+
+
+def test_without_verify_the_request_skips_sha256_and_the_assembler_checks_only_sizes() -> None:
+    array = np.arange(6, dtype=np.float32)
+    request = _convert.predict_stream_request(
+        "gen", {"x": array}, outputs=None, priority=0, queue_timeout=None, cache=None, verify=False
+    )
+    assert request.skip_sha256
+    unverified = _convert.StreamAssembler(verify=False)
+    for message in _stream(array, 8, hashed=False):
+        unverified.accept(message)
+    np.testing.assert_array_equal(unverified.finish().outputs["image"], array)
+    short = _convert.StreamAssembler(verify=False)
+    for message in _stream(array, 8, hashed=False)[:-2] + _stream(array, 8, hashed=False)[-1:]:
+        short.accept(message)  # the last chunk is missing
+    with pytest.raises(modelforge.IntegrityError, match="received 16 of 24"):
+        short.finish()
+    default = _convert.predict_stream_request(
+        "gen", {"x": array}, outputs=None, priority=0, queue_timeout=None, cache=None
+    )
+    assert not default.skip_sha256
 
 
 def test_predict_request_encodes_inputs_as_raw_bytes() -> None:

@@ -397,10 +397,10 @@ def predict_request(ref: str | ModelRef, inputs: Mapping[str, Any], **options: A
 
 
 def predict_stream_request(
-    ref: str | ModelRef, inputs: Mapping[str, Any], **options: Any
+    ref: str | ModelRef, inputs: Mapping[str, Any], *, verify: bool = True, **options: Any
 ) -> inference_pb2.PredictStreamRequest:
-    """A PredictStream request; same arguments as :func:`predict_request`."""
-    return inference_pb2.PredictStreamRequest(**_inference_fields(ref, inputs, **options))
+    """A PredictStream request; the arguments of :func:`predict_request`, and whether the server hashes the outputs."""
+    return inference_pb2.PredictStreamRequest(**_inference_fields(ref, inputs, **options), skip_sha256=not verify)
 
 
 def timings(message: inference_pb2.Timings) -> Timings:
@@ -436,10 +436,13 @@ class StreamAssembler:
 
     Numeric outputs are written into one preallocated buffer each, so memory stays at the size of the outputs.
     Progress counts the bytes received over the bytes announced in the header (STRING outputs count elements).
+    With ``verify`` (for requests that did not set skip_sha256) every output must match the trailer's sha256;
+    without it, only the sizes and order of the chunks are checked.
     """
 
-    def __init__(self, progress: Progress | None = None) -> None:
+    def __init__(self, progress: Progress | None = None, *, verify: bool = True) -> None:
         self._progress = progress
+        self._verify = verify
         self._header: inference_pb2.PredictStreamHeader | None = None
         self._outputs: dict[str, _Output] = {}
         self._trailer: inference_pb2.PredictStreamTrailer | None = None
@@ -500,11 +503,14 @@ class StreamAssembler:
         for name, out in self._outputs.items():
             if out.filled != out.spec.byte_size:
                 raise IntegrityError(f"output {name!r}: received {out.filled} of {out.spec.byte_size} announced")
-            array, digest = _finish_output(out)
-            expected = self._trailer.sha256.get(name)
-            if expected and expected != digest:
-                raise IntegrityError(f"output {name!r}: sha256 {digest} differs from the server's {expected}")
-            result[name] = array
+            if self._verify:
+                expected = self._trailer.sha256.get(name)
+                if not expected:
+                    raise IntegrityError(f"output {name!r}: the stream's trailer carries no sha256 to check it against")
+                digest = _output_digest(out)
+                if digest != expected:
+                    raise IntegrityError(f"output {name!r}: sha256 {digest} differs from the server's {expected}")
+            result[name] = _output_array(out)
         header = self._header
         return Prediction(
             outputs=result,
@@ -516,19 +522,24 @@ class StreamAssembler:
         )
 
 
-def _finish_output(out: _Output) -> tuple[np.ndarray[Any, Any], str]:
+def _output_digest(out: _Output) -> str:
+    """The sha256 the server sends for this output: of its raw bytes, or of its length-prefixed STRING elements."""
+    if not isinstance(out.buffer, list):
+        return hashlib.sha256(out.buffer).hexdigest()
+    digest = hashlib.sha256()
+    for item in out.buffer:
+        digest.update(len(item).to_bytes(4, "little"))
+        digest.update(item)
+    return digest.hexdigest()
+
+
+def _output_array(out: _Output) -> np.ndarray[Any, Any]:
     shape = tuple(out.spec.shape)
     if isinstance(out.buffer, list):
-        digest = hashlib.sha256()
-        for item in out.buffer:
-            digest.update(len(item).to_bytes(4, "little"))
-            digest.update(item)
         array = np.empty(len(out.buffer), dtype=object)
         array[:] = out.buffer
-        return array.reshape(shape), digest.hexdigest()
-    dtype = tensors.to_numpy_dtype(out.spec.dtype)
-    array = np.frombuffer(out.buffer, dtype=dtype).reshape(shape)
-    return array, hashlib.sha256(out.buffer).hexdigest()
+        return array.reshape(shape)
+    return np.frombuffer(out.buffer, dtype=tensors.to_numpy_dtype(out.spec.dtype)).reshape(shape)
 
 
 _LOADED_STATES = {

@@ -132,6 +132,7 @@ class InferenceClient(ChannelClient):
         queue_timeout: float | None = None,
         cache: str | None = None,
         progress: Progress | None = None,
+        verify: bool = True,
     ) -> Prediction:
         """Runs a model and receives its outputs as a stream of chunks, for outputs too large for one message.
 
@@ -140,6 +141,8 @@ class InferenceClient(ChannelClient):
         Args:
             ref, inputs, outputs, priority, queue_timeout, cache: As for :meth:`predict`.
             progress: Called as ``progress(bytes_received, total_bytes)`` as chunks arrive.
+            verify: False asks the server not to hash the outputs (``skip_sha256``) and skips the check here,
+                saving about 0.7 s of CPU per GB on each end; the chunks' order and sizes are still checked.
 
         Returns:
             The outputs, with the version that ran, the timings and whether the cache answered.
@@ -148,9 +151,9 @@ class InferenceClient(ChannelClient):
             IntegrityError: the stream was incomplete or an output's sha256 differs.
         """
         request = _convert.predict_stream_request(
-            ref, inputs, outputs=outputs, priority=priority, queue_timeout=queue_timeout, cache=cache
+            ref, inputs, outputs=outputs, priority=priority, queue_timeout=queue_timeout, cache=cache, verify=verify
         )
-        assembler = _convert.StreamAssembler(progress)
+        assembler = _convert.StreamAssembler(progress, verify=verify)
         call = self.inference_stub.PredictStream(request, timeout=self._timeout)
         try:
             with translated():
@@ -276,12 +279,13 @@ class AsyncInferenceClient(AsyncChannelClient):
         queue_timeout: float | None = None,
         cache: str | None = None,
         progress: Progress | None = None,
+        verify: bool = True,
     ) -> Prediction:
         """See :meth:`InferenceClient.predict_stream`. Progress is called on the event loop."""
         request = _convert.predict_stream_request(
-            ref, inputs, outputs=outputs, priority=priority, queue_timeout=queue_timeout, cache=cache
+            ref, inputs, outputs=outputs, priority=priority, queue_timeout=queue_timeout, cache=cache, verify=verify
         )
-        assembler = _convert.StreamAssembler(progress)
+        assembler = _convert.StreamAssembler(progress, verify=verify)
         call = self.inference_stub.PredictStream(request, timeout=self._timeout)
         try:
             with translated():

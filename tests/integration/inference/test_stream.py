@@ -58,6 +58,27 @@ async def test_200_mb_output_streams_in_chunks_and_reassembles(inference: Runnin
     assert (header.model, header.version, header.sha256) == ("imagegen", 1, image_generator.sha256)
 
 
+async def test_skip_sha256_streams_the_same_bytes_with_an_empty_trailer_map(
+    inference: RunningInference, image_generator: ModelFile, string_model: ModelFile
+):
+    await upload(inference, "imagegen", image_generator)
+    await upload(inference, "strings", string_model)
+    latent = np.random.default_rng(5).standard_normal((2, 16)).astype(np.float32)  # 6 MiB: hashed off the loop
+    text = np.array(["cat", "dog"], dtype=object)
+
+    for model, inputs in (("imagegen", {"latent": latent}), ("strings", {"text": text})):
+        request = stream_request(model, inputs)
+        hashed = [m async for m in inference.stub.PredictStream(request)]
+        request.skip_sha256 = True
+        unhashed = [m async for m in inference.stub.PredictStream(request)]
+
+        assert [m.WhichOneof("content") for m in unhashed] == [m.WhichOneof("content") for m in hashed]
+        assert [m.chunk for m in unhashed[1:-1]] == [m.chunk for m in hashed[1:-1]]
+        assert len(hashed[-1].trailer.sha256) == len(hashed[0].header.outputs) > 0
+        assert dict(unhashed[-1].trailer.sha256) == {}
+        assert unhashed[-1].trailer.timings.total.ToTimedelta().total_seconds() > 0
+
+
 async def test_stream_of_strings_and_several_outputs(inference: RunningInference, string_model: ModelFile):
     await upload(inference, "strings", string_model)
     text = np.array(["cat", "fish", "dog"], dtype=object)

@@ -28,7 +28,7 @@ from modelforge.common.v1 import tensor_pb2 as modelforge_dot_common_dot_v1_dot_
 from modelforge.registry.v1 import registry_pb2 as modelforge_dot_registry_dot_v1_dot_registry__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'modelforge/inference/v1/inference.proto\x12\x17modelforge.inference.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a!modelforge/common/v1/tensor.proto\x1a%modelforge/registry/v1/registry.proto\"\x89\x01\n\x07Timings\x12(\n\x05queue\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12*\n\x07\x63ompute\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12(\n\x05total\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xf9\x01\n\x0ePredictRequest\x12-\n\x03ref\x18\x01 \x01(\x0b\x32 .modelforge.registry.v1.ModelRef\x12,\n\x06inputs\x18\x02 \x03(\x0b\x32\x1c.modelforge.common.v1.Tensor\x12\x14\n\x0coutput_names\x18\x03 \x03(\t\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12*\n\x07timeout\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x36\n\ncache_mode\x18\x06 \x01(\x0e\x32\".modelforge.inference.v1.CacheMode\"\xb6\x01\n\x0fPredictResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12-\n\x07outputs\x18\x04 \x03(\x0b\x32\x1c.modelforge.common.v1.Tensor\x12\x31\n\x07timings\x18\x05 \x01(\x0b\x32 .modelforge.inference.v1.Timings\x12\x11\n\tcache_hit\x18\x06 \x01(\x08\"\xff\x01\n\x14PredictStreamRequest\x12-\n\x03ref\x18\x01 \x01(\x0b\x32 .modelforge.registry.v1.ModelRef\x12,\n\x06inputs\x18\x02 \x03(\x0b\x32\x1c.modelforge.common.v1.Tensor\x12\x14\n\x0coutput_names\x18\x03 \x03(\t\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12*\n\x07timeout\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x36\n\ncache_mode\x18\x06 \x01(\x0e\x32\".modelforge.inference.v1.CacheMode\"o\n\x0eStreamedOutput\x12\x0c\n\x04name\x18\x01 \x01(\t\x12-\n\x05\x64type\x18\x02 \x01(\x0e\x32\x1e.modelforge.common.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x11\n\tbyte_size\x18\x04 \x01(\x03\"\x92\x01\n\x13PredictStreamHeader\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x38\n\x07outputs\x18\x04 \x03(\x0b\x32\'.modelforge.inference.v1.StreamedOutput\x12\x11\n\tcache_hit\x18\x05 \x01(\x08\"W\n\x12PredictStreamChunk\x12\x0e\n\x06output\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x13\n\x0bstring_data\x18\x04 \x03(\x0c\"\xc3\x01\n\x14PredictStreamTrailer\x12\x31\n\x07timings\x18\x01 \x01(\x0b\x32 .modelforge.inference.v1.Timings\x12I\n\x06sha256\x18\x02 \x03(\x0b\x32\x39.modelforge.inference.v1.PredictStreamTrailer.Sha256Entry\x1a-\n\x0bSha256Entry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe2\x01\n\x15PredictStreamResponse\x12>\n\x06header\x18\x01 \x01(\x0b\x32,.modelforge.inference.v1.PredictStreamHeaderH\x00\x12<\n\x05\x63hunk\x18\x02 \x01(\x0b\x32+.modelforge.inference.v1.PredictStreamChunkH\x00\x12@\n\x07trailer\x18\x03 \x01(\x0b\x32-.modelforge.inference.v1.PredictStreamTrailerH\x00\x42\t\n\x07\x63ontent\"\x95\x02\n\x0bLoadedModel\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x38\n\x05state\x18\x04 \x01(\x0e\x32).modelforge.inference.v1.LoadedModelState\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x06 \x01(\x03\x12\x31\n\rlast_use_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tin_flight\x18\x08 \x01(\x05\x12\x30\n\rload_duration\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\"A\n\x10LoadModelRequest\x12-\n\x03ref\x18\x01 \x01(\x0b\x32 .modelforge.registry.v1.ModelRef\"O\n\x11LoadModelResponse\x12:\n\x0cloaded_model\x18\x01 \x01(\x0b\x32$.modelforge.inference.v1.LoadedModel\"C\n\x12UnloadModelRequest\x12-\n\x03ref\x18\x01 \x01(\x0b\x32 .modelforge.registry.v1.ModelRef\"T\n\x13UnloadModelResponse\x12=\n\x0funloaded_models\x18\x01 \x03(\x0b\x32$.modelforge.inference.v1.LoadedModel\"O\n\x17ListLoadedModelsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\"p\n\x18ListLoadedModelsResponse\x12;\n\rloaded_models\x18\x01 \x03(\x0b\x32$.modelforge.inference.v1.LoadedModel\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x9a\x04\n\x0fModelStatistics\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x15\n\rrequest_count\x18\x03 \x01(\x03\x12\x15\n\rfailure_count\x18\x04 \x01(\x03\x12\x17\n\x0finference_count\x18\x05 \x01(\x03\x12\x17\n\x0f\x65xecution_count\x18\x06 \x01(\x03\x12\x31\n\x0equeue_duration\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x33\n\x10\x63ompute_duration\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x31\n\x0etotal_duration\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0f\x63\x61\x63he_hit_count\x18\n \x01(\x03\x12\x18\n\x10\x63\x61\x63he_miss_count\x18\x0b \x01(\x03\x12M\n\x0b\x62\x61tch_sizes\x18\x0c \x03(\x0b\x32\x38.modelforge.inference.v1.ModelStatistics.BatchSizesEntry\x12\x37\n\x13last_inference_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a\x31\n\x0f\x42\x61tchSizesEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"J\n\x19GetModelStatisticsRequest\x12-\n\x03ref\x18\x01 \x01(\x0b\x32 .modelforge.registry.v1.ModelRef\"\x9c\x01\n\x1aGetModelStatisticsResponse\x12\x42\n\x10model_statistics\x18\x01 \x03(\x0b\x32(.modelforge.inference.v1.ModelStatistics\x12:\n\x0c\x63\x61\x63he_status\x18\x02 \x01(\x0e\x32$.modelforge.inference.v1.CacheStatus*j\n\tCacheMode\x12\x1a\n\x16\x43\x41\x43HE_MODE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x43\x41\x43HE_MODE_USE\x10\x01\x12\x15\n\x11\x43\x41\x43HE_MODE_BYPASS\x10\x02\x12\x16\n\x12\x43\x41\x43HE_MODE_REFRESH\x10\x03*\xb5\x01\n\x10LoadedModelState\x12\"\n\x1eLOADED_MODEL_STATE_UNSPECIFIED\x10\x00\x12\x1e\n\x1aLOADED_MODEL_STATE_LOADING\x10\x01\x12\x1c\n\x18LOADED_MODEL_STATE_READY\x10\x02\x12 \n\x1cLOADED_MODEL_STATE_UNLOADING\x10\x03\x12\x1d\n\x19LOADED_MODEL_STATE_FAILED\x10\x04*v\n\x0b\x43\x61\x63heStatus\x12\x1c\n\x18\x43\x41\x43HE_STATUS_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x43\x41\x43HE_STATUS_OK\x10\x01\x12\x19\n\x15\x43\x41\x43HE_STATUS_DEGRADED\x10\x02\x12\x19\n\x15\x43\x41\x43HE_STATUS_DISABLED\x10\x03\x32\xa8\x05\n\x10InferenceService\x12\\\n\x07Predict\x12\'.modelforge.inference.v1.PredictRequest\x1a(.modelforge.inference.v1.PredictResponse\x12p\n\rPredictStream\x12-.modelforge.inference.v1.PredictStreamRequest\x1a..modelforge.inference.v1.PredictStreamResponse0\x01\x12\x62\n\tLoadModel\x12).modelforge.inference.v1.LoadModelRequest\x1a*.modelforge.inference.v1.LoadModelResponse\x12h\n\x0bUnloadModel\x12+.modelforge.inference.v1.UnloadModelRequest\x1a,.modelforge.inference.v1.UnloadModelResponse\x12w\n\x10ListLoadedModels\x12\x30.modelforge.inference.v1.ListLoadedModelsRequest\x1a\x31.modelforge.inference.v1.ListLoadedModelsResponse\x12}\n\x12GetModelStatistics\x12\x32.modelforge.inference.v1.GetModelStatisticsRequest\x1a\x33.modelforge.inference.v1.GetModelStatisticsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'modelforge/inference/v1/inference.proto\x12\x17modelforge.inference.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a!modelforge/common/v1/tensor.proto\x1a%modelforge/registry/v1/registry.proto\"\x89\x01\n\x07Timings\x12(\n\x05queue\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12*\n\x07\x63ompute\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12(\n\x05total\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xf9\x01\n\x0ePredictRequest\x12-\n\x03ref\x18\x01 \x01(\x0b\x32 .modelforge.registry.v1.ModelRef\x12,\n\x06inputs\x18\x02 \x03(\x0b\x32\x1c.modelforge.common.v1.Tensor\x12\x14\n\x0coutput_names\x18\x03 \x03(\t\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12*\n\x07timeout\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x36\n\ncache_mode\x18\x06 \x01(\x0e\x32\".modelforge.inference.v1.CacheMode\"\xb6\x01\n\x0fPredictResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12-\n\x07outputs\x18\x04 \x03(\x0b\x32\x1c.modelforge.common.v1.Tensor\x12\x31\n\x07timings\x18\x05 \x01(\x0b\x32 .modelforge.inference.v1.Timings\x12\x11\n\tcache_hit\x18\x06 \x01(\x08\"\x94\x02\n\x14PredictStreamRequest\x12-\n\x03ref\x18\x01 \x01(\x0b\x32 .modelforge.registry.v1.ModelRef\x12,\n\x06inputs\x18\x02 \x03(\x0b\x32\x1c.modelforge.common.v1.Tensor\x12\x14\n\x0coutput_names\x18\x03 \x03(\t\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12*\n\x07timeout\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x36\n\ncache_mode\x18\x06 \x01(\x0e\x32\".modelforge.inference.v1.CacheMode\x12\x13\n\x0bskip_sha256\x18\x07 \x01(\x08\"o\n\x0eStreamedOutput\x12\x0c\n\x04name\x18\x01 \x01(\t\x12-\n\x05\x64type\x18\x02 \x01(\x0e\x32\x1e.modelforge.common.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x11\n\tbyte_size\x18\x04 \x01(\x03\"\x92\x01\n\x13PredictStreamHeader\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x38\n\x07outputs\x18\x04 \x03(\x0b\x32\'.modelforge.inference.v1.StreamedOutput\x12\x11\n\tcache_hit\x18\x05 \x01(\x08\"W\n\x12PredictStreamChunk\x12\x0e\n\x06output\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x13\n\x0bstring_data\x18\x04 \x03(\x0c\"\xc3\x01\n\x14PredictStreamTrailer\x12\x31\n\x07timings\x18\x01 \x01(\x0b\x32 .modelforge.inference.v1.Timings\x12I\n\x06sha256\x18\x02 \x03(\x0b\x32\x39.modelforge.inference.v1.PredictStreamTrailer.Sha256Entry\x1a-\n\x0bSha256Entry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe2\x01\n\x15PredictStreamResponse\x12>\n\x06header\x18\x01 \x01(\x0b\x32,.modelforge.inference.v1.PredictStreamHeaderH\x00\x12<\n\x05\x63hunk\x18\x02 \x01(\x0b\x32+.modelforge.inference.v1.PredictStreamChunkH\x00\x12@\n\x07trailer\x18\x03 \x01(\x0b\x32-.modelforge.inference.v1.PredictStreamTrailerH\x00\x42\t\n\x07\x63ontent\"\x95\x02\n\x0bLoadedModel\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x38\n\x05state\x18\x04 \x01(\x0e\x32).modelforge.inference.v1.LoadedModelState\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x06 \x01(\x03\x12\x31\n\rlast_use_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tin_flight\x18\x08 \x01(\x05\x12\x30\n\rload_duration\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\"A\n\x10LoadModelRequest\x12-\n\x03ref\x18\x01 \x01(\x0b\x32 .modelforge.registry.v1.ModelRef\"O\n\x11LoadModelResponse\x12:\n\x0cloaded_model\x18\x01 \x01(\x0b\x32$.modelforge.inference.v1.LoadedModel\"C\n\x12UnloadModelRequest\x12-\n\x03ref\x18\x01 \x01(\x0b\x32 .modelforge.registry.v1.ModelRef\"T\n\x13UnloadModelResponse\x12=\n\x0funloaded_models\x18\x01 \x03(\x0b\x32$.modelforge.inference.v1.LoadedModel\"O\n\x17ListLoadedModelsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\"p\n\x18ListLoadedModelsResponse\x12;\n\rloaded_models\x18\x01 \x03(\x0b\x32$.modelforge.inference.v1.LoadedModel\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x9a\x04\n\x0fModelStatistics\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x15\n\rrequest_count\x18\x03 \x01(\x03\x12\x15\n\rfailure_count\x18\x04 \x01(\x03\x12\x17\n\x0finference_count\x18\x05 \x01(\x03\x12\x17\n\x0f\x65xecution_count\x18\x06 \x01(\x03\x12\x31\n\x0equeue_duration\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x33\n\x10\x63ompute_duration\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x31\n\x0etotal_duration\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0f\x63\x61\x63he_hit_count\x18\n \x01(\x03\x12\x18\n\x10\x63\x61\x63he_miss_count\x18\x0b \x01(\x03\x12M\n\x0b\x62\x61tch_sizes\x18\x0c \x03(\x0b\x32\x38.modelforge.inference.v1.ModelStatistics.BatchSizesEntry\x12\x37\n\x13last_inference_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a\x31\n\x0f\x42\x61tchSizesEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"J\n\x19GetModelStatisticsRequest\x12-\n\x03ref\x18\x01 \x01(\x0b\x32 .modelforge.registry.v1.ModelRef\"\x9c\x01\n\x1aGetModelStatisticsResponse\x12\x42\n\x10model_statistics\x18\x01 \x03(\x0b\x32(.modelforge.inference.v1.ModelStatistics\x12:\n\x0c\x63\x61\x63he_status\x18\x02 \x01(\x0e\x32$.modelforge.inference.v1.CacheStatus*j\n\tCacheMode\x12\x1a\n\x16\x43\x41\x43HE_MODE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x43\x41\x43HE_MODE_USE\x10\x01\x12\x15\n\x11\x43\x41\x43HE_MODE_BYPASS\x10\x02\x12\x16\n\x12\x43\x41\x43HE_MODE_REFRESH\x10\x03*\xb5\x01\n\x10LoadedModelState\x12\"\n\x1eLOADED_MODEL_STATE_UNSPECIFIED\x10\x00\x12\x1e\n\x1aLOADED_MODEL_STATE_LOADING\x10\x01\x12\x1c\n\x18LOADED_MODEL_STATE_READY\x10\x02\x12 \n\x1cLOADED_MODEL_STATE_UNLOADING\x10\x03\x12\x1d\n\x19LOADED_MODEL_STATE_FAILED\x10\x04*v\n\x0b\x43\x61\x63heStatus\x12\x1c\n\x18\x43\x41\x43HE_STATUS_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x43\x41\x43HE_STATUS_OK\x10\x01\x12\x19\n\x15\x43\x41\x43HE_STATUS_DEGRADED\x10\x02\x12\x19\n\x15\x43\x41\x43HE_STATUS_DISABLED\x10\x03\x32\xa8\x05\n\x10InferenceService\x12\\\n\x07Predict\x12\'.modelforge.inference.v1.PredictRequest\x1a(.modelforge.inference.v1.PredictResponse\x12p\n\rPredictStream\x12-.modelforge.inference.v1.PredictStreamRequest\x1a..modelforge.inference.v1.PredictStreamResponse0\x01\x12\x62\n\tLoadModel\x12).modelforge.inference.v1.LoadModelRequest\x1a*.modelforge.inference.v1.LoadModelResponse\x12h\n\x0bUnloadModel\x12+.modelforge.inference.v1.UnloadModelRequest\x1a,.modelforge.inference.v1.UnloadModelResponse\x12w\n\x10ListLoadedModels\x12\x30.modelforge.inference.v1.ListLoadedModelsRequest\x1a\x31.modelforge.inference.v1.ListLoadedModelsResponse\x12}\n\x12GetModelStatistics\x12\x32.modelforge.inference.v1.GetModelStatisticsRequest\x1a\x33.modelforge.inference.v1.GetModelStatisticsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,12 +39,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREDICTSTREAMTRAILER_SHA256ENTRY']._serialized_options = b'8\001'
   _globals['_MODELSTATISTICS_BATCHSIZESENTRY']._loaded_options = None
   _globals['_MODELSTATISTICS_BATCHSIZESENTRY']._serialized_options = b'8\001'
-  _globals['_CACHEMODE']._serialized_start=3374
-  _globals['_CACHEMODE']._serialized_end=3480
-  _globals['_LOADEDMODELSTATE']._serialized_start=3483
-  _globals['_LOADEDMODELSTATE']._serialized_end=3664
-  _globals['_CACHESTATUS']._serialized_start=3666
-  _globals['_CACHESTATUS']._serialized_end=3784
+  _globals['_CACHEMODE']._serialized_start=3395
+  _globals['_CACHEMODE']._serialized_end=3501
+  _globals['_LOADEDMODELSTATE']._serialized_start=3504
+  _globals['_LOADEDMODELSTATE']._serialized_end=3685
+  _globals['_CACHESTATUS']._serialized_start=3687
+  _globals['_CACHESTATUS']._serialized_end=3805
   _globals['_TIMINGS']._serialized_start=208
   _globals['_TIMINGS']._serialized_end=345
   _globals['_PREDICTREQUEST']._serialized_start=348
@@ -52,41 +52,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREDICTRESPONSE']._serialized_start=600
   _globals['_PREDICTRESPONSE']._serialized_end=782
   _globals['_PREDICTSTREAMREQUEST']._serialized_start=785
-  _globals['_PREDICTSTREAMREQUEST']._serialized_end=1040
-  _globals['_STREAMEDOUTPUT']._serialized_start=1042
-  _globals['_STREAMEDOUTPUT']._serialized_end=1153
-  _globals['_PREDICTSTREAMHEADER']._serialized_start=1156
-  _globals['_PREDICTSTREAMHEADER']._serialized_end=1302
-  _globals['_PREDICTSTREAMCHUNK']._serialized_start=1304
-  _globals['_PREDICTSTREAMCHUNK']._serialized_end=1391
-  _globals['_PREDICTSTREAMTRAILER']._serialized_start=1394
-  _globals['_PREDICTSTREAMTRAILER']._serialized_end=1589
-  _globals['_PREDICTSTREAMTRAILER_SHA256ENTRY']._serialized_start=1544
-  _globals['_PREDICTSTREAMTRAILER_SHA256ENTRY']._serialized_end=1589
-  _globals['_PREDICTSTREAMRESPONSE']._serialized_start=1592
-  _globals['_PREDICTSTREAMRESPONSE']._serialized_end=1818
-  _globals['_LOADEDMODEL']._serialized_start=1821
-  _globals['_LOADEDMODEL']._serialized_end=2098
-  _globals['_LOADMODELREQUEST']._serialized_start=2100
-  _globals['_LOADMODELREQUEST']._serialized_end=2165
-  _globals['_LOADMODELRESPONSE']._serialized_start=2167
-  _globals['_LOADMODELRESPONSE']._serialized_end=2246
-  _globals['_UNLOADMODELREQUEST']._serialized_start=2248
-  _globals['_UNLOADMODELREQUEST']._serialized_end=2315
-  _globals['_UNLOADMODELRESPONSE']._serialized_start=2317
-  _globals['_UNLOADMODELRESPONSE']._serialized_end=2401
-  _globals['_LISTLOADEDMODELSREQUEST']._serialized_start=2403
-  _globals['_LISTLOADEDMODELSREQUEST']._serialized_end=2482
-  _globals['_LISTLOADEDMODELSRESPONSE']._serialized_start=2484
-  _globals['_LISTLOADEDMODELSRESPONSE']._serialized_end=2596
-  _globals['_MODELSTATISTICS']._serialized_start=2599
-  _globals['_MODELSTATISTICS']._serialized_end=3137
-  _globals['_MODELSTATISTICS_BATCHSIZESENTRY']._serialized_start=3088
-  _globals['_MODELSTATISTICS_BATCHSIZESENTRY']._serialized_end=3137
-  _globals['_GETMODELSTATISTICSREQUEST']._serialized_start=3139
-  _globals['_GETMODELSTATISTICSREQUEST']._serialized_end=3213
-  _globals['_GETMODELSTATISTICSRESPONSE']._serialized_start=3216
-  _globals['_GETMODELSTATISTICSRESPONSE']._serialized_end=3372
-  _globals['_INFERENCESERVICE']._serialized_start=3787
-  _globals['_INFERENCESERVICE']._serialized_end=4467
+  _globals['_PREDICTSTREAMREQUEST']._serialized_end=1061
+  _globals['_STREAMEDOUTPUT']._serialized_start=1063
+  _globals['_STREAMEDOUTPUT']._serialized_end=1174
+  _globals['_PREDICTSTREAMHEADER']._serialized_start=1177
+  _globals['_PREDICTSTREAMHEADER']._serialized_end=1323
+  _globals['_PREDICTSTREAMCHUNK']._serialized_start=1325
+  _globals['_PREDICTSTREAMCHUNK']._serialized_end=1412
+  _globals['_PREDICTSTREAMTRAILER']._serialized_start=1415
+  _globals['_PREDICTSTREAMTRAILER']._serialized_end=1610
+  _globals['_PREDICTSTREAMTRAILER_SHA256ENTRY']._serialized_start=1565
+  _globals['_PREDICTSTREAMTRAILER_SHA256ENTRY']._serialized_end=1610
+  _globals['_PREDICTSTREAMRESPONSE']._serialized_start=1613
+  _globals['_PREDICTSTREAMRESPONSE']._serialized_end=1839
+  _globals['_LOADEDMODEL']._serialized_start=1842
+  _globals['_LOADEDMODEL']._serialized_end=2119
+  _globals['_LOADMODELREQUEST']._serialized_start=2121
+  _globals['_LOADMODELREQUEST']._serialized_end=2186
+  _globals['_LOADMODELRESPONSE']._serialized_start=2188
+  _globals['_LOADMODELRESPONSE']._serialized_end=2267
+  _globals['_UNLOADMODELREQUEST']._serialized_start=2269
+  _globals['_UNLOADMODELREQUEST']._serialized_end=2336
+  _globals['_UNLOADMODELRESPONSE']._serialized_start=2338
+  _globals['_UNLOADMODELRESPONSE']._serialized_end=2422
+  _globals['_LISTLOADEDMODELSREQUEST']._serialized_start=2424
+  _globals['_LISTLOADEDMODELSREQUEST']._serialized_end=2503
+  _globals['_LISTLOADEDMODELSRESPONSE']._serialized_start=2505
+  _globals['_LISTLOADEDMODELSRESPONSE']._serialized_end=2617
+  _globals['_MODELSTATISTICS']._serialized_start=2620
+  _globals['_MODELSTATISTICS']._serialized_end=3158
+  _globals['_MODELSTATISTICS_BATCHSIZESENTRY']._serialized_start=3109
+  _globals['_MODELSTATISTICS_BATCHSIZESENTRY']._serialized_end=3158
+  _globals['_GETMODELSTATISTICSREQUEST']._serialized_start=3160
+  _globals['_GETMODELSTATISTICSREQUEST']._serialized_end=3234
+  _globals['_GETMODELSTATISTICSRESPONSE']._serialized_start=3237
+  _globals['_GETMODELSTATISTICSRESPONSE']._serialized_end=3393
+  _globals['_INFERENCESERVICE']._serialized_start=3808
+  _globals['_INFERENCESERVICE']._serialized_end=4488
 # @@protoc_insertion_point(module_scope)

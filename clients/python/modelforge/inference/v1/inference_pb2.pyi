@@ -259,10 +259,16 @@ class PredictStreamRequest(_message.Message):
     PRIORITY_FIELD_NUMBER: _builtins.int
     TIMEOUT_FIELD_NUMBER: _builtins.int
     CACHE_MODE_FIELD_NUMBER: _builtins.int
+    SKIP_SHA256_FIELD_NUMBER: _builtins.int
     priority: _builtins.int
     """Optional. Queue priority, as in PredictRequest."""
     cache_mode: Global___CacheMode.ValueType
     """Optional. What to do with the prediction cache."""
+    skip_sha256: _builtins.bool
+    """Optional. True: the server does not hash the outputs and the trailer's sha256 map stays empty. Hashing
+    costs about 0.7 s of one core per GB on each end that does it; skip it only where the transport is
+    trusted and CPU is what limits the stream. The stream's order and sizes are still checkable.
+    """
     @_builtins.property
     def ref(self) -> _registry_pb2.ModelRef:
         """Required. The model version to run: a version number, an alias, or neither for the newest READY version."""
@@ -288,10 +294,11 @@ class PredictStreamRequest(_message.Message):
         priority: _builtins.int = ...,
         timeout: _duration_pb2.Duration | None = ...,
         cache_mode: Global___CacheMode.ValueType = ...,
+        skip_sha256: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ref", b"ref", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_mode", b"cache_mode", "inputs", b"inputs", "output_names", b"output_names", "priority", b"priority", "ref", b"ref", "timeout", b"timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_mode", b"cache_mode", "inputs", b"inputs", "output_names", b"output_names", "priority", b"priority", "ref", b"ref", "skip_sha256", b"skip_sha256", "timeout", b"timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -444,7 +451,8 @@ class PredictStreamTrailer(_message.Message):
     @_builtins.property
     def sha256(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Output name to the lowercase hex sha256 of its raw bytes (for STRING: of each element as a 4-byte
-        little-endian length followed by its bytes), to check the reassembled output.
+        little-endian length followed by its bytes), to check the reassembled output. Empty when the request set
+        skip_sha256.
         """
 
     def __init__(
