@@ -455,7 +455,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", help=f"comma-separated subset of: {', '.join(SECTIONS)}")
     parser.add_argument("--concurrency", default="1,4,16,64", help="concurrencies of the matrix (default 1,4,16,64)")
     parser.add_argument("--apis", default=",".join(APIS), help=f"APIs of the matrix (default all: {', '.join(APIS)})")
-    parser.add_argument("--out", help="the report to write (default docs/PERFORMANCE.md; none for --quick)")
+    parser.add_argument(
+        "--out", help="the report to write (default docs/PERFORMANCE.md, none for --quick); '-' writes nothing"
+    )
     parser.add_argument(
         "--intra-op-threads",
         type=int,
@@ -489,6 +491,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"unknown APIs {', '.join(sorted(set(args.apis) - set(APIS)))}; choose from {', '.join(APIS)}")
     if args.out is None and not args.quick:
         args.out = "docs/PERFORMANCE.md"
+    elif args.out == "-":  # print only
+        args.out = None
     args.settings_text = [f"{k}={v}" for k, v in suite_settings(args).items()]
     return args
 
