@@ -50,7 +50,6 @@ __all__ = [
     "decode_bytes",
     "decode_inputs",
     "encode_bytes",
-    "infer_response",
     "max_batch_size",
     "model_config",
     "model_index",
@@ -342,38 +341,6 @@ def needs_signature(outputs: Mapping[str, np.ndarray[Any, Any]]) -> bool:
     return any(array.dtype == _UINT16 for array in outputs.values())
 
 
-def _raw(array: np.ndarray[Any, Any], datatype: str) -> bytes:
-    if datatype == "BYTES":
-        return encode_bytes(array)
-    if array.dtype.byteorder == ">":
-        array = array.astype(array.dtype.newbyteorder("<"))
-    return array.tobytes(order="C")
-
-
-def infer_response(
-    *,
-    model: str,
-    version: int,
-    request_id: str,
-    outputs: Mapping[str, np.ndarray[Any, Any]],
-    signature: Signature | None = None,
-) -> pb.ModelInferResponse:
-    """A ModelInferResponse carrying every output of ``outputs``, in its order, as raw bytes."""
-    tensors_out: list[pb.ModelInferResponse.InferOutputTensor] = []
-    raws: list[bytes] = []
-    for name, array in outputs.items():
-        datatype = datatype_of(array, signature.output(name) if signature is not None else None)
-        tensors_out.append(pb.ModelInferResponse.InferOutputTensor(name=name, datatype=datatype, shape=array.shape))
-        raws.append(_raw(array, datatype))
-    return pb.ModelInferResponse(
-        model_name=model,
-        model_version=str(version),
-        id=request_id,
-        outputs=tensors_out,
-        raw_output_contents=raws,
-    )
-
-
 _RAW_OUTPUT_CONTENTS = 6  # ModelInferResponse.raw_output_contents
 _STREAM_INFER_RESPONSE = 2  # ModelStreamInferResponse.infer_response
 
@@ -399,8 +366,9 @@ def infer_response_parts(
     outputs: Mapping[str, np.ndarray[Any, Any]],
     signature: Signature | None = None,
 ) -> wire.Parts:
-    """The serialised `infer_response`, byte for byte, as parts: raw outputs are views of the arrays (field 6
-    follows every other field, so appending it keeps protobuf's own byte order).
+    """A serialised ModelInferResponse carrying every output, in its order, as raw bytes, byte for byte what
+    protobuf would write, as parts: raw outputs are views of the arrays (field 6 follows every other field, so
+    appending it keeps protobuf's own byte order).
 
     The fields before them are serialised pieces that repeat from request to request (the model and version,
     each output's metadata), kept in small caches, and the request's id between them, in field-number order as

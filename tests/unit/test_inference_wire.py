@@ -11,6 +11,7 @@ from modelforge.inference.v1 import inference_pb2
 from modelforge.oip.v2 import grpc_service_pb2 as oip_pb
 from modelforge_inference import convert, oip_convert, wire
 from modelforge_inference.domain import Prediction, Signature, TensorSpec, Timings
+from tests.fixtures import oip_reference
 
 BF16 = "tensor(bfloat16)"
 
@@ -97,7 +98,7 @@ def test_infer_response_parts_are_what_protobuf_serialises() -> None:
         "outputs": outputs,
         "signature": _signature(),
     }
-    expected = oip_convert.infer_response(**kwargs)
+    expected = oip_reference.infer_response(**kwargs)
     assembled = wire.join(oip_convert.infer_response_parts(**kwargs))
     assert oip_pb.ModelInferResponse.FromString(assembled) == expected
     assert assembled == expected.SerializeToString()
@@ -112,7 +113,7 @@ def test_infer_responses_built_from_remembered_pieces_match_protobuf_for_every_i
         outputs = {"y": np.arange(rows * 4, dtype=np.float32).reshape(rows, 4), "n": np.ones(rows, dtype=np.int64)}
         kwargs: dict[str, Any] = {"model": "mlp", "version": 7, "request_id": request_id, "outputs": outputs}
         assembled = wire.join(oip_convert.infer_response_parts(**kwargs))
-        assert assembled == oip_convert.infer_response(**kwargs).SerializeToString()
+        assert assembled == oip_reference.infer_response(**kwargs).SerializeToString()
 
 
 @pytest.mark.parametrize("size", [0, 1, 127, 128, 300, 16383, 16384, 2_097_151, 2_097_152])

@@ -13,6 +13,7 @@ from modelforge._refs import ModelRef
 from modelforge.oip.v2 import grpc_service_pb2 as pb
 from modelforge.oip.v2 import model_config_pb2 as config_pb
 from modelforge_inference import oip_convert as convert
+from modelforge_inference import wire
 from modelforge_inference.domain import (
     BatchingConfig,
     CacheConfig,
@@ -287,6 +288,11 @@ def test_classification_outputs_are_refused() -> None:
 # --- responses --------------------------------------------------------------------------------------------------
 
 
+def _answer(**kwargs: Any) -> pb.ModelInferResponse:
+    """The service's pre-serialised ModelInferResponse, parsed back by protobuf."""
+    return pb.ModelInferResponse.FromString(wire.join(convert.infer_response_parts(**kwargs)))
+
+
 def test_infer_response_carries_raw_outputs_in_order_and_echoes_the_id() -> None:
     outputs = {
         "probs": np.array([[0.25, 0.75]], dtype=np.float32),
@@ -295,7 +301,7 @@ def test_infer_response_carries_raw_outputs_in_order_and_echoes_the_id() -> None
         "names": np.array([b"cat", "dög"], dtype=object),
         "flag": np.array([True, False]),
     }
-    response = convert.infer_response(model="mlp", version=4, request_id="req-7", outputs=outputs)
+    response = _answer(model="mlp", version=4, request_id="req-7", outputs=outputs)
     assert (response.model_name, response.model_version, response.id) == ("mlp", "4", "req-7")
     assert [(o.name, o.datatype, list(o.shape)) for o in response.outputs] == [
         ("probs", "FP32", [1, 2]),
@@ -468,6 +474,6 @@ def test_bfloat16_is_told_from_uint16_by_the_onnx_runtime_type() -> None:
     outputs = {"h": np.array([[0x3F80, 0]], dtype="<u2"), "u": np.array([[1, 2]], dtype="<u2")}
     assert convert.needs_signature(outputs)
     assert not convert.needs_signature({"y": np.zeros(2, dtype=np.float32)})
-    response = convert.infer_response(model="m", version=1, request_id="", outputs=outputs, signature=signature)
+    response = _answer(model="m", version=1, request_id="", outputs=outputs, signature=signature)
     assert [o.datatype for o in response.outputs] == ["BF16", "UINT16"]
     assert response.raw_output_contents[0] == outputs["h"].tobytes()
