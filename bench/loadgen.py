@@ -21,6 +21,8 @@ from multiprocessing.connection import Connection
 import grpc
 import numpy as np
 
+from modelforge_server.app import use_event_loop
+
 _OPTIONS = [
     ("grpc.max_receive_message_length", 1 << 30),
     ("grpc.max_send_message_length", 1 << 30),
@@ -159,7 +161,9 @@ async def _callers(job: _Job) -> tuple[list[float], int, int, float, str]:
 
 
 def _serve(conn: Connection) -> None:
-    """A worker process: runs the jobs it is sent until it receives None."""
+    """A worker process: runs the jobs it is sent until it receives None, on the loop the services run on
+    (uvloop where installed: it costs the load generator about a quarter less CPU per message on a stream)."""
+    use_event_loop("auto")
     while True:
         job = conn.recv()
         if job is None:

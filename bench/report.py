@@ -105,8 +105,8 @@ def render(out: Collected, *, args: argparse.Namespace, command: str, machine: d
     )
     rows = [[k, v] for k, v in machine.items()]
     rows.append(["suite settings", settings])
-    rows.append(["load generator", f"{args.client_processes} process(es) of grpc.aio callers (1 below c=16), "
-                 "pre-serialised requests, responses not parsed"])  # fmt: skip
+    rows.append(["load generator", f"{args.client_processes} process(es) of grpc.aio callers (1 below c=16) on "
+                 "the services' event loop, pre-serialised requests, responses not parsed"])  # fmt: skip
     parts.append(_table(["", ""], rows))
 
     # the load generator's own cost
