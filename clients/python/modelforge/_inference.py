@@ -148,7 +148,7 @@ class InferenceClient(ChannelClient):
             The outputs, with the version that ran, the timings and whether the cache answered.
 
         Raises:
-            IntegrityError: the stream was incomplete or an output's sha256 differs.
+            IntegrityError: the stream was incomplete, or (with verify) an output's sha256 is missing or differs.
         """
         request = _convert.predict_stream_request(
             ref, inputs, outputs=outputs, priority=priority, queue_timeout=queue_timeout, cache=cache, verify=verify
