@@ -111,6 +111,25 @@ def _load(suite: Suite, api: str, model: str, inputs: dict[str, np.ndarray]) -> 
     raise ValueError(api)
 
 
+def _measure(
+    gen: LoadGenerator,
+    load: Load,
+    args: argparse.Namespace,
+    server: int | None,
+    *,
+    workload: str,
+    api: str,
+    concurrency: int,
+    batching: bool = False,
+    batch: int = 1,
+) -> Point:
+    """One point over the run's measured window (--duration) after its warm-up (--warmup)."""
+    return measure(
+        gen, load, workload=workload, api=api, batching=batching, concurrency=concurrency, batch=batch,
+        duration=args.duration, warmup=args.warmup, server_pid=server,
+    )  # fmt: skip
+
+
 # -- the sections ----------------------------------------------------------------------------------------------
 
 
@@ -121,10 +140,7 @@ def run_overhead(
     _say("load generator and transport cost: V2 ServerLive (no model, nothing to compute)")
     load = Load(suite.inference, scenarios.SERVER_LIVE, scenarios.server_live_request())
     for concurrency in (1, 16):
-        point = measure(
-            gen, load, workload="-", api="live", batching=False, concurrency=concurrency, batch=1,
-            duration=args.duration, warmup=args.warmup, server_pid=server,
-        )  # fmt: skip
+        point = _measure(gen, load, args, server, workload="-", api="live", concurrency=concurrency)
         out.add(point)
         _per_call_row(point)
 
@@ -138,10 +154,7 @@ def run_transport(gen: LoadGenerator, args: argparse.Namespace, out: Collected) 
             ("bare-bidi", Load(address, transport.BIDI, b"r" * 100, BIDI)),
         ):
             for concurrency in (1, 16):
-                point = measure(
-                    gen, load, workload="-", api=api, batching=False, concurrency=concurrency, batch=1,
-                    duration=args.duration, warmup=args.warmup, server_pid=pid,
-                )  # fmt: skip
+                point = _measure(gen, load, args, pid, workload="-", api=api, concurrency=concurrency)
                 out.add(point)
                 _per_call_row(point)
 
@@ -193,10 +206,9 @@ def run_matrix(
         for batching in (False, True):
             load = _load(suite, api, _model_name(workload.key, batching), workload.item)
             for concurrency in args.concurrency:
-                point = measure(
-                    gen, load, workload=workload.key, api=api, batching=batching, concurrency=concurrency, batch=1,
-                    duration=args.duration, warmup=args.warmup, server_pid=server,
-                )  # fmt: skip
+                point = _measure(
+                    gen, load, args, server, workload=workload.key, api=api, batching=batching, concurrency=concurrency
+                )
                 out.add(point)
                 _row(point)
 
@@ -208,10 +220,7 @@ def run_stream(gen: LoadGenerator, suite: Suite, args: argparse.Namespace, out: 
     for api in ("stream", "stream-nosha"):
         load = _load(suite, api, _model_name("gen", False), workload.batch(8))
         for concurrency in (1, 2, 4):
-            point = measure(
-                gen, load, workload="gen", api=api, batching=False, concurrency=concurrency, batch=8,
-                duration=args.duration, warmup=args.warmup, server_pid=server,
-            )  # fmt: skip
+            point = _measure(gen, load, args, server, workload="gen", api=api, concurrency=concurrency, batch=8)
             out.add(point)
             _row(point)
 
@@ -235,10 +244,7 @@ def run_cache(gen: LoadGenerator, suite: Suite, args: argparse.Namespace, out: C
             hits_before = _cache_hits(client, "bench-mlp-cache")
             calls = 0
             for concurrency in (1, 16):
-                point = measure(
-                    gen, load, workload="mlp", api=api, batching=False, concurrency=concurrency, batch=1,
-                    duration=args.duration, warmup=args.warmup, server_pid=server,
-                )  # fmt: skip
+                point = _measure(gen, load, args, server, workload="mlp", api=api, concurrency=concurrency)
                 calls += round(point.calls_per_second * args.duration)
                 out.add(point)
                 _row(point)
@@ -303,10 +309,9 @@ def run_jobs(gen: LoadGenerator, suite: Suite, args: argparse.Namespace, out: Co
     _say(f"inference service, same model: Predict of batch-{args.job_batch} requests (what a job's batches are)")
     load = _load(suite, "predict", name, workload.batch(args.job_batch))
     for concurrency in (1, 4):
-        point = measure(
-            gen, load, workload="mlp", api="predict", batching=False, concurrency=concurrency, batch=args.job_batch,
-            duration=args.duration, warmup=args.warmup, server_pid=server,
-        )  # fmt: skip
+        point = _measure(
+            gen, load, args, server, workload="mlp", api="predict", concurrency=concurrency, batch=args.job_batch
+        )
         out.add(point)
         _row(point)
 
@@ -384,10 +389,9 @@ def sweep(args: argparse.Namespace) -> list[tuple[str, list[Point]]]:
                     ("gen", "v2", False, 4),
                 ):
                     load = _load(suite, api, _model_name(key, batching), workloads[key].item)
-                    point = measure(
-                        gen, load, workload=key, api=api, batching=batching, concurrency=concurrency, batch=1,
-                        duration=args.duration, warmup=args.warmup, server_pid=server,
-                    )  # fmt: skip
+                    point = _measure(
+                        gen, load, args, server, workload=key, api=api, batching=batching, concurrency=concurrency
+                    )
                     points.append(point)
                     _row(point)
         finally:
