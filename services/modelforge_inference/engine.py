@@ -630,6 +630,10 @@ class InferenceEngine:
         await asyncio.gather(*drains)
         return snapshots
 
+    def stream_meter(self, prediction: Prediction) -> Callable[[float], None]:
+        """What a PredictStream of `prediction` calls with the size of each chunk message the transport took."""
+        return self._metrics.streamed(prediction.model, prediction.version)
+
     def loaded(self) -> list[LoadedModel]:
         """Snapshots of every version held, ordered by name and version."""
         slots = [*self._slots.values(), *self._unloading]

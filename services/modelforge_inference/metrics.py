@@ -7,7 +7,8 @@ Two kinds, chosen by what they cost on the prediction path:
   loaded models and their estimated memory;
 - recorded as things happen: the batch size, queue time and compute time histograms (one observation per request
   or execution, on the event loop: a bisect and two additions, no lock), and the rare events through
-  prometheus_client's own counters: rejected requests by reason, loads with their duration, unloads by reason.
+  prometheus_client's own counters: rejected requests by reason, loads with their duration, unloads by reason,
+  and the bytes PredictStream has handed to the transport (one addition per chunk of up to a MiB).
 
 Every series carries the labels ``model`` (the registry's name) and ``version`` (the version number as text).
 Names follow the Prometheus conventions: ``modelforge_inference_`` prefix, base units, ``_total`` on counters.
@@ -133,6 +134,11 @@ class InferenceMetrics:
         self._unloads = metrics.counter(
             PREFIX + "model_unloads", "Model versions released, by reason.", (*LABELS, "reason")
         )
+        self._streamed = metrics.counter(
+            PREFIX + "streamed_bytes",
+            "Bytes of PredictStream chunk messages the transport has taken (it takes them as flow control allows).",
+            LABELS,
+        )
         metrics.registry.register(_EngineCollector(statistics, instruments, loaded))
 
     def rejected(self, model: str, version: int, reason: Rejection) -> None:
@@ -147,6 +153,10 @@ class InferenceMetrics:
 
     def unloaded(self, model: str, version: int, reason: UnloadReason) -> None:
         self._unloads.labels(model, str(version), reason.value).inc()
+
+    def streamed(self, model: str, version: int) -> Callable[[float], None]:
+        """What one stream calls with the size of each chunk message the transport took."""
+        return self._streamed.labels(model, str(version)).inc
 
 
 class _EngineCollector(Collector):

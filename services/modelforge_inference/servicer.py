@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -22,6 +23,8 @@ SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"]
 
 # Outputs at least this large are hashed on a worker thread while their chunks go out.
 _HASH_OFF_LOOP_BYTES = 1 << 20
+# The hashing thread checks between segments whether the stream still wants the digest (about 3 ms a segment).
+_HASH_SEGMENT_BYTES = 4 << 20
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
@@ -55,29 +58,35 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     ) -> AsyncIterator[pb.PredictStreamResponse | bytes]:
         prediction = await self._predict(request, context)
         yield convert.stream_header(prediction)
+        meter = self._engine.stream_meter(prediction)
         hashed = not request.skip_sha256
         digests: dict[str, str] = {}
         hashing: dict[str, asyncio.Future[str]] = {}
+        stop = threading.Event()  # tells the hashing threads that the stream ended early
         try:
             for name, array in prediction.outputs.items():
-                # Each yield waits for the transport (flow control); a cancelled call stops here.
+                # Each yield returns once the transport took the message, as flow control allows; a cancelled call
+                # raises here, so no further chunk is built.
                 if tensors.from_numpy_dtype(array.dtype) == tensor_pb2.DATA_TYPE_STRING:
                     elements = convert.string_elements(array)
                     if hashed:
                         digests[name] = convert.string_digest(elements)
                     for message in convert.string_chunks(name, elements, self._chunk_bytes):
                         yield message
+                        meter(message.ByteSize())
                     continue
                 view = convert.raw_view(array)
                 if hashed and len(view) >= _HASH_OFF_LOOP_BYTES:  # hashlib releases the GIL: hash while streaming
-                    hashing[name] = asyncio.ensure_future(asyncio.to_thread(_sha256, view))
+                    hashing[name] = asyncio.ensure_future(asyncio.to_thread(sha256, view, stop))
                 elif hashed:
-                    digests[name] = _sha256(view)
+                    digests[name] = sha256(view, stop)
                 for chunk in convert.raw_chunks(name, view, self._chunk_bytes):
                     yield chunk
+                    meter(len(chunk))
             for name, future in hashing.items():
                 digests[name] = await future
         finally:
+            stop.set()
             for future in hashing.values():
                 future.cancel()
         ordered = {name: digests[name] for name in prediction.outputs if name in digests}
@@ -120,8 +129,18 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         )
 
 
-def _sha256(view: memoryview) -> str:
-    return hashlib.sha256(view).hexdigest()
+def sha256(view: memoryview, stop: threading.Event) -> str:
+    """The hex SHA-256 of `view`, taken a segment at a time so that a stream that ends early stops its hashing too.
+
+    Raises:
+        asyncio.CancelledError: `stop` was set before the last segment.
+    """
+    digest = hashlib.sha256()
+    for start in range(0, len(view), _HASH_SEGMENT_BYTES):
+        if stop.is_set():
+            raise asyncio.CancelledError("the stream ended before its output was hashed")
+        digest.update(view[start : start + _HASH_SEGMENT_BYTES])
+    return digest.hexdigest()
 
 
 _FACTORIES = {

@@ -1,7 +1,11 @@
-"""Responses assembled by hand (modelforge_inference.wire) equal what protobuf itself would serialise."""
+"""Responses assembled by hand (modelforge_inference.wire) equal what protobuf itself would serialise; a stream's
+digest is hashlib's."""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import threading
 from typing import Any
 
 import numpy as np
@@ -9,7 +13,7 @@ import pytest
 
 from modelforge.inference.v1 import inference_pb2
 from modelforge.oip.v2 import grpc_service_pb2 as oip_pb
-from modelforge_inference import convert, oip_convert, wire
+from modelforge_inference import convert, oip_convert, servicer, wire
 from modelforge_inference.domain import Prediction, Signature, TensorSpec, Timings
 from tests.fixtures import oip_reference
 
@@ -130,3 +134,14 @@ def test_passthrough_sends_bytes_unchanged_and_serialises_messages() -> None:
     message = inference_pb2.PredictResponse(model="m", version=1)
     assert serialize(b"\x0a\x01m") == b"\x0a\x01m"
     assert serialize(message) == message.SerializeToString()
+
+
+def test_stream_digest_equals_hashlib_and_stops_when_the_stream_ends() -> None:
+    data = np.random.default_rng(0).integers(0, 255, size=9 << 20, dtype=np.uint8)  # three segments, the last short
+    view = memoryview(data).cast("B")
+    assert servicer.sha256(view, threading.Event()) == hashlib.sha256(data).hexdigest()
+
+    ended = threading.Event()
+    ended.set()
+    with pytest.raises(asyncio.CancelledError):
+        servicer.sha256(view, ended)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
+from collections.abc import Callable
 
 import grpc
 import numpy as np
@@ -16,6 +18,7 @@ from tests.fixtures.onnx_models import ModelFile
 from tests.integration.inference.conftest import RunningInference, predict_request, ref, upload
 
 MiB = 1024 * 1024
+STREAMED = "modelforge_inference_streamed_bytes_total"
 
 
 def stream_request(model: str, inputs: dict[str, np.ndarray], **fields) -> pb.PredictStreamRequest:
@@ -92,16 +95,40 @@ async def test_stream_of_strings_and_several_outputs(inference: RunningInference
     assert set(messages[3].trailer.sha256) == {"label_id", "label"}
 
 
-async def test_cancelled_stream_stops_and_the_server_keeps_serving(
+def streamed_bytes(inference: RunningInference, model: str) -> float:
+    """What the server's modelforge_inference_streamed_bytes counter says the transport took for `model`."""
+    labels = {"model": model, "version": "1"}
+    return inference.server.metrics.registry.get_sample_value(STREAMED, labels) or 0.0
+
+
+async def settled(read: Callable[[], float], *, quiet: float = 0.5) -> float:
+    """The value `read` returns once it has not changed for `quiet` seconds (waits at most 30 s)."""
+    async with asyncio.timeout(30):
+        value, since = read(), time.monotonic()
+        while time.monotonic() - since < quiet:
+            await asyncio.sleep(0.05)
+            if (now := read()) != value:
+                value, since = now, time.monotonic()
+    return value
+
+
+async def test_a_stream_the_client_stops_reading_stalls_and_a_cancel_ends_it(
     inference: RunningInference, image_generator: ModelFile
 ):
     await upload(inference, "imagegen", image_generator)
-    latent = np.zeros((16, 16), dtype=np.float32)  # 48 MiB
+    latent = np.zeros((67, 16), dtype=np.float32)  # 201 MiB of output
+    total = 67 * 3 * 512 * 512 * 4
     call = inference.stub.PredictStream(stream_request("imagegen", {"latent": latent}))
     assert (await call.read()).WhichOneof("content") == "header"
     assert (await call.read()).WhichOneof("content") == "chunk"
 
+    # The client reads nothing more: flow control stops the server after what the windows and buffers hold.
+    stalled = await settled(lambda: streamed_bytes(inference, "imagegen"))
+    assert inference.settings.chunk_bytes < stalled < total / 8
+
     call.cancel()
+    await asyncio.sleep(0.5)
+    assert streamed_bytes(inference, "imagegen") == stalled  # no chunk was built or sent after the cancel
 
     async with asyncio.timeout(10):  # the stream's request leaves the server's books
         while True:
@@ -111,3 +138,24 @@ async def test_cancelled_stream_stops_and_the_server_keeps_serving(
             await asyncio.sleep(0.01)
     small = await inference.stub.Predict(predict_request(ref("imagegen"), {"latent": latent[:1]}))
     assert tensors.to_numpy(small.outputs[0]).shape == (1, 3, 512, 512)
+
+
+async def test_a_slow_reader_gets_every_byte(inference: RunningInference, image_generator: ModelFile):
+    await upload(inference, "imagegen", image_generator)
+    latent = np.random.default_rng(7).standard_normal((8, 16)).astype(np.float32)  # 24 MiB
+    call = inference.stub.PredictStream(stream_request("imagegen", {"latent": latent}))
+    header = (await call.read()).header
+    first = await settled(lambda: streamed_bytes(inference, "imagegen"), quiet=0.3)
+    assert first < header.outputs[0].byte_size  # the server waits for the reader
+
+    buffer = bytearray()
+    while (message := await call.read()) is not grpc.aio.EOF:
+        if message.WhichOneof("content") == "chunk":
+            buffer += message.chunk.data
+            await asyncio.sleep(0.01)  # a reader slower than the server
+        else:
+            trailer = message.trailer
+
+    assert trailer.sha256["image"] == hashlib.sha256(buffer).hexdigest()
+    assert len(buffer) == header.outputs[0].byte_size
+    assert streamed_bytes(inference, "imagegen") > len(buffer)  # every chunk counted, with its framing
