@@ -18,8 +18,10 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
+from modelforge.oip.v2 import grpc_service_pb2, grpc_service_pb2_grpc
 from tests.fixtures.onnx_models import ModelFile, add_one, onnx_dir  # noqa: F401
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -89,7 +91,8 @@ class Env:
 @pytest.fixture
 def env(tmp_path: Path) -> Env:
     ports = _free_ports(3)
-    return Env(tmp_path / "data", *(f"127.0.0.1:{port}" for port in ports), ports)
+    registry, inference, jobs = (f"127.0.0.1:{port}" for port in ports)
+    return Env(tmp_path / "data", registry, inference, jobs, ports)
 
 
 @contextmanager
@@ -148,18 +151,27 @@ def test_up_serves_the_suite_and_keeps_data_across_a_restart(env: Env, add_one: 
             services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
         assert {"modelforge.registry.v1.RegistryService", "grpc.health.v1.Health"} <= services
 
-        if "inference" in listening:
-            np.save(tmp_path / "x.npy", np.ones((2, 4), dtype=np.float32))
-            predicted = cli(env, "predict", "demo@production", "--input", f"x={tmp_path / 'x.npy'}",
-                            "--out", str(tmp_path / "out"))  # fmt: skip
-            assert predicted.returncode == 0, predicted.stderr
-            np.testing.assert_array_equal(np.load(tmp_path / "out" / "y.npy"), np.full((2, 4), 2, np.float32))
+        assert listening.get("inference") == env.inference, suite.seen
+        with grpc.insecure_channel(env.inference) as channel:
+            health = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="modelforge.inference.v1.InferenceService"), timeout=30
+            )
+            live = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel).ServerLive(
+                grpc_service_pb2.ServerLiveRequest(), timeout=30
+            )
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        assert live.live
+        np.save(tmp_path / "x.npy", np.ones((2, 4), dtype=np.float32))
+        predicted = cli(env, "predict", "demo@production", "--input", f"x={tmp_path / 'x.npy'}",
+                        "--out", str(tmp_path / "out"))  # fmt: skip
+        assert predicted.returncode == 0, predicted.stderr
+        np.testing.assert_array_equal(np.load(tmp_path / "out" / "y.npy"), np.full((2, 4), 2, np.float32))
 
-        if "jobs" in listening:  # the jobs API and a worker process, both started by `up`
-            np.savez(tmp_path / "items.npz", x=np.ones((5, 4), dtype=np.float32))
-            job = cli(env, "jobs", "submit", "demo", "--input", str(tmp_path / "items.npz"), "--wait")
-            assert job.returncode == 0, job.stderr
-            assert "COMPLETED: 5/5 items" in job.stdout
+        assert listening.get("jobs") == env.jobs, suite.seen  # the jobs API and a worker process, both from `up`
+        np.savez(tmp_path / "items.npz", x=np.ones((5, 4), dtype=np.float32))
+        job = cli(env, "jobs", "submit", "demo", "--input", str(tmp_path / "items.npz"), "--wait")
+        assert job.returncode == 0, job.stderr
+        assert "COMPLETED: 5/5 items" in job.stdout
 
         assert suite.stop() == 0
         suite.wait_for("modelforge up: stopped", 30)

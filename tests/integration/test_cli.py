@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,13 +21,12 @@ from modelforge import AsyncRegistryClient, VersionState
 from modelforge.cli import ProgressBar, main
 from tests.fixtures.onnx_models import ModelFile, add_one, not_onnx, onnx_dir  # noqa: F401
 from tests.fixtures.servers import RunningRegistry, registry, registry_settings  # noqa: F401
+from tests.integration.inference.conftest import RunningInference, inference, start_inference  # noqa: F401
 from tests.integration.jobs.conftest import (  # noqa: F401
     InProcessWorker,
     RunningJobs,
-    inference,
     jobs_api,
     jobs_settings,
-    start_inference,
     worker,
 )
 
@@ -37,8 +38,11 @@ class Result:
     err: str
 
 
+Cli = Callable[..., Awaitable[Result]]
+
+
 @pytest.fixture
-def cli(registry: RunningRegistry):  # type: ignore[no-untyped-def]
+def cli(registry: RunningRegistry) -> Cli:
     async def run(*argv: str) -> Result:
         out, err = io.StringIO(), io.StringIO()
         code = await asyncio.to_thread(main, [*argv, "--registry", registry.address], out=out, err=err)
@@ -47,7 +51,7 @@ def cli(registry: RunningRegistry):  # type: ignore[no-untyped-def]
     return run
 
 
-async def test_push_list_show_alias_archive_and_remove(cli, add_one: ModelFile, registry: RunningRegistry) -> None:  # type: ignore[no-untyped-def]
+async def test_push_list_show_alias_archive_and_remove(cli: Cli, add_one: ModelFile, registry: RunningRegistry) -> None:
     pushed = await cli("models", "push", str(add_one.path), "--name", "demo", "--alias", "production")
     assert pushed.code == 0, pushed.err
     assert pushed.out.startswith("pushed demo:1 (production)")
@@ -91,7 +95,7 @@ async def test_push_list_show_alias_archive_and_remove(cli, add_one: ModelFile, 
     assert (await cli("models", "ls")).out.splitlines()[1:] == []
 
 
-async def test_pull_writes_the_verified_file(cli, add_one: ModelFile, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_pull_writes_the_verified_file(cli: Cli, add_one: ModelFile, tmp_path: Path) -> None:
     await cli("models", "push", str(add_one.path), "--name", "demo")
     target = tmp_path / "pulled.onnx"
     pulled = await cli("models", "pull", "demo", "--out", str(target))
@@ -99,7 +103,7 @@ async def test_pull_writes_the_verified_file(cli, add_one: ModelFile, tmp_path: 
     assert target.read_bytes() == add_one.data
 
 
-async def test_errors_are_one_line_and_non_zero(cli, not_onnx: ModelFile, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_errors_are_one_line_and_non_zero(cli: Cli, not_onnx: ModelFile, tmp_path: Path) -> None:
     missing = await cli("models", "show", "ghost")
     assert missing.code == 1
     assert missing.err.count("\n") == 1 and "'ghost'" in missing.err
@@ -128,8 +132,13 @@ async def test_an_unreachable_registry_says_where_it_looked() -> None:
 
 
 async def test_predict_load_stats_and_jobs(
-    cli, inference, jobs_api: RunningJobs, worker: InProcessWorker, add_one: ModelFile, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+    cli: Cli,
+    inference: RunningInference,
+    jobs_api: RunningJobs,
+    worker: InProcessWorker,
+    add_one: ModelFile,
+    tmp_path: Path,
+) -> None:
     assert (await cli("models", "push", str(add_one.path), "--name", "demo", "--alias", "production")).code == 0
     x = np.arange(12, dtype=np.float32).reshape(3, 4)
     np.save(tmp_path / "x.npy", x)
@@ -174,6 +183,40 @@ async def test_predict_load_stats_and_jobs(
     missing = await cli("jobs", "show", "00000000-0000-0000-0000-000000000000", *addresses)
     assert missing.code == 1 and missing.err.startswith("modelforge: ")
     assert (await cli("jobs", "rm", job_id, *addresses)).code == 0
+
+
+async def test_stats_without_a_ref_lists_every_version_run_in_a_table(
+    cli: Cli, inference: RunningInference, add_one: ModelFile, tmp_path: Path
+) -> None:
+    for name in ("alpha", "beta", "idle"):
+        assert (await cli("models", "push", str(add_one.path), "--name", name)).code == 0
+    np.save(tmp_path / "x.npy", np.ones((3, 4), dtype=np.float32))
+    addresses = ("--inference", inference.address)
+    for name in ("alpha", "alpha", "beta"):
+        predicted = await cli("predict", name, "--input", f"x={tmp_path / 'x.npy'}", *addresses)
+        assert predicted.code == 0, predicted.err
+    refused = await cli("predict", "beta", "--input", f"wrong={tmp_path / 'x.npy'}", *addresses)
+    assert refused.code == 1 and "'wrong'" in refused.err
+
+    table = await cli("stats", *addresses)
+
+    assert table.code == 0, table.err
+    header, *rows, cache = table.out.splitlines()
+    assert re.split(r"\s{2,}", header) == [
+        "MODEL", "REQUESTS", "FAILURES", "ITEMS", "RUNS", "MEAN MS", "CACHE HIT/MISS", "LAST"
+    ]  # fmt: skip
+    # idle was never run, so it has no counters to show.
+    assert [row.split()[:5] for row in rows] == [["alpha:1", "2", "0", "6", "2"], ["beta:1", "1", "1", "3", "1"]]
+    assert [row.split()[6] for row in rows] == ["0/0", "0/0"]
+    assert all(float(row.split()[5]) > 0 for row in rows)  # mean milliseconds per answered request
+    assert cache == "prediction cache: OK"
+
+    as_json = json.loads((await cli("stats", "--json", *addresses)).out)
+    assert [(m["model"], m["version"], m["request_count"], m["failure_count"]) for m in as_json["models"]] == [
+        ("alpha", 1, 2, 0),
+        ("beta", 1, 1, 1),
+    ]
+    assert as_json["cache_status"] == "OK"
 
 
 class _Terminal(io.StringIO):

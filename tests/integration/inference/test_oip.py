@@ -22,7 +22,17 @@ from modelforge.oip.v2 import grpc_service_pb2_grpc
 from modelforge.oip.v2 import model_config_pb2 as config_pb
 from modelforge.registry.v1 import registry_pb2
 from tests.fixtures.onnx_models import ModelFile
-from tests.integration.inference.conftest import RunningInference, failure, upload
+from tests.integration.inference.conftest import RunningInference, StartInference, failure, upload
+from tests.integration.inference.test_scheduling import (
+    BLOCKER,
+    MEDIUM,
+    SLOW,
+    SMALL,
+    rejected,
+    start_blocker,
+    wait_in_flight,
+    waited_ms,
+)
 
 Tensor = pb.ModelInferRequest.InferInputTensor
 Output = pb.ModelInferRequest.InferRequestedOutputTensor
@@ -266,6 +276,88 @@ async def test_priority_and_timeout_parameters_are_accepted(v2: V2, mlp: ModelFi
     request.parameters["timeout"].int64_param = 5_000_000
     response = await v2.stub.ModelInfer(request)
     assert list(response.outputs[0].shape) == [1, 8]
+
+
+# The blocker pattern of test_scheduling.py: one compute thread, held by a long Predict on a slow model, while V2
+# requests queue behind it.
+
+
+@pytest.fixture
+async def single_thread(start_inference: StartInference) -> AsyncIterator[RunningInference]:
+    async with start_inference(compute_threads=1) as running:
+        yield running
+
+
+async def v2_statistics(running: RunningInference, model: str) -> pb.ModelStatistics:
+    response: pb.ModelStatisticsResponse = await running.oip.ModelStatistics(pb.ModelStatisticsRequest(name=model))
+    (stats,) = response.model_stats
+    return stats
+
+
+async def test_timeout_parameter_passing_in_the_queue_is_deadline_exceeded_and_never_runs(
+    single_thread: RunningInference,
+) -> None:
+    await upload(single_thread, "slow", SLOW)
+    blocker = await start_blocker(single_thread, "slow")
+    request = infer_request("slow", SMALL)
+    request.parameters["timeout"].int64_param = 50_000  # microseconds, as Triton reads it
+
+    code, reason, details = await failure(single_thread.oip.ModelInfer(request))
+
+    assert (code, reason) == (grpc.StatusCode.DEADLINE_EXCEEDED, "QUEUE_TIMEOUT")
+    assert "queue of slow:1" in details
+    assert waited_ms(details) >= 40  # 50 ms, not 50 us (a loop timer may fire up to a millisecond early)
+    await blocker
+    stats = await v2_statistics(single_thread, "slow")
+    assert (stats.execution_count, stats.inference_count) == (1, len(BLOCKER["x"]))
+    assert (stats.inference_stats.success.count, stats.inference_stats.fail.count) == (1, 1)
+    assert rejected(single_thread, "slow", "deadline") == 1
+
+
+async def test_timeout_parameter_longer_than_the_models_default_does_not_extend_it(
+    single_thread: RunningInference,
+) -> None:
+    await upload(single_thread, "slow", SLOW, labels={"modelforge.io/queue-timeout-seconds": "0.05"})
+    blocker = await start_blocker(single_thread, "slow")
+    request = infer_request("slow", SMALL)
+    # Ten minutes: had it replaced the model's 50 ms, the request would run, and succeed, once the blocker ends.
+    request.parameters["timeout"].uint64_param = 600_000_000
+
+    code, reason, details = await failure(single_thread.oip.ModelInfer(request))
+
+    assert (code, reason) == (grpc.StatusCode.DEADLINE_EXCEEDED, "QUEUE_TIMEOUT")
+    assert waited_ms(details) >= 40
+    await blocker
+    stats = await v2_statistics(single_thread, "slow")
+    assert (stats.execution_count, stats.inference_count) == (1, len(BLOCKER["x"]))
+    assert (stats.inference_stats.success.count, stats.inference_stats.fail.count) == (1, 1)
+
+
+async def test_priority_parameter_runs_the_most_urgent_first_and_each_level_in_order(
+    single_thread: RunningInference,
+) -> None:
+    await upload(single_thread, "slow", SLOW, labels={"modelforge.io/priority-levels": "2"})
+    blocker = await start_blocker(single_thread, "slow")
+    finished: list[str] = []
+
+    async def call(label: str, priority: int | None) -> None:
+        request = infer_request("slow", MEDIUM, id=label)
+        if priority is not None:  # absent: the model's default level, the last one
+            request.parameters["priority"].uint64_param = priority
+        response = await single_thread.oip.ModelInfer(request)
+        assert response.id == label
+        finished.append(label)
+
+    tasks = []
+    queued = [("low-1", 2), ("low-2", None), ("high-1", 1), ("low-3", 0), ("high-2", 1)]
+    for index, (label, priority) in enumerate(queued):
+        tasks.append(asyncio.create_task(call(label, priority)))
+        await wait_in_flight(single_thread, "slow", 2 + index)  # queued in this order
+    await blocker
+    await asyncio.gather(*tasks)
+
+    assert finished == ["high-1", "high-2", "low-1", "low-2", "low-3"]
+    assert (await v2_statistics(single_thread, "slow")).execution_count == 6  # each ran alone: no batching
 
 
 async def test_non_integer_priority_is_invalid_argument(v2: V2, mlp: ModelFile) -> None:

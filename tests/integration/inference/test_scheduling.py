@@ -1,5 +1,7 @@
 """The batch queue over real gRPC: priority order, a full queue, deadlines passing in the queue, cancelled calls.
 
+test_oip.py drives the same queue through the V2 protocol's priority and timeout parameters, with these helpers.
+
 Each test occupies the only compute thread with one long request on a slow model, queues more behind it, and
 waits (polling ListLoadedModels' in-flight count) until they are all queued before letting things happen.
 """
@@ -7,6 +9,9 @@ waits (polling ListLoadedModels' in-flight count) until they are all queued befo
 from __future__ import annotations
 
 import asyncio
+import re
+from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import numpy as np
@@ -26,7 +31,7 @@ MEDIUM = {"x": np.ones((256, 512), dtype=np.float32)}
 
 
 @pytest.fixture
-async def single_thread(start_inference: StartInference):
+async def single_thread(start_inference: StartInference) -> AsyncIterator[RunningInference]:
     async with start_inference(compute_threads=1) as running:
         yield running
 
@@ -45,19 +50,36 @@ async def wait_in_flight(running: RunningInference, model: str, count: int, time
 
 
 async def statistics(running: RunningInference, model: str) -> inference_pb2.ModelStatistics:
-    response = await running.stub.GetModelStatistics(inference_pb2.GetModelStatisticsRequest(ref=ref(model)))
+    request = inference_pb2.GetModelStatisticsRequest(ref=ref(model))
+    response: inference_pb2.GetModelStatisticsResponse = await running.stub.GetModelStatistics(request)
     (stats,) = response.model_statistics
     return stats
 
 
-async def start_blocker(running: RunningInference, model: str) -> asyncio.Task:
+def rejected(running: RunningInference, model: str, reason: str) -> float:
+    """The server's modelforge_inference_rejected_requests_total for version 1 of `model` and `reason`."""
+    value = running.server.metrics.registry.get_sample_value(
+        "modelforge_inference_rejected_requests_total", {"model": model, "version": "1", "reason": reason}
+    )
+    return value or 0.0
+
+
+def waited_ms(details: str) -> float:
+    """How long a QUEUE_TIMEOUT error says the request waited in the queue."""
+    match = re.search(r"waited ([0-9.]+) ms in the queue", details)
+    assert match is not None, details
+    return float(match.group(1))
+
+
+async def start_blocker(running: RunningInference, model: str) -> asyncio.Future[Any]:
+    """Loads `model` and starts a long Predict on it; returns once it holds the model's only compute thread."""
     await running.stub.LoadModel(inference_pb2.LoadModelRequest(ref=ref(model)))
-    blocker = asyncio.ensure_future(running.stub.Predict(predict_request(model, BLOCKER)))
+    blocker: asyncio.Future[Any] = asyncio.ensure_future(running.stub.Predict(predict_request(model, BLOCKER)))
     await wait_in_flight(running, model, 1)
     return blocker
 
 
-async def test_higher_priority_runs_first_and_each_level_in_order(single_thread: RunningInference):
+async def test_higher_priority_runs_first_and_each_level_in_order(single_thread: RunningInference) -> None:
     await upload(single_thread, "slow", SLOW, labels={"modelforge.io/priority-levels": "2"})
     blocker = await start_blocker(single_thread, "slow")
     finished: list[str] = []
@@ -76,7 +98,7 @@ async def test_higher_priority_runs_first_and_each_level_in_order(single_thread:
     assert finished == ["high-1", "high-2", "low-1", "low-2", "low-3"]
 
 
-async def test_full_queue_refuses_at_once(single_thread: RunningInference):
+async def test_full_queue_refuses_at_once(single_thread: RunningInference) -> None:
     await upload(single_thread, "slow", SLOW, labels={"modelforge.io/max-queue-size": "2"})
     blocker = await start_blocker(single_thread, "slow")
     queued = [asyncio.ensure_future(single_thread.stub.Predict(predict_request("slow", SMALL))) for _ in range(2)]
@@ -90,7 +112,9 @@ async def test_full_queue_refuses_at_once(single_thread: RunningInference):
     await asyncio.gather(*queued)  # the queued ones still run
 
 
-async def test_request_timeout_passing_in_queue_is_deadline_exceeded_and_never_runs(single_thread: RunningInference):
+async def test_request_timeout_passing_in_queue_is_deadline_exceeded_and_never_runs(
+    single_thread: RunningInference,
+) -> None:
     await upload(single_thread, "slow", SLOW)
     blocker = await start_blocker(single_thread, "slow")
     request = predict_request("slow", SMALL, timeout=duration_pb2.Duration(nanos=50_000_000))
@@ -103,18 +127,24 @@ async def test_request_timeout_passing_in_queue_is_deadline_exceeded_and_never_r
     assert (stats.execution_count, stats.request_count, stats.failure_count) == (1, 1, 1)
 
 
-async def test_grpc_deadline_passing_in_queue_drops_the_request(single_thread: RunningInference):
+async def test_grpc_deadline_passing_in_queue_drops_the_request(single_thread: RunningInference) -> None:
     await upload(single_thread, "slow", SLOW)
     blocker = await start_blocker(single_thread, "slow")
 
     code, _, _ = await failure(single_thread.stub.Predict(predict_request("slow", SMALL), timeout=0.1))
 
-    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED  # the client's own deadline may answer first: no reason here
     await wait_in_flight(single_thread, "slow", 1)  # left the queue although the blocker still runs
     await blocker
+    stats = await statistics(single_thread, "slow")
+    assert (stats.request_count, stats.execution_count, stats.inference_count) == (1, 1, len(BLOCKER["x"]))
+    # The server drops it at its own queue deadline (a failure, rejected for "deadline") or, should gRPC's
+    # cancellation of the expired call reach it first, as a cancelled call (no failure): once, either way.
+    deadline, cancelled = rejected(single_thread, "slow", "deadline"), rejected(single_thread, "slow", "cancelled")
+    assert (deadline + cancelled, stats.failure_count) == (1, deadline)
 
 
-async def test_model_default_queue_timeout_applies(single_thread: RunningInference):
+async def test_model_default_queue_timeout_applies(single_thread: RunningInference) -> None:
     await upload(single_thread, "slow", SLOW, labels={"modelforge.io/queue-timeout-seconds": "0.05"})
     await single_thread.stub.LoadModel(inference_pb2.LoadModelRequest(ref=ref("slow")))
     # The blocker runs at once: the queue timeout only bounds waiting.
@@ -127,7 +157,27 @@ async def test_model_default_queue_timeout_applies(single_thread: RunningInferen
     await blocker
 
 
-async def test_cancelled_call_leaves_the_queue_and_never_runs(single_thread: RunningInference):
+async def test_request_timeout_longer_than_the_models_default_does_not_extend_it(
+    single_thread: RunningInference,
+) -> None:
+    await upload(single_thread, "slow", SLOW, labels={"modelforge.io/queue-timeout-seconds": "0.05"})
+    blocker = await start_blocker(single_thread, "slow")
+    # Ten minutes: had it replaced the model's 50 ms, the request would run, and succeed, once the blocker ends.
+    request = predict_request("slow", SMALL, timeout=duration_pb2.Duration(seconds=600))
+
+    code, reason, details = await failure(single_thread.stub.Predict(request))
+
+    assert (code, reason) == (grpc.StatusCode.DEADLINE_EXCEEDED, "QUEUE_TIMEOUT")
+    assert "queue of slow:1" in details
+    assert waited_ms(details) >= 40  # the model's 50 ms (a loop timer may fire up to a millisecond early)
+    await blocker
+    stats = await statistics(single_thread, "slow")
+    assert (stats.execution_count, stats.request_count, stats.failure_count) == (1, 1, 1)
+    assert stats.inference_count == len(BLOCKER["x"])
+    assert rejected(single_thread, "slow", "deadline") == 1
+
+
+async def test_cancelled_call_leaves_the_queue_and_never_runs(single_thread: RunningInference) -> None:
     await upload(single_thread, "slow", SLOW)
     blocker = await start_blocker(single_thread, "slow")
     call = single_thread.stub.Predict(predict_request("slow", SMALL))
