@@ -27,6 +27,7 @@ from typing import Any
 from modelforge_inference.domain import BatchingConfig, CacheConfig, ResolvedModel, ServingConfig, SessionConfig
 from modelforge_inference.errors import InvalidServingConfig
 from modelforge_inference.settings import InferenceSettings
+from modelforge_server.settings import SettingsError
 
 PREFIX = "modelforge.io/"
 OPTIMIZATION_LEVELS = ("disabled", "basic", "extended", "all")
@@ -100,7 +101,11 @@ _LABELS: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
 
 
 def defaults(settings: InferenceSettings) -> ServingConfig:
-    """The server-wide ServingConfig from MODELFORGE_* settings."""
+    """The server-wide ServingConfig from MODELFORGE_* settings.
+
+    The session settings take what their labels take; SettingsError names one that does not, at start, rather than
+    every load failing later on a value ONNX Runtime has no option for.
+    """
     return ServingConfig(
         batching=BatchingConfig(
             max_batch_size=settings.max_batch_size,
@@ -116,12 +121,22 @@ def defaults(settings: InferenceSettings) -> ServingConfig:
             max_entry_bytes=settings.cache_max_entry_bytes,
         ),
         session=SessionConfig(
-            intra_op_threads=settings.intra_op_threads,
-            inter_op_threads=settings.inter_op_threads,
-            graph_optimization_level=settings.graph_optimization_level,
+            intra_op_threads=_setting("intra-op-threads", settings.intra_op_threads),
+            inter_op_threads=_setting("inter-op-threads", settings.inter_op_threads),
+            graph_optimization_level=_setting("graph-optimization-level", settings.graph_optimization_level),
             execution_providers=settings.execution_providers,
         ),
     )
+
+
+def _setting(label: str, value: Any) -> Any:
+    """The server-wide setting that `label` overrides, checked by the label's parser."""
+    _, _, parse, expected = _LABELS[label]
+    try:
+        return parse(str(value))
+    except ValueError:
+        key = "MODELFORGE_" + label.replace("-", "_").upper()
+        raise SettingsError(f"{key}={value!r} is invalid: it takes {expected}") from None
 
 
 def serving_config(base: ServingConfig, model: ResolvedModel) -> ServingConfig:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -160,10 +161,11 @@ def stack(parts: Sequence[np.ndarray]) -> np.ndarray:
     return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
 
 
+# "[ONNXRuntimeError] : 1 : FAIL : " before every message, and "Load model from /the/server's/path failed:" before
+# those of session creation: boilerplate to a client, and the second names where this server keeps its files.
+_BOILERPLATE = re.compile(r"^\[ONNXRuntimeError\] : \d+ : [A-Z_]+ : (Load model from .*? failed:)?")
+
+
 def describe_error(exc: BaseException) -> str:
-    """ONNX Runtime's message without its status-code boilerplate."""
-    text = str(exc)
-    for prefix in ("[ONNXRuntimeError] : ",):
-        if text.startswith(prefix):
-            text = text[len(prefix) :]
-    return text.strip()
+    """ONNX Runtime's message without its status-code boilerplate or the path of the model file."""
+    return _BOILERPLATE.sub("", str(exc), count=1).strip()

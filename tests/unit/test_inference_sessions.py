@@ -1,17 +1,40 @@
-"""ONNX Runtime session options: pool threads do not spin unless a version's label asks them to."""
+"""ONNX Runtime sessions from a version's labels: thread counts, optimisation level and spinning reach the
+SessionOptions the session is built with, bad values are refused by name, providers this build lacks fall back to
+the CPU with a warning, and ONNX Runtime's errors reach clients without boilerplate or the server's file paths."""
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import numpy as np
+import onnxruntime as ort
 import pytest
+from onnx import TensorProto, helper
 
 from modelforge_inference import serving
-from modelforge_inference.domain import ResolvedModel, Signature, TensorSpec
+from modelforge_inference.domain import ResolvedModel, SessionConfig, Signature, TensorSpec
 from modelforge_inference.errors import InvalidServingConfig
-from modelforge_inference.sessions import session_options
+from modelforge_inference.sessions import INPUT_ERRORS, ModelSession, describe_error, providers, session_options
 from modelforge_inference.settings import InferenceSettings
+from modelforge_server.errors import FailedPrecondition
+from modelforge_server.settings import SettingsError
+from tests.fixtures.onnx_models import build_add_one, write_model
 
 SPINNING = ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning")
+CPU = "CPUExecutionProvider"
+AVAILABLE = ort.get_available_providers()
+# Providers ONNX Runtime knows of but this build lacks, GPU ones first (a CPU-only wheel lacks both).
+MISSING = sorted(
+    set(ort.get_all_providers()) - set(AVAILABLE),
+    key=lambda name: (name not in ("CUDAExecutionProvider", "TensorrtExecutionProvider"), name),
+)
+LEVELS = {
+    "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
 
 
 def _model(labels: dict[str, str]) -> ResolvedModel:
@@ -19,13 +42,185 @@ def _model(labels: dict[str, str]) -> ResolvedModel:
     return ResolvedModel("m", 1, "ab" * 32, 10, Signature((spec,), (spec,)), labels=labels)
 
 
+def _config(labels: dict[str, str], settings: InferenceSettings | None = None) -> SessionConfig:
+    return serving.serving_config(serving.defaults(settings or InferenceSettings()), _model(labels)).session
+
+
 @pytest.mark.parametrize(("labels", "expected"), [({}, "0"), ({"modelforge.io/allow-spinning": "true"}, "1")])
 def test_spinning_is_off_unless_the_version_label_turns_it_on(labels: dict[str, str], expected: str) -> None:
-    config = serving.serving_config(serving.defaults(InferenceSettings()), _model(labels))
-    options = session_options(config.session)
+    options = session_options(_config(labels))
     assert [options.get_session_config_entry(key) for key in SPINNING] == [expected, expected]
 
 
 def test_a_bad_allow_spinning_label_is_refused() -> None:
     with pytest.raises(InvalidServingConfig):
-        serving.serving_config(serving.defaults(InferenceSettings()), _model({"modelforge.io/allow-spinning": "maybe"}))
+        _config({"modelforge.io/allow-spinning": "maybe"})
+
+
+@pytest.mark.parametrize("level", sorted(LEVELS))
+def test_thread_and_optimisation_labels_reach_the_session_options(level: str) -> None:
+    labels = {
+        "modelforge.io/intra-op-threads": "3",
+        "modelforge.io/inter-op-threads": "2",
+        "modelforge.io/graph-optimization-level": level,
+    }
+
+    options = session_options(_config(labels))
+
+    assert (options.intra_op_num_threads, options.inter_op_num_threads) == (3, 2)
+    assert options.graph_optimization_level == LEVELS[level]
+
+
+def test_without_labels_the_server_settings_apply() -> None:
+    settings = InferenceSettings(intra_op_threads=5, inter_op_threads=4, graph_optimization_level="extended")
+
+    options = session_options(_config({"team": "vision"}, settings))
+
+    assert (options.intra_op_num_threads, options.inter_op_num_threads) == (5, 4)
+    assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+
+
+def test_the_session_is_built_with_the_labelled_options(tmp_path: Path) -> None:
+    path = write_model(build_add_one(), tmp_path / "model.onnx")
+    labels = {
+        "modelforge.io/intra-op-threads": "2",
+        "modelforge.io/inter-op-threads": "3",
+        "modelforge.io/graph-optimization-level": "basic",
+        "modelforge.io/allow-spinning": "true",
+    }
+
+    built = ModelSession(path, _config(labels)).session.get_session_options()
+
+    assert (built.intra_op_num_threads, built.inter_op_num_threads) == (2, 3)
+    assert built.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    assert [built.get_session_config_entry(key) for key in SPINNING] == ["1", "1"]
+
+
+def test_labels_other_than_serving_options_leave_the_config_equal() -> None:
+    """The engine reloads a version whose labels change only when its ServingConfig changes (engine._acquire)."""
+    base = serving.defaults(InferenceSettings())
+
+    first = serving.serving_config(base, _model({"team": "vision", "modelforge.io/unknown-tool-key": "x"}))
+    second = serving.serving_config(base, _model({"team": "search"}))
+    changed = serving.serving_config(base, _model({"modelforge.io/intra-op-threads": "2"}))
+
+    assert first == second == base
+    assert changed != base
+
+
+@pytest.mark.parametrize(
+    ("label", "value", "expected"),
+    [
+        ("intra-op-threads", "-1", "an integer >= 0"),
+        ("intra-op-threads", "two", "an integer >= 0"),
+        ("intra-op-threads", "1.5", "an integer >= 0"),
+        ("intra-op-threads", "", "an integer >= 0"),
+        ("inter-op-threads", "-3", "an integer >= 0"),
+        ("graph-optimization-level", "ALL", "disabled | basic | extended | all"),
+        ("graph-optimization-level", "ORT_ENABLE_ALL", "disabled | basic | extended | all"),
+        ("graph-optimization-level", "", "disabled | basic | extended | all"),
+    ],
+)
+def test_a_bad_session_label_is_refused_by_name(label: str, value: str, expected: str) -> None:
+    key = serving.PREFIX + label
+
+    with pytest.raises(InvalidServingConfig) as caught:
+        _config({key: value})
+
+    error = caught.value
+    assert isinstance(error, FailedPrecondition)  # the stored version is wrong, not the request: FAILED_PRECONDITION
+    assert error.reason == "INVALID_SERVING_CONFIG"
+    assert error.metadata == {"model": "m", "version": "1", "label": key}
+    assert str(error) == f"m:1 has label {key}={value!r}, but it takes {expected}; fix it with UpdateModelVersion"
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "variable"),
+    [
+        ("graph_optimization_level", "ALL", "MODELFORGE_GRAPH_OPTIMIZATION_LEVEL"),
+        ("intra_op_threads", -1, "MODELFORGE_INTRA_OP_THREADS"),
+        ("inter_op_threads", -2, "MODELFORGE_INTER_OP_THREADS"),
+    ],
+)
+def test_a_bad_server_wide_session_setting_is_refused_at_start(setting: str, value: object, variable: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        serving.defaults(InferenceSettings(**{setting: value}))  # type: ignore[arg-type]
+
+    assert str(caught.value).startswith(f"{variable}={value!r} is invalid: it takes ")
+
+
+def test_missing_providers_fall_back_to_the_cpu_with_a_warning_naming_each(caplog: pytest.LogCaptureFixture) -> None:
+    missing = MISSING[:2]
+    assert len(missing) == 2 and not set(missing) & set(AVAILABLE)
+    caplog.set_level(logging.WARNING, logger="modelforge.inference.sessions")
+
+    chosen = providers(SessionConfig(execution_providers=tuple(missing)))
+
+    assert chosen == [CPU]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "modelforge.inference.sessions"]
+    assert len(warnings) == 2
+    for provider, message in zip(missing, warnings, strict=True):
+        assert message.startswith(f"execution provider {provider} is not available in this ONNX Runtime build")
+        assert message.endswith("using the CPU instead")
+    assert all(r.levelno == logging.WARNING for r in caplog.records)
+
+
+def test_the_session_runs_on_the_cpu_when_its_provider_is_missing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write_model(build_add_one(), tmp_path / "model.onnx")
+    caplog.set_level(logging.WARNING, logger="modelforge.inference.sessions")
+
+    session = ModelSession(path, _config({"modelforge.io/execution-providers": f"{MISSING[0]},{CPU}"}))
+
+    assert session.session.get_providers() == [CPU]
+    assert [r.getMessage().split(" is ")[0] for r in caplog.records] == [f"execution provider {MISSING[0]}"]
+    out = session.run({"x": np.zeros((1, 4), np.float32)})
+    np.testing.assert_array_equal(out["y"], np.ones((1, 4), np.float32))
+
+
+def test_available_providers_keep_their_configured_order_once_each_and_end_with_the_cpu() -> None:
+    backwards = tuple(reversed(AVAILABLE))
+
+    assert providers(SessionConfig(execution_providers=backwards)) == list(backwards)
+    assert providers(SessionConfig(execution_providers=(*backwards, MISSING[0], *backwards))) == list(backwards)
+    others = tuple(name for name in AVAILABLE if name != CPU)
+    assert providers(SessionConfig(execution_providers=others)) == [*others, CPU]
+    assert providers(SessionConfig(execution_providers=())) == [CPU]
+
+
+def test_a_load_error_is_described_without_boilerplate_or_the_file_path(tmp_path: Path) -> None:
+    graph = helper.make_graph(
+        [helper.make_node("FancyOp", ["x"], ["y"], domain="com.example.custom")],
+        "custom_op",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.example.custom", 1)]
+    path = tmp_path / "secret-dir" / "model.onnx"
+    write_model(helper.make_model(graph, opset_imports=opsets, ir_version=8), path)
+
+    with pytest.raises(INPUT_ERRORS) as caught:
+        ModelSession(path, SessionConfig())
+
+    assert str(path) in str(caught.value)  # ONNX Runtime's own message names the file ...
+    assert describe_error(caught.value) == "Fatal error: com.example.custom:FancyOp(-1) is not a registered function/op"
+
+
+def test_a_run_error_is_described_without_boilerplate(tmp_path: Path) -> None:
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "z"], ["y"], name="add")],
+        "add",
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["a", "b"]) for name in ("x", "z")],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["a", "b"])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    path = write_model(model, tmp_path / "m.onnx")
+    session = ModelSession(path, SessionConfig())
+
+    with pytest.raises(INPUT_ERRORS) as caught:  # dynamic dimensions that do not broadcast: past any signature check
+        session.run({"x": np.ones((2, 3), np.float32), "z": np.ones((2, 4), np.float32)})
+
+    assert str(caught.value).startswith("[ONNXRuntimeError] : 1 : FAIL : ")
+    assert describe_error(caught.value).startswith("Non-zero status code returned while running Add node. Name:'add'")
+    assert describe_error(ValueError(" not from ONNX Runtime ")) == "not from ONNX Runtime"
