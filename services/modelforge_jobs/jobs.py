@@ -8,6 +8,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -38,6 +39,7 @@ from modelforge_jobs.events import JobChanges
 from modelforge_jobs.inference_client import RegistryClient
 from modelforge_jobs.metrics import ApiMetrics
 from modelforge_jobs.store import JobStore
+from modelforge_server import paging
 from modelforge_server.errors import FailedPrecondition, Unavailable, require
 
 log = logging.getLogger("modelforge.jobs")
@@ -167,7 +169,7 @@ class Jobs:
         return await self._store.get_job(job_id)
 
     async def list(self, where: JobFilter, *, limit: int, after: list[Any] | None) -> Page:
-        return await self._store.list_jobs(where, limit=limit, after=after)
+        return await self._store.list_jobs(where, limit=limit, after=_page_key(after))
 
     async def cancel(self, job_id: UUID) -> Job:
         job = await self._store.cancel(job_id)
@@ -279,3 +281,13 @@ def inline_spec(spec: JobSpec, tensors: Sequence[Any]) -> JobSpec:
     """Fills the inline fields of a spec from the request's tensors (InvalidInput when they do not agree)."""
     infos, items = describe_record(tensors, error=InvalidInput)
     return replace(spec, inline_tensors=tuple(infos), inline_items=items)
+
+
+def _page_key(after: list[Any] | None) -> list[Any] | None:
+    """The last listed job's create_time and id from a page token, as the timestamp and UUID they were."""
+    if after is None:
+        return None
+    try:
+        return [datetime.fromisoformat(after[0]), UUID(after[1])]
+    except ValueError:
+        raise paging.foreign_token() from None

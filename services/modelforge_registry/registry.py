@@ -7,7 +7,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import TypeVar
+from typing import Any
 
 from modelforge_registry import onnxfile
 from modelforge_registry.blobs import STALE_SECONDS, BlobStore
@@ -51,8 +51,6 @@ from modelforge_server.metrics import Metrics
 from modelforge_server.refs import ModelRef
 
 log = logging.getLogger("modelforge.registry")
-
-K = TypeVar("K")
 
 
 def check_model_name(name: str, field: str = "name") -> str:
@@ -138,8 +136,8 @@ class ModelRegistry:
     async def get_model(self, name: str) -> Model:
         return await self._store.get_model(name)
 
-    async def list_models(self, where: ModelFilter, *, limit: int, after: list[object] | None) -> Page[Model]:
-        return await self._store.list_models(where, limit=limit, after=_key(after, str))
+    async def list_models(self, where: ModelFilter, *, limit: int, after: list[Any] | None) -> Page[Model]:
+        return await self._store.list_models(where, limit=limit, after=_first(after))
 
     async def update_model(self, name: str, changes: ModelChanges) -> Model:
         check_labels(changes.labels, "model.labels")
@@ -228,9 +226,9 @@ class ModelRegistry:
         return await self._store.resolve(ref)
 
     async def list_versions(
-        self, model: str, state: VersionState | None, *, limit: int, after: list[object] | None
+        self, model: str, state: VersionState | None, *, limit: int, after: list[Any] | None
     ) -> Page[ModelVersion]:
-        return await self._store.list_versions(model, state, limit=limit, before=_key(after, int))
+        return await self._store.list_versions(model, state, limit=limit, before=_first(after))
 
     async def update_version(self, model: str, version: int, changes: VersionChanges) -> ModelVersion:
         check_labels(changes.labels, "model_version.labels")
@@ -312,12 +310,6 @@ class ModelRegistry:
         return not recorded
 
 
-def _key(key: list[object] | None, kind: type[K]) -> K | None:
-    """The single sort key inside a page token, checked for its type."""
-    if key is None:
-        return None
-    if len(key) != 1 or not isinstance(key[0], kind) or isinstance(key[0], bool):
-        raise InvalidArgument(
-            "page_token does not belong to this listing; pass next_page_token unchanged", field="page_token"
-        )
-    return key[0]
+def _first(key: list[Any] | None) -> Any:
+    """The single sort key inside a page token (checked for its type by paging.decode), or None."""
+    return None if key is None else key[0]

@@ -25,8 +25,12 @@ def encode(key: list[Any]) -> str:
     return base64.urlsafe_b64encode(payload).decode().rstrip("=")
 
 
-def decode(token: str) -> list[Any] | None:
-    """Returns the key encoded by `encode`, None for an empty token; InvalidArgument for anything else."""
+def decode(token: str, kinds: tuple[type, ...]) -> list[Any] | None:
+    """Returns the key encoded by `encode`, None for an empty token; InvalidArgument for anything else.
+
+    `kinds` is the type of each part of the listing's sort key: a token of another listing, or one edited by hand,
+    is refused here rather than failing further in.
+    """
     if not token:
         return None
     try:
@@ -39,4 +43,16 @@ def decode(token: str) -> list[Any] | None:
             "page_token is not one this server issued; pass next_page_token from the previous response unchanged",
             field="page_token",
         )
+    if len(key) != len(kinds) or any(
+        not isinstance(part, kind) or isinstance(part, bool) for part, kind in zip(key, kinds, strict=False)
+    ):
+        raise foreign_token()
     return key
+
+
+def foreign_token() -> InvalidArgument:
+    """The error for a token that decodes but is not of this listing (a listing that checks its key further)."""
+    return InvalidArgument(
+        "page_token does not belong to this listing; pass next_page_token from the previous response unchanged",
+        field="page_token",
+    )

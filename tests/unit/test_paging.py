@@ -18,11 +18,17 @@ def test_token_round_trips_the_key() -> None:
     key = ["model-a", 42]
     token = paging.encode(key)
     assert "model-a" not in token
-    assert paging.decode(token) == key
-    assert paging.decode("") is None
+    assert paging.decode(token, (str, int)) == key
+    assert paging.decode("", (str, int)) is None
 
 
 @pytest.mark.parametrize("token", ["not a token!", "e30", "bm90LWpzb24"])
 def test_foreign_tokens_are_invalid_argument(token: str) -> None:
-    with pytest.raises(InvalidArgument, match="page_token"):
-        paging.decode(token)
+    with pytest.raises(InvalidArgument, match="page_token is not one this server issued"):
+        paging.decode(token, (str, int))
+
+
+@pytest.mark.parametrize("key", [["model-a"], ["model-a", 42, "x"], [42, "model-a"], ["model-a", True], [None, None]])
+def test_tokens_of_another_listing_are_invalid_argument(key: list[object]) -> None:
+    with pytest.raises(InvalidArgument, match="page_token does not belong to this listing"):
+        paging.decode(paging.encode(key), (str, int))

@@ -1,17 +1,23 @@
-"""Sessions over real gRPC: single-flight lazy loading, LoadModel/UnloadModel, LRU eviction, requests in flight
-during unloads, and an alias moved while traffic flows."""
+"""Sessions over real gRPC: single-flight lazy loading, LoadModel/UnloadModel, LRU eviction by count and by memory
+budget, requests in flight during unloads, versions ONNX Runtime cannot load, ListLoadedModels paging, reloads when
+a version's serving labels change, and an alias moved while traffic flows."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 
 import grpc
 import numpy as np
+import onnxruntime as ort
 import pytest
+from google.protobuf import field_mask_pb2
+from onnx import TensorProto, helper
 
 from modelforge.inference.v1 import inference_pb2 as pb
 from modelforge.registry.v1 import registry_pb2
+from modelforge_server import paging
 from tests.fixtures.onnx_models import ModelFile, build_heavy, build_identity, model_bytes
 from tests.integration.inference.conftest import (
     RunningInference,
@@ -25,6 +31,26 @@ from tests.integration.inference.conftest import (
 
 SLOW = model_bytes(build_heavy(depth=32))
 BLOCKER = {"x": np.ones((4096, 512), dtype=np.float32)}
+# Four times SLOW's work per request: a request in flight that outlasts a few management calls by seconds.
+SLOWER = model_bytes(build_heavy(depth=128))
+READY = pb.LOADED_MODEL_STATE_READY
+
+
+def custom_op_model() -> bytes:
+    """A model exported with an operator of a custom-op library this server does not load. onnx.checker (the
+    registry's validation) skips domains it does not know; ONNX Runtime refuses to build a session for it."""
+    graph = helper.make_graph(
+        [helper.make_node("FancyOp", ["x"], ["y"], name="fancy", domain="com.example.custom")],
+        "custom_op",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.example.custom", 1)]
+    return model_bytes(helper.make_model(graph, opset_imports=opsets, ir_version=8))
+
+
+def counted(running: RunningInference, name: str, **labels: str) -> float:
+    return running.server.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
 async def loaded(running: RunningInference) -> list[tuple[str, int, int]]:
@@ -41,7 +67,7 @@ async def wait_loaded(running: RunningInference, expected: list[tuple[str, int, 
 
 async def test_concurrent_first_requests_load_one_session(
     inference: RunningInference, mlp: ModelFile, caplog: pytest.LogCaptureFixture
-):
+) -> None:
     caplog.set_level(logging.INFO, logger="modelforge.inference.engine")
     await upload(inference, "mlp", mlp)
     feeds = mlp.sample(batch=1)
@@ -54,7 +80,7 @@ async def test_concurrent_first_requests_load_one_session(
     assert await loaded(inference) == [("mlp", 1, pb.LOADED_MODEL_STATE_READY)]
 
 
-async def test_load_model_then_list_and_statistics(inference: RunningInference, add_one: ModelFile):
+async def test_load_model_then_list_and_statistics(inference: RunningInference, add_one: ModelFile) -> None:
     await upload(inference, "add-one", add_one)
 
     response = await inference.stub.LoadModel(pb.LoadModelRequest(ref=ref("add-one")))
@@ -69,7 +95,7 @@ async def test_load_model_then_list_and_statistics(inference: RunningInference, 
     assert stats.cache_status == pb.CACHE_STATUS_OK
 
 
-async def test_unload_of_a_model_not_loaded_is_not_found(inference: RunningInference, add_one: ModelFile):
+async def test_unload_of_a_model_not_loaded_is_not_found(inference: RunningInference, add_one: ModelFile) -> None:
     await upload(inference, "add-one", add_one)
 
     code, reason, _ = await failure(inference.stub.UnloadModel(pb.UnloadModelRequest(ref=ref("add-one"))))
@@ -77,7 +103,7 @@ async def test_unload_of_a_model_not_loaded_is_not_found(inference: RunningInfer
     assert (code, reason) == (grpc.StatusCode.NOT_FOUND, "MODEL_NOT_LOADED")
 
 
-async def test_least_recently_used_version_is_evicted(start_inference: StartInference, add_one: ModelFile):
+async def test_least_recently_used_version_is_evicted(start_inference: StartInference, add_one: ModelFile) -> None:
     async with start_inference(max_loaded_models=2) as running:
         for name in ("a", "b", "c"):
             await upload(running, name, add_one)
@@ -91,7 +117,7 @@ async def test_least_recently_used_version_is_evicted(start_inference: StartInfe
         await wait_loaded(running, [("a", 1, ready), ("c", 1, ready)])
 
 
-async def test_unload_waits_for_requests_in_flight(start_inference: StartInference):
+async def test_unload_waits_for_requests_in_flight(start_inference: StartInference) -> None:
     async with start_inference(compute_threads=1) as running:
         await upload(running, "slow", SLOW)
         await running.stub.LoadModel(pb.LoadModelRequest(ref=ref("slow")))
@@ -109,7 +135,7 @@ async def test_unload_waits_for_requests_in_flight(start_inference: StartInferen
         await wait_loaded(running, [])
 
 
-async def test_eviction_waits_for_requests_in_flight(start_inference: StartInference, add_one: ModelFile):
+async def test_eviction_waits_for_requests_in_flight(start_inference: StartInference, add_one: ModelFile) -> None:
     async with start_inference(compute_threads=1, max_loaded_models=1) as running:
         await upload(running, "slow", SLOW)
         await upload(running, "add-one", add_one)
@@ -125,7 +151,7 @@ async def test_eviction_waits_for_requests_in_flight(start_inference: StartInfer
         await wait_loaded(running, [("add-one", 1, pb.LOADED_MODEL_STATE_READY)])
 
 
-async def test_bad_serving_label_is_failed_precondition(inference: RunningInference, add_one: ModelFile):
+async def test_bad_serving_label_is_failed_precondition(inference: RunningInference, add_one: ModelFile) -> None:
     await upload(inference, "add-one", add_one, labels={"modelforge.io/max-batch-size": "lots"})
 
     code, reason, details = await failure(inference.stub.Predict(predict_request("add-one", add_one.sample())))
@@ -136,7 +162,7 @@ async def test_bad_serving_label_is_failed_precondition(inference: RunningInfere
 
 async def test_alias_moved_mid_traffic_serves_the_new_version_from_then_on(
     inference: RunningInference, add_one: ModelFile
-):
+) -> None:
     await upload(inference, "flip", add_one)  # version 1: y = x + 1
     await upload(inference, "flip", model_bytes(build_identity()))  # version 2: y = x
     registry = inference.registry_stub
@@ -180,3 +206,187 @@ async def wait_in_flight(running: RunningInference, model: str, count: int) -> N
             if sum(m.in_flight for m in response.loaded_models) == count:
                 return
             await asyncio.sleep(0.005)
+
+
+async def test_a_memory_budget_smaller_than_two_versions_evicts_the_least_recently_used(
+    start_inference: StartInference, mlp: ModelFile
+) -> None:
+    # A loaded version counts at least its file's size (engine._open), so two never fit in one and a half files;
+    # the count limit is far away: only the memory budget can evict.
+    async with start_inference(memory_budget_bytes=mlp.size * 3 // 2, max_loaded_models=100) as running:
+        await upload(running, "a", mlp)
+        await upload(running, "b", mlp)
+        first = (await running.stub.LoadModel(pb.LoadModelRequest(ref=ref("a")))).loaded_model
+        assert (first.model, first.state) == ("a", READY) and first.memory_bytes >= mlp.size
+
+        second = (await running.stub.LoadModel(pb.LoadModelRequest(ref=ref("b")))).loaded_model
+
+        assert (second.model, second.state) == ("b", READY) and second.memory_bytes >= mlp.size
+        await wait_loaded(running, [("b", 1, READY)])
+        unloads = "modelforge_inference_model_unloads_total"
+        assert counted(running, unloads, model="a", version="1", reason="evicted") == 1
+        response = await running.stub.Predict(predict_request("a", mlp.sample(batch=2)))  # loads a again
+        assert response.version == 1 and outputs(response)["output"].shape == (2, 8)
+        await wait_loaded(running, [("a", 1, READY)])  # and b made room for it
+        assert counted(running, unloads, model="b", version="1", reason="evicted") == 1
+        loads = "modelforge_inference_model_loads_total"
+        assert counted(running, loads, model="a", version="1", result="ok") == 2
+
+
+async def test_a_version_onnx_runtime_cannot_build_fails_its_load_and_is_listed_as_failed(
+    inference: RunningInference, add_one: ModelFile
+) -> None:
+    version = await upload(inference, "custom-op", custom_op_model())  # the registry's validation accepts it
+    assert version.version == 1
+
+    code, reason, details = await failure(inference.stub.LoadModel(pb.LoadModelRequest(ref=ref("custom-op"))))
+
+    # FAILED_PRECONDITION: the request is fine, the stored version cannot run here; retrying it unchanged fails.
+    assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "MODEL_LOAD_FAILED")
+    prefix = "custom-op:1 could not be loaded: "
+    assert details.startswith(prefix + "Fatal error: com.example.custom:FancyOp")
+    assert details.endswith("is not a registered function/op")
+    assert str(inference.settings.data_dir) not in details  # where the server keeps its files is its own business
+    (entry,) = (await inference.stub.ListLoadedModels(pb.ListLoadedModelsRequest())).loaded_models
+    assert (entry.model, entry.version, entry.state) == ("custom-op", 1, pb.LOADED_MODEL_STATE_FAILED)
+    assert entry.reason == details.removeprefix(prefix)
+    # A prediction tries the load again, and fails the same way.
+    again = await failure(inference.stub.Predict(predict_request("custom-op", add_one.sample())))
+    assert again == (grpc.StatusCode.FAILED_PRECONDITION, "MODEL_LOAD_FAILED", details)
+    loads = "modelforge_inference_model_loads_total"
+    assert counted(inference, loads, model="custom-op", version="1", result="failed") == 2
+    assert await loaded(inference) == [("custom-op", 1, pb.LOADED_MODEL_STATE_FAILED)]
+
+
+async def walk(running: RunningInference, page_size: int, model: str = "") -> list[tuple[str, int, int]]:
+    """Every entry of ListLoadedModels, page by page."""
+    seen: list[tuple[str, int, int]] = []
+    token = ""
+    while True:
+        request = pb.ListLoadedModelsRequest(model=model, page_size=page_size, page_token=token)
+        response = await running.stub.ListLoadedModels(request)
+        assert len(response.loaded_models) <= page_size
+        seen += [(m.model, m.version, m.state) for m in response.loaded_models]
+        if not (token := response.next_page_token):
+            return seen
+
+
+async def test_list_loaded_models_pages_walk_every_version_once(
+    inference: RunningInference, add_one: ModelFile
+) -> None:
+    for name in ("p-a", "p-b", "p-c", "p-d"):
+        await upload(inference, name, add_one)
+    await upload(inference, "p-b", add_one)
+    targets = [ref("p-a"), ref("p-b", version=1), ref("p-b", version=2), ref("p-c"), ref("p-d")]
+    for target in targets:
+        await inference.stub.LoadModel(pb.LoadModelRequest(ref=target))
+    expected = [("p-a", 1, READY), ("p-b", 1, READY), ("p-b", 2, READY), ("p-c", 1, READY), ("p-d", 1, READY)]
+
+    everything = await inference.stub.ListLoadedModels(pb.ListLoadedModelsRequest())
+
+    assert [(m.model, m.version, m.state) for m in everything.loaded_models] == expected
+    assert everything.next_page_token == ""
+    for size in (1, 2, 4, 5):
+        assert await walk(inference, size) == expected
+    assert await walk(inference, 1, model="p-b") == expected[1:3]
+
+
+async def test_a_page_token_the_server_did_not_issue_is_invalid_argument(
+    inference: RunningInference, add_one: ModelFile
+) -> None:
+    await upload(inference, "add-one", add_one)
+    await inference.stub.LoadModel(pb.LoadModelRequest(ref=ref("add-one")))  # something to compare tokens with
+    tokens = {
+        "not base64": "%%%",
+        "not a list": base64.urlsafe_b64encode(b'"a string"').decode(),
+        "a list of other types": paging.encode([7, "x"]),
+        "a list of nulls": paging.encode([None, None]),
+    }
+
+    answers = {}
+    for what, token in tokens.items():
+        code, _, details = await failure(inference.stub.ListLoadedModels(pb.ListLoadedModelsRequest(page_token=token)))
+        answers[what] = (code, "page_token" in details)
+
+    assert answers == {what: (grpc.StatusCode.INVALID_ARGUMENT, True) for what in tokens}
+    code, _, details = await failure(inference.stub.ListLoadedModels(pb.ListLoadedModelsRequest(page_size=-1)))
+    assert (code, details) == (grpc.StatusCode.INVALID_ARGUMENT, "page_size must not be negative, got -1")
+
+
+async def test_pages_list_a_version_being_unloaded_beside_its_reload(start_inference: StartInference) -> None:
+    async with start_inference(compute_threads=1) as running:
+        await upload(running, "slow", SLOWER)
+        await running.stub.LoadModel(pb.LoadModelRequest(ref=ref("slow")))
+        blocker = asyncio.ensure_future(running.stub.Predict(predict_request("slow", BLOCKER)))
+        await wait_in_flight(running, "slow", 1)
+        unload = asyncio.ensure_future(running.stub.UnloadModel(pb.UnloadModelRequest(ref=ref("slow"))))
+        await wait_loaded(running, [("slow", 1, pb.LOADED_MODEL_STATE_UNLOADING)])
+        await running.stub.LoadModel(pb.LoadModelRequest(ref=ref("slow")))  # a new session beside the old one
+        both = [("slow", 1, READY), ("slow", 1, pb.LOADED_MODEL_STATE_UNLOADING)]
+
+        before = await loaded(running)
+        walked = await walk(running, 1)
+        after = await loaded(running)
+
+        assert before == after == both  # the request in flight held the old session all along
+        assert walked == both
+        assert outputs(await blocker)["y"].shape == (4096, 512)
+        await unload
+
+
+async def test_last_use_time_moves_forward_with_each_prediction(
+    inference: RunningInference, add_one: ModelFile
+) -> None:
+    await upload(inference, "add-one", add_one)
+    await inference.stub.LoadModel(pb.LoadModelRequest(ref=ref("add-one")))
+
+    async def last_use() -> int:
+        (entry,) = (await inference.stub.ListLoadedModels(pb.ListLoadedModelsRequest())).loaded_models
+        return int(entry.last_use_time.ToNanoseconds())
+
+    stamps = [await last_use()]
+    for _ in range(2):
+        await inference.stub.Predict(predict_request("add-one", add_one.sample()))
+        stamps.append(await last_use())
+
+    assert stamps == sorted(set(stamps)) and len(stamps) == 3
+    assert await last_use() == stamps[-1]  # listing is not a use
+
+
+async def test_changed_session_labels_reload_the_version_with_the_new_options(
+    inference: RunningInference, add_one: ModelFile, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="modelforge.inference")
+    missing = next(p for p in ort.get_all_providers() if p not in ort.get_available_providers())
+    await upload(inference, "tuned", add_one, labels={"modelforge.io/intra-op-threads": "1"})
+    x = add_one.sample(batch=1)
+    await inference.stub.Predict(predict_request("tuned", x))
+    loads = "modelforge_inference_model_loads_total"
+    assert counted(inference, loads, model="tuned", version="1", result="ok") == 1
+    labels = {
+        "modelforge.io/intra-op-threads": "2",
+        "modelforge.io/graph-optimization-level": "basic",
+        "modelforge.io/execution-providers": f"{missing},CPUExecutionProvider",
+    }
+
+    await inference.registry_stub.UpdateModelVersion(
+        registry_pb2.UpdateModelVersionRequest(
+            model_version=registry_pb2.ModelVersion(model="tuned", version=1, labels=labels),
+            update_mask=field_mask_pb2.FieldMask(paths=["labels"]),
+        )
+    )
+
+    # The server hears of the change on the registry's event stream; the first request after that reloads.
+    async with asyncio.timeout(30):
+        while counted(inference, loads, model="tuned", version="1", result="ok") < 2:
+            response = await inference.stub.Predict(predict_request("tuned", x))
+            np.testing.assert_array_equal(outputs(response)["y"], x["x"] + 1)
+            await asyncio.sleep(0.01)
+    await wait_loaded(inference, [("tuned", 1, READY)])
+    reloads = "modelforge_inference_model_unloads_total"
+    assert counted(inference, reloads, model="tuned", version="1", reason="reconfigured") == 1
+    # The new session was built from the new labels: its missing provider was asked for, and fell back.
+    warned = [r.getMessage() for r in caplog.records if r.name == "modelforge.inference.sessions"]
+    assert len(warned) == 1 and warned[0].startswith(f"execution provider {missing} is not available")
+    await inference.stub.Predict(predict_request("tuned", x))  # later requests keep the new session
+    assert counted(inference, loads, model="tuned", version="1", result="ok") == 2

@@ -10,6 +10,7 @@ import numpy as np
 
 from modelforge.jobs.v1 import jobs_pb2
 from modelforge.registry.v1 import registry_pb2
+from modelforge_server import paging
 from tests.integration.jobs.conftest import (
     dataset_file,
     error_reason,
@@ -126,6 +127,10 @@ async def test_unknown_and_malformed_ids(jobs_api) -> None:
     assert (await _fails(jobs_api.stub.ListJobs(jobs_pb2.ListJobsRequest(page_token="garbage!"))))[0] == (
         grpc.StatusCode.INVALID_ARGUMENT
     )
+    # Tokens that decode but are not this listing's key: another listing's, a wrong shape, or not a time and id.
+    for key in (["model-a"], [1, 2], ["yesterday", missing], ["2026-01-01T00:00:00+00:00", "not-a-uuid"]):
+        listing = jobs_api.stub.ListJobs(jobs_pb2.ListJobsRequest(page_token=paging.encode(key)))
+        assert (await _fails(listing))[0] == grpc.StatusCode.INVALID_ARGUMENT, key
 
 
 async def test_dataset_checksum_and_size_mismatch_store_nothing(jobs_api) -> None:

@@ -9,6 +9,7 @@ import pytest
 from google.protobuf import field_mask_pb2
 
 from modelforge.registry.v1 import registry_pb2 as pb
+from modelforge_server import paging
 from tests.fixtures.servers import upload_model
 from tests.integration.registry.calls import failure
 
@@ -93,6 +94,11 @@ async def test_list_models_refuses_bad_page_size_and_token(registry_stub) -> Non
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     code, _, _ = await failure(registry_stub.ListModels(pb.ListModelsRequest(page_token="not a token")))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
+    for key in ([7], ["a", "b"], [None]):  # decodes, but is not a model name
+        listing = registry_stub.ListModels(pb.ListModelsRequest(page_token=paging.encode(key)))
+        code, _, message = await failure(listing)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "page_token does not belong to this listing" in message
 
 
 async def test_pagination_returns_each_model_once_while_others_are_created(registry_stub) -> None:
