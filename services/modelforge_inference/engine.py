@@ -338,14 +338,26 @@ class InferenceEngine:
             if hit is not None:
                 return None, {name: hit[name] for name in names if name in hit}, True
 
+        led = False
+
         async def compute() -> tuple[BatchResult, dict[str, np.ndarray]]:
+            nonlocal led
+            led = True
             result = await self._run(model, config, feeds, priority, timeout, deadline)
             selected = {name: result.outputs[name] for name in names}
             cache.put_later(key, selected, config.cache.ttl_seconds, config.cache.max_entry_bytes)  # not awaited
             return result, selected
 
-        result, selected = await cache.single_flight(key, compute)
-        return result, selected, False
+        while True:
+            try:
+                result, selected = await cache.single_flight(key, compute)
+            except DeadlineExceeded:
+                # A shared run has the timeout and deadline of the caller that started it. When those passed, a
+                # caller that joined it with time of its own left runs again (sharing with the others that do).
+                if led or (deadline is not None and asyncio.get_running_loop().time() >= deadline):
+                    raise
+                continue
+            return result, selected, False
 
     async def _run(
         self,
