@@ -53,10 +53,18 @@ from modelforge_inference.errors import (
     ModelLoadFailed,
     ModelNotLoaded,
     ModelRunFailed,
+    ModelRunOutOfMemory,
     QueueFull,
 )
 from modelforge_inference.metrics import InferenceMetrics, Rejection, UnloadReason, VersionInstruments
-from modelforge_inference.sessions import INPUT_ERRORS, ModelSession, describe_error, resident_bytes, stack
+from modelforge_inference.sessions import (
+    INPUT_ERRORS,
+    ModelSession,
+    describe_error,
+    out_of_memory,
+    resident_bytes,
+    stack,
+)
 from modelforge_inference.settings import InferenceSettings
 from modelforge_inference.signature import batch_rows, check_inputs, check_outputs, request_bytes
 from modelforge_server import telemetry
@@ -432,6 +440,8 @@ class InferenceEngine:
         try:
             return session.run(feeds)
         except INPUT_ERRORS as exc:
+            if out_of_memory(exc):
+                return ModelRunOutOfMemory(model.name, model.version, describe_error(exc))
             return ModelRunFailed(model.name, model.version, describe_error(exc))
         except Exception as exc:  # a fault of ours or of ONNX Runtime: INTERNAL, logged by the status mapping
             return exc

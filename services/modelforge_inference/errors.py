@@ -67,6 +67,20 @@ class ModelRunFailed(InvalidArgument):
         )
 
 
+class ModelRunOutOfMemory(ResourceExhausted):
+    """ONNX Runtime could not allocate what a run needed (inputs that ask for too much, or a server short of memory)."""
+
+    reason = "MODEL_RUN_OUT_OF_MEMORY"
+
+    def __init__(self, model: str, version: int, detail: str) -> None:
+        super().__init__(
+            f"{model}:{version} ran out of memory on these inputs ({detail}); send fewer or smaller items per "
+            "request, or retry later",
+            model=model,
+            version=str(version),
+        )
+
+
 class QueueFull(ResourceExhausted):
     reason = "QUEUE_FULL"
 

@@ -41,6 +41,14 @@ _STRING = "tensor(string)"
 # (a Reshape that does not fit, an index out of range). The signature checks have passed by then, and the
 # session ran its warmup, so they are the caller's doing.
 INPUT_ERRORS: tuple[type[BaseException], ...] = (ort_state.InvalidArgument, ort_state.Fail, ort_state.RuntimeException)
+# ONNX Runtime reports a failed allocation with the same exception types; only its message tells it apart.
+_OUT_OF_MEMORY = ("Failed to allocate memory", "bad_alloc", "out of memory")
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether an ONNX Runtime failure was an allocation that could not be made."""
+    text = str(exc)
+    return any(marker in text for marker in _OUT_OF_MEMORY)
 
 
 def providers(config: SessionConfig) -> list[str]:

@@ -40,12 +40,27 @@ def reshape_to_2x2() -> onnx.ModelProto:
     return model
 
 
+def filled(value: float = 1.0) -> onnx.ModelProto:
+    """shape int64 [1] -> y float32 of that many elements: the request says how much the run allocates."""
+    fill = helper.make_tensor("value", TensorProto.FLOAT, [1], [value])
+    graph = helper.make_graph(
+        [helper.make_node("ConstantOfShape", ["shape"], ["y"], value=fill)],
+        "filled",
+        [helper.make_tensor_value_info("shape", TensorProto.INT64, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
 @pytest.fixture
 async def served(inference: RunningInference, mlp: ModelFile, multi_io: ModelFile, string_model: ModelFile):
     await upload(inference, "mlp", mlp)
     await upload(inference, "multi-io", multi_io)
     await upload(inference, "strings", string_model)
     await upload(inference, "reshape", model_bytes(reshape_to_2x2()))
+    await upload(inference, "filled", model_bytes(filled()))
     return inference
 
 
@@ -130,6 +145,17 @@ async def test_onnxruntime_refusing_the_input_is_invalid_argument(served: Runnin
     assert "reshape:1" in details
     good = await served.stub.Predict(predict_request("reshape", {"x": np.arange(4, dtype=np.float32)}))
     assert outputs(good)["y"].shape == (2, 2)
+
+
+async def test_a_run_that_cannot_allocate_is_resource_exhausted(served: RunningInference):
+    request = predict_request("filled", {"shape": np.array([1 << 40], np.int64)})  # 4 TiB of float32
+
+    code, reason, details = await failure(served.stub.Predict(request))
+
+    assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "MODEL_RUN_OUT_OF_MEMORY")
+    assert "filled:1 ran out of memory" in details and "fewer or smaller items" in details
+    good = await served.stub.Predict(predict_request("filled", {"shape": np.array([3], np.int64)}))
+    np.testing.assert_array_equal(outputs(good)["y"], np.ones(3, np.float32))
 
 
 @pytest.mark.parametrize(
