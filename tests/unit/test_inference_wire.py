@@ -137,7 +137,8 @@ def test_passthrough_sends_bytes_unchanged_and_serialises_messages() -> None:
 
 
 def test_stream_digest_equals_hashlib_and_stops_when_the_stream_ends() -> None:
-    data = np.random.default_rng(0).integers(0, 255, size=9 << 20, dtype=np.uint8)  # three segments, the last short
+    size = 2 * servicer._HASH_SEGMENT_BYTES + 12345  # three segments, the last short
+    data = np.random.default_rng(0).integers(0, 255, size=size, dtype=np.uint8)
     view = memoryview(data).cast("B")
     assert servicer.sha256(view, threading.Event()) == hashlib.sha256(data).hexdigest()
 
