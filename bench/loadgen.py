@@ -35,6 +35,8 @@ UNARY = "unary"
 SERVER_STREAM = "server-stream"  # one request, a stream of answers (PredictStream)
 BIDI = "bidi"  # one long-lived stream per caller, one request in flight on it (V2 ModelStreamInfer)
 
+_READY = "ready"
+
 # A ModelStreamInferResponse whose first byte is field 1's tag carries an error_message: answered in-band.
 IN_BAND_ERROR = b"\x0a"
 
@@ -164,6 +166,7 @@ def _serve(conn: Connection) -> None:
     """A worker process: runs the jobs it is sent until it receives None, on the loop the services run on
     (uvloop where installed: it costs the load generator about a quarter less CPU per message on a stream)."""
     use_event_loop("auto")
+    conn.send(_READY)  # imported and set up: a job sent from now on starts at once
     while True:
         job = conn.recv()
         if job is None:
@@ -192,6 +195,11 @@ class LoadGenerator:
             child.close()
             self._conns.append(parent)
             self._procs.append(proc)
+        # A job's window opens a fixed allowance after it is sent: a worker still importing would miss it.
+        for conn in self._conns:
+            if not conn.poll(120) or conn.recv() != _READY:
+                self.close()
+                raise RuntimeError("a load generator process did not start within 120 s")
 
     @property
     def pids(self) -> list[int]:
