@@ -24,8 +24,9 @@ SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"]
 # Outputs at least this large are hashed on a worker thread while their chunks go out.
 _HASH_OFF_LOOP_BYTES = 1 << 20
 # The hashing thread checks between segments whether the stream still wants the digest (about 45 ms a segment).
-# Each segment ends by taking the GIL back, which waits up to the switch interval on a busy event loop: 4 MiB
-# segments cost batch-8 streams (25 MB) about a tenth of their rate at c=1, so outputs up to 64 MiB hash in one go.
+# Each segment ends by taking the GIL back, which may wait the switch interval on a busy event loop: with 4 MiB
+# segments batch-8 streams (25 MB) looked a tenth slower at c=1 (docs/PERFORMANCE.md, item 16), so outputs of up
+# to 64 MiB hash in one call.
 _HASH_SEGMENT_BYTES = 64 << 20
 
 
