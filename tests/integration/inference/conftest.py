@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+import redis.asyncio
 from google.rpc import error_details_pb2, status_pb2
 
 from modelforge import tensors
@@ -68,6 +69,14 @@ class RunningInference:
     @property
     def registry_stub(self) -> registry_pb2_grpc.RegistryServiceStub:
         return self.registry.stub
+
+
+@pytest.fixture
+async def client(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
+    """A client of the Redis that the test servers cache in."""
+    client = redis.asyncio.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
 
 
 def inference_settings_for(

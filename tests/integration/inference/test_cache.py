@@ -30,13 +30,6 @@ async def _poll(condition, what: str, timeout: float = 10.0) -> None:
 
 
 @pytest.fixture
-async def client(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
-    client = redis.asyncio.Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
 async def cache(client: redis.asyncio.Redis) -> AsyncIterator[PredictionCache]:
     async with PredictionCache(client) as cache:
         yield cache

@@ -96,14 +96,6 @@ async def eventually(condition: Callable[[], Awaitable[bool]], what: str, timeou
         await asyncio.sleep(0.02)
 
 
-@pytest.fixture
-async def client(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
-    """A client of the Redis the `inference` server caches in."""
-    client = redis.asyncio.Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
-
-
 # -- the basics ----------------------------------------------------------------------------------------------
 
 
