@@ -133,9 +133,20 @@ class _Slot:
     in_flight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     unload_reason: UnloadReason | None = None
+    # When ONNX Runtime refused to build the version (monotonic clock): requests fail at once until the retry delay
+    # has passed. None for a failure that says nothing about the version, such as a download that failed.
+    refused_at: float | None = None
 
     def __post_init__(self) -> None:
         self.idle.set()
+
+    def refusing(self, config: ServingConfig, retry_seconds: float) -> bool:
+        """Whether a request for this FAILED version under `config` fails at once instead of loading it again."""
+        return (
+            self.refused_at is not None
+            and (self.config is config or self.config == config)  # new labels deserve a new try
+            and time.monotonic() - self.refused_at < retry_seconds
+        )
 
     def snapshot(self) -> LoadedModel:
         return LoadedModel(
@@ -448,11 +459,24 @@ class InferenceEngine:
 
     # -- the table of loaded versions ------------------------------------------------------------------------
 
-    async def _acquire(self, model: ResolvedModel, config: ServingConfig, deadline: float | None) -> _Slot:
-        """The READY slot of model, loading it first if needed, counted in flight until _release."""
+    async def _acquire(
+        self, model: ResolvedModel, config: ServingConfig, deadline: float | None, *, retry: bool = False
+    ) -> _Slot:
+        """The READY slot of model, loading it first if needed, counted in flight until _release.
+
+        A version ONNX Runtime refused to build fails at once with its reason for `load_retry_seconds`, so that
+        traffic to a broken model does not occupy the loader; `retry` (LoadModel) tries again regardless.
+        """
         key = model.key
         while True:
             slot = self._slots.get(key)
+            if (
+                slot is not None
+                and slot.state is ModelState.FAILED
+                and not retry
+                and slot.refusing(config, self._settings.load_retry_seconds)
+            ):
+                raise ModelLoadFailed(model.name, model.version, slot.reason)
             # _config hands out one object per version and labels: the identity check spares a deep compare.
             if (
                 slot is not None
@@ -502,6 +526,7 @@ class InferenceEngine:
             self._metrics.load_failed(model.name, model.version)
             if isinstance(exc, ServiceError | asyncio.CancelledError):
                 raise
+            slot.refused_at = time.monotonic()
             raise ModelLoadFailed(model.name, model.version, slot.reason) from exc
         slot.session, slot.memory = session, memory
         slot.load_seconds = time.perf_counter() - started
@@ -632,7 +657,7 @@ class InferenceEngine:
         """Loads the version `ref` resolves to (with a warmup run) and returns it READY."""
         deadline = None if time_remaining is None else asyncio.get_running_loop().time() + time_remaining
         model = await self._resolve(ref, deadline)
-        slot = await self._acquire(model, self._config(model), deadline)
+        slot = await self._acquire(model, self._config(model), deadline, retry=True)
         self._release(slot)
         return slot.snapshot()
 

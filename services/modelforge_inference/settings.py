@@ -36,6 +36,9 @@ class InferenceSettings(ServerSettings):
     compute_threads: int = 0
     # Run every model once on zeros before it counts as READY.
     warmup: bool = True
+    # After ONNX Runtime fails to build a version, predictions fail at once with its reason for this many seconds
+    # before one tries the load again; LoadModel always tries again. 0 tries again on every request.
+    load_retry_seconds: float = 30.0
     # Session options, server-wide.
     intra_op_threads: int = 0
     inter_op_threads: int = 0

@@ -250,12 +250,45 @@ async def test_a_version_onnx_runtime_cannot_build_fails_its_load_and_is_listed_
     (entry,) = (await inference.stub.ListLoadedModels(pb.ListLoadedModelsRequest())).loaded_models
     assert (entry.model, entry.version, entry.state) == ("custom-op", 1, pb.LOADED_MODEL_STATE_FAILED)
     assert entry.reason == details.removeprefix(prefix)
-    # A prediction tries the load again, and fails the same way.
-    again = await failure(inference.stub.Predict(predict_request("custom-op", add_one.sample())))
-    assert again == (grpc.StatusCode.FAILED_PRECONDITION, "MODEL_LOAD_FAILED", details)
+    # Within MODELFORGE_LOAD_RETRY_SECONDS (30 s here) predictions fail the same way at once, without a new load.
     loads = "modelforge_inference_model_loads_total"
+    for _ in range(3):
+        again = await failure(inference.stub.Predict(predict_request("custom-op", add_one.sample())))
+        assert again == (grpc.StatusCode.FAILED_PRECONDITION, "MODEL_LOAD_FAILED", details)
+    assert counted(inference, loads, model="custom-op", version="1", result="failed") == 1
+    # LoadModel always tries again.
+    retried = await failure(inference.stub.LoadModel(pb.LoadModelRequest(ref=ref("custom-op"))))
+    assert retried == (grpc.StatusCode.FAILED_PRECONDITION, "MODEL_LOAD_FAILED", details)
     assert counted(inference, loads, model="custom-op", version="1", result="failed") == 2
     assert await loaded(inference) == [("custom-op", 1, pb.LOADED_MODEL_STATE_FAILED)]
+    # New labels are a new serving config: the next prediction tries the load under them.
+    labels = {"modelforge.io/intra-op-threads": "2"}  # the test server runs 1
+    await inference.registry_stub.UpdateModelVersion(
+        registry_pb2.UpdateModelVersionRequest(
+            model_version=registry_pb2.ModelVersion(model="custom-op", version=1, labels=labels),
+            update_mask=field_mask_pb2.FieldMask(paths=["labels"]),
+        )
+    )
+    # The server hears of the change on the registry's event stream; the first request after that loads again.
+    async with asyncio.timeout(30):
+        while counted(inference, loads, model="custom-op", version="1", result="failed") < 3:
+            relabelled = await failure(inference.stub.Predict(predict_request("custom-op", add_one.sample())))
+            assert relabelled == (grpc.StatusCode.FAILED_PRECONDITION, "MODEL_LOAD_FAILED", details)
+            await asyncio.sleep(0.01)
+    await inference.stub.ListLoadedModels(pb.ListLoadedModelsRequest())  # a round trip for a stray load to count
+    assert counted(inference, loads, model="custom-op", version="1", result="failed") == 3  # then held off again
+
+
+async def test_with_no_retry_delay_every_prediction_tries_a_failed_load_again(
+    start_inference: StartInference, add_one: ModelFile
+) -> None:
+    async with start_inference(load_retry_seconds=0.0) as running:
+        await upload(running, "custom-op", custom_op_model())
+        for attempt in range(1, 4):
+            code, reason, _ = await failure(running.stub.Predict(predict_request("custom-op", add_one.sample())))
+            assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "MODEL_LOAD_FAILED")
+            loads = "modelforge_inference_model_loads_total"
+            assert counted(running, loads, model="custom-op", version="1", result="failed") == attempt
 
 
 async def walk(running: RunningInference, page_size: int, model: str = "") -> list[tuple[str, int, int]]:
