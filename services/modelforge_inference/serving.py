@@ -5,14 +5,14 @@
 | modelforge.io/max-batch-size             | integer >= 0 (0: no batching)               |
 | modelforge.io/max-queue-delay-us         | integer >= 0                                |
 | modelforge.io/preferred-batch-sizes      | comma-separated integers >= 1               |
-| modelforge.io/priority-levels            | integer >= 1                                |
+| modelforge.io/priority-levels            | integer from 1 to 256                       |
 | modelforge.io/max-queue-size             | integer >= 1                                |
 | modelforge.io/queue-timeout-seconds      | number > 0, or "none"                       |
 | modelforge.io/cache                      | true or false                               |
 | modelforge.io/cache-ttl-seconds          | integer >= 1                                |
 | modelforge.io/cache-max-entry-bytes      | integer >= 1                                |
-| modelforge.io/intra-op-threads           | integer >= 0 (0: ONNX Runtime's default)    |
-| modelforge.io/inter-op-threads           | integer >= 0                                |
+| modelforge.io/intra-op-threads           | integer from 0 to 1024 (0: ONNX Runtime's)  |
+| modelforge.io/inter-op-threads           | integer from 0 to 1024                      |
 | modelforge.io/graph-optimization-level   | disabled, basic, extended or all            |
 | modelforge.io/execution-providers        | comma-separated ONNX Runtime provider names |
 | modelforge.io/allow-spinning             | true or false (default false)               |
@@ -31,16 +31,20 @@ from modelforge_server.settings import SettingsError
 
 PREFIX = "modelforge.io/"
 OPTIMIZATION_LEVELS = ("disabled", "basic", "extended", "all")
+# Upper bounds where a value is paid for up front: a queue per priority level, a thread per pool thread. Past them a
+# label is a typo or a mistake, and would cost the server its memory or its scheduler.
+MAX_PRIORITY_LEVELS = 256
+MAX_THREADS = 1024
 
 
-def _int(minimum: int) -> tuple[Callable[[str], Any], str]:
+def _int(minimum: int, maximum: int | None = None) -> tuple[Callable[[str], Any], str]:
     def parse(text: str) -> int:
         value = int(text)
-        if value < minimum:
+        if value < minimum or (maximum is not None and value > maximum):
             raise ValueError
         return value
 
-    return parse, f"an integer >= {minimum}"
+    return parse, f"an integer >= {minimum}" if maximum is None else f"an integer from {minimum} to {maximum}"
 
 
 def _sizes(text: str) -> tuple[int, ...]:
@@ -86,14 +90,14 @@ _LABELS: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
     "max-batch-size": ("batching", "max_batch_size", *_int(0)),
     "max-queue-delay-us": ("batching", "max_queue_delay_us", *_int(0)),
     "preferred-batch-sizes": ("batching", "preferred_batch_sizes", _sizes, "comma-separated integers >= 1"),
-    "priority-levels": ("batching", "priority_levels", *_int(1)),
+    "priority-levels": ("batching", "priority_levels", *_int(1, MAX_PRIORITY_LEVELS)),
     "max-queue-size": ("batching", "max_queue_size", *_int(1)),
     "queue-timeout-seconds": ("batching", "default_queue_timeout", _timeout, 'a number of seconds > 0 or "none"'),
     "cache": ("cache", "enabled", _bool, "true or false"),
     "cache-ttl-seconds": ("cache", "ttl_seconds", *_int(1)),
     "cache-max-entry-bytes": ("cache", "max_entry_bytes", *_int(1)),
-    "intra-op-threads": ("session", "intra_op_threads", *_int(0)),
-    "inter-op-threads": ("session", "inter_op_threads", *_int(0)),
+    "intra-op-threads": ("session", "intra_op_threads", *_int(0, MAX_THREADS)),
+    "inter-op-threads": ("session", "inter_op_threads", *_int(0, MAX_THREADS)),
     "graph-optimization-level": ("session", "graph_optimization_level", _level, " | ".join(OPTIMIZATION_LEVELS)),
     "execution-providers": ("session", "execution_providers", _providers, "comma-separated provider names"),
     "allow-spinning": ("session", "allow_spinning", _bool, "true or false"),
@@ -103,15 +107,15 @@ _LABELS: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
 def defaults(settings: InferenceSettings) -> ServingConfig:
     """The server-wide ServingConfig from MODELFORGE_* settings.
 
-    The session settings take what their labels take; SettingsError names one that does not, at start, rather than
-    every load failing later on a value ONNX Runtime has no option for.
+    The session settings and the priority levels take what their labels take; SettingsError names one that does
+    not, at start, rather than every load failing later on a value ONNX Runtime has no option for.
     """
     return ServingConfig(
         batching=BatchingConfig(
             max_batch_size=settings.max_batch_size,
             max_queue_delay_us=settings.max_queue_delay_us,
             preferred_batch_sizes=_sizes(",".join(settings.preferred_batch_sizes)),
-            priority_levels=max(1, settings.priority_levels),
+            priority_levels=_setting("priority-levels", settings.priority_levels),
             max_queue_size=max(1, settings.max_queue_size),
             default_queue_timeout=settings.default_queue_timeout,
         ),

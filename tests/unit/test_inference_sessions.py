@@ -111,17 +111,21 @@ def test_labels_other_than_serving_options_leave_the_config_equal() -> None:
 @pytest.mark.parametrize(
     ("label", "value", "expected"),
     [
-        ("intra-op-threads", "-1", "an integer >= 0"),
-        ("intra-op-threads", "two", "an integer >= 0"),
-        ("intra-op-threads", "1.5", "an integer >= 0"),
-        ("intra-op-threads", "", "an integer >= 0"),
-        ("inter-op-threads", "-3", "an integer >= 0"),
+        ("intra-op-threads", "-1", "an integer from 0 to 1024"),
+        ("intra-op-threads", "two", "an integer from 0 to 1024"),
+        ("intra-op-threads", "1.5", "an integer from 0 to 1024"),
+        ("intra-op-threads", "", "an integer from 0 to 1024"),
+        ("intra-op-threads", "1025", "an integer from 0 to 1024"),
+        ("inter-op-threads", "-3", "an integer from 0 to 1024"),
+        ("inter-op-threads", "100000", "an integer from 0 to 1024"),
+        ("priority-levels", "0", "an integer from 1 to 256"),
+        ("priority-levels", "1000000000", "an integer from 1 to 256"),
         ("graph-optimization-level", "ALL", "disabled | basic | extended | all"),
         ("graph-optimization-level", "ORT_ENABLE_ALL", "disabled | basic | extended | all"),
         ("graph-optimization-level", "", "disabled | basic | extended | all"),
     ],
 )
-def test_a_bad_session_label_is_refused_by_name(label: str, value: str, expected: str) -> None:
+def test_a_bad_serving_label_is_refused_by_name(label: str, value: str, expected: str) -> None:
     key = serving.PREFIX + label
 
     with pytest.raises(InvalidServingConfig) as caught:
@@ -140,6 +144,9 @@ def test_a_bad_session_label_is_refused_by_name(label: str, value: str, expected
         ("graph_optimization_level", "ALL", "MODELFORGE_GRAPH_OPTIMIZATION_LEVEL"),
         ("intra_op_threads", -1, "MODELFORGE_INTRA_OP_THREADS"),
         ("inter_op_threads", -2, "MODELFORGE_INTER_OP_THREADS"),
+        ("intra_op_threads", 4096, "MODELFORGE_INTRA_OP_THREADS"),
+        ("priority_levels", 0, "MODELFORGE_PRIORITY_LEVELS"),
+        ("priority_levels", 10**9, "MODELFORGE_PRIORITY_LEVELS"),
     ],
 )
 def test_a_bad_server_wide_session_setting_is_refused_at_start(setting: str, value: object, variable: str) -> None:
