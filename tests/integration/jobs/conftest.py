@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager, contextmanager
@@ -30,6 +31,7 @@ import grpc
 import numpy as np
 import psycopg
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from modelforge import tensors
 from modelforge.jobs.v1 import jobs_pb2, jobs_pb2_grpc
@@ -199,6 +201,13 @@ async def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting on job {job.id}: {job}")
         await asyncio.sleep(0.02)
+
+
+def scrape_metrics(port: int) -> dict[str, float]:
+    """The unlabelled samples a worker process serves on its metrics port, by name."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels}
 
 
 def getter(stub: jobs_pb2_grpc.JobServiceStub, job_id: str) -> Callable[[], Awaitable[jobs_pb2.Job]]:

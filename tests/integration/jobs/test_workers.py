@@ -7,23 +7,26 @@ import asyncio
 import logging
 import signal
 import time
-import urllib.request
 from dataclasses import replace
 
 import numpy as np
-from prometheus_client.parser import text_string_to_metric_families
 
 from modelforge.jobs.v1 import jobs_pb2
 from modelforge_server import embedded
-from tests.integration.jobs.conftest import getter, inline_request, results, upload, wait_for, wait_terminal
+from tests.integration.jobs.conftest import (
+    getter,
+    inline_request,
+    results,
+    scrape_metrics,
+    upload,
+    wait_for,
+    wait_terminal,
+)
 
 
 def scrape_items(port: int) -> float:
     """modelforge_jobs_items_total as the worker process serves it on its metrics port."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels}
-    return samples["modelforge_jobs_items_total"]
+    return scrape_metrics(port)["modelforge_jobs_items_total"]
 
 
 async def until_items_counted(port: int, *, timeout: float = 30.0) -> None:
