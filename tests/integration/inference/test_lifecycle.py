@@ -58,6 +58,16 @@ async def loaded(running: RunningInference) -> list[tuple[str, int, int]]:
     return [(m.model, m.version, m.state) for m in response.loaded_models]
 
 
+async def relabel(running: RunningInference, model: str, version: int, labels: dict[str, str]) -> None:
+    """Replaces the labels of model:version in the registry."""
+    await running.registry_stub.UpdateModelVersion(
+        registry_pb2.UpdateModelVersionRequest(
+            model_version=registry_pb2.ModelVersion(model=model, version=version, labels=labels),
+            update_mask=field_mask_pb2.FieldMask(paths=["labels"]),
+        )
+    )
+
+
 async def wait_loaded(running: RunningInference, expected: list[tuple[str, int, int]], timeout: float = 20.0) -> None:
     async with asyncio.timeout(timeout):
         while (current := await loaded(running)) != expected:
@@ -262,13 +272,7 @@ async def test_a_version_onnx_runtime_cannot_build_fails_its_load_and_is_listed_
     assert counted(inference, loads, model="custom-op", version="1", result="failed") == 2
     assert await loaded(inference) == [("custom-op", 1, pb.LOADED_MODEL_STATE_FAILED)]
     # New labels are a new serving config: the next prediction tries the load under them.
-    labels = {"modelforge.io/intra-op-threads": "2"}  # the test server runs 1
-    await inference.registry_stub.UpdateModelVersion(
-        registry_pb2.UpdateModelVersionRequest(
-            model_version=registry_pb2.ModelVersion(model="custom-op", version=1, labels=labels),
-            update_mask=field_mask_pb2.FieldMask(paths=["labels"]),
-        )
-    )
+    await relabel(inference, "custom-op", 1, {"modelforge.io/intra-op-threads": "2"})  # the test server runs 1
     # The server hears of the change on the registry's event stream; the first request after that loads again.
     async with asyncio.timeout(30):
         while counted(inference, loads, model="custom-op", version="1", result="failed") < 3:
@@ -402,12 +406,7 @@ async def test_changed_session_labels_reload_the_version_with_the_new_options(
         "modelforge.io/execution-providers": f"{missing},CPUExecutionProvider",
     }
 
-    await inference.registry_stub.UpdateModelVersion(
-        registry_pb2.UpdateModelVersionRequest(
-            model_version=registry_pb2.ModelVersion(model="tuned", version=1, labels=labels),
-            update_mask=field_mask_pb2.FieldMask(paths=["labels"]),
-        )
-    )
+    await relabel(inference, "tuned", 1, labels)
 
     # The server hears of the change on the registry's event stream; the first request after that reloads.
     async with asyncio.timeout(30):
