@@ -127,16 +127,23 @@ async def test_least_recently_used_version_is_evicted(start_inference: StartInfe
         await wait_loaded(running, [("a", 1, ready), ("c", 1, ready)])
 
 
+async def unloading_under_a_request(
+    running: RunningInference, model: bytes
+) -> tuple[asyncio.Future[pb.PredictResponse], asyncio.Future[pb.UnloadModelResponse]]:
+    """Loads `model` as "slow", starts a Predict on it, then an UnloadModel; returns both calls once the version is
+    UNLOADING with the Predict still in flight."""
+    await upload(running, "slow", model)
+    await running.stub.LoadModel(pb.LoadModelRequest(ref=ref("slow")))
+    blocker = asyncio.ensure_future(running.stub.Predict(predict_request("slow", BLOCKER)))
+    await wait_in_flight(running, "slow", 1)
+    unload = asyncio.ensure_future(running.stub.UnloadModel(pb.UnloadModelRequest(ref=ref("slow"))))
+    await wait_loaded(running, [("slow", 1, pb.LOADED_MODEL_STATE_UNLOADING)])
+    return blocker, unload
+
+
 async def test_unload_waits_for_requests_in_flight(start_inference: StartInference) -> None:
     async with start_inference(compute_threads=1) as running:
-        await upload(running, "slow", SLOW)
-        await running.stub.LoadModel(pb.LoadModelRequest(ref=ref("slow")))
-        blocker = asyncio.ensure_future(running.stub.Predict(predict_request("slow", BLOCKER)))
-        await wait_in_flight(running, "slow", 1)
-
-        unload = asyncio.ensure_future(running.stub.UnloadModel(pb.UnloadModelRequest(ref=ref("slow"))))
-
-        await wait_loaded(running, [("slow", 1, pb.LOADED_MODEL_STATE_UNLOADING)])
+        blocker, unload = await unloading_under_a_request(running, SLOW)
         assert not unload.done()
         result = await blocker  # finishes on the session being unloaded
         assert outputs(result)["y"].shape == (4096, 512)
@@ -352,12 +359,7 @@ async def test_a_page_token_the_server_did_not_issue_is_invalid_argument(
 
 async def test_pages_list_a_version_being_unloaded_beside_its_reload(start_inference: StartInference) -> None:
     async with start_inference(compute_threads=1) as running:
-        await upload(running, "slow", SLOWER)
-        await running.stub.LoadModel(pb.LoadModelRequest(ref=ref("slow")))
-        blocker = asyncio.ensure_future(running.stub.Predict(predict_request("slow", BLOCKER)))
-        await wait_in_flight(running, "slow", 1)
-        unload = asyncio.ensure_future(running.stub.UnloadModel(pb.UnloadModelRequest(ref=ref("slow"))))
-        await wait_loaded(running, [("slow", 1, pb.LOADED_MODEL_STATE_UNLOADING)])
+        blocker, unload = await unloading_under_a_request(running, SLOWER)
         await running.stub.LoadModel(pb.LoadModelRequest(ref=ref("slow")))  # a new session beside the old one
         both = [("slow", 1, READY), ("slow", 1, pb.LOADED_MODEL_STATE_UNLOADING)]
 
