@@ -7,6 +7,12 @@ and leave together. A batch merges requests whose inputs agree on every dimensio
 holds max_batch_size rows, a preferred number of rows, or when its oldest request has waited max_queue_delay_us.
 A request leaves the queue without running when its deadline passes (QueueTimeout) or its caller goes away.
 
+Identical requests (the same `share` key: the prediction cache's digest of model file, inputs and requested
+outputs) run once. Each waits in the queue as a request of its own, with its own priority, deadline and
+cancellation; when the first of them is taken for a run, the others leave the queue and get that run's outputs,
+and an identical request arriving while that run is under way waits for it rather than queueing. A run answers
+its sharers even when the caller that it was queued for has gone.
+
 Without merging, a version whose runs take only microseconds (an average under `inline_below`) runs on the
 event loop: the hop to a compute thread and back costs several times more than such a run. Every run is timed,
 so a version that turns slow goes back to the threads at once.
@@ -52,6 +58,7 @@ class BatchResult:
     queue_seconds: float
     compute_seconds: float
     batch_rows: int  # rows of the run the request was part of
+    shared: bool = False  # the outputs of an identical request's run, which this request did not run again
 
 
 @dataclass(eq=False, slots=True)
@@ -64,6 +71,8 @@ class _Pending:
     future: asyncio.Future[BatchResult]
     timer: asyncio.TimerHandle | None = None
     queued: bool = True
+    share: Hashable | None = None  # identical requests have equal keys; None: never shared
+    sharers: list[_Pending] | None = None  # identical requests answered by this one's run
 
 
 @dataclass(slots=True)
@@ -116,6 +125,8 @@ class Batcher:
         self._preferred = frozenset(config.preferred_batch_sizes)
         self._inline_below = 0.0 if self._merging else inline_below
         self._run_seconds: float | None = None  # moving average of execute's own time; None until a run
+        self._waiting: dict[Hashable, list[_Pending]] = {}  # share key -> the queued requests with that key
+        self._sharing: dict[Hashable, _Pending] = {}  # share key -> the request whose run is under way
 
     @property
     def queued(self) -> int:
@@ -154,15 +165,20 @@ class Batcher:
         levels = len(self._queues.levels)
         return priority - 1 if 1 <= priority <= levels else levels - 1
 
-    async def submit(self, feeds: Feeds, *, priority: int = 0, expires_at: float | None = None) -> BatchResult:
+    async def submit(
+        self, feeds: Feeds, *, priority: int = 0, expires_at: float | None = None, share: Hashable | None = None
+    ) -> BatchResult:
         """Queues a request and waits for its outputs.
 
         expires_at (event-loop time) is when the request must have started running; past it, the request leaves
         the queue with QueueTimeout. Raises QueueFull at once when the queue holds max_queue_size requests.
+        share: a key that requests with identical feeds (and wanting the same outputs) share; they run once.
         """
         if self._closed:
             raise ModelUnloading(self.model, self.version)
         loop = asyncio.get_running_loop()
+        if share is not None and (running := self._sharing.get(share)) is not None:
+            return await self._share_run(running)  # nothing is queued: it waits for a run already under way
         now = loop.time()
         if expires_at is not None and expires_at <= now:
             raise QueueTimeout(self.model, self.version, 0.0)
@@ -180,13 +196,22 @@ class Batcher:
             level=self.level_of(priority),
             enqueued=time.perf_counter(),
             future=future,
+            share=share,
         )
         self._queues.levels[pending.level].append(pending)
         self._queues.size += 1
+        if share is not None:
+            self._waiting.setdefault(share, []).append(pending)
         if expires_at is not None:
             pending.timer = loop.call_at(expires_at, self._expire, pending)
         future.add_done_callback(functools.partial(self._abandon, pending))
         self._arrived.set()
+        return await future
+
+    async def _share_run(self, running: _Pending) -> BatchResult:
+        future: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
+        sharer = _Pending(running.feeds, running.rows, None, running.level, time.perf_counter(), future, queued=False)
+        self._add_sharer(running, sharer)
         return await future
 
     # -- queue bookkeeping -----------------------------------------------------------------------------------
@@ -197,12 +222,21 @@ class Batcher:
             self._queues.size -= 1
             self._dequeued(pending)
 
-    @staticmethod
-    def _dequeued(pending: _Pending) -> None:
+    def _dequeued(self, pending: _Pending) -> None:
         pending.queued = False
         if pending.timer is not None:
             pending.timer.cancel()
             pending.timer = None
+        if pending.share is not None and (waiting := self._waiting.get(pending.share)) is not None:
+            waiting.remove(pending)
+            if not waiting:
+                del self._waiting[pending.share]
+
+    @staticmethod
+    def _add_sharer(pending: _Pending, sharer: _Pending) -> None:
+        if pending.sharers is None:
+            pending.sharers = []
+        pending.sharers.append(sharer)
 
     def _expire(self, pending: _Pending) -> None:
         if pending.queued and not pending.future.done():
@@ -223,10 +257,15 @@ class Batcher:
         batch, rows = [head], head.rows or 1
         if head.rows is None or rows >= limit:
             return batch, rows
+        shares = {head.share}  # an identical request is answered by the run, not run again
         for level in self._queues.levels:
             for pending in level:
                 if pending is head or pending.rows is None or pending.key != head.key:
                     continue
+                if pending.share is not None:
+                    if pending.share in shares:
+                        continue
+                    shares.add(pending.share)
                 if rows + pending.rows <= limit:
                     batch.append(pending)
                     rows += pending.rows
@@ -283,6 +322,23 @@ class Batcher:
                 level.remove(pending)
             self._queues.size -= 1
             self._dequeued(pending)
+        for pending in batch:
+            if pending.share is not None:
+                for identical in self._waiting.pop(pending.share, ()):
+                    self._remove(identical)
+                    self._add_sharer(pending, identical)
+                self._sharing[pending.share] = pending
+
+    def _unshare(self, batch: list[_Pending]) -> None:
+        """Ends the sharing of a batch's runs: identical requests arriving from now on queue anew."""
+        for pending in batch:
+            if pending.share is not None and self._sharing.get(pending.share) is pending:
+                del self._sharing[pending.share]
+
+    @staticmethod
+    def _wanted(pending: _Pending) -> bool:
+        """Whether anyone still waits for the run of `pending`: its caller or a request sharing it."""
+        return not pending.future.done() or any(not sharer.future.done() for sharer in pending.sharers or ())
 
     def _timed(self, feeds: Sequence[Feeds], clock: Callable[[], float] = time.thread_time) -> list[Outcome]:
         """execute, timed for the moving average. On a compute thread the clock is the thread's CPU time, which
@@ -317,16 +373,17 @@ class Batcher:
 
     def _run_inline(self, batch: list[_Pending]) -> None:
         try:
-            live = [pending for pending in batch if not pending.future.done()]
+            live = [pending for pending in batch if self._wanted(pending)]
             if live:
                 self._settle(live, *self._on_loop([p.feeds for p in live]))
         finally:
+            self._unshare(batch)
             self._slots.release()
 
     async def _run(self, batch: list[_Pending]) -> None:
         loop = asyncio.get_running_loop()
         try:
-            live = [pending for pending in batch if not pending.future.done()]
+            live = [pending for pending in batch if self._wanted(pending)]
             if not live:
                 return
             started = time.perf_counter()
@@ -336,6 +393,7 @@ class Batcher:
                 outcomes = [exc] * len(live)
             self._settle(live, outcomes, started, time.perf_counter() - started)
         finally:
+            self._unshare(batch)  # after answering, with no await between: no sharer can arrive unanswered
             self._slots.release()
 
     def _settle(self, live: list[_Pending], outcomes: list[Outcome], started: float, compute: float) -> None:
@@ -343,12 +401,21 @@ class Batcher:
         if self._on_execution is not None:
             self._on_execution(rows, len(live), compute)
         for pending, outcome in zip(live, outcomes, strict=True):
-            if pending.future.done():
-                continue
-            if isinstance(outcome, BaseException):
-                pending.future.set_exception(outcome)
-            else:
-                pending.future.set_result(BatchResult(outcome, started - pending.enqueued, compute, rows))
+            _answer(pending, outcome, started, compute, rows)
+            for sharer in pending.sharers or ():
+                _answer(sharer, outcome, started, compute, rows, shared=True)
+
+
+def _answer(
+    pending: _Pending, outcome: Outcome, started: float, compute: float, rows: int, *, shared: bool = False
+) -> None:
+    if pending.future.done():  # its caller went away
+        return
+    if isinstance(outcome, BaseException):
+        pending.future.set_exception(outcome)
+    else:
+        waited = max(0.0, started - pending.enqueued)  # a sharer may arrive after the run began
+        pending.future.set_result(BatchResult(outcome, waited, compute, rows, shared))
 
 
 def split(outputs: Mapping[str, np.ndarray], rows: Sequence[int]) -> list[dict[str, np.ndarray]] | None:

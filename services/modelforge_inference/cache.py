@@ -1,4 +1,4 @@
-"""The prediction cache in Redis, and single-flight sharing of identical work.
+"""The prediction cache in Redis.
 
 An entry maps a prediction key to the outputs of one request. The key is a BLAKE2b digest over the model file's
 sha256, the inputs in canonical form and the requested output names (:func:`prediction_digest`), so it names the
@@ -11,8 +11,9 @@ and ``put`` are no-ops answering a miss without touching Redis, while a backgrou
 leaves degraded mode on its own when Redis answers again. No method of :class:`PredictionCache` raises because of
 Redis.
 
-Single flight is per process: concurrent identical misses in one replica run the model once
-(:meth:`PredictionCache.single_flight`); two replicas missing the same key at the same moment each compute it once.
+Concurrent identical misses in one replica run the model once: the engine hands the key's digest to the version's
+batcher, which shares one run among the requests queued with it (see batcher.py); two replicas missing the same key
+at the same moment each compute it once.
 
 Entries are written in the background (:meth:`PredictionCache.put_later`), so a slow Redis adds nothing to the
 latency of a miss; until its write completes, an entry is answered from memory, so a repeat arriving meanwhile is
@@ -36,8 +37,8 @@ import random
 import struct
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping
-from typing import Any, Generic, TypeVar, cast
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any, cast
 
 import numpy as np
 import redis.asyncio
@@ -52,16 +53,12 @@ __all__ = [
     "LocalTier",
     "PredictionCache",
     "PredictionKey",
-    "SingleFlight",
     "decode_outputs",
     "encode_outputs",
     "prediction_digest",
 ]
 
 log = logging.getLogger(__name__)
-
-K = TypeVar("K", bound=Hashable)
-T = TypeVar("T")
 
 _STRING = "bytes"  # the dtype label of string tensors (numpy object arrays of bytes or str)
 
@@ -319,64 +316,6 @@ class LocalTier:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Single flight
-
-
-class _Flight(Generic[T]):
-    __slots__ = ("task", "waiters")
-
-    def __init__(self, task: asyncio.Future[T]) -> None:
-        self.task = task
-        self.waiters = 0
-
-
-class SingleFlight(Generic[K, T]):
-    """Runs one coroutine per key at a time; concurrent callers with the same key share its result or error.
-
-    The work runs in a task of its own, so a caller that is cancelled leaves it running for the others; when the
-    last caller waiting on it is cancelled, it is cancelled too. :meth:`forget` makes later callers start afresh
-    while earlier ones keep waiting on the running work (used when what the work reads has just changed).
-    """
-
-    def __init__(self) -> None:
-        self._flights: dict[K, _Flight[T]] = {}
-
-    def __len__(self) -> int:
-        return len(self._flights)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._flights
-
-    async def run(self, key: K, work: Callable[[], Awaitable[T]]) -> T:
-        flight = self._flights.get(key)
-        if flight is None:
-            flight = _Flight(asyncio.ensure_future(work()))
-            self._flights[key] = flight
-            flight.task.add_done_callback(lambda _: self._finished(key, flight))  # flight is never rebound
-        flight.waiters += 1
-        try:
-            return await asyncio.shield(flight.task)
-        finally:
-            flight.waiters -= 1
-            if flight.waiters == 0 and not flight.task.done():
-                self._finished(key, flight)
-                flight.task.cancel()
-
-    def forget(self, key: K) -> None:
-        self._flights.pop(key, None)
-
-    def forget_where(self, predicate: Callable[[K], bool]) -> None:
-        for key in [key for key in self._flights if predicate(key)]:
-            del self._flights[key]
-
-    def _finished(self, key: K, flight: _Flight[T]) -> None:
-        if self._flights.get(key) is flight:
-            del self._flights[key]
-        if flight.task.done() and not flight.task.cancelled():
-            flight.task.exception()  # retrieved here, so an error nobody awaited is not logged as unhandled
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # The cache
 
 
@@ -443,7 +382,6 @@ class PredictionCache:
         self._writes: set[asyncio.Task[bool]] = set()
         self._probe_interval = probe_interval
         self._max_probe_interval = max_probe_interval
-        self._flights: SingleFlight[bytes, Any] = SingleFlight()
         self._counts: dict[tuple[str, int], CacheCounts] = {}
         self._degraded_reason: str | None = None
         self._trouble = asyncio.Event()
@@ -647,16 +585,6 @@ class PredictionCache:
         if self._local is not None:
             self._local.put(key.digest, outputs, ttl_seconds, len(value))
         return True
-
-    async def single_flight(self, key: PredictionKey, compute: Callable[[], Awaitable[T]]) -> T:
-        """Runs compute once for concurrent callers with the same key (in this process) and gives each its result.
-
-        Typical use on a miss: ``await cache.single_flight(key, run_and_store)``, where run_and_store runs the model
-        and calls :meth:`put`. An exception from compute reaches every caller sharing it.
-        """
-        # The flights are shared by all callers (typed Any); the work for one key is always the same compute, so T.
-        result: T = await self._flights.run(key.digest, compute)
-        return result
 
     # -- Redis -----------------------------------------------------------------------------------------------
 

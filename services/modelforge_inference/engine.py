@@ -110,8 +110,6 @@ class Cache(Protocol):
         self, key: Any, outputs: Mapping[str, np.ndarray], ttl_seconds: float | None, max_entry_bytes: int
     ) -> None: ...
 
-    async def single_flight(self, key: Any, compute: Callable[[], Awaitable[T]]) -> T: ...
-
     def counts(self, model: str, version: int) -> Any: ...
 
 
@@ -357,26 +355,13 @@ class InferenceEngine:
             if hit is not None:
                 return None, {name: hit[name] for name in names if name in hit}, True
 
-        led = False
-
-        async def compute() -> tuple[BatchResult, dict[str, np.ndarray]]:
-            nonlocal led
-            led = True
-            result = await self._run(model, config, feeds, priority, timeout, deadline)
-            selected = {name: result.outputs[name] for name in names}
+        # Identical misses run once: the batcher shares a run among requests with the same key (each queued with
+        # its own priority and deadline), and the request whose run it was stores the entry.
+        result = await self._run(model, config, feeds, priority, timeout, deadline, share=key.digest)
+        selected = {name: result.outputs[name] for name in names}
+        if not result.shared:
             cache.put_later(key, selected, config.cache.ttl_seconds, config.cache.max_entry_bytes)  # not awaited
-            return result, selected
-
-        while True:
-            try:
-                result, selected = await cache.single_flight(key, compute)
-            except DeadlineExceeded:
-                # A shared run has the timeout and deadline of the caller that started it. When those passed, a
-                # caller that joined it with time of its own left runs again (sharing with the others that do).
-                if led or (deadline is not None and asyncio.get_running_loop().time() >= deadline):
-                    raise
-                continue
-            return result, selected, False
+        return result, selected, False
 
     async def _run(
         self,
@@ -386,6 +371,7 @@ class InferenceEngine:
         priority: int,
         timeout: float | None,
         deadline: float | None,
+        share: bytes | None = None,
     ) -> BatchResult:
         slot = await self._acquire(model, config, deadline)
         try:
@@ -398,20 +384,26 @@ class InferenceEngine:
                 limits.append(now + timeout)
             expires = min((limit for limit in limits if limit is not None), default=None)
             if self._tracing:
-                return await self._traced_submit(slot.batcher, model, feeds, priority, expires)
-            return await slot.batcher.submit(feeds, priority=priority, expires_at=expires)
+                return await self._traced_submit(slot.batcher, model, feeds, priority, expires, share)
+            return await slot.batcher.submit(feeds, priority=priority, expires_at=expires, share=share)
         finally:
             self._release(slot)
 
     async def _traced_submit(
-        self, batcher: Batcher, model: ResolvedModel, feeds: Feeds, priority: int, expires: float | None
+        self,
+        batcher: Batcher,
+        model: ResolvedModel,
+        feeds: Feeds,
+        priority: int,
+        expires: float | None,
+        share: bytes | None,
     ) -> BatchResult:
         """Submits with a "queue wait" and a "batch execution" span, drawn afterwards from the batcher's timings
         (a batch runs for many requests at once, each of which gets the spans in its own trace)."""
         attributes = _attributes(model)
         queued_at = time.time_ns()
         try:
-            result = await batcher.submit(feeds, priority=priority, expires_at=expires)
+            result = await batcher.submit(feeds, priority=priority, expires_at=expires, share=share)
         except BaseException as exc:
             span = self._tracer.start_span("queue wait", start_time=queued_at, attributes=attributes)
             span.record_exception(exc)

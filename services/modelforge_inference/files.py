@@ -30,8 +30,8 @@ from typing import Any, BinaryIO
 from opentelemetry.util.types import AttributeValue
 
 from modelforge.registry.v1 import registry_pb2_grpc
-from modelforge_inference.cache import SingleFlight
 from modelforge_inference.domain import ResolvedModel
+from modelforge_inference.flights import SingleFlight
 from modelforge_inference.registry_client import ModelFileCorrupt, RegistryClient
 from modelforge_server import errors, telemetry
 

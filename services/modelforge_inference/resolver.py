@@ -26,8 +26,8 @@ import random
 from collections.abc import Callable
 
 from modelforge.registry.v1 import registry_pb2_grpc
-from modelforge_inference.cache import SingleFlight
 from modelforge_inference.domain import ModelRef, ResolvedModel
+from modelforge_inference.flights import SingleFlight
 from modelforge_inference.registry_client import ModelEvent, ModelEventType, RegistryClient
 from modelforge_server import errors
 

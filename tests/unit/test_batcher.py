@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from modelforge_inference.batcher import Batcher, Feeds, Outcome, split
+from modelforge_inference.batcher import Batcher, BatchResult, Feeds, Outcome, split
 from modelforge_inference.domain import BatchingConfig
 from modelforge_inference.errors import ModelUnloading, QueueFull, QueueTimeout
 
@@ -44,7 +44,13 @@ async def pool() -> AsyncIterator[ThreadPoolExecutor]:
     executor.shutdown(wait=True)
 
 
-def make(pool: ThreadPoolExecutor, recorder: Recorder, **config: object) -> Batcher:
+def make(
+    pool: ThreadPoolExecutor,
+    recorder: Recorder,
+    *,
+    on_execution: Callable[[int, int, float], None] | None = None,
+    **config: object,
+) -> Batcher:
     batcher = Batcher(
         model="m",
         version=1,
@@ -53,9 +59,20 @@ def make(pool: ThreadPoolExecutor, recorder: Recorder, **config: object) -> Batc
         execute=recorder,
         executor=pool,
         concurrency=1,
+        on_execution=on_execution,
     )
     batcher.start()
     return batcher
+
+
+async def busy(pool: ThreadPoolExecutor, **options: Any) -> tuple[Recorder, Batcher, asyncio.Future[BatchResult]]:
+    """A started batcher whose first request, feeds(0), holds its only compute slot until the recorder's gate
+    opens: what a test submits next waits in the queue."""
+    recorder = Recorder()
+    batcher = make(pool, recorder, **options)
+    first = asyncio.ensure_future(batcher.submit(feeds(0)))
+    await wait_started(recorder)
+    return recorder, batcher, first
 
 
 def feeds(value: float, rows: int = 1, width: int = 2) -> Feeds:
@@ -84,10 +101,7 @@ async def wait_started(recorder: Recorder) -> None:
 
 
 async def test_compatible_requests_merge_and_outputs_split_back(pool):
-    recorder = Recorder()
-    batcher = make(pool, recorder, max_batch_size=8, max_queue_delay_us=100_000)
-    first = asyncio.ensure_future(batcher.submit(feeds(0)))
-    await wait_started(recorder)
+    recorder, batcher, first = await busy(pool, max_batch_size=8, max_queue_delay_us=100_000)
     rest = [asyncio.ensure_future(batcher.submit(feeds(v, rows=2))) for v in (1, 2, 3, 4)]
     odd = asyncio.ensure_future(batcher.submit(feeds(9, width=3)))  # other trailing dims: never merged
     await asyncio.sleep(0)
@@ -104,10 +118,7 @@ async def test_compatible_requests_merge_and_outputs_split_back(pool):
 
 
 async def test_priority_levels_are_strict_and_fifo_within(pool):
-    recorder = Recorder()
-    batcher = make(pool, recorder, priority_levels=3)
-    first = asyncio.ensure_future(batcher.submit(feeds(0)))
-    await wait_started(recorder)
+    recorder, batcher, first = await busy(pool, priority_levels=3)
     order = [(1, 3), (2, 1), (3, 0), (4, 2), (5, 1), (6, 3)]  # (value, priority); 0 means the last level
     tasks = [asyncio.ensure_future(batcher.submit(feeds(v), priority=p)) for v, p in order]
     await asyncio.sleep(0)
@@ -120,10 +131,7 @@ async def test_priority_levels_are_strict_and_fifo_within(pool):
 
 
 async def test_full_queue_refuses_at_once(pool):
-    recorder = Recorder()
-    batcher = make(pool, recorder, max_queue_size=2)
-    first = asyncio.ensure_future(batcher.submit(feeds(0)))
-    await wait_started(recorder)
+    recorder, batcher, first = await busy(pool, max_queue_size=2)
     queued = [asyncio.ensure_future(batcher.submit(feeds(v))) for v in (1, 2)]
     await asyncio.sleep(0)
 
@@ -135,10 +143,7 @@ async def test_full_queue_refuses_at_once(pool):
 
 
 async def test_expired_request_leaves_the_queue_and_never_runs(pool):
-    recorder = Recorder()
-    batcher = make(pool, recorder)
-    first = asyncio.ensure_future(batcher.submit(feeds(0)))
-    await wait_started(recorder)
+    recorder, batcher, first = await busy(pool)
     loop = asyncio.get_running_loop()
 
     with pytest.raises(QueueTimeout):
@@ -152,10 +157,7 @@ async def test_expired_request_leaves_the_queue_and_never_runs(pool):
 
 
 async def test_cancelled_request_never_runs(pool):
-    recorder = Recorder()
-    batcher = make(pool, recorder)
-    first = asyncio.ensure_future(batcher.submit(feeds(0)))
-    await wait_started(recorder)
+    recorder, batcher, first = await busy(pool)
     doomed = asyncio.ensure_future(batcher.submit(feeds(1)))
     await asyncio.sleep(0)
     assert batcher.queued == 1
@@ -194,10 +196,7 @@ async def test_without_batching_every_request_runs_alone(pool):
 
 
 async def test_close_fails_what_is_queued(pool):
-    recorder = Recorder()
-    batcher = make(pool, recorder)
-    first = asyncio.ensure_future(batcher.submit(feeds(0)))
-    await wait_started(recorder)
+    recorder, batcher, first = await busy(pool)
     queued = asyncio.ensure_future(batcher.submit(feeds(1)))
     await asyncio.sleep(0)
 
@@ -211,6 +210,94 @@ async def test_close_fails_what_is_queued(pool):
         await queued
     with pytest.raises(ModelUnloading):
         await batcher.submit(feeds(2))
+
+
+# -- identical requests (the `share` key) ---------------------------------------------------------------------
+
+
+async def test_identical_requests_run_once_at_the_most_urgent_of_their_places(pool):
+    recorder, batcher, first = await busy(pool, priority_levels=3)
+    late = asyncio.ensure_future(batcher.submit(feeds(5), priority=3, share="k"))
+    other = asyncio.ensure_future(batcher.submit(feeds(7), priority=2))
+    urgent = asyncio.ensure_future(batcher.submit(feeds(5), priority=1, share="k"))
+    await asyncio.sleep(0)
+    assert batcher.queued == 3  # each waits as a request of its own
+
+    recorder.gate.set()
+    results = await asyncio.gather(first, late, other, urgent)
+
+    assert recorder.batches == [[0.0], [5.0], [7.0]]  # the level-1 copy ran, before level 2, and answered both
+    assert [np.all(r.outputs["y"] == 2 * v) for r, v in zip(results, (0, 5, 7, 5), strict=True)] == [True] * 4
+    assert [r.shared for r in results] == [False, True, False, False]
+    assert batcher.queued == 0
+    await batcher.aclose()
+
+
+async def test_identical_requests_keep_their_own_deadline_and_cancellation(pool):
+    recorder, batcher, first = await busy(pool)
+    loop = asyncio.get_running_loop()
+    hasty = asyncio.ensure_future(batcher.submit(feeds(5), expires_at=loop.time() + 0.01, share="k"))
+    patient = asyncio.ensure_future(batcher.submit(feeds(5), share="k"))
+    leaving = asyncio.ensure_future(batcher.submit(feeds(5), share="k"))
+    await asyncio.sleep(0)
+
+    with pytest.raises(QueueTimeout):  # the first of them left at its own deadline; the others stay queued
+        await hasty
+    leaving.cancel()
+    await asyncio.sleep(0)
+    assert batcher.queued == 1 and not patient.done()
+
+    recorder.gate.set()
+    assert np.all((await patient).outputs["y"] == 10)
+    await first
+    assert recorder.batches == [[0.0], [5.0]]
+    await batcher.aclose()
+
+
+async def test_an_identical_request_arriving_during_the_run_waits_for_it_even_if_its_first_caller_left(pool):
+    recorder = Recorder()
+    batcher = make(pool, recorder)
+    running = asyncio.ensure_future(batcher.submit(feeds(5), share="k"))
+    await wait_started(recorder)
+    joining = asyncio.ensure_future(batcher.submit(feeds(5), share="k"))
+    await asyncio.sleep(0)
+    assert batcher.queued == 0
+
+    running.cancel()
+    await asyncio.sleep(0)
+    recorder.gate.set()
+    result = await joining
+
+    assert np.all(result.outputs["y"] == 10) and result.shared
+    assert recorder.batches == [[5.0]]
+    again = await batcher.submit(feeds(5), share="k")  # the run is over: an identical request runs anew
+    assert not again.shared
+    assert recorder.batches == [[5.0], [5.0]]
+    await batcher.aclose()
+
+
+async def test_identical_requests_take_one_row_of_a_merged_batch(pool):
+    executions: list[tuple[int, int]] = []
+    recorder, batcher, first = await busy(
+        pool,
+        max_batch_size=8,
+        max_queue_delay_us=100_000,
+        on_execution=lambda rows, requests, _: executions.append((rows, requests)),
+    )
+    queued = [
+        asyncio.ensure_future(batcher.submit(feeds(value), share=share))
+        for value, share in ((5, "k"), (6, None), (5, "k"), (5, "k"))
+    ]
+    await asyncio.sleep(0)
+
+    recorder.gate.set()
+    results = await asyncio.gather(first, *queued)
+
+    assert recorder.batches == [[0.0], [5.0, 6.0]]
+    assert executions == [(1, 1), (2, 2)]
+    assert [r.shared for r in results] == [False, False, False, True, True]
+    assert all(r.batch_rows == 2 for r in results[1:])
+    await batcher.aclose()
 
 
 def test_split_refuses_outputs_that_do_not_follow_the_batch():

@@ -4,11 +4,15 @@ functions on port 0 and reached over real localhost channels, with real PostgreS
     inference                    a running inference server (default settings below) with its registry
     start_inference(**settings)  an async context manager for a server with other settings
     upload(running, name, model_file, labels=...)   uploads a fixture model through the registry's API
+    eventually(condition, what)  polls a condition (a function or coroutine function) until it holds
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping
+import asyncio
+import inspect
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -199,3 +203,17 @@ def error_reason(exc: grpc.aio.AioRpcError) -> str:
                 if detail.Unpack(info):
                     return info.reason
     return ""
+
+
+async def eventually(condition: Callable[[], bool | Awaitable[bool]], what: str, timeout: float = 30.0) -> None:
+    """Polls condition until it holds; fails naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        held = condition()
+        if inspect.isawaitable(held):
+            held = await held
+        if held:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.01)

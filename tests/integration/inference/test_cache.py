@@ -1,9 +1,8 @@
-"""The prediction cache against a real Redis: entries, TTL, size limit, single flight, and Redis going away."""
+"""The prediction cache against a real Redis: entries, TTL, size limit, and Redis going away."""
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -15,18 +14,11 @@ import redis.asyncio
 from modelforge_inference.cache import CacheUnavailable, LocalTier, PredictionCache, PredictionKey
 from modelforge_inference.domain import ResolvedModel, Signature
 from modelforge_server import embedded, status
+from tests.integration.inference.conftest import eventually
 
 MODEL = ResolvedModel("mlp", 2, "0f" * 32, 1234, Signature((), ()))
 INPUTS = {"x": np.arange(8, dtype=np.float32).reshape(2, 4)}
 OUTPUTS = {"y": np.array([[0.25, 0.75], [0.5, 0.5]], dtype=np.float32), "label": np.array([1, 0], dtype=np.int64)}
-
-
-async def _poll(condition, what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture
@@ -65,17 +57,13 @@ async def test_entries_carry_the_ttl_and_expire(cache: PredictionCache, client: 
 
     short = key(outputs=("y",))
     assert await cache.put(short, OUTPUTS, ttl_seconds=0.05, max_entry_bytes=1 << 20)
-    await _poll_async(lambda: client.exists("modelforge:pred:" + short.hex), "the entry to expire")
+    await eventually(lambda: absent(client, "modelforge:pred:" + short.hex), "the entry to expire")
     assert await cache.get(short) is None
     assert await cache.get(key()) is not None
 
 
-async def _poll_async(exists, what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while await exists():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
+async def absent(client: redis.asyncio.Redis, name: str) -> bool:
+    return not await client.exists(name)
 
 
 async def test_entries_over_the_size_limit_are_not_stored(cache: PredictionCache, client: redis.asyncio.Redis) -> None:
@@ -92,32 +80,6 @@ async def test_undecodable_entry_is_a_miss_and_is_removed(cache: PredictionCache
     assert await cache.get(key()) is None
     assert cache.counts("mlp", 2).errors == 1
     assert not await client.exists("modelforge:pred:" + key().hex)
-
-
-async def test_concurrent_identical_misses_compute_once(cache: PredictionCache) -> None:
-    release = asyncio.Event()
-    calls = 0
-
-    async def compute() -> dict[str, np.ndarray]:
-        nonlocal calls
-        calls += 1
-        await release.wait()
-        await cache.put(key(), OUTPUTS, ttl_seconds=60, max_entry_bytes=1 << 20)
-        return OUTPUTS
-
-    async def predict() -> dict[str, np.ndarray]:
-        hit = await cache.get(key())
-        return hit if hit is not None else await cache.single_flight(key(), compute)
-
-    callers = [asyncio.create_task(predict()) for _ in range(16)]
-    await _poll(lambda: calls == 1 and cache.counts("mlp", 2).misses == 16, "every caller to miss")
-    release.set()
-    results = await asyncio.gather(*callers)
-    assert calls == 1
-    for result in results:
-        np.testing.assert_array_equal(result["y"], OUTPUTS["y"])
-    assert await predict() is not None
-    assert calls == 1
 
 
 async def test_key_prefix_separates_caches(client: redis.asyncio.Redis) -> None:
@@ -248,7 +210,7 @@ async def test_a_redis_hit_is_kept_locally_until_its_redis_entry_expires(client:
         assert await reader.get(key()) is not None  # from the local tier
         assert (reader.counts("mlp", 2).hits, reader.counts("mlp", 2).local_hits) == (2, 1)
 
-        await _poll_async(lambda: client.exists("modelforge:pred:" + key().hex), "the Redis entry to expire")
+        await eventually(lambda: absent(client, "modelforge:pred:" + key().hex), "the Redis entry to expire")
         await asyncio.sleep(0.05)
         assert await reader.get(key()) is None  # expired locally too, and missed in Redis
         assert reader.counts("mlp", 2).misses == 1

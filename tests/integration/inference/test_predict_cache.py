@@ -11,8 +11,7 @@ model has not run yet.
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from tests.fixtures.servers import RunningRegistry
 from tests.integration.inference.conftest import (
     RunningInference,
     error_reason,
+    eventually,
     inference_settings_for,
     outputs,
     predict_request,
@@ -85,15 +85,6 @@ def assert_adds_one(response: pb.PredictResponse, feeds: Mapping[str, np.ndarray
     """The add_one model's answer to feeds: y = x + 1, exactly (one float32 addition)."""
     assert [t.name for t in response.outputs] == ["y"]
     np.testing.assert_array_equal(outputs(response)["y"], feeds["x"] + np.float32(1))
-
-
-async def eventually(condition: Callable[[], Awaitable[bool]], what: str, timeout: float = 30.0) -> None:
-    """Polls condition until it holds; fails naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not await condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 # -- the basics ----------------------------------------------------------------------------------------------
@@ -248,13 +239,13 @@ async def test_concurrent_identical_misses_of_a_cold_model_run_it_once(
 async def test_a_first_caller_with_a_short_timeout_does_not_fail_the_callers_sharing_its_run(
     inference: RunningInference, add_one: ModelFile, limit: str
 ) -> None:
-    """The shared run is started by the first caller, with its queue timeout and gRPC deadline; when the one it
-    set passes, the callers that joined the run have time of their own left and get their answer instead of the
-    first caller's DEADLINE_EXCEEDED."""
+    """Identical callers wait in the queue each with its own queue timeout and gRPC deadline: when the first
+    caller's passes, it alone leaves with DEADLINE_EXCEEDED, and the callers after it still get their answer, from
+    one run."""
     await upload(inference, "shared", add_one, labels=GATED)
     await inference.stub.LoadModel(pb.LoadModelRequest(ref=ref("shared")))
     feeds, filler = add_one.sample(batch=1, seed=1), add_one.sample(batch=1, seed=2)
-    # The leader's limit is the window in which the followers must join its run: ample for 8 local calls.
+    # The leader's limit is the window in which the followers must queue behind it: ample for 8 local calls.
     if limit == "queue timeout":
         leading = predict(inference, "shared", feeds, timeout=duration_pb2.Duration(seconds=3))
     else:
@@ -276,7 +267,7 @@ async def test_a_first_caller_with_a_short_timeout_does_not_fail_the_callers_sha
         await eventually(followers_missed, "the followers to miss")
         stats = await statistics(inference, "shared")
         in_time = stats.failure_count == 0 and not leader.done()
-        assert in_time, "the first caller's limit passed before every follower had joined its run"
+        assert in_time, "the first caller's limit passed before every follower had queued"
 
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await leader
@@ -285,7 +276,7 @@ async def test_a_first_caller_with_a_short_timeout_does_not_fail_the_callers_sha
             assert error_reason(caught.value) == "QUEUE_TIMEOUT"
             assert "in the queue of shared:1" in (caught.value.details() or "")
 
-        # The followers run again on their own, as one run that waits in the queue for a companion.
+        # The followers are still queued; one run, waiting in the queue for a companion, answers them all.
         completing = asyncio.ensure_future(
             predict(
                 inference, "shared", filler, cache_mode=pb.CACHE_MODE_BYPASS, timeout=duration_pb2.Duration(seconds=30)
@@ -294,6 +285,7 @@ async def test_a_first_caller_with_a_short_timeout_does_not_fail_the_callers_sha
         results = await asyncio.gather(*followers, return_exceptions=True)
         assert [type(r).__name__ for r in results] == ["PredictResponse"] * 8, results
         assert_adds_one(await completing, filler)
+        assert (await statistics(inference, "shared")).execution_count == 1  # 2 rows: the followers' and the filler's
     finally:
         for call in (leader, *followers, *([completing] if completing is not None else [])):
             call.cancel()

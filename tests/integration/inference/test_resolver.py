@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from modelforge_server import errors, status
 from tests.fixtures.onnx_models import build_add_one, model_bytes
 from tests.fixtures.servers import registry_settings_for
 from tests.fixtures.servers import upload_model as upload
+from tests.integration.inference.conftest import eventually
 
 # Short reconnect backoff, so that a restarted registry is reached again within a test's patience.
 CHANNEL_OPTIONS = [
@@ -128,14 +128,6 @@ async def resolver(stub: registry_pb2_grpc.RegistryServiceStub) -> AsyncIterator
 
 def add_one_bytes(width: int) -> bytes:
     return model_bytes(build_add_one(width=width))
-
-
-async def poll(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 class EventLog:
@@ -310,7 +302,7 @@ async def test_reconnects_after_the_registry_restarts_and_drops_its_cache(
     resolver.add_listener(log)
 
     await restartable_registry.stop()
-    await poll(lambda: not resolver.connected, "the resolver to notice the registry is gone")
+    await eventually(lambda: not resolver.connected, "the resolver to notice the registry is gone")
     assert resolver.cached(ref) is None
     with pytest.raises(RegistryUnavailable) as caught:
         await resolver.resolve(ref)

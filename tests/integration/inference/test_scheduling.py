@@ -1,4 +1,5 @@
-"""The batch queue over real gRPC: priority order, a full queue, deadlines passing in the queue, cancelled calls.
+"""The batch queue over real gRPC: priority order, a full queue, deadlines passing in the queue, cancelled calls,
+and identical requests to a cached version, which run once while each keeps its own place and deadline.
 
 test_oip.py drives the same queue through the V2 protocol's priority and timeout parameters, with these helpers.
 
@@ -192,3 +193,54 @@ async def test_cancelled_call_leaves_the_queue_and_never_runs(single_thread: Run
     await blocker
     stats = await statistics(single_thread, "slow")
     assert (stats.request_count, stats.execution_count) == (1, 1)
+
+
+# -- identical requests to a cached version: one run, each with its own priority and deadline --------------------
+
+CACHED_LEVELS = {"modelforge.io/cache": "true", "modelforge.io/priority-levels": "2"}
+OTHER = {"x": np.full((256, 512), 2.0, dtype=np.float32)}
+
+
+async def test_an_identical_request_of_higher_priority_runs_the_shared_work_at_its_own_level(
+    single_thread: RunningInference,
+) -> None:
+    await upload(single_thread, "slow", SLOW, labels=CACHED_LEVELS)
+    blocker = await start_blocker(single_thread, "slow")
+    finished: list[str] = []
+
+    async def call(label: str, feeds: dict[str, np.ndarray], priority: int) -> None:
+        await single_thread.stub.Predict(predict_request("slow", feeds, priority=priority))
+        finished.append(label)
+
+    tasks = []
+    for index, (label, feeds, priority) in enumerate(
+        [("low, identical", MEDIUM, 2), ("low, other", OTHER, 2), ("high, identical", MEDIUM, 1)]
+    ):
+        tasks.append(asyncio.create_task(call(label, feeds, priority)))
+        await wait_in_flight(single_thread, "slow", 2 + index)  # queued in this order
+    await blocker
+    await asyncio.gather(*tasks)
+
+    assert set(finished[:2]) == {"high, identical", "low, identical"}  # answered by one run, ahead of "low, other"
+    assert finished[2] == "low, other"
+    stats = await statistics(single_thread, "slow")
+    assert (stats.execution_count, stats.request_count, stats.cache_miss_count) == (3, 4, 4)
+
+
+async def test_an_identical_request_leaves_the_queue_at_its_own_timeout(single_thread: RunningInference) -> None:
+    await upload(single_thread, "slow", SLOW, labels=CACHED_LEVELS)
+    blocker = await start_blocker(single_thread, "slow")
+    first = asyncio.ensure_future(single_thread.stub.Predict(predict_request("slow", MEDIUM)))
+    await wait_in_flight(single_thread, "slow", 2)
+    hasty = predict_request("slow", MEDIUM, timeout=duration_pb2.Duration(nanos=50_000_000))
+
+    code, reason, details = await failure(single_thread.stub.Predict(hasty))
+
+    assert (code, reason) == (grpc.StatusCode.DEADLINE_EXCEEDED, "QUEUE_TIMEOUT")
+    assert "queue of slow:1" in details
+    assert not blocker.done() and not first.done()  # it left while the identical request still waits
+    await blocker
+    response = await first
+    assert not response.cache_hit
+    stats = await statistics(single_thread, "slow")
+    assert (stats.execution_count, stats.request_count, stats.failure_count) == (2, 2, 1)
