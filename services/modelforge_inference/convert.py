@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 from collections.abc import Iterator, Sequence
@@ -109,8 +110,15 @@ def timeout(request: pb.PredictRequest | pb.PredictStreamRequest) -> float | Non
 
 
 def duration(seconds: float) -> duration_pb2.Duration:
+    message = duration_pb2.Duration()
+    _fill_duration(message, seconds)
+    return message
+
+
+def _fill_duration(message: duration_pb2.Duration, seconds: float) -> None:
     whole = int(seconds)
-    return duration_pb2.Duration(seconds=whole, nanos=int(round((seconds - whole) * 1e9)))
+    message.seconds = whole  # setting a field, even to zero, marks the submessage present
+    message.nanos = int(round((seconds - whole) * 1e9))
 
 
 def timestamp(value: Any) -> timestamp_pb2.Timestamp | None:
@@ -122,7 +130,16 @@ def timestamp(value: Any) -> timestamp_pb2.Timestamp | None:
 
 
 def timings(value: Timings) -> pb.Timings:
-    return pb.Timings(queue=duration(value.queue), compute=duration(value.compute), total=duration(value.total))
+    message = pb.Timings()
+    _fill_timings(message, value)
+    return message
+
+
+def _fill_timings(message: pb.Timings, value: Timings) -> None:
+    """Sets the three durations in place: building Duration messages and copying them in costs twice as much."""
+    _fill_duration(message.queue, value.queue)
+    _fill_duration(message.compute, value.compute)
+    _fill_duration(message.total, value.total)
 
 
 def _dtype(prediction: Prediction, name: str, array: np.ndarray) -> tensor_pb2.DataType.ValueType | None:
@@ -156,22 +173,39 @@ _CHUNK_DATA = 3
 def _tensor_parts(prediction: Prediction, name: str, array: np.ndarray) -> wire.Parts:
     """A Tensor's serialised parts: a STRING tensor through protobuf, a numeric one with raw_data as a view."""
     dtype = _dtype(prediction, name, array)
-    found = tensors.from_numpy_dtype(array.dtype)
+    found = _data_type(array.dtype)
     if found == tensor_pb2.DATA_TYPE_STRING:
         return [tensors.to_tensor(array, name).SerializeToString()]
     data = raw_view(array)
-    head = tensor_pb2.Tensor(name=name, dtype=found if dtype is None else dtype, shape=array.shape)
-    parts: wire.Parts = [head.SerializeToString()]
+    parts: wire.Parts = [_tensor_head(name, found if dtype is None else dtype, array.shape)]
     if len(data):  # proto3 leaves an empty bytes field out
         parts += wire.length_delimited(_TENSOR_RAW_DATA, [data])
     return parts
 
 
+@functools.lru_cache(maxsize=64)
+def _data_type(dtype: np.dtype) -> tensor_pb2.DataType.ValueType:
+    """tensors.from_numpy_dtype, remembered for the few dtypes models answer with."""
+    return tensors.from_numpy_dtype(dtype)
+
+
+@functools.lru_cache(maxsize=4096)
+def _tensor_head(name: str, dtype: tensor_pb2.DataType.ValueType, shape: tuple[int, ...]) -> bytes:
+    """A numeric Tensor's fields before raw_data (name, dtype, shape), serialised; a version answers with few."""
+    return tensor_pb2.Tensor(name=name, dtype=dtype, shape=shape).SerializeToString()
+
+
+@functools.lru_cache(maxsize=1024)
+def _predict_head(model: str, version: int, sha256: str) -> bytes:
+    """PredictResponse fields 1 to 3 (model, version, sha256), serialised."""
+    return pb.PredictResponse(model=model, version=version, sha256=sha256).SerializeToString()
+
+
 def predict_response_bytes(prediction: Prediction) -> bytes:
     """The serialised PredictResponse of `predict_response`, byte for byte, each output's bytes copied once."""
-    head = pb.PredictResponse(model=prediction.model, version=prediction.version, sha256=prediction.sha256)
-    tail = pb.PredictResponse(timings=timings(prediction.timings), cache_hit=prediction.cache_hit)
-    parts: wire.Parts = [head.SerializeToString()]
+    tail = pb.PredictResponse(cache_hit=prediction.cache_hit)
+    _fill_timings(tail.timings, prediction.timings)
+    parts: wire.Parts = [_predict_head(prediction.model, prediction.version, prediction.sha256)]
     for name, array in prediction.outputs.items():
         parts += wire.length_delimited(_PREDICT_RESPONSE_OUTPUTS, _tensor_parts(prediction, name, array))
     parts.append(tail.SerializeToString())

@@ -4,6 +4,7 @@ digest is hashlib's."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import threading
 from typing import Any
@@ -64,6 +65,24 @@ def test_predict_response_bytes_are_what_protobuf_serialises() -> None:
     assembled = convert.predict_response_bytes(prediction)
     assert inference_pb2.PredictResponse.FromString(assembled) == expected
     assert assembled == expected.SerializeToString()
+
+
+@pytest.mark.parametrize(
+    ("timings", "cache_hit"),
+    [(Timings(), False), (Timings(queue=0.0, compute=2.0, total=3600.000000001), False), (Timings(total=1e-9), True)],
+)
+def test_predict_response_bytes_set_every_duration_of_the_timings_as_protobuf_does(
+    timings: Timings, cache_hit: bool
+) -> None:
+    prediction = dataclasses.replace(
+        _prediction({"y": np.ones((1, 2), np.float32)}), timings=timings, cache_hit=cache_hit
+    )
+    expected = convert.predict_response(prediction)
+    assembled = convert.predict_response_bytes(prediction)
+    assert assembled == expected.SerializeToString()
+    parsed = inference_pb2.PredictResponse.FromString(assembled)
+    assert all(parsed.timings.HasField(name) for name in ("queue", "compute", "total"))
+    assert parsed.cache_hit is cache_hit
 
 
 @pytest.mark.parametrize("name", sorted(_outputs()))

@@ -36,6 +36,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from modelforge.common.v1 import tensor_pb2 as _D
 from modelforge.common.v1.tensor_pb2 import DataType, Tensor, TensorSpec
 
 __all__ = [
@@ -59,7 +60,8 @@ __all__ = [
     "to_v2_datatype",
 ]
 
-_D = DataType
+# _D.DATA_TYPE_* are the generated module's plain ints: reading DataType.DATA_TYPE_* goes through the enum
+# wrapper's __getattr__, several times slower, and to_numpy reads a few per tensor of every request.
 
 # DataType -> little-endian numpy dtype. STRING has no fixed-size dtype (object arrays of bytes).
 _NUMPY: dict[int, np.dtype[Any]] = {
