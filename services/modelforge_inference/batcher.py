@@ -335,10 +335,16 @@ class Batcher:
             if pending.share is not None and self._sharing.get(pending.share) is pending:
                 del self._sharing[pending.share]
 
-    @staticmethod
-    def _wanted(pending: _Pending) -> bool:
-        """Whether anyone still waits for the run of `pending`: its caller or a request sharing it."""
-        return not pending.future.done() or any(not sharer.future.done() for sharer in pending.sharers or ())
+    def _live(self, batch: list[_Pending]) -> list[_Pending]:
+        """The requests of a batch that someone still waits for (its caller or a request sharing its run); the
+        others are dropped, and stop being shared at once, so that no request waits for a run that will not be."""
+        live = []
+        for pending in batch:
+            if not pending.future.done() or any(not sharer.future.done() for sharer in pending.sharers or ()):
+                live.append(pending)
+            else:
+                self._unshare([pending])
+        return live
 
     def _timed(self, feeds: Sequence[Feeds], clock: Callable[[], float] = time.thread_time) -> list[Outcome]:
         """execute, timed for the moving average. On a compute thread the clock is the thread's CPU time, which
@@ -373,7 +379,7 @@ class Batcher:
 
     def _run_inline(self, batch: list[_Pending]) -> None:
         try:
-            live = [pending for pending in batch if self._wanted(pending)]
+            live = self._live(batch)
             if live:
                 self._settle(live, *self._on_loop([p.feeds for p in live]))
         finally:
@@ -383,7 +389,7 @@ class Batcher:
     async def _run(self, batch: list[_Pending]) -> None:
         loop = asyncio.get_running_loop()
         try:
-            live = [pending for pending in batch if self._wanted(pending)]
+            live = self._live(batch)
             if not live:
                 return
             started = time.perf_counter()
