@@ -173,7 +173,7 @@ _CHUNK_DATA = 3
 def _tensor_parts(prediction: Prediction, name: str, array: np.ndarray) -> wire.Parts:
     """A Tensor's serialised parts: a STRING tensor through protobuf, a numeric one with raw_data as a view."""
     dtype = _dtype(prediction, name, array)
-    found = _data_type(array.dtype)
+    found = tensors.from_numpy_dtype(array.dtype)
     if found == tensor_pb2.DATA_TYPE_STRING:
         return [tensors.to_tensor(array, name).SerializeToString()]
     data = raw_view(array)
@@ -181,12 +181,6 @@ def _tensor_parts(prediction: Prediction, name: str, array: np.ndarray) -> wire.
     if len(data):  # proto3 leaves an empty bytes field out
         parts += wire.length_delimited(_TENSOR_RAW_DATA, [data])
     return parts
-
-
-@functools.lru_cache(maxsize=64)
-def _data_type(dtype: np.dtype) -> tensor_pb2.DataType.ValueType:
-    """tensors.from_numpy_dtype, remembered for the few dtypes models answer with."""
-    return tensors.from_numpy_dtype(dtype)
 
 
 @functools.lru_cache(maxsize=4096)

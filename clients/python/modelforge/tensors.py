@@ -29,6 +29,7 @@ services turn them into ``INVALID_ARGUMENT``.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from collections.abc import Iterable, Sequence
@@ -36,6 +37,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+# _D.DATA_TYPE_* are the generated module's plain ints: reading DataType.DATA_TYPE_* goes through the enum
+# wrapper's __getattr__, several times slower, and to_numpy reads a few per tensor of every request.
 from modelforge.common.v1 import tensor_pb2 as _D
 from modelforge.common.v1.tensor_pb2 import DataType, Tensor, TensorSpec
 
@@ -59,9 +62,6 @@ __all__ = [
     "to_text",
     "to_v2_datatype",
 ]
-
-# _D.DATA_TYPE_* are the generated module's plain ints: reading DataType.DATA_TYPE_* goes through the enum
-# wrapper's __getattr__, several times slower, and to_numpy reads a few per tensor of every request.
 
 # DataType -> little-endian numpy dtype. STRING has no fixed-size dtype (object arrays of bytes).
 _NUMPY: dict[int, np.dtype[Any]] = {
@@ -191,8 +191,9 @@ def to_numpy_dtype(dtype: DataType.ValueType | int) -> np.dtype[Any]:
     return _NUMPY[dtype]
 
 
+@functools.lru_cache(maxsize=256)
 def from_numpy_dtype(dtype: np.dtype[Any] | type | str) -> DataType.ValueType:
-    """The DataType for a numpy dtype.
+    """The DataType for a numpy dtype (remembered: servers ask it for the dtype of every output they answer with).
 
     ``str``, ``bytes`` and ``object`` dtypes map to STRING, ``ml_dtypes.bfloat16`` to
     BFLOAT16 and ``uint16`` to UINT16.
