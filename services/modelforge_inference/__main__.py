@@ -21,6 +21,7 @@ from modelforge_inference.registry_client import RegistryClient, RegistryHealth
 from modelforge_inference.resolver import ModelResolver
 from modelforge_inference.servicer import SERVICE, InferenceServicer, add_inference_servicer_to_server
 from modelforge_inference.settings import InferenceSettings
+from modelforge_inference.shm import SharedMemoryRegions
 from modelforge_server import app, embedded, logs, telemetry
 from modelforge_server.metrics import Metrics
 from modelforge_server.settings import from_env
@@ -91,11 +92,12 @@ async def build(settings: InferenceSettings, stack: AsyncExitStack) -> app.Serve
             app.Api(
                 OIP_SERVICE,
                 # The generated stub marks every OIP method abstract; at run time the base class answers the ones
-                # ModelForge leaves out (shared memory, tracing, logging) with UNIMPLEMENTED.
+                # ModelForge leaves out (CUDA shared memory, tracing, logging) with UNIMPLEMENTED.
                 OipServicer(  # type: ignore[abstract]
                     engine,
                     ready=lambda: bool(holder) and holder[0].serving,
                     stream_max_in_flight=settings.stream_max_in_flight,
+                    regions=SharedMemoryRegions(enabled=settings.allow_client_shm),
                 ),
                 add_oip_servicer_to_server,
             ),

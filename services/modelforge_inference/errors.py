@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from modelforge_server.errors import (
+    AlreadyExists,
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
@@ -146,3 +147,53 @@ class LoadTimeout(DeadlineExceeded):
             model=model,
             version=str(version),
         )
+
+
+class SharedMemoryOff(FailedPrecondition):
+    reason = "SHARED_MEMORY_OFF"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "this server does not take client shared memory; start the inference service with "
+            "MODELFORGE_ALLOW_CLIENT_SHM=true, or send the tensors in the request"
+        )
+
+
+class SharedMemoryRegionExists(AlreadyExists):
+    reason = "SHARED_MEMORY_REGION_EXISTS"
+
+    def __init__(self, name: str, key: str) -> None:
+        super().__init__(
+            f"shared memory region {name!r} is registered already (key {key!r}); unregister it first or pick "
+            "another name",
+            region=name,
+        )
+
+
+class SharedMemoryRegionNotFound(NotFound):
+    reason = "SHARED_MEMORY_REGION_NOT_FOUND"
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"no shared memory region {name!r} is registered; register it with SystemSharedMemoryRegister first",
+            region=name,
+        )
+
+
+class SharedMemoryKeyNotFound(NotFound):
+    reason = "SHARED_MEMORY_KEY_NOT_FOUND"
+
+    def __init__(self, name: str, key: str) -> None:
+        super().__init__(
+            f"region {name!r}: no shared memory object {key!r} exists on the server's host; create it "
+            "(shm_open) on the same machine as the server before registering it",
+            region=name,
+            key=key,
+        )
+
+
+class InvalidSharedMemoryRegion(InvalidArgument):
+    reason = "INVALID_SHARED_MEMORY_REGION"
+
+    def __init__(self, name: str, problem: str) -> None:
+        super().__init__(f"shared memory region {name!r}: {problem}", region=name)

@@ -17,6 +17,7 @@ from modelforge.oip.v2 import grpc_service_pb2_grpc
 from modelforge_inference import oip_convert as convert
 from modelforge_inference import wire
 from modelforge_inference.engine import InferenceEngine
+from modelforge_inference.shm import SharedMemoryRegions
 from modelforge_server.errors import NotFound, ServiceError
 
 __all__ = ["SERVICE", "SERVED_METHODS", "OipServicer", "add_oip_servicer_to_server"]
@@ -25,9 +26,10 @@ log = logging.getLogger("modelforge.inference.oip")
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 
-# The methods ModelForge serves. The others (shared memory, trace and log settings) stay declared in the
+# The methods ModelForge serves. The others (CUDA shared memory, trace and log settings) stay declared in the
 # service descriptor, so reflection and clients see the whole protocol, but are not registered: gRPC itself
-# answers them UNIMPLEMENTED.
+# answers them UNIMPLEMENTED. The system shared memory methods answer FAILED_PRECONDITION, saying how to turn
+# them on, while the server does not take client shared memory.
 SERVED_METHODS = (
     "ServerLive",
     "ServerReady",
@@ -41,6 +43,9 @@ SERVED_METHODS = (
     "RepositoryIndex",
     "RepositoryModelLoad",
     "RepositoryModelUnload",
+    "SystemSharedMemoryStatus",
+    "SystemSharedMemoryRegister",
+    "SystemSharedMemoryUnregister",
 )
 
 SERVER_NAME = "modelforge"
@@ -57,20 +62,28 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     """Translates Open Inference Protocol RPCs to InferenceEngine calls; holds no logic of its own.
 
     ``ready`` tells ServerReady whether the server takes requests (the composition root passes the
-    server's health, e.g. ``lambda: server.serving``).
+    server's health, e.g. ``lambda: server.serving``). ``regions`` holds the clients' shared memory
+    regions; by default the server takes none.
     """
 
     def __init__(
-        self, engine: InferenceEngine, *, ready: Callable[[], bool] = lambda: True, stream_max_in_flight: int = 256
+        self,
+        engine: InferenceEngine,
+        *,
+        ready: Callable[[], bool] = lambda: True,
+        stream_max_in_flight: int = 256,
+        regions: SharedMemoryRegions | None = None,
     ) -> None:
         if stream_max_in_flight < 1:
             raise ValueError(f"stream_max_in_flight must be at least 1, not {stream_max_in_flight}")
         self._engine = engine
         self._ready = ready
         self._stream_max_in_flight = stream_max_in_flight
-        self._metadata = pb.ServerMetadataResponse(
-            name=SERVER_NAME, version=_server_version(), extensions=convert.EXTENSIONS
-        )
+        self._regions = regions if regions is not None else SharedMemoryRegions(enabled=False)
+        extensions: tuple[str, ...] = convert.EXTENSIONS
+        if self._regions.enabled:
+            extensions += (convert.SHARED_MEMORY_EXTENSION,)
+        self._metadata = pb.ServerMetadataResponse(name=SERVER_NAME, version=_server_version(), extensions=extensions)
 
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
@@ -186,10 +199,28 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         await self._engine.unload(convert.repository_model_ref(request.model_name))
         return pb.RepositoryModelUnloadResponse()
 
+    async def SystemSharedMemoryStatus(
+        self, request: pb.SystemSharedMemoryStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SystemSharedMemoryStatusResponse:
+        return convert.shared_memory_status(self._regions.status(request.name))
+
+    async def SystemSharedMemoryRegister(
+        self, request: pb.SystemSharedMemoryRegisterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SystemSharedMemoryRegisterResponse:
+        self._regions.register(request.name, request.key, request.offset, request.byte_size)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    async def SystemSharedMemoryUnregister(
+        self, request: pb.SystemSharedMemoryUnregisterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SystemSharedMemoryUnregisterResponse:
+        self._regions.unregister(request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
     async def _infer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> wire.Parts:
         ref = convert.model_ref(request.model_name, request.model_version)
-        inputs = convert.decode_inputs(request)
+        inputs = convert.decode_inputs(request, self._regions)
         outputs = convert.requested_outputs(request)
+        shared = convert.shared_memory_outputs(request, self._regions) if outputs else None
         prediction = await self._engine.predict(
             ref,
             inputs,
@@ -204,6 +235,7 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             request_id=request.id,
             outputs=prediction.outputs,
             signature=prediction.signature if convert.needs_signature(prediction.outputs) else None,
+            shared=shared,
         )
 
     async def _stream_answer(

@@ -8,6 +8,12 @@ become ``object`` arrays of ``bytes``. FP16 is ``float16``; BF16 has no numpy dt
 is carried as ``uint16`` bit patterns, as :mod:`modelforge.tensors` does. Responses
 always carry raw bytes.
 
+An input or requested output whose parameters name a ``shared_memory_region`` (with
+``shared_memory_byte_size`` and an optional ``shared_memory_offset``) lives in a system
+shared memory region the client registered (:mod:`modelforge_inference.shm`): such an
+input is read from the region in place of a ``raw_input_contents`` entry, and such an
+output is written into it, its ``raw_output_contents`` entry left empty.
+
 A malformed input raises :class:`~modelforge_inference.errors.InvalidInput` naming it,
 as the InferenceService does; other malformed requests raise :class:`InvalidV2Request`.
 """
@@ -17,6 +23,7 @@ from __future__ import annotations
 import functools
 import struct
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -37,13 +44,16 @@ from modelforge_inference.domain import (
     Signature,
     TensorSpec,
 )
-from modelforge_inference.errors import InvalidInput
+from modelforge_inference.errors import InvalidInput, InvalidSharedMemoryRegion, SharedMemoryOff
+from modelforge_inference.shm import Region, SharedMemoryRegions
 from modelforge_server.errors import InvalidArgument
 
 __all__ = [
     "BACKEND",
     "check_repository_parameters",
     "EXTENSIONS",
+    "SHARED_MEMORY_EXTENSION",
+    "SharedSlice",
     "PLATFORM",
     "InvalidV2Request",
     "datatype_of",
@@ -60,6 +70,8 @@ __all__ = [
     "priority",
     "repository_model_ref",
     "requested_outputs",
+    "shared_memory_outputs",
+    "shared_memory_status",
     "timeout_seconds",
 ]
 
@@ -67,9 +79,16 @@ PLATFORM = "onnxruntime_onnx"
 BACKEND = "onnxruntime"
 
 # The protocol extensions ModelForge implements, in the names clients test for. Request
-# priority and timeout make up "schedule_policy". No classification, sequences, shared
-# memory, trace or log settings: those RPCs answer UNIMPLEMENTED.
+# priority and timeout make up "schedule_policy". System shared memory is listed too when
+# the server takes it (MODELFORGE_ALLOW_CLIENT_SHM). No classification, sequences, CUDA
+# shared memory, trace or log settings: those RPCs answer UNIMPLEMENTED.
 EXTENSIONS = ("model_repository", "model_configuration", "schedule_policy", "statistics")
+SHARED_MEMORY_EXTENSION = "system_shared_memory"
+
+# The parameters that put a tensor in a registered shared memory region.
+_SHM_REGION = "shared_memory_region"
+_SHM_OFFSET = "shared_memory_offset"
+_SHM_BYTE_SIZE = "shared_memory_byte_size"
 
 _LENGTH = struct.Struct("<I")
 _BFLOAT16 = "tensor(bfloat16)"
@@ -162,7 +181,7 @@ def _dtype(tensor: pb.ModelInferRequest.InferInputTensor) -> tuple[np.dtype[Any]
     return found
 
 
-def decode_bytes(raw: bytes, count: int, name: str) -> np.ndarray[Any, Any]:
+def decode_bytes(raw: bytes | memoryview, count: int, name: str) -> np.ndarray[Any, Any]:
     """Splits the length-prefixed BYTES elements of input ``name`` into a flat ``object`` array of ``bytes``."""
     out = np.empty(count, dtype=object)
     view = memoryview(raw)
@@ -197,7 +216,11 @@ def encode_bytes(array: np.ndarray[Any, Any]) -> bytes:
     return b"".join(parts)
 
 
-def _from_raw(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes) -> np.ndarray[Any, Any]:
+def _from_raw(
+    tensor: pb.ModelInferRequest.InferInputTensor,
+    raw: bytes | memoryview,
+    source: str = "its raw_input_contents entry",
+) -> np.ndarray[Any, Any]:
     shape = _shape(tensor)
     dtype, _ = _dtype(tensor)
     count = tensors.element_count(shape)
@@ -208,7 +231,7 @@ def _from_raw(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes) -> np.n
         raise InvalidInput(
             tensor.name,
             f"shape {list(shape)} of {tensor.datatype} needs {expected} bytes "
-            f"({count} x {dtype.itemsize}), but its raw_input_contents entry has {len(raw)}",
+            f"({count} x {dtype.itemsize}), but {source} has {len(raw)}",
         )
     array = np.frombuffer(raw, dtype=dtype).reshape(shape)
     if tensor.datatype == "BOOL" and count and array.view(np.uint8).max() > 1:
@@ -243,37 +266,113 @@ def _from_contents(tensor: pb.ModelInferRequest.InferInputTensor) -> np.ndarray[
     return wide.reshape(shape)
 
 
-def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray[Any, Any]]:
-    """The request's inputs as numpy arrays, by name.
+def decode_inputs(
+    request: pb.ModelInferRequest, regions: SharedMemoryRegions | None = None
+) -> dict[str, np.ndarray[Any, Any]]:
+    """The request's inputs as numpy arrays, by name. Inputs in shared memory are read-only views of ``regions``.
 
     Raises:
         InvalidV2Request: a duplicate or unnamed input, an unknown datatype, a negative
             dimension, data that does not match the shape, or raw and typed data mixed.
+        SharedMemoryOff, SharedMemoryRegionNotFound, InvalidSharedMemoryRegion: an input
+            names a region this server does not have, or bytes outside it.
     """
     inputs = request.inputs
     # Read the repeated bytes field once: every read copies the bytes out of the message.
     raws = list(request.raw_input_contents)
-    if raws and len(raws) != len(inputs):
-        raise InvalidV2Request(
-            f"raw_input_contents has {len(raws)} entries for {len(inputs)} inputs; "
-            "send one entry per input, in the order of inputs",
-            field="raw_input_contents",
-        )
+    taken = 0  # raw entries belong, in order, to the inputs that are not in shared memory
     out: dict[str, np.ndarray[Any, Any]] = {}
     for index, tensor in enumerate(inputs):
         if not tensor.name:
             raise InvalidV2Request(f"inputs[{index}].name is required", field="inputs.name")
         if tensor.name in out:
             raise InvalidInput(tensor.name, "appears twice in inputs; send each input once")
-        if raws:
+        shared = _shared_memory(tensor.name, tensor.parameters, regions) if tensor.parameters else None
+        if shared is not None:
+            if tensor.HasField("contents"):
+                raise InvalidInput(
+                    tensor.name, "typed contents are set while the input is in shared memory; send it one way"
+                )
+            out[tensor.name] = _from_raw(tensor, shared.memory.toreadonly(), "its shared memory slice")
+        elif raws:
             if tensor.HasField("contents"):
                 raise InvalidInput(
                     tensor.name, "typed contents are set while raw_input_contents is too; send every input one way"
                 )
-            out[tensor.name] = _from_raw(tensor, raws[index])
+            if taken < len(raws):
+                out[tensor.name] = _from_raw(tensor, raws[taken])
+            taken += 1
         else:
             out[tensor.name] = _from_contents(tensor)
+    if taken != len(raws):
+        raise InvalidV2Request(
+            f"raw_input_contents has {len(raws)} entries for {taken} inputs not in shared memory; "
+            "send one entry per such input, in the order of inputs",
+            field="raw_input_contents",
+        )
     return out
+
+
+@dataclass(frozen=True)
+class SharedSlice:
+    """A tensor's bytes in shared memory, and the name of the region they are in (answers echo it for outputs)."""
+
+    region: str
+    memory: memoryview
+
+
+def _shared_memory(
+    tensor: str, parameters: Mapping[str, pb.InferParameter], regions: SharedMemoryRegions | None
+) -> SharedSlice | None:
+    """The shared memory slice a tensor's parameters name, or None when they name none."""
+    if _SHM_REGION not in parameters:
+        for key in (_SHM_BYTE_SIZE, _SHM_OFFSET):
+            if key in parameters:
+                raise InvalidV2Request(
+                    f"tensor {tensor!r} sets {key} without {_SHM_REGION}; set both {_SHM_REGION} and "
+                    f"{_SHM_BYTE_SIZE}, or neither",
+                    field=f"parameters.{key}",
+                )
+        return None
+    region = parameters[_SHM_REGION]
+    if region.WhichOneof("parameter_choice") != "string_param" or not region.string_param:
+        raise InvalidV2Request(
+            f"tensor {tensor!r}: {_SHM_REGION} must be a non-empty string_param naming a registered region",
+            field=f"parameters.{_SHM_REGION}",
+        )
+    byte_size = _integer(parameters, _SHM_BYTE_SIZE)
+    if byte_size is None:
+        raise InvalidV2Request(
+            f"tensor {tensor!r} sets {_SHM_REGION} without {_SHM_BYTE_SIZE}; set the size of its data in bytes",
+            field=f"parameters.{_SHM_BYTE_SIZE}",
+        )
+    offset = _integer(parameters, _SHM_OFFSET) or 0
+    if regions is None:
+        raise SharedMemoryOff()
+    name = region.string_param
+    return SharedSlice(name, regions.slice(name, offset, byte_size, tensor=tensor))
+
+
+def shared_memory_outputs(request: pb.ModelInferRequest, regions: SharedMemoryRegions | None) -> dict[str, SharedSlice]:
+    """The requested outputs to write into shared memory, by name, with the bytes each may fill."""
+    targets: dict[str, SharedSlice] = {}
+    for output in request.outputs:
+        if output.parameters:
+            shared = _shared_memory(output.name, output.parameters, regions)
+            if shared is not None:
+                targets[output.name] = shared
+    return targets
+
+
+def shared_memory_status(regions: Iterable[Region]) -> pb.SystemSharedMemoryStatusResponse:
+    """The SystemSharedMemoryStatus answer listing ``regions``."""
+    status = pb.SystemSharedMemoryStatusResponse.RegionStatus
+    return pb.SystemSharedMemoryStatusResponse(
+        regions={
+            region.name: status(name=region.name, key=region.key, offset=region.offset, byte_size=region.byte_size)
+            for region in regions
+        }
+    )
 
 
 def requested_outputs(request: pb.ModelInferRequest) -> tuple[str, ...]:
@@ -365,6 +464,7 @@ def infer_response_parts(
     request_id: str,
     outputs: Mapping[str, np.ndarray[Any, Any]],
     signature: Signature | None = None,
+    shared: Mapping[str, SharedSlice] | None = None,
 ) -> wire.Parts:
     """A serialised ModelInferResponse carrying every output, in its order, as raw bytes, byte for byte what
     protobuf would write, as parts: raw outputs are views of the arrays (field 6 follows every other field, so
@@ -373,6 +473,12 @@ def infer_response_parts(
     The fields before them are serialised pieces that repeat from request to request (the model and version,
     each output's metadata), kept in small caches, and the request's id between them, in field-number order as
     protobuf writes them.
+
+    Outputs named in ``shared`` are written into their shared memory instead; their metadata carries the region
+    and the bytes written, and their raw entry stays empty, so every output keeps its raw entry's position.
+
+    Raises:
+        InvalidSharedMemoryRegion: an output does not fit the shared memory the request gave it.
     """
     parts: wire.Parts = [_response_prefix(model, version)]
     if request_id:
@@ -380,9 +486,33 @@ def infer_response_parts(
     raws: wire.Parts = []
     for name, array in outputs.items():
         datatype = datatype_of(array, signature.output(name) if signature is not None else None)
-        parts.append(_output_metadata(name, datatype, array.shape))
-        raws += wire.length_delimited(_RAW_OUTPUT_CONTENTS, [_raw_view(array, datatype)])
+        target = shared.get(name) if shared else None
+        if target is None:
+            parts.append(_output_metadata(name, datatype, array.shape))
+            raws += wire.length_delimited(_RAW_OUTPUT_CONTENTS, [_raw_view(array, datatype)])
+        else:
+            written = _write_shared(name, array, datatype, target)
+            parts.append(_shared_output_metadata(name, datatype, array.shape, target.region, written))
+            raws += wire.length_delimited(_RAW_OUTPUT_CONTENTS, [b""])
     return [*parts, *raws]
+
+
+def _write_shared(name: str, array: np.ndarray[Any, Any], datatype: str, target: SharedSlice) -> int:
+    """Writes output ``name`` into its shared memory, little-endian and row-major; returns the bytes written."""
+    data = encode_bytes(array) if datatype == "BYTES" else None
+    size = len(data) if data is not None else array.nbytes
+    if size > len(target.memory):
+        raise InvalidSharedMemoryRegion(
+            target.region,
+            f"output {name!r} needs {size} bytes but its shared_memory_byte_size is {len(target.memory)}; "
+            "give it a larger slice",
+        )
+    if data is not None:
+        target.memory[:size] = data
+    else:
+        into = np.frombuffer(target.memory, dtype=array.dtype.newbyteorder("<"), count=array.size)
+        np.copyto(into.reshape(array.shape), array)
+    return size
 
 
 _RESPONSE_ID = 3  # ModelInferResponse.id
@@ -398,6 +528,21 @@ def _response_prefix(model: str, version: int) -> bytes:
 def _output_metadata(name: str, datatype: str, shape: tuple[int, ...]) -> bytes:
     """One ModelInferResponse.outputs entry (field 5: name, datatype, shape), serialised."""
     output = pb.ModelInferResponse.InferOutputTensor(name=name, datatype=datatype, shape=shape)
+    return pb.ModelInferResponse(outputs=[output]).SerializeToString()
+
+
+@functools.lru_cache(maxsize=1024)
+def _shared_output_metadata(name: str, datatype: str, shape: tuple[int, ...], region: str, byte_size: int) -> bytes:
+    """One ModelInferResponse.outputs entry of an output written to shared memory, serialised."""
+    output = pb.ModelInferResponse.InferOutputTensor(
+        name=name,
+        datatype=datatype,
+        shape=shape,
+        parameters={
+            _SHM_REGION: pb.InferParameter(string_param=region),
+            _SHM_BYTE_SIZE: pb.InferParameter(int64_param=byte_size),
+        },
+    )
     return pb.ModelInferResponse(outputs=[output]).SerializeToString()
 
 

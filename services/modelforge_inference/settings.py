@@ -29,6 +29,9 @@ class InferenceSettings(ServerSettings):
     # Requests of one V2 ModelStreamInfer stream running or waiting to be sent at once; past it the stream reads
     # no more until answers leave, and HTTP/2 flow control holds the client back.
     stream_max_in_flight: int = 256
+    # Take V2 clients' system shared memory regions (SystemSharedMemoryRegister). Off by default: a client that
+    # registers a key may read and write any shared memory object this server's user can open.
+    allow_client_shm: bool = False
     # The local cache of model files, keyed by sha256; None means data_dir/models.
     model_dir: Path | None = None
     model_cache_bytes: int = 20 * GiB

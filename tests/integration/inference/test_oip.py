@@ -124,7 +124,7 @@ async def test_server_is_live_ready_and_lists_its_extensions(v2: V2) -> None:
 
 async def test_unserved_protocol_methods_are_unimplemented(v2: V2) -> None:
     await assert_status(
-        v2.stub.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest()), grpc.StatusCode.UNIMPLEMENTED
+        v2.stub.CudaSharedMemoryStatus(pb.CudaSharedMemoryStatusRequest()), grpc.StatusCode.UNIMPLEMENTED
     )
     await assert_status(v2.stub.TraceSetting(pb.TraceSettingRequest()), grpc.StatusCode.UNIMPLEMENTED)
     await assert_status(v2.stub.LogSettings(pb.LogSettingsRequest()), grpc.StatusCode.UNIMPLEMENTED)

@@ -145,11 +145,52 @@ def _scenario_statistics(client: Any, tc: Any, args: dict[str, Any], workdir: Pa
 def _scenario_unserved(client: Any, tc: Any, args: dict[str, Any], workdir: Path) -> dict[str, Any]:
     from tritonclient.utils import InferenceServerException
 
+    seen: dict[str, Any] = {}
+    for name, call in (
+        ("system_shared_memory", client.get_system_shared_memory_status),
+        ("cuda_shared_memory", client.get_cuda_shared_memory_status),
+    ):
+        try:
+            call()
+            seen[name] = None
+        except InferenceServerException as exc:
+            seen[name] = _error(exc)
+    return seen
+
+
+def _scenario_shared_memory(client: Any, tc: Any, args: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    """The input and the output of one request in system shared memory, as tritonclient's examples do it."""
+    import tritonclient.utils.shared_memory as shm
+
+    array = _load_arrays(workdir / "inputs.npz")["input"]
+    out_bytes = array.shape[0] * 8 * 4
+    key = f"/mf-triton-{args['tag']}"
+    inputs = shm.create_shared_memory_region("inputs", key + "-in", array.nbytes)
+    outputs = shm.create_shared_memory_region("outputs", key + "-out", out_bytes)
     try:
-        client.get_system_shared_memory_status()
-    except InferenceServerException as exc:
-        return {"shared_memory": _error(exc)}
-    return {"shared_memory": None}
+        shm.set_shared_memory_region(inputs, [array])
+        client.register_system_shared_memory("inputs", key + "-in", array.nbytes)
+        client.register_system_shared_memory("outputs", key + "-out", out_bytes)
+        status = client.get_system_shared_memory_status(as_json=True)
+        tensor = tc.InferInput("input", list(array.shape), "FP32")
+        tensor.set_shared_memory("inputs", array.nbytes)
+        requested = tc.InferRequestedOutput("output")
+        requested.set_shared_memory("outputs", out_bytes)
+        result = client.infer(args["model"], [tensor], outputs=[requested])
+        described = result.get_output("output")  # as_json=True answers None in tritonclient 2.73
+        parameters = {
+            "region": described.parameters["shared_memory_region"].string_param,
+            "byte_size": described.parameters["shared_memory_byte_size"].int64_param,
+            "shape": list(described.shape),
+        }
+        output = shm.get_contents_as_numpy(outputs, np.float32, [array.shape[0], 8])
+        np.savez(workdir / "outputs.npz", output=output)
+        client.unregister_system_shared_memory()
+        after = client.get_system_shared_memory_status(as_json=True)
+    finally:
+        shm.destroy_shared_memory_region(inputs)
+        shm.destroy_shared_memory_region(outputs)
+    return {"status": status, "output": parameters, "after": after}
 
 
 _SCENARIOS: dict[str, Callable[[Any, Any, dict[str, Any], Path], dict[str, Any]]] = {
@@ -160,6 +201,7 @@ _SCENARIOS: dict[str, Callable[[Any, Any, dict[str, Any], Path], dict[str, Any]]
     "repository": _scenario_repository,
     "statistics": _scenario_statistics,
     "unserved": _scenario_unserved,
+    "shared_memory": _scenario_shared_memory,
 }
 
 
@@ -373,4 +415,26 @@ async def test_inference_statistics(triton: TritonClient, inference: Any, mlp: A
 
 async def test_unserved_extensions_are_unimplemented(triton: TritonClient) -> None:
     seen, _ = await triton.run("unserved")
-    assert seen["shared_memory"]["status"] == "StatusCode.UNIMPLEMENTED"
+    assert seen["cuda_shared_memory"]["status"] == "StatusCode.UNIMPLEMENTED"
+    # System shared memory is there, off unless the server is started with it.
+    assert seen["system_shared_memory"]["status"] == "StatusCode.FAILED_PRECONDITION"
+    assert "MODELFORGE_ALLOW_CLIENT_SHM" in seen["system_shared_memory"]["message"]
+
+
+async def test_system_shared_memory_carries_the_input_and_the_output(
+    start_inference: Any, tmp_path: Path, mlp: Any
+) -> None:
+    async with start_inference(allow_client_shm=True) as inference:
+        await _publish(inference, "mlp", mlp)
+        inputs = mlp.sample(4)
+        triton = TritonClient(inference.address, tmp_path)
+        seen, arrays = await triton.run("shared_memory", {"model": "mlp", "tag": tmp_path.name[-12:]}, inputs)
+    regions = seen["status"]["regions"]
+    key = f"/mf-triton-{tmp_path.name[-12:]}"
+    assert {name: (r["key"], r["byte_size"]) for name, r in regions.items()} == {
+        "inputs": (key + "-in", str(4 * 64 * 4)),
+        "outputs": (key + "-out", str(4 * 8 * 4)),
+    }
+    assert seen["output"] == {"region": "outputs", "byte_size": 4 * 8 * 4, "shape": [4, 8]}
+    assert not seen["after"].get("regions")
+    np.testing.assert_allclose(arrays["output"], _onnxruntime(mlp, inputs)["output"], rtol=1e-6)

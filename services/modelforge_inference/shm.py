@@ -1,0 +1,150 @@
+"""System shared memory regions that V2 clients on the server's host register, so tensors skip the socket.
+
+A client creates a POSIX shared memory object, registers a slice of it under a name (SystemSharedMemoryRegister),
+and then names that region, an offset and a byte size in an input's or requested output's parameters. Inputs
+are read straight from the mapping; outputs are written into it, and the answer carries only their metadata.
+This is the Open Inference Protocol's system shared memory extension, as Triton serves it; ModelForge answers
+it only when started with ``MODELFORGE_ALLOW_CLIENT_SHM=true``, since a registered key lets a client read and
+write any shared memory object the server's user can open.
+
+A region's mapping lives as long as the last view into it: unregistering a region that a running request still
+reads or writes only forgets its name, and the memory is unmapped when that request lets go of it.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from modelforge_inference.errors import (
+    InvalidSharedMemoryRegion,
+    SharedMemoryKeyNotFound,
+    SharedMemoryOff,
+    SharedMemoryRegionExists,
+    SharedMemoryRegionNotFound,
+)
+
+__all__ = ["Region", "SharedMemoryRegions"]
+
+# Where Linux keeps POSIX shared memory objects: shm_open("/name") opens /dev/shm/name.
+SHM_DIRECTORY = Path("/dev/shm")
+
+
+@dataclass(frozen=True)
+class Region:
+    """A registered slice of a shared memory object: ``byte_size`` bytes from ``offset`` of object ``key``."""
+
+    name: str
+    key: str
+    offset: int
+    byte_size: int
+    memory: memoryview = field(repr=False, compare=False)
+
+
+class SharedMemoryRegions:
+    """The regions registered on this server, by name. Used from the event loop only."""
+
+    def __init__(self, *, enabled: bool, directory: Path = SHM_DIRECTORY) -> None:
+        self.enabled = enabled
+        self._directory = directory
+        self._regions: dict[str, Region] = {}
+
+    def register(self, name: str, key: str, offset: int, byte_size: int) -> Region:
+        """Maps ``byte_size`` bytes from ``offset`` of the shared memory object ``key`` under ``name``.
+
+        Raises:
+            SharedMemoryOff: the server does not take client shared memory.
+            InvalidSharedMemoryRegion: an empty name, a malformed key, a zero size, or a slice past the object's end.
+            SharedMemoryRegionExists: ``name`` is registered already.
+            SharedMemoryKeyNotFound: no shared memory object ``key`` exists on this host.
+        """
+        self._check_enabled()
+        if not name:
+            raise InvalidSharedMemoryRegion(name, "name is required")
+        if name in self._regions:
+            raise SharedMemoryRegionExists(name, self._regions[name].key)
+        path = self._directory / _object_name(name, key)
+        if byte_size <= 0:
+            raise InvalidSharedMemoryRegion(name, "byte_size must be more than 0")
+        try:
+            descriptor = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            raise SharedMemoryKeyNotFound(name, key) from None
+        except PermissionError:
+            raise InvalidSharedMemoryRegion(
+                name, f"the server may not open shared memory object {key!r} for reading and writing"
+            ) from None
+        try:
+            size = os.fstat(descriptor).st_size
+            if offset + byte_size > size:
+                raise InvalidSharedMemoryRegion(
+                    name,
+                    f"offset {offset} + byte_size {byte_size} runs past the end of shared memory object {key!r}, "
+                    f"which holds {size} bytes",
+                )
+            # mmap offsets must be page-aligned: map from the start and slice.
+            mapping = mmap.mmap(descriptor, offset + byte_size)
+        finally:
+            os.close(descriptor)
+        region = Region(name, key, offset, byte_size, memoryview(mapping)[offset : offset + byte_size])
+        self._regions[name] = region
+        return region
+
+    def unregister(self, name: str) -> None:
+        """Forgets region ``name``, or every region when ``name`` is empty; an unknown name is no error."""
+        self._check_enabled()
+        names = list(self._regions) if not name else [name] if name in self._regions else []
+        for each in names:
+            del self._regions[each]  # the mapping goes with the last view into it
+
+    def status(self, name: str) -> list[Region]:
+        """Region ``name``, or every region when ``name`` is empty.
+
+        Raises:
+            SharedMemoryRegionNotFound: no region ``name`` is registered.
+        """
+        self._check_enabled()
+        if not name:
+            return list(self._regions.values())
+        return [self._find(name)]
+
+    def slice(self, name: str, offset: int, byte_size: int, *, tensor: str) -> memoryview:
+        """``byte_size`` bytes from ``offset`` within region ``name``, for tensor ``tensor`` (to name in errors).
+
+        The view keeps the mapping alive while the caller holds it, even if the region is unregistered meanwhile.
+        """
+        region = self._find(name)
+        if offset < 0 or byte_size < 0 or offset + byte_size > region.byte_size:
+            raise InvalidSharedMemoryRegion(
+                name,
+                f"tensor {tensor!r} asks for bytes {offset} to {offset + byte_size} but the region holds "
+                f"{region.byte_size}; set shared_memory_offset and shared_memory_byte_size within it",
+            )
+        return region.memory[offset : offset + byte_size]
+
+    def __iter__(self) -> Iterator[Region]:
+        return iter(list(self._regions.values()))
+
+    def _find(self, name: str) -> Region:
+        self._check_enabled()
+        region = self._regions.get(name)
+        if region is None:
+            raise SharedMemoryRegionNotFound(name)
+        return region
+
+    def _check_enabled(self) -> None:
+        if not self.enabled:
+            raise SharedMemoryOff()
+
+
+def _object_name(region: str, key: str) -> str:
+    """The file name under /dev/shm of POSIX shared memory key ``key`` ("/name" or "name")."""
+    name = key[1:] if key.startswith("/") else key
+    if not name or "/" in name or name in (".", ".."):
+        raise InvalidSharedMemoryRegion(
+            region, f"key {key!r} is not a POSIX shared memory name; use '/name' as given to shm_open"
+        )
+    return name

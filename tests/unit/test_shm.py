@@ -1,0 +1,86 @@
+"""SharedMemoryRegions on files standing in for /dev/shm: what a region maps, and how long the mapping lives."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from modelforge_inference.errors import (
+    InvalidSharedMemoryRegion,
+    SharedMemoryKeyNotFound,
+    SharedMemoryOff,
+    SharedMemoryRegionExists,
+    SharedMemoryRegionNotFound,
+)
+from modelforge_inference.shm import SharedMemoryRegions
+
+
+@pytest.fixture
+def regions(tmp_path: Path) -> SharedMemoryRegions:
+    (tmp_path / "object").write_bytes(bytes(range(256)) * 16)  # 4 KiB
+    return SharedMemoryRegions(enabled=True, directory=tmp_path)
+
+
+def test_a_region_maps_its_slice_of_the_object(regions: SharedMemoryRegions, tmp_path: Path) -> None:
+    region = regions.register("r", "/object", 100, 50)
+    assert (region.key, region.offset, region.byte_size) == ("/object", 100, 50)
+    assert bytes(regions.slice("r", 10, 5, tensor="t")) == bytes(range(110, 115))
+    regions.slice("r", 0, 4, tensor="t")[:] = b"abcd"
+    assert (tmp_path / "object").read_bytes()[100:104] == b"abcd"  # writes reach the object itself
+
+
+def test_a_view_outlives_the_unregistered_region(regions: SharedMemoryRegions) -> None:
+    regions.register("r", "object", 0, 4096)
+    view = np.frombuffer(regions.slice("r", 0, 16, tensor="t"), dtype=np.uint8)
+    regions.unregister("r")
+    assert view.tolist() == list(range(16))  # still mapped while a request holds it
+    with pytest.raises(SharedMemoryRegionNotFound):
+        regions.slice("r", 0, 16, tensor="t")
+
+
+@pytest.mark.parametrize(
+    ("offset", "byte_size"),
+    [(0, 4097), (4000, 100), (-1, 10), (10, -1)],
+    ids=["long", "past", "neg-offset", "neg-size"],
+)
+def test_a_slice_outside_the_region_is_refused(regions: SharedMemoryRegions, offset: int, byte_size: int) -> None:
+    regions.register("r", "/object", 0, 4096)
+    with pytest.raises(InvalidSharedMemoryRegion, match="the region holds 4096"):
+        regions.slice("r", offset, byte_size, tensor="t")
+
+
+def test_registration_checks_name_key_and_bounds(regions: SharedMemoryRegions) -> None:
+    with pytest.raises(InvalidSharedMemoryRegion, match="holds 4096 bytes"):
+        regions.register("r", "/object", 4000, 100)
+    with pytest.raises(SharedMemoryKeyNotFound):
+        regions.register("r", "/missing", 0, 1)
+    for key in ("", "/", "/a/b", "/..", "."):
+        with pytest.raises(InvalidSharedMemoryRegion, match="POSIX shared memory name"):
+            regions.register("r", key, 0, 1)
+    regions.register("r", "/object", 0, 1)
+    with pytest.raises(SharedMemoryRegionExists):
+        regions.register("r", "/object", 0, 2)
+    assert [r.byte_size for r in regions.status("")] == [1]
+
+
+def test_unregistering_an_empty_name_forgets_every_region(regions: SharedMemoryRegions) -> None:
+    regions.register("a", "/object", 0, 1)
+    regions.register("b", "/object", 1, 1)
+    regions.unregister("unknown")
+    assert [r.name for r in regions.status("")] == ["a", "b"]
+    regions.unregister("")
+    assert regions.status("") == []
+
+
+def test_everything_is_refused_while_off(tmp_path: Path) -> None:
+    regions = SharedMemoryRegions(enabled=False, directory=tmp_path)
+    for call in (
+        lambda: regions.register("r", "/object", 0, 1),
+        lambda: regions.unregister(""),
+        lambda: regions.status(""),
+        lambda: regions.slice("r", 0, 1, tensor="t"),
+    ):
+        with pytest.raises(SharedMemoryOff):
+            call()
