@@ -36,8 +36,9 @@ from modelforge.inference.v1 import inference_pb2
 
 SECTIONS = ("transport", "overhead", "raw", "mlp", "cnn", "gen", "stream", "cache", "load", "jobs")
 MATRIX = ("mlp", "cnn", "gen")
-# predict: Predict; v2: V2 ModelInfer; v2s: V2 ModelStreamInfer (one stream per caller); stream: PredictStream
-APIS = ("predict", "v2", "v2s", "stream")
+# predict: Predict; v2: V2 ModelInfer; v2s: V2 ModelStreamInfer (one stream per caller); stream: PredictStream;
+# v2shm: V2 ModelInfer with the output in system shared memory (the image generator only)
+APIS = ("predict", "v2", "v2s", "stream", "v2shm")
 
 
 @dataclass
@@ -98,7 +99,16 @@ def upload_models(suite: Suite, selected: list[scenarios.Workload], *, cache: bo
             infer.predict("bench-mlp-cache", mlp.item)
 
 
-def _load(suite: Suite, api: str, model: str, inputs: dict[str, np.ndarray]) -> Load:
+def _load(
+    suite: Suite, api: str, model: str, inputs: dict[str, np.ndarray], workload: scenarios.Workload | None = None
+) -> Load:
+    if api == "v2shm":
+        assert workload is not None
+        (output,) = workload.model.graph.output
+        shared = (output.name, workload.output_bytes_per_item * len(next(iter(inputs.values()))))
+        return Load(
+            suite.inference, scenarios.MODEL_INFER, scenarios.model_infer_request(model, inputs), shared_output=shared
+        )
     if api == "predict":
         return Load(suite.inference, scenarios.PREDICT, scenarios.predict_request(model, inputs))
     if api == "v2":
@@ -199,12 +209,12 @@ def run_matrix(
     out: Collected,
     server: int | None,
 ) -> None:
-    apis = ("predict", "v2", "stream") if workload.key == "gen" else ("predict", "v2", "v2s")
+    apis: tuple[str, ...] = ("predict", "v2", "v2shm", "stream") if workload.key == "gen" else ("predict", "v2", "v2s")
     apis = tuple(api for api in apis if api in args.apis)
     _say(f"{workload.title}: batch-1 requests")
     for api in apis:
         for batching in (False, True):
-            load = _load(suite, api, _model_name(workload.key, batching), workload.item)
+            load = _load(suite, api, _model_name(workload.key, batching), workload.item, workload)
             for concurrency in args.concurrency:
                 point = _measure(
                     gen, load, args, server, workload=workload.key, api=api, batching=batching, concurrency=concurrency
@@ -320,7 +330,7 @@ def run_jobs(gen: LoadGenerator, suite: Suite, args: argparse.Namespace, out: Co
 
 
 def suite_settings(args: argparse.Namespace) -> dict[str, str]:
-    settings: dict[str, str] = {}
+    settings: dict[str, str] = {"MODELFORGE_ALLOW_CLIENT_SHM": "true"}  # the v2shm rows register regions
     if args.intra_op_threads is not None and args.intra_op_threads >= 0:
         settings["MODELFORGE_INTRA_OP_THREADS"] = str(args.intra_op_threads)
     if args.compute_threads is not None:

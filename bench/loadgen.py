@@ -13,14 +13,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing as mp
+import os
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from multiprocessing import shared_memory
 from multiprocessing.connection import Connection
 
 import grpc
 import numpy as np
 
+from modelforge.oip.v2 import grpc_service_pb2 as oip_pb
 from modelforge_server.app import use_event_loop
 
 _OPTIONS = [
@@ -47,12 +50,17 @@ class Load:
 
     BIDI callers each open one bidirectional stream and keep one request in flight on it, as Triton's
     perf_analyzer does with --streaming; answers that carry an in-band error_message count as errors.
+
+    ``shared_output`` (an output name and its size in bytes) asks, in a V2 ModelInferRequest, for that output in
+    system shared memory: each caller creates and registers a region of its own before the clock starts, and
+    counts the output's bytes as received (the caller reads neither it nor a socket-borne output).
     """
 
     target: str
     method: str
     request: bytes
     kind: str = UNARY
+    shared_output: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -111,8 +119,11 @@ async def _callers(job: _Job) -> tuple[list[float], int, int, float, str]:
         cpu = [0.0, 0.0]
 
         async def caller() -> None:
+            async with _shared_output(channel, load) as (request, extra):
+                await calls(request, extra)
+
+        async def calls(request: bytes, extra: int) -> None:
             nonlocal errors, received, first_error
-            request = load.request
             call = bidi() if load.kind == BIDI else None
             while True:
                 began = clock()
@@ -146,7 +157,7 @@ async def _callers(job: _Job) -> tuple[list[float], int, int, float, str]:
                 ended = clock()
                 if measure_from <= ended <= stop_at:
                     latencies.append(ended - began)
-                    received += size
+                    received += size + extra
             if call is not None:
                 await call.done_writing()
                 while await call.read() is not grpc.aio.EOF:
@@ -160,6 +171,36 @@ async def _callers(job: _Job) -> tuple[list[float], int, int, float, str]:
 
         await asyncio.gather(cpu_meter(), *(caller() for _ in range(job.callers)))
         return latencies, errors, received, cpu[1] - cpu[0], first_error
+
+
+_REGISTER = "/inference.GRPCInferenceService/SystemSharedMemoryRegister"
+_UNREGISTER = "/inference.GRPCInferenceService/SystemSharedMemoryUnregister"
+
+
+@contextlib.asynccontextmanager
+async def _shared_output(channel: grpc.aio.Channel, load: Load) -> AsyncIterator[tuple[bytes, int]]:
+    """The caller's request, and the bytes each call leaves in shared memory; with ``load.shared_output``, a region
+    of the caller's own, registered for the caller's calls and dropped after them."""
+    if load.shared_output is None:
+        yield load.request, 0
+        return
+    output, size = load.shared_output
+    segment = shared_memory.SharedMemory(create=True, size=size)
+    name = f"loadgen-{os.getpid()}-{segment.name}"
+    register = channel.unary_unary(_REGISTER, _registered_method=True)
+    unregister = channel.unary_unary(_UNREGISTER, _registered_method=True)
+    try:
+        key = "/" + segment.name
+        await register(oip_pb.SystemSharedMemoryRegisterRequest(name=name, key=key, byte_size=size).SerializeToString())
+        requested = oip_pb.ModelInferRequest.InferRequestedOutputTensor(name=output)
+        requested.parameters["shared_memory_region"].string_param = name
+        requested.parameters["shared_memory_byte_size"].int64_param = size
+        # Serialised messages concatenate: this appends one entry to the request's repeated outputs.
+        yield load.request + oip_pb.ModelInferRequest(outputs=[requested]).SerializeToString(), size
+        await unregister(oip_pb.SystemSharedMemoryUnregisterRequest(name=name).SerializeToString())
+    finally:
+        segment.close()
+        segment.unlink()
 
 
 def _serve(conn: Connection) -> None:

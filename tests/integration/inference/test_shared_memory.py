@@ -3,6 +3,7 @@ registered with a real inference server, holding inputs it reads and outputs it 
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from multiprocessing import shared_memory
@@ -359,3 +360,33 @@ async def test_an_unregistered_region_is_no_longer_found(shm_v2: V2, mlp: ModelF
     await shm_v2.stub.SystemSharedMemoryUnregister(pb.SystemSharedMemoryUnregisterRequest(name="io"))
     got, _, _ = await failure(shm_v2.stub.ModelInfer(request))
     assert got == grpc.StatusCode.NOT_FOUND
+
+
+async def test_the_benchmark_load_generator_gives_each_caller_a_region_and_drops_it(
+    shm_v2: V2, mlp: ModelFile, segment: Segment
+) -> None:
+    from bench import scenarios
+    from bench.loadgen import Load, LoadGenerator
+
+    await shm_v2.publish("mlp", mlp)
+    request = scenarios.model_infer_request("mlp", mlp.sample(1))
+    load = Load(shm_v2.running.address, scenarios.MODEL_INFER, request, shared_output=("output", 32))
+    with LoadGenerator(processes=1) as generator:
+        result = await asyncio.to_thread(generator.run, load, concurrency=2, duration=0.3, warmup=0.1)
+    assert result.errors == 0, result.first_error
+    assert result.calls > 10
+    assert not (await shm_v2.stub.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest())).regions
+
+    # Each call's answer carries only metadata, and its output's 32 bytes count as received: compare with one
+    # such answer.
+    await shm_v2.stub.SystemSharedMemoryRegister(register("one", segment))
+    alike = pb.ModelInferRequest.FromString(request)
+    output = Output(name="output")
+    in_region(output, "one", 32)
+    alike.outputs.append(output)
+    answer = await shm_v2.stub.ModelInfer(alike)
+    assert list(answer.raw_output_contents) == [b""]
+    per_call, rest = divmod(result.response_bytes, result.calls)
+    assert rest == 0
+    # The same answer, but for the region's name: the load generator's is longer than "one".
+    assert answer.ByteSize() + 32 < per_call < answer.ByteSize() + 32 + 64
