@@ -478,8 +478,10 @@ def infer_response_parts(
     and the bytes written, and their raw entry stays empty, so every output keeps its raw entry's position.
 
     Raises:
-        InvalidSharedMemoryRegion: an output does not fit the shared memory the request gave it.
+        InvalidSharedMemoryRegion: an output does not fit the shared memory the request gave it; then no region
+            is written to.
     """
+    payloads = _fit_shared(outputs, shared) if shared else {}
     parts: wire.Parts = [_response_prefix(model, version)]
     if request_id:
         parts += wire.length_delimited(_RESPONSE_ID, [request_id.encode()])
@@ -491,28 +493,43 @@ def infer_response_parts(
             parts.append(_output_metadata(name, datatype, array.shape))
             raws += wire.length_delimited(_RAW_OUTPUT_CONTENTS, [_raw_view(array, datatype)])
         else:
-            written = _write_shared(name, array, datatype, target)
+            written = _write_shared(array, target, payloads[name])
             parts.append(_shared_output_metadata(name, datatype, array.shape, target.region, written))
             raws += wire.length_delimited(_RAW_OUTPUT_CONTENTS, [b""])
     return [*parts, *raws]
 
 
-def _write_shared(name: str, array: np.ndarray[Any, Any], datatype: str, target: SharedSlice) -> int:
-    """Writes output ``name`` into its shared memory, little-endian and row-major; returns the bytes written."""
-    data = encode_bytes(array) if datatype == "BYTES" else None
-    size = len(data) if data is not None else array.nbytes
-    if size > len(target.memory):
-        raise InvalidSharedMemoryRegion(
-            target.region,
-            f"output {name!r} needs {size} bytes but its shared_memory_byte_size is {len(target.memory)}; "
-            "give it a larger slice",
-        )
+def _fit_shared(
+    outputs: Mapping[str, np.ndarray[Any, Any]], shared: Mapping[str, SharedSlice]
+) -> dict[str, bytes | None]:
+    """Checks that every output bound for shared memory fits its slice, before any is written; returns the
+    serialised BYTES outputs (None for the others, which are copied as they are)."""
+    payloads: dict[str, bytes | None] = {}
+    for name, target in shared.items():
+        array = outputs.get(name)
+        if array is None:
+            continue
+        data = encode_bytes(array) if array.dtype == object else None
+        size = len(data) if data is not None else array.nbytes
+        if size > len(target.memory):
+            raise InvalidSharedMemoryRegion(
+                target.region,
+                f"output {name!r} needs {size} bytes but its shared_memory_byte_size is {len(target.memory)}; "
+                "give it a larger slice",
+            )
+        payloads[name] = data
+    return payloads
+
+
+def _write_shared(array: np.ndarray[Any, Any], target: SharedSlice, data: bytes | None) -> int:
+    """Writes an output into its shared memory, little-endian and row-major (``data`` if serialised already);
+    returns the bytes written."""
     if data is not None:
-        target.memory[:size] = data
-    else:
-        into = np.frombuffer(target.memory, dtype=array.dtype.newbyteorder("<"), count=array.size)
-        np.copyto(into.reshape(array.shape), array)
-    return size
+        target.memory[: len(data)] = data
+        return len(data)
+    into = np.frombuffer(target.memory, dtype=array.dtype.newbyteorder("<"), count=array.size)
+    np.copyto(into.reshape(array.shape), array)
+    return array.nbytes
 
 
 _RESPONSE_ID = 3  # ModelInferResponse.id
