@@ -101,6 +101,10 @@ async def test_shared_memory_is_off_by_default_and_says_how_to_turn_it_on(
     await assert_status(
         v2.stub.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest()), grpc.StatusCode.FAILED_PRECONDITION
     )
+    await assert_status(
+        v2.stub.SystemSharedMemoryUnregister(pb.SystemSharedMemoryUnregisterRequest()),
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
 
     await v2.publish("mlp", mlp)
     request = infer_request("mlp", {})
