@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import mmap
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,8 +105,8 @@ class SharedMemoryRegions:
         Raises:
             SharedMemoryRegionNotFound: no region ``name`` is registered.
         """
-        self._check_enabled()
         if not name:
+            self._check_enabled()
             return list(self._regions.values())
         return [self._find(name)]
 
@@ -124,9 +123,6 @@ class SharedMemoryRegions:
                 f"{region.byte_size}; set shared_memory_offset and shared_memory_byte_size within it",
             )
         return region.memory[offset : offset + byte_size]
-
-    def __iter__(self) -> Iterator[Region]:
-        return iter(list(self._regions.values()))
 
     def _find(self, name: str) -> Region:
         self._check_enabled()

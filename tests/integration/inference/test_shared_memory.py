@@ -340,35 +340,37 @@ async def test_half_given_shared_memory_parameters_are_invalid_argument(shm_v2: 
     assert "shared_memory_byte_size" in details
 
 
+async def refused_and_untouched(v2: V2, segment: Segment, request: pb.ModelInferRequest, needle: str) -> None:
+    """Asserts that `request`, whose outputs go to region "out" in `segment`, is refused for an output that does not
+    fit, and that nothing was written into the region."""
+    await v2.stub.SystemSharedMemoryRegister(register("out", segment))
+    put(segment, 0, b"\xab" * 1024)
+    reason, details = await reason_of(v2.stub.ModelInfer(request), grpc.StatusCode.INVALID_ARGUMENT)
+    assert reason == "INVALID_SHARED_MEMORY_REGION"
+    assert needle in details
+    assert bytes(segment.buf[:1024]) == b"\xab" * 1024
+
+
 async def test_an_output_larger_than_its_slice_is_invalid_argument_and_leaves_the_region_alone(
     shm_v2: V2, mlp: ModelFile, segment: Segment
 ) -> None:
     await shm_v2.publish("mlp", mlp)
-    await shm_v2.stub.SystemSharedMemoryRegister(register("out", segment))
-    put(segment, 0, b"\xab" * 64)
     output = Output(name="output")
     in_region(output, "out", 16)  # [2, 8] float32 needs 64
-    request = infer_request("mlp", mlp.sample(2), outputs=[output])
-    reason, details = await reason_of(shm_v2.stub.ModelInfer(request), grpc.StatusCode.INVALID_ARGUMENT)
-    assert reason == "INVALID_SHARED_MEMORY_REGION"
-    assert "needs 64 bytes" in details
-    assert bytes(segment.buf[:64]) == b"\xab" * 64
+    await refused_and_untouched(
+        shm_v2, segment, infer_request("mlp", mlp.sample(2), outputs=[output]), "needs 64 bytes"
+    )
 
 
 async def test_when_one_output_does_not_fit_no_output_is_written(
     shm_v2: V2, multi_io: ModelFile, segment: Segment
 ) -> None:
     await shm_v2.publish("multi", multi_io)
-    await shm_v2.stub.SystemSharedMemoryRegister(register("out", segment))
-    put(segment, 0, b"\xab" * 1024)
     scores, id_sum = Output(name="scores"), Output(name="id_sum")
     in_region(scores, "out", 512)  # fits
     in_region(id_sum, "out", 4, offset=512)  # [2, 1] int64 needs 16
     request = infer_request("multi", multi_io.sample(2), outputs=[scores, id_sum])
-    reason, details = await reason_of(shm_v2.stub.ModelInfer(request), grpc.StatusCode.INVALID_ARGUMENT)
-    assert reason == "INVALID_SHARED_MEMORY_REGION"
-    assert "'id_sum' needs 16 bytes" in details
-    assert bytes(segment.buf[:1024]) == b"\xab" * 1024
+    await refused_and_untouched(shm_v2, segment, request, "'id_sum' needs 16 bytes")
 
 
 async def test_an_unregistered_region_is_no_longer_found(shm_v2: V2, mlp: ModelFile, segment: Segment) -> None:
