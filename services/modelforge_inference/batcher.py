@@ -45,9 +45,12 @@ log = logging.getLogger("modelforge.inference.batcher")
 _RUN_WEIGHT = 0.2
 
 Feeds = Mapping[str, np.ndarray]
+# Arrays a request's caller wants outputs written into, by output name (see ModelSession.run); None: no such wish.
+Into = Mapping[str, np.ndarray] | None
 Outcome = dict[str, np.ndarray] | BaseException
-# Runs a batch on a worker thread: one feeds mapping per request in, one outputs mapping (or error) per request out.
-Execute = Callable[[Sequence[Feeds]], list[Outcome]]
+# Runs a batch on a worker thread: one feeds mapping and one Into per request in, one outputs mapping (or error)
+# per request out.
+Execute = Callable[[Sequence[Feeds], Sequence[Into]], list[Outcome]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +76,7 @@ class _Pending:
     queued: bool = True
     share: Hashable | None = None  # identical requests have equal keys; None: never shared
     sharers: list[_Pending] | None = None  # identical requests answered by this one's run
+    into: Into = None
 
 
 @dataclass(slots=True)
@@ -166,13 +170,21 @@ class Batcher:
         return priority - 1 if 1 <= priority <= levels else levels - 1
 
     async def submit(
-        self, feeds: Feeds, *, priority: int = 0, expires_at: float | None = None, share: Hashable | None = None
+        self,
+        feeds: Feeds,
+        *,
+        priority: int = 0,
+        expires_at: float | None = None,
+        share: Hashable | None = None,
+        into: Into = None,
     ) -> BatchResult:
         """Queues a request and waits for its outputs.
 
         expires_at (event-loop time) is when the request must have started running; past it, the request leaves
         the queue with QueueTimeout. Raises QueueFull at once when the queue holds max_queue_size requests.
         share: a key that requests with identical feeds (and wanting the same outputs) share; they run once.
+        into: arrays to write outputs into, handed to execute with the feeds (never given together with share:
+            the arrays are the caller's alone).
         """
         if self._closed:
             raise ModelUnloading(self.model, self.version)
@@ -187,7 +199,7 @@ class Batcher:
         if self._queues.size == 0 and self._runs_inline():
             # Nobody waits ahead of it and the run takes microseconds: run it now, in the caller's task, instead of
             # handing it to the scheduler task and back.
-            return self._run_now(feeds)
+            return self._run_now(feeds, into)
         future: asyncio.Future[BatchResult] = loop.create_future()
         pending = _Pending(
             feeds=feeds,
@@ -197,6 +209,7 @@ class Batcher:
             enqueued=time.perf_counter(),
             future=future,
             share=share,
+            into=into,
         )
         self._queues.levels[pending.level].append(pending)
         self._queues.size += 1
@@ -346,30 +359,32 @@ class Batcher:
                 self._unshare([pending])
         return live
 
-    def _timed(self, feeds: Sequence[Feeds], clock: Callable[[], float] = time.thread_time) -> list[Outcome]:
+    def _timed(
+        self, feeds: Sequence[Feeds], into: Sequence[Into], clock: Callable[[], float] = time.thread_time
+    ) -> list[Outcome]:
         """execute, timed for the moving average. On a compute thread the clock is the thread's CPU time, which
         leaves out waits for the GIL (on a busy loop they would make a 10 us run look slow); on the loop, which
         holds the GIL throughout, the cheaper wall clock serves."""
         started = clock()
         try:
-            return self._execute_fn(feeds)
+            return self._execute_fn(feeds, into)
         finally:
             took = clock() - started
             average = self._run_seconds
             self._run_seconds = took if average is None else average + _RUN_WEIGHT * (took - average)
 
-    def _on_loop(self, feeds: list[Feeds]) -> tuple[list[Outcome], float, float]:
+    def _on_loop(self, feeds: list[Feeds], into: list[Into]) -> tuple[list[Outcome], float, float]:
         """Runs a batch on the event loop: one outcome per request, when it started and how long it took."""
         started = time.perf_counter()
         try:
-            outcomes = self._timed(feeds, time.perf_counter)
+            outcomes = self._timed(feeds, into, time.perf_counter)
         except Exception as exc:
             outcomes = [exc] * len(feeds)
         return outcomes, started, time.perf_counter() - started
 
-    def _run_now(self, feeds: Feeds) -> BatchResult:
+    def _run_now(self, feeds: Feeds, into: Into) -> BatchResult:
         """One request run on the loop, never queued: its outcome goes straight back to the caller."""
-        (outcome,), _, compute = self._on_loop([feeds])
+        (outcome,), _, compute = self._on_loop([feeds], [into])
         rows = batch_rows(feeds) or 1
         if self._on_execution is not None:
             self._on_execution(rows, 1, compute)
@@ -381,7 +396,7 @@ class Batcher:
         try:
             live = self._live(batch)
             if live:
-                self._settle(live, *self._on_loop([p.feeds for p in live]))
+                self._settle(live, *self._on_loop([p.feeds for p in live], [p.into for p in live]))
         finally:
             self._unshare(batch)
             self._slots.release()
@@ -394,7 +409,9 @@ class Batcher:
                 return
             started = time.perf_counter()
             try:
-                outcomes = await loop.run_in_executor(self._executor, self._timed, [p.feeds for p in live])
+                outcomes = await loop.run_in_executor(
+                    self._executor, self._timed, [p.feeds for p in live], [p.into for p in live]
+                )
             except Exception as exc:  # the executor itself failed; every request of the batch shares the error
                 outcomes = [exc] * len(live)
             self._settle(live, outcomes, started, time.perf_counter() - started)

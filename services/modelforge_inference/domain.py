@@ -168,6 +168,7 @@ class Prediction:
     timings: Timings
     cache_hit: bool = False
     signature: Signature | None = None  # of the version that answered: tells bfloat16 outputs from uint16 ones
+    placed: frozenset[str] = frozenset()  # outputs already in the memory the caller gave for them (`into`)
 
     def is_bfloat16(self, name: str) -> bool:
         """True when output `name` holds bfloat16 bit patterns (its array is uint16)."""

@@ -32,7 +32,7 @@ import numpy as np
 from opentelemetry.trace import Status, StatusCode
 
 from modelforge_inference import serving
-from modelforge_inference.batcher import Batcher, BatchResult, Feeds, Outcome, split
+from modelforge_inference.batcher import Batcher, BatchResult, Feeds, Into, Outcome, split
 from modelforge_inference.domain import (
     CacheMode,
     LoadedModel,
@@ -62,11 +62,12 @@ from modelforge_inference.sessions import (
     ModelSession,
     describe_error,
     out_of_memory,
+    place,
     resident_bytes,
     stack,
 )
 from modelforge_inference.settings import InferenceSettings
-from modelforge_inference.signature import batch_rows, check_inputs, check_outputs, request_bytes
+from modelforge_inference.signature import batch_rows, check_inputs, check_outputs, output_views, request_bytes
 from modelforge_server import telemetry
 from modelforge_server.errors import DeadlineExceeded, InvalidArgument, NotFound, ServiceError
 from modelforge_server.metrics import Metrics
@@ -270,12 +271,17 @@ class InferenceEngine:
         timeout: float | None = None,
         cache_mode: CacheMode = CacheMode.USE,
         time_remaining: float | None = None,
+        into: Mapping[str, memoryview] | None = None,
     ) -> Prediction:
         """Runs the version `ref` resolves to on `inputs` and returns the requested outputs (all when None).
 
         priority: 1 is the most urgent; 0 means the least urgent level. timeout: seconds the request may wait in
         the queue (can only lower the model's default). time_remaining: seconds left of the caller's deadline
-        (grpc `context.time_remaining()`), applied to resolution, loading and queueing.
+        (grpc `context.time_remaining()`), applied to resolution, loading and queueing. into: memory the caller
+        wants named outputs in (a client's shared memory); when the prediction runs uncached and every such output's
+        shape follows from the signature and fits, ONNX Runtime writes them there and they come back as arrays over
+        that memory, named in the prediction's ``placed``. Otherwise it is not touched, and the caller copies the
+        outputs itself.
         Raises InvalidArgument kinds for bad inputs, NotFound for unknown refs, ResourceExhausted when the queue
         is full, DeadlineExceeded when the deadline passes in the queue.
         """
@@ -291,14 +297,18 @@ class InferenceEngine:
         try:
             config = self._config(model)
             feeds = check_inputs(model.signature, inputs, max_request_bytes=self._settings.max_request_bytes)
+            placed: frozenset[str] = frozenset()
             names = check_outputs(model.signature, outputs)
             if self._cache is not None and config.cache.enabled and cache_mode is not CacheMode.BYPASS:
                 result, selected, hit = await self._predict_cached(
                     model, config, feeds, names, tuple(outputs or ()), priority, timeout, deadline, cache_mode
                 )
             else:
-                result = await self._run(model, config, feeds, priority, timeout, deadline)
+                views = output_views(model.signature, feeds, into) if into else None
+                result = await self._run(model, config, feeds, priority, timeout, deadline, into=views)
                 selected, hit = {name: result.outputs[name] for name in names}, False
+                if views:
+                    placed = frozenset(name for name, view in views.items() if result.outputs[name] is view)
         except Exception as exc:
             counters.failures += 1
             if (reason := _rejection(exc)) is not None:
@@ -325,6 +335,7 @@ class InferenceEngine:
             timings=timings,
             cache_hit=hit,
             signature=model.signature,
+            placed=placed,
         )
 
     async def _predict_cached(
@@ -372,6 +383,7 @@ class InferenceEngine:
         timeout: float | None,
         deadline: float | None,
         share: bytes | None = None,
+        into: Into = None,
     ) -> BatchResult:
         slot = await self._acquire(model, config, deadline)
         try:
@@ -384,8 +396,8 @@ class InferenceEngine:
                 limits.append(now + timeout)
             expires = min((limit for limit in limits if limit is not None), default=None)
             if self._tracing:
-                return await self._traced_submit(slot.batcher, model, feeds, priority, expires, share)
-            return await slot.batcher.submit(feeds, priority=priority, expires_at=expires, share=share)
+                return await self._traced_submit(slot.batcher, model, feeds, priority, expires, share, into)
+            return await slot.batcher.submit(feeds, priority=priority, expires_at=expires, share=share, into=into)
         finally:
             self._release(slot)
 
@@ -397,13 +409,14 @@ class InferenceEngine:
         priority: int,
         expires: float | None,
         share: bytes | None,
+        into: Into,
     ) -> BatchResult:
         """Submits with a "queue wait" and a "batch execution" span, drawn afterwards from the batcher's timings
         (a batch runs for many requests at once, each of which gets the spans in its own trace)."""
         attributes = _attributes(model)
         queued_at = time.time_ns()
         try:
-            result = await batcher.submit(feeds, priority=priority, expires_at=expires, share=share)
+            result = await batcher.submit(feeds, priority=priority, expires_at=expires, share=share, into=into)
         except BaseException as exc:
             span = self._tracer.start_span("queue wait", start_time=queued_at, attributes=attributes)
             span.record_exception(exc)
@@ -420,28 +433,28 @@ class InferenceEngine:
         execution.end(end_time=started + round(result.compute_seconds * 1e9))
         return result
 
-    def _execute(self, slot: _Slot, batch: Sequence[Feeds]) -> list[Outcome]:
-        """Runs one batch on a compute thread: stack, run once, split; a merged batch that fails runs item by item,
-        so that one bad request fails alone."""
+    def _execute(self, slot: _Slot, batch: Sequence[Feeds], into: Sequence[Into]) -> list[Outcome]:
+        """Runs one batch on a compute thread: stack, run once, split (each request's outputs copied into its
+        arrays, if it gave any); a merged batch that fails runs item by item, so that one bad request fails alone."""
         session = slot.session
         if session is None:
             return [ModelRunFailed(slot.model.name, slot.model.version, "the model was unloaded")] * len(batch)
         if len(batch) == 1:
-            return [self._run_one(session, slot.model, batch[0])]
+            return [self._run_one(session, slot.model, batch[0], into[0])]
         rows = [batch_rows(feeds) or 1 for feeds in batch]
         try:
             merged = session.run({name: stack([feeds[name] for feeds in batch]) for name in batch[0]})
         except INPUT_ERRORS:
-            return [self._run_one(session, slot.model, feeds) for feeds in batch]
+            return [self._run_one(session, slot.model, *request) for request in zip(batch, into, strict=True)]
         parts = split(merged, rows)
         if parts is None:  # outputs do not follow the batch dimension after all
-            return [self._run_one(session, slot.model, feeds) for feeds in batch]
-        return list(parts)
+            return [self._run_one(session, slot.model, *request) for request in zip(batch, into, strict=True)]
+        return [place(part, arrays) if arrays else part for part, arrays in zip(parts, into, strict=True)]
 
     @staticmethod
-    def _run_one(session: ModelSession, model: ResolvedModel, feeds: Feeds) -> Outcome:
+    def _run_one(session: ModelSession, model: ResolvedModel, feeds: Feeds, into: Into) -> Outcome:
         try:
-            return session.run(feeds)
+            return session.run(feeds, into)
         except INPUT_ERRORS as exc:
             if out_of_memory(exc):
                 return ModelRunOutOfMemory(model.name, model.version, describe_error(exc))

@@ -228,6 +228,7 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             priority=convert.priority(request.parameters),
             timeout=convert.timeout_seconds(request.parameters),
             time_remaining=context.time_remaining(),
+            into={name: target.memory for name, target in shared.items()} if shared else None,
         )
         return convert.infer_response_parts(
             model=prediction.model,
@@ -236,6 +237,7 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             outputs=prediction.outputs,
             signature=prediction.signature if convert.needs_signature(prediction.outputs) else None,
             shared=shared,
+            placed=prediction.placed,
         )
 
     async def _stream_answer(

@@ -465,6 +465,7 @@ def infer_response_parts(
     outputs: Mapping[str, np.ndarray[Any, Any]],
     signature: Signature | None = None,
     shared: Mapping[str, SharedSlice] | None = None,
+    placed: frozenset[str] = frozenset(),
 ) -> wire.Parts:
     """A serialised ModelInferResponse carrying every output, in its order, as raw bytes, byte for byte what
     protobuf would write, as parts: raw outputs are views of the arrays (field 6 follows every other field, so
@@ -474,8 +475,9 @@ def infer_response_parts(
     each output's metadata), kept in small caches, and the request's id between them, in field-number order as
     protobuf writes them.
 
-    Outputs named in ``shared`` are written into their shared memory instead; their metadata carries the region
-    and the bytes written, and their raw entry stays empty, so every output keeps its raw entry's position.
+    Outputs named in ``shared`` are written into their shared memory instead (unless named in ``placed``: there
+    already); their metadata carries the region and the bytes written, and their raw entry stays empty, so every
+    output keeps its raw entry's position.
 
     Raises:
         InvalidSharedMemoryRegion: an output does not fit the shared memory the request gave it; then no region
@@ -493,7 +495,7 @@ def infer_response_parts(
             parts.append(_output_metadata(name, datatype, array.shape))
             raws += wire.length_delimited(_RAW_OUTPUT_CONTENTS, [_raw_view(array, datatype)])
         else:
-            written = _write_shared(array, target, payloads[name])
+            written = array.nbytes if name in placed else _write_shared(array, target, payloads[name])
             parts.append(_shared_output_metadata(name, datatype, array.shape, target.region, written))
             raws += wire.length_delimited(_RAW_OUTPUT_CONTENTS, [b""])
     return [*parts, *raws]

@@ -5,7 +5,8 @@ Everything here blocks; the engine calls it on its own threads, never on the eve
 bfloat16 has no numpy dtype: ModelForge carries it as uint16 bit patterns. A session whose graph takes bfloat16
 inputs feeds them as OrtValues typed BFLOAT16 over those bits (no copy), and one that returns bfloat16 outputs
 runs with OrtValue outputs and copies their bits into uint16 arrays. Every other session keeps ONNX Runtime's
-plain numpy path.
+plain numpy path, or, for outputs the caller has memory for (a client's shared memory), an IO binding that has
+ONNX Runtime write them there, with no copy.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ _STRING = "tensor(string)"
 # (a Reshape that does not fit, an index out of range). The signature checks have passed by then, and the
 # session ran its warmup, so they are the caller's doing.
 INPUT_ERRORS: tuple[type[BaseException], ...] = (ort_state.InvalidArgument, ort_state.Fail, ort_state.RuntimeException)
+# The same errors from a run through an IO binding, which ONNX Runtime's Python layer wraps in RuntimeError.
+_BINDING_ERRORS: tuple[type[BaseException], ...] = (*INPUT_ERRORS, RuntimeError)
 # ONNX Runtime reports a failed allocation with the same exception types; only its message tells it apart.
 _OUT_OF_MEMORY = ("Failed to allocate memory", "bad_alloc", "out of memory")
 
@@ -96,17 +99,54 @@ class ModelSession:
         # Outputs come back as OrtValues only when one of them is bfloat16 (numpy cannot hold it).
         self._by_value = any(self._bfloat16_outputs)
         self._typed = self._by_value or bool(self._bfloat16_inputs)
+        # Outputs can be bound to the caller's memory on the plain numpy path, with number inputs only.
+        self._bindable = not self._typed and all(spec.type != _STRING for spec in inputs)
         if self._by_value and any(spec.type == _STRING for spec in inputs):
             raise ValueError(
                 "a model with string inputs and bfloat16 outputs cannot be served: ONNX Runtime takes string "
                 "inputs only on the path that cannot return bfloat16; cast the outputs to float32 or float16"
             )
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self._typed:
-            return self._run_typed(feeds)
+    def run(
+        self, feeds: Mapping[str, np.ndarray], into: Mapping[str, np.ndarray] | None = None
+    ) -> dict[str, np.ndarray]:
+        """The outputs of one run, by name. ``into``: writable arrays, shaped and typed as the outputs they are
+        named for will be, that ONNX Runtime writes those outputs into; they are then returned as those arrays.
+        Where the session cannot bind outputs, they are computed as usual and copied into their arrays."""
+        if into and self._bindable:
+            return self._run_into(feeds, into)
+        outputs = self._run_typed(feeds) if self._typed else self._run_plain(feeds)
+        return place(outputs, into) if into else outputs
+
+    def _run_plain(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         results = self.session.run(self.output_names, feeds, self._run_options)
         return dict(zip(self.output_names, results, strict=True))
+
+    def _run_into(self, feeds: Mapping[str, np.ndarray], into: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A run through an IO binding with the outputs in ``into`` bound to those arrays. When it fails, the run
+        is repeated unbound: if that succeeds, the graph's outputs do not have the shapes its signature promised,
+        and the session binds no more (a failure of both runs is the input's, and is raised)."""
+        binding = self.session.io_binding()
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        for name in self.output_names:
+            target = into.get(name)
+            if target is None:
+                binding.bind_output(name, "cpu")
+            else:
+                binding.bind_output(name, "cpu", 0, target.dtype, target.shape, target.ctypes.data)
+        try:
+            self.session.run_with_iobinding(binding, self._run_options)
+        except _BINDING_ERRORS as exc:
+            outputs = self._run_plain(feeds)  # raises when the input is at fault
+            self._bindable = False
+            log.warning("outputs of this model cannot be bound to shared memory, and are copied there: %s", exc)
+            return place(outputs, into)
+        values = binding.get_outputs()
+        return {
+            name: into[name] if name in into else value.numpy()
+            for name, value in zip(self.output_names, values, strict=True)
+        }
 
     def _run_typed(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The run of a graph with bfloat16 inputs or outputs, which travel as uint16 bit patterns."""
@@ -134,6 +174,17 @@ class ModelSession:
             self.run({spec.name: _zeros(spec) for spec in signature.inputs})
         except INPUT_ERRORS as exc:
             log.warning("warmup run failed; serving the model anyway: %s", exc)
+
+
+def place(outputs: dict[str, np.ndarray], into: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``outputs`` with each one named in ``into`` copied into that array and replaced by it; an output whose
+    shape differs from its array's stays as it is (the caller then copies it as the output's shape demands)."""
+    for name, target in into.items():
+        array = outputs.get(name)
+        if array is not None and array.shape == target.shape and array.dtype == target.dtype:
+            np.copyto(target, array)
+            outputs[name] = target
+    return outputs
 
 
 def _bfloat16_bits(value: ort.OrtValue) -> np.ndarray:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 
 from modelforge import tensors
-from modelforge_inference.domain import DYNAMIC, Signature, TensorSpec
+from modelforge_inference.domain import BFLOAT16, DYNAMIC, Signature, TensorSpec
 from modelforge_inference.errors import InvalidInput, RequestTooLarge, UnknownOutput
 
 _OBJECT = np.dtype(object)
@@ -118,3 +119,29 @@ def batch_rows(feeds: Mapping[str, np.ndarray[Any, Any]]) -> int | None:
     """The leading dimension shared by every input, or None when they differ (such a request runs alone)."""
     rows = {array.shape[0] if array.ndim else -1 for array in feeds.values()}
     return rows.pop() if len(rows) == 1 and -1 not in rows else None
+
+
+def output_views(
+    signature: Signature, feeds: Mapping[str, np.ndarray[Any, Any]], memory: Mapping[str, memoryview]
+) -> dict[str, np.ndarray[Any, Any]] | None:
+    """Arrays over ``memory`` (little-endian, row-major) typed and shaped as the named outputs of a run on
+    ``feeds`` will be, for ONNX Runtime to write those outputs into; None unless every named output holds numbers,
+    has a shape that the signature fixes (a dynamic leading dimension follows the inputs' rows when the model
+    batches), and fits its memory."""
+    rows = batch_rows(feeds) if signature.batchable else None
+    views: dict[str, np.ndarray[Any, Any]] = {}
+    for name, buffer in memory.items():
+        spec = signature.output(name)
+        if spec is None or spec.dtype.kind not in "biuf" or spec.ort_type == BFLOAT16:
+            return None
+        dims = list(spec.shape)
+        if rows is not None and dims and dims[0] == DYNAMIC:
+            dims[0] = rows
+        count = math.prod(dims)
+        if DYNAMIC in dims or count * spec.dtype.itemsize > len(buffer):
+            return None
+        view = np.frombuffer(buffer, dtype=spec.dtype.newbyteorder("<"), count=count).reshape(dims)
+        if not (view.flags.writeable and view.flags.aligned):
+            return None
+        views[name] = view
+    return views

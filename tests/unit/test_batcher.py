@@ -16,23 +16,26 @@ from typing import Any
 import numpy as np
 import pytest
 
-from modelforge_inference.batcher import Batcher, BatchResult, Feeds, Outcome, split
+from modelforge_inference.batcher import Batcher, BatchResult, Execute, Feeds, Into, Outcome, split
 from modelforge_inference.domain import BatchingConfig
 from modelforge_inference.errors import ModelUnloading, QueueFull, QueueTimeout
 
 
 class Recorder:
-    """Doubles its input; records every batch; the first batch waits for `gate`."""
+    """Doubles its input; records every batch and the arrays each request wants outputs in; the first batch waits
+    for `gate`."""
 
     def __init__(self) -> None:
         self.batches: list[list[float]] = []
+        self.into: list[list[Into]] = []
         self.gate = threading.Event()
         self.started = threading.Event()
 
-    def __call__(self, batch: Sequence[Feeds]) -> list[Outcome]:
+    def __call__(self, batch: Sequence[Feeds], into: Sequence[Into]) -> list[Outcome]:
         self.started.set()
         self.gate.wait(10)
         self.batches.append([float(f["x"][0, 0]) for f in batch])
+        self.into.append(list(into))
         merged = np.concatenate([f["x"] for f in batch])
         return list(split({"y": merged * 2}, [f["x"].shape[0] for f in batch]) or [])
 
@@ -79,9 +82,7 @@ def feeds(value: float, rows: int = 1, width: int = 2) -> Feeds:
     return {"x": np.full((rows, width), value, dtype=np.float32)}
 
 
-def unbatched(
-    executor: ThreadPoolExecutor, execute: Callable[[Sequence[Feeds]], list[Outcome]], **options: Any
-) -> Batcher:
+def unbatched(executor: ThreadPoolExecutor, execute: Execute, **options: Any) -> Batcher:
     """A started batcher that never merges (max_batch_size 0), running tiny runs on the loop unless told otherwise."""
     batcher = Batcher(
         model="m",
@@ -115,6 +116,38 @@ async def test_compatible_requests_merge_and_outputs_split_back(pool):
         assert np.all(result.outputs["y"] == 2 * value)
     assert results[1].batch_rows == 8 and results[1].outputs["y"].shape == (2, 2)
     await batcher.aclose()
+
+
+async def test_each_request_hands_its_own_output_arrays_to_execute_in_a_merged_batch(pool):
+    recorder, batcher, first = await busy(pool, max_batch_size=8, max_queue_delay_us=100_000)
+    arrays = {value: {"y": np.empty((1, 2), np.float32)} for value in (1.0, 3.0)}
+    rest = [asyncio.ensure_future(batcher.submit(feeds(v), into=arrays.get(v))) for v in (1.0, 2.0, 3.0)]
+    await asyncio.sleep(0)
+
+    recorder.gate.set()
+    await asyncio.gather(first, *rest)
+
+    assert recorder.into[0] == [None]
+    assert recorder.batches[1] == [1.0, 2.0, 3.0]
+    assert recorder.into[1] == [arrays[1.0], None, arrays[3.0]]
+    await batcher.aclose()
+
+
+async def test_a_request_run_on_the_loop_hands_its_output_arrays_to_execute(pool):
+    handed: list[Sequence[Into]] = []
+
+    def execute(batch: Sequence[Feeds], into: Sequence[Into]) -> list[Outcome]:
+        handed.append(into)
+        return [{"y": item["x"]} for item in batch]
+
+    batcher = unbatched(pool, execute)
+    arrays = {"y": np.empty((1, 2), np.float32)}
+    try:
+        await batcher.submit(feeds(1.0))  # unmeasured: a compute thread
+        await batcher.submit(feeds(2.0), into=arrays)  # measured tiny: the loop, in the caller's task
+        assert [list(into) for into in handed] == [[None], [arrays]]
+    finally:
+        await batcher.aclose()
 
 
 async def test_priority_levels_are_strict_and_fifo_within(pool):
@@ -333,7 +366,7 @@ async def test_tiny_unbatched_runs_move_onto_the_loop_and_slow_ones_back_to_thre
     threads: list[int] = []
     delay = {"spin": 0.0}
 
-    def execute(batch: Sequence[Feeds]) -> list[Outcome]:
+    def execute(batch: Sequence[Feeds], into: Sequence[Into]) -> list[Outcome]:
         threads.append(threading.get_ident())
         end = time.thread_time() + delay["spin"]
         while time.thread_time() < end:  # busy work, counted in the thread's CPU time
@@ -358,7 +391,7 @@ async def test_tiny_unbatched_runs_move_onto_the_loop_and_slow_ones_back_to_thre
 async def test_a_tiny_run_with_nobody_queued_runs_in_the_callers_task(pool):
     tasks: list[asyncio.Task[object] | None] = []
 
-    def execute(batch: Sequence[Feeds]) -> list[Outcome]:
+    def execute(batch: Sequence[Feeds], into: Sequence[Into]) -> list[Outcome]:
         tasks.append(asyncio.current_task() if threading.current_thread() is threading.main_thread() else None)
         return [{"y": item["x"] * 2} for item in batch]
 
@@ -377,7 +410,7 @@ async def test_a_tiny_run_with_nobody_queued_runs_in_the_callers_task(pool):
 
 
 async def test_a_tiny_run_that_fails_raises_in_the_callers_task(pool):
-    def execute(batch: Sequence[Feeds]) -> list[Outcome]:
+    def execute(batch: Sequence[Feeds], into: Sequence[Into]) -> list[Outcome]:
         return [ValueError(f"bad {float(item['x'][0, 0])}") for item in batch]
 
     batcher = unbatched(pool, execute)
@@ -403,7 +436,7 @@ def _whole_milliseconds(values: Sequence[float]) -> bool:
 def test_timings_are_precise_on_uvloop_whose_clock_ticks_in_milliseconds(inline):
     uvloop = pytest.importorskip("uvloop")
 
-    def execute(batch: Sequence[Feeds]) -> list[Outcome]:
+    def execute(batch: Sequence[Feeds], into: Sequence[Into]) -> list[Outcome]:
         _spin(0.0015)
         return [{"y": item["x"]} for item in batch]
 

@@ -19,7 +19,7 @@ from modelforge_inference.sessions import INPUT_ERRORS, ModelSession, describe_e
 from modelforge_inference.settings import InferenceSettings
 from modelforge_server.errors import FailedPrecondition
 from modelforge_server.settings import SettingsError
-from tests.fixtures.onnx_models import build_add_one, write_model
+from tests.fixtures.onnx_models import build_add_one, build_multi_io, write_model
 
 SPINNING = ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning")
 CPU = "CPUExecutionProvider"
@@ -231,3 +231,62 @@ def test_a_run_error_is_described_without_boilerplate(tmp_path: Path) -> None:
     assert str(caught.value).startswith("[ONNXRuntimeError] : 1 : FAIL : ")
     assert describe_error(caught.value).startswith("Non-zero status code returned while running Add node. Name:'add'")
     assert describe_error(ValueError(" not from ONNX Runtime ")) == "not from ONNX Runtime"
+
+
+def test_outputs_given_arrays_are_written_into_them_and_the_others_come_back_as_usual(tmp_path: Path) -> None:
+    session = ModelSession(write_model(build_multi_io(), tmp_path / "m.onnx"), SessionConfig())
+    rng = np.random.default_rng(0)
+    feeds = {"features": rng.random((3, 4), np.float32), "ids": rng.integers(0, 9, (3, 2), np.int64)}
+    expected = session.run(feeds)
+    scores = np.full((3, 3), np.nan, np.float32)
+
+    outputs = session.run(feeds, into={"scores": scores})
+
+    assert outputs["scores"] is scores
+    np.testing.assert_array_equal(scores, expected["scores"])
+    np.testing.assert_array_equal(outputs["id_sum"], expected["id_sum"])
+    assert not np.shares_memory(outputs["id_sum"], scores)
+
+
+def _reshape_model(tmp_path: Path) -> ModelSession:
+    """y = Reshape(x, shape): its signature promises y [-1, 4], which holds only while shape says so."""
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"], name="reshape")],
+        "reshape",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4]),
+            helper.make_tensor_value_info("shape", TensorProto.INT64, [2]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return ModelSession(write_model(model, tmp_path / "reshape.onnx"), SessionConfig())
+
+
+def test_an_output_that_breaks_its_promised_shape_runs_unbound_and_its_array_stays_untouched(tmp_path: Path) -> None:
+    session = _reshape_model(tmp_path)
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    target = np.full((2, 4), -1.0, np.float32)
+
+    outputs = session.run({"x": x, "shape": np.array([4, 2], np.int64)}, into={"y": target})
+
+    assert outputs["y"].shape == (4, 2) and outputs["y"] is not target
+    np.testing.assert_array_equal(outputs["y"], x.reshape(4, 2))
+    assert np.all(target == -1.0)
+    # The session binds no more: later runs copy into the arrays they are given.
+    fitting = session.run({"x": x, "shape": np.array([2, 4], np.int64)}, into={"y": target})
+    assert fitting["y"] is target
+    np.testing.assert_array_equal(target, x)
+
+
+def test_a_bad_input_fails_the_bound_run_as_it_fails_the_unbound_one(tmp_path: Path) -> None:
+    session = _reshape_model(tmp_path)
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    target = np.zeros((2, 4), np.float32)
+
+    with pytest.raises(INPUT_ERRORS, match="Reshape"):
+        session.run({"x": x, "shape": np.array([3, 3], np.int64)}, into={"y": target})
+    outputs = session.run({"x": x, "shape": np.array([2, 4], np.int64)}, into={"y": target})
+
+    assert outputs["y"] is target
+    np.testing.assert_array_equal(target, x)

@@ -319,6 +319,27 @@ def test_infer_response_carries_raw_outputs_in_order_and_echoes_the_id() -> None
     assert not any(o.HasField("contents") for o in response.outputs)
 
 
+def test_an_output_placed_in_shared_memory_already_is_described_and_not_written_again() -> None:
+    memory = memoryview(bytearray(64))
+    np.frombuffer(memory, np.float32, count=4)[:] = [1, 2, 3, 4]  # what ONNX Runtime wrote there
+    # The array given for the placed output differs from the memory only so that a second write would show.
+    outputs = {"placed": np.full((2, 2), 9.0, np.float32), "copied": np.array([5.0, 6.0], np.float32)}
+    response = _answer(
+        model="m",
+        version=1,
+        request_id="",
+        outputs=outputs,
+        shared={"placed": convert.SharedSlice("out", memory), "copied": convert.SharedSlice("out", memory[32:])},
+        placed=frozenset({"placed"}),
+    )
+
+    assert list(response.raw_output_contents) == [b"", b""]
+    written = [o.parameters["shared_memory_byte_size"].int64_param for o in response.outputs]
+    assert written == [16, 8]
+    assert np.frombuffer(memory, np.float32)[:4].tolist() == [1, 2, 3, 4]
+    assert np.frombuffer(memory, np.float32)[8:10].tolist() == [5, 6]
+
+
 def test_bytes_encoding_round_trips() -> None:
     items = np.array([[b"", b"x" * 300], [b"\x00", b"abc"]], dtype=object)
     decoded = convert.decode_bytes(convert.encode_bytes(items), 4, "x")

@@ -9,7 +9,7 @@ from modelforge_inference import serving
 from modelforge_inference.domain import ResolvedModel, Signature, TensorSpec
 from modelforge_inference.errors import InvalidInput, InvalidServingConfig, RequestTooLarge, UnknownOutput
 from modelforge_inference.settings import InferenceSettings
-from modelforge_inference.signature import batch_key, batch_rows, check_inputs, check_outputs
+from modelforge_inference.signature import batch_key, batch_rows, check_inputs, check_outputs, output_views
 
 F32 = np.dtype(np.float32)
 SIGNATURE = Signature(
@@ -100,3 +100,51 @@ def test_bad_label_names_itself():
 
     with pytest.raises(InvalidServingConfig, match="modelforge.io/priority-levels"):
         serving.serving_config(serving.defaults(InferenceSettings()), model)
+
+
+GENERATOR = Signature(
+    inputs=(TensorSpec("latent", F32, (-1, 16)),),
+    outputs=(TensorSpec("image", F32, (-1, 3, 4, 4)), TensorSpec("norm", np.dtype(np.int64), (-1, 1))),
+)
+LATENT = {"latent": np.zeros((2, 16), F32)}
+
+
+def test_output_views_take_the_inputs_rows_for_a_dynamic_leading_dimension():
+    memory = memoryview(bytearray(2 * 3 * 4 * 4 * 4 + 8))  # room to spare
+    views = output_views(GENERATOR, LATENT, {"image": memory})
+
+    assert views is not None and list(views) == ["image"]
+    assert (views["image"].shape, views["image"].dtype) == ((2, 3, 4, 4), np.dtype("<f4"))
+    views["image"][1, 2, 3, 3] = 7.0
+    assert np.frombuffer(memory, np.float32)[2 * 48 - 1] == 7.0  # a view: writes land in the memory
+
+
+def test_output_views_keep_fixed_shapes_of_a_model_that_does_not_batch():
+    fixed = Signature(inputs=(TensorSpec("x", F32, (4,)),), outputs=(TensorSpec("y", F32, (2, 2)),))
+    views = output_views(fixed, {"x": np.zeros(4, F32)}, {"y": memoryview(bytearray(16))})
+
+    assert views is not None and views["y"].shape == (2, 2)
+
+
+RAGGED = {"image": np.zeros((2, 3, 8, 8), F32), "text": np.array(["a"], dtype=object)}  # rows 2 and 1
+
+
+@pytest.mark.parametrize(
+    ("signature", "feeds", "memory", "why"),
+    [
+        (GENERATOR, LATENT, {"image": memoryview(bytearray(2 * 48 * 4 - 1))}, "one byte short"),
+        (GENERATOR, LATENT, {"image": memoryview(bytearray(400)), "norm": memoryview(bytearray(8))}, "norm too big"),
+        (GENERATOR, LATENT, {"image": memoryview(bytes(400))}, "read-only memory"),
+        (GENERATOR, LATENT, {"image": memoryview(bytearray(401))[1:]}, "misaligned floats"),
+        (SIGNATURE, RAGGED, {"logits": memoryview(bytearray(80))}, "inputs disagree on their rows"),
+        (SIGNATURE, good(), {"label": memoryview(bytearray(80))}, "string output"),
+        (
+            Signature(inputs=(TensorSpec("x", F32, (-1, 2)),), outputs=(TensorSpec("y", F32, (-1, -1)),)),
+            {"x": np.zeros((2, 2), F32)},
+            {"y": memoryview(bytearray(80))},
+            "a dynamic dimension past the first",
+        ),
+    ],
+)
+def test_output_views_are_none_unless_every_output_has_a_known_shape_and_fits(signature, feeds, memory, why):
+    assert output_views(signature, feeds, memory) is None, why

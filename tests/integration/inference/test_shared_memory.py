@@ -294,6 +294,40 @@ async def test_stream_infer_writes_outputs_to_shared_memory(shm_v2: V2, mlp: Mod
         np.testing.assert_allclose(take(segment, index * 32, "<f4", (1, 8)), expected, rtol=1e-6)
 
 
+@pytest.mark.parametrize("batching", ["0", "16"], ids=["alone", "merged"])
+async def test_concurrent_callers_each_get_their_own_rows_in_their_own_slice(
+    shm_v2: V2, mlp: ModelFile, segment: Segment, batching: str
+) -> None:
+    """Outputs go into the slices straight from ONNX Runtime (a run of one request) or are copied there from a merged
+    run; either way each caller's slice holds exactly its own rows, and the bytes between slices stay as they were."""
+    labels = {"modelforge.io/max-batch-size": batching, "modelforge.io/max-queue-delay-us": "20000"}
+    await shm_v2.publish("mlp", mlp, **labels)
+    await shm_v2.stub.SystemSharedMemoryRegister(register("out", segment))
+    put(segment, 0, b"\xee" * 8192)
+    callers = 24
+    samples = [mlp.sample(1 + index % 3, seed=index) for index in range(callers)]
+    stride = 3 * 8 * 4 + 16  # room for three rows and a gap of 16 bytes
+
+    async def call(index: int) -> pb.ModelInferResponse:
+        output = Output(name="output")
+        in_region(output, "out", 3 * 8 * 4, offset=index * stride)
+        return await shm_v2.stub.ModelInfer(infer_request("mlp", samples[index], outputs=[output]))
+
+    responses = await asyncio.gather(*(call(index) for index in range(callers)))
+
+    for index, response in enumerate(responses):
+        rows = samples[index]["input"].shape[0]
+        assert response.outputs[0].parameters["shared_memory_byte_size"].int64_param == rows * 8 * 4
+        expected = run_onnxruntime(mlp, samples[index])["output"]
+        np.testing.assert_allclose(take(segment, index * stride, "<f4", (rows, 8)), expected, rtol=1e-5)
+        untouched = bytes(segment.buf[index * stride + rows * 32 : (index + 1) * stride])
+        assert untouched == b"\xee" * len(untouched)
+    statistics = await shm_v2.stub.ModelStatistics(pb.ModelStatisticsRequest(name="mlp"))
+    (model,) = statistics.model_stats
+    executions = model.execution_count
+    assert executions < callers if batching != "0" else executions == callers
+
+
 def _mlp_input(region: str, byte_size: int, offset: int = 0) -> Tensor:
     tensor = Tensor(name="input", datatype="FP32", shape=[1, 64])
     in_region(tensor, region, byte_size, offset)
