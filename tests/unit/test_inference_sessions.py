@@ -233,12 +233,15 @@ def test_a_run_error_is_described_without_boilerplate(tmp_path: Path) -> None:
     assert describe_error(ValueError(" not from ONNX Runtime ")) == "not from ONNX Runtime"
 
 
-def test_outputs_given_arrays_are_written_into_them_and_the_others_come_back_as_usual(tmp_path: Path) -> None:
+@pytest.mark.parametrize("rows", [3, 30_000], ids=["copied", "bound"])  # 30,000 rows of scores: 360 KB
+def test_outputs_given_arrays_are_written_into_them_and_the_others_come_back_as_usual(
+    tmp_path: Path, rows: int
+) -> None:
     session = ModelSession(write_model(build_multi_io(), tmp_path / "m.onnx"), SessionConfig())
     rng = np.random.default_rng(0)
-    feeds = {"features": rng.random((3, 4), np.float32), "ids": rng.integers(0, 9, (3, 2), np.int64)}
+    feeds = {"features": rng.random((rows, 4), np.float32), "ids": rng.integers(0, 9, (rows, 2), np.int64)}
     expected = session.run(feeds)
-    scores = np.full((3, 3), np.nan, np.float32)
+    scores = np.full((rows, 3), np.nan, np.float32)
 
     outputs = session.run(feeds, into={"scores": scores})
 
@@ -263,30 +266,43 @@ def _reshape_model(tmp_path: Path) -> ModelSession:
     return ModelSession(write_model(model, tmp_path / "reshape.onnx"), SessionConfig())
 
 
-def test_an_output_that_breaks_its_promised_shape_runs_unbound_and_its_array_stays_untouched(tmp_path: Path) -> None:
+X = np.arange(4 * 16384, dtype=np.float32).reshape(16384, 4)  # 256 KiB: large enough to be bound
+
+
+def test_an_output_that_breaks_its_promised_shape_runs_unbound_and_its_array_stays_untouched(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     session = _reshape_model(tmp_path)
-    x = np.arange(8, dtype=np.float32).reshape(2, 4)
-    target = np.full((2, 4), -1.0, np.float32)
+    target = np.full(X.shape, -1.0, np.float32)
 
-    outputs = session.run({"x": x, "shape": np.array([4, 2], np.int64)}, into={"y": target})
+    with caplog.at_level(logging.WARNING, logger="modelforge.inference.sessions"):
+        outputs = session.run({"x": X, "shape": np.array([8192, 8], np.int64)}, into={"y": target})
 
-    assert outputs["y"].shape == (4, 2) and outputs["y"] is not target
-    np.testing.assert_array_equal(outputs["y"], x.reshape(4, 2))
+    assert "cannot be bound to shared memory" in caplog.text
+    assert outputs["y"].shape == (8192, 8) and outputs["y"] is not target
+    np.testing.assert_array_equal(outputs["y"], X.reshape(8192, 8))
     assert np.all(target == -1.0)
     # The session binds no more: later runs copy into the arrays they are given.
-    fitting = session.run({"x": x, "shape": np.array([2, 4], np.int64)}, into={"y": target})
+    caplog.clear()
+    fitting = session.run({"x": X, "shape": np.array(X.shape, np.int64)}, into={"y": target})
     assert fitting["y"] is target
-    np.testing.assert_array_equal(target, x)
+    np.testing.assert_array_equal(target, X)
+    session.run({"x": X, "shape": np.array([8192, 8], np.int64)}, into={"y": target})
+    assert "cannot be bound" not in caplog.text
 
 
-def test_a_bad_input_fails_the_bound_run_as_it_fails_the_unbound_one(tmp_path: Path) -> None:
+def test_a_bad_input_fails_the_bound_run_as_it_fails_the_unbound_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     session = _reshape_model(tmp_path)
-    x = np.arange(8, dtype=np.float32).reshape(2, 4)
-    target = np.zeros((2, 4), np.float32)
+    target = np.zeros(X.shape, np.float32)
 
     with pytest.raises(INPUT_ERRORS, match="Reshape"):
-        session.run({"x": x, "shape": np.array([3, 3], np.int64)}, into={"y": target})
-    outputs = session.run({"x": x, "shape": np.array([2, 4], np.int64)}, into={"y": target})
+        session.run({"x": X, "shape": np.array([3, 3], np.int64)}, into={"y": target})
+    with caplog.at_level(logging.WARNING, logger="modelforge.inference.sessions"):
+        outputs = session.run({"x": X, "shape": np.array(X.shape, np.int64)}, into={"y": target})
+        session.run({"x": X, "shape": np.array([8192, 8], np.int64)}, into={"y": target})
 
     assert outputs["y"] is target
-    np.testing.assert_array_equal(target, x)
+    np.testing.assert_array_equal(outputs["y"], X)
+    assert "cannot be bound" in caplog.text  # still binding after the bad input: the shape break is noticed

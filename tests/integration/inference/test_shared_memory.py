@@ -328,6 +328,28 @@ async def test_concurrent_callers_each_get_their_own_rows_in_their_own_slice(
     assert executions < callers if batching != "0" else executions == callers
 
 
+async def test_a_large_output_reaches_its_region_equal_to_onnxruntime(shm_v2: V2, image_generator: ModelFile) -> None:
+    """3 MiB per image: large enough for ONNX Runtime to write it into the region itself."""
+    await shm_v2.publish("generator", image_generator)
+    inputs = image_generator.sample(1)
+    expected = run_onnxruntime(image_generator, inputs)
+    ((name, image),) = expected.items()
+    segment = Segment(name=f"mf-test-{uuid.uuid4().hex[:12]}", create=True, size=image.nbytes + 4096)
+    try:
+        await shm_v2.stub.SystemSharedMemoryRegister(register("images", segment))
+        output = Output(name=name)
+        in_region(output, "images", image.nbytes, offset=4096)
+        response = await shm_v2.stub.ModelInfer(infer_request("generator", inputs, outputs=[output]))
+
+        assert response.outputs[0].parameters["shared_memory_byte_size"].int64_param == image.nbytes
+        np.testing.assert_allclose(take(segment, 4096, "<f4", image.shape), image, rtol=1e-6)
+        assert bytes(segment.buf[:4096]) == bytes(4096)
+        await shm_v2.stub.SystemSharedMemoryUnregister(pb.SystemSharedMemoryUnregisterRequest(name="images"))
+    finally:
+        segment.close()
+        segment.unlink()
+
+
 def _mlp_input(region: str, byte_size: int, offset: int = 0) -> Tensor:
     tensor = Tensor(name="input", datatype="FP32", shape=[1, 64])
     in_region(tensor, region, byte_size, offset)
