@@ -81,6 +81,8 @@ async def build(settings: InferenceSettings, stack: AsyncExitStack) -> app.Serve
     await engine.start()
     stack.push_async_callback(engine.aclose)
 
+    regions = SharedMemoryRegions(enabled=settings.allow_client_shm)
+    stack.callback(regions.close)
     holder: list[app.Server] = []
     server = app.build_server(
         [
@@ -97,7 +99,7 @@ async def build(settings: InferenceSettings, stack: AsyncExitStack) -> app.Serve
                     engine,
                     ready=lambda: bool(holder) and holder[0].serving,
                     stream_max_in_flight=settings.stream_max_in_flight,
-                    regions=SharedMemoryRegions(enabled=settings.allow_client_shm),
+                    regions=regions,
                 ),
                 add_oip_servicer_to_server,
             ),

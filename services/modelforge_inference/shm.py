@@ -9,6 +9,10 @@ write any shared memory object the server's user can open.
 
 A region's mapping lives as long as the last view into it: unregistering a region that a running request still
 reads or writes only forgets its name, and the memory is unmapped when that request lets go of it.
+
+Touching a mapping past the end of its object raises SIGBUS, which would end the server: a region keeps its
+object open, and every slice checks first that the object still holds the region (a client may truncate it after
+registering), refusing the request if it does not.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ class Region:
     offset: int
     byte_size: int
     memory: memoryview = field(repr=False, compare=False)
+    descriptor: int = field(repr=False, compare=False)  # the object, open, to check that it still holds the region
 
 
 class SharedMemoryRegions:
@@ -86,9 +91,10 @@ class SharedMemoryRegions:
                 )
             # mmap offsets must be page-aligned: map from the start and slice.
             mapping = mmap.mmap(descriptor, offset + byte_size)
-        finally:
+        except BaseException:
             os.close(descriptor)
-        region = Region(name, key, offset, byte_size, memoryview(mapping)[offset : offset + byte_size])
+            raise
+        region = Region(name, key, offset, byte_size, memoryview(mapping)[offset : offset + byte_size], descriptor)
         self._regions[name] = region
         return region
 
@@ -97,7 +103,12 @@ class SharedMemoryRegions:
         self._check_enabled()
         names = list(self._regions) if not name else [name] if name in self._regions else []
         for each in names:
-            del self._regions[each]  # the mapping goes with the last view into it
+            os.close(self._regions.pop(each).descriptor)  # the mapping goes with the last view into it
+
+    def close(self) -> None:
+        """Forgets every region (at shutdown); views that requests still hold stay mapped."""
+        while self._regions:
+            os.close(self._regions.popitem()[1].descriptor)
 
     def status(self, name: str) -> list[Region]:
         """Region ``name``, or every region when ``name`` is empty.
@@ -114,6 +125,10 @@ class SharedMemoryRegions:
         """``byte_size`` bytes from ``offset`` within region ``name``, for tensor ``tensor`` (to name in errors).
 
         The view keeps the mapping alive while the caller holds it, even if the region is unregistered meanwhile.
+
+        Raises:
+            SharedMemoryRegionNotFound: no region ``name`` is registered.
+            InvalidSharedMemoryRegion: the slice runs past the region, or the object no longer holds the region.
         """
         region = self._find(name)
         if offset < 0 or byte_size < 0 or offset + byte_size > region.byte_size:
@@ -121,6 +136,14 @@ class SharedMemoryRegions:
                 name,
                 f"tensor {tensor!r} asks for bytes {offset} to {offset + byte_size} but the region holds "
                 f"{region.byte_size}; set shared_memory_offset and shared_memory_byte_size within it",
+            )
+        size = os.fstat(region.descriptor).st_size
+        if size < region.offset + region.byte_size:
+            raise InvalidSharedMemoryRegion(
+                name,
+                f"shared memory object {region.key!r} was cut to {size} bytes after the region was registered over "
+                f"bytes {region.offset} to {region.offset + region.byte_size}; unregister the region and register "
+                "it again",
             )
         return region.memory[offset : offset + byte_size]
 

@@ -51,6 +51,25 @@ def test_a_slice_outside_the_region_is_refused(regions: SharedMemoryRegions, off
         regions.slice("r", offset, byte_size, tensor="t")
 
 
+def test_a_slice_of_an_object_cut_short_since_registering_is_refused(
+    regions: SharedMemoryRegions, tmp_path: Path
+) -> None:
+    regions.register("r", "/object", 1024, 2048)
+    (tmp_path / "object").write_bytes(bytes(3000))  # now ends inside the region
+    with pytest.raises(InvalidSharedMemoryRegion, match="was cut to 3000 bytes"):
+        regions.slice("r", 0, 4, tensor="t")
+    (tmp_path / "object").write_bytes(bytes(3072))  # holds the region again
+    assert bytes(regions.slice("r", 0, 4, tensor="t")) == bytes(4)
+
+
+def test_close_forgets_every_region_while_views_stay_mapped(regions: SharedMemoryRegions) -> None:
+    regions.register("a", "/object", 0, 16)
+    view = regions.slice("a", 0, 16, tensor="t")
+    regions.close()
+    assert regions.status("") == []
+    assert bytes(view) == bytes(range(16))
+
+
 def test_registration_checks_name_key_and_bounds(regions: SharedMemoryRegions) -> None:
     with pytest.raises(InvalidSharedMemoryRegion, match="holds 4096 bytes"):
         regions.register("r", "/object", 4000, 100)

@@ -4,6 +4,7 @@ registered with a real inference server, holding inputs it reads and outputs it 
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from multiprocessing import shared_memory
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 from modelforge.oip.v2 import grpc_service_pb2 as pb
+from modelforge_inference.shm import SHM_DIRECTORY
 from tests.fixtures.onnx_models import ModelFile
 from tests.integration.inference.conftest import RunningInference, StartInference, error_reason, failure
 from tests.integration.inference.test_oip import (
@@ -394,6 +396,27 @@ async def test_half_given_shared_memory_parameters_are_invalid_argument(shm_v2: 
     request.outputs.append(output)
     details = await assert_status(shm_v2.stub.ModelInfer(request), grpc.StatusCode.INVALID_ARGUMENT)
     assert "shared_memory_byte_size" in details
+
+
+async def test_an_object_cut_short_after_registering_is_refused_and_the_server_lives_on(
+    shm_v2: V2, mlp: ModelFile, segment: Segment
+) -> None:
+    """Writing into a mapping past its object's end would raise SIGBUS and end the server."""
+    await shm_v2.publish("mlp", mlp)
+    await shm_v2.stub.SystemSharedMemoryRegister(register("io", segment))
+    os.truncate(SHM_DIRECTORY / segment.name, 4096)  # from here on the test must not touch segment.buf past 4096
+    output = Output(name="output")
+    in_region(output, "io", 32, offset=8192)
+    tensor = _mlp_input("io", 256)
+
+    for request in (
+        infer_request("mlp", mlp.sample(1), outputs=[output]),
+        pb.ModelInferRequest(model_name="mlp", inputs=[tensor]),
+    ):
+        reason, details = await reason_of(shm_v2.stub.ModelInfer(request), grpc.StatusCode.INVALID_ARGUMENT)
+        assert reason == "INVALID_SHARED_MEMORY_REGION"
+        assert "was cut to 4096 bytes" in details
+    assert (await shm_v2.stub.ServerLive(pb.ServerLiveRequest())).live
 
 
 async def refused_and_untouched(v2: V2, segment: Segment, request: pb.ModelInferRequest, needle: str) -> None:
