@@ -12,7 +12,8 @@ reads or writes only forgets its name, and the memory is unmapped when that requ
 
 Touching a mapping past the end of its object raises SIGBUS, which would end the server: a region keeps its
 object open, and every slice checks first that the object still holds the region (a client may truncate it after
-registering), refusing the request if it does not.
+registering), refusing the request if it does not. A client that cuts it short while a request is using it can
+still end the server; that is why the extension is off unless the clients on the host are trusted.
 """
 
 from __future__ import annotations
