@@ -130,8 +130,9 @@ class ModelSession:
         is repeated unbound: if that succeeds, the graph's outputs do not have the shapes its signature promised,
         and the session binds no more (a failure of both runs is the input's, and is raised)."""
         binding = self.session.io_binding()
-        for name, array in feeds.items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        inputs = {name: np.ascontiguousarray(array) for name, array in feeds.items()}  # held until the run ends
+        for name, array in inputs.items():
+            binding.bind_cpu_input(name, array)
         for name in self.output_names:
             target = into.get(name)
             if target is None:
