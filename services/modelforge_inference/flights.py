@@ -24,8 +24,7 @@ class SingleFlight(Generic[K, T]):
     """Runs one coroutine per key at a time; concurrent callers with the same key share its result or error.
 
     The work runs in a task of its own, so a caller that is cancelled leaves it running for the others; when the
-    last caller waiting on it is cancelled, it is cancelled too. :meth:`forget` makes later callers start afresh
-    while earlier ones keep waiting on the running work (used when what the work reads has just changed).
+    last caller waiting on it is cancelled, it is cancelled too.
     """
 
     def __init__(self) -> None:
@@ -51,13 +50,6 @@ class SingleFlight(Generic[K, T]):
             if flight.waiters == 0 and not flight.task.done():
                 self._finished(key, flight)
                 flight.task.cancel()
-
-    def forget(self, key: K) -> None:
-        self._flights.pop(key, None)
-
-    def forget_where(self, predicate: Callable[[K], bool]) -> None:
-        for key in [key for key in self._flights if predicate(key)]:
-            del self._flights[key]
 
     def _finished(self, key: K, flight: _Flight[T]) -> None:
         if self._flights.get(key) is flight:
