@@ -29,7 +29,7 @@ import numpy as np
 import modelforge
 from bench import jobs as jobs_bench
 from bench import raw, report, scenarios, transport
-from bench.loadgen import BIDI, SERVER_STREAM, Load, LoadGenerator
+from bench.loadgen import BIDI, SERVER_STREAM, UNARY, Load, LoadGenerator
 from bench.measure import Point, measure, median, median_point, ms
 from bench.suite import Suite
 from modelforge.inference.v1 import inference_pb2
@@ -37,8 +37,9 @@ from modelforge.inference.v1 import inference_pb2
 SECTIONS = ("transport", "overhead", "raw", "mlp", "cnn", "gen", "stream", "cache", "load", "jobs")
 MATRIX = ("mlp", "cnn", "gen")
 # predict: Predict; v2: V2 ModelInfer; v2s: V2 ModelStreamInfer (one stream per caller); stream: PredictStream;
-# v2shm: V2 ModelInfer with the output in system shared memory (the image generator only)
-APIS = ("predict", "v2", "v2s", "stream", "v2shm")
+# v2shm: V2 ModelInfer with the output in system shared memory; v2sshm: the same through ModelStreamInfer (both the
+# image generator only)
+APIS = ("predict", "v2", "v2s", "stream", "v2shm", "v2sshm")
 
 
 @dataclass
@@ -102,13 +103,13 @@ def upload_models(suite: Suite, selected: list[scenarios.Workload], *, cache: bo
 def _load(
     suite: Suite, api: str, model: str, inputs: dict[str, np.ndarray], workload: scenarios.Workload | None = None
 ) -> Load:
-    if api == "v2shm":
+    if api in ("v2shm", "v2sshm"):
         assert workload is not None
         (output,) = workload.model.graph.output
         shared = (output.name, workload.output_bytes_per_item * len(next(iter(inputs.values()))))
-        return Load(
-            suite.inference, scenarios.MODEL_INFER, scenarios.model_infer_request(model, inputs), shared_output=shared
-        )
+        method, kind = (scenarios.MODEL_INFER, UNARY) if api == "v2shm" else (scenarios.MODEL_STREAM_INFER, BIDI)
+        request = scenarios.model_infer_request(model, inputs)
+        return Load(suite.inference, method, request, kind, shared_output=shared)
     if api == "predict":
         return Load(suite.inference, scenarios.PREDICT, scenarios.predict_request(model, inputs))
     if api == "v2":
@@ -209,7 +210,8 @@ def run_matrix(
     out: Collected,
     server: int | None,
 ) -> None:
-    apis: tuple[str, ...] = ("predict", "v2", "v2shm", "stream") if workload.key == "gen" else ("predict", "v2", "v2s")
+    image_apis = ("predict", "v2", "v2shm", "v2sshm", "stream")
+    apis: tuple[str, ...] = image_apis if workload.key == "gen" else ("predict", "v2", "v2s")
     apis = tuple(api for api in apis if api in args.apis)
     _say(f"{workload.title}: batch-1 requests")
     for api in apis:

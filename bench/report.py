@@ -21,6 +21,7 @@ API = {
     "v2": "V2 ModelInfer",
     "v2s": "V2 ModelStreamInfer",
     "v2shm": "V2 ModelInfer, output in shared memory",
+    "v2sshm": "V2 ModelStreamInfer, output in shared memory",
     "stream": "PredictStream",
     "stream-nosha": "PredictStream, skip_sha256",
     "cache": "Predict (cache hit)",
@@ -30,7 +31,7 @@ API = {
     "bare-bidi": "bare grpc.aio server, message on an open stream",
 }
 FLOOR_APIS = ("bare", "bare-bidi", "live")
-MATRIX_APIS = ("predict", "v2", "v2s", "v2shm", "stream")
+MATRIX_APIS = ("predict", "v2", "v2s", "v2shm", "v2sshm", "stream")
 STREAM_APIS = ("stream", "stream-nosha")
 
 
@@ -236,7 +237,7 @@ def targets(
         _target(rows, f"CNN {API[api]} c=64 batching on, ÷ raw best batched",
                 p.items_per_second / raw_cnn * 100 if p and raw_cnn else None, 50, "%", True)  # fmt: skip
     raw_gen = raws.get("gen", {}).get("b1")
-    for api in ("v2", "v2shm", "stream"):
+    for api in ("v2", "v2shm", "v2sshm", "stream"):
         cands = [p for k, p in points.items() if k[0] == "gen" and k[1] == api and k[4] == 1]
         best = max(cands, key=lambda p: p.items_per_second, default=None)
         _target(rows, f"Image generator {API[api]} batch-1 (best c), ÷ raw batch-1 items/s",
