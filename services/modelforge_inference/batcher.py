@@ -15,7 +15,12 @@ its sharers even when the caller that it was queued for has gone.
 
 Without merging, a version whose runs take only microseconds (an average under `inline_below`) runs on the
 event loop: the hop to a compute thread and back costs several times more than such a run. Every run is timed,
-so a version that turns slow goes back to the threads at once.
+so a version that turns slow goes back to the threads at once, and a request with more than `INLINE_MAX_BYTES`
+of inputs always runs on a thread, however fast the version's recent runs were.
+
+Versions share the engine's compute threads, so a batch handed to them may wait for a thread behind other
+versions' batches. A request whose deadline passes there, or whose caller goes away, is dropped when a thread
+takes the batch up, as in the queue: it never runs, and gets QueueTimeout.
 
 Durations (time queued, compute, the batching delay) are measured with time.perf_counter: an event loop's own
 clock may tick in whole milliseconds (uvloop's does). Deadlines stay in loop time, where the loop's timers are.
@@ -37,12 +42,15 @@ import numpy as np
 
 from modelforge_inference.domain import BatchingConfig
 from modelforge_inference.errors import ModelUnloading, QueueFull, QueueTimeout
-from modelforge_inference.signature import batch_key, batch_rows
+from modelforge_inference.signature import batch_key, batch_rows, request_bytes
 
 log = logging.getLogger("modelforge.inference.batcher")
 
 # Weight of the newest run in the moving average of run times.
 _RUN_WEIGHT = 0.2
+# Inputs beyond this run on a compute thread even when the version's runs average microseconds: the average was
+# taken on small requests, and a large one would hold the event loop.
+INLINE_MAX_BYTES = 64 << 10
 
 Feeds = Mapping[str, np.ndarray]
 # Arrays a request's caller wants outputs written into, by output name (see ModelSession.run); None: no such wish.
@@ -61,7 +69,9 @@ class BatchResult:
     queue_seconds: float
     compute_seconds: float
     batch_rows: int  # rows of the run the request was part of
-    shared: bool = False  # the outputs of an identical request's run, which this request did not run again
+    # The outputs of an identical request's run: this request did not run them, and the request whose run it was
+    # (or, when its caller left, the first identical request answered) is the one that reports them as its own.
+    shared: bool = False
 
 
 @dataclass(eq=False, slots=True)
@@ -72,6 +82,7 @@ class _Pending:
     level: int
     enqueued: float  # time.perf_counter()
     future: asyncio.Future[BatchResult]
+    expires_at: float | None = None  # event-loop time (time.monotonic on asyncio's and uvloop's loops)
     timer: asyncio.TimerHandle | None = None
     queued: bool = True
     share: Hashable | None = None  # identical requests have equal keys; None: never shared
@@ -196,7 +207,7 @@ class Batcher:
             raise QueueTimeout(self.model, self.version, 0.0)
         if self._queues.size >= self.config.max_queue_size:
             raise QueueFull(self.model, self.version, self._queues.size)
-        if self._queues.size == 0 and self._runs_inline():
+        if self._queues.size == 0 and self._runs_inline() and request_bytes(feeds) <= INLINE_MAX_BYTES:
             # Nobody waits ahead of it and the run takes microseconds: run it now, in the caller's task, instead of
             # handing it to the scheduler task and back.
             return self._run_now(feeds, into)
@@ -208,6 +219,7 @@ class Batcher:
             level=self.level_of(priority),
             enqueued=time.perf_counter(),
             future=future,
+            expires_at=expires_at,
             share=share,
             into=into,
         )
@@ -300,7 +312,7 @@ class Batcher:
             except BaseException:
                 self._slots.release()
                 raise
-            if self._runs_inline():
+            if self._runs_inline() and all(request_bytes(p.feeds) <= INLINE_MAX_BYTES for p in batch):
                 self._run_inline(batch)
                 continue
             task = asyncio.create_task(self._run(batch))
@@ -407,38 +419,74 @@ class Batcher:
             live = self._live(batch)
             if not live:
                 return
-            started = time.perf_counter()
+            handed = time.perf_counter()
             try:
-                outcomes = await loop.run_in_executor(
-                    self._executor, self._timed, [p.feeds for p in live], [p.into for p in live]
-                )
+                ran, outcomes, started, late = await loop.run_in_executor(self._executor, self._on_thread, live)
             except Exception as exc:  # the executor itself failed; every request of the batch shares the error
-                outcomes = [exc] * len(live)
-            self._settle(live, outcomes, started, time.perf_counter() - started)
+                ran, outcomes, started, late = live, [exc] * len(live), handed, []
+            for request in late:  # first, so that a late request's run is reported by one still waiting for it
+                if not request.future.done():
+                    waited = max(0.0, started - request.enqueued)
+                    request.future.set_exception(QueueTimeout(self.model, self.version, waited))
+            if ran:
+                self._settle(ran, outcomes, started, time.perf_counter() - started)
         finally:
             self._unshare(batch)  # after answering, with no await between: no sharer can arrive unanswered
             self._slots.release()
+
+    def _on_thread(self, live: list[_Pending]) -> tuple[list[_Pending], list[Outcome], float, list[_Pending]]:
+        """Runs a batch on a compute thread. Returns the requests that ran with their outcomes, when the run
+        started, and the requests (sharers included) whose deadline had passed by then.
+
+        The batch may have waited for a thread behind other versions' batches. A request whose deadline passed
+        meanwhile, or whose caller left, is left out of the run, unless an identical request still waits for it;
+        the late ones get QueueTimeout. (A future's state read off the loop: a caller going away as it is read is
+        the same race as one going away during the run.)"""
+        started = time.perf_counter()
+        now = time.monotonic()  # the event loop's clock
+        late = [
+            request
+            for pending in live
+            for request in (pending, *(pending.sharers or ()))
+            if request.expires_at is not None and now >= request.expires_at and not request.future.done()
+        ]
+        ran = [pending for pending in live if _awaited(pending, now)]
+        outcomes = self._timed([p.feeds for p in ran], [p.into for p in ran]) if ran else []
+        return ran, outcomes, started, late
 
     def _settle(self, live: list[_Pending], outcomes: list[Outcome], started: float, compute: float) -> None:
         rows = sum(pending.rows or 1 for pending in live)
         if self._on_execution is not None:
             self._on_execution(rows, len(live), compute)
         for pending, outcome in zip(live, outcomes, strict=True):
-            _answer(pending, outcome, started, compute, rows)
+            # The request whose run it was reports the outputs as its own (and so stores them in the prediction
+            # cache); when its caller has gone, the first identical request answered does.
+            owned = _answer(pending, outcome, started, compute, rows)
             for sharer in pending.sharers or ():
-                _answer(sharer, outcome, started, compute, rows, shared=True)
+                owned = _answer(sharer, outcome, started, compute, rows, shared=owned) or owned
+
+
+def _awaited(pending: _Pending, now: float) -> bool:
+    """Whether anyone still waits for this request's run: its own caller or an identical request, not gone and
+    within its deadline (``now`` in event-loop time)."""
+    return any(
+        not request.future.done() and (request.expires_at is None or now < request.expires_at)
+        for request in (pending, *(pending.sharers or ()))
+    )
 
 
 def _answer(
     pending: _Pending, outcome: Outcome, started: float, compute: float, rows: int, *, shared: bool = False
-) -> None:
-    if pending.future.done():  # its caller went away
-        return
+) -> bool:
+    """Answers one request with its batch's outcome; False when its caller went away and nobody was answered."""
+    if pending.future.done():
+        return False
     if isinstance(outcome, BaseException):
         pending.future.set_exception(outcome)
     else:
         waited = max(0.0, started - pending.enqueued)  # a sharer may arrive after the run began
         pending.future.set_result(BatchResult(outcome, waited, compute, rows, shared))
+    return True
 
 
 def split(outputs: Mapping[str, np.ndarray], rows: Sequence[int]) -> list[dict[str, np.ndarray]] | None:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from modelforge_inference.batcher import Batcher, BatchResult, Execute, Feeds, Into, Outcome, split
+from modelforge_inference.batcher import INLINE_MAX_BYTES, Batcher, BatchResult, Execute, Feeds, Into, Outcome, split
 from modelforge_inference.domain import BatchingConfig
 from modelforge_inference.errors import ModelUnloading, QueueFull, QueueTimeout
 
@@ -301,12 +301,101 @@ async def test_an_identical_request_arriving_during_the_run_waits_for_it_even_if
     recorder.gate.set()
     result = await joining
 
-    assert np.all(result.outputs["y"] == 10) and result.shared
+    # The run was the cancelled request's; with its caller gone, the request that joined it reports the outputs as
+    # its own (so that the engine stores them in the prediction cache) rather than as shared.
+    assert np.all(result.outputs["y"] == 10) and not result.shared
     assert recorder.batches == [[5.0]]
     again = await batcher.submit(feeds(5), share="k")  # the run is over: an identical request runs anew
     assert not again.shared
     assert recorder.batches == [[5.0], [5.0]]
     await batcher.aclose()
+
+
+async def test_a_request_that_expires_while_its_batch_waits_for_a_shared_thread_never_runs(pool):
+    # Versions share the engine's compute threads: B's batch leaves B's queue at once (B's own slot is free) and
+    # waits in the pool behind A's run, where no queue timer watches it.
+    recorder_a, batcher_a, first = await busy(pool)
+    recorder_b = Recorder()
+    recorder_b.gate.set()
+    batcher_b = make(pool, recorder_b, max_batch_size=0)
+    loop = asyncio.get_running_loop()
+    hasty = asyncio.ensure_future(batcher_b.submit(feeds(1), expires_at=loop.time() + 0.05))
+    await asyncio.sleep(0.01)
+    assert batcher_b.queued == 0 and batcher_b.running == 1  # handed to the pool, not yet on a thread
+    await asyncio.sleep(0.1)  # its deadline passes while A holds the only thread
+
+    recorder_a.gate.set()
+    with pytest.raises(QueueTimeout):
+        await hasty
+    await first
+    assert recorder_b.batches == []
+    assert (await batcher_b.submit(feeds(3))).outputs["y"][0, 0] == 6  # B runs again once the thread is free
+    await batcher_a.aclose()
+    await batcher_b.aclose()
+
+
+async def test_a_request_cancelled_while_its_batch_waits_for_a_shared_thread_never_runs(pool):
+    recorder_a, batcher_a, first = await busy(pool)
+    recorder_b = Recorder()
+    recorder_b.gate.set()
+    batcher_b = make(pool, recorder_b, max_batch_size=0)
+    leaving = asyncio.ensure_future(batcher_b.submit(feeds(2)))
+    await asyncio.sleep(0.01)
+    assert batcher_b.queued == 0 and batcher_b.running == 1  # handed to the pool, not yet on a thread
+    leaving.cancel()
+    await asyncio.sleep(0.01)
+
+    recorder_a.gate.set()
+    await first
+    assert (await batcher_b.submit(feeds(3))).outputs["y"][0, 0] == 6
+    assert recorder_b.batches == [[3.0]]
+    await batcher_a.aclose()
+    await batcher_b.aclose()
+
+
+async def test_a_late_request_in_a_shared_threads_queue_runs_only_for_an_identical_one_still_waiting(pool):
+    recorder_a, batcher_a, first = await busy(pool)
+    recorder_b = Recorder()
+    recorder_b.gate.set()
+    batcher_b = make(pool, recorder_b)
+    loop = asyncio.get_running_loop()
+    late = asyncio.ensure_future(batcher_b.submit(feeds(4), expires_at=loop.time() + 0.05, share="k"))
+    await asyncio.sleep(0.01)
+    patient = asyncio.ensure_future(batcher_b.submit(feeds(4), share="k"))  # joins the run handed to the pool
+    await asyncio.sleep(0.1)
+
+    recorder_a.gate.set()
+    with pytest.raises(QueueTimeout):
+        await late
+    result = await patient
+    assert np.all(result.outputs["y"] == 8)
+    assert not result.shared  # the late request's caller got no outputs: the one that did reports them
+    assert recorder_b.batches == [[4.0]]
+    await first
+    await batcher_a.aclose()
+    await batcher_b.aclose()
+
+
+async def test_a_large_request_runs_on_a_thread_even_when_the_versions_runs_are_tiny(pool):
+    threads: list[int] = []
+
+    def execute(batch: Sequence[Feeds], into: Sequence[Into]) -> list[Outcome]:
+        threads.append(threading.get_ident())
+        return [{"y": item["x"]} for item in batch]
+
+    batcher = unbatched(pool, execute)
+    try:
+        loop_thread = threading.get_ident()
+        await batcher.submit(feeds(1.0))  # unmeasured: a compute thread
+        await batcher.submit(feeds(2.0))  # measured tiny: the loop
+        assert threads[1] == loop_thread
+        large = feeds(3.0, width=INLINE_MAX_BYTES // 4 + 1)  # float32: one byte over the bound
+        await batcher.submit(large)
+        assert threads[2] != loop_thread
+        await batcher.submit(feeds(4.0))  # small again: back on the loop
+        assert threads[3] == loop_thread
+    finally:
+        await batcher.aclose()
 
 
 async def test_identical_requests_take_one_row_of_a_merged_batch(pool):
