@@ -668,9 +668,12 @@ class InferenceEngine:
 
     async def unload(self, ref: ModelRef) -> list[LoadedModel]:
         """Unloads the version `ref` names (every loaded version of the model when ref has no selector), after
-        the requests in flight on it finish. Raises ModelNotLoaded when nothing matches."""
+        the requests in flight on it finish. Raises ModelNotLoaded when nothing matches. A version number held
+        here is unloaded without asking the registry, which may have deleted it meanwhile."""
         if ref.is_latest:
             slots = [slot for slot in self._slots.values() if slot.model.name == ref.name]
+        elif ref.version is not None and (ref.name, ref.version) in self._slots:
+            slots = [self._slots[ref.name, ref.version]]
         else:
             model = await self._resolve(ref, None)
             slot = self._slots.get(model.key)
@@ -713,11 +716,14 @@ class InferenceEngine:
         return sorted(entries, key=lambda e: (e.name, e.version or 0))
 
     async def statistics(self, ref: ModelRef | None = None) -> list[ModelStatistics]:
-        """Counters per version: all versions, every version of ref.name (no selector), or the one ref names."""
+        """Counters per version: all versions, every version of ref.name (no selector), or the one ref names (a
+        version number counted here is answered without asking the registry, which may have deleted it)."""
         if ref is None:
             keys = sorted(self._counters)
         elif ref.is_latest:
             keys = sorted(key for key in self._counters if key[0] == ref.name)
+        elif ref.version is not None and (ref.name, ref.version) in self._counters:
+            keys = [(ref.name, ref.version)]
         else:
             model = await self._resolve(ref, None)
             keys = [model.key]

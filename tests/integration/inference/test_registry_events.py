@@ -65,6 +65,17 @@ async def test_archived_and_deleted_versions_are_unloaded_on_their_events(
     assert response.version == 1
 
 
+async def test_a_deleted_version_keeps_its_statistics_by_number(inference: RunningInference, add_one: ModelFile):
+    await upload(inference, "gone", add_one)
+    await inference.stub.Predict(predict_request(ref("gone", version=1), add_one.sample(batch=1)))
+    await inference.registry_stub.DeleteModelVersion(registry_pb2.DeleteModelVersionRequest(model="gone", version=1))
+    await wait_loaded(inference, [])
+
+    # Counted here, so answered here: the registry, which no longer knows the version, is not asked.
+    response = await inference.stub.GetModelStatistics(pb.GetModelStatisticsRequest(ref=ref("gone", version=1)))
+    assert [(s.model, s.version, s.request_count) for s in response.model_statistics] == [("gone", 1, 1)]
+
+
 @pytest.fixture
 def shared_settings(clean_db: str, tmp_path: Path) -> RegistrySettings:
     return registry_settings_for(clean_db, tmp_path / "registry", grace_seconds=0.5)
