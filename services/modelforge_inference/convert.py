@@ -168,6 +168,7 @@ _PREDICT_RESPONSE_OUTPUTS = 4
 _TENSOR_RAW_DATA = 4
 _STREAM_RESPONSE_CHUNK = 2
 _CHUNK_DATA = 3
+_STRING_DATA_KEY = len(wire.key(4))  # the key of PredictStreamChunk.string_data, before each element
 
 
 def _tensor_parts(prediction: Prediction, name: str, array: np.ndarray) -> wire.Parts:
@@ -290,14 +291,24 @@ def raw_chunks(name: str, view: memoryview, chunk_bytes: int) -> Iterator[bytes]
 
 
 def string_chunks(name: str, elements: list[bytes], chunk_bytes: int) -> Iterator[pb.PredictStreamResponse]:
+    """The elements of a STRING output as PredictStreamResponse chunks, in order; each chunk's offset is the index
+    of its first element.
+
+    A chunk's ``string_data`` takes at most ``chunk_bytes`` serialised, counting each element's framing (its
+    tag and varint length, at least 2 bytes even for an empty element) with its bytes, so a stream of many small
+    or empty elements is split like one of large ones. An element whose encoding alone exceeds ``chunk_bytes``
+    cannot be split: it is sent alone, in a chunk of its own.
+    """
     start, size = 0, 0
     for index, element in enumerate(elements):
-        if size and size + len(element) > chunk_bytes:
+        length = len(element)
+        encoded = _STRING_DATA_KEY + (1 if length < 0x80 else (length.bit_length() + 6) // 7) + length
+        if index > start and size + encoded > chunk_bytes:
             yield pb.PredictStreamResponse(
                 chunk=pb.PredictStreamChunk(output=name, offset=start, string_data=elements[start:index])
             )
             start, size = index, 0
-        size += len(element)
+        size += encoded
     if start < len(elements):
         yield pb.PredictStreamResponse(
             chunk=pb.PredictStreamChunk(output=name, offset=start, string_data=elements[start:])

@@ -21,6 +21,7 @@ as the InferenceService does; other malformed requests raise :class:`InvalidV2Re
 from __future__ import annotations
 
 import functools
+import math
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -91,6 +92,10 @@ _SHM_OFFSET = "shared_memory_offset"
 _SHM_BYTE_SIZE = "shared_memory_byte_size"
 
 _LENGTH = struct.Struct("<I")
+# numpy's NPY_MAXDIMS, the most dimensions an array can have (numpy 2 keeps the constant out of its Python API).
+_MAX_RANK = 64
+# numpy's limit on an array's size in bytes, even an empty one's: the largest intp.
+_MAX_BYTES = int(np.iinfo(np.intp).max)
 _BFLOAT16 = "tensor(bfloat16)"
 _UINT16 = np.dtype("<u2")
 
@@ -167,11 +172,27 @@ def _parsed_ref(name: str, version: str) -> ModelRef:
     return ModelRef.from_parts(name, version)
 
 
-def _shape(tensor: pb.ModelInferRequest.InferInputTensor) -> tuple[int, ...]:
+def _shape(tensor: pb.ModelInferRequest.InferInputTensor, dtype: np.dtype[Any]) -> tuple[tuple[int, ...], int]:
+    """The input's shape and element count, refused before anything is allocated for it if no numpy array of
+    ``dtype`` can have that shape."""
     shape = tuple(tensor.shape)
     if any(dim < 0 for dim in shape):
         raise InvalidInput(tensor.name, f"shape {list(shape)} has a negative dimension; dimensions are 0 or more")
-    return shape
+    if len(shape) > _MAX_RANK:
+        raise InvalidInput(
+            tensor.name, f"shape has {len(shape)} dimensions; an input has at most {_MAX_RANK} dimensions"
+        )
+    count = tensors.element_count(shape)
+    # numpy refuses a shape whose nonzero dimensions multiply, times the element size, past the largest intp,
+    # even when a dimension of 0 leaves the array empty.
+    spanned = count if count else math.prod(dim for dim in shape if dim)
+    if spanned > _MAX_BYTES // dtype.itemsize:
+        raise InvalidInput(
+            tensor.name,
+            f"shape {list(shape)} is too large: its nonzero dimensions multiply to {spanned}, more than the "
+            f"{_MAX_BYTES // dtype.itemsize} elements of {tensor.datatype} an array can hold",
+        )
+    return shape, count
 
 
 def _dtype(tensor: pb.ModelInferRequest.InferInputTensor) -> tuple[np.dtype[Any], str | None]:
@@ -182,7 +203,17 @@ def _dtype(tensor: pb.ModelInferRequest.InferInputTensor) -> tuple[np.dtype[Any]
 
 
 def decode_bytes(raw: bytes | memoryview, count: int, name: str) -> np.ndarray[Any, Any]:
-    """Splits the length-prefixed BYTES elements of input ``name`` into a flat ``object`` array of ``bytes``."""
+    """Splits the length-prefixed BYTES elements of input ``name`` into a flat ``object`` array of ``bytes``.
+
+    A ``count`` the data cannot hold is refused before the array is allocated: every element takes at least
+    its 4-byte length, so a shape of 2**40 elements over a few bytes is not an 8 TiB allocation.
+    """
+    if count > len(raw) // _LENGTH.size:
+        raise InvalidInput(
+            name,
+            f"BYTES data of {len(raw)} bytes cannot hold the {count} elements the shape holds; each element is a "
+            "4-byte little-endian length followed by that many bytes",
+        )
     out = np.empty(count, dtype=object)
     view = memoryview(raw)
     offset = 0
@@ -221,9 +252,8 @@ def _from_raw(
     raw: bytes | memoryview,
     source: str = "its raw_input_contents entry",
 ) -> np.ndarray[Any, Any]:
-    shape = _shape(tensor)
     dtype, _ = _dtype(tensor)
-    count = tensors.element_count(shape)
+    shape, count = _shape(tensor, dtype)
     if tensor.datatype == "BYTES":
         return decode_bytes(raw, count, tensor.name).reshape(shape)
     expected = count * dtype.itemsize
@@ -240,12 +270,11 @@ def _from_raw(
 
 
 def _from_contents(tensor: pb.ModelInferRequest.InferInputTensor) -> np.ndarray[Any, Any]:
-    shape = _shape(tensor)
     dtype, field = _dtype(tensor)
+    shape, count = _shape(tensor, dtype)
     if field is None:
         raise InvalidInput(tensor.name, f"{tensor.datatype} has no typed contents field; send it in raw_input_contents")
     values = getattr(tensor.contents, field)
-    count = tensors.element_count(shape)
     if len(values) != count:
         raise InvalidInput(
             tensor.name, f"shape {list(shape)} holds {count} elements, but contents.{field} has {len(values)}"
@@ -272,8 +301,10 @@ def decode_inputs(
     """The request's inputs as numpy arrays, by name. Inputs in shared memory are read-only views of ``regions``.
 
     Raises:
-        InvalidV2Request: a duplicate or unnamed input, an unknown datatype, a negative
-            dimension, data that does not match the shape, or raw and typed data mixed.
+        InvalidV2Request: an unnamed input, or raw_input_contents entries that do not match the inputs.
+        InvalidInput: a duplicate input, an unknown datatype, a negative dimension, more dimensions than
+            numpy's 64 or a shape too large for an array, data that does not match the shape, or raw and typed
+            data mixed.
         SharedMemoryOff, SharedMemoryRegionNotFound, InvalidSharedMemoryRegion: an input
             names a region this server does not have, or bytes outside it.
     """

@@ -111,6 +111,67 @@ def test_raw_chunks_parse_to_the_chunks_protobuf_would_build(chunk_bytes: int) -
     assert b"".join(c.chunk.data for c in chunks) == bytes(view)
 
 
+def _string_data_size(chunk: inference_pb2.PredictStreamResponse) -> int:
+    """The serialised size of a chunk's string_data field alone: every element's key, varint length and bytes."""
+    return inference_pb2.PredictStreamChunk(string_data=chunk.chunk.string_data).ByteSize()
+
+
+def _check_string_chunks(elements: list[bytes], chunk_bytes: int) -> list[inference_pb2.PredictStreamResponse]:
+    """The chunks of ``elements``, checked to reassemble them in order with each offset the first element's index."""
+    chunks = list(convert.string_chunks("s", elements, chunk_bytes))
+    assert all(c.WhichOneof("content") == "chunk" and c.chunk.output == "s" for c in chunks)
+    assert all(c.chunk.string_data for c in chunks)  # no empty chunks
+    offsets = [c.chunk.offset for c in chunks]
+    assert offsets == [sum(len(c.chunk.string_data) for c in chunks[:i]) for i in range(len(chunks))]
+    assert [e for c in chunks for e in c.chunk.string_data] == elements
+    return chunks
+
+
+@pytest.mark.parametrize(
+    "elements",
+    [
+        [b"x"] * 1000,
+        [b""] * 1000,
+        [b"", b"a", b"bc" * 5, b"", b"d" * 13, b"e" * 127, b"f" * 128, b"", b"g"] * 50,
+    ],
+    ids=["one-byte", "empty", "mixed"],
+)
+@pytest.mark.parametrize("chunk_bytes", [16, 64, 300, 1 << 14])
+def test_string_chunks_keep_their_serialised_string_data_within_chunk_bytes(
+    elements: list[bytes], chunk_bytes: int
+) -> None:
+    chunks = _check_string_chunks(elements, chunk_bytes)
+    for chunk in chunks:  # only an element too large for any chunk goes over the limit, alone
+        assert _string_data_size(chunk) <= chunk_bytes or len(chunk.chunk.string_data) == 1
+    # Chunks are full: each next element would not have fitted in the chunk before it.
+    for before, after in zip(chunks, chunks[1:], strict=False):
+        grown = inference_pb2.PredictStreamChunk(string_data=[*before.chunk.string_data, after.chunk.string_data[0]])
+        assert grown.ByteSize() > chunk_bytes
+
+
+def test_one_byte_strings_fill_sixteen_byte_chunks_five_at_a_time() -> None:
+    chunks = _check_string_chunks([b"x"] * 1000, 16)  # each element is 3 bytes: key, length 1, the byte
+    assert [len(c.chunk.string_data) for c in chunks] == [5] * 200
+    assert all(_string_data_size(c) == 15 for c in chunks)
+
+
+def test_empty_strings_are_split_by_their_framing() -> None:
+    chunks = _check_string_chunks([b""] * 1000, 16)  # each element is 2 bytes: key and length 0
+    assert [len(c.chunk.string_data) for c in chunks] == [8] * 125
+    assert [c.chunk.offset for c in chunks] == list(range(0, 1000, 8))
+
+
+def test_an_element_larger_than_chunk_bytes_is_sent_alone() -> None:
+    elements = [b"a", b"b", b"L" * 100, b"c", b"M" * 15, b"d"]  # 15 bytes take 17 encoded: over the limit too
+    chunks = _check_string_chunks(elements, 16)
+    assert [list(c.chunk.string_data) for c in chunks] == [[b"a", b"b"], [b"L" * 100], [b"c"], [b"M" * 15], [b"d"]]
+    assert [c.chunk.offset for c in chunks] == [0, 2, 3, 4, 5]
+
+
+def test_no_elements_make_no_chunks() -> None:
+    assert list(convert.string_chunks("s", [], 16)) == []
+
+
 def test_infer_response_parts_are_what_protobuf_serialises() -> None:
     outputs = {name: array for name, array in _outputs().items()}
     outputs["words"] = np.array([[b"x", b"yz"]], dtype=object)

@@ -120,10 +120,10 @@ def test_raw_bytes_inputs_split_on_little_endian_length_prefixes() -> None:
 @pytest.mark.parametrize(
     ("raw", "problem"),
     [
-        (_length_prefixed(b"a"), "ends after 1 of 2"),
+        (_length_prefixed(b"abcd"), "ends after 1 of 2"),
         (_length_prefixed(b"a", b"bc")[:-1], "declares 2 bytes but only 1 remain"),
         (_length_prefixed(b"a", b"b") + b"\x00", "1 bytes follow the 2 BYTES elements"),
-        (b"\x01\x00", "ends after 0 of 2"),
+        (b"\x01\x00\x00\x00\x00", "BYTES data of 5 bytes cannot hold the 2 elements"),
     ],
 )
 def test_malformed_bytes_input_is_invalid_input(raw: bytes, problem: str) -> None:
@@ -131,6 +131,87 @@ def test_malformed_bytes_input_is_invalid_input(raw: bytes, problem: str) -> Non
     with pytest.raises(InvalidInput, match=problem) as caught:
         convert.decode_inputs(_raw_request((tensor, raw)))
     assert "'text'" in str(caught.value)
+
+
+@pytest.mark.parametrize("count", [1 << 40, 1 << 50, (1 << 60) - 1])
+def test_bytes_shape_with_more_elements_than_the_data_can_hold_is_refused_before_allocating(count: int) -> None:
+    # Every element takes at least its 4-byte length: 8 bytes hold 2 at most, never 2**40 (8 TiB of pointers).
+    tensor = Tensor(name="text", datatype="BYTES", shape=[count])
+    with pytest.raises(InvalidInput) as caught:
+        convert.decode_inputs(_raw_request((tensor, _length_prefixed(b"a", b""))))
+    assert str(caught.value) == (
+        f"input 'text': BYTES data of 9 bytes cannot hold the {count} elements the shape holds; each element is a "
+        "4-byte little-endian length followed by that many bytes"
+    )
+
+
+def test_bytes_count_is_checked_before_decode_bytes_allocates() -> None:
+    with pytest.raises(InvalidInput, match="BYTES data of 4 bytes cannot hold the 2 elements"):
+        convert.decode_bytes(b"\x00" * 4, 2, "text")
+    assert convert.decode_bytes(b"\x00" * 8, 2, "text").tolist() == [b"", b""]
+
+
+def _typed(tensor: Tensor) -> pb.ModelInferRequest:
+    return pb.ModelInferRequest(model_name="m", inputs=[tensor])
+
+
+@pytest.mark.parametrize("carried", ["raw", "typed"])
+@pytest.mark.parametrize("datatype", ["FP32", "BYTES"])
+def test_more_dimensions_than_numpy_allows_is_invalid_input_naming_the_limit(carried: str, datatype: str) -> None:
+    tensor = Tensor(name="x", datatype=datatype, shape=[1] * 65)
+    if carried == "raw":
+        request = _raw_request((tensor, _length_prefixed(b"a") if datatype == "BYTES" else b"\x00" * 4))
+    else:
+        field = "bytes_contents" if datatype == "BYTES" else "fp32_contents"
+        tensor.contents.MergeFrom(pb.InferTensorContents(**{field: [b"a" if datatype == "BYTES" else 1.0]}))
+        request = _typed(tensor)
+    with pytest.raises(InvalidInput) as caught:
+        convert.decode_inputs(request)
+    assert str(caught.value) == "input 'x': shape has 65 dimensions; an input has at most 64 dimensions"
+
+
+def test_sixty_four_dimensions_are_accepted() -> None:
+    tensor = Tensor(name="x", datatype="FP32", shape=[1] * 64)
+    assert convert.decode_inputs(_raw_request((tensor, b"\x00" * 4)))["x"].shape == (1,) * 64
+
+
+@pytest.mark.parametrize(
+    ("datatype", "shape", "spanned", "limit"),
+    [
+        ("BYTES", [1 << 62], 1 << 62, (2**63 - 1) // 8),  # 2**62 pointers: more bytes than an intp counts
+        ("FP32", [1 << 40, 1 << 40, 0], 1 << 80, (2**63 - 1) // 4),  # the element product overflows int64
+        ("UINT8", [1 << 62, 4, 0], 1 << 64, 2**63 - 1),  # empty, yet numpy refuses the shape
+        ("FP64", [1 << 60, 0], 1 << 60, (2**63 - 1) // 8),
+    ],
+)
+def test_shape_no_array_can_hold_is_invalid_input(datatype: str, shape: list[int], spanned: int, limit: int) -> None:
+    tensor = Tensor(name="x", datatype=datatype, shape=shape)
+    with pytest.raises(InvalidInput) as caught:
+        convert.decode_inputs(_raw_request((tensor, b"")))
+    assert str(caught.value) == (
+        f"input 'x': shape {shape} is too large: its nonzero dimensions multiply to {spanned}, more than the "
+        f"{limit} elements of {datatype} an array can hold"
+    )
+
+
+def test_typed_contents_with_a_shape_no_array_can_hold_is_invalid_input() -> None:
+    # No elements and an empty contents field agree, but numpy cannot give the array that shape.
+    tensor = Tensor(name="x", datatype="INT64", shape=[1 << 62, 1 << 62, 0], contents=pb.InferTensorContents())
+    with pytest.raises(InvalidInput, match="input 'x': shape .* is too large"):
+        convert.decode_inputs(_typed(tensor))
+
+
+def test_typed_bytes_element_count_is_checked_before_allocating() -> None:
+    contents = pb.InferTensorContents(bytes_contents=[b"a"])
+    tensor = Tensor(name="s", datatype="BYTES", shape=[1 << 40], contents=contents)
+    with pytest.raises(InvalidInput, match=f"shape \\[{1 << 40}\\] holds {1 << 40} elements, but contents"):
+        convert.decode_inputs(_typed(tensor))
+
+
+def test_an_empty_input_with_a_zero_dimension_still_decodes() -> None:
+    for datatype in ("FP32", "BYTES"):
+        tensor = Tensor(name="x", datatype=datatype, shape=[0, 1 << 20])
+        assert convert.decode_inputs(_raw_request((tensor, b"")))["x"].shape == (0, 1 << 20)
 
 
 def test_raw_byte_length_that_does_not_match_the_shape_names_the_input_and_the_sizes() -> None:

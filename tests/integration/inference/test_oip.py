@@ -385,6 +385,32 @@ async def test_bad_inputs_are_invalid_argument(v2: V2, mlp: ModelFile, mutate: A
     assert needle in details
 
 
+@pytest.mark.parametrize(
+    ("datatype", "shape", "raw", "needle"),
+    [
+        # Data matching the shape where it can, so that only the shape is wrong; each of these was once INTERNAL.
+        ("BYTES", [1 << 40], b"\x00" * 64, "cannot hold the 1099511627776 elements"),  # an 8 TiB allocation
+        ("BYTES", [1 << 62], b"\x00" * 64, "is too large"),
+        ("FP32", [1] * 65, b"\x00" * 4, "at most 64 dimensions"),
+        ("FP32", [1 << 40, 1 << 40, 0], b"", "is too large"),  # no elements, but the dimensions overflow int64
+    ],
+    ids=["bytes-2^40", "bytes-2^62", "rank-65", "overflow"],
+)
+async def test_shapes_no_array_can_hold_are_invalid_argument(
+    v2: V2, mlp: ModelFile, datatype: str, shape: list[int], raw: bytes, needle: str
+) -> None:
+    await v2.publish("mlp", mlp)
+    request = infer_request("mlp", mlp.sample(1))
+    request.inputs[0].datatype = datatype
+    del request.inputs[0].shape[:]
+    request.inputs[0].shape.extend(shape)
+    request.raw_input_contents[0] = raw
+    code, reason, details = await failure(v2.stub.ModelInfer(request))
+    assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT"), details
+    assert "input 'input'" in details
+    assert needle in details
+
+
 async def test_infer_on_unknown_model_is_not_found(v2: V2, mlp: ModelFile) -> None:
     await assert_status(v2.stub.ModelInfer(infer_request("no-such-model", mlp.sample(1))), grpc.StatusCode.NOT_FOUND)
 
