@@ -24,7 +24,7 @@ from modelforge_inference.settings import InferenceSettings
 from modelforge_inference.shm import SharedMemoryRegions
 from modelforge_server import app, embedded, logs, telemetry
 from modelforge_server.metrics import Metrics
-from modelforge_server.settings import from_env
+from modelforge_server.settings import MiB, from_env
 
 SERVICE_NAME = "modelforge-inference"
 METRICS_PORT = 9102
@@ -34,6 +34,14 @@ CACHE_DEPENDENCY = "redis"
 CACHE_HEALTH_NAME = app.DEPENDENCY_PREFIX + CACHE_DEPENDENCY
 
 log = logging.getLogger("modelforge.inference")
+
+
+def max_receive_bytes(settings: InferenceSettings) -> int:
+    """The server's receive limit: room for a request whose inputs reach MODELFORGE_MAX_REQUEST_BYTES, plus its
+    other fields (names, shapes, the ref), so that a request just over that limit gets the engine's
+    INVALID_ARGUMENT naming the limit rather than gRPC's RESOURCE_EXHAUSTED. Never below max_message_bytes."""
+    headroom = max(1 * MiB, settings.max_request_bytes // 16)
+    return max(settings.max_message_bytes, settings.max_request_bytes + headroom)
 
 
 def registry_channel(settings: InferenceSettings) -> grpc.aio.Channel:
@@ -107,6 +115,7 @@ async def build(settings: InferenceSettings, stack: AsyncExitStack) -> app.Serve
         domain="modelforge.inference",
         settings=settings,
         metrics=metrics,
+        max_receive_bytes=max_receive_bytes(settings),
     )
     holder.append(server)
     stack.push_async_callback(server.stop, settings.grace_seconds)

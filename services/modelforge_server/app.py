@@ -186,23 +186,28 @@ def build_server(
     domain: str,
     settings: ServerSettings,
     metrics: Metrics | None = None,
+    max_receive_bytes: int | None = None,
 ) -> Server:
     """A server with RPC metrics, the status mapping, server spans (when tracing is on), health, reflection and
     message limits.
 
-    Ports are bound by the caller. Pass the service's own `metrics` when its core declares metrics too, so that
-    both are served on one port; otherwise the server makes its own (``server.metrics``). Every handler is
-    registered through a :class:`~modelforge_server.handlers.Registrar`, which wraps it once with its metrics and,
-    for the `apis`, the status mapping. Server spans are added when :func:`modelforge_server.telemetry.setup`
+    Messages up to ``settings.max_message_bytes`` are sent and received; `max_receive_bytes`, when given, replaces
+    the receive limit (a service that checks request sizes itself raises it above its own limit, so that its
+    check, not the transport, refuses a request slightly over). Ports are bound by the caller. Pass the service's
+    own `metrics` when its core declares metrics too, so that both are served on one port; otherwise the server
+    makes its own (``server.metrics``). Every handler is registered through a
+    :class:`~modelforge_server.handlers.Registrar`, which wraps it once with its metrics and, for the `apis`, the
+    status mapping. Server spans are added when :func:`modelforge_server.telemetry.setup`
     turned tracing on before this call; otherwise the server runs no interceptor.
     """
     names = [api.name for api in apis]
     metrics = metrics if metrics is not None else Metrics()
     tracing = _telemetry.server_interceptor()
+    receive = settings.max_message_bytes if max_receive_bytes is None else max_receive_bytes
     server = grpc.aio.server(
         interceptors=[tracing] if tracing is not None else None,
         options=[
-            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_receive_message_length", receive),
             ("grpc.max_send_message_length", settings.max_message_bytes),
             LARGE_FRAMES,
             ("grpc.so_reuseport", 0),

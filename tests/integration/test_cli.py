@@ -19,7 +19,7 @@ import pytest
 
 from modelforge import AsyncRegistryClient, VersionState
 from modelforge.cli import ProgressBar, main
-from tests.fixtures.onnx_models import ModelFile, add_one, not_onnx, onnx_dir  # noqa: F401
+from tests.fixtures.onnx_models import ModelFile, add_one, build_identity, not_onnx, onnx_dir, write_model  # noqa: F401
 from tests.fixtures.servers import RunningRegistry, registry, registry_settings  # noqa: F401
 from tests.integration.inference.conftest import RunningInference, inference, start_inference  # noqa: F401
 from tests.integration.jobs.conftest import (  # noqa: F401
@@ -183,6 +183,30 @@ async def test_predict_load_stats_and_jobs(
     missing = await cli("jobs", "show", "00000000-0000-0000-0000-000000000000", *addresses)
     assert missing.code == 1 and missing.err.startswith("modelforge: ")
     assert (await cli("jobs", "rm", job_id, *addresses)).code == 0
+
+
+@pytest.mark.parametrize("output", ["../escape", "a/b", ".."])
+async def test_predict_out_refuses_an_output_name_that_is_not_a_plain_file_name(
+    cli: Cli, inference: RunningInference, tmp_path: Path, output: str
+) -> None:
+    work = tmp_path / "work"  # the servers keep their own files in tmp_path
+    model = write_model(build_identity(output=output), work / "model.onnx")
+    assert (await cli("models", "push", str(model), "--name", "sly")).code == 0
+    np.save(work / "x.npy", np.ones((1, 4), dtype=np.float32))
+    before = set(work.rglob("*"))
+    out_dir = work / "nested" / "out"
+
+    refused = await cli("predict", "sly", "--input", f"x={work / 'x.npy'}", "--out", str(out_dir),
+                        "--inference", inference.address)  # fmt: skip
+
+    assert refused.code == 2
+    assert refused.err == (
+        f"modelforge: output {output!r} is not a plain file name, so --out cannot save it as DIR/NAME.npy; "
+        "drop --out, choose the other outputs with --output, or rename the output in the model\n"
+    )
+    assert set(work.rglob("*")) == before  # nothing written: no DIR, no file beside or above it
+    printed = await cli("predict", "sly", "--input", f"x={work / 'x.npy'}", "--inference", inference.address)
+    assert printed.code == 0 and f"{output}: float32[1, 4]" in printed.out
 
 
 async def test_stats_without_a_ref_lists_every_version_run_in_a_table(

@@ -13,7 +13,7 @@ import contextlib
 import json
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, is_dataclass
 from datetime import datetime, timedelta
 from enum import Enum
@@ -424,7 +424,24 @@ def cmd_predict(ctx: Context) -> int:
     return 0
 
 
+def _check_output_file_names(names: Iterable[str]) -> None:
+    """Refuses output names that are not a plain file name, before ``--out`` writes anything.
+
+    The names come from the model, not from the user: saved as ``DIR/NAME.npy``, ``../../x`` or ``/tmp/x`` would
+    land outside ``DIR``, and ``""``, ``.`` or ``..`` would make a hidden file.
+    """
+    for name in names:
+        if name in {"", ".", ".."} or any(c in name for c in "/\\\0"):
+            raise UsageError(
+                f"output {name!r} is not a plain file name, so --out cannot save it as DIR/NAME.npy; "
+                "drop --out, choose the other outputs with --output, "
+                "or rename the output in the model"
+            )
+
+
 def _report_prediction(prediction: Prediction, out_dir: Path | None, out: TextIO) -> None:
+    if out_dir is not None:
+        _check_output_file_names(prediction.outputs)
     cached = ", from the cache" if prediction.cache_hit else ""
     total_ms = prediction.timings.total.total_seconds() * 1000
     print(f"{prediction.model}:{prediction.version} answered in {total_ms:.2f} ms{cached}", file=out)

@@ -127,6 +127,26 @@ async def test_request_over_the_size_limit_is_invalid_argument(start_inference, 
         assert "MODELFORGE_MAX_REQUEST_BYTES" in details
 
 
+async def test_request_a_little_over_the_size_limit_is_refused_by_the_service_not_the_transport(
+    start_inference, mlp: ModelFile
+):
+    # max_message_bytes equal to max_request_bytes: the receive limit still leaves room above the request limit.
+    limit = 64 * 1024
+    async with start_inference(max_request_bytes=limit, max_message_bytes=limit) as running:
+        await upload(running, "mlp", mlp)
+        over = predict_request("mlp", {"input": np.zeros((288, 64), np.float32)})  # 73728 bytes of input
+
+        code, reason, details = await failure(running.stub.Predict(over))
+
+        assert (code, reason) == (INVALID, "REQUEST_TOO_LARGE"), details
+        assert f"add up to {288 * 64 * 4} bytes, more than this server's limit of {limit}" in details
+        assert "MODELFORGE_MAX_REQUEST_BYTES" in details
+        # Past the limit plus its headroom (1 MiB here), the transport refuses the message before the service.
+        huge = predict_request("mlp", {"input": np.zeros((5000, 64), np.float32)})  # 1280000 bytes of input
+        code, _, details = await failure(running.stub.Predict(huge))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
+
+
 async def test_unknown_output_is_invalid_argument(served: RunningInference):
     request = predict_request("mlp", {"input": MLP_INPUT}, output_names=["nope"])
 
