@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -338,8 +337,8 @@ def _walk(message: Descriptor, out: dict[str, Any]) -> None:
         _walk(nested, out)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tritonclient") is None, reason="tritonclient is not installed")
 def test_every_declared_field_matches_tritonclients_own_descriptors() -> None:
+    # tritonclient is a dev dependency: without it this fails (the child cannot import it) rather than skips.
     dumped = subprocess.run(
         [sys.executable, "-W", "ignore", "-c", _DUMP_TRITON], check=True, capture_output=True, text=True, timeout=120
     )
