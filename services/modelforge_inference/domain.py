@@ -62,10 +62,16 @@ class TensorSpec:
 
 @dataclass(frozen=True, slots=True)
 class Signature:
-    """The inputs and outputs of an ONNX graph, in graph order."""
+    """The inputs and outputs of an ONNX graph, in graph order.
+
+    outputs holds the tensor outputs only, the ones ModelForge serves. non_tensor_outputs names the graph's other
+    outputs (sequences or maps, such as the ZipMap of a scikit-learn classifier converted by skl2onnx, or tensors of
+    an element type ModelForge lacks): they are never computed, and a request naming one is refused.
+    """
 
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    non_tensor_outputs: tuple[str, ...] = ()
 
     def input(self, name: str) -> TensorSpec | None:
         return next((spec for spec in self.inputs if spec.name == name), None)

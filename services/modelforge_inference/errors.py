@@ -30,6 +30,29 @@ class UnknownOutput(InvalidArgument):
         )
 
 
+class NonTensorOutput(InvalidArgument):
+    """A request names a graph output that is not a tensor; ModelForge serves tensor outputs only.
+
+    Its reason is UNKNOWN_OUTPUT's: to a client it is an output this server does not have; the message says why.
+    """
+
+    reason = UnknownOutput.reason
+
+    def __init__(self, name: str, served: list[str]) -> None:
+        instead = (
+            f"ask for its tensor outputs instead: {', '.join(map(repr, served))}"
+            if served
+            else "the model has no tensor output, so it cannot be served"
+        )
+        super().__init__(
+            f"output {name!r} is a sequence or map (or a tensor of an element type ModelForge lacks), which "
+            f"ModelForge does not serve; {instead} (a scikit-learn classifier converted by skl2onnx with "
+            "options={'zipmap': False} gives its probabilities as a tensor)",
+            field="output_names",
+            output=name,
+        )
+
+
 class RequestTooLarge(InvalidArgument):
     reason = "REQUEST_TOO_LARGE"
 

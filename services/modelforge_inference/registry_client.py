@@ -42,6 +42,7 @@ __all__ = [
     "RegistryNotFound",
     "RegistryUnavailable",
     "resolved_model",
+    "signature",
     "translated",
 ]
 
@@ -167,6 +168,21 @@ def _spec(spec: tensor_pb2.TensorSpec) -> TensorSpec:
     )
 
 
+def signature(proto: registry_pb2.Signature) -> Signature:
+    """The domain view of a registry Signature.
+
+    The registry stores a graph output that is not a tensor (a sequence or map, such as skl2onnx's ZipMap) with
+    dtype UNSPECIFIED, as it does a tensor of an element type ModelForge lacks: neither can be served, so such
+    outputs are left out of ``outputs`` and named in ``non_tensor_outputs``.
+    """
+    unspecified = tensor_pb2.DATA_TYPE_UNSPECIFIED
+    return Signature(
+        inputs=tuple(_spec(spec) for spec in proto.inputs),
+        outputs=tuple(_spec(spec) for spec in proto.outputs if spec.dtype != unspecified),
+        non_tensor_outputs=tuple(spec.name for spec in proto.outputs if spec.dtype == unspecified),
+    )
+
+
 def resolved_model(version: registry_pb2.ModelVersion) -> ResolvedModel:
     """The domain view of a registry ModelVersion."""
     return ResolvedModel(
@@ -174,10 +190,7 @@ def resolved_model(version: registry_pb2.ModelVersion) -> ResolvedModel:
         version=version.version,
         sha256=version.sha256,
         size_bytes=version.size_bytes,
-        signature=Signature(
-            inputs=tuple(_spec(spec) for spec in version.signature.inputs),
-            outputs=tuple(_spec(spec) for spec in version.signature.outputs),
-        ),
+        signature=signature(version.signature),
         labels=dict(version.labels),
         aliases=tuple(version.aliases),
         archived=version.state == registry_pb2.VERSION_STATE_ARCHIVED,

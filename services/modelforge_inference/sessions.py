@@ -7,6 +7,10 @@ inputs feeds them as OrtValues typed BFLOAT16 over those bits (no copy), and one
 runs with OrtValue outputs and copies their bits into uint16 arrays. Every other session keeps ONNX Runtime's
 plain numpy path, or, for outputs the caller has memory for (a client's shared memory), an IO binding that has
 ONNX Runtime write them there, with no copy.
+
+Only tensor outputs are served. Outputs of other types (sequences or maps, such as the ZipMap of a scikit-learn
+classifier converted by skl2onnx) are left out of every run, so ONNX Runtime never builds them; a model with no
+tensor output is refused at load.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import onnxruntime as ort
 from onnx import TensorProto
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
+from modelforge import tensors
 from modelforge_inference.domain import DYNAMIC, SessionConfig, Signature, TensorSpec
 
 log = logging.getLogger("modelforge.inference.sessions")
@@ -92,7 +97,8 @@ class ModelSession:
 
     def __init__(self, path: Path, config: SessionConfig) -> None:
         self.session = ort.InferenceSession(str(path), session_options(config), providers=providers(config))
-        outputs = self.session.get_outputs()
+        outputs = served_outputs(self.session.get_outputs())
+        # Every run names these outputs, so ONNX Runtime never computes the others (a ZipMap's list of dicts).
         self.output_names = [output.name for output in outputs]
         self._run_options = ort.RunOptions()
         inputs = self.session.get_inputs()
@@ -178,6 +184,39 @@ class ModelSession:
             self.run({spec.name: _zeros(spec) for spec in signature.inputs})
         except INPUT_ERRORS as exc:
             log.warning("warmup run failed; serving the model anyway: %s", exc)
+
+
+def served_outputs(outputs: Sequence[ort.NodeArg]) -> list[ort.NodeArg]:
+    """The outputs that are tensors of a type ModelForge serves, in graph order; logs the others, which are never
+    computed. Raises ValueError when there is none: such a model cannot be served.
+
+    These are the outputs the registry records with a dtype (it stores the others as UNSPECIFIED), so they are
+    the outputs of the version's signature.
+    """
+    served = [output for output in outputs if _is_served(output.type)]
+    left_out = [f"{output.name!r} ({output.type})" for output in outputs if not _is_served(output.type)]
+    if not served:
+        raise ValueError(
+            f"it has no output that is a tensor ModelForge serves, only {', '.join(left_out)}; ModelForge serves "
+            "tensor outputs only (a scikit-learn model converted by skl2onnx with options={'zipmap': False} "
+            "returns tensors)"
+        )
+    if left_out:
+        log.warning(
+            "serving the tensor outputs %s only; left out, as ModelForge serves tensors only: %s; they are never "
+            "computed, and requests naming them get INVALID_ARGUMENT",
+            ", ".join(repr(output.name) for output in served),
+            ", ".join(left_out),
+        )
+    return served
+
+
+def _is_served(ort_type: str) -> bool:
+    try:
+        tensors.from_ort_type(ort_type)
+    except ValueError:
+        return False
+    return True
 
 
 def place(outputs: dict[str, np.ndarray], into: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -10,7 +10,7 @@ import numpy as np
 
 from modelforge import tensors
 from modelforge_inference.domain import BFLOAT16, DYNAMIC, Signature, TensorSpec
-from modelforge_inference.errors import InvalidInput, RequestTooLarge, UnknownOutput
+from modelforge_inference.errors import InvalidInput, NonTensorOutput, RequestTooLarge, UnknownOutput
 
 _OBJECT = np.dtype(object)
 
@@ -97,13 +97,19 @@ def check_tensor(spec: TensorSpec, array: np.ndarray[Any, Any]) -> np.ndarray[An
 
 
 def check_outputs(signature: Signature, names: Iterable[str] | None) -> tuple[str, ...]:
-    """The requested output names in request order without duplicates, or every output when none are named."""
+    """The requested output names in request order without duplicates, or every tensor output when none are named.
+
+    Raises NonTensorOutput for an output the graph has but that is not a tensor, UnknownOutput for any other name
+    that is not a tensor output.
+    """
     known = [spec.name for spec in signature.outputs]
     if not names:
         return tuple(known)
     chosen: list[str] = []
     for name in names:
         if name not in known:
+            if name in signature.non_tensor_outputs:
+                raise NonTensorOutput(name, known)
             raise UnknownOutput(name, known)
         if name not in chosen:
             chosen.append(name)
