@@ -177,7 +177,8 @@ def signature(proto: registry_pb2.Signature) -> Signature:
     """
     unspecified = tensor_pb2.DATA_TYPE_UNSPECIFIED
     return Signature(
-        inputs=tuple(_spec(spec) for spec in proto.inputs),
+        # An input that is not a tensor is left out too: no request can feed it, and the version fails to load.
+        inputs=tuple(_spec(spec) for spec in proto.inputs if spec.dtype != unspecified),
         outputs=tuple(_spec(spec) for spec in proto.outputs if spec.dtype != unspecified),
         non_tensor_outputs=tuple(spec.name for spec in proto.outputs if spec.dtype == unspecified),
     )

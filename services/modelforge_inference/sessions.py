@@ -10,7 +10,7 @@ ONNX Runtime write them there, with no copy.
 
 Only tensor outputs are served. Outputs of other types (sequences or maps, such as the ZipMap of a scikit-learn
 classifier converted by skl2onnx) are left out of every run, so ONNX Runtime never builds them; a model with no
-tensor output is refused at load.
+tensor output, or with an input that is not a tensor, is refused at load.
 """
 
 from __future__ import annotations
@@ -102,6 +102,10 @@ class ModelSession:
         self.output_names = [output.name for output in outputs]
         self._run_options = ort.RunOptions()
         inputs = self.session.get_inputs()
+        if unserved := [f"{spec.name!r} ({spec.type})" for spec in inputs if not _is_served(spec.type)]:
+            raise ValueError(
+                f"its inputs {', '.join(unserved)} are not tensors ModelForge serves; requests carry tensors only"
+            )
         self._bfloat16_inputs = frozenset(spec.name for spec in inputs if spec.type == _BFLOAT16)
         self._bfloat16_outputs = tuple(output.type == _BFLOAT16 for output in outputs)
         # Outputs come back as OrtValues only when one of them is bfloat16 (numpy cannot hold it).

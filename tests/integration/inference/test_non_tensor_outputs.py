@@ -1,4 +1,5 @@
-"""Models with outputs that are not tensors: their tensor outputs are served, the others refused by name.
+"""Models with outputs that are not tensors: their tensor outputs are served, the others refused by name; a model
+whose inputs are not all tensors fails to load.
 
 The common case is a scikit-learn classifier converted by skl2onnx with its default ZipMap: ``output_label`` is an
 int64 tensor, ``output_probability`` a sequence of maps. The registry stores such an output with dtype UNSPECIFIED;
@@ -46,6 +47,19 @@ def sequence_only() -> bytes:
         "sequence-only",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])],
         [helper.make_tensor_sequence_value_info("items", TensorProto.FLOAT, ["batch", 2])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def sequence_input() -> bytes:
+    """A graph that takes a sequence of float tensors and returns its length: no request can feed it."""
+    graph = helper.make_graph(
+        [helper.make_node("SequenceLength", ["items"], ["count"])],
+        "sequence-input",
+        [helper.make_tensor_sequence_value_info("items", TensorProto.FLOAT, ["batch", 2])],
+        [helper.make_tensor_value_info("count", TensorProto.INT64, [])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     onnx.checker.check_model(model)
@@ -144,3 +158,12 @@ async def test_model_without_tensor_outputs_fails_to_load_with_failed_preconditi
     load = inference_pb2.LoadModelRequest(ref=ref("sequence-only"))
     code, reason, _details = await failure(inference.stub.LoadModel(load))
     assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "MODEL_LOAD_FAILED")
+
+
+async def test_model_with_a_sequence_input_fails_to_load_with_failed_precondition(inference: RunningInference):
+    await upload(inference, "sequence-input", sequence_input())
+
+    load = inference_pb2.LoadModelRequest(ref=ref("sequence-input"))
+    code, reason, details = await failure(inference.stub.LoadModel(load))
+    assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "MODEL_LOAD_FAILED")
+    assert "'items' (seq(tensor(float)))" in details and "not tensors" in details
