@@ -311,13 +311,21 @@ async def test_an_identical_request_arriving_during_the_run_waits_for_it_even_if
     await batcher.aclose()
 
 
-async def test_a_request_that_expires_while_its_batch_waits_for_a_shared_thread_never_runs(pool):
-    # Versions share the engine's compute threads: B's batch leaves B's queue at once (B's own slot is free) and
-    # waits in the pool behind A's run, where no queue timer watches it.
+async def behind_a_busy_version(
+    pool: ThreadPoolExecutor, **options: Any
+) -> tuple[Recorder, Batcher, asyncio.Future[BatchResult], Recorder, Batcher]:
+    """Two versions on one compute thread, as the engine's versions share its threads: A's first run holds the
+    thread (see busy); B, its gate open and its own slot free, hands each batch to the pool at once, where it
+    waits behind A's run. Returns A's recorder, batcher and first request, then B's recorder and batcher."""
     recorder_a, batcher_a, first = await busy(pool)
     recorder_b = Recorder()
     recorder_b.gate.set()
-    batcher_b = make(pool, recorder_b, max_batch_size=0)
+    return recorder_a, batcher_a, first, recorder_b, make(pool, recorder_b, **options)
+
+
+async def test_a_request_that_expires_while_its_batch_waits_for_a_shared_thread_never_runs(pool):
+    # B's batch waits in the pool behind A's run, where no queue timer watches it.
+    recorder_a, batcher_a, first, recorder_b, batcher_b = await behind_a_busy_version(pool, max_batch_size=0)
     loop = asyncio.get_running_loop()
     hasty = asyncio.ensure_future(batcher_b.submit(feeds(1), expires_at=loop.time() + 0.05))
     await asyncio.sleep(0.01)
@@ -335,10 +343,7 @@ async def test_a_request_that_expires_while_its_batch_waits_for_a_shared_thread_
 
 
 async def test_a_request_cancelled_while_its_batch_waits_for_a_shared_thread_never_runs(pool):
-    recorder_a, batcher_a, first = await busy(pool)
-    recorder_b = Recorder()
-    recorder_b.gate.set()
-    batcher_b = make(pool, recorder_b, max_batch_size=0)
+    recorder_a, batcher_a, first, recorder_b, batcher_b = await behind_a_busy_version(pool, max_batch_size=0)
     leaving = asyncio.ensure_future(batcher_b.submit(feeds(2)))
     await asyncio.sleep(0.01)
     assert batcher_b.queued == 0 and batcher_b.running == 1  # handed to the pool, not yet on a thread
@@ -354,10 +359,7 @@ async def test_a_request_cancelled_while_its_batch_waits_for_a_shared_thread_nev
 
 
 async def test_a_late_request_in_a_shared_threads_queue_runs_only_for_an_identical_one_still_waiting(pool):
-    recorder_a, batcher_a, first = await busy(pool)
-    recorder_b = Recorder()
-    recorder_b.gate.set()
-    batcher_b = make(pool, recorder_b)
+    recorder_a, batcher_a, first, recorder_b, batcher_b = await behind_a_busy_version(pool)
     loop = asyncio.get_running_loop()
     late = asyncio.ensure_future(batcher_b.submit(feeds(4), expires_at=loop.time() + 0.05, share="k"))
     await asyncio.sleep(0.01)

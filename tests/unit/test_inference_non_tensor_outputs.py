@@ -18,7 +18,7 @@ from modelforge_inference.registry_client import resolved_model, signature
 from modelforge_inference.sessions import ModelSession
 from modelforge_inference.signature import check_outputs
 from modelforge_server.errors import InvalidArgument
-from tests.fixtures.onnx_models import write_model
+from tests.fixtures.onnx_models import build_sequence_output, write_model
 
 # The registry's record of a skl2onnx classifier with its default ZipMap.
 CLASSIFIER = registry_pb2.Signature(
@@ -51,17 +51,6 @@ def zipmap_model(tmp_path: Path) -> Path:
     )
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)]
     return write_model(helper.make_model(graph, opset_imports=opsets, ir_version=8), tmp_path / "zipmap.onnx")
-
-
-def sequence_only_model(tmp_path: Path) -> Path:
-    graph = helper.make_graph(
-        [helper.make_node("SequenceConstruct", ["x"], ["items"])],
-        "sequence-only",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])],
-        [helper.make_tensor_sequence_value_info("items", TensorProto.FLOAT, ["batch", 2])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    return write_model(model, tmp_path / "sequence-only.onnx")
 
 
 # -- the signature from the registry ---------------------------------------------------------------------------
@@ -159,4 +148,4 @@ def test_the_session_computes_the_tensor_outputs_only_and_logs_the_others_once(
 
 def test_a_model_without_tensor_outputs_is_refused_at_load_naming_its_outputs(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"no output that is a tensor ModelForge serves, only 'items' \(seq"):
-        ModelSession(sequence_only_model(tmp_path), SessionConfig())
+        ModelSession(write_model(build_sequence_output(), tmp_path / "sequence.onnx"), SessionConfig())

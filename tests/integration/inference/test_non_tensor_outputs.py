@@ -13,12 +13,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper
 from skl2onnx import to_onnx
 from sklearn.linear_model import LogisticRegression
 
 from modelforge.inference.v1 import inference_pb2
 from modelforge.oip.v2 import grpc_service_pb2 as pb
+from tests.fixtures.onnx_models import build_sequence_input, build_sequence_output, model_bytes
 from tests.integration.inference.conftest import RunningInference, failure, outputs, predict_request, ref, upload
 
 # Two clusters around (0.5, 0.5) and (2.5, 2.5): any fit separates them, so sklearn's labels are stable.
@@ -38,32 +38,6 @@ def classifier() -> tuple[LogisticRegression, bytes]:
     assert [output.name for output in converted.graph.output] == ["output_label", "output_probability"]
     assert converted.graph.output[1].type.WhichOneof("value") == "sequence_type"  # the ZipMap
     return fitted, converted.SerializeToString()
-
-
-def sequence_only() -> bytes:
-    """A graph whose one output is a sequence of float tensors: nothing in it can be served."""
-    graph = helper.make_graph(
-        [helper.make_node("SequenceConstruct", ["x"], ["items"])],
-        "sequence-only",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])],
-        [helper.make_tensor_sequence_value_info("items", TensorProto.FLOAT, ["batch", 2])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    onnx.checker.check_model(model)
-    return model.SerializeToString()
-
-
-def sequence_input() -> bytes:
-    """A graph that takes a sequence of float tensors and returns its length: no request can feed it."""
-    graph = helper.make_graph(
-        [helper.make_node("SequenceLength", ["items"], ["count"])],
-        "sequence-input",
-        [helper.make_tensor_sequence_value_info("items", TensorProto.FLOAT, ["batch", 2])],
-        [helper.make_tensor_value_info("count", TensorProto.INT64, [])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    onnx.checker.check_model(model)
-    return model.SerializeToString()
 
 
 def onnxruntime_label(data: bytes, features: np.ndarray) -> np.ndarray:
@@ -147,7 +121,7 @@ async def test_v2_metadata_lists_the_tensor_outputs_only(
 
 
 async def test_model_without_tensor_outputs_fails_to_load_with_failed_precondition(inference: RunningInference):
-    await upload(inference, "sequence-only", sequence_only())
+    await upload(inference, "sequence-only", model_bytes(build_sequence_output()))
     features = np.zeros((1, 2), dtype=np.float32)
 
     code, reason, details = await failure(inference.stub.Predict(predict_request("sequence-only", {"x": features})))
@@ -161,7 +135,7 @@ async def test_model_without_tensor_outputs_fails_to_load_with_failed_preconditi
 
 
 async def test_model_with_a_sequence_input_fails_to_load_with_failed_precondition(inference: RunningInference):
-    await upload(inference, "sequence-input", sequence_input())
+    await upload(inference, "sequence-input", model_bytes(build_sequence_input()))
 
     load = inference_pb2.LoadModelRequest(ref=ref("sequence-input"))
     code, reason, details = await failure(inference.stub.LoadModel(load))
