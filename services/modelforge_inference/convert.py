@@ -302,7 +302,7 @@ def string_chunks(name: str, elements: list[bytes], chunk_bytes: int) -> Iterato
     start, size = 0, 0
     for index, element in enumerate(elements):
         length = len(element)
-        encoded = _STRING_DATA_KEY + (1 if length < 0x80 else (length.bit_length() + 6) // 7) + length
+        encoded = _STRING_DATA_KEY + wire.varint_size(length) + length
         if index > start and size + encoded > chunk_bytes:
             yield pb.PredictStreamResponse(
                 chunk=pb.PredictStreamChunk(output=name, offset=start, string_data=elements[start:index])

@@ -32,6 +32,11 @@ def varint(value: int) -> bytes:
     return bytes(out)
 
 
+def varint_size(value: int) -> int:
+    """The length of ``varint(value)``, without building it."""
+    return 1 if value < 0x80 else (value.bit_length() + 6) // 7
+
+
 def key(field: int) -> bytes:
     """The key of a length-delimited field (bytes, string or an embedded message)."""
     return varint(field << 3 | _LENGTH_DELIMITED)

@@ -226,3 +226,8 @@ def test_stream_digest_equals_hashlib_and_stops_when_the_stream_ends() -> None:
     ended.set()
     with pytest.raises(asyncio.CancelledError):
         servicer.sha256(view, ended)
+
+
+@pytest.mark.parametrize("value", [0, 1, 0x7F, 0x80, 0x3FFF, 0x4000, 0x1FFFFF, 0x200000, 2**35, 2**63 - 1])
+def test_varint_size_is_the_length_of_the_varint(value: int) -> None:
+    assert wire.varint_size(value) == len(wire.varint(value))
