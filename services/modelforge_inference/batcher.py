@@ -20,7 +20,9 @@ of inputs always runs on a thread, however fast the version's recent runs were.
 
 Versions share the engine's compute threads, so a batch handed to them may wait for a thread behind other
 versions' batches. A request whose deadline passes there, or whose caller goes away, is dropped when a thread
-takes the batch up, as in the queue: it never runs, and gets QueueTimeout.
+takes the batch up, as in the queue: it never runs, and gets QueueTimeout. A batch already running on a thread is
+stopped when the last caller waiting for it goes away: its `Abort` is set, which ends the run early where the
+execute function can (ONNX Runtime's terminate flag), and what it produced is thrown away.
 
 Durations (time queued, compute, the batching delay) are measured with time.perf_counter: an event loop's own
 clock may tick in whole milliseconds (uvloop's does). Deadlines stay in loop time, where the loop's timers are.
@@ -33,6 +35,7 @@ import collections
 import contextlib
 import functools
 import logging
+import threading
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import Executor
@@ -56,9 +59,43 @@ Feeds = Mapping[str, np.ndarray]
 # Arrays a request's caller wants outputs written into, by output name (see ModelSession.run); None: no such wish.
 Into = Mapping[str, np.ndarray] | None
 Outcome = dict[str, np.ndarray] | BaseException
+
+
+class Abort:
+    """Set on the event loop when every caller of a batch running on a compute thread has gone away. The run
+    registers what would stop it early with `on_abort`; the hooks run once, at once if already set."""
+
+    __slots__ = ("_hooks", "_lock", "_set")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._set = False
+        self._hooks: list[Callable[[], None]] = []
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        with self._lock:
+            if self._set:
+                return
+            self._set = True
+            hooks, self._hooks = self._hooks, []
+        for hook in hooks:
+            hook()
+
+    def on_abort(self, hook: Callable[[], None]) -> None:
+        with self._lock:
+            if not self._set:
+                self._hooks.append(hook)
+                return
+        hook()
+
+
 # Runs a batch on a worker thread: one feeds mapping and one Into per request in, one outputs mapping (or error)
-# per request out.
-Execute = Callable[[Sequence[Feeds], Sequence[Into]], list[Outcome]]
+# per request out. The Abort is set when nobody waits for the run any more (None: the run is on the event loop,
+# where nothing can stop it).
+Execute = Callable[[Sequence[Feeds], Sequence[Into], Abort | None], list[Outcome]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +125,15 @@ class _Pending:
     share: Hashable | None = None  # identical requests have equal keys; None: never shared
     sharers: list[_Pending] | None = None  # identical requests answered by this one's run
     into: Into = None
+    run: _Run | None = None  # the run on a compute thread that answers this request, once there is one
+
+
+@dataclass(eq=False, slots=True)
+class _Run:
+    """A batch handed to a compute thread: its requests (each with its sharers) and what stops it."""
+
+    requests: list[_Pending]
+    abort: Abort = field(default_factory=Abort)
 
 
 @dataclass(slots=True)
@@ -236,7 +282,9 @@ class Batcher:
     async def _share_run(self, running: _Pending) -> BatchResult:
         future: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
         sharer = _Pending(running.feeds, running.rows, None, running.level, time.perf_counter(), future, queued=False)
+        sharer.run = running.run
         self._add_sharer(running, sharer)
+        future.add_done_callback(functools.partial(self._abandon, sharer))
         return await future
 
     # -- queue bookkeeping -----------------------------------------------------------------------------------
@@ -270,8 +318,14 @@ class Batcher:
             pending.future.set_exception(QueueTimeout(self.model, self.version, waited))
 
     def _abandon(self, pending: _Pending, future: asyncio.Future[BatchResult]) -> None:
-        if future.cancelled():  # the caller went away: never run it
+        """The caller went away: a queued request never runs; a run on a thread that nobody waits for stops."""
+        if not future.cancelled():
+            return
+        if pending.queued:
             self._remove(pending)
+        elif (run := pending.run) is not None and not any(_waiting(request) for request in run.requests):
+            self._unshare(run.requests)  # an identical request arriving now queues anew, not for a stopped run
+            run.abort.set()
 
     def _head(self) -> _Pending:
         return next(level[0] for level in self._queues.levels if level)
@@ -365,31 +419,37 @@ class Batcher:
         others are dropped, and stop being shared at once, so that no request waits for a run that will not be."""
         live = []
         for pending in batch:
-            if not pending.future.done() or any(not sharer.future.done() for sharer in pending.sharers or ()):
+            if _waiting(pending):
                 live.append(pending)
             else:
                 self._unshare([pending])
         return live
 
     def _timed(
-        self, feeds: Sequence[Feeds], into: Sequence[Into], clock: Callable[[], float] = time.thread_time
+        self,
+        feeds: Sequence[Feeds],
+        into: Sequence[Into],
+        abort: Abort | None = None,
+        clock: Callable[[], float] = time.thread_time,
     ) -> list[Outcome]:
         """execute, timed for the moving average. On a compute thread the clock is the thread's CPU time, which
         leaves out waits for the GIL (on a busy loop they would make a 10 us run look slow); on the loop, which
-        holds the GIL throughout, the cheaper wall clock serves."""
+        holds the GIL throughout, the cheaper wall clock serves. A run stopped early says nothing of the model's
+        speed and is left out."""
         started = clock()
         try:
-            return self._execute_fn(feeds, into)
+            return self._execute_fn(feeds, into, abort)
         finally:
             took = clock() - started
             average = self._run_seconds
-            self._run_seconds = took if average is None else average + _RUN_WEIGHT * (took - average)
+            if abort is None or not abort.is_set():
+                self._run_seconds = took if average is None else average + _RUN_WEIGHT * (took - average)
 
     def _on_loop(self, feeds: list[Feeds], into: list[Into]) -> tuple[list[Outcome], float, float]:
         """Runs a batch on the event loop: one outcome per request, when it started and how long it took."""
         started = time.perf_counter()
         try:
-            outcomes = self._timed(feeds, into, time.perf_counter)
+            outcomes = self._timed(feeds, into, clock=time.perf_counter)
         except Exception as exc:
             outcomes = [exc] * len(feeds)
         return outcomes, started, time.perf_counter() - started
@@ -419,11 +479,17 @@ class Batcher:
             live = self._live(batch)
             if not live:
                 return
+            run = _Run(live)
+            for pending in live:
+                for request in (pending, *(pending.sharers or ())):
+                    request.run = run
             handed = time.perf_counter()
             try:
-                ran, outcomes, started, late = await loop.run_in_executor(self._executor, self._on_thread, live)
+                ran, outcomes, started, late = await loop.run_in_executor(self._executor, self._on_thread, run)
             except Exception as exc:  # the executor itself failed; every request of the batch shares the error
                 ran, outcomes, started, late = live, [exc] * len(live), handed, []
+            if run.abort.is_set():  # stopped: every caller has gone, and its outcome (a failure) is nobody's
+                return
             for request in late:  # first, so that a late request's run is reported by one still waiting for it
                 if not request.future.done():
                     waited = max(0.0, started - request.enqueued)
@@ -434,7 +500,7 @@ class Batcher:
             self._unshare(batch)  # after answering, with no await between: no sharer can arrive unanswered
             self._slots.release()
 
-    def _on_thread(self, live: list[_Pending]) -> tuple[list[_Pending], list[Outcome], float, list[_Pending]]:
+    def _on_thread(self, run: _Run) -> tuple[list[_Pending], list[Outcome], float, list[_Pending]]:
         """Runs a batch on a compute thread. Returns the requests that ran with their outcomes, when the run
         started, and the requests (sharers included) whose deadline had passed by then.
 
@@ -446,12 +512,12 @@ class Batcher:
         now = time.monotonic()  # the event loop's clock
         late = [
             request
-            for pending in live
+            for pending in run.requests
             for request in (pending, *(pending.sharers or ()))
             if request.expires_at is not None and now >= request.expires_at and not request.future.done()
         ]
-        ran = [pending for pending in live if _awaited(pending, now)]
-        outcomes = self._timed([p.feeds for p in ran], [p.into for p in ran]) if ran else []
+        ran = [pending for pending in run.requests if _awaited(pending, now)]
+        outcomes = self._timed([p.feeds for p in ran], [p.into for p in ran], run.abort) if ran else []
         return ran, outcomes, started, late
 
     def _settle(self, live: list[_Pending], outcomes: list[Outcome], started: float, compute: float) -> None:
@@ -464,6 +530,11 @@ class Batcher:
             owned = _answer(pending, outcome, started, compute, rows)
             for sharer in pending.sharers or ():
                 owned = _answer(sharer, outcome, started, compute, rows, shared=owned) or owned
+
+
+def _waiting(pending: _Pending) -> bool:
+    """Whether a caller still waits for this request's run: its own or an identical request's."""
+    return not pending.future.done() or any(not sharer.future.done() for sharer in pending.sharers or ())
 
 
 def _awaited(pending: _Pending, now: float) -> bool:

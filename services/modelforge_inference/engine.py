@@ -29,10 +29,11 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
+from onnxruntime import RunOptions
 from opentelemetry.trace import Status, StatusCode
 
 from modelforge_inference import serving
-from modelforge_inference.batcher import Batcher, BatchResult, Feeds, Into, Outcome, split
+from modelforge_inference.batcher import Abort, Batcher, BatchResult, Feeds, Into, Outcome, split
 from modelforge_inference.domain import (
     CacheMode,
     LoadedModel,
@@ -54,6 +55,7 @@ from modelforge_inference.errors import (
     ModelNotLoaded,
     ModelRunFailed,
     ModelRunOutOfMemory,
+    ModelUnloading,
     QueueFull,
 )
 from modelforge_inference.metrics import InferenceMetrics, Rejection, UnloadReason, VersionInstruments
@@ -64,7 +66,9 @@ from modelforge_inference.sessions import (
     out_of_memory,
     place,
     resident_bytes,
+    run_options,
     stack,
+    terminate,
 )
 from modelforge_inference.settings import InferenceSettings
 from modelforge_inference.signature import batch_rows, check_inputs, check_outputs, output_views, request_bytes
@@ -433,28 +437,35 @@ class InferenceEngine:
         execution.end(end_time=started + round(result.compute_seconds * 1e9))
         return result
 
-    def _execute(self, slot: _Slot, batch: Sequence[Feeds], into: Sequence[Into]) -> list[Outcome]:
+    def _execute(self, slot: _Slot, batch: Sequence[Feeds], into: Sequence[Into], abort: Abort | None) -> list[Outcome]:
         """Runs one batch on a compute thread: stack, run once, split (each request's outputs copied into its
-        arrays, if it gave any); a merged batch that fails runs item by item, so that one bad request fails alone."""
+        arrays, if it gave any); a merged batch that fails runs item by item, so that one bad request fails alone.
+        Setting ``abort`` stops the runs (their outcomes then go to no one)."""
         session = slot.session
         if session is None:
-            return [ModelRunFailed(slot.model.name, slot.model.version, "the model was unloaded")] * len(batch)
+            return [ModelUnloading(slot.model.name, slot.model.version)] * len(batch)
+        options = None
+        if abort is not None:
+            options = run_options()
+            abort.on_abort(functools.partial(terminate, options))
         if len(batch) == 1:
-            return [self._run_one(session, slot.model, batch[0], into[0])]
+            return [self._run_one(session, slot.model, batch[0], into[0], options)]
         rows = [batch_rows(feeds) or 1 for feeds in batch]
         try:
-            merged = session.run({name: stack([feeds[name] for feeds in batch]) for name in batch[0]})
+            merged = session.run({name: stack([feeds[name] for feeds in batch]) for name in batch[0]}, None, options)
         except INPUT_ERRORS:
-            return [self._run_one(session, slot.model, *request) for request in zip(batch, into, strict=True)]
+            return [self._run_one(session, slot.model, *request, options) for request in zip(batch, into, strict=True)]
         parts = split(merged, rows)
         if parts is None:  # outputs do not follow the batch dimension after all
-            return [self._run_one(session, slot.model, *request) for request in zip(batch, into, strict=True)]
+            return [self._run_one(session, slot.model, *request, options) for request in zip(batch, into, strict=True)]
         return [place(part, arrays) if arrays else part for part, arrays in zip(parts, into, strict=True)]
 
     @staticmethod
-    def _run_one(session: ModelSession, model: ResolvedModel, feeds: Feeds, into: Into) -> Outcome:
+    def _run_one(
+        session: ModelSession, model: ResolvedModel, feeds: Feeds, into: Into, options: RunOptions | None
+    ) -> Outcome:
         try:
-            return session.run(feeds, into)
+            return session.run(feeds, into, options)
         except INPUT_ERRORS as exc:
             if out_of_memory(exc):
                 return ModelRunOutOfMemory(model.name, model.version, describe_error(exc))

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto
+from onnxruntime import RunOptions
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from modelforge import tensors
@@ -53,6 +54,20 @@ _BIND_FROM_BYTES = 256 * 1024
 _BINDING_ERRORS: tuple[type[BaseException], ...] = (*INPUT_ERRORS, RuntimeError)
 # ONNX Runtime reports a failed allocation with the same exception types; only its message tells it apart.
 _OUT_OF_MEMORY = ("Failed to allocate memory", "bad_alloc", "out of memory")
+
+
+def run_options() -> RunOptions:
+    """Options for runs. They log nothing: a failed run raises, and the error it answers with says what ONNX
+    Runtime said (its own log line would repeat it on stderr for every bad request). Setting ``terminate`` on
+    them, from any thread, stops the runs using them between two nodes (or two iterations of a loop), and they
+    raise."""
+    options = RunOptions()
+    options.log_severity_level = 4  # fatal only
+    return options
+
+
+def terminate(options: RunOptions) -> None:
+    options.terminate = True
 
 
 def out_of_memory(exc: BaseException) -> bool:
@@ -100,7 +115,7 @@ class ModelSession:
         outputs = served_outputs(self.session.get_outputs())
         # Every run names these outputs, so ONNX Runtime never computes the others (a ZipMap's list of dicts).
         self.output_names = [output.name for output in outputs]
-        self._run_options = ort.RunOptions()
+        self._run_options = run_options()  # shared by the runs that no one stops
         inputs = self.session.get_inputs()
         if unserved := [f"{spec.name!r} ({spec.type})" for spec in inputs if not _is_served(spec.type)]:
             raise ValueError(
@@ -120,22 +135,28 @@ class ModelSession:
             )
 
     def run(
-        self, feeds: Mapping[str, np.ndarray], into: Mapping[str, np.ndarray] | None = None
+        self,
+        feeds: Mapping[str, np.ndarray],
+        into: Mapping[str, np.ndarray] | None = None,
+        options: RunOptions | None = None,
     ) -> dict[str, np.ndarray]:
         """The outputs of one run, by name. ``into``: writable arrays, shaped and typed as the outputs they are
         named for will be, that ONNX Runtime writes those outputs into; they are then returned as those arrays.
         Small outputs, and any where the session cannot bind them, are computed as usual and copied into their
-        arrays."""
+        arrays. ``options``: from `run_options`, for a run that may be stopped with `terminate`."""
+        options = options or self._run_options
         if into and self._bindable and sum(array.nbytes for array in into.values()) >= _BIND_FROM_BYTES:
-            return self._run_into(feeds, into)
-        outputs = self._run_typed(feeds) if self._typed else self._run_plain(feeds)
+            return self._run_into(feeds, into, options)
+        outputs = self._run_typed(feeds, options) if self._typed else self._run_plain(feeds, options)
         return place(outputs, into) if into else outputs
 
-    def _run_plain(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        results = self.session.run(self.output_names, feeds, self._run_options)
+    def _run_plain(self, feeds: Mapping[str, np.ndarray], options: RunOptions) -> dict[str, np.ndarray]:
+        results = self.session.run(self.output_names, feeds, options)
         return dict(zip(self.output_names, results, strict=True))
 
-    def _run_into(self, feeds: Mapping[str, np.ndarray], into: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run_into(
+        self, feeds: Mapping[str, np.ndarray], into: Mapping[str, np.ndarray], options: RunOptions
+    ) -> dict[str, np.ndarray]:
         """A run through an IO binding with the outputs in ``into`` bound to those arrays. When it fails, the run
         is repeated unbound: if that succeeds, the graph's outputs do not have the shapes its signature promised,
         and the session binds no more (a failure of both runs is the input's, and is raised)."""
@@ -150,9 +171,9 @@ class ModelSession:
             else:
                 binding.bind_output(name, "cpu", 0, target.dtype, target.shape, target.ctypes.data)
         try:
-            self.session.run_with_iobinding(binding, self._run_options)
+            self.session.run_with_iobinding(binding, options)
         except _BINDING_ERRORS as exc:
-            outputs = self._run_plain(feeds)  # raises when the input is at fault
+            outputs = self._run_plain(feeds, options)  # raises when the input is at fault, or when terminated
             self._bindable = False
             log.warning("outputs of this model cannot be bound to shared memory, and are copied there: %s", exc)
             return place(outputs, into)
@@ -162,7 +183,7 @@ class ModelSession:
             for name, value in zip(self.output_names, values, strict=True)
         }
 
-    def _run_typed(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run_typed(self, feeds: Mapping[str, np.ndarray], options: RunOptions) -> dict[str, np.ndarray]:
         """The run of a graph with bfloat16 inputs or outputs, which travel as uint16 bit patterns."""
         values: dict[str, Any] = {}
         for name, array in feeds.items():
@@ -174,9 +195,9 @@ class ModelSession:
             else:
                 values[name] = array
         if not self._by_value:
-            results = self.session.run(self.output_names, values, self._run_options)
+            results = self.session.run(self.output_names, values, options)
             return dict(zip(self.output_names, results, strict=True))
-        produced = self.session.run_with_ort_values(self.output_names, values, self._run_options)
+        produced = self.session.run_with_ort_values(self.output_names, values, options)
         return {
             name: _bfloat16_bits(value) if bfloat16 else value.numpy()
             for name, value, bfloat16 in zip(self.output_names, produced, self._bfloat16_outputs, strict=True)

@@ -16,7 +16,17 @@ from typing import Any
 import numpy as np
 import pytest
 
-from modelforge_inference.batcher import INLINE_MAX_BYTES, Batcher, BatchResult, Execute, Feeds, Into, Outcome, split
+from modelforge_inference.batcher import (
+    INLINE_MAX_BYTES,
+    Abort,
+    Batcher,
+    BatchResult,
+    Execute,
+    Feeds,
+    Into,
+    Outcome,
+    split,
+)
 from modelforge_inference.domain import BatchingConfig
 from modelforge_inference.errors import ModelUnloading, QueueFull, QueueTimeout
 
@@ -31,7 +41,7 @@ class Recorder:
         self.gate = threading.Event()
         self.started = threading.Event()
 
-    def __call__(self, batch: Sequence[Feeds], into: Sequence[Into]) -> list[Outcome]:
+    def __call__(self, batch: Sequence[Feeds], into: Sequence[Into], abort: Abort | None) -> list[Outcome]:
         self.started.set()
         self.gate.wait(10)
         self.batches.append([float(f["x"][0, 0]) for f in batch])
@@ -49,7 +59,7 @@ async def pool() -> AsyncIterator[ThreadPoolExecutor]:
 
 def make(
     pool: ThreadPoolExecutor,
-    recorder: Recorder,
+    recorder: Execute,
     *,
     on_execution: Callable[[int, int, float], None] | None = None,
     **config: object,
@@ -136,7 +146,7 @@ async def test_each_request_hands_its_own_output_arrays_to_execute_in_a_merged_b
 async def test_a_request_run_on_the_loop_hands_its_output_arrays_to_execute(pool):
     handed: list[Sequence[Into]] = []
 
-    def execute(batch: Sequence[Feeds], into: Sequence[Into]) -> list[Outcome]:
+    def execute(batch: Sequence[Feeds], into: Sequence[Into], abort: Abort | None) -> list[Outcome]:
         handed.append(into)
         return [{"y": item["x"]} for item in batch]
 
@@ -311,6 +321,48 @@ async def test_an_identical_request_arriving_during_the_run_waits_for_it_even_if
     await batcher.aclose()
 
 
+async def test_a_run_stops_when_the_last_caller_waiting_for_it_leaves(pool):
+    aborts: list[Abort] = []
+    started = threading.Event()
+
+    def execute(batch: Sequence[Feeds], into: Sequence[Into], abort: Abort | None) -> list[Outcome]:
+        assert abort is not None  # a run on a compute thread can always be stopped
+        aborts.append(abort)
+        if len(aborts) > 1:
+            return [{"y": item["x"] * 2} for item in batch]
+        stopped = threading.Event()  # the first run lasts until it is stopped, as ONNX Runtime's does
+        abort.on_abort(stopped.set)
+        started.set()
+        stopped.wait(10)
+        return [RuntimeError("terminated") for _ in batch]
+
+    executions: list[int] = []
+    batcher = make(pool, execute, max_batch_size=2, on_execution=lambda rows, _, __: executions.append(rows))
+    first = asyncio.ensure_future(batcher.submit(feeds(5), share="k"))
+    second = asyncio.ensure_future(batcher.submit(feeds(6)))  # merged with the first: two rows
+    await asyncio.to_thread(started.wait, 10)
+    joining = asyncio.ensure_future(batcher.submit(feeds(5), share="k"))  # waits for the run under way
+    await asyncio.sleep(0)
+    assert batcher.queued == 0
+
+    for leaving in (first, second):
+        leaving.cancel()
+        await asyncio.sleep(0)
+        assert not aborts[0].is_set()  # someone still waits for the run
+    joining.cancel()
+    await asyncio.sleep(0)
+    assert aborts[0].is_set()
+
+    # An identical request now queues anew rather than waiting for the stopped run, and gets outputs.
+    again = await batcher.submit(feeds(5), share="k")
+    np.testing.assert_array_equal(again.outputs["y"], feeds(5)["x"] * 2)
+    assert not again.shared and len(aborts) == 2
+    assert executions == [1]  # the stopped run counts as no execution
+    for leaving in (first, second, joining):
+        assert leaving.cancelled()
+    await batcher.aclose()
+
+
 async def behind_a_busy_version(
     pool: ThreadPoolExecutor, **options: Any
 ) -> tuple[Recorder, Batcher, asyncio.Future[BatchResult], Recorder, Batcher]:
@@ -381,7 +433,7 @@ async def test_a_late_request_in_a_shared_threads_queue_runs_only_for_an_identic
 async def test_a_large_request_runs_on_a_thread_even_when_the_versions_runs_are_tiny(pool):
     threads: list[int] = []
 
-    def execute(batch: Sequence[Feeds], into: Sequence[Into]) -> list[Outcome]:
+    def execute(batch: Sequence[Feeds], into: Sequence[Into], abort: Abort | None) -> list[Outcome]:
         threads.append(threading.get_ident())
         return [{"y": item["x"]} for item in batch]
 
@@ -457,7 +509,7 @@ async def test_tiny_unbatched_runs_move_onto_the_loop_and_slow_ones_back_to_thre
     threads: list[int] = []
     delay = {"spin": 0.0}
 
-    def execute(batch: Sequence[Feeds], into: Sequence[Into]) -> list[Outcome]:
+    def execute(batch: Sequence[Feeds], into: Sequence[Into], abort: Abort | None) -> list[Outcome]:
         threads.append(threading.get_ident())
         end = time.thread_time() + delay["spin"]
         while time.thread_time() < end:  # busy work, counted in the thread's CPU time
@@ -482,7 +534,7 @@ async def test_tiny_unbatched_runs_move_onto_the_loop_and_slow_ones_back_to_thre
 async def test_a_tiny_run_with_nobody_queued_runs_in_the_callers_task(pool):
     tasks: list[asyncio.Task[object] | None] = []
 
-    def execute(batch: Sequence[Feeds], into: Sequence[Into]) -> list[Outcome]:
+    def execute(batch: Sequence[Feeds], into: Sequence[Into], abort: Abort | None) -> list[Outcome]:
         tasks.append(asyncio.current_task() if threading.current_thread() is threading.main_thread() else None)
         return [{"y": item["x"] * 2} for item in batch]
 
@@ -501,7 +553,7 @@ async def test_a_tiny_run_with_nobody_queued_runs_in_the_callers_task(pool):
 
 
 async def test_a_tiny_run_that_fails_raises_in_the_callers_task(pool):
-    def execute(batch: Sequence[Feeds], into: Sequence[Into]) -> list[Outcome]:
+    def execute(batch: Sequence[Feeds], into: Sequence[Into], abort: Abort | None) -> list[Outcome]:
         return [ValueError(f"bad {float(item['x'][0, 0])}") for item in batch]
 
     batcher = unbatched(pool, execute)
@@ -527,7 +579,7 @@ def _whole_milliseconds(values: Sequence[float]) -> bool:
 def test_timings_are_precise_on_uvloop_whose_clock_ticks_in_milliseconds(inline):
     uvloop = pytest.importorskip("uvloop")
 
-    def execute(batch: Sequence[Feeds], into: Sequence[Into]) -> list[Outcome]:
+    def execute(batch: Sequence[Feeds], into: Sequence[Into], abort: Abort | None) -> list[Outcome]:
         _spin(0.0015)
         return [{"y": item["x"]} for item in batch]
 

@@ -5,6 +5,7 @@ the CPU with a warning, and ONNX Runtime's errors reach clients without boilerpl
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +16,19 @@ from onnx import TensorProto, helper
 from modelforge_inference import serving
 from modelforge_inference.domain import ResolvedModel, SessionConfig, Signature, TensorSpec
 from modelforge_inference.errors import InvalidServingConfig
-from modelforge_inference.sessions import INPUT_ERRORS, ModelSession, describe_error, providers, session_options
+from modelforge_inference.sessions import (
+    INPUT_ERRORS,
+    ModelSession,
+    describe_error,
+    providers,
+    run_options,
+    session_options,
+    terminate,
+)
 from modelforge_inference.settings import InferenceSettings
 from modelforge_server.errors import FailedPrecondition
 from modelforge_server.settings import SettingsError
-from tests.fixtures.onnx_models import build_add_one, build_multi_io, write_model
+from tests.fixtures.onnx_models import build_add_one, build_counter, build_multi_io, write_model
 
 SPINNING = ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning")
 CPU = "CPUExecutionProvider"
@@ -306,3 +315,31 @@ def test_a_bad_input_fails_the_bound_run_as_it_fails_the_unbound_one(
     assert outputs["y"] is target
     np.testing.assert_array_equal(outputs["y"], X)
     assert "cannot be bound" in caplog.text  # still binding after the bad input: the shape break is noticed
+
+
+@pytest.mark.parametrize("into", [False, True], ids=["plain", "bound"])
+def test_terminate_stops_a_run_under_way_from_another_thread(tmp_path: Path, into: bool) -> None:
+    session = ModelSession(write_model(build_counter(), tmp_path / "counter.onnx"), _config({}))
+    x = np.zeros(65536, np.float32)  # 256 KiB: with `into`, the output is bound
+    assert session.run({"x": x, "steps": np.array([3])})["y"][0] == 3
+    options = run_options()
+    outcome: list[BaseException | dict[str, np.ndarray]] = []
+
+    def endless() -> None:  # 10**12 steps: without terminate, hours
+        arrays = {"y": np.empty_like(x)} if into else None
+        try:
+            outcome.append(session.run({"x": x, "steps": np.array([10**12])}, arrays, options))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=endless)
+    thread.start()
+    thread.join(0.2)
+    assert thread.is_alive()
+    terminate(options)
+    thread.join(30)
+
+    assert not thread.is_alive()
+    assert isinstance(outcome[0], INPUT_ERRORS)
+    assert "terminate" in str(outcome[0])
+    assert session.run({"x": x, "steps": np.array([2])})["y"][0] == 2  # the session's own options stay untouched

@@ -1,5 +1,6 @@
 """The batch queue over real gRPC: priority order, a full queue, deadlines passing in the queue, cancelled calls,
-and identical requests to a cached version, which run once while each keeps its own place and deadline.
+runs stopped when their caller leaves, and identical requests to a cached version, which run once while each
+keeps its own place and deadline.
 
 test_oip.py drives the same queue through the V2 protocol's priority and timeout parameters, with these helpers.
 
@@ -20,8 +21,16 @@ import pytest
 from google.protobuf import duration_pb2
 
 from modelforge.inference.v1 import inference_pb2
-from tests.fixtures.onnx_models import build_heavy, model_bytes
-from tests.integration.inference.conftest import RunningInference, StartInference, failure, predict_request, ref, upload
+from tests.fixtures.onnx_models import build_counter, build_heavy, model_bytes
+from tests.integration.inference.conftest import (
+    RunningInference,
+    StartInference,
+    failure,
+    outputs,
+    predict_request,
+    ref,
+    upload,
+)
 
 SLOW = model_bytes(build_heavy(depth=32))
 BLOCKER = {"x": np.ones((4096, 512), dtype=np.float32)}  # most of a second on one thread
@@ -193,6 +202,44 @@ async def test_cancelled_call_leaves_the_queue_and_never_runs(single_thread: Run
     await blocker
     stats = await statistics(single_thread, "slow")
     assert (stats.request_count, stats.execution_count) == (1, 1)
+
+
+# -- a run whose caller leaves stops ----------------------------------------------------------------------------
+
+COUNTER = model_bytes(build_counter())
+ENDLESS = {"x": np.zeros(4, dtype=np.float32), "steps": np.array([10**12])}  # hours of counting
+FEW = {"x": np.zeros(4, dtype=np.float32), "steps": np.array([3])}
+
+
+@pytest.mark.parametrize("leave", ["deadline", "cancel", "stream cancel"])
+async def test_a_run_whose_caller_leaves_stops_and_frees_the_compute_thread(
+    single_thread: RunningInference, leave: str
+) -> None:
+    await upload(single_thread, "counter", COUNTER)
+    await single_thread.stub.LoadModel(inference_pb2.LoadModelRequest(ref=ref("counter")))
+    request = predict_request("counter", ENDLESS)
+    if leave == "deadline":
+        assert (await failure(single_thread.stub.Predict(request, timeout=0.5)))[0] is grpc.StatusCode.DEADLINE_EXCEEDED
+    else:
+        if leave == "cancel":
+            call: Any = single_thread.stub.Predict(request)
+        else:
+            call = single_thread.stub.PredictStream(
+                inference_pb2.PredictStreamRequest(ref=request.ref, inputs=request.inputs)
+            )
+        waiting = asyncio.ensure_future(call if leave == "cancel" else call.read())
+        await wait_in_flight(single_thread, "counter", 1)
+        await asyncio.sleep(0.2)  # taken off the queue and counting on the compute thread
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+    await wait_in_flight(single_thread, "counter", 0)
+
+    # The only compute thread is free: a request that would wait for hours behind the first run answers.
+    response = await single_thread.stub.Predict(predict_request("counter", FEW), timeout=20)
+    assert outputs(response)["y"].tolist() == [3.0] * 4
+    stats = await statistics(single_thread, "counter")
+    assert stats.execution_count == 1  # the stopped run counts as no execution
 
 
 # -- identical requests to a cached version: one run, each with its own priority and deadline --------------------
