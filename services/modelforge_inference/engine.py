@@ -469,7 +469,7 @@ class InferenceEngine:
         except INPUT_ERRORS as exc:
             if out_of_memory(exc):
                 return ModelRunOutOfMemory(model.name, model.version, describe_error(exc))
-            return ModelRunFailed(model.name, model.version, describe_error(exc))
+            return ModelRunFailed(model.name, model.version, describe_error(exc), unproven=not session.proven)
         except Exception as exc:  # a fault of ours or of ONNX Runtime: INTERNAL, logged by the status mapping
             return exc
 

@@ -81,13 +81,22 @@ class InvalidTimeout(InvalidArgument):
 
 
 class ModelRunFailed(InvalidArgument):
-    """ONNX Runtime refused inputs that passed the signature checks (values or shapes the graph cannot take)."""
+    """ONNX Runtime refused inputs that passed the signature checks (values or shapes the graph cannot take).
+
+    unproven: the version has not completed a run on any input since it loaded (its warmup failed or was off),
+    so the message says that the model itself may be at fault."""
 
     reason = "MODEL_RUN_FAILED"
 
-    def __init__(self, model: str, version: int, detail: str) -> None:
+    def __init__(self, model: str, version: int, detail: str, *, unproven: bool = False) -> None:
+        hint = (
+            "; note that this version has not completed a run on any input since it loaded (nor its warmup run on "
+            "zeros): if no input runs, the model itself is at fault"
+            if unproven
+            else ""
+        )
         super().__init__(
-            f"{model}:{version} could not run on these inputs: {detail}", model=model, version=str(version)
+            f"{model}:{version} could not run on these inputs: {detail}{hint}", model=model, version=str(version)
         )
 
 

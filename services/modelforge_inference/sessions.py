@@ -116,6 +116,8 @@ class ModelSession:
         # Every run names these outputs, so ONNX Runtime never computes the others (a ZipMap's list of dicts).
         self.output_names = [output.name for output in outputs]
         self._run_options = run_options()  # shared by the runs that no one stops
+        # Whether a run (the warmup included) has completed: until one has, a failure may be the model's own.
+        self.proven = False
         inputs = self.session.get_inputs()
         if unserved := [f"{spec.name!r} ({spec.type})" for spec in inputs if not _is_served(spec.type)]:
             raise ValueError(
@@ -146,9 +148,12 @@ class ModelSession:
         arrays. ``options``: from `run_options`, for a run that may be stopped with `terminate`."""
         options = options or self._run_options
         if into and self._bindable and sum(array.nbytes for array in into.values()) >= _BIND_FROM_BYTES:
-            return self._run_into(feeds, into, options)
-        outputs = self._run_typed(feeds, options) if self._typed else self._run_plain(feeds, options)
-        return place(outputs, into) if into else outputs
+            outputs = self._run_into(feeds, into, options)
+        else:
+            outputs = self._run_typed(feeds, options) if self._typed else self._run_plain(feeds, options)
+            outputs = place(outputs, into) if into else outputs
+        self.proven = True
+        return outputs
 
     def _run_plain(self, feeds: Mapping[str, np.ndarray], options: RunOptions) -> dict[str, np.ndarray]:
         results = self.session.run(self.output_names, feeds, options)

@@ -343,3 +343,15 @@ def test_terminate_stops_a_run_under_way_from_another_thread(tmp_path: Path, int
     assert isinstance(outcome[0], INPUT_ERRORS)
     assert "terminate" in str(outcome[0])
     assert session.run({"x": x, "steps": np.array([2])})["y"][0] == 2  # the session's own options stay untouched
+
+
+def test_a_session_is_proven_by_its_first_completed_run_not_by_failed_ones(tmp_path: Path) -> None:
+    session = _reshape_model(tmp_path)
+    assert not session.proven
+    with pytest.raises(INPUT_ERRORS):
+        session.run({"x": X[:2], "shape": np.array([3, 3])})
+    assert not session.proven
+
+    session.run({"x": X[:2], "shape": np.array([2, 4])})
+
+    assert session.proven
