@@ -21,6 +21,7 @@ import pytest
 from google.protobuf import duration_pb2
 
 from modelforge.inference.v1 import inference_pb2
+from modelforge.oip.v2 import grpc_service_pb2 as oip_pb
 from tests.fixtures.onnx_models import build_counter, build_heavy, model_bytes
 from tests.integration.inference.conftest import (
     RunningInference,
@@ -211,7 +212,25 @@ ENDLESS = {"x": np.zeros(4, dtype=np.float32), "steps": np.array([10**12])}  # h
 FEW = {"x": np.zeros(4, dtype=np.float32), "steps": np.array([3])}
 
 
-@pytest.mark.parametrize("leave", ["deadline", "cancel", "stream cancel"])
+def _v2_request(model: str, inputs: dict[str, np.ndarray]) -> oip_pb.ModelInferRequest:
+    datatypes = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}
+    return oip_pb.ModelInferRequest(
+        model_name=model,
+        inputs=[
+            oip_pb.ModelInferRequest.InferInputTensor(name=name, datatype=datatypes[array.dtype], shape=array.shape)
+            for name, array in inputs.items()
+        ],
+        raw_input_contents=[array.tobytes() for array in inputs.values()],
+    )
+
+
+async def _one_then_wait(request: oip_pb.ModelInferRequest) -> AsyncIterator[oip_pb.ModelInferRequest]:
+    """A V2 request stream that sends one request and stays open."""
+    yield request
+    await asyncio.Event().wait()
+
+
+@pytest.mark.parametrize("leave", ["deadline", "cancel", "stream cancel", "v2 stream cancel"])
 async def test_a_run_whose_caller_leaves_stops_and_frees_the_compute_thread(
     single_thread: RunningInference, leave: str
 ) -> None:
@@ -223,10 +242,12 @@ async def test_a_run_whose_caller_leaves_stops_and_frees_the_compute_thread(
     else:
         if leave == "cancel":
             call: Any = single_thread.stub.Predict(request)
-        else:
+        elif leave == "stream cancel":
             call = single_thread.stub.PredictStream(
                 inference_pb2.PredictStreamRequest(ref=request.ref, inputs=request.inputs)
             )
+        else:
+            call = single_thread.oip.ModelStreamInfer(_one_then_wait(_v2_request("counter", ENDLESS)))
         waiting = asyncio.ensure_future(call if leave == "cancel" else call.read())
         await wait_in_flight(single_thread, "counter", 1)
         await asyncio.sleep(0.2)  # taken off the queue and counting on the compute thread
