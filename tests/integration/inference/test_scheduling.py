@@ -208,7 +208,9 @@ async def test_cancelled_call_leaves_the_queue_and_never_runs(single_thread: Run
 # -- a run whose caller leaves stops ----------------------------------------------------------------------------
 
 COUNTER = model_bytes(build_counter())
-ENDLESS = {"x": np.zeros(4, dtype=np.float32), "steps": np.array([10**12])}  # hours of counting
+# About a minute of counting on the test machine: far past every wait below, yet a run that is not stopped still
+# ends, so that a regression fails its test rather than hanging the suite.
+LONG = {"x": np.zeros(4, dtype=np.float32), "steps": np.array([10**8])}
 FEW = {"x": np.zeros(4, dtype=np.float32), "steps": np.array([3])}
 
 
@@ -236,7 +238,7 @@ async def test_a_run_whose_caller_leaves_stops_and_frees_the_compute_thread(
 ) -> None:
     await upload(single_thread, "counter", COUNTER)
     await single_thread.stub.LoadModel(inference_pb2.LoadModelRequest(ref=ref("counter")))
-    request = predict_request("counter", ENDLESS)
+    request = predict_request("counter", LONG)
     if leave == "deadline":
         assert (await failure(single_thread.stub.Predict(request, timeout=0.5)))[0] is grpc.StatusCode.DEADLINE_EXCEEDED
     else:
@@ -247,7 +249,7 @@ async def test_a_run_whose_caller_leaves_stops_and_frees_the_compute_thread(
                 inference_pb2.PredictStreamRequest(ref=request.ref, inputs=request.inputs)
             )
         else:
-            call = single_thread.oip.ModelStreamInfer(_one_then_wait(_v2_request("counter", ENDLESS)))
+            call = single_thread.oip.ModelStreamInfer(_one_then_wait(_v2_request("counter", LONG)))
         waiting = asyncio.ensure_future(call if leave == "cancel" else call.read())
         await wait_in_flight(single_thread, "counter", 1)
         await asyncio.sleep(0.2)  # taken off the queue and counting on the compute thread
@@ -256,7 +258,7 @@ async def test_a_run_whose_caller_leaves_stops_and_frees_the_compute_thread(
             await waiting
     await wait_in_flight(single_thread, "counter", 0)
 
-    # The only compute thread is free: a request that would wait for hours behind the first run answers.
+    # The only compute thread is free: a request that would wait for a minute behind the first run answers.
     response = await single_thread.stub.Predict(predict_request("counter", FEW), timeout=20)
     assert outputs(response)["y"].tolist() == [3.0] * 4
     stats = await statistics(single_thread, "counter")
@@ -312,3 +314,15 @@ async def test_an_identical_request_leaves_the_queue_at_its_own_timeout(single_t
     assert not response.cache_hit
     stats = await statistics(single_thread, "slow")
     assert (stats.execution_count, stats.request_count, stats.failure_count) == (2, 2, 1)
+
+
+async def test_stopping_the_server_stops_a_run_under_way(start_inference: StartInference) -> None:
+    async with asyncio.timeout(20):  # the shutdown waits for running batches: without the stop, a minute
+        async with start_inference(compute_threads=1) as running:
+            await upload(running, "counter", COUNTER)
+            await running.stub.LoadModel(inference_pb2.LoadModelRequest(ref=ref("counter")))
+            call = asyncio.ensure_future(running.stub.Predict(predict_request("counter", LONG)))
+            await wait_in_flight(running, "counter", 1)
+            await asyncio.sleep(0.2)  # counting on the compute thread
+            await running.server.stop(0.5)  # calls still in flight after the grace period are cancelled
+            assert (await failure(call))[0] is grpc.StatusCode.UNAVAILABLE
