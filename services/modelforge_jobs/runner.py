@@ -4,7 +4,9 @@ Every batch's outputs are stored with its index and the progress in one transact
 never stored again, so a redelivered or retried job resumes at its first unfinished batch. Finished batches are
 written in groups (one statement for up to `write_batches` of them, within `write_interval`), which coalesces the
 progress updates that watchers see. At every write the runner sees cancellation (the store refuses the write) and
-starts no further batch, and a heartbeat tells the reaper that the worker is alive.
+starts no further batch, and a heartbeat tells the reaper that the worker is alive. A heartbeat that finds the job
+no longer RUNNING on this worker (cancelled, or taken over after a missed heartbeat) stops the batches in flight at
+once: their inference calls are cancelled, which stops the model runs under way on the inference service.
 
 While tracing is on, each batch runs in a ``modelforge.jobs.batch`` span (with its index and size), so that the
 inference call it makes is a child of it; while it is off, batches make no span at all. The run's counters go to the
@@ -18,8 +20,9 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from dataclasses import dataclass
+from typing import Any
 from uuid import UUID
 
 from modelforge.common.v1.tensor_pb2 import Tensor
@@ -116,8 +119,8 @@ class JobRunner:
         with logs.bind(model=f"{job.model_ref.name}:{job.model_version}"):
             log.info("job %s running, attempt %d of %d", job_id, job.attempt_count, job.max_attempts)
             try:
-                async with self._heartbeat(job_id):
-                    state = await self._run_batches(job)
+                async with self._heartbeat(job_id) as lost:
+                    state = await self._run_batches(job, lost)
             except _Stop:
                 self._metrics.stopped.inc()
                 return (await self._store.get_job(job_id)).state
@@ -178,14 +181,14 @@ class JobRunner:
             raise FailedPrecondition("the job's input is gone: its dataset was deleted")
         return await asyncio.to_thread(Items.from_bytes, record, delimited=False)
 
-    async def _run_batches(self, job: Job) -> JobState:
+    async def _run_batches(self, job: Job, lost: asyncio.Event) -> JobState:
         started = time.monotonic()
         deadline = started + job.time_limit if job.time_limit else None
         done = await self._store.done_batches(job.id)
         todo = [index for index in range(job.progress.batches_total) if index not in done]
         if todo:
             items = await self._load(job)
-            await self._pipeline(job, items, iter(todo), deadline)
+            await _unless(lost, self._pipeline(job, items, iter(todo), deadline))
         if await self._store.complete(job.id, self.worker_id):
             log.info("job %s completed", job.id)
             return JobState.COMPLETED
@@ -279,22 +282,45 @@ class JobRunner:
         return ResultRecord(index, first, last - first, record), seconds
 
     @contextlib.asynccontextmanager
-    async def _heartbeat(self, job_id: UUID) -> AsyncIterator[None]:
+    async def _heartbeat(self, job_id: UUID) -> AsyncIterator[asyncio.Event]:
+        """Beats while the job runs; the event it yields is set, and the beats end, once a beat finds the job no
+        longer RUNNING on this worker."""
+        lost = asyncio.Event()
+
         async def beat() -> None:
             while True:
                 await asyncio.sleep(self._settings.heartbeat_interval)
                 try:
-                    await self._store.heartbeat(job_id, self.worker_id)
+                    if not await self._store.heartbeat(job_id, self.worker_id):
+                        log.info("job %s is no longer running on this worker (cancelled or taken over)", job_id)
+                        lost.set()
+                        return
                 except ServiceError as exc:
                     log.warning("job %s: heartbeat failed: %s", job_id, exc)
 
         task = asyncio.create_task(beat(), name=f"heartbeat-{job_id}")
         try:
-            yield
+            yield lost
         finally:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+async def _unless(lost: asyncio.Event, work: Coroutine[Any, Any, None]) -> None:
+    """Awaits `work`, unless `lost` is set first: then `work` is cancelled and the job stops (_Stop)."""
+    running = asyncio.ensure_future(work)
+    watching = asyncio.ensure_future(lost.wait())
+    try:
+        await asyncio.wait((running, watching), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watching.cancel()
+        if not running.done():
+            running.cancel()
+            await asyncio.gather(running, return_exceptions=True)
+    if running.cancelled():
+        raise _Stop
+    running.result()
 
 
 class _ResultWriter:
