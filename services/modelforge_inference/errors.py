@@ -90,8 +90,8 @@ class ModelRunFailed(InvalidArgument):
 
     def __init__(self, model: str, version: int, detail: str, *, unproven: bool = False) -> None:
         hint = (
-            "; note that this version has not completed a run on any input since it loaded (nor its warmup run on "
-            "zeros): if no input runs, the model itself is at fault"
+            "; this version has completed no run on any input since it loaded, its warmup included: if no input "
+            "runs, the model itself is at fault"
             if unproven
             else ""
         )

@@ -146,7 +146,8 @@ class ModelSession:
         named for will be, that ONNX Runtime writes those outputs into; they are then returned as those arrays.
         Small outputs, and any where the session cannot bind them, are computed as usual and copied into their
         arrays. ``options``: from `run_options`, for a run that may be stopped with `terminate`."""
-        options = options or self._run_options
+        if options is None:
+            options = self._run_options
         if into and self._bindable and sum(array.nbytes for array in into.values()) >= _BIND_FROM_BYTES:
             outputs = self._run_into(feeds, into, options)
         else:

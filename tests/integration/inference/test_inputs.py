@@ -164,7 +164,7 @@ async def test_onnxruntime_refusing_the_input_is_invalid_argument(served: Runnin
     assert (code, reason) == (INVALID, "MODEL_RUN_FAILED")
     assert "reshape:1" in details
     # Its warmup (one zero) failed too, and nothing has run since: the message says the model may be at fault.
-    assert "has not completed a run on any input since it loaded" in details
+    assert "has completed no run on any input since it loaded" in details
     good = await served.stub.Predict(predict_request("reshape", {"x": np.arange(4, dtype=np.float32)}))
     assert outputs(good)["y"].shape == (2, 2)
     code, reason, details = await failure(served.stub.Predict(request))
