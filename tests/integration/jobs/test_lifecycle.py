@@ -10,12 +10,12 @@ from dataclasses import replace
 import grpc
 import numpy as np
 
-from modelforge.inference.v1 import inference_pb2
 from modelforge.jobs.v1 import jobs_pb2
 from modelforge.registry.v1 import registry_pb2
 from modelforge_inference.__main__ import build as build_inference
 from modelforge_server import embedded
 from tests.fixtures.onnx_models import build_counter, model_bytes
+from tests.integration.inference.test_scheduling import wait_in_flight
 from tests.integration.jobs.conftest import (
     getter,
     inline_request,
@@ -83,20 +83,13 @@ async def test_a_cancel_stops_the_batch_in_flight_and_its_model_run(jobs_api, wo
     x, steps = np.zeros(1, np.float32), np.array([10**8])
     job = (await jobs_api.stub.CreateJob(inline_request("counter", {"x": x, "steps": steps}, batch_size=1))).job
 
-    async def in_flight() -> int:
-        listed = await inference.stub.ListLoadedModels(inference_pb2.ListLoadedModelsRequest(model="counter"))
-        return sum(model.in_flight for model in listed.loaded_models)
-
-    async with asyncio.timeout(20):
-        while await in_flight() != 1:  # the worker's call reached the inference service
-            await asyncio.sleep(0.01)
+    await wait_in_flight(inference, "counter", 1)  # the worker's call reached the inference service
     await asyncio.sleep(0.2)  # and its run is counting
     await jobs_api.stub.CancelJob(jobs_pb2.CancelJobRequest(id=job.id))
 
     async with asyncio.timeout(20):  # the next heartbeat (0.2 s here) stops the batch; without it, a minute
         await worker.join()
-        while await in_flight() != 0:
-            await asyncio.sleep(0.01)
+        await wait_in_flight(inference, "counter", 0)
     stopped = (await jobs_api.stub.GetJob(jobs_pb2.GetJobRequest(id=job.id))).job
     assert stopped.state == jobs_pb2.JOB_STATE_CANCELLED and stopped.progress.items_done == 0
 
