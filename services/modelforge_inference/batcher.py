@@ -481,7 +481,7 @@ class Batcher:
                 return
             run = _Run(live)
             for pending in live:
-                for request in (pending, *(pending.sharers or ())):
+                for request in _with_sharers(pending):
                     request.run = run
             handed = time.perf_counter()
             try:
@@ -513,7 +513,7 @@ class Batcher:
         late = [
             request
             for pending in run.requests
-            for request in (pending, *(pending.sharers or ()))
+            for request in _with_sharers(pending)
             if request.expires_at is not None and now >= request.expires_at and not request.future.done()
         ]
         ran = [pending for pending in run.requests if _awaited(pending, now)]
@@ -532,9 +532,14 @@ class Batcher:
                 owned = _answer(sharer, outcome, started, compute, rows, shared=owned) or owned
 
 
+def _with_sharers(pending: _Pending) -> tuple[_Pending, ...]:
+    """The request and the identical requests its run answers."""
+    return (pending, *(pending.sharers or ()))
+
+
 def _waiting(pending: _Pending) -> bool:
     """Whether a caller still waits for this request's run: its own or an identical request's."""
-    return not pending.future.done() or any(not sharer.future.done() for sharer in pending.sharers or ())
+    return any(not request.future.done() for request in _with_sharers(pending))
 
 
 def _awaited(pending: _Pending, now: float) -> bool:
@@ -542,7 +547,7 @@ def _awaited(pending: _Pending, now: float) -> bool:
     within its deadline (``now`` in event-loop time)."""
     return any(
         not request.future.done() and (request.expires_at is None or now < request.expires_at)
-        for request in (pending, *(pending.sharers or ()))
+        for request in _with_sharers(pending)
     )
 
 

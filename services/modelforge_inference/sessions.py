@@ -45,8 +45,9 @@ _BFLOAT16 = "tensor(bfloat16)"
 _STRING = "tensor(string)"
 
 # ONNX Runtime raises these when what it was given cannot run: bad values or shapes the graph cannot take
-# (a Reshape that does not fit, an index out of range). The signature checks have passed by then, and the
-# session ran its warmup, so they are the caller's doing.
+# (a Reshape that does not fit, an index out of range). The signature checks have passed by then, so they are
+# taken as the caller's doing; until a run of the session has completed (ModelSession.proven), the error says that
+# the model itself may be at fault.
 INPUT_ERRORS: tuple[type[BaseException], ...] = (ort_state.InvalidArgument, ort_state.Fail, ort_state.RuntimeException)
 # Outputs are bound from this many bytes on: setting up an IO binding costs about as much as copying 400 KB.
 _BIND_FROM_BYTES = 256 * 1024
