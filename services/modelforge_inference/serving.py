@@ -107,22 +107,23 @@ _LABELS: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
 def defaults(settings: InferenceSettings) -> ServingConfig:
     """The server-wide ServingConfig from MODELFORGE_* settings.
 
-    The session settings and the priority levels take what their labels take; SettingsError names one that does
-    not, at start, rather than every load failing later on a value ONNX Runtime has no option for.
+    Each setting that a label overrides takes what the label takes; SettingsError names one that does not, at
+    start, rather than every load failing later on a value ONNX Runtime has no option for, or a queue that holds
+    nothing.
     """
     return ServingConfig(
         batching=BatchingConfig(
-            max_batch_size=settings.max_batch_size,
-            max_queue_delay_us=settings.max_queue_delay_us,
-            preferred_batch_sizes=_sizes(",".join(settings.preferred_batch_sizes)),
+            max_batch_size=_setting("max-batch-size", settings.max_batch_size),
+            max_queue_delay_us=_setting("max-queue-delay-us", settings.max_queue_delay_us),
+            preferred_batch_sizes=_setting("preferred-batch-sizes", ",".join(settings.preferred_batch_sizes)),
             priority_levels=_setting("priority-levels", settings.priority_levels),
-            max_queue_size=max(1, settings.max_queue_size),
-            default_queue_timeout=settings.default_queue_timeout,
+            max_queue_size=_setting("max-queue-size", settings.max_queue_size),
+            default_queue_timeout=_setting("queue-timeout-seconds", settings.default_queue_timeout),
         ),
         cache=CacheConfig(
             enabled=settings.cache_enabled,
-            ttl_seconds=settings.cache_ttl_seconds,
-            max_entry_bytes=settings.cache_max_entry_bytes,
+            ttl_seconds=_setting("cache-ttl-seconds", settings.cache_ttl_seconds),
+            max_entry_bytes=_setting("cache-max-entry-bytes", settings.cache_max_entry_bytes),
         ),
         session=SessionConfig(
             intra_op_threads=_setting("intra-op-threads", settings.intra_op_threads),
@@ -133,13 +134,17 @@ def defaults(settings: InferenceSettings) -> ServingConfig:
     )
 
 
+# Labels whose server-wide setting is named otherwise than MODELFORGE_<LABEL>.
+_SETTING_NAMES = {"queue-timeout-seconds": "default_queue_timeout"}
+
+
 def _setting(label: str, value: Any) -> Any:
     """The server-wide setting that `label` overrides, checked by the label's parser."""
     _, _, parse, expected = _LABELS[label]
     try:
-        return parse(str(value))
+        return parse("none" if value is None else str(value))
     except ValueError:
-        key = "MODELFORGE_" + label.replace("-", "_").upper()
+        key = "MODELFORGE_" + _SETTING_NAMES.get(label, label.replace("-", "_")).upper()
         raise SettingsError(f"{key}={value!r} is invalid: it takes {expected}") from None
 
 

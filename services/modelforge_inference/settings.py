@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
-from modelforge_server.settings import MiB, ServerSettings
+from modelforge_server.settings import AT_LEAST_ONE, NOT_NEGATIVE, PORT, POSITIVE, Bound, MiB, ServerSettings
 
 GiB = 1024 * MiB
 
@@ -60,6 +62,21 @@ class InferenceSettings(ServerSettings):
     cache_max_entry_bytes: int = 1 * MiB
     # The in-process tier in front of Redis: the most recent entries, in bytes; 0 turns it off.
     cache_local_bytes: int = 64 * MiB
+
+    # The settings that a version's labels override are checked by the labels' parsers (serving.defaults).
+    bounds: ClassVar[Mapping[str, Bound]] = {
+        **ServerSettings.bounds,
+        "metrics_port": PORT,
+        "health_check_seconds": POSITIVE,
+        "max_loaded_models": AT_LEAST_ONE,
+        "memory_budget_bytes": AT_LEAST_ONE,
+        "max_request_bytes": AT_LEAST_ONE,
+        "stream_max_in_flight": AT_LEAST_ONE,
+        "model_cache_bytes": AT_LEAST_ONE,
+        "compute_threads": NOT_NEGATIVE,
+        "load_retry_seconds": NOT_NEGATIVE,
+        "cache_local_bytes": NOT_NEGATIVE,
+    }
 
     @property
     def model_directory(self) -> Path:

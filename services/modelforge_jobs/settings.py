@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import ClassVar
 
-from modelforge_server.settings import ServerSettings
+from modelforge_server.settings import AT_LEAST_ONE, NOT_NEGATIVE, PORT, POSITIVE, Bound, ServerSettings, SettingsError
 
 DAY = 86400.0
 API_METRICS_PORT = 9103
@@ -53,6 +55,40 @@ class JobsSettings(ServerSettings):
     max_job_batch_size: int = 65536
     default_max_attempts: int = 3
     max_max_attempts: int = 20
+
+    bounds: ClassVar[Mapping[str, Bound]] = {
+        **ServerSettings.bounds,
+        "metrics_port": PORT,
+        "worker_metrics_port": PORT,
+        "job_retention": POSITIVE,
+        "maintenance_interval": POSITIVE,
+        "heartbeat_interval": POSITIVE,
+        "heartbeat_timeout": POSITIVE,
+        "resend_after": POSITIVE,
+        "retry_min_backoff": NOT_NEGATIVE,
+        "retry_max_backoff": NOT_NEGATIVE,
+        "inference_timeout": POSITIVE,
+        "worker_threads": AT_LEAST_ONE,
+        "watch_interval": POSITIVE,
+        "default_job_batch_size": AT_LEAST_ONE,
+        "max_job_batch_size": AT_LEAST_ONE,
+        "default_max_attempts": AT_LEAST_ONE,
+        "max_max_attempts": AT_LEAST_ONE,
+    }
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for low, high in (
+            ("heartbeat_interval", "heartbeat_timeout"),
+            ("retry_min_backoff", "retry_max_backoff"),
+            ("default_job_batch_size", "max_job_batch_size"),
+            ("default_max_attempts", "max_max_attempts"),
+        ):
+            if getattr(self, low) > getattr(self, high):
+                raise SettingsError(
+                    f"MODELFORGE_{low.upper()}={getattr(self, low)!r} is invalid: it must not exceed "
+                    f"MODELFORGE_{high.upper()}={getattr(self, high)!r}"
+                )
 
     def for_worker(self) -> JobsSettings:
         """These settings as a worker process hands them to telemetry.setup: its metrics port is the worker's."""

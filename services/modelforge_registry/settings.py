@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
-from modelforge_server.settings import MiB, ServerSettings
+from modelforge_server.settings import AT_LEAST_ONE, PORT, Bound, MiB, ServerSettings
 
 
 @dataclass(frozen=True)
@@ -19,6 +21,12 @@ class RegistrySettings(ServerSettings):
     max_model_bytes: int = 2048 * MiB
     # Where model files live, content-addressed; defaults to data_dir/blobs.
     blob_dir: Path | None = None
+
+    bounds: ClassVar[Mapping[str, Bound]] = {
+        **ServerSettings.bounds,
+        "metrics_port": PORT,
+        "max_model_bytes": AT_LEAST_ONE,
+    }
 
     @property
     def blob_root(self) -> Path:

@@ -9,7 +9,7 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 PREFIX = "MODELFORGE_"
 MiB = 1024 * 1024
@@ -22,6 +22,30 @@ S = TypeVar("S")
 
 class SettingsError(ValueError):
     """A MODELFORGE_* variable is malformed; the message names the variable and what it takes."""
+
+
+class Bound(NamedTuple):
+    """The values a numeric setting takes: from ``low`` (excluded when ``above``) up to ``high`` (None: no limit)."""
+
+    low: float
+    high: float | None = None
+    above: bool = False
+
+    def admits(self, value: float) -> bool:
+        return (value > self.low if self.above else value >= self.low) and (self.high is None or value <= self.high)
+
+    def describe(self) -> str:
+        if self.high is not None:
+            return f"a number from {self.low:g} to {self.high:g}"
+        return f"a number {'>' if self.above else '>='} {self.low:g}"
+
+
+PORT = Bound(0, 65535)  # 0: the service picks a free port, or a listener is off
+AT_LEAST_ONE = Bound(1)
+NOT_NEGATIVE = Bound(0)
+POSITIVE = Bound(0, above=True)
+# What a streamed chunk's message adds to its bytes (field tags, an offset, an output name), with room to spare.
+CHUNK_HEADROOM = 4096
 
 
 @dataclass(frozen=True)
@@ -41,9 +65,33 @@ class ServerSettings:
     event_loop: str = "auto"
     labels: dict[str, str] = field(default_factory=dict)
 
+    # The numeric settings with a range, checked when the settings are made (from the environment or in code).
+    bounds: ClassVar[Mapping[str, Bound]] = {
+        "port": PORT,
+        "max_message_bytes": Bound(CHUNK_HEADROOM + 1),
+        "grace_seconds": NOT_NEGATIVE,
+        "chunk_bytes": AT_LEAST_ONE,
+    }
+
+    def __post_init__(self) -> None:
+        for name, bound in self.bounds.items():
+            value = getattr(self, name)
+            if value is not None and not bound.admits(value):
+                raise SettingsError(f"{_key(name)}={value!r} is invalid: it takes {bound.describe()}")
+        if self.chunk_bytes > self.max_message_bytes - CHUNK_HEADROOM:
+            raise SettingsError(
+                f"{_key('chunk_bytes')}={self.chunk_bytes!r} is invalid: a streamed chunk must fit in one message of "
+                f"at most {_key('max_message_bytes')}={self.max_message_bytes} bytes with {CHUNK_HEADROOM} to spare; "
+                f"set it to at most {self.max_message_bytes - CHUNK_HEADROOM}, or raise {_key('max_message_bytes')}"
+            )
+
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+
+def _key(name: str) -> str:
+    return PREFIX + name.upper()
 
 
 def from_env(cls: type[S], environ: Mapping[str, str] | None = None, **overrides: Any) -> S:
@@ -55,7 +103,7 @@ def from_env(cls: type[S], environ: Mapping[str, str] | None = None, **overrides
         if f.name in overrides:
             values[f.name] = overrides[f.name]
             continue
-        key = PREFIX + f.name.upper()
+        key = _key(f.name)
         raw = env.get(key)
         if raw is None:
             continue

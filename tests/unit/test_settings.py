@@ -1,10 +1,15 @@
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from modelforge_inference import serving
+from modelforge_inference.settings import InferenceSettings
+from modelforge_jobs.settings import JobsSettings
+from modelforge_registry.settings import RegistrySettings
 from modelforge_server.settings import ServerSettings, SettingsError, from_env
 
 
@@ -66,3 +71,100 @@ def test_overrides_win_over_the_environment() -> None:
 def test_a_bad_value_names_the_variable(key: str, value: str) -> None:
     with pytest.raises(SettingsError, match=key):
         from_env(ExampleSettings, {key: value})
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("MODELFORGE_PORT", "70000", "MODELFORGE_PORT=70000 is invalid: it takes a number from 0 to 65535"),
+        ("MODELFORGE_CHUNK_BYTES", "0", "MODELFORGE_CHUNK_BYTES=0 is invalid: it takes a number >= 1"),
+        ("MODELFORGE_CHUNK_BYTES", "-5", "MODELFORGE_CHUNK_BYTES=-5 is invalid: it takes a number >= 1"),
+        ("MODELFORGE_GRACE_SECONDS", "-1", "MODELFORGE_GRACE_SECONDS=-1.0 is invalid: it takes a number >= 0"),
+    ],
+)
+def test_a_value_out_of_range_names_the_variable_and_the_range(key: str, value: str, message: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        from_env(ExampleSettings, {key: value})
+    assert str(caught.value) == message
+
+
+def test_a_chunk_must_fit_in_one_message() -> None:
+    fits = from_env(ExampleSettings, {"MODELFORGE_MAX_MESSAGE_BYTES": "1MiB", "MODELFORGE_CHUNK_BYTES": "1020KiB"})
+    assert fits.chunk_bytes == 1020 * 1024
+
+    with pytest.raises(SettingsError) as caught:
+        from_env(ExampleSettings, {"MODELFORGE_MAX_MESSAGE_BYTES": "1MiB"})  # the default chunk is 1 MiB too
+    assert "MODELFORGE_CHUNK_BYTES=1048576 is invalid" in str(caught.value)
+    assert f"set it to at most {1024 * 1024 - 4096}, or raise MODELFORGE_MAX_MESSAGE_BYTES" in str(caught.value)
+
+
+def test_settings_made_in_code_are_checked_too() -> None:
+    with pytest.raises(SettingsError, match="MODELFORGE_CHUNK_BYTES=0 is invalid"):
+        ExampleSettings(chunk_bytes=0)
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"MODELFORGE_MAX_LOADED_MODELS": "0"}, "MODELFORGE_MAX_LOADED_MODELS=0 is invalid: it takes a number >= 1"),
+        ({"MODELFORGE_STREAM_MAX_IN_FLIGHT": "0"}, "MODELFORGE_STREAM_MAX_IN_FLIGHT=0 is invalid"),
+        (
+            {"MODELFORGE_HEALTH_CHECK_SECONDS": "0"},
+            "MODELFORGE_HEALTH_CHECK_SECONDS=0.0 is invalid: it takes a number > 0",
+        ),
+    ],
+)
+def test_inference_settings_have_ranges(environ: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError, match=re.escape(message)):
+        from_env(InferenceSettings, environ)
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"MODELFORGE_MAX_QUEUE_SIZE": "0"}, "MODELFORGE_MAX_QUEUE_SIZE=0 is invalid: it takes an integer >= 1"),
+        ({"MODELFORGE_MAX_BATCH_SIZE": "-1"}, "MODELFORGE_MAX_BATCH_SIZE=-1 is invalid: it takes an integer >= 0"),
+        ({"MODELFORGE_CACHE_TTL_SECONDS": "0"}, "MODELFORGE_CACHE_TTL_SECONDS=0 is invalid"),
+        ({"MODELFORGE_DEFAULT_QUEUE_TIMEOUT": "0"}, "MODELFORGE_DEFAULT_QUEUE_TIMEOUT=0.0 is invalid"),
+    ],
+)
+def test_serving_defaults_take_what_their_labels_take(environ: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError, match=re.escape(message)):
+        serving.defaults(from_env(InferenceSettings, environ))
+
+
+def test_serving_defaults_accept_the_documented_defaults_and_no_queue_timeout() -> None:
+    config = serving.defaults(from_env(InferenceSettings, {"MODELFORGE_DEFAULT_QUEUE_TIMEOUT": ""}))
+    assert config.batching.default_queue_timeout is None
+    assert config.batching.max_queue_size == 1024
+    assert (
+        serving.defaults(
+            from_env(InferenceSettings, {"MODELFORGE_DEFAULT_QUEUE_TIMEOUT": "2.5"})
+        ).batching.default_queue_timeout
+        == 2.5
+    )
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"MODELFORGE_WORKER_THREADS": "0"}, "MODELFORGE_WORKER_THREADS=0 is invalid: it takes a number >= 1"),
+        (
+            {"MODELFORGE_HEARTBEAT_INTERVAL": "40"},
+            "MODELFORGE_HEARTBEAT_INTERVAL=40.0 is invalid: it must not exceed MODELFORGE_HEARTBEAT_TIMEOUT=30.0",
+        ),
+        (
+            {"MODELFORGE_DEFAULT_JOB_BATCH_SIZE": "100000"},
+            "MODELFORGE_DEFAULT_JOB_BATCH_SIZE=100000 is invalid: "
+            "it must not exceed MODELFORGE_MAX_JOB_BATCH_SIZE=65536",
+        ),
+    ],
+)
+def test_jobs_settings_have_ranges_and_orders(environ: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError, match=re.escape(message)):
+        from_env(JobsSettings, environ)
+
+
+def test_registry_settings_have_ranges() -> None:
+    with pytest.raises(SettingsError, match="MODELFORGE_MAX_MODEL_BYTES=0 is invalid"):
+        from_env(RegistrySettings, {"MODELFORGE_MAX_MODEL_BYTES": "0"})

@@ -132,7 +132,7 @@ async def test_request_a_little_over_the_size_limit_is_refused_by_the_service_no
 ):
     # max_message_bytes equal to max_request_bytes: the receive limit still leaves room above the request limit.
     limit = 64 * 1024
-    async with start_inference(max_request_bytes=limit, max_message_bytes=limit) as running:
+    async with start_inference(max_request_bytes=limit, max_message_bytes=limit, chunk_bytes=limit // 2) as running:
         await upload(running, "mlp", mlp)
         over = predict_request("mlp", {"input": np.zeros((288, 64), np.float32)})  # 73728 bytes of input
 
