@@ -4,15 +4,12 @@ functions on port 0 and reached over real localhost channels, with real PostgreS
     inference                    a running inference server (default settings below) with its registry
     start_inference(**settings)  an async context manager for a server with other settings
     upload(running, name, model_file, labels=...)   uploads a fixture model through the registry's API
-    eventually(condition, what)  polls a condition (a function or coroutine function) until it holds
+    eventually(condition, what)  polls a condition until it holds (from tests.fixtures.polling)
 """
 
 from __future__ import annotations
 
-import asyncio
-import inspect
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -43,6 +40,7 @@ from tests.fixtures.onnx_models import (  # noqa: F401
     onnx_dir,
     string_model,
 )
+from tests.fixtures.polling import eventually  # noqa: F401
 from tests.fixtures.servers import (  # noqa: F401
     RunningRegistry,
     registry,
@@ -136,7 +134,8 @@ def start_inference(registry: RunningRegistry, redis_url: str, tmp_path: Path) -
 
     def start(**overrides: Any) -> AbstractAsyncContextManager[RunningInference]:
         directory = tmp_path / f"inference-{next(counter)}"
-        settings = inference_settings_for(registry.address, directory, redis_url, **overrides)
+        address = overrides.pop("registry_address", registry.address)
+        settings = inference_settings_for(address, directory, redis_url, **overrides)
         return running_inference(settings, registry)
 
     return start
@@ -203,17 +202,3 @@ def error_reason(exc: grpc.aio.AioRpcError) -> str:
                 if detail.Unpack(info):
                     return info.reason
     return ""
-
-
-async def eventually(condition: Callable[[], bool | Awaitable[bool]], what: str, timeout: float = 30.0) -> None:
-    """Polls condition until it holds; fails naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        held = condition()
-        if inspect.isawaitable(held):
-            held = await held
-        if held:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.01)

@@ -6,9 +6,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import shutil
-import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from modelforge.jobs.v1 import jobs_pb2
 from modelforge.registry.v1 import registry_pb2
 from modelforge_jobs.datasets import DatasetItems
 from modelforge_jobs.store import JobStore
+from tests.fixtures.polling import eventually
 from tests.integration.jobs.conftest import (
     dataset_file,
     results,
@@ -28,13 +28,6 @@ from tests.integration.jobs.conftest import (
     upload_dataset,
     wait_terminal,
 )
-
-
-async def until(condition: Callable[[], bool], what: str, *, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        await asyncio.sleep(0.02)
 
 
 def scratch_bytes(scratch: Path) -> int:
@@ -55,11 +48,11 @@ async def test_an_upload_cancelled_mid_stream_leaves_no_row_no_records_and_no_fi
 
     scratch = jobs_api.settings.upload_dir
     call = jobs_api.stub.UploadDataset(requests())
-    await until(lambda: scratch_bytes(scratch) >= half, "the API has half the upload in its scratch file")
+    await eventually(lambda: scratch_bytes(scratch) >= half, "the API has half the upload in its scratch file")
     call.cancel()
     with pytest.raises(asyncio.CancelledError):
         await call
-    await until(lambda: not list(scratch.iterdir()), "the API removed the partial upload")
+    await eventually(lambda: not list(scratch.iterdir()), "the API removed the partial upload")
     assert await stored_datasets(jobs_api.settings) == (0, 0)
 
     # The API goes on taking uploads, and a stored upload leaves no scratch file either.
