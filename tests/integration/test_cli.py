@@ -10,15 +10,17 @@ import asyncio
 import io
 import json
 import re
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+from onnx import TensorProto
 
 from modelforge import AsyncRegistryClient, VersionState
-from modelforge.cli import ProgressBar, main
+from modelforge.cli import ProgressBar, UsageError, _storable, main
 from tests.fixtures.onnx_models import ModelFile, add_one, build_identity, not_onnx, onnx_dir, write_model  # noqa: F401
 from tests.fixtures.servers import RunningRegistry, registry, registry_settings  # noqa: F401
 from tests.integration.inference.conftest import RunningInference, inference, start_inference  # noqa: F401
@@ -119,8 +121,6 @@ async def test_errors_are_one_line_and_non_zero(cli: Cli, not_onnx: ModelFile, t
 
 
 async def test_an_unreachable_registry_says_where_it_looked() -> None:
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         address = f"127.0.0.1:{sock.getsockname()[1]}"
@@ -207,6 +207,73 @@ async def test_predict_out_refuses_an_output_name_that_is_not_a_plain_file_name(
     assert set(work.rglob("*")) == before  # nothing written: no DIR, no file beside or above it
     printed = await cli("predict", "sly", "--input", f"x={work / 'x.npy'}", "--inference", inference.address)
     assert printed.code == 0 and f"{output}: float32[1, 4]" in printed.out
+
+
+async def test_input_files_that_cannot_be_read_are_usage_errors(cli: Cli, tmp_path: Path) -> None:
+    np.save(tmp_path / "x.npy", np.ones((1, 4), dtype=np.float32))
+    with (tmp_path / "single.npz").open("wb") as single:  # one array, in a file named .npz
+        np.save(single, np.ones((1, 4), dtype=np.float32))
+    np.savez(tmp_path / "archive.npz", x=np.ones((1, 4), dtype=np.float32))
+    (tmp_path / "text.npy").write_text("not numpy data\n")
+    cases = {
+        f"x={tmp_path / 'absent.npy'}": f"{tmp_path / 'absent.npy'}: no such file",
+        "x=": "--input takes NAME=FILE.npy, not 'x='",
+        f"={tmp_path / 'x.npy'}": "--input takes NAME=FILE.npy",
+        str(tmp_path / "x.npy"): "--input takes NAME=FILE.npy or FILE.npz",
+        str(tmp_path / "single.npz"): f"{tmp_path / 'single.npz'} holds one array, not a .npz archive",
+        f"x={tmp_path / 'archive.npz'}": f"{tmp_path / 'archive.npz'} is a .npz archive of several arrays",
+        f"x={tmp_path / 'text.npy'}": f"{tmp_path / 'text.npy'} is not a .npy or .npz file that numpy reads",
+    }
+    for spec, message in cases.items():
+        for command in (("predict", "demo"), ("jobs", "submit", "demo")):
+            result = await cli(*command, "--input", spec)
+            assert (result.code, result.err.count("\n")) == (2, 1), (spec, result)
+            assert result.err.startswith(f"modelforge: {message}"), (spec, result.err)
+
+
+async def test_string_outputs_saved_with_out_read_back_without_pickle(
+    cli: Cli, inference: RunningInference, tmp_path: Path
+) -> None:
+    work = tmp_path / "work"
+    model = write_model(build_identity(TensorProto.STRING, ["batch"]), work / "strings.onnx")
+    assert (await cli("models", "push", str(model), "--name", "echo")).code == 0
+    addresses = ("--inference", inference.address)
+    text = np.array(["cat", "", "naïve"])
+    np.save(work / "text.npy", text)
+
+    for extra in ((), ("--stream",)):
+        out_dir = work / f"out{len(extra)}"
+        saved = await cli("predict", "echo", "--input", f"x={work / 'text.npy'}", "--out", str(out_dir), *addresses,
+                          *extra)  # fmt: skip
+        assert saved.code == 0, saved.err
+        np.testing.assert_array_equal(np.load(out_dir / "y.npy", allow_pickle=False), text)
+        again = await cli("predict", "echo", "--input", f"x={out_dir / 'y.npy'}", *addresses)  # fed back as it is
+        assert again.code == 0, again.err
+
+
+def test_string_outputs_that_are_not_text_are_saved_as_bytes_and_a_trailing_nul_is_refused() -> None:
+    # Inputs must be UTF-8, so these can only come from a model's output: checked on the conversion itself.
+    binary = np.array([b"\xff\xfe", b"ok"], dtype=object)
+    assert _storable("y", binary).tolist() == [b"\xff\xfe", b"ok"]
+    assert _storable("y", binary).dtype.kind == "S"
+    with pytest.raises(UsageError, match="output 'y' has strings ending in NUL bytes"):
+        _storable("y", np.array([b"a\0"], dtype=object))
+
+
+async def test_a_service_that_answers_unavailable_is_not_reported_as_unreachable(
+    cli: Cli, start_inference, tmp_path: Path
+) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        nowhere = f"127.0.0.1:{sock.getsockname()[1]}"
+    np.save(tmp_path / "x.npy", np.ones((1, 4), dtype=np.float32))
+    async with start_inference(registry_address=nowhere) as running:
+        result = await cli("predict", "demo", "--input", f"x={tmp_path / 'x.npy'}", "--inference", running.address,
+                           "--timeout", "20")  # fmt: skip
+
+    assert result.code == 1
+    assert result.err.startswith("modelforge: the model registry could not resolve demo"), result.err
+    assert "cannot reach the inference service" not in result.err
 
 
 async def test_stats_without_a_ref_lists_every_version_run_in_a_table(

@@ -38,7 +38,12 @@ INLINE_LIMIT_BYTES = 4 * MiB
 def _arrays(source: Inputs) -> dict[str, np.ndarray[Any, Any]]:
     if isinstance(source, Mapping):
         return {name: np.asarray(value) for name, value in source.items()}
-    with np.load(Path(source), allow_pickle=False) as archive:
+    loaded = np.load(Path(source), allow_pickle=False)
+    if isinstance(loaded, np.ndarray):
+        raise ValueError(
+            f"{source} holds one array, not a .npz archive of named inputs: pass a mapping of names to arrays"
+        )
+    with loaded as archive:
         return {name: archive[name] for name in archive.files}
 
 

@@ -391,18 +391,58 @@ def _read_inputs(specs: Sequence[str]) -> dict[str, np.ndarray[Any, Any]]:
     for spec in specs:
         name, sep, file = spec.partition("=")
         if not sep:
-            path = Path(spec)
-            if path.suffix != ".npz":
-                raise UsageError(f"--input takes NAME=FILE.npy or FILE.npz, not {spec!r}")
-            with np.load(path, allow_pickle=False) as archive:
-                inputs.update({key: archive[key] for key in archive.files})
+            inputs.update(_read_archive(Path(spec), spec))
             continue
-        if not name:
+        if not name or not file:
             raise UsageError(f"--input takes NAME=FILE.npy, not {spec!r}")
-        inputs[name] = np.load(Path(file), allow_pickle=False)
+        loaded = _load(Path(file))
+        if not isinstance(loaded, np.ndarray):
+            loaded.close()
+            raise UsageError(f"{file} is a .npz archive of several arrays: give it as --input {file}, without NAME=")
+        inputs[name] = loaded
     if not inputs:
         raise UsageError("give at least one --input NAME=FILE.npy")
     return inputs
+
+
+def _read_archive(path: Path, spec: str) -> dict[str, np.ndarray[Any, Any]]:
+    if path.suffix != ".npz":
+        raise UsageError(f"--input takes NAME=FILE.npy or FILE.npz, not {spec!r}")
+    loaded = _load(path)
+    if isinstance(loaded, np.ndarray):
+        raise UsageError(f"{path} holds one array, not a .npz archive: give it as --input NAME={path}")
+    with loaded as archive:
+        return {key: archive[key] for key in archive.files}
+
+
+def _load(path: Path) -> Any:
+    """What ``np.load`` reads from an input file (an array, or an open .npz archive); a UsageError if it cannot."""
+    if not path.is_file():
+        raise UsageError(f"{path}: no such file")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise UsageError(f"{path} is not a .npy or .npz file that numpy reads without pickle: {exc}") from None
+
+
+def _storable(name: str, array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """`array` as a .npy file holds it without pickle, so that ``np.load`` and ``--input`` read it back.
+
+    A string output (an object array of bytes) becomes a ``str`` array when every element is UTF-8 text, else a
+    ``bytes`` array. numpy drops trailing NUL characters from both kinds, so an element ending in one is refused.
+    """
+    if array.dtype != object:
+        return array
+    elements = [bytes(element) if not isinstance(element, str) else element.encode() for element in array.flat]
+    if any(element.endswith(b"\0") for element in elements):
+        raise UsageError(
+            f"output {name!r} has strings ending in NUL bytes, which a .npy file cannot hold without pickle; "
+            "read it with the Python SDK instead of --out"
+        )
+    try:
+        return np.array([element.decode() for element in elements], dtype=str).reshape(array.shape)
+    except UnicodeDecodeError:
+        return np.array(elements, dtype=bytes).reshape(array.shape)
 
 
 def cmd_predict(ctx: Context) -> int:
@@ -451,7 +491,7 @@ def _report_prediction(prediction: Prediction, out_dir: Path | None, out: TextIO
         line = f"  {name}: {array.dtype}{list(array.shape)}"
         if out_dir is not None:
             path = out_dir / f"{name}.npy"
-            np.save(path, array, allow_pickle=array.dtype == object)
+            np.save(path, _storable(name, array), allow_pickle=False)
             line += f" -> {path}"
         elif array.size <= 20:
             line += f" = {np.array2string(array, separator=', ')}"
@@ -602,7 +642,8 @@ def cmd_jobs_result(ctx: Context) -> int:
     out = Path(ctx.args.out)
     with ctx.jobs() as jobs:
         outputs = jobs.get_job(ctx.args.id).result(timeout=ctx.args.wait_timeout)
-    np.savez(out, **outputs)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
+    storable = {name: _storable(name, array) for name, array in outputs.items()}
+    np.savez(out, **storable)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
     summary = ", ".join(f"{name} {a.dtype}{list(a.shape)}" for name, a in outputs.items())
     print(f"wrote {summary} to {out}", file=ctx.out)
     return 0
@@ -789,7 +830,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _error_line(exc: ModelForgeError, ctx: Context | None) -> str:
-    if isinstance(exc, UnavailableError) and ctx is not None and ctx.service is not None:
+    # UNAVAILABLE without a reason is the transport's: the service was not reached. With one, the service answered.
+    if isinstance(exc, UnavailableError) and not exc.reason and ctx is not None and ctx.service is not None:
         service = ctx.service
         where = ctx.target(service)
         return (
