@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import re
 
 import numpy as np
 import pytest
@@ -266,6 +267,65 @@ def test_without_verify_the_request_skips_sha256_and_the_assembler_checks_only_s
     assert not default.skip_sha256
 
 
+def _header(*outputs: inference_pb2.StreamedOutput) -> inference_pb2.PredictStreamResponse:
+    return inference_pb2.PredictStreamResponse(header=inference_pb2.PredictStreamHeader(outputs=outputs))
+
+
+_F32 = tensor_pb2.DATA_TYPE_FLOAT32
+_STR = tensor_pb2.DATA_TYPE_STRING
+
+
+@pytest.mark.parametrize(
+    ("outputs", "message"),
+    [
+        ([inference_pb2.StreamedOutput(name="y", dtype=_F32, shape=[3, 4], byte_size=40)], "with 40 bytes, not 48"),
+        ([inference_pb2.StreamedOutput(name="y", dtype=_F32, shape=[-1], byte_size=0)], "with shape [-1]"),
+        ([inference_pb2.StreamedOutput(name="y", dtype=0, shape=[1], byte_size=4)], "announced output 'y' with"),
+        ([inference_pb2.StreamedOutput(name="s", dtype=_STR, shape=[2], byte_size=3)], "with 3 elements, not 2"),
+        (
+            [inference_pb2.StreamedOutput(name="y", dtype=_F32, shape=[1], byte_size=4)] * 2,
+            "announced output 'y' twice",
+        ),
+    ],
+)
+def test_stream_assembler_refuses_a_header_whose_outputs_do_not_add_up(
+    outputs: list[inference_pb2.StreamedOutput], message: str
+) -> None:
+    with pytest.raises(modelforge.IntegrityError, match=re.escape(message)):
+        _convert.StreamAssembler().accept(_header(*outputs))
+
+
+def test_stream_assembler_refuses_chunks_of_the_wrong_kind_and_anything_after_the_trailer() -> None:
+    strings = _convert.StreamAssembler()
+    strings.accept(_header(inference_pb2.StreamedOutput(name="s", dtype=_STR, shape=[1], byte_size=1)))
+    with pytest.raises(modelforge.IntegrityError, match="a STRING output's chunk carries raw bytes"):
+        strings.accept(
+            inference_pb2.PredictStreamResponse(chunk=inference_pb2.PredictStreamChunk(output="s", data=b"ab"))
+        )
+    with pytest.raises(modelforge.IntegrityError, match="more elements than the 1 announced"):
+        strings.accept(
+            inference_pb2.PredictStreamResponse(
+                chunk=inference_pb2.PredictStreamChunk(output="s", string_data=[b"a", b"b"])
+            )
+        )
+    numbers = _convert.StreamAssembler()
+    numbers.accept(_header(inference_pb2.StreamedOutput(name="y", dtype=_F32, shape=[1], byte_size=4)))
+    with pytest.raises(modelforge.IntegrityError, match="a numeric output's chunk carries string elements"):
+        numbers.accept(
+            inference_pb2.PredictStreamResponse(chunk=inference_pb2.PredictStreamChunk(output="y", string_data=[b"a"]))
+        )
+
+    array = np.arange(4, dtype=np.float32)
+    late = _convert.StreamAssembler()
+    messages = _stream(array, 8)
+    for message in messages:
+        late.accept(message)
+    for extra in (messages[1], messages[-1]):  # a chunk, and a second trailer
+        with pytest.raises(modelforge.IntegrityError, match="after its trailer"):
+            late.accept(extra)
+    np.testing.assert_array_equal(late.finish().outputs["image"], array)
+
+
 def test_predict_request_encodes_inputs_as_raw_bytes() -> None:
     x = np.arange(6, dtype=np.float32).reshape(2, 3)
     request = _convert.predict_request(
@@ -277,3 +337,14 @@ def test_predict_request_encodes_inputs_as_raw_bytes() -> None:
     assert request.cache_mode == inference_pb2.CACHE_MODE_BYPASS
     with pytest.raises(ValueError, match="non-empty mapping"):
         _convert.predict_request("mlp", {}, outputs=None, priority=0, queue_timeout=None, cache=None)
+
+
+def test_predict_request_refuses_a_string_for_outputs_and_a_queue_timeout_that_would_mean_none() -> None:
+    x = {"x": np.zeros((1, 4), np.float32)}
+    with pytest.raises(TypeError, match=re.escape("outputs takes a list of output names, e.g. ['scores']")):
+        _convert.predict_request("mlp", x, outputs="scores", priority=0, queue_timeout=None, cache=None)  # type: ignore[arg-type]
+    for zero in (0, 0.0, 1e-7, -1.0):
+        with pytest.raises(ValueError, match="queue_timeout must be at least a microsecond"):
+            _convert.predict_request("mlp", x, outputs=None, priority=0, queue_timeout=zero, cache=None)
+    request = _convert.predict_request("mlp", x, outputs=("y",), priority=0, queue_timeout=1e-6, cache=None)
+    assert (list(request.output_names), request.timeout.nanos) == (["y"], 1000)

@@ -8,6 +8,7 @@ it, and converts the answer here. The stateful pieces (:class:`UploadPlan`, :cla
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -378,6 +379,12 @@ def _inference_fields(
         raise ValueError("inputs must be a non-empty mapping of input name to array, e.g. {'input': array}")
     if cache not in _CACHE_MODES:
         raise ValueError(f"cache must be 'use', 'bypass', 'refresh' or None, not {cache!r}")
+    if isinstance(outputs, str):  # a str is a sequence of one-letter names
+        raise TypeError(f"outputs takes a list of output names, e.g. [{outputs!r}], not a string")
+    if queue_timeout is not None and not queue_timeout >= 1e-6:  # a zero Duration means "no timeout" on the wire
+        raise ValueError(
+            f"queue_timeout must be at least a microsecond (None for the model's default), not {queue_timeout!r}"
+        )
     fields: dict[str, Any] = {
         "ref": ref_proto(ref),
         "inputs": [tensors.to_tensor(value, name) for name, value in inputs.items()],
@@ -451,6 +458,8 @@ class StreamAssembler:
 
     def accept(self, message: inference_pb2.PredictStreamResponse) -> None:
         which = message.WhichOneof("content")
+        if self._trailer is not None:
+            raise IntegrityError(f"the prediction stream sent a {which or 'message'} after its trailer")
         if which == "header":
             self._on_header(message.header)
         elif which == "chunk":
@@ -467,6 +476,9 @@ class StreamAssembler:
             raise IntegrityError("the prediction stream sent a second header; the server is misbehaving")
         self._header = header
         for spec in header.outputs:
+            _check_announced(spec)
+            if spec.name in self._outputs:
+                raise IntegrityError(f"the prediction stream announced output {spec.name!r} twice")
             is_string = spec.dtype == tensor_pb2.DATA_TYPE_STRING
             self._outputs[spec.name] = _Output(spec, [] if is_string else bytearray(spec.byte_size))
             self._total += spec.byte_size
@@ -483,9 +495,15 @@ class StreamAssembler:
                 "the stream is out of order"
             )
         if isinstance(out.buffer, list):
+            if chunk.data:
+                raise IntegrityError(f"output {chunk.output!r}: a STRING output's chunk carries raw bytes")
+            if out.filled + len(chunk.string_data) > out.spec.byte_size:
+                raise IntegrityError(f"output {chunk.output!r}: more elements than the {out.spec.byte_size} announced")
             out.buffer.extend(chunk.string_data)
             step = len(chunk.string_data)
         else:
+            if chunk.string_data:
+                raise IntegrityError(f"output {chunk.output!r}: a numeric output's chunk carries string elements")
             step = len(chunk.data)
             if out.filled + step > out.spec.byte_size:
                 raise IntegrityError(f"output {chunk.output!r}: more bytes than the {out.spec.byte_size} announced")
@@ -519,6 +537,25 @@ class StreamAssembler:
             sha256=header.sha256,
             timings=timings(self._trailer.timings),
             cache_hit=header.cache_hit,
+        )
+
+
+def _check_announced(spec: inference_pb2.StreamedOutput) -> None:
+    """Raises IntegrityError unless an announced output's dtype is known and its size follows from its shape."""
+    try:
+        dtype = tensors.to_numpy_dtype(spec.dtype)
+    except ValueError as exc:
+        raise IntegrityError(f"the prediction stream announced output {spec.name!r} with {exc}") from None
+    if any(dim < 0 for dim in spec.shape):
+        raise IntegrityError(f"the prediction stream announced output {spec.name!r} with shape {list(spec.shape)}")
+    elements = math.prod(spec.shape)
+    strings = spec.dtype == tensor_pb2.DATA_TYPE_STRING
+    expected = elements if strings else elements * dtype.itemsize
+    if spec.byte_size != expected:
+        unit = "elements" if strings else "bytes"
+        raise IntegrityError(
+            f"the prediction stream announced output {spec.name!r} of shape {list(spec.shape)} with "
+            f"{spec.byte_size} {unit}, not {expected}"
         )
 
 

@@ -241,7 +241,8 @@ class Prediction:
     """The outputs of one prediction, with the version that produced them.
 
     Attributes:
-        outputs: Output name to array, in the model's output order.
+        outputs: Output name to array, in the order the outputs were asked for, or in the model's output order
+            when none were named.
         model: The model name.
         version: The version that ran, after resolving the reference.
         sha256: That version's file sha256.
@@ -257,7 +258,7 @@ class Prediction:
     cache_hit: bool = False
 
     def outputs_dict(self) -> dict[str, np.ndarray[Any, Any]]:
-        """The outputs as a new dict (name to array, in the model's output order)."""
+        """The outputs as a new dict, in the order of ``outputs``."""
         return dict(self.outputs)
 
 

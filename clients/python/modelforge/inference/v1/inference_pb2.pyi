@@ -180,7 +180,8 @@ class PredictRequest(_message.Message):
     @_builtins.property
     def timeout(self) -> _duration_pb2.Duration:
         """Optional. How long the request may wait in the batch queue before it fails with DEADLINE_EXCEEDED; it
-        can only shorten the model's default queue timeout. The call's gRPC deadline also applies.
+        can only shorten the model's default queue timeout. Zero, like unset, leaves the model's default. The
+        call's gRPC deadline also applies.
         """
 
     def __init__(
@@ -223,7 +224,7 @@ class PredictResponse(_message.Message):
     """True when the prediction cache answered."""
     @_builtins.property
     def outputs(self) -> _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]:
-        """The outputs, in the model's output order."""
+        """The outputs, in the order of the request's output_names, or in the model's output order when it named none."""
 
     @_builtins.property
     def timings(self) -> Global___Timings:
