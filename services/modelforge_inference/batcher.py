@@ -133,6 +133,7 @@ class _Run:
     """A batch handed to a compute thread: its requests (each with its sharers) and what stops it."""
 
     requests: list[_Pending]
+    loop: asyncio.AbstractEventLoop
     abort: Abort = field(default_factory=Abort)
 
 
@@ -246,48 +247,66 @@ class Batcher:
         if self._closed:
             raise ModelUnloading(self.model, self.version)
         loop = asyncio.get_running_loop()
-        if share is not None and (running := self._sharing.get(share)) is not None:
-            return await self._share_run(running)  # nothing is queued: it waits for a run already under way
-        now = loop.time()
-        if expires_at is not None and expires_at <= now:
+        if expires_at is not None and expires_at <= loop.time():
             raise QueueTimeout(self.model, self.version, 0.0)
+        if share is not None and (running := self._sharing.get(share)) is not None:
+            # Nothing is queued: it waits for a run already under way, within its own deadline.
+            return await self._share_run(running, self.level_of(priority), expires_at)
         if self._queues.size >= self.config.max_queue_size:
             raise QueueFull(self.model, self.version, self._queues.size)
         if self._queues.size == 0 and self._runs_inline() and request_bytes(feeds) <= INLINE_MAX_BYTES:
             # Nobody waits ahead of it and the run takes microseconds: run it now, in the caller's task, instead of
             # handing it to the scheduler task and back.
             return self._run_now(feeds, into)
-        future: asyncio.Future[BatchResult] = loop.create_future()
         pending = _Pending(
             feeds=feeds,
             rows=batch_rows(feeds),
             key=batch_key(feeds) if self._merging else None,
             level=self.level_of(priority),
             enqueued=time.perf_counter(),
-            future=future,
+            future=loop.create_future(),
             expires_at=expires_at,
             share=share,
             into=into,
         )
-        self._queues.levels[pending.level].append(pending)
-        self._queues.size += 1
-        if share is not None:
-            self._waiting.setdefault(share, []).append(pending)
-        if expires_at is not None:
-            pending.timer = loop.call_at(expires_at, self._expire, pending)
-        future.add_done_callback(functools.partial(self._abandon, pending))
-        self._arrived.set()
-        return await future
+        pending.future.add_done_callback(functools.partial(self._abandon, pending))
+        self._enqueue(pending)
+        return await pending.future
 
-    async def _share_run(self, running: _Pending) -> BatchResult:
-        future: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
-        sharer = _Pending(running.feeds, running.rows, None, running.level, time.perf_counter(), future, queued=False)
-        sharer.run = running.run
+    async def _share_run(self, running: _Pending, level: int, expires_at: float | None) -> BatchResult:
+        sharer = _Pending(
+            feeds=running.feeds,
+            rows=running.rows,
+            key=running.key,
+            level=level,
+            enqueued=time.perf_counter(),
+            future=asyncio.get_running_loop().create_future(),
+            expires_at=expires_at,
+            queued=False,
+            share=running.share,
+            run=running.run,
+        )
         self._add_sharer(running, sharer)
-        future.add_done_callback(functools.partial(self._abandon, sharer))
-        return await future
+        sharer.future.add_done_callback(functools.partial(self._abandon, sharer))
+        return await sharer.future
 
     # -- queue bookkeeping -----------------------------------------------------------------------------------
+
+    def _enqueue(self, pending: _Pending) -> None:
+        """Queues a request on its level in arrival order (a request put back may have arrived before others)."""
+        level = self._queues.levels[pending.level]
+        if level and level[-1].enqueued > pending.enqueued:
+            level.insert(next(i for i, queued in enumerate(level) if queued.enqueued > pending.enqueued), pending)
+        else:
+            level.append(pending)
+        pending.queued = True
+        pending.run = None
+        self._queues.size += 1
+        if pending.share is not None:
+            self._waiting.setdefault(pending.share, []).append(pending)
+        if pending.expires_at is not None:
+            pending.timer = asyncio.get_running_loop().call_at(pending.expires_at, self._expire, pending)
+        self._arrived.set()
 
     def _remove(self, pending: _Pending) -> None:
         if pending.queued:
@@ -479,7 +498,7 @@ class Batcher:
             live = self._live(batch)
             if not live:
                 return
-            run = _Run(live)
+            run = _Run(live, loop)
             for pending in live:
                 for request in _with_sharers(pending):
                     request.run = run
@@ -490,15 +509,42 @@ class Batcher:
                 ran, outcomes, started, late = live, [exc] * len(live), handed, []
             if run.abort.is_set():  # stopped: every caller has gone, and its outcome (a failure) is nobody's
                 return
-            for request in late:  # first, so that a late request's run is reported by one still waiting for it
-                if not request.future.done():
-                    waited = max(0.0, started - request.enqueued)
-                    request.future.set_exception(QueueTimeout(self.model, self.version, waited))
+            self._time_out(late, started)  # first, so that a run is reported by a request still waiting for it
             if ran:
                 self._settle(ran, outcomes, started, time.perf_counter() - started)
+            self._requeue_joiners(run, ran)
         finally:
             self._unshare(batch)  # after answering, with no await between: no sharer can arrive unanswered
             self._slots.release()
+
+    def _time_out(self, late: Sequence[_Pending], started: float) -> None:
+        for request in late:
+            if not request.future.done():
+                waited = max(0.0, started - request.enqueued)
+                request.future.set_exception(QueueTimeout(self.model, self.version, waited))
+
+    def _on_late(self, run: _Run, late: list[_Pending], started: float) -> None:
+        """On the loop, as soon as a compute thread found requests of `run` late: they get QueueTimeout now, and
+        the run stops if they were all that some request of it still had waiting."""
+        self._time_out(late, started)
+        if not run.abort.is_set() and not any(_waiting(request) for request in run.requests):
+            self._unshare(run.requests)
+            run.abort.set()
+
+    def _requeue_joiners(self, run: _Run, ran: list[_Pending]) -> None:
+        """Queues again the identical requests that joined a request of `run` after the compute thread had left it
+        out (its caller gone or its deadline passed): no run answers them."""
+        for pending in run.requests:
+            if pending in ran:
+                continue
+            for sharer in pending.sharers or ():
+                if sharer.future.done():
+                    continue
+                if self._closed:
+                    sharer.future.set_exception(ModelUnloading(self.model, self.version))
+                else:
+                    self._enqueue(sharer)
+            pending.sharers = None
 
     def _on_thread(self, run: _Run) -> tuple[list[_Pending], list[Outcome], float, list[_Pending]]:
         """Runs a batch on a compute thread. Returns the requests that ran with their outcomes, when the run
@@ -517,6 +563,8 @@ class Batcher:
             if request.expires_at is not None and now >= request.expires_at and not request.future.done()
         ]
         ran = [pending for pending in run.requests if _awaited(pending, now)]
+        if late and ran:
+            run.loop.call_soon_threadsafe(self._on_late, run, late, started)
         outcomes = self._timed([p.feeds for p in ran], [p.into for p in ran], run.abort) if ran else []
         return ran, outcomes, started, late
 

@@ -560,7 +560,7 @@ class InferenceEngine:
             executor=self._compute,
             concurrency=self._threads,
             on_execution=counters.executed,
-            inline_below=_INLINE_RUN_SECONDS,
+            inline_below=_INLINE_RUN_SECONDS if session.cpu_only else 0.0,
         )
         slot.batcher.start()
         slot.state = ModelState.READY
@@ -693,7 +693,8 @@ class InferenceEngine:
             raise ModelNotLoaded(str(ref))
         drains = [self._begin_unload(slot, UnloadReason.REQUESTED) for slot in slots]
         snapshots = [slot.snapshot() for slot in slots]
-        await asyncio.gather(*drains)
+        # Shielded: a caller that leaves stops waiting for the drains, not the drains (the sessions would stay).
+        await asyncio.shield(asyncio.gather(*drains))
         return snapshots
 
     def stream_meter(self, prediction: Prediction) -> Callable[[float], None]:

@@ -117,6 +117,9 @@ class ModelSession:
         # Every run names these outputs, so ONNX Runtime never computes the others (a ZipMap's list of dicts).
         self.output_names = [output.name for output in outputs]
         self._run_options = run_options()  # shared by the runs that no one stops
+        # Whether every node runs on the CPU: a run elsewhere may spend its time waiting for a device, off the
+        # thread's CPU clock that decides whether a version's runs are tiny enough for the event loop.
+        self.cpu_only = self.session.get_providers() == [_CPU]
         # Whether a run (the warmup included) has completed: until one has, a failure may be the model's own.
         self.proven = False
         inputs = self.session.get_inputs()

@@ -613,3 +613,92 @@ def test_a_lone_request_waits_the_whole_sub_millisecond_batching_delay_on_uvloop
     waits = asyncio.Runner(loop_factory=uvloop.new_event_loop).run(main())
     assert all(w >= 0.0006 for w in waits), waits
     assert not _whole_milliseconds(waits), waits
+
+
+async def merging_behind_a_busy_version(
+    pool: ThreadPoolExecutor, execute: Execute
+) -> tuple[Recorder, asyncio.Future[BatchResult], Batcher]:
+    """A version whose batches wait for the pool's only thread, which another version's first run holds until its
+    recorder's gate opens; and that batcher, merging up to 8 rows, taking a batch once it has 2."""
+    other, _, first = await busy(pool)
+    return other, first, make(pool, execute, max_batch_size=8, max_queue_delay_us=100_000, preferred_batch_sizes=(2,))
+
+
+@pytest.mark.parametrize("left_by", ["cancel", "deadline"])
+async def test_an_identical_request_joining_a_request_left_out_of_its_run_is_queued_again(pool, left_by):
+    recorder = Recorder()
+    other, first, batcher = await merging_behind_a_busy_version(pool, recorder)
+    loop = asyncio.get_running_loop()
+    expires_at = loop.time() + 0.05 if left_by == "deadline" else None
+    left = asyncio.ensure_future(batcher.submit(feeds(4), share="k", expires_at=expires_at))
+    kept = asyncio.ensure_future(batcher.submit(feeds(5)))
+    await asyncio.sleep(0.1)  # the two are merged and handed over; they wait for the thread (and a deadline passes)
+    assert (batcher.queued, batcher.running) == (0, 1)
+    if left_by == "cancel":
+        left.cancel()
+
+    other.gate.set()
+    await first
+    await wait_started(recorder)  # the run under way holds `kept` alone: `left` was left out
+    joiner = asyncio.ensure_future(batcher.submit(feeds(4), share="k"))  # identical to `left`: joins its run
+    await asyncio.sleep(0.01)
+    recorder.gate.set()
+
+    assert float((await kept).outputs["y"][0, 0]) == 10.0
+    with pytest.raises(asyncio.CancelledError if left_by == "cancel" else QueueTimeout):
+        await left
+    async with asyncio.timeout(5):  # no run answered it: it was queued again, and ran on its own
+        assert float((await joiner).outputs["y"][0, 0]) == 8.0
+    assert recorder.batches == [[5.0], [4.0]]
+
+
+async def test_an_identical_request_joining_a_run_keeps_its_own_deadline(pool):
+    recorder = Recorder()
+    recorder.gate.set()
+    other, _, first = await busy(pool)
+    batcher = make(pool, recorder, max_batch_size=0)  # a request is taken, and shared, as soon as it arrives
+    loop = asyncio.get_running_loop()
+    owner = asyncio.ensure_future(batcher.submit(feeds(4), share="k", expires_at=loop.time() + 0.05))
+    await asyncio.sleep(0.01)  # taken from the queue: the run waits for the thread
+    joiner = asyncio.ensure_future(batcher.submit(feeds(4), share="k", expires_at=loop.time() + 0.05))
+    with pytest.raises(QueueTimeout):  # past its deadline already: refused at once, not joined
+        await batcher.submit(feeds(4), share="k", expires_at=loop.time() - 1)
+    await asyncio.sleep(0.2)  # both deadlines pass before any thread takes the run up
+
+    other.gate.set()
+    await first
+    for request in (owner, joiner):
+        with pytest.raises(QueueTimeout):
+            await request
+    assert recorder.batches == []  # the model never ran for requests all past their deadline
+
+
+async def test_a_run_stops_when_its_last_caller_leaves_and_only_late_requests_remain(pool):
+    aborts: list[Abort] = []
+    started = threading.Event()
+
+    def execute(batch: Sequence[Feeds], into: Sequence[Into], abort: Abort | None) -> list[Outcome]:
+        assert abort is not None
+        aborts.append(abort)
+        stopped = threading.Event()
+        abort.on_abort(stopped.set)
+        started.set()
+        stopped.wait(10)  # a long run that ends early when stopped
+        return [{"y": f["x"] * 2} for f in batch]
+
+    other, first, batcher = await merging_behind_a_busy_version(pool, execute)
+    loop = asyncio.get_running_loop()
+    late = asyncio.ensure_future(batcher.submit(feeds(4), expires_at=loop.time() + 0.05))
+    last = asyncio.ensure_future(batcher.submit(feeds(5)))
+    await asyncio.sleep(0.1)  # `late`'s deadline passes while the merged batch waits for the thread
+    other.gate.set()
+    await first
+    await asyncio.to_thread(started.wait, 10)  # the run, for `last` alone, is under way
+    with pytest.raises(QueueTimeout):
+        await late  # answered as soon as the thread left it out, not after the run
+    assert not aborts[0].is_set()
+
+    last.cancel()
+    async with asyncio.timeout(5):
+        while not aborts[0].is_set():
+            await asyncio.sleep(0.005)

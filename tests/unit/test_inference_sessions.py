@@ -195,6 +195,16 @@ def test_the_session_runs_on_the_cpu_when_its_provider_is_missing(
     np.testing.assert_array_equal(out["y"], np.ones((1, 4), np.float32))
 
 
+@pytest.mark.skipif("AzureExecutionProvider" not in AVAILABLE, reason="needs a second provider in this build")
+def test_a_session_is_cpu_only_unless_another_provider_takes_part(tmp_path: Path) -> None:
+    # Only a CPU-only version may run on the event loop: a device's run can wait off the thread's CPU clock.
+    path = write_model(build_add_one(), tmp_path / "model.onnx")
+    assert ModelSession(path, _config({})).cpu_only
+    other = ModelSession(path, _config({"modelforge.io/execution-providers": f"AzureExecutionProvider,{CPU}"}))
+    assert other.session.get_providers() == ["AzureExecutionProvider", CPU]
+    assert not other.cpu_only
+
+
 def test_available_providers_keep_their_configured_order_once_each_and_end_with_the_cpu() -> None:
     backwards = tuple(reversed(AVAILABLE))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 
 import grpc
@@ -149,6 +150,23 @@ async def test_unload_waits_for_requests_in_flight(start_inference: StartInferen
         assert outputs(result)["y"].shape == (4096, 512)
         response = await unload
         assert [(m.model, m.version) for m in response.unloaded_models] == [("slow", 1)]
+        await wait_loaded(running, [])
+
+
+async def test_an_unload_whose_caller_leaves_still_drains_and_releases_the_version(
+    start_inference: StartInference,
+) -> None:
+    async with start_inference(compute_threads=1) as running:
+        blocker, unload = await unloading_under_a_request(running, SLOWER)
+
+        unload.cancel()  # the UnloadModel caller goes away (a deadline, a disconnect)
+        with contextlib.suppress(asyncio.CancelledError):
+            await unload
+
+        # The drain goes on without it: the version is listed UNLOADING until its request finishes, then goes.
+        listed = await loaded(running)
+        assert blocker.done() or listed == [("slow", 1, pb.LOADED_MODEL_STATE_UNLOADING)], listed
+        assert outputs(await blocker)["y"].shape == (4096, 512)
         await wait_loaded(running, [])
 
 
