@@ -59,6 +59,7 @@ from modelforge_inference.errors import (
     QueueFull,
 )
 from modelforge_inference.metrics import InferenceMetrics, Rejection, UnloadReason, VersionInstruments
+from modelforge_inference.registry_client import RegistryNotFound
 from modelforge_inference.sessions import (
     INPUT_ERRORS,
     ModelSession,
@@ -73,7 +74,7 @@ from modelforge_inference.sessions import (
 from modelforge_inference.settings import InferenceSettings
 from modelforge_inference.signature import batch_rows, check_inputs, check_outputs, output_views, request_bytes
 from modelforge_server import telemetry
-from modelforge_server.errors import DeadlineExceeded, InvalidArgument, NotFound, ServiceError
+from modelforge_server.errors import DeadlineExceeded, InvalidArgument, NotFound, ServiceError, Unavailable
 from modelforge_server.metrics import Metrics
 
 __all__ = ["InferenceEngine"]
@@ -729,17 +730,34 @@ class InferenceEngine:
 
     async def statistics(self, ref: ModelRef | None = None) -> list[ModelStatistics]:
         """Counters per version: all versions, every version of ref.name (no selector), or the one ref names (a
-        version number counted here is answered without asking the registry, which may have deleted it)."""
+        version number counted here is answered without asking the registry, which may have deleted it).
+
+        Raises:
+            RegistryNotFound: ref.name alone names a model that neither this server has run nor the registry knows.
+        """
         if ref is None:
             keys = sorted(self._counters)
         elif ref.is_latest:
             keys = sorted(key for key in self._counters if key[0] == ref.name)
+            if not keys:
+                await self._check_model_exists(ref)
         elif ref.version is not None and (ref.name, ref.version) in self._counters:
             keys = [(ref.name, ref.version)]
         else:
             model = await self._resolve(ref, None)
             keys = [model.key]
         return [self._statistics_of(*key) for key in keys]
+
+    async def _check_model_exists(self, ref: ModelRef) -> None:
+        """Raises RegistryNotFound when the registry knows no model ref.name; a model without a READY version
+        exists, and an unreachable registry cannot tell, so neither raises."""
+        try:
+            await self._resolve(ref, None)
+        except RegistryNotFound as exc:
+            if exc.reason == "MODEL_NOT_FOUND":
+                raise
+        except (Unavailable, DeadlineExceeded):
+            pass
 
     async def describe(self, ref: ModelRef) -> tuple[ResolvedModel, ServingConfig]:
         """The version `ref` resolves to and how it is served (batching, cache, session), without loading it."""

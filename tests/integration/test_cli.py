@@ -309,6 +309,11 @@ async def test_stats_without_a_ref_lists_every_version_run_in_a_table(
     ]
     assert as_json["cache_status"] == "OK"
 
+    # A model never run shows an empty table; a name the registry does not know is an error, not an empty table.
+    assert (await cli("stats", "idle", *addresses)).code == 0
+    missing = await cli("stats", "ghost", *addresses)
+    assert missing.code == 1 and "'ghost'" in missing.err, missing.err
+
 
 class _Terminal(io.StringIO):
     def isatty(self) -> bool:

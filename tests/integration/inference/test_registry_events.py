@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from pathlib import Path
 
+import grpc
 import pytest
 
 from modelforge.inference.v1 import inference_pb2 as pb
@@ -17,6 +18,7 @@ from tests.fixtures.onnx_models import ModelFile
 from tests.fixtures.servers import RunningRegistry, registry_settings_for, running_registry
 from tests.integration.inference.conftest import (
     RunningInference,
+    error_reason,
     inference_settings_for,
     predict_request,
     ref,
@@ -74,6 +76,20 @@ async def test_a_deleted_version_keeps_its_statistics_by_number(inference: Runni
     # Counted here, so answered here: the registry, which no longer knows the version, is not asked.
     response = await inference.stub.GetModelStatistics(pb.GetModelStatisticsRequest(ref=ref("gone", version=1)))
     assert [(s.model, s.version, s.request_count) for s in response.model_statistics] == [("gone", 1, 1)]
+
+
+async def test_statistics_by_name_are_empty_for_a_model_never_run_and_not_found_for_one_the_registry_lacks(
+    inference: RunningInference, add_one: ModelFile
+):
+    await upload(inference, "idle", add_one)
+    response = await inference.stub.GetModelStatistics(pb.GetModelStatisticsRequest(ref=ref("idle")))
+    assert list(response.model_statistics) == []
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await inference.stub.GetModelStatistics(pb.GetModelStatisticsRequest(ref=ref("ghost")))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert error_reason(caught.value) == "MODEL_NOT_FOUND"
+    assert "ghost" in (caught.value.details() or "")
 
 
 @pytest.fixture

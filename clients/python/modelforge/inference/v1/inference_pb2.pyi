@@ -832,7 +832,8 @@ class GetModelStatisticsRequest(_message.Message):
     @_builtins.property
     def ref(self) -> _registry_pb2.ModelRef:
         """Optional. One model version; when unset, every version this server has run. A reference with a name
-        only selects every version of that model.
+        only selects every version of that model this server has run: none for a model it has not run yet, and
+        NOT_FOUND (reason MODEL_NOT_FOUND) when the registry has no model of that name either.
         """
 
     def __init__(
