@@ -505,8 +505,9 @@ class Batcher:
             handed = time.perf_counter()
             try:
                 ran, outcomes, started, late = await loop.run_in_executor(self._executor, self._on_thread, run)
-            except Exception as exc:  # the executor itself failed; every request of the batch shares the error
-                ran, outcomes, started, late = live, [exc] * len(live), handed, []
+            except Exception as exc:  # the executor refused the batch: nothing ran, and every request shares the error
+                self._settle(live, [exc] * len(live), handed, 0.0, executed=False)
+                return
             if run.abort.is_set():  # stopped: every caller has gone, and its outcome (a failure) is nobody's
                 return
             self._time_out(late, started)  # first, so that a run is reported by a request still waiting for it
@@ -568,9 +569,11 @@ class Batcher:
         outcomes = self._timed([p.feeds for p in ran], [p.into for p in ran], run.abort) if ran else []
         return ran, outcomes, started, late
 
-    def _settle(self, live: list[_Pending], outcomes: list[Outcome], started: float, compute: float) -> None:
+    def _settle(
+        self, live: list[_Pending], outcomes: list[Outcome], started: float, compute: float, *, executed: bool = True
+    ) -> None:
         rows = sum(pending.rows or 1 for pending in live)
-        if self._on_execution is not None:
+        if executed and self._on_execution is not None:
             self._on_execution(rows, len(live), compute)
         for pending, outcome in zip(live, outcomes, strict=True):
             # The request whose run it was reports the outputs as its own (and so stores them in the prediction

@@ -702,3 +702,17 @@ async def test_a_run_stops_when_its_last_caller_leaves_and_only_late_requests_re
     async with asyncio.timeout(5):
         while not aborts[0].is_set():
             await asyncio.sleep(0.005)
+
+
+async def test_a_batch_the_executor_refuses_fails_its_callers_and_counts_no_execution():
+    executions: list[int] = []
+    executor = ThreadPoolExecutor(1)
+    executor.shutdown()
+    batcher = make(executor, Recorder(), max_batch_size=2, on_execution=lambda rows, _, __: executions.append(rows))
+    try:
+        with pytest.raises(RuntimeError, match="shutdown"):
+            await asyncio.wait_for(batcher.submit(feeds(1.0)), 5)
+        assert executions == []
+        assert batcher.queued == 0
+    finally:
+        await batcher.aclose()
