@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _PARTIAL = ".part"
+_EVICTED = ".evicted"
 
 
 class ModelFileTooLarge(errors.ResourceExhausted):
@@ -80,9 +81,25 @@ def _finish(file: BinaryIO, partial: Path, final: Path) -> None:
 
 
 def _discard(file: BinaryIO | None, partial: Path) -> None:
-    if file is not None:
-        file.close()
-    partial.unlink(missing_ok=True)
+    """Removes a download that will not be kept. Closing may fail the way the write before it did (a full disk
+    cannot take the buffered rest either); the file goes all the same."""
+    try:
+        if file is not None:
+            with contextlib.suppress(OSError):
+                file.close()
+    finally:
+        try:
+            partial.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("could not remove the partial download %s: %s", partial, exc)
+
+
+def _unlink(paths: list[Path]) -> None:
+    for path in paths:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:  # renamed out of the cache already: the next start removes it
+            log.warning("could not delete the evicted model file %s: %s", path, exc)
 
 
 class ModelFileCache:
@@ -160,7 +177,10 @@ class ModelFileCache:
                 if sha256 in self._files:
                     self._files.move_to_end(sha256)  # its use ends now: it is the most recently used
                 if self.used_bytes + self._reserved > self._max_bytes:
-                    await self._make_room(keep=sha256)  # back within the bound now that others may go
+                    try:
+                        await self._make_room(keep=sha256)  # back within the bound now that others may go
+                    except OSError as exc:  # the caller's file is there all the same; the next download tries again
+                        log.warning("could not evict model files from %s: %s", self._directory, exc)
 
     async def _ensure(self, model: ResolvedModel) -> Path:
         sha256 = model.sha256
@@ -195,7 +215,10 @@ class ModelFileCache:
 
     async def _fetch(self, model: ResolvedModel) -> Path:
         size = model.size_bytes
-        await self._make_room()
+        try:
+            await self._make_room()
+        except OSError as exc:
+            raise ModelFileCacheFailed(model, self._directory, exc) from exc
         final = self._directory / model.sha256
         partial = self._directory / f".{model.sha256}.{secrets.token_hex(4)}{_PARTIAL}"
         digest = hashlib.sha256()
@@ -215,7 +238,7 @@ class ModelFileCache:
                 raise ModelFileCorrupt(model, f"the bytes hash to {digest.hexdigest()}, not {model.sha256}")
             await asyncio.to_thread(_finish, file, partial, final)
         except BaseException as exc:
-            await asyncio.shield(asyncio.to_thread(_discard, file, partial))
+            await asyncio.shield(asyncio.to_thread(_discard, file, partial))  # never raises
             if isinstance(exc, OSError):
                 raise ModelFileCacheFailed(model, self._directory, exc) from exc
             raise
@@ -224,9 +247,18 @@ class ModelFileCache:
         return final
 
     async def _make_room(self, keep: str = "") -> None:
-        """Deletes least recently used, unpinned files until the downloads in progress fit (or nothing can go).
+        """Evicts least recently used, unpinned files until the downloads in progress fit (or nothing can go).
 
-        keep: a file not to delete, the one whose path a caller is about to get."""
+        Each victim is renamed out of its sha256 name here, on the loop and before any await, and deleted on a
+        thread after: a download of the same file that starts meanwhile writes a new file under that name, which
+        the deletion cannot reach. (Renaming is a metadata change; freeing a large file's blocks is what takes
+        time.)
+
+        keep: a file not to delete, the one whose path a caller is about to get.
+
+        Raises:
+            OSError: a victim could not be renamed; it stays, and is counted, as do the files after it.
+        """
         excess = self.used_bytes + self._reserved - self._max_bytes
         victims: list[str] = []
         for sha256, size in self._files.items():
@@ -236,26 +268,28 @@ class ModelFileCache:
                 continue
             victims.append(sha256)
             excess -= size
-        for sha256 in victims:
-            del self._files[sha256]
-        if victims:
-            await asyncio.to_thread(self._delete, victims)
+        doomed: list[Path] = []
+        try:
+            for sha256 in victims:
+                evicted = self._directory / f".{sha256}.{secrets.token_hex(4)}{_EVICTED}"
+                with contextlib.suppress(FileNotFoundError):  # gone already: nothing left to delete
+                    os.replace(self._directory / sha256, evicted)
+                    doomed.append(evicted)
+                del self._files[sha256]
+                log.info("evicted model file %s from %s", sha256, self._directory)
+        finally:
+            if doomed:
+                await asyncio.shield(asyncio.to_thread(_unlink, doomed))
         if excess > 0:
             log.warning(
                 "model file cache over its %d bytes by %d: the remaining files are in use", self._max_bytes, excess
             )
 
-    def _delete(self, victims: list[str]) -> None:
-        for sha256 in victims:
-            with contextlib.suppress(FileNotFoundError):
-                (self._directory / sha256).unlink()
-            log.info("evicted model file %s from %s", sha256, self._directory)
-
     def _scan(self) -> None:
         self._directory.mkdir(parents=True, exist_ok=True)
         found: list[tuple[float, str, int]] = []
         for entry in os.scandir(self._directory):
-            if entry.name.endswith(_PARTIAL):
+            if entry.name.endswith((_PARTIAL, _EVICTED)):  # an interrupted download or eviction
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry.path)
             elif _SHA256.fullmatch(entry.name) and entry.is_file():
@@ -266,5 +300,6 @@ class ModelFileCache:
         excess = self.used_bytes - self._max_bytes
         while excess > 0 and self._files:
             sha256, size = self._files.popitem(last=False)
-            self._delete([sha256])
+            _unlink([self._directory / sha256])
+            log.info("evicted model file %s from %s", sha256, self._directory)
             excess -= size

@@ -6,16 +6,20 @@ import asyncio
 import dataclasses
 import hashlib
 import os
+import resource
+import signal
 from pathlib import Path
 
 import grpc
 import pytest
 
 from modelforge.registry.v1 import registry_pb2_grpc
+from modelforge_inference import files
 from modelforge_inference.domain import ResolvedModel
-from modelforge_inference.files import ModelFileCache, ModelFileCorrupt, ModelFileTooLarge
+from modelforge_inference.files import ModelFileCache, ModelFileCacheFailed, ModelFileCorrupt, ModelFileTooLarge
 from modelforge_inference.registry_client import RegistryNotFound, resolved_model
 from modelforge_server import status
+from tests.fixtures.onnx_models import build_mlp, model_bytes
 from tests.fixtures.servers import upload_model as upload
 from tests.integration.inference import test_resolver as harness
 from tests.integration.inference.test_resolver import Registry, add_one_bytes
@@ -159,3 +163,85 @@ async def test_an_unknown_version_is_not_found(admin, stub, tmp_path: Path) -> N
         await cache.path_for(dataclasses.replace(model, version=9))
     assert status.code_for(caught.value) == grpc.StatusCode.NOT_FOUND
     assert entries(tmp_path / "models") == set()
+
+
+def bytes_on_disk(directory: Path) -> int:
+    return sum(entry.stat().st_size for entry in directory.iterdir())
+
+
+async def test_a_full_disk_is_unavailable_and_leaves_no_partial_file(admin, stub, tmp_path: Path) -> None:
+    model = resolved_model(await upload(admin, "mlp", model_bytes(build_mlp())))
+    limit = 100_000  # a file may not grow past this: writes fail as on a full disk (EFBIG rather than ENOSPC)
+    assert model.size_bytes > 2 * limit
+    cache = ModelFileCache(stub, tmp_path / "models", max_bytes=1 << 20)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an error from write(), rather than the signal
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        with pytest.raises(ModelFileCacheFailed) as caught:
+            await cache.path_for(model)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    assert status.code_for(caught.value) == grpc.StatusCode.UNAVAILABLE
+    assert caught.value.reason == "MODEL_FILE_CACHE_FAILED"
+    assert "check the disk" in str(caught.value)
+    assert entries(tmp_path / "models") == set()  # the partial file went
+    assert cache.used_bytes == 0
+
+    assert (await cache.path_for(model)).read_bytes() == model_bytes(build_mlp())  # the disk has room again
+
+
+async def test_a_file_downloaded_again_while_its_eviction_runs_stays(
+    admin, stub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b, c = await add_versions(admin, 4, 5, 6)
+    directory = tmp_path / "models"
+    cache = ModelFileCache(stub, directory, max_bytes=a.size_bytes + b.size_bytes + c.size_bytes - 1)
+    await cache.path_for(a)
+    await cache.path_for(b)
+    deleting, finish = asyncio.Event(), asyncio.Event()
+    loop = asyncio.get_running_loop()
+    unlink = files._unlink
+
+    def slow_unlink(paths: list[Path]) -> None:  # freeing a large file's blocks takes a while
+        loop.call_soon_threadsafe(deleting.set)
+        asyncio.run_coroutine_threadsafe(finish.wait(), loop).result(10)
+        unlink(paths)
+
+    monkeypatch.setattr(files, "_unlink", slow_unlink)
+    evicting = asyncio.ensure_future(cache.path_for(c))  # evicts a, the least recently used
+    await asyncio.wait_for(deleting.wait(), 10)
+    assert a.sha256 not in cache
+    monkeypatch.setattr(files, "_unlink", unlink)
+    path = await cache.path_for(a)  # wanted again while its old file is being deleted: downloaded again
+    finish.set()
+    await evicting
+
+    assert path.read_bytes() == add_one_bytes(4)
+    assert {a.sha256, c.sha256} <= entries(directory)
+    assert cache.used_bytes == bytes_on_disk(directory)
+
+
+async def test_an_eviction_the_disk_refuses_is_unavailable_and_keeps_the_count_true(
+    admin, stub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b, c = await add_versions(admin, 4, 5, 6)
+    directory = tmp_path / "models"
+    cache = ModelFileCache(stub, directory, max_bytes=a.size_bytes + b.size_bytes + c.size_bytes - 1)
+    await cache.path_for(a)
+    await cache.path_for(b)
+    replace = os.replace
+
+    def refuse_a(source: Path, target: Path) -> None:  # as a read-only or failing disk would
+        if Path(source).name == a.sha256:
+            raise PermissionError(13, "Permission denied", str(source))
+        replace(source, target)
+
+    monkeypatch.setattr(files.os, "replace", refuse_a)
+    with pytest.raises(ModelFileCacheFailed) as caught:
+        await cache.path_for(c)
+    assert status.code_for(caught.value) == grpc.StatusCode.UNAVAILABLE
+    assert "Permission denied" in str(caught.value)
+    assert cache.files() == [a.sha256, b.sha256]
+    assert cache.used_bytes == bytes_on_disk(directory)
