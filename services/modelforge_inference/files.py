@@ -111,10 +111,18 @@ class ModelFileCache:
             verified), leftovers of interrupted downloads are removed. This scan runs in the constructor, once,
             before serving.
         max_bytes: The most bytes of files kept (pinned files aside).
+        stall_seconds: The longest a download waits for the registry's next message before it fails.
     """
 
-    def __init__(self, registry: registry_pb2_grpc.RegistryServiceStub, directory: Path, max_bytes: int) -> None:
-        self._registry = RegistryClient(registry)
+    def __init__(
+        self,
+        registry: registry_pb2_grpc.RegistryServiceStub,
+        directory: Path,
+        max_bytes: int,
+        *,
+        stall_seconds: float = 10.0,
+    ) -> None:
+        self._registry = RegistryClient(registry, call_timeout=stall_seconds)
         self._directory = Path(directory)
         self._max_bytes = max_bytes
         self._files: collections.OrderedDict[str, int] = collections.OrderedDict()  # sha256 -> size, LRU first

@@ -17,6 +17,7 @@ Nothing else in the inference service catches ``grpc.RpcError`` from the registr
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import enum
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
@@ -256,7 +257,12 @@ class RegistryClient:
 
     async def download(self, model: ResolvedModel) -> AsyncGenerator[bytes, None]:
         """The file of ``model``, chunk by chunk. Checks that the registry sends that very version and sha256;
-        the caller checks the bytes. Closing the generator early cancels the call."""
+        the caller checks the bytes. Closing the generator early cancels the call.
+
+        A download may take as long as its size needs, but the registry must send its next message within the
+        call timeout: a registry that stalls (a blob store that hangs while the connection stays up) fails the
+        download with RegistryUnavailable instead of holding its version LOADING for good.
+        """
         what = f"send the file of {model.name}:{model.version}"
         request = registry_pb2.DownloadModelVersionRequest(
             ref=registry_pb2.ModelRef(name=model.name, version=model.version)
@@ -265,7 +271,15 @@ class RegistryClient:
         try:
             with translated(what):
                 first = True
-                async for message in call:
+                while True:
+                    try:
+                        message = await asyncio.wait_for(call.read(), self._call_timeout)
+                    except TimeoutError:
+                        raise RegistryUnavailable(
+                            what, f"it sent nothing for {self._call_timeout:g} s in the middle of the file"
+                        ) from None
+                    if message is grpc.aio.EOF:
+                        break
                     if first:
                         first = False
                         if message.WhichOneof("content") != "model_version":

@@ -17,7 +17,7 @@ from modelforge.registry.v1 import registry_pb2_grpc
 from modelforge_inference import files
 from modelforge_inference.domain import ResolvedModel
 from modelforge_inference.files import ModelFileCache, ModelFileCacheFailed, ModelFileCorrupt, ModelFileTooLarge
-from modelforge_inference.registry_client import RegistryNotFound, resolved_model
+from modelforge_inference.registry_client import RegistryNotFound, RegistryUnavailable, resolved_model
 from modelforge_server import status
 from tests.fixtures.onnx_models import build_mlp, model_bytes
 from tests.fixtures.servers import upload_model as upload
@@ -245,3 +245,31 @@ async def test_an_eviction_the_disk_refuses_is_unavailable_and_keeps_the_count_t
     assert "Permission denied" in str(caught.value)
     assert cache.files() == [a.sha256, b.sha256]
     assert cache.used_bytes == bytes_on_disk(directory)
+
+
+class _StallAfterHeader(grpc.aio.UnaryStreamClientInterceptor):
+    """Passes a download's first message (the version header) through, then holds the rest back, as a registry
+    whose blob store hangs while its connection stays up would."""
+
+    async def intercept_unary_stream(self, continuation, client_call_details, request):
+        call = await continuation(client_call_details, request)
+
+        async def stalled():
+            yield await call.read()
+            await asyncio.sleep(3600)
+
+        return stalled()
+
+
+async def test_a_download_that_stalls_is_unavailable_after_the_call_timeout(
+    admin, restartable_registry: Registry, tmp_path: Path
+) -> None:
+    [model] = await add_versions(admin, 4)
+    async with grpc.aio.insecure_channel(restartable_registry.address, interceptors=[_StallAfterHeader()]) as channel:
+        stalling = registry_pb2_grpc.RegistryServiceStub(channel)
+        cache = ModelFileCache(stalling, tmp_path / "models", 1 << 20, stall_seconds=0.2)
+        with pytest.raises(RegistryUnavailable) as caught:
+            await asyncio.wait_for(cache.path_for(model), 30)
+    assert status.code_for(caught.value) == grpc.StatusCode.UNAVAILABLE
+    assert "sent nothing for 0.2 s" in str(caught.value)
+    assert entries(tmp_path / "models") == set()
