@@ -128,17 +128,13 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(  # type: ignore[override]
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse | bytes]:
-        # Requests run concurrently, so that a client streaming many of them fills the batcher; responses go
-        # out as they complete and clients match them by `id`. A failed request is answered in-band. At most
+        # Requests run concurrently, so that a client streaming many of them fills the batcher; the answers go
+        # out in the order of their requests, as Triton sends them for models that are not decoupled (clients
+        # that set no `id` pair answers with requests by order). A failed request is answered in-band. At most
         # stream_max_in_flight requests run or wait to be sent; past that the stream stops reading.
-        done: asyncio.Queue[pb.ModelStreamInferResponse | bytes | None] = asyncio.Queue()
+        answers: asyncio.Queue[asyncio.Task[pb.ModelStreamInferResponse | bytes] | None] = asyncio.Queue()
         running: set[asyncio.Task[pb.ModelStreamInferResponse | bytes]] = set()
         room = asyncio.Semaphore(self._stream_max_in_flight)
-
-        def answered(task: asyncio.Task[pb.ModelStreamInferResponse | bytes]) -> None:
-            running.discard(task)
-            if not task.cancelled():  # _stream_answer answers every error in-band
-                done.put_nowait(task.result())
 
         async def read() -> None:
             try:
@@ -146,16 +142,15 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                     await room.acquire()
                     task = asyncio.create_task(self._stream_answer(request, context))
                     running.add(task)
-                    task.add_done_callback(answered)
-                while running:
-                    await asyncio.gather(*running, return_exceptions=True)
+                    task.add_done_callback(running.discard)
+                    answers.put_nowait(task)
             finally:
-                await done.put(None)
+                answers.put_nowait(None)
 
         reader = asyncio.create_task(read())
         try:
-            while (response := await done.get()) is not None:
-                yield response
+            while (task := await answers.get()) is not None:
+                yield await task  # _stream_answer answers every error in-band
                 room.release()  # sent: its place goes to the next request
             await reader  # surfaces a broken request stream
         finally:

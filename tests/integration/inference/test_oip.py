@@ -438,6 +438,31 @@ async def test_stream_answers_every_request_and_reports_failures_in_band(v2: V2,
         np.testing.assert_allclose(outputs_of(answer.infer_response)["output"], expected, rtol=1e-6)
 
 
+async def test_stream_answers_in_the_order_of_the_requests_though_a_later_one_finishes_first(
+    start_inference: StartInference, mlp: ModelFile
+) -> None:
+    async with start_inference(compute_threads=2) as running:  # the quick request need not wait for a thread
+        v2 = V2(running)
+        await upload(running, "slow", SLOW)
+        await v2.publish("mlp", mlp)
+        for name in ("slow", "mlp"):
+            await v2.stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name=name))
+
+        async def requests() -> AsyncIterator[pb.ModelInferRequest]:  # no ids: the client pairs answers by order
+            yield infer_request("slow", BLOCKER)
+            await wait_in_flight(running, "slow", 1)
+            yield infer_request("mlp", mlp.sample(1))
+
+        answers = [answer async for answer in v2.stub.ModelStreamInfer(requests())]
+        assert [a.error_message for a in answers] == ["", ""]
+        assert [a.infer_response.model_name for a in answers] == ["slow", "mlp"]
+        finished = {}
+        for name in ("slow", "mlp"):
+            (stats,) = (await v2.stub.ModelStatistics(pb.ModelStatisticsRequest(name=name))).model_stats
+            finished[name] = stats.last_inference
+        assert finished["mlp"] < finished["slow"]  # the second request's run ended first; its answer waited
+
+
 async def test_stream_keeps_going_after_a_bad_input(v2: V2, mlp: ModelFile) -> None:
     await v2.publish("mlp", mlp)
     bad = infer_request("mlp", mlp.sample(1), id="bad")
