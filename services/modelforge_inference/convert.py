@@ -17,6 +17,7 @@ from modelforge.inference.v1 import inference_pb2 as pb
 from modelforge.registry.v1 import registry_pb2
 from modelforge_inference import wire
 from modelforge_inference.domain import (
+    BFLOAT16_BITS,
     CacheMode,
     LoadedModel,
     ModelRef,
@@ -83,9 +84,10 @@ def inputs(messages: Sequence[tensor_pb2.Tensor]) -> dict[str, np.ndarray]:
         if name in decoded:
             raise InvalidInput(name, "given twice; send each input once")
         try:
-            decoded[name] = tensors.to_numpy(message)
+            array = tensors.to_numpy(message)
         except ValueError as exc:
             raise InvalidInput(name, str(exc).removeprefix(f"tensor {name!r}: ")) from None
+        decoded[name] = array.view(BFLOAT16_BITS) if message.dtype == tensor_pb2.DATA_TYPE_BFLOAT16 else array
     return decoded
 
 

@@ -33,6 +33,15 @@ __all__ = [
 
 DYNAMIC = -1  # a dimension whose size is chosen per request
 BFLOAT16 = "tensor(bfloat16)"  # ONNX Runtime's type string of the one dtype numpy has no name for
+# bfloat16 travels as uint16 bit patterns. The request decoders give an input declared bfloat16 (DATA_TYPE_BFLOAT16,
+# V2 BF16) this dtype: equal to uint16 in every comparison, it tells a uint16 input to refuse the array.
+BFLOAT16_BITS = np.dtype("<u2", metadata={"modelforge.declared": "bfloat16"})
+
+
+def declared_bfloat16(array: np.ndarray[Any, Any]) -> bool:
+    """Whether a request declared this array bfloat16 (its dtype is BFLOAT16_BITS)."""
+    metadata = array.dtype.metadata
+    return metadata is not None and metadata.get("modelforge.declared") == "bfloat16"
 
 
 @dataclass(frozen=True, slots=True)

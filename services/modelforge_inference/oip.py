@@ -191,7 +191,10 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelUnloadResponse:
-        await self._engine.unload(convert.repository_model_ref(request.model_name))
+        ref = convert.repository_model_ref(request.model_name)
+        # As in Triton, unloading a model that is not loaded (or not known) succeeds and changes nothing.
+        with contextlib.suppress(NotFound):
+            await self._engine.unload(ref)
         return pb.RepositoryModelUnloadResponse()
 
     async def SystemSharedMemoryStatus(

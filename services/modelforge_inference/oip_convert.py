@@ -36,6 +36,7 @@ from modelforge.oip.v2 import grpc_service_pb2 as pb
 from modelforge.oip.v2 import model_config_pb2 as config_pb
 from modelforge_inference import wire
 from modelforge_inference.domain import (
+    BFLOAT16_BITS,
     LoadedModel,
     ModelState,
     ModelStatistics,
@@ -111,7 +112,7 @@ _TYPED: dict[str, tuple[np.dtype[Any], str | None]] = {
     "UINT32": (np.dtype("<u4"), "uint_contents"),
     "UINT64": (np.dtype("<u8"), "uint64_contents"),
     "FP16": (np.dtype("<f2"), None),
-    "BF16": (np.dtype("<u2"), None),
+    "BF16": (BFLOAT16_BITS, None),
     "FP32": (np.dtype("<f4"), "fp32_contents"),
     "FP64": (np.dtype("<f8"), "fp64_contents"),
     "BYTES": (np.dtype(object), "bytes_contents"),
@@ -685,7 +686,8 @@ def _ms_since_epoch(when: datetime | None) -> int:
 
 def model_statistics(stats: ModelStatistics) -> pb.ModelStatistics:
     """One model version's counters in the V2 shape; durations the engine does not split are 0."""
-    succeeded = stats.requests  # requests answered successfully
+    succeeded = stats.requests  # requests answered successfully, from the prediction cache or by a run
+    computed = max(0, succeeded - stats.cache_hits)  # as in Triton, the compute counts leave cache hits out
     duration = pb.StatisticDuration
     return pb.ModelStatistics(
         name=stats.name,
@@ -697,9 +699,9 @@ def model_statistics(stats: ModelStatistics) -> pb.ModelStatistics:
             success=duration(count=succeeded, ns=_ns(stats.total_seconds)),
             fail=duration(count=stats.failures),
             queue=duration(count=succeeded, ns=_ns(stats.queue_seconds)),
-            compute_input=duration(count=succeeded),
-            compute_infer=duration(count=succeeded, ns=_ns(stats.compute_seconds)),
-            compute_output=duration(count=succeeded),
+            compute_input=duration(count=computed),
+            compute_infer=duration(count=computed, ns=_ns(stats.compute_seconds)),
+            compute_output=duration(count=computed),
             cache_hit=duration(count=stats.cache_hits),
             cache_miss=duration(count=stats.cache_misses),
         ),

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from modelforge import tensors
-from modelforge_inference.domain import BFLOAT16, DYNAMIC, Signature, TensorSpec
+from modelforge_inference.domain import BFLOAT16, DYNAMIC, Signature, TensorSpec, declared_bfloat16
 from modelforge_inference.errors import InvalidInput, NonTensorOutput, RequestTooLarge, UnknownOutput
 
 _OBJECT = np.dtype(object)
@@ -27,6 +27,8 @@ def dtype_name(spec: TensorSpec) -> str:
 
 
 def _array_dtype_name(array: np.ndarray[Any, Any]) -> str:
+    if declared_bfloat16(array):
+        return "bfloat16"
     return "string" if array.dtype.kind in "OSU" else str(array.dtype)
 
 
@@ -78,7 +80,7 @@ def check_tensor(spec: TensorSpec, array: np.ndarray[Any, Any]) -> np.ndarray[An
             array = tensors.to_text(array, spec.name)  # ONNX Runtime takes str elements, not bytes
         except ValueError as exc:
             raise InvalidInput(spec.name, str(exc).removeprefix(f"tensor {spec.name!r}: ")) from None
-    elif array.dtype != spec.dtype:
+    elif array.dtype != spec.dtype or (declared_bfloat16(array) and spec.ort_type != BFLOAT16):
         raise InvalidInput(
             spec.name, f"expected dtype {dtype_name(spec)}, got {_array_dtype_name(array)}; declared {describe(spec)}"
         )

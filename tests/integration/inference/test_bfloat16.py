@@ -3,6 +3,7 @@ bfloat16, on a graph built here that returns its input unchanged and cast to flo
 
 from __future__ import annotations
 
+import grpc
 import numpy as np
 import onnx
 import pytest
@@ -12,6 +13,7 @@ from modelforge import tensors
 from modelforge.common.v1 import tensor_pb2
 from modelforge.inference.v1 import inference_pb2 as pb
 from modelforge.oip.v2 import grpc_service_pb2 as oip_pb
+from tests.fixtures.onnx_models import build_identity, model_bytes
 from tests.integration.inference.conftest import RunningInference, upload
 
 VALUES = np.array([[1.0, -2.5, 0.15625], [32768.0, -0.0, 7.0]], dtype=np.float32)
@@ -81,3 +83,26 @@ async def test_v2_infer_takes_and_returns_bf16(inference: RunningInference):
     np.testing.assert_array_equal(np.frombuffer(response.raw_output_contents[0], "<u2").reshape(2, 3), BITS)
     assert (wide.name, wide.datatype) == ("wide", "FP32")
     np.testing.assert_array_equal(np.frombuffer(response.raw_output_contents[1], "<f4").reshape(2, 3), VALUES)
+
+
+async def test_a_uint16_input_refuses_bfloat16_through_both_apis(inference: RunningInference):
+    await upload(inference, "u16", model_bytes(build_identity(TensorProto.UINT16)))
+    bits = np.zeros((1, 4), np.uint16)
+    predict = pb.PredictRequest(ref={"name": "u16"}, inputs=[tensors.to_tensor(bits, "x", dtype=BF16)])
+    infer = oip_pb.ModelInferRequest(
+        model_name="u16",
+        inputs=[oip_pb.ModelInferRequest.InferInputTensor(name="x", datatype="BF16", shape=[1, 4])],
+        raw_input_contents=[bits.tobytes()],
+    )
+
+    for call in (inference.stub.Predict(predict), inference.oip.ModelInfer(infer)):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "expected dtype uint16, got bfloat16" in (caught.value.details() or "")
+
+    # The same bits declared UINT16 are what the input takes.
+    predict.inputs[0].dtype = tensor_pb2.DATA_TYPE_UINT16
+    infer.inputs[0].datatype = "UINT16"
+    assert list((await inference.stub.Predict(predict)).outputs[0].shape) == [1, 4]
+    assert list((await inference.oip.ModelInfer(infer)).outputs[0].shape) == [1, 4]

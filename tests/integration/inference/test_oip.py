@@ -549,6 +549,17 @@ async def test_repository_index_lists_the_registry_models_with_their_loaded_stat
     assert [(m.name, m.version) for m in ready.models] == [("loaded", "1"), ("loaded", "2")]
 
 
+async def test_repository_unload_of_a_model_not_loaded_succeeds_and_changes_nothing(v2: V2, mlp: ModelFile) -> None:
+    await v2.publish("mlp", mlp)
+    for name in ("mlp", "mlp", "no-such-model"):  # never loaded, the same again, and a model the registry lacks
+        await v2.stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name=name))
+    assert not (await v2.stub.RepositoryIndex(pb.RepositoryIndexRequest(ready=True))).models
+    await assert_status(
+        v2.stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="not a name")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+
+
 async def test_repository_load_of_unknown_model_is_not_found(v2: V2) -> None:
     await assert_status(
         v2.stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="no-such-model")),
@@ -572,6 +583,25 @@ async def test_statistics_count_requests_per_version(v2: V2, mlp: ModelFile) -> 
     assert entry.last_inference > 0
     everything = await v2.stub.ModelStatistics(pb.ModelStatisticsRequest())
     assert [s.name for s in everything.model_stats] == ["mlp"]
+
+
+async def test_statistics_leave_cache_hits_out_of_the_compute_counts(v2: V2, mlp: ModelFile) -> None:
+    await v2.publish("mlp", mlp, **{"modelforge.io/cache": "true"})
+    request = infer_request("mlp", mlp.sample(1))
+
+    async def stats() -> pb.InferStatistics:
+        (entry,) = (await v2.stub.ModelStatistics(pb.ModelStatisticsRequest(name="mlp"))).model_stats
+        return entry.inference_stats
+
+    await v2.stub.ModelInfer(request)  # a miss: runs, and stores its answer
+    async with asyncio.timeout(30):
+        while (await stats()).cache_hit.count == 0:  # until the entry is stored and a repeat hits it
+            await v2.stub.ModelInfer(request)
+    inference = await stats()
+    assert inference.cache_hit.count >= 1
+    for computed in (inference.compute_input, inference.compute_infer, inference.compute_output):
+        assert computed.count == inference.success.count - inference.cache_hit.count == inference.cache_miss.count
+    assert inference.queue.count == inference.success.count
 
 
 async def test_statistics_count_every_row_of_a_request_run_alone(v2: V2, mlp: ModelFile) -> None:

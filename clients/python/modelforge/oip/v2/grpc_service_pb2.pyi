@@ -885,7 +885,7 @@ class InferStatistics(_message.Message):
     CACHE_MISS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def success(self) -> Global___StatisticDuration:
-        """Requests that succeeded, and their end-to-end time."""
+        """Requests that succeeded, and their end-to-end time; cache hits included."""
 
     @_builtins.property
     def fail(self) -> Global___StatisticDuration:
@@ -893,19 +893,19 @@ class InferStatistics(_message.Message):
 
     @_builtins.property
     def queue(self) -> Global___StatisticDuration:
-        """Time requests spent queued."""
+        """Time requests spent queued; cache hits included."""
 
     @_builtins.property
     def compute_input(self) -> Global___StatisticDuration:
-        """Time spent preparing inputs."""
+        """Time spent preparing inputs; requests answered from the prediction cache are not counted."""
 
     @_builtins.property
     def compute_infer(self) -> Global___StatisticDuration:
-        """Time spent running the model."""
+        """Time spent running the model; requests answered from the prediction cache are not counted."""
 
     @_builtins.property
     def compute_output(self) -> Global___StatisticDuration:
-        """Time spent preparing outputs."""
+        """Time spent preparing outputs; requests answered from the prediction cache are not counted."""
 
     @_builtins.property
     def cache_hit(self) -> Global___StatisticDuration:
