@@ -170,6 +170,29 @@ def _payload(array: np.ndarray) -> tuple[str, bytes | memoryview]:
     return label, data.reshape(-1).view(np.uint8).data
 
 
+def _owned(outputs: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+    """outputs, with a copy of each array that is a view keeping a larger buffer alive: a request's rows of a
+    merged run's output would otherwise keep the whole batch's output in memory, uncounted, as long as they do."""
+    if all(_retained_bytes(array) <= array.nbytes for array in outputs.values()):
+        return outputs
+    return {name: array.copy() if _retained_bytes(array) > array.nbytes else array for name, array in outputs.items()}
+
+
+def _retained_bytes(array: np.ndarray) -> int:
+    """The bytes of the buffer that array keeps alive (its own when it owns its data)."""
+    base = array.base
+    while isinstance(base, np.ndarray) and base.base is not None:
+        base = base.base
+    if base is None:
+        return array.nbytes
+    if isinstance(base, np.ndarray):
+        return base.nbytes
+    try:
+        return memoryview(base).nbytes
+    except TypeError:  # a buffer numpy got through an interface memoryview does not take: assume just the array
+        return array.nbytes
+
+
 def _entry_size(outputs: Mapping[str, np.ndarray]) -> int:
     """A lower bound of the encoded size, cheap enough to refuse big entries before encoding them."""
     size = _HEAD.size
@@ -525,6 +548,7 @@ class PredictionCache:
             self._count(key).oversized += 1
             return
         if self._local is not None:
+            outputs = _owned(outputs)  # held for as long as the entry lives: no more than its own rows
             self._local.put(key.digest, outputs, ttl_seconds, size)
         self._writing[key.digest] = outputs
         task = asyncio.ensure_future(self._put(key, outputs, ttl_seconds, max_entry_bytes, self._write_timeout))

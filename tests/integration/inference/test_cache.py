@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -269,3 +271,17 @@ def test_the_local_tier_evicts_the_least_recently_used_and_honours_expiry() -> N
     now[0] += 10
     assert tier.get(b"a") is None  # expired at its deadline
     assert tier.size == 3000
+
+
+async def test_the_in_process_tier_keeps_only_an_entrys_own_rows_of_a_merged_run(client: redis.asyncio.Redis) -> None:
+    async with PredictionCache(client, local_bytes=1 << 20) as cache:
+        batch = np.arange(64 * 256, dtype=np.float32).reshape(64, 256).copy()  # a merged run's output, 64 KiB
+        gone = weakref.ref(batch)
+        cache.put_later(key(), {"y": batch[5:6]}, ttl_seconds=60, max_entry_bytes=1 << 20)  # one caller's row
+        del batch
+        gc.collect()
+        assert gone() is None  # the entry holds a copy of its row, not the batch
+        hit = await cache.get(key())
+        assert hit is not None
+        np.testing.assert_array_equal(hit["y"], np.arange(5 * 256, 6 * 256, dtype=np.float32).reshape(1, 256))
+        await cache.flush()
