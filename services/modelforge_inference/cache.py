@@ -332,6 +332,9 @@ class LocalTier:
         self._entries.clear()
         self._bytes = 0
 
+    def drop(self, digest: bytes) -> None:
+        self._drop(digest)
+
     def _drop(self, digest: bytes) -> None:
         entry = self._entries.pop(digest, None)
         if entry is not None:
@@ -535,32 +538,52 @@ class PredictionCache:
         outputs: Mapping[str, np.ndarray],
         ttl_seconds: float | None,
         max_entry_bytes: int,
+        *,
+        replacing: bool = False,
     ) -> None:
         """Stores outputs as :meth:`put` does, in a background task; returns at once.
 
         Until the write completes, :meth:`get` answers key from memory. Nothing is kept while degraded.
+
+        replacing: the outputs replace what key holds (a refresh): when they are not stored (too large, or the
+        cache degraded), the old entry is removed rather than left to answer until it expires.
         """
-        if self._degraded_reason is not None:
-            self._count(key).skipped += 1
-            return
-        size = _entry_size(outputs)
-        if size > max_entry_bytes:
-            self._count(key).oversized += 1
+        size = 0 if self._degraded_reason is not None else _entry_size(outputs)
+        if self._degraded_reason is not None or size > max_entry_bytes:
+            counts = self._count(key)
+            if self._degraded_reason is not None:
+                counts.skipped += 1
+            else:
+                counts.oversized += 1
+            if replacing:
+                self._forget(key)
             return
         if self._local is not None:
             outputs = _owned(outputs)  # held for as long as the entry lives: no more than its own rows
             self._local.put(key.digest, outputs, ttl_seconds, size)
         self._writing[key.digest] = outputs
-        task = asyncio.ensure_future(self._put(key, outputs, ttl_seconds, max_entry_bytes, self._write_timeout))
+        put = self._put(key, outputs, ttl_seconds, max_entry_bytes, self._write_timeout, replacing=replacing)
+        self._background(put, functools.partial(self._written, key.digest, outputs))
+
+    def _forget(self, key: PredictionKey) -> None:
+        """Drops key from memory now and from Redis in the background (unless degraded: Redis is out of reach)."""
+        if self._local is not None:
+            self._local.drop(key.digest)
+        self._writing.pop(key.digest, None)
+        if self._degraded_reason is None:
+            self._background(self._command(self._redis.delete(self._prefix + key.hex), self._write_timeout))
+
+    def _background(self, work: Awaitable[Any], done: Callable[[asyncio.Future[Any]], object] | None = None) -> None:
+        task = asyncio.ensure_future(work)
         self._writes.add(task)
-        task.add_done_callback(functools.partial(self._written, key.digest, outputs))
+        task.add_done_callback(done or self._writes.discard)
 
     async def flush(self) -> None:
         """Waits for the background writes started so far."""
         if self._writes:
             await asyncio.wait(list(self._writes))
 
-    def _written(self, digest: bytes, outputs: Mapping[str, np.ndarray], task: asyncio.Task[bool]) -> None:
+    def _written(self, digest: bytes, outputs: Mapping[str, np.ndarray], task: asyncio.Future[bool]) -> None:
         self._writes.discard(task)
         if self._writing.get(digest) is outputs:  # a later write of the same key keeps its own
             del self._writing[digest]
@@ -588,6 +611,8 @@ class PredictionCache:
         ttl_seconds: float | None,
         max_entry_bytes: int,
         timeout: float,
+        *,
+        replacing: bool = False,
     ) -> bool:
         counts = self._count(key)
         if self._degraded_reason is not None:
@@ -599,6 +624,10 @@ class PredictionCache:
         value = encode_outputs(outputs)
         if len(value) > max_entry_bytes:
             counts.oversized += 1
+            if replacing:
+                self._forget(key)
+            elif self._local is not None:  # put_later kept it in memory on a lower bound of its size
+                self._local.drop(key.digest)
             return False
         expiry = None if ttl_seconds is None else max(1, round(ttl_seconds * 1000))
         result = await self._command(self._redis.set(self._prefix + key.hex, value, px=expiry), timeout)

@@ -113,7 +113,13 @@ class Cache(Protocol):
     async def get(self, key: Any) -> dict[str, np.ndarray] | None: ...
 
     def put_later(
-        self, key: Any, outputs: Mapping[str, np.ndarray], ttl_seconds: float | None, max_entry_bytes: int
+        self,
+        key: Any,
+        outputs: Mapping[str, np.ndarray],
+        ttl_seconds: float | None,
+        max_entry_bytes: int,
+        *,
+        replacing: bool = False,
     ) -> None: ...
 
     def counts(self, model: str, version: int) -> Any: ...
@@ -376,7 +382,13 @@ class InferenceEngine:
         result = await self._run(model, config, feeds, priority, timeout, deadline, share=key.digest)
         selected = {name: result.outputs[name] for name in names}
         if not result.shared:
-            cache.put_later(key, selected, config.cache.ttl_seconds, config.cache.max_entry_bytes)  # not awaited
+            cache.put_later(  # not awaited
+                key,
+                selected,
+                config.cache.ttl_seconds,
+                config.cache.max_entry_bytes,
+                replacing=mode is CacheMode.REFRESH,
+            )
         return result, selected, False
 
     async def _run(

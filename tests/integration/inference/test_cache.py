@@ -285,3 +285,19 @@ async def test_the_in_process_tier_keeps_only_an_entrys_own_rows_of_a_merged_run
         assert hit is not None
         np.testing.assert_array_equal(hit["y"], np.arange(5 * 256, 6 * 256, dtype=np.float32).reshape(1, 256))
         await cache.flush()
+
+
+async def test_a_refresh_too_large_to_store_removes_the_entry_it_replaces(client: redis.asyncio.Redis) -> None:
+    async with PredictionCache(client, local_bytes=1 << 20) as cache:
+        assert await cache.put(key(), OUTPUTS, ttl_seconds=60, max_entry_bytes=1 << 20)
+        bigger = {"y": np.zeros((2, 4096), np.float32), "label": OUTPUTS["label"]}
+
+        cache.put_later(key(), bigger, ttl_seconds=60, max_entry_bytes=16 * 1024)  # a miss's answer: kept as it was
+        await cache.flush()
+        assert await cache.get(key()) is not None
+
+        cache.put_later(key(), bigger, ttl_seconds=60, max_entry_bytes=16 * 1024, replacing=True)  # a refresh
+        await cache.flush()
+        assert await client.exists("modelforge:pred:" + key().hex) == 0
+        assert await cache.get(key()) is None  # not from memory either
+        assert cache.counts("mlp", 2).oversized == 2

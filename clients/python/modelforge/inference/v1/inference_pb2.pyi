@@ -36,7 +36,9 @@ class _CacheModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CacheMode.V
     CACHE_MODE_BYPASS: _CacheMode.ValueType  # 2
     """Neither read nor write the cache."""
     CACHE_MODE_REFRESH: _CacheMode.ValueType  # 3
-    """Run the model and overwrite the cached result."""
+    """Run the model and overwrite the cached result (or remove it, when the new result is too large to cache or
+    the cache is degraded).
+    """
 
 class CacheMode(_CacheMode, metaclass=_CacheModeEnumTypeWrapper):
     """What a request does with the prediction cache. The cache is used only for model versions that enable it."""
@@ -48,7 +50,9 @@ CACHE_MODE_USE: CacheMode.ValueType  # 1
 CACHE_MODE_BYPASS: CacheMode.ValueType  # 2
 """Neither read nor write the cache."""
 CACHE_MODE_REFRESH: CacheMode.ValueType  # 3
-"""Run the model and overwrite the cached result."""
+"""Run the model and overwrite the cached result (or remove it, when the new result is too large to cache or
+the cache is degraded).
+"""
 Global___CacheMode: _TypeAlias = CacheMode  # noqa: Y015
 
 class _LoadedModelState:
