@@ -64,6 +64,8 @@ class ModelEventType(enum.Enum):
     VERSION_DELETED = registry_pb2.MODEL_EVENT_TYPE_VERSION_DELETED
     ALIAS_SET = registry_pb2.MODEL_EVENT_TYPE_ALIAS_SET
     ALIAS_DELETED = registry_pb2.MODEL_EVENT_TYPE_ALIAS_DELETED
+    # A type newer than this build (a registry upgraded first): some change to the event's model.
+    OTHER = -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,8 +310,8 @@ class RegistryClient:
                     event = message.event
                     try:
                         kind = ModelEventType(event.type)
-                    except ValueError:
-                        continue  # a type newer than this build: nothing here depends on it
+                    except ValueError:  # still a change to event.model: what is cached of it must go
+                        kind = ModelEventType.OTHER
                     yield ModelEvent(kind, event.model, event.version, event.alias)
         finally:
             call.cancel()

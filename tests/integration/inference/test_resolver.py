@@ -375,3 +375,30 @@ def test_registry_statuses_become_domain_errors(
         assert error.reason == "SOME_REASON"
     bare = translate(_rpc_error(code, ""), "resolve m")
     assert isinstance(bare, kind) and str(bare)
+
+
+class _NewerRegistry(registry_pb2_grpc.RegistryServiceServicer):
+    """A registry of a later release, whose watch sends an event type this build does not know."""
+
+    async def WatchModelEvents(self, request, context):
+        yield registry_pb2.WatchModelEventsResponse(
+            event=registry_pb2.ModelEvent(type=registry_pb2.MODEL_EVENT_TYPE_WATCH_STARTED)
+        )
+        yield registry_pb2.WatchModelEventsResponse(event=registry_pb2.ModelEvent(type=99, model="mlp", version=2))
+
+
+async def test_an_event_of_a_type_this_build_does_not_know_still_names_its_model() -> None:
+    server = grpc.aio.server()
+    registry_pb2_grpc.add_RegistryServiceServicer_to_server(_NewerRegistry(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            client = RegistryClient(registry_pb2_grpc.RegistryServiceStub(channel))
+            events = [event async for event in client.watch()]
+    finally:
+        await server.stop(None)
+    assert events == [
+        ModelEvent(ModelEventType.WATCH_STARTED),
+        ModelEvent(ModelEventType.OTHER, "mlp", 2),  # so the resolver drops what it holds of mlp
+    ]
