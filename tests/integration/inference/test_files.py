@@ -165,6 +165,18 @@ async def test_an_unknown_version_is_not_found(admin, stub, tmp_path: Path) -> N
     assert entries(tmp_path / "models") == set()
 
 
+async def holding_two_of_three(
+    admin: registry_pb2_grpc.RegistryServiceStub, stub: registry_pb2_grpc.RegistryServiceStub, directory: Path
+) -> tuple[ModelFileCache, list[ResolvedModel]]:
+    """A cache one byte too small for three versions' files, holding a and b (a the least recently used): c
+    fits only once a goes."""
+    a, b, c = await add_versions(admin, 4, 5, 6)
+    cache = ModelFileCache(stub, directory, max_bytes=a.size_bytes + b.size_bytes + c.size_bytes - 1)
+    await cache.path_for(a)
+    await cache.path_for(b)
+    return cache, [a, b, c]
+
+
 def bytes_on_disk(directory: Path) -> int:
     return sum(entry.stat().st_size for entry in directory.iterdir())
 
@@ -195,11 +207,8 @@ async def test_a_full_disk_is_unavailable_and_leaves_no_partial_file(admin, stub
 async def test_a_file_downloaded_again_while_its_eviction_runs_stays(
     admin, stub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    a, b, c = await add_versions(admin, 4, 5, 6)
     directory = tmp_path / "models"
-    cache = ModelFileCache(stub, directory, max_bytes=a.size_bytes + b.size_bytes + c.size_bytes - 1)
-    await cache.path_for(a)
-    await cache.path_for(b)
+    cache, (a, b, c) = await holding_two_of_three(admin, stub, directory)
     deleting, finish = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
     unlink = files._unlink
@@ -226,11 +235,8 @@ async def test_a_file_downloaded_again_while_its_eviction_runs_stays(
 async def test_an_eviction_the_disk_refuses_is_unavailable_and_keeps_the_count_true(
     admin, stub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    a, b, c = await add_versions(admin, 4, 5, 6)
     directory = tmp_path / "models"
-    cache = ModelFileCache(stub, directory, max_bytes=a.size_bytes + b.size_bytes + c.size_bytes - 1)
-    await cache.path_for(a)
-    await cache.path_for(b)
+    cache, (a, b, c) = await holding_two_of_three(admin, stub, directory)
     replace = os.replace
 
     def refuse_a(source: Path, target: Path) -> None:  # as a read-only or failing disk would
