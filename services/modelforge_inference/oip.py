@@ -149,8 +149,8 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
 
         reader = asyncio.create_task(read())
         try:
-            while (task := await answers.get()) is not None:
-                yield await task  # _stream_answer answers every error in-band
+            while (answer := await answers.get()) is not None:
+                yield await answer  # _stream_answer answers every error in-band
                 room.release()  # sent: its place goes to the next request
             await reader  # surfaces a broken request stream
         finally:
