@@ -313,29 +313,26 @@ class LocalTier:
             return None
         outputs, expires, _ = entry
         if expires is not None and self._clock() >= expires:
-            self._drop(digest)
+            self.drop(digest)
             return None
         self._entries.move_to_end(digest)
         return outputs
 
     def put(self, digest: bytes, outputs: Mapping[str, np.ndarray], ttl_seconds: float | None, size: int) -> None:
-        self._drop(digest)
+        self.drop(digest)
         if ttl_seconds is not None and ttl_seconds <= 0 or size > self.capacity // 4:
             return
         expires = None if ttl_seconds is None else self._clock() + ttl_seconds
         self._entries[digest] = (outputs, expires, size)
         self._bytes += size
         while self._bytes > self.capacity:
-            self._drop(next(iter(self._entries)))
+            self.drop(next(iter(self._entries)))
 
     def clear(self) -> None:
         self._entries.clear()
         self._bytes = 0
 
     def drop(self, digest: bytes) -> None:
-        self._drop(digest)
-
-    def _drop(self, digest: bytes) -> None:
         entry = self._entries.pop(digest, None)
         if entry is not None:
             self._bytes -= entry[2]
@@ -548,15 +545,8 @@ class PredictionCache:
         replacing: the outputs replace what key holds (a refresh): when they are not stored (too large, or the
         cache degraded), the old entry is removed rather than left to answer until it expires.
         """
-        size = 0 if self._degraded_reason is not None else _entry_size(outputs)
-        if self._degraded_reason is not None or size > max_entry_bytes:
-            counts = self._count(key)
-            if self._degraded_reason is not None:
-                counts.skipped += 1
-            else:
-                counts.oversized += 1
-            if replacing:
-                self._forget(key)
+        size = self._admit(key, outputs, max_entry_bytes, replacing=replacing)
+        if size is None:
             return
         if self._local is not None:
             outputs = _owned(outputs)  # held for as long as the entry lives: no more than its own rows
@@ -564,6 +554,22 @@ class PredictionCache:
         self._writing[key.digest] = outputs
         put = self._put(key, outputs, ttl_seconds, max_entry_bytes, self._write_timeout, replacing=replacing)
         self._background(put, functools.partial(self._written, key.digest, outputs))
+
+    def _admit(
+        self, key: PredictionKey, outputs: Mapping[str, np.ndarray], max_entry_bytes: int, *, replacing: bool
+    ) -> int | None:
+        """The entry's size (a lower bound of its encoded size) when it may be stored. None, and counted, when it
+        may not: the cache is degraded, or the entry is too large; then a replaced entry is removed."""
+        counts = self._count(key)
+        if self._degraded_reason is not None:
+            counts.skipped += 1
+        elif (size := _entry_size(outputs)) <= max_entry_bytes:
+            return size
+        else:
+            counts.oversized += 1
+        if replacing:
+            self._forget(key)
+        return None
 
     def _forget(self, key: PredictionKey) -> None:
         """Drops key from memory now and from Redis in the background (unless degraded: Redis is out of reach)."""
@@ -602,6 +608,8 @@ class PredictionCache:
         Entries larger than max_entry_bytes are not written (counted as ``oversized``); nor is anything while
         degraded or when Redis fails.
         """
+        if self._admit(key, outputs, max_entry_bytes, replacing=False) is None:
+            return False
         return await self._put(key, outputs, ttl_seconds, max_entry_bytes, self._timeout)
 
     async def _put(
@@ -614,12 +622,10 @@ class PredictionCache:
         *,
         replacing: bool = False,
     ) -> bool:
+        """Writes an entry _admit took, unless the cache degraded meanwhile (put_later writes in the background)."""
         counts = self._count(key)
         if self._degraded_reason is not None:
             counts.skipped += 1
-            return False
-        if _entry_size(outputs) > max_entry_bytes:
-            counts.oversized += 1
             return False
         value = encode_outputs(outputs)
         if len(value) > max_entry_bytes:
