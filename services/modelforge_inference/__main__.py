@@ -96,7 +96,9 @@ async def build(settings: InferenceSettings, stack: AsyncExitStack) -> app.Serve
         [
             app.Api(
                 SERVICE,
-                InferenceServicer(engine, chunk_bytes=settings.chunk_bytes),
+                InferenceServicer(
+                    engine, chunk_bytes=settings.chunk_bytes, max_message_bytes=settings.max_message_bytes
+                ),
                 add_inference_servicer_to_server,
             ),
             app.Api(
@@ -107,6 +109,7 @@ async def build(settings: InferenceSettings, stack: AsyncExitStack) -> app.Serve
                     engine,
                     ready=lambda: bool(holder) and holder[0].serving,
                     stream_max_in_flight=settings.stream_max_in_flight,
+                    max_message_bytes=settings.max_message_bytes,
                     regions=regions,
                 ),
                 add_oip_servicer_to_server,

@@ -48,6 +48,7 @@ from modelforge_inference.domain import (
     Timings,
 )
 from modelforge_inference.errors import (
+    AnswerTooLarge,
     InvalidPriority,
     InvalidTimeout,
     LoadTimeout,
@@ -72,7 +73,14 @@ from modelforge_inference.sessions import (
     terminate,
 )
 from modelforge_inference.settings import InferenceSettings
-from modelforge_inference.signature import batch_rows, check_inputs, check_outputs, output_views, request_bytes
+from modelforge_inference.signature import (
+    answer_bytes,
+    batch_rows,
+    check_inputs,
+    check_outputs,
+    output_views,
+    request_bytes,
+)
 from modelforge_server import telemetry
 from modelforge_server.errors import DeadlineExceeded, InvalidArgument, NotFound, ServiceError, Unavailable
 from modelforge_server.metrics import Metrics
@@ -283,6 +291,7 @@ class InferenceEngine:
         cache_mode: CacheMode = CacheMode.USE,
         time_remaining: float | None = None,
         into: Mapping[str, memoryview] | None = None,
+        answer_limit: int | None = None,
     ) -> Prediction:
         """Runs the version `ref` resolves to on `inputs` and returns the requested outputs (all when None).
 
@@ -292,9 +301,10 @@ class InferenceEngine:
         wants named outputs in (a client's shared memory); when the prediction runs uncached and every such output's
         shape follows from the signature and fits, ONNX Runtime writes them there and they come back as arrays over
         that memory, named in the prediction's ``placed``. Otherwise it is not touched, and the caller copies the
-        outputs itself.
+        outputs itself. answer_limit: the most bytes the answer message may take (the caller sends the outputs not
+        named in ``into`` in one message); None when the outputs are streamed.
         Raises InvalidArgument kinds for bad inputs, NotFound for unknown refs, ResourceExhausted when the queue
-        is full, DeadlineExceeded when the deadline passes in the queue.
+        is full or the outputs exceed answer_limit, DeadlineExceeded when the deadline passes in the queue.
         """
         began = time.perf_counter()  # for the timings; deadlines are in loop time, where the loop's timers are
         started = asyncio.get_running_loop().time()
@@ -320,6 +330,10 @@ class InferenceEngine:
                 selected, hit = {name: result.outputs[name] for name in names}, False
                 if views:
                     placed = frozenset(name for name, view in views.items() if result.outputs[name] is view)
+            if answer_limit is not None:
+                answered = {name: array for name, array in selected.items() if not into or name not in into}
+                if (size := answer_bytes(model.name, answered)) > answer_limit:
+                    raise AnswerTooLarge(model.name, model.version, size, answer_limit)
         except Exception as exc:
             counters.failures += 1
             if (reason := _rejection(exc)) is not None:

@@ -114,6 +114,24 @@ class ModelRunOutOfMemory(ResourceExhausted):
         )
 
 
+class AnswerTooLarge(ResourceExhausted):
+    """The outputs of a run are too large for one answer message; they can be streamed instead."""
+
+    reason = "RESPONSE_TOO_LARGE"
+
+    def __init__(self, model: str, version: int, size: int, limit: int) -> None:
+        super().__init__(
+            f"the outputs of {model}:{version} take up to {size} bytes, more than the {limit} one answer may carry "
+            "(MODELFORGE_MAX_MESSAGE_BYTES); stream them with PredictStream (`modelforge predict --stream`, "
+            "InferenceClient.predict_stream), have V2 write them to system shared memory, ask for fewer outputs or "
+            "fewer items per request, or raise MODELFORGE_MAX_MESSAGE_BYTES on the server and the client",
+            model=model,
+            version=str(version),
+            size=str(size),
+            limit=str(limit),
+        )
+
+
 class QueueFull(ResourceExhausted):
     reason = "QUEUE_FULL"
 

@@ -62,8 +62,10 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     """Translates Open Inference Protocol RPCs to InferenceEngine calls; holds no logic of its own.
 
     ``ready`` tells ServerReady whether the server takes requests (the composition root passes the
-    server's health, e.g. ``lambda: server.serving``). ``regions`` holds the clients' shared memory
-    regions; by default the server takes none.
+    server's health, e.g. ``lambda: server.serving``). ``max_message_bytes`` is the server's send limit: an
+    answer that would exceed it is refused with RESOURCE_EXHAUSTED (in-band on a stream, which goes on) instead
+    of failing in the transport. ``regions`` holds the clients' shared memory regions; by default the server
+    takes none.
     """
 
     def __init__(
@@ -71,6 +73,7 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         engine: InferenceEngine,
         *,
         ready: Callable[[], bool] = lambda: True,
+        max_message_bytes: int,
         stream_max_in_flight: int = 256,
         regions: SharedMemoryRegions | None = None,
     ) -> None:
@@ -79,6 +82,7 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         self._engine = engine
         self._ready = ready
         self._stream_max_in_flight = stream_max_in_flight
+        self._max_message_bytes = max_message_bytes
         self._regions = regions if regions is not None else SharedMemoryRegions(enabled=False)
         extensions: tuple[str, ...] = convert.EXTENSIONS
         if self._regions.enabled:
@@ -227,6 +231,7 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             timeout=convert.timeout_seconds(request.parameters),
             time_remaining=context.time_remaining(),
             into={name: target.memory for name, target in shared.items()} if shared else None,
+            answer_limit=self._max_message_bytes - len(request.id.encode()),  # the answer echoes the id
         )
         return convert.infer_response_parts(
             model=prediction.model,

@@ -33,12 +33,16 @@ _HASH_SEGMENT_BYTES = 64 << 20
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     """The InferenceService over an InferenceEngine."""
 
-    def __init__(self, engine: InferenceEngine, *, chunk_bytes: int) -> None:
+    def __init__(self, engine: InferenceEngine, *, chunk_bytes: int, max_message_bytes: int) -> None:
         self._engine = engine
         self._chunk_bytes = chunk_bytes
+        self._max_message_bytes = max_message_bytes
 
     async def _predict(
-        self, request: pb.PredictRequest | pb.PredictStreamRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.PredictRequest | pb.PredictStreamRequest,
+        context: grpc.aio.ServicerContext,
+        answer_limit: int | None,
     ) -> Prediction:
         ref = convert.model_ref(request.ref)
         assert ref is not None
@@ -50,16 +54,17 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             timeout=convert.timeout(request),
             cache_mode=convert.cache_mode(request.cache_mode),
             time_remaining=context.time_remaining(),
+            answer_limit=answer_limit,
         )
 
     # Predict and PredictStream answer with pre-serialised messages (see wire.py and add_inference_servicer_to_server).
     async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> bytes:  # type: ignore[override]
-        return convert.predict_response_bytes(await self._predict(request, context))
+        return convert.predict_response_bytes(await self._predict(request, context, self._max_message_bytes))
 
     async def PredictStream(  # type: ignore[override]
         self, request: pb.PredictStreamRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.PredictStreamResponse | bytes]:
-        prediction = await self._predict(request, context)
+        prediction = await self._predict(request, context, None)  # chunks: no output is too large to stream
         yield convert.stream_header(prediction)
         meter = self._engine.stream_meter(prediction)
         hashed = not request.skip_sha256

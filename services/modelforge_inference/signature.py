@@ -16,14 +16,18 @@ _OBJECT = np.dtype(object)
 
 
 def describe(spec: TensorSpec) -> str:
-    """How an input is declared, for messages: "FLOAT32 [-1, 64]"."""
+    """How an input is declared, for messages: "float32 [-1, 64]"."""
     return f"{dtype_name(spec)} {list(spec.shape)}"
 
 
 def dtype_name(spec: TensorSpec) -> str:
-    if spec.ort_type.startswith("tensor(") and spec.ort_type.endswith(")"):
-        return spec.ort_type[7:-1]
-    return "string" if spec.is_string else str(spec.dtype)
+    """The element type in numpy's words ("float32", "int64"), which is also what the SDK's `models show` prints;
+    "string" and "bfloat16" for the types numpy lacks."""
+    if spec.is_string:
+        return "string"
+    if spec.ort_type == BFLOAT16:
+        return "bfloat16"
+    return str(spec.dtype)
 
 
 def _array_dtype_name(array: np.ndarray[Any, Any]) -> str:
@@ -38,6 +42,32 @@ def request_bytes(inputs: Mapping[str, np.ndarray[Any, Any]]) -> int:
     for array in inputs.values():
         if array.dtype == _OBJECT:
             total += sum(len(item) for item in array.reshape(-1).tolist() if isinstance(item, bytes | str))
+        else:
+            total += array.nbytes
+    return total
+
+
+# What one answer message spends on an output besides its data (name, datatype, shape and the fields' framing) is
+# at most this plus the name and _DIM_BYTES per dimension; the answer's own fields (model, version, sha256, timings)
+# at most _ANSWER_HEAD_BYTES plus the model's name.
+_OUTPUT_FRAMING_BYTES = 64
+_DIM_BYTES = 11
+_ANSWER_HEAD_BYTES = 1024
+# An element of a string output costs its bytes and at most this in framing (a 4-byte length prefix in V2's BYTES,
+# a key and a varint length in string_data).
+_ELEMENT_FRAMING_BYTES = 6
+
+
+def answer_bytes(model: str, outputs: Mapping[str, np.ndarray[Any, Any]]) -> int:
+    """An upper bound on the size of one answer message of either API carrying ``outputs`` of ``model``."""
+    total = _ANSWER_HEAD_BYTES + len(model.encode())
+    for name, array in outputs.items():
+        total += _OUTPUT_FRAMING_BYTES + len(name.encode()) + _DIM_BYTES * array.ndim
+        if array.dtype.kind in "OSU":
+            total += sum(
+                len(item if isinstance(item, bytes) else str(item).encode()) + _ELEMENT_FRAMING_BYTES
+                for item in array.reshape(-1).tolist()
+            )
         else:
             total += array.nbytes
     return total

@@ -5,11 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from modelforge_inference import serving
-from modelforge_inference.domain import ResolvedModel, Signature, TensorSpec
+from modelforge_inference import convert, oip_convert, serving, wire
+from modelforge_inference.domain import Prediction, ResolvedModel, Signature, TensorSpec, Timings
 from modelforge_inference.errors import InvalidInput, InvalidServingConfig, RequestTooLarge, UnknownOutput
 from modelforge_inference.settings import InferenceSettings
-from modelforge_inference.signature import batch_key, batch_rows, check_inputs, check_outputs, output_views
+from modelforge_inference.signature import (
+    answer_bytes,
+    batch_key,
+    batch_rows,
+    check_inputs,
+    check_outputs,
+    output_views,
+)
 
 F32 = np.dtype(np.float32)
 SIGNATURE = Signature(
@@ -37,7 +44,7 @@ def test_good_inputs_come_back_in_signature_order_with_text_strings():
     [
         ({"image": np.zeros((2, 3, 8, 8), F32)}, "text", "missing"),
         (good(extra=np.zeros(1, F32)), "extra", "no such input"),
-        (good(image=np.zeros((2, 3, 8, 8), np.float64)), "image", "expected dtype float"),
+        (good(image=np.zeros((2, 3, 8, 8), np.float64)), "image", "expected dtype float32, got float64"),
         (good(image=np.zeros((2, 3, 8), F32)), "image", "rank 4"),
         (good(image=np.zeros((2, 3, 8, 9), F32)), "image", "dimension 3 must be 8"),
         (good(text=np.zeros(2, F32)), "text", "string"),
@@ -148,3 +155,31 @@ RAGGED = {"image": np.zeros((2, 3, 8, 8), F32), "text": np.array(["a"], dtype=ob
 )
 def test_output_views_are_none_unless_every_output_has_a_known_shape_and_fits(signature, feeds, memory, why):
     assert output_views(signature, feeds, memory) is None, why
+
+
+def test_answer_bytes_bounds_both_apis_answers_from_above() -> None:
+    name = "a-model-" + "x" * 200
+    outputs = {
+        "scores": np.random.default_rng(0).standard_normal((3, 7, 5)).astype(np.float32),
+        "ids": np.arange(12, dtype=np.int64).reshape(2, 2, 3),
+        "o" * 300: np.zeros((1, 1, 1, 1, 1, 1, 1, 1), np.float16),  # a long name and many dimensions
+        "labels": np.array([b"", b"cat", "dög" * 50, b"x" * 300], dtype=object),
+        "empty": np.zeros((0, 4), np.float32),
+    }
+    bound = answer_bytes(name, outputs)
+
+    timings = Timings(queue=12345.678, compute=98765.4321, total=99999.999)
+    v1 = convert.predict_response_bytes(
+        Prediction(outputs=outputs, model=name, version=2**31 - 1, sha256="f" * 64, timings=timings, cache_hit=True)
+    )
+    v2 = wire.join(
+        oip_convert.stream_infer_response(
+            oip_convert.infer_response_parts(model=name, version=2**31 - 1, request_id="", outputs=outputs)
+        )
+    )
+    assert len(v1) < bound and len(v2) < bound
+    # and it is a close bound, not a guess far above: what it adds is framing, never the data twice
+    data = sum(a.nbytes for a in outputs.values() if a.dtype != object) + sum(
+        len(e if isinstance(e, bytes) else e.encode()) for e in outputs["labels"]
+    )
+    assert bound - data < 2048 + len(name) + sum(len(n) for n in outputs)

@@ -3,6 +3,8 @@ keeps serving."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import grpc
 import numpy as np
 import onnx
@@ -12,6 +14,7 @@ from onnx import TensorProto, helper
 from modelforge import tensors
 from modelforge.common.v1 import tensor_pb2
 from modelforge.inference.v1 import inference_pb2
+from modelforge.oip.v2 import grpc_service_pb2 as oip_pb2
 from modelforge.registry.v1 import registry_pb2
 from tests.fixtures.onnx_models import ModelFile, model_bytes
 from tests.integration.inference.conftest import (
@@ -22,6 +25,7 @@ from tests.integration.inference.conftest import (
     ref,
     upload,
 )
+from tests.integration.inference.test_oip import infer_request, outputs_of
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
@@ -145,6 +149,48 @@ async def test_request_a_little_over_the_size_limit_is_refused_by_the_service_no
         huge = predict_request("mlp", {"input": np.zeros((5000, 64), np.float32)})  # 1280000 bytes of input
         code, _, details = await failure(running.stub.Predict(huge))
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
+
+
+async def test_outputs_too_large_for_one_answer_are_refused_counted_as_failures_and_streamed(start_inference):
+    limit = 256 * 1024
+    async with start_inference(max_message_bytes=limit, chunk_bytes=limit // 4) as running:
+        await upload(running, "filled", model_bytes(filled()))
+        big = {"shape": np.array([limit // 4], np.int64)}  # `limit` bytes of output: over it with the answer's fields
+        small = {"shape": np.array([16], np.int64)}
+
+        code, reason, details = await failure(running.stub.Predict(predict_request("filled", big)))
+        assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "RESPONSE_TOO_LARGE"), details
+        assert f"more than the {limit} one answer may carry" in details
+        assert "PredictStream" in details and "MODELFORGE_MAX_MESSAGE_BYTES" in details
+
+        code, reason, details = await failure(running.oip.ModelInfer(infer_request("filled", big)))
+        assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "RESPONSE_TOO_LARGE"), details
+
+        async def requests() -> AsyncIterator[oip_pb2.ModelInferRequest]:
+            yield infer_request("filled", big, id="big")
+            yield infer_request("filled", small, id="small")
+
+        # On a V2 stream the refusal is answered in-band and the stream goes on.
+        answers = [answer async for answer in running.oip.ModelStreamInfer(requests())]
+        assert [answer.infer_response.id for answer in answers] == ["big", "small"]
+        assert "MODELFORGE_MAX_MESSAGE_BYTES" in answers[0].error_message
+        assert answers[1].error_message == ""
+        np.testing.assert_array_equal(outputs_of(answers[1].infer_response)["y"], np.ones(16, np.float32))
+
+        # PredictStream sends the same output in chunks.
+        received = bytearray()
+        async for message in running.stub.PredictStream(
+            inference_pb2.PredictStreamRequest(
+                ref=ref("filled"), inputs=[tensors.to_tensor(array, name) for name, array in big.items()]
+            )
+        ):
+            if message.WhichOneof("content") == "chunk":
+                received += message.chunk.data
+        np.testing.assert_array_equal(np.frombuffer(received, np.float32), np.ones(limit // 4, np.float32))
+
+        statistics = await running.stub.GetModelStatistics(inference_pb2.GetModelStatisticsRequest(ref=ref("filled")))
+        (stats,) = statistics.model_statistics
+        assert (stats.failure_count, stats.request_count) == (3, 2)  # the refused three ran, but answered nothing
 
 
 async def test_unknown_output_is_invalid_argument(served: RunningInference):

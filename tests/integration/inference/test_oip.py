@@ -506,7 +506,7 @@ def test_stream_max_in_flight_must_be_positive() -> None:
     from modelforge_inference.oip import OipServicer
 
     with pytest.raises(ValueError, match="stream_max_in_flight must be at least 1"):
-        OipServicer(None, stream_max_in_flight=0)  # type: ignore[abstract, arg-type]
+        OipServicer(None, max_message_bytes=1 << 20, stream_max_in_flight=0)  # type: ignore[abstract, arg-type]
 
 
 # --- repository and statistics ---------------------------------------------------------------------------------
