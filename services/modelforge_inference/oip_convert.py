@@ -20,6 +20,7 @@ as the InferenceService does; other malformed requests raise :class:`InvalidV2Re
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import struct
@@ -156,14 +157,21 @@ class InvalidV2Request(InvalidArgument):
     reason = "INVALID_V2_REQUEST"
 
 
-def model_ref(name: str, version: str, *, field: str = "model_name") -> ModelRef:
-    """The ModelRef of a V2 model name and version (``"3"``, ``"production"`` or ``""``)."""
+def model_ref(name: str, version: str, *, field: str = "model_name", version_field: str = "model_version") -> ModelRef:
+    """The ModelRef of a V2 model name and version (``"3"``, ``"production"`` or ``""``); an error names the
+    request field at fault (``field`` for the name, ``version_field`` for the version)."""
     if not name:
         raise InvalidV2Request(f"{field} is required: set it to the registry's model name", field=field)
     try:
         return _parsed_ref(name, version)
     except ValueError as exc:
-        raise InvalidV2Request(str(exc), field=field) from None
+        error = exc
+    at_fault = field
+    if version:
+        with contextlib.suppress(ValueError):
+            _parsed_ref(name, "")  # the name parses alone: the version is at fault
+            at_fault = version_field
+    raise InvalidV2Request(str(error), field=at_fault)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -445,7 +453,9 @@ def priority(parameters: Mapping[str, pb.InferParameter]) -> int:
     if value is None:
         return 0
     if value < 0:
-        raise InvalidV2Request(f"parameter 'priority' is {value}; use 1 (most urgent) or more", field="priority")
+        raise InvalidV2Request(
+            f"parameter 'priority' is {value}; use 1 (most urgent) or more", field="parameters.priority"
+        )
     return value
 
 
@@ -455,7 +465,9 @@ def timeout_seconds(parameters: Mapping[str, pb.InferParameter]) -> float | None
     if not value:
         return None
     if value < 0:
-        raise InvalidV2Request(f"parameter 'timeout' is {value} microseconds; use a positive value", field="timeout")
+        raise InvalidV2Request(
+            f"parameter 'timeout' is {value} microseconds; use a positive value", field="parameters.timeout"
+        )
     return value / 1_000_000
 
 

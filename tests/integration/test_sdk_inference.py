@@ -19,6 +19,7 @@ from modelforge import (
     InvalidArgumentError,
     ModelState,
     NotFoundError,
+    ResourceExhaustedError,
 )
 from tests.integration.inference.conftest import (  # noqa: F401
     ModelFile,
@@ -108,6 +109,24 @@ async def test_failures_are_typed_errors(
         await client.unload("adder")
     with pytest.raises(ValueError, match="non-empty mapping"):
         await client.predict("adder", {})
+
+
+async def test_messages_over_the_size_limits_say_what_to_do(
+    inference: RunningInference, add_one: ModelFile, image_generator: ModelFile
+) -> None:
+    await _push(inference, add_one, "adder")
+    await _push(inference, image_generator, "painter")
+    async with AsyncInferenceClient(inference.address, max_message_bytes=2 * 1024 * 1024) as small:
+        with pytest.raises(ResourceExhaustedError) as request:  # refused by the client's channel before sending
+            await small.predict("adder", {"x": np.zeros((200_000, 4), np.float32)})  # 3,200,000 bytes
+        assert "Sent message larger than max" in str(request.value)
+        assert "send fewer items per request" in str(request.value)
+        with pytest.raises(ResourceExhaustedError) as answer:  # a 3 MiB image: within the server's limit, not ours
+            await small.predict("painter", image_generator.sample(1))
+        assert "Received message larger than max" in str(answer.value)
+        assert "predict_stream" in str(answer.value)
+        streamed = await small.predict_stream("painter", image_generator.sample(1))  # in chunks of 1 MiB
+        assert streamed.outputs["image"].shape == (1, 3, 512, 512)
 
 
 def _sync_scenario(address: str) -> None:

@@ -52,11 +52,23 @@ def test_model_version_is_a_number_an_alias_or_empty(version: str, expected: Mod
     assert convert.model_ref("mlp", version) == expected
 
 
-@pytest.mark.parametrize(("name", "version"), [("", ""), ("Bad Name", ""), ("mlp", "0"), ("mlp", "x y")])
-def test_bad_model_name_or_version_is_invalid_argument(name: str, version: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "version", "at_fault"),
+    [
+        ("", "", "model_name"),
+        ("Bad Name", "", "model_name"),
+        ("Bad Name", "3", "model_name"),
+        ("mlp", "0", "model_version"),
+        ("mlp", "x y", "model_version"),
+    ],
+)
+def test_bad_model_name_or_version_is_invalid_argument_naming_the_field(name: str, version: str, at_fault: str) -> None:
     with pytest.raises(convert.InvalidV2Request) as caught:
         convert.model_ref(name, version)
-    assert caught.value.field == "model_name"
+    assert caught.value.field == at_fault
+    with pytest.raises(convert.InvalidV2Request) as caught:  # the metadata requests' fields are name and version
+        convert.model_ref(name, version, field="name", version_field="version")
+    assert caught.value.field == at_fault.removeprefix("model_")
 
 
 @pytest.mark.parametrize(

@@ -222,6 +222,27 @@ _BY_CODE: dict[grpc.StatusCode, type[ModelForgeError]] = {
 }
 
 
+# gRPC's own refusals of a message over a channel's or a server's size limit carry no ErrorInfo; the SDK adds
+# what to do about them to the message.
+_REQUEST_TOO_LARGE = ("CLIENT: Sent message larger than max", "SERVER: Received message larger than max")
+_ANSWER_TOO_LARGE = "CLIENT: Received message larger than max"
+
+
+def _size_limit_hint(details: str) -> str:
+    if any(message in details for message in _REQUEST_TOO_LARGE):
+        return (
+            "; the request is larger than one message may be: send fewer items per request, or raise the limit "
+            "(max_message_bytes= of the client, MODELFORGE_MAX_REQUEST_BYTES of the server)"
+        )
+    if _ANSWER_TOO_LARGE in details:
+        return (
+            "; the answer is larger than this client's max_message_bytes: receive large outputs with "
+            "predict_stream (its chunks take MODELFORGE_CHUNK_BYTES of the server, 1 MiB by default), ask for "
+            "fewer outputs or items, or raise max_message_bytes"
+        )
+    return ""
+
+
 def _rich_status(error: grpc.RpcError) -> status_pb2.Status | None:
     try:
         return rpc_status.from_call(error)
@@ -254,6 +275,8 @@ def error_from_rpc(error: grpc.RpcError) -> ModelForgeError:
             bad = error_details_pb2.BadRequest()
             detail.Unpack(bad)
             violations.update((v.field, v.description) for v in bad.field_violations)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and not reason:
+        details += _size_limit_hint(details)
     kind = _BY_CODE.get(code, ModelForgeError)
     return kind(
         details,
