@@ -105,7 +105,7 @@ class ResolvedModel:
     signature: Signature
     labels: Mapping[str, str] = field(default_factory=dict)
     aliases: tuple[str, ...] = ()
-    archived: bool = False  # retired in the registry: still served when asked for by number, never kept loaded
+    archived: bool = False  # retired in the registry: unloaded when archived, served again when asked for by number
 
     @property
     def key(self) -> tuple[str, int]:
