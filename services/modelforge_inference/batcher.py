@@ -45,7 +45,7 @@ import numpy as np
 
 from modelforge_inference.domain import BatchingConfig
 from modelforge_inference.errors import ModelUnloading, QueueFull, QueueTimeout
-from modelforge_inference.signature import batch_key, batch_rows, request_bytes
+from modelforge_inference.signature import batch_key, batch_rows, counted_rows, request_bytes
 
 log = logging.getLogger("modelforge.inference.batcher")
 
@@ -352,7 +352,7 @@ class Batcher:
     def _collect(self, head: _Pending) -> tuple[list[_Pending], int]:
         """The head and the compatible requests after it, by priority then age, within max_batch_size rows."""
         limit = self.config.max_batch_size
-        batch, rows = [head], head.rows or 1
+        batch, rows = [head], counted_rows(head.rows)
         if head.rows is None or rows >= limit:
             return batch, rows
         shares = {head.share}  # an identical request is answered by the run, not run again
@@ -476,7 +476,7 @@ class Batcher:
     def _run_now(self, feeds: Feeds, into: Into) -> BatchResult:
         """One request run on the loop, never queued: its outcome goes straight back to the caller."""
         (outcome,), _, compute = self._on_loop([feeds], [into])
-        rows = batch_rows(feeds) or 1
+        rows = counted_rows(batch_rows(feeds))
         if self._on_execution is not None:
             self._on_execution(rows, 1, compute)
         if isinstance(outcome, BaseException):
@@ -572,7 +572,7 @@ class Batcher:
     def _settle(
         self, live: list[_Pending], outcomes: list[Outcome], started: float, compute: float, *, executed: bool = True
     ) -> None:
-        rows = sum(pending.rows or 1 for pending in live)
+        rows = sum(counted_rows(pending.rows) for pending in live)
         if executed and self._on_execution is not None:
             self._on_execution(rows, len(live), compute)
         for pending, outcome in zip(live, outcomes, strict=True):

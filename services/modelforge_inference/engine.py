@@ -78,6 +78,7 @@ from modelforge_inference.signature import (
     batch_rows,
     check_inputs,
     check_outputs,
+    counted_rows,
     output_views,
     request_bytes,
 )
@@ -477,7 +478,7 @@ class InferenceEngine:
             abort.on_abort(functools.partial(terminate, options))
         if len(batch) == 1:
             return [self._run_one(session, slot.model, batch[0], into[0], options)]
-        rows = [batch_rows(feeds) or 1 for feeds in batch]
+        rows = [counted_rows(batch_rows(feeds)) for feeds in batch]  # a merged batch's requests all have rows
         try:
             merged = session.run({name: stack([feeds[name] for feeds in batch]) for name in batch[0]}, None, options)
         except INPUT_ERRORS:

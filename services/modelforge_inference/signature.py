@@ -159,6 +159,12 @@ def batch_rows(feeds: Mapping[str, np.ndarray[Any, Any]]) -> int | None:
     return rows.pop() if len(rows) == 1 and -1 not in rows else None
 
 
+def counted_rows(rows: int | None) -> int:
+    """The inferences a request of ``rows`` (batch_rows) counts for: its rows, none for an empty batch, and 1 for
+    a request whose inputs share no leading dimension."""
+    return 1 if rows is None else rows
+
+
 def output_views(
     signature: Signature, feeds: Mapping[str, np.ndarray[Any, Any]], memory: Mapping[str, memoryview]
 ) -> dict[str, np.ndarray[Any, Any]] | None:

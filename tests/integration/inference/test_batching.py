@@ -74,3 +74,17 @@ async def test_model_with_a_fixed_leading_dimension_is_never_merged(inference: R
     assert all(np.array_equal(outputs(r)["y"], 2 * x) for r in responses)
     stats = await statistics(inference, "fixed")
     assert (stats.execution_count, dict(stats.batch_sizes)) == (8, {1: 8})
+
+
+async def test_a_request_of_zero_rows_is_merged_and_counts_no_inference(inference: RunningInference):
+    await upload(inference, "batched", IDENTITY, labels=BATCHING)
+    await inference.stub.LoadModel(pb.LoadModelRequest(ref=ref("batched")))
+    requests = [{"x": np.full((rows, 4), index, np.float32)} for index, rows in enumerate((2, 0, 3, 0))]
+
+    responses = await asyncio.gather(*(inference.stub.Predict(predict_request("batched", f)) for f in requests))
+
+    for feeds, response in zip(requests, responses, strict=True):
+        np.testing.assert_array_equal(outputs(response)["y"], feeds["x"])
+    stats = await statistics(inference, "batched")
+    assert (stats.request_count, stats.inference_count) == (4, 5)
+    assert sum(size * count for size, count in stats.batch_sizes.items()) == 5
