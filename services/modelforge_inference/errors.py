@@ -174,7 +174,8 @@ class InvalidServingConfig(FailedPrecondition):
 
     def __init__(self, model: str, version: int, label: str, value: str, expected: str) -> None:
         super().__init__(
-            f"{model}:{version} has label {label}={value!r}, but it takes {expected}; fix it with UpdateModelVersion",
+            f"{model}:{version} has label {label}={value!r}, but it takes {expected}; fix the label with "
+            "UpdateModelVersion (the SDK's RegistryClient.update_version) or push a new version",
             model=model,
             version=str(version),
             label=label,

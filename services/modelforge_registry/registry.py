@@ -49,6 +49,7 @@ from modelforge_server import telemetry
 from modelforge_server.errors import InvalidArgument, require
 from modelforge_server.metrics import Metrics
 from modelforge_server.refs import ModelRef
+from modelforge_server.serving_labels import bad_labels
 
 log = logging.getLogger("modelforge.registry")
 
@@ -67,7 +68,8 @@ def check_alias(alias: str, field: str = "alias") -> str:
 
 def check_labels(labels: dict[str, str] | None, field: str = "labels") -> dict[str, str] | None:
     """Label keys like Kubernetes': [prefix/]name, the prefix a DNS subdomain, the name 1 to 63 characters of
-    A-Z, a-z, 0-9, '-', '_' and '.' beginning and ending with a letter or digit; values up to 256 characters."""
+    A-Z, a-z, 0-9, '-', '_' and '.' beginning and ending with a letter or digit; values up to 256 characters; the
+    serving labels (modelforge.io/max-batch-size ...) with values the inference service takes."""
     for key, value in (labels or {}).items():
         prefix, slash, name = key.rpartition("/")
         if slash and not prefix:
@@ -90,6 +92,8 @@ def check_labels(labels: dict[str, str] | None, field: str = "labels") -> dict[s
             raise InvalidLabel(
                 key, f"its value has {len(value)} characters; at most {LABEL_VALUE_MAX} are allowed", field
             )
+    if bad := bad_labels(labels or {}):
+        raise InvalidLabel(bad[0].key, f"it configures serving and takes {bad[0].takes}, not {bad[0].value!r}", field)
     return labels
 
 

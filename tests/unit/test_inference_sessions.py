@@ -4,6 +4,7 @@ the CPU with a warning, and ONNX Runtime's errors reach clients without boilerpl
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from pathlib import Path
@@ -26,6 +27,7 @@ from modelforge_inference.sessions import (
     terminate,
 )
 from modelforge_inference.settings import InferenceSettings
+from modelforge_server import serving_labels
 from modelforge_server.errors import FailedPrecondition
 from modelforge_server.settings import SettingsError
 from tests.fixtures.onnx_models import build_add_one, build_counter, build_multi_io, write_model
@@ -144,7 +146,17 @@ def test_a_bad_serving_label_is_refused_by_name(label: str, value: str, expected
     assert isinstance(error, FailedPrecondition)  # the stored version is wrong, not the request: FAILED_PRECONDITION
     assert error.reason == "INVALID_SERVING_CONFIG"
     assert error.metadata == {"model": "m", "version": "1", "label": key}
-    assert str(error) == f"m:1 has label {key}={value!r}, but it takes {expected}; fix it with UpdateModelVersion"
+    assert str(error) == (
+        f"m:1 has label {key}={value!r}, but it takes {expected}; fix the label with UpdateModelVersion "
+        "(the SDK's RegistryClient.update_version) or push a new version"
+    )
+
+
+def test_every_serving_label_sets_a_field_of_the_serving_config() -> None:
+    assert serving._FIELDS.keys() == serving_labels.LABELS.keys()
+    for name in serving_labels.LABELS:
+        section, field = serving._FIELDS[name]
+        assert field in {f.name for f in dataclasses.fields(getattr(serving.defaults(InferenceSettings()), section))}
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,5 @@
-"""Label keys and values of models and versions: Kubernetes-style keys, values of at most 256 characters."""
+"""Label keys and values of models and versions: Kubernetes-style keys, values of at most 256 characters, and
+serving labels with values the inference service takes."""
 
 from __future__ import annotations
 
@@ -13,8 +14,7 @@ VALID_KEYS = [
     "Stage",
     "1",
     "v1.2_x-y",
-    "modelforge.io/max-batch-size",
-    "modelforge.io/cache",
+    "modelforge.io/owner",  # under the prefix, but no serving label: any value
     "example.com/Owner",
     "a-b.c-d/e",
     "x" * 63,
@@ -69,3 +69,28 @@ def test_a_longer_value_is_refused_naming_its_key() -> None:
 def test_no_labels_is_fine() -> None:
     assert check_labels(None) is None
     assert check_labels({}) == {}
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "takes"),
+    [
+        ("modelforge.io/max-batch-size", "lots", "an integer >= 0"),
+        ("modelforge.io/cache", "maybe", "true or false"),
+        ("modelforge.io/priority-levels", "0", "an integer from 1 to 256"),
+        ("modelforge.io/queue-timeout-seconds", "-1", 'a number of seconds > 0 or "none"'),
+    ],
+)
+def test_a_serving_label_with_a_value_it_does_not_take_is_refused(key: str, value: str, takes: str) -> None:
+    with pytest.raises(InvalidLabel) as caught:
+        check_labels({"team": "vision", key: value}, "header.labels")
+    assert str(caught.value) == f"label {key!r} is invalid: it configures serving and takes {takes}, not {value!r}"
+    assert (caught.value.metadata["label"], caught.value.field) == (key, "header.labels")
+
+
+def test_serving_labels_with_values_they_take_pass() -> None:
+    labels = {
+        "modelforge.io/max-batch-size": "8",
+        "modelforge.io/cache": "true",
+        "modelforge.io/queue-timeout-seconds": "none",
+    }
+    assert check_labels(labels) == labels

@@ -186,15 +186,6 @@ async def test_eviction_waits_for_requests_in_flight(start_inference: StartInfer
         await wait_loaded(running, [("add-one", 1, pb.LOADED_MODEL_STATE_READY)])
 
 
-async def test_bad_serving_label_is_failed_precondition(inference: RunningInference, add_one: ModelFile) -> None:
-    await upload(inference, "add-one", add_one, labels={"modelforge.io/max-batch-size": "lots"})
-
-    code, reason, details = await failure(inference.stub.Predict(predict_request("add-one", add_one.sample())))
-
-    assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "INVALID_SERVING_CONFIG")
-    assert "modelforge.io/max-batch-size" in details
-
-
 async def test_alias_moved_mid_traffic_serves_the_new_version_from_then_on(
     inference: RunningInference, add_one: ModelFile
 ) -> None:

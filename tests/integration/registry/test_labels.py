@@ -77,3 +77,33 @@ async def test_versions_take_valid_labels_and_refuse_others(registry, add_one) -
     assert [(v.version, dict(v.labels)) for v in listed.model_versions] == [(1, SERVING)]
     incoming = Path(registry.settings.blob_root) / ".incoming"
     assert list(incoming.iterdir()) == []  # refused before a byte was staged
+
+
+async def test_serving_labels_take_only_values_the_inference_service_can_serve(registry, add_one) -> None:
+    stub = registry.stub
+    await upload_model(stub, "served", add_one.data, labels=SERVING)
+    bad = {"modelforge.io/max-batch-size": "lots"}
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await upload_model(stub, "served", add_one.data, labels=bad)
+    assert "takes an integer >= 0, not 'lots'" in (caught.value.details() or "")
+    await refused(
+        upload_model(stub, "served", add_one.data, labels=bad), "modelforge.io/max-batch-size", "header.labels"
+    )
+    await refused(
+        stub.UpdateModelVersion(
+            pb.UpdateModelVersionRequest(
+                model_version=pb.ModelVersion(
+                    model="served", version=1, labels={"modelforge.io/graph-optimization-level": "ORT_ENABLE_ALL"}
+                ),
+                update_mask=LABELS_MASK,
+            )
+        ),
+        "modelforge.io/graph-optimization-level",
+        "model_version.labels",
+    )
+    # Keys under the prefix that are not serving labels belong to other tools and take any value.
+    other = {"modelforge.io/owner": "vision-team"}
+    version = await upload_model(stub, "served", add_one.data, labels=other)
+    assert dict(version.labels) == other
+    listed = await stub.ListModelVersions(pb.ListModelVersionsRequest(model="served"))
+    assert [(v.version, dict(v.labels)) for v in listed.model_versions] == [(2, other), (1, SERVING)]
