@@ -159,7 +159,10 @@ class ModelNotLoaded(NotFound):
     reason = "MODEL_NOT_LOADED"
 
     def __init__(self, ref: str) -> None:
-        super().__init__(f"{ref} is not loaded on this server; ListLoadedModels shows what is", model=ref)
+        super().__init__(
+            f"{ref} is not loaded on this server; ListLoadedModels (`modelforge models loaded`) shows what is",
+            model=ref,
+        )
 
 
 class ModelLoadFailed(FailedPrecondition):

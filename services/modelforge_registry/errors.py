@@ -89,7 +89,11 @@ class AliasNotFound(NotFound):
     reason = "ALIAS_NOT_FOUND"
 
     def __init__(self, model: str, alias: str) -> None:
-        super().__init__(f"model {model!r} has no alias {alias!r}", model=model, alias=alias)
+        super().__init__(
+            f"model {model!r} has no alias {alias!r}; `modelforge models show {model}` lists its aliases",
+            model=model,
+            alias=alias,
+        )
 
 
 class NoReadyVersion(NotFound):

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import re
+import signal
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -333,3 +335,16 @@ def test_progress_bar_draws_on_a_terminal_only() -> None:
     quiet(1, 2)
     quiet.close()
     assert piped.getvalue() == ""
+
+
+async def test_output_into_a_pipe_whose_reader_left_ends_quietly(
+    cli: Cli, add_one: ModelFile, registry: RunningRegistry
+) -> None:
+    for name in ("first", "second"):
+        assert (await cli("models", "push", str(add_one.path), "--name", name)).code == 0
+    read, write = os.pipe()
+    os.close(read)  # as `modelforge models ls | head -0` leaves it
+    err = io.StringIO()
+    with os.fdopen(write, "w", buffering=1) as out:  # line-buffered: the first line meets the closed pipe
+        code = await asyncio.to_thread(main, ["models", "ls", "--registry", registry.address], out=out, err=err)
+    assert (code, err.getvalue()) == (128 + signal.SIGPIPE, "")

@@ -59,7 +59,7 @@ class InferenceClient(ChannelClient):
         max_message_bytes: Largest message sent or received; use :meth:`predict_stream` for larger outputs.
 
     Raises:
-        modelforge.errors.ModelForgeError: from any method when the service refuses a call; for example
+        modelforge.ModelForgeError: from any method when the service refuses a call; for example
             InvalidArgumentError naming the input at fault, NotFoundError for an unknown model,
             ResourceExhaustedError when the model's queue is full.
     """

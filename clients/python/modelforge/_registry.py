@@ -93,7 +93,7 @@ class RegistryClient(ChannelClient):
         max_message_bytes: Largest message sent or received.
 
     Raises:
-        modelforge.errors.ModelForgeError: from any method, when the registry refuses a call; the subclass
+        modelforge.ModelForgeError: from any method, when the registry refuses a call; the subclass
             says why (NotFoundError, AlreadyExistsError, InvalidArgumentError...).
     """
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -863,6 +865,12 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: T
     except TimeoutError as exc:
         print(f"modelforge: {exc}", file=err)
         return 1
+    except BrokenPipeError:
+        # The reader of the output went away (`modelforge models ls | head`): stop without a word, as other tools
+        # do, and send what is still buffered for it nowhere, rather than fail again when Python flushes at exit.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
+        return 128 + signal.SIGPIPE  # what a shell reports for a command that a closed pipe ended
     except OSError as exc:
         print(f"modelforge: {exc.strerror or exc}: {exc.filename}" if exc.filename else f"modelforge: {exc}", file=err)
         return 1
