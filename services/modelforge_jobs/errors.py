@@ -153,6 +153,16 @@ class RemoteResourceExhausted(RemoteError, ResourceExhausted):
     reason = "RESOURCE_EXHAUSTED"
 
 
+class BatchAnswerTooLarge(RemoteError, InvalidArgument):
+    """The inference service refused a batch whose outputs do not fit in one answer. Though RESOURCE_EXHAUSTED
+    there, it is no passing shortage: the same batch fails every time, so the job fails at once."""
+
+    reason = "RESPONSE_TOO_LARGE"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"{message}; for a job, submit it again with a smaller batch_size")
+
+
 class RemoteDeadlineExceeded(RemoteError, DeadlineExceeded):
     reason = "DEADLINE_EXCEEDED"
 

@@ -2,7 +2,8 @@
 
 A failure keeps its kind, so that the runner can tell transient ones (UNAVAILABLE, RESOURCE_EXHAUSTED,
 DEADLINE_EXCEEDED: run the job again later) from permanent ones (INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION:
-fail the job with the reason), and keeps the remote ErrorInfo.reason.
+fail the job with the reason), and keeps the remote ErrorInfo.reason. One RESOURCE_EXHAUSTED is permanent: a batch
+whose outputs are too large for one answer (RESPONSE_TOO_LARGE) is too large on every attempt.
 """
 
 from __future__ import annotations
@@ -56,10 +57,13 @@ def _remote_reason(exc: grpc.aio.AioRpcError) -> str | None:
 def translate(exc: grpc.aio.AioRpcError, service: str) -> ServiceError:
     """The domain error for a failed call to `service` ("registry" or "inference service")."""
     code = exc.code()
-    kind = _KINDS.get(code, errors.RemoteInternal)
     details = exc.details() or code.name
+    reason = _remote_reason(exc)
+    if reason == errors.BatchAnswerTooLarge.reason:
+        return errors.BatchAnswerTooLarge(details)
+    kind = _KINDS.get(code, errors.RemoteInternal)
     message = details if kind is not errors.RemoteUnavailable else f"the {service} is unavailable: {details}"
-    return kind(message, reason=_remote_reason(exc))
+    return kind(message, reason=reason)
 
 
 class RegistryClient:

@@ -14,7 +14,7 @@ from modelforge.jobs.v1 import jobs_pb2
 from modelforge.registry.v1 import registry_pb2
 from modelforge_inference.__main__ import build as build_inference
 from modelforge_server import embedded
-from tests.fixtures.onnx_models import build_counter, model_bytes
+from tests.fixtures.onnx_models import build_counter, image_generator, model_bytes  # noqa: F401
 from tests.integration.inference.test_scheduling import wait_in_flight
 from tests.integration.jobs.conftest import (
     getter,
@@ -175,6 +175,21 @@ async def test_permanent_failure_fails_at_once_with_its_reason(
     assert final.error.code == "NOT_FOUND"
     assert final.error.reason and final.error.message
     assert "Traceback" not in final.error.message
+
+
+async def test_a_batch_too_large_for_one_answer_fails_the_job_at_once_saying_to_lower_batch_size(
+    jobs_api, worker, inference, image_generator
+) -> None:
+    await upload(inference, "painter", image_generator)
+    items = inference.settings.max_message_bytes // (3 * 512 * 512 * 4) + 1  # images of 3 MiB: one answer too many
+    latent = np.zeros((items, 16), np.float32)
+    request = inline_request("painter", {"latent": latent}, batch_size=items, max_attempts=5)
+    job = (await jobs_api.stub.CreateJob(request)).job
+    final = await wait_terminal(jobs_api.stub, job.id)
+    assert final.state == jobs_pb2.JOB_STATE_FAILED
+    assert final.attempt_count == 1  # not retried: the same batch is too large every time
+    assert (final.error.code, final.error.reason) == ("INVALID_ARGUMENT", "RESPONSE_TOO_LARGE")
+    assert "smaller batch_size" in final.error.message
 
 
 async def test_time_limit_fails_the_job(jobs_api, worker, inference, add_one) -> None:
