@@ -248,7 +248,7 @@ class Batcher:
             raise ModelUnloading(self.model, self.version)
         loop = asyncio.get_running_loop()
         if expires_at is not None and expires_at <= loop.time():
-            raise QueueTimeout(self.model, self.version, 0.0)
+            raise self._timed_out(0.0)
         if share is not None and (running := self._sharing.get(share)) is not None:
             # Nothing is queued: it waits for a run already under way, within its own deadline.
             return await self._share_run(running, self.level_of(priority), expires_at)
@@ -334,7 +334,7 @@ class Batcher:
         if pending.queued and not pending.future.done():
             self._remove(pending)
             waited = time.perf_counter() - pending.enqueued
-            pending.future.set_exception(QueueTimeout(self.model, self.version, waited))
+            pending.future.set_exception(self._timed_out(waited))
 
     def _abandon(self, pending: _Pending, future: asyncio.Future[BatchResult]) -> None:
         """The caller went away: a queued request never runs; a run on a thread that nobody waits for stops."""
@@ -518,11 +518,17 @@ class Batcher:
             self._unshare(batch)  # after answering, with no await between: no sharer can arrive unanswered
             self._slots.release()
 
+    def _timed_out(self, waited: float) -> QueueTimeout:
+        """The error of a request whose deadline passed after `waited` seconds in the queue; it names the batch
+        delay when the model merges requests, since a request may have waited that long for company."""
+        delay = self.config.max_queue_delay_us if self._merging else 0
+        return QueueTimeout(self.model, self.version, waited, delay)
+
     def _time_out(self, late: Sequence[_Pending], started: float) -> None:
         for request in late:
             if not request.future.done():
                 waited = max(0.0, started - request.enqueued)
-                request.future.set_exception(QueueTimeout(self.model, self.version, waited))
+                request.future.set_exception(self._timed_out(waited))
 
     def _on_late(self, run: _Run, late: list[_Pending], started: float) -> None:
         """On the loop, as soon as a compute thread found requests of `run` late: they get QueueTimeout now, and

@@ -146,10 +146,16 @@ class QueueFull(ResourceExhausted):
 class QueueTimeout(DeadlineExceeded):
     reason = "QUEUE_TIMEOUT"
 
-    def __init__(self, model: str, version: int, waited: float) -> None:
+    def __init__(self, model: str, version: int, waited: float, batch_delay_us: int = 0) -> None:
+        batching = (
+            f"; a request may wait up to {batch_delay_us} µs for others to share its batch "
+            "(the label modelforge.io/max-queue-delay-us)"
+            if batch_delay_us
+            else ""
+        )
         super().__init__(
             f"the request waited {waited * 1000:.1f} ms in the queue of {model}:{version} and its deadline "
-            "passed before it could run; raise the timeout or lower the load",
+            f"passed before it could run; raise the timeout or lower the load{batching}",
             model=model,
             version=str(version),
         )

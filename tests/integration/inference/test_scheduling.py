@@ -168,6 +168,22 @@ async def test_model_default_queue_timeout_applies(single_thread: RunningInferen
     await blocker
 
 
+async def test_a_request_that_times_out_waiting_for_its_batch_to_fill_hears_of_the_batch_delay(
+    inference: RunningInference,
+) -> None:
+    labels = {"modelforge.io/max-batch-size": "8", "modelforge.io/max-queue-delay-us": "2000000"}
+    await upload(inference, "slow", SLOW, labels=labels)
+    await inference.stub.LoadModel(inference_pb2.LoadModelRequest(ref=ref("slow")))
+    # Alone on an idle server, the request waits for company until its own 50 ms run out.
+    request = predict_request("slow", SMALL, timeout=duration_pb2.Duration(nanos=50_000_000))
+
+    code, reason, details = await failure(inference.stub.Predict(request))
+
+    assert (code, reason) == (grpc.StatusCode.DEADLINE_EXCEEDED, "QUEUE_TIMEOUT")
+    assert "may wait up to 2000000 µs for others to share its batch" in details
+    assert "modelforge.io/max-queue-delay-us" in details
+
+
 async def test_request_timeout_longer_than_the_models_default_does_not_extend_it(
     single_thread: RunningInference,
 ) -> None:
