@@ -102,7 +102,7 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelReadyResponse:
-        ref = convert.model_ref(request.name, request.version, field="name", version_field="version")
+        ref = convert.named_ref(request.name, request.version)
         if ref.version is None:
             # An alias or "newest" names a version only once the registry resolves it.
             try:
@@ -120,9 +120,7 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
-        model, _ = await self._engine.describe(
-            convert.model_ref(request.name, request.version, field="name", version_field="version")
-        )
+        model, _ = await self._engine.describe(convert.named_ref(request.name, request.version))
         return convert.model_metadata(model)
 
     # ModelInfer and ModelStreamInfer answer with pre-serialised messages (see wire.py).
@@ -168,19 +166,13 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelConfig(
         self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelConfigResponse:
-        model, serving = await self._engine.describe(
-            convert.model_ref(request.name, request.version, field="name", version_field="version")
-        )
+        model, serving = await self._engine.describe(convert.named_ref(request.name, request.version))
         return pb.ModelConfigResponse(config=convert.model_config(model, serving))
 
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelStatisticsResponse:
-        ref = (
-            convert.model_ref(request.name, request.version, field="name", version_field="version")
-            if request.name
-            else None
-        )
+        ref = convert.named_ref(request.name, request.version) if request.name else None
         stats = await self._engine.statistics(ref)
         return pb.ModelStatisticsResponse(model_stats=[convert.model_statistics(s) for s in stats])
 

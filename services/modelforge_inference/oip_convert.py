@@ -68,6 +68,7 @@ __all__ = [
     "model_index",
     "model_metadata",
     "model_ref",
+    "named_ref",
     "model_statistics",
     "needs_signature",
     "priority",
@@ -172,6 +173,11 @@ def model_ref(name: str, version: str, *, field: str = "model_name", version_fie
             _parsed_ref(name, "")  # the name parses alone: the version is at fault
             at_fault = version_field
     raise InvalidV2Request(str(error), field=at_fault)
+
+
+def named_ref(name: str, version: str) -> ModelRef:
+    """The ModelRef of the model requests (ModelReady, ModelMetadata ...), whose fields are name and version."""
+    return model_ref(name, version, field="name", version_field="version")
 
 
 @functools.lru_cache(maxsize=4096)

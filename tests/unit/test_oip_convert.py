@@ -67,7 +67,7 @@ def test_bad_model_name_or_version_is_invalid_argument_naming_the_field(name: st
         convert.model_ref(name, version)
     assert caught.value.field == at_fault
     with pytest.raises(convert.InvalidV2Request) as caught:  # the metadata requests' fields are name and version
-        convert.model_ref(name, version, field="name", version_field="version")
+        convert.named_ref(name, version)
     assert caught.value.field == at_fault.removeprefix("model_")
 
 
