@@ -218,7 +218,9 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         self._regions.unregister(request.name)
         return pb.SystemSharedMemoryUnregisterResponse()
 
-    async def _infer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> wire.Parts:
+    async def _infer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext, *, streamed: bool = False
+    ) -> wire.Parts:
         ref = convert.model_ref(request.model_name, request.model_version)
         inputs = convert.decode_inputs(request, self._regions)
         outputs = convert.requested_outputs(request)
@@ -241,24 +243,20 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             signature=prediction.signature if convert.needs_signature(prediction.outputs) else None,
             shared=shared,
             placed=prediction.placed,
+            final=streamed,
         )
 
     async def _stream_answer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelStreamInferResponse | bytes:
         try:
-            return wire.join(convert.stream_infer_response(await self._infer(request, context)))
+            return wire.join(convert.stream_infer_response(await self._infer(request, context, streamed=True)))
         except ServiceError as exc:
             message = str(exc)
         except Exception:
             log.exception("unexpected error in a ModelStreamInfer request")
             message = "internal error; details are in the server log"
-        return pb.ModelStreamInferResponse(
-            error_message=message,
-            infer_response=pb.ModelInferResponse(
-                model_name=request.model_name, model_version=request.model_version, id=request.id
-            ),
-        )
+        return convert.stream_error_response(request, message)
 
 
 _FACTORIES = {

@@ -63,6 +63,7 @@ __all__ = [
     "decode_bytes",
     "decode_inputs",
     "encode_bytes",
+    "FINAL_RESPONSE",
     "max_batch_size",
     "model_config",
     "model_index",
@@ -76,6 +77,8 @@ __all__ = [
     "requested_outputs",
     "shared_memory_outputs",
     "shared_memory_status",
+    "stream_error_response",
+    "stream_infer_response",
     "timeout_seconds",
 ]
 
@@ -516,6 +519,7 @@ def infer_response_parts(
     signature: Signature | None = None,
     shared: Mapping[str, SharedSlice] | None = None,
     placed: frozenset[str] = frozenset(),
+    final: bool = False,
 ) -> wire.Parts:
     """A serialised ModelInferResponse carrying every output, in its order, as raw bytes, byte for byte what
     protobuf would write, as parts: raw outputs are views of the arrays (field 6 follows every other field, so
@@ -529,6 +533,9 @@ def infer_response_parts(
     already); their metadata carries the region and the bytes written, and their raw entry stays empty, so every
     output keeps its raw entry's position.
 
+    ``final`` marks the answer as its request's last (the parameter ``triton_final_response``), as Triton marks
+    every answer on a stream.
+
     Raises:
         InvalidSharedMemoryRegion: an output does not fit the shared memory the request gave it; then no region
             is written to.
@@ -537,6 +544,8 @@ def infer_response_parts(
     parts: wire.Parts = [_response_prefix(model, version)]
     if request_id:
         parts += wire.length_delimited(_RESPONSE_ID, [request_id.encode()])
+    if final:
+        parts.append(_FINAL_RESPONSE)
     raws: wire.Parts = []
     for name, array in outputs.items():
         datatype = datatype_of(array, signature.output(name) if signature is not None else None)
@@ -585,6 +594,12 @@ def _write_shared(array: np.ndarray[Any, Any], target: SharedSlice, data: bytes 
 
 
 _RESPONSE_ID = 3  # ModelInferResponse.id
+# The parameter by which Triton marks the last answer to a request on a stream (for a model that is not decoupled,
+# every answer); clients of decoupled models read answers until they see it. ModelInferResponse field 4, serialised.
+FINAL_RESPONSE = "triton_final_response"
+_FINAL_RESPONSE = pb.ModelInferResponse(
+    parameters={FINAL_RESPONSE: pb.InferParameter(bool_param=True)}
+).SerializeToString()
 
 
 @functools.lru_cache(maxsize=1024)
@@ -618,6 +633,19 @@ def _shared_output_metadata(name: str, datatype: str, shape: tuple[int, ...], re
 def stream_infer_response(parts: wire.Parts) -> wire.Parts:
     """A ModelStreamInferResponse around the serialised ModelInferResponse in ``parts``."""
     return wire.length_delimited(_STREAM_INFER_RESPONSE, parts)
+
+
+def stream_error_response(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
+    """The in-band answer on a stream to a request that failed, final as every answer on a stream is."""
+    return pb.ModelStreamInferResponse(
+        error_message=message,
+        infer_response=pb.ModelInferResponse(
+            model_name=request.model_name,
+            model_version=request.model_version,
+            id=request.id,
+            parameters={FINAL_RESPONSE: pb.InferParameter(bool_param=True)},
+        ),
+    )
 
 
 def _spec_datatype(spec: TensorSpec) -> str:

@@ -188,7 +188,8 @@ def test_infer_response_parts_are_what_protobuf_serialises() -> None:
     assert assembled == expected.SerializeToString()
     assert expected.outputs[[o.name for o in expected.outputs].index("bf16")].datatype == "BF16"
 
-    streamed = wire.join(oip_convert.stream_infer_response(oip_convert.infer_response_parts(**kwargs)))
+    streamed = wire.join(oip_convert.stream_infer_response(oip_convert.infer_response_parts(**kwargs, final=True)))
+    expected.parameters[oip_convert.FINAL_RESPONSE].bool_param = True  # every answer on a stream is final
     assert streamed == oip_pb.ModelStreamInferResponse(infer_response=expected).SerializeToString()
 
 

@@ -431,6 +431,11 @@ async def test_stream_answers_every_request_and_reports_failures_in_band(v2: V2,
     by_id = {a.infer_response.id: a for a in answers}
     assert sorted(by_id) == sorted(["bad", *(r.id for r in good)])
     assert "no-such-model" in by_id["bad"].error_message
+    # Each answer is its request's last, and says so as Triton does, failed ones too: clients of decoupled models
+    # read until they see the flag.
+    assert all(a.infer_response.parameters["triton_final_response"].bool_param for a in answers)
+    unary = await v2.stub.ModelInfer(good[0])
+    assert "triton_final_response" not in unary.parameters
     for index, request in enumerate(good):
         answer = by_id[request.id]
         assert answer.error_message == ""

@@ -110,7 +110,8 @@ def _scenario_stream(client: Any, tc: Any, args: dict[str, Any], workdir: Path) 
             names = [o["name"] for o in response.get("outputs", [])]
             for name in names:
                 saved[f"{response['id']}/{name}"] = result.as_numpy(name)
-            seen[response["id"]] = {"model_version": response["model_version"], "outputs": names}
+            final = response.get("parameters", {}).get("triton_final_response", {}).get("bool_param", False)
+            seen[response["id"]] = {"model_version": response["model_version"], "outputs": names, "final": final}
     finally:
         client.stop_stream()
     np.savez(workdir / "outputs.npz", **saved)
@@ -395,6 +396,7 @@ async def test_stream_infer_answers_each_request_and_reports_errors(
     for i in range(3):
         expected = _onnxruntime(mlp, {"input": inputs[f"x{i}"]})["output"]
         np.testing.assert_allclose(outputs[f"r{i}/output"], expected, rtol=1e-6)
+        assert answers[f"r{i}"]["final"] is True  # what stream loops that read until the last answer wait for
 
 
 async def test_repository_index_load_and_unload(triton: TritonClient, inference: Any, mlp: Any) -> None:
