@@ -737,12 +737,15 @@ class InferenceEngine:
     async def repository_index(self) -> list[RepositoryEntry]:
         """The registry's models with what the engine holds of them, in name then version order.
 
-        A model with versions held has one entry per version (in its state); one with none has a single entry
+        A model with versions held has one entry per version (in its state; a version loaded again while its
+        previous load drains is listed once, in the state of the new load); one with none has a single entry
         without a state, naming its newest READY version. Versions held of a model the registry no longer lists
         (being unloaded) are included.
         """
         held: dict[str, list[LoadedModel]] = {}
         for model in self.loaded():
+            if model.state is ModelState.UNLOADING and (model.name, model.version) in self._slots:
+                continue  # its reload stands for it
             held.setdefault(model.name, []).append(model)
         entries: list[RepositoryEntry] = []
         if self._catalog is not None:

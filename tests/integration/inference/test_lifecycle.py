@@ -17,6 +17,7 @@ from google.protobuf import field_mask_pb2
 from onnx import TensorProto, helper
 
 from modelforge.inference.v1 import inference_pb2 as pb
+from modelforge.oip.v2 import grpc_service_pb2 as oip_pb2
 from modelforge.registry.v1 import registry_pb2
 from modelforge_server import paging
 from tests.fixtures.onnx_models import ModelFile, build_heavy, build_identity, model_bytes
@@ -378,6 +379,9 @@ async def test_pages_list_a_version_being_unloaded_beside_its_reload(start_infer
 
         assert before == after == both  # the request in flight held the old session all along
         assert walked == both
+        # The V2 repository index lists a version once, as Triton does: in the state of its new load.
+        index = await running.oip.RepositoryIndex(oip_pb2.RepositoryIndexRequest())
+        assert [(m.name, m.version, m.state) for m in index.models] == [("slow", "1", "READY")]
         assert outputs(await blocker)["y"].shape == (4096, 512)
         await unload
 
