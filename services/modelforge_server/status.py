@@ -34,21 +34,38 @@ def code_for(exc: BaseException) -> grpc.StatusCode:
     return next((_CODES[k] for k in type(exc).__mro__ if k in _CODES), grpc.StatusCode.INTERNAL)
 
 
+# A client takes only so much metadata with a status (gRPC's default: 8 KiB), and a message goes out three times
+# (grpc-message, the Status's message, a BadRequest's description). One that quotes what a request sent, a name of
+# thousands of characters, would exceed it, and the client would see RESOURCE_EXHAUSTED about metadata instead of
+# the error. Messages and metadata values are cut to these lengths.
+MAX_MESSAGE_CHARS = 1024
+MAX_METADATA_CHARS = 256
+
+
+def _bounded(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def message_of(exc: BaseException) -> str:
+    """The message a failed call carries for `exc`, at most MAX_MESSAGE_CHARS long."""
+    return _bounded(str(exc), MAX_MESSAGE_CHARS)
+
+
 def status_for(exc: errors.ServiceError, domain: str) -> status_pb2.Status:
     """A google.rpc.Status carrying ErrorInfo(reason, domain, metadata) and, for a field error, BadRequest."""
     code = code_for(exc)
+    message = message_of(exc)
+    metadata = {key: _bounded(value, MAX_METADATA_CHARS) for key, value in exc.metadata.items()}
     info = any_pb2.Any()
-    info.Pack(error_details_pb2.ErrorInfo(reason=exc.reason, domain=domain, metadata=exc.metadata))
+    info.Pack(error_details_pb2.ErrorInfo(reason=exc.reason, domain=domain, metadata=metadata))
     details = [info]
     if exc.field:
         bad = any_pb2.Any()
-        bad.Pack(
-            error_details_pb2.BadRequest(
-                field_violations=[error_details_pb2.BadRequest.FieldViolation(field=exc.field, description=str(exc))]
-            )
-        )
+        field = _bounded(exc.field, MAX_METADATA_CHARS)  # it may hold a name the request gave: inputs[<name>]
+        violation = error_details_pb2.BadRequest.FieldViolation(field=field, description=message)
+        bad.Pack(error_details_pb2.BadRequest(field_violations=[violation]))
         details.append(bad)
-    return status_pb2.Status(code=code.value[0], message=str(exc), details=details)
+    return status_pb2.Status(code=code.value[0], message=message, details=details)
 
 
 class AbortingContext(Protocol):
@@ -68,4 +85,4 @@ async def abort(context: AbortingContext, exc: BaseException, domain: str) -> No
         log.error("unexpected error in %s", domain, exc_info=exc)
         await context.abort(grpc.StatusCode.INTERNAL, "internal error; details are in the server log")
     status = status_for(exc, domain)
-    await context.abort(code_for(exc), str(exc), ((STATUS_DETAILS_KEY, status.SerializeToString()),))
+    await context.abort(code_for(exc), status.message, ((STATUS_DETAILS_KEY, status.SerializeToString()),))

@@ -44,6 +44,22 @@ def test_status_carries_reason_metadata_and_field_violation() -> None:
     assert bad.field_violations[0].field == "name"
 
 
+def test_a_message_quoting_a_huge_name_is_cut_to_fit_a_clients_metadata_limit() -> None:
+    name = "w" * 10_000
+    exc = WidgetNotFound(f"no widget {name!r}", field=f"widgets[{name}]", widget=name)
+    proto = status.status_for(exc, "modelforge.test")
+    assert len(proto.message) == status.MAX_MESSAGE_CHARS and proto.message.startswith("no widget 'www")
+    assert proto.message.endswith("…")
+    info, bad = error_details_pb2.ErrorInfo(), error_details_pb2.BadRequest()
+    assert proto.details[0].Unpack(info) and proto.details[1].Unpack(bad)
+    assert len(info.metadata["widget"]) == status.MAX_METADATA_CHARS
+    (violation,) = bad.field_violations
+    assert len(violation.field) == status.MAX_METADATA_CHARS and violation.description == proto.message
+    assert len(proto.SerializeToString()) + 3 * len(proto.message) < 8 * 1024  # with grpc-message, UTF-8 encoded
+    short = WidgetNotFound("no widget 'w'", widget="w")
+    assert status.status_for(short, "modelforge.test").message == "no widget 'w'"  # short ones stay whole
+
+
 def test_require_names_the_missing_field() -> None:
     assert errors.require("x", "name") == "x"
     with pytest.raises(errors.InvalidArgument, match="name is required") as caught:

@@ -411,6 +411,21 @@ async def test_shapes_no_array_can_hold_are_invalid_argument(
     assert needle in details
 
 
+async def test_a_name_of_thousands_of_characters_is_invalid_argument_not_a_metadata_overflow(
+    v2: V2, mlp: ModelFile
+) -> None:
+    # The error quotes the name; uncut, the status would exceed the client's 8 KiB metadata limit and the client
+    # would report RESOURCE_EXHAUSTED instead.
+    await v2.publish("mlp", mlp)
+    for request in (
+        infer_request("m" * 5000, mlp.sample(1)),
+        infer_request("mlp", mlp.sample(1), model_version="v" * 5000),
+        infer_request("mlp", mlp.sample(1), outputs=[Output(name="o" * 5000)]),
+    ):
+        details = await assert_status(v2.stub.ModelInfer(request), grpc.StatusCode.INVALID_ARGUMENT)
+        assert details.endswith("…")
+
+
 async def test_infer_on_unknown_model_is_not_found(v2: V2, mlp: ModelFile) -> None:
     await assert_status(v2.stub.ModelInfer(infer_request("no-such-model", mlp.sample(1))), grpc.StatusCode.NOT_FOUND)
 
