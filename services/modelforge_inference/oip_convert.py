@@ -292,6 +292,15 @@ def _from_contents(tensor: pb.ModelInferRequest.InferInputTensor) -> np.ndarray[
     shape, count = _shape(tensor, dtype)
     if field is None:
         raise InvalidInput(tensor.name, f"{tensor.datatype} has no typed contents field; send it in raw_input_contents")
+    given = [descriptor.name for descriptor, _ in tensor.contents.ListFields()]
+    if any(name != field for name in given):
+        wrong = ", ".join(f"contents.{name}" for name in given if name != field)
+        raise InvalidInput(tensor.name, f"its datatype {tensor.datatype} takes contents.{field}, but {wrong} was given")
+    if not given and count:
+        raise InvalidInput(
+            tensor.name,
+            f"no data: send its {count} elements in contents.{field} or as an entry of raw_input_contents",
+        )
     values = getattr(tensor.contents, field)
     if len(values) != count:
         raise InvalidInput(

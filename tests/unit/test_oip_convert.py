@@ -323,6 +323,28 @@ def test_typed_element_count_must_match_the_shape() -> None:
         convert.decode_inputs(request)
 
 
+@pytest.mark.parametrize("shape", [[1, 4], [0, 4]])
+def test_typed_contents_in_another_datatypes_field_are_refused_naming_both(shape: list[int]) -> None:
+    contents = pb.InferTensorContents(int_contents=[1, 2, 3, 4][: shape[0] * 4])
+    if not shape[0]:
+        contents.int_contents.append(1)  # an empty repeated field is no field at all
+    request = pb.ModelInferRequest(inputs=[Tensor(name="x", datatype="FP32", shape=shape, contents=contents)])
+    with pytest.raises(InvalidInput) as caught:
+        convert.decode_inputs(request)
+    assert str(caught.value) == (
+        "input 'x': its datatype FP32 takes contents.fp32_contents, but contents.int_contents was given"
+    )
+
+
+def test_an_input_without_data_says_where_its_data_goes() -> None:
+    request = pb.ModelInferRequest(inputs=[Tensor(name="x", datatype="INT64", shape=[2, 2])])
+    with pytest.raises(InvalidInput) as caught:
+        convert.decode_inputs(request)
+    assert str(caught.value) == (
+        "input 'x': no data: send its 4 elements in contents.int64_contents or as an entry of raw_input_contents"
+    )
+
+
 @pytest.mark.parametrize("datatype", ["FP16", "BF16"])
 def test_half_precision_travels_raw_only(datatype: str) -> None:
     request = pb.ModelInferRequest(inputs=[Tensor(name="x", datatype=datatype, shape=[1])])
