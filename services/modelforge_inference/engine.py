@@ -705,10 +705,14 @@ class InferenceEngine:
         self._release(slot)
         return slot.snapshot()
 
-    async def unload(self, ref: ModelRef) -> list[LoadedModel]:
+    async def unload(self, ref: ModelRef, *, wait: bool = True) -> list[LoadedModel]:
         """Unloads the version `ref` names (every loaded version of the model when ref has no selector), after
         the requests in flight on it finish. Raises ModelNotLoaded when nothing matches. A version number held
-        here is unloaded without asking the registry, which may have deleted it meanwhile."""
+        here is unloaded without asking the registry, which may have deleted it meanwhile.
+
+        With ``wait`` False it returns once the versions take no new requests (the next request loads them
+        again), and the requests in flight finish in the background, as Triton's RepositoryModelUnload does.
+        """
         if ref.is_latest:
             slots = [slot for slot in self._slots.values() if slot.model.name == ref.name]
         elif ref.version is not None and (ref.name, ref.version) in self._slots:
@@ -721,8 +725,9 @@ class InferenceEngine:
             raise ModelNotLoaded(str(ref))
         drains = [self._begin_unload(slot, UnloadReason.REQUESTED) for slot in slots]
         snapshots = [slot.snapshot() for slot in slots]
-        # Shielded: a caller that leaves stops waiting for the drains, not the drains (the sessions would stay).
-        await asyncio.shield(asyncio.gather(*drains))
+        if wait:
+            # Shielded: a caller that leaves stops waiting for the drains, not the drains (the sessions would stay).
+            await asyncio.shield(asyncio.gather(*drains))
         return snapshots
 
     def stream_meter(self, prediction: Prediction) -> Callable[[float], None]:

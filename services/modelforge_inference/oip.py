@@ -196,9 +196,10 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelUnloadResponse:
         ref = convert.repository_model_ref(request.model_name)
-        # As in Triton, unloading a model that is not loaded (or not known) succeeds and changes nothing.
+        # As in Triton, the answer does not wait for the requests in flight, and unloading a model that is not
+        # loaded (or not known) succeeds and changes nothing.
         with contextlib.suppress(NotFound):
-            await self._engine.unload(ref)
+            await self._engine.unload(ref, wait=False)
         return pb.RepositoryModelUnloadResponse()
 
     async def SystemSharedMemoryStatus(

@@ -22,9 +22,12 @@ from modelforge.oip.v2 import grpc_service_pb2_grpc
 from modelforge.oip.v2 import model_config_pb2 as config_pb
 from modelforge.registry.v1 import registry_pb2
 from tests.fixtures.onnx_models import ModelFile
+from tests.fixtures.polling import eventually
 from tests.integration.inference.conftest import RunningInference, StartInference, failure, upload
 from tests.integration.inference.test_scheduling import (
     BLOCKER,
+    COUNTER,
+    LONG,
     MEDIUM,
     SLOW,
     SMALL,
@@ -530,6 +533,27 @@ def test_stream_max_in_flight_must_be_positive() -> None:
 
 
 # --- repository and statistics ---------------------------------------------------------------------------------
+
+
+async def test_repository_unload_answers_at_once_while_a_request_in_flight_goes_on(v2: V2) -> None:
+    await upload(v2.running, "counter", COUNTER)
+    # Seconds of counting: the unload must answer long before this run could end.
+    call = v2.stub.ModelInfer(infer_request("counter", {**LONG, "steps": np.array([10**7])}))
+    running = asyncio.ensure_future(call)
+    await wait_in_flight(v2.running, "counter", 1)
+
+    await v2.stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="counter"), timeout=2.0)
+
+    assert not running.done()
+    ready = await v2.stub.ModelReady(pb.ModelReadyRequest(name="counter", version="1"))
+    assert not ready.ready  # out of service at once; the run in flight keeps its session until it ends
+    call.cancel()  # the caller leaves: its run stops, and the drain ends
+    await eventually(lambda: _nothing_loaded(v2), "the unloaded version to leave the repository index")
+
+
+async def _nothing_loaded(v2: V2) -> bool:
+    index = await v2.stub.RepositoryIndex(pb.RepositoryIndexRequest(ready=False))
+    return all(m.state == "UNAVAILABLE" for m in index.models)
 
 
 async def test_repository_load_index_ready_and_unload(v2: V2, mlp: ModelFile) -> None:
