@@ -14,7 +14,7 @@ from modelforge._refs import ModelRef, parse_version_field, validate_alias, vali
         ("fraud:3", ModelRef("fraud", version=3)),
         ("fraud@production", ModelRef("fraud", alias="production")),
         ("a", ModelRef("a")),
-        ("0-resnet-50", ModelRef("0-resnet-50")),
+        ("resnet-50-0", ModelRef("resnet-50-0")),
         ("m:1", ModelRef("m", version=1)),
         ("m@canary_2-b", ModelRef("m", alias="canary_2-b")),
         ("x" * 63, ModelRef("x" * 63)),
@@ -44,6 +44,7 @@ def test_parse_returns_a_ref_unchanged() -> None:
         ("", "invalid model name ''"),
         ("Fraud", "invalid model name 'Fraud'"),
         ("-fraud", "invalid model name"),
+        ("0-resnet-50", "starting with a letter"),  # as the registry names models
         ("fraud-", "invalid model name"),
         ("fraud_detector", "invalid model name"),
         ("x" * 64, "invalid model name"),

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 __all__ = ["ModelRef", "parse_version_field", "validate_alias", "validate_model_name"]
 
-_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+_NAME = re.compile(r"[a-z]([a-z0-9-]{0,61}[a-z0-9])?")  # the registry's rule
 _ALIAS = re.compile(r"[a-z][a-z0-9_-]{0,62}")
 _VERSION = re.compile(r"[0-9]+")
 
@@ -27,7 +27,7 @@ def validate_model_name(name: str) -> str:
     """Checks that ``name`` is a valid model name and returns it.
 
     Model names are lowercase DNS labels: 1 to 63 characters from ``a-z``,
-    ``0-9`` and ``-``, starting and ending with a letter or digit.
+    ``0-9`` and ``-``, starting with a letter and ending with a letter or digit.
 
     Raises:
         ValueError: the name is empty or has a character or length not allowed.
@@ -35,7 +35,7 @@ def validate_model_name(name: str) -> str:
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ValueError(
             f"invalid model name {name!r}: use 1-63 lowercase letters, digits and '-', "
-            "starting and ending with a letter or digit (for example 'fraud-detector')"
+            "starting with a letter and ending with a letter or digit (for example 'fraud-detector')"
         )
     return name
 
