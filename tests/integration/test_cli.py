@@ -348,3 +348,11 @@ async def test_output_into_a_pipe_whose_reader_left_ends_quietly(
     with os.fdopen(write, "w", buffering=1) as out:  # line-buffered: the first line meets the closed pipe
         code = await asyncio.to_thread(main, ["models", "ls", "--registry", registry.address], out=out, err=err)
     assert (code, err.getvalue()) == (128 + signal.SIGPIPE, "")
+
+
+async def test_push_with_an_alias_the_registry_would_refuse_stores_no_version(cli: Cli, add_one: ModelFile) -> None:
+    refused = await cli("models", "push", str(add_one.path), "--name", "demo", "--alias", "Prod")
+    assert refused.code == 2, refused.err
+    assert "invalid alias 'Prod'" in refused.err
+    listed = await cli("models", "ls")
+    assert "demo" not in listed.out  # checked before the upload: nothing was stored

@@ -21,7 +21,7 @@ from modelforge._channel import DEFAULT_MAX_MESSAGE_BYTES, REGISTRY, AsyncChanne
 from modelforge._convert import DEFAULT_CHUNK_BYTES, Progress
 from modelforge._domain import Model, ModelEvent, ModelVersion, VersionState
 from modelforge._errors import translated
-from modelforge._refs import ModelRef
+from modelforge._refs import ModelRef, validate_alias
 from modelforge.registry.v1 import registry_pb2 as pb
 from modelforge.registry.v1 import registry_pb2_grpc
 
@@ -215,6 +215,8 @@ class RegistryClient(ChannelClient):
             ResourceExhaustedError: the file is larger than the registry accepts.
         """
         _check_chunk(chunk_bytes)
+        if alias is not None:
+            validate_alias(alias)  # before the upload: a version whose alias is refused afterwards would stay
         if isinstance(source, bytes | bytearray | memoryview):
             data = source
             sha256 = _convert.sha256_of_bytes(data)
@@ -496,6 +498,8 @@ class AsyncRegistryClient(AsyncChannelClient):
     ) -> ModelVersion:
         """See :meth:`RegistryClient.push`. Hashing and file reads run in a thread; progress is called on the loop."""
         _check_chunk(chunk_bytes)
+        if alias is not None:
+            validate_alias(alias)  # before the upload: a version whose alias is refused afterwards would stay
         requests: Any
         if isinstance(source, bytes | bytearray | memoryview):
             data = source
