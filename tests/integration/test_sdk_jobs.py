@@ -17,6 +17,7 @@ from modelforge import (
     AsyncJobsClient,
     AsyncRegistryClient,
     FailedPreconditionError,
+    InvalidArgumentError,
     JobsClient,
     JobState,
     NotFoundError,
@@ -34,6 +35,7 @@ from tests.integration.jobs.conftest import (  # noqa: F401
     registry,
     registry_settings,
     start_inference,
+    stored_datasets,
     worker,
 )
 
@@ -117,3 +119,13 @@ def _sync_scenario(address: str, ref: str) -> None:
 
 async def test_sync_client_covers_the_same_ground(jobs_api: RunningJobs, worker: InProcessWorker, adder: str) -> None:
     await asyncio.to_thread(_sync_scenario, f"127.0.0.1:{jobs_api.port}", adder)
+
+
+async def test_a_refused_submit_removes_the_dataset_it_uploaded(
+    client: AsyncJobsClient, jobs_settings, adder: str
+) -> None:
+    before = await stored_datasets(jobs_settings)
+    wrong = np.zeros((300_000, 4), np.float64)  # 9.6 MB: uploaded as a dataset first, then refused for its dtype
+    with pytest.raises(InvalidArgumentError, match="FLOAT64"):
+        await client.submit(adder, {"x": wrong})
+    assert await stored_datasets(jobs_settings) == before

@@ -67,12 +67,12 @@ def _duration(d: duration_pb2.Duration) -> timedelta:
     return d.ToTimedelta()
 
 
-def duration_proto(seconds: float | None) -> duration_pb2.Duration | None:
-    """A Duration for ``seconds``; None stays None (the field is left unset)."""
+def duration_proto(seconds: float | None, what: str) -> duration_pb2.Duration | None:
+    """A Duration for ``seconds`` of the argument ``what``; None stays None (the field is left unset)."""
     if seconds is None:
         return None
     if seconds < 0:
-        raise ValueError(f"a timeout must be 0 or more seconds, not {seconds!r}")
+        raise ValueError(f"{what} must be 0 or more seconds, not {seconds!r}")
     d = duration_pb2.Duration()
     d.FromTimedelta(timedelta(seconds=seconds))
     return d
@@ -392,7 +392,7 @@ def _inference_fields(
         "priority": priority,
         "cache_mode": _CACHE_MODES[cache],
     }
-    timeout = duration_proto(queue_timeout)
+    timeout = duration_proto(queue_timeout, "queue_timeout")
     if timeout is not None:
         fields["timeout"] = timeout
     return fields

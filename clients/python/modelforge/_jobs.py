@@ -7,6 +7,7 @@ Same methods and arguments on both; the async ones are awaited. Requests are bui
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -21,7 +22,7 @@ from modelforge import _convert
 from modelforge._channel import DEFAULT_MAX_MESSAGE_BYTES, JOBS, AsyncChannelClient, ChannelClient
 from modelforge._convert import DEFAULT_CHUNK_BYTES, MiB, Progress
 from modelforge._domain import Dataset, JobPriority, JobState, JobStatus
-from modelforge._errors import DeadlineExceededError, translated
+from modelforge._errors import DeadlineExceededError, ModelForgeError, translated
 from modelforge._refs import ModelRef
 from modelforge.jobs.v1 import jobs_pb2 as pb
 from modelforge.jobs.v1 import jobs_pb2_grpc
@@ -71,7 +72,7 @@ def _create_request(
         request.inline_input.CopyFrom(_convert.inline_input(inline))
     else:
         request.dataset_id = dataset_id or ""
-    limit = _convert.duration_proto(time_limit)
+    limit = _convert.duration_proto(time_limit, "time_limit")
     if limit is not None:
         request.time_limit.CopyFrom(limit)
     return request
@@ -255,8 +256,10 @@ class JobsClient(ChannelClient):
             InvalidArgumentError: empty input, or input that does not match the model's signature.
         """
         arrays, upload = _plan_input(inputs, dataset)
+        uploaded = None  # a dataset this call made of the inputs: it goes if the job is refused
         if upload and arrays is not None:
-            dataset, arrays = self.upload_dataset(arrays, progress=progress).id, None
+            dataset = uploaded = self.upload_dataset(arrays, progress=progress).id
+            arrays = None
         request = _create_request(
             ref,
             inline=arrays,
@@ -268,8 +271,14 @@ class JobsClient(ChannelClient):
             time_limit=time_limit,
             request_id=request_id,
         )
-        with translated():
-            response = self.jobs_stub.CreateJob(request, timeout=self.timeout)
+        try:
+            with translated():
+                response = self.jobs_stub.CreateJob(request, timeout=self.timeout)
+        except ModelForgeError:
+            if uploaded is not None:
+                with contextlib.suppress(ModelForgeError):  # in use: the job was made after all, and keeps it
+                    self.delete_dataset(uploaded)
+            raise
         return Job(self, _convert.job_status(response.job))
 
     def get_job(self, job_id: str) -> Job:
@@ -470,8 +479,10 @@ class AsyncJobsClient(AsyncChannelClient):
     ) -> AsyncJob:
         """See :meth:`JobsClient.submit`. Reading and encoding the input run in a thread."""
         arrays, upload = await asyncio.to_thread(_plan_input, inputs, dataset)
+        uploaded = None  # a dataset this call made of the inputs: it goes if the job is refused
         if upload and arrays is not None:
-            dataset, arrays = (await self.upload_dataset(arrays, progress=progress)).id, None
+            dataset = uploaded = (await self.upload_dataset(arrays, progress=progress)).id
+            arrays = None
         request = await asyncio.to_thread(
             lambda: _create_request(
                 ref,
@@ -485,8 +496,14 @@ class AsyncJobsClient(AsyncChannelClient):
                 request_id=request_id,
             )
         )
-        with translated():
-            response = await self.jobs_stub.CreateJob(request, timeout=self.timeout)
+        try:
+            with translated():
+                response = await self.jobs_stub.CreateJob(request, timeout=self.timeout)
+        except ModelForgeError:
+            if uploaded is not None:
+                with contextlib.suppress(ModelForgeError):  # in use: the job was made after all, and keeps it
+                    await self.delete_dataset(uploaded)
+            raise
         return AsyncJob(self, _convert.job_status(response.job))
 
     async def get_job(self, job_id: str) -> AsyncJob:
