@@ -71,7 +71,8 @@ class JobNotCompleted(FailedPrecondition):
 
     def __init__(self, job_id: str, state: str) -> None:
         super().__init__(
-            f"job {job_id} is {state}; results are available once it is COMPLETED (`modelforge jobs watch`)",
+            f"job {job_id} is {state}; results are available once it is COMPLETED: wait for a job under way "
+            "(`modelforge jobs watch`), run a FAILED or CANCELLED one again (`modelforge jobs retry`)",
             job=job_id,
             state=state,
         )

@@ -79,7 +79,7 @@ class VersionNotFound(NotFound):
 
     def __init__(self, model: str, version: int) -> None:
         super().__init__(
-            f"model {model!r} has no version {version}; `modelforge models show {model}` lists its versions",
+            f"model {model!r} has no version {version}; `modelforge models ls {model}` lists its versions",
             model=model,
             version=str(version),
         )
@@ -108,7 +108,8 @@ class ModelHasVersions(FailedPrecondition):
 
     def __init__(self, name: str, count: int) -> None:
         super().__init__(
-            f"model {name!r} still has {count} version(s); delete them first or pass force to delete everything",
+            f"model {name!r} still has {count} version(s); delete them first, or pass force "
+            "(`modelforge models rm --force`) to delete everything",
             model=name,
         )
 
