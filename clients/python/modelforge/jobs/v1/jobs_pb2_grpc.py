@@ -115,7 +115,7 @@ class JobServiceServicer:
     def CreateJob(self, request, context):
         """Submits a job. The model reference is resolved with the registry now and pinned to that version, and the
         input is checked against the version's signature, before anything is queued: NOT_FOUND for an unknown
-        model, version, alias or dataset; FAILED_PRECONDITION when the reference resolves to no usable version;
+        model, version, alias or dataset, or a model with no READY version; FAILED_PRECONDITION for an archived version;
         INVALID_ARGUMENT for an empty input or one that does not match the signature. A request repeated with the
         same request_id returns the job created by the first one.
         """

@@ -45,7 +45,7 @@ class JobServiceStub:
     CreateJob: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.CreateJobRequest, _jobs_pb2.CreateJobResponse]
     """Submits a job. The model reference is resolved with the registry now and pinned to that version, and the
     input is checked against the version's signature, before anything is queued: NOT_FOUND for an unknown
-    model, version, alias or dataset; FAILED_PRECONDITION when the reference resolves to no usable version;
+    model, version, alias or dataset, or a model with no READY version; FAILED_PRECONDITION for an archived version;
     INVALID_ARGUMENT for an empty input or one that does not match the signature. A request repeated with the
     same request_id returns the job created by the first one.
     """
@@ -100,7 +100,7 @@ class JobServiceAsyncStub(JobServiceStub):
     CreateJob: _aio.UnaryUnaryMultiCallable[_jobs_pb2.CreateJobRequest, _jobs_pb2.CreateJobResponse]  # type: ignore[assignment]
     """Submits a job. The model reference is resolved with the registry now and pinned to that version, and the
     input is checked against the version's signature, before anything is queued: NOT_FOUND for an unknown
-    model, version, alias or dataset; FAILED_PRECONDITION when the reference resolves to no usable version;
+    model, version, alias or dataset, or a model with no READY version; FAILED_PRECONDITION for an archived version;
     INVALID_ARGUMENT for an empty input or one that does not match the signature. A request repeated with the
     same request_id returns the job created by the first one.
     """
@@ -158,7 +158,7 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_jobs_pb2.CreateJobResponse, _abc.Awaitable[_jobs_pb2.CreateJobResponse]]:
         """Submits a job. The model reference is resolved with the registry now and pinned to that version, and the
         input is checked against the version's signature, before anything is queued: NOT_FOUND for an unknown
-        model, version, alias or dataset; FAILED_PRECONDITION when the reference resolves to no usable version;
+        model, version, alias or dataset, or a model with no READY version; FAILED_PRECONDITION for an archived version;
         INVALID_ARGUMENT for an empty input or one that does not match the signature. A request repeated with the
         same request_id returns the job created by the first one.
         """
