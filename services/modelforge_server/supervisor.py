@@ -20,9 +20,11 @@ from __future__ import annotations
 import ast
 import asyncio
 import contextlib
+import errno
 import importlib.util
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
@@ -126,6 +128,23 @@ def select(options: UpOptions, programs: Sequence[Program] = PROGRAMS) -> list[P
     return chosen
 
 
+def _port_free(host: str, port: int) -> bool:
+    """Whether no process listens on `port` of `host`: a socket binds to it without sharing it (SO_REUSEPORT),
+    as one would while a server, gRPC's included, holds it."""
+    for family, kind, proto, _, address in socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    ):
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is no owner
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return False
+                raise
+    return True
+
+
 def _dial_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
@@ -181,6 +200,13 @@ class Supervisor:
         self._env["MODELFORGE_HOST"] = host
         ports = {p.name: self._options.ports.get(p.name, p.default_port) for p in programs if p.default_port}
         for name, port in ports.items():
+            # Before anything starts: a service on a port another server holds would find that server's health
+            # SERVING and be announced up, then fail to bind.
+            if port and not _port_free(host, port):
+                raise SupervisorError(
+                    f"port {port} ({name}) is in use by another process; stop it, or choose another port with "
+                    f"--{name}-port"
+                )
             self._env[f"MODELFORGE_{name.upper()}_ADDRESS"] = f"{_dial_host(host)}:{port}"
 
         async with AsyncExitStack() as stack:

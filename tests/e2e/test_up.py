@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,4 +199,27 @@ def test_a_port_in_use_stops_up_with_a_clear_message(env: Env) -> None:
             check=False,
         )
     assert result.returncode == 1
-    assert "modelforge up: registry exited with code" in result.stderr
+    assert f"port {registry_port} (registry) is in use by another process" in result.stderr
+    assert "--registry-port" in result.stderr
+    assert "PostgreSQL" not in result.stdout  # refused before anything started
+
+
+def test_a_port_held_by_another_grpc_server_stops_up_before_anything_starts(env: Env) -> None:
+    # A gRPC server shares its port (SO_REUSEPORT) and answers health checks: up must not take it for its own.
+    server = grpc.server(ThreadPoolExecutor(max_workers=1))
+    registry_port = server.add_insecure_port(f"127.0.0.1:{env.ports[0]}")
+    server.start()
+    try:
+        result = subprocess.run(
+            [str(MODELFORGE), "up", "--registry-port", str(registry_port), "--only", "registry"],
+            env=env.environ(),
+            capture_output=True,
+            text=True,
+            timeout=START_TIMEOUT,
+            check=False,
+        )
+    finally:
+        server.stop(None)
+    assert result.returncode == 1
+    assert f"port {registry_port} (registry) is in use by another process" in result.stderr
+    assert "ModelForge is up" not in result.stdout
