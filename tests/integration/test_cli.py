@@ -105,6 +105,11 @@ async def test_pull_writes_the_verified_file(cli: Cli, add_one: ModelFile, tmp_p
     pulled = await cli("models", "pull", "demo", "--out", str(target))
     assert pulled.code == 0, pulled.err
     assert target.read_bytes() == add_one.data
+    # A path ending in a slash names a directory, made if it is missing; the file goes in it.
+    into = await cli("models", "pull", "demo", "--out", f"{tmp_path / 'models'}/")
+    assert into.code == 0, into.err
+    assert (tmp_path / "models" / "demo.onnx").read_bytes() == add_one.data
+    assert f"to {tmp_path / 'models' / 'demo.onnx'}" in into.out
 
 
 async def test_errors_are_one_line_and_non_zero(cli: Cli, not_onnx: ModelFile, tmp_path: Path) -> None:

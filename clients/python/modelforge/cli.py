@@ -343,6 +343,8 @@ def cmd_models_pull(ctx: Context) -> int:
     a = ctx.args
     ref = ModelRef.parse(a.ref)
     target = Path(a.out) if a.out else Path(f"{ref.name}.onnx")
+    if a.out and a.out.endswith(("/", os.sep)):  # a directory, though it does not exist yet: Path drops the slash
+        target.mkdir(parents=True, exist_ok=True)
     bar = ProgressBar(f"downloading {ref}", ctx.err)
     with ctx.registry() as registry:
         try:
