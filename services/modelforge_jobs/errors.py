@@ -119,6 +119,13 @@ class AttemptsExhausted(ServiceError):
     reason = "ATTEMPTS_EXHAUSTED"
 
 
+class ReplicaStopping(Unavailable):
+    reason = "REPLICA_STOPPING"
+
+    def __init__(self) -> None:
+        super().__init__("this jobs API replica is shutting down; watch the job again (another replica will answer)")
+
+
 class DependencyUnavailable(Unavailable):
     reason = "DEPENDENCY_UNAVAILABLE"
 

@@ -29,6 +29,7 @@ class JobChanges:
         self._watchers: dict[UUID, set[asyncio.Event]] = {}
         self._live = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     @property
     def live(self) -> bool:
@@ -42,7 +43,13 @@ class JobChanges:
             async with asyncio.timeout(wait_seconds):
                 await self._live.wait()
 
+    @property
+    def stopping(self) -> bool:
+        """Whether the process is stopping: watchers, woken by aclose, end their streams."""
+        return self._stopping
+
     async def aclose(self) -> None:
+        self._stopping = True
         if self._task is not None:
             task, self._task = self._task, None
             await tasks.stop(task)  # bounded: psycopg may absorb a cancellation that lands while it connects

@@ -34,6 +34,7 @@ from modelforge_jobs.errors import (
     JobNotCompleted,
     JobNotFinished,
     JobStateConflict,
+    ReplicaStopping,
 )
 from modelforge_jobs.events import JobChanges
 from modelforge_jobs.inference_client import RegistryClient
@@ -223,6 +224,8 @@ class Jobs:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self._watch_interval):
                         await changed.wait()
+                if self._changes is not None and self._changes.stopping:
+                    raise ReplicaStopping()
                 await asyncio.sleep(self._watch_spacing)  # rate limit, not synchronisation
 
     def _subscribe(self, job_id: UUID) -> contextlib.AbstractContextManager[asyncio.Event]:

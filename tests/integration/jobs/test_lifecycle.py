@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import grpc
 import numpy as np
+import pytest
 
 from modelforge.jobs.v1 import jobs_pb2
 from modelforge.registry.v1 import registry_pb2
@@ -17,6 +18,7 @@ from modelforge_server import embedded
 from tests.fixtures.onnx_models import build_counter, image_generator, model_bytes  # noqa: F401
 from tests.integration.inference.test_scheduling import wait_in_flight
 from tests.integration.jobs.conftest import (
+    error_reason,
     getter,
     inline_request,
     results,
@@ -256,3 +258,23 @@ async def test_retention_deletes_finished_jobs_and_unused_datasets(
             else:
                 raise AssertionError("retention did not delete the job and the dataset")
         assert await stored_datasets(settings) == (0, 0)  # its records went with it
+
+
+async def test_stopping_ends_open_watches_at_once_rather_than_after_the_grace_period(
+    jobs_settings, start_jobs_api, inference, add_one
+) -> None:
+    settings = replace(jobs_settings, grace_seconds=600.0)
+    await upload(inference, "add-one", add_one)
+    async with start_jobs_api(settings) as api:
+        job = (await api.stub.CreateJob(inline_request("add-one", {"x": _x(4)}))).job  # no worker: stays QUEUED
+        watch = api.stub.WatchJob(jobs_pb2.WatchJobRequest(id=job.id))
+        assert (await asyncio.wait_for(watch.read(), 30)).job.state == jobs_pb2.JOB_STATE_QUEUED
+
+        async with asyncio.timeout(60):  # only so that a regression fails instead of waiting out the grace period
+            stopping = asyncio.ensure_future(api.server.stop(settings.grace_seconds))
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                while True:
+                    await watch.read()
+            await stopping
+        assert (caught.value.code(), error_reason(caught.value)) == (grpc.StatusCode.UNAVAILABLE, "REPLICA_STOPPING")
+        assert "watch the job again" in (caught.value.details() or "")
