@@ -110,6 +110,9 @@ async def test_pull_writes_the_verified_file(cli: Cli, add_one: ModelFile, tmp_p
     assert into.code == 0, into.err
     assert (tmp_path / "models" / "demo.onnx").read_bytes() == add_one.data
     assert f"to {tmp_path / 'models' / 'demo.onnx'}" in into.out
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # as any file the user makes, not private to them
 
 
 async def test_errors_are_one_line_and_non_zero(cli: Cli, not_onnx: ModelFile, tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import tempfile
+import secrets
 from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -46,10 +46,16 @@ def _target_file(path: str | os.PathLike[str], ref: str | ModelRef) -> Path:
 
 
 def _temp_beside(target: Path) -> tuple[IO[bytes], Path]:
-    """A temporary file in the target's directory, so the final rename is atomic."""
+    """A temporary file in the target's directory, so the final rename is atomic. It is made with the mode open()
+    gives (0666 less the umask), not mkstemp's private 0600, since it becomes the downloaded file."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-    return os.fdopen(fd, "wb"), Path(name)
+    while True:
+        part = target.parent / f".{target.name}.{secrets.token_hex(4)}.part"
+        try:
+            fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        return os.fdopen(fd, "wb"), part
 
 
 def _upload_plan(
