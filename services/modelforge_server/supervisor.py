@@ -39,7 +39,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from modelforge_server import embedded
 from modelforge_server.settings import ServerSettings, from_env
 
-__all__ = ["Program", "SupervisorError", "UpOptions", "PROGRAMS", "run", "supervise"]
+__all__ = ["Program", "SupervisorError", "UpOptions", "PROGRAMS", "child_environ", "run", "supervise"]
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
@@ -126,6 +126,36 @@ def select(options: UpOptions, programs: Sequence[Program] = PROGRAMS) -> list[P
     if not chosen:
         raise SupervisorError("no ModelForge service is installed; install with `pip install 'modelforge[server]'`")
     return chosen
+
+
+def child_environ(
+    environ: dict[str, str], program: Program, port: int | None, index: int, count: int
+) -> dict[str, str]:
+    """The environment of `program`'s child number `index` (of `count`), listening on `port`.
+
+    One MODELFORGE_METRICS_PORT for the whole suite is the first of its metrics ports: one per service in order
+    (registry, inference, jobs), then the workers'. Given as it is to every child, all but one would fail to listen.
+    Workers count up from MODELFORGE_WORKER_METRICS_PORT when it is set (0 turns theirs off).
+    """
+    env = dict(environ)
+    env.pop("MODELFORGE_PORT", None)
+    if port is not None:
+        env["MODELFORGE_PORT"] = str(port)
+    base = int(env.get("MODELFORGE_METRICS_PORT") or 0)
+    services = [p for p in PROGRAMS if p.default_port is not None]
+    if program.default_port is not None:
+        if base:
+            env["MODELFORGE_METRICS_PORT"] = str(base + services.index(program))
+        return env
+    given = env.get("MODELFORGE_WORKER_METRICS_PORT")
+    first: int | None = int(given) if given is not None else None
+    if first is None and base:
+        first = base + len(services)
+    if first is None and count > 1:
+        first = DEFAULT_WORKER_METRICS_PORT
+    if first is not None:  # several workers on one host: each serves /metrics on its own port
+        env["MODELFORGE_WORKER_METRICS_PORT"] = str(first + index if first else 0)
+    return env
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -248,15 +278,8 @@ class Supervisor:
             self.say(f"Redis: embedded at {url}, data in {data_dir / 'redis'}")
 
     async def _spawn(self, program: Program, port: int | None, index: int, count: int) -> Child:
-        env = dict(self._env)
-        env.pop("MODELFORGE_PORT", None)
-        if port is not None:
-            env["MODELFORGE_PORT"] = str(port)
+        env = child_environ(self._env, program, port, index, count)
         label = program.name if count == 1 else f"{program.name}-{index + 1}"
-        if program.default_port is None and count > 1:
-            # Several workers on one host: each serves /metrics on its own port, counting up from the first.
-            first = int(env.get("MODELFORGE_WORKER_METRICS_PORT", DEFAULT_WORKER_METRICS_PORT))
-            env["MODELFORGE_WORKER_METRICS_PORT"] = str(first + index if first else 0)
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
