@@ -12,7 +12,9 @@ Order of events:
 
 Shutdown runs in reverse: each child gets SIGTERM and its grace period (MODELFORGE_GRACE_SECONDS) before a
 SIGKILL, then the embedded servers stop. Children run in their own session, so a Ctrl-C in the terminal reaches
-only the supervisor, which stops them in order. A child that exits on its own stops the rest, and `up` exits 1.
+only the supervisor, which stops them in order. A service that exits on its own stops the rest, and `up` exits 1;
+a worker that exits is started again (the job it was running goes back to the queue), unless it keeps exiting
+within seconds of starting.
 """
 
 from __future__ import annotations
@@ -63,6 +65,10 @@ class Program:
 
 
 DEFAULT_WORKER_METRICS_PORT = 9104
+# A worker that exits is started again, unless it exited this soon after starting this many times in a row: then
+# something is wrong with its settings or its dependencies, and `up` stops rather than restart it forever.
+_QUICK_EXIT_SECONDS = 10.0
+_QUICK_EXITS_BEFORE_GIVING_UP = 3
 
 PROGRAMS: tuple[Program, ...] = (
     Program("registry", "modelforge_registry", "modelforge.registry.v1.RegistryService", 50051),
@@ -187,6 +193,9 @@ class Child:
     process: asyncio.subprocess.Process
     label: str
     address: str | None
+    index: int = 0  # which of `count` processes of its program
+    count: int = 1
+    started: float = 0.0  # event-loop time
 
     async def stop(self, grace: float) -> None:
         """SIGTERM, then SIGKILL if it is still there after `grace` seconds (plus a margin to flush)."""
@@ -252,7 +261,7 @@ class Supervisor:
             if self._stop.is_set():
                 return self._interrupted()
             self._announce()
-            code = await self._watch()
+            code = await self._watch(stack)
             self.say("modelforge up: stopping")
         self.say("modelforge up: stopped")
         return code
@@ -289,7 +298,7 @@ class Supervisor:
             start_new_session=True,  # a terminal's Ctrl-C reaches only us; we stop children in order
         )
         address = f"{_dial_host(env['MODELFORGE_HOST'])}:{port}" if port is not None else None
-        child = Child(program, process, label, address)
+        child = Child(program, process, label, address, index, count, asyncio.get_running_loop().time())
         self._children.append(child)
         return child
 
@@ -327,24 +336,43 @@ class Supervisor:
             self.say(f"  {child.label:<{width}}  {where}")
         self.say("ModelForge is up. Press Ctrl-C to stop.")
 
-    async def _watch(self) -> int:
-        """Returns 0 after a stop signal, 1 when a child exited on its own."""
-        waits = {asyncio.ensure_future(c.process.wait()): c for c in self._children}
-        stopped = asyncio.ensure_future(self._stop.wait())
-        try:
-            done, _ = await asyncio.wait({stopped, *waits}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (stopped, *waits):
-                task.cancel()
-            await asyncio.gather(stopped, *waits, return_exceptions=True)
-        if stopped in done:
-            return 0
-        dead = next(waits[t] for t in done if t in waits)
-        self.say(
-            f"modelforge up: {dead.label} exited with code {dead.process.returncode}; stopping the others "
-            "(its log is above)"
-        )
-        return 1
+    async def _watch(self, stack: AsyncExitStack) -> int:
+        """Returns 0 after a stop signal, 1 when a service exited on its own. A worker that exits is started again
+        (a job it was running goes back to the queue, and a worker runs it again), unless it keeps exiting at once.
+        """
+        loop = asyncio.get_running_loop()
+        quick_exits = 0
+        while True:
+            waits = {asyncio.ensure_future(c.process.wait()): c for c in self._children}
+            stopped = asyncio.ensure_future(self._stop.wait())
+            try:
+                done, _ = await asyncio.wait({stopped, *waits}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in (stopped, *waits):
+                    task.cancel()
+                await asyncio.gather(stopped, *waits, return_exceptions=True)
+            if stopped in done:
+                return 0
+            dead = next(waits[t] for t in done if t in waits)
+            code = dead.process.returncode
+            if dead.program.default_port is not None:
+                self.say(f"modelforge up: {dead.label} exited with code {code}; stopping the others (its log is above)")
+                return 1
+            quick_exits = quick_exits + 1 if loop.time() - dead.started < _QUICK_EXIT_SECONDS else 0
+            if quick_exits >= _QUICK_EXITS_BEFORE_GIVING_UP:
+                self.say(
+                    f"modelforge up: {dead.label} exited with code {code}, {quick_exits} times in a row within "
+                    f"{_QUICK_EXIT_SECONDS:.0f} s of starting; stopping the others (its log is above)"
+                )
+                return 1
+            self.say(
+                f"modelforge up: {dead.label} exited with code {code}; starting it again (a job it was running "
+                "goes back to the queue)"
+            )
+            self._children.remove(dead)
+            child = await self._spawn(dead.program, None, dead.index, dead.count)
+            stack.push_async_callback(child.stop, self._settings.grace_seconds)
+            self.say(f"  {child.label}  running (pid {child.process.pid})")
 
 
 async def _serving(address: str, service: str) -> None:

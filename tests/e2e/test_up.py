@@ -174,6 +174,15 @@ def test_up_serves_the_suite_and_keeps_data_across_a_restart(env: Env, add_one: 
         assert job.returncode == 0, job.stderr
         assert "COMPLETED: 5/5 items" in job.stdout
 
+        # A worker that dies is started again; the suite stays up and runs jobs.
+        (worker,) = [line for line in suite.seen if line.strip().startswith("jobs-worker") and "running (pid " in line]
+        os.kill(int(worker.rsplit("pid ", 1)[1].rstrip(")")), signal.SIGKILL)
+        suite.wait_for("jobs-worker exited with code -9; starting it again", 30)
+        suite.wait_for("running (pid ", 30)
+        again = cli(env, "jobs", "submit", "demo", "--input", str(tmp_path / "items.npz"), "--wait")
+        assert again.returncode == 0, again.stderr
+        assert "COMPLETED: 5/5 items" in again.stdout
+
         assert suite.stop() == 0
         suite.wait_for("modelforge up: stopped", 30)
 
