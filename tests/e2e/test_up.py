@@ -194,19 +194,24 @@ def test_up_serves_the_suite_and_keeps_data_across_a_restart(env: Env, add_one: 
         assert suite.stop() == 0
 
 
+def up_registry(env: Env, port: int) -> subprocess.CompletedProcess[str]:
+    """Runs `modelforge up --only registry` on `port` to its end."""
+    return subprocess.run(
+        [str(MODELFORGE), "up", "--registry-port", str(port), "--only", "registry"],
+        env=env.environ(),
+        capture_output=True,
+        text=True,
+        timeout=START_TIMEOUT,
+        check=False,
+    )
+
+
 def test_a_port_in_use_stops_up_with_a_clear_message(env: Env) -> None:
     registry_port = env.ports[0]
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", registry_port))
         taken.listen()
-        result = subprocess.run(
-            [str(MODELFORGE), "up", "--registry-port", str(registry_port), "--only", "registry"],
-            env=env.environ(),
-            capture_output=True,
-            text=True,
-            timeout=START_TIMEOUT,
-            check=False,
-        )
+        result = up_registry(env, registry_port)
     assert result.returncode == 1
     assert f"port {registry_port} (registry) is in use by another process" in result.stderr
     assert "--registry-port" in result.stderr
@@ -219,14 +224,7 @@ def test_a_port_held_by_another_grpc_server_stops_up_before_anything_starts(env:
     registry_port = server.add_insecure_port(f"127.0.0.1:{env.ports[0]}")
     server.start()
     try:
-        result = subprocess.run(
-            [str(MODELFORGE), "up", "--registry-port", str(registry_port), "--only", "registry"],
-            env=env.environ(),
-            capture_output=True,
-            text=True,
-            timeout=START_TIMEOUT,
-            check=False,
-        )
+        result = up_registry(env, registry_port)
     finally:
         server.stop(None)
     assert result.returncode == 1
