@@ -79,6 +79,7 @@ from modelforge_inference.signature import (
     check_inputs,
     check_outputs,
     counted_rows,
+    least_output_bytes,
     output_views,
     request_bytes,
 )
@@ -321,6 +322,12 @@ class InferenceEngine:
             feeds = check_inputs(model.signature, inputs, max_request_bytes=self._settings.max_request_bytes)
             placed: frozenset[str] = frozenset()
             names = check_outputs(model.signature, outputs)
+            # The outputs the answer message carries must fit it: checked before the run where the signature tells
+            # their size, and after it by their real size.
+            answered = [name for name in names if not into or name not in into]
+            least = 0 if answer_limit is None else least_output_bytes(model.signature, feeds, answered)
+            if answer_limit is not None and least > answer_limit:
+                raise AnswerTooLarge(model.name, model.version, least, answer_limit)
             if self._cache is not None and config.cache.enabled and cache_mode is not CacheMode.BYPASS:
                 result, selected, hit = await self._predict_cached(
                     model, config, feeds, names, tuple(outputs or ()), priority, timeout, deadline, cache_mode
@@ -332,8 +339,8 @@ class InferenceEngine:
                 if views:
                     placed = frozenset(name for name, view in views.items() if result.outputs[name] is view)
             if answer_limit is not None:
-                answered = {name: array for name, array in selected.items() if not into or name not in into}
-                if (size := answer_bytes(model.name, answered)) > answer_limit:
+                size = answer_bytes(model.name, {name: selected[name] for name in answered if name in selected})
+                if size > answer_limit:
                     raise AnswerTooLarge(model.name, model.version, size, answer_limit)
         except Exception as exc:
             counters.failures += 1

@@ -121,7 +121,7 @@ class AnswerTooLarge(ResourceExhausted):
 
     def __init__(self, model: str, version: int, size: int, limit: int) -> None:
         super().__init__(
-            f"the outputs of {model}:{version} take up to {size} bytes, more than the {limit} one answer may carry "
+            f"the outputs of {model}:{version} come to {size} bytes, more than the {limit} one answer may carry "
             "(MODELFORGE_MAX_MESSAGE_BYTES); stream them with PredictStream (`modelforge predict --stream`, "
             "InferenceClient.predict_stream), have V2 write them to system shared memory, ask for fewer outputs or "
             "fewer items per request, or raise MODELFORGE_MAX_MESSAGE_BYTES on the server and the client",

@@ -73,6 +73,24 @@ def answer_bytes(model: str, outputs: Mapping[str, np.ndarray[Any, Any]]) -> int
     return total
 
 
+def least_output_bytes(signature: Signature, feeds: Mapping[str, np.ndarray[Any, Any]], names: Iterable[str]) -> int:
+    """The bytes the named outputs of a run on ``feeds`` take at the least, known before it runs: those of the
+    numeric outputs whose shape the signature fixes (a dynamic leading dimension follows the inputs' rows when the
+    model batches); the others count nothing."""
+    rows = batch_rows(feeds) if signature.batchable else None
+    total = 0
+    for name in names:
+        spec = signature.output(name)
+        if spec is None or spec.dtype.kind not in "biuf":
+            continue
+        dims = list(spec.shape)
+        if rows is not None and dims and dims[0] == DYNAMIC:
+            dims[0] = rows
+        if DYNAMIC not in dims:
+            total += math.prod(dims) * spec.dtype.itemsize
+    return total
+
+
 def check_inputs(
     signature: Signature, inputs: Mapping[str, np.ndarray[Any, Any]], *, max_request_bytes: int
 ) -> dict[str, np.ndarray[Any, Any]]:

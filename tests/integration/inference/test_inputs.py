@@ -193,6 +193,23 @@ async def test_outputs_too_large_for_one_answer_are_refused_counted_as_failures_
         assert (stats.failure_count, stats.request_count) == (3, 2)  # the refused three ran, but answered nothing
 
 
+async def test_outputs_the_signature_shows_too_large_are_refused_before_the_model_runs(
+    start_inference, image_generator: ModelFile
+):
+    limit = 2 * 1024 * 1024
+    async with start_inference(max_message_bytes=limit, chunk_bytes=limit // 4) as running:
+        await upload(running, "painter", image_generator)
+        latent = {"latent": np.zeros((1, 16), np.float32)}  # [1, 3, 512, 512] float32: 3 MiB, known from the shapes
+
+        code, reason, details = await failure(running.stub.Predict(predict_request("painter", latent)))
+
+        assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "RESPONSE_TOO_LARGE"), details
+        assert f"come to {3 * 512 * 512 * 4} bytes" in details
+        statistics = await running.stub.GetModelStatistics(inference_pb2.GetModelStatisticsRequest(ref=ref("painter")))
+        (stats,) = statistics.model_statistics
+        assert (stats.failure_count, stats.execution_count) == (1, 0)  # refused without a run
+
+
 async def test_unknown_output_is_invalid_argument(served: RunningInference):
     request = predict_request("mlp", {"input": MLP_INPUT}, output_names=["nope"])
 
