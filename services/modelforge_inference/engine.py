@@ -325,9 +325,8 @@ class InferenceEngine:
             # The outputs the answer message carries must fit it: checked before the run where the signature tells
             # their size, and after it by their real size.
             answered = [name for name in names if not into or name not in into]
-            least = 0 if answer_limit is None else least_output_bytes(model.signature, feeds, answered)
-            if answer_limit is not None and least > answer_limit:
-                raise AnswerTooLarge(model.name, model.version, least, answer_limit)
+            if answer_limit is not None:
+                _check_answer(model, least_output_bytes(model.signature, feeds, answered), answer_limit)
             if self._cache is not None and config.cache.enabled and cache_mode is not CacheMode.BYPASS:
                 result, selected, hit = await self._predict_cached(
                     model, config, feeds, names, tuple(outputs or ()), priority, timeout, deadline, cache_mode
@@ -340,8 +339,7 @@ class InferenceEngine:
                     placed = frozenset(name for name, view in views.items() if result.outputs[name] is view)
             if answer_limit is not None:
                 size = answer_bytes(model.name, {name: selected[name] for name in answered if name in selected})
-                if size > answer_limit:
-                    raise AnswerTooLarge(model.name, model.version, size, answer_limit)
+                _check_answer(model, size, answer_limit)
         except Exception as exc:
             counters.failures += 1
             if (reason := _rejection(exc)) is not None:
@@ -898,6 +896,12 @@ class InferenceEngine:
 
 def _attributes(model: ResolvedModel) -> dict[str, Any]:
     return {"modelforge.model": model.name, "modelforge.version": model.version}
+
+
+def _check_answer(model: ResolvedModel, size: int, limit: int) -> None:
+    """Raises AnswerTooLarge when outputs of `size` bytes do not fit one answer of at most `limit` bytes."""
+    if size > limit:
+        raise AnswerTooLarge(model.name, model.version, size, limit)
 
 
 def _rejection(exc: Exception) -> Rejection | None:

@@ -606,9 +606,8 @@ _RESPONSE_ID = 3  # ModelInferResponse.id
 # The parameter by which Triton marks the last answer to a request on a stream (for a model that is not decoupled,
 # every answer); clients of decoupled models read answers until they see it. ModelInferResponse field 4, serialised.
 FINAL_RESPONSE = "triton_final_response"
-_FINAL_RESPONSE = pb.ModelInferResponse(
-    parameters={FINAL_RESPONSE: pb.InferParameter(bool_param=True)}
-).SerializeToString()
+_FINAL_PARAMETERS = {FINAL_RESPONSE: pb.InferParameter(bool_param=True)}
+_FINAL_RESPONSE = pb.ModelInferResponse(parameters=_FINAL_PARAMETERS).SerializeToString()
 
 
 @functools.lru_cache(maxsize=1024)
@@ -652,7 +651,7 @@ def stream_error_response(request: pb.ModelInferRequest, message: str) -> pb.Mod
             model_name=request.model_name,
             model_version=request.model_version,
             id=request.id,
-            parameters={FINAL_RESPONSE: pb.InferParameter(bool_param=True)},
+            parameters=_FINAL_PARAMETERS,
         ),
     )
 

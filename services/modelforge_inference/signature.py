@@ -75,20 +75,23 @@ def answer_bytes(model: str, outputs: Mapping[str, np.ndarray[Any, Any]]) -> int
 
 def least_output_bytes(signature: Signature, feeds: Mapping[str, np.ndarray[Any, Any]], names: Iterable[str]) -> int:
     """The bytes the named outputs of a run on ``feeds`` take at the least, known before it runs: those of the
-    numeric outputs whose shape the signature fixes (a dynamic leading dimension follows the inputs' rows when the
-    model batches); the others count nothing."""
+    numeric outputs whose shape the signature fixes (see _known_shape); the others count nothing."""
     rows = batch_rows(feeds) if signature.batchable else None
     total = 0
     for name in names:
         spec = signature.output(name)
-        if spec is None or spec.dtype.kind not in "biuf":
-            continue
-        dims = list(spec.shape)
-        if rows is not None and dims and dims[0] == DYNAMIC:
-            dims[0] = rows
-        if DYNAMIC not in dims:
-            total += math.prod(dims) * spec.dtype.itemsize
+        if spec is not None and spec.dtype.kind in "biuf" and (shape := _known_shape(spec, rows)) is not None:
+            total += math.prod(shape) * spec.dtype.itemsize
     return total
+
+
+def _known_shape(spec: TensorSpec, rows: int | None) -> list[int] | None:
+    """The shape an output of a run will have, where the signature fixes it: a dynamic leading dimension follows
+    the inputs' ``rows`` (None when the model does not batch); None when any other dimension is dynamic."""
+    dims = list(spec.shape)
+    if rows is not None and dims and dims[0] == DYNAMIC:
+        dims[0] = rows
+    return None if DYNAMIC in dims else dims
 
 
 def check_inputs(
@@ -196,11 +199,8 @@ def output_views(
         spec = signature.output(name)
         if spec is None or spec.dtype.kind not in "biuf" or spec.ort_type == BFLOAT16:
             return None
-        dims = list(spec.shape)
-        if rows is not None and dims and dims[0] == DYNAMIC:
-            dims[0] = rows
-        count = math.prod(dims)
-        if DYNAMIC in dims or count * spec.dtype.itemsize > len(buffer):
+        dims = _known_shape(spec, rows)
+        if dims is None or (count := math.prod(dims)) * spec.dtype.itemsize > len(buffer):
             return None
         view = np.frombuffer(buffer, dtype=spec.dtype.newbyteorder("<"), count=count).reshape(dims)
         if not (view.flags.writeable and view.flags.aligned):
