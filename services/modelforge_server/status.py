@@ -46,15 +46,10 @@ def _bounded(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def message_of(exc: BaseException) -> str:
-    """The message a failed call carries for `exc`, at most MAX_MESSAGE_CHARS long."""
-    return _bounded(str(exc), MAX_MESSAGE_CHARS)
-
-
 def status_for(exc: errors.ServiceError, domain: str) -> status_pb2.Status:
     """A google.rpc.Status carrying ErrorInfo(reason, domain, metadata) and, for a field error, BadRequest."""
     code = code_for(exc)
-    message = message_of(exc)
+    message = _bounded(str(exc), MAX_MESSAGE_CHARS)
     metadata = {key: _bounded(value, MAX_METADATA_CHARS) for key, value in exc.metadata.items()}
     info = any_pb2.Any()
     info.Pack(error_details_pb2.ErrorInfo(reason=exc.reason, domain=domain, metadata=metadata))
