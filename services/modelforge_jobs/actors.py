@@ -29,7 +29,7 @@ from modelforge_jobs.domain import Priority
 from modelforge_jobs.errors import DependencyUnavailable
 from modelforge_jobs.inference_client import InferenceClient
 from modelforge_jobs.metrics import WorkerMetrics
-from modelforge_jobs.runner import JobRunner, RetryLater, RunnerSettings
+from modelforge_jobs.runner import JobRunner, RetryLater, RunnerSettings, WorkerStopping
 from modelforge_jobs.settings import JobsSettings
 from modelforge_jobs.store import JobStore
 from modelforge_server import db, logs, telemetry
@@ -124,6 +124,12 @@ class WorkerResources(dramatiq.Middleware):
     def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         self._serve_metrics()
 
+    def before_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        # Before Dramatiq waits for its worker threads: the jobs they run stop between batches.
+        loop_thread = get_event_loop_thread()
+        if loop_thread is not None and self._runner is not None:
+            loop_thread.loop.call_soon_threadsafe(self._runner.stop)
+
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         if self.endpoint is not None:
             self.endpoint.close()
@@ -202,6 +208,19 @@ class WorkerResources(dramatiq.Middleware):
             self._stack = None
         self._runner = None
 
+    async def requeue(self, job_id: UUID) -> None:
+        """Sends the message of a job this worker put back in the queue; when Redis refuses, the next maintenance
+        pass of any worker sends it."""
+        store, queue = self._store, self.queue
+        if store is None or queue is None:
+            raise RuntimeError("the worker's resources are not open: the worker has not booted")
+        job = await store.get_job(job_id)
+        try:
+            await queue.send(job.id, job.priority)
+        except DependencyUnavailable as exc:
+            log.warning("job %s queued again but its message was not sent (%s); a worker will send it", job_id, exc)
+            await store.mark_unsent(job_id)
+
     async def maintain_once(self) -> None:
         """Requeues the jobs of stopped workers, resends lost messages, deletes expired jobs and datasets, and
         sets the gauges of jobs by state, items per second and queue lengths."""
@@ -251,6 +270,10 @@ def declare_actors(
                 # The runner logged it; Retry makes Dramatiq requeue the message after the delay without
                 # logging a traceback for an expected failure.
                 raise dramatiq.Retry(str(exc), delay=int(exc.delay * 1000)) from exc
+            except WorkerStopping as exc:
+                # A new message rather than a Dramatiq retry: the job's attempt was not spent, so neither is
+                # one of the message's retries, and it runs as soon as a worker takes it.
+                await resources.requeue(exc.job_id)
 
     actors: dict[Priority, dramatiq.Actor[[str, dict[str, str] | None], None]] = {
         priority: dramatiq.Actor(

@@ -52,6 +52,10 @@ class WorkerMetrics:
             "modelforge_jobs_runs_stopped",
             "Runs that stopped at a batch because their job was cancelled or taken over by another worker.",
         )
+        self.interrupted = metrics.counter(
+            "modelforge_jobs_runs_interrupted",
+            "Runs that stopped between batches because this worker shut down, and put their job back in the queue.",
+        )
         self.reaped = metrics.counter(
             "modelforge_jobs_reaped", "RUNNING jobs of workers that stopped heartbeating, queued again by this worker."
         )

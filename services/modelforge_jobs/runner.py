@@ -8,6 +8,10 @@ starts no further batch, and a heartbeat tells the reaper that the worker is ali
 no longer RUNNING on this worker (cancelled, or taken over after a missed heartbeat) stops the batches in flight at
 once: their inference calls are cancelled, which stops the model runs under way on the inference service.
 
+When the worker shuts down (`stop`), running jobs start no further batch: the batches in flight finish and are
+stored, and the job goes back to QUEUED with its attempt not spent (WorkerStopping tells the caller to send its
+message again), so that another worker resumes it at once instead of after a heartbeat timeout.
+
 While tracing is on, each batch runs in a ``modelforge.jobs.batch`` span (with its index and size), so that the
 inference call it makes is a child of it; while it is off, batches make no span at all. The run's counters go to the
 worker's metrics.
@@ -72,6 +76,15 @@ class RunnerSettings:
         return ceiling * (0.5 + random.random() / 2)
 
 
+class WorkerStopping(Exception):
+    """Raised to the queue when the worker shut down mid-job: the job is QUEUED again, its attempt not spent, and
+    its message must be sent again."""
+
+    def __init__(self, job_id: UUID) -> None:
+        super().__init__(f"job {job_id} stopped by the worker's shutdown; queued again")
+        self.job_id = job_id
+
+
 class _Stop(Exception):
     """The job was cancelled or taken over: stop quietly."""
 
@@ -101,16 +114,25 @@ class JobRunner:
         self._inference = inference
         self._settings = settings
         self._metrics = metrics
+        self._stopping = asyncio.Event()
 
     @property
     def worker_id(self) -> str:
         return self._settings.worker_id
 
+    def stop(self) -> None:
+        """The worker is shutting down: running jobs start no further batch, store the ones in flight and go back
+        to the queue (WorkerStopping); a job whose message arrives from now on is not started."""
+        self._stopping.set()
+
     async def run(self, job_id: UUID) -> JobState | None:
         """Runs the job's unfinished batches; returns its state at the end, None when there was nothing to do.
 
-        Raises RetryLater after a transient failure when attempts remain.
+        Raises RetryLater after a transient failure when attempts remain, and WorkerStopping when the worker
+        stops before the job is done.
         """
+        if self._stopping.is_set():
+            raise WorkerStopping(job_id)  # not claimed: the job is still QUEUED
         job = await self._store.claim(job_id, self.worker_id, stale_after=self._settings.stale_after)
         if job is None:
             log.info("job %s is not QUEUED (finished, cancelled, or running elsewhere): message dropped", job_id)
@@ -124,6 +146,9 @@ class JobRunner:
             except _Stop:
                 self._metrics.stopped.inc()
                 return (await self._store.get_job(job_id)).state
+            except WorkerStopping:
+                self._metrics.interrupted.inc()
+                raise
             except BaseException as exc:
                 if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt | SystemExit):
                     raise
@@ -192,6 +217,9 @@ class JobRunner:
         if await self._store.complete(job.id, self.worker_id):
             log.info("job %s completed", job.id)
             return JobState.COMPLETED
+        if self._stopping.is_set() and await self._store.release(job.id, self.worker_id, retry_in=0.0, refund=True):
+            log.info("job %s: the worker is stopping; queued again, attempt %d not counted", job.id, job.attempt_count)
+            raise WorkerStopping(job.id)
         raise _Stop
 
     async def _pipeline(self, job: Job, items: BatchSource, todo: Iterator[int], deadline: float | None) -> None:
@@ -210,7 +238,7 @@ class JobRunner:
         async def reader() -> None:
             try:
                 for index in todo:
-                    if failure:
+                    if failure or self._stopping.is_set():
                         break
                     first = index * job.batch_size
                     last = min(first + job.batch_size, job.progress.items_total)
@@ -223,7 +251,7 @@ class JobRunner:
 
         async def lane() -> None:
             while (entry := await ready.get()) is not None:
-                if failure:
+                if failure or self._stopping.is_set():
                     continue  # drain, so that the reader never waits on a full queue
                 try:
                     await writer.add(*await self._batch(job, *entry, deadline))

@@ -437,16 +437,18 @@ class JobStore:
             )
             return cur.rowcount == 1
 
-    async def release(self, job_id: UUID, worker_id: str, *, retry_in: float) -> bool:
-        """Puts a RUNNING job of this worker back to QUEUED, to run again after a transient failure."""
+    async def release(self, job_id: UUID, worker_id: str, *, retry_in: float, refund: bool = False) -> bool:
+        """Puts a RUNNING job of this worker back to QUEUED, to run again after `retry_in` seconds: after a
+        transient failure, or (`refund`: the attempt is not counted) because the worker is stopping."""
         async with self._cursor() as cur:
             await cur.execute(
                 """
                 UPDATE jobs.jobs SET state = 'QUEUED', queued_since = now(), update_time = now(),
-                    enqueue_time = now() + make_interval(secs => %s)
-                WHERE id = %s AND state = 'RUNNING' AND worker_id = %s
+                    enqueue_time = now() + make_interval(secs => %(retry_in)s),
+                    attempt_count = attempt_count - CASE WHEN %(refund)s THEN 1 ELSE 0 END
+                WHERE id = %(id)s AND state = 'RUNNING' AND worker_id = %(worker)s
                 """,
-                (retry_in, job_id, worker_id),
+                {"retry_in": retry_in, "refund": refund, "id": job_id, "worker": worker_id},
             )
             return cur.rowcount == 1
 

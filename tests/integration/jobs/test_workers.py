@@ -1,5 +1,6 @@
 """A worker process killed mid-job: the job completes on another worker with every item's output exactly once,
-and the workers' counters add up to the job: nothing counted twice, nothing lost."""
+and the workers' counters add up to the job: nothing counted twice, nothing lost. A worker told to stop mid-job
+puts the job back in the queue between batches, its attempt not spent, and exits."""
 
 from __future__ import annotations
 
@@ -70,6 +71,36 @@ async def test_sigkilled_worker_job_completes_on_another_worker_exactly_once(
     assert counted("modelforge_jobs_batches_total") == 2_000 - killed.progress.batches_done
     assert counted("modelforge_jobs_runs_started_total") == 1
     assert counted("modelforge_jobs_completed_total") == 1
+
+
+async def test_sigtermed_worker_stops_between_batches_and_requeues_the_job_without_spending_an_attempt(
+    jobs_api, jobs_settings, spawn_worker, start_worker, inference, add_one
+) -> None:
+    await upload(inference, "add-one", add_one)
+    x = np.arange(50_000 * 4, dtype=np.float32).reshape(50_000, 4)
+    job = (await jobs_api.stub.CreateJob(inline_request("add-one", {"x": x}, batch_size=10))).job
+    with spawn_worker(jobs_settings) as process:
+        first = await wait_for(getter(jobs_api.stub, job.id), lambda j: j.progress.items_done > 0, timeout=60)
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(process.wait, 30) == 0
+    stopped = (await jobs_api.stub.GetJob(jobs_pb2.GetJobRequest(id=job.id))).job
+    # Back in the queue at once, not RUNNING until a heartbeat timeout, and not run to the end.
+    assert stopped.state == jobs_pb2.JOB_STATE_QUEUED
+    assert first.progress.items_done <= stopped.progress.items_done < 50_000
+    assert stopped.attempt_count == 0 and not stopped.HasField("error")
+
+    async with start_worker(jobs_settings) as survivor:
+        final = await wait_terminal(jobs_api.stub, job.id)
+        assert final.state == jobs_pb2.JOB_STATE_COMPLETED, final.error
+        assert final.worker_id == survivor.resources.worker_id != first.worker_id
+        assert final.attempt_count == 1  # the interrupted run did not count
+
+    firsts, outputs = await results(jobs_api.stub, job.id)
+    assert firsts == list(range(0, 50_000, 10))  # every batch once, in order
+    np.testing.assert_array_equal(outputs["y"], x + 1)
+    counted = survivor.resources.metrics.metrics.registry.get_sample_value
+    assert counted("modelforge_jobs_reaped_total") == 0  # the message was sent again: nothing waited for a reaper
+    assert counted("modelforge_jobs_items_total") == 50_000 - stopped.progress.items_done
 
 
 async def test_a_job_queued_before_its_worker_boots_runs_at_the_first_delivery(
