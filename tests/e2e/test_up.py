@@ -230,3 +230,17 @@ def test_a_port_held_by_another_grpc_server_stops_up_before_anything_starts(env:
     assert result.returncode == 1
     assert f"port {registry_port} (registry) is in use by another process" in result.stderr
     assert "ModelForge is up" not in result.stdout
+
+
+def test_a_worker_that_keeps_dying_at_start_stops_up(env: Env) -> None:
+    with up(env) as suite:
+        for kill in range(3):
+            started = [
+                line for line in suite.seen if line.strip().startswith("jobs-worker") and "running (pid " in line
+            ]
+            os.kill(int(started[-1].rsplit("pid ", 1)[1].rstrip(")")), signal.SIGKILL)  # well within 10 s of its start
+            if kill < 2:
+                suite.wait_for("jobs-worker exited with code -9; starting it again", 30)
+                suite.wait_for("running (pid ", 30)
+        suite.wait_for("jobs-worker exited with code -9, 3 times in a row within 10 s of starting; stopping", 30)
+        assert suite.process.wait(timeout=120) == 1
