@@ -364,3 +364,43 @@ async def test_push_with_an_alias_the_registry_would_refuse_stores_no_version(cl
     assert "invalid alias 'Prod'" in refused.err
     listed = await cli("models", "ls")
     assert "demo" not in listed.out  # checked before the upload: nothing was stored
+
+
+async def test_set_changes_model_and_version_labels_and_ls_filters_by_them(
+    cli: Cli, add_one: ModelFile, registry: RunningRegistry
+) -> None:
+    pushed = await cli("models", "push", str(add_one.path), "--name", "demo", "--alias", "production",
+                       "--label", "team=fraud", "--label", "stage=dev")  # fmt: skip
+    assert pushed.code == 0, pushed.err
+    await cli("models", "push", str(add_one.path), "--name", "other")
+
+    model = await cli("models", "set", "demo", "--label", "owner=risk", "--description", "fraud scores", "--json")
+    assert model.code == 0, model.err
+    assert json.loads(model.out)["labels"] == {"owner": "risk"}
+    listed = await cli("models", "ls", "--label", "owner=risk")
+    assert [line.split()[0] for line in listed.out.splitlines()[1:]] == ["demo"]
+
+    # A version by alias: labels merged with the ones it has, one removed, a serving label checked by the registry.
+    version = await cli("models", "set", "demo@production", "--label", "modelforge.io/max-batch-size=16",
+                        "--unlabel", "stage", "--version-label", "1.1.0")  # fmt: skip
+    assert version.code == 0, version.err
+    assert "version      demo:1" in version.out
+    async with AsyncRegistryClient(registry.address) as client:
+        stored = await client.resolve("demo:1")
+        assert stored.labels == {"team": "fraud", "modelforge.io/max-batch-size": "16"}
+        assert stored.version_label == "1.1.0"
+        assert (await client.get_model("demo")).description == "fraud scores"
+
+    refused = await cli("models", "set", "demo:1", "--label", "modelforge.io/max-batch-size=many")
+    assert refused.code == 1 and "max-batch-size" in refused.err
+    async with AsyncRegistryClient(registry.address) as client:
+        assert (await client.resolve("demo:1")).labels["modelforge.io/max-batch-size"] == "16"  # unchanged
+
+    for argv, says in [
+        (["demo"], "nothing to change"),
+        (["demo", "--version-label", "2"], "--version-label belongs to a version"),
+        (["demo:1", "--label", "a=1", "--unlabel", "a"], "both set and removed"),
+        (["demo:1", "--label", "novalue"], "KEY=VALUE"),
+    ]:
+        usage = await cli("models", "set", *argv)
+        assert usage.code == 2 and says in usage.err, (argv, usage)

@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, is_dataclass
 from datetime import datetime, timedelta
 from enum import Enum
@@ -286,6 +286,48 @@ def cmd_models_show(ctx: Context) -> int:
             return 0
         version = registry.resolve(ref)
     if ctx.args.json:
+        _print_json(version, ctx.out)
+    else:
+        _show_version(version, ctx.out)
+    return 0
+
+
+def cmd_models_set(ctx: Context) -> int:
+    """Changes a model's (NAME) or a version's (NAME:VERSION, NAME@ALIAS) description and labels, and a version's
+    version label. Labels are merged: --label adds or replaces one, --unlabel removes one (a missing one is no
+    change); the result is written back whole, so a concurrent change of the same labels may be lost."""
+    a = ctx.args
+    ref = ModelRef.parse(a.ref)
+    added, removed = _labels(a.label), set(a.unlabel or ())
+    if both := sorted(added.keys() & removed):
+        raise UsageError(f"label {both[0]!r} is both set and removed; give it once")
+    if not (added or removed) and a.description is None and a.version_label is None:
+        raise UsageError("nothing to change: give --description, --label, --unlabel or --version-label")
+
+    def merged(current: Mapping[str, str]) -> dict[str, str] | None:
+        if not (added or removed):
+            return None  # labels untouched: not in the update
+        return {key: value for key, value in {**current, **added}.items() if key not in removed}
+
+    with ctx.registry() as registry:
+        if ref.is_latest:
+            if a.version_label is not None:
+                raise UsageError(f"--version-label belongs to a version: name one, as {ref.name}:VERSION")
+            labels = merged(registry.get_model(ref.name).labels) if added or removed else None
+            model = registry.update_model(ref.name, description=a.description, labels=labels)
+            if a.json:
+                _print_json(model, ctx.out)
+            else:
+                _show_model(model, ctx.out)
+            return 0
+        version = registry.resolve(ref)  # an alias is resolved once: the update goes to the version it named
+        version = registry.update_version(
+            ModelRef(ref.name, version=version.version),
+            description=a.description,
+            labels=merged(version.labels),
+            version_label=a.version_label,
+        )
+    if a.json:
         _print_json(version, ctx.out)
     else:
         _show_version(version, ctx.out)
@@ -703,7 +745,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--workers", type=int, default=1, help="jobs worker processes (default 1)")
     up.set_defaults(run=cmd_up)
 
-    models = commands.add_parser("models", help="push, list, show, alias, archive and delete models")
+    models = commands.add_parser("models", help="push, list, show, label, alias, archive and delete models")
     sub = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
 
     p = sub.add_parser("push", parents=[common], help="upload an ONNX file as a model's next version")
@@ -729,6 +771,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ref", metavar="REF")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=cmd_models_show)
+
+    p = sub.add_parser(
+        "set", parents=[common], help="change the description or labels of a model (NAME) or a version (NAME:VERSION)"
+    )
+    p.add_argument("ref", metavar="REF", help="NAME for the model; NAME:VERSION or NAME@ALIAS for a version")
+    p.add_argument("--description", help="replace the description ('' clears it)")
+    p.add_argument("--label", action="append", metavar="KEY=VALUE", help="add or replace a label (repeatable)")
+    p.add_argument("--unlabel", action="append", metavar="KEY", help="remove a label (repeatable)")
+    p.add_argument("--version-label", help="replace a version's free-form label, such as a semver")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(run=cmd_models_set)
 
     p = sub.add_parser("alias", parents=[common], help="point an alias at a version")
     p.add_argument("name", metavar="NAME")
