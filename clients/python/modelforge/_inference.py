@@ -140,7 +140,8 @@ class InferenceClient(ChannelClient):
 
         Args:
             ref, inputs, outputs, priority, queue_timeout, cache: As for :meth:`predict`.
-            progress: Called as ``progress(bytes_received, total_bytes)`` as chunks arrive.
+            progress: Called as ``progress(received, total)`` as chunks arrive: bytes of numeric outputs plus
+                elements of string outputs (whose size in bytes the header does not give).
             verify: False asks the server not to hash the outputs (``skip_sha256``) and skips the check here,
                 saving about 0.7 s of CPU per GB on each end; the chunks' order and sizes are still checked.
 
