@@ -28,8 +28,8 @@ from modelforge import tensors
 from modelforge.common.v1.tensor_pb2 import DataType, Tensor
 from modelforge.jobs.v1.jobs_pb2 import DatasetRecord
 from modelforge_jobs.domain import InputRecord, TensorInfo
-from modelforge_jobs.errors import ChecksumMismatch, InvalidDataset, InvalidInput
-from modelforge_server.errors import FailedPrecondition
+from modelforge_jobs.errors import InvalidDataset, InvalidInput
+from modelforge_server.errors import ChecksumMismatch, FailedPrecondition, SizeMismatch
 
 T = TypeVar("T")
 
@@ -267,12 +267,12 @@ async def received(chunks: AsyncIterator[bytes], *, scratch: Path, sha256: str, 
             async for chunk in chunks:
                 count += len(chunk)
                 if count > size:
-                    raise ChecksumMismatch("size_bytes", str(size), f"more than {size} bytes")
+                    raise SizeMismatch(size, count)
                 await _settled(asyncio.to_thread(_append, file, digest, chunk))
         if count != size:
-            raise ChecksumMismatch("size_bytes", str(size), str(count))
+            raise SizeMismatch(size, count)
         if (actual := digest.hexdigest()) != sha256:
-            raise ChecksumMismatch("sha256", sha256, actual)
+            raise ChecksumMismatch(sha256, actual)
         yield path
     finally:
         path.unlink(missing_ok=True)

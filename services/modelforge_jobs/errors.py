@@ -50,15 +50,6 @@ class InvalidDataset(InvalidArgument):
         super().__init__(f"the dataset file is invalid: {message}", field="chunk")
 
 
-class ChecksumMismatch(InvalidArgument):
-    reason = "CHECKSUM_MISMATCH"
-
-    def __init__(self, what: str, expected: str, actual: str) -> None:
-        super().__init__(
-            f"the uploaded {what} is {actual}, the header says {expected}; nothing was stored", field=f"header.{what}"
-        )
-
-
 class JobNotFinished(FailedPrecondition):
     reason = "JOB_NOT_FINISHED"
 

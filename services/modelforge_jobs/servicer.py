@@ -14,7 +14,7 @@ from modelforge_jobs.errors import InvalidInput
 from modelforge_jobs.jobs import Jobs, inline_spec, parse_id
 from modelforge_jobs.settings import JobsSettings
 from modelforge_server import paging
-from modelforge_server.errors import InvalidArgument, require
+from modelforge_server.errors import InvalidArgument, InvalidChecksum, UploadOutOfOrder, require
 
 _SHA256_HEX = frozenset("0123456789abcdef")
 
@@ -129,18 +129,18 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     ) -> jobs_pb2.UploadDatasetResponse:
         first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("content") != "header":
-            raise InvalidArgument("the first message of an upload must carry the header", field="header")
+            raise UploadOutOfOrder("the first message of an upload must carry the header, and only the header")
         header = first.header
         sha256 = header.sha256.lower()
         if len(sha256) != 64 or not set(sha256) <= _SHA256_HEX:
-            raise InvalidArgument("header.sha256 must be 64 lowercase hex digits", field="header.sha256")
+            raise InvalidChecksum(header.sha256)
         if header.size_bytes <= 0:
             raise InvalidArgument("header.size_bytes must be positive", field="header.size_bytes")
 
         async def chunks() -> AsyncIterator[bytes]:
             async for message in request_iterator:
                 if message.WhichOneof("content") != "chunk":
-                    raise InvalidArgument("only the first message of an upload may carry a header", field="header")
+                    raise UploadOutOfOrder("only the first message carries a header; the others carry chunks")
                 yield message.chunk
 
         dataset = await self._jobs.upload_dataset(

@@ -149,46 +149,6 @@ class ModelTooLarge(ResourceExhausted):
         )
 
 
-class UploadOutOfOrder(InvalidArgument):
-    reason = "UPLOAD_OUT_OF_ORDER"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, field="header")
-
-
-class InvalidChecksum(InvalidArgument):
-    reason = "INVALID_CHECKSUM"
-
-    def __init__(self, value: str) -> None:
-        super().__init__(f"header.sha256 must be 64 lowercase hex characters, got {value!r}", field="header.sha256")
-
-
-class SizeMismatch(InvalidArgument):
-    reason = "SIZE_MISMATCH"
-
-    def __init__(self, expected: int, received: int) -> None:
-        super().__init__(
-            f"the header announced {expected} bytes but {received} arrived; the upload was truncated or the "
-            "header is wrong",
-            field="header.size_bytes",
-            expected=str(expected),
-            received=str(received),
-        )
-
-
-class ChecksumMismatch(InvalidArgument):
-    reason = "CHECKSUM_MISMATCH"
-
-    def __init__(self, expected: str, received: str) -> None:
-        super().__init__(
-            f"the bytes received have sha256 {received}, not {expected} as announced; the file was corrupted "
-            "in transit or the header is wrong",
-            field="header.sha256",
-            expected=expected,
-            received=received,
-        )
-
-
 class InvalidOnnx(InvalidArgument):
     reason = "INVALID_ONNX"
 

@@ -28,14 +28,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from modelforge_registry.domain import Inventory, VersionState
-from modelforge_registry.errors import (
-    ChecksumMismatch,
-    ExternalDataRefused,
-    InvalidOnnx,
-    ModelTooLarge,
-    SizeMismatch,
-)
-from modelforge_server.errors import InvalidArgument, NotFound, Unavailable
+from modelforge_registry.errors import ExternalDataRefused, InvalidOnnx, ModelTooLarge
+from modelforge_server.errors import ChecksumMismatch, InvalidArgument, NotFound, SizeMismatch, Unavailable
 from modelforge_server.metrics import Metrics
 
 __all__ = ["RegistryMetrics", "UploadResult", "upload_result"]

@@ -32,21 +32,18 @@ from modelforge_registry.domain import (
     VersionState,
 )
 from modelforge_registry.errors import (
-    ChecksumMismatch,
     InvalidAlias,
-    InvalidChecksum,
     InvalidLabel,
     InvalidModelName,
     InvalidVersionNumber,
     ModelTooLarge,
-    SizeMismatch,
     VersionNotFound,
 )
 from modelforge_registry.events import EventHub
 from modelforge_registry.metrics import RegistryMetrics
 from modelforge_registry.store import RegistryStore
 from modelforge_server import telemetry
-from modelforge_server.errors import InvalidArgument, require
+from modelforge_server.errors import ChecksumMismatch, InvalidArgument, InvalidChecksum, SizeMismatch, require
 from modelforge_server.metrics import Metrics
 from modelforge_server.refs import ModelRef
 from modelforge_server.serving_labels import bad_labels

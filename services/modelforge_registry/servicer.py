@@ -11,10 +11,9 @@ import grpc
 from modelforge.registry.v1 import registry_pb2, registry_pb2_grpc
 from modelforge_registry import convert
 from modelforge_registry.domain import ModelFilter, NewModel
-from modelforge_registry.errors import UploadOutOfOrder
 from modelforge_registry.registry import ModelRegistry
 from modelforge_server import paging
-from modelforge_server.errors import require
+from modelforge_server.errors import UploadOutOfOrder, require
 
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 

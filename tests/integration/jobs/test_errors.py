@@ -105,6 +105,14 @@ async def test_bad_request_fields_are_invalid_argument(jobs_api, inference, add_
     await _no_jobs(jobs_api.stub)
 
 
+def replace_header(header: jobs_pb2.UploadDatasetHeader, **fields: object) -> jobs_pb2.UploadDatasetHeader:
+    changed = jobs_pb2.UploadDatasetHeader()
+    changed.CopyFrom(header)
+    for name, value in fields.items():
+        setattr(changed, name, value)
+    return changed
+
+
 async def test_unknown_and_malformed_ids(jobs_api) -> None:
     missing = str(uuid.uuid4())
     assert await _fails(jobs_api.stub.GetJob(jobs_pb2.GetJobRequest(id=missing))) == (
@@ -137,6 +145,23 @@ async def test_dataset_checksum_and_size_mismatch_store_nothing(jobs_api) -> Non
     data = dataset_file({"x": X}, record_items=4)
     code, reason = await _fails(upload_dataset(jobs_api.stub, data, sha256=hashlib.sha256(b"other").hexdigest()))
     assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "CHECKSUM_MISMATCH")
+    header = jobs_pb2.UploadDatasetHeader(sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data))
+    # The registry's reasons, for the same faults of a streamed upload.
+    for messages, expected in [
+        ([replace_header(header, size_bytes=len(data) + 1), data], "SIZE_MISMATCH"),
+        ([replace_header(header, size_bytes=len(data) - 1), data], "SIZE_MISMATCH"),
+        ([replace_header(header, sha256="abc"), data], "INVALID_CHECKSUM"),
+        ([data], "UPLOAD_OUT_OF_ORDER"),
+        ([header, data, header], "UPLOAD_OUT_OF_ORDER"),
+    ]:
+        requests = [
+            jobs_pb2.UploadDatasetRequest(header=m)
+            if isinstance(m, jobs_pb2.UploadDatasetHeader)
+            else jobs_pb2.UploadDatasetRequest(chunk=m)
+            for m in messages
+        ]
+        code, reason = await _fails(jobs_api.stub.UploadDataset(iter(requests)))
+        assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, expected), messages[0]
     garbage = b"\x05abc"
     code, reason = await _fails(upload_dataset(jobs_api.stub, garbage))
     assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_DATASET")

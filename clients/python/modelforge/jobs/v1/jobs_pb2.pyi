@@ -954,9 +954,11 @@ class UploadDatasetHeader(_message.Message):
     display_name: _builtins.str
     """Optional. A name for people; not unique."""
     sha256: _builtins.str
-    """Required. Lowercase hex sha256 of the whole file; the upload fails with INVALID_ARGUMENT if it differs."""
+    """Required. Lowercase hex sha256 of the whole file; the upload fails with INVALID_ARGUMENT (CHECKSUM_MISMATCH) if it
+    differs.
+    """
     size_bytes: _builtins.int
-    """Required. The file's size in bytes; the upload fails with INVALID_ARGUMENT if it differs."""
+    """Required. The file's size in bytes; the upload fails with INVALID_ARGUMENT (SIZE_MISMATCH) if it differs."""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Optional. Free key/value labels."""
