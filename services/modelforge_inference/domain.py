@@ -90,8 +90,15 @@ class Signature:
 
     @property
     def batchable(self) -> bool:
-        """True when every input and output has a dynamic leading dimension."""
-        return all(spec.batchable for spec in (*self.inputs, *self.outputs))
+        """True when requests can be stacked along the leading dimension and the outputs split back along it:
+        the model has inputs, every input and output has a dynamic leading dimension, and the graph gives those
+        dimensions no two different names. A leading dimension named otherwise than the inputs' (NonZero's count
+        of hits, detections per image) does not hold one row per input row, so the model is run request by
+        request; an unnamed one is taken to follow the inputs."""
+        specs = (*self.inputs, *self.outputs)
+        if not self.inputs or not all(spec.batchable for spec in specs):
+            return False
+        return len({spec.dim_names[0] for spec in specs if spec.dim_names and spec.dim_names[0]}) <= 1
 
 
 @dataclass(frozen=True, slots=True)

@@ -68,6 +68,7 @@ async def build(settings: JobsSettings, stack: AsyncExitStack) -> app.Server:
         queue.send,
         changes=changes,
         watch_interval=settings.watch_interval,
+        default_batch_size=settings.default_job_batch_size,
         metrics=ApiMetrics(metrics),
     )
     server = app.build_server(

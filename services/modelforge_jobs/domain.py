@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from uuid import UUID
@@ -51,6 +52,40 @@ class ResolvedModel:
     sha256: str
     inputs: tuple[TensorInfo, ...]  # item_shape: the declared shape without its first (batch) dimension
     input_ranks: tuple[int, ...]
+    # The items one call takes when the inputs fix their first dimension (a model exported for batch 1); None
+    # when it is dynamic.
+    fixed_items: int | None = None
+    # Outputs whose signature shows they hold no row per item, each with why: ("idx", "has first dimension 'hits',
+    # not the items' 'n'").
+    unitemized_outputs: tuple[tuple[str, str], ...] = ()
+
+
+Dims = tuple[tuple[int, str], ...]  # a declared shape: each dimension's size (-1: dynamic) and name ("": none)
+
+
+def itemization(inputs: Sequence[Dims], outputs: Mapping[str, Dims]) -> tuple[int | None, tuple[tuple[str, str], ...]]:
+    """How a model's calls split into items, from its signature: the items per call when every input fixes its
+    first dimension at one size (None when it is dynamic), and the outputs that hold no row per item, with why.
+
+    An output holds a row per item when its first dimension is the inputs': dynamic and not named otherwise than
+    theirs (NonZero's count of hits is not), or fixed at the size the inputs fix.
+    """
+    leads = [dims[0] for dims in inputs if dims]
+    fixed = {size for size, _ in leads}
+    fixed_items = fixed.pop() if len(fixed) == 1 and min(size for size, _ in leads) > 0 else None
+    names = {name for size, name in leads if size < 0 and name}
+    unitemized: list[tuple[str, str]] = []
+    for output, dims in outputs.items():
+        if not dims:
+            unitemized.append((output, "is a scalar"))
+            continue
+        size, name = dims[0]
+        if size >= 0 and size != fixed_items:
+            per_call = f", where the inputs take {fixed_items} item(s) per call" if fixed_items else ""
+            unitemized.append((output, f"has its first dimension fixed at {size}{per_call}"))
+        elif size < 0 and name and names and name not in names:
+            unitemized.append((output, f"has first dimension {name!r}, not the items' {sorted(names)[0]!r}"))
+    return fixed_items, tuple(unitemized)
 
 
 @dataclass(frozen=True)

@@ -97,6 +97,35 @@ class VersionArchived(FailedPrecondition):
         )
 
 
+class OutputsNotPerItem(FailedPrecondition):
+    """The model's outputs do not hold one row per input item, so a job's batches cannot be split into items."""
+
+    reason = "OUTPUTS_NOT_PER_ITEM"
+
+    def __init__(self, model: str, version: int, output: str, why: str) -> None:
+        super().__init__(
+            f"{model}:{version} cannot run as a job: its output {output!r} {why}, so it does not hold one row per "
+            "item; run it with Predict instead",
+            model=model,
+            version=str(version),
+            output=output,
+        )
+
+
+class BatchSizeFixed(InvalidArgument):
+    reason = "INVALID_BATCH_SIZE"
+
+    def __init__(self, model: str, version: int, batch_size: int, fixed: int, items: int) -> None:
+        if batch_size != fixed:
+            why = f"batch_size is {batch_size}; submit with batch_size {fixed} (or 0, which picks it)"
+        else:
+            why = f"the job's {items} items do not divide into batches of {fixed}"
+        super().__init__(
+            f"{model}:{version} takes exactly {fixed} item(s) per call (its inputs fix their first dimension): {why}",
+            field="batch_size",
+        )
+
+
 class TimeLimitExceeded(DeadlineExceeded):
     reason = "TIME_LIMIT_EXCEEDED"
 

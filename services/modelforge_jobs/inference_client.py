@@ -14,12 +14,13 @@ import grpc
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from modelforge.common.v1 import tensor_pb2
 from modelforge.common.v1.tensor_pb2 import Tensor
 from modelforge.inference.v1 import inference_pb2
 from modelforge.registry.v1 import registry_pb2, registry_pb2_grpc
 from modelforge_jobs import convert, errors
 from modelforge_jobs.datasets import encode_varint
-from modelforge_jobs.domain import Priority, ResolvedModel, TensorInfo
+from modelforge_jobs.domain import Dims, Priority, ResolvedModel, TensorInfo, itemization
 from modelforge_server.errors import ServiceError
 from modelforge_server.refs import ModelRef
 
@@ -88,7 +89,19 @@ class RegistryClient:
             for spec in version.signature.inputs
         )
         ranks = tuple(len(spec.shape) for spec in version.signature.inputs)
-        return ResolvedModel(version.model, int(version.version), version.sha256, inputs, ranks)
+        fixed_items, unitemized = itemization(
+            [_dims(spec) for spec in version.signature.inputs],
+            # Outputs that are not tensors (dtype UNSPECIFIED) are never computed, so never stored.
+            {spec.name: _dims(spec) for spec in version.signature.outputs if spec.dtype},
+        )
+        return ResolvedModel(
+            version.model, int(version.version), version.sha256, inputs, ranks, fixed_items, unitemized
+        )
+
+
+def _dims(spec: tensor_pb2.TensorSpec) -> Dims:
+    names = list(spec.dim_names) + [""] * (len(spec.shape) - len(spec.dim_names))
+    return tuple((int(size), name) for size, name in zip(spec.shape, names, strict=False))
 
 
 class InferenceClient:
@@ -123,17 +136,26 @@ class InferenceClient:
         version: int,
         inputs: Sequence[Tensor],
         *,
+        items: int,
         priority: Priority,
         timeout: float | None = None,
     ) -> bytes:
-        """Runs one batch; returns its outputs as a serialized DatasetRecord."""
+        """Runs one batch of `items` items; returns its outputs as a serialized DatasetRecord.
+
+        Raises OutputsNotPerItem when an output's first dimension is not `items`: the batch cannot be split into
+        its items' outputs (a model whose signature did not show it, such as an unnamed count of detections)."""
         request = predict_request(self._around(model, version, priority), inputs)
         deadline = self._timeout if timeout is None else min(timeout, self._timeout)
         try:
             response = await self._predict(request, timeout=deadline)
         except grpc.aio.AioRpcError as exc:
             raise translate(exc, "inference service") from exc
-        return outputs_record(response)
+        record, rows = outputs_record(response)
+        for output, first in rows:
+            if first != items:
+                shown = "is a scalar" if first is None else f"held {first} rows for a batch of {items} items"
+                raise errors.OutputsNotPerItem(model, version, output, shown)
+        return record
 
 
 # The keys (field number << 3 | wire type 2) of PredictRequest.inputs, PredictResponse.outputs, DatasetRecord.tensors.
@@ -174,10 +196,12 @@ def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def outputs_record(response: bytes) -> bytes:
+def outputs_record(response: bytes) -> tuple[bytes, list[tuple[str, int | None]]]:
     """A serialized PredictResponse's outputs as a serialized DatasetRecord: each output's bytes, tagged as one of
-    the record's tensors; the response's other fields are skipped. Raises RemoteInternal when it is malformed."""
+    the record's tensors; the response's other fields are skipped. With it, each output's name and first dimension
+    (None for a scalar). Raises RemoteInternal when it is malformed."""
     parts: list[bytes | memoryview] = []
+    rows: list[tuple[str, int | None]] = []
     view = memoryview(response)
     pos, end = 0, len(response)
     try:
@@ -191,6 +215,7 @@ def outputs_record(response: bytes) -> bytes:
                 pos = start + size
                 if key == _OUTPUTS_KEY:
                     parts += (_TENSORS_TAG, view[body:pos])  # the same length, then the same tensor
+                    rows.append(_head(response, start, pos))
             elif wire in (1, 5):
                 pos = body + (8 if wire == 1 else 4)
             else:
@@ -199,7 +224,38 @@ def outputs_record(response: bytes) -> bytes:
         raise errors.RemoteInternal(f"the inference service sent a malformed PredictResponse: {exc}") from exc
     if pos != end:
         raise errors.RemoteInternal("the inference service sent a truncated PredictResponse")
-    return b"".join(parts)
+    return b"".join(parts), rows
+
+
+# The keys of Tensor.name, and of Tensor.shape packed (as protobuf writes it) and not.
+_NAME_KEY = 1 << 3 | 2
+_SHAPE_PACKED_KEY = 3 << 3 | 2
+_SHAPE_KEY = 3 << 3 | 0
+
+
+def _head(data: bytes, pos: int, end: int) -> tuple[str, int | None]:
+    """The name and first dimension (None for a scalar) of the serialized Tensor in data[pos:end]; its fields are
+    skipped, never copied."""
+    name, first = "", None
+    while pos < end:
+        key, pos = _read_varint(data, pos)
+        wire = key & 7
+        if key == _SHAPE_KEY:
+            return name, _read_varint(data, pos)[0]
+        if wire == 0:
+            pos = _read_varint(data, pos)[1]
+        elif wire == 2:
+            size, start = _read_varint(data, pos)
+            pos = start + size
+            if key == _NAME_KEY:
+                name = bytes(data[start:pos]).decode("utf-8", "replace")
+            elif key == _SHAPE_PACKED_KEY:
+                return name, _read_varint(data, start)[0] if size else None
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+        else:
+            raise ValueError(f"wire type {wire}")
+    return name, first
 
 
 class InferenceHealth:

@@ -29,11 +29,13 @@ from modelforge_jobs.domain import (
     batch_count,
 )
 from modelforge_jobs.errors import (
+    BatchSizeFixed,
     InvalidId,
     InvalidInput,
     JobNotCompleted,
     JobNotFinished,
     JobStateConflict,
+    OutputsNotPerItem,
     ReplicaStopping,
 )
 from modelforge_jobs.events import JobChanges
@@ -113,6 +115,7 @@ class Jobs:
         watch_interval: float = 2.0,
         watch_spacing: float = 0.05,
         result_page: int = 64,
+        default_batch_size: int = 256,
         metrics: ApiMetrics | None = None,
     ) -> None:
         self._store = store
@@ -123,6 +126,7 @@ class Jobs:
         self._watch_interval = watch_interval
         self._watch_spacing = watch_spacing
         self._result_page = result_page
+        self._default_batch_size = default_batch_size
         self._metrics = metrics
 
     # --- submission -----------------------------------------------------------------------------------------
@@ -142,6 +146,7 @@ class Jobs:
         if items == 0:
             raise InvalidInput("the input holds no items; give at least one", field="inline_input")
         check_signature(model, tensors)
+        spec = replace(spec, batch_size=self._batch_size(model, spec.batch_size, items))
         job, created = await self._store.insert_job(
             uuid.uuid4(),
             spec,
@@ -155,6 +160,18 @@ class Jobs:
                 self._metrics.job_submitted(job.priority)
             await self._enqueue(job)
         return job
+
+    def _batch_size(self, model: ResolvedModel, asked: int, items: int) -> int:
+        """The items per inference call: what the job asked for (0: the default), or what the model fixes. Refuses
+        a model whose outputs hold no row per item, whose batches could not be split into items."""
+        if model.unitemized_outputs:
+            output, why = model.unitemized_outputs[0]
+            raise OutputsNotPerItem(model.name, model.version, output, why)
+        if model.fixed_items is None:
+            return asked or self._default_batch_size
+        if asked not in (0, model.fixed_items) or items % model.fixed_items:
+            raise BatchSizeFixed(model.name, model.version, asked, model.fixed_items, items)
+        return model.fixed_items
 
     async def _enqueue(self, job: Job) -> None:
         """Sends the job's message; if the queue is down, a worker's maintenance pass sends it later."""

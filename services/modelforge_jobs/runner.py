@@ -300,7 +300,12 @@ class JobRunner:
             began = time.monotonic()
             try:
                 record = await self._inference.predict(
-                    job.model_ref.name, job.model_version, inputs, priority=Priority(job.priority), timeout=timeout
+                    job.model_ref.name,
+                    job.model_version,
+                    inputs,
+                    items=last - first,
+                    priority=Priority(job.priority),
+                    timeout=timeout,
                 )
             except ServiceError as exc:
                 if deadline is not None and time.monotonic() >= deadline and is_transient(exc):

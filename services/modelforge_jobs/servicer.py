@@ -47,7 +47,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             raise InvalidArgument("request_id is longer than 128 characters", field="request_id")
         spec = JobSpec(
             model_ref=convert.ref_from_proto(request.model_ref),
-            batch_size=request.batch_size or settings.default_job_batch_size,
+            batch_size=request.batch_size,  # 0: the default, or what the model fixes
             priority=priority,
             labels=dict(request.labels),
             max_attempts=request.max_attempts or settings.default_max_attempts,

@@ -44,7 +44,19 @@ def test_a_response_becomes_the_record_of_its_outputs(outputs: list[Tensor]) -> 
         cache_hit=True,
     )
     expected = DatasetRecord(tensors=outputs).SerializeToString()
-    assert outputs_record(response.SerializeToString()) == expected
+    record, rows = outputs_record(response.SerializeToString())
+    assert record == expected
+    assert rows == [(t.name, t.shape[0]) for t in outputs]
+
+
+def test_the_first_dimension_of_each_output_is_read_from_its_bytes() -> None:
+    outputs = [
+        Tensor(name="scalar", dtype=F32, raw_data=b"\0" * 4),
+        Tensor(name="big", dtype=F32, shape=[300, 2], raw_data=b"\0" * 2400),  # a two-byte varint
+        Tensor(name="ü", dtype=F32, shape=[0]),
+    ]
+    response = inference_pb2.PredictResponse(model="m", outputs=outputs).SerializeToString()
+    assert outputs_record(response)[1] == [("scalar", None), ("big", 300), ("ü", 0)]
 
 
 @pytest.mark.parametrize("cut", [1, 5, 100])

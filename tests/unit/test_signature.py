@@ -78,6 +78,27 @@ def test_batch_key_and_rows():
     assert SIGNATURE.batchable
 
 
+@pytest.mark.parametrize(
+    ("inputs", "outputs", "batchable"),
+    [
+        ((("batch", -1),), (("batch", -1),), True),
+        ((("", -1),), (("", -1),), True),  # unnamed dynamic dimensions follow the inputs
+        ((("batch", -1),), (("", -1),), True),
+        ((("n", -1),), (("hits", -1),), False),  # NonZero: as many rows out as there are hits
+        ((("n", -1), ("m", -1)), (("n", -1),), False),  # two inputs whose rows are independent
+        ((("batch", -1),), (("batch", 1),), False),  # a fixed leading dimension
+        ((), (("batch", -1),), False),  # no inputs to stack
+    ],
+)
+def test_a_model_batches_only_when_every_leading_dimension_is_the_same_dynamic_one(inputs, outputs, batchable):
+    def specs(prefix: str, dims: tuple[tuple[str, int], ...]) -> tuple[TensorSpec, ...]:
+        return tuple(
+            TensorSpec(f"{prefix}{i}", F32, (size, 4), dim_names=(name, "")) for i, (name, size) in enumerate(dims)
+        )
+
+    assert Signature(inputs=specs("in", inputs), outputs=specs("out", outputs)).batchable is batchable
+
+
 def test_labels_override_server_defaults():
     model = ResolvedModel(
         "m",

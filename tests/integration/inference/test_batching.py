@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto
 
 from modelforge.inference.v1 import inference_pb2 as pb
-from tests.fixtures.onnx_models import ModelFile, build_identity, model_bytes
+from tests.fixtures.onnx_models import ModelFile, build_identity, build_nonzero, model_bytes
 from tests.integration.inference.conftest import RunningInference, outputs, predict_request, ref, upload
 
 BATCHING = {"modelforge.io/max-batch-size": "16", "modelforge.io/max-queue-delay-us": "20000"}
@@ -74,6 +74,22 @@ async def test_model_with_a_fixed_leading_dimension_is_never_merged(inference: R
     assert all(np.array_equal(outputs(r)["y"], 2 * x) for r in responses)
     stats = await statistics(inference, "fixed")
     assert (stats.execution_count, dict(stats.batch_sizes)) == (8, {1: 8})
+
+
+async def test_a_model_whose_output_rows_are_not_the_input_rows_is_never_merged(inference: RunningInference):
+    # NonZero answers as many rows as there are hits: merged requests of equal total rows would be split back
+    # wrongly (each caller getting another's positions), so the model runs request by request.
+    await upload(inference, "nonzero", model_bytes(build_nonzero()), labels=BATCHING)
+    for requests, expected in [
+        ([np.array([1 + i, 2 + i], np.float32) for i in range(8)], [0, 1]),  # 16 rows in, 16 hits out
+        ([np.array([0, 5 + i], np.float32) for i in range(8)], [1]),
+    ]:
+        calls = (inference.stub.Predict(predict_request("nonzero", {"x": x})) for x in requests)
+        responses = await asyncio.gather(*calls)
+        assert [outputs(r)["idx"].tolist() for r in responses] == [expected] * 8
+
+    stats = await statistics(inference, "nonzero")
+    assert (stats.execution_count, stats.request_count, dict(stats.batch_sizes)) == (16, 16, {2: 16})
 
 
 async def test_a_request_of_zero_rows_is_merged_and_counts_no_inference(inference: RunningInference):

@@ -11,6 +11,7 @@ import numpy as np
 from modelforge.jobs.v1 import jobs_pb2
 from modelforge.registry.v1 import registry_pb2
 from modelforge_server import paging
+from tests.fixtures.onnx_models import build_fixed_shape, build_nonzero, model_bytes
 from tests.integration.jobs.conftest import (
     dataset_file,
     error_reason,
@@ -227,3 +228,34 @@ async def test_cancel_of_completed_job_is_failed_precondition(jobs_api, worker, 
         grpc.StatusCode.FAILED_PRECONDITION,
         "INVALID_JOB_STATE",
     )
+
+
+async def test_a_model_whose_outputs_hold_no_row_per_item_is_refused_at_submit_or_fails_at_its_first_batch(
+    jobs_api, worker, inference
+) -> None:
+    x = np.array([1, 0, 2, 3], np.float32)  # four items, three hits
+    await upload(inference, "hits", model_bytes(build_nonzero("hits")))
+    code, reason = await _fails(jobs_api.stub.CreateJob(inline_request("hits", {"x": x})))
+    assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "OUTPUTS_NOT_PER_ITEM")
+    await _no_jobs(jobs_api.stub)
+
+    # The signature does not show it: the first batch's outputs do, and the job fails at once with no retry.
+    await upload(inference, "unnamed", model_bytes(build_nonzero(None)))
+    job = (await jobs_api.stub.CreateJob(inline_request("unnamed", {"x": x}, max_attempts=3))).job
+    final = await wait_terminal(jobs_api.stub, job.id)
+    assert final.state == jobs_pb2.JOB_STATE_FAILED
+    assert (final.error.code, final.error.reason) == ("FAILED_PRECONDITION", "OUTPUTS_NOT_PER_ITEM")
+    assert "held 3 rows for a batch of 4 items" in final.error.message
+    assert final.attempt_count == 1 and final.progress.items_done == 0
+
+
+async def test_a_model_exported_for_batch_one_runs_one_item_per_call(jobs_api, worker, inference) -> None:
+    await upload(inference, "fixed", model_bytes(build_fixed_shape()))
+    x = np.arange(5 * 4, dtype=np.float32).reshape(5, 4)
+    code, reason = await _fails(jobs_api.stub.CreateJob(inline_request("fixed", {"x": x}, batch_size=5)))
+    assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_BATCH_SIZE")
+
+    job = (await jobs_api.stub.CreateJob(inline_request("fixed", {"x": x}))).job  # batch_size 0: the model's 1
+    assert (job.batch_size, job.progress.batches_total) == (1, 5)
+    final = await wait_terminal(jobs_api.stub, job.id)
+    assert final.state == jobs_pb2.JOB_STATE_COMPLETED, final.error

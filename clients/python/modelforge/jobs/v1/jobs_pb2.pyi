@@ -479,7 +479,9 @@ class CreateJobRequest(_message.Message):
     dataset_id: _builtins.str
     """The id of a dataset uploaded with UploadDataset."""
     batch_size: _builtins.int
-    """Optional. Items per inference request. 0 means 256; values above 65536 are INVALID_ARGUMENT."""
+    """Optional. Items per inference request. 0 means the server's default (256), or the items per call a model
+    fixes (one exported for batch 1 takes 1, and refuses any other value); values above 65536 are INVALID_ARGUMENT.
+    """
     priority: Global___JobPriority.ValueType
     """Optional. The priority; UNSPECIFIED means NORMAL."""
     max_attempts: _builtins.int

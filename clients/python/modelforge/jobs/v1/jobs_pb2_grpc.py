@@ -115,9 +115,11 @@ class JobServiceServicer:
     def CreateJob(self, request, context):
         """Submits a job. The model reference is resolved with the registry now and pinned to that version, and the
         input is checked against the version's signature, before anything is queued: NOT_FOUND for an unknown
-        model, version, alias or dataset, or a model with no READY version; FAILED_PRECONDITION for an archived version;
-        INVALID_ARGUMENT for an empty input or one that does not match the signature. A request repeated with the
-        same request_id returns the job created by the first one.
+        model, version, alias or dataset, or a model with no READY version; FAILED_PRECONDITION for an archived version,
+        or a model whose outputs hold no row per item (OUTPUTS_NOT_PER_ITEM: a scalar output, or one whose first
+        dimension is not the inputs'); INVALID_ARGUMENT for an empty input, one that does not match the signature, or a
+        batch_size the model does not take (INVALID_BATCH_SIZE). A request repeated with the same request_id returns
+        the job created by the first one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -45,9 +45,11 @@ class JobServiceStub:
     CreateJob: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.CreateJobRequest, _jobs_pb2.CreateJobResponse]
     """Submits a job. The model reference is resolved with the registry now and pinned to that version, and the
     input is checked against the version's signature, before anything is queued: NOT_FOUND for an unknown
-    model, version, alias or dataset, or a model with no READY version; FAILED_PRECONDITION for an archived version;
-    INVALID_ARGUMENT for an empty input or one that does not match the signature. A request repeated with the
-    same request_id returns the job created by the first one.
+    model, version, alias or dataset, or a model with no READY version; FAILED_PRECONDITION for an archived version,
+    or a model whose outputs hold no row per item (OUTPUTS_NOT_PER_ITEM: a scalar output, or one whose first
+    dimension is not the inputs'); INVALID_ARGUMENT for an empty input, one that does not match the signature, or a
+    batch_size the model does not take (INVALID_BATCH_SIZE). A request repeated with the same request_id returns
+    the job created by the first one.
     """
     GetJob: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.GetJobRequest, _jobs_pb2.GetJobResponse]
     """Returns one job. NOT_FOUND if no job has that id."""
@@ -100,9 +102,11 @@ class JobServiceAsyncStub(JobServiceStub):
     CreateJob: _aio.UnaryUnaryMultiCallable[_jobs_pb2.CreateJobRequest, _jobs_pb2.CreateJobResponse]  # type: ignore[assignment]
     """Submits a job. The model reference is resolved with the registry now and pinned to that version, and the
     input is checked against the version's signature, before anything is queued: NOT_FOUND for an unknown
-    model, version, alias or dataset, or a model with no READY version; FAILED_PRECONDITION for an archived version;
-    INVALID_ARGUMENT for an empty input or one that does not match the signature. A request repeated with the
-    same request_id returns the job created by the first one.
+    model, version, alias or dataset, or a model with no READY version; FAILED_PRECONDITION for an archived version,
+    or a model whose outputs hold no row per item (OUTPUTS_NOT_PER_ITEM: a scalar output, or one whose first
+    dimension is not the inputs'); INVALID_ARGUMENT for an empty input, one that does not match the signature, or a
+    batch_size the model does not take (INVALID_BATCH_SIZE). A request repeated with the same request_id returns
+    the job created by the first one.
     """
     GetJob: _aio.UnaryUnaryMultiCallable[_jobs_pb2.GetJobRequest, _jobs_pb2.GetJobResponse]  # type: ignore[assignment]
     """Returns one job. NOT_FOUND if no job has that id."""
@@ -158,9 +162,11 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_jobs_pb2.CreateJobResponse, _abc.Awaitable[_jobs_pb2.CreateJobResponse]]:
         """Submits a job. The model reference is resolved with the registry now and pinned to that version, and the
         input is checked against the version's signature, before anything is queued: NOT_FOUND for an unknown
-        model, version, alias or dataset, or a model with no READY version; FAILED_PRECONDITION for an archived version;
-        INVALID_ARGUMENT for an empty input or one that does not match the signature. A request repeated with the
-        same request_id returns the job created by the first one.
+        model, version, alias or dataset, or a model with no READY version; FAILED_PRECONDITION for an archived version,
+        or a model whose outputs hold no row per item (OUTPUTS_NOT_PER_ITEM: a scalar output, or one whose first
+        dimension is not the inputs'); INVALID_ARGUMENT for an empty input, one that does not match the signature, or a
+        batch_size the model does not take (INVALID_BATCH_SIZE). A request repeated with the same request_id returns
+        the job created by the first one.
         """
 
     @_abc_1.abstractmethod
