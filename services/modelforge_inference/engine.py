@@ -326,7 +326,8 @@ class InferenceEngine:
             # their size, and after it by their real size.
             answered = [name for name in names if not into or name not in into]
             if answer_limit is not None:
-                _check_answer(model, least_output_bytes(model.signature, feeds, answered), answer_limit)
+                least = least_output_bytes(model.signature, feeds, answered)
+                _check_answer(model, least, answer_limit, declared=True)
             if self._cache is not None and config.cache.enabled and cache_mode is not CacheMode.BYPASS:
                 result, selected, hit = await self._predict_cached(
                     model, config, feeds, names, tuple(outputs or ()), priority, timeout, deadline, cache_mode
@@ -898,10 +899,11 @@ def _attributes(model: ResolvedModel) -> dict[str, Any]:
     return {"modelforge.model": model.name, "modelforge.version": model.version}
 
 
-def _check_answer(model: ResolvedModel, size: int, limit: int) -> None:
-    """Raises AnswerTooLarge when outputs of `size` bytes do not fit one answer of at most `limit` bytes."""
+def _check_answer(model: ResolvedModel, size: int, limit: int, *, declared: bool = False) -> None:
+    """Raises AnswerTooLarge when outputs of `size` bytes (`declared`: the least the signature gives them, before
+    the run) do not fit one answer of at most `limit` bytes."""
     if size > limit:
-        raise AnswerTooLarge(model.name, model.version, size, limit)
+        raise AnswerTooLarge(model.name, model.version, size, limit, declared=declared)
 
 
 def _rejection(exc: Exception) -> Rejection | None:

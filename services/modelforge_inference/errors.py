@@ -119,9 +119,14 @@ class AnswerTooLarge(ResourceExhausted):
 
     reason = "RESPONSE_TOO_LARGE"
 
-    def __init__(self, model: str, version: int, size: int, limit: int) -> None:
+    def __init__(self, model: str, version: int, size: int, limit: int, *, declared: bool = False) -> None:
+        come = (
+            f"would come to at least {size} bytes as its signature declares them"
+            if declared
+            else f"come to {size} bytes"
+        )
         super().__init__(
-            f"the outputs of {model}:{version} come to {size} bytes, more than the {limit} one answer may carry "
+            f"the outputs of {model}:{version} {come}, more than the {limit} one answer may carry "
             "(MODELFORGE_MAX_MESSAGE_BYTES); stream them with PredictStream (`modelforge predict --stream`, "
             "InferenceClient.predict_stream), have V2 write them to system shared memory, ask for fewer outputs or "
             "fewer items per request, or raise MODELFORGE_MAX_MESSAGE_BYTES on the server and the client",

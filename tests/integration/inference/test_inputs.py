@@ -204,7 +204,7 @@ async def test_outputs_the_signature_shows_too_large_are_refused_before_the_mode
         code, reason, details = await failure(running.stub.Predict(predict_request("painter", latent)))
 
         assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "RESPONSE_TOO_LARGE"), details
-        assert f"come to {3 * 512 * 512 * 4} bytes" in details
+        assert f"come to at least {3 * 512 * 512 * 4} bytes as its signature declares them" in details
         statistics = await running.stub.GetModelStatistics(inference_pb2.GetModelStatisticsRequest(ref=ref("painter")))
         (stats,) = statistics.model_statistics
         assert (stats.failure_count, stats.execution_count) == (1, 0)  # refused without a run
