@@ -73,9 +73,8 @@ def model_ref(ref: registry_pb2.ModelRef, *, required: bool = True) -> ModelRef 
 
 
 def inputs(messages: Sequence[tensor_pb2.Tensor]) -> dict[str, np.ndarray]:
-    """Decodes input tensors without copying their bytes; names must be set and unique."""
-    if not messages:
-        raise InvalidArgument("inputs is required: one tensor per model input", field="inputs")
+    """Decodes input tensors without copying their bytes; names must be set and unique. None at all is a request
+    for a model with no inputs; the signature check names what any other model misses."""
     decoded: dict[str, np.ndarray] = {}
     for index, message in enumerate(messages):
         name = message.name

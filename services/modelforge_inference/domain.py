@@ -81,6 +81,7 @@ class Signature:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     non_tensor_outputs: tuple[str, ...] = ()
+    non_tensor_inputs: tuple[str, ...] = ()  # inputs no request can feed: such a model cannot be served
 
     def input(self, name: str) -> TensorSpec | None:
         return next((spec for spec in self.inputs if spec.name == name), None)

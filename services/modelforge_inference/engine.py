@@ -71,6 +71,7 @@ from modelforge_inference.sessions import (
     run_options,
     stack,
     terminate,
+    unserved_inputs,
 )
 from modelforge_inference.settings import InferenceSettings
 from modelforge_inference.signature import (
@@ -319,6 +320,9 @@ class InferenceEngine:
         counters = self._counters_of(model)
         try:
             config = self._config(model)
+            if unfed := model.signature.non_tensor_inputs:
+                # Before the inputs are checked: a request could only be told that no such input exists.
+                raise ModelLoadFailed(model.name, model.version, unserved_inputs([repr(name) for name in unfed]))
             feeds = check_inputs(model.signature, inputs, max_request_bytes=self._settings.max_request_bytes)
             placed: frozenset[str] = frozenset()
             names = check_outputs(model.signature, outputs)

@@ -184,6 +184,7 @@ def signature(proto: registry_pb2.Signature) -> Signature:
         inputs=tuple(_spec(spec) for spec in proto.inputs if spec.dtype != unspecified),
         outputs=tuple(_spec(spec) for spec in proto.outputs if spec.dtype != unspecified),
         non_tensor_outputs=tuple(spec.name for spec in proto.outputs if spec.dtype == unspecified),
+        non_tensor_inputs=tuple(spec.name for spec in proto.inputs if spec.dtype == unspecified),
     )
 
 

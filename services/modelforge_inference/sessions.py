@@ -108,6 +108,12 @@ def session_options(config: SessionConfig) -> ort.SessionOptions:
     return options
 
 
+def unserved_inputs(described: list[str]) -> str:
+    """Why a model with inputs no request can feed (sequences, maps, optionals, element types ModelForge lacks)
+    cannot be served."""
+    return f"its inputs {', '.join(described)} are not tensors ModelForge serves; requests carry tensors only"
+
+
 class ModelSession:
     """One ONNX Runtime session and the output order it returns. `run` is thread-safe and releases the GIL."""
 
@@ -124,9 +130,7 @@ class ModelSession:
         self.proven = False
         inputs = self.session.get_inputs()
         if unserved := [f"{spec.name!r} ({spec.type})" for spec in inputs if not _is_served(spec.type)]:
-            raise ValueError(
-                f"its inputs {', '.join(unserved)} are not tensors ModelForge serves; requests carry tensors only"
-            )
+            raise ValueError(unserved_inputs(unserved))
         self._bfloat16_inputs = frozenset(spec.name for spec in inputs if spec.type == _BFLOAT16)
         self._bfloat16_outputs = tuple(output.type == _BFLOAT16 for output in outputs)
         # Outputs come back as OrtValues only when one of them is bfloat16 (numpy cannot hold it).

@@ -23,7 +23,16 @@ from onnx import TensorProto
 
 from modelforge import AsyncRegistryClient, VersionState
 from modelforge.cli import ProgressBar, UsageError, _storable, main
-from tests.fixtures.onnx_models import ModelFile, add_one, build_identity, not_onnx, onnx_dir, write_model  # noqa: F401
+from tests.fixtures.onnx_models import (  # noqa: F401
+    ModelFile,
+    add_one,
+    build_constant,
+    build_identity,
+    model_bytes,
+    not_onnx,
+    onnx_dir,
+    write_model,
+)
 from tests.fixtures.servers import RunningRegistry, registry, registry_settings  # noqa: F401
 from tests.integration.inference.conftest import RunningInference, inference, start_inference  # noqa: F401
 from tests.integration.jobs.conftest import (  # noqa: F401
@@ -175,6 +184,15 @@ async def test_predict_load_stats_and_jobs(
     assert (await cli("models", "unload", "demo", *addresses)).out.strip() == "unloaded demo:1"
     bad = await cli("predict", "demo", "--input", f"wrong={tmp_path / 'x.npy'}", *addresses)
     assert bad.code == 1 and bad.err.count("\n") == 1
+    nothing = await cli("predict", "demo", *addresses)
+    assert nothing.code == 1 and "'x': missing" in nothing.err
+    (tmp_path / "constant.onnx").write_bytes(model_bytes(build_constant()))
+    assert (await cli("models", "push", str(tmp_path / "constant.onnx"), "--name", "constant")).code == 0
+    constant = await cli("predict", "constant", "--out", str(tmp_path / "constant"), *addresses)  # no inputs
+    assert constant.code == 0, constant.err
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "constant" / "c.npy"), np.arange(6, dtype=np.float32).reshape(2, 3)
+    )
 
     np.savez(tmp_path / "items.npz", x=x)
     submitted = await cli("jobs", "submit", "demo@production", "--input", str(tmp_path / "items.npz"),

@@ -21,6 +21,7 @@ from modelforge import (
     NotFoundError,
     ResourceExhaustedError,
 )
+from tests.fixtures.onnx_models import build_constant, model_bytes
 from tests.integration.inference.conftest import (  # noqa: F401
     ModelFile,
     RunningInference,
@@ -57,6 +58,16 @@ async def test_predict_returns_numpy_outputs(
     assert (full.model, full.version, full.cache_hit) == ("adder", 1, False)
     assert full.sha256 == add_one.sha256
     assert full.timings.total.total_seconds() > 0
+
+
+async def test_a_model_with_no_inputs_is_predicted_with_none(client: AsyncInferenceClient, inference: RunningInference):
+    async with AsyncRegistryClient(inference.registry.address) as registry:
+        await registry.push(model_bytes(build_constant()), name="constant")
+    expected = np.arange(6, dtype=np.float32).reshape(2, 3)
+    np.testing.assert_array_equal((await client.predict("constant", {}))["c"], expected)
+    np.testing.assert_array_equal((await client.predict_stream("constant", {})).outputs["c"], expected)
+    with pytest.raises(InvalidArgumentError, match="no such input"):
+        await client.predict("constant", {"x": expected})
 
 
 async def test_predict_stream_reassembles_large_outputs_with_progress(
@@ -107,7 +118,7 @@ async def test_failures_are_typed_errors(
     assert "'x'" in str(bad.value)
     with pytest.raises(NotFoundError):
         await client.unload("adder")
-    with pytest.raises(ValueError, match="non-empty mapping"):
+    with pytest.raises(InvalidArgumentError, match="'x': missing"):
         await client.predict("adder", {})
 
 

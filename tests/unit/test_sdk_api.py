@@ -335,8 +335,9 @@ def test_predict_request_encodes_inputs_as_raw_bytes() -> None:
     assert tensor.raw_data == x.tobytes() and list(tensor.shape) == [2, 3]
     assert request.timeout.ToTimedelta().total_seconds() == 0.5
     assert request.cache_mode == inference_pb2.CACHE_MODE_BYPASS
-    with pytest.raises(ValueError, match="non-empty mapping"):
-        _convert.predict_request("mlp", {}, outputs=None, priority=0, queue_timeout=None, cache=None)
+    with pytest.raises(TypeError, match="a mapping of input name to array"):
+        _convert.predict_request("mlp", [x], outputs=None, priority=0, queue_timeout=None, cache=None)  # type: ignore[arg-type]
+    assert not _convert.predict_request("constant", {}, outputs=None, priority=0, queue_timeout=None, cache=None).inputs
 
 
 def test_predict_request_refuses_a_string_for_outputs_and_a_queue_timeout_that_would_mean_none() -> None:

@@ -375,8 +375,8 @@ def _inference_fields(
     queue_timeout: float | None,
     cache: str | None,
 ) -> dict[str, Any]:
-    if not isinstance(inputs, Mapping) or not inputs:
-        raise ValueError("inputs must be a non-empty mapping of input name to array, e.g. {'input': array}")
+    if not isinstance(inputs, Mapping):
+        raise TypeError("inputs must be a mapping of input name to array, e.g. {'input': array} ({} for none)")
     if cache not in _CACHE_MODES:
         raise ValueError(f"cache must be 'use', 'bypass', 'refresh' or None, not {cache!r}")
     if isinstance(outputs, str):  # a str is a sequence of one-letter names

@@ -446,8 +446,6 @@ def _read_inputs(specs: Sequence[str]) -> dict[str, np.ndarray[Any, Any]]:
             loaded.close()
             raise UsageError(f"{file} is a .npz archive of several arrays: give it as --input {file}, without NAME=")
         inputs[name] = loaded
-    if not inputs:
-        raise UsageError("give at least one --input NAME=FILE.npy")
     return inputs
 
 
@@ -827,8 +825,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("predict", parents=[common], help="run a model on inputs from .npy/.npz files")
     p.add_argument("ref", metavar="REF", help="NAME, NAME:VERSION or NAME@ALIAS")
-    p.add_argument("--input", action="append", required=True, metavar="NAME=FILE.npy",
-                   help="an input (repeatable); FILE.npz gives every array in it, by name")  # fmt: skip
+    p.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy",
+                   help="an input (repeatable; none for a model without inputs); FILE.npz gives every array in it, "
+                        "by name")  # fmt: skip
     p.add_argument("--output", action="append", metavar="NAME", help="return only this output (repeatable)")
     p.add_argument("--out", metavar="DIR", help="save each output as DIR/NAME.npy")
     p.add_argument("--stream", action="store_true", help="receive the outputs as a stream (large outputs)")
@@ -850,7 +849,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ref", metavar="REF", help="NAME, NAME:VERSION or NAME@ALIAS (pinned to its version now)")
     p.add_argument("--input", action="append", required=True, metavar="FILE.npz|NAME=FILE.npy",
                    help="the items: every array of FILE.npz by name, or one input per NAME=FILE.npy")  # fmt: skip
-    p.add_argument("--batch-size", type=int, default=0, help="items per inference request (default: the server's)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=0,
+        help="items per inference request (default: the server's, or what the model fixes)",
+    )
     p.add_argument("--priority", choices=["low", "normal", "high"], help="queue priority")
     p.add_argument("--label", action="append", metavar="KEY=VALUE", help="a label for the job (repeatable)")
     p.add_argument("--max-attempts", type=int, default=0, help="runs the job may start (default: the server's)")

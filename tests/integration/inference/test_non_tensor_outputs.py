@@ -141,3 +141,19 @@ async def test_model_with_a_sequence_input_fails_to_load_with_failed_preconditio
     code, reason, details = await failure(inference.stub.LoadModel(load))
     assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "MODEL_LOAD_FAILED")
     assert "'items' (seq(tensor(float)))" in details and "not tensors" in details
+
+    # A prediction feeding it is told the same, not that the model has no such input.
+    x = np.ones((1, 2), np.float32)
+    for call in (
+        inference.stub.Predict(predict_request("sequence-input", {"items": x})),
+        inference.oip.ModelInfer(
+            pb.ModelInferRequest(
+                model_name="sequence-input",
+                inputs=[pb.ModelInferRequest.InferInputTensor(name="items", datatype="FP32", shape=[1, 2])],
+                raw_input_contents=[x.tobytes()],
+            )
+        ),
+    ):
+        code, reason, details = await failure(call)
+        assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "MODEL_LOAD_FAILED")
+        assert "'items'" in details and "not tensors ModelForge serves" in details
