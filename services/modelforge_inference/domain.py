@@ -82,6 +82,18 @@ class Signature:
     outputs: tuple[TensorSpec, ...]
     non_tensor_outputs: tuple[str, ...] = ()
     non_tensor_inputs: tuple[str, ...] = ()  # inputs no request can feed: such a model cannot be served
+    # The dynamic dimensions that several inputs name alike, each as its name and (input index, axis) places: ONNX
+    # means one size by one name, so a request's sizes there must agree.
+    shared_dims: tuple[tuple[str, tuple[tuple[int, int], ...]], ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        places: dict[str, list[tuple[int, int]]] = {}
+        for index, spec in enumerate(self.inputs):
+            for axis, (size, name) in enumerate(zip(spec.shape, spec.dim_names, strict=False)):
+                if size == DYNAMIC and name:
+                    places.setdefault(name, []).append((index, axis))
+        shared = tuple((name, tuple(where)) for name, where in places.items() if len(where) > 1)
+        object.__setattr__(self, "shared_dims", shared)
 
     def input(self, name: str) -> TensorSpec | None:
         return next((spec for spec in self.inputs if spec.name == name), None)

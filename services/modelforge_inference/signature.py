@@ -117,7 +117,25 @@ def check_inputs(
         if array is None:
             raise InvalidInput(spec.name, f"missing; the model needs it as {describe(spec)}")
         feeds[spec.name] = check_tensor(spec, array)
+    if signature.shared_dims:
+        _check_shared_dims(signature, list(feeds.values()))
     return feeds
+
+
+def _check_shared_dims(signature: Signature, arrays: list[np.ndarray[Any, Any]]) -> None:
+    """Raises InvalidInput when inputs differ in a dimension the model names alike (input_ids and attention_mask
+    both [batch, seq]): ONNX Runtime would fail on them, or broadcast one against the other."""
+    for name, places in signature.shared_dims:
+        (first, first_axis), *others = places
+        size = arrays[first].shape[first_axis]
+        for index, axis in others:
+            if arrays[index].shape[axis] != size:
+                spec, other = signature.inputs[index], signature.inputs[first]
+                raise InvalidInput(
+                    spec.name,
+                    f"dimension {axis} ({name!r}) is {arrays[index].shape[axis]}, but input {other.name!r} has "
+                    f"{size} there: the model names both {name!r}, so they must be equal",
+                )
 
 
 def check_tensor(spec: TensorSpec, array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:

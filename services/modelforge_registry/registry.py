@@ -173,7 +173,11 @@ class ModelRegistry:
         check_labels(header.labels, "header.labels")
         if not SHA256_HEX.fullmatch(header.sha256):
             raise InvalidChecksum(header.sha256)
-        if header.size_bytes <= 0:
+        if header.size_bytes == 0:
+            raise InvalidArgument(
+                "the file is empty (header.size_bytes is 0): push an ONNX model", field="header.size_bytes"
+            )
+        if header.size_bytes < 0:
             raise InvalidArgument("header.size_bytes must be the file's size in bytes", field="header.size_bytes")
         if header.size_bytes > self._max_model_bytes:
             raise ModelTooLarge(header.size_bytes, self._max_model_bytes)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import modelforge
-from modelforge import _channel, _convert
+from modelforge import TensorSpec, _channel, _convert
 from modelforge.common.v1 import tensor_pb2
 from modelforge.inference.v1 import inference_pb2
 from modelforge.registry.v1 import registry_pb2
@@ -349,3 +349,11 @@ def test_predict_request_refuses_a_string_for_outputs_and_a_queue_timeout_that_w
             _convert.predict_request("mlp", x, outputs=None, priority=0, queue_timeout=zero, cache=None)
     request = _convert.predict_request("mlp", x, outputs=("y",), priority=0, queue_timeout=1e-6, cache=None)
     assert (list(request.output_names), request.timeout.nanos) == (["y"], 1000)
+
+
+def test_a_tensor_spec_prints_its_type_and_named_dims_or_that_it_is_not_served() -> None:
+    assert str(TensorSpec("x", "float32", (-1, 4), ("batch", ""))) == "x: float32[batch, 4]"
+    assert str(TensorSpec("ids", "int64", (-1, -1))) == "ids: int64[-1, -1]"
+    assert str(TensorSpec("probabilities", "unspecified", ())) == (
+        "probabilities: not a tensor ModelForge serves (a sequence, map or optional, or another element type)"
+    )

@@ -204,3 +204,24 @@ def test_answer_bytes_bounds_both_apis_answers_from_above() -> None:
         len(e if isinstance(e, bytes) else e.encode()) for e in outputs["labels"]
     )
     assert bound - data < 2048 + len(name) + sum(len(n) for n in outputs)
+
+
+def test_inputs_that_name_a_dimension_alike_must_agree_on_its_size():
+    i64 = np.dtype(np.int64)
+    text = Signature(
+        inputs=(
+            TensorSpec("input_ids", i64, (-1, -1), dim_names=("batch", "seq")),
+            TensorSpec("attention_mask", i64, (-1, -1), dim_names=("batch", "seq")),
+            TensorSpec("lengths", i64, (-1,), dim_names=("n",)),
+        ),
+        outputs=(TensorSpec("logits", F32, (-1, 2), dim_names=("batch", "")),),
+    )
+    ids = np.zeros((2, 3), i64)
+    good = {"input_ids": ids, "attention_mask": ids, "lengths": np.zeros(5, i64)}  # "n" is named once: free
+    assert list(check_inputs(text, good, max_request_bytes=1 << 20)) == ["input_ids", "attention_mask", "lengths"]
+
+    for mask, axis, name in [(np.zeros((2, 4), i64), 1, "seq"), (np.zeros((1, 3), i64), 0, "batch")]:
+        with pytest.raises(InvalidInput) as caught:
+            check_inputs(text, good | {"attention_mask": mask}, max_request_bytes=1 << 20)
+        assert caught.value.metadata["input"] == "attention_mask"
+        assert f"dimension {axis} ({name!r}) is" in str(caught.value) and "'input_ids'" in str(caught.value)

@@ -83,6 +83,8 @@ class TensorSpec:
     dim_names: tuple[str, ...] = ()
 
     def __str__(self) -> str:
+        if self.dtype == "unspecified":
+            return f"{self.name}: not a tensor ModelForge serves (a sequence, map or optional, or another element type)"
         dims = ", ".join(n or str(d) if d < 0 else str(d) for d, n in zip(self.shape, self._names(), strict=True))
         return f"{self.name}: {self.dtype}[{dims}]"
 

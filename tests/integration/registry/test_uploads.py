@@ -154,6 +154,9 @@ async def test_malformed_headers_are_invalid(registry, add_one) -> None:
         assert code == grpc.StatusCode.INVALID_ARGUMENT
     await assert_nothing_stored(registry, "ok")
 
+    code, _, details = await failure(send(stub, upload_requests("ok", b"")))  # an empty file, truthfully announced
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "the file is empty" in details
+
 
 async def test_announced_size_over_the_limit_is_refused_at_once(registry, add_one) -> None:
     limit = registry.settings.max_model_bytes
