@@ -190,6 +190,11 @@ class Batcher:
         self._waiting: dict[Hashable, list[_Pending]] = {}  # share key -> the queued requests with that key
         self._sharing: dict[Hashable, _Pending] = {}  # share key -> the request whose run is under way
 
+    def stop_merging(self) -> None:
+        """Runs every later request alone: a merged run showed that the outputs do not follow the batch dimension.
+        Callable from a compute thread (one attribute, read by the loop before each batch)."""
+        self._merging = False
+
     @property
     def queued(self) -> int:
         """Requests waiting to run."""

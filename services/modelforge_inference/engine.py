@@ -494,7 +494,15 @@ class InferenceEngine:
         except INPUT_ERRORS:
             return [self._run_one(session, slot.model, *request, options) for request in zip(batch, into, strict=True)]
         parts = split(merged, rows)
-        if parts is None:  # outputs do not follow the batch dimension after all
+        if parts is None:  # outputs do not follow the batch dimension after all (an unnamed count of detections)
+            if slot.batcher is not None:
+                slot.batcher.stop_merging()
+                log.warning(
+                    "%s:%s: the outputs of a merged run do not hold one row per input row; its requests run alone "
+                    "from now on (name the outputs' first dimension otherwise than the inputs' to say so up front)",
+                    slot.model.name,
+                    slot.model.version,
+                )
             return [self._run_one(session, slot.model, *request, options) for request in zip(batch, into, strict=True)]
         return [place(part, arrays) if arrays else part for part, arrays in zip(parts, into, strict=True)]
 

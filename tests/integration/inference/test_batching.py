@@ -92,6 +92,23 @@ async def test_a_model_whose_output_rows_are_not_the_input_rows_is_never_merged(
     assert (stats.execution_count, stats.request_count, dict(stats.batch_sizes)) == (16, 16, {2: 16})
 
 
+async def test_a_merged_run_whose_outputs_have_no_row_per_input_row_stops_the_merging(
+    inference: RunningInference, caplog: pytest.LogCaptureFixture
+):
+    # The output's first dimension is unnamed, so the signature does not tell; the first merged run whose outputs
+    # do not add up does: its requests run alone, and so does every later one, whose rows might add up by chance.
+    await upload(inference, "unnamed", model_bytes(build_nonzero(None)), labels=BATCHING)
+    with_zeros = [np.array([0, 1 + i], np.float32) for i in range(8)]  # 16 rows in, 8 hits out
+    without = [np.array([1 + i, 2 + i], np.float32) for i in range(8)]  # 16 rows in, 16 hits out
+    for requests, expected in [(with_zeros, [1]), (without, [0, 1]), (without, [0, 1])]:
+        calls = (inference.stub.Predict(predict_request("unnamed", {"x": x})) for x in requests)
+        responses = await asyncio.gather(*calls)
+        assert [outputs(r)["idx"].tolist() for r in responses] == [expected] * 8
+
+    warned = [r.getMessage() for r in caplog.records if "do not hold one row per input row" in r.getMessage()]
+    assert len(warned) == 1, warned
+
+
 async def test_a_request_of_zero_rows_is_merged_and_counts_no_inference(inference: RunningInference):
     await upload(inference, "batched", IDENTITY, labels=BATCHING)
     await inference.stub.LoadModel(pb.LoadModelRequest(ref=ref("batched")))
