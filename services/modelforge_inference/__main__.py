@@ -24,7 +24,7 @@ from modelforge_inference.settings import InferenceSettings
 from modelforge_inference.shm import SharedMemoryRegions
 from modelforge_server import app, embedded, logs, telemetry
 from modelforge_server.metrics import Metrics
-from modelforge_server.settings import MiB, from_env
+from modelforge_server.settings import MiB, from_env, reported
 
 SERVICE_NAME = "modelforge-inference"
 METRICS_PORT = 9102
@@ -137,11 +137,12 @@ async def run(settings: InferenceSettings, tel: telemetry.Telemetry | None = Non
 
 
 def main() -> None:
-    settings = from_env(InferenceSettings)
-    logs.configure(SERVICE_NAME, settings.log_level)
-    allocator.keep_freed_memory()  # before the first large buffer
-    # Before anything opens a channel or builds the server: tracing, when on, instruments both.
-    tel = telemetry.setup(SERVICE_NAME, settings, metrics_port=METRICS_PORT)
+    with reported(SERVICE_NAME):
+        settings = from_env(InferenceSettings)
+        logs.configure(SERVICE_NAME, settings.log_level)
+        allocator.keep_freed_memory()  # before the first large buffer
+        # Before anything opens a channel or builds the server: tracing, when on, instruments both.
+        tel = telemetry.setup(SERVICE_NAME, settings, metrics_port=METRICS_PORT)
     app.run(run(settings, tel), settings.event_loop)
 
 

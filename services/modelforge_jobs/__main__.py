@@ -25,7 +25,7 @@ from modelforge_jobs.settings import API_METRICS_PORT, JobsSettings
 from modelforge_jobs.store import JobStore
 from modelforge_server import app, db, embedded, logs, telemetry
 from modelforge_server.metrics import Metrics
-from modelforge_server.settings import from_env
+from modelforge_server.settings import from_env, reported
 
 SERVICE = jobs_pb2.DESCRIPTOR.services_by_name["JobService"]
 SERVICE_NAME = "modelforge-jobs"
@@ -94,10 +94,11 @@ async def run(settings: JobsSettings, tel: telemetry.Telemetry | None = None) ->
 
 
 def main() -> None:
-    settings = from_env(JobsSettings)
-    logs.configure(SERVICE_NAME, settings.log_level)
-    # Before any channel or pool exists, so that the clients are instrumented and the server gets its spans.
-    tel = telemetry.setup(SERVICE_NAME, settings, metrics_port=API_METRICS_PORT)
+    with reported(SERVICE_NAME):
+        settings = from_env(JobsSettings)
+        logs.configure(SERVICE_NAME, settings.log_level)
+        # Before any channel or pool exists, so that the clients are instrumented and the server gets its spans.
+        tel = telemetry.setup(SERVICE_NAME, settings, metrics_port=API_METRICS_PORT)
     app.run(run(settings, tel), settings.event_loop)
 
 

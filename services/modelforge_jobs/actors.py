@@ -34,6 +34,7 @@ from modelforge_jobs.settings import JobsSettings
 from modelforge_jobs.store import JobStore
 from modelforge_server import db, logs, telemetry
 from modelforge_server.metrics import Endpoint, Metrics, multiprocess_enabled
+from modelforge_server.settings import SettingsError
 from modelforge_server.telemetry import Telemetry
 
 log = logging.getLogger("modelforge.jobs.worker")
@@ -95,7 +96,10 @@ class WorkerResources(dramatiq.Middleware):
         telemetry: Telemetry | None = None,
     ) -> None:
         if not settings.database_url:
-            raise ValueError("the jobs worker needs MODELFORGE_DATABASE_URL")
+            raise SettingsError(
+                "the jobs worker needs MODELFORGE_DATABASE_URL: it starts no embedded PostgreSQL of its own (the jobs "
+                "API and `modelforge up` do); give it the one they use"
+            )
         self.settings = settings
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.metrics = metrics if metrics is not None else WorkerMetrics(Metrics())
@@ -301,7 +305,10 @@ def make_broker(settings: JobsSettings, *, namespace: str | None = None) -> dram
     from dramatiq.middleware import AsyncIO
 
     if not settings.redis_url:
-        raise ValueError("the jobs service needs MODELFORGE_REDIS_URL")
+        raise SettingsError(
+            "the jobs service needs MODELFORGE_REDIS_URL here: a worker starts no embedded Redis of its own (the jobs "
+            "API and `modelforge up` do); give it the one they use"
+        )
     broker = WakingRedisBroker(url=settings.redis_url, namespace=namespace or settings.queue_namespace)
     broker.add_middleware(AsyncIO())
     return broker

@@ -28,17 +28,19 @@ from modelforge_jobs.metrics import WorkerMetrics
 from modelforge_jobs.settings import WORKER_METRICS_PORT, JobsSettings
 from modelforge_server import app, logs, telemetry
 from modelforge_server.metrics import Metrics
-from modelforge_server.settings import from_env
+from modelforge_server.settings import from_env, reported
 
 SERVICE_NAME = "modelforge-jobs-worker"
 
-settings = from_env(JobsSettings)
-logs.configure(SERVICE_NAME, settings.log_level)
-app.use_event_loop(settings.event_loop)  # before the AsyncIO middleware makes the worker's loop
-# Before the broker and the worker's channels exist, so that the gRPC, psycopg and Redis clients are instrumented.
-tel = telemetry.setup(SERVICE_NAME, settings.for_worker(), metrics_port=WORKER_METRICS_PORT)
-broker = make_broker(settings)
-resources = WorkerResources(settings, metrics=WorkerMetrics(Metrics()), telemetry=tel)
+with reported(SERVICE_NAME):
+    settings = from_env(JobsSettings)
+    logs.configure(SERVICE_NAME, settings.log_level)
+    app.use_event_loop(settings.event_loop)  # before the AsyncIO middleware makes the worker's loop
+    # Before the broker and the worker's channels exist, so that the gRPC, psycopg and Redis clients are
+    # instrumented.
+    tel = telemetry.setup(SERVICE_NAME, settings.for_worker(), metrics_port=WORKER_METRICS_PORT)
+    broker = make_broker(settings)
+    resources = WorkerResources(settings, metrics=WorkerMetrics(Metrics()), telemetry=tel)
 broker.add_middleware(resources)
 dramatiq.set_broker(broker)
 actors = declare_actors(broker, settings, resources)

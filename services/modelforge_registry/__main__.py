@@ -14,7 +14,7 @@ from modelforge_registry.settings import RegistrySettings
 from modelforge_registry.store import RegistryStore
 from modelforge_server import app, db, embedded, logs, telemetry
 from modelforge_server.metrics import Metrics
-from modelforge_server.settings import from_env
+from modelforge_server.settings import from_env, reported
 
 SERVICE = registry_pb2.DESCRIPTOR.services_by_name["RegistryService"]
 SERVICE_NAME = "modelforge-registry"
@@ -66,10 +66,11 @@ async def run(settings: RegistrySettings, tel: telemetry.Telemetry | None = None
 
 
 def main() -> None:
-    settings = from_env(RegistrySettings)
-    logs.configure(SERVICE_NAME, settings.log_level)
-    # Before the pool and the server exist: tracing, when on, instruments both.
-    tel = telemetry.setup(SERVICE_NAME, settings, metrics_port=METRICS_PORT)
+    with reported(SERVICE_NAME):
+        settings = from_env(RegistrySettings)
+        logs.configure(SERVICE_NAME, settings.log_level)
+        # Before the pool and the server exist: tracing, when on, instruments both.
+        tel = telemetry.setup(SERVICE_NAME, settings, metrics_port=METRICS_PORT)
     app.run(run(settings, tel), settings.event_loop)
 
 

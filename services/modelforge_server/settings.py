@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import sys
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple, TypeVar
@@ -78,6 +80,12 @@ class ServerSettings:
             value = getattr(self, name)
             if value is not None and not bound.admits(value):
                 raise SettingsError(f"{_key(name)}={value!r} is invalid: it takes {bound.describe()}")
+        for name, value, choices in (
+            ("log_level", self.log_level.upper(), _LOG_LEVELS),
+            ("event_loop", self.event_loop, _EVENT_LOOPS),
+        ):
+            if value not in choices:
+                raise SettingsError(f"{_key(name)}={value!r} is invalid: it takes {', '.join(choices)}")
         if self.chunk_bytes > self.max_message_bytes - CHUNK_HEADROOM:
             raise SettingsError(
                 f"{_key('chunk_bytes')}={self.chunk_bytes!r} is invalid: a streamed chunk must fit in one message of "
@@ -88,6 +96,21 @@ class ServerSettings:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+
+
+@contextlib.contextmanager
+def reported(program: str) -> Iterator[None]:
+    """Around a process's reading of its settings: a malformed MODELFORGE_* variable ends the process (exit 2)
+    with one line naming it and what it takes, not a traceback."""
+    try:
+        yield
+    except SettingsError as exc:
+        print(f"{program}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _key(name: str) -> str:

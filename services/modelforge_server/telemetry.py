@@ -30,7 +30,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcess
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
 from modelforge_server.metrics import Endpoint, Metrics
-from modelforge_server.settings import from_env
+from modelforge_server.settings import SettingsError, from_env
 
 __all__ = [
     "Telemetry",
@@ -57,6 +57,12 @@ class TelemetrySettings:
     otlp_endpoint: str | None = None
     trace_sample_ratio: float = 1.0
     metrics_port: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.trace_sample_ratio <= 1.0:
+            raise SettingsError(
+                f"MODELFORGE_TRACE_SAMPLE_RATIO={self.trace_sample_ratio!r} is invalid: it takes a number from 0 to 1"
+            )
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from modelforge_inference.settings import InferenceSettings
 from modelforge_jobs.settings import JobsSettings
 from modelforge_registry.settings import RegistrySettings
 from modelforge_server.settings import ServerSettings, SettingsError, from_env
+from modelforge_server.telemetry import TelemetrySettings
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,12 @@ def test_a_bad_value_names_the_variable(key: str, value: str) -> None:
         ("MODELFORGE_CHUNK_BYTES", "0", "MODELFORGE_CHUNK_BYTES=0 is invalid: it takes a number >= 1"),
         ("MODELFORGE_CHUNK_BYTES", "-5", "MODELFORGE_CHUNK_BYTES=-5 is invalid: it takes a number >= 1"),
         ("MODELFORGE_GRACE_SECONDS", "-1", "MODELFORGE_GRACE_SECONDS=-1.0 is invalid: it takes a number >= 0"),
+        (
+            "MODELFORGE_LOG_LEVEL",
+            "chatty",
+            "MODELFORGE_LOG_LEVEL='CHATTY' is invalid: it takes DEBUG, INFO, WARNING, ERROR, CRITICAL",
+        ),
+        ("MODELFORGE_EVENT_LOOP", "fast", "MODELFORGE_EVENT_LOOP='fast' is invalid: it takes auto, uvloop, asyncio"),
     ],
 )
 def test_a_value_out_of_range_names_the_variable_and_the_range(key: str, value: str, message: str) -> None:
@@ -168,3 +175,9 @@ def test_jobs_settings_have_ranges_and_orders(environ: dict[str, str], message: 
 def test_registry_settings_have_ranges() -> None:
     with pytest.raises(SettingsError, match="MODELFORGE_MAX_MODEL_BYTES=0 is invalid"):
         from_env(RegistrySettings, {"MODELFORGE_MAX_MODEL_BYTES": "0"})
+
+
+def test_a_trace_sample_ratio_outside_0_to_1_is_refused() -> None:
+    assert from_env(TelemetrySettings, {"MODELFORGE_TRACE_SAMPLE_RATIO": "0.25"}).trace_sample_ratio == 0.25
+    with pytest.raises(SettingsError, match="MODELFORGE_TRACE_SAMPLE_RATIO=2.0 is invalid: it takes a number from 0"):
+        from_env(TelemetrySettings, {"MODELFORGE_TRACE_SAMPLE_RATIO": "2"})
