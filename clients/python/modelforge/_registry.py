@@ -629,7 +629,8 @@ class AsyncRegistryClient(AsyncChannelClient):
         target = _target_file(path, ref)
         check = _convert.DownloadCheck(progress=progress)
         request = pb.DownloadModelVersionRequest(ref=_convert.ref_proto(ref))
-        out, part = await asyncio.to_thread(_temp_beside, target)
+        # Opened here, not on a thread: a call cancelled while a thread opened the file would leave it behind.
+        out, part = _temp_beside(target)
         try:
             with out, translated():
                 async for message in self.registry_stub.DownloadModelVersion(request):
