@@ -26,7 +26,7 @@ from dramatiq.asyncio import get_event_loop_thread
 
 from modelforge_jobs.broker import WakingRedisBroker
 from modelforge_jobs.domain import Priority
-from modelforge_jobs.errors import DependencyUnavailable
+from modelforge_jobs.errors import DependencyUnavailable, JobNotFound
 from modelforge_jobs.inference_client import InferenceClient
 from modelforge_jobs.metrics import WorkerMetrics
 from modelforge_jobs.runner import JobRunner, RetryLater, RunnerSettings, WorkerStopping
@@ -218,7 +218,10 @@ class WorkerResources(dramatiq.Middleware):
         store, queue = self._store, self.queue
         if store is None or queue is None:
             raise RuntimeError("the worker's resources are not open: the worker has not booted")
-        job = await store.get_job(job_id)
+        try:
+            job = await store.get_job(job_id)
+        except JobNotFound:
+            return  # deleted meanwhile: nothing to run
         try:
             await queue.send(job.id, job.priority)
         except DependencyUnavailable as exc:
