@@ -236,7 +236,7 @@ _SHAPE_KEY = 3 << 3 | 0
 def _head(data: bytes, pos: int, end: int) -> tuple[str, int | None]:
     """The name and first dimension (None for a scalar) of the serialized Tensor in data[pos:end]; its fields are
     skipped, never copied."""
-    name, first = "", None
+    name = ""
     while pos < end:
         key, pos = _read_varint(data, pos)
         wire = key & 7
@@ -255,7 +255,7 @@ def _head(data: bytes, pos: int, end: int) -> tuple[str, int | None]:
             pos += 8 if wire == 1 else 4
         else:
             raise ValueError(f"wire type {wire}")
-    return name, first
+    return name, None  # no shape: a scalar
 
 
 class InferenceHealth:
