@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -11,6 +13,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from modelforge.jobs.v1 import jobs_pb2, jobs_pb2_grpc
 from modelforge_server import app
+from modelforge_server.errors import DeadlineExceeded
+from modelforge_server.metrics import Metrics
 from modelforge_server.settings import ServerSettings
 
 SERVICE = jobs_pb2.DESCRIPTOR.services_by_name["JobService"]
@@ -114,3 +118,45 @@ async def test_before_stop_hooks_end_endless_streams_before_the_grace_period(
     srv.before_stop(close_feeds)
     await srv.stop(grace=0.5)
     assert seen == [False]  # the hook ran once, after readiness turned NOT_SERVING
+
+
+class LateFailure(jobs_pb2_grpc.JobServiceServicer):
+    """GetJob fails just after its caller's deadline passed, before gRPC could cancel it: as a request whose
+    deadline a queue saw pass an instant after gRPC did."""
+
+    async def GetJob(
+        self, request: jobs_pb2.GetJobRequest, context: grpc.aio.ServicerContext
+    ) -> jobs_pb2.GetJobResponse:
+        time.sleep((context.time_remaining() or 0) + 0.05)  # the loop held: nothing cancels this call meanwhile
+        raise DeadlineExceeded("the request waited too long in the queue")
+
+
+async def test_a_failure_after_the_callers_deadline_ends_the_call_quietly_under_its_code(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    metrics = Metrics()
+    server = app.build_server(
+        [app.Api(SERVICE, LateFailure(), jobs_pb2_grpc.add_JobServiceServicer_to_server)],
+        domain="modelforge.test",
+        settings=ServerSettings(),
+        metrics=metrics,
+    )
+    port = server.add_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            for _ in range(5):
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await jobs_pb2_grpc.JobServiceStub(channel).GetJob(jobs_pb2.GetJobRequest(), timeout=0.05)
+                assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        counted = metrics.registry.get_sample_value
+        labels = {"grpc_service": SERVICE.full_name, "grpc_method": "GetJob", "grpc_code": "DEADLINE_EXCEEDED"}
+        for _ in range(100):  # the server's handlers end after the clients have their answers
+            if counted("modelforge_rpc_requests_total", labels) == 5:
+                break
+            await asyncio.sleep(0.02)
+        assert counted("modelforge_rpc_requests_total", labels) == 5
+    finally:
+        await server.stop(None)
+    # Nothing could reach the client any more: no status was sent, so gRPC logged no failed send.
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import tracemalloc
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -252,15 +253,19 @@ async def test_the_local_tier_is_off_while_the_cache_is_degraded(tmp_path: Path)
 
 
 def test_the_local_tier_evicts_the_least_recently_used_and_honours_expiry() -> None:
-    now = [100.0]
-    tier = LocalTier(4000, clock=lambda: now[0])
     outputs = {"y": np.zeros(4, np.float32)}
+    probe = LocalTier(1 << 20)
+    probe.put(b"x", outputs, ttl_seconds=10, size=1000)
+    cost = probe.size  # what an entry of 1000 encoded bytes costs, its Python objects included
+    assert cost > 1000
+    now = [100.0]
+    tier = LocalTier(4 * cost, clock=lambda: now[0])
     for name in (b"a", b"b", b"c"):
         tier.put(name, outputs, ttl_seconds=10, size=1000)
     assert tier.get(b"a") is not None  # a is now the most recent; b the least
     tier.put(b"d", outputs, ttl_seconds=10, size=1000)
     tier.put(b"e", outputs, ttl_seconds=10, size=1000)
-    assert (tier.get(b"b"), len(tier), tier.size) == (None, 4, 4000)
+    assert (tier.get(b"b"), len(tier), tier.size) == (None, 4, 4 * cost)
     assert all(tier.get(name) is not None for name in (b"a", b"c", b"d", b"e"))
 
     tier.put(b"big", outputs, ttl_seconds=10, size=1001)  # over a quarter of the capacity: not kept
@@ -270,7 +275,35 @@ def test_the_local_tier_evicts_the_least_recently_used_and_honours_expiry() -> N
 
     now[0] += 10
     assert tier.get(b"a") is None  # expired at its deadline
-    assert tier.size == 3000
+    assert tier.size == 3 * cost
+
+
+def test_expired_entries_no_one_asks_for_again_give_their_room_back() -> None:
+    now = [0.0]
+    tier = LocalTier(1 << 20, clock=lambda: now[0])
+    outputs = {"y": np.zeros(4, np.float32)}
+    for i in range(100):
+        tier.put(b"old%d" % i, outputs, ttl_seconds=10, size=100)
+    now[0] = 20.0  # all expired, never read again
+    for i in range(100):
+        tier.put(b"new%d" % i, outputs, ttl_seconds=10, size=100)
+    assert len(tier) == 100  # each put gave back a few of the expired ones at the old end
+
+
+def test_the_local_tier_holds_no_more_memory_than_its_capacity() -> None:
+    capacity = 2 << 20
+    tier = LocalTier(capacity)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        for i in range(40_000):  # entries as a Redis hit decodes them: small arrays over the entry's bytes
+            encoded = np.arange(8, dtype=np.float32).tobytes()
+            tier.put(i.to_bytes(32, "little"), {"y": np.frombuffer(encoded, np.float32).reshape(1, 8)}, 300.0, 80)
+        held = sum(stat.size_diff for stat in tracemalloc.take_snapshot().compare_to(before, "filename"))
+    finally:
+        tracemalloc.stop()
+    assert tier.size <= capacity
+    assert held <= capacity * 1.1, f"{held} bytes held for a capacity of {capacity}"
 
 
 async def test_the_in_process_tier_keeps_only_an_entrys_own_rows_of_a_merged_run(client: redis.asyncio.Redis) -> None:
