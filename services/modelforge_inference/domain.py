@@ -85,8 +85,18 @@ class Signature:
     # The dynamic dimensions that several inputs name alike, each as its name and (input index, axis) places: ONNX
     # means one size by one name, so a request's sizes there must agree.
     shared_dims: tuple[tuple[str, tuple[tuple[int, int], ...]], ...] = field(init=False, repr=False, compare=False)
+    # True when requests can be stacked along the leading dimension and the outputs split back along it: the model
+    # has inputs, every input and output has a dynamic leading dimension, and the graph gives those dimensions no
+    # two different names. A leading dimension named otherwise than the inputs' (NonZero's count of hits,
+    # detections per image) does not hold one row per input row, so the model is run request by request; an
+    # unnamed one is taken to follow the inputs. Worked out once: requests read it.
+    batchable: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        specs = (*self.inputs, *self.outputs)
+        leads = {spec.dim_names[0] for spec in specs if spec.dim_names and spec.dim_names[0]}
+        batchable = bool(self.inputs) and all(spec.batchable for spec in specs) and len(leads) <= 1
+        object.__setattr__(self, "batchable", batchable)
         places: dict[str, list[tuple[int, int]]] = {}
         for index, spec in enumerate(self.inputs):
             for axis, (size, name) in enumerate(zip(spec.shape, spec.dim_names, strict=False)):
@@ -100,18 +110,6 @@ class Signature:
 
     def output(self, name: str) -> TensorSpec | None:
         return next((spec for spec in self.outputs if spec.name == name), None)
-
-    @property
-    def batchable(self) -> bool:
-        """True when requests can be stacked along the leading dimension and the outputs split back along it:
-        the model has inputs, every input and output has a dynamic leading dimension, and the graph gives those
-        dimensions no two different names. A leading dimension named otherwise than the inputs' (NonZero's count
-        of hits, detections per image) does not hold one row per input row, so the model is run request by
-        request; an unnamed one is taken to follow the inputs."""
-        specs = (*self.inputs, *self.outputs)
-        if not self.inputs or not all(spec.batchable for spec in specs):
-            return False
-        return len({spec.dim_names[0] for spec in specs if spec.dim_names and spec.dim_names[0]}) <= 1
 
 
 @dataclass(frozen=True, slots=True)
