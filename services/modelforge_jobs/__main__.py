@@ -8,6 +8,7 @@ Redis and the inference service answer.
 from __future__ import annotations
 
 import asyncio
+import logging
 from contextlib import AsyncExitStack
 from dataclasses import replace
 
@@ -16,6 +17,7 @@ import redis.asyncio
 
 from modelforge.jobs.v1 import jobs_pb2, jobs_pb2_grpc
 from modelforge_jobs.actors import JobQueue, declare_actors, make_broker
+from modelforge_jobs.datasets import sweep_scratch
 from modelforge_jobs.events import JobChanges
 from modelforge_jobs.inference_client import InferenceHealth, RegistryClient
 from modelforge_jobs.jobs import Jobs
@@ -26,6 +28,8 @@ from modelforge_jobs.store import JobStore
 from modelforge_server import app, db, embedded, logs, telemetry
 from modelforge_server.metrics import Metrics
 from modelforge_server.settings import from_env, reported
+
+log = logging.getLogger("modelforge.jobs")
 
 SERVICE = jobs_pb2.DESCRIPTOR.services_by_name["JobService"]
 SERVICE_NAME = "modelforge-jobs"
@@ -61,6 +65,8 @@ async def build(settings: JobsSettings, stack: AsyncExitStack) -> app.Server:
     await changes.start()
     stack.push_async_callback(changes.aclose)
     metrics = Metrics()
+    if swept := sweep_scratch(settings.upload_dir):
+        log.info("removed %d upload(s) left unfinished by an earlier run in %s", swept, settings.upload_dir)
     jobs = Jobs(
         JobStore(pool),
         settings.upload_dir,

@@ -56,7 +56,8 @@ class JobQueue:
         kwargs = {"trace": carrier} if carrier else {}
         try:
             await asyncio.to_thread(self._actors[priority].send, str(job_id), **kwargs)
-        except (redis.RedisError, dramatiq.errors.ConnectionError) as exc:
+        # BrokerError: BrokerConnectionError, named ConnectionError before dramatiq 2 (that name now warns).
+        except (redis.RedisError, dramatiq.errors.BrokerError) as exc:
             raise DependencyUnavailable("job queue (Redis)", type(exc).__name__) from exc
 
     def queues(self) -> dict[str, str]:
@@ -212,6 +213,16 @@ class WorkerResources(dramatiq.Middleware):
             self._stack = None
         self._runner = None
 
+    async def _send(self, job_id: UUID, priority: Priority) -> None:
+        """Sends a QUEUED job's message; when Redis refuses, marks it unsent, so that the next pass (of any worker)
+        sends it again instead of waiting for MODELFORGE_RESEND_AFTER."""
+        assert self._store is not None and self.queue is not None
+        try:
+            await self.queue.send(job_id, priority)
+        except DependencyUnavailable as exc:
+            log.warning("job %s queued, its message not sent (%s); the next maintenance pass sends it", job_id, exc)
+            await self._store.mark_unsent(job_id)
+
     async def requeue(self, job_id: UUID) -> None:
         """Sends the message of a job this worker put back in the queue; when Redis refuses, the next maintenance
         pass of any worker sends it."""
@@ -222,11 +233,7 @@ class WorkerResources(dramatiq.Middleware):
             job = await store.get_job(job_id)
         except JobNotFound:
             return  # deleted meanwhile: nothing to run
-        try:
-            await queue.send(job.id, job.priority)
-        except DependencyUnavailable as exc:
-            log.warning("job %s queued again but its message was not sent (%s); a worker will send it", job_id, exc)
-            await store.mark_unsent(job_id)
+        await self._send(job.id, job.priority)
 
     async def maintain_once(self) -> None:
         """Requeues the jobs of stopped workers, resends lost messages, deletes expired jobs and datasets, and
@@ -237,11 +244,11 @@ class WorkerResources(dramatiq.Middleware):
         for job_id, priority in await store.reap(stale_after=settings.heartbeat_timeout):
             log.warning("job %s: its worker stopped heartbeating; queued again", job_id, extra={"job_id": job_id})
             self.metrics.reaped.inc()
-            await queue.send(job_id, priority)
+            await self._send(job_id, priority)
         for job_id, priority in await store.unsent(older_than=settings.resend_after):
             log.warning("job %s: queued long ago and never picked up; message sent again", job_id)
             self.metrics.resent.inc()
-            await queue.send(job_id, priority)
+            await self._send(job_id, priority)
         jobs, datasets = await store.expire(retention=settings.job_retention)
         if jobs or datasets:
             log.info("retention: deleted %d job(s) and %d dataset(s)", jobs, datasets)

@@ -252,13 +252,28 @@ def _append(file: IO[bytes], digest: Any, chunk: bytes) -> None:
     file.write(chunk)
 
 
+_SCRATCH_PREFIX, _SCRATCH_SUFFIX = "upload-", ".partial"
+
+
+def sweep_scratch(scratch: Path) -> int:
+    """Removes what uploads left in `scratch` when their process died mid-upload (a process that ends normally
+    removes its own); returns how many files went. Call it at start, before the API takes uploads: the directory
+    is that process's alone."""
+    removed = 0
+    for leftover in scratch.glob(f"{_SCRATCH_PREFIX}*{_SCRATCH_SUFFIX}"):
+        with contextlib.suppress(FileNotFoundError):
+            leftover.unlink()
+            removed += 1
+    return removed
+
+
 @contextlib.asynccontextmanager
 async def received(chunks: AsyncIterator[bytes], *, scratch: Path, sha256: str, size: int) -> AsyncIterator[Path]:
     """The uploaded bytes in a temporary file under `scratch` (the API's own disk, shared with nobody), checked
     for size and sha256 as they arrive. The file is removed when the block ends, however it ends: a failure, a
     cancelled upload or a stored dataset all leave nothing behind."""
     scratch.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix="upload-", suffix=".partial", dir=scratch)
+    handle, name = tempfile.mkstemp(prefix=_SCRATCH_PREFIX, suffix=_SCRATCH_SUFFIX, dir=scratch)
     path = Path(name)
     try:
         digest = hashlib.sha256()

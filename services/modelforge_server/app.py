@@ -162,7 +162,8 @@ class Server:
                 raise
             except Exception as exc:
                 if self._dependencies.get(name):
-                    log.warning("dependency %s is unreachable: %s", name, exc)
+                    why = str(exc) or ("no answer within the check's timeout" if isinstance(exc, TimeoutError) else "")
+                    log.warning("dependency %s is unreachable: %s", name, why or type(exc).__name__)
                 healthy = False
             if healthy != self._dependencies.get(name):
                 if healthy:

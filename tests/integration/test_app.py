@@ -67,6 +67,23 @@ async def test_health_follows_a_watched_dependency(server: tuple[app.Server, grp
     await _until(lambda: health_of(channel, SERVICE.full_name), health_pb2.HealthCheckResponse.SERVING)
 
 
+async def test_a_dependency_that_stops_answering_is_logged_with_why(
+    server: tuple[app.Server, grpc.aio.Channel], caplog: pytest.LogCaptureFixture
+) -> None:
+    srv, channel = server
+    hanging = asyncio.Event()
+
+    async def check() -> None:
+        if hanging.is_set():
+            await asyncio.sleep(3600)  # a dependency that accepts the connection and never answers
+
+    srv.watch_dependency("thing", check, interval=0.05)
+    hanging.set()
+    await _until(lambda: health_of(channel, SERVICE.full_name), health_pb2.HealthCheckResponse.NOT_SERVING)
+    said = [r.getMessage() for r in caplog.records if "is unreachable" in r.getMessage()]
+    assert said == ["dependency thing is unreachable: no answer within the check's timeout"]
+
+
 async def test_stop_flips_health_and_refuses_new_calls(server: tuple[app.Server, grpc.aio.Channel]) -> None:
     srv, channel = server
     await srv.stop(grace=1.0)

@@ -259,3 +259,12 @@ async def test_a_model_exported_for_batch_one_runs_one_item_per_call(jobs_api, w
     assert (job.batch_size, job.progress.batches_total) == (1, 5)
     final = await wait_terminal(jobs_api.stub, job.id)
     assert final.state == jobs_pb2.JOB_STATE_COMPLETED, final.error
+
+
+async def test_uploads_a_killed_api_left_unfinished_are_removed_at_its_next_start(jobs_settings, start_jobs_api) -> None:
+    scratch = jobs_settings.upload_dir
+    scratch.mkdir(parents=True, exist_ok=True)
+    (scratch / "upload-k1ll3d.partial").write_bytes(b"\0" * 4096)  # as received() names them
+    (scratch / "notes.txt").write_text("not an upload")
+    async with start_jobs_api(jobs_settings):
+        assert sorted(p.name for p in scratch.iterdir()) == ["notes.txt"]

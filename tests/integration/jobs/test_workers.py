@@ -5,14 +5,18 @@ puts the job back in the queue between batches, its attempt not spent, and exits
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
 from dataclasses import replace
 
 import numpy as np
+import psycopg
 
 from modelforge.jobs.v1 import jobs_pb2
+from modelforge_jobs.actors import WorkerResources, declare_actors, make_broker
+from modelforge_jobs.errors import DependencyUnavailable
 from modelforge_server import embedded
 from tests.integration.jobs.conftest import (
     getter,
@@ -115,3 +119,31 @@ async def test_a_job_queued_before_its_worker_boots_runs_at_the_first_delivery(
     assert final.state == jobs_pb2.JOB_STATE_COMPLETED, final.error
     failed = [r.getMessage() for r in caplog.records if r.name.startswith("dramatiq") and r.levelno >= logging.ERROR]
     assert failed == []  # no delivery reached the actor before the worker's pool and runner were open
+
+
+async def test_a_message_the_maintenance_pass_could_not_send_is_sent_by_the_next_pass(
+    jobs_api, jobs_settings, inference, add_one
+) -> None:
+    await upload(inference, "add-one", add_one)
+    x = np.ones((3, 4), dtype=np.float32)
+    ids = [(await jobs_api.stub.CreateJob(inline_request("add-one", {"x": x}))).job.id for _ in range(2)]
+    async with await psycopg.AsyncConnection.connect(jobs_settings.database_url, autocommit=True) as conn:
+        # Their messages were lost long ago (a Redis flushed or restarted without its data).
+        await conn.execute("UPDATE jobs.jobs SET enqueue_time = now() - interval '1 hour'")
+
+    down = replace(jobs_settings, redis_url=f"redis://127.0.0.1:{embedded.free_port()}/0")  # no Redis there
+    broker = make_broker(down)
+    resources = WorkerResources(down)
+    declare_actors(broker, down, resources)
+    await resources.open()
+    try:
+        with contextlib.suppress(DependencyUnavailable):  # the pass ends on the queue lengths it cannot read
+            await resources.maintain_once()
+    finally:
+        await resources.close()
+        broker.close()
+
+    async with await psycopg.AsyncConnection.connect(jobs_settings.database_url, autocommit=True) as conn:
+        cursor = await conn.execute("SELECT id::text, enqueue_time = '-infinity' FROM jobs.jobs ORDER BY id")
+        marked = dict(await cursor.fetchall())
+    assert marked == {job_id: True for job_id in sorted(ids)}  # each still to send, by the next pass
