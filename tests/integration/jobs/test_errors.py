@@ -261,7 +261,9 @@ async def test_a_model_exported_for_batch_one_runs_one_item_per_call(jobs_api, w
     assert final.state == jobs_pb2.JOB_STATE_COMPLETED, final.error
 
 
-async def test_uploads_a_killed_api_left_unfinished_are_removed_at_its_next_start(jobs_settings, start_jobs_api) -> None:
+async def test_uploads_a_killed_api_left_unfinished_are_removed_at_its_next_start(
+    jobs_settings, start_jobs_api
+) -> None:
     scratch = jobs_settings.upload_dir
     scratch.mkdir(parents=True, exist_ok=True)
     (scratch / "upload-k1ll3d.partial").write_bytes(b"\0" * 4096)  # as received() names them
