@@ -122,10 +122,11 @@ async def build(settings: InferenceSettings, stack: AsyncExitStack) -> app.Serve
     )
     holder.append(server)
     stack.push_async_callback(server.stop, settings.grace_seconds)
-    # Readiness follows the registry (nothing resolves or downloads without it); Redis down only degrades the
-    # cache, so it is watched as an optional dependency with a health name of its own.
+    # Both are optional, each with a health name of its own: without the registry, the versions already resolved
+    # keep serving (only new refs and new loads fail), and without Redis, predictions run uncached. Readiness
+    # stays SERVING through either outage, so that a registry restart does not take every replica out of service.
     interval = settings.health_check_seconds
-    server.watch_dependency(REGISTRY_DEPENDENCY, RegistryHealth(channel), interval)
+    server.watch_dependency(REGISTRY_DEPENDENCY, RegistryHealth(channel), interval, required=False)
     server.watch_dependency(CACHE_DEPENDENCY, cache.check, interval, required=False)
     return server
 

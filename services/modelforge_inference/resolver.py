@@ -11,6 +11,12 @@ A resolution that was already asked of the registry when an event about its mode
 callers that were waiting for it but is not cached; callers arriving after the event start a fresh call. So a
 request already running keeps the version it resolved, and a moved alias is seen from the next request on.
 
+The resolver also remembers the last resolution of each ref (bounded like the cache, dropped with it by any event
+about its model, kept while the stream is down). It is served only when the registry cannot answer: a call that
+fails UNAVAILABLE, or takes longer than `stale_wait`, falls back to it, so that versions already known keep
+serving through a registry restart or a database outage; for `stale_wait` after such a failure, those refs are
+answered from it at once rather than each waiting on the registry again. A ref never resolved before still fails.
+
 Listeners (:meth:`ModelResolver.add_listener`) are told of every event after the cache has dropped what it
 invalidates, on the watch task, in order. They must be quick and must not block: an engine that unloads a model on
 VERSION_DELETED starts that work in its own task group. A WATCH_STARTED event follows each (re)connection: events
@@ -23,6 +29,7 @@ import asyncio
 import contextlib
 import logging
 import random
+from collections import OrderedDict
 from collections.abc import Callable
 
 from modelforge.registry.v1 import registry_pb2_grpc
@@ -61,7 +68,8 @@ class ModelResolver:
             is noticed and a restarted registry is reached again quickly.
         call_timeout: Longest one ResolveModelRef call may take.
         min_backoff, max_backoff: Bounds of the delay between reconnection attempts of the watch, in seconds.
-        max_entries: Cached resolutions beyond this evict the oldest.
+        max_entries: Cached resolutions beyond this evict the oldest; so do the last-known ones.
+        stale_wait: How long a resolve that has a last-known resolution waits on the registry before using it.
     """
 
     def __init__(
@@ -72,6 +80,7 @@ class ModelResolver:
         min_backoff: float = 0.05,
         max_backoff: float = 5.0,
         max_entries: int = 10_000,
+        stale_wait: float = 1.0,
     ) -> None:
         self._registry = RegistryClient(registry)
         self._call_timeout = call_timeout
@@ -79,6 +88,10 @@ class ModelResolver:
         self._max_backoff = max_backoff
         self._max_entries = max_entries
         self._entries: dict[ModelRef, ResolvedModel] = {}
+        self._last_known: OrderedDict[ModelRef, ResolvedModel] = OrderedDict()
+        self._stale_wait = stale_wait
+        self._unreachable_until = 0.0  # loop time until which refs with a last-known resolution skip the registry
+        self.stale_answers = 0  # resolutions served from the last-known ones; for statistics and tests
         self._epoch = 0  # bumped whenever the whole cache is dropped
         self._generations: dict[str, int] = {}  # per model name, bumped by each event about it
         self._flights: SingleFlight[tuple[ModelRef, _Token], ResolvedModel] = SingleFlight()
@@ -100,12 +113,13 @@ class ModelResolver:
             self._task = asyncio.create_task(self._watch(), name="modelforge.inference.resolver.watch")
 
     async def aclose(self) -> None:
-        """Stops the watch and drops the cache."""
+        """Stops the watch and drops the cache and the last-known resolutions."""
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         self._disconnected()
+        self._last_known.clear()
 
     @property
     def connected(self) -> bool:
@@ -138,15 +152,45 @@ class ModelResolver:
         """
         if self.connected and (hit := self._entries.get(ref)) is not None:
             return hit
+        loop = asyncio.get_running_loop()
+        stale = self._last_known.get(ref)
+        if stale is not None and loop.time() < self._unreachable_until:
+            return self._stale(ref, stale, None)
         token = (self._epoch, self._generations.get(ref.name, 0))
+        wait = timeout if stale is None else self._stale_wait if timeout is None else min(timeout, self._stale_wait)
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(wait):
                 return await self._flights.run((ref, token), lambda: self._fetch(ref, token))
         except TimeoutError:
-            raise ResolveTimeout(ref, timeout or 0.0) from None
+            if stale is None:
+                raise ResolveTimeout(ref, timeout or 0.0) from None
+            why: BaseException = TimeoutError(f"no answer within {wait:g} s")
+        except errors.Unavailable as exc:
+            if stale is None:
+                raise
+            why = exc
+        self._unreachable_until = loop.time() + self._stale_wait
+        return self._stale(ref, stale, why)
+
+    def _stale(self, ref: ModelRef, model: ResolvedModel, why: BaseException | None) -> ResolvedModel:
+        self.stale_answers += 1
+        if why is not None:  # once per registry failure, not for each request it answers meanwhile
+            log.warning(
+                "the model registry cannot resolve %s (%s); serving %s:%d as last resolved until it answers",
+                ref,
+                why,
+                model.name,
+                model.version,
+            )
+        return model
 
     async def _fetch(self, ref: ModelRef, token: _Token) -> ResolvedModel:
         model = await self._registry.resolve(ref, timeout=self._call_timeout)
+        if token[1] == self._generations.get(ref.name, 0):  # no event about the model since the call began
+            self._last_known[ref] = model
+            self._last_known.move_to_end(ref)
+            if len(self._last_known) > self._max_entries:
+                self._last_known.popitem(last=False)
         # Cache only what no event has made stale since the call began, and only while the watch is live.
         if self.connected and token == (self._epoch, self._generations.get(ref.name, 0)):
             if len(self._entries) >= self._max_entries:
@@ -160,6 +204,8 @@ class ModelResolver:
         self._generations[model] = self._generations.get(model, 0) + 1
         for ref in [ref for ref in self._entries if ref.name == model]:
             del self._entries[ref]
+        for ref in [ref for ref in self._last_known if ref.name == model]:
+            del self._last_known[ref]
 
     def _drop_all(self) -> None:
         self._epoch += 1
@@ -185,6 +231,7 @@ class ModelResolver:
                     async for event in events:
                         if event.type is ModelEventType.WATCH_STARTED:
                             self._drop_all()
+                            self._unreachable_until = 0.0  # it answers again: ask it first
                             self._connected.set()
                             self.reconnects += 1
                             delay = self._min_backoff

@@ -304,8 +304,12 @@ async def test_reconnects_after_the_registry_restarts_and_drops_its_cache(
     await restartable_registry.stop()
     await eventually(lambda: not resolver.connected, "the resolver to notice the registry is gone")
     assert resolver.cached(ref) is None
+    # A ref resolved before is answered as it was last resolved; one never resolved cannot be.
+    assert (await resolver.resolve(ref)).version == 1
+    assert (await resolver.resolve(ref)).version == 1  # at once: no second wait on the registry
+    assert resolver.stale_answers == 2
     with pytest.raises(RegistryUnavailable) as caught:
-        await resolver.resolve(ref)
+        await resolver.resolve(ModelRef("adder", alias="production"))
     assert status.code_for(caught.value) == grpc.StatusCode.UNAVAILABLE
 
     await restartable_registry.start()

@@ -1,0 +1,57 @@
+"""The inference service with its registry gone: versions it has resolved keep serving, as they were last
+resolved; what it never resolved fails UNAVAILABLE; and it is ready for traffic throughout."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.fixtures.polling import eventually
+from tests.fixtures.servers import upload_model as upload
+from tests.integration.inference import test_resolver as harness
+from tests.integration.inference.conftest import (  # noqa: F401
+    StartInference,
+    failure,
+    outputs,
+    predict_request,
+    ref,
+    start_inference,
+)
+from tests.integration.inference.test_resolver import Registry, add_one_bytes
+
+restartable_registry = harness.restartable_registry
+admin = harness.admin
+
+REFS = (ref("adder"), ref("adder", version=1))
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def health(channel: grpc.aio.Channel, name: str) -> int:
+    return (await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=name))).status
+
+
+async def is_(channel: grpc.aio.Channel, name: str, status: int) -> bool:
+    return await health(channel, name) == status
+
+
+async def test_resolved_versions_keep_serving_while_the_registry_is_down(
+    admin, restartable_registry: Registry, start_inference: StartInference
+) -> None:
+    await upload(admin, "adder", add_one_bytes(4))
+    x = {"x": np.ones((2, 4), np.float32)}
+    async with start_inference(registry_address=restartable_registry.address, health_check_seconds=0.05) as running:
+        for name in REFS:
+            assert outputs(await running.stub.Predict(predict_request(name, x)))["y"].tolist() == [[2.0] * 4] * 2
+
+        await restartable_registry.stop()
+        await eventually(lambda: is_(running.channel, "dependency/registry", NOT_SERVING), "the registry seen down")
+        for name in REFS:  # as last resolved
+            assert outputs(await running.stub.Predict(predict_request(name, x)))["y"].tolist() == [[2.0] * 4] * 2
+        code, reason, _ = await failure(running.stub.Predict(predict_request(ref("adder", alias="production"), x)))
+        assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "REGISTRY_UNAVAILABLE")  # never resolved
+        assert await health(running.channel, "") == SERVING  # still worth sending traffic to
+
+        await restartable_registry.start()
+        await eventually(lambda: is_(running.channel, "dependency/registry", SERVING), "the registry seen back")
+        assert outputs(await running.stub.Predict(predict_request("adder", x)))["y"].tolist() == [[2.0] * 4] * 2
