@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -29,7 +30,7 @@ from modelforge_jobs.domain import Priority
 from modelforge_jobs.errors import DependencyUnavailable, JobNotFound
 from modelforge_jobs.inference_client import InferenceClient
 from modelforge_jobs.metrics import WorkerMetrics
-from modelforge_jobs.runner import JobRunner, RetryLater, RunnerSettings, WorkerStopping
+from modelforge_jobs.runner import JobRunner, Requeued, RetryLater, RunnerSettings
 from modelforge_jobs.settings import JobsSettings
 from modelforge_jobs.store import JobStore
 from modelforge_server import db, logs, telemetry
@@ -51,11 +52,22 @@ class JobQueue:
         self._actors = dict(actors)
         self._broker = next(iter(self._actors.values())).broker
 
-    async def send(self, job_id: UUID, priority: Priority) -> None:
+    async def send(
+        self, job_id: UUID, priority: Priority, *, delay: float = 0.0, outage_since: float | None = None
+    ) -> None:
+        """Sends the job's message, to be taken after `delay` seconds; `outage_since` goes with it to the run."""
         carrier = telemetry.inject()  # here, on the loop: the calling RPC's span is the current one
-        kwargs = {"trace": carrier} if carrier else {}
+        kwargs: dict[str, Any] = {"trace": carrier} if carrier else {}
+        if outage_since is not None:
+            kwargs["outage_since"] = outage_since
+        send = functools.partial(
+            self._actors[priority].send_with_options,
+            args=(str(job_id),),
+            kwargs=kwargs,
+            delay=int(delay * 1000) or None,
+        )
         try:
-            await asyncio.to_thread(self._actors[priority].send, str(job_id), **kwargs)
+            await asyncio.to_thread(send)
         # BrokerError: BrokerConnectionError, named ConnectionError before dramatiq 2 (that name now warns).
         except (redis.RedisError, dramatiq.errors.BrokerError) as exc:
             raise DependencyUnavailable("job queue (Redis)", type(exc).__name__) from exc
@@ -192,6 +204,7 @@ class WorkerResources(dramatiq.Middleware):
                     stale_after=settings.heartbeat_timeout,
                     retry_min_backoff=settings.retry_min_backoff,
                     retry_max_backoff=settings.retry_max_backoff,
+                    outage_tolerance=settings.outage_tolerance,
                 ),
                 self.metrics,
             )
@@ -213,19 +226,19 @@ class WorkerResources(dramatiq.Middleware):
             self._stack = None
         self._runner = None
 
-    async def _send(self, job_id: UUID, priority: Priority) -> None:
-        """Sends a QUEUED job's message; when Redis refuses, marks it unsent, so that the next pass (of any worker)
-        sends it again instead of waiting for MODELFORGE_RESEND_AFTER."""
+    async def _send(self, job_id: UUID, priority: Priority, **options: Any) -> None:
+        """Sends a QUEUED job's message (with JobQueue.send's `options`); when Redis refuses, marks it unsent, so
+        that the next pass (of any worker) sends it again instead of waiting for MODELFORGE_RESEND_AFTER."""
         assert self._store is not None and self.queue is not None
         try:
-            await self.queue.send(job_id, priority)
+            await self.queue.send(job_id, priority, **options)
         except DependencyUnavailable as exc:
             log.warning("job %s queued, its message not sent (%s); the next maintenance pass sends it", job_id, exc)
             await self._store.mark_unsent(job_id)
 
-    async def requeue(self, job_id: UUID) -> None:
-        """Sends the message of a job this worker put back in the queue; when Redis refuses, the next maintenance
-        pass of any worker sends it."""
+    async def requeue(self, job_id: UUID, *, delay: float = 0.0, outage_since: float | None = None) -> None:
+        """Sends the message of a job this worker put back in the queue, to run after `delay` seconds; when Redis
+        refuses, the next maintenance pass of any worker sends it."""
         store, queue = self._store, self.queue
         if store is None or queue is None:
             raise RuntimeError("the worker's resources are not open: the worker has not booted")
@@ -233,7 +246,7 @@ class WorkerResources(dramatiq.Middleware):
             job = await store.get_job(job_id)
         except JobNotFound:
             return  # deleted meanwhile: nothing to run
-        await self._send(job.id, job.priority)
+        await self._send(job.id, job.priority, delay=delay, outage_since=outage_since)
 
     async def maintain_once(self) -> None:
         """Requeues the jobs of stopped workers, resends lost messages, deletes expired jobs and datasets, and
@@ -269,7 +282,7 @@ def declare_actors(
 ) -> dict[Priority, dramatiq.Actor[..., Any]]:
     """Declares the run_job actors on `broker`; the API process passes no resources and only sends."""
 
-    async def run_job(job_id: str, trace: dict[str, str] | None = None) -> None:
+    async def run_job(job_id: str, trace: dict[str, str] | None = None, outage_since: float | None = None) -> None:
         """Runs one job, in a span that continues the sender's trace. Redelivery is safe: the runner resumes from
         stored progress."""
         if resources is None:
@@ -279,17 +292,17 @@ def declare_actors(
             telemetry.attached(trace, "modelforge.jobs.run_job", attributes={"modelforge.job_id": job_id}),
         ):
             try:
-                await resources.runner.run(UUID(job_id))
+                await resources.runner.run(UUID(job_id), outage_since=outage_since)
             except RetryLater as exc:
                 # The runner logged it; Retry makes Dramatiq requeue the message after the delay without
                 # logging a traceback for an expected failure.
                 raise dramatiq.Retry(str(exc), delay=int(exc.delay * 1000)) from exc
-            except WorkerStopping as exc:
+            except Requeued as exc:
                 # A new message rather than a Dramatiq retry: the job's attempt was not spent, so neither is
-                # one of the message's retries, and it runs as soon as a worker takes it.
-                await resources.requeue(exc.job_id)
+                # one of the message's retries.
+                await resources.requeue(exc.job_id, delay=exc.delay, outage_since=exc.outage_since)
 
-    actors: dict[Priority, dramatiq.Actor[[str, dict[str, str] | None], None]] = {
+    actors: dict[Priority, dramatiq.Actor[[str, dict[str, str] | None, float | None], None]] = {
         priority: dramatiq.Actor(
             run_job,
             broker=broker,

@@ -12,6 +12,11 @@ When the worker shuts down (`stop`), running jobs start no further batch: the ba
 stored, and the job goes back to QUEUED with its attempt not spent (WorkerStopping tells the caller to send its
 message again), so that another worker resumes it at once instead of after a heartbeat timeout.
 
+A run that fails because the inference service or the registry is unavailable (a restart, an outage) does not
+spend an attempt either: the job goes back to QUEUED and waits for it with growing delays (AwaitingDependency
+carries when the outage began to the next run), for up to `outage_tolerance` seconds of outage without progress;
+only after that do such failures count as attempts.
+
 While tracing is on, each batch runs in a ``modelforge.jobs.batch`` span (with its index and size), so that the
 inference call it makes is a child of it; while it is off, batches make no span at all. The run's counters go to the
 worker's metrics.
@@ -37,7 +42,7 @@ from modelforge_jobs.inference_client import InferenceClient
 from modelforge_jobs.metrics import WorkerMetrics
 from modelforge_jobs.store import JobStore
 from modelforge_server import logs, telemetry
-from modelforge_server.errors import FailedPrecondition, ServiceError
+from modelforge_server.errors import FailedPrecondition, ServiceError, Unavailable
 from modelforge_server.status import code_for
 
 log = logging.getLogger("modelforge.jobs.runner")
@@ -68,6 +73,7 @@ class RunnerSettings:
     write_interval: float = 0.05
     retry_min_backoff: float = 1.0
     retry_max_backoff: float = 60.0
+    outage_tolerance: float = 300.0
 
     def backoff(self, attempt: int) -> float:
         """Seconds to wait after failed attempt `attempt` (1, 2, ...): doubling from the minimum up to the
@@ -75,14 +81,35 @@ class RunnerSettings:
         ceiling: float = min(self.retry_max_backoff, self.retry_min_backoff * 2 ** max(attempt - 1, 0))
         return ceiling * (0.5 + random.random() / 2)
 
+    def outage_delay(self, lasted: float) -> float:
+        """Seconds to wait for a dependency that has been unavailable for `lasted` seconds: about as long again,
+        from the minimum backoff up to the maximum, with jitter in its upper half."""
+        return min(self.retry_max_backoff, max(self.retry_min_backoff, lasted)) * (0.5 + random.random() / 2)
 
-class WorkerStopping(Exception):
-    """Raised to the queue when the worker shut down mid-job: the job is QUEUED again, its attempt not spent, and
-    its message must be sent again."""
 
-    def __init__(self, job_id: UUID) -> None:
-        super().__init__(f"job {job_id} stopped by the worker's shutdown; queued again")
+class Requeued(Exception):
+    """Raised to the queue when a job went back to QUEUED with its attempt not spent: its message must be sent
+    again, after `delay` seconds, carrying `outage_since` (when the outage it waits out began), if any."""
+
+    def __init__(self, message: str, job_id: UUID, delay: float = 0.0, outage_since: float | None = None) -> None:
+        super().__init__(message)
         self.job_id = job_id
+        self.delay = delay
+        self.outage_since = outage_since
+
+
+class WorkerStopping(Requeued):
+    """The worker shut down mid-job."""
+
+    def __init__(self, job_id: UUID, outage_since: float | None = None) -> None:
+        super().__init__(f"job {job_id} stopped by the worker's shutdown; queued again", job_id, 0.0, outage_since)
+
+
+class AwaitingDependency(Requeued):
+    """A dependency of the job's runs is unavailable: the job waits `delay` seconds for it."""
+
+    def __init__(self, job_id: UUID, delay: float, outage_since: float) -> None:
+        super().__init__(f"job {job_id} waits {delay:.1f} s for its dependencies", job_id, delay, outage_since)
 
 
 class _Stop(Exception):
@@ -125,14 +152,15 @@ class JobRunner:
         to the queue (WorkerStopping); a job whose message arrives from now on is not started."""
         self._stopping.set()
 
-    async def run(self, job_id: UUID) -> JobState | None:
+    async def run(self, job_id: UUID, *, outage_since: float | None = None) -> JobState | None:
         """Runs the job's unfinished batches; returns its state at the end, None when there was nothing to do.
 
-        Raises RetryLater after a transient failure when attempts remain, and WorkerStopping when the worker
-        stops before the job is done.
+        `outage_since` (a time.time() value) is when the outage that put the job back in the queue began, as its
+        message carries it. Raises RetryLater after a transient failure when attempts remain, AwaitingDependency
+        while a dependency is unavailable, and WorkerStopping when the worker stops before the job is done.
         """
         if self._stopping.is_set():
-            raise WorkerStopping(job_id)  # not claimed: the job is still QUEUED
+            raise WorkerStopping(job_id, outage_since)  # not claimed: the job is still QUEUED
         job = await self._store.claim(job_id, self.worker_id, stale_after=self._settings.stale_after)
         if job is None:
             log.info("job %s is not QUEUED (finished, cancelled, or running elsewhere): message dropped", job_id)
@@ -152,9 +180,37 @@ class JobRunner:
             except BaseException as exc:
                 if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt | SystemExit):
                     raise
+                if isinstance(exc, Unavailable):
+                    await self._await_dependency(job, exc, outage_since)
                 return await self._failed(job, exc)
             self._metrics.completed.inc()
             return state
+
+    async def _await_dependency(self, job: Job, exc: Unavailable, outage_since: float | None) -> None:
+        """Puts the job back in the queue, its attempt not spent, to wait for the dependency that failed it
+        (AwaitingDependency); returns, for the failure to count as an attempt, once the outage has lasted
+        `outage_tolerance` seconds without the job storing a batch."""
+        now = time.time()
+        if outage_since is None:
+            outage_since = now
+        elif (await self._store.get_job(job.id)).progress.batches_done > job.progress.batches_done:
+            outage_since = now  # a new outage: the last one ended when this run stored a batch
+        lasted = now - outage_since
+        if lasted >= self._settings.outage_tolerance:
+            return
+        delay = self._settings.outage_delay(lasted)
+        if not await self._store.release(job.id, self.worker_id, retry_in=delay, refund=True):
+            return  # cancelled or taken over meanwhile: _failed finds it so
+        log.warning(
+            "job %s: %s; waiting %.1f s for it (unavailable for %.0f s), attempt %d not counted",
+            job.id,
+            _one_line(exc),
+            delay,
+            lasted,
+            job.attempt_count,
+        )
+        self._metrics.retries.inc()
+        raise AwaitingDependency(job.id, delay, outage_since) from exc
 
     async def _failed(self, job: Job, exc: BaseException) -> JobState:
         if not isinstance(exc, ServiceError):

@@ -43,6 +43,9 @@ class JobsSettings(ServerSettings):
     # Exponential backoff between runs after a transient failure.
     retry_min_backoff: float = 1.0
     retry_max_backoff: float = 60.0
+    # How long a job waits, back in the queue with its attempt unspent, for an unavailable inference service or
+    # registry (a restart, an outage) before such failures count as attempts.
+    outage_tolerance: float = 300.0
     # The deadline of one inference call.
     inference_timeout: float = 60.0
     # Threads of one worker process, that is jobs it runs at the same time.
@@ -67,6 +70,7 @@ class JobsSettings(ServerSettings):
         "resend_after": POSITIVE,
         "retry_min_backoff": NOT_NEGATIVE,
         "retry_max_backoff": NOT_NEGATIVE,
+        "outage_tolerance": NOT_NEGATIVE,
         "inference_timeout": POSITIVE,
         "worker_threads": AT_LEAST_ONE,
         "watch_interval": POSITIVE,

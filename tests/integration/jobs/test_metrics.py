@@ -119,9 +119,12 @@ async def test_waiting_jobs_show_in_the_queue_and_state_gauges(jobs_api, jobs_se
 async def test_transient_failures_count_retries_then_the_failure(
     jobs_api, jobs_settings, start_worker, inference, add_one
 ) -> None:
-    """Inference unreachable: every attempt but the last is a retry; the last fails the job, counted by reason."""
+    """Inference unreachable, and no outage tolerated: every attempt but the last is a retry; the last fails the
+    job, counted by reason."""
     await upload(inference, "add-one", add_one)
-    nowhere = replace(jobs_settings, inference_address=f"127.0.0.1:{embedded.free_port()}", inference_timeout=5.0)
+    nowhere = replace(
+        jobs_settings, inference_address=f"127.0.0.1:{embedded.free_port()}", inference_timeout=5.0, outage_tolerance=0
+    )
     async with start_worker(nowhere) as running:
         request = inline_request("add-one", {"x": np.ones((2, 4), dtype=np.float32)}, max_attempts=3)
         job = (await jobs_api.stub.CreateJob(request)).job

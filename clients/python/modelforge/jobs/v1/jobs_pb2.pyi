@@ -279,7 +279,10 @@ class Job(_message.Message):
     max_attempts: _builtins.int
     """Output only. How many runs the job may start before it fails for good."""
     attempt_count: _builtins.int
-    """Output only. Runs started so far (a redelivered job counts again; RetryJob starts the count over)."""
+    """Output only. Runs started so far that count: a redelivered job counts again, while a run its worker stopped
+    (SIGTERM) or that waited for an unavailable inference service or registry does not; RetryJob starts the count
+    over.
+    """
     worker_id: _builtins.str
     """Output only. The worker running the job, or the last one that ran it."""
     request_id: _builtins.str
