@@ -8,7 +8,7 @@ whose outputs are too large for one answer (RESPONSE_TOO_LARGE) is too large on 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -196,6 +196,27 @@ def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
         shift += 7
 
 
+def _fields(data: bytes, pos: int, end: int) -> Iterator[tuple[int, int, int, int]]:
+    """The fields of the serialized message in data[pos:end], in order, none of them copied: each as its key,
+    where the bytes after the key start, where its value starts (after the length, for a length-delimited one)
+    and where it ends. Raises ValueError for an unknown wire type or a message cut short."""
+    while pos < end:
+        key, after_key = _read_varint(data, pos)
+        wire = key & 7
+        if wire == 0:
+            start, pos = after_key, _read_varint(data, after_key)[1]
+        elif wire == 2:
+            size, start = _read_varint(data, after_key)
+            pos = start + size
+        elif wire in (1, 5):
+            start, pos = after_key, after_key + (8 if wire == 1 else 4)
+        else:
+            raise ValueError(f"wire type {wire}")
+        yield key, after_key, start, pos
+    if pos != end:
+        raise ValueError("it is cut short")
+
+
 def outputs_record(response: bytes) -> tuple[bytes, list[tuple[str, int | None]]]:
     """A serialized PredictResponse's outputs as a serialized DatasetRecord: each output's bytes, tagged as one of
     the record's tensors; the response's other fields are skipped. With it, each output's name and first dimension
@@ -203,27 +224,13 @@ def outputs_record(response: bytes) -> tuple[bytes, list[tuple[str, int | None]]
     parts: list[bytes | memoryview] = []
     rows: list[tuple[str, int | None]] = []
     view = memoryview(response)
-    pos, end = 0, len(response)
     try:
-        while pos < end:
-            key, body = _read_varint(response, pos)
-            wire = key & 7
-            if wire == 0:
-                pos = _read_varint(response, body)[1]
-            elif wire == 2:
-                size, start = _read_varint(response, body)
-                pos = start + size
-                if key == _OUTPUTS_KEY:
-                    parts += (_TENSORS_TAG, view[body:pos])  # the same length, then the same tensor
-                    rows.append(_head(response, start, pos))
-            elif wire in (1, 5):
-                pos = body + (8 if wire == 1 else 4)
-            else:
-                raise ValueError(f"wire type {wire}")
+        for key, after_key, start, stop in _fields(response, 0, len(response)):
+            if key == _OUTPUTS_KEY:
+                parts += (_TENSORS_TAG, view[after_key:stop])  # the same length, then the same tensor
+                rows.append(_head(response, start, stop))
     except (IndexError, ValueError) as exc:
         raise errors.RemoteInternal(f"the inference service sent a malformed PredictResponse: {exc}") from exc
-    if pos != end:
-        raise errors.RemoteInternal("the inference service sent a truncated PredictResponse")
     return b"".join(parts), rows
 
 
@@ -234,27 +241,13 @@ _SHAPE_KEY = 3 << 3 | 0
 
 
 def _head(data: bytes, pos: int, end: int) -> tuple[str, int | None]:
-    """The name and first dimension (None for a scalar) of the serialized Tensor in data[pos:end]; its fields are
-    skipped, never copied."""
+    """The name and first dimension (None for a scalar) of the serialized Tensor in data[pos:end]."""
     name = ""
-    while pos < end:
-        key, pos = _read_varint(data, pos)
-        wire = key & 7
-        if key == _SHAPE_KEY:
-            return name, _read_varint(data, pos)[0]
-        if wire == 0:
-            pos = _read_varint(data, pos)[1]
-        elif wire == 2:
-            size, start = _read_varint(data, pos)
-            pos = start + size
-            if key == _NAME_KEY:
-                name = bytes(data[start:pos]).decode("utf-8", "replace")
-            elif key == _SHAPE_PACKED_KEY:
-                return name, _read_varint(data, start)[0] if size else None
-        elif wire in (1, 5):
-            pos += 8 if wire == 1 else 4
-        else:
-            raise ValueError(f"wire type {wire}")
+    for key, _, start, stop in _fields(data, pos, end):
+        if key == _NAME_KEY:
+            name = bytes(data[start:stop]).decode("utf-8", "replace")
+        elif key == _SHAPE_KEY or (key == _SHAPE_PACKED_KEY and stop > start):
+            return name, _read_varint(data, start)[0]
     return name, None  # no shape: a scalar
 
 
