@@ -7,6 +7,7 @@ The sync client blocks, so its scenario runs in a worker thread while the server
 from __future__ import annotations
 
 import asyncio
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import grpc
@@ -22,6 +23,8 @@ from modelforge import (
     JobState,
     NotFoundError,
 )
+from modelforge_jobs.__main__ import build as build_jobs
+from modelforge_server import embedded
 from tests.fixtures.onnx_models import ModelFile
 from tests.integration.jobs.conftest import (  # noqa: F401
     InProcessWorker,
@@ -35,6 +38,7 @@ from tests.integration.jobs.conftest import (  # noqa: F401
     registry,
     registry_settings,
     start_inference,
+    start_worker,
     stored_datasets,
     worker,
 )
@@ -129,3 +133,30 @@ async def test_a_refused_submit_removes_the_dataset_it_uploaded(
     with pytest.raises(InvalidArgumentError, match="FLOAT64"):
         await client.submit(adder, {"x": wrong})
     assert await stored_datasets(jobs_settings) == before
+
+
+async def test_wait_outlasts_a_restart_of_the_jobs_api(jobs_settings, start_worker, adder: str) -> None:
+    port = embedded.free_port()
+
+    async def serve() -> AsyncExitStack:
+        stack = AsyncExitStack()
+        server = await build_jobs(jobs_settings, stack)
+        server.add_port(f"127.0.0.1:{port}")
+        await server.start()
+        return stack
+
+    stack = await serve()
+    try:
+        async with AsyncJobsClient(f"127.0.0.1:{port}") as client:
+            job = await client.submit(adder, {"x": np.ones((3, 4), np.float32)})  # no worker yet: it waits
+            waiting = asyncio.create_task(job.wait(timeout=60))
+            await asyncio.sleep(0.3)
+            await stack.aclose()  # the API stops: its watchers are told REPLICA_STOPPING
+            await asyncio.sleep(0.5)
+            assert not waiting.done()
+            stack = await serve()  # and comes back on its port
+            async with start_worker(jobs_settings):
+                status = await waiting
+    finally:
+        await stack.aclose()
+    assert status.state is JobState.COMPLETED and status.progress.items_done == 3

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
@@ -22,7 +23,7 @@ from modelforge import _convert
 from modelforge._channel import DEFAULT_MAX_MESSAGE_BYTES, JOBS, AsyncChannelClient, ChannelClient
 from modelforge._convert import DEFAULT_CHUNK_BYTES, MiB, Progress
 from modelforge._domain import Dataset, JobPriority, JobState, JobStatus
-from modelforge._errors import DeadlineExceededError, ModelForgeError, translated
+from modelforge._errors import DeadlineExceededError, ModelForgeError, UnavailableError, translated
 from modelforge._refs import ModelRef
 from modelforge.jobs.v1 import jobs_pb2 as pb
 from modelforge.jobs.v1 import jobs_pb2_grpc
@@ -92,6 +93,37 @@ def _summary(status: JobStatus) -> str:
     return f"{status.state.value}, {status.progress.items_done}/{status.progress.items_total} items"
 
 
+# How long Job.watch keeps trying to reach a jobs API that went away before it gives up.
+RECONNECT_SECONDS = 30.0
+
+
+class _Reconnect:
+    """The time a watch has left: its own timeout, and RECONNECT_SECONDS of failed attempts in a row."""
+
+    def __init__(self, timeout: float | None) -> None:
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._failing_since: float | None = None
+        self._delay = 0.1
+
+    def remaining(self) -> float | None:
+        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+
+    def reached(self) -> None:
+        self._failing_since, self._delay = None, 0.1
+
+    def after_failure(self) -> float | None:
+        """Seconds to wait before watching again; None when the watch has been failing for RECONNECT_SECONDS or
+        its timeout would pass first."""
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = now
+        delay, self._delay = self._delay, min(self._delay * 2, 2.0)
+        out_of_time = self._deadline is not None and now + delay >= self._deadline
+        if now - self._failing_since >= RECONNECT_SECONDS or out_of_time:
+            return None
+        return delay
+
+
 class Job:
     """A handle on a batch inference job: its last known status, and what can be done with it.
 
@@ -121,17 +153,28 @@ class Job:
     def watch(self, *, timeout: float | None = None) -> Iterator[JobStatus]:
         """Iterates over the job's status as it changes: the current one first, the terminal one last.
 
+        A jobs API that goes away (a restart, a replica stopping) is watched again, for up to
+        ``RECONNECT_SECONDS`` of trying; the status it gives first may repeat the last one seen.
+
         Args:
             timeout: Give up after this many seconds (DeadlineExceededError); None to watch until the end.
         """
-        call = self._client.jobs_stub.WatchJob(pb.WatchJobRequest(id=self.id), timeout=timeout)
-        try:
-            with translated():
-                for message in call:
-                    self.status = _convert.job_status(message.job)
-                    yield self.status
-        finally:
-            call.cancel()
+        reconnect = _Reconnect(timeout)
+        while True:
+            call = self._client.jobs_stub.WatchJob(pb.WatchJobRequest(id=self.id), timeout=reconnect.remaining())
+            try:
+                with translated():
+                    for message in call:
+                        reconnect.reached()
+                        self.status = _convert.job_status(message.job)
+                        yield self.status
+                return
+            except UnavailableError:
+                if (delay := reconnect.after_failure()) is None:
+                    raise
+                time.sleep(delay)
+            finally:
+                call.cancel()
 
     def wait(self, timeout: float | None = None) -> JobStatus:
         """Blocks until the job is COMPLETED, FAILED or CANCELLED and returns that status.
@@ -370,14 +413,22 @@ class AsyncJob:
 
     async def watch(self, *, timeout: float | None = None) -> AsyncIterator[JobStatus]:
         """See :meth:`Job.watch`; iterate with ``async for``."""
-        call = self._client.jobs_stub.WatchJob(pb.WatchJobRequest(id=self.id), timeout=timeout)
-        try:
-            with translated():
-                async for message in call:
-                    self.status = _convert.job_status(message.job)
-                    yield self.status
-        finally:
-            call.cancel()
+        reconnect = _Reconnect(timeout)
+        while True:
+            call = self._client.jobs_stub.WatchJob(pb.WatchJobRequest(id=self.id), timeout=reconnect.remaining())
+            try:
+                with translated():
+                    async for message in call:
+                        reconnect.reached()
+                        self.status = _convert.job_status(message.job)
+                        yield self.status
+                return
+            except UnavailableError:
+                if (delay := reconnect.after_failure()) is None:
+                    raise
+                await asyncio.sleep(delay)
+            finally:
+                call.cancel()
 
     async def wait(self, timeout: float | None = None) -> JobStatus:
         """See :meth:`Job.wait`."""
