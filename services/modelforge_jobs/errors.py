@@ -116,7 +116,7 @@ class BatchSizeFixed(InvalidArgument):
     reason = "INVALID_BATCH_SIZE"
 
     def __init__(self, model: str, version: int, batch_size: int, fixed: int, items: int) -> None:
-        if batch_size != fixed:
+        if batch_size not in (0, fixed):
             why = f"batch_size is {batch_size}; submit with batch_size {fixed} (or 0, which picks it)"
         else:
             why = f"the job's {items} items do not divide into batches of {fixed}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from modelforge_jobs.domain import itemization
+from modelforge_jobs.errors import BatchSizeFixed
 
 BATCH = ((-1, "batch"), (4, ""))
 
@@ -30,3 +31,10 @@ BATCH = ((-1, "batch"), (4, ""))
 )
 def test_itemization(inputs, outputs, fixed, unitemized) -> None:
     assert itemization(inputs, outputs) == (fixed, unitemized)
+
+
+def test_the_refusal_of_a_batch_size_says_what_to_change() -> None:
+    asked = BatchSizeFixed("m", 1, batch_size=5, fixed=1, items=5)
+    assert "batch_size is 5; submit with batch_size 1 (or 0, which picks it)" in str(asked)
+    uneven = BatchSizeFixed("m", 1, batch_size=0, fixed=2, items=5)
+    assert "the job's 5 items do not divide into batches of 2" in str(uneven)
