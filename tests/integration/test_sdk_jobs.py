@@ -135,7 +135,8 @@ async def test_a_refused_submit_removes_the_dataset_it_uploaded(
     assert await stored_datasets(jobs_settings) == before
 
 
-async def test_wait_outlasts_a_restart_of_the_jobs_api(jobs_settings, start_worker, adder: str) -> None:
+@pytest.mark.parametrize("flavour", ["async", "sync"])
+async def test_wait_outlasts_a_restart_of_the_jobs_api(jobs_settings, start_worker, adder: str, flavour: str) -> None:
     port = embedded.free_port()
 
     async def serve() -> AsyncExitStack:
@@ -145,11 +146,17 @@ async def test_wait_outlasts_a_restart_of_the_jobs_api(jobs_settings, start_work
         await server.start()
         return stack
 
+    x = {"x": np.ones((3, 4), np.float32)}
     stack = await serve()
     try:
-        async with AsyncJobsClient(f"127.0.0.1:{port}") as client:
-            job = await client.submit(adder, {"x": np.ones((3, 4), np.float32)})  # no worker yet: it waits
-            waiting = asyncio.create_task(job.wait(timeout=60))
+        async with AsyncJobsClient(f"127.0.0.1:{port}") as aio:
+            if flavour == "async":
+                job = await aio.submit(adder, x)  # no worker yet: it waits
+                waiting = asyncio.ensure_future(job.wait(timeout=60))
+            else:
+                client = JobsClient(f"127.0.0.1:{port}")
+                sync_job = await asyncio.to_thread(client.submit, adder, x)
+                waiting = asyncio.ensure_future(asyncio.to_thread(sync_job.wait, 60))
             await asyncio.sleep(0.3)
             await stack.aclose()  # the API stops: its watchers are told REPLICA_STOPPING
             await asyncio.sleep(0.5)
@@ -157,6 +164,8 @@ async def test_wait_outlasts_a_restart_of_the_jobs_api(jobs_settings, start_work
             stack = await serve()  # and comes back on its port
             async with start_worker(jobs_settings):
                 status = await waiting
+            if flavour == "sync":
+                client.close()
     finally:
         await stack.aclose()
     assert status.state is JobState.COMPLETED and status.progress.items_done == 3
