@@ -42,6 +42,7 @@ from modelforge_registry.errors import (
     VersionHasAliases,
     VersionNotFound,
 )
+from modelforge_server import db
 from modelforge_server.errors import Aborted
 from modelforge_server.refs import ModelRef
 
@@ -161,8 +162,7 @@ class RegistryStore:
 
     async def ping(self) -> None:
         """Raises unless PostgreSQL answers."""
-        async with self._pool.connection(timeout=2.0) as conn:
-            await conn.execute("SELECT 1")
+        await db.ping(self._pool)
 
     async def inventory(self) -> Inventory:
         """Models, versions by state and stored files, counted in one snapshot."""

@@ -13,7 +13,7 @@ from typing import Any
 
 import psycopg
 from psycopg import AsyncConnection, sql
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 log = logging.getLogger("modelforge.db")
 
@@ -43,18 +43,65 @@ class _Recheck:
         self._used[conn] = now
 
 
+class _OutagePool(AsyncConnectionPool):
+    """A pool that stops making callers wait its full timeout once PostgreSQL is known to be out of reach.
+
+    A checkout waits up to the pool's timeout (10 s) for a connection. When PostgreSQL refuses connections, every
+    request would wait that long before answering UNAVAILABLE, and a client that retries UNAVAILABLE five times
+    would wait most of a minute. After a checkout has timed out (a request's, or the health check's every couple of
+    seconds), checkouts wait at most `outage_timeout` until one succeeds again. The pool keeps reconnecting in the
+    background meanwhile, so the first request after PostgreSQL is back finds a connection.
+    """
+
+    def __init__(self, *args: Any, outage_timeout: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._outage_timeout = outage_timeout
+        self._unreachable = False
+
+    @property
+    def unreachable(self) -> bool:
+        """Whether the last checkout timed out."""
+        return self._unreachable
+
+    async def getconn(self, timeout: float | None = None) -> AsyncConnection[Any]:
+        if self._unreachable:
+            timeout = min(self.timeout if timeout is None else timeout, self._outage_timeout)
+        try:
+            conn = await super().getconn(timeout)
+        except PoolTimeout:
+            self._unreachable = True
+            raise
+        self._unreachable = False
+        return conn
+
+
 @asynccontextmanager
 async def open_pool(
-    url: str, *, min_size: int = 1, max_size: int = 10, timeout: float = 10.0, recheck_after: float = 0.0
+    url: str,
+    *,
+    min_size: int = 1,
+    max_size: int = 10,
+    timeout: float = 10.0,
+    outage_timeout: float = 1.0,
+    reconnect_timeout: float = 10.0,
+    recheck_after: float = 0.0,
 ) -> AsyncIterator[AsyncConnectionPool]:
     """An opened pool whose connections are checked before use; closed on exit.
 
-    With `recheck_after` > 0 a connection handed out less than that many seconds before is handed out unchecked:
-    for a busy process whose every statement would otherwise pay a second round trip.
+    A checkout waits up to `timeout` for a connection, or `outage_timeout` after one has timed out and until one
+    succeeds (`_OutagePool`). With `recheck_after` > 0 a connection handed out less than that many seconds before is
+    handed out unchecked: for a busy process whose every statement would otherwise pay a second round trip.
+
+    The pool retries a failed connection attempt with a doubling delay for `reconnect_timeout`, then gives up until
+    a checkout finds the pool empty again (every request, and the health check every couple of seconds). Left at
+    psycopg_pool's five minutes, the delay doubled past a minute during a long outage, and the service came back
+    that much later than PostgreSQL.
     """
     recheck = _Recheck(recheck_after) if recheck_after > 0 else None
-    pool = AsyncConnectionPool(
+    pool = _OutagePool(
         url,
+        outage_timeout=outage_timeout,
+        reconnect_timeout=reconnect_timeout,
         min_size=min_size,
         max_size=max_size,
         timeout=timeout,
@@ -70,8 +117,13 @@ async def open_pool(
 
 
 async def ping(pool: AsyncConnectionPool) -> None:
-    """Raises unless PostgreSQL answers a trivial query; used by health checks."""
-    async with pool.connection(timeout=2.0) as conn:
+    """Raises unless PostgreSQL answers a trivial query; used by health checks.
+
+    The checkout gives up within a second, before the health check's own timeout (at least one second, see
+    `app.Server.watch_dependency`) cancels it: a checkout that times out tells the pool that PostgreSQL is out of
+    reach (`_OutagePool`), so requests stop waiting the full timeout within one health check of an outage.
+    """
+    async with pool.connection(timeout=0.9) as conn:
         await conn.execute("SELECT 1")
 
 
