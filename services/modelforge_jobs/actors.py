@@ -292,15 +292,22 @@ def declare_actors(
             telemetry.attached(trace, "modelforge.jobs.run_job", attributes={"modelforge.job_id": job_id}),
         ):
             try:
-                await resources.runner.run(UUID(job_id), outage_since=outage_since)
-            except RetryLater as exc:
-                # The runner logged it; Retry makes Dramatiq requeue the message after the delay without
-                # logging a traceback for an expected failure.
-                raise dramatiq.Retry(str(exc), delay=int(exc.delay * 1000)) from exc
-            except Requeued as exc:
-                # A new message rather than a Dramatiq retry: the job's attempt was not spent, so neither is
-                # one of the message's retries.
-                await resources.requeue(exc.job_id, delay=exc.delay, outage_since=exc.outage_since)
+                try:
+                    await resources.runner.run(UUID(job_id), outage_since=outage_since)
+                except RetryLater as exc:
+                    # The runner logged it; Retry makes Dramatiq requeue the message after the delay without
+                    # logging a traceback for an expected failure.
+                    raise dramatiq.Retry(str(exc), delay=int(exc.delay * 1000)) from exc
+                except Requeued as exc:
+                    # A new message rather than a Dramatiq retry: the job's attempt was not spent, so neither is
+                    # one of the message's retries.
+                    await resources.requeue(exc.job_id, delay=exc.delay, outage_since=exc.outage_since)
+            except DependencyUnavailable as exc:
+                # PostgreSQL (or Redis) out of reach: the job is as the database last recorded it, QUEUED or
+                # RUNNING here (and then requeued by the reaper once this worker's heartbeats have stopped). The
+                # message is retried with Dramatiq's backoff; past its retries, the maintenance pass resends it.
+                log.warning("job %s: %s; its message is retried", job_id, exc)
+                raise dramatiq.Retry(str(exc)) from exc
 
     actors: dict[Priority, dramatiq.Actor[[str, dict[str, str] | None, float | None], None]] = {
         priority: dramatiq.Actor(

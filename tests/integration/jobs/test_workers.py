@@ -1,6 +1,7 @@
 """A worker process killed mid-job: the job completes on another worker with every item's output exactly once,
 and the workers' counters add up to the job: nothing counted twice, nothing lost. A worker told to stop mid-job
-puts the job back in the queue between batches, its attempt not spent, and exits."""
+puts the job back in the queue between batches, its attempt not spent, and exits. A delivery that finds
+PostgreSQL out of reach is retried, with a warning rather than a traceback, and the job completes after."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from modelforge.jobs.v1 import jobs_pb2
 from modelforge_jobs.actors import WorkerResources, declare_actors, make_broker
 from modelforge_jobs.errors import DependencyUnavailable
 from modelforge_server import embedded
+from tests.fixtures.polling import eventually
+from tests.fixtures.proxy import PostgresProxy
 from tests.integration.jobs.conftest import (
     getter,
     inline_request,
@@ -147,3 +150,35 @@ async def test_a_message_the_maintenance_pass_could_not_send_is_sent_by_the_next
         cursor = await conn.execute("SELECT id::text, enqueue_time = '-infinity' FROM jobs.jobs ORDER BY id")
         marked = dict(await cursor.fetchall())
     assert marked == {job_id: True for job_id in sorted(ids)}  # each still to send, by the next pass
+
+
+async def test_a_delivery_that_finds_postgresql_out_of_reach_is_retried_quietly_and_the_job_completes_after(
+    jobs_api, jobs_settings, start_worker, inference, add_one, caplog
+) -> None:
+    await upload(inference, "add-one", add_one)
+    proxy = await PostgresProxy.start(jobs_settings.database_url or "")
+    try:
+        async with start_worker(replace(jobs_settings, database_url=proxy.url)):
+            await proxy.cut()  # the worker's PostgreSQL goes away; the API's stays
+            x = np.arange(6 * 4, dtype=np.float32).reshape(6, 4)
+            with caplog.at_level(logging.INFO, logger="dramatiq"):
+                job = (await jobs_api.stub.CreateJob(inline_request("add-one", {"x": x}))).job
+                await eventually(lambda: retried(caplog), "the worker to retry the message it could not claim")
+                assert (await jobs_api.stub.GetJob(jobs_pb2.GetJobRequest(id=job.id))).job.state == (
+                    jobs_pb2.JOB_STATE_QUEUED
+                )
+                await proxy.restore()
+                final = await wait_terminal(jobs_api.stub, job.id)
+            assert final.state == jobs_pb2.JOB_STATE_COMPLETED, final.error
+            assert final.attempt_count == 1
+            _, outputs = await results(jobs_api.stub, job.id)
+            np.testing.assert_array_equal(outputs["y"], x + 1)
+    finally:
+        await proxy.close()
+    # An outage is expected: it is a warning, not a traceback of a failure.
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == []
+
+
+def retried(caplog) -> bool:
+    return any(r.name.startswith("dramatiq") and "Retrying message" in r.getMessage() for r in caplog.records)

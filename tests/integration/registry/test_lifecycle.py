@@ -125,9 +125,7 @@ async def test_while_postgresql_is_down_health_is_not_serving_and_requests_answe
             # Within one health check of the outage the pool knows PostgreSQL is gone: requests answer within a
             # second instead of waiting the pool's 10 s for a connection (a deadline of 5 s would expire first).
             for _ in range(3):
-                code, reason, _ = await failure(
-                    registry.stub.GetModel(pb.GetModelRequest(name="durable"), timeout=5)
-                )
+                code, reason, _ = await failure(registry.stub.GetModel(pb.GetModelRequest(name="durable"), timeout=5))
                 assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "DATABASE_UNAVAILABLE")
             files = sorted(p for p in settings.blob_root.rglob("*") if p.is_file())
             code, reason, _ = await failure(upload_model(registry.stub, "durable", mlp.data))
