@@ -86,16 +86,21 @@ class Signature:
     # means one size by one name, so a request's sizes there must agree.
     shared_dims: tuple[tuple[str, tuple[tuple[int, int], ...]], ...] = field(init=False, repr=False, compare=False)
     # True when requests can be stacked along the leading dimension and the outputs split back along it: the model
-    # has inputs, every input and output has a dynamic leading dimension, and the graph gives those dimensions no
-    # two different names. A leading dimension named otherwise than the inputs' (NonZero's count of hits,
-    # detections per image) does not hold one row per input row, so the model is run request by request; an
-    # unnamed one is taken to follow the inputs. Worked out once: requests read it.
+    # has inputs, every input and output has a dynamic leading dimension, the graph gives those dimensions no two
+    # different names, and it gives their name to no other dimension. A leading dimension named otherwise than the
+    # inputs' (NonZero's count of hits, detections per image) does not hold one row per input row; one whose name
+    # recurs further in (x @ x.T: [batch, batch]) grows with the merged rows, so each row would mix requests. Such a
+    # model is run request by request; an unnamed leading dimension is taken to follow the inputs. Worked out once:
+    # requests read it.
     batchable: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         specs = (*self.inputs, *self.outputs)
         leads = {spec.dim_names[0] for spec in specs if spec.dim_names and spec.dim_names[0]}
-        batchable = bool(self.inputs) and all(spec.batchable for spec in specs) and len(leads) <= 1
+        inner = {name for spec in specs for name in spec.dim_names[1:] if name}
+        batchable = (
+            bool(self.inputs) and all(spec.batchable for spec in specs) and len(leads) <= 1 and not leads & inner
+        )
         object.__setattr__(self, "batchable", batchable)
         places: dict[str, list[tuple[int, int]]] = {}
         for index, spec in enumerate(self.inputs):

@@ -68,7 +68,8 @@ def itemization(inputs: Sequence[Dims], outputs: Mapping[str, Dims]) -> tuple[in
     first dimension at one size (None when it is dynamic), and the outputs that hold no row per item, with why.
 
     An output holds a row per item when its first dimension is the inputs': dynamic and not named otherwise than
-    theirs (NonZero's count of hits is not), or fixed at the size the inputs fix.
+    theirs (NonZero's count of hits is not), or fixed at the size the inputs fix; and when no further dimension
+    bears the items' name (x @ x.T is [batch, batch]: each row would hold products with the batch's other items).
     """
     leads = [dims[0] for dims in inputs if dims]
     fixed = {size for size, _ in leads}
@@ -85,6 +86,9 @@ def itemization(inputs: Sequence[Dims], outputs: Mapping[str, Dims]) -> tuple[in
             unitemized.append((output, f"has its first dimension fixed at {size}{per_call}"))
         elif size < 0 and name and names and name not in names:
             unitemized.append((output, f"has first dimension {name!r}, not the items' {sorted(names)[0]!r}"))
+        elif inner := [axis for axis, (_, other) in enumerate(dims) if axis and other in names]:
+            dim = dims[inner[0]][1]
+            unitemized.append((output, f"has the items' dimension {dim!r} at axis {inner[0]} too"))
     return fixed_items, tuple(unitemized)
 
 

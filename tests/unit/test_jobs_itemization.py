@@ -27,6 +27,18 @@ BATCH = ((-1, "batch"), (4, ""))
             (("y", "has its first dimension fixed at 1, where the inputs take 2 item(s) per call"),),
         ),
         ([((1, ""),), BATCH], {"y": BATCH}, None, ()),  # inputs that disagree fix nothing
+        (
+            [BATCH],
+            {"gram": ((-1, "batch"), (-1, "batch"))},  # x @ x.T
+            None,
+            (("gram", "has the items' dimension 'batch' at axis 1 too"),),
+        ),
+        (
+            [BATCH],
+            {"y": ((-1, ""), (3, ""), (-1, "batch"))},
+            None,
+            (("y", "has the items' dimension 'batch' at axis 2 too"),),
+        ),
     ],
 )
 def test_itemization(inputs, outputs, fixed, unitemized) -> None:

@@ -99,6 +99,31 @@ def test_a_model_batches_only_when_every_leading_dimension_is_the_same_dynamic_o
     assert Signature(inputs=specs("in", inputs), outputs=specs("out", outputs)).batchable is batchable
 
 
+@pytest.mark.parametrize(
+    ("inputs", "outputs", "batchable"),
+    [
+        ([("batch", 4)], [("batch", "batch")], False),  # x @ x.T: a merged run's rows mix requests
+        ([("batch", "batch")], [("batch",)], False),  # a square input, its rows as long as the batch
+        ([("batch", 4)], [("batch", 8, "batch")], False),
+        ([("batch", "seq")], [("batch", "seq")], True),  # other dynamic dimensions are the requests' own
+        ([("batch", 4)], [(-1, "batch")], False),  # the batch's name further in, the leading one unnamed
+    ],
+)
+def test_a_model_whose_batch_dimension_recurs_further_in_is_not_batched(inputs, outputs, batchable):
+    def specs(prefix: str, shapes: list[tuple[str | int, ...]]) -> tuple[TensorSpec, ...]:
+        return tuple(
+            TensorSpec(
+                f"{prefix}{i}",
+                F32,
+                tuple(-1 if isinstance(d, str) else d for d in shape),
+                dim_names=tuple(d if isinstance(d, str) else "" for d in shape),
+            )
+            for i, shape in enumerate(shapes)
+        )
+
+    assert Signature(inputs=specs("in", inputs), outputs=specs("out", outputs)).batchable is batchable
+
+
 def test_labels_override_server_defaults():
     model = ResolvedModel(
         "m",

@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto
 
 from modelforge.inference.v1 import inference_pb2 as pb
-from tests.fixtures.onnx_models import ModelFile, build_identity, build_nonzero, model_bytes
+from tests.fixtures.onnx_models import ModelFile, build_gram, build_identity, build_nonzero, model_bytes
 from tests.integration.inference.conftest import RunningInference, outputs, predict_request, ref, upload
 
 BATCHING = {"modelforge.io/max-batch-size": "16", "modelforge.io/max-queue-delay-us": "20000"}
@@ -90,6 +90,21 @@ async def test_a_model_whose_output_rows_are_not_the_input_rows_is_never_merged(
 
     stats = await statistics(inference, "nonzero")
     assert (stats.execution_count, stats.request_count, dict(stats.batch_sizes)) == (16, 16, {2: 16})
+
+
+async def test_a_model_whose_batch_dimension_recurs_in_an_output_is_never_merged(inference: RunningInference):
+    # gram = x @ x.T is [batch, batch]: a merged run would answer each caller a row of products with the other
+    # callers' inputs, of the merged run's length.
+    data = model_bytes(build_gram())
+    await upload(inference, "gram", data, labels=BATCHING)
+    requests = [np.random.default_rng(i).standard_normal((1 + i % 2, 4)).astype(np.float32) for i in range(16)]
+
+    responses = await asyncio.gather(*(inference.stub.Predict(predict_request("gram", {"x": x})) for x in requests))
+
+    for x, response in zip(requests, responses, strict=True):
+        np.testing.assert_allclose(outputs(response)["gram"], run_alone(data, {"x": x})["gram"], rtol=1e-6)
+    stats = await statistics(inference, "gram")
+    assert (stats.execution_count, stats.request_count) == (16, 16)
 
 
 async def test_a_merged_run_whose_outputs_have_no_row_per_input_row_stops_the_merging(
