@@ -126,7 +126,8 @@ async def build(settings: InferenceSettings, stack: AsyncExitStack) -> app.Serve
     # keep serving (only new refs and new loads fail), and without Redis, predictions run uncached. Readiness
     # stays SERVING through either outage, so that a registry restart does not take every replica out of service.
     interval = settings.health_check_seconds
-    server.watch_dependency(REGISTRY_DEPENDENCY, RegistryHealth(channel), interval, required=False)
+    registry_health = RegistryHealth(channel, observer=resolver.registry_answers)
+    server.watch_dependency(REGISTRY_DEPENDENCY, registry_health, interval, required=False)
     server.watch_dependency(CACHE_DEPENDENCY, cache.check, interval, required=False)
     return server
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
 import grpc
@@ -110,7 +110,6 @@ _KINDS: dict[grpc.StatusCode, type[errors.ServiceError]] = {
     grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPrecondition,
     grpc.StatusCode.ALREADY_EXISTS: errors.AlreadyExists,
     grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhausted,
-    grpc.StatusCode.DEADLINE_EXCEEDED: errors.DeadlineExceeded,
     grpc.StatusCode.ABORTED: errors.Aborted,
 }
 
@@ -133,7 +132,10 @@ def _error_info(exc: grpc.RpcError) -> tuple[str, dict[str, str]]:
 
 
 def translate(exc: grpc.RpcError, what: str) -> errors.ServiceError:
-    """The domain error for a failed registry call; ``what`` completes "the model registry could not ..."."""
+    """The domain error for a failed registry call; ``what`` completes "the model registry could not ...".
+
+    A call that outlived its timeout is RegistryUnavailable: the registry did not answer in time, which is not the
+    caller's deadline passing."""
     code = exc.code() if isinstance(exc, grpc.Call | grpc.aio.AioRpcError) else grpc.StatusCode.UNKNOWN
     details = (exc.details() if isinstance(exc, grpc.Call | grpc.aio.AioRpcError) else None) or ""
     reason, metadata = _error_info(exc)
@@ -325,18 +327,29 @@ class RegistryHealth:
     Args:
         channel: The inference service's channel to the registry.
         timeout: Longest one Health.Check may take.
+        observer: Called with each check's finding, True when the registry reported SERVING.
     """
 
     SERVICE = registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name
 
-    def __init__(self, channel: grpc.aio.Channel, *, timeout: float = 1.0) -> None:
+    def __init__(
+        self, channel: grpc.aio.Channel, *, timeout: float = 1.0, observer: Callable[[bool], None] | None = None
+    ) -> None:
         self._stub = health_pb2_grpc.HealthStub(channel)
         self._request = health_pb2.HealthCheckRequest(service=self.SERVICE)
         self._timeout = timeout
+        self._observer = observer
 
     async def __call__(self) -> None:
-        with translated("report its health"):
-            response = await self._stub.Check(self._request, timeout=self._timeout)
-        if response.status != health_pb2.HealthCheckResponse.SERVING:
-            status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
-            raise RegistryUnavailable("serve", f"its health check answers {status}")
+        try:
+            with translated("report its health"):
+                response = await self._stub.Check(self._request, timeout=self._timeout)
+            if response.status != health_pb2.HealthCheckResponse.SERVING:
+                status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+                raise RegistryUnavailable("serve", f"its health check answers {status}")
+        except BaseException:  # the probe's own timeout cancels the call: that is no answer either
+            if self._observer is not None:
+                self._observer(False)
+            raise
+        if self._observer is not None:
+            self._observer(True)

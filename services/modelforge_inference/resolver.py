@@ -12,10 +12,13 @@ callers that were waiting for it but is not cached; callers arriving after the e
 request already running keeps the version it resolved, and a moved alias is seen from the next request on.
 
 The resolver also remembers the last resolution of each ref (bounded like the cache, dropped with it by any event
-about its model, kept while the stream is down). It is served only when the registry cannot answer: a call that
-fails UNAVAILABLE, or takes longer than `stale_wait`, falls back to it, so that versions already known keep
-serving through a registry restart or a database outage; for `stale_wait` after such a failure, those refs are
-answered from it at once rather than each waiting on the registry again. A ref never resolved before still fails.
+about its model, kept while the stream is down, and dropped whole when the stream is back, since events may have
+been missed meanwhile). It is served only when the registry cannot answer: a call that fails UNAVAILABLE, or takes
+longer than `stale_wait`, falls back to it, so that versions already known keep serving through a registry restart
+or a database outage. While the registry is known not to answer (for `stale_wait` after such a failure, and while
+the service's health check of the registry fails, see :meth:`ModelResolver.registry_answers`), those refs are
+answered from it at once, and refs with no last resolution fail REGISTRY_UNAVAILABLE at once, rather than each
+waiting out its deadline on a registry that does not answer.
 
 Listeners (:meth:`ModelResolver.add_listener`) are told of every event after the cache has dropped what it
 invalidates, on the watch task, in order. They must be quick and must not block: an engine that unloads a model on
@@ -35,7 +38,7 @@ from collections.abc import Callable
 from modelforge.registry.v1 import registry_pb2_grpc
 from modelforge_inference.domain import ModelRef, ResolvedModel
 from modelforge_inference.flights import SingleFlight
-from modelforge_inference.registry_client import ModelEvent, ModelEventType, RegistryClient
+from modelforge_inference.registry_client import ModelEvent, ModelEventType, RegistryClient, RegistryUnavailable
 from modelforge_server import errors
 
 __all__ = ["ModelEvent", "ModelEventType", "ModelResolver", "ResolveTimeout"]
@@ -90,7 +93,8 @@ class ModelResolver:
         self._entries: dict[ModelRef, ResolvedModel] = {}
         self._last_known: OrderedDict[ModelRef, ResolvedModel] = OrderedDict()
         self._stale_wait = stale_wait
-        self._unreachable_until = 0.0  # loop time until which refs with a last-known resolution skip the registry
+        self._unreachable_until = 0.0  # loop time until which resolves do not ask the registry
+        self._health_failing = False  # the service's health check of the registry last failed
         self.stale_answers = 0  # resolutions served from the last-known ones; for statistics and tests
         self._epoch = 0  # bumped whenever the whole cache is dropped
         self._generations: dict[str, int] = {}  # per model name, bumped by each event about it
@@ -135,6 +139,11 @@ class ModelResolver:
         self._listeners.append(callback)
         return lambda: self._listeners.remove(callback) if callback in self._listeners else None
 
+    def registry_answers(self, answers: bool) -> None:
+        """Tells the resolver what the health check of the registry found. While it fails, resolves do not wait on
+        the registry: they answer from the last resolutions, or fail REGISTRY_UNAVAILABLE."""
+        self._health_failing = not answers
+
     def cached(self, ref: ModelRef) -> ResolvedModel | None:
         """The cached resolution of ref, without calling the registry; None when there is none."""
         return self._entries.get(ref) if self.connected else None
@@ -154,8 +163,15 @@ class ModelResolver:
             return hit
         loop = asyncio.get_running_loop()
         stale = self._last_known.get(ref)
-        if stale is not None and loop.time() < self._unreachable_until:
-            return self._stale(ref, stale, None)
+        if self._health_failing or loop.time() < self._unreachable_until:
+            if stale is not None:
+                return self._stale(ref, stale, None)
+            raise RegistryUnavailable(
+                f"resolve {ref}",
+                "it does not answer (its health check fails, or a call just failed), and this replica has not "
+                "resolved that ref before",
+                model=ref.name,
+            )
         token = (self._epoch, self._generations.get(ref.name, 0))
         wait = timeout if stale is None else self._stale_wait if timeout is None else min(timeout, self._stale_wait)
         try:
@@ -166,10 +182,10 @@ class ModelResolver:
                 raise ResolveTimeout(ref, timeout or 0.0) from None
             why: BaseException = TimeoutError(f"no answer within {wait:g} s")
         except errors.Unavailable as exc:
-            if stale is None:
-                raise
             why = exc
         self._unreachable_until = loop.time() + self._stale_wait
+        if stale is None:
+            raise why
         return self._stale(ref, stale, why)
 
     def _stale(self, ref: ModelRef, model: ResolvedModel, why: BaseException | None) -> ResolvedModel:
@@ -186,7 +202,9 @@ class ModelResolver:
 
     async def _fetch(self, ref: ModelRef, token: _Token) -> ResolvedModel:
         model = await self._registry.resolve(ref, timeout=self._call_timeout)
-        if token[1] == self._generations.get(ref.name, 0):  # no event about the model since the call began
+        # Remembered only if no event about the model, and no reconnection (which may hide missed events), has
+        # happened since the call began.
+        if token == (self._epoch, self._generations.get(ref.name, 0)):
             self._last_known[ref] = model
             self._last_known.move_to_end(ref)
             if len(self._last_known) > self._max_entries:
@@ -231,7 +249,9 @@ class ModelResolver:
                     async for event in events:
                         if event.type is ModelEventType.WATCH_STARTED:
                             self._drop_all()
+                            self._last_known.clear()  # events may have been missed: an alias may have moved
                             self._unreachable_until = 0.0  # it answers again: ask it first
+                            self._health_failing = False
                             self._connected.set()
                             self.reconnects += 1
                             delay = self._min_backoff

@@ -1,5 +1,5 @@
-"""The inference service with its registry gone: versions it has resolved keep serving, as they were last
-resolved; what it never resolved fails UNAVAILABLE; and it is ready for traffic throughout."""
+"""The inference service with its registry gone or hung: versions it has resolved keep serving, as they were last
+resolved; what it never resolved fails UNAVAILABLE, at once; and it is ready for traffic throughout."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from modelforge.registry.v1 import registry_pb2
 from tests.fixtures.polling import eventually
+from tests.fixtures.proxy import TcpProxy
 from tests.fixtures.servers import upload_model as upload
 from tests.integration.inference import test_resolver as harness
 from tests.integration.inference.conftest import (  # noqa: F401
@@ -55,3 +57,33 @@ async def test_resolved_versions_keep_serving_while_the_registry_is_down(
         await restartable_registry.start()
         await eventually(lambda: is_(running.channel, "dependency/registry", SERVING), "the registry seen back")
         assert outputs(await running.stub.Predict(predict_request("adder", x)))["y"].tolist() == [[2.0] * 4] * 2
+
+
+async def test_with_the_registry_hung_refs_never_resolved_fail_unavailable_at_once(
+    admin, restartable_registry: Registry, start_inference: StartInference
+) -> None:
+    await upload(admin, "adder", add_one_bytes(4))
+    x = {"x": np.ones((2, 4), np.float32)}
+    proxy = await TcpProxy.to_address("127.0.0.1", restartable_registry.port)
+    try:
+        async with start_inference(registry_address=proxy.address, health_check_seconds=0.05) as running:
+            for name in REFS:
+                assert outputs(await running.stub.Predict(predict_request(name, x)))["y"].tolist() == [[2.0] * 4] * 2
+
+            proxy.stall()  # connected, silent: a registry that hangs, where one that is down refuses at once
+            await eventually(lambda: is_(running.channel, "dependency/registry", NOT_SERVING), "the registry seen hung")
+            for name in REFS:  # as last resolved, without waiting on the registry first
+                response = await running.stub.Predict(predict_request(name, x), timeout=5)
+                assert outputs(response)["y"].tolist() == [[2.0] * 4] * 2
+            # Never resolved: said at once, where it waited out the caller's deadline for DEADLINE_EXCEEDED.
+            never = predict_request(ref("adder", alias="production"), x)
+            code, reason, details = await failure(running.stub.Predict(never, timeout=5))
+            assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "REGISTRY_UNAVAILABLE"), details
+
+            await proxy.restore()
+            await eventually(lambda: is_(running.channel, "dependency/registry", SERVING), "the registry seen back")
+            await admin.SetAlias(registry_pb2.SetAliasRequest(model="adder", alias="production", version=1))
+            response = await running.stub.Predict(predict_request(ref("adder", alias="production"), x), timeout=30)
+            assert outputs(response)["y"].tolist() == [[2.0] * 4] * 2
+    finally:
+        await proxy.close()

@@ -23,6 +23,7 @@ from modelforge_registry.__main__ import build as build_registry
 from modelforge_registry.settings import RegistrySettings
 from modelforge_server import errors, status
 from tests.fixtures.onnx_models import build_add_one, model_bytes
+from tests.fixtures.proxy import TcpProxy
 from tests.fixtures.servers import registry_settings_for
 from tests.fixtures.servers import upload_model as upload
 from tests.integration.inference.conftest import eventually
@@ -326,6 +327,77 @@ async def test_reconnects_after_the_registry_restarts_and_drops_its_cache(
     assert (await resolver.resolve(ModelRef("adder"))).version == 2
 
 
+@pytest.fixture
+async def proxy(restartable_registry: Registry) -> AsyncIterator[TcpProxy]:
+    """A proxy in front of the registry, for the code under test: cut or stalled, the registry is out of its reach."""
+    proxy = await TcpProxy.to_address("127.0.0.1", restartable_registry.port)
+    yield proxy
+    await proxy.close()
+
+
+@pytest.fixture
+async def proxied_resolver(proxy: TcpProxy) -> AsyncIterator[ModelResolver]:
+    async with (
+        grpc.aio.insecure_channel(proxy.address, options=CHANNEL_OPTIONS) as channel,
+        ModelResolver(registry_pb2_grpc.RegistryServiceStub(channel), min_backoff=0.02, max_backoff=0.2) as resolver,
+    ):
+        await asyncio.wait_for(resolver.wait_connected(), 30)
+        yield resolver
+
+
+async def test_the_last_resolutions_do_not_outlive_a_reconnection_that_may_have_missed_events(
+    admin, proxy: TcpProxy, proxied_resolver: ModelResolver
+) -> None:
+    resolver = proxied_resolver
+    log = EventLog()
+    resolver.add_listener(log)
+    await upload(admin, "adder", add_one_bytes(4))
+    await upload(admin, "adder", add_one_bytes(4))
+    await admin.SetAlias(registry_pb2.SetAliasRequest(model="adder", alias="production", version=1))
+    await log.wait_for(ModelEventType.ALIAS_SET, "adder")  # so that no event overtakes the resolution below
+    production = ModelRef("adder", alias="production")
+    assert (await resolver.resolve(production)).version == 1
+
+    await proxy.cut()
+    await eventually(lambda: not resolver.connected, "the resolver to lose its event stream")
+    await admin.SetAlias(registry_pb2.SetAliasRequest(model="adder", alias="production", version=2))  # unheard of
+    reconnects = resolver.reconnects
+    await proxy.restore()
+    await eventually(lambda: resolver.reconnects > reconnects, "the resolver to watch again")
+
+    await proxy.cut()  # down again, before anything asked for production since the reconnection
+    with pytest.raises(RegistryUnavailable):  # rather than version 1, which the registry no longer says
+        await resolver.resolve(production, timeout=5)
+    reconnects = resolver.reconnects
+    await proxy.restore()
+    await eventually(lambda: resolver.reconnects > reconnects, "the resolver to watch again")
+    assert (await resolver.resolve(production, timeout=30)).version == 2
+
+
+async def test_while_the_registry_does_not_answer_its_health_check_resolves_do_not_wait_on_it(
+    admin, proxy: TcpProxy, proxied_resolver: ModelResolver
+) -> None:
+    resolver = proxied_resolver
+    log = EventLog()
+    resolver.add_listener(log)
+    await upload(admin, "adder", add_one_bytes(4))
+    await log.wait_for(ModelEventType.VERSION_CREATED, "adder")
+    known = ModelRef("adder", version=1)
+    assert (await resolver.resolve(known)).version == 1
+
+    proxy.stall()  # a hung registry: connected, silent
+    resolver.registry_answers(False)  # what the inference service's health check of the registry then finds
+    assert (await resolver.resolve(known, timeout=5)).version == 1  # as last resolved, at once
+    with pytest.raises(RegistryUnavailable) as caught:  # never resolved: nothing to answer with, said at once
+        await resolver.resolve(ModelRef("adder"), timeout=5)
+    assert status.code_for(caught.value) == grpc.StatusCode.UNAVAILABLE
+    assert "has not resolved that ref before" in str(caught.value)
+
+    await proxy.restore()
+    resolver.registry_answers(True)
+    assert (await resolver.resolve(ModelRef("adder"), timeout=30)).version == 1
+
+
 async def test_resolves_uncached_without_a_watch(admin, restartable_registry: Registry, stub) -> None:
     await upload(admin, "adder", add_one_bytes(4))
     resolver = ModelResolver(stub)  # never started
@@ -364,7 +436,8 @@ def _rpc_error(code: grpc.StatusCode, details: str, reason: str = "") -> grpc.ai
         (grpc.StatusCode.CANCELLED, RegistryUnavailable, grpc.StatusCode.UNAVAILABLE),
         (grpc.StatusCode.INVALID_ARGUMENT, errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
         (grpc.StatusCode.FAILED_PRECONDITION, errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
-        (grpc.StatusCode.DEADLINE_EXCEEDED, errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+        # the registry did not answer within the call's timeout: to the caller, the registry is unavailable
+        (grpc.StatusCode.DEADLINE_EXCEEDED, RegistryUnavailable, grpc.StatusCode.UNAVAILABLE),
     ],
 )
 def test_registry_statuses_become_domain_errors(

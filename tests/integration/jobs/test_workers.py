@@ -20,7 +20,7 @@ from modelforge_jobs.actors import WorkerResources, declare_actors, make_broker
 from modelforge_jobs.errors import DependencyUnavailable
 from modelforge_server import embedded
 from tests.fixtures.polling import eventually
-from tests.fixtures.proxy import PostgresProxy
+from tests.fixtures.proxy import TcpProxy
 from tests.integration.jobs.conftest import (
     getter,
     inline_request,
@@ -156,7 +156,7 @@ async def test_a_delivery_that_finds_postgresql_out_of_reach_is_retried_quietly_
     jobs_api, jobs_settings, start_worker, inference, add_one, caplog
 ) -> None:
     await upload(inference, "add-one", add_one)
-    proxy = await PostgresProxy.start(jobs_settings.database_url or "")
+    proxy = await TcpProxy.to_postgres(jobs_settings.database_url or "")
     try:
         async with start_worker(replace(jobs_settings, database_url=proxy.url)):
             await proxy.cut()  # the worker's PostgreSQL goes away; the API's stays
