@@ -15,6 +15,8 @@ first request.
 | modelforge.io/cache                      | true or false                               |
 | modelforge.io/cache-ttl-seconds          | integer >= 1                                |
 | modelforge.io/cache-max-entry-bytes      | integer >= 1                                |
+
+Integers without a smaller bound go up to 2^31 - 1.
 | modelforge.io/intra-op-threads           | integer from 0 to 1024 (0: ONNX Runtime's)  |
 | modelforge.io/inter-op-threads           | integer from 0 to 1024                      |
 | modelforge.io/graph-optimization-level   | disabled, basic, extended or all            |
@@ -36,6 +38,8 @@ OPTIMIZATION_LEVELS = ("disabled", "basic", "extended", "all")
 # label is a typo or a mistake, and would cost the server its memory or its scheduler.
 MAX_PRIORITY_LEVELS = 256
 MAX_THREADS = 1024
+# Every other integer label: V2 ModelConfig carries batch and queue sizes as int32, as Triton's does.
+MAX_INT32 = 2**31 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +47,7 @@ class Label:
     """How one serving label's value is read: ``parse`` raises ValueError for a value it does not take."""
 
     parse: Callable[[str], Any]
-    takes: str  # what it takes, for messages: "an integer >= 0"
+    takes: str  # what it takes, for messages: "an integer from 0 to 2147483647"
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,19 +59,19 @@ class BadLabel:
     takes: str
 
 
-def _int(minimum: int, maximum: int | None = None) -> Label:
+def _int(minimum: int, maximum: int = MAX_INT32) -> Label:
     def parse(text: str) -> int:
         value = int(text)
-        if value < minimum or (maximum is not None and value > maximum):
+        if not minimum <= value <= maximum:
             raise ValueError
         return value
 
-    return Label(parse, f"an integer >= {minimum}" if maximum is None else f"an integer from {minimum} to {maximum}")
+    return Label(parse, f"an integer from {minimum} to {maximum}")
 
 
 def _sizes(text: str) -> tuple[int, ...]:
     sizes = tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
-    if any(size < 1 for size in sizes):
+    if any(not 1 <= size <= MAX_INT32 for size in sizes):
         raise ValueError
     return sizes
 
@@ -107,7 +111,7 @@ def _providers(text: str) -> tuple[str, ...]:
 LABELS: dict[str, Label] = {
     "max-batch-size": _int(0),
     "max-queue-delay-us": _int(0),
-    "preferred-batch-sizes": Label(_sizes, "comma-separated integers >= 1"),
+    "preferred-batch-sizes": Label(_sizes, f"comma-separated integers from 1 to {MAX_INT32}"),
     "priority-levels": _int(1, MAX_PRIORITY_LEVELS),
     "max-queue-size": _int(1),
     "queue-timeout-seconds": Label(_timeout, 'a number of seconds > 0 or "none"'),

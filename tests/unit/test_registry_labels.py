@@ -74,7 +74,9 @@ def test_no_labels_is_fine() -> None:
 @pytest.mark.parametrize(
     ("key", "value", "takes"),
     [
-        ("modelforge.io/max-batch-size", "lots", "an integer >= 0"),
+        ("modelforge.io/max-batch-size", "lots", "an integer from 0 to 2147483647"),
+        ("modelforge.io/max-batch-size", "99999999999999999999", "an integer from 0 to 2147483647"),
+        ("modelforge.io/preferred-batch-sizes", "4,3000000000", "comma-separated integers from 1 to 2147483647"),
         ("modelforge.io/cache", "maybe", "true or false"),
         ("modelforge.io/priority-levels", "0", "an integer from 1 to 256"),
         ("modelforge.io/queue-timeout-seconds", "-1", 'a number of seconds > 0 or "none"'),

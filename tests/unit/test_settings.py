@@ -129,8 +129,8 @@ def test_inference_settings_have_ranges(environ: dict[str, str], message: str) -
 @pytest.mark.parametrize(
     ("environ", "message"),
     [
-        ({"MODELFORGE_MAX_QUEUE_SIZE": "0"}, "MODELFORGE_MAX_QUEUE_SIZE=0 is invalid: it takes an integer >= 1"),
-        ({"MODELFORGE_MAX_BATCH_SIZE": "-1"}, "MODELFORGE_MAX_BATCH_SIZE=-1 is invalid: it takes an integer >= 0"),
+        ({"MODELFORGE_MAX_QUEUE_SIZE": "0"}, "MODELFORGE_MAX_QUEUE_SIZE=0 is invalid: it takes an integer from 1 to 2147483647"),
+        ({"MODELFORGE_MAX_BATCH_SIZE": "-1"}, "MODELFORGE_MAX_BATCH_SIZE=-1 is invalid: it takes an integer from 0 to 2147483647"),
         ({"MODELFORGE_CACHE_TTL_SECONDS": "0"}, "MODELFORGE_CACHE_TTL_SECONDS=0 is invalid"),
         ({"MODELFORGE_DEFAULT_QUEUE_TIMEOUT": "0"}, "MODELFORGE_DEFAULT_QUEUE_TIMEOUT=0.0 is invalid"),
     ],

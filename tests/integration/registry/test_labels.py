@@ -85,7 +85,7 @@ async def test_serving_labels_take_only_values_the_inference_service_can_serve(r
     bad = {"modelforge.io/max-batch-size": "lots"}
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await upload_model(stub, "served", add_one.data, labels=bad)
-    assert "takes an integer >= 0, not 'lots'" in (caught.value.details() or "")
+    assert "takes an integer from 0 to 2147483647, not 'lots'" in (caught.value.details() or "")
     await refused(
         upload_model(stub, "served", add_one.data, labels=bad), "modelforge.io/max-batch-size", "header.labels"
     )
