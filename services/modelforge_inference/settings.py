@@ -78,6 +78,15 @@ class InferenceSettings(ServerSettings):
         "cache_local_bytes": NOT_NEGATIVE,
     }
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # The serving defaults take what the labels that override them take; checked here, with the labels'
+        # parsers, so that a bad value stops the process (or `modelforge up`) at start. Imported here: serving
+        # reads these settings.
+        from modelforge_inference import serving
+
+        serving.defaults(self)
+
     @property
     def model_directory(self) -> Path:
         return self.model_dir if self.model_dir is not None else self.data_dir / "models"

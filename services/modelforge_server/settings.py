@@ -13,6 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple, TypeVar
 
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+from redis.connection import parse_url
+
 PREFIX = "MODELFORGE_"
 MiB = 1024 * 1024
 
@@ -86,6 +90,13 @@ class ServerSettings:
         ):
             if value not in choices:
                 raise SettingsError(f"{_key(name)}={value!r} is invalid: it takes {', '.join(choices)}")
+        for name, check, takes in (
+            ("database_url", _database_url, "a PostgreSQL URL (postgresql://user:password@host:5432/dbname)"),
+            ("redis_url", _redis_url, "a Redis URL (redis://host:6379/0, rediss://... or unix:///path/to.sock)"),
+        ):
+            value = getattr(self, name)
+            if value is not None and not check(value):
+                raise SettingsError(f"{_key(name)} is invalid: it takes {takes}")  # the value may hold a password
         if self.chunk_bytes > self.max_message_bytes - CHUNK_HEADROOM:
             raise SettingsError(
                 f"{_key('chunk_bytes')}={self.chunk_bytes!r} is invalid: a streamed chunk must fit in one message of "
@@ -96,6 +107,24 @@ class ServerSettings:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+
+def _database_url(url: str) -> bool:
+    """Whether libpq would read `url`: a postgresql:// URL or a key=value connection string."""
+    try:
+        conninfo_to_dict(url)
+    except psycopg.ProgrammingError:  # libpq's own parser refused it
+        return False
+    return True
+
+
+def _redis_url(url: str) -> bool:
+    """Whether redis-py would read `url`."""
+    try:
+        parse_url(url)  # type: ignore[no-untyped-call]
+    except ValueError:
+        return False
+    return True
 
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")

@@ -28,7 +28,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,9 +39,18 @@ import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from modelforge_server import embedded
-from modelforge_server.settings import ServerSettings, from_env
+from modelforge_server.settings import PORT, ServerSettings, SettingsError, from_env
 
-__all__ = ["Program", "SupervisorError", "UpOptions", "PROGRAMS", "child_environ", "run", "supervise"]
+__all__ = [
+    "Program",
+    "SupervisorError",
+    "UpOptions",
+    "PROGRAMS",
+    "check_settings",
+    "child_environ",
+    "run",
+    "supervise",
+]
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
@@ -62,6 +71,9 @@ class Program:
     """The port of a service; None for workers, which listen on nothing."""
     after: str | None = None
     """Started only if this program runs too (workers need their API's service)."""
+    settings: str | None = None
+    """The program's settings class, as "module:Class": `up` reads every program's settings from the environment
+    its child will get before it starts anything, so that a malformed variable stops it at once."""
 
 
 DEFAULT_WORKER_METRICS_PORT = 9104
@@ -71,10 +83,28 @@ _QUICK_EXIT_SECONDS = 10.0
 _QUICK_EXITS_BEFORE_GIVING_UP = 3
 
 PROGRAMS: tuple[Program, ...] = (
-    Program("registry", "modelforge_registry", "modelforge.registry.v1.RegistryService", 50051),
-    Program("inference", "modelforge_inference", "modelforge.inference.v1.InferenceService", 50052),
-    Program("jobs", "modelforge_jobs", "modelforge.jobs.v1.JobService", 50053),
-    Program("jobs-worker", "modelforge_jobs.worker", after="jobs"),
+    Program(
+        "registry",
+        "modelforge_registry",
+        "modelforge.registry.v1.RegistryService",
+        50051,
+        settings="modelforge_registry.settings:RegistrySettings",
+    ),
+    Program(
+        "inference",
+        "modelforge_inference",
+        "modelforge.inference.v1.InferenceService",
+        50052,
+        settings="modelforge_inference.settings:InferenceSettings",
+    ),
+    Program(
+        "jobs",
+        "modelforge_jobs",
+        "modelforge.jobs.v1.JobService",
+        50053,
+        settings="modelforge_jobs.settings:JobsSettings",
+    ),
+    Program("jobs-worker", "modelforge_jobs.worker", after="jobs", settings="modelforge_jobs.settings:JobsSettings"),
 )
 
 
@@ -147,14 +177,13 @@ def child_environ(
     env.pop("MODELFORGE_PORT", None)
     if port is not None:
         env["MODELFORGE_PORT"] = str(port)
-    base = int(env.get("MODELFORGE_METRICS_PORT") or 0)
+    base = _port(env, "MODELFORGE_METRICS_PORT") or 0
     services = [p for p in PROGRAMS if p.default_port is not None]
     if program.default_port is not None:
         if base:
             env["MODELFORGE_METRICS_PORT"] = str(base + services.index(program))
         return env
-    given = env.get("MODELFORGE_WORKER_METRICS_PORT")
-    first: int | None = int(given) if given is not None else None
+    first = _port(env, "MODELFORGE_WORKER_METRICS_PORT")
     if first is None and base:
         first = base + len(services)
     if first is None and count > 1:
@@ -162,6 +191,28 @@ def child_environ(
     if first is not None:  # several workers on one host: each serves /metrics on its own port
         env["MODELFORGE_WORKER_METRICS_PORT"] = str(first + index if first else 0)
     return env
+
+
+def _port(env: Mapping[str, str], key: str) -> int | None:
+    """The port a variable gives; None when it is unset or empty."""
+    raw = env.get(key)
+    if not raw:
+        return None
+    try:
+        port = int(raw)
+    except ValueError:
+        port = -1
+    if not PORT.admits(port):
+        raise SettingsError(f"{key}={raw!r} is invalid: it takes {PORT.describe()}")
+    return port
+
+
+def check_settings(program: Program, environ: Mapping[str, str]) -> None:
+    """Reads `program`'s settings from `environ` as its child will; SettingsError names a malformed variable."""
+    if program.settings is None:
+        return
+    module, _, name = program.settings.partition(":")
+    from_env(getattr(importlib.import_module(module), name), environ)
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -247,6 +298,9 @@ class Supervisor:
                     f"--{name}-port"
                 )
             self._env[f"MODELFORGE_{name.upper()}_ADDRESS"] = f"{_dial_host(host)}:{port}"
+        for program in programs:  # before anything starts: a malformed variable stops `up` in one line
+            count = self._options.workers if program.after else 1
+            check_settings(program, child_environ(self._env, program, ports.get(program.name), count - 1, count))
 
         async with AsyncExitStack() as stack:
             await self._start_stores(stack, data_dir)
@@ -428,3 +482,6 @@ def run(options: UpOptions) -> int:
     except SupervisorError as exc:
         print(f"modelforge up: {exc}", file=sys.stderr, flush=True)
         return 1
+    except SettingsError as exc:  # as each service reports its own (`settings.reported`)
+        print(f"modelforge up: {exc}", file=sys.stderr, flush=True)
+        return 2

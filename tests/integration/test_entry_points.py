@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +17,9 @@ import pytest
         ("modelforge_inference", "MODELFORGE_LOG_LEVEL", "bogus", "MODELFORGE_LOG_LEVEL='BOGUS' is invalid"),
         ("modelforge_jobs", "MODELFORGE_TRACE_SAMPLE_RATIO", "2", "MODELFORGE_TRACE_SAMPLE_RATIO=2.0 is invalid"),
         ("modelforge_jobs.worker", "MODELFORGE_REDIS_URL", "", "the jobs service needs MODELFORGE_REDIS_URL"),
+        ("modelforge_jobs", "MODELFORGE_REDIS_URL", "notaurl", "MODELFORGE_REDIS_URL is invalid: it takes a Redis"),
+        ("modelforge_registry", "MODELFORGE_DATABASE_URL", "notaurl", "MODELFORGE_DATABASE_URL is invalid"),
+        ("modelforge_inference", "MODELFORGE_MAX_BATCH_SIZE", "-3", "MODELFORGE_MAX_BATCH_SIZE=-3 is invalid"),
     ],
 )
 def test_a_malformed_variable_ends_the_process_with_one_line(module: str, key: str, value: str, says: str) -> None:
@@ -25,3 +29,26 @@ def test_a_malformed_variable_ends_the_process_with_one_line(module: str, key: s
     assert result.returncode == 2, result.stderr
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("modelforge-") and says in line
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "says"),
+    [
+        ("MODELFORGE_MAX_LOADED_MODELS", "abc", "MODELFORGE_MAX_LOADED_MODELS='abc' is invalid"),  # inference's
+        ("MODELFORGE_DEFAULT_JOB_BATCH_SIZE", "0", "MODELFORGE_DEFAULT_JOB_BATCH_SIZE=0 is invalid"),  # the jobs'
+        ("MODELFORGE_METRICS_PORT", "x", "MODELFORGE_METRICS_PORT='x' is invalid"),  # `up`'s own
+        ("MODELFORGE_REDIS_URL", "notaurl", "MODELFORGE_REDIS_URL is invalid"),
+    ],
+)
+def test_up_refuses_a_malformed_variable_of_any_service_before_starting_anything(
+    tmp_path: Path, key: str, value: str, says: str
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELFORGE_")}
+    env |= {"MODELFORGE_DATA_DIR": str(tmp_path), key: value}
+    up = [str(Path(sys.executable).parent / "modelforge"), "up"]
+    result = subprocess.run(up, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("modelforge up: ") and says in line
+    assert result.stdout == ""  # no store or service was started
+    assert not (tmp_path / "postgres").exists()
