@@ -108,9 +108,8 @@ def check_inputs(
     known = {spec.name for spec in signature.inputs}
     for name in inputs:
         if name not in known:
-            raise InvalidInput(
-                name, f"the model has no such input; its inputs are {', '.join(map(repr, sorted(known)))}"
-            )
+            has = f"its inputs are {', '.join(map(repr, sorted(known)))}" if known else "it takes no inputs: send none"
+            raise InvalidInput(name, f"the model has no such input; {has}")
     feeds: dict[str, np.ndarray[Any, Any]] = {}
     for spec in signature.inputs:
         array = inputs.get(spec.name)
@@ -131,10 +130,13 @@ def _check_shared_dims(signature: Signature, arrays: list[np.ndarray[Any, Any]])
         for index, axis in others:
             if arrays[index].shape[axis] != size:
                 spec, other = signature.inputs[index], signature.inputs[first]
+                there = f"its dimension {first_axis}"
+                if index != first:
+                    there = f"dimension {first_axis} of input {other.name!r}"
                 raise InvalidInput(
                     spec.name,
-                    f"dimension {axis} ({name!r}) is {arrays[index].shape[axis]}, but input {other.name!r} has "
-                    f"{size} there: the model names both {name!r}, so they must be equal",
+                    f"dimension {axis} ({name!r}) is {arrays[index].shape[axis]}, but {there} is {size}: the model "
+                    f"names both {name!r}, so they must be equal",
                 )
 
 

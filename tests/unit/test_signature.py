@@ -250,3 +250,28 @@ def test_inputs_that_name_a_dimension_alike_must_agree_on_its_size():
             check_inputs(text, good | {"attention_mask": mask}, max_request_bytes=1 << 20)
         assert caught.value.metadata["input"] == "attention_mask"
         assert f"dimension {axis} ({name!r}) is" in str(caught.value) and "'input_ids'" in str(caught.value)
+
+
+def test_inputs_that_differ_in_a_dimension_the_model_names_alike_are_refused_saying_where() -> None:
+    pair = Signature(
+        inputs=(
+            TensorSpec("ids", F32, (-1, -1), dim_names=("batch", "seq")),
+            TensorSpec("mask", F32, (-1, -1), dim_names=("batch", "seq")),
+        ),
+        outputs=(TensorSpec("y", F32, (-1,), dim_names=("batch",)),),
+    )
+    with pytest.raises(InvalidInput) as caught:
+        check_inputs(pair, {"ids": np.zeros((2, 5), F32), "mask": np.zeros((2, 4), F32)}, max_request_bytes=1 << 20)
+    assert "dimension 1 ('seq') is 4, but dimension 1 of input 'ids' is 5" in str(caught.value)
+
+    square = Signature(inputs=(TensorSpec("m", F32, (-1, -1), dim_names=("n", "n")),), outputs=())
+    with pytest.raises(InvalidInput) as caught:
+        check_inputs(square, {"m": np.zeros((2, 3), F32)}, max_request_bytes=1 << 20)
+    assert "dimension 1 ('n') is 3, but its dimension 0 is 2" in str(caught.value)
+
+
+def test_an_input_sent_to_a_model_that_takes_none_is_told_so() -> None:
+    constant = Signature(inputs=(), outputs=(TensorSpec("y", F32, (2,)),))
+    with pytest.raises(InvalidInput) as caught:
+        check_inputs(constant, {"x": np.zeros(1, F32)}, max_request_bytes=1 << 20)
+    assert "the model has no such input; it takes no inputs: send none" in str(caught.value)
