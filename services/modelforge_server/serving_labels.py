@@ -14,7 +14,7 @@ first request.
 | modelforge.io/queue-timeout-seconds      | number > 0, or "none"                       |
 | modelforge.io/cache                      | true or false                               |
 | modelforge.io/cache-ttl-seconds          | integer >= 1                                |
-| modelforge.io/cache-max-entry-bytes      | integer >= 1                                |
+| modelforge.io/cache-max-entry-bytes      | size >= 1 (1048576, 1MiB)                   |
 
 Integers without a smaller bound go up to 2^31 - 1.
 | modelforge.io/intra-op-threads           | integer from 0 to 1024 (0: ONNX Runtime's)  |
@@ -31,6 +31,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from modelforge_server.settings import parse_int
 
 PREFIX = "modelforge.io/"
 OPTIMIZATION_LEVELS = ("disabled", "basic", "extended", "all")
@@ -59,13 +61,17 @@ class BadLabel:
     takes: str
 
 
-def _int(minimum: int, maximum: int = MAX_INT32) -> Label:
+def _int(minimum: int, maximum: int = MAX_INT32, *, size: bool = False) -> Label:
+    """An integer in [minimum, maximum]; with `size`, a byte count that takes the suffixes the settings take."""
+
     def parse(text: str) -> int:
-        value = int(text)
+        value = parse_int(text.strip()) if size else int(text)
         if not minimum <= value <= maximum:
             raise ValueError
         return value
 
+    if size:
+        return Label(parse, f"a size in bytes from {minimum} to {maximum} (suffixes KiB, MiB, GiB allowed)")
     return Label(parse, f"an integer from {minimum} to {maximum}")
 
 
@@ -117,7 +123,7 @@ LABELS: dict[str, Label] = {
     "queue-timeout-seconds": Label(_timeout, 'a number of seconds > 0 or "none"'),
     "cache": Label(_bool, "true or false"),
     "cache-ttl-seconds": _int(1),
-    "cache-max-entry-bytes": _int(1),
+    "cache-max-entry-bytes": _int(1, size=True),
     "intra-op-threads": _int(0, MAX_THREADS),
     "inter-op-threads": _int(0, MAX_THREADS),
     "graph-optimization-level": Label(_level, " | ".join(OPTIMIZATION_LEVELS)),

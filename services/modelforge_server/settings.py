@@ -180,7 +180,7 @@ def _cast(key: str, raw: str, hint: Any) -> Any:
                 return False
             raise ValueError("expected one of true/false, 1/0, yes/no, on/off")
         if hint is int:
-            return _parse_int(text)
+            return parse_int(text)
         if hint is float:
             return float(text)
         if hint is Path:
@@ -199,7 +199,7 @@ def _cast(key: str, raw: str, hint: Any) -> Any:
 _SUFFIXES = {"KiB": 1024, "MiB": MiB, "GiB": 1024 * MiB, "K": 1000, "M": 1000**2, "G": 1000**3}
 
 
-def _parse_int(text: str) -> int:
+def parse_int(text: str) -> int:
     """Accepts plain integers, underscores, and byte suffixes such as 64MiB."""
     for suffix, factor in _SUFFIXES.items():
         if text.endswith(suffix):

@@ -96,3 +96,10 @@ def test_serving_labels_with_values_they_take_pass() -> None:
         "modelforge.io/queue-timeout-seconds": "none",
     }
     assert check_labels(labels) == labels
+
+
+def test_the_cache_entry_size_label_takes_the_size_suffixes_the_settings_take() -> None:
+    labels = {"modelforge.io/cache-max-entry-bytes": "4MiB"}
+    assert check_labels(labels) == labels
+    with pytest.raises(InvalidLabel, match="a size in bytes from 1 to"):
+        check_labels({"modelforge.io/cache-max-entry-bytes": "4 lots"})

@@ -135,12 +135,14 @@ def test_labels_override_server_defaults():
             "modelforge.io/max-batch-size": "32",
             "modelforge.io/preferred-batch-sizes": "8, 4",
             "modelforge.io/cache": "true",
+            "modelforge.io/cache-max-entry-bytes": "2MiB",
             "modelforge.io/execution-providers": "CUDAExecutionProvider,CPUExecutionProvider",
             "team": "vision",
         },
     )
 
     config = serving.serving_config(serving.defaults(InferenceSettings(max_queue_size=7)), model)
+    assert config.cache.max_entry_bytes == 2 * 1024 * 1024
 
     assert (config.batching.max_batch_size, config.batching.preferred_batch_sizes) == (32, (4, 8))
     assert config.batching.max_queue_size == 7
