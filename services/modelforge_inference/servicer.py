@@ -119,13 +119,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     ) -> pb.ListLoadedModelsResponse:
         limit = paging.page_size(request.page_size, default=100, maximum=1000)
         # The listing's order, in which a version being unloaded may stand beside its reload: name, version, state.
-        after = paging.decode(request.page_token, (str, int, str))
+        after = paging.decode(request.page_token, (str, int, str), request)
         models = [m for m in self._engine.loaded() if not request.model or m.name == request.model]
         if after is not None:
             models = [m for m in models if [m.name, m.version, m.state.value] > after]
         page = models[:limit]
         last = page[-1] if len(models) > limit else None
-        token = paging.encode([last.name, last.version, last.state.value]) if last is not None else ""
+        token = paging.encode([last.name, last.version, last.state.value], request) if last is not None else ""
         return pb.ListLoadedModelsResponse(loaded_models=[convert.loaded_model(m) for m in page], next_page_token=token)
 
     async def GetModelStatistics(

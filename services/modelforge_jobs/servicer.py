@@ -85,11 +85,11 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         page = await self._jobs.list(
             JobFilter(state=state, model=request.model or None, labels=dict(request.labels)),
             limit=paging.page_size(request.page_size, default=50, maximum=500),
-            after=paging.decode(request.page_token, (str, str)),  # the last job's create_time and id
+            after=paging.decode(request.page_token, (str, str), request),  # the last job's create_time and id
         )
         return jobs_pb2.ListJobsResponse(
             jobs=[convert.job_to_proto(job) for job in page.items],
-            next_page_token=paging.encode(page.last_key) if page.has_more and page.last_key else "",
+            next_page_token=paging.encode(page.last_key, request) if page.has_more and page.last_key else "",
         )
 
     async def CancelJob(

@@ -45,11 +45,11 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         page = await self._registry.list_models(
             ModelFilter(name_prefix=request.name_prefix, labels=dict(request.labels)),
             limit=paging.page_size(request.page_size),
-            after=paging.decode(request.page_token, (str,)),  # the last name
+            after=paging.decode(request.page_token, (str,), request),  # the last name
         )
         return registry_pb2.ListModelsResponse(
             models=[convert.model_to_proto(m) for m in page.items],
-            next_page_token=paging.encode(page.last_key) if page.last_key else "",
+            next_page_token=paging.encode(page.last_key, request) if page.last_key else "",
         )
 
     async def UpdateModel(
@@ -95,11 +95,11 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             require(request.model, "model"),
             convert.state_from_proto(request.state),
             limit=paging.page_size(request.page_size),
-            after=paging.decode(request.page_token, (int,)),  # the last version number
+            after=paging.decode(request.page_token, (int,), request),  # the last version number
         )
         return registry_pb2.ListModelVersionsResponse(
             model_versions=[convert.version_to_proto(v) for v in page.items],
-            next_page_token=paging.encode(page.last_key) if page.last_key else "",
+            next_page_token=paging.encode(page.last_key, request) if page.last_key else "",
         )
 
     async def UpdateModelVersion(

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import copy
+import hashlib
 import json
 from typing import Any
+
+from google.protobuf.message import Message
 
 from modelforge_server.errors import InvalidArgument
 
@@ -19,25 +23,28 @@ def page_size(requested: int, *, default: int = 50, maximum: int = 500) -> int:
     return min(requested, maximum)
 
 
-def encode(key: list[Any]) -> str:
-    """Encodes the sort key of the last item on a page as an opaque token."""
-    payload = json.dumps(key, separators=(",", ":")).encode()
+def encode(key: list[Any], request: Message) -> str:
+    """Encodes the sort key of the last item on a page as an opaque token, bound to the request's other fields."""
+    payload = json.dumps({"k": key, "r": _fingerprint(request)}, separators=(",", ":")).encode()
     return base64.urlsafe_b64encode(payload).decode().rstrip("=")
 
 
-def decode(token: str, kinds: tuple[type, ...]) -> list[Any] | None:
+def decode(token: str, kinds: tuple[type, ...], request: Message) -> list[Any] | None:
     """Returns the key encoded by `encode`, None for an empty token; InvalidArgument for anything else.
 
     `kinds` is the type of each part of the listing's sort key: a token of another listing, or one edited by hand,
-    is refused here rather than failing further in.
+    is refused here rather than failing further in. So is a token given with other filters than the request it
+    came from (AIP-158: the other fields must not change), which would page through another listing from a place
+    in this one.
     """
     if not token:
         return None
     try:
         padded = token + "=" * (-len(token) % 4)
-        key = json.loads(base64.urlsafe_b64decode(padded.encode()))
+        payload = json.loads(base64.urlsafe_b64decode(padded.encode()))
     except (binascii.Error, ValueError, UnicodeDecodeError):
-        key = None
+        payload = None
+    key = payload.get("k") if isinstance(payload, dict) else None
     if not isinstance(key, list):
         raise InvalidArgument(
             "page_token is not one this server issued; pass next_page_token from the previous response unchanged",
@@ -47,7 +54,21 @@ def decode(token: str, kinds: tuple[type, ...]) -> list[Any] | None:
         not isinstance(part, kind) or isinstance(part, bool) for part, kind in zip(key, kinds, strict=False)
     ):
         raise foreign_token()
+    if payload.get("r") != _fingerprint(request):
+        raise InvalidArgument(
+            "page_token came with other filters than the request that gave it; keep every field but page_size and "
+            "page_token as it was, or list again from the first page",
+            field="page_token",
+        )
     return key
+
+
+def _fingerprint(request: Message) -> str:
+    """A digest of the request's fields other than the page size and token: what the listing is of."""
+    rest = copy.copy(request)
+    for name in ("page_token", "page_size"):
+        rest.ClearField(name)
+    return hashlib.blake2b(rest.SerializeToString(deterministic=True), digest_size=8).hexdigest()
 
 
 def foreign_token() -> InvalidArgument:

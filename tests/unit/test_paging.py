@@ -2,8 +2,11 @@ from __future__ import annotations
 
 import pytest
 
+from modelforge.jobs.v1.jobs_pb2 import ListJobsRequest
 from modelforge_server import paging
 from modelforge_server.errors import InvalidArgument
+
+REQUEST = ListJobsRequest(model="m", labels={"team": "vision"}, page_size=10)
 
 
 def test_page_size_defaults_caps_and_refuses_negatives() -> None:
@@ -16,19 +19,30 @@ def test_page_size_defaults_caps_and_refuses_negatives() -> None:
 
 def test_token_round_trips_the_key() -> None:
     key = ["model-a", 42]
-    token = paging.encode(key)
+    token = paging.encode(key, REQUEST)
     assert "model-a" not in token
-    assert paging.decode(token, (str, int)) == key
-    assert paging.decode("", (str, int)) is None
+    assert paging.decode(token, (str, int), REQUEST) == key
+    assert paging.decode("", (str, int), REQUEST) is None
+    # the next page may be of another size, and comes with the token itself
+    assert paging.decode(token, (str, int), ListJobsRequest(model="m", labels={"team": "vision"}, page_token=token))
 
 
 @pytest.mark.parametrize("token", ["not a token!", "e30", "bm90LWpzb24"])
 def test_foreign_tokens_are_invalid_argument(token: str) -> None:
     with pytest.raises(InvalidArgument, match="page_token is not one this server issued"):
-        paging.decode(token, (str, int))
+        paging.decode(token, (str, int), REQUEST)
 
 
 @pytest.mark.parametrize("key", [["model-a"], ["model-a", 42, "x"], [42, "model-a"], ["model-a", True], [None, None]])
 def test_tokens_of_another_listing_are_invalid_argument(key: list[object]) -> None:
     with pytest.raises(InvalidArgument, match="page_token does not belong to this listing"):
-        paging.decode(paging.encode(key), (str, int))
+        paging.decode(paging.encode(key, REQUEST), (str, int), REQUEST)
+
+
+@pytest.mark.parametrize(
+    "other", [ListJobsRequest(model="other", labels={"team": "vision"}), ListJobsRequest(model="m"), ListJobsRequest()]
+)
+def test_a_token_given_with_other_filters_is_invalid_argument(other: ListJobsRequest) -> None:
+    token = paging.encode(["2026-01-01T00:00:00+00:00", "x"], REQUEST)
+    with pytest.raises(InvalidArgument, match="page_token came with other filters than the request that gave it"):
+        paging.decode(token, (str, str), other)

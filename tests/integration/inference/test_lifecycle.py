@@ -353,8 +353,8 @@ async def test_a_page_token_the_server_did_not_issue_is_invalid_argument(
     tokens = {
         "not base64": "%%%",
         "not a list": base64.urlsafe_b64encode(b'"a string"').decode(),
-        "a list of other types": paging.encode([7, "x"]),
-        "a list of nulls": paging.encode([None, None]),
+        "a list of other types": paging.encode([7, "x"], pb.ListLoadedModelsRequest()),
+        "a list of nulls": paging.encode([None, None], pb.ListLoadedModelsRequest()),
     }
 
     answers = {}

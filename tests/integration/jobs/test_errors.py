@@ -138,7 +138,9 @@ async def test_unknown_and_malformed_ids(jobs_api) -> None:
     )
     # Tokens that decode but are not this listing's key: another listing's, a wrong shape, or not a time and id.
     for key in (["model-a"], [1, 2], ["yesterday", missing], ["2026-01-01T00:00:00+00:00", "not-a-uuid"]):
-        listing = jobs_api.stub.ListJobs(jobs_pb2.ListJobsRequest(page_token=paging.encode(key)))
+        listing = jobs_api.stub.ListJobs(
+            jobs_pb2.ListJobsRequest(page_token=paging.encode(key, jobs_pb2.ListJobsRequest()))
+        )
         assert (await _fails(listing))[0] == grpc.StatusCode.INVALID_ARGUMENT, key
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import grpc
 import numpy as np
+import pytest
 
 from modelforge import tensors
 from modelforge.inference.v1 import inference_pb2
@@ -95,3 +97,10 @@ async def test_list_jobs_newest_first_with_filters_and_pages(jobs_api, inference
     assert len(queued.jobs) == 5
     none = await jobs_api.stub.ListJobs(jobs_pb2.ListJobsRequest(model="other"))
     assert list(none.jobs) == []
+    # The token of an unfiltered listing does not page through a filtered one.
+    first = await jobs_api.stub.ListJobs(jobs_pb2.ListJobsRequest(page_size=1))
+    filtered = jobs_api.stub.ListJobs(jobs_pb2.ListJobsRequest(model="add-one", page_token=first.next_page_token))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await filtered
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "page_token came with other filters" in (caught.value.details() or "")

@@ -95,7 +95,7 @@ async def test_list_models_refuses_bad_page_size_and_token(registry_stub) -> Non
     code, _, _ = await failure(registry_stub.ListModels(pb.ListModelsRequest(page_token="not a token")))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     for key in ([7], ["a", "b"], [None]):  # decodes, but is not a model name
-        listing = registry_stub.ListModels(pb.ListModelsRequest(page_token=paging.encode(key)))
+        listing = registry_stub.ListModels(pb.ListModelsRequest(page_token=paging.encode(key, pb.ListModelsRequest())))
         code, _, message = await failure(listing)
         assert code == grpc.StatusCode.INVALID_ARGUMENT
         assert "page_token does not belong to this listing" in message

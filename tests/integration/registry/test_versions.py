@@ -81,6 +81,15 @@ async def test_list_versions_newest_first_with_pages_and_state_filter(registry_s
     assert code == grpc.StatusCode.NOT_FOUND
     code, _, _ = await failure(registry_stub.ListModelVersions(pb.ListModelVersionsRequest(model="m", page_size=-5)))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
+    # A token is of its listing: another model's, or another state's, is refused rather than paged from.
+    first = await registry_stub.ListModelVersions(pb.ListModelVersionsRequest(model="m", page_size=1))
+    for other in (
+        pb.ListModelVersionsRequest(model="n"),
+        pb.ListModelVersionsRequest(model="m", state=pb.VERSION_STATE_READY),
+    ):
+        other.page_token = first.next_page_token
+        code, _, details = await failure(registry_stub.ListModelVersions(other))
+        assert (code, "page_token came with other filters" in details) == (grpc.StatusCode.INVALID_ARGUMENT, True)
 
 
 async def test_update_version_changes_masked_fields(registry_stub, three_versions) -> None:
