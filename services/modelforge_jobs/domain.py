@@ -64,16 +64,17 @@ Dims = tuple[tuple[int, str], ...]  # a declared shape: each dimension's size (-
 
 
 def itemization(inputs: Sequence[Dims], outputs: Mapping[str, Dims]) -> tuple[int | None, tuple[tuple[str, str], ...]]:
-    """How a model's calls split into items, from its signature: the items per call when every input fixes its
-    first dimension at one size (None when it is dynamic), and the outputs that hold no row per item, with why.
+    """How a model's calls split into items, from its signature: the items per call when the inputs that fix their
+    first dimension fix it at one size (None when none does, or they disagree), and the outputs that hold no row per
+    item, with why.
 
     An output holds a row per item when its first dimension is the inputs': dynamic and not named otherwise than
     theirs (NonZero's count of hits is not), or fixed at the size the inputs fix; and when no further dimension
     bears the items' name (x @ x.T is [batch, batch]: each row would hold products with the batch's other items).
     """
     leads = [dims[0] for dims in inputs if dims]
-    fixed = {size for size, _ in leads}
-    fixed_items = fixed.pop() if len(fixed) == 1 and min(size for size, _ in leads) > 0 else None
+    fixed = {size for size, _ in leads if size >= 0}  # one input that fixes its first dimension fixes the call's
+    fixed_items = fixed.pop() if len(fixed) == 1 else None
     names = {name for size, name in leads if size < 0 and name}
     unitemized: list[tuple[str, str]] = []
     for output, dims in outputs.items():

@@ -119,7 +119,12 @@ class BatchSizeFixed(InvalidArgument):
         if batch_size not in (0, fixed):
             why = f"batch_size is {batch_size}; submit with batch_size {fixed} (or 0, which picks it)"
         else:
-            why = f"the job's {items} items do not divide into batches of {fixed}"
+            fewer, more = items - items % fixed, items - items % fixed + fixed
+            shown = f"{more}" if not fewer else f"{fewer} or {more}"
+            why = (
+                f"the job's {items} items do not divide into batches of {fixed}; submit a multiple of {fixed} "
+                f"items ({shown}), padding the last batch with items whose outputs you drop"
+            )
         super().__init__(
             f"{model}:{version} takes exactly {fixed} item(s) per call (its inputs fix their first dimension): {why}",
             field="batch_size",

@@ -149,6 +149,12 @@ class InferenceClient:
         try:
             response = await self._predict(request, timeout=deadline)
         except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and _remote_reason(exc) is None:
+                # The call's own deadline, not an answer (the service names its reasons): the inference service
+                # did not answer in time, hung or far behind, so the job waits for it as for one that is down.
+                raise errors.RemoteUnavailable(
+                    f"the inference service did not answer a batch within {deadline:g} s (MODELFORGE_INFERENCE_TIMEOUT)"
+                ) from exc
             raise translate(exc, "inference service") from exc
         record, rows = outputs_record(response)
         for output, first in rows:

@@ -49,6 +49,9 @@ log = logging.getLogger("modelforge.jobs.runner")
 tracer = telemetry.tracer("modelforge.jobs")
 
 
+OUTAGE_MAX_DELAY = 10.0  # seconds between tries of a job that waits out an outage, at most
+
+
 class RetryLater(Exception):
     """Raised to the queue after a transient failure: the job is QUEUED again and its message is retried after
     `delay` seconds."""
@@ -83,8 +86,11 @@ class RunnerSettings:
 
     def outage_delay(self, lasted: float) -> float:
         """Seconds to wait for a dependency that has been unavailable for `lasted` seconds: about as long again,
-        from the minimum backoff up to the maximum, with jitter in its upper half."""
-        return min(self.retry_max_backoff, max(self.retry_min_backoff, lasted)) * (0.5 + random.random() / 2)
+        from the minimum backoff up to the maximum and at most OUTAGE_MAX_DELAY, with jitter in its upper half. A
+        try costs a claim and a call that fails fast, so the job resumes within seconds of the dependency's return
+        even after a long outage."""
+        longest = min(self.retry_max_backoff, OUTAGE_MAX_DELAY)
+        return min(longest, max(self.retry_min_backoff, lasted)) * (0.5 + random.random() / 2)
 
 
 class Requeued(Exception):

@@ -26,7 +26,8 @@ BATCH = ((-1, "batch"), (4, ""))
             2,
             (("y", "has its first dimension fixed at 1, where the inputs take 2 item(s) per call"),),
         ),
-        ([((1, ""),), BATCH], {"y": BATCH}, None, ()),  # inputs that disagree fix nothing
+        ([((1, ""),), BATCH], {"y": BATCH}, 1, ()),  # one input fixed at 1 makes every call 1 item
+        ([((1, ""),), ((2, ""),)], {"y": BATCH}, None, ()),  # inputs fixed at sizes that disagree fix nothing
         (
             [BATCH],
             {"gram": ((-1, "batch"), (-1, "batch"))},  # x @ x.T
@@ -49,4 +50,5 @@ def test_the_refusal_of_a_batch_size_says_what_to_change() -> None:
     asked = BatchSizeFixed("m", 1, batch_size=5, fixed=1, items=5)
     assert "batch_size is 5; submit with batch_size 1 (or 0, which picks it)" in str(asked)
     uneven = BatchSizeFixed("m", 1, batch_size=0, fixed=2, items=5)
-    assert "the job's 5 items do not divide into batches of 2" in str(uneven)
+    assert "the job's 5 items do not divide into batches of 2; submit a multiple of 2 items (4 or 6)" in str(uneven)
+    assert "submit a multiple of 4 items (4), padding" in str(BatchSizeFixed("m", 1, batch_size=0, fixed=4, items=3))

@@ -18,6 +18,7 @@ from modelforge_inference.__main__ import build as build_inference
 from modelforge_server import embedded
 from tests.fixtures.onnx_models import build_counter, image_generator, model_bytes  # noqa: F401
 from tests.fixtures.polling import eventually
+from tests.fixtures.proxy import TcpProxy
 from tests.integration.inference.test_scheduling import wait_in_flight
 from tests.integration.jobs.conftest import (
     error_reason,
@@ -166,6 +167,37 @@ async def test_a_job_waits_out_an_inference_restart_without_spending_its_attempt
         assert record["message"].endswith("attempt 1 not counted")
     tracebacks = [r for r in records if "exception" in r and r["logger"].startswith(("dramatiq", "modelforge.jobs"))]
     assert not tracebacks, [r["message"] for r in tracebacks]
+
+
+async def test_a_job_waits_out_a_hung_inference_service_without_spending_its_attempts(
+    jobs_api, jobs_settings, start_worker, inference, add_one
+) -> None:
+    """An inference service that accepts calls and never answers them (hung, or far behind) is waited for as one
+    that is down: its batches' calls time out, and the job goes back to the queue with its one attempt unspent."""
+    await upload(inference, "add-one", add_one)
+    proxy = await TcpProxy.to_address("127.0.0.1", inference.port)
+    settings = replace(jobs_settings, inference_address=proxy.address, inference_timeout=0.5)
+    x = _x(40)
+    try:
+        async with start_worker(settings) as running:
+            proxy.stall()
+            job = (
+                await jobs_api.stub.CreateJob(inline_request("add-one", {"x": x}, batch_size=10, max_attempts=1))
+            ).job
+            waits = running.resources.metrics.metrics.registry
+            await eventually(
+                lambda: (waits.get_sample_value("modelforge_jobs_retries_total") or 0) >= 2,
+                "the job to wait for the hung inference service twice",
+            )
+            waiting = (await jobs_api.stub.GetJob(jobs_pb2.GetJobRequest(id=job.id))).job
+            assert waiting.state != jobs_pb2.JOB_STATE_FAILED and waiting.attempt_count == 0
+            await proxy.restore()
+            final = await wait_terminal(jobs_api.stub, job.id)
+    finally:
+        await proxy.close()
+    assert final.state == jobs_pb2.JOB_STATE_COMPLETED, final.error
+    assert final.attempt_count == 1
+    await _check_all_items_once(jobs_api.stub, job.id, x, 10)
 
 
 async def _at_least(value: Callable[[], Awaitable[float]], least: float) -> bool:
