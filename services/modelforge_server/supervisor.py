@@ -12,9 +12,9 @@ Order of events:
 
 Shutdown runs in reverse: each child gets SIGTERM and its grace period (MODELFORGE_GRACE_SECONDS) before a
 SIGKILL, then the embedded servers stop. Children run in their own session, so a Ctrl-C in the terminal reaches
-only the supervisor, which stops them in order. A service that exits on its own stops the rest, and `up` exits 1;
-a worker that exits is started again (the job it was running goes back to the queue), unless it keeps exiting
-within seconds of starting.
+only the supervisor, which stops them in order. A child that exits on its own is started again, a service on its
+port (the others reconnect, and a job that was running goes back to the queue), unless it keeps exiting within
+seconds of starting: then `up` stops the rest and exits 1.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ class Program:
 
 
 DEFAULT_WORKER_METRICS_PORT = 9104
-# A worker that exits is started again, unless it exited this soon after starting this many times in a row: then
+# A child that exits is started again, unless it exited this soon after starting this many times in a row: then
 # something is wrong with its settings or its dependencies, and `up` stops rather than restart it forever.
 _QUICK_EXIT_SECONDS = 10.0
 _QUICK_EXITS_BEFORE_GIVING_UP = 3
@@ -244,9 +244,17 @@ class Child:
     process: asyncio.subprocess.Process
     label: str
     address: str | None
+    port: int | None = None
     index: int = 0  # which of `count` processes of its program
     count: int = 1
     started: float = 0.0  # event-loop time
+
+    @property
+    def where(self) -> str:
+        """How `up` shows the child: its process, and its address when it serves."""
+        if self.address is None:
+            return f"running (pid {self.process.pid})"
+        return f"(pid {self.process.pid}) listening on {self.address}"
 
     async def stop(self, grace: float) -> None:
         """SIGTERM, then SIGKILL if it is still there after `grace` seconds (plus a margin to flush)."""
@@ -273,6 +281,7 @@ class Supervisor:
         self._stop = asyncio.Event()
         self._signal: int | None = None
         self._children: list[Child] = []
+        self._tasks: set[asyncio.Task[None]] = set()  # announcements of children started again
 
     def say(self, line: str) -> None:
         print(line, file=self._out, flush=True)
@@ -304,18 +313,18 @@ class Supervisor:
 
         async with AsyncExitStack() as stack:
             await self._start_stores(stack, data_dir)
+            stack.push_async_callback(self._stop_children)  # before the stores stop
             for program in programs:
                 if self._stop.is_set():
                     return self._interrupted()
                 count = self._options.workers if program.after else 1
                 for index in range(count):
                     child = await self._spawn(program, ports.get(program.name), index, count)
-                    stack.push_async_callback(child.stop, self._settings.grace_seconds)
                     await self._until_ready(child)
             if self._stop.is_set():
                 return self._interrupted()
             self._announce()
-            code = await self._watch(stack)
+            code = await self._watch()
             self.say("modelforge up: stopping")
         self.say("modelforge up: stopped")
         return code
@@ -340,6 +349,13 @@ class Supervisor:
             self._env["MODELFORGE_REDIS_URL"] = url
             self.say(f"Redis: embedded at {url}, data in {data_dir / 'redis'}")
 
+    async def _stop_children(self) -> None:
+        """Stops the children in the reverse of the order they started in: workers first, the registry last."""
+        for task in self._tasks:
+            task.cancel()
+        for child in reversed(self._children):
+            await child.stop(self._settings.grace_seconds)
+
     async def _spawn(self, program: Program, port: int | None, index: int, count: int) -> Child:
         env = child_environ(self._env, program, port, index, count)
         label = program.name if count == 1 else f"{program.name}-{index + 1}"
@@ -352,7 +368,7 @@ class Supervisor:
             start_new_session=True,  # a terminal's Ctrl-C reaches only us; we stop children in order
         )
         address = f"{_dial_host(env['MODELFORGE_HOST'])}:{port}" if port is not None else None
-        child = Child(program, process, label, address, index, count, asyncio.get_running_loop().time())
+        child = Child(program, process, label, address, port, index, count, asyncio.get_running_loop().time())
         self._children.append(child)
         return child
 
@@ -386,16 +402,15 @@ class Supervisor:
     def _announce(self) -> None:
         width = max(len(c.label) for c in self._children)
         for child in self._children:
-            where = f"listening on {child.address}" if child.address else f"running (pid {child.process.pid})"
-            self.say(f"  {child.label:<{width}}  {where}")
+            self.say(f"  {child.label:<{width}}  {child.where}")
         self.say("ModelForge is up. Press Ctrl-C to stop.")
 
-    async def _watch(self, stack: AsyncExitStack) -> int:
-        """Returns 0 after a stop signal, 1 when a service exited on its own. A worker that exits is started again
-        (a job it was running goes back to the queue, and a worker runs it again), unless it keeps exiting at once.
+    async def _watch(self) -> int:
+        """Returns 0 after a stop signal, 1 when a child kept exiting at once. A child that exits is started again
+        in its place (a service on its port), unless it exited within seconds of starting several times in a row.
         """
         loop = asyncio.get_running_loop()
-        quick_exits = 0
+        quick_exits: dict[str, int] = {}
         while True:
             waits = {asyncio.ensure_future(c.process.wait()): c for c in self._children}
             stopped = asyncio.ensure_future(self._stop.wait())
@@ -409,24 +424,33 @@ class Supervisor:
                 return 0
             dead = next(waits[t] for t in done if t in waits)
             code = dead.process.returncode
-            if dead.program.default_port is not None:
-                self.say(f"modelforge up: {dead.label} exited with code {code}; stopping the others (its log is above)")
-                return 1
-            quick_exits = quick_exits + 1 if loop.time() - dead.started < _QUICK_EXIT_SECONDS else 0
-            if quick_exits >= _QUICK_EXITS_BEFORE_GIVING_UP:
+            quick = loop.time() - dead.started < _QUICK_EXIT_SECONDS
+            quick_exits[dead.label] = quick_exits.get(dead.label, 0) + 1 if quick else 0
+            if quick_exits[dead.label] >= _QUICK_EXITS_BEFORE_GIVING_UP:
                 self.say(
-                    f"modelforge up: {dead.label} exited with code {code}, {quick_exits} times in a row within "
-                    f"{_QUICK_EXIT_SECONDS:.0f} s of starting; stopping the others (its log is above)"
+                    f"modelforge up: {dead.label} exited with code {code}, {quick_exits[dead.label]} times in a row "
+                    f"within {_QUICK_EXIT_SECONDS:.0f} s of starting; stopping the others (its log is above)"
                 )
                 return 1
-            self.say(
-                f"modelforge up: {dead.label} exited with code {code}; starting it again (a job it was running "
-                "goes back to the queue)"
-            )
-            self._children.remove(dead)
-            child = await self._spawn(dead.program, None, dead.index, dead.count)
-            stack.push_async_callback(child.stop, self._settings.grace_seconds)
-            self.say(f"  {child.label}  running (pid {child.process.pid})")
+            why = "a job it was running goes back to the queue" if dead.address is None else "the others reconnect"
+            self.say(f"modelforge up: {dead.label} exited with code {code}; starting it again ({why})")
+            place = self._children.index(dead)
+            child = await self._spawn(dead.program, dead.port, dead.index, dead.count)
+            self._children.remove(child)
+            self._children[place] = child  # in its place: the order children stop in
+            self.say(f"  {child.label}  {child.where}")
+            if child.address is not None and child.program.health is not None:
+                announce = asyncio.create_task(self._say_when_serving(child))
+                self._tasks.add(announce)
+                announce.add_done_callback(self._tasks.discard)
+
+    async def _say_when_serving(self, child: Child) -> None:
+        """Says when a child started again serves; its exit, if it fails, is the watch's to handle."""
+        assert child.address is not None and child.program.health is not None
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(self._options.start_timeout):
+                await _serving(child.address, child.program.health)
+            self.say(f"  {child.label}  serving again on {child.address}")
 
 
 async def _serving(address: str, service: str) -> None:
