@@ -102,6 +102,8 @@ def job_to_proto(job: Job) -> jobs_pb2.Job:
         queued_duration=_duration(job.queued_seconds),
         inference_duration=_duration(job.inference_seconds),
         request_id=job.request_id or "",
+        queued_reason=job.queued_reason,
+        next_run_time=_timestamp(job.next_run_time),
     )
     if job.error is not None:
         proto.error.CopyFrom(jobs_pb2.JobError(code=job.error.code, reason=job.error.reason, message=job.error.message))

@@ -133,6 +133,8 @@ class Job:
     inference_seconds: float
     error: JobError | None
     request_id: str | None
+    queued_reason: str = ""  # why a job that ran is QUEUED again; "" otherwise
+    next_run_time: datetime | None = None  # with queued_reason: when the next run may start
 
 
 @dataclass(frozen=True)

@@ -205,7 +205,8 @@ class JobRunner:
         if lasted >= self._settings.outage_tolerance:
             return
         delay = self._settings.outage_delay(lasted)
-        if not await self._store.release(job.id, self.worker_id, retry_in=delay, refund=True):
+        reason = f"waiting for a dependency, the attempt not counted: {_one_line(exc)}"
+        if not await self._store.release(job.id, self.worker_id, retry_in=delay, reason=reason, refund=True):
             return  # cancelled or taken over meanwhile: _failed finds it so
         log.warning(
             "job %s: %s; waiting %.1f s for it (unavailable for %.0f s), attempt %d not counted",
@@ -224,7 +225,8 @@ class JobRunner:
         if is_transient(exc) or not isinstance(exc, ServiceError):
             if job.attempt_count < job.max_attempts:
                 delay = self._settings.backoff(job.attempt_count)
-                if await self._store.release(job.id, self.worker_id, retry_in=delay):
+                reason = f"attempt {job.attempt_count} of {job.max_attempts} failed: {_one_line(exc)}"
+                if await self._store.release(job.id, self.worker_id, retry_in=delay, reason=reason):
                     # Expected while a dependency restarts: one line, no traceback.
                     log.warning(
                         "job %s: attempt %d of %d failed (%s); running again in %.1f s",
@@ -279,7 +281,10 @@ class JobRunner:
         if await self._store.complete(job.id, self.worker_id):
             log.info("job %s completed", job.id)
             return JobState.COMPLETED
-        if self._stopping.is_set() and await self._store.release(job.id, self.worker_id, retry_in=0.0, refund=True):
+        stopping = "its worker stopped between batches; the attempt not counted"
+        if self._stopping.is_set() and await self._store.release(
+            job.id, self.worker_id, retry_in=0.0, reason=stopping, refund=True
+        ):
             log.info("job %s: the worker is stopping; queued again, attempt %d not counted", job.id, job.attempt_count)
             raise WorkerStopping(job.id)
         raise _Stop

@@ -35,8 +35,10 @@ _JOB_COLUMNS = """
     id, request_id, model_name, ref_version, ref_alias, model_version, state, dataset_id, items_total, batch_size,
     batches_total, items_done, batches_done, priority, labels, max_attempts, time_limit_seconds, attempt_count,
     worker_id, create_time, start_time, finish_time, update_time, queued_since, queued_seconds, inference_seconds,
-    run_start_time, run_items_start, error_code, error_reason, error_message, now() AS now
+    run_start_time, run_items_start, error_code, error_reason, error_message, queued_reason,
+    CASE WHEN enqueue_time > '-infinity' THEN greatest(enqueue_time, now()) END AS next_run_time, now() AS now
 """
+# next_run_time: when the job's message is due; enqueue_time is -infinity for a message that could not be sent.
 
 _LIVE = ("QUEUED", "RUNNING")
 # Where PostgreSQL announces job changes (migration 0003's trigger): the payload is the job id.
@@ -57,6 +59,7 @@ def _job(row: dict[str, Any]) -> Job:
         if elapsed > 0 and run_items > 0:
             rate = run_items / elapsed
     remaining = (total - done) / rate if rate > 0 else (0.0 if state is JobState.COMPLETED else None)
+    queued_reason = (row["queued_reason"] or "") if state is JobState.QUEUED else ""
     error = None
     if row["error_code"] is not None and state is JobState.FAILED:
         error = JobError(row["error_code"], row["error_reason"] or "", row["error_message"] or "")
@@ -82,6 +85,8 @@ def _job(row: dict[str, Any]) -> Job:
         inference_seconds=row["inference_seconds"],
         error=error,
         request_id=row["request_id"],
+        queued_reason=queued_reason,
+        next_run_time=row["next_run_time"] if queued_reason else None,
     )
 
 
@@ -295,7 +300,7 @@ class JobStore:
                 f"""
                 UPDATE jobs.jobs SET state = 'QUEUED', finish_time = NULL, update_time = now(), attempt_count = 0,
                     queued_since = now(), enqueue_time = now(), error_code = NULL, error_reason = NULL,
-                    error_message = NULL
+                    error_message = NULL, queued_reason = NULL
                 WHERE id = %s AND state IN ('FAILED', 'CANCELLED')
                 RETURNING {_JOB_COLUMNS}
                 """,
@@ -339,7 +344,8 @@ class JobStore:
                 UPDATE jobs.jobs SET state = 'RUNNING', worker_id = %(worker)s, heartbeat_time = now(),
                     attempt_count = attempt_count + 1, start_time = COALESCE(start_time, now()),
                     queued_seconds = queued_seconds + COALESCE(EXTRACT(EPOCH FROM now() - queued_since), 0),
-                    queued_since = NULL, run_start_time = now(), run_items_start = items_done, update_time = now()
+                    queued_since = NULL, run_start_time = now(), run_items_start = items_done, update_time = now(),
+                    queued_reason = NULL
                 WHERE id = %(id)s AND (state = 'QUEUED'
                     OR (state = 'RUNNING' AND heartbeat_time < now() - make_interval(secs => %(stale)s)))
                 RETURNING {_JOB_COLUMNS}
@@ -437,18 +443,21 @@ class JobStore:
             )
             return cur.rowcount == 1
 
-    async def release(self, job_id: UUID, worker_id: str, *, retry_in: float, refund: bool = False) -> bool:
-        """Puts a RUNNING job of this worker back to QUEUED, to run again after `retry_in` seconds: after a
-        transient failure, or (`refund`: the attempt is not counted) because the worker is stopping."""
+    async def release(
+        self, job_id: UUID, worker_id: str, *, retry_in: float, reason: str, refund: bool = False
+    ) -> bool:
+        """Puts a RUNNING job of this worker back to QUEUED, to run again after `retry_in` seconds, saying why:
+        after a transient failure, or (`refund`: the attempt is not counted) while a dependency is out of reach or
+        because the worker is stopping."""
         async with self._cursor() as cur:
             await cur.execute(
                 """
                 UPDATE jobs.jobs SET state = 'QUEUED', queued_since = now(), update_time = now(),
-                    enqueue_time = now() + make_interval(secs => %(retry_in)s),
+                    enqueue_time = now() + make_interval(secs => %(retry_in)s), queued_reason = %(reason)s,
                     attempt_count = attempt_count - CASE WHEN %(refund)s THEN 1 ELSE 0 END
                 WHERE id = %(id)s AND state = 'RUNNING' AND worker_id = %(worker)s
                 """,
-                {"retry_in": retry_in, "refund": refund, "id": job_id, "worker": worker_id},
+                {"retry_in": retry_in, "reason": reason, "refund": refund, "id": job_id, "worker": worker_id},
             )
             return cur.rowcount == 1
 
@@ -478,7 +487,8 @@ class JobStore:
             )
             await cur.execute(
                 f"""
-                UPDATE jobs.jobs SET state = 'QUEUED', queued_since = now(), update_time = now(), enqueue_time = now()
+                UPDATE jobs.jobs SET state = 'QUEUED', queued_since = now(), update_time = now(), enqueue_time = now(),
+                    queued_reason = 'its worker stopped heartbeating; the run counts as an attempt'
                 WHERE {stale}
                 RETURNING id, priority
                 """,

@@ -707,6 +707,8 @@ def job_status(message: jobs_pb2.Job) -> JobStatus:
         if message.HasField("error")
         else None,
         request_id=message.request_id,
+        queued_reason=message.queued_reason,
+        next_run_time=_time(message.next_run_time),
     )
 
 

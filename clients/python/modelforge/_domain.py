@@ -424,6 +424,9 @@ class JobStatus:
         inference_time: Time spent in inference calls, over all runs.
         error: Why it failed; None unless FAILED.
         request_id: The request_id it was submitted with.
+        queued_reason: Why a job that ran is QUEUED again (a dependency out of reach, a transient failure, its
+            worker stopping); ``""`` in other states and while it never ran.
+        next_run_time: With queued_reason: when its next run may start, at the earliest.
     """
 
     id: str
@@ -447,6 +450,8 @@ class JobStatus:
     inference_time: timedelta = timedelta()
     error: JobFailure | None = None
     request_id: str = ""
+    queued_reason: str = ""
+    next_run_time: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -572,6 +572,8 @@ def _job_line(status: JobStatus) -> str:
         line += f", {p.items_per_second:.0f} items/s"
     if status.error is not None:
         line += f"; {status.error.code} {status.error.reason}: {status.error.message}"
+    if status.queued_reason:
+        line += f"; {status.queued_reason}"
     return line
 
 
@@ -653,6 +655,9 @@ def cmd_jobs_show(ctx: Context) -> int:
     print(f"finished     {_when(s.finish_time)}", file=ctx.out)
     if s.error is not None:
         print(f"error        {s.error.code} {s.error.reason}: {s.error.message}", file=ctx.out)
+    if s.queued_reason:
+        print(f"queued again {s.queued_reason}", file=ctx.out)
+        print(f"next run     {_when(s.next_run_time)}", file=ctx.out)
     return 0
 
 

@@ -189,14 +189,19 @@ async def test_a_job_waits_out_a_hung_inference_service_without_spending_its_att
                 lambda: (waits.get_sample_value("modelforge_jobs_retries_total") or 0) >= 2,
                 "the job to wait for the hung inference service twice",
             )
-            waiting = (await jobs_api.stub.GetJob(jobs_pb2.GetJobRequest(id=job.id))).job
-            assert waiting.state != jobs_pb2.JOB_STATE_FAILED and waiting.attempt_count == 0
+            # Between runs the job says what it waits for, and when it tries again.
+            waiting = await wait_for(getter(jobs_api.stub, job.id), lambda j: j.state == jobs_pb2.JOB_STATE_QUEUED)
+            assert waiting.attempt_count == 0
+            assert waiting.queued_reason.startswith("waiting for a dependency, the attempt not counted: ")
+            assert "did not answer a batch within 0.5 s (MODELFORGE_INFERENCE_TIMEOUT)" in waiting.queued_reason
+            assert waiting.next_run_time.ToDatetime() >= waiting.update_time.ToDatetime()
             await proxy.restore()
             final = await wait_terminal(jobs_api.stub, job.id)
     finally:
         await proxy.close()
     assert final.state == jobs_pb2.JOB_STATE_COMPLETED, final.error
     assert final.attempt_count == 1
+    assert final.queued_reason == "" and not final.HasField("next_run_time")
     await _check_all_items_once(jobs_api.stub, job.id, x, 10)
 
 

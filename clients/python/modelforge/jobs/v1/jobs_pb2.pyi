@@ -264,6 +264,8 @@ class Job(_message.Message):
     INFERENCE_DURATION_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    QUEUED_REASON_FIELD_NUMBER: _builtins.int
+    NEXT_RUN_TIME_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Output only. The job's id, a UUID."""
     model_version: _builtins.int
@@ -287,6 +289,11 @@ class Job(_message.Message):
     """Output only. The worker running the job, or the last one that ran it."""
     request_id: _builtins.str
     """Output only. The request_id given at submit time, if any."""
+    queued_reason: _builtins.str
+    """Output only. Why a job that ran is QUEUED again, while it waits for its next run: a dependency out of reach
+    (the attempt not counted), a transient failure, or its worker stopping. Empty in every other state, and while
+    the job never ran.
+    """
     @_builtins.property
     def model_ref(self) -> _registry_pb2.ModelRef:
         """Output only. The model reference as submitted."""
@@ -331,6 +338,10 @@ class Job(_message.Message):
     def error(self) -> Global___JobError:
         """Output only. Why the job failed; set only in state FAILED."""
 
+    @_builtins.property
+    def next_run_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only. While queued_reason is set: when the next run may start, at the earliest."""
+
     def __init__(
         self,
         *,
@@ -355,10 +366,12 @@ class Job(_message.Message):
         inference_duration: _duration_pb2.Duration | None = ...,
         error: Global___JobError | None = ...,
         request_id: _builtins.str = ...,
+        queued_reason: _builtins.str = ...,
+        next_run_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "error", b"error", "finish_time", b"finish_time", "inference_duration", b"inference_duration", "model_ref", b"model_ref", "progress", b"progress", "queued_duration", b"queued_duration", "start_time", b"start_time", "time_limit", b"time_limit", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "error", b"error", "finish_time", b"finish_time", "inference_duration", b"inference_duration", "model_ref", b"model_ref", "next_run_time", b"next_run_time", "progress", b"progress", "queued_duration", b"queued_duration", "start_time", b"start_time", "time_limit", b"time_limit", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_count", b"attempt_count", "batch_size", b"batch_size", "create_time", b"create_time", "dataset_id", b"dataset_id", "error", b"error", "finish_time", b"finish_time", "id", b"id", "inference_duration", b"inference_duration", "labels", b"labels", "max_attempts", b"max_attempts", "model_ref", b"model_ref", "model_version", b"model_version", "priority", b"priority", "progress", b"progress", "queued_duration", b"queued_duration", "request_id", b"request_id", "start_time", b"start_time", "state", b"state", "time_limit", b"time_limit", "update_time", b"update_time", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_count", b"attempt_count", "batch_size", b"batch_size", "create_time", b"create_time", "dataset_id", b"dataset_id", "error", b"error", "finish_time", b"finish_time", "id", b"id", "inference_duration", b"inference_duration", "labels", b"labels", "max_attempts", b"max_attempts", "model_ref", b"model_ref", "model_version", b"model_version", "next_run_time", b"next_run_time", "priority", b"priority", "progress", b"progress", "queued_duration", b"queued_duration", "queued_reason", b"queued_reason", "request_id", b"request_id", "start_time", b"start_time", "state", b"state", "time_limit", b"time_limit", "update_time", b"update_time", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
