@@ -345,12 +345,17 @@ async def proxied_resolver(proxy: TcpProxy) -> AsyncIterator[ModelResolver]:
         yield resolver
 
 
-async def test_the_last_resolutions_do_not_outlive_a_reconnection_that_may_have_missed_events(
-    admin, proxy: TcpProxy, proxied_resolver: ModelResolver
-) -> None:
-    resolver = proxied_resolver
+@pytest.fixture
+def proxied_events(proxied_resolver: ModelResolver) -> EventLog:
     log = EventLog()
-    resolver.add_listener(log)
+    proxied_resolver.add_listener(log)
+    return log
+
+
+async def test_the_last_resolutions_do_not_outlive_a_reconnection_that_may_have_missed_events(
+    admin, proxy: TcpProxy, proxied_resolver: ModelResolver, proxied_events: EventLog
+) -> None:
+    resolver, log = proxied_resolver, proxied_events
     await upload(admin, "adder", add_one_bytes(4))
     await upload(admin, "adder", add_one_bytes(4))
     await admin.SetAlias(registry_pb2.SetAliasRequest(model="adder", alias="production", version=1))
@@ -375,11 +380,9 @@ async def test_the_last_resolutions_do_not_outlive_a_reconnection_that_may_have_
 
 
 async def test_while_the_registry_does_not_answer_its_health_check_resolves_do_not_wait_on_it(
-    admin, proxy: TcpProxy, proxied_resolver: ModelResolver
+    admin, proxy: TcpProxy, proxied_resolver: ModelResolver, proxied_events: EventLog
 ) -> None:
-    resolver = proxied_resolver
-    log = EventLog()
-    resolver.add_listener(log)
+    resolver, log = proxied_resolver, proxied_events
     await upload(admin, "adder", add_one_bytes(4))
     await log.wait_for(ModelEventType.VERSION_CREATED, "adder")
     known = ModelRef("adder", version=1)
