@@ -71,7 +71,7 @@ def _int(minimum: int, maximum: int = MAX_INT32, *, size: bool = False) -> Label
         return value
 
     if size:
-        return Label(parse, f"a size in bytes from {minimum} to {maximum} (suffixes KiB, MiB, GiB allowed)")
+        return Label(parse, f"a size in bytes from {minimum} to {maximum} (it may end in KiB, MiB, GiB, K, M or G)")
     return Label(parse, f"an integer from {minimum} to {maximum}")
 
 

@@ -112,10 +112,12 @@ class ServerSettings:
 def _database_url(url: str) -> bool:
     """Whether libpq would read `url`: a postgresql:// URL or a key=value connection string."""
     try:
-        conninfo_to_dict(url)
+        params = conninfo_to_dict(url)
     except psycopg.ProgrammingError:  # libpq's own parser refused it
         return False
-    return True
+    # libpq checks the port only when it connects: "host:notaport" parses. Ports are comma-separated, one a host.
+    ports = str(params.get("port") or "").split(",")
+    return all(not port or (port.isdigit() and int(port) <= 65535) for port in ports)
 
 
 def _redis_url(url: str) -> bool:
@@ -207,7 +209,7 @@ def parse_int(text: str) -> int:
     try:
         return int(text.replace("_", ""))
     except ValueError:
-        raise ValueError("expected an integer (suffixes KiB, MiB, GiB allowed)") from None
+        raise ValueError("it takes an integer (a size may end in KiB, MiB, GiB, K, M or G)") from None
 
 
 def _parse_mapping(text: str) -> dict[str, str]:

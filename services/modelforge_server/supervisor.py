@@ -438,19 +438,31 @@ class Supervisor:
             child = await self._spawn(dead.program, dead.port, dead.index, dead.count)
             self._children.remove(child)
             self._children[place] = child  # in its place: the order children stop in
-            self.say(f"  {child.label}  {child.where}")
+            if child.address is None:
+                self.say(f"  {child.label}  {child.where}")
+            else:
+                self.say(f"  {child.label}  (pid {child.process.pid}) starting on {child.address}")
             if child.address is not None and child.program.health is not None:
                 announce = asyncio.create_task(self._say_when_serving(child))
                 self._tasks.add(announce)
                 announce.add_done_callback(self._tasks.discard)
 
     async def _say_when_serving(self, child: Child) -> None:
-        """Says when a child started again serves; its exit, if it fails, is the watch's to handle."""
+        """Says when a child started again serves, unless it exits first (the watch handles that): another
+        process on its port answering later is not this one serving."""
         assert child.address is not None and child.program.health is not None
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(self._options.start_timeout):
-                await _serving(child.address, child.program.health)
-            self.say(f"  {child.label}  serving again on {child.address}")
+        serving = asyncio.ensure_future(_serving(child.address, child.program.health))
+        exited = asyncio.ensure_future(child.process.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {serving, exited}, timeout=self._options.start_timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for task in (serving, exited):
+                task.cancel()
+            await asyncio.gather(serving, exited, return_exceptions=True)
+        if serving in done and not serving.cancelled() and serving.exception() is None and exited not in done:
+            self.say(f"  {child.label}  (pid {child.process.pid}) serving again on {child.address}")
 
 
 async def _serving(address: str, service: str) -> None:

@@ -187,7 +187,7 @@ def test_up_serves_the_suite_and_keeps_data_across_a_restart(env: Env, add_one: 
         (registry,) = [line for line in suite.seen if line.strip().startswith("registry") and "(pid " in line]
         os.kill(int(registry.split("(pid ", 1)[1].split(")")[0]), signal.SIGKILL)
         suite.wait_for("registry exited with code -9; starting it again (the others reconnect)", 30)
-        suite.wait_for(f"registry  serving again on {env.registry}", 60)
+        suite.wait_for(f"serving again on {env.registry}", 60)
         shown = cli(env, "models", "show", "demo", "--json")
         assert shown.returncode == 0, shown.stderr
         after = cli(env, "jobs", "submit", "demo", "--input", str(tmp_path / "items.npz"), "--wait")

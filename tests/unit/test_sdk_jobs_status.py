@@ -8,7 +8,7 @@ from google.protobuf import timestamp_pb2
 
 from modelforge import JobState
 from modelforge._convert import job_status
-from modelforge.cli import _job_line
+from modelforge.cli import _job_line, _when
 from modelforge.jobs.v1 import jobs_pb2
 from modelforge.registry.v1 import registry_pb2
 
@@ -28,7 +28,7 @@ def test_a_job_queued_again_carries_why_and_when_it_runs_next() -> None:
     )
     status = job_status(message)
     assert (status.state, status.queued_reason, status.next_run_time) == (JobState.QUEUED, REASON, when)
-    assert _job_line(status) == f"job j QUEUED: 10/40 items; {REASON}"
+    assert _job_line(status) == f"job j QUEUED: 10/40 items; {REASON}; next run {_when(when)}"
 
 
 def test_a_job_that_never_waited_says_nothing_of_it() -> None:

@@ -147,6 +147,8 @@ def test_serving_defaults_take_what_their_labels_take_when_the_settings_are_read
     [
         ("MODELFORGE_DATABASE_URL", "notaurl"),
         ("MODELFORGE_DATABASE_URL", "mysql://db/x"),
+        ("MODELFORGE_DATABASE_URL", "postgresql://127.0.0.1:notaport/postgres"),  # parses; libpq refuses it later
+        ("MODELFORGE_DATABASE_URL", "host=a,b port=5432,99999"),
         ("MODELFORGE_REDIS_URL", "notaurl"),
         ("MODELFORGE_REDIS_URL", "redis://host:port/0"),
     ],
@@ -165,6 +167,7 @@ def test_urls_that_libpq_and_redis_read_pass() -> None:
     )
     assert (settings.database_url, settings.redis_url) == ("host=/tmp/pg dbname=x", "unix:///tmp/redis.sock")
     assert from_env(ServerSettings, {"MODELFORGE_DATABASE_URL": "postgresql://u:p@h:5432/db"}).database_url
+    assert from_env(ServerSettings, {"MODELFORGE_DATABASE_URL": "host=a,b port=5432,5433 dbname=x"}).database_url
 
 
 def test_serving_defaults_accept_the_documented_defaults_and_no_queue_timeout() -> None:

@@ -574,6 +574,8 @@ def _job_line(status: JobStatus) -> str:
         line += f"; {status.error.code} {status.error.reason}: {status.error.message}"
     if status.queued_reason:
         line += f"; {status.queued_reason}"
+        if status.next_run_time is not None:
+            line += f"; next run {_when(status.next_run_time)}"
     return line
 
 
