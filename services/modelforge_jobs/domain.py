@@ -7,9 +7,12 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Generic, TypeVar
 from uuid import UUID
 
 from modelforge_server.refs import ModelRef
+
+T = TypeVar("T")
 
 
 class JobState(enum.Enum):
@@ -175,9 +178,11 @@ class JobFilter:
 
 
 @dataclass(frozen=True)
-class Page:
-    items: list[Job]
-    last_key: list[str] | None
+class Page(Generic[T]):
+    """One page of a listing, newest first, and the sort key of its last item for the next page's token."""
+
+    items: list[T]
+    last_key: list[str] | None  # None on the last page
     has_more: bool
 
 

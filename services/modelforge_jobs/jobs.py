@@ -186,7 +186,7 @@ class Jobs:
     async def get(self, job_id: UUID) -> Job:
         return await self._store.get_job(job_id)
 
-    async def list(self, where: JobFilter, *, limit: int, after: list[Any] | None) -> Page:
+    async def list(self, where: JobFilter, *, limit: int, after: list[Any] | None) -> Page[Job]:
         return await self._store.list_jobs(where, limit=limit, after=_page_key(after))
 
     async def cancel(self, job_id: UUID) -> Job:
@@ -292,6 +292,9 @@ class Jobs:
     async def get_dataset(self, dataset_id: UUID) -> Dataset:
         return await self._store.get_dataset(dataset_id)
 
+    async def list_datasets(self, labels: dict[str, str], *, limit: int, after: Sequence[Any] | None) -> Page[Dataset]:
+        return await self._store.list_datasets(labels, limit=limit, after=_page_key(after))
+
     async def delete_dataset(self, dataset_id: UUID) -> None:
         await self._store.delete_dataset(dataset_id)
         log.info("dataset %s deleted", dataset_id)
@@ -303,8 +306,9 @@ def inline_spec(spec: JobSpec, tensors: Sequence[Any]) -> JobSpec:
     return replace(spec, inline_tensors=tuple(infos), inline_items=items)
 
 
-def _page_key(after: list[Any] | None) -> list[Any] | None:
-    """The last listed job's create_time and id from a page token, as the timestamp and UUID they were."""
+def _page_key(after: Sequence[Any] | None) -> list[Any] | None:
+    """The last listed job's (or dataset's) create_time and id from a page token, as the timestamp and UUID they
+    were."""
     if after is None:
         return None
     try:

@@ -89,7 +89,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         )
         return jobs_pb2.ListJobsResponse(
             jobs=[convert.job_to_proto(job) for job in page.items],
-            next_page_token=paging.encode(page.last_key, request) if page.has_more and page.last_key else "",
+            next_page_token=paging.encode(page.last_key, request) if page.last_key else "",
         )
 
     async def CancelJob(
@@ -157,6 +157,19 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     ) -> jobs_pb2.GetDatasetResponse:
         dataset = await self._jobs.get_dataset(parse_id(request.id))
         return jobs_pb2.GetDatasetResponse(dataset=convert.dataset_to_proto(dataset))
+
+    async def ListDatasets(
+        self, request: jobs_pb2.ListDatasetsRequest, context: grpc.aio.ServicerContext
+    ) -> jobs_pb2.ListDatasetsResponse:
+        page = await self._jobs.list_datasets(
+            dict(request.labels),
+            limit=paging.page_size(request.page_size, default=50, maximum=500),
+            after=paging.decode(request.page_token, (str, str), request),  # the last dataset's create_time and id
+        )
+        return jobs_pb2.ListDatasetsResponse(
+            datasets=[convert.dataset_to_proto(dataset) for dataset in page.items],
+            next_page_token=paging.encode(page.last_key, request) if page.last_key else "",
+        )
 
     async def DeleteDataset(
         self, request: jobs_pb2.DeleteDatasetRequest, context: grpc.aio.ServicerContext

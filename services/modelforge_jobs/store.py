@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID
 
 import psycopg
@@ -30,6 +30,8 @@ from modelforge_jobs.domain import (
 )
 from modelforge_jobs.errors import DatasetInUse, DatasetNotFound, DependencyUnavailable, JobNotFound
 from modelforge_server.refs import ModelRef
+
+T = TypeVar("T")
 
 _JOB_COLUMNS = """
     id, request_id, model_name, ref_version, ref_alias, model_version, state, dataset_id, items_total, batch_size,
@@ -249,7 +251,7 @@ class JobStore:
             raise JobNotFound(str(job_id))
         return _job(row)
 
-    async def list_jobs(self, where: JobFilter, *, limit: int, after: list[Any] | None) -> Page:
+    async def list_jobs(self, where: JobFilter, *, limit: int, after: list[Any] | None) -> Page[Job]:
         clauses: list[str] = ["TRUE"]
         params: list[object] = []
         if where.state is not None:
@@ -261,19 +263,30 @@ class JobStore:
         if where.labels:
             clauses.append("labels @> %s")
             params.append(Jsonb(where.labels))
+        return await self._newest_first(f"SELECT {_JOB_COLUMNS} FROM jobs.jobs", clauses, params, limit, after, _job)
+
+    async def _newest_first(
+        self,
+        select: str,
+        clauses: list[str],
+        params: list[object],
+        limit: int,
+        after: list[Any] | None,
+        item: Callable[[dict[str, Any]], T],
+    ) -> Page[T]:
+        """One page of a listing by create_time and id, newest first; `after` is the last listed row's pair."""
         if after is not None:
-            clauses.append("(create_time, id) < (%s::timestamptz, %s::uuid)")
-            params += [after[0], after[1]]
+            clauses = [*clauses, "(create_time, id) < (%s::timestamptz, %s::uuid)"]
+            params = [*params, after[0], after[1]]
         async with self._cursor() as cur:
             await cur.execute(
-                f"SELECT {_JOB_COLUMNS} FROM jobs.jobs WHERE {' AND '.join(clauses)}"
-                " ORDER BY create_time DESC, id DESC LIMIT %s",
+                f"{select} WHERE {' AND '.join(clauses)} ORDER BY create_time DESC, id DESC LIMIT %s",
                 (*params, limit + 1),
             )
             rows = await cur.fetchall()
-        jobs = [_job(row) for row in rows[:limit]]
-        last = [jobs[-1].create_time.isoformat(), str(jobs[-1].id)] if jobs else None
-        return Page(jobs, last, len(rows) > limit)
+        items = [item(row) for row in rows[:limit]]
+        last = [rows[limit - 1]["create_time"].isoformat(), str(rows[limit - 1]["id"])] if len(rows) > limit else None
+        return Page(items, last, len(rows) > limit)
 
     # --- state changes from the API -----------------------------------------------------------------------
 
@@ -609,6 +622,13 @@ class JobStore:
         if row is None:
             raise DatasetNotFound(str(dataset_id))
         return _dataset(row)
+
+    async def list_datasets(self, labels: dict[str, str], *, limit: int, after: list[Any] | None) -> Page[Dataset]:
+        """Datasets newest first, those carrying every one of `labels`; `after` is the last listed one's
+        create_time and id."""
+        return await self._newest_first(
+            "SELECT * FROM jobs.datasets", ["labels @> %s"], [Jsonb(labels)], limit, after, _dataset
+        )
 
     async def delete_dataset(self, dataset_id: UUID) -> None:
         """Deletes a dataset, and its records, unless a live job reads it."""

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto
 
-from modelforge import AsyncRegistryClient, VersionState
+from modelforge import AsyncJobsClient, AsyncRegistryClient, VersionState
 from modelforge.cli import ProgressBar, UsageError, _storable, main
 from tests.fixtures.onnx_models import (  # noqa: F401
     ModelFile,
@@ -204,6 +204,14 @@ async def test_predict_load_stats_and_jobs(
     assert job_id in listed.out
     shown = await cli("jobs", "show", job_id, *addresses)
     assert "state        COMPLETED" in shown.out
+    async with AsyncJobsClient(f"127.0.0.1:{jobs_api.port}") as jobs:
+        dataset = await jobs.upload_dataset({"x": x}, display_name="three", labels={"use": "cli"})
+    datasets = await cli("jobs", "datasets", "--label", "use=cli", *addresses)
+    assert datasets.code == 0, datasets.err
+    assert [line.split()[:3] for line in datasets.out.splitlines()] == [
+        ["ID", "NAME", "ITEMS"],
+        [dataset.id, "three", "3"],
+    ]
     result = await cli("jobs", "result", job_id, "--out", str(tmp_path / "result.npz"), *addresses)
     assert result.code == 0, result.err
     with np.load(tmp_path / "result.npz") as saved:

@@ -113,8 +113,9 @@ def _sync_scenario(address: str, ref: str) -> None:
         assert states[-1] is JobState.COMPLETED
         np.testing.assert_array_equal(job.result()["y"], x + 1)
         assert job.id in [j.id for j in jobs.list_jobs(state="COMPLETED")]
-        dataset = jobs.upload_dataset({"x": x}, display_name="ones")
+        dataset = jobs.upload_dataset({"x": x}, display_name="ones", labels={"use": "sdk-test"})
         assert (dataset.item_count, dataset.display_name) == (10, "ones")
+        assert [d.id for d in jobs.list_datasets(labels={"use": "sdk-test"}, page_size=1)] == [dataset.id]
         second = jobs.submit(ref, dataset=dataset.id)
         assert second.wait(timeout=120).state is JobState.COMPLETED
         second.delete()

@@ -100,6 +100,7 @@ JOBS = Service(
         "ListJobs",
         "CancelJob",
         "GetDataset",
+        "ListDatasets",
         "WatchJob",
         "GetJobResult",
     ),

@@ -383,6 +383,17 @@ class JobsClient(ChannelClient):
             response = self.jobs_stub.GetDataset(pb.GetDatasetRequest(id=dataset_id), timeout=self.timeout)
         return _convert.dataset(response.dataset)
 
+    def list_datasets(self, *, labels: Mapping[str, str] | None = None, page_size: int = 100) -> Iterator[Dataset]:
+        """Iterates over datasets, newest first, fetching pages lazily; filtered by labels."""
+        token = ""
+        while True:
+            request = pb.ListDatasetsRequest(page_size=page_size, page_token=token, labels=dict(labels or {}))
+            with translated():
+                page = self.jobs_stub.ListDatasets(request, timeout=self.timeout)
+            yield from (_convert.dataset(d) for d in page.datasets)
+            if not (token := page.next_page_token):
+                return
+
     def delete_dataset(self, dataset_id: str) -> None:
         """Deletes a dataset. Raises FailedPreconditionError while a queued or running job reads it."""
         with translated():
@@ -608,6 +619,20 @@ class AsyncJobsClient(AsyncChannelClient):
         with translated():
             response = await self.jobs_stub.GetDataset(pb.GetDatasetRequest(id=dataset_id), timeout=self.timeout)
         return _convert.dataset(response.dataset)
+
+    async def list_datasets(
+        self, *, labels: Mapping[str, str] | None = None, page_size: int = 100
+    ) -> AsyncIterator[Dataset]:
+        """See :meth:`JobsClient.list_datasets`; iterate with ``async for``."""
+        token = ""
+        while True:
+            request = pb.ListDatasetsRequest(page_size=page_size, page_token=token, labels=dict(labels or {}))
+            with translated():
+                page = await self.jobs_stub.ListDatasets(request, timeout=self.timeout)
+            for d in page.datasets:
+                yield _convert.dataset(d)
+            if not (token := page.next_page_token):
+                return
 
     async def delete_dataset(self, dataset_id: str) -> None:
         """See :meth:`JobsClient.delete_dataset`."""

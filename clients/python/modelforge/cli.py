@@ -636,6 +636,17 @@ def cmd_jobs_ls(ctx: Context) -> int:
     return 0
 
 
+def cmd_jobs_datasets(ctx: Context) -> int:
+    with ctx.jobs() as jobs:
+        listed = list(jobs.list_datasets(labels=_labels(ctx.args.label)))
+    if ctx.args.json:
+        _print_json(listed, ctx.out)
+        return 0
+    rows = [[d.id, d.display_name or "-", str(d.item_count), _size(d.size_bytes), _when(d.create_time)] for d in listed]
+    _table(rows, ["ID", "NAME", "ITEMS", "SIZE", "CREATED"], ctx.out)
+    return 0
+
+
 def cmd_jobs_show(ctx: Context) -> int:
     with ctx.jobs() as jobs:
         s = jobs.get_job(ctx.args.id).status
@@ -875,6 +886,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", action="append", metavar="KEY=VALUE", help="only jobs with this label")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=cmd_jobs_ls)
+
+    p = sub.add_parser("datasets", parents=[common], help="list uploaded datasets, newest first")
+    p.add_argument("--label", action="append", metavar="KEY=VALUE", help="only datasets with this label")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=cmd_jobs_datasets)
 
     for name, helptext, run in (
         ("show", "show a job", cmd_jobs_show),

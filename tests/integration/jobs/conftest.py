@@ -261,12 +261,20 @@ def dataset_file(inputs: dict[str, np.ndarray], *, record_items: int) -> bytes:
 
 
 async def upload_dataset(
-    stub: jobs_pb2_grpc.JobServiceStub, data: bytes, *, sha256: str | None = None, chunk: int = 256 * 1024
+    stub: jobs_pb2_grpc.JobServiceStub,
+    data: bytes,
+    *,
+    sha256: str | None = None,
+    chunk: int = 256 * 1024,
+    labels: dict[str, str] | None = None,
 ) -> jobs_pb2.Dataset:
     async def requests() -> AsyncIterator[jobs_pb2.UploadDatasetRequest]:
         yield jobs_pb2.UploadDatasetRequest(
             header=jobs_pb2.UploadDatasetHeader(
-                display_name="test", sha256=sha256 or hashlib.sha256(data).hexdigest(), size_bytes=len(data)
+                display_name="test",
+                sha256=sha256 or hashlib.sha256(data).hexdigest(),
+                size_bytes=len(data),
+                labels=labels or {},
             )
         )
         for i in range(0, len(data), chunk):

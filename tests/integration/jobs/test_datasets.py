@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 
@@ -108,3 +109,30 @@ async def test_a_dataset_job_runs_on_a_worker_with_a_data_dir_of_its_own(
     np.testing.assert_array_equal(outputs["y"], x + 1)
     assert not jobs_settings.data_dir.exists()
     assert not worker_dir.exists() or not [p for p in worker_dir.rglob("*") if p.is_file()]
+
+
+async def test_datasets_list_newest_first_by_page_and_label(jobs_api) -> None:
+    data = dataset_file({"x": np.ones((4, 4), np.float32)}, record_items=2)
+    uploaded = [
+        (await upload_dataset(jobs_api.stub, data, labels={"team": "a" if i % 2 else "b"})).id for i in range(5)
+    ]
+    seen, token = [], ""
+    while True:
+        page = await jobs_api.stub.ListDatasets(jobs_pb2.ListDatasetsRequest(page_size=2, page_token=token))
+        assert len(page.datasets) <= 2
+        seen += [d.id for d in page.datasets]
+        if not (token := page.next_page_token):
+            break
+    assert seen == uploaded[::-1]
+    team_a = await jobs_api.stub.ListDatasets(jobs_pb2.ListDatasetsRequest(labels={"team": "a"}))
+    assert [d.id for d in team_a.datasets] == [uploaded[3], uploaded[1]]
+    assert all(d.item_count == 4 and d.labels["team"] == "a" for d in team_a.datasets)
+
+    first = await jobs_api.stub.ListDatasets(jobs_pb2.ListDatasetsRequest(page_size=1))
+    other = jobs_pb2.ListDatasetsRequest(labels={"team": "a"}, page_token=first.next_page_token)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await jobs_api.stub.ListDatasets(other)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await jobs_api.stub.ListDatasets(jobs_pb2.ListDatasetsRequest(page_size=-1))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -93,6 +93,11 @@ class JobServiceStub:
                 request_serializer=modelforge_dot_jobs_dot_v1_dot_jobs__pb2.GetDatasetRequest.SerializeToString,
                 response_deserializer=modelforge_dot_jobs_dot_v1_dot_jobs__pb2.GetDatasetResponse.FromString,
                 _registered_method=True)
+        self.ListDatasets = channel.unary_unary(
+                '/modelforge.jobs.v1.JobService/ListDatasets',
+                request_serializer=modelforge_dot_jobs_dot_v1_dot_jobs__pb2.ListDatasetsRequest.SerializeToString,
+                response_deserializer=modelforge_dot_jobs_dot_v1_dot_jobs__pb2.ListDatasetsResponse.FromString,
+                _registered_method=True)
         self.DeleteDataset = channel.unary_unary(
                 '/modelforge.jobs.v1.JobService/DeleteDataset',
                 request_serializer=modelforge_dot_jobs_dot_v1_dot_jobs__pb2.DeleteDatasetRequest.SerializeToString,
@@ -195,6 +200,13 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListDatasets(self, request, context):
+        """Lists datasets, newest first, optionally filtered by labels.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DeleteDataset(self, request, context):
         """Deletes a dataset. FAILED_PRECONDITION (reason DATASET_IN_USE) while a QUEUED or RUNNING job reads it.
         """
@@ -254,6 +266,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.GetDataset,
                     request_deserializer=modelforge_dot_jobs_dot_v1_dot_jobs__pb2.GetDatasetRequest.FromString,
                     response_serializer=modelforge_dot_jobs_dot_v1_dot_jobs__pb2.GetDatasetResponse.SerializeToString,
+            ),
+            'ListDatasets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDatasets,
+                    request_deserializer=modelforge_dot_jobs_dot_v1_dot_jobs__pb2.ListDatasetsRequest.FromString,
+                    response_serializer=modelforge_dot_jobs_dot_v1_dot_jobs__pb2.ListDatasetsResponse.SerializeToString,
             ),
             'DeleteDataset': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteDataset,
@@ -540,6 +557,33 @@ class JobService:
             '/modelforge.jobs.v1.JobService/GetDataset',
             modelforge_dot_jobs_dot_v1_dot_jobs__pb2.GetDatasetRequest.SerializeToString,
             modelforge_dot_jobs_dot_v1_dot_jobs__pb2.GetDatasetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDatasets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelforge.jobs.v1.JobService/ListDatasets',
+            modelforge_dot_jobs_dot_v1_dot_jobs__pb2.ListDatasetsRequest.SerializeToString,
+            modelforge_dot_jobs_dot_v1_dot_jobs__pb2.ListDatasetsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -82,6 +82,8 @@ class JobServiceStub:
     """
     GetDataset: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.GetDatasetRequest, _jobs_pb2.GetDatasetResponse]
     """Returns one dataset. NOT_FOUND if no dataset has that id."""
+    ListDatasets: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.ListDatasetsRequest, _jobs_pb2.ListDatasetsResponse]
+    """Lists datasets, newest first, optionally filtered by labels."""
     DeleteDataset: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.DeleteDatasetRequest, _jobs_pb2.DeleteDatasetResponse]
     """Deletes a dataset. FAILED_PRECONDITION (reason DATASET_IN_USE) while a QUEUED or RUNNING job reads it."""
 
@@ -139,6 +141,8 @@ class JobServiceAsyncStub(JobServiceStub):
     """
     GetDataset: _aio.UnaryUnaryMultiCallable[_jobs_pb2.GetDatasetRequest, _jobs_pb2.GetDatasetResponse]  # type: ignore[assignment]
     """Returns one dataset. NOT_FOUND if no dataset has that id."""
+    ListDatasets: _aio.UnaryUnaryMultiCallable[_jobs_pb2.ListDatasetsRequest, _jobs_pb2.ListDatasetsResponse]  # type: ignore[assignment]
+    """Lists datasets, newest first, optionally filtered by labels."""
     DeleteDataset: _aio.UnaryUnaryMultiCallable[_jobs_pb2.DeleteDatasetRequest, _jobs_pb2.DeleteDatasetResponse]  # type: ignore[assignment]
     """Deletes a dataset. FAILED_PRECONDITION (reason DATASET_IN_USE) while a QUEUED or RUNNING job reads it."""
 
@@ -253,6 +257,14 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_jobs_pb2.GetDatasetResponse, _abc.Awaitable[_jobs_pb2.GetDatasetResponse]]:
         """Returns one dataset. NOT_FOUND if no dataset has that id."""
+
+    @_abc_1.abstractmethod
+    def ListDatasets(
+        self,
+        request: _jobs_pb2.ListDatasetsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobs_pb2.ListDatasetsResponse, _abc.Awaitable[_jobs_pb2.ListDatasetsResponse]]:
+        """Lists datasets, newest first, optionally filtered by labels."""
 
     @_abc_1.abstractmethod
     def DeleteDataset(
