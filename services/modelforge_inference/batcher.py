@@ -190,6 +190,12 @@ class Batcher:
         self._waiting: dict[Hashable, list[_Pending]] = {}  # share key -> the queued requests with that key
         self._sharing: dict[Hashable, _Pending] = {}  # share key -> the request whose run is under way
 
+    @property
+    def merging(self) -> bool:
+        """Whether requests are merged into batches: batching is on for a model that allows it, and no merged run
+        has shown otherwise (see stop_merging)."""
+        return self._merging
+
     def stop_merging(self) -> None:
         """Runs every later request alone: a merged run showed that the outputs do not follow the batch dimension.
         Callable from a compute thread (one attribute, read by the loop before each batch)."""

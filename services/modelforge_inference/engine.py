@@ -817,6 +817,14 @@ class InferenceEngine:
         model = await self._resolve(ref, None)
         return model, self._config(model)
 
+    def merges(self, model: ResolvedModel) -> bool:
+        """False once the loaded version merges requests no more (a merged run showed that its outputs do not
+        follow the batch dimension, or batching is off); True for a version not loaded."""
+        slot = self._slots.get(model.key)
+        if slot is None or slot.batcher is None or slot.model.sha256 != model.sha256:
+            return True
+        return slot.batcher.merging
+
     def is_ready(self, ref: ModelRef) -> bool:
         """True when the version ref names by number is loaded and READY (no registry call; False for refs
         without a version number: resolve them with describe first)."""

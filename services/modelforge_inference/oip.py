@@ -167,7 +167,8 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelConfigResponse:
         model, serving = await self._engine.describe(convert.named_ref(request.name, request.version))
-        return pb.ModelConfigResponse(config=convert.model_config(model, serving))
+        config = convert.model_config(model, serving, merging=self._engine.merges(model))
+        return pb.ModelConfigResponse(config=config)
 
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext

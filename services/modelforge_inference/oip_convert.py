@@ -685,8 +685,11 @@ def max_batch_size(signature: Signature, serving: ServingConfig) -> int:
     return serving.batching.max_batch_size if signature.batchable else 0
 
 
-def model_config(model: ResolvedModel, serving: ServingConfig) -> config_pb.ModelConfig:
-    """The model configuration in the V2 shape. With max_batch_size > 0, dims leave out the batch dimension."""
+def model_config(model: ResolvedModel, serving: ServingConfig, *, merging: bool = True) -> config_pb.ModelConfig:
+    """The model configuration in the V2 shape. With max_batch_size > 0, dims leave out the batch dimension.
+
+    `merging` False (a loaded version whose merged runs showed that its outputs do not follow the batch dimension)
+    keeps max_batch_size, since requests may still carry that many rows each, and leaves out dynamic_batching."""
     batch = max_batch_size(model.signature, serving)
     skip = 1 if batch > 0 else 0
     config = config_pb.ModelConfig(
@@ -710,7 +713,7 @@ def model_config(model: ResolvedModel, serving: ServingConfig) -> config_pb.Mode
         ),
         response_cache=config_pb.ModelResponseCache(enable=serving.cache.enabled),
     )
-    if batch > 0:
+    if batch > 0 and merging:
         batching = serving.batching
         timeout_us = int(batching.default_queue_timeout * 1_000_000) if batching.default_queue_timeout else 0
         config.dynamic_batching.CopyFrom(

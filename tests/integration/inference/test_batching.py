@@ -10,6 +10,7 @@ import pytest
 from onnx import TensorProto
 
 from modelforge.inference.v1 import inference_pb2 as pb
+from modelforge.oip.v2 import grpc_service_pb2 as pb_oip
 from tests.fixtures.onnx_models import ModelFile, build_gram, build_identity, build_nonzero, model_bytes
 from tests.integration.inference.conftest import RunningInference, outputs, predict_request, ref, upload
 
@@ -113,6 +114,8 @@ async def test_a_merged_run_whose_outputs_have_no_row_per_input_row_stops_the_me
     # The output's first dimension is unnamed, so the signature does not tell; the first merged run whose outputs
     # do not add up does: its requests run alone, and so does every later one, whose rows might add up by chance.
     await upload(inference, "unnamed", model_bytes(build_nonzero(None)), labels=BATCHING)
+    config = pb_oip.ModelConfigRequest(name="unnamed")
+    assert (await inference.oip.ModelConfig(config)).config.HasField("dynamic_batching")
     with_zeros = [np.array([0, 1 + i], np.float32) for i in range(8)]  # 16 rows in, 8 hits out
     without = [np.array([1 + i, 2 + i], np.float32) for i in range(8)]  # 16 rows in, 16 hits out
     for requests, expected in [(with_zeros, [1]), (without, [0, 1]), (without, [0, 1])]:
@@ -122,6 +125,9 @@ async def test_a_merged_run_whose_outputs_have_no_row_per_input_row_stops_the_me
 
     warned = [r.getMessage() for r in caplog.records if "do not hold one row per input row" in r.getMessage()]
     assert len(warned) == 1, warned
+    # V2 ModelConfig says so: each request may still carry up to max_batch_size rows, but none are merged.
+    after = (await inference.oip.ModelConfig(config)).config
+    assert (after.max_batch_size, after.HasField("dynamic_batching")) == (16, False)
 
 
 async def test_a_request_of_zero_rows_is_merged_and_counts_no_inference(inference: RunningInference):
