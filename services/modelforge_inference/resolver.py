@@ -168,8 +168,8 @@ class ModelResolver:
                 return self._stale(ref, stale, None)
             raise RegistryUnavailable(
                 f"resolve {ref}",
-                "it does not answer (its health check fails, or a call just failed), and this replica has not "
-                "resolved that ref before",
+                "it is unreachable or not serving (its health check fails, or a call to it just failed), and "
+                "this replica has not resolved that ref before",
                 model=ref.name,
             )
         token = (self._epoch, self._generations.get(ref.name, 0))
