@@ -92,6 +92,11 @@ class Abort:
         hook()
 
 
+class RanApart(list[Outcome]):
+    """The outcomes of a merged batch whose requests its execute function ran one by one after all (the merged run
+    failed on an input, or its outputs did not split into the requests' rows): statistics count a run each."""
+
+
 # Runs a batch on a worker thread: one feeds mapping and one Into per request in, one outputs mapping (or error)
 # per request out. The Abort is set when nobody waits for the run any more (None: the run is on the event loop,
 # where nothing can stop it).
@@ -591,7 +596,11 @@ class Batcher:
     ) -> None:
         rows = sum(counted_rows(pending.rows) for pending in live)
         if executed and self._on_execution is not None:
-            self._on_execution(rows, len(live), compute)
+            if isinstance(outcomes, RanApart):
+                for pending in live:
+                    self._on_execution(counted_rows(pending.rows), 1, compute / len(live))
+            else:
+                self._on_execution(rows, len(live), compute)
         for pending, outcome in zip(live, outcomes, strict=True):
             # The request whose run it was reports the outputs as its own (and so stores them in the prediction
             # cache); when its caller has gone, the first identical request answered does.

@@ -33,7 +33,7 @@ from onnxruntime import RunOptions
 from opentelemetry.trace import Status, StatusCode
 
 from modelforge_inference import serving
-from modelforge_inference.batcher import Abort, Batcher, BatchResult, Feeds, Into, Outcome, split
+from modelforge_inference.batcher import Abort, Batcher, BatchResult, Feeds, Into, Outcome, RanApart, split
 from modelforge_inference.domain import (
     CacheMode,
     LoadedModel,
@@ -492,7 +492,7 @@ class InferenceEngine:
         try:
             merged = session.run({name: stack([feeds[name] for feeds in batch]) for name in batch[0]}, None, options)
         except INPUT_ERRORS:
-            return [self._run_one(session, slot.model, *request, options) for request in zip(batch, into, strict=True)]
+            return self._run_apart(session, slot.model, batch, into, options)
         parts = split(merged, rows)
         if parts is None:  # outputs do not follow the batch dimension after all (an unnamed count of detections)
             if slot.batcher is not None:
@@ -503,8 +503,20 @@ class InferenceEngine:
                     slot.model.name,
                     slot.model.version,
                 )
-            return [self._run_one(session, slot.model, *request, options) for request in zip(batch, into, strict=True)]
+            return self._run_apart(session, slot.model, batch, into, options)
         return [place(part, arrays) if arrays else part for part, arrays in zip(parts, into, strict=True)]
+
+    @classmethod
+    def _run_apart(
+        cls,
+        session: ModelSession,
+        model: ResolvedModel,
+        batch: Sequence[Feeds],
+        into: Sequence[Into],
+        options: RunOptions | None,
+    ) -> RanApart:
+        """Runs a merged batch's requests one by one, each failing alone."""
+        return RanApart(cls._run_one(session, model, *request, options) for request in zip(batch, into, strict=True))
 
     @staticmethod
     def _run_one(

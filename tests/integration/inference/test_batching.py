@@ -128,6 +128,8 @@ async def test_a_merged_run_whose_outputs_have_no_row_per_input_row_stops_the_me
     # V2 ModelConfig says so: each request may still carry up to max_batch_size rows, but none are merged.
     after = (await inference.oip.ModelConfig(config)).config
     assert (after.max_batch_size, after.HasField("dynamic_batching")) == (16, False)
+    stats = await statistics(inference, "unnamed")
+    assert (stats.request_count, stats.execution_count) == (24, 24)  # every request ran alone, the first 8 too
 
 
 async def test_a_request_of_zero_rows_is_merged_and_counts_no_inference(inference: RunningInference):
