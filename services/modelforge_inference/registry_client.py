@@ -338,7 +338,7 @@ class RegistryHealth:
         self._stub = health_pb2_grpc.HealthStub(channel)
         self._request = health_pb2.HealthCheckRequest(service=self.SERVICE)
         self._timeout = timeout
-        self._observer = observer
+        self._observer = observer or (lambda serving: None)
 
     async def __call__(self) -> None:
         try:
@@ -348,8 +348,6 @@ class RegistryHealth:
                 status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
                 raise RegistryUnavailable("serve", f"its health check answers {status}")
         except BaseException:  # the probe's own timeout cancels the call: that is no answer either
-            if self._observer is not None:
-                self._observer(False)
+            self._observer(False)
             raise
-        if self._observer is not None:
-            self._observer(True)
+        self._observer(True)

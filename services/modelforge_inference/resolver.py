@@ -202,15 +202,15 @@ class ModelResolver:
 
     async def _fetch(self, ref: ModelRef, token: _Token) -> ResolvedModel:
         model = await self._registry.resolve(ref, timeout=self._call_timeout)
-        # Remembered only if no event about the model, and no reconnection (which may hide missed events), has
-        # happened since the call began.
-        if token == (self._epoch, self._generations.get(ref.name, 0)):
-            self._last_known[ref] = model
-            self._last_known.move_to_end(ref)
-            if len(self._last_known) > self._max_entries:
-                self._last_known.popitem(last=False)
-        # Cache only what no event has made stale since the call began, and only while the watch is live.
-        if self.connected and token == (self._epoch, self._generations.get(ref.name, 0)):
+        # Remembered and cached only if no event about the model, and no reconnection (which may hide missed
+        # events), has happened since the call began; cached only while the watch is live.
+        if token != (self._epoch, self._generations.get(ref.name, 0)):
+            return model
+        self._last_known[ref] = model
+        self._last_known.move_to_end(ref)
+        if len(self._last_known) > self._max_entries:
+            self._last_known.popitem(last=False)
+        if self.connected:
             if len(self._entries) >= self._max_entries:
                 del self._entries[next(iter(self._entries))]
             self._entries[ref] = model

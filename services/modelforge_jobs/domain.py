@@ -183,7 +183,6 @@ class Page(Generic[T]):
 
     items: list[T]
     last_key: list[str] | None  # None on the last page
-    has_more: bool
 
 
 @dataclass(frozen=True)

@@ -286,7 +286,7 @@ class JobStore:
             rows = await cur.fetchall()
         items = [item(row) for row in rows[:limit]]
         last = [rows[limit - 1]["create_time"].isoformat(), str(rows[limit - 1]["id"])] if len(rows) > limit else None
-        return Page(items, last, len(rows) > limit)
+        return Page(items, last)
 
     # --- state changes from the API -----------------------------------------------------------------------
 
