@@ -133,6 +133,8 @@ async def test_datasets_list_newest_first_by_page_and_label(jobs_api) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await jobs_api.stub.ListDatasets(other)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await jobs_api.stub.ListDatasets(jobs_pb2.ListDatasetsRequest(page_size=-1))
-    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    for bad in (jobs_pb2.ListDatasetsRequest(page_size=-1), jobs_pb2.ListDatasetsRequest(page_token="not a token!")):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await jobs_api.stub.ListDatasets(bad)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert ("page_size" if bad.page_size else "page_token") in (caught.value.details() or "")
