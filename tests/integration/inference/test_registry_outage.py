@@ -7,12 +7,14 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from modelforge.inference.v1 import inference_pb2
 from modelforge.registry.v1 import registry_pb2
 from tests.fixtures.polling import eventually
 from tests.fixtures.proxy import TcpProxy
 from tests.fixtures.servers import upload_model as upload
 from tests.integration.inference import test_resolver as harness
 from tests.integration.inference.conftest import (  # noqa: F401
+    RunningInference,
     StartInference,
     failure,
     outputs,
@@ -37,12 +39,28 @@ async def is_(channel: grpc.aio.Channel, name: str, status: int) -> bool:
     return await health(channel, name) == status
 
 
+async def until_watching(running: RunningInference, admin) -> None:
+    """Returns once the inference service hears the registry's events, so that what it resolves from then on is
+    remembered (a resolution that raced the event stream's start is not: events may have been missed before it).
+    The proof: a version archived in the registry is unloaded, which only its event does."""
+    await upload(admin, "probe", add_one_bytes(4))
+    await running.stub.LoadModel(inference_pb2.LoadModelRequest(ref=ref("probe", version=1)))
+    await admin.ArchiveModelVersion(registry_pb2.ArchiveModelVersionRequest(model="probe", version=1))
+
+    async def unloaded() -> bool:
+        listed = await running.stub.ListLoadedModels(inference_pb2.ListLoadedModelsRequest(model="probe"))
+        return not listed.loaded_models
+
+    await eventually(unloaded, "the inference service to hear the registry's events")
+
+
 async def test_resolved_versions_keep_serving_while_the_registry_is_down(
     admin, restartable_registry: Registry, start_inference: StartInference
 ) -> None:
     await upload(admin, "adder", add_one_bytes(4))
     x = {"x": np.ones((2, 4), np.float32)}
     async with start_inference(registry_address=restartable_registry.address, health_check_seconds=0.05) as running:
+        await until_watching(running, admin)
         for name in REFS:
             assert outputs(await running.stub.Predict(predict_request(name, x)))["y"].tolist() == [[2.0] * 4] * 2
 
@@ -67,6 +85,7 @@ async def test_with_the_registry_hung_refs_never_resolved_fail_unavailable_at_on
     proxy = await TcpProxy.to_address("127.0.0.1", restartable_registry.port)
     try:
         async with start_inference(registry_address=proxy.address, health_check_seconds=0.05) as running:
+            await until_watching(running, admin)
             for name in REFS:
                 assert outputs(await running.stub.Predict(predict_request(name, x)))["y"].tolist() == [[2.0] * 4] * 2
 
