@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import TextIO
 
 import grpc
-import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from modelforge_server import embedded
@@ -466,14 +465,28 @@ class Supervisor:
 
 
 async def _serving(address: str, service: str) -> None:
-    """Returns once `service` on `address` reports SERVING (waits for the port to open, too)."""
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        call = stub.Watch(health_pb2.HealthCheckRequest(service=service), wait_for_ready=True)
-        async for response in call:
-            if response.status == SERVING:
-                call.cancel()
-                return
+    """Returns once `service` on `address` reports SERVING (waits for the port to open, too).
+
+    The probe uses gRPC's blocking API on a thread, not grpc.aio: grpc.aio leaves a poller thread inside gRPC for
+    the life of the process, and this process forks later (the embedded PostgreSQL's pg_ctl runs as another user
+    when we are root), where gRPC would log that it skips its fork handlers.
+    """
+    channel = grpc.insecure_channel(address)
+    request = health_pb2.HealthCheckRequest(service=service)
+    call = health_pb2_grpc.HealthStub(channel).Watch(request, wait_for_ready=True)
+
+    def until_serving() -> bool:
+        try:
+            return any(response.status == SERVING for response in call)
+        except grpc.RpcError:  # cancelled below, or the child went away: the caller's other waits tell which
+            return False
+
+    try:
+        if not await asyncio.to_thread(until_serving):
+            await asyncio.Event().wait()  # never SERVING: the caller's timeout or the child's exit ends the wait
+    finally:
+        call.cancel()
+        channel.close()
 
 
 async def _embedded(
