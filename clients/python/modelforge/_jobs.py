@@ -97,6 +97,14 @@ def _summary(status: JobStatus) -> str:
 RECONNECT_SECONDS = 30.0
 
 
+def _still_going(status: JobStatus, timeout: float | None) -> TimeoutError:
+    """What `wait` raises when the job has not ended within ``timeout`` seconds."""
+    return TimeoutError(
+        f"job {status.id} is still {status.state.value} after {timeout} s "
+        f"({status.progress.items_done}/{status.progress.items_total} items)"
+    )
+
+
 class _Reconnect:
     """The time a watch has left: its own timeout, and RECONNECT_SECONDS of failed attempts in a row."""
 
@@ -186,10 +194,7 @@ class Job:
             for _ in self.watch(timeout=timeout):
                 pass
         except DeadlineExceededError:
-            raise TimeoutError(
-                f"job {self.id} is still {self.status.state.value} after {timeout} s "
-                f"({self.status.progress.items_done}/{self.status.progress.items_total} items)"
-            ) from None
+            raise _still_going(self.status, timeout) from None
         return self.status
 
     def result(self, timeout: float | None = None) -> dict[str, np.ndarray[Any, Any]]:
@@ -447,10 +452,7 @@ class AsyncJob:
             async for _ in self.watch(timeout=timeout):
                 pass
         except DeadlineExceededError:
-            raise TimeoutError(
-                f"job {self.id} is still {self.status.state.value} after {timeout} s "
-                f"({self.status.progress.items_done}/{self.status.progress.items_total} items)"
-            ) from None
+            raise _still_going(self.status, timeout) from None
         return self.status
 
     async def result(self, timeout: float | None = None) -> dict[str, np.ndarray[Any, Any]]:
