@@ -19,7 +19,9 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any, NoReturn
 
 import grpc
+from google.protobuf.message import DecodeError
 
+from modelforge_server.errors import InvalidArgument
 from modelforge_server.metrics import Metrics
 from modelforge_server.status import abort
 
@@ -36,11 +38,47 @@ _FACTORIES: dict[str, Callable[..., grpc.RpcMethodHandler]] = {
 }
 
 
+class UndecodableRequest(InvalidArgument):
+    """A request's bytes do not parse as the method's request message (or a string field in it is not UTF-8)."""
+
+    reason = "UNDECODABLE_REQUEST"
+
+    def __init__(self, method: str, exc: Exception) -> None:
+        super().__init__(f"the request to {method} is not a valid protobuf message of its request type: {exc}")
+
+
+def _decoding(
+    method: str, deserializer: Callable[[bytes], Any] | None, streaming: bool
+) -> Callable[[bytes], Any] | None:
+    """`deserializer`, with a request that does not parse refused as UndecodableRequest, never left to gRPC,
+    which would log a traceback and answer UNKNOWN.
+
+    A streamed request's error is raised where the handler reads it, so the handler's mapping answers it; a unary
+    request is parsed before the handler runs, so its error is handed to the handler as the request, which raises
+    it (see `_unary`).
+    """
+    if deserializer is None:  # the handler takes the bytes as they came
+        return None
+    parse = deserializer
+
+    def decode(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError as exc:
+            error = UndecodableRequest(method, exc)
+            if streaming:
+                raise error from None
+            return error
+
+    return decode
+
+
 class Registrar:
     """What the generated ``add_*_to_server`` functions call instead of the server: wraps, then registers.
 
     Methods of the services named in `mapped` get the status mapping (errors of `domain`); every method, health
-    and reflection included, gets the RPC metrics.
+    and reflection included, gets the RPC metrics, and has a request that does not parse refused with
+    INVALID_ARGUMENT.
     """
 
     def __init__(self, server: grpc.aio.Server, metrics: Metrics, *, domain: str, mapped: Iterable[str]) -> None:
@@ -68,7 +106,7 @@ class Registrar:
     def _build(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         service, _, name = method.lstrip("/").partition("/")
         children = _MethodMetrics(self._metrics, service, name)
-        domain = self._domain if service in self._mapped else None
+        mapped = service in self._mapped
         drain = _DRAIN_SECONDS if handler.request_streaming else 0.0
         shape = f"{'stream' if handler.request_streaming else 'unary'}_"
         shape += "stream" if handler.response_streaming else "unary"
@@ -76,8 +114,8 @@ class Registrar:
         streams = handler.response_streaming and inspect.isasyncgenfunction(behavior)
         wrap = _stream if streams else _unary  # a streaming method may also be a coroutine writing with write()
         return _FACTORIES[shape](
-            wrap(behavior, children, domain, drain),
-            request_deserializer=handler.request_deserializer,
+            wrap(behavior, children, self._domain, mapped, drain),
+            request_deserializer=_decoding(method, handler.request_deserializer, handler.request_streaming),
             response_serializer=handler.response_serializer,
         )
 
@@ -116,12 +154,14 @@ class _MethodMetrics:
         child.inc()
 
 
-def _unary(behavior: Behavior, children: _MethodMetrics, domain: str | None, drain: float) -> Behavior:
+def _unary(behavior: Behavior, children: _MethodMetrics, domain: str, mapped: bool, drain: float) -> Behavior:
     async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
         children.in_flight.inc()
         started = time.perf_counter()
         code = grpc.StatusCode.UNKNOWN
         try:
+            if type(request) is UndecodableRequest:
+                raise request
             response = await behavior(request, context)
             code = _final_code(context, grpc.StatusCode.OK)
             return response
@@ -132,7 +172,7 @@ def _unary(behavior: Behavior, children: _MethodMetrics, domain: str | None, dra
             code = grpc.StatusCode.CANCELLED
             raise
         except Exception as exc:
-            if domain is None:
+            if not (mapped or isinstance(exc, UndecodableRequest)):
                 raise
             try:
                 await _refuse(request, context, exc, domain, drain)
@@ -144,7 +184,7 @@ def _unary(behavior: Behavior, children: _MethodMetrics, domain: str | None, dra
     return call
 
 
-def _stream(behavior: Behavior, children: _MethodMetrics, domain: str | None, drain: float) -> Behavior:
+def _stream(behavior: Behavior, children: _MethodMetrics, domain: str, mapped: bool, drain: float) -> Behavior:
     async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         children.in_flight.inc()
         started = time.perf_counter()
@@ -160,7 +200,7 @@ def _stream(behavior: Behavior, children: _MethodMetrics, domain: str | None, dr
             code = grpc.StatusCode.CANCELLED
             raise
         except Exception as exc:
-            if domain is None:
+            if not (mapped or isinstance(exc, UndecodableRequest)):
                 raise
             try:
                 await _refuse(request, context, exc, domain, drain)

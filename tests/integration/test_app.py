@@ -50,6 +50,19 @@ async def test_an_unimplemented_method_answers_unimplemented(server: tuple[app.S
     assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
+async def test_a_request_that_is_not_a_protobuf_message_is_invalid_argument_not_a_traceback(
+    server: tuple[app.Server, grpc.aio.Channel], caplog: pytest.LogCaptureFixture
+) -> None:
+    _, channel = server
+    # A mapped service's method (whose body is never reached) and the health service, which is not mapped.
+    for method in (f"/{SERVICE.full_name}/GetJob", "/grpc.health.v1.Health/Check"):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await channel.unary_unary(method)(b"\xff\xff\xff\xff")
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"the request to {method} is not a valid protobuf message" in (caught.value.details() or "")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
 async def test_health_follows_a_watched_dependency(server: tuple[app.Server, grpc.aio.Channel]) -> None:
     srv, channel = server
     assert await health_of(channel, SERVICE.full_name) == health_pb2.HealthCheckResponse.SERVING

@@ -7,6 +7,7 @@ tritonclient from PyPI.
 from __future__ import annotations
 
 import asyncio
+import logging
 import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -459,6 +460,29 @@ async def test_stream_answers_every_request_and_reports_failures_in_band(v2: V2,
         assert answer.error_message == ""
         expected = run_onnxruntime(mlp, mlp.sample(1, seed=index))["output"]
         np.testing.assert_allclose(outputs_of(answer.infer_response)["output"], expected, rtol=1e-6)
+
+
+async def test_a_request_that_is_not_a_protobuf_message_is_invalid_argument_unary_and_streamed(
+    v2: V2, mlp: ModelFile, caplog: pytest.LogCaptureFixture
+) -> None:
+    await v2.publish("mlp", mlp)
+    channel = v2.running.channel
+    not_utf8_name = b"\x0a\x02\xff\xfe"  # ModelReadyRequest.name = two bytes that are not UTF-8
+    for method, garbage in (("ModelInfer", b"\xff\xff\xff\xff"), ("ModelReady", not_utf8_name)):
+        code, reason, details = await failure(channel.unary_unary(f"/inference.GRPCInferenceService/{method}")(garbage))
+        assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "UNDECODABLE_REQUEST")
+        assert f"/inference.GRPCInferenceService/{method} is not a valid protobuf message" in details
+
+    # On a stream, the answers before it arrive; the stream then ends with the status (it has no id to answer).
+    good = infer_request("mlp", mlp.sample(1), id="good").SerializeToString()
+    call = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")(iter([good, b"\xff\xff\xff"]))
+    answers = []
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for answer in call:
+            answers.append(pb.ModelStreamInferResponse.FromString(answer))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [a.infer_response.id for a in answers] == ["good"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 async def test_stream_answers_in_the_order_of_the_requests_though_a_later_one_finishes_first(
