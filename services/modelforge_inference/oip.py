@@ -102,7 +102,12 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelReadyResponse:
-        ref = convert.named_ref(request.name, request.version)
+        try:
+            ref = convert.named_ref(request.name, request.version)
+        except convert.InvalidV2Request as exc:
+            if exc.field != "name" or not request.name:
+                raise
+            return pb.ModelReadyResponse(ready=False)  # as for any model the server lacks: no name like it exists
         if ref.version is None:
             # An alias or "newest" names a version only once the registry resolves it.
             try:
@@ -180,6 +185,7 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     async def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryIndexResponse:
+        convert.check_repository_name(request.repository_name)
         models = [convert.model_index(entry) for entry in await self._engine.repository_index()]
         if request.ready:
             models = [m for m in models if m.state == "READY"]
@@ -188,6 +194,7 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelLoadResponse:
+        convert.check_repository_name(request.repository_name)
         convert.check_repository_parameters(request.parameters)
         ref = convert.repository_model_ref(request.model_name)
         await self._engine.load(ref, time_remaining=context.time_remaining())
@@ -196,6 +203,7 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelUnloadResponse:
+        convert.check_repository_name(request.repository_name)
         ref = convert.repository_model_ref(request.model_name)
         # As in Triton, the answer does not wait for the requests in flight, and unloading a model that is not
         # loaded (or not known) succeeds and changes nothing.

@@ -796,6 +796,16 @@ def check_repository_parameters(parameters: Mapping[str, pb.ModelRepositoryParam
             )
 
 
+def check_repository_name(repository_name: str) -> None:
+    """Refuses a repository other than the default: the registry is the server's one model repository."""
+    if repository_name:
+        raise InvalidV2Request(
+            f"repository_name {repository_name!r} is not supported: this server has one model repository, the "
+            "registry; leave repository_name empty",
+            field="repository_name",
+        )
+
+
 def repository_model_ref(model_name: str) -> ModelRef:
     """The ModelRef of a repository request's model_name: ``name``, ``name:3`` or ``name@alias``."""
     if not model_name:

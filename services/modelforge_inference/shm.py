@@ -82,6 +82,10 @@ class SharedMemoryRegions:
             raise InvalidSharedMemoryRegion(
                 name, f"the server may not open shared memory object {key!r} for reading and writing"
             ) from None
+        except OSError as exc:  # a directory, a device, ...: nothing a region can map
+            raise InvalidSharedMemoryRegion(
+                name, f"shared memory object {key!r} cannot be opened as one: {exc.strerror}"
+            ) from None
         try:
             size = os.fstat(descriptor).st_size
             if offset + byte_size > size:
@@ -160,10 +164,13 @@ class SharedMemoryRegions:
             raise SharedMemoryOff()
 
 
+_NAME_MAX = 255  # bytes in a file name under /dev/shm
+
+
 def _object_name(region: str, key: str) -> str:
     """The file name under /dev/shm of POSIX shared memory key ``key`` ("/name" or "name")."""
     name = key[1:] if key.startswith("/") else key
-    if not name or "/" in name or name in (".", ".."):
+    if not name or "/" in name or "\0" in name or name in (".", "..") or len(name.encode()) > _NAME_MAX:
         raise InvalidSharedMemoryRegion(
             region, f"key {key!r} is not a POSIX shared memory name; use '/name' as given to shm_open"
         )

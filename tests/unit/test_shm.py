@@ -70,14 +70,17 @@ def test_close_forgets_every_region_while_views_stay_mapped(regions: SharedMemor
     assert bytes(view) == bytes(range(16))
 
 
-def test_registration_checks_name_key_and_bounds(regions: SharedMemoryRegions) -> None:
+def test_registration_checks_name_key_and_bounds(regions: SharedMemoryRegions, tmp_path: Path) -> None:
     with pytest.raises(InvalidSharedMemoryRegion, match="holds 4096 bytes"):
         regions.register("r", "/object", 4000, 100)
     with pytest.raises(SharedMemoryKeyNotFound):
         regions.register("r", "/missing", 0, 1)
-    for key in ("", "/", "/a/b", "/..", "."):
+    for key in ("", "/", "/a/b", "/..", ".", "/a\0b", "/" + "x" * 256):
         with pytest.raises(InvalidSharedMemoryRegion, match="POSIX shared memory name"):
             regions.register("r", key, 0, 1)
+    (tmp_path / "directory").mkdir()
+    with pytest.raises(InvalidSharedMemoryRegion, match="'/directory' cannot be opened as one: Is a directory"):
+        regions.register("r", "/directory", 0, 1)
     regions.register("r", "/object", 0, 1)
     with pytest.raises(SharedMemoryRegionExists):
         regions.register("r", "/object", 0, 2)

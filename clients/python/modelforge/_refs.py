@@ -57,9 +57,12 @@ def validate_alias(alias: str) -> str:
     return alias
 
 
+_MAX_VERSION = (1 << 63) - 1  # versions travel as int64
+
+
 def _validate_version(version: int) -> int:
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise ValueError(f"invalid version {version!r}: versions are whole numbers starting at 1")
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= _MAX_VERSION:
+        raise ValueError(f"invalid version {version!r}: versions are whole numbers from 1 to {_MAX_VERSION}")
     return version
 
 

@@ -170,6 +170,15 @@ async def test_bad_model_version_is_invalid_argument(v2: V2, mlp: ModelFile) -> 
         v2.stub.ModelMetadata(pb.ModelMetadataRequest(name="mlp", version="not an alias!")),
         grpc.StatusCode.INVALID_ARGUMENT,
     )
+    past_int64 = str(1 << 63)  # versions travel as int64
+    for call in (
+        v2.stub.ModelMetadata(pb.ModelMetadataRequest(name="mlp", version=past_int64)),
+        v2.stub.ModelInfer(infer_request("mlp", mlp.sample(1), model_version=past_int64)),
+        v2.stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name=f"mlp:{past_int64}")),
+    ):
+        code, reason, details = await failure(call)
+        assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_V2_REQUEST")
+        assert "versions are whole numbers from 1 to 9223372036854775807" in details
 
 
 async def test_model_config_reports_batching_in_the_protocols_shape(v2: V2, mlp: ModelFile) -> None:
@@ -636,7 +645,25 @@ async def test_repository_load_of_unknown_model_is_not_found(v2: V2) -> None:
 
 
 async def test_model_ready_of_unknown_model_is_false(v2: V2) -> None:
-    assert not (await v2.stub.ModelReady(pb.ModelReadyRequest(name="no-such-model"))).ready
+    # A name no model can have (as Triton answers for any model it lacks); a version that does not parse is refused.
+    for name in ("no-such-model", "My_Model", "mlp:1"):
+        assert not (await v2.stub.ModelReady(pb.ModelReadyRequest(name=name))).ready
+    for request in (pb.ModelReadyRequest(name=""), pb.ModelReadyRequest(name="mlp", version="not an alias!")):
+        await assert_status(v2.stub.ModelReady(request), grpc.StatusCode.INVALID_ARGUMENT)
+
+
+async def test_repository_requests_for_another_repository_are_invalid_argument(v2: V2, mlp: ModelFile) -> None:
+    await v2.publish("mlp", mlp)
+    other = "elsewhere"
+    for call in (
+        v2.stub.RepositoryIndex(pb.RepositoryIndexRequest(repository_name=other)),
+        v2.stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(repository_name=other, model_name="mlp")),
+        v2.stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(repository_name=other, model_name="mlp")),
+    ):
+        code, reason, details = await failure(call)
+        assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_V2_REQUEST")
+        assert "repository_name 'elsewhere' is not supported" in details
+    assert not (await v2.stub.RepositoryIndex(pb.RepositoryIndexRequest(ready=True))).models  # nothing loaded
 
 
 async def test_statistics_count_requests_per_version(v2: V2, mlp: ModelFile) -> None:
