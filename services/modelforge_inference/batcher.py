@@ -401,12 +401,18 @@ class Batcher:
             except BaseException:
                 self._slots.release()
                 raise
-            if self._runs_inline() and all(request_bytes(p.feeds) <= INLINE_MAX_BYTES for p in batch):
-                self._run_inline(batch)
-                continue
-            task = asyncio.create_task(self._run(batch))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            self._dispatch(batch)
+            # Waiting for the next batch, the scheduler holds nothing of this one: its requests' futures hold
+            # their outputs, which their callers may have long dropped.
+            del batch
+
+    def _dispatch(self, batch: list[_Pending]) -> None:
+        if self._runs_inline() and all(request_bytes(p.feeds) <= INLINE_MAX_BYTES for p in batch):
+            self._run_inline(batch)
+            return
+        task = asyncio.create_task(self._run(batch))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
 
     async def _next_batch(self) -> list[_Pending]:
         while True:
@@ -533,6 +539,11 @@ class Batcher:
         finally:
             self._unshare(batch)  # after answering, with no await between: no sharer can arrive unanswered
             self._slots.release()
+            # A request and its run refer to each other; left so, the outputs in its future would wait for the
+            # cycle collector, and ONNX Runtime would allocate afresh for every large answer meanwhile.
+            for pending in batch:
+                for request in _with_sharers(pending):
+                    request.run = None
 
     def _timed_out(self, waited: float) -> QueueTimeout:
         """The error of a request whose deadline passed after `waited` seconds in the queue; it names the batch
