@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import threading
-import weakref
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
