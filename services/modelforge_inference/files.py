@@ -2,8 +2,9 @@
 
 A file is downloaded (DownloadModelVersion) into a temporary file in the cache directory, checked against the
 version's size and sha256 (hashed off the event loop), and moved into place with ``os.replace``: a file under its
-final name is always whole and verified, so files found in the directory at start are trusted. A download that
-does not verify leaves nothing behind and raises :class:`ModelFileCorrupt` (UNAVAILABLE: retrying may succeed).
+final name was whole and verified when it arrived. A file held (or found in the directory at start) is hashed
+again before each session is built from it, and downloaded again if it changed on disk. A download that does not
+verify leaves nothing behind and raises :class:`ModelFileCorrupt` (UNAVAILABLE: retrying may succeed).
 Concurrent requests for one sha256 share one download.
 
 The directory holds at most ``max_bytes``: before a download, least recently used files are deleted until the new
@@ -29,6 +30,7 @@ from typing import Any, BinaryIO
 
 from opentelemetry.util.types import AttributeValue
 
+from modelforge._convert import hash_file
 from modelforge.registry.v1 import registry_pb2_grpc
 from modelforge_inference.domain import ResolvedModel
 from modelforge_inference.flights import SingleFlight
@@ -107,9 +109,9 @@ class ModelFileCache:
 
     Args:
         registry: A RegistryServiceStub on a grpc.aio channel.
-        directory: Where the files live; created if missing. Files in it named by a sha256 are adopted (as
-            verified), leftovers of interrupted downloads are removed. This scan runs in the constructor, once,
-            before serving.
+        directory: Where the files live; created if missing. Files in it named by a sha256 are adopted (and
+            verified when first used), leftovers of interrupted downloads are removed. This scan runs in the
+            constructor, once, before serving.
         max_bytes: The most bytes of files kept (pinned files aside).
         stall_seconds: The longest a download waits for the registry's next message before it fails.
     """
@@ -198,10 +200,34 @@ class ModelFileCache:
         if sha256 in self._files:
             if path.is_file():
                 self._files.move_to_end(sha256)
-                return path
+                return await self._flights.run(sha256, lambda: self._verified(model, path))
             log.warning("model file %s vanished from %s; downloading it again", sha256, self._directory)
             del self._files[sha256]
         return await self._flights.run(sha256, lambda: self._download(model))
+
+    async def _verified(self, model: ResolvedModel, path: Path) -> Path:
+        """The file at ``path`` if its bytes still hash to its name; else it is downloaded again.
+
+        A file held is checked each time a session is built from it (ONNX Runtime reads it whole then anyway):
+        a file changed on disk, by a failing disk or by hand, would otherwise load as a model with other weights
+        and answer wrongly, or fail every load, across restarts. Files just downloaded were checked as they came.
+        """
+        try:
+            actual, size = await asyncio.to_thread(hash_file, path)
+        except FileNotFoundError:
+            actual, size = "", 0
+        if actual == model.sha256:
+            return path
+        log.warning(
+            "model file %s in %s changed on disk (%d bytes hashing to %s); downloading it again",
+            model.sha256,
+            self._directory,
+            size,
+            actual or "nothing: it is gone",
+        )
+        self._files.pop(model.sha256, None)
+        _unlink([path])
+        return await self._download(model)
 
     # -- filling and evicting --------------------------------------------------------------------------------
 

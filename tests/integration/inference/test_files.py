@@ -76,6 +76,35 @@ async def test_files_present_at_start_are_adopted_and_partial_ones_removed(admin
     assert second.files() == [model.sha256]
 
 
+@pytest.mark.parametrize("damage", ["flip a byte", "truncate"])
+async def test_a_file_changed_on_disk_is_downloaded_again_before_a_session_reads_it(
+    admin, restartable_registry: Registry, stub, tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str
+) -> None:
+    [model] = await add_versions(admin, 4)
+    directory = tmp_path / "models"
+    await ModelFileCache(stub, directory, max_bytes=1 << 20).path_for(model)
+    path = directory / model.sha256
+    data = bytearray(path.read_bytes())
+    if damage == "flip a byte":
+        data[-10] ^= 0xFF  # in the weights: the file still parses, as a model with other weights
+    else:
+        del data[100:]
+    path.write_bytes(data)
+
+    # Found on disk at start:
+    cache = ModelFileCache(stub, directory, max_bytes=1 << 20)
+    assert await cache.path_for(model) == path
+    assert path.read_bytes() == add_one_bytes(4)
+    assert cache.used_bytes == model.size_bytes
+    # Held already, while running:
+    path.write_bytes(data)
+    assert await cache.path_for(model) == path
+    assert path.read_bytes() == add_one_bytes(4)
+    assert restartable_registry.counter.calls["DownloadModelVersion"] == 3
+    assert entries(directory) == {model.sha256}
+    assert "changed on disk" in caplog.text
+
+
 async def test_least_recently_used_unpinned_files_are_evicted(
     admin, restartable_registry: Registry, stub, tmp_path: Path
 ) -> None:
