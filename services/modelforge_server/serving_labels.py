@@ -11,10 +11,10 @@ first request.
 | modelforge.io/preferred-batch-sizes      | comma-separated integers >= 1               |
 | modelforge.io/priority-levels            | integer from 1 to 256                       |
 | modelforge.io/max-queue-size             | integer >= 1                                |
-| modelforge.io/queue-timeout-seconds      | number > 0, or "none"                       |
+| modelforge.io/queue-timeout-seconds      | seconds > 0, up to 86400, or "none"         |
 | modelforge.io/cache                      | true or false                               |
 | modelforge.io/cache-ttl-seconds          | integer >= 1                                |
-| modelforge.io/cache-max-entry-bytes      | size >= 1 (1048576, 1MiB)                   |
+| modelforge.io/cache-max-entry-bytes      | size from 1 to 512MiB (1048576, 1MiB)       |
 
 Integers without a smaller bound go up to 2^31 - 1.
 | modelforge.io/intra-op-threads           | integer from 0 to 1024 (0: ONNX Runtime's)  |
@@ -42,6 +42,10 @@ MAX_PRIORITY_LEVELS = 256
 MAX_THREADS = 1024
 # Every other integer label: V2 ModelConfig carries batch and queue sizes as int32, as Triton's does.
 MAX_INT32 = 2**31 - 1
+# A queue timeout is a bound on waiting, not a way to switch it off ("none" does that); a day is past any use.
+MAX_QUEUE_TIMEOUT_SECONDS = 86_400
+# Redis stores no larger value (its proto-max-bulk-len, 512 MB by default) and drops the connection on one.
+MAX_CACHE_ENTRY_BYTES = 512 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +90,7 @@ def _timeout(text: str) -> float | None:
     if text.strip().lower() in ("", "none"):
         return None
     value = float(text)
-    if not value > 0:
+    if not 0 < value <= MAX_QUEUE_TIMEOUT_SECONDS:  # nan and inf too
         raise ValueError
     return value
 
@@ -120,10 +124,12 @@ LABELS: dict[str, Label] = {
     "preferred-batch-sizes": Label(_sizes, f"comma-separated integers from 1 to {MAX_INT32}"),
     "priority-levels": _int(1, MAX_PRIORITY_LEVELS),
     "max-queue-size": _int(1),
-    "queue-timeout-seconds": Label(_timeout, 'a number of seconds > 0 or "none"'),
+    "queue-timeout-seconds": Label(
+        _timeout, f'a number of seconds > 0 and at most {MAX_QUEUE_TIMEOUT_SECONDS}, or "none"'
+    ),
     "cache": Label(_bool, "true or false"),
     "cache-ttl-seconds": _int(1),
-    "cache-max-entry-bytes": _int(1, size=True),
+    "cache-max-entry-bytes": _int(1, MAX_CACHE_ENTRY_BYTES, size=True),
     "intra-op-threads": _int(0, MAX_THREADS),
     "inter-op-threads": _int(0, MAX_THREADS),
     "graph-optimization-level": Label(_level, " | ".join(OPTIMIZATION_LEVELS)),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import sys
 import types
@@ -184,7 +185,10 @@ def _cast(key: str, raw: str, hint: Any) -> Any:
         if hint is int:
             return parse_int(text)
         if hint is float:
-            return float(text)
+            number = float(text)
+            if not math.isfinite(number):
+                raise ValueError("expected a finite number")
+            return number
         if hint is Path:
             if not text:
                 raise ValueError("expected a path")

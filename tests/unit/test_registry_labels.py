@@ -79,7 +79,15 @@ def test_no_labels_is_fine() -> None:
         ("modelforge.io/preferred-batch-sizes", "4,3000000000", "comma-separated integers from 1 to 2147483647"),
         ("modelforge.io/cache", "maybe", "true or false"),
         ("modelforge.io/priority-levels", "0", "an integer from 1 to 256"),
-        ("modelforge.io/queue-timeout-seconds", "-1", 'a number of seconds > 0 or "none"'),
+        ("modelforge.io/queue-timeout-seconds", "-1", 'a number of seconds > 0 and at most 86400, or "none"'),
+        ("modelforge.io/queue-timeout-seconds", "inf", 'a number of seconds > 0 and at most 86400, or "none"'),
+        ("modelforge.io/queue-timeout-seconds", "nan", 'a number of seconds > 0 and at most 86400, or "none"'),
+        ("modelforge.io/queue-timeout-seconds", "1e300", 'a number of seconds > 0 and at most 86400, or "none"'),
+        (
+            "modelforge.io/cache-max-entry-bytes",
+            "2047MiB",
+            "a size in bytes from 1 to 536870912 (it may end in KiB, MiB, GiB, K, M or G)",
+        ),
     ],
 )
 def test_a_serving_label_with_a_value_it_does_not_take_is_refused(key: str, value: str, takes: str) -> None:

@@ -133,6 +133,16 @@ def test_inference_settings_have_ranges(environ: dict[str, str], message: str) -
         ({"MODELFORGE_MAX_BATCH_SIZE": "-1"}, "MODELFORGE_MAX_BATCH_SIZE=-1 is invalid: it takes an integer from 0 to"),
         ({"MODELFORGE_CACHE_TTL_SECONDS": "0"}, "MODELFORGE_CACHE_TTL_SECONDS=0 is invalid"),
         ({"MODELFORGE_DEFAULT_QUEUE_TIMEOUT": "0"}, "MODELFORGE_DEFAULT_QUEUE_TIMEOUT=0.0 is invalid"),
+        ({"MODELFORGE_DEFAULT_QUEUE_TIMEOUT": "1e300"}, "MODELFORGE_DEFAULT_QUEUE_TIMEOUT=1e+300 is invalid"),
+        (
+            {"MODELFORGE_DEFAULT_QUEUE_TIMEOUT": "inf"},
+            "MODELFORGE_DEFAULT_QUEUE_TIMEOUT='inf' is invalid: expected a finite",
+        ),
+        (
+            {"MODELFORGE_HEALTH_CHECK_SECONDS": "nan"},
+            "MODELFORGE_HEALTH_CHECK_SECONDS='nan' is invalid: expected a finite",
+        ),
+        ({"MODELFORGE_CACHE_MAX_ENTRY_BYTES": "1GiB"}, "MODELFORGE_CACHE_MAX_ENTRY_BYTES=1073741824 is invalid"),
     ],
 )
 def test_serving_defaults_take_what_their_labels_take_when_the_settings_are_read(
