@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,6 +89,12 @@ def _methods(cls: type) -> dict[str, inspect.Signature]:
         for name, member in vars(cls).items()
         if callable(member) and not name.startswith("_")
     }
+
+
+def test_the_package_is_marked_as_typed() -> None:
+    # PEP 561: type checkers read the SDK's annotations only from a package that ships this marker (packaged by
+    # pyproject.toml's package-data).
+    assert (Path(modelforge.__file__).parent / "py.typed").is_file()
 
 
 @pytest.mark.parametrize(("sync", "aio"), PAIRS, ids=lambda c: c.__name__)
