@@ -185,7 +185,10 @@ def _cast(key: str, raw: str, hint: Any) -> Any:
         if hint is int:
             return parse_int(text)
         if hint is float:
-            number = float(text)
+            try:
+                number = float(text)
+            except ValueError:
+                raise ValueError("expected a number, such as 0.5") from None
             if not math.isfinite(number):
                 raise ValueError("expected a finite number")
             return number

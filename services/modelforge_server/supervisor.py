@@ -37,7 +37,7 @@ from typing import TextIO
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from modelforge_server import embedded
+from modelforge_server import embedded, telemetry
 from modelforge_server.settings import PORT, ServerSettings, SettingsError, from_env
 
 __all__ = [
@@ -208,6 +208,7 @@ def _port(env: Mapping[str, str], key: str) -> int | None:
 
 def check_settings(program: Program, environ: Mapping[str, str]) -> None:
     """Reads `program`'s settings from `environ` as its child will; SettingsError names a malformed variable."""
+    from_env(telemetry.TelemetrySettings, environ)  # every program sets up its telemetry first
     if program.settings is None:
         return
     module, _, name = program.settings.partition(":")

@@ -38,6 +38,8 @@ def test_a_malformed_variable_ends_the_process_with_one_line(module: str, key: s
         ("MODELFORGE_DEFAULT_JOB_BATCH_SIZE", "0", "MODELFORGE_DEFAULT_JOB_BATCH_SIZE=0 is invalid"),  # the jobs'
         ("MODELFORGE_METRICS_PORT", "x", "MODELFORGE_METRICS_PORT='x' is invalid"),  # `up`'s own
         ("MODELFORGE_REDIS_URL", "notaurl", "MODELFORGE_REDIS_URL is invalid"),
+        ("MODELFORGE_TRACE_SAMPLE_RATIO", "2", "MODELFORGE_TRACE_SAMPLE_RATIO=2.0 is invalid"),  # every program's
+        ("MODELFORGE_TRACE_SAMPLE_RATIO", "abc", "MODELFORGE_TRACE_SAMPLE_RATIO='abc' is invalid: expected a number"),
     ],
 )
 def test_up_refuses_a_malformed_variable_of_any_service_before_starting_anything(
