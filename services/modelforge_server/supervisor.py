@@ -217,10 +217,18 @@ def check_settings(program: Program, environ: Mapping[str, str]) -> None:
 
 def _port_free(host: str, port: int) -> bool:
     """Whether no process listens on `port` of `host`: a socket binds to it without sharing it (SO_REUSEPORT),
-    as one would while a server, gRPC's included, holds it."""
-    for family, kind, proto, _, address in socket.getaddrinfo(
-        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    ):
+    as one would while a server, gRPC's included, holds it.
+
+    Raises:
+        SupervisorError: `host` names no interface of this machine.
+    """
+    try:
+        addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise SupervisorError(
+            f"cannot listen on host {host!r}: {exc.strerror}; give --host an address of this machine"
+        ) from None
+    for family, kind, proto, _, address in addresses:
         with socket.socket(family, kind, proto) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is no owner
             try:
@@ -228,6 +236,10 @@ def _port_free(host: str, port: int) -> bool:
             except OSError as exc:
                 if exc.errno == errno.EADDRINUSE:
                     return False
+                if exc.errno == errno.EADDRNOTAVAIL:
+                    raise SupervisorError(
+                        f"cannot listen on host {host!r}: it is no address of this machine; give --host one that is"
+                    ) from None
                 raise
     return True
 

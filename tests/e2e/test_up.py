@@ -244,6 +244,23 @@ def test_a_port_in_use_stops_up_with_a_clear_message(env: Env) -> None:
     assert "PostgreSQL" not in result.stdout  # refused before anything started
 
 
+@pytest.mark.parametrize(("host", "says"), [("999.1.1.1", "Name or service not known"), ("10.99.99.99", "no address")])
+def test_a_host_that_is_not_this_machines_stops_up_before_anything_starts(env: Env, host: str, says: str) -> None:
+    result = subprocess.run(
+        [str(MODELFORGE), "up", "--host", host, "--registry-port", str(env.ports[0]), "--only", "registry"],
+        env=env.environ(),
+        capture_output=True,
+        text=True,
+        timeout=START_TIMEOUT,
+        check=False,
+    )
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"modelforge up: cannot listen on host {host!r}: ")
+    assert says in line and "--host" in line
+    assert "PostgreSQL" not in result.stdout  # refused before anything started
+
+
 def test_a_port_held_by_another_grpc_server_stops_up_before_anything_starts(env: Env) -> None:
     # A gRPC server shares its port (SO_REUSEPORT) and answers health checks: up must not take it for its own.
     server = grpc.server(ThreadPoolExecutor(max_workers=1))

@@ -245,6 +245,29 @@ async def test_predict_out_refuses_an_output_name_that_is_not_a_plain_file_name(
     assert printed.code == 0 and f"{output}: float32[1, 4]" in printed.out
 
 
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (("up", "--workers", "-1"), "argument --workers: -1 is out of range: give a number of 0 or more"),
+        (("up", "--only", "bogus"), "argument --only: invalid choice: 'bogus'"),
+        (("up", "--registry-port", "70000"), "argument --registry-port: 70000 is out of range: give a number from 1"),
+        (
+            ("predict", "m", "--input", "x=x.npy", "--timeout", "-1"),
+            "argument --timeout: -1 is not a number of seconds",
+        ),
+        (("jobs", "result", "j", "--out", "o.npz", "--wait-timeout", "0"), "argument --wait-timeout: 0 is not a"),
+        (("jobs", "submit", "m", "--input", "x.npz", "--time-limit", "inf"), "argument --time-limit: inf is not a"),
+    ],
+)
+def test_flags_out_of_range_are_usage_errors_naming_the_flag(
+    argv: tuple[str, ...], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(list(argv))
+    assert exited.value.code == 2
+    assert says in capsys.readouterr().err
+
+
 async def test_input_files_that_cannot_be_read_are_usage_errors(cli: Cli, tmp_path: Path) -> None:
     np.save(tmp_path / "x.npy", np.ones((1, 4), dtype=np.float32))
     with (tmp_path / "single.npz").open("wb") as single:  # one array, in a file named .npz

@@ -735,8 +735,38 @@ def _address_flags(parser: argparse.ArgumentParser, *, top: bool) -> None:
         default=default,
         help="jobs address (default: $MODELFORGE_JOBS_ADDRESS or 127.0.0.1:50053)",
     )
-    group.add_argument("--timeout", type=float, metavar="SECONDS", default=30.0 if top else argparse.SUPPRESS,
+    group.add_argument("--timeout", type=_seconds, metavar="SECONDS", default=30.0 if top else argparse.SUPPRESS,
                        help="limit for each call (default: 30)")  # fmt: skip
+
+
+def _whole(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number in [minimum, maximum]."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bounds = f"from {minimum} to {maximum}" if maximum is not None else f"of {minimum} or more"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: give a number {bounds}")
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    """An argparse type: a number of seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds above 0")
+    return value
+
+
+_PORT = _whole(1, 65535)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -754,11 +784,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "MODELFORGE_DATABASE_URL / MODELFORGE_REDIS_URL are set, data under "
                              "MODELFORGE_DATA_DIR (default ./.modelforge). Ctrl-C stops everything.")  # fmt: skip
     up.add_argument("--host", help="interface to listen on (default: $MODELFORGE_HOST or 127.0.0.1)")
-    up.add_argument("--registry-port", type=int, metavar="PORT", help="default 50051")
-    up.add_argument("--inference-port", type=int, metavar="PORT", help="default 50052")
-    up.add_argument("--jobs-port", type=int, metavar="PORT", help="default 50053")
-    up.add_argument("--only", nargs="+", metavar="SERVICE", help="run only these: registry, inference, jobs")
-    up.add_argument("--workers", type=int, default=1, help="jobs worker processes (default 1)")
+    up.add_argument("--registry-port", type=_PORT, metavar="PORT", help="default 50051")
+    up.add_argument("--inference-port", type=_PORT, metavar="PORT", help="default 50052")
+    up.add_argument("--jobs-port", type=_PORT, metavar="PORT", help="default 50053")
+    up.add_argument("--only", nargs="+", metavar="SERVICE", choices=["registry", "inference", "jobs"],
+                    help="run only these: registry, inference, jobs")  # fmt: skip
+    up.add_argument("--workers", type=_whole(0), default=1, help="jobs worker processes (default 1; 0: none)")
     up.set_defaults(run=cmd_up)
 
     models = commands.add_parser("models", help="push, list, show, label, alias, archive and delete models")
@@ -875,8 +906,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--priority", choices=["low", "normal", "high"], help="queue priority")
     p.add_argument("--label", action="append", metavar="KEY=VALUE", help="a label for the job (repeatable)")
-    p.add_argument("--max-attempts", type=int, default=0, help="runs the job may start (default: the server's)")
-    p.add_argument("--time-limit", type=float, metavar="SECONDS", help="how long one run may take")
+    p.add_argument("--max-attempts", type=_whole(0), default=0, help="runs the job may start (default: the server's)")
+    p.add_argument("--time-limit", type=_seconds, metavar="SECONDS", help="how long one run may take")
     p.add_argument("--wait", action="store_true", help="follow the job to its end; exit 1 unless it COMPLETED")
     p.set_defaults(run=cmd_jobs_submit)
 
@@ -908,7 +939,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("result", parents=[common], help="save a COMPLETED job's outputs as .npz")
     p.add_argument("id", metavar="ID")
     p.add_argument("--out", required=True, metavar="FILE.npz", help="where to write the outputs")
-    p.add_argument("--wait-timeout", type=float, metavar="SECONDS", help="wait at most this long for the job")
+    p.add_argument("--wait-timeout", type=_seconds, metavar="SECONDS", help="wait at most this long for the job")
     p.set_defaults(run=cmd_jobs_result)
     return parser
 
