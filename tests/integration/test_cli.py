@@ -216,6 +216,16 @@ async def test_predict_load_stats_and_jobs(
     assert result.code == 0, result.err
     with np.load(tmp_path / "result.npz") as saved:
         np.testing.assert_array_equal(saved["y"], x + 1)
+    bare = await cli("jobs", "result", job_id, "--out", str(tmp_path / "bare"), *addresses)  # named as numpy does
+    assert bare.out.strip().endswith(f"to {tmp_path / 'bare.npz'}") and (tmp_path / "bare.npz").is_file()
+    (tmp_path / "folder.npz").mkdir()
+    into_folder = await cli("jobs", "result", job_id, "--out", str(tmp_path / "folder.npz"), *addresses)
+    assert (into_folder.code, into_folder.err) == (2, f"modelforge: --out {tmp_path / 'folder.npz'} is a directory; "
+                                                      "give the .npz file to write\n")  # fmt: skip
+    onto_file = await cli("predict", "demo", "--input", f"x={tmp_path / 'x.npy'}", "--out", str(tmp_path / "bare.npz"),
+                          *addresses)  # fmt: skip
+    assert (onto_file.code, onto_file.out) == (2, "")  # refused before the model ran
+    assert "is a file; --out takes a directory" in onto_file.err
     missing = await cli("jobs", "show", "00000000-0000-0000-0000-000000000000", *addresses)
     assert missing.code == 1 and missing.err.startswith("modelforge: ")
     assert (await cli("jobs", "rm", job_id, *addresses)).code == 0

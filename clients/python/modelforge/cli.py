@@ -494,6 +494,8 @@ def cmd_predict(ctx: Context) -> int:
     if a.no_sha256 and not a.stream:
         raise UsageError("--no-sha256 applies to --stream only; a plain predict has no sha256 to skip")
     inputs = _read_inputs(a.input)
+    if a.out and Path(a.out).exists() and not Path(a.out).is_dir():  # before the model runs for nothing
+        raise UsageError(f"--out {a.out} is a file; --out takes a directory, where each output is saved as NAME.npy")
     options: dict[str, Any] = {"outputs": a.output or None, "priority": a.priority, "cache": a.cache}
     with ctx.inference() as inference:
         if a.stream:
@@ -702,6 +704,10 @@ def cmd_jobs_rm(ctx: Context) -> int:
 
 def cmd_jobs_result(ctx: Context) -> int:
     out = Path(ctx.args.out)
+    if out.suffix != ".npz":
+        out = out.with_name(out.name + ".npz")  # as numpy.savez would name it; said so below
+    if out.is_dir():  # before the outputs are fetched for nothing
+        raise UsageError(f"--out {out} is a directory; give the .npz file to write")
     with ctx.jobs() as jobs:
         outputs = jobs.get_job(ctx.args.id).result(timeout=ctx.args.wait_timeout)
     storable = {name: _storable(name, array) for name, array in outputs.items()}
