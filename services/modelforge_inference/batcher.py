@@ -179,6 +179,9 @@ class Batcher:
         self.version = version
         self.config = config
         self._merging = mergeable and config.max_batch_size > 0
+        # A model without a batch dimension (V2 ModelConfig: max_batch_size 0) takes one inference per request,
+        # whatever its first dimension holds, as Triton counts it; a request of it is never merged either.
+        self._rows: Callable[[Feeds], int | None] = batch_rows if mergeable else _one_inference
         self._execute_fn = execute
         self._executor = executor
         self._on_execution = on_execution
@@ -276,7 +279,7 @@ class Batcher:
             return self._run_now(feeds, into)
         pending = _Pending(
             feeds=feeds,
-            rows=batch_rows(feeds),
+            rows=self._rows(feeds),
             key=batch_key(feeds) if self._merging else None,
             level=self.level_of(priority),
             enqueued=time.perf_counter(),
@@ -498,7 +501,7 @@ class Batcher:
     def _run_now(self, feeds: Feeds, into: Into) -> BatchResult:
         """One request run on the loop, never queued: its outcome goes straight back to the caller."""
         (outcome,), _, compute = self._on_loop([feeds], [into])
-        rows = counted_rows(batch_rows(feeds))
+        rows = counted_rows(self._rows(feeds))
         if self._on_execution is not None:
             self._on_execution(rows, 1, compute)
         if isinstance(outcome, BaseException):
@@ -618,6 +621,11 @@ class Batcher:
             owned = _answer(pending, outcome, started, compute, rows)
             for sharer in pending.sharers or ():
                 owned = _answer(sharer, outcome, started, compute, rows, shared=owned) or owned
+
+
+def _one_inference(feeds: Feeds) -> None:
+    """The rows of a request to a model without a batch dimension: None, which counts as one inference."""
+    return None
 
 
 def _with_sharers(pending: _Pending) -> tuple[_Pending, ...]:

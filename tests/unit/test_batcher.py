@@ -511,8 +511,12 @@ def test_split_refuses_outputs_that_do_not_follow_the_batch():
     assert parts is not None and parts[1]["y"].tolist() == [[2, 3], [4, 5]]
 
 
-@pytest.mark.parametrize(("max_batch_size", "mergeable"), [(0, True), (8, False)])
-async def test_a_request_run_alone_counts_all_its_rows(pool, max_batch_size: int, mergeable: bool):
+# A batchable model with batching off counts a request's rows; a model without a batch dimension (mergeable False)
+# counts one inference per request, whatever its first dimension holds, as Triton does for max_batch_size 0.
+@pytest.mark.parametrize(("max_batch_size", "mergeable", "counted"), [(0, True, 3), (8, False, 1)])
+async def test_a_request_run_alone_counts_its_rows_or_one_inference(
+    pool, max_batch_size: int, mergeable: bool, counted: int
+):
     recorder = Recorder()
     recorder.gate.set()
     executions: list[tuple[int, int]] = []
@@ -529,8 +533,8 @@ async def test_a_request_run_alone_counts_all_its_rows(pool, max_batch_size: int
 
     result = await batcher.submit(feeds(1, rows=3))
 
-    assert result.batch_rows == 3
-    assert executions == [(3, 1)]
+    assert result.batch_rows == counted
+    assert executions == [(counted, 1)]
     await batcher.aclose()
 
 

@@ -90,7 +90,8 @@ async def test_a_model_whose_output_rows_are_not_the_input_rows_is_never_merged(
         assert [outputs(r)["idx"].tolist() for r in responses] == [expected] * 8
 
     stats = await statistics(inference, "nonzero")
-    assert (stats.execution_count, stats.request_count, dict(stats.batch_sizes)) == (16, 16, {2: 16})
+    # Not batchable, it has no batch dimension (V2: max_batch_size 0): each request counts as one inference.
+    assert (stats.execution_count, stats.request_count, dict(stats.batch_sizes)) == (16, 16, {1: 16})
 
 
 async def test_a_model_whose_batch_dimension_recurs_in_an_output_is_never_merged(inference: RunningInference):

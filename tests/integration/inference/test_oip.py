@@ -22,7 +22,7 @@ from modelforge.oip.v2 import grpc_service_pb2 as pb
 from modelforge.oip.v2 import grpc_service_pb2_grpc
 from modelforge.oip.v2 import model_config_pb2 as config_pb
 from modelforge.registry.v1 import registry_pb2
-from tests.fixtures.onnx_models import ModelFile
+from tests.fixtures.onnx_models import ModelFile, build_identity, model_bytes
 from tests.fixtures.polling import eventually
 from tests.integration.inference.conftest import RunningInference, StartInference, failure, upload
 from tests.integration.inference.test_scheduling import (
@@ -697,6 +697,18 @@ async def test_statistics_leave_cache_hits_out_of_the_compute_counts(v2: V2, mlp
     for computed in (inference.compute_input, inference.compute_infer, inference.compute_output):
         assert computed.count == inference.success.count - inference.cache_hit.count == inference.cache_miss.count
     assert inference.queue.count == inference.success.count
+
+
+async def test_statistics_count_a_request_to_a_model_without_a_batch_dimension_as_one_inference(v2: V2) -> None:
+    # Its ModelConfig says max_batch_size 0, and Triton counts one inference per request of such a model.
+    await upload(v2.running, "pair", model_bytes(build_identity(shape=[2, 3])))
+    assert (await v2.stub.ModelConfig(pb.ModelConfigRequest(name="pair"))).config.max_batch_size == 0
+    x = np.ones((2, 3), np.float32)
+    for _ in range(3):
+        await v2.stub.ModelInfer(infer_request("pair", {"x": x}))
+    [entry] = (await v2.stub.ModelStatistics(pb.ModelStatisticsRequest(name="pair"))).model_stats
+    assert (entry.inference_stats.success.count, entry.inference_count, entry.execution_count) == (3, 3, 3)
+    assert [(b.batch_size, b.compute_infer.count) for b in entry.batch_stats] == [(1, 3)]
 
 
 async def test_statistics_count_every_row_of_a_request_run_alone(v2: V2, mlp: ModelFile) -> None:
