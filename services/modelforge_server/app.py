@@ -214,7 +214,7 @@ def build_server(
             ("grpc.so_reuseport", 0),
         ],
     )
-    registrar = Registrar(server, metrics, domain=domain, mapped=names)
+    registrar = Registrar(server, metrics, domain=domain, mapped=names, intercepted=tracing is not None)
     for api in apis:
         api.add_to_server(api.servicer, registrar)
     health_servicer = health.aio.HealthServicer()

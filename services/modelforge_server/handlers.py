@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 
 import grpc
 from google.protobuf.message import DecodeError
+from grpc._cython.cygrpc import ExecuteBatchError  # what a failed send raises; grpc.aio has no public name for it
 
 from modelforge_server.errors import InvalidArgument
 from modelforge_server.metrics import Metrics
@@ -29,6 +30,8 @@ Behavior = Callable[[Any, grpc.aio.ServicerContext], Any]
 
 # How long a refused client-streaming call keeps reading what the client still sends (see _drain).
 _DRAIN_SECONDS = 2.0
+# How long a stream whose write failed waits for gRPC to cancel it, as it does once it hears the client left.
+_CANCELLATION_SECONDS = 5.0
 
 _FACTORIES: dict[str, Callable[..., grpc.RpcMethodHandler]] = {
     "unary_unary": grpc.unary_unary_rpc_method_handler,
@@ -78,11 +81,21 @@ class Registrar:
 
     Methods of the services named in `mapped` get the status mapping (errors of `domain`); every method, health
     and reflection included, gets the RPC metrics, and has a request that does not parse refused with
-    INVALID_ARGUMENT.
+    INVALID_ARGUMENT. `intercepted`: the server runs interceptors, which take streaming handlers to be async
+    generators (OpenTelemetry's does).
     """
 
-    def __init__(self, server: grpc.aio.Server, metrics: Metrics, *, domain: str, mapped: Iterable[str]) -> None:
+    def __init__(
+        self,
+        server: grpc.aio.Server,
+        metrics: Metrics,
+        *,
+        domain: str,
+        mapped: Iterable[str],
+        intercepted: bool = False,
+    ) -> None:
         self._server = server
+        self._stream = _stream_yielding if intercepted else _stream
         self._metrics = metrics
         self._domain = domain
         self._mapped = frozenset(mapped)
@@ -112,7 +125,7 @@ class Registrar:
         shape += "stream" if handler.response_streaming else "unary"
         behavior = getattr(handler, shape)
         streams = handler.response_streaming and inspect.isasyncgenfunction(behavior)
-        wrap = _stream if streams else _unary  # a streaming method may also be a coroutine writing with write()
+        wrap = self._stream if streams else _unary  # a streaming method may also be a coroutine writing with write()
         return _FACTORIES[shape](
             wrap(behavior, children, self._domain, mapped, drain),
             request_deserializer=_decoding(method, handler.request_deserializer, handler.request_streaming),
@@ -185,31 +198,72 @@ def _unary(behavior: Behavior, children: _MethodMetrics, domain: str, mapped: bo
 
 
 def _stream(behavior: Behavior, children: _MethodMetrics, domain: str, mapped: bool, drain: float) -> Behavior:
-    async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        children.in_flight.inc()
-        started = time.perf_counter()
-        code = grpc.StatusCode.UNKNOWN
-        try:
-            async for response in behavior(request, context):
-                yield response
-            code = _final_code(context, grpc.StatusCode.OK)
-        except grpc.aio.AbortError:
-            code = _final_code(context, grpc.StatusCode.UNKNOWN)
-            raise
-        except (asyncio.CancelledError, GeneratorExit):
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except Exception as exc:
-            if not (mapped or isinstance(exc, UndecodableRequest)):
-                raise
-            try:
-                await _refuse(request, context, exc, domain, drain)
-            finally:
-                code = _final_code(context, grpc.StatusCode.UNKNOWN)
-        finally:
-            children.end(code, started)
+    """A streaming method's async generator, run by a coroutine that writes its answers itself (see `_write`)."""
+
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> None:
+        async with (
+            _streaming(children, request, context, domain, mapped, drain),
+            contextlib.aclosing(behavior(request, context)) as responses,
+        ):
+            async for response in responses:
+                await _write(context, response)
 
     return call
+
+
+def _stream_yielding(behavior: Behavior, children: _MethodMetrics, domain: str, mapped: bool, drain: float) -> Behavior:
+    """`_stream` for a server with interceptors: OpenTelemetry's iterates a streaming handler's answers itself."""
+
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async with _streaming(children, request, context, domain, mapped, drain):
+            async for response in behavior(request, context):
+                yield response
+
+    return call
+
+
+@contextlib.asynccontextmanager
+async def _streaming(
+    children: _MethodMetrics, request: Any, context: grpc.aio.ServicerContext, domain: str, mapped: bool, drain: float
+) -> AsyncIterator[None]:
+    """A streaming call's metrics and status mapping, as `_unary` applies them (inline there: it runs per request)."""
+    children.in_flight.inc()
+    started = time.perf_counter()
+    code = grpc.StatusCode.UNKNOWN
+    try:
+        yield
+        code = _final_code(context, grpc.StatusCode.OK)
+    except grpc.aio.AbortError:
+        code = _final_code(context, grpc.StatusCode.UNKNOWN)
+        raise
+    except (asyncio.CancelledError, GeneratorExit):
+        code = grpc.StatusCode.CANCELLED
+        raise
+    except ExecuteBatchError:
+        raise  # the transport failed under a client still there: gRPC's to report
+    except Exception as exc:
+        if not (mapped or isinstance(exc, UndecodableRequest)):
+            raise
+        try:
+            await _refuse(request, context, exc, domain, drain)
+        finally:
+            code = _final_code(context, grpc.StatusCode.UNKNOWN)
+    finally:
+        children.end(code, started)
+
+
+async def _write(context: grpc.aio.ServicerContext, response: Any) -> None:
+    """Sends one answer of a stream.
+
+    When the client has gone, the write fails, often before gRPC has heard that the client cancelled; raised then,
+    gRPC would log the failure as an error with a traceback. The write waits for the cancellation instead (gRPC
+    cancels the call's task as soon as it hears it), so that a client leaving is the CANCELLED it is.
+    """
+    try:
+        await context.write(response)
+    except ExecuteBatchError:
+        await asyncio.sleep(_CANCELLATION_SECONDS)
+        raise
 
 
 async def _refuse(

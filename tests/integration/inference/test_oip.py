@@ -22,7 +22,7 @@ from modelforge.oip.v2 import grpc_service_pb2 as pb
 from modelforge.oip.v2 import grpc_service_pb2_grpc
 from modelforge.oip.v2 import model_config_pb2 as config_pb
 from modelforge.registry.v1 import registry_pb2
-from tests.fixtures.onnx_models import ModelFile, build_identity, model_bytes
+from tests.fixtures.onnx_models import ModelFile, build_identity, image_generator, model_bytes  # noqa: F401
 from tests.fixtures.polling import eventually
 from tests.integration.inference.conftest import RunningInference, StartInference, failure, upload
 from tests.integration.inference.test_scheduling import (
@@ -492,6 +492,21 @@ async def test_a_request_that_is_not_a_protobuf_message_is_invalid_argument_unar
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert [a.infer_response.id for a in answers] == ["good"]
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_a_client_leaving_a_stream_of_large_answers_is_no_error_in_the_log(
+    v2: V2, image_generator: ModelFile, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A cancelled client makes the server's next write fail before gRPC has marked the call cancelled; that failure
+    # used to reach gRPC, which logged "ExecuteBatchError raised in core" with a traceback.
+    await v2.publish("painter", image_generator)
+    request = infer_request("painter", image_generator.sample(4))  # 12 MiB answers
+    for _ in range(16):
+        call = v2.stub.ModelStreamInfer(iter([request] * 10))
+        await call.read()
+        call.cancel()
+    await asyncio.sleep(1.5)  # the server's side of the cancelled calls ends
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
 async def test_stream_answers_in_the_order_of_the_requests_though_a_later_one_finishes_first(
