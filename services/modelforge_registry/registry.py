@@ -46,7 +46,7 @@ from modelforge_server import telemetry
 from modelforge_server.errors import ChecksumMismatch, InvalidArgument, InvalidChecksum, SizeMismatch, require
 from modelforge_server.metrics import Metrics
 from modelforge_server.refs import ModelRef
-from modelforge_server.serving_labels import bad_labels
+from modelforge_server.serving_labels import bad_labels, serving_label
 
 log = logging.getLogger("modelforge.registry")
 
@@ -63,11 +63,20 @@ def check_alias(alias: str, field: str = "alias") -> str:
     return alias
 
 
-def check_labels(labels: dict[str, str] | None, field: str = "labels") -> dict[str, str] | None:
+def check_labels(
+    labels: dict[str, str] | None, field: str = "labels", *, serving: bool = True
+) -> dict[str, str] | None:
     """Label keys like Kubernetes': [prefix/]name, the prefix a DNS subdomain, the name 1 to 63 characters of
     A-Z, a-z, 0-9, '-', '_' and '.' beginning and ending with a letter or digit; values up to 256 characters; the
-    serving labels (modelforge.io/max-batch-size ...) with values the inference service takes."""
+    serving labels (modelforge.io/max-batch-size ...) with values the inference service takes, and only where
+    `serving` (a version's labels: the inference service reads no model's)."""
     for key, value in (labels or {}).items():
+        if not serving and serving_label(key) is not None:
+            raise InvalidLabel(
+                key,
+                "it configures serving, which is set per version: set it on a version (NAME:VERSION or NAME@ALIAS)",
+                field,
+            )
         prefix, slash, name = key.rpartition("/")
         if slash and not prefix:
             raise InvalidLabel(key, "the prefix before '/' is empty; drop the '/' or name a DNS subdomain", field)
@@ -131,7 +140,7 @@ class ModelRegistry:
 
     async def create_model(self, new: NewModel) -> Model:
         check_model_name(new.name, "model.name")
-        check_labels(new.labels, "model.labels")
+        check_labels(new.labels, "model.labels", serving=False)
         return await self._store.create_model(new)
 
     async def get_model(self, name: str) -> Model:
@@ -141,7 +150,7 @@ class ModelRegistry:
         return await self._store.list_models(where, limit=limit, after=_first(after))
 
     async def update_model(self, name: str, changes: ModelChanges) -> Model:
-        check_labels(changes.labels, "model.labels")
+        check_labels(changes.labels, "model.labels", serving=False)
         return await self._store.update_model(name, changes)
 
     async def delete_model(self, name: str, *, force: bool) -> int:

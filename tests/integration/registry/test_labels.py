@@ -27,8 +27,9 @@ async def refused(call, key: str, field: str) -> None:
 
 
 async def test_models_take_kubernetes_style_labels_and_refuse_others(registry_stub) -> None:
-    created = await registry_stub.CreateModel(pb.CreateModelRequest(model=pb.Model(name="labelled", labels=SERVING)))
-    assert dict(created.model.labels) == SERVING
+    labels = {"team": "vision", "modelforge.io/owner": "vision-team"}  # under the prefix, but no serving label
+    created = await registry_stub.CreateModel(pb.CreateModelRequest(model=pb.Model(name="labelled", labels=labels)))
+    assert dict(created.model.labels) == labels
     for key in ("-starts-with-dash", "Upper.IO/name", "x" * 64, "a/b/c", "/empty-prefix"):
         await refused(
             registry_stub.CreateModel(pb.CreateModelRequest(model=pb.Model(name="refused", labels={key: "v"}))),
@@ -50,7 +51,25 @@ async def test_models_take_kubernetes_style_labels_and_refuse_others(registry_st
     code, _, _ = await failure(registry_stub.GetModel(pb.GetModelRequest(name="refused")))
     assert code == grpc.StatusCode.NOT_FOUND
     unchanged = await registry_stub.GetModel(pb.GetModelRequest(name="labelled"))
-    assert dict(unchanged.model.labels) == SERVING
+    assert dict(unchanged.model.labels) == labels
+
+
+async def test_serving_labels_belong_to_versions_and_a_model_refuses_them(registry_stub) -> None:
+    # The inference service reads a version's labels only: on a model they would be stored and do nothing.
+    for key, value in SERVING.items():
+        if not key.startswith("modelforge.io/"):
+            continue
+        create = pb.CreateModelRequest(model=pb.Model(name="refused", labels={key: value}))
+        await refused(registry_stub.CreateModel(create), key, "model.labels")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await registry_stub.CreateModel(create)
+        assert "set per version: set it on a version (NAME:VERSION or NAME@ALIAS)" in (caught.value.details() or "")
+    await registry_stub.CreateModel(pb.CreateModelRequest(model=pb.Model(name="plain")))
+    update = pb.UpdateModelRequest(
+        model=pb.Model(name="plain", labels={"modelforge.io/cache": "true"}), update_mask=LABELS_MASK
+    )
+    await refused(registry_stub.UpdateModel(update), "modelforge.io/cache", "model.labels")
+    assert dict((await registry_stub.GetModel(pb.GetModelRequest(name="plain"))).model.labels) == {}
 
 
 async def test_versions_take_valid_labels_and_refuse_others(registry, add_one) -> None:
