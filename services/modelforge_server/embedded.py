@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import time
+import urllib.parse
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +27,7 @@ def start_postgres(data_dir: Path) -> tuple[str, Stop]:
         from pgserver.postgres_server import get_server  # imported here: only the embedded mode needs it
 
         server = get_server(pgdata, cleanup_mode="stop")
+        server.ensure_postgres_running()  # a server this process started before may have stopped since
     url: str = server.get_uri()
     log.info("embedded PostgreSQL at %s", pgdata)
 
@@ -80,6 +82,33 @@ def start_redis(data_dir: Path, port: int = 0) -> tuple[str, Stop]:
                 process.wait()
 
     return f"redis://127.0.0.1:{chosen}/0", stop
+
+
+def accepts_connections(url: str) -> bool:
+    """Whether something listens where a postgresql:// or redis:// URL points (a TCP port or a Unix socket).
+
+    Only a refused or missing endpoint counts as no: a server too busy to answer at once is still there.
+    """
+    if url.startswith("redis"):
+        parts = urllib.parse.urlsplit(url)
+        host, port = parts.hostname or "127.0.0.1", parts.port or 6379
+    else:
+        import psycopg.conninfo  # the PostgreSQL side only
+
+        info = psycopg.conninfo.conninfo_to_dict(url)
+        host, port = str(info.get("host") or "127.0.0.1"), int(info.get("port") or 5432)
+    try:
+        if host.startswith("/"):
+            with socket.socket(socket.AF_UNIX) as unix:
+                unix.settimeout(1.0)
+                unix.connect(f"{host}/.s.PGSQL.{port}")
+        else:
+            socket.create_connection((host, port), timeout=1.0).close()
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except OSError:  # a timeout, a full backlog: busy, not gone
+        return True
+    return True
 
 
 def redis_executable() -> str:

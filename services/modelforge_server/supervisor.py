@@ -14,7 +14,8 @@ Shutdown runs in reverse: each child gets SIGTERM and its grace period (MODELFOR
 SIGKILL, then the embedded servers stop. Children run in their own session, so a Ctrl-C in the terminal reaches
 only the supervisor, which stops them in order. A child that exits on its own is started again, a service on its
 port (the others reconnect, and a job that was running goes back to the queue), unless it keeps exiting within
-seconds of starting: then `up` stops the rest and exits 1.
+seconds of starting: then `up` stops the rest and exits 1. An embedded PostgreSQL or Redis that stops taking
+connections is started again on its data and address.
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ import ast
 import asyncio
 import contextlib
 import errno
+import functools
 import importlib.util
 import os
 import signal
 import socket
 import sys
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -80,6 +83,9 @@ DEFAULT_WORKER_METRICS_PORT = 9104
 # something is wrong with its settings or its dependencies, and `up` stops rather than restart it forever.
 _QUICK_EXIT_SECONDS = 10.0
 _QUICK_EXITS_BEFORE_GIVING_UP = 3
+# How often `up` checks that the embedded PostgreSQL and Redis still take connections.
+_STORE_CHECK_SECONDS = 2.0
+_STORE_RESTART_SECONDS = 30.0
 
 PROGRAMS: tuple[Program, ...] = (
     Program(
@@ -282,6 +288,16 @@ class Child:
             await self.process.wait()
 
 
+@dataclass
+class _Store:
+    """An embedded PostgreSQL or Redis: where it listens, how to stop it, and how to start it again on its data."""
+
+    name: str
+    url: str
+    stop: embedded.Stop
+    start: Callable[[], tuple[str, embedded.Stop]]
+
+
 class Supervisor:
     """Starts the suite, watches it, and stops it in order."""
 
@@ -294,6 +310,7 @@ class Supervisor:
         self._signal: int | None = None
         self._children: list[Child] = []
         self._tasks: set[asyncio.Task[None]] = set()  # announcements of children started again
+        self._stores: list[_Store] = []  # the embedded ones, started again if they stop
 
     def say(self, line: str) -> None:
         print(line, file=self._out, flush=True)
@@ -349,17 +366,69 @@ class Supervisor:
         if self._settings.database_url:
             self.say("PostgreSQL: using MODELFORGE_DATABASE_URL")
         else:
-            url, stop = await _embedded("PostgreSQL", embedded.start_postgres, data_dir)
-            stack.push_async_callback(asyncio.to_thread, _quietly(stop, "PostgreSQL"))
-            self._env["MODELFORGE_DATABASE_URL"] = url
+            store = await self._start_store(stack, "PostgreSQL", functools.partial(embedded.start_postgres, data_dir))
+            self._env["MODELFORGE_DATABASE_URL"] = store.url
             self.say(f"PostgreSQL: embedded, data in {data_dir / 'postgres'}")
         if self._settings.redis_url:
             self.say("Redis: using MODELFORGE_REDIS_URL")
         else:
-            url, stop = await _embedded("Redis", embedded.start_redis, data_dir)
-            stack.push_async_callback(asyncio.to_thread, _quietly(stop, "Redis"))
-            self._env["MODELFORGE_REDIS_URL"] = url
-            self.say(f"Redis: embedded at {url}, data in {data_dir / 'redis'}")
+            store = await self._start_store(stack, "Redis", functools.partial(embedded.start_redis, data_dir))
+            port = urllib.parse.urlsplit(store.url).port or 0
+            store.start = functools.partial(embedded.start_redis, data_dir, port)  # again on its port
+            self._env["MODELFORGE_REDIS_URL"] = store.url
+            self.say(f"Redis: embedded at {store.url}, data in {data_dir / 'redis'}")
+
+    async def _start_store(
+        self, stack: AsyncExitStack, name: str, start: Callable[[], tuple[str, embedded.Stop]]
+    ) -> _Store:
+        try:
+            url, stop = await asyncio.to_thread(start)
+        except Exception as exc:  # pgserver and redis-server fail in many ways; say which store and where its log is
+            raise SupervisorError(
+                f"could not start the embedded {name}: {exc}. Its log is in its data directory; or point "
+                f"MODELFORGE_{'DATABASE' if name == 'PostgreSQL' else 'REDIS'}_URL at a running server"
+            ) from exc
+        store = _Store(name, url, stop, start)
+        self._stores.append(store)
+        stack.push_async_callback(asyncio.to_thread, _quietly(lambda: store.stop(), name))  # the latest one's
+        return store
+
+    async def _a_store_stopped(self) -> _Store:
+        """Returns the first embedded store found no longer taking connections (checked every few seconds)."""
+        while True:
+            await asyncio.sleep(_STORE_CHECK_SECONDS)
+            for store in self._stores:
+                if not await asyncio.to_thread(embedded.accepts_connections, store.url):
+                    return store
+
+    async def _start_again(self, store: _Store) -> bool:
+        """Starts a store that stopped again, on its data and where it was; False (said why) when it cannot.
+
+        A start right after the store died may find it still there (pgserver reads its pid file) and do nothing,
+        so a start counts once the store takes connections again; until then it is tried again, for a while.
+        """
+        self.say(f"modelforge up: the embedded {store.name} stopped taking connections; starting it again on its data")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _STORE_RESTART_SECONDS
+        failure = "it did not take connections"
+        while loop.time() < deadline:
+            try:
+                url, store.stop = await asyncio.to_thread(store.start)
+            except Exception as exc:  # its port not free yet, its files still locked: try again shortly
+                failure = str(exc)
+            else:
+                if url != store.url:  # the services know the old address only
+                    self.say(f"modelforge up: the embedded {store.name} came back at {url}, not {store.url}; stopping")
+                    return False
+                if await asyncio.to_thread(embedded.accepts_connections, url):
+                    self.say(f"  {store.name}  serving again at {url} (the services reconnect)")
+                    return True
+            await asyncio.sleep(0.5)
+        self.say(
+            f"modelforge up: could not start the embedded {store.name} again within {_STORE_RESTART_SECONDS:.0f} s "
+            f"({failure}); stopping the others"
+        )
+        return False
 
     async def _stop_children(self) -> None:
         """Stops the children in the reverse of the order they started in: workers first, the registry last."""
@@ -426,15 +495,20 @@ class Supervisor:
         while True:
             waits = {asyncio.ensure_future(c.process.wait()): c for c in self._children}
             stopped = asyncio.ensure_future(self._stop.wait())
+            gone = asyncio.ensure_future(self._a_store_stopped())
             try:
-                done, _ = await asyncio.wait({stopped, *waits}, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait({stopped, gone, *waits}, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                for task in (stopped, *waits):
+                for task in (stopped, gone, *waits):
                     task.cancel()
-                await asyncio.gather(stopped, *waits, return_exceptions=True)
+                await asyncio.gather(stopped, gone, *waits, return_exceptions=True)
             if stopped in done:
                 return 0
-            dead = next(waits[t] for t in done if t in waits)
+            if gone in done:
+                if not await self._start_again(gone.result()):
+                    return 1
+                continue
+            dead = next(child for task, child in waits.items() if task in done)
             code = dead.process.returncode
             quick = loop.time() - dead.started < _QUICK_EXIT_SECONDS
             quick_exits[dead.label] = quick_exits.get(dead.label, 0) + 1 if quick else 0
@@ -500,18 +574,6 @@ async def _serving(address: str, service: str) -> None:
     finally:
         call.cancel()
         channel.close()
-
-
-async def _embedded(
-    what: str, start: Callable[[Path], tuple[str, embedded.Stop]], data_dir: Path
-) -> tuple[str, embedded.Stop]:
-    try:
-        return await asyncio.to_thread(start, data_dir)
-    except Exception as exc:  # pgserver and redis-server fail in many ways; say which store and where its log is
-        raise SupervisorError(
-            f"could not start the embedded {what} in {data_dir}: {exc}. Its log is in that directory; or point "
-            f"MODELFORGE_{'DATABASE' if what == 'PostgreSQL' else 'REDIS'}_URL at a running server"
-        ) from exc
 
 
 def _quietly(stop: Callable[[], None], what: str) -> Callable[[], None]:

@@ -19,6 +19,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
@@ -205,6 +206,19 @@ def test_up_serves_the_suite_and_keeps_data_across_a_restart(env: Env, add_one: 
         after = cli(env, "jobs", "submit", "demo", "--input", str(tmp_path / "items.npz"), "--wait")
         assert after.returncode == 0, after.stderr
         assert "COMPLETED: 5/5 items" in after.stdout
+
+        # So are the embedded Redis and PostgreSQL, on their data and where they were.
+        (redis_line,) = [line for line in suite.seen if line.startswith("Redis: embedded at ")]
+        redis_url = redis_line.split()[3].rstrip(",")
+        with redis.Redis.from_url(redis_url) as client:
+            os.kill(int(client.info("server")["process_id"]), signal.SIGKILL)
+        suite.wait_for(f"Redis  serving again at {redis_url}", 60)
+        postmaster = (env.data_dir / "postgres" / "postmaster.pid").read_text().split()[0]
+        os.kill(int(postmaster), signal.SIGKILL)
+        suite.wait_for("PostgreSQL  serving again at ", 60)
+        afterwards = cli(env, "jobs", "submit", "demo", "--input", str(tmp_path / "items.npz"), "--wait")
+        assert afterwards.returncode == 0, afterwards.stderr
+        assert "COMPLETED: 5/5 items" in afterwards.stdout
 
         assert suite.stop() == 0
         suite.wait_for("modelforge up: stopped", 30)
