@@ -1,0 +1,28 @@
+"""accepts_connections: how `modelforge up` tells that an embedded PostgreSQL or Redis has stopped."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from modelforge_server.embedded import accepts_connections, free_port
+
+
+def test_a_tcp_port_someone_listens_on_accepts_and_a_closed_one_does_not() -> None:
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        assert accepts_connections(f"redis://127.0.0.1:{port}/0")
+        assert accepts_connections(f"postgresql://postgres:@127.0.0.1:{port}/postgres")
+    assert not accepts_connections(f"redis://127.0.0.1:{free_port()}/0")
+
+
+def test_a_unix_socket_directory_accepts_once_postgres_socket_listens(tmp_path: Path) -> None:
+    url = f"postgresql://postgres:@/postgres?host={tmp_path}"
+    assert not accepts_connections(url)  # no socket file
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(tmp_path / ".s.PGSQL.5432"))
+        assert not accepts_connections(url)  # a socket file nobody listens on (a server that died)
+        server.listen()
+        assert accepts_connections(url)
