@@ -24,6 +24,7 @@ import ast
 import asyncio
 import contextlib
 import errno
+import fcntl
 import functools
 import importlib.util
 import os
@@ -31,7 +32,7 @@ import signal
 import socket
 import sys
 import urllib.parse
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -341,6 +342,8 @@ class Supervisor:
             check_settings(program, child_environ(self._env, program, ports.get(program.name), count - 1, count))
 
         async with AsyncExitStack() as stack:
+            if not (self._settings.database_url and self._settings.redis_url):
+                stack.enter_context(_owning(data_dir))
             await self._start_stores(stack, data_dir)
             stack.push_async_callback(self._stop_children)  # before the stores stop
             for program in programs:
@@ -574,6 +577,27 @@ async def _serving(address: str, service: str) -> None:
     finally:
         call.cancel()
         channel.close()
+
+
+@contextlib.contextmanager
+def _owning(data_dir: Path) -> Iterator[None]:
+    """Holds the data directory for this `up` alone: a second one would start a second embedded PostgreSQL and
+    Redis over the same files. The lock goes with the process, however it ends."""
+    path = data_dir / "up.lock"
+    with open(path, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            raise SupervisorError(
+                f"another `modelforge up` (pid {holder}) runs on {data_dir}; stop it, or set MODELFORGE_DATA_DIR "
+                "to another directory"
+            ) from None
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        yield
 
 
 def _quietly(stop: Callable[[], None], what: str) -> Callable[[], None]:

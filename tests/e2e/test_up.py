@@ -258,6 +258,27 @@ def test_a_port_in_use_stops_up_with_a_clear_message(env: Env) -> None:
     assert "PostgreSQL" not in result.stdout  # refused before anything started
 
 
+def test_a_second_up_on_the_same_data_dir_is_refused_before_anything_starts(env: Env) -> None:
+    with up(env) as suite:
+        ports = _free_ports(3)
+        second = subprocess.run(
+            [str(MODELFORGE), "up", "--registry-port", str(ports[0]), "--inference-port", str(ports[1]),
+             "--jobs-port", str(ports[2])],
+            env=env.environ(),
+            capture_output=True,
+            text=True,
+            timeout=START_TIMEOUT,
+            check=False,
+        )  # fmt: skip
+        assert second.returncode == 1, second.stdout + second.stderr
+        assert second.stderr.strip() == (
+            f"modelforge up: another `modelforge up` (pid {suite.process.pid}) runs on {env.data_dir}; stop it, "
+            "or set MODELFORGE_DATA_DIR to another directory"
+        )
+        assert "PostgreSQL" not in second.stdout
+        assert cli(env, "models", "ls").returncode == 0  # the first one serves on
+
+
 @pytest.mark.parametrize(("host", "says"), [("999.1.1.1", "Name or service not known"), ("10.99.99.99", "no address")])
 def test_a_host_that_is_not_this_machines_stops_up_before_anything_starts(env: Env, host: str, says: str) -> None:
     result = subprocess.run(
