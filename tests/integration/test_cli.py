@@ -212,6 +212,16 @@ async def test_predict_load_stats_and_jobs(
         ["ID", "NAME", "ITEMS"],
         [dataset.id, "three", "3"],
     ]
+    on_dataset = await cli("jobs", "submit", "demo", "--dataset", dataset.id, "--wait", *addresses)
+    assert on_dataset.code == 0, on_dataset.err
+    assert "COMPLETED: 3/3 items" in on_dataset.out
+    neither = await cli("jobs", "submit", "demo", *addresses)
+    assert (neither.code, neither.err) == (
+        2, "modelforge: give the items with --input, or name an uploaded dataset with --dataset (one of the two)\n"
+    )  # fmt: skip
+    removed = await cli("jobs", "rm-dataset", dataset.id, *addresses)  # its job has finished: it may go
+    assert (removed.code, removed.out) == (0, f"deleted dataset {dataset.id}\n"), removed.err
+    assert dataset.id not in (await cli("jobs", "datasets", *addresses)).out
     result = await cli("jobs", "result", job_id, "--out", str(tmp_path / "result.npz"), *addresses)
     assert result.code == 0, result.err
     with np.load(tmp_path / "result.npz") as saved:

@@ -599,13 +599,16 @@ def _follow(job: Job, ctx: Context) -> int:
 
 def cmd_jobs_submit(ctx: Context) -> int:
     a = ctx.args
-    inputs = _read_inputs(a.input)
+    if bool(a.input) == bool(a.dataset):
+        raise UsageError("give the items with --input, or name an uploaded dataset with --dataset (one of the two)")
+    inputs = _read_inputs(a.input) if a.input else None
     bar = ProgressBar("uploading the dataset", ctx.err)
     with ctx.jobs() as jobs:
         try:
             job = jobs.submit(
                 a.ref,
                 inputs,
+                dataset=a.dataset,
                 batch_size=a.batch_size,
                 priority=a.priority,
                 labels=_labels(a.label),
@@ -646,6 +649,13 @@ def cmd_jobs_datasets(ctx: Context) -> int:
         return 0
     rows = [[d.id, d.display_name or "-", str(d.item_count), _size(d.size_bytes), _when(d.create_time)] for d in listed]
     _table(rows, ["ID", "NAME", "ITEMS", "SIZE", "CREATED"], ctx.out)
+    return 0
+
+
+def cmd_jobs_rm_dataset(ctx: Context) -> int:
+    with ctx.jobs() as jobs:
+        jobs.delete_dataset(ctx.args.id)
+    print(f"deleted dataset {ctx.args.id}", file=ctx.out)
     return 0
 
 
@@ -902,8 +912,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("submit", parents=[common], help="run a model over the items of .npz/.npy files")
     p.add_argument("ref", metavar="REF", help="NAME, NAME:VERSION or NAME@ALIAS (pinned to its version now)")
-    p.add_argument("--input", action="append", required=True, metavar="FILE.npz|NAME=FILE.npy",
+    p.add_argument("--input", action="append", metavar="FILE.npz|NAME=FILE.npy",
                    help="the items: every array of FILE.npz by name, or one input per NAME=FILE.npy")  # fmt: skip
+    p.add_argument("--dataset", metavar="ID", help="run over a dataset uploaded before (see `jobs datasets`)")
     p.add_argument(
         "--batch-size",
         type=int,
@@ -928,6 +939,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", action="append", metavar="KEY=VALUE", help="only datasets with this label")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=cmd_jobs_datasets)
+
+    p = sub.add_parser("rm-dataset", parents=[common], help="delete an uploaded dataset no job uses")
+    p.add_argument("id", metavar="ID")
+    p.set_defaults(run=cmd_jobs_rm_dataset)
 
     for name, helptext, run in (
         ("show", "show a job", cmd_jobs_show),
