@@ -91,6 +91,15 @@ def _methods(cls: type) -> dict[str, inspect.Signature]:
     }
 
 
+@pytest.mark.parametrize(
+    "client", [modelforge.AsyncInferenceClient, modelforge.AsyncRegistryClient, modelforge.AsyncJobsClient]
+)
+def test_an_async_client_made_outside_an_event_loop_says_where_to_make_it(client: type) -> None:
+    # Its grpc.aio channel would belong to no running loop and fail at its first call, in another loop.
+    with pytest.raises(RuntimeError, match=f"create {client.__name__} inside the coroutine that uses it"):
+        client("127.0.0.1:1")
+
+
 def test_the_package_is_marked_as_typed() -> None:
     # PEP 561: type checkers read the SDK's annotations only from a package that ships this marker (packaged by
     # pyproject.toml's package-data).

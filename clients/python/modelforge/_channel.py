@@ -10,6 +10,7 @@ the channel's service config (``retryPolicy``), never by a hand-written loop.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -205,6 +206,15 @@ class AsyncChannelClient:
     ) -> None:
         if channel is not None and target is not None:
             raise ValueError("pass either target or channel, not both")
+        if channel is None:
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                raise RuntimeError(
+                    f"create {type(self).__name__} inside the coroutine that uses it (`async with "
+                    f"{type(self).__name__}() as client:`): its channel belongs to the event loop running then, and "
+                    "outside one it would belong to a loop that never runs"
+                ) from None
         self._owns_channel = channel is None
         self._channel = channel or open_aio_channel(service, target, max_message_bytes=max_message_bytes)
 
