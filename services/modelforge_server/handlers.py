@@ -31,7 +31,7 @@ Behavior = Callable[[Any, grpc.aio.ServicerContext], Any]
 # How long a refused client-streaming call keeps reading what the client still sends (see _drain).
 _DRAIN_SECONDS = 2.0
 # How long a stream whose write failed waits for gRPC to cancel it, as it does once it hears the client left.
-_CANCELLATION_SECONDS = 5.0
+_CANCELLATION_SECONDS = 2.0
 
 _FACTORIES: dict[str, Callable[..., grpc.RpcMethodHandler]] = {
     "unary_unary": grpc.unary_unary_rpc_method_handler,
@@ -231,6 +231,8 @@ async def _streaming(
     started = time.perf_counter()
     code = grpc.StatusCode.UNKNOWN
     try:
+        if type(request) is UndecodableRequest:  # a unary request that did not parse (see _decoding)
+            raise request
         yield
         code = _final_code(context, grpc.StatusCode.OK)
     except grpc.aio.AbortError:
@@ -271,22 +273,29 @@ async def _refuse(
 ) -> NoReturn:
     """Ends a call that raised with the status `exc` maps to; a client-streaming one after draining it."""
     if drain:
-        await _drain(request, drain)
+        await _drain(context, drain)
     await abort(context, exc, domain)
 
 
-async def _drain(requests: AsyncIterator[Any], seconds: float) -> None:
+async def _drain(context: grpc.aio.ServicerContext, seconds: float) -> None:
     """Reads and drops what a client is still sending, for at most `seconds`, before a refusal is answered.
 
     A grpc.aio client whose call ends while it is still writing reports INTERNAL ("Internal error from Core")
-    instead of the server's status (grpc/grpc#36066). An upload refused early (over the size limit, a bad header)
-    is therefore answered once the client has sent its last message, or after `seconds`: the client sees the
-    real code and reason, and nothing it sent is kept.
+    instead of the server's status (grpc/grpc#36066). An upload refused early (over the size limit, a bad header,
+    a message that does not parse) is therefore answered once the client has sent its last message, or after
+    `seconds`: the client sees the real code and reason, and nothing it sent is kept. It reads from the call
+    itself: the handler's request iterator ends at a message that does not parse.
     """
-    with contextlib.suppress(Exception):
+    with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(seconds):
-            async for _ in requests:
-                pass
+            while True:
+                try:
+                    if await context.read() is grpc.aio.EOF:
+                        return
+                except UndecodableRequest:
+                    continue  # dropped like the rest
+                except Exception:  # the call has ended (the client cancelled it, or it was aborted)
+                    return
 
 
 def _final_code(context: grpc.aio.ServicerContext, default: grpc.StatusCode) -> grpc.StatusCode:

@@ -63,6 +63,53 @@ async def test_a_request_that_is_not_a_protobuf_message_is_invalid_argument_not_
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
+class Uploads(Unfinished):
+    """Streams answers from an async generator, and reads whole uploads: a message that does not parse ends the
+    handler's request iterator."""
+
+    async def WatchJob(self, request, context):  # noqa: N802  # the generated name
+        yield jobs_pb2.WatchJobResponse(job=jobs_pb2.Job(id=request.id))
+
+    async def UploadDataset(self, request_iterator, context):  # noqa: N802  # the generated name
+        async for _ in request_iterator:
+            pass
+        return jobs_pb2.UploadDatasetResponse()
+
+
+async def test_a_message_that_does_not_parse_is_invalid_argument_on_every_kind_of_stream() -> None:
+    server = app.build_server(
+        [app.Api(SERVICE, Uploads(), jobs_pb2_grpc.add_JobServiceServicer_to_server)],
+        domain="modelforge.test",
+        settings=ServerSettings(),
+    )
+    port = server.add_port("127.0.0.1:0")
+    await server.start()
+    garbage = b"\xff\xff\xff\xff"
+    chunk = jobs_pb2.UploadDatasetRequest(chunk=b"x" * (1 << 20)).SerializeToString()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            # A request that opens a stream of answers:
+            with pytest.raises(grpc.aio.AioRpcError) as watched:
+                async for _ in channel.unary_stream(f"/{SERVICE.full_name}/WatchJob")(garbage):
+                    pass
+            assert watched.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            # A garbled message early in a long upload: the refusal waits for the client's last message, or the
+            # client would see INTERNAL ("Internal error from Core") instead of it.
+            for _ in range(8):
+
+                async def upload() -> AsyncIterator[bytes]:
+                    yield chunk
+                    yield garbage
+                    for _ in range(64):
+                        yield chunk
+
+                with pytest.raises(grpc.aio.AioRpcError) as uploaded:
+                    await channel.stream_unary(f"/{SERVICE.full_name}/UploadDataset")(upload())
+                assert uploaded.value.code() == grpc.StatusCode.INVALID_ARGUMENT, uploaded.value.details()
+    finally:
+        await server.stop(None)
+
+
 async def test_health_follows_a_watched_dependency(server: tuple[app.Server, grpc.aio.Channel]) -> None:
     srv, channel = server
     assert await health_of(channel, SERVICE.full_name) == health_pb2.HealthCheckResponse.SERVING
