@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import socket
 import subprocess
@@ -96,7 +97,8 @@ def accepts_connections(url: str) -> bool:
         import psycopg.conninfo  # the PostgreSQL side only
 
         info = psycopg.conninfo.conninfo_to_dict(url)
-        host, port = str(info.get("host") or "127.0.0.1"), int(info.get("port") or 5432)
+        # With no port in the URL libpq takes PGPORT, as the server and the services do.
+        host, port = str(info.get("host") or "127.0.0.1"), int(info.get("port") or os.environ.get("PGPORT") or 5432)
     try:
         if host.startswith("/"):
             with socket.socket(socket.AF_UNIX) as unix:

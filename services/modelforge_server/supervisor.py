@@ -415,6 +415,8 @@ class Supervisor:
         deadline = loop.time() + _STORE_RESTART_SECONDS
         failure = "it did not take connections"
         while loop.time() < deadline:
+            if self._stop.is_set():  # Ctrl-C meanwhile: the watch stops the suite next
+                return True
             try:
                 url, store.stop = await asyncio.to_thread(store.start)
             except Exception as exc:  # its port not free yet, its files still locked: try again shortly
@@ -426,7 +428,8 @@ class Supervisor:
                 if await asyncio.to_thread(embedded.accepts_connections, url):
                     self.say(f"  {store.name}  serving again at {url} (the services reconnect)")
                     return True
-            await asyncio.sleep(0.5)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), 0.5)
         self.say(
             f"modelforge up: could not start the embedded {store.name} again within {_STORE_RESTART_SECONDS:.0f} s "
             f"({failure}); stopping the others"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
+import pytest
+
 from modelforge_server.embedded import accepts_connections, free_port
 
 
@@ -26,3 +28,13 @@ def test_a_unix_socket_directory_accepts_once_postgres_socket_listens(tmp_path: 
         assert not accepts_connections(url)  # a socket file nobody listens on (a server that died)
         server.listen()
         assert accepts_connections(url)
+
+
+def test_a_unix_socket_url_without_a_port_takes_pgport_as_libpq_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PGPORT", "55432")
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(tmp_path / ".s.PGSQL.55432"))
+        server.listen()
+        assert accepts_connections(f"postgresql://postgres:@/postgres?host={tmp_path}")
