@@ -685,16 +685,6 @@ def max_batch_size(signature: Signature, serving: ServingConfig) -> int:
     return serving.batching.max_batch_size if signature.batchable else 0
 
 
-def _dims(spec: TensorSpec, skip: int) -> dict[str, Any]:
-    """A tensor's dims in ModelConfig, its batch dimension left out when `skip` is 1. A tensor with none left (a
-    scalar, or a batched vector) is written as Triton writes it, since a config must give every tensor dims:
-    ``dims: [1]`` with ``reshape { shape: [] }``, the shape the model sees."""
-    dims = spec.shape[skip:]
-    if dims:
-        return {"dims": dims}
-    return {"dims": [1], "reshape": config_pb.ModelTensorReshape(shape=[])}
-
-
 def model_config(model: ResolvedModel, serving: ServingConfig, *, merging: bool = True) -> config_pb.ModelConfig:
     """The model configuration in the V2 shape. With max_batch_size > 0, dims leave out the batch dimension.
 
@@ -708,11 +698,11 @@ def model_config(model: ResolvedModel, serving: ServingConfig, *, merging: bool 
         backend=BACKEND,
         max_batch_size=batch,
         input=[
-            config_pb.ModelInput(name=spec.name, data_type=_CONFIG_TYPES[_spec_datatype(spec)], **_dims(spec, skip))
+            config_pb.ModelInput(name=spec.name, data_type=_CONFIG_TYPES[_spec_datatype(spec)], dims=spec.shape[skip:])
             for spec in model.signature.inputs
         ],
         output=[
-            config_pb.ModelOutput(name=spec.name, data_type=_CONFIG_TYPES[_spec_datatype(spec)], **_dims(spec, skip))
+            config_pb.ModelOutput(name=spec.name, data_type=_CONFIG_TYPES[_spec_datatype(spec)], dims=spec.shape[skip:])
             for spec in model.signature.outputs
         ],
         instance_group=[

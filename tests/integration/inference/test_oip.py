@@ -214,19 +214,6 @@ async def test_model_config_without_batching_keeps_every_dimension(v2: V2, mlp: 
     assert list(config.input[0].dims) == [-1, 64]
 
 
-async def test_model_config_gives_a_tensor_without_dims_left_as_triton_does(v2: V2) -> None:
-    # A batched vector [batch] has no dims once the batch dimension is left out, nor has a scalar: a config must
-    # give dims, and Triton writes such a tensor as dims [1] reshaped to [].
-    batching = {"modelforge.io/max-batch-size": "8"}
-    await upload(v2.running, "vector", model_bytes(build_identity(shape=["batch"])), labels=batching)
-    await upload(v2.running, "scalar", model_bytes(build_identity(shape=[])))
-    for name, batch in (("vector", 8), ("scalar", 0)):
-        config = (await v2.stub.ModelConfig(pb.ModelConfigRequest(name=name))).config
-        assert config.max_batch_size == batch
-        for tensor in (config.input[0], config.output[0]):
-            assert list(tensor.dims) == [1] and tensor.HasField("reshape") and list(tensor.reshape.shape) == []
-
-
 # --- inference -------------------------------------------------------------------------------------------------
 
 
