@@ -266,7 +266,7 @@ class ModelStatistics:
     version: int
     requests: int = 0
     failures: int = 0
-    inferences: int = 0  # items, counting each row of a batched request
+    inferences: int = 0  # items: a request's rows, or one for a model without a batch dimension
     executions: int = 0  # session runs; fewer than inferences when batching merges requests
     queue_seconds: float = 0.0  # sums over successful requests
     compute_seconds: float = 0.0

@@ -207,7 +207,11 @@ class _EngineCollector(Collector):
             ("requests", "Prediction requests that resolved to the version, answered or not.", "requests"),
             ("failed_requests", "Requests that resolved to the version and got an error.", "failures"),
             ("executions", "Model executions (session runs); a batch counts once.", "executions"),
-            ("items", "Items (rows) the model computed, counting each row of a batch.", "inferences"),
+            (
+                "items",
+                "Items the model computed: rows, or one per request for a model without a batch dimension.",
+                "inferences",
+            ),
             ("cache_hits", "Predictions answered from the prediction cache.", "cache_hits"),
             ("cache_misses", "Prediction cache lookups that found nothing.", "cache_misses"),
         )

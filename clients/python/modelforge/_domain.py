@@ -300,7 +300,7 @@ class ModelStatistics:
         version: The version number.
         request_count: Requests answered successfully.
         failure_count: Requests that failed.
-        inference_count: Items run, counting every row of a batched run.
+        inference_count: Items run: a request's rows, or one per request for a model without a batch dimension.
         execution_count: Model runs; fewer than ``inference_count`` when batching merged requests.
         queue_time: Sum of successful requests' time in the queue.
         compute_time: Sum of successful requests' compute time.

@@ -774,7 +774,9 @@ class ModelStatistics(_message.Message):
     failure_count: _builtins.int
     """Requests that failed."""
     inference_count: _builtins.int
-    """Items run, counting every row of a batched run."""
+    """Items run: the rows of each run of a model with a batch dimension, one per
+    request for a model without one.
+    """
     execution_count: _builtins.int
     """Model runs; fewer than inference_count when batching merged requests."""
     cache_hit_count: _builtins.int
