@@ -228,6 +228,10 @@ async def test_predict_load_stats_and_jobs(
         np.testing.assert_array_equal(saved["y"], x + 1)
     bare = await cli("jobs", "result", job_id, "--out", str(tmp_path / "bare"), *addresses)  # named as numpy does
     assert bare.out.strip().endswith(f"to {tmp_path / 'bare.npz'}") and (tmp_path / "bare.npz").is_file()
+    for directory in (".", str(tmp_path)):
+        refused = await cli("jobs", "result", job_id, "--out", directory, *addresses)
+        assert (refused.code, refused.err) == (2, f"modelforge: --out {directory} is a directory; give the .npz file "
+                                                  "to write\n")  # fmt: skip
     (tmp_path / "folder.npz").mkdir()
     into_folder = await cli("jobs", "result", job_id, "--out", str(tmp_path / "folder.npz"), *addresses)
     assert (into_folder.code, into_folder.err) == (2, f"modelforge: --out {tmp_path / 'folder.npz'} is a directory; "

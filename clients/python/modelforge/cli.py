@@ -714,9 +714,11 @@ def cmd_jobs_rm(ctx: Context) -> int:
 
 def cmd_jobs_result(ctx: Context) -> int:
     out = Path(ctx.args.out)
+    if out.is_dir() or not out.name:  # before the outputs are fetched for nothing
+        raise UsageError(f"--out {ctx.args.out} is a directory; give the .npz file to write")
     if out.suffix != ".npz":
         out = out.with_name(out.name + ".npz")  # as numpy.savez would name it; said so below
-    if out.is_dir():  # before the outputs are fetched for nothing
+    if out.is_dir():
         raise UsageError(f"--out {out} is a directory; give the .npz file to write")
     with ctx.jobs() as jobs:
         outputs = jobs.get_job(ctx.args.id).result(timeout=ctx.args.wait_timeout)
