@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -24,18 +25,27 @@ class Unfinished(jobs_pb2_grpc.JobServiceServicer):
     """Implements nothing: the generated base class answers every method."""
 
 
-@pytest.fixture
-async def server() -> AsyncIterator[tuple[app.Server, grpc.aio.Channel]]:
+@contextlib.asynccontextmanager
+async def serving(servicer: jobs_pb2_grpc.JobServiceServicer) -> AsyncIterator[tuple[app.Server, grpc.aio.Channel]]:
+    """A started server of `servicer` on a free port, and a channel to it."""
     server = app.build_server(
-        [app.Api(SERVICE, Unfinished(), jobs_pb2_grpc.add_JobServiceServicer_to_server)],
+        [app.Api(SERVICE, servicer, jobs_pb2_grpc.add_JobServiceServicer_to_server)],
         domain="modelforge.test",
         settings=ServerSettings(),
     )
     port = server.add_port("127.0.0.1:0")
     await server.start()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        yield server, channel
-    await server.stop(None)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield server, channel
+    finally:
+        await server.stop(None)
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[tuple[app.Server, grpc.aio.Channel]]:
+    async with serving(Unfinished()) as started:
+        yield started
 
 
 async def health_of(channel: grpc.aio.Channel, name: str) -> int:
@@ -77,37 +87,27 @@ class Uploads(Unfinished):
 
 
 async def test_a_message_that_does_not_parse_is_invalid_argument_on_every_kind_of_stream() -> None:
-    server = app.build_server(
-        [app.Api(SERVICE, Uploads(), jobs_pb2_grpc.add_JobServiceServicer_to_server)],
-        domain="modelforge.test",
-        settings=ServerSettings(),
-    )
-    port = server.add_port("127.0.0.1:0")
-    await server.start()
     garbage = b"\xff\xff\xff\xff"
     chunk = jobs_pb2.UploadDatasetRequest(chunk=b"x" * (1 << 20)).SerializeToString()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            # A request that opens a stream of answers:
-            with pytest.raises(grpc.aio.AioRpcError) as watched:
-                async for _ in channel.unary_stream(f"/{SERVICE.full_name}/WatchJob")(garbage):
-                    pass
-            assert watched.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-            # A garbled message early in a long upload: the refusal waits for the client's last message, or the
-            # client would see INTERNAL ("Internal error from Core") instead of it.
-            for _ in range(8):
+    async with serving(Uploads()) as (_, channel):
+        # A request that opens a stream of answers:
+        with pytest.raises(grpc.aio.AioRpcError) as watched:
+            async for _ in channel.unary_stream(f"/{SERVICE.full_name}/WatchJob")(garbage):
+                pass
+        assert watched.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        # A garbled message early in a long upload: the refusal waits for the client's last message, or the
+        # client would see INTERNAL ("Internal error from Core") instead of it.
+        for _ in range(8):
 
-                async def upload() -> AsyncIterator[bytes]:
+            async def upload() -> AsyncIterator[bytes]:
+                yield chunk
+                yield garbage
+                for _ in range(64):
                     yield chunk
-                    yield garbage
-                    for _ in range(64):
-                        yield chunk
 
-                with pytest.raises(grpc.aio.AioRpcError) as uploaded:
-                    await channel.stream_unary(f"/{SERVICE.full_name}/UploadDataset")(upload())
-                assert uploaded.value.code() == grpc.StatusCode.INVALID_ARGUMENT, uploaded.value.details()
-    finally:
-        await server.stop(None)
+            with pytest.raises(grpc.aio.AioRpcError) as uploaded:
+                await channel.stream_unary(f"/{SERVICE.full_name}/UploadDataset")(upload())
+            assert uploaded.value.code() == grpc.StatusCode.INVALID_ARGUMENT, uploaded.value.details()
 
 
 async def test_health_follows_a_watched_dependency(server: tuple[app.Server, grpc.aio.Channel]) -> None:
