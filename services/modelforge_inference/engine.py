@@ -637,15 +637,17 @@ class InferenceEngine:
         return session, max(resident_bytes() - before, slot.model.size_bytes)
 
     def _enforce_budget(self, keep: _Slot) -> None:
-        """Evicts least recently used READY versions while the table holds too many or too much."""
+        """Evicts least recently used READY versions while the table holds too many or too much, idle ones first: a
+        version with requests in flight stays loaded until they end, and the next request would load it again."""
         while True:
             held = [slot for slot in self._slots.values() if slot.state in (ModelState.READY, ModelState.LOADING)]
             memory = sum(slot.memory for slot in held)
             if len(held) <= self._settings.max_loaded_models and memory <= self._settings.memory_budget_bytes:
                 return
-            victim = next((s for s in held if s is not keep and s.state is ModelState.READY), None)
-            if victim is None:
+            candidates = [s for s in held if s is not keep and s.state is ModelState.READY]
+            if not candidates:
                 return
+            victim = next((s for s in candidates if s.in_flight == 0), candidates[0])
             log.info(
                 "evicting %s:%s (least recently used) to stay within %d models and %d MiB",
                 victim.model.name,

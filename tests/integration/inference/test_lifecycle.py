@@ -187,6 +187,25 @@ async def test_eviction_waits_for_requests_in_flight(start_inference: StartInfer
         await wait_loaded(running, [("add-one", 1, pb.LOADED_MODEL_STATE_READY)])
 
 
+async def test_eviction_takes_an_idle_version_before_a_busy_one(start_inference: StartInference, add_one: ModelFile):
+    async with start_inference(compute_threads=1, max_loaded_models=2) as running:
+        await upload(running, "slow", SLOW)
+        await upload(running, "idle", add_one)
+        await upload(running, "new", add_one)
+        await running.stub.LoadModel(pb.LoadModelRequest(ref=ref("slow")))
+        blocker = asyncio.ensure_future(running.stub.Predict(predict_request("slow", BLOCKER)))
+        await wait_in_flight(running, "slow", 1)
+        await running.stub.LoadModel(pb.LoadModelRequest(ref=ref("idle")))  # used after slow, but idle
+
+        await running.stub.LoadModel(pb.LoadModelRequest(ref=ref("new")))
+
+        ready = pb.LOADED_MODEL_STATE_READY
+        async with asyncio.timeout(20):
+            while sorted(await loaded(running)) != [("new", 1, ready), ("slow", 1, ready)]:
+                await asyncio.sleep(0.01)
+        assert outputs(await blocker)["y"].shape == (4096, 512)
+
+
 async def test_alias_moved_mid_traffic_serves_the_new_version_from_then_on(
     inference: RunningInference, add_one: ModelFile
 ) -> None:
