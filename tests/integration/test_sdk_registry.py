@@ -116,6 +116,8 @@ async def test_download_verifies_and_writes_atomically(
     await client.download("adder", out)
     assert (out / "adder.onnx").read_bytes() == add_one.data
     assert sorted(p.name for p in out.iterdir()) == ["adder.onnx", "out.onnx"]  # no partial files left
+    await client.download("adder", f"{tmp_path / 'new-dir'}/")  # a directory to make, as the CLI takes it too
+    assert (tmp_path / "new-dir" / "adder.onnx").read_bytes() == add_one.data
 
 
 async def test_failures_are_typed_errors_with_code_and_reason(

@@ -38,9 +38,10 @@ def _check_chunk(chunk_bytes: int) -> int:
 
 
 def _target_file(path: str | os.PathLike[str], ref: str | ModelRef) -> Path:
-    """Where a download lands: ``path`` itself, or ``<dir>/<name>.onnx`` when ``path`` is a directory."""
+    """Where a download lands: ``path`` itself, or ``<dir>/<name>.onnx`` when ``path`` is a directory, or ends in a
+    separator (a directory to make: Path drops the separator)."""
     target = Path(path)
-    if target.is_dir():
+    if target.is_dir() or os.fspath(path).endswith(("/", os.sep)):
         return target / f"{ModelRef.parse(ref).name}.onnx"
     return target
 
@@ -367,7 +368,8 @@ class RegistryClient(ChannelClient):
 
         Args:
             ref: The version (an alias or a bare name is resolved by the registry).
-            path: The file to write, or a directory to write ``<name>.onnx`` into. Replaced atomically.
+            path: The file to write, or a directory (existing, or ending in ``/``) to write ``<name>.onnx`` into.
+                Replaced atomically.
             progress: Called as ``progress(bytes_received, total_bytes)``.
 
         Returns:

@@ -384,16 +384,14 @@ def cmd_models_rm(ctx: Context) -> int:
 def cmd_models_pull(ctx: Context) -> int:
     a = ctx.args
     ref = ModelRef.parse(a.ref)
-    target = Path(a.out) if a.out else Path(f"{ref.name}.onnx")
-    if a.out and a.out.endswith(("/", os.sep)):  # a directory, though it does not exist yet: Path drops the slash
-        target.mkdir(parents=True, exist_ok=True)
+    target = a.out or f"{ref.name}.onnx"
     bar = ProgressBar(f"downloading {ref}", ctx.err)
     with ctx.registry() as registry:
         try:
             version = registry.download(ref, target, progress=bar)
         finally:
             bar.close()
-    where = target / f"{ref.name}.onnx" if target.is_dir() else target
+    where = Path(target) / f"{ref.name}.onnx" if Path(target).is_dir() else Path(target)
     print(f"downloaded {version.ref} to {where} (sha256 verified)", file=ctx.out)
     return 0
 
