@@ -234,16 +234,21 @@ def test_up_serves_the_suite_and_keeps_data_across_a_restart(env: Env, add_one: 
     assert not [line for line in suite.errors if "fork() handlers" in line]
 
 
-def up_registry(env: Env, port: int) -> subprocess.CompletedProcess[str]:
-    """Runs `modelforge up --only registry` on `port` to its end."""
+def run_up(env: Env, *argv: str) -> subprocess.CompletedProcess[str]:
+    """Runs `modelforge up ARGV...` to its end (one that is refused before it starts anything)."""
     return subprocess.run(
-        [str(MODELFORGE), "up", "--registry-port", str(port), "--only", "registry"],
+        [str(MODELFORGE), "up", *argv],
         env=env.environ(),
         capture_output=True,
         text=True,
         timeout=START_TIMEOUT,
         check=False,
     )
+
+
+def up_registry(env: Env, port: int, *argv: str) -> subprocess.CompletedProcess[str]:
+    """Runs `modelforge up --only registry` on `port` to its end."""
+    return run_up(env, "--registry-port", str(port), "--only", "registry", *argv)
 
 
 def test_a_port_in_use_stops_up_with_a_clear_message(env: Env) -> None:
@@ -261,15 +266,8 @@ def test_a_port_in_use_stops_up_with_a_clear_message(env: Env) -> None:
 def test_a_second_up_on_the_same_data_dir_is_refused_before_anything_starts(env: Env) -> None:
     with up(env) as suite:
         ports = _free_ports(3)
-        second = subprocess.run(
-            [str(MODELFORGE), "up", "--registry-port", str(ports[0]), "--inference-port", str(ports[1]),
-             "--jobs-port", str(ports[2])],
-            env=env.environ(),
-            capture_output=True,
-            text=True,
-            timeout=START_TIMEOUT,
-            check=False,
-        )  # fmt: skip
+        second = run_up(env, "--registry-port", str(ports[0]), "--inference-port", str(ports[1]),
+                        "--jobs-port", str(ports[2]))  # fmt: skip
         assert second.returncode == 1, second.stdout + second.stderr
         assert second.stderr.strip() == (
             f"modelforge up: another `modelforge up` (pid {suite.process.pid}) runs on {env.data_dir}; stop it, "
@@ -281,14 +279,7 @@ def test_a_second_up_on_the_same_data_dir_is_refused_before_anything_starts(env:
 
 @pytest.mark.parametrize(("host", "says"), [("999.1.1.1", "Name or service not known"), ("10.99.99.99", "no address")])
 def test_a_host_that_is_not_this_machines_stops_up_before_anything_starts(env: Env, host: str, says: str) -> None:
-    result = subprocess.run(
-        [str(MODELFORGE), "up", "--host", host, "--registry-port", str(env.ports[0]), "--only", "registry"],
-        env=env.environ(),
-        capture_output=True,
-        text=True,
-        timeout=START_TIMEOUT,
-        check=False,
-    )
+    result = up_registry(env, env.ports[0], "--host", host)
     assert result.returncode == 1
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith(f"modelforge up: cannot listen on host {host!r}: ")
