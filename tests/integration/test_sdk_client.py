@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
 import numpy as np
 import onnxruntime as ort
+import pytest
 
 import modelforge
 from tests.fixtures.onnx_models import ModelFile
@@ -55,3 +57,55 @@ async def test_sync_client_predicts_through_the_same_servers(inference: RunningI
 
     outputs = await asyncio.to_thread(scenario)
     assert outputs["output"].shape == (2, 8)
+
+
+async def test_every_kind_of_call_on_a_closed_client_is_client_closed(
+    inference: RunningInference, jobs_api: RunningJobs, worker: InProcessWorker, mlp: ModelFile, tmp_path
+) -> None:
+    x = np.ones((2, 64), dtype=np.float32)
+    targets = {
+        "registry": inference.registry.address,
+        "inference": inference.address,
+        "jobs": f"127.0.0.1:{jobs_api.port}",
+    }
+
+    def closed_sync() -> None:
+        with modelforge.Client(**targets) as mf:
+            mf.upload_model(mlp.data, name="scorer")
+            job = mf.submit_job("scorer", {"input": x})
+            job.wait(timeout=60)
+        calls = {
+            "unary": lambda: mf.predict("scorer", {"input": x}),
+            "server stream": lambda: mf.inference.predict_stream("scorer", {"input": x}),
+            "client stream": lambda: mf.upload_model(mlp.data, name="scorer"),
+            "paged": lambda: list(mf.list_models()),
+            "download": lambda: mf.registry.download("scorer", tmp_path / "m.onnx"),
+            "events": lambda: next(iter(mf.registry.watch())),
+            "job watch": lambda: list(job.watch()),
+            "job result": job.result,
+        }
+        for kind, call in calls.items():
+            with pytest.raises(modelforge.ClientClosedError, match="client is closed") as caught:
+                call()
+            assert caught.value.code == grpc.StatusCode.CANCELLED, kind
+
+    await asyncio.to_thread(closed_sync)
+
+    async with modelforge.AsyncClient(**targets) as mf:
+        job = await mf.submit_job("scorer", {"input": x})
+        await job.wait(timeout=60)
+    async_calls = {
+        "unary": lambda: mf.predict("scorer", {"input": x}),
+        "server stream": lambda: mf.inference.predict_stream("scorer", {"input": x}),
+        "client stream": lambda: mf.upload_model(mlp.data, name="scorer"),
+        "paged": lambda: anext(mf.list_models()),
+        "download": lambda: mf.registry.download("scorer", tmp_path / "a.onnx"),
+        "events": lambda: anext(mf.registry.watch()),
+        "job watch": lambda: anext(job.watch()),
+        "job result": job.result,
+    }
+    for kind, call in async_calls.items():
+        with pytest.raises(modelforge.ClientClosedError, match="client is closed") as caught:
+            await call()
+        assert caught.value.code == grpc.StatusCode.CANCELLED, kind
+    assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "a.onnx").exists()

@@ -27,6 +27,7 @@ PUBLIC = [
     "CacheStatus",
     "CancelledError",
     "Client",
+    "ClientClosedError",
     "Dataset",
     "DeadlineExceededError",
     "FailedPreconditionError",

@@ -18,6 +18,7 @@ from modelforge._errors import (
     AbortedError,
     AlreadyExistsError,
     CancelledError,
+    ClientClosedError,
     DeadlineExceededError,
     FailedPreconditionError,
     IntegrityError,
@@ -173,6 +174,27 @@ def test_unreachable_server_is_unavailable() -> None:
 def test_other_exceptions_pass_through() -> None:
     with pytest.raises(KeyError), translated():
         raise KeyError("x")
+    with pytest.raises(ValueError, match="not about channels"), translated():
+        raise ValueError("not about channels")
+
+
+def test_a_call_on_a_closed_channel_is_client_closed(target: str) -> None:
+    channel = grpc.insecure_channel(target)
+    channel.close()
+    with pytest.raises(ClientClosedError) as caught, translated():
+        channel.unary_unary(UNARY)(b"NOT_FOUND", timeout=10)
+    assert isinstance(caught.value, CancelledError)
+    assert caught.value.code == grpc.StatusCode.CANCELLED
+    assert "client is closed" in caught.value.details
+
+
+async def test_an_aio_call_on_a_closed_channel_is_client_closed(target: str) -> None:
+    channel = grpc.aio.insecure_channel(target)
+    await channel.close()
+    with pytest.raises(ClientClosedError) as caught, translated():
+        await channel.unary_unary(UNARY)(b"NOT_FOUND", timeout=10)
+    assert caught.value.code == grpc.StatusCode.CANCELLED
+    assert isinstance(caught.value.__cause__, grpc.aio.UsageError)
 
 
 @pytest.mark.parametrize("code", [grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED], ids=lambda c: c.name)

@@ -13,6 +13,7 @@ gRPC status code, and raised ``from`` the original ``grpc.RpcError``::
     ├── UnavailableError            UNAVAILABLE: the service is down or unreachable; retry later
     ├── AbortedError                ABORTED: a concurrent change got in the way; retry
     ├── CancelledError              CANCELLED: the call was cancelled
+    │   └── ClientClosedError       raised by the SDK itself for a call on a closed client
     ├── PermissionDeniedError       PERMISSION_DENIED
     ├── UnauthenticatedError        UNAUTHENTICATED
     ├── InternalError               INTERNAL: a server bug; the server log has more
@@ -36,6 +37,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any, ClassVar
 
 import grpc
+import grpc.aio
 from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -44,6 +46,7 @@ __all__ = [
     "AbortedError",
     "AlreadyExistsError",
     "CancelledError",
+    "ClientClosedError",
     "DeadlineExceededError",
     "FailedPreconditionError",
     "InternalError",
@@ -168,6 +171,26 @@ class CancelledError(ModelForgeError):
     """The call was cancelled."""
 
     default_code = grpc.StatusCode.CANCELLED
+
+
+class ClientClosedError(CancelledError):
+    """The client (or the channel passed to it) was closed before this call; no call was made.
+
+    Calls in flight when a client closes end with :class:`CancelledError` instead. Make a new client, or keep the
+    call inside the client's ``with`` block.
+    """
+
+
+_CLOSED_CLIENT = (
+    "this client is closed (close() was called or its `with` block ended), so the call was not made: "
+    "make a new client, or call it inside the client's `with` block"
+)
+# What grpc raises for a call on a closed channel, blocking and asyncio; neither is an RpcError.
+_CLOSED_CHANNEL_MESSAGES = (
+    "Cannot invoke RPC on closed channel",
+    "Cannot invoke RPC: Channel closed",
+    "Channel is closed",
+)
 
 
 class PermissionDeniedError(ModelForgeError):
@@ -298,11 +321,16 @@ def translated() -> Iterator[None]:
 
     Raises:
         ModelForgeError: a subclass chosen by the status code, raised from the RpcError.
+        ClientClosedError: the call was made on a closed channel.
     """
     try:
         yield
     except grpc.RpcError as exc:
         raise error_from_rpc(exc) from exc
+    except (ValueError, grpc.aio.UsageError) as exc:
+        if any(message in str(exc) for message in _CLOSED_CHANNEL_MESSAGES):
+            raise ClientClosedError(_CLOSED_CLIENT) from exc
+        raise
 
 
 @contextlib.asynccontextmanager

@@ -155,7 +155,8 @@ class InferenceClient(ChannelClient):
             ref, inputs, outputs=outputs, priority=priority, queue_timeout=queue_timeout, cache=cache, verify=verify
         )
         assembler = _convert.StreamAssembler(progress, verify=verify)
-        call = self.inference_stub.PredictStream(request, timeout=self._timeout)
+        with translated():  # a closed client fails here, before the call exists
+            call = self.inference_stub.PredictStream(request, timeout=self._timeout)
         try:
             with translated():
                 for message in call:
@@ -287,7 +288,8 @@ class AsyncInferenceClient(AsyncChannelClient):
             ref, inputs, outputs=outputs, priority=priority, queue_timeout=queue_timeout, cache=cache, verify=verify
         )
         assembler = _convert.StreamAssembler(progress, verify=verify)
-        call = self.inference_stub.PredictStream(request, timeout=self._timeout)
+        with translated():  # a closed client fails here, before the call exists
+            call = self.inference_stub.PredictStream(request, timeout=self._timeout)
         try:
             with translated():
                 async for message in call:

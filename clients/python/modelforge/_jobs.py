@@ -169,7 +169,8 @@ class Job:
         """
         reconnect = _Reconnect(timeout)
         while True:
-            call = self._client.jobs_stub.WatchJob(pb.WatchJobRequest(id=self.id), timeout=reconnect.remaining())
+            with translated():  # a closed client fails here, before the call exists
+                call = self._client.jobs_stub.WatchJob(pb.WatchJobRequest(id=self.id), timeout=reconnect.remaining())
             try:
                 with translated():
                     for message in call:
@@ -206,7 +207,8 @@ class Job:
         """
         self.wait(timeout)
         assembler = _convert.ResultAssembler()
-        call = self._client.jobs_stub.GetJobResult(pb.GetJobResultRequest(id=self.id))
+        with translated():  # a closed client fails here, before the call exists
+            call = self._client.jobs_stub.GetJobResult(pb.GetJobResultRequest(id=self.id))
         try:
             with translated():
                 for message in call:
@@ -431,7 +433,8 @@ class AsyncJob:
         """See :meth:`Job.watch`; iterate with ``async for``."""
         reconnect = _Reconnect(timeout)
         while True:
-            call = self._client.jobs_stub.WatchJob(pb.WatchJobRequest(id=self.id), timeout=reconnect.remaining())
+            with translated():  # a closed client fails here, before the call exists
+                call = self._client.jobs_stub.WatchJob(pb.WatchJobRequest(id=self.id), timeout=reconnect.remaining())
             try:
                 with translated():
                     async for message in call:
@@ -459,7 +462,8 @@ class AsyncJob:
         """See :meth:`Job.result`."""
         await self.wait(timeout)
         assembler = _convert.ResultAssembler()
-        call = self._client.jobs_stub.GetJobResult(pb.GetJobResultRequest(id=self.id))
+        with translated():  # a closed client fails here, before the call exists
+            call = self._client.jobs_stub.GetJobResult(pb.GetJobResultRequest(id=self.id))
         try:
             with translated():
                 async for message in call:

@@ -401,7 +401,8 @@ class RegistryClient(ChannelClient):
         Args:
             model: Only events of this model; ``""`` for all.
         """
-        call = self.registry_stub.WatchModelEvents(pb.WatchModelEventsRequest(model=model))
+        with translated():  # a closed client fails here, before the call exists
+            call = self.registry_stub.WatchModelEvents(pb.WatchModelEventsRequest(model=model))
         try:
             with translated():
                 for message in call:
@@ -648,7 +649,8 @@ class AsyncRegistryClient(AsyncChannelClient):
 
     async def watch(self, *, model: str = "") -> AsyncIterator[ModelEvent]:
         """See :meth:`RegistryClient.watch`; iterate with ``async for``."""
-        call = self.registry_stub.WatchModelEvents(pb.WatchModelEventsRequest(model=model))
+        with translated():  # a closed client fails here, before the call exists
+            call = self.registry_stub.WatchModelEvents(pb.WatchModelEventsRequest(model=model))
         try:
             with translated():
                 async for message in call:
