@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import grpc
 
-from modelforge_server.app import LARGE_FRAMES, use_event_loop
+from modelforge_server.app import LARGE_FRAMES, NO_CALL_BACKLOG_LIMIT, use_event_loop
 
 SERVICE = "bench.Bare"
 UNARY = f"/{SERVICE}/Unary"
@@ -42,7 +42,9 @@ async def _serve(port: int, ready: mp.synchronize.Event) -> None:
         "Unary": grpc.unary_unary_rpc_method_handler(_unary, request_deserializer=_same, response_serializer=_same),
         "Bidi": grpc.stream_stream_rpc_method_handler(_bidi, request_deserializer=_same, response_serializer=_same),
     }
-    server = grpc.aio.server(options=[LARGE_FRAMES, ("grpc.so_reuseport", 0)])  # as the services' servers
+    server = grpc.aio.server(
+        options=[LARGE_FRAMES, ("grpc.so_reuseport", 0), *NO_CALL_BACKLOG_LIMIT]
+    )  # as the services
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()

@@ -39,6 +39,16 @@ LIVENESS = "liveness"
 # uploads, inference outputs) then travel in a few frames rather than hundreds of 16 KiB ones.
 MAX_FRAME_SIZE = (1 << 24) - 1
 LARGE_FRAMES = ("grpc.http2.max_frame_size", MAX_FRAME_SIZE)
+# gRPC core holds calls that arrive faster than the server takes them, and past 1,000 such calls it drops them at
+# random with a bare CANCELLED (all of them past 3,000), before any handler, metric or log line sees them. A burst
+# of a few thousand calls on a busy server reaches that. The services refuse work themselves, with codes that say
+# why (a full batch queue is RESOURCE_EXHAUSTED, a passed deadline DEADLINE_EXCEEDED), so core's limit is lifted;
+# what waits in core is bounded by HTTP/2 flow control and the callers' deadlines.
+_UNBOUNDED = (1 << 31) - 1
+NO_CALL_BACKLOG_LIMIT = (
+    ("grpc.server.max_pending_requests", _UNBOUNDED),
+    ("grpc.server.max_pending_requests_hard_limit", _UNBOUNDED),
+)
 DEPENDENCY_PREFIX = "dependency/"
 
 
@@ -212,6 +222,7 @@ def build_server(
             ("grpc.max_send_message_length", settings.max_message_bytes),
             LARGE_FRAMES,
             ("grpc.so_reuseport", 0),
+            *NO_CALL_BACKLOG_LIMIT,
         ],
     )
     registrar = Registrar(server, metrics, domain=domain, mapped=names, intercepted=tracing is not None)
