@@ -82,6 +82,7 @@ async def build(settings: JobsSettings, stack: AsyncExitStack) -> app.Server:
         domain="modelforge.jobs",
         settings=settings,
         metrics=metrics,
+        text_checked=True,
     )
     server.watch_dependency(POSTGRES_DEPENDENCY, lambda: db.ping(pool))
     server.watch_dependency(REDIS_DEPENDENCY, redis_client.ping)

@@ -48,6 +48,7 @@ async def build(settings: RegistrySettings, stack: AsyncExitStack) -> app.Server
         domain="modelforge.registry",
         settings=settings,
         metrics=metrics,
+        text_checked=True,
     )
     server.watch_dependency("postgresql", registry.ping)
     stack.push_async_callback(server.stop, settings.grace_seconds)

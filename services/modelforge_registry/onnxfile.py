@@ -50,7 +50,31 @@ def inspect_file(path: Path) -> tuple[Signature, OnnxInfo]:
         onnx.checker.check_model(model)
     except (onnx.checker.ValidationError, ValueError, RuntimeError) as exc:
         raise InvalidOnnx(f"onnx.checker refused it: {_first_line(exc)}") from None
-    return signature(model), facts(model)
+    found, info = signature(model), facts(model)
+    if (where := _nul_in(found, info)) is not None:
+        raise InvalidOnnx(
+            f"its {where} contains a NUL character (U+0000), which the registry cannot store: remove it (onnx.load, "
+            "change it, onnx.save) and push again"
+        )
+    return found, info
+
+
+def _nul_in(found: Signature, info: OnnxInfo) -> str | None:
+    """Which text kept from the file holds a NUL character (PostgreSQL cannot store one), or None."""
+    texts: list[tuple[str, str]] = [
+        ("producer_name", info.producer_name),
+        ("producer_version", info.producer_version),
+        ("graph name", info.graph_name),
+        ("doc_string", info.doc_string),
+        *((f"opset domain {o.domain!r}", o.domain) for o in info.opset_imports),
+        *((f"metadata_props key {key!r}", key) for key in info.metadata_props),
+        *((f"metadata_props[{key!r}]", value) for key, value in info.metadata_props.items()),
+    ]
+    for kind, specs in (("input", found.inputs), ("output", found.outputs)):
+        for spec in specs:
+            texts.append((f"{kind} name {spec.name!r}", spec.name))
+            texts.extend((f"{kind} {spec.name!r} dimension name {dim!r}", dim) for dim in spec.dim_names)
+    return next((where for where, text in texts if "\0" in text), None)
 
 
 def refuse_external_data(model: onnx.ModelProto) -> None:

@@ -198,6 +198,7 @@ def build_server(
     settings: ServerSettings,
     metrics: Metrics | None = None,
     max_receive_bytes: int | None = None,
+    text_checked: bool = False,
 ) -> Server:
     """A server with RPC metrics, the status mapping, server spans (when tracing is on), health, reflection and
     message limits.
@@ -209,7 +210,9 @@ def build_server(
     makes its own (``server.metrics``). Every handler is registered through a
     :class:`~modelforge_server.handlers.Registrar`, which wraps it once with its metrics and, for the `apis`, the
     status mapping. Server spans are added when :func:`modelforge_server.telemetry.setup`
-    turned tracing on before this call; otherwise the server runs no interceptor.
+    turned tracing on before this call; otherwise the server runs no interceptor. `text_checked` refuses requests
+    to the `apis` that hold a NUL character in a string (INVALID_ARGUMENT ``NUL_IN_TEXT``): for services that store
+    text in PostgreSQL, which cannot hold one.
     """
     names = [api.name for api in apis]
     metrics = metrics if metrics is not None else Metrics()
@@ -225,7 +228,9 @@ def build_server(
             *NO_CALL_BACKLOG_LIMIT,
         ],
     )
-    registrar = Registrar(server, metrics, domain=domain, mapped=names, intercepted=tracing is not None)
+    registrar = Registrar(
+        server, metrics, domain=domain, mapped=names, text_checked=text_checked, intercepted=tracing is not None
+    )
     for api in apis:
         api.add_to_server(api.servicer, registrar)
     health_servicer = health.aio.HealthServicer()

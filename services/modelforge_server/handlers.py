@@ -19,7 +19,8 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any, NoReturn
 
 import grpc
-from google.protobuf.message import DecodeError
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import DecodeError, Message
 from grpc._cython.cygrpc import ExecuteBatchError  # what a failed send raises; grpc.aio has no public name for it
 
 from modelforge_server.errors import InvalidArgument
@@ -41,7 +42,11 @@ _FACTORIES: dict[str, Callable[..., grpc.RpcMethodHandler]] = {
 }
 
 
-class UndecodableRequest(InvalidArgument):
+class RefusedRequest(InvalidArgument):
+    """A request refused as it is decoded, before its handler runs."""
+
+
+class UndecodableRequest(RefusedRequest):
     """A request's bytes do not parse as the method's request message (or a string field in it is not UTF-8)."""
 
     reason = "UNDECODABLE_REQUEST"
@@ -50,11 +55,50 @@ class UndecodableRequest(InvalidArgument):
         super().__init__(f"the request to {method} is not a valid protobuf message of its request type: {exc}")
 
 
+class NulInText(RefusedRequest):
+    """A string field of a request holds a NUL character, which PostgreSQL's text cannot store."""
+
+    reason = "NUL_IN_TEXT"
+
+    def __init__(self, field: str) -> None:
+        super().__init__(
+            f"{field} contains a NUL character (U+0000), which no name, label or text here may hold: remove it",
+            field=field,
+        )
+
+
+def nul_field(message: Message, prefix: str = "") -> str | None:
+    """The path of the first string in `message` (nested messages, lists and map keys and values included) that
+    holds a NUL character, such as ``model.labels['team']``; None when there is none."""
+    for field, value in message.ListFields():
+        path = prefix + field.name
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            for key, item in value.items():
+                where = f"{path}[{key!r}]"
+                if (isinstance(key, str) and "\0" in key) or (isinstance(item, str) and "\0" in item):
+                    return where
+                if isinstance(item, Message) and (inner := nul_field(item, where + ".")) is not None:
+                    return inner
+        elif field.type == FieldDescriptor.TYPE_STRING:
+            items = value if field.is_repeated else (value,)
+            for index, item in enumerate(items):
+                if "\0" in item:
+                    return f"{path}[{index}]" if field.is_repeated else path
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:
+            items = value if field.is_repeated else (value,)
+            for index, item in enumerate(items):
+                suffix = f"[{index}]." if field.is_repeated else "."
+                if (inner := nul_field(item, path + suffix)) is not None:
+                    return inner
+    return None
+
+
 def _decoding(
-    method: str, deserializer: Callable[[bytes], Any] | None, streaming: bool
+    method: str, deserializer: Callable[[bytes], Any] | None, streaming: bool, *, text_checked: bool = False
 ) -> Callable[[bytes], Any] | None:
     """`deserializer`, with a request that does not parse refused as UndecodableRequest, never left to gRPC,
-    which would log a traceback and answer UNKNOWN.
+    which would log a traceback and answer UNKNOWN; with `text_checked`, a request with a NUL in a string is
+    refused as NulInText.
 
     A streamed request's error is raised where the handler reads it, so the handler's mapping answers it; a unary
     request is parsed before the handler runs, so its error is handed to the handler as the request, which raises
@@ -66,12 +110,16 @@ def _decoding(
 
     def decode(data: bytes) -> Any:
         try:
-            return parse(data)
+            request = parse(data)
         except DecodeError as exc:
-            error = UndecodableRequest(method, exc)
-            if streaming:
-                raise error from None
-            return error
+            error: RefusedRequest = UndecodableRequest(method, exc)
+        else:
+            if not text_checked or (field := nul_field(request)) is None:
+                return request
+            error = NulInText(field)
+        if streaming:
+            raise error from None
+        return error
 
     return decode
 
@@ -81,8 +129,9 @@ class Registrar:
 
     Methods of the services named in `mapped` get the status mapping (errors of `domain`); every method, health
     and reflection included, gets the RPC metrics, and has a request that does not parse refused with
-    INVALID_ARGUMENT. `intercepted`: the server runs interceptors, which take streaming handlers to be async
-    generators (OpenTelemetry's does).
+    INVALID_ARGUMENT. `text_checked`: the mapped services' requests with a NUL character in a string are refused
+    too (services that store text in PostgreSQL). `intercepted`: the server runs interceptors, which take
+    streaming handlers to be async generators (OpenTelemetry's does).
     """
 
     def __init__(
@@ -92,6 +141,7 @@ class Registrar:
         *,
         domain: str,
         mapped: Iterable[str],
+        text_checked: bool = False,
         intercepted: bool = False,
     ) -> None:
         self._server = server
@@ -99,6 +149,7 @@ class Registrar:
         self._metrics = metrics
         self._domain = domain
         self._mapped = frozenset(mapped)
+        self._text_checked = text_checked
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}  # "/service/Method" -> its wrapped handler
 
     def add_registered_method_handlers(self, service: str, handlers: Mapping[str, grpc.RpcMethodHandler]) -> None:
@@ -128,7 +179,12 @@ class Registrar:
         wrap = self._stream if streams else _unary  # a streaming method may also be a coroutine writing with write()
         return _FACTORIES[shape](
             wrap(behavior, children, self._domain, mapped, drain),
-            request_deserializer=_decoding(method, handler.request_deserializer, handler.request_streaming),
+            request_deserializer=_decoding(
+                method,
+                handler.request_deserializer,
+                handler.request_streaming,
+                text_checked=self._text_checked and mapped,
+            ),
             response_serializer=handler.response_serializer,
         )
 
@@ -173,7 +229,7 @@ def _unary(behavior: Behavior, children: _MethodMetrics, domain: str, mapped: bo
         started = time.perf_counter()
         code = grpc.StatusCode.UNKNOWN
         try:
-            if type(request) is UndecodableRequest:
+            if isinstance(request, RefusedRequest):
                 raise request
             response = await behavior(request, context)
             code = _final_code(context, grpc.StatusCode.OK)
@@ -185,7 +241,7 @@ def _unary(behavior: Behavior, children: _MethodMetrics, domain: str, mapped: bo
             code = grpc.StatusCode.CANCELLED
             raise
         except Exception as exc:
-            if not (mapped or isinstance(exc, UndecodableRequest)):
+            if not (mapped or isinstance(exc, RefusedRequest)):
                 raise
             try:
                 await _refuse(request, context, exc, domain, drain)
@@ -231,7 +287,7 @@ async def _streaming(
     started = time.perf_counter()
     code = grpc.StatusCode.UNKNOWN
     try:
-        if type(request) is UndecodableRequest:  # a unary request that did not parse (see _decoding)
+        if isinstance(request, RefusedRequest):  # a unary request refused as it was decoded (see _decoding)
             raise request
         yield
         code = _final_code(context, grpc.StatusCode.OK)
@@ -244,7 +300,7 @@ async def _streaming(
     except ExecuteBatchError:
         raise  # the transport failed under a client still there: gRPC's to report
     except Exception as exc:
-        if not (mapped or isinstance(exc, UndecodableRequest)):
+        if not (mapped or isinstance(exc, RefusedRequest)):
             raise
         try:
             await _refuse(request, context, exc, domain, drain)
@@ -292,7 +348,7 @@ async def _drain(context: grpc.aio.ServicerContext, seconds: float) -> None:
                 try:
                     if await context.read() is grpc.aio.EOF:
                         return
-                except UndecodableRequest:
+                except RefusedRequest:
                     continue  # dropped like the rest
                 except Exception:  # the call has ended (the client cancelled it, or it was aborted)
                     return

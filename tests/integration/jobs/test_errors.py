@@ -106,6 +106,14 @@ async def test_bad_request_fields_are_invalid_argument(jobs_api, inference, add_
     await _no_jobs(jobs_api.stub)
 
 
+async def test_a_nul_in_a_string_is_invalid_argument_and_queues_nothing(jobs_api, inference, add_one) -> None:
+    await upload(inference, "add-one", add_one)
+    for fields in ({"labels": {"team": "a\0b"}}, {"request_id": "r\0"}):
+        code, reason = await _fails(jobs_api.stub.CreateJob(inline_request("add-one", {"x": X}, **fields)))
+        assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "NUL_IN_TEXT"), fields
+    await _no_jobs(jobs_api.stub)
+
+
 def replace_header(header: jobs_pb2.UploadDatasetHeader, **fields: object) -> jobs_pb2.UploadDatasetHeader:
     changed = jobs_pb2.UploadDatasetHeader()
     changed.CopyFrom(header)
