@@ -22,6 +22,7 @@ from modelforge_registry.domain import (
     VersionState,
 )
 from modelforge_registry.errors import InvalidUpdateMask
+from modelforge_server.errors import InvalidArgument
 from modelforge_server.refs import ModelRef
 
 MODEL_MUTABLE = ("description", "labels")
@@ -79,9 +80,12 @@ def state_to_proto(state: VersionState) -> registry_pb2.VersionState.ValueType:
 
 
 def state_from_proto(state: registry_pb2.VersionState.ValueType) -> VersionState | None:
-    """None for UNSPECIFIED (no filter)."""
+    """None for UNSPECIFIED (no filter); InvalidArgument for a number that names no state."""
     if state == registry_pb2.VERSION_STATE_UNSPECIFIED:
         return None
+    if state not in registry_pb2.VersionState.values():
+        known = ", ".join(name for name, number in registry_pb2.VersionState.items() if number)
+        raise InvalidArgument(f"state {state} is not a VersionState; use one of {known}", field="state")
     return VersionState(registry_pb2.VersionState.Name(state).removeprefix("VERSION_STATE_"))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from modelforge_server.errors import (
     AlreadyExists,
+    DataLoss,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -166,6 +167,19 @@ class ExternalDataRefused(InvalidArgument):
             "save the model with all tensors inside it (onnx.save(model, path, save_as_external_data=False))",
             tensor=tensor,
             location=location,
+        )
+
+
+class ModelFileMissing(DataLoss):
+    reason = "MODEL_FILE_MISSING"
+
+    def __init__(self, model: str, version: int, sha256: str) -> None:
+        super().__init__(
+            f"the file of {model}:{version} (sha256 {sha256}) is missing from the registry's blob store: restore the "
+            "blob store from a backup, or push the model again as a new version",
+            model=model,
+            version=str(version),
+            sha256=sha256,
         )
 
 

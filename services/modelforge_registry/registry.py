@@ -36,8 +36,8 @@ from modelforge_registry.errors import (
     InvalidLabel,
     InvalidModelName,
     InvalidVersionNumber,
+    ModelFileMissing,
     ModelTooLarge,
-    VersionNotFound,
 )
 from modelforge_registry.events import EventHub
 from modelforge_registry.metrics import RegistryMetrics
@@ -165,9 +165,9 @@ class ModelRegistry:
     async def upload(self, header: UploadHeader, chunks: AsyncIterator[bytes]) -> ModelVersion:
         """Receives, checks and stores a new version; on any failure (or cancellation) nothing is left behind.
 
-        The size limit is enforced as bytes arrive; the announced size and sha256, and the ONNX file itself, are
-        checked once all bytes are in; then the file moves into the blob store and the version row is inserted in
-        one transaction. Every call counts once in ``modelforge_registry_uploads_total``, by its result.
+        The announced size is checked against the size limit first, and enforced as bytes arrive; the sha256, and
+        the ONNX file itself, are checked once all bytes are in; then the file moves into the blob store and the
+        version row is inserted in one transaction. Every call counts once in ``modelforge_registry_uploads_total``, by its result.
         """
         try:
             version = await self._upload(header, chunks)
@@ -197,8 +197,8 @@ class ModelRegistry:
         try:
             async for chunk in chunks:
                 self._metrics.received(len(chunk))
-                if staged.size + len(chunk) > self._max_model_bytes:
-                    raise ModelTooLarge(staged.size + len(chunk), self._max_model_bytes)
+                if staged.size + len(chunk) > header.size_bytes:  # at most the size limit, checked above
+                    raise SizeMismatch(header.size_bytes, staged.size + len(chunk))
                 await staged.write(chunk)
             await staged.finish()
             if staged.size != header.size_bytes:
@@ -268,8 +268,16 @@ class ModelRegistry:
         version = await self.resolve(ref)
         try:
             chunks = await self._blobs.read(version.sha256, self._chunk_bytes)
-        except FileNotFoundError:  # deleted between the lookup and the open
-            raise VersionNotFound(version.model, version.version) from None
+        except FileNotFoundError:
+            # Deleted between the lookup and the open, or lost from the blob store while its version stays.
+            await self._store.get_version(version.model, version.version)  # NOT_FOUND if it was deleted
+            log.error(
+                "the file of %s:%d (sha256 %s) is missing from the blob store",
+                version.model,
+                version.version,
+                version.sha256,
+            )
+            raise ModelFileMissing(version.model, version.version, version.sha256) from None
         return version, chunks
 
     # Aliases

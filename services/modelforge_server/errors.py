@@ -11,7 +11,8 @@ Services subclass a kind with a specific error that builds its own message and s
     ├── DeadlineExceeded     the deadline passed before the work was done
     ├── Unavailable          a dependency is down; retrying later may succeed
     ├── Aborted              a concurrent change got in the way; retry the whole operation
-    └── Cancelled            the caller went away
+    ├── Cancelled            the caller went away
+    └── DataLoss             stored data is gone or damaged; an operator must restore it
 """
 
 from __future__ import annotations
@@ -80,6 +81,12 @@ class Cancelled(ServiceError):
     """The caller cancelled the request."""
 
     reason = "CANCELLED"
+
+
+class DataLoss(ServiceError):
+    """Data the service stored is gone or damaged; retrying does not help until it is restored."""
+
+    reason = "DATA_LOSS"
 
 
 # Streamed uploads (registry model files, jobs datasets): a header with the file's sha256 and size, then chunks.

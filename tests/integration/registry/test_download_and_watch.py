@@ -6,10 +6,11 @@ import asyncio
 import hashlib
 
 import grpc
+import pytest
 
 from modelforge.registry.v1 import registry_pb2 as pb
 from tests.fixtures.servers import upload_model
-from tests.integration.registry.calls import failure
+from tests.integration.registry.calls import failure, reason_of
 
 E = pb.ModelEventType
 
@@ -45,6 +46,24 @@ async def test_download_unknown_is_not_found(registry_stub, add_one) -> None:
         assert code == grpc.StatusCode.NOT_FOUND, selector
     code, _, _ = await failure(download(registry_stub))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_a_file_missing_from_the_blob_store_is_data_loss_not_a_missing_version(
+    registry, add_one, caplog
+) -> None:
+    await upload_model(registry.stub, "lost", add_one.data)
+    (registry.settings.blob_root / add_one.sha256[:2] / add_one.sha256).unlink()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await download(registry.stub, name="lost")
+    assert caught.value.code() == grpc.StatusCode.DATA_LOSS
+    assert reason_of(caught.value) == "MODEL_FILE_MISSING"
+    assert f"the file of lost:1 (sha256 {add_one.sha256}) is missing" in (caught.value.details() or "")
+    assert any(r.levelname == "ERROR" and "missing from the blob store" in r.getMessage() for r in caplog.records)
+    # The version itself is still there, and a deleted one is still NOT_FOUND.
+    assert (await registry.stub.GetModelVersion(pb.GetModelVersionRequest(model="lost", version=1))).model_version
+    await registry.stub.DeleteModelVersion(pb.DeleteModelVersionRequest(model="lost", version=1))
+    code, reason, _ = await failure(download(registry.stub, name="lost", version=1))
+    assert (code, reason) == (grpc.StatusCode.NOT_FOUND, "VERSION_NOT_FOUND")
 
 
 async def next_event(stream) -> pb.ModelEvent:

@@ -167,24 +167,24 @@ async def test_announced_size_over_the_limit_is_refused_at_once(registry, add_on
     assert "MODELFORGE_MAX_MODEL_BYTES" in details
 
 
-async def test_upload_over_the_limit_is_refused_before_the_rest_is_read(registry) -> None:
-    limit = registry.settings.max_model_bytes
+async def test_bytes_beyond_the_announced_size_are_refused_before_the_rest_is_read(registry) -> None:
+    # The announced size is at most MODELFORGE_MAX_MODEL_BYTES (refused at once otherwise), so this also keeps an
+    # upload that understates its size from writing more than the limit.
     chunk = b"\0" * MiB
     header = upload_requests("big", b"x", sha256="0" * 64, size_bytes=MiB)[0]  # understates the size
+    assert 2 * MiB < registry.settings.max_model_bytes
     never = asyncio.Event()
-    sent = 0
 
     async def stream():
-        nonlocal sent
         yield header
-        while sent <= limit:
+        for _ in range(2):
             yield pb.UploadModelVersionRequest(chunk=chunk)
-            sent += len(chunk)
         await never.wait()  # the rest of the file: never sent, so the answer must come without it
         yield pb.UploadModelVersionRequest(chunk=chunk)
 
-    code, reason, _ = await failure(asyncio.wait_for(registry.stub.UploadModelVersion(stream()), 60))
-    assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "MODEL_TOO_LARGE")
+    code, reason, details = await failure(asyncio.wait_for(registry.stub.UploadModelVersion(stream()), 30))
+    assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "SIZE_MISMATCH")
+    assert f"the header announced {MiB} bytes but {2 * MiB} arrived" in details
     await assert_nothing_stored(registry, "big")
 
 

@@ -81,6 +81,9 @@ async def test_list_versions_newest_first_with_pages_and_state_filter(registry_s
     assert code == grpc.StatusCode.NOT_FOUND
     code, _, _ = await failure(registry_stub.ListModelVersions(pb.ListModelVersionsRequest(model="m", page_size=-5)))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
+    code, _, details = await failure(registry_stub.ListModelVersions(pb.ListModelVersionsRequest(model="m", state=7)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "state 7 is not a VersionState; use one of VERSION_STATE_READY, VERSION_STATE_ARCHIVED" in details
     # A token is of its listing: another model's, or another state's, is refused rather than paged from.
     first = await registry_stub.ListModelVersions(pb.ListModelVersionsRequest(model="m", page_size=1))
     for other in (
