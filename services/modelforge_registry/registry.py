@@ -167,7 +167,8 @@ class ModelRegistry:
 
         The announced size is checked against the size limit first, and enforced as bytes arrive; the sha256, and
         the ONNX file itself, are checked once all bytes are in; then the file moves into the blob store and the
-        version row is inserted in one transaction. Every call counts once in ``modelforge_registry_uploads_total``, by its result.
+        version row is inserted in one transaction. Every call counts once in
+        ``modelforge_registry_uploads_total``, by its result.
         """
         try:
             version = await self._upload(header, chunks)

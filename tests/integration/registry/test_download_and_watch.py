@@ -48,9 +48,7 @@ async def test_download_unknown_is_not_found(registry_stub, add_one) -> None:
     assert code == grpc.StatusCode.INVALID_ARGUMENT
 
 
-async def test_a_file_missing_from_the_blob_store_is_data_loss_not_a_missing_version(
-    registry, add_one, caplog
-) -> None:
+async def test_a_file_missing_from_the_blob_store_is_data_loss_not_a_missing_version(registry, add_one, caplog) -> None:
     await upload_model(registry.stub, "lost", add_one.data)
     (registry.settings.blob_root / add_one.sha256[:2] / add_one.sha256).unlink()
     with pytest.raises(grpc.aio.AioRpcError) as caught:
