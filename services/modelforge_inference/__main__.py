@@ -28,7 +28,8 @@ from modelforge_server.settings import MiB, from_env, reported
 
 SERVICE_NAME = "modelforge-inference"
 METRICS_PORT = 9102
-# Health names of the dependencies (``dependency/<name>``). The registry gates readiness; Redis only the cache.
+# Health names of the dependencies (``dependency/<name>``). Neither gates readiness: without the registry, versions
+# already resolved keep serving; without Redis, predictions run uncached.
 REGISTRY_DEPENDENCY = "registry"
 CACHE_DEPENDENCY = "redis"
 CACHE_HEALTH_NAME = app.DEPENDENCY_PREFIX + CACHE_DEPENDENCY

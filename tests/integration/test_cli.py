@@ -139,6 +139,15 @@ async def test_errors_are_one_line_and_non_zero(cli: Cli, not_onnx: ModelFile, t
     assert bad_ref.code == 2 and "invalid model name" in bad_ref.err
 
 
+async def test_another_service_at_the_registrys_address_is_named_as_such(registry: RunningRegistry) -> None:
+    out, err = io.StringIO(), io.StringIO()
+    argv = ["stats", "--inference", registry.address, "--timeout", "5"]  # the registry's port, not inference's
+    code = await asyncio.to_thread(main, argv, out=out, err=err)
+    assert code == 1
+    assert f"the server at {registry.address} does not offer modelforge.inference.v1.InferenceService" in err.getvalue()
+    assert "--inference or MODELFORGE_INFERENCE_ADDRESS" in err.getvalue()
+
+
 async def test_an_unreachable_registry_says_where_it_looked() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -69,6 +69,13 @@ def test_parse_rejects_bad_references_saying_why(text: str, fragment: str) -> No
     assert fragment in str(caught.value)
 
 
+@pytest.mark.parametrize("text", ["fraud:", "fraud:-1", "fraud:V3"])
+def test_a_bad_version_suggests_an_alias_only_where_it_is_one(text: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        ModelRef.parse(text)
+    assert "for an alias" not in str(caught.value)
+
+
 def test_parse_rejects_non_strings() -> None:
     with pytest.raises(ValueError, match="a model reference is a string"):
         ModelRef.parse(3)  # type: ignore[arg-type]

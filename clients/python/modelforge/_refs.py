@@ -124,9 +124,10 @@ class ModelRef:
         if ":" in ref:
             name, _, number = ref.partition(":")
             if not _VERSION.fullmatch(number):
+                alias = f"; use '{name}@{number}' for an alias" if _ALIAS.fullmatch(number) else ""
                 raise ValueError(
                     f"invalid model reference {ref!r}: the part after ':' must be a version number such as "
-                    f"'{name}:3'; use '{name}@{number}' for an alias"
+                    f"'{name}:3'{alias}"
                 )
             return cls(name, version=int(number))
         if "@" in ref:

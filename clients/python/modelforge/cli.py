@@ -26,7 +26,7 @@ import numpy as np
 
 from modelforge._channel import INFERENCE, JOBS, REGISTRY, Service, resolve_target
 from modelforge._domain import JobState, JobStatus, Model, ModelVersion, Prediction
-from modelforge._errors import ModelForgeError, UnavailableError
+from modelforge._errors import ModelForgeError, UnavailableError, UnimplementedError
 from modelforge._inference import InferenceClient
 from modelforge._jobs import Job, JobsClient
 from modelforge._refs import ModelRef
@@ -836,7 +836,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_models_show)
 
     p = sub.add_parser(
-        "set", parents=[common], help="change the description or labels of a model (NAME) or a version (NAME:VERSION)"
+        "set",
+        parents=[common],
+        help="change the description or labels of a model (NAME) or a version (NAME:VERSION or NAME@ALIAS)",
     )
     p.add_argument("ref", metavar="REF", help="NAME for the model; NAME:VERSION or NAME@ALIAS for a version")
     p.add_argument("--description", help="replace the description ('' clears it)")
@@ -947,7 +949,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name, helptext, run in (
         ("show", "show a job", cmd_jobs_show),
         ("watch", "follow a job's progress to its end; exit 1 unless it COMPLETED", cmd_jobs_watch),
-        ("cancel", "cancel a job (a running one stops before its next batch)", cmd_jobs_cancel),
+        (
+            "cancel",
+            "cancel a job (a running one stops within a heartbeat interval, its batches in flight cancelled)",
+            cmd_jobs_cancel,
+        ),
         ("retry", "run a FAILED or CANCELLED job again from its first unfinished batch", cmd_jobs_retry),
         ("rm", "delete a finished job and its results", cmd_jobs_rm),
     ):
@@ -973,6 +979,13 @@ def _error_line(exc: ModelForgeError, ctx: Context | None) -> str:
         return (
             f"cannot reach the {service.key} service at {where}: {exc.details or exc}. Is `modelforge up` "
             f"running? Point to it with --{service.key} or {service.env_var}."
+        )
+    # UNIMPLEMENTED without a reason: something answered at that address, but not this service.
+    if isinstance(exc, UnimplementedError) and not exc.reason and ctx is not None and ctx.service is not None:
+        service = ctx.service
+        return (
+            f"the server at {ctx.target(service)} does not offer {service.full_name} ({exc.details or exc}): is that "
+            f"the {service.key} service's address? Point to it with --{service.key} or {service.env_var}."
         )
     return str(exc)
 
