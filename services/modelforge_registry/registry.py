@@ -144,18 +144,19 @@ class ModelRegistry:
         return await self._store.create_model(new)
 
     async def get_model(self, name: str) -> Model:
-        return await self._store.get_model(name)
+        return await self._store.get_model(check_model_name(name))
 
     async def list_models(self, where: ModelFilter, *, limit: int, after: list[Any] | None) -> Page[Model]:
         return await self._store.list_models(where, limit=limit, after=_first(after))
 
     async def update_model(self, name: str, changes: ModelChanges) -> Model:
+        check_model_name(name, "model.name")
         check_labels(changes.labels, "model.labels", serving=False)
         return await self._store.update_model(name, changes)
 
     async def delete_model(self, name: str, *, force: bool) -> int:
         """Deletes the model; with force also its versions, aliases and the files nothing else uses."""
-        count, unused = await self._store.delete_model(name, force=force)
+        count, unused = await self._store.delete_model(check_model_name(name), force=force)
         for sha256 in unused:
             await self._collect(sha256)
         return count
@@ -230,10 +231,11 @@ class ModelRegistry:
         return version
 
     async def get_version(self, model: str, version: int) -> ModelVersion:
-        return await self._store.get_version(model, check_version(version))
+        return await self._store.get_version(check_model_name(model, "model"), check_version(version))
 
     async def resolve(self, ref: ModelRef) -> ModelVersion:
         """The version a reference points at now: by number, by alias, or the newest READY one."""
+        check_model_name(ref.name, "ref.name")
         if ref.version is not None:
             check_version(ref.version, "ref.version")
         if ref.alias is not None:
@@ -243,23 +245,27 @@ class ModelRegistry:
     async def list_versions(
         self, model: str, state: VersionState | None, *, limit: int, after: list[Any] | None
     ) -> Page[ModelVersion]:
+        check_model_name(model, "model")
         return await self._store.list_versions(model, state, limit=limit, before=_first(after))
 
     async def update_version(self, model: str, version: int, changes: VersionChanges) -> ModelVersion:
+        check_model_name(model, "model_version.model")
         check_labels(changes.labels, "model_version.labels")
         return await self._store.update_version(model, check_version(version), changes)
 
     async def archive(self, model: str, version: int) -> ModelVersion:
+        check_model_name(model, "model")
         archived, _ = await self._store.set_state(model, check_version(version), VersionState.ARCHIVED)
         return archived
 
     async def restore(self, model: str, version: int) -> ModelVersion:
+        check_model_name(model, "model")
         restored, _ = await self._store.set_state(model, check_version(version), VersionState.READY)
         return restored
 
     async def delete_version(self, model: str, version: int) -> bool:
         """Deletes the version; returns True when its file went too, because no other version used it."""
-        unused = await self._store.delete_version(model, check_version(version))
+        unused = await self._store.delete_version(check_model_name(model, "model"), check_version(version))
         if unused is not None:
             await self._collect(unused)
         return unused is not None
@@ -284,16 +290,19 @@ class ModelRegistry:
     # Aliases
 
     async def set_alias(self, model: str, alias: str, version: int) -> tuple[ModelVersion, int]:
+        check_model_name(model, "model")
         check_alias(alias)
         return await self._store.set_alias(model, alias, check_version(version))
 
     async def delete_alias(self, model: str, alias: str) -> int:
-        return await self._store.delete_alias(model, alias)
+        return await self._store.delete_alias(check_model_name(model, "model"), check_alias(alias))
 
     # Events
 
     async def watch(self, model: str = "") -> AsyncIterator[ModelEvent]:
         """WATCH_STARTED, then every change committed through any replica (of `model` if given)."""
+        if model:
+            check_model_name(model, "model")
         self._metrics.watch_opened()
         try:
             async with contextlib.aclosing(self._events.watch(model)) as events:

@@ -48,6 +48,34 @@ async def test_bad_model_names_are_invalid(registry_stub, name: str) -> None:
     assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_MODEL_NAME")
 
 
+async def test_a_name_no_model_can_have_is_invalid_on_every_call_not_not_found(registry_stub) -> None:
+    bad = "No_Such"
+    calls = [
+        registry_stub.GetModel(pb.GetModelRequest(name=bad)),
+        registry_stub.DeleteModel(pb.DeleteModelRequest(name=bad)),
+        registry_stub.UpdateModel(
+            pb.UpdateModelRequest(model=pb.Model(name=bad), update_mask=field_mask_pb2.FieldMask(paths=["labels"]))
+        ),
+        registry_stub.GetModelVersion(pb.GetModelVersionRequest(model=bad, version=1)),
+        registry_stub.ListModelVersions(pb.ListModelVersionsRequest(model=bad)),
+        registry_stub.ArchiveModelVersion(pb.ArchiveModelVersionRequest(model=bad, version=1)),
+        registry_stub.RestoreModelVersion(pb.RestoreModelVersionRequest(model=bad, version=1)),
+        registry_stub.DeleteModelVersion(pb.DeleteModelVersionRequest(model=bad, version=1)),
+        registry_stub.SetAlias(pb.SetAliasRequest(model=bad, alias="prod", version=1)),
+        registry_stub.DeleteAlias(pb.DeleteAliasRequest(model=bad, alias="prod")),
+        registry_stub.ResolveModelRef(pb.ResolveModelRefRequest(ref=pb.ModelRef(name=bad))),
+    ]
+    for call in calls:
+        code, reason, details = await failure(call)
+        assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_MODEL_NAME"), details
+    watch = registry_stub.WatchModelEvents(pb.WatchModelEventsRequest(model=bad))
+    code, reason, _ = await failure(watch.read())
+    assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_MODEL_NAME")
+    await create(registry_stub, "real")
+    code, reason, _ = await failure(registry_stub.DeleteAlias(pb.DeleteAliasRequest(model="real", alias="BAD!")))
+    assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ALIAS")
+
+
 async def test_missing_names_are_invalid(registry_stub) -> None:
     for call in (
         registry_stub.CreateModel(pb.CreateModelRequest()),

@@ -470,7 +470,7 @@ class ModelEvent(_message.Message):
     type: Global___ModelEventType.ValueType
     """What happened."""
     model: _builtins.str
-    """The model concerned; empty for WATCH_STARTED."""
+    """The model concerned; for WATCH_STARTED, the watch's model filter (empty when it watches every model)."""
     version: _builtins.int
     """The version concerned; 0 for model-level events."""
     alias: _builtins.str
