@@ -44,7 +44,13 @@ async def build(settings: RegistrySettings, stack: AsyncExitStack) -> app.Server
     )
     await registry.sweep_orphans()  # files left by a replica that died mid-upload
     server = app.build_server(
-        [app.Api(SERVICE, RegistryServicer(registry), registry_pb2_grpc.add_RegistryServiceServicer_to_server)],
+        [
+            app.Api(
+                SERVICE,
+                RegistryServicer(registry, max_message_bytes=settings.max_message_bytes),
+                registry_pb2_grpc.add_RegistryServiceServicer_to_server,
+            )
+        ],
         domain="modelforge.registry",
         settings=settings,
         metrics=metrics,

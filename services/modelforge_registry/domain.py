@@ -20,6 +20,12 @@ LABEL_PREFIX = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0
 LABEL_PREFIX_MAX = 253
 LABEL_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,61}[A-Za-z0-9])?")
 LABEL_VALUE_MAX = 256
+LABELS_MAX = 64  # labels on one model or version
+DESCRIPTION_MAX = 16_384  # characters; a longer model card belongs in a file, named by a label
+VERSION_LABEL_MAX = 128  # characters: a semver, a git commit, a run id
+# Text a version keeps from its ONNX file (doc_string, metadata_props, names), in UTF-8 bytes: it travels in every
+# answer that holds the version, so it must stay far below the message limit.
+ONNX_TEXT_MAX = 4 * 1024 * 1024
 
 
 class VersionState(enum.StrEnum):
@@ -162,6 +168,16 @@ class Page(Generic[T]):
 
     items: list[T]
     last_key: list[object] | None = None
+
+
+def model_key(model: Model) -> list[object]:
+    """The sort key of a model in listings, as page tokens hold it."""
+    return [model.name]
+
+
+def version_key(version: ModelVersion) -> list[object]:
+    """The sort key of a version in its model's listing (newest first), as page tokens hold it."""
+    return [version.version]
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 import onnx
 from google.protobuf.message import DecodeError
 
-from modelforge_registry.domain import OnnxInfo, OperatorSet, Signature, TensorSpec
+from modelforge_registry.domain import ONNX_TEXT_MAX, OnnxInfo, OperatorSet, Signature, TensorSpec
 from modelforge_registry.errors import ExternalDataRefused, InvalidOnnx
 
 # ONNX TensorProto element types to our DataType names (modelforge.common.v1.DataType without its prefix).
@@ -51,16 +51,28 @@ def inspect_file(path: Path) -> tuple[Signature, OnnxInfo]:
     except (onnx.checker.ValidationError, ValueError, RuntimeError) as exc:
         raise InvalidOnnx(f"onnx.checker refused it: {_first_line(exc)}") from None
     found, info = signature(model), facts(model)
-    if (where := _nul_in(found, info)) is not None:
+    _check_texts(_texts(found, info))
+    return found, info
+
+
+def _check_texts(texts: list[tuple[str, str]]) -> None:
+    """Refuses text kept from the file that PostgreSQL cannot store (a NUL character) or that is too large to travel
+    in every answer holding the version (over ONNX_TEXT_MAX bytes in all)."""
+    if (where := next((where for where, text in texts if "\0" in text), None)) is not None:
         raise InvalidOnnx(
             f"its {where} contains a NUL character (U+0000), which the registry cannot store: remove it (onnx.load, "
             "change it, onnx.save) and push again"
         )
-    return found, info
+    size = sum(len(text.encode()) for _, text in texts)
+    if size > ONNX_TEXT_MAX:
+        raise InvalidOnnx(
+            f"its doc_string, metadata_props and names hold {size} bytes of text, more than the {ONNX_TEXT_MAX} a "
+            "version keeps: move large metadata (vocabularies, configs) into files of their own"
+        )
 
 
-def _nul_in(found: Signature, info: OnnxInfo) -> str | None:
-    """Which text kept from the file holds a NUL character (PostgreSQL cannot store one), or None."""
+def _texts(found: Signature, info: OnnxInfo) -> list[tuple[str, str]]:
+    """Every text kept from the file, each with where it is."""
     texts: list[tuple[str, str]] = [
         ("producer_name", info.producer_name),
         ("producer_version", info.producer_version),
@@ -74,7 +86,7 @@ def _nul_in(found: Signature, info: OnnxInfo) -> str | None:
         for spec in specs:
             texts.append((f"{kind} name {spec.name!r}", spec.name))
             texts.extend((f"{kind} {spec.name!r} dimension name {dim!r}", dim) for dim in spec.dim_names)
-    return next((where for where, text in texts if "\0" in text), None)
+    return texts
 
 
 def refuse_external_data(model: onnx.ModelProto) -> None:

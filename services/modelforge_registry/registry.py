@@ -13,12 +13,15 @@ from modelforge_registry import onnxfile
 from modelforge_registry.blobs import STALE_SECONDS, BlobStore
 from modelforge_registry.domain import (
     ALIAS_NAME,
+    DESCRIPTION_MAX,
     LABEL_NAME,
     LABEL_PREFIX,
     LABEL_PREFIX_MAX,
     LABEL_VALUE_MAX,
+    LABELS_MAX,
     MODEL_NAME,
     SHA256_HEX,
+    VERSION_LABEL_MAX,
     Model,
     ModelChanges,
     ModelEvent,
@@ -69,7 +72,13 @@ def check_labels(
     """Label keys like Kubernetes': [prefix/]name, the prefix a DNS subdomain, the name 1 to 63 characters of
     A-Z, a-z, 0-9, '-', '_' and '.' beginning and ending with a letter or digit; values up to 256 characters; the
     serving labels (modelforge.io/max-batch-size ...) with values the inference service takes, and only where
-    `serving` (a version's labels: the inference service reads no model's)."""
+    `serving` (a version's labels: the inference service reads no model's); at most LABELS_MAX of them."""
+    if labels and len(labels) > LABELS_MAX:
+        raise InvalidArgument(
+            f"{field} has {len(labels)} labels; at most {LABELS_MAX} are allowed: keep longer records elsewhere and "
+            "name them with a label",
+            field=field,
+        )
     for key, value in (labels or {}).items():
         if not serving and serving_label(key) is not None:
             raise InvalidLabel(
@@ -101,6 +110,12 @@ def check_labels(
     if bad := bad_labels(labels or {}):
         raise InvalidLabel(bad[0].key, f"it configures serving and takes {bad[0].takes}, not {bad[0].value!r}", field)
     return labels
+
+
+def check_text(text: str | None, field: str, maximum: int) -> None:
+    """Refuses a description or version label longer than `maximum` characters (None: not being changed)."""
+    if text is not None and len(text) > maximum:
+        raise InvalidArgument(f"{field} has {len(text)} characters; at most {maximum} are allowed", field=field)
 
 
 def check_version(version: int, field: str = "version") -> int:
@@ -140,6 +155,7 @@ class ModelRegistry:
 
     async def create_model(self, new: NewModel) -> Model:
         check_model_name(new.name, "model.name")
+        check_text(new.description, "model.description", DESCRIPTION_MAX)
         check_labels(new.labels, "model.labels", serving=False)
         return await self._store.create_model(new)
 
@@ -151,6 +167,7 @@ class ModelRegistry:
 
     async def update_model(self, name: str, changes: ModelChanges) -> Model:
         check_model_name(name, "model.name")
+        check_text(changes.description, "model.description", DESCRIPTION_MAX)
         check_labels(changes.labels, "model.labels", serving=False)
         return await self._store.update_model(name, changes)
 
@@ -181,6 +198,8 @@ class ModelRegistry:
 
     async def _upload(self, header: UploadHeader, chunks: AsyncIterator[bytes]) -> ModelVersion:
         check_model_name(require(header.model, "header.model"), "header.model")
+        check_text(header.description, "header.description", DESCRIPTION_MAX)
+        check_text(header.version_label, "header.version_label", VERSION_LABEL_MAX)
         check_labels(header.labels, "header.labels")
         if not SHA256_HEX.fullmatch(header.sha256):
             raise InvalidChecksum(header.sha256)
@@ -250,6 +269,8 @@ class ModelRegistry:
 
     async def update_version(self, model: str, version: int, changes: VersionChanges) -> ModelVersion:
         check_model_name(model, "model_version.model")
+        check_text(changes.description, "model_version.description", DESCRIPTION_MAX)
+        check_text(changes.version_label, "model_version.version_label", VERSION_LABEL_MAX)
         check_labels(changes.labels, "model_version.labels")
         return await self._store.update_version(model, check_version(version), changes)
 

@@ -3,26 +3,33 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
-from typing import Any, TypeAlias
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeAlias, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from modelforge.registry.v1 import registry_pb2, registry_pb2_grpc
 from modelforge_registry import convert
-from modelforge_registry.domain import ModelFilter, NewModel
+from modelforge_registry.domain import ModelFilter, NewModel, Page, model_key, version_key
 from modelforge_registry.registry import ModelRegistry
 from modelforge_server import paging
 from modelforge_server.errors import UploadOutOfOrder, require
 
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+T = TypeVar("T")
+P = TypeVar("P", bound=Message)
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
-    """The gRPC face of ModelRegistry."""
+    """The gRPC face of ModelRegistry.
 
-    def __init__(self, registry: ModelRegistry) -> None:
+    `max_message_bytes`: the largest answer; a page of models or versions is cut short to fit in it.
+    """
+
+    def __init__(self, registry: ModelRegistry, *, max_message_bytes: int) -> None:
         self._registry = registry
+        self._page_bytes = max(max_message_bytes - paging.PAGE_OVERHEAD_BYTES, 1)
 
     async def CreateModel(
         self, request: registry_pb2.CreateModelRequest, context: Context
@@ -47,10 +54,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             limit=paging.page_size(request.page_size),
             after=paging.decode(request.page_token, (str,), request),  # the last name
         )
-        return registry_pb2.ListModelsResponse(
-            models=[convert.model_to_proto(m) for m in page.items],
-            next_page_token=paging.encode(page.last_key, request) if page.last_key else "",
-        )
+        models, token = self._fitted(page, convert.model_to_proto, model_key, request)
+        return registry_pb2.ListModelsResponse(models=models, next_page_token=token)
 
     async def UpdateModel(
         self, request: registry_pb2.UpdateModelRequest, context: Context
@@ -97,10 +102,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             limit=paging.page_size(request.page_size),
             after=paging.decode(request.page_token, (int,), request),  # the last version number
         )
-        return registry_pb2.ListModelVersionsResponse(
-            model_versions=[convert.version_to_proto(v) for v in page.items],
-            next_page_token=paging.encode(page.last_key, request) if page.last_key else "",
-        )
+        versions, token = self._fitted(page, convert.version_to_proto, version_key, request)
+        return registry_pb2.ListModelVersionsResponse(model_versions=versions, next_page_token=token)
 
     async def UpdateModelVersion(
         self, request: registry_pb2.UpdateModelVersionRequest, context: Context
@@ -158,6 +161,15 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     ) -> AsyncIterator[registry_pb2.WatchModelEventsResponse]:
         async for event in self._registry.watch(request.model):
             yield registry_pb2.WatchModelEventsResponse(event=convert.event_to_proto(event))
+
+    def _fitted(
+        self, page: Page[T], to_proto: Callable[[T], P], key: Callable[[T], list[object]], request: Message
+    ) -> tuple[list[P], str]:
+        """A page's items as protos, cut to what fits in one answer, and the token of the page after them."""
+        items = [to_proto(item) for item in page.items]
+        kept = paging.fitting(items, self._page_bytes)
+        last_key = key(page.items[kept - 1]) if kept < len(items) else page.last_key
+        return items[:kept], paging.encode(last_key, request) if last_key else ""
 
 
 async def _chunks(requests: AsyncIterator[registry_pb2.UploadModelVersionRequest]) -> AsyncIterator[bytes]:

@@ -30,6 +30,8 @@ from modelforge_registry.domain import (
     UploadHeader,
     VersionChanges,
     VersionState,
+    model_key,
+    version_key,
 )
 from modelforge_registry.errors import (
     AliasNotFound,
@@ -220,7 +222,7 @@ class RegistryStore:
             rows = await cur.fetchall()
         more = len(rows) > limit
         items = rows[:limit]
-        return Page(items=items, last_key=[items[-1].name] if more else None)
+        return Page(items=items, last_key=model_key(items[-1]) if more else None)
 
     async def update_model(self, name: str, changes: ModelChanges) -> Model:
         async with self._transaction() as conn:
@@ -382,7 +384,7 @@ class RegistryStore:
                 await _model(conn, model)  # NOT_FOUND for an unknown model rather than an empty list
         more = len(rows) > limit
         items = [row.to_domain() for row in rows[:limit]]
-        return Page(items=items, last_key=[items[-1].version] if more else None)
+        return Page(items=items, last_key=version_key(items[-1]) if more else None)
 
     async def update_version(self, model: str, version: int, changes: VersionChanges) -> ModelVersion:
         async with self._transaction() as conn:

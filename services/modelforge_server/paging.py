@@ -7,6 +7,7 @@ import binascii
 import copy
 import hashlib
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from google.protobuf.message import Message
@@ -21,6 +22,22 @@ def page_size(requested: int, *, default: int = 50, maximum: int = 500) -> int:
     if requested == 0:
         return default
     return min(requested, maximum)
+
+
+# What a listing's page leaves of the message limit for its items: the token and the message's own fields.
+PAGE_OVERHEAD_BYTES = 64 * 1024
+
+
+def fitting(items: Sequence[Message], budget: int) -> int:
+    """How many of `items`, from the first, fit in `budget` bytes as a repeated field of one answer; at least one, so
+    that a listing always moves on. A page of large items is cut there, and its token continues from the last item
+    kept: the answer stays under the message limit whatever the page size (AIP-158 lets a page hold fewer)."""
+    total = 0
+    for count, item in enumerate(items):
+        total += item.ByteSize() + 10  # the field's tag and length prefix, at most
+        if total > budget and count:
+            return count
+    return len(items)
 
 
 def encode(key: list[Any], request: Message) -> str:
