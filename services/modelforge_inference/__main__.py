@@ -146,7 +146,10 @@ def main() -> None:
         allocator.keep_freed_memory()  # before the first large buffer
         # Before anything opens a channel or builds the server: tracing, when on, instruments both.
         tel = telemetry.setup(SERVICE_NAME, settings, metrics_port=METRICS_PORT)
-    app.run(run(settings, tel), settings.event_loop)
+        # Before anything opens or logs: a port in use is then the one line the process prints. One taken
+        # after this check fails the bind in serve() with the same line, once what was opened is closed.
+        app.check_ports(settings, tel)
+        app.run(run(settings, tel), settings.event_loop)
 
 
 if __name__ == "__main__":

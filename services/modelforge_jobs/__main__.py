@@ -106,7 +106,10 @@ def main() -> None:
         logs.configure(SERVICE_NAME, settings.log_level)
         # Before any channel or pool exists, so that the clients are instrumented and the server gets its spans.
         tel = telemetry.setup(SERVICE_NAME, settings, metrics_port=API_METRICS_PORT)
-    app.run(run(settings, tel), settings.event_loop)
+        # Before anything opens or logs: a port in use is then the one line the process prints. One taken
+        # after this check fails the bind in serve() with the same line, once what was opened is closed.
+        app.check_ports(settings, tel)
+        app.run(run(settings, tel), settings.event_loop)
 
 
 if __name__ == "__main__":

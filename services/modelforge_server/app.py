@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -24,11 +25,12 @@ from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from modelforge_server import tasks
+from modelforge_server import ports, tasks
 from modelforge_server import telemetry as _telemetry
 from modelforge_server.handlers import Registrar
-from modelforge_server.metrics import Metrics
-from modelforge_server.settings import ServerSettings
+from modelforge_server.metrics import Endpoint, Metrics
+from modelforge_server.ports import PortInUse
+from modelforge_server.settings import ServerSettings, SettingsError
 
 log = logging.getLogger("modelforge.server")
 
@@ -50,6 +52,9 @@ NO_CALL_BACKLOG_LIMIT = (
     ("grpc.server.max_pending_requests_hard_limit", _UNBOUNDED),
 )
 DEPENDENCY_PREFIX = "dependency/"
+# How an operator moves each port that serve() binds.
+GRPC_PORT_REMEDY = "MODELFORGE_PORT"
+METRICS_PORT_REMEDY = "MODELFORGE_METRICS_PORT (0 turns metrics off)"
 
 
 @dataclass(frozen=True)
@@ -94,7 +99,10 @@ class Server:
 
     def add_port(self, address: str) -> int:
         """Binds an insecure port and returns its number (useful with port 0)."""
-        port: int = self.grpc.add_insecure_port(address)
+        try:
+            port: int = self.grpc.add_insecure_port(address)
+        except RuntimeError:  # grpcio raises this where older releases returned 0; neither says why
+            port = 0
         if port == 0:
             raise OSError(f"cannot listen on {address}: the address is in use or invalid")
         return port
@@ -287,10 +295,15 @@ async def serve(server: Server, settings: ServerSettings, *, telemetry: _telemet
     """Binds settings.host:port (and the metrics port), serves until SIGTERM or SIGINT, then shuts down gracefully.
 
     With `telemetry` (from ``telemetry.setup``), /metrics is served on settings.host:telemetry.metrics_port
-    unless that port is 0, and buffered spans are flushed at the end.
+    unless that port is 0, and buffered spans are flushed at the end. A port another process holds raises
+    :class:`~modelforge_server.ports.PortInUse`, as :func:`check_ports` does before anything starts.
     """
-    server.add_port(settings.address)
-    endpoint = telemetry.serve_metrics(server.metrics, settings.host) if telemetry is not None else None
+    try:
+        server.add_port(settings.address)
+    except OSError:
+        _refuse_if_taken(settings.host, settings.port, "gRPC", GRPC_PORT_REMEDY)
+        raise
+    endpoint = _serve_metrics(server, settings, telemetry) if telemetry is not None else None
     try:
         await server.start()
         log.info("serving %s on %s", ", ".join(server.names), settings.address)
@@ -302,6 +315,44 @@ async def serve(server: Server, settings: ServerSettings, *, telemetry: _telemet
             endpoint.close()
         if telemetry is not None:
             telemetry.shutdown()
+
+
+def check_ports(settings: ServerSettings, telemetry: _telemetry.Telemetry | None = None) -> None:
+    """Refuses, before a service opens anything, the ports :func:`serve` would find taken.
+
+    Call it in main() under ``settings.reported``, once telemetry has decided the metrics port: a port in use then
+    ends the process with one line naming the port, its use and the setting that moves it (exit 2), before an
+    embedded store starts and logs. :func:`serve` reports a port taken after this check in the same words.
+
+    Raises:
+        PortInUse: another process listens on the gRPC port or the metrics port.
+        SettingsError: MODELFORGE_HOST is no address of this machine.
+    """
+    wanted = [(settings.port, "gRPC", GRPC_PORT_REMEDY)]
+    if telemetry is not None:
+        wanted.append((telemetry.metrics_port, "metrics", METRICS_PORT_REMEDY))
+    for port, use, remedy in wanted:
+        if port:  # 0: the system picks a free port, or metrics are off
+            _refuse_if_taken(settings.host, port, use, remedy)
+
+
+def _refuse_if_taken(host: str, port: int, use: str, remedy: str) -> None:
+    try:
+        if not ports.free(host, port):
+            raise PortInUse(port, use, remedy)
+    except ports.NotAnAddressHere as exc:
+        raise SettingsError(
+            f"MODELFORGE_HOST={host!r} is invalid: {exc}; it takes an address of this machine"
+        ) from None
+
+
+def _serve_metrics(server: Server, settings: ServerSettings, telemetry: _telemetry.Telemetry) -> Endpoint | None:
+    try:
+        return telemetry.serve_metrics(server.metrics, settings.host)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUse(telemetry.metrics_port, "metrics", METRICS_PORT_REMEDY) from None
+        raise
 
 
 async def _wait_for_signal() -> None:

@@ -23,13 +23,11 @@ from __future__ import annotations
 import ast
 import asyncio
 import contextlib
-import errno
 import fcntl
 import functools
 import importlib.util
 import os
 import signal
-import socket
 import sys
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -42,6 +40,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from modelforge_server import embedded, telemetry
+from modelforge_server.ports import NotAnAddressHere
+from modelforge_server.ports import free as port_free
 from modelforge_server.settings import PORT, ServerSettings, SettingsError, from_env
 
 __all__ = [
@@ -62,6 +62,10 @@ class SupervisorError(RuntimeError):
     """`up` cannot go on: a child failed to start or exited; the message says which and how."""
 
 
+DEFAULT_WORKER_METRICS_PORT = 9104
+WORKER_METRICS_PORT_ENV = "MODELFORGE_WORKER_METRICS_PORT"
+
+
 @dataclass(frozen=True)
 class Program:
     """A child process `up` runs: `python -m <module>`."""
@@ -77,9 +81,10 @@ class Program:
     settings: str | None = None
     """The program's settings class, as "module:Class": `up` reads every program's settings from the environment
     its child will get before it starts anything, so that a malformed variable stops it at once."""
+    metrics_port: int = DEFAULT_WORKER_METRICS_PORT
+    """Where the program serves /metrics unless a variable says otherwise."""
 
 
-DEFAULT_WORKER_METRICS_PORT = 9104
 # A child that exits is started again, unless it exited this soon after starting this many times in a row: then
 # something is wrong with its settings or its dependencies, and `up` stops rather than restart it forever.
 _QUICK_EXIT_SECONDS = 10.0
@@ -95,6 +100,7 @@ PROGRAMS: tuple[Program, ...] = (
         "modelforge.registry.v1.RegistryService",
         50051,
         settings="modelforge_registry.settings:RegistrySettings",
+        metrics_port=9101,
     ),
     Program(
         "inference",
@@ -102,6 +108,7 @@ PROGRAMS: tuple[Program, ...] = (
         "modelforge.inference.v1.InferenceService",
         50052,
         settings="modelforge_inference.settings:InferenceSettings",
+        metrics_port=9102,
     ),
     Program(
         "jobs",
@@ -109,6 +116,7 @@ PROGRAMS: tuple[Program, ...] = (
         "modelforge.jobs.v1.JobService",
         50053,
         settings="modelforge_jobs.settings:JobsSettings",
+        metrics_port=9103,
     ),
     Program("jobs-worker", "modelforge_jobs.worker", after="jobs", settings="modelforge_jobs.settings:JobsSettings"),
 )
@@ -222,33 +230,34 @@ def check_settings(program: Program, environ: Mapping[str, str]) -> None:
     from_env(getattr(importlib.import_module(module), name), environ)
 
 
-def _port_free(host: str, port: int) -> bool:
-    """Whether no process listens on `port` of `host`: a socket binds to it without sharing it (SO_REUSEPORT),
-    as one would while a server, gRPC's included, holds it.
+def metrics_port(program: Program, env: Mapping[str, str]) -> int:
+    """The port `program`'s child serves /metrics on, in the environment :func:`child_environ` made for it; 0 for
+    none. As ``telemetry.setup`` decides it: a service takes MODELFORGE_METRICS_PORT, a worker
+    MODELFORGE_WORKER_METRICS_PORT, then MODELFORGE_METRICS_PORT; each falls back to its own default. Workers
+    in prometheus_client's multiprocess mode serve none themselves (``WorkerResources`` leaves it to a fork)."""
+    if program.default_port is None and env.get("PROMETHEUS_MULTIPROC_DIR"):
+        return 0
+    keys = (
+        ["MODELFORGE_METRICS_PORT"]
+        if program.default_port is not None
+        else [WORKER_METRICS_PORT_ENV, "MODELFORGE_METRICS_PORT"]
+    )
+    return next((port for port in (_port(env, key) for key in keys) if port is not None), program.metrics_port)
 
-    Raises:
-        SupervisorError: `host` names no interface of this machine.
-    """
+
+def _metrics_remedy(program: Program) -> str:
+    if program.default_port is None:
+        return f"{WORKER_METRICS_PORT_ENV} (0 turns the workers' metrics off)"
+    return "MODELFORGE_METRICS_PORT (the first of the suite's consecutive metrics ports; 0 turns them off)"
+
+
+def _port_free(host: str, port: int) -> bool:
     try:
-        addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
+        return port_free(host, port)
+    except NotAnAddressHere as exc:
         raise SupervisorError(
-            f"cannot listen on host {host!r}: {exc.strerror}; give --host an address of this machine"
+            f"cannot listen on host {host!r}: {exc}; give --host an address of this machine"
         ) from None
-    for family, kind, proto, _, address in addresses:
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is no owner
-            try:
-                probe.bind(address)
-            except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    return False
-                if exc.errno == errno.EADDRNOTAVAIL:
-                    raise SupervisorError(
-                        f"cannot listen on host {host!r}: it is no address of this machine; give --host one that is"
-                    ) from None
-                raise
-    return True
 
 
 def _dial_host(host: str) -> str:
@@ -337,9 +346,19 @@ class Supervisor:
                     f"--{name}-port"
                 )
             self._env[f"MODELFORGE_{name.upper()}_ADDRESS"] = f"{_dial_host(host)}:{port}"
+        metrics: list[tuple[int, str, str]] = []
         for program in programs:  # before anything starts: a malformed variable stops `up` in one line
             count = self._options.workers if program.after else 1
-            check_settings(program, child_environ(self._env, program, ports.get(program.name), count - 1, count))
+            for index in range(count):
+                env = child_environ(self._env, program, ports.get(program.name), index, count)
+                check_settings(program, env)
+                label = program.name if count == 1 else f"{program.name} {index + 1}"
+                metrics.append((metrics_port(program, env), f"{label} metrics", _metrics_remedy(program)))
+        for port, use, remedy in metrics:  # as the gRPC ports: a child would fail to bind it once the stores run
+            if port and not _port_free(host, port):
+                raise SupervisorError(
+                    f"port {port} ({use}) is in use by another process; stop it, or choose another port with {remedy}"
+                )
 
         async with AsyncExitStack() as stack:
             if not (self._settings.database_url and self._settings.redis_url):

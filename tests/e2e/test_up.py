@@ -234,11 +234,12 @@ def test_up_serves_the_suite_and_keeps_data_across_a_restart(env: Env, add_one: 
     assert not [line for line in suite.errors if "fork() handlers" in line]
 
 
-def run_up(env: Env, *argv: str) -> subprocess.CompletedProcess[str]:
-    """Runs `modelforge up ARGV...` to its end (one that is refused before it starts anything)."""
+def run_up(env: Env, *argv: str, environ: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Runs `modelforge up ARGV...` to its end (one that is refused before it starts anything), with `environ`
+    over the test's environment."""
     return subprocess.run(
         [str(MODELFORGE), "up", *argv],
-        env=env.environ(),
+        env=env.environ() | (environ or {}),
         capture_output=True,
         text=True,
         timeout=START_TIMEOUT,
@@ -261,6 +262,32 @@ def test_a_port_in_use_stops_up_with_a_clear_message(env: Env) -> None:
     assert f"port {registry_port} (registry) is in use by another process" in result.stderr
     assert "--registry-port" in result.stderr
     assert "PostgreSQL" not in result.stdout  # refused before anything started
+
+
+@pytest.mark.parametrize(
+    ("key", "use", "argv"),
+    [
+        ("MODELFORGE_METRICS_PORT", "registry metrics", ("--only", "registry")),
+        ("MODELFORGE_WORKER_METRICS_PORT", "jobs-worker metrics", ()),
+    ],
+)
+def test_a_metrics_port_in_use_stops_up_before_anything_starts(
+    env: Env, key: str, use: str, argv: tuple[str, ...]
+) -> None:
+    registry_port, inference_port, jobs_port = env.ports
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_up(
+            env, "--registry-port", str(registry_port), "--inference-port", str(inference_port),
+            "--jobs-port", str(jobs_port), *argv, environ={key: str(port)},
+        )  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"modelforge up: port {port} ({use}) is in use by another process; stop it, or choose ")
+    assert key in line
+    assert result.stdout == ""  # no store or service was started
 
 
 def test_a_second_up_on_the_same_data_dir_is_refused_before_anything_starts(env: Env) -> None:

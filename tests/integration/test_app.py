@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator
 
@@ -16,7 +17,9 @@ from modelforge.jobs.v1 import jobs_pb2, jobs_pb2_grpc
 from modelforge_server import app
 from modelforge_server.errors import DeadlineExceeded
 from modelforge_server.metrics import Metrics
+from modelforge_server.ports import PortInUse
 from modelforge_server.settings import ServerSettings
+from modelforge_server.telemetry import Telemetry
 
 SERVICE = jobs_pb2.DESCRIPTOR.services_by_name["JobService"]
 
@@ -252,3 +255,24 @@ async def test_a_failure_after_the_callers_deadline_ends_the_call_quietly_under_
         await server.stop(None)
     # Nothing could reach the client any more: no status was sent, so gRPC logged no failed send.
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+@pytest.mark.parametrize("use", ["gRPC", "metrics"])
+async def test_a_port_taken_after_the_start_up_check_is_refused_by_serve_in_the_same_words(use: str) -> None:
+    server = app.build_server(
+        [app.Api(SERVICE, Unfinished(), jobs_pb2_grpc.add_JobServiceServicer_to_server)],
+        domain="modelforge.test",
+        settings=ServerSettings(),
+    )
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        settings = ServerSettings(port=port if use == "gRPC" else 0)
+        tel = Telemetry("modelforge-test", metrics_port=port if use == "metrics" else 0, provider=None)
+        try:
+            with pytest.raises(PortInUse) as caught:
+                await app.serve(server, settings, telemetry=tel)
+        finally:
+            await server.stop(None)
+    assert str(caught.value).startswith(f"port {port} ({use}) is in use by another process; stop it, or choose")

@@ -1,10 +1,14 @@
-"""Each service's entry point, run as operators run it, refuses a malformed MODELFORGE_* variable in one line."""
+"""Each service's entry point, run as operators run it, refuses a malformed MODELFORGE_* variable, or a port in
+use, in one line."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -54,3 +58,32 @@ def test_up_refuses_a_malformed_variable_of_any_service_before_starting_anything
     assert line.startswith("modelforge up: ") and says in line
     assert result.stdout == ""  # no store or service was started
     assert not (tmp_path / "postgres").exists()
+
+
+@contextlib.contextmanager
+def a_port_in_use() -> Iterator[int]:
+    """A port of 127.0.0.1 that another socket listens on, as another server would."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        yield taken.getsockname()[1]
+
+
+@pytest.mark.parametrize("module", ["modelforge_registry", "modelforge_inference", "modelforge_jobs"])
+@pytest.mark.parametrize(
+    ("key", "other", "use"),
+    [("MODELFORGE_PORT", "MODELFORGE_METRICS_PORT", "gRPC"), ("MODELFORGE_METRICS_PORT", "MODELFORGE_PORT", "metrics")],
+)
+def test_a_port_in_use_ends_the_service_with_one_line_before_it_starts_anything(
+    tmp_path: Path, module: str, key: str, other: str, use: str
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELFORGE_")}
+    with a_port_in_use() as port:
+        env |= {"MODELFORGE_DATA_DIR": str(tmp_path), key: str(port), other: "0"}
+        result = subprocess.run([sys.executable, "-m", module], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()  # no traceback, and no log of a store started then stopped
+    assert line.startswith("modelforge-")
+    assert f"port {port} ({use}) is in use by another process" in line
+    assert f"choose another port with {key}" in line
+    assert not (tmp_path / "postgres").exists() and not (tmp_path / "redis").exists()

@@ -1,0 +1,59 @@
+"""The ports a process listens on: whether one is free, and the one-line refusal when one is not.
+
+A service checks its gRPC and metrics ports before it opens anything (an embedded PostgreSQL takes seconds to
+start, and its logs would bury the one line that says why the service stopped); `modelforge up` checks every port
+of the suite before it starts anything. The check is a probe, so a port taken between the check and the bind is
+still possible: the bind's own failure ends in the same :class:`PortInUse`.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+from modelforge_server.settings import SettingsError
+
+__all__ = ["NotAnAddressHere", "PortInUse", "free"]
+
+
+class PortInUse(SettingsError):
+    """Another process listens on a port this one is to listen on.
+
+    A SettingsError: as with a malformed variable, the process cannot start until the setting changes (or the
+    other process stops), so it ends the same way (``settings.reported``: one line, exit 2).
+    """
+
+    def __init__(self, port: int, use: str, remedy: str) -> None:
+        super().__init__(
+            f"port {port} ({use}) is in use by another process; stop it, or choose another port with {remedy}"
+        )
+        self.port = port
+
+
+class NotAnAddressHere(ValueError):
+    """A host to listen on names no interface of this machine; str() says why, for a message that adds the fix."""
+
+
+def free(host: str, port: int) -> bool:
+    """Whether no process listens on `port` of `host`: a socket binds to it without sharing it (SO_REUSEPORT),
+    as one would while a server, gRPC's included, holds it.
+
+    Raises:
+        NotAnAddressHere: `host` does not resolve, or is no address of this machine.
+    """
+    try:
+        addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise NotAnAddressHere(exc.strerror) from None
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is no owner
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return False
+                if exc.errno == errno.EADDRNOTAVAIL:
+                    raise NotAnAddressHere("it is no address of this machine") from None
+                raise
+    return True
