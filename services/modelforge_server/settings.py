@@ -209,14 +209,22 @@ _SUFFIXES = {"KiB": 1024, "MiB": MiB, "GiB": 1024 * MiB, "K": 1000, "M": 1000**2
 
 
 def parse_int(text: str) -> int:
-    """Accepts plain integers, underscores, and byte suffixes such as 64MiB."""
-    for suffix, factor in _SUFFIXES.items():
+    """Accepts plain integers, underscores, and byte suffixes such as 64MiB.
+
+    Raises:
+        ValueError: saying what it takes. Never int()'s own message, which echoes the text with its suffix and
+            underscores removed ("invalid literal for int() with base 10: 'x1'" for x_1MiB); the caller echoes
+            the value as given.
+    """
+    number, factor = text, 1
+    for suffix, size in _SUFFIXES.items():
         if text.endswith(suffix):
-            return int(text[: -len(suffix)].strip().replace("_", "")) * factor
+            number, factor = text[: -len(suffix)].strip(), size
+            break
     try:
-        return int(text.replace("_", ""))
+        return int(number.replace("_", "")) * factor
     except ValueError:
-        raise ValueError("it takes an integer (a size may end in KiB, MiB, GiB, K, M or G)") from None
+        raise ValueError("it takes an integer, optionally ending in KiB, MiB, GiB, K, M or G") from None
 
 
 def _parse_mapping(text: str) -> dict[str, str]:

@@ -75,6 +75,23 @@ def test_a_bad_value_names_the_variable(key: str, value: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("MODELFORGE_CHUNK_BYTES", "1.5MiB"),
+        ("MODELFORGE_MAX_MODEL_BYTES", "x_1MiB"),
+        ("MODELFORGE_MAX_MODEL_BYTES", "MiB"),
+        ("MODELFORGE_PORT", "fifty"),
+    ],
+)
+def test_a_malformed_integer_is_echoed_as_given_with_what_it_takes(key: str, value: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        from_env(ExampleSettings, {key: value})
+    assert str(caught.value) == (
+        f"{key}={value!r} is invalid: it takes an integer, optionally ending in KiB, MiB, GiB, K, M or G"
+    )
+
+
+@pytest.mark.parametrize(
     ("key", "value", "message"),
     [
         ("MODELFORGE_PORT", "70000", "MODELFORGE_PORT=70000 is invalid: it takes a number from 0 to 65535"),
