@@ -223,7 +223,7 @@ def _port(env: Mapping[str, str], key: str) -> int | None:
 
 def check_settings(program: Program, environ: Mapping[str, str]) -> None:
     """Reads `program`'s settings from `environ` as its child will; SettingsError names a malformed variable."""
-    from_env(telemetry.TelemetrySettings, environ)  # every program sets up its telemetry first
+    telemetry.read_settings(environ)  # every program sets up its telemetry first
     if program.settings is None:
         return
     module, _, name = program.settings.partition(":")

@@ -1,6 +1,7 @@
 """Traces and the metrics port: set up once in a process's main(), never at import.
 
-Tracing is off unless ``OTEL_EXPORTER_OTLP_ENDPOINT`` or ``MODELFORGE_OTLP_ENDPOINT`` names an OTLP/gRPC collector.
+Tracing is off unless ``OTEL_EXPORTER_OTLP_ENDPOINT`` or ``MODELFORGE_OTLP_ENDPOINT`` names an OTLP/gRPC collector
+(``http://host:port``, ``https://`` for TLS; :func:`check_endpoint` refuses other forms at start).
 Off means no TracerProvider, no instrumentation and no interceptor: spans started through :func:`tracer` are the
 OpenTelemetry API's no-op spans. On, :func:`setup` installs the TracerProvider and the maintained
 instrumentations: gRPC (server spans through :func:`server_interceptor`, client spans on every ``grpc.aio``
@@ -16,6 +17,7 @@ import contextlib
 import logging
 import os
 import socket
+import urllib.parse
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -36,8 +38,10 @@ __all__ = [
     "Telemetry",
     "TelemetrySettings",
     "attached",
+    "check_endpoint",
     "extract",
     "inject",
+    "read_settings",
     "server_interceptor",
     "setup",
     "tracer",
@@ -63,6 +67,50 @@ class TelemetrySettings:
             raise SettingsError(
                 f"MODELFORGE_TRACE_SAMPLE_RATIO={self.trace_sample_ratio!r} is invalid: it takes a number from 0 to 1"
             )
+        if self.otlp_endpoint is not None:
+            check_endpoint("MODELFORGE_OTLP_ENDPOINT", self.otlp_endpoint)
+
+
+def read_settings(environ: Mapping[str, str] | None = None) -> TelemetrySettings:
+    """TelemetrySettings from the environment, with OTEL_EXPORTER_OTLP_ENDPOINT checked as MODELFORGE_OTLP_ENDPOINT
+    is: a process (and `modelforge up`, for every child) refuses either at start rather than export to nowhere."""
+    env = os.environ if environ is None else environ
+    own = from_env(TelemetrySettings, env)
+    if otel := env.get(OTEL_ENDPOINT_ENV):
+        check_endpoint(OTEL_ENDPOINT_ENV, otel)
+    return own
+
+
+def check_endpoint(key: str, endpoint: str) -> None:
+    """Refuses an endpoint the OTLP/gRPC exporter cannot reach: it takes http://host:port or https://host:port, or
+    the bare host:port, and dials host:port.
+
+    The exporter accepts anything: it dials whatever string it is given as a gRPC target and logs a failed export
+    every few seconds for the life of the process. A path is the OTLP/HTTP exporter's (:4318/v1/traces), which
+    this one would drop, dialling an HTTP port with gRPC.
+
+    Raises:
+        SettingsError: naming `key` and what it takes.
+    """
+    parts = urllib.parse.urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
+    try:
+        port = parts.port  # ValueError when it is not a number from 0 to 65535
+    except ValueError:
+        port = None
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or not port
+        or parts.path not in ("", "/")
+        or parts.query
+        or parts.fragment
+        or parts.username is not None
+        or any(c.isspace() for c in endpoint)  # urlsplit drops leading ones; the exporter does not
+    ):
+        raise SettingsError(
+            f"{key}={endpoint!r} is invalid: it takes the address of an OTLP/gRPC collector, http://host:port or "
+            "https://host:port (such as http://otel-collector:4317)"
+        )
 
 
 @dataclass(frozen=True)
@@ -116,7 +164,7 @@ def setup(
     attributes, when it has them, win over the variables.
     """
     env = os.environ if environ is None else environ
-    own = from_env(TelemetrySettings, env)
+    own = read_settings(env)
     port = _pick(getattr(settings, "metrics_port", None), own.metrics_port, metrics_port)
     endpoint = _pick(getattr(settings, "otlp_endpoint", None), own.otlp_endpoint, env.get(OTEL_ENDPOINT_ENV) or None)
     if endpoint is None and span_exporter is None:

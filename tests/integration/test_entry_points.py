@@ -24,6 +24,8 @@ import pytest
         ("modelforge_jobs", "MODELFORGE_REDIS_URL", "notaurl", "MODELFORGE_REDIS_URL is invalid: it takes a Redis"),
         ("modelforge_registry", "MODELFORGE_DATABASE_URL", "notaurl", "MODELFORGE_DATABASE_URL is invalid"),
         ("modelforge_inference", "MODELFORGE_MAX_BATCH_SIZE", "-3", "MODELFORGE_MAX_BATCH_SIZE=-3 is invalid"),
+        ("modelforge_registry", "MODELFORGE_OTLP_ENDPOINT", "not a url", "MODELFORGE_OTLP_ENDPOINT='not a url' is"),
+        ("modelforge_jobs.worker", "OTEL_EXPORTER_OTLP_ENDPOINT", "ftp://x:99999", "OTEL_EXPORTER_OTLP_ENDPOINT="),
     ],
 )
 def test_a_malformed_variable_ends_the_process_with_one_line(module: str, key: str, value: str, says: str) -> None:
@@ -44,6 +46,7 @@ def test_a_malformed_variable_ends_the_process_with_one_line(module: str, key: s
         ("MODELFORGE_REDIS_URL", "notaurl", "MODELFORGE_REDIS_URL is invalid"),
         ("MODELFORGE_TRACE_SAMPLE_RATIO", "2", "MODELFORGE_TRACE_SAMPLE_RATIO=2.0 is invalid"),  # every program's
         ("MODELFORGE_TRACE_SAMPLE_RATIO", "abc", "MODELFORGE_TRACE_SAMPLE_RATIO='abc' is invalid: expected a number"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "not a url", "OTEL_EXPORTER_OTLP_ENDPOINT='not a url' is invalid"),
     ],
 )
 def test_up_refuses_a_malformed_variable_of_any_service_before_starting_anything(

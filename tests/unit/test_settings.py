@@ -11,7 +11,7 @@ from modelforge_inference.settings import InferenceSettings
 from modelforge_jobs.settings import JobsSettings
 from modelforge_registry.settings import RegistrySettings
 from modelforge_server.settings import ServerSettings, SettingsError, from_env
-from modelforge_server.telemetry import TelemetrySettings
+from modelforge_server.telemetry import TelemetrySettings, read_settings
 
 
 @dataclass(frozen=True)
@@ -238,3 +238,35 @@ def test_a_trace_sample_ratio_outside_0_to_1_is_refused() -> None:
     assert from_env(TelemetrySettings, {"MODELFORGE_TRACE_SAMPLE_RATIO": "0.25"}).trace_sample_ratio == 0.25
     with pytest.raises(SettingsError, match="MODELFORGE_TRACE_SAMPLE_RATIO=2.0 is invalid: it takes a number from 0"):
         from_env(TelemetrySettings, {"MODELFORGE_TRACE_SAMPLE_RATIO": "2"})
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "not a url",
+        "ftp://x:99999",
+        "ftp://collector:4317",
+        "http://collector:99999",
+        "http://collector",  # no port: gRPC would dial 443
+        "http://:4317",
+        "http://collector:4318/v1/traces",  # the OTLP/HTTP exporter's form
+        "collector",
+    ],
+)
+@pytest.mark.parametrize("key", ["MODELFORGE_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"])
+def test_an_otlp_endpoint_the_grpc_exporter_cannot_dial_is_refused_at_start(key: str, endpoint: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        read_settings({key: endpoint})
+    assert str(caught.value) == (
+        f"{key}={endpoint!r} is invalid: it takes the address of an OTLP/gRPC collector, http://host:port or "
+        "https://host:port (such as http://otel-collector:4317)"
+    )
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    ["http://otel-collector:4317", "https://collector.example.com:443/", "http://[::1]:4317", "localhost:4317"],
+)
+def test_an_otlp_endpoint_with_a_host_and_a_port_is_taken(endpoint: str) -> None:
+    assert read_settings({"MODELFORGE_OTLP_ENDPOINT": endpoint}).otlp_endpoint == endpoint
+    read_settings({"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint})
