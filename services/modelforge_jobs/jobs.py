@@ -43,9 +43,12 @@ from modelforge_jobs.inference_client import RegistryClient
 from modelforge_jobs.metrics import ApiMetrics
 from modelforge_jobs.store import JobStore
 from modelforge_server import paging
-from modelforge_server.errors import FailedPrecondition, Unavailable, require
+from modelforge_server.errors import FailedPrecondition, InvalidArgument, Unavailable, require
+from modelforge_server.labels import check_labels
 
 log = logging.getLogger("modelforge.jobs")
+
+DISPLAY_NAME_MAX = 256  # characters of a dataset's display name
 
 Send = Callable[[UUID, Priority], Awaitable[None]]
 
@@ -133,6 +136,7 @@ class Jobs:
 
     async def submit(self, spec: JobSpec) -> Job:
         """Resolves and pins the model, checks the input, records the job and queues it (once per request_id)."""
+        check_labels(spec.labels)
         if spec.request_id:
             existing = await self._store.get_job_by_request_id(spec.request_id)
             if existing is not None:
@@ -272,6 +276,12 @@ class Jobs:
         """Receives the upload into a scratch file (checking size and sha256), checks its records, then stores the
         dataset and its records in one transaction. All or nothing: a failure or a cancelled upload leaves no row
         and no file."""
+        check_labels(labels, "header.labels")
+        if len(display_name) > DISPLAY_NAME_MAX:
+            raise InvalidArgument(
+                f"header.display_name has {len(display_name)} characters; at most {DISPLAY_NAME_MAX} are allowed",
+                field="header.display_name",
+            )
         async with received(chunks, scratch=self._scratch, sha256=sha256, size=size) as path:
             summary = await asyncio.to_thread(scan_file, path)
             dataset = Dataset(

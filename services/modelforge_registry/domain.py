@@ -14,13 +14,7 @@ T = TypeVar("T")
 MODEL_NAME = re.compile(r"[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?")
 ALIAS_NAME = re.compile(r"[a-z][a-z0-9_-]{0,62}")
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
-# Label keys as Kubernetes has them: an optional DNS-subdomain prefix and '/', then a name of at most 63 characters
-# of A-Z, a-z, 0-9, '-', '_' and '.' that begins and ends with a letter or digit (modelforge.io/max-batch-size).
-LABEL_PREFIX = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*")
-LABEL_PREFIX_MAX = 253
-LABEL_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,61}[A-Za-z0-9])?")
-LABEL_VALUE_MAX = 256
-LABELS_MAX = 64  # labels on one model or version
+# Labels follow modelforge_server.labels, as on every service.
 DESCRIPTION_MAX = 16_384  # characters; a longer model card belongs in a file, named by a label
 VERSION_LABEL_MAX = 128  # characters: a semver, a git commit, a run id
 # Text a version keeps from its ONNX file (doc_string, metadata_props, names), in UTF-8 bytes: it travels in every

@@ -36,13 +36,6 @@ class InvalidAlias(InvalidArgument):
         )
 
 
-class InvalidLabel(InvalidArgument):
-    reason = "INVALID_LABEL"
-
-    def __init__(self, key: str, why: str, field: str = "labels") -> None:
-        super().__init__(f"label {key!r} is invalid: {why}", field=field, label=key)
-
-
 class InvalidVersionNumber(InvalidArgument):
     reason = "INVALID_VERSION"
 

@@ -14,11 +14,6 @@ from modelforge_registry.blobs import STALE_SECONDS, BlobStore
 from modelforge_registry.domain import (
     ALIAS_NAME,
     DESCRIPTION_MAX,
-    LABEL_NAME,
-    LABEL_PREFIX,
-    LABEL_PREFIX_MAX,
-    LABEL_VALUE_MAX,
-    LABELS_MAX,
     MODEL_NAME,
     SHA256_HEX,
     VERSION_LABEL_MAX,
@@ -36,7 +31,6 @@ from modelforge_registry.domain import (
 )
 from modelforge_registry.errors import (
     InvalidAlias,
-    InvalidLabel,
     InvalidModelName,
     InvalidVersionNumber,
     ModelFileMissing,
@@ -45,8 +39,10 @@ from modelforge_registry.errors import (
 from modelforge_registry.events import EventHub
 from modelforge_registry.metrics import RegistryMetrics
 from modelforge_registry.store import RegistryStore
+from modelforge_server import labels as labels_rules
 from modelforge_server import telemetry
 from modelforge_server.errors import ChecksumMismatch, InvalidArgument, InvalidChecksum, SizeMismatch, require
+from modelforge_server.labels import InvalidLabel
 from modelforge_server.metrics import Metrics
 from modelforge_server.refs import ModelRef
 from modelforge_server.serving_labels import bad_labels, serving_label
@@ -69,43 +65,16 @@ def check_alias(alias: str, field: str = "alias") -> str:
 def check_labels(
     labels: dict[str, str] | None, field: str = "labels", *, serving: bool = True
 ) -> dict[str, str] | None:
-    """Label keys like Kubernetes': [prefix/]name, the prefix a DNS subdomain, the name 1 to 63 characters of
-    A-Z, a-z, 0-9, '-', '_' and '.' beginning and ending with a letter or digit; values up to 256 characters; the
-    serving labels (modelforge.io/max-batch-size ...) with values the inference service takes, and only where
-    `serving` (a version's labels: the inference service reads no model's); at most LABELS_MAX of them."""
-    if labels and len(labels) > LABELS_MAX:
-        raise InvalidArgument(
-            f"{field} has {len(labels)} labels; at most {LABELS_MAX} are allowed: keep longer records elsewhere and "
-            "name them with a label",
-            field=field,
-        )
-    for key, value in (labels or {}).items():
+    """Labels as every service takes them (modelforge_server.labels), and the serving labels
+    (modelforge.io/max-batch-size ...) with values the inference service takes, only where `serving` (a version's
+    labels: the inference service reads no model's)."""
+    labels_rules.check_labels(labels, field)
+    for key in labels or {}:
         if not serving and serving_label(key) is not None:
             raise InvalidLabel(
                 key,
                 "it configures serving, which is set per version: set it on a version (NAME:VERSION or NAME@ALIAS)",
                 field,
-            )
-        prefix, slash, name = key.rpartition("/")
-        if slash and not prefix:
-            raise InvalidLabel(key, "the prefix before '/' is empty; drop the '/' or name a DNS subdomain", field)
-        if prefix and (len(prefix) > LABEL_PREFIX_MAX or not LABEL_PREFIX.fullmatch(prefix)):
-            raise InvalidLabel(
-                key,
-                f"the prefix {prefix!r} must be a DNS subdomain of at most {LABEL_PREFIX_MAX} characters "
-                "(lowercase letters, digits, '-' and '.', such as modelforge.io)",
-                field,
-            )
-        if not LABEL_NAME.fullmatch(name):
-            raise InvalidLabel(
-                key,
-                "the name (after any 'prefix/') must be 1 to 63 characters of A-Z, a-z, 0-9, '-', '_' and '.', "
-                "beginning and ending with a letter or digit",
-                field,
-            )
-        if len(value) > LABEL_VALUE_MAX:
-            raise InvalidLabel(
-                key, f"its value has {len(value)} characters; at most {LABEL_VALUE_MAX} are allowed", field
             )
     if bad := bad_labels(labels or {}):
         raise InvalidLabel(bad[0].key, f"it configures serving and takes {bad[0].takes}, not {bad[0].value!r}", field)

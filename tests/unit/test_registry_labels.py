@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from modelforge_registry.errors import InvalidLabel
 from modelforge_registry.registry import check_labels
+from modelforge_server.labels import InvalidLabel
 
 VALID_KEYS = [
     "team",

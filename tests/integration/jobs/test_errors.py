@@ -11,6 +11,7 @@ import numpy as np
 from modelforge.jobs.v1 import jobs_pb2
 from modelforge.registry.v1 import registry_pb2
 from modelforge_server import paging
+from modelforge_server.labels import LABEL_VALUE_MAX, LABELS_MAX
 from tests.fixtures.onnx_models import build_fixed_shape, build_nonzero, model_bytes
 from tests.integration.jobs.conftest import (
     dataset_file,
@@ -112,6 +113,22 @@ async def test_a_nul_in_a_string_is_invalid_argument_and_queues_nothing(jobs_api
         code, reason = await _fails(jobs_api.stub.CreateJob(inline_request("add-one", {"x": X}, **fields)))
         assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "NUL_IN_TEXT"), fields
     await _no_jobs(jobs_api.stub)
+
+
+async def test_labels_follow_the_rules_of_every_service_and_nothing_is_stored(jobs_api, inference, add_one) -> None:
+    await upload(inference, "add-one", add_one)
+    too_many = {f"k{i}": "v" for i in range(LABELS_MAX + 1)}
+    for labels in ({"team": "v" * (LABEL_VALUE_MAX + 1)}, {"bad key!": "v"}, too_many):
+        code, _ = await _fails(jobs_api.stub.CreateJob(inline_request("add-one", {"x": X}, labels=labels)))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, labels
+        code, _ = await _fails(upload_dataset(jobs_api.stub, dataset_file({"x": X}, record_items=3), labels=labels))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, labels
+    code, reason = await _fails(
+        jobs_api.stub.CreateJob(inline_request("add-one", {"x": X}, labels={"team": "v" * (LABEL_VALUE_MAX + 1)}))
+    )
+    assert reason == "INVALID_LABEL"
+    await _no_jobs(jobs_api.stub)
+    assert await stored_datasets(jobs_api.settings) == (0, 0)
 
 
 def replace_header(header: jobs_pb2.UploadDatasetHeader, **fields: object) -> jobs_pb2.UploadDatasetHeader:

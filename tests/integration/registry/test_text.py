@@ -11,7 +11,8 @@ import pytest
 from google.protobuf import field_mask_pb2
 
 from modelforge.registry.v1 import registry_pb2 as pb
-from modelforge_registry.domain import DESCRIPTION_MAX, LABELS_MAX, ONNX_TEXT_MAX, VERSION_LABEL_MAX
+from modelforge_registry.domain import DESCRIPTION_MAX, ONNX_TEXT_MAX, VERSION_LABEL_MAX
+from modelforge_server.labels import LABELS_MAX
 from tests.fixtures.onnx_models import build_add_one, model_bytes
 from tests.fixtures.servers import _aiter, registry_settings_for, running_registry, upload_model, upload_requests
 from tests.integration.registry.calls import failure, violated_fields
