@@ -77,6 +77,14 @@ class JobQueue:
         broker: Any = self._broker
         return {actor.queue_name: f"{broker.namespace}:{actor.queue_name}" for actor in self._actors.values()}
 
+    async def recover_messages(self) -> None:
+        """Puts the messages that dead workers had taken back in their queues (see WakingRedisBroker)."""
+        broker: Any = self._broker
+        try:
+            await asyncio.to_thread(broker.recover_messages, [actor.queue_name for actor in self._actors.values()])
+        except redis.RedisError as exc:
+            raise DependencyUnavailable("job queue (Redis)", type(exc).__name__) from exc
+
     async def lengths(self) -> dict[str, int]:
         """Messages waiting in each queue (taken by no worker yet)."""
         broker: Any = self._broker
@@ -249,8 +257,9 @@ class WorkerResources(dramatiq.Middleware):
         await self._send(job.id, job.priority, delay=delay, outage_since=outage_since)
 
     async def maintain_once(self) -> None:
-        """Requeues the jobs of stopped workers, resends lost messages, deletes expired jobs and datasets, and
-        sets the gauges of jobs by state, items per second and queue lengths."""
+        """Puts back the messages stopped workers had taken, requeues their running jobs, resends lost messages,
+        deletes expired jobs and datasets, and sets the gauges of jobs by state, items per second and queue
+        lengths."""
         store, queue, settings = self._store, self.queue, self.settings
         if store is None or queue is None:
             return
@@ -265,6 +274,9 @@ class WorkerResources(dramatiq.Middleware):
         jobs, datasets = await store.expire(retention=settings.job_retention)
         if jobs or datasets:
             log.info("retention: deleted %d job(s) and %d dataset(s)", jobs, datasets)
+        # Queued jobs a dead worker had taken: their messages, in Redis, not their rows. After the steps above, which
+        # go on without Redis (a message they cannot send is marked for the next pass).
+        await queue.recover_messages()
         by_state, rate = await store.census()
         self.metrics.suite_seen(by_state, rate, await queue.lengths())
 
@@ -339,6 +351,10 @@ def make_broker(settings: JobsSettings, *, namespace: str | None = None) -> dram
             "the jobs service needs MODELFORGE_REDIS_URL here: a worker starts no embedded Redis of its own (the jobs "
             "API and `modelforge up` do); give it the one they use"
         )
-    broker = WakingRedisBroker(url=settings.redis_url, namespace=namespace or settings.queue_namespace)
+    broker = WakingRedisBroker(
+        url=settings.redis_url,
+        namespace=namespace or settings.queue_namespace,
+        heartbeat_timeout=settings.heartbeat_timeout,
+    )
     broker.add_middleware(AsyncIO())
     return broker

@@ -6,11 +6,20 @@ milliseconds. Here every send to a queue also PUBLISHes on that queue's wake cha
 the channel instead of sleeping. The worker timeout stays as a fallback poll: a wake-up missed (Redis pub/sub
 delivers to whoever listens at that moment, so a consumer reconnecting misses it) costs at most that, as before.
 Delay queues (retries waiting for their time) are not woken: their consumer polls for messages that came due.
+
+A worker that dies leaves the messages it had taken (running and prefetched) in its acknowledgement set, and
+Dramatiq's maintenance pass puts them back in their queue once the worker's heartbeat is older than the heartbeat
+timeout. Dramatiq runs that pass by chance, on 0.1% of commands and for the queue of that command, which on a quiet
+queue took ten minutes and more; here the workers' maintenance loop also runs it on every queue
+(:meth:`WakingRedisBroker.recover_messages`), and the heartbeat timeout is the jobs' own (MODELFORGE_HEARTBEAT_TIMEOUT),
+so a dead worker's queued jobs run again as soon as its running ones do.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
+from collections.abc import Iterable
 from typing import Any
 
 import redis
@@ -23,8 +32,27 @@ from dramatiq.errors import ConnectionClosed
 class WakingRedisBroker(RedisBroker):
     """A RedisBroker that announces each immediate send on the queue's wake channel."""
 
-    def __init__(self, *, url: str, namespace: str) -> None:
-        super().__init__(url=url, namespace=namespace)  # type: ignore[no-untyped-call]
+    def __init__(self, *, url: str, namespace: str, heartbeat_timeout: float = 30.0) -> None:
+        super().__init__(  # type: ignore[no-untyped-call]
+            url=url, namespace=namespace, heartbeat_timeout=round(heartbeat_timeout * 1000)
+        )
+        self._forced = threading.local()  # set while recover_messages runs, in its thread only
+
+    def recover_messages(self, queue_names: Iterable[str]) -> None:
+        """Runs Dramatiq's maintenance pass on each queue and its delay queue now: messages taken by workers whose
+        heartbeat is older than the heartbeat timeout, and never acknowledged, go back to their queue."""
+        self._forced.active = True
+        try:
+            for name in queue_names:
+                for queue in (name, dq_name(name)):
+                    self.do_qsize(queue)  # a command that changes nothing; the pass rides along with it
+        finally:
+            self._forced.active = False
+
+    def _should_do_maintenance(self, command: str) -> int:
+        if getattr(self._forced, "active", False):
+            return 1
+        return int(super()._should_do_maintenance(command))
 
     def wake_channel(self, queue_name: str) -> str:
         return f"{self.namespace}:{queue_name}:wake"

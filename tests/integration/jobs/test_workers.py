@@ -14,9 +14,11 @@ from dataclasses import replace
 
 import numpy as np
 import psycopg
+import redis
 
 from modelforge.jobs.v1 import jobs_pb2
-from modelforge_jobs.actors import WorkerResources, declare_actors, make_broker
+from modelforge_jobs.actors import QUEUES, WorkerResources, declare_actors, make_broker
+from modelforge_jobs.domain import Priority
 from modelforge_jobs.errors import DependencyUnavailable
 from modelforge_server import embedded
 from tests.fixtures.polling import eventually
@@ -78,6 +80,34 @@ async def test_sigkilled_worker_job_completes_on_another_worker_exactly_once(
     assert counted("modelforge_jobs_batches_total") == 2_000 - killed.progress.batches_done
     assert counted("modelforge_jobs_runs_started_total") == 1
     assert counted("modelforge_jobs_completed_total") == 1
+
+
+async def test_jobs_a_sigkilled_worker_had_taken_but_not_started_run_within_a_heartbeat_timeout(
+    jobs_api, jobs_settings, spawn_worker, start_worker, inference, add_one
+) -> None:
+    # A worker takes more messages than it runs at once (Dramatiq prefetches twice its threads): killed, it leaves
+    # those jobs QUEUED with their messages in its acknowledgement set, for the broker's maintenance to put back.
+    await upload(inference, "add-one", add_one)
+    x = np.ones((5_000, 4), dtype=np.float32)
+    ids = [
+        (await jobs_api.stub.CreateJob(inline_request("add-one", {"x": x}, batch_size=10))).job.id
+        for _ in range(2 * jobs_settings.worker_threads)
+    ]
+    queue = f"{jobs_settings.queue_namespace}:{QUEUES[Priority.NORMAL]}"
+    client = redis.Redis.from_url(jobs_settings.redis_url or "")
+    with spawn_worker(jobs_settings) as process:
+        for job_id in ids[: jobs_settings.worker_threads]:
+            await wait_for(getter(jobs_api.stub, job_id), lambda j: j.progress.items_done > 0, timeout=60)
+        await eventually(lambda: client.llen(queue) == 0, "the worker to take every message", timeout=30)
+        process.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(process.wait, 30)
+    taken = [(await jobs_api.stub.GetJob(jobs_pb2.GetJobRequest(id=i))).job for i in ids]
+    assert sum(job.state == jobs_pb2.JOB_STATE_QUEUED for job in taken) == jobs_settings.worker_threads
+    async with start_worker(jobs_settings):
+        for job_id in ids:  # resend_after (10 minutes) would have sent the queued ones again, not the broker
+            final = await wait_terminal(jobs_api.stub, job_id, timeout=60)
+            assert final.state == jobs_pb2.JOB_STATE_COMPLETED, final.error
+    client.close()
 
 
 async def test_sigtermed_worker_stops_between_batches_and_requeues_the_job_without_spending_an_attempt(
