@@ -89,9 +89,11 @@ def read_records(data: bytes) -> Iterator[DatasetRecord]:
 
 
 def describe_record(
-    tensors_: Sequence[Tensor], *, error: type[InvalidInput] | None = None
+    tensors_: Sequence[Tensor], *, error: type[InvalidInput] | None = None, first_item: int = 0
 ) -> tuple[list[TensorInfo], int]:
-    """The tensor infos and item count of one record; raises when the tensors do not agree."""
+    """The tensor infos and item count of one record, whose items are numbered from `first_item`; raises when the
+    tensors do not agree, or a string element is not UTF-8 text (ONNX Runtime's strings are text: such an item
+    could never run)."""
 
     def fail(message: str, **metadata: str) -> Exception:
         return error(message, **metadata) if error is not None else InvalidDataset(message)
@@ -122,12 +124,29 @@ def describe_record(
         if not ok:
             raise fail(f"tensor {tensor.name!r}: its data does not match dtype and shape {list(tensor.shape)}")
         count = int(tensor.shape[0])
+        if tensor.dtype == tensors.DataType.DATA_TYPE_STRING and (bad := _not_text(tensor.string_data)) is not None:
+            item = first_item + bad // max(1, expected // max(count, 1))
+            raise fail(
+                f"tensor {tensor.name!r}: string element {bad} (of item {item}) is not valid UTF-8 text, which "
+                "ONNX Runtime's string inputs need",
+                input=tensor.name,
+            )
         if items is None:
             items = count
         elif count != items:
             raise fail(f"tensor {tensor.name!r} has {count} items where the others have {items}", input=tensor.name)
         infos.append(TensorInfo(tensor.name, int(tensor.dtype), tuple(int(d) for d in tensor.shape[1:])))
     return infos, items or 0
+
+
+def _not_text(elements: Sequence[bytes]) -> int | None:
+    """The index of the first element that is not UTF-8, or None."""
+    for index, element in enumerate(elements):
+        try:
+            element.decode()
+        except UnicodeDecodeError:
+            return index
+    return None
 
 
 @dataclass(frozen=True)
@@ -142,7 +161,7 @@ def _summarize(records: Iterable[DatasetRecord]) -> DatasetSummary:
     first: list[TensorInfo] | None = None
     counts: list[int] = []
     for record in records:
-        infos, count = describe_record(record.tensors)
+        infos, count = describe_record(record.tensors, first_item=sum(counts))
         if count == 0:
             raise InvalidDataset(f"record {len(counts)} holds no items")
         if first is None:

@@ -127,9 +127,13 @@ def _one_line(exc: BaseException) -> str:
     return f"{reason}: {' '.join(str(exc).split())}"
 
 
+_ITEMS = "items"  # metadata of a batch's error: the job's items it held, "first to last"
+
+
 def _error(exc: BaseException) -> JobError:
     if isinstance(exc, ServiceError):
-        return JobError(code_for(exc).name, exc.reason, str(exc))
+        where = f"items {exc.metadata[_ITEMS]}: " if _ITEMS in exc.metadata else ""  # see JobRunner._batch
+        return JobError(code_for(exc).name, exc.reason, where + str(exc))
     return JobError("INTERNAL", "INTERNAL", "the worker failed unexpectedly; details are in the worker's log")
 
 
@@ -377,6 +381,8 @@ class JobRunner:
             except ServiceError as exc:
                 if deadline is not None and time.monotonic() >= deadline and is_transient(exc):
                     raise TimeLimitExceeded(job.time_limit or 0.0) from exc
+                # Which items failed: the inference service numbers elements within its request, the batch.
+                exc.metadata.setdefault(_ITEMS, f"{first} to {last - 1}")
                 raise
             seconds = time.monotonic() - began
         return ResultRecord(index, first, last - first, record), seconds

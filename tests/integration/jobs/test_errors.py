@@ -7,12 +7,14 @@ import uuid
 
 import grpc
 import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 from modelforge.jobs.v1 import jobs_pb2
 from modelforge.registry.v1 import registry_pb2
 from modelforge_server import paging
 from modelforge_server.labels import LABEL_VALUE_MAX, LABELS_MAX
-from tests.fixtures.onnx_models import build_fixed_shape, build_nonzero, model_bytes
+from tests.fixtures.onnx_models import build_fixed_shape, build_nonzero, build_string_model, model_bytes
 from tests.integration.jobs.conftest import (
     dataset_file,
     error_reason,
@@ -297,3 +299,41 @@ async def test_uploads_a_killed_api_left_unfinished_are_removed_at_its_next_star
     (scratch / "notes.txt").write_text("not an upload")
     async with start_jobs_api(jobs_settings):
         assert sorted(p.name for p in scratch.iterdir()) == ["notes.txt"]
+
+
+async def test_text_that_is_not_utf8_is_refused_at_submit_and_upload_naming_the_item(jobs_api, inference) -> None:
+    await upload(inference, "words", model_bytes(build_string_model()))
+    texts = np.array([b"cat"] * 300, dtype=object)
+    texts[170] = b"\xff\xfe"
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await jobs_api.stub.CreateJob(inline_request("words", {"text": texts}, batch_size=50))
+    assert (refused.value.code(), error_reason(refused.value)) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT")
+    assert "string element 170 (of item 170) is not valid UTF-8" in (refused.value.details() or "")
+    await _no_jobs(jobs_api.stub)
+    data = dataset_file({"text": texts}, record_items=100)  # item 170 is element 70 of the second record
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await upload_dataset(jobs_api.stub, data)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_reason(caught.value) == "INVALID_DATASET"
+    assert "string element 70 (of item 170) is not valid UTF-8" in (caught.value.details() or "")
+    assert await stored_datasets(jobs_api.settings) == (0, 0)
+
+
+async def test_a_batch_the_model_cannot_run_fails_the_job_naming_its_items(jobs_api, worker, inference) -> None:
+    table = numpy_helper.from_array(np.arange(10, dtype=np.float32), "table")
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "idx"], ["y"], axis=0)],
+        "lookup",
+        [helper.make_tensor_value_info("idx", TensorProto.INT64, ["batch"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch"])],
+        [table],
+    )
+    lookup = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    await upload(inference, "lookup", model_bytes(lookup))
+    idx = np.zeros(100, dtype=np.int64)
+    idx[57] = 50  # out of the table's 10 rows: ONNX Runtime refuses the batch that holds it
+    job = (await jobs_api.stub.CreateJob(inline_request("lookup", {"idx": idx}, batch_size=10))).job
+    final = await wait_terminal(jobs_api.stub, job.id)
+    assert final.state == jobs_pb2.JOB_STATE_FAILED
+    assert (final.error.code, final.error.reason) == ("INVALID_ARGUMENT", "MODEL_RUN_FAILED")
+    assert final.error.message.startswith("items 50 to 59: "), final.error.message
