@@ -136,6 +136,24 @@ async def test_a_refused_submit_removes_the_dataset_it_uploaded(
     assert await stored_datasets(jobs_settings) == before
 
 
+async def test_a_repeated_submit_keeps_one_dataset_of_its_inputs(
+    client: AsyncJobsClient, jobs_api: RunningJobs, jobs_settings, adder: str
+) -> None:
+    before = await stored_datasets(jobs_settings)
+    x = np.zeros((300_000, 4), np.float32)  # 4.8 MB: uploaded as a dataset first
+    first = await client.submit(adder, {"x": x}, request_id="once")
+    again = await client.submit(adder, {"x": x}, request_id="once")  # a retry: the same job, its upload dropped
+    assert again.id == first.id and again.status.dataset_id == first.status.dataset_id
+    assert (await stored_datasets(jobs_settings))[0] == before[0] + 1
+
+    def sync_retry() -> str:
+        with JobsClient(f"127.0.0.1:{jobs_api.port}") as jobs:
+            return jobs.submit(adder, {"x": x}, request_id="once").id
+
+    assert await asyncio.to_thread(sync_retry) == first.id
+    assert (await stored_datasets(jobs_settings))[0] == before[0] + 1
+
+
 @pytest.mark.parametrize("flavour", ["async", "sync"])
 async def test_wait_outlasts_a_restart_of_the_jobs_api(jobs_settings, start_worker, adder: str, flavour: str) -> None:
     port = embedded.free_port()

@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import grpc
 import grpc.aio
@@ -130,6 +130,12 @@ class _Reconnect:
         if now - self._failing_since >= RECONNECT_SECONDS or out_of_time:
             return None
         return delay
+
+
+def _unused(uploaded: str | None, job: pb.Job) -> TypeGuard[str]:
+    """Whether the dataset a submit uploaded went unused: the request_id named a job made before, by an earlier
+    submit that uploaded its own copy."""
+    return uploaded is not None and job.dataset_id != uploaded
 
 
 class Job:
@@ -329,6 +335,9 @@ class JobsClient(ChannelClient):
                 with contextlib.suppress(ModelForgeError):  # in use: the job was made after all, and keeps it
                     self.delete_dataset(uploaded)
             raise
+        if _unused(uploaded, response.job):
+            with contextlib.suppress(ModelForgeError):
+                self.delete_dataset(uploaded)
         return Job(self, _convert.job_status(response.job))
 
     def get_job(self, job_id: str) -> Job:
@@ -572,6 +581,9 @@ class AsyncJobsClient(AsyncChannelClient):
                 with contextlib.suppress(ModelForgeError):  # in use: the job was made after all, and keeps it
                     await self.delete_dataset(uploaded)
             raise
+        if _unused(uploaded, response.job):
+            with contextlib.suppress(ModelForgeError):
+                await self.delete_dataset(uploaded)
         return AsyncJob(self, _convert.job_status(response.job))
 
     async def get_job(self, job_id: str) -> AsyncJob:
