@@ -6,7 +6,9 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import grpc
+from google.protobuf import duration_pb2
 
+from modelforge._refs import validate_model_name
 from modelforge.jobs.v1 import jobs_pb2, jobs_pb2_grpc
 from modelforge_jobs import convert
 from modelforge_jobs.domain import JobFilter, JobSpec
@@ -40,9 +42,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         priority = convert.priority_from_proto(request.priority)
         if priority is None:
             raise InvalidArgument(f"priority {request.priority} is not a JobPriority", field="priority")
-        limit = request.time_limit.ToTimedelta().total_seconds() if request.HasField("time_limit") else 0.0
-        if limit < 0:
-            raise InvalidArgument("time_limit must not be negative", field="time_limit")
+        limit = _seconds(request.time_limit, "time_limit") if request.HasField("time_limit") else 0.0
         if len(request.request_id) > 128:
             raise InvalidArgument("request_id is longer than 128 characters", field="request_id")
         spec = JobSpec(
@@ -82,6 +82,8 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             state = convert.state_from_proto(request.state)
             if state is None:
                 raise InvalidArgument(f"state {request.state} is not a JobState", field="state")
+        if request.model:
+            _check_model_filter(request.model)
         page = await self._jobs.list(
             JobFilter(state=state, model=request.model or None, labels=dict(request.labels)),
             limit=paging.page_size(request.page_size, default=50, maximum=500),
@@ -176,3 +178,35 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     ) -> jobs_pb2.DeleteDatasetResponse:
         await self._jobs.delete_dataset(parse_id(request.id))
         return jobs_pb2.DeleteDatasetResponse()
+
+
+def _check_model_filter(model: str) -> None:
+    """ListJobs filters by a model's name, all its versions: a ref or a malformed name would match nothing."""
+    name = model.partition(":")[0].partition("@")[0]
+    if name != model:
+        raise InvalidArgument(
+            f"model {model!r} is a reference; ListJobs filters by model name alone, every version: use {name!r}",
+            field="model",
+        )
+    try:
+        validate_model_name(model)
+    except ValueError as exc:
+        raise InvalidArgument(str(exc), field="model") from None
+
+
+def _seconds(duration: duration_pb2.Duration, field: str) -> float:
+    """A Duration as seconds: 0 for zero, refused when negative, malformed (seconds and nanos of opposite signs,
+    nanos of a second or more), or above zero but below the millisecond that deadlines are kept in."""
+    seconds, nanos = duration.seconds, duration.nanos
+    if abs(nanos) >= 1_000_000_000 or (seconds > 0 > nanos) or (seconds < 0 < nanos):
+        raise InvalidArgument(
+            f"{field} is not a valid Duration (seconds {seconds}, nanos {nanos}): their signs must agree and nanos "
+            "stay under a second",
+            field=field,
+        )
+    total = seconds + nanos / 1e9
+    if total < 0:
+        raise InvalidArgument(f"{field} must not be negative, got {total} s", field=field)
+    if 0 < total < 0.001:
+        raise InvalidArgument(f"{field} of {total} s is shorter than a millisecond; give 0 for no limit", field=field)
+    return total

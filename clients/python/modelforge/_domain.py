@@ -421,7 +421,8 @@ class JobStatus:
         finish_time: When it reached a terminal state, or None.
         update_time: When its state or progress last changed.
         queued_time: Time spent waiting for a worker, over all runs.
-        inference_time: Time spent in inference calls, over all runs.
+        inference_time: Time spent in inference calls, summed over every batch of every run (batches run several
+            at a time, so it can exceed the time the job ran).
         error: Why it failed; None unless FAILED.
         request_id: The request_id it was submitted with.
         queued_reason: Why a job that ran is QUEUED again (a dependency out of reach, a transient failure, its

@@ -8,6 +8,7 @@ import uuid
 import grpc
 import numpy as np
 import pytest
+from google.protobuf import duration_pb2
 from onnx import TensorProto, helper, numpy_helper
 
 from modelforge.jobs.v1 import jobs_pb2
@@ -101,7 +102,15 @@ async def test_empty_input_is_invalid_argument(jobs_api, inference, add_one) -> 
 
 async def test_bad_request_fields_are_invalid_argument(jobs_api, inference, add_one) -> None:
     await upload(inference, "add-one", add_one)
-    for fields in ({"batch_size": -1}, {"batch_size": 1 << 20}, {"max_attempts": 99}, {"request_id": "r" * 200}):
+    for fields in (
+        {"batch_size": -1},
+        {"batch_size": 1 << 20},
+        {"max_attempts": 99},
+        {"request_id": "r" * 200},
+        {"time_limit": duration_pb2.Duration(nanos=1)},  # would round to no limit at all
+        {"time_limit": duration_pb2.Duration(seconds=1, nanos=-5)},  # signs that disagree: no Duration
+        {"time_limit": duration_pb2.Duration(seconds=-1)},
+    ):
         code, _ = await _fails(jobs_api.stub.CreateJob(inline_request("add-one", {"x": X}, **fields)))
         assert code == grpc.StatusCode.INVALID_ARGUMENT, fields
     nameless = jobs_pb2.CreateJobRequest(inline_input=inline_request("add-one", {"x": X}).inline_input)
@@ -131,6 +140,15 @@ async def test_labels_follow_the_rules_of_every_service_and_nothing_is_stored(jo
     assert reason == "INVALID_LABEL"
     await _no_jobs(jobs_api.stub)
     assert await stored_datasets(jobs_api.settings) == (0, 0)
+
+
+async def test_a_model_filter_that_is_no_model_name_is_invalid_not_an_empty_list(jobs_api) -> None:
+    for model, says in (("lin:1", "use 'lin'"), ("lin@production", "use 'lin'"), ("BAD NAME", "invalid model name")):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await jobs_api.stub.ListJobs(jobs_pb2.ListJobsRequest(model=model))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, model
+        assert says in (caught.value.details() or ""), model
+    assert list((await jobs_api.stub.ListJobs(jobs_pb2.ListJobsRequest(model="lin"))).jobs) == []
 
 
 def replace_header(header: jobs_pb2.UploadDatasetHeader, **fields: object) -> jobs_pb2.UploadDatasetHeader:

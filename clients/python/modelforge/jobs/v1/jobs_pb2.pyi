@@ -332,7 +332,9 @@ class Job(_message.Message):
 
     @_builtins.property
     def inference_duration(self) -> _duration_pb2.Duration:
-        """Output only. Time spent in inference calls, over all runs."""
+        """Output only. Time spent in inference calls, summed over every batch of every run; batches run several at a
+        time, so it can exceed the time the job ran.
+        """
 
     @_builtins.property
     def error(self) -> Global___JobError:
