@@ -138,6 +138,12 @@ class Job:
     request_id: str | None
     queued_reason: str = ""  # why a job that ran is QUEUED again; "" otherwise
     next_run_time: datetime | None = None  # with queued_reason: when the next run may start
+    input_dataset_id: UUID | None = None  # the dataset submitted with, kept after it is deleted (dataset_id is None)
+
+    @property
+    def dataset_deleted(self) -> bool:
+        """The job read a dataset that has been deleted since: it cannot run again."""
+        return self.input_dataset_id is not None and self.dataset_id is None
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,18 @@ class DatasetNotFound(NotFound):
         super().__init__(f"no dataset with id {dataset_id!r}; upload it first", dataset=dataset_id)
 
 
+class DatasetDeleted(FailedPrecondition):
+    reason = "DATASET_DELETED"
+
+    def __init__(self, job_id: str, dataset_id: str) -> None:
+        super().__init__(
+            f"job {job_id} cannot run again: it read dataset {dataset_id}, which has been deleted since; submit a new "
+            "job on the items uploaded again",
+            job=job_id,
+            dataset=dataset_id,
+        )
+
+
 class InvalidId(InvalidArgument):
     reason = "INVALID_ID"
 

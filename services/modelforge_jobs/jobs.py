@@ -30,6 +30,7 @@ from modelforge_jobs.domain import (
 )
 from modelforge_jobs.errors import (
     BatchSizeFixed,
+    DatasetDeleted,
     InvalidId,
     InvalidInput,
     JobNotCompleted,
@@ -206,7 +207,10 @@ class Jobs:
     async def retry(self, job_id: UUID) -> Job:
         job = await self._store.get_job(job_id)
         retryable = job.state in (JobState.FAILED, JobState.CANCELLED)
+        if retryable and job.dataset_deleted:
+            raise DatasetDeleted(str(job_id), str(job.input_dataset_id))
         if retryable and job.dataset_id is None and await self._store.inline_input(job_id) is None:
+            # A dataset deleted before the jobs kept the id they read (migration 0005).
             raise FailedPrecondition(f"job {job_id} cannot run again: its dataset was deleted")
         requeued = await self._store.requeue_finished(job_id)
         if requeued is None:

@@ -37,7 +37,7 @@ _JOB_COLUMNS = """
     id, request_id, model_name, ref_version, ref_alias, model_version, state, dataset_id, items_total, batch_size,
     batches_total, items_done, batches_done, priority, labels, max_attempts, time_limit_seconds, attempt_count,
     worker_id, create_time, start_time, finish_time, update_time, queued_since, queued_seconds, inference_seconds,
-    run_start_time, run_items_start, error_code, error_reason, error_message, queued_reason,
+    run_start_time, run_items_start, error_code, error_reason, error_message, queued_reason, input_dataset_id,
     CASE WHEN enqueue_time > '-infinity' THEN greatest(enqueue_time, now()) END AS next_run_time, now() AS now
 """
 # next_run_time: when the job's message is due; enqueue_time is -infinity for a message that could not be sent.
@@ -89,6 +89,7 @@ def _job(row: dict[str, Any]) -> Job:
         request_id=row["request_id"],
         queued_reason=queued_reason,
         next_run_time=row["next_run_time"] if queued_reason else None,
+        input_dataset_id=row["input_dataset_id"],
     )
 
 
@@ -197,10 +198,11 @@ class JobStore:
             await cur.execute(
                 f"""
                 INSERT INTO jobs.jobs (id, request_id, inline_input, model_name, ref_version, ref_alias,
-                    model_version, state, dataset_id, items_total, batch_size, batches_total, priority, labels,
-                    max_attempts, time_limit_seconds, queued_since)
+                    model_version, state, dataset_id, input_dataset_id, items_total, batch_size, batches_total,
+                    priority, labels, max_attempts, time_limit_seconds, queued_since)
                 VALUES (%(id)s, %(request_id)s, %(inline)s, %(name)s, %(ref_version)s, %(ref_alias)s,
-                    %(model_version)s, 'QUEUED', %(dataset_id)s, %(items_total)s, %(batch_size)s, %(batches_total)s,
+                    %(model_version)s, 'QUEUED', %(dataset_id)s, %(dataset_id)s, %(items_total)s, %(batch_size)s,
+                    %(batches_total)s,
                     %(priority)s, %(labels)s, %(max_attempts)s, %(time_limit)s, now())
                 ON CONFLICT (request_id) DO NOTHING
                 RETURNING {_JOB_COLUMNS}

@@ -690,6 +690,7 @@ def job_status(message: jobs_pb2.Job) -> JobStatus:
             time_remaining=_duration(p.estimated_time_remaining) if p.HasField("estimated_time_remaining") else None,
         ),
         dataset_id=message.dataset_id,
+        dataset_deleted=message.dataset_deleted,
         batch_size=message.batch_size,
         priority=_PRIORITIES.get(message.priority, JobPriority.NORMAL),
         labels=dict(message.labels),

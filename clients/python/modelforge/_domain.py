@@ -408,7 +408,8 @@ class JobStatus:
         model_version: The version it resolved to at submit time; the job always runs that version.
         state: Where the job is.
         progress: How far it has got.
-        dataset_id: The dataset it reads, or ``""`` for inline input.
+        dataset_id: The dataset it reads, or ``""`` for inline input; kept when the dataset is deleted.
+        dataset_deleted: The dataset it read has been deleted since, so the job cannot run again.
         batch_size: Items per inference request.
         priority: LOW, NORMAL or HIGH.
         labels: Labels given at submit time.
@@ -436,6 +437,7 @@ class JobStatus:
     state: JobState
     progress: JobProgress = field(default_factory=JobProgress)
     dataset_id: str = ""
+    dataset_deleted: bool = False
     batch_size: int = 0
     priority: JobPriority = JobPriority.NORMAL
     labels: Mapping[str, str] = field(default_factory=dict)

@@ -670,7 +670,8 @@ def cmd_jobs_show(ctx: Context) -> int:
     print(
         f"progress     {p.items_done}/{p.items_total} items, {p.batches_done}/{p.batches_total} batches", file=ctx.out
     )
-    print(f"input        {'dataset ' + s.dataset_id if s.dataset_id else 'inline'}", file=ctx.out)
+    deleted = " (deleted since)" if s.dataset_deleted else ""
+    print(f"input        {'dataset ' + s.dataset_id + deleted if s.dataset_id else 'inline'}", file=ctx.out)
     print(f"batch size   {s.batch_size}, priority {s.priority.value}", file=ctx.out)
     print(f"attempts     {s.attempt_count} of {s.max_attempts}", file=ctx.out)
     print(f"created      {_when(s.create_time)}", file=ctx.out)

@@ -23,6 +23,7 @@ from modelforge_jobs.store import JobStore
 from tests.fixtures.polling import eventually
 from tests.integration.jobs.conftest import (
     dataset_file,
+    error_reason,
     results,
     stored_datasets,
     upload,
@@ -138,3 +139,22 @@ async def test_datasets_list_newest_first_by_page_and_label(jobs_api) -> None:
             await jobs_api.stub.ListDatasets(bad)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert ("page_size" if bad.page_size else "page_token") in (caught.value.details() or "")
+
+
+async def test_a_job_keeps_the_id_of_its_deleted_dataset_and_cannot_run_again(jobs_api, inference, add_one) -> None:
+    await upload(inference, "add-one", add_one)
+    dataset = await upload_dataset(jobs_api.stub, dataset_file({"x": np.ones((6, 4), np.float32)}, record_items=3))
+    request = jobs_pb2.CreateJobRequest(model_ref=registry_pb2.ModelRef(name="add-one"), dataset_id=dataset.id)
+    job = (await jobs_api.stub.CreateJob(request)).job  # no worker: it stays QUEUED until cancelled
+    await jobs_api.stub.CancelJob(jobs_pb2.CancelJobRequest(id=job.id))
+    await jobs_api.stub.DeleteDataset(jobs_pb2.DeleteDatasetRequest(id=dataset.id))
+
+    kept = (await jobs_api.stub.GetJob(jobs_pb2.GetJobRequest(id=job.id))).job
+    assert (kept.dataset_id, kept.dataset_deleted) == (dataset.id, True)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await jobs_api.stub.RetryJob(jobs_pb2.RetryJobRequest(id=job.id))
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_reason(caught.value) == "DATASET_DELETED"
+    assert dataset.id in (caught.value.details() or "")
+    still = (await jobs_api.stub.GetJob(jobs_pb2.GetJobRequest(id=job.id))).job
+    assert still.state == jobs_pb2.JOB_STATE_CANCELLED

@@ -266,6 +266,7 @@ class Job(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     QUEUED_REASON_FIELD_NUMBER: _builtins.int
     NEXT_RUN_TIME_FIELD_NUMBER: _builtins.int
+    DATASET_DELETED_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Output only. The job's id, a UUID."""
     model_version: _builtins.int
@@ -273,7 +274,9 @@ class Job(_message.Message):
     state: Global___JobState.ValueType
     """Output only. The state."""
     dataset_id: _builtins.str
-    """Output only. The id of the dataset read, when the input was a dataset; empty for inline input."""
+    """Output only. The id of the dataset read, when the input was a dataset; empty for inline input. Kept when the
+    dataset is deleted (see dataset_deleted).
+    """
     batch_size: _builtins.int
     """Output only. Items per inference request."""
     priority: Global___JobPriority.ValueType
@@ -293,6 +296,10 @@ class Job(_message.Message):
     """Output only. Why a job that ran is QUEUED again, while it waits for its next run: a dependency out of reach
     (the attempt not counted), a transient failure, or its worker stopping. Empty in every other state, and while
     the job never ran.
+    """
+    dataset_deleted: _builtins.bool
+    """Output only. The dataset the job read has been deleted since: the job cannot run again (RetryJob is
+    FAILED_PRECONDITION DATASET_DELETED).
     """
     @_builtins.property
     def model_ref(self) -> _registry_pb2.ModelRef:
@@ -370,10 +377,11 @@ class Job(_message.Message):
         request_id: _builtins.str = ...,
         queued_reason: _builtins.str = ...,
         next_run_time: _timestamp_pb2.Timestamp | None = ...,
+        dataset_deleted: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "error", b"error", "finish_time", b"finish_time", "inference_duration", b"inference_duration", "model_ref", b"model_ref", "next_run_time", b"next_run_time", "progress", b"progress", "queued_duration", b"queued_duration", "start_time", b"start_time", "time_limit", b"time_limit", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_count", b"attempt_count", "batch_size", b"batch_size", "create_time", b"create_time", "dataset_id", b"dataset_id", "error", b"error", "finish_time", b"finish_time", "id", b"id", "inference_duration", b"inference_duration", "labels", b"labels", "max_attempts", b"max_attempts", "model_ref", b"model_ref", "model_version", b"model_version", "next_run_time", b"next_run_time", "priority", b"priority", "progress", b"progress", "queued_duration", b"queued_duration", "queued_reason", b"queued_reason", "request_id", b"request_id", "start_time", b"start_time", "state", b"state", "time_limit", b"time_limit", "update_time", b"update_time", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_count", b"attempt_count", "batch_size", b"batch_size", "create_time", b"create_time", "dataset_deleted", b"dataset_deleted", "dataset_id", b"dataset_id", "error", b"error", "finish_time", b"finish_time", "id", b"id", "inference_duration", b"inference_duration", "labels", b"labels", "max_attempts", b"max_attempts", "model_ref", b"model_ref", "model_version", b"model_version", "next_run_time", b"next_run_time", "priority", b"priority", "progress", b"progress", "queued_duration", b"queued_duration", "queued_reason", b"queued_reason", "request_id", b"request_id", "start_time", b"start_time", "state", b"state", "time_limit", b"time_limit", "update_time", b"update_time", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
