@@ -27,6 +27,7 @@ class JobChanges:
         self._url = database_url
         self._retry = retry_seconds
         self._watchers: dict[UUID, set[asyncio.Event]] = {}
+        self._wakes = 0  # wake-ups so far, of any job (see wakes)
         self._live = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -56,6 +57,12 @@ class JobChanges:
         self._live.clear()
         self._wake_all()
 
+    @property
+    def wakes(self) -> int:
+        """How many times watchers have been woken, for any job: a read that began once this count was reached
+        shows every change announced until then, so the watchers woken by one change can share one read."""
+        return self._wakes
+
     @contextlib.contextmanager
     def subscribe(self, job_id: UUID) -> Iterator[asyncio.Event]:
         """An event set whenever the job may have changed; clear it before reading the job."""
@@ -78,8 +85,7 @@ class JobChanges:
                     self._wake_all()  # whatever changed while the connection was down
                     log.info("listening for job changes")
                     async for job_id in changes:
-                        for event in self._watchers.get(job_id, ()):
-                            event.set()
+                        self._wake(job_id)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the connection broke, or PostgreSQL is down: poll meanwhile, then retry
@@ -89,7 +95,13 @@ class JobChanges:
             self._wake_all()
             await asyncio.sleep(self._retry)  # back off before reconnecting; not used for synchronisation
 
+    def _wake(self, job_id: UUID) -> None:
+        self._wakes += 1  # watched or not: a read in flight for the job may have begun before this change
+        for event in self._watchers.get(job_id, ()):
+            event.set()
+
     def _wake_all(self) -> None:
+        self._wakes += 1
         for watchers in self._watchers.values():
             for event in watchers:
                 event.set()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -128,6 +129,7 @@ class Jobs:
         self._send = send
         self._changes = changes
         self._watch_interval = watch_interval
+        self._watch_reads: dict[UUID, tuple[int, asyncio.Future[Job]]] = {}  # see _read_watched
         self._watch_spacing = watch_spacing
         self._result_page = result_page
         self._default_batch_size = default_batch_size
@@ -239,7 +241,7 @@ class Jobs:
         with self._subscribe(job_id) as changed:
             while True:
                 changed.clear()  # before reading: a change committed after the read sets it again
-                job = await self._store.get_job(job_id)
+                job = await self._read_watched(job_id)
                 key = (job.state, job.progress.items_done, job.attempt_count, job.worker_id)
                 if key != last:
                     last = key
@@ -252,6 +254,26 @@ class Jobs:
                 if self._changes is not None and self._changes.stopping:
                     raise ReplicaStopping()
                 await asyncio.sleep(self._watch_spacing)  # rate limit, not synchronisation
+
+    async def _read_watched(self, job_id: UUID) -> Job:
+        """The job, for a watcher just woken: the watchers woken by the same change share one read, so that a
+        thousand watchers of one job cost the database one query per change, not a thousand (which also starved
+        the connection pool that every other call, the health check's included, takes from)."""
+        if self._changes is None:
+            return await self._store.get_job(job_id)
+        seen = self._changes.wakes
+        flight = self._watch_reads.get(job_id)
+        if flight is None or flight[0] < seen:  # none, or begun before a change that may have woken this watcher
+            flight = (seen, asyncio.ensure_future(self._store.get_job(job_id)))
+            self._watch_reads[job_id] = flight
+            flight[1].add_done_callback(functools.partial(self._read_done, job_id, flight))
+        return await asyncio.shield(flight[1])
+
+    def _read_done(self, job_id: UUID, flight: tuple[int, asyncio.Future[Job]], _: object) -> None:
+        if self._watch_reads.get(job_id) is flight:
+            del self._watch_reads[job_id]
+        if not flight[1].cancelled():
+            flight[1].exception()  # retrieved, so that an error nobody awaited is not logged as unhandled
 
     def _subscribe(self, job_id: UUID) -> contextlib.AbstractContextManager[asyncio.Event]:
         if self._changes is not None:
