@@ -27,6 +27,7 @@ from modelforge_inference.domain import (
     Timings,
 )
 from modelforge_inference.errors import InvalidInput
+from modelforge_server import durations
 from modelforge_server.errors import InvalidArgument
 
 _UINT16 = np.dtype("<u2")
@@ -101,10 +102,7 @@ def timeout(request: pb.PredictRequest | pb.PredictStreamRequest) -> float | Non
     """The request's queue timeout in seconds; None when unset (zero counts as unset)."""
     if not request.HasField("timeout"):
         return None
-    seconds = request.timeout.seconds + request.timeout.nanos / 1e9
-    if seconds < 0:
-        raise InvalidArgument(f"timeout must not be negative, got {seconds} s", field="timeout")
-    return seconds or None
+    return durations.seconds(request.timeout, "timeout") or None
 
 
 # -- responses -----------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import redis
 from dramatiq.asyncio import get_event_loop_thread
 
 from modelforge_jobs.broker import WakingRedisBroker
-from modelforge_jobs.domain import Priority
+from modelforge_jobs.domain import TIME_LIMIT_MAX, Priority
 from modelforge_jobs.errors import DependencyUnavailable, JobNotFound
 from modelforge_jobs.inference_client import InferenceClient
 from modelforge_jobs.metrics import WorkerMetrics
@@ -42,7 +42,6 @@ log = logging.getLogger("modelforge.jobs.worker")
 
 QUEUES = {Priority.HIGH: "jobs-high", Priority.NORMAL: "jobs-normal", Priority.LOW: "jobs-low"}
 _DRAMATIQ_PRIORITY = {Priority.HIGH: 0, Priority.NORMAL: 10, Priority.LOW: 20}  # lower runs first
-_MONTH_MS = 30 * 24 * 3600 * 1000
 
 
 class JobQueue:
@@ -332,7 +331,7 @@ def declare_actors(
                 "max_retries": settings.max_max_attempts,
                 "min_backoff": int(settings.retry_min_backoff * 1000),
                 "max_backoff": int(settings.retry_max_backoff * 1000),
-                "time_limit": _MONTH_MS,  # the job's own time limit applies, in the runner
+                "time_limit": int(TIME_LIMIT_MAX * 1000),  # the job's own time limit applies, in the runner
             },
         )
         for priority, queue in QUEUES.items()

@@ -10,6 +10,7 @@ from modelforge.common.v1.tensor_pb2 import TensorSpec
 from modelforge.jobs.v1 import jobs_pb2
 from modelforge.registry.v1 import registry_pb2
 from modelforge_jobs.domain import Dataset, Job, JobState, Priority
+from modelforge_server import durations
 from modelforge_server.refs import ModelRef
 
 _STATES = {
@@ -68,7 +69,8 @@ def _duration(seconds: float | None) -> duration_pb2.Duration | None:
     if seconds is None:
         return None
     duration = duration_pb2.Duration()
-    duration.FromNanoseconds(int(seconds * 1e9))
+    # Within what a Duration holds: a time limit stored before CreateJob bounded it would fail every answer.
+    duration.FromNanoseconds(int(min(seconds, durations.MAX_SECONDS) * 1e9))
     return duration
 
 

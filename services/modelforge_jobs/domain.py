@@ -15,6 +15,10 @@ from modelforge_server.refs import ModelRef
 T = TypeVar("T")
 
 
+# The longest a run may last, its time limit included: Dramatiq's own limit on a message (see actors).
+TIME_LIMIT_MAX = 30 * 24 * 3600.0
+
+
 class JobState(enum.Enum):
     QUEUED = "QUEUED"
     RUNNING = "RUNNING"

@@ -11,11 +11,11 @@ from google.protobuf import duration_pb2
 from modelforge._refs import validate_model_name
 from modelforge.jobs.v1 import jobs_pb2, jobs_pb2_grpc
 from modelforge_jobs import convert
-from modelforge_jobs.domain import JobFilter, JobSpec
+from modelforge_jobs.domain import TIME_LIMIT_MAX, JobFilter, JobSpec
 from modelforge_jobs.errors import InvalidInput
 from modelforge_jobs.jobs import Jobs, inline_spec, parse_id
 from modelforge_jobs.settings import JobsSettings
-from modelforge_server import paging
+from modelforge_server import durations, paging
 from modelforge_server.errors import InvalidArgument, InvalidChecksum, UploadOutOfOrder, require
 
 _SHA256_HEX = frozenset("0123456789abcdef")
@@ -195,18 +195,15 @@ def _check_model_filter(model: str) -> None:
 
 
 def _seconds(duration: duration_pb2.Duration, field: str) -> float:
-    """A Duration as seconds: 0 for zero, refused when negative, malformed (seconds and nanos of opposite signs,
-    nanos of a second or more), or above zero but below the millisecond that deadlines are kept in."""
-    seconds, nanos = duration.seconds, duration.nanos
-    if abs(nanos) >= 1_000_000_000 or (seconds > 0 > nanos) or (seconds < 0 < nanos):
-        raise InvalidArgument(
-            f"{field} is not a valid Duration (seconds {seconds}, nanos {nanos}): their signs must agree and nanos "
-            "stay under a second",
-            field=field,
-        )
-    total = seconds + nanos / 1e9
-    if total < 0:
-        raise InvalidArgument(f"{field} must not be negative, got {total} s", field=field)
+    """A time limit in seconds: 0 for zero; refused when it is no valid Duration, negative, above zero but below
+    the millisecond deadlines are kept in, or above TIME_LIMIT_MAX (a run may last a month at most)."""
+    total = durations.seconds(duration, field)
     if 0 < total < 0.001:
         raise InvalidArgument(f"{field} of {total} s is shorter than a millisecond; give 0 for no limit", field=field)
+    if total > TIME_LIMIT_MAX:
+        raise InvalidArgument(
+            f"{field} of {total:.0f} s is longer than a run may last ({TIME_LIMIT_MAX:.0f} s, 30 days); give 0 for "
+            "no limit",
+            field=field,
+        )
     return total

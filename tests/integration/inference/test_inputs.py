@@ -9,6 +9,7 @@ import grpc
 import numpy as np
 import onnx
 import pytest
+from google.protobuf import duration_pb2
 from onnx import TensorProto, helper
 
 from modelforge import tensors
@@ -265,8 +266,24 @@ async def test_bad_refs(served: RunningInference, target: registry_pb2.ModelRef,
 
 @pytest.mark.parametrize(
     "fields",
-    [{"priority": -1}, {"cache_mode": 42}, {}],
-    ids=["negative priority", "unknown cache mode", "no inputs"],
+    [
+        {"priority": -1},
+        {"cache_mode": 42},
+        {},
+        {"timeout": duration_pb2.Duration(seconds=-1)},
+        {"timeout": duration_pb2.Duration(seconds=1, nanos=-5)},
+        {"timeout": duration_pb2.Duration(nanos=1_000_000_000)},
+        {"timeout": duration_pb2.Duration(seconds=315_576_000_001)},
+    ],
+    ids=[
+        "negative priority",
+        "unknown cache mode",
+        "no inputs",
+        "negative timeout",
+        "timeout of mixed signs",
+        "timeout nanos of a second",
+        "timeout past Duration's range",
+    ],
 )
 async def test_bad_request_fields_are_invalid_argument(served: RunningInference, fields: dict):
     inputs = {} if not fields else {"input": MLP_INPUT}

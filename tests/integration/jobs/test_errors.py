@@ -110,6 +110,8 @@ async def test_bad_request_fields_are_invalid_argument(jobs_api, inference, add_
         {"time_limit": duration_pb2.Duration(nanos=1)},  # would round to no limit at all
         {"time_limit": duration_pb2.Duration(seconds=1, nanos=-5)},  # signs that disagree: no Duration
         {"time_limit": duration_pb2.Duration(seconds=-1)},
+        {"time_limit": duration_pb2.Duration(seconds=2**63 - 1)},  # past Duration's range: stored, it broke GetJob
+        {"time_limit": duration_pb2.Duration(seconds=31 * 24 * 3600)},  # longer than a run may last
     ):
         code, _ = await _fails(jobs_api.stub.CreateJob(inline_request("add-one", {"x": X}, **fields)))
         assert code == grpc.StatusCode.INVALID_ARGUMENT, fields

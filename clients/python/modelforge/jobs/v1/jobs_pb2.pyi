@@ -532,7 +532,7 @@ class CreateJobRequest(_message.Message):
 
     @_builtins.property
     def time_limit(self) -> _duration_pb2.Duration:
-        """Optional. How long one run may take; unset or zero means no limit."""
+        """Optional. How long one run may take, from a millisecond to 30 days; unset or zero means no limit."""
 
     def __init__(
         self,
