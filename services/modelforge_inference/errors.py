@@ -235,6 +235,17 @@ class SharedMemoryRegionExists(AlreadyExists):
         )
 
 
+class SharedMemoryRegionsFull(ResourceExhausted):
+    reason = "SHARED_MEMORY_REGIONS_FULL"
+
+    def __init__(self, name: str, why: str) -> None:
+        super().__init__(
+            f"region {name!r} cannot be registered: {why}; unregister the regions no longer in use "
+            "(SystemSharedMemoryUnregister)",
+            region=name,
+        )
+
+
 class SharedMemoryRegionNotFound(NotFound):
     reason = "SHARED_MEMORY_REGION_NOT_FOUND"
 

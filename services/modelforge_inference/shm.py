@@ -18,8 +18,10 @@ still end the server; that is why the extension is off unless the clients on the
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
+import resource
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,12 +31,23 @@ from modelforge_inference.errors import (
     SharedMemoryOff,
     SharedMemoryRegionExists,
     SharedMemoryRegionNotFound,
+    SharedMemoryRegionsFull,
 )
 
 __all__ = ["Region", "SharedMemoryRegions"]
 
 # Where Linux keeps POSIX shared memory objects: shm_open("/name") opens /dev/shm/name.
 SHM_DIRECTORY = Path("/dev/shm")
+
+
+def region_limit() -> int:
+    """How many regions a server holds at once: each keeps two file descriptors (its object's, and its mapping's),
+    so at most an eighth of the process's descriptors, and 1,024 at most, are theirs; sockets and model files keep
+    the rest."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1024
+    return max(16, min(1024, soft // 8))
 
 
 @dataclass(frozen=True)
@@ -52,10 +65,11 @@ class Region:
 class SharedMemoryRegions:
     """The regions registered on this server, by name. Used from the event loop only."""
 
-    def __init__(self, *, enabled: bool, directory: Path = SHM_DIRECTORY) -> None:
+    def __init__(self, *, enabled: bool, directory: Path = SHM_DIRECTORY, max_regions: int | None = None) -> None:
         self.enabled = enabled
         self._directory = directory
         self._regions: dict[str, Region] = {}
+        self._max_regions = region_limit() if max_regions is None else max_regions
 
     def register(self, name: str, key: str, offset: int, byte_size: int) -> Region:
         """Maps ``byte_size`` bytes from ``offset`` of the shared memory object ``key`` under ``name``.
@@ -65,12 +79,17 @@ class SharedMemoryRegions:
             InvalidSharedMemoryRegion: an empty name, a malformed key, a zero size, or a slice past the object's end.
             SharedMemoryRegionExists: ``name`` is registered already.
             SharedMemoryKeyNotFound: no shared memory object ``key`` exists on this host.
+            SharedMemoryRegionsFull: the server holds as many regions as it may, or has no file descriptor left.
         """
         self._check_enabled()
         if not name:
             raise InvalidSharedMemoryRegion(name, "name is required")
         if name in self._regions:
             raise SharedMemoryRegionExists(name, self._regions[name].key)
+        if len(self._regions) >= self._max_regions:
+            raise SharedMemoryRegionsFull(
+                name, f"{len(self._regions)} regions are registered, the most this server holds"
+            )
         path = self._directory / _object_name(name, key)
         if byte_size <= 0:
             raise InvalidSharedMemoryRegion(name, "byte_size must be more than 0")
@@ -83,6 +102,8 @@ class SharedMemoryRegions:
                 name, f"the server may not open shared memory object {key!r} for reading and writing"
             ) from None
         except OSError as exc:  # a directory, a device, ...: nothing a region can map
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                raise SharedMemoryRegionsFull(name, "the server has no file descriptor left to open it") from None
             raise InvalidSharedMemoryRegion(
                 name, f"shared memory object {key!r} cannot be opened as one: {exc.strerror}"
             ) from None

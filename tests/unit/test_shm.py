@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import resource
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +16,9 @@ from modelforge_inference.errors import (
     SharedMemoryOff,
     SharedMemoryRegionExists,
     SharedMemoryRegionNotFound,
+    SharedMemoryRegionsFull,
 )
-from modelforge_inference.shm import SharedMemoryRegions
+from modelforge_inference.shm import SharedMemoryRegions, region_limit
 
 
 @pytest.fixture
@@ -106,3 +110,43 @@ def test_everything_is_refused_while_off(tmp_path: Path) -> None:
     ):
         with pytest.raises(SharedMemoryOff):
             call()
+
+
+def test_regions_past_the_servers_limit_are_resource_exhausted(tmp_path: Path) -> None:
+    (tmp_path / "object").write_bytes(bytes(4096))
+    regions = SharedMemoryRegions(enabled=True, directory=tmp_path, max_regions=3)
+    for name in "abc":
+        regions.register(name, "/object", 0, 4096)
+    with pytest.raises(SharedMemoryRegionsFull, match="3 regions are registered, the most this server holds"):
+        regions.register("d", "/object", 0, 4096)
+    regions.unregister("a")
+    regions.register("d", "/object", 0, 4096)  # room again
+
+
+def test_the_default_limit_leaves_most_file_descriptors_to_the_rest_of_the_server() -> None:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert 16 <= region_limit() <= max(16, min(1024, soft // 8))
+
+
+def test_running_out_of_file_descriptors_is_resource_exhausted_not_a_bad_key(tmp_path: Path) -> None:
+    (tmp_path / "object").write_bytes(bytes(4096))
+    script = f"""
+import os, resource
+import resource
+import subprocess
+import sys
+from pathlib import Path
+from modelforge_inference.errors import SharedMemoryRegionsFull
+from modelforge_inference.shm import SharedMemoryRegions
+regions = SharedMemoryRegions(enabled=True, directory=Path({str(tmp_path)!r}), max_regions=10_000)
+open_now = len(os.listdir("/proc/self/fd"))
+resource.setrlimit(resource.RLIMIT_NOFILE, (open_now + 7, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+try:
+    for i in range(100):
+        regions.register(f"r{{i}}", "/object", 0, 4096)
+except SharedMemoryRegionsFull as exc:
+    print("FULL", i, exc)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.startswith("FULL "), done.stdout + done.stderr
+    assert "the server has no file descriptor left to open it" in done.stdout
