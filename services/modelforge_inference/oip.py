@@ -232,6 +232,7 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext, *, streamed: bool = False
     ) -> wire.Parts:
         ref = convert.model_ref(request.model_name, request.model_version)
+        convert.refuse_sequences(request.parameters)
         inputs = convert.decode_inputs(request, self._regions)
         outputs = convert.requested_outputs(request)
         shared = convert.shared_memory_outputs(request, self._regions) if outputs else None

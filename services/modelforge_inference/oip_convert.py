@@ -73,6 +73,7 @@ __all__ = [
     "model_statistics",
     "needs_signature",
     "priority",
+    "refuse_sequences",
     "repository_model_ref",
     "requested_outputs",
     "shared_memory_outputs",
@@ -475,6 +476,28 @@ def priority(parameters: Mapping[str, pb.InferParameter]) -> int:
             f"parameter 'priority' is {value}; use 1 (most urgent) or more", field="parameters.priority"
         )
     return value
+
+
+_SEQUENCE_PARAMETERS = ("sequence_id", "sequence_start", "sequence_end")
+
+
+def refuse_sequences(parameters: Mapping[str, pb.InferParameter]) -> None:
+    """Refuses a request that is part of a sequence: ModelForge runs no sequence batching, and answering it
+    statelessly would give wrong results silently. As Triton does for a model without it, a sequence_id that is
+    0 or "" and sequence_start/sequence_end that are false pass."""
+    if not parameters:
+        return
+    for key in _SEQUENCE_PARAMETERS:
+        parameter = parameters.get(key)
+        if parameter is None:
+            continue
+        kind = parameter.WhichOneof("parameter_choice")
+        if kind is not None and getattr(parameter, kind):
+            raise InvalidV2Request(
+                f"parameter {key!r} makes the request part of a sequence, and this server runs no sequence batching "
+                "(each request is answered on its own): drop the sequence parameters",
+                field=f"parameters.{key}",
+            )
 
 
 def timeout_seconds(parameters: Mapping[str, pb.InferParameter]) -> float | None:

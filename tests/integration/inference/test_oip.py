@@ -291,6 +291,26 @@ async def test_priority_and_timeout_parameters_are_accepted(v2: V2, mlp: ModelFi
     assert list(response.outputs[0].shape) == [1, 8]
 
 
+async def test_sequence_parameters_are_refused_not_answered_statelessly(v2: V2, mlp: ModelFile) -> None:
+    await v2.publish("mlp", mlp)
+    for key, field, value in (
+        ("sequence_id", "uint64_param", 7),
+        ("sequence_id", "string_param", "session-1"),
+        ("sequence_start", "bool_param", True),
+        ("sequence_end", "bool_param", True),
+    ):
+        request = infer_request("mlp", mlp.sample(1))
+        setattr(request.parameters[key], field, value)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await v2.stub.ModelInfer(request)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, key
+        assert "runs no sequence batching" in (caught.value.details() or ""), key
+    request = infer_request("mlp", mlp.sample(1))  # as Triton: no sequence, spelled out, passes
+    request.parameters["sequence_id"].uint64_param = 0
+    request.parameters["sequence_start"].bool_param = False
+    assert list((await v2.stub.ModelInfer(request)).outputs[0].shape) == [1, 8]
+
+
 # The blocker pattern of test_scheduling.py: one compute thread, held by a long Predict on a slow model, while V2
 # requests queue behind it.
 
