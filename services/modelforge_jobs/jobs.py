@@ -194,6 +194,7 @@ class Jobs:
         return await self._store.get_job(job_id)
 
     async def list(self, where: JobFilter, *, limit: int, after: list[Any] | None) -> Page[Job]:
+        check_labels(where.labels)  # a filter no job's labels can match is a mistake, said so
         return await self._store.list_jobs(where, limit=limit, after=_page_key(after))
 
     async def cancel(self, job_id: UUID) -> Job:
@@ -329,6 +330,7 @@ class Jobs:
         return await self._store.get_dataset(dataset_id)
 
     async def list_datasets(self, labels: dict[str, str], *, limit: int, after: Sequence[Any] | None) -> Page[Dataset]:
+        check_labels(labels)
         return await self._store.list_datasets(labels, limit=limit, after=_page_key(after))
 
     async def delete_dataset(self, dataset_id: UUID) -> None:

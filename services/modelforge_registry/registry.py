@@ -132,6 +132,7 @@ class ModelRegistry:
         return await self._store.get_model(check_model_name(name))
 
     async def list_models(self, where: ModelFilter, *, limit: int, after: list[Any] | None) -> Page[Model]:
+        labels_rules.check_labels(where.labels)  # a filter no model's labels can match is a mistake, said so
         return await self._store.list_models(where, limit=limit, after=_first(after))
 
     async def update_model(self, name: str, changes: ModelChanges) -> Model:

@@ -153,6 +153,16 @@ async def test_a_model_filter_that_is_no_model_name_is_invalid_not_an_empty_list
     assert list((await jobs_api.stub.ListJobs(jobs_pb2.ListJobsRequest(model="lin"))).jobs) == []
 
 
+async def test_a_label_filter_no_label_can_match_is_invalid_argument(jobs_api) -> None:
+    for labels in ({"": "v"}, {f"k{i}": "v" for i in range(LABELS_MAX + 1)}):
+        for call in (
+            jobs_api.stub.ListJobs(jobs_pb2.ListJobsRequest(labels=labels)),
+            jobs_api.stub.ListDatasets(jobs_pb2.ListDatasetsRequest(labels=labels)),
+        ):
+            code, _ = await _fails(call)
+            assert code == grpc.StatusCode.INVALID_ARGUMENT, list(labels)[:2]
+
+
 def replace_header(header: jobs_pb2.UploadDatasetHeader, **fields: object) -> jobs_pb2.UploadDatasetHeader:
     changed = jobs_pb2.UploadDatasetHeader()
     changed.CopyFrom(header)

@@ -182,3 +182,10 @@ async def test_pages_of_large_items_are_cut_to_fit_one_answer_and_page_on_from_t
         )
         assert [v.version for v in versions] == [6, 5, 4, 3, 2, 1]
         assert pages > 2
+
+
+async def test_a_label_filter_no_label_can_match_is_invalid_argument(registry_stub) -> None:
+    for labels in ({"": "v"}, {"bad key!": "v"}, {f"k{i}": "v" for i in range(LABELS_MAX + 1)}):
+        code, _, _ = await failure(registry_stub.ListModels(pb.ListModelsRequest(labels=labels)))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, list(labels)[:2]
+    assert (await registry_stub.ListModels(pb.ListModelsRequest(labels={"team": "x"}))).models == []
