@@ -218,7 +218,15 @@ class ModelSession:
         }
 
     def warmup(self, signature: Signature) -> None:
-        """Runs once on zeros (dynamic dimensions 1); a model that refuses zeros is logged and still served."""
+        """Runs once on zeros (dynamic dimensions 1); a model that refuses zeros is logged and still served.
+
+        Inputs whose fixed dimensions come to more than WARMUP_MAX_BYTES get no warmup (logged): allocated for
+        real, a model declaring a [100000, 100000] input would take 40 GB at load, or fail it.
+        """
+        size = sum(_zeros_bytes(spec) for spec in signature.inputs)
+        if size > WARMUP_MAX_BYTES:
+            log.info("no warmup run: the model's fixed input shapes come to %d bytes of zeros", size)
+            return
         try:
             self.run({spec.name: _zeros(spec) for spec in signature.inputs})
         except INPUT_ERRORS as exc:
@@ -277,6 +285,16 @@ def _bfloat16_bits(value: ort.OrtValue) -> np.ndarray:
         return np.empty(shape, dtype=np.uint16)
     elements = (ctypes.c_uint16 * count).from_address(value.data_ptr())
     return np.ctypeslib.as_array(elements).reshape(shape).copy()
+
+
+WARMUP_MAX_BYTES = 64 * 1024 * 1024
+
+
+def _zeros_bytes(spec: TensorSpec) -> int:
+    elements = 1
+    for dim in spec.shape:
+        elements *= 1 if dim == DYNAMIC else dim
+    return elements * (8 if spec.is_string else spec.dtype.itemsize)
 
 
 def _zeros(spec: TensorSpec) -> np.ndarray:

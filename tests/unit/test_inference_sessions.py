@@ -377,3 +377,23 @@ def test_a_session_is_proven_by_its_first_completed_run_not_by_failed_ones(tmp_p
     session.run({"x": X[:2], "shape": np.array([2, 4])})
 
     assert session.proven
+
+
+def test_a_model_declaring_huge_fixed_inputs_loads_without_a_warmup(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # 100,000 x 100,000 float32 zeros would be 40 GB: the warmup is skipped instead of allocated (or failing).
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "huge",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [100_000, 100_000])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [100_000, 100_000])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    session = ModelSession(write_model(model, tmp_path / "huge.onnx"), _config({}))
+    huge = TensorSpec("x", np.dtype(np.float32), (100_000, 100_000))
+    signature = Signature(inputs=(huge,), outputs=(dataclasses.replace(huge, name="y"),))
+    with caplog.at_level(logging.INFO, logger="modelforge.inference"):
+        session.warmup(signature)
+    assert any("no warmup run" in r.getMessage() and "40000000000 bytes" in r.getMessage() for r in caplog.records)
+    assert session.proven is False  # no run has completed: a first failure may still be the model's own
