@@ -152,6 +152,7 @@ class JobRunner:
         self._settings = settings
         self._metrics = metrics
         self._stopping = asyncio.Event()
+        self._running: set[UUID] = set()  # the jobs this worker runs now (see run)
 
     @property
     def worker_id(self) -> str:
@@ -171,6 +172,16 @@ class JobRunner:
         """
         if self._stopping.is_set():
             raise WorkerStopping(job_id, outage_since)  # not claimed: the job is still QUEUED
+        if job_id in self._running:  # a duplicate message of a job this worker runs now
+            log.info("job %s is running on this worker already: message dropped", job_id)
+            return None
+        self._running.add(job_id)
+        try:
+            return await self._claimed_run(job_id, outage_since)
+        finally:
+            self._running.discard(job_id)
+
+    async def _claimed_run(self, job_id: UUID, outage_since: float | None) -> JobState | None:
         job = await self._store.claim(job_id, self.worker_id, stale_after=self._settings.stale_after)
         if job is None:
             log.info("job %s is not QUEUED (finished, cancelled, or running elsewhere): message dropped", job_id)

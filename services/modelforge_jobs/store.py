@@ -351,17 +351,22 @@ class JobStore:
     async def claim(self, job_id: UUID, worker_id: str, *, stale_after: float) -> Job | None:
         """Makes a QUEUED job (or a RUNNING one whose worker stopped heartbeating) RUNNING on this worker.
 
-        None when the job is gone, finished, cancelled or running elsewhere: the message is then a duplicate.
+        A job RUNNING on this very worker is taken too, its attempt not counted again: the caller runs no such job
+        (see JobRunner.run), so an earlier run of it here ended without putting it back, because PostgreSQL was out
+        of reach, and its message came again. None when the job is gone, finished, cancelled or running elsewhere:
+        the message is then a duplicate.
         """
         async with self._cursor() as cur:
             await cur.execute(
                 f"""
                 UPDATE jobs.jobs SET state = 'RUNNING', worker_id = %(worker)s, heartbeat_time = now(),
-                    attempt_count = attempt_count + 1, start_time = COALESCE(start_time, now()),
+                    attempt_count = attempt_count
+                        + CASE WHEN state = 'RUNNING' AND worker_id = %(worker)s THEN 0 ELSE 1 END,
+                    start_time = COALESCE(start_time, now()),
                     queued_seconds = queued_seconds + COALESCE(EXTRACT(EPOCH FROM now() - queued_since), 0),
                     queued_since = NULL, run_start_time = now(), run_items_start = items_done, update_time = now(),
                     queued_reason = NULL
-                WHERE id = %(id)s AND (state = 'QUEUED'
+                WHERE id = %(id)s AND (state = 'QUEUED' OR (state = 'RUNNING' AND worker_id = %(worker)s)
                     OR (state = 'RUNNING' AND heartbeat_time < now() - make_interval(secs => %(stale)s)))
                 RETURNING {_JOB_COLUMNS}
                 """,

@@ -210,5 +210,36 @@ async def test_a_delivery_that_finds_postgresql_out_of_reach_is_retried_quietly_
     assert errors == []
 
 
+async def test_a_run_cut_off_from_postgresql_resumes_on_its_worker_without_spending_an_attempt(
+    jobs_api, jobs_settings, start_worker, inference, add_one, caplog
+) -> None:
+    # The run fails on PostgreSQL, and so does putting the job back in the queue: it stays RUNNING here, and its
+    # message comes again. That delivery used to be dropped ("running elsewhere"), and the job waited for the
+    # reaper, which counted the attempt: with one attempt, FAILED WORKER_LOST, though no worker was lost.
+    await upload(inference, "add-one", add_one)
+    settings = replace(jobs_settings, heartbeat_timeout=60.0)  # no reaper within the test: the resume must do it
+    proxy = await TcpProxy.to_postgres(settings.database_url or "")
+    x = np.arange(20_000 * 4, dtype=np.float32).reshape(20_000, 4)
+    try:
+        async with start_worker(replace(settings, database_url=proxy.url)):
+            with caplog.at_level(logging.INFO, logger="dramatiq"):
+                request = inline_request("add-one", {"x": x}, batch_size=10, max_attempts=1)
+                job = (await jobs_api.stub.CreateJob(request)).job
+                await wait_for(getter(jobs_api.stub, job.id), lambda j: j.progress.items_done > 0, timeout=60)
+                await proxy.cut()
+                await eventually(lambda: retried(caplog), "the worker to retry the message of the run it lost")
+                cut_off = (await jobs_api.stub.GetJob(jobs_pb2.GetJobRequest(id=job.id))).job
+                assert cut_off.state == jobs_pb2.JOB_STATE_RUNNING
+                await proxy.restore()
+                final = await wait_terminal(jobs_api.stub, job.id, timeout=45)
+        assert final.state == jobs_pb2.JOB_STATE_COMPLETED, final.error
+        assert final.attempt_count == 1
+        firsts, outputs = await results(jobs_api.stub, job.id)
+        assert firsts == list(range(0, 20_000, 10))  # every batch once
+        np.testing.assert_array_equal(outputs["y"], x + 1)
+    finally:
+        await proxy.close()
+
+
 def retried(caplog) -> bool:
     return any(r.name.startswith("dramatiq") and "Retrying message" in r.getMessage() for r in caplog.records)
