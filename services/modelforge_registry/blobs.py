@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import hashlib
 import os
-import time
 import uuid
 from collections.abc import AsyncGenerator
 from pathlib import Path
@@ -16,19 +16,27 @@ from modelforge_registry.domain import SHA256_HEX
 
 # Chunks at least this large are written and hashed in a worker thread rather than on the event loop.
 _THREAD_THRESHOLD = 64 * 1024
-# A staged file nobody has written to for this long belongs to an upload whose process died; a stored file this old
-# that no version records is left over too (see ModelRegistry.sweep_orphans).
+# A stored file this old that no version records is left over by a process that died between placing it and
+# recording it (see ModelRegistry.sweep_orphans).
 STALE_SECONDS = 3600.0
 
 
 class StagedFile:
-    """A temporary file that an upload fills; it hashes the bytes as they arrive."""
+    """A temporary file that an upload fills; it hashes the bytes as they arrive.
+
+    The upload holds an exclusive lock on it (flock) until the file is closed: a staged file nobody holds locked
+    belongs to an upload whose process died, whatever its age (see BlobStore.open).
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.size = 0
         self._hash = hashlib.sha256()
-        self._file = open(path, "xb")  # noqa: SIM115  # closed by finish() or discard()
+        self._file = open(path, "xb")  # noqa: SIM115  # closed by discard()
+        fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: nobody else holds it
+        if not _still_at(path, self._file.fileno()):  # a replica's sweep took it before the lock did
+            self._file.close()
+            raise _Swept(path)
 
     async def write(self, chunk: bytes) -> None:
         if len(chunk) >= _THREAD_THRESHOLD:
@@ -46,20 +54,41 @@ class StagedFile:
         return self._hash.hexdigest()
 
     async def finish(self) -> None:
-        """Flushes the bytes to disk and closes the file."""
+        """Flushes the bytes to disk. The file stays open, and locked, until discard(): through validation and
+        placing, so that no replica's sweep takes it for a dead upload's."""
         await asyncio.to_thread(self._finish)
 
     def _finish(self) -> None:
         self._file.flush()
         os.fsync(self._file.fileno())
-        self._file.close()
 
     def discard(self) -> None:
-        """Closes and removes the file if it is still staged; safe to call more than once."""
+        """Closes the file (letting go of its lock) and removes it if it is still staged (not placed); safe to call
+        more than once."""
         with contextlib.suppress(OSError):
             self._file.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
+
+
+class _Swept(Exception):
+    """A staged file was removed between its creation and its lock."""
+
+
+def _still_at(path: Path, descriptor: int) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(descriptor).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _remove_unless_locked(path: Path) -> None:
+    with open(path, "rb") as probe:
+        try:
+            fcntl.flock(probe.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return  # an upload in progress holds it
+        path.unlink()
 
 
 class BlobStore:
@@ -72,15 +101,13 @@ class BlobStore:
     def open(self) -> None:
         """Creates the directories and removes staged files left by a process that died mid-upload.
 
-        Replicas may share the directory, so only files untouched for a while count as left over: an upload in
-        progress writes to its file with every chunk.
+        Replicas may share the directory: a staged file counts as left over when no upload holds its lock, which
+        a process that dies lets go of (see StagedFile), so an upload in progress on another replica keeps its file.
         """
         self.incoming.mkdir(parents=True, exist_ok=True)
-        cutoff = time.time() - STALE_SECONDS
         for leftover in self.incoming.iterdir():
             with contextlib.suppress(OSError):
-                if leftover.stat().st_mtime < cutoff:
-                    leftover.unlink()
+                _remove_unless_locked(leftover)
 
     def path(self, sha256: str) -> Path:
         return self.root / sha256[:2] / sha256
@@ -103,8 +130,11 @@ class BlobStore:
         return sorted(found)
 
     def stage(self) -> StagedFile:
-        """A new empty temporary file for one upload."""
-        return StagedFile(self.incoming / f"upload-{uuid.uuid4().hex}.part")
+        """A new empty temporary file for one upload, locked by it."""
+        for _ in range(3):
+            with contextlib.suppress(_Swept):
+                return StagedFile(self.incoming / f"upload-{uuid.uuid4().hex}.part")
+        return StagedFile(self.incoming / f"upload-{uuid.uuid4().hex}.part")  # a third sweep in a row: raises
 
     async def place(self, staged: StagedFile, sha256: str) -> None:
         """Moves a finished staged file to its content address (atomically; identical bytes may already be there)."""

@@ -84,16 +84,20 @@ async def test_read_streams_chunks_and_a_missing_file_raises_at_once(store: Blob
         await store.read(sha(b"absent"), 1024)
 
 
-def test_open_removes_only_staged_files_untouched_for_an_hour(tmp_path: Path) -> None:
+async def test_open_removes_the_staged_files_no_upload_holds_whatever_their_age(tmp_path: Path) -> None:
     store = BlobStore(tmp_path / "blobs")
     store.open()
-    stale, fresh = store.incoming / "upload-old.part", store.incoming / "upload-new.part"
-    stale.write_bytes(b"left by a process that died")
-    fresh.write_bytes(b"being written by another replica")
-    two_hours_ago = time.time() - 7200
-    os.utime(stale, (two_hours_ago, two_hours_ago))
+    dead = store.incoming / "upload-dead.part"
+    dead.write_bytes(b"left a second ago by a process that died mid-upload")  # as `up` restarts a registry at once
+    live = store.stage()  # an upload in progress, here or on another replica sharing the directory
+    await live.write(b"being written")
     store.open()
-    assert sorted(p.name for p in store.incoming.iterdir()) == ["upload-new.part"]
+    assert sorted(p.name for p in store.incoming.iterdir()) == [live.path.name]
+    await live.finish()
+    store.open()  # finished but not placed yet (validation): still held
+    assert live.path.exists()
+    live.discard()
+    assert list(store.incoming.iterdir()) == []
 
 
 async def test_stored_before_lists_old_files_at_their_content_address_only(store: BlobStore) -> None:
