@@ -111,6 +111,7 @@ _KINDS: dict[grpc.StatusCode, type[errors.ServiceError]] = {
     grpc.StatusCode.ALREADY_EXISTS: errors.AlreadyExists,
     grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhausted,
     grpc.StatusCode.ABORTED: errors.Aborted,
+    grpc.StatusCode.DATA_LOSS: errors.DataLoss,  # a version file lost from the blob store: no retry helps
 }
 
 

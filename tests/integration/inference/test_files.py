@@ -19,6 +19,7 @@ from modelforge_inference.domain import ResolvedModel
 from modelforge_inference.files import ModelFileCache, ModelFileCacheFailed, ModelFileCorrupt, ModelFileTooLarge
 from modelforge_inference.registry_client import RegistryNotFound, RegistryUnavailable, resolved_model
 from modelforge_server import status
+from modelforge_server.errors import ServiceError
 from tests.fixtures.onnx_models import build_mlp, model_bytes
 from tests.fixtures.servers import upload_model as upload
 from tests.integration.inference import test_resolver as harness
@@ -182,6 +183,20 @@ async def test_corrupted_bytes_fail_the_sha256_check_and_leave_nothing(
     with pytest.raises(ModelFileCorrupt) as caught:
         await cache.path_for(model)
     assert hashlib.sha256(data).hexdigest() in str(caught.value)
+    assert entries(tmp_path / "models") == set()
+
+
+async def test_a_file_lost_from_the_registrys_blob_store_is_data_loss_passed_through(
+    admin, restartable_registry: Registry, stub, tmp_path: Path
+) -> None:
+    [model] = await add_versions(admin, 4)
+    (restartable_registry.settings.blob_root / model.sha256[:2] / model.sha256).unlink()
+    cache = ModelFileCache(stub, tmp_path / "models", max_bytes=1 << 20)
+    with pytest.raises(ServiceError) as caught:
+        await cache.path_for(model)
+    # Not "registry unavailable": a client that retries UNAVAILABLE would load it again and again.
+    assert status.code_for(caught.value) == grpc.StatusCode.DATA_LOSS
+    assert caught.value.reason == "MODEL_FILE_MISSING"
     assert entries(tmp_path / "models") == set()
 
 
