@@ -176,6 +176,16 @@ class ModelFileMissing(DataLoss):
         )
 
 
+class BlobStoreFailed(Unavailable):
+    reason = "BLOB_STORE_FAILED"
+
+    def __init__(self, doing: str, why: str) -> None:
+        super().__init__(
+            f"the registry could not {doing} in its blob store ({why}); check the disk and the permissions of the "
+            "blob directory (MODELFORGE_BLOB_DIR), then retry"
+        )
+
+
 class DatabaseUnavailable(Unavailable):
     reason = "DATABASE_UNAVAILABLE"
 

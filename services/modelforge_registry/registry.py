@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import Any
 
 from modelforge_registry import onnxfile
@@ -30,6 +30,7 @@ from modelforge_registry.domain import (
     VersionState,
 )
 from modelforge_registry.errors import (
+    BlobStoreFailed,
     InvalidAlias,
     InvalidModelName,
     InvalidVersionNumber,
@@ -184,14 +185,17 @@ class ModelRegistry:
         if not header.create_model:
             await self._store.get_model(header.model)  # NOT_FOUND before any byte is read
         attributes: dict[str, str | int] = {"modelforge.model": header.model}
-        staged = self._blobs.stage()
+        with _blob_store("stage the upload"):
+            staged = self._blobs.stage()
         try:
             async for chunk in chunks:
                 self._metrics.received(len(chunk))
                 if staged.size + len(chunk) > header.size_bytes:  # at most the size limit, checked above
                     raise SizeMismatch(header.size_bytes, staged.size + len(chunk))
-                await staged.write(chunk)
-            await staged.finish()
+                with _blob_store("write the upload"):
+                    await staged.write(chunk)
+            with _blob_store("write the upload"):
+                await staged.finish()
             if staged.size != header.size_bytes:
                 raise SizeMismatch(header.size_bytes, staged.size)
             if staged.sha256 != header.sha256:
@@ -205,14 +209,18 @@ class ModelRegistry:
             async def place() -> None:
                 nonlocal placed
                 placed = True
-                with self._tracer.start_as_current_span("blob write", attributes=attributes):
+                with (
+                    self._tracer.start_as_current_span("blob write", attributes=attributes),
+                    _blob_store("store the file"),
+                ):
                     await self._blobs.place(staged, file.sha256)
 
             try:
                 version = await self._store.add_version(header, file, place)
             except BaseException:
                 if placed:  # the transaction did not commit: drop the file unless another version has it
-                    await self._collect(file.sha256)
+                    with contextlib.suppress(BlobStoreFailed), _blob_store("remove the file of a version not stored"):
+                        await self._collect(file.sha256)  # else left to sweep_orphans
                 raise
         finally:
             staged.discard()
@@ -276,6 +284,9 @@ class ModelRegistry:
                 version.sha256,
             )
             raise ModelFileMissing(version.model, version.version, version.sha256) from None
+        except OSError as exc:
+            log.error("cannot read the file of %s:%d from the blob store: %s", version.model, version.version, exc)
+            raise BlobStoreFailed("read the file", exc.strerror or str(exc)) from None
         return version, chunks
 
     # Aliases
@@ -331,6 +342,17 @@ class ModelRegistry:
             if not recorded:
                 await self._blobs.remove(sha256)
         return not recorded
+
+
+@contextlib.contextmanager
+def _blob_store(doing: str) -> Iterator[None]:
+    """An OSError of the blob store's disk (permissions, a full or read-only file system) as UNAVAILABLE
+    BLOB_STORE_FAILED, logged for the operator; the upload leaves nothing, as on any failure."""
+    try:
+        yield
+    except OSError as exc:
+        log.error("blob store: cannot %s: %s", doing, exc)
+        raise BlobStoreFailed(doing, exc.strerror or str(exc)) from None
 
 
 def _first(key: list[Any] | None) -> Any:

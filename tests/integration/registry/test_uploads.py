@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import shutil
 from pathlib import Path
 
 import grpc
@@ -242,3 +243,22 @@ async def test_parallel_uploads_of_the_same_bytes_creating_the_model(registry, a
     assert len(blob_files(registry.settings.blob_root)) == 1
     model = (await registry.stub.GetModel(pb.GetModelRequest(name="same"))).model
     assert model.latest_version == 8
+
+
+async def test_a_blob_store_that_cannot_be_written_is_unavailable_and_leaves_nothing(registry, add_one) -> None:
+    blobs = registry.settings.blob_root
+    shutil.rmtree(blobs / ".incoming")
+    (blobs / ".incoming").write_bytes(b"")  # no directory to stage uploads in, as on a broken or read-only disk
+    code, reason, details = await failure(send(registry.stub, upload_requests("m", add_one.data)))
+    assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "BLOB_STORE_FAILED")
+    assert "MODELFORGE_BLOB_DIR" in details
+    (blobs / ".incoming").unlink()
+    (blobs / ".incoming").mkdir()
+
+    shard = blobs / add_one.sha256[:2]
+    shard.write_bytes(b"")  # the file's place in the store cannot be made
+    code, reason, _ = await failure(send(registry.stub, upload_requests("m", add_one.data)))
+    assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "BLOB_STORE_FAILED")
+    shard.unlink()
+    await assert_nothing_stored(registry, "m")
+    assert (await upload_model(registry.stub, "m", add_one.data)).version == 1  # the disk mended, uploads work
