@@ -67,6 +67,10 @@ def translate(exc: grpc.aio.AioRpcError, service: str) -> ServiceError:
     return kind(message, reason=reason)
 
 
+# What a call answering for a caller keeps of the caller's remaining time to answer it.
+_ANSWER_MARGIN = 0.5
+
+
 class RegistryClient:
     """Resolves model references with the registry."""
 
@@ -74,12 +78,25 @@ class RegistryClient:
         self._stub = registry_pb2_grpc.RegistryServiceStub(channel)
         self._timeout = timeout
 
-    async def resolve(self, ref: ModelRef) -> ResolvedModel:
+    async def resolve(self, ref: ModelRef, *, within: float | None = None) -> ResolvedModel:
+        """The version `ref` names now. `within`: the seconds left to the caller's own deadline; the registry gets
+        a little less, so that a registry that does not answer is reported UNAVAILABLE while the caller still
+        listens, rather than the caller's deadline passing first.
+
+        Raises:
+            RemoteUnavailable: the registry is down, or did not answer in time.
+        """
+        timeout = self._timeout if within is None else max(0.05, min(self._timeout, within - _ANSWER_MARGIN))
         try:
             response = await self._stub.ResolveModelRef(
-                registry_pb2.ResolveModelRefRequest(ref=convert.ref_to_proto(ref)), timeout=self._timeout
+                registry_pb2.ResolveModelRefRequest(ref=convert.ref_to_proto(ref)), timeout=timeout
             )
         except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:  # this call's timeout: the registry did not answer
+                raise errors.RemoteUnavailable(
+                    f"the registry is unavailable: it did not answer within {timeout:.1f} s",
+                    reason="REGISTRY_UNAVAILABLE",
+                ) from exc
             raise translate(exc, "registry") from exc
         version = response.model_version
         if version.state == registry_pb2.VERSION_STATE_ARCHIVED:

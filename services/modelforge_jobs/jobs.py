@@ -137,14 +137,16 @@ class Jobs:
 
     # --- submission -----------------------------------------------------------------------------------------
 
-    async def submit(self, spec: JobSpec) -> Job:
-        """Resolves and pins the model, checks the input, records the job and queues it (once per request_id)."""
+    async def submit(self, spec: JobSpec, *, time_remaining: float | None = None) -> Job:
+        """Resolves and pins the model, checks the input, records the job and queues it (once per request_id).
+
+        `time_remaining`: seconds to the caller's deadline, which bounds the call to the registry."""
         check_labels(spec.labels)
         if spec.request_id:
             existing = await self._store.get_job_by_request_id(spec.request_id)
             if existing is not None:
                 return existing
-        model = await self._registry.resolve(spec.model_ref)
+        model = await self._registry.resolve(spec.model_ref, within=time_remaining)
         if spec.dataset_id is not None:
             dataset = await self._store.get_dataset(spec.dataset_id)
             tensors, items = dataset.tensors, dataset.item_count

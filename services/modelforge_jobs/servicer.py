@@ -65,7 +65,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     async def CreateJob(
         self, request: jobs_pb2.CreateJobRequest, context: grpc.aio.ServicerContext
     ) -> jobs_pb2.CreateJobResponse:
-        job = await self._jobs.submit(self._spec(request))
+        job = await self._jobs.submit(self._spec(request), time_remaining=context.time_remaining())
         return jobs_pb2.CreateJobResponse(job=convert.job_to_proto(job))
 
     async def GetJob(

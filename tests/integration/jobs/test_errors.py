@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from dataclasses import replace
 
 import grpc
 import numpy as np
@@ -16,6 +17,7 @@ from modelforge.registry.v1 import registry_pb2
 from modelforge_server import paging
 from modelforge_server.labels import LABEL_VALUE_MAX, LABELS_MAX
 from tests.fixtures.onnx_models import build_fixed_shape, build_nonzero, build_string_model, model_bytes
+from tests.fixtures.proxy import TcpProxy
 from tests.integration.jobs.conftest import (
     dataset_file,
     error_reason,
@@ -161,6 +163,25 @@ async def test_a_label_filter_no_label_can_match_is_invalid_argument(jobs_api) -
         ):
             code, _ = await _fails(call)
             assert code == grpc.StatusCode.INVALID_ARGUMENT, list(labels)[:2]
+
+
+async def test_a_registry_that_does_not_answer_is_unavailable_before_the_callers_deadline(
+    jobs_settings, start_jobs_api, inference, add_one
+) -> None:
+    await upload(inference, "add-one", add_one)
+    host, port = inference.registry.address.rsplit(":", 1)
+    proxy = await TcpProxy.to_address(host, int(port))
+    try:
+        async with start_jobs_api(replace(jobs_settings, registry_address=proxy.address)) as api:
+            proxy.stall()  # connected, and silent: a frozen registry
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await api.stub.CreateJob(inline_request("add-one", {"x": X}), timeout=3)
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value.details()
+            assert error_reason(caught.value) == "REGISTRY_UNAVAILABLE"
+            await proxy.restore()
+            await _no_jobs(api.stub)
+    finally:
+        await proxy.close()
 
 
 def replace_header(header: jobs_pb2.UploadDatasetHeader, **fields: object) -> jobs_pb2.UploadDatasetHeader:
