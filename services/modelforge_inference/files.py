@@ -33,9 +33,9 @@ from opentelemetry.util.types import AttributeValue
 from modelforge._convert import hash_file
 from modelforge.registry.v1 import registry_pb2_grpc
 from modelforge_inference.domain import ResolvedModel
-from modelforge_inference.flights import SingleFlight
 from modelforge_inference.registry_client import ModelFileCorrupt, RegistryClient
 from modelforge_server import errors, telemetry
+from modelforge_server.flights import SingleFlight
 
 __all__ = ["ModelFileCache", "ModelFileCacheFailed", "ModelFileCorrupt", "ModelFileTooLarge"]
 

@@ -37,9 +37,9 @@ from collections.abc import Callable
 
 from modelforge.registry.v1 import registry_pb2_grpc
 from modelforge_inference.domain import ModelRef, ResolvedModel
-from modelforge_inference.flights import SingleFlight
 from modelforge_inference.registry_client import ModelEvent, ModelEventType, RegistryClient, RegistryUnavailable
 from modelforge_server import errors
+from modelforge_server.flights import SingleFlight
 
 __all__ = ["ModelEvent", "ModelEventType", "ModelResolver", "ResolveTimeout"]
 

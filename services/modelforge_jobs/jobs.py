@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -46,6 +45,7 @@ from modelforge_jobs.metrics import ApiMetrics
 from modelforge_jobs.store import JobStore
 from modelforge_server import paging
 from modelforge_server.errors import FailedPrecondition, InvalidArgument, Unavailable, require
+from modelforge_server.flights import SingleFlight
 from modelforge_server.labels import check_labels
 
 log = logging.getLogger("modelforge.jobs")
@@ -129,7 +129,7 @@ class Jobs:
         self._send = send
         self._changes = changes
         self._watch_interval = watch_interval
-        self._watch_reads: dict[UUID, tuple[int, asyncio.Future[Job]]] = {}  # see _read_watched
+        self._watch_reads: SingleFlight[tuple[UUID, int], Job] = SingleFlight()  # see _read_watched
         self._watch_spacing = watch_spacing
         self._result_page = result_page
         self._default_batch_size = default_batch_size
@@ -261,22 +261,11 @@ class Jobs:
     async def _read_watched(self, job_id: UUID) -> Job:
         """The job, for a watcher just woken: the watchers woken by the same change share one read, so that a
         thousand watchers of one job cost the database one query per change, not a thousand (which also starved
-        the connection pool that every other call, the health check's included, takes from)."""
+        the connection pool that every other call, the health check's included, takes from). A read is shared only
+        by watchers that saw the same count of wake-ups: one begun before a later change is never reused for it."""
         if self._changes is None:
             return await self._store.get_job(job_id)
-        seen = self._changes.wakes
-        flight = self._watch_reads.get(job_id)
-        if flight is None or flight[0] < seen:  # none, or begun before a change that may have woken this watcher
-            flight = (seen, asyncio.ensure_future(self._store.get_job(job_id)))
-            self._watch_reads[job_id] = flight
-            flight[1].add_done_callback(functools.partial(self._read_done, job_id, flight))
-        return await asyncio.shield(flight[1])
-
-    def _read_done(self, job_id: UUID, flight: tuple[int, asyncio.Future[Job]], _: object) -> None:
-        if self._watch_reads.get(job_id) is flight:
-            del self._watch_reads[job_id]
-        if not flight[1].cancelled():
-            flight[1].exception()  # retrieved, so that an error nobody awaited is not logged as unhandled
+        return await self._watch_reads.run((job_id, self._changes.wakes), lambda: self._store.get_job(job_id))
 
     def _subscribe(self, job_id: UUID) -> contextlib.AbstractContextManager[asyncio.Event]:
         if self._changes is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from modelforge_inference.flights import SingleFlight
+from modelforge_server.flights import SingleFlight
 
 
 async def test_single_flight_shares_one_run_and_its_error() -> None:
