@@ -79,16 +79,13 @@ def nul_field(message: Message, prefix: str = "") -> str | None:
                     return where
                 if isinstance(item, Message) and (inner := nul_field(item, where + ".")) is not None:
                     return inner
-        elif field.type == FieldDescriptor.TYPE_STRING:
-            items = value if field.is_repeated else (value,)
-            for index, item in enumerate(items):
-                if "\0" in item:
-                    return f"{path}[{index}]" if field.is_repeated else path
-        elif field.type == FieldDescriptor.TYPE_MESSAGE:
-            items = value if field.is_repeated else (value,)
-            for index, item in enumerate(items):
-                suffix = f"[{index}]." if field.is_repeated else "."
-                if (inner := nul_field(item, path + suffix)) is not None:
+        elif field.type in (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_MESSAGE):
+            for index, item in enumerate(value if field.is_repeated else (value,)):
+                where = f"{path}[{index}]" if field.is_repeated else path
+                if isinstance(item, str):
+                    if "\0" in item:
+                        return where
+                elif (inner := nul_field(item, where + ".")) is not None:
                     return inner
     return None
 
