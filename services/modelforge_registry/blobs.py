@@ -134,7 +134,7 @@ class BlobStore:
         for _ in range(3):
             with contextlib.suppress(_Swept):
                 return StagedFile(self.incoming / f"upload-{uuid.uuid4().hex}.part")
-        return StagedFile(self.incoming / f"upload-{uuid.uuid4().hex}.part")  # a third sweep in a row: raises
+        return StagedFile(self.incoming / f"upload-{uuid.uuid4().hex}.part")  # a fourth sweep in a row raises
 
     async def place(self, staged: StagedFile, sha256: str) -> None:
         """Moves a finished staged file to its content address (atomically; identical bytes may already be there)."""
