@@ -50,7 +50,9 @@ async def build(settings: JobsSettings, stack: AsyncExitStack) -> app.Server:
         stack.callback(stop_redis)
         settings = replace(settings, redis_url=url)
     assert settings.database_url is not None and settings.redis_url is not None
-    pool = await stack.enter_async_context(db.open_pool(settings.database_url))
+    pool = await stack.enter_async_context(
+        db.open_pool(settings.database_url, operation_timeout=settings.database_timeout)
+    )
     await db.migrate(pool, schema="jobs", package="modelforge_jobs.migrations")
     broker = make_broker(settings)
     stack.callback(broker.close)

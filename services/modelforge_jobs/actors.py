@@ -190,7 +190,12 @@ class WorkerResources(dramatiq.Middleware):
             pool = await stack.enter_async_context(
                 # Each batch's store checks a connection out: skip the round trip of the check when the
                 # connection was in use within the last second.
-                db.open_pool(settings.database_url, max_size=max(8, settings.worker_threads * 4), recheck_after=1.0)
+                db.open_pool(
+                    settings.database_url,
+                    max_size=max(8, settings.worker_threads * 4),
+                    recheck_after=1.0,
+                    operation_timeout=settings.database_timeout,
+                )
             )
             await db.migrate(pool, schema="jobs", package="modelforge_jobs.migrations")
             channel = grpc.aio.insecure_channel(

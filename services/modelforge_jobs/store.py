@@ -29,6 +29,7 @@ from modelforge_jobs.domain import (
     TensorInfo,
 )
 from modelforge_jobs.errors import DatasetInUse, DatasetNotFound, DependencyUnavailable, JobNotFound
+from modelforge_server import db
 from modelforge_server.refs import ModelRef
 
 T = TypeVar("T")
@@ -174,16 +175,21 @@ class JobStore:
         self._pool = pool
 
     @contextlib.asynccontextmanager
-    async def _cursor(self, *, transaction: bool = False) -> AsyncIterator[psycopg.AsyncCursor[dict[str, Any]]]:
-        """A dict-row cursor; PostgreSQL going away becomes Unavailable here, at the boundary."""
+    async def _cursor(
+        self, *, transaction: bool = False, bounded: bool = True
+    ) -> AsyncIterator[psycopg.AsyncCursor[dict[str, Any]]]:
+        """A dict-row cursor for one operation, bounded by the pool's operation timeout unless `bounded` is False
+        (see `db.connection`); PostgreSQL going away becomes Unavailable here, at the boundary."""
         try:
-            async with self._pool.connection() as conn:
+            async with db.connection(self._pool, bounded=bounded) as conn:
                 if transaction:
                     async with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
                         yield cur
                 else:
                     async with conn.cursor(row_factory=dict_row) as cur:
                         yield cur
+        except db.OperationTimedOut as exc:
+            raise DependencyUnavailable("database", f"no answer within {exc.seconds:g} s") from exc
         except (psycopg.OperationalError, PoolTimeout) as exc:
             raise DependencyUnavailable("database", type(exc).__name__) from exc
 
@@ -548,9 +554,10 @@ class JobStore:
 
     async def expire(self, *, retention: float) -> tuple[int, int]:
         """Deletes jobs finished more than `retention` seconds ago, and datasets as old that no live job reads
-        (their records go with them). Returns the numbers of jobs and datasets deleted."""
+        (their records go with them). Returns the numbers of jobs and datasets deleted. Not bounded by the
+        operation timeout: a first pass over a large backlog may take long, and a pass cut short would be undone."""
         params = {"retention": retention}
-        async with self._cursor(transaction=True) as cur:
+        async with self._cursor(transaction=True, bounded=False) as cur:
             await cur.execute(
                 "DELETE FROM jobs.jobs WHERE finish_time < now() - make_interval(secs => %(retention)s)", params
             )
@@ -570,8 +577,9 @@ class JobStore:
 
     async def insert_dataset(self, dataset: Dataset, records: AsyncIterable[InputRecord]) -> Dataset:
         """Inserts the dataset and all its records in one transaction: all of it, or (on any failure or
-        cancellation) nothing. The records are copied in as they come, never all in memory."""
-        async with self._cursor(transaction=True) as cur:
+        cancellation) nothing. The records are copied in as they come, never all in memory; so the operation
+        timeout does not bound it: the upload sets its pace."""
+        async with self._cursor(transaction=True, bounded=False) as cur:
             await cur.execute(
                 """
                 INSERT INTO jobs.datasets (id, sha256, size_bytes, item_count, record_count, tensors, display_name,

@@ -28,7 +28,7 @@ async def build(settings: RegistrySettings, stack: AsyncExitStack) -> app.Server
     else:  # the embedded default: a real PostgreSQL from the pgserver wheel, data under data_dir
         url, stop_postgres = await asyncio.to_thread(embedded.start_postgres, settings.data_dir)
         stack.callback(stop_postgres)
-    pool = await stack.enter_async_context(db.open_pool(url))
+    pool = await stack.enter_async_context(db.open_pool(url, operation_timeout=settings.database_timeout))
     await db.migrate(pool, schema="registry", package="modelforge_registry.migrations")
     blobs = BlobStore(settings.blob_root)
     await asyncio.to_thread(blobs.open)

@@ -189,8 +189,9 @@ class BlobStoreFailed(Unavailable):
 class DatabaseUnavailable(Unavailable):
     reason = "DATABASE_UNAVAILABLE"
 
-    def __init__(self) -> None:
-        super().__init__("the registry cannot reach PostgreSQL right now; retry later")
+    def __init__(self, detail: str = "") -> None:
+        why = f" ({detail})" if detail else ""
+        super().__init__(f"the registry cannot reach PostgreSQL right now{why}; retry later")
 
 
 class WatchInterrupted(Unavailable):

@@ -148,18 +148,22 @@ class RegistryStore:
         self._pool = pool
 
     @asynccontextmanager
-    async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    async def _connection(self, *, bounded: bool = True) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A connection for one operation, bounded by the pool's operation timeout unless `bounded` is False
+        (see `db.connection`)."""
         try:
-            async with self._pool.connection() as conn:
+            async with db.connection(self._pool, bounded=bounded) as conn:
                 yield conn
         except psycopg.errors.TransactionRollback as exc:
             raise Aborted("a concurrent change got in the way; retry the request") from exc
+        except db.OperationTimedOut as exc:
+            raise DatabaseUnavailable(f"PostgreSQL did not answer within {exc.seconds:g} s") from exc
         except (psycopg.OperationalError, PoolTimeout) as exc:
             raise DatabaseUnavailable() from exc
 
     @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-        async with self._connection() as conn, conn.transaction():
+    async def _transaction(self, *, bounded: bool = True) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        async with self._connection(bounded=bounded) as conn, conn.transaction():
             yield conn
 
     async def ping(self) -> None:
@@ -270,8 +274,9 @@ class RegistryStore:
         self, header: UploadHeader, file: StoredFile, place: Callable[[], Awaitable[None]]
     ) -> ModelVersion:
         """Allocates the next version number and inserts the version; `place` puts the file in the blob store
-        while the file's lock is held. All of it happens in one transaction, or none of it."""
-        async with self._transaction() as conn:
+        while the file's lock is held. All of it happens in one transaction, or none of it. Not bounded by the
+        operation timeout: writing the file takes as long as the disk needs."""
+        async with self._transaction(bounded=False) as conn:
             if header.create_model:
                 cur = await conn.execute(
                     "INSERT INTO registry.models (name) VALUES (%s) ON CONFLICT (name) DO NOTHING RETURNING name",
@@ -320,8 +325,9 @@ class RegistryStore:
 
     @asynccontextmanager
     async def blob_lock(self, sha256: str) -> AsyncIterator[bool]:
-        """Holds the file's lock for the block; yields whether a registry.blobs row records the file."""
-        async with self._transaction() as conn:
+        """Holds the file's lock for the block; yields whether a registry.blobs row records the file. Not bounded
+        by the operation timeout: the block works on the disk."""
+        async with self._transaction(bounded=False) as conn:
             await _lock_blob(conn, sha256)
             cur = await conn.execute("SELECT 1 FROM registry.blobs WHERE sha256 = %s", (sha256,))
             yield await cur.fetchone() is not None

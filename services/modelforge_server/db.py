@@ -2,22 +2,78 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib.resources
 import logging
+import os
 import re
+import socket
 import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import psycopg
 from psycopg import AsyncConnection, sql
+from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 log = logging.getLogger("modelforge.db")
 
 _MIGRATION = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+
+# The loop time by which the current task's database operation must end (`connection`), so that the pool's check
+# of the connection it hands out, which runs in the caller's task, ends by then too.
+_deadline: ContextVar[float | None] = ContextVar("modelforge_db_deadline", default=None)
+
+
+class OperationTimedOut(psycopg.OperationalError):
+    """PostgreSQL did not finish an operation within its bound, so its connection was cut."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"PostgreSQL did not answer within {seconds:g} s")
+        self.seconds = seconds
+
+
+def _cut(conn: AsyncConnection[Any]) -> None:
+    """Shuts the connection's socket down, so that whatever awaits an answer on it fails at once.
+
+    PostgreSQL that is stopped, stuck on its disk or behind a network partition never answers, and the kernel may
+    still acknowledge every packet, so nothing on the connection ever fails by itself. Cancelling the waiting task
+    is no way out: psycopg then sends PostgreSQL a cancel request and waits for it, up to 10 s more. After a
+    shutdown, libpq reads the end of the stream: the statement fails with OperationalError, and the pool discards
+    the broken connection when it comes back.
+    """
+    with contextlib.suppress(OSError, psycopg.Error):
+        fd = conn.pgconn.socket
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+@contextlib.contextmanager
+def _cut_at(conn: AsyncConnection[Any], deadline: float, seconds: float) -> Iterator[None]:
+    """Cuts the connection at loop time `deadline` if the block is still running, and then turns the
+    OperationalError that comes out of it into OperationTimedOut(`seconds`)."""
+    cut = False
+
+    def fire() -> None:
+        nonlocal cut
+        cut = True
+        _cut(conn)
+
+    loop = asyncio.get_running_loop()
+    handle = loop.call_at(deadline, fire)
+    try:
+        yield
+    except psycopg.OperationalError as exc:
+        if cut and not isinstance(exc, OperationTimedOut):
+            raise OperationTimedOut(seconds) from exc
+        raise
+    finally:
+        handle.cancel()
 
 
 class _Recheck:
@@ -39,8 +95,28 @@ class _Recheck:
         now = time.monotonic()
         used = self._used.get(conn)
         if used is None or now - used >= self._after:
-            await AsyncConnectionPool.check_connection(conn)
+            await _check(conn)
         self._used[conn] = now
+
+
+async def _check(conn: AsyncConnection[Any]) -> None:
+    """psycopg_pool's check of a connection before it is handed out, ended by the operation's deadline, or within
+    CHECK_TIMEOUT when it has none: a connection whose check does not answer is cut and the pool takes another."""
+    deadline = _deadline.get()
+    seconds = CHECK_TIMEOUT
+    if deadline is None:
+        deadline = asyncio.get_running_loop().time() + CHECK_TIMEOUT
+    else:
+        seconds = deadline - asyncio.get_running_loop().time()
+    with _cut_at(conn, deadline, seconds):
+        await AsyncConnectionPool.check_connection(conn)
+
+
+# Seconds a new connection may take to be established, unless the URL or PGCONNECT_TIMEOUT says otherwise.
+CONNECT_TIMEOUT = 10
+
+# How long the pool's check of a connection may take when the operation that asked for it has no deadline.
+CHECK_TIMEOUT = 5.0
 
 
 class _OutagePool(AsyncConnectionPool):
@@ -53,10 +129,11 @@ class _OutagePool(AsyncConnectionPool):
     background meanwhile, so the first request after PostgreSQL is back finds a connection.
     """
 
-    def __init__(self, *args: Any, outage_timeout: float, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, outage_timeout: float, operation_timeout: float | None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._outage_timeout = outage_timeout
         self._unreachable = False
+        self.operation_timeout = operation_timeout
 
     @property
     def unreachable(self) -> bool:
@@ -85,8 +162,11 @@ async def open_pool(
     outage_timeout: float = 1.0,
     reconnect_timeout: float = 10.0,
     recheck_after: float = 0.0,
+    operation_timeout: float | None = 30.0,
 ) -> AsyncIterator[AsyncConnectionPool]:
     """An opened pool whose connections are checked before use; closed on exit.
+
+    `operation_timeout` bounds each operation taken through `connection` (None: no bound).
 
     A checkout waits up to `timeout` for a connection, or `outage_timeout` after one has timed out and until one
     succeeds (`_OutagePool`). With `recheck_after` > 0 a connection handed out less than that many seconds before is
@@ -98,16 +178,22 @@ async def open_pool(
     that much later than PostgreSQL.
     """
     recheck = _Recheck(recheck_after) if recheck_after > 0 else None
+    kwargs: dict[str, Any] = {"autocommit": True}
+    if "connect_timeout" not in conninfo_to_dict(url) and "PGCONNECT_TIMEOUT" not in os.environ:
+        # libpq's own default is no limit (psycopg's 130 s): a PostgreSQL that accepts TCP and never answers would
+        # hold each of the pool's reconnection attempts that long.
+        kwargs["connect_timeout"] = CONNECT_TIMEOUT
     pool = _OutagePool(
         url,
         outage_timeout=outage_timeout,
+        operation_timeout=operation_timeout,
         reconnect_timeout=reconnect_timeout,
         min_size=min_size,
         max_size=max_size,
         timeout=timeout,
         open=False,
-        check=recheck.check if recheck is not None else AsyncConnectionPool.check_connection,
-        kwargs={"autocommit": True},
+        check=recheck.check if recheck is not None else _check,
+        kwargs=kwargs,
     )
     await pool.open(wait=True, timeout=timeout)
     try:
@@ -116,14 +202,47 @@ async def open_pool(
         await pool.close()
 
 
-async def ping(pool: AsyncConnectionPool) -> None:
-    """Raises unless PostgreSQL answers a trivial query; used by health checks.
+@asynccontextmanager
+async def connection(
+    pool: AsyncConnectionPool, *, bounded: bool = True, seconds: float | None = None, checkout: float | None = None
+) -> AsyncIterator[AsyncConnection[Any]]:
+    """A connection of the pool for one operation, which ends within the pool's `operation_timeout` of asking for
+    it (or `seconds`), checkout and the pool's check of the connection included.
 
-    The checkout gives up within a second, before the health check's own timeout (at least one second, see
-    `app.Server.watch_dependency`) cancels it: a checkout that times out tells the pool that PostgreSQL is out of
-    reach (`_OutagePool`), so requests stop waiting the full timeout within one health check of an outage.
+    Past that bound the connection is cut (`_cut`), and what awaits PostgreSQL raises OperationTimedOut, an
+    OperationalError like any other outage. `bounded=False` is for operations whose length is not PostgreSQL's
+    doing: a copy paced by a client's upload, a lock held while a file is written. They end when PostgreSQL fails
+    or their caller goes away. `checkout` bounds the wait for a connection (default: the pool's timeout).
     """
-    async with pool.connection(timeout=0.9) as conn:
+    limit = seconds if seconds is not None else getattr(pool, "operation_timeout", None)
+    if not bounded or limit is None:
+        async with pool.connection(timeout=checkout) as conn:
+            yield conn
+        return
+    deadline = asyncio.get_running_loop().time() + limit
+    token = _deadline.set(deadline)
+    try:
+        wait = min(limit, pool.timeout if checkout is None else checkout)
+        async with pool.connection(timeout=wait) as conn:
+            with _cut_at(conn, deadline, limit):
+                yield conn
+    finally:
+        _deadline.reset(token)
+
+
+# The bound of a health check's query: below the health check's own timeout (at least one second, see
+# `app.Server.watch_dependency`), so that the check never needs cancelling, which would make psycopg wait for
+# PostgreSQL to acknowledge a cancel request (up to 10 s more).
+PING_TIMEOUT = 0.9
+
+
+async def ping(pool: AsyncConnectionPool) -> None:
+    """Raises unless PostgreSQL answers a trivial query within PING_TIMEOUT; used by health checks.
+
+    A checkout that times out tells the pool that PostgreSQL is out of reach (`_OutagePool`), so requests stop
+    waiting the full timeout within one health check of an outage.
+    """
+    async with connection(pool, seconds=PING_TIMEOUT) as conn:
         await conn.execute("SELECT 1")
 
 

@@ -63,6 +63,8 @@ class ServerSettings:
     port: int = 0
     data_dir: Path = Path(".modelforge")
     database_url: str | None = None
+    # Seconds an operation on PostgreSQL may take before its connection is cut and the call answers UNAVAILABLE.
+    database_timeout: float = 30.0
     redis_url: str | None = None
     log_level: str = "INFO"
     max_message_bytes: int = 64 * MiB
@@ -77,6 +79,7 @@ class ServerSettings:
         "port": PORT,
         "max_message_bytes": Bound(CHUNK_HEADROOM + 1),
         "grace_seconds": NOT_NEGATIVE,
+        "database_timeout": POSITIVE,
         "chunk_bytes": AT_LEAST_ONE,
     }
 

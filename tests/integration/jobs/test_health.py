@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from modelforge.jobs.v1 import jobs_pb2
 from modelforge_server import embedded
+from tests.fixtures.proxy import TcpProxy
+from tests.integration.jobs.conftest import error_reason
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -51,3 +56,33 @@ async def test_not_ready_without_the_inference_service_but_alive(jobs_settings, 
         up = api.server.metrics.registry.get_sample_value
         assert up("modelforge_dependency_up", {"dependency": "inference"}) == 0
         assert up("modelforge_dependency_up", {"dependency": "redis"}) == 1
+
+
+async def test_a_postgresql_that_stops_answering_makes_calls_unavailable_within_the_database_timeout(
+    jobs_settings, start_jobs_api
+) -> None:
+    # A stalled proxy is PostgreSQL stopped, stuck on its disk or behind a network partition: connections stay
+    # open and nothing answers. Calls without a deadline used to wait for as long as it lasted.
+    proxy = await TcpProxy.to_postgres(jobs_settings.database_url or "")
+    settings = replace(jobs_settings, database_url=proxy.url, database_timeout=1.0)
+    try:
+        async with (
+            start_jobs_api(settings) as api,
+            grpc.aio.insecure_channel(f"127.0.0.1:{api.port}") as channel,
+        ):
+            health = health_pb2_grpc.HealthStub(channel)
+            await watch_until(health, "dependency/postgresql", SERVING)
+            proxy.stall()
+            async with asyncio.timeout(30):  # only so that a regression fails instead of hanging
+                with pytest.raises(grpc.aio.AioRpcError) as failed:
+                    await api.stub.ListJobs(jobs_pb2.ListJobsRequest())
+                assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert error_reason(failed.value) == "DEPENDENCY_UNAVAILABLE"
+                assert "database is unavailable" in (failed.value.details() or "")
+                await watch_until(health, "dependency/postgresql", NOT_SERVING)
+                assert await check(health, "") == NOT_SERVING
+            await proxy.restore()
+            await watch_until(health, "", SERVING)
+            assert list((await api.stub.ListJobs(jobs_pb2.ListJobsRequest())).jobs) == []
+    finally:
+        await proxy.close()

@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from modelforge.registry.v1 import registry_pb2 as pb
 from tests.fixtures.polling import eventually
+from tests.fixtures.proxy import TcpProxy
 from tests.fixtures.servers import registry_settings_for, running_registry, upload_model
 from tests.integration.registry import pgcontrol
 from tests.integration.registry.calls import failure
@@ -139,6 +140,38 @@ async def test_while_postgresql_is_down_health_is_not_serving_and_requests_answe
             statuses.cancel()
     finally:
         await pgcontrol.run("stop", own_pg)
+
+
+async def test_a_postgresql_that_stops_answering_is_unavailable_within_the_database_timeout(
+    clean_db: str, tmp_path: Path, add_one
+) -> None:
+    # A stalled proxy is PostgreSQL stopped (SIGSTOP), stuck on its disk or behind a network partition: the
+    # connections stay open and nothing answers. Calls without a deadline used to wait for as long as it lasted.
+    proxy = await TcpProxy.to_postgres(clean_db)
+    try:
+        settings = registry_settings_for(proxy.url, tmp_path / "registry", database_timeout=1.0)
+        async with running_registry(settings) as registry:
+            await upload_model(registry.stub, "durable", add_one.data)
+            health = health_pb2_grpc.HealthStub(registry.channel)
+            statuses = health.Watch(health_pb2.HealthCheckRequest(service=SERVICE))
+            assert await next_status(statuses) == SERVING
+
+            proxy.stall()
+            async with asyncio.timeout(30):  # only so that a regression fails instead of hanging
+                code, reason, details = await failure(registry.stub.GetModel(pb.GetModelRequest(name="durable")))
+                assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "DATABASE_UNAVAILABLE")
+                assert "cannot reach PostgreSQL" in details
+                assert await next_status(statuses) == NOT_SERVING
+                code, reason, _ = await failure(registry.stub.ListModels(pb.ListModelsRequest()))
+                assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "DATABASE_UNAVAILABLE")
+
+            await proxy.restore()
+            assert await next_status(statuses) == SERVING
+            got = await registry.stub.GetModel(pb.GetModelRequest(name="durable"))
+            assert got.model.latest_version == 1
+            statuses.cancel()
+    finally:
+        await proxy.close()
 
 
 async def test_database_schema_is_registry(registry, add_one, clean_db) -> None:
