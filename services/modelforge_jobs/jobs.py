@@ -211,19 +211,25 @@ class Jobs:
 
     async def retry(self, job_id: UUID) -> Job:
         job = await self._store.get_job(job_id)
-        retryable = job.state in (JobState.FAILED, JobState.CANCELLED)
-        if retryable and job.dataset_deleted:
-            raise DatasetDeleted(str(job_id), str(job.input_dataset_id))
-        if retryable and job.dataset_id is None and await self._store.inline_input(job_id) is None:
+        self._check_retryable(job)
+        if job.dataset_id is None and await self._store.inline_input(job_id) is None:
             # A dataset deleted before the jobs kept the id they read (migration 0005).
             raise FailedPrecondition(f"job {job_id} cannot run again: its dataset was deleted")
         requeued = await self._store.requeue_finished(job_id)
-        if requeued is None:
+        if requeued is None:  # changed meanwhile: its state, or its dataset deleted
             job = await self._store.get_job(job_id)
+            self._check_retryable(job)
             raise JobStateConflict(str(job_id), job.state.value, "retry", "FAILED or CANCELLED")
         log.info("job %s queued again", job_id)
         await self._enqueue(requeued)
         return requeued
+
+    @staticmethod
+    def _check_retryable(job: Job) -> None:
+        if job.state not in (JobState.FAILED, JobState.CANCELLED):
+            raise JobStateConflict(str(job.id), job.state.value, "retry", "FAILED or CANCELLED")
+        if job.dataset_deleted:
+            raise DatasetDeleted(str(job.id), str(job.input_dataset_id))
 
     async def delete(self, job_id: UUID) -> int:
         deleted = await self._store.delete_job(job_id)

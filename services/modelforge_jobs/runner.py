@@ -37,7 +37,7 @@ from uuid import UUID
 from modelforge.common.v1.tensor_pb2 import Tensor
 from modelforge_jobs.datasets import BatchSource, DatasetItems, Items
 from modelforge_jobs.domain import InputRecord, Job, JobError, JobState, Priority, ResultRecord
-from modelforge_jobs.errors import AttemptsExhausted, TimeLimitExceeded, is_transient
+from modelforge_jobs.errors import AttemptsExhausted, JobNotFound, TimeLimitExceeded, is_transient
 from modelforge_jobs.inference_client import InferenceClient
 from modelforge_jobs.metrics import WorkerMetrics
 from modelforge_jobs.store import JobStore
@@ -152,7 +152,7 @@ class JobRunner:
         self._settings = settings
         self._metrics = metrics
         self._stopping = asyncio.Event()
-        self._running: set[UUID] = set()  # the jobs this worker runs now (see run)
+        self._running: dict[UUID, asyncio.Event] = {}  # the jobs this worker runs now, each set when its run ends
 
     @property
     def worker_id(self) -> str:
@@ -172,14 +172,23 @@ class JobRunner:
         """
         if self._stopping.is_set():
             raise WorkerStopping(job_id, outage_since)  # not claimed: the job is still QUEUED
-        if job_id in self._running:  # a duplicate message of a job this worker runs now
-            log.info("job %s is running on this worker already: message dropped", job_id)
-            return None
-        self._running.add(job_id)
+        while (ended := self._running.get(job_id)) is not None:
+            try:
+                job = await self._store.get_job(job_id)
+            except JobNotFound:
+                return None
+            if job.state is not JobState.QUEUED:  # a duplicate message of the run going on here
+                log.info("job %s is running on this worker already: message dropped", job_id)
+                return None
+            # The job was cancelled and queued again (RetryJob) while its cancelled run here still winds down: that
+            # run ends at its next batch; then this message runs the job.
+            await ended.wait()
+        ended = self._running[job_id] = asyncio.Event()
         try:
             return await self._claimed_run(job_id, outage_since)
         finally:
-            self._running.discard(job_id)
+            del self._running[job_id]
+            ended.set()
 
     async def _claimed_run(self, job_id: UUID, outage_since: float | None) -> JobState | None:
         job = await self._store.claim(job_id, self.worker_id, stale_after=self._settings.stale_after)
@@ -194,7 +203,10 @@ class JobRunner:
                     state = await self._run_batches(job, lost)
             except _Stop:
                 self._metrics.stopped.inc()
-                return (await self._store.get_job(job_id)).state
+                try:
+                    return (await self._store.get_job(job_id)).state
+                except JobNotFound:  # cancelled, then deleted
+                    return None
             except WorkerStopping:
                 self._metrics.interrupted.inc()
                 raise

@@ -199,38 +199,43 @@ class JobStore:
         self, job_id: UUID, spec: JobSpec, *, model_version: int, items_total: int, batches_total: int
     ) -> tuple[Job, bool]:
         """Inserts a QUEUED job (and its inline input) and returns it with True; for a request_id seen before,
-        returns that job and False."""
+        returns that job and False. DatasetNotFound when the dataset has been deleted since it was read: the
+        insert's reference to it waits for a deletion in progress and then fails, so a deletion that saw no live
+        job reading the dataset cannot leave this one without its input."""
         async with self._cursor(transaction=True) as cur:
-            await cur.execute(
-                f"""
-                INSERT INTO jobs.jobs (id, request_id, inline_input, model_name, ref_version, ref_alias,
-                    model_version, state, dataset_id, input_dataset_id, items_total, batch_size, batches_total,
-                    priority, labels, max_attempts, time_limit_seconds, queued_since)
-                VALUES (%(id)s, %(request_id)s, %(inline)s, %(name)s, %(ref_version)s, %(ref_alias)s,
-                    %(model_version)s, 'QUEUED', %(dataset_id)s, %(dataset_id)s, %(items_total)s, %(batch_size)s,
-                    %(batches_total)s,
-                    %(priority)s, %(labels)s, %(max_attempts)s, %(time_limit)s, now())
-                ON CONFLICT (request_id) DO NOTHING
-                RETURNING {_JOB_COLUMNS}
-                """,
-                {
-                    "id": job_id,
-                    "request_id": spec.request_id,
-                    "inline": spec.inline_input is not None,
-                    "name": spec.model_ref.name,
-                    "ref_version": spec.model_ref.version,
-                    "ref_alias": spec.model_ref.alias,
-                    "model_version": model_version,
-                    "dataset_id": spec.dataset_id,
-                    "items_total": items_total,
-                    "batch_size": spec.batch_size,
-                    "batches_total": batches_total,
-                    "priority": int(spec.priority),
-                    "labels": Jsonb(spec.labels),
-                    "max_attempts": spec.max_attempts,
-                    "time_limit": spec.time_limit,
-                },
-            )
+            try:
+                await cur.execute(
+                    f"""
+                    INSERT INTO jobs.jobs (id, request_id, inline_input, model_name, ref_version, ref_alias,
+                        model_version, state, dataset_id, input_dataset_id, items_total, batch_size, batches_total,
+                        priority, labels, max_attempts, time_limit_seconds, queued_since)
+                    VALUES (%(id)s, %(request_id)s, %(inline)s, %(name)s, %(ref_version)s, %(ref_alias)s,
+                        %(model_version)s, 'QUEUED', %(dataset_id)s, %(dataset_id)s, %(items_total)s, %(batch_size)s,
+                        %(batches_total)s,
+                        %(priority)s, %(labels)s, %(max_attempts)s, %(time_limit)s, now())
+                    ON CONFLICT (request_id) DO NOTHING
+                    RETURNING {_JOB_COLUMNS}
+                    """,
+                    {
+                        "id": job_id,
+                        "request_id": spec.request_id,
+                        "inline": spec.inline_input is not None,
+                        "name": spec.model_ref.name,
+                        "ref_version": spec.model_ref.version,
+                        "ref_alias": spec.model_ref.alias,
+                        "model_version": model_version,
+                        "dataset_id": spec.dataset_id,
+                        "items_total": items_total,
+                        "batch_size": spec.batch_size,
+                        "batches_total": batches_total,
+                        "priority": int(spec.priority),
+                        "labels": Jsonb(spec.labels),
+                        "max_attempts": spec.max_attempts,
+                        "time_limit": spec.time_limit,
+                    },
+                )
+            except psycopg.errors.ForeignKeyViolation:
+                raise DatasetNotFound(str(spec.dataset_id)) from None
             row = await cur.fetchone()
             if row is not None and spec.inline_input is not None:
                 await cur.execute(
@@ -315,7 +320,12 @@ class JobStore:
         return _job(row) if row is not None else None
 
     async def requeue_finished(self, job_id: UUID) -> Job | None:
-        """Makes a FAILED or CANCELLED job QUEUED again with a fresh attempt budget; None in other states."""
+        """Makes a FAILED or CANCELLED job QUEUED again with a fresh attempt budget; None in other states, and when
+        the dataset the job reads has been deleted.
+
+        The dataset's row is share-locked while the job is queued, as a new job's reference to it would be: a
+        deletion in progress either finishes first (and the job stays as it was), or waits and then finds the job
+        live and refuses."""
         async with self._cursor() as cur:
             await cur.execute(
                 f"""
@@ -323,6 +333,8 @@ class JobStore:
                     queued_since = now(), enqueue_time = now(), error_code = NULL, error_reason = NULL,
                     error_message = NULL, queued_reason = NULL
                 WHERE id = %s AND state IN ('FAILED', 'CANCELLED')
+                  AND (input_dataset_id IS NULL
+                       OR EXISTS (SELECT 1 FROM jobs.datasets d WHERE d.id = jobs.jobs.dataset_id FOR KEY SHARE))
                 RETURNING {_JOB_COLUMNS}
                 """,
                 (job_id,),

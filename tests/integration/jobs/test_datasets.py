@@ -8,11 +8,13 @@ import hashlib
 import shutil
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
 
 import grpc
 import numpy as np
+import psycopg
 import pytest
 
 from modelforge import tensors
@@ -158,3 +160,61 @@ async def test_a_job_keeps_the_id_of_its_deleted_dataset_and_cannot_run_again(jo
     assert dataset.id in (caught.value.details() or "")
     still = (await jobs_api.stub.GetJob(jobs_pb2.GetJobRequest(id=job.id))).job
     assert still.state == jobs_pb2.JOB_STATE_CANCELLED
+
+
+@asynccontextmanager
+async def deletion_in_progress(database_url: str, dataset_id: str) -> AsyncIterator[psycopg.AsyncConnection]:
+    """A deletion of the dataset, as DeleteDataset makes it, left uncommitted for the block; committed after."""
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        await conn.execute("SELECT 1 FROM jobs.datasets WHERE id = %s FOR UPDATE", (dataset_id,))
+        await conn.execute("DELETE FROM jobs.datasets WHERE id = %s", (dataset_id,))
+        yield conn
+        await conn.commit()
+
+
+async def waiting_on_a_lock(database_url: str) -> bool:
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        cur = await conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+        )
+        row = await cur.fetchone()
+    return row is not None and row[0] > 0
+
+
+async def test_a_job_submitted_while_its_dataset_is_deleted_is_not_found_not_internal(
+    jobs_api, jobs_settings, inference, add_one
+) -> None:
+    await upload(inference, "add-one", add_one)
+    dataset = await upload_dataset(jobs_api.stub, dataset_file({"x": np.ones((6, 4), np.float32)}, record_items=3))
+    request = jobs_pb2.CreateJobRequest(model_ref=registry_pb2.ModelRef(name="add-one"), dataset_id=dataset.id)
+    url = jobs_settings.database_url or ""
+    async with deletion_in_progress(url, dataset.id):
+        submit = asyncio.ensure_future(jobs_api.stub.CreateJob(request))  # reads the dataset, then waits on the lock
+        await eventually(lambda: waiting_on_a_lock(url), "the submit to wait for the deletion")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await submit
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND  # it was INTERNAL, a foreign key violation
+    assert error_reason(caught.value) == "DATASET_NOT_FOUND"
+    assert list((await jobs_api.stub.ListJobs(jobs_pb2.ListJobsRequest())).jobs) == []
+
+
+async def test_a_retry_racing_the_deletion_of_its_dataset_is_refused_and_the_job_stays_as_it_was(
+    jobs_api, jobs_settings, inference, add_one
+) -> None:
+    await upload(inference, "add-one", add_one)
+    dataset = await upload_dataset(jobs_api.stub, dataset_file({"x": np.ones((6, 4), np.float32)}, record_items=3))
+    request = jobs_pb2.CreateJobRequest(model_ref=registry_pb2.ModelRef(name="add-one"), dataset_id=dataset.id)
+    job = (await jobs_api.stub.CreateJob(request)).job  # no worker: it stays QUEUED until cancelled
+    await jobs_api.stub.CancelJob(jobs_pb2.CancelJobRequest(id=job.id))
+    url = jobs_settings.database_url or ""
+    async with deletion_in_progress(url, dataset.id):
+        retry = asyncio.ensure_future(jobs_api.stub.RetryJob(jobs_pb2.RetryJobRequest(id=job.id)))
+        await eventually(lambda: waiting_on_a_lock(url), "the retry to wait for the deletion")
+    # Both used to succeed: the job was queued again without its input, and then failed.
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await retry
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_reason(caught.value) == "DATASET_DELETED"
+    still = (await jobs_api.stub.GetJob(jobs_pb2.GetJobRequest(id=job.id))).job
+    assert (still.state, still.dataset_deleted) == (jobs_pb2.JOB_STATE_CANCELLED, True)
+

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import replace
@@ -80,6 +81,40 @@ async def test_cancelled_running_job_keeps_its_items_and_retry_finishes_it(
     final = await wait_terminal(jobs_api.stub, job.id)
     assert final.state == jobs_pb2.JOB_STATE_COMPLETED and final.progress.items_done == 20_000
     await _check_all_items_once(jobs_api.stub, job.id, x, 10)
+
+
+async def test_a_retry_right_after_a_cancel_runs_once_the_cancelled_run_has_wound_down(
+    jobs_api, worker, inference, add_one
+) -> None:
+    # The retry's message reaches the worker while its cancelled run still finishes the batches in flight. It was
+    # dropped as a duplicate of that run, and the job stayed QUEUED until the resend fallback (10 minutes).
+    await upload(inference, "add-one", add_one)
+    x = _x(20_000)
+    job = (await jobs_api.stub.CreateJob(inline_request("add-one", {"x": x}, batch_size=10))).job
+    await wait_for(getter(jobs_api.stub, job.id), lambda j: j.progress.items_done > 0)
+    await jobs_api.stub.CancelJob(jobs_pb2.CancelJobRequest(id=job.id))
+    retried = (await jobs_api.stub.RetryJob(jobs_pb2.RetryJobRequest(id=job.id))).job
+    assert retried.state == jobs_pb2.JOB_STATE_QUEUED
+    final = await wait_terminal(jobs_api.stub, job.id, timeout=60)  # the resend fallback waits 600 s here
+    assert final.state == jobs_pb2.JOB_STATE_COMPLETED and final.progress.items_done == 20_000
+    await _check_all_items_once(jobs_api.stub, job.id, x, 10)
+
+
+async def test_a_running_job_cancelled_and_deleted_at_once_ends_its_run_quietly(
+    jobs_api, worker, inference, add_one, caplog
+) -> None:
+    await upload(inference, "add-one", add_one)
+    job = (await jobs_api.stub.CreateJob(inline_request("add-one", {"x": _x(20_000)}, batch_size=10))).job
+    await wait_for(getter(jobs_api.stub, job.id), lambda j: j.progress.items_done > 0)
+    with caplog.at_level(logging.INFO):
+        await jobs_api.stub.CancelJob(jobs_pb2.CancelJobRequest(id=job.id))
+        await jobs_api.stub.DeleteJob(jobs_pb2.DeleteJobRequest(id=job.id))
+        await worker.join()
+    # The run found its job gone when it stopped: that was an unhandled JobNotFound, logged with a traceback by
+    # Dramatiq, and a retry of the message.
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == []
+    assert not any("Retrying message" in r.getMessage() for r in caplog.records)
 
 
 async def test_a_cancel_stops_the_batch_in_flight_and_its_model_run(jobs_api, worker, inference) -> None:
