@@ -1,8 +1,8 @@
 """The jobs API's composition root: `python -m modelforge_jobs` serves JobService on port 50053.
 
 The API records jobs and sends their ids (with the trace context) to Dramatiq; the workers (modelforge_jobs.worker)
-run them. Its metrics are on MODELFORGE_METRICS_PORT (9103; 0 turns them off), and it is ready while PostgreSQL,
-Redis and the inference service answer.
+run them. Its metrics are on MODELFORGE_METRICS_PORT (9103; 0 turns them off), and it is ready while PostgreSQL
+and Redis answer; the registry's and the inference service's health are reported beside readiness.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from modelforge.jobs.v1 import jobs_pb2, jobs_pb2_grpc
 from modelforge_jobs.actors import JobQueue, declare_actors, make_broker
 from modelforge_jobs.datasets import sweep_scratch
 from modelforge_jobs.events import JobChanges
-from modelforge_jobs.inference_client import InferenceHealth, RegistryClient
+from modelforge_jobs.inference_client import RegistryClient, ServiceHealth
 from modelforge_jobs.jobs import Jobs
 from modelforge_jobs.metrics import ApiMetrics
 from modelforge_jobs.servicer import JobServicer
@@ -37,6 +37,7 @@ SERVICE_NAME = "modelforge-jobs"
 POSTGRES_DEPENDENCY = "postgresql"
 REDIS_DEPENDENCY = "redis"
 INFERENCE_DEPENDENCY = "inference"
+REGISTRY_DEPENDENCY = "registry"
 
 
 async def build(settings: JobsSettings, stack: AsyncExitStack) -> app.Server:
@@ -88,7 +89,11 @@ async def build(settings: JobsSettings, stack: AsyncExitStack) -> app.Server:
     )
     server.watch_dependency(POSTGRES_DEPENDENCY, lambda: db.ping(pool))
     server.watch_dependency(REDIS_DEPENDENCY, redis_client.ping)
-    server.watch_dependency(INFERENCE_DEPENDENCY, InferenceHealth(inference_channel))
+    # Optional, each reported under its own health name: without the registry only CreateJob fails (every read,
+    # cancel and retry works), and the API never calls the inference service (its workers do; a job waits in the
+    # queue meanwhile). Readiness follows what every call needs.
+    server.watch_dependency(REGISTRY_DEPENDENCY, ServiceHealth.of_registry(registry_channel), required=False)
+    server.watch_dependency(INFERENCE_DEPENDENCY, ServiceHealth.of_inference(inference_channel), required=False)
     stack.push_async_callback(server.stop, settings.grace_seconds)
     # On stop, once readiness is NOT_SERVING: open WatchJob streams end at once with UNAVAILABLE (their clients watch
     # again, on another replica) instead of holding the server up for the whole grace period.

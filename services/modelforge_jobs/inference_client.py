@@ -97,6 +97,10 @@ class RegistryClient:
                     f"the registry is unavailable: it did not answer within {timeout:.1f} s",
                     reason="REGISTRY_UNAVAILABLE",
                 ) from exc
+            if exc.code() == grpc.StatusCode.UNAVAILABLE and _remote_reason(exc) is None:  # not reached at all
+                raise errors.RemoteUnavailable(
+                    f"the registry is unavailable: {exc.details() or 'no connection'}", reason="REGISTRY_UNAVAILABLE"
+                ) from exc
             raise translate(exc, "registry") from exc
         version = response.model_version
         if version.state == registry_pb2.VERSION_STATE_ARCHIVED:
@@ -274,22 +278,30 @@ def _head(data: bytes, pos: int, end: int) -> tuple[str, int | None]:
     return name, None  # no shape: a scalar
 
 
-class InferenceHealth:
-    """The inference service's readiness as a dependency check of the jobs API: ``await InferenceHealth(channel)()``
-    raises DependencyUnavailable unless it reports its InferenceService SERVING (health RPCs are never traced)."""
+class ServiceHealth:
+    """Another service's readiness as a dependency check of the jobs API: ``await ServiceHealth(...)()`` raises
+    DependencyUnavailable unless that service reports itself SERVING (health RPCs are never traced)."""
 
-    SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
-
-    def __init__(self, channel: grpc.aio.Channel, *, timeout: float = 1.0) -> None:
+    def __init__(self, channel: grpc.aio.Channel, service: str, what: str, *, timeout: float = 1.0) -> None:
         self._stub = health_pb2_grpc.HealthStub(channel)
-        self._request = health_pb2.HealthCheckRequest(service=self.SERVICE)
+        self._request = health_pb2.HealthCheckRequest(service=service)
+        self._what = what
         self._timeout = timeout
+
+    @classmethod
+    def of_inference(cls, channel: grpc.aio.Channel) -> ServiceHealth:
+        service = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+        return cls(channel, service, "inference service")
+
+    @classmethod
+    def of_registry(cls, channel: grpc.aio.Channel) -> ServiceHealth:
+        return cls(channel, registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name, "registry")
 
     async def __call__(self) -> None:
         try:
             response = await self._stub.Check(self._request, timeout=self._timeout)
         except grpc.aio.AioRpcError as exc:
-            raise errors.DependencyUnavailable("inference service", exc.code().name) from exc
+            raise errors.DependencyUnavailable(self._what, exc.code().name) from exc
         if response.status != health_pb2.HealthCheckResponse.SERVING:
             status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
-            raise errors.DependencyUnavailable("inference service", f"its health check answers {status}")
+            raise errors.DependencyUnavailable(self._what, f"its health check answers {status}")

@@ -217,4 +217,3 @@ async def test_a_retry_racing_the_deletion_of_its_dataset_is_refused_and_the_job
     assert error_reason(caught.value) == "DATASET_DELETED"
     still = (await jobs_api.stub.GetJob(jobs_pb2.GetJobRequest(id=job.id))).job
     assert (still.state, still.dataset_deleted) == (jobs_pb2.JOB_STATE_CANCELLED, True)
-

@@ -1,4 +1,4 @@
-"""The jobs API's readiness follows PostgreSQL, Redis and the inference service; liveness does not."""
+"""The jobs API's readiness follows PostgreSQL and Redis; the registry and inference are reported beside it."""
 
 from __future__ import annotations
 
@@ -6,13 +6,14 @@ import asyncio
 from dataclasses import replace
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from modelforge.jobs.v1 import jobs_pb2
 from modelforge_server import embedded
 from tests.fixtures.proxy import TcpProxy
-from tests.integration.jobs.conftest import error_reason
+from tests.integration.jobs.conftest import error_reason, inline_request
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -37,11 +38,14 @@ async def check(health: health_pb2_grpc.HealthStub, service: str) -> int:
 async def test_ready_while_every_dependency_answers(jobs_api) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{jobs_api.port}") as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        for name in ("dependency/inference", "dependency/postgresql", "dependency/redis", "", JOBS, "liveness"):
+        names = ("dependency/inference", "dependency/registry", "dependency/postgresql", "dependency/redis")
+        for name in (*names, "", JOBS, "liveness"):
             await watch_until(health, name, SERVING)
 
 
-async def test_not_ready_without_the_inference_service_but_alive(jobs_settings, start_jobs_api) -> None:
+async def test_ready_without_the_inference_service_it_never_calls(jobs_settings, start_jobs_api) -> None:
+    # The workers call the inference service; the API only reports it. It used to turn NOT_SERVING and take a
+    # replica that could take jobs out of service.
     nowhere = replace(jobs_settings, inference_address=f"127.0.0.1:{embedded.free_port()}")
     async with (
         start_jobs_api(nowhere) as api,
@@ -49,13 +53,31 @@ async def test_not_ready_without_the_inference_service_but_alive(jobs_settings, 
     ):
         health = health_pb2_grpc.HealthStub(channel)
         await watch_until(health, "dependency/inference", NOT_SERVING)
-        assert await check(health, "") == NOT_SERVING
-        assert await check(health, JOBS) == NOT_SERVING
+        assert await check(health, "") == SERVING
+        assert await check(health, JOBS) == SERVING
         assert await check(health, "liveness") == SERVING
-        assert await check(health, "dependency/postgresql") == SERVING
         up = api.server.metrics.registry.get_sample_value
         assert up("modelforge_dependency_up", {"dependency": "inference"}) == 0
         assert up("modelforge_dependency_up", {"dependency": "redis"}) == 1
+
+
+async def test_without_the_registry_submits_fail_and_the_rest_is_served(
+    jobs_settings, start_jobs_api, jobs_api
+) -> None:
+    nowhere = replace(jobs_settings, registry_address=f"127.0.0.1:{embedded.free_port()}")
+    async with (
+        start_jobs_api(nowhere) as api,
+        grpc.aio.insecure_channel(f"127.0.0.1:{api.port}") as channel,
+    ):
+        health = health_pb2_grpc.HealthStub(channel)
+        await watch_until(health, "dependency/registry", NOT_SERVING)  # it was not watched: SERVING throughout
+        assert await check(health, "") == SERVING
+        x = np.ones((2, 4), np.float32)
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await api.stub.CreateJob(inline_request("add-one", {"x": x}))
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert error_reason(failed.value) == "REGISTRY_UNAVAILABLE"
+        assert list((await api.stub.ListJobs(jobs_pb2.ListJobsRequest())).jobs) == []
 
 
 async def test_a_postgresql_that_stops_answering_makes_calls_unavailable_within_the_database_timeout(
