@@ -79,7 +79,7 @@ class Server:
     def __init__(
         self,
         server: grpc.aio.Server,
-        health_servicer: health.aio.HealthServicer,
+        health_servicer: EndingHealthServicer,
         names: Sequence[str],
         *,
         metrics: Metrics | None = None,
@@ -129,14 +129,20 @@ class Server:
             self._watch(name)
         await self.set_serving(True)
 
-    async def stop(self, grace: float | None) -> None:
-        """Flips health to NOT_SERVING, refuses new calls and lets calls in flight finish within `grace` seconds."""
+    async def stop(self, grace: float | None, *, drain: float = 0.0) -> None:
+        """Flips health to NOT_SERVING, keeps taking calls for `drain` seconds (for load balancers to notice), then
+        ends health watches, refuses new calls and lets calls in flight finish within `grace` seconds."""
         self._serving = False
+        first = not self._stopping
         self._stopping = True
         await self.health.enter_graceful_shutdown()
         # Re-cancelled until done: a probe whose check finishes as it is cancelled may not see that cancellation.
         await asyncio.gather(*(tasks.stop(task) for task in self._watchers))
         self._watchers.clear()
+        if first and drain > 0:
+            log.info("draining: readiness is NOT_SERVING, calls are still taken for %.1f s", drain)
+            await asyncio.sleep(drain)
+        await self.health.end_watches()
         for hook in reversed(self._before_stop):
             try:
                 await hook()
@@ -199,6 +205,41 @@ class Server:
             await self.health.set(DEPENDENCY_PREFIX + name, SERVING if up else NOT_SERVING)
 
 
+class EndingHealthServicer(health.aio.HealthServicer):  # type: ignore[misc]  # grpc_health is untyped
+    """grpc's health servicer, whose Watch streams end when the server stops.
+
+    Left open, a Watch (every client with client-side health checking holds one) kept the server up for its whole
+    grace period. Once `end_watches` runs, each stream gets NOT_SERVING (again, if it had it) and ends UNAVAILABLE,
+    for its client to watch another replica.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._watches: set[asyncio.Task[None]] = set()
+        self._ending = False
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> None:  # noqa: N802
+        if not self._ending:
+            watch = asyncio.ensure_future(super().Watch(request, context))
+            self._watches.add(watch)
+            try:
+                await watch
+                return
+            except asyncio.CancelledError:
+                if not self._ending or not watch.cancelled():
+                    raise  # the call itself was cancelled
+            finally:
+                self._watches.discard(watch)
+        await context.write(health_pb2.HealthCheckResponse(status=NOT_SERVING))
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; watch another replica")
+
+    async def end_watches(self) -> None:
+        """Ends every open Watch stream now, and each one opened from now on after its first answer."""
+        self._ending = True
+        for watch in list(self._watches):
+            watch.cancel()
+
+
 def build_server(
     apis: Sequence[Api],
     *,
@@ -241,7 +282,7 @@ def build_server(
     )
     for api in apis:
         api.add_to_server(api.servicer, registrar)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = EndingHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, registrar)
     reflected = [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
     # What reflection.enable_server_reflection does for a grpc.aio server, through the registrar.
@@ -309,7 +350,7 @@ async def serve(server: Server, settings: ServerSettings, *, telemetry: _telemet
         log.info("serving %s on %s", ", ".join(server.names), settings.address)
         await _wait_for_signal()
         log.info("shutting down; calls in flight get %.1f s", settings.grace_seconds)
-        await server.stop(settings.grace_seconds)
+        await server.stop(settings.grace_seconds, drain=settings.drain_seconds)
     finally:
         if endpoint is not None:
             endpoint.close()

@@ -69,6 +69,8 @@ class ServerSettings:
     log_level: str = "INFO"
     max_message_bytes: int = 64 * MiB
     grace_seconds: float = 10.0
+    # Seconds a stopping service keeps taking calls with readiness NOT_SERVING, before it refuses new ones.
+    drain_seconds: float = 0.0
     chunk_bytes: int = 1 * MiB
     # The event loop of a service process: "auto" (uvloop when installed, else asyncio's), "uvloop" or "asyncio".
     event_loop: str = "auto"
@@ -79,6 +81,7 @@ class ServerSettings:
         "port": PORT,
         "max_message_bytes": Bound(CHUNK_HEADROOM + 1),
         "grace_seconds": NOT_NEGATIVE,
+        "drain_seconds": NOT_NEGATIVE,
         "database_timeout": POSITIVE,
         "chunk_bytes": AT_LEAST_ONE,
     }

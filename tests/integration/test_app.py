@@ -215,6 +215,48 @@ async def test_before_stop_hooks_end_endless_streams_before_the_grace_period(
     assert seen == [False]  # the hook ran once, after readiness turned NOT_SERVING
 
 
+async def test_stop_ends_open_health_watches_after_a_last_not_serving_instead_of_waiting_out_the_grace(
+    server: tuple[app.Server, grpc.aio.Channel],
+) -> None:
+    srv, channel = server
+    watches = [
+        health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=name))
+        for name in ("", "liveness", SERVICE.full_name)
+    ]
+    for watch in watches:
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+    started = time.monotonic()
+    async with asyncio.timeout(30):  # only so that a regression fails instead of waiting out the grace period
+        await srv.stop(grace=60.0)
+    assert time.monotonic() - started < 30  # the grace period was not waited out
+    for watch in watches:
+        statuses = [message.status async for message in _until_end(watch)]
+        assert statuses[-1] == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert await watch.code() == grpc.StatusCode.UNAVAILABLE
+        assert "shutting down" in (await watch.details() or "")
+
+
+async def _until_end(watch):  # type: ignore[no-untyped-def]
+    with contextlib.suppress(grpc.aio.AioRpcError):
+        while (message := await watch.read()) is not grpc.aio.EOF:
+            yield message
+
+
+async def test_a_drain_keeps_taking_calls_with_readiness_not_serving_before_the_stop(
+    server: tuple[app.Server, grpc.aio.Channel],
+) -> None:
+    srv, channel = server
+    stopping = asyncio.ensure_future(srv.stop(grace=1.0, drain=1.0))
+    await _until(lambda: health_of(channel, ""), health_pb2.HealthCheckResponse.NOT_SERVING)
+    # A call during the drain is still served: what a load balancer sends until it sees NOT_SERVING.
+    assert await health_of(channel, "liveness") == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert not stopping.done()
+    await asyncio.wait_for(stopping, 10)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await health_of(channel, "")
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
 class LateFailure(jobs_pb2_grpc.JobServiceServicer):
     """GetJob fails just after its caller's deadline passed, before gRPC could cancel it: as a request whose
     deadline a queue saw pass an instant after gRPC did."""
