@@ -26,7 +26,7 @@ import dramatiq
 from modelforge_jobs.actors import QUEUES, WorkerResources, declare_actors, make_broker
 from modelforge_jobs.metrics import WorkerMetrics
 from modelforge_jobs.settings import WORKER_METRICS_PORT, JobsSettings
-from modelforge_server import app, logs, telemetry
+from modelforge_server import app, logs, orphans, telemetry
 from modelforge_server.metrics import Metrics
 from modelforge_server.settings import from_env, reported
 
@@ -53,6 +53,7 @@ def main() -> None:
         signal.signal(sig, lambda *_: stop.set())
     worker = dramatiq.Worker(broker, queues=set(QUEUES.values()), worker_threads=settings.worker_threads)
     worker.start()
+    orphans.stop_when_up_is_gone()  # a SIGTERM of its own once `up` is gone
     try:
         stop.wait()
     finally:

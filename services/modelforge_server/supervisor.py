@@ -39,7 +39,7 @@ from typing import TextIO
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from modelforge_server import embedded, telemetry
+from modelforge_server import embedded, orphans, telemetry
 from modelforge_server.ports import NotAnAddressHere
 from modelforge_server.ports import free as port_free
 from modelforge_server.settings import PORT, ServerSettings, SettingsError, from_env
@@ -188,6 +188,7 @@ def child_environ(
     Workers count up from MODELFORGE_WORKER_METRICS_PORT when it is set (0 turns theirs off).
     """
     env = dict(environ)
+    env[orphans.UP_PID_ENV] = str(os.getpid())  # the child stops if `up` is killed (modelforge_server.orphans)
     env.pop("MODELFORGE_PORT", None)
     if port is not None:
         env["MODELFORGE_PORT"] = str(port)

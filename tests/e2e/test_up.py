@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import signal
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -340,3 +342,58 @@ def test_a_worker_that_keeps_dying_at_start_stops_up(env: Env) -> None:
                 suite.wait_for("running (pid ", 30)
         suite.wait_for("jobs-worker exited with code -9, 3 times in a row within 10 s of starting; stopping", 30)
         assert suite.process.wait(timeout=120) == 1
+
+
+def _service_children(pid: int) -> list[int]:
+    """The `python -m modelforge_*` processes whose parent is `pid`, from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            # The fields after the command name, which is in parentheses and may hold spaces.
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            argv = (stat.parent / "cmdline").read_bytes().split(b"\0")
+            if int(fields[1]) == pid and any(arg.startswith(b"modelforge_") for arg in argv):
+                found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _wait_gone(pids: list[int], timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while (left := [pid for pid in pids if _alive(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
+def test_a_killed_up_leaves_nothing_running_and_the_next_up_starts_and_stops_cleanly(env: Env) -> None:
+    # SIGKILLed, `up` used to leave every child serving (they run in sessions of their own), an embedded Redis that
+    # the next `up` ran a second one beside on the same append-only file, and an embedded PostgreSQL that no
+    # later `up` ever stopped again (pgserver kept counting the dead `up` as one of its users).
+    env.data_dir.mkdir(parents=True)
+    with up(env) as first:
+        services = _service_children(first.process.pid)
+        assert len(services) == 4  # registry, inference, jobs, one worker
+        redis_pid = int((env.data_dir / "redis" / "redis.pid").read_text())
+        first.process.kill()
+        first.process.wait()
+        left = _wait_gone(services, timeout=60)  # each one stops once it sees `up` gone
+        for pid in left:  # else they would hold `up`'s output open, and the next `up`'s ports
+            os.kill(pid, signal.SIGKILL)
+        assert left == []
+    assert _alive(redis_pid)  # embedded stores run on: the next `up` takes them over
+
+    with up(env) as second:
+        assert not _alive(redis_pid)  # stopped before a new Redis started on its files
+        new_redis = int((env.data_dir / "redis" / "redis.pid").read_text())
+        assert new_redis != redis_pid
+        assert second.stop() == 0
+    assert not _alive(new_redis)
+    assert not (env.data_dir / "postgres" / "postmaster.pid").exists()  # PostgreSQL stopped with the suite

@@ -1,9 +1,14 @@
-"""The embedded Redis: a port taken between picking it and binding it does not stop the start."""
+"""The embedded Redis: a port taken between picking it and binding it does not stop the start; one directory is
+one process's, and a server a dead process left running on it is stopped first."""
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -40,3 +45,62 @@ def test_redis_on_a_requested_port_that_is_taken_fails_and_names_it(tmp_path: Pa
 
         with pytest.raises(RuntimeError, match=f"exited with code 1 before listening on port {busy}"):
             embedded.start_redis(tmp_path, port=busy)
+
+
+_HOLD_REDIS = """
+import sys, time
+from pathlib import Path
+from modelforge_server import embedded
+url, stop = embedded.start_redis(Path(sys.argv[1]))
+print(url, flush=True)
+time.sleep(600)
+"""
+
+
+@contextmanager
+def holder_of(data_dir: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """Another process that runs the embedded Redis of `data_dir`: the process and the Redis URL."""
+    with subprocess.Popen(
+        [sys.executable, "-c", _HOLD_REDIS, str(data_dir)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    ) as holder:
+        assert holder.stdout is not None
+        try:
+            yield holder, holder.stdout.readline().strip()
+        finally:
+            holder.terminate()
+
+
+def test_a_second_process_on_the_same_redis_directory_is_refused(tmp_path: Path) -> None:
+    with holder_of(tmp_path) as (_, url):
+        with pytest.raises(RuntimeError, match="is in use by another process"):
+            embedded.start_redis(tmp_path)
+        with redis.Redis.from_url(url) as client:
+            assert client.ping()  # the holder's server was left alone
+
+
+def test_a_redis_left_running_by_a_process_that_died_is_stopped_before_a_new_one_starts(tmp_path: Path) -> None:
+    with holder_of(tmp_path) as (holder, url):
+        orphan = int((tmp_path / "redis" / "redis.pid").read_text())
+        with redis.Redis.from_url(url) as client:
+            client.set("kept", "yes")
+        holder.kill()  # its redis-server runs on, in a session of its own
+        holder.wait()
+    assert embedded._alive(orphan) and not _zombie(orphan)
+
+    url, stop = embedded.start_redis(tmp_path)
+    try:
+        assert not embedded._alive(orphan) or _zombie(orphan)
+        with redis.Redis.from_url(url) as client:
+            assert client.get("kept") == b"yes"  # the orphan wrote its file out on SIGTERM
+    finally:
+        stop()
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return False
