@@ -544,7 +544,12 @@ class Supervisor:
                     f"within {_QUICK_EXIT_SECONDS:.0f} s of starting; stopping the others (its log is above)"
                 )
                 return 1
-            why = "a job it was running goes back to the queue" if dead.address is None else "the others reconnect"
+            why = (
+                "a job it was running goes back to the queue once its heartbeats are missed, "
+                "within MODELFORGE_HEARTBEAT_TIMEOUT"
+                if dead.address is None
+                else "the others reconnect"
+            )
             self.say(f"modelforge up: {dead.label} exited with code {code}; starting it again ({why})")
             place = self._children.index(dead)
             child = await self._spawn(dead.program, dead.port, dead.index, dead.count)

@@ -162,6 +162,14 @@ async def test_a_job_keeps_the_id_of_its_deleted_dataset_and_cannot_run_again(jo
     assert still.state == jobs_pb2.JOB_STATE_CANCELLED
 
 
+async def _a_dataset_and_a_job_request(  # type: ignore[no-untyped-def]
+    jobs_api, inference, add_one
+) -> tuple[jobs_pb2.Dataset, jobs_pb2.CreateJobRequest]:
+    await upload(inference, "add-one", add_one)
+    dataset = await upload_dataset(jobs_api.stub, dataset_file({"x": np.ones((6, 4), np.float32)}, record_items=3))
+    return dataset, jobs_pb2.CreateJobRequest(model_ref=registry_pb2.ModelRef(name="add-one"), dataset_id=dataset.id)
+
+
 @asynccontextmanager
 async def deletion_in_progress(database_url: str, dataset_id: str) -> AsyncIterator[psycopg.AsyncConnection]:
     """A deletion of the dataset, as DeleteDataset makes it, left uncommitted for the block; committed after."""
@@ -184,9 +192,7 @@ async def waiting_on_a_lock(database_url: str) -> bool:
 async def test_a_job_submitted_while_its_dataset_is_deleted_is_not_found_not_internal(
     jobs_api, jobs_settings, inference, add_one
 ) -> None:
-    await upload(inference, "add-one", add_one)
-    dataset = await upload_dataset(jobs_api.stub, dataset_file({"x": np.ones((6, 4), np.float32)}, record_items=3))
-    request = jobs_pb2.CreateJobRequest(model_ref=registry_pb2.ModelRef(name="add-one"), dataset_id=dataset.id)
+    dataset, request = await _a_dataset_and_a_job_request(jobs_api, inference, add_one)
     url = jobs_settings.database_url or ""
     async with deletion_in_progress(url, dataset.id):
         submit = asyncio.ensure_future(jobs_api.stub.CreateJob(request))  # reads the dataset, then waits on the lock
@@ -201,9 +207,7 @@ async def test_a_job_submitted_while_its_dataset_is_deleted_is_not_found_not_int
 async def test_a_retry_racing_the_deletion_of_its_dataset_is_refused_and_the_job_stays_as_it_was(
     jobs_api, jobs_settings, inference, add_one
 ) -> None:
-    await upload(inference, "add-one", add_one)
-    dataset = await upload_dataset(jobs_api.stub, dataset_file({"x": np.ones((6, 4), np.float32)}, record_items=3))
-    request = jobs_pb2.CreateJobRequest(model_ref=registry_pb2.ModelRef(name="add-one"), dataset_id=dataset.id)
+    dataset, request = await _a_dataset_and_a_job_request(jobs_api, inference, add_one)
     job = (await jobs_api.stub.CreateJob(request)).job  # no worker: it stays QUEUED until cancelled
     await jobs_api.stub.CancelJob(jobs_pb2.CancelJobRequest(id=job.id))
     url = jobs_settings.database_url or ""

@@ -46,6 +46,15 @@ async def _check_all_items_once(stub, job_id: str, x: np.ndarray, batch: int) ->
     np.testing.assert_array_equal(outputs["y"], x + 1)
 
 
+async def _cancelled_while_running(jobs_api, inference, add_one, x: np.ndarray) -> jobs_pb2.Job:  # type: ignore[no-untyped-def]
+    """A job of `x` in batches of 10, cancelled once its first batches are stored."""
+    await upload(inference, "add-one", add_one)
+    job = (await jobs_api.stub.CreateJob(inline_request("add-one", {"x": x}, batch_size=10))).job
+    await wait_for(getter(jobs_api.stub, job.id), lambda j: j.progress.items_done > 0)
+    await jobs_api.stub.CancelJob(jobs_pb2.CancelJobRequest(id=job.id))
+    return job
+
+
 async def test_cancelled_queued_job_never_runs(jobs_api, jobs_settings, start_worker, inference, add_one) -> None:
     await upload(inference, "add-one", add_one)
     job = (await jobs_api.stub.CreateJob(inline_request("add-one", {"x": _x(8)}))).job
@@ -63,11 +72,8 @@ async def test_cancelled_queued_job_never_runs(jobs_api, jobs_settings, start_wo
 async def test_cancelled_running_job_keeps_its_items_and_retry_finishes_it(
     jobs_api, worker, inference, add_one
 ) -> None:
-    await upload(inference, "add-one", add_one)
     x = _x(20_000)
-    job = (await jobs_api.stub.CreateJob(inline_request("add-one", {"x": x}, batch_size=10))).job
-    await wait_for(getter(jobs_api.stub, job.id), lambda j: j.progress.items_done > 0)
-    await jobs_api.stub.CancelJob(jobs_pb2.CancelJobRequest(id=job.id))
+    job = await _cancelled_while_running(jobs_api, inference, add_one, x)
     await worker.join()
     stopped = (await jobs_api.stub.GetJob(jobs_pb2.GetJobRequest(id=job.id))).job
     assert stopped.state == jobs_pb2.JOB_STATE_CANCELLED
@@ -88,11 +94,8 @@ async def test_a_retry_right_after_a_cancel_runs_once_the_cancelled_run_has_woun
 ) -> None:
     # The retry's message reaches the worker while its cancelled run still finishes the batches in flight. It was
     # dropped as a duplicate of that run, and the job stayed QUEUED until the resend fallback (10 minutes).
-    await upload(inference, "add-one", add_one)
     x = _x(20_000)
-    job = (await jobs_api.stub.CreateJob(inline_request("add-one", {"x": x}, batch_size=10))).job
-    await wait_for(getter(jobs_api.stub, job.id), lambda j: j.progress.items_done > 0)
-    await jobs_api.stub.CancelJob(jobs_pb2.CancelJobRequest(id=job.id))
+    job = await _cancelled_while_running(jobs_api, inference, add_one, x)
     retried = (await jobs_api.stub.RetryJob(jobs_pb2.RetryJobRequest(id=job.id))).job
     assert retried.state == jobs_pb2.JOB_STATE_QUEUED
     final = await wait_terminal(jobs_api.stub, job.id, timeout=60)  # the resend fallback waits 600 s here
