@@ -327,6 +327,16 @@ class Supervisor:
         print(line, file=self._out, flush=True)
 
     def request_stop(self, signum: int) -> None:
+        """The first SIGINT or SIGTERM stops the suite in order, each child with its grace period; a second one,
+        while that runs, kills the children still running (their calls in flight are cut)."""
+        if self._stop.is_set():
+            running = [child for child in self._children if child.process.returncode is None]
+            if running:
+                self.say("modelforge up: stopping now; calls in flight are cut")
+                for child in running:
+                    with contextlib.suppress(ProcessLookupError):
+                        child.process.kill()
+            return
         self._signal = signum
         self._stop.set()
 
@@ -377,7 +387,8 @@ class Supervisor:
                 return self._interrupted()
             self._announce()
             code = await self._watch()
-            self.say("modelforge up: stopping")
+            self._stop.set()  # from here on, a Ctrl-C stops at once (request_stop)
+            self.say("modelforge up: stopping (Ctrl-C again to stop at once)")
         self.say("modelforge up: stopped")
         return code
 

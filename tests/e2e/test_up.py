@@ -25,8 +25,9 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
+from modelforge import InferenceClient, RegistryClient
 from modelforge.oip.v2 import grpc_service_pb2, grpc_service_pb2_grpc
-from tests.fixtures.onnx_models import ModelFile, add_one, onnx_dir  # noqa: F401
+from tests.fixtures.onnx_models import ModelFile, add_one, build_counter, model_bytes, onnx_dir  # noqa: F401
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -102,12 +103,12 @@ def env(tmp_path: Path) -> Env:
 
 
 @contextmanager
-def up(env: Env) -> Iterator[Suite]:
+def up(env: Env, extra: dict[str, str] | None = None) -> Iterator[Suite]:
     registry_port, inference_port, jobs_port = env.ports
     process = subprocess.Popen(
         [str(MODELFORGE), "up", "--registry-port", str(registry_port), "--inference-port", str(inference_port),
          "--jobs-port", str(jobs_port)],
-        env=env.environ(),
+        env={**env.environ(), **(extra or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
@@ -397,3 +398,26 @@ def test_a_killed_up_leaves_nothing_running_and_the_next_up_starts_and_stops_cle
         assert second.stop() == 0
     assert not _alive(new_redis)
     assert not (env.data_dir / "postgres" / "postmaster.pid").exists()  # PostgreSQL stopped with the suite
+
+
+def test_a_second_ctrl_c_stops_up_at_once_instead_of_waiting_out_the_grace_period(env: Env) -> None:
+    with up(env, extra={"MODELFORGE_GRACE_SECONDS": "300"}) as suite:
+        with RegistryClient(env.registry) as registry:
+            registry.push(model_bytes(build_counter()), name="counter")
+        endless = ThreadPoolExecutor(1)
+        inference = InferenceClient(env.inference)
+        try:
+            # A run that does not end by itself: the first Ctrl-C's stop waits up to 300 s for it.
+            steps = np.array([10**12])
+            endless.submit(inference.predict, "counter", {"x": np.zeros(1, np.float32), "steps": steps})
+            time.sleep(1.0)
+            services = _service_children(suite.process.pid)
+            suite.process.send_signal(signal.SIGINT)
+            suite.wait_for("Ctrl-C again to stop at once", 60)
+            suite.process.send_signal(signal.SIGINT)
+            suite.process.wait(timeout=60)
+            suite.wait_for("stopping now", 10)
+            assert _wait_gone(services, timeout=10) == []
+        finally:
+            inference.close()
+            endless.shutdown(wait=False, cancel_futures=True)
