@@ -16,7 +16,9 @@ its sharers even when the caller that it was queued for has gone.
 Without merging, a version whose runs take only microseconds (an average under `inline_below`) runs on the
 event loop: the hop to a compute thread and back costs several times more than such a run. Every run is timed,
 so a version that turns slow goes back to the threads at once, and a request with more than `INLINE_MAX_BYTES`
-of inputs always runs on a thread, however fast the version's recent runs were.
+of inputs always runs on a thread, however fast the version's recent runs were. A run on the loop that outlasts
+`INLINE_RUN_LIMIT` (its length may follow its input's values) is stopped by a watching thread and run again on a
+compute thread, and the version never runs on the loop again.
 
 Versions share the engine's compute threads, so a batch handed to them may wait for a thread behind other
 versions' batches. A request whose deadline passes there, or whose caller goes away, is dropped when a thread
@@ -59,6 +61,44 @@ Feeds = Mapping[str, np.ndarray]
 # Arrays a request's caller wants outputs written into, by output name (see ModelSession.run); None: no such wish.
 Into = Mapping[str, np.ndarray] | None
 Outcome = dict[str, np.ndarray] | BaseException
+
+
+# The longest a run on the event loop may take before it is stopped and run again on a compute thread. A version
+# runs there only while its runs average microseconds, but a run's length may follow its input's values (a loop's
+# trip count, a shape read from an input): nothing else on the loop runs meanwhile, health checks included.
+INLINE_RUN_LIMIT = 0.1
+
+
+class _InlineWatch:
+    """Stops a run on an event loop that outlasts INLINE_RUN_LIMIT. Nothing on the loop can while it runs, so a
+    thread of its own looks, a few times per limit, at the run each loop thread has under way."""
+
+    def __init__(self) -> None:
+        self._runs: dict[int, tuple[float, Abort]] = {}  # by loop thread: when its run must end, and its Abort
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def begin(self, abort: Abort) -> None:
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._watch, name="modelforge-inline-watch", daemon=True)
+                    self._thread.start()
+        self._runs[threading.get_ident()] = (time.monotonic() + INLINE_RUN_LIMIT, abort)
+
+    def end(self) -> None:
+        self._runs.pop(threading.get_ident(), None)
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(INLINE_RUN_LIMIT / 4)
+            now = time.monotonic()
+            for until, abort in list(self._runs.values()):
+                if now >= until:
+                    abort.set()
+
+
+_inline_watch = _InlineWatch()
 
 
 class Abort:
@@ -273,10 +313,15 @@ class Batcher:
             return await self._share_run(running, self.level_of(priority), expires_at)
         if self._queues.size >= self.config.max_queue_size:
             raise QueueFull(self.model, self.version, self._queues.size)
-        if self._queues.size == 0 and self._runs_inline() and request_bytes(feeds) <= INLINE_MAX_BYTES:
-            # Nobody waits ahead of it and the run takes microseconds: run it now, in the caller's task, instead of
-            # handing it to the scheduler task and back.
-            return self._run_now(feeds, into)
+        # Nobody waits ahead of it and the run takes microseconds: run it now, in the caller's task, instead of
+        # handing it to the scheduler task and back. A run stopped for outlasting INLINE_RUN_LIMIT is queued.
+        if (
+            self._queues.size == 0
+            and self._runs_inline()
+            and request_bytes(feeds) <= INLINE_MAX_BYTES
+            and (result := self._run_now(feeds, into)) is not None
+        ):
+            return result
         pending = _Pending(
             feeds=feeds,
             rows=self._rows(feeds),
@@ -410,8 +455,11 @@ class Batcher:
             del batch
 
     def _dispatch(self, batch: list[_Pending]) -> None:
-        if self._runs_inline() and all(request_bytes(p.feeds) <= INLINE_MAX_BYTES for p in batch):
-            self._run_inline(batch)
+        if (
+            self._runs_inline()
+            and all(request_bytes(p.feeds) <= INLINE_MAX_BYTES for p in batch)
+            and self._run_inline(batch)
+        ):
             return
         task = asyncio.create_task(self._run(batch))
         self._running.add(task)
@@ -489,18 +537,40 @@ class Batcher:
             if abort is None or not abort.is_set():
                 self._run_seconds = took if average is None else average + _RUN_WEIGHT * (took - average)
 
-    def _on_loop(self, feeds: list[Feeds], into: list[Into]) -> tuple[list[Outcome], float, float]:
-        """Runs a batch on the event loop: one outcome per request, when it started and how long it took."""
+    def _on_loop(self, feeds: list[Feeds], into: list[Into]) -> tuple[list[Outcome], float, float] | None:
+        """Runs a batch on the event loop: one outcome per request, when it started and how long it took. None
+        when the run outlasted INLINE_RUN_LIMIT and was stopped: this batch is to run on a compute thread, and so
+        is every later run of the version."""
         started = time.perf_counter()
+        abort = Abort()
+        _inline_watch.begin(abort)
         try:
-            outcomes = self._timed(feeds, into, clock=time.perf_counter)
+            outcomes = self._timed(feeds, into, abort, clock=time.perf_counter)
         except Exception as exc:
             outcomes = [exc] * len(feeds)
-        return outcomes, started, time.perf_counter() - started
+        finally:
+            _inline_watch.end()
+        took = time.perf_counter() - started
+        if abort.is_set():
+            self._inline_below = 0.0  # its runs' length follows their input: never on the loop again
+            if any(isinstance(outcome, BaseException) for outcome in outcomes):
+                log.warning(
+                    "%s:%s: a run on the event loop took over %.0f ms and was stopped; it runs again, and the "
+                    "version's runs from now on, on the compute threads",
+                    self.model,
+                    self.version,
+                    INLINE_RUN_LIMIT * 1000,
+                )
+                return None
+        return outcomes, started, took
 
-    def _run_now(self, feeds: Feeds, into: Into) -> BatchResult:
-        """One request run on the loop, never queued: its outcome goes straight back to the caller."""
-        (outcome,), _, compute = self._on_loop([feeds], [into])
+    def _run_now(self, feeds: Feeds, into: Into) -> BatchResult | None:
+        """One request run on the loop, never queued: its outcome goes straight back to the caller. None when the
+        run was stopped (see `_on_loop`)."""
+        ran = self._on_loop([feeds], [into])
+        if ran is None:
+            return None
+        (outcome,), _, compute = ran
         rows = counted_rows(self._rows(feeds))
         if self._on_execution is not None:
             self._on_execution(rows, 1, compute)
@@ -508,14 +578,23 @@ class Batcher:
             raise outcome
         return BatchResult(outcome, 0.0, compute, rows)
 
-    def _run_inline(self, batch: list[_Pending]) -> None:
+    def _run_inline(self, batch: list[_Pending]) -> bool:
+        """Runs a batch on the loop and settles it; False, with nothing settled or released, when the run was
+        stopped (see `_on_loop`) and the batch is to run on a compute thread."""
+        settled = True
         try:
             live = self._live(batch)
             if live:
-                self._settle(live, *self._on_loop([p.feeds for p in live], [p.into for p in live]))
+                ran = self._on_loop([p.feeds for p in live], [p.into for p in live])
+                if ran is None:
+                    settled = False
+                    return False
+                self._settle(live, *ran)
+            return True
         finally:
-            self._unshare(batch)
-            self._slots.release()
+            if settled:
+                self._unshare(batch)
+                self._slots.release()
 
     async def _run(self, batch: list[_Pending]) -> None:
         loop = asyncio.get_running_loop()

@@ -749,3 +749,37 @@ async def test_a_batch_the_executor_refuses_fails_its_callers_and_counts_no_exec
         assert batcher.queued == 0
     finally:
         await batcher.aclose()
+
+
+async def test_a_run_on_the_loop_that_outlasts_its_limit_is_stopped_and_runs_again_on_a_thread():
+    # A version whose runs took microseconds runs on the event loop; a run that turns long there (a loop whose trip
+    # count is an input) held the loop, health checks and every other model included, until it ended by itself.
+    loop_thread = threading.get_ident()
+    calls: list[tuple[bool, bool]] = []  # per run: on the loop thread, stopped
+
+    def execute(batch: Sequence[Feeds], into: Sequence[Into], abort: Abort | None) -> list[Outcome]:
+        on_loop = threading.get_ident() == loop_thread
+        if batch[0]["x"][0, 0] == 1.0 and on_loop:  # the long run: it stops only when told to (ONNX Runtime's
+            stopped = threading.Event()  # terminate flag)
+            assert abort is not None
+            abort.on_abort(stopped.set)
+            calls.append((on_loop, stopped.wait(30)))
+            return [RuntimeError("Exiting due to terminate flag being set to true.")]
+        calls.append((on_loop, False))
+        return [{"y": item["x"] * 2} for item in batch]
+
+    with ThreadPoolExecutor(1) as executor:
+        batcher = unbatched(executor, execute, inline_below=1.0)
+        try:
+            await batcher.submit(feeds(0.0))  # measured: runs go to the loop from now on
+            await batcher.submit(feeds(0.0))
+            assert calls[-1] == (True, False)
+            started = time.monotonic()
+            result = await asyncio.wait_for(batcher.submit(feeds(1.0)), 30)
+            assert time.monotonic() - started < 10  # stopped after INLINE_RUN_LIMIT, not after the 30 s wait
+            assert np.all(result.outputs["y"] == 2.0)  # and answered from the run on a thread
+            assert calls[-2:] == [(True, True), (False, False)]
+            await batcher.submit(feeds(0.0))
+            assert calls[-1] == (False, False)  # the version's runs stay on the threads
+        finally:
+            await batcher.aclose()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,6 +20,7 @@ import grpc
 import numpy as np
 import pytest
 from google.protobuf import duration_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from modelforge.inference.v1 import inference_pb2
 from modelforge.oip.v2 import grpc_service_pb2 as oip_pb
@@ -342,3 +344,24 @@ async def test_stopping_the_server_stops_a_run_under_way(start_inference: StartI
             await asyncio.sleep(0.2)  # counting on the compute thread
             await running.server.stop(0.5)  # calls still in flight after the grace period are cancelled
             assert (await failure(call))[0] is grpc.StatusCode.UNAVAILABLE
+
+
+async def test_a_tiny_model_whose_run_turns_long_does_not_hold_the_service(inference: RunningInference) -> None:
+    # The counter's runs take microseconds for a few steps, so they run on the event loop; its step count is an
+    # input. A request of 10**12 steps held the loop: health, and every model, until the run ended (hours).
+    await upload(inference, "counter", model_bytes(build_counter()))
+    short = predict_request("counter", {"x": np.zeros(1, np.float32), "steps": np.array([1])})
+    for _ in range(50):
+        await inference.stub.Predict(short)
+    # About 100 s unstopped; this test's client shares the service's event loop, so a held loop shows as time.
+    endless = predict_request("counter", {"x": np.zeros(1, np.float32), "steps": np.array([10**8])})
+    started = time.monotonic()
+    call = asyncio.ensure_future(inference.stub.Predict(endless, timeout=10))
+    await asyncio.sleep(1.0)
+    health = health_pb2_grpc.HealthStub(inference.channel)
+    answered = await health.Check(health_pb2.HealthCheckRequest(service="liveness"), timeout=5)
+    assert answered.status == health_pb2.HealthCheckResponse.SERVING
+    assert outputs(await inference.stub.Predict(short, timeout=5))["y"][0] == 1.0
+    assert time.monotonic() - started < 8  # the loop was free within INLINE_RUN_LIMIT
+    code, _, _ = await failure(call)
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED  # stopped at its deadline on a compute thread
