@@ -19,6 +19,7 @@ import ctypes
 import logging
 import os
 import re
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,8 @@ _BIND_FROM_BYTES = 256 * 1024
 _BINDING_ERRORS: tuple[type[BaseException], ...] = (*INPUT_ERRORS, RuntimeError)
 # ONNX Runtime reports a failed allocation with the same exception types; only its message tells it apart.
 _OUT_OF_MEMORY = ("Failed to allocate memory", "bad_alloc", "out of memory")
+# The longest a warmup run may take before it is stopped (ModelSession.warmup).
+WARMUP_LIMIT_SECONDS = 10.0
 
 
 def run_options() -> RunOptions:
@@ -217,20 +220,31 @@ class ModelSession:
             for name, value, bfloat16 in zip(self.output_names, produced, self._bfloat16_outputs, strict=True)
         }
 
-    def warmup(self, signature: Signature) -> None:
+    def warmup(self, signature: Signature, limit: float = WARMUP_LIMIT_SECONDS) -> None:
         """Runs once on zeros (dynamic dimensions 1); a model that refuses zeros is logged and still served.
 
         Inputs whose fixed dimensions come to more than WARMUP_MAX_BYTES get no warmup (logged): allocated for
-        real, a model declaring a [100000, 100000] input would take 40 GB at load, or fail it.
+        real, a model declaring a [100000, 100000] input would take 40 GB at load, or fail it. A run that outlasts
+        `limit` seconds is stopped (logged), and the model is served without one: a model may loop for ever on
+        zeros, and loads happen one at a time, so it would hold every later load.
         """
         size = sum(_zeros_bytes(spec) for spec in signature.inputs)
         if size > WARMUP_MAX_BYTES:
             log.info("no warmup run: the model's fixed input shapes come to %d bytes of zeros", size)
             return
+        options = run_options()
+        timer = threading.Timer(limit, terminate, [options])
+        timer.daemon = True
+        timer.start()
         try:
-            self.run({spec.name: _zeros(spec) for spec in signature.inputs})
+            self.run({spec.name: _zeros(spec) for spec in signature.inputs}, options=options)
         except INPUT_ERRORS as exc:
-            log.warning("warmup run failed; serving the model anyway: %s", exc)
+            if options.terminate:
+                log.warning("warmup run stopped after %g s; serving the model without one", limit)
+            else:
+                log.warning("warmup run failed; serving the model anyway: %s", exc)
+        finally:
+            timer.cancel()
 
 
 def served_outputs(outputs: Sequence[ort.NodeArg]) -> list[ort.NodeArg]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from modelforge_inference import serving
 from modelforge_inference.domain import ResolvedModel, SessionConfig, Signature, TensorSpec
@@ -397,3 +397,24 @@ def test_a_model_declaring_huge_fixed_inputs_loads_without_a_warmup(
         session.warmup(signature)
     assert any("no warmup run" in r.getMessage() and "40000000000 bytes" in r.getMessage() for r in caplog.records)
     assert session.proven is False  # no run has completed: a first failure may still be the model's own
+
+
+def test_a_warmup_that_does_not_end_is_stopped_and_the_model_served_without_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The counter, counting 10**12 more steps than asked: on zeros too. Loads happen one at a time, so a warmup
+    # that never ended held every later load of the replica.
+    model = build_counter()
+    model.graph.node.insert(0, helper.make_node("Add", ["steps", "far"], ["far_steps"], name="further"))
+    model.graph.node[1].input[0] = "far_steps"  # the trip count's Reshape
+    model.graph.initializer.append(numpy_helper.from_array(np.array([10**12], np.int64), "far"))
+    session = ModelSession(write_model(model, tmp_path / "endless.onnx"), _config({}))
+    signature = Signature(
+        inputs=(TensorSpec("x", np.dtype(np.float32), (-1,)), TensorSpec("steps", np.dtype(np.int64), (1,))),
+        outputs=(TensorSpec("y", np.dtype(np.float32), (-1,)),),
+    )
+    with caplog.at_level(logging.INFO, logger="modelforge.inference"):
+        session.warmup(signature, limit=0.5)
+    assert any("warmup run stopped after 0.5 s" in r.getMessage() for r in caplog.records)
+    quick = session.run({"x": np.zeros(1, np.float32), "steps": np.array([-(10**12) + 3])})
+    assert quick["y"][0] == 3.0  # served: runs that end still run
