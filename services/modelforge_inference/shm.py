@@ -94,7 +94,9 @@ class SharedMemoryRegions:
         if byte_size <= 0:
             raise InvalidSharedMemoryRegion(name, "byte_size must be more than 0")
         try:
-            descriptor = os.open(path, os.O_RDWR)
+            # Not through a link: anyone may put one in /dev/shm, and it would give requests the server's access to
+            # whatever file it names.
+            descriptor = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
         except FileNotFoundError:
             raise SharedMemoryKeyNotFound(name, key) from None
         except PermissionError:
@@ -104,6 +106,10 @@ class SharedMemoryRegions:
         except OSError as exc:  # a directory, a device, ...: nothing a region can map
             if exc.errno in (errno.EMFILE, errno.ENFILE):
                 raise SharedMemoryRegionsFull(name, "the server has no file descriptor left to open it") from None
+            if exc.errno == errno.ELOOP:
+                raise InvalidSharedMemoryRegion(
+                    name, f"shared memory object {key!r} is a symbolic link; register the object itself"
+                ) from None
             raise InvalidSharedMemoryRegion(
                 name, f"shared memory object {key!r} cannot be opened as one: {exc.strerror}"
             ) from None

@@ -198,6 +198,24 @@ async def test_bad_registrations_are_refused_and_leave_nothing(
     assert not (await shm_v2.stub.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest())).regions
 
 
+async def test_a_symbolic_link_in_dev_shm_is_refused_and_its_target_left_alone(shm_v2: V2, tmp_path) -> None:
+    # Anyone may put a link in /dev/shm; followed, it gave requests the server's access to the file it names.
+    target = tmp_path / "not-shared.txt"
+    target.write_bytes(b"private" * 1000)
+    link = f"mf-test-link-{uuid.uuid4().hex[:12]}"
+    os.symlink(target, os.path.join(SHM_DIRECTORY, link))
+    try:
+        request = pb.SystemSharedMemoryRegisterRequest(name="region", key="/" + link, byte_size=1000)
+        call = shm_v2.stub.SystemSharedMemoryRegister(request)
+        got, details = await reason_of(call, grpc.StatusCode.INVALID_ARGUMENT)
+        assert got == "INVALID_SHARED_MEMORY_REGION"
+        assert "symbolic link" in details
+        assert not (await shm_v2.stub.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest())).regions
+    finally:
+        os.unlink(os.path.join(SHM_DIRECTORY, link))
+    assert target.read_bytes() == b"private" * 1000
+
+
 # --- inference -------------------------------------------------------------------------------------------------
 
 
