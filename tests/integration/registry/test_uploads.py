@@ -8,6 +8,10 @@ import shutil
 from pathlib import Path
 
 import grpc
+import numpy as np
+import onnx
+import onnx.external_data_helper
+import onnx.numpy_helper
 import pytest
 
 from modelforge.common.v1 import tensor_pb2
@@ -123,6 +127,19 @@ async def test_external_data_beside_the_model_is_refused(registry, external_data
     assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "EXTERNAL_DATA")
     assert "weights.bin" in details
     await assert_nothing_stored(registry, "ext")
+
+
+async def test_external_data_in_a_models_training_info_is_refused_too(registry) -> None:
+    model = build_add_one()
+    training = model.training_info.add()
+    weights = training.initialization.initializer.add()
+    weights.CopyFrom(onnx.numpy_helper.from_array(np.zeros(4, np.float32), "w"))
+    onnx.external_data_helper.set_external_data(weights, location="/etc/passwd")
+    weights.ClearField("raw_data")
+    code, reason, details = await failure(send(registry.stub, upload_requests("trained", model_bytes(model))))
+    assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "EXTERNAL_DATA")
+    assert "/etc/passwd" in details
+    await assert_nothing_stored(registry, "trained")
 
 
 async def test_checksum_mismatch_leaves_no_version(registry, add_one) -> None:
