@@ -142,12 +142,15 @@ class Job:
     request_id: str | None
     queued_reason: str = ""  # why a job that ran is QUEUED again; "" otherwise
     next_run_time: datetime | None = None  # with queued_reason: when the next run may start
-    input_dataset_id: UUID | None = None  # the dataset submitted with, kept after it is deleted (dataset_id is None)
+    # The dataset submitted with, kept after it is deleted (dataset_id is None); None for an inline input, and for
+    # a dataset deleted before ModelForge kept the id (migration 0005).
+    input_dataset_id: UUID | None = None
+    inline_input: bool = False
 
     @property
     def dataset_deleted(self) -> bool:
         """The job read a dataset that has been deleted since: it cannot run again."""
-        return self.input_dataset_id is not None and self.dataset_id is None
+        return not self.inline_input and self.dataset_id is None
 
 
 @dataclass(frozen=True)

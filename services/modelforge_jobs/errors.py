@@ -31,9 +31,10 @@ class DatasetDeleted(FailedPrecondition):
     reason = "DATASET_DELETED"
 
     def __init__(self, job_id: str, dataset_id: str) -> None:
+        which = f"dataset {dataset_id}, which has" if dataset_id else "a dataset that has"  # "": deleted before 0005
         super().__init__(
-            f"job {job_id} cannot run again: it read dataset {dataset_id}, which has been deleted since; submit a new "
-            "job on the items uploaded again",
+            f"job {job_id} cannot run again: it read {which} been deleted since; submit a new job on the items "
+            "uploaded again",
             job=job_id,
             dataset=dataset_id,
         )

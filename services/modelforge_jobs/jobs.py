@@ -44,7 +44,7 @@ from modelforge_jobs.inference_client import RegistryClient
 from modelforge_jobs.metrics import ApiMetrics
 from modelforge_jobs.store import JobStore
 from modelforge_server import paging
-from modelforge_server.errors import FailedPrecondition, InvalidArgument, Unavailable, require
+from modelforge_server.errors import InvalidArgument, Unavailable, require
 from modelforge_server.flights import SingleFlight
 from modelforge_server.labels import check_labels
 
@@ -212,9 +212,6 @@ class Jobs:
     async def retry(self, job_id: UUID) -> Job:
         job = await self._store.get_job(job_id)
         self._check_retryable(job)
-        if job.dataset_id is None and await self._store.inline_input(job_id) is None:
-            # A dataset deleted before the jobs kept the id they read (migration 0005).
-            raise FailedPrecondition(f"job {job_id} cannot run again: its dataset was deleted")
         requeued = await self._store.requeue_finished(job_id)
         if requeued is None:  # changed meanwhile: its state, or its dataset deleted
             job = await self._store.get_job(job_id)
@@ -229,7 +226,7 @@ class Jobs:
         if job.state not in (JobState.FAILED, JobState.CANCELLED):
             raise JobStateConflict(str(job.id), job.state.value, "retry", "FAILED or CANCELLED")
         if job.dataset_deleted:
-            raise DatasetDeleted(str(job.id), str(job.input_dataset_id))
+            raise DatasetDeleted(str(job.id), str(job.input_dataset_id or ""))
 
     async def delete(self, job_id: UUID) -> int:
         deleted = await self._store.delete_job(job_id)

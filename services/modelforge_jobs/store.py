@@ -38,10 +38,13 @@ _JOB_COLUMNS = """
     id, request_id, model_name, ref_version, ref_alias, model_version, state, dataset_id, items_total, batch_size,
     batches_total, items_done, batches_done, priority, labels, max_attempts, time_limit_seconds, attempt_count,
     worker_id, create_time, start_time, finish_time, update_time, queued_since, queued_seconds, inference_seconds,
-    run_start_time, run_items_start, error_code, error_reason, error_message, queued_reason, input_dataset_id,
+    run_start_time, run_items_start, error_code, error_reason, error_message, queued_reason, inline_input,
+    COALESCE(input_dataset_id, dataset_id) AS input_dataset_id,
     CASE WHEN enqueue_time > '-infinity' THEN greatest(enqueue_time, now()) END AS next_run_time, now() AS now
 """
 # next_run_time: when the job's message is due; enqueue_time is -infinity for a message that could not be sent.
+# input_dataset_id is unset in rows written before migration 0005 filled it, or by a version older than it (a
+# replica during a rolling upgrade): dataset_id, while the dataset lives, says the same.
 
 _LIVE = ("QUEUED", "RUNNING")
 # Where PostgreSQL announces job changes (migration 0003's trigger): the payload is the job id.
@@ -91,6 +94,7 @@ def _job(row: dict[str, Any]) -> Job:
         queued_reason=queued_reason,
         next_run_time=row["next_run_time"] if queued_reason else None,
         input_dataset_id=row["input_dataset_id"],
+        inline_input=row["inline_input"],
     )
 
 
@@ -333,7 +337,7 @@ class JobStore:
                     queued_since = now(), enqueue_time = now(), error_code = NULL, error_reason = NULL,
                     error_message = NULL, queued_reason = NULL
                 WHERE id = %s AND state IN ('FAILED', 'CANCELLED')
-                  AND (input_dataset_id IS NULL
+                  AND (inline_input
                        OR EXISTS (SELECT 1 FROM jobs.datasets d WHERE d.id = jobs.jobs.dataset_id FOR KEY SHARE))
                 RETURNING {_JOB_COLUMNS}
                 """,

@@ -221,3 +221,30 @@ async def test_a_retry_racing_the_deletion_of_its_dataset_is_refused_and_the_job
     assert error_reason(caught.value) == "DATASET_DELETED"
     still = (await jobs_api.stub.GetJob(jobs_pb2.GetJobRequest(id=job.id))).job
     assert (still.state, still.dataset_deleted) == (jobs_pb2.JOB_STATE_CANCELLED, True)
+
+
+async def test_jobs_written_before_the_dataset_id_was_kept_say_what_they_read(
+    jobs_api, jobs_settings, inference, add_one
+) -> None:
+    # Rows from before migration 0005, or written by an older replica during a rolling upgrade, have no
+    # input_dataset_id. They read as inline jobs: a job on a live dataset showed no dataset, and one whose dataset
+    # was deleted before the upgrade could not say why it cannot run again.
+    dataset, request = await _a_dataset_and_a_job_request(jobs_api, inference, add_one)
+    live = (await jobs_api.stub.CreateJob(request)).job
+    gone = (await jobs_api.stub.CreateJob(request)).job
+    for job in (live, gone):
+        await jobs_api.stub.CancelJob(jobs_pb2.CancelJobRequest(id=job.id))
+    async with await psycopg.AsyncConnection.connect(jobs_settings.database_url or "", autocommit=True) as conn:
+        await conn.execute("UPDATE jobs.jobs SET input_dataset_id = NULL")  # as an older version wrote them
+        await conn.execute("UPDATE jobs.jobs SET dataset_id = NULL WHERE id = %s", (gone.id,))  # deleted, back then
+
+    shown = (await jobs_api.stub.GetJob(jobs_pb2.GetJobRequest(id=live.id))).job
+    assert (shown.dataset_id, shown.dataset_deleted) == (dataset.id, False)
+    shown = (await jobs_api.stub.GetJob(jobs_pb2.GetJobRequest(id=gone.id))).job
+    assert (shown.dataset_id, shown.dataset_deleted) == ("", True)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await jobs_api.stub.RetryJob(jobs_pb2.RetryJobRequest(id=gone.id))
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_reason(caught.value) == "DATASET_DELETED"
+    retried = (await jobs_api.stub.RetryJob(jobs_pb2.RetryJobRequest(id=live.id))).job
+    assert retried.state == jobs_pb2.JOB_STATE_QUEUED
