@@ -100,26 +100,31 @@ def _release_redis_dir(rdir: Path) -> None:
 
 
 def _stop_orphaned_redis(rdir: Path) -> None:
-    """Stops the redis-server that a process which died without stopping it left running on this directory.
+    """Stops the redis-servers that processes which died without stopping them left running on this directory.
 
-    Only called with the directory's lock held, so the server its pid file names has no owner left. Started again,
-    a second server would share its append-only file, and whichever rewrote the file last would drop the other's
-    writes.
+    Only called with the directory's lock held, so such a server has no owner left. Started again, a second
+    server would share its append-only file, and whichever rewrote the file last would drop the other's writes.
     """
-    try:
-        pid = int((rdir / "redis.pid").read_text().strip())
-    except (OSError, ValueError):
-        return
-    if not _runs_redis(pid):
-        return
-    log.warning("stopping the embedded Redis (pid %d) left running in %s by a process that exited", pid, rdir)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)  # it writes out its append-only file, then exits
-        deadline = time.monotonic() + 10.0
-        while _alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if _alive(pid):
-            os.kill(pid, signal.SIGKILL)
+    for pid in _redis_servers_in(rdir):
+        log.warning("stopping the embedded Redis (pid %d) left running in %s by a process that exited", pid, rdir)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)  # it writes out its append-only file, then exits
+            deadline = time.monotonic() + 10.0
+            while _alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _redis_servers_in(rdir: Path) -> list[int]:
+    """The processes running this redis-server binary in `rdir` (redis-server works in its --dir), found in /proc:
+    also those that versions writing no pid file left running. Empty where there is no /proc."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError, ValueError):
+            if Path(os.readlink(proc / "cwd")) == rdir and _runs_redis(int(proc.name)):
+                found.append(int(proc.name))
+    return found
 
 
 def _runs_redis(pid: int) -> bool:

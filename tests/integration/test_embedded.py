@@ -3,10 +3,12 @@ one process's, and a server a dead process left running on it is stopped first."
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -104,3 +106,27 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return False
+
+
+def test_a_redis_an_older_version_left_running_without_a_pid_file_is_stopped_too(tmp_path: Path) -> None:
+    rdir = tmp_path / "redis"
+    rdir.mkdir()
+    port = embedded.free_port()
+    command = [embedded.redis_executable(), "--port", str(port), "--dir", str(rdir), "--appendonly", "yes"]
+    with subprocess.Popen(command, stdout=subprocess.DEVNULL, start_new_session=True) as older:
+        try:
+            url = f"redis://127.0.0.1:{port}/0"
+            with redis.Redis.from_url(url) as client:
+                for _ in range(100):  # until it answers
+                    with contextlib.suppress(redis.ConnectionError):
+                        client.set("kept", "yes")
+                        break
+                    time.sleep(0.05)
+            _, stop = embedded.start_redis(tmp_path)
+            try:
+                assert older.wait(timeout=15) is not None  # stopped, not left beside the new one on its files
+            finally:
+                stop()
+        finally:
+            if older.poll() is None:
+                older.kill()
