@@ -61,13 +61,20 @@ def _forget_dead_handles(server: Any) -> None:
 
 
 def _alive(pid: int) -> bool:
+    """Whether process `pid` exists and has not exited: a zombie, which a parent that never reaps (an init that
+    does not, in some containers) keeps in the table, has."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process
+        pass
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return not Path("/proc/self").exists()  # gone since, or no /proc at all: then what kill said
+    except (OSError, IndexError):
         return True
-    return True
 
 
 # The Redis data directories whose server this process runs, each with the descriptor holding its lock.
