@@ -22,12 +22,12 @@ from modelforge_inference.resolver import ModelResolver
 from modelforge_inference.servicer import SERVICE, InferenceServicer, add_inference_servicer_to_server
 from modelforge_inference.settings import InferenceSettings
 from modelforge_inference.shm import SharedMemoryRegions
-from modelforge_server import app, embedded, logs, telemetry
+from modelforge_server import app, embedded, logs, ports, telemetry
 from modelforge_server.metrics import Metrics
 from modelforge_server.settings import MiB, from_env, reported
 
 SERVICE_NAME = "modelforge-inference"
-METRICS_PORT = 9102
+METRICS_PORT = ports.INFERENCE_METRICS_PORT
 # Health names of the dependencies (``dependency/<name>``). Neither gates readiness: without the registry, versions
 # already resolved keep serving; without Redis, predictions run uncached.
 REGISTRY_DEPENDENCY = "registry"

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+from modelforge_server import ports
 from modelforge_server.settings import AT_LEAST_ONE, NOT_NEGATIVE, PORT, POSITIVE, Bound, MiB, ServerSettings
 
 GiB = 1024 * MiB
@@ -16,11 +17,11 @@ GiB = 1024 * MiB
 class InferenceSettings(ServerSettings):
     """Everything the inference process reads at start. Per-version labels override the serving defaults."""
 
-    port: int = 50052
+    port: int = ports.INFERENCE_PORT
     # Prometheus /metrics over HTTP (MODELFORGE_METRICS_PORT); 0 turns the endpoint off.
-    metrics_port: int = 9102
+    metrics_port: int = ports.INFERENCE_METRICS_PORT
     # Where the registry listens; resolution, downloads and model events come from it.
-    registry_address: str = "127.0.0.1:50051"
+    registry_address: str = f"127.0.0.1:{ports.REGISTRY_PORT}"
     # How often health checks probe the registry and Redis, in seconds.
     health_check_seconds: float = 2.0
     # Loaded sessions: at most this many model versions, and an estimated memory budget across them.

@@ -7,18 +7,19 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
+from modelforge_server import ports
 from modelforge_server.settings import AT_LEAST_ONE, NOT_NEGATIVE, PORT, POSITIVE, Bound, ServerSettings, SettingsError
 
 DAY = 86400.0
-API_METRICS_PORT = 9103
-WORKER_METRICS_PORT = 9104
+API_METRICS_PORT = ports.JOBS_METRICS_PORT
+WORKER_METRICS_PORT = ports.WORKER_METRICS_PORT
 
 
 @dataclass(frozen=True)
 class JobsSettings(ServerSettings):
     """Everything the jobs API and the jobs workers read at start."""
 
-    port: int = 50053
+    port: int = ports.JOBS_PORT
     # Prometheus /metrics of the jobs API (MODELFORGE_METRICS_PORT); None means 9103, 0 turns it off.
     metrics_port: int | None = None
     # /metrics of a worker process (MODELFORGE_WORKER_METRICS_PORT); None means MODELFORGE_METRICS_PORT when that
@@ -26,8 +27,8 @@ class JobsSettings(ServerSettings):
     # each need their own port, or 0, or prometheus_client's multiprocess mode (see modelforge_jobs.worker).
     worker_metrics_port: int | None = None
     # Where the registry and the inference service listen.
-    registry_address: str = "127.0.0.1:50051"
-    inference_address: str = "127.0.0.1:50052"
+    registry_address: str = f"127.0.0.1:{ports.REGISTRY_PORT}"
+    inference_address: str = f"127.0.0.1:{ports.INFERENCE_PORT}"
     # The Redis key prefix of the Dramatiq queues; the API and its workers must agree on it.
     queue_namespace: str = "modelforge"
     # Finished jobs, their results and unused datasets are deleted this many seconds after they finished.

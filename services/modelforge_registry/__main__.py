@@ -12,13 +12,13 @@ from modelforge_registry.registry import ModelRegistry
 from modelforge_registry.servicer import RegistryServicer
 from modelforge_registry.settings import RegistrySettings
 from modelforge_registry.store import RegistryStore
-from modelforge_server import app, db, embedded, logs, telemetry
+from modelforge_server import app, db, embedded, logs, ports, telemetry
 from modelforge_server.metrics import Metrics
 from modelforge_server.settings import from_env, reported
 
 SERVICE = registry_pb2.DESCRIPTOR.services_by_name["RegistryService"]
 SERVICE_NAME = "modelforge-registry"
-METRICS_PORT = 9101
+METRICS_PORT = ports.REGISTRY_METRICS_PORT
 
 
 async def build(settings: RegistrySettings, stack: AsyncExitStack) -> app.Server:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+from modelforge_server import ports
 from modelforge_server.settings import AT_LEAST_ONE, PORT, Bound, MiB, ServerSettings
 
 
@@ -14,9 +15,9 @@ from modelforge_server.settings import AT_LEAST_ONE, PORT, Bound, MiB, ServerSet
 class RegistrySettings(ServerSettings):
     """Settings of the registry process."""
 
-    port: int = 50051
+    port: int = ports.REGISTRY_PORT
     # /metrics over HTTP on host:metrics_port (MODELFORGE_METRICS_PORT); 0 serves none.
-    metrics_port: int = 9101
+    metrics_port: int = ports.REGISTRY_METRICS_PORT
     # Uploads are refused (RESOURCE_EXHAUSTED) as soon as the bytes received pass this.
     max_model_bytes: int = 2048 * MiB
     # Where model files live, content-addressed; defaults to data_dir/blobs.

@@ -13,7 +13,28 @@ import socket
 
 from modelforge_server.settings import SettingsError
 
-__all__ = ["NotAnAddressHere", "PortInUse", "free"]
+__all__ = [
+    "INFERENCE_METRICS_PORT",
+    "INFERENCE_PORT",
+    "JOBS_METRICS_PORT",
+    "JOBS_PORT",
+    "NotAnAddressHere",
+    "PortInUse",
+    "REGISTRY_METRICS_PORT",
+    "REGISTRY_PORT",
+    "WORKER_METRICS_PORT",
+    "free",
+]
+
+# The suite's default ports, for the services' settings, their entry points and `modelforge up` alike: each
+# service's gRPC port and /metrics port, and the first jobs worker's /metrics port (the next ones count up).
+REGISTRY_PORT = 50051
+INFERENCE_PORT = 50052
+JOBS_PORT = 50053
+REGISTRY_METRICS_PORT = 9101
+INFERENCE_METRICS_PORT = 9102
+JOBS_METRICS_PORT = 9103
+WORKER_METRICS_PORT = 9104
 
 
 class PortInUse(SettingsError):

@@ -39,7 +39,7 @@ from typing import TextIO
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from modelforge_server import embedded, orphans, telemetry
+from modelforge_server import embedded, orphans, ports, telemetry
 from modelforge_server.ports import NotAnAddressHere
 from modelforge_server.ports import free as port_free
 from modelforge_server.settings import PORT, ServerSettings, SettingsError, from_env
@@ -62,7 +62,7 @@ class SupervisorError(RuntimeError):
     """`up` cannot go on: a child failed to start or exited; the message says which and how."""
 
 
-DEFAULT_WORKER_METRICS_PORT = 9104
+DEFAULT_WORKER_METRICS_PORT = ports.WORKER_METRICS_PORT
 WORKER_METRICS_PORT_ENV = "MODELFORGE_WORKER_METRICS_PORT"
 
 
@@ -98,25 +98,25 @@ PROGRAMS: tuple[Program, ...] = (
         "registry",
         "modelforge_registry",
         "modelforge.registry.v1.RegistryService",
-        50051,
+        ports.REGISTRY_PORT,
         settings="modelforge_registry.settings:RegistrySettings",
-        metrics_port=9101,
+        metrics_port=ports.REGISTRY_METRICS_PORT,
     ),
     Program(
         "inference",
         "modelforge_inference",
         "modelforge.inference.v1.InferenceService",
-        50052,
+        ports.INFERENCE_PORT,
         settings="modelforge_inference.settings:InferenceSettings",
-        metrics_port=9102,
+        metrics_port=ports.INFERENCE_METRICS_PORT,
     ),
     Program(
         "jobs",
         "modelforge_jobs",
         "modelforge.jobs.v1.JobService",
-        50053,
+        ports.JOBS_PORT,
         settings="modelforge_jobs.settings:JobsSettings",
-        metrics_port=9103,
+        metrics_port=ports.JOBS_METRICS_PORT,
     ),
     Program("jobs-worker", "modelforge_jobs.worker", after="jobs", settings="modelforge_jobs.settings:JobsSettings"),
 )
@@ -347,8 +347,8 @@ class Supervisor:
         data_dir.mkdir(parents=True, exist_ok=True)
         self._env["MODELFORGE_DATA_DIR"] = str(data_dir)
         self._env["MODELFORGE_HOST"] = host
-        ports = {p.name: self._options.ports.get(p.name, p.default_port) for p in programs if p.default_port}
-        for name, port in ports.items():
+        grpc_ports = {p.name: self._options.ports.get(p.name, p.default_port) for p in programs if p.default_port}
+        for name, port in grpc_ports.items():
             # Before anything starts: a service on a port another server holds would find that server's health
             # SERVING and be announced up, then fail to bind.
             if port and not _port_free(host, port):
@@ -361,7 +361,7 @@ class Supervisor:
         for program in programs:  # before anything starts: a malformed variable stops `up` in one line
             count = self._options.workers if program.after else 1
             for index in range(count):
-                env = child_environ(self._env, program, ports.get(program.name), index, count)
+                env = child_environ(self._env, program, grpc_ports.get(program.name), index, count)
                 check_settings(program, env)
                 label = program.name if count == 1 else f"{program.name} {index + 1}"
                 metrics.append((metrics_port(program, env), f"{label} metrics", _metrics_remedy(program)))
@@ -381,7 +381,7 @@ class Supervisor:
                     return self._interrupted()
                 count = self._options.workers if program.after else 1
                 for index in range(count):
-                    child = await self._spawn(program, ports.get(program.name), index, count)
+                    child = await self._spawn(program, grpc_ports.get(program.name), index, count)
                     await self._until_ready(child)
             if self._stop.is_set():
                 return self._interrupted()
