@@ -166,7 +166,6 @@ def start_redis(data_dir: Path, port: int = 0) -> tuple[str, Stop]:
                 "--save", "",
                 "--daemonize", "no",
                 "--logfile", str(rdir / "redis.log"),
-                "--pidfile", str(rdir / "redis.pid"),
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,

@@ -27,6 +27,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from modelforge import InferenceClient, RegistryClient
 from modelforge.oip.v2 import grpc_service_pb2, grpc_service_pb2_grpc
+from modelforge_server import embedded
 from tests.fixtures.onnx_models import ModelFile, add_one, build_counter, model_bytes, onnx_dir  # noqa: F401
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -358,17 +359,9 @@ def _service_children(pid: int) -> list[int]:
     return found
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 def _wait_gone(pids: list[int], timeout: float) -> list[int]:
     deadline = time.monotonic() + timeout
-    while (left := [pid for pid in pids if _alive(pid)]) and time.monotonic() < deadline:
+    while (left := [pid for pid in pids if embedded._alive(pid)]) and time.monotonic() < deadline:
         time.sleep(0.2)
     return left
 
@@ -382,21 +375,21 @@ def test_a_killed_up_leaves_nothing_running_and_the_next_up_starts_and_stops_cle
     with up(env) as first:
         services = _service_children(first.process.pid)
         assert len(services) == 4  # registry, inference, jobs, one worker
-        redis_pid = int((env.data_dir / "redis" / "redis.pid").read_text())
+        (redis_pid,) = embedded._redis_servers_in((env.data_dir / "redis").resolve())
         first.process.kill()
         first.process.wait()
         left = _wait_gone(services, timeout=60)  # each one stops once it sees `up` gone
         for pid in left:  # else they would hold `up`'s output open, and the next `up`'s ports
             os.kill(pid, signal.SIGKILL)
         assert left == []
-    assert _alive(redis_pid)  # embedded stores run on: the next `up` takes them over
+    assert embedded._alive(redis_pid)  # embedded stores run on: the next `up` takes them over
 
     with up(env) as second:
-        assert not _alive(redis_pid)  # stopped before a new Redis started on its files
-        new_redis = int((env.data_dir / "redis" / "redis.pid").read_text())
+        assert not embedded._alive(redis_pid)  # stopped before a new Redis started on its files
+        (new_redis,) = embedded._redis_servers_in((env.data_dir / "redis").resolve())
         assert new_redis != redis_pid
         assert second.stop() == 0
-    assert not _alive(new_redis)
+    assert not embedded._alive(new_redis)
     assert not (env.data_dir / "postgres" / "postmaster.pid").exists()  # PostgreSQL stopped with the suite
 
 

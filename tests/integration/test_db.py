@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import psycopg
 import pytest
@@ -91,41 +92,41 @@ async def test_recheck_after_skips_the_check_for_a_connection_just_used(clean_db
 # and no answer comes. The asyncio.timeout around each case only turns a hang into a failure.
 
 
-async def test_an_operation_on_a_postgresql_that_does_not_answer_ends_within_its_bound(clean_db: str) -> None:
+@pytest.fixture
+async def proxy(clean_db: str) -> AsyncIterator[TcpProxy]:
+    """A TCP proxy in front of the test PostgreSQL."""
     proxy = await TcpProxy.to_postgres(clean_db)
-    try:
-        # Handed out unchecked (used a moment ago), the connection fails on the operation's own statement.
-        async with db.open_pool(proxy.url, max_size=1, recheck_after=60.0, operation_timeout=1.0) as pool:
-            await db.ping(pool)
-            proxy.stall()
-            async with asyncio.timeout(10):
-                with pytest.raises(db.OperationTimedOut, match="did not answer within 1 s"):
-                    async with db.connection(pool) as conn:
-                        await conn.execute("SELECT 1")
-                with pytest.raises((db.OperationTimedOut, PoolTimeout)):
-                    await db.ping(pool)  # within PING_TIMEOUT: a health check never has to cancel it
-            await proxy.restore()
-            await eventually(lambda: answers(pool), "the pool to connect again")
-            async with db.connection(pool) as conn:
-                assert await (await conn.execute("SELECT 2")).fetchone() == (2,)
-    finally:
-        await proxy.close()
+    yield proxy
+    await proxy.close()
 
 
-async def test_the_check_of_a_connection_ends_with_the_operation_that_asked_for_it(clean_db: str) -> None:
-    proxy = await TcpProxy.to_postgres(clean_db)
-    try:
-        # The connection is idle in the pool when PostgreSQL stops answering: the pool's check of it hangs, and
-        # that check runs before the operation has a connection to cut.
-        async with db.open_pool(proxy.url, min_size=1, max_size=1, operation_timeout=1.0) as pool:
-            await db.ping(pool)
-            proxy.stall()
-            async with asyncio.timeout(10):
-                with pytest.raises((db.OperationTimedOut, PoolTimeout)):
-                    async with db.connection(pool) as conn:
-                        await conn.execute("SELECT 1")
-    finally:
-        await proxy.close()
+async def test_an_operation_on_a_postgresql_that_does_not_answer_ends_within_its_bound(proxy: TcpProxy) -> None:
+    # Handed out unchecked (used a moment ago), the connection fails on the operation's own statement.
+    async with db.open_pool(proxy.url, max_size=1, recheck_after=60.0, operation_timeout=1.0) as pool:
+        await db.ping(pool)
+        proxy.stall()
+        async with asyncio.timeout(10):
+            with pytest.raises(db.OperationTimedOut, match="did not answer within 1 s"):
+                async with db.connection(pool) as conn:
+                    await conn.execute("SELECT 1")
+            with pytest.raises((db.OperationTimedOut, PoolTimeout)):
+                await db.ping(pool)  # within PING_TIMEOUT: a health check never has to cancel it
+        await proxy.restore()
+        await eventually(lambda: answers(pool), "the pool to connect again")
+        async with db.connection(pool) as conn:
+            assert await (await conn.execute("SELECT 2")).fetchone() == (2,)
+
+
+async def test_the_check_of_a_connection_ends_with_the_operation_that_asked_for_it(proxy: TcpProxy) -> None:
+    # The connection is idle in the pool when PostgreSQL stops answering: the pool's check of it hangs, and that
+    # check runs before the operation has a connection to cut.
+    async with db.open_pool(proxy.url, min_size=1, max_size=1, operation_timeout=1.0) as pool:
+        await db.ping(pool)
+        proxy.stall()
+        async with asyncio.timeout(10):
+            with pytest.raises((db.OperationTimedOut, PoolTimeout)):
+                async with db.connection(pool) as conn:
+                    await conn.execute("SELECT 1")
 
 
 async def test_an_unbounded_operation_runs_past_the_operation_timeout(clean_db: str) -> None:

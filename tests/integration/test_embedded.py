@@ -86,7 +86,7 @@ def test_a_second_process_on_the_same_redis_directory_is_refused(tmp_path: Path)
 
 def test_a_redis_left_running_by_a_process_that_died_is_stopped_before_a_new_one_starts(tmp_path: Path) -> None:
     with holder_of(tmp_path) as (holder, url):
-        orphan = int((tmp_path / "redis" / "redis.pid").read_text())
+        (orphan,) = embedded._redis_servers_in((tmp_path / "redis").resolve())
         with redis.Redis.from_url(url) as client:
             client.set("kept", "yes")
         holder.kill()  # its redis-server runs on, in a session of its own
