@@ -11,4 +11,5 @@ pytest_plugins = [
     "tests.fixtures.redis",
     "tests.fixtures.onnx_models",
     "tests.fixtures.servers",
+    "tests.fixtures.ports",
 ]

@@ -4,26 +4,28 @@ Open Inference Protocol (V2) on port 50052."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from contextlib import AsyncExitStack
 
 import grpc
 import redis.asyncio
 
-from modelforge.registry.v1 import registry_pb2_grpc
+from modelforge.registry.v1 import registry_pb2, registry_pb2_grpc
 from modelforge_inference import allocator
 from modelforge_inference.cache import PredictionCache
 from modelforge_inference.engine import InferenceEngine
 from modelforge_inference.files import ModelFileCache
 from modelforge_inference.oip import SERVICE as OIP_SERVICE
 from modelforge_inference.oip import OipServicer, add_oip_servicer_to_server
-from modelforge_inference.registry_client import RegistryClient, RegistryHealth
+from modelforge_inference.registry_client import RegistryClient, RegistryUnavailable
 from modelforge_inference.resolver import ModelResolver
 from modelforge_inference.servicer import SERVICE, InferenceServicer, add_inference_servicer_to_server
 from modelforge_inference.settings import InferenceSettings
 from modelforge_inference.shm import SharedMemoryRegions
 from modelforge_server import app, embedded, logs, ports, telemetry
 from modelforge_server.metrics import Metrics
+from modelforge_server.probes import ServingProbe
 from modelforge_server.settings import MiB, from_env, reported
 
 SERVICE_NAME = "modelforge-inference"
@@ -104,9 +106,7 @@ async def build(settings: InferenceSettings, stack: AsyncExitStack) -> app.Serve
             ),
             app.Api(
                 OIP_SERVICE,
-                # The generated stub marks every OIP method abstract; at run time the base class answers the ones
-                # ModelForge leaves out (CUDA shared memory, tracing, logging) with UNIMPLEMENTED.
-                OipServicer(  # type: ignore[abstract]
+                OipServicer(
                     engine,
                     ready=lambda: bool(holder) and holder[0].serving,
                     stream_max_in_flight=settings.stream_max_in_flight,
@@ -127,7 +127,12 @@ async def build(settings: InferenceSettings, stack: AsyncExitStack) -> app.Serve
     # keep serving (only new refs and new loads fail), and without Redis, predictions run uncached. Readiness
     # stays SERVING through either outage, so that a registry restart does not take every replica out of service.
     interval = settings.health_check_seconds
-    registry_health = RegistryHealth(channel, observer=resolver.registry_answers)
+    registry_health = ServingProbe(
+        channel,
+        registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name,
+        functools.partial(RegistryUnavailable, "serve"),
+        observer=resolver.registry_answers,
+    )
     server.watch_dependency(REGISTRY_DEPENDENCY, registry_health, interval, required=False)
     server.watch_dependency(CACHE_DEPENDENCY, cache.check, interval, required=False)
     return server

@@ -167,6 +167,9 @@ class SessionConfig:
     # ONNX Runtime's pool threads busy-wait for work between runs unless told not to; on a shared host that
     # spinning costs more CPU per request than a small model's run (docs/PERFORMANCE.md, thread settings).
     allow_spinning: bool = False
+    # ONNX Runtime keeps the memory of its largest runs in an arena for the next ones; without it, what a run
+    # allocates is freed when it ends: memory stays near the model's own, at some cost per run.
+    memory_arena: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,14 +267,17 @@ class ModelStatistics:
 
     name: str
     version: int
-    requests: int = 0
-    failures: int = 0
+    requests: int = 0  # answered
+    failures: int = 0  # answered with an error
+    cancelled: int = 0  # never answered: the caller went away, or its deadline passed
     inferences: int = 0  # items: a request's rows, or one for a model without a batch dimension
     executions: int = 0  # session runs; fewer than inferences when batching merges requests
     queue_seconds: float = 0.0  # sums over successful requests
     compute_seconds: float = 0.0
     total_seconds: float = 0.0
+    failure_seconds: float = 0.0  # sums over failed requests, from their start to their error
     cache_hits: int = 0
     cache_misses: int = 0
     batch_sizes: Mapping[int, int] = field(default_factory=dict)  # items per execution -> executions
+    batch_seconds: Mapping[int, float] = field(default_factory=dict)  # items per execution -> their compute time
     last_inference: datetime | None = None

@@ -14,6 +14,7 @@ flight on it have finished.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
 import functools
 import logging
@@ -99,6 +100,8 @@ _HASH_OFF_LOOP_BYTES = 256 * 1024
 # Unbatched versions whose runs average less than this run on the event loop: handing them to a compute thread
 # and back costs more (about 100 us of CPU per request for the benchmark's MLP, whose run takes 10 us).
 _INLINE_RUN_SECONDS = 75e-6
+# How many versions deleted from the registry keep their statistics (GetModelStatistics by version number).
+RETIRED_STATISTICS = 1024
 
 
 class Resolver(Protocol):
@@ -189,18 +192,22 @@ class _Counters:
     instruments: VersionInstruments = field(default_factory=VersionInstruments)
     requests: int = 0
     failures: int = 0
+    cancelled: int = 0
     inferences: int = 0
     executions: int = 0
     queue_seconds: float = 0.0
     compute_seconds: float = 0.0
     total_seconds: float = 0.0
+    failure_seconds: float = 0.0
     batch_sizes: dict[int, int] = field(default_factory=dict)
+    batch_seconds: dict[int, float] = field(default_factory=dict)
     last_inference: float | None = None
 
     def executed(self, rows: int, requests: int, compute: float) -> None:
         self.executions += 1
         self.inferences += rows
         self.batch_sizes[rows] = self.batch_sizes.get(rows, 0) + 1
+        self.batch_seconds[rows] = self.batch_seconds.get(rows, 0.0) + compute
         self.instruments.batch_size.observe(rows)
         self.instruments.compute_seconds.observe(compute)
 
@@ -248,6 +255,8 @@ class InferenceEngine:
         self._slots: OrderedDict[tuple[str, int], _Slot] = OrderedDict()  # least recently used first
         self._unloading: set[_Slot] = set()
         self._counters: dict[tuple[str, int], _Counters] = {}
+        # Counters of versions deleted from the registry, oldest first: still answered by version number.
+        self._retired: collections.OrderedDict[tuple[str, int], _Counters] = collections.OrderedDict()
         self._configs: dict[tuple[str, int, frozenset[tuple[str, str]]], ServingConfig] = {}
         self._tasks: set[asyncio.Future[Any]] = set()
         self._remove_listener: Callable[[], None] | None = None
@@ -322,7 +331,7 @@ class InferenceEngine:
             config = self._config(model)
             if unfed := model.signature.non_tensor_inputs:
                 # Before the inputs are checked: a request could only be told that no such input exists.
-                raise ModelLoadFailed(model.name, model.version, unserved_inputs([repr(name) for name in unfed]))
+                raise self._unservable(model, config, unserved_inputs([repr(name) for name in unfed]))
             feeds = check_inputs(model.signature, inputs, max_request_bytes=self._settings.max_request_bytes)
             placed: frozenset[str] = frozenset()
             names = check_outputs(model.signature, outputs)
@@ -347,10 +356,12 @@ class InferenceEngine:
                 _check_answer(model, size, answer_limit)
         except Exception as exc:
             counters.failures += 1
+            counters.failure_seconds += time.perf_counter() - began
             if (reason := _rejection(exc)) is not None:
                 self._metrics.rejected(model.name, model.version, reason)
             raise
         except asyncio.CancelledError:  # the caller went away; a queued request never ran
+            counters.cancelled += 1
             self._metrics.rejected(model.name, model.version, Rejection.CANCELLED)
             raise
         total = time.perf_counter() - began
@@ -573,6 +584,14 @@ class InferenceEngine:
             assert slot.loading is not None
             await self._until(asyncio.shield(slot.loading), deadline, lambda: LoadTimeout(model.name, model.version))
 
+    def _unservable(self, model: ResolvedModel, config: ServingConfig, reason: str) -> ModelLoadFailed:
+        """The refusal of a version that no load could serve, found from its signature before any load; it is
+        listed FAILED with the reason (ListLoadedModels, RepositoryIndex), as a version whose load failed is."""
+        if model.key not in self._slots:
+            slot = self._slots[model.key] = _Slot(model, config, state=ModelState.FAILED, reason=reason)
+            slot.refused_at = time.monotonic()
+        return ModelLoadFailed(model.name, model.version, reason)
+
     def _release(self, slot: _Slot) -> None:
         slot.in_flight -= 1
         slot.last_use = time.time()
@@ -699,12 +718,29 @@ class InferenceEngine:
             return
         if kind == "MODEL_DELETED":
             doomed = [slot for slot in self._slots.values() if slot.model.name == event.model]
+            deleted = [key for key in self._counters if key[0] == event.model]
         elif kind in ("VERSION_DELETED", "VERSION_ARCHIVED"):
             doomed = [slot for key, slot in self._slots.items() if key == (event.model, event.version)]
+            deleted = [(event.model, event.version)] if kind == "VERSION_DELETED" else []
         else:
             return
-        for slot in doomed:
-            self._begin_unload(slot, UnloadReason.RETIRED)
+        unloads = [self._begin_unload(slot, UnloadReason.RETIRED) for slot in doomed]
+        if deleted:
+            self._spawn(self._forget(deleted, unloads))
+
+    async def _forget(self, keys: Sequence[tuple[str, int]], unloads: Sequence[asyncio.Future[None]]) -> None:
+        """Once deleted versions are unloaded, moves their counters to the retired ones and drops their metric
+        series: a long-running service exports only the versions that still exist."""
+        await asyncio.gather(*unloads, return_exceptions=True)
+        for key in keys:
+            if key in self._slots:  # the model was created again and its new version with this number is loaded
+                continue
+            counters = self._counters.pop(key, None)
+            if counters is not None:
+                self._retired[key] = counters
+                while len(self._retired) > RETIRED_STATISTICS:
+                    self._retired.popitem(last=False)
+            self._metrics.forget(*key)
 
     async def _recheck(self) -> None:
         """Resolves every version held again and unloads those the registry deleted or archived meanwhile."""
@@ -808,12 +844,16 @@ class InferenceEngine:
             keys = sorted(key for key in self._counters if key[0] == ref.name)
             if not keys:
                 await self._check_model_exists(ref)
-        elif ref.version is not None and (ref.name, ref.version) in self._counters:
+        elif ref.version is not None and self._counted((ref.name, ref.version)):
             keys = [(ref.name, ref.version)]
         else:
             model = await self._resolve(ref, None)
             keys = [model.key]
         return [self._statistics_of(*key) for key in keys]
+
+    def _counted(self, key: tuple[str, int]) -> bool:
+        """Whether this process has counters of the version, retired ones included."""
+        return key in self._counters or key in self._retired
 
     async def _check_model_exists(self, ref: ModelRef) -> None:
         """Raises RegistryNotFound when the registry knows no model ref.name; a model without a READY version
@@ -886,7 +926,7 @@ class InferenceEngine:
         if self._cache is not None:
             counts = self._cache.counts(name, version)
             hits, misses = counts.hits, counts.misses
-        counters = self._counters.get((name, version))
+        counters = self._counters.get((name, version)) or self._retired.get((name, version))
         if counters is None:  # never used in this process
             return ModelStatistics(name=name, version=version, cache_hits=hits, cache_misses=misses)
         return ModelStatistics(
@@ -894,14 +934,17 @@ class InferenceEngine:
             version=version,
             requests=counters.requests,
             failures=counters.failures,
+            cancelled=counters.cancelled,
             inferences=counters.inferences,
             executions=counters.executions,
             queue_seconds=counters.queue_seconds,
             compute_seconds=counters.compute_seconds,
             total_seconds=counters.total_seconds,
+            failure_seconds=counters.failure_seconds,
             cache_hits=hits,
             cache_misses=misses,
             batch_sizes=dict(counters.batch_sizes),
+            batch_seconds=dict(counters.batch_seconds),
             last_inference=None
             if counters.last_inference is None
             else datetime.fromtimestamp(counters.last_inference, UTC),

@@ -9,6 +9,7 @@ from modelforge_server.errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    Unimplemented,
 )
 
 
@@ -221,6 +222,36 @@ class SharedMemoryOff(FailedPrecondition):
         super().__init__(
             "this server does not take client shared memory; start the inference service with "
             "MODELFORGE_ALLOW_CLIENT_SHM=true, or send the tensors in the request"
+        )
+
+
+class CudaSharedMemoryUnsupported(Unimplemented):
+    reason = "CUDA_SHARED_MEMORY_UNSUPPORTED"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "this server does not take CUDA shared memory; use system shared memory (V2 SystemSharedMemoryRegister, "
+            "with the service started with MODELFORGE_ALLOW_CLIENT_SHM=true) or send the tensors in the request"
+        )
+
+
+class TraceSettingsUnsupported(Unimplemented):
+    reason = "TRACE_SETTINGS_UNSUPPORTED"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "trace settings are not set over the protocol: the inference service traces with OpenTelemetry, "
+            "exporting to MODELFORGE_OTLP_ENDPOINT when it is set at start"
+        )
+
+
+class LogSettingsUnsupported(Unimplemented):
+    reason = "LOG_SETTINGS_UNSUPPORTED"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "log settings are not set over the protocol: start the inference service with MODELFORGE_LOG_LEVEL "
+            "(DEBUG, INFO, WARNING or ERROR)"
         )
 
 

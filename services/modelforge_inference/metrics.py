@@ -154,6 +154,19 @@ class InferenceMetrics:
     def unloaded(self, model: str, version: int, reason: UnloadReason) -> None:
         self._unloads.labels(model, str(version), reason.value).inc()
 
+    def forget(self, model: str, version: int) -> None:
+        """Drops the series of a version deleted from the registry (those read from the engine's counters go with
+        them), so that a long-running service does not export every version it ever served."""
+        labels = (model, str(version))
+        for reason in Rejection:
+            self._rejected.remove(*labels, reason.value)
+        for result in ("ok", "failed"):
+            self._loads.remove(*labels, result)
+        for why in UnloadReason:
+            self._unloads.remove(*labels, why.value)
+        self._load_seconds.remove(*labels)
+        self._streamed.remove(*labels)
+
     def streamed(self, model: str, version: int) -> Callable[[float], None]:
         """What one stream calls with the size of each chunk message the transport took."""
         return self._streamed.labels(model, str(version)).inc
@@ -219,8 +232,8 @@ class _EngineCollector(Collector):
             family = CounterMetricFamily(PREFIX + name, documentation, labels=LABELS)
             for stats in statistics:
                 value = getattr(stats, attribute)
-                if attribute == "requests":
-                    value += stats.failures  # ModelStatistics.requests counts the answered ones only
+                if attribute == "requests":  # ModelStatistics.requests counts the ones answered without error
+                    value += stats.failures + stats.cancelled
                 family.add_metric([stats.name, str(stats.version)], value)
             yield family
         depth = GaugeMetricFamily(PREFIX + "queue_depth", "Requests waiting in the version's queue.", labels=LABELS)

@@ -17,36 +17,16 @@ from modelforge.oip.v2 import grpc_service_pb2_grpc
 from modelforge_inference import oip_convert as convert
 from modelforge_inference import wire
 from modelforge_inference.engine import InferenceEngine
+from modelforge_inference.errors import CudaSharedMemoryUnsupported, LogSettingsUnsupported, TraceSettingsUnsupported
 from modelforge_inference.shm import SharedMemoryRegions
 from modelforge_server.errors import NotFound, ServiceError
 
-__all__ = ["SERVICE", "SERVED_METHODS", "OipServicer", "add_oip_servicer_to_server"]
+__all__ = ["SERVICE", "OipServicer", "add_oip_servicer_to_server"]
 
 log = logging.getLogger("modelforge.inference.oip")
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 
-# The methods ModelForge serves. The others (CUDA shared memory, trace and log settings) stay declared in the
-# service descriptor, so reflection and clients see the whole protocol, but are not registered: gRPC itself
-# answers them UNIMPLEMENTED. The system shared memory methods answer FAILED_PRECONDITION, saying how to turn
-# them on, while the server does not take client shared memory.
-SERVED_METHODS = (
-    "ServerLive",
-    "ServerReady",
-    "ModelReady",
-    "ServerMetadata",
-    "ModelMetadata",
-    "ModelInfer",
-    "ModelStreamInfer",
-    "ModelConfig",
-    "ModelStatistics",
-    "RepositoryIndex",
-    "RepositoryModelLoad",
-    "RepositoryModelUnload",
-    "SystemSharedMemoryStatus",
-    "SystemSharedMemoryRegister",
-    "SystemSharedMemoryUnregister",
-)
 
 SERVER_NAME = "modelforge"
 
@@ -228,6 +208,34 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         self._regions.unregister(request.name)
         return pb.SystemSharedMemoryUnregisterResponse()
 
+    # The protocol's methods for what this server does not do answer UNIMPLEMENTED saying what to do instead;
+    # ServerMetadata does not list their extensions.
+
+    async def CudaSharedMemoryStatus(
+        self, request: pb.CudaSharedMemoryStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CudaSharedMemoryStatusResponse:
+        raise CudaSharedMemoryUnsupported()
+
+    async def CudaSharedMemoryRegister(
+        self, request: pb.CudaSharedMemoryRegisterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CudaSharedMemoryRegisterResponse:
+        raise CudaSharedMemoryUnsupported()
+
+    async def CudaSharedMemoryUnregister(
+        self, request: pb.CudaSharedMemoryUnregisterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CudaSharedMemoryUnregisterResponse:
+        raise CudaSharedMemoryUnsupported()
+
+    async def TraceSetting(
+        self, request: pb.TraceSettingRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TraceSettingResponse:
+        raise TraceSettingsUnsupported()
+
+    async def LogSettings(
+        self, request: pb.LogSettingsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.LogSettingsResponse:
+        raise LogSettingsUnsupported()
+
     async def _infer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext, *, streamed: bool = False
     ) -> wire.Parts:
@@ -279,14 +287,14 @@ _FACTORIES = {
 
 
 def add_oip_servicer_to_server(servicer: OipServicer, server: grpc.aio.Server) -> None:
-    """Registers the served methods of GRPCInferenceService (see SERVED_METHODS) on ``server``.
+    """Registers every method of GRPCInferenceService on ``server``.
 
-    It stands in for the generated ``add_GRPCInferenceServiceServicer_to_server``, which would register the
-    unserved methods too and let their placeholder bodies fail as INTERNAL rather than UNIMPLEMENTED.
+    It stands in for the generated ``add_GRPCInferenceServiceServicer_to_server`` so that answers the servicer has
+    already serialised (see `wire`) go out as they are.
     """
     handlers: dict[str, Any] = {}
-    for name in SERVED_METHODS:
-        method = SERVICE.methods_by_name[name]
+    for method in SERVICE.methods:
+        name = method.name
         request_class = getattr(pb, method.input_type.name)
         response_class = getattr(pb, method.output_type.name)
         factory = _FACTORIES[(method.client_streaming, method.server_streaming)]

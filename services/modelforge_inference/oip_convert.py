@@ -765,7 +765,9 @@ def _ms_since_epoch(when: datetime | None) -> int:
 
 
 def model_statistics(stats: ModelStatistics) -> pb.ModelStatistics:
-    """One model version's counters in the V2 shape; durations the engine does not split are 0."""
+    """One model version's counters in the V2 shape. Durations the engine does not measure apart are 0: the
+    preparation of inputs and outputs around a run (``compute_input``, ``compute_output``, within
+    ``compute_infer`` here) and cache lookups (``cache_hit``, ``cache_miss``)."""
     succeeded = stats.requests  # requests answered successfully, from the prediction cache or by a run
     computed = max(0, succeeded - stats.cache_hits)  # as in Triton, the compute counts leave cache hits out
     duration = pb.StatisticDuration
@@ -777,7 +779,7 @@ def model_statistics(stats: ModelStatistics) -> pb.ModelStatistics:
         execution_count=stats.executions,
         inference_stats=pb.InferStatistics(
             success=duration(count=succeeded, ns=_ns(stats.total_seconds)),
-            fail=duration(count=stats.failures),
+            fail=duration(count=stats.failures, ns=_ns(stats.failure_seconds)),
             queue=duration(count=succeeded, ns=_ns(stats.queue_seconds)),
             compute_input=duration(count=computed),
             compute_infer=duration(count=computed, ns=_ns(stats.compute_seconds)),
@@ -789,7 +791,7 @@ def model_statistics(stats: ModelStatistics) -> pb.ModelStatistics:
             pb.InferBatchStatistics(
                 batch_size=size,
                 compute_input=duration(count=count),
-                compute_infer=duration(count=count),
+                compute_infer=duration(count=count, ns=_ns(stats.batch_seconds.get(size, 0.0))),
                 compute_output=duration(count=count),
             )
             for size, count in sorted(stats.batch_sizes.items())

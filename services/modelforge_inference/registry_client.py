@@ -20,13 +20,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import grpc
 import grpc.aio
 from google.rpc import error_details_pb2, status_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from modelforge import tensors
 from modelforge.common.v1 import tensor_pb2
@@ -39,7 +38,6 @@ __all__ = [
     "ModelEventType",
     "ModelFileCorrupt",
     "RegistryClient",
-    "RegistryHealth",
     "RegistryNotFound",
     "RegistryUnavailable",
     "resolved_model",
@@ -319,36 +317,3 @@ class RegistryClient:
                     yield ModelEvent(kind, event.model, event.version, event.alias)
         finally:
             call.cancel()
-
-
-class RegistryHealth:
-    """The registry's readiness as a health check: ``await RegistryHealth(channel)()`` raises unless the registry
-    reports its RegistryService SERVING (it is NOT_SERVING itself while its database is down).
-
-    Args:
-        channel: The inference service's channel to the registry.
-        timeout: Longest one Health.Check may take.
-        observer: Called with each check's finding, True when the registry reported SERVING.
-    """
-
-    SERVICE = registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name
-
-    def __init__(
-        self, channel: grpc.aio.Channel, *, timeout: float = 1.0, observer: Callable[[bool], None] | None = None
-    ) -> None:
-        self._stub = health_pb2_grpc.HealthStub(channel)
-        self._request = health_pb2.HealthCheckRequest(service=self.SERVICE)
-        self._timeout = timeout
-        self._observer = observer or (lambda serving: None)
-
-    async def __call__(self) -> None:
-        try:
-            with translated("report its health"):
-                response = await self._stub.Check(self._request, timeout=self._timeout)
-            if response.status != health_pb2.HealthCheckResponse.SERVING:
-                status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
-                raise RegistryUnavailable("serve", f"its health check answers {status}")
-        except BaseException:  # the probe's own timeout cancels the call: that is no answer either
-            self._observer(False)
-            raise
-        self._observer(True)

@@ -30,6 +30,7 @@ _FIELDS: dict[str, tuple[str, str]] = {
     "graph-optimization-level": ("session", "graph_optimization_level"),
     "execution-providers": ("session", "execution_providers"),
     "allow-spinning": ("session", "allow_spinning"),
+    "memory-arena": ("session", "memory_arena"),
 }
 
 

@@ -107,6 +107,7 @@ def session_options(config: SessionConfig) -> ort.SessionOptions:
     spinning = "1" if config.allow_spinning else "0"
     options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
     options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
+    options.enable_cpu_mem_arena = config.memory_arena
     options.log_severity_level = 3  # errors only: warnings about unused initializers are noise here
     return options
 

@@ -19,9 +19,15 @@ from modelforge.jobs.v1 import jobs_pb2, jobs_pb2_grpc
 from modelforge_jobs.actors import JobQueue, declare_actors, make_broker
 from modelforge_jobs.datasets import sweep_scratch
 from modelforge_jobs.events import JobChanges
-from modelforge_jobs.inference_client import RegistryClient, ServiceHealth
+from modelforge_jobs.inference_client import RegistryClient, inference_probe, registry_probe
 from modelforge_jobs.jobs import Jobs
-from modelforge_jobs.metrics import ApiMetrics
+from modelforge_jobs.metrics import (
+    INFERENCE_DEPENDENCY,
+    POSTGRES_DEPENDENCY,
+    REDIS_DEPENDENCY,
+    REGISTRY_DEPENDENCY,
+    ApiMetrics,
+)
 from modelforge_jobs.servicer import JobServicer
 from modelforge_jobs.settings import API_METRICS_PORT, JobsSettings
 from modelforge_jobs.store import JobStore
@@ -33,11 +39,6 @@ log = logging.getLogger("modelforge.jobs")
 
 SERVICE = jobs_pb2.DESCRIPTOR.services_by_name["JobService"]
 SERVICE_NAME = "modelforge-jobs"
-# Health names of the dependencies (``dependency/<name>``); all three gate readiness.
-POSTGRES_DEPENDENCY = "postgresql"
-REDIS_DEPENDENCY = "redis"
-INFERENCE_DEPENDENCY = "inference"
-REGISTRY_DEPENDENCY = "registry"
 
 
 async def build(settings: JobsSettings, stack: AsyncExitStack) -> app.Server:
@@ -92,8 +93,8 @@ async def build(settings: JobsSettings, stack: AsyncExitStack) -> app.Server:
     # Optional, each reported under its own health name: without the registry only CreateJob fails (every read,
     # cancel and retry works), and the API never calls the inference service (its workers do; a job waits in the
     # queue meanwhile). Readiness follows what every call needs.
-    server.watch_dependency(REGISTRY_DEPENDENCY, ServiceHealth.of_registry(registry_channel), required=False)
-    server.watch_dependency(INFERENCE_DEPENDENCY, ServiceHealth.of_inference(inference_channel), required=False)
+    server.watch_dependency(REGISTRY_DEPENDENCY, registry_probe(registry_channel), required=False)
+    server.watch_dependency(INFERENCE_DEPENDENCY, inference_probe(inference_channel), required=False)
     stack.push_async_callback(server.stop, settings.grace_seconds)
     # On stop, once readiness is NOT_SERVING: open WatchJob streams end at once with UNAVAILABLE (their clients watch
     # again, on another replica) instead of holding the server up for the whole grace period.

@@ -15,7 +15,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
 from typing import Any
 from uuid import UUID
@@ -28,8 +28,8 @@ from dramatiq.asyncio import get_event_loop_thread
 from modelforge_jobs.broker import WakingRedisBroker
 from modelforge_jobs.domain import TIME_LIMIT_MAX, Priority
 from modelforge_jobs.errors import DependencyUnavailable, JobNotFound
-from modelforge_jobs.inference_client import InferenceClient
-from modelforge_jobs.metrics import WorkerMetrics
+from modelforge_jobs.inference_client import InferenceClient, inference_probe
+from modelforge_jobs.metrics import INFERENCE_DEPENDENCY, POSTGRES_DEPENDENCY, REDIS_DEPENDENCY, WorkerMetrics
 from modelforge_jobs.runner import JobRunner, Requeued, RetryLater, RunnerSettings
 from modelforge_jobs.settings import JobsSettings
 from modelforge_jobs.store import JobStore
@@ -40,6 +40,8 @@ from modelforge_server.telemetry import Telemetry
 
 log = logging.getLogger("modelforge.jobs.worker")
 
+# How long each of a worker's dependency checks may take (see WorkerResources.check_dependencies).
+DEPENDENCY_CHECK_SECONDS = 2.0
 QUEUES = {Priority.HIGH: "jobs-high", Priority.NORMAL: "jobs-normal", Priority.LOW: "jobs-low"}
 _DRAMATIQ_PRIORITY = {Priority.HIGH: 0, Priority.NORMAL: 10, Priority.LOW: 20}  # lower runs first
 
@@ -81,6 +83,14 @@ class JobQueue:
         broker: Any = self._broker
         try:
             await asyncio.to_thread(broker.recover_messages, [actor.queue_name for actor in self._actors.values()])
+        except redis.RedisError as exc:
+            raise DependencyUnavailable("job queue (Redis)", type(exc).__name__) from exc
+
+    async def ping(self) -> None:
+        """Raises DependencyUnavailable unless the queue's Redis answers."""
+        broker: Any = self._broker
+        try:
+            await asyncio.to_thread(broker.client.ping)
         except redis.RedisError as exc:
             raise DependencyUnavailable("job queue (Redis)", type(exc).__name__) from exc
 
@@ -130,6 +140,8 @@ class WorkerResources(dramatiq.Middleware):
         self._store: JobStore | None = None
         self._stack: AsyncExitStack | None = None
         self._maintenance: asyncio.Task[None] | None = None
+        self._checks: dict[str, Callable[[], Awaitable[object]]] = {}
+        self._maintaining = asyncio.Lock()  # one pass at a time: the loop's, or a caller's
 
     @property
     def runner(self) -> JobRunner:
@@ -220,6 +232,10 @@ class WorkerResources(dramatiq.Middleware):
                 ),
                 self.metrics,
             )
+            self._checks = {
+                POSTGRES_DEPENDENCY: functools.partial(db.ping, pool),
+                INFERENCE_DEPENDENCY: inference_probe(channel),
+            }
             self._maintenance = asyncio.create_task(self._maintain(), name="jobs-maintenance")
         except BaseException:
             await stack.aclose()
@@ -264,6 +280,10 @@ class WorkerResources(dramatiq.Middleware):
         """Puts back the messages stopped workers had taken, requeues their running jobs, resends lost messages,
         deletes expired jobs and datasets, and sets the gauges of jobs by state, items per second and queue
         lengths."""
+        async with self._maintaining:
+            await self._maintain_once()
+
+    async def _maintain_once(self) -> None:
         store, queue, settings = self._store, self.queue, self.settings
         if store is None or queue is None:
             return
@@ -284,8 +304,26 @@ class WorkerResources(dramatiq.Middleware):
         by_state, rate = await store.census()
         self.metrics.suite_seen(by_state, rate, await queue.lengths())
 
+    async def check_dependencies(self) -> dict[str, bool]:
+        """Checks what the worker needs (PostgreSQL, the queue's Redis, the inference service) and sets
+        ``modelforge_dependency_up`` from it, as the services' health checks do for theirs."""
+        checks = dict(self._checks)
+        if self.queue is not None:
+            checks[REDIS_DEPENDENCY] = self.queue.ping
+        found: dict[str, bool] = {}
+        for name, check in checks.items():
+            try:
+                async with asyncio.timeout(DEPENDENCY_CHECK_SECONDS):
+                    await check()
+                found[name] = True
+            except Exception:
+                found[name] = False
+            self.metrics.metrics.dependency_up.labels(name).set(1 if found[name] else 0)
+        return found
+
     async def _maintain(self) -> None:
         while True:
+            await self.check_dependencies()
             try:
                 await self.maintain_once()
             except Exception as exc:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -75,8 +76,15 @@ class WakingRedisBroker(RedisBroker):
         self.client.connection_pool.disconnect()
 
 
+# How often a consumer whose prefetch window is full looks again, so that the worker's acks free the window
+# (between two looks) and it takes more from a backlog.
+FULL_WINDOW_POLL_SECONDS = 0.02
+
+
 class _WakingConsumer(_RedisConsumer):
-    """Between empty fetches, waits for a wake-up on its queue's channel, at most the worker timeout."""
+    """Between empty fetches, waits for a wake-up on its queue's channel, at most the worker timeout. A consumer
+    whose prefetch window is full fetched nothing, and waits only FULL_WINDOW_POLL_SECONDS: a wake-up would not
+    come for the messages already waiting in the queue."""
 
     def __init__(self, broker: WakingRedisBroker, queue_name: str, prefetch: int, timeout: int) -> None:
         super().__init__(broker, queue_name, prefetch, timeout)  # type: ignore[no-untyped-call]
@@ -92,8 +100,13 @@ class _WakingConsumer(_RedisConsumer):
             self.timeout = 0  # no sleep in the base class after an empty fetch: the wait is on the channel
 
     def __next__(self) -> Any:
+        # With as many messages taken as it may prefetch, the base class fetches nothing and answers None: what the
+        # queue holds does not matter until the worker acks one, and its acks are handled between two calls here.
+        full = not self.message_cache and self.outstanding_message_count >= self.prefetch
         message = super().__next__()  # type: ignore[no-untyped-call]
-        if message is None and self._wakes is not None:
+        if message is None and full:
+            time.sleep(FULL_WINDOW_POLL_SECONDS)
+        elif message is None and self._wakes is not None:
             try:
                 if self._wakes.get_message(timeout=self._idle) is not None:
                     while self._wakes.get_message(timeout=0.0) is not None:  # one fetch serves them all

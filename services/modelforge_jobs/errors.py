@@ -209,6 +209,16 @@ class BatchAnswerTooLarge(RemoteError, InvalidArgument):
         super().__init__(f"{message}; for a job, submit it again with a smaller batch_size")
 
 
+class BatchRequestTooLarge(RemoteError, InvalidArgument):
+    """A batch's inputs do not fit in one request to the inference service (gRPC refused the message, on the
+    worker's side or the service's). The same batch fails every time, so the job fails at once."""
+
+    reason = "REQUEST_TOO_LARGE"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"{message}; for a job, submit it again with a smaller batch_size")
+
+
 class RemoteDeadlineExceeded(RemoteError, DeadlineExceeded):
     reason = "DEADLINE_EXCEEDED"
 

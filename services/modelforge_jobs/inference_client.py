@@ -8,11 +8,11 @@ whose outputs are too large for one answer (RESPONSE_TOO_LARGE) is too large on 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from modelforge.common.v1 import tensor_pb2
 from modelforge.common.v1.tensor_pb2 import Tensor
@@ -22,6 +22,7 @@ from modelforge_jobs import convert, errors
 from modelforge_jobs.datasets import encode_varint
 from modelforge_jobs.domain import Dims, Priority, ResolvedModel, TensorInfo, itemization
 from modelforge_server.errors import ServiceError
+from modelforge_server.probes import ServingProbe
 from modelforge_server.refs import ModelRef
 
 _KINDS: dict[grpc.StatusCode, type[errors.RemoteError]] = {
@@ -42,6 +43,8 @@ _KINDS: dict[grpc.StatusCode, type[errors.RemoteError]] = {
 _INFERENCE_PRIORITY = {Priority.HIGH: 1, Priority.NORMAL: 2, Priority.LOW: 3}
 
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
+# What gRPC says when a request is larger than the sender's or the receiver's message limit.
+_MESSAGE_LIMITS = ("Sent message larger than max", "Received message larger than max")
 
 
 def _remote_reason(exc: grpc.aio.AioRpcError) -> str | None:
@@ -62,6 +65,8 @@ def translate(exc: grpc.aio.AioRpcError, service: str) -> ServiceError:
     reason = _remote_reason(exc)
     if reason == errors.BatchAnswerTooLarge.reason:
         return errors.BatchAnswerTooLarge(details)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and any(limit in details for limit in _MESSAGE_LIMITS):
+        return errors.BatchRequestTooLarge(details)
     kind = _KINDS.get(code, errors.RemoteInternal)
     message = details if kind is not errors.RemoteUnavailable else f"the {service} is unavailable: {details}"
     return kind(message, reason=reason)
@@ -278,30 +283,13 @@ def _head(data: bytes, pos: int, end: int) -> tuple[str, int | None]:
     return name, None  # no shape: a scalar
 
 
-class ServiceHealth:
-    """Another service's readiness as a dependency check of the jobs API: ``await ServiceHealth(...)()`` raises
-    DependencyUnavailable unless that service reports itself SERVING (health RPCs are never traced)."""
+def registry_probe(channel: grpc.aio.Channel) -> ServingProbe:
+    """The registry's readiness, as a dependency check of the jobs API."""
+    service = registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name
+    return ServingProbe(channel, service, functools.partial(errors.DependencyUnavailable, "registry"))
 
-    def __init__(self, channel: grpc.aio.Channel, service: str, what: str, *, timeout: float = 1.0) -> None:
-        self._stub = health_pb2_grpc.HealthStub(channel)
-        self._request = health_pb2.HealthCheckRequest(service=service)
-        self._what = what
-        self._timeout = timeout
 
-    @classmethod
-    def of_inference(cls, channel: grpc.aio.Channel) -> ServiceHealth:
-        service = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
-        return cls(channel, service, "inference service")
-
-    @classmethod
-    def of_registry(cls, channel: grpc.aio.Channel) -> ServiceHealth:
-        return cls(channel, registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name, "registry")
-
-    async def __call__(self) -> None:
-        try:
-            response = await self._stub.Check(self._request, timeout=self._timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise errors.DependencyUnavailable(self._what, exc.code().name) from exc
-        if response.status != health_pb2.HealthCheckResponse.SERVING:
-            status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
-            raise errors.DependencyUnavailable(self._what, f"its health check answers {status}")
+def inference_probe(channel: grpc.aio.Channel) -> ServingProbe:
+    """The inference service's readiness, as a dependency check of the jobs API."""
+    service = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+    return ServingProbe(channel, service, functools.partial(errors.DependencyUnavailable, "inference service"))

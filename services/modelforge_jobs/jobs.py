@@ -120,6 +120,7 @@ class Jobs:
         watch_interval: float = 2.0,
         watch_spacing: float = 0.05,
         result_page: int = 64,
+        result_page_bytes: int = 16 << 20,
         default_batch_size: int = 256,
         metrics: ApiMetrics | None = None,
     ) -> None:
@@ -131,7 +132,8 @@ class Jobs:
         self._watch_interval = watch_interval
         self._watch_reads: SingleFlight[tuple[UUID, int], Job] = SingleFlight()  # see _read_watched
         self._watch_spacing = watch_spacing
-        self._result_page = result_page
+        self._result_page = result_page  # batches read from PostgreSQL at once, within result_page_bytes
+        self._result_page_bytes = result_page_bytes
         self._default_batch_size = default_batch_size
         self._metrics = metrics
 
@@ -282,10 +284,12 @@ class Jobs:
             raise JobNotCompleted(str(job_id), job.state.value)
         after = -1
         while True:
-            page = await self._store.results(job_id, after=after, limit=self._result_page)
+            page = await self._store.results(
+                job_id, after=after, limit=self._result_page, max_bytes=self._result_page_bytes
+            )
             for record in page:
                 yield record
-            if len(page) < self._result_page:
+            if not page:
                 return
             after = page[-1].batch_index
 

@@ -33,6 +33,14 @@ class ApiMetrics:
         self.submitted.labels(priority.name).inc()
 
 
+# The dependencies' names, in health (``dependency/<name>``) and in ``modelforge_dependency_up``: the jobs API
+# checks all four, a worker the three it uses.
+POSTGRES_DEPENDENCY = "postgresql"
+REDIS_DEPENDENCY = "redis"
+INFERENCE_DEPENDENCY = "inference"
+REGISTRY_DEPENDENCY = "registry"
+
+
 class WorkerMetrics:
     """What one worker process did, and the state of the suite's jobs and queues as its maintenance pass saw it."""
 

@@ -357,13 +357,29 @@ class JobStore:
             row = await cur.fetchone()
         return row["items_done"] if row is not None else None
 
-    async def results(self, job_id: UUID, *, after: int, limit: int) -> list[ResultRecord]:
-        """The stored batches with an index above `after`, in order."""
+    async def results(self, job_id: UUID, *, after: int, limit: int, max_bytes: int) -> list[ResultRecord]:
+        """The stored batches with an index above `after`, in order: at most `limit` of them, and no more than
+        `max_bytes` of records (but always one), so that a page of large batches stays small in memory. The sizes
+        come first, from the records' TOAST headers, without reading them."""
         async with self._cursor() as cur:
             await cur.execute(
-                "SELECT batch_index, first_item, item_count, record FROM jobs.results"
+                "SELECT batch_index, octet_length(record) AS size FROM jobs.results"
                 " WHERE job_id = %s AND batch_index > %s ORDER BY batch_index LIMIT %s",
                 (job_id, after, limit),
+            )
+            sizes = await cur.fetchall()
+            if not sizes:
+                return []
+            last, total = sizes[0]["batch_index"], 0
+            for row in sizes:
+                total += row["size"]
+                if total > max_bytes and row is not sizes[0]:
+                    break
+                last = row["batch_index"]
+            await cur.execute(
+                "SELECT batch_index, first_item, item_count, record FROM jobs.results"
+                " WHERE job_id = %s AND batch_index > %s AND batch_index <= %s ORDER BY batch_index",
+                (job_id, after, last),
             )
             rows = await cur.fetchall()
         return [ResultRecord(r["batch_index"], r["first_item"], r["item_count"], bytes(r["record"])) for r in rows]

@@ -27,7 +27,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from modelforge_server import orphans, ports, tasks
 from modelforge_server import telemetry as _telemetry
-from modelforge_server.handlers import Registrar
+from modelforge_server.handlers import Gate, Registrar
 from modelforge_server.metrics import Endpoint, Metrics
 from modelforge_server.ports import PortInUse
 from modelforge_server.settings import ServerSettings, SettingsError
@@ -51,6 +51,10 @@ NO_CALL_BACKLOG_LIMIT = (
     ("grpc.server.max_pending_requests", _UNBOUNDED),
     ("grpc.server.max_pending_requests_hard_limit", _UNBOUNDED),
 )
+# How long a stopping server refuses new calls with UNAVAILABLE before gRPC stops taking them (see Server.stop):
+# until none came for the quiet interval, and no longer than the limit.
+REFUSAL_SECONDS = 0.5
+REFUSAL_QUIET_SECONDS = 0.02
 DEPENDENCY_PREFIX = "dependency/"
 # How an operator moves each port that serve() binds.
 GRPC_PORT_REMEDY = "MODELFORGE_PORT"
@@ -83,9 +87,11 @@ class Server:
         names: Sequence[str],
         *,
         metrics: Metrics | None = None,
+        gate: Gate | None = None,
     ):
         self.grpc = server
         self.health = health_servicer
+        self._gate = gate if gate is not None else Gate()
         self.names = tuple(names)
         self.metrics = metrics if metrics is not None else Metrics()
         self._started = False
@@ -135,10 +141,11 @@ class Server:
         self._serving = False
         first = not self._stopping
         self._stopping = True
-        await self.health.enter_graceful_shutdown()
+        await self._publish()  # readiness NOT_SERVING; liveness stays SERVING while the process answers
         # Re-cancelled until done: a probe whose check finishes as it is cancelled may not see that cancellation.
         await asyncio.gather(*(tasks.stop(task) for task in self._watchers))
         self._watchers.clear()
+        await self._publish()  # in case a probe published its finding meanwhile
         if first and drain > 0:
             log.info("draining: readiness is NOT_SERVING, calls are still taken for %.1f s", drain)
             await asyncio.sleep(drain)
@@ -149,7 +156,21 @@ class Server:
             except Exception:
                 log.exception("a shutdown hook failed; stopping anyway")
         self._before_stop.clear()
+        # Calls that gRPC holds but has not handed to a handler yet would end CANCELLED at grpc.stop: refused with
+        # UNAVAILABLE first, their clients retry them (elsewhere, or here once restarted).
+        self._gate.closed = True
+        await self._refuse_while_calls_come()
         await self.grpc.stop(grace)
+
+    async def _refuse_while_calls_come(self) -> None:
+        """Waits, up to REFUSAL_SECONDS, until no call has been refused for REFUSAL_QUIET_SECONDS: by then gRPC has
+        handed over the calls it held (each refused with UNAVAILABLE), and clients have heard the refusals."""
+        deadline = asyncio.get_running_loop().time() + REFUSAL_SECONDS
+        while True:
+            seen = self._gate.refused
+            await asyncio.sleep(REFUSAL_QUIET_SECONDS)
+            if self._gate.refused == seen or asyncio.get_running_loop().time() >= deadline:
+                return
 
     def before_stop(self, hook: Callable[[], Awaitable[object]]) -> None:
         """Runs `hook` on stop, once health is NOT_SERVING and before calls in flight are waited for.
@@ -287,7 +308,7 @@ def build_server(
     reflected = [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
     # What reflection.enable_server_reflection does for a grpc.aio server, through the registrar.
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection.aio.ReflectionServicer(reflected), registrar)
-    return Server(server, health_servicer, names, metrics=metrics)
+    return Server(server, health_servicer, names, metrics=metrics, gate=registrar.gate)
 
 
 def loop_factory(event_loop: str = "auto") -> Callable[[], asyncio.AbstractEventLoop]:

@@ -12,7 +12,8 @@ Services subclass a kind with a specific error that builds its own message and s
     ├── Unavailable          a dependency is down; retrying later may succeed
     ├── Aborted              a concurrent change got in the way; retry the whole operation
     ├── Cancelled            the caller went away
-    └── DataLoss             stored data is gone or damaged; an operator must restore it
+    ├── DataLoss             stored data is gone or damaged; an operator must restore it
+    └── Unimplemented        the server does not do what the method asks (a method of a foreign protocol)
 """
 
 from __future__ import annotations
@@ -87,6 +88,12 @@ class DataLoss(ServiceError):
     """Data the service stored is gone or damaged; retrying does not help until it is restored."""
 
     reason = "DATA_LOSS"
+
+
+class Unimplemented(ServiceError):
+    """The server does not do what the method asks: a method of a protocol it speaks only in part."""
+
+    reason = "UNIMPLEMENTED"
 
 
 # Streamed uploads (registry model files, jobs datasets): a header with the file's sha256 and size, then chunks.

@@ -23,7 +23,8 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 from grpc._cython.cygrpc import ExecuteBatchError  # what a failed send raises; grpc.aio has no public name for it
 
-from modelforge_server.errors import InvalidArgument
+from modelforge_server import telemetry
+from modelforge_server.errors import InvalidArgument, Unavailable
 from modelforge_server.metrics import Metrics
 from modelforge_server.status import abort
 
@@ -121,6 +122,36 @@ def _decoding(
     return decode
 
 
+class ServerStopping(Unavailable):
+    """A call that reached a stopping server: refused before its handler runs, so that its client retries it."""
+
+    reason = "REPLICA_STOPPING"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "this server is shutting down and takes no new calls; retry (another replica, or this one once it is "
+            "back, will answer)"
+        )
+
+
+class Gate:
+    """Whether the mapped services' handlers take new calls; closed once, as the server stops (see Server.stop).
+
+    gRPC itself ends the calls it holds but has not handed to a handler yet with a bare CANCELLED when the server
+    stops, which no client retries. Closed first, the gate has each of them answered UNAVAILABLE instead.
+    """
+
+    __slots__ = ("closed", "refused")
+
+    def __init__(self) -> None:
+        self.closed = False
+        self.refused = 0  # calls refused since it closed
+
+    def refuse(self) -> ServerStopping:
+        self.refused += 1
+        return ServerStopping()
+
+
 class Registrar:
     """What the generated ``add_*_to_server`` functions call instead of the server: wraps, then registers.
 
@@ -148,6 +179,7 @@ class Registrar:
         self._mapped = frozenset(mapped)
         self._text_checked = text_checked
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}  # "/service/Method" -> its wrapped handler
+        self.gate = Gate()
 
     def add_registered_method_handlers(self, service: str, handlers: Mapping[str, grpc.RpcMethodHandler]) -> None:
         self._server.add_registered_method_handlers(
@@ -175,7 +207,7 @@ class Registrar:
         streams = handler.response_streaming and inspect.isasyncgenfunction(behavior)
         wrap = self._stream if streams else _unary  # a streaming method may also be a coroutine writing with write()
         return _FACTORIES[shape](
-            wrap(behavior, children, self._domain, mapped, drain),
+            wrap(behavior, children, self._domain, mapped, drain, self.gate if mapped else None),
             request_deserializer=_decoding(
                 method,
                 handler.request_deserializer,
@@ -220,7 +252,9 @@ class _MethodMetrics:
         child.inc()
 
 
-def _unary(behavior: Behavior, children: _MethodMetrics, domain: str, mapped: bool, drain: float) -> Behavior:
+def _unary(
+    behavior: Behavior, children: _MethodMetrics, domain: str, mapped: bool, drain: float, gate: Gate | None
+) -> Behavior:
     async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
         children.in_flight.inc()
         started = time.perf_counter()
@@ -228,6 +262,8 @@ def _unary(behavior: Behavior, children: _MethodMetrics, domain: str, mapped: bo
         try:
             if isinstance(request, RefusedRequest):
                 raise request
+            if gate is not None and gate.closed:
+                raise gate.refuse()
             response = await behavior(request, context)
             code = _final_code(context, grpc.StatusCode.OK)
             return response
@@ -235,7 +271,7 @@ def _unary(behavior: Behavior, children: _MethodMetrics, domain: str, mapped: bo
             code = _final_code(context, grpc.StatusCode.UNKNOWN)
             raise
         except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
+            code = _cancelled(context)
             raise
         except Exception as exc:
             if not (mapped or isinstance(exc, RefusedRequest)):
@@ -250,12 +286,14 @@ def _unary(behavior: Behavior, children: _MethodMetrics, domain: str, mapped: bo
     return call
 
 
-def _stream(behavior: Behavior, children: _MethodMetrics, domain: str, mapped: bool, drain: float) -> Behavior:
+def _stream(
+    behavior: Behavior, children: _MethodMetrics, domain: str, mapped: bool, drain: float, gate: Gate | None
+) -> Behavior:
     """A streaming method's async generator, run by a coroutine that writes its answers itself (see `_write`)."""
 
     async def call(request: Any, context: grpc.aio.ServicerContext) -> None:
         async with (
-            _streaming(children, request, context, domain, mapped, drain),
+            _streaming(children, request, context, domain, mapped, drain, gate),
             contextlib.aclosing(behavior(request, context)) as responses,
         ):
             async for response in responses:
@@ -264,11 +302,13 @@ def _stream(behavior: Behavior, children: _MethodMetrics, domain: str, mapped: b
     return call
 
 
-def _stream_yielding(behavior: Behavior, children: _MethodMetrics, domain: str, mapped: bool, drain: float) -> Behavior:
+def _stream_yielding(
+    behavior: Behavior, children: _MethodMetrics, domain: str, mapped: bool, drain: float, gate: Gate | None
+) -> Behavior:
     """`_stream` for a server with interceptors: OpenTelemetry's iterates a streaming handler's answers itself."""
 
     async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        async with _streaming(children, request, context, domain, mapped, drain):
+        async with _streaming(children, request, context, domain, mapped, drain, gate):
             async for response in behavior(request, context):
                 yield response
 
@@ -277,7 +317,13 @@ def _stream_yielding(behavior: Behavior, children: _MethodMetrics, domain: str, 
 
 @contextlib.asynccontextmanager
 async def _streaming(
-    children: _MethodMetrics, request: Any, context: grpc.aio.ServicerContext, domain: str, mapped: bool, drain: float
+    children: _MethodMetrics,
+    request: Any,
+    context: grpc.aio.ServicerContext,
+    domain: str,
+    mapped: bool,
+    drain: float,
+    gate: Gate | None,
 ) -> AsyncIterator[None]:
     """A streaming call's metrics and status mapping, as `_unary` applies them (inline there: it runs per request)."""
     children.in_flight.inc()
@@ -286,13 +332,15 @@ async def _streaming(
     try:
         if isinstance(request, RefusedRequest):  # a unary request refused as it was decoded (see _decoding)
             raise request
+        if gate is not None and gate.closed:
+            raise gate.refuse()
         yield
         code = _final_code(context, grpc.StatusCode.OK)
     except grpc.aio.AbortError:
         code = _final_code(context, grpc.StatusCode.UNKNOWN)
         raise
     except (asyncio.CancelledError, GeneratorExit):
-        code = grpc.StatusCode.CANCELLED
+        code = _cancelled(context)
         raise
     except ExecuteBatchError:
         raise  # the transport failed under a client still there: gRPC's to report
@@ -349,6 +397,15 @@ async def _drain(context: grpc.aio.ServicerContext, seconds: float) -> None:
                     continue  # dropped like the rest
                 except Exception:  # the call has ended (the client cancelled it, or it was aborted)
                     return
+
+
+def _cancelled(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """The code of a call gRPC cancelled: DEADLINE_EXCEEDED when its deadline has passed, else CANCELLED (the
+    client went away); put on the call's span too, which the tracing interceptor would leave OK."""
+    remaining = context.time_remaining()
+    code = grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
+    telemetry.end_current_span(code)
+    return code
 
 
 def _final_code(context: grpc.aio.ServicerContext, default: grpc.StatusCode) -> grpc.StatusCode:

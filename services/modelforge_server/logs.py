@@ -108,6 +108,11 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+# Libraries whose DEBUG lines come on every call ("Loaded running loop" for each RPC): left at INFO when the
+# services log at DEBUG, which is for ModelForge's own lines.
+QUIET_LIBRARIES = ("grpc._cython.cygrpc",)
+
+
 def configure(service: str, level: str = "INFO", *, stream: TextIO | None = None) -> None:
     """Routes every logger to stderr (or `stream`) in the format that suits where the output goes.
 
@@ -120,3 +125,5 @@ def configure(service: str, level: str = "INFO", *, stream: TextIO | None = None
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(max(logging.INFO, root.level))

@@ -15,13 +15,14 @@ first request.
 | modelforge.io/cache                      | true or false                               |
 | modelforge.io/cache-ttl-seconds          | integer >= 1                                |
 | modelforge.io/cache-max-entry-bytes      | size from 1 to 512MiB (1048576, 1MiB)       |
-
-Integers without a smaller bound go up to 2^31 - 1.
 | modelforge.io/intra-op-threads           | integer from 0 to 1024 (0: ONNX Runtime's)  |
 | modelforge.io/inter-op-threads           | integer from 0 to 1024                      |
 | modelforge.io/graph-optimization-level   | disabled, basic, extended or all            |
 | modelforge.io/execution-providers        | comma-separated ONNX Runtime provider names |
 | modelforge.io/allow-spinning             | true or false (default false)               |
+| modelforge.io/memory-arena               | true or false (default true)                |
+
+Integers without a smaller bound go up to 2^31 - 1.
 
 Other keys under the prefix are left alone: other tools may use it.
 """
@@ -135,6 +136,7 @@ LABELS: dict[str, Label] = {
     "graph-optimization-level": Label(_level, " | ".join(OPTIMIZATION_LEVELS)),
     "execution-providers": Label(_providers, "comma-separated provider names"),
     "allow-spinning": Label(_bool, "true or false"),
+    "memory-arena": Label(_bool, "true or false"),
 }
 
 

@@ -25,6 +25,7 @@ _CODES: dict[type[errors.ServiceError], grpc.StatusCode] = {
     errors.Aborted: grpc.StatusCode.ABORTED,
     errors.Cancelled: grpc.StatusCode.CANCELLED,
     errors.DataLoss: grpc.StatusCode.DATA_LOSS,
+    errors.Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
 }
 
 STATUS_DETAILS_KEY = "grpc-status-details-bin"

@@ -5,7 +5,9 @@ Tracing is off unless ``OTEL_EXPORTER_OTLP_ENDPOINT`` or ``MODELFORGE_OTLP_ENDPO
 Off means no TracerProvider, no instrumentation and no interceptor: spans started through :func:`tracer` are the
 OpenTelemetry API's no-op spans. On, :func:`setup` installs the TracerProvider and the maintained
 instrumentations: gRPC (server spans through :func:`server_interceptor`, client spans on every ``grpc.aio``
-channel opened afterwards), psycopg and Redis. Health checks and reflection are never traced.
+channel opened afterwards), psycopg and Redis. Health checks and reflection are never traced, nor is background
+work that no call or job started: a client span without a parent (a dependency probe's ``SELECT 1`` or ``PING``,
+the jobs worker polling its queues, a maintenance pass) is not sampled, so an idle suite sends no spans.
 
 Context crosses process boundaries in gRPC metadata (the instrumentation does it) and in Dramatiq messages, where
 the sender puts :func:`inject` into the message and the actor runs inside :func:`attached`.
@@ -29,7 +31,14 @@ from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import (
+    Decision,
+    ParentBased,
+    Sampler,
+    SamplingResult,
+    TraceIdRatioBased,
+)
+from opentelemetry.trace import SpanKind
 
 from modelforge_server.metrics import Endpoint, Metrics
 from modelforge_server.settings import SettingsError, from_env
@@ -39,6 +48,7 @@ __all__ = [
     "TelemetrySettings",
     "attached",
     "check_endpoint",
+    "end_current_span",
     "extract",
     "inject",
     "read_settings",
@@ -198,9 +208,44 @@ def _provider(service_name: str, ratio: float) -> TracerProvider:
             "service.instance.id": f"{socket.gethostname()}-{os.getpid()}",
         }
     )
-    provider = TracerProvider(resource=resource, sampler=ParentBased(TraceIdRatioBased(ratio)))
+    provider = TracerProvider(resource=resource, sampler=ParentBased(_CallsAndJobs(ratio)))
     trace.set_tracer_provider(provider)
     return provider
+
+
+class _CallsAndJobs(Sampler):
+    """The sampler of traces that start here: RPCs served and jobs run, at ``ratio``; a client span without a
+    parent is background work (probes, queue polling, maintenance), never sampled. Spans with a parent follow it
+    (the ParentBased around this)."""
+
+    def __init__(self, ratio: float) -> None:
+        self._ratio = TraceIdRatioBased(ratio)
+
+    def should_sample(
+        self,
+        parent_context: otel_context.Context | None,
+        trace_id: int,
+        name: str,
+        kind: SpanKind | None = None,
+        attributes: Any = None,
+        links: Any = None,
+        trace_state: Any = None,
+    ) -> SamplingResult:
+        if kind == SpanKind.CLIENT:
+            return SamplingResult(Decision.DROP)
+        return self._ratio.should_sample(parent_context, trace_id, name, kind, attributes, links, trace_state)
+
+    def get_description(self) -> str:
+        return f"CallsAndJobs{{{self._ratio.get_description()}}}"
+
+
+def end_current_span(code: grpc.StatusCode) -> None:
+    """Marks the current server span as ended with `code`, for a call whose end the gRPC interceptor does not see
+    (cancelled, or past its deadline); nothing while tracing is off."""
+    span = trace.get_current_span()
+    if span.is_recording():
+        span.set_attribute("rpc.grpc.status_code", code.value[0])
+        span.set_status(trace.Status(trace.StatusCode.ERROR, code.name))
 
 
 def _untraced() -> Any:

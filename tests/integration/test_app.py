@@ -20,6 +20,7 @@ from modelforge_server.metrics import Metrics
 from modelforge_server.ports import PortInUse
 from modelforge_server.settings import ServerSettings
 from modelforge_server.telemetry import Telemetry
+from tests.integration.registry.calls import reason_of
 
 SERVICE = jobs_pb2.DESCRIPTOR.services_by_name["JobService"]
 
@@ -248,8 +249,10 @@ async def test_a_drain_keeps_taking_calls_with_readiness_not_serving_before_the_
     srv, channel = server
     stopping = asyncio.ensure_future(srv.stop(grace=1.0, drain=1.0))
     await _until(lambda: health_of(channel, ""), health_pb2.HealthCheckResponse.NOT_SERVING)
-    # A call during the drain is still served: what a load balancer sends until it sees NOT_SERVING.
-    assert await health_of(channel, "liveness") == health_pb2.HealthCheckResponse.NOT_SERVING
+    # A call during the drain is still served: what a load balancer sends until it sees NOT_SERVING. Liveness
+    # stays SERVING: a liveness probe that failed during a long drain would have the process killed.
+    assert await health_of(channel, "liveness") == health_pb2.HealthCheckResponse.SERVING
+    assert await health_of(channel, SERVICE.full_name) == health_pb2.HealthCheckResponse.NOT_SERVING
     assert not stopping.done()
     await asyncio.wait_for(stopping, 10)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -318,3 +321,42 @@ async def test_a_port_taken_after_the_start_up_check_is_refused_by_serve_in_the_
         finally:
             await server.stop(None)
     assert str(caught.value).startswith(f"port {port} ({use}) is in use by another process; stop it, or choose")
+
+
+class Brief(jobs_pb2_grpc.JobServiceServicer):
+    """GetJob takes a few milliseconds, as real calls do."""
+
+    async def GetJob(
+        self, request: jobs_pb2.GetJobRequest, context: grpc.aio.ServicerContext
+    ) -> jobs_pb2.GetJobResponse:
+        await asyncio.sleep(0.005)
+        return jobs_pb2.GetJobResponse()
+
+
+async def test_calls_arriving_while_the_server_stops_are_refused_unavailable_never_cancelled() -> None:
+    """gRPC ends the calls it holds but has not handed to a handler with a bare CANCELLED when it stops, and no
+    client retries that; the server refuses them first with UNAVAILABLE REPLICA_STOPPING, which clients retry."""
+    outcomes: list[str] = []
+    stopping = False
+
+    async with serving(Brief()) as (srv, channel):
+        stub = jobs_pb2_grpc.JobServiceStub(channel)
+
+        async def caller() -> None:
+            while not stopping:
+                try:
+                    await stub.GetJob(jobs_pb2.GetJobRequest(), timeout=10)
+                    outcomes.append("OK")
+                except grpc.aio.AioRpcError as exc:
+                    outcomes.append(f"{exc.code().name} {reason_of(exc)}")
+                    await asyncio.sleep(1.0)  # a client's backoff: no new call before the server has stopped
+
+        callers = [asyncio.create_task(caller()) for _ in range(32)]
+        await asyncio.sleep(0.3)
+        await srv.stop(grace=3.0)
+        stopping = True
+        await asyncio.gather(*callers)
+
+    failures = {outcome for outcome in outcomes if outcome != "OK"}
+    assert failures <= {"UNAVAILABLE REPLICA_STOPPING"}, failures
+    assert outcomes.count("OK") > 32

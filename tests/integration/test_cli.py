@@ -12,7 +12,6 @@ import json
 import os
 import re
 import signal
-import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,13 +20,21 @@ import numpy as np
 import pytest
 from onnx import TensorProto
 
-from modelforge import AsyncJobsClient, AsyncRegistryClient, VersionState
-from modelforge.cli import ProgressBar, UsageError, _storable, main
+from modelforge import (
+    AsyncInferenceClient,
+    AsyncJobsClient,
+    AsyncRegistryClient,
+    ResourceExhaustedError,
+    VersionState,
+)
+from modelforge.cli import ProgressBar, UsageError, _error_line, _storable, main
 from tests.fixtures.onnx_models import (  # noqa: F401
     ModelFile,
     add_one,
     build_constant,
     build_identity,
+    build_nonzero,
+    image_generator,
     model_bytes,
     not_onnx,
     onnx_dir,
@@ -148,10 +155,8 @@ async def test_another_service_at_the_registrys_address_is_named_as_such(registr
     assert "--inference or MODELFORGE_INFERENCE_ADDRESS" in err.getvalue()
 
 
-async def test_an_unreachable_registry_says_where_it_looked() -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        address = f"127.0.0.1:{sock.getsockname()[1]}"
+async def test_an_unreachable_registry_says_where_it_looked(closed_port: int) -> None:
+    address = f"127.0.0.1:{closed_port}"
     out, err = io.StringIO(), io.StringIO()
     code = await asyncio.to_thread(main, ["models", "ls", "--registry", address, "--timeout", "5"], out=out, err=err)
     assert code == 1
@@ -290,6 +295,16 @@ async def test_predict_out_refuses_an_output_name_that_is_not_a_plain_file_name(
         ),
         (("jobs", "result", "j", "--out", "o.npz", "--wait-timeout", "0"), "argument --wait-timeout: 0 is not a"),
         (("jobs", "submit", "m", "--input", "x.npz", "--time-limit", "inf"), "argument --time-limit: inf is not a"),
+        (
+            ("models", "alias", "demo", "99999999999999999999", "x"),
+            "argument VERSION: 99999999999999999999 is out of range: give a number from 1 to 9223372036854775807",
+        ),
+        (("models", "alias", "demo", "0", "x"), "argument VERSION: 0 is out of range: give a number from 1 to"),
+        (
+            ("predict", "m", "--priority", str(2**40)),
+            "argument --priority: 1099511627776 is out of range: give a number from 0 to 2147483647",
+        ),
+        (("jobs", "submit", "m", "--batch-size", str(2**31)), "argument --batch-size: 2147483648 is out of range"),
     ],
 )
 def test_flags_out_of_range_are_usage_errors_naming_the_flag(
@@ -307,6 +322,14 @@ async def test_input_files_that_cannot_be_read_are_usage_errors(cli: Cli, tmp_pa
         np.save(single, np.ones((1, 4), dtype=np.float32))
     np.savez(tmp_path / "archive.npz", x=np.ones((1, 4), dtype=np.float32))
     (tmp_path / "text.npy").write_text("not numpy data\n")
+    (tmp_path / "bad.npz").write_bytes(b"PK\x03\x04garbage")  # a zip's magic, then nothing a zip holds
+    np.savez_compressed(tmp_path / "flipped.npz", x=np.arange(1000, dtype=np.float32))
+    flipped = bytearray((tmp_path / "flipped.npz").read_bytes())
+    middle = len(flipped) // 2
+    flipped[middle : middle + 2] = bytes(b ^ 0xFF for b in flipped[middle : middle + 2])
+    (tmp_path / "flipped.npz").write_bytes(flipped)
+    np.save(tmp_path / "y.npy", np.zeros((1, 4), dtype=np.float32))
+    unreadable = "is not a .npy or .npz file that numpy reads without pickle: "
     cases = {
         f"x={tmp_path / 'absent.npy'}": f"{tmp_path / 'absent.npy'}: no such file",
         "x=": "--input takes NAME=FILE.npy, not 'x='",
@@ -315,12 +338,28 @@ async def test_input_files_that_cannot_be_read_are_usage_errors(cli: Cli, tmp_pa
         str(tmp_path / "single.npz"): f"{tmp_path / 'single.npz'} holds one array, not a .npz archive",
         f"x={tmp_path / 'archive.npz'}": f"{tmp_path / 'archive.npz'} is a .npz archive of several arrays",
         f"x={tmp_path / 'text.npy'}": f"{tmp_path / 'text.npy'} is not a .npy or .npz file that numpy reads",
+        str(tmp_path / "bad.npz"): f"{tmp_path / 'bad.npz'} {unreadable}File is not a zip file",
+        f"x={tmp_path / 'bad.npz'}": f"{tmp_path / 'bad.npz'} {unreadable}File is not a zip file",
+        str(tmp_path / "flipped.npz"): f"{tmp_path / 'flipped.npz'} {unreadable}",
+        f"x={tmp_path}": f"{tmp_path} is a directory, not a .npy or .npz file",
     }
     for spec, message in cases.items():
         for command in (("predict", "demo"), ("jobs", "submit", "demo")):
             result = await cli(*command, "--input", spec)
             assert (result.code, result.err.count("\n")) == (2, 1), (spec, result)
             assert result.err.startswith(f"modelforge: {message}"), (spec, result.err)
+    twice = {
+        (f"x={tmp_path / 'x.npy'}", f"x={tmp_path / 'y.npy'}"): (
+            f"input 'x' is given twice, by --input x={tmp_path / 'x.npy'} and --input x={tmp_path / 'y.npy'}"
+        ),
+        (str(tmp_path / "archive.npz"), f"x={tmp_path / 'y.npy'}"): (
+            f"input 'x' is given twice, by --input {tmp_path / 'archive.npz'} and --input x={tmp_path / 'y.npy'}"
+        ),
+    }
+    for specs, message in twice.items():
+        for command in (("predict", "demo"), ("jobs", "submit", "demo")):
+            result = await cli(*command, "--input", specs[0], "--input", specs[1])
+            assert (result.code, result.err) == (2, f"modelforge: {message}\n"), (specs, result)
 
 
 async def test_string_outputs_saved_with_out_read_back_without_pickle(
@@ -353,11 +392,9 @@ def test_string_outputs_that_are_not_text_are_saved_as_bytes_and_a_trailing_nul_
 
 
 async def test_a_service_that_answers_unavailable_is_not_reported_as_unreachable(
-    cli: Cli, start_inference, tmp_path: Path
+    cli: Cli, start_inference, tmp_path: Path, closed_port: int
 ) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        nowhere = f"127.0.0.1:{sock.getsockname()[1]}"
+    nowhere = f"127.0.0.1:{closed_port}"
     np.save(tmp_path / "x.npy", np.ones((1, 4), dtype=np.float32))
     async with start_inference(registry_address=nowhere) as running:
         result = await cli("predict", "demo", "--input", f"x={tmp_path / 'x.npy'}", "--inference", running.address,
@@ -486,3 +523,125 @@ async def test_set_changes_model_and_version_labels_and_ls_filters_by_them(
     ]:
         usage = await cli("models", "set", *argv)
         assert usage.code == 2 and says in usage.err, (argv, usage)
+
+
+async def test_push_whose_alias_cannot_be_set_says_the_version_was_stored(
+    cli: Cli, add_one: ModelFile, registry: RunningRegistry
+) -> None:
+    # The upload has no deadline; SetAlias, a unary call, gets a microsecond.
+    pushed = await cli("models", "push", str(add_one.path), "--name", "demo", "--alias", "production",
+                       "--timeout", "0.000001")  # fmt: skip
+    assert (pushed.code, pushed.err) == (
+        1, "modelforge: pushed demo:1, but whether alias production was set is unknown: Deadline Exceeded\n"
+    )  # fmt: skip
+    async with AsyncRegistryClient(registry.address) as client:
+        # The registry may have set the alias after the caller stopped waiting: only the version is certain.
+        assert [v.version async for v in client.list_versions("demo")] == [1]
+
+
+def test_timeout_help_says_which_calls_it_does_not_bound(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["models", "push", "--help"])
+    assert exited.value.code == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    assert (
+        "--timeout SECONDS limit in seconds for each call (default: 30), except streamed transfers, which take as long "
+        "as they need: models push and pull, dataset uploads, job results, and following a job (--wait, jobs watch)"
+    ) in shown
+
+
+async def test_ls_refuses_filters_that_do_not_apply_to_what_it_lists(cli: Cli, add_one: ModelFile) -> None:
+    assert (await cli("models", "push", str(add_one.path), "--name", "demo")).code == 0
+    for argv, says in [
+        (["--state", "ARCHIVED"], "--state filters the versions of one model: name it, as in `models ls NAME --state"),
+        (["demo", "--prefix", "zzz"], "--prefix filters the list of models; `models ls demo` lists that model's"),
+        (["demo", "--label", "team=nobody"], "--label filters the list of models; `models ls demo` lists that"),
+    ]:
+        refused = await cli("models", "ls", *argv)
+        assert (refused.code, refused.out) == (2, ""), (argv, refused)
+        assert refused.err.startswith(f"modelforge: {says}"), (argv, refused.err)
+    archived = await cli("models", "ls", "demo", "--state", "ARCHIVED")
+    assert (archived.code, archived.out.splitlines()[1:]) == (0, [])
+    filtered = await cli("models", "ls", "--prefix", "zzz", "--label", "team=nobody")
+    assert (filtered.code, filtered.out.splitlines()[1:]) == (0, [])
+
+
+async def test_a_pull_that_fails_leaves_nothing_and_names_the_path_given(
+    cli: Cli, add_one: ModelFile, tmp_path: Path
+) -> None:
+    assert (await cli("models", "push", str(add_one.path), "--name", "demo")).code == 0
+    work = tmp_path / "work"
+    work.mkdir()
+    missing = await cli("models", "pull", "demo:9", "--out", str(work / "nd2" / "sub" / "x.onnx"))
+    assert missing.code == 1 and "demo" in missing.err, missing.err
+    assert list(work.iterdir()) == []  # no directories made for a version that does not exist
+
+    (work / "file").write_text("a file, not a directory")
+    under_a_file = await cli("models", "pull", "demo", "--out", str(work / "file" / "x.onnx"))
+    assert (under_a_file.code, under_a_file.err) == (1, f"modelforge: Not a directory: {work / 'file' / 'x.onnx'}\n")
+    assert sorted(p.name for p in work.iterdir()) == ["file"]
+    if Path("/proc/self").is_dir():  # a directory where nothing may be made, even by root
+        refused = await cli("models", "pull", "demo", "--out", "/proc/nope.onnx")
+        assert refused.code == 1 and refused.err.endswith(": /proc/nope.onnx\n"), refused.err
+
+
+async def test_malformed_names_are_usage_errors_before_any_upload(cli: Cli, add_one: ModelFile) -> None:
+    bad_name = await cli("models", "push", str(add_one.path), "--name", "Demo!")
+    assert bad_name.code == 2 and bad_name.err.startswith("modelforge: invalid model name 'Demo!'"), bad_name.err
+    assert (await cli("models", "ls")).out.splitlines()[1:] == []  # nothing was uploaded
+    assert (await cli("models", "push", str(add_one.path), "--name", "demo")).code == 0
+    bad_alias = await cli("models", "alias", "demo", "1", "Bad!")
+    assert bad_alias.code == 2 and bad_alias.err.startswith("modelforge: invalid alias 'Bad!'"), bad_alias.err
+    bad_versions = await cli("models", "ls", "Bad!")
+    assert bad_versions.code == 2 and bad_versions.err.startswith("modelforge: invalid model name 'Bad!'")
+
+
+async def test_messages_over_the_size_limits_give_the_commands_advice(
+    cli: Cli,
+    inference: RunningInference,
+    start_inference,
+    add_one: ModelFile,
+    image_generator: ModelFile,
+    tmp_path: Path,
+) -> None:
+    assert (await cli("models", "push", str(add_one.path), "--name", "adder")).code == 0
+    assert (await cli("models", "push", str(image_generator.path), "--name", "painter")).code == 0
+    np.save(tmp_path / "x.npy", np.zeros((200_000, 4), np.float32))  # 3.2 MB: over the 2 MiB this server takes
+    async with start_inference(max_request_bytes=1024 * 1024, max_message_bytes=2 * 1024 * 1024) as small:
+        request = await cli("predict", "adder", "--input", f"x={tmp_path / 'x.npy'}", "--inference", small.address)
+    # The command's own limit is the SDK's default, 64 MiB: an answer over it is met here with a smaller one.
+    async with AsyncInferenceClient(inference.address, max_message_bytes=2 * 1024 * 1024) as client:
+        with pytest.raises(ResourceExhaustedError) as caught:  # a 3 MiB image
+            await client.predict("painter", image_generator.sample(1))
+    assert request.code == 1 and request.err.count("\n") == 1, request
+    assert request.err.endswith(
+        "; the inputs are larger than one request may be: send fewer items per request, or run them as a batch job "
+        "(`modelforge jobs submit`)\n"
+    ), request.err
+    assert "max_message_bytes" not in request.err
+    answer = _error_line(caught.value, None)
+    assert "CLIENT: Received message larger than max" in answer and answer.endswith(
+        "; the answer is larger than one message may be (64 MiB): receive it with --stream, or ask for fewer "
+        "outputs (--output) or items"
+    ), answer
+
+
+async def test_result_of_a_failed_job_says_why_it_failed(
+    cli: Cli, inference: RunningInference, jobs_api: RunningJobs, worker: InProcessWorker, tmp_path: Path
+) -> None:
+    # Its first batch shows that its outputs hold no row per item: the job fails at once, with no retry.
+    assert (await cli("models", "push", str(write_model(build_nonzero(None), tmp_path / "m.onnx")),
+                      "--name", "unnamed")).code == 0  # fmt: skip
+    np.save(tmp_path / "x.npy", np.array([1, 0, 2, 3], np.float32))
+    addresses = ("--inference", inference.address, "--jobs", f"127.0.0.1:{jobs_api.port}")
+    submitted = await cli("jobs", "submit", "unnamed", "--input", f"x={tmp_path / 'x.npy'}", "--wait", *addresses)
+    assert submitted.code == 1 and " FAILED: " in submitted.out, submitted
+    job_id = submitted.out.split()[2]
+
+    result = await cli("jobs", "result", job_id, "--out", str(tmp_path / "result.npz"), *addresses)
+
+    assert result.code == 1 and result.err.count("\n") == 1, result
+    assert result.err.startswith(f"modelforge: job {job_id} is FAILED; results are available once it is COMPLETED")
+    assert "It failed with FAILED_PRECONDITION OUTPUTS_NOT_PER_ITEM: " in result.err
+    assert "held 3 rows for a batch of 4 items" in result.err
+    assert not (tmp_path / "result.npz").exists()

@@ -234,7 +234,8 @@ async def test_rpc_spans_and_log_lines_share_one_trace(
     _, channel = server
     spans.clear()
     await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
-    with logs.bind(job_id="job-1"):
+    # A client span without a parent is background work, which is not traced: the call is a caller's.
+    with logs.bind(job_id="job-1"), telemetry.tracer("modelforge.test").start_as_current_span("caller"):
         await registry_pb2_grpc.RegistryServiceStub(channel).GetModel(registry_pb2.GetModelRequest(name="present"))
 
     finished = {(s.name, s.kind): s for s in spans.get_finished_spans()}

@@ -7,6 +7,7 @@ The sync client blocks, so its scenario runs in a worker thread while the server
 from __future__ import annotations
 
 import asyncio
+import re
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -188,3 +189,104 @@ async def test_wait_outlasts_a_restart_of_the_jobs_api(jobs_settings, start_work
     finally:
         await stack.aclose()
     assert status.state is JobState.COMPLETED and status.progress.items_done == 3
+
+
+@pytest.mark.parametrize(
+    ("bad", "says"),
+    [
+        ({"ref": "Demo!"}, "invalid model name 'Demo!'"),
+        ({"priority": "urgent"}, "priority must be 'low', 'normal' or 'high'"),
+        ({"time_limit": -1}, "time_limit must be 0 or more seconds"),
+        ({"batch_size": 2**40}, "batch_size must be a whole number from 0 to 2147483647"),
+    ],
+)
+async def test_a_submit_with_a_malformed_argument_is_refused_before_its_dataset_is_uploaded(
+    client: AsyncJobsClient, jobs_api: RunningJobs, jobs_settings, adder: str, tmp_path: Path, bad: dict, says: str
+) -> None:
+    np.savez(tmp_path / "items.npz", x=np.ones((3, 4), np.float32))  # a file: always uploaded as a dataset
+    arguments = dict(bad)
+    ref = arguments.pop("ref", adder)
+    before = await stored_datasets(jobs_settings)
+    with pytest.raises(ValueError, match=re.escape(says)):
+        await client.submit(ref, tmp_path / "items.npz", **arguments)
+
+    def sync_submit() -> None:
+        with JobsClient(f"127.0.0.1:{jobs_api.port}") as jobs, pytest.raises(ValueError, match=re.escape(says)):
+            jobs.submit(ref, tmp_path / "items.npz", **arguments)
+
+    await asyncio.to_thread(sync_submit)
+    assert await stored_datasets(jobs_settings) == before
+
+
+class _Blocking(grpc.aio.UnaryUnaryClientInterceptor):
+    """Holds every CreateJob call until it is cancelled; other calls pass."""
+
+    def __init__(self) -> None:
+        self.reached = asyncio.Event()
+
+    async def intercept_unary_unary(self, continuation, client_call_details, request):
+        if _method(client_call_details).endswith("/CreateJob"):
+            self.reached.set()
+            await asyncio.Event().wait()
+        return await continuation(client_call_details, request)
+
+
+class _Interrupting(grpc.UnaryUnaryClientInterceptor):
+    """Raises KeyboardInterrupt as CreateJob is called, as Ctrl-C would; other calls pass."""
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        if _method(client_call_details).endswith("/CreateJob"):
+            raise KeyboardInterrupt
+        return continuation(client_call_details, request)
+
+
+def _method(details: grpc.ClientCallDetails) -> str:
+    method = details.method
+    return method.decode() if isinstance(method, bytes) else method
+
+
+async def test_a_submit_cancelled_or_interrupted_after_its_upload_removes_the_dataset(
+    jobs_api: RunningJobs, jobs_settings, adder: str, tmp_path: Path
+) -> None:
+    np.savez(tmp_path / "items.npz", x=np.ones((3, 4), np.float32))
+    address = f"127.0.0.1:{jobs_api.port}"
+    before = await stored_datasets(jobs_settings)
+
+    blocking = _Blocking()
+    async with grpc.aio.insecure_channel(address, interceptors=[blocking]) as channel:
+        client = AsyncJobsClient(channel=channel)
+        submit = asyncio.ensure_future(client.submit(adder, tmp_path / "items.npz"))
+        await blocking.reached.wait()  # uploaded, and creating the job
+        assert (await stored_datasets(jobs_settings))[0] == before[0] + 1
+        submit.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await submit
+    assert await stored_datasets(jobs_settings) == before
+
+    def interrupted() -> None:
+        with grpc.insecure_channel(address) as channel:
+            jobs = JobsClient(channel=grpc.intercept_channel(channel, _Interrupting()))
+            with pytest.raises(KeyboardInterrupt):
+                jobs.submit(adder, tmp_path / "items.npz")
+
+    await asyncio.to_thread(interrupted)
+    assert await stored_datasets(jobs_settings) == before
+
+
+async def test_a_npz_file_numpy_cannot_read_is_a_value_error_naming_it(
+    client: AsyncJobsClient, jobs_settings, adder: str, tmp_path: Path
+) -> None:
+    (tmp_path / "bad.npz").write_bytes(b"PK\x03\x04garbage")
+    np.savez_compressed(tmp_path / "flipped.npz", x=np.arange(1000, dtype=np.float32))
+    flipped = bytearray((tmp_path / "flipped.npz").read_bytes())
+    middle = len(flipped) // 2
+    flipped[middle : middle + 2] = bytes(b ^ 0xFF for b in flipped[middle : middle + 2])
+    (tmp_path / "flipped.npz").write_bytes(flipped)
+    before = await stored_datasets(jobs_settings)
+    for name in ("bad.npz", "flipped.npz"):
+        says = f"{tmp_path / name} is not a .npy or .npz file that numpy reads without pickle: "
+        with pytest.raises(ValueError, match=re.escape(says)):
+            await client.submit(adder, tmp_path / name)
+        with pytest.raises(ValueError, match=re.escape(says)):
+            await client.upload_dataset(str(tmp_path / name))
+    assert await stored_datasets(jobs_settings) == before

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -17,6 +19,7 @@ import pytest
 from modelforge import (
     AlreadyExistsError,
     AsyncRegistryClient,
+    DeadlineExceededError,
     FailedPreconditionError,
     InvalidArgumentError,
     ModelEventType,
@@ -148,8 +151,8 @@ async def test_failures_are_typed_errors_with_code_and_reason(
 
     out = tmp_path / "downloads"
     with pytest.raises(NotFoundError):
-        await client.download("taken:7", out / "x.onnx")
-    assert list(out.iterdir()) == []
+        await client.download("taken:7", out / "deeper" / "x.onnx")
+    assert not out.exists()  # the directories to make were not made for a download the registry refused
 
     with pytest.raises(ValueError, match="invalid model reference"):
         await client.resolve("bad:ref@x")
@@ -248,9 +251,65 @@ async def test_unreachable_registry_is_unavailable(unused_address: str) -> None:
 
 
 @pytest.fixture
-def unused_address() -> str:
-    import socket
+def unused_address(closed_port: int) -> str:
+    return f"127.0.0.1:{closed_port}"
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{sock.getsockname()[1]}"
+
+async def test_a_push_whose_alias_cannot_be_set_says_the_version_was_stored(
+    registry: RunningRegistry, add_one: ModelFile
+) -> None:
+    says = "pushed adder:1, but whether alias production was set is unknown: Deadline Exceeded"
+    async with AsyncRegistryClient(registry.address, timeout=1e-6) as hurried:  # no time for SetAlias; the upload
+        with pytest.raises(DeadlineExceededError) as caught:  # has no deadline
+            await hurried.push(add_one.data, name="adder", alias="production")
+    assert str(caught.value) == says and caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def sync_push() -> None:
+        with RegistryClient(registry.address, timeout=1e-6) as hurried:
+            try:
+                hurried.push(add_one.path, name="adder", alias="production")
+            except DeadlineExceededError as exc:
+                assert str(exc) == says.replace("adder:1", "adder:2")
+            else:
+                raise AssertionError("SetAlias had no time: push must fail")
+
+    await asyncio.to_thread(sync_push)
+    async with AsyncRegistryClient(registry.address) as client:  # the registry may have set the alias after the
+        assert [v.version async for v in client.list_versions("adder")] == [2, 1]  # caller stopped waiting
+
+
+async def test_malformed_names_are_value_errors_before_any_call(
+    client: AsyncRegistryClient, registry: RunningRegistry, add_one: ModelFile
+) -> None:
+    await client.push(add_one.data, name="adder")
+    calls: list[tuple[Callable[[], Awaitable[object]], str]] = [
+        (lambda: client.get_model("Bad!"), "invalid model name 'Bad!'"),
+        (lambda: client.create_model("Bad!"), "invalid model name 'Bad!'"),
+        (lambda: client.update_model("Bad!", description="x"), "invalid model name 'Bad!'"),
+        (lambda: client.delete_model("Bad!"), "invalid model name 'Bad!'"),
+        (lambda: client.push(add_one.data, name="Demo!"), "invalid model name 'Demo!'"),
+        (lambda: client.set_alias("adder", "Bad!", 1), "invalid alias 'Bad!'"),
+        (lambda: client.set_alias("adder", "production", 0), "invalid version 0"),
+        (lambda: client.set_alias("adder", "production", 2**63), "invalid version 9223372036854775808"),
+        (lambda: client.delete_alias("Bad!", "production"), "invalid model name 'Bad!'"),
+        (lambda: client.delete_alias("adder", "Bad!"), "invalid alias 'Bad!'"),
+        (lambda: anext(client.list_versions("Bad!")), "invalid model name 'Bad!'"),
+        (lambda: anext(client.watch(model="Bad!")), "invalid model name 'Bad!'"),
+    ]
+    for call, says in calls:
+        with pytest.raises(ValueError, match=re.escape(says)):
+            await call()
+    assert [m.name async for m in client.list_models()] == ["adder"]  # nothing was pushed or made
+
+    def sync_calls() -> None:
+        with RegistryClient(registry.address) as sync:
+            for call, says in [
+                (lambda: sync.get_model("Bad!"), "invalid model name 'Bad!'"),
+                (lambda: sync.push(add_one.data, name="Demo!"), "invalid model name 'Demo!'"),
+                (lambda: sync.set_alias("adder", "Bad!", 1), "invalid alias 'Bad!'"),
+                (lambda: next(sync.list_versions("Bad!")), "invalid model name 'Bad!'"),
+            ]:
+                with pytest.raises(ValueError, match=re.escape(says)):
+                    call()
+
+    await asyncio.to_thread(sync_calls)

@@ -14,15 +14,19 @@ import json
 import logging
 from collections.abc import Iterator
 
+import grpc
 import numpy as np
+import psycopg
 import pytest
+import redis.asyncio
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from modelforge.jobs.v1 import jobs_pb2
 from modelforge_server import logs, telemetry
-from tests.fixtures.onnx_models import ModelFile
+from tests.fixtures.onnx_models import ModelFile, build_heavy, model_bytes
+from tests.fixtures.polling import eventually
 from tests.integration.inference.conftest import (  # noqa: F401
     RunningInference,
     inference,
@@ -189,3 +193,63 @@ async def test_a_job_is_one_trace_from_create_job_through_the_worker_to_inferenc
     for chain in by_caller["inference"]:
         assert chain[chain.index(f"{PREDICT} SERVER") + 1 :] == above_predict, chain
     assert all("grpc.health" not in s.name for s in finished)
+
+
+async def test_background_work_starts_no_trace(spans: InMemorySpanExporter, database_url: str, redis_url: str) -> None:
+    """A SQL statement or a Redis command that no call or job started (a dependency probe, the worker polling its
+    queues, a maintenance pass) is not traced; the same inside a call's span is."""
+
+    async def ping() -> None:
+        async with await psycopg.AsyncConnection.connect(database_url) as connection:
+            await connection.execute("SELECT 1")
+        client = redis.asyncio.Redis.from_url(redis_url)
+        try:
+            await client.ping()
+        finally:
+            await client.aclose()
+
+    spans.clear()
+    await ping()
+    assert [s.name for s in spans.get_finished_spans()] == []
+    with telemetry.tracer("modelforge.test").start_as_current_span("caller") as caller:
+        await ping()
+    traced = [s for s in spans.get_finished_spans() if s.kind == trace.SpanKind.CLIENT]
+    assert {s.name for s in traced} >= {"SELECT", "PING"}
+    assert all(s.context.trace_id == caller.get_span_context().trace_id for s in traced)
+
+
+async def test_a_call_past_its_deadline_ends_its_span_and_its_count_as_deadline_exceeded(
+    spans: InMemorySpanExporter,
+    inference: RunningInference,  # noqa: F811
+) -> None:
+    await upload(
+        inference, "slow-traced", model_bytes(build_heavy(depth=1024))
+    )  # seconds of work: cut short when cancelled
+    await inference.stub.Predict(predict_request("slow-traced", {"x": np.ones((1, 512), np.float32)}))  # loaded
+    spans.clear()
+    with (
+        telemetry.tracer("modelforge.test").start_as_current_span("caller"),
+        pytest.raises(grpc.aio.AioRpcError) as caught,
+    ):
+        await inference.stub.Predict(
+            predict_request("slow-traced", {"x": np.ones((512, 512), np.float32)}), timeout=0.2
+        )
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def served() -> list[ReadableSpan]:
+        return [s for s in spans.get_finished_spans() if s.name == PREDICT and s.kind == trace.SpanKind.SERVER]
+
+    await eventually(served, "the Predict's server span")
+    [span] = served()
+    assert span.status.status_code == trace.StatusCode.ERROR
+    assert span.attributes is not None
+    assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+    counted = inference.server.metrics.registry.get_sample_value(
+        "modelforge_rpc_requests_total",
+        {
+            "grpc_service": "modelforge.inference.v1.InferenceService",
+            "grpc_method": "Predict",
+            "grpc_code": "DEADLINE_EXCEEDED",
+        },
+    )
+    assert counted == 1

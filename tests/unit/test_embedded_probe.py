@@ -7,17 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from modelforge_server.embedded import accepts_connections, free_port
+from modelforge_server.embedded import accepts_connections
 
 
-def test_a_tcp_port_someone_listens_on_accepts_and_a_closed_one_does_not() -> None:
+def test_a_tcp_port_someone_listens_on_accepts_and_a_closed_one_does_not(closed_port: int) -> None:
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen()
         port = server.getsockname()[1]
         assert accepts_connections(f"redis://127.0.0.1:{port}/0")
         assert accepts_connections(f"postgresql://postgres:@127.0.0.1:{port}/postgres")
-    assert not accepts_connections(f"redis://127.0.0.1:{free_port()}/0")
+    assert not accepts_connections(f"redis://127.0.0.1:{closed_port}/0")
 
 
 def test_a_unix_socket_directory_accepts_once_postgres_socket_listens(tmp_path: Path) -> None:

@@ -63,6 +63,11 @@ def test_spinning_is_off_unless_the_version_label_turns_it_on(labels: dict[str, 
     assert [options.get_session_config_entry(key) for key in SPINNING] == [expected, expected]
 
 
+@pytest.mark.parametrize(("labels", "expected"), [({}, True), ({"modelforge.io/memory-arena": "false"}, False)])
+def test_the_memory_arena_stays_unless_the_version_label_turns_it_off(labels: dict[str, str], expected: bool) -> None:
+    assert session_options(_config(labels)).enable_cpu_mem_arena is expected
+
+
 def test_a_bad_allow_spinning_label_is_refused() -> None:
     with pytest.raises(InvalidServingConfig):
         _config({"modelforge.io/allow-spinning": "maybe"})
@@ -98,9 +103,11 @@ def test_the_session_is_built_with_the_labelled_options(tmp_path: Path) -> None:
         "modelforge.io/inter-op-threads": "3",
         "modelforge.io/graph-optimization-level": "basic",
         "modelforge.io/allow-spinning": "true",
+        "modelforge.io/memory-arena": "false",
     }
 
     built = ModelSession(path, _config(labels)).session.get_session_options()
+    assert built.enable_cpu_mem_arena is False
 
     assert (built.intra_op_num_threads, built.inter_op_num_threads) == (2, 3)
     assert built.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC

@@ -38,3 +38,18 @@ def test_transient_failures_are_retried(code: grpc.StatusCode) -> None:
 )
 def test_permanent_failures_fail_the_job_at_once(code: grpc.StatusCode) -> None:
     assert not errors.is_transient(translate(rpc_error(code), "inference service"))
+
+
+@pytest.mark.parametrize(
+    "details",
+    [
+        "CLIENT: Sent message larger than max (153600036 vs. 67108864)",  # the worker's own limit
+        "SERVER: Received message larger than max (153600036 vs. 67108864)",  # the inference service's
+    ],
+)
+def test_a_batch_too_large_for_one_request_fails_the_job_at_once(details: str) -> None:
+    """The same batch is too large on every attempt: RESOURCE_EXHAUSTED, but no passing shortage."""
+    error = translate(rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED, details), "inference service")
+    assert isinstance(error, errors.BatchRequestTooLarge)
+    assert error.reason == "REQUEST_TOO_LARGE" and "smaller batch_size" in str(error)
+    assert not errors.is_transient(error)

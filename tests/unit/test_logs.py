@@ -103,3 +103,18 @@ def test_payloads_are_never_written(root_logger: logging.Logger) -> None:
     assert line["raw"] == "<64 bytes>"
     assert len(line["note"]) < 600
     assert "7.25" not in stream.getvalue()
+
+
+def test_at_debug_grpc_writes_no_line_per_call(root_logger: logging.Logger) -> None:
+    """gRPC logs a DEBUG line on every RPC; a service at DEBUG leaves them out and keeps its own."""
+    quiet = logging.getLogger("grpc._cython.cygrpc")
+    level = quiet.level
+    out = io.StringIO()
+    try:
+        logs.configure("registry", "DEBUG", stream=out)
+        quiet.debug("[_cygrpc] Loaded running loop: id(loop)=1")
+        quiet.info("a line gRPC writes at INFO")
+        logging.getLogger("modelforge.registry").debug("our own line")
+    finally:
+        quiet.setLevel(level)
+    assert [line["message"] for line in json_lines(out)] == ["a line gRPC writes at INFO", "our own line"]

@@ -558,9 +558,11 @@ def test_model_statistics_in_the_protocols_shape() -> None:
         queue_seconds=0.5,
         compute_seconds=1.25,
         total_seconds=2.0,
+        failure_seconds=0.25,
         cache_hits=4,
         cache_misses=6,
         batch_sizes={8: 5},
+        batch_seconds={8: 1.0},
         last_inference=datetime(2024, 1, 2, 3, 4, 5, 678000, tzinfo=UTC),
     )
     out = convert.model_statistics(stats)
@@ -568,12 +570,14 @@ def test_model_statistics_in_the_protocols_shape() -> None:
     assert out.last_inference == 1704164645678
     s = out.inference_stats
     assert (s.success.count, s.success.ns) == (10, 2_000_000_000)
-    assert s.fail.count == 2
+    assert (s.fail.count, s.fail.ns) == (2, 250_000_000)
     assert (s.queue.count, s.queue.ns) == (10, 500_000_000)
     assert (s.compute_infer.count, s.compute_infer.ns) == (6, 1_250_000_000)  # the 4 cache hits ran nothing
     assert s.compute_input.count == s.compute_output.count == 6
     assert (s.cache_hit.count, s.cache_miss.count) == (4, 6)
-    assert [(b.batch_size, b.compute_infer.count) for b in out.batch_stats] == [(8, 5)]
+    assert [(b.batch_size, b.compute_infer.count, b.compute_infer.ns) for b in out.batch_stats] == [
+        (8, 5, 1_000_000_000)
+    ]
 
 
 def test_never_used_model_has_zero_last_inference() -> None:

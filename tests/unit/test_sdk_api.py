@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import io
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 import modelforge
-from modelforge import TensorSpec, _channel, _convert
+from modelforge import TensorSpec, _arrayfiles, _channel, _convert
 from modelforge.common.v1 import tensor_pb2
 from modelforge.inference.v1 import inference_pb2
+from modelforge.jobs.v1 import jobs_pb2
 from modelforge.registry.v1 import registry_pb2
 
 PUBLIC = [
@@ -374,3 +377,73 @@ def test_a_tensor_spec_prints_its_type_and_named_dims_or_that_it_is_not_served()
     assert str(TensorSpec("probabilities", "unspecified", ())) == (
         "probabilities: not a tensor ModelForge serves (a sequence, map or optional, or another element type)"
     )
+
+
+def test_input_names_that_are_not_strings_are_a_type_error_naming_the_name() -> None:
+    x = np.zeros((1, 4), np.float32)
+    with pytest.raises(TypeError, match=re.escape("input names must be strings, but 1 is int")):
+        _convert.predict_request("mlp", {1: x}, outputs=None, priority=0, queue_timeout=None, cache=None)  # type: ignore[dict-item]
+    with pytest.raises(TypeError, match=re.escape("input names must be strings, but b'x' is bytes")):
+        _convert.inline_input({b"x": x})  # type: ignore[dict-item]
+
+
+@pytest.mark.parametrize("priority", [2**40, -1, 1.5, True])
+def test_a_priority_out_of_its_range_is_a_value_error_saying_the_range(priority: Any) -> None:
+    options: dict[str, Any] = {"outputs": None, "queue_timeout": None, "cache": None}
+    with pytest.raises(
+        ValueError, match=re.escape(f"priority must be a whole number from 0 to 2147483647, not {priority!r}")
+    ):
+        _convert.predict_request("mlp", {}, priority=priority, **options)
+    assert _convert.predict_request("mlp", {}, priority=np.int64(3), **options).priority == 3
+
+
+def test_a_job_priority_that_is_not_a_level_is_a_value_error_naming_the_levels() -> None:
+    assert _convert.job_priority_proto("high") == jobs_pb2.JOB_PRIORITY_HIGH
+    for wrong in ("urgent", 1):
+        with pytest.raises(
+            ValueError, match=re.escape(f"priority must be 'low', 'normal' or 'high' (or a JobPriority), not {wrong!r}")
+        ):
+            _convert.job_priority_proto(wrong)  # type: ignore[arg-type]
+
+
+def _npz_bytes() -> bytes:
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, x=np.arange(12, dtype=np.float32).reshape(3, 4), s=np.array(["a", "bc"]))
+    return buffer.getvalue()
+
+
+def _npy_bytes() -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.arange(12, dtype=np.float32))
+    return buffer.getvalue()
+
+
+def test_array_files_read_whole_arrays_or_every_array_of_an_archive(tmp_path: Path) -> None:
+    (tmp_path / "a.npz").write_bytes(_npz_bytes())
+    (tmp_path / "a.npy").write_bytes(_npy_bytes())
+    archive = _arrayfiles.read(tmp_path / "a.npz")
+    assert isinstance(archive, dict) and list(archive) == ["x", "s"] and archive["s"].tolist() == ["a", "bc"]
+    np.testing.assert_array_equal(_arrayfiles.read(tmp_path / "a.npy"), np.arange(12, dtype=np.float32))
+    with pytest.raises(IsADirectoryError):
+        _arrayfiles.read(tmp_path)
+
+
+@pytest.mark.parametrize("original", [_npz_bytes(), _npy_bytes()], ids=["npz", "npy"])
+def test_every_damaged_or_truncated_array_file_is_one_value_error_naming_it(original: bytes, tmp_path: Path) -> None:
+    path = tmp_path / "damaged.npz"
+    damaged = [original[:end] for end in range(len(original))]
+    for at in range(len(original)):
+        for flip in (0xFF, 0x01):
+            data = bytearray(original)
+            data[at] ^= flip
+            damaged.append(bytes(data))
+    damaged.append(b"PK\x03\x04garbage")
+    refused = 0
+    for data in damaged:
+        path.write_bytes(data)
+        try:
+            _arrayfiles.read(path)  # a flip in a timestamp or padding leaves the file readable
+        except ValueError as exc:
+            assert str(exc).startswith(f"{path} is not a .npy or .npz file that numpy reads without pickle: "), exc
+            refused += 1
+    assert refused > len(damaged) // 2

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pickle
-import socket
 from collections.abc import Iterator
 from concurrent import futures
 
@@ -161,11 +160,9 @@ def test_unknown_method_is_unimplemented(channel: grpc.Channel) -> None:
     assert caught.value.code == grpc.StatusCode.UNIMPLEMENTED
 
 
-def test_unreachable_server_is_unavailable() -> None:
-    with socket.socket() as sock:  # a port that nothing listens on once closed
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, pytest.raises(UnavailableError) as caught, translated():
+def test_unreachable_server_is_unavailable(closed_port: int) -> None:
+    address = f"127.0.0.1:{closed_port}"
+    with grpc.insecure_channel(address) as channel, pytest.raises(UnavailableError) as caught, translated():
         channel.unary_unary(UNARY)(b"NOT_FOUND", timeout=10)
     assert caught.value.code == grpc.StatusCode.UNAVAILABLE
     assert caught.value.reason == ""

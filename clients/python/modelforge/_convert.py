@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -41,7 +42,7 @@ from modelforge._domain import (
     VersionState,
 )
 from modelforge._errors import IntegrityError
-from modelforge._refs import ModelRef
+from modelforge._refs import ModelRef, validate_model_name
 from modelforge.common.v1 import tensor_pb2
 from modelforge.inference.v1 import inference_pb2
 from modelforge.jobs.v1 import jobs_pb2
@@ -76,6 +77,24 @@ def duration_proto(seconds: float | None, what: str) -> duration_pb2.Duration | 
     d = duration_pb2.Duration()
     d.FromTimedelta(timedelta(seconds=seconds))
     return d
+
+
+INT32_MAX = 2**31 - 1
+
+
+def whole_number(value: int, what: str) -> int:
+    """``value`` when it is a whole number from 0 to INT32_MAX (the range of its int32 field), else a ValueError
+    naming the argument ``what`` and the range, instead of protobuf's bare "Value out of range"."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value <= INT32_MAX:
+        raise ValueError(f"{what} must be a whole number from 0 to {INT32_MAX}, not {value!r}")
+    return int(value)
+
+
+def _check_input_names(inputs: Mapping[Any, Any]) -> None:
+    """Refuses a name that is not a string here, where protobuf would say only "bad argument type"."""
+    for name in inputs:
+        if not isinstance(name, str):
+            raise TypeError(f"input names must be strings, but {name!r} is {type(name).__name__}")
 
 
 def _dtype_name(dtype: int) -> str:
@@ -200,7 +219,9 @@ def update_model_request(
     if not paths:
         raise ValueError("nothing to update: pass description=... and/or labels=...")
     return registry_pb2.UpdateModelRequest(
-        model=registry_pb2.Model(name=name, description=description or "", labels=dict(labels or {})),
+        model=registry_pb2.Model(
+            name=validate_model_name(name), description=description or "", labels=dict(labels or {})
+        ),
         update_mask=field_mask_pb2.FieldMask(paths=paths),
     )
 
@@ -377,6 +398,7 @@ def _inference_fields(
 ) -> dict[str, Any]:
     if not isinstance(inputs, Mapping):
         raise TypeError("inputs must be a mapping of input name to array, e.g. {'input': array} ({} for none)")
+    _check_input_names(inputs)
     if cache not in _CACHE_MODES:
         raise ValueError(f"cache must be 'use', 'bypass', 'refresh' or None, not {cache!r}")
     if isinstance(outputs, str):  # a str is a sequence of one-letter names
@@ -389,7 +411,7 @@ def _inference_fields(
         "ref": ref_proto(ref),
         "inputs": [tensors.to_tensor(value, name) for name, value in inputs.items()],
         "output_names": list(outputs or ()),
-        "priority": priority,
+        "priority": whole_number(priority, "priority"),
         "cache_mode": _CACHE_MODES[cache],
     }
     timeout = duration_proto(queue_timeout, "queue_timeout")
@@ -660,7 +682,10 @@ def job_priority_proto(priority: JobPriority | str | None) -> jobs_pb2.JobPriori
     """The enum value for ``"low"``, ``"normal"``, ``"high"`` (or a JobPriority); None means NORMAL."""
     if priority is None:
         return jobs_pb2.JOB_PRIORITY_UNSPECIFIED
-    wanted = JobPriority(priority.upper()) if isinstance(priority, str) else priority
+    try:
+        wanted = JobPriority(priority.upper() if isinstance(priority, str) else priority)
+    except ValueError:
+        raise ValueError(f"priority must be 'low', 'normal' or 'high' (or a JobPriority), not {priority!r}") from None
     return next(k for k, v in _PRIORITIES.items() if v is wanted)
 
 
@@ -732,6 +757,7 @@ def _items(arrays: Mapping[str, Any]) -> tuple[dict[str, np.ndarray[Any, Any]], 
     """The arrays (as numpy) and their common item count (the length of their first dimension)."""
     if not isinstance(arrays, Mapping) or not arrays:
         raise ValueError("job input must be a non-empty mapping of input name to array, e.g. {'input': array}")
+    _check_input_names(arrays)
     converted = {name: np.asarray(value) for name, value in arrays.items()}
     counts = {name: (a.shape[0] if a.ndim else None) for name, a in converted.items()}
     if None in counts.values():

@@ -33,8 +33,9 @@ names the request fields at fault. Branch on ``reason``, never on the message te
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import AsyncIterator, Iterator, Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import grpc
 import grpc.aio
@@ -59,9 +60,12 @@ __all__ = [
     "UnauthenticatedError",
     "UnavailableError",
     "UnimplementedError",
+    "ANSWER_TOO_LARGE_HINT",
+    "REQUEST_TOO_LARGE_HINT",
     "atranslated",
     "error_from_rpc",
     "translated",
+    "with_details",
 ]
 
 
@@ -251,19 +255,36 @@ _REQUEST_TOO_LARGE = ("CLIENT: Sent message larger than max", "SERVER: Received 
 _ANSWER_TOO_LARGE = "CLIENT: Received message larger than max"
 
 
+REQUEST_TOO_LARGE_HINT = (
+    "; the request is larger than one message may be: send fewer items per request, or raise the limit "
+    "(max_message_bytes= of the client, MODELFORGE_MAX_REQUEST_BYTES of the server)"
+)
+ANSWER_TOO_LARGE_HINT = (
+    "; the answer is larger than this client's max_message_bytes: receive large outputs with "
+    "predict_stream (its chunks take MODELFORGE_CHUNK_BYTES of the server, 1 MiB by default), ask for "
+    "fewer outputs or items, or raise max_message_bytes"
+)
+"""What the SDK adds to those refusals' messages; the ``modelforge`` command replaces them with its own advice."""
+
+
 def _size_limit_hint(details: str) -> str:
     if any(message in details for message in _REQUEST_TOO_LARGE):
-        return (
-            "; the request is larger than one message may be: send fewer items per request, or raise the limit "
-            "(max_message_bytes= of the client, MODELFORGE_MAX_REQUEST_BYTES of the server)"
-        )
+        return REQUEST_TOO_LARGE_HINT
     if _ANSWER_TOO_LARGE in details:
-        return (
-            "; the answer is larger than this client's max_message_bytes: receive large outputs with "
-            "predict_stream (its chunks take MODELFORGE_CHUNK_BYTES of the server, 1 MiB by default), ask for "
-            "fewer outputs or items, or raise max_message_bytes"
-        )
+        return ANSWER_TOO_LARGE_HINT
     return ""
+
+
+Error = TypeVar("Error", bound=ModelForgeError)
+
+
+def with_details(error: Error, details: str) -> Error:
+    """A copy of ``error`` with another message: the same class, code, reason and metadata, so that callers still
+    catch it by kind. Raise it ``from error``."""
+    changed = copy.copy(error)  # through __reduce__: every field, and no traceback or cause
+    changed.details = details
+    changed.args = (details,)
+    return changed
 
 
 def _rich_status(error: grpc.RpcError) -> status_pb2.Status | None:

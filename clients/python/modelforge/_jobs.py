@@ -12,18 +12,24 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
-from pathlib import Path
 from typing import Any, TypeGuard
 
 import grpc
 import grpc.aio
 import numpy as np
 
-from modelforge import _convert
+from modelforge import _arrayfiles, _convert
 from modelforge._channel import DEFAULT_MAX_MESSAGE_BYTES, JOBS, AsyncChannelClient, ChannelClient
 from modelforge._convert import DEFAULT_CHUNK_BYTES, MiB, Progress
 from modelforge._domain import Dataset, JobPriority, JobState, JobStatus
-from modelforge._errors import DeadlineExceededError, ModelForgeError, UnavailableError, translated
+from modelforge._errors import (
+    DeadlineExceededError,
+    FailedPreconditionError,
+    ModelForgeError,
+    UnavailableError,
+    translated,
+    with_details,
+)
 from modelforge._refs import ModelRef
 from modelforge.jobs.v1 import jobs_pb2 as pb
 from modelforge.jobs.v1 import jobs_pb2_grpc
@@ -40,13 +46,13 @@ INLINE_LIMIT_BYTES = 4 * MiB
 def _arrays(source: Inputs) -> dict[str, np.ndarray[Any, Any]]:
     if isinstance(source, Mapping):
         return {name: np.asarray(value) for name, value in source.items()}
-    loaded = np.load(Path(source), allow_pickle=False)
+    loaded = _arrayfiles.read(source)
     if isinstance(loaded, np.ndarray):
         raise ValueError(
-            f"{source} holds one array, not a .npz archive of named inputs: pass a mapping of names to arrays"
+            f"{os.fspath(source)} holds one array, not a .npz archive of named inputs: pass a mapping of names to "
+            "arrays"
         )
-    with loaded as archive:
-        return {name: archive[name] for name in archive.files}
+    return loaded
 
 
 def _create_request(
@@ -63,10 +69,10 @@ def _create_request(
 ) -> pb.CreateJobRequest:
     request = pb.CreateJobRequest(
         model_ref=_convert.ref_proto(ref),
-        batch_size=batch_size,
+        batch_size=_convert.whole_number(batch_size, "batch_size"),
         priority=_convert.job_priority_proto(priority),
         labels=dict(labels or {}),
-        max_attempts=max_attempts,
+        max_attempts=_convert.whole_number(max_attempts, "max_attempts"),
         request_id=request_id or str(uuid.uuid4()),  # always set, so that gRPC may retry CreateJob safely
     )
     if inline is not None:
@@ -136,6 +142,15 @@ def _unused(uploaded: str | None, job: pb.Job) -> TypeGuard[str]:
     """Whether the dataset a submit uploaded went unused: the request_id named a job made before, by an earlier
     submit that uploaded its own copy."""
     return uploaded is not None and job.dataset_id != uploaded
+
+
+def _not_completed(error: FailedPreconditionError, status: JobStatus) -> FailedPreconditionError:
+    """The refusal of a result, with why the job failed when it did: the server's message says only that it is not
+    COMPLETED."""
+    if status.error is None:
+        return error
+    why = status.error
+    return with_details(error, f"{error.details}. It failed with {why.code} {why.reason}: {why.message}")
 
 
 class Job:
@@ -208,7 +223,8 @@ class Job:
         """Waits for the job, then returns its outputs: output name to one array over every item, in order.
 
         Raises:
-            FailedPreconditionError: the job ended FAILED or CANCELLED (``status.error`` says why).
+            FailedPreconditionError: the job ended FAILED or CANCELLED; for a FAILED job the message ends with
+                why (``status.error``).
             TimeoutError: the job is still going after ``timeout`` seconds.
         """
         self.wait(timeout)
@@ -219,6 +235,8 @@ class Job:
             with translated():
                 for message in call:
                     assembler.accept(message)
+        except FailedPreconditionError as exc:
+            raise _not_completed(exc, self.status) from exc
         finally:
             call.cancel()
         return assembler.finish()
@@ -259,7 +277,8 @@ class JobsClient(ChannelClient):
         target: ``host:port`` of the jobs service; defaults to ``MODELFORGE_JOBS_ADDRESS``, else
             ``127.0.0.1:50053``.
         channel: A channel of your own; the client does not close it. Excludes ``target``.
-        timeout: Seconds allowed for each unary call; None for no limit. Watches and uploads have no limit.
+        timeout: Seconds allowed for each unary call; None for no limit. Watches, uploads and results (streams)
+            have no limit.
         max_message_bytes: Largest message sent or received.
     """
 
@@ -292,7 +311,9 @@ class JobsClient(ChannelClient):
     ) -> Job:
         """Submits a job that runs a model over many items, and returns its handle.
 
-        The reference is resolved now and the job pinned to that version.
+        The reference is resolved now and the job pinned to that version. Every argument is checked before a
+        dataset is uploaded, and a dataset this call uploaded is deleted again when no job is made of it, whatever
+        the reason (refused, failed, interrupted or cancelled).
 
         Args:
             ref: ``"name"``, ``"name:3"`` or ``"name@production"``.
@@ -308,17 +329,16 @@ class JobsClient(ChannelClient):
             progress: Called as ``progress(bytes_sent, total_bytes)`` during a dataset upload.
 
         Raises:
+            ValueError: a malformed reference or argument, or a file that is not a ``.npz`` archive; raised
+                before anything is uploaded.
             NotFoundError: unknown model, version, alias or dataset.
             InvalidArgumentError: empty input, or input that does not match the model's signature.
         """
         arrays, upload = _plan_input(inputs, dataset)
-        uploaded = None  # a dataset this call made of the inputs: it goes if the job is refused
-        if upload and arrays is not None:
-            dataset = uploaded = self.upload_dataset(arrays, progress=progress).id
-            arrays = None
+        # Built, and so checked, before any upload: a refused argument leaves nothing behind on the server.
         request = _create_request(
             ref,
-            inline=arrays,
+            inline=None if upload else arrays,
             dataset_id=dataset,
             batch_size=batch_size,
             priority=priority,
@@ -327,18 +347,25 @@ class JobsClient(ChannelClient):
             time_limit=time_limit,
             request_id=request_id,
         )
+        uploaded = None  # a dataset this call made of the inputs: it goes unless a job uses it
+        if upload and arrays is not None:
+            request.dataset_id = uploaded = self.upload_dataset(arrays, progress=progress).id
         try:
             with translated():
                 response = self.jobs_stub.CreateJob(request, timeout=self.timeout)
-        except ModelForgeError:
+        except BaseException:  # refused, failed, interrupted (Ctrl-C)...
             if uploaded is not None:
-                with contextlib.suppress(ModelForgeError):  # in use: the job was made after all, and keeps it
-                    self.delete_dataset(uploaded)
+                self._drop_upload(uploaded)
             raise
         if _unused(uploaded, response.job):
-            with contextlib.suppress(ModelForgeError):
-                self.delete_dataset(uploaded)
+            self._drop_upload(uploaded)
         return Job(self, _convert.job_status(response.job))
+
+    def _drop_upload(self, dataset_id: str) -> None:
+        """Deletes a dataset that submit uploaded for a job it did not make. A job that was made after all (its
+        CreateJob reached the server before the failure) keeps it: the delete is then refused, and that is fine."""
+        with contextlib.suppress(ModelForgeError):
+            self.delete_dataset(dataset_id)
 
     def get_job(self, job_id: str) -> Job:
         """Returns a handle on an existing job. Raises NotFoundError if there is none with that id."""
@@ -477,6 +504,8 @@ class AsyncJob:
             with translated():
                 async for message in call:
                     assembler.accept(message)
+        except FailedPreconditionError as exc:
+            raise _not_completed(exc, self.status) from exc
         finally:
             call.cancel()
         return assembler.finish()
@@ -556,14 +585,11 @@ class AsyncJobsClient(AsyncChannelClient):
     ) -> AsyncJob:
         """See :meth:`JobsClient.submit`. Reading and encoding the input run in a thread."""
         arrays, upload = await asyncio.to_thread(_plan_input, inputs, dataset)
-        uploaded = None  # a dataset this call made of the inputs: it goes if the job is refused
-        if upload and arrays is not None:
-            dataset = uploaded = (await self.upload_dataset(arrays, progress=progress)).id
-            arrays = None
+        # Built, and so checked, before any upload: a refused argument leaves nothing behind on the server.
         request = await asyncio.to_thread(
             lambda: _create_request(
                 ref,
-                inline=arrays,
+                inline=None if upload else arrays,
                 dataset_id=dataset,
                 batch_size=batch_size,
                 priority=priority,
@@ -573,18 +599,25 @@ class AsyncJobsClient(AsyncChannelClient):
                 request_id=request_id,
             )
         )
+        uploaded = None  # a dataset this call made of the inputs: it goes unless a job uses it
+        if upload and arrays is not None:
+            request.dataset_id = uploaded = (await self.upload_dataset(arrays, progress=progress)).id
         try:
             with translated():
                 response = await self.jobs_stub.CreateJob(request, timeout=self.timeout)
-        except ModelForgeError:
+        except BaseException:  # refused, failed, cancelled...
             if uploaded is not None:
-                with contextlib.suppress(ModelForgeError):  # in use: the job was made after all, and keeps it
-                    await self.delete_dataset(uploaded)
+                await self._drop_upload(uploaded)
             raise
         if _unused(uploaded, response.job):
-            with contextlib.suppress(ModelForgeError):
-                await self.delete_dataset(uploaded)
+            await self._drop_upload(uploaded)
         return AsyncJob(self, _convert.job_status(response.job))
+
+    async def _drop_upload(self, dataset_id: str) -> None:
+        """See :meth:`JobsClient._drop_upload`. Run after a cancellation too: the task's cancellation has been
+        delivered by then, so this call goes ahead unless the task is cancelled once more."""
+        with contextlib.suppress(ModelForgeError):
+            await self.delete_dataset(dataset_id)
 
     async def get_job(self, job_id: str) -> AsyncJob:
         """See :meth:`JobsClient.get_job`."""

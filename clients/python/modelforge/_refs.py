@@ -16,7 +16,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["ModelRef", "parse_version_field", "validate_alias", "validate_model_name"]
+__all__ = [
+    "MAX_VERSION",
+    "ModelRef",
+    "parse_version_field",
+    "validate_alias",
+    "validate_model_name",
+    "validate_version",
+]
 
 _NAME = re.compile(r"[a-z]([a-z0-9-]{0,61}[a-z0-9])?")  # the registry's rule
 _ALIAS = re.compile(r"[a-z][a-z0-9_-]{0,62}")
@@ -57,12 +64,17 @@ def validate_alias(alias: str) -> str:
     return alias
 
 
-_MAX_VERSION = (1 << 63) - 1  # versions travel as int64
+MAX_VERSION = (1 << 63) - 1  # versions travel as int64
 
 
-def _validate_version(version: int) -> int:
-    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= _MAX_VERSION:
-        raise ValueError(f"invalid version {version!r}: versions are whole numbers from 1 to {_MAX_VERSION}")
+def validate_version(version: int) -> int:
+    """Checks that ``version`` is a version number (a whole number from 1, within int64) and returns it.
+
+    Raises:
+        ValueError: it is not.
+    """
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= MAX_VERSION:
+        raise ValueError(f"invalid version {version!r}: versions are whole numbers from 1 to {MAX_VERSION}")
     return version
 
 
@@ -95,7 +107,7 @@ class ModelRef:
                 f"(got version {self.version!r} and alias {self.alias!r})"
             )
         if self.version is not None:
-            _validate_version(self.version)
+            validate_version(self.version)
         if self.alias is not None:
             validate_alias(self.alias)
 
@@ -184,7 +196,7 @@ def parse_version_field(value: str) -> tuple[int | None, str | None]:
     if value == "":
         return None, None
     if _VERSION.fullmatch(value):
-        return _validate_version(int(value)), None
+        return validate_version(int(value)), None
     if _ALIAS.fullmatch(value):
         return None, value
     raise ValueError(

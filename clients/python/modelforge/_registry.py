@@ -7,6 +7,7 @@ are ``async for``). Both build requests and read answers through ``_convert``, s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -20,8 +21,8 @@ from modelforge import _convert
 from modelforge._channel import DEFAULT_MAX_MESSAGE_BYTES, REGISTRY, AsyncChannelClient, ChannelClient
 from modelforge._convert import DEFAULT_CHUNK_BYTES, Progress
 from modelforge._domain import Model, ModelEvent, ModelVersion, VersionState
-from modelforge._errors import translated
-from modelforge._refs import ModelRef, validate_alias
+from modelforge._errors import CancelledError, DeadlineExceededError, ModelForgeError, translated, with_details
+from modelforge._refs import ModelRef, validate_alias, validate_model_name, validate_version
 from modelforge.registry.v1 import registry_pb2 as pb
 from modelforge.registry.v1 import registry_pb2_grpc
 
@@ -46,17 +47,88 @@ def _target_file(path: str | os.PathLike[str], ref: str | ModelRef) -> Path:
     return target
 
 
-def _temp_beside(target: Path) -> tuple[IO[bytes], Path]:
-    """A temporary file in the target's directory, so the final rename is atomic. It is made with the mode open()
-    gives (0666 less the umask), not mkstemp's private 0600, since it becomes the downloaded file."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        part = target.parent / f".{target.name}.{secrets.token_hex(4)}.part"
+class _Landing:
+    """Where a download is written: a temporary file in the target's directory, so that the final rename is atomic.
+
+    Nothing is made before :meth:`file` is first called, once the download's header has arrived: a download the
+    registry refuses leaves no file and no directory. The file is made with the mode open() gives (0666 less the
+    umask), not mkstemp's private 0600, since it becomes the downloaded file. :meth:`discard` removes it, and the
+    directories made for it. OS errors name the target, not the temporary file.
+    """
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+        self._part: tuple[IO[bytes], Path] | None = None
+        self._made: list[Path] = []  # directories made for the target, outermost first
+
+    def file(self) -> IO[bytes]:
+        """The open temporary file, made (with any missing directories) on the first call."""
+        return self._opened()[0]
+
+    def commit(self) -> None:
+        """Closes the file and renames it onto the target."""
+        file, path = self._opened()
+        file.close()
+        with self._naming_target():
+            os.replace(path, self.target)
+
+    def discard(self) -> None:
+        """Closes and removes the file, and then the directories made for it, unless something else is in them."""
+        if self._part is not None:
+            file, path = self._part
+            with contextlib.suppress(OSError):  # a failed flush: the file goes anyway
+                file.close()
+            path.unlink(missing_ok=True)
+        for directory in reversed(self._made):
+            try:
+                directory.rmdir()
+            except OSError:
+                break
+
+    def _opened(self) -> tuple[IO[bytes], Path]:
+        if self._part is None:
+            with self._naming_target():
+                self._make_directories()
+                self._part = self._open_part()
+        return self._part
+
+    def _make_directories(self) -> None:
+        missing = [d for d in (self.target.parent, *self.target.parent.parents) if not d.exists()]
+        for directory in reversed(missing):
+            try:
+                directory.mkdir()
+            except FileExistsError:  # made meanwhile by something else: not ours to remove
+                continue
+            self._made.append(directory)
+
+    def _open_part(self) -> tuple[IO[bytes], Path]:
+        while True:
+            part = self.target.parent / f".{self.target.name}.{secrets.token_hex(4)}.part"
+            try:
+                fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            except FileExistsError:
+                continue
+            return os.fdopen(fd, "wb"), part
+
+    @contextlib.contextmanager
+    def _naming_target(self) -> Iterator[None]:
         try:
-            fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:
-            continue
-        return os.fdopen(fd, "wb"), part
+            yield
+        except OSError as exc:
+            # OSError(errno, ...) builds the same subclass (PermissionError...), about the path the caller gave.
+            raise OSError(exc.errno, exc.strerror, os.fspath(self.target)) from exc
+
+
+def _alias_not_set(error: ModelForgeError, version: ModelVersion, alias: str) -> ModelForgeError:
+    """The error of a push whose version was stored but whose alias could not be set: of the same kind, saying so.
+
+    A call that ran out of time may still have been carried out by the registry, so that one says it is unknown.
+    """
+    if isinstance(error, (DeadlineExceededError, CancelledError)):
+        outcome = f"whether alias {alias} was set is unknown"
+    else:
+        outcome = f"setting alias {alias} failed"
+    return with_details(error, f"pushed {version.ref}, but {outcome}: {error.details}")
 
 
 def _upload_plan(
@@ -124,9 +196,11 @@ class RegistryClient(ChannelClient):
 
         Raises:
             AlreadyExistsError: a model has that name.
-            InvalidArgumentError: the name is not a valid model name.
+            ValueError: the name is not a valid model name (no call is made).
         """
-        request = pb.CreateModelRequest(model=pb.Model(name=name, description=description, labels=labels or {}))
+        request = pb.CreateModelRequest(
+            model=pb.Model(name=validate_model_name(name), description=description, labels=labels or {})
+        )
         with translated():
             response = self.registry_stub.CreateModel(request, timeout=self._timeout)
         return _convert.model(response.model)
@@ -134,7 +208,9 @@ class RegistryClient(ChannelClient):
     def get_model(self, name: str) -> Model:
         """Returns one model. Raises NotFoundError if there is none of that name."""
         with translated():
-            response = self.registry_stub.GetModel(pb.GetModelRequest(name=name), timeout=self._timeout)
+            response = self.registry_stub.GetModel(
+                pb.GetModelRequest(name=validate_model_name(name)), timeout=self._timeout
+            )
         return _convert.model(response.model)
 
     def list_models(
@@ -179,7 +255,7 @@ class RegistryClient(ChannelClient):
         """
         with translated():
             response = self.registry_stub.DeleteModel(
-                pb.DeleteModelRequest(name=name, force=force), timeout=self._timeout
+                pb.DeleteModelRequest(name=validate_model_name(name), force=force), timeout=self._timeout
             )
         return int(response.deleted_versions)
 
@@ -218,9 +294,15 @@ class RegistryClient(ChannelClient):
             The new version (with the alias, when one was set).
 
         Raises:
+            ValueError: the name or the alias is malformed; nothing is sent.
             InvalidArgumentError: the file is not valid ONNX, or it changed while being sent.
             ResourceExhaustedError: the file is larger than the registry accepts.
+            ModelForgeError: the version was stored but setting the alias failed: the error of that call, of its
+                kind (DeadlineExceededError...), saying ``pushed NAME:N, but setting alias ALIAS failed: ...``, or
+                ``... but whether alias ALIAS was set is unknown: ...`` when the call ran out of time or was
+                cancelled. The version stays; set the alias with :meth:`set_alias` rather than pushing again.
         """
+        validate_model_name(name)  # before the file is hashed and sent, as the alias
         _check_chunk(chunk_bytes)
         if alias is not None:
             validate_alias(alias)  # before the upload: a version whose alias is refused afterwards would stay
@@ -237,7 +319,10 @@ class RegistryClient(ChannelClient):
             response = self.registry_stub.UploadModelVersion(requests)
         version = _convert.model_version(response.model_version)
         if alias is not None:
-            version = self.set_alias(name, alias, version.version)
+            try:
+                version = self.set_alias(name, alias, version.version)
+            except ModelForgeError as exc:
+                raise _alias_not_set(exc, version, alias) from exc
         return version
 
     @staticmethod
@@ -276,9 +361,10 @@ class RegistryClient(ChannelClient):
             page_size: Versions per request (the server caps it at 500).
         """
         token = ""
+        model = validate_model_name(name)
         state_value = _convert.version_state_proto(state)
         while True:
-            request = pb.ListModelVersionsRequest(model=name, page_size=page_size, page_token=token, state=state_value)
+            request = pb.ListModelVersionsRequest(model=model, page_size=page_size, page_token=token, state=state_value)
             with translated():
                 page = self.registry_stub.ListModelVersions(request, timeout=self._timeout)
             yield from (_convert.model_version(v) for v in page.model_versions)
@@ -347,7 +433,10 @@ class RegistryClient(ChannelClient):
         """
         with translated():
             response = self.registry_stub.SetAlias(
-                pb.SetAliasRequest(model=name, alias=alias, version=version), timeout=self._timeout
+                pb.SetAliasRequest(
+                    model=validate_model_name(name), alias=validate_alias(alias), version=validate_version(version)
+                ),
+                timeout=self._timeout,
             )
         return _convert.model_version(response.model_version)
 
@@ -355,7 +444,8 @@ class RegistryClient(ChannelClient):
         """Removes an alias and returns the version it pointed at. Raises NotFoundError if there is no such alias."""
         with translated():
             response = self.registry_stub.DeleteAlias(
-                pb.DeleteAliasRequest(model=name, alias=alias), timeout=self._timeout
+                pb.DeleteAliasRequest(model=validate_model_name(name), alias=validate_alias(alias)),
+                timeout=self._timeout,
             )
         return int(response.previous_version)
 
@@ -378,18 +468,18 @@ class RegistryClient(ChannelClient):
         Raises:
             IntegrityError: the bytes received do not match the size or sha256; nothing is written.
         """
-        target = _target_file(path, ref)
+        landing = _Landing(_target_file(path, ref))
         check = _convert.DownloadCheck(progress=progress)
         request = pb.DownloadModelVersionRequest(ref=_convert.ref_proto(ref))
-        out, part = _temp_beside(target)
         try:
-            with out, translated():
+            with translated():
                 for message in self.registry_stub.DownloadModelVersion(request):
-                    out.write(check.accept(message))
+                    data = check.accept(message)
+                    landing.file().write(data)  # made at the header: a refused download makes nothing
             version = check.finish()
-            os.replace(part, target)
+            landing.commit()
         except BaseException:
-            part.unlink(missing_ok=True)
+            landing.discard()
             raise
         return version
 
@@ -402,7 +492,9 @@ class RegistryClient(ChannelClient):
             model: Only events of this model; ``""`` for all.
         """
         with translated():  # a closed client fails here, before the call exists
-            call = self.registry_stub.WatchModelEvents(pb.WatchModelEventsRequest(model=model))
+            call = self.registry_stub.WatchModelEvents(
+                pb.WatchModelEventsRequest(model=validate_model_name(model) if model else "")
+            )
         try:
             with translated():
                 for message in call:
@@ -446,7 +538,9 @@ class AsyncRegistryClient(AsyncChannelClient):
 
     async def create_model(self, name: str, *, description: str = "", labels: Mapping[str, str] | None = None) -> Model:
         """See :meth:`RegistryClient.create_model`."""
-        request = pb.CreateModelRequest(model=pb.Model(name=name, description=description, labels=labels or {}))
+        request = pb.CreateModelRequest(
+            model=pb.Model(name=validate_model_name(name), description=description, labels=labels or {})
+        )
         with translated():
             response = await self.registry_stub.CreateModel(request, timeout=self._timeout)
         return _convert.model(response.model)
@@ -454,7 +548,9 @@ class AsyncRegistryClient(AsyncChannelClient):
     async def get_model(self, name: str) -> Model:
         """See :meth:`RegistryClient.get_model`."""
         with translated():
-            response = await self.registry_stub.GetModel(pb.GetModelRequest(name=name), timeout=self._timeout)
+            response = await self.registry_stub.GetModel(
+                pb.GetModelRequest(name=validate_model_name(name)), timeout=self._timeout
+            )
         return _convert.model(response.model)
 
     async def list_models(
@@ -486,7 +582,7 @@ class AsyncRegistryClient(AsyncChannelClient):
         """See :meth:`RegistryClient.delete_model`."""
         with translated():
             response = await self.registry_stub.DeleteModel(
-                pb.DeleteModelRequest(name=name, force=force), timeout=self._timeout
+                pb.DeleteModelRequest(name=validate_model_name(name), force=force), timeout=self._timeout
             )
         return int(response.deleted_versions)
 
@@ -506,6 +602,7 @@ class AsyncRegistryClient(AsyncChannelClient):
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     ) -> ModelVersion:
         """See :meth:`RegistryClient.push`. Hashing and file reads run in a thread; progress is called on the loop."""
+        validate_model_name(name)  # before the file is hashed and sent, as the alias
         _check_chunk(chunk_bytes)
         if alias is not None:
             validate_alias(alias)  # before the upload: a version whose alias is refused afterwards would stay
@@ -523,7 +620,10 @@ class AsyncRegistryClient(AsyncChannelClient):
             response = await self.registry_stub.UploadModelVersion(requests)
         version = _convert.model_version(response.model_version)
         if alias is not None:
-            version = await self.set_alias(name, alias, version.version)
+            try:
+                version = await self.set_alias(name, alias, version.version)
+            except ModelForgeError as exc:
+                raise _alias_not_set(exc, version, alias) from exc
         return version
 
     @staticmethod
@@ -551,9 +651,10 @@ class AsyncRegistryClient(AsyncChannelClient):
     ) -> AsyncIterator[ModelVersion]:
         """See :meth:`RegistryClient.list_versions`; iterate with ``async for``."""
         token = ""
+        model = validate_model_name(name)
         state_value = _convert.version_state_proto(state)
         while True:
-            request = pb.ListModelVersionsRequest(model=name, page_size=page_size, page_token=token, state=state_value)
+            request = pb.ListModelVersionsRequest(model=model, page_size=page_size, page_token=token, state=state_value)
             with translated():
                 page = await self.registry_stub.ListModelVersions(request, timeout=self._timeout)
             for v in page.model_versions:
@@ -611,7 +712,10 @@ class AsyncRegistryClient(AsyncChannelClient):
         """See :meth:`RegistryClient.set_alias`."""
         with translated():
             response = await self.registry_stub.SetAlias(
-                pb.SetAliasRequest(model=name, alias=alias, version=version), timeout=self._timeout
+                pb.SetAliasRequest(
+                    model=validate_model_name(name), alias=validate_alias(alias), version=validate_version(version)
+                ),
+                timeout=self._timeout,
             )
         return _convert.model_version(response.model_version)
 
@@ -619,7 +723,8 @@ class AsyncRegistryClient(AsyncChannelClient):
         """See :meth:`RegistryClient.delete_alias`."""
         with translated():
             response = await self.registry_stub.DeleteAlias(
-                pb.DeleteAliasRequest(model=name, alias=alias), timeout=self._timeout
+                pb.DeleteAliasRequest(model=validate_model_name(name), alias=validate_alias(alias)),
+                timeout=self._timeout,
             )
         return int(response.previous_version)
 
@@ -629,28 +734,31 @@ class AsyncRegistryClient(AsyncChannelClient):
         self, ref: str | ModelRef, path: str | os.PathLike[str], *, progress: Progress | None = None
     ) -> ModelVersion:
         """See :meth:`RegistryClient.download`. File writes run in a thread."""
-        target = _target_file(path, ref)
+        landing = _Landing(_target_file(path, ref))
         check = _convert.DownloadCheck(progress=progress)
         request = pb.DownloadModelVersionRequest(ref=_convert.ref_proto(ref))
-        # Opened here, not on a thread: a call cancelled while a thread opened the file would leave it behind.
-        out, part = _temp_beside(target)
         try:
-            with out, translated():
+            with translated():
                 async for message in self.registry_stub.DownloadModelVersion(request):
                     data = check.accept(message)
+                    # Made here at the header, not on a thread: a call cancelled while a thread made the file would
+                    # leave it behind.
+                    out = landing.file()
                     if data:
                         await asyncio.to_thread(out.write, data)
             version = check.finish()
-            await asyncio.to_thread(os.replace, part, target)
+            await asyncio.to_thread(landing.commit)
         except BaseException:
-            part.unlink(missing_ok=True)
+            landing.discard()
             raise
         return version
 
     async def watch(self, *, model: str = "") -> AsyncIterator[ModelEvent]:
         """See :meth:`RegistryClient.watch`; iterate with ``async for``."""
         with translated():  # a closed client fails here, before the call exists
-            call = self.registry_stub.WatchModelEvents(pb.WatchModelEventsRequest(model=model))
+            call = self.registry_stub.WatchModelEvents(
+                pb.WatchModelEventsRequest(model=validate_model_name(model) if model else "")
+            )
         try:
             with translated():
                 async for message in call:

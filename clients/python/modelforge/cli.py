@@ -24,12 +24,20 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from modelforge._channel import INFERENCE, JOBS, REGISTRY, Service, resolve_target
+from modelforge import _arrayfiles
+from modelforge._channel import DEFAULT_MAX_MESSAGE_BYTES, INFERENCE, JOBS, REGISTRY, Service, resolve_target
+from modelforge._convert import INT32_MAX, MiB
 from modelforge._domain import JobState, JobStatus, Model, ModelVersion, Prediction
-from modelforge._errors import ModelForgeError, UnavailableError, UnimplementedError
+from modelforge._errors import (
+    ANSWER_TOO_LARGE_HINT,
+    REQUEST_TOO_LARGE_HINT,
+    ModelForgeError,
+    UnavailableError,
+    UnimplementedError,
+)
 from modelforge._inference import InferenceClient
 from modelforge._jobs import Job, JobsClient
-from modelforge._refs import ModelRef
+from modelforge._refs import MAX_VERSION, ModelRef
 from modelforge._registry import RegistryClient
 
 __all__ = ["main"]
@@ -214,6 +222,14 @@ def cmd_models_push(ctx: Context) -> int:
 
 def cmd_models_ls(ctx: Context) -> int:
     a = ctx.args
+    for flag, value in (("--prefix", a.prefix), ("--label", a.label)):
+        if a.name and value is not None:
+            raise UsageError(
+                f"{flag} filters the list of models; `models ls {a.name}` lists that model's versions, which only "
+                "--state filters"
+            )
+    if not a.name and a.state:
+        raise UsageError("--state filters the versions of one model: name it, as in `models ls NAME --state STATE`")
     with ctx.registry() as registry:
         if a.name:
             versions = list(registry.list_versions(a.name, state=a.state))
@@ -227,7 +243,7 @@ def cmd_models_ls(ctx: Context) -> int:
             ]  # fmt: skip
             _table(rows, ["VERSION", "STATE", "SIZE", "SHA256", "ALIASES", "LABEL", "CREATED"], ctx.out)
             return 0
-        models = list(registry.list_models(name_prefix=a.prefix, labels=_labels(a.label)))
+        models = list(registry.list_models(name_prefix=a.prefix or "", labels=_labels(a.label)))
     if a.json:
         _print_json(models, ctx.out)
         return 0
@@ -432,18 +448,25 @@ def cmd_models_loaded(ctx: Context) -> int:
 
 def _read_inputs(specs: Sequence[str]) -> dict[str, np.ndarray[Any, Any]]:
     inputs: dict[str, np.ndarray[Any, Any]] = {}
+    given_by: dict[str, str] = {}  # input name -> the --input that gave it
     for spec in specs:
         name, sep, file = spec.partition("=")
         if not sep:
-            inputs.update(_read_archive(Path(spec), spec))
-            continue
-        if not name or not file:
+            arrays = _read_archive(Path(spec), spec)
+        elif not name or not file:
             raise UsageError(f"--input takes NAME=FILE.npy, not {spec!r}")
-        loaded = _load(Path(file))
-        if not isinstance(loaded, np.ndarray):
-            loaded.close()
-            raise UsageError(f"{file} is a .npz archive of several arrays: give it as --input {file}, without NAME=")
-        inputs[name] = loaded
+        else:
+            loaded = _load(Path(file))
+            if not isinstance(loaded, np.ndarray):
+                raise UsageError(
+                    f"{file} is a .npz archive of several arrays: give it as --input {file}, without NAME="
+                )
+            arrays = {name: loaded}
+        for key, array in arrays.items():
+            if key in given_by:
+                raise UsageError(f"input {key!r} is given twice, by --input {given_by[key]} and --input {spec}")
+            given_by[key] = spec
+            inputs[key] = array
     return inputs
 
 
@@ -453,18 +476,19 @@ def _read_archive(path: Path, spec: str) -> dict[str, np.ndarray[Any, Any]]:
     loaded = _load(path)
     if isinstance(loaded, np.ndarray):
         raise UsageError(f"{path} holds one array, not a .npz archive: give it as --input NAME={path}")
-    with loaded as archive:
-        return {key: archive[key] for key in archive.files}
+    return loaded
 
 
-def _load(path: Path) -> Any:
-    """What ``np.load`` reads from an input file (an array, or an open .npz archive); a UsageError if it cannot."""
+def _load(path: Path) -> np.ndarray[Any, Any] | dict[str, np.ndarray[Any, Any]]:
+    """The array of a .npy input file, or the arrays of a .npz one, read whole; a UsageError if it cannot be."""
+    if path.is_dir():
+        raise UsageError(f"{path} is a directory, not a .npy or .npz file")
     if not path.is_file():
         raise UsageError(f"{path}: no such file")
     try:
-        return np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise UsageError(f"{path} is not a .npy or .npz file that numpy reads without pickle: {exc}") from None
+        return _arrayfiles.read(path)
+    except ValueError as exc:  # says which file, and what numpy found wrong with it
+        raise UsageError(str(exc)) from None
 
 
 def _storable(name: str, array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
@@ -753,7 +777,9 @@ def _address_flags(parser: argparse.ArgumentParser, *, top: bool) -> None:
         help="jobs address (default: $MODELFORGE_JOBS_ADDRESS or 127.0.0.1:50053)",
     )
     group.add_argument("--timeout", type=_seconds, metavar="SECONDS", default=30.0 if top else argparse.SUPPRESS,
-                       help="limit for each call (default: 30)")  # fmt: skip
+                       help="limit in seconds for each call (default: 30), except streamed transfers, which take as "
+                            "long as they need: models push and pull, dataset uploads, job results, and following a "
+                            "job (--wait, jobs watch)")  # fmt: skip
 
 
 def _whole(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
@@ -825,7 +851,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ls", parents=[common], help="list models, or the versions of one model")
     p.add_argument("name", nargs="?", metavar="NAME", help="list this model's versions, newest first")
-    p.add_argument("--prefix", default="", help="only models whose name starts with this")
+    p.add_argument("--prefix", help="only models whose name starts with this")
     p.add_argument("--label", action="append", metavar="KEY=VALUE", help="only models with this label")
     p.add_argument("--state", choices=["READY", "ARCHIVED"], help="only versions in this state")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -851,7 +877,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("alias", parents=[common], help="point an alias at a version")
     p.add_argument("name", metavar="NAME")
-    p.add_argument("version", type=int, metavar="VERSION")
+    p.add_argument("version", type=_whole(1, MAX_VERSION), metavar="VERSION")
     p.add_argument("alias", metavar="ALIAS")
     p.set_defaults(run=cmd_models_alias)
 
@@ -901,7 +927,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true", help="receive the outputs as a stream (large outputs)")
     p.add_argument("--no-sha256", action="store_true",
                    help="with --stream: neither end hashes the outputs (saves CPU; sizes are checked)")  # fmt: skip
-    p.add_argument("--priority", type=int, default=0, help="queue priority, 1 the most urgent")
+    p.add_argument("--priority", type=_whole(0, INT32_MAX), default=0, help="queue priority, 1 the most urgent")
     p.add_argument("--cache", choices=["use", "bypass", "refresh"], help="what to do with the prediction cache")
     p.set_defaults(run=cmd_predict)
 
@@ -920,13 +946,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", metavar="ID", help="run over a dataset uploaded before (see `jobs datasets`)")
     p.add_argument(
         "--batch-size",
-        type=int,
+        type=_whole(0, INT32_MAX),
         default=0,
         help="items per inference request (default: the server's, or what the model fixes)",
     )
     p.add_argument("--priority", choices=["low", "normal", "high"], help="queue priority")
     p.add_argument("--label", action="append", metavar="KEY=VALUE", help="a label for the job (repeatable)")
-    p.add_argument("--max-attempts", type=_whole(0), default=0, help="runs the job may start (default: the server's)")
+    p.add_argument(
+        "--max-attempts", type=_whole(0, INT32_MAX), default=0, help="runs the job may start (default: the server's)"
+    )
     p.add_argument("--time-limit", type=_seconds, metavar="SECONDS", help="how long one run may take")
     p.add_argument("--wait", action="store_true", help="follow the job to its end; exit 1 unless it COMPLETED")
     p.set_defaults(run=cmd_jobs_submit)
@@ -972,7 +1000,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The SDK's advice on a message over gRPC's size limit names SDK arguments; the command has advice of its own.
+_SIZE_LIMIT_HINTS = {
+    REQUEST_TOO_LARGE_HINT: (
+        "; the inputs are larger than one request may be: send fewer items per request, or run them as a batch job "
+        "(`modelforge jobs submit`)"
+    ),
+    ANSWER_TOO_LARGE_HINT: (
+        f"; the answer is larger than one message may be ({DEFAULT_MAX_MESSAGE_BYTES // MiB} MiB): receive it with "
+        "--stream, or ask for fewer outputs (--output) or items"
+    ),
+}
+
+
 def _error_line(exc: ModelForgeError, ctx: Context | None) -> str:
+    for sdk_hint, hint in _SIZE_LIMIT_HINTS.items():
+        if exc.details.endswith(sdk_hint):
+            return exc.details.removesuffix(sdk_hint) + hint
     # UNAVAILABLE without a reason is the transport's: the service was not reached. With one, the service answered.
     if isinstance(exc, UnavailableError) and not exc.reason and ctx is not None and ctx.service is not None:
         service = ctx.service

@@ -8,12 +8,15 @@ import urllib.request
 from collections.abc import Iterator
 
 import grpc
+import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from modelforge.inference.v1 import inference_pb2 as pb
+from modelforge.registry.v1 import registry_pb2
 from modelforge_server.metrics import Endpoint
-from tests.fixtures.onnx_models import ModelFile
+from tests.fixtures.onnx_models import ModelFile, build_heavy, model_bytes
+from tests.fixtures.polling import eventually
 from tests.integration.inference.conftest import RunningInference, failure, predict_request, ref, upload
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -106,3 +109,59 @@ async def test_cache_hits_misses_rejections_and_unloads_are_counted(
     assert value(samples, "modelforge_inference_executions_total", "cached") == 1
     assert value(samples, "modelforge_inference_model_unloads_total", "cached", reason="requested") == 1
     assert samples[("modelforge_inference_loaded_models", (("state", "ready"),))] == 0
+
+
+async def test_requests_whose_callers_went_away_count_among_the_requests(
+    inference: RunningInference, endpoint: Endpoint
+):
+    await upload(inference, "slow", model_bytes(build_heavy(depth=1024)))  # seconds of work: cut short when cancelled
+    await inference.stub.Predict(predict_request("slow", {"x": np.ones((1, 512), np.float32)}))  # loads it
+    calls = [
+        inference.stub.Predict(predict_request("slow", {"x": np.full((256, 512), i, np.float32)})) for i in range(3)
+    ]
+    predicts = {"grpc_service": "modelforge.inference.v1.InferenceService", "grpc_method": "Predict"}
+
+    def in_flight() -> bool:  # every call reached the service, whose counting is what this tests
+        return inference.server.metrics.registry.get_sample_value("modelforge_rpc_in_flight", predicts) == 3
+
+    await eventually(in_flight, "three Predict calls in flight")
+    for call in calls:
+        call.cancel()
+
+    def counted(samples: Samples, name: str, **labels: str) -> float:
+        return value(samples, name, "slow", **labels)
+
+    async def all_cancelled() -> bool:
+        samples = await asyncio.to_thread(scrape, endpoint.port)
+        return counted(samples, "modelforge_inference_rejected_requests_total", reason="cancelled") == 3
+
+    await eventually(all_cancelled, "three cancelled requests")
+    samples = await asyncio.to_thread(scrape, endpoint.port)
+    assert counted(samples, "modelforge_inference_requests_total") == 4
+    assert counted(samples, "modelforge_inference_failed_requests_total") == 0
+
+
+async def test_a_deleted_model_leaves_the_metrics_and_keeps_its_statistics_by_number(
+    inference: RunningInference, endpoint: Endpoint, add_one: ModelFile
+):
+    await upload(inference, "gone", add_one)
+    await upload(inference, "kept", add_one)
+    for name in ("gone", "kept"):
+        await inference.stub.Predict(predict_request(name, add_one.sample(batch=1)))
+
+    def exported(samples: Samples, model: str) -> list[str]:
+        return [name for name, labels in samples if ("model", model) in labels]
+
+    assert exported(await asyncio.to_thread(scrape, endpoint.port), "gone")
+    await inference.registry_stub.DeleteModel(registry_pb2.DeleteModelRequest(name="gone", force=True))
+
+    async def dropped() -> bool:
+        return not exported(await asyncio.to_thread(scrape, endpoint.port), "gone")
+
+    await eventually(dropped, "the deleted model's series to leave /metrics")
+    samples = await asyncio.to_thread(scrape, endpoint.port)
+    assert value(samples, "modelforge_inference_requests_total", "kept") == 1
+    response = await inference.stub.GetModelStatistics(pb.GetModelStatisticsRequest(ref=ref("gone", version=1)))
+    assert [(s.model, s.version, s.request_count) for s in response.model_statistics] == [("gone", 1, 1)]
+    listed = await inference.stub.GetModelStatistics(pb.GetModelStatisticsRequest())
+    assert [s.model for s in listed.model_statistics] == ["kept"]

@@ -157,3 +157,20 @@ async def test_model_with_a_sequence_input_fails_to_load_with_failed_preconditio
         code, reason, details = await failure(call)
         assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "MODEL_LOAD_FAILED")
         assert "'items'" in details and "not tensors ModelForge serves" in details
+
+
+async def test_a_model_no_request_can_feed_is_listed_failed_with_why_once_asked_for(inference: RunningInference):
+    """A prediction refuses such a version from its signature, before any load; ListLoadedModels and V2
+    RepositoryIndex then list it FAILED with the reason, as they list a version whose load failed."""
+    await upload(inference, "sequence-input", model_bytes(build_sequence_input()))
+    x = np.ones((1, 2), np.float32)
+    code, reason, _ = await failure(inference.stub.Predict(predict_request("sequence-input", {"items": x})))
+    assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "MODEL_LOAD_FAILED")
+
+    (entry,) = (await inference.stub.ListLoadedModels(inference_pb2.ListLoadedModelsRequest())).loaded_models
+    assert (entry.model, entry.version, entry.state) == ("sequence-input", 1, inference_pb2.LOADED_MODEL_STATE_FAILED)
+    assert "not tensors ModelForge serves" in entry.reason
+    index = await inference.oip.RepositoryIndex(pb.RepositoryIndexRequest())
+    [listed] = [model for model in index.models if model.name == "sequence-input"]
+    assert (listed.version, listed.state) == ("1", "UNAVAILABLE")
+    assert "not tensors ModelForge serves" in listed.reason

@@ -126,12 +126,30 @@ async def test_server_is_live_ready_and_lists_its_extensions(v2: V2) -> None:
     assert set(metadata.extensions) == {"model_repository", "model_configuration", "schedule_policy", "statistics"}
 
 
-async def test_unserved_protocol_methods_are_unimplemented(v2: V2) -> None:
-    await assert_status(
-        v2.stub.CudaSharedMemoryStatus(pb.CudaSharedMemoryStatusRequest()), grpc.StatusCode.UNIMPLEMENTED
-    )
-    await assert_status(v2.stub.TraceSetting(pb.TraceSettingRequest()), grpc.StatusCode.UNIMPLEMENTED)
-    await assert_status(v2.stub.LogSettings(pb.LogSettingsRequest()), grpc.StatusCode.UNIMPLEMENTED)
+_NO_CUDA = "CUDA_SHARED_MEMORY_UNSUPPORTED"
+
+
+@pytest.mark.parametrize(
+    ("method", "request_class", "reason", "advice"),
+    [
+        ("CudaSharedMemoryStatus", pb.CudaSharedMemoryStatusRequest, "CUDA_SHARED_MEMORY_UNSUPPORTED", "system"),
+        ("CudaSharedMemoryRegister", pb.CudaSharedMemoryRegisterRequest, "CUDA_SHARED_MEMORY_UNSUPPORTED", "system"),
+        (
+            "CudaSharedMemoryUnregister",
+            pb.CudaSharedMemoryUnregisterRequest,
+            "CUDA_SHARED_MEMORY_UNSUPPORTED",
+            "system",
+        ),
+        ("TraceSetting", pb.TraceSettingRequest, "TRACE_SETTINGS_UNSUPPORTED", "MODELFORGE_OTLP_ENDPOINT"),
+        ("LogSettings", pb.LogSettingsRequest, "LOG_SETTINGS_UNSUPPORTED", "MODELFORGE_LOG_LEVEL"),
+    ],
+)
+async def test_unserved_protocol_methods_are_unimplemented_and_say_what_to_do_instead(
+    v2: V2, method: str, request_class: type, reason: str, advice: str
+) -> None:
+    code, found, message = await failure(getattr(v2.stub, method)(request_class()))
+    assert (code, found) == (grpc.StatusCode.UNIMPLEMENTED, reason)
+    assert advice in message
 
 
 # --- metadata and configuration --------------------------------------------------------------------------------
@@ -344,6 +362,7 @@ async def test_timeout_parameter_passing_in_the_queue_is_deadline_exceeded_and_n
     stats = await v2_statistics(single_thread, "slow")
     assert (stats.execution_count, stats.inference_count) == (1, len(BLOCKER["x"]))
     assert (stats.inference_stats.success.count, stats.inference_stats.fail.count) == (1, 1)
+    assert stats.inference_stats.fail.ns >= 40_000_000  # the time the failed request took, its wait included
     assert rejected(single_thread, "slow", "deadline") == 1
 
 
@@ -753,3 +772,5 @@ async def test_statistics_count_every_row_of_a_request_run_alone(v2: V2, mlp: Mo
     [entry] = stats.model_stats
     assert (entry.inference_stats.success.count, entry.inference_count, entry.execution_count) == (1, 2, 1)
     assert [(b.batch_size, b.compute_infer.count) for b in entry.batch_stats] == [(2, 1)]
+    [batch] = entry.batch_stats
+    assert 0 < batch.compute_infer.ns <= entry.inference_stats.compute_infer.ns

@@ -118,9 +118,11 @@ async def test_shared_memory_is_off_by_default_and_says_how_to_turn_it_on(
 
 
 async def test_cuda_shared_memory_stays_unimplemented(shm_v2: V2) -> None:
-    await assert_status(
-        shm_v2.stub.CudaSharedMemoryStatus(pb.CudaSharedMemoryStatusRequest()), grpc.StatusCode.UNIMPLEMENTED
+    reason, _ = await reason_of(
+        shm_v2.stub.CudaSharedMemoryRegister(pb.CudaSharedMemoryRegisterRequest(name="gpu")),
+        grpc.StatusCode.UNIMPLEMENTED,
     )
+    assert reason == "CUDA_SHARED_MEMORY_UNSUPPORTED"
 
 
 # --- registering -----------------------------------------------------------------------------------------------

@@ -151,6 +151,8 @@ def _scenario_unserved(client: Any, tc: Any, args: dict[str, Any], workdir: Path
     for name, call in (
         ("system_shared_memory", client.get_system_shared_memory_status),
         ("cuda_shared_memory", client.get_cuda_shared_memory_status),
+        ("trace_settings", client.get_trace_settings),
+        ("log_settings", client.get_log_settings),
     ):
         try:
             call()
@@ -426,6 +428,11 @@ async def test_inference_statistics(triton: TritonClient, inference: Any, mlp: A
 async def test_unserved_extensions_are_unimplemented(triton: TritonClient) -> None:
     seen, _ = await triton.run("unserved")
     assert seen["cuda_shared_memory"]["status"] == "StatusCode.UNIMPLEMENTED"
+    assert "system shared memory" in seen["cuda_shared_memory"]["message"]
+    assert seen["trace_settings"]["status"] == "StatusCode.UNIMPLEMENTED"
+    assert "MODELFORGE_OTLP_ENDPOINT" in seen["trace_settings"]["message"]
+    assert seen["log_settings"]["status"] == "StatusCode.UNIMPLEMENTED"
+    assert "MODELFORGE_LOG_LEVEL" in seen["log_settings"]["message"]
     # System shared memory is there, off unless the server is started with it.
     assert seen["system_shared_memory"]["status"] == "StatusCode.FAILED_PRECONDITION"
     assert "MODELFORGE_ALLOW_CLIENT_SHM" in seen["system_shared_memory"]["message"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 
 import dramatiq
@@ -47,6 +48,42 @@ def test_delay_queues_keep_polling(redis_url: str) -> None:
         dramatiq.Actor(lambda n: None, broker=broker, actor_name="noop", queue_name="wake", priority=0, options={})
         consumer = broker.consume(dq_name("wake"), prefetch=1, timeout=10)
         assert next(consumer) is None  # a short poll, no channel to wait on
+        consumer.close()
+    finally:
+        broker.close()
+
+
+def test_a_consumer_with_a_full_prefetch_window_looks_again_at_once_rather_than_waiting_for_a_wake_up(
+    redis_url: str,
+) -> None:
+    """A backlog is taken as fast as the worker acks (its acks are handled between two looks), not one window per
+    fallback poll: a full window fetched nothing, and no wake-up comes for messages already waiting."""
+    broker = WakingRedisBroker(url=redis_url, namespace=f"test-{uuid.uuid4().hex[:8]}")
+    try:
+        actor = dramatiq.Actor(
+            lambda n: None, broker=broker, actor_name="noop", queue_name="wake", priority=0, options={}
+        )
+        for n in range(3):
+            actor.send(n)
+        consumer = broker.consume("wake", prefetch=1, timeout=HOUR_MS)
+        first = next(consumer)
+        assert first is not None and first.args == (0,)
+        assert next(consumer) is None  # the window is full (its first wait ends on the channel's subscription)
+        looked: list[float] = []
+
+        def look() -> None:
+            started = time.monotonic()
+            assert next(consumer) is None  # still full: nothing fetched
+            looked.append(time.monotonic() - started)
+
+        thread = threading.Thread(target=look, daemon=True)
+        thread.start()
+        thread.join(timeout=10)
+        assert looked and looked[0] < 1.0, "a consumer with a full window waited for a wake-up"
+        consumer.ack(first)
+        second = next(consumer)
+        assert second is not None and second.args == (1,)
+        consumer.ack(second)
         consumer.close()
     finally:
         broker.close()

@@ -11,7 +11,6 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from modelforge.jobs.v1 import jobs_pb2
-from modelforge_server import embedded
 from tests.fixtures.proxy import TcpProxy
 from tests.integration.jobs.conftest import error_reason, inline_request
 
@@ -43,10 +42,10 @@ async def test_ready_while_every_dependency_answers(jobs_api) -> None:
             await watch_until(health, name, SERVING)
 
 
-async def test_ready_without_the_inference_service_it_never_calls(jobs_settings, start_jobs_api) -> None:
+async def test_ready_without_the_inference_service_it_never_calls(jobs_settings, start_jobs_api, closed_port) -> None:
     # The workers call the inference service; the API only reports it. It used to turn NOT_SERVING and take a
     # replica that could take jobs out of service.
-    nowhere = replace(jobs_settings, inference_address=f"127.0.0.1:{embedded.free_port()}")
+    nowhere = replace(jobs_settings, inference_address=f"127.0.0.1:{closed_port}")
     async with (
         start_jobs_api(nowhere) as api,
         grpc.aio.insecure_channel(f"127.0.0.1:{api.port}") as channel,
@@ -62,9 +61,9 @@ async def test_ready_without_the_inference_service_it_never_calls(jobs_settings,
 
 
 async def test_without_the_registry_submits_fail_and_the_rest_is_served(
-    jobs_settings, start_jobs_api, jobs_api
+    jobs_settings, start_jobs_api, jobs_api, closed_port
 ) -> None:
-    nowhere = replace(jobs_settings, registry_address=f"127.0.0.1:{embedded.free_port()}")
+    nowhere = replace(jobs_settings, registry_address=f"127.0.0.1:{closed_port}")
     async with (
         start_jobs_api(nowhere) as api,
         grpc.aio.insecure_channel(f"127.0.0.1:{api.port}") as channel,

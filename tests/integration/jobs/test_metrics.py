@@ -13,7 +13,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from modelforge.jobs.v1 import jobs_pb2
 from modelforge_jobs.actors import WorkerResources, declare_actors, make_broker
-from modelforge_server import embedded
 from modelforge_server.metrics import Metrics
 from tests.integration.jobs.conftest import inline_request, upload, wait_terminal
 
@@ -117,13 +116,13 @@ async def test_waiting_jobs_show_in_the_queue_and_state_gauges(jobs_api, jobs_se
 
 
 async def test_transient_failures_count_retries_then_the_failure(
-    jobs_api, jobs_settings, start_worker, inference, add_one
+    jobs_api, jobs_settings, start_worker, inference, add_one, closed_port
 ) -> None:
     """Inference unreachable, and no outage tolerated: every attempt but the last is a retry; the last fails the
     job, counted by reason."""
     await upload(inference, "add-one", add_one)
     nowhere = replace(
-        jobs_settings, inference_address=f"127.0.0.1:{embedded.free_port()}", inference_timeout=5.0, outage_tolerance=0
+        jobs_settings, inference_address=f"127.0.0.1:{closed_port}", inference_timeout=5.0, outage_tolerance=0
     )
     async with start_worker(nowhere) as running:
         request = inline_request("add-one", {"x": np.ones((2, 4), dtype=np.float32)}, max_attempts=3)
@@ -137,3 +136,29 @@ async def test_transient_failures_count_retries_then_the_failure(
     assert sample("modelforge_jobs_failed_total", {"reason": "ATTEMPTS_EXHAUSTED"}) == 1
     assert sample("modelforge_jobs_items_total") == 0
     assert sample("modelforge_jobs_completed_total") == 0
+
+
+async def test_a_worker_reports_whether_it_reaches_its_dependencies(jobs_settings, closed_port) -> None:
+    """The worker serves no health checks; its /metrics says what it reaches, as the services' do."""
+    down = f"127.0.0.1:{closed_port}"  # nothing listens there: an inference service that is down
+    found: dict[str, dict[str, bool]] = {}
+    up: dict[str, dict[str, float | None]] = {}
+    for case, settings in (("up", jobs_settings), ("down", replace(jobs_settings, inference_address=down))):
+        broker = make_broker(settings)
+        resources = WorkerResources(settings)
+        declare_actors(broker, settings, resources)
+        await resources.open()
+        try:
+            found[case] = await resources.check_dependencies()
+        finally:
+            await resources.close()
+            broker.close()
+        registry = resources.metrics.metrics.registry
+        up[case] = {
+            name: registry.get_sample_value("modelforge_dependency_up", {"dependency": name}) for name in found[case]
+        }
+
+    assert found["up"] == {"postgresql": True, "inference": True, "redis": True}
+    assert up["up"] == {"postgresql": 1, "inference": 1, "redis": 1}
+    assert found["down"] == {"postgresql": True, "inference": False, "redis": True}
+    assert up["down"] == {"postgresql": 1, "inference": 0, "redis": 1}

@@ -45,7 +45,7 @@ async def test_a_group_stores_its_new_batches_and_counts_none_stored_before(db_p
     job = await store.get_job(job_id)
     assert (job.progress.items_done, job.progress.batches_done) == (50, 5)
     assert await store.done_batches(job_id) == {0, 1, 2, 3, 4}
-    stored = await store.results(job_id, after=-1, limit=10)
+    stored = await store.results(job_id, after=-1, limit=10, max_bytes=1 << 20)
     assert [(r.batch_index, r.first_item, r.item_count, r.record) for r in stored] == [
         (i, i * 10, 10, f"outputs {i}".encode()) for i in range(5)
     ]
@@ -77,3 +77,23 @@ async def test_nothing_is_stored_after_a_cancel_or_by_a_worker_that_lost_the_job
     assert (job.progress.items_done, job.progress.batches_done) == (10, 1)
     assert await store.done_batches(job_id) == {0}
     assert await store.store_batches(uuid.uuid4(), "w1", [batch(0)], 0.5) is None  # no such job
+
+
+async def test_a_page_of_results_holds_no_more_bytes_than_asked_but_always_one_batch(db_pool) -> None:
+    """Pages of large batches stay small in memory: GetJobResult streams them page by page."""
+    await db.migrate(db_pool, schema="jobs", package="modelforge_jobs.migrations")
+    store = JobStore(db_pool)
+    job_id = await running_job(store, batches=4)
+    large = [ResultRecord(i, i * 10, 10, bytes([i]) * 1000) for i in range(4)]
+    assert await store.store_batches(job_id, "w1", large, 0.5) is JobState.RUNNING
+
+    async def pages(max_bytes: int) -> list[list[int]]:
+        found, after = [], -1
+        while page := await store.results(job_id, after=after, limit=10, max_bytes=max_bytes):
+            found.append([r.batch_index for r in page])
+            after = page[-1].batch_index
+        return found
+
+    assert await pages(2500) == [[0, 1], [2, 3]]
+    assert await pages(10) == [[0], [1], [2], [3]]  # a batch larger than the budget still comes, alone
+    assert await pages(1 << 20) == [[0, 1, 2, 3]]

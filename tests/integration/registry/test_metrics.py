@@ -136,7 +136,9 @@ def spans() -> Iterator[InMemorySpanExporter]:
 
 async def test_upload_validation_and_blob_write_are_spans_of_the_upload(spans, registry, mlp) -> None:
     spans.clear()
-    await upload_model(registry.stub, "traced", mlp.data)
+    # A client span without a parent is background work, which is not traced: the upload is a caller's.
+    with telemetry.tracer("modelforge.test").start_as_current_span("caller"):
+        await upload_model(registry.stub, "traced", mlp.data)
     finished = spans.get_finished_spans()
     method = "/modelforge.registry.v1.RegistryService/UploadModelVersion"
     (served,) = [s for s in finished if s.name == method and s.kind == trace.SpanKind.SERVER]

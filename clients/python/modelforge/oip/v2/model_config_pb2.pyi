@@ -464,7 +464,7 @@ class ModelQueuePolicy(_message.Message):
     default_timeout_microseconds: _builtins.int
     """The queue timeout of requests that set none; 0 means none."""
     allow_timeout_override: _builtins.bool
-    """True when a request's own timeout may replace the default."""
+    """True when a request's own timeout may shorten the default (never lengthen it)."""
     max_queue_size: _builtins.int
     """The most requests the queue holds; 0 means no limit."""
     def __init__(
