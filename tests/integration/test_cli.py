@@ -40,6 +40,7 @@ from tests.fixtures.onnx_models import (  # noqa: F401
     onnx_dir,
     write_model,
 )
+from tests.fixtures.postgres import tables_locked
 from tests.fixtures.servers import RunningRegistry, registry, registry_settings  # noqa: F401
 from tests.integration.inference.conftest import RunningInference, inference, start_inference  # noqa: F401
 from tests.integration.jobs.conftest import (  # noqa: F401
@@ -528,9 +529,10 @@ async def test_set_changes_model_and_version_labels_and_ls_filters_by_them(
 async def test_push_whose_alias_cannot_be_set_says_the_version_was_stored(
     cli: Cli, add_one: ModelFile, registry: RunningRegistry
 ) -> None:
-    # The upload has no deadline; SetAlias, a unary call, gets a microsecond.
-    pushed = await cli("models", "push", str(add_one.path), "--name", "demo", "--alias", "production",
-                       "--timeout", "0.000001")  # fmt: skip
+    # The upload has no deadline; SetAlias, a unary call, waits on the test's lock on the aliases past its own.
+    async with tables_locked(registry.settings.database_url or "", "registry.aliases"):
+        pushed = await cli("models", "push", str(add_one.path), "--name", "demo", "--alias", "production",
+                           "--timeout", "0.5")  # fmt: skip
     assert (pushed.code, pushed.err) == (
         1, "modelforge: pushed demo:1, but whether alias production was set is unknown: Deadline Exceeded\n"
     )  # fmt: skip

@@ -31,6 +31,7 @@ from modelforge import (
 )
 from modelforge.registry.v1 import registry_pb2
 from tests.fixtures.onnx_models import ModelFile, add_one, mlp, not_onnx, onnx_dir  # noqa: F401
+from tests.fixtures.postgres import tables_locked
 from tests.fixtures.servers import RunningRegistry, registry, registry_settings  # noqa: F401
 
 
@@ -258,22 +259,24 @@ def unused_address(closed_port: int) -> str:
 async def test_a_push_whose_alias_cannot_be_set_says_the_version_was_stored(
     registry: RunningRegistry, add_one: ModelFile
 ) -> None:
+    # Writes to the aliases wait on the test's lock until SetAlias's deadline passes; the upload has no deadline.
     says = "pushed adder:1, but whether alias production was set is unknown: Deadline Exceeded"
-    async with AsyncRegistryClient(registry.address, timeout=1e-6) as hurried:  # no time for SetAlias; the upload
-        with pytest.raises(DeadlineExceededError) as caught:  # has no deadline
-            await hurried.push(add_one.data, name="adder", alias="production")
-    assert str(caught.value) == says and caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    async with tables_locked(registry.settings.database_url or "", "registry.aliases"):
+        async with AsyncRegistryClient(registry.address, timeout=0.5) as hurried:
+            with pytest.raises(DeadlineExceededError) as caught:
+                await hurried.push(add_one.data, name="adder", alias="production")
+        assert str(caught.value) == says and caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
 
-    def sync_push() -> None:
-        with RegistryClient(registry.address, timeout=1e-6) as hurried:
-            try:
-                hurried.push(add_one.path, name="adder", alias="production")
-            except DeadlineExceededError as exc:
-                assert str(exc) == says.replace("adder:1", "adder:2")
-            else:
-                raise AssertionError("SetAlias had no time: push must fail")
+        def sync_push() -> None:
+            with RegistryClient(registry.address, timeout=0.5) as hurried:
+                try:
+                    hurried.push(add_one.path, name="adder", alias="production")
+                except DeadlineExceededError as exc:
+                    assert str(exc) == says.replace("adder:1", "adder:2")
+                else:
+                    raise AssertionError("SetAlias could not write: push must fail")
 
-    await asyncio.to_thread(sync_push)
+        await asyncio.to_thread(sync_push)
     async with AsyncRegistryClient(registry.address) as client:  # the registry may have set the alias after the
         assert [v.version async for v in client.list_versions("adder")] == [2, 1]  # caller stopped waiting
 
