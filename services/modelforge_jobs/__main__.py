@@ -79,6 +79,7 @@ async def build(settings: JobsSettings, stack: AsyncExitStack) -> app.Server:
         changes=changes,
         watch_interval=settings.watch_interval,
         default_batch_size=settings.default_job_batch_size,
+        default_batch_bytes=settings.default_job_batch_bytes,
         metrics=ApiMetrics(metrics),
     )
     server = app.build_server(

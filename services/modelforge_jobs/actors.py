@@ -15,7 +15,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from typing import Any
 from uuid import UUID
@@ -72,6 +72,15 @@ class JobQueue:
         # BrokerError: BrokerConnectionError, named ConnectionError before dramatiq 2 (that name now warns).
         except (redis.RedisError, dramatiq.errors.BrokerError) as exc:
             raise DependencyUnavailable("job queue (Redis)", type(exc).__name__) from exc
+
+    async def held(self, job_ids: Sequence[UUID]) -> set[UUID]:
+        """Those of these jobs whose latest message Redis still holds (see WakingRedisBroker.held_jobs)."""
+        broker: Any = self._broker
+        try:
+            held = await asyncio.to_thread(broker.held_jobs, [str(job_id) for job_id in job_ids])
+        except redis.RedisError as exc:
+            raise DependencyUnavailable("job queue (Redis)", type(exc).__name__) from exc
+        return {UUID(job_id) for job_id in held}
 
     def queues(self) -> dict[str, str]:
         """Queue name to the Redis list that holds its waiting messages (a RedisBroker's `namespace:queue`)."""
@@ -291,10 +300,16 @@ class WorkerResources(dramatiq.Middleware):
             log.warning("job %s: its worker stopped heartbeating; queued again", job_id, extra={"job_id": job_id})
             self.metrics.reaped.inc()
             await self._send(job_id, priority)
-        for job_id, priority in await store.unsent(older_than=settings.resend_after):
-            log.warning("job %s: queued long ago and never picked up; message sent again", job_id)
-            self.metrics.resent.inc()
-            await self._send(job_id, priority)
+        waited = await store.unsent(older_than=settings.resend_after)
+        try:  # jobs that wait behind a backlog, their messages in Redis, are left to it
+            held = await queue.held([job.id for job in waited if not job.marked])
+        except DependencyUnavailable:
+            held = set()  # each send below fails too, and marks its job for the next pass
+        for job in waited:
+            if job.id not in held:
+                log.warning("job %s: its message was lost (never sent, or gone from Redis); sent again", job.id)
+                self.metrics.resent.inc()
+                await self._send(job.id, job.priority)
         jobs, datasets = await store.expire(retention=settings.job_retention)
         if jobs or datasets:
             log.info("retention: deleted %d job(s) and %d dataset(s)", jobs, datasets)

@@ -13,6 +13,13 @@ timeout. Dramatiq runs that pass by chance, on 0.1% of commands and for the queu
 queue took ten minutes and more; here the workers' maintenance loop also runs it on every queue
 (:meth:`WakingRedisBroker.recover_messages`), and the heartbeat timeout is the jobs' own (MODELFORGE_HEARTBEAT_TIMEOUT),
 so a dead worker's queued jobs run again as soon as its running ones do.
+
+Every message on these queues names its job in its first argument, and the broker keeps, in one Redis hash, where
+the latest message of each job is (its queue and its id in Redis): set at every send, including Dramatiq's own
+(retries, and delayed messages moved to their queue when due), and removed when that message is acknowledged. A
+job QUEUED for long whose message Redis no longer holds (flushed, restarted without its data, dead-lettered, or
+dropped by a run that found the job taken) is told apart from one that waits behind a backlog
+(:meth:`WakingRedisBroker.held_jobs`), so that only the former is sent again.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import redis
@@ -38,6 +45,8 @@ class WakingRedisBroker(RedisBroker):
             url=url, namespace=namespace, heartbeat_timeout=round(heartbeat_timeout * 1000)
         )
         self._forced = threading.local()  # set while recover_messages runs, in its thread only
+        self.messages_key = f"{namespace}:job-messages"  # job id -> "QUEUE REDIS_MESSAGE_ID" of its latest message
+        self._forget = self.client.register_script(_FORGET_IF_LATEST)
 
     def recover_messages(self, queue_names: Iterable[str]) -> None:
         """Runs Dramatiq's maintenance pass on each queue and its delay queue now: messages taken by workers whose
@@ -60,11 +69,34 @@ class WakingRedisBroker(RedisBroker):
 
     def enqueue(self, message: Message[Any], *, delay: int | None = None) -> Message[Any]:
         sent: Message[Any] = super().enqueue(message, delay=delay)
+        pipeline = self.client.pipeline(transaction=False)
+        if sent.args:
+            pipeline.hset(self.messages_key, str(sent.args[0]), _location(sent))
         if delay is None:
-            # The message is stored; a lost wake-up only delays it to the consumers' fallback poll.
-            with contextlib.suppress(redis.RedisError):
-                self.client.publish(self.wake_channel(sent.queue_name), b"")
+            pipeline.publish(self.wake_channel(sent.queue_name), b"")
+        # The message is stored. A lost wake-up only delays it to the consumers' fallback poll; a location not
+        # recorded makes the job look lost to the maintenance pass after MODELFORGE_RESEND_AFTER, which sends it
+        # again, and the run of whichever message comes second finds the job taken.
+        with contextlib.suppress(redis.RedisError):
+            pipeline.execute()
         return sent
+
+    def forget(self, message: Message[Any]) -> None:
+        """Drops the job's message location if it is this (acknowledged) message's."""
+        if message.args:
+            self._forget(keys=[self.messages_key], args=[str(message.args[0]), _location(message)])
+
+    def held_jobs(self, job_ids: Sequence[str]) -> set[str]:
+        """Those of these jobs whose latest message Redis still holds: waiting in its queue or delay queue, or taken
+        by a worker and not acknowledged (a dead worker's go back to their queue, see recover_messages)."""
+        if not job_ids:
+            return set()
+        locations = self.client.hmget(self.messages_key, list(job_ids))
+        found = [(job_id, raw.decode().split(" ", 1)) for job_id, raw in zip(job_ids, locations, strict=True) if raw]
+        pipeline = self.client.pipeline(transaction=False)
+        for _, (queue, message_id) in found:
+            pipeline.hexists(f"{self.namespace}:{queue}.msgs", message_id)
+        return {job_id for (job_id, _), there in zip(found, pipeline.execute(), strict=True) if there}
 
     @property
     def consumer_class(self) -> type[_RedisConsumer]:
@@ -74,6 +106,20 @@ class WakingRedisBroker(RedisBroker):
         """Closes the broker's Redis connections too (Dramatiq's RedisBroker leaves them to the collector)."""
         super().close()
         self.client.connection_pool.disconnect()
+
+
+def _location(message: Message[Any]) -> str:
+    return f"{message.queue_name} {message.options['redis_message_id']}"
+
+
+# Removes a job's message location (KEYS[1], field ARGV[1]) only if it still names the acknowledged message
+# (ARGV[2]): a newer message sent meanwhile keeps its own.
+_FORGET_IF_LATEST = """
+if redis.call('hget', KEYS[1], ARGV[1]) == ARGV[2] then
+    return redis.call('hdel', KEYS[1], ARGV[1])
+end
+return 0
+"""
 
 
 # How often a consumer whose prefetch window is full looks again, so that the worker's acks free the window
@@ -114,6 +160,12 @@ class _WakingConsumer(_RedisConsumer):
             except redis.ConnectionError as exc:
                 raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
         return message
+
+    def ack(self, message: Any) -> None:
+        super().ack(message)  # type: ignore[no-untyped-call]
+        # The job's location is only read for QUEUED jobs: one left behind (Redis failing here) costs memory only.
+        with contextlib.suppress(redis.RedisError):
+            self.broker.forget(message)
 
     def close(self) -> None:
         if self._wakes is not None:

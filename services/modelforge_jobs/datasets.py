@@ -362,15 +362,16 @@ class _Decoded:
     first_item: int
     item_count: int
     columns: dict[str, _Column]
+    size: int = 0  # bytes of the serialized record, which its columns' data keeps in memory
 
     @classmethod
-    def of(cls, message: DatasetRecord, first_item: int) -> _Decoded:
+    def of(cls, message: DatasetRecord, first_item: int, size: int = 0) -> _Decoded:
         items = int(message.tensors[0].shape[0]) if message.tensors and message.tensors[0].shape else 0
-        return cls(first_item, items, {t.name: _Column.of(t, items) for t in message.tensors})
+        return cls(first_item, items, {t.name: _Column.of(t, items) for t in message.tensors}, size)
 
 
 def _decode(record: InputRecord) -> _Decoded:
-    decoded = _Decoded.of(DatasetRecord.FromString(record.record), record.first_item)
+    decoded = _Decoded.of(DatasetRecord.FromString(record.record), record.first_item, len(record.record))
     if decoded.item_count != record.item_count:
         raise InvalidDataset(f"record {record.index} holds {decoded.item_count} items, not {record.item_count}")
     return decoded
@@ -433,15 +434,19 @@ class DatasetItems:
     """A stored dataset's items, read by item range: each batch fetches only the records it covers.
 
     A miss fetches the records of `read_ahead` items from the batch's start (at least the batch), so that a runner
-    reading its batches in order makes one query per several batches. The records of the last fetch, and the
-    `cached_records` records used last, stay in memory parsed, since consecutive batches usually share records;
-    memory stays bounded by those whatever the dataset's size.
+    reading its batches in order makes one query per several batches. The records of the last fetch, and of the
+    ones used last at most `cached_records` records and `cached_bytes` bytes, stay in memory parsed, since
+    consecutive batches usually share records; memory stays bounded by those whatever the dataset's size.
     """
 
-    def __init__(self, fetch: Fetch, *, cached_records: int = 8, read_ahead: int = 0) -> None:
+    def __init__(
+        self, fetch: Fetch, *, cached_records: int = 8, cached_bytes: int = 64 << 20, read_ahead: int = 0
+    ) -> None:
         self._fetch = fetch
         self._cache: collections.OrderedDict[int, _Decoded] = collections.OrderedDict()
         self._limit = max(1, cached_records)
+        self._byte_limit = cached_bytes
+        self._bytes = 0  # of the records cached
         self._read_ahead = max(0, read_ahead)
         self._fetched = 0  # records of the last fetch, never evicted before the next one
 
@@ -472,11 +477,13 @@ class DatasetItems:
                     f"the job's dataset holds no records for items {start} to {stop - 1}: it is gone; upload it again"
                 )
             for record in decoded:
+                replaced = self._cache.pop(record.first_item, None)
+                self._bytes += record.size - (replaced.size if replaced is not None else 0)
                 self._cache[record.first_item] = record
-                self._cache.move_to_end(record.first_item)
             self._fetched = len(decoded)
         for record in records:
             self._cache.move_to_end(record.first_item)
-        while len(self._cache) > max(self._limit, self._fetched):
-            self._cache.popitem(last=False)
+        while len(self._cache) > self._fetched and (len(self._cache) > self._limit or self._bytes > self._byte_limit):
+            _, evicted = self._cache.popitem(last=False)
+            self._bytes -= evicted.size
         return _assemble(records, start, stop)

@@ -65,6 +65,18 @@ class ResolvedModel:
     # Outputs whose signature shows they hold no row per item, each with why: ("idx", "has first dimension 'hits',
     # not the items' 'n'").
     unitemized_outputs: tuple[tuple[str, str], ...] = ()
+    # Bytes per item of the outputs whose every dimension but the first is fixed, and whose elements have a fixed
+    # size (a lower bound of an item's outputs: dynamic dimensions and strings count nothing).
+    output_item_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """A QUEUED job whose message was sent long ago and not taken yet, or (`marked`) could not be sent at all."""
+
+    id: UUID
+    priority: Priority
+    marked: bool
 
 
 Dims = tuple[tuple[int, str], ...]  # a declared shape: each dimension's size (-1: dynamic) and name ("": none)

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
+from modelforge import tensors
 from modelforge.common.v1 import tensor_pb2
 from modelforge.common.v1.tensor_pb2 import Tensor
 from modelforge.inference.v1 import inference_pb2
@@ -121,8 +122,29 @@ class RegistryClient:
             {spec.name: _dims(spec) for spec in version.signature.outputs if spec.dtype},
         )
         return ResolvedModel(
-            version.model, int(version.version), version.sha256, inputs, ranks, fixed_items, unitemized
+            version.model,
+            int(version.version),
+            version.sha256,
+            inputs,
+            ranks,
+            fixed_items,
+            unitemized,
+            output_item_bytes=sum(_declared_item_bytes(spec) for spec in version.signature.outputs),
         )
+
+
+def _declared_item_bytes(spec: tensor_pb2.TensorSpec) -> int:
+    """Bytes per item of an output, from its signature: 0 unless its elements and every dimension after the first
+    have a fixed size."""
+    if spec.dtype in (tensor_pb2.DATA_TYPE_UNSPECIFIED, tensor_pb2.DATA_TYPE_STRING) or len(spec.shape) < 1:
+        return 0
+    item_shape = [int(d) for d in spec.shape[1:]]
+    if any(d < 0 for d in item_shape):
+        return 0
+    try:
+        return tensors.element_count(item_shape) * tensors.itemsize(spec.dtype)
+    except ValueError:  # a dtype this release does not know
+        return 0
 
 
 def _dims(spec: tensor_pb2.TensorSpec) -> Dims:

@@ -122,6 +122,7 @@ class Jobs:
         result_page: int = 64,
         result_page_bytes: int = 16 << 20,
         default_batch_size: int = 256,
+        default_batch_bytes: int = 16 << 20,
         metrics: ApiMetrics | None = None,
     ) -> None:
         self._store = store
@@ -135,6 +136,7 @@ class Jobs:
         self._result_page = result_page  # batches read from PostgreSQL at once, within result_page_bytes
         self._result_page_bytes = result_page_bytes
         self._default_batch_size = default_batch_size
+        self._default_batch_bytes = default_batch_bytes
         self._metrics = metrics
 
     # --- submission -----------------------------------------------------------------------------------------
@@ -151,13 +153,14 @@ class Jobs:
         model = await self._registry.resolve(spec.model_ref, within=time_remaining)
         if spec.dataset_id is not None:
             dataset = await self._store.get_dataset(spec.dataset_id)
-            tensors, items = dataset.tensors, dataset.item_count
+            tensors, items, input_bytes = dataset.tensors, dataset.item_count, dataset.size_bytes
         else:
-            tensors, items = spec.inline_tensors, spec.inline_items
+            tensors, items, input_bytes = spec.inline_tensors, spec.inline_items, len(spec.inline_input or b"")
         if items == 0:
             raise InvalidInput("the input holds no items; give at least one", field="inline_input")
         check_signature(model, tensors)
-        spec = replace(spec, batch_size=self._batch_size(model, spec.batch_size, items))
+        item_bytes = max(-(-input_bytes // items), model.output_item_bytes)
+        spec = replace(spec, batch_size=self._batch_size(model, spec.batch_size, items, item_bytes))
         job, created = await self._store.insert_job(
             uuid.uuid4(),
             spec,
@@ -172,14 +175,18 @@ class Jobs:
             await self._enqueue(job)
         return job
 
-    def _batch_size(self, model: ResolvedModel, asked: int, items: int) -> int:
-        """The items per inference call: what the job asked for (0: the default), or what the model fixes. Refuses
-        a model whose outputs hold no row per item, whose batches could not be split into items."""
+    def _batch_size(self, model: ResolvedModel, asked: int, items: int, item_bytes: int) -> int:
+        """The items per inference call: what the job asked for, or what the model fixes. A job that asks for none
+        (0) gets the default, or as many items as fit the default's bytes when an item's input or declared outputs
+        (`item_bytes`, the larger) are large. Refuses a model whose outputs hold no row per item, whose batches
+        could not be split into items."""
         if model.unitemized_outputs:
             output, why = model.unitemized_outputs[0]
             raise OutputsNotPerItem(model.name, model.version, output, why)
         if model.fixed_items is None:
-            return asked or self._default_batch_size
+            if asked:
+                return asked
+            return max(1, min(self._default_batch_size, self._default_batch_bytes // max(1, item_bytes)))
         if asked not in (0, model.fixed_items) or items % model.fixed_items:
             raise BatchSizeFixed(model.name, model.version, asked, model.fixed_items, items)
         return model.fixed_items

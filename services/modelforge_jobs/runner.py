@@ -37,7 +37,7 @@ from uuid import UUID
 from modelforge.common.v1.tensor_pb2 import Tensor
 from modelforge_jobs.datasets import BatchSource, DatasetItems, Items
 from modelforge_jobs.domain import InputRecord, Job, JobError, JobState, Priority, ResultRecord
-from modelforge_jobs.errors import AttemptsExhausted, JobNotFound, TimeLimitExceeded, is_transient
+from modelforge_jobs.errors import AttemptsExhausted, DatasetNotFound, JobNotFound, TimeLimitExceeded, is_transient
 from modelforge_jobs.inference_client import InferenceClient
 from modelforge_jobs.metrics import WorkerMetrics
 from modelforge_jobs.store import JobStore
@@ -68,7 +68,10 @@ class RunnerSettings:
     heartbeat_interval: float
     stale_after: float
     batch_concurrency: int = 8  # batches in flight at once, to keep the inference service busy
-    read_ahead_batches: int = 16  # the input each dataset fetch reads, in batches
+    # The input each dataset fetch reads: this many batches, fewer when they would take more than read_ahead_bytes
+    # (never less than one batch). The parsed records kept for the next batches are bounded by the same bytes.
+    read_ahead_batches: int = 16
+    read_ahead_bytes: int = 64 << 20
     # Finished batches are stored in groups, one statement each: at most this many batches or (about) this many
     # bytes of outputs, and a finished batch waits at most write_interval seconds for others to join its group.
     write_batches: int = 32
@@ -77,6 +80,12 @@ class RunnerSettings:
     retry_min_backoff: float = 1.0
     retry_max_backoff: float = 60.0
     outage_tolerance: float = 300.0
+
+    def read_ahead_items(self, batch_size: int, item_bytes: int) -> int:
+        """The items one dataset fetch reads for a job of `batch_size` items per batch and about `item_bytes` bytes
+        of input per item."""
+        ahead = min(self.read_ahead_batches * batch_size, self.read_ahead_bytes // max(1, item_bytes))
+        return max(batch_size, ahead)
 
     def backoff(self, attempt: int) -> float:
         """Seconds to wait after failed attempt `attempt` (1, 2, ...): doubling from the minimum up to the
@@ -285,13 +294,22 @@ class JobRunner:
         input is one record, read whole."""
         if job.dataset_id is not None:
             dataset_id = job.dataset_id
+            try:
+                dataset = await self._store.get_dataset(dataset_id)
+            except DatasetNotFound:
+                raise FailedPrecondition("the job's input is gone: its dataset was deleted") from None
 
             async def fetch(start: int, stop: int) -> list[InputRecord]:
                 return await self._store.dataset_records(dataset_id, start, stop)
 
             # Batches are read in order, one at a time: each fetch reads ahead for the next few batches.
-            ahead = self._settings.read_ahead_batches * job.batch_size
-            return DatasetItems(fetch, cached_records=2 * self._settings.batch_concurrency, read_ahead=ahead)
+            item_bytes = -(-dataset.size_bytes // max(1, dataset.item_count))
+            return DatasetItems(
+                fetch,
+                cached_records=2 * self._settings.batch_concurrency,
+                cached_bytes=self._settings.read_ahead_bytes,
+                read_ahead=self._settings.read_ahead_items(job.batch_size, item_bytes),
+            )
         record = await self._store.inline_input(job.id)
         if record is None:
             raise FailedPrecondition("the job's input is gone: its dataset was deleted")

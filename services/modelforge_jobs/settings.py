@@ -8,7 +8,16 @@ from pathlib import Path
 from typing import ClassVar
 
 from modelforge_server import ports
-from modelforge_server.settings import AT_LEAST_ONE, NOT_NEGATIVE, PORT, POSITIVE, Bound, ServerSettings, SettingsError
+from modelforge_server.settings import (
+    AT_LEAST_ONE,
+    NOT_NEGATIVE,
+    PORT,
+    POSITIVE,
+    Bound,
+    MiB,
+    ServerSettings,
+    SettingsError,
+)
 
 DAY = 86400.0
 API_METRICS_PORT = ports.JOBS_METRICS_PORT
@@ -54,8 +63,11 @@ class JobsSettings(ServerSettings):
     # WatchJob reads the job when PostgreSQL announces a change, and at least this often: the fallback for a late
     # notification or a broken LISTEN connection.
     watch_interval: float = 2.0
-    # Defaults and limits of CreateJob.
+    # Defaults and limits of CreateJob. A job that names no batch size gets default_job_batch_size items per
+    # inference call, fewer where that many items' inputs or declared outputs would take more than
+    # default_job_batch_bytes in one request or answer.
     default_job_batch_size: int = 256
+    default_job_batch_bytes: int = 16 * MiB
     max_job_batch_size: int = 65536
     default_max_attempts: int = 3
     max_max_attempts: int = 20
@@ -76,6 +88,7 @@ class JobsSettings(ServerSettings):
         "worker_threads": AT_LEAST_ONE,
         "watch_interval": POSITIVE,
         "default_job_batch_size": AT_LEAST_ONE,
+        "default_job_batch_bytes": AT_LEAST_ONE,
         "max_job_batch_size": AT_LEAST_ONE,
         "default_max_attempts": AT_LEAST_ONE,
         "max_max_attempts": AT_LEAST_ONE,

@@ -27,6 +27,7 @@ from modelforge_jobs.domain import (
     Progress,
     ResultRecord,
     TensorInfo,
+    Waiting,
 )
 from modelforge_jobs.errors import DatasetInUse, DatasetNotFound, DependencyUnavailable, JobNotFound
 from modelforge_server import db
@@ -555,19 +556,23 @@ class JobStore:
             rows = await cur.fetchall()
         return [(row["id"], Priority(row["priority"])) for row in rows]
 
-    async def unsent(self, *, older_than: float) -> list[tuple[UUID, Priority]]:
-        """QUEUED jobs whose message went out long ago and was never picked up; marks them sent again."""
+    async def unsent(self, *, older_than: float) -> list[Waiting]:
+        """QUEUED jobs whose message went out `older_than` seconds ago or more and was not picked up, and those marked
+        unsent; takes them for the caller (none is returned again before `older_than`), who resends the lost ones."""
         async with self._cursor() as cur:
             await cur.execute(
                 """
-                UPDATE jobs.jobs SET enqueue_time = now()
-                WHERE state = 'QUEUED' AND enqueue_time < now() - make_interval(secs => %s)
-                RETURNING id, priority
+                WITH due AS (
+                    SELECT id, enqueue_time = '-infinity' AS marked FROM jobs.jobs
+                    WHERE state = 'QUEUED' AND enqueue_time < now() - make_interval(secs => %s)
+                    FOR UPDATE SKIP LOCKED)
+                UPDATE jobs.jobs j SET enqueue_time = now() FROM due WHERE j.id = due.id
+                RETURNING j.id, j.priority, due.marked
                 """,
                 (older_than,),
             )
             rows = await cur.fetchall()
-        return [(row["id"], Priority(row["priority"])) for row in rows]
+        return [Waiting(row["id"], Priority(row["priority"]), row["marked"]) for row in rows]
 
     async def census(self) -> tuple[dict[JobState, int], float]:
         """The number of jobs in each state, and the combined items per second of the RUNNING ones."""

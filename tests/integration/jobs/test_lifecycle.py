@@ -282,6 +282,36 @@ async def test_a_batch_too_large_for_one_answer_fails_the_job_at_once_saying_to_
     assert "smaller batch_size" in final.error.message
 
 
+async def test_a_job_naming_no_batch_size_gets_batches_whose_answers_fit(
+    jobs_api, worker, inference, image_generator
+) -> None:
+    # 3 MiB images: the default 256 items per call would answer 768 MiB, more than one message may carry.
+    await upload(inference, "painter", image_generator)
+    latent = np.random.default_rng(7).standard_normal((12, 16)).astype(np.float32)
+    job = (await jobs_api.stub.CreateJob(inline_request("painter", {"latent": latent}))).job
+    assert job.batch_size == (16 << 20) // (3 * 512 * 512 * 4)  # 5: what fits MODELFORGE_DEFAULT_JOB_BATCH_BYTES
+    assert job.progress.batches_total == 3
+    final = await wait_terminal(jobs_api.stub, job.id)
+    assert final.state == jobs_pb2.JOB_STATE_COMPLETED, final.error
+    firsts, outputs = await results(jobs_api.stub, job.id)
+    assert firsts == [0, 5, 10] and outputs["image"].shape == (12, 3, 512, 512)
+
+
+async def test_the_default_batch_size_shrinks_for_large_inputs(
+    jobs_settings, start_jobs_api, worker, inference, add_one
+) -> None:
+    await upload(inference, "add-one", add_one)
+    x = _x(12)  # 16 bytes of input per item, a little more with the record's framing
+    async with start_jobs_api(replace(jobs_settings, default_job_batch_bytes=100)) as api:
+        job = (await api.stub.CreateJob(inline_request("add-one", {"x": x}))).job
+        assert 1 < job.batch_size <= 100 // 16
+        final = await wait_terminal(api.stub, job.id)
+        assert final.state == jobs_pb2.JOB_STATE_COMPLETED, final.error
+        await _check_all_items_once(api.stub, job.id, x, job.batch_size)
+        asked = (await api.stub.CreateJob(inline_request("add-one", {"x": x}, batch_size=12))).job
+        assert asked.batch_size == 12  # a batch size the job names is kept
+
+
 async def test_time_limit_fails_the_job(jobs_api, worker, inference, add_one) -> None:
     await upload(inference, "add-one", add_one)
     request = inline_request("add-one", {"x": _x(50_000)}, batch_size=5)

@@ -154,6 +154,44 @@ async def test_a_job_queued_before_its_worker_boots_runs_at_the_first_delivery(
     assert failed == []  # no delivery reached the actor before the worker's pool and runner were open
 
 
+async def test_the_maintenance_pass_resends_a_message_redis_lost_and_leaves_one_waiting_in_a_backlog(
+    jobs_api, jobs_settings, start_worker, inference, add_one
+) -> None:
+    await upload(inference, "add-one", add_one)
+    x = np.ones((3, 4), dtype=np.float32)
+    waiting, lost = [(await jobs_api.stub.CreateJob(inline_request("add-one", {"x": x}))).job.id for _ in range(2)]
+    client = redis.Redis.from_url(jobs_settings.redis_url or "")
+    namespace, queue = jobs_settings.queue_namespace, QUEUES[Priority.NORMAL]
+    where = client.hget(f"{namespace}:job-messages", lost)
+    assert where is not None and where.decode().split(" ")[0] == queue
+    message_id = where.decode().split(" ")[1]
+    assert client.hdel(f"{namespace}:{queue}.msgs", message_id) == 1  # the message of `lost` is gone from Redis
+    assert client.lrem(f"{namespace}:{queue}", 0, message_id) == 1
+    async with await psycopg.AsyncConnection.connect(jobs_settings.database_url, autocommit=True) as conn:
+        await conn.execute("UPDATE jobs.jobs SET enqueue_time = now() - interval '1 hour'")  # both waited long
+
+    settings = replace(jobs_settings, maintenance_interval=3600.0)  # only the pass at start, and this test's
+    broker = make_broker(settings)
+    resources = WorkerResources(settings)
+    declare_actors(broker, settings, resources)
+    await resources.open()
+    try:
+        await resources.maintain_once()
+        resent = resources.metrics.metrics.registry.get_sample_value("modelforge_jobs_messages_resent_total")
+    finally:
+        await resources.close()
+        broker.close()
+    assert resent == 1  # `waiting`'s message is still in the queue: a second one would only be dropped later
+    assert client.llen(f"{namespace}:{queue}") == 2
+    async with start_worker(jobs_settings):
+        for job_id in (waiting, lost):
+            final = await wait_terminal(jobs_api.stub, job_id, timeout=60)
+            assert final.state == jobs_pb2.JOB_STATE_COMPLETED, final.error
+        # Acknowledged messages leave no location behind.
+        await eventually(lambda: client.hlen(f"{namespace}:job-messages") == 0, "the job messages to be forgotten")
+    client.close()
+
+
 async def test_a_message_the_maintenance_pass_could_not_send_is_sent_by_the_next_pass(
     jobs_api, jobs_settings, inference, add_one, closed_port
 ) -> None:

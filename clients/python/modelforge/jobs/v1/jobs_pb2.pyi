@@ -505,7 +505,8 @@ class CreateJobRequest(_message.Message):
     dataset_id: _builtins.str
     """The id of a dataset uploaded with UploadDataset."""
     batch_size: _builtins.int
-    """Optional. Items per inference request. 0 means the server's default (256), or the items per call a model
+    """Optional. Items per inference request. 0 means the server's default (256), fewer where that many items' input
+    or declared outputs would exceed the server's default batch bytes (16 MiB), or the items per call a model
     fixes (one exported for batch 1 takes 1, and refuses any other value); values above 65536 are INVALID_ARGUMENT.
     """
     priority: Global___JobPriority.ValueType
