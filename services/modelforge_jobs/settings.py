@@ -40,7 +40,8 @@ class JobsSettings(ServerSettings):
     inference_address: str = f"127.0.0.1:{ports.INFERENCE_PORT}"
     # The Redis key prefix of the Dramatiq queues; the API and its workers must agree on it.
     queue_namespace: str = "modelforge"
-    # Finished jobs, their results and unused datasets are deleted this many seconds after they finished.
+    # Finished jobs and their results are deleted this many seconds after they finished, datasets this long after
+    # their upload or the finish of the last job that read them, whichever is later.
     job_retention: float = 7 * DAY
     # How often a worker looks for stale jobs and expired ones.
     maintenance_interval: float = 10.0

@@ -590,9 +590,11 @@ class JobStore:
         return {JobState(row["state"]): row["n"] for row in rows}, sum(row["rate"] for row in rows)
 
     async def expire(self, *, retention: float) -> tuple[int, int]:
-        """Deletes jobs finished more than `retention` seconds ago, and datasets as old that no live job reads
-        (their records go with them). Returns the numbers of jobs and datasets deleted. Not bounded by the
-        operation timeout: a first pass over a large backlog may take long, and a pass cut short would be undone."""
+        """Deletes jobs finished more than `retention` seconds ago, and datasets uploaded as long ago that no job
+        left reads or read (their records go with them): a dataset stays `retention` after the last job that read
+        it finished, so that job can still be retried. Returns the numbers of jobs and datasets deleted. Not bounded
+        by the operation timeout: a first pass over a large backlog may take long, and a pass cut short would be
+        undone."""
         params = {"retention": retention}
         async with self._cursor(transaction=True, bounded=False) as cur:
             await cur.execute(
@@ -603,9 +605,9 @@ class JobStore:
                 """
                 DELETE FROM jobs.datasets d
                 WHERE create_time < now() - make_interval(secs => %(retention)s)
-                  AND NOT EXISTS (SELECT 1 FROM jobs.jobs j WHERE j.dataset_id = d.id AND j.state = ANY(%(live)s))
+                  AND NOT EXISTS (SELECT 1 FROM jobs.jobs j WHERE j.dataset_id = d.id)
                 """,
-                {**params, "live": list(_LIVE)},
+                params,
             )
             datasets = cur.rowcount
         return jobs, datasets

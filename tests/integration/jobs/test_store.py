@@ -5,8 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 
-from modelforge_jobs.domain import JobSpec, JobState, Priority, ResultRecord
+import numpy as np
+import pytest
+
+from modelforge import tensors
+from modelforge.jobs.v1.jobs_pb2 import DatasetRecord
+from modelforge_jobs.domain import Dataset, InputRecord, JobSpec, JobState, Priority, ResultRecord, TensorInfo
+from modelforge_jobs.errors import DatasetNotFound
 from modelforge_jobs.store import JobStore
 from modelforge_server import db
 from modelforge_server.refs import ModelRef
@@ -97,3 +105,31 @@ async def test_a_page_of_results_holds_no_more_bytes_than_asked_but_always_one_b
     assert await pages(2500) == [[0, 1], [2, 3]]
     assert await pages(10) == [[0], [1], [2], [3]]  # a batch larger than the budget still comes, alone
     assert await pages(1 << 20) == [[0, 1, 2, 3]]
+
+
+async def test_a_dataset_outlives_its_retention_while_a_job_that_read_it_is_kept(db_pool) -> None:
+    """Retention counts from a dataset's last use: a finished job that read it can still be retried."""
+    await db.migrate(db_pool, schema="jobs", package="modelforge_jobs.migrations")
+    store = JobStore(db_pool)
+    x = tensors.to_tensor(np.ones((1, 4), np.float32), "x")
+    record = DatasetRecord(tensors=[x]).SerializeToString()
+    info = (TensorInfo("x", int(x.dtype), (4,)),)
+    dataset = Dataset(uuid.uuid4(), "0" * 64, len(record), 1, 1, info, "d", {}, datetime.now(UTC))
+
+    async def records() -> AsyncIterator[InputRecord]:
+        yield InputRecord(0, 0, 1, record)
+
+    await store.insert_dataset(dataset, records())
+    spec = JobSpec(ModelRef("m", 1, None), 1, Priority.NORMAL, {}, 3, None, None, dataset_id=dataset.id)
+    job_id = uuid.uuid4()
+    await store.insert_job(job_id, spec, model_version=1, items_total=1, batches_total=1)
+    async with db_pool.connection() as conn:
+        await conn.execute("UPDATE jobs.datasets SET create_time = now() - interval '2 hours'")
+        await conn.execute("UPDATE jobs.jobs SET state = 'COMPLETED', finish_time = now() - interval '10 minutes'")
+    assert await store.expire(retention=3600) == (0, 0)  # uploaded 2 h ago, last read 10 min ago
+    assert (await store.get_dataset(dataset.id)).id == dataset.id
+    async with db_pool.connection() as conn:
+        await conn.execute("UPDATE jobs.jobs SET finish_time = now() - interval '2 hours'")
+    assert await store.expire(retention=3600) == (1, 1)  # the job's retention ended, and the dataset's with it
+    with pytest.raises(DatasetNotFound):
+        await store.get_dataset(dataset.id)
