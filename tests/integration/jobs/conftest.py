@@ -148,6 +148,21 @@ def start_worker() -> Callable[[JobsSettings], AbstractAsyncContextManager[InPro
     return running_worker
 
 
+@asynccontextmanager
+async def open_resources(settings: JobsSettings) -> AsyncIterator[WorkerResources]:
+    """A worker's resources, open (its maintenance loop running) on actors that no consumer serves: for the
+    maintenance passes and dependency checks a test runs itself."""
+    broker = make_broker(settings)
+    resources = WorkerResources(settings)
+    declare_actors(broker, settings, resources)
+    await resources.open()
+    try:
+        yield resources
+    finally:
+        await resources.close()
+        broker.close()
+
+
 @pytest.fixture
 async def worker(jobs_settings: JobsSettings) -> AsyncIterator[InProcessWorker]:
     async with running_worker(jobs_settings) as running:

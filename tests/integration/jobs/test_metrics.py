@@ -12,9 +12,8 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from modelforge.jobs.v1 import jobs_pb2
-from modelforge_jobs.actors import WorkerResources, declare_actors, make_broker
 from modelforge_server.metrics import Metrics
-from tests.integration.jobs.conftest import inline_request, upload, wait_terminal
+from tests.integration.jobs.conftest import inline_request, open_resources, upload, wait_terminal
 
 JOBS = "modelforge.jobs.v1.JobService"
 
@@ -91,15 +90,8 @@ async def test_waiting_jobs_show_in_the_queue_and_state_gauges(jobs_api, jobs_se
     for priority in (jobs_pb2.JOB_PRIORITY_HIGH, jobs_pb2.JOB_PRIORITY_LOW, jobs_pb2.JOB_PRIORITY_LOW):
         await jobs_api.stub.CreateJob(inline_request("add-one", {"x": x}, priority=priority))
 
-    broker = make_broker(jobs_settings)
-    resources = WorkerResources(jobs_settings)
-    declare_actors(broker, jobs_settings, resources)
-    await resources.open()
-    try:
+    async with open_resources(jobs_settings) as resources:
         await resources.maintain_once()
-    finally:
-        await resources.close()
-        broker.close()
     registry = resources.metrics.metrics.registry
 
     def gauge(name: str, **labels: str) -> float | None:
@@ -144,15 +136,8 @@ async def test_a_worker_reports_whether_it_reaches_its_dependencies(jobs_setting
     found: dict[str, dict[str, bool]] = {}
     up: dict[str, dict[str, float | None]] = {}
     for case, settings in (("up", jobs_settings), ("down", replace(jobs_settings, inference_address=down))):
-        broker = make_broker(settings)
-        resources = WorkerResources(settings)
-        declare_actors(broker, settings, resources)
-        await resources.open()
-        try:
+        async with open_resources(settings) as resources:
             found[case] = await resources.check_dependencies()
-        finally:
-            await resources.close()
-            broker.close()
         registry = resources.metrics.metrics.registry
         up[case] = {
             name: registry.get_sample_value("modelforge_dependency_up", {"dependency": name}) for name in found[case]

@@ -17,7 +17,7 @@ import psycopg
 import redis
 
 from modelforge.jobs.v1 import jobs_pb2
-from modelforge_jobs.actors import QUEUES, WorkerResources, declare_actors, make_broker
+from modelforge_jobs.actors import QUEUES
 from modelforge_jobs.domain import Priority
 from modelforge_jobs.errors import DependencyUnavailable
 from modelforge_server import embedded
@@ -26,6 +26,7 @@ from tests.fixtures.proxy import TcpProxy
 from tests.integration.jobs.conftest import (
     getter,
     inline_request,
+    open_resources,
     results,
     scrape_metrics,
     upload,
@@ -171,16 +172,9 @@ async def test_the_maintenance_pass_resends_a_message_redis_lost_and_leaves_one_
         await conn.execute("UPDATE jobs.jobs SET enqueue_time = now() - interval '1 hour'")  # both waited long
 
     settings = replace(jobs_settings, maintenance_interval=3600.0)  # only the pass at start, and this test's
-    broker = make_broker(settings)
-    resources = WorkerResources(settings)
-    declare_actors(broker, settings, resources)
-    await resources.open()
-    try:
+    async with open_resources(settings) as resources:
         await resources.maintain_once()
         resent = resources.metrics.metrics.registry.get_sample_value("modelforge_jobs_messages_resent_total")
-    finally:
-        await resources.close()
-        broker.close()
     assert resent == 1  # `waiting`'s message is still in the queue: a second one would only be dropped later
     assert client.llen(f"{namespace}:{queue}") == 2
     async with start_worker(jobs_settings):
@@ -205,16 +199,9 @@ async def test_a_message_the_maintenance_pass_could_not_send_is_sent_by_the_next
     # No Redis there; the worker's own first pass and this test's run one after the other, and the next of its
     # own is an hour away, so that none is cut short by the close below.
     down = replace(jobs_settings, redis_url=f"redis://127.0.0.1:{closed_port}/0", maintenance_interval=3600.0)
-    broker = make_broker(down)
-    resources = WorkerResources(down)
-    declare_actors(broker, down, resources)
-    await resources.open()
-    try:
+    async with open_resources(down) as resources:
         with contextlib.suppress(DependencyUnavailable):  # the pass ends on the queue lengths it cannot read
             await resources.maintain_once()
-    finally:
-        await resources.close()
-        broker.close()
 
     async with await psycopg.AsyncConnection.connect(jobs_settings.database_url, autocommit=True) as conn:
         cursor = await conn.execute("SELECT id::text, enqueue_time = '-infinity' FROM jobs.jobs ORDER BY id")
