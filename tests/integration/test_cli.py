@@ -38,6 +38,7 @@ from tests.fixtures.onnx_models import (  # noqa: F401
     model_bytes,
     not_onnx,
     onnx_dir,
+    string_model,
     write_model,
 )
 from tests.fixtures.postgres import tables_locked
@@ -238,9 +239,10 @@ async def test_predict_load_stats_and_jobs(
     assert (removed.code, removed.out) == (0, f"deleted dataset {dataset.id}\n"), removed.err
     assert dataset.id not in (await cli("jobs", "datasets", *addresses)).out
     result = await cli("jobs", "result", job_id, "--out", str(tmp_path / "result.npz"), *addresses)
-    assert result.code == 0, result.err
-    with np.load(tmp_path / "result.npz") as saved:
+    assert (result.code, result.out) == (0, f"wrote y float32[3, 4] to {tmp_path / 'result.npz'}\n"), result.err
+    with np.load(tmp_path / "result.npz", allow_pickle=False) as saved:
         np.testing.assert_array_equal(saved["y"], x + 1)
+    assert not list(tmp_path.glob(".result.npz*"))  # written beside it, then renamed: no temporary file is left
     bare = await cli("jobs", "result", job_id, "--out", str(tmp_path / "bare"), *addresses)  # named as numpy does
     assert bare.out.strip().endswith(f"to {tmp_path / 'bare.npz'}") and (tmp_path / "bare.npz").is_file()
     for directory in (".", str(tmp_path)):
@@ -381,6 +383,30 @@ async def test_string_outputs_saved_with_out_read_back_without_pickle(
         np.testing.assert_array_equal(np.load(out_dir / "y.npy", allow_pickle=False), text)
         again = await cli("predict", "echo", "--input", f"x={out_dir / 'y.npy'}", *addresses)  # fed back as it is
         assert again.code == 0, again.err
+
+
+async def test_jobs_result_saves_string_outputs_read_back_without_pickle(
+    cli: Cli,
+    inference: RunningInference,
+    jobs_api: RunningJobs,
+    worker: InProcessWorker,
+    string_model: ModelFile,
+    tmp_path: Path,
+) -> None:
+    assert (await cli("models", "push", str(string_model.path), "--name", "labeller")).code == 0
+    addresses = ("--inference", inference.address, "--jobs", f"127.0.0.1:{jobs_api.port}")
+    np.save(tmp_path / "text.npy", np.array(["cat", "fish", "bird", "dog", "naïve"]))
+    submitted = await cli("jobs", "submit", "labeller", "--input", f"text={tmp_path / 'text.npy'}",
+                          "--batch-size", "2", "--wait", *addresses)  # fmt: skip
+    assert submitted.code == 0, submitted.err
+    job_id = submitted.out.split()[2]
+
+    result = await cli("jobs", "result", job_id, "--out", str(tmp_path / "labels"), *addresses)
+
+    assert (result.code, result.out) == (0, f"wrote label_id int64[5], label <U7[5] to {tmp_path / 'labels.npz'}\n")
+    with np.load(tmp_path / "labels.npz", allow_pickle=False) as saved:
+        assert saved["label_id"].tolist() == [0, -1, 2, 1, -1]
+        assert saved["label"].tolist() == ["CAT", "UNKNOWN", "BIRD", "DOG", "UNKNOWN"]
 
 
 def test_string_outputs_that_are_not_text_are_saved_as_bytes_and_a_trailing_nul_is_refused() -> None:

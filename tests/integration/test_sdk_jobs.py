@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import re
+import sys
 from contextlib import AsyncExitStack
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
+from onnx import TensorProto
 
 from modelforge import (
+    AsyncInferenceClient,
     AsyncJobsClient,
     AsyncRegistryClient,
     FailedPreconditionError,
@@ -26,7 +29,13 @@ from modelforge import (
 )
 from modelforge_jobs.__main__ import build as build_jobs
 from modelforge_server import embedded
-from tests.fixtures.onnx_models import ModelFile
+from tests.fixtures.onnx_models import (  # noqa: F401
+    ModelFile,
+    build_identity,
+    image_generator,
+    model_bytes,
+    string_model,
+)
 from tests.integration.jobs.conftest import (  # noqa: F401
     InProcessWorker,
     RunningInference,
@@ -45,10 +54,14 @@ from tests.integration.jobs.conftest import (  # noqa: F401
 )
 
 
+async def _push(inference: RunningInference, model: bytes, name: str, alias: str | None = None) -> None:
+    async with AsyncRegistryClient(inference.registry.address) as registry_client:
+        await registry_client.push(model, name=name, alias=alias)
+
+
 @pytest.fixture
 async def adder(inference: RunningInference, add_one: ModelFile) -> str:
-    async with AsyncRegistryClient(inference.registry.address) as registry_client:
-        await registry_client.push(add_one.data, name="adder", alias="production")
+    await _push(inference, add_one.data, "adder", "production")
     return "adder@production"
 
 
@@ -290,3 +303,239 @@ async def test_a_npz_file_numpy_cannot_read_is_a_value_error_naming_it(
         with pytest.raises(ValueError, match=re.escape(says)):
             await client.upload_dataset(str(tmp_path / name))
     assert await stored_datasets(jobs_settings) == before
+
+
+async def test_save_result_writes_what_result_returns_into_a_npz_file(
+    client: AsyncJobsClient, worker: InProcessWorker, adder: str, tmp_path: Path
+) -> None:
+    x = np.random.default_rng(1).random((100, 4), dtype=np.float32)
+    job = await client.submit(adder, {"x": x}, batch_size=16)  # 7 records
+    await job.wait(timeout=120)
+    expected = await job.result()
+    out = tmp_path / "saved" / "result.npz"
+    out.parent.mkdir()
+    out.write_bytes(b"an older file, replaced whole")
+
+    saved = await job.save_result(out)
+
+    assert saved == {"y": (np.dtype(np.float32), (100, 4))}
+    with np.load(out, allow_pickle=False) as archive:
+        assert archive.files == ["y"]
+        np.testing.assert_array_equal(archive["y"], expected["y"])
+        np.testing.assert_array_equal(archive["y"], x + 1)
+    assert [p.name for p in out.parent.iterdir()] == ["result.npz"]  # no temporary file left
+
+
+def _sync_save(address: str, ref: str, directory: Path) -> None:
+    x = np.arange(30 * 4, dtype=np.float32).reshape(30, 4)
+    with JobsClient(address) as jobs:
+        job = jobs.submit(ref, {"x": x}, batch_size=4)  # 8 records
+        saved = job.save_result(directory / "sync.npz", timeout=120)
+        assert saved == {"y": (np.dtype(np.float32), (30, 4))}
+        with np.load(directory / "sync.npz", allow_pickle=False) as archive:
+            np.testing.assert_array_equal(archive["y"], job.result()["y"])
+        assert [p.name for p in directory.iterdir()] == ["sync.npz"]
+        # A path that cannot take the file (here a directory) fails once every record is written: those go.
+        (directory / "taken.npz").mkdir()
+        with pytest.raises(IsADirectoryError) as taken:
+            job.save_result(directory / "taken.npz")
+        assert taken.value.filename == str(directory / "taken.npz")
+        assert sorted(p.name for p in directory.iterdir()) == ["sync.npz", "taken.npz"]
+        assert not any((directory / "taken.npz").iterdir())
+
+
+async def test_sync_save_result_writes_the_same_arrays_and_cleans_up_after_a_failure(
+    jobs_api: RunningJobs, worker: InProcessWorker, adder: str, tmp_path: Path
+) -> None:
+    (tmp_path / "saved").mkdir()
+    await asyncio.to_thread(_sync_save, f"127.0.0.1:{jobs_api.port}", adder, tmp_path / "saved")
+
+
+async def test_save_result_of_a_job_not_completed_writes_nothing(
+    client: AsyncJobsClient, jobs_api: RunningJobs, adder: str, tmp_path: Path
+) -> None:
+    job = await client.submit(adder, {"x": np.zeros((4, 4), np.float32)})  # no worker: it never runs
+    await job.cancel()
+    directory = tmp_path / "saved"
+    directory.mkdir()
+    with pytest.raises(FailedPreconditionError) as refused:
+        await job.save_result(directory / "result.npz")
+    assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "is CANCELLED; results are available once it is COMPLETED" in refused.value.details
+    assert not any(directory.iterdir())
+
+    def sync_save() -> None:
+        with JobsClient(f"127.0.0.1:{jobs_api.port}") as jobs:
+            with pytest.raises(FailedPreconditionError) as caught:
+                jobs.get_job(job.id).save_result(directory / "result.npz")
+            assert caught.value.code == grpc.StatusCode.FAILED_PRECONDITION
+
+    await asyncio.to_thread(sync_save)
+    assert not any(directory.iterdir())
+
+
+class _StalledResult(grpc.aio.UnaryStreamClientInterceptor):
+    """Passes the first message of GetJobResult, then holds the stream until the call is cancelled."""
+
+    def __init__(self) -> None:
+        self.reached = asyncio.Event()
+
+    async def intercept_unary_stream(self, continuation, client_call_details, request):
+        call = await continuation(client_call_details, request)
+        if not _method(client_call_details).endswith("/GetJobResult"):
+            return call
+
+        async def first_then_stall():
+            async for message in call:
+                yield message
+                self.reached.set()  # asked for the next message: the first one has been written
+                await asyncio.Event().wait()
+
+        return first_then_stall()
+
+
+class _InterruptedResult(grpc.UnaryStreamClientInterceptor):
+    """Passes the first message of GetJobResult, then raises KeyboardInterrupt, as Ctrl-C would."""
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):
+        call = continuation(client_call_details, request)
+        return _FirstThenInterrupt(call) if _method(client_call_details).endswith("/GetJobResult") else call
+
+
+class _FirstThenInterrupt:
+    def __init__(self, call) -> None:
+        self._call = call
+        self._given = False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._given:
+            raise KeyboardInterrupt
+        self._given = True
+        return next(self._call)
+
+    def cancel(self) -> bool:
+        return self._call.cancel()
+
+
+async def test_a_save_cancelled_or_interrupted_midway_leaves_the_path_as_it_was_and_no_temporary_file(
+    client: AsyncJobsClient, jobs_api: RunningJobs, worker: InProcessWorker, adder: str, tmp_path: Path
+) -> None:
+    job = await client.submit(adder, {"x": np.ones((40, 4), np.float32)}, batch_size=4)
+    await job.wait(timeout=120)
+    address = f"127.0.0.1:{jobs_api.port}"
+    directory = tmp_path / "saved"
+    directory.mkdir()
+    out = directory / "result.npz"
+    out.write_bytes(b"before")
+
+    stalled = _StalledResult()
+    async with grpc.aio.insecure_channel(address, interceptors=[stalled]) as channel:
+        handle = await AsyncJobsClient(channel=channel).get_job(job.id)
+        save = asyncio.ensure_future(handle.save_result(out))
+        await stalled.reached.wait()
+        assert len(list(directory.iterdir())) == 2  # the file as it was, and the directory being written
+        save.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await save
+    assert [p.name for p in directory.iterdir()] == ["result.npz"] and out.read_bytes() == b"before"
+
+    def interrupted() -> None:
+        with grpc.insecure_channel(address) as channel:
+            jobs = JobsClient(channel=grpc.intercept_channel(channel, _InterruptedResult()))
+            with pytest.raises(KeyboardInterrupt):
+                jobs.get_job(job.id).save_result(out)
+
+    await asyncio.to_thread(interrupted)
+    assert [p.name for p in directory.iterdir()] == ["result.npz"] and out.read_bytes() == b"before"
+
+
+async def test_save_result_keeps_string_outputs_readable_without_pickle(
+    client: AsyncJobsClient,
+    worker: InProcessWorker,
+    inference: RunningInference,
+    string_model: ModelFile,
+    tmp_path: Path,
+) -> None:
+    await _push(inference, string_model.data, "labeller")
+    text = np.array(["cat", "dog", "fish", "bird", "", "cat", "naïve"] * 3)
+    job = await client.submit("labeller", {"text": text}, batch_size=5)  # 5 records
+    await job.wait(timeout=120)
+    expected = await job.result()
+
+    saved = await job.save_result(tmp_path / "labels.npz")
+
+    assert saved == {"label_id": (np.dtype(np.int64), (21,)), "label": (np.dtype("<U7"), (21,))}
+    with np.load(tmp_path / "labels.npz", allow_pickle=False) as archive:
+        assert archive.files == list(expected) == ["label_id", "label"]
+        np.testing.assert_array_equal(archive["label_id"], expected["label_id"])
+        assert archive["label"].tolist() == [label.decode() for label in expected["label"]]
+        assert archive["label"][:4].tolist() == ["CAT", "DOG", "UNKNOWN", "BIRD"]
+
+    # A string ending in NUL: numpy would drop the NUL from a str or bytes array, and pickle is not an option.
+    await _push(inference, model_bytes(build_identity(TensorProto.STRING, ["batch"])), "echo")
+    echoed = await client.submit("echo", {"x": np.array([b"ok", b"a\0"], dtype=object)}, batch_size=1)
+    await echoed.wait(timeout=120)
+    assert (await echoed.result())["y"].tolist() == [b"ok", b"a\0"]
+    says = "output 'y' has strings ending in NUL bytes, which a .npy file cannot hold without pickle; read it with "
+    with pytest.raises(ValueError, match=re.escape(says + "result() instead")):
+        await echoed.save_result(tmp_path / "echo.npz")
+    assert [p.name for p in tmp_path.iterdir() if "echo" in p.name] == []  # nor a temporary file
+
+
+_MEASURED_SAVE = """
+import re, sys
+from pathlib import Path
+from modelforge import JobsClient
+
+def peak():  # bytes: this process's high-water mark (ru_maxrss would count its parent's, from before exec)
+    return int(re.search(r"VmHWM:\\s*(\\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+address, job_id, path = sys.argv[1:]
+with JobsClient(address) as jobs:
+    job = jobs.get_job(job_id)
+    job.wait()
+    before = peak()
+    job.save_result(path)
+    print(peak() - before)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the memory peak from /proc (Linux)")
+async def test_save_result_takes_the_memory_of_a_few_records_not_of_the_result(
+    client: AsyncJobsClient,
+    jobs_api: RunningJobs,
+    worker: InProcessWorker,
+    inference: RunningInference,
+    image_generator: ModelFile,
+    tmp_path: Path,
+) -> None:
+    await _push(inference, image_generator.data, "painter")
+    latent = np.random.default_rng(2).standard_normal((80, 16)).astype(np.float32)
+    job = await client.submit("painter", {"latent": latent}, batch_size=2)  # 40 records of 6 MiB
+    await job.wait(timeout=300)
+    result_bytes = 80 * 3 * 512 * 512 * 4  # 240 MiB
+
+    # In a process of its own, whose peak memory is its own; the servers stay on this loop.
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _MEASURED_SAVE,
+        f"127.0.0.1:{jobs_api.port}",
+        job.id,
+        str(tmp_path / "images.npz"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    assert process.returncode == 0, err.decode()
+    grown = int(out)  # about 80 MiB: a few records in flight (gRPC's buffers, the message, its bytes) and threads
+    assert grown < result_bytes // 2, f"saving {result_bytes >> 20} MiB grew the process by {grown >> 20} MiB"
+    with np.load(tmp_path / "images.npz", allow_pickle=False) as archive:
+        images = archive["image"]
+        assert images.shape == (80, 3, 512, 512)
+        async with AsyncInferenceClient(inference.address) as inference_client:
+            some = await inference_client.predict("painter", {"latent": latent[[0, 37, 79]]})
+        np.testing.assert_allclose(images[[0, 37, 79]], some["image"], rtol=1e-6)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import modelforge
-from modelforge import TensorSpec, _arrayfiles, _channel, _convert
+from modelforge import TensorSpec, _arrayfiles, _channel, _convert, tensors
 from modelforge.common.v1 import tensor_pb2
 from modelforge.inference.v1 import inference_pb2
 from modelforge.jobs.v1 import jobs_pb2
@@ -447,3 +447,50 @@ def test_every_damaged_or_truncated_array_file_is_one_value_error_naming_it(orig
             assert str(exc).startswith(f"{path} is not a .npy or .npz file that numpy reads without pickle: "), exc
             refused += 1
     assert refused > len(damaged) // 2
+
+
+def _result_message(first: int, **outputs: np.ndarray) -> jobs_pb2.GetJobResultResponse:
+    record = jobs_pb2.DatasetRecord(tensors=[tensors.to_tensor(array, name) for name, array in outputs.items()])
+    return jobs_pb2.GetJobResultResponse(first_item=first, record=record)
+
+
+def test_result_check_lays_out_numeric_outputs_by_record_and_keeps_strings_whole() -> None:
+    check = _convert.ResultCheck(5)
+    y = np.arange(10, dtype=np.float32).reshape(5, 2)
+    first = check.accept(_result_message(0, y=y[:3], label=np.array([b"a", b"b", b"c"], dtype=object)))
+    second = check.accept(_result_message(3, y=y[3:], label=np.array([b"\xff", b"e"], dtype=object)))
+    assert [(p.output, p.shape) for p in first + second] == [("y", (5, 2)), ("y", (5, 2))]
+    np.testing.assert_array_equal(np.concatenate([p.array for p in first + second]), y)
+    saved, strings = check.finish()
+    assert saved == {"y": (np.dtype(np.float32), (5, 2)), "label": (np.dtype("S1"), (5,))}  # not all UTF-8: bytes
+    assert strings["label"].tolist() == [b"a", b"b", b"c", b"\xff", b"e"]
+
+
+@pytest.mark.parametrize(
+    ("messages", "error", "says"),
+    [
+        ([(0, 2), (3, 2)], modelforge.IntegrityError, "a record starts at item 3, expected 2; retry the call"),
+        ([(0, 2), (0, 2)], modelforge.IntegrityError, "a record starts at item 0, expected 2; retry the call"),
+        ([(0, 2), (2, 3)], modelforge.IntegrityError, "more items than the job's 4: a record of 3 starts at item 2"),
+        ([(0, 2)], modelforge.IntegrityError, "the job result ended early: it held 2 of the job's 4 items"),
+    ],
+)
+def test_result_check_refuses_items_out_of_order_too_many_or_too_few(
+    messages: list[tuple[int, int]], error: type[Exception], says: str
+) -> None:
+    check = _convert.ResultCheck(4)
+    with pytest.raises(error, match=re.escape(says)):
+        for first, count in messages:
+            check.accept(_result_message(first, y=np.zeros((count, 2), np.float32)))
+        check.finish()
+
+
+def test_result_check_refuses_records_whose_outputs_disagree() -> None:
+    check = _convert.ResultCheck(6)
+    check.accept(_result_message(0, y=np.zeros((2, 2), np.float32)))
+    with pytest.raises(modelforge.IntegrityError, match=re.escape("holds outputs ['y', 'z'], not ['y'] as before")):
+        check.accept(_result_message(2, y=np.zeros((2, 2), np.float32), z=np.zeros((2,), np.int64)))
+    with pytest.raises(modelforge.IntegrityError, match=re.escape("different item counts {'y': 2, 'z': 1}")):
+        _convert.ResultCheck(6).accept(_result_message(0, y=np.zeros((2, 2), np.float32), z=np.zeros(1, np.int64)))
+    with pytest.raises(ValueError, match=re.escape("output 'y' is float32[3] per item from item 2, float32[2] before")):
+        check.accept(_result_message(2, y=np.zeros((2, 3), np.float32)))

@@ -2,7 +2,8 @@
 
 Nothing here does I/O or knows about channels, so each client is a thin shell that builds a request here, sends
 it, and converts the answer here. The stateful pieces (:class:`UploadPlan`, :class:`DownloadCheck`,
-:class:`StreamAssembler`) take messages one at a time and leave reading and writing to the caller.
+:class:`StreamAssembler`, :class:`ResultAssembler`, :class:`ResultCheck`) take messages one at a time and leave
+reading and writing to the caller.
 """
 
 from __future__ import annotations
@@ -812,6 +813,28 @@ def encode_dataset(arrays: Mapping[str, Any], *, record_bytes: int = 1 * MiB) ->
     return bytes(out)
 
 
+def _result_record(
+    message: jobs_pb2.GetJobResultResponse, expected: int
+) -> tuple[dict[str, np.ndarray[Any, Any]], int]:
+    """The outputs one result message carries, by name, and how many items they cover.
+
+    Raises IntegrityError unless the record starts at item ``expected`` and its outputs agree on their item count.
+    """
+    if message.first_item != expected:
+        raise IntegrityError(
+            f"the job result skipped or repeated items: a record starts at item {message.first_item}, "
+            f"expected {expected}; retry the call"
+        )
+    arrays = {tensor.name: tensors.to_numpy(tensor) for tensor in message.record.tensors}
+    counts = {name: array.shape[0] if array.ndim else 1 for name, array in arrays.items()}
+    if len(set(counts.values())) > 1:
+        raise IntegrityError(
+            f"the job result's record at item {expected} holds outputs of different item counts {counts}; "
+            "retry the call"
+        )
+    return arrays, next(iter(counts.values()), 0)
+
+
 class ResultAssembler:
     """Collects a job's result stream, record by record in item order, into one array per output."""
 
@@ -820,21 +843,123 @@ class ResultAssembler:
         self._next = 0
 
     def accept(self, message: jobs_pb2.GetJobResultResponse) -> None:
-        if message.first_item != self._next:
-            raise IntegrityError(
-                f"the job result skipped or repeated items: a record starts at item {message.first_item}, "
-                f"expected {self._next}; retry the call"
-            )
-        count = None
-        for tensor in message.record.tensors:
-            array = tensors.to_numpy(tensor)
-            count = array.shape[0] if array.ndim else 1
-            self._parts.setdefault(tensor.name, []).append(array)
-        self._next += count or 0
+        arrays, count = _result_record(message, self._next)
+        for name, array in arrays.items():
+            self._parts.setdefault(name, []).append(array)
+        self._next += count
 
     def finish(self) -> dict[str, np.ndarray[Any, Any]]:
         """Output name to the outputs of every item, in item order."""
         return {name: np.concatenate(parts) for name, parts in self._parts.items()}
+
+
+def storable(name: str, array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """``array`` as a .npy file holds it without pickle, so that ``np.load(..., allow_pickle=False)`` reads it back.
+
+    A STRING output (an object array of bytes) becomes a ``str`` array when every element is UTF-8 text, else a
+    ``bytes`` array; any other array is returned as it is.
+
+    Raises:
+        ValueError: an element ends in a NUL byte, which numpy drops from both kinds.
+    """
+    if array.dtype != object:
+        return array
+    elements = [bytes(element) if not isinstance(element, str) else element.encode() for element in array.flat]
+    if any(element.endswith(b"\0") for element in elements):
+        raise ValueError(
+            f"output {name!r} has strings ending in NUL bytes, which a .npy file cannot hold without pickle"
+        )
+    try:
+        return np.array([element.decode() for element in elements], dtype=str).reshape(array.shape)
+    except UnicodeDecodeError:
+        return np.array(elements, dtype=bytes).reshape(array.shape)
+
+
+SavedResult = dict[str, tuple[np.dtype[Any], tuple[int, ...]]]
+"""What :meth:`Job.save_result` wrote: output name to the dtype and shape of its array in the file."""
+
+
+@dataclass(frozen=True, slots=True)
+class ResultPiece:
+    """Part of a numeric output to append to its .npy file: the items of one record, in item order.
+
+    Attributes:
+        output: The output's name.
+        array: Its items in this record (a view of the message's bytes).
+        shape: The shape of the whole output in the file, for the .npy header written before the first piece.
+    """
+
+    output: str
+    array: np.ndarray[Any, Any]
+    shape: tuple[int, ...]
+
+
+class ResultCheck:
+    """Checks a job's result stream, record by record, as it is saved to a file output by output.
+
+    The :class:`ResultAssembler` of a file: each numeric output is written as it arrives, to a .npy file sized
+    for the job's ``items_total`` items, so that saving a result takes the memory of one record, not of the
+    result. :meth:`accept` returns the pieces to append; it checks that records come in item order, carry the same
+    outputs, and keep each output's dtype and per-item shape. STRING outputs have no fixed width to lay out
+    before their last item: they are kept, and :meth:`finish` returns them whole, as :func:`storable` makes them.
+    """
+
+    def __init__(self, items_total: int) -> None:
+        self._total = items_total
+        self._next = 0
+        self._items: dict[str, tuple[np.dtype[Any], tuple[int, ...]]] = {}  # each output's dtype and item shape
+        self._strings: dict[str, list[np.ndarray[Any, Any]]] = {}
+
+    def accept(self, message: jobs_pb2.GetJobResultResponse) -> list[ResultPiece]:
+        """Takes one stream message and returns its numeric outputs' pieces to append, in output order."""
+        arrays, count = _result_record(message, self._next)
+        if self._next + count > self._total:
+            raise IntegrityError(
+                f"the job result holds more items than the job's {self._total}: a record of {count} starts at "
+                f"item {self._next}; retry the call"
+            )
+        if self._items and arrays.keys() != self._items.keys():
+            raise IntegrityError(
+                f"the job result's record at item {self._next} holds outputs {sorted(arrays)}, not "
+                f"{sorted(self._items)} as before; retry the call"
+            )
+        pieces = []
+        for name, array in arrays.items():
+            item = self._items.setdefault(name, (array.dtype, array.shape[1:]))
+            if item != (array.dtype, array.shape[1:]):
+                raise ValueError(
+                    f"output {name!r} is {array.dtype}{list(array.shape[1:])} per item from item {self._next}, "
+                    f"{item[0]}{list(item[1])} before: its items do not make one array"
+                )
+            if array.dtype == object:
+                self._strings.setdefault(name, []).append(array)
+            else:
+                pieces.append(ResultPiece(name, array, (self._total, *item[1])))
+        self._next += count
+        return pieces
+
+    def finish(self) -> tuple[SavedResult, dict[str, np.ndarray[Any, Any]]]:
+        """What the file holds, output by output in stream order, and the STRING outputs' whole arrays to save.
+
+        Raises:
+            IntegrityError: the stream ended before the job's last item.
+            ValueError: a STRING output has an element that :func:`storable` refuses.
+        """
+        if self._next != self._total:
+            raise IntegrityError(
+                f"the job result ended early: it held {self._next} of the job's {self._total} items; retry the call"
+            )
+        strings = {}
+        for name, parts in self._strings.items():
+            try:
+                strings[name] = storable(name, np.concatenate(parts))
+            except ValueError as exc:
+                raise ValueError(f"{exc}; read it with result() instead") from None
+        saved = {
+            name: (strings[name].dtype, strings[name].shape) if name in strings else (dtype, (self._total, *shape))
+            for name, (dtype, shape) in self._items.items()
+        }
+        return saved, strings
 
 
 def dataset_upload_requests(

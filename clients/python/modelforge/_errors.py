@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any, ClassVar, TypeVar
 
@@ -359,3 +360,14 @@ async def atranslated() -> AsyncIterator[None]:
     """``async with`` form of :func:`translated`, for code that prefers it; the behaviour is the same."""
     with translated():
         yield
+
+
+@contextlib.contextmanager
+def naming(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Turns an OSError raised inside the block into the same kind about ``path``: the file the caller named, not a
+    temporary one the SDK writes beside it."""
+    try:
+        yield
+    except OSError as exc:
+        # OSError(errno, ...) builds the same subclass (PermissionError...), about the path the caller gave.
+        raise OSError(exc.errno, exc.strerror, os.fspath(path)) from exc

@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
+import shutil
+import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping
-from typing import Any, TypeGuard
+import zipfile
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator, Mapping
+from pathlib import Path
+from typing import IO, Any, TypeGuard, TypeVar
 
 import grpc
 import grpc.aio
@@ -20,13 +25,14 @@ import numpy as np
 
 from modelforge import _arrayfiles, _convert
 from modelforge._channel import DEFAULT_MAX_MESSAGE_BYTES, JOBS, AsyncChannelClient, ChannelClient
-from modelforge._convert import DEFAULT_CHUNK_BYTES, MiB, Progress
+from modelforge._convert import DEFAULT_CHUNK_BYTES, MiB, Progress, ResultCheck, SavedResult
 from modelforge._domain import Dataset, JobPriority, JobState, JobStatus
 from modelforge._errors import (
     DeadlineExceededError,
     FailedPreconditionError,
     ModelForgeError,
     UnavailableError,
+    naming,
     translated,
     with_details,
 )
@@ -153,6 +159,91 @@ def _not_completed(error: FailedPreconditionError, status: JobStatus) -> FailedP
     return with_details(error, f"{error.details}. It failed with {why.code} {why.reason}: {why.message}")
 
 
+class _ResultFile:
+    """Where :meth:`Job.save_result` writes: a ``.npz`` archive, made beside its target and renamed onto it whole.
+
+    Each output goes to a ``.npy`` file of its own, in a temporary directory in the target's directory, as its
+    records arrive (:class:`~modelforge._convert.ResultCheck` says what to append); :meth:`commit` packs them into a
+    zip archive there (stored, ZIP64, as ``numpy.savez`` writes one), copying a MiB at a time, and renames it onto
+    the target. Nothing is made before the first record: a refused result leaves nothing behind. :meth:`discard`
+    removes the directory and all in it. OS errors name the target, not the temporary files.
+    """
+
+    def __init__(self, target: str | os.PathLike[str], items_total: int) -> None:
+        self.target = Path(target)
+        self._check = ResultCheck(items_total)
+        self._directory: Path | None = None
+        self._members: dict[str, IO[bytes]] = {}  # each output's .npy file, open for writing
+
+    def write(self, message: pb.GetJobResultResponse) -> None:
+        """Appends one record's numeric outputs to their files."""
+        with naming(self.target):
+            for piece in self._check.accept(message):
+                file = self._members.get(piece.output)
+                if file is None:
+                    file = self._member(piece.output)
+                    descr = np.lib.format.dtype_to_descr(piece.array.dtype)
+                    header = {"descr": descr, "fortran_order": False, "shape": piece.shape}
+                    np.lib.format.write_array_header_1_0(file, header)  # as numpy.save writes it
+                file.write(np.ascontiguousarray(piece.array).reshape(-1).view(np.uint8).data)
+
+    def commit(self) -> SavedResult:
+        """Saves the STRING outputs, packs every output into the archive and renames it onto the target."""
+        saved, strings = self._check.finish()
+        with naming(self.target):
+            for name, array in strings.items():
+                np.lib.format.write_array(self._member(name), array, allow_pickle=False)
+            archive = self._temporary() / "result.npz"
+            with zipfile.ZipFile(archive, "x", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+                for name in saved:  # in the order of the outputs, as numpy.savez(**result()) would write them
+                    file = self._members[name]
+                    file.close()
+                    with open(file.name, "rb") as source, zf.open(f"{name}.npy", "w", force_zip64=True) as member:
+                        shutil.copyfileobj(source, member, MiB)
+                    os.unlink(file.name)  # the disk holds the result about once: the archive and what is left to pack
+            os.replace(archive, self.target)
+        self.discard()
+        return saved
+
+    def discard(self) -> None:
+        """Closes and removes every temporary file, and their directory."""
+        for file in self._members.values():
+            with contextlib.suppress(OSError):  # a failed flush: the file goes anyway
+                file.close()
+        self._members.clear()
+        if self._directory is not None:
+            shutil.rmtree(self._directory, ignore_errors=True)
+            self._directory = None
+
+    def _temporary(self) -> Path:
+        if self._directory is None:
+            self._directory = Path(
+                tempfile.mkdtemp(prefix=f".{self.target.name}.", suffix=".part", dir=self.target.parent)
+            )
+        return self._directory
+
+    def _member(self, output: str) -> IO[bytes]:
+        """A new .npy file for ``output``, named by number: an output's name need not be a file name."""
+        file = self._members[output] = (self._temporary() / f"{len(self._members)}.npy").open("xb")
+        return file
+
+
+_T = TypeVar("_T")
+
+
+async def _in_thread(work: Callable[[], _T]) -> _T:
+    """Runs ``work`` in a thread. A cancellation waits for the thread to end before it goes on, so that the files the
+    thread writes are not removed under it, nor made after they were removed."""
+    future = asyncio.ensure_future(asyncio.to_thread(work))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.wait({future})
+        if not future.cancelled():
+            future.exception()  # retrieved, so that asyncio logs nothing: the cancellation is what goes on
+        raise
+
+
 class Job:
     """A handle on a batch inference job: its last known status, and what can be done with it.
 
@@ -229,17 +320,59 @@ class Job:
         """
         self.wait(timeout)
         assembler = _convert.ResultAssembler()
+        with contextlib.closing(self._results()) as messages:
+            for message in messages:
+                assembler.accept(message)
+        return assembler.finish()
+
+    def save_result(
+        self, path: str | os.PathLike[str], timeout: float | None = None
+    ) -> dict[str, tuple[np.dtype[Any], tuple[int, ...]]]:
+        """Waits for the job, then streams its outputs into a ``.npz`` file at ``path``, which ``np.load`` reads.
+
+        The file holds what :meth:`result` returns, output name to one array over every item, but the outputs go to
+        disk record by record as they arrive (a record holds one batch of the job): the memory taken is that of a
+        few records, whatever the result's size.
+        STRING outputs are the exception: they are gathered in memory and saved as ``str`` arrays (``bytes`` where
+        an element is not UTF-8 text), so that ``np.load`` reads them without pickle. The file is written beside
+        ``path`` and renamed onto it once whole, so that ``path`` never holds part of a result; a save that fails
+        or is interrupted leaves no temporary file behind. ``path`` is used as given: no ``.npz`` is added to it.
+
+        Returns:
+            Output name to the dtype and shape of its array in the file.
+
+        Raises:
+            FailedPreconditionError: the job ended FAILED or CANCELLED; for a FAILED job the message ends with
+                why (``status.error``).
+            TimeoutError: the job is still going after ``timeout`` seconds.
+            IntegrityError: the result stream skipped, repeated or missed items.
+            ValueError: an output the file cannot hold: its items change shape from one batch to the next
+                (:meth:`result` cannot join them either), or a STRING output has an element ending in a NUL byte,
+                which numpy drops from ``str`` and ``bytes`` arrays (:meth:`result` returns it).
+            OSError: the file cannot be written; the error names ``path``.
+        """
+        self.wait(timeout)
+        file = _ResultFile(path, self.status.progress.items_total)
+        try:
+            with contextlib.closing(self._results()) as messages:
+                for message in messages:
+                    file.write(message)
+            return file.commit()
+        except BaseException:  # refused, failed, interrupted (Ctrl-C)...
+            file.discard()
+            raise
+
+    def _results(self) -> Generator[pb.GetJobResultResponse, None, None]:
+        """The messages of the job's result stream; FailedPreconditionError says why a FAILED job has none."""
         with translated():  # a closed client fails here, before the call exists
             call = self._client.jobs_stub.GetJobResult(pb.GetJobResultRequest(id=self.id))
         try:
             with translated():
-                for message in call:
-                    assembler.accept(message)
+                yield from call
         except FailedPreconditionError as exc:
             raise _not_completed(exc, self.status) from exc
         finally:
             call.cancel()
-        return assembler.finish()
 
     def cancel(self) -> JobStatus:
         """Cancels the job: a queued job never runs; a running one stops before its next batch."""
@@ -272,6 +405,7 @@ class JobsClient(ChannelClient):
             for status in job.watch():
                 print(status.progress.items_done, "/", status.progress.items_total)
             scores = job.result()["scores"]
+            job.save_result("scores.npz")  # the same arrays, streamed to a file: for results larger than memory
 
     Args:
         target: ``host:port`` of the jobs service; defaults to ``MODELFORGE_JOBS_ADDRESS``, else
@@ -498,17 +632,39 @@ class AsyncJob:
         """See :meth:`Job.result`."""
         await self.wait(timeout)
         assembler = _convert.ResultAssembler()
+        async with contextlib.aclosing(self._results()) as messages:
+            async for message in messages:
+                assembler.accept(message)
+        return assembler.finish()
+
+    async def save_result(
+        self, path: str | os.PathLike[str], timeout: float | None = None
+    ) -> dict[str, tuple[np.dtype[Any], tuple[int, ...]]]:
+        """See :meth:`Job.save_result`. Files are written in a thread; a cancelled save waits for that thread, then
+        removes what it wrote."""
+        await self.wait(timeout)
+        file = _ResultFile(path, self.status.progress.items_total)
+        try:
+            async with contextlib.aclosing(self._results()) as messages:
+                async for message in messages:
+                    await _in_thread(functools.partial(file.write, message))
+            return await _in_thread(file.commit)
+        except BaseException:  # refused, failed, cancelled...
+            file.discard()
+            raise
+
+    async def _results(self) -> AsyncGenerator[pb.GetJobResultResponse, None]:
+        """See :meth:`Job._results`."""
         with translated():  # a closed client fails here, before the call exists
             call = self._client.jobs_stub.GetJobResult(pb.GetJobResultRequest(id=self.id))
         try:
             with translated():
                 async for message in call:
-                    assembler.accept(message)
+                    yield message
         except FailedPreconditionError as exc:
             raise _not_completed(exc, self.status) from exc
         finally:
             call.cancel()
-        return assembler.finish()
 
     async def cancel(self) -> JobStatus:
         """See :meth:`Job.cancel`."""

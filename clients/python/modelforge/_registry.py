@@ -21,7 +21,7 @@ from modelforge import _convert
 from modelforge._channel import DEFAULT_MAX_MESSAGE_BYTES, REGISTRY, AsyncChannelClient, ChannelClient
 from modelforge._convert import DEFAULT_CHUNK_BYTES, Progress
 from modelforge._domain import Model, ModelEvent, ModelVersion, VersionState
-from modelforge._errors import CancelledError, DeadlineExceededError, ModelForgeError, translated, with_details
+from modelforge._errors import CancelledError, DeadlineExceededError, ModelForgeError, naming, translated, with_details
 from modelforge._refs import ModelRef, validate_alias, validate_model_name, validate_version
 from modelforge.registry.v1 import registry_pb2 as pb
 from modelforge.registry.v1 import registry_pb2_grpc
@@ -69,7 +69,7 @@ class _Landing:
         """Closes the file and renames it onto the target."""
         file, path = self._opened()
         file.close()
-        with self._naming_target():
+        with naming(self.target):
             os.replace(path, self.target)
 
     def discard(self) -> None:
@@ -87,7 +87,7 @@ class _Landing:
 
     def _opened(self) -> tuple[IO[bytes], Path]:
         if self._part is None:
-            with self._naming_target():
+            with naming(self.target):
                 self._make_directories()
                 self._part = self._open_part()
         return self._part
@@ -109,14 +109,6 @@ class _Landing:
             except FileExistsError:
                 continue
             return os.fdopen(fd, "wb"), part
-
-    @contextlib.contextmanager
-    def _naming_target(self) -> Iterator[None]:
-        try:
-            yield
-        except OSError as exc:
-            # OSError(errno, ...) builds the same subclass (PermissionError...), about the path the caller gave.
-            raise OSError(exc.errno, exc.strerror, os.fspath(self.target)) from exc
 
 
 def _alias_not_set(error: ModelForgeError, version: ModelVersion, alias: str) -> ModelForgeError:

@@ -26,7 +26,7 @@ import numpy as np
 
 from modelforge import _arrayfiles
 from modelforge._channel import DEFAULT_MAX_MESSAGE_BYTES, INFERENCE, JOBS, REGISTRY, Service, resolve_target
-from modelforge._convert import INT32_MAX, MiB
+from modelforge._convert import INT32_MAX, MiB, storable
 from modelforge._domain import JobState, JobStatus, Model, ModelVersion, Prediction
 from modelforge._errors import (
     ANSWER_TOO_LARGE_HINT,
@@ -497,18 +497,10 @@ def _storable(name: str, array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     A string output (an object array of bytes) becomes a ``str`` array when every element is UTF-8 text, else a
     ``bytes`` array. numpy drops trailing NUL characters from both kinds, so an element ending in one is refused.
     """
-    if array.dtype != object:
-        return array
-    elements = [bytes(element) if not isinstance(element, str) else element.encode() for element in array.flat]
-    if any(element.endswith(b"\0") for element in elements):
-        raise UsageError(
-            f"output {name!r} has strings ending in NUL bytes, which a .npy file cannot hold without pickle; "
-            "read it with the Python SDK instead of --out"
-        )
     try:
-        return np.array([element.decode() for element in elements], dtype=str).reshape(array.shape)
-    except UnicodeDecodeError:
-        return np.array(elements, dtype=bytes).reshape(array.shape)
+        return storable(name, array)
+    except ValueError as exc:
+        raise UsageError(f"{exc}; read it with the Python SDK instead of --out") from None
 
 
 def cmd_predict(ctx: Context) -> int:
@@ -743,11 +735,9 @@ def cmd_jobs_result(ctx: Context) -> int:
         out = out.with_name(out.name + ".npz")  # as numpy.savez would name it; said so below
     if out.is_dir():
         raise UsageError(f"--out {out} is a directory; give the .npz file to write")
-    with ctx.jobs() as jobs:
-        outputs = jobs.get_job(ctx.args.id).result(timeout=ctx.args.wait_timeout)
-    storable = {name: _storable(name, array) for name, array in outputs.items()}
-    np.savez(out, **storable)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
-    summary = ", ".join(f"{name} {a.dtype}{list(a.shape)}" for name, a in outputs.items())
+    with ctx.jobs() as jobs:  # streamed to the file as it arrives: the result need not fit in memory
+        saved = jobs.get_job(ctx.args.id).save_result(out, timeout=ctx.args.wait_timeout)
+    summary = ", ".join(f"{name} {dtype}{list(shape)}" for name, (dtype, shape) in saved.items())
     print(f"wrote {summary} to {out}", file=ctx.out)
     return 0
 
