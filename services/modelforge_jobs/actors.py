@@ -15,7 +15,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from typing import Any
 from uuid import UUID
@@ -296,20 +296,26 @@ class WorkerResources(dramatiq.Middleware):
         store, queue, settings = self._store, self.queue, self.settings
         if store is None or queue is None:
             return
-        for job_id, priority in await store.reap(stale_after=settings.heartbeat_timeout):
-            log.warning("job %s: its worker stopped heartbeating; queued again", job_id, extra={"job_id": job_id})
-            self.metrics.reaped.inc()
-            await self._send(job_id, priority)
+        reaped = await store.reap(stale_after=settings.heartbeat_timeout)
+        async with self._unless_sent([job_id for job_id, _ in reaped]) as sent:
+            for job_id, priority in reaped:
+                log.warning("job %s: its worker stopped heartbeating; queued again", job_id, extra={"job_id": job_id})
+                self.metrics.reaped.inc()
+                await self._send(job_id, priority)
+                sent.add(job_id)
         waited = await store.unsent(older_than=settings.resend_after)
-        try:  # jobs that wait behind a backlog, their messages in Redis, are left to it
-            held = await queue.held([job.id for job in waited if not job.marked])
-        except DependencyUnavailable:
-            held = set()  # each send below fails too, and marks its job for the next pass
-        for job in waited:
-            if job.id not in held:
-                log.warning("job %s: its message was lost (never sent, or gone from Redis); sent again", job.id)
-                self.metrics.resent.inc()
-                await self._send(job.id, job.priority)
+        async with self._unless_sent([job.id for job in waited]) as sent:
+            try:  # jobs that wait behind a backlog, their messages in Redis, are left to it
+                held = await queue.held([job.id for job in waited if not job.marked])
+            except DependencyUnavailable:
+                held = set()  # each send below fails too, and marks its job for the next pass
+            sent.update(held)
+            for job in waited:
+                if job.id not in held:
+                    log.warning("job %s: its message was lost (never sent, or gone from Redis); sent again", job.id)
+                    self.metrics.resent.inc()
+                    await self._send(job.id, job.priority)
+                    sent.add(job.id)
         jobs, datasets = await store.expire(retention=settings.job_retention)
         if jobs or datasets:
             log.info("retention: deleted %d job(s) and %d dataset(s)", jobs, datasets)
@@ -318,6 +324,20 @@ class WorkerResources(dramatiq.Middleware):
         await queue.recover_messages()
         by_state, rate = await store.census()
         self.metrics.suite_seen(by_state, rate, await queue.lengths())
+
+    @contextlib.asynccontextmanager
+    async def _unless_sent(self, job_ids: Sequence[UUID]) -> AsyncIterator[set[UUID]]:
+        """For a block that sends the messages of jobs QUEUED by this pass: should the pass be cancelled (the worker
+        stopping) before every one is sent, those not in the set it fills are marked unsent on the way out, for the
+        next pass of any worker, instead of waiting for MODELFORGE_RESEND_AFTER."""
+        sent: set[UUID] = set()
+        try:
+            yield sent
+        except asyncio.CancelledError:
+            left = [job_id for job_id in job_ids if job_id not in sent]
+            if left and self._store is not None:
+                await self._store.mark_unsent(*left)
+            raise
 
     async def check_dependencies(self) -> dict[str, bool]:
         """Checks what the worker needs (PostgreSQL, the queue's Redis, the inference service) and sets

@@ -520,10 +520,10 @@ class JobStore:
             )
             return cur.rowcount == 1
 
-    async def mark_unsent(self, job_id: UUID) -> None:
-        """Records that the job's message could not be sent, so that the next maintenance pass sends it."""
+    async def mark_unsent(self, *job_ids: UUID) -> None:
+        """Records that the jobs' messages could not be sent, so that the next maintenance pass sends them."""
         async with self._cursor() as cur:
-            await cur.execute("UPDATE jobs.jobs SET enqueue_time = '-infinity' WHERE id = %s", (job_id,))
+            await cur.execute("UPDATE jobs.jobs SET enqueue_time = '-infinity' WHERE id = ANY(%s)", (list(job_ids),))
 
     # --- maintenance ----------------------------------------------------------------------------------------
 

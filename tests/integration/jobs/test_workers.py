@@ -10,6 +10,7 @@ import contextlib
 import logging
 import signal
 import time
+import urllib.parse
 from dataclasses import replace
 
 import numpy as np
@@ -184,6 +185,50 @@ async def test_the_maintenance_pass_resends_a_message_redis_lost_and_leaves_one_
         # Acknowledged messages leave no location behind.
         await eventually(lambda: client.hlen(f"{namespace}:job-messages") == 0, "the job messages to be forgotten")
     client.close()
+
+
+async def test_a_maintenance_pass_stopped_before_its_sends_leaves_them_to_the_next_pass(
+    jobs_api, jobs_settings, inference, add_one
+) -> None:
+    await upload(inference, "add-one", add_one)
+    x = np.ones((3, 4), dtype=np.float32)
+    job_id = (await jobs_api.stub.CreateJob(inline_request("add-one", {"x": x}))).job.id
+    redis_url = urllib.parse.urlsplit(jobs_settings.redis_url)
+    proxy = await TcpProxy.to_address(redis_url.hostname or "127.0.0.1", redis_url.port or 6379)
+    settings = replace(jobs_settings, redis_url=f"redis://{proxy.address}/0", maintenance_interval=3600.0)
+    try:
+        async with (
+            open_resources(settings) as resources,
+            await psycopg.AsyncConnection.connect(jobs_settings.database_url, autocommit=True) as conn,
+        ):
+            queued = resources.metrics.metrics.registry.get_sample_value
+            # The worker's own pass at start, the one before the hour its loop then sleeps, has set its gauges.
+            await eventually(lambda: queued("modelforge_jobs_jobs", {"state": "QUEUED"}) == 1, "the first pass")
+
+            async def enqueued() -> float:  # -inf: marked for the next pass
+                cursor = await conn.execute(
+                    "SELECT extract(epoch FROM enqueue_time)::float8 FROM jobs.jobs WHERE id = %s", (job_id,)
+                )
+                row = await cursor.fetchone()
+                assert row is not None
+                return float(row[0])
+
+            await conn.execute("UPDATE jobs.jobs SET enqueue_time = now() - interval '1 hour'")
+            long_ago = await enqueued()
+            proxy.stall()  # the queue's Redis stops answering: the pass waits on it with its job taken
+            passing = asyncio.create_task(resources.maintain_once())
+
+            async def taken() -> bool:
+                return await enqueued() > long_ago
+
+            await eventually(taken, "the pass to take the job for resending")
+            passing.cancel()  # the worker stops
+            with contextlib.suppress(asyncio.CancelledError):
+                await passing
+            assert await enqueued() == float("-inf")  # for the next pass, not in MODELFORGE_RESEND_AFTER
+            await proxy.restore()
+    finally:
+        await proxy.close()
 
 
 async def test_a_message_the_maintenance_pass_could_not_send_is_sent_by_the_next_pass(
