@@ -26,7 +26,7 @@ from modelforge_inference.shm import SharedMemoryRegions
 from modelforge_server import app, embedded, logs, ports, telemetry
 from modelforge_server.metrics import Metrics
 from modelforge_server.probes import ServingProbe
-from modelforge_server.settings import MiB, from_env, reported
+from modelforge_server.settings import MiB, command_line, from_env, reported
 
 SERVICE_NAME = "modelforge-inference"
 METRICS_PORT = ports.INFERENCE_METRICS_PORT
@@ -145,6 +145,11 @@ async def run(settings: InferenceSettings, tel: telemetry.Telemetry | None = Non
 
 
 def main() -> None:
+    command_line(
+        "modelforge_inference",
+        "The ModelForge inference service: ONNX Runtime behind ModelForge's API and the Open Inference Protocol.",
+        InferenceSettings,
+    )
     with reported(SERVICE_NAME):
         settings = from_env(InferenceSettings)
         logs.configure(SERVICE_NAME, settings.log_level)

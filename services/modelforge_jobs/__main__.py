@@ -33,7 +33,7 @@ from modelforge_jobs.settings import API_METRICS_PORT, JobsSettings
 from modelforge_jobs.store import JobStore
 from modelforge_server import app, db, embedded, logs, telemetry
 from modelforge_server.metrics import Metrics
-from modelforge_server.settings import from_env, reported
+from modelforge_server.settings import command_line, from_env, reported
 
 log = logging.getLogger("modelforge.jobs")
 
@@ -110,6 +110,9 @@ async def run(settings: JobsSettings, tel: telemetry.Telemetry | None = None) ->
 
 
 def main() -> None:
+    command_line(
+        "modelforge_jobs", "The ModelForge jobs API: batch inference jobs and their datasets and results.", JobsSettings
+    )
     with reported(SERVICE_NAME):
         settings = from_env(JobsSettings)
         logs.configure(SERVICE_NAME, settings.log_level)

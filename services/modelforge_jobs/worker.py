@@ -28,9 +28,16 @@ from modelforge_jobs.metrics import WorkerMetrics
 from modelforge_jobs.settings import WORKER_METRICS_PORT, JobsSettings
 from modelforge_server import app, logs, orphans, telemetry
 from modelforge_server.metrics import Metrics
-from modelforge_server.settings import from_env, reported
+from modelforge_server.settings import command_line, from_env, reported
 
 SERVICE_NAME = "modelforge-jobs-worker"
+
+if __name__ == "__main__":  # not under Dramatiq's CLI, whose arguments these are
+    command_line(
+        "modelforge_jobs.worker",
+        "A ModelForge jobs worker: runs the queued jobs on the inference service.",
+        JobsSettings,
+    )
 
 with reported(SERVICE_NAME):
     settings = from_env(JobsSettings)

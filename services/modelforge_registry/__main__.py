@@ -14,7 +14,7 @@ from modelforge_registry.settings import RegistrySettings
 from modelforge_registry.store import RegistryStore
 from modelforge_server import app, db, embedded, logs, ports, telemetry
 from modelforge_server.metrics import Metrics
-from modelforge_server.settings import from_env, reported
+from modelforge_server.settings import command_line, from_env, reported
 
 SERVICE = registry_pb2.DESCRIPTOR.services_by_name["RegistryService"]
 SERVICE_NAME = "modelforge-registry"
@@ -73,6 +73,11 @@ async def run(settings: RegistrySettings, tel: telemetry.Telemetry | None = None
 
 
 def main() -> None:
+    command_line(
+        "modelforge_registry",
+        "The ModelForge registry service: models, versions, aliases and their files.",
+        RegistrySettings,
+    )
     with reported(SERVICE_NAME):
         settings = from_env(RegistrySettings)
         logs.configure(SERVICE_NAME, settings.log_level)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import math
 import os
 import sys
+import textwrap
 import types
 import typing
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple, TypeVar
@@ -153,6 +155,39 @@ def reported(program: str) -> Iterator[None]:
 
 def _key(name: str) -> str:
     return PREFIX + name.upper()
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: {message}; it takes no arguments: set MODELFORGE_* variables (see --help)\n")
+
+
+def command_line(module: str, summary: str, cls: type[Any], argv: Sequence[str] | None = None) -> None:
+    """The command line of a service's process, which takes no arguments: its settings come from the environment.
+    ``--help`` prints `summary` and every MODELFORGE_* variable that `cls` reads, with its default, and exits;
+    any argument ends the process (exit 2) with one line saying so, rather than being ignored."""
+    lines = [f"  {_key(f.name):<42} {_default(f)}" for f in dataclasses.fields(cls)]
+    parser = _Parser(
+        prog=f"python -m {module}",
+        description=textwrap.fill(
+            f"{summary} Settings come from these environment variables (defaults shown; README.md says what each does):"
+        ),
+        epilog="\n".join(lines),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.parse_args(sys.argv[1:] if argv is None else argv)
+
+
+def _default(f: dataclasses.Field[Any]) -> str:
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+    else:
+        return "(required)"
+    if value is None or value == {}:
+        return "(unset)"
+    return str(value)
 
 
 def from_env(cls: type[S], environ: Mapping[str, str] | None = None, **overrides: Any) -> S:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -35,6 +36,27 @@ def test_a_malformed_variable_ends_the_process_with_one_line(module: str, key: s
     assert result.returncode == 2, result.stderr
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("modelforge-") and says in line
+
+
+@pytest.mark.parametrize(
+    "module", ["modelforge_registry", "modelforge_inference", "modelforge_jobs", "modelforge_jobs.worker"]
+)
+def test_a_service_lists_its_settings_on_help_and_refuses_arguments_it_would_ignore(module: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELFORGE_")}
+    helped = subprocess.run(
+        [sys.executable, "-m", module, "--help"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert helped.returncode == 0, helped.stderr
+    assert f"usage: python -m {module}" in helped.stdout
+    assert re.search(r"^  MODELFORGE_LOG_LEVEL +INFO$", helped.stdout, re.MULTILINE), helped.stdout
+    refused = subprocess.run(
+        [sys.executable, "-m", module, "--port", "6000"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert refused.returncode == 2  # it used to start on the default port, the argument ignored
+    assert refused.stderr == (
+        f"python -m {module}: unrecognized arguments: --port 6000; it takes no arguments: set MODELFORGE_* variables"
+        " (see --help)\n"
+    )
 
 
 @pytest.mark.parametrize(
