@@ -67,11 +67,14 @@ class RunnerSettings:
     worker_id: str
     heartbeat_interval: float
     stale_after: float
-    batch_concurrency: int = 8  # batches in flight at once, to keep the inference service busy
+    # Batches in flight at once, to keep the inference service busy: batch_concurrency, fewer where their inputs
+    # would take more than in_flight_bytes (but two at least, so that one is sent while the other's answer comes).
+    batch_concurrency: int = 8
+    in_flight_bytes: int = 32 << 20
     # The input each dataset fetch reads: this many batches, fewer when they would take more than read_ahead_bytes
     # (never less than one batch). The parsed records kept for the next batches are bounded by the same bytes.
     read_ahead_batches: int = 16
-    read_ahead_bytes: int = 64 << 20
+    read_ahead_bytes: int = 32 << 20
     # Finished batches are stored in groups, one statement each: at most this many batches or (about) this many
     # bytes of outputs, and a finished batch waits at most write_interval seconds for others to join its group.
     write_batches: int = 32
@@ -80,6 +83,12 @@ class RunnerSettings:
     retry_min_backoff: float = 1.0
     retry_max_backoff: float = 60.0
     outage_tolerance: float = 300.0
+
+    def lanes(self, batch_size: int, item_bytes: int, batches: int) -> int:
+        """The batches in flight at once for a job of `batches` batches of `batch_size` items of about `item_bytes`
+        bytes of input each."""
+        by_bytes = self.in_flight_bytes // max(1, batch_size * item_bytes)
+        return max(1, min(self.batch_concurrency, batches, max(2, by_bytes)))
 
     def read_ahead_items(self, batch_size: int, item_bytes: int) -> int:
         """The items one dataset fetch reads for a job of `batch_size` items per batch and about `item_bytes` bytes
@@ -289,9 +298,9 @@ class JobRunner:
             self._metrics.failed.labels(error.reason).inc()
         return JobState.FAILED
 
-    async def _load(self, job: Job) -> BatchSource:
-        """The job's input: a dataset is read from the database record by record as batches need it; an inline
-        input is one record, read whole."""
+    async def _load(self, job: Job) -> tuple[BatchSource, int]:
+        """The job's input, and about how many bytes one of its items takes: a dataset is read from the database
+        record by record as batches need it; an inline input is one record, read whole."""
         if job.dataset_id is not None:
             dataset_id = job.dataset_id
             try:
@@ -304,16 +313,18 @@ class JobRunner:
 
             # Batches are read in order, one at a time: each fetch reads ahead for the next few batches.
             item_bytes = -(-dataset.size_bytes // max(1, dataset.item_count))
-            return DatasetItems(
+            source = DatasetItems(
                 fetch,
                 cached_records=2 * self._settings.batch_concurrency,
                 cached_bytes=self._settings.read_ahead_bytes,
                 read_ahead=self._settings.read_ahead_items(job.batch_size, item_bytes),
             )
+            return source, item_bytes
         record = await self._store.inline_input(job.id)
         if record is None:
             raise FailedPrecondition("the job's input is gone: its dataset was deleted")
-        return await asyncio.to_thread(Items.from_bytes, record, delimited=False)
+        items = await asyncio.to_thread(Items.from_bytes, record, delimited=False)
+        return items, -(-len(record) // max(1, items.count))
 
     async def _run_batches(self, job: Job, lost: asyncio.Event) -> JobState:
         started = time.monotonic()
@@ -321,8 +332,9 @@ class JobRunner:
         done = await self._store.done_batches(job.id)
         todo = [index for index in range(job.progress.batches_total) if index not in done]
         if todo:
-            items = await self._load(job)
-            await _unless(lost, self._pipeline(job, items, iter(todo), deadline))
+            items, item_bytes = await self._load(job)
+            lanes = self._settings.lanes(job.batch_size, item_bytes, len(todo))
+            await _unless(lost, self._pipeline(job, items, iter(todo), lanes, deadline))
         if await self._store.complete(job.id, self.worker_id):
             log.info("job %s completed", job.id)
             return JobState.COMPLETED
@@ -334,8 +346,10 @@ class JobRunner:
             raise WorkerStopping(job.id)
         raise _Stop
 
-    async def _pipeline(self, job: Job, items: BatchSource, todo: Iterator[int], deadline: float | None) -> None:
-        """Runs the batches with a few in flight; the first failure stops the others.
+    async def _pipeline(
+        self, job: Job, items: BatchSource, todo: Iterator[int], lanes: int, deadline: float | None
+    ) -> None:
+        """Runs the batches, `lanes` of them in flight; the first failure stops the others.
 
         One reader reads the batches' inputs in order, a little ahead of the lanes, so that the input is fetched
         once and never waited for; each lane runs a batch on the inference service and hands its outputs to one
@@ -343,7 +357,6 @@ class JobRunner:
         stored; after a cancel or a takeover nothing more is.
         """
         failure: list[BaseException] = []
-        lanes = max(1, min(self._settings.batch_concurrency, job.progress.batches_total))
         ready: asyncio.Queue[tuple[int, list[Tensor]] | None] = asyncio.Queue(maxsize=lanes)
         writer = _ResultWriter(self._store, job.id, self.worker_id, self._settings, self._metrics)
 

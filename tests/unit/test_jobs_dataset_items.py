@@ -71,3 +71,12 @@ def test_a_fetch_reads_ahead_whole_batches_within_its_bytes() -> None:
     assert settings.read_ahead_items(batch_size=256, item_bytes=64) == 16 * 256  # small items: 16 batches
     assert settings.read_ahead_items(batch_size=32, item_bytes=600_000) == (64 << 20) // 600_000  # 111 items
     assert settings.read_ahead_items(batch_size=256, item_bytes=1 << 20) == 256  # never less than one batch
+
+
+def test_batches_in_flight_are_bounded_by_their_bytes() -> None:
+    settings = RunnerSettings(worker_id="w", heartbeat_interval=1.0, stale_after=5.0, in_flight_bytes=64 << 20)
+    assert settings.lanes(batch_size=256, item_bytes=256, batches=1000) == 8  # small batches: batch_concurrency
+    assert settings.lanes(batch_size=256, item_bytes=256, batches=3) == 3  # no more than the batches left
+    assert settings.lanes(batch_size=27, item_bytes=600_000, batches=12) == 4  # 16 MB batches: 64 MiB of them
+    assert settings.lanes(batch_size=256, item_bytes=600_000, batches=12) == 2  # two at least, to overlap
+    assert settings.lanes(batch_size=256, item_bytes=600_000, batches=1) == 1
