@@ -16,9 +16,9 @@ so a dead worker's queued jobs run again as soon as its running ones do.
 
 Every message on these queues names its job in its first argument, and the broker keeps, in one Redis hash, where
 the latest message of each job is (its queue and its id in Redis): set at every send, including Dramatiq's own
-(retries, and delayed messages moved to their queue when due), and removed when that message is acknowledged. A
-job QUEUED for long whose message Redis no longer holds (flushed, restarted without its data, dead-lettered, or
-dropped by a run that found the job taken) is told apart from one that waits behind a backlog
+(retries, and delayed messages moved to their queue when due), and removed when that message is acknowledged or
+dead-lettered. A job QUEUED for long whose message Redis no longer holds (flushed, restarted without its data,
+dead-lettered, or dropped by a run that found the job taken) is told apart from one that waits behind a backlog
 (:meth:`WakingRedisBroker.held_jobs`), so that only the former is sent again.
 """
 
@@ -164,6 +164,12 @@ class _WakingConsumer(_RedisConsumer):
     def ack(self, message: Any) -> None:
         super().ack(message)  # type: ignore[no-untyped-call]
         # The job's location is only read for QUEUED jobs: one left behind (Redis failing here) costs memory only.
+        with contextlib.suppress(redis.RedisError):
+            self.broker.forget(message)
+
+    def nack(self, message: Any) -> None:
+        super().nack(message)  # type: ignore[no-untyped-call]
+        # Dead-lettered: a job still QUEUED with no location counts as lost, as with the location of a dead letter.
         with contextlib.suppress(redis.RedisError):
             self.broker.forget(message)
 

@@ -87,3 +87,34 @@ def test_a_consumer_with_a_full_prefetch_window_looks_again_at_once_rather_than_
         consumer.close()
     finally:
         broker.close()
+
+
+def test_a_jobs_latest_message_is_known_until_it_is_acknowledged_or_dead_lettered(redis_url: str) -> None:
+    broker = WakingRedisBroker(url=redis_url, namespace=f"test-{uuid.uuid4().hex[:8]}")
+    try:
+        actor = dramatiq.Actor(
+            lambda job: None, broker=broker, actor_name="run", queue_name="jobs", priority=0, options={}
+        )
+        consumer = broker.consume("jobs", prefetch=2, timeout=10)
+        actor.send("done")
+        actor.send("dead")
+        assert broker.held_jobs(["done", "dead", "never-sent"]) == {"done", "dead"}
+        taken = {message.args[0]: message for message in _take(consumer, 2)}
+        assert broker.held_jobs(["done", "dead"]) == {"done", "dead"}  # taken, not acknowledged: still held
+        consumer.ack(taken["done"])
+        consumer.nack(taken["dead"])  # to the dead-letter queue: lost to the job
+        assert broker.held_jobs(["done", "dead"]) == set()
+        assert broker.client.hlen(broker.messages_key) == 0  # nothing left behind for either
+        consumer.close()
+    finally:
+        broker.close()
+
+
+def _take(consumer: dramatiq.Consumer, count: int) -> list[dramatiq.MessageProxy]:
+    taken: list[dramatiq.MessageProxy] = []
+    deadline = time.monotonic() + 30
+    while len(taken) < count and time.monotonic() < deadline:
+        message = next(consumer)
+        if message is not None:
+            taken.append(message)
+    return taken
