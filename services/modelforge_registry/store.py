@@ -166,6 +166,15 @@ class RegistryStore:
         async with self._connection(bounded=bounded) as conn, conn.transaction():
             yield conn
 
+    @asynccontextmanager
+    async def _transaction_around_disk(self) -> AsyncIterator[tuple[psycopg.AsyncConnection[Any], db.Bound]]:
+        """A transaction around work on the disk: PostgreSQL's part is bounded by the operation timeout, except
+        while the yielded bound is `paused()` for the disk's part."""
+        async with self._connection(bounded=False) as conn:
+            with db.bound(conn, getattr(self._pool, "operation_timeout", None)) as postgres:
+                async with conn.transaction():
+                    yield conn, postgres
+
     async def ping(self) -> None:
         """Raises unless PostgreSQL answers."""
         await db.ping(self._pool)
@@ -274,28 +283,11 @@ class RegistryStore:
         self, header: UploadHeader, file: StoredFile, place: Callable[[], Awaitable[None]]
     ) -> ModelVersion:
         """Allocates the next version number and inserts the version; `place` puts the file in the blob store
-        while the file's lock is held. All of it happens in one transaction, or none of it. Not bounded by the
-        operation timeout: writing the file takes as long as the disk needs."""
-        async with self._transaction(bounded=False) as conn:
-            if header.create_model:
-                cur = await conn.execute(
-                    "INSERT INTO registry.models (name) VALUES (%s) ON CONFLICT (name) DO NOTHING RETURNING name",
-                    (header.model,),
-                )
-                if await cur.fetchone() is not None:
-                    await _notify(conn, EventType.MODEL_CREATED, header.model)
-            cur = await conn.execute(
-                """
-                UPDATE registry.models SET next_version = next_version + 1
-                 WHERE name = %s
-                RETURNING next_version - 1
-                """,
-                (header.model,),
-            )
-            row = await cur.fetchone()
-            if row is None:
-                raise ModelNotFound(header.model)
-            version = int(row[0])
+        while the file's lock is held. All of it happens in one transaction, or none of it. PostgreSQL's part is
+        bounded by the operation timeout before `place` and again after it; writing the file takes as long as the
+        disk needs."""
+        async with self._transaction_around_disk() as (conn, postgres):
+            version = await _next_version(conn, header.model, create=header.create_model)
             await _lock_blob(conn, file.sha256)
             await conn.execute(
                 "INSERT INTO registry.blobs (sha256, size_bytes) VALUES (%s, %s) ON CONFLICT (sha256) DO NOTHING",
@@ -319,18 +311,21 @@ class RegistryStore:
                     header.version_label,
                 ),
             )
-            await place()
+            with postgres.paused():  # the disk's time, not PostgreSQL's
+                await place()
             await _notify(conn, EventType.VERSION_CREATED, header.model, version)
             return await _version(conn, header.model, version)
 
     @asynccontextmanager
     async def blob_lock(self, sha256: str) -> AsyncIterator[bool]:
-        """Holds the file's lock for the block; yields whether a registry.blobs row records the file. Not bounded
-        by the operation timeout: the block works on the disk."""
-        async with self._transaction(bounded=False) as conn:
+        """Holds the file's lock for the block; yields whether a registry.blobs row records the file. The block,
+        which works on the disk, is not bounded by the operation timeout; taking the lock and ending are."""
+        async with self._transaction_around_disk() as (conn, postgres):
             await _lock_blob(conn, sha256)
             cur = await conn.execute("SELECT 1 FROM registry.blobs WHERE sha256 = %s", (sha256,))
-            yield await cur.fetchone() is not None
+            recorded = await cur.fetchone() is not None
+            with postgres.paused():
+                yield recorded
 
     async def recorded_blobs(self, sha256s: list[str]) -> set[str]:
         """Those of `sha256s` that a registry.blobs row records (which some version uses, or is about to)."""
@@ -513,6 +508,28 @@ async def _lock_model(conn: psycopg.AsyncConnection[Any], name: str) -> None:
     cur = await conn.execute("SELECT 1 FROM registry.models WHERE name = %s FOR UPDATE", (name,))
     if await cur.fetchone() is None:
         raise ModelNotFound(name)
+
+
+async def _next_version(conn: psycopg.AsyncConnection[Any], model: str, *, create: bool) -> int:
+    """Takes the model's next version number, creating the model first when `create` (and announcing it). A model
+    deleted by another transaction between the two statements is created again, as the upload asked."""
+    for _ in range(3):
+        if create:
+            cur = await conn.execute(
+                "INSERT INTO registry.models (name) VALUES (%s) ON CONFLICT (name) DO NOTHING RETURNING name", (model,)
+            )
+            if await cur.fetchone() is not None:
+                await _notify(conn, EventType.MODEL_CREATED, model)
+        cur = await conn.execute(
+            "UPDATE registry.models SET next_version = next_version + 1 WHERE name = %s RETURNING next_version - 1",
+            (model,),
+        )
+        row = await cur.fetchone()
+        if row is not None:
+            return int(row[0])
+        if not create:
+            raise ModelNotFound(model)
+    raise Aborted(f"model {model!r} was deleted and created again meanwhile, more than once; retry the upload")
 
 
 async def _lock_blob(conn: psycopg.AsyncConnection[Any], sha256: str) -> None:

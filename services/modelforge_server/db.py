@@ -76,6 +76,55 @@ def _cut_at(conn: AsyncConnection[Any], deadline: float, seconds: float) -> Iter
         handle.cancel()
 
 
+class Bound:
+    """Cuts a connection once PostgreSQL has taken `seconds` over a block's work (see `bound`); `paused()` leaves
+    out a part of the block that is not PostgreSQL's doing, after which the bound starts again."""
+
+    def __init__(self, conn: AsyncConnection[Any], seconds: float | None) -> None:
+        self._conn = conn
+        self.seconds = seconds
+        self.cut = False
+        self._handle: asyncio.TimerHandle | None = None
+
+    def _arm(self) -> None:
+        if self.seconds is not None:
+            self._handle = asyncio.get_running_loop().call_later(self.seconds, self._fire)
+
+    def _disarm(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _fire(self) -> None:
+        self.cut = True
+        _cut(self._conn)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        self._disarm()
+        try:
+            yield
+        finally:
+            self._arm()
+
+
+@contextlib.contextmanager
+def bound(conn: AsyncConnection[Any], seconds: float | None) -> Iterator[Bound]:
+    """Bounds the PostgreSQL work of a block on a connection taken with `bounded=False` (whose length is not all
+    PostgreSQL's: a file is written in the middle of a transaction): each stretch of it between pauses ends within
+    `seconds` (None: no bound), or the connection is cut and the block raises OperationTimedOut."""
+    watch = Bound(conn, seconds)
+    watch._arm()
+    try:
+        yield watch
+    except psycopg.OperationalError as exc:
+        if watch.cut and seconds is not None and not isinstance(exc, OperationTimedOut):
+            raise OperationTimedOut(seconds) from exc
+        raise
+    finally:
+        watch._disarm()
+
+
 class _Recheck:
     """The pool's connection check, skipped for a connection handed out less than `after` seconds ago.
 

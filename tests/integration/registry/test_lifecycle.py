@@ -174,6 +174,44 @@ async def test_a_postgresql_that_stops_answering_is_unavailable_within_the_datab
         await proxy.close()
 
 
+async def test_an_upload_whose_postgresql_stops_answering_mid_transaction_is_unavailable_and_stores_nothing(
+    clean_db: str, tmp_path: Path, add_one
+) -> None:
+    # Storing a version is one transaction around the file's placement, which used to be bounded by nothing: an
+    # upload held open by a stalled PostgreSQL waited for as long as the stall lasted.
+    proxy = await TcpProxy.to_postgres(clean_db)
+    lock = f"modelforge.blob.{add_one.sha256}"
+    try:
+        settings = registry_settings_for(proxy.url, tmp_path / "registry", database_timeout=1.0)
+        async with (
+            running_registry(settings) as registry,
+            await psycopg.AsyncConnection.connect(clean_db, autocommit=True) as holder,
+        ):
+            # The file's lock, held beside the registry, keeps the upload's transaction open at a known point.
+            await holder.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", (lock,))
+            upload = asyncio.ensure_future(upload_model(registry.stub, "stalled", add_one.data))
+
+            async def waiting() -> bool:
+                cursor = await holder.execute(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                )
+                return (await cursor.fetchone() or [0])[0] == 1
+
+            await eventually(waiting, "the upload to wait for the file's lock")
+            proxy.stall()
+            await holder.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (lock,))
+            async with asyncio.timeout(30):  # only so that a regression fails instead of hanging
+                code, reason, details = await failure(upload)
+            assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "DATABASE_UNAVAILABLE")
+            assert "did not answer within 1 s" in details
+            await proxy.restore()
+            code, _, _ = await failure(registry.stub.GetModel(pb.GetModelRequest(name="stalled")))
+            assert code == grpc.StatusCode.NOT_FOUND  # the transaction was undone, the model's creation with it
+            assert [p for p in settings.blob_root.rglob("*") if p.is_file()] == []
+    finally:
+        await proxy.close()
+
+
 async def test_database_schema_is_registry(registry, add_one, clean_db) -> None:
     await upload_model(registry.stub, "schema", add_one.data)
     with psycopg.connect(clean_db) as conn:

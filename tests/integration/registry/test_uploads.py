@@ -279,3 +279,41 @@ async def test_a_blob_store_that_cannot_be_written_is_unavailable_and_leaves_not
     shard.unlink()
     await assert_nothing_stored(registry, "m")
     assert (await upload_model(registry.stub, "m", add_one.data)).version == 1  # the disk mended, uploads work
+
+
+async def test_uploads_that_create_their_model_never_find_it_missing_while_it_is_deleted(registry, add_one) -> None:
+    """An upload asking for its model to be created, racing deletes of that model, creates it again: it used to
+    fail NOT_FOUND when the model was deleted between its creation and its version number being taken."""
+
+    async def upload_a_few() -> list[grpc.StatusCode]:
+        codes = []
+        for _ in range(8):
+            try:
+                await upload_model(registry.stub, "churn", add_one.data)
+                codes.append(grpc.StatusCode.OK)
+            except grpc.aio.AioRpcError as exc:
+                codes.append(exc.code())
+        return codes
+
+    async def delete_until(done: asyncio.Event) -> int:
+        deletes = 0
+        while not done.is_set():
+            try:
+                await registry.stub.DeleteModel(pb.DeleteModelRequest(name="churn", force=True))
+                deletes += 1
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() == grpc.StatusCode.NOT_FOUND, exc  # nothing to delete at that moment
+            await asyncio.sleep(0)
+        return deletes
+
+    done = asyncio.Event()
+    deleter = asyncio.ensure_future(delete_until(done))
+    try:
+        uploads = await asyncio.gather(*(upload_a_few() for _ in range(6)))
+    finally:
+        done.set()
+        deletes = await deleter
+    codes = [code for codes in uploads for code in codes]
+    assert deletes > 0
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.ABORTED}, codes  # ABORTED: says to retry
+    assert codes.count(grpc.StatusCode.OK) >= len(codes) // 2
