@@ -67,9 +67,7 @@ def decode(token: str, kinds: tuple[type, ...], request: Message) -> list[Any] |
             "page_token is not one this server issued; pass next_page_token from the previous response unchanged",
             field="page_token",
         )
-    if len(key) != len(kinds) or any(
-        not isinstance(part, kind) or isinstance(part, bool) for part, kind in zip(key, kinds, strict=False)
-    ):
+    if len(key) != len(kinds) or not all(_fits(part, kind) for part, kind in zip(key, kinds, strict=False)):
         raise foreign_token()
     if payload.get("r") != _fingerprint(request):
         raise InvalidArgument(
@@ -78,6 +76,17 @@ def decode(token: str, kinds: tuple[type, ...], request: Message) -> list[Any] |
             field="page_token",
         )
     return key
+
+
+def _fits(part: Any, kind: type) -> bool:
+    """Whether a part of a token's key is of its kind and a value PostgreSQL takes as such (a bigint, text)."""
+    if not isinstance(part, kind) or isinstance(part, bool):
+        return False
+    if isinstance(part, int):
+        return -(2**63) <= part < 2**63
+    if isinstance(part, str):
+        return "\x00" not in part
+    return True
 
 
 def _fingerprint(request: Message) -> str:

@@ -33,7 +33,19 @@ def test_foreign_tokens_are_invalid_argument(token: str) -> None:
         paging.decode(token, (str, int), REQUEST)
 
 
-@pytest.mark.parametrize("key", [["model-a"], ["model-a", 42, "x"], [42, "model-a"], ["model-a", True], [None, None]])
+@pytest.mark.parametrize(
+    "key",
+    [
+        ["model-a"],
+        ["model-a", 42, "x"],
+        [42, "model-a"],
+        ["model-a", True],
+        [None, None],
+        ["model-a", 2**63],  # beyond a bigint: PostgreSQL would refuse it, as an internal error
+        ["model-a", -(2**70)],
+        ["model\x00a", 42],  # text holds no NUL
+    ],
+)
 def test_tokens_of_another_listing_are_invalid_argument(key: list[object]) -> None:
     with pytest.raises(InvalidArgument, match="page_token does not belong to this listing"):
         paging.decode(paging.encode(key, REQUEST), (str, int), REQUEST)
