@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import posixpath
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import onnx
@@ -33,23 +33,62 @@ _DTYPES: dict[int, str] = {
 }
 
 
-async def inspect(path: Path) -> tuple[Signature, OnnxInfo]:
-    """Validates the file; returns its signature and facts, or raises InvalidOnnx / ExternalDataRefused."""
-    return await asyncio.to_thread(inspect_file, path)
+class Inspections:
+    """Runs inspect_file on uploaded files in worker threads, as many at once as `budget` bytes of files allow.
+
+    An inspection holds about twice its file's size in memory (the model parsed in Python, then the checker's own
+    copy), so concurrent uploads of large models would add up to several times what one needs; past the budget
+    they wait their turn. A file larger than the budget takes all of it. A caller that goes away leaves its share
+    taken until its thread ends, since the thread cannot be stopped.
+    """
+
+    def __init__(self, budget: int, inspect: Callable[[Path], Inspected] | None = None) -> None:
+        self.budget = max(1, budget)
+        self.in_use = 0
+        self._inspect = inspect if inspect is not None else inspect_file
+        self._turns = asyncio.Condition()
+
+    async def inspect(self, path: Path, size: int) -> Inspected:
+        """Validates the file; returns its signature and facts, or raises InvalidOnnx / ExternalDataRefused."""
+        share = min(max(1, size), self.budget)
+        async with self._turns:
+            await self._turns.wait_for(lambda: self.in_use + share <= self.budget)
+            self.in_use += share
+        running = asyncio.ensure_future(asyncio.to_thread(self._inspect, path))
+        running.add_done_callback(lambda done: asyncio.ensure_future(self._give_back(share, done)))
+        return await asyncio.shield(running)
+
+    async def _give_back(self, share: int, done: asyncio.Future[Inspected]) -> None:
+        if not done.cancelled():
+            done.exception()  # seen here too, so that a result nobody awaits any more is not reported as lost
+        async with self._turns:
+            self.in_use -= share
+            self._turns.notify_all()
 
 
-def inspect_file(path: Path) -> tuple[Signature, OnnxInfo]:
+Inspected = tuple[Signature, OnnxInfo]
+
+
+def inspect_file(path: Path) -> Inspected:
+    """The file's signature and facts, read from the model in Python, which is then let go before the checker reads
+    the file itself: the file is held in memory once at a time, not twice over (the checker given a model would
+    take it serialized again)."""
+    found, info = _read(path)
+    try:
+        onnx.checker.check_model(os.fspath(path))
+    except (onnx.checker.ValidationError, ValueError, RuntimeError) as exc:
+        raise InvalidOnnx(f"onnx.checker refused it: {_first_line(exc)}") from None
+    return found, info
+
+
+def _read(path: Path) -> Inspected:
     try:
         model = onnx.load_model(os.fspath(path), load_external_data=False)
     except (DecodeError, ValueError, RuntimeError) as exc:
         raise InvalidOnnx(f"it cannot be parsed as an ONNX protobuf ({_first_line(exc)})") from None
     if not model.HasField("graph"):
         raise InvalidOnnx("it has no graph (is it an ONNX file at all, and complete?)")
-    refuse_external_data(model)
-    try:
-        onnx.checker.check_model(model)
-    except (onnx.checker.ValidationError, ValueError, RuntimeError) as exc:
-        raise InvalidOnnx(f"onnx.checker refused it: {_first_line(exc)}") from None
+    refuse_external_data(model)  # before the checker, which would follow the file's external data paths
     found, info = signature(model), facts(model)
     _check_texts(_texts(found, info))
     return found, info

@@ -111,6 +111,8 @@ class ModelRegistry:
         self._blobs = blobs
         self._events = events
         self._max_model_bytes = max_model_bytes
+        # Files being validated at once: one of the largest size accepted, or several smaller ones.
+        self._inspections = onnxfile.Inspections(max_model_bytes)
         self._chunk_bytes = chunk_bytes
         self._metrics = RegistryMetrics(
             metrics if metrics is not None else Metrics(process_collector=False), store.inventory
@@ -202,7 +204,7 @@ class ModelRegistry:
                 raise ChecksumMismatch(header.sha256, staged.sha256)
             attributes["modelforge.size_bytes"] = staged.size
             with self._tracer.start_as_current_span("upload validation", attributes=attributes):
-                signature, info = await onnxfile.inspect(staged.path)
+                signature, info = await self._inspections.inspect(staged.path, staged.size)
             file = StoredFile(sha256=staged.sha256, size_bytes=staged.size, signature=signature, onnx=info)
             placed = False
 
