@@ -25,6 +25,7 @@ from tests.fixtures.onnx_models import (
     write_model,
     write_with_external_data,
 )
+from tests.fixtures.polling import eventually
 
 
 def test_symbolic_dims_read_as_minus_one_with_their_names(tmp_path: Path) -> None:
@@ -166,4 +167,6 @@ def test_a_graph_the_checker_refuses_is_invalid(tmp_path: Path) -> None:
 
 async def test_inspect_runs_off_the_event_loop_and_gives_the_same_answer(tmp_path: Path) -> None:
     path = write_model(build_add_one(), tmp_path / "m.onnx")
-    assert await onnxfile.inspect(path) == onnxfile.inspect_file(path)
+    inspections = onnxfile.Inspections(1 << 20)
+    assert await inspections.inspect(path, path.stat().st_size) == onnxfile.inspect_file(path)
+    await eventually(lambda: inspections.in_use == 0, "its share to be given back")
