@@ -6,13 +6,13 @@ import asyncio
 from contextlib import AsyncExitStack
 
 from modelforge.registry.v1 import registry_pb2, registry_pb2_grpc
-from modelforge_registry.blobs import BlobStore
+from modelforge_registry.blobs import STALE_SECONDS, BlobStore
 from modelforge_registry.events import EventHub
 from modelforge_registry.registry import ModelRegistry
 from modelforge_registry.servicer import RegistryServicer
 from modelforge_registry.settings import RegistrySettings
 from modelforge_registry.store import RegistryStore
-from modelforge_server import app, db, embedded, logs, ports, telemetry
+from modelforge_server import app, db, embedded, logs, ports, tasks, telemetry
 from modelforge_server.metrics import Metrics
 from modelforge_server.settings import command_line, from_env, reported
 
@@ -43,6 +43,8 @@ async def build(settings: RegistrySettings, stack: AsyncExitStack) -> app.Server
         metrics=metrics,
     )
     await registry.sweep_orphans()  # files left by a replica that died mid-upload
+    sweeps = asyncio.create_task(registry.sweep_orphans_every(STALE_SECONDS), name="blob-sweeps")
+    stack.push_async_callback(tasks.stop, sweeps)
     server = app.build_server(
         [
             app.Api(

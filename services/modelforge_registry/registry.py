@@ -338,6 +338,16 @@ class ModelRegistry:
             log.info("removed %d orphaned file(s) from the blob store", removed)
         return removed
 
+    async def sweep_orphans_every(self, interval: float) -> None:
+        """Sweeps orphaned files every `interval` seconds, for ever: a process that died between placing a file and
+        committing its version left it there, and a registry that keeps running would otherwise never look again."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.sweep_orphans()
+            except Exception as exc:  # PostgreSQL or the disk out of reach: the next sweep tries again
+                log.warning("the sweep of orphaned files failed: %s", exc)
+
     async def _collect(self, sha256: str) -> bool:
         """Removes a file from disk if no committed version records it, under the file's lock; True if it did."""
         async with self._store.blob_lock(sha256) as recorded:

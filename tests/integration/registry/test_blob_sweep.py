@@ -1,14 +1,22 @@
-"""At start the registry removes orphaned files from its blob store: unrecorded and untouched for an hour."""
+"""The registry removes orphaned files from its blob store, unrecorded and untouched for an hour: at start, and
+then every hour."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import time
 from pathlib import Path
 
 from modelforge.registry.v1 import registry_pb2 as pb
-from tests.fixtures.servers import running_registry, upload_model
+from modelforge_registry.blobs import BlobStore
+from modelforge_registry.events import EventHub
+from modelforge_registry.registry import ModelRegistry
+from modelforge_registry.store import RegistryStore
+from modelforge_server import db, tasks
+from tests.fixtures.polling import eventually
+from tests.fixtures.servers import MiB, running_registry, upload_model
 
 TWO_HOURS_AGO = time.time() - 7200
 
@@ -52,3 +60,19 @@ async def test_a_starting_registry_removes_old_unrecorded_files_only(registry_se
         # The orphan's content can be uploaded again; the fresh file then belongs to a version.
         await upload_model(second.stub, "revived", add_one.data)
         assert orphan.read_bytes() == add_one.data
+
+
+async def test_a_running_registry_sweeps_again_every_interval(db_pool, tmp_path: Path, add_one) -> None:
+    """A file orphaned while the registry runs (its replica died after placing it) goes at a later sweep, not at
+    the next restart."""
+    await db.migrate(db_pool, schema="registry", package="modelforge_registry.migrations")
+    blobs = BlobStore(tmp_path / "blobs")
+    blobs.open()
+    registry = ModelRegistry(RegistryStore(db_pool), blobs, EventHub(""), max_model_bytes=MiB, chunk_bytes=MiB)
+    sweeps = asyncio.create_task(registry.sweep_orphans_every(0.05))
+    try:
+        await asyncio.sleep(0.2)  # a few sweeps of nothing
+        orphan = blob(tmp_path / "blobs", add_one.data, old=True)
+        await eventually(lambda: not orphan.exists(), "a sweep to remove the orphan")
+    finally:
+        assert await tasks.stop(sweeps)
