@@ -41,6 +41,19 @@ LIVENESS = "liveness"
 # uploads, inference outputs) then travel in a few frames rather than hundreds of 16 KiB ones.
 MAX_FRAME_SIZE = (1 << 24) - 1
 LARGE_FRAMES = ("grpc.http2.max_frame_size", MAX_FRAME_SIZE)
+
+
+def keepalive(seconds: float) -> list[tuple[str, int]]:
+    """Server options that ping a connection quiet for `seconds` and close it when the ping goes unanswered as long
+    again (at most 20 s). gRPC's own wait for the answer is its ping timeout (a minute), not the keepalive timeout."""
+    answer = round(min(seconds, 20.0) * 1000)
+    return [
+        ("grpc.keepalive_time_ms", round(seconds * 1000)),
+        ("grpc.keepalive_timeout_ms", answer),
+        ("grpc.http2.ping_timeout_ms", answer),
+    ]
+
+
 # gRPC core holds calls that arrive faster than the server takes them, and past 1,000 such calls it drops them at
 # random with a bare CANCELLED (all of them past 3,000), before any handler, metric or log line sees them. A burst
 # of a few thousand calls on a busy server reaches that. The services refuse work themselves, with codes that say
@@ -296,6 +309,7 @@ def build_server(
             LARGE_FRAMES,
             ("grpc.so_reuseport", 0),
             *NO_CALL_BACKLOG_LIMIT,
+            *keepalive(settings.keepalive_seconds),
         ],
     )
     registrar = Registrar(

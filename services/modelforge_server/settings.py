@@ -74,6 +74,9 @@ class ServerSettings:
     # Seconds a stopping service keeps taking calls with readiness NOT_SERVING, before it refuses new ones.
     drain_seconds: float = 0.0
     chunk_bytes: int = 1 * MiB
+    # A connection quiet this long is pinged, and closed when the ping goes unanswered as long again (at most 20 s),
+    # its calls ending: what a client that vanished without closing (a host gone, a network cut) held is let go.
+    keepalive_seconds: float = 60.0
     # The event loop of a service process: "auto" (uvloop when installed, else asyncio's), "uvloop" or "asyncio".
     event_loop: str = "auto"
     labels: dict[str, str] = field(default_factory=dict)
@@ -86,6 +89,7 @@ class ServerSettings:
         "drain_seconds": NOT_NEGATIVE,
         "database_timeout": POSITIVE,
         "chunk_bytes": AT_LEAST_ONE,
+        "keepalive_seconds": POSITIVE,
     }
 
     def __post_init__(self) -> None:

@@ -16,8 +16,11 @@ import pytest
 
 from modelforge.common.v1 import tensor_pb2
 from modelforge.registry.v1 import registry_pb2 as pb
+from modelforge.registry.v1 import registry_pb2_grpc as pb_grpc
 from tests.fixtures.onnx_models import build_add_one, model_bytes
-from tests.fixtures.servers import MiB, upload_model, upload_requests
+from tests.fixtures.polling import eventually
+from tests.fixtures.proxy import TcpProxy
+from tests.fixtures.servers import MiB, registry_settings_for, running_registry, upload_model, upload_requests
 from tests.integration.registry.calls import failure
 
 
@@ -317,3 +320,34 @@ async def test_uploads_that_create_their_model_never_find_it_missing_while_it_is
     assert deletes > 0
     assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.ABORTED}, codes  # ABORTED: says to retry
     assert codes.count(grpc.StatusCode.OK) >= len(codes) // 2
+
+
+async def test_an_upload_from_a_client_that_vanished_is_let_go_once_its_connection_stays_silent(
+    clean_db: str, tmp_path: Path, add_one
+) -> None:
+    """A client whose host or network went away without closing its connection: the server's keepalive pings go
+    unanswered and the connection is closed, which ends the upload and removes its staged file. It used to hold
+    them for as long as the connection seemed open."""
+    settings = registry_settings_for(clean_db, tmp_path / "registry", keepalive_seconds=0.5)
+    async with running_registry(settings) as registry:
+        proxy = await TcpProxy.to_address("127.0.0.1", registry.port)
+        stop_sending = asyncio.Event()
+
+        async def requests():
+            header, first, *_ = upload_requests("vanished", add_one.data, chunk_bytes=len(add_one.data) // 2)
+            yield header
+            yield first
+            await stop_sending.wait()
+
+        try:
+            async with grpc.aio.insecure_channel(proxy.address) as channel:
+                upload = pb_grpc.RegistryServiceStub(channel).UploadModelVersion(requests())
+                await eventually(lambda: staged_files(settings.blob_root) != [], "the upload to be staged")
+                proxy.stall()  # nothing passes any more, either way, and nothing closes
+                await eventually(lambda: staged_files(settings.blob_root) == [], "the upload to be let go", 20)
+                upload.cancel()
+        finally:
+            stop_sending.set()
+            await proxy.close()
+        code, _, _ = await failure(registry.stub.GetModel(pb.GetModelRequest(name="vanished")))
+        assert code == grpc.StatusCode.NOT_FOUND
