@@ -54,6 +54,7 @@ def registry_channel(settings: InferenceSettings) -> grpc.aio.Channel:
         options=[
             ("grpc.keepalive_time_ms", 10_000),
             ("grpc.keepalive_timeout_ms", 5_000),
+            ("grpc.http2.ping_timeout_ms", 5_000),  # what gRPC waits for the answer by (a minute otherwise)
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 2_000),
