@@ -89,9 +89,22 @@ def _read(path: Path) -> Inspected:
     if not model.HasField("graph"):
         raise InvalidOnnx("it has no graph (is it an ONNX file at all, and complete?)")
     refuse_external_data(model)  # before the checker, which would follow the file's external data paths
+    _check_opsets(model)
     found, info = signature(model), facts(model)
     _check_texts(_texts(found, info))
     return found, info
+
+
+def _check_opsets(model: onnx.ModelProto) -> None:
+    """Refuses an opset of the ONNX domain that no release defines yet (the checker lets it through, and no runtime
+    could load it)."""
+    newest = onnx.defs.onnx_opset_version()
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx") and opset.version > newest:
+            raise InvalidOnnx(
+                f"it imports opset {opset.version} of the ONNX domain, which does not exist (the newest is {newest}): "
+                "export it with an opset the runtime serving it supports"
+            )
 
 
 def _check_texts(texts: list[tuple[str, str]]) -> None:

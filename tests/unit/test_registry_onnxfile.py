@@ -165,6 +165,16 @@ def test_a_graph_the_checker_refuses_is_invalid(tmp_path: Path) -> None:
     assert "onnx.checker refused it" in str(caught.value)
 
 
+def test_an_opset_no_onnx_release_defines_is_refused(tmp_path: Path) -> None:
+    model = build_add_one()
+    model.opset_import[0].version = 99  # the checker lets it through; no runtime could load it
+    with pytest.raises(InvalidOnnx) as caught:
+        onnxfile.inspect_file(write_model(model, tmp_path / "m.onnx"))
+    assert f"opset 99 of the ONNX domain, which does not exist (the newest is {onnx.defs.onnx_opset_version()})" in str(
+        caught.value
+    )
+
+
 async def test_inspect_runs_off_the_event_loop_and_gives_the_same_answer(tmp_path: Path) -> None:
     path = write_model(build_add_one(), tmp_path / "m.onnx")
     inspections = onnxfile.Inspections(1 << 20)
