@@ -15,7 +15,7 @@ from psycopg import sql
 from modelforge_registry.domain import EventType, ModelEvent
 from modelforge_registry.errors import DatabaseUnavailable, ReplicaStopping, WatchInterrupted
 from modelforge_registry.store import EVENTS_CHANNEL
-from modelforge_server import tasks
+from modelforge_server import db, tasks
 
 log = logging.getLogger("modelforge.registry.events")
 
@@ -25,6 +25,10 @@ _QUEUE_LIMIT = 10_000
 _LOST = None
 _CLOSED = "closed"
 _CLOSE_SECONDS = 5.0
+# A feed quiet this long checks that PostgreSQL still answers on its connection, within as long again: a connection
+# that PostgreSQL no longer serves (a network cut, a host gone) fails nothing by itself, and its watchers would wait
+# for events that never come while other replicas commit changes.
+_HEARTBEAT_SECONDS = 10.0
 
 
 class EventHub:
@@ -36,9 +40,12 @@ class EventHub:
     server is stopping), current watchers end with ReplicaStopping and new ones are refused with it.
     """
 
-    def __init__(self, database_url: str, *, retry_seconds: float = 1.0) -> None:
+    def __init__(
+        self, database_url: str, *, retry_seconds: float = 1.0, heartbeat_seconds: float = _HEARTBEAT_SECONDS
+    ) -> None:
         self._url = database_url
         self._retry = retry_seconds
+        self._heartbeat = heartbeat_seconds
         self._watchers: set[asyncio.Queue[ModelEvent | str | None]] = set()
         self._live = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -99,8 +106,11 @@ class EventHub:
                     await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(EVENTS_CHANNEL)))
                     self._live.set()
                     log.info("listening for model events")
-                    async for notify in conn.notifies():
-                        self._publish(_parse(notify.payload))
+                    while not self._closed:
+                        async for notify in conn.notifies(timeout=self._heartbeat):
+                            self._publish(_parse(notify.payload))
+                        with db.bound(conn, self._heartbeat):  # cut, and so broken, past that
+                            await conn.execute("SELECT 1")
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the connection broke, or PostgreSQL is down: retry
