@@ -47,14 +47,18 @@ def max_receive_bytes(settings: InferenceSettings) -> int:
     return max(settings.max_message_bytes, settings.max_request_bytes + headroom)
 
 
-def registry_channel(settings: InferenceSettings) -> grpc.aio.Channel:
-    """The channel to the registry: keepalive so a broken event stream is noticed, short reconnect backoff."""
+def registry_channel(settings: InferenceSettings, *, keepalive_seconds: float = 10.0) -> grpc.aio.Channel:
+    """The channel to the registry: keepalive so a broken event stream is noticed (a ping every `keepalive_seconds`
+    of quiet, given up on after half as long again; the registry takes them, see app.keepalive), short reconnect
+    backoff."""
+    answer = round(keepalive_seconds / 2 * 1000)
     return grpc.aio.insecure_channel(
         settings.registry_address,
         options=[
-            ("grpc.keepalive_time_ms", 10_000),
-            ("grpc.keepalive_timeout_ms", 5_000),
-            ("grpc.http2.ping_timeout_ms", 5_000),  # what gRPC waits for the answer by (a minute otherwise)
+            ("grpc.keepalive_time_ms", round(keepalive_seconds * 1000)),
+            ("grpc.keepalive_timeout_ms", answer),
+            ("grpc.http2.ping_timeout_ms", answer),  # what gRPC waits for the answer by (a minute otherwise)
+            ("grpc.http2.max_pings_without_data", 0),  # on a quiet event stream too, not only its first two
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 2_000),

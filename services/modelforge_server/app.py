@@ -45,12 +45,20 @@ LARGE_FRAMES = ("grpc.http2.max_frame_size", MAX_FRAME_SIZE)
 
 def keepalive(seconds: float) -> list[tuple[str, int]]:
     """Server options that ping a connection quiet for `seconds` and close it when the ping goes unanswered as long
-    again (at most 20 s). gRPC's own wait for the answer is its ping timeout (a minute), not the keepalive timeout."""
+    again (at most 20 s), and that take clients' keepalive pings as often as every 5 s (or `seconds` / 2).
+
+    gRPC's own wait for the answer is its ping timeout (a minute), not the keepalive timeout. By default a server
+    also ends a connection whose client pings more often than every 5 minutes without data ("too many pings"),
+    which would end the quiet event streams of clients that keep them watched (a client stops pinging after two
+    pings without data unless told otherwise, see the inference service's registry channel)."""
     answer = round(min(seconds, 20.0) * 1000)
     return [
         ("grpc.keepalive_time_ms", round(seconds * 1000)),
         ("grpc.keepalive_timeout_ms", answer),
         ("grpc.http2.ping_timeout_ms", answer),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", round(min(seconds, 10.0) / 2 * 1000)),
     ]
 
 
