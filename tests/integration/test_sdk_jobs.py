@@ -10,6 +10,7 @@ import asyncio
 import re
 import sys
 from contextlib import AsyncExitStack
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -27,6 +28,8 @@ from modelforge import (
     JobState,
     NotFoundError,
 )
+from modelforge._channel import JOBS, channel_options
+from modelforge.jobs.v1 import jobs_pb2, jobs_pb2_grpc
 from modelforge_jobs.__main__ import build as build_jobs
 from modelforge_server import embedded
 from tests.fixtures.onnx_models import (  # noqa: F401
@@ -36,6 +39,7 @@ from tests.fixtures.onnx_models import (  # noqa: F401
     model_bytes,
     string_model,
 )
+from tests.fixtures.proxy import TcpProxy
 from tests.integration.jobs.conftest import (  # noqa: F401
     InProcessWorker,
     RunningInference,
@@ -48,6 +52,7 @@ from tests.integration.jobs.conftest import (  # noqa: F401
     registry,
     registry_settings,
     start_inference,
+    start_jobs_api,
     start_worker,
     stored_datasets,
     worker,
@@ -539,3 +544,32 @@ async def test_save_result_takes_the_memory_of_a_few_records_not_of_the_result(
         async with AsyncInferenceClient(inference.address) as inference_client:
             some = await inference_client.predict("painter", {"latent": latent[[0, 37, 79]]})
         np.testing.assert_allclose(images[[0, 37, 79]], some["image"], rtol=1e-6)
+
+
+async def test_a_quiet_watch_on_a_jobs_api_that_went_silent_ends_unavailable(
+    jobs_settings, start_jobs_api, adder: str
+) -> None:
+    """A watch without a deadline on a service whose host went away, or behind a network cut, used to wait for
+    ever: nothing answers and nothing closes. The SDK's channels ping while a call is open and give up; the
+    watch then ends UNAVAILABLE, which Job.watch meets with its reconnects, and past them raises."""
+    async with start_jobs_api(replace(jobs_settings, keepalive_seconds=0.5)) as api:
+        proxy = await TcpProxy.to_address("127.0.0.1", api.port)
+        options = channel_options(JOBS, keepalive_seconds=0.5)
+        try:
+            async with (
+                grpc.aio.insecure_channel(proxy.address, options=options) as channel,
+                AsyncJobsClient(channel=channel) as client,
+            ):
+                job = await client.submit(adder, {"x": np.zeros((1, 4), np.float32)})  # no worker: QUEUED for ever
+                watch = jobs_pb2_grpc.JobServiceStub(channel).WatchJob(jobs_pb2.WatchJobRequest(id=job.id))
+                assert (await watch.read()).job.state == jobs_pb2.JOB_STATE_QUEUED
+                quiet = asyncio.ensure_future(watch.read())
+                done, _ = await asyncio.wait({quiet}, timeout=3.0)  # several pings' worth of quiet, answered
+                assert not done, "a quiet watch whose service answers its pings must stay open"
+                proxy.stall()
+                with pytest.raises(grpc.aio.AioRpcError) as broken:
+                    async with asyncio.timeout(30):  # only so that a regression fails instead of hanging
+                        await quiet
+                assert broken.value.code() == grpc.StatusCode.UNAVAILABLE
+        finally:
+            await proxy.close()

@@ -138,11 +138,22 @@ def _service_config(service: Service) -> str:
 MAX_FRAME_SIZE = (1 << 24) - 1  # HTTP/2's largest SETTINGS_MAX_FRAME_SIZE
 
 
+# A call's connection quiet this long is pinged, and given up on (the call ends UNAVAILABLE) when the ping goes
+# unanswered for a third as long: a watch or a stream on a server whose host went away, or behind a network cut,
+# ends instead of waiting for ever. ModelForge's services take pings as often as every 5 s.
+KEEPALIVE_SECONDS = 30.0
+
+
 def channel_options(
-    service: Service, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, extra: Sequence[tuple[str, Any]] = ()
+    service: Service,
+    *,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    keepalive_seconds: float = KEEPALIVE_SECONDS,
+    extra: Sequence[tuple[str, Any]] = (),
 ) -> list[tuple[str, Any]]:
     """Channel arguments: message limits, HTTP/2 frames as large as the protocol allows, retries through the service
-    config, and any caller extras."""
+    config, keepalive pings while calls are open, and any caller extras."""
+    answer = round(keepalive_seconds / 3 * 1000)
     return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -151,6 +162,10 @@ def channel_options(
         ("grpc.http2.max_frame_size", MAX_FRAME_SIZE),
         ("grpc.enable_retries", 1),
         ("grpc.service_config", _service_config(service)),
+        ("grpc.keepalive_time_ms", round(keepalive_seconds * 1000)),
+        ("grpc.keepalive_timeout_ms", answer),
+        ("grpc.http2.ping_timeout_ms", answer),  # what gRPC waits for the answer by (a minute otherwise)
+        ("grpc.http2.max_pings_without_data", 0),  # a quiet watch stays watched, not only for two pings
         *extra,
     ]
 
