@@ -53,29 +53,6 @@ def _cut(conn: AsyncConnection[Any]) -> None:
             sock.shutdown(socket.SHUT_RDWR)
 
 
-@contextlib.contextmanager
-def _cut_at(conn: AsyncConnection[Any], deadline: float, seconds: float) -> Iterator[None]:
-    """Cuts the connection at loop time `deadline` if the block is still running, and then turns the
-    OperationalError that comes out of it into OperationTimedOut(`seconds`)."""
-    cut = False
-
-    def fire() -> None:
-        nonlocal cut
-        cut = True
-        _cut(conn)
-
-    loop = asyncio.get_running_loop()
-    handle = loop.call_at(deadline, fire)
-    try:
-        yield
-    except psycopg.OperationalError as exc:
-        if cut and not isinstance(exc, OperationTimedOut):
-            raise OperationTimedOut(seconds) from exc
-        raise
-    finally:
-        handle.cancel()
-
-
 class Bound:
     """Cuts a connection once PostgreSQL has taken `seconds` over a block's work (see `bound`); `paused()` leaves
     out a part of the block that is not PostgreSQL's doing, after which the bound starts again."""
@@ -86,9 +63,10 @@ class Bound:
         self.cut = False
         self._handle: asyncio.TimerHandle | None = None
 
-    def _arm(self) -> None:
+    def _arm(self, within: float | None = None) -> None:
         if self.seconds is not None:
-            self._handle = asyncio.get_running_loop().call_later(self.seconds, self._fire)
+            delay = self.seconds if within is None else within
+            self._handle = asyncio.get_running_loop().call_later(delay, self._fire)
 
     def _disarm(self) -> None:
         if self._handle is not None:
@@ -109,12 +87,13 @@ class Bound:
 
 
 @contextlib.contextmanager
-def bound(conn: AsyncConnection[Any], seconds: float | None) -> Iterator[Bound]:
-    """Bounds the PostgreSQL work of a block on a connection taken with `bounded=False` (whose length is not all
-    PostgreSQL's: a file is written in the middle of a transaction): each stretch of it between pauses ends within
-    `seconds` (None: no bound), or the connection is cut and the block raises OperationTimedOut."""
+def bound(conn: AsyncConnection[Any], seconds: float | None, *, within: float | None = None) -> Iterator[Bound]:
+    """Bounds the PostgreSQL work of a block on a connection: each stretch of it between pauses ends within `seconds`
+    (None: no bound; the first stretch within `within` when given, what is left of an operation's deadline), or
+    the connection is cut and the block raises OperationTimedOut(`seconds`). Pauses are for a block on a connection
+    taken with `bounded=False` whose length is not all PostgreSQL's: a file written in the middle of a transaction."""
     watch = Bound(conn, seconds)
-    watch._arm()
+    watch._arm(within)
     try:
         yield watch
     except psycopg.OperationalError as exc:
@@ -157,7 +136,7 @@ async def _check(conn: AsyncConnection[Any]) -> None:
         deadline = asyncio.get_running_loop().time() + CHECK_TIMEOUT
     else:
         seconds = deadline - asyncio.get_running_loop().time()
-    with _cut_at(conn, deadline, seconds):
+    with bound(conn, seconds):
         await AsyncConnectionPool.check_connection(conn)
 
 
@@ -268,12 +247,13 @@ async def connection(
         async with pool.connection(timeout=checkout) as conn:
             yield conn
         return
-    deadline = asyncio.get_running_loop().time() + limit
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
     token = _deadline.set(deadline)
     try:
         wait = min(limit, pool.timeout if checkout is None else checkout)
         async with pool.connection(timeout=wait) as conn:
-            with _cut_at(conn, deadline, limit):
+            with bound(conn, limit, within=deadline - loop.time()):
                 yield conn
     finally:
         _deadline.reset(token)
