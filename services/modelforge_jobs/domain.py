@@ -70,6 +70,11 @@ class ResolvedModel:
     output_item_bytes: int = 0
 
 
+def bytes_per_item(size_bytes: int, items: int) -> int:
+    """About how many bytes of an input of `size_bytes` one of its `items` takes (rounded up; at least its share)."""
+    return -(-size_bytes // max(1, items))
+
+
 @dataclass(frozen=True)
 class Waiting:
     """A QUEUED job whose message was sent long ago and not taken yet, or (`marked`) could not be sent at all."""

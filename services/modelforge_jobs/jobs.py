@@ -27,6 +27,7 @@ from modelforge_jobs.domain import (
     ResultRecord,
     TensorInfo,
     batch_count,
+    bytes_per_item,
 )
 from modelforge_jobs.errors import (
     BatchSizeFixed,
@@ -159,7 +160,7 @@ class Jobs:
         if items == 0:
             raise InvalidInput("the input holds no items; give at least one", field="inline_input")
         check_signature(model, tensors)
-        item_bytes = max(-(-input_bytes // items), model.output_item_bytes)
+        item_bytes = max(bytes_per_item(input_bytes, items), model.output_item_bytes)
         spec = replace(spec, batch_size=self._batch_size(model, spec.batch_size, items, item_bytes))
         job, created = await self._store.insert_job(
             uuid.uuid4(),

@@ -36,7 +36,7 @@ from uuid import UUID
 
 from modelforge.common.v1.tensor_pb2 import Tensor
 from modelforge_jobs.datasets import BatchSource, DatasetItems, Items
-from modelforge_jobs.domain import InputRecord, Job, JobError, JobState, Priority, ResultRecord
+from modelforge_jobs.domain import InputRecord, Job, JobError, JobState, Priority, ResultRecord, bytes_per_item
 from modelforge_jobs.errors import AttemptsExhausted, DatasetNotFound, JobNotFound, TimeLimitExceeded, is_transient
 from modelforge_jobs.inference_client import InferenceClient
 from modelforge_jobs.metrics import WorkerMetrics
@@ -312,7 +312,7 @@ class JobRunner:
                 return await self._store.dataset_records(dataset_id, start, stop)
 
             # Batches are read in order, one at a time: each fetch reads ahead for the next few batches.
-            item_bytes = -(-dataset.size_bytes // max(1, dataset.item_count))
+            item_bytes = bytes_per_item(dataset.size_bytes, dataset.item_count)
             source = DatasetItems(
                 fetch,
                 cached_records=2 * self._settings.batch_concurrency,
@@ -324,7 +324,7 @@ class JobRunner:
         if record is None:
             raise FailedPrecondition("the job's input is gone: its dataset was deleted")
         items = await asyncio.to_thread(Items.from_bytes, record, delimited=False)
-        return items, -(-len(record) // max(1, items.count))
+        return items, bytes_per_item(len(record), items.count)
 
     async def _run_batches(self, job: Job, lost: asyncio.Event) -> JobState:
         started = time.monotonic()
