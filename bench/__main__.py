@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 import modelforge
+from bench import cpus as cpu_sets
 from bench import jobs as jobs_bench
 from bench import raw, report, scenarios, transport
 from bench.loadgen import BIDI, SERVER_STREAM, UNARY, Load, LoadGenerator
@@ -126,7 +127,7 @@ def _measure(
     gen: LoadGenerator,
     load: Load,
     args: argparse.Namespace,
-    server: int | None,
+    server: tuple[int, ...],
     *,
     workload: str,
     api: str,
@@ -137,7 +138,7 @@ def _measure(
     """One point over the run's measured window (--duration) after its warm-up (--warmup)."""
     return measure(
         gen, load, workload=workload, api=api, batching=batching, concurrency=concurrency, batch=batch,
-        duration=args.duration, warmup=args.warmup, server_pid=server,
+        duration=args.duration, warmup=args.warmup, server_pids=server,
     )  # fmt: skip
 
 
@@ -145,7 +146,7 @@ def _measure(
 
 
 def run_overhead(
-    gen: LoadGenerator, suite: Suite, args: argparse.Namespace, out: Collected, server: int | None
+    gen: LoadGenerator, suite: Suite, args: argparse.Namespace, out: Collected, server: tuple[int, ...]
 ) -> None:
     """The cheapest call the inference service answers (V2 ServerLive): what the transport alone costs."""
     _say("load generator and transport cost: V2 ServerLive (no model, nothing to compute)")
@@ -159,13 +160,13 @@ def run_overhead(
 def run_transport(gen: LoadGenerator, args: argparse.Namespace, out: Collected) -> None:
     """A bare grpc.aio server, no ModelForge code: what a unary call and a message on an open stream cost."""
     _say("bare grpc.aio server (no ModelForge code): a unary call against a message on an open stream")
-    with transport.bare_server() as (address, pid):
+    with transport.bare_server(args.server_cpus) as (address, pid):
         for api, load in (
             ("bare", Load(address, transport.UNARY, b"r" * 100)),
             ("bare-bidi", Load(address, transport.BIDI, b"r" * 100, BIDI)),
         ):
             for concurrency in (1, 16):
-                point = _measure(gen, load, args, pid, workload="-", api=api, concurrency=concurrency)
+                point = _measure(gen, load, args, (pid,), workload="-", api=api, concurrency=concurrency)
                 out.add(point)
                 _per_call_row(point)
 
@@ -180,26 +181,27 @@ def _per_call_row(point: Point) -> None:
 
 
 def run_raw(selected: list[scenarios.Workload], args: argparse.Namespace, out: Collected) -> None:
-    _say("raw ONNX Runtime in this process (the suite idle), by intra_op_num_threads")
-    seconds = args.raw_seconds
-    for workload in selected:
-        for threads in (1, 2, 0):
-            figures = raw.measure(
-                workload.file,
-                workload.item,
-                seconds=seconds,
-                batch_sizes=workload.raw_batch_sizes,
-                threads=args.compute_threads or os.cpu_count() or 1,
-                intra_op_threads=threads,
-            )
-            out.raw[f"{workload.key}/{threads}"].append(figures)
-            _say(
-                f"  {workload.key:<5} intra_op={threads}  batch-1 p50 {ms(figures.p50_seconds)} ms "
-                f"p99 {ms(figures.p99_seconds)} ms  {figures.batch1_items_per_second:.1f} items/s sequential, "
-                f"{figures.threaded_items_per_second:.1f} items/s from {args.compute_threads or os.cpu_count()} "
-                f"threads; best batched {figures.best_items_per_second:.1f} items/s at batch "
-                f"{figures.best_batch_size}"
-            )
+    where = cpu_sets.describe(args.server_cpus)
+    _say(f"raw ONNX Runtime in this process on CPUs {where} (the suite idle), by intra_op_num_threads")
+    callers = args.compute_threads or cpu_sets.count(args.server_cpus)
+    with cpu_sets.pinned(args.server_cpus):  # the sessions' thread pools start, and stay, on the suite's CPUs
+        for workload in selected:
+            for intra_op in (1, 2, 0):
+                figures = raw.measure(
+                    workload.file,
+                    workload.item,
+                    seconds=args.raw_seconds,
+                    batch_sizes=workload.raw_batch_sizes,
+                    threads=callers,
+                    intra_op_threads=intra_op,
+                )
+                out.raw[f"{workload.key}/{intra_op}"].append(figures)
+                _say(
+                    f"  {workload.key:<5} intra_op={intra_op}  batch-1 p50 {ms(figures.p50_seconds)} ms "
+                    f"p99 {ms(figures.p99_seconds)} ms  {figures.batch1_items_per_second:.1f} items/s sequential, "
+                    f"{figures.threaded_items_per_second:.1f} items/s from {callers} threads; best batched "
+                    f"{figures.best_items_per_second:.1f} items/s at batch {figures.best_batch_size}"
+                )
 
 
 def run_matrix(
@@ -208,7 +210,7 @@ def run_matrix(
     workload: scenarios.Workload,
     args: argparse.Namespace,
     out: Collected,
-    server: int | None,
+    server: tuple[int, ...],
 ) -> None:
     image_apis = ("predict", "v2", "v2shm", "v2sshm", "stream")
     apis: tuple[str, ...] = image_apis if workload.key == "gen" else ("predict", "v2", "v2s")
@@ -225,7 +227,9 @@ def run_matrix(
                 _row(point)
 
 
-def run_stream(gen: LoadGenerator, suite: Suite, args: argparse.Namespace, out: Collected, server: int | None) -> None:
+def run_stream(
+    gen: LoadGenerator, suite: Suite, args: argparse.Namespace, out: Collected, server: tuple[int, ...]
+) -> None:
     workload = next(w for w in scenarios.workloads() if w.key == "gen")
     _say("PredictStream of batch-8 requests on the image generator (24 MiB of output per call), with and without")
     _say("the trailer's sha256 per output (skip_sha256)")
@@ -237,7 +241,9 @@ def run_stream(gen: LoadGenerator, suite: Suite, args: argparse.Namespace, out: 
             _row(point)
 
 
-def run_cache(gen: LoadGenerator, suite: Suite, args: argparse.Namespace, out: Collected, server: int | None) -> None:
+def run_cache(
+    gen: LoadGenerator, suite: Suite, args: argparse.Namespace, out: Collected, server: tuple[int, ...]
+) -> None:
     workload = next(w for w in scenarios.workloads() if w.key == "mlp")
     request = scenarios.predict_request("bench-mlp-cache", workload.item, cache=True)
     with modelforge.InferenceClient(suite.inference) as client:
@@ -295,7 +301,9 @@ def run_load(suite: Suite, args: argparse.Namespace, out: Collected) -> None:
             )
 
 
-def run_jobs(gen: LoadGenerator, suite: Suite, args: argparse.Namespace, out: Collected, server: int | None) -> None:
+def run_jobs(
+    gen: LoadGenerator, suite: Suite, args: argparse.Namespace, out: Collected, server: tuple[int, ...]
+) -> None:
     workload = next(w for w in scenarios.workloads() if w.key == "mlp")
     name = _model_name("mlp", False)
     input_name, array = next(iter(workload.item.items()))
@@ -337,6 +345,8 @@ def suite_settings(args: argparse.Namespace) -> dict[str, str]:
         settings["MODELFORGE_INTRA_OP_THREADS"] = str(args.intra_op_threads)
     if args.compute_threads is not None:
         settings["MODELFORGE_COMPUTE_THREADS"] = str(args.compute_threads)
+    if args.inference_replicas > 1:
+        settings["MODELFORGE_SHARE_PORT"] = "true"
     return settings
 
 
@@ -349,14 +359,16 @@ def one_run(index: int, args: argparse.Namespace, out: Collected) -> None:
     ]
     _say(f"== run {index + 1} of {args.runs}: starting the suite ({' '.join(args.settings_text) or 'defaults'})")
     began = time.perf_counter()
-    suite = Suite.start(suite_settings(args), workers=1)
+    suite = Suite.start(suite_settings(args), workers=1, cpus=args.server_cpus)
     try:
         _say(f"   up in {time.perf_counter() - began:.1f} s: registry {suite.registry}, inference {suite.inference}")
-        server = suite.pid_of("modelforge_inference")
+        if args.inference_replicas > 1:
+            suite.add_inference_replicas(args.inference_replicas - 1, cpus=args.server_cpus)
+        server = suite.inference_pids()
         if "load" in args.only:
             run_load(suite, args, out)  # first: nothing else is loaded or cached yet
         upload_models(suite, load_all, cache="cache" in args.only)
-        with LoadGenerator(args.client_processes) as gen:
+        with LoadGenerator(args.client_processes, args.client_cpus, args.connections) as gen:
             if "transport" in args.only:
                 run_transport(gen, args, out)
             if "overhead" in args.only:
@@ -371,6 +383,7 @@ def one_run(index: int, args: argparse.Namespace, out: Collected) -> None:
                 run_cache(gen, suite, args, out, server)
             if "jobs" in args.only:
                 run_jobs(gen, suite, args, out, server)
+        suite.inference_pids()  # every replica served to the end
         for line in suite.drain_log():
             if "WARNING" in line or "ERROR" in line:
                 out.notes.append(line)
@@ -387,12 +400,12 @@ def sweep(args: argparse.Namespace) -> list[tuple[str, list[Point]]]:
         args.intra_op_threads, args.compute_threads = intra, compute
         label = f"intra_op_threads={intra} compute_threads={compute}"
         _say(f"== {label}")
-        suite = Suite.start(suite_settings(args))
+        suite = Suite.start(suite_settings(args), cpus=args.server_cpus)
         points: list[Point] = []
         try:
-            server = suite.pid_of("modelforge_inference")
+            server = suite.inference_pids()
             upload_models(suite, list(workloads.values()), cache=False)
-            with LoadGenerator(args.client_processes) as gen:
+            with LoadGenerator(args.client_processes, args.client_cpus, args.connections) as gen:
                 for key, api, batching, concurrency in (
                     ("mlp", "v2", False, 1),
                     ("mlp", "v2", False, 16),
@@ -483,10 +496,36 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--compute-threads", type=int, help="MODELFORGE_COMPUTE_THREADS for the suite")
     parser.add_argument("--client-processes", type=int, default=2, help="load generator processes (default 2)")
+    parser.add_argument(
+        "--server-cpus",
+        help="CPU list (as taskset takes it, e.g. 0-1) for the suite, the bare transport server and raw ONNX Runtime",
+    )
+    parser.add_argument("--client-cpus", help="CPU list for the load generator's processes (e.g. 2-9)")
+    parser.add_argument(
+        "--inference-replicas",
+        type=int,
+        default=1,
+        help="inference processes sharing the inference port (MODELFORGE_SHARE_PORT; default 1): the suite's own "
+        "and the rest started beside it, on --server-cpus",
+    )
+    parser.add_argument(
+        "--connections",
+        type=int,
+        help="connections (channels) each load generator process deals its callers over (default 1, or twice "
+        "--inference-replicas: the kernel spreads connections, not calls, over replicas)",
+    )
     parser.add_argument("--sweep", action="store_true", help="measure key points under several thread settings")
     parser.add_argument("--job-items", type=int, default=100_000, help="items of the big job (default 100000)")
     parser.add_argument("--job-batch", type=int, default=256, help="batch size of the big job (default 256)")
     args = parser.parse_args(argv)
+    if args.inference_replicas < 1:
+        parser.error("--inference-replicas takes 1 or more")
+    args.connections = args.connections or (1 if args.inference_replicas == 1 else 2 * args.inference_replicas)
+    try:
+        args.server_cpus = cpu_sets.parse(args.server_cpus) if args.server_cpus else None
+        args.client_cpus = cpu_sets.parse(args.client_cpus) if args.client_cpus else None
+    except ValueError as exc:
+        parser.error(str(exc))
     args.duration = args.duration or (0.8 if args.quick else 3.0)
     args.warmup = args.warmup if args.warmup is not None else (0.3 if args.quick else 1.0)
     args.raw_seconds = 0.3 if args.quick else 1.0
@@ -517,6 +556,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     command = "python -m bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     info = machine()
+    info["CPUs of the suite and raw ONNX Runtime"] = cpu_sets.describe(args.server_cpus)
+    info["CPUs of the load generator"] = cpu_sets.describe(args.client_cpus)
+    info["inference processes"] = str(args.inference_replicas)
     load = info["load average before the run"]
     _say(f"ModelForge benchmark on {info['cores (nproc)']} cores ({info['CPU']}), load average {load}")
     if args.sweep:

@@ -23,6 +23,7 @@ from multiprocessing.connection import Connection
 import grpc
 import numpy as np
 
+from bench import cpus as cpu_sets
 from modelforge.oip.v2 import grpc_service_pb2 as oip_pb
 from modelforge_server.app import use_event_loop
 
@@ -99,17 +100,22 @@ class Result:
 class _Job:
     load: Load
     callers: int
+    connections: int  # channels the callers are dealt over, each its own connection
     warmup_until: float  # time.monotonic(): callers start at once, calls ending before this do not count
     stop_at: float
 
 
 async def _callers(job: _Job) -> tuple[list[float], int, int, float, str]:
     load = job.load
-    async with grpc.aio.insecure_channel(load.target, options=_OPTIONS) as channel:
-        await asyncio.wait_for(channel.channel_ready(), timeout=30)
-        stream = channel.unary_stream(load.method, _registered_method=True)
-        unary = channel.unary_unary(load.method, _registered_method=True)
-        bidi = channel.stream_stream(load.method, _registered_method=True)
+    # Each channel its own connection (no shared subchannel pool): replicas sharing a port see several.
+    options = [*_OPTIONS, ("grpc.use_local_subchannel_pool", 1)] if job.connections > 1 else _OPTIONS
+    async with contextlib.AsyncExitStack() as stack:
+        channels = [
+            await stack.enter_async_context(grpc.aio.insecure_channel(load.target, options=options))
+            for _ in range(max(1, min(job.connections, job.callers)))
+        ]
+        for channel in channels:
+            await asyncio.wait_for(channel.channel_ready(), timeout=30)
         latencies: list[float] = []
         errors = 0
         received = 0
@@ -118,12 +124,15 @@ async def _callers(job: _Job) -> tuple[list[float], int, int, float, str]:
         measure_from, stop_at = job.warmup_until, job.stop_at
         cpu = [0.0, 0.0]
 
-        async def caller() -> None:
+        async def caller(channel: grpc.aio.Channel) -> None:
             async with _shared_output(channel, load) as (request, extra):
-                await calls(request, extra)
+                await calls(channel, request, extra)
 
-        async def calls(request: bytes, extra: int) -> None:
+        async def calls(channel: grpc.aio.Channel, request: bytes, extra: int) -> None:
             nonlocal errors, received, first_error
+            stream = channel.unary_stream(load.method, _registered_method=True)
+            unary = channel.unary_unary(load.method, _registered_method=True)
+            bidi = channel.stream_stream(load.method, _registered_method=True)
             call = bidi() if load.kind == BIDI else None
             while True:
                 began = clock()
@@ -169,7 +178,7 @@ async def _callers(job: _Job) -> tuple[list[float], int, int, float, str]:
             await asyncio.sleep(max(0.0, stop_at - clock()))
             cpu[1] = time.process_time()
 
-        await asyncio.gather(cpu_meter(), *(caller() for _ in range(job.callers)))
+        await asyncio.gather(cpu_meter(), *(caller(channels[i % len(channels)]) for i in range(job.callers)))
         return latencies, errors, received, cpu[1] - cpu[0], first_error
 
 
@@ -203,9 +212,10 @@ async def _shared_output(channel: grpc.aio.Channel, load: Load) -> AsyncIterator
         segment.unlink()
 
 
-def _serve(conn: Connection) -> None:
-    """A worker process: runs the jobs it is sent until it receives None, on the loop the services run on
+def _serve(conn: Connection, cpus: frozenset[int] | None) -> None:
+    """A worker process on `cpus`: runs the jobs it is sent until it receives None, on the loop the services run on
     (uvloop where installed: it costs the load generator about a quarter less CPU per message on a stream)."""
+    cpu_sets.pin(cpus)
     use_event_loop("auto")
     conn.send(_READY)  # imported and set up: a job sent from now on starts at once
     while True:
@@ -222,16 +232,17 @@ class LoadGenerator:
     """A set of worker processes that keep `concurrency` calls in flight for a fixed window.
 
     Use as a context manager; the processes start once (spawned, so they hold no state of the parent) and are
-    reused by every `run`.
+    reused by every `run`. With `cpus`, the processes run on those CPUs alone.
     """
 
-    def __init__(self, processes: int = 2) -> None:
+    def __init__(self, processes: int = 2, cpus: frozenset[int] | None = None, connections: int = 1) -> None:
+        self._connections = connections
         ctx = mp.get_context("spawn")
         self._conns: list[Connection] = []
         self._procs: list[mp.process.BaseProcess] = []
         for _ in range(max(1, processes)):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_serve, args=(child,), daemon=True)
+            proc = ctx.Process(target=_serve, args=(child, cpus), daemon=True)
             proc.start()
             child.close()
             self._conns.append(parent)
@@ -278,7 +289,7 @@ class LoadGenerator:
         stop = begin + duration
         conns = self._conns[:count]
         for conn, share in zip(conns, shares, strict=True):
-            conn.send(_Job(load, share, begin, stop))
+            conn.send(_Job(load, share, self._connections, begin, stop))
         return Pending(conns, begin, stop, duration)
 
     def run(self, load: Load, *, concurrency: int, duration: float, warmup: float = 1.0, processes: int = 0) -> Result:

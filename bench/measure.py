@@ -25,7 +25,7 @@ class Point:
     p99: float
     mb_per_second: float  # response bytes, 10^6 per second
     errors: int
-    server_cores: float  # the inference process
+    server_cores: float  # the inference process (its replicas together)
     client_cores: float  # the load generator's processes
     machine_cores: float  # everything on the machine
     first_error: str = ""
@@ -54,11 +54,12 @@ def measure(
     batch: int,
     duration: float,
     warmup: float,
-    server_pid: int | None,
+    server_pids: Sequence[int],
     processes: int = 0,
 ) -> Point:
     pending = generator.start(load, concurrency=concurrency, duration=duration, warmup=warmup, processes=processes)
-    window = CpuWindow({"server": server_pid, **{f"client{i}": pid for i, pid in enumerate(generator.pids)}})
+    servers = {f"server{i}": pid for i, pid in enumerate(server_pids)}
+    window = CpuWindow({**servers, **{f"client{i}": pid for i, pid in enumerate(generator.pids)}})
     time.sleep(max(0.0, pending.begin - time.monotonic()))
     window.begin()
     time.sleep(max(0.0, pending.stop - time.monotonic()))
@@ -75,7 +76,7 @@ def measure(
         p99=result.percentile(99),
         mb_per_second=result.bytes_per_second / 1e6,
         errors=result.errors,
-        server_cores=window.cores.get("server", 0.0),
+        server_cores=sum(v for k, v in window.cores.items() if k.startswith("server")),
         client_cores=sum(v for k, v in window.cores.items() if k.startswith("client")),
         machine_cores=window.machine_cores,
         first_error=result.first_error,

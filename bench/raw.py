@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
+from modelforge_inference.sessions import intra_op_threads as usable_intra_op_threads
+
 
 @dataclass(frozen=True)
 class RawFigures:
@@ -25,8 +27,9 @@ class RawFigures:
 
 
 def session(model: bytes, *, intra_op_threads: int = 0) -> ort.InferenceSession:
+    """A session as the inference service would build it; 0 is ONNX Runtime's choice, held to this thread's CPUs."""
     options = ort.SessionOptions()
-    options.intra_op_num_threads = intra_op_threads
+    options.intra_op_num_threads = usable_intra_op_threads(intra_op_threads)
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 

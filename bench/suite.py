@@ -21,6 +21,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench import cpus as cpu_sets
+from modelforge_server import orphans
+
 READY_LINE = "ModelForge is up."
 _KEEP = ("MODELFORGE_DATABASE_URL", "MODELFORGE_REDIS_URL")
 _TICKS = os.sysconf("SC_CLK_TCK")
@@ -92,10 +95,14 @@ class Suite:
     owns_data_dir: bool
     lines: queue.Queue[str | None] = field(default_factory=queue.Queue)
     log: list[str] = field(default_factory=list)
+    replicas: list[subprocess.Popen[str]] = field(default_factory=list)
 
     @classmethod
-    def start(cls, settings: dict[str, str], *, workers: int = 1, timeout: float = 240.0) -> Suite:
-        """Starts the suite with `settings` (MODELFORGE_* variables) and returns once it says it is up."""
+    def start(
+        cls, settings: dict[str, str], *, workers: int = 1, cpus: frozenset[int] | None = None, timeout: float = 240.0
+    ) -> Suite:
+        """Starts the suite with `settings` (MODELFORGE_* variables), all its processes on `cpus` (None: any), and
+        returns once it says it is up."""
         data_dir = Path(tempfile.mkdtemp(prefix="modelforge-bench-"))
         ports = free_ports(3)
         env = {k: v for k, v in os.environ.items() if not k.startswith("MODELFORGE_") or k in _KEEP}
@@ -116,15 +123,7 @@ class Suite:
             "--workers",
             str(workers),
         ]
-        process = subprocess.Popen(
-            command,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
+        process = _start(command, env, cpus)
         suite = cls(
             process=process,
             data_dir=data_dir,
@@ -182,7 +181,43 @@ class Suite:
                 return pid
         return None
 
+    def add_inference_replicas(self, count: int, *, cpus: frozenset[int] | None = None, timeout: float = 60) -> None:
+        """Starts `count` more inference processes on the inference port, beside the suite's own, which must have
+        been started with MODELFORGE_SHARE_PORT=true; each runs with its environment, on `cpus` (None: any)."""
+        pid = self.pid_of("modelforge_inference")
+        if pid is None:
+            raise RuntimeError("the suite runs no inference service to add replicas to")
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = dict(item.decode().split("=", 1) for item in f.read().split(b"\0") if b"=" in item)
+        if env.get("MODELFORGE_SHARE_PORT") != "true":
+            raise RuntimeError("replicas need the suite started with MODELFORGE_SHARE_PORT=true")
+        env["MODELFORGE_LOG_LEVEL"] = "INFO"  # for the line that says it serves
+        env.pop(orphans.UP_PID_ENV, None)  # `up` is not their parent: they would take it for gone and stop
+        for _ in range(count):
+            # The model file cache is one process's own (it removes what it did not write); Redis is shared.
+            env["MODELFORGE_MODEL_DIR"] = str(self.data_dir / f"models-replica-{len(self.replicas) + 1}")
+            replica = _start([sys.executable, "-m", "modelforge_inference"], env, cpus)
+            self.replicas.append(replica)
+            _wait_for_line(replica, "serving ", timeout)
+
+    def inference_pids(self) -> tuple[int, ...]:
+        """The inference service's processes: the suite's own, then the replicas added to it, all still running."""
+        ended = [r.pid for r in self.replicas if r.poll() is not None]
+        if ended:
+            raise RuntimeError(f"inference replicas {ended} have exited: the figures would not be theirs")
+        pid = self.pid_of("modelforge_inference")
+        return tuple(p for p in (pid, *(r.pid for r in self.replicas)) if p)
+
     def stop(self) -> None:
+        for replica in self.replicas:
+            if replica.poll() is None:
+                replica.send_signal(signal.SIGINT)
+        for replica in self.replicas:
+            try:
+                replica.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                replica.kill()
+                replica.wait()
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)
             try:
@@ -192,6 +227,40 @@ class Suite:
                 self.process.wait()
         if self.owns_data_dir:
             shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+def _start(argv: list[str], env: dict[str, str], cpus: frozenset[int] | None) -> subprocess.Popen[str]:
+    """`argv` in a session of its own on `cpus`, its output (stdout and stderr) a pipe of text lines."""
+    return subprocess.Popen(
+        cpu_sets.command(argv, cpus),
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def _wait_for_line(process: subprocess.Popen[str], text: str, timeout: float) -> None:
+    """Reads `process`'s output until a line holds `text`; then drains the rest in the background."""
+    assert process.stdout is not None
+    found = threading.Event()
+    seen: list[str] = []
+
+    def read() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if not found.is_set():
+                seen.append(line.rstrip("\n"))
+                if text in line:
+                    found.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    if not found.wait(timeout):
+        process.kill()
+        tail = "\n".join(seen[-20:])
+        raise RuntimeError(f"an inference replica did not say {text!r} within {timeout:.0f} s:\n{tail}")
 
 
 class CpuWindow:

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import grpc
 
+from bench import cpus as cpu_sets
 from modelforge_server.app import LARGE_FRAMES, NO_CALL_BACKLOG_LIMIT, use_event_loop
 
 SERVICE = "bench.Bare"
@@ -52,20 +53,21 @@ async def _serve(port: int, ready: mp.synchronize.Event) -> None:
     await server.wait_for_termination()
 
 
-def _main(port: int, ready: mp.synchronize.Event) -> None:
+def _main(port: int, ready: mp.synchronize.Event, cpus: frozenset[int] | None) -> None:
+    cpu_sets.pin(cpus)
     use_event_loop("auto")
     asyncio.run(_serve(port, ready))
 
 
 @contextlib.contextmanager
-def bare_server() -> Iterator[tuple[str, int]]:
-    """Starts the bare server in a spawned process; yields its address and pid."""
+def bare_server(cpus: frozenset[int] | None = None) -> Iterator[tuple[str, int]]:
+    """Starts the bare server in a spawned process, on `cpus` where given (the suite's); yields its address and pid."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     ctx = mp.get_context("spawn")
     ready = ctx.Event()
-    process = ctx.Process(target=_main, args=(port, ready), daemon=True)
+    process = ctx.Process(target=_main, args=(port, ready, cpus), daemon=True)
     process.start()
     try:
         if not ready.wait(30):

@@ -99,9 +99,24 @@ def providers(config: SessionConfig) -> list[str]:
     return chosen
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity: a container's cpuset, taskset), not all the host has."""
+    if hasattr(os, "sched_getaffinity"):  # Linux
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def intra_op_threads(configured: int) -> int:
+    """The intra-op pool to ask ONNX Runtime for. Its own choice (0) is a thread per physical core of the host,
+    each pinned to its core: in a process held to fewer CPUs (taskset, a cpuset) those threads would run outside
+    them, so there 0 means one thread per CPU the process may use, left where the process is."""
+    usable = usable_cpus()
+    return usable if configured == 0 and usable < (os.cpu_count() or 1) else configured
+
+
 def session_options(config: SessionConfig) -> ort.SessionOptions:
     options = ort.SessionOptions()
-    options.intra_op_num_threads = config.intra_op_threads
+    options.intra_op_num_threads = intra_op_threads(config.intra_op_threads)
     options.inter_op_num_threads = config.inter_op_threads
     options.graph_optimization_level = _LEVELS[config.graph_optimization_level]
     spinning = "1" if config.allow_spinning else "0"

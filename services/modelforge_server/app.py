@@ -315,7 +315,7 @@ def build_server(
             ("grpc.max_receive_message_length", receive),
             ("grpc.max_send_message_length", settings.max_message_bytes),
             LARGE_FRAMES,
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1 if settings.share_port else 0),  # off: a port another process holds is refused
             *NO_CALL_BACKLOG_LIMIT,
             *keepalive(settings.keepalive_seconds),
         ],
@@ -385,7 +385,7 @@ async def serve(server: Server, settings: ServerSettings, *, telemetry: _telemet
     try:
         server.add_port(settings.address)
     except OSError:
-        _refuse_if_taken(settings.host, settings.port, "gRPC", GRPC_PORT_REMEDY)
+        _refuse_if_taken(settings.host, settings.port, "gRPC", GRPC_PORT_REMEDY, shared=settings.share_port)
         raise
     endpoint = _serve_metrics(server, settings, telemetry) if telemetry is not None else None
     try:
@@ -409,20 +409,21 @@ def check_ports(settings: ServerSettings, telemetry: _telemetry.Telemetry | None
     embedded store starts and logs. :func:`serve` reports a port taken after this check in the same words.
 
     Raises:
-        PortInUse: another process listens on the gRPC port or the metrics port.
+        PortInUse: another process listens on the gRPC port (one that does not share it, where
+            MODELFORGE_SHARE_PORT is on) or on the metrics port.
         SettingsError: MODELFORGE_HOST is no address of this machine.
     """
-    wanted = [(settings.port, "gRPC", GRPC_PORT_REMEDY)]
-    if telemetry is not None:
-        wanted.append((telemetry.metrics_port, "metrics", METRICS_PORT_REMEDY))
-    for port, use, remedy in wanted:
+    wanted = [(settings.port, "gRPC", GRPC_PORT_REMEDY, settings.share_port)]
+    if telemetry is not None:  # each replica has a /metrics port of its own: a scrape must reach one process
+        wanted.append((telemetry.metrics_port, "metrics", METRICS_PORT_REMEDY, False))
+    for port, use, remedy, shared in wanted:
         if port:  # 0: the system picks a free port, or metrics are off
-            _refuse_if_taken(settings.host, port, use, remedy)
+            _refuse_if_taken(settings.host, port, use, remedy, shared=shared)
 
 
-def _refuse_if_taken(host: str, port: int, use: str, remedy: str) -> None:
+def _refuse_if_taken(host: str, port: int, use: str, remedy: str, *, shared: bool = False) -> None:
     try:
-        if not ports.free(host, port):
+        if not ports.free(host, port, shared=shared):
             raise PortInUse(port, use, remedy)
     except ports.NotAnAddressHere as exc:
         raise SettingsError(

@@ -55,9 +55,10 @@ class NotAnAddressHere(ValueError):
     """A host to listen on names no interface of this machine; str() says why, for a message that adds the fix."""
 
 
-def free(host: str, port: int) -> bool:
+def free(host: str, port: int, *, shared: bool = False) -> bool:
     """Whether no process listens on `port` of `host`: a socket binds to it without sharing it (SO_REUSEPORT),
-    as one would while a server, gRPC's included, holds it.
+    as one would while a server, gRPC's included, holds it. `shared`: whether a process may listen on it beside
+    the ones there, that is whether none is there or all of them share it (SO_REUSEPORT, the same user).
 
     Raises:
         NotAnAddressHere: `host` does not resolve, or is no address of this machine.
@@ -69,6 +70,8 @@ def free(host: str, port: int) -> bool:
     for family, kind, proto, _, address in addresses:
         with socket.socket(family, kind, proto) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is no owner
+            if shared:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             try:
                 probe.bind(address)
             except OSError as exc:

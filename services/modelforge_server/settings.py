@@ -77,6 +77,9 @@ class ServerSettings:
     # A connection quiet this long is pinged, and closed when the ping goes unanswered as long again (at most 20 s),
     # its calls ending: what a client that vanished without closing (a host gone, a network cut) held is let go.
     keepalive_seconds: float = 60.0
+    # Several processes of one service listen on the same port (SO_REUSEPORT), the kernel spreading connections
+    # among them: replicas on one host, to use more cores than one process's event loop can. Every process sets it.
+    share_port: bool = False
     # The event loop of a service process: "auto" (uvloop when installed, else asyncio's), "uvloop" or "asyncio".
     event_loop: str = "auto"
     labels: dict[str, str] = field(default_factory=dict)

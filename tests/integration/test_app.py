@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import socket
 import time
@@ -360,3 +361,69 @@ async def test_calls_arriving_while_the_server_stops_are_refused_unavailable_nev
     failures = {outcome for outcome in outcomes if outcome != "OK"}
     assert failures <= {"UNAVAILABLE REPLICA_STOPPING"}, failures
     assert outcomes.count("OK") > 32
+
+
+class Counting(jobs_pb2_grpc.JobServiceServicer):
+    """Counts the GetJob calls it answers."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def GetJob(
+        self, request: jobs_pb2.GetJobRequest, context: grpc.aio.ServicerContext
+    ) -> jobs_pb2.GetJobResponse:
+        self.calls += 1
+        return jobs_pb2.GetJobResponse()
+
+
+def _replica(servicer: jobs_pb2_grpc.JobServiceServicer, settings: ServerSettings) -> app.Server:
+    return app.build_server(
+        [app.Api(SERVICE, servicer, jobs_pb2_grpc.add_JobServiceServicer_to_server)],
+        domain="modelforge.test",
+        settings=settings,
+    )
+
+
+async def _get_job_on_a_new_connection(port: int) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        await jobs_pb2_grpc.JobServiceStub(channel).GetJob(jobs_pb2.GetJobRequest(), timeout=5)
+
+
+async def test_replicas_sharing_a_port_each_take_connections_and_one_serves_on_when_the_other_stops() -> None:
+    shared = ServerSettings(share_port=True)
+    counts = Counting(), Counting()
+    first, second = _replica(counts[0], shared), _replica(counts[1], shared)
+    port = first.add_port("127.0.0.1:0")
+    try:
+        app.check_ports(dataclasses.replace(shared, port=port))  # a sharing process may join
+        with pytest.raises(PortInUse):
+            app.check_ports(ServerSettings(port=port))  # one that would not share is refused
+        assert second.add_port(f"127.0.0.1:{port}") == port
+        await first.start()
+        await second.start()
+        for _ in range(32):  # the kernel spreads new connections over the replicas by their addresses' hash
+            await _get_job_on_a_new_connection(port)
+        assert sum(c.calls for c in counts) == 32 and min(c.calls for c in counts) > 0, [c.calls for c in counts]
+        await first.stop(None)
+        before = counts[1].calls
+        for _ in range(8):
+            await _get_job_on_a_new_connection(port)
+        assert counts[1].calls == before + 8
+    finally:
+        await first.stop(None)
+        await second.stop(None)
+
+
+async def test_a_replica_that_would_share_its_port_is_refused_one_another_process_holds_alone() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(PortInUse):
+            app.check_ports(ServerSettings(port=port, share_port=True))
+        server = _replica(Unfinished(), ServerSettings(share_port=True))
+        try:
+            with pytest.raises(PortInUse):
+                await app.serve(server, ServerSettings(port=port, share_port=True))
+        finally:
+            await server.stop(None)

@@ -70,3 +70,11 @@ async def test_in_band_stream_errors_count_as_errors_and_the_stream_goes_on(gene
 _OK = oip_pb.ModelStreamInferResponse(
     infer_response=oip_pb.ModelInferResponse(id="1", model_name="m")
 ).SerializeToString()
+
+
+def test_callers_dealt_over_several_connections_each_get_their_answers(bare):
+    with LoadGenerator(processes=1, connections=3) as gen:
+        for load in (Load(bare, transport.UNARY, b"r"), Load(bare, transport.BIDI, b"r", BIDI)):
+            result = gen.run(load, concurrency=4, duration=0.3, warmup=0.1)
+            assert result.errors == 0, result.first_error
+            assert result.calls > 10 and result.response_bytes == 20 * result.calls

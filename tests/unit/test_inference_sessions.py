@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -14,6 +17,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from bench import cpus
 from modelforge_inference import serving
 from modelforge_inference.domain import ResolvedModel, SessionConfig, Signature, TensorSpec
 from modelforge_inference.errors import InvalidServingConfig
@@ -425,3 +429,36 @@ def test_a_warmup_that_does_not_end_is_stopped_and_the_model_served_without_one(
     assert any("warmup run stopped after 0.5 s" in r.getMessage() for r in caplog.records)
     quick = session.run({"x": np.zeros(1, np.float32), "steps": np.array([-(10**12) + 3])})
     assert quick["y"][0] == 3.0  # served: runs that end still run
+
+
+_PINNED_SESSION = """
+import glob, sys
+import numpy as np
+from pathlib import Path
+from modelforge_inference.domain import SessionConfig
+from modelforge_inference.sessions import ModelSession, session_options
+print(session_options(SessionConfig()).intra_op_num_threads)
+session = ModelSession(Path(sys.argv[1]), SessionConfig())
+session.session.run(None, {"x": np.ones((8, 4), np.float32)})
+for task in glob.glob("/proc/self/task/*/status"):
+    with open(task) as f:
+        print(next(line.split(":", 1)[1].strip() for line in f if line.startswith("Cpus_allowed_list")))
+"""
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs a second CPU to stay off")
+def test_a_process_held_to_some_cpus_runs_onnx_runtime_on_those_alone(tmp_path):
+    """ONNX Runtime's own thread count (0) pins a thread per physical core of the host: the service asks for one
+    per CPU it may use instead, so its pool stays where an operator put the process (taskset, a cpuset)."""
+    model = write_model(build_add_one(), tmp_path / "add_one.onnx")
+    cpu = min(os.sched_getaffinity(0))
+    command = cpus.command([sys.executable, "-c", _PINNED_SESSION, str(model)], frozenset({cpu}))
+    asked, *threads = subprocess.run(command, capture_output=True, text=True, check=True).stdout.split()
+    assert asked == "1"  # one CPU to use: one thread, where ONNX Runtime's 0 counts the host's cores
+    assert threads and set(threads) == {str(cpu)}
+
+
+def test_a_process_free_to_use_every_cpu_leaves_the_thread_count_to_onnx_runtime():
+    if len(os.sched_getaffinity(0)) < (os.cpu_count() or 1):
+        pytest.skip("this test process is itself held to some CPUs")
+    assert session_options(SessionConfig()).intra_op_num_threads == 0
