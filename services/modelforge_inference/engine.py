@@ -18,7 +18,6 @@ import collections
 import contextvars
 import functools
 import logging
-import os
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -73,6 +72,7 @@ from modelforge_inference.sessions import (
     stack,
     terminate,
     unserved_inputs,
+    usable_cpus,
 )
 from modelforge_inference.settings import InferenceSettings
 from modelforge_inference.signature import (
@@ -249,7 +249,7 @@ class InferenceEngine:
         self._files = files
         self._cache = cache
         self._defaults = serving.defaults(settings)
-        self._threads = settings.compute_threads or os.cpu_count() or 1
+        self._threads = settings.compute_threads or usable_cpus()
         self._compute: ThreadPoolExecutor | None = None
         self._loader: ThreadPoolExecutor | None = None
         self._slots: OrderedDict[tuple[str, int], _Slot] = OrderedDict()  # least recently used first
@@ -775,20 +775,22 @@ class InferenceEngine:
 
     async def unload(self, ref: ModelRef, *, wait: bool = True) -> list[LoadedModel]:
         """Unloads the version `ref` names (every loaded version of the model when ref has no selector), after
-        the requests in flight on it finish. Raises ModelNotLoaded when nothing matches. A version number held
-        here is unloaded without asking the registry, which may have deleted it meanwhile.
+        the requests in flight on it finish; one already being unloaded is waited for in the same way. Raises
+        ModelNotLoaded when nothing matches. A version number held here is unloaded without asking the registry,
+        which may have deleted it meanwhile.
 
         With ``wait`` False it returns once the versions take no new requests (the next request loads them
         again), and the requests in flight finish in the background, as Triton's RepositoryModelUnload does.
         """
+        held = [*self._slots.values(), *self._unloading]  # a version already draining is waited for too
         if ref.is_latest:
-            slots = [slot for slot in self._slots.values() if slot.model.name == ref.name]
-        elif ref.version is not None and (ref.name, ref.version) in self._slots:
-            slots = [self._slots[ref.name, ref.version]]
+            slots = [slot for slot in held if slot.model.name == ref.name]
         else:
-            model = await self._resolve(ref, None)
-            slot = self._slots.get(model.key)
-            slots = [slot] if slot is not None else []
+            key = (ref.name, ref.version)
+            if not any(slot.model.key == key for slot in held):
+                key = (await self._resolve(ref, None)).key
+                held = [*self._slots.values(), *self._unloading]  # as they are after the wait
+            slots = [slot for slot in held if slot.model.key == key]
         if not slots:
             raise ModelNotLoaded(str(ref))
         drains = [self._begin_unload(slot, UnloadReason.REQUESTED) for slot in slots]

@@ -50,6 +50,7 @@ from modelforge_inference.domain import (
 from modelforge_inference.errors import InvalidInput, InvalidSharedMemoryRegion, SharedMemoryOff
 from modelforge_inference.shm import Region, SharedMemoryRegions
 from modelforge_server.errors import InvalidArgument
+from modelforge_server.status import MAX_MESSAGE_CHARS, MAX_METADATA_CHARS, bounded
 
 __all__ = [
     "BACKEND",
@@ -179,6 +180,10 @@ def model_ref(name: str, version: str, *, field: str = "model_name", version_fie
     raise InvalidV2Request(str(error), field=at_fault)
 
 
+# What Triton's clients may send for "the newest version", beside an empty model_version.
+LATEST_VERSION = "-1"
+
+
 def named_ref(name: str, version: str) -> ModelRef:
     """The ModelRef of the model requests (ModelReady, ModelMetadata ...), whose fields are name and version."""
     return model_ref(name, version, field="name", version_field="version")
@@ -187,8 +192,9 @@ def named_ref(name: str, version: str) -> ModelRef:
 @functools.lru_cache(maxsize=4096)
 def _parsed_ref(name: str, version: str) -> ModelRef:
     """ModelRef.from_parts, remembered: every request repeats one of a few (name, version) pairs. A ModelRef is
-    immutable, and a pair that fails to parse raises again (lru_cache keeps no exceptions)."""
-    return ModelRef.from_parts(name, version)
+    immutable, and a pair that fails to parse raises again (lru_cache keeps no exceptions). Version "-1" is the
+    newest, as an empty one is: Triton reads both as its latest version."""
+    return ModelRef.from_parts(name, "" if version == LATEST_VERSION else version)
 
 
 def _shape(tensor: pb.ModelInferRequest.InferInputTensor, dtype: np.dtype[Any]) -> tuple[tuple[int, ...], int]:
@@ -435,7 +441,7 @@ def shared_memory_status(regions: Iterable[Region]) -> pb.SystemSharedMemoryStat
 
 
 def requested_outputs(request: pb.ModelInferRequest) -> tuple[str, ...]:
-    """The output names the request asks for, in its order; empty for all outputs."""
+    """The output names the request asks for, in its order; empty for all outputs. Each may be asked for once."""
     names: list[str] = []
     for output in request.outputs:
         if not output.name:
@@ -446,8 +452,11 @@ def requested_outputs(request: pb.ModelInferRequest) -> tuple[str, ...]:
                 "request the output itself and rank it on the client",
                 field="outputs.parameters",
             )
-        if output.name not in names:
-            names.append(output.name)
+        if output.name in names:  # as Triton refuses it: two destinations for one output cannot both be met
+            raise InvalidV2Request(
+                f"output {output.name!r} is requested twice; request each output once", field="outputs.name"
+            )
+        names.append(output.name)
     return tuple(names)
 
 
@@ -630,6 +639,8 @@ _RESPONSE_ID = 3  # ModelInferResponse.id
 # every answer); clients of decoupled models read answers until they see it. ModelInferResponse field 4, serialised.
 FINAL_RESPONSE = "triton_final_response"
 _FINAL_PARAMETERS = {FINAL_RESPONSE: pb.InferParameter(bool_param=True)}
+# The longest request id an in-band error echoes; clients pair answers with short ids, or by order without one.
+MAX_ECHOED_ID_CHARS = 64 * 1024
 _FINAL_RESPONSE = pb.ModelInferResponse(parameters=_FINAL_PARAMETERS).SerializeToString()
 
 
@@ -667,13 +678,20 @@ def stream_infer_response(parts: wire.Parts) -> wire.Parts:
 
 
 def stream_error_response(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
-    """The in-band answer on a stream to a request that failed, final as every answer on a stream is."""
+    """The in-band answer on a stream to a request that failed, final as every answer on a stream is.
+
+    Its size is bounded whatever the request held: the message is cut as unary errors are, the model's name and
+    version are echoed cut (they may be what was wrong), and an id longer than any answer may carry is left out,
+    so that one bad request never makes an answer too large to send, which would end the stream for all.
+    """
+    echoed_id = request.id if len(request.id) <= MAX_ECHOED_ID_CHARS else ""
+    note = "" if echoed_id == request.id else f" (the request's id, {len(request.id)} characters, is too long to echo)"
     return pb.ModelStreamInferResponse(
-        error_message=message,
+        error_message=bounded(message, MAX_MESSAGE_CHARS - len(note)) + note,
         infer_response=pb.ModelInferResponse(
-            model_name=request.model_name,
-            model_version=request.model_version,
-            id=request.id,
+            model_name=bounded(request.model_name, MAX_METADATA_CHARS),
+            model_version=bounded(request.model_version, MAX_METADATA_CHARS),
+            id=echoed_id,
             parameters=_FINAL_PARAMETERS,
         ),
     )

@@ -44,21 +44,22 @@ MAX_MESSAGE_CHARS = 1024
 MAX_METADATA_CHARS = 256
 
 
-def _bounded(text: str, limit: int) -> str:
+def bounded(text: str, limit: int) -> str:
+    """`text`, cut to at most `limit` characters; an ellipsis marks a cut."""
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def status_for(exc: errors.ServiceError, domain: str) -> status_pb2.Status:
     """A google.rpc.Status carrying ErrorInfo(reason, domain, metadata) and, for a field error, BadRequest."""
     code = code_for(exc)
-    message = _bounded(str(exc), MAX_MESSAGE_CHARS)
-    metadata = {key: _bounded(value, MAX_METADATA_CHARS) for key, value in exc.metadata.items()}
+    message = bounded(str(exc), MAX_MESSAGE_CHARS)
+    metadata = {key: bounded(value, MAX_METADATA_CHARS) for key, value in exc.metadata.items()}
     info = any_pb2.Any()
     info.Pack(error_details_pb2.ErrorInfo(reason=exc.reason, domain=domain, metadata=metadata))
     details = [info]
     if exc.field:
         bad = any_pb2.Any()
-        field = _bounded(exc.field, MAX_METADATA_CHARS)  # it may hold a name the request gave: inputs[<name>]
+        field = bounded(exc.field, MAX_METADATA_CHARS)  # it may hold a name the request gave: inputs[<name>]
         violation = error_details_pb2.BadRequest.FieldViolation(field=field, description=message)
         bad.Pack(error_details_pb2.BadRequest(field_violations=[violation]))
         details.append(bad)

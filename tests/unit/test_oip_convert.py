@@ -385,12 +385,14 @@ def test_negative_priority_or_timeout_is_invalid() -> None:
         convert.timeout_seconds(request.parameters)
 
 
-def test_requested_outputs_keep_their_order_without_duplicates() -> None:
-    request = pb.ModelInferRequest(
-        outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name=n) for n in ("b", "a", "b")]
-    )
-    assert convert.requested_outputs(request) == ("b", "a")
+def test_requested_outputs_keep_their_order_and_each_is_requested_once() -> None:
+    def request(*names: str) -> pb.ModelInferRequest:
+        return pb.ModelInferRequest(outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name=n) for n in names])
+
+    assert convert.requested_outputs(request("b", "a")) == ("b", "a")
     assert convert.requested_outputs(pb.ModelInferRequest()) == ()
+    with pytest.raises(convert.InvalidV2Request, match="output 'b' is requested twice; request each output once"):
+        convert.requested_outputs(request("b", "a", "b"))
 
 
 def test_classification_outputs_are_refused() -> None:
@@ -618,3 +620,14 @@ def test_bfloat16_is_told_from_uint16_by_the_onnx_runtime_type() -> None:
     response = _answer(model="m", version=1, request_id="", outputs=outputs, signature=signature)
     assert [o.datatype for o in response.outputs] == ["BF16", "UINT16"]
     assert response.raw_output_contents[0] == outputs["h"].tobytes()
+
+
+def test_an_in_band_error_keeps_its_note_on_the_id_when_its_message_is_cut() -> None:
+    request = pb.ModelInferRequest(model_name="m" * 5000, model_version="v" * 5000, id="i" * 100_000)
+    answer = convert.stream_error_response(request, "x" * 5000)
+    assert len(answer.error_message) == 1024
+    assert answer.error_message.endswith("… (the request's id, 100000 characters, is too long to echo)")
+    assert (len(answer.infer_response.model_name), len(answer.infer_response.model_version)) == (256, 256)
+    assert answer.infer_response.id == ""
+    short = pb.ModelInferRequest(model_name="mlp", model_version="2", id="7")
+    assert convert.stream_error_response(short, "bad input").infer_response.id == "7"

@@ -154,6 +154,21 @@ async def test_unload_waits_for_requests_in_flight(start_inference: StartInferen
         await wait_loaded(running, [])
 
 
+async def test_a_second_unload_of_a_version_being_unloaded_waits_for_the_same_drain(
+    start_inference: StartInference,
+) -> None:
+    async with start_inference(compute_threads=1) as running:
+        blocker, first = await unloading_under_a_request(running, SLOW)
+        by_number = asyncio.ensure_future(running.stub.UnloadModel(pb.UnloadModelRequest(ref=ref("slow", version=1))))
+        by_name = asyncio.ensure_future(running.stub.UnloadModel(pb.UnloadModelRequest(ref=ref("slow"))))
+        assert outputs(await blocker)["y"].shape == (4096, 512)
+        for unload in (first, by_number, by_name):
+            assert [(m.model, m.version) for m in (await unload).unloaded_models] == [("slow", 1)]
+        await wait_loaded(running, [])
+        code, reason, _ = await failure(running.stub.UnloadModel(pb.UnloadModelRequest(ref=ref("slow"))))
+        assert (code, reason) == (grpc.StatusCode.NOT_FOUND, "MODEL_NOT_LOADED")  # gone now
+
+
 async def test_an_unload_whose_caller_leaves_still_drains_and_releases_the_version(
     start_inference: StartInference,
 ) -> None:

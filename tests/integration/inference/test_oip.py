@@ -175,6 +175,16 @@ async def test_model_metadata_by_number_alias_and_newest(v2: V2, mlp: ModelFile,
     assert [(t.name, t.datatype, list(t.shape)) for t in aliased.inputs] == [("input", "FP32", [-1, 64])]
 
 
+async def test_version_minus_one_is_the_newest_as_triton_reads_it(v2: V2, mlp: ModelFile) -> None:
+    await v2.publish("mlp", mlp)
+    newest = await v2.publish("mlp", mlp)
+    metadata = await v2.stub.ModelMetadata(pb.ModelMetadataRequest(name="mlp", version="-1"))
+    assert list(metadata.versions) == [str(newest)]
+    response = await v2.stub.ModelInfer(infer_request("mlp", mlp.sample(1), model_version="-1"))
+    assert response.model_version == str(newest)
+    assert (await v2.stub.ModelReady(pb.ModelReadyRequest(name="mlp", version="-1"))).ready
+
+
 async def test_metadata_of_unknown_model_is_not_found(v2: V2) -> None:
     details = await assert_status(
         v2.stub.ModelMetadata(pb.ModelMetadataRequest(name="no-such-model")), grpc.StatusCode.NOT_FOUND
@@ -288,6 +298,15 @@ async def test_unknown_requested_output_is_invalid_argument(v2: V2, mlp: ModelFi
     request = infer_request("mlp", mlp.sample(1), outputs=[Output(name="nope")])
     details = await assert_status(v2.stub.ModelInfer(request), grpc.StatusCode.INVALID_ARGUMENT)
     assert "'nope'" in details
+
+
+async def test_an_output_requested_twice_is_invalid_argument_as_triton_refuses_it(v2: V2, mlp: ModelFile) -> None:
+    """Two requests of one output may name two destinations (shared-memory regions); only one could be met."""
+    await v2.publish("mlp", mlp)
+    request = infer_request("mlp", mlp.sample(1), outputs=[Output(name="output"), Output(name="output")])
+    code, reason, details = await failure(v2.stub.ModelInfer(request))
+    assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_V2_REQUEST")
+    assert "output 'output' is requested twice" in details
 
 
 async def test_bytes_inputs_and_outputs_travel_length_prefixed(v2: V2, string_model: ModelFile) -> None:
@@ -508,6 +527,36 @@ async def test_stream_answers_every_request_and_reports_failures_in_band(v2: V2,
         assert answer.error_message == ""
         expected = run_onnxruntime(mlp, mlp.sample(1, seed=index))["output"]
         np.testing.assert_allclose(outputs_of(answer.infer_response)["output"], expected, rtol=1e-6)
+
+
+async def test_a_failed_request_whose_fields_are_huge_is_answered_in_band_and_the_stream_goes_on(
+    v2: V2, mlp: ModelFile
+) -> None:
+    """An in-band error quotes what was wrong and echoes the request's name, version and id: bounded, so that the
+    answer to one bad request can always be sent (one too large would end the stream for every request on it)."""
+    await v2.publish("mlp", mlp)
+    huge = "a" * (40 * 1024 * 1024)  # the request fits under the receive limit; its echo and quote would not
+    requests = [
+        infer_request("mlp", mlp.sample(1), id="first"),
+        pb.ModelInferRequest(model_name="mlp", model_version=huge, id="huge-version"),
+        pb.ModelInferRequest(model_name="mlp", model_version="no such alias!", id="x" * (100 * 1024)),
+        infer_request("mlp", mlp.sample(1), id="last"),
+    ]
+
+    async def stream() -> AsyncIterator[pb.ModelInferRequest]:
+        for request in requests:
+            yield request
+
+    answers = [answer async for answer in v2.stub.ModelStreamInfer(stream())]
+    assert len(answers) == 4
+    first, bad_version, long_id, last = answers
+    assert (first.error_message, last.error_message) == ("", "")
+    assert (first.infer_response.id, last.infer_response.id) == ("first", "last")
+    assert bad_version.infer_response.id == "huge-version"
+    assert "invalid model_version" in bad_version.error_message and len(bad_version.error_message) <= 1024
+    assert len(bad_version.infer_response.model_version) <= 256
+    assert long_id.infer_response.id == ""
+    assert "the request's id, 102400 characters, is too long to echo" in long_id.error_message
 
 
 async def test_a_request_that_is_not_a_protobuf_message_is_invalid_argument_unary_and_streamed(
