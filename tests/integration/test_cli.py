@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from onnx import TensorProto
+from onnx import TensorProto, helper
 
 from modelforge import (
     AsyncInferenceClient,
@@ -286,6 +286,53 @@ async def test_predict_out_refuses_an_output_name_that_is_not_a_plain_file_name(
     assert printed.code == 0 and f"{output}: float32[1, 4]" in printed.out
 
 
+async def test_predict_out_is_checked_before_the_model_runs_and_saves_every_output_or_none(
+    cli: Cli, inference: RunningInference, tmp_path: Path
+) -> None:
+    work = tmp_path / "work"  # the servers keep their own files in tmp_path
+    long_name = "b" * 300  # a tensor name no file system takes as a file name
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["a"]), helper.make_node("Identity", ["x"], [long_name])],
+        "two_outputs",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", 4]) for n in ("a", long_name)],
+    )
+    model = write_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), work / "two.onnx")
+    assert (await cli("models", "push", str(model), "--name", "two")).code == 0
+    np.save(work / "x.npy", np.ones((1, 4), dtype=np.float32))
+    (work / "a-file").write_text("")
+    addresses = ("--inference", inference.address)
+
+    below_a_file = await cli("predict", "two", "--input", f"x={work / 'x.npy'}", "--out", str(work / "a-file" / "out"),
+                             *addresses)  # fmt: skip
+    assert (below_a_file.code, below_a_file.out) == (2, "")  # refused before the model ran
+    assert below_a_file.err == (f"modelforge: --out {work / 'a-file' / 'out'} is below {work / 'a-file'}, a file; "
+                                "--out takes a directory, where each output is saved as NAME.npy\n")  # fmt: skip
+
+    out_dir = work / "out"
+    failed = await cli("predict", "two", "--input", f"x={work / 'x.npy'}", "--out", str(out_dir), *addresses)
+    assert failed.code == 1 and "File name too long" in failed.err, failed
+    assert list(out_dir.iterdir()) == []  # not a.npy alone: every output or none
+
+    chosen = await cli("predict", "two", "--input", f"x={work / 'x.npy'}", "--output", "a", "--out", str(out_dir),
+                       *addresses)  # fmt: skip
+    assert chosen.code == 0, chosen
+    assert [p.name for p in out_dir.iterdir()] == ["a.npy"]
+    np.testing.assert_array_equal(np.load(out_dir / "a.npy"), np.ones((1, 4), dtype=np.float32))
+
+
+async def test_an_archive_whose_path_holds_an_equals_sign_is_read_as_an_archive(
+    cli: Cli, inference: RunningInference, tmp_path: Path, add_one: ModelFile
+) -> None:
+    work = tmp_path / "work=1"
+    work.mkdir()
+    np.savez(work / "a=b.npz", x=np.ones((1, 4), dtype=np.float32))
+    assert (await cli("models", "push", str(add_one.path), "--name", "adder")).code == 0
+    result = await cli("predict", "adder", "--input", str(work / "a=b.npz"), "--inference", inference.address)
+    assert result.code == 0, result
+    assert "y: float32[1, 4] = [[2., 2., 2., 2.]]" in result.out
+
+
 @pytest.mark.parametrize(
     ("argv", "says"),
     [
@@ -339,7 +386,7 @@ async def test_input_files_that_cannot_be_read_are_usage_errors(cli: Cli, tmp_pa
         f"={tmp_path / 'x.npy'}": "--input takes NAME=FILE.npy",
         str(tmp_path / "x.npy"): "--input takes NAME=FILE.npy or FILE.npz",
         str(tmp_path / "single.npz"): f"{tmp_path / 'single.npz'} holds one array, not a .npz archive",
-        f"x={tmp_path / 'archive.npz'}": f"{tmp_path / 'archive.npz'} is a .npz archive of several arrays",
+        f"x={tmp_path / 'archive.npz'}": f"{tmp_path / 'archive.npz'} is a .npz archive, whose arrays are named by",
         f"x={tmp_path / 'text.npy'}": f"{tmp_path / 'text.npy'} is not a .npy or .npz file that numpy reads",
         str(tmp_path / "bad.npz"): f"{tmp_path / 'bad.npz'} {unreadable}File is not a zip file",
         f"x={tmp_path / 'bad.npz'}": f"{tmp_path / 'bad.npz'} {unreadable}File is not a zip file",
@@ -560,7 +607,8 @@ async def test_push_whose_alias_cannot_be_set_says_the_version_was_stored(
         pushed = await cli("models", "push", str(add_one.path), "--name", "demo", "--alias", "production",
                            "--timeout", "0.5")  # fmt: skip
     assert (pushed.code, pushed.err) == (
-        1, "modelforge: pushed demo:1, but whether alias production was set is unknown: Deadline Exceeded\n"
+        1, "modelforge: pushed demo:1, but whether alias production was set is unknown: Deadline Exceeded "
+           "(--timeout was 0.5 s: raise it where the service needs longer)\n"
     )  # fmt: skip
     async with AsyncRegistryClient(registry.address) as client:
         # The registry may have set the alias after the caller stopped waiting: only the version is certain.

@@ -7,6 +7,8 @@ The sync client blocks, so its scenario runs in a worker thread while the server
 from __future__ import annotations
 
 import asyncio
+import time
+from typing import Any
 
 import grpc
 import numpy as np
@@ -15,13 +17,16 @@ import pytest
 from modelforge import (
     AsyncInferenceClient,
     AsyncRegistryClient,
+    DeadlineExceededError,
     InferenceClient,
     InvalidArgumentError,
     ModelState,
     NotFoundError,
+    Prediction,
     ResourceExhaustedError,
 )
 from tests.fixtures.onnx_models import build_constant, model_bytes
+from tests.fixtures.proxy import TcpProxy
 from tests.integration.inference.conftest import (  # noqa: F401
     ModelFile,
     RunningInference,
@@ -161,3 +166,60 @@ def _sync_scenario(address: str) -> None:
 async def test_sync_client_covers_the_same_ground(inference: RunningInference, add_one: ModelFile) -> None:
     await _push(inference, add_one, "adder")
     await asyncio.to_thread(_sync_scenario, inference.address)
+
+
+# A stream's timeout covers the run (until the first message) and each wait for the next, not the whole transfer.
+STREAM_TIMEOUT = 0.5
+
+
+async def test_a_streamed_transfer_longer_than_the_timeout_completes_while_its_chunks_keep_coming_in_time(
+    inference: RunningInference, image_generator: ModelFile
+) -> None:
+    await _push(inference, image_generator, "painter")
+    feeds = image_generator.sample(1)  # 3 MiB: three chunks
+    # Slower than the timeout on every chunk: the time the caller takes with a chunk is not time waiting for one.
+    slow_reader = lambda done, total: time.sleep(STREAM_TIMEOUT * 1.2)  # noqa: E731
+    async with AsyncInferenceClient(inference.address, timeout=STREAM_TIMEOUT) as client:
+        began = time.monotonic()
+        streamed = await client.predict_stream("painter", feeds, progress=slow_reader)
+        assert time.monotonic() - began > STREAM_TIMEOUT
+    expected = await asyncio.to_thread(_sync_stream, inference.address, feeds, slow_reader)
+    for name, array in streamed.outputs.items():
+        np.testing.assert_array_equal(array, expected.outputs[name])
+
+
+def _sync_stream(address: str, feeds: dict[str, np.ndarray], progress: Any) -> Prediction:
+    with InferenceClient(address, timeout=STREAM_TIMEOUT) as client:
+        began = time.monotonic()
+        streamed = client.predict_stream("painter", feeds, progress=progress)
+        assert time.monotonic() - began > STREAM_TIMEOUT
+        return streamed
+
+
+async def test_a_stream_that_stops_sending_fails_deadline_exceeded_after_the_timeout(
+    inference: RunningInference, image_generator: ModelFile
+) -> None:
+    await _push(inference, image_generator, "painter")
+    feeds = image_generator.sample(2)
+    host, port = inference.address.rsplit(":", 1)
+    proxy = await TcpProxy.to_address(host, int(port))
+    loop = asyncio.get_running_loop()
+    try:
+        async with AsyncInferenceClient(proxy.address, timeout=STREAM_TIMEOUT) as client:
+            with pytest.raises(DeadlineExceededError, match=r"PredictStream sent nothing for 0.5 s"):
+                await asyncio.wait_for(
+                    client.predict_stream("painter", feeds, progress=lambda done, total: proxy.stall()), 10
+                )
+        await proxy.restore()
+
+        def stall_from_the_thread(done: int, total: int) -> None:
+            loop.call_soon_threadsafe(proxy.stall)
+
+        def sync_scenario() -> None:
+            stalling = pytest.raises(DeadlineExceededError, match=r"PredictStream sent nothing for 0.5 s")
+            with InferenceClient(proxy.address, timeout=STREAM_TIMEOUT) as client, stalling:
+                client.predict_stream("painter", feeds, progress=stall_from_the_thread)
+
+        await asyncio.wait_for(asyncio.to_thread(sync_scenario), 10)
+    finally:
+        await proxy.close()

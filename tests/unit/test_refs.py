@@ -121,6 +121,16 @@ def test_parse_version_field_rejects_garbage(value: str) -> None:
         parse_version_field(value)
 
 
+@pytest.mark.parametrize("parse", [parse_version_field, lambda digits: ModelRef.parse(f"m:{digits}")])
+def test_a_version_of_thousands_of_digits_is_refused_as_out_of_range_not_by_pythons_limits(parse) -> None:
+    with pytest.raises(ValueError) as caught:
+        parse("9" * 5000)
+    message = str(caught.value)
+    assert "versions are whole numbers from 1 to 9223372036854775807" in message and "(5000 digits)" in message
+    assert "int_max_str_digits" not in message and len(message) < 200
+    assert parse_version_field("0" * 5000 + "7") == (7, None)  # leading zeros are no digits of the number
+
+
 def test_from_parts_builds_refs_from_v2_fields() -> None:
     assert ModelRef.from_parts("m", "") == ModelRef("m")
     assert ModelRef.from_parts("m", "7") == ModelRef("m", version=7)

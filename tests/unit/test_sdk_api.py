@@ -364,9 +364,9 @@ def test_predict_request_refuses_a_string_for_outputs_and_a_queue_timeout_that_w
     x = {"x": np.zeros((1, 4), np.float32)}
     with pytest.raises(TypeError, match=re.escape("outputs takes a list of output names, e.g. ['scores']")):
         _convert.predict_request("mlp", x, outputs="scores", priority=0, queue_timeout=None, cache=None)  # type: ignore[arg-type]
-    for zero in (0, 0.0, 1e-7, -1.0):
-        with pytest.raises(ValueError, match="queue_timeout must be at least a microsecond"):
-            _convert.predict_request("mlp", x, outputs=None, priority=0, queue_timeout=zero, cache=None)
+    for bad in (0, 0.0, 1e-7, -1.0, float("inf"), float("nan"), 1e12, True, "5"):
+        with pytest.raises(ValueError, match="queue_timeout must be a number of seconds from a microsecond to"):
+            _convert.predict_request("mlp", x, outputs=None, priority=0, queue_timeout=bad, cache=None)  # type: ignore[arg-type]
     request = _convert.predict_request("mlp", x, outputs=("y",), priority=0, queue_timeout=1e-6, cache=None)
     assert (list(request.output_names), request.timeout.nanos) == (["y"], 1000)
 
@@ -395,6 +395,22 @@ def test_a_priority_out_of_its_range_is_a_value_error_saying_the_range(priority:
     ):
         _convert.predict_request("mlp", {}, priority=priority, **options)
     assert _convert.predict_request("mlp", {}, priority=np.int64(3), **options).priority == 3
+
+
+NOWHERE = "127.0.0.1:1"
+
+
+@pytest.mark.parametrize("page_size", [2**31, -1, 2.5, True])
+def test_a_page_size_out_of_its_range_is_a_value_error_saying_the_range_before_any_call(page_size: Any) -> None:
+    message = re.escape(f"page_size must be a whole number from 0 to 2147483647, not {page_size!r}")
+    # Channels connect on their first call: these never do, since each is refused before it.
+    with modelforge.InferenceClient(NOWHERE) as inference, modelforge.RegistryClient(NOWHERE) as registry:
+        with pytest.raises(ValueError, match=message):
+            next(inference.list_loaded(page_size=page_size))
+        with pytest.raises(ValueError, match=message):
+            next(registry.list_models(page_size=page_size))
+        with pytest.raises(ValueError, match=message):
+            next(registry.list_versions("m", page_size=page_size))
 
 
 def test_a_job_priority_that_is_not_a_level_is_a_value_error_naming_the_levels() -> None:

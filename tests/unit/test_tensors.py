@@ -141,6 +141,21 @@ def test_fixed_width_string_dtypes() -> None:
     assert bytes_back.tolist() == [b"x", b"yz"]
 
 
+STRING_DTYPE = getattr(getattr(np, "dtypes", None), "StringDType", None)  # numpy 2 and later
+
+
+@pytest.mark.skipif(STRING_DTYPE is None, reason="numpy 2's StringDType")
+def test_numpy_string_dtype_arrays_are_strings() -> None:
+    assert STRING_DTYPE is not None
+    array = np.array([["cat", "z\u00e9bra"], ["", "bird"]], dtype=STRING_DTYPE())[:, ::-1]  # not contiguous
+    back = tensors.to_numpy(round_trip(tensors.to_tensor(array, "text")))
+    assert back.tolist() == [["z\u00e9bra".encode(), b"cat"], [b"bird", b""]]
+    assert tensors.to_text(array).tolist() == [["z\u00e9bra", "cat"], ["bird", ""]]
+    with_missing = np.array(["a", None], dtype=STRING_DTYPE(na_object=None))
+    with pytest.raises(ValueError, match="tensor 'q': STRING elements must be bytes or str, but element 1 is NoneType"):
+        tensors.to_tensor(with_missing, "q")
+
+
 def test_scalar_string() -> None:
     back = tensors.to_numpy(round_trip(tensors.to_tensor(np.array("hello", dtype=object))))
     assert back.shape == ()
@@ -150,6 +165,8 @@ def test_scalar_string() -> None:
 def test_string_elements_must_be_bytes_or_str() -> None:
     with pytest.raises(ValueError, match="tensor 'q': STRING elements must be bytes or str, but element 1 is int"):
         tensors.to_tensor(np.array([b"a", 3], dtype=object), "q")
+    with pytest.raises(ValueError, match="as it does for integers beyond int64/uint64: give the array a numeric dtype"):
+        tensors.to_tensor([2**64, 1], "big")
 
 
 def test_bfloat16_from_ml_dtypes_travels_as_bit_patterns() -> None:

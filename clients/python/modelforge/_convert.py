@@ -81,6 +81,7 @@ def duration_proto(seconds: float | None, what: str) -> duration_pb2.Duration | 
 
 
 INT32_MAX = 2**31 - 1
+MAX_DURATION_SECONDS = 315_576_000_000  # google.protobuf.Duration's range
 
 
 def whole_number(value: int, what: str) -> int:
@@ -404,9 +405,15 @@ def _inference_fields(
         raise ValueError(f"cache must be 'use', 'bypass', 'refresh' or None, not {cache!r}")
     if isinstance(outputs, str):  # a str is a sequence of one-letter names
         raise TypeError(f"outputs takes a list of output names, e.g. [{outputs!r}], not a string")
-    if queue_timeout is not None and not queue_timeout >= 1e-6:  # a zero Duration means "no timeout" on the wire
+    # A zero Duration means "no timeout" on the wire; a Duration holds at most about 10,000 years.
+    if queue_timeout is not None and (
+        isinstance(queue_timeout, bool)
+        or not isinstance(queue_timeout, numbers.Real)
+        or not 1e-6 <= queue_timeout <= MAX_DURATION_SECONDS
+    ):
         raise ValueError(
-            f"queue_timeout must be at least a microsecond (None for the model's default), not {queue_timeout!r}"
+            f"queue_timeout must be a number of seconds from a microsecond to {MAX_DURATION_SECONDS} (None for the "
+            f"model's default), not {queue_timeout!r}"
         )
     fields: dict[str, Any] = {
         "ref": ref_proto(ref),

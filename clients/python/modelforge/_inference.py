@@ -6,7 +6,11 @@ Same methods and arguments on both; the async one is awaited. Requests are built
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -17,7 +21,7 @@ from modelforge import _convert
 from modelforge._channel import DEFAULT_MAX_MESSAGE_BYTES, INFERENCE, AsyncChannelClient, ChannelClient
 from modelforge._convert import Progress
 from modelforge._domain import LoadedModel, Prediction, Statistics
-from modelforge._errors import translated
+from modelforge._errors import DeadlineExceededError, translated
 from modelforge._refs import ModelRef
 from modelforge.inference.v1 import inference_pb2 as pb
 from modelforge.inference.v1 import inference_pb2_grpc
@@ -41,6 +45,61 @@ def _statistics_request(ref: str | ModelRef | None) -> pb.GetModelStatisticsRequ
     return pb.GetModelStatisticsRequest(ref=_convert.ref_proto(ref))
 
 
+def _stream_queue_timeout(queue_timeout: float | None, timeout: float | None) -> float | None:
+    """The queue timeout of a PredictStream request. The stream has no deadline as a whole (the transfer takes
+    as long as it needs), so the client's timeout, where shorter, bounds the request's wait in the batch queue, as
+    a unary call's deadline does."""
+    if timeout is None or timeout < 1e-6:  # no limit; or one so short the stream's watch ends the call at once
+        return queue_timeout
+    return timeout if queue_timeout is None else min(queue_timeout, timeout)
+
+
+def _stalled(timeout: float | None) -> DeadlineExceededError:
+    return DeadlineExceededError(
+        f"PredictStream sent nothing for {timeout:g} s (the model's run, then each wait for the next chunk, has "
+        "the client's timeout; the transfer as a whole has none): raise the timeout for slower models or links"
+    )
+
+
+class _Watchdog:
+    """Cancels a blocking stream when it waits `seconds` (None: never) for a message, from a thread of its own.
+
+    Time spent on a message received (the assembly, the caller's progress callback) is not waiting: the window
+    starts again once it is handled. The watch looks four times per window, so it fires within 1.25 windows.
+    """
+
+    def __init__(self, cancel: Callable[[], object], seconds: float | None) -> None:
+        self._cancel = cancel
+        self._seconds = seconds
+        self._deadline = time.monotonic() + (seconds or 0.0)
+        self._handling = False
+        self._done = threading.Event()
+        self.fired = False
+        if seconds is not None:
+            threading.Thread(target=self._watch, name="modelforge-stream-watchdog", daemon=True).start()
+
+    @contextlib.contextmanager
+    def handling(self) -> Iterator[None]:
+        """Around the handling of a message received: not waiting, and the next wait gets a whole window."""
+        self._handling = True
+        try:
+            yield
+        finally:
+            self._deadline = time.monotonic() + (self._seconds or 0.0)
+            self._handling = False
+
+    def close(self) -> None:
+        self._done.set()
+
+    def _watch(self) -> None:
+        assert self._seconds is not None
+        while not self._done.wait(self._seconds / 4):
+            if not self._handling and time.monotonic() > self._deadline:
+                self.fired = True
+                self._cancel()
+                return
+
+
 class InferenceClient(ChannelClient):
     """A blocking client of the ModelForge inference service.
 
@@ -55,7 +114,8 @@ class InferenceClient(ChannelClient):
             ``127.0.0.1:50052``.
         channel: A channel of your own; the client does not close it. Excludes ``target``.
         timeout: Seconds allowed for each call (the gRPC deadline; the server drops the request when it passes
-            while queued); None for no limit.
+            while queued); None for no limit. A PredictStream has it for the model's run, until the first
+            message, and then for each wait for the next; the transfer as a whole takes as long as it needs.
         max_message_bytes: Largest message sent or received; use :meth:`predict_stream` for larger outputs.
 
     Raises:
@@ -151,19 +211,26 @@ class InferenceClient(ChannelClient):
         Raises:
             IntegrityError: the stream was incomplete, or (with verify) an output's sha256 is missing or differs.
         """
+        queue_timeout = _stream_queue_timeout(queue_timeout, self._timeout)
         request = _convert.predict_stream_request(
             ref, inputs, outputs=outputs, priority=priority, queue_timeout=queue_timeout, cache=cache, verify=verify
         )
         assembler = _convert.StreamAssembler(progress, verify=verify)
         with translated():  # a closed client fails here, before the call exists
-            call = self.inference_stub.PredictStream(request, timeout=self._timeout)
+            call = self.inference_stub.PredictStream(request)
+        watchdog = _Watchdog(call.cancel, self._timeout)
         try:
             with translated():
                 for message in call:
-                    assembler.accept(message)
-        except BaseException:
+                    with watchdog.handling():
+                        assembler.accept(message)
+        except BaseException as exc:
             call.cancel()
+            if watchdog.fired:
+                raise _stalled(self._timeout) from exc
             raise
+        finally:
+            watchdog.close()
         return assembler.finish()
 
     def load(self, ref: str | ModelRef) -> LoadedModel:
@@ -190,7 +257,9 @@ class InferenceClient(ChannelClient):
         """Iterates over the model versions the server holds, by name and version, fetching pages lazily."""
         token = ""
         while True:
-            request = pb.ListLoadedModelsRequest(page_size=page_size, page_token=token, model=model)
+            request = pb.ListLoadedModelsRequest(
+                page_size=_convert.whole_number(page_size, "page_size"), page_token=token, model=model
+            )
             with translated():
                 page = self.inference_stub.ListLoadedModels(request, timeout=self._timeout)
             yield from (_convert.loaded_model(m) for m in page.loaded_models)
@@ -220,7 +289,7 @@ class AsyncInferenceClient(AsyncChannelClient):
         target: ``host:port`` of the inference service; defaults to ``MODELFORGE_INFERENCE_ADDRESS``, else
             ``127.0.0.1:50052``.
         channel: A ``grpc.aio`` channel of your own; the client does not close it. Excludes ``target``.
-        timeout: Seconds allowed for each call; None for no limit.
+        timeout: Seconds allowed for each call; None for no limit. PredictStream: as for InferenceClient.
         max_message_bytes: Largest message sent or received.
     """
 
@@ -284,15 +353,22 @@ class AsyncInferenceClient(AsyncChannelClient):
         verify: bool = True,
     ) -> Prediction:
         """See :meth:`InferenceClient.predict_stream`. Progress is called on the event loop."""
+        queue_timeout = _stream_queue_timeout(queue_timeout, self._timeout)
         request = _convert.predict_stream_request(
             ref, inputs, outputs=outputs, priority=priority, queue_timeout=queue_timeout, cache=cache, verify=verify
         )
         assembler = _convert.StreamAssembler(progress, verify=verify)
         with translated():  # a closed client fails here, before the call exists
-            call = self.inference_stub.PredictStream(request, timeout=self._timeout)
+            call = self.inference_stub.PredictStream(request)
         try:
             with translated():
-                async for message in call:
+                while True:
+                    try:
+                        message = await asyncio.wait_for(call.read(), self._timeout)
+                    except TimeoutError:
+                        raise _stalled(self._timeout) from None
+                    if message is grpc.aio.EOF:
+                        break
                     assembler.accept(message)
         except BaseException:
             call.cancel()
@@ -319,7 +395,9 @@ class AsyncInferenceClient(AsyncChannelClient):
         """See :meth:`InferenceClient.list_loaded`; iterate with ``async for``."""
         token = ""
         while True:
-            request = pb.ListLoadedModelsRequest(page_size=page_size, page_token=token, model=model)
+            request = pb.ListLoadedModelsRequest(
+                page_size=_convert.whole_number(page_size, "page_size"), page_token=token, model=model
+            )
             with translated():
                 page = await self.inference_stub.ListLoadedModels(request, timeout=self._timeout)
             for m in page.loaded_models:

@@ -520,7 +520,11 @@ class JobsClient(ChannelClient):
         state_value = _convert.job_state_proto(state)
         while True:
             request = pb.ListJobsRequest(
-                page_size=page_size, page_token=token, state=state_value, model=model, labels=dict(labels or {})
+                page_size=_convert.whole_number(page_size, "page_size"),
+                page_token=token,
+                state=state_value,
+                model=model,
+                labels=dict(labels or {}),
             )
             with translated():
                 page = self.jobs_stub.ListJobs(request, timeout=self.timeout)
@@ -564,7 +568,9 @@ class JobsClient(ChannelClient):
         """Iterates over datasets, newest first, fetching pages lazily; filtered by labels."""
         token = ""
         while True:
-            request = pb.ListDatasetsRequest(page_size=page_size, page_token=token, labels=dict(labels or {}))
+            request = pb.ListDatasetsRequest(
+                page_size=_convert.whole_number(page_size, "page_size"), page_token=token, labels=dict(labels or {})
+            )
             with translated():
                 page = self.jobs_stub.ListDatasets(request, timeout=self.timeout)
             yield from (_convert.dataset(d) for d in page.datasets)
@@ -794,7 +800,11 @@ class AsyncJobsClient(AsyncChannelClient):
         state_value = _convert.job_state_proto(state)
         while True:
             request = pb.ListJobsRequest(
-                page_size=page_size, page_token=token, state=state_value, model=model, labels=dict(labels or {})
+                page_size=_convert.whole_number(page_size, "page_size"),
+                page_token=token,
+                state=state_value,
+                model=model,
+                labels=dict(labels or {}),
             )
             with translated():
                 page = await self.jobs_stub.ListJobs(request, timeout=self.timeout)
@@ -833,7 +843,9 @@ class AsyncJobsClient(AsyncChannelClient):
         """See :meth:`JobsClient.list_datasets`; iterate with ``async for``."""
         token = ""
         while True:
-            request = pb.ListDatasetsRequest(page_size=page_size, page_token=token, labels=dict(labels or {}))
+            request = pb.ListDatasetsRequest(
+                page_size=_convert.whole_number(page_size, "page_size"), page_token=token, labels=dict(labels or {})
+            )
             with translated():
                 page = await self.jobs_stub.ListDatasets(request, timeout=self.timeout)
             for d in page.datasets:

@@ -67,6 +67,15 @@ def validate_alias(alias: str) -> str:
 MAX_VERSION = (1 << 63) - 1  # versions travel as int64
 
 
+def _version_number(digits: str) -> int:
+    """A string of digits as a version number; one too long to be a version is refused before it is converted
+    (Python refuses to convert more than 4,300 digits, with advice about its own limits)."""
+    if len(digits.lstrip("0")) > len(str(MAX_VERSION)):
+        shown = digits if len(digits) <= 40 else f"{digits[:20]}…({len(digits)} digits)"
+        raise ValueError(f"invalid version {shown}: versions are whole numbers from 1 to {MAX_VERSION}")
+    return validate_version(int(digits.lstrip("0") or "0"))
+
+
 def validate_version(version: int) -> int:
     """Checks that ``version`` is a version number (a whole number from 1, within int64) and returns it.
 
@@ -141,7 +150,7 @@ class ModelRef:
                     f"invalid model reference {ref!r}: the part after ':' must be a version number such as "
                     f"'{name}:3'{alias}"
                 )
-            return cls(name, version=int(number))
+            return cls(name, version=_version_number(number))
         if "@" in ref:
             name, _, alias = ref.partition("@")
             return cls(name, alias=alias)
@@ -196,7 +205,7 @@ def parse_version_field(value: str) -> tuple[int | None, str | None]:
     if value == "":
         return None, None
     if _VERSION.fullmatch(value):
-        return validate_version(int(value)), None
+        return _version_number(value), None
     if _ALIAS.fullmatch(value):
         return None, value
     raise ValueError(

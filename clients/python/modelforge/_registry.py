@@ -218,7 +218,10 @@ class RegistryClient(ChannelClient):
         token = ""
         while True:
             request = _convert.list_models_request(
-                name_prefix=name_prefix, labels=labels, page_size=page_size, page_token=token
+                name_prefix=name_prefix,
+                labels=labels,
+                page_size=_convert.whole_number(page_size, "page_size"),
+                page_token=token,
             )
             with translated():
                 page = self.registry_stub.ListModels(request, timeout=self._timeout)
@@ -356,7 +359,12 @@ class RegistryClient(ChannelClient):
         model = validate_model_name(name)
         state_value = _convert.version_state_proto(state)
         while True:
-            request = pb.ListModelVersionsRequest(model=model, page_size=page_size, page_token=token, state=state_value)
+            request = pb.ListModelVersionsRequest(
+                model=model,
+                page_size=_convert.whole_number(page_size, "page_size"),
+                page_token=token,
+                state=state_value,
+            )
             with translated():
                 page = self.registry_stub.ListModelVersions(request, timeout=self._timeout)
             yield from (_convert.model_version(v) for v in page.model_versions)
@@ -552,7 +560,10 @@ class AsyncRegistryClient(AsyncChannelClient):
         token = ""
         while True:
             request = _convert.list_models_request(
-                name_prefix=name_prefix, labels=labels, page_size=page_size, page_token=token
+                name_prefix=name_prefix,
+                labels=labels,
+                page_size=_convert.whole_number(page_size, "page_size"),
+                page_token=token,
             )
             with translated():
                 page = await self.registry_stub.ListModels(request, timeout=self._timeout)
@@ -646,7 +657,12 @@ class AsyncRegistryClient(AsyncChannelClient):
         model = validate_model_name(name)
         state_value = _convert.version_state_proto(state)
         while True:
-            request = pb.ListModelVersionsRequest(model=model, page_size=page_size, page_token=token, state=state_value)
+            request = pb.ListModelVersionsRequest(
+                model=model,
+                page_size=_convert.whole_number(page_size, "page_size"),
+                page_token=token,
+                state=state_value,
+            )
             with translated():
                 page = await self.registry_stub.ListModelVersions(request, timeout=self._timeout)
             for v in page.model_versions:

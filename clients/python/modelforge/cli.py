@@ -31,6 +31,7 @@ from modelforge._domain import JobState, JobStatus, Model, ModelVersion, Predict
 from modelforge._errors import (
     ANSWER_TOO_LARGE_HINT,
     REQUEST_TOO_LARGE_HINT,
+    DeadlineExceededError,
     ModelForgeError,
     UnavailableError,
     UnimplementedError,
@@ -451,7 +452,7 @@ def _read_inputs(specs: Sequence[str]) -> dict[str, np.ndarray[Any, Any]]:
     given_by: dict[str, str] = {}  # input name -> the --input that gave it
     for spec in specs:
         name, sep, file = spec.partition("=")
-        if not sep:
+        if not sep or (Path(spec).is_file() and not Path(file).exists()):  # an archive, whose path may hold a '='
             arrays = _read_archive(Path(spec), spec)
         elif not name or not file:
             raise UsageError(f"--input takes NAME=FILE.npy, not {spec!r}")
@@ -459,7 +460,8 @@ def _read_inputs(specs: Sequence[str]) -> dict[str, np.ndarray[Any, Any]]:
             loaded = _load(Path(file))
             if not isinstance(loaded, np.ndarray):
                 raise UsageError(
-                    f"{file} is a .npz archive of several arrays: give it as --input {file}, without NAME="
+                    f"{file} is a .npz archive, whose arrays are named by their keys: give it as --input {file}, "
+                    "without NAME="
                 )
             arrays = {name: loaded}
         for key, array in arrays.items():
@@ -508,8 +510,8 @@ def cmd_predict(ctx: Context) -> int:
     if a.no_sha256 and not a.stream:
         raise UsageError("--no-sha256 applies to --stream only; a plain predict has no sha256 to skip")
     inputs = _read_inputs(a.input)
-    if a.out and Path(a.out).exists() and not Path(a.out).is_dir():  # before the model runs for nothing
-        raise UsageError(f"--out {a.out} is a file; --out takes a directory, where each output is saved as NAME.npy")
+    if a.out:  # before the model runs for nothing
+        _check_out_dir(Path(a.out))
     options: dict[str, Any] = {"outputs": a.output or None, "priority": a.priority, "cache": a.cache}
     with ctx.inference() as inference:
         if a.stream:
@@ -539,20 +541,50 @@ def _check_output_file_names(names: Iterable[str]) -> None:
             )
 
 
+def _check_out_dir(out_dir: Path) -> None:
+    """Refuses an --out that could not be made a directory to write in: an existing file, or a path below one."""
+    existing = out_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == out_dir else f"is below {existing}, a file"
+        raise UsageError(f"--out {out_dir} {where}; --out takes a directory, where each output is saved as NAME.npy")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out_dir}: {existing} is not writable here; choose another directory")
+
+
+def _save_outputs(outputs: Mapping[str, np.ndarray[Any, Any]], out_dir: Path) -> dict[str, Path]:
+    """Saves every output as DIR/NAME.npy, or none: each is written beside its place, then all are moved in."""
+    _check_output_file_names(outputs)
+    storable_outputs = {name: _storable(name, array) for name, array in outputs.items()}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: dict[Path, Path] = {}  # partial file -> its place
+    try:
+        for name, array in storable_outputs.items():
+            place = out_dir / f"{name}.npy"
+            partial = out_dir / f".{name}.npy.partial"
+            written[partial] = place
+            with open(partial, "wb") as f:
+                np.save(f, array, allow_pickle=False)
+        for partial, place in written.items():
+            os.replace(partial, place)
+    except BaseException:
+        for partial in written:
+            with contextlib.suppress(OSError):
+                partial.unlink()
+        raise
+    return {name: out_dir / f"{name}.npy" for name in storable_outputs}
+
+
 def _report_prediction(prediction: Prediction, out_dir: Path | None, out: TextIO) -> None:
-    if out_dir is not None:
-        _check_output_file_names(prediction.outputs)
+    saved = _save_outputs(prediction.outputs, out_dir) if out_dir is not None else {}
     cached = ", from the cache" if prediction.cache_hit else ""
     total_ms = prediction.timings.total.total_seconds() * 1000
     print(f"{prediction.model}:{prediction.version} answered in {total_ms:.2f} ms{cached}", file=out)
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
     for name, array in prediction.outputs.items():
         line = f"  {name}: {array.dtype}{list(array.shape)}"
-        if out_dir is not None:
-            path = out_dir / f"{name}.npy"
-            np.save(path, _storable(name, array), allow_pickle=False)
-            line += f" -> {path}"
+        if name in saved:
+            line += f" -> {saved[name]}"
         elif array.size <= 20:
             line += f" = {np.array2string(array, separator=', ')}"
         print(line, file=out)
@@ -769,7 +801,8 @@ def _address_flags(parser: argparse.ArgumentParser, *, top: bool) -> None:
     group.add_argument("--timeout", type=_seconds, metavar="SECONDS", default=30.0 if top else argparse.SUPPRESS,
                        help="limit in seconds for each call (default: 30), except streamed transfers, which take as "
                             "long as they need: models push and pull, dataset uploads, job results, and following a "
-                            "job (--wait, jobs watch)")  # fmt: skip
+                            "job (--wait, jobs watch); predict --stream has it for the model's run and then for each "
+                            "wait for the next chunk")  # fmt: skip
 
 
 def _whole(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
@@ -1015,6 +1048,14 @@ def _error_line(exc: ModelForgeError, ctx: Context | None) -> str:
             f"cannot reach the {service.key} service at {where}: {exc.details or exc}. Is `modelforge up` "
             f"running? Point to it with --{service.key} or {service.env_var}."
         )
+    # DEADLINE_EXCEEDED without a reason is the client's own deadline (--timeout), not a queue timeout.
+    if (
+        isinstance(exc, DeadlineExceededError)
+        and not exc.reason
+        and ctx is not None
+        and getattr(ctx.args, "timeout", None)
+    ):
+        return f"{exc.details or exc} (--timeout was {ctx.args.timeout:g} s: raise it where the service needs longer)"
     # UNIMPLEMENTED without a reason: something answered at that address, but not this service.
     if isinstance(exc, UnimplementedError) and not exc.reason and ctx is not None and ctx.service is not None:
         service = ctx.service

@@ -195,14 +195,14 @@ def to_numpy_dtype(dtype: DataType.ValueType | int) -> np.dtype[Any]:
 def from_numpy_dtype(dtype: np.dtype[Any] | type | str) -> DataType.ValueType:
     """The DataType for a numpy dtype (remembered: servers ask it for the dtype of every output they answer with).
 
-    ``str``, ``bytes`` and ``object`` dtypes map to STRING, ``ml_dtypes.bfloat16`` to
-    BFLOAT16 and ``uint16`` to UINT16.
+    ``str`` (fixed-width or numpy 2's StringDType), ``bytes`` and ``object`` dtypes map to STRING,
+    ``ml_dtypes.bfloat16`` to BFLOAT16 and ``uint16`` to UINT16.
 
     Raises:
         ValueError: the dtype has no DataType (complex, datetime, float8 ...).
     """
     dt = np.dtype(dtype)
-    if dt.kind in "OSU":
+    if dt.kind in "OSUT":  # T: numpy 2's variable-width StringDType
         return _D.DATA_TYPE_STRING
     if dt.name == "bfloat16":
         return _D.DATA_TYPE_BFLOAT16
@@ -365,7 +365,7 @@ def to_text(array: Any, name: str = "") -> np.ndarray[Any, Any]:
     """
     what = f"tensor {name!r}" if name else "tensor"
     values: np.ndarray[Any, Any] = np.asarray(array)
-    if values.dtype.kind == "U":
+    if values.dtype.kind in "UT":
         return values.astype(object)
     if values.dtype.kind not in "OS":
         raise ValueError(f"{what}: expected strings, got an array of {values.dtype}")
@@ -395,8 +395,14 @@ def _string_elements(array: np.ndarray[Any, Any], what: str) -> list[bytes]:
         elif isinstance(item, bytearray | memoryview):
             out.append(bytes(item))
         else:
+            hint = ""
+            if isinstance(item, int | float) and not isinstance(item, bool):  # numpy made an object array of numbers
+                hint = (
+                    "; an array of numbers reaches here when numpy holds them as objects, as it does for integers "
+                    "beyond int64/uint64: give the array a numeric dtype"
+                )
             raise ValueError(
-                f"{what}: STRING elements must be bytes or str, but element {index} is {type(item).__name__}"
+                f"{what}: STRING elements must be bytes or str, but element {index} is {type(item).__name__}{hint}"
             )
     return out
 
