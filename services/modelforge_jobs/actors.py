@@ -17,7 +17,7 @@ import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID
 
 import dramatiq
@@ -39,6 +39,8 @@ from modelforge_server.settings import SettingsError
 from modelforge_server.telemetry import Telemetry
 
 log = logging.getLogger("modelforge.jobs.worker")
+
+T = TypeVar("T")
 
 # How long each of a worker's dependency checks may take (see WorkerResources.check_dependencies).
 DEPENDENCY_CHECK_SECONDS = 2.0
@@ -67,19 +69,12 @@ class JobQueue:
             kwargs=kwargs,
             delay=int(delay * 1000) or None,
         )
-        try:
-            await asyncio.to_thread(send)
-        # BrokerError: BrokerConnectionError, named ConnectionError before dramatiq 2 (that name now warns).
-        except (redis.RedisError, dramatiq.errors.BrokerError) as exc:
-            raise DependencyUnavailable("job queue (Redis)", type(exc).__name__) from exc
+        await _on_queue(send)
 
     async def held(self, job_ids: Sequence[UUID]) -> set[UUID]:
         """Those of these jobs whose latest message Redis still holds (see WakingRedisBroker.held_jobs)."""
         broker: Any = self._broker
-        try:
-            held = await asyncio.to_thread(broker.held_jobs, [str(job_id) for job_id in job_ids])
-        except redis.RedisError as exc:
-            raise DependencyUnavailable("job queue (Redis)", type(exc).__name__) from exc
+        held = await _on_queue(broker.held_jobs, [str(job_id) for job_id in job_ids])
         return {UUID(job_id) for job_id in held}
 
     def queues(self) -> dict[str, str]:
@@ -90,18 +85,12 @@ class JobQueue:
     async def recover_messages(self) -> None:
         """Puts the messages that dead workers had taken back in their queues (see WakingRedisBroker)."""
         broker: Any = self._broker
-        try:
-            await asyncio.to_thread(broker.recover_messages, [actor.queue_name for actor in self._actors.values()])
-        except redis.RedisError as exc:
-            raise DependencyUnavailable("job queue (Redis)", type(exc).__name__) from exc
+        await _on_queue(broker.recover_messages, [actor.queue_name for actor in self._actors.values()])
 
     async def ping(self) -> None:
         """Raises DependencyUnavailable unless the queue's Redis answers."""
         broker: Any = self._broker
-        try:
-            await asyncio.to_thread(broker.client.ping)
-        except redis.RedisError as exc:
-            raise DependencyUnavailable("job queue (Redis)", type(exc).__name__) from exc
+        await _on_queue(broker.client.ping)
 
     async def lengths(self) -> dict[str, int]:
         """Messages waiting in each queue (taken by no worker yet)."""
@@ -114,11 +103,17 @@ class JobQueue:
                 pipeline.llen(key)
             return [int(n) for n in pipeline.execute()]
 
-        try:
-            counts = await asyncio.to_thread(read)
-        except redis.RedisError as exc:
-            raise DependencyUnavailable("job queue (Redis)", type(exc).__name__) from exc
+        counts = await _on_queue(read)
         return dict(zip(names, counts, strict=True))
+
+
+async def _on_queue(call: Callable[..., T], *args: Any) -> T:
+    """`call(*args)`, a call into the queue's Redis, on a thread; its failure is DependencyUnavailable."""
+    try:
+        return await asyncio.to_thread(call, *args)
+    # BrokerError: BrokerConnectionError, named ConnectionError before dramatiq 2 (that name now warns).
+    except (redis.RedisError, dramatiq.errors.BrokerError) as exc:
+        raise DependencyUnavailable("job queue (Redis)", type(exc).__name__) from exc
 
 
 class WorkerResources(dramatiq.Middleware):
