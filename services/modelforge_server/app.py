@@ -387,10 +387,22 @@ async def serve(server: Server, settings: ServerSettings, *, telemetry: _telemet
     except OSError:
         _refuse_if_taken(settings.host, settings.port, "gRPC", GRPC_PORT_REMEDY, shared=settings.share_port)
         raise
+    if settings.private_address is not None:
+        if ports.listened(settings.private_address):
+            raise ports.AddressInUse(settings.private_address)
+        try:
+            server.add_port(settings.private_address)
+        except OSError:
+            raise ports.AddressInUse(settings.private_address) from None
     endpoint = _serve_metrics(server, settings, telemetry) if telemetry is not None else None
     try:
         await server.start()
-        log.info("serving %s on %s", ", ".join(server.names), settings.address)
+        where = (
+            settings.address
+            if settings.private_address is None
+            else f"{settings.address} and {settings.private_address}"
+        )
+        log.info("serving %s on %s", ", ".join(server.names), where)
         await _wait_for_signal()
         log.info("shutting down; calls in flight get %.1f s", settings.grace_seconds)
         await server.stop(settings.grace_seconds, drain=settings.drain_seconds)
@@ -411,6 +423,7 @@ def check_ports(settings: ServerSettings, telemetry: _telemetry.Telemetry | None
     Raises:
         PortInUse: another process listens on the gRPC port (one that does not share it, where
             MODELFORGE_SHARE_PORT is on) or on the metrics port.
+        AddressInUse: another process listens on MODELFORGE_PRIVATE_ADDRESS.
         SettingsError: MODELFORGE_HOST is no address of this machine.
     """
     wanted = [(settings.port, "gRPC", GRPC_PORT_REMEDY, settings.share_port)]
@@ -419,6 +432,8 @@ def check_ports(settings: ServerSettings, telemetry: _telemetry.Telemetry | None
     for port, use, remedy, shared in wanted:
         if port:  # 0: the system picks a free port, or metrics are off
             _refuse_if_taken(settings.host, port, use, remedy, shared=shared)
+    if settings.private_address is not None and ports.listened(settings.private_address):
+        raise ports.AddressInUse(settings.private_address)
 
 
 def _refuse_if_taken(host: str, port: int, use: str, remedy: str, *, shared: bool = False) -> None:

@@ -19,11 +19,13 @@ __all__ = [
     "JOBS_METRICS_PORT",
     "JOBS_PORT",
     "NotAnAddressHere",
+    "AddressInUse",
     "PortInUse",
     "REGISTRY_METRICS_PORT",
     "REGISTRY_PORT",
     "WORKER_METRICS_PORT",
     "free",
+    "listened",
 ]
 
 # The suite's default ports, for the services' settings, their entry points and `modelforge up` alike: each
@@ -49,6 +51,16 @@ class PortInUse(SettingsError):
             f"port {port} ({use}) is in use by another process; stop it, or choose another port with {remedy}"
         )
         self.port = port
+
+
+class AddressInUse(SettingsError):
+    """Another process listens on the Unix socket this one is to listen on alone (MODELFORGE_PRIVATE_ADDRESS)."""
+
+    def __init__(self, address: str) -> None:
+        super().__init__(
+            f"{address} (MODELFORGE_PRIVATE_ADDRESS) is in use by another process; stop it, or choose another address"
+        )
+        self.address = address
 
 
 class NotAnAddressHere(ValueError):
@@ -80,4 +92,17 @@ def free(host: str, port: int, *, shared: bool = False) -> bool:
                 if exc.errno == errno.EADDRNOTAVAIL:
                     raise NotAnAddressHere("it is no address of this machine") from None
                 raise
+    return True
+
+
+def listened(address: str) -> bool:
+    """Whether a process listens on the Unix socket `address` (``unix:PATH`` or ``unix-abstract:NAME``): it takes a
+    connection. gRPC removes a socket file it finds at PATH before it binds, so a second server would take the
+    path from under a first one without this check; an abstract name it refuses on its own."""
+    scheme, _, name = address.partition(":")
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect("\0" + name if scheme == "unix-abstract" else name)
+        except OSError:
+            return False
     return True

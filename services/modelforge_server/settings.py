@@ -80,6 +80,9 @@ class ServerSettings:
     # Several processes of one service listen on the same port (SO_REUSEPORT), the kernel spreading connections
     # among them: replicas on one host, to use more cores than one process's event loop can. Every process sets it.
     share_port: bool = False
+    # A second address this process alone listens on, `unix:PATH` or `unix-abstract:NAME`: where a health check, or a
+    # call meant for this replica (LoadModel, statistics), reaches it rather than whichever process shares the port.
+    private_address: str | None = None
     # The event loop of a service process: "auto" (uvloop when installed, else asyncio's), "uvloop" or "asyncio".
     event_loop: str = "auto"
     labels: dict[str, str] = field(default_factory=dict)
@@ -109,6 +112,7 @@ class ServerSettings:
         for name, check, takes in (
             ("database_url", _database_url, "a PostgreSQL URL (postgresql://user:password@host:5432/dbname)"),
             ("redis_url", _redis_url, "a Redis URL (redis://host:6379/0, rediss://... or unix:///path/to.sock)"),
+            ("private_address", _private_address, "a Unix socket address: unix:/path/to.sock or unix-abstract:name"),
         ):
             value = getattr(self, name)
             if value is not None and not check(value):
@@ -134,6 +138,12 @@ def _database_url(url: str) -> bool:
     # libpq checks the port only when it connects: "host:notaport" parses. Ports are comma-separated, one a host.
     ports = str(params.get("port") or "").split(",")
     return all(not port or (port.isdigit() and int(port) <= 65535) for port in ports)
+
+
+def _private_address(address: str) -> bool:
+    """Whether gRPC would listen on `address` as a Unix socket: a named path, or a name in the abstract namespace."""
+    scheme, _, name = address.partition(":")
+    return scheme in ("unix", "unix-abstract") and bool(name) and "\0" not in name
 
 
 def _redis_url(url: str) -> bool:

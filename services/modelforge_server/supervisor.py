@@ -8,6 +8,10 @@ Order of events:
    (registry, inference, jobs: each may call the ones before it), with the URLs, its port and the others'
    addresses in its environment. The next one starts once this one's health check answers SERVING.
 3. Jobs workers, once the jobs service is up.
+
+With ``--inference-replicas N`` the inference service runs as N processes on its one port (SO_REUSEPORT, Linux):
+each also listens alone on a Unix socket of its own, where its health is checked, and has a metrics port and a
+model file cache of its own (:func:`child_environ`).
 4. The addresses are printed, then the supervisor waits for SIGINT/SIGTERM or for a child to exit.
 
 Shutdown runs in reverse: each child gets SIGTERM and its grace period (MODELFORGE_GRACE_SECONDS) before a
@@ -64,6 +68,9 @@ class SupervisorError(RuntimeError):
 
 DEFAULT_WORKER_METRICS_PORT = ports.WORKER_METRICS_PORT
 WORKER_METRICS_PORT_ENV = "MODELFORGE_WORKER_METRICS_PORT"
+# How far apart the metrics ports of a service's replicas are: inference 9102, 9112, 9122... (the workers' count
+# up from 9104 between them).
+REPLICA_METRICS_STEP = 10
 
 
 @dataclass(frozen=True)
@@ -83,6 +90,10 @@ class Program:
     its child will get before it starts anything, so that a malformed variable stops it at once."""
     metrics_port: int = DEFAULT_WORKER_METRICS_PORT
     """Where the program serves /metrics unless a variable says otherwise."""
+    own_dirs: tuple[tuple[str, str], ...] = ()
+    """For a service that may run as several processes on one port (`up --inference-replicas`): the variables of
+    the directories each process must have to itself, with the default under the data directory of each. Empty:
+    it runs as one process."""
 
 
 # A child that exits is started again, unless it exited this soon after starting this many times in a row: then
@@ -109,6 +120,7 @@ PROGRAMS: tuple[Program, ...] = (
         ports.INFERENCE_PORT,
         settings="modelforge_inference.settings:InferenceSettings",
         metrics_port=ports.INFERENCE_METRICS_PORT,
+        own_dirs=(("MODELFORGE_MODEL_DIR", "models"),),  # its file cache: each process clears what it left unfinished
     ),
     Program(
         "jobs",
@@ -134,6 +146,8 @@ class UpOptions:
     """Run only these programs (and whatever they need); empty for all that are installed."""
     workers: int = 1
     """Jobs worker processes."""
+    replicas: dict[str, int] = field(default_factory=dict)
+    """Program name to the processes that serve its port (inference only); 1 for those not named."""
     start_timeout: float = 120.0
     """Seconds each service may take to answer SERVING."""
 
@@ -161,6 +175,11 @@ def select(options: UpOptions, programs: Sequence[Program] = PROGRAMS) -> list[P
     if unknown:
         names = ", ".join(p.name for p in programs)
         raise SupervisorError(f"unknown service {', '.join(sorted(unknown))}; choose from {names}")
+    for name, count in options.replicas.items():
+        if count > 1 and not any(p.name == name and p.own_dirs for p in programs):
+            raise SupervisorError(f"{name} runs as one process; only inference takes replicas")
+        if count > 1 and not sys.platform.startswith("linux"):
+            raise SupervisorError("replicas need Linux, whose kernel spreads the connections of a shared port")
     chosen: list[Program] = []
     for program in programs:
         if options.only and program.name not in options.only and program.after not in options.only:
@@ -185,11 +204,13 @@ def child_environ(
 
     One MODELFORGE_METRICS_PORT for the whole suite is the first of its metrics ports: one per service in order
     (registry, inference, jobs), then the workers'. Given as it is to every child, all but one would fail to listen.
-    Workers count up from MODELFORGE_WORKER_METRICS_PORT when it is set (0 turns theirs off).
+    Workers count up from MODELFORGE_WORKER_METRICS_PORT when it is set (0 turns theirs off). Replicas of a
+    service (`count` > 1) are its processes on one port: see :func:`_replica_environ`.
     """
     env = dict(environ)
     env[orphans.UP_PID_ENV] = str(os.getpid())  # the child stops if `up` is killed (modelforge_server.orphans)
     env.pop("MODELFORGE_PORT", None)
+    env.pop("MODELFORGE_PRIVATE_ADDRESS", None)  # one process's alone
     if port is not None:
         env["MODELFORGE_PORT"] = str(port)
     base = _port(env, "MODELFORGE_METRICS_PORT") or 0
@@ -197,6 +218,8 @@ def child_environ(
     if program.default_port is not None:
         if base:
             env["MODELFORGE_METRICS_PORT"] = str(base + services.index(program))
+        if count > 1:
+            _replica_environ(env, program, index)
         return env
     first = _port(env, "MODELFORGE_WORKER_METRICS_PORT")
     if first is None and base:
@@ -206,6 +229,23 @@ def child_environ(
     if first is not None:  # several workers on one host: each serves /metrics on its own port
         env["MODELFORGE_WORKER_METRICS_PORT"] = str(first + index if first else 0)
     return env
+
+
+def _replica_environ(env: dict[str, str], program: Program, index: int) -> None:
+    """Makes `env` that of replica `index` of a service: the replicas share the port (MODELFORGE_SHARE_PORT), and
+    each has to itself a Unix socket in the abstract namespace (where `up` checks its health, and where a call
+    can reach this one: ``unix-abstract:modelforge-<up's pid>-inference-2``), a metrics port
+    (:data:`REPLICA_METRICS_STEP` above the previous replica's; 0 stays 0) and the directories in
+    ``program.own_dirs`` (the first replica's as a single process's, the next ones' beside it, suffixed -2, -3...).
+    """
+    env["MODELFORGE_SHARE_PORT"] = "true"
+    env["MODELFORGE_PRIVATE_ADDRESS"] = f"unix-abstract:modelforge-{os.getpid()}-{program.name}-{index + 1}"
+    first = metrics_port(program, env)
+    env["MODELFORGE_METRICS_PORT"] = str(first + REPLICA_METRICS_STEP * index if first else 0)
+    data_dir = Path(env.get("MODELFORGE_DATA_DIR") or ".modelforge")
+    for key, default in program.own_dirs:
+        directory = env.get(key) or str(data_dir / default)
+        env[key] = directory if index == 0 else f"{directory}-{index + 1}"
 
 
 def _port(env: Mapping[str, str], key: str) -> int | None:
@@ -274,6 +314,7 @@ class Child:
     label: str
     address: str | None
     port: int | None = None
+    probe: str | None = None  # where its health is checked: its address, or a replica's private one
     index: int = 0  # which of `count` processes of its program
     count: int = 1
     started: float = 0.0  # event-loop time
@@ -283,6 +324,8 @@ class Child:
         """How `up` shows the child: its process, and its address when it serves."""
         if self.address is None:
             return f"running (pid {self.process.pid})"
+        if self.probe != self.address:
+            return f"(pid {self.process.pid}) listening on {self.address} (shared), alone on {self.probe}"
         return f"(pid {self.process.pid}) listening on {self.address}"
 
     async def stop(self, grace: float) -> None:
@@ -359,7 +402,7 @@ class Supervisor:
             self._env[f"MODELFORGE_{name.upper()}_ADDRESS"] = f"{_dial_host(host)}:{port}"
         metrics: list[tuple[int, str, str]] = []
         for program in programs:  # before anything starts: a malformed variable stops `up` in one line
-            count = self._options.workers if program.after else 1
+            count = self._count(program)
             for index in range(count):
                 env = child_environ(self._env, program, grpc_ports.get(program.name), index, count)
                 check_settings(program, env)
@@ -379,7 +422,7 @@ class Supervisor:
             for program in programs:
                 if self._stop.is_set():
                     return self._interrupted()
-                count = self._options.workers if program.after else 1
+                count = self._count(program)
                 for index in range(count):
                     child = await self._spawn(program, grpc_ports.get(program.name), index, count)
                     await self._until_ready(child)
@@ -391,6 +434,10 @@ class Supervisor:
             self.say("modelforge up: stopping (Ctrl-C again to stop at once)")
         self.say("modelforge up: stopped")
         return code
+
+    def _count(self, program: Program) -> int:
+        """How many processes of `program` run: the workers asked for, a service's replicas, else one."""
+        return self._options.workers if program.after else self._options.replicas.get(program.name, 1)
 
     def _interrupted(self) -> int:
         self.say("modelforge up: interrupted while starting; stopping what was started")
@@ -486,17 +533,18 @@ class Supervisor:
             start_new_session=True,  # a terminal's Ctrl-C reaches only us; we stop children in order
         )
         address = f"{_dial_host(env['MODELFORGE_HOST'])}:{port}" if port is not None else None
-        child = Child(program, process, label, address, port, index, count, asyncio.get_running_loop().time())
+        probe = env.get("MODELFORGE_PRIVATE_ADDRESS", address)
+        child = Child(program, process, label, address, port, probe, index, count, asyncio.get_running_loop().time())
         self._children.append(child)
         return child
 
     async def _until_ready(self, child: Child) -> None:
         """Waits until the child's health answers SERVING; fails if it exits or takes too long."""
-        if child.program.health is None or child.address is None:
+        if child.program.health is None or child.probe is None:
             return
         exited = asyncio.ensure_future(child.process.wait())
         stopped = asyncio.ensure_future(self._stop.wait())
-        ready = asyncio.ensure_future(_serving(child.address, child.program.health))
+        ready = asyncio.ensure_future(_serving(child.probe, child.program.health))
         try:
             done, _ = await asyncio.wait(
                 {exited, stopped, ready}, timeout=self._options.start_timeout, return_when=asyncio.FIRST_COMPLETED
@@ -514,7 +562,7 @@ class Supervisor:
                 f"{child.label} exited with code {child.process.returncode} while starting; its log is above"
             )
         raise SupervisorError(
-            f"{child.label} did not report SERVING on {child.address} within {self._options.start_timeout:.0f} s"
+            f"{child.label} did not report SERVING on {child.probe} within {self._options.start_timeout:.0f} s"
         )
 
     def _announce(self) -> None:
@@ -578,8 +626,8 @@ class Supervisor:
     async def _say_when_serving(self, child: Child) -> None:
         """Says when a child started again serves, unless it exits first (the watch handles that): another
         process on its port answering later is not this one serving."""
-        assert child.address is not None and child.program.health is not None
-        serving = asyncio.ensure_future(_serving(child.address, child.program.health))
+        assert child.probe is not None and child.program.health is not None
+        serving = asyncio.ensure_future(_serving(child.probe, child.program.health))
         exited = asyncio.ensure_future(child.process.wait())
         try:
             done, _ = await asyncio.wait(

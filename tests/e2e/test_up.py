@@ -104,11 +104,11 @@ def env(tmp_path: Path) -> Env:
 
 
 @contextmanager
-def up(env: Env, extra: dict[str, str] | None = None) -> Iterator[Suite]:
+def up(env: Env, extra: dict[str, str] | None = None, argv: tuple[str, ...] = ()) -> Iterator[Suite]:
     registry_port, inference_port, jobs_port = env.ports
     process = subprocess.Popen(
         [str(MODELFORGE), "up", "--registry-port", str(registry_port), "--inference-port", str(inference_port),
-         "--jobs-port", str(jobs_port)],
+         "--jobs-port", str(jobs_port), *argv],
         env={**env.environ(), **(extra or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -236,6 +236,45 @@ def test_up_serves_the_suite_and_keeps_data_across_a_restart(env: Env, add_one: 
     # The embedded PostgreSQL's stop forks (pg_ctl as another user, under root); no gRPC thread of `up` may be
     # inside gRPC then, or gRPC logs that it skipped its fork handlers.
     assert not [line for line in suite.errors if "fork() handlers" in line]
+
+
+def _loaded_on_a_new_connection(address: str) -> list[str]:
+    """The versions the replica that a new connection to `address` lands on has loaded."""
+    own = [("grpc.use_local_subchannel_pool", 1)]  # not one connection shared with the calls before
+    with grpc.insecure_channel(address, options=own) as channel, InferenceClient(channel=channel) as client:
+        return [f"{m.model}:{m.version}" for m in client.list_loaded()]
+
+
+def test_inference_replicas_share_its_port_and_each_answers_alone_on_an_address_of_its_own(
+    env: Env, add_one: ModelFile, tmp_path: Path
+) -> None:
+    with up(env, argv=("--inference-replicas", "2", "--workers", "0")) as suite:
+        replicas = {line.split()[0]: line for line in suite.seen if line.strip().startswith("inference")}
+        assert sorted(replicas) == ["inference-1", "inference-2"], suite.seen
+        assert all(f" listening on {env.inference} (shared), alone on unix-abstract:" in r for r in replicas.values())
+        private = {name: line.rsplit(" ", 1)[1] for name, line in replicas.items()}
+        pushed = cli(env, "models", "push", str(add_one.path), "--name", "demo")
+        assert pushed.returncode == 0, pushed.stderr
+
+        loaded = cli(env, "--inference", private["inference-2"], "models", "load", "demo")
+        assert loaded.returncode == 0, loaded.stderr
+        # New connections to the shared port land on either replica: only the second has loaded demo.
+        answers = [_loaded_on_a_new_connection(env.inference) for _ in range(24)]
+        assert sorted({tuple(a) for a in answers}) == [(), ("demo:1",)], answers
+        np.save(tmp_path / "x.npy", np.ones((2, 4), dtype=np.float32))
+        predicted = cli(env, "predict", "demo", "--input", f"x={tmp_path / 'x.npy'}", "--out", str(tmp_path / "out"))
+        assert predicted.returncode == 0, predicted.stderr
+        np.testing.assert_array_equal(np.load(tmp_path / "out" / "y.npy"), np.full((2, 4), 2, np.float32))
+
+        # A replica that dies is started again on its own address, without what the old process had loaded.
+        pid = int(replicas["inference-2"].split("(pid ", 1)[1].split(")")[0])
+        os.kill(pid, signal.SIGKILL)
+        suite.wait_for("inference-2 exited with code -9; starting it again", 30)
+        suite.wait_for("inference-2  (pid ", 30)
+        suite.wait_for(f"serving again on {env.inference}", 60)
+        with InferenceClient(private["inference-2"]) as client:
+            assert list(client.list_loaded()) == []
+        assert suite.stop() == 0
 
 
 def run_up(env: Env, *argv: str, environ: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import socket
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -18,7 +20,7 @@ from modelforge.jobs.v1 import jobs_pb2, jobs_pb2_grpc
 from modelforge_server import app
 from modelforge_server.errors import DeadlineExceeded
 from modelforge_server.metrics import Metrics
-from modelforge_server.ports import PortInUse
+from modelforge_server.ports import AddressInUse, PortInUse
 from modelforge_server.settings import ServerSettings
 from modelforge_server.telemetry import Telemetry
 from tests.integration.registry.calls import reason_of
@@ -427,3 +429,38 @@ async def test_a_replica_that_would_share_its_port_is_refused_one_another_proces
                 await app.serve(server, ServerSettings(port=port, share_port=True))
         finally:
             await server.stop(None)
+
+
+@pytest.mark.parametrize("kind", ["unix", "unix-abstract"])
+async def test_a_replica_answers_alone_on_its_private_address_and_no_other_process_takes_it(
+    tmp_path: Path, kind: str
+) -> None:
+    """Where `modelforge up` checks each replica's health, and where a call reaches one replica of a shared port.
+    gRPC itself would take over a socket file another server listens on: a second process is refused it."""
+    name = f"modelforge-test-{os.getpid()}-{kind}"
+    private = f"unix:{tmp_path / 'replica.sock'}" if kind == "unix" else f"unix-abstract:{name}"
+    settings = ServerSettings(share_port=True, private_address=private)
+    counts = Counting(), Counting()
+    first, second = _replica(counts[0], settings), _replica(counts[1], settings)
+    serving = asyncio.create_task(app.serve(first, settings))
+    try:
+        async with grpc.aio.insecure_channel(private) as channel:
+            stub = jobs_pb2_grpc.JobServiceStub(channel)
+            await stub.GetJob(jobs_pb2.GetJobRequest(), timeout=10, wait_for_ready=True)
+            with pytest.raises(AddressInUse) as caught:
+                app.check_ports(settings)
+            assert str(caught.value) == (
+                f"{private} (MODELFORGE_PRIVATE_ADDRESS) is in use by another process; stop it, or choose another "
+                "address"
+            )
+            with pytest.raises(AddressInUse):
+                await app.serve(second, settings)
+            await stub.GetJob(jobs_pb2.GetJobRequest(), timeout=10)
+        async with grpc.aio.insecure_channel(private) as channel:  # a new connection: still the first's
+            await jobs_pb2_grpc.JobServiceStub(channel).GetJob(jobs_pb2.GetJobRequest(), timeout=10)
+        assert (counts[0].calls, counts[1].calls) == (3, 0)
+    finally:
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)
+        await first.stop(None)
+        await second.stop(None)

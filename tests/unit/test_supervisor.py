@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from modelforge_server.supervisor import PROGRAMS, child_environ
+from modelforge_server.supervisor import PROGRAMS, SupervisorError, UpOptions, child_environ, select
 
 REGISTRY, INFERENCE, JOBS, WORKER = PROGRAMS
 BASE = {"MODELFORGE_HOST": "127.0.0.1", "MODELFORGE_PORT": "1"}
@@ -46,3 +48,45 @@ def test_metrics_off_for_the_suite_stays_off() -> None:
         "0",
         "0",
     ]
+
+
+def _replicas(environ: dict[str, str], count: int = 3) -> list[dict[str, str]]:
+    return [child_environ(environ, INFERENCE, 50052, index, count) for index in range(count)]
+
+
+def test_replicas_share_the_port_and_each_has_a_private_address_metrics_port_and_model_cache_of_its_own() -> None:
+    replicas = _replicas({**BASE, "MODELFORGE_DATA_DIR": "/srv/mf"})
+    assert {env["MODELFORGE_PORT"] for env in replicas} == {"50052"}
+    assert {env["MODELFORGE_SHARE_PORT"] for env in replicas} == {"true"}
+    assert [env["MODELFORGE_PRIVATE_ADDRESS"] for env in replicas] == [
+        f"unix-abstract:modelforge-{os.getpid()}-inference-{n}" for n in (1, 2, 3)
+    ]
+    assert [env["MODELFORGE_METRICS_PORT"] for env in replicas] == ["9102", "9112", "9122"]
+    assert [env["MODELFORGE_MODEL_DIR"] for env in replicas] == [
+        "/srv/mf/models",
+        "/srv/mf/models-2",
+        "/srv/mf/models-3",
+    ]
+
+
+def test_replicas_count_their_metrics_ports_from_the_suites_and_keep_a_model_dir_given_for_the_first() -> None:
+    environ = {**BASE, "MODELFORGE_METRICS_PORT": "19100", "MODELFORGE_MODEL_DIR": "/cache/models"}
+    replicas = _replicas(environ)
+    assert [env["MODELFORGE_METRICS_PORT"] for env in replicas] == ["19101", "19111", "19121"]
+    assert [env["MODELFORGE_MODEL_DIR"] for env in replicas] == ["/cache/models", "/cache/models-2", "/cache/models-3"]
+    off = _replicas({**BASE, "MODELFORGE_METRICS_PORT": "0"})
+    assert [env["MODELFORGE_METRICS_PORT"] for env in off] == ["0", "0", "0"]
+
+
+def test_a_single_process_neither_shares_its_port_nor_inherits_a_private_address() -> None:
+    environ = {**BASE, "MODELFORGE_PRIVATE_ADDRESS": "unix-abstract:mine"}
+    for program in PROGRAMS:
+        env = child_environ(environ, program, program.default_port, 0, 1)
+        assert "MODELFORGE_PRIVATE_ADDRESS" not in env and "MODELFORGE_SHARE_PORT" not in env
+        assert "MODELFORGE_MODEL_DIR" not in env
+
+
+@pytest.mark.parametrize("name", ["registry", "jobs"])
+def test_only_inference_takes_replicas(name: str) -> None:
+    with pytest.raises(SupervisorError, match=f"{name} runs as one process; only inference takes replicas"):
+        select(UpOptions(replicas={name: 2}))

@@ -189,7 +189,10 @@ def cmd_up(ctx: Context) -> int:
     a = ctx.args
     ports = {k: v for k, v in (("registry", a.registry_port), ("inference", a.inference_port),
                                ("jobs", a.jobs_port)) if v is not None}  # fmt: skip
-    options = supervisor.UpOptions(host=a.host, ports=ports, only=tuple(a.only or ()), workers=a.workers)
+    options = supervisor.UpOptions(
+        host=a.host, ports=ports, only=tuple(a.only or ()), workers=a.workers,
+        replicas={"inference": a.inference_replicas},
+    )  # fmt: skip
     return supervisor.run(options)
 
 
@@ -856,6 +859,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--only", nargs="+", metavar="SERVICE", choices=["registry", "inference", "jobs"],
                     help="run only these: registry, inference, jobs")  # fmt: skip
     up.add_argument("--workers", type=_whole(0), default=1, help="jobs worker processes (default 1; 0: none)")
+    up.add_argument("--inference-replicas", type=_whole(1), default=1, metavar="N",
+                    help="inference processes sharing its port, to use more cores (Linux; default 1)")  # fmt: skip
     up.set_defaults(run=cmd_up)
 
     models = commands.add_parser("models", help="push, list, show, label, alias, archive and delete models")
