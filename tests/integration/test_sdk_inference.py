@@ -7,6 +7,7 @@ The sync client blocks, so its scenario runs in a worker thread while the server
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Any
 
@@ -30,6 +31,7 @@ from tests.fixtures.proxy import TcpProxy
 from tests.integration.inference.conftest import (  # noqa: F401
     ModelFile,
     RunningInference,
+    StartInference,
     add_one,
     image_generator,
     inference,
@@ -63,6 +65,46 @@ async def test_predict_returns_numpy_outputs(
     assert (full.model, full.version, full.cache_hit) == ("adder", 1, False)
     assert full.sha256 == add_one.sha256
     assert full.timings.total.total_seconds() > 0
+
+
+async def _requests_per_replica(private: list[str], model: str) -> list[int]:
+    counts = []
+    for address in private:
+        async with AsyncInferenceClient(address) as replica:
+            statistics = await replica.statistics()
+        counts.append(sum(s.request_count for s in statistics.models if s.model == model))
+    return counts
+
+
+async def test_a_client_with_several_connections_spreads_its_calls_over_replicas_sharing_a_port(
+    start_inference: StartInference, add_one: ModelFile
+) -> None:
+    private = [f"unix-abstract:modelforge-test-{os.getpid()}-sdk-replica-{n}" for n in (1, 2)]
+    x = np.ones((1, 4), np.float32)
+    async with (
+        start_inference(share_port=True, private_address=private[0]) as first,
+        start_inference(first.port, share_port=True, private_address=private[1]),
+    ):
+        await _push(first, add_one, "spread")
+        target = f"127.0.0.1:{first.port}"
+        async with AsyncInferenceClient(target) as one:  # one connection: one replica
+            for _ in range(16):
+                await one.predict("spread", {"x": x}, cache="bypass")
+        assert sorted(await _requests_per_replica(private, "spread")) == [0, 16]
+        before = await _requests_per_replica(private, "spread")
+        async with AsyncInferenceClient(target, connections=16) as several:
+            for _ in range(32):
+                await several.predict("spread", {"x": x}, cache="bypass")
+        after = await _requests_per_replica(private, "spread")
+        added = [a - b for a, b in zip(after, before, strict=True)]
+        assert sum(added) == 32 and min(added) > 0, added  # both replicas: 2 in 65,536 would land all on one
+
+        def blocking() -> list[np.ndarray]:  # the blocking client takes turns too
+            with InferenceClient(target, connections=4) as client:
+                return [client.predict("spread", {"x": x}, cache="bypass")["y"] for _ in range(8)]
+
+        assert all(np.array_equal(y, x + 1) for y in await asyncio.to_thread(blocking))
+        assert sum(await _requests_per_replica(private, "spread")) == sum(after) + 8
 
 
 async def test_a_model_with_no_inputs_is_predicted_with_none(client: AsyncInferenceClient, inference: RunningInference):

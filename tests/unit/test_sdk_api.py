@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 
@@ -411,6 +412,20 @@ def test_a_page_size_out_of_its_range_is_a_value_error_saying_the_range_before_a
             next(registry.list_models(page_size=page_size))
         with pytest.raises(ValueError, match=message):
             next(registry.list_versions("m", page_size=page_size))
+
+
+@pytest.mark.parametrize("client", [modelforge.InferenceClient, modelforge.AsyncInferenceClient])
+@pytest.mark.parametrize("connections", [0, -1, 2.0, True, "2"])
+def test_connections_that_are_no_count_are_a_value_error_before_any_channel_opens(client: type, connections: Any):
+    with pytest.raises(ValueError, match=re.escape(f"connections must be a whole number >= 1, not {connections!r}")):
+        client(NOWHERE, connections=connections)
+
+
+def test_a_channel_of_your_own_is_one_connection() -> None:
+    with grpc.insecure_channel(NOWHERE) as channel:
+        with pytest.raises(ValueError, match="pass either connections or channel, not both"):
+            modelforge.InferenceClient(channel=channel, connections=2)
+        assert modelforge.InferenceClient(channel=channel, connections=1).inference_stub is not None
 
 
 def test_a_job_priority_that_is_not_a_level_is_a_value_error_naming_the_levels() -> None:

@@ -170,34 +170,67 @@ def channel_options(
     ]
 
 
+# gRPC shares one connection among the channels to a target with the same arguments; a channel with this one has
+# a connection of its own.
+OWN_CONNECTION = ("grpc.use_local_subchannel_pool", 1)
+
+
 def open_channel(
-    service: Service, target: str | None, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    service: Service,
+    target: str | None,
+    *,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    own_connection: bool = False,
 ) -> grpc.Channel:
     """A blocking-API channel to ``service`` (plaintext; put TLS in front with your own channel)."""
-    return grpc.insecure_channel(
-        resolve_target(service, target), options=channel_options(service, max_message_bytes=max_message_bytes)
-    )
+    extra = [OWN_CONNECTION] if own_connection else []
+    options = channel_options(service, max_message_bytes=max_message_bytes, extra=extra)
+    return grpc.insecure_channel(resolve_target(service, target), options=options)
 
 
 def open_aio_channel(
-    service: Service, target: str | None, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    service: Service,
+    target: str | None,
+    *,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    own_connection: bool = False,
 ) -> grpc.aio.Channel:
     """An asyncio channel to ``service``; same options as :func:`open_channel`."""
-    return grpc.aio.insecure_channel(
-        resolve_target(service, target), options=channel_options(service, max_message_bytes=max_message_bytes)
-    )
+    extra = [OWN_CONNECTION] if own_connection else []
+    options = channel_options(service, max_message_bytes=max_message_bytes, extra=extra)
+    return grpc.aio.insecure_channel(resolve_target(service, target), options=options)
+
+
+def _connections(count: int, channel: object) -> int:
+    """``count`` when a client may open that many connections, else a ValueError that says why."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"connections must be a whole number >= 1, not {count!r}")
+    if count > 1 and channel is not None:
+        raise ValueError("pass either connections or channel, not both: a channel of your own is one connection")
+    return count
 
 
 class ChannelClient:
-    """What every blocking client shares: one channel, opened from a target or borrowed, closed on exit."""
+    """What every blocking client shares: a channel, opened from a target or borrowed, closed on exit; or several
+    channels to the target, each with a connection of its own (`connections`), the first being ``_channel``."""
 
     def __init__(
-        self, service: Service, target: str | None, channel: grpc.Channel | None, max_message_bytes: int
+        self,
+        service: Service,
+        target: str | None,
+        channel: grpc.Channel | None,
+        max_message_bytes: int,
+        connections: int = 1,
     ) -> None:
         if channel is not None and target is not None:
             raise ValueError("pass either target or channel, not both")
+        count = _connections(connections, channel)
         self._owns_channel = channel is None
-        self._channel = channel or open_channel(service, target, max_message_bytes=max_message_bytes)
+        self._channels = [channel] if channel is not None else [
+            open_channel(service, target, max_message_bytes=max_message_bytes, own_connection=count > 1)
+            for _ in range(count)
+        ]  # fmt: skip
+        self._channel = self._channels[0]
 
     def __enter__(self) -> Self:
         return self
@@ -208,19 +241,27 @@ class ChannelClient:
         self.close()
 
     def close(self) -> None:
-        """Closes the channel (unless it was passed in). Calls in flight are cancelled."""
+        """Closes the channels (unless one was passed in). Calls in flight are cancelled."""
         if self._owns_channel:
-            self._channel.close()
+            for channel in self._channels:
+                channel.close()
 
 
 class AsyncChannelClient:
-    """What every asyncio client shares: one grpc.aio channel, opened from a target or borrowed, closed on exit."""
+    """What every asyncio client shares: a grpc.aio channel, opened from a target or borrowed, closed on exit; or
+    several to the target, as :class:`ChannelClient`."""
 
     def __init__(
-        self, service: Service, target: str | None, channel: grpc.aio.Channel | None, max_message_bytes: int
+        self,
+        service: Service,
+        target: str | None,
+        channel: grpc.aio.Channel | None,
+        max_message_bytes: int,
+        connections: int = 1,
     ) -> None:
         if channel is not None and target is not None:
             raise ValueError("pass either target or channel, not both")
+        count = _connections(connections, channel)
         if channel is None:
             try:
                 asyncio.get_running_loop()
@@ -231,7 +272,11 @@ class AsyncChannelClient:
                     "outside one it would belong to a loop that never runs"
                 ) from None
         self._owns_channel = channel is None
-        self._channel = channel or open_aio_channel(service, target, max_message_bytes=max_message_bytes)
+        self._channels = [channel] if channel is not None else [
+            open_aio_channel(service, target, max_message_bytes=max_message_bytes, own_connection=count > 1)
+            for _ in range(count)
+        ]  # fmt: skip
+        self._channel = self._channels[0]
 
     async def __aenter__(self) -> Self:
         return self
@@ -242,6 +287,7 @@ class AsyncChannelClient:
         await self.close()
 
     async def close(self) -> None:
-        """Closes the channel (unless it was passed in). Calls in flight are cancelled."""
+        """Closes the channels (unless one was passed in). Calls in flight are cancelled."""
         if self._owns_channel:
-            await self._channel.close()
+            for channel in self._channels:
+                await channel.close()

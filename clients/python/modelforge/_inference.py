@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
@@ -117,6 +118,10 @@ class InferenceClient(ChannelClient):
             while queued); None for no limit. A PredictStream has it for the model's run, until the first
             message, and then for each wait for the next; the transfer as a whole takes as long as it needs.
         max_message_bytes: Largest message sent or received; use :meth:`predict_stream` for larger outputs.
+        connections: Connections to open to ``target``, each call taking the next in turn. Where one address
+            spreads connections over several processes (``modelforge up --inference-replicas``, replicas sharing
+            a port, a TCP load balancer), one client's calls then reach them all. A connection lands on one
+            replica for its life, so LoadModel and the statistics calls reach whichever replica that is.
 
     Raises:
         modelforge.ModelForgeError: from any method when the service refuses a call; for example
@@ -131,11 +136,14 @@ class InferenceClient(ChannelClient):
         channel: grpc.Channel | None = None,
         timeout: float | None = 60.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        connections: int = 1,
     ) -> None:
-        super().__init__(INFERENCE, target, channel, max_message_bytes)
+        super().__init__(INFERENCE, target, channel, max_message_bytes, connections)
         self._timeout = timeout
-        self.inference_stub = inference_pb2_grpc.InferenceServiceStub(self._channel)
-        """The generated stub over this client's channel, for calls the client does not wrap."""
+        stubs = [inference_pb2_grpc.InferenceServiceStub(channel) for channel in self._channels]
+        self._turns = itertools.cycle(stubs)  # next() on it is one step under the GIL: callers on threads share it
+        self.inference_stub = stubs[0]
+        """The generated stub over this client's (first) channel, for calls the client does not wrap."""
 
     def predict(
         self,
@@ -179,7 +187,7 @@ class InferenceClient(ChannelClient):
             ref, inputs, outputs=outputs, priority=priority, queue_timeout=queue_timeout, cache=cache
         )
         with translated():
-            response = self.inference_stub.Predict(request, timeout=self._timeout)
+            response = next(self._turns).Predict(request, timeout=self._timeout)
         return _convert.prediction(response)
 
     def predict_stream(
@@ -217,7 +225,7 @@ class InferenceClient(ChannelClient):
         )
         assembler = _convert.StreamAssembler(progress, verify=verify)
         with translated():  # a closed client fails here, before the call exists
-            call = self.inference_stub.PredictStream(request)
+            call = next(self._turns).PredictStream(request)
         watchdog = _Watchdog(call.cancel, self._timeout)
         try:
             with translated():
@@ -236,7 +244,7 @@ class InferenceClient(ChannelClient):
     def load(self, ref: str | ModelRef) -> LoadedModel:
         """Loads a model version now (with its warmup run) instead of on its first request; returns it READY."""
         with translated():
-            response = self.inference_stub.LoadModel(
+            response = next(self._turns).LoadModel(
                 pb.LoadModelRequest(ref=_convert.ref_proto(ref)), timeout=self._timeout
             )
         return _convert.loaded_model(response.loaded_model)
@@ -248,7 +256,7 @@ class InferenceClient(ChannelClient):
             NotFoundError: no matching version is loaded.
         """
         with translated():
-            response = self.inference_stub.UnloadModel(
+            response = next(self._turns).UnloadModel(
                 pb.UnloadModelRequest(ref=_convert.ref_proto(ref)), timeout=self._timeout
             )
         return [_convert.loaded_model(m) for m in response.unloaded_models]
@@ -261,7 +269,7 @@ class InferenceClient(ChannelClient):
                 page_size=_convert.whole_number(page_size, "page_size"), page_token=token, model=model
             )
             with translated():
-                page = self.inference_stub.ListLoadedModels(request, timeout=self._timeout)
+                page = next(self._turns).ListLoadedModels(request, timeout=self._timeout)
             yield from (_convert.loaded_model(m) for m in page.loaded_models)
             if not (token := page.next_page_token):
                 return
@@ -273,7 +281,7 @@ class InferenceClient(ChannelClient):
             ref: One version (``"name:3"``), every version of a model (``"name"``), or None for all.
         """
         with translated():
-            response = self.inference_stub.GetModelStatistics(_statistics_request(ref), timeout=self._timeout)
+            response = next(self._turns).GetModelStatistics(_statistics_request(ref), timeout=self._timeout)
         return _statistics(response)
 
 
@@ -291,6 +299,7 @@ class AsyncInferenceClient(AsyncChannelClient):
         channel: A ``grpc.aio`` channel of your own; the client does not close it. Excludes ``target``.
         timeout: Seconds allowed for each call; None for no limit. PredictStream: as for InferenceClient.
         max_message_bytes: Largest message sent or received.
+        connections: Connections to open to ``target``, each call taking the next in turn: as for InferenceClient.
     """
 
     def __init__(
@@ -300,11 +309,14 @@ class AsyncInferenceClient(AsyncChannelClient):
         channel: grpc.aio.Channel | None = None,
         timeout: float | None = 60.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        connections: int = 1,
     ) -> None:
-        super().__init__(INFERENCE, target, channel, max_message_bytes)
+        super().__init__(INFERENCE, target, channel, max_message_bytes, connections)
         self._timeout = timeout
-        self.inference_stub = inference_pb2_grpc.InferenceServiceStub(self._channel)
-        """The generated stub over this client's channel, for calls the client does not wrap."""
+        stubs = [inference_pb2_grpc.InferenceServiceStub(channel) for channel in self._channels]
+        self._turns = itertools.cycle(stubs)
+        self.inference_stub = stubs[0]
+        """The generated stub over this client's (first) channel, for calls the client does not wrap."""
 
     async def predict(
         self,
@@ -337,7 +349,7 @@ class AsyncInferenceClient(AsyncChannelClient):
             ref, inputs, outputs=outputs, priority=priority, queue_timeout=queue_timeout, cache=cache
         )
         with translated():
-            response = await self.inference_stub.Predict(request, timeout=self._timeout)
+            response = await next(self._turns).Predict(request, timeout=self._timeout)
         return _convert.prediction(response)
 
     async def predict_stream(
@@ -359,7 +371,7 @@ class AsyncInferenceClient(AsyncChannelClient):
         )
         assembler = _convert.StreamAssembler(progress, verify=verify)
         with translated():  # a closed client fails here, before the call exists
-            call = self.inference_stub.PredictStream(request)
+            call = next(self._turns).PredictStream(request)
         try:
             with translated():
                 while True:
@@ -378,7 +390,7 @@ class AsyncInferenceClient(AsyncChannelClient):
     async def load(self, ref: str | ModelRef) -> LoadedModel:
         """See :meth:`InferenceClient.load`."""
         with translated():
-            response = await self.inference_stub.LoadModel(
+            response = await next(self._turns).LoadModel(
                 pb.LoadModelRequest(ref=_convert.ref_proto(ref)), timeout=self._timeout
             )
         return _convert.loaded_model(response.loaded_model)
@@ -386,7 +398,7 @@ class AsyncInferenceClient(AsyncChannelClient):
     async def unload(self, ref: str | ModelRef) -> list[LoadedModel]:
         """See :meth:`InferenceClient.unload`."""
         with translated():
-            response = await self.inference_stub.UnloadModel(
+            response = await next(self._turns).UnloadModel(
                 pb.UnloadModelRequest(ref=_convert.ref_proto(ref)), timeout=self._timeout
             )
         return [_convert.loaded_model(m) for m in response.unloaded_models]
@@ -399,7 +411,7 @@ class AsyncInferenceClient(AsyncChannelClient):
                 page_size=_convert.whole_number(page_size, "page_size"), page_token=token, model=model
             )
             with translated():
-                page = await self.inference_stub.ListLoadedModels(request, timeout=self._timeout)
+                page = await next(self._turns).ListLoadedModels(request, timeout=self._timeout)
             for m in page.loaded_models:
                 yield _convert.loaded_model(m)
             if not (token := page.next_page_token):
@@ -408,5 +420,5 @@ class AsyncInferenceClient(AsyncChannelClient):
     async def statistics(self, ref: str | ModelRef | None = None) -> Statistics:
         """See :meth:`InferenceClient.statistics`."""
         with translated():
-            response = await self.inference_stub.GetModelStatistics(_statistics_request(ref), timeout=self._timeout)
+            response = await next(self._turns).GetModelStatistics(_statistics_request(ref), timeout=self._timeout)
         return _statistics(response)

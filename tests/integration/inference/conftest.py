@@ -100,12 +100,15 @@ def inference_settings_for(
 
 @asynccontextmanager
 async def running_inference(
-    settings: InferenceSettings, registry_server: RunningRegistry
+    settings: InferenceSettings, registry_server: RunningRegistry, port: int = 0
 ) -> AsyncIterator[RunningInference]:
-    """Builds the service as `python -m modelforge_inference` does, on port 0; stops it on exit."""
+    """Builds the service as `python -m modelforge_inference` does, on `port` (0: a free one) and on its private
+    address when it has one; stops it on exit."""
     async with AsyncExitStack() as stack:
         server = await build_inference(settings, stack)
-        port = server.add_port("127.0.0.1:0")
+        port = server.add_port(f"127.0.0.1:{port}")
+        if settings.private_address is not None:
+            server.add_port(settings.private_address)
         await server.start()
         channel = await stack.enter_async_context(
             grpc.aio.insecure_channel(
@@ -129,14 +132,15 @@ StartInference = Callable[..., AbstractAsyncContextManager[RunningInference]]
 
 @pytest.fixture
 def start_inference(registry: RunningRegistry, redis_url: str, tmp_path: Path) -> StartInference:  # noqa: F811
-    """`async with start_inference(max_loaded_models=1) as running:` a server with those settings."""
+    """`async with start_inference(max_loaded_models=1) as running:` a server with those settings; `listen_port`
+    puts it on a port a first one shares (`share_port=True` for both)."""
     counter = iter(range(1000))
 
-    def start(**overrides: Any) -> AbstractAsyncContextManager[RunningInference]:
+    def start(listen_port: int = 0, **overrides: Any) -> AbstractAsyncContextManager[RunningInference]:
         directory = tmp_path / f"inference-{next(counter)}"
         address = overrides.pop("registry_address", registry.address)
         settings = inference_settings_for(address, directory, redis_url, **overrides)
-        return running_inference(settings, registry)
+        return running_inference(settings, registry, listen_port)
 
     return start
 
