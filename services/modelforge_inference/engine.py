@@ -64,7 +64,6 @@ from modelforge_inference.registry_client import RegistryNotFound
 from modelforge_inference.sessions import (
     INPUT_ERRORS,
     ModelSession,
-    describe_error,
     out_of_memory,
     place,
     resident_bytes,
@@ -88,6 +87,7 @@ from modelforge_inference.signature import (
 from modelforge_server import telemetry
 from modelforge_server.errors import DeadlineExceeded, InvalidArgument, NotFound, ServiceError, Unavailable
 from modelforge_server.metrics import Metrics
+from modelforge_server.runtime_errors import describe_error
 
 __all__ = ["InferenceEngine"]
 

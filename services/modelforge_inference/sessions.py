@@ -18,7 +18,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import re
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -348,13 +347,3 @@ def resident_bytes() -> int:
 def stack(parts: Sequence[np.ndarray]) -> np.ndarray:
     """Concatenates request inputs along dimension 0 (the one copy batching needs)."""
     return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
-
-
-# "[ONNXRuntimeError] : 1 : FAIL : " before every message, and "Load model from /the/server's/path failed:" before
-# those of session creation: boilerplate to a client, and the second names where this server keeps its files.
-_BOILERPLATE = re.compile(r"^\[ONNXRuntimeError\] : \d+ : [A-Z_]+ : (Load model from .*? failed:)?")
-
-
-def describe_error(exc: BaseException) -> str:
-    """ONNX Runtime's message without its status-code boilerplate or the path of the model file."""
-    return _BOILERPLATE.sub("", str(exc), count=1).strip()

@@ -41,6 +41,7 @@ async def build(settings: RegistrySettings, stack: AsyncExitStack) -> app.Server
         max_model_bytes=settings.max_model_bytes,
         chunk_bytes=settings.chunk_bytes,
         metrics=metrics,
+        runtime_check=settings.runtime_check,
     )
     await registry.sweep_orphans()  # files left by a replica that died mid-upload
     sweeps = asyncio.create_task(registry.sweep_orphans_every(STALE_SECONDS), name="blob-sweeps")

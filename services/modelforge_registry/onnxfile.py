@@ -9,10 +9,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import onnx
+import onnxruntime as ort
 from google.protobuf.message import DecodeError
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from modelforge_registry.domain import ONNX_TEXT_MAX, OnnxInfo, OperatorSet, Signature, TensorSpec
 from modelforge_registry.errors import ExternalDataRefused, InvalidOnnx
+from modelforge_server.runtime_errors import describe_error
 
 # ONNX TensorProto element types to our DataType names (modelforge.common.v1.DataType without its prefix).
 _DTYPES: dict[int, str] = {
@@ -37,9 +40,9 @@ class Inspections:
     """Runs inspect_file on uploaded files in worker threads, as many at once as `budget` bytes of files allow.
 
     An inspection holds about twice its file's size in memory (the model parsed in Python, then the checker's own
-    copy), so concurrent uploads of large models would add up to several times what one needs; past the budget
-    they wait their turn. A file larger than the budget takes all of it. A caller that goes away leaves its share
-    taken until its thread ends, since the thread cannot be stopped.
+    copy, then ONNX Runtime's session, one after the other), so concurrent uploads of large models would add up to
+    several times what one needs; past the budget they wait their turn. A file larger than the budget takes all of
+    it. A caller that goes away leaves its share taken until its thread ends, since the thread cannot be stopped.
     """
 
     def __init__(self, budget: int, inspect: Callable[[Path], Inspected] | None = None) -> None:
@@ -69,16 +72,50 @@ class Inspections:
 Inspected = tuple[Signature, OnnxInfo]
 
 
-def inspect_file(path: Path) -> Inspected:
+def inspect_file(path: Path, *, runtime_check: bool = True) -> Inspected:
     """The file's signature and facts, read from the model in Python, which is then let go before the checker reads
     the file itself: the file is held in memory once at a time, not twice over (the checker given a model would
-    take it serialized again)."""
+    take it serialized again). With `runtime_check`, ONNX Runtime must then build a session of it."""
     found, info = _read(path)
     try:
         onnx.checker.check_model(os.fspath(path))
     except (onnx.checker.ValidationError, ValueError, RuntimeError) as exc:
         raise InvalidOnnx(f"onnx.checker refused it: {_first_line(exc)}") from None
+    if runtime_check:
+        _check_runtime(path)
     return found, info
+
+
+# What ONNX Runtime raises for a model it cannot build a session of; none derives from RuntimeError.
+_RUNTIME_REFUSALS: tuple[type[BaseException], ...] = (
+    ort_state.Fail,
+    ort_state.InvalidArgument,
+    ort_state.InvalidGraph,
+    ort_state.InvalidProtobuf,
+    ort_state.NotImplemented,
+    ort_state.RuntimeException,
+)
+
+
+def _check_runtime(path: Path) -> None:
+    """Refuses a model ONNX Runtime cannot build a session of on the CPU, which the checker lets through: an
+    operator of a domain it has no kernels for (a custom-op library's), a type an operator has no kernel for, an
+    opset newer than this ONNX Runtime, a graph whose types do not agree. Every inference replica would fail to
+    load it. The session is built as plainly as it can be (no graph optimisation, one thread, no memory arena) and
+    let go at once; nothing is run."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.enable_cpu_mem_arena = False
+    options.log_severity_level = 4  # fatal only: the refusal's message says what went wrong
+    try:
+        ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
+    except _RUNTIME_REFUSALS as exc:
+        raise InvalidOnnx(
+            f"ONNX Runtime {ort.__version__} cannot load it: {_first_line(exc, describe_error(exc))} (a registry with "
+            "MODELFORGE_RUNTIME_CHECK=false accepts models meant for another runtime or custom operators)"
+        ) from None
 
 
 def _read(path: Path) -> Inspected:
@@ -232,6 +269,7 @@ def facts(model: onnx.ModelProto) -> OnnxInfo:
     )
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
+def _first_line(exc: BaseException, text: str | None = None) -> str:
+    """The first line of `text` (the exception's own message unless given), at most 300 characters."""
+    text = (str(exc) if text is None else text).strip() or type(exc).__name__
     return text.splitlines()[0][:300]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
@@ -106,13 +107,15 @@ class ModelRegistry:
         max_model_bytes: int,
         chunk_bytes: int,
         metrics: Metrics | None = None,
+        runtime_check: bool = True,
     ) -> None:
         self._store = store
         self._blobs = blobs
         self._events = events
         self._max_model_bytes = max_model_bytes
         # Files being validated at once: one of the largest size accepted, or several smaller ones.
-        self._inspections = onnxfile.Inspections(max_model_bytes)
+        inspect = functools.partial(onnxfile.inspect_file, runtime_check=runtime_check)
+        self._inspections = onnxfile.Inspections(max_model_bytes, inspect)
         self._chunk_bytes = chunk_bytes
         self._metrics = RegistryMetrics(
             metrics if metrics is not None else Metrics(process_collector=False), store.inventory

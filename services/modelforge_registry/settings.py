@@ -20,6 +20,10 @@ class RegistrySettings(ServerSettings):
     metrics_port: int = ports.REGISTRY_METRICS_PORT
     # Uploads are refused (RESOURCE_EXHAUSTED) as soon as the bytes received pass this.
     max_model_bytes: int = 2048 * MiB
+    # Uploads are refused (INVALID_ONNX) when ONNX Runtime cannot build a session of the model on the CPU, as every
+    # inference replica would then fail to load it; false accepts models meant for another runtime, or for custom
+    # operators or execution providers that this host's ONNX Runtime lacks.
+    runtime_check: bool = True
     # Where model files live, content-addressed; defaults to data_dir/blobs.
     blob_dir: Path | None = None
 

@@ -24,7 +24,6 @@ from modelforge_inference.errors import InvalidServingConfig
 from modelforge_inference.sessions import (
     INPUT_ERRORS,
     ModelSession,
-    describe_error,
     providers,
     run_options,
     session_options,
@@ -33,8 +32,9 @@ from modelforge_inference.sessions import (
 from modelforge_inference.settings import InferenceSettings
 from modelforge_server import serving_labels
 from modelforge_server.errors import FailedPrecondition
+from modelforge_server.runtime_errors import describe_error
 from modelforge_server.settings import SettingsError
-from tests.fixtures.onnx_models import build_add_one, build_counter, build_multi_io, write_model
+from tests.fixtures.onnx_models import build_add_one, build_counter, build_custom_op, build_multi_io, write_model
 
 SPINNING = ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning")
 CPU = "CPUExecutionProvider"
@@ -239,15 +239,8 @@ def test_available_providers_keep_their_configured_order_once_each_and_end_with_
 
 
 def test_a_load_error_is_described_without_boilerplate_or_the_file_path(tmp_path: Path) -> None:
-    graph = helper.make_graph(
-        [helper.make_node("FancyOp", ["x"], ["y"], domain="com.example.custom")],
-        "custom_op",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
-    )
-    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.example.custom", 1)]
     path = tmp_path / "secret-dir" / "model.onnx"
-    write_model(helper.make_model(graph, opset_imports=opsets, ir_version=8), path)
+    write_model(build_custom_op(), path)
 
     with pytest.raises(INPUT_ERRORS) as caught:
         ModelSession(path, SessionConfig())

@@ -8,19 +8,21 @@ import asyncio
 import base64
 import contextlib
 import logging
+from pathlib import Path
 
 import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
 from google.protobuf import field_mask_pb2
-from onnx import TensorProto, helper
 
 from modelforge.inference.v1 import inference_pb2 as pb
 from modelforge.oip.v2 import grpc_service_pb2 as oip_pb2
 from modelforge.registry.v1 import registry_pb2
+from modelforge_registry.settings import RegistrySettings
 from modelforge_server import paging
-from tests.fixtures.onnx_models import ModelFile, build_heavy, build_identity, model_bytes
+from tests.fixtures.onnx_models import ModelFile, build_custom_op, build_heavy, build_identity, model_bytes
+from tests.fixtures.servers import registry_settings_for
 from tests.integration.inference.conftest import (
     RunningInference,
     StartInference,
@@ -39,16 +41,14 @@ READY = pb.LOADED_MODEL_STATE_READY
 
 
 def custom_op_model() -> bytes:
-    """A model exported with an operator of a custom-op library this server does not load. onnx.checker (the
-    registry's validation) skips domains it does not know; ONNX Runtime refuses to build a session for it."""
-    graph = helper.make_graph(
-        [helper.make_node("FancyOp", ["x"], ["y"], name="fancy", domain="com.example.custom")],
-        "custom_op",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
-    )
-    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.example.custom", 1)]
-    return model_bytes(helper.make_model(graph, opset_imports=opsets, ir_version=8))
+    return model_bytes(build_custom_op())
+
+
+@pytest.fixture
+def registry_settings(clean_db: str, tmp_path: Path) -> RegistrySettings:
+    """These tests' registry takes models that ONNX Runtime cannot load (MODELFORGE_RUNTIME_CHECK=false), as one
+    meant for custom operators: what an inference replica does with such a version is under test here."""
+    return registry_settings_for(clean_db, tmp_path / "registry", runtime_check=False)
 
 
 def counted(running: RunningInference, name: str, **labels: str) -> float:
@@ -297,7 +297,7 @@ async def test_a_memory_budget_smaller_than_two_versions_evicts_the_least_recent
 async def test_a_version_onnx_runtime_cannot_build_fails_its_load_and_is_listed_as_failed(
     inference: RunningInference, add_one: ModelFile
 ) -> None:
-    version = await upload(inference, "custom-op", custom_op_model())  # the registry's validation accepts it
+    version = await upload(inference, "custom-op", custom_op_model())  # accepted: see registry_settings
     assert version.version == 1
 
     code, reason, details = await failure(inference.stub.LoadModel(pb.LoadModelRequest(ref=ref("custom-op"))))

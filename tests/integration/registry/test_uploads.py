@@ -17,7 +17,7 @@ import pytest
 from modelforge.common.v1 import tensor_pb2
 from modelforge.registry.v1 import registry_pb2 as pb
 from modelforge.registry.v1 import registry_pb2_grpc as pb_grpc
-from tests.fixtures.onnx_models import build_add_one, model_bytes
+from tests.fixtures.onnx_models import build_add_one, build_custom_op, model_bytes
 from tests.fixtures.polling import eventually
 from tests.fixtures.proxy import TcpProxy
 from tests.fixtures.servers import MiB, registry_settings_for, running_registry, upload_model, upload_requests
@@ -117,6 +117,24 @@ async def test_bad_files_are_refused_and_leave_nothing(registry, request, fixtur
     assert (code, got_reason) == (grpc.StatusCode.INVALID_ARGUMENT, reason)
     assert details
     await assert_nothing_stored(registry, "bad")
+
+
+async def test_a_model_onnx_runtime_cannot_load_is_refused_saying_so_and_leaves_nothing(registry) -> None:
+    custom = model_bytes(build_custom_op())  # onnx.checker lets an operator of an unknown domain through
+    code, reason, details = await failure(send(registry.stub, upload_requests("custom", custom)))
+    assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ONNX")
+    assert "cannot load it: Fatal error: com.example.custom:FancyOp(-1) is not a registered function/op" in details
+    assert "MODELFORGE_RUNTIME_CHECK=false" in details
+    assert str(registry.settings.data_dir) not in details  # ONNX Runtime's message names the file; ours does not
+    await assert_nothing_stored(registry, "custom")
+
+
+async def test_a_registry_without_the_runtime_check_takes_a_model_meant_for_custom_operators(
+    clean_db: str, tmp_path: Path
+) -> None:
+    async with running_registry(registry_settings_for(clean_db, tmp_path / "registry", runtime_check=False)) as running:
+        version = await upload_model(running.stub, "custom", model_bytes(build_custom_op()))
+    assert (version.version, version.signature.inputs[0].name) == (1, "x")
 
 
 async def test_external_data_escaping_the_directory_is_named_as_such(registry_stub, external_data_escape) -> None:
