@@ -60,7 +60,7 @@ from modelforge_inference.errors import (
     QueueFull,
 )
 from modelforge_inference.metrics import InferenceMetrics, Rejection, UnloadReason, VersionInstruments
-from modelforge_inference.registry_client import RegistryNotFound
+from modelforge_inference.registry_client import RegistryNotFound, RegistryUnavailable
 from modelforge_inference.sessions import (
     INPUT_ERRORS,
     ModelSession,
@@ -551,10 +551,19 @@ class InferenceEngine:
 
         A version ONNX Runtime refused to build fails at once with its reason for `load_retry_seconds`, so that
         traffic to a broken model does not occupy the loader; `retry` (LoadModel) tries again regardless.
+
+        A slot holds the file `model` was resolved to: one of the same number holding another file (the model was
+        deleted and created again) is retired, not served. Before a load the registry is asked whether the version
+        still exists with that file (:meth:`_confirm`), and a load that is unloaded while this request waits for it
+        (an UnloadModel, the version deleted) fails the request MODEL_UNLOADING rather than being made again.
         """
         key = model.key
+        confirmed = False
         while True:
             slot = self._slots.get(key)
+            if slot is not None and slot.model.sha256 != model.sha256:
+                self._begin_unload(slot, UnloadReason.RETIRED)  # another file under this number
+                slot = None
             if (
                 slot is not None
                 and slot.state is ModelState.FAILED
@@ -572,6 +581,10 @@ class InferenceEngine:
                 self._begin_unload(slot, UnloadReason.RECONFIGURED)  # its labels changed: serve it anew
                 slot = None
             if slot is None or slot.state is ModelState.FAILED:
+                if not confirmed:
+                    await self._confirm(model, deadline)
+                    confirmed = True
+                    continue  # the table may have changed meanwhile
                 slot = _Slot(model, config)
                 self._slots[key] = slot
                 slot.loading = self._spawn(self._load(slot))
@@ -583,6 +596,22 @@ class InferenceEngine:
                 return slot
             assert slot.loading is not None
             await self._until(asyncio.shield(slot.loading), deadline, lambda: LoadTimeout(model.name, model.version))
+            if slot.drained is not None:  # unloaded while it loaded: the unload (or the registry's event) stands
+                raise ModelUnloading(model.name, model.version)
+
+    async def _confirm(self, model: ResolvedModel, deadline: float | None) -> None:
+        """Before `model` is loaded: the registry still has the version, with the same file. A request resolved
+        before an event retired it (the version or its model deleted, or created again with another file under the
+        number) would otherwise load it from the local file cache, to serve what the registry no longer has. The
+        resolution is cached until such an event, so this asks the registry only after one (or for a version first
+        named by alias). While the registry cannot be reached, the resolution the request has stands: versions
+        resolved before keep being served."""
+        try:
+            current = await self._resolve(ModelRef(model.name, version=model.version), deadline)
+        except RegistryUnavailable:
+            return
+        if current.sha256 != model.sha256:
+            raise ModelUnloading(model.name, model.version)  # a retry resolves the ref to what the registry has
 
     def _unservable(self, model: ResolvedModel, config: ServingConfig, reason: str) -> ModelLoadFailed:
         """The refusal of a version that no load could serve, found from its signature before any load; it is
@@ -757,6 +786,8 @@ class InferenceEngine:
                 continue
             elif result.archived:
                 why = "archived in the registry"
+            elif result.sha256 != slot.model.sha256:
+                why = "replaced in the registry by another file under its number"
             else:
                 continue
             if self._slots.get(key) is slot:

@@ -21,7 +21,14 @@ from modelforge.oip.v2 import grpc_service_pb2 as oip_pb2
 from modelforge.registry.v1 import registry_pb2
 from modelforge_registry.settings import RegistrySettings
 from modelforge_server import paging
-from tests.fixtures.onnx_models import ModelFile, build_custom_op, build_heavy, build_identity, model_bytes
+from tests.fixtures.onnx_models import (
+    ModelFile,
+    build_custom_op,
+    build_heavy,
+    build_identity,
+    build_slow_load,
+    model_bytes,
+)
 from tests.fixtures.servers import registry_settings_for
 from tests.integration.inference.conftest import (
     RunningInference,
@@ -38,6 +45,9 @@ BLOCKER = {"x": np.ones((4096, 512), dtype=np.float32)}
 # Four times SLOW's work per request: a request in flight that outlasts a few management calls by seconds.
 SLOWER = model_bytes(build_heavy(depth=128))
 READY = pb.LOADED_MODEL_STATE_READY
+LOADING = pb.LOADED_MODEL_STATE_LOADING
+SLOW_LOAD = model_bytes(build_slow_load())  # its load takes most of a second: the tests act while it is LOADING
+SLOW_LOAD_INPUT = {"x": np.ones((512, 512), dtype=np.float32)}
 
 
 def custom_op_model() -> bytes:
@@ -471,3 +481,45 @@ async def test_changed_session_labels_reload_the_version_with_the_new_options(
     assert len(warned) == 1 and warned[0].startswith(f"execution provider {missing} is not available")
     await inference.stub.Predict(predict_request("tuned", x))  # later requests keep the new session
     assert counted(inference, loads, model="tuned", version="1", result="ok") == 2
+
+
+async def until_loading(running: RunningInference, model: str) -> None:
+    await wait_loaded(running, [(model, 1, LOADING)])
+
+
+async def test_a_version_deleted_while_its_first_request_loads_it_is_not_loaded_again(
+    inference: RunningInference,
+) -> None:
+    await upload(inference, "gone", SLOW_LOAD)
+    first = asyncio.ensure_future(inference.stub.Predict(predict_request("gone", SLOW_LOAD_INPUT)))
+    await until_loading(inference, "gone")
+    await inference.registry_stub.DeleteModel(registry_pb2.DeleteModelRequest(name="gone", force=True))
+
+    # The delete stands: the request waiting for the load is told to retry, and the retry finds nothing.
+    assert (await failure(first))[:2] == (grpc.StatusCode.FAILED_PRECONDITION, "MODEL_UNLOADING")
+    await wait_loaded(inference, [])
+    retried = await failure(inference.stub.Predict(predict_request("gone", SLOW_LOAD_INPUT)))
+    assert retried[:2] == (grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND")
+    assert await loaded(inference) == []
+
+
+@pytest.mark.parametrize("unload", ["native", "v2"])
+@pytest.mark.parametrize("first", ["Predict", "LoadModel"])
+async def test_an_unload_while_a_version_loads_stands_and_the_request_waiting_for_the_load_is_told_to_retry(
+    inference: RunningInference, first: str, unload: str
+) -> None:
+    await upload(inference, "s", SLOW_LOAD)
+    if first == "Predict":  # the call whose load it is: waiting for it once the version is listed LOADING
+        waiting = asyncio.ensure_future(inference.stub.Predict(predict_request("s", SLOW_LOAD_INPUT)))
+    else:
+        waiting = asyncio.ensure_future(inference.stub.LoadModel(pb.LoadModelRequest(ref=ref("s"))))
+    await until_loading(inference, "s")
+    if unload == "native":
+        await inference.stub.UnloadModel(pb.UnloadModelRequest(ref=ref("s")))  # answers once the load is let go
+    else:
+        await inference.oip.RepositoryModelUnload(oip_pb2.RepositoryModelUnloadRequest(model_name="s"))
+    assert (await failure(waiting))[:2] == (grpc.StatusCode.FAILED_PRECONDITION, "MODEL_UNLOADING")
+    await wait_loaded(inference, [])  # not READY again behind the unload's back
+    response = await inference.stub.Predict(predict_request("s", SLOW_LOAD_INPUT))  # a new request loads it anew
+    assert response.version == 1
+    assert await loaded(inference) == [("s", 1, READY)]

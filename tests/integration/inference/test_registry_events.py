@@ -9,17 +9,19 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 
 from modelforge.inference.v1 import inference_pb2 as pb
 from modelforge.registry.v1 import registry_pb2
 from modelforge_registry.settings import RegistrySettings
-from tests.fixtures.onnx_models import ModelFile
+from tests.fixtures.onnx_models import ModelFile, build_identity, model_bytes
 from tests.fixtures.servers import RunningRegistry, registry_settings_for, running_registry
 from tests.integration.inference.conftest import (
     RunningInference,
     error_reason,
     inference_settings_for,
+    outputs,
     predict_request,
     ref,
     running_inference,
@@ -113,6 +115,35 @@ async def other(shared_settings: RegistrySettings) -> AsyncIterator[RunningRegis
     """A second replica on the same database and blob store, for the changes made while the first is down."""
     async with running_registry(shared_settings) as replica:
         yield replica
+
+
+async def test_a_model_created_again_while_the_watch_was_down_is_served_from_its_new_file_once_it_is_back(
+    watched: Registry, other: RunningRegistry, redis_url: str, tmp_path: Path, add_one: ModelFile
+):
+    settings = inference_settings_for(watched.address, tmp_path / "inference", redis_url)
+    x = add_one.sample()
+    async with AsyncExitStack() as stack:
+        running = await stack.enter_async_context(running_inference(settings, other))
+        await upload(other, "m", add_one)
+        await running.stub.LoadModel(pb.LoadModelRequest(ref=ref("m", version=1)))
+
+        await watched.stop()
+        await other.stub.DeleteModel(registry_pb2.DeleteModelRequest(name="m", force=True))
+        identity = await upload(other, "m", model_bytes(build_identity()))  # version 1 again, another file
+        await watched.start()
+
+        async with asyncio.timeout(30):  # the old file's session is let go; version 1 is served from the new one
+            while True:
+                response = await running.stub.Predict(predict_request(ref("m", version=1), x))
+                if response.sha256 == identity.sha256:
+                    break
+                await asyncio.sleep(0.02)
+        assert response.version == 1
+        np.testing.assert_array_equal(outputs(response)["y"], x["x"])
+        assert [
+            (m.version, m.sha256)
+            for m in (await running.stub.ListLoadedModels(pb.ListLoadedModelsRequest())).loaded_models
+        ] == [(1, identity.sha256)]
 
 
 async def test_versions_retired_while_the_watch_was_down_are_unloaded_once_it_is_back(
