@@ -334,8 +334,15 @@ class Batcher:
             into=into,
         )
         pending.future.add_done_callback(functools.partial(self._abandon, pending))
+        future = pending.future
         self._enqueue(pending)
-        return await pending.future
+        del pending
+        try:
+            return await future
+        finally:
+            # On failure the exception's traceback holds this frame, and the future holds the exception: a frame
+            # left holding the future (or the request) would make a cycle, keeping the inputs until the collector.
+            del future
 
     async def _share_run(self, running: _Pending, level: int, expires_at: float | None) -> BatchResult:
         sharer = _Pending(
@@ -352,7 +359,12 @@ class Batcher:
         )
         self._add_sharer(running, sharer)
         sharer.future.add_done_callback(functools.partial(self._abandon, sharer))
-        return await sharer.future
+        future = sharer.future
+        del sharer, running
+        try:
+            return await future
+        finally:
+            del future  # as in submit
 
     # -- queue bookkeeping -----------------------------------------------------------------------------------
 
@@ -377,6 +389,7 @@ class Batcher:
             self._queues.levels[pending.level].remove(pending)
             self._queues.size -= 1
             self._dequeued(pending)
+            self._arrived.set()  # it may have been the head whose delay the scheduler waits out
 
     def _dequeued(self, pending: _Pending) -> None:
         pending.queued = False
@@ -413,27 +426,30 @@ class Batcher:
     def _head(self) -> _Pending:
         return next(level[0] for level in self._queues.levels if level)
 
-    def _collect(self, head: _Pending) -> tuple[list[_Pending], int]:
-        """The head and the compatible requests after it, by priority then age, within max_batch_size rows."""
+    def _collect(self, head: _Pending) -> tuple[list[_Pending], int, int]:
+        """The head and the requests after it, by priority then age, up to the first one that cannot join it (other
+        trailing dimensions, no batch dimension, or more rows than max_batch_size leaves): no request runs before
+        one queued ahead of it. Also returns how many of them make the largest preferred batch size (0: none)."""
         limit = self.config.max_batch_size
         batch, rows = [head], counted_rows(head.rows)
+        preferred = 1 if rows in self._preferred else 0
         if head.rows is None or rows >= limit:
-            return batch, rows
+            return batch, rows, preferred
         shares = {head.share}  # an identical request is answered by the run, not run again
         for level in self._queues.levels:
             for pending in level:
-                if pending is head or pending.rows is None or pending.key != head.key:
+                if pending is head or (pending.share is not None and pending.share in shares):
                     continue
-                if pending.share is not None:
-                    if pending.share in shares:
-                        continue
-                    shares.add(pending.share)
-                if rows + pending.rows <= limit:
-                    batch.append(pending)
-                    rows += pending.rows
-                    if rows == limit:
-                        return batch, rows
-        return batch, rows
+                if pending.rows is None or pending.key != head.key or rows + pending.rows > limit:
+                    return batch, rows, preferred
+                shares.add(pending.share)
+                batch.append(pending)
+                rows += pending.rows
+                if rows in self._preferred:
+                    preferred = len(batch)
+                if rows == limit:
+                    return batch, rows, preferred
+        return batch, rows, preferred
 
     # -- scheduling ------------------------------------------------------------------------------------------
 
@@ -474,9 +490,13 @@ class Batcher:
             if not self._merging or head.rows is None:
                 self._take([head])
                 return [head]
-            batch, rows = self._collect(head)
+            batch, rows, preferred = self._collect(head)
             remaining = head.enqueued + self._delay - time.perf_counter()
-            if rows >= self.config.max_batch_size or rows in self._preferred or remaining <= 0:
+            if rows >= self.config.max_batch_size or remaining <= 0:
+                self._take(batch)
+                return batch
+            if preferred:  # the largest preferred batch that the queue makes now leaves now, the rest after it
+                batch = batch[:preferred]
                 self._take(batch)
                 return batch
             self._arrived.clear()

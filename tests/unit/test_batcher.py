@@ -229,6 +229,55 @@ async def test_preferred_size_leaves_without_waiting_for_the_delay(pool):
     await batcher.aclose()
 
 
+async def test_the_largest_preferred_batch_the_queue_makes_leaves_at_once_then_the_next(pool):
+    # Preferred sizes 1 and 4: the busy request (one row) leaves at once; five queued rows make a batch of four.
+    recorder, batcher, first = await busy(
+        pool, max_batch_size=8, max_queue_delay_us=60_000_000, preferred_batch_sizes=(1, 4)
+    )
+    queued = [asyncio.ensure_future(batcher.submit(feeds(v))) for v in (1, 2, 3, 4, 5)]
+    await asyncio.sleep(0)
+
+    recorder.gate.set()
+    async with asyncio.timeout(10):  # far less than the 60 s delay
+        await asyncio.gather(first, *queued)
+
+    assert recorder.batches == [[0.0], [1.0, 2.0, 3.0, 4.0], [5.0]]
+    await batcher.aclose()
+
+
+@pytest.mark.parametrize(
+    ("order", "expected"),
+    [
+        # (value, priority, width): a request that cannot join the batch closes it, whatever comes after it
+        ([(1, 1, 2), (2, 2, 2), (3, 1, 3)], [[1.0], [3.0], [2.0]]),  # no level-2 request before a level-1 one
+        ([(1, 1, 2), (2, 1, 3), (3, 1, 2)], [[1.0], [2.0], [3.0]]),  # first in, first out within a level
+        ([(1, 1, 2), (2, 1, 2), (3, 1, 2)], [[1.0, 2.0, 3.0]]),
+    ],
+)
+async def test_a_batch_ends_at_the_first_queued_request_that_cannot_join_it(pool, order, expected):
+    recorder, batcher, first = await busy(pool, max_batch_size=8, priority_levels=2)
+    tasks = [asyncio.ensure_future(batcher.submit(feeds(v, width=w), priority=p)) for v, p, w in order]
+    await asyncio.sleep(0)
+
+    recorder.gate.set()
+    await asyncio.gather(first, *tasks)
+
+    assert recorder.batches == [[0.0], *expected]
+    await batcher.aclose()
+
+
+async def test_a_request_that_would_overflow_the_batch_closes_it(pool):
+    recorder, batcher, first = await busy(pool, max_batch_size=8)
+    tasks = [asyncio.ensure_future(batcher.submit(feeds(v, rows=r))) for v, r in ((1, 4), (2, 8), (3, 4))]
+    await asyncio.sleep(0)
+
+    recorder.gate.set()
+    await asyncio.gather(first, *tasks)
+
+    assert recorder.batches == [[0.0], [1.0], [2.0], [3.0]]  # 3 does not ride ahead of 2 in 1's batch
+    await batcher.aclose()
+
+
 async def test_without_batching_every_request_runs_alone(pool):
     recorder = Recorder()
     recorder.gate.set()
@@ -783,3 +832,37 @@ async def test_a_run_on_the_loop_that_outlasts_its_limit_is_stopped_and_runs_aga
             assert calls[-1] == (False, False)  # the version's runs stay on the threads
         finally:
             await batcher.aclose()
+
+
+@pytest.mark.parametrize("ending", ["deadline", "cancel", "close"])
+async def test_a_failed_request_leaves_its_inputs_to_no_cycle(pool, ending: str):
+    # A request that fails in the queue (its deadline, its caller leaving, the version unloaded) raises through
+    # frames that its exception's traceback keeps: none of them may hold the request, or its inputs stay until the
+    # cycle collector runs, which under overload, where timeouts are many, is a lot of memory.
+    recorder, batcher, first = await busy(pool)
+    gc.disable()
+    try:
+        inputs = feeds(1, rows=1024, width=1024)
+        held = weakref.ref(inputs["x"])
+        expires = asyncio.get_running_loop().time() + 0.01 if ending == "deadline" else None
+        request = asyncio.ensure_future(batcher.submit(inputs, expires_at=expires))
+        del inputs
+        await asyncio.sleep(0)
+        if ending == "cancel":
+            request.cancel()
+        elif ending == "close":
+            closing = asyncio.ensure_future(batcher.aclose())
+            await asyncio.sleep(0)
+            recorder.gate.set()
+            await closing
+        with pytest.raises((QueueTimeout, asyncio.CancelledError, ModelUnloading)):
+            await request
+        del request
+        for _ in range(3):  # done callbacks run on the next turns of the loop
+            await asyncio.sleep(0)
+        assert held() is None
+    finally:
+        gc.enable()
+        recorder.gate.set()
+        await first
+        await batcher.aclose()
