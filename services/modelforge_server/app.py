@@ -388,12 +388,15 @@ async def serve(server: Server, settings: ServerSettings, *, telemetry: _telemet
         _refuse_if_taken(settings.host, settings.port, "gRPC", GRPC_PORT_REMEDY, shared=settings.share_port)
         raise
     if settings.private_address is not None:
-        if ports.listened(settings.private_address):
-            raise ports.AddressInUse(settings.private_address)
+        ports.check_private(settings.private_address)
         try:
             server.add_port(settings.private_address)
         except OSError:
-            raise ports.AddressInUse(settings.private_address) from None
+            ports.check_private(settings.private_address)  # taken meanwhile: says so
+            raise SettingsError(
+                f"MODELFORGE_PRIVATE_ADDRESS={settings.private_address!r}: gRPC cannot listen there (its log above "
+                "says why)"
+            ) from None
     endpoint = _serve_metrics(server, settings, telemetry) if telemetry is not None else None
     try:
         await server.start()
@@ -432,8 +435,8 @@ def check_ports(settings: ServerSettings, telemetry: _telemetry.Telemetry | None
     for port, use, remedy, shared in wanted:
         if port:  # 0: the system picks a free port, or metrics are off
             _refuse_if_taken(settings.host, port, use, remedy, shared=shared)
-    if settings.private_address is not None and ports.listened(settings.private_address):
-        raise ports.AddressInUse(settings.private_address)
+    if settings.private_address is not None:
+        ports.check_private(settings.private_address)
 
 
 def _refuse_if_taken(host: str, port: int, use: str, remedy: str, *, shared: bool = False) -> None:

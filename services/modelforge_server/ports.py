@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import socket
+from pathlib import Path
 
 from modelforge_server.settings import SettingsError
 
@@ -24,6 +25,7 @@ __all__ = [
     "REGISTRY_METRICS_PORT",
     "REGISTRY_PORT",
     "WORKER_METRICS_PORT",
+    "check_private",
     "free",
     "listened",
 ]
@@ -93,6 +95,26 @@ def free(host: str, port: int, *, shared: bool = False) -> bool:
                     raise NotAnAddressHere("it is no address of this machine") from None
                 raise
     return True
+
+
+def check_private(address: str) -> None:
+    """Refuses a private address (``unix:PATH`` or ``unix-abstract:NAME``) that another process listens on, or a
+    PATH whose directory is missing or that names something other than a socket (gRPC would fail to bind it).
+
+    Raises:
+        AddressInUse: a process listens there.
+        SettingsError: the path cannot be a socket of this process.
+    """
+    if listened(address):
+        raise AddressInUse(address)
+    scheme, _, name = address.partition(":")
+    if scheme != "unix":
+        return
+    path = Path(name)
+    if not path.parent.is_dir():
+        raise SettingsError(f"MODELFORGE_PRIVATE_ADDRESS={address!r}: its directory {path.parent} does not exist")
+    if path.exists() and not path.is_socket():
+        raise SettingsError(f"MODELFORGE_PRIVATE_ADDRESS={address!r}: {path} is there and is not a socket")
 
 
 def listened(address: str) -> bool:

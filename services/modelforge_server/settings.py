@@ -112,7 +112,11 @@ class ServerSettings:
         for name, check, takes in (
             ("database_url", _database_url, "a PostgreSQL URL (postgresql://user:password@host:5432/dbname)"),
             ("redis_url", _redis_url, "a Redis URL (redis://host:6379/0, rediss://... or unix:///path/to.sock)"),
-            ("private_address", _private_address, "a Unix socket address: unix:/path/to.sock or unix-abstract:name"),
+            (
+                "private_address",
+                _private_address,
+                "a Unix socket address of at most 107 bytes after its scheme: unix:/path/to.sock or unix-abstract:name",
+            ),
         ):
             value = getattr(self, name)
             if value is not None and not check(value):
@@ -141,9 +145,10 @@ def _database_url(url: str) -> bool:
 
 
 def _private_address(address: str) -> bool:
-    """Whether gRPC would listen on `address` as a Unix socket: a named path, or a name in the abstract namespace."""
+    """Whether gRPC would listen on `address` as a Unix socket: a named path, or a name in the abstract namespace,
+    of at most 107 bytes (what a socket address holds beside its terminating or leading NUL)."""
     scheme, _, name = address.partition(":")
-    return scheme in ("unix", "unix-abstract") and bool(name) and "\0" not in name
+    return scheme in ("unix", "unix-abstract") and 0 < len(name.encode()) <= 107 and "\0" not in name
 
 
 def _redis_url(url: str) -> bool:

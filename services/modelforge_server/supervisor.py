@@ -194,6 +194,9 @@ def select(options: UpOptions, programs: Sequence[Program] = PROGRAMS) -> list[P
             raise SupervisorError(f"{program.name} is not installed here: `python -m {program.module}` has no main()")
     if not chosen:
         raise SupervisorError("no ModelForge service is installed; install with `pip install 'modelforge[server]'`")
+    for name, count in options.replicas.items():
+        if count > 1 and name not in {p.name for p in chosen}:
+            raise SupervisorError(f"{count} replicas of {name} were asked for, but {name} does not run here (--only)")
     return chosen
 
 
@@ -241,7 +244,13 @@ def _replica_environ(env: dict[str, str], program: Program, index: int) -> None:
     env["MODELFORGE_SHARE_PORT"] = "true"
     env["MODELFORGE_PRIVATE_ADDRESS"] = f"unix-abstract:modelforge-{os.getpid()}-{program.name}-{index + 1}"
     first = metrics_port(program, env)
-    env["MODELFORGE_METRICS_PORT"] = str(first + REPLICA_METRICS_STEP * index if first else 0)
+    port = first + REPLICA_METRICS_STEP * index if first else 0
+    if not PORT.admits(port):
+        raise SettingsError(
+            f"{program.name} replica {index + 1} would serve /metrics on port {port}, {REPLICA_METRICS_STEP * index} "
+            f"above the first replica's {first}, past 65535; choose a lower MODELFORGE_METRICS_PORT"
+        )
+    env["MODELFORGE_METRICS_PORT"] = str(port)
     data_dir = Path(env.get("MODELFORGE_DATA_DIR") or ".modelforge")
     for key, default in program.own_dirs:
         directory = env.get(key) or str(data_dir / default)
@@ -358,6 +367,7 @@ class Supervisor:
     def __init__(self, options: UpOptions, environ: dict[str, str], out: TextIO) -> None:
         self._options = options
         self._env = dict(environ)
+        self._env.pop("MODELFORGE_PRIVATE_ADDRESS", None)  # one process's alone: no child is given it from here
         self._settings = from_env(ServerSettings, self._env)
         self._out = out
         self._stop = asyncio.Event()
@@ -400,6 +410,7 @@ class Supervisor:
                     f"--{name}-port"
                 )
             self._env[f"MODELFORGE_{name.upper()}_ADDRESS"] = f"{_dial_host(host)}:{port}"
+        planned = {port: f"{name} gRPC" for name, port in grpc_ports.items() if port}
         metrics: list[tuple[int, str, str]] = []
         for program in programs:  # before anything starts: a malformed variable stops `up` in one line
             count = self._count(program)
@@ -409,6 +420,11 @@ class Supervisor:
                 label = program.name if count == 1 else f"{program.name} {index + 1}"
                 metrics.append((metrics_port(program, env), f"{label} metrics", _metrics_remedy(program)))
         for port, use, remedy in metrics:  # as the gRPC ports: a child would fail to bind it once the stores run
+            if port and port in planned:  # two of the suite's own listeners on one port: the second would fail
+                raise SupervisorError(
+                    f"port {port} would serve both {planned[port]} and {use}; choose other ports with {remedy}"
+                )
+            planned[port] = use
             if port and not _port_free(host, port):
                 raise SupervisorError(
                     f"port {port} ({use}) is in use by another process; stop it, or choose another port with {remedy}"

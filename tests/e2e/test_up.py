@@ -333,6 +333,40 @@ def test_a_metrics_port_in_use_stops_up_before_anything_starts(
     assert result.stdout == ""  # no store or service was started
 
 
+@pytest.mark.parametrize(
+    ("argv", "clash"),
+    [
+        # Replica 2 serves /metrics 10 above the first (base + 11), where the ninth worker's count up reaches.
+        (("--inference-replicas", "2", "--workers", "9"), (11, "inference 2 metrics and jobs-worker 9 metrics")),
+        # The inference gRPC port set to where replica 2's metrics would go.
+        (("--inference-replicas", "2", "--inference-port", "+11"), (11, "inference gRPC and inference 2 metrics")),
+    ],
+)
+def test_two_of_the_suites_own_listeners_on_one_port_stop_up_before_anything_starts(
+    env: Env, argv: tuple[str, ...], clash: tuple[int, str]
+) -> None:
+    base = _free_ports(1)[0] - 11  # nothing binds these ports: `up` refuses the plan first (base + 11 is free)
+    registry_port, inference_port, jobs_port = env.ports
+    argv = tuple(str(base + int(a[1:])) if a.startswith("+") else a for a in argv)
+    ports = {"--registry-port": registry_port, "--inference-port": inference_port, "--jobs-port": jobs_port}
+    given = {flag: port for flag, port in ports.items() if flag not in argv}
+    result = run_up(
+        env, *(str(x) for pair in given.items() for x in pair), *argv,
+        environ={"MODELFORGE_METRICS_PORT": str(base), "MODELFORGE_WORKER_METRICS_PORT": ""},
+    )  # fmt: skip
+    offset, uses = clash
+    assert result.returncode == 1, result.stdout + result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"modelforge up: port {base + offset} would serve both {uses}; choose other ports with ")
+    assert result.stdout == ""  # no store or service was started
+
+
+def test_replicas_of_a_service_that_does_not_run_are_refused(env: Env) -> None:
+    result = up_registry(env, env.ports[0], "--inference-replicas", "3")
+    assert result.returncode == 1
+    assert "3 replicas of inference were asked for, but inference does not run here (--only)" in result.stderr
+
+
 def test_a_second_up_on_the_same_data_dir_is_refused_before_anything_starts(env: Env) -> None:
     with up(env) as suite:
         ports = _free_ports(3)

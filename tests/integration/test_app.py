@@ -21,7 +21,7 @@ from modelforge_server import app
 from modelforge_server.errors import DeadlineExceeded
 from modelforge_server.metrics import Metrics
 from modelforge_server.ports import AddressInUse, PortInUse
-from modelforge_server.settings import ServerSettings
+from modelforge_server.settings import ServerSettings, SettingsError
 from modelforge_server.telemetry import Telemetry
 from tests.integration.registry.calls import reason_of
 
@@ -464,3 +464,15 @@ async def test_a_replica_answers_alone_on_its_private_address_and_no_other_proce
         await asyncio.gather(serving, return_exceptions=True)
         await first.stop(None)
         await second.stop(None)
+
+
+@pytest.mark.parametrize("where", ["no directory", "a file"])
+def test_a_private_path_that_cannot_be_a_socket_is_refused_before_anything_starts(tmp_path: Path, where: str) -> None:
+    path = tmp_path / "missing" / "replica.sock" if where == "no directory" else tmp_path / "notes.txt"
+    if where == "a file":
+        path.write_text("not a socket")
+    with pytest.raises(SettingsError) as caught:
+        app.check_ports(ServerSettings(private_address=f"unix:{path}"))
+    assert str(caught.value).startswith(f"MODELFORGE_PRIVATE_ADDRESS='unix:{path}': ")
+    assert not isinstance(caught.value, AddressInUse)
+    assert path.read_text() == "not a socket" if where == "a file" else not path.parent.exists()

@@ -107,6 +107,23 @@ async def test_a_client_with_several_connections_spreads_its_calls_over_replicas
         assert sum(await _requests_per_replica(private, "spread")) == sum(after) + 8
 
 
+async def test_a_listing_over_several_connections_takes_all_its_pages_from_one_replica(
+    start_inference: StartInference, add_one: ModelFile
+) -> None:
+    private = [f"unix-abstract:modelforge-test-{os.getpid()}-sdk-listing-{n}" for n in (1, 2)]
+    async with (
+        start_inference(share_port=True, private_address=private[0]) as first,
+        start_inference(first.port, share_port=True, private_address=private[1]),
+    ):
+        async with AsyncInferenceClient(private[0]) as replica:  # three versions on one replica, none on the other
+            for name in ("ma", "mb", "mc"):
+                await _push(first, add_one, name)
+                await replica.load(name)
+        async with AsyncInferenceClient(f"127.0.0.1:{first.port}", connections=16) as several:
+            listings = [[m.model async for m in several.list_loaded(page_size=1)] for _ in range(12)]
+        assert {tuple(listing) for listing in listings} <= {("ma", "mb", "mc"), ()}, listings
+
+
 async def test_a_model_with_no_inputs_is_predicted_with_none(client: AsyncInferenceClient, inference: RunningInference):
     async with AsyncRegistryClient(inference.registry.address) as registry:
         await registry.push(model_bytes(build_constant()), name="constant")

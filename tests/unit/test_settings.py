@@ -197,13 +197,25 @@ def test_urls_that_libpq_and_redis_read_pass() -> None:
     assert from_env(ServerSettings, {"MODELFORGE_DATABASE_URL": "host=a,b port=5432,5433 dbname=x"}).database_url
 
 
-@pytest.mark.parametrize("value", ["127.0.0.1:50052", "unix:", "unix-abstract:", "tcp:/tmp/x.sock"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "127.0.0.1:50052",
+        "unix:",
+        "unix-abstract:",
+        "tcp:/tmp/x.sock",
+        "unix:/" + "a" * 107,
+        "unix-abstract:" + "é" * 54,
+    ],
+)
 def test_a_private_address_that_is_no_unix_socket_is_refused(value: str) -> None:
     with pytest.raises(SettingsError, match="MODELFORGE_PRIVATE_ADDRESS is invalid: it takes a Unix socket address"):
         from_env(ServerSettings, {"MODELFORGE_PRIVATE_ADDRESS": value})
 
 
-@pytest.mark.parametrize("value", ["unix:/run/modelforge/inference-2.sock", "unix-abstract:modelforge-1-inference-2"])
+@pytest.mark.parametrize(
+    "value", ["unix:/run/modelforge/inference-2.sock", "unix-abstract:modelforge-1-inference-2", "unix:/" + "a" * 106]
+)
 def test_a_unix_socket_is_a_private_address(value: str) -> None:
     assert from_env(ServerSettings, {"MODELFORGE_PRIVATE_ADDRESS": value}).private_address == value
 

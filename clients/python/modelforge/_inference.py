@@ -262,14 +262,16 @@ class InferenceClient(ChannelClient):
         return [_convert.loaded_model(m) for m in response.unloaded_models]
 
     def list_loaded(self, *, model: str = "", page_size: int = 100) -> Iterator[LoadedModel]:
-        """Iterates over the model versions the server holds, by name and version, fetching pages lazily."""
+        """Iterates over the model versions the server holds, by name and version, fetching pages lazily (every page
+        over one connection: with several, each may reach another replica)."""
+        stub = next(self._turns)
         token = ""
         while True:
             request = pb.ListLoadedModelsRequest(
                 page_size=_convert.whole_number(page_size, "page_size"), page_token=token, model=model
             )
             with translated():
-                page = next(self._turns).ListLoadedModels(request, timeout=self._timeout)
+                page = stub.ListLoadedModels(request, timeout=self._timeout)
             yield from (_convert.loaded_model(m) for m in page.loaded_models)
             if not (token := page.next_page_token):
                 return
@@ -405,13 +407,14 @@ class AsyncInferenceClient(AsyncChannelClient):
 
     async def list_loaded(self, *, model: str = "", page_size: int = 100) -> AsyncIterator[LoadedModel]:
         """See :meth:`InferenceClient.list_loaded`; iterate with ``async for``."""
+        stub = next(self._turns)
         token = ""
         while True:
             request = pb.ListLoadedModelsRequest(
                 page_size=_convert.whole_number(page_size, "page_size"), page_token=token, model=model
             )
             with translated():
-                page = await next(self._turns).ListLoadedModels(request, timeout=self._timeout)
+                page = await stub.ListLoadedModels(request, timeout=self._timeout)
             for m in page.loaded_models:
                 yield _convert.loaded_model(m)
             if not (token := page.next_page_token):
