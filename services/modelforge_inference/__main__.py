@@ -24,6 +24,7 @@ from modelforge_inference.servicer import SERVICE, InferenceServicer, add_infere
 from modelforge_inference.settings import InferenceSettings
 from modelforge_inference.shm import SharedMemoryRegions
 from modelforge_server import app, embedded, logs, ports, telemetry
+from modelforge_server.channels import service_channel
 from modelforge_server.metrics import Metrics
 from modelforge_server.probes import ServingProbe
 from modelforge_server.settings import MiB, command_line, from_env, reported
@@ -48,23 +49,10 @@ def max_receive_bytes(settings: InferenceSettings) -> int:
 
 
 def registry_channel(settings: InferenceSettings, *, keepalive_seconds: float = 10.0) -> grpc.aio.Channel:
-    """The channel to the registry: keepalive so a broken event stream is noticed (a ping every `keepalive_seconds`
-    of quiet, given up on after half as long again; the registry takes them, see app.keepalive), short reconnect
-    backoff."""
-    answer = round(keepalive_seconds / 2 * 1000)
-    return grpc.aio.insecure_channel(
-        settings.registry_address,
-        options=[
-            ("grpc.keepalive_time_ms", round(keepalive_seconds * 1000)),
-            ("grpc.keepalive_timeout_ms", answer),
-            ("grpc.http2.ping_timeout_ms", answer),  # what gRPC waits for the answer by (a minute otherwise)
-            ("grpc.http2.max_pings_without_data", 0),  # on a quiet event stream too, not only its first two
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.initial_reconnect_backoff_ms", 100),
-            ("grpc.max_reconnect_backoff_ms", 2_000),
-            ("grpc.max_receive_message_length", settings.max_message_bytes),
-            app.LARGE_FRAMES,
-        ],
+    """The channel to the registry, whose event stream is quiet for long stretches: keepalive notices one that broke
+    (``channels.service_channel``)."""
+    return service_channel(
+        settings.registry_address, max_message_bytes=settings.max_message_bytes, keepalive_seconds=keepalive_seconds
     )
 
 

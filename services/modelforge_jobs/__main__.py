@@ -12,7 +12,6 @@ import logging
 from contextlib import AsyncExitStack
 from dataclasses import replace
 
-import grpc
 import redis.asyncio
 
 from modelforge.jobs.v1 import jobs_pb2, jobs_pb2_grpc
@@ -32,6 +31,7 @@ from modelforge_jobs.servicer import JobServicer
 from modelforge_jobs.settings import API_METRICS_PORT, JobsSettings
 from modelforge_jobs.store import JobStore
 from modelforge_server import app, db, embedded, logs, telemetry
+from modelforge_server.channels import service_channel
 from modelforge_server.metrics import Metrics
 from modelforge_server.settings import command_line, from_env, reported
 
@@ -59,9 +59,9 @@ async def build(settings: JobsSettings, stack: AsyncExitStack) -> app.Server:
     broker = make_broker(settings)
     stack.callback(broker.close)
     queue = JobQueue(declare_actors(broker, settings))
-    registry_channel = grpc.aio.insecure_channel(settings.registry_address)
+    registry_channel = service_channel(settings.registry_address, max_message_bytes=settings.max_message_bytes)
     stack.push_async_callback(registry_channel.close)
-    inference_channel = grpc.aio.insecure_channel(settings.inference_address)
+    inference_channel = service_channel(settings.inference_address, max_message_bytes=settings.max_message_bytes)
     stack.push_async_callback(inference_channel.close)
     redis_client = redis.asyncio.Redis.from_url(settings.redis_url)
     stack.push_async_callback(redis_client.aclose)

@@ -21,7 +21,6 @@ from typing import Any, TypeVar
 from uuid import UUID
 
 import dramatiq
-import grpc
 import redis
 from dramatiq.asyncio import get_event_loop_thread
 
@@ -34,6 +33,7 @@ from modelforge_jobs.runner import JobRunner, Requeued, RetryLater, RunnerSettin
 from modelforge_jobs.settings import JobsSettings
 from modelforge_jobs.store import JobStore
 from modelforge_server import db, logs, telemetry
+from modelforge_server.channels import service_channel
 from modelforge_server.metrics import Endpoint, Metrics, multiprocess_enabled
 from modelforge_server.settings import SettingsError
 from modelforge_server.telemetry import Telemetry
@@ -214,13 +214,7 @@ class WorkerResources(dramatiq.Middleware):
                 )
             )
             await db.migrate(pool, schema="jobs", package="modelforge_jobs.migrations")
-            channel = grpc.aio.insecure_channel(
-                settings.inference_address,
-                options=[
-                    ("grpc.max_receive_message_length", settings.max_message_bytes),
-                    ("grpc.max_send_message_length", settings.max_message_bytes),
-                ],
-            )
+            channel = service_channel(settings.inference_address, max_message_bytes=settings.max_message_bytes)
             stack.push_async_callback(channel.close)
             self._store = JobStore(pool)
             self._runner = JobRunner(
