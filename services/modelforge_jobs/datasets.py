@@ -124,6 +124,12 @@ def describe_record(
         if not ok:
             raise fail(f"tensor {tensor.name!r}: its data does not match dtype and shape {list(tensor.shape)}")
         count = int(tensor.shape[0])
+        if 0 in tensor.shape[1:]:  # a few bytes would make a job of any number of items
+            raise fail(
+                f"tensor {tensor.name!r}: its items, of shape {list(tensor.shape[1:])}, hold no values; each item "
+                "needs at least one",
+                input=tensor.name,
+            )
         if tensor.dtype == tensors.DataType.DATA_TYPE_STRING and (bad := _not_text(tensor.string_data)) is not None:
             item = first_item + bad // max(1, expected // max(count, 1))
             raise fail(

@@ -290,7 +290,7 @@ class Jobs:
         job = await self._store.get_job(job_id)
         if job.state is not JobState.COMPLETED:
             raise JobNotCompleted(str(job_id), job.state.value)
-        after = -1
+        after, sent = -1, 0
         while True:
             page = await self._store.results(
                 job_id, after=after, limit=self._result_page, max_bytes=self._result_page_bytes
@@ -298,8 +298,12 @@ class Jobs:
             for record in page:
                 yield record
             if not page:
+                if sent < job.progress.items_total:  # its results went meanwhile: deleted, or past their retention
+                    await self._store.get_job(job_id)  # JobNotFound, which a stream cut short must end with
+                    raise RuntimeError(f"job {job_id} has {sent} of its {job.progress.items_total} items' results")
                 return
             after = page[-1].batch_index
+            sent += sum(record.item_count for record in page)
 
     # --- datasets -------------------------------------------------------------------------------------------
 

@@ -330,11 +330,12 @@ class JobRunner:
         started = time.monotonic()
         deadline = started + job.time_limit if job.time_limit else None
         done = await self._store.done_batches(job.id)
-        todo = [index for index in range(job.progress.batches_total) if index not in done]
-        if todo:
+        remaining = job.progress.batches_total - len(done)
+        if remaining > 0:
             items, item_bytes = await self._load(job)
-            lanes = self._settings.lanes(job.batch_size, item_bytes, len(todo))
-            await _unless(lost, self._pipeline(job, items, iter(todo), lanes, deadline))
+            lanes = self._settings.lanes(job.batch_size, item_bytes, remaining)
+            todo = (index for index in range(job.progress.batches_total) if index not in done)  # not a list of them
+            await _unless(lost, self._pipeline(job, items, todo, lanes, deadline))
         if await self._store.complete(job.id, self.worker_id):
             log.info("job %s completed", job.id)
             return JobState.COMPLETED

@@ -131,6 +131,16 @@ def test_tensors_with_different_leading_dimensions_are_refused() -> None:
     assert caught.value.metadata["input"] == "id"
 
 
+def test_items_that_hold_no_values_are_refused_naming_the_tensor() -> None:
+    # Shape [10**12, 0] in 29 bytes: a job of a trillion items, which a worker would walk out of memory.
+    empty = record(x=np.zeros((10**12, 0), dtype=np.float32))
+    with pytest.raises(InvalidDataset, match=r"'x': its items, of shape \[0\], hold no values; each item needs"):
+        summarize(write_records([empty]))
+    with pytest.raises(InvalidInput, match="hold no values") as caught:
+        describe_record(record(x=np.zeros((5, 3, 0), dtype=np.float32)).tensors, error=InvalidInput)
+    assert caught.value.metadata["input"] == "x"
+
+
 def test_records_must_agree_with_the_first() -> None:
     other_shape = record(x=np.zeros((2, 5), dtype=np.float32))
     other_dtype = record(x=np.zeros((2, 4), dtype=np.float64))

@@ -516,6 +516,17 @@ def test_result_check_refuses_items_out_of_order_too_many_or_too_few(
         check.finish()
 
 
+@pytest.mark.parametrize("items", [3, 5])
+def test_a_result_in_memory_must_hold_the_jobs_items_too(items: int) -> None:
+    assembler = _convert.ResultAssembler(4)
+    assembler.accept(_result_message(0, y=np.zeros((items, 2), np.float32)))
+    with pytest.raises(modelforge.IntegrityError, match=re.escape(f"held {items} of the job's 4 items; retry")):
+        assembler.finish()
+    whole = _convert.ResultAssembler(4)
+    whole.accept(_result_message(0, y=np.zeros((4, 2), np.float32)))
+    assert whole.finish()["y"].shape == (4, 2)
+
+
 def test_result_check_refuses_records_whose_outputs_disagree() -> None:
     check = _convert.ResultCheck(6)
     check.accept(_result_message(0, y=np.zeros((2, 2), np.float32)))

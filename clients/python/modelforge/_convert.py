@@ -843,9 +843,11 @@ def _result_record(
 
 
 class ResultAssembler:
-    """Collects a job's result stream, record by record in item order, into one array per output."""
+    """Collects a job's result stream, record by record in item order, into one array per output; the stream must
+    hold the job's ``items_total`` items, as :class:`ResultCheck` checks for a file."""
 
-    def __init__(self) -> None:
+    def __init__(self, items_total: int) -> None:
+        self._total = items_total
         self._parts: dict[str, list[np.ndarray[Any, Any]]] = {}
         self._next = 0
 
@@ -856,7 +858,13 @@ class ResultAssembler:
         self._next += count
 
     def finish(self) -> dict[str, np.ndarray[Any, Any]]:
-        """Output name to the outputs of every item, in item order."""
+        """Output name to the outputs of every item, in item order.
+
+        Raises:
+            IntegrityError: the stream held more or fewer items than the job.
+        """
+        if self._next != self._total:
+            raise IntegrityError(f"the job result held {self._next} of the job's {self._total} items; retry the call")
         return {name: np.concatenate(parts) for name, parts in self._parts.items()}
 
 

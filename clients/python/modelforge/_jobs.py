@@ -319,7 +319,7 @@ class Job:
             TimeoutError: the job is still going after ``timeout`` seconds.
         """
         self.wait(timeout)
-        assembler = _convert.ResultAssembler()
+        assembler = _convert.ResultAssembler(self.status.progress.items_total)
         with contextlib.closing(self._results()) as messages:
             for message in messages:
                 assembler.accept(message)
@@ -637,7 +637,7 @@ class AsyncJob:
     async def result(self, timeout: float | None = None) -> dict[str, np.ndarray[Any, Any]]:
         """See :meth:`Job.result`."""
         await self.wait(timeout)
-        assembler = _convert.ResultAssembler()
+        assembler = _convert.ResultAssembler(self.status.progress.items_total)
         async with contextlib.aclosing(self._results()) as messages:
             async for message in messages:
                 assembler.accept(message)

@@ -16,7 +16,13 @@ from modelforge.jobs.v1 import jobs_pb2
 from modelforge.registry.v1 import registry_pb2
 from modelforge_server import paging
 from modelforge_server.labels import LABEL_VALUE_MAX, LABELS_MAX
-from tests.fixtures.onnx_models import build_fixed_shape, build_nonzero, build_string_model, model_bytes
+from tests.fixtures.onnx_models import (
+    build_fixed_shape,
+    build_identity,
+    build_nonzero,
+    build_string_model,
+    model_bytes,
+)
 from tests.fixtures.proxy import TcpProxy
 from tests.integration.jobs.conftest import (
     dataset_file,
@@ -100,6 +106,34 @@ async def test_empty_input_is_invalid_argument(jobs_api, inference, add_one) -> 
         code, reason = await _fails(jobs_api.stub.CreateJob(request))
         assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT")
     await _no_jobs(jobs_api.stub)
+
+
+async def test_items_that_hold_no_values_are_invalid_argument(jobs_api, inference) -> None:
+    # Any width goes: items of width 0 would make a job of any number of items out of a few bytes.
+    await upload(inference, "any-width", model_bytes(build_identity(shape=["batch", "width"])))
+    request = inline_request("any-width", {"x": np.zeros((10**12, 0), dtype=np.float32)})
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await jobs_api.stub.CreateJob(request)
+    assert (refused.value.code(), error_reason(refused.value)) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT")
+    assert "'x': its items, of shape [0], hold no values" in (refused.value.details() or "")
+    await _no_jobs(jobs_api.stub)
+
+
+async def test_a_result_stream_whose_job_is_deleted_meanwhile_ends_not_found_not_short(
+    jobs_api, worker, inference, add_one
+) -> None:
+    await upload(inference, "add-one", add_one)
+    x = np.arange(2000 * 4, dtype=np.float32).reshape(2000, 4)
+    job = (await jobs_api.stub.CreateJob(inline_request("add-one", {"x": x}, batch_size=10))).job
+    assert (await wait_terminal(jobs_api.stub, job.id)).state == jobs_pb2.JOB_STATE_COMPLETED
+    stream = jobs_api.stub.GetJobResult(jobs_pb2.GetJobResultRequest(id=job.id))
+    received = [await stream.read()]  # the first page of 200 batches' results is read from the database
+    await jobs_api.stub.DeleteJob(jobs_pb2.DeleteJobRequest(id=job.id))
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        while (message := await stream.read()) is not grpc.aio.EOF:
+            received.append(message)
+    assert (ended.value.code(), error_reason(ended.value)) == (grpc.StatusCode.NOT_FOUND, "JOB_NOT_FOUND")
+    assert len(received) < 200  # one message per batch of 10 items: it was cut short
 
 
 async def test_bad_request_fields_are_invalid_argument(jobs_api, inference, add_one) -> None:
