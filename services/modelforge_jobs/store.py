@@ -388,7 +388,8 @@ class JobStore:
     # --- the worker's side ----------------------------------------------------------------------------------
 
     async def claim(self, job_id: UUID, worker_id: str, *, stale_after: float) -> Job | None:
-        """Makes a QUEUED job (or a RUNNING one whose worker stopped heartbeating) RUNNING on this worker.
+        """Makes a QUEUED job (or a RUNNING one whose worker stopped heartbeating, with an attempt left: one without
+        is the reaper's to fail) RUNNING on this worker.
 
         A job RUNNING on this very worker is taken too, its attempt not counted again: the caller runs no such job
         (see JobRunner.run), so an earlier run of it here ended without putting it back, because PostgreSQL was out
@@ -406,7 +407,8 @@ class JobStore:
                     queued_since = NULL, run_start_time = now(), run_items_start = items_done, update_time = now(),
                     queued_reason = NULL
                 WHERE id = %(id)s AND (state = 'QUEUED' OR (state = 'RUNNING' AND worker_id = %(worker)s)
-                    OR (state = 'RUNNING' AND heartbeat_time < now() - make_interval(secs => %(stale)s)))
+                    OR (state = 'RUNNING' AND heartbeat_time < now() - make_interval(secs => %(stale)s)
+                        AND attempt_count < max_attempts))
                 RETURNING {_JOB_COLUMNS}
                 """,
                 {"id": job_id, "worker": worker_id, "stale": stale_after},

@@ -87,6 +87,25 @@ async def test_nothing_is_stored_after_a_cancel_or_by_a_worker_that_lost_the_job
     assert await store.store_batches(uuid.uuid4(), "w1", [batch(0)], 0.5) is None  # no such job
 
 
+@pytest.mark.parametrize("attempts", [1, 2])
+async def test_a_job_whose_worker_stopped_is_taken_over_only_with_an_attempt_left(db_pool, attempts: int) -> None:
+    await db.migrate(db_pool, schema="jobs", package="modelforge_jobs.migrations")
+    store = JobStore(db_pool)
+    spec = JobSpec(ModelRef("m", 1, None), 10, Priority.NORMAL, {}, attempts, None, None, inline_input=b"")
+    job_id = uuid.uuid4()
+    await store.insert_job(job_id, spec, model_version=1, items_total=10, batches_total=1)
+    assert (await store.claim(job_id, "w1", stale_after=30.0)).attempt_count == 1  # type: ignore[union-attr]
+    await asyncio.sleep(0.01)  # w1's heartbeat is now older than a stale_after of 0
+    taken = await store.claim(job_id, "w2", stale_after=0.0)  # a redelivered message, on another worker
+    if attempts == 1:
+        assert taken is None  # no run beyond max_attempts: the reaper fails it
+        assert await store.reap(stale_after=0.0) == []
+        failed = await store.get_job(job_id)
+        assert (failed.state, failed.error.reason if failed.error else None) == (JobState.FAILED, "WORKER_LOST")
+    else:
+        assert taken is not None and (taken.worker_id, taken.attempt_count) == ("w2", 2)
+
+
 async def test_a_page_of_results_holds_no_more_bytes_than_asked_but_always_one_batch(db_pool) -> None:
     """Pages of large batches stay small in memory: GetJobResult streams them page by page."""
     await db.migrate(db_pool, schema="jobs", package="modelforge_jobs.migrations")
