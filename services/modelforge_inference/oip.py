@@ -84,10 +84,8 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelReadyResponse:
         try:
             ref = convert.named_ref(request.name, request.version)
-        except convert.InvalidV2Request as exc:
-            if exc.field != "name" or not request.name:
-                raise
-            return pb.ModelReadyResponse(ready=False)  # as for any model the server lacks: no name like it exists
+        except convert.NoSuchV2Model:
+            return pb.ModelReadyResponse(ready=False)  # as for any model or version the server lacks
         if ref.version is None:
             # An alias or "newest" names a version only once the registry resolves it.
             try:
@@ -184,11 +182,10 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelUnloadResponse:
         convert.check_repository_name(request.repository_name)
-        ref = convert.repository_model_ref(request.model_name)
         # As in Triton, the answer does not wait for the requests in flight, and unloading a model that is not
-        # loaded (or not known) succeeds and changes nothing.
+        # loaded (or not known, or that no model could be named) succeeds and changes nothing.
         with contextlib.suppress(NotFound):
-            await self._engine.unload(ref, wait=False)
+            await self._engine.unload(convert.repository_model_ref(request.model_name), wait=False)
         return pb.RepositoryModelUnloadResponse()
 
     async def SystemSharedMemoryStatus(
@@ -214,7 +211,9 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     async def CudaSharedMemoryStatus(
         self, request: pb.CudaSharedMemoryStatusRequest, context: grpc.aio.ServicerContext
     ) -> pb.CudaSharedMemoryStatusResponse:
-        raise CudaSharedMemoryUnsupported()
+        if request.name:
+            raise CudaSharedMemoryUnsupported()
+        return pb.CudaSharedMemoryStatusResponse()  # every region: none, as Triton answers without any
 
     async def CudaSharedMemoryRegister(
         self, request: pb.CudaSharedMemoryRegisterRequest, context: grpc.aio.ServicerContext
@@ -224,7 +223,9 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     async def CudaSharedMemoryUnregister(
         self, request: pb.CudaSharedMemoryUnregisterRequest, context: grpc.aio.ServicerContext
     ) -> pb.CudaSharedMemoryUnregisterResponse:
-        raise CudaSharedMemoryUnsupported()
+        # Nothing is registered, so there is nothing to drop: clients that unregister every region of both kinds
+        # when they end (perf_analyzer --shared-memory system) succeed, as against Triton.
+        return pb.CudaSharedMemoryUnregisterResponse()
 
     async def TraceSetting(
         self, request: pb.TraceSettingRequest, context: grpc.aio.ServicerContext

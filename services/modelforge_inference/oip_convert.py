@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import re
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -49,7 +50,7 @@ from modelforge_inference.domain import (
 )
 from modelforge_inference.errors import InvalidInput, InvalidSharedMemoryRegion, SharedMemoryOff
 from modelforge_inference.shm import Region, SharedMemoryRegions
-from modelforge_server.errors import InvalidArgument
+from modelforge_server.errors import InvalidArgument, NotFound
 from modelforge_server.status import MAX_MESSAGE_CHARS, MAX_METADATA_CHARS, bounded
 
 __all__ = [
@@ -163,6 +164,13 @@ class InvalidV2Request(InvalidArgument):
     reason = "INVALID_V2_REQUEST"
 
 
+class NoSuchV2Model(NotFound):
+    """A V2 model name no registry model could have, or version 0: Triton answers NOT_FOUND for a model or version
+    it lacks whatever its spelling, and its clients test for that code."""
+
+    reason = "MODEL_NOT_FOUND"
+
+
 def model_ref(name: str, version: str, *, field: str = "model_name", version_field: str = "model_version") -> ModelRef:
     """The ModelRef of a V2 model name and version (``"3"``, ``"production"`` or ``""``); an error names the
     request field at fault (``field`` for the name, ``version_field`` for the version)."""
@@ -177,6 +185,10 @@ def model_ref(name: str, version: str, *, field: str = "model_name", version_fie
         with contextlib.suppress(ValueError):
             _parsed_ref(name, "")  # the name parses alone: the version is at fault
             at_fault = version_field
+    if at_fault == field:
+        raise NoSuchV2Model(f"no model {name!r}: none could be named so ({error})", model=name)
+    if version.isdigit() and int(version) == 0:
+        raise NoSuchV2Model(f"model {name!r} has no version 0: versions count from 1", model=name)
     raise InvalidV2Request(str(error), field=at_fault)
 
 
@@ -856,4 +868,10 @@ def repository_model_ref(model_name: str) -> ModelRef:
     try:
         return ModelRef.parse(model_name)
     except ValueError as exc:
-        raise InvalidV2Request(str(exc), field="model_name") from None
+        error = exc
+    name = re.split("[:@]", model_name, maxsplit=1)[0]
+    try:
+        ModelRef.parse(name)
+    except ValueError:
+        raise NoSuchV2Model(f"no model {name!r}: none could be named so ({error})", model=name) from None
+    raise InvalidV2Request(str(error), field="model_name")

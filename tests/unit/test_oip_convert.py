@@ -44,6 +44,15 @@ def _length_prefixed(*items: bytes) -> bytes:
 # --- model references -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(("name", "version"), [("Bad Name", ""), ("Bad Name", "3"), ("mlp", "0"), ("mlp", "00")])
+def test_a_model_or_version_none_could_be_named_so_is_not_found(name: str, version: str) -> None:
+    """As Triton answers for a model or version it lacks: its clients tell a missing model by NOT_FOUND."""
+    with pytest.raises(convert.NoSuchV2Model):
+        convert.model_ref(name, version)
+    with pytest.raises(convert.NoSuchV2Model):
+        convert.named_ref(name, version)
+
+
 @pytest.mark.parametrize(
     ("version", "expected"),
     [("", ModelRef("mlp")), ("3", ModelRef("mlp", version=3)), ("production", ModelRef("mlp", alias="production"))],
@@ -56,10 +65,8 @@ def test_model_version_is_a_number_an_alias_or_empty(version: str, expected: Mod
     ("name", "version", "at_fault"),
     [
         ("", "", "model_name"),
-        ("Bad Name", "", "model_name"),
-        ("Bad Name", "3", "model_name"),
-        ("mlp", "0", "model_version"),
         ("mlp", "x y", "model_version"),
+        ("mlp", "-2", "model_version"),
     ],
 )
 def test_bad_model_name_or_version_is_invalid_argument_naming_the_field(name: str, version: str, at_fault: str) -> None:

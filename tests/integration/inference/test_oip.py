@@ -132,14 +132,7 @@ _NO_CUDA = "CUDA_SHARED_MEMORY_UNSUPPORTED"
 @pytest.mark.parametrize(
     ("method", "request_class", "reason", "advice"),
     [
-        ("CudaSharedMemoryStatus", pb.CudaSharedMemoryStatusRequest, "CUDA_SHARED_MEMORY_UNSUPPORTED", "system"),
         ("CudaSharedMemoryRegister", pb.CudaSharedMemoryRegisterRequest, "CUDA_SHARED_MEMORY_UNSUPPORTED", "system"),
-        (
-            "CudaSharedMemoryUnregister",
-            pb.CudaSharedMemoryUnregisterRequest,
-            "CUDA_SHARED_MEMORY_UNSUPPORTED",
-            "system",
-        ),
         ("TraceSetting", pb.TraceSettingRequest, "TRACE_SETTINGS_UNSUPPORTED", "MODELFORGE_OTLP_ENDPOINT"),
         ("LogSettings", pb.LogSettingsRequest, "LOG_SETTINGS_UNSUPPORTED", "MODELFORGE_LOG_LEVEL"),
     ],
@@ -150,6 +143,32 @@ async def test_unserved_protocol_methods_are_unimplemented_and_say_what_to_do_in
     code, found, message = await failure(getattr(v2.stub, method)(request_class()))
     assert (code, found) == (grpc.StatusCode.UNIMPLEMENTED, reason)
     assert advice in message
+
+
+async def test_cuda_shared_memory_has_no_regions_to_list_or_drop_as_triton_without_any(v2: V2) -> None:
+    """perf_analyzer --shared-memory system unregisters every region of both kinds when it ends."""
+    await v2.stub.CudaSharedMemoryUnregister(pb.CudaSharedMemoryUnregisterRequest())
+    await v2.stub.CudaSharedMemoryUnregister(pb.CudaSharedMemoryUnregisterRequest(name="gpu"))
+    assert not (await v2.stub.CudaSharedMemoryStatus(pb.CudaSharedMemoryStatusRequest())).regions
+    code, reason, _ = await failure(v2.stub.CudaSharedMemoryStatus(pb.CudaSharedMemoryStatusRequest(name="gpu")))
+    assert (code, reason) == (grpc.StatusCode.UNIMPLEMENTED, _NO_CUDA)
+
+
+@pytest.mark.parametrize(("name", "version"), [("MLP", ""), ("not a name", "1"), ("mlp", "0")])
+async def test_a_model_or_version_no_registry_could_hold_is_not_found_as_triton_answers(
+    v2: V2, mlp: ModelFile, name: str, version: str
+) -> None:
+    """Triton's clients tell a missing model by NOT_FOUND, whatever its spelling."""
+    await v2.publish("mlp", mlp)
+    for call in (
+        v2.stub.ModelMetadata(pb.ModelMetadataRequest(name=name, version=version)),
+        v2.stub.ModelConfig(pb.ModelConfigRequest(name=name, version=version)),
+        v2.stub.ModelStatistics(pb.ModelStatisticsRequest(name=name, version=version)),
+        v2.stub.ModelInfer(infer_request(name, mlp.sample(1), model_version=version)),
+    ):
+        code, reason, _ = await failure(call)
+        assert (code, reason) == (grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND")
+    assert not (await v2.stub.ModelReady(pb.ModelReadyRequest(name=name, version=version))).ready
 
 
 # --- metadata and configuration --------------------------------------------------------------------------------
@@ -482,18 +501,18 @@ async def test_shapes_no_array_can_hold_are_invalid_argument(
     assert needle in details
 
 
-async def test_a_name_of_thousands_of_characters_is_invalid_argument_not_a_metadata_overflow(
+async def test_a_name_of_thousands_of_characters_is_refused_in_words_not_a_metadata_overflow(
     v2: V2, mlp: ModelFile
 ) -> None:
     # The error quotes the name; uncut, the status would exceed the client's 8 KiB metadata limit and the client
     # would report RESOURCE_EXHAUSTED instead.
     await v2.publish("mlp", mlp)
-    for request in (
-        infer_request("m" * 5000, mlp.sample(1)),
-        infer_request("mlp", mlp.sample(1), model_version="v" * 5000),
-        infer_request("mlp", mlp.sample(1), outputs=[Output(name="o" * 5000)]),
+    for request, code in (
+        (infer_request("m" * 5000, mlp.sample(1)), grpc.StatusCode.NOT_FOUND),  # no model is named so
+        (infer_request("mlp", mlp.sample(1), model_version="v" * 5000), grpc.StatusCode.INVALID_ARGUMENT),
+        (infer_request("mlp", mlp.sample(1), outputs=[Output(name="o" * 5000)]), grpc.StatusCode.INVALID_ARGUMENT),
     ):
-        details = await assert_status(v2.stub.ModelInfer(request), grpc.StatusCode.INVALID_ARGUMENT)
+        details = await assert_status(v2.stub.ModelInfer(request), code)
         assert details.endswith("…")
 
 
@@ -734,17 +753,14 @@ async def test_repository_unload_of_a_model_not_loaded_succeeds_and_changes_noth
     for name in ("mlp", "mlp", "no-such-model"):  # never loaded, the same again, and a model the registry lacks
         await v2.stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name=name))
     assert not (await v2.stub.RepositoryIndex(pb.RepositoryIndexRequest(ready=True))).models
-    await assert_status(
-        v2.stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="not a name")),
-        grpc.StatusCode.INVALID_ARGUMENT,
-    )
+    await v2.stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="not a name"))  # none such
 
 
 async def test_repository_load_of_unknown_model_is_not_found(v2: V2) -> None:
-    await assert_status(
-        v2.stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="no-such-model")),
-        grpc.StatusCode.NOT_FOUND,
-    )
+    for name in ("no-such-model", "Not A Name", "Not A Name:2"):
+        await assert_status(
+            v2.stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name=name)), grpc.StatusCode.NOT_FOUND
+        )
 
 
 async def test_model_ready_of_unknown_model_is_false(v2: V2) -> None:
