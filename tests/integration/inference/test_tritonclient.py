@@ -150,7 +150,9 @@ def _scenario_unserved(client: Any, tc: Any, args: dict[str, Any], workdir: Path
     seen: dict[str, Any] = {}
     for name, call in (
         ("system_shared_memory", client.get_system_shared_memory_status),
-        ("cuda_shared_memory", client.get_cuda_shared_memory_status),
+        ("cuda_shared_memory", lambda: client.register_cuda_shared_memory("gpu", b"\0" * 64, 0, 1024)),
+        ("cuda_shared_memory_status", client.get_cuda_shared_memory_status),  # none: as perf_analyzer ends
+        ("cuda_shared_memory_unregister", client.unregister_cuda_shared_memory),
         ("trace_settings", client.get_trace_settings),
         ("log_settings", client.get_log_settings),
     ):
@@ -429,6 +431,7 @@ async def test_unserved_extensions_are_unimplemented(triton: TritonClient) -> No
     seen, _ = await triton.run("unserved")
     assert seen["cuda_shared_memory"]["status"] == "StatusCode.UNIMPLEMENTED"
     assert "system shared memory" in seen["cuda_shared_memory"]["message"]
+    assert (seen["cuda_shared_memory_status"], seen["cuda_shared_memory_unregister"]) == (None, None)
     assert seen["trace_settings"]["status"] == "StatusCode.UNIMPLEMENTED"
     assert "MODELFORGE_OTLP_ENDPOINT" in seen["trace_settings"]["message"]
     assert seen["log_settings"]["status"] == "StatusCode.UNIMPLEMENTED"
