@@ -183,6 +183,18 @@ class _Run:
 
 
 @dataclass(slots=True)
+class _Collected:
+    """A batch the queue makes now: its requests and rows, how many of its first requests make the largest
+    preferred batch size (0: none), and whether it is closed, that is whether no request arriving later could join
+    it (it is full, or a request that cannot join it waits on the head's level, ahead of any arrival)."""
+
+    batch: list[_Pending]
+    rows: int
+    preferred: int
+    closed: bool
+
+
+@dataclass(slots=True)
 class _Queues:
     levels: list[collections.deque[_Pending]] = field(default_factory=list)
     size: int = 0
@@ -426,30 +438,31 @@ class Batcher:
     def _head(self) -> _Pending:
         return next(level[0] for level in self._queues.levels if level)
 
-    def _collect(self, head: _Pending) -> tuple[list[_Pending], int, int]:
+    def _collect(self, head: _Pending) -> _Collected:
         """The head and the requests after it, by priority then age, up to the first one that cannot join it (other
         trailing dimensions, no batch dimension, or more rows than max_batch_size leaves): no request runs before
-        one queued ahead of it. Also returns how many of them make the largest preferred batch size (0: none)."""
+        one queued ahead of it."""
         limit = self.config.max_batch_size
         batch, rows = [head], counted_rows(head.rows)
         preferred = 1 if rows in self._preferred else 0
         if head.rows is None or rows >= limit:
-            return batch, rows, preferred
+            return _Collected(batch, rows, preferred, closed=True)
         shares = {head.share}  # an identical request is answered by the run, not run again
         for level in self._queues.levels:
             for pending in level:
                 if pending is head or (pending.share is not None and pending.share in shares):
                     continue
                 if pending.rows is None or pending.key != head.key or rows + pending.rows > limit:
-                    return batch, rows, preferred
+                    # Requests arriving from now on queue behind it on its level, or on a less urgent one.
+                    return _Collected(batch, rows, preferred, closed=pending.level == head.level)
                 shares.add(pending.share)
                 batch.append(pending)
                 rows += pending.rows
                 if rows in self._preferred:
                     preferred = len(batch)
                 if rows == limit:
-                    return batch, rows, preferred
-        return batch, rows, preferred
+                    return _Collected(batch, rows, preferred, closed=True)
+        return _Collected(batch, rows, preferred, closed=False)
 
     # -- scheduling ------------------------------------------------------------------------------------------
 
@@ -490,13 +503,14 @@ class Batcher:
             if not self._merging or head.rows is None:
                 self._take([head])
                 return [head]
-            batch, rows, preferred = self._collect(head)
+            collected = self._collect(head)
+            batch = collected.batch
             remaining = head.enqueued + self._delay - time.perf_counter()
-            if rows >= self.config.max_batch_size or remaining <= 0:
+            if collected.closed or remaining <= 0:  # it cannot grow, or its head has waited long enough
                 self._take(batch)
                 return batch
-            if preferred:  # the largest preferred batch that the queue makes now leaves now, the rest after it
-                batch = batch[:preferred]
+            if collected.preferred:  # the largest preferred batch the queue makes now leaves now, the rest after
+                batch = batch[: collected.preferred]
                 self._take(batch)
                 return batch
             self._arrived.clear()

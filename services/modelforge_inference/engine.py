@@ -552,18 +552,24 @@ class InferenceEngine:
         A version ONNX Runtime refused to build fails at once with its reason for `load_retry_seconds`, so that
         traffic to a broken model does not occupy the loader; `retry` (LoadModel) tries again regardless.
 
-        A slot holds the file `model` was resolved to: one of the same number holding another file (the model was
-        deleted and created again) is retired, not served. Before a load the registry is asked whether the version
-        still exists with that file (:meth:`_confirm`), and a load that is unloaded while this request waits for it
-        (an UnloadModel, the version deleted) fails the request MODEL_UNLOADING rather than being made again.
+        A slot holds the file `model` was resolved to. One of the same number holding another file is retired once
+        the registry confirms the request's file (the model was deleted and created again); a request that holds
+        the older resolution, or one the registry cannot confirm, fails MODEL_UNLOADING and leaves the slot alone.
+        Before a load the registry is asked whether the version still exists with that file (:meth:`_confirm`),
+        and a load that is unloaded while this request waits for it (an UnloadModel, the version deleted) fails
+        the request MODEL_UNLOADING rather than being made again.
         """
         key = model.key
         confirmed = False
         while True:
             slot = self._slots.get(key)
             if slot is not None and slot.model.sha256 != model.sha256:
-                self._begin_unload(slot, UnloadReason.RETIRED)  # another file under this number
-                slot = None
+                if not confirmed and not await self._confirm(model, deadline):
+                    raise ModelUnloading(model.name, model.version)  # unconfirmed: the loaded file stays
+                confirmed = True
+                if self._slots.get(key) is slot:
+                    self._begin_unload(slot, UnloadReason.RETIRED)  # another file under this number
+                continue  # the table may have changed meanwhile
             if (
                 slot is not None
                 and slot.state is ModelState.FAILED
@@ -582,7 +588,7 @@ class InferenceEngine:
                 slot = None
             if slot is None or slot.state is ModelState.FAILED:
                 if not confirmed:
-                    await self._confirm(model, deadline)
+                    await self._confirm(model, deadline)  # unreachable: versions resolved before keep being served
                     confirmed = True
                     continue  # the table may have changed meanwhile
                 slot = _Slot(model, config)
@@ -599,19 +605,22 @@ class InferenceEngine:
             if slot.drained is not None:  # unloaded while it loaded: the unload (or the registry's event) stands
                 raise ModelUnloading(model.name, model.version)
 
-    async def _confirm(self, model: ResolvedModel, deadline: float | None) -> None:
-        """Before `model` is loaded: the registry still has the version, with the same file. A request resolved
-        before an event retired it (the version or its model deleted, or created again with another file under the
-        number) would otherwise load it from the local file cache, to serve what the registry no longer has. The
-        resolution is cached until such an event, so this asks the registry only after one (or for a version first
-        named by alias). While the registry cannot be reached, the resolution the request has stands: versions
-        resolved before keep being served."""
+    async def _confirm(self, model: ResolvedModel, deadline: float | None) -> bool:
+        """Whether the registry still has `model`'s version with the same file: True when it says so, False when
+        it cannot be reached (the caller decides whether the request's resolution stands); raises ModelUnloading
+        when it has another file under the number, and NotFound when the version is gone.
+
+        Asked before a load: a request resolved before an event retired its version (the version or its model
+        deleted, or created again with another file under the number) would otherwise load it from the local file
+        cache, to serve what the registry no longer has. The resolution is cached until such an event, so this
+        asks the registry only after one (or for a version first named by alias)."""
         try:
             current = await self._resolve(ModelRef(model.name, version=model.version), deadline)
         except RegistryUnavailable:
-            return
+            return False
         if current.sha256 != model.sha256:
             raise ModelUnloading(model.name, model.version)  # a retry resolves the ref to what the registry has
+        return True
 
     def _unservable(self, model: ResolvedModel, config: ServingConfig, reason: str) -> ModelLoadFailed:
         """The refusal of a version that no load could serve, found from its signature before any load; it is

@@ -869,9 +869,12 @@ def repository_model_ref(model_name: str) -> ModelRef:
         return ModelRef.parse(model_name)
     except ValueError as exc:
         error = exc
-    name = re.split("[:@]", model_name, maxsplit=1)[0]
+    parts = re.split("([:@])", model_name, maxsplit=1)  # [name] or [name, ":" or "@", version or alias]
+    name = parts[0]
     try:
         ModelRef.parse(name)
     except ValueError:
         raise NoSuchV2Model(f"no model {name!r}: none could be named so ({error})", model=name) from None
+    if parts[1:2] == [":"] and parts[2].isdigit() and int(parts[2]) == 0:
+        raise NoSuchV2Model(f"model {name!r} has no version 0: versions count from 1", model=name)
     raise InvalidV2Request(str(error), field="model_name")

@@ -266,6 +266,51 @@ async def test_a_batch_ends_at_the_first_queued_request_that_cannot_join_it(pool
     await batcher.aclose()
 
 
+async def busy_in_full(pool: ThreadPoolExecutor, **options: Any) -> tuple[Recorder, Batcher, asyncio.Future[Any]]:
+    """As busy(), with a 60 s delay: the busy request is a full batch (8 rows), which leaves at once."""
+    recorder = Recorder()
+    batcher = make(pool, recorder, max_batch_size=8, max_queue_delay_us=60_000_000, **options)
+    first = asyncio.ensure_future(batcher.submit(feeds(0, rows=8)))
+    await wait_started(recorder)
+    return recorder, batcher, first
+
+
+@pytest.mark.parametrize("blocker", [{"rows": 6}, {"width": 3}])
+async def test_a_batch_that_cannot_grow_leaves_without_waiting_for_the_delay(pool, blocker):
+    # Behind the head on its level waits a request that cannot join it: whatever arrives next queues behind that
+    # one, so waiting for the delay would only add the delay.
+    recorder, batcher, first = await busy_in_full(pool)
+    head = asyncio.ensure_future(batcher.submit(feeds(1, rows=3)))
+    blocked = asyncio.ensure_future(batcher.submit(feeds(2, **blocker)))
+    await asyncio.sleep(0)
+
+    recorder.gate.set()
+    async with asyncio.timeout(10):  # far less than the 60 s delay
+        await asyncio.gather(first, head)
+
+    assert recorder.batches[:2] == [[0.0], [1.0]]
+    assert not blocked.done()  # alone, it waits for company up to the delay
+    await batcher.aclose()
+
+
+async def test_a_batch_blocked_on_a_less_urgent_level_still_waits_for_urgent_company(pool):
+    recorder, batcher, first = await busy_in_full(pool, priority_levels=2)
+    head = asyncio.ensure_future(batcher.submit(feeds(1), priority=1))
+    asyncio.ensure_future(batcher.submit(feeds(2, width=3), priority=2))  # cannot join, but is less urgent
+    await asyncio.sleep(0)
+    recorder.gate.set()
+    await first
+    await asyncio.sleep(0.05)
+    assert not head.done()  # an urgent arrival could still join it
+    company = asyncio.ensure_future(batcher.submit(feeds(3), priority=1))
+    await asyncio.sleep(0)
+    assert batcher.queued == 3
+    await batcher.aclose()
+    for waiting in (head, company):
+        with pytest.raises(ModelUnloading):
+            await waiting
+
+
 async def test_a_request_that_would_overflow_the_batch_closes_it(pool):
     recorder, batcher, first = await busy(pool, max_batch_size=8)
     tasks = [asyncio.ensure_future(batcher.submit(feeds(v, rows=r))) for v, r in ((1, 4), (2, 8), (3, 4))]

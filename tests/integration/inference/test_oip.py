@@ -757,7 +757,7 @@ async def test_repository_unload_of_a_model_not_loaded_succeeds_and_changes_noth
 
 
 async def test_repository_load_of_unknown_model_is_not_found(v2: V2) -> None:
-    for name in ("no-such-model", "Not A Name", "Not A Name:2"):
+    for name in ("no-such-model", "Not A Name", "Not A Name:2", "no-such-model:0"):
         await assert_status(
             v2.stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name=name)), grpc.StatusCode.NOT_FOUND
         )
