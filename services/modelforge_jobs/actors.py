@@ -214,12 +214,19 @@ class WorkerResources(dramatiq.Middleware):
                 )
             )
             await db.migrate(pool, schema="jobs", package="modelforge_jobs.migrations")
-            channel = service_channel(settings.inference_address, max_message_bytes=settings.max_message_bytes)
-            stack.push_async_callback(channel.close)
+            several = settings.inference_connections > 1
+            channels = [
+                service_channel(
+                    settings.inference_address, max_message_bytes=settings.max_message_bytes, own_connection=several
+                )
+                for _ in range(settings.inference_connections)
+            ]
+            for channel in channels:
+                stack.push_async_callback(channel.close)
             self._store = JobStore(pool)
             self._runner = JobRunner(
                 self._store,
-                InferenceClient(channel, timeout=settings.inference_timeout),
+                InferenceClient(channels, timeout=settings.inference_timeout),
                 RunnerSettings(
                     worker_id=self.worker_id,
                     heartbeat_interval=settings.heartbeat_interval,

@@ -9,6 +9,7 @@ whose outputs are too large for one answer (RESPONSE_TOO_LARGE) is too large on 
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Iterator, Sequence
 
 import grpc
@@ -164,9 +165,9 @@ class InferenceClient:
 
     PREDICT = f"/{inference_pb2.DESCRIPTOR.services_by_name['InferenceService'].full_name}/Predict"
 
-    def __init__(self, channel: grpc.aio.Channel, *, timeout: float) -> None:
-        # No serializers: requests and responses pass as bytes.
-        self._predict = channel.unary_unary(self.PREDICT, _registered_method=True)
+    def __init__(self, channels: Sequence[grpc.aio.Channel], *, timeout: float) -> None:
+        # No serializers: requests and responses pass as bytes. Several channels: each batch takes the next.
+        self._predicts = itertools.cycle([c.unary_unary(self.PREDICT, _registered_method=True) for c in channels])
         self._timeout = timeout
         self._around_inputs: dict[tuple[str, int, Priority], tuple[bytes, bytes]] = {}
 
@@ -195,7 +196,7 @@ class InferenceClient:
         request = predict_request(self._around(model, version, priority), inputs)
         deadline = self._timeout if timeout is None else min(timeout, self._timeout)
         try:
-            response = await self._predict(request, timeout=deadline)
+            response = await next(self._predicts)(request, timeout=deadline)
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and _remote_reason(exc) is None:
                 # The call's own deadline, not an answer (the service names its reasons): the inference service

@@ -59,6 +59,9 @@ class JobsSettings(ServerSettings):
     outage_tolerance: float = 300.0
     # The deadline of one inference call.
     inference_timeout: float = 60.0
+    # Connections a worker opens to the inference service, its batches taking them in turn: with several inference
+    # processes on one port (`modelforge up --inference-replicas N` sets it to 2N), each connection reaches one.
+    inference_connections: int = 1
     # Threads of one worker process, that is jobs it runs at the same time.
     worker_threads: int = 4
     # WatchJob reads the job when PostgreSQL announces a change, and at least this often: the fallback for a late
@@ -86,6 +89,7 @@ class JobsSettings(ServerSettings):
         "retry_max_backoff": NOT_NEGATIVE,
         "outage_tolerance": NOT_NEGATIVE,
         "inference_timeout": POSITIVE,
+        "inference_connections": AT_LEAST_ONE,
         "worker_threads": AT_LEAST_ONE,
         "watch_interval": POSITIVE,
         "default_job_batch_size": AT_LEAST_ONE,

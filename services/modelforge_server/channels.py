@@ -11,8 +11,12 @@ from modelforge_server.app import LARGE_FRAMES
 __all__ = ["service_channel"]
 
 
-def service_channel(address: str, *, max_message_bytes: int, keepalive_seconds: float = 10.0) -> grpc.aio.Channel:
-    """A channel to the service at `address`.
+def service_channel(
+    address: str, *, max_message_bytes: int, keepalive_seconds: float = 10.0, own_connection: bool = False
+) -> grpc.aio.Channel:
+    """A channel to the service at `address`; with `own_connection`, on a TCP connection of its own (gRPC shares
+    one among the channels to an address with the same options), for callers that spread their calls over several
+    connections to replicas sharing a port.
 
     - Keepalive: a call or a stream on a service that went silent (its host gone, a network cut) fails within
       seconds: a ping after `keepalive_seconds` of quiet, given up on half as long after (the services take pings
@@ -35,5 +39,6 @@ def service_channel(address: str, *, max_message_bytes: int, keepalive_seconds: 
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             LARGE_FRAMES,
+            *([("grpc.use_local_subchannel_pool", 1)] if own_connection else []),
         ],
     )

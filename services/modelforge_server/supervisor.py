@@ -11,7 +11,7 @@ Order of events:
 
 With ``--inference-replicas N`` the inference service runs as N processes on its one port (SO_REUSEPORT, Linux):
 each also listens alone on a Unix socket of its own, where its health is checked, and has a metrics port and a
-model file cache of its own (:func:`child_environ`).
+model file cache of its own (:func:`child_environ`); jobs workers spread their batches over 2N connections to it.
 4. The addresses are printed, then the supervisor waits for SIGINT/SIGTERM or for a child to exit.
 
 Shutdown runs in reverse: each child gets SIGTERM and its grace period (MODELFORGE_GRACE_SECONDS) before a
@@ -234,6 +234,13 @@ def child_environ(
     return env
 
 
+def spread_over_replicas(env: dict[str, str], options: UpOptions) -> None:
+    """With inference replicas, jobs workers take turns over twice as many connections to the inference service
+    (MODELFORGE_INFERENCE_CONNECTIONS), unless `env` says how many: the kernel spreads connections, not calls."""
+    if (replicas := options.replicas.get("inference", 1)) > 1:
+        env.setdefault("MODELFORGE_INFERENCE_CONNECTIONS", str(2 * replicas))
+
+
 def _replica_environ(env: dict[str, str], program: Program, index: int) -> None:
     """Makes `env` that of replica `index` of a service: the replicas share the port (MODELFORGE_SHARE_PORT), and
     each has to itself a Unix socket in the abstract namespace (where `up` checks its health, and where a call
@@ -400,6 +407,7 @@ class Supervisor:
         data_dir.mkdir(parents=True, exist_ok=True)
         self._env["MODELFORGE_DATA_DIR"] = str(data_dir)
         self._env["MODELFORGE_HOST"] = host
+        spread_over_replicas(self._env, self._options)
         grpc_ports = {p.name: self._options.ports.get(p.name, p.default_port) for p in programs if p.default_port}
         for name, port in grpc_ports.items():
             # Before anything starts: a service on a port another server holds would find that server's health

@@ -248,7 +248,8 @@ def _loaded_on_a_new_connection(address: str) -> list[str]:
 def test_inference_replicas_share_its_port_and_each_answers_alone_on_an_address_of_its_own(
     env: Env, add_one: ModelFile, tmp_path: Path
 ) -> None:
-    with up(env, argv=("--inference-replicas", "2", "--workers", "0")) as suite:
+    # 16 connections from the worker: all on one replica in 2 of 65,536 starts (up's own default is 2N)
+    with up(env, {"MODELFORGE_INFERENCE_CONNECTIONS": "16"}, argv=("--inference-replicas", "2")) as suite:
         replicas = {line.split()[0]: line for line in suite.seen if line.strip().startswith("inference")}
         assert sorted(replicas) == ["inference-1", "inference-2"], suite.seen
         assert all(f" listening on {env.inference} (shared), alone on unix-abstract:" in r for r in replicas.values())
@@ -265,6 +266,22 @@ def test_inference_replicas_share_its_port_and_each_answers_alone_on_an_address_
         predicted = cli(env, "predict", "demo", "--input", f"x={tmp_path / 'x.npy'}", "--out", str(tmp_path / "out"))
         assert predicted.returncode == 0, predicted.stderr
         np.testing.assert_array_equal(np.load(tmp_path / "out" / "y.npy"), np.full((2, 4), 2, np.float32))
+
+        # A job's batches reach both replicas: the worker takes turns over several connections.
+        def served() -> list[int]:
+            counts = []
+            for address in private.values():
+                with InferenceClient(address) as replica:
+                    counts.append(sum(s.request_count for s in replica.statistics().models))
+            return counts
+
+        before = served()
+        np.savez(tmp_path / "items.npz", x=np.ones((64, 4), dtype=np.float32))
+        job = cli(env, "jobs", "submit", "demo", "--input", str(tmp_path / "items.npz"), "--batch-size", "1", "--wait")
+        assert job.returncode == 0, job.stderr
+        assert "COMPLETED: 64/64 items" in job.stdout
+        batches = [after - earlier for after, earlier in zip(served(), before, strict=True)]
+        assert min(batches) > 0 and sum(batches) == 64, batches
 
         # A replica that dies is started again on its own address, without what the old process had loaded.
         pid = int(replicas["inference-2"].split("(pid ", 1)[1].split(")")[0])

@@ -6,7 +6,14 @@ import os
 
 import pytest
 
-from modelforge_server.supervisor import PROGRAMS, SupervisorError, UpOptions, child_environ, select
+from modelforge_server.supervisor import (
+    PROGRAMS,
+    SupervisorError,
+    UpOptions,
+    child_environ,
+    select,
+    spread_over_replicas,
+)
 
 REGISTRY, INFERENCE, JOBS, WORKER = PROGRAMS
 BASE = {"MODELFORGE_HOST": "127.0.0.1", "MODELFORGE_PORT": "1"}
@@ -84,6 +91,18 @@ def test_a_single_process_neither_shares_its_port_nor_inherits_a_private_address
         env = child_environ(environ, program, program.default_port, 0, 1)
         assert "MODELFORGE_PRIVATE_ADDRESS" not in env and "MODELFORGE_SHARE_PORT" not in env
         assert "MODELFORGE_MODEL_DIR" not in env
+
+
+@pytest.mark.parametrize(
+    ("environ", "replicas", "expected"),
+    [({}, 3, "6"), ({}, 1, None), ({"MODELFORGE_INFERENCE_CONNECTIONS": "5"}, 3, "5")],
+)
+def test_workers_spread_their_batches_over_twice_the_inference_replicas_unless_told(
+    environ: dict[str, str], replicas: int, expected: str | None
+) -> None:
+    env = dict(environ)
+    spread_over_replicas(env, UpOptions(replicas={"inference": replicas}))
+    assert env.get("MODELFORGE_INFERENCE_CONNECTIONS") == expected
 
 
 @pytest.mark.parametrize("name", ["registry", "jobs"])
