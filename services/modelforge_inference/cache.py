@@ -291,6 +291,9 @@ def decode_outputs(value: bytes) -> dict[str, np.ndarray]:
 # these round up, so that `capacity` bounds the memory the tier really takes.
 _ENTRY_OVERHEAD = 512
 _ARRAY_OVERHEAD = 192
+# A string output is an object array: each element is a Python object of its own beside its pointer, 49 bytes
+# or more for a str (33 for bytes) before its characters, which the encoded size counts once.
+_ELEMENT_OVERHEAD = 8 + 49
 # Expired entries the oldest end of the table may give back at each put; entries expire in roughly the order
 # they were last used, so this keeps up with the puts.
 _SWEEP = 4
@@ -336,6 +339,7 @@ class LocalTier:
         now = self._clock()
         self._sweep(now)
         size += _ENTRY_OVERHEAD + _ARRAY_OVERHEAD * len(outputs)
+        size += _ELEMENT_OVERHEAD * sum(array.size for array in outputs.values() if array.dtype == object)
         if ttl_seconds is not None and ttl_seconds <= 0 or size > self.capacity // 4:
             return
         expires = None if ttl_seconds is None else now + ttl_seconds
@@ -682,6 +686,10 @@ class PredictionCache:
         try:
             async with asyncio.timeout(self._timeout if timeout is None else timeout):
                 return await command
+        except redis.exceptions.MaxConnectionsError:
+            # This process has every connection of its pool in use (a burst of calls): Redis itself is fine, so
+            # this one call goes without the cache, and the cache stays up.
+            return _FAILED
         except _CONNECTION_ERRORS as exc:
             self._degrade(exc)
             return _FAILED
@@ -705,7 +713,9 @@ class PredictionCache:
                 await asyncio.sleep(delay * random.uniform(0.8, 1.2))
                 delay = min(delay * 2, self._max_probe_interval)
                 try:
-                    async with asyncio.timeout(self._timeout):
+                    # As long as a background write may take: a new connection's handshake is several round trips,
+                    # and the probe's connection, once made, goes back to the pool for the calls that follow.
+                    async with asyncio.timeout(self._write_timeout):
                         await self._redis.ping()
                 except _CONNECTION_ERRORS + (redis.exceptions.RedisError,) as exc:
                     self._degraded_reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -17,6 +17,7 @@ import redis.asyncio
 from modelforge_inference.cache import CacheUnavailable, LocalTier, PredictionCache, PredictionKey
 from modelforge_inference.domain import ResolvedModel, Signature
 from modelforge_server import embedded, status
+from tests.fixtures.proxy import TcpProxy
 from tests.integration.inference.conftest import eventually
 
 MODEL = ResolvedModel("mlp", 2, "0f" * 32, 1234, Signature((), ()))
@@ -143,6 +144,41 @@ async def test_cache_starts_degraded_when_redis_is_down_and_recovers(tmp_path: P
         await client.aclose()
         if stop is not None:
             await asyncio.to_thread(stop)
+
+
+async def test_a_burst_past_the_connection_pool_skips_the_cache_but_leaves_it_up(redis_url: str) -> None:
+    """Every connection of this process's pool in use is no sign of Redis being down: those calls go uncached."""
+    client = redis.asyncio.Redis.from_url(redis_url, max_connections=2)
+    try:
+        async with PredictionCache(client) as cache:
+            assert await cache.put(key(), OUTPUTS, ttl_seconds=60, max_entry_bytes=1 << 20)
+            answers = await asyncio.gather(*(cache.get(key()) for _ in range(12)))
+            assert any(answer is not None for answer in answers) and any(answer is None for answer in answers)
+            assert not cache.degraded, cache.degraded_reason
+            assert await cache.get(key()) is not None
+    finally:
+        await client.aclose()
+
+
+async def test_a_distant_redis_is_used_once_a_probe_has_made_a_connection(redis_url: str) -> None:
+    """150 ms each way: a new connection's handshake, several round trips, outlasts a call's 0.5 s, but a call on
+    a connection already made does not. The probe makes one (and the pool keeps it), so the cache comes back."""
+    host, port = redis_url.removeprefix("redis://").split("/")[0].split(":")
+    proxy = await TcpProxy.to_address(host, int(port))
+    proxy.stall()
+    client = redis.asyncio.Redis.from_url(f"redis://{proxy.address}/0", socket_connect_timeout=0.5, socket_timeout=2.0)
+    try:
+        async with PredictionCache(client, operation_timeout=0.5, max_probe_interval=0.2) as cache:
+            assert await cache.get(key()) is None and cache.degraded  # stalled: degraded
+            proxy.delay = 0.15
+            await proxy.restore()
+            await asyncio.wait_for(cache.wait_recovered(), 20)
+            assert await cache.put(key(), OUTPUTS, ttl_seconds=60, max_entry_bytes=1 << 20)
+            assert await cache.get(key()) is not None
+            assert not cache.degraded, cache.degraded_reason
+    finally:
+        await client.aclose()
+        await proxy.close()
 
 
 @pytest.fixture
@@ -299,6 +335,22 @@ def test_the_local_tier_holds_no_more_memory_than_its_capacity() -> None:
         for i in range(40_000):  # entries as a Redis hit decodes them: small arrays over the entry's bytes
             encoded = np.arange(8, dtype=np.float32).tobytes()
             tier.put(i.to_bytes(32, "little"), {"y": np.frombuffer(encoded, np.float32).reshape(1, 8)}, 300.0, 80)
+        held = sum(stat.size_diff for stat in tracemalloc.take_snapshot().compare_to(before, "filename"))
+    finally:
+        tracemalloc.stop()
+    assert tier.size <= capacity
+    assert held <= capacity * 1.1, f"{held} bytes held for a capacity of {capacity}"
+
+
+def test_the_local_tier_counts_the_python_objects_of_string_outputs() -> None:
+    capacity = 2 << 20
+    tier = LocalTier(capacity)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        for i in range(4_000):  # labels as ONNX Runtime returns them: an object array of short str
+            labels = np.array([f"label-{i}-{j}" for j in range(16)], dtype=object)
+            tier.put(i.to_bytes(32, "little"), {"label": labels}, 300.0, sum(4 + len(s) for s in labels))
         held = sum(stat.size_diff for stat in tracemalloc.take_snapshot().compare_to(before, "filename"))
     finally:
         tracemalloc.stop()
