@@ -186,9 +186,14 @@ class _Parser(argparse.ArgumentParser):
 
 def command_line(module: str, summary: str, cls: type[Any], argv: Sequence[str] | None = None) -> None:
     """The command line of a service's process, which takes no arguments: its settings come from the environment.
-    ``--help`` prints `summary` and every MODELFORGE_* variable that `cls` reads, with its default, and exits;
-    any argument ends the process (exit 2) with one line saying so, rather than being ignored."""
-    lines = [f"  {_key(f.name):<42} {_default(f)}" for f in dataclasses.fields(cls)]
+    ``--help`` prints `summary` and every MODELFORGE_* variable that `cls` reads, with its default, and those of
+    the telemetry every process sets up, and exits; any argument ends the process (exit 2) with one line saying so,
+    rather than being ignored."""
+    from modelforge_server.telemetry import OTEL_ENDPOINT_ENV, TelemetrySettings  # it reads these settings too
+
+    fields = {f.name: f for f in (*dataclasses.fields(TelemetrySettings), *dataclasses.fields(cls))}
+    lines = [f"  {_key(f.name):<42} {_default(f)}" for f in sorted(fields.values(), key=lambda f: f.name)]
+    lines.append(f"  {OTEL_ENDPOINT_ENV:<42} (unset; read as MODELFORGE_OTLP_ENDPOINT is)")
     parser = _Parser(
         prog=f"python -m {module}",
         description=textwrap.fill(

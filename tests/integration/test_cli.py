@@ -216,6 +216,7 @@ async def test_predict_load_stats_and_jobs(
     assert submitted.code == 0, submitted.err
     job_id = submitted.out.split()[2]
     assert f"job {job_id} COMPLETED: 3/3 items" in submitted.out
+    assert (submitted.out + submitted.err).count("COMPLETED") == 1  # the state changes before it go to stderr
     listed = await cli("jobs", "ls", "--state", "COMPLETED", *addresses)
     assert job_id in listed.out
     shown = await cli("jobs", "show", job_id, *addresses)

@@ -631,13 +631,14 @@ def _job_line(status: JobStatus) -> str:
 
 
 def _follow(job: Job, ctx: Context) -> int:
-    """Follows a job to its end: a live bar on a terminal, a line per state change otherwise."""
+    """Follows a job to its end: a live bar on a terminal, a line per state change otherwise (on stderr; the
+    final state goes to stdout alone, once)."""
     bar = ProgressBar(f"job {job.id[:8]}", ctx.err, unit="items")
     last: JobState | None = None
     try:
         for status in job.watch():
             bar(status.progress.items_done, status.progress.items_total)
-            if status.state is not last and not ctx.err.isatty():
+            if status.state is not last and not status.state.terminal and not ctx.err.isatty():
                 print(_job_line(status), file=ctx.err)
             last = status.state
     finally:
