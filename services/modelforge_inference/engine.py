@@ -49,6 +49,7 @@ from modelforge_inference.domain import (
 )
 from modelforge_inference.errors import (
     AnswerTooLarge,
+    ElementTooLarge,
     InvalidPriority,
     InvalidTimeout,
     LoadTimeout,
@@ -80,6 +81,7 @@ from modelforge_inference.signature import (
     check_inputs,
     check_outputs,
     counted_rows,
+    largest_element,
     least_output_bytes,
     output_views,
     request_bytes,
@@ -304,6 +306,7 @@ class InferenceEngine:
         time_remaining: float | None = None,
         into: Mapping[str, memoryview] | None = None,
         answer_limit: int | None = None,
+        element_limit: int | None = None,
     ) -> Prediction:
         """Runs the version `ref` resolves to on `inputs` and returns the requested outputs (all when None).
 
@@ -314,7 +317,8 @@ class InferenceEngine:
         shape follows from the signature and fits, ONNX Runtime writes them there and they come back as arrays over
         that memory, named in the prediction's ``placed``. Otherwise it is not touched, and the caller copies the
         outputs itself. answer_limit: the most bytes the answer message may take (the caller sends the outputs not
-        named in ``into`` in one message); None when the outputs are streamed.
+        named in ``into`` in one message); None when the outputs are streamed. element_limit: for a streamed
+        answer, the most bytes one element of a string output may take (a message carries each element whole).
         Raises InvalidArgument kinds for bad inputs, NotFound for unknown refs, ResourceExhausted when the queue
         is full or the outputs exceed answer_limit, DeadlineExceeded when the deadline passes in the queue.
         """
@@ -354,6 +358,8 @@ class InferenceEngine:
             if answer_limit is not None:
                 size = answer_bytes(model.name, {name: selected[name] for name in answered if name in selected})
                 _check_answer(model, size, answer_limit)
+            if element_limit is not None:
+                await _check_elements(model, selected, element_limit)
         except Exception as exc:
             counters.failures += 1
             counters.failure_seconds += time.perf_counter() - began
@@ -1023,6 +1029,17 @@ def _check_answer(model: ResolvedModel, size: int, limit: int, *, declared: bool
     the run) do not fit one answer of at most `limit` bytes."""
     if size > limit:
         raise AnswerTooLarge(model.name, model.version, size, limit, declared=declared)
+
+
+async def _check_elements(model: ResolvedModel, outputs: Mapping[str, np.ndarray], limit: int) -> None:
+    """Raises ElementTooLarge when a string output holds an element of more than `limit` bytes (on a thread for a
+    large output: its elements are encoded one by one)."""
+    for name, array in outputs.items():
+        if array.dtype.kind not in "OSU" or array.size == 0:
+            continue
+        largest = await asyncio.to_thread(largest_element, array) if array.size > 4096 else largest_element(array)
+        if largest > limit:
+            raise ElementTooLarge(model.name, model.version, name, largest, limit)
 
 
 def _rejection(exc: Exception) -> Rejection | None:

@@ -138,6 +138,24 @@ class AnswerTooLarge(ResourceExhausted):
         )
 
 
+class ElementTooLarge(ResourceExhausted):
+    """A string element of an output is too large for one message: a stream sends each element whole."""
+
+    reason = "RESPONSE_TOO_LARGE"
+
+    def __init__(self, model: str, version: int, output: str, size: int, limit: int) -> None:
+        super().__init__(
+            f"output {output!r} of {model}:{version} holds a string element of {size} bytes, more than the {limit} "
+            "one streamed message may carry beside its framing (MODELFORGE_MAX_MESSAGE_BYTES): raise "
+            "MODELFORGE_MAX_MESSAGE_BYTES on the server and the client",
+            model=model,
+            version=str(version),
+            output=output,
+            size=str(size),
+            limit=str(limit),
+        )
+
+
 class QueueFull(ResourceExhausted):
     reason = "QUEUE_FULL"
 

@@ -18,11 +18,14 @@ from modelforge_inference import convert, wire
 from modelforge_inference.domain import ModelRef, Prediction
 from modelforge_inference.engine import InferenceEngine
 from modelforge_server import paging
+from modelforge_server.settings import CHUNK_HEADROOM
 
 SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"]
 
 # Outputs at least this large are hashed on a worker thread while their chunks go out.
 _HASH_OFF_LOOP_BYTES = 1 << 20
+# String outputs of more elements than this are encoded and hashed on a thread.
+_STRINGS_OFF_LOOP = 4096
 # The hashing thread checks between segments whether the stream still wants the digest (about 45 ms a segment).
 # Each segment ends by taking the GIL back, which may wait the switch interval on a busy event loop: with 4 MiB
 # segments batch-8 streams (25 MB) looked a tenth slower at c=1 (docs/PERFORMANCE.md, item 16), so outputs of up
@@ -43,6 +46,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         request: pb.PredictRequest | pb.PredictStreamRequest,
         context: grpc.aio.ServicerContext,
         answer_limit: int | None,
+        *,
+        element_limit: int | None = None,
     ) -> Prediction:
         ref = convert.model_ref(request.ref)
         assert ref is not None
@@ -55,6 +60,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             cache_mode=convert.cache_mode(request.cache_mode),
             time_remaining=context.time_remaining(),
             answer_limit=answer_limit,
+            element_limit=element_limit,
         )
 
     # Predict and PredictStream answer with pre-serialised messages (see wire.py and add_inference_servicer_to_server).
@@ -64,7 +70,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def PredictStream(  # type: ignore[override]
         self, request: pb.PredictStreamRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.PredictStreamResponse | bytes]:
-        prediction = await self._predict(request, context, None)  # chunks: no output is too large to stream
+        # Chunks: no output is too large to stream, but a string element travels whole in one message.
+        prediction = await self._predict(request, context, None, element_limit=self._max_message_bytes - CHUNK_HEADROOM)
         yield convert.stream_header(prediction)
         meter = self._engine.stream_meter(prediction)
         hashed = not request.skip_sha256
@@ -76,9 +83,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 # Each yield returns once the transport took the message, as flow control allows; a cancelled call
                 # raises here, so no further chunk is built.
                 if tensors.from_numpy_dtype(array.dtype) == tensor_pb2.DATA_TYPE_STRING:
-                    elements = convert.string_elements(array)
+                    # Encoded (and hashed) on a thread when large: a loop busy with it would hold every other call.
+                    large = array.size > _STRINGS_OFF_LOOP
+                    to_bytes = convert.string_elements
+                    elements = await asyncio.to_thread(to_bytes, array) if large else to_bytes(array)
                     if hashed:
-                        digests[name] = convert.string_digest(elements)
+                        digest = convert.string_digest
+                        digests[name] = await asyncio.to_thread(digest, elements) if large else digest(elements)
                     for message in convert.string_chunks(name, elements, self._chunk_bytes):
                         yield message
                         meter(message.ByteSize())

@@ -73,6 +73,11 @@ def answer_bytes(model: str, outputs: Mapping[str, np.ndarray[Any, Any]]) -> int
     return total
 
 
+def largest_element(array: np.ndarray[Any, Any]) -> int:
+    """The bytes of the largest element of a string array, as its answer carries them (UTF-8 for text)."""
+    return max(len(item if isinstance(item, bytes) else str(item).encode()) for item in array.reshape(-1).tolist())
+
+
 def least_output_bytes(signature: Signature, feeds: Mapping[str, np.ndarray[Any, Any]], names: Iterable[str]) -> int:
     """The bytes the named outputs of a run on ``feeds`` take at the least, known before it runs: those of the
     numeric outputs whose shape the signature fixes (see _known_shape); the others count nothing."""

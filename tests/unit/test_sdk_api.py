@@ -347,6 +347,25 @@ def test_stream_assembler_refuses_chunks_of_the_wrong_kind_and_anything_after_th
     np.testing.assert_array_equal(late.finish().outputs["image"], array)
 
 
+def test_stream_assembler_refuses_bool_bytes_other_than_0_and_1_as_the_unary_path_does() -> None:
+    raw = b"\x00\x02"
+    bools = _convert.StreamAssembler()
+    bools.accept(
+        _header(inference_pb2.StreamedOutput(name="b", dtype=tensor_pb2.DATA_TYPE_BOOL, shape=[2], byte_size=2))
+    )
+    bools.accept(inference_pb2.PredictStreamResponse(chunk=inference_pb2.PredictStreamChunk(output="b", data=raw)))
+    trailer = inference_pb2.PredictStreamTrailer(sha256={"b": hashlib.sha256(raw).hexdigest()})
+    bools.accept(inference_pb2.PredictStreamResponse(trailer=trailer))
+    with pytest.raises(modelforge.IntegrityError, match="BOOL elements must be bytes 0 or 1"):
+        bools.finish()
+
+
+def test_stream_assembler_refuses_an_output_too_large_to_hold_as_a_misbehaving_stream() -> None:
+    huge = inference_pb2.StreamedOutput(name="y", dtype=_F32, shape=[2**60], byte_size=2**62)
+    with pytest.raises(modelforge.IntegrityError, match=re.escape("output 'y' of 4611686018427387904 bytes")):
+        _convert.StreamAssembler().accept(_header(huge))
+
+
 def test_predict_request_encodes_inputs_as_raw_bytes() -> None:
     x = np.arange(6, dtype=np.float32).reshape(2, 3)
     request = _convert.predict_request(

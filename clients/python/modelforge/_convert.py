@@ -510,7 +510,14 @@ class StreamAssembler:
             if spec.name in self._outputs:
                 raise IntegrityError(f"the prediction stream announced output {spec.name!r} twice")
             is_string = spec.dtype == tensor_pb2.DATA_TYPE_STRING
-            self._outputs[spec.name] = _Output(spec, [] if is_string else bytearray(spec.byte_size))
+            try:
+                buffer: list[bytes] | bytearray = [] if is_string else bytearray(spec.byte_size)
+            except MemoryError:
+                raise IntegrityError(
+                    f"the prediction stream announced output {spec.name!r} of {spec.byte_size} bytes, more than this "
+                    "process can hold"
+                ) from None
+            self._outputs[spec.name] = _Output(spec, buffer)
             self._total += spec.byte_size
         if self._progress is not None:
             self._progress(0, self._total)
@@ -559,6 +566,12 @@ class StreamAssembler:
                 if digest != expected:
                     raise IntegrityError(f"output {name!r}: sha256 {digest} differs from the server's {expected}")
             result[name] = _output_array(out)
+            if (
+                out.spec.dtype == tensor_pb2.DATA_TYPE_BOOL
+                and result[name].size
+                and result[name].view(np.uint8).max() > 1
+            ):
+                raise IntegrityError(f"output {name!r}: BOOL elements must be bytes 0 or 1; retry the call")
         header = self._header
         return Prediction(
             outputs=result,

@@ -10,12 +10,21 @@ from collections.abc import Callable
 import grpc
 import numpy as np
 import onnxruntime as ort
+import pytest
+from onnx import TensorProto
 
 from modelforge import tensors
 from modelforge.common.v1 import tensor_pb2
 from modelforge.inference.v1 import inference_pb2 as pb
-from tests.fixtures.onnx_models import ModelFile
-from tests.integration.inference.conftest import RunningInference, predict_request, ref, upload
+from tests.fixtures.onnx_models import ModelFile, build_identity, model_bytes
+from tests.integration.inference.conftest import (
+    RunningInference,
+    StartInference,
+    error_reason,
+    predict_request,
+    ref,
+    upload,
+)
 
 MiB = 1024 * 1024
 STREAMED = "modelforge_inference_streamed_bytes_total"
@@ -159,3 +168,26 @@ async def test_a_slow_reader_gets_every_byte(inference: RunningInference, image_
     assert trailer.sha256["image"] == hashlib.sha256(buffer).hexdigest()
     assert len(buffer) == header.outputs[0].byte_size
     assert streamed_bytes(inference, "imagegen") > len(buffer)  # every chunk counted, with its framing
+
+
+async def test_a_string_element_larger_than_a_message_is_refused_before_the_header_and_counted_failed(
+    start_inference: StartInference,
+) -> None:
+    """A stream carries any number of bytes, but each string element whole, in one message."""
+    async with start_inference(max_message_bytes=2 * MiB, chunk_bytes=64 * 1024) as running:
+        await upload(running, "echo", model_bytes(build_identity(TensorProto.STRING, ["n"])))
+        text = np.array([b"a" * (3 * MiB), b"b"], dtype=object)
+        call = running.stub.PredictStream(stream_request("echo", {"x": text}))
+        received = []
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            async for message in call:
+                received.append(message)
+        assert received == []  # not even the header
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert error_reason(refused.value) == "RESPONSE_TOO_LARGE"
+        assert f"output 'y' of echo:1 holds a string element of {3 * MiB} bytes" in (refused.value.details() or "")
+        stats = await running.stub.GetModelStatistics(pb.GetModelStatisticsRequest(ref=ref("echo")))
+        (entry,) = stats.model_statistics
+        assert (entry.request_count, entry.failure_count) == (0, 1)
+        small = [m async for m in running.stub.PredictStream(stream_request("echo", {"x": text[1:]}))]
+        assert list(small[1].chunk.string_data) == [b"b"]
