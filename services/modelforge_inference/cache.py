@@ -35,6 +35,7 @@ import hashlib
 import logging
 import random
 import struct
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -178,6 +179,11 @@ def _owned(outputs: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
     return {name: array.copy() if _retained_bytes(array) > array.nbytes else array for name, array in outputs.items()}
 
 
+def _objects_bytes(array: np.ndarray) -> int:
+    """What the elements of an object array take as Python objects, with their pointers."""
+    return sum(sys.getsizeof(element) + 8 for element in array.reshape(-1).tolist())
+
+
 def _retained_bytes(array: np.ndarray) -> int:
     """The bytes of the buffer that array keeps alive (its own when it owns its data)."""
     base = array.base
@@ -291,9 +297,8 @@ def decode_outputs(value: bytes) -> dict[str, np.ndarray]:
 # these round up, so that `capacity` bounds the memory the tier really takes.
 _ENTRY_OVERHEAD = 512
 _ARRAY_OVERHEAD = 192
-# A string output is an object array: each element is a Python object of its own beside its pointer, 49 bytes
-# or more for a str (33 for bytes) before its characters, which the encoded size counts once.
-_ELEMENT_OVERHEAD = 8 + 49
+# A string output is an object array: each element is a Python object of its own beside its 8-byte pointer, which
+# the encoded size does not count (a str of one non-ASCII character stores every character in 2 or 4 bytes).
 # Expired entries the oldest end of the table may give back at each put; entries expire in roughly the order
 # they were last used, so this keeps up with the puts.
 _SWEEP = 4
@@ -339,7 +344,7 @@ class LocalTier:
         now = self._clock()
         self._sweep(now)
         size += _ENTRY_OVERHEAD + _ARRAY_OVERHEAD * len(outputs)
-        size += _ELEMENT_OVERHEAD * sum(array.size for array in outputs.values() if array.dtype == object)
+        size += sum(_objects_bytes(array) for array in outputs.values() if array.dtype == object)
         if ttl_seconds is not None and ttl_seconds <= 0 or size > self.capacity // 4:
             return
         expires = None if ttl_seconds is None else now + ttl_seconds
@@ -542,7 +547,12 @@ class PredictionCache:
             return None
         counts.hits += 1
         if self._local is not None:
-            self._local.put(key.digest, outputs, ttl, len(value))
+            # Numeric outputs are views over the whole value, string ones copies of their elements: kept beside
+            # string outputs, those views would keep the string payload alive twice over, so they are copied.
+            strings = any(array.dtype == object for array in outputs.values())
+            kept = {n: a.copy() if strings and a.dtype != object else a for n, a in outputs.items()}
+            self._local.put(key.digest, kept, ttl, len(value))
+            return kept
         return outputs
 
     async def _fetch(self, key: PredictionKey) -> tuple[bytes | None, float | None]:
@@ -667,6 +677,8 @@ class PredictionCache:
         result = await self._command(self._redis.set(self._prefix + key.hex, value, px=expiry), timeout)
         if result is _FAILED:
             counts.errors += 1
+            if replacing:  # the entry it was to replace must not be answered meanwhile (best effort)
+                self._forget(key)
             return False
         counts.stores += 1
         if self._local is not None:

@@ -60,7 +60,7 @@ class JobsSettings(ServerSettings):
     # The deadline of one inference call.
     inference_timeout: float = 60.0
     # Connections a worker opens to the inference service, its batches taking them in turn: with several inference
-    # processes on one port (`modelforge up --inference-replicas N` sets it to 2N), each connection reaches one.
+    # processes on one port (`modelforge up --inference-replicas N` sets it to 8N), each connection reaches one.
     inference_connections: int = 1
     # Threads of one worker process, that is jobs it runs at the same time.
     worker_threads: int = 4

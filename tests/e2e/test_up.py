@@ -248,7 +248,7 @@ def _loaded_on_a_new_connection(address: str) -> list[str]:
 def test_inference_replicas_share_its_port_and_each_answers_alone_on_an_address_of_its_own(
     env: Env, add_one: ModelFile, tmp_path: Path
 ) -> None:
-    # 16 connections from the worker: all on one replica in 2 of 65,536 starts (up's own default is 2N)
+    # 16 connections from the worker: all on one replica in 2 of 65,536 starts (up's own default is 8N)
     with up(env, {"MODELFORGE_INFERENCE_CONNECTIONS": "16"}, argv=("--inference-replicas", "2")) as suite:
         replicas = {line.split()[0]: line for line in suite.seen if line.strip().startswith("inference")}
         assert sorted(replicas) == ["inference-1", "inference-2"], suite.seen

@@ -95,9 +95,9 @@ def test_a_single_process_neither_shares_its_port_nor_inherits_a_private_address
 
 @pytest.mark.parametrize(
     ("environ", "replicas", "expected"),
-    [({}, 3, "6"), ({}, 1, None), ({"MODELFORGE_INFERENCE_CONNECTIONS": "5"}, 3, "5")],
+    [({}, 3, "24"), ({}, 1, None), ({"MODELFORGE_INFERENCE_CONNECTIONS": "5"}, 3, "5")],
 )
-def test_workers_spread_their_batches_over_twice_the_inference_replicas_unless_told(
+def test_workers_spread_their_batches_over_8_connections_per_inference_replica_unless_told(
     environ: dict[str, str], replicas: int, expected: str | None
 ) -> None:
     env = dict(environ)

@@ -338,7 +338,15 @@ def _string_entry(i: int) -> tuple[dict[str, np.ndarray], int]:
     return {"label": labels}, sum(4 + len(s) for s in labels)
 
 
-@pytest.mark.parametrize(("entry", "count"), [(_float_entry, 40_000), (_string_entry, 4_000)])
+def _wide_string_entry(i: int) -> tuple[dict[str, np.ndarray], int]:
+    """Text with one character beyond Latin-1: Python stores each of its characters in 4 bytes, not 1."""
+    text = np.array([f"{i}-{j}-" + "a" * 1000 + "\N{GRINNING FACE}" for j in range(4)], dtype=object)
+    return {"text": text}, sum(4 + len(s.encode()) for s in text)
+
+
+@pytest.mark.parametrize(
+    ("entry", "count"), [(_float_entry, 40_000), (_string_entry, 4_000), (_wide_string_entry, 1_000)]
+)
 def test_the_local_tier_holds_no_more_memory_than_its_capacity(
     entry: Callable[[int], tuple[dict[str, np.ndarray], int]], count: int
 ) -> None:
@@ -369,6 +377,20 @@ async def test_the_in_process_tier_keeps_only_an_entrys_own_rows_of_a_merged_run
         assert hit is not None
         np.testing.assert_array_equal(hit["y"], np.arange(5 * 256, 6 * 256, dtype=np.float32).reshape(1, 256))
         await cache.flush()
+
+
+async def test_a_refresh_redis_refuses_to_store_removes_the_entry_it_replaces(client: redis.asyncio.Redis) -> None:
+    async with PredictionCache(client) as cache:
+        assert await cache.put(key(), OUTPUTS, ttl_seconds=60, max_entry_bytes=1 << 20)
+        await client.config_set("maxmemory", "1")  # Redis refuses writes (OOM); deletes still go through
+        try:
+            fresh = {"y": OUTPUTS["y"] * 2, "label": OUTPUTS["label"]}
+            cache.put_later(key(), fresh, ttl_seconds=60, max_entry_bytes=1 << 20, replacing=True)
+            await cache.flush()
+            await cache.flush()  # the removal the failed write started
+        finally:
+            await client.config_set("maxmemory", "0")
+        assert await cache.get(key()) is None  # not the outputs it was to replace
 
 
 async def test_a_refresh_too_large_to_store_removes_the_entry_it_replaces(client: redis.asyncio.Redis) -> None:
