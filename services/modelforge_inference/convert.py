@@ -27,6 +27,7 @@ from modelforge_inference.domain import (
     Timings,
 )
 from modelforge_inference.errors import InvalidInput
+from modelforge_inference.signature import encoded_elements
 from modelforge_server import durations
 from modelforge_server.errors import InvalidArgument
 
@@ -255,7 +256,7 @@ def raw_view(array: np.ndarray) -> memoryview:
 
 
 def string_elements(array: np.ndarray) -> list[bytes]:
-    return [item if isinstance(item, bytes) else str(item).encode() for item in array.reshape(-1).tolist()]
+    return list(encoded_elements(array))
 
 
 def streamed_output(

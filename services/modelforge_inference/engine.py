@@ -76,6 +76,7 @@ from modelforge_inference.sessions import (
 )
 from modelforge_inference.settings import InferenceSettings
 from modelforge_inference.signature import (
+    STRINGS_OFF_LOOP,
     answer_bytes,
     batch_rows,
     check_inputs,
@@ -1037,7 +1038,8 @@ async def _check_elements(model: ResolvedModel, outputs: Mapping[str, np.ndarray
     for name, array in outputs.items():
         if array.dtype.kind not in "OSU" or array.size == 0:
             continue
-        largest = await asyncio.to_thread(largest_element, array) if array.size > 4096 else largest_element(array)
+        large = array.size > STRINGS_OFF_LOOP
+        largest = await asyncio.to_thread(largest_element, array) if large else largest_element(array)
         if largest > limit:
             raise ElementTooLarge(model.name, model.version, name, largest, limit)
 

@@ -17,6 +17,7 @@ from modelforge.inference.v1 import inference_pb2_grpc
 from modelforge_inference import convert, wire
 from modelforge_inference.domain import ModelRef, Prediction
 from modelforge_inference.engine import InferenceEngine
+from modelforge_inference.signature import STRINGS_OFF_LOOP
 from modelforge_server import paging
 from modelforge_server.settings import CHUNK_HEADROOM
 
@@ -24,8 +25,6 @@ SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"]
 
 # Outputs at least this large are hashed on a worker thread while their chunks go out.
 _HASH_OFF_LOOP_BYTES = 1 << 20
-# String outputs of more elements than this are encoded and hashed on a thread.
-_STRINGS_OFF_LOOP = 4096
 # The hashing thread checks between segments whether the stream still wants the digest (about 45 ms a segment).
 # Each segment ends by taking the GIL back, which may wait the switch interval on a busy event loop: with 4 MiB
 # segments batch-8 streams (25 MB) looked a tenth slower at c=1 (docs/PERFORMANCE.md, item 16), so outputs of up
@@ -84,7 +83,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 # raises here, so no further chunk is built.
                 if tensors.from_numpy_dtype(array.dtype) == tensor_pb2.DATA_TYPE_STRING:
                     # Encoded (and hashed) on a thread when large: a loop busy with it would hold every other call.
-                    large = array.size > _STRINGS_OFF_LOOP
+                    large = array.size > STRINGS_OFF_LOOP
                     to_bytes = convert.string_elements
                     elements = await asyncio.to_thread(to_bytes, array) if large else to_bytes(array)
                     if hashed:

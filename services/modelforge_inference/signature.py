@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -64,18 +64,24 @@ def answer_bytes(model: str, outputs: Mapping[str, np.ndarray[Any, Any]]) -> int
     for name, array in outputs.items():
         total += _OUTPUT_FRAMING_BYTES + len(name.encode()) + _DIM_BYTES * array.ndim
         if array.dtype.kind in "OSU":
-            total += sum(
-                len(item if isinstance(item, bytes) else str(item).encode()) + _ELEMENT_FRAMING_BYTES
-                for item in array.reshape(-1).tolist()
-            )
+            total += sum(len(element) + _ELEMENT_FRAMING_BYTES for element in encoded_elements(array))
         else:
             total += array.nbytes
     return total
 
 
+# String outputs of more elements than this are encoded (checked, hashed) on a thread, not on the event loop.
+STRINGS_OFF_LOOP = 4096
+
+
+def encoded_elements(array: np.ndarray[Any, Any]) -> Iterator[bytes]:
+    """The elements of a string array as an answer carries them (UTF-8 for text), one at a time."""
+    return (item if isinstance(item, bytes) else str(item).encode() for item in array.reshape(-1).tolist())
+
+
 def largest_element(array: np.ndarray[Any, Any]) -> int:
-    """The bytes of the largest element of a string array, as its answer carries them (UTF-8 for text)."""
-    return max(len(item if isinstance(item, bytes) else str(item).encode()) for item in array.reshape(-1).tolist())
+    """The bytes of the largest element of a string array, as its answer carries them."""
+    return max(map(len, encoded_elements(array)))
 
 
 def least_output_bytes(signature: Signature, feeds: Mapping[str, np.ndarray[Any, Any]], names: Iterable[str]) -> int:
