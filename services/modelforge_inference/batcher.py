@@ -184,12 +184,11 @@ class _Run:
 
 @dataclass(slots=True)
 class _Collected:
-    """A batch the queue makes now: its requests and rows, how many of its first requests make the largest
-    preferred batch size (0: none), and whether it is closed, that is whether no request arriving later could join
-    it (it is full, or a request that cannot join it waits on the head's level, ahead of any arrival)."""
+    """A batch the queue makes now: its requests, how many of its first requests make the largest preferred batch
+    size (0: none), and whether it is closed, that is whether no request arriving later could join it (it is full,
+    or a request that cannot join it waits on the head's level, ahead of any arrival)."""
 
     batch: list[_Pending]
-    rows: int
     preferred: int
     closed: bool
 
@@ -446,7 +445,7 @@ class Batcher:
         batch, rows = [head], counted_rows(head.rows)
         preferred = 1 if rows in self._preferred else 0
         if head.rows is None or rows >= limit:
-            return _Collected(batch, rows, preferred, closed=True)
+            return _Collected(batch, preferred, closed=True)
         shares = {head.share}  # an identical request is answered by the run, not run again
         for level in self._queues.levels:
             for pending in level:
@@ -454,15 +453,15 @@ class Batcher:
                     continue
                 if pending.rows is None or pending.key != head.key or rows + pending.rows > limit:
                     # Requests arriving from now on queue behind it on its level, or on a less urgent one.
-                    return _Collected(batch, rows, preferred, closed=pending.level == head.level)
+                    return _Collected(batch, preferred, closed=pending.level == head.level)
                 shares.add(pending.share)
                 batch.append(pending)
                 rows += pending.rows
                 if rows in self._preferred:
                     preferred = len(batch)
                 if rows == limit:
-                    return _Collected(batch, rows, preferred, closed=True)
-        return _Collected(batch, rows, preferred, closed=False)
+                    return _Collected(batch, preferred, closed=True)
+        return _Collected(batch, preferred, closed=False)
 
     # -- scheduling ------------------------------------------------------------------------------------------
 
