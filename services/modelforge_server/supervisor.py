@@ -8,11 +8,11 @@ Order of events:
    (registry, inference, jobs: each may call the ones before it), with the URLs, its port and the others'
    addresses in its environment. The next one starts once this one's health check answers SERVING.
 3. Jobs workers, once the jobs service is up.
+4. The addresses are printed, then the supervisor waits for SIGINT/SIGTERM or for a child to exit.
 
 With ``--inference-replicas N`` the inference service runs as N processes on its one port (SO_REUSEPORT, Linux):
 each also listens alone on a Unix socket of its own, where its health is checked, and has a metrics port and a
 model file cache of its own (:func:`child_environ`); jobs workers spread their batches over 8N connections to it.
-4. The addresses are printed, then the supervisor waits for SIGINT/SIGTERM or for a child to exit.
 
 Shutdown runs in reverse: each child gets SIGTERM and its grace period (MODELFORGE_GRACE_SECONDS) before a
 SIGKILL, then the embedded servers stop. Children run in their own session, so a Ctrl-C in the terminal reaches
