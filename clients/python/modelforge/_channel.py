@@ -149,10 +149,12 @@ def channel_options(
     *,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     keepalive_seconds: float = KEEPALIVE_SECONDS,
+    own_connection: bool = False,
     extra: Sequence[tuple[str, Any]] = (),
 ) -> list[tuple[str, Any]]:
     """Channel arguments: message limits, HTTP/2 frames as large as the protocol allows, retries through the service
-    config, keepalive pings while calls are open, and any caller extras."""
+    config, keepalive pings while calls are open, a TCP connection of the channel's own (`own_connection`), and
+    any caller extras."""
     answer = round(keepalive_seconds / 3 * 1000)
     return [
         ("grpc.max_send_message_length", max_message_bytes),
@@ -166,6 +168,7 @@ def channel_options(
         ("grpc.keepalive_timeout_ms", answer),
         ("grpc.http2.ping_timeout_ms", answer),  # what gRPC waits for the answer by (a minute otherwise)
         ("grpc.http2.max_pings_without_data", 0),  # a quiet watch stays watched, not only for two pings
+        *([OWN_CONNECTION] if own_connection else []),
         *extra,
     ]
 
@@ -183,8 +186,7 @@ def open_channel(
     own_connection: bool = False,
 ) -> grpc.Channel:
     """A blocking-API channel to ``service`` (plaintext; put TLS in front with your own channel)."""
-    extra = [OWN_CONNECTION] if own_connection else []
-    options = channel_options(service, max_message_bytes=max_message_bytes, extra=extra)
+    options = channel_options(service, max_message_bytes=max_message_bytes, own_connection=own_connection)
     return grpc.insecure_channel(resolve_target(service, target), options=options)
 
 
@@ -196,8 +198,7 @@ def open_aio_channel(
     own_connection: bool = False,
 ) -> grpc.aio.Channel:
     """An asyncio channel to ``service``; same options as :func:`open_channel`."""
-    extra = [OWN_CONNECTION] if own_connection else []
-    options = channel_options(service, max_message_bytes=max_message_bytes, extra=extra)
+    options = channel_options(service, max_message_bytes=max_message_bytes, own_connection=own_connection)
     return grpc.aio.insecure_channel(resolve_target(service, target), options=options)
 
 
