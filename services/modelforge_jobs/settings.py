@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -30,11 +30,13 @@ class JobsSettings(ServerSettings):
 
     port: int = ports.JOBS_PORT
     # Prometheus /metrics of the jobs API (MODELFORGE_METRICS_PORT); None means 9103, 0 turns it off.
-    metrics_port: int | None = None
+    metrics_port: int | None = field(default=None, metadata={"shown": f"(unset: {API_METRICS_PORT} for the jobs API)"})
     # /metrics of a worker process (MODELFORGE_WORKER_METRICS_PORT); None means MODELFORGE_METRICS_PORT when that
     # is set (a worker in a container of its own), else 9104; 0 turns it off. Several worker processes on one host
     # each need their own port, or 0, or prometheus_client's multiprocess mode (see modelforge_jobs.worker).
-    worker_metrics_port: int | None = None
+    worker_metrics_port: int | None = field(
+        default=None, metadata={"shown": f"(unset: MODELFORGE_METRICS_PORT if set, else {WORKER_METRICS_PORT})"}
+    )
     # Where the registry and the inference service listen.
     registry_address: str = f"127.0.0.1:{ports.REGISTRY_PORT}"
     inference_address: str = f"127.0.0.1:{ports.INFERENCE_PORT}"

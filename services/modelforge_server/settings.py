@@ -206,6 +206,8 @@ def command_line(module: str, summary: str, cls: type[Any], argv: Sequence[str] 
 
 
 def _default(f: dataclasses.Field[Any]) -> str:
+    if "shown" in f.metadata:  # a default that depends on other settings or on the process, said in words
+        return str(f.metadata["shown"])
     if f.default is not dataclasses.MISSING:
         value = f.default
     elif f.default_factory is not dataclasses.MISSING:

@@ -50,6 +50,8 @@ def test_a_service_lists_its_settings_on_help_and_refuses_arguments_it_would_ign
     assert f"usage: python -m {module}" in helped.stdout
     assert re.search(r"^  MODELFORGE_LOG_LEVEL +INFO$", helped.stdout, re.MULTILINE), helped.stdout
     assert re.search(r"^  MODELFORGE_TRACE_SAMPLE_RATIO +1.0$", helped.stdout, re.MULTILINE), helped.stdout
+    # Every port has a default: one shown as "(unset)" alone would read as "none" (the jobs' used to).
+    assert not re.search(r"PORT +\(unset\)$", helped.stdout, re.MULTILINE), helped.stdout
     refused = subprocess.run(
         [sys.executable, "-m", module, "--port", "6000"], env=env, capture_output=True, text=True, timeout=120
     )
