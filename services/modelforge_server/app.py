@@ -387,18 +387,23 @@ async def serve(server: Server, settings: ServerSettings, *, telemetry: _telemet
     except OSError:
         _refuse_if_taken(settings.host, settings.port, "gRPC", GRPC_PORT_REMEDY, shared=settings.share_port)
         raise
+    claim = None  # the private path's lock, held while this process serves there
     if settings.private_address is not None:
-        ports.check_private(settings.private_address)
+        claim = ports.claim_private(settings.private_address)
         try:
             server.add_port(settings.private_address)
         except OSError:
+            if claim is not None:
+                claim.close()
             ports.check_private(settings.private_address)  # taken meanwhile: says so
             raise SettingsError(
                 f"MODELFORGE_PRIVATE_ADDRESS={settings.private_address!r}: gRPC cannot listen there (its log above "
                 "says why)"
             ) from None
-    endpoint = _serve_metrics(server, settings, telemetry) if telemetry is not None else None
+    endpoint = None
     try:
+        if telemetry is not None:
+            endpoint = _serve_metrics(server, settings, telemetry)
         await server.start()
         where = (
             settings.address
@@ -414,6 +419,8 @@ async def serve(server: Server, settings: ServerSettings, *, telemetry: _telemet
             endpoint.close()
         if telemetry is not None:
             telemetry.shutdown()
+        if claim is not None:
+            claim.close()
 
 
 def check_ports(settings: ServerSettings, telemetry: _telemetry.Telemetry | None = None) -> None:

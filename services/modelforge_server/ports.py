@@ -9,8 +9,10 @@ still possible: the bind's own failure ends in the same :class:`PortInUse`.
 from __future__ import annotations
 
 import errno
+import fcntl
 import socket
 from pathlib import Path
+from typing import BinaryIO
 
 from modelforge_server.settings import SettingsError
 
@@ -26,6 +28,7 @@ __all__ = [
     "REGISTRY_PORT",
     "WORKER_METRICS_PORT",
     "check_private",
+    "claim_private",
     "free",
     "listened",
 ]
@@ -98,23 +101,58 @@ def free(host: str, port: int, *, shared: bool = False) -> bool:
 
 
 def check_private(address: str) -> None:
-    """Refuses a private address (``unix:PATH`` or ``unix-abstract:NAME``) that another process listens on, or a
-    PATH whose directory is missing or that names something other than a socket (gRPC would fail to bind it).
+    """Refuses a private address (``unix:PATH`` or ``unix-abstract:NAME``) that another process listens on or holds,
+    or a PATH whose directory is missing or that names something other than a socket (gRPC would fail to bind it).
 
     Raises:
-        AddressInUse: a process listens there.
+        AddressInUse: a process listens there, or holds the path's lock.
         SettingsError: the path cannot be a socket of this process.
     """
-    if listened(address):
-        raise AddressInUse(address)
+    held = claim_private(address)
+    if held is not None:
+        held.close()
+
+
+def claim_private(address: str) -> BinaryIO | None:
+    """Checks a private address as :func:`check_private` does and, for ``unix:PATH``, holds it for this process
+    until the returned file is closed (or the process ends, however it ends): an exclusive lock on ``PATH.lock``
+    beside it. gRPC removes a socket file it finds at PATH before it binds, so two processes that both checked
+    PATH before either bound it would both bind it, the second taking it from the first; the lock lets one only.
+    An abstract name needs no lock: the kernel refuses a second bind of it.
+
+    Raises:
+        AddressInUse: a process listens there, or holds the path's lock.
+        SettingsError: the path cannot be a socket of this process, or its lock cannot be created.
+    """
     scheme, _, name = address.partition(":")
-    if scheme != "unix":
-        return
-    path = Path(name)
-    if not path.parent.is_dir():
-        raise SettingsError(f"MODELFORGE_PRIVATE_ADDRESS={address!r}: its directory {path.parent} does not exist")
-    if path.exists() and not path.is_socket():
-        raise SettingsError(f"MODELFORGE_PRIVATE_ADDRESS={address!r}: {path} is there and is not a socket")
+    held = None
+    if scheme == "unix":
+        path = Path(name)
+        if not path.parent.is_dir():
+            raise SettingsError(f"MODELFORGE_PRIVATE_ADDRESS={address!r}: its directory {path.parent} does not exist")
+        if path.exists() and not path.is_socket():
+            raise SettingsError(f"MODELFORGE_PRIVATE_ADDRESS={address!r}: {path} is there and is not a socket")
+        held = _lock(address, path.with_name(path.name + ".lock"))
+    if listened(address):
+        if held is not None:
+            held.close()
+        raise AddressInUse(address)
+    return held
+
+
+def _lock(address: str, path: Path) -> BinaryIO:
+    try:
+        held = path.open("ab")
+    except OSError as exc:
+        raise SettingsError(
+            f"MODELFORGE_PRIVATE_ADDRESS={address!r}: cannot create its lock {path}: {exc.strerror}"
+        ) from None
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        held.close()
+        raise AddressInUse(address) from None
+    return held
 
 
 def listened(address: str) -> bool:

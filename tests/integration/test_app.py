@@ -8,6 +8,8 @@ import dataclasses
 import logging
 import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -464,6 +466,36 @@ async def test_a_replica_answers_alone_on_its_private_address_and_no_other_proce
         await asyncio.gather(serving, return_exceptions=True)
         await first.stop(None)
         await second.stop(None)
+
+
+async def test_a_private_path_another_process_is_about_to_bind_is_refused_until_that_process_is_gone(
+    tmp_path: Path,
+) -> None:
+    """Two processes that both found the path free before either bound it: gRPC would let the second take the
+    socket file from the first. The first to check holds it from its check on, however long its bind takes."""
+    path = tmp_path / "replica.sock"
+    settings = ServerSettings(share_port=True, private_address=f"unix:{path}")
+    holding = [
+        sys.executable,
+        "-c",
+        "import sys, time; from modelforge_server import ports; held = ports.claim_private(sys.argv[1]); "
+        "print('held', flush=True); time.sleep(600)",
+        settings.private_address,
+    ]
+    server = _replica(Counting(), settings)
+    with subprocess.Popen(holding, stdout=subprocess.PIPE, text=True) as holder:
+        try:
+            assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+            with pytest.raises(AddressInUse):
+                app.check_ports(settings)
+            with pytest.raises(AddressInUse):
+                await app.serve(server, settings)
+            assert not path.exists()  # refused before gRPC touched the path
+        finally:
+            holder.kill()  # a holder that dies, even by SIGKILL, lets go
+            holder.wait(timeout=30)
+            await server.stop(None)
+    app.check_ports(settings)
 
 
 @pytest.mark.parametrize("where", ["no directory", "a file"])
