@@ -208,7 +208,7 @@ class Batcher:
         mergeable: False when the model cannot be batched (some input or output has a fixed leading dimension).
         execute: Runs a batch; called on `executor`.
         concurrency: Batches of this version that may run at the same time.
-        on_execution: Called on the loop after every run with (rows, requests, compute seconds).
+        on_execution: Called on the loop after every successful run with (rows, requests, compute seconds).
         inline_below: Without merging, run on the event loop while the version's recent runs (a moving average)
             took less than this many seconds; 0 never does.
     """
@@ -604,11 +604,11 @@ class Batcher:
         if ran is None:
             return None
         (outcome,), _, compute = ran
+        if isinstance(outcome, BaseException):
+            raise outcome
         rows = counted_rows(self._rows(feeds))
         if self._on_execution is not None:
             self._on_execution(rows, 1, compute)
-        if isinstance(outcome, BaseException):
-            raise outcome
         return BatchResult(outcome, 0.0, compute, rows)
 
     def _run_inline(self, batch: list[_Pending]) -> bool:
@@ -721,12 +721,13 @@ class Batcher:
         self, live: list[_Pending], outcomes: list[Outcome], started: float, compute: float, *, executed: bool = True
     ) -> None:
         rows = sum(counted_rows(pending.rows) for pending in live)
-        if executed and self._on_execution is not None:
+        if executed and self._on_execution is not None:  # statistics count successful runs only, as Triton's do
+            succeeded = [p for p, outcome in zip(live, outcomes, strict=True) if not isinstance(outcome, BaseException)]
             if isinstance(outcomes, RanApart):
-                for pending in live:
+                for pending in succeeded:
                     self._on_execution(counted_rows(pending.rows), 1, compute / len(live))
-            else:
-                self._on_execution(rows, len(live), compute)
+            elif succeeded:
+                self._on_execution(sum(counted_rows(p.rows) for p in succeeded), len(succeeded), compute)
         for pending, outcome in zip(live, outcomes, strict=True):
             # The request whose run it was reports the outputs as its own (and so stores them in the prediction
             # cache); when its caller has gone, the first identical request answered does.

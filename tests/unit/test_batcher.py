@@ -27,6 +27,7 @@ from modelforge_inference.batcher import (
     Feeds,
     Into,
     Outcome,
+    RanApart,
     split,
 )
 from modelforge_inference.domain import BatchingConfig
@@ -630,6 +631,42 @@ async def test_a_request_run_alone_counts_its_rows_or_one_inference(
     assert result.batch_rows == counted
     assert executions == [(counted, 1)]
     await batcher.aclose()
+
+
+async def test_a_run_that_fails_is_no_execution_in_the_statistics(pool):
+    """As Triton's execution and inference counts: successful runs only, on a thread or on the loop."""
+
+    def execute(batch: Sequence[Feeds], into: Sequence[Into], abort: Abort | None) -> list[Outcome]:
+        return [ValueError("bad") if float(item["x"][0, 0]) < 0 else {"y": item["x"]} for item in batch]
+
+    executions: list[tuple[int, int]] = []
+    batcher = unbatched(pool, execute, on_execution=lambda rows, requests, _: executions.append((rows, requests)))
+    try:
+        for value in (-1.0, -2.0):  # the first on a compute thread, the second on the loop
+            with pytest.raises(ValueError):
+                await batcher.submit(feeds(value, rows=3))
+        await batcher.submit(feeds(1.0, rows=2))
+        assert executions == [(2, 1)]
+    finally:
+        await batcher.aclose()
+
+
+async def test_a_merged_run_that_ran_apart_counts_the_runs_that_succeeded(pool):
+    def execute(batch: Sequence[Feeds], into: Sequence[Into], abort: Abort | None) -> list[Outcome]:
+        outcomes = [ValueError("bad") if float(item["x"][0, 0]) < 0 else {"y": item["x"]} for item in batch]
+        return RanApart(outcomes) if len(batch) > 1 else outcomes
+
+    executions: list[tuple[int, int]] = []
+    batcher = make(
+        pool, execute, max_batch_size=5, on_execution=lambda rows, requests, _: executions.append((rows, requests))
+    )
+    try:
+        bad, good = batcher.submit(feeds(-1.0, rows=2)), batcher.submit(feeds(1.0, rows=3))  # a full batch
+        outcomes = await asyncio.gather(bad, good, return_exceptions=True)
+        assert isinstance(outcomes[0], ValueError) and not isinstance(outcomes[1], BaseException)
+        assert executions == [(3, 1)]
+    finally:
+        await batcher.aclose()
 
 
 async def test_tiny_unbatched_runs_move_onto_the_loop_and_slow_ones_back_to_threads(pool):

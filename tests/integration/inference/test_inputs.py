@@ -234,6 +234,11 @@ async def test_onnxruntime_refusing_the_input_is_invalid_argument(served: Runnin
     code, reason, details = await failure(served.stub.Predict(request))
     assert (code, reason) == (INVALID, "MODEL_RUN_FAILED")
     assert "since it loaded" not in details
+    statistics = await served.stub.GetModelStatistics(inference_pb2.GetModelStatisticsRequest(ref=ref("reshape")))
+    (stats,) = statistics.model_statistics
+    # As Triton counts: the failed runs are failures, not executions or inferences.
+    assert (stats.request_count, stats.failure_count) == (1, 2)
+    assert (stats.execution_count, stats.inference_count, dict(stats.batch_sizes)) == (1, 1, {1: 1})
 
 
 async def test_a_run_that_cannot_allocate_is_resource_exhausted(served: RunningInference):

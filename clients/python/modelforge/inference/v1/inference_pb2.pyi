@@ -774,11 +774,13 @@ class ModelStatistics(_message.Message):
     failure_count: _builtins.int
     """Requests that failed."""
     inference_count: _builtins.int
-    """Items run: the rows of each run of a model with a batch dimension, one per
-    request for a model without one.
+    """Items run successfully: the rows of each successful run of a model with a
+    batch dimension, one per request for a model without one.
     """
     execution_count: _builtins.int
-    """Model runs; fewer than inference_count when batching merged requests."""
+    """Successful model runs; fewer than inference_count when batching merged
+    requests.
+    """
     cache_hit_count: _builtins.int
     """Requests the prediction cache answered."""
     cache_miss_count: _builtins.int
