@@ -502,6 +502,10 @@ class PredictionCache:
         """The counters of one model version (a copy; zeros if the cache never saw it)."""
         return dataclasses.replace(self._counts.get((model, version), CacheCounts()))
 
+    def forget_counts(self, model: str, version: int) -> None:
+        """Drops the counters of a deleted version: a version created later under its number starts from zero."""
+        self._counts.pop((model, version), None)
+
     def statistics(self) -> dict[tuple[str, int], CacheCounts]:
         """The counters of every model version seen, keyed by (name, version)."""
         return {key: self.counts(*key) for key in self._counts}

@@ -141,6 +141,8 @@ class Cache(Protocol):
 
     def counts(self, model: str, version: int) -> Any: ...
 
+    def forget_counts(self, model: str, version: int) -> None: ...
+
 
 @dataclass(eq=False)
 class _Slot:
@@ -259,7 +261,7 @@ class InferenceEngine:
         self._unloading: set[_Slot] = set()
         self._counters: dict[tuple[str, int], _Counters] = {}
         # Counters of versions deleted from the registry, oldest first: still answered by version number.
-        self._retired: collections.OrderedDict[tuple[str, int], _Counters] = collections.OrderedDict()
+        self._retired: collections.OrderedDict[tuple[str, int], ModelStatistics] = collections.OrderedDict()
         self._configs: dict[tuple[str, int, frozenset[tuple[str, str]]], ServingConfig] = {}
         self._tasks: set[asyncio.Future[Any]] = set()
         self._remove_listener: Callable[[], None] | None = None
@@ -774,17 +776,21 @@ class InferenceEngine:
             self._spawn(self._forget(deleted, unloads))
 
     async def _forget(self, keys: Sequence[tuple[str, int]], unloads: Sequence[asyncio.Future[None]]) -> None:
-        """Once deleted versions are unloaded, moves their counters to the retired ones and drops their metric
-        series: a long-running service exports only the versions that still exist."""
+        """Once deleted versions are unloaded, keeps their final statistics among the retired ones (asked for by
+        number, a deleted version still answers) and drops their counters, cache counts and metric series: a
+        long-running service exports only the versions that still exist, and a version created later under the
+        same number starts from zero."""
         await asyncio.gather(*unloads, return_exceptions=True)
         for key in keys:
             if key in self._slots:  # the model was created again and its new version with this number is loaded
                 continue
-            counters = self._counters.pop(key, None)
-            if counters is not None:
-                self._retired[key] = counters
+            if key in self._counters:
+                self._retired[key] = self._statistics_of(*key)
                 while len(self._retired) > RETIRED_STATISTICS:
                     self._retired.popitem(last=False)
+                del self._counters[key]
+            if self._cache is not None:
+                self._cache.forget_counts(*key)
             self._metrics.forget(*key)
 
     async def _recheck(self) -> None:
@@ -893,16 +899,25 @@ class InferenceEngine:
             keys = sorted(key for key in self._counters if key[0] == ref.name)
             if not keys:
                 await self._check_model_exists(ref)
-        elif ref.version is not None and self._counted((ref.name, ref.version)):
+        elif ref.version is not None and (ref.name, ref.version) in self._counters:
             keys = [(ref.name, ref.version)]
+        elif ref.version is not None and (ref.name, ref.version) in self._retired:
+            keys = [await self._retired_or_new(ref)]
         else:
             model = await self._resolve(ref, None)
             keys = [model.key]
         return [self._statistics_of(*key) for key in keys]
 
-    def _counted(self, key: tuple[str, int]) -> bool:
-        """Whether this process has counters of the version, retired ones included."""
-        return key in self._counters or key in self._retired
+    async def _retired_or_new(self, ref: ModelRef) -> tuple[str, int]:
+        """The key of a deleted version this server ran, whose retired statistics answer unless the registry has a
+        version of that number again (the model was created anew): that one's statistics start from zero."""
+        key = (ref.name, ref.version or 0)
+        try:
+            await self._resolve(ref, None)
+        except (RegistryNotFound, Unavailable, DeadlineExceeded):
+            return key  # still deleted, or the registry cannot tell: the statistics this server holds
+        self._retired.pop(key, None)
+        return key
 
     async def _check_model_exists(self, ref: ModelRef) -> None:
         """Raises RegistryNotFound when the registry knows no model ref.name; a model without a READY version
@@ -961,6 +976,7 @@ class InferenceEngine:
         counters = self._counters.get(model.key)
         if counters is None:
             counters = self._counters[model.key] = _Counters()
+            self._retired.pop(model.key, None)  # a version deleted earlier had this number: this one starts anew
         return counters
 
     def _all_statistics(self) -> list[ModelStatistics]:
@@ -975,8 +991,11 @@ class InferenceEngine:
         if self._cache is not None:
             counts = self._cache.counts(name, version)
             hits, misses = counts.hits, counts.misses
-        counters = self._counters.get((name, version)) or self._retired.get((name, version))
-        if counters is None:  # never used in this process
+        counters = self._counters.get((name, version))
+        if counters is None:  # deleted, or never used in this process
+            retired = self._retired.get((name, version))
+            if retired is not None:
+                return retired
             return ModelStatistics(name=name, version=version, cache_hits=hits, cache_misses=misses)
         return ModelStatistics(
             name=name,

@@ -16,6 +16,7 @@ from modelforge.inference.v1 import inference_pb2 as pb
 from modelforge.registry.v1 import registry_pb2
 from modelforge_registry.settings import RegistrySettings
 from tests.fixtures.onnx_models import ModelFile, build_identity, model_bytes
+from tests.fixtures.polling import eventually
 from tests.fixtures.servers import RunningRegistry, registry_settings_for, running_registry
 from tests.integration.inference.conftest import (
     RunningInference,
@@ -75,9 +76,40 @@ async def test_a_deleted_version_keeps_its_statistics_by_number(inference: Runni
     await inference.registry_stub.DeleteModelVersion(registry_pb2.DeleteModelVersionRequest(model="gone", version=1))
     await wait_loaded(inference, [])
 
-    # Counted here, so answered here: the registry, which no longer knows the version, is not asked.
+    # Counted here, so answered here, though the registry no longer knows the version.
     response = await inference.stub.GetModelStatistics(pb.GetModelStatisticsRequest(ref=ref("gone", version=1)))
     assert [(s.model, s.version, s.request_count) for s in response.model_statistics] == [("gone", 1, 1)]
+
+
+async def test_a_model_created_again_under_a_deleted_name_starts_its_statistics_from_zero(
+    inference: RunningInference, add_one: ModelFile
+):
+    cached = {"modelforge.io/cache": "true"}
+    await upload(inference, "again", add_one, labels=cached)
+    request = predict_request(ref("again", version=1), add_one.sample(batch=1))
+    for _ in range(3):  # a miss, then two hits
+        await inference.stub.Predict(request)
+    await inference.registry_stub.DeleteModel(registry_pb2.DeleteModelRequest(name="again", force=True))
+    await wait_loaded(inference, [])
+
+    async def statistics(target: registry_pb2.ModelRef) -> list[tuple[int, int, int, int, int]]:
+        response = await inference.stub.GetModelStatistics(pb.GetModelStatisticsRequest(ref=target))
+        return [
+            (s.version, s.request_count, s.execution_count, s.cache_hit_count, s.cache_miss_count)
+            for s in response.model_statistics
+        ]
+
+    async def retired() -> bool:  # once the unload is done, the counters of the deleted version are put aside
+        return await statistics(ref("again", version=1)) == [(1, 3, 1, 2, 1)]
+
+    await eventually(retired, "the deleted version's statistics")
+    await upload(inference, "again", add_one, labels=cached)  # version 1 again, the same file even
+
+    assert await statistics(ref("again", version=1)) == [(1, 0, 0, 0, 0)]
+    assert await statistics(ref("again")) == []
+    await inference.stub.Predict(request)  # a hit: the cache keys entries by the file, which is the same
+    assert await statistics(ref("again", version=1)) == [(1, 1, 0, 1, 0)]
+    assert await statistics(ref("again")) == [(1, 1, 0, 1, 0)]
 
 
 async def test_statistics_by_name_are_empty_for_a_model_never_run_and_not_found_for_one_the_registry_lacks(
