@@ -610,9 +610,21 @@ class InferenceEngine:
                 slot.last_use = time.time()
                 return slot
             assert slot.loading is not None
-            await self._until(asyncio.shield(slot.loading), deadline, lambda: LoadTimeout(model.name, model.version))
-            if slot.drained is not None:  # unloaded while it loaded: the unload (or the registry's event) stands
+            # A request waiting for the load is in flight: an eviction right after the load waits for it too.
+            slot.in_flight += 1
+            slot.idle.clear()
+            try:
+                await self._until(
+                    asyncio.shield(slot.loading), deadline, lambda: LoadTimeout(model.name, model.version)
+                )
+            except BaseException:
+                self._release(slot)
+                raise
+            if slot.drained is not None and slot.unload_reason is not UnloadReason.EVICTED:
+                self._release(slot)  # unloaded while it loaded: the unload (or the registry's event) stands
                 raise ModelUnloading(model.name, model.version)
+            slot.last_use = time.time()
+            return slot  # READY, or evicted since and serving the requests it holds, as any evicted version does
 
     async def _confirm(self, model: ResolvedModel, deadline: float | None) -> bool:
         """Whether the registry still has `model`'s version with the same file: True when it says so, False when
