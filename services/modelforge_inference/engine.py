@@ -55,6 +55,7 @@ from modelforge_inference.errors import (
     LoadTimeout,
     ModelLoadFailed,
     ModelNotLoaded,
+    ModelOverMemoryBudget,
     ModelRunFailed,
     ModelRunOutOfMemory,
     ModelUnloading,
@@ -600,6 +601,9 @@ class InferenceEngine:
                     await self._confirm(model, deadline)  # unreachable: versions resolved before keep being served
                     confirmed = True
                     continue  # the table may have changed meanwhile
+                budget = self._settings.memory_budget_bytes
+                if model.size_bytes > budget:  # loaded, it would evict every other version and still not fit
+                    raise ModelOverMemoryBudget(model.name, model.version, model.size_bytes, budget)
                 slot = _Slot(model, config)
                 self._slots[key] = slot
                 slot.loading = self._spawn(self._load(slot))
@@ -701,6 +705,15 @@ class InferenceEngine:
         slot.batcher.start()
         slot.state = ModelState.READY
         log.info("loaded %s:%s in %.3f s (about %d MiB)", model.name, model.version, slot.load_seconds, memory >> 20)
+        if memory > self._settings.memory_budget_bytes:
+            log.warning(
+                "%s:%s took about %d MiB to load, more than MODELFORGE_MEMORY_BUDGET_BYTES (%d MiB): it is served "
+                "alone, every other version evicted; raise the budget to keep others loaded beside it",
+                model.name,
+                model.version,
+                memory >> 20,
+                self._settings.memory_budget_bytes >> 20,
+            )
         self._enforce_budget(keep=slot)
 
     def _open(self, path: Path, slot: _Slot) -> tuple[ModelSession, int]:

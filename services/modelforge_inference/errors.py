@@ -156,6 +156,20 @@ class ElementTooLarge(ResourceExhausted):
         )
 
 
+class ModelOverMemoryBudget(ResourceExhausted):
+    """A version whose file alone is larger than the memory budget of loaded versions: no eviction makes room."""
+
+    reason = "MODEL_OVER_MEMORY_BUDGET"
+
+    def __init__(self, model: str, version: int, size: int, budget: int) -> None:
+        super().__init__(
+            f"{model}:{version} is {size} bytes, more than the memory budget of all loaded versions ({budget} bytes, "
+            "MODELFORGE_MEMORY_BUDGET_BYTES); raise that budget to serve it",
+            model=model,
+            version=str(version),
+        )
+
+
 class QueueFull(ResourceExhausted):
     reason = "QUEUE_FULL"
 

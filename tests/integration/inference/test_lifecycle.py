@@ -304,6 +304,25 @@ async def test_a_memory_budget_smaller_than_two_versions_evicts_the_least_recent
         assert counted(running, loads, model="a", version="1", result="ok") == 2
 
 
+async def test_a_version_larger_than_the_whole_memory_budget_is_refused_and_evicts_nothing(
+    start_inference: StartInference, mlp: ModelFile, add_one: ModelFile
+) -> None:
+    async with start_inference(memory_budget_bytes=mlp.size // 2) as running:
+        await upload(running, "small", add_one)
+        await upload(running, "mlp", mlp)
+        await running.stub.LoadModel(pb.LoadModelRequest(ref=ref("small")))
+
+        for call in (
+            running.stub.Predict(predict_request("mlp", mlp.sample(batch=1))),
+            running.stub.LoadModel(pb.LoadModelRequest(ref=ref("mlp"))),
+        ):
+            code, reason, details = await failure(call)
+            assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "MODEL_OVER_MEMORY_BUDGET")
+            assert f"mlp:1 is {mlp.size} bytes, more than the memory budget" in details
+            assert "MODELFORGE_MEMORY_BUDGET_BYTES" in details
+        await wait_loaded(running, [("small", 1, READY)])
+
+
 async def test_a_version_onnx_runtime_cannot_build_fails_its_load_and_is_listed_as_failed(
     inference: RunningInference, add_one: ModelFile
 ) -> None:
