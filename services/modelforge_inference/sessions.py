@@ -117,6 +117,8 @@ def session_options(config: SessionConfig) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads(config.intra_op_threads)
     options.inter_op_num_threads = config.inter_op_threads
+    if config.inter_op_threads > 1:  # ONNX Runtime has an inter-op pool only when it runs independent nodes at once
+        options.execution_mode = ort.ExecutionMode.ORT_PARALLEL
     options.graph_optimization_level = _LEVELS[config.graph_optimization_level]
     spinning = "1" if config.allow_spinning else "0"
     options.add_session_config_entry("session.intra_op.allow_spinning", spinning)

@@ -116,6 +116,18 @@ def test_the_session_is_built_with_the_labelled_options(tmp_path: Path) -> None:
     assert (built.intra_op_num_threads, built.inter_op_num_threads) == (2, 3)
     assert built.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     assert [built.get_session_config_entry(key) for key in SPINNING] == ["1", "1"]
+    assert built.execution_mode == ort.ExecutionMode.ORT_PARALLEL  # the inter-op pool exists in this mode only
+
+
+@pytest.mark.parametrize(("inter_op", "added"), [("1", 0), ("4", 3)])
+def test_inter_op_threads_make_a_pool_of_their_own(tmp_path: Path, inter_op: str, added: int) -> None:
+    """The caller's thread is the pool's first, as ONNX Runtime counts threads: N inter-op threads add N - 1."""
+    path = write_model(build_multi_io(), tmp_path / "model.onnx")
+    labels = {"modelforge.io/intra-op-threads": "1", "modelforge.io/inter-op-threads": inter_op}
+    before = len(os.listdir("/proc/self/task"))
+    session = ModelSession(path, _config(labels))
+    assert len(os.listdir("/proc/self/task")) - before == added
+    del session
 
 
 def test_labels_other_than_serving_options_leave_the_config_equal() -> None:
