@@ -39,14 +39,29 @@ def code_for(exc: BaseException) -> grpc.StatusCode:
 # A client takes only so much metadata with a status (gRPC's default: 8 KiB), and a message goes out three times
 # (grpc-message, the Status's message, a BadRequest's description). One that quotes what a request sent, a name of
 # thousands of characters, would exceed it, and the client would see RESOURCE_EXHAUSTED about metadata instead of
-# the error. Messages and metadata values are cut to these lengths.
+# the error. Messages and metadata values are cut to these sizes, counted as grpc-message carries them.
 MAX_MESSAGE_CHARS = 1024
 MAX_METADATA_CHARS = 256
+_ELLIPSIS = "…"
+
+
+def wire_size(text: str) -> int:
+    """The bytes `text` takes in grpc-message, which percent-encodes every UTF-8 byte of a character other than
+    printable ASCII: an "é" takes 6 bytes, an emoji 12."""
+    return sum(1 if " " <= c <= "~" and c != "%" else 3 * len(c.encode("utf-8", "surrogatepass")) for c in text)
 
 
 def bounded(text: str, limit: int) -> str:
-    """`text`, cut to at most `limit` characters; an ellipsis marks a cut."""
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    """`text`, cut to at most `limit` bytes as grpc-message carries it (see :func:`wire_size`); an ellipsis marks a
+    cut. Its UTF-8 in the status details then takes at most as much."""
+    if len(text) * 12 <= limit or wire_size(text) <= limit:  # no character takes more than 12 bytes
+        return text
+    room, end = limit - wire_size(_ELLIPSIS), 0
+    for end, character in enumerate(text):  # noqa: B007 (end is the cut once the loop stops)
+        room -= wire_size(character)
+        if room < 0:
+            break
+    return text[:end] + _ELLIPSIS
 
 
 def status_for(exc: errors.ServiceError, domain: str) -> status_pb2.Status:

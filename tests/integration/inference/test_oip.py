@@ -501,18 +501,29 @@ async def test_shapes_no_array_can_hold_are_invalid_argument(
     assert needle in details
 
 
+@pytest.mark.parametrize("letter", ["m", "é", "😀"])
 async def test_a_name_of_thousands_of_characters_is_refused_in_words_not_a_metadata_overflow(
-    v2: V2, mlp: ModelFile
+    v2: V2, mlp: ModelFile, letter: str
 ) -> None:
     # The error quotes the name; uncut, the status would exceed the client's 8 KiB metadata limit and the client
-    # would report RESOURCE_EXHAUSTED instead.
+    # would report RESOURCE_EXHAUSTED instead. grpc-message percent-encodes a character beyond ASCII, "😀" as 12
+    # bytes: a thousand of them pass the limit.
     await v2.publish("mlp", mlp)
-    for request, code in (
-        (infer_request("m" * 5000, mlp.sample(1)), grpc.StatusCode.NOT_FOUND),  # no model is named so
-        (infer_request("mlp", mlp.sample(1), model_version="v" * 5000), grpc.StatusCode.INVALID_ARGUMENT),
-        (infer_request("mlp", mlp.sample(1), outputs=[Output(name="o" * 5000)]), grpc.StatusCode.INVALID_ARGUMENT),
+    many = letter * 5000
+    for call, code in (
+        (v2.stub.ModelInfer(infer_request(many, mlp.sample(1))), grpc.StatusCode.NOT_FOUND),  # no model is named so
+        (v2.stub.ModelInfer(infer_request("mlp", mlp.sample(1), model_version=many)), grpc.StatusCode.INVALID_ARGUMENT),
+        (
+            v2.stub.ModelInfer(infer_request("mlp", mlp.sample(1), outputs=[Output(name=many)])),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (v2.stub.ModelMetadata(pb.ModelMetadataRequest(name=many)), grpc.StatusCode.NOT_FOUND),
+        (
+            v2.stub.ModelStatistics(pb.ModelStatisticsRequest(name="mlp", version=many)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
     ):
-        details = await assert_status(v2.stub.ModelInfer(request), code)
+        details = await assert_status(call, code)
         assert details.endswith("…")
 
 
