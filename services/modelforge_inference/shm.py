@@ -121,12 +121,20 @@ class SharedMemoryRegions:
                     f"offset {offset} + byte_size {byte_size} runs past the end of shared memory object {key!r}, "
                     f"which holds {size} bytes",
                 )
-            # mmap offsets must be page-aligned: map from the start and slice.
-            mapping = mmap.mmap(descriptor, offset + byte_size)
+            # mmap offsets must be a multiple of the allocation granularity: map from the one at or below offset.
+            start = offset - offset % mmap.ALLOCATIONGRANULARITY
+            try:
+                mapping = mmap.mmap(descriptor, offset + byte_size - start, offset=start)
+            except (OSError, OverflowError) as exc:  # more than the address space or memory map allows
+                why = getattr(exc, "strerror", None) or exc
+                raise InvalidSharedMemoryRegion(
+                    name, f"{byte_size} bytes of shared memory object {key!r} cannot be mapped: {why}"
+                ) from None
         except BaseException:
             os.close(descriptor)
             raise
-        region = Region(name, key, offset, byte_size, memoryview(mapping)[offset : offset + byte_size], descriptor)
+        view = memoryview(mapping)[offset - start : offset - start + byte_size]
+        region = Region(name, key, offset, byte_size, view, descriptor)
         self._regions[name] = region
         return region
 

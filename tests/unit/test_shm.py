@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -132,9 +134,11 @@ def test_running_out_of_file_descriptors_is_resource_exhausted_not_a_bad_key(tmp
     (tmp_path / "object").write_bytes(bytes(4096))
     script = f"""
 import os, resource
+import os
 import resource
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from modelforge_inference.errors import SharedMemoryRegionsFull
 from modelforge_inference.shm import SharedMemoryRegions
@@ -150,3 +154,28 @@ except SharedMemoryRegionsFull as exc:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
     assert done.stdout.startswith("FULL "), done.stdout + done.stderr
     assert "the server has no file descriptor left to open it" in done.stdout
+
+
+@pytest.fixture
+def huge_object() -> Iterator[str]:
+    """A sparse shared memory object of 4 EiB (tmpfs keeps no page of it), as a client may register."""
+    name = f"modelforge-test-{os.getpid()}-huge"
+    path = Path("/dev/shm") / name
+    path.write_bytes(b"")
+    os.truncate(path, 1 << 62)
+    try:
+        yield name
+    finally:
+        path.unlink()
+
+
+def test_a_region_far_into_an_object_maps_its_own_pages_and_one_too_large_to_map_is_refused(
+    huge_object: str,
+) -> None:
+    regions = SharedMemoryRegions(enabled=True, directory=Path("/dev/shm"))
+    region = regions.register("tail", huge_object, (1 << 62) - 8, 8)  # used to map all 4 EiB before it
+    assert bytes(regions.slice("tail", 0, 8, tensor="t")) == bytes(8)
+    assert region.memory.nbytes == 8
+    with pytest.raises(InvalidSharedMemoryRegion, match=f"{1 << 62} bytes of shared memory object .* cannot be mapped"):
+        regions.register("whole", huge_object, 0, 1 << 62)
+    regions.close()
