@@ -68,6 +68,7 @@ from modelforge_inference.sessions import (
     ModelSession,
     out_of_memory,
     place,
+    quiet_default_logger,
     resident_bytes,
     run_options,
     stack,
@@ -271,6 +272,7 @@ class InferenceEngine:
 
     async def start(self) -> None:
         """Starts the compute pool and listens to registry events. Call once before anything else."""
+        quiet_default_logger()
         self._compute = ThreadPoolExecutor(self._threads, thread_name_prefix="modelforge-compute")
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="modelforge-load")
         self._remove_listener = self._resolver.add_listener(self._on_registry_event)

@@ -69,6 +69,13 @@ def run_options() -> RunOptions:
     return options
 
 
+def quiet_default_logger() -> None:
+    """Turns ONNX Runtime's process-wide logger down to fatal errors. It writes some failures of a run (a size that
+    overflows, an allocation refused) to stderr itself, in a format of its own, once per bad request, although the
+    run raises them and the answer says what they said: a client could fill the log."""
+    ort.set_default_logger_severity(4)
+
+
 def terminate(options: RunOptions) -> None:
     options.terminate = True
 

@@ -25,6 +25,7 @@ from modelforge_inference.sessions import (
     INPUT_ERRORS,
     ModelSession,
     providers,
+    quiet_default_logger,
     run_options,
     session_options,
     terminate,
@@ -467,3 +468,22 @@ def test_a_process_free_to_use_every_cpu_leaves_the_thread_count_to_onnx_runtime
     if len(os.sched_getaffinity(0)) < (os.cpu_count() or 1):
         pytest.skip("this test process is itself held to some CPUs")
     assert session_options(SessionConfig()).intra_op_num_threads == 0
+
+
+def test_a_run_refused_for_an_overflowing_size_raises_and_writes_nothing_to_stderr(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    graph = helper.make_graph(
+        [helper.make_node("ConstantOfShape", ["shape"], ["y"])],
+        "filled",
+        [helper.make_tensor_value_info("shape", TensorProto.INT64, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    path = write_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
+    session = ModelSession(path, _config({}))
+    quiet_default_logger()  # as the engine does when it starts
+
+    with pytest.raises(INPUT_ERRORS):
+        session.run({"shape": np.array([1 << 62], np.int64)}, options=run_options())
+
+    assert capfd.readouterr().err == ""  # ONNX Runtime's own logger used to print the overflow, once per request
