@@ -66,6 +66,7 @@ async def build(settings: InferenceSettings, stack: AsyncExitStack) -> app.Serve
     await resolver.start()
     stack.push_async_callback(resolver.aclose)
     files = await asyncio.to_thread(ModelFileCache, registry, settings.model_directory, settings.model_cache_bytes)
+    stack.callback(files.close)
 
     redis_url = settings.redis_url
     if redis_url is None:

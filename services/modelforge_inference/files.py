@@ -12,6 +12,9 @@ one fits. A file that is *pinned* (:meth:`ModelFileCache.pinned`, held while an 
 from it) is never deleted; if pinned files alone exceed the bound, the cache overshoots it until they are
 unpinned, rather than fail a load. Sessions read the whole file when they are created, so a file may go once
 its session exists.
+
+The directory belongs to one process at a time (a lock on it, held until :meth:`ModelFileCache.close`): a second
+one would delete the first's downloads in progress as leftovers, and evict files it is about to read.
 """
 
 from __future__ import annotations
@@ -19,11 +22,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import fcntl
 import hashlib
 import logging
 import os
 import re
 import secrets
+import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -36,14 +41,25 @@ from modelforge_inference.domain import ResolvedModel
 from modelforge_inference.registry_client import ModelFileCorrupt, RegistryClient
 from modelforge_server import errors, telemetry
 from modelforge_server.flights import SingleFlight
+from modelforge_server.settings import SettingsError
 
-__all__ = ["ModelFileCache", "ModelFileCacheFailed", "ModelFileCorrupt", "ModelFileTooLarge"]
+__all__ = ["ModelDirectoryInUse", "ModelFileCache", "ModelFileCacheFailed", "ModelFileCorrupt", "ModelFileTooLarge"]
 
 log = logging.getLogger(__name__)
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _PARTIAL = ".part"
 _EVICTED = ".evicted"
+
+
+class ModelDirectoryInUse(SettingsError):
+    """Another process holds the model file cache's directory: the process cannot start until it gets one of its own."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(
+            f"the model file cache {directory} is in use by another inference process; give each process its own "
+            "MODELFORGE_MODEL_DIR (or MODELFORGE_DATA_DIR)"
+        )
 
 
 class ModelFileTooLarge(errors.ResourceExhausted):
@@ -109,9 +125,9 @@ class ModelFileCache:
 
     Args:
         registry: A RegistryServiceStub on a grpc.aio channel.
-        directory: Where the files live; created if missing. Files in it named by a sha256 are adopted (and
-            verified when first used), leftovers of interrupted downloads are removed. This scan runs in the
-            constructor, once, before serving.
+        directory: Where the files live; created if missing, and locked for this cache until :meth:`close`.
+            Files in it named by a sha256 are adopted (and verified when first used), leftovers of interrupted
+            downloads are removed. This scan runs in the constructor, once, before serving.
         max_bytes: The most bytes of files kept (pinned files aside).
         stall_seconds: The longest a download waits for the registry's next message before it fails.
     """
@@ -132,7 +148,32 @@ class ModelFileCache:
         self._reserved = 0  # bytes of downloads in progress
         self._flights: SingleFlight[str, Path] = SingleFlight()
         self._tracer = telemetry.tracer(__name__)
-        self._scan()
+        self._unlock = self._lock()
+        try:
+            self._scan()
+        except BaseException:
+            self._unlock()
+            raise
+
+    def close(self) -> None:
+        """Lets go of the directory, for another process (or cache) to take over."""
+        self._unlock()
+
+    def _lock(self) -> weakref.finalize[Any, Any]:
+        """Locks the directory for this cache (until close, or until the cache is garbage collected, or this
+        process ends, however it ends).
+
+        Raises:
+            ModelDirectoryInUse: another process (or another cache of this one) holds it.
+        """
+        self._directory.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(self._directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(descriptor)
+            raise ModelDirectoryInUse(self._directory) from None
+        return weakref.finalize(self, os.close, descriptor)
 
     # -- state -----------------------------------------------------------------------------------------------
 
@@ -323,7 +364,6 @@ class ModelFileCache:
             )
 
     def _scan(self) -> None:
-        self._directory.mkdir(parents=True, exist_ok=True)
         found: list[tuple[float, str, int]] = []
         for entry in os.scandir(self._directory):
             if entry.name.endswith((_PARTIAL, _EVICTED)):  # an interrupted download or eviction

@@ -16,7 +16,13 @@ import pytest
 from modelforge.registry.v1 import registry_pb2_grpc
 from modelforge_inference import files
 from modelforge_inference.domain import ResolvedModel
-from modelforge_inference.files import ModelFileCache, ModelFileCacheFailed, ModelFileCorrupt, ModelFileTooLarge
+from modelforge_inference.files import (
+    ModelDirectoryInUse,
+    ModelFileCache,
+    ModelFileCacheFailed,
+    ModelFileCorrupt,
+    ModelFileTooLarge,
+)
 from modelforge_inference.registry_client import RegistryNotFound, RegistryUnavailable, resolved_model
 from modelforge_server import status
 from modelforge_server.errors import ServiceError
@@ -70,11 +76,30 @@ async def test_files_present_at_start_are_adopted_and_partial_ones_removed(admin
     directory = tmp_path / "models"
     first = ModelFileCache(stub, directory, max_bytes=1 << 20)
     await first.path_for(model)
+    first.close()
     (directory / f".{model.sha256}.dead.part").write_bytes(b"half a file")
 
     second = ModelFileCache(stub, directory, max_bytes=1 << 20)
     assert entries(directory) == {model.sha256}
     assert second.files() == [model.sha256]
+
+
+async def test_a_directory_another_cache_holds_is_refused_and_its_download_in_progress_left_alone(
+    admin, stub, tmp_path: Path
+) -> None:
+    [model] = await add_versions(admin, 4)
+    directory = tmp_path / "models"
+    first = ModelFileCache(stub, directory, max_bytes=1 << 20)
+    partial = directory / f".{model.sha256}.in-progress.part"  # as a download of the first leaves it meanwhile
+    partial.write_bytes(b"half a file")
+
+    with pytest.raises(ModelDirectoryInUse) as caught:  # another process (a replica) given the same directory
+        ModelFileCache(stub, directory, max_bytes=1 << 20)
+
+    assert str(caught.value).startswith(f"the model file cache {directory} is in use by another inference process")
+    assert partial.exists()  # its scan would have deleted the first one's download as a leftover
+    first.close()
+    assert ModelFileCache(stub, directory, max_bytes=1 << 20).files() == []
 
 
 @pytest.mark.parametrize("damage", ["flip a byte", "truncate"])
