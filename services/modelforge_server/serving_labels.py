@@ -33,6 +33,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import onnxruntime as ort
+
 from modelforge_server.settings import parse_int
 
 PREFIX = "modelforge.io/"
@@ -112,8 +114,10 @@ def _level(text: str) -> str:
 
 
 def _providers(text: str) -> tuple[str, ...]:
+    """Names ONNX Runtime knows, whether or not its build here has them: a version may be pushed for replicas
+    with GPUs from a host without one, but a misspelt name would run on the CPU without a word."""
     providers = tuple(part.strip() for part in text.split(",") if part.strip())
-    if not providers:
+    if not providers or not set(providers) <= set(ort.get_all_providers()):
         raise ValueError
     return providers
 
@@ -134,7 +138,9 @@ LABELS: dict[str, Label] = {
     "intra-op-threads": _int(0, MAX_THREADS),
     "inter-op-threads": _int(0, MAX_THREADS),
     "graph-optimization-level": Label(_level, " | ".join(OPTIMIZATION_LEVELS)),
-    "execution-providers": Label(_providers, "comma-separated provider names"),
+    "execution-providers": Label(
+        _providers, "comma-separated ONNX Runtime provider names, such as CUDAExecutionProvider,CPUExecutionProvider"
+    ),
     "allow-spinning": Label(_bool, "true or false"),
     "memory-arena": Label(_bool, "true or false"),
 }

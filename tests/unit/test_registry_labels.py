@@ -88,6 +88,11 @@ def test_no_labels_is_fine() -> None:
             "2047MiB",
             "a size in bytes from 1 to 536870912 (it may end in KiB, MiB, GiB, K, M or G)",
         ),
+        (  # misspelt: it used to be taken, and the version ran on the CPU
+            "modelforge.io/execution-providers",
+            "CUDAExecutionProvder,CPUExecutionProvider",
+            "comma-separated ONNX Runtime provider names, such as CUDAExecutionProvider,CPUExecutionProvider",
+        ),
     ],
 )
 def test_a_serving_label_with_a_value_it_does_not_take_is_refused(key: str, value: str, takes: str) -> None:
@@ -102,6 +107,8 @@ def test_serving_labels_with_values_they_take_pass() -> None:
         "modelforge.io/max-batch-size": "8",
         "modelforge.io/cache": "true",
         "modelforge.io/queue-timeout-seconds": "none",
+        # Known to ONNX Runtime though this build lacks it: a version may be pushed for replicas that have it.
+        "modelforge.io/execution-providers": "TensorrtExecutionProvider, CUDAExecutionProvider,CPUExecutionProvider",
     }
     assert check_labels(labels) == labels
 
