@@ -723,7 +723,7 @@ class InferenceEngine:
         before = resident_bytes()
         attributes = _attributes(slot.model)
         with self._tracer.start_as_current_span("session creation", attributes=attributes):
-            session = ModelSession(path, slot.config.session)
+            session = ModelSession(path, slot.config.session, name=f"{slot.model.name}:{slot.model.version}")
         if self._settings.warmup:
             with self._tracer.start_as_current_span("warmup", attributes=attributes):
                 session.warmup(slot.model.signature)

@@ -86,8 +86,9 @@ def out_of_memory(exc: BaseException) -> bool:
     return any(marker in text for marker in _OUT_OF_MEMORY)
 
 
-def providers(config: SessionConfig) -> list[str]:
-    """The configured providers that this ONNX Runtime build has, in order, always ending with the CPU."""
+def providers(config: SessionConfig, name: str = "the model") -> list[str]:
+    """The configured providers that this ONNX Runtime build has, in order, always ending with the CPU. `name`:
+    the model the session serves, for the warning about a provider missing here."""
     available = set(ort.get_available_providers())
     chosen: list[str] = []
     for provider in config.execution_providers:
@@ -96,9 +97,11 @@ def providers(config: SessionConfig) -> list[str]:
                 chosen.append(provider)
         else:
             log.warning(
-                "execution provider %s is not available in this ONNX Runtime build (it has %s); using the CPU instead",
+                "execution provider %s is not available in this ONNX Runtime build (it has %s); %s runs on the CPU "
+                "instead",
                 provider,
                 ", ".join(sorted(available)),
+                name,
             )
     if _CPU not in chosen:
         chosen.append(_CPU)
@@ -144,8 +147,10 @@ def unserved_inputs(described: list[str]) -> str:
 class ModelSession:
     """One ONNX Runtime session and the output order it returns. `run` is thread-safe and releases the GIL."""
 
-    def __init__(self, path: Path, config: SessionConfig) -> None:
-        self.session = ort.InferenceSession(str(path), session_options(config), providers=providers(config))
+    def __init__(self, path: Path, config: SessionConfig, *, name: str = "the model") -> None:
+        """`name`: the model version the session serves ("resnet:3"), for its log lines."""
+        self.name = name
+        self.session = ort.InferenceSession(str(path), session_options(config), providers=providers(config, name))
         outputs = served_outputs(self.session.get_outputs())
         # Every run names these outputs, so ONNX Runtime never computes the others (a ZipMap's list of dicts).
         self.output_names = [output.name for output in outputs]
@@ -254,7 +259,7 @@ class ModelSession:
         """
         size = sum(_zeros_bytes(spec) for spec in signature.inputs)
         if size > WARMUP_MAX_BYTES:
-            log.info("no warmup run: the model's fixed input shapes come to %d bytes of zeros", size)
+            log.info("no warmup run for %s: its fixed input shapes come to %d bytes of zeros", self.name, size)
             return
         options = run_options()
         timer = threading.Timer(limit, terminate, [options])
@@ -264,9 +269,9 @@ class ModelSession:
             self.run({spec.name: _zeros(spec) for spec in signature.inputs}, options=options)
         except INPUT_ERRORS as exc:
             if options.terminate:
-                log.warning("warmup run stopped after %g s; serving the model without one", limit)
+                log.warning("warmup run of %s stopped after %g s; serving it without one", self.name, limit)
             else:
-                log.warning("warmup run failed; serving the model anyway: %s", exc)
+                log.warning("warmup run of %s failed; serving it anyway: %s", self.name, exc)
         finally:
             timer.cancel()
 

@@ -206,14 +206,14 @@ def test_missing_providers_fall_back_to_the_cpu_with_a_warning_naming_each(caplo
     assert len(missing) == 2 and not set(missing) & set(AVAILABLE)
     caplog.set_level(logging.WARNING, logger="modelforge.inference.sessions")
 
-    chosen = providers(SessionConfig(execution_providers=tuple(missing)))
+    chosen = providers(SessionConfig(execution_providers=tuple(missing)), "resnet:3")
 
     assert chosen == [CPU]
     warnings = [r.getMessage() for r in caplog.records if r.name == "modelforge.inference.sessions"]
     assert len(warnings) == 2
     for provider, message in zip(missing, warnings, strict=True):
         assert message.startswith(f"execution provider {provider} is not available in this ONNX Runtime build")
-        assert message.endswith("using the CPU instead")
+        assert message.endswith("resnet:3 runs on the CPU instead")
     assert all(r.levelno == logging.WARNING for r in caplog.records)
 
 
@@ -425,14 +425,14 @@ def test_a_warmup_that_does_not_end_is_stopped_and_the_model_served_without_one(
     model.graph.node.insert(0, helper.make_node("Add", ["steps", "far"], ["far_steps"], name="further"))
     model.graph.node[1].input[0] = "far_steps"  # the trip count's Reshape
     model.graph.initializer.append(numpy_helper.from_array(np.array([10**12], np.int64), "far"))
-    session = ModelSession(write_model(model, tmp_path / "endless.onnx"), _config({}))
+    session = ModelSession(write_model(model, tmp_path / "endless.onnx"), _config({}), name="endless:2")
     signature = Signature(
         inputs=(TensorSpec("x", np.dtype(np.float32), (-1,)), TensorSpec("steps", np.dtype(np.int64), (1,))),
         outputs=(TensorSpec("y", np.dtype(np.float32), (-1,)),),
     )
     with caplog.at_level(logging.INFO, logger="modelforge.inference"):
         session.warmup(signature, limit=0.5)
-    assert any("warmup run stopped after 0.5 s" in r.getMessage() for r in caplog.records)
+    assert any("warmup run of endless:2 stopped after 0.5 s" in r.getMessage() for r in caplog.records)
     quick = session.run({"x": np.zeros(1, np.float32), "steps": np.array([-(10**12) + 3])})
     assert quick["y"][0] == 3.0  # served: runs that end still run
 

@@ -498,6 +498,7 @@ async def test_changed_session_labels_reload_the_version_with_the_new_options(
     # The new session was built from the new labels: its missing provider was asked for, and fell back.
     warned = [r.getMessage() for r in caplog.records if r.name == "modelforge.inference.sessions"]
     assert len(warned) == 1 and warned[0].startswith(f"execution provider {missing} is not available")
+    assert warned[0].endswith("tuned:1 runs on the CPU instead")
     await inference.stub.Predict(predict_request("tuned", x))  # later requests keep the new session
     assert counted(inference, loads, model="tuned", version="1", result="ok") == 2
 
