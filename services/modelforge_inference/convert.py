@@ -236,6 +236,7 @@ def model_statistics(stats: ModelStatistics) -> pb.ModelStatistics:
         cache_miss_count=stats.cache_misses,
         batch_sizes=dict(stats.batch_sizes),
         last_inference_time=timestamp(stats.last_inference),
+        cancelled_count=stats.cancelled,
     )
 
 

@@ -661,6 +661,7 @@ def model_statistics(message: inference_pb2.ModelStatistics) -> ModelStatistics:
         cache_miss_count=message.cache_miss_count,
         batch_sizes=dict(sorted(message.batch_sizes.items())),
         last_inference_time=_time(message.last_inference_time),
+        cancelled_count=message.cancelled_count,
     )
 
 

@@ -300,8 +300,9 @@ class ModelStatistics:
         version: The version number.
         request_count: Requests answered successfully.
         failure_count: Requests that failed.
-        inference_count: Items run: a request's rows, or one per request for a model without a batch dimension.
-        execution_count: Model runs; fewer than ``inference_count`` when batching merged requests.
+        inference_count: Items run successfully: a request's rows, or one per request for a model without a batch
+            dimension.
+        execution_count: Successful model runs; fewer than ``inference_count`` when batching merged requests.
         queue_time: Sum of successful requests' time in the queue.
         compute_time: Sum of successful requests' compute time.
         total_time: Sum of successful requests' total time.
@@ -309,6 +310,7 @@ class ModelStatistics:
         cache_miss_count: Requests that looked in the cache and ran the model.
         batch_sizes: Items per run to the number of runs of that size.
         last_inference_time: When the version last answered, or None.
+        cancelled_count: Requests whose caller cancelled them, or left, before they were answered.
     """
 
     model: str
@@ -324,6 +326,7 @@ class ModelStatistics:
     cache_miss_count: int = 0
     batch_sizes: Mapping[int, int] = field(default_factory=dict)
     last_inference_time: datetime | None = None
+    cancelled_count: int = 0
 
 
 @dataclass(frozen=True, slots=True)

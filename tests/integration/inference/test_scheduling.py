@@ -154,7 +154,7 @@ async def test_grpc_deadline_passing_in_queue_drops_the_request(single_thread: R
     # The server drops it at its own queue deadline (a failure, rejected for "deadline") or, should gRPC's
     # cancellation of the expired call reach it first, as a cancelled call (no failure): once, either way.
     deadline, cancelled = rejected(single_thread, "slow", "deadline"), rejected(single_thread, "slow", "cancelled")
-    assert (deadline + cancelled, stats.failure_count) == (1, deadline)
+    assert (deadline + cancelled, stats.failure_count, stats.cancelled_count) == (1, deadline, cancelled)
 
 
 async def test_model_default_queue_timeout_applies(single_thread: RunningInference) -> None:
@@ -220,7 +220,7 @@ async def test_cancelled_call_leaves_the_queue_and_never_runs(single_thread: Run
         await waiting
     await blocker
     stats = await statistics(single_thread, "slow")
-    assert (stats.request_count, stats.execution_count) == (1, 1)
+    assert (stats.request_count, stats.execution_count, stats.failure_count, stats.cancelled_count) == (1, 1, 0, 1)
 
 
 # -- a run whose caller leaves stops ----------------------------------------------------------------------------

@@ -179,7 +179,7 @@ class PredictRequest(_message.Message):
 
     @_builtins.property
     def output_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Optional. The outputs to return; empty for all of them."""
+        """Optional. The outputs to return; empty for all of them. A name given twice is answered once."""
 
     @_builtins.property
     def timeout(self) -> _duration_pb2.Duration:
@@ -284,7 +284,7 @@ class PredictStreamRequest(_message.Message):
 
     @_builtins.property
     def output_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Optional. The outputs to return; empty for all of them."""
+        """Optional. The outputs to return; empty for all of them. A name given twice is answered once."""
 
     @_builtins.property
     def timeout(self) -> _duration_pb2.Duration:
@@ -540,10 +540,10 @@ class LoadedModel(_message.Message):
     memory_bytes: _builtins.int
     """An estimate of the memory the loaded session takes."""
     in_flight: _builtins.int
-    """Requests running or queued on it now."""
+    """Requests running or queued on it now, or waiting for it to load."""
     @_builtins.property
     def last_use_time(self) -> _timestamp_pb2.Timestamp:
-        """When a request last used it."""
+        """When a request last ran on it, or asked for it; a request the prediction cache answered does not use it."""
 
     @_builtins.property
     def load_duration(self) -> _duration_pb2.Duration:
@@ -765,17 +765,22 @@ class ModelStatistics(_message.Message):
     CACHE_MISS_COUNT_FIELD_NUMBER: _builtins.int
     BATCH_SIZES_FIELD_NUMBER: _builtins.int
     LAST_INFERENCE_TIME_FIELD_NUMBER: _builtins.int
+    CANCELLED_COUNT_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model's name."""
     version: _builtins.int
     """The version."""
     request_count: _builtins.int
-    """Requests answered successfully, from the cache or by running the model."""
+    """Requests answered successfully, from the cache or by running the model. A PredictStream counts once its
+    outputs are computed, also when its caller then leaves before they are all sent.
+    """
     failure_count: _builtins.int
     """Requests that failed."""
     inference_count: _builtins.int
     """Items run successfully: the rows of each successful run of a model with a
-    batch dimension, one per request for a model without one.
+    batch dimension, one per request for a model without one. Identical requests
+    that shared one run (the prediction cache's single flight) count its rows
+    once; a request of zero rows counts a run of zero items.
     """
     execution_count: _builtins.int
     """Successful model runs; fewer than inference_count when batching merged
@@ -784,7 +789,11 @@ class ModelStatistics(_message.Message):
     cache_hit_count: _builtins.int
     """Requests the prediction cache answered."""
     cache_miss_count: _builtins.int
-    """Requests that looked in the prediction cache and ran the model."""
+    """Requests that looked in the prediction cache and ran the model, or shared the
+    run of an identical request.
+    """
+    cancelled_count: _builtins.int
+    """Requests whose caller cancelled them, or left, before they were answered: neither successes nor failures."""
     @_builtins.property
     def queue_duration(self) -> _duration_pb2.Duration:
         """Sum over successful requests of their time in the queue."""
@@ -821,10 +830,11 @@ class ModelStatistics(_message.Message):
         cache_miss_count: _builtins.int = ...,
         batch_sizes: _abc.Mapping[_builtins.int, _builtins.int] | None = ...,
         last_inference_time: _timestamp_pb2.Timestamp | None = ...,
+        cancelled_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["compute_duration", b"compute_duration", "last_inference_time", b"last_inference_time", "queue_duration", b"queue_duration", "total_duration", b"total_duration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_sizes", b"batch_sizes", "cache_hit_count", b"cache_hit_count", "cache_miss_count", b"cache_miss_count", "compute_duration", b"compute_duration", "execution_count", b"execution_count", "failure_count", b"failure_count", "inference_count", b"inference_count", "last_inference_time", b"last_inference_time", "model", b"model", "queue_duration", b"queue_duration", "request_count", b"request_count", "total_duration", b"total_duration", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_sizes", b"batch_sizes", "cache_hit_count", b"cache_hit_count", "cache_miss_count", b"cache_miss_count", "cancelled_count", b"cancelled_count", "compute_duration", b"compute_duration", "execution_count", b"execution_count", "failure_count", b"failure_count", "inference_count", b"inference_count", "last_inference_time", b"last_inference_time", "model", b"model", "queue_duration", b"queue_duration", "request_count", b"request_count", "total_duration", b"total_duration", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -839,9 +849,10 @@ class GetModelStatisticsRequest(_message.Message):
     REF_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def ref(self) -> _registry_pb2.ModelRef:
-        """Optional. One model version; when unset, every version this server has run. A reference with a name
-        only selects every version of that model this server has run: none for a model it has not run yet, and
-        NOT_FOUND (reason MODEL_NOT_FOUND) when the registry has no model of that name either.
+        """Optional. One model version; when unset, every version this server has run that the registry still has.
+        A reference with a name only selects every such version of that model: none for a model it has not run
+        yet, and NOT_FOUND (reason MODEL_NOT_FOUND) when the registry has no model of that name either. A version
+        the registry deleted answers when asked for by number, with the counts it had when it was deleted.
         """
 
     def __init__(
