@@ -68,6 +68,7 @@ from modelforge_inference.sessions import (
     ModelSession,
     out_of_memory,
     place,
+    prime_runtime,
     quiet_default_logger,
     resident_bytes,
     run_options,
@@ -275,6 +276,7 @@ class InferenceEngine:
         quiet_default_logger()
         self._compute = ThreadPoolExecutor(self._threads, thread_name_prefix="modelforge-compute")
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="modelforge-load")
+        await asyncio.get_running_loop().run_in_executor(self._loader, prime_runtime)
         self._remove_listener = self._resolver.add_listener(self._on_registry_event)
 
     async def aclose(self) -> None:
