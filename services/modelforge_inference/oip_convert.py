@@ -51,7 +51,7 @@ from modelforge_inference.domain import (
 from modelforge_inference.errors import InvalidInput, InvalidSharedMemoryRegion, SharedMemoryOff
 from modelforge_inference.shm import Region, SharedMemoryRegions
 from modelforge_server.errors import InvalidArgument, NotFound
-from modelforge_server.status import MAX_MESSAGE_CHARS, MAX_METADATA_CHARS, bounded
+from modelforge_server.status import MAX_MESSAGE_WIRE_BYTES, MAX_METADATA_WIRE_BYTES, bounded
 
 __all__ = [
     "BACKEND",
@@ -699,10 +699,10 @@ def stream_error_response(request: pb.ModelInferRequest, message: str) -> pb.Mod
     echoed_id = request.id if len(request.id) <= MAX_ECHOED_ID_CHARS else ""
     note = "" if echoed_id == request.id else f" (the request's id, {len(request.id)} characters, is too long to echo)"
     return pb.ModelStreamInferResponse(
-        error_message=bounded(message, MAX_MESSAGE_CHARS - len(note)) + note,
+        error_message=bounded(message, MAX_MESSAGE_WIRE_BYTES - len(note)) + note,
         infer_response=pb.ModelInferResponse(
-            model_name=bounded(request.model_name, MAX_METADATA_CHARS),
-            model_version=bounded(request.model_version, MAX_METADATA_CHARS),
+            model_name=bounded(request.model_name, MAX_METADATA_WIRE_BYTES),
+            model_version=bounded(request.model_version, MAX_METADATA_WIRE_BYTES),
             id=echoed_id,
             parameters=_FINAL_PARAMETERS,
         ),

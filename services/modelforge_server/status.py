@@ -40,8 +40,8 @@ def code_for(exc: BaseException) -> grpc.StatusCode:
 # (grpc-message, the Status's message, a BadRequest's description). One that quotes what a request sent, a name of
 # thousands of characters, would exceed it, and the client would see RESOURCE_EXHAUSTED about metadata instead of
 # the error. Messages and metadata values are cut to these sizes, counted as grpc-message carries them.
-MAX_MESSAGE_CHARS = 1024
-MAX_METADATA_CHARS = 256
+MAX_MESSAGE_WIRE_BYTES = 1024
+MAX_METADATA_WIRE_BYTES = 256
 _ELLIPSIS = "…"
 
 
@@ -67,14 +67,14 @@ def bounded(text: str, limit: int) -> str:
 def status_for(exc: errors.ServiceError, domain: str) -> status_pb2.Status:
     """A google.rpc.Status carrying ErrorInfo(reason, domain, metadata) and, for a field error, BadRequest."""
     code = code_for(exc)
-    message = bounded(str(exc), MAX_MESSAGE_CHARS)
-    metadata = {key: bounded(value, MAX_METADATA_CHARS) for key, value in exc.metadata.items()}
+    message = bounded(str(exc), MAX_MESSAGE_WIRE_BYTES)
+    metadata = {key: bounded(value, MAX_METADATA_WIRE_BYTES) for key, value in exc.metadata.items()}
     info = any_pb2.Any()
     info.Pack(error_details_pb2.ErrorInfo(reason=exc.reason, domain=domain, metadata=metadata))
     details = [info]
     if exc.field:
         bad = any_pb2.Any()
-        field = bounded(exc.field, MAX_METADATA_CHARS)  # it may hold a name the request gave: inputs[<name>]
+        field = bounded(exc.field, MAX_METADATA_WIRE_BYTES)  # it may hold a name the request gave: inputs[<name>]
         violation = error_details_pb2.BadRequest.FieldViolation(field=field, description=message)
         bad.Pack(error_details_pb2.BadRequest(field_violations=[violation]))
         details.append(bad)

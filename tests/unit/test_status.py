@@ -48,14 +48,19 @@ def test_a_message_quoting_a_huge_name_is_cut_to_fit_a_clients_metadata_limit() 
     name = "w" * 10_000
     exc = WidgetNotFound(f"no widget {name!r}", field=f"widgets[{name}]", widget=name)
     proto = status.status_for(exc, "modelforge.test")
-    assert len(proto.message) == status.MAX_MESSAGE_CHARS and proto.message.startswith("no widget 'www")
+    limit = status.MAX_MESSAGE_WIRE_BYTES
+    assert limit - 12 < status.wire_size(proto.message) <= limit and proto.message.startswith("no widget 'www")
     assert proto.message.endswith("…")
     info, bad = error_details_pb2.ErrorInfo(), error_details_pb2.BadRequest()
     assert proto.details[0].Unpack(info) and proto.details[1].Unpack(bad)
-    assert len(info.metadata["widget"]) == status.MAX_METADATA_CHARS
+    assert status.wire_size(info.metadata["widget"]) <= status.MAX_METADATA_WIRE_BYTES
     (violation,) = bad.field_violations
-    assert len(violation.field) == status.MAX_METADATA_CHARS and violation.description == proto.message
+    assert status.wire_size(violation.field) <= status.MAX_METADATA_WIRE_BYTES
+    assert violation.description == proto.message
     assert len(proto.SerializeToString()) + 3 * len(proto.message) < 8 * 1024  # with grpc-message, UTF-8 encoded
+    emoji = status.status_for(WidgetNotFound("no widget " + "😀" * 1000, widget="😀" * 100), "modelforge.test")
+    assert status.wire_size(emoji.message) <= limit  # 12 bytes each in grpc-message: 85 of them
+    assert len(emoji.SerializeToString()) + status.wire_size(emoji.message) < 8 * 1024
     short = WidgetNotFound("no widget 'w'", widget="w")
     assert status.status_for(short, "modelforge.test").message == "no widget 'w'"  # short ones stay whole
 
