@@ -329,3 +329,43 @@ def test_to_text_rejects_numbers_and_bad_utf8() -> None:
         tensors.to_text(np.array([1, 2]), "n")
     with pytest.raises(ValueError, match="string element 0 is not valid UTF-8"):
         tensors.to_text(np.array([b"\xff"], dtype=object))
+
+
+@pytest.mark.parametrize(
+    "value",
+    [["a\udcff"], np.array(["ok", "a\udcff"]), np.array(["a\udcff"], dtype=object)],
+    ids=["list", "str-dtype", "object"],
+)
+def test_a_str_element_utf8_cannot_encode_is_a_value_error_naming_the_tensor(value: object) -> None:
+    with pytest.raises(ValueError, match=r"tensor 'words': string element \d holds a lone surrogate '\\udcff'"):
+        tensors.to_tensor(value, "words")
+
+
+def test_a_ragged_list_is_a_value_error_naming_the_tensor() -> None:
+    with pytest.raises(ValueError, match="tensor 'x': numpy cannot make an array .*nested lists must be rectangular"):
+        tensors.to_tensor([[1.0, 2.0], [3.0]], "x")
+
+
+@pytest.mark.parametrize(
+    ("tensor", "message"),
+    [
+        (
+            Tensor(name="x", dtype=DataType.DATA_TYPE_FLOAT32, shape=[0, 2**62]),
+            r"tensor 'x': shape \[0, 4611686018427387904\] is too large: its nonzero dimensions multiply to "
+            r"4611686018427387904, more than the 2305843009213693951 elements of FLOAT32 an array can hold",
+        ),
+        (
+            Tensor(name="s", dtype=DataType.DATA_TYPE_STRING, shape=[2**40, 0, 2**40]),
+            r"tensor 's': shape \[1099511627776, 0, 1099511627776\] is too large: .* elements of STRING",
+        ),
+        (
+            Tensor(name="x", dtype=DataType.DATA_TYPE_UINT8, shape=[0] * 65),
+            "tensor 'x': shape has 65 dimensions; a tensor has at most 64 dimensions",
+        ),
+    ],
+    ids=["float32", "string", "rank"],
+)
+def test_to_numpy_refuses_an_empty_shape_no_array_can_have(tensor: Tensor, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        tensors.to_numpy(round_trip(tensor))
+    assert tensors.to_numpy(Tensor(name="x", dtype=DataType.DATA_TYPE_FLOAT32, shape=[0, 2**40])).shape == (0, 2**40)

@@ -286,11 +286,30 @@ def element_count(shape: Iterable[int]) -> int:
     return math.prod(shape)
 
 
-def _check_shape(shape: Sequence[int], what: str) -> int:
+# numpy's limits on an array: at most this many dimensions, and at most this many bytes spanned by its dimensions.
+_MAX_RANK = 64
+_MAX_BYTES = int(np.iinfo(np.intp).max)
+
+
+def _check_shape(shape: Sequence[int], dtype: DataType.ValueType, what: str) -> int:
+    """The element count of ``shape``, refused before anything is allocated if no numpy array of ``dtype`` (object,
+    for STRING) can have that shape."""
     for dim in shape:
         if dim < 0:
             raise ValueError(f"{what}: shape {list(shape)} has a negative dimension; dimensions are 0 or more")
-    return math.prod(shape)
+    if len(shape) > _MAX_RANK:
+        raise ValueError(f"{what}: shape has {len(shape)} dimensions; a tensor has at most {_MAX_RANK} dimensions")
+    count = math.prod(shape)
+    # numpy refuses a shape whose nonzero dimensions multiply, times the element size, past the largest intp,
+    # even when a dimension of 0 leaves the array empty.
+    spanned = count if count else math.prod(dim for dim in shape if dim)
+    limit = _MAX_BYTES // to_numpy_dtype(dtype).itemsize
+    if spanned > limit:
+        raise ValueError(
+            f"{what}: shape {list(shape)} is too large: its nonzero dimensions multiply to {spanned}, more than the "
+            f"{limit} elements of {data_type_name(dtype)} an array can hold"
+        )
+    return count
 
 
 def to_numpy(tensor: Tensor, *, text: bool = False) -> np.ndarray[Any, Any]:
@@ -309,14 +328,14 @@ def to_numpy(tensor: Tensor, *, text: bool = False) -> np.ndarray[Any, Any]:
         ``str`` with ``text=True``).
 
     Raises:
-        ValueError: dtype unset or unknown, a negative dimension, a byte length that
+        ValueError: dtype unset or unknown, a negative dimension, a shape no array can have, a byte length that
             does not match the shape, data in the wrong field, BOOL bytes other than 0 and 1,
             or (with ``text=True``) an element that is not valid UTF-8.
     """
     what = f"tensor {tensor.name!r}" if tensor.name else "tensor"
     dtype = _known(tensor.dtype, what)
     shape = tuple(tensor.shape)
-    count = _check_shape(shape, what)
+    count = _check_shape(shape, dtype, what)
     if dtype == _D.DATA_TYPE_STRING:
         if tensor.raw_data:
             raise ValueError(f"{what}: STRING elements go in string_data, but raw_data is set")
@@ -385,13 +404,17 @@ def _string_elements(array: np.ndarray[Any, Any], what: str) -> list[bytes]:
         # Fixed-width bytes drop trailing NULs, as numpy itself does on item access.
         return flat.tolist()
     if array.dtype.kind == "U":
-        return [s.encode("utf-8") for s in flat.tolist()]
+        texts = flat.tolist()
+        try:
+            return [s.encode("utf-8") for s in texts]
+        except UnicodeEncodeError:  # found again below, to say which element
+            return [_encode_utf8(s, index, what) for index, s in enumerate(texts)]
     out: list[bytes] = []
     for index, item in enumerate(flat.tolist()):
         if isinstance(item, bytes):
             out.append(item)
         elif isinstance(item, str):
-            out.append(item.encode("utf-8"))
+            out.append(_encode_utf8(item, index, what))
         elif isinstance(item, bytearray | memoryview):
             out.append(bytes(item))
         else:
@@ -405,6 +428,26 @@ def _string_elements(array: np.ndarray[Any, Any], what: str) -> list[bytes]:
                 f"{what}: STRING elements must be bytes or str, but element {index} is {type(item).__name__}{hint}"
             )
     return out
+
+
+def _encode_utf8(text: str, index: int, what: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate, as os.fsdecode or errors="surrogateescape" leave
+        raise ValueError(
+            f"{what}: string element {index} holds a lone surrogate {text[exc.start]!r} at character {exc.start}, "
+            "which UTF-8 cannot encode: pass the element's original bytes instead of str, or fix the text"
+        ) from None
+
+
+def _as_array(values: Any, what: str) -> np.ndarray[Any, Any]:
+    try:
+        return np.asarray(values)
+    except ValueError as exc:
+        hint = ""
+        if "inhomogeneous" in str(exc):
+            hint = "; nested lists must be rectangular, every list at one depth as long as the others"
+        raise ValueError(f"{what}: numpy cannot make an array of the values given ({exc}){hint}") from None
 
 
 def to_tensor(
@@ -428,11 +471,12 @@ def to_tensor(
         copy when the array is C-contiguous and little-endian.
 
     Raises:
-        ValueError: the array's dtype has no DataType, ``dtype`` disagrees with it, or a
-            STRING element is neither bytes nor str.
+        ValueError: the values are no array (a ragged nested list), the array's dtype has no DataType,
+            ``dtype`` disagrees with it, or a STRING element is neither bytes nor str, or is a str UTF-8 cannot
+            encode (one with a lone surrogate).
     """
     what = f"tensor {name!r}" if name else "tensor"
-    array = np.asarray(array)
+    array = _as_array(array, what)
     found = from_numpy_dtype(array.dtype)
     if dtype is not None and dtype != found:
         dtype = _known(dtype, what)
