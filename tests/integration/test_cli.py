@@ -27,7 +27,7 @@ from modelforge import (
     ResourceExhaustedError,
     VersionState,
 )
-from modelforge.cli import ProgressBar, UsageError, _error_line, _storable, main
+from modelforge.cli import ProgressBar, UsageError, _error_line, _save_outputs, _storable, main
 from tests.fixtures.onnx_models import (  # noqa: F401
     ModelFile,
     add_one,
@@ -263,7 +263,7 @@ async def test_predict_load_stats_and_jobs(
     assert (await cli("jobs", "rm", job_id, *addresses)).code == 0
 
 
-@pytest.mark.parametrize("output", ["../escape", "a/b", ".."])
+@pytest.mark.parametrize("output", ["../escape", "a/b", "..", ".hidden"])
 async def test_predict_out_refuses_an_output_name_that_is_not_a_plain_file_name(
     cli: Cli, inference: RunningInference, tmp_path: Path, output: str
 ) -> None:
@@ -320,6 +320,35 @@ async def test_predict_out_is_checked_before_the_model_runs_and_saves_every_outp
     assert chosen.code == 0, chosen
     assert [p.name for p in out_dir.iterdir()] == ["a.npy"]
     np.testing.assert_array_equal(np.load(out_dir / "a.npy"), np.ones((1, 4), dtype=np.float32))
+
+
+def test_predict_out_never_writes_through_a_link_planted_in_the_directory(tmp_path: Path) -> None:
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"kept")
+    (out_dir / ".y.npy.partial").symlink_to(outside)  # the name the command once wrote y through
+    y = np.arange(4, dtype=np.float32)
+
+    saved = _save_outputs({"y": y}, out_dir)
+
+    assert outside.read_bytes() == b"kept"
+    assert saved == {"y": out_dir / "y.npy"} and not saved["y"].is_symlink()
+    np.testing.assert_array_equal(np.load(saved["y"], allow_pickle=False), y)
+    assert sorted(p.name for p in out_dir.iterdir()) == [".y.npy.partial", "y.npy"]  # nothing of its own left
+
+
+def test_predict_out_saves_an_output_whose_name_just_fits_as_a_file_name(tmp_path: Path) -> None:
+    name = "n" * (os.pathconf(tmp_path, "PC_NAME_MAX") - len(".npy"))
+    y = np.arange(4, dtype=np.float32)
+
+    saved = _save_outputs({"a": y, name: y + 1}, tmp_path / "out")
+
+    assert [p.name for p in sorted((tmp_path / "out").iterdir())] == ["a.npy", f"{name}.npy"]
+    np.testing.assert_array_equal(np.load(saved[name], allow_pickle=False), y + 1)
+    with pytest.raises(OSError, match="File name too long"):  # one byte more: refused before any is saved
+        _save_outputs({"b": y, name + "n": y}, tmp_path / "other")
+    assert list((tmp_path / "other").iterdir()) == []
 
 
 async def test_an_archive_whose_path_holds_an_equals_sign_is_read_as_an_archive(

@@ -7,6 +7,7 @@ The sync client blocks, so its scenario runs in a worker thread while the server
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import time
 from typing import Any
@@ -15,6 +16,7 @@ import grpc
 import numpy as np
 import pytest
 
+import modelforge
 from modelforge import (
     AsyncInferenceClient,
     AsyncRegistryClient,
@@ -26,6 +28,7 @@ from modelforge import (
     Prediction,
     ResourceExhaustedError,
 )
+from modelforge_inference.settings import InferenceSettings
 from tests.fixtures.onnx_models import build_constant, model_bytes
 from tests.fixtures.proxy import TcpProxy
 from tests.integration.inference.conftest import (  # noqa: F401
@@ -39,6 +42,7 @@ from tests.integration.inference.conftest import (  # noqa: F401
     registry,
     registry_settings,
     start_inference,
+    string_model,
 )
 
 
@@ -282,3 +286,152 @@ async def test_a_stream_that_stops_sending_fails_deadline_exceeded_after_the_tim
         await asyncio.wait_for(asyncio.to_thread(sync_scenario), 10)
     finally:
         await proxy.close()
+
+
+async def test_a_call_with_a_timeout_of_its_own_has_that_deadline_instead_of_the_clients(
+    inference: RunningInference, add_one: ModelFile
+) -> None:
+    await _push(inference, add_one, "adder")
+    x = np.ones((2, 4), np.float32)
+    host, port = inference.address.rsplit(":", 1)
+    proxy = await TcpProxy.to_address(host, int(port))
+    proxy.delay = 0.1  # every answer takes longer than the clients' timeout below
+    try:
+        async with AsyncInferenceClient(proxy.address, timeout=0.05) as client:
+            with pytest.raises(DeadlineExceededError):
+                await client.predict("adder", {"x": x})  # the client's timeout, by default
+            np.testing.assert_array_equal((await client.predict("adder", {"x": x}, timeout=30))["y"], x + 1)
+            assert (await client.predict_full("adder", {"x": x}, timeout=None)).version == 1
+            streamed = await client.predict_stream("adder", {"x": x}, timeout=30)
+            np.testing.assert_array_equal(streamed.outputs["y"], x + 1)
+            assert (await client.load("adder", timeout=None)).state is ModelState.READY
+            assert [m.model async for m in client.list_loaded(timeout=30)] == ["adder"]
+            assert (await client.statistics("adder", timeout=None)).models[0].model == "adder"
+            assert [m.version for m in await client.unload("adder", timeout=30)] == [1]
+
+        def blocking() -> None:
+            with InferenceClient(proxy.address, timeout=0.05) as client:
+                with pytest.raises(DeadlineExceededError):
+                    client.load("adder")
+                np.testing.assert_array_equal(client.predict("adder", {"x": x}, timeout=30)["y"], x + 1)
+                assert client.predict_full("adder", {"x": x}, timeout=None).version == 1
+                assert client.predict_stream("adder", {"x": x}, timeout=30).version == 1
+                assert client.load("adder", timeout=None).state is ModelState.READY
+                assert [m.model for m in client.list_loaded(timeout=30)] == ["adder"]
+                assert client.statistics(timeout=None).models
+                assert len(client.unload("adder", timeout=30)) == 1
+
+        await asyncio.to_thread(blocking)
+        proxy.delay = 0.0
+        proxy.stall()  # now no answer comes at all: a call's own timeout ends it, where the client has none
+        async with AsyncInferenceClient(proxy.address, timeout=None) as client:
+            for call in (
+                client.predict("adder", {"x": x}, timeout=0.05),
+                client.predict_stream("adder", {"x": x}, timeout=0.05),
+                client.load("adder", timeout=0.05),
+                client.unload("adder", timeout=0.05),
+                client.statistics(timeout=0.05),
+                anext(client.list_loaded(timeout=0.05)),
+            ):
+                with pytest.raises(DeadlineExceededError):
+                    await asyncio.wait_for(call, 10)
+    finally:
+        await proxy.close()
+
+
+async def test_calls_in_flight_when_the_client_closes_end_with_the_sdks_cancelled_error(
+    inference: RunningInference, add_one: ModelFile
+) -> None:
+    await _push(inference, add_one, "adder")
+    x = np.ones((1, 4), np.float32)
+    host, port = inference.address.rsplit(":", 1)
+    proxy = await TcpProxy.to_address(host, int(port))
+    registry_host, registry_port = inference.registry.address.rsplit(":", 1)
+    registry_proxy = await TcpProxy.to_address(registry_host, int(registry_port))
+    proxy.stall()  # no call through either can finish
+    registry_proxy.stall()
+    try:
+        client = AsyncInferenceClient(proxy.address, timeout=None)
+        registry = AsyncRegistryClient(registry_proxy.address, timeout=None)  # the same code, in every async client
+        calls = [
+            asyncio.create_task(client.predict("adder", {"x": x})),
+            asyncio.create_task(client.predict_stream("adder", {"x": x})),
+            asyncio.create_task(anext(client.list_loaded())),
+            asyncio.create_task(client.load("adder")),
+            asyncio.create_task(registry.get_model("adder")),
+        ]
+        await asyncio.sleep(0)  # each task runs up to its call, which is then in flight
+        await client.close()
+        await registry.close()
+        for call in calls:
+            with pytest.raises(modelforge.CancelledError) as caught:
+                await call
+            assert type(caught.value) is modelforge.CancelledError  # not ClientClosedError: the calls were made
+            assert caught.value.code == grpc.StatusCode.CANCELLED
+            assert "closed while this call was in flight" in str(caught.value)
+    finally:
+        await proxy.close()
+        await registry_proxy.close()
+
+
+async def test_a_cancelled_task_or_an_expired_wait_for_still_ends_with_asyncio_cancellation(
+    inference: RunningInference, add_one: ModelFile
+) -> None:
+    await _push(inference, add_one, "adder")
+    x = np.ones((1, 4), np.float32)
+    host, port = inference.address.rsplit(":", 1)
+    proxy = await TcpProxy.to_address(host, int(port))
+    proxy.stall()
+    try:
+        async with AsyncInferenceClient(proxy.address, timeout=None) as client:
+            task = asyncio.create_task(client.predict("adder", {"x": x}))
+            await asyncio.sleep(0)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(client.predict_stream("adder", {"x": x}), 0.05)
+            # Cancelled by its caller while the client closes: the caller's cancellation, not the client's.
+            task = asyncio.create_task(client.predict("adder", {"x": x}))
+            await asyncio.sleep(0)
+            task.cancel()
+            await client.close()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert task.cancelled()
+    finally:
+        await proxy.close()
+
+
+async def test_a_request_of_as_many_input_bytes_as_the_server_takes_by_default_is_sent(
+    start_inference: StartInference, add_one: ModelFile
+) -> None:
+    defaults = {field.name: field.default for field in dataclasses.fields(InferenceSettings)}
+    limit = defaults["max_request_bytes"]
+    async with start_inference(max_request_bytes=limit, max_message_bytes=defaults["max_message_bytes"]) as running:
+        await _push(running, add_one, "adder")
+        x = np.zeros((limit // 16, 4), np.float32)  # exactly the limit
+        async with AsyncInferenceClient(running.address) as client:
+            streamed = await client.predict_stream("adder", {"x": x}, cache="bypass")  # the answer comes in chunks
+            assert streamed.outputs["y"].shape == x.shape
+            with pytest.raises(InvalidArgumentError) as larger:  # refused by the server's check, naming the limit
+                await client.predict_stream("adder", {"x": np.zeros((x.shape[0] + 1, 4), np.float32)})
+            assert larger.value.reason == "REQUEST_TOO_LARGE"
+
+
+async def test_predicts_numeric_outputs_are_read_only_and_streamed_ones_writable(
+    client: AsyncInferenceClient, inference: RunningInference, add_one: ModelFile, string_model: ModelFile
+) -> None:
+    await _push(inference, add_one, "adder")
+    await _push(inference, string_model, "labeller")
+    x = np.ones((2, 4), np.float32)
+    assert not (await client.predict("adder", {"x": x}))["y"].flags.writeable
+    assert (await client.predict_stream("adder", {"x": x})).outputs["y"].flags.writeable
+    text = np.array(["cat", "dog"])
+    for outputs in (
+        await client.predict("labeller", {"text": text}),
+        (await client.predict_stream("labeller", {"text": text})).outputs,
+    ):
+        label = outputs["label"]
+        assert label.dtype == object and label.flags.writeable
+        assert all(type(item) is bytes for item in label.tolist())

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import inspect
 import io
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -555,3 +557,80 @@ def test_result_check_refuses_records_whose_outputs_disagree() -> None:
         _convert.ResultCheck(6).accept(_result_message(0, y=np.zeros((2, 2), np.float32), z=np.zeros(1, np.int64)))
     with pytest.raises(ValueError, match=re.escape("output 'y' is float32[3] per item from item 2, float32[2] before")):
         check.accept(_result_message(2, y=np.zeros((2, 3), np.float32)))
+
+
+def test_the_default_limits_send_what_the_services_receive_by_default_and_receive_what_they_send() -> None:
+    MiB = 1024 * 1024
+    for service, send in ((_channel.INFERENCE, 68 * MiB), (_channel.REGISTRY, 64 * MiB), (_channel.JOBS, 64 * MiB)):
+        options = dict(_channel.channel_options(service))
+        # The inference service receives MODELFORGE_MAX_REQUEST_BYTES of inputs (64 MiB) plus max(1 MiB, 1/16).
+        assert options["grpc.max_send_message_length"] == send, service.key
+        assert options["grpc.max_receive_message_length"] == 64 * MiB, service.key
+    chosen = dict(_channel.channel_options(_channel.INFERENCE, max_message_bytes=2 * MiB))
+    assert chosen["grpc.max_send_message_length"] == chosen["grpc.max_receive_message_length"] == 2 * MiB
+
+
+def _use_on_another_loop(make: Any, use: Any) -> None:
+    client = asyncio.run(make())  # its loop closes with this run
+    with pytest.raises(RuntimeError, match="created on another event loop, which has closed") as caught:
+        asyncio.run(use(client))
+    assert f"`async with {type(client).__name__}() as client:`" in str(caught.value)
+
+    async def on_two_loops() -> None:
+        live = await make()
+        error: list[BaseException] = []
+
+        def elsewhere() -> None:
+            try:
+                asyncio.run(use(live))
+            except BaseException as exc:  # examined below, on the test's own loop
+                error.append(exc)
+
+        await asyncio.to_thread(elsewhere)
+        await live.close()
+        assert isinstance(error[0], RuntimeError) and "created on another event loop" in str(error[0]), error
+        assert "which has closed" not in str(error[0])
+
+    asyncio.run(on_two_loops())
+
+
+@pytest.mark.parametrize(
+    ("client", "use"),
+    [
+        (modelforge.AsyncInferenceClient, lambda c: c.statistics()),
+        (modelforge.AsyncInferenceClient, lambda c: anext(c.list_loaded())),
+        (modelforge.AsyncRegistryClient, lambda c: c.get_model("m")),
+        (modelforge.AsyncJobsClient, lambda c: c.get_job("00000000-0000-0000-0000-000000000000")),
+    ],
+    ids=["inference", "inference-pages", "registry", "jobs"],
+)
+def test_an_async_client_used_on_another_event_loop_says_where_to_make_it(client: type, use: Any) -> None:
+    # The check comes before any call, so the address is never dialled.
+    async def make() -> Any:
+        return client("127.0.0.1:1", timeout=5)
+
+    async def call(made: Any) -> None:
+        await use(made)
+
+    _use_on_another_loop(make, call)
+
+
+def test_an_array_of_python_objects_is_refused_with_how_to_save_strings_instead(tmp_path: Path) -> None:
+    texts = ["cat", "naïve"]
+    np.save(tmp_path / "texts.npy", np.asarray(texts, dtype=object))  # what np.save(list of str objects) gives
+    np.savez(tmp_path / "texts.npz", t=np.asarray(texts, dtype=object))
+    for name in ("texts.npy", "texts.npz"):
+        with pytest.raises(ValueError) as caught:
+            _arrayfiles.read(tmp_path / name)
+        message = str(caught.value)
+        assert message.startswith(f"{tmp_path / name} holds an array of Python objects"), message
+        assert "np.save(path, np.asarray(texts, dtype=str))" in message and "allow_pickle" not in message
+    np.save(tmp_path / "fixed.npy", np.asarray(texts, dtype=str))  # the advice works
+    assert _arrayfiles.read(tmp_path / "fixed.npy").tolist() == texts
+    (tmp_path / "pickled.npy").write_bytes(pickle.dumps(texts))  # numpy takes anything else for a pickle
+    with pytest.raises(ValueError) as caught:
+        _arrayfiles.read(tmp_path / "pickled.npy")
+    assert str(caught.value) == (
+        f"{tmp_path / 'pickled.npy'} is not a .npy or .npz file that numpy reads without pickle: it starts with "
+        "neither's signature"
+    )

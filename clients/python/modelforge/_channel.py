@@ -11,22 +11,28 @@ the channel's service config (``retryPolicy``), never by a hand-written loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import enum
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Final, Literal, Self, TypeAlias
 
 import grpc
 import grpc.aio
 
+from modelforge._errors import CancelledError, translated
+
 __all__ = [
+    "CLIENT_TIMEOUT",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "Service",
     "INFERENCE",
     "JOBS",
     "REGISTRY",
+    "call_timeout",
     "channel_options",
     "open_aio_channel",
     "open_channel",
@@ -34,8 +40,30 @@ __all__ = [
 ]
 
 MiB = 1024 * 1024
-# The servers' default MODELFORGE_MAX_MESSAGE_BYTES; large tensors go through the streaming RPCs instead.
+# The servers' default MODELFORGE_MAX_MESSAGE_BYTES: the largest message they send, and so the largest a client
+# receives by default; larger outputs come through the streaming RPCs instead.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * MiB
+
+
+class _ClientTimeout(enum.Enum):
+    """The type of :data:`CLIENT_TIMEOUT`, so that type checkers tell it from a number of seconds and None."""
+
+    CLIENT_TIMEOUT = "the client's timeout"
+
+    def __repr__(self) -> str:
+        return "<the client's timeout>"
+
+
+CLIENT_TIMEOUT: Final = _ClientTimeout.CLIENT_TIMEOUT
+"""The default of a method's ``timeout=``: the timeout the client was made with."""
+
+Timeout: TypeAlias = float | None | Literal[_ClientTimeout.CLIENT_TIMEOUT]
+"""A method's ``timeout=``: seconds, None for no limit, or :data:`CLIENT_TIMEOUT`."""
+
+
+def call_timeout(timeout: Timeout, client_timeout: float | None) -> float | None:
+    """The deadline of one call, in seconds from now (None: no limit): ``timeout``, unless it is CLIENT_TIMEOUT."""
+    return client_timeout if timeout is CLIENT_TIMEOUT else timeout
 
 
 @dataclass(frozen=True)
@@ -49,6 +77,9 @@ class Service:
     default_port: int
     idempotent_methods: tuple[str, ...]
     """RPCs that gRPC may repeat on UNAVAILABLE: reads, and writes whose repetition changes nothing."""
+    max_request_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    """The largest request message the service receives with its default settings, and so the largest its clients
+    send by default."""
 
     @property
     def env_var(self) -> str:
@@ -89,6 +120,9 @@ INFERENCE = Service(
         "ListLoadedModels",
         "GetModelStatistics",
     ),
+    # MODELFORGE_MAX_REQUEST_BYTES (64 MiB) of inputs, plus max(1 MiB, 1/16 of that) for the rest of the request:
+    # the server receives that much so that its own check, naming the limit, refuses larger inputs.
+    max_request_message_bytes=64 * MiB + max(1 * MiB, 64 * MiB // 16),
 )
 JOBS = Service(
     key="jobs",
@@ -147,18 +181,25 @@ KEEPALIVE_SECONDS = 30.0
 def channel_options(
     service: Service,
     *,
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    max_message_bytes: int | None = None,
     keepalive_seconds: float = KEEPALIVE_SECONDS,
     own_connection: bool = False,
     extra: Sequence[tuple[str, Any]] = (),
 ) -> list[tuple[str, Any]]:
     """Channel arguments: message limits, HTTP/2 frames as large as the protocol allows, retries through the service
     config, keepalive pings while calls are open, a TCP connection of the channel's own (`own_connection`), and
-    any caller extras."""
+    any caller extras.
+
+    `max_message_bytes` limits the messages sent and received alike; None sends up to the service's
+    ``max_request_message_bytes`` and receives up to DEFAULT_MAX_MESSAGE_BYTES, what the servers receive and send with
+    their default settings.
+    """
     answer = round(keepalive_seconds / 3 * 1000)
+    send = service.max_request_message_bytes if max_message_bytes is None else max_message_bytes
+    receive = DEFAULT_MAX_MESSAGE_BYTES if max_message_bytes is None else max_message_bytes
     return [
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", send),
+        ("grpc.max_receive_message_length", receive),
         # The largest frame we accept: a multi-MiB output then arrives in a few frames instead of hundreds of
         # 16 KiB ones, which moves large responses about a quarter faster (docs/PERFORMANCE.md).
         ("grpc.http2.max_frame_size", MAX_FRAME_SIZE),
@@ -182,7 +223,7 @@ def open_channel(
     service: Service,
     target: str | None,
     *,
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    max_message_bytes: int | None = None,
     own_connection: bool = False,
 ) -> grpc.Channel:
     """A blocking-API channel to ``service`` (plaintext; put TLS in front with your own channel)."""
@@ -194,7 +235,7 @@ def open_aio_channel(
     service: Service,
     target: str | None,
     *,
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    max_message_bytes: int | None = None,
     own_connection: bool = False,
 ) -> grpc.aio.Channel:
     """An asyncio channel to ``service``; same options as :func:`open_channel`."""
@@ -220,7 +261,7 @@ class ChannelClient:
         service: Service,
         target: str | None,
         channel: grpc.Channel | None,
-        max_message_bytes: int,
+        max_message_bytes: int | None,
         connections: int = 1,
     ) -> None:
         if channel is not None and target is not None:
@@ -257,21 +298,25 @@ class AsyncChannelClient:
         service: Service,
         target: str | None,
         channel: grpc.aio.Channel | None,
-        max_message_bytes: int,
+        max_message_bytes: int | None,
         connections: int = 1,
     ) -> None:
         if channel is not None and target is not None:
             raise ValueError("pass either target or channel, not both")
         count = _connections(connections, channel)
-        if channel is None:
-            try:
-                asyncio.get_running_loop()
-            except RuntimeError:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        """The event loop the client's calls must run on: the one it was made on; None for a channel passed in
+        outside a loop, whose owner answers for it."""
+        try:
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:
+            if channel is None:
                 raise RuntimeError(
                     f"create {type(self).__name__} inside the coroutine that uses it (`async with "
                     f"{type(self).__name__}() as client:`): its channel belongs to the event loop running then, and "
                     "outside one it would belong to a loop that never runs"
                 ) from None
+        self._closed = False
         self._owns_channel = channel is None
         self._channels = [channel] if channel is not None else [
             open_aio_channel(service, target, max_message_bytes=max_message_bytes, own_connection=count > 1)
@@ -288,7 +333,46 @@ class AsyncChannelClient:
         await self.close()
 
     async def close(self) -> None:
-        """Closes the channels (unless one was passed in). Calls in flight are cancelled."""
+        """Closes the channels (unless one was passed in). Calls in flight end with :class:`CancelledError`."""
+        self._closed = True
         if self._owns_channel:
             for channel in self._channels:
                 await channel.close()
+
+    @contextlib.contextmanager
+    def _translated(self) -> Iterator[None]:
+        """:func:`translated`, for the calls of this client: refused on an event loop other than the client's, and
+        ended with the SDK's CancelledError, not asyncio's, when the client closes under them.
+
+        grpc.aio cancels a closed channel's calls by cancelling their futures, which raises asyncio.CancelledError
+        in the caller's task although nobody cancelled the task. A task that was cancelled itself
+        (``task.cancel()``, ``asyncio.wait_for`` running out) has a nonzero ``cancelling()`` count, and then
+        asyncio's CancelledError goes on unchanged.
+        """
+        self._check_loop()
+        try:
+            with translated():
+                yield
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if self._closed and task is not None and task.cancelling() == 0:
+                raise CancelledError(_CLOSED_IN_FLIGHT, code=grpc.StatusCode.CANCELLED) from exc
+            raise
+
+    def _check_loop(self) -> None:
+        running = asyncio.get_running_loop()
+        if self._loop is None or running is self._loop:
+            return
+        name = type(self).__name__
+        ended = ", which has closed" if self._loop.is_closed() else ""
+        raise RuntimeError(
+            f"this {name} was created on another event loop{ended}, and its channel belongs to that loop: create "
+            f"the client inside the coroutine that uses it (`async with {name}() as client:`), one for each event "
+            "loop (each asyncio.run() starts a new one)"
+        )
+
+
+_CLOSED_IN_FLIGHT = (
+    "the client was closed while this call was in flight, so the call was cancelled: close the client (or leave "
+    "its `async with` block) once its calls have finished, or make a new client for the call"
+)

@@ -19,7 +19,7 @@ import grpc.aio
 import numpy as np
 
 from modelforge import _convert
-from modelforge._channel import DEFAULT_MAX_MESSAGE_BYTES, INFERENCE, AsyncChannelClient, ChannelClient
+from modelforge._channel import CLIENT_TIMEOUT, INFERENCE, AsyncChannelClient, ChannelClient, Timeout, call_timeout
 from modelforge._convert import Progress
 from modelforge._domain import LoadedModel, Prediction, Statistics
 from modelforge._errors import DeadlineExceededError, translated
@@ -117,7 +117,11 @@ class InferenceClient(ChannelClient):
         timeout: Seconds allowed for each call (the gRPC deadline; the server drops the request when it passes
             while queued); None for no limit. A PredictStream has it for the model's run, until the first
             message, and then for each wait for the next; the transfer as a whole takes as long as it needs.
-        max_message_bytes: Largest message sent or received; use :meth:`predict_stream` for larger outputs.
+            Each method's ``timeout=`` replaces it for that call.
+        max_message_bytes: Largest message sent or received; None for what the service takes and gives with its
+            default settings: requests of up to 68 MiB (64 MiB of inputs, its ``MODELFORGE_MAX_REQUEST_BYTES``, and
+            room for the rest) and answers of up to 64 MiB (its ``MODELFORGE_MAX_MESSAGE_BYTES``). Use
+            :meth:`predict_stream` for larger outputs.
         connections: Connections to open to ``target``, each call taking the next in turn. Where one address
             spreads connections over several processes (``modelforge up --inference-replicas``, replicas sharing
             a port, a TCP load balancer), one client's calls then reach them all. A connection lands on one
@@ -135,7 +139,7 @@ class InferenceClient(ChannelClient):
         *,
         channel: grpc.Channel | None = None,
         timeout: float | None = 60.0,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_message_bytes: int | None = None,
         connections: int = 1,
     ) -> None:
         super().__init__(INFERENCE, target, channel, max_message_bytes, connections)
@@ -154,6 +158,7 @@ class InferenceClient(ChannelClient):
         priority: int = 0,
         queue_timeout: float | None = None,
         cache: str | None = None,
+        timeout: Timeout = CLIENT_TIMEOUT,
     ) -> dict[str, np.ndarray[Any, Any]]:
         """Runs a model and returns its outputs.
 
@@ -164,12 +169,14 @@ class InferenceClient(ChannelClient):
             priority: Queue priority, 1 the most urgent; 0 the least.
             queue_timeout: Seconds the request may wait in the batch queue (it can only shorten the model's).
             cache: ``"use"``, ``"bypass"`` or ``"refresh"`` for the prediction cache; None for the default.
+            timeout: Seconds allowed for this call, instead of the client's timeout; None for no limit.
 
         Returns:
-            Output name to a read-only array viewing the response's bytes (``.copy()`` to write to it).
+            Output name to array. Numeric outputs are read-only arrays viewing the response's bytes (``.copy()``
+            one to write to it). String outputs are writable ``object`` arrays of ``bytes``.
         """
         return self.predict_full(
-            ref, inputs, outputs=outputs, priority=priority, queue_timeout=queue_timeout, cache=cache
+            ref, inputs, outputs=outputs, priority=priority, queue_timeout=queue_timeout, cache=cache, timeout=timeout
         ).outputs_dict()
 
     def predict_full(
@@ -181,13 +188,14 @@ class InferenceClient(ChannelClient):
         priority: int = 0,
         queue_timeout: float | None = None,
         cache: str | None = None,
+        timeout: Timeout = CLIENT_TIMEOUT,
     ) -> Prediction:
         """Like :meth:`predict`, and also says which version ran, the timings, and whether the cache answered."""
         request = _convert.predict_request(
             ref, inputs, outputs=outputs, priority=priority, queue_timeout=queue_timeout, cache=cache
         )
         with translated():
-            response = next(self._turns).Predict(request, timeout=self._timeout)
+            response = next(self._turns).Predict(request, timeout=call_timeout(timeout, self._timeout))
         return _convert.prediction(response)
 
     def predict_stream(
@@ -201,6 +209,7 @@ class InferenceClient(ChannelClient):
         cache: str | None = None,
         progress: Progress | None = None,
         verify: bool = True,
+        timeout: Timeout = CLIENT_TIMEOUT,
     ) -> Prediction:
         """Runs a model and receives its outputs as a stream of chunks, for outputs too large for one message.
 
@@ -208,25 +217,30 @@ class InferenceClient(ChannelClient):
 
         Args:
             ref, inputs, outputs, priority, queue_timeout, cache: As for :meth:`predict`.
+            timeout: Seconds allowed for the model's run and then for each wait for the next chunk, instead of the
+                client's timeout; None for no limit. It also bounds the request's wait in the batch queue.
             progress: Called as ``progress(received, total)`` as chunks arrive: bytes of numeric outputs plus
                 elements of string outputs (whose size in bytes the header does not give).
             verify: False asks the server not to hash the outputs (``skip_sha256``) and skips the check here,
                 saving about 0.7 s of CPU per GB on each end; the chunks' order and sizes are still checked.
 
         Returns:
-            The outputs, with the version that ran, the timings and whether the cache answered.
+            The outputs, with the version that ran, the timings and whether the cache answered. Numeric outputs
+            are writable arrays over buffers of their own; string outputs are writable ``object`` arrays of
+            ``bytes``.
 
         Raises:
             IntegrityError: the stream was incomplete, or (with verify) an output's sha256 is missing or differs.
         """
-        queue_timeout = _stream_queue_timeout(queue_timeout, self._timeout)
+        seconds = call_timeout(timeout, self._timeout)
+        queue_timeout = _stream_queue_timeout(queue_timeout, seconds)
         request = _convert.predict_stream_request(
             ref, inputs, outputs=outputs, priority=priority, queue_timeout=queue_timeout, cache=cache, verify=verify
         )
         assembler = _convert.StreamAssembler(progress, verify=verify)
         with translated():  # a closed client fails here, before the call exists
             call = next(self._turns).PredictStream(request)
-        watchdog = _Watchdog(call.cancel, self._timeout)
+        watchdog = _Watchdog(call.cancel, seconds)
         try:
             with translated():
                 for message in call:
@@ -235,55 +249,77 @@ class InferenceClient(ChannelClient):
         except BaseException as exc:
             call.cancel()
             if watchdog.fired:
-                raise _stalled(self._timeout) from exc
+                raise _stalled(seconds) from exc
             raise
         finally:
             watchdog.close()
         return assembler.finish()
 
-    def load(self, ref: str | ModelRef) -> LoadedModel:
-        """Loads a model version now (with its warmup run) instead of on its first request; returns it READY."""
+    def load(self, ref: str | ModelRef, *, timeout: Timeout = CLIENT_TIMEOUT) -> LoadedModel:
+        """Loads a model version now (with its warmup run) instead of on its first request; returns it READY.
+
+        Args:
+            ref: ``"name"`` (newest READY version), ``"name:3"`` or ``"name@production"``.
+            timeout: Seconds allowed for this call, instead of the client's timeout (a model with a long warmup
+                may need more than predictions do); None for no limit.
+        """
         with translated():
             response = next(self._turns).LoadModel(
-                pb.LoadModelRequest(ref=_convert.ref_proto(ref)), timeout=self._timeout
+                pb.LoadModelRequest(ref=_convert.ref_proto(ref)), timeout=call_timeout(timeout, self._timeout)
             )
         return _convert.loaded_model(response.loaded_model)
 
-    def unload(self, ref: str | ModelRef) -> list[LoadedModel]:
+    def unload(self, ref: str | ModelRef, *, timeout: Timeout = CLIENT_TIMEOUT) -> list[LoadedModel]:
         """Unloads a model version once its requests have finished; ``"name"`` unloads every loaded version.
+
+        Args:
+            ref: ``"name:3"`` or ``"name@production"`` for one version; ``"name"`` for every loaded one.
+            timeout: Seconds allowed for this call, instead of the client's timeout; None for no limit.
 
         Raises:
             NotFoundError: no matching version is loaded.
         """
         with translated():
             response = next(self._turns).UnloadModel(
-                pb.UnloadModelRequest(ref=_convert.ref_proto(ref)), timeout=self._timeout
+                pb.UnloadModelRequest(ref=_convert.ref_proto(ref)), timeout=call_timeout(timeout, self._timeout)
             )
         return [_convert.loaded_model(m) for m in response.unloaded_models]
 
-    def list_loaded(self, *, model: str = "", page_size: int = 100) -> Iterator[LoadedModel]:
+    def list_loaded(
+        self, *, model: str = "", page_size: int = 100, timeout: Timeout = CLIENT_TIMEOUT
+    ) -> Iterator[LoadedModel]:
         """Iterates over the model versions the server holds, by name and version, fetching pages lazily (every page
-        over one connection: with several, each may reach another replica)."""
+        over one connection: with several, each may reach another replica).
+
+        Args:
+            model: Only the versions of this model; ``""`` for all.
+            page_size: Versions fetched per call.
+            timeout: Seconds allowed for each page's call, instead of the client's timeout; None for no limit.
+        """
         stub = next(self._turns)
+        seconds = call_timeout(timeout, self._timeout)
         token = ""
         while True:
             request = pb.ListLoadedModelsRequest(
                 page_size=_convert.whole_number(page_size, "page_size"), page_token=token, model=model
             )
             with translated():
-                page = stub.ListLoadedModels(request, timeout=self._timeout)
+                page = stub.ListLoadedModels(request, timeout=seconds)
             yield from (_convert.loaded_model(m) for m in page.loaded_models)
             if not (token := page.next_page_token):
                 return
 
-    def statistics(self, ref: str | ModelRef | None = None) -> Statistics:
+    def statistics(self, ref: str | ModelRef | None = None, *, timeout: Timeout = CLIENT_TIMEOUT) -> Statistics:
         """Counters per model version the server has run, and the prediction cache's health.
 
         Args:
             ref: One version (``"name:3"``), every version of a model (``"name"``), or None for all.
+            timeout: Seconds allowed for this call, instead of the client's timeout; None for no limit.
         """
         with translated():
-            response = next(self._turns).GetModelStatistics(_statistics_request(ref), timeout=self._timeout)
+            response = next(self._turns).GetModelStatistics(
+                _statistics_request(ref), timeout=call_timeout(timeout, self._timeout)
+            )
         return _statistics(response)
 
 
@@ -299,8 +335,10 @@ class AsyncInferenceClient(AsyncChannelClient):
         target: ``host:port`` of the inference service; defaults to ``MODELFORGE_INFERENCE_ADDRESS``, else
             ``127.0.0.1:50052``.
         channel: A ``grpc.aio`` channel of your own; the client does not close it. Excludes ``target``.
-        timeout: Seconds allowed for each call; None for no limit. PredictStream: as for InferenceClient.
-        max_message_bytes: Largest message sent or received.
+        timeout: Seconds allowed for each call; None for no limit. PredictStream: as for InferenceClient. Each
+            method's ``timeout=`` replaces it for that call.
+        max_message_bytes: Largest message sent or received; None for the service's defaults, as for
+            InferenceClient.
         connections: Connections to open to ``target``, each call taking the next in turn: as for InferenceClient.
     """
 
@@ -310,7 +348,7 @@ class AsyncInferenceClient(AsyncChannelClient):
         *,
         channel: grpc.aio.Channel | None = None,
         timeout: float | None = 60.0,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_message_bytes: int | None = None,
         connections: int = 1,
     ) -> None:
         super().__init__(INFERENCE, target, channel, max_message_bytes, connections)
@@ -329,10 +367,11 @@ class AsyncInferenceClient(AsyncChannelClient):
         priority: int = 0,
         queue_timeout: float | None = None,
         cache: str | None = None,
+        timeout: Timeout = CLIENT_TIMEOUT,
     ) -> dict[str, np.ndarray[Any, Any]]:
         """See :meth:`InferenceClient.predict`."""
         prediction = await self.predict_full(
-            ref, inputs, outputs=outputs, priority=priority, queue_timeout=queue_timeout, cache=cache
+            ref, inputs, outputs=outputs, priority=priority, queue_timeout=queue_timeout, cache=cache, timeout=timeout
         )
         return prediction.outputs_dict()
 
@@ -345,13 +384,14 @@ class AsyncInferenceClient(AsyncChannelClient):
         priority: int = 0,
         queue_timeout: float | None = None,
         cache: str | None = None,
+        timeout: Timeout = CLIENT_TIMEOUT,
     ) -> Prediction:
         """See :meth:`InferenceClient.predict_full`."""
         request = _convert.predict_request(
             ref, inputs, outputs=outputs, priority=priority, queue_timeout=queue_timeout, cache=cache
         )
-        with translated():
-            response = await next(self._turns).Predict(request, timeout=self._timeout)
+        with self._translated():
+            response = await next(self._turns).Predict(request, timeout=call_timeout(timeout, self._timeout))
         return _convert.prediction(response)
 
     async def predict_stream(
@@ -365,22 +405,24 @@ class AsyncInferenceClient(AsyncChannelClient):
         cache: str | None = None,
         progress: Progress | None = None,
         verify: bool = True,
+        timeout: Timeout = CLIENT_TIMEOUT,
     ) -> Prediction:
         """See :meth:`InferenceClient.predict_stream`. Progress is called on the event loop."""
-        queue_timeout = _stream_queue_timeout(queue_timeout, self._timeout)
+        seconds = call_timeout(timeout, self._timeout)
+        queue_timeout = _stream_queue_timeout(queue_timeout, seconds)
         request = _convert.predict_stream_request(
             ref, inputs, outputs=outputs, priority=priority, queue_timeout=queue_timeout, cache=cache, verify=verify
         )
         assembler = _convert.StreamAssembler(progress, verify=verify)
-        with translated():  # a closed client fails here, before the call exists
+        with self._translated():  # a closed client fails here, before the call exists
             call = next(self._turns).PredictStream(request)
         try:
-            with translated():
+            with self._translated():
                 while True:
                     try:
-                        message = await asyncio.wait_for(call.read(), self._timeout)
+                        message = await asyncio.wait_for(call.read(), seconds)
                     except TimeoutError:
-                        raise _stalled(self._timeout) from None
+                        raise _stalled(seconds) from None
                     if message is grpc.aio.EOF:
                         break
                     assembler.accept(message)
@@ -389,39 +431,44 @@ class AsyncInferenceClient(AsyncChannelClient):
             raise
         return assembler.finish()
 
-    async def load(self, ref: str | ModelRef) -> LoadedModel:
+    async def load(self, ref: str | ModelRef, *, timeout: Timeout = CLIENT_TIMEOUT) -> LoadedModel:
         """See :meth:`InferenceClient.load`."""
-        with translated():
+        with self._translated():
             response = await next(self._turns).LoadModel(
-                pb.LoadModelRequest(ref=_convert.ref_proto(ref)), timeout=self._timeout
+                pb.LoadModelRequest(ref=_convert.ref_proto(ref)), timeout=call_timeout(timeout, self._timeout)
             )
         return _convert.loaded_model(response.loaded_model)
 
-    async def unload(self, ref: str | ModelRef) -> list[LoadedModel]:
+    async def unload(self, ref: str | ModelRef, *, timeout: Timeout = CLIENT_TIMEOUT) -> list[LoadedModel]:
         """See :meth:`InferenceClient.unload`."""
-        with translated():
+        with self._translated():
             response = await next(self._turns).UnloadModel(
-                pb.UnloadModelRequest(ref=_convert.ref_proto(ref)), timeout=self._timeout
+                pb.UnloadModelRequest(ref=_convert.ref_proto(ref)), timeout=call_timeout(timeout, self._timeout)
             )
         return [_convert.loaded_model(m) for m in response.unloaded_models]
 
-    async def list_loaded(self, *, model: str = "", page_size: int = 100) -> AsyncIterator[LoadedModel]:
+    async def list_loaded(
+        self, *, model: str = "", page_size: int = 100, timeout: Timeout = CLIENT_TIMEOUT
+    ) -> AsyncIterator[LoadedModel]:
         """See :meth:`InferenceClient.list_loaded`; iterate with ``async for``."""
         stub = next(self._turns)
+        seconds = call_timeout(timeout, self._timeout)
         token = ""
         while True:
             request = pb.ListLoadedModelsRequest(
                 page_size=_convert.whole_number(page_size, "page_size"), page_token=token, model=model
             )
-            with translated():
-                page = await stub.ListLoadedModels(request, timeout=self._timeout)
+            with self._translated():
+                page = await stub.ListLoadedModels(request, timeout=seconds)
             for m in page.loaded_models:
                 yield _convert.loaded_model(m)
             if not (token := page.next_page_token):
                 return
 
-    async def statistics(self, ref: str | ModelRef | None = None) -> Statistics:
+    async def statistics(self, ref: str | ModelRef | None = None, *, timeout: Timeout = CLIENT_TIMEOUT) -> Statistics:
         """See :meth:`InferenceClient.statistics`."""
-        with translated():
-            response = await next(self._turns).GetModelStatistics(_statistics_request(ref), timeout=self._timeout)
+        with self._translated():
+            response = await next(self._turns).GetModelStatistics(
+                _statistics_request(ref), timeout=call_timeout(timeout, self._timeout)
+            )
         return _statistics(response)

@@ -24,7 +24,7 @@ import grpc.aio
 import numpy as np
 
 from modelforge import _arrayfiles, _convert
-from modelforge._channel import DEFAULT_MAX_MESSAGE_BYTES, JOBS, AsyncChannelClient, ChannelClient
+from modelforge._channel import JOBS, AsyncChannelClient, ChannelClient
 from modelforge._convert import DEFAULT_CHUNK_BYTES, MiB, Progress, ResultCheck, SavedResult
 from modelforge._domain import Dataset, JobPriority, JobState, JobStatus
 from modelforge._errors import (
@@ -413,7 +413,8 @@ class JobsClient(ChannelClient):
         channel: A channel of your own; the client does not close it. Excludes ``target``.
         timeout: Seconds allowed for each unary call; None for no limit. Watches, uploads and results (streams)
             have no limit.
-        max_message_bytes: Largest message sent or received.
+        max_message_bytes: Largest message sent or received; None for what the service takes and gives with its
+            default settings, 64 MiB.
     """
 
     def __init__(
@@ -422,7 +423,7 @@ class JobsClient(ChannelClient):
         *,
         channel: grpc.Channel | None = None,
         timeout: float | None = 30.0,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_message_bytes: int | None = None,
     ) -> None:
         super().__init__(JOBS, target, channel, max_message_bytes)
         self.timeout = timeout
@@ -600,7 +601,7 @@ class AsyncJob:
 
     async def refresh(self) -> JobStatus:
         """See :meth:`Job.refresh`."""
-        with translated():
+        with self._client._translated():
             response = await self._client.jobs_stub.GetJob(pb.GetJobRequest(id=self.id), timeout=self._client.timeout)
         self.status = _convert.job_status(response.job)
         return self.status
@@ -609,10 +610,10 @@ class AsyncJob:
         """See :meth:`Job.watch`; iterate with ``async for``."""
         reconnect = _Reconnect(timeout)
         while True:
-            with translated():  # a closed client fails here, before the call exists
+            with self._client._translated():  # a closed client fails here, before the call exists
                 call = self._client.jobs_stub.WatchJob(pb.WatchJobRequest(id=self.id), timeout=reconnect.remaining())
             try:
-                with translated():
+                with self._client._translated():
                     async for message in call:
                         reconnect.reached()
                         self.status = _convert.job_status(message.job)
@@ -661,10 +662,10 @@ class AsyncJob:
 
     async def _results(self) -> AsyncGenerator[pb.GetJobResultResponse, None]:
         """See :meth:`Job._results`."""
-        with translated():  # a closed client fails here, before the call exists
+        with self._client._translated():  # a closed client fails here, before the call exists
             call = self._client.jobs_stub.GetJobResult(pb.GetJobResultRequest(id=self.id))
         try:
-            with translated():
+            with self._client._translated():
                 async for message in call:
                     yield message
         except FailedPreconditionError as exc:
@@ -674,7 +675,7 @@ class AsyncJob:
 
     async def cancel(self) -> JobStatus:
         """See :meth:`Job.cancel`."""
-        with translated():
+        with self._client._translated():
             response = await self._client.jobs_stub.CancelJob(
                 pb.CancelJobRequest(id=self.id), timeout=self._client.timeout
             )
@@ -683,7 +684,7 @@ class AsyncJob:
 
     async def retry(self) -> JobStatus:
         """See :meth:`Job.retry`."""
-        with translated():
+        with self._client._translated():
             response = await self._client.jobs_stub.RetryJob(
                 pb.RetryJobRequest(id=self.id), timeout=self._client.timeout
             )
@@ -692,7 +693,7 @@ class AsyncJob:
 
     async def delete(self) -> int:
         """See :meth:`Job.delete`."""
-        with translated():
+        with self._client._translated():
             response = await self._client.jobs_stub.DeleteJob(
                 pb.DeleteJobRequest(id=self.id), timeout=self._client.timeout
             )
@@ -715,7 +716,8 @@ class AsyncJobsClient(AsyncChannelClient):
             ``127.0.0.1:50053``.
         channel: A ``grpc.aio`` channel of your own; the client does not close it. Excludes ``target``.
         timeout: Seconds allowed for each unary call; None for no limit.
-        max_message_bytes: Largest message sent or received.
+        max_message_bytes: Largest message sent or received; None for what the service takes and gives with its
+            default settings, 64 MiB.
     """
 
     def __init__(
@@ -724,7 +726,7 @@ class AsyncJobsClient(AsyncChannelClient):
         *,
         channel: grpc.aio.Channel | None = None,
         timeout: float | None = 30.0,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_message_bytes: int | None = None,
     ) -> None:
         super().__init__(JOBS, target, channel, max_message_bytes)
         self.timeout = timeout
@@ -765,7 +767,7 @@ class AsyncJobsClient(AsyncChannelClient):
         if upload and arrays is not None:
             request.dataset_id = uploaded = (await self.upload_dataset(arrays, progress=progress)).id
         try:
-            with translated():
+            with self._translated():
                 response = await self.jobs_stub.CreateJob(request, timeout=self.timeout)
         except BaseException:  # refused, failed, cancelled...
             if uploaded is not None:
@@ -783,7 +785,7 @@ class AsyncJobsClient(AsyncChannelClient):
 
     async def get_job(self, job_id: str) -> AsyncJob:
         """See :meth:`JobsClient.get_job`."""
-        with translated():
+        with self._translated():
             response = await self.jobs_stub.GetJob(pb.GetJobRequest(id=job_id), timeout=self.timeout)
         return AsyncJob(self, _convert.job_status(response.job))
 
@@ -806,7 +808,7 @@ class AsyncJobsClient(AsyncChannelClient):
                 model=model,
                 labels=dict(labels or {}),
             )
-            with translated():
+            with self._translated():
                 page = await self.jobs_stub.ListJobs(request, timeout=self.timeout)
             for j in page.jobs:
                 yield AsyncJob(self, _convert.job_status(j))
@@ -827,13 +829,13 @@ class AsyncJobsClient(AsyncChannelClient):
         requests = _convert.dataset_upload_requests(
             data, display_name=display_name, labels=labels, chunk_bytes=chunk_bytes, progress=progress
         )
-        with translated():
+        with self._translated():
             response = await self.jobs_stub.UploadDataset(requests)
         return _convert.dataset(response.dataset)
 
     async def get_dataset(self, dataset_id: str) -> Dataset:
         """See :meth:`JobsClient.get_dataset`."""
-        with translated():
+        with self._translated():
             response = await self.jobs_stub.GetDataset(pb.GetDatasetRequest(id=dataset_id), timeout=self.timeout)
         return _convert.dataset(response.dataset)
 
@@ -846,7 +848,7 @@ class AsyncJobsClient(AsyncChannelClient):
             request = pb.ListDatasetsRequest(
                 page_size=_convert.whole_number(page_size, "page_size"), page_token=token, labels=dict(labels or {})
             )
-            with translated():
+            with self._translated():
                 page = await self.jobs_stub.ListDatasets(request, timeout=self.timeout)
             for d in page.datasets:
                 yield _convert.dataset(d)
@@ -855,5 +857,5 @@ class AsyncJobsClient(AsyncChannelClient):
 
     async def delete_dataset(self, dataset_id: str) -> None:
         """See :meth:`JobsClient.delete_dataset`."""
-        with translated():
+        with self._translated():
             await self.jobs_stub.DeleteDataset(pb.DeleteDatasetRequest(id=dataset_id), timeout=self.timeout)

@@ -18,7 +18,7 @@ import grpc
 import grpc.aio
 
 from modelforge import _convert
-from modelforge._channel import DEFAULT_MAX_MESSAGE_BYTES, REGISTRY, AsyncChannelClient, ChannelClient
+from modelforge._channel import REGISTRY, AsyncChannelClient, ChannelClient
 from modelforge._convert import DEFAULT_CHUNK_BYTES, Progress
 from modelforge._domain import Model, ModelEvent, ModelVersion, VersionState
 from modelforge._errors import CancelledError, DeadlineExceededError, ModelForgeError, naming, translated, with_details
@@ -161,7 +161,8 @@ class RegistryClient(ChannelClient):
         channel: A channel of your own (TLS, interceptors...); the client does not close it. Excludes ``target``.
         timeout: Seconds allowed for each unary call; None for no limit. Streams (uploads, downloads,
             watches) have no limit.
-        max_message_bytes: Largest message sent or received.
+        max_message_bytes: Largest message sent or received; None for what the service takes and gives with its
+            default settings, 64 MiB.
 
     Raises:
         modelforge.ModelForgeError: from any method, when the registry refuses a call; the subclass
@@ -174,7 +175,7 @@ class RegistryClient(ChannelClient):
         *,
         channel: grpc.Channel | None = None,
         timeout: float | None = 30.0,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_message_bytes: int | None = None,
     ) -> None:
         super().__init__(REGISTRY, target, channel, max_message_bytes)
         self._timeout = timeout
@@ -518,7 +519,8 @@ class AsyncRegistryClient(AsyncChannelClient):
             ``127.0.0.1:50051``.
         channel: A ``grpc.aio`` channel of your own; the client does not close it. Excludes ``target``.
         timeout: Seconds allowed for each unary call; None for no limit.
-        max_message_bytes: Largest message sent or received.
+        max_message_bytes: Largest message sent or received; None for what the service takes and gives with its
+            default settings, 64 MiB.
     """
 
     def __init__(
@@ -527,7 +529,7 @@ class AsyncRegistryClient(AsyncChannelClient):
         *,
         channel: grpc.aio.Channel | None = None,
         timeout: float | None = 30.0,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_message_bytes: int | None = None,
     ) -> None:
         super().__init__(REGISTRY, target, channel, max_message_bytes)
         self._timeout = timeout
@@ -541,13 +543,13 @@ class AsyncRegistryClient(AsyncChannelClient):
         request = pb.CreateModelRequest(
             model=pb.Model(name=validate_model_name(name), description=description, labels=labels or {})
         )
-        with translated():
+        with self._translated():
             response = await self.registry_stub.CreateModel(request, timeout=self._timeout)
         return _convert.model(response.model)
 
     async def get_model(self, name: str) -> Model:
         """See :meth:`RegistryClient.get_model`."""
-        with translated():
+        with self._translated():
             response = await self.registry_stub.GetModel(
                 pb.GetModelRequest(name=validate_model_name(name)), timeout=self._timeout
             )
@@ -565,7 +567,7 @@ class AsyncRegistryClient(AsyncChannelClient):
                 page_size=_convert.whole_number(page_size, "page_size"),
                 page_token=token,
             )
-            with translated():
+            with self._translated():
                 page = await self.registry_stub.ListModels(request, timeout=self._timeout)
             for m in page.models:
                 yield _convert.model(m)
@@ -577,13 +579,13 @@ class AsyncRegistryClient(AsyncChannelClient):
     ) -> Model:
         """See :meth:`RegistryClient.update_model`."""
         request = _convert.update_model_request(name, description=description, labels=labels)
-        with translated():
+        with self._translated():
             response = await self.registry_stub.UpdateModel(request, timeout=self._timeout)
         return _convert.model(response.model)
 
     async def delete_model(self, name: str, *, force: bool = False) -> int:
         """See :meth:`RegistryClient.delete_model`."""
-        with translated():
+        with self._translated():
             response = await self.registry_stub.DeleteModel(
                 pb.DeleteModelRequest(name=validate_model_name(name), force=force), timeout=self._timeout
             )
@@ -619,7 +621,7 @@ class AsyncRegistryClient(AsyncChannelClient):
             sha256, size = await asyncio.to_thread(_convert.hash_file, source)
             plan = _upload_plan(name, sha256, size, create_model, description, labels, version_label, progress)
             requests = self._file_requests(plan, Path(source), chunk_bytes)
-        with translated():
+        with self._translated():
             response = await self.registry_stub.UploadModelVersion(requests)
         version = _convert.model_version(response.model_version)
         if alias is not None:
@@ -639,7 +641,7 @@ class AsyncRegistryClient(AsyncChannelClient):
     async def resolve(self, ref: str | ModelRef) -> ModelVersion:
         """See :meth:`RegistryClient.resolve`."""
         request = pb.ResolveModelRefRequest(ref=_convert.ref_proto(ref))
-        with translated():
+        with self._translated():
             response = await self.registry_stub.ResolveModelRef(request, timeout=self._timeout)
         return _convert.model_version(response.model_version)
 
@@ -663,7 +665,7 @@ class AsyncRegistryClient(AsyncChannelClient):
                 page_token=token,
                 state=state_value,
             )
-            with translated():
+            with self._translated():
                 page = await self.registry_stub.ListModelVersions(request, timeout=self._timeout)
             for v in page.model_versions:
                 yield _convert.model_version(v)
@@ -683,14 +685,14 @@ class AsyncRegistryClient(AsyncChannelClient):
         request = _convert.update_version_request(
             name, number, description=description, labels=labels, version_label=version_label
         )
-        with translated():
+        with self._translated():
             response = await self.registry_stub.UpdateModelVersion(request, timeout=self._timeout)
         return _convert.model_version(response.model_version)
 
     async def archive(self, ref: str | ModelRef) -> ModelVersion:
         """See :meth:`RegistryClient.archive`."""
         name, number = await self._number(ref)
-        with translated():
+        with self._translated():
             response = await self.registry_stub.ArchiveModelVersion(
                 pb.ArchiveModelVersionRequest(model=name, version=number), timeout=self._timeout
             )
@@ -699,7 +701,7 @@ class AsyncRegistryClient(AsyncChannelClient):
     async def restore(self, ref: str | ModelRef) -> ModelVersion:
         """See :meth:`RegistryClient.restore`."""
         name, number = await self._number(ref)
-        with translated():
+        with self._translated():
             response = await self.registry_stub.RestoreModelVersion(
                 pb.RestoreModelVersionRequest(model=name, version=number), timeout=self._timeout
             )
@@ -708,7 +710,7 @@ class AsyncRegistryClient(AsyncChannelClient):
     async def delete_version(self, ref: str | ModelRef) -> bool:
         """See :meth:`RegistryClient.delete_version`."""
         name, number = await self._number(ref)
-        with translated():
+        with self._translated():
             response = await self.registry_stub.DeleteModelVersion(
                 pb.DeleteModelVersionRequest(model=name, version=number), timeout=self._timeout
             )
@@ -718,7 +720,7 @@ class AsyncRegistryClient(AsyncChannelClient):
 
     async def set_alias(self, name: str, alias: str, version: int) -> ModelVersion:
         """See :meth:`RegistryClient.set_alias`."""
-        with translated():
+        with self._translated():
             response = await self.registry_stub.SetAlias(
                 pb.SetAliasRequest(
                     model=validate_model_name(name), alias=validate_alias(alias), version=validate_version(version)
@@ -729,7 +731,7 @@ class AsyncRegistryClient(AsyncChannelClient):
 
     async def delete_alias(self, name: str, alias: str) -> int:
         """See :meth:`RegistryClient.delete_alias`."""
-        with translated():
+        with self._translated():
             response = await self.registry_stub.DeleteAlias(
                 pb.DeleteAliasRequest(model=validate_model_name(name), alias=validate_alias(alias)),
                 timeout=self._timeout,
@@ -746,7 +748,7 @@ class AsyncRegistryClient(AsyncChannelClient):
         check = _convert.DownloadCheck(progress=progress)
         request = pb.DownloadModelVersionRequest(ref=_convert.ref_proto(ref))
         try:
-            with translated():
+            with self._translated():
                 async for message in self.registry_stub.DownloadModelVersion(request):
                     data = check.accept(message)
                     # Made here at the header, not on a thread: a call cancelled while a thread made the file would
@@ -763,12 +765,12 @@ class AsyncRegistryClient(AsyncChannelClient):
 
     async def watch(self, *, model: str = "") -> AsyncIterator[ModelEvent]:
         """See :meth:`RegistryClient.watch`; iterate with ``async for``."""
-        with translated():  # a closed client fails here, before the call exists
+        with self._translated():  # a closed client fails here, before the call exists
             call = self.registry_stub.WatchModelEvents(
                 pb.WatchModelEventsRequest(model=validate_model_name(model) if model else "")
             )
         try:
-            with translated():
+            with self._translated():
                 async for message in call:
                     yield _convert.model_event(message.event)
         finally:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import os
+import secrets
 import signal
 import sys
 import time
@@ -533,10 +535,10 @@ def _check_output_file_names(names: Iterable[str]) -> None:
     """Refuses output names that are not a plain file name, before ``--out`` writes anything.
 
     The names come from the model, not from the user: saved as ``DIR/NAME.npy``, ``../../x`` or ``/tmp/x`` would
-    land outside ``DIR``, and ``""``, ``.`` or ``..`` would make a hidden file.
+    land outside ``DIR``, and ``""``, ``.``, ``..`` or any name starting with ``.`` would make a hidden file.
     """
     for name in names:
-        if name in {"", ".", ".."} or any(c in name for c in "/\\\0"):
+        if name.startswith(".") or name == "" or any(c in name for c in "/\\\0"):
             raise UsageError(
                 f"output {name!r} is not a plain file name, so --out cannot save it as DIR/NAME.npy; "
                 "drop --out, choose the other outputs with --output, "
@@ -556,18 +558,35 @@ def _check_out_dir(out_dir: Path) -> None:
         raise UsageError(f"--out {out_dir}: {existing} is not writable here; choose another directory")
 
 
+def _new_partial_file(out_dir: Path) -> tuple[int, Path]:
+    """A new empty file in `out_dir` to write an output into before it is moved in place, open for writing.
+
+    The file is created by this call (O_EXCL), so nothing is ever written through a link planted in `out_dir`, and
+    its name is short and random, so every output name that fits as NAME.npy fits. Its mode is a plain open's.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+    while True:
+        partial = out_dir / f".{secrets.token_hex(8)}.partial"
+        with contextlib.suppress(FileExistsError):  # the name is taken (a file or a link): draw another
+            return os.open(partial, flags, 0o666), partial
+
+
 def _save_outputs(outputs: Mapping[str, np.ndarray[Any, Any]], out_dir: Path) -> dict[str, Path]:
     """Saves every output as DIR/NAME.npy, or none: each is written beside its place, then all are moved in."""
     _check_output_file_names(outputs)
     storable_outputs = {name: _storable(name, array) for name, array in outputs.items()}
     out_dir.mkdir(parents=True, exist_ok=True)
+    # A name too long fails here, before any output is moved in: not at its move, after the others'.
+    longest = os.pathconf(out_dir, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
+    for name in storable_outputs:
+        if len(os.fsencode(f"{name}.npy")) > longest:
+            raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), str(out_dir / f"{name}.npy"))
     written: dict[Path, Path] = {}  # partial file -> its place
     try:
         for name, array in storable_outputs.items():
-            place = out_dir / f"{name}.npy"
-            partial = out_dir / f".{name}.npy.partial"
-            written[partial] = place
-            with open(partial, "wb") as f:
+            fd, partial = _new_partial_file(out_dir)
+            written[partial] = out_dir / f"{name}.npy"
+            with os.fdopen(fd, "wb") as f:
                 np.save(f, array, allow_pickle=False)
         for partial, place in written.items():
             os.replace(partial, place)
