@@ -634,3 +634,12 @@ def test_an_array_of_python_objects_is_refused_with_how_to_save_strings_instead(
         f"{tmp_path / 'pickled.npy'} is not a .npy or .npz file that numpy reads without pickle: it starts with "
         "neither's signature"
     )
+
+
+def test_statistics_carry_every_counter_of_the_message() -> None:
+    message = inference_pb2.ModelStatistics(
+        model="m", version=2, request_count=5, failure_count=1, cancelled_count=3, cache_hit_count=4
+    )
+    stats = _convert.model_statistics(message)
+    assert (stats.model, stats.version, stats.request_count, stats.failure_count) == ("m", 2, 5, 1)
+    assert (stats.cancelled_count, stats.cache_hit_count) == (3, 4)
