@@ -527,12 +527,14 @@ async def test_stats_without_a_ref_lists_every_version_run_in_a_table(
     assert table.code == 0, table.err
     header, *rows, cache = table.out.splitlines()
     assert re.split(r"\s{2,}", header) == [
-        "MODEL", "REQUESTS", "FAILURES", "ITEMS", "RUNS", "MEAN MS", "CACHE HIT/MISS", "LAST"
+        "MODEL", "REQUESTS", "FAILURES", "CANCELLED", "ITEMS", "RUNS", "MEAN MS", "CACHE HIT/MISS", "LAST"
     ]  # fmt: skip
     # idle was never run, so it has no counters to show.
-    assert [row.split()[:5] for row in rows] == [["alpha:1", "2", "0", "6", "2"], ["beta:1", "1", "1", "3", "1"]]
-    assert [row.split()[6] for row in rows] == ["0/0", "0/0"]
-    assert all(float(row.split()[5]) > 0 for row in rows)  # mean milliseconds per answered request
+    assert [row.split()[:6] for row in rows] == [
+        ["alpha:1", "2", "0", "0", "6", "2"], ["beta:1", "1", "1", "0", "3", "1"]
+    ]  # fmt: skip
+    assert [row.split()[7] for row in rows] == ["0/0", "0/0"]
+    assert all(float(row.split()[6]) > 0 for row in rows)  # mean milliseconds per answered request
     assert cache == "prediction cache: OK"
 
     as_json = json.loads((await cli("stats", "--json", *addresses)).out)

@@ -622,13 +622,13 @@ def cmd_stats(ctx: Context) -> int:
     for s in stats.models:
         mean = s.total_time.total_seconds() * 1000 / s.request_count if s.request_count else 0.0
         rows.append(
-            [f"{s.model}:{s.version}", str(s.request_count), str(s.failure_count), str(s.inference_count),
-             str(s.execution_count), f"{mean:.2f}", f"{s.cache_hit_count}/{s.cache_miss_count}",
-             _when(s.last_inference_time)]
+            [f"{s.model}:{s.version}", str(s.request_count), str(s.failure_count), str(s.cancelled_count),
+             str(s.inference_count), str(s.execution_count), f"{mean:.2f}",
+             f"{s.cache_hit_count}/{s.cache_miss_count}", _when(s.last_inference_time)]
         )  # fmt: skip
     _table(
         rows,
-        ["MODEL", "REQUESTS", "FAILURES", "ITEMS", "RUNS", "MEAN MS", "CACHE HIT/MISS", "LAST"],
+        ["MODEL", "REQUESTS", "FAILURES", "CANCELLED", "ITEMS", "RUNS", "MEAN MS", "CACHE HIT/MISS", "LAST"],
         ctx.out,
     )
     print(f"prediction cache: {stats.cache_status.value}", file=ctx.out)
