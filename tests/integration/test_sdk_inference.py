@@ -264,10 +264,8 @@ async def test_a_stream_that_stops_sending_fails_deadline_exceeded_after_the_tim
 ) -> None:
     await _push(inference, image_generator, "painter")
     feeds = image_generator.sample(2)
-    host, port = inference.address.rsplit(":", 1)
-    proxy = await TcpProxy.to_address(host, int(port))
-    loop = asyncio.get_running_loop()
-    try:
+    async with TcpProxy.in_front_of(inference.address) as proxy:
+        loop = asyncio.get_running_loop()
         async with AsyncInferenceClient(proxy.address, timeout=STREAM_TIMEOUT) as client:
             with pytest.raises(DeadlineExceededError, match=r"PredictStream sent nothing for 0.5 s"):
                 await asyncio.wait_for(
@@ -284,8 +282,6 @@ async def test_a_stream_that_stops_sending_fails_deadline_exceeded_after_the_tim
                 client.predict_stream("painter", feeds, progress=stall_from_the_thread)
 
         await asyncio.wait_for(asyncio.to_thread(sync_scenario), 10)
-    finally:
-        await proxy.close()
 
 
 async def test_a_call_with_a_timeout_of_its_own_has_that_deadline_instead_of_the_clients(
@@ -293,10 +289,8 @@ async def test_a_call_with_a_timeout_of_its_own_has_that_deadline_instead_of_the
 ) -> None:
     await _push(inference, add_one, "adder")
     x = np.ones((2, 4), np.float32)
-    host, port = inference.address.rsplit(":", 1)
-    proxy = await TcpProxy.to_address(host, int(port))
-    proxy.delay = 0.1  # every answer takes longer than the clients' timeout below
-    try:
+    async with TcpProxy.in_front_of(inference.address) as proxy:
+        proxy.delay = 0.1  # every answer takes longer than the clients' timeout below
         async with AsyncInferenceClient(proxy.address, timeout=0.05) as client:
             with pytest.raises(DeadlineExceededError):
                 await client.predict("adder", {"x": x})  # the client's timeout, by default
@@ -335,8 +329,6 @@ async def test_a_call_with_a_timeout_of_its_own_has_that_deadline_instead_of_the
             ):
                 with pytest.raises(DeadlineExceededError):
                     await asyncio.wait_for(call, 10)
-    finally:
-        await proxy.close()
 
 
 async def test_calls_in_flight_when_the_client_closes_end_with_the_sdks_cancelled_error(
@@ -344,13 +336,12 @@ async def test_calls_in_flight_when_the_client_closes_end_with_the_sdks_cancelle
 ) -> None:
     await _push(inference, add_one, "adder")
     x = np.ones((1, 4), np.float32)
-    host, port = inference.address.rsplit(":", 1)
-    proxy = await TcpProxy.to_address(host, int(port))
-    registry_host, registry_port = inference.registry.address.rsplit(":", 1)
-    registry_proxy = await TcpProxy.to_address(registry_host, int(registry_port))
-    proxy.stall()  # no call through either can finish
-    registry_proxy.stall()
-    try:
+    async with (
+        TcpProxy.in_front_of(inference.address) as proxy,
+        TcpProxy.in_front_of(inference.registry.address) as registry_proxy,
+    ):
+        proxy.stall()  # no call through either can finish
+        registry_proxy.stall()
         client = AsyncInferenceClient(proxy.address, timeout=None)
         registry = AsyncRegistryClient(registry_proxy.address, timeout=None)  # the same code, in every async client
         calls = [
@@ -369,9 +360,6 @@ async def test_calls_in_flight_when_the_client_closes_end_with_the_sdks_cancelle
             assert type(caught.value) is modelforge.CancelledError  # not ClientClosedError: the calls were made
             assert caught.value.code == grpc.StatusCode.CANCELLED
             assert "closed while this call was in flight" in str(caught.value)
-    finally:
-        await proxy.close()
-        await registry_proxy.close()
 
 
 async def test_a_cancelled_task_or_an_expired_wait_for_still_ends_with_asyncio_cancellation(
@@ -379,10 +367,8 @@ async def test_a_cancelled_task_or_an_expired_wait_for_still_ends_with_asyncio_c
 ) -> None:
     await _push(inference, add_one, "adder")
     x = np.ones((1, 4), np.float32)
-    host, port = inference.address.rsplit(":", 1)
-    proxy = await TcpProxy.to_address(host, int(port))
-    proxy.stall()
-    try:
+    async with TcpProxy.in_front_of(inference.address) as proxy:
+        proxy.stall()
         async with AsyncInferenceClient(proxy.address, timeout=None) as client:
             task = asyncio.create_task(client.predict("adder", {"x": x}))
             await asyncio.sleep(0)
@@ -399,8 +385,6 @@ async def test_a_cancelled_task_or_an_expired_wait_for_still_ends_with_asyncio_c
             with pytest.raises(asyncio.CancelledError):
                 await task
             assert task.cancelled()
-    finally:
-        await proxy.close()
 
 
 async def test_a_request_of_as_many_input_bytes_as_the_server_takes_by_default_is_sent(
