@@ -27,7 +27,6 @@ from modelforge_inference.domain import (
     Timings,
 )
 from modelforge_inference.errors import InvalidInput
-from modelforge_inference.signature import encoded_elements
 from modelforge_server import durations
 from modelforge_server.errors import InvalidArgument
 
@@ -254,10 +253,6 @@ def raw_view(array: np.ndarray) -> memoryview:
     if array.dtype.byteorder == ">":
         array = array.astype(array.dtype.newbyteorder("<"))
     return np.ascontiguousarray(array).reshape(-1).view(np.uint8).data  # also for empty arrays
-
-
-def string_elements(array: np.ndarray) -> list[bytes]:
-    return list(encoded_elements(array))
 
 
 def streamed_output(

@@ -210,6 +210,9 @@ class Prediction:
     cache_hit: bool = False
     signature: Signature | None = None  # of the version that answered: tells bfloat16 outputs from uint16 ones
     placed: frozenset[str] = frozenset()  # outputs already in the memory the caller gave for them (`into`)
+    # The elements of string outputs as the answer carries them, where the engine encoded them already (a streamed
+    # answer's elements are checked against the message size): the stream sends these rather than encode again.
+    encoded: Mapping[str, list[bytes]] = field(default_factory=dict)
 
     def is_bfloat16(self, name: str) -> bool:
         """True when output `name` holds bfloat16 bit patterns (its array is uint16)."""

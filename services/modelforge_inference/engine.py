@@ -85,10 +85,10 @@ from modelforge_inference.signature import (
     check_inputs,
     check_outputs,
     counted_rows,
-    largest_element,
     least_output_bytes,
     output_views,
     request_bytes,
+    string_elements,
 )
 from modelforge_server import telemetry
 from modelforge_server.errors import DeadlineExceeded, InvalidArgument, NotFound, ServiceError, Unavailable
@@ -366,8 +366,7 @@ class InferenceEngine:
             if answer_limit is not None:
                 size = answer_bytes(model.name, {name: selected[name] for name in answered if name in selected})
                 _check_answer(model, size, answer_limit)
-            if element_limit is not None:
-                await _check_elements(model, selected, element_limit)
+            encoded = await _check_elements(model, selected, element_limit) if element_limit is not None else {}
         except Exception as exc:
             counters.failures += 1
             counters.failure_seconds += time.perf_counter() - began
@@ -397,6 +396,7 @@ class InferenceEngine:
             cache_hit=hit,
             signature=model.signature,
             placed=placed,
+            encoded=encoded,
         )
 
     async def _predict_cached(
@@ -1080,16 +1080,22 @@ def _check_answer(model: ResolvedModel, size: int, limit: int, *, declared: bool
         raise AnswerTooLarge(model.name, model.version, size, limit, declared=declared)
 
 
-async def _check_elements(model: ResolvedModel, outputs: Mapping[str, np.ndarray], limit: int) -> None:
-    """Raises ElementTooLarge when a string output holds an element of more than `limit` bytes (on a thread for a
-    large output: its elements are encoded one by one)."""
+async def _check_elements(
+    model: ResolvedModel, outputs: Mapping[str, np.ndarray], limit: int
+) -> dict[str, list[bytes]]:
+    """The elements of each string output as the answer carries them (encoded on a thread for a large output);
+    raises ElementTooLarge when one holds more than `limit` bytes."""
+    encoded: dict[str, list[bytes]] = {}
     for name, array in outputs.items():
-        if array.dtype.kind not in "OSU" or array.size == 0:
+        if array.dtype.kind not in "OSU":
             continue
         large = array.size > STRINGS_OFF_LOOP
-        largest = await asyncio.to_thread(largest_element, array) if large else largest_element(array)
+        elements = await asyncio.to_thread(string_elements, array) if large else string_elements(array)
+        largest = max(map(len, elements), default=0)
         if largest > limit:
             raise ElementTooLarge(model.name, model.version, name, largest, limit)
+        encoded[name] = elements
+    return encoded
 
 
 def _rejection(exc: Exception) -> Rejection | None:

@@ -82,10 +82,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 # Each yield returns once the transport took the message, as flow control allows; a cancelled call
                 # raises here, so no further chunk is built.
                 if tensors.from_numpy_dtype(array.dtype) == tensor_pb2.DATA_TYPE_STRING:
-                    # Encoded (and hashed) on a thread when large: a loop busy with it would hold every other call.
+                    # Encoded by the engine, which checked each element's size. Hashed on a thread when large: a
+                    # loop busy with it would hold every other call.
                     large = array.size > STRINGS_OFF_LOOP
-                    to_bytes = convert.string_elements
-                    elements = await asyncio.to_thread(to_bytes, array) if large else to_bytes(array)
+                    elements = prediction.encoded[name]
                     if hashed:
                         digest = convert.string_digest
                         digests[name] = await asyncio.to_thread(digest, elements) if large else digest(elements)

@@ -79,9 +79,9 @@ def encoded_elements(array: np.ndarray[Any, Any]) -> Iterator[bytes]:
     return (item if isinstance(item, bytes) else str(item).encode() for item in array.reshape(-1).tolist())
 
 
-def largest_element(array: np.ndarray[Any, Any]) -> int:
-    """The bytes of the largest element of a string array, as its answer carries them."""
-    return max(map(len, encoded_elements(array)))
+def string_elements(array: np.ndarray[Any, Any]) -> list[bytes]:
+    """The elements of a string array as an answer carries them, all at once."""
+    return list(encoded_elements(array))
 
 
 def least_output_bytes(signature: Signature, feeds: Mapping[str, np.ndarray[Any, Any]], names: Iterable[str]) -> int:
