@@ -217,6 +217,7 @@ def loaded_model(model: LoadedModel) -> pb.LoadedModel:
         last_use_time=timestamp(model.last_use),
         in_flight=model.in_flight,
         load_duration=duration(model.load_seconds),
+        execution_providers=model.execution_providers,
     )
 
 

@@ -243,6 +243,7 @@ class LoadedModel:
     in_flight: int = 0
     load_seconds: float = 0.0
     queued: int = 0  # requests waiting in its queue
+    execution_providers: tuple[str, ...] = ()  # what its session runs on, in order; empty until loaded
 
 
 @dataclass(frozen=True, slots=True)

@@ -192,6 +192,7 @@ class _Slot:
             in_flight=self.in_flight,
             load_seconds=self.load_seconds,
             queued=self.batcher.queued if self.batcher is not None else 0,
+            execution_providers=self.session.providers if self.session is not None else (),
         )
 
 

@@ -174,7 +174,8 @@ class ModelSession:
         self._run_options = run_options()  # shared by the runs that no one stops
         # Whether every node runs on the CPU: a run elsewhere may spend its time waiting for a device, off the
         # thread's CPU clock that decides whether a version's runs are tiny enough for the event loop.
-        self.cpu_only = self.session.get_providers() == [_CPU]
+        self.providers = tuple(self.session.get_providers())  # what it runs on: those asked for that are here
+        self.cpu_only = self.providers == (_CPU,)
         # Whether a run (the warmup included) has completed: until one has, a failure may be the model's own.
         self.proven = False
         inputs = self.session.get_inputs()

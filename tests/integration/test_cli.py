@@ -195,6 +195,9 @@ async def test_predict_load_stats_and_jobs(
 
     loaded = await cli("models", "load", "demo:1", *addresses)
     assert loaded.code == 0 and loaded.out.startswith("loaded demo:1 (READY")
+    header, row = (await cli("models", "loaded", *addresses)).out.splitlines()
+    assert re.split(r"\s{2,}", header) == ["MODEL", "STATE", "MEMORY", "IN FLIGHT", "LAST USED", "PROVIDERS", "REASON"]
+    assert row.split()[:2] == ["demo:1", "READY"] and "CPU" in row.split()
     stats = await cli("stats", "demo", "--json", *addresses)
     assert json.loads(stats.out)["models"][0]["request_count"] == 3
     assert (await cli("models", "unload", "demo", *addresses)).out.strip() == "unloaded demo:1"

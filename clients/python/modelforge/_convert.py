@@ -642,6 +642,7 @@ def loaded_model(message: inference_pb2.LoadedModel) -> LoadedModel:
         last_used=_time(message.last_use_time),
         in_flight=message.in_flight,
         load_duration=_duration(message.load_duration),
+        execution_providers=tuple(message.execution_providers),
     )
 
 

@@ -278,6 +278,8 @@ class LoadedModel:
         last_used: When a request last used it, or None.
         in_flight: Requests running or queued on it now.
         load_duration: How long loading took, warmup included.
+        execution_providers: The ONNX Runtime execution providers its session runs on, in order; one asked for
+            that the server lacks is left out. Empty until loaded.
     """
 
     model: str
@@ -289,6 +291,7 @@ class LoadedModel:
     last_used: datetime | None = None
     in_flight: int = 0
     load_duration: timedelta = timedelta()
+    execution_providers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

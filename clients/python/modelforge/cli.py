@@ -445,10 +445,10 @@ def cmd_models_loaded(ctx: Context) -> int:
         return 0
     rows = [
         [f"{m.model}:{m.version}", m.state.value, _size(m.memory_bytes), str(m.in_flight), _when(m.last_used),
-         m.reason or ""]
+         ",".join(p.removesuffix("ExecutionProvider") for p in m.execution_providers), m.reason or ""]
         for m in loaded
     ]  # fmt: skip
-    _table(rows, ["MODEL", "STATE", "MEMORY", "IN FLIGHT", "LAST USED", "REASON"], ctx.out)
+    _table(rows, ["MODEL", "STATE", "MEMORY", "IN FLIGHT", "LAST USED", "PROVIDERS", "REASON"], ctx.out)
     return 0
 
 

@@ -496,6 +496,8 @@ async def test_changed_session_labels_reload_the_version_with_the_new_options(
     reloads = "modelforge_inference_model_unloads_total"
     assert counted(inference, reloads, model="tuned", version="1", reason="reconfigured") == 1
     # The new session was built from the new labels: its missing provider was asked for, and fell back.
+    listed = await inference.stub.ListLoadedModels(pb.ListLoadedModelsRequest())
+    assert [list(m.execution_providers) for m in listed.loaded_models] == [["CPUExecutionProvider"]]  # not missing
     warned = [r.getMessage() for r in caplog.records if r.name == "modelforge.inference.sessions"]
     assert len(warned) == 1 and warned[0].startswith(f"execution provider {missing} is not available")
     assert warned[0].endswith("tuned:1 runs on the CPU instead")

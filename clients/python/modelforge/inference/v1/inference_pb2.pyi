@@ -527,6 +527,7 @@ class LoadedModel(_message.Message):
     LAST_USE_TIME_FIELD_NUMBER: _builtins.int
     IN_FLIGHT_FIELD_NUMBER: _builtins.int
     LOAD_DURATION_FIELD_NUMBER: _builtins.int
+    EXECUTION_PROVIDERS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model's name."""
     version: _builtins.int
@@ -549,6 +550,13 @@ class LoadedModel(_message.Message):
     def load_duration(self) -> _duration_pb2.Duration:
         """How long loading took, warmup included."""
 
+    @_builtins.property
+    def execution_providers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The ONNX Runtime execution providers its session runs on, in order; a
+        provider its labels or the server's settings ask for but this server's
+        ONNX Runtime lacks is left out (the CPU serves instead). Empty until loaded.
+        """
+
     def __init__(
         self,
         *,
@@ -561,10 +569,11 @@ class LoadedModel(_message.Message):
         last_use_time: _timestamp_pb2.Timestamp | None = ...,
         in_flight: _builtins.int = ...,
         load_duration: _duration_pb2.Duration | None = ...,
+        execution_providers: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_use_time", b"last_use_time", "load_duration", b"load_duration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["in_flight", b"in_flight", "last_use_time", b"last_use_time", "load_duration", b"load_duration", "memory_bytes", b"memory_bytes", "model", b"model", "reason", b"reason", "sha256", b"sha256", "state", b"state", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_providers", b"execution_providers", "in_flight", b"in_flight", "last_use_time", b"last_use_time", "load_duration", b"load_duration", "memory_bytes", b"memory_bytes", "model", b"model", "reason", b"reason", "sha256", b"sha256", "state", b"state", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
