@@ -22,12 +22,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import fcntl
 import hashlib
 import logging
 import os
 import re
 import secrets
+import shutil
 import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -110,6 +112,10 @@ def _discard(file: BinaryIO | None, partial: Path) -> None:
             partial.unlink(missing_ok=True)
         except OSError as exc:
             log.warning("could not remove the partial download %s: %s", partial, exc)
+
+
+def _disk_full(exc: BaseException | None) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def _unlink(paths: list[Path]) -> None:
@@ -287,9 +293,34 @@ class ModelFileCache:
         }
         try:
             with self._tracer.start_as_current_span("model download", attributes=attributes):
-                return await self._fetch(model)
+                try:
+                    return await self._fetch(model)
+                except ModelFileCacheFailed as exc:
+                    if not _disk_full(exc.__cause__) or not await self._room_on_disk(model):
+                        raise
+                    return await self._fetch(model)  # once more, with unused files gone
         finally:
             self._reserved -= size
+
+    async def _room_on_disk(self, model: ResolvedModel) -> bool:
+        """After a download found the disk full before the cache's bound: evicts unused files, least recently used
+        first, until the disk has room for ``model``'s file; whether any went (and a new try is worth it)."""
+        try:
+            needed = model.size_bytes - shutil.disk_usage(self._directory).free
+            evicted = await self._make_room(beyond=max(needed, 1))
+        except OSError as exc:
+            log.warning("could not evict model files from %s: %s", self._directory, exc)
+            return False
+        if evicted:
+            log.warning(
+                "the disk of %s is full before the model file cache's bound (MODELFORGE_MODEL_CACHE_BYTES): "
+                "evicted %d unused files to store the file of %s:%d",
+                self._directory,
+                evicted,
+                model.name,
+                model.version,
+            )
+        return evicted > 0
 
     async def _fetch(self, model: ResolvedModel) -> Path:
         size = model.size_bytes
@@ -324,8 +355,9 @@ class ModelFileCache:
         log.info("stored the file of %s:%d (%d bytes) as %s", model.name, model.version, size, final)
         return final
 
-    async def _make_room(self, keep: str = "") -> None:
-        """Evicts least recently used, unpinned files until the downloads in progress fit (or nothing can go).
+    async def _make_room(self, keep: str = "", beyond: int = 0) -> int:
+        """Evicts least recently used, unpinned files until the downloads in progress fit (or nothing can go), and
+        `beyond` bytes more (a disk fuller than the bound allows for); returns how many files went.
 
         Each victim is renamed out of its sha256 name here, on the loop and before any await, and deleted on a
         thread after: a download of the same file that starts meanwhile writes a new file under that name, which
@@ -338,6 +370,8 @@ class ModelFileCache:
             OSError: a victim could not be renamed; it stays, and is counted, as do the files after it.
         """
         excess = self.used_bytes + self._reserved - self._max_bytes
+        if beyond:
+            excess = max(excess, 0) + beyond
         victims: list[str] = []
         for sha256, size in self._files.items():
             if excess <= 0:
@@ -358,10 +392,11 @@ class ModelFileCache:
         finally:
             if doomed:
                 await asyncio.shield(asyncio.to_thread(_unlink, doomed))
-        if excess > 0:
+        if excess > 0 and not beyond:
             log.warning(
                 "model file cache over its %d bytes by %d: the remaining files are in use", self._max_bytes, excess
             )
+        return len(victims)
 
     def _scan(self) -> None:
         found: list[tuple[float, str, int]] = []

@@ -8,6 +8,8 @@ import hashlib
 import os
 import resource
 import signal
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -348,3 +350,43 @@ async def test_a_download_that_stalls_is_unavailable_after_the_call_timeout(
     assert status.code_for(caught.value) == grpc.StatusCode.UNAVAILABLE
     assert "sent nothing for 0.2 s" in str(caught.value)
     assert entries(tmp_path / "models") == set()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A filesystem of 640 KiB, room for one of two 345 KB models: a tmpfs, which takes root to mount."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=640k", "tmpfs", str(mount)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"a small filesystem cannot be mounted here: {mounted.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "--lazy", str(mount)], check=True)  # lazy: a file a failed test left open
+
+
+async def test_a_full_disk_evicts_unused_files_to_store_a_new_one_and_fails_only_when_none_can_go(
+    admin, stub, small_disk: Path
+) -> None:
+    first, second = [
+        resolved_model(await upload(admin, f"mlp-{seed}", model_bytes(build_mlp(seed=seed)))) for seed in (0, 1)
+    ]
+    cache = ModelFileCache(stub, small_disk / "models", max_bytes=1 << 30)  # the bound is far: the disk is not
+    try:
+        await cache.path_for(first)
+
+        async with cache.pinned(first):  # in use: it cannot go, so there is no room
+            with pytest.raises(ModelFileCacheFailed) as caught:
+                await cache.path_for(second)
+        assert status.code_for(caught.value) == grpc.StatusCode.UNAVAILABLE
+        assert "No space left on device" in str(caught.value)
+        assert entries(small_disk / "models") == {first.sha256}  # the partial download went
+
+        path = await cache.path_for(second)  # unused now: evicted to make room, where every retry used to fail
+
+        assert path.read_bytes() == model_bytes(build_mlp(seed=1))
+        assert entries(small_disk / "models") == {second.sha256}
+        assert cache.files() == [second.sha256]
+    finally:
+        cache.close()
