@@ -244,6 +244,7 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         convert.refuse_sequences(request.parameters)
         inputs = convert.decode_inputs(request, self._regions)
         outputs = convert.requested_outputs(request)
+        classes = convert.classifications(request)
         shared = convert.shared_memory_outputs(request, self._regions) if outputs else None
         prediction = await self._engine.predict(
             ref,
@@ -255,16 +256,31 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             into={name: target.memory for name, target in shared.items()} if shared else None,
             answer_limit=self._max_message_bytes - len(request.id.encode()),  # the answer echoes the id
         )
+        answered = prediction.outputs
+        if classes:
+            answered = await self._classified(prediction.model, prediction.version, answered, classes)
         return convert.infer_response_parts(
             model=prediction.model,
             version=prediction.version,
             request_id=request.id,
-            outputs=prediction.outputs,
+            outputs=answered,
             signature=prediction.signature if convert.needs_signature(prediction.outputs) else None,
             shared=shared,
             placed=prediction.placed,
             final=streamed,
         )
+
+    async def _classified(
+        self, model: str, version: int, outputs: dict[str, Any], classes: dict[str, int]
+    ) -> dict[str, Any]:
+        """The outputs with those in `classes` classified, per batch item where the version's ModelConfig has a
+        batch dimension (max_batch_size > 0), as Triton classifies them."""
+        resolved, serving = await self._engine.describe(ModelRef(model, version=version))
+        batched = convert.max_batch_size(resolved.signature, serving) > 0
+        return {
+            name: convert.classified(name, array, classes[name], batched=batched) if name in classes else array
+            for name, array in outputs.items()
+        }
 
     async def _stream_answer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext

@@ -90,9 +90,9 @@ BACKEND = "onnxruntime"
 
 # The protocol extensions ModelForge implements, in the names clients test for. Request
 # priority and timeout make up "schedule_policy". System shared memory is listed too when
-# the server takes it (MODELFORGE_ALLOW_CLIENT_SHM). No classification, sequences, CUDA
-# shared memory, trace or log settings: those RPCs answer UNIMPLEMENTED.
-EXTENSIONS = ("model_repository", "model_configuration", "schedule_policy", "statistics")
+# the server takes it (MODELFORGE_ALLOW_CLIENT_SHM). No sequences, CUDA shared memory,
+# trace or log settings: those RPCs answer UNIMPLEMENTED.
+EXTENSIONS = ("classification", "model_repository", "model_configuration", "schedule_policy", "statistics")
 SHARED_MEMORY_EXTENSION = "system_shared_memory"
 
 # The parameters that put a tensor in a registered shared memory region.
@@ -458,18 +458,61 @@ def requested_outputs(request: pb.ModelInferRequest) -> tuple[str, ...]:
     for output in request.outputs:
         if not output.name:
             raise InvalidV2Request("outputs[].name is required", field="outputs.name")
-        if "classification" in output.parameters:
-            raise InvalidV2Request(
-                f"output {output.name!r}: the classification parameter is not supported; "
-                "request the output itself and rank it on the client",
-                field="outputs.parameters",
-            )
         if output.name in names:  # as Triton refuses it: two destinations for one output cannot both be met
             raise InvalidV2Request(
                 f"output {output.name!r} is requested twice; request each output once", field="outputs.name"
             )
         names.append(output.name)
     return tuple(names)
+
+
+_CLASSIFICATION = "classification"
+
+
+def classifications(request: pb.ModelInferRequest) -> dict[str, int]:
+    """The outputs the request asks to classify (the classification extension, tritonclient's ``class_count``),
+    each with the number of classes to return."""
+    counts: dict[str, int] = {}
+    for output in request.outputs:
+        if _CLASSIFICATION not in output.parameters:
+            continue
+        count = _integer(output.parameters, _CLASSIFICATION)
+        if count is None or count < 1:
+            raise InvalidV2Request(
+                f"output {output.name!r}: the classification parameter takes a positive integer, the number of "
+                "classes to return",
+                field="outputs.parameters",
+            )
+        if _SHM_REGION in output.parameters:
+            raise InvalidV2Request(
+                f"output {output.name!r}: a classified output comes in the answer, not in shared memory; drop one "
+                "of the two parameters",
+                field="outputs.parameters",
+            )
+        counts[output.name] = count
+    return counts
+
+
+def classified(name: str, array: np.ndarray[Any, Any], count: int, *, batched: bool) -> np.ndarray[Any, Any]:
+    """Output `name` as Triton's classification extension answers it: the `count` largest elements of each batch
+    item (of the whole output when the model has no batch dimension), largest first, each as ``b"value:index"``
+    with the index into the item's elements flattened; BYTES of shape [batch, count] (or [count])."""
+    if array.dtype.kind not in "biuf":
+        raise InvalidV2Request(
+            f"output {name!r} holds {datatype_of(array)}, which cannot be classified: classes are ranked by number",
+            field="outputs.parameters",
+        )
+    batched = batched and array.ndim > 0
+    rows = array.reshape((array.shape[0], math.prod(array.shape[1:])) if batched else (1, array.size))
+    kept = min(count, rows.shape[1])
+    order = np.argsort(-rows.astype(np.float64), axis=1, kind="stable")[:, :kept]
+    values = np.take_along_axis(rows, order, axis=1).tolist()
+    integral = array.dtype.kind != "f"
+    answer = np.empty((rows.shape[0], kept), dtype=object)
+    for row, (row_values, row_order) in enumerate(zip(values, order.tolist(), strict=True)):
+        for column, (value, index) in enumerate(zip(row_values, row_order, strict=True)):
+            answer[row, column] = f"{int(value) if integral else f'{value:f}'}:{index}".encode()
+    return answer if batched else answer.reshape(kept)
 
 
 def _integer(parameters: Mapping[str, pb.InferParameter], key: str) -> int | None:
@@ -768,7 +811,8 @@ def model_config(model: ResolvedModel, serving: ServingConfig, *, merging: bool 
     )
     if batch > 0 and merging:
         batching = serving.batching
-        timeout_us = int(batching.default_queue_timeout * 1_000_000) if batching.default_queue_timeout else 0
+        # Rounded up: 0 would tell a client the queue has no timeout.
+        timeout_us = math.ceil(batching.default_queue_timeout * 1_000_000) if batching.default_queue_timeout else 0
         config.dynamic_batching.CopyFrom(
             config_pb.ModelDynamicBatching(
                 preferred_batch_size=batching.preferred_batch_sizes,

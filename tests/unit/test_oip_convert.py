@@ -402,11 +402,37 @@ def test_requested_outputs_keep_their_order_and_each_is_requested_once() -> None
         convert.requested_outputs(request("b", "a", "b"))
 
 
-def test_classification_outputs_are_refused() -> None:
-    output = pb.ModelInferRequest.InferRequestedOutputTensor(name="probs")
-    output.parameters["classification"].int64_param = 3
-    with pytest.raises(convert.InvalidV2Request, match="classification parameter is not supported"):
-        convert.requested_outputs(pb.ModelInferRequest(outputs=[output]))
+def _classify(name: str, count: int | str, *, region: str = "") -> pb.ModelInferRequest:
+    output = pb.ModelInferRequest.InferRequestedOutputTensor(name=name)
+    if isinstance(count, int):
+        output.parameters["classification"].int64_param = count
+    else:
+        output.parameters["classification"].string_param = count
+    if region:
+        output.parameters["shared_memory_region"].string_param = region
+    return pb.ModelInferRequest(outputs=[output, pb.ModelInferRequest.InferRequestedOutputTensor(name="other")])
+
+
+def test_outputs_asked_to_be_classified_are_named_with_their_class_counts() -> None:
+    assert convert.classifications(_classify("probs", 3)) == {"probs": 3}
+    assert convert.requested_outputs(_classify("probs", 3)) == ("probs", "other")
+    for count, says in ((0, "takes a positive integer"), ("3", "must be an integer")):
+        with pytest.raises(convert.InvalidV2Request, match=says):
+            convert.classifications(_classify("probs", count))
+    with pytest.raises(convert.InvalidV2Request, match="comes in the answer, not in shared memory"):
+        convert.classifications(_classify("probs", 3, region="r"))
+
+
+def test_classification_ranks_each_batch_item_or_the_whole_output_as_triton_does() -> None:
+    probs = np.array([[0.1, 0.7, 0.2], [0.5, 0.2, 0.3]], np.float32)
+    batched = convert.classified("probs", probs, 2, batched=True)
+    assert batched.tolist() == [[b"0.700000:1", b"0.200000:2"], [b"0.500000:0", b"0.300000:2"]]
+    whole = convert.classified("probs", probs, 10, batched=False)  # at most every element, flattened
+    assert whole.tolist() == [b"0.700000:1", b"0.500000:3", b"0.300000:5", b"0.200000:2", b"0.200000:4", b"0.100000:0"]
+    assert convert.classified("n", np.array([3, 9, 1], np.int64), 1, batched=False).tolist() == [b"9:1"]
+    assert convert.classified("p", np.zeros((0, 3), np.float32), 2, batched=True).shape == (0, 2)
+    with pytest.raises(convert.InvalidV2Request, match="output 'label' holds BYTES, which cannot be classified"):
+        convert.classified("label", np.array([b"a"], dtype=object), 1, batched=False)
 
 
 # --- responses --------------------------------------------------------------------------------------------------
@@ -547,6 +573,12 @@ def test_model_config_of_a_batching_model_drops_the_batch_dimension() -> None:
     assert [(g.kind, g.count) for g in config.instance_group] == [(config_pb.ModelInstanceGroup.KIND_CPU, 1)]
 
 
+def test_a_queue_timeout_under_a_microsecond_is_not_shown_as_none() -> None:
+    serving = ServingConfig(batching=BatchingConfig(max_batch_size=4, default_queue_timeout=1e-7))
+    config = convert.model_config(_model(batchable=True), serving)
+    assert config.dynamic_batching.default_queue_policy.default_timeout_microseconds == 1  # 0 would mean no limit
+
+
 @pytest.mark.parametrize(("batchable", "max_batch"), [(False, 32), (True, 0)])
 def test_model_config_without_batching_keeps_full_dims(batchable: bool, max_batch: int) -> None:
     serving = ServingConfig(batching=BatchingConfig(max_batch_size=max_batch))
@@ -609,7 +641,9 @@ def test_repository_index_states(state: ModelState, words: str) -> None:
 
 
 def test_server_extensions_name_only_what_modelforge_serves() -> None:
-    assert set(convert.EXTENSIONS) == {"model_repository", "model_configuration", "schedule_policy", "statistics"}
+    assert set(convert.EXTENSIONS) == {
+        "classification", "model_repository", "model_configuration", "schedule_policy", "statistics"
+    }  # fmt: skip
 
 
 def test_bfloat16_is_told_from_uint16_by_the_onnx_runtime_type() -> None:

@@ -123,7 +123,9 @@ async def test_server_is_live_ready_and_lists_its_extensions(v2: V2) -> None:
     metadata = await v2.stub.ServerMetadata(pb.ServerMetadataRequest())
     assert metadata.name == "modelforge"
     assert metadata.version
-    assert set(metadata.extensions) == {"model_repository", "model_configuration", "schedule_policy", "statistics"}
+    assert set(metadata.extensions) == {
+        "classification", "model_repository", "model_configuration", "schedule_policy", "statistics"
+    }  # fmt: skip
 
 
 _NO_CUDA = "CUDA_SHARED_MEMORY_UNSUPPORTED"

@@ -65,13 +65,14 @@ def _scenario_infer(client: Any, tc: Any, args: dict[str, Any], workdir: Path) -
     from tritonclient.utils import InferenceServerException
 
     arrays = _load_arrays(workdir / "inputs.npz")
-    outputs = [tc.InferRequestedOutput(name) for name in args.get("outputs", [])] or None
+    classes = args.get("class_count", {})
+    outputs = [tc.InferRequestedOutput(name, class_count=classes.get(name, 0)) for name in args.get("outputs", [])]
     try:
         result = client.infer(
             args["model"],
             _infer_inputs(tc, arrays, args["datatypes"]),
             model_version=args.get("version", ""),
-            outputs=outputs,
+            outputs=outputs or None,
             request_id=args.get("id", ""),
             priority=args.get("priority", 0),
             timeout=args.get("timeout"),
@@ -302,6 +303,7 @@ async def test_server_metadata_liveness_and_readiness(triton: TritonClient) -> N
     assert seen["ready"] is True
     assert seen["metadata"]["name"] == "modelforge"
     assert set(seen["metadata"]["extensions"]) == {
+        "classification",
         "model_repository",
         "model_configuration",
         "schedule_policy",
@@ -343,6 +345,28 @@ async def test_infer_fp32_and_int64_with_requested_outputs(triton: TritonClient,
     assert [o["name"] for o in seen["response"]["outputs"]] == ["id_sum"]
     assert set(outputs) == {"id_sum"}
     np.testing.assert_array_equal(outputs["id_sum"], expected["id_sum"])
+
+
+@pytest.mark.parametrize("batching", [True, False])
+async def test_infer_with_a_class_count_answers_the_top_classes(
+    triton: TritonClient, inference: Any, mlp: Any, batching: bool
+) -> None:
+    labels = {"modelforge.io/max-batch-size": "8"} if batching else {}
+    await _publish(inference, "scorer", mlp, **labels)
+    inputs = mlp.sample(2)
+    scores = _onnxruntime(mlp, inputs)["output"]  # [2, 8]
+    args = {"model": "scorer", "datatypes": {"input": "FP32"}, "outputs": ["output"], "class_count": {"output": 3}}
+
+    seen, outputs = await triton.run("infer", args, inputs)
+
+    assert seen["response"]["outputs"][0]["datatype"] == "BYTES"
+    # Per batch item where ModelConfig has a batch dimension; else over the whole output, flattened, as Triton does.
+    ranked = scores if batching else scores.reshape(1, -1)
+    top = [
+        [f"{ranked[row, index]:f}:{index}".encode() for index in np.argsort(-ranked[row], kind="stable")[:3]]
+        for row in range(len(ranked))
+    ]
+    assert outputs["output"].tolist() == (top if batching else top[0])
 
 
 async def test_infer_fp16(triton: TritonClient, inference: Any, onnx_dir: Path) -> None:
