@@ -91,8 +91,12 @@ def serving_config(base: ServingConfig, model: ResolvedModel) -> ServingConfig:
             changes[section][field] = reader.parse(text)
         except ValueError:  # set before the registry checked serving labels
             raise InvalidServingConfig(model.name, model.version, label, text, reader.takes) from None
+    batching = dataclasses.replace(base.batching, **changes["batching"])
+    if batching.max_batch_size:  # a preferred size from the server's settings that this version's labels outgrew
+        reachable = tuple(size for size in batching.preferred_batch_sizes if size <= batching.max_batch_size)
+        batching = dataclasses.replace(batching, preferred_batch_sizes=reachable)
     return ServingConfig(
-        batching=dataclasses.replace(base.batching, **changes["batching"]),
+        batching=batching,
         cache=dataclasses.replace(base.cache, **changes["cache"]),
         session=dataclasses.replace(base.session, **changes["session"]),
     )

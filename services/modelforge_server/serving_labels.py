@@ -156,14 +156,20 @@ def serving_label(key: str) -> tuple[str, Label] | None:
 
 
 def bad_labels(labels: Mapping[str, str]) -> list[BadLabel]:
-    """The serving labels among ``labels`` whose values their parsers refuse, in the order given."""
+    """The serving labels among ``labels`` whose values their parsers refuse, in the order given, then preferred
+    batch sizes that the labels' own max-batch-size makes unreachable (Triton refuses such a config)."""
     bad = []
+    parsed: dict[str, Any] = {}
     for key, value in labels.items():
         found = serving_label(key)
         if found is None:
             continue
         try:
-            found[1].parse(value)
+            parsed[found[0]] = found[1].parse(value)
         except ValueError:
             bad.append(BadLabel(key, value, found[1].takes))
+    largest = parsed.get("max-batch-size")
+    if largest and any(size > largest for size in parsed.get("preferred-batch-sizes", ())):
+        key = PREFIX + "preferred-batch-sizes"
+        bad.append(BadLabel(key, labels[key], f"batch sizes of at most its max-batch-size, {largest}"))
     return bad

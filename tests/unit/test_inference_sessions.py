@@ -92,6 +92,13 @@ def test_thread_and_optimisation_labels_reach_the_session_options(level: str) ->
     assert options.graph_optimization_level == LEVELS[level]
 
 
+def test_preferred_batch_sizes_of_the_settings_past_a_versions_max_batch_size_are_left_out() -> None:
+    settings = InferenceSettings(max_batch_size=64, preferred_batch_sizes=("8", "32", "64"))
+    labels = {"modelforge.io/max-batch-size": "16"}
+    batching = serving.serving_config(serving.defaults(settings), _model(labels)).batching
+    assert (batching.max_batch_size, batching.preferred_batch_sizes) == (16, (8,))
+
+
 def test_without_labels_the_server_settings_apply() -> None:
     settings = InferenceSettings(intra_op_threads=5, inter_op_threads=4, graph_optimization_level="extended")
 

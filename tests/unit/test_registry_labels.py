@@ -102,6 +102,17 @@ def test_a_serving_label_with_a_value_it_does_not_take_is_refused(key: str, valu
     assert (caught.value.metadata["label"], caught.value.field) == (key, "header.labels")
 
 
+def test_preferred_batch_sizes_past_the_versions_max_batch_size_are_refused() -> None:
+    labels = {"modelforge.io/max-batch-size": "16", "modelforge.io/preferred-batch-sizes": "8,32"}
+    with pytest.raises(InvalidLabel) as caught:
+        check_labels(labels, "labels")
+    assert str(caught.value) == (
+        "label 'modelforge.io/preferred-batch-sizes' is invalid: it configures serving and takes batch sizes of at "
+        "most its max-batch-size, 16, not '8,32'"
+    )
+    assert check_labels({**labels, "modelforge.io/preferred-batch-sizes": "8,16"}) is not None
+
+
 def test_serving_labels_with_values_they_take_pass() -> None:
     labels = {
         "modelforge.io/max-batch-size": "8",
