@@ -75,9 +75,12 @@ async def test_sigkilled_worker_job_completes_on_another_worker_exactly_once(
     assert firsts == list(range(0, 20_000, 10))  # every batch once, in order
     np.testing.assert_array_equal(outputs["y"], x + 1)
 
-    # The survivor counts the reaped job, and exactly the items and batches the killed worker left undone.
+    # The survivor counts exactly the items and batches the killed worker left undone. It took the job over one of
+    # two ways, which race, both after the heartbeat timeout: its maintenance pass reaped the job and queued it
+    # again (counted as reaped), or the broker's own maintenance gave it the killed worker's unacknowledged
+    # message first, and the job, stale, was claimed from that (nothing reaped).
     counted = survivor.resources.metrics.metrics.registry.get_sample_value
-    assert counted("modelforge_jobs_reaped_total") == 1
+    assert counted("modelforge_jobs_reaped_total") in (0, 1)
     assert counted("modelforge_jobs_items_total") == 20_000 - killed.progress.items_done
     assert counted("modelforge_jobs_batches_total") == 2_000 - killed.progress.batches_done
     assert counted("modelforge_jobs_runs_started_total") == 1
