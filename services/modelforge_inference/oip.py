@@ -117,8 +117,11 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     ) -> AsyncIterator[pb.ModelStreamInferResponse | bytes]:
         # Requests run concurrently, so that a client streaming many of them fills the batcher; the answers go
         # out in the order of their requests, as Triton sends them for models that are not decoupled (clients
-        # that set no `id` pair answers with requests by order). A failed request is answered in-band. At most
-        # stream_max_in_flight requests run or wait to be sent; past that the stream stops reading.
+        # that set no `id` pair answers with requests by order). A failed request is answered in-band, unless
+        # the client opened the stream with Triton's header `triton_grpc_error: true`: then the first failure
+        # ends the stream with its status, after the answers before it. At most stream_max_in_flight requests
+        # run or wait to be sent; past that the stream stops reading.
+        in_band = not _asks_for_grpc_errors(context)
         answers: asyncio.Queue[asyncio.Task[pb.ModelStreamInferResponse | bytes] | None] = asyncio.Queue()
         running: set[asyncio.Task[pb.ModelStreamInferResponse | bytes]] = set()
         room = asyncio.Semaphore(self._stream_max_in_flight)
@@ -127,7 +130,7 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             try:
                 async for request in request_iterator:
                     await room.acquire()
-                    task = asyncio.create_task(self._stream_answer(request, context))
+                    task = asyncio.create_task(self._stream_answer(request, context, in_band=in_band))
                     running.add(task)
                     task.add_done_callback(running.discard)
                     answers.put_nowait(task)
@@ -137,7 +140,7 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         reader = asyncio.create_task(read())
         try:
             while (answer := await answers.get()) is not None:
-                yield await answer  # _stream_answer answers every error in-band
+                yield await answer  # an error raised here (not in_band) ends the stream with its status
                 room.release()  # sent: its place goes to the next request
             await reader  # surfaces a broken request stream
         finally:
@@ -283,16 +286,29 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         }
 
     async def _stream_answer(
-        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext, *, in_band: bool = True
     ) -> pb.ModelStreamInferResponse | bytes:
         try:
             return wire.join(convert.stream_infer_response(await self._infer(request, context, streamed=True)))
         except ServiceError as exc:
+            if not in_band:
+                raise
             message = str(exc)
         except Exception:
+            if not in_band:
+                raise  # the status mapping logs it and answers INTERNAL
             log.exception("unexpected error in a ModelStreamInfer request")
             message = "internal error; details are in the server log"
         return convert.stream_error_response(request, message)
+
+
+# Triton's stream header (its 24.08 release on) asking for failures as the stream's gRPC status instead of in-band.
+_GRPC_ERRORS_HEADER = "triton_grpc_error"
+
+
+def _asks_for_grpc_errors(context: grpc.aio.ServicerContext) -> bool:
+    metadata = context.invocation_metadata() or ()
+    return any(key == _GRPC_ERRORS_HEADER and str(value).lower() == "true" for key, value in metadata)
 
 
 _FACTORIES = {

@@ -561,6 +561,27 @@ async def test_stream_answers_every_request_and_reports_failures_in_band(v2: V2,
         np.testing.assert_allclose(outputs_of(answer.infer_response)["output"], expected, rtol=1e-6)
 
 
+async def test_a_stream_opened_with_tritons_grpc_error_header_ends_with_the_first_failures_status(
+    v2: V2, mlp: ModelFile
+) -> None:
+    await v2.publish("mlp", mlp)
+    good = [infer_request("mlp", mlp.sample(1, seed=i), id=f"good-{i}") for i in range(3)]
+    bad = infer_request("no-such-model", mlp.sample(1), id="bad")
+
+    async def requests() -> AsyncIterator[pb.ModelInferRequest]:
+        for request in (*good[:2], bad, good[2]):
+            yield request
+
+    call = v2.stub.ModelStreamInfer(requests(), metadata=(("triton_grpc_error", "true"),))
+    answers = []
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for answer in call:
+            answers.append(answer)
+    assert [a.infer_response.id for a in answers] == ["good-0", "good-1"]  # the answers before the failure
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "no-such-model" in (caught.value.details() or "")
+
+
 async def test_a_failed_request_whose_fields_are_huge_is_answered_in_band_and_the_stream_goes_on(
     v2: V2, mlp: ModelFile
 ) -> None:
