@@ -26,7 +26,7 @@ from modelforge_inference.domain import (
     Prediction,
     Timings,
 )
-from modelforge_inference.errors import InvalidInput
+from modelforge_inference.errors import InvalidInput, InvalidTimeout
 from modelforge_server import durations
 from modelforge_server.errors import InvalidArgument
 
@@ -102,6 +102,9 @@ def timeout(request: pb.PredictRequest | pb.PredictStreamRequest) -> float | Non
     """The request's queue timeout in seconds; None when unset (zero counts as unset)."""
     if not request.HasField("timeout"):
         return None
+    whole, nanos = request.timeout.seconds, request.timeout.nanos
+    if whole <= 0 and nanos <= 0 and (whole or nanos):  # a well-formed Duration, below zero
+        raise InvalidTimeout(whole + nanos / 1e9)
     return durations.seconds(request.timeout, "timeout") or None
 
 

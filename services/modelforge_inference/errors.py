@@ -193,7 +193,9 @@ class QueueTimeout(DeadlineExceeded):
         )
         super().__init__(
             f"the request waited {waited * 1000:.1f} ms in the queue of {model}:{version} and its deadline "
-            f"passed before it could run; raise the timeout or lower the load{batching}",
+            "passed before it could run; lower the load, or give the request a longer deadline or timeout (which "
+            "MODELFORGE_DEFAULT_QUEUE_TIMEOUT and the label modelforge.io/queue-timeout-seconds bound, where set)"
+            f"{batching}",
             model=model,
             version=str(version),
         )

@@ -270,15 +270,15 @@ async def test_bad_refs(served: RunningInference, target: registry_pb2.ModelRef,
 
 
 @pytest.mark.parametrize(
-    "fields",
+    ("fields", "reason"),
     [
-        {"priority": -1},
-        {"cache_mode": 42},
-        {},
-        {"timeout": duration_pb2.Duration(seconds=-1)},
-        {"timeout": duration_pb2.Duration(seconds=1, nanos=-5)},
-        {"timeout": duration_pb2.Duration(nanos=1_000_000_000)},
-        {"timeout": duration_pb2.Duration(seconds=315_576_000_001)},
+        ({"priority": -1}, "INVALID_PRIORITY"),
+        ({"cache_mode": 42}, "INVALID_ARGUMENT"),
+        ({}, "INVALID_INPUT"),
+        ({"timeout": duration_pb2.Duration(seconds=-1)}, "INVALID_TIMEOUT"),
+        ({"timeout": duration_pb2.Duration(seconds=1, nanos=-5)}, "INVALID_ARGUMENT"),
+        ({"timeout": duration_pb2.Duration(nanos=1_000_000_000)}, "INVALID_ARGUMENT"),
+        ({"timeout": duration_pb2.Duration(seconds=315_576_000_001)}, "INVALID_ARGUMENT"),
     ],
     ids=[
         "negative priority",
@@ -290,11 +290,11 @@ async def test_bad_refs(served: RunningInference, target: registry_pb2.ModelRef,
         "timeout past Duration's range",
     ],
 )
-async def test_bad_request_fields_are_invalid_argument(served: RunningInference, fields: dict):
+async def test_bad_request_fields_are_invalid_argument(served: RunningInference, fields: dict, reason: str):
     inputs = {} if not fields else {"input": MLP_INPUT}
-    code, _, details = await failure(served.stub.Predict(predict_request("mlp", inputs, **fields)))
+    code, got, details = await failure(served.stub.Predict(predict_request("mlp", inputs, **fields)))
 
-    assert code == INVALID, details
+    assert (code, got) == (INVALID, reason), details
 
 
 async def test_server_keeps_serving_after_bad_inputs(served: RunningInference):
