@@ -108,6 +108,8 @@ _HASH_OFF_LOOP_BYTES = 256 * 1024
 _INLINE_RUN_SECONDS = 75e-6
 # How many versions deleted from the registry keep their statistics (GetModelStatistics by version number).
 RETIRED_STATISTICS = 1024
+# A caller that leaves this close to its deadline left because of it (the loop's clock may tick in milliseconds).
+_DEADLINE_SLACK = 0.01
 
 
 class Resolver(Protocol):
@@ -375,8 +377,15 @@ class InferenceEngine:
                 self._metrics.rejected(model.name, model.version, reason)
             raise
         except asyncio.CancelledError:  # the caller went away; a queued request never ran
-            counters.cancelled += 1
-            self._metrics.rejected(model.name, model.version, Rejection.CANCELLED)
+            if deadline is not None and asyncio.get_running_loop().time() >= deadline - _DEADLINE_SLACK:
+                # Its deadline passed: gRPC's cancellation of the call raced the queue's own deadline, and won.
+                # Counted as the queue's refusal would have been, so that one condition counts one way.
+                counters.failures += 1
+                counters.failure_seconds += time.perf_counter() - began
+                self._metrics.rejected(model.name, model.version, Rejection.DEADLINE)
+            else:
+                counters.cancelled += 1
+                self._metrics.rejected(model.name, model.version, Rejection.CANCELLED)
             raise
         total = time.perf_counter() - began
         counters.requests += 1

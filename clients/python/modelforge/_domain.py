@@ -313,7 +313,8 @@ class ModelStatistics:
         cache_miss_count: Requests that looked in the cache and ran the model.
         batch_sizes: Items per run to the number of runs of that size.
         last_inference_time: When the version last answered, or None.
-        cancelled_count: Requests whose caller cancelled them, or left, before they were answered.
+        cancelled_count: Requests whose caller cancelled them, or left, before they were answered and before
+            their deadline passed.
     """
 
     model: str

@@ -70,7 +70,9 @@ class _LoadedModelStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Load
     LOADED_MODEL_STATE_UNLOADING: _LoadedModelState.ValueType  # 3
     """Waiting for its requests in flight before it is released."""
     LOADED_MODEL_STATE_FAILED: _LoadedModelState.ValueType  # 4
-    """Loading failed; reason says why. The next request retries."""
+    """Loading failed; reason says why. Requests fail at once with it for MODELFORGE_LOAD_RETRY_SECONDS, then
+    the next one loads it again; LoadModel always does.
+    """
 
 class LoadedModelState(_LoadedModelState, metaclass=_LoadedModelStateEnumTypeWrapper):
     """Where a loaded model version is in its lifecycle."""
@@ -84,7 +86,9 @@ LOADED_MODEL_STATE_READY: LoadedModelState.ValueType  # 2
 LOADED_MODEL_STATE_UNLOADING: LoadedModelState.ValueType  # 3
 """Waiting for its requests in flight before it is released."""
 LOADED_MODEL_STATE_FAILED: LoadedModelState.ValueType  # 4
-"""Loading failed; reason says why. The next request retries."""
+"""Loading failed; reason says why. Requests fail at once with it for MODELFORGE_LOAD_RETRY_SECONDS, then
+the next one loads it again; LoadModel always does.
+"""
 Global___LoadedModelState: _TypeAlias = LoadedModelState  # noqa: Y015
 
 class _CacheStatus:
@@ -802,7 +806,9 @@ class ModelStatistics(_message.Message):
     run of an identical request.
     """
     cancelled_count: _builtins.int
-    """Requests whose caller cancelled them, or left, before they were answered: neither successes nor failures."""
+    """Requests whose caller cancelled them, or left, before they were answered and before their deadline passed:
+    neither successes nor failures.
+    """
     @_builtins.property
     def queue_duration(self) -> _duration_pb2.Duration:
         """Sum over successful requests of their time in the queue."""
@@ -858,10 +864,11 @@ class GetModelStatisticsRequest(_message.Message):
     REF_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def ref(self) -> _registry_pb2.ModelRef:
-        """Optional. One model version; when unset, every version this server has run that the registry still has.
-        A reference with a name only selects every such version of that model: none for a model it has not run
-        yet, and NOT_FOUND (reason MODEL_NOT_FOUND) when the registry has no model of that name either. A version
-        the registry deleted answers when asked for by number, with the counts it had when it was deleted.
+        """Optional. One model version; when unset, every version this server has loaded or run that the registry
+        still has. A reference with a name only selects every such version of that model: none for a model it has
+        neither loaded nor run, and NOT_FOUND (reason MODEL_NOT_FOUND) when the registry has no model of that name
+        either. A version the registry deleted answers when asked for by number, with the counts it had when it was
+        deleted.
         """
 
     def __init__(

@@ -79,7 +79,8 @@ class InferenceServiceServicer:
 
     def Predict(self, request, context):
         """Runs a model on one request. The model is resolved and loaded on first use. INVALID_ARGUMENT names the
-        input at fault (missing, unknown, wrong dtype, rank, dimension or byte length, or too large);
+        input at fault (missing, unknown, wrong dtype, rank, dimension or byte length), or says that the inputs
+        together are too large (REQUEST_TOO_LARGE);
         NOT_FOUND for an unknown model or version; RESOURCE_EXHAUSTED when the model's queue is full;
         DEADLINE_EXCEEDED when the request's timeout or the call's deadline passes while it waits in the queue.
         """

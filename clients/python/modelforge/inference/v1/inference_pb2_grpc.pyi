@@ -39,7 +39,8 @@ class InferenceServiceStub:
     def __new__(cls, channel: _aio.Channel) -> InferenceServiceAsyncStub: ...
     Predict: _grpc.UnaryUnaryMultiCallable[_inference_pb2.PredictRequest, _inference_pb2.PredictResponse]
     """Runs a model on one request. The model is resolved and loaded on first use. INVALID_ARGUMENT names the
-    input at fault (missing, unknown, wrong dtype, rank, dimension or byte length, or too large);
+    input at fault (missing, unknown, wrong dtype, rank, dimension or byte length), or says that the inputs
+    together are too large (REQUEST_TOO_LARGE);
     NOT_FOUND for an unknown model or version; RESOURCE_EXHAUSTED when the model's queue is full;
     DEADLINE_EXCEEDED when the request's timeout or the call's deadline passes while it waits in the queue.
     """
@@ -72,7 +73,8 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Predict: _aio.UnaryUnaryMultiCallable[_inference_pb2.PredictRequest, _inference_pb2.PredictResponse]  # type: ignore[assignment]
     """Runs a model on one request. The model is resolved and loaded on first use. INVALID_ARGUMENT names the
-    input at fault (missing, unknown, wrong dtype, rank, dimension or byte length, or too large);
+    input at fault (missing, unknown, wrong dtype, rank, dimension or byte length), or says that the inputs
+    together are too large (REQUEST_TOO_LARGE);
     NOT_FOUND for an unknown model or version; RESOURCE_EXHAUSTED when the model's queue is full;
     DEADLINE_EXCEEDED when the request's timeout or the call's deadline passes while it waits in the queue.
     """
@@ -108,7 +110,8 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_inference_pb2.PredictResponse, _abc.Awaitable[_inference_pb2.PredictResponse]]:
         """Runs a model on one request. The model is resolved and loaded on first use. INVALID_ARGUMENT names the
-        input at fault (missing, unknown, wrong dtype, rank, dimension or byte length, or too large);
+        input at fault (missing, unknown, wrong dtype, rank, dimension or byte length), or says that the inputs
+        together are too large (REQUEST_TOO_LARGE);
         NOT_FOUND for an unknown model or version; RESOURCE_EXHAUSTED when the model's queue is full;
         DEADLINE_EXCEEDED when the request's timeout or the call's deadline passes while it waits in the queue.
         """
