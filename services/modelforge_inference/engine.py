@@ -32,7 +32,7 @@ import numpy as np
 from onnxruntime import RunOptions
 from opentelemetry.trace import Status, StatusCode
 
-from modelforge_inference import serving
+from modelforge_inference import allocator, serving
 from modelforge_inference.batcher import Abort, Batcher, BatchResult, Feeds, Into, Outcome, RanApart, split
 from modelforge_inference.domain import (
     CacheMode,
@@ -108,6 +108,8 @@ _HASH_OFF_LOOP_BYTES = 256 * 1024
 _INLINE_RUN_SECONDS = 75e-6
 # How many versions deleted from the registry keep their statistics (GetModelStatistics by version number).
 RETIRED_STATISTICS = 1024
+# Memory that unloaded versions freed goes back to the system at most this often (seconds; see allocator).
+_RELEASE_INTERVAL = 1.0
 # A caller that leaves this close to its deadline left because of it (the loop's clock may tick in milliseconds).
 _DEADLINE_SLACK = 0.01
 
@@ -270,6 +272,8 @@ class InferenceEngine:
         self._retired: collections.OrderedDict[tuple[str, int], ModelStatistics] = collections.OrderedDict()
         self._configs: dict[tuple[str, int, frozenset[tuple[str, str]]], ServingConfig] = {}
         self._tasks: set[asyncio.Future[Any]] = set()
+        self._release_pending = False  # a release of freed memory is to start (see _release_memory_soon)
+        self._released_at = float("-inf")
         self._remove_listener: Callable[[], None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------------------
@@ -788,11 +792,27 @@ class InferenceEngine:
                 await slot.batcher.aclose()
             slot.batcher = None
             slot.session = None  # the last reference: ONNX Runtime frees the session's memory
+            self._release_memory_soon()  # and the heap gives it back (see allocator)
             log.info("unloaded %s:%s", slot.model.name, slot.model.version)
             if slot.unload_reason is not None and slot.load_seconds:
                 self._metrics.unloaded(slot.model.name, slot.model.version, slot.unload_reason)
         finally:
             self._unloading.discard(slot)
+
+    def _release_memory_soon(self) -> None:
+        """Has the heap give freed memory back to the system, at most once per _RELEASE_INTERVAL: each release
+        costs the next allocations their page faults, which versions evicted on every few requests would pay
+        over and over. One release still to start covers every unload before it."""
+        if self._release_pending:
+            return
+        self._release_pending = True
+        self._spawn(self._release_memory(max(0.0, self._released_at + _RELEASE_INTERVAL - time.monotonic())))
+
+    async def _release_memory(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        self._release_pending = False
+        self._released_at = time.monotonic()
+        await asyncio.to_thread(allocator.release_freed_memory)
 
     def _on_registry_event(self, event: Any) -> None:
         """A deleted or archived version, or a deleted model, is unloaded; labels that changed apply on the next
