@@ -225,6 +225,14 @@ class ModelResolver:
         for ref in [ref for ref in self._last_known if ref.name == model]:
             del self._last_known[ref]
 
+    def _forget_movable(self) -> None:
+        """Drops the last resolutions of aliases and of newest-version refs: events may have been missed while the
+        watch was down, and an alias may have moved, or a newer version come. A ref by version number still names
+        what it named, and answers as last resolved should the registry fail (the engine checks its file before a
+        load, and unloads a version the registry turns out to have deleted)."""
+        for ref in [ref for ref in self._last_known if ref.version is None]:
+            del self._last_known[ref]
+
     def _drop_all(self) -> None:
         self._epoch += 1
         self._generations.clear()
@@ -249,7 +257,7 @@ class ModelResolver:
                     async for event in events:
                         if event.type is ModelEventType.WATCH_STARTED:
                             self._drop_all()
-                            self._last_known.clear()  # events may have been missed: an alias may have moved
+                            self._forget_movable()
                             self._unreachable_until = 0.0  # it answers again: ask it first
                             self._health_failing = False
                             self._connected.set()

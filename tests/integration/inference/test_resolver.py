@@ -352,7 +352,7 @@ def proxied_events(proxied_resolver: ModelResolver) -> EventLog:
     return log
 
 
-async def test_the_last_resolutions_do_not_outlive_a_reconnection_that_may_have_missed_events(
+async def test_the_last_resolutions_of_aliases_do_not_outlive_a_reconnection_that_may_have_missed_events(
     admin, proxy: TcpProxy, proxied_resolver: ModelResolver, proxied_events: EventLog
 ) -> None:
     resolver, log = proxied_resolver, proxied_events
@@ -360,8 +360,9 @@ async def test_the_last_resolutions_do_not_outlive_a_reconnection_that_may_have_
     await upload(admin, "adder", add_one_bytes(4))
     await admin.SetAlias(registry_pb2.SetAliasRequest(model="adder", alias="production", version=1))
     await log.wait_for(ModelEventType.ALIAS_SET, "adder")  # so that no event overtakes the resolution below
-    production = ModelRef("adder", alias="production")
+    production, first = ModelRef("adder", alias="production"), ModelRef("adder", version=1)
     assert (await resolver.resolve(production)).version == 1
+    assert (await resolver.resolve(first)).version == 1
 
     await proxy.cut()
     await eventually(lambda: not resolver.connected, "the resolver to lose its event stream")
@@ -373,6 +374,9 @@ async def test_the_last_resolutions_do_not_outlive_a_reconnection_that_may_have_
     await proxy.cut()  # down again, before anything asked for production since the reconnection
     with pytest.raises(RegistryUnavailable):  # rather than version 1, which the registry no longer says
         await resolver.resolve(production, timeout=5)
+    # A version number names what it named: it answers as last resolved (the registry back, but not yet able to
+    # resolve, used to fail every request for a while).
+    assert (await resolver.resolve(first, timeout=5)).version == 1
     reconnects = resolver.reconnects
     await proxy.restore()
     await eventually(lambda: resolver.reconnects > reconnects, "the resolver to watch again")
