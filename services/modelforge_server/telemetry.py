@@ -60,6 +60,10 @@ __all__ = [
 
 log = logging.getLogger("modelforge.telemetry")
 
+# How long one export to the collector may take, and how long a process that stops waits for its last spans.
+EXPORT_TIMEOUT_SECONDS = 2.0
+FLUSH_SECONDS = 2.0
+
 # The standard OpenTelemetry variable; the exporter reads it (and OTEL_EXPORTER_OTLP_HEADERS etc.) itself.
 OTEL_ENDPOINT_ENV = "OTEL_EXPORTER_OTLP_ENDPOINT"
 
@@ -153,9 +157,11 @@ class Telemetry:
         return endpoint
 
     def shutdown(self) -> None:
-        """Flushes spans still buffered; the provider also does this at interpreter exit."""
-        if self.provider is not None:
-            self.provider.force_flush()
+        """Flushes spans still buffered, for at most FLUSH_SECONDS: a collector that is down or hung must not hold
+        the process's exit past its grace period (spans it did not take are lost)."""
+        if self.provider is not None and not self.provider.force_flush(round(FLUSH_SECONDS * 1000)):
+            log.warning("spans still buffered were not exported within %g s: the trace collector did not take them",
+                        FLUSH_SECONDS)  # fmt: skip
 
 
 def setup(
@@ -185,7 +191,9 @@ def setup(
     if endpoint is not None:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-        exporter = OTLPSpanExporter(endpoint=endpoint, insecure=not endpoint.startswith("https://"))
+        exporter = OTLPSpanExporter(
+            endpoint=endpoint, insecure=not endpoint.startswith("https://"), timeout=EXPORT_TIMEOUT_SECONDS
+        )
         provider.add_span_processor(BatchSpanProcessor(exporter))
         log.info("exporting traces to %s", endpoint)
     _instrument(provider)
@@ -208,7 +216,8 @@ def _provider(service_name: str, ratio: float) -> TracerProvider:
             "service.instance.id": f"{socket.gethostname()}-{os.getpid()}",
         }
     )
-    provider = TracerProvider(resource=resource, sampler=ParentBased(_CallsAndJobs(ratio)))
+    # Not shut down at interpreter exit, where the SDK would flush again with no bound: Telemetry.shutdown flushes.
+    provider = TracerProvider(resource=resource, sampler=ParentBased(_CallsAndJobs(ratio)), shutdown_on_exit=False)
     trace.set_tracer_provider(provider)
     return provider
 

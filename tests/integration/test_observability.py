@@ -11,6 +11,10 @@ import contextvars
 import io
 import json
 import logging
+import socket
+import subprocess
+import sys
+import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -276,3 +280,34 @@ def test_tracing_is_off_and_the_metrics_port_is_the_default_without_settings() -
     disabled = telemetry.setup("modelforge-jobs", metrics_port=9103, environ={"MODELFORGE_METRICS_PORT": "0"})
     assert disabled.metrics_port == 0
     assert telemetry.setup("modelforge-jobs", None, environ={}).serve_metrics(Metrics(), "127.0.0.1") is None
+
+
+_STOP_WITH_SPANS_BUFFERED = """
+import sys, time
+from modelforge_server import telemetry
+
+tel = telemetry.setup("modelforge-registry", environ={"MODELFORGE_OTLP_ENDPOINT": sys.argv[1]})
+with telemetry.tracer("test").start_as_current_span("ModelInfer"):
+    pass
+began = time.monotonic()
+tel.shutdown()
+print(round(time.monotonic() - began, 1), flush=True)
+"""
+
+
+def test_a_collector_that_never_answers_holds_a_stopping_process_for_at_most_the_flush_time() -> None:
+    """Its last spans are given up after FLUSH_SECONDS, where the exporter's own defaults waited 30 s to flush and
+    more at interpreter exit: past a container's termination grace period."""
+    with socket.socket() as hung:  # takes connections, never answers: a collector that hangs
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(8)
+        endpoint = f"http://127.0.0.1:{hung.getsockname()[1]}"
+        began = time.monotonic()
+        stopped = subprocess.run(
+            [sys.executable, "-c", _STOP_WITH_SPANS_BUFFERED, endpoint], capture_output=True, text=True, timeout=120
+        )
+        took = time.monotonic() - began
+    assert stopped.returncode == 0, stopped.stderr
+    assert float(stopped.stdout) <= telemetry.FLUSH_SECONDS + 0.5  # the flush gave up in time
+    assert took < 20  # and nothing after it waited on the collector (the process's start included)
+    assert "DEADLINE_EXCEEDED" in stopped.stderr  # the spans were given up, as the exporter says
