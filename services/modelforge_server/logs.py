@@ -47,7 +47,7 @@ def _context_fields(record: logging.LogRecord) -> dict[str, Any]:
     """trace_id/span_id, bound fields, then the record's own `extra`; payload-like values are summarised."""
     fields: dict[str, Any] = {}
     span_context = trace.get_current_span().get_span_context()
-    if span_context.is_valid:
+    if span_context.is_valid and span_context.trace_flags.sampled:  # an id no collector will have is no lead
         fields["trace_id"] = format(span_context.trace_id, "032x")
         fields["span_id"] = format(span_context.span_id, "016x")
     fields.update(_BOUND.get() or {})

@@ -10,11 +10,13 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
 from modelforge_server import logs
 
 # A provider of the test's own: spans become current without touching the process-wide provider.
 TRACER = TracerProvider().get_tracer("modelforge.test")
+UNSAMPLED = TracerProvider(sampler=ALWAYS_OFF).get_tracer("modelforge.test")
 
 
 class Terminal(io.StringIO):
@@ -72,6 +74,18 @@ def test_a_line_inside_a_span_carries_its_trace_and_span_ids(root_logger: loggin
     assert line["trace_id"] == format(span.get_span_context().trace_id, "032x")
     assert line["span_id"] == format(span.get_span_context().span_id, "016x")
     assert line["service"] == "modelforge-inference"
+
+
+def test_a_line_inside_a_span_not_sampled_carries_no_trace_id(root_logger: logging.Logger) -> None:
+    """No collector has that trace (MODELFORGE_TRACE_SAMPLE_RATIO left it out): an id would lead nowhere."""
+    stream = io.StringIO()
+    logs.configure("modelforge-inference", stream=stream)
+    with UNSAMPLED.start_as_current_span("Predict") as span:
+        assert span.get_span_context().is_valid
+        logging.getLogger("modelforge.inference").info("predicting")
+
+    (line,) = json_lines(stream)
+    assert "trace_id" not in line and "span_id" not in line
 
 
 def test_bound_fields_and_extra_appear_on_every_line_in_the_block(root_logger: logging.Logger) -> None:
