@@ -36,6 +36,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     ProcessCollector,
+    disable_created_metrics,
     generate_latest,
     multiprocess,
     start_http_server,
@@ -75,6 +76,9 @@ class Metrics:
     """The metrics of one server process, in their own registry (so tests can build many servers in one process)."""
 
     def __init__(self, *, registry: CollectorRegistry | None = None, process_collector: bool = True) -> None:
+        # No `_created` series beside each counter and histogram (prometheus_client's default, which doubles the
+        # series and which Prometheus does not use): a setting of the library, process-wide.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         if process_collector and not multiprocess_enabled():
             ProcessCollector(registry=self.registry)
