@@ -90,7 +90,7 @@ from modelforge_inference.signature import (
     request_bytes,
     string_elements,
 )
-from modelforge_server import telemetry
+from modelforge_server import logs, telemetry
 from modelforge_server.errors import DeadlineExceeded, InvalidArgument, NotFound, ServiceError, Unavailable
 from modelforge_server.metrics import Metrics
 from modelforge_server.runtime_errors import describe_error
@@ -680,7 +680,11 @@ class InferenceEngine:
             slot.idle.set()
 
     async def _load(self, slot: _Slot) -> None:
-        with self._tracer.start_as_current_span("model load", attributes=_attributes(slot.model)):
+        # Its log lines, the loader thread's included, carry the version in their `model` field.
+        with (
+            self._tracer.start_as_current_span("model load", attributes=_attributes(slot.model)),
+            logs.bind(model=_named(slot.model)),
+        ):
             await self._load_slot(slot)
 
     async def _load_slot(self, slot: _Slot) -> None:
@@ -763,6 +767,7 @@ class InferenceEngine:
                 victim.model.version,
                 self._settings.max_loaded_models,
                 self._settings.memory_budget_bytes >> 20,
+                extra={"model": _named(victim.model)},  # not the version whose load evicts it
             )
             self._begin_unload(victim, UnloadReason.EVICTED)
 
@@ -784,6 +789,10 @@ class InferenceEngine:
         return slot.drained
 
     async def _drain(self, slot: _Slot) -> None:
+        with logs.bind(model=_named(slot.model)):
+            await self._drain_slot(slot)
+
+    async def _drain_slot(self, slot: _Slot) -> None:
         try:
             if slot.loading is not None and not slot.loading.done():
                 await asyncio.wait([slot.loading])
@@ -1097,6 +1106,11 @@ class InferenceEngine:
                 return await awaitable
         except TimeoutError:
             raise error() from None
+
+
+def _named(model: ResolvedModel) -> str:
+    """A version as log lines name it in their `model` field."""
+    return f"{model.name}:{model.version}"
 
 
 def _attributes(model: ResolvedModel) -> dict[str, Any]:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import io
+import json
 import logging
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from modelforge.inference.v1 import inference_pb2 as pb
 from modelforge.oip.v2 import grpc_service_pb2 as oip_pb2
 from modelforge.registry.v1 import registry_pb2
 from modelforge_registry.settings import RegistrySettings
-from modelforge_server import paging
+from modelforge_server import logs, paging
 from tests.fixtures.onnx_models import (
     ModelFile,
     build_custom_op,
@@ -137,6 +139,30 @@ async def test_least_recently_used_version_is_evicted(start_inference: StartInfe
 
         ready = pb.LOADED_MODEL_STATE_READY
         await wait_loaded(running, [("a", 1, ready), ("c", 1, ready)])
+
+
+async def test_lifecycle_log_lines_name_their_version_in_the_model_field(
+    start_inference: StartInference, add_one: ModelFile
+) -> None:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    stream = io.StringIO()
+    logs.configure("modelforge-inference", "INFO", stream=stream)
+    try:
+        async with start_inference(max_loaded_models=1) as running:
+            for name in ("a", "b"):
+                await upload(running, name, add_one)
+            await running.stub.LoadModel(pb.LoadModelRequest(ref=ref("a")))
+            await running.stub.LoadModel(pb.LoadModelRequest(ref=ref("b")))  # evicts a
+            await wait_loaded(running, [("b", 1, pb.LOADED_MODEL_STATE_READY)])
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    named = {(line["message"].split(" ", 2)[0], line.get("model")) for line in lines if "model" in line}
+    # The eviction is logged during b's load, and names a.
+    assert {("loaded", "a:1"), ("loaded", "b:1"), ("evicting", "a:1"), ("unloaded", "a:1")} <= named
 
 
 async def unloading_under_a_request(
