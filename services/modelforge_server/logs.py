@@ -11,9 +11,10 @@ import contextlib
 import contextvars
 import json
 import logging
+import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
 from opentelemetry import trace
@@ -106,6 +107,25 @@ class TextFormatter(logging.Formatter):
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
+
+
+class Throttle(logging.Filter):
+    """Passes at most one line per `seconds` of the logger it is added to: a library that logs each retry of the
+    same failure (an unreachable trace collector, every few seconds) says so once in a while, not all the time.
+    ``clock``: the time source, seconds."""
+
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self._seconds = seconds
+        self._clock = clock
+        self._last = -math.inf
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = self._clock()
+        if now - self._last < self._seconds:
+            return False
+        self._last = now
+        return True
 
 
 # Libraries whose DEBUG lines come on every call ("Loaded running loop" for each RPC): left at INFO when the

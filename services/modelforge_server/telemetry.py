@@ -40,6 +40,7 @@ from opentelemetry.sdk.trace.sampling import (
 )
 from opentelemetry.trace import SpanKind
 
+from modelforge_server import logs
 from modelforge_server.metrics import Endpoint, Metrics
 from modelforge_server.settings import SettingsError, from_env
 
@@ -63,6 +64,9 @@ log = logging.getLogger("modelforge.telemetry")
 # How long one export to the collector may take, and how long a process that stops waits for its last spans.
 EXPORT_TIMEOUT_SECONDS = 2.0
 FLUSH_SECONDS = 2.0
+# The exporter's lines about failed exports (a collector down) pass at most this often (seconds).
+EXPORT_FAILURES_LOGGED_EVERY = 60.0
+_EXPORTER_LOGGER = "opentelemetry.exporter.otlp.proto.grpc.exporter"
 
 # The standard OpenTelemetry variable; the exporter reads it (and OTEL_EXPORTER_OTLP_HEADERS etc.) itself.
 OTEL_ENDPOINT_ENV = "OTEL_EXPORTER_OTLP_ENDPOINT"
@@ -195,6 +199,8 @@ def setup(
             endpoint=endpoint, insecure=not endpoint.startswith("https://"), timeout=EXPORT_TIMEOUT_SECONDS
         )
         provider.add_span_processor(BatchSpanProcessor(exporter))
+        # It logs every failed export of a collector that is down, an ERROR every few seconds per process.
+        logging.getLogger(_EXPORTER_LOGGER).addFilter(logs.Throttle(EXPORT_FAILURES_LOGGED_EVERY))
         log.info("exporting traces to %s", endpoint)
     _instrument(provider)
     return Telemetry(service_name, port, provider)

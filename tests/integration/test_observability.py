@@ -284,8 +284,8 @@ def test_tracing_is_off_and_the_metrics_port_is_the_default_without_settings() -
 
 
 _STOP_WITH_SPANS_BUFFERED = """
-import sys, time
-from modelforge_server import telemetry
+import logging, sys, time
+from modelforge_server import logs, telemetry
 
 tel = telemetry.setup("modelforge-registry", environ={"MODELFORGE_OTLP_ENDPOINT": sys.argv[1]})
 with telemetry.tracer("test").start_as_current_span("ModelInfer"):
@@ -293,6 +293,8 @@ with telemetry.tracer("test").start_as_current_span("ModelInfer"):
 began = time.monotonic()
 tel.shutdown()
 print(round(time.monotonic() - began, 1), flush=True)
+filters = logging.getLogger("opentelemetry.exporter.otlp.proto.grpc.exporter").filters
+print(any(isinstance(f, logs.Throttle) for f in filters), flush=True)  # its failures logged once a minute
 """
 
 
@@ -309,6 +311,8 @@ def test_a_collector_that_never_answers_holds_a_stopping_process_for_at_most_the
         )
         took = time.monotonic() - began
     assert stopped.returncode == 0, stopped.stderr
-    assert float(stopped.stdout) <= telemetry.FLUSH_SECONDS + 0.5  # the flush gave up in time
+    took_to_flush, throttled = stopped.stdout.split()
+    assert float(took_to_flush) <= telemetry.FLUSH_SECONDS + 0.5  # the flush gave up in time
+    assert throttled == "True"
     assert took < 20  # and nothing after it waited on the collector (the process's start included)
     assert "DEADLINE_EXCEEDED" in stopped.stderr  # the spans were given up, as the exporter says

@@ -132,3 +132,24 @@ def test_at_debug_grpc_writes_no_line_per_call(root_logger: logging.Logger) -> N
     finally:
         quiet.setLevel(level)
     assert [line["message"] for line in json_lines(out)] == ["a line gRPC writes at INFO", "our own line"]
+
+
+def test_a_throttled_logger_passes_one_line_per_interval(root_logger: logging.Logger) -> None:
+    """A trace collector that is down: its exporter logs each failed export, every few seconds."""
+    stream = io.StringIO()
+    logs.configure("modelforge-registry", stream=stream)
+    now = [0.0]
+    noisy = logging.getLogger("modelforge.test.noisy")
+    throttle = logs.Throttle(60.0, clock=lambda: now[0])
+    noisy.addFilter(throttle)
+    try:
+        for second in (0.0, 5.0, 30.0, 59.9, 60.0, 61.0, 125.0):
+            now[0] = second
+            noisy.error("failed to export at %s", second)
+    finally:
+        noisy.removeFilter(throttle)
+    assert [line["message"] for line in json_lines(stream)] == [
+        "failed to export at 0.0",
+        "failed to export at 60.0",
+        "failed to export at 125.0",
+    ]
