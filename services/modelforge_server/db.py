@@ -21,7 +21,12 @@ from psycopg import AsyncConnection, sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from modelforge_server import logs
+
 log = logging.getLogger("modelforge.db")
+# psycopg_pool logs each failed reconnection attempt, a WARNING about every second of an outage that the dependency
+# probes already report once: its lines pass at most once a minute.
+_POOL_LOG_THROTTLE = logs.Throttle(60.0)
 
 _MIGRATION = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
@@ -206,6 +211,9 @@ async def open_pool(
     that much later than PostgreSQL.
     """
     recheck = _Recheck(recheck_after) if recheck_after > 0 else None
+    pool_log = logging.getLogger("psycopg.pool")
+    if _POOL_LOG_THROTTLE not in pool_log.filters:
+        pool_log.addFilter(_POOL_LOG_THROTTLE)
     kwargs: dict[str, Any] = {"autocommit": True}
     if "connect_timeout" not in conninfo_to_dict(url) and "PGCONNECT_TIMEOUT" not in os.environ:
         # libpq's own default is no limit (psycopg's 130 s): a PostgreSQL that accepts TCP and never answers would

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 from collections.abc import AsyncIterator
 
 import psycopg
@@ -146,3 +148,19 @@ async def answers(pool: AsyncConnectionPool) -> bool:
     except (psycopg.OperationalError, PoolTimeout):
         return False
     return True
+
+
+async def test_the_pools_reconnection_attempts_during_an_outage_log_once_a_minute(
+    proxy: TcpProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="psycopg.pool")
+    async with db.open_pool(proxy.url, min_size=1, max_size=1, outage_timeout=0.2) as pool:
+        await db.ping(pool)
+        await proxy.cut()  # gone: every attempt the pool makes to connect again fails at once
+        for _ in range(8):  # a health check every half second, as the services' probes come
+            with contextlib.suppress(db.OperationTimedOut, PoolTimeout, psycopg.OperationalError):
+                await db.ping(pool)
+            await asyncio.sleep(0.5)
+        failed = [r for r in caplog.records if r.name == "psycopg.pool" and "error connecting" in r.getMessage()]
+        await proxy.restore()
+    assert len(failed) <= 1, [r.getMessage() for r in failed]  # psycopg_pool logged each attempt, about 1 a second
