@@ -56,10 +56,19 @@ class JobQueue:
         self._broker = next(iter(self._actors.values())).broker
 
     async def send(
-        self, job_id: UUID, priority: Priority, *, delay: float = 0.0, outage_since: float | None = None
+        self,
+        job_id: UUID,
+        priority: Priority,
+        *,
+        delay: float = 0.0,
+        outage_since: float | None = None,
+        trace: Mapping[str, str] | None = None,
     ) -> None:
-        """Sends the job's message, to be taken after `delay` seconds; `outage_since` goes with it to the run."""
-        carrier = telemetry.inject()  # here, on the loop: the calling RPC's span is the current one
+        """Sends the job's message, to be taken after `delay` seconds; `outage_since` goes with it to the run.
+        `trace`: the trace context the run continues, for a message sent again outside the call that queued the
+        job; by default the current one."""
+        # Here, on the loop: the calling RPC's span is the current one.
+        carrier = dict(trace) if trace else telemetry.inject()
         kwargs: dict[str, Any] = {"trace": carrier} if carrier else {}
         if outage_since is not None:
             kwargs["outage_since"] = outage_since
@@ -293,12 +302,12 @@ class WorkerResources(dramatiq.Middleware):
         if store is None or queue is None:
             return
         reaped = await store.reap(stale_after=settings.heartbeat_timeout)
-        async with self._unless_sent([job_id for job_id, _ in reaped]) as sent:
-            for job_id, priority in reaped:
-                log.warning("job %s: its worker stopped heartbeating; queued again", job_id, extra={"job_id": job_id})
+        async with self._unless_sent([job.id for job in reaped]) as sent:
+            for job in reaped:
+                log.warning("job %s: its worker stopped heartbeating; queued again", job.id, extra={"job_id": job.id})
                 self.metrics.reaped.inc()
-                await self._send(job_id, priority)
-                sent.add(job_id)
+                await self._send(job.id, job.priority, trace=job.trace)
+                sent.add(job.id)
         waited = await store.unsent(older_than=settings.resend_after)
         async with self._unless_sent([job.id for job in waited]) as sent:
             try:  # jobs that wait behind a backlog, their messages in Redis, are left to it
@@ -308,9 +317,13 @@ class WorkerResources(dramatiq.Middleware):
             sent.update(held)
             for job in waited:
                 if job.id not in held:
-                    log.warning("job %s: its message was lost (never sent, or gone from Redis); sent again", job.id)
+                    log.warning(
+                        "job %s: its message was lost (never sent, or gone from Redis); sent again",
+                        job.id,
+                        extra={"job_id": job.id},
+                    )
                     self.metrics.resent.inc()
-                    await self._send(job.id, job.priority)
+                    await self._send(job.id, job.priority, trace=job.trace)
                     sent.add(job.id)
         jobs, datasets = await store.expire(retention=settings.job_retention)
         if jobs or datasets:

@@ -77,11 +77,14 @@ def bytes_per_item(size_bytes: int, items: int) -> int:
 
 @dataclass(frozen=True)
 class Waiting:
-    """A QUEUED job whose message was sent long ago and not taken yet, or (`marked`) could not be sent at all."""
+    """A QUEUED job whose message was sent long ago and not taken yet, or (`marked`) could not be sent at all; or
+    one a worker stopped running. `trace`: the trace context of the call that queued it, for the message sent
+    again."""
 
     id: UUID
     priority: Priority
     marked: bool
+    trace: Mapping[str, str] | None = None
 
 
 Dims = tuple[tuple[int, str], ...]  # a declared shape: each dimension's size (-1: dynamic) and name ("": none)

@@ -44,7 +44,7 @@ from modelforge_jobs.events import JobChanges
 from modelforge_jobs.inference_client import RegistryClient
 from modelforge_jobs.metrics import ApiMetrics
 from modelforge_jobs.store import JobStore
-from modelforge_server import paging
+from modelforge_server import paging, telemetry
 from modelforge_server.errors import InvalidArgument, Unavailable, require
 from modelforge_server.flights import SingleFlight
 from modelforge_server.labels import check_labels
@@ -168,6 +168,7 @@ class Jobs:
             model_version=model.version,
             items_total=items,
             batches_total=batch_count(items, spec.batch_size),
+            trace=telemetry.inject(),  # for a message sent again later, outside this call
         )
         if created:
             log.info("job %s submitted: %s:%d, %d items", job.id, model.name, model.version, items)
@@ -222,7 +223,7 @@ class Jobs:
     async def retry(self, job_id: UUID) -> Job:
         job = await self._store.get_job(job_id)
         self._check_retryable(job)
-        requeued = await self._store.requeue_finished(job_id)
+        requeued = await self._store.requeue_finished(job_id, trace=telemetry.inject())
         if requeued is None:  # changed meanwhile: its state, or its dataset deleted
             job = await self._store.get_job(job_id)
             self._check_retryable(job)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 from uuid import UUID
@@ -201,7 +201,14 @@ class JobStore:
     # --- submission and reads -----------------------------------------------------------------------------
 
     async def insert_job(
-        self, job_id: UUID, spec: JobSpec, *, model_version: int, items_total: int, batches_total: int
+        self,
+        job_id: UUID,
+        spec: JobSpec,
+        *,
+        model_version: int,
+        items_total: int,
+        batches_total: int,
+        trace: Mapping[str, str] | None = None,
     ) -> tuple[Job, bool]:
         """Inserts a QUEUED job (and its inline input) and returns it with True; for a request_id seen before,
         returns that job and False. DatasetNotFound when the dataset has been deleted since it was read: the
@@ -213,11 +220,11 @@ class JobStore:
                     f"""
                     INSERT INTO jobs.jobs (id, request_id, inline_input, model_name, ref_version, ref_alias,
                         model_version, state, dataset_id, input_dataset_id, items_total, batch_size, batches_total,
-                        priority, labels, max_attempts, time_limit_seconds, queued_since)
+                        priority, labels, max_attempts, time_limit_seconds, queued_since, trace_context)
                     VALUES (%(id)s, %(request_id)s, %(inline)s, %(name)s, %(ref_version)s, %(ref_alias)s,
                         %(model_version)s, 'QUEUED', %(dataset_id)s, %(dataset_id)s, %(items_total)s, %(batch_size)s,
                         %(batches_total)s,
-                        %(priority)s, %(labels)s, %(max_attempts)s, %(time_limit)s, now())
+                        %(priority)s, %(labels)s, %(max_attempts)s, %(time_limit)s, now(), %(trace)s)
                     ON CONFLICT (request_id) DO NOTHING
                     RETURNING {_JOB_COLUMNS}
                     """,
@@ -237,6 +244,7 @@ class JobStore:
                         "labels": Jsonb(spec.labels),
                         "max_attempts": spec.max_attempts,
                         "time_limit": spec.time_limit,
+                        "trace": Jsonb(dict(trace)) if trace else None,
                     },
                 )
             except psycopg.errors.ForeignKeyViolation:
@@ -324,7 +332,7 @@ class JobStore:
             row = await cur.fetchone()
         return _job(row) if row is not None else None
 
-    async def requeue_finished(self, job_id: UUID) -> Job | None:
+    async def requeue_finished(self, job_id: UUID, *, trace: Mapping[str, str] | None = None) -> Job | None:
         """Makes a FAILED or CANCELLED job QUEUED again with a fresh attempt budget; None in other states, and when
         the dataset the job reads has been deleted.
 
@@ -336,13 +344,13 @@ class JobStore:
                 f"""
                 UPDATE jobs.jobs SET state = 'QUEUED', finish_time = NULL, update_time = now(), attempt_count = 0,
                     queued_since = now(), enqueue_time = now(), error_code = NULL, error_reason = NULL,
-                    error_message = NULL, queued_reason = NULL
+                    error_message = NULL, queued_reason = NULL, trace_context = %s
                 WHERE id = %s AND state IN ('FAILED', 'CANCELLED')
                   AND (inline_input
                        OR EXISTS (SELECT 1 FROM jobs.datasets d WHERE d.id = jobs.jobs.dataset_id FOR KEY SHARE))
                 RETURNING {_JOB_COLUMNS}
                 """,
-                (job_id,),
+                (Jsonb(dict(trace)) if trace else None, job_id),
             )
             row = await cur.fetchone()
         return _job(row) if row is not None else None
@@ -529,7 +537,7 @@ class JobStore:
 
     # --- maintenance ----------------------------------------------------------------------------------------
 
-    async def reap(self, *, stale_after: float) -> list[tuple[UUID, Priority]]:
+    async def reap(self, *, stale_after: float) -> list[Waiting]:
         """Requeues RUNNING jobs whose worker stopped heartbeating, and fails those out of attempts.
 
         Returns the requeued jobs, whose messages the caller sends again.
@@ -551,12 +559,12 @@ class JobStore:
                 UPDATE jobs.jobs SET state = 'QUEUED', queued_since = now(), update_time = now(), enqueue_time = now(),
                     queued_reason = 'its worker stopped heartbeating; the run counts as an attempt'
                 WHERE {stale}
-                RETURNING id, priority
+                RETURNING id, priority, trace_context
                 """,
                 params,
             )
             rows = await cur.fetchall()
-        return [(row["id"], Priority(row["priority"])) for row in rows]
+        return [Waiting(row["id"], Priority(row["priority"]), False, row["trace_context"]) for row in rows]
 
     async def unsent(self, *, older_than: float) -> list[Waiting]:
         """QUEUED jobs whose message went out `older_than` seconds ago or more and was not picked up, and those marked
@@ -569,12 +577,12 @@ class JobStore:
                     WHERE state = 'QUEUED' AND enqueue_time < now() - make_interval(secs => %s)
                     FOR UPDATE SKIP LOCKED)
                 UPDATE jobs.jobs j SET enqueue_time = now() FROM due WHERE j.id = due.id
-                RETURNING j.id, j.priority, due.marked
+                RETURNING j.id, j.priority, due.marked, j.trace_context
                 """,
                 (older_than,),
             )
             rows = await cur.fetchall()
-        return [Waiting(row["id"], Priority(row["priority"]), row["marked"]) for row in rows]
+        return [Waiting(row["id"], Priority(row["priority"]), row["marked"], row["trace_context"]) for row in rows]
 
     async def census(self) -> tuple[dict[JobState, int], float]:
         """The number of jobs in each state, and the combined items per second of the RUNNING ones."""

@@ -8,8 +8,12 @@ import uuid
 
 import dramatiq
 from dramatiq.common import dq_name
+from opentelemetry import trace
 
+from modelforge_jobs.actors import JobQueue
 from modelforge_jobs.broker import WakingRedisBroker
+from modelforge_jobs.domain import Priority
+from modelforge_server import telemetry
 
 HOUR_MS = 3_600_000
 
@@ -118,3 +122,32 @@ def _take(consumer: dramatiq.Consumer, count: int) -> list[dramatiq.MessageProxy
         if message is not None:
             taken.append(message)
     return taken
+
+
+async def test_a_message_sent_again_carries_the_trace_it_is_given_not_the_senders(redis_url: str) -> None:
+    broker = WakingRedisBroker(url=redis_url, namespace=f"test-{uuid.uuid4().hex[:8]}")
+    try:
+        actors = {
+            priority: dramatiq.Actor(
+                lambda job_id, **kwargs: None,
+                broker=broker,
+                actor_name=f"run-{priority.name}",
+                queue_name=f"jobs-{priority.name}",
+                priority=0,
+                options={},
+            )
+            for priority in Priority
+        }
+        queue = JobQueue(actors)
+        created = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+        current = trace.SpanContext(0x1234, 0x5678, is_remote=False, trace_flags=trace.TraceFlags(1))
+        with trace.use_span(trace.NonRecordingSpan(current)):  # the maintenance pass's own context, were it traced
+            assert telemetry.inject()["traceparent"] != created["traceparent"]
+            await queue.send(uuid.uuid4(), Priority.NORMAL, trace=created)
+        consumer = broker.consume("jobs-NORMAL", prefetch=1, timeout=1000)
+        message = next(message for message in consumer if message is not None)
+        assert message.kwargs["trace"] == created  # the run continues CreateJob's trace
+        consumer.ack(message)
+        consumer.close()
+    finally:
+        broker.close()

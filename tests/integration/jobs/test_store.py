@@ -152,3 +152,27 @@ async def test_a_dataset_outlives_its_retention_while_a_job_that_read_it_is_kept
     assert await store.expire(retention=3600) == (1, 1)  # the job's retention ended, and the dataset's with it
     with pytest.raises(DatasetNotFound):
         await store.get_dataset(dataset.id)
+
+
+async def test_a_job_sent_again_carries_the_trace_of_the_call_that_queued_it(db_pool) -> None:
+    """What the maintenance pass sends again (a lost message, a reaped job's) continues the trace of CreateJob or
+    RetryJob, not one of its own."""
+    await db.migrate(db_pool, schema="jobs", package="modelforge_jobs.migrations")
+    store = JobStore(db_pool)
+    spec = JobSpec(ModelRef("m", 1, None), 10, Priority.NORMAL, {}, 3, None, None, inline_input=b"")
+    created = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+    job_id = uuid.uuid4()
+    await store.insert_job(job_id, spec, model_version=1, items_total=10, batches_total=1, trace=created)
+    await store.mark_unsent(job_id)  # its message could not be sent
+    (lost,) = await store.unsent(older_than=60.0)
+    assert (lost.id, lost.marked, lost.trace) == (job_id, True, created)
+
+    await store.claim(job_id, "w1", stale_after=30.0)
+    await asyncio.sleep(0.01)
+    (reaped,) = await store.reap(stale_after=0.0)  # its worker stopped
+    assert (reaped.id, reaped.trace) == (job_id, created)
+
+    untraced = uuid.uuid4()  # tracing off: no context to keep
+    await store.insert_job(untraced, spec, model_version=1, items_total=10, batches_total=1, trace={})
+    await store.mark_unsent(untraced)
+    assert [(job.id, job.trace) for job in await store.unsent(older_than=60.0)] == [(untraced, None)]
