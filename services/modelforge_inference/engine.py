@@ -20,7 +20,7 @@ import functools
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -322,6 +322,7 @@ class InferenceEngine:
         into: Mapping[str, memoryview] | None = None,
         answer_limit: int | None = None,
         element_limit: int | None = None,
+        summarized: Collection[str] = (),
     ) -> Prediction:
         """Runs the version `ref` resolves to on `inputs` and returns the requested outputs (all when None).
 
@@ -334,6 +335,8 @@ class InferenceEngine:
         outputs itself. answer_limit: the most bytes the answer message may take (the caller sends the outputs not
         named in ``into`` in one message); None when the outputs are streamed. element_limit: for a streamed
         answer, the most bytes one element of a string output may take (a message carries each element whole).
+        summarized: outputs the caller answers with a small summary of them (V2 classification's top classes),
+        which answer_limit leaves out.
         Raises InvalidArgument kinds for bad inputs, NotFound for unknown refs, ResourceExhausted when the queue
         is full or the outputs exceed answer_limit, DeadlineExceeded when the deadline passes in the queue.
         """
@@ -356,7 +359,7 @@ class InferenceEngine:
             names = check_outputs(model.signature, outputs)
             # The outputs the answer message carries must fit it: checked before the run where the signature tells
             # their size, and after it by their real size.
-            answered = [name for name in names if not into or name not in into]
+            answered = [name for name in names if (not into or name not in into) and name not in summarized]
             if answer_limit is not None:
                 least = least_output_bytes(model.signature, feeds, answered)
                 _check_answer(model, least, answer_limit, declared=True)

@@ -258,6 +258,7 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             time_remaining=context.time_remaining(),
             into={name: target.memory for name, target in shared.items()} if shared else None,
             answer_limit=self._max_message_bytes - len(request.id.encode()),  # the answer echoes the id
+            summarized=classes.keys(),
         )
         answered = prediction.outputs
         if classes:

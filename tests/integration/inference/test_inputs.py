@@ -26,7 +26,7 @@ from tests.integration.inference.conftest import (
     ref,
     upload,
 )
-from tests.integration.inference.test_oip import infer_request, outputs_of
+from tests.integration.inference.test_oip import infer_request, outputs_of, run_onnxruntime
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
@@ -209,6 +209,27 @@ async def test_outputs_the_signature_shows_too_large_are_refused_before_the_mode
         statistics = await running.stub.GetModelStatistics(inference_pb2.GetModelStatisticsRequest(ref=ref("painter")))
         (stats,) = statistics.model_statistics
         assert (stats.failure_count, stats.execution_count) == (1, 0)  # refused without a run
+
+
+async def test_an_output_too_large_for_the_answer_is_answered_when_it_is_asked_for_as_its_top_classes(
+    start_inference, image_generator: ModelFile
+):
+    limit = 2 * 1024 * 1024
+    async with start_inference(max_message_bytes=limit, chunk_bytes=limit // 4) as running:
+        await upload(running, "painter", image_generator)
+        latent = {"latent": np.random.default_rng(3).standard_normal((1, 16)).astype(np.float32)}
+        request = infer_request("painter", latent)
+        output = request.outputs.add(name="image")
+        output.parameters["classification"].int64_param = 3
+
+        answer = await running.oip.ModelInfer(request)  # its 3 MiB image is never sent, its top 3 elements are
+
+        image = run_onnxruntime(image_generator, latent)["image"].reshape(-1)
+        top = np.argsort(-image, kind="stable")[:3]
+        assert outputs_of(answer)["image"].tolist() == [f"{image[i]:f}:{i}".encode() for i in top]
+        del request.outputs[:]
+        code, reason, _ = await failure(running.oip.ModelInfer(request))  # the image itself does not fit
+        assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "RESPONSE_TOO_LARGE")
 
 
 async def test_unknown_output_is_invalid_argument(served: RunningInference):
