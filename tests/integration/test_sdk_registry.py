@@ -32,6 +32,7 @@ from modelforge import (
 from modelforge.registry.v1 import registry_pb2
 from tests.fixtures.onnx_models import ModelFile, add_one, mlp, not_onnx, onnx_dir  # noqa: F401
 from tests.fixtures.postgres import tables_locked
+from tests.fixtures.proxy import TcpProxy
 from tests.fixtures.servers import RunningRegistry, registry, registry_settings  # noqa: F401
 
 
@@ -316,3 +317,28 @@ async def test_malformed_names_are_value_errors_before_any_call(
                     call()
 
     await asyncio.to_thread(sync_calls)
+
+
+async def test_a_call_with_a_timeout_of_its_own_has_that_deadline_instead_of_the_clients(
+    registry: RunningRegistry, add_one: ModelFile
+) -> None:
+    async with AsyncRegistryClient(registry.address) as setup:
+        await setup.push(add_one.path, name="adder", alias="production")
+    async with TcpProxy.in_front_of(registry.address) as proxy:
+        proxy.delay = 0.1  # every answer takes longer than the clients' timeout below
+        async with AsyncRegistryClient(proxy.address, timeout=0.05) as client:
+            with pytest.raises(DeadlineExceededError):
+                await client.get_model("adder")  # the client's timeout, by default
+            assert (await client.get_model("adder", timeout=30)).name == "adder"
+            assert (await client.resolve("adder@production", timeout=None)).version == 1
+            assert [m.name async for m in client.list_models(timeout=30)] == ["adder"]
+
+        def blocking() -> None:
+            with RegistryClient(proxy.address, timeout=0.05) as client:
+                with pytest.raises(DeadlineExceededError):
+                    client.resolve("adder:1")
+                assert client.resolve("adder:1", timeout=30).version == 1
+                assert [v.version for v in client.list_versions("adder", timeout=None)] == [1]
+                assert client.set_alias("adder", "staging", 1, timeout=30).version == 1
+
+        await asyncio.to_thread(blocking)

@@ -18,7 +18,7 @@ import grpc
 import grpc.aio
 
 from modelforge import _convert
-from modelforge._channel import REGISTRY, AsyncChannelClient, ChannelClient
+from modelforge._channel import CLIENT_TIMEOUT, REGISTRY, AsyncChannelClient, ChannelClient, Timeout, call_timeout
 from modelforge._convert import DEFAULT_CHUNK_BYTES, Progress
 from modelforge._domain import Model, ModelEvent, ModelVersion, VersionState
 from modelforge._errors import CancelledError, DeadlineExceededError, ModelForgeError, naming, translated, with_details
@@ -159,8 +159,8 @@ class RegistryClient(ChannelClient):
         target: ``host:port`` of the registry; defaults to ``MODELFORGE_REGISTRY_ADDRESS``, else
             ``127.0.0.1:50051``.
         channel: A channel of your own (TLS, interceptors...); the client does not close it. Excludes ``target``.
-        timeout: Seconds allowed for each unary call; None for no limit. Streams (uploads, downloads,
-            watches) have no limit.
+        timeout: Seconds allowed for each unary call; None for no limit. A method's own ``timeout=`` replaces it
+            for that call. Streams (uploads, downloads, watches) have no limit.
         max_message_bytes: Largest message sent or received; None for what the service takes and gives with its
             default settings, 64 MiB.
 
@@ -184,7 +184,14 @@ class RegistryClient(ChannelClient):
 
     # --- models ---
 
-    def create_model(self, name: str, *, description: str = "", labels: Mapping[str, str] | None = None) -> Model:
+    def create_model(
+        self,
+        name: str,
+        *,
+        description: str = "",
+        labels: Mapping[str, str] | None = None,
+        timeout: Timeout = CLIENT_TIMEOUT,
+    ) -> Model:
         """Creates an empty model. Pushing a version creates the model as well, so this is optional.
 
         Raises:
@@ -195,19 +202,24 @@ class RegistryClient(ChannelClient):
             model=pb.Model(name=validate_model_name(name), description=description, labels=labels or {})
         )
         with translated():
-            response = self.registry_stub.CreateModel(request, timeout=self._timeout)
+            response = self.registry_stub.CreateModel(request, timeout=call_timeout(timeout, self._timeout))
         return _convert.model(response.model)
 
-    def get_model(self, name: str) -> Model:
+    def get_model(self, name: str, *, timeout: Timeout = CLIENT_TIMEOUT) -> Model:
         """Returns one model. Raises NotFoundError if there is none of that name."""
         with translated():
             response = self.registry_stub.GetModel(
-                pb.GetModelRequest(name=validate_model_name(name)), timeout=self._timeout
+                pb.GetModelRequest(name=validate_model_name(name)), timeout=call_timeout(timeout, self._timeout)
             )
         return _convert.model(response.model)
 
     def list_models(
-        self, *, name_prefix: str = "", labels: Mapping[str, str] | None = None, page_size: int = 100
+        self,
+        *,
+        name_prefix: str = "",
+        labels: Mapping[str, str] | None = None,
+        page_size: int = 100,
+        timeout: Timeout = CLIENT_TIMEOUT,
     ) -> Iterator[Model]:
         """Iterates over the models ordered by name, fetching pages lazily.
 
@@ -225,21 +237,26 @@ class RegistryClient(ChannelClient):
                 page_token=token,
             )
             with translated():
-                page = self.registry_stub.ListModels(request, timeout=self._timeout)
+                page = self.registry_stub.ListModels(request, timeout=call_timeout(timeout, self._timeout))
             yield from (_convert.model(m) for m in page.models)
             if not (token := page.next_page_token):
                 return
 
     def update_model(
-        self, name: str, *, description: str | None = None, labels: Mapping[str, str] | None = None
+        self,
+        name: str,
+        *,
+        description: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        timeout: Timeout = CLIENT_TIMEOUT,
     ) -> Model:
         """Changes a model's description and/or labels (those passed; labels are replaced as a whole)."""
         request = _convert.update_model_request(name, description=description, labels=labels)
         with translated():
-            response = self.registry_stub.UpdateModel(request, timeout=self._timeout)
+            response = self.registry_stub.UpdateModel(request, timeout=call_timeout(timeout, self._timeout))
         return _convert.model(response.model)
 
-    def delete_model(self, name: str, *, force: bool = False) -> int:
+    def delete_model(self, name: str, *, force: bool = False, timeout: Timeout = CLIENT_TIMEOUT) -> int:
         """Deletes a model and returns how many versions went with it.
 
         Args:
@@ -251,7 +268,8 @@ class RegistryClient(ChannelClient):
         """
         with translated():
             response = self.registry_stub.DeleteModel(
-                pb.DeleteModelRequest(name=validate_model_name(name), force=force), timeout=self._timeout
+                pb.DeleteModelRequest(name=validate_model_name(name), force=force),
+                timeout=call_timeout(timeout, self._timeout),
             )
         return int(response.deleted_versions)
 
@@ -328,7 +346,7 @@ class RegistryClient(ChannelClient):
             while data := f.read(chunk_bytes):
                 yield plan.chunk(data)
 
-    def resolve(self, ref: str | ModelRef) -> ModelVersion:
+    def resolve(self, ref: str | ModelRef, *, timeout: Timeout = CLIENT_TIMEOUT) -> ModelVersion:
         """Returns the version a reference points at: ``"name:3"``, ``"name@production"``, or ``"name"`` (newest READY).
 
         Raises:
@@ -337,7 +355,7 @@ class RegistryClient(ChannelClient):
         """
         request = pb.ResolveModelRefRequest(ref=_convert.ref_proto(ref))
         with translated():
-            response = self.registry_stub.ResolveModelRef(request, timeout=self._timeout)
+            response = self.registry_stub.ResolveModelRef(request, timeout=call_timeout(timeout, self._timeout))
         return _convert.model_version(response.model_version)
 
     def _number(self, ref: str | ModelRef) -> tuple[str, int]:
@@ -347,7 +365,12 @@ class RegistryClient(ChannelClient):
         return parsed.name, self.resolve(parsed).version
 
     def list_versions(
-        self, name: str, *, state: VersionState | str | None = None, page_size: int = 100
+        self,
+        name: str,
+        *,
+        state: VersionState | str | None = None,
+        page_size: int = 100,
+        timeout: Timeout = CLIENT_TIMEOUT,
     ) -> Iterator[ModelVersion]:
         """Iterates over a model's versions, newest first, fetching pages lazily.
 
@@ -367,7 +390,7 @@ class RegistryClient(ChannelClient):
                 state=state_value,
             )
             with translated():
-                page = self.registry_stub.ListModelVersions(request, timeout=self._timeout)
+                page = self.registry_stub.ListModelVersions(request, timeout=call_timeout(timeout, self._timeout))
             yield from (_convert.model_version(v) for v in page.model_versions)
             if not (token := page.next_page_token):
                 return
@@ -379,6 +402,7 @@ class RegistryClient(ChannelClient):
         description: str | None = None,
         labels: Mapping[str, str] | None = None,
         version_label: str | None = None,
+        timeout: Timeout = CLIENT_TIMEOUT,
     ) -> ModelVersion:
         """Changes a version's description, labels and/or version label (those passed)."""
         name, number = self._number(ref)
@@ -386,10 +410,10 @@ class RegistryClient(ChannelClient):
             name, number, description=description, labels=labels, version_label=version_label
         )
         with translated():
-            response = self.registry_stub.UpdateModelVersion(request, timeout=self._timeout)
+            response = self.registry_stub.UpdateModelVersion(request, timeout=call_timeout(timeout, self._timeout))
         return _convert.model_version(response.model_version)
 
-    def archive(self, ref: str | ModelRef) -> ModelVersion:
+    def archive(self, ref: str | ModelRef, *, timeout: Timeout = CLIENT_TIMEOUT) -> ModelVersion:
         """Archives a version: it stops being "latest" and no alias may point at it.
 
         Raises:
@@ -398,20 +422,20 @@ class RegistryClient(ChannelClient):
         name, number = self._number(ref)
         with translated():
             response = self.registry_stub.ArchiveModelVersion(
-                pb.ArchiveModelVersionRequest(model=name, version=number), timeout=self._timeout
+                pb.ArchiveModelVersionRequest(model=name, version=number), timeout=call_timeout(timeout, self._timeout)
             )
         return _convert.model_version(response.model_version)
 
-    def restore(self, ref: str | ModelRef) -> ModelVersion:
+    def restore(self, ref: str | ModelRef, *, timeout: Timeout = CLIENT_TIMEOUT) -> ModelVersion:
         """Makes an archived version READY again."""
         name, number = self._number(ref)
         with translated():
             response = self.registry_stub.RestoreModelVersion(
-                pb.RestoreModelVersionRequest(model=name, version=number), timeout=self._timeout
+                pb.RestoreModelVersionRequest(model=name, version=number), timeout=call_timeout(timeout, self._timeout)
             )
         return _convert.model_version(response.model_version)
 
-    def delete_version(self, ref: str | ModelRef) -> bool:
+    def delete_version(self, ref: str | ModelRef, *, timeout: Timeout = CLIENT_TIMEOUT) -> bool:
         """Deletes a version for good (its number is never reused); True if its file was removed too.
 
         Raises:
@@ -420,13 +444,13 @@ class RegistryClient(ChannelClient):
         name, number = self._number(ref)
         with translated():
             response = self.registry_stub.DeleteModelVersion(
-                pb.DeleteModelVersionRequest(model=name, version=number), timeout=self._timeout
+                pb.DeleteModelVersionRequest(model=name, version=number), timeout=call_timeout(timeout, self._timeout)
             )
         return bool(response.blob_deleted)
 
     # --- aliases ---
 
-    def set_alias(self, name: str, alias: str, version: int) -> ModelVersion:
+    def set_alias(self, name: str, alias: str, version: int, *, timeout: Timeout = CLIENT_TIMEOUT) -> ModelVersion:
         """Points ``alias`` at a READY version of the model, creating or moving it atomically.
 
         Raises:
@@ -437,16 +461,16 @@ class RegistryClient(ChannelClient):
                 pb.SetAliasRequest(
                     model=validate_model_name(name), alias=validate_alias(alias), version=validate_version(version)
                 ),
-                timeout=self._timeout,
+                timeout=call_timeout(timeout, self._timeout),
             )
         return _convert.model_version(response.model_version)
 
-    def delete_alias(self, name: str, alias: str) -> int:
+    def delete_alias(self, name: str, alias: str, *, timeout: Timeout = CLIENT_TIMEOUT) -> int:
         """Removes an alias and returns the version it pointed at. Raises NotFoundError if there is no such alias."""
         with translated():
             response = self.registry_stub.DeleteAlias(
                 pb.DeleteAliasRequest(model=validate_model_name(name), alias=validate_alias(alias)),
-                timeout=self._timeout,
+                timeout=call_timeout(timeout, self._timeout),
             )
         return int(response.previous_version)
 
@@ -518,7 +542,8 @@ class AsyncRegistryClient(AsyncChannelClient):
         target: ``host:port`` of the registry; defaults to ``MODELFORGE_REGISTRY_ADDRESS``, else
             ``127.0.0.1:50051``.
         channel: A ``grpc.aio`` channel of your own; the client does not close it. Excludes ``target``.
-        timeout: Seconds allowed for each unary call; None for no limit.
+        timeout: Seconds allowed for each unary call; None for no limit. A method's own ``timeout=`` replaces it
+            for that call.
         max_message_bytes: Largest message sent or received; None for what the service takes and gives with its
             default settings, 64 MiB.
     """
@@ -538,25 +563,37 @@ class AsyncRegistryClient(AsyncChannelClient):
 
     # --- models ---
 
-    async def create_model(self, name: str, *, description: str = "", labels: Mapping[str, str] | None = None) -> Model:
+    async def create_model(
+        self,
+        name: str,
+        *,
+        description: str = "",
+        labels: Mapping[str, str] | None = None,
+        timeout: Timeout = CLIENT_TIMEOUT,
+    ) -> Model:
         """See :meth:`RegistryClient.create_model`."""
         request = pb.CreateModelRequest(
             model=pb.Model(name=validate_model_name(name), description=description, labels=labels or {})
         )
         with self._translated():
-            response = await self.registry_stub.CreateModel(request, timeout=self._timeout)
+            response = await self.registry_stub.CreateModel(request, timeout=call_timeout(timeout, self._timeout))
         return _convert.model(response.model)
 
-    async def get_model(self, name: str) -> Model:
+    async def get_model(self, name: str, *, timeout: Timeout = CLIENT_TIMEOUT) -> Model:
         """See :meth:`RegistryClient.get_model`."""
         with self._translated():
             response = await self.registry_stub.GetModel(
-                pb.GetModelRequest(name=validate_model_name(name)), timeout=self._timeout
+                pb.GetModelRequest(name=validate_model_name(name)), timeout=call_timeout(timeout, self._timeout)
             )
         return _convert.model(response.model)
 
     async def list_models(
-        self, *, name_prefix: str = "", labels: Mapping[str, str] | None = None, page_size: int = 100
+        self,
+        *,
+        name_prefix: str = "",
+        labels: Mapping[str, str] | None = None,
+        page_size: int = 100,
+        timeout: Timeout = CLIENT_TIMEOUT,
     ) -> AsyncIterator[Model]:
         """See :meth:`RegistryClient.list_models`; iterate with ``async for``."""
         token = ""
@@ -568,26 +605,32 @@ class AsyncRegistryClient(AsyncChannelClient):
                 page_token=token,
             )
             with self._translated():
-                page = await self.registry_stub.ListModels(request, timeout=self._timeout)
+                page = await self.registry_stub.ListModels(request, timeout=call_timeout(timeout, self._timeout))
             for m in page.models:
                 yield _convert.model(m)
             if not (token := page.next_page_token):
                 return
 
     async def update_model(
-        self, name: str, *, description: str | None = None, labels: Mapping[str, str] | None = None
+        self,
+        name: str,
+        *,
+        description: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        timeout: Timeout = CLIENT_TIMEOUT,
     ) -> Model:
         """See :meth:`RegistryClient.update_model`."""
         request = _convert.update_model_request(name, description=description, labels=labels)
         with self._translated():
-            response = await self.registry_stub.UpdateModel(request, timeout=self._timeout)
+            response = await self.registry_stub.UpdateModel(request, timeout=call_timeout(timeout, self._timeout))
         return _convert.model(response.model)
 
-    async def delete_model(self, name: str, *, force: bool = False) -> int:
+    async def delete_model(self, name: str, *, force: bool = False, timeout: Timeout = CLIENT_TIMEOUT) -> int:
         """See :meth:`RegistryClient.delete_model`."""
         with self._translated():
             response = await self.registry_stub.DeleteModel(
-                pb.DeleteModelRequest(name=validate_model_name(name), force=force), timeout=self._timeout
+                pb.DeleteModelRequest(name=validate_model_name(name), force=force),
+                timeout=call_timeout(timeout, self._timeout),
             )
         return int(response.deleted_versions)
 
@@ -638,11 +681,11 @@ class AsyncRegistryClient(AsyncChannelClient):
             while data := await asyncio.to_thread(f.read, chunk_bytes):
                 yield plan.chunk(data)
 
-    async def resolve(self, ref: str | ModelRef) -> ModelVersion:
+    async def resolve(self, ref: str | ModelRef, *, timeout: Timeout = CLIENT_TIMEOUT) -> ModelVersion:
         """See :meth:`RegistryClient.resolve`."""
         request = pb.ResolveModelRefRequest(ref=_convert.ref_proto(ref))
         with self._translated():
-            response = await self.registry_stub.ResolveModelRef(request, timeout=self._timeout)
+            response = await self.registry_stub.ResolveModelRef(request, timeout=call_timeout(timeout, self._timeout))
         return _convert.model_version(response.model_version)
 
     async def _number(self, ref: str | ModelRef) -> tuple[str, int]:
@@ -652,7 +695,12 @@ class AsyncRegistryClient(AsyncChannelClient):
         return parsed.name, (await self.resolve(parsed)).version
 
     async def list_versions(
-        self, name: str, *, state: VersionState | str | None = None, page_size: int = 100
+        self,
+        name: str,
+        *,
+        state: VersionState | str | None = None,
+        page_size: int = 100,
+        timeout: Timeout = CLIENT_TIMEOUT,
     ) -> AsyncIterator[ModelVersion]:
         """See :meth:`RegistryClient.list_versions`; iterate with ``async for``."""
         token = ""
@@ -666,7 +714,7 @@ class AsyncRegistryClient(AsyncChannelClient):
                 state=state_value,
             )
             with self._translated():
-                page = await self.registry_stub.ListModelVersions(request, timeout=self._timeout)
+                page = await self.registry_stub.ListModelVersions(request, timeout=call_timeout(timeout, self._timeout))
             for v in page.model_versions:
                 yield _convert.model_version(v)
             if not (token := page.next_page_token):
@@ -679,6 +727,7 @@ class AsyncRegistryClient(AsyncChannelClient):
         description: str | None = None,
         labels: Mapping[str, str] | None = None,
         version_label: str | None = None,
+        timeout: Timeout = CLIENT_TIMEOUT,
     ) -> ModelVersion:
         """See :meth:`RegistryClient.update_version`."""
         name, number = await self._number(ref)
@@ -686,55 +735,59 @@ class AsyncRegistryClient(AsyncChannelClient):
             name, number, description=description, labels=labels, version_label=version_label
         )
         with self._translated():
-            response = await self.registry_stub.UpdateModelVersion(request, timeout=self._timeout)
+            response = await self.registry_stub.UpdateModelVersion(
+                request, timeout=call_timeout(timeout, self._timeout)
+            )
         return _convert.model_version(response.model_version)
 
-    async def archive(self, ref: str | ModelRef) -> ModelVersion:
+    async def archive(self, ref: str | ModelRef, *, timeout: Timeout = CLIENT_TIMEOUT) -> ModelVersion:
         """See :meth:`RegistryClient.archive`."""
         name, number = await self._number(ref)
         with self._translated():
             response = await self.registry_stub.ArchiveModelVersion(
-                pb.ArchiveModelVersionRequest(model=name, version=number), timeout=self._timeout
+                pb.ArchiveModelVersionRequest(model=name, version=number), timeout=call_timeout(timeout, self._timeout)
             )
         return _convert.model_version(response.model_version)
 
-    async def restore(self, ref: str | ModelRef) -> ModelVersion:
+    async def restore(self, ref: str | ModelRef, *, timeout: Timeout = CLIENT_TIMEOUT) -> ModelVersion:
         """See :meth:`RegistryClient.restore`."""
         name, number = await self._number(ref)
         with self._translated():
             response = await self.registry_stub.RestoreModelVersion(
-                pb.RestoreModelVersionRequest(model=name, version=number), timeout=self._timeout
+                pb.RestoreModelVersionRequest(model=name, version=number), timeout=call_timeout(timeout, self._timeout)
             )
         return _convert.model_version(response.model_version)
 
-    async def delete_version(self, ref: str | ModelRef) -> bool:
+    async def delete_version(self, ref: str | ModelRef, *, timeout: Timeout = CLIENT_TIMEOUT) -> bool:
         """See :meth:`RegistryClient.delete_version`."""
         name, number = await self._number(ref)
         with self._translated():
             response = await self.registry_stub.DeleteModelVersion(
-                pb.DeleteModelVersionRequest(model=name, version=number), timeout=self._timeout
+                pb.DeleteModelVersionRequest(model=name, version=number), timeout=call_timeout(timeout, self._timeout)
             )
         return bool(response.blob_deleted)
 
     # --- aliases ---
 
-    async def set_alias(self, name: str, alias: str, version: int) -> ModelVersion:
+    async def set_alias(
+        self, name: str, alias: str, version: int, *, timeout: Timeout = CLIENT_TIMEOUT
+    ) -> ModelVersion:
         """See :meth:`RegistryClient.set_alias`."""
         with self._translated():
             response = await self.registry_stub.SetAlias(
                 pb.SetAliasRequest(
                     model=validate_model_name(name), alias=validate_alias(alias), version=validate_version(version)
                 ),
-                timeout=self._timeout,
+                timeout=call_timeout(timeout, self._timeout),
             )
         return _convert.model_version(response.model_version)
 
-    async def delete_alias(self, name: str, alias: str) -> int:
+    async def delete_alias(self, name: str, alias: str, *, timeout: Timeout = CLIENT_TIMEOUT) -> int:
         """See :meth:`RegistryClient.delete_alias`."""
         with self._translated():
             response = await self.registry_stub.DeleteAlias(
                 pb.DeleteAliasRequest(model=validate_model_name(name), alias=validate_alias(alias)),
-                timeout=self._timeout,
+                timeout=call_timeout(timeout, self._timeout),
             )
         return int(response.previous_version)
 
