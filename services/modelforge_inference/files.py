@@ -23,7 +23,6 @@ import asyncio
 import collections
 import contextlib
 import errno
-import fcntl
 import hashlib
 import logging
 import os
@@ -41,7 +40,7 @@ from modelforge._convert import hash_file
 from modelforge.registry.v1 import registry_pb2_grpc
 from modelforge_inference.domain import ResolvedModel
 from modelforge_inference.registry_client import ModelFileCorrupt, RegistryClient
-from modelforge_server import errors, telemetry
+from modelforge_server import errors, locks, telemetry
 from modelforge_server.flights import SingleFlight
 from modelforge_server.settings import SettingsError
 
@@ -173,12 +172,9 @@ class ModelFileCache:
             ModelDirectoryInUse: another process (or another cache of this one) holds it.
         """
         self._directory.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(self._directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(descriptor)
-            raise ModelDirectoryInUse(self._directory) from None
+        descriptor = locks.hold(self._directory)
+        if descriptor is None:
+            raise ModelDirectoryInUse(self._directory)
         return weakref.finalize(self, os.close, descriptor)
 
     # -- state -----------------------------------------------------------------------------------------------

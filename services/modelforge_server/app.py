@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
 import signal
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -394,7 +395,7 @@ async def serve(server: Server, settings: ServerSettings, *, telemetry: _telemet
             server.add_port(settings.private_address)
         except OSError:
             if claim is not None:
-                claim.close()
+                os.close(claim)
             ports.check_private(settings.private_address)  # taken meanwhile: says so
             raise SettingsError(
                 f"MODELFORGE_PRIVATE_ADDRESS={settings.private_address!r}: gRPC cannot listen there (its log above "
@@ -420,7 +421,7 @@ async def serve(server: Server, settings: ServerSettings, *, telemetry: _telemet
         if telemetry is not None:
             telemetry.shutdown()
         if claim is not None:
-            claim.close()
+            os.close(claim)
 
 
 def check_ports(settings: ServerSettings, telemetry: _telemetry.Telemetry | None = None) -> None:

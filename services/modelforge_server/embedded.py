@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import shutil
@@ -16,6 +15,8 @@ import warnings
 from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
+
+from modelforge_server import locks
 
 log = logging.getLogger("modelforge.embedded")
 
@@ -88,15 +89,12 @@ def _own_redis_dir(rdir: Path) -> None:
     """
     if rdir in _redis_locks:
         return
-    fd = os.open(rdir / "redis.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
+    fd = locks.hold(rdir / "redis.lock")
+    if fd is None:
         raise RuntimeError(
             f"the embedded Redis in {rdir} is in use by another process; give each process its own "
             "MODELFORGE_DATA_DIR, or point MODELFORGE_REDIS_URL at one Redis for all of them"
-        ) from None
+        )
     _redis_locks[rdir] = fd
 
 

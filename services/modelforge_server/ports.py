@@ -9,11 +9,11 @@ still possible: the bind's own failure ends in the same :class:`PortInUse`.
 from __future__ import annotations
 
 import errno
-import fcntl
+import os
 import socket
 from pathlib import Path
-from typing import BinaryIO
 
+from modelforge_server import locks
 from modelforge_server.settings import SettingsError
 
 __all__ = [
@@ -110,12 +110,12 @@ def check_private(address: str) -> None:
     """
     held = claim_private(address)
     if held is not None:
-        held.close()
+        os.close(held)
 
 
-def claim_private(address: str) -> BinaryIO | None:
+def claim_private(address: str) -> int | None:
     """Checks a private address as :func:`check_private` does and, for ``unix:PATH``, holds it for this process
-    until the returned file is closed (or the process ends, however it ends): an exclusive lock on ``PATH.lock``
+    until the returned descriptor is closed (or the process ends, however it ends): a lock on ``PATH.lock``
     beside it. gRPC removes a socket file it finds at PATH before it binds, so two processes that both checked
     PATH before either bound it would both bind it, the second taking it from the first; the lock lets one only.
     An abstract name needs no lock: the kernel refuses a second bind of it.
@@ -135,23 +135,20 @@ def claim_private(address: str) -> BinaryIO | None:
         held = _lock(address, path.with_name(path.name + ".lock"))
     if listened(address):
         if held is not None:
-            held.close()
+            os.close(held)
         raise AddressInUse(address)
     return held
 
 
-def _lock(address: str, path: Path) -> BinaryIO:
+def _lock(address: str, path: Path) -> int:
     try:
-        held = path.open("ab")
+        held = locks.hold(path)
     except OSError as exc:
         raise SettingsError(
             f"MODELFORGE_PRIVATE_ADDRESS={address!r}: cannot create its lock {path}: {exc.strerror}"
         ) from None
-    try:
-        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        held.close()
-        raise AddressInUse(address) from None
+    if held is None:
+        raise AddressInUse(address)
     return held
 
 
