@@ -180,7 +180,9 @@ def _owned(outputs: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
 
 
 def _objects_bytes(array: np.ndarray) -> int:
-    """What the elements of an object array take as Python objects, with their pointers."""
+    """What the elements of an object array (a string output) take as Python objects, each beside its 8-byte
+    pointer: the encoded size does not count them (a str holding one non-ASCII character stores every character in
+    2 or 4 bytes)."""
     return sum(sys.getsizeof(element) + 8 for element in array.reshape(-1).tolist())
 
 
@@ -297,8 +299,6 @@ def decode_outputs(value: bytes) -> dict[str, np.ndarray]:
 # these round up, so that `capacity` bounds the memory the tier really takes.
 _ENTRY_OVERHEAD = 512
 _ARRAY_OVERHEAD = 192
-# A string output is an object array: each element is a Python object of its own beside its 8-byte pointer, which
-# the encoded size does not count (a str of one non-ASCII character stores every character in 2 or 4 bytes).
 # Expired entries the oldest end of the table may give back at each put; entries expire in roughly the order
 # they were last used, so this keeps up with the puts.
 _SWEEP = 4

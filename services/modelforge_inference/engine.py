@@ -268,7 +268,7 @@ class InferenceEngine:
         self._slots: OrderedDict[tuple[str, int], _Slot] = OrderedDict()  # least recently used first
         self._unloading: set[_Slot] = set()
         self._counters: dict[tuple[str, int], _Counters] = {}
-        # Counters of versions deleted from the registry, oldest first: still answered by version number.
+        # Final statistics of versions deleted from the registry, oldest first: still answered by version number.
         self._retired: collections.OrderedDict[tuple[str, int], ModelStatistics] = collections.OrderedDict()
         self._configs: dict[tuple[str, int, frozenset[tuple[str, str]]], ServingConfig] = {}
         self._tasks: set[asyncio.Future[Any]] = set()
@@ -378,18 +378,13 @@ class InferenceEngine:
                 _check_answer(model, size, answer_limit)
             encoded = await _check_elements(model, selected, element_limit) if element_limit is not None else {}
         except Exception as exc:
-            counters.failures += 1
-            counters.failure_seconds += time.perf_counter() - began
-            if (reason := _rejection(exc)) is not None:
-                self._metrics.rejected(model.name, model.version, reason)
+            self._failed(model, counters, began, _rejection(exc))
             raise
         except asyncio.CancelledError:  # the caller went away; a queued request never ran
             if deadline is not None and asyncio.get_running_loop().time() >= deadline - _DEADLINE_SLACK:
                 # Its deadline passed: gRPC's cancellation of the call raced the queue's own deadline, and won.
                 # Counted as the queue's refusal would have been, so that one condition counts one way.
-                counters.failures += 1
-                counters.failure_seconds += time.perf_counter() - began
-                self._metrics.rejected(model.name, model.version, Rejection.DEADLINE)
+                self._failed(model, counters, began, Rejection.DEADLINE)
             else:
                 counters.cancelled += 1
                 self._metrics.rejected(model.name, model.version, Rejection.CANCELLED)
@@ -415,6 +410,14 @@ class InferenceEngine:
             placed=placed,
             encoded=encoded,
         )
+
+    def _failed(self, model: ResolvedModel, counters: _Counters, began: float, reason: Rejection | None) -> None:
+        """Counts a request that got no outputs, `began` on the perf_counter clock; `reason`, where it has one, is
+        why it was rejected (see _rejection)."""
+        counters.failures += 1
+        counters.failure_seconds += time.perf_counter() - began
+        if reason is not None:
+            self._metrics.rejected(model.name, model.version, reason)
 
     async def _predict_cached(
         self,
@@ -746,7 +749,7 @@ class InferenceEngine:
         before = resident_bytes()
         attributes = _attributes(slot.model)
         with self._tracer.start_as_current_span("session creation", attributes=attributes):
-            session = ModelSession(path, slot.config.session, name=f"{slot.model.name}:{slot.model.version}")
+            session = ModelSession(path, slot.config.session, name=_named(slot.model))
         if self._settings.warmup:
             with self._tracer.start_as_current_span("warmup", attributes=attributes):
                 session.warmup(slot.model.signature)
@@ -973,22 +976,22 @@ class InferenceEngine:
         elif ref.version is not None and (ref.name, ref.version) in self._counters:
             keys = [(ref.name, ref.version)]
         elif ref.version is not None and (ref.name, ref.version) in self._retired:
-            keys = [await self._retired_or_new(ref)]
+            await self._drop_retired_if_created_again(ref)
+            keys = [(ref.name, ref.version)]
         else:
             model = await self._resolve(ref, None)
             keys = [model.key]
         return [self._statistics_of(*key) for key in keys]
 
-    async def _retired_or_new(self, ref: ModelRef) -> tuple[str, int]:
-        """The key of a deleted version this server ran, whose retired statistics answer unless the registry has a
-        version of that number again (the model was created anew): that one's statistics start from zero."""
-        key = (ref.name, ref.version or 0)
+    async def _drop_retired_if_created_again(self, ref: ModelRef) -> None:
+        """Drops the retired statistics of the deleted version `ref` names by number when the registry has a
+        version of that number again (the model was created anew): that one's statistics start from zero. Still
+        deleted, or the registry unable to tell, the retired statistics stay and answer."""
         try:
             await self._resolve(ref, None)
         except (RegistryNotFound, Unavailable, DeadlineExceeded):
-            return key  # still deleted, or the registry cannot tell: the statistics this server holds
-        self._retired.pop(key, None)
-        return key
+            return
+        self._retired.pop((ref.name, ref.version or 0), None)
 
     async def _check_model_exists(self, ref: ModelRef) -> None:
         """Raises RegistryNotFound when the registry knows no model ref.name; a model without a READY version
