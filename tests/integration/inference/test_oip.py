@@ -529,6 +529,28 @@ async def test_a_name_of_thousands_of_characters_is_refused_in_words_not_a_metad
         assert details.endswith("…")
 
 
+async def test_a_class_count_the_server_cannot_honour_is_refused_with_its_reason(
+    v2: V2, mlp: ModelFile, string_model: ModelFile
+) -> None:
+    await v2.publish("mlp", mlp)
+    await v2.publish("animals", string_model)
+
+    def classify(request: pb.ModelInferRequest, output: str, count: int) -> pb.ModelInferRequest:
+        requested = request.outputs.add(name=output)
+        requested.parameters["classification"].int64_param = count
+        return request
+
+    for request, says in (
+        (classify(infer_request("mlp", mlp.sample(1)), "output", 0), "takes a positive integer"),
+        (classify(infer_request("animals", {"text": np.array([b"dog"], dtype=object)}), "label", 2), "BYTES"),
+    ):
+        code, reason, details = await failure(v2.stub.ModelInfer(request))
+        assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_V2_REQUEST"), details
+        assert says in details
+    unknown = classify(infer_request("no-such-model", mlp.sample(1)), "output", 3)
+    await assert_status(v2.stub.ModelInfer(unknown), grpc.StatusCode.NOT_FOUND)
+
+
 async def test_infer_on_unknown_model_is_not_found(v2: V2, mlp: ModelFile) -> None:
     await assert_status(v2.stub.ModelInfer(infer_request("no-such-model", mlp.sample(1))), grpc.StatusCode.NOT_FOUND)
 
