@@ -14,9 +14,10 @@ and an identical request arriving while that run is under way waits for it rathe
 its sharers even when the caller that it was queued for has gone.
 
 Without merging, a version whose runs take only microseconds (an average under `inline_below`) runs on the
-event loop: the hop to a compute thread and back costs several times more than such a run. Every run is timed,
-so a version that turns slow goes back to the threads at once, and a request with more than `INLINE_MAX_BYTES`
-of inputs always runs on a thread, however fast the version's recent runs were. A run on the loop that outlasts
+event loop: the hop to a compute thread and back costs several times more than such a run. Every run is timed in
+CPU time, so a version that turns slow (an average over `INLINE_STAY_FACTOR` times `inline_below`) goes back to
+the threads, and a request with more than `INLINE_MAX_BYTES` of inputs always runs on a thread, however fast the
+version's recent runs were. A run on the loop that outlasts
 `INLINE_RUN_LIMIT` (its length may follow its input's values) is stopped by a watching thread and run again on a
 compute thread, and the version never runs on the loop again.
 
@@ -53,6 +54,11 @@ log = logging.getLogger("modelforge.inference.batcher")
 
 # Weight of the newest run in the moving average of run times.
 _RUN_WEIGHT = 0.2
+# A version running on the event loop goes back to the compute threads only when its runs average this many times
+# inline_below. On a busy machine the same small model's runs vary about twofold from one moment to the next (the
+# loop's other work evicts its weights from the CPU caches): with one threshold, a version near it switched back
+# and forth, and spent a good part of its time paying the hop that running on the loop saves.
+INLINE_STAY_FACTOR = 2.5
 # Inputs beyond this run on a compute thread even when the version's runs average microseconds: the average was
 # taken on small requests, and a large one would hold the event loop.
 INLINE_MAX_BYTES = 64 << 10
@@ -209,8 +215,9 @@ class Batcher:
         execute: Runs a batch; called on `executor`.
         concurrency: Batches of this version that may run at the same time.
         on_execution: Called on the loop after every successful run with (rows, requests, compute seconds).
-        inline_below: Without merging, run on the event loop while the version's recent runs (a moving average)
-            took less than this many seconds; 0 never does.
+        inline_below: Without merging, run on the event loop once the version's recent runs (a moving average of
+            their CPU time) took less than this many seconds, and until they take INLINE_STAY_FACTOR times as
+            long; 0 never does.
     """
 
     def __init__(
@@ -245,7 +252,8 @@ class Batcher:
         self._delay = config.max_queue_delay_us / 1_000_000
         self._preferred = frozenset(config.preferred_batch_sizes)
         self._inline_below = 0.0 if self._merging else inline_below
-        self._run_seconds: float | None = None  # moving average of execute's own time; None until a run
+        self._run_seconds: float | None = None  # moving average of execute's own CPU time; None until a run
+        self._inline = False  # whether runs went to the loop when last decided (see _runs_inline)
         self._waiting: dict[Hashable, list[_Pending]] = {}  # share key -> the queued requests with that key
         self._sharing: dict[Hashable, _Pending] = {}  # share key -> the request whose run is under way
 
@@ -466,8 +474,13 @@ class Batcher:
     # -- scheduling ------------------------------------------------------------------------------------------
 
     def _runs_inline(self) -> bool:
-        """Whether runs happen on the event loop: no merging, and recent runs averaged under inline_below."""
-        return self._run_seconds is not None and self._run_seconds < self._inline_below
+        """Whether runs happen on the event loop: no merging, and recent runs averaged under inline_below, or under
+        INLINE_STAY_FACTOR times that for a version already running there."""
+        average = self._run_seconds
+        if average is None:
+            return False
+        self._inline = average < self._inline_below * (INLINE_STAY_FACTOR if self._inline else 1.0)
+        return self._inline
 
     async def _serve(self) -> None:
         while True:
@@ -550,22 +563,17 @@ class Batcher:
                 self._unshare([pending])
         return live
 
-    def _timed(
-        self,
-        feeds: Sequence[Feeds],
-        into: Sequence[Into],
-        abort: Abort | None = None,
-        clock: Callable[[], float] = time.thread_time,
-    ) -> list[Outcome]:
-        """execute, timed for the moving average. On a compute thread the clock is the thread's CPU time, which
-        leaves out waits for the GIL (on a busy loop they would make a 10 us run look slow); on the loop, which
-        holds the GIL throughout, the cheaper wall clock serves. A run stopped early says nothing of the model's
-        speed and is left out."""
-        started = clock()
+    def _timed(self, feeds: Sequence[Feeds], into: Sequence[Into], abort: Abort | None = None) -> list[Outcome]:
+        """execute, timed for the moving average in the thread's CPU time, on the loop as on a compute thread. Wall
+        time would count, on a thread, its waits for the GIL (on a busy loop they make a 10 us run look slow), and
+        on either, the moments the system gave the core to another process: on a busy machine a run on the loop
+        then looked slower than the same run on a thread, and the version kept changing sides. A run stopped early
+        says nothing of the model's speed and is left out."""
+        started = time.thread_time()
         try:
             return self._execute_fn(feeds, into, abort)
         finally:
-            took = clock() - started
+            took = time.thread_time() - started
             average = self._run_seconds
             if abort is None or not abort.is_set():
                 self._run_seconds = took if average is None else average + _RUN_WEIGHT * (took - average)
@@ -578,7 +586,7 @@ class Batcher:
         abort = Abort()
         _inline_watch.begin(abort)
         try:
-            outcomes = self._timed(feeds, into, abort, clock=time.perf_counter)
+            outcomes = self._timed(feeds, into, abort)
         except Exception as exc:
             outcomes = [exc] * len(feeds)
         finally:

@@ -103,8 +103,10 @@ T = TypeVar("T")
 
 # Inputs larger than this are hashed for the cache key on a worker thread rather than on the event loop.
 _HASH_OFF_LOOP_BYTES = 256 * 1024
-# Unbatched versions whose runs average less than this run on the event loop: handing them to a compute thread
-# and back costs more (about 100 us of CPU per request for the benchmark's MLP, whose run takes 10 us).
+# Unbatched versions whose runs average less than this (CPU time) run on the event loop: handing them to a compute
+# thread and back costs more (about 100 us of CPU per request for the benchmark's MLP, whose run takes 30 us
+# alone and up to 100 us in a busy server). They go back to the threads above batcher.INLINE_STAY_FACTOR times
+# this.
 _INLINE_RUN_SECONDS = 75e-6
 # How many versions deleted from the registry keep their statistics (GetModelStatistics by version number).
 RETIRED_STATISTICS = 1024

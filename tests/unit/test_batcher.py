@@ -20,6 +20,7 @@ import pytest
 
 from modelforge_inference.batcher import (
     INLINE_MAX_BYTES,
+    INLINE_STAY_FACTOR,
     Abort,
     Batcher,
     BatchResult,
@@ -545,6 +546,73 @@ async def test_a_large_request_runs_on_a_thread_even_when_the_versions_runs_are_
         assert threads[2] != loop_thread
         await batcher.submit(feeds(4.0))  # small again: back on the loop
         assert threads[3] == loop_thread
+    finally:
+        await batcher.aclose()
+
+
+def _burn(seconds: float) -> None:
+    """Keeps this thread's CPU busy for `seconds` of its CPU time."""
+    until = time.thread_time() + seconds
+    while time.thread_time() < until:
+        pass
+
+
+async def test_a_version_on_the_loop_stays_there_until_its_runs_take_well_over_the_threshold(pool):
+    # A small model's runs on a busy machine vary about twofold: with a single threshold a version near it went
+    # back and forth between the loop and the threads.
+    threshold = 0.01
+    threads: list[int] = []
+    cost = [0.0]
+
+    def execute(batch: Sequence[Feeds], into: Sequence[Into], abort: Abort | None) -> list[Outcome]:
+        threads.append(threading.get_ident())
+        _burn(cost[0])
+        return [{"y": item["x"]} for item in batch]
+
+    batcher = unbatched(pool, execute, inline_below=threshold)
+    try:
+        loop_thread = threading.get_ident()
+        await batcher.submit(feeds(1.0))  # unmeasured: a compute thread
+        assert threads[-1] != loop_thread
+        await batcher.submit(feeds(1.0))  # measured tiny: the loop
+        assert threads[-1] == loop_thread
+        cost[0] = threshold * (1 + INLINE_STAY_FACTOR) / 2  # over the threshold, under the factor
+        for _ in range(12):  # the average reaches the runs' own time
+            await batcher.submit(feeds(1.0))
+            assert threads[-1] == loop_thread
+        cost[0] = threshold * INLINE_STAY_FACTOR * 2
+        for _ in range(6):
+            await batcher.submit(feeds(1.0))
+        assert threads[-1] != loop_thread  # slow enough: back to the threads
+        cost[0] = threshold * (1 + INLINE_STAY_FACTOR) / 2
+        for _ in range(12):  # the same runs that stayed on the loop do not bring it back there
+            await batcher.submit(feeds(1.0))
+            assert threads[-1] != loop_thread
+        cost[0] = 0.0
+        for _ in range(20):
+            await batcher.submit(feeds(1.0))
+        assert threads[-1] == loop_thread  # fast again: the loop
+    finally:
+        await batcher.aclose()
+
+
+async def test_a_run_on_the_loop_is_timed_by_the_cpu_it_takes_not_the_time_it_is_kept_waiting(pool):
+    # A run on the loop of a busy machine waits while the system runs other processes; counted as the run's own
+    # time, it sent a fast version to the threads.
+    threads: list[int] = []
+
+    def execute(batch: Sequence[Feeds], into: Sequence[Into], abort: Abort | None) -> list[Outcome]:
+        threads.append(threading.get_ident())
+        time.sleep(0.03)  # 30 ms waited, next to no CPU: as if the core went to another process
+        return [{"y": item["x"]} for item in batch]
+
+    batcher = unbatched(pool, execute, inline_below=0.01)
+    try:
+        loop_thread = threading.get_ident()
+        for _ in range(6):
+            await batcher.submit(feeds(1.0))
+        assert threads[0] != loop_thread  # unmeasured: a compute thread
+        assert threads[1:] == [loop_thread] * 5
     finally:
         await batcher.aclose()
 
