@@ -248,6 +248,8 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         inputs = convert.decode_inputs(request, self._regions)
         outputs = convert.requested_outputs(request)
         classes = convert.classifications(request)
+        if classes:  # refused before the run where the signature says so (the run would count as a success)
+            convert.check_classifiable((await self._engine.describe(ref))[0].signature, classes)
         shared = convert.shared_memory_outputs(request, self._regions) if outputs else None
         prediction = await self._engine.predict(
             ref,

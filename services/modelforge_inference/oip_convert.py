@@ -25,7 +25,7 @@ import functools
 import math
 import re
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -467,6 +467,8 @@ def requested_outputs(request: pb.ModelInferRequest) -> tuple[str, ...]:
 
 
 _CLASSIFICATION = "classification"
+# The dtype kinds a classification ranks: booleans and numbers.
+_RANKABLE = "biuf"
 
 
 def classifications(request: pb.ModelInferRequest) -> dict[str, int]:
@@ -493,15 +495,20 @@ def classifications(request: pb.ModelInferRequest) -> dict[str, int]:
     return counts
 
 
+def check_classifiable(signature: Signature, classes: Collection[str]) -> None:
+    """Refuses, before the run, a classification of an output that the signature declares non-numeric (strings);
+    `classified` checks the output itself after the run."""
+    for spec in signature.outputs:
+        if spec.name in classes and spec.dtype.kind not in _RANKABLE:
+            raise _unclassifiable(spec.name, datatype_of(np.empty(0, spec.dtype), spec))
+
+
 def classified(name: str, array: np.ndarray[Any, Any], count: int, *, batched: bool) -> np.ndarray[Any, Any]:
     """Output `name` as Triton's classification extension answers it: the `count` largest elements of each batch
     item (of the whole output when the model has no batch dimension), largest first, each as ``b"value:index"``
     with the index into the item's elements flattened; BYTES of shape [batch, count] (or [count])."""
-    if array.dtype.kind not in "biuf":
-        raise InvalidV2Request(
-            f"output {name!r} holds {datatype_of(array)}, which cannot be classified: classes are ranked by number",
-            field="outputs.parameters",
-        )
+    if array.dtype.kind not in _RANKABLE:
+        raise _unclassifiable(name, datatype_of(array))
     batched = batched and array.ndim > 0
     rows = array.reshape((array.shape[0], math.prod(array.shape[1:])) if batched else (1, array.size))
     kept = min(count, rows.shape[1])
@@ -513,6 +520,13 @@ def classified(name: str, array: np.ndarray[Any, Any], count: int, *, batched: b
         for column, (value, index) in enumerate(zip(row_values, row_order, strict=True)):
             answer[row, column] = f"{int(value) if integral else f'{value:f}'}:{index}".encode()
     return answer if batched else answer.reshape(kept)
+
+
+def _unclassifiable(name: str, datatype: str) -> InvalidV2Request:
+    return InvalidV2Request(
+        f"output {name!r} holds {datatype}, which cannot be classified: classes are ranked by number",
+        field="outputs.parameters",
+    )
 
 
 def _integer(parameters: Mapping[str, pb.InferParameter], key: str) -> int | None:

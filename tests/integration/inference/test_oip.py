@@ -547,6 +547,9 @@ async def test_a_class_count_the_server_cannot_honour_is_refused_with_its_reason
         code, reason, details = await failure(v2.stub.ModelInfer(request))
         assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_V2_REQUEST"), details
         assert says in details
+    # Refused before the run: nothing ran (the version was not even loaded), so nothing counts as a success.
+    stats = (await v2.stub.ModelStatistics(pb.ModelStatisticsRequest(name="animals"))).model_stats
+    assert [(s.execution_count, s.inference_stats.success.count) for s in stats] in ([], [(0, 0)])
     unknown = classify(infer_request("no-such-model", mlp.sample(1)), "output", 3)
     await assert_status(v2.stub.ModelInfer(unknown), grpc.StatusCode.NOT_FOUND)
 
