@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import re
 import sys
+import uuid
 from contextlib import AsyncExitStack
 from dataclasses import replace
 from pathlib import Path
@@ -22,8 +23,10 @@ from modelforge import (
     AsyncInferenceClient,
     AsyncJobsClient,
     AsyncRegistryClient,
+    DeadlineExceededError,
     FailedPreconditionError,
     InvalidArgumentError,
+    Job,
     JobsClient,
     JobState,
     NotFoundError,
@@ -171,6 +174,107 @@ async def test_a_repeated_submit_keeps_one_dataset_of_its_inputs(
 
     assert await asyncio.to_thread(sync_retry) == first.id
     assert (await stored_datasets(jobs_settings))[0] == before[0] + 1
+
+
+def _deadline_exceeded(error: BaseException) -> None:
+    """Asserts that a call ended with the SDK's DeadlineExceededError itself: no subclass, no other error."""
+    assert type(error) is DeadlineExceededError, repr(error)
+    assert error.code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+async def test_a_call_with_a_timeout_of_its_own_has_that_deadline_instead_of_the_clients(
+    client: AsyncJobsClient, jobs_api: RunningJobs, adder: str
+) -> None:
+    x = {"x": np.ones((2, 4), np.float32)}
+    labels = {"use": f"timeouts-{uuid.uuid4()}"}  # this test's jobs and datasets, whatever else the database holds
+    dataset = await client.upload_dataset(x, display_name="timeouts", labels=labels)
+    async with TcpProxy.in_front_of(f"127.0.0.1:{jobs_api.port}") as proxy:
+        proxy.delay = 0.1  # every answer takes longer than the tiny timeouts below
+        async with AsyncJobsClient(proxy.address, timeout=0.05) as tiny:
+            with pytest.raises(DeadlineExceededError) as caught:
+                await tiny.get_dataset(dataset.id)  # the client's timeout, by default
+            _deadline_exceeded(caught.value)
+            job = await tiny.submit(adder, x, labels=labels, timeout=30)
+            assert (await tiny.get_job(job.id, timeout=None)).status.state is JobState.QUEUED  # no worker
+            assert (await job.refresh(timeout=30)).state is JobState.QUEUED
+            assert [j.id async for j in tiny.list_jobs(labels=labels, timeout=None)] == [job.id]
+            assert (await tiny.get_dataset(dataset.id, timeout=30)).display_name == "timeouts"
+            assert [d.id async for d in tiny.list_datasets(labels=labels, page_size=1, timeout=None)] == [dataset.id]
+            assert (await job.cancel(timeout=30)).state is JobState.CANCELLED
+            assert (await job.retry(timeout=None)).state is JobState.QUEUED
+            await job.cancel(timeout=30)
+            assert await job.delete(timeout=None) == 0
+        async with AsyncJobsClient(proxy.address) as default:  # 30 s for a call, unless it says otherwise
+            with pytest.raises(DeadlineExceededError) as caught:
+                await default.get_dataset(dataset.id, timeout=0.05)
+            _deadline_exceeded(caught.value)
+            assert (await default.get_dataset(dataset.id)).id == dataset.id
+
+        def blocking() -> str:
+            with JobsClient(proxy.address, timeout=0.05) as jobs:
+                with pytest.raises(DeadlineExceededError) as caught:
+                    next(jobs.list_datasets())
+                _deadline_exceeded(caught.value)
+                queued = jobs.submit(adder, x, labels=labels, timeout=None)
+                assert jobs.get_job(queued.id, timeout=30).status.state is JobState.QUEUED
+                assert queued.refresh(timeout=None).state is JobState.QUEUED
+                assert [j.id for j in jobs.list_jobs(labels=labels, timeout=30)] == [queued.id]
+                assert jobs.get_dataset(dataset.id, timeout=None).item_count == 2
+                assert [d.id for d in jobs.list_datasets(labels=labels, page_size=1, timeout=30)] == [dataset.id]
+                assert queued.cancel(timeout=None).state is JobState.CANCELLED
+                assert queued.retry(timeout=30).state is JobState.QUEUED
+                queued.cancel(timeout=None)
+            with JobsClient(proxy.address) as jobs:
+                with pytest.raises(DeadlineExceededError) as caught:
+                    jobs.get_job(queued.id, timeout=0.05)
+                _deadline_exceeded(caught.value)
+                assert jobs.get_job(queued.id).status.state is JobState.CANCELLED
+            return queued.id
+
+        kept = await asyncio.to_thread(blocking)
+        proxy.delay = 0.0
+        async with AsyncJobsClient(proxy.address, timeout=None) as unlimited:
+            handle = await unlimited.get_job(kept)
+            kept_status = handle.status
+            proxy.stall()  # now no answer comes at all: a call's own timeout ends it, where the client has none
+            for call in (
+                unlimited.submit(adder, x, timeout=0.05),
+                unlimited.get_job(kept, timeout=0.05),
+                anext(unlimited.list_jobs(timeout=0.05)),
+                unlimited.get_dataset(dataset.id, timeout=0.05),
+                anext(unlimited.list_datasets(timeout=0.05)),
+                unlimited.delete_dataset(dataset.id, timeout=0.05),
+                handle.refresh(timeout=0.05),
+                handle.cancel(timeout=0.05),
+                handle.retry(timeout=0.05),
+                handle.delete(timeout=0.05),
+            ):
+                with pytest.raises(DeadlineExceededError) as caught:
+                    await asyncio.wait_for(call, 10)
+                _deadline_exceeded(caught.value)
+
+        def stalled() -> None:
+            with JobsClient(proxy.address, timeout=None) as jobs:
+                handle = Job(jobs, kept_status)
+                for call in (
+                    lambda: jobs.submit(adder, x, timeout=0.05),
+                    lambda: jobs.get_job(kept, timeout=0.05),
+                    lambda: next(jobs.list_jobs(timeout=0.05)),
+                    lambda: jobs.get_dataset(dataset.id, timeout=0.05),
+                    lambda: next(jobs.list_datasets(timeout=0.05)),
+                    lambda: jobs.delete_dataset(dataset.id, timeout=0.05),
+                    lambda: handle.refresh(timeout=0.05),
+                    lambda: handle.cancel(timeout=0.05),
+                    lambda: handle.retry(timeout=0.05),
+                    lambda: handle.delete(timeout=0.05),
+                ):
+                    with pytest.raises(DeadlineExceededError) as caught:
+                        call()
+                    _deadline_exceeded(caught.value)
+
+        await asyncio.to_thread(stalled)
+    assert (await client.get_dataset(dataset.id)).id == dataset.id  # no refused call reached the server
+    assert (await client.get_job(kept)).status.state is JobState.CANCELLED
 
 
 @pytest.mark.parametrize("flavour", ["async", "sync"])

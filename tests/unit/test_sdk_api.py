@@ -124,6 +124,20 @@ def test_sync_and_async_clients_have_the_same_methods_and_arguments(sync: type, 
             assert (param.kind, param.default) == (other.kind, other.default), f"{name}({param.name})"
 
 
+def test_the_jobs_clients_unary_calls_take_a_timeout_of_their_own_and_waits_keep_theirs() -> None:
+    # The async twins follow from the test above.
+    per_call = {
+        modelforge.JobsClient: ["submit", "get_job", "list_jobs", "get_dataset", "list_datasets", "delete_dataset"],
+        modelforge.Job: ["refresh", "cancel", "retry", "delete"],
+    }
+    for cls, names in per_call.items():
+        for name in names:
+            timeout = inspect.signature(getattr(cls, name)).parameters["timeout"]
+            assert (timeout.kind, timeout.default) == (inspect.Parameter.KEYWORD_ONLY, _channel.CLIENT_TIMEOUT), name
+    for name in ("watch", "wait", "result", "save_result"):  # how long to wait for the job: no limit by default
+        assert inspect.signature(getattr(modelforge.Job, name)).parameters["timeout"].default is None, name
+
+
 @pytest.mark.parametrize(("sync", "aio"), CLIENTS, ids=lambda c: c.__name__)
 def test_options_are_keyword_only(sync: type, aio: type) -> None:
     for cls in (sync, aio):

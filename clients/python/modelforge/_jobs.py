@@ -24,7 +24,7 @@ import grpc.aio
 import numpy as np
 
 from modelforge import _arrayfiles, _convert
-from modelforge._channel import JOBS, AsyncChannelClient, ChannelClient
+from modelforge._channel import CLIENT_TIMEOUT, JOBS, AsyncChannelClient, ChannelClient, Timeout, call_timeout
 from modelforge._convert import DEFAULT_CHUNK_BYTES, MiB, Progress, ResultCheck, SavedResult
 from modelforge._domain import Dataset, JobPriority, JobState, JobStatus
 from modelforge._errors import (
@@ -263,10 +263,16 @@ class Job:
         """The job's id."""
         return self.status.id
 
-    def refresh(self) -> JobStatus:
-        """Fetches the job's current status."""
+    def refresh(self, *, timeout: Timeout = CLIENT_TIMEOUT) -> JobStatus:
+        """Fetches the job's current status.
+
+        Args:
+            timeout: Seconds allowed for this call, instead of the client's timeout; None for no limit.
+        """
         with translated():
-            response = self._client.jobs_stub.GetJob(pb.GetJobRequest(id=self.id), timeout=self._client.timeout)
+            response = self._client.jobs_stub.GetJob(
+                pb.GetJobRequest(id=self.id), timeout=call_timeout(timeout, self._client.timeout)
+            )
         self.status = _convert.job_status(response.job)
         return self.status
 
@@ -374,24 +380,42 @@ class Job:
         finally:
             call.cancel()
 
-    def cancel(self) -> JobStatus:
-        """Cancels the job: a queued job never runs; a running one stops before its next batch."""
+    def cancel(self, *, timeout: Timeout = CLIENT_TIMEOUT) -> JobStatus:
+        """Cancels the job: a queued job never runs; a running one stops before its next batch.
+
+        Args:
+            timeout: Seconds allowed for this call, instead of the client's timeout; None for no limit.
+        """
         with translated():
-            response = self._client.jobs_stub.CancelJob(pb.CancelJobRequest(id=self.id), timeout=self._client.timeout)
+            response = self._client.jobs_stub.CancelJob(
+                pb.CancelJobRequest(id=self.id), timeout=call_timeout(timeout, self._client.timeout)
+            )
         self.status = _convert.job_status(response.job)
         return self.status
 
-    def retry(self) -> JobStatus:
-        """Runs a FAILED or CANCELLED job again from its first unfinished batch."""
+    def retry(self, *, timeout: Timeout = CLIENT_TIMEOUT) -> JobStatus:
+        """Runs a FAILED or CANCELLED job again from its first unfinished batch.
+
+        Args:
+            timeout: Seconds allowed for this call, instead of the client's timeout; None for no limit.
+        """
         with translated():
-            response = self._client.jobs_stub.RetryJob(pb.RetryJobRequest(id=self.id), timeout=self._client.timeout)
+            response = self._client.jobs_stub.RetryJob(
+                pb.RetryJobRequest(id=self.id), timeout=call_timeout(timeout, self._client.timeout)
+            )
         self.status = _convert.job_status(response.job)
         return self.status
 
-    def delete(self) -> int:
-        """Deletes a finished job and its results; returns how many items' outputs went with it."""
+    def delete(self, *, timeout: Timeout = CLIENT_TIMEOUT) -> int:
+        """Deletes a finished job and its results; returns how many items' outputs went with it.
+
+        Args:
+            timeout: Seconds allowed for this call, instead of the client's timeout; None for no limit.
+        """
         with translated():
-            response = self._client.jobs_stub.DeleteJob(pb.DeleteJobRequest(id=self.id), timeout=self._client.timeout)
+            response = self._client.jobs_stub.DeleteJob(
+                pb.DeleteJobRequest(id=self.id), timeout=call_timeout(timeout, self._client.timeout)
+            )
         return int(response.deleted_items)
 
 
@@ -411,8 +435,10 @@ class JobsClient(ChannelClient):
         target: ``host:port`` of the jobs service; defaults to ``MODELFORGE_JOBS_ADDRESS``, else
             ``127.0.0.1:50053``.
         channel: A channel of your own; the client does not close it. Excludes ``target``.
-        timeout: Seconds allowed for each unary call; None for no limit. Watches, uploads and results (streams)
-            have no limit.
+        timeout: Seconds allowed for each unary call; None for no limit. A method's own ``timeout=`` replaces it
+            for that call, except on :meth:`Job.watch`, :meth:`Job.wait`, :meth:`Job.result` and
+            :meth:`Job.save_result`, where ``timeout`` is how long to wait for the job. Watches, uploads and results
+            (streams) have no limit.
         max_message_bytes: Largest message sent or received; None for what the service takes and gives with its
             default settings, 64 MiB.
     """
@@ -443,6 +469,7 @@ class JobsClient(ChannelClient):
         time_limit: float | None = None,
         request_id: str | None = None,
         progress: Progress | None = None,
+        timeout: Timeout = CLIENT_TIMEOUT,
     ) -> Job:
         """Submits a job that runs a model over many items, and returns its handle.
 
@@ -462,6 +489,8 @@ class JobsClient(ChannelClient):
             time_limit: Seconds one run may take; None for no limit.
             request_id: Makes the submission idempotent; a fresh UUID when not given.
             progress: Called as ``progress(bytes_sent, total_bytes)`` during a dataset upload.
+            timeout: Seconds allowed for the CreateJob call, instead of the client's timeout; None for no limit. A
+                dataset upload, being a stream, has no limit.
 
         Raises:
             ValueError: a malformed reference or argument, or a file that is not a ``.npz`` archive; raised
@@ -487,7 +516,7 @@ class JobsClient(ChannelClient):
             request.dataset_id = uploaded = self.upload_dataset(arrays, progress=progress).id
         try:
             with translated():
-                response = self.jobs_stub.CreateJob(request, timeout=self.timeout)
+                response = self.jobs_stub.CreateJob(request, timeout=call_timeout(timeout, self.timeout))
         except BaseException:  # refused, failed, interrupted (Ctrl-C)...
             if uploaded is not None:
                 self._drop_upload(uploaded)
@@ -502,10 +531,15 @@ class JobsClient(ChannelClient):
         with contextlib.suppress(ModelForgeError):
             self.delete_dataset(dataset_id)
 
-    def get_job(self, job_id: str) -> Job:
-        """Returns a handle on an existing job. Raises NotFoundError if there is none with that id."""
+    def get_job(self, job_id: str, *, timeout: Timeout = CLIENT_TIMEOUT) -> Job:
+        """Returns a handle on an existing job. Raises NotFoundError if there is none with that id.
+
+        Args:
+            job_id: The job's id.
+            timeout: Seconds allowed for this call, instead of the client's timeout; None for no limit.
+        """
         with translated():
-            response = self.jobs_stub.GetJob(pb.GetJobRequest(id=job_id), timeout=self.timeout)
+            response = self.jobs_stub.GetJob(pb.GetJobRequest(id=job_id), timeout=call_timeout(timeout, self.timeout))
         return Job(self, _convert.job_status(response.job))
 
     def list_jobs(
@@ -515,8 +549,13 @@ class JobsClient(ChannelClient):
         model: str = "",
         labels: Mapping[str, str] | None = None,
         page_size: int = 100,
+        timeout: Timeout = CLIENT_TIMEOUT,
     ) -> Iterator[Job]:
-        """Iterates over jobs, newest first, fetching pages lazily; filtered by state, model name and labels."""
+        """Iterates over jobs, newest first, fetching pages lazily; filtered by state, model name and labels.
+
+        Args:
+            timeout: Seconds allowed for each page's call, instead of the client's timeout; None for no limit.
+        """
         token = ""
         state_value = _convert.job_state_proto(state)
         while True:
@@ -528,7 +567,7 @@ class JobsClient(ChannelClient):
                 labels=dict(labels or {}),
             )
             with translated():
-                page = self.jobs_stub.ListJobs(request, timeout=self.timeout)
+                page = self.jobs_stub.ListJobs(request, timeout=call_timeout(timeout, self.timeout))
             yield from (Job(self, _convert.job_status(j)) for j in page.jobs)
             if not (token := page.next_page_token):
                 return
@@ -559,29 +598,49 @@ class JobsClient(ChannelClient):
             response = self.jobs_stub.UploadDataset(requests)
         return _convert.dataset(response.dataset)
 
-    def get_dataset(self, dataset_id: str) -> Dataset:
-        """Returns one dataset. Raises NotFoundError if there is none with that id."""
+    def get_dataset(self, dataset_id: str, *, timeout: Timeout = CLIENT_TIMEOUT) -> Dataset:
+        """Returns one dataset. Raises NotFoundError if there is none with that id.
+
+        Args:
+            dataset_id: The dataset's id.
+            timeout: Seconds allowed for this call, instead of the client's timeout; None for no limit.
+        """
         with translated():
-            response = self.jobs_stub.GetDataset(pb.GetDatasetRequest(id=dataset_id), timeout=self.timeout)
+            response = self.jobs_stub.GetDataset(
+                pb.GetDatasetRequest(id=dataset_id), timeout=call_timeout(timeout, self.timeout)
+            )
         return _convert.dataset(response.dataset)
 
-    def list_datasets(self, *, labels: Mapping[str, str] | None = None, page_size: int = 100) -> Iterator[Dataset]:
-        """Iterates over datasets, newest first, fetching pages lazily; filtered by labels."""
+    def list_datasets(
+        self, *, labels: Mapping[str, str] | None = None, page_size: int = 100, timeout: Timeout = CLIENT_TIMEOUT
+    ) -> Iterator[Dataset]:
+        """Iterates over datasets, newest first, fetching pages lazily; filtered by labels.
+
+        Args:
+            timeout: Seconds allowed for each page's call, instead of the client's timeout; None for no limit.
+        """
         token = ""
         while True:
             request = pb.ListDatasetsRequest(
                 page_size=_convert.whole_number(page_size, "page_size"), page_token=token, labels=dict(labels or {})
             )
             with translated():
-                page = self.jobs_stub.ListDatasets(request, timeout=self.timeout)
+                page = self.jobs_stub.ListDatasets(request, timeout=call_timeout(timeout, self.timeout))
             yield from (_convert.dataset(d) for d in page.datasets)
             if not (token := page.next_page_token):
                 return
 
-    def delete_dataset(self, dataset_id: str) -> None:
-        """Deletes a dataset. Raises FailedPreconditionError while a queued or running job reads it."""
+    def delete_dataset(self, dataset_id: str, *, timeout: Timeout = CLIENT_TIMEOUT) -> None:
+        """Deletes a dataset. Raises FailedPreconditionError while a queued or running job reads it.
+
+        Args:
+            dataset_id: The dataset's id.
+            timeout: Seconds allowed for this call, instead of the client's timeout; None for no limit.
+        """
         with translated():
-            self.jobs_stub.DeleteDataset(pb.DeleteDatasetRequest(id=dataset_id), timeout=self.timeout)
+            self.jobs_stub.DeleteDataset(
+                pb.DeleteDatasetRequest(id=dataset_id), timeout=call_timeout(timeout, self.timeout)
+            )
 
 
 class AsyncJob:
@@ -599,10 +658,12 @@ class AsyncJob:
         """The job's id."""
         return self.status.id
 
-    async def refresh(self) -> JobStatus:
+    async def refresh(self, *, timeout: Timeout = CLIENT_TIMEOUT) -> JobStatus:
         """See :meth:`Job.refresh`."""
         with self._client._translated():
-            response = await self._client.jobs_stub.GetJob(pb.GetJobRequest(id=self.id), timeout=self._client.timeout)
+            response = await self._client.jobs_stub.GetJob(
+                pb.GetJobRequest(id=self.id), timeout=call_timeout(timeout, self._client.timeout)
+            )
         self.status = _convert.job_status(response.job)
         return self.status
 
@@ -673,29 +734,29 @@ class AsyncJob:
         finally:
             call.cancel()
 
-    async def cancel(self) -> JobStatus:
+    async def cancel(self, *, timeout: Timeout = CLIENT_TIMEOUT) -> JobStatus:
         """See :meth:`Job.cancel`."""
         with self._client._translated():
             response = await self._client.jobs_stub.CancelJob(
-                pb.CancelJobRequest(id=self.id), timeout=self._client.timeout
+                pb.CancelJobRequest(id=self.id), timeout=call_timeout(timeout, self._client.timeout)
             )
         self.status = _convert.job_status(response.job)
         return self.status
 
-    async def retry(self) -> JobStatus:
+    async def retry(self, *, timeout: Timeout = CLIENT_TIMEOUT) -> JobStatus:
         """See :meth:`Job.retry`."""
         with self._client._translated():
             response = await self._client.jobs_stub.RetryJob(
-                pb.RetryJobRequest(id=self.id), timeout=self._client.timeout
+                pb.RetryJobRequest(id=self.id), timeout=call_timeout(timeout, self._client.timeout)
             )
         self.status = _convert.job_status(response.job)
         return self.status
 
-    async def delete(self) -> int:
+    async def delete(self, *, timeout: Timeout = CLIENT_TIMEOUT) -> int:
         """See :meth:`Job.delete`."""
         with self._client._translated():
             response = await self._client.jobs_stub.DeleteJob(
-                pb.DeleteJobRequest(id=self.id), timeout=self._client.timeout
+                pb.DeleteJobRequest(id=self.id), timeout=call_timeout(timeout, self._client.timeout)
             )
         return int(response.deleted_items)
 
@@ -715,7 +776,8 @@ class AsyncJobsClient(AsyncChannelClient):
         target: ``host:port`` of the jobs service; defaults to ``MODELFORGE_JOBS_ADDRESS``, else
             ``127.0.0.1:50053``.
         channel: A ``grpc.aio`` channel of your own; the client does not close it. Excludes ``target``.
-        timeout: Seconds allowed for each unary call; None for no limit.
+        timeout: Seconds allowed for each unary call; None for no limit. A method's own ``timeout=`` replaces it
+            for that call, except on the handles' waits, as for :class:`JobsClient`.
         max_message_bytes: Largest message sent or received; None for what the service takes and gives with its
             default settings, 64 MiB.
     """
@@ -746,6 +808,7 @@ class AsyncJobsClient(AsyncChannelClient):
         time_limit: float | None = None,
         request_id: str | None = None,
         progress: Progress | None = None,
+        timeout: Timeout = CLIENT_TIMEOUT,
     ) -> AsyncJob:
         """See :meth:`JobsClient.submit`. Reading and encoding the input run in a thread."""
         arrays, upload = await asyncio.to_thread(_plan_input, inputs, dataset)
@@ -768,7 +831,7 @@ class AsyncJobsClient(AsyncChannelClient):
             request.dataset_id = uploaded = (await self.upload_dataset(arrays, progress=progress)).id
         try:
             with self._translated():
-                response = await self.jobs_stub.CreateJob(request, timeout=self.timeout)
+                response = await self.jobs_stub.CreateJob(request, timeout=call_timeout(timeout, self.timeout))
         except BaseException:  # refused, failed, cancelled...
             if uploaded is not None:
                 await self._drop_upload(uploaded)
@@ -783,10 +846,12 @@ class AsyncJobsClient(AsyncChannelClient):
         with contextlib.suppress(ModelForgeError):
             await self.delete_dataset(dataset_id)
 
-    async def get_job(self, job_id: str) -> AsyncJob:
+    async def get_job(self, job_id: str, *, timeout: Timeout = CLIENT_TIMEOUT) -> AsyncJob:
         """See :meth:`JobsClient.get_job`."""
         with self._translated():
-            response = await self.jobs_stub.GetJob(pb.GetJobRequest(id=job_id), timeout=self.timeout)
+            response = await self.jobs_stub.GetJob(
+                pb.GetJobRequest(id=job_id), timeout=call_timeout(timeout, self.timeout)
+            )
         return AsyncJob(self, _convert.job_status(response.job))
 
     async def list_jobs(
@@ -796,6 +861,7 @@ class AsyncJobsClient(AsyncChannelClient):
         model: str = "",
         labels: Mapping[str, str] | None = None,
         page_size: int = 100,
+        timeout: Timeout = CLIENT_TIMEOUT,
     ) -> AsyncIterator[AsyncJob]:
         """See :meth:`JobsClient.list_jobs`; iterate with ``async for``."""
         token = ""
@@ -809,7 +875,7 @@ class AsyncJobsClient(AsyncChannelClient):
                 labels=dict(labels or {}),
             )
             with self._translated():
-                page = await self.jobs_stub.ListJobs(request, timeout=self.timeout)
+                page = await self.jobs_stub.ListJobs(request, timeout=call_timeout(timeout, self.timeout))
             for j in page.jobs:
                 yield AsyncJob(self, _convert.job_status(j))
             if not (token := page.next_page_token):
@@ -833,14 +899,16 @@ class AsyncJobsClient(AsyncChannelClient):
             response = await self.jobs_stub.UploadDataset(requests)
         return _convert.dataset(response.dataset)
 
-    async def get_dataset(self, dataset_id: str) -> Dataset:
+    async def get_dataset(self, dataset_id: str, *, timeout: Timeout = CLIENT_TIMEOUT) -> Dataset:
         """See :meth:`JobsClient.get_dataset`."""
         with self._translated():
-            response = await self.jobs_stub.GetDataset(pb.GetDatasetRequest(id=dataset_id), timeout=self.timeout)
+            response = await self.jobs_stub.GetDataset(
+                pb.GetDatasetRequest(id=dataset_id), timeout=call_timeout(timeout, self.timeout)
+            )
         return _convert.dataset(response.dataset)
 
     async def list_datasets(
-        self, *, labels: Mapping[str, str] | None = None, page_size: int = 100
+        self, *, labels: Mapping[str, str] | None = None, page_size: int = 100, timeout: Timeout = CLIENT_TIMEOUT
     ) -> AsyncIterator[Dataset]:
         """See :meth:`JobsClient.list_datasets`; iterate with ``async for``."""
         token = ""
@@ -849,13 +917,15 @@ class AsyncJobsClient(AsyncChannelClient):
                 page_size=_convert.whole_number(page_size, "page_size"), page_token=token, labels=dict(labels or {})
             )
             with self._translated():
-                page = await self.jobs_stub.ListDatasets(request, timeout=self.timeout)
+                page = await self.jobs_stub.ListDatasets(request, timeout=call_timeout(timeout, self.timeout))
             for d in page.datasets:
                 yield _convert.dataset(d)
             if not (token := page.next_page_token):
                 return
 
-    async def delete_dataset(self, dataset_id: str) -> None:
+    async def delete_dataset(self, dataset_id: str, *, timeout: Timeout = CLIENT_TIMEOUT) -> None:
         """See :meth:`JobsClient.delete_dataset`."""
         with self._translated():
-            await self.jobs_stub.DeleteDataset(pb.DeleteDatasetRequest(id=dataset_id), timeout=self.timeout)
+            await self.jobs_stub.DeleteDataset(
+                pb.DeleteDatasetRequest(id=dataset_id), timeout=call_timeout(timeout, self.timeout)
+            )
