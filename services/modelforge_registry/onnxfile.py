@@ -86,6 +86,8 @@ def inspect_file(path: Path, *, runtime_check: bool = True) -> Inspected:
     return found, info
 
 
+# The most characters of a library's message that a refusal quotes (its first line).
+_LINE_CHARS = 300
 # What ONNX Runtime raises for a model it cannot build a session of; none derives from RuntimeError.
 _RUNTIME_REFUSALS: tuple[type[BaseException], ...] = (
     ort_state.Fail,
@@ -113,8 +115,9 @@ def _check_runtime(path: Path) -> None:
         ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
     except _RUNTIME_REFUSALS as exc:
         raise InvalidOnnx(
-            f"ONNX Runtime {ort.__version__} cannot load it: {_first_line(exc, describe_error(exc))} (a registry with "
-            "MODELFORGE_RUNTIME_CHECK=false accepts models meant for another runtime or custom operators)"
+            f"ONNX Runtime {ort.__version__} cannot load it: {_first_line(exc, describe_error(exc))} (if the model is "
+            "meant for another runtime or for custom operators, a registry with MODELFORGE_RUNTIME_CHECK=false "
+            "accepts it)"
         ) from None
 
 
@@ -270,6 +273,11 @@ def facts(model: onnx.ModelProto) -> OnnxInfo:
 
 
 def _first_line(exc: BaseException, text: str | None = None) -> str:
-    """The first line of `text` (the exception's own message unless given), at most 300 characters."""
+    """The first line of `text` (the exception's own message unless given); a line over _LINE_CHARS is cut at a
+    space before that and ends with an ellipsis."""
     text = (str(exc) if text is None else text).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
+    line = text.splitlines()[0]
+    if len(line) <= _LINE_CHARS:
+        return line
+    cut = line[:_LINE_CHARS]
+    return (cut.rsplit(" ", 1)[0] if " " in cut else cut) + " …"

@@ -63,7 +63,7 @@ def test_a_model_onnx_runtime_cannot_load_is_refused_unless_the_runtime_check_is
     with pytest.raises(InvalidOnnx, match="cannot load it: Exception during loading: MLDataType for: tensor.complex64"):
         onnxfile.inspect_file(path)
     custom = write_model(build_custom_op(), tmp_path / "custom.onnx")
-    with pytest.raises(InvalidOnnx, match=r"FancyOp\(-1\) is not a registered function/op \(a registry with MODELF"):
+    with pytest.raises(InvalidOnnx, match=r"FancyOp\(-1\) is not a registered function/op \(if the model is meant"):
         onnxfile.inspect_file(custom)
     assert onnxfile.inspect_file(custom, runtime_check=False)[0].inputs[0].name == "x"
 
@@ -192,3 +192,13 @@ async def test_inspect_runs_off_the_event_loop_and_gives_the_same_answer(tmp_pat
     inspections = onnxfile.Inspections(1 << 20)
     assert await inspections.inspect(path, path.stat().st_size) == onnxfile.inspect_file(path)
     await eventually(lambda: inspections.in_use == 0, "its share to be given back")
+
+
+def test_a_long_library_message_is_cut_between_words_and_says_it_was_cut() -> None:
+    message = "Please, install the locale " + "word " * 100
+    quoted = onnxfile._first_line(RuntimeError(message + "\nsecond line"))
+    assert quoted.endswith(" …") and len(quoted) <= onnxfile._LINE_CHARS + 2
+    assert message.startswith(quoted.removesuffix(" …"))
+    assert quoted.removesuffix(" …").endswith("word")  # whole words only
+    assert onnxfile._first_line(RuntimeError("short\nsecond")) == "short"
+    assert onnxfile._first_line(RuntimeError("x" * 400)) == "x" * onnxfile._LINE_CHARS + " …"
