@@ -103,11 +103,12 @@ T = TypeVar("T")
 
 # Inputs larger than this are hashed for the cache key on a worker thread rather than on the event loop.
 _HASH_OFF_LOOP_BYTES = 256 * 1024
-# Unbatched versions whose runs average less than this (CPU time) run on the event loop: handing them to a compute
-# thread and back costs more (about 100 us of CPU per request for the benchmark's MLP, whose run takes 30 us
-# alone and up to 100 us in a busy server). They go back to the threads above batcher.INLINE_STAY_FACTOR times
-# this.
-_INLINE_RUN_SECONDS = 75e-6
+# Unbatched versions whose runs average less than this (CPU time) run on the event loop: handing a run to a compute
+# thread and back costs more, several hundred us of CPU per request on a 2-core machine (docs/PERFORMANCE.md, fix
+# 21). The benchmark's MLP runs in 30 us alone, 55-100 us on a busy server's loop and 70-180 us on its compute
+# threads, whose caches the run finds cold: a lower bound left it on the threads once there. They go back to the
+# threads above batcher.INLINE_STAY_FACTOR times this.
+_INLINE_RUN_SECONDS = 150e-6
 # How many versions deleted from the registry keep their statistics (GetModelStatistics by version number).
 RETIRED_STATISTICS = 1024
 # Memory that unloaded versions freed goes back to the system at most this often (seconds; see allocator).
