@@ -15,9 +15,10 @@ its sharers even when the caller that it was queued for has gone.
 
 Without merging, a version whose runs take only microseconds (an average under `inline_below`) runs on the
 event loop: the hop to a compute thread and back costs several times more than such a run. Every run is timed in
-CPU time, so a version that turns slow (an average over `INLINE_STAY_FACTOR` times `inline_below`) goes back to
-the threads, and a request with more than `INLINE_MAX_BYTES` of inputs always runs on a thread, however fast the
-version's recent runs were. A run on the loop that outlasts
+the calling thread's CPU time, so a version that turns slow (an average over `INLINE_STAY_FACTOR` times
+`inline_below`) goes back to the threads; one whose runs hold the loop that long by the wall clock while they wait
+for other threads leaves it for good (`INLINE_WALL_RUNS`); and a request with more than `INLINE_MAX_BYTES` of
+inputs always runs on a thread, however fast the version's recent runs were. A run on the loop that outlasts
 `INLINE_RUN_LIMIT` (its length may follow its input's values) is stopped by a watching thread and run again on a
 compute thread, and the version never runs on the loop again.
 
@@ -59,6 +60,12 @@ _RUN_WEIGHT = 0.2
 # loop's other work evicts its weights from the CPU caches): with one threshold, a version near it switched back
 # and forth, and spent a good part of its time paying the hop that running on the loop saves.
 INLINE_STAY_FACTOR = 2.5
+# A version whose last this many runs on the loop each held it longer than INLINE_STAY_FACTOR times inline_below
+# never runs there again. Its runs are timed in the calling thread's CPU time, which leaves out what they wait for
+# on other threads (ONNX Runtime's own intra-op threads): such a run can hold the loop several times longer than it
+# counts. The shortest of several runs, not their average, is what is compared, since a run the system interrupted
+# for another process takes as long on the wall clock as a run that waited.
+INLINE_WALL_RUNS = 8
 # Inputs beyond this run on a compute thread even when the version's runs average microseconds: the average was
 # taken on small requests, and a large one would hold the event loop.
 INLINE_MAX_BYTES = 64 << 10
@@ -73,6 +80,8 @@ Outcome = dict[str, np.ndarray] | BaseException
 # runs there only while its runs average microseconds, but a run's length may follow its input's values (a loop's
 # trip count, a shape read from an input): nothing else on the loop runs meanwhile, health checks included.
 INLINE_RUN_LIMIT = 0.1
+# How often the watching thread looks at the runs under way: a few times per INLINE_RUN_LIMIT.
+_WATCH_SECONDS = INLINE_RUN_LIMIT / 4
 
 
 class _InlineWatch:
@@ -97,7 +106,7 @@ class _InlineWatch:
 
     def _watch(self) -> None:
         while True:
-            time.sleep(INLINE_RUN_LIMIT / 4)
+            time.sleep(_WATCH_SECONDS)
             now = time.monotonic()
             for until, abort in list(self._runs.values()):
                 if now >= until:
@@ -216,8 +225,8 @@ class Batcher:
         concurrency: Batches of this version that may run at the same time.
         on_execution: Called on the loop after every successful run with (rows, requests, compute seconds).
         inline_below: Without merging, run on the event loop once the version's recent runs (a moving average of
-            their CPU time) took less than this many seconds, and until they take INLINE_STAY_FACTOR times as
-            long; 0 never does.
+            the calling thread's CPU time) took less than this many seconds, and until they take INLINE_STAY_FACTOR
+            times as long, or hold the loop that long by the wall clock (see INLINE_WALL_RUNS); 0 never does.
     """
 
     def __init__(
@@ -254,6 +263,7 @@ class Batcher:
         self._inline_below = 0.0 if self._merging else inline_below
         self._run_seconds: float | None = None  # moving average of execute's own CPU time; None until a run
         self._inline = False  # whether runs went to the loop when last decided (see _runs_inline)
+        self._loop_walls: collections.deque[float] = collections.deque(maxlen=INLINE_WALL_RUNS)
         self._waiting: dict[Hashable, list[_Pending]] = {}  # share key -> the queued requests with that key
         self._sharing: dict[Hashable, _Pending] = {}  # share key -> the request whose run is under way
 
@@ -592,6 +602,17 @@ class Batcher:
         finally:
             _inline_watch.end()
         took = time.perf_counter() - started
+        walls = self._loop_walls
+        walls.append(took)
+        if len(walls) == walls.maxlen and min(walls) > self._inline_below * INLINE_STAY_FACTOR:
+            self._inline_below = 0.0
+            log.info(
+                "%s:%s: its runs on the event loop held it for %.0f us or more, beyond what they cost this thread "
+                "(they wait for other threads); they run on the compute threads from now on",
+                self.model,
+                self.version,
+                min(walls) * 1e6,
+            )
         if abort.is_set():
             self._inline_below = 0.0  # its runs' length follows their input: never on the loop again
             if any(isinstance(outcome, BaseException) for outcome in outcomes):

@@ -18,9 +18,11 @@ from typing import Any
 import numpy as np
 import pytest
 
+from modelforge_inference import batcher as batcher_module
 from modelforge_inference.batcher import (
     INLINE_MAX_BYTES,
     INLINE_STAY_FACTOR,
+    INLINE_WALL_RUNS,
     Abort,
     Batcher,
     BatchResult,
@@ -557,10 +559,20 @@ def _burn(seconds: float) -> None:
         pass
 
 
-async def test_a_version_on_the_loop_stays_there_until_its_runs_take_well_over_the_threshold(pool):
+@pytest.fixture
+def patient_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No run on the loop is stopped for its length: on a loaded machine a run of a few milliseconds of CPU may
+    take longer than INLINE_RUN_LIMIT by the wall clock."""
+    monkeypatch.setattr(batcher_module, "INLINE_RUN_LIMIT", 60.0)
+
+
+async def test_a_version_on_the_loop_stays_there_until_its_runs_take_well_over_the_threshold(
+    pool, patient_loop, monkeypatch
+):
     # A small model's runs on a busy machine vary about twofold: with a single threshold a version near it went
     # back and forth between the loop and the threads.
-    threshold = 0.01
+    monkeypatch.setattr(batcher_module, "INLINE_WALL_RUNS", 1_000_000)  # CPU time alone decides here
+    threshold = 0.002
     threads: list[int] = []
     cost = [0.0]
 
@@ -596,23 +608,53 @@ async def test_a_version_on_the_loop_stays_there_until_its_runs_take_well_over_t
         await batcher.aclose()
 
 
-async def test_a_run_on_the_loop_is_timed_by_the_cpu_it_takes_not_the_time_it_is_kept_waiting(pool):
+async def test_a_run_on_the_loop_is_timed_by_the_cpu_it_takes_not_the_time_it_is_kept_waiting(pool, patient_loop):
     # A run on the loop of a busy machine waits while the system runs other processes; counted as the run's own
     # time, it sent a fast version to the threads.
     threads: list[int] = []
 
     def execute(batch: Sequence[Feeds], into: Sequence[Into], abort: Abort | None) -> list[Outcome]:
         threads.append(threading.get_ident())
-        time.sleep(0.03)  # 30 ms waited, next to no CPU: as if the core went to another process
+        if len(threads) % 4:
+            time.sleep(0.03)  # 30 ms waited, next to no CPU: as if the core went to another process
         return [{"y": item["x"]} for item in batch]
 
     batcher = unbatched(pool, execute, inline_below=0.01)
     try:
         loop_thread = threading.get_ident()
-        for _ in range(6):
+        for _ in range(16):
             await batcher.submit(feeds(1.0))
         assert threads[0] != loop_thread  # unmeasured: a compute thread
-        assert threads[1:] == [loop_thread] * 5
+        assert threads[1:] == [loop_thread] * 15
+    finally:
+        await batcher.aclose()
+
+
+async def test_a_version_whose_runs_keep_the_loop_waiting_on_other_threads_leaves_it_for_good(pool, patient_loop):
+    # A run's CPU time counts the calling thread only: a session with intra-op threads of its own does part of the
+    # work elsewhere while the loop waits for it.
+    threads: list[int] = []
+    waits = [True]
+
+    def execute(batch: Sequence[Feeds], into: Sequence[Into], abort: Abort | None) -> list[Outcome]:
+        threads.append(threading.get_ident())
+        if waits[0]:
+            time.sleep(0.03)  # over INLINE_STAY_FACTOR x 10 ms by the wall clock, next to no CPU here
+        return [{"y": item["x"]} for item in batch]
+
+    batcher = unbatched(pool, execute, inline_below=0.01)
+    try:
+        loop_thread = threading.get_ident()
+        for _ in range(1 + INLINE_WALL_RUNS):  # one unmeasured run on a thread, then the loop
+            await batcher.submit(feeds(1.0))
+        assert threads == [threads[0]] + [loop_thread] * INLINE_WALL_RUNS
+        assert threads[0] != loop_thread
+        await batcher.submit(feeds(1.0))
+        assert threads[-1] != loop_thread  # each of its last runs there held the loop too long
+        waits[0] = False
+        for _ in range(10):  # fast and cheap now, yet never back on the loop
+            await batcher.submit(feeds(1.0))
+            assert threads[-1] != loop_thread
     finally:
         await batcher.aclose()
 
