@@ -283,8 +283,11 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         batch dimension (max_batch_size > 0), as Triton classifies them."""
         resolved, serving = await self._engine.describe(ModelRef(model, version=version))
         batched = convert.max_batch_size(resolved.signature, serving) > 0
+        specs = {spec.name: spec for spec in resolved.signature.outputs}
         return {
-            name: convert.classified(name, array, classes[name], batched=batched) if name in classes else array
+            name: convert.classified(name, array, classes[name], batched=batched, spec=specs.get(name))
+            if name in classes
+            else array
             for name, array in outputs.items()
         }
 

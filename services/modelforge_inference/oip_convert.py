@@ -503,12 +503,17 @@ def check_classifiable(signature: Signature, classes: Collection[str]) -> None:
             raise _unclassifiable(spec.name, datatype_of(np.empty(0, spec.dtype), spec))
 
 
-def classified(name: str, array: np.ndarray[Any, Any], count: int, *, batched: bool) -> np.ndarray[Any, Any]:
+def classified(
+    name: str, array: np.ndarray[Any, Any], count: int, *, batched: bool, spec: TensorSpec | None = None
+) -> np.ndarray[Any, Any]:
     """Output `name` as Triton's classification extension answers it: the `count` largest elements of each batch
     item (of the whole output when the model has no batch dimension), largest first, each as ``b"value:index"``
-    with the index into the item's elements flattened; BYTES of shape [batch, count] (or [count])."""
+    with the index into the item's elements flattened; BYTES of shape [batch, count] (or [count]). `spec`: the
+    output's declaration, which tells a bfloat16 output (uint16 bit patterns here) from a uint16 one."""
     if array.dtype.kind not in _RANKABLE:
         raise _unclassifiable(name, datatype_of(array))
+    if spec is not None and spec.ort_type == _BFLOAT16:
+        array = (array.astype(np.uint32) << 16).view(np.float32)  # ranked and written as the numbers they hold
     batched = batched and array.ndim > 0
     rows = array.reshape((array.shape[0], math.prod(array.shape[1:])) if batched else (1, array.size))
     kept = min(count, rows.shape[1])

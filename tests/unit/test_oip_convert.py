@@ -435,6 +435,25 @@ def test_classification_ranks_each_batch_item_or_the_whole_output_as_triton_does
         convert.classified("label", np.array([b"a"], dtype=object), 1, batched=False)
 
 
+def test_a_bfloat16_output_is_classified_by_the_numbers_its_bits_hold() -> None:
+    bits = np.array([0xBF80, 0x3F00, 0x4000], dtype="<u2")  # -1.0, 0.5 and 2.0 as bfloat16 bit patterns
+    bf16 = TensorSpec("h", np.dtype("<u2"), (3,), ort_type="tensor(bfloat16)")
+    ranked = convert.classified("h", bits, 3, batched=False, spec=bf16)
+    assert ranked.tolist() == [b"2.000000:2", b"0.500000:1", b"-1.000000:0"]
+    plain = TensorSpec("h", np.dtype("<u2"), (3,), ort_type="tensor(uint16)")  # the same bits as integers
+    assert convert.classified("h", bits, 1, batched=False, spec=plain).tolist() == [b"49024:0"]
+
+
+def test_a_string_output_is_refused_for_classification_before_the_run() -> None:
+    signature = Signature(
+        inputs=(TensorSpec("x", np.dtype(np.float32), (-1, 4)),),
+        outputs=(TensorSpec("label", np.dtype(object), (-1,)), TensorSpec("p", np.dtype(np.float32), (-1, 3))),
+    )
+    convert.check_classifiable(signature, {"p": 2})
+    with pytest.raises(convert.InvalidV2Request, match="output 'label' holds BYTES, which cannot be classified"):
+        convert.check_classifiable(signature, {"p": 2, "label": 1})
+
+
 # --- responses --------------------------------------------------------------------------------------------------
 
 
