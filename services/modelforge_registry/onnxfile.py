@@ -273,11 +273,12 @@ def facts(model: onnx.ModelProto) -> OnnxInfo:
 
 
 def _first_line(exc: BaseException, text: str | None = None) -> str:
-    """The first line of `text` (the exception's own message unless given); a line over _LINE_CHARS is cut at a
-    space before that and ends with an ellipsis."""
+    """The first line of `text` (the exception's own message unless given); a line over _LINE_CHARS ends with an
+    ellipsis where it was cut, between two words unless that would drop more than a long word (a path)."""
     text = (str(exc) if text is None else text).strip() or type(exc).__name__
     line = text.splitlines()[0]
     if len(line) <= _LINE_CHARS:
         return line
-    cut = line[:_LINE_CHARS]
-    return (cut.rsplit(" ", 1)[0] if " " in cut else cut) + " …"
+    space = line.rfind(" ", 0, _LINE_CHARS + 1)
+    cut = space if space >= _LINE_CHARS - 40 else _LINE_CHARS
+    return line[:cut].rstrip() + " …"

@@ -202,3 +202,8 @@ def test_a_long_library_message_is_cut_between_words_and_says_it_was_cut() -> No
     assert quoted.removesuffix(" …").endswith("word")  # whole words only
     assert onnxfile._first_line(RuntimeError("short\nsecond")) == "short"
     assert onnxfile._first_line(RuntimeError("x" * 400)) == "x" * onnxfile._LINE_CHARS + " …"
+    exact = "w " * 149 + "xy zz"  # "xy" ends at the limit: kept whole
+    assert onnxfile._first_line(RuntimeError(exact)) == exact[: onnxfile._LINE_CHARS] + " …"
+    path = "Load model from /" + "a/" * 200 + "m.onnx failed"  # a long path: cut inside it, not before it
+    quoted = onnxfile._first_line(RuntimeError(path))
+    assert quoted == path[: onnxfile._LINE_CHARS] + " …"
