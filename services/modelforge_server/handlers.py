@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any, NoReturn
@@ -41,6 +43,44 @@ _FACTORIES: dict[str, Callable[..., grpc.RpcMethodHandler]] = {
     "stream_unary": grpc.stream_unary_rpc_method_handler,
     "stream_stream": grpc.stream_stream_rpc_method_handler,
 }
+
+
+# What grpc.aio logs, as an ERROR with a traceback, when the answer of a unary call cannot be sent (see Unsent).
+_UNSENT_PREFIX = "ExecuteBatchError raised in core by servicer method"
+_GRPC_LOGGER = "grpc._cython.cygrpc"
+
+
+class Unsent(logging.Filter):
+    """Turns grpc.aio's ERROR for an answer it could not send into the INFO line it is. The send of a unary call's
+    answer fails when the call ended meanwhile: its client cancelled it or its deadline passed as the handler
+    returned (a job cancelled while a worker's call for its batch ran, for one). gRPC logs that as an ERROR with a
+    traceback unless it had already heard that the client left, which is a race the server cannot win every time.
+    Nothing failed on the server, and the client got its status from its own side."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR or not isinstance(record.msg, str):
+            return True
+        if not record.msg.startswith(_UNSENT_PREFIX):
+            return True
+        method = record.getMessage().removeprefix(_UNSENT_PREFIX).strip(" []") or "a call"
+        record.msg = (
+            "the answer of %s was not sent: the call had ended (its client cancelled it or its deadline passed)"
+        )
+        record.args = (method,)
+        record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
+        record.exc_info, record.exc_text = None, None
+        return logging.getLogger(record.name).isEnabledFor(logging.INFO)
+
+
+_unsent_lock = threading.Lock()
+
+
+def quiet_unsent_answers() -> None:
+    """Adds `Unsent` to gRPC's logger, once per process."""
+    grpc_log = logging.getLogger(_GRPC_LOGGER)
+    with _unsent_lock:
+        if not any(isinstance(f, Unsent) for f in grpc_log.filters):
+            grpc_log.addFilter(Unsent())
 
 
 class RefusedRequest(InvalidArgument):
@@ -180,6 +220,7 @@ class Registrar:
         self._text_checked = text_checked
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}  # "/service/Method" -> its wrapped handler
         self.gate = Gate()
+        quiet_unsent_answers()
 
     def add_registered_method_handlers(self, service: str, handlers: Mapping[str, grpc.RpcMethodHandler]) -> None:
         self._server.add_registered_method_handlers(

@@ -12,7 +12,7 @@ import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
-from modelforge_server import logs
+from modelforge_server import handlers, logs
 
 # A provider of the test's own: spans become current without touching the process-wide provider.
 TRACER = TracerProvider().get_tracer("modelforge.test")
@@ -153,3 +153,37 @@ def test_a_throttled_logger_passes_one_line_per_interval(root_logger: logging.Lo
         "failed to export at 60.0",
         "failed to export at 125.0",
     ]
+
+
+def test_an_answer_grpc_could_not_send_is_an_info_line_not_an_error(root_logger: logging.Logger) -> None:
+    """gRPC logs an ERROR with a traceback when a unary answer's send fails because the call ended (its client
+    cancelled it) before gRPC heard so: a worker's call cancelled with its job made one in the inference log."""
+    grpc_log = logging.getLogger("grpc._cython.cygrpc")
+    level = grpc_log.level
+    out = io.StringIO()
+
+    def unsent() -> None:
+        try:
+            raise RuntimeError('Failed "execute_batch"')  # as grpc's ExecuteBatchError
+        except RuntimeError:
+            grpc_log.exception("ExecuteBatchError raised in core by servicer method [%s]", "/m.v1.S/Predict")
+
+    try:
+        logs.configure("inference", "INFO", stream=out)
+        handlers.quiet_unsent_answers()
+        handlers.quiet_unsent_answers()  # once per process, however many servers
+        unsent()
+        grpc_log.error("another failure of gRPC's")
+        logs.configure("inference", "WARNING", stream=out)
+        unsent()  # an INFO line, below the level
+    finally:
+        grpc_log.setLevel(level)
+        for added in [f for f in grpc_log.filters if isinstance(f, handlers.Unsent)]:
+            grpc_log.removeFilter(added)
+    lines = json_lines(out)
+    assert [(line["level"], line["message"]) for line in lines] == [
+        ("INFO", "the answer of /m.v1.S/Predict was not sent: the call had ended (its client cancelled it or its "
+         "deadline passed)"),
+        ("ERROR", "another failure of gRPC's"),
+    ]  # fmt: skip
+    assert "exception" not in lines[0] and "traceback" not in json.dumps(lines[0]).lower()
