@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -31,6 +32,7 @@ from tests.fixtures.onnx_models import (
     build_slow_load,
     model_bytes,
 )
+from tests.fixtures.polling import eventually
 from tests.fixtures.servers import registry_settings_for
 from tests.integration.inference.conftest import (
     RunningInference,
@@ -541,6 +543,10 @@ async def test_a_version_deleted_while_its_first_request_loads_it_is_not_loaded_
     await upload(inference, "gone", SLOW_LOAD)
     first = asyncio.ensure_future(inference.stub.Predict(predict_request("gone", SLOW_LOAD_INPUT)))
     await until_loading(inference, "gone")
+    # Deleted while ONNX Runtime builds the session, once the file is here: a delete that reaches the registry
+    # before the load's download fails that download, and the request, NOT_FOUND.
+    downloaded = inference.settings.model_directory / hashlib.sha256(SLOW_LOAD).hexdigest()
+    await eventually(downloaded.exists, "the model file in the inference service's file cache")
     await inference.registry_stub.DeleteModel(registry_pb2.DeleteModelRequest(name="gone", force=True))
 
     # The delete stands: the request waiting for the load is told to retry, and the retry finds nothing.
