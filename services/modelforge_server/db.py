@@ -211,9 +211,7 @@ async def open_pool(
     that much later than PostgreSQL.
     """
     recheck = _Recheck(recheck_after) if recheck_after > 0 else None
-    pool_log = logging.getLogger("psycopg.pool")
-    if _POOL_LOG_THROTTLE not in pool_log.filters:
-        pool_log.addFilter(_POOL_LOG_THROTTLE)
+    logging.getLogger("psycopg.pool").addFilter(_POOL_LOG_THROTTLE)  # added once, however many pools
     kwargs: dict[str, Any] = {"autocommit": True}
     if "connect_timeout" not in conninfo_to_dict(url) and "PGCONNECT_TIMEOUT" not in os.environ:
         # libpq's own default is no limit (psycopg's 130 s): a PostgreSQL that accepts TCP and never answers would

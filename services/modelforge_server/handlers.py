@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import inspect
 import logging
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any, NoReturn
@@ -72,15 +71,12 @@ class Unsent(logging.Filter):
         return logging.getLogger(record.name).isEnabledFor(logging.INFO)
 
 
-_unsent_lock = threading.Lock()
+_UNSENT = Unsent()
 
 
 def quiet_unsent_answers() -> None:
-    """Adds `Unsent` to gRPC's logger, once per process."""
-    grpc_log = logging.getLogger(_GRPC_LOGGER)
-    with _unsent_lock:
-        if not any(isinstance(f, Unsent) for f in grpc_log.filters):
-            grpc_log.addFilter(Unsent())
+    """Adds `Unsent` to gRPC's logger; a filter already there is not added again."""
+    logging.getLogger(_GRPC_LOGGER).addFilter(_UNSENT)
 
 
 class RefusedRequest(InvalidArgument):
