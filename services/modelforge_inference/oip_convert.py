@@ -500,7 +500,7 @@ def check_classifiable(signature: Signature, classes: Collection[str]) -> None:
     `classified` checks the output itself after the run."""
     for spec in signature.outputs:
         if spec.name in classes and spec.dtype.kind not in _RANKABLE:
-            raise _unclassifiable(spec.name, datatype_of(np.empty(0, spec.dtype), spec))
+            raise _unclassifiable(spec.name, _spec_datatype(spec))
 
 
 def classified(
