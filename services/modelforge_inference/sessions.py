@@ -268,7 +268,8 @@ class ModelSession:
         }
 
     def warmup(self, signature: Signature, limit: float = WARMUP_LIMIT_SECONDS) -> None:
-        """Runs once on zeros (dynamic dimensions 1); a model that refuses zeros is logged and still served.
+        """Runs once on zeros (dynamic dimensions 1), and once more on ones if the model refuses zeros (a shape
+        input of Expand or Tile, a divisor); a model that refuses both is logged and still served.
 
         Inputs whose fixed dimensions come to more than WARMUP_MAX_BYTES get no warmup (logged): allocated for
         real, a model declaring a [100000, 100000] input would take 40 GB at load, or fail it. A run that outlasts
@@ -284,12 +285,16 @@ class ModelSession:
         timer.daemon = True
         timer.start()
         try:
-            self.run({spec.name: _zeros(spec) for spec in signature.inputs}, options=options)
-        except INPUT_ERRORS as exc:
-            if options.terminate:
-                log.warning("warmup run of %s stopped after %g s; serving it without one", self.name, limit)
-            else:
-                log.warning("warmup run of %s failed; serving it anyway: %s", self.name, exc)
+            for fill in _WARMUP_FILLS:
+                try:
+                    self.run({spec.name: _filled(spec, fill) for spec in signature.inputs}, options=options)
+                    return
+                except INPUT_ERRORS as exc:
+                    if options.terminate:
+                        log.warning("warmup run of %s stopped after %g s; serving it without one", self.name, limit)
+                        return
+                    failure = exc
+            log.warning("warmup run of %s failed on zeros and on ones; serving it anyway: %s", self.name, failure)
         finally:
             timer.cancel()
 
@@ -358,13 +363,17 @@ def _zeros_bytes(spec: TensorSpec) -> int:
     return elements * (8 if spec.is_string else spec.dtype.itemsize)
 
 
-def _zeros(spec: TensorSpec) -> np.ndarray:
+# What the warmup runs fill number inputs with, in order: string inputs are always empty strings.
+_WARMUP_FILLS = (0, 1)
+
+
+def _filled(spec: TensorSpec, fill: int) -> np.ndarray:
     shape = tuple(1 if dim == DYNAMIC else dim for dim in spec.shape)
     if spec.is_string:
         array = np.empty(shape, dtype=object)
         array.fill(b"")
         return array
-    return np.zeros(shape, dtype=spec.dtype)
+    return np.full(shape, fill, dtype=spec.dtype)
 
 
 def resident_bytes() -> int:

@@ -423,6 +423,58 @@ def test_a_model_declaring_huge_fixed_inputs_loads_without_a_warmup(
     assert session.proven is False  # no run has completed: a first failure may still be the model's own
 
 
+def _expand_model(tmp_path: Path) -> tuple[ModelSession, Signature]:
+    """``x`` float32 [3] broadcast to the shape ``shape`` (int64 [2]) names: zeros are no shape it broadcasts to."""
+    graph = helper.make_graph(
+        [helper.make_node("Expand", ["x", "shape"], ["y"])],
+        "expand",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [3]),
+            helper.make_tensor_value_info("shape", TensorProto.INT64, [2]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    session = ModelSession(write_model(model, tmp_path / "expand.onnx"), _config({}), name="expand:1")
+    signature = Signature(
+        inputs=(TensorSpec("x", np.dtype(np.float32), (3,)), TensorSpec("shape", np.dtype(np.int64), (2,))),
+        outputs=(TensorSpec("y", np.dtype(np.float32), (-1, 3)),),
+    )
+    return session, signature
+
+
+def test_a_model_refusing_zeros_is_warmed_up_on_ones(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    session, signature = _expand_model(tmp_path)
+    with pytest.raises(INPUT_ERRORS, match="invalid expand shape"):
+        session.run({"x": np.zeros(3, np.float32), "shape": np.zeros(2, np.int64)})
+
+    with caplog.at_level(logging.INFO, logger="modelforge.inference"):
+        session.warmup(signature)
+
+    assert session.proven  # its run on ones completed
+    assert not [r for r in caplog.records if "warmup" in r.getMessage()]
+
+
+def test_a_model_refusing_zeros_and_ones_is_logged_and_still_served(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    session, _ = _expand_model(tmp_path)
+    # Declared as [2] while the graph's x is [3]: neither zeros nor ones of this shape run.
+    misdeclared = Signature(
+        inputs=(TensorSpec("x", np.dtype(np.float32), (2,)), TensorSpec("shape", np.dtype(np.int64), (2,))),
+        outputs=(TensorSpec("y", np.dtype(np.float32), (-1, 3)),),
+    )
+    with caplog.at_level(logging.INFO, logger="modelforge.inference"):
+        session.warmup(misdeclared)
+
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert warnings[0].startswith("warmup run of expand:1 failed on zeros and on ones; serving it anyway: ")
+    assert not session.proven
+    served = session.run({"x": np.arange(3, dtype=np.float32), "shape": np.array([2, 3])})
+    assert served["y"].tolist() == [[0.0, 1.0, 2.0], [0.0, 1.0, 2.0]]
+
+
 def test_a_warmup_that_does_not_end_is_stopped_and_the_model_served_without_one(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
