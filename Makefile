@@ -6,6 +6,8 @@ STAMP := $(VENV)/.installed
 BUF := node_modules/.bin/buf
 PROTOS := $(shell find protos -name '*.proto' | sort)
 GEN_OUT := clients/python
+# Extra arguments for run (`modelforge up`), test (pytest) and bench: make run ARGS="--registry-port 6051".
+ARGS ?=
 
 .PHONY: run test test-fast gen lint fmt bench clean venv
 
@@ -19,15 +21,15 @@ $(STAMP): pyproject.toml
 
 ## Start the whole suite on embedded PostgreSQL and Redis (or MODELFORGE_DATABASE_URL / MODELFORGE_REDIS_URL).
 run: $(STAMP)
-	$(BIN)/modelforge up
+	$(BIN)/modelforge up $(ARGS)
 
 ## Run the whole test suite.
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(ARGS)
 
 ## Unit tests only: no servers, no sockets.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest tests/unit
+	$(BIN)/python -m pytest tests/unit $(ARGS)
 
 ## Regenerate the Python code and .pyi stubs from protos/.
 gen: $(STAMP)
@@ -57,7 +59,7 @@ fmt: $(STAMP) $(BUF)
 
 ## Benchmarks: start the suite, measure, write docs/PERFORMANCE.md.
 bench: $(STAMP)
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench $(ARGS)
 
 clean:
 	rm -rf $(VENV) node_modules .pytest_cache .ruff_cache build *.egg-info
