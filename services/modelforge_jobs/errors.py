@@ -24,7 +24,10 @@ class DatasetNotFound(NotFound):
     reason = "DATASET_NOT_FOUND"
 
     def __init__(self, dataset_id: str) -> None:
-        super().__init__(f"no dataset with id {dataset_id!r}; upload it first", dataset=dataset_id)
+        super().__init__(
+            f"no dataset with id {dataset_id!r}; `modelforge jobs datasets` lists the datasets there are",
+            dataset=dataset_id,
+        )
 
 
 class DatasetDeleted(FailedPrecondition):

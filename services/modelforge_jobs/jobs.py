@@ -71,7 +71,8 @@ def check_signature(model: ResolvedModel, tensors: Sequence[TensorInfo]) -> None
     unknown = sorted(set(given) - expected)
     if unknown:
         raise InvalidInput(
-            f"{model.name}:{model.version} has no input named {unknown[0]!r}; its inputs are {sorted(expected)}",
+            f"{model.name}:{model.version} has no input named {unknown[0]!r}; its inputs are "
+            f"{', '.join(map(repr, sorted(expected)))}",
             input=unknown[0],
         )
     for spec, rank in zip(model.inputs, model.input_ranks, strict=True):

@@ -95,6 +95,13 @@ async def test_signature_mismatches_are_invalid_argument(jobs_api, inference, ad
     await _no_jobs(jobs_api.stub)
 
 
+async def test_an_unknown_input_is_refused_naming_the_inputs_the_model_takes(jobs_api, inference, add_one) -> None:
+    version = await upload(inference, "add-one", add_one)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await jobs_api.stub.CreateJob(inline_request("add-one", {"z": X}))
+    assert refused.value.details() == f"add-one:{version.version} has no input named 'z'; its inputs are 'x'"
+
+
 async def test_empty_input_is_invalid_argument(jobs_api, inference, add_one) -> None:
     await upload(inference, "add-one", add_one)
     empty_items = inline_request("add-one", {"x": np.ones((0, 4), dtype=np.float32)})
@@ -239,9 +246,11 @@ async def test_unknown_and_malformed_ids(jobs_api) -> None:
     assert (await _fails(jobs_api.stub.WatchJob(jobs_pb2.WatchJobRequest(id=missing))))[0] == (
         grpc.StatusCode.NOT_FOUND
     )
-    assert (await _fails(jobs_api.stub.GetDataset(jobs_pb2.GetDatasetRequest(id=missing)))) == (
-        grpc.StatusCode.NOT_FOUND,
-        "DATASET_NOT_FOUND",
+    with pytest.raises(grpc.aio.AioRpcError) as unknown:
+        await jobs_api.stub.GetDataset(jobs_pb2.GetDatasetRequest(id=missing))
+    assert (unknown.value.code(), error_reason(unknown.value)) == (grpc.StatusCode.NOT_FOUND, "DATASET_NOT_FOUND")
+    assert unknown.value.details() == (
+        f"no dataset with id {missing!r}; `modelforge jobs datasets` lists the datasets there are"
     )
     request = jobs_pb2.CreateJobRequest(model_ref=registry_pb2.ModelRef(name="nope"), dataset_id=missing)
     assert (await _fails(jobs_api.stub.CreateJob(request)))[0] == grpc.StatusCode.NOT_FOUND
