@@ -159,6 +159,22 @@ def test_channel_target_comes_from_argument_then_environment_then_default() -> N
     assert _channel.resolve_target(_channel.INFERENCE, None, env) == "127.0.0.1:50052"
 
 
+@pytest.mark.parametrize("target", ["127.0.0.1:99999", "localhost:0", "[::1]:70000", "dns:///host:65536"])
+def test_an_address_whose_port_is_out_of_range_is_refused_not_dialled_as_another_port(target: str) -> None:
+    # gRPC dials 127.0.0.1:99999 as port 34463 (99999 - 65536) instead of refusing it.
+    with pytest.raises(ValueError, match=r"has port \d+: a port is a number from 1 to 65535"):
+        _channel.resolve_target(_channel.REGISTRY, target)
+    with pytest.raises(ValueError, match="^MODELFORGE_JOBS_ADDRESS "):
+        _channel.resolve_target(_channel.JOBS, None, {"MODELFORGE_JOBS_ADDRESS": target})
+    with pytest.raises(ValueError, match="has port"):
+        modelforge.RegistryClient(target)
+
+
+@pytest.mark.parametrize("target", ["h:65535", "h:1", "unix:/tmp/x:99999", "unix-abstract:a:0", "dns://8.8.8.8/h:80"])
+def test_addresses_with_ports_in_range_or_no_port_are_dialled_as_given(target: str) -> None:
+    assert _channel.resolve_target(_channel.REGISTRY, target) == target
+
+
 def test_retry_policy_covers_only_idempotent_registry_calls() -> None:
     import json
 

@@ -15,6 +15,7 @@ import contextlib
 import enum
 import json
 import os
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -143,11 +144,28 @@ JOBS = Service(
 
 
 def resolve_target(service: Service, target: str | None, environ: Mapping[str, str] | None = None) -> str:
-    """The address to dial: the explicit target, else the service's env variable, else localhost:default port."""
+    """The address to dial: the explicit target, else the service's env variable, else localhost:default port.
+
+    Raises ValueError for a ``HOST:PORT`` address whose port is out of range, which gRPC would dial as another
+    port (99999 as 34463) rather than refuse.
+    """
     if target:
-        return target
+        return _checked_port(target, "address")
     env = os.environ if environ is None else environ
-    return env.get(service.env_var) or service.default_target
+    if value := env.get(service.env_var):
+        return _checked_port(value, service.env_var)
+    return service.default_target
+
+
+# A target gRPC reads as a host and a port: HOST:PORT, [IPV6]:PORT, or either after dns: or ipv4:/ipv6:.
+_HOST_PORT = re.compile(r"^(?:dns:(?://[^/]*/)?|ipv[46]:)?(?:\[[^\]]*\]|[^:/\[\]]+):(\d+)$")
+
+
+def _checked_port(target: str, what: str) -> str:
+    match = _HOST_PORT.match(target)
+    if match is not None and not 1 <= int(match.group(1)) <= 65535:
+        raise ValueError(f"{what} {target!r} has port {match.group(1)}: a port is a number from 1 to 65535")
+    return target
 
 
 def _service_config(service: Service) -> str:
