@@ -433,6 +433,10 @@ async def test_save_result_writes_what_result_returns_into_a_npz_file(
         np.testing.assert_array_equal(archive["y"], expected["y"])
         np.testing.assert_array_equal(archive["y"], x + 1)
     assert [p.name for p in out.parent.iterdir()] == ["result.npz"]  # no temporary file left
+    deeper = tmp_path / "new" / "deeper" / "result.npz"  # directories that do not exist yet are made
+    await job.save_result(deeper)
+    with np.load(deeper, allow_pickle=False) as archive:
+        np.testing.assert_array_equal(archive["y"], x + 1)
 
 
 def _sync_save(address: str, ref: str, directory: Path) -> None:
@@ -559,6 +563,17 @@ async def test_a_save_cancelled_or_interrupted_midway_leaves_the_path_as_it_was_
 
     await asyncio.to_thread(interrupted)
     assert [p.name for p in directory.iterdir()] == ["result.npz"] and out.read_bytes() == b"before"
+
+    stalled = _StalledResult()  # into directories made for it: they go with the temporary files
+    async with grpc.aio.insecure_channel(address, interceptors=[stalled]) as channel:
+        handle = await AsyncJobsClient(channel=channel).get_job(job.id)
+        save = asyncio.ensure_future(handle.save_result(tmp_path / "made" / "for it" / "result.npz"))
+        await stalled.reached.wait()
+        assert (tmp_path / "made" / "for it").is_dir()
+        save.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await save
+    assert not (tmp_path / "made").exists()
 
 
 async def test_save_result_keeps_string_outputs_readable_without_pickle(

@@ -26,6 +26,7 @@ import numpy as np
 from modelforge import _arrayfiles, _convert
 from modelforge._channel import CLIENT_TIMEOUT, JOBS, AsyncChannelClient, ChannelClient, Timeout, call_timeout
 from modelforge._convert import DEFAULT_CHUNK_BYTES, MiB, Progress, ResultCheck, SavedResult
+from modelforge._directories import MadeDirectories
 from modelforge._domain import Dataset, JobPriority, JobState, JobStatus
 from modelforge._errors import (
     DeadlineExceededError,
@@ -165,8 +166,9 @@ class _ResultFile:
     Each output goes to a ``.npy`` file of its own, in a temporary directory in the target's directory, as its
     records arrive (:class:`~modelforge._convert.ResultCheck` says what to append); :meth:`commit` packs them into a
     zip archive there (stored, ZIP64, as ``numpy.savez`` writes one), copying a MiB at a time, and renames it onto
-    the target. Nothing is made before the first record: a refused result leaves nothing behind. :meth:`discard`
-    removes the directory and all in it. OS errors name the target, not the temporary files.
+    the target. Nothing is made before the first record: a refused result leaves nothing behind. Missing
+    directories above the target are made with the temporary one; :meth:`discard` removes all it made. OS errors
+    name the target, not the temporary files.
     """
 
     def __init__(self, target: str | os.PathLike[str], items_total: int) -> None:
@@ -174,6 +176,7 @@ class _ResultFile:
         self._check = ResultCheck(items_total)
         self._directory: Path | None = None
         self._members: dict[str, IO[bytes]] = {}  # each output's .npy file, open for writing
+        self._directories = MadeDirectories()
 
     def write(self, message: pb.GetJobResultResponse) -> None:
         """Appends one record's numeric outputs to their files."""
@@ -202,11 +205,15 @@ class _ResultFile:
                         shutil.copyfileobj(source, member, MiB)
                     os.unlink(file.name)  # the disk holds the result about once: the archive and what is left to pack
             os.replace(archive, self.target)
-        self.discard()
+        self._remove_temporary()
         return saved
 
     def discard(self) -> None:
-        """Closes and removes every temporary file, and their directory."""
+        """Closes and removes every temporary file, their directory and the directories made above it."""
+        self._remove_temporary()
+        self._directories.remove()
+
+    def _remove_temporary(self) -> None:
         for file in self._members.values():
             with contextlib.suppress(OSError):  # a failed flush: the file goes anyway
                 file.close()
@@ -217,6 +224,7 @@ class _ResultFile:
 
     def _temporary(self) -> Path:
         if self._directory is None:
+            self._directories.make(self.target)
             self._directory = Path(
                 tempfile.mkdtemp(prefix=f".{self.target.name}.", suffix=".part", dir=self.target.parent)
             )
@@ -343,6 +351,7 @@ class Job:
         an element is not UTF-8 text), so that ``np.load`` reads them without pickle. The file is written beside
         ``path`` and renamed onto it once whole, so that ``path`` never holds part of a result; a save that fails
         or is interrupted leaves no temporary file behind. ``path`` is used as given: no ``.npz`` is added to it.
+        Missing directories above ``path`` are made, and removed again if the save fails.
 
         Returns:
             Output name to the dtype and shape of its array in the file.

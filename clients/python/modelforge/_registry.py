@@ -20,6 +20,7 @@ import grpc.aio
 from modelforge import _convert
 from modelforge._channel import CLIENT_TIMEOUT, REGISTRY, AsyncChannelClient, ChannelClient, Timeout, call_timeout
 from modelforge._convert import DEFAULT_CHUNK_BYTES, Progress
+from modelforge._directories import MadeDirectories
 from modelforge._domain import Model, ModelEvent, ModelVersion, VersionState
 from modelforge._errors import CancelledError, DeadlineExceededError, ModelForgeError, naming, translated, with_details
 from modelforge._refs import ModelRef, validate_alias, validate_model_name, validate_version
@@ -59,7 +60,7 @@ class _Landing:
     def __init__(self, target: Path) -> None:
         self.target = target
         self._part: tuple[IO[bytes], Path] | None = None
-        self._made: list[Path] = []  # directories made for the target, outermost first
+        self._directories = MadeDirectories()
 
     def file(self) -> IO[bytes]:
         """The open temporary file, made (with any missing directories) on the first call."""
@@ -79,27 +80,14 @@ class _Landing:
             with contextlib.suppress(OSError):  # a failed flush: the file goes anyway
                 file.close()
             path.unlink(missing_ok=True)
-        for directory in reversed(self._made):
-            try:
-                directory.rmdir()
-            except OSError:
-                break
+        self._directories.remove()
 
     def _opened(self) -> tuple[IO[bytes], Path]:
         if self._part is None:
             with naming(self.target):
-                self._make_directories()
+                self._directories.make(self.target)
                 self._part = self._open_part()
         return self._part
-
-    def _make_directories(self) -> None:
-        missing = [d for d in (self.target.parent, *self.target.parent.parents) if not d.exists()]
-        for directory in reversed(missing):
-            try:
-                directory.mkdir()
-            except FileExistsError:  # made meanwhile by something else: not ours to remove
-                continue
-            self._made.append(directory)
 
     def _open_part(self) -> tuple[IO[bytes], Path]:
         while True:
