@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import io
 import json
 import os
@@ -249,6 +250,8 @@ async def test_predict_load_stats_and_jobs(
     assert not list(tmp_path.glob(".result.npz*"))  # written beside it, then renamed: no temporary file is left
     bare = await cli("jobs", "result", job_id, "--out", str(tmp_path / "bare"), *addresses)  # named as numpy does
     assert bare.out.strip().endswith(f"to {tmp_path / 'bare.npz'}") and (tmp_path / "bare.npz").is_file()
+    deeper = await cli("jobs", "result", job_id, "--out", str(tmp_path / "new" / "r.npz"), *addresses)
+    assert deeper.code == 0 and (tmp_path / "new" / "r.npz").is_file(), deeper.err  # as models pull makes them
     for directory in (".", str(tmp_path)):
         refused = await cli("jobs", "result", job_id, "--out", directory, *addresses)
         assert (refused.code, refused.err) == (2, f"modelforge: --out {directory} is a directory; give the .npz file "
@@ -648,6 +651,13 @@ async def test_push_whose_alias_cannot_be_set_says_the_version_was_stored(
     async with AsyncRegistryClient(registry.address) as client:
         # The registry may have set the alias after the caller stopped waiting: only the version is certain.
         assert [v.version async for v in client.list_versions("demo")] == [1]
+
+
+def test_version_prints_the_installed_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out == f"modelforge {importlib.metadata.version('modelforge')}\n"
 
 
 def test_timeout_help_says_which_calls_it_does_not_bound(capsys: pytest.CaptureFixture[str]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import importlib.metadata
 import json
 import os
 import secrets
@@ -863,6 +864,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="modelforge", description="Run ModelForge, manage its models, run predictions and batch jobs."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {importlib.metadata.version('modelforge')}")
     _address_flags(parser, top=True)
     common = argparse.ArgumentParser(add_help=False)
     _address_flags(common, top=False)
@@ -975,7 +977,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true", help="receive the outputs as a stream (large outputs)")
     p.add_argument("--no-sha256", action="store_true",
                    help="with --stream: neither end hashes the outputs (saves CPU; sizes are checked)")  # fmt: skip
-    p.add_argument("--priority", type=_whole(0, INT32_MAX), default=0, help="queue priority, 1 the most urgent")
+    p.add_argument("--priority", type=_whole(0, INT32_MAX), default=0,
+                   help="queue priority: 1 the most urgent, up to the model's number of levels; 0 (the default) "
+                   "and larger numbers, the least urgent level")  # fmt: skip
     p.add_argument("--cache", choices=["use", "bypass", "refresh"], help="what to do with the prediction cache")
     p.set_defaults(run=cmd_predict)
 
