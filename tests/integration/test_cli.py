@@ -266,7 +266,23 @@ async def test_predict_load_stats_and_jobs(
     assert "is a file; --out takes a directory" in onto_file.err
     missing = await cli("jobs", "show", "00000000-0000-0000-0000-000000000000", *addresses)
     assert missing.code == 1 and missing.err.startswith("modelforge: ")
-    assert (await cli("jobs", "rm", job_id, *addresses)).code == 0
+    inline = await cli("jobs", "rm", job_id, *addresses)  # its items went inline: no dataset to speak of
+    assert (inline.code, inline.out) == (0, f"deleted job {job_id} and the outputs of 3 items\n")
+    async with AsyncJobsClient(f"127.0.0.1:{jobs_api.port}") as jobs:
+        uploaded = (await jobs.upload_dataset({"x": x})).id
+    first = (await cli("jobs", "submit", "demo", "--dataset", uploaded, "--wait", *addresses)).out.split()[2]
+    kept = await cli("jobs", "rm", first, *addresses)
+    assert (kept.code, kept.out.splitlines()) == (0, [
+        f"deleted job {first} and the outputs of 3 items",
+        f"its dataset {uploaded} stays, for other jobs: `modelforge jobs rm-dataset {uploaded}` deletes it",
+    ])  # fmt: skip
+    assert uploaded in (await cli("jobs", "datasets", *addresses)).out
+    again = (await cli("jobs", "submit", "demo", "--dataset", uploaded, "--wait", *addresses)).out.split()[2]
+    with_dataset = await cli("jobs", "rm", again, "--dataset", *addresses)
+    assert (with_dataset.code, with_dataset.out.splitlines()[1:]) == (0, [f"deleted dataset {uploaded}"])
+    assert uploaded not in (await cli("jobs", "datasets", *addresses)).out
+    gone = await cli("jobs", "rm", on_dataset.out.split()[2], "--dataset", *addresses)  # its dataset went earlier
+    assert (gone.code, gone.out.splitlines()[1:]) == (0, [f"its dataset {dataset.id} had been deleted already"])
 
 
 @pytest.mark.parametrize("output", ["../escape", "a/b", "..", ".hidden"])

@@ -36,6 +36,7 @@ from modelforge._errors import (
     REQUEST_TOO_LARGE_HINT,
     DeadlineExceededError,
     ModelForgeError,
+    NotFoundError,
     UnavailableError,
     UnimplementedError,
 )
@@ -777,9 +778,24 @@ def cmd_jobs_retry(ctx: Context) -> int:
 
 
 def cmd_jobs_rm(ctx: Context) -> int:
+    """Deletes a job; with --dataset, the dataset it read too. Without, says that the dataset stays."""
     with ctx.jobs() as jobs:
-        deleted = jobs.get_job(ctx.args.id).delete()
-    print(f"deleted job {ctx.args.id} and the outputs of {deleted} items", file=ctx.out)
+        job = jobs.get_job(ctx.args.id)
+        deleted = job.delete()
+        print(f"deleted job {ctx.args.id} and the outputs of {deleted} items", file=ctx.out)
+        dataset = job.status.dataset_id
+        if not dataset:
+            return 0
+        if not ctx.args.dataset:
+            print(f"its dataset {dataset} stays, for other jobs: `modelforge jobs rm-dataset {dataset}` deletes it",
+                  file=ctx.out)  # fmt: skip
+            return 0
+        try:
+            jobs.delete_dataset(dataset)
+        except NotFoundError:
+            print(f"its dataset {dataset} had been deleted already", file=ctx.out)
+            return 0
+    print(f"deleted dataset {dataset}", file=ctx.out)
     return 0
 
 
@@ -1042,6 +1058,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("id", metavar="ID")
         if name == "show":
             p.add_argument("--json", action="store_true", help="print JSON")
+        if name == "rm":
+            p.add_argument("--dataset", action="store_true",
+                           help="also delete the dataset the job read, unless another queued or running job reads "
+                           "it (submit uploads one for inputs over 4 MiB or from a file)")  # fmt: skip
         p.set_defaults(run=run)
 
     p = sub.add_parser("result", parents=[common], help="save a COMPLETED job's outputs as .npz")
