@@ -52,10 +52,17 @@ class PortInUse(SettingsError):
     """
 
     def __init__(self, port: int, use: str, remedy: str) -> None:
-        super().__init__(
-            f"port {port} ({use}) is in use by another process; stop it, or choose another port with {remedy}"
-        )
+        super().__init__(taken(port, use, remedy))
         self.port = port
+
+
+def taken(port: int, use: str, remedy: str) -> str:
+    """What to tell of a port that cannot be bound: a listener holds it, or (for a port in the ephemeral range) a
+    connection of this machine that is still closing."""
+    return (
+        f"port {port} ({use}) is in use by another process (or a connection still closing); stop it, or choose "
+        f"another port with {remedy}"
+    )
 
 
 class AddressInUse(SettingsError):

@@ -415,10 +415,7 @@ class Supervisor:
             # Before anything starts: a service on a port another server holds would find that server's health
             # SERVING and be announced up, then fail to bind.
             if port and not _port_free(host, port):
-                raise SupervisorError(
-                    f"port {port} ({name}) is in use by another process; stop it, or choose another port with "
-                    f"--{name}-port"
-                )
+                raise SupervisorError(ports.taken(port, name, f"--{name}-port"))
             self._env[f"MODELFORGE_{name.upper()}_ADDRESS"] = f"{_dial_host(host)}:{port}"
         planned = {port: f"{name} gRPC" for name, port in grpc_ports.items() if port}
         metrics: list[tuple[int, str, str]] = []
@@ -436,9 +433,7 @@ class Supervisor:
                 )
             planned[port] = use
             if port and not _port_free(host, port):
-                raise SupervisorError(
-                    f"port {port} ({use}) is in use by another process; stop it, or choose another port with {remedy}"
-                )
+                raise SupervisorError(ports.taken(port, use, remedy))
 
         async with AsyncExitStack() as stack:
             if not (self._settings.database_url and self._settings.redis_url):

@@ -319,7 +319,9 @@ def test_a_port_in_use_stops_up_with_a_clear_message(env: Env) -> None:
         taken.listen()
         result = up_registry(env, registry_port)
     assert result.returncode == 1
-    assert f"port {registry_port} (registry) is in use by another process" in result.stderr
+    assert (
+        f"port {registry_port} (registry) is in use by another process (or a connection still closing)" in result.stderr
+    )
     assert "--registry-port" in result.stderr
     assert "PostgreSQL" not in result.stdout  # refused before anything started
 
@@ -345,7 +347,10 @@ def test_a_metrics_port_in_use_stops_up_before_anything_starts(
         )  # fmt: skip
     assert result.returncode == 1, result.stdout + result.stderr
     (line,) = result.stderr.strip().splitlines()
-    assert line.startswith(f"modelforge up: port {port} ({use}) is in use by another process; stop it, or choose ")
+    assert line.startswith(
+        f"modelforge up: port {port} ({use}) is in use by another process (or a connection still closing); stop it, "
+        "or choose "
+    )
     assert key in line
     assert result.stdout == ""  # no store or service was started
 
@@ -418,7 +423,9 @@ def test_a_port_held_by_another_grpc_server_stops_up_before_anything_starts(env:
     finally:
         server.stop(None)
     assert result.returncode == 1
-    assert f"port {registry_port} (registry) is in use by another process" in result.stderr
+    assert (
+        f"port {registry_port} (registry) is in use by another process (or a connection still closing)" in result.stderr
+    )
     assert "ModelForge is up" not in result.stdout
 
 

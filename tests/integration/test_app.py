@@ -325,7 +325,9 @@ async def test_a_port_taken_after_the_start_up_check_is_refused_by_serve_in_the_
                 await app.serve(server, settings, telemetry=tel)
         finally:
             await server.stop(None)
-    assert str(caught.value).startswith(f"port {port} ({use}) is in use by another process; stop it, or choose")
+    assert str(caught.value).startswith(
+        f"port {port} ({use}) is in use by another process (or a connection still closing); stop it"
+    )
 
 
 class Brief(jobs_pb2_grpc.JobServiceServicer):

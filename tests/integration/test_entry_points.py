@@ -112,6 +112,6 @@ def test_a_port_in_use_ends_the_service_with_one_line_before_it_starts_anything(
     assert result.returncode == 2, result.stderr
     (line,) = result.stderr.strip().splitlines()  # no traceback, and no log of a store started then stopped
     assert line.startswith("modelforge-")
-    assert f"port {port} ({use}) is in use by another process" in line
+    assert f"port {port} ({use}) is in use by another process (or a connection still closing)" in line
     assert f"choose another port with {key}" in line
     assert not (tmp_path / "postgres").exists() and not (tmp_path / "redis").exists()
