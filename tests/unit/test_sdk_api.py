@@ -465,6 +465,30 @@ def test_a_page_size_out_of_its_range_is_a_value_error_saying_the_range_before_a
             next(registry.list_versions("m", page_size=page_size))
 
 
+@pytest.mark.parametrize("bad_id", ["nosuch", "", "123", "6cb5-not-hex"])
+def test_a_job_or_dataset_id_that_is_not_a_uuid_is_a_value_error_before_any_call(bad_id: str) -> None:
+    says = re.escape(f"{bad_id!r} is not a UUID, as the ids of jobs and datasets are")
+    with modelforge.JobsClient(NOWHERE, timeout=5) as jobs:  # NOWHERE would answer UNAVAILABLE, not ValueError
+        for call in (jobs.get_job, jobs.get_dataset, jobs.delete_dataset):
+            with pytest.raises(ValueError, match=f"_id {says}$"):
+                call(bad_id)
+        with pytest.raises(ValueError, match=f"^dataset {says}$"):
+            jobs.submit("m", dataset=bad_id)
+
+    async def asynchronously() -> None:
+        async with modelforge.AsyncJobsClient(NOWHERE, timeout=5) as jobs:
+            for call in (jobs.get_job, jobs.get_dataset, jobs.delete_dataset):
+                with pytest.raises(ValueError, match=says):
+                    await call(bad_id)
+
+    asyncio.run(asynchronously())
+
+
+def test_a_model_filter_that_is_no_model_name_is_a_value_error_before_any_call() -> None:
+    with modelforge.JobsClient(NOWHERE, timeout=5) as jobs, pytest.raises(ValueError, match="invalid model name"):
+        next(jobs.list_jobs(model="Bad!"))
+
+
 @pytest.mark.parametrize("client", [modelforge.InferenceClient, modelforge.AsyncInferenceClient])
 @pytest.mark.parametrize("connections", [0, -1, 2.0, True, "2"])
 def test_connections_that_are_no_count_are_a_value_error_before_any_channel_opens(client: type, connections: Any):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import numbers
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -90,6 +91,21 @@ def whole_number(value: int, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value <= INT32_MAX:
         raise ValueError(f"{what} must be a whole number from 0 to {INT32_MAX}, not {value!r}")
     return int(value)
+
+
+def resource_id(value: str, what: str) -> str:
+    """``value`` when it is a UUID, as the ids of jobs and datasets are, else a ValueError naming the argument
+    ``what``: the call is not made."""
+    try:
+        uuid.UUID(value)
+    except (ValueError, TypeError, AttributeError):
+        raise ValueError(f"{what} {value!r} is not a UUID, as the ids of jobs and datasets are") from None
+    return value
+
+
+def model_filter(model: str) -> str:
+    """A model name to filter a listing by: "" for none, else a valid name (ValueError otherwise)."""
+    return model and validate_model_name(model)
 
 
 def _check_input_names(inputs: Mapping[Any, Any]) -> None:

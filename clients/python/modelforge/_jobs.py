@@ -85,7 +85,7 @@ def _create_request(
     if inline is not None:
         request.inline_input.CopyFrom(_convert.inline_input(inline))
     else:
-        request.dataset_id = dataset_id or ""
+        request.dataset_id = "" if dataset_id is None else _convert.resource_id(dataset_id, "dataset")
     limit = _convert.duration_proto(time_limit, "time_limit")
     if limit is not None:
         request.time_limit.CopyFrom(limit)
@@ -541,14 +541,17 @@ class JobsClient(ChannelClient):
             self.delete_dataset(dataset_id)
 
     def get_job(self, job_id: str, *, timeout: Timeout = CLIENT_TIMEOUT) -> Job:
-        """Returns a handle on an existing job. Raises NotFoundError if there is none with that id.
+        """Returns a handle on an existing job. Raises NotFoundError if there is none with that id, and ValueError,
+        with no call made, for an id that is not a UUID.
 
         Args:
             job_id: The job's id.
             timeout: Seconds allowed for this call, instead of the client's timeout; None for no limit.
         """
         with translated():
-            response = self.jobs_stub.GetJob(pb.GetJobRequest(id=job_id), timeout=call_timeout(timeout, self.timeout))
+            response = self.jobs_stub.GetJob(
+                pb.GetJobRequest(id=_convert.resource_id(job_id, "job_id")), timeout=call_timeout(timeout, self.timeout)
+            )
         return Job(self, _convert.job_status(response.job))
 
     def list_jobs(
@@ -572,7 +575,7 @@ class JobsClient(ChannelClient):
                 page_size=_convert.whole_number(page_size, "page_size"),
                 page_token=token,
                 state=state_value,
-                model=model,
+                model=_convert.model_filter(model),
                 labels=dict(labels or {}),
             )
             with translated():
@@ -608,7 +611,8 @@ class JobsClient(ChannelClient):
         return _convert.dataset(response.dataset)
 
     def get_dataset(self, dataset_id: str, *, timeout: Timeout = CLIENT_TIMEOUT) -> Dataset:
-        """Returns one dataset. Raises NotFoundError if there is none with that id.
+        """Returns one dataset. Raises NotFoundError if there is none with that id, and ValueError, with no call
+        made, for an id that is not a UUID.
 
         Args:
             dataset_id: The dataset's id.
@@ -616,7 +620,8 @@ class JobsClient(ChannelClient):
         """
         with translated():
             response = self.jobs_stub.GetDataset(
-                pb.GetDatasetRequest(id=dataset_id), timeout=call_timeout(timeout, self.timeout)
+                pb.GetDatasetRequest(id=_convert.resource_id(dataset_id, "dataset_id")),
+                timeout=call_timeout(timeout, self.timeout),
             )
         return _convert.dataset(response.dataset)
 
@@ -648,7 +653,8 @@ class JobsClient(ChannelClient):
         """
         with translated():
             self.jobs_stub.DeleteDataset(
-                pb.DeleteDatasetRequest(id=dataset_id), timeout=call_timeout(timeout, self.timeout)
+                pb.DeleteDatasetRequest(id=_convert.resource_id(dataset_id, "dataset_id")),
+                timeout=call_timeout(timeout, self.timeout),
             )
 
 
@@ -859,7 +865,7 @@ class AsyncJobsClient(AsyncChannelClient):
         """See :meth:`JobsClient.get_job`."""
         with self._translated():
             response = await self.jobs_stub.GetJob(
-                pb.GetJobRequest(id=job_id), timeout=call_timeout(timeout, self.timeout)
+                pb.GetJobRequest(id=_convert.resource_id(job_id, "job_id")), timeout=call_timeout(timeout, self.timeout)
             )
         return AsyncJob(self, _convert.job_status(response.job))
 
@@ -880,7 +886,7 @@ class AsyncJobsClient(AsyncChannelClient):
                 page_size=_convert.whole_number(page_size, "page_size"),
                 page_token=token,
                 state=state_value,
-                model=model,
+                model=_convert.model_filter(model),
                 labels=dict(labels or {}),
             )
             with self._translated():
@@ -912,7 +918,8 @@ class AsyncJobsClient(AsyncChannelClient):
         """See :meth:`JobsClient.get_dataset`."""
         with self._translated():
             response = await self.jobs_stub.GetDataset(
-                pb.GetDatasetRequest(id=dataset_id), timeout=call_timeout(timeout, self.timeout)
+                pb.GetDatasetRequest(id=_convert.resource_id(dataset_id, "dataset_id")),
+                timeout=call_timeout(timeout, self.timeout),
             )
         return _convert.dataset(response.dataset)
 
@@ -936,5 +943,6 @@ class AsyncJobsClient(AsyncChannelClient):
         """See :meth:`JobsClient.delete_dataset`."""
         with self._translated():
             await self.jobs_stub.DeleteDataset(
-                pb.DeleteDatasetRequest(id=dataset_id), timeout=call_timeout(timeout, self.timeout)
+                pb.DeleteDatasetRequest(id=_convert.resource_id(dataset_id, "dataset_id")),
+                timeout=call_timeout(timeout, self.timeout),
             )
