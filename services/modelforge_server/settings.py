@@ -214,8 +214,10 @@ def _default(f: dataclasses.Field[Any]) -> str:
         value = f.default_factory()
     else:
         return "(required)"
-    if value is None or value == {}:
+    if value is None or value == {} or value == ():
         return "(unset)"
+    if isinstance(value, tuple):  # set as a comma-separated list
+        return ",".join(map(str, value))
     return str(value)
 
 

@@ -52,6 +52,9 @@ def test_a_service_lists_its_settings_on_help_and_refuses_arguments_it_would_ign
     assert re.search(r"^  MODELFORGE_TRACE_SAMPLE_RATIO +1.0$", helped.stdout, re.MULTILINE), helped.stdout
     # Every port has a default: one shown as "(unset)" alone would read as "none" (the jobs' used to).
     assert not re.search(r"PORT +\(unset\)$", helped.stdout, re.MULTILINE), helped.stdout
+    if module == "modelforge_inference":  # lists as they are set: comma-separated, not Python's tuples
+        assert re.search(r"^  MODELFORGE_EXECUTION_PROVIDERS +CPUExecutionProvider$", helped.stdout, re.MULTILINE)
+        assert re.search(r"^  MODELFORGE_PREFERRED_BATCH_SIZES +\(unset\)$", helped.stdout, re.MULTILINE)
     refused = subprocess.run(
         [sys.executable, "-m", module, "--port", "6000"], env=env, capture_output=True, text=True, timeout=120
     )
