@@ -414,6 +414,19 @@ class InferenceEngine:
             encoded=encoded,
         )
 
+    async def refused(
+        self, ref: ModelRef, exc: ServiceError, began: float, time_remaining: float | None = None
+    ) -> None:
+        """Counts a request refused as a servicer decoded it, before `predict` (inputs whose bytes do not match
+        their shape, a parameter of the wrong type), as a failure of the version `ref` resolves to, `began` on the
+        perf_counter clock. A ref that does not resolve counts nowhere: the caller answers with `exc` all the same."""
+        deadline = None if time_remaining is None else asyncio.get_running_loop().time() + time_remaining
+        try:
+            model = await self._resolve(ref, deadline)
+        except ServiceError:
+            return
+        self._failed(model, self._counters_of(model), began, _rejection(exc))
+
     def _failed(self, model: ResolvedModel, counters: _Counters, began: float, reason: Rejection | None) -> None:
         """Counts a request that got no outputs, `began` on the perf_counter clock; `reason`, where it has one, is
         why it was rejected (see _rejection)."""

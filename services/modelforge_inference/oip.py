@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from importlib import metadata
 from typing import Any
@@ -244,19 +245,26 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext, *, streamed: bool = False
     ) -> wire.Parts:
         ref = convert.model_ref(request.model_name, request.model_version)
-        convert.refuse_sequences(request.parameters)
-        inputs = convert.decode_inputs(request, self._regions)
-        outputs = convert.requested_outputs(request)
-        classes = convert.classifications(request)
-        if classes:  # refused before the run where the signature says so (the run would count as a success)
-            convert.check_classifiable((await self._engine.describe(ref))[0].signature, classes)
-        shared = convert.shared_memory_outputs(request, self._regions) if outputs else None
+        began = time.perf_counter()
+        try:
+            convert.refuse_sequences(request.parameters)
+            inputs = convert.decode_inputs(request, self._regions)
+            outputs = convert.requested_outputs(request)
+            classes = convert.classifications(request)
+            if classes:  # refused before the run where the signature says so (the run would count as a success)
+                convert.check_classifiable((await self._engine.describe(ref))[0].signature, classes)
+            shared = convert.shared_memory_outputs(request, self._regions) if outputs else None
+            priority = convert.priority(request.parameters)
+            timeout = convert.timeout_seconds(request.parameters)
+        except ServiceError as exc:  # counted as the engine counts the requests it refuses
+            await self._engine.refused(ref, exc, began, context.time_remaining())
+            raise
         prediction = await self._engine.predict(
             ref,
             inputs,
             outputs=outputs or None,
-            priority=convert.priority(request.parameters),
-            timeout=convert.timeout_seconds(request.parameters),
+            priority=priority,
+            timeout=timeout,
             time_remaining=context.time_remaining(),
             into={name: target.memory for name, target in shared.items()} if shared else None,
             answer_limit=self._max_message_bytes - len(request.id.encode()),  # the answer echoes the id

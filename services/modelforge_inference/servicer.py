@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import threading
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,6 +20,7 @@ from modelforge_inference.domain import ModelRef, Prediction
 from modelforge_inference.engine import InferenceEngine
 from modelforge_inference.signature import STRINGS_OFF_LOOP
 from modelforge_server import paging
+from modelforge_server.errors import ServiceError
 from modelforge_server.settings import CHUNK_HEADROOM
 
 SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"]
@@ -50,13 +52,21 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     ) -> Prediction:
         ref = convert.model_ref(request.ref)
         assert ref is not None
+        began = time.perf_counter()
+        try:
+            inputs = convert.inputs(request.inputs)
+            timeout = convert.timeout(request)
+            cache_mode = convert.cache_mode(request.cache_mode)
+        except ServiceError as exc:  # counted as the engine counts the requests it refuses
+            await self._engine.refused(ref, exc, began, context.time_remaining())
+            raise
         return await self._engine.predict(
             ref,
-            convert.inputs(request.inputs),
+            inputs,
             outputs=list(request.output_names) or None,
             priority=request.priority,
-            timeout=convert.timeout(request),
-            cache_mode=convert.cache_mode(request.cache_mode),
+            timeout=timeout,
+            cache_mode=cache_mode,
             time_remaining=context.time_remaining(),
             answer_limit=answer_limit,
             element_limit=element_limit,

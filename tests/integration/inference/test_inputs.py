@@ -262,6 +262,24 @@ async def test_onnxruntime_refusing_the_input_is_invalid_argument(served: Runnin
     assert (stats.execution_count, stats.inference_count, dict(stats.batch_sizes)) == (1, 1, {1: 1})
 
 
+async def test_requests_refused_as_their_tensors_are_decoded_count_as_failures(served: RunningInference):
+    await served.stub.Predict(predict_request("mlp", {"input": MLP_INPUT}))
+    short = predict_request("mlp", {"input": MLP_INPUT})
+    short.inputs[0].raw_data = short.inputs[0].raw_data[:-4]  # a byte short of its shape
+
+    code, reason, details = await failure(served.stub.Predict(short))
+    assert (code, reason) == (INVALID, "INVALID_INPUT"), details
+    stream = inference_pb2.PredictStreamRequest(ref=short.ref, inputs=short.inputs)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        async for _ in served.stub.PredictStream(stream):
+            pass
+    assert refused.value.code() == INVALID
+
+    statistics = await served.stub.GetModelStatistics(inference_pb2.GetModelStatisticsRequest(ref=ref("mlp")))
+    (stats,) = statistics.model_statistics
+    assert (stats.request_count, stats.failure_count) == (1, 2)
+
+
 async def test_a_run_that_cannot_allocate_is_resource_exhausted(served: RunningInference):
     request = predict_request("filled", {"shape": np.array([1 << 40], np.int64)})  # 4 TiB of float32
 

@@ -549,7 +549,9 @@ async def test_a_class_count_the_server_cannot_honour_is_refused_with_its_reason
         assert says in details
     # Refused before the run: nothing ran (the version was not even loaded), so nothing counts as a success.
     stats = (await v2.stub.ModelStatistics(pb.ModelStatisticsRequest(name="animals"))).model_stats
-    assert [(s.execution_count, s.inference_stats.success.count) for s in stats] in ([], [(0, 0)])
+    assert [(s.execution_count, s.inference_stats.success.count, s.inference_stats.fail.count) for s in stats] == [
+        (0, 0, 1)  # the refusal, counted as the refusals of the model's own checks are
+    ]
     unknown = classify(infer_request("no-such-model", mlp.sample(1)), "output", 3)
     await assert_status(v2.stub.ModelInfer(unknown), grpc.StatusCode.NOT_FOUND)
 
@@ -856,6 +858,35 @@ async def test_statistics_count_requests_per_version(v2: V2, mlp: ModelFile) -> 
     assert entry.last_inference > 0
     everything = await v2.stub.ModelStatistics(pb.ModelStatisticsRequest())
     assert [s.name for s in everything.model_stats] == ["mlp"]
+
+
+async def test_statistics_count_requests_refused_as_they_are_decoded_as_failures(v2: V2, mlp: ModelFile) -> None:
+    await v2.publish("mlp", mlp)
+    await v2.stub.ModelInfer(infer_request("mlp", mlp.sample(1)))
+    short = infer_request("mlp", mlp.sample(1))
+    short.raw_input_contents[0] = short.raw_input_contents[0][:-4]  # a byte short of its shape
+    worded = infer_request("mlp", mlp.sample(1))
+    worded.parameters["priority"].string_param = "high"
+    twice = infer_request("mlp", mlp.sample(1))
+    twice.inputs.append(twice.inputs[0])
+    twice.raw_input_contents.append(twice.raw_input_contents[0])
+    elsewhere = infer_request("no-such-model", mlp.sample(1))
+    elsewhere.raw_input_contents[0] = b""
+    for request in (short, worded, twice, elsewhere):
+        await assert_status(v2.stub.ModelInfer(request), grpc.StatusCode.INVALID_ARGUMENT)
+
+    async def stream() -> AsyncIterator[pb.ModelInferRequest]:
+        yield short
+
+    (answer,) = [answer async for answer in v2.stub.ModelStreamInfer(stream())]
+    assert answer.error_message
+
+    (entry,) = (await v2.stub.ModelStatistics(pb.ModelStatisticsRequest(name="mlp"))).model_stats
+    # The refusals before the model was even looked up count as the refusals of its checks do; an unknown model's
+    # refusal counts nowhere.
+    assert (entry.inference_stats.success.count, entry.inference_stats.fail.count) == (1, 4)
+    assert entry.inference_stats.fail.ns > 0
+    assert [s.name for s in (await v2.stub.ModelStatistics(pb.ModelStatisticsRequest())).model_stats] == ["mlp"]
 
 
 async def test_statistics_leave_cache_hits_out_of_the_compute_counts(v2: V2, mlp: ModelFile) -> None:
