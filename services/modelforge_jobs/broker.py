@@ -25,16 +25,19 @@ dead-lettered, or dropped by a run that found the job taken) is told apart from 
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import redis
-from dramatiq import Message
+from dramatiq import Broker, Message
 from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
 from dramatiq.common import dq_name
 from dramatiq.errors import ConnectionClosed
+
+from modelforge_server.logs import Throttle
 
 
 class WakingRedisBroker(RedisBroker):
@@ -179,3 +182,39 @@ class _WakingConsumer(_RedisConsumer):
                 self._wakes.close()
             self._wakes = None
         super().close()
+
+
+# What Dramatiq's consumer threads log when Redis goes away, and while it stays away.
+_LOST = "Consumer encountered a connection error: %s"
+_RESTARTING = "Restarting consumer in %0.2f seconds."
+# The longest a Redis outage goes unmentioned in a worker's log after its first line.
+OUTAGE_LOG_SECONDS = 30.0
+
+
+class ConsumerOutage(logging.Filter):
+    """Dramatiq's consumer threads log a lost Redis connection as CRITICAL, each of them (one per queue and delay
+    queue), and again at every reconnection attempt, every 3 s while Redis is away; then an INFO line per restart.
+    Nothing is lost and each consumer reconnects by itself, as the suite's own clients do, whose lines for the same
+    outage are WARNINGs. With this filter on their loggers the loss is a WARNING at most once every `seconds` for
+    the whole process, and the restarts are said at most as often. Other lines pass unchanged."""
+
+    def __init__(self, seconds: float = OUTAGE_LOG_SECONDS) -> None:
+        super().__init__()
+        self._lost = Throttle(seconds)
+        self._restarting = Throttle(seconds)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == _LOST:
+            record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
+            return self._lost.filter(record)
+        if record.msg == _RESTARTING:
+            return self._restarting.filter(record)
+        return True
+
+
+def quiet_consumer_outages(broker: Broker, seconds: float = OUTAGE_LOG_SECONDS) -> None:
+    """Adds one ConsumerOutage to the logger of each consumer a worker on `broker` runs (every queue it declares,
+    and their delay queues): call it once the actors are declared, before the worker starts."""
+    outage = ConsumerOutage(seconds)
+    for queue in (*broker.get_declared_queues(), *broker.get_declared_delay_queues()):
+        logging.getLogger(f"dramatiq.worker.ConsumerThread({queue})").addFilter(outage)

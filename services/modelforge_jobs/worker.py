@@ -24,6 +24,7 @@ import threading
 import dramatiq
 
 from modelforge_jobs.actors import QUEUES, WorkerResources, declare_actors, make_broker
+from modelforge_jobs.broker import quiet_consumer_outages
 from modelforge_jobs.metrics import WorkerMetrics
 from modelforge_jobs.settings import WORKER_METRICS_PORT, JobsSettings
 from modelforge_server import app, logs, orphans, telemetry
@@ -51,6 +52,7 @@ with reported(SERVICE_NAME):
 broker.add_middleware(resources)
 dramatiq.set_broker(broker)
 actors = declare_actors(broker, settings, resources)
+quiet_consumer_outages(broker)
 
 
 def main() -> None:

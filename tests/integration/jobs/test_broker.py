@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
 
 import dramatiq
+import dramatiq.worker
+import pytest
 from dramatiq.common import dq_name
 from opentelemetry import trace
 
 from modelforge_jobs.actors import JobQueue
-from modelforge_jobs.broker import WakingRedisBroker
+from modelforge_jobs.broker import WakingRedisBroker, quiet_consumer_outages
 from modelforge_jobs.domain import Priority
 from modelforge_server import telemetry
 
@@ -151,3 +154,49 @@ async def test_a_message_sent_again_carries_the_trace_it_is_given_not_the_sender
         consumer.close()
     finally:
         broker.close()
+
+
+class _Seen(logging.Filter):
+    """Counts the records a logger gets, before any later filter of it drops them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.count += 1
+        return True
+
+
+def test_redis_out_of_reach_is_one_warning_for_every_consumer_not_a_critical_line_each_retry(
+    closed_port: int, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(dramatiq.worker, "CONSUMER_RESTART_DELAY_SECS", 0.05)  # Dramatiq's is 3 s: rounds come fast
+    broker = WakingRedisBroker(url=f"redis://127.0.0.1:{closed_port}/0", namespace=f"test-{uuid.uuid4().hex[:8]}")
+    for queue in ("one", "two"):
+        dramatiq.Actor(lambda n: None, broker=broker, actor_name=queue, queue_name=queue, priority=0, options={})
+    queues = ("one", "two", dq_name("one"), dq_name("two"))
+    seen = _Seen()  # before the filter under test, so that it sees what Dramatiq logs
+    loggers = [logging.getLogger(f"dramatiq.worker.ConsumerThread({queue})") for queue in queues]
+    for logger in loggers:
+        logger.addFilter(seen)
+    quiet_consumer_outages(broker)
+    worker = dramatiq.Worker(broker, worker_threads=1, worker_timeout=100)
+    try:
+        with caplog.at_level(logging.INFO, logger="dramatiq"):
+            worker.start()
+            deadline = time.monotonic() + 30
+            while seen.count < 8 * len(queues) and time.monotonic() < deadline:  # four rounds of each consumer
+                time.sleep(0.01)
+            worker.stop()
+    finally:
+        for logger in loggers:
+            logger.filters.clear()
+        broker.close()
+    assert seen.count >= 8 * len(queues)
+    consumers = [r for r in caplog.records if r.name.startswith("dramatiq.worker.ConsumerThread(")]
+    assert [(r.levelname, r.getMessage().split(":")[0]) for r in consumers if "connection error" in r.msg] == [
+        ("WARNING", "Consumer encountered a connection error")
+    ]
+    assert len([r for r in consumers if r.msg.startswith("Restarting consumer")]) == 1
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
