@@ -11,14 +11,15 @@ A resolution that was already asked of the registry when an event about its mode
 callers that were waiting for it but is not cached; callers arriving after the event start a fresh call. So a
 request already running keeps the version it resolved, and a moved alias is seen from the next request on.
 
-The resolver also remembers the last resolution of each ref (bounded like the cache, dropped with it by any event
-about its model, kept while the stream is down, and dropped whole when the stream is back, since events may have
-been missed meanwhile). It is served only when the registry cannot answer: a call that fails UNAVAILABLE, or takes
-longer than `stale_wait`, falls back to it, so that versions already known keep serving through a registry restart
-or a database outage. While the registry is known not to answer (for `stale_wait` after such a failure, and while
-the service's health check of the registry fails, see :meth:`ModelResolver.registry_answers`), those refs are
-answered from it at once, and refs with no last resolution fail REGISTRY_UNAVAILABLE at once, rather than each
-waiting out its deadline on a registry that does not answer.
+The resolver also remembers the last resolution of each ref (bounded like the cache; kept while the stream is down).
+An event about a model drops those of its aliases and newest-version refs, and those of refs by version number only
+when the version or the model is deleted; when the stream is back, those of aliases and newest-version refs are
+dropped, since events may have been missed meanwhile. It is served only when the registry cannot answer: a call that
+fails UNAVAILABLE, or takes longer than `stale_wait`, falls back to it, so that versions already known keep serving
+through a registry restart or a database outage. While the registry is known not to answer (for `stale_wait` after
+such a failure, and while the service's health check of the registry fails, see
+:meth:`ModelResolver.registry_answers`), those refs are answered from it at once, and refs with no last resolution
+fail REGISTRY_UNAVAILABLE at once, rather than each waiting out its deadline on a registry that does not answer.
 
 Listeners (:meth:`ModelResolver.add_listener`) are told of every event after the cache has dropped what it
 invalidates, on the watch task, in order. They must be quick and must not block: an engine that unloads a model on
@@ -46,6 +47,9 @@ __all__ = ["ModelEvent", "ModelEventType", "ModelResolver", "ResolveTimeout"]
 log = logging.getLogger(__name__)
 
 Listener = Callable[[ModelEvent], None]
+# Events after which a ref by version number may no longer name what it named (version 0: every version). A type
+# newer than this build counts among them.
+_GONE = frozenset({ModelEventType.MODEL_DELETED, ModelEventType.VERSION_DELETED, ModelEventType.OTHER})
 _Token = tuple[int, int]  # (epoch, generation of the model) when a registry call began
 
 
@@ -218,12 +222,18 @@ class ModelResolver:
 
     # -- the watch -------------------------------------------------------------------------------------------
 
-    def _invalidate(self, model: str) -> None:
+    def _invalidate(self, event: ModelEvent) -> None:
+        """Drops the cached resolutions of the event's model, and the last resolutions an event may have made
+        wrong: of its aliases and newest-version refs always; of a ref by version number only when that version,
+        or the whole model, is deleted (a ref by number still names what it named after any other change)."""
+        model = event.model
         self._generations[model] = self._generations.get(model, 0) + 1
         for ref in [ref for ref in self._entries if ref.name == model]:
             del self._entries[ref]
+        gone = event.type in _GONE
         for ref in [ref for ref in self._last_known if ref.name == model]:
-            del self._last_known[ref]
+            if ref.version is None or (gone and event.version in (0, ref.version)):
+                del self._last_known[ref]
 
     def _forget_movable(self) -> None:
         """Drops the last resolutions of aliases and of newest-version refs: events may have been missed while the
@@ -265,7 +275,7 @@ class ModelResolver:
                             delay = self._min_backoff
                             log.info("watching the registry's model events; resolutions are cached")
                         elif event.model:
-                            self._invalidate(event.model)
+                            self._invalidate(event)
                         self._notify(event)
                 why = "the registry ended the event stream"
             except errors.ServiceError as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import grpc
 import numpy as np
+from google.protobuf import field_mask_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from modelforge.inference.v1 import inference_pb2
@@ -39,16 +40,17 @@ async def is_(channel: grpc.aio.Channel, name: str, status: int) -> bool:
     return await health(channel, name) == status
 
 
-async def until_watching(running: RunningInference, admin) -> None:
+async def until_watching(running: RunningInference, admin, probe: str = "probe") -> None:
     """Returns once the inference service hears the registry's events, so that what it resolves from then on is
-    remembered (a resolution that raced the event stream's start is not: events may have been missed before it).
-    The proof: a version archived in the registry is unloaded, which only its event does."""
-    await upload(admin, "probe", add_one_bytes(4))
-    await running.stub.LoadModel(inference_pb2.LoadModelRequest(ref=ref("probe", version=1)))
-    await admin.ArchiveModelVersion(registry_pb2.ArchiveModelVersionRequest(model="probe", version=1))
+    remembered (a resolution that raced the event stream's start is not: events may have been missed before it),
+    and has heard every event before (they come in order). The proof: a version archived in the registry is
+    unloaded, which only its event does. `probe`: a model name not used before."""
+    await upload(admin, probe, add_one_bytes(4))
+    await running.stub.LoadModel(inference_pb2.LoadModelRequest(ref=ref(probe, version=1)))
+    await admin.ArchiveModelVersion(registry_pb2.ArchiveModelVersionRequest(model=probe, version=1))
 
     async def unloaded() -> bool:
-        listed = await running.stub.ListLoadedModels(inference_pb2.ListLoadedModelsRequest(model="probe"))
+        listed = await running.stub.ListLoadedModels(inference_pb2.ListLoadedModelsRequest(model=probe))
         return not listed.loaded_models
 
     await eventually(unloaded, "the inference service to hear the registry's events")
@@ -75,6 +77,34 @@ async def test_resolved_versions_keep_serving_while_the_registry_is_down(
         await restartable_registry.start()
         await eventually(lambda: is_(running.channel, "dependency/registry", SERVING), "the registry seen back")
         assert outputs(await running.stub.Predict(predict_request("adder", x)))["y"].tolist() == [[2.0] * 4] * 2
+
+
+async def test_a_version_keeps_serving_as_last_resolved_after_its_model_changed_and_the_registry_went_down(
+    admin, restartable_registry: Registry, start_inference: StartInference
+) -> None:
+    await upload(admin, "adder", add_one_bytes(4))
+    x = {"x": np.ones((2, 4), np.float32)}
+    async with start_inference(registry_address=restartable_registry.address, health_check_seconds=0.05) as running:
+        await until_watching(running, admin)
+        for name in REFS:
+            assert outputs(await running.stub.Predict(predict_request(name, x)))["y"].tolist() == [[2.0] * 4] * 2
+        # A change that leaves version 1 what it was: it used to drop the version's last resolution too.
+        described = registry_pb2.Model(name="adder", description="adds one")
+        await admin.UpdateModel(
+            registry_pb2.UpdateModelRequest(
+                model=described, update_mask=field_mask_pb2.FieldMask(paths=["description"])
+            )
+        )
+        await until_watching(running, admin, probe="probe-2")  # the update's event came before this one
+
+        await restartable_registry.stop()
+        await eventually(lambda: is_(running.channel, "dependency/registry", NOT_SERVING), "the registry seen down")
+        pinned = await running.stub.Predict(predict_request(ref("adder", version=1), x))
+        assert outputs(pinned)["y"].tolist() == [[2.0] * 4] * 2
+        # The newest version may have changed with the model: not answered from what was.
+        code, reason, _ = await failure(running.stub.Predict(predict_request("adder", x)))
+        assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "REGISTRY_UNAVAILABLE")
+        await restartable_registry.start()
 
 
 async def test_with_the_registry_hung_refs_never_resolved_fail_unavailable_at_once(
