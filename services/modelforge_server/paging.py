@@ -49,8 +49,10 @@ def encode(key: list[Any], request: Message) -> str:
 def decode(token: str, kinds: tuple[type, ...], request: Message) -> list[Any] | None:
     """Returns the key encoded by `encode`, None for an empty token; InvalidArgument for anything else.
 
-    `kinds` is the type of each part of the listing's sort key: a token of another listing, or one edited by hand,
-    is refused here rather than failing further in. So is a token given with other filters than the request it
+    `kinds` is the type of each part of the listing's sort key: a token of another listing, or one edited by hand
+    into something no listing issues (not base64 JSON, a key of the wrong shape or types), is refused here rather
+    than failing further in. Tokens are not signed: one whose key was changed to another of the right types pages
+    from there, which shows nothing the listing would not. So is a token given with other filters than the request it
     came from (AIP-158: the other fields must not change), which would page through another listing from a place
     in this one.
     """

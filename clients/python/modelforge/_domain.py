@@ -193,7 +193,8 @@ class ModelEvent:
         model: The model concerned; ``""`` for WATCH_STARTED.
         version: The version concerned, or None for model-level events.
         alias: The alias concerned, for ALIAS_SET and ALIAS_DELETED; ``""`` otherwise.
-        event_time: When the change was committed.
+        event_time: When the change was made (its statement's time; events come in commit order, so the times of
+            changes committed close together may be out of order).
     """
 
     type: ModelEventType

@@ -477,7 +477,9 @@ class ModelEvent(_message.Message):
     """The alias concerned, for ALIAS_SET and ALIAS_DELETED."""
     @_builtins.property
     def event_time(self) -> _timestamp_pb2.Timestamp:
-        """When the change was committed."""
+        """When the change was made: the time of its statement, inside the transaction that committed it. Events come in
+        commit order, so the times of changes committed close together may be out of order.
+        """
 
     def __init__(
         self,
