@@ -195,12 +195,21 @@ class DatabaseUnavailable(Unavailable):
 
 
 class WatchInterrupted(Unavailable):
+    """A watch ended because events may have been missed: the registry's feed broke, or (`behind`, the number of
+    events it fell behind) the watcher read too slowly."""
+
     reason = "WATCH_INTERRUPTED"
 
-    def __init__(self) -> None:
-        super().__init__(
-            "the registry lost its event feed from PostgreSQL, so events may have been missed; watch again"
-        )
+    def __init__(self, *, behind: int = 0) -> None:
+        if behind:
+            super().__init__(
+                f"this watch fell {behind} events behind and was ended, so events were missed: read them as they "
+                "come, then watch again"
+            )
+        else:
+            super().__init__(
+                "the registry lost its event feed from PostgreSQL, so events may have been missed; watch again"
+            )
 
 
 class ReplicaStopping(Unavailable):

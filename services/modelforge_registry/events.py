@@ -21,8 +21,10 @@ log = logging.getLogger("modelforge.registry.events")
 
 # A watcher that falls this many events behind is disconnected (with UNAVAILABLE) rather than slowing the others.
 _QUEUE_LIMIT = 10_000
-# Queued to end a watch: the feed broke and events may have been missed, or this replica is shutting down.
+# Queued to end a watch: the feed broke and events may have been missed, the watcher fell _QUEUE_LIMIT events
+# behind, or this replica is shutting down.
 _LOST = None
+_BEHIND = "behind"
 _CLOSED = "closed"
 _CLOSE_SECONDS = 5.0
 # A feed quiet this long checks that PostgreSQL still answers on its connection, within as long again: a connection
@@ -41,9 +43,15 @@ class EventHub:
     """
 
     def __init__(
-        self, database_url: str, *, retry_seconds: float = 1.0, heartbeat_seconds: float = _HEARTBEAT_SECONDS
+        self,
+        database_url: str,
+        *,
+        retry_seconds: float = 1.0,
+        heartbeat_seconds: float = _HEARTBEAT_SECONDS,
+        queue_limit: int = _QUEUE_LIMIT,
     ) -> None:
         self._url = database_url
+        self._queue_limit = queue_limit
         self._retry = retry_seconds
         self._heartbeat = heartbeat_seconds
         self._watchers: set[asyncio.Queue[ModelEvent | str | None]] = set()
@@ -72,7 +80,7 @@ class EventHub:
 
     async def watch(self, model: str = "", *, wait_seconds: float = 5.0) -> AsyncGenerator[ModelEvent, None]:
         """WATCH_STARTED once the subscription is live, then every later event (of `model` if given)."""
-        queue: asyncio.Queue[ModelEvent | str | None] = asyncio.Queue(_QUEUE_LIMIT)
+        queue: asyncio.Queue[ModelEvent | str | None] = asyncio.Queue(self._queue_limit)
         try:
             async with asyncio.timeout(wait_seconds):
                 while not self._live.is_set():
@@ -89,6 +97,8 @@ class EventHub:
                 event = await queue.get()
                 if event is _LOST:
                     raise WatchInterrupted()
+                if event == _BEHIND:
+                    raise WatchInterrupted(behind=self._queue_limit)
                 if isinstance(event, str):
                     raise ReplicaStopping()
                 if not model or event.model == model:
@@ -127,7 +137,11 @@ class EventHub:
             if queue.full():  # a watcher this far behind is cut off rather than holding memory without bound
                 self._watchers.discard(queue)
                 queue.get_nowait()
-                queue.put_nowait(_LOST)
+                queue.put_nowait(_BEHIND)
+                log.warning(
+                    "ended a watch of model events that fell %d events behind (its client reads too slowly)",
+                    self._queue_limit,
+                )
             else:
                 queue.put_nowait(event)
 

@@ -4,12 +4,16 @@ that stopped answering."""
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 
+import psycopg
 import pytest
 
 from modelforge_registry.domain import EventType
 from modelforge_registry.errors import WatchInterrupted
 from modelforge_registry.events import EventHub
+from modelforge_registry.store import EVENTS_CHANNEL
 from tests.fixtures.proxy import TcpProxy
 
 
@@ -41,3 +45,37 @@ async def test_a_feed_whose_postgresql_went_silent_interrupts_its_watchers_and_c
     finally:
         await hub.aclose()
         await proxy.close()
+
+
+async def test_a_watcher_that_falls_behind_is_told_so_not_that_the_feed_broke(
+    clean_db: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    hub = EventHub(clean_db, queue_limit=3)
+    await hub.start()
+    try:
+        slow = hub.watch()
+        assert (await anext(slow)).type == EventType.WATCH_STARTED
+        reader = hub.watch()
+        assert (await anext(reader)).type == EventType.WATCH_STARTED
+        async with await psycopg.AsyncConnection.connect(clean_db, autocommit=True) as conn:
+            for version in range(1, 5):  # one more than the slow watcher holds
+                payload = {"type": "VERSION_CREATED", "model": "m", "version": version, "alias": "",
+                           "event_time": "2026-11-25T00:00:00+00:00"}  # fmt: skip
+                await conn.execute("SELECT pg_notify(%s, %s)", (EVENTS_CHANNEL, json.dumps(payload)))
+        with caplog.at_level(logging.WARNING, logger="modelforge.registry.events"):
+            async with asyncio.timeout(10):
+                assert [(await anext(reader)).version for _ in range(4)] == [1, 2, 3, 4]  # one that keeps up
+        with pytest.raises(WatchInterrupted) as ended:
+            async with asyncio.timeout(10):
+                while True:
+                    await anext(slow)
+        assert str(ended.value) == (
+            "this watch fell 3 events behind and was ended, so events were missed: read them as they come, then "
+            "watch again"
+        )
+        assert [r.getMessage() for r in caplog.records] == [
+            "ended a watch of model events that fell 3 events behind (its client reads too slowly)"
+        ]
+        await reader.aclose()
+    finally:
+        await hub.aclose()
