@@ -186,6 +186,7 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelUnloadResponse:
         convert.check_repository_name(request.repository_name)
+        convert.check_unload_parameters(request.parameters)
         # As in Triton, the answer does not wait for the requests in flight, and unloading a model that is not
         # loaded (or not known, or that no model could be named) succeeds and changes nothing.
         with contextlib.suppress(NotFound):

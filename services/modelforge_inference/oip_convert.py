@@ -56,6 +56,7 @@ from modelforge_server.status import MAX_MESSAGE_WIRE_BYTES, MAX_METADATA_WIRE_B
 __all__ = [
     "BACKEND",
     "check_repository_parameters",
+    "check_unload_parameters",
     "EXTENSIONS",
     "SHARED_MEMORY_EXTENSION",
     "SharedSlice",
@@ -89,10 +90,19 @@ PLATFORM = "onnxruntime_onnx"
 BACKEND = "onnxruntime"
 
 # The protocol extensions ModelForge implements, in the names clients test for. Request
-# priority and timeout make up "schedule_policy". System shared memory is listed too when
-# the server takes it (MODELFORGE_ALLOW_CLIENT_SHM). No sequences, CUDA shared memory,
-# trace or log settings: those RPCs answer UNIMPLEMENTED.
-EXTENSIONS = ("classification", "model_repository", "model_configuration", "schedule_policy", "statistics")
+# priority and timeout make up "schedule_policy"; "parameters" is the requests' and tensors'
+# parameters, which are read where ModelForge knows them and otherwise ignored. System shared
+# memory is listed too when the server takes it (MODELFORGE_ALLOW_CLIENT_SHM). No sequences,
+# CUDA shared memory, trace or log settings: those RPCs answer UNIMPLEMENTED.
+EXTENSIONS = (
+    "classification",
+    "model_repository",
+    "model_repository(unload_dependents)",
+    "model_configuration",
+    "schedule_policy",
+    "parameters",
+    "statistics",
+)
 SHARED_MEMORY_EXTENSION = "system_shared_memory"
 
 # The parameters that put a tensor in a registered shared memory region.
@@ -912,6 +922,14 @@ def check_repository_parameters(parameters: Mapping[str, pb.ModelRepositoryParam
                 "upload a new version or change the version's labels instead",
                 field=f"parameters.{key}",
             )
+
+
+def check_unload_parameters(parameters: Mapping[str, pb.ModelRepositoryParameter]) -> None:
+    """Refuses an `unload_dependents` that is not a bool_param, as Triton does. Its value changes nothing here: no
+    model depends on another (there are no ensembles)."""
+    dependents = parameters.get("unload_dependents")
+    if dependents is not None and dependents.WhichOneof("parameter_choice") != "bool_param":
+        raise InvalidV2Request("parameter 'unload_dependents' takes a bool_param", field="parameters.unload_dependents")
 
 
 def check_repository_name(repository_name: str) -> None:

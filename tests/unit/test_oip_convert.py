@@ -661,7 +661,8 @@ def test_repository_index_states(state: ModelState, words: str) -> None:
 
 def test_server_extensions_name_only_what_modelforge_serves() -> None:
     assert set(convert.EXTENSIONS) == {
-        "classification", "model_repository", "model_configuration", "schedule_policy", "statistics"
+        "classification", "model_repository", "model_repository(unload_dependents)", "model_configuration",
+        "schedule_policy", "parameters", "statistics",
     }  # fmt: skip
 
 

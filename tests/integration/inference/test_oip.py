@@ -124,7 +124,8 @@ async def test_server_is_live_ready_and_lists_its_extensions(v2: V2) -> None:
     assert metadata.name == "modelforge"
     assert metadata.version
     assert set(metadata.extensions) == {
-        "classification", "model_repository", "model_configuration", "schedule_policy", "statistics"
+        "classification", "model_repository", "model_repository(unload_dependents)", "model_configuration",
+        "schedule_policy", "parameters", "statistics",
     }  # fmt: skip
 
 
@@ -815,6 +816,23 @@ async def test_repository_unload_of_a_model_not_loaded_succeeds_and_changes_noth
         await v2.stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name=name))
     assert not (await v2.stub.RepositoryIndex(pb.RepositoryIndexRequest(ready=True))).models
     await v2.stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="not a name"))  # none such
+
+
+async def test_repository_unload_takes_unload_dependents_as_a_bool_only(v2: V2, mlp: ModelFile) -> None:
+    await v2.publish("mlp", mlp)
+    await v2.stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="mlp"))
+    worded = pb.RepositoryModelUnloadRequest(model_name="mlp")
+    worded.parameters["unload_dependents"].string_param = "yes"
+
+    code, reason, details = await failure(v2.stub.RepositoryModelUnload(worded))
+
+    assert (code, reason, details) == (
+        grpc.StatusCode.INVALID_ARGUMENT, "INVALID_V2_REQUEST", "parameter 'unload_dependents' takes a bool_param"
+    )  # fmt: skip
+    assert [m.name for m in (await v2.stub.RepositoryIndex(pb.RepositoryIndexRequest(ready=True))).models] == ["mlp"]
+    as_bool = pb.RepositoryModelUnloadRequest(model_name="mlp")
+    as_bool.parameters["unload_dependents"].bool_param = True
+    await v2.stub.RepositoryModelUnload(as_bool)  # no model depends on another: it unloads the model itself
 
 
 async def test_repository_load_of_unknown_model_is_not_found(v2: V2) -> None:

@@ -305,8 +305,10 @@ async def test_server_metadata_liveness_and_readiness(triton: TritonClient) -> N
     assert set(seen["metadata"]["extensions"]) == {
         "classification",
         "model_repository",
+        "model_repository(unload_dependents)",
         "model_configuration",
         "schedule_policy",
+        "parameters",
         "statistics",
     }
 
