@@ -195,8 +195,10 @@ class JobStore:
                         yield cur
         except db.OperationTimedOut as exc:
             raise DependencyUnavailable("database", f"no answer within {exc.seconds:g} s") from exc
-        except (psycopg.OperationalError, PoolTimeout) as exc:
-            raise DependencyUnavailable("database", type(exc).__name__) from exc
+        except PoolTimeout as exc:
+            raise DependencyUnavailable("database", "no connection to PostgreSQL could be had") from exc
+        except psycopg.OperationalError as exc:
+            raise DependencyUnavailable("database", "the connection to PostgreSQL failed") from exc
 
     # --- submission and reads -----------------------------------------------------------------------------
 

@@ -158,8 +158,10 @@ class _OutagePool(AsyncConnectionPool):
     A checkout waits up to the pool's timeout (10 s) for a connection. When PostgreSQL refuses connections, every
     request would wait that long before answering UNAVAILABLE, and a client that retries UNAVAILABLE five times
     would wait most of a minute. After a checkout has timed out (a request's, or the health check's every couple of
-    seconds), checkouts wait at most `outage_timeout` until one succeeds again. The pool keeps reconnecting in the
-    background meanwhile, so the first request after PostgreSQL is back finds a connection.
+    seconds), checkouts wait at most `outage_timeout` until one succeeds again. A checkout that began before waits
+    in slices of `outage_timeout`, and ends at the first slice that finds the pool out of reach: the requests that
+    came as the outage began answer within a health check of it, not after the full timeout. The pool keeps
+    reconnecting in the background meanwhile, so the first request after PostgreSQL is back finds a connection.
     """
 
     def __init__(self, *args: Any, outage_timeout: float, operation_timeout: float | None, **kwargs: Any) -> None:
@@ -174,15 +176,21 @@ class _OutagePool(AsyncConnectionPool):
         return self._unreachable
 
     async def getconn(self, timeout: float | None = None) -> AsyncConnection[Any]:
+        limit = self.timeout if timeout is None else timeout
         if self._unreachable:
-            timeout = min(self.timeout if timeout is None else timeout, self._outage_timeout)
-        try:
-            conn = await super().getconn(timeout)
-        except PoolTimeout:
-            self._unreachable = True
-            raise
-        self._unreachable = False
-        return conn
+            limit = min(limit, self._outage_timeout)
+        deadline = time.monotonic() + limit
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                conn = await super().getconn(max(0.0, min(left, self._outage_timeout)))
+            except PoolTimeout:
+                if self._unreachable or left <= self._outage_timeout:
+                    self._unreachable = True
+                    raise
+                continue  # busy, not known to be out of reach: wait on
+            self._unreachable = False
+            return conn
 
 
 @asynccontextmanager

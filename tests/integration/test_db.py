@@ -150,6 +150,30 @@ async def answers(pool: AsyncConnectionPool) -> bool:
     return True
 
 
+async def test_a_checkout_begun_as_postgresql_went_away_ends_once_a_health_check_finds_it_gone(
+    proxy: TcpProxy,
+) -> None:
+    # Without the health check's finding, the checkout would wait the pool's whole timeout.
+    async with db.open_pool(proxy.url, min_size=1, max_size=2, timeout=30.0, outage_timeout=0.2) as pool:
+        await db.ping(pool)
+        await proxy.cut()
+
+        async def select() -> None:
+            async with db.connection(pool) as conn:
+                await conn.execute("SELECT 1")
+
+        begun = asyncio.ensure_future(select())
+        with pytest.raises((db.OperationTimedOut, PoolTimeout, psycopg.OperationalError)):
+            await db.ping(pool)  # the health check, within PING_TIMEOUT
+        assert pool.unreachable
+        async with asyncio.timeout(10):
+            with pytest.raises(PoolTimeout):
+                await begun
+        await proxy.restore()
+        await eventually(lambda: answers(pool), "the pool to connect again")
+        assert not pool.unreachable
+
+
 async def test_the_pools_reconnection_attempts_during_an_outage_log_once_a_minute(
     proxy: TcpProxy, caplog: pytest.LogCaptureFixture
 ) -> None:
