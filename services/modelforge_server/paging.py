@@ -41,8 +41,11 @@ def fitting(items: Sequence[Message], budget: int) -> int:
 
 
 def encode(key: list[Any], request: Message) -> str:
-    """Encodes the sort key of the last item on a page as an opaque token, bound to the request's other fields."""
-    payload = json.dumps({"k": key, "r": _fingerprint(request)}, separators=(",", ":")).encode()
+    """Encodes the sort key of the last item on a page as an opaque token, bound to the listing (the request's
+    message type) and to the request's other fields."""
+    payload = json.dumps(
+        {"k": key, "l": request.DESCRIPTOR.full_name, "r": _fingerprint(request)}, separators=(",", ":")
+    ).encode()
     return base64.urlsafe_b64encode(payload).decode().rstrip("=")
 
 
@@ -69,6 +72,8 @@ def decode(token: str, kinds: tuple[type, ...], request: Message) -> list[Any] |
             "page_token is not one this server issued; pass next_page_token from the previous response unchanged",
             field="page_token",
         )
+    if payload.get("l") != request.DESCRIPTOR.full_name:  # another listing's, though its key may fit this one
+        raise foreign_token()
     if len(key) != len(kinds) or not all(_fits(part, kind) for part, kind in zip(key, kinds, strict=False)):
         raise foreign_token()
     if payload.get("r") != _fingerprint(request):

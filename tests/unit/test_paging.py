@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from modelforge.jobs.v1.jobs_pb2 import ListJobsRequest
+from modelforge.jobs.v1.jobs_pb2 import ListDatasetsRequest, ListJobsRequest
 from modelforge_server import paging
 from modelforge_server.errors import InvalidArgument
 
@@ -49,6 +49,14 @@ def test_foreign_tokens_are_invalid_argument(token: str) -> None:
 def test_tokens_of_another_listing_are_invalid_argument(key: list[object]) -> None:
     with pytest.raises(InvalidArgument, match="page_token does not belong to this listing"):
         paging.decode(paging.encode(key, REQUEST), (str, int), REQUEST)
+
+
+def test_a_token_of_another_listing_whose_key_fits_is_invalid_argument() -> None:
+    # Both list by (create time, id), and unfiltered requests of either serialise to nothing.
+    token = paging.encode(["2026-11-25T00:00:00+00:00", "0b5e"], ListDatasetsRequest())
+    with pytest.raises(InvalidArgument, match="page_token does not belong to this listing"):
+        paging.decode(token, (str, str), ListJobsRequest())
+    assert paging.decode(token, (str, str), ListDatasetsRequest()) == ["2026-11-25T00:00:00+00:00", "0b5e"]
 
 
 @pytest.mark.parametrize(
