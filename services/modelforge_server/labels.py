@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 from modelforge_server.errors import InvalidArgument
 
-__all__ = ["LABELS_MAX", "LABEL_VALUE_MAX", "InvalidLabel", "check_labels"]
+__all__ = ["LABELS_MAX", "LABEL_VALUE_MAX", "InvalidLabel", "TooManyLabels", "check_labels"]
 
 # Matched with fullmatch (a trailing newline does not pass).
 _PREFIX = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*")
@@ -31,16 +31,25 @@ class InvalidLabel(InvalidArgument):
         super().__init__(f"label {key!r} is invalid: {why}", field=field, label=key)
 
 
+class TooManyLabels(InvalidArgument):
+    """More labels than LABELS_MAX: a label error too, though of no one label."""
+
+    reason = InvalidLabel.reason
+
+    def __init__(self, count: int, field: str = "labels") -> None:
+        super().__init__(
+            f"{field} has {count} labels; at most {LABELS_MAX} are allowed: keep longer records elsewhere and "
+            "name them with a label",
+            field=field,
+        )
+
+
 def check_labels(labels: Mapping[str, str] | None, field: str = "labels") -> None:
     """Refuses labels that break the rules above, naming the first such key and what is wrong with it."""
     if not labels:
         return
     if len(labels) > LABELS_MAX:
-        raise InvalidArgument(
-            f"{field} has {len(labels)} labels; at most {LABELS_MAX} are allowed: keep longer records elsewhere and "
-            "name them with a label",
-            field=field,
-        )
+        raise TooManyLabels(len(labels), field)
     for key, value in labels.items():
         prefix, slash, name = key.rpartition("/")
         if slash and not prefix:
