@@ -16,9 +16,7 @@ from modelforge_jobs.errors import InvalidInput
 from modelforge_jobs.jobs import Jobs, inline_spec, parse_id
 from modelforge_jobs.settings import JobsSettings
 from modelforge_server import durations, paging
-from modelforge_server.errors import InvalidArgument, InvalidChecksum, UploadOutOfOrder, require
-
-_SHA256_HEX = frozenset("0123456789abcdef")
+from modelforge_server.errors import InvalidArgument, UploadOutOfOrder, checked_sha256, require
 
 
 class JobServicer(jobs_pb2_grpc.JobServiceServicer):
@@ -133,9 +131,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         if first is None or first.WhichOneof("content") != "header":
             raise UploadOutOfOrder("the first message of an upload must carry the header, and only the header")
         header = first.header
-        sha256 = header.sha256.lower()
-        if len(sha256) != 64 or not set(sha256) <= _SHA256_HEX:
-            raise InvalidChecksum(header.sha256)
+        sha256 = checked_sha256(header.sha256)
         if header.size_bytes <= 0:
             raise InvalidArgument("header.size_bytes must be positive", field="header.size_bytes")
 

@@ -16,7 +16,6 @@ from modelforge_registry.domain import (
     ALIAS_NAME,
     DESCRIPTION_MAX,
     MODEL_NAME,
-    SHA256_HEX,
     VERSION_LABEL_MAX,
     Model,
     ModelChanges,
@@ -43,7 +42,7 @@ from modelforge_registry.metrics import RegistryMetrics
 from modelforge_registry.store import RegistryStore
 from modelforge_server import labels as labels_rules
 from modelforge_server import telemetry
-from modelforge_server.errors import ChecksumMismatch, InvalidArgument, InvalidChecksum, SizeMismatch, require
+from modelforge_server.errors import ChecksumMismatch, InvalidArgument, SizeMismatch, checked_sha256, require
 from modelforge_server.labels import InvalidLabel
 from modelforge_server.metrics import Metrics
 from modelforge_server.refs import ModelRef
@@ -177,8 +176,7 @@ class ModelRegistry:
         check_text(header.description, "header.description", DESCRIPTION_MAX)
         check_text(header.version_label, "header.version_label", VERSION_LABEL_MAX)
         check_labels(header.labels, "header.labels")
-        if not SHA256_HEX.fullmatch(header.sha256):
-            raise InvalidChecksum(header.sha256)
+        checked_sha256(header.sha256)
         if header.size_bytes == 0:
             raise InvalidArgument(
                 "the file is empty (header.size_bytes is 0): push an ONNX model", field="header.size_bytes"

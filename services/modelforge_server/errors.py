@@ -18,6 +18,8 @@ Services subclass a kind with a specific error that builds its own message and s
 
 from __future__ import annotations
 
+import re
+
 
 class ServiceError(Exception):
     """Base of every expected failure; carries a stable reason and metadata for clients."""
@@ -111,6 +113,17 @@ class InvalidChecksum(InvalidArgument):
 
     def __init__(self, value: str) -> None:
         super().__init__(f"header.sha256 must be 64 lowercase hex characters, got {value!r}", field="header.sha256")
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def checked_sha256(value: str) -> str:
+    """Returns an upload header's sha256, or raises InvalidChecksum unless it is 64 lowercase hex characters (as
+    hashlib's hexdigest writes it, and as the stores key content by)."""
+    if not _SHA256.fullmatch(value):
+        raise InvalidChecksum(value)
+    return value
 
 
 class SizeMismatch(InvalidArgument):

@@ -274,6 +274,7 @@ async def test_dataset_checksum_and_size_mismatch_store_nothing(jobs_api) -> Non
         ([replace_header(header, size_bytes=len(data) + 1), data], "SIZE_MISMATCH"),
         ([replace_header(header, size_bytes=len(data) - 1), data], "SIZE_MISMATCH"),
         ([replace_header(header, sha256="abc"), data], "INVALID_CHECKSUM"),
+        ([replace_header(header, sha256=header.sha256.upper()), data], "INVALID_CHECKSUM"),  # as the registry says
         ([data], "UPLOAD_OUT_OF_ORDER"),
         ([header, data, header], "UPLOAD_OUT_OF_ORDER"),
     ]:
