@@ -17,7 +17,9 @@ import asyncio
 import bisect
 import collections
 import contextlib
+import errno
 import hashlib
+import shutil
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -28,7 +30,7 @@ from modelforge import tensors
 from modelforge.common.v1.tensor_pb2 import DataType, Tensor
 from modelforge.jobs.v1.jobs_pb2 import DatasetRecord
 from modelforge_jobs.domain import InputRecord, TensorInfo
-from modelforge_jobs.errors import InvalidDataset, InvalidInput
+from modelforge_jobs.errors import InvalidDataset, InvalidInput, NoRoomForDataset
 from modelforge_server.errors import ChecksumMismatch, FailedPrecondition, SizeMismatch
 
 T = TypeVar("T")
@@ -298,6 +300,8 @@ async def received(chunks: AsyncIterator[bytes], *, scratch: Path, sha256: str, 
     for size and sha256 as they arrive. The file is removed when the block ends, however it ends: a failure, a
     cancelled upload or a stored dataset all leave nothing behind."""
     scratch.mkdir(parents=True, exist_ok=True)
+    if size > (free := shutil.disk_usage(scratch).free):  # refused at the header, not once the disk is full
+        raise NoRoomForDataset(size, free)
     handle, name = tempfile.mkstemp(prefix=_SCRATCH_PREFIX, suffix=_SCRATCH_SUFFIX, dir=scratch)
     path = Path(name)
     try:
@@ -308,7 +312,12 @@ async def received(chunks: AsyncIterator[bytes], *, scratch: Path, sha256: str, 
                 count += len(chunk)
                 if count > size:
                     raise SizeMismatch(size, count)
-                await _settled(asyncio.to_thread(_append, file, digest, chunk))
+                try:
+                    await _settled(asyncio.to_thread(_append, file, digest, chunk))
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                        raise
+                    raise NoRoomForDataset(size, shutil.disk_usage(scratch).free) from exc
         if count != size:
             raise SizeMismatch(size, count)
         if (actual := digest.hexdigest()) != sha256:

@@ -30,6 +30,19 @@ class DatasetNotFound(NotFound):
         )
 
 
+class NoRoomForDataset(ResourceExhausted):
+    """An upload's announced size is more than its scratch disk holds free, or the disk filled as it arrived."""
+
+    reason = "DATASET_TOO_LARGE"
+
+    def __init__(self, size: int, free: int) -> None:
+        super().__init__(
+            f"the dataset's {size} bytes do not fit in the {free} bytes free on the jobs service's upload disk "
+            "(MODELFORGE_DATA_DIR); free space there, or split the items into smaller datasets",
+            size_bytes=str(size),
+        )
+
+
 class DatasetDeleted(FailedPrecondition):
     reason = "DATASET_DELETED"
 

@@ -8,8 +8,6 @@ import hashlib
 import os
 import resource
 import signal
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -28,6 +26,7 @@ from modelforge_inference.files import (
 from modelforge_inference.registry_client import RegistryNotFound, RegistryUnavailable, resolved_model
 from modelforge_server import status
 from modelforge_server.errors import ServiceError
+from tests.fixtures.disks import small_disk  # noqa: F401  # a fixture: room for one of two 345 KB models
 from tests.fixtures.onnx_models import build_mlp, model_bytes
 from tests.fixtures.servers import upload_model as upload
 from tests.integration.inference import test_resolver as harness
@@ -350,20 +349,6 @@ async def test_a_download_that_stalls_is_unavailable_after_the_call_timeout(
     assert status.code_for(caught.value) == grpc.StatusCode.UNAVAILABLE
     assert "sent nothing for 0.2 s" in str(caught.value)
     assert entries(tmp_path / "models") == set()
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A filesystem of 640 KiB, room for one of two 345 KB models: a tmpfs, which takes root to mount."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=640k", "tmpfs", str(mount)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"a small filesystem cannot be mounted here: {mounted.stderr.decode().strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "--lazy", str(mount)], check=True)  # lazy: a file a failed test left open
 
 
 async def test_a_full_disk_evicts_unused_files_to_store_a_new_one_and_fails_only_when_none_can_go(

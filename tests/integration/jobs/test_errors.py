@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -16,6 +18,7 @@ from modelforge.jobs.v1 import jobs_pb2
 from modelforge.registry.v1 import registry_pb2
 from modelforge_server import paging
 from modelforge_server.labels import LABEL_VALUE_MAX, LABELS_MAX
+from tests.fixtures.disks import small_disk  # noqa: F401  # a fixture
 from tests.fixtures.onnx_models import (
     build_fixed_shape,
     build_identity,
@@ -286,6 +289,10 @@ async def test_dataset_checksum_and_size_mismatch_store_nothing(jobs_api) -> Non
         ]
         code, reason = await _fails(jobs_api.stub.UploadDataset(iter(requests)))
         assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, expected), messages[0]
+    # Announced larger than the upload disk holds free: refused at the header, before any byte of it is sent.
+    huge = jobs_pb2.UploadDatasetRequest(header=replace_header(header, size_bytes=10**18))
+    code, reason = await _fails(jobs_api.stub.UploadDataset(iter([huge])))
+    assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "DATASET_TOO_LARGE")
     garbage = b"\x05abc"
     code, reason = await _fails(upload_dataset(jobs_api.stub, garbage))
     assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_DATASET")
@@ -382,6 +389,26 @@ async def test_a_model_exported_for_batch_one_runs_one_item_per_call(jobs_api, w
     assert (job.batch_size, job.progress.batches_total) == (1, 5)
     final = await wait_terminal(jobs_api.stub, job.id)
     assert final.state == jobs_pb2.JOB_STATE_COMPLETED, final.error
+
+
+async def test_an_upload_that_fills_its_disk_is_resource_exhausted_and_leaves_nothing(
+    jobs_settings, start_jobs_api, small_disk: Path
+) -> None:
+    settings = replace(jobs_settings, data_dir=small_disk)  # its uploads land on the small disk
+    data = dataset_file({"x": np.ones((400, 256), np.float32)}, record_items=100)  # about 410 KB: fits at first
+    header = jobs_pb2.UploadDatasetHeader(sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data))
+
+    def requests() -> Iterator[jobs_pb2.UploadDatasetRequest]:
+        yield jobs_pb2.UploadDatasetRequest(header=header)
+        (small_disk / "filler").write_bytes(b"\0" * (400 * 1024))  # something else takes the room meanwhile
+        for start in range(0, len(data), 64 * 1024):
+            yield jobs_pb2.UploadDatasetRequest(chunk=data[start : start + 64 * 1024])
+
+    async with start_jobs_api(settings) as api:
+        code, reason = await _fails(api.stub.UploadDataset(requests()))
+        assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "DATASET_TOO_LARGE")
+        assert not list(settings.upload_dir.iterdir())
+        assert await stored_datasets(settings) == (0, 0)
 
 
 async def test_uploads_a_killed_api_left_unfinished_are_removed_at_its_next_start(
