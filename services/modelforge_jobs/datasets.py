@@ -124,7 +124,10 @@ def describe_record(
         except ValueError as exc:
             raise fail(f"tensor {tensor.name!r}: {exc}", input=tensor.name) from None
         if not ok:
-            raise fail(f"tensor {tensor.name!r}: its data does not match dtype and shape {list(tensor.shape)}")
+            raise fail(
+                f"tensor {tensor.name!r}: its data does not match dtype and shape {list(tensor.shape)}",
+                input=tensor.name,
+            )
         count = int(tensor.shape[0])
         if 0 in tensor.shape[1:]:  # a few bytes would make a job of any number of items
             raise fail(

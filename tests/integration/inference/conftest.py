@@ -198,11 +198,16 @@ async def failure(call: Any) -> tuple[grpc.StatusCode, str, str]:
     raise AssertionError("the call succeeded but was expected to fail")
 
 
-def error_reason(exc: grpc.aio.AioRpcError) -> str:
+def error_info(exc: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
+    """The ErrorInfo detail of a failed call's google.rpc.Status; an empty one when it has none."""
     for key, value in exc.trailing_metadata() or ():
         if key == "grpc-status-details-bin":
             for detail in status_pb2.Status.FromString(value).details:
                 info = error_details_pb2.ErrorInfo()
                 if detail.Unpack(info):
-                    return info.reason
-    return ""
+                    return info
+    return error_details_pb2.ErrorInfo()
+
+
+def error_reason(exc: grpc.aio.AioRpcError) -> str:
+    return error_info(exc).reason

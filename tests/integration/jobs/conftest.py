@@ -44,6 +44,7 @@ from modelforge_server import app
 from tests.integration.inference.conftest import (  # noqa: F401
     RunningInference,
     add_one,
+    error_info,
     error_reason,
     failure,
     inference,

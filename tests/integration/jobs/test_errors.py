@@ -29,6 +29,7 @@ from tests.fixtures.onnx_models import (
 from tests.fixtures.proxy import TcpProxy
 from tests.integration.jobs.conftest import (
     dataset_file,
+    error_info,
     error_reason,
     getter,
     inline_request,
@@ -103,6 +104,18 @@ async def test_an_unknown_input_is_refused_naming_the_inputs_the_model_takes(job
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await jobs_api.stub.CreateJob(inline_request("add-one", {"z": X}))
     assert refused.value.details() == f"add-one:{version.version} has no input named 'z'; its inputs are 'x'"
+
+
+async def test_a_tensor_whose_bytes_do_not_match_its_shape_is_refused_naming_it(jobs_api, inference, add_one) -> None:
+    await upload(inference, "add-one", add_one)
+    request = inline_request("add-one", {"x": X})
+    request.inline_input.tensors[0].raw_data = request.inline_input.tensors[0].raw_data[:-4]
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await jobs_api.stub.CreateJob(request)
+    info = error_info(refused.value)
+    assert (refused.value.code(), info.reason, dict(info.metadata)) == (
+        grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT", {"input": "x"}
+    )  # fmt: skip
 
 
 async def test_empty_input_is_invalid_argument(jobs_api, inference, add_one) -> None:
