@@ -602,13 +602,14 @@ def test_a_result_in_memory_must_hold_the_jobs_items_too(items: int) -> None:
     assert whole.finish()["y"].shape == (4, 2)
 
 
-def test_result_check_refuses_records_whose_outputs_disagree() -> None:
-    check = _convert.ResultCheck(6)
+@pytest.mark.parametrize("make", [_convert.ResultCheck, _convert.ResultAssembler])
+def test_a_result_refuses_records_whose_outputs_disagree_in_a_file_or_in_memory(make: Any) -> None:
+    check = make(6)
     check.accept(_result_message(0, y=np.zeros((2, 2), np.float32)))
     with pytest.raises(modelforge.IntegrityError, match=re.escape("holds outputs ['y', 'z'], not ['y'] as before")):
         check.accept(_result_message(2, y=np.zeros((2, 2), np.float32), z=np.zeros((2,), np.int64)))
     with pytest.raises(modelforge.IntegrityError, match=re.escape("different item counts {'y': 2, 'z': 1}")):
-        _convert.ResultCheck(6).accept(_result_message(0, y=np.zeros((2, 2), np.float32), z=np.zeros(1, np.int64)))
+        make(6).accept(_result_message(0, y=np.zeros((2, 2), np.float32), z=np.zeros(1, np.int64)))
     with pytest.raises(ValueError, match=re.escape("output 'y' is float32[3] per item from item 2, float32[2] before")):
         check.accept(_result_message(2, y=np.zeros((2, 3), np.float32)))
 

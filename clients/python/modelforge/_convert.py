@@ -873,6 +873,29 @@ def _result_record(
     return arrays, next(iter(counts.values()), 0)
 
 
+class _Layout:
+    """Each output's dtype and per-item shape, as the first record of a job's result gives them: every later record
+    must carry the same outputs with the same items, for the items to make one array per output."""
+
+    def __init__(self) -> None:
+        self.items: dict[str, tuple[np.dtype[Any], tuple[int, ...]]] = {}
+
+    def check(self, arrays: Mapping[str, np.ndarray[Any, Any]], first_item: int) -> None:
+        """Raises IntegrityError for a record of other outputs, ValueError for an output whose items changed."""
+        if self.items and arrays.keys() != self.items.keys():
+            raise IntegrityError(
+                f"the job result's record at item {first_item} holds outputs {sorted(arrays)}, not "
+                f"{sorted(self.items)} as before; retry the call"
+            )
+        for name, array in arrays.items():
+            item = self.items.setdefault(name, (array.dtype, array.shape[1:]))
+            if item != (array.dtype, array.shape[1:]):
+                raise ValueError(
+                    f"output {name!r} is {array.dtype}{list(array.shape[1:])} per item from item {first_item}, "
+                    f"{item[0]}{list(item[1])} before: its items do not make one array"
+                )
+
+
 class ResultAssembler:
     """Collects a job's result stream, record by record in item order, into one array per output; the stream must
     hold the job's ``items_total`` items, as :class:`ResultCheck` checks for a file."""
@@ -880,10 +903,13 @@ class ResultAssembler:
     def __init__(self, items_total: int) -> None:
         self._total = items_total
         self._parts: dict[str, list[np.ndarray[Any, Any]]] = {}
+        self._layout = _Layout()
         self._next = 0
 
     def accept(self, message: jobs_pb2.GetJobResultResponse) -> None:
+        """Takes one stream message. Raises ValueError for an output whose items change dtype or shape."""
         arrays, count = _result_record(message, self._next)
+        self._layout.check(arrays, self._next)
         for name, array in arrays.items():
             self._parts.setdefault(name, []).append(array)
         self._next += count
@@ -953,7 +979,7 @@ class ResultCheck:
     def __init__(self, items_total: int) -> None:
         self._total = items_total
         self._next = 0
-        self._items: dict[str, tuple[np.dtype[Any], tuple[int, ...]]] = {}  # each output's dtype and item shape
+        self._layout = _Layout()
         self._strings: dict[str, list[np.ndarray[Any, Any]]] = {}
 
     def accept(self, message: jobs_pb2.GetJobResultResponse) -> list[ResultPiece]:
@@ -964,19 +990,10 @@ class ResultCheck:
                 f"the job result holds more items than the job's {self._total}: a record of {count} starts at "
                 f"item {self._next}; retry the call"
             )
-        if self._items and arrays.keys() != self._items.keys():
-            raise IntegrityError(
-                f"the job result's record at item {self._next} holds outputs {sorted(arrays)}, not "
-                f"{sorted(self._items)} as before; retry the call"
-            )
+        self._layout.check(arrays, self._next)
         pieces = []
         for name, array in arrays.items():
-            item = self._items.setdefault(name, (array.dtype, array.shape[1:]))
-            if item != (array.dtype, array.shape[1:]):
-                raise ValueError(
-                    f"output {name!r} is {array.dtype}{list(array.shape[1:])} per item from item {self._next}, "
-                    f"{item[0]}{list(item[1])} before: its items do not make one array"
-                )
+            item = self._layout.items[name]
             if array.dtype == object:
                 self._strings.setdefault(name, []).append(array)
             else:
@@ -1003,7 +1020,7 @@ class ResultCheck:
                 raise ValueError(f"{exc}; read it with result() instead") from None
         saved = {
             name: (strings[name].dtype, strings[name].shape) if name in strings else (dtype, (self._total, *shape))
-            for name, (dtype, shape) in self._items.items()
+            for name, (dtype, shape) in self._layout.items.items()
         }
         return saved, strings
 

@@ -331,6 +331,8 @@ class Job:
             FailedPreconditionError: the job ended FAILED or CANCELLED; for a FAILED job the message ends with
                 why (``status.error``).
             TimeoutError: the job is still going after ``timeout`` seconds.
+            IntegrityError: the result stream skipped, repeated or missed items.
+            ValueError: an output whose items change shape from one batch to the next: they make no one array.
         """
         self.wait(timeout)
         assembler = _convert.ResultAssembler(self.status.progress.items_total)
