@@ -3,6 +3,9 @@ resolved; what it never resolved fails UNAVAILABLE, at once; and it is ready for
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
+
 import grpc
 import numpy as np
 from google.protobuf import field_mask_pb2
@@ -56,38 +59,47 @@ async def until_watching(running: RunningInference, admin, probe: str = "probe")
     await eventually(unloaded, "the inference service to hear the registry's events")
 
 
+X = {"x": np.ones((2, 4), np.float32)}
+
+
+async def adds_one(running: RunningInference, name: registry_pb2.ModelRef | str, timeout: float = 30) -> bool:
+    response = await running.stub.Predict(predict_request(name, X), timeout=timeout)
+    return outputs(response)["y"].tolist() == [[2.0] * 4] * 2
+
+
+@contextlib.asynccontextmanager
+async def serving_adder(admin, address: str, start_inference: StartInference) -> AsyncIterator[RunningInference]:
+    """An inference service on the registry at `address` that hears its events and has resolved and run both REFS
+    of "adder"."""
+    await upload(admin, "adder", add_one_bytes(4))
+    async with start_inference(registry_address=address, health_check_seconds=0.05) as running:
+        await until_watching(running, admin)
+        for name in REFS:
+            assert await adds_one(running, name)
+        yield running
+
+
 async def test_resolved_versions_keep_serving_while_the_registry_is_down(
     admin, restartable_registry: Registry, start_inference: StartInference
 ) -> None:
-    await upload(admin, "adder", add_one_bytes(4))
-    x = {"x": np.ones((2, 4), np.float32)}
-    async with start_inference(registry_address=restartable_registry.address, health_check_seconds=0.05) as running:
-        await until_watching(running, admin)
-        for name in REFS:
-            assert outputs(await running.stub.Predict(predict_request(name, x)))["y"].tolist() == [[2.0] * 4] * 2
-
+    async with serving_adder(admin, restartable_registry.address, start_inference) as running:
         await restartable_registry.stop()
         await eventually(lambda: is_(running.channel, "dependency/registry", NOT_SERVING), "the registry seen down")
         for name in REFS:  # as last resolved
-            assert outputs(await running.stub.Predict(predict_request(name, x)))["y"].tolist() == [[2.0] * 4] * 2
-        code, reason, _ = await failure(running.stub.Predict(predict_request(ref("adder", alias="production"), x)))
+            assert await adds_one(running, name)
+        code, reason, _ = await failure(running.stub.Predict(predict_request(ref("adder", alias="production"), X)))
         assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "REGISTRY_UNAVAILABLE")  # never resolved
         assert await health(running.channel, "") == SERVING  # still worth sending traffic to
 
         await restartable_registry.start()
         await eventually(lambda: is_(running.channel, "dependency/registry", SERVING), "the registry seen back")
-        assert outputs(await running.stub.Predict(predict_request("adder", x)))["y"].tolist() == [[2.0] * 4] * 2
+        assert await adds_one(running, "adder")
 
 
 async def test_a_version_keeps_serving_as_last_resolved_after_its_model_changed_and_the_registry_went_down(
     admin, restartable_registry: Registry, start_inference: StartInference
 ) -> None:
-    await upload(admin, "adder", add_one_bytes(4))
-    x = {"x": np.ones((2, 4), np.float32)}
-    async with start_inference(registry_address=restartable_registry.address, health_check_seconds=0.05) as running:
-        await until_watching(running, admin)
-        for name in REFS:
-            assert outputs(await running.stub.Predict(predict_request(name, x)))["y"].tolist() == [[2.0] * 4] * 2
+    async with serving_adder(admin, restartable_registry.address, start_inference) as running:
         # A change that leaves version 1 what it was: it used to drop the version's last resolution too.
         described = registry_pb2.Model(name="adder", description="adds one")
         await admin.UpdateModel(
@@ -99,10 +111,9 @@ async def test_a_version_keeps_serving_as_last_resolved_after_its_model_changed_
 
         await restartable_registry.stop()
         await eventually(lambda: is_(running.channel, "dependency/registry", NOT_SERVING), "the registry seen down")
-        pinned = await running.stub.Predict(predict_request(ref("adder", version=1), x))
-        assert outputs(pinned)["y"].tolist() == [[2.0] * 4] * 2
+        assert await adds_one(running, ref("adder", version=1))
         # The newest version may have changed with the model: not answered from what was.
-        code, reason, _ = await failure(running.stub.Predict(predict_request("adder", x)))
+        code, reason, _ = await failure(running.stub.Predict(predict_request("adder", X)))
         assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "REGISTRY_UNAVAILABLE")
         await restartable_registry.start()
 
@@ -110,29 +121,21 @@ async def test_a_version_keeps_serving_as_last_resolved_after_its_model_changed_
 async def test_with_the_registry_hung_refs_never_resolved_fail_unavailable_at_once(
     admin, restartable_registry: Registry, start_inference: StartInference
 ) -> None:
-    await upload(admin, "adder", add_one_bytes(4))
-    x = {"x": np.ones((2, 4), np.float32)}
     proxy = await TcpProxy.to_address("127.0.0.1", restartable_registry.port)
     try:
-        async with start_inference(registry_address=proxy.address, health_check_seconds=0.05) as running:
-            await until_watching(running, admin)
-            for name in REFS:
-                assert outputs(await running.stub.Predict(predict_request(name, x)))["y"].tolist() == [[2.0] * 4] * 2
-
+        async with serving_adder(admin, proxy.address, start_inference) as running:
             proxy.stall()  # connected, silent: a registry that hangs, where one that is down refuses at once
             await eventually(lambda: is_(running.channel, "dependency/registry", NOT_SERVING), "the registry seen hung")
             for name in REFS:  # as last resolved, without waiting on the registry first
-                response = await running.stub.Predict(predict_request(name, x), timeout=5)
-                assert outputs(response)["y"].tolist() == [[2.0] * 4] * 2
+                assert await adds_one(running, name, timeout=5)
             # Never resolved: said at once, where it waited out the caller's deadline for DEADLINE_EXCEEDED.
-            never = predict_request(ref("adder", alias="production"), x)
+            never = predict_request(ref("adder", alias="production"), X)
             code, reason, details = await failure(running.stub.Predict(never, timeout=5))
             assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "REGISTRY_UNAVAILABLE"), details
 
             await proxy.restore()
             await eventually(lambda: is_(running.channel, "dependency/registry", SERVING), "the registry seen back")
             await admin.SetAlias(registry_pb2.SetAliasRequest(model="adder", alias="production", version=1))
-            response = await running.stub.Predict(predict_request(ref("adder", alias="production"), x), timeout=30)
-            assert outputs(response)["y"].tolist() == [[2.0] * 4] * 2
+            assert await adds_one(running, ref("adder", alias="production"))
     finally:
         await proxy.close()
