@@ -29,6 +29,7 @@ from modelforge import (
     UnavailableError,
     VersionState,
 )
+from modelforge._channel import REGISTRY, channel_options
 from modelforge.registry.v1 import registry_pb2
 from tests.fixtures.onnx_models import ModelFile, add_one, mlp, not_onnx, onnx_dir  # noqa: F401
 from tests.fixtures.postgres import tables_locked
@@ -123,6 +124,34 @@ async def test_download_verifies_and_writes_atomically(
     assert sorted(p.name for p in out.iterdir()) == ["adder.onnx", "out.onnx"]  # no partial files left
     await client.download("adder", f"{tmp_path / 'new-dir'}/")  # a directory to make, as the CLI takes it too
     assert (tmp_path / "new-dir" / "adder.onnx").read_bytes() == add_one.data
+
+
+async def test_a_download_on_a_connection_gone_quiet_ends_unavailable_rather_than_waiting_for_ever(
+    registry: RunningRegistry, add_one: ModelFile, tmp_path: Path
+) -> None:
+    async with AsyncRegistryClient(registry.address) as client:
+        await client.push(add_one.data, name="adder")
+    loop = asyncio.get_running_loop()
+    async with TcpProxy.in_front_of(registry.address) as proxy:
+
+        async def stalled() -> None:
+            proxy.stall()
+
+        def scenario() -> None:
+            options = channel_options(REGISTRY, keepalive_seconds=3.0)  # the SDK's own, with a shorter keepalive
+            with (
+                grpc.insecure_channel(proxy.address, options=options) as channel,
+                RegistryClient(channel=channel) as client,
+            ):
+                assert client.get_model("adder").name == "adder"  # connected
+                asyncio.run_coroutine_threadsafe(stalled(), loop).result()
+                # The server's host froze (or a network cut): the keepalive ends the call. With gRPC retrying it,
+                # the next attempt waited for a new connection's handshake, and the one after it, for minutes.
+                with pytest.raises(UnavailableError):
+                    client.download("adder", tmp_path / "adder.onnx")
+
+        await asyncio.wait_for(asyncio.to_thread(scenario), 20)
+    assert not list(tmp_path.glob("*adder.onnx*"))  # nor a partial file
 
 
 async def test_failures_are_typed_errors_with_code_and_reason(

@@ -182,11 +182,29 @@ def test_retry_policy_covers_only_idempotent_registry_calls() -> None:
     config = json.loads(options["grpc.service_config"])
     (method_config,) = config["methodConfig"]
     methods = {n["method"] for n in method_config["name"]}
-    assert {"GetModel", "ResolveModelRef", "DownloadModelVersion"} <= methods
+    assert {"GetModel", "ResolveModelRef"} <= methods
     assert not {"UploadModelVersion", "CreateModel", "DeleteModel", "DeleteModelVersion", "DeleteAlias"} & methods
     assert method_config["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
     service = registry_pb2.DESCRIPTOR.services_by_name["RegistryService"]
     assert methods <= set(service.methods_by_name)
+
+
+@pytest.mark.parametrize(
+    ("service", "protos"),
+    [(_channel.REGISTRY, registry_pb2), (_channel.INFERENCE, inference_pb2), (_channel.JOBS, jobs_pb2)],
+)
+def test_only_unary_calls_that_can_be_repeated_are_retried(service: _channel.Service, protos: Any) -> None:
+    import json
+
+    options = dict(_channel.channel_options(service))
+    (method_config,) = json.loads(options["grpc.service_config"])["methodConfig"]
+    methods = {n["method"] for n in method_config["name"]}
+    descriptor = protos.DESCRIPTOR.services_by_name[service.full_name.rsplit(".", 1)[1]]
+    # A stream's retry, after its keepalive ended it on a quiet connection, could wait for ever.
+    assert not [m for m in methods if descriptor.methods_by_name[m].server_streaming], methods
+    assert "UnloadModel" not in methods  # repeated after its answer was lost, it finds nothing to unload
+    # A request up to the largest the channel sends can be retried, not only up to gRPC's 256 KiB.
+    assert options["grpc.per_rpc_retry_buffer_size"] == options["grpc.max_send_message_length"]
 
 
 def test_ref_proto_keeps_the_selector() -> None:

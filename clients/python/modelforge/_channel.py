@@ -77,7 +77,7 @@ class Service:
     """The gRPC service name, for example ``modelforge.registry.v1.RegistryService``."""
     default_port: int
     idempotent_methods: tuple[str, ...]
-    """RPCs that gRPC may repeat on UNAVAILABLE: reads, and writes whose repetition changes nothing."""
+    """Unary RPCs that gRPC may repeat on UNAVAILABLE: reads, and writes whose repetition changes nothing."""
     max_request_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     """The largest request message the service receives with its default settings, and so the largest its clients
     send by default."""
@@ -106,7 +106,6 @@ REGISTRY = Service(
         "ArchiveModelVersion",
         "RestoreModelVersion",
         "SetAlias",
-        "DownloadModelVersion",
     ),
 )
 INFERENCE = Service(
@@ -115,9 +114,7 @@ INFERENCE = Service(
     default_port=50052,
     idempotent_methods=(
         "Predict",
-        "PredictStream",
         "LoadModel",
-        "UnloadModel",
         "ListLoadedModels",
         "GetModelStatistics",
     ),
@@ -137,8 +134,6 @@ JOBS = Service(
         "CancelJob",
         "GetDataset",
         "ListDatasets",
-        "WatchJob",
-        "GetJobResult",
     ),
 )
 
@@ -168,6 +163,10 @@ def _checked_port(target: str, what: str) -> str:
     return target
 
 
+# Only unary calls that can be repeated are retried, by gRPC, on UNAVAILABLE: an UnloadModel repeated after its
+# answer was lost finds the version unloaded and fails. Streamed calls are not: on a connection that went quiet
+# (a frozen host), gRPC retries the call its keepalive ended, and that attempt can then wait for ever. They fail
+# UNAVAILABLE instead, and the SDK opens them again where it knows how to go on (Job.watch).
 def _service_config(service: Service) -> str:
     return json.dumps(
         {
@@ -222,6 +221,9 @@ def channel_options(
         # 16 KiB ones, which moves large responses about a quarter faster (docs/PERFORMANCE.md).
         ("grpc.http2.max_frame_size", MAX_FRAME_SIZE),
         ("grpc.enable_retries", 1),
+        # A request up to the largest the channel sends is kept for a retry (gRPC's default keeps 256 KiB: a larger
+        # Predict or CreateJob whose connection broke was not retried).
+        ("grpc.per_rpc_retry_buffer_size", send),
         ("grpc.service_config", _service_config(service)),
         ("grpc.keepalive_time_ms", round(keepalive_seconds * 1000)),
         ("grpc.keepalive_timeout_ms", answer),
