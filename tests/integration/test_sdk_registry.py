@@ -311,6 +311,48 @@ async def test_a_push_whose_alias_cannot_be_set_says_the_version_was_stored(
         assert [v.version async for v in client.list_versions("adder")] == [2, 1]  # caller stopped waiting
 
 
+async def test_a_progress_callback_that_raises_ends_the_push_with_its_exception_and_stores_nothing(
+    client: AsyncRegistryClient, registry: RunningRegistry, add_one: ModelFile
+) -> None:
+    def refuse(done: int, total: int) -> None:
+        if done:
+            raise RuntimeError("not now")
+
+    with pytest.raises(RuntimeError, match="^not now$"):  # it was ModelForgeError UNKNOWN, the callback's lost
+        await client.push(add_one.data, name="adder", progress=refuse, chunk_bytes=64)
+
+    def sync_pushes() -> None:
+        with RegistryClient(registry.address) as blocking:
+            with pytest.raises(RuntimeError, match="^not now$"):
+                blocking.push(add_one.path, name="adder", progress=refuse, chunk_bytes=64)
+
+            def interrupt(done: int, total: int) -> None:
+                if done:
+                    raise KeyboardInterrupt  # as Ctrl-C in a callback would: the push waited for ever
+
+            with pytest.raises(KeyboardInterrupt):
+                blocking.push(add_one.path, name="adder", progress=interrupt, chunk_bytes=64)
+
+    await asyncio.wait_for(asyncio.to_thread(sync_pushes), 30)
+    assert [m.name async for m in client.list_models()] == []  # nothing was stored
+
+
+async def test_a_push_cut_off_once_its_bytes_were_sent_says_the_version_may_be_stored(
+    registry: RunningRegistry, add_one: ModelFile
+) -> None:
+    async with TcpProxy.in_front_of(registry.address) as proxy:
+
+        def cut_when_sent(done: int, total: int) -> None:
+            if done == total:
+                asyncio.ensure_future(proxy.cut())
+
+        async with AsyncRegistryClient(proxy.address) as client:
+            with pytest.raises(UnavailableError) as caught:
+                await client.push(add_one.data, name="adder", progress=cut_when_sent)
+    assert "the whole file had been sent: the registry may have stored the version" in str(caught.value)
+    assert "`modelforge models ls adder` shows whether it did, before pushing again" in str(caught.value)
+
+
 async def test_malformed_names_are_value_errors_before_any_call(
     client: AsyncRegistryClient, registry: RunningRegistry, add_one: ModelFile
 ) -> None:

@@ -272,6 +272,12 @@ def update_version_request(
 # --- uploads and downloads -----------------------------------------------------------------------------------
 
 
+class ProgressFailed(Exception):
+    """Raised into gRPC's reading of an upload's requests when the progress callback raised: an exception it takes
+    as the end of the call, which it cancels, where a BaseException (KeyboardInterrupt) left a blocking upload
+    waiting for ever. The caller then raises what the callback raised (:attr:`UploadPlan.failure`)."""
+
+
 @dataclass
 class UploadPlan:
     """What an upload sends: the header (with sha256 and size computed beforehand), then chunks.
@@ -283,6 +289,7 @@ class UploadPlan:
     header: registry_pb2.UploadModelVersionHeader
     progress: Progress | None = None
     sent: int = 0
+    failure: BaseException | None = None  # what the progress callback raised; the upload was cancelled then
 
     @classmethod
     def build(
@@ -310,16 +317,28 @@ class UploadPlan:
 
     def first(self) -> registry_pb2.UploadModelVersionRequest:
         """The header message; reports 0 bytes sent."""
-        if self.progress is not None:
-            self.progress(0, self.header.size_bytes)
+        self._report()
         return registry_pb2.UploadModelVersionRequest(header=self.header)
 
     def chunk(self, data: bytes) -> registry_pb2.UploadModelVersionRequest:
         """The message for the next chunk; reports the bytes sent so far."""
         self.sent += len(data)
-        if self.progress is not None:
-            self.progress(self.sent, self.header.size_bytes)
+        self._report()
         return registry_pb2.UploadModelVersionRequest(chunk=data)
+
+    @property
+    def all_sent(self) -> bool:
+        """Whether every byte of the file was handed to gRPC."""
+        return self.sent == self.header.size_bytes
+
+    def _report(self) -> None:
+        if self.progress is None:
+            return
+        try:
+            self.progress(self.sent, self.header.size_bytes)
+        except BaseException as exc:
+            self.failure = exc
+            raise ProgressFailed() from exc
 
     def requests_from_bytes(self, data: bytes | bytearray | memoryview, chunk_bytes: int) -> Iterator[Any]:
         """Every request message for an in-memory file: the header, then slices of ``data``."""

@@ -22,7 +22,15 @@ from modelforge._channel import CLIENT_TIMEOUT, REGISTRY, AsyncChannelClient, Ch
 from modelforge._convert import DEFAULT_CHUNK_BYTES, Progress
 from modelforge._directories import MadeDirectories
 from modelforge._domain import Model, ModelEvent, ModelVersion, VersionState
-from modelforge._errors import CancelledError, DeadlineExceededError, ModelForgeError, naming, translated, with_details
+from modelforge._errors import (
+    CancelledError,
+    DeadlineExceededError,
+    ModelForgeError,
+    UnavailableError,
+    naming,
+    translated,
+    with_details,
+)
 from modelforge._refs import ModelRef, validate_alias, validate_model_name, validate_version
 from modelforge.registry.v1 import registry_pb2 as pb
 from modelforge.registry.v1 import registry_pb2_grpc
@@ -109,6 +117,19 @@ def _alias_not_set(error: ModelForgeError, version: ModelVersion, alias: str) ->
     else:
         outcome = f"setting alias {alias} failed"
     return with_details(error, f"pushed {version.ref}, but {outcome}: {error.details}")
+
+
+def _upload_failed(error: ModelForgeError, plan: _convert.UploadPlan) -> ModelForgeError:
+    """The error of a failed upload, saying, where the connection broke once every byte had gone out, that the
+    registry may have stored the version all the same."""
+    if plan.all_sent and isinstance(error, (UnavailableError, DeadlineExceededError, CancelledError)):
+        name = plan.header.model
+        return with_details(
+            error,
+            f"{error.details} (the whole file had been sent: the registry may have stored the version before the "
+            f"connection ended; `modelforge models ls {name}` shows whether it did, before pushing again)",
+        )
+    return error
 
 
 def _upload_plan(
@@ -289,7 +310,8 @@ class RegistryClient(ChannelClient):
             labels: Labels for the version.
             version_label: A free-form label such as a semver.
             alias: Point this alias at the new version once it is stored.
-            progress: Called as ``progress(bytes_sent, total_bytes)`` as chunks go out (from gRPC's thread).
+            progress: Called as ``progress(bytes_sent, total_bytes)`` as chunks go out (from gRPC's thread). If it
+                raises, the upload is cancelled, nothing is stored, and push raises that exception.
             chunk_bytes: Bytes per message.
 
         Returns:
@@ -317,8 +339,13 @@ class RegistryClient(ChannelClient):
             sha256, size = _convert.hash_file(source)
             plan = _upload_plan(name, sha256, size, create_model, description, labels, version_label, progress)
             requests = self._file_requests(plan, Path(source), chunk_bytes)
-        with translated():
-            response = self.registry_stub.UploadModelVersion(requests)
+        try:
+            with translated():
+                response = self.registry_stub.UploadModelVersion(requests)
+        except ModelForgeError as exc:
+            if plan.failure is not None:  # the progress callback raised: the upload was cancelled, nothing stored
+                raise plan.failure from None
+            raise _upload_failed(exc, plan) from exc
         version = _convert.model_version(response.model_version)
         if alias is not None:
             try:
@@ -652,8 +679,15 @@ class AsyncRegistryClient(AsyncChannelClient):
             sha256, size = await asyncio.to_thread(_convert.hash_file, source)
             plan = _upload_plan(name, sha256, size, create_model, description, labels, version_label, progress)
             requests = self._file_requests(plan, Path(source), chunk_bytes)
-        with self._translated():
-            response = await self.registry_stub.UploadModelVersion(requests)
+        try:
+            with self._translated():
+                response = await self.registry_stub.UploadModelVersion(requests)
+        except (ModelForgeError, asyncio.CancelledError) as exc:
+            if plan.failure is not None:  # the progress callback raised: gRPC cancelled the upload, nothing stored
+                raise plan.failure from None
+            if not isinstance(exc, ModelForgeError):
+                raise
+            raise _upload_failed(exc, plan) from exc
         version = _convert.model_version(response.model_version)
         if alias is not None:
             try:
