@@ -148,6 +148,35 @@ async def test_sync_client_covers_the_same_ground(jobs_api: RunningJobs, worker:
     await asyncio.to_thread(_sync_scenario, f"127.0.0.1:{jobs_api.port}", adder)
 
 
+async def test_a_progress_callback_that_raises_ends_the_dataset_upload_with_its_exception(
+    client: AsyncJobsClient, jobs_api: RunningJobs, jobs_settings
+) -> None:
+    before = await stored_datasets(jobs_settings)
+    x = np.ones((1000, 4), np.float32)
+
+    def refuse(done: int, total: int) -> None:
+        if done:
+            raise RuntimeError("not now")
+
+    with pytest.raises(RuntimeError, match="^not now$"):
+        await client.upload_dataset({"x": x}, progress=refuse, chunk_bytes=1024)
+
+    def sync_uploads() -> None:
+        with JobsClient(f"127.0.0.1:{jobs_api.port}") as jobs:
+            with pytest.raises(RuntimeError, match="^not now$"):
+                jobs.upload_dataset({"x": x}, progress=refuse, chunk_bytes=1024)
+
+            def interrupt(done: int, total: int) -> None:
+                if done:
+                    raise KeyboardInterrupt  # as Ctrl-C in a callback would
+
+            with pytest.raises(KeyboardInterrupt):
+                jobs.upload_dataset({"x": x}, progress=interrupt, chunk_bytes=1024)
+
+    await asyncio.wait_for(asyncio.to_thread(sync_uploads), 30)
+    assert await stored_datasets(jobs_settings) == before
+
+
 async def test_a_refused_submit_removes_the_dataset_it_uploaded(
     client: AsyncJobsClient, jobs_settings, adder: str
 ) -> None:

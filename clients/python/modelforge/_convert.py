@@ -8,6 +8,8 @@ reading and writing to the caller.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import math
 import numbers
@@ -43,7 +45,7 @@ from modelforge._domain import (
     Timings,
     VersionState,
 )
-from modelforge._errors import IntegrityError
+from modelforge._errors import IntegrityError, ModelForgeError
 from modelforge._refs import ModelRef, validate_model_name
 from modelforge.common.v1 import tensor_pb2
 from modelforge.inference.v1 import inference_pb2
@@ -275,7 +277,37 @@ def update_version_request(
 class ProgressFailed(Exception):
     """Raised into gRPC's reading of an upload's requests when the progress callback raised: an exception it takes
     as the end of the call, which it cancels, where a BaseException (KeyboardInterrupt) left a blocking upload
-    waiting for ever. The caller then raises what the callback raised (:attr:`UploadPlan.failure`)."""
+    waiting for ever. The caller then raises what the callback raised (see :func:`reported`)."""
+
+
+@dataclass
+class UploadProgress:
+    """An upload's progress callback, called from its request iterator, which gRPC reads: what the callback raises
+    is kept, and gRPC sees :class:`ProgressFailed`."""
+
+    callback: Progress | None
+    failure: BaseException | None = None
+
+    def report(self, done: int, total: int) -> None:
+        if self.callback is None:
+            return
+        try:
+            self.callback(done, total)
+        except BaseException as exc:
+            self.failure = exc
+            raise ProgressFailed() from exc
+
+
+@contextlib.contextmanager
+def reported(progress: UploadProgress) -> Iterator[None]:
+    """Around an upload call: raises what its progress callback raised in place of the failure of the call that it
+    ended (gRPC cancels it; nothing is stored)."""
+    try:
+        yield
+    except (ModelForgeError, asyncio.CancelledError):
+        if progress.failure is not None:
+            raise progress.failure from None
+        raise
 
 
 @dataclass
@@ -287,9 +319,8 @@ class UploadPlan:
     """
 
     header: registry_pb2.UploadModelVersionHeader
-    progress: Progress | None = None
+    progress: UploadProgress = field(default_factory=lambda: UploadProgress(None))
     sent: int = 0
-    failure: BaseException | None = None  # what the progress callback raised; the upload was cancelled then
 
     @classmethod
     def build(
@@ -313,32 +344,23 @@ class UploadPlan:
             sha256=sha256,
             size_bytes=size,
         )
-        return cls(header=header, progress=progress)
+        return cls(header=header, progress=UploadProgress(progress))
 
     def first(self) -> registry_pb2.UploadModelVersionRequest:
         """The header message; reports 0 bytes sent."""
-        self._report()
+        self.progress.report(0, self.header.size_bytes)
         return registry_pb2.UploadModelVersionRequest(header=self.header)
 
     def chunk(self, data: bytes) -> registry_pb2.UploadModelVersionRequest:
         """The message for the next chunk; reports the bytes sent so far."""
         self.sent += len(data)
-        self._report()
+        self.progress.report(self.sent, self.header.size_bytes)
         return registry_pb2.UploadModelVersionRequest(chunk=data)
 
     @property
     def all_sent(self) -> bool:
         """Whether every byte of the file was handed to gRPC."""
         return self.sent == self.header.size_bytes
-
-    def _report(self) -> None:
-        if self.progress is None:
-            return
-        try:
-            self.progress(self.sent, self.header.size_bytes)
-        except BaseException as exc:
-            self.failure = exc
-            raise ProgressFailed() from exc
 
     def requests_from_bytes(self, data: bytes | bytearray | memoryview, chunk_bytes: int) -> Iterator[Any]:
         """Every request message for an in-memory file: the header, then slices of ``data``."""
@@ -1050,18 +1072,16 @@ def dataset_upload_requests(
     display_name: str,
     labels: Mapping[str, str] | None,
     chunk_bytes: int,
-    progress: Progress | None,
+    progress: UploadProgress,
 ) -> Iterator[jobs_pb2.UploadDatasetRequest]:
     """Every message of a dataset upload: the header with sha256 and size, then chunks, reporting progress."""
     header = jobs_pb2.UploadDatasetHeader(
         display_name=display_name, labels=dict(labels or {}), sha256=sha256_of_bytes(data), size_bytes=len(data)
     )
-    if progress is not None:
-        progress(0, len(data))
+    progress.report(0, len(data))
     yield jobs_pb2.UploadDatasetRequest(header=header)
     view = memoryview(data)
     for start in range(0, len(view), chunk_bytes):
         piece = bytes(view[start : start + chunk_bytes])
-        if progress is not None:
-            progress(start + len(piece), len(data))
+        progress.report(start + len(piece), len(data))
         yield jobs_pb2.UploadDatasetRequest(chunk=piece)

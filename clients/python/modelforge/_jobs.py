@@ -601,14 +601,16 @@ class JobsClient(ChannelClient):
             source: Input name to array (the first dimension counts the items), or a ``.npz`` path.
             display_name: A name for people.
             labels: Free labels.
-            progress: Called as ``progress(bytes_sent, total_bytes)``.
+            progress: Called as ``progress(bytes_sent, total_bytes)``. If it raises, the upload is cancelled,
+                nothing is stored, and upload_dataset raises that exception.
             chunk_bytes: Bytes per message.
         """
         data = _convert.encode_dataset(_arrays(source))
+        reporting = _convert.UploadProgress(progress)
         requests = _convert.dataset_upload_requests(
-            data, display_name=display_name, labels=labels, chunk_bytes=chunk_bytes, progress=progress
+            data, display_name=display_name, labels=labels, chunk_bytes=chunk_bytes, progress=reporting
         )
-        with translated():
+        with _convert.reported(reporting), translated():
             response = self.jobs_stub.UploadDataset(requests)
         return _convert.dataset(response.dataset)
 
@@ -909,10 +911,11 @@ class AsyncJobsClient(AsyncChannelClient):
     ) -> Dataset:
         """See :meth:`JobsClient.upload_dataset`. Encoding runs in a thread; progress is called on the loop."""
         data = await asyncio.to_thread(lambda: _convert.encode_dataset(_arrays(source)))
+        reporting = _convert.UploadProgress(progress)
         requests = _convert.dataset_upload_requests(
-            data, display_name=display_name, labels=labels, chunk_bytes=chunk_bytes, progress=progress
+            data, display_name=display_name, labels=labels, chunk_bytes=chunk_bytes, progress=reporting
         )
-        with self._translated():
+        with _convert.reported(reporting), self._translated():
             response = await self.jobs_stub.UploadDataset(requests)
         return _convert.dataset(response.dataset)
 

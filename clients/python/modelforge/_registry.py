@@ -340,11 +340,9 @@ class RegistryClient(ChannelClient):
             plan = _upload_plan(name, sha256, size, create_model, description, labels, version_label, progress)
             requests = self._file_requests(plan, Path(source), chunk_bytes)
         try:
-            with translated():
+            with _convert.reported(plan.progress), translated():
                 response = self.registry_stub.UploadModelVersion(requests)
         except ModelForgeError as exc:
-            if plan.failure is not None:  # the progress callback raised: the upload was cancelled, nothing stored
-                raise plan.failure from None
             raise _upload_failed(exc, plan) from exc
         version = _convert.model_version(response.model_version)
         if alias is not None:
@@ -680,13 +678,9 @@ class AsyncRegistryClient(AsyncChannelClient):
             plan = _upload_plan(name, sha256, size, create_model, description, labels, version_label, progress)
             requests = self._file_requests(plan, Path(source), chunk_bytes)
         try:
-            with self._translated():
+            with _convert.reported(plan.progress), self._translated():
                 response = await self.registry_stub.UploadModelVersion(requests)
-        except (ModelForgeError, asyncio.CancelledError) as exc:
-            if plan.failure is not None:  # the progress callback raised: gRPC cancelled the upload, nothing stored
-                raise plan.failure from None
-            if not isinstance(exc, ModelForgeError):
-                raise
+        except ModelForgeError as exc:
             raise _upload_failed(exc, plan) from exc
         version = _convert.model_version(response.model_version)
         if alias is not None:
