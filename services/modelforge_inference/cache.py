@@ -521,25 +521,21 @@ class PredictionCache:
     async def get(self, key: PredictionKey) -> dict[str, np.ndarray] | None:
         """The cached outputs, or None on a miss, while degraded, or when Redis fails."""
         counts = self._count(key)
-        writing = self._writing.get(key.digest)
-        if writing is not None:  # stored a moment ago; its write to Redis is still under way
-            counts.hits += 1
-            return dict(writing)
+        if (kept := self._in_memory(key, counts)) is not None:
+            return kept
         if self._degraded_reason is not None:
             counts.skipped += 1
             return None
-        if self._local is not None:
-            local = self._local.get(key.digest)
-            if local is not None:
-                counts.hits += 1
-                counts.local_hits += 1
-                return dict(local)
         found = await self._command(self._fetch(key))
         if found is _FAILED:
             counts.errors += 1
             return None
         value, ttl = found
         if value is None:
+            # A run of the same prediction that ended while Redis answered has stored it meanwhile: single flight
+            # for a request that came while the run was under way but asked Redis too late to share it.
+            if (kept := self._in_memory(key, counts)) is not None:
+                return kept
             counts.misses += 1
             return None
         try:
@@ -558,6 +554,21 @@ class PredictionCache:
             self._local.put(key.digest, kept, ttl, len(value))
             return kept
         return outputs
+
+    def _in_memory(self, key: PredictionKey, counts: CacheCounts) -> dict[str, np.ndarray] | None:
+        """The outputs this process holds for key (counted as a hit): stored a moment ago, their write to Redis
+        under way, or in the in-process tier."""
+        writing = self._writing.get(key.digest)
+        if writing is not None:
+            counts.hits += 1
+            return dict(writing)
+        if self._local is not None and self._degraded_reason is None:
+            local = self._local.get(key.digest)
+            if local is not None:
+                counts.hits += 1
+                counts.local_hits += 1
+                return dict(local)
+        return None
 
     async def _fetch(self, key: PredictionKey) -> tuple[bytes | None, float | None]:
         """An entry and, when the in-process tier is on, its remaining lifetime in seconds (None: it never expires),

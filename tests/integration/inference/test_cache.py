@@ -212,6 +212,22 @@ async def test_background_writes_do_not_wait_for_redis_and_answer_meanwhile(
     assert not cache.degraded
 
 
+async def test_a_lookup_that_misses_in_redis_after_the_same_prediction_was_stored_here_is_a_hit(
+    cache: PredictionCache, client: redis.asyncio.Redis
+) -> None:
+    # Single flight for a request that asked Redis while the run was under way, too late to share it: the run
+    # ends and stores its outputs before Redis answers the request's lookup with a miss.
+    await client.execute_command("CLIENT", "PAUSE", "300", "ALL")  # every command held for 0.3 s
+    late = asyncio.ensure_future(cache.get(key()))
+    await asyncio.sleep(0.05)  # its GET is held by Redis
+    cache.put_later(key(), OUTPUTS, ttl_seconds=60, max_entry_bytes=1 << 20)  # the run's outputs, stored
+    hit = await late
+    assert hit is not None
+    np.testing.assert_array_equal(hit["y"], OUTPUTS["y"])
+    assert (cache.counts("mlp", 2).hits, cache.counts("mlp", 2).misses) == (1, 0)
+    await cache.flush()
+
+
 async def test_background_writes_skip_oversized_entries(cache: PredictionCache) -> None:
     cache.put_later(key(), OUTPUTS, ttl_seconds=60, max_entry_bytes=16)
     await cache.flush()
