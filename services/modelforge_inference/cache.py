@@ -375,6 +375,10 @@ class LocalTier:
 # The cache
 
 
+# The most entries replaced while Redis was out of reach that are remembered, to delete once it answers.
+_DELETES_KEPT = 10_000
+
+
 @dataclasses.dataclass(slots=True)
 class CacheCounts:
     """What the cache did for one model version since the process started."""
@@ -436,6 +440,8 @@ class PredictionCache:
         self._local = LocalTier(local_bytes) if local_bytes > 0 else None
         self._writing: dict[bytes, Mapping[str, np.ndarray]] = {}  # digest -> outputs whose write is under way
         self._writes: set[asyncio.Task[bool]] = set()
+        # Entries a refresh replaced while Redis was out of reach, to delete once it answers (oldest first).
+        self._to_delete: dict[str, None] = {}
         self._probe_interval = probe_interval
         self._max_probe_interval = max_probe_interval
         self._counts: dict[tuple[str, int], CacheCounts] = {}
@@ -625,12 +631,24 @@ class PredictionCache:
         return None
 
     def _forget(self, key: PredictionKey) -> None:
-        """Drops key from memory now and from Redis in the background (unless degraded: Redis is out of reach)."""
+        """Drops key from memory now and from Redis in the background; while degraded, from Redis once it answers
+        again (at most _DELETES_KEPT such keys are kept, the oldest dropped first)."""
         if self._local is not None:
             self._local.drop(key.digest)
         self._writing.pop(key.digest, None)
+        name = self._prefix + key.hex
         if self._degraded_reason is None:
-            self._background(self._command(self._redis.delete(self._prefix + key.hex), self._write_timeout))
+            self._background(self._command(self._redis.delete(name), self._write_timeout))
+            return
+        self._to_delete[name] = None
+        if len(self._to_delete) > _DELETES_KEPT:
+            del self._to_delete[next(iter(self._to_delete))]
+
+    def _delete_replaced(self) -> None:
+        """Deletes, in the background, the entries refreshes replaced while Redis was out of reach."""
+        names, self._to_delete = list(self._to_delete), {}
+        for start in range(0, len(names), 1000):
+            self._background(self._command(self._redis.delete(*names[start : start + 1000]), self._write_timeout))
 
     def _background(self, work: Awaitable[Any], done: Callable[[asyncio.Future[Any]], object] | None = None) -> None:
         task = asyncio.ensure_future(work)
@@ -739,6 +757,9 @@ class PredictionCache:
             while self._degraded_reason is not None:
                 await asyncio.sleep(delay * random.uniform(0.8, 1.2))
                 delay = min(delay * 2, self._max_probe_interval)
+                # The pool's idle connections may lead to a Redis that went away (a restart): dropped, so that the
+                # calls after recovery do not fail on them one by one and degrade the cache again.
+                await self._redis.connection_pool.disconnect(inuse_connections=False)
                 try:
                     # As long as a background write may take: a new connection's handshake is several round trips,
                     # and the probe's connection, once made, goes back to the pool for the calls that follow.
@@ -749,4 +770,5 @@ class PredictionCache:
                     continue
                 log.info("prediction cache recovered: Redis answers again")
                 self._degraded_reason = None
+                self._delete_replaced()
                 self._recovered.set()

@@ -129,6 +129,37 @@ async def test_redis_stopped_and_restarted(tmp_path: Path) -> None:
         await asyncio.to_thread(stop)
 
 
+async def test_after_a_redis_restart_the_cache_keeps_working_and_deletes_what_refreshes_replaced(
+    tmp_path: Path,
+) -> None:
+    port = embedded.free_port()
+    url, stop = embedded.start_redis(tmp_path, port)
+    client = redis.asyncio.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
+    entry = "modelforge:pred:" + key().hex
+    try:
+        async with PredictionCache(client, operation_timeout=0.5, max_probe_interval=0.2) as cache:
+            assert await cache.put(key(), OUTPUTS, ttl_seconds=600, max_entry_bytes=1 << 20)
+            others = [key({"x": INPUTS["x"] + i}) for i in range(1, 21)]
+            await asyncio.gather(*(cache.get(k) for k in others))  # the pool holds a connection for each
+
+            await asyncio.to_thread(stop)  # Redis restarts, with its data
+            assert await cache.get(key()) is None and cache.degraded
+            # A refresh while Redis is away stores nothing: the entry it replaces goes once Redis answers.
+            cache.put_later(key(), OUTPUTS, ttl_seconds=600, max_entry_bytes=1 << 20, replacing=True)
+            _, stop = await asyncio.to_thread(embedded.start_redis, tmp_path, port)
+            await asyncio.wait_for(cache.wait_recovered(), 30)
+            await cache.flush()
+            assert not await client.exists(entry)
+
+            errors = cache.counts("mlp", 2).errors
+            await asyncio.gather(*(cache.get(k) for k in others))  # no connection made to the old Redis is used
+            assert not cache.degraded
+            assert cache.counts("mlp", 2).errors == errors
+    finally:
+        await client.aclose()
+        await asyncio.to_thread(stop)
+
+
 async def test_cache_starts_degraded_when_redis_is_down_and_recovers(tmp_path: Path) -> None:
     port = embedded.free_port()
     client = redis.asyncio.Redis.from_url(f"redis://127.0.0.1:{port}/0", socket_connect_timeout=0.5)
