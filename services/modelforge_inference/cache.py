@@ -22,8 +22,9 @@ a hit rather than a second computation.
 In front of Redis sits a small in-process tier (:class:`LocalTier`, ``local_bytes``; 0 turns it off): the entries
 this process stored or read most recently, bounded in bytes, each expiring when its Redis entry does (a Redis hit
 brings its remaining TTL along). A hit there is a dictionary lookup instead of a Redis round trip. Because a key
-names its answer by content, a local entry can only be stale after a ``refresh`` on another replica, and then only
-until it expires. While the cache is degraded the local tier is not consulted either: the cache as a whole is off.
+names its answer by content, a local entry can only be stale after a ``refresh`` on another replica, or after its
+Redis entry was deleted by hand, and then only until it expires. While the cache is degraded the local tier is not
+consulted either: the cache as a whole is off.
 """
 
 from __future__ import annotations
