@@ -26,10 +26,9 @@ class MadeDirectories:
 
     def remove(self) -> None:
         """Removes the directories made, innermost first, stopping at one that something else has put a file in."""
-        while self._made:
+        for directory in reversed(self._made):
             try:
-                self._made[-1].rmdir()
+                directory.rmdir()
             except OSError:
                 break
-            self._made.pop()
         self._made.clear()
