@@ -426,12 +426,13 @@ class Supervisor:
                 check_settings(program, env)
                 label = program.name if count == 1 else f"{program.name} {index + 1}"
                 metrics.append((metrics_port(program, env), f"{label} metrics", _metrics_remedy(program)))
-        for port, use, remedy in metrics:  # as the gRPC ports: a child would fail to bind it once the stores run
+        for port, use, remedy in metrics:  # a plan that cannot work is refused whatever else holds its ports
             if port and port in planned:  # two of the suite's own listeners on one port: the second would fail
                 raise SupervisorError(
                     f"port {port} would serve both {planned[port]} and {use}; choose other ports with {remedy}"
                 )
             planned[port] = use
+        for port, use, remedy in metrics:  # as the gRPC ports: a child would fail to bind it once the stores run
             if port and not _port_free(host, port):
                 raise SupervisorError(ports.taken(port, use, remedy))
 

@@ -367,15 +367,19 @@ def test_a_metrics_port_in_use_stops_up_before_anything_starts(
 def test_two_of_the_suites_own_listeners_on_one_port_stop_up_before_anything_starts(
     env: Env, argv: tuple[str, ...], clash: tuple[int, str]
 ) -> None:
-    base = _free_ports(1)[0] - 11  # nothing binds these ports: `up` refuses the plan first (base + 11 is free)
+    base = _free_ports(1)[0] - 11  # base + 11 is free; the plan is refused whatever holds the others
     registry_port, inference_port, jobs_port = env.ports
     argv = tuple(str(base + int(a[1:])) if a.startswith("+") else a for a in argv)
     ports = {"--registry-port": registry_port, "--inference-port": inference_port, "--jobs-port": jobs_port}
     given = {flag: port for flag, port in ports.items() if flag not in argv}
-    result = run_up(
-        env, *(str(x) for pair in given.items() for x in pair), *argv,
-        environ={"MODELFORGE_METRICS_PORT": str(base), "MODELFORGE_WORKER_METRICS_PORT": ""},
-    )  # fmt: skip
+    with socket.socket() as taken:  # the jobs API's metrics port, held by another process: the plan comes first
+        with contextlib.suppress(OSError):  # already taken by something else: as good
+            taken.bind(("127.0.0.1", base + 2))
+            taken.listen()
+        result = run_up(
+            env, *(str(x) for pair in given.items() for x in pair), *argv,
+            environ={"MODELFORGE_METRICS_PORT": str(base), "MODELFORGE_WORKER_METRICS_PORT": ""},
+        )  # fmt: skip
     offset, uses = clash
     assert result.returncode == 1, result.stdout + result.stderr
     (line,) = result.stderr.strip().splitlines()
