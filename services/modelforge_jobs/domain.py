@@ -166,6 +166,9 @@ class Job:
     # a dataset deleted before ModelForge kept the id (migration 0005).
     input_dataset_id: UUID | None = None
     inline_input: bool = False
+    # The sha256 of the input submitted (the dataset file's, or the serialized inline input's): a repeat of the
+    # job's request_id must send the same. None for a job submitted before ModelForge kept it (migration 0007).
+    input_digest: bytes | None = None
 
     @property
     def dataset_deleted(self) -> bool:
@@ -201,6 +204,19 @@ class JobSpec:
     inline_input: bytes | None = None  # a serialized DatasetRecord
     inline_tensors: tuple[TensorInfo, ...] = ()
     inline_items: int = 0
+
+    def differences(self, job: Job) -> list[str]:
+        """What `job` was submitted with that this submission, repeating its request_id, does not ask for, its
+        input aside; [] for a true repeat. A batch_size of 0 asks for whatever the job was given."""
+        given = [
+            ("model_ref", job.model_ref, self.model_ref, str(job.model_ref)),
+            ("batch_size", job.batch_size, self.batch_size or job.batch_size, str(job.batch_size)),
+            ("priority", job.priority, self.priority, job.priority.name),
+            ("labels", job.labels, self.labels, repr(job.labels)),
+            ("max_attempts", job.max_attempts, self.max_attempts, str(job.max_attempts)),
+            ("time_limit", job.time_limit, self.time_limit, f"{job.time_limit}s" if job.time_limit else "none"),
+        ]
+        return [f"{name} {shown}" for name, was, asked, shown in given if was != asked]
 
 
 @dataclass(frozen=True)

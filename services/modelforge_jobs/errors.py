@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from modelforge_server.errors import (
+    AlreadyExists,
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
@@ -18,6 +19,20 @@ class JobNotFound(NotFound):
 
     def __init__(self, job_id: str) -> None:
         super().__init__(f"no job with id {job_id!r}; `modelforge jobs ls` shows the jobs", job=job_id)
+
+
+class RequestIdReused(AlreadyExists):
+    """A CreateJob's request_id names a job submitted with other parameters or another input."""
+
+    reason = "REQUEST_ID_REUSED"
+
+    def __init__(self, request_id: str, job_id: str, differs: str) -> None:
+        super().__init__(
+            f"request_id {request_id!r} was used for job {job_id}, submitted with {differs}; a request_id makes "
+            "one submission safe to repeat: give each new job a request_id of its own (a fresh UUID)",
+            request_id=request_id,
+            job=job_id,
+        )
 
 
 class DatasetNotFound(NotFound):

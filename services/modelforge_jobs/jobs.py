@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -39,6 +40,7 @@ from modelforge_jobs.errors import (
     JobStateConflict,
     OutputsNotPerItem,
     ReplicaStopping,
+    RequestIdReused,
 )
 from modelforge_jobs.events import JobChanges
 from modelforge_jobs.inference_client import RegistryClient
@@ -54,6 +56,16 @@ log = logging.getLogger("modelforge.jobs")
 DISPLAY_NAME_MAX = 256  # characters of a dataset's display name
 
 Send = Callable[[UUID, Priority], Awaitable[None]]
+
+
+def _check_repeat(job: Job, spec: JobSpec, input_digest: bytes | None) -> None:
+    """Refuses a submission that repeats `job`'s request_id but asks for something else (RequestIdReused). The
+    input is compared by sha256, where the job kept one (migration 0007)."""
+    differs = spec.differences(job)
+    if job.input_digest is not None and input_digest != job.input_digest:
+        differs.append("another input (its sha256 differs)")
+    if differs:
+        raise RequestIdReused(spec.request_id or "", str(job.id), ", ".join(differs))
 
 
 def parse_id(value: str, field: str = "id") -> UUID:
@@ -148,16 +160,21 @@ class Jobs:
 
         `time_remaining`: seconds to the caller's deadline, which bounds the call to the registry."""
         check_labels(spec.labels)
+        asked = spec
         if spec.request_id:
             existing = await self._store.get_job_by_request_id(spec.request_id)
             if existing is not None:
+                same_dataset = spec.dataset_id is not None and spec.dataset_id == existing.input_dataset_id
+                _check_repeat(existing, spec, existing.input_digest if same_dataset else await self._digest(spec))
                 return existing
         model = await self._registry.resolve(spec.model_ref, within=time_remaining)
         if spec.dataset_id is not None:
             dataset = await self._store.get_dataset(spec.dataset_id)
             tensors, items, input_bytes = dataset.tensors, dataset.item_count, dataset.size_bytes
+            digest = bytes.fromhex(dataset.sha256)
         else:
             tensors, items, input_bytes = spec.inline_tensors, spec.inline_items, len(spec.inline_input or b"")
+            digest = hashlib.sha256(spec.inline_input or b"").digest()
         if items == 0:
             raise InvalidInput("the input holds no items; give at least one", field="inline_input")
         check_signature(model, tensors)
@@ -169,14 +186,23 @@ class Jobs:
             model_version=model.version,
             items_total=items,
             batches_total=batch_count(items, spec.batch_size),
+            input_digest=digest,
             trace=telemetry.inject(),  # for a message sent again later, outside this call
         )
-        if created:
-            log.info("job %s submitted: %s:%d, %d items", job.id, model.name, model.version, items)
-            if self._metrics is not None:
-                self._metrics.job_submitted(job.priority)
-            await self._enqueue(job)
+        if not created:  # a submission with the same request_id was recorded in the meantime
+            _check_repeat(job, asked, digest)
+            return job
+        log.info("job %s submitted: %s:%d, %d items", job.id, model.name, model.version, items)
+        if self._metrics is not None:
+            self._metrics.job_submitted(job.priority)
+        await self._enqueue(job)
         return job
+
+    async def _digest(self, spec: JobSpec) -> bytes:
+        """The sha256 of a submission's input: its dataset file's, or its serialized inline input's."""
+        if spec.dataset_id is not None:
+            return bytes.fromhex((await self._store.get_dataset(spec.dataset_id)).sha256)
+        return hashlib.sha256(spec.inline_input or b"").digest()
 
     def _batch_size(self, model: ResolvedModel, asked: int, items: int, item_bytes: int) -> int:
         """The items per inference call: what the job asked for, or what the model fixes. A job that asks for none

@@ -40,7 +40,7 @@ _JOB_COLUMNS = """
     batches_total, items_done, batches_done, priority, labels, max_attempts, time_limit_seconds, attempt_count,
     worker_id, create_time, start_time, finish_time, update_time, queued_since, queued_seconds, inference_seconds,
     run_start_time, run_items_start, error_code, error_reason, error_message, queued_reason, inline_input,
-    COALESCE(input_dataset_id, dataset_id) AS input_dataset_id,
+    COALESCE(input_dataset_id, dataset_id) AS input_dataset_id, input_digest,
     CASE WHEN enqueue_time > '-infinity' THEN greatest(enqueue_time, now()) END AS next_run_time, now() AS now
 """
 # next_run_time: when the job's message is due; enqueue_time is -infinity for a message that could not be sent.
@@ -96,6 +96,7 @@ def _job(row: dict[str, Any]) -> Job:
         next_run_time=row["next_run_time"] if queued_reason else None,
         input_dataset_id=row["input_dataset_id"],
         inline_input=row["inline_input"],
+        input_digest=row["input_digest"],
     )
 
 
@@ -210,10 +211,12 @@ class JobStore:
         model_version: int,
         items_total: int,
         batches_total: int,
+        input_digest: bytes | None = None,
         trace: Mapping[str, str] | None = None,
     ) -> tuple[Job, bool]:
         """Inserts a QUEUED job (and its inline input) and returns it with True; for a request_id seen before,
-        returns that job and False. DatasetNotFound when the dataset has been deleted since it was read: the
+        returns that job and False. `input_digest`: the input's sha256, which a repeat of the request_id must match
+        (Job.input_digest). DatasetNotFound when the dataset has been deleted since it was read: the
         insert's reference to it waits for a deletion in progress and then fails, so a deletion that saw no live
         job reading the dataset cannot leave this one without its input."""
         async with self._cursor(transaction=True) as cur:
@@ -222,11 +225,13 @@ class JobStore:
                     f"""
                     INSERT INTO jobs.jobs (id, request_id, inline_input, model_name, ref_version, ref_alias,
                         model_version, state, dataset_id, input_dataset_id, items_total, batch_size, batches_total,
-                        priority, labels, max_attempts, time_limit_seconds, queued_since, trace_context)
+                        priority, labels, max_attempts, time_limit_seconds, queued_since, trace_context,
+                        input_digest)
                     VALUES (%(id)s, %(request_id)s, %(inline)s, %(name)s, %(ref_version)s, %(ref_alias)s,
                         %(model_version)s, 'QUEUED', %(dataset_id)s, %(dataset_id)s, %(items_total)s, %(batch_size)s,
                         %(batches_total)s,
-                        %(priority)s, %(labels)s, %(max_attempts)s, %(time_limit)s, now(), %(trace)s)
+                        %(priority)s, %(labels)s, %(max_attempts)s, %(time_limit)s, now(), %(trace)s,
+                        %(input_digest)s)
                     ON CONFLICT (request_id) DO NOTHING
                     RETURNING {_JOB_COLUMNS}
                     """,
@@ -247,6 +252,7 @@ class JobStore:
                         "max_attempts": spec.max_attempts,
                         "time_limit": spec.time_limit,
                         "trace": Jsonb(dict(trace)) if trace else None,
+                        "input_digest": input_digest,
                     },
                 )
             except psycopg.errors.ForeignKeyViolation:

@@ -20,6 +20,7 @@ import pytest
 from onnx import TensorProto
 
 from modelforge import (
+    AlreadyExistsError,
     AsyncInferenceClient,
     AsyncJobsClient,
     AsyncRegistryClient,
@@ -203,6 +204,18 @@ async def test_a_repeated_submit_keeps_one_dataset_of_its_inputs(
 
     assert await asyncio.to_thread(sync_retry) == first.id
     assert (await stored_datasets(jobs_settings))[0] == before[0] + 1
+
+
+async def test_a_request_id_given_again_with_other_inputs_raises_and_keeps_no_dataset_of_them(
+    client: AsyncJobsClient, jobs_api: RunningJobs, jobs_settings, adder: str
+) -> None:
+    x = np.zeros((300_000, 4), np.float32)  # uploaded as a dataset first
+    first = await client.submit(adder, {"x": x}, request_id="mine")
+    before = await stored_datasets(jobs_settings)
+    with pytest.raises(AlreadyExistsError, match=f"used for job {first.id}.*another input") as raised:
+        await client.submit(adder, {"x": x + 1}, request_id="mine")
+    assert raised.value.reason == "REQUEST_ID_REUSED"
+    assert await stored_datasets(jobs_settings) == before
 
 
 def _deadline_exceeded(error: BaseException) -> None:

@@ -498,7 +498,8 @@ class JobsClient(ChannelClient):
             labels: Labels, for filtering :meth:`list_jobs`.
             max_attempts: Runs the job may start; 0 for the server's default.
             time_limit: Seconds one run may take; None for no limit.
-            request_id: Makes the submission idempotent; a fresh UUID when not given.
+            request_id: Makes the submission idempotent; a fresh UUID when not given. A repeat answers the job
+                the first submission made; one that asks for anything else raises :class:`AlreadyExistsError`.
             progress: Called as ``progress(bytes_sent, total_bytes)`` during a dataset upload.
             timeout: Seconds allowed for the CreateJob call, instead of the client's timeout; None for no limit. A
                 dataset upload, being a stream, has no limit.

@@ -11,6 +11,7 @@ from dataclasses import replace
 
 import grpc
 import numpy as np
+import psycopg
 import pytest
 
 from modelforge.jobs.v1 import jobs_pb2
@@ -22,6 +23,7 @@ from tests.fixtures.polling import eventually
 from tests.fixtures.proxy import TcpProxy
 from tests.integration.inference.test_scheduling import wait_in_flight
 from tests.integration.jobs.conftest import (
+    dataset_file,
     error_reason,
     getter,
     inline_request,
@@ -331,6 +333,101 @@ async def test_concurrent_creates_with_one_request_id_make_one_job(jobs_api, inf
     listed = await jobs_api.stub.ListJobs(jobs_pb2.ListJobsRequest())
     assert [j.id for j in listed.jobs] == [responses[0].job.id]
     assert listed.jobs[0].request_id == "0b7c6a2e-retry-me"
+
+
+async def test_a_request_id_repeated_with_the_same_request_answers_its_job(jobs_api, inference, add_one) -> None:
+    await upload(inference, "add-one", add_one)
+    asked = {"batch_size": 0, "labels": {"team": "a"}, "max_attempts": 0, "request_id": "same-again"}
+    first = (await jobs_api.stub.CreateJob(inline_request("add-one", {"x": _x(4)}, **asked))).job
+    again = (await jobs_api.stub.CreateJob(inline_request("add-one", {"x": _x(4)}, **asked))).job
+    explicit = {**asked, "batch_size": first.batch_size, "max_attempts": first.max_attempts}  # the defaults given
+    spelled_out = (await jobs_api.stub.CreateJob(inline_request("add-one", {"x": _x(4)}, **explicit))).job
+    assert again.id == spelled_out.id == first.id
+    listed = await jobs_api.stub.ListJobs(jobs_pb2.ListJobsRequest())
+    assert [j.id for j in listed.jobs] == [first.id]
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"labels": {"team": "b"}}, "labels {'team': 'a'}"),
+        ({"priority": jobs_pb2.JOB_PRIORITY_HIGH}, "priority NORMAL"),
+        ({"batch_size": 3}, "batch_size 2"),
+        ({"max_attempts": 5}, "max_attempts 3"),
+        ({"x": _x(5)}, "another input"),
+        ({"x": _x(4) * 2}, "another input"),
+        ({"model": "add-one:1"}, "model_ref add-one"),
+    ],
+)
+async def test_a_request_id_used_again_for_another_submission_is_refused(
+    jobs_api, inference, add_one, change, named
+) -> None:
+    await upload(inference, "add-one", add_one)
+    first_fields = {"labels": {"team": "a"}, "batch_size": 2, "request_id": "used-once"}
+    first = (await jobs_api.stub.CreateJob(inline_request("add-one", {"x": _x(4)}, **first_fields))).job
+    fields = {**first_fields, **{k: v for k, v in change.items() if k not in ("x", "model")}}
+    request = inline_request(change.get("model", "add-one"), {"x": change.get("x", _x(4))}, **fields)
+    if "model" in change:
+        request.model_ref.CopyFrom(registry_pb2.ModelRef(name="add-one", version=1))
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await jobs_api.stub.CreateJob(request)
+    assert raised.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert error_reason(raised.value) == "REQUEST_ID_REUSED"
+    assert named in (raised.value.details() or "") and first.id in (raised.value.details() or "")
+    listed = await jobs_api.stub.ListJobs(jobs_pb2.ListJobsRequest())
+    assert [j.id for j in listed.jobs] == [first.id]
+
+
+async def test_a_request_id_repeated_on_another_upload_of_the_same_items_answers_its_job(
+    jobs_api, inference, add_one
+) -> None:
+    await upload(inference, "add-one", add_one)
+    items = dataset_file({"x": _x(6)}, record_items=4)
+    first_dataset, second_dataset = [await upload_dataset(jobs_api.stub, items) for _ in range(2)]
+    other = await upload_dataset(jobs_api.stub, dataset_file({"x": _x(6) + 1}, record_items=4))
+
+    def request(dataset: jobs_pb2.Dataset) -> jobs_pb2.CreateJobRequest:
+        ref = registry_pb2.ModelRef(name="add-one")
+        return jobs_pb2.CreateJobRequest(model_ref=ref, dataset_id=dataset.id, request_id="on-a-dataset")
+
+    first = (await jobs_api.stub.CreateJob(request(first_dataset))).job
+    assert (await jobs_api.stub.CreateJob(request(second_dataset))).job.id == first.id
+    await jobs_api.stub.DeleteDataset(jobs_pb2.DeleteDatasetRequest(id=second_dataset.id))
+    assert (await jobs_api.stub.CreateJob(request(first_dataset))).job.id == first.id
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await jobs_api.stub.CreateJob(request(other))
+    assert raised.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert "another input" in (raised.value.details() or "")
+
+
+async def test_concurrent_creates_with_one_request_id_and_two_inputs_make_one_job_and_refuse_the_other_input(
+    jobs_api, inference, add_one
+) -> None:
+    await upload(inference, "add-one", add_one)
+    inputs = [_x(4), _x(4) + 1] * 6
+    calls = [jobs_api.stub.CreateJob(inline_request("add-one", {"x": x}, request_id="raced")) for x in inputs]
+    answers = await asyncio.gather(*calls, return_exceptions=True)
+    created = {a.job.id for a in answers if isinstance(a, jobs_pb2.CreateJobResponse)}
+    refused = [a for a in answers if isinstance(a, grpc.aio.AioRpcError)]
+    assert len(created) == 1 and len(refused) == 6, answers
+    assert {a.code() for a in refused} == {grpc.StatusCode.ALREADY_EXISTS}
+    winner = next(i for i, a in enumerate(answers) if isinstance(a, jobs_pb2.CreateJobResponse)) % 2
+    assert [isinstance(a, grpc.aio.AioRpcError) for a in answers] == [i % 2 != winner for i in range(12)]
+
+
+async def test_a_job_recorded_without_an_input_digest_answers_a_repeat_of_its_request_id_on_any_input(
+    jobs_api, jobs_settings, inference, add_one
+) -> None:
+    """A job recorded before migration 0007, or by an older replica during an upgrade, kept no input digest."""
+    await upload(inference, "add-one", add_one)
+    first = (await jobs_api.stub.CreateJob(inline_request("add-one", {"x": _x(4)}, request_id="from-before"))).job
+    async with await psycopg.AsyncConnection.connect(jobs_settings.database_url or "", autocommit=True) as conn:
+        await conn.execute("UPDATE jobs.jobs SET input_digest = NULL WHERE id = %s", (first.id,))
+    again = (await jobs_api.stub.CreateJob(inline_request("add-one", {"x": _x(5)}, request_id="from-before"))).job
+    assert again.id == first.id
+    with pytest.raises(grpc.aio.AioRpcError) as raised:  # its other fields are still compared
+        await jobs_api.stub.CreateJob(inline_request("add-one", {"x": _x(4)}, request_id="from-before", batch_size=3))
+    assert raised.value.code() == grpc.StatusCode.ALREADY_EXISTS
 
 
 async def test_restarted_api_loses_nothing(jobs_settings, start_jobs_api, start_worker, inference, add_one) -> None:

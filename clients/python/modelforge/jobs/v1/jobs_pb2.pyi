@@ -517,7 +517,9 @@ class CreateJobRequest(_message.Message):
     """
     request_id: _builtins.str
     """Optional. A client-chosen id (a UUID is recommended, at most 128 characters) that makes the call
-    idempotent: a CreateJob with a request_id seen before returns that job and creates nothing.
+    idempotent: a CreateJob with a request_id seen before returns that job and creates nothing. The repeat must
+    ask for the same model_ref, batch_size (or 0), priority, labels, max_attempts, time_limit and input (compared
+    by sha256: the same items uploaded again as another dataset match); anything else is ALREADY_EXISTS.
     """
     @_builtins.property
     def model_ref(self) -> _registry_pb2.ModelRef:

@@ -124,7 +124,7 @@ class JobServiceServicer:
         or a model whose outputs hold no row per item (OUTPUTS_NOT_PER_ITEM: a scalar output, or one whose first
         dimension is not the inputs'); INVALID_ARGUMENT for an empty input, one that does not match the signature, or a
         batch_size the model does not take (INVALID_BATCH_SIZE). A request repeated with the same request_id returns
-        the job created by the first one.
+        the job created by the first one; ALREADY_EXISTS (REQUEST_ID_REUSED) if it asks for anything else.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

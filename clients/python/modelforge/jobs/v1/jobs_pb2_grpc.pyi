@@ -49,7 +49,7 @@ class JobServiceStub:
     or a model whose outputs hold no row per item (OUTPUTS_NOT_PER_ITEM: a scalar output, or one whose first
     dimension is not the inputs'); INVALID_ARGUMENT for an empty input, one that does not match the signature, or a
     batch_size the model does not take (INVALID_BATCH_SIZE). A request repeated with the same request_id returns
-    the job created by the first one.
+    the job created by the first one; ALREADY_EXISTS (REQUEST_ID_REUSED) if it asks for anything else.
     """
     GetJob: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.GetJobRequest, _jobs_pb2.GetJobResponse]
     """Returns one job. NOT_FOUND if no job has that id."""
@@ -108,7 +108,7 @@ class JobServiceAsyncStub(JobServiceStub):
     or a model whose outputs hold no row per item (OUTPUTS_NOT_PER_ITEM: a scalar output, or one whose first
     dimension is not the inputs'); INVALID_ARGUMENT for an empty input, one that does not match the signature, or a
     batch_size the model does not take (INVALID_BATCH_SIZE). A request repeated with the same request_id returns
-    the job created by the first one.
+    the job created by the first one; ALREADY_EXISTS (REQUEST_ID_REUSED) if it asks for anything else.
     """
     GetJob: _aio.UnaryUnaryMultiCallable[_jobs_pb2.GetJobRequest, _jobs_pb2.GetJobResponse]  # type: ignore[assignment]
     """Returns one job. NOT_FOUND if no job has that id."""
@@ -170,7 +170,7 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         or a model whose outputs hold no row per item (OUTPUTS_NOT_PER_ITEM: a scalar output, or one whose first
         dimension is not the inputs'); INVALID_ARGUMENT for an empty input, one that does not match the signature, or a
         batch_size the model does not take (INVALID_BATCH_SIZE). A request repeated with the same request_id returns
-        the job created by the first one.
+        the job created by the first one; ALREADY_EXISTS (REQUEST_ID_REUSED) if it asks for anything else.
         """
 
     @_abc_1.abstractmethod
