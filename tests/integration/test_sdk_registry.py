@@ -290,7 +290,10 @@ async def test_a_push_whose_alias_cannot_be_set_says_the_version_was_stored(
     registry: RunningRegistry, add_one: ModelFile
 ) -> None:
     # Writes to the aliases wait on the test's lock until SetAlias's deadline passes; the upload has no deadline.
-    says = "pushed adder:1, but whether alias production was set is unknown: Deadline Exceeded"
+    says = (
+        "pushed adder:1, but whether alias production was set is unknown: Deadline Exceeded: the call did not "
+        "finish within its timeout; give it longer with timeout= on the call or the client (None for no limit)"
+    )
     async with tables_locked(registry.settings.database_url or "", "registry.aliases"):
         async with AsyncRegistryClient(registry.address, timeout=0.5) as hurried:
             with pytest.raises(DeadlineExceededError) as caught:

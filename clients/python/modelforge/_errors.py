@@ -267,6 +267,12 @@ ANSWER_TOO_LARGE_HINT = (
 )
 """What the SDK adds to those refusals' messages; the ``modelforge`` command replaces them with its own advice."""
 
+_OWN_DEADLINE = "Deadline Exceeded"  # gRPC's message when the caller's own deadline passes; the services' say more
+DEADLINE_HINT = (
+    ": the call did not finish within its timeout; give it longer with timeout= on the call or the client "
+    "(None for no limit)"
+)
+
 
 def _size_limit_hint(details: str) -> str:
     if any(message in details for message in _REQUEST_TOO_LARGE):
@@ -322,6 +328,8 @@ def error_from_rpc(error: grpc.RpcError) -> ModelForgeError:
             violations.update((v.field, v.description) for v in bad.field_violations)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and not reason:
         details += _size_limit_hint(details)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED and not reason and details == _OWN_DEADLINE:
+        details += DEADLINE_HINT
     kind = _BY_CODE.get(code, ModelForgeError)
     return kind(
         details,

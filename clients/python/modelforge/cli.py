@@ -33,6 +33,7 @@ from modelforge._convert import INT32_MAX, MiB, storable
 from modelforge._domain import JobState, JobStatus, Model, ModelVersion, Prediction
 from modelforge._errors import (
     ANSWER_TOO_LARGE_HINT,
+    DEADLINE_HINT,
     REQUEST_TOO_LARGE_HINT,
     DeadlineExceededError,
     ModelForgeError,
@@ -1104,7 +1105,8 @@ def _error_line(exc: ModelForgeError, ctx: Context | None) -> str:
         and ctx is not None
         and getattr(ctx.args, "timeout", None)
     ):
-        return f"{exc.details or exc} (--timeout was {ctx.args.timeout:g} s: raise it where the service needs longer)"
+        details = exc.details.removesuffix(DEADLINE_HINT) or str(exc)
+        return f"{details} (--timeout was {ctx.args.timeout:g} s: raise it where the service needs longer)"
     # UNIMPLEMENTED without a reason: something answered at that address, but not this service.
     if isinstance(exc, UnimplementedError) and not exc.reason and ctx is not None and ctx.service is not None:
         service = ctx.service
