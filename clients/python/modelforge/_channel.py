@@ -204,8 +204,8 @@ def channel_options(
     extra: Sequence[tuple[str, Any]] = (),
 ) -> list[tuple[str, Any]]:
     """Channel arguments: message limits, HTTP/2 frames as large as the protocol allows, retries through the service
-    config, keepalive pings while calls are open, a TCP connection of the channel's own (`own_connection`), and
-    any caller extras.
+    config, keepalive pings while calls are open, reconnection within two seconds of a service's return, a TCP
+    connection of the channel's own (`own_connection`), and any caller extras.
 
     `max_message_bytes` limits the messages sent and received alike; None sends up to the service's
     ``max_request_message_bytes`` and receives up to DEFAULT_MAX_MESSAGE_BYTES, what the servers receive and send with
@@ -229,6 +229,10 @@ def channel_options(
         ("grpc.keepalive_timeout_ms", answer),
         ("grpc.http2.ping_timeout_ms", answer),  # what gRPC waits for the answer by (a minute otherwise)
         ("grpc.http2.max_pings_without_data", 0),  # a quiet watch stays watched, not only for two pings
+        # A service back from a restart is reached within two seconds: gRPC's own backoff between attempts to
+        # connect grows to two minutes while calls keep failing, and a call meanwhile fails UNAVAILABLE at once.
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 2_000),
         *([OWN_CONNECTION] if own_connection else []),
         *extra,
     ]
