@@ -236,6 +236,11 @@ async def test_predict_load_stats_and_jobs(
     on_dataset = await cli("jobs", "submit", "demo", "--dataset", dataset.id, "--wait", *addresses)
     assert on_dataset.code == 0, on_dataset.err
     assert "COMPLETED: 3/3 items" in on_dataset.out
+    once = ["jobs", "submit", "demo", "--dataset", dataset.id, "--request-id", "nightly-1", "--wait"]
+    repeated = [(await cli(*once, *addresses)).out.split()[2] for _ in range(2)]  # a script run twice
+    assert repeated[0] == repeated[1] != on_dataset.out.split()[2]
+    reused = await cli(*once, "--priority", "high", *addresses)
+    assert reused.code == 1 and f"was used for job {repeated[0]}, submitted with priority NORMAL" in reused.err
     neither = await cli("jobs", "submit", "demo", *addresses)
     assert (neither.code, neither.err) == (
         2, "modelforge: give the items with --input, or name an uploaded dataset with --dataset (one of the two)\n"

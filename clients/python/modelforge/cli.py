@@ -686,6 +686,7 @@ def cmd_jobs_submit(ctx: Context) -> int:
                 labels=_labels(a.label),
                 max_attempts=a.max_attempts,
                 time_limit=a.time_limit,
+                request_id=a.request_id,
                 progress=bar,
             )
         finally:
@@ -1025,6 +1026,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-attempts", type=_whole(0, INT32_MAX), default=0, help="runs the job may start (default: the server's)"
     )
     p.add_argument("--time-limit", type=_seconds, metavar="SECONDS", help="how long one run may take")
+    p.add_argument(
+        "--request-id",
+        metavar="ID",
+        help="makes the submission safe to repeat (a script run again): the same ID with the same arguments and "
+        "items answers the job it made; with anything else, an error",
+    )
     p.add_argument("--wait", action="store_true", help="follow the job to its end; exit 1 unless it COMPLETED")
     p.set_defaults(run=cmd_jobs_submit)
 
