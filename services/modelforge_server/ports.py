@@ -91,6 +91,8 @@ def free(host: str, port: int, *, shared: bool = False) -> bool:
         addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise NotAnAddressHere(exc.strerror) from None
+    except UnicodeError:  # the name cannot be encoded for a lookup (IDNA)
+        raise NotAnAddressHere(_unencodable(host)) from None
     for family, kind, proto, _, address in addresses:
         with socket.socket(family, kind, proto) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is no owner
@@ -105,6 +107,15 @@ def free(host: str, port: int, *, shared: bool = False) -> bool:
                     raise NotAnAddressHere("it is no address of this machine") from None
                 raise
     return True
+
+
+def _unencodable(host: str) -> str:
+    labels = host.removesuffix(".").split(".")
+    if any(len(label) > 63 for label in labels):
+        return "a name with a label longer than 63 characters"
+    if not all(labels):
+        return "a name with an empty label"
+    return "a name that cannot be encoded for a lookup"
 
 
 def check_private(address: str) -> None:

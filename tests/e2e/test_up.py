@@ -407,7 +407,10 @@ def test_a_second_up_on_the_same_data_dir_is_refused_before_anything_starts(env:
         assert cli(env, "models", "ls").returncode == 0  # the first one serves on
 
 
-@pytest.mark.parametrize(("host", "says"), [("999.1.1.1", "Name or service not known"), ("10.99.99.99", "no address")])
+@pytest.mark.parametrize(
+    ("host", "says"),
+    [("999.1.1.1", "Name or service not known"), ("10.99.99.99", "no address"), ("a..b", "an empty label")],
+)
 def test_a_host_that_is_not_this_machines_stops_up_before_anything_starts(env: Env, host: str, says: str) -> None:
     result = up_registry(env, env.ports[0], "--host", host)
     assert result.returncode == 1

@@ -118,3 +118,23 @@ def test_a_port_in_use_ends_the_service_with_one_line_before_it_starts_anything(
     assert f"port {port} ({use}) is in use by another process (or a connection still closing)" in line
     assert f"choose another port with {key}" in line
     assert not (tmp_path / "postgres").exists() and not (tmp_path / "redis").exists()
+
+
+@pytest.mark.parametrize(
+    ("host", "says"),
+    [
+        ("not..valid", "a name with an empty label"),
+        ("a" * 64 + ".example", "a name with a label longer than 63 characters"),
+        ("nonexistent.invalid", "Name or service not known"),
+    ],
+)
+def test_a_host_that_cannot_be_listened_on_ends_the_service_with_one_line(tmp_path: Path, host: str, says: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELFORGE_")}
+    env |= {"MODELFORGE_DATA_DIR": str(tmp_path), "MODELFORGE_HOST": host, "MODELFORGE_METRICS_PORT": "0"}
+    result = subprocess.run(
+        [sys.executable, "-m", "modelforge_registry"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"modelforge-registry: MODELFORGE_HOST={host!r} is invalid: {says}")
+    assert not (tmp_path / "postgres").exists()
