@@ -150,6 +150,19 @@ class InvalidOnnx(InvalidArgument):
         super().__init__(f"the file is not a valid ONNX model: {why}")
 
 
+class NotServable(InvalidOnnx):
+    """A valid model that no inference replica could ever serve: the runtime check's refusal, from its signature."""
+
+    reason = "MODEL_NOT_SERVABLE"
+
+    def __init__(self, why: str) -> None:
+        InvalidArgument.__init__(
+            self,
+            f"ModelForge cannot serve this model: {why} (a registry with MODELFORGE_RUNTIME_CHECK=false stores it, "
+            "for another runtime)",
+        )
+
+
 class ExternalDataRefused(InvalidArgument):
     reason = "EXTERNAL_DATA"
 

@@ -14,7 +14,7 @@ from google.protobuf.message import DecodeError
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from modelforge_registry.domain import ONNX_TEXT_MAX, OnnxInfo, OperatorSet, Signature, TensorSpec
-from modelforge_registry.errors import ExternalDataRefused, InvalidOnnx
+from modelforge_registry.errors import ExternalDataRefused, InvalidOnnx, NotServable
 from modelforge_server.runtime_errors import describe_error
 
 # ONNX TensorProto element types to our DataType names (modelforge.common.v1.DataType without its prefix).
@@ -82,8 +82,31 @@ def inspect_file(path: Path, *, runtime_check: bool = True) -> Inspected:
     except (onnx.checker.ValidationError, ValueError, RuntimeError) as exc:
         raise InvalidOnnx(f"onnx.checker refused it: {_first_line(exc)}") from None
     if runtime_check:
+        _check_servable(found)
         _check_runtime(path)
     return found, info
+
+
+def _check_servable(found: Signature) -> None:
+    """Refuses a model whose signature no request could ever be served on, which ONNX Runtime itself loads: inputs
+    that are not tensors of a type ModelForge knows, no output that is one, or string inputs beside bfloat16
+    outputs. The inference service refuses the same when it loads one (its sessions module, which the registry
+    cannot import), for versions stored without this check."""
+    if unserved := [repr(spec.name) for spec in found.inputs if spec.dtype == "UNSPECIFIED"]:
+        raise NotServable(
+            f"its inputs {', '.join(unserved)} are not tensors of a type it serves (a sequence, a map, an optional, "
+            "or an element type such as float8); requests carry tensors only"
+        )
+    if all(spec.dtype == "UNSPECIFIED" for spec in found.outputs):
+        raise NotServable(
+            "it has no output that is a tensor of a type it serves (a scikit-learn model converted by skl2onnx "
+            "with options={'zipmap': False} returns tensors)"
+        )
+    if any(spec.dtype == "STRING" for spec in found.inputs) and any(s.dtype == "BFLOAT16" for s in found.outputs):
+        raise NotServable(
+            "ONNX Runtime takes string inputs only on the path that cannot return bfloat16 outputs; cast the outputs "
+            "to float32 or float16"
+        )
 
 
 # The most characters of a library's message that a refusal quotes (its first line).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import onnx
@@ -10,7 +11,7 @@ from onnx import TensorProto, helper
 
 from modelforge_registry import onnxfile
 from modelforge_registry.domain import OperatorSet, TensorSpec
-from modelforge_registry.errors import ExternalDataRefused, InvalidOnnx
+from modelforge_registry.errors import ExternalDataRefused, InvalidOnnx, NotServable
 from tests.fixtures.onnx_models import (
     IR_VERSION,
     OPSET,
@@ -20,6 +21,9 @@ from tests.fixtures.onnx_models import (
     build_external_data_escape,
     build_identity,
     build_mlp,
+    build_sequence_input,
+    build_sequence_output,
+    build_string_and_bfloat16,
     build_string_model,
     not_onnx_bytes,
     truncated_onnx_bytes,
@@ -58,10 +62,26 @@ def test_dtypes_map_to_our_names_and_unknown_ones_to_unspecified(tmp_path: Path)
     assert [spec.dtype for spec in signature.inputs] == ["UNSPECIFIED"]
 
 
-def test_a_model_onnx_runtime_cannot_load_is_refused_unless_the_runtime_check_is_off(tmp_path: Path) -> None:
-    path = write_model(build_identity(TensorProto.COMPLEX64, ["batch"]), tmp_path / "c.onnx")
-    with pytest.raises(InvalidOnnx, match="cannot load it: Exception during loading: MLDataType for: tensor.complex64"):
+@pytest.mark.parametrize(
+    ("model", "says"),
+    [
+        (build_identity(TensorProto.COMPLEX64, ["batch"]), "its inputs 'x' are not tensors of a type it serves"),
+        (build_sequence_input(), "its inputs 'items' are not tensors of a type it serves"),
+        (build_sequence_output(), "it has no output that is a tensor of a type it serves"),
+        (build_string_and_bfloat16(), "ONNX Runtime takes string inputs only on the path that cannot return bfloat16"),
+    ],
+)
+def test_a_model_no_request_could_be_served_on_is_refused_unless_the_runtime_check_is_off(
+    tmp_path: Path, model: onnx.ModelProto, says: str
+) -> None:
+    path = write_model(model, tmp_path / "m.onnx")
+    with pytest.raises(NotServable, match=f"^ModelForge cannot serve this model: {re.escape(says)}") as raised:
         onnxfile.inspect_file(path)
+    assert raised.value.reason == "MODEL_NOT_SERVABLE" and "MODELFORGE_RUNTIME_CHECK=false" in str(raised.value)
+    assert onnxfile.inspect_file(path, runtime_check=False)[0].inputs
+
+
+def test_a_model_onnx_runtime_cannot_load_is_refused_unless_the_runtime_check_is_off(tmp_path: Path) -> None:
     custom = write_model(build_custom_op(), tmp_path / "custom.onnx")
     with pytest.raises(InvalidOnnx, match=r"FancyOp\(-1\) is not a registered function/op \(if the model is meant"):
         onnxfile.inspect_file(custom)

@@ -8,6 +8,8 @@ the inference service leaves it out of the signature and never asks ONNX Runtime
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import grpc
 import numpy as np
 import onnx
@@ -18,7 +20,14 @@ from sklearn.linear_model import LogisticRegression
 
 from modelforge.inference.v1 import inference_pb2
 from modelforge.oip.v2 import grpc_service_pb2 as pb
-from tests.fixtures.onnx_models import build_sequence_input, build_sequence_output, model_bytes
+from modelforge_registry.settings import RegistrySettings
+from tests.fixtures.onnx_models import (
+    build_sequence_input,
+    build_sequence_output,
+    build_string_and_bfloat16,
+    model_bytes,
+)
+from tests.fixtures.servers import registry_settings_for
 from tests.integration.inference.conftest import RunningInference, failure, outputs, predict_request, ref, upload
 
 # Two clusters around (0.5, 0.5) and (2.5, 2.5): any fit separates them, so sklearn's labels are stable.
@@ -27,6 +36,13 @@ FEATURES = np.array(
 )
 TARGETS = np.array([0, 0, 0, 0, 1, 1, 1, 1, 0, 1], dtype=np.int64)
 QUERY = np.array([[0.1, 0.3], [2.9, 3.1], [1.0, 1.2], [2.1, 1.9], [-1.0, 0.0]], dtype=np.float32)
+
+
+@pytest.fixture
+def registry_settings(clean_db: str, tmp_path: Path) -> RegistrySettings:
+    """These tests' registry stores models the inference service cannot serve (MODELFORGE_RUNTIME_CHECK=false): what
+    an inference replica does with such a version is under test here."""
+    return registry_settings_for(clean_db, tmp_path / "registry", runtime_check=False)
 
 
 @pytest.fixture(scope="module")
@@ -174,3 +190,13 @@ async def test_a_model_no_request_can_feed_is_listed_failed_with_why_once_asked_
     [listed] = [model for model in index.models if model.name == "sequence-input"]
     assert (listed.version, listed.state) == ("1", "UNAVAILABLE")
     assert "not tensors ModelForge serves" in listed.reason
+
+
+async def test_a_model_with_string_inputs_and_bfloat16_outputs_fails_to_load_with_failed_precondition(
+    inference: RunningInference,
+):
+    await upload(inference, "text-and-bf16", model_bytes(build_string_and_bfloat16()))
+    load = inference_pb2.LoadModelRequest(ref=ref("text-and-bf16"))
+    code, reason, details = await failure(inference.stub.LoadModel(load))
+    assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "MODEL_LOAD_FAILED")
+    assert "a model with string inputs and bfloat16 outputs cannot be served" in details
