@@ -307,12 +307,15 @@ async def migrate(pool: AsyncConnectionPool, *, schema: str, package: str) -> li
     """Applies the package's migrations not yet recorded in <schema>.schema_migrations, one transaction each.
 
     An advisory lock per schema serialises replicas that start at the same time; the others wait, then find
-    nothing left to apply. Returns the names of the files applied.
+    nothing left to apply. Migrations a newer version recorded are logged as a warning: the schema is used as it is,
+    as an older replica uses it during a rolling upgrade (migrations add, never take away). Returns the names of the
+    files applied.
     """
     applied: list[str] = []
     ident = sql.Identifier(schema)
+    files = migration_files(package)
     async with pool.connection() as conn:
-        for number, name, text in migration_files(package):
+        for number, name, text in files:
             async with conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"modelforge.migrate.{schema}",))
                 await conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(ident))
@@ -335,4 +338,16 @@ async def migrate(pool: AsyncConnectionPool, *, schema: str, package: str) -> li
                 )
                 applied.append(name)
                 log.info("applied migration %s.%s", schema, name)
+        known = files[-1][0] if files else 0
+        cur = await conn.execute(
+            sql.SQL("SELECT name FROM {}.schema_migrations WHERE version > %s ORDER BY version").format(ident), (known,)
+        )
+        if newer := [row[0] for row in await cur.fetchall()]:
+            log.warning(
+                "the %s schema has migrations this version of ModelForge does not know (%s): a newer version "
+                "upgraded it. This one runs on it, as an older replica does during a rolling upgrade, but going "
+                "back to an older version is not supported: run the newer one",
+                schema,
+                ", ".join(newer),
+            )
     return applied

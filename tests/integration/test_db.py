@@ -35,6 +35,25 @@ async def test_migrations_apply_once_in_order(fresh: AsyncConnectionPool) -> Non
         assert [row[0] for row in await cur.fetchall()] == [1, 2]
 
 
+async def test_a_schema_a_newer_version_migrated_further_is_used_with_a_warning(
+    fresh: AsyncConnectionPool, caplog: pytest.LogCaptureFixture
+) -> None:
+    await db.migrate(fresh, schema="sample", package="tests.fixtures.sample_migrations")
+    async with fresh.connection() as conn:  # as a newer version leaves it: a migration this one does not ship
+        await conn.execute("INSERT INTO sample.schema_migrations (version, name) VALUES (3, '0003_from_later.sql')")
+    with caplog.at_level(logging.WARNING, logger="modelforge.db"):
+        assert await db.migrate(fresh, schema="sample", package="tests.fixtures.sample_migrations") == []
+    (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "sample schema has migrations this version of ModelForge does not know (0003_from_later.sql)" in (
+        warning.getMessage()
+    )
+    caplog.clear()
+    async with fresh.connection() as conn:
+        await conn.execute("DELETE FROM sample.schema_migrations WHERE version = 3")
+    await db.migrate(fresh, schema="sample", package="tests.fixtures.sample_migrations")
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
 async def test_replicas_starting_together_apply_each_migration_once(fresh: AsyncConnectionPool) -> None:
     results = await asyncio.gather(
         *(db.migrate(fresh, schema="sample", package="tests.fixtures.sample_migrations") for _ in range(4))
