@@ -69,7 +69,7 @@ def decode(token: str, kinds: tuple[type, ...], request: Message) -> list[Any] |
     key = payload.get("k") if isinstance(payload, dict) else None
     if not isinstance(key, list):
         raise InvalidArgument(
-            "page_token is not one this server issued; pass next_page_token from the previous response unchanged",
+            f"page_token is not one this server issued; {_PASS_IT_ON}",
             field="page_token",
         )
     if payload.get("l") != request.DESCRIPTOR.full_name:  # another listing's, though its key may fit this one
@@ -104,9 +104,15 @@ def _fingerprint(request: Message) -> str:
     return hashlib.blake2b(rest.SerializeToString(deterministic=True), digest_size=8).hexdigest()
 
 
+_PASS_IT_ON = (
+    "pass next_page_token from the previous response unchanged (a token kept from another version of ModelForge "
+    "does not carry over: list again from the first page)"
+)
+
+
 def foreign_token() -> InvalidArgument:
     """The error for a token that decodes but is not of this listing (a listing that checks its key further)."""
     return InvalidArgument(
-        "page_token does not belong to this listing; pass next_page_token from the previous response unchanged",
+        f"page_token does not belong to this listing; {_PASS_IT_ON}",
         field="page_token",
     )

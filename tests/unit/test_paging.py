@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import base64
+import json
+
 import pytest
 
 from modelforge.jobs.v1.jobs_pb2 import ListDatasetsRequest, ListJobsRequest
@@ -66,3 +69,13 @@ def test_a_token_given_with_other_filters_is_invalid_argument(other: ListJobsReq
     token = paging.encode(["2026-01-01T00:00:00+00:00", "x"], REQUEST)
     with pytest.raises(InvalidArgument, match="page_token came with other filters than the request that gave it"):
         paging.decode(token, (str, str), other)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [["model-a", 42], {"k": ["model-a", 42], "r": ""}],  # as versions before the listing's name was kept issued
+)
+def test_a_token_from_an_earlier_version_is_refused_with_how_to_start_again(payload: object) -> None:
+    token = base64.urlsafe_b64encode(json.dumps(payload).encode()).decode().rstrip("=")
+    with pytest.raises(InvalidArgument, match="from another version of ModelForge does not carry over: list again"):
+        paging.decode(token, (str, int), REQUEST)
