@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import psycopg
 import pytest
 from onnx import TensorProto, helper
 
@@ -248,6 +249,15 @@ async def test_predict_load_stats_and_jobs(
     removed = await cli("jobs", "rm-dataset", dataset.id, *addresses)  # its job has finished: it may go
     assert (removed.code, removed.out) == (0, f"deleted dataset {dataset.id}\n"), removed.err
     assert dataset.id not in (await cli("jobs", "datasets", *addresses)).out
+    read_it = on_dataset.out.split()[2]
+    shown = await cli("jobs", "show", read_it, *addresses)
+    assert f"input        dataset {dataset.id} (deleted since)\n" in shown.out
+    async with await psycopg.AsyncConnection.connect(jobs_api.settings.database_url or "", autocommit=True) as conn:
+        # As versions before jobs migration 0005 left such a job: no id of the dataset it read.
+        await conn.execute("UPDATE jobs.jobs SET input_dataset_id = NULL WHERE id = %s", (read_it,))
+        shown = await cli("jobs", "show", read_it, *addresses)
+        assert "input        a dataset, deleted since\n" in shown.out
+        await conn.execute("UPDATE jobs.jobs SET input_dataset_id = %s WHERE id = %s", (dataset.id, read_it))
     result = await cli("jobs", "result", job_id, "--out", str(tmp_path / "result.npz"), *addresses)
     assert (result.code, result.out) == (0, f"wrote y float32[3, 4] to {tmp_path / 'result.npz'}\n"), result.err
     with np.load(tmp_path / "result.npz", allow_pickle=False) as saved:

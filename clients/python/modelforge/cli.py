@@ -698,6 +698,13 @@ def cmd_jobs_submit(ctx: Context) -> int:
     return 0
 
 
+def _input_line(status: JobStatus) -> str:
+    if not status.dataset_deleted:
+        return f"dataset {status.dataset_id}" if status.dataset_id else "inline"
+    # A dataset deleted before ModelForge kept the id of a job's dataset (jobs migration 0005) left none.
+    return f"dataset {status.dataset_id} (deleted since)" if status.dataset_id else "a dataset, deleted since"
+
+
 def cmd_jobs_ls(ctx: Context) -> int:
     a = ctx.args
     with ctx.jobs() as jobs:
@@ -745,8 +752,7 @@ def cmd_jobs_show(ctx: Context) -> int:
     print(
         f"progress     {p.items_done}/{p.items_total} items, {p.batches_done}/{p.batches_total} batches", file=ctx.out
     )
-    deleted = " (deleted since)" if s.dataset_deleted else ""
-    print(f"input        {'dataset ' + s.dataset_id + deleted if s.dataset_id else 'inline'}", file=ctx.out)
+    print(f"input        {_input_line(s)}", file=ctx.out)
     print(f"batch size   {s.batch_size}, priority {s.priority.value}", file=ctx.out)
     print(f"attempts     {s.attempt_count} of {s.max_attempts}", file=ctx.out)
     print(f"created      {_when(s.create_time)}", file=ctx.out)

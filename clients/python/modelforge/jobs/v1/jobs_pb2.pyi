@@ -275,7 +275,8 @@ class Job(_message.Message):
     """Output only. The state."""
     dataset_id: _builtins.str
     """Output only. The id of the dataset read, when the input was a dataset; empty for inline input. Kept when the
-    dataset is deleted (see dataset_deleted).
+    dataset is deleted (see dataset_deleted), except by versions of ModelForge before 2026-11-25: a job whose
+    dataset was deleted under one of those has dataset_deleted set and no dataset_id.
     """
     batch_size: _builtins.int
     """Output only. Items per inference request."""
