@@ -246,9 +246,9 @@ def _node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
         if attribute.HasField("t"):
             yield attribute.t
         yield from attribute.tensors
-        if attribute.HasField("sparse_tensor"):
-            yield attribute.sparse_tensor.values
-            yield attribute.sparse_tensor.indices
+        for sparse in (attribute.sparse_tensor, *attribute.sparse_tensors):
+            yield sparse.values
+            yield sparse.indices
         if attribute.HasField("g"):
             yield from _graph_tensors(attribute.g)
         for graph in attribute.graphs:

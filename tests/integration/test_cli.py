@@ -145,6 +145,11 @@ async def test_errors_are_one_line_and_non_zero(cli: Cli, not_onnx: ModelFile, t
 
     no_file = await cli("models", "push", str(tmp_path / "absent.onnx"), "--name", "x")
     assert no_file.code == 2 and "no such file" in no_file.err
+    a_directory = await cli("models", "push", str(tmp_path), "--name", "x")
+    assert (a_directory.code, a_directory.err) == (
+        2,
+        f"modelforge: {tmp_path} is a directory; give the .onnx file to push\n",
+    )
 
     bad_ref = await cli("models", "show", "Not-A-Name")
     assert bad_ref.code == 2 and "invalid model name" in bad_ref.err

@@ -146,6 +146,27 @@ def test_external_data_inside_a_subgraph_is_found(tmp_path: Path) -> None:
     assert "outside the model's directory" in str(caught.value)
 
 
+def test_external_data_in_a_list_of_sparse_tensors_is_found(tmp_path: Path) -> None:
+    values = onnx.TensorProto(name="v", data_type=TensorProto.FLOAT, dims=[1])
+    values.data_location = TensorProto.EXTERNAL
+    values.external_data.add(key="location", value="../w.bin")
+    node = helper.make_node("Identity", ["x"], ["y"])
+    listed = onnx.AttributeProto(name="listed", type=onnx.AttributeProto.SPARSE_TENSORS)
+    listed.sparse_tensors.add(values=values, indices=helper.make_tensor("i", TensorProto.INT64, [1], [0]), dims=[2])
+    node.attribute.append(listed)
+    graph = helper.make_graph(
+        [node],
+        "listed_sparse",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = IR_VERSION
+    with pytest.raises(ExternalDataRefused) as caught:  # not the checker's INVALID_ONNX, which looked at the path
+        onnxfile.inspect_file(write_model(model, tmp_path / "m.onnx"))
+    assert caught.value.metadata == {"tensor": "v", "location": "../w.bin"}
+
+
 @pytest.mark.parametrize(
     ("location", "escapes"),
     [

@@ -204,6 +204,8 @@ def cmd_up(ctx: Context) -> int:
 def cmd_models_push(ctx: Context) -> int:
     a = ctx.args
     path = Path(a.file)
+    if path.is_dir():
+        raise UsageError(f"{path} is a directory; give the .onnx file to push")
     if not path.is_file():
         raise UsageError(f"no such file: {path}")
     bar = ProgressBar(f"uploading {path.name}", ctx.err)
