@@ -80,6 +80,7 @@ async def build(settings: JobsSettings, stack: AsyncExitStack) -> app.Server:
         watch_interval=settings.watch_interval,
         default_batch_size=settings.default_job_batch_size,
         default_batch_bytes=settings.default_job_batch_bytes,
+        default_max_attempts=settings.default_max_attempts,
         metrics=ApiMetrics(metrics),
     )
     server = app.build_server(

@@ -207,13 +207,14 @@ class JobSpec:
 
     def differences(self, job: Job) -> list[str]:
         """What `job` was submitted with that this submission, repeating its request_id, does not ask for, its
-        input aside; [] for a true repeat. A batch_size of 0 asks for whatever the job was given."""
+        input aside; [] for a true repeat. A batch_size or max_attempts of 0 asks for whatever the job was given."""
+        labels = ", ".join(f"{key}={value}" for key, value in sorted(job.labels.items()))
         given = [
             ("model_ref", job.model_ref, self.model_ref, str(job.model_ref)),
             ("batch_size", job.batch_size, self.batch_size or job.batch_size, str(job.batch_size)),
             ("priority", job.priority, self.priority, job.priority.name),
-            ("labels", job.labels, self.labels, repr(job.labels)),
-            ("max_attempts", job.max_attempts, self.max_attempts, str(job.max_attempts)),
+            ("labels", job.labels, self.labels, f"{{{labels}}}"),
+            ("max_attempts", job.max_attempts, self.max_attempts or job.max_attempts, str(job.max_attempts)),
             ("time_limit", job.time_limit, self.time_limit, f"{job.time_limit}s" if job.time_limit else "none"),
         ]
         return [f"{name} {shown}" for name, was, asked, shown in given if was != asked]

@@ -137,6 +137,7 @@ class Jobs:
         result_page_bytes: int = 16 << 20,
         default_batch_size: int = 256,
         default_batch_bytes: int = 16 << 20,
+        default_max_attempts: int = 3,
         metrics: ApiMetrics | None = None,
     ) -> None:
         self._store = store
@@ -151,6 +152,7 @@ class Jobs:
         self._result_page_bytes = result_page_bytes
         self._default_batch_size = default_batch_size
         self._default_batch_bytes = default_batch_bytes
+        self._default_max_attempts = default_max_attempts
         self._metrics = metrics
 
     # --- submission -----------------------------------------------------------------------------------------
@@ -165,7 +167,9 @@ class Jobs:
             existing = await self._store.get_job_by_request_id(spec.request_id)
             if existing is not None:
                 same_dataset = spec.dataset_id is not None and spec.dataset_id == existing.input_dataset_id
-                _check_repeat(existing, spec, existing.input_digest if same_dataset else await self._digest(spec))
+                unknown = existing.input_digest is None  # recorded before migration 0007: the input is not compared
+                digest = existing.input_digest if same_dataset or unknown else await self._digest(spec)
+                _check_repeat(existing, spec, digest)
                 return existing
         model = await self._registry.resolve(spec.model_ref, within=time_remaining)
         if spec.dataset_id is not None:
@@ -179,7 +183,11 @@ class Jobs:
             raise InvalidInput("the input holds no items; give at least one", field="inline_input")
         check_signature(model, tensors)
         item_bytes = max(bytes_per_item(input_bytes, items), model.output_item_bytes)
-        spec = replace(spec, batch_size=self._batch_size(model, spec.batch_size, items, item_bytes))
+        spec = replace(
+            spec,
+            batch_size=self._batch_size(model, spec.batch_size, items, item_bytes),
+            max_attempts=spec.max_attempts or self._default_max_attempts,
+        )
         job, created = await self._store.insert_job(
             uuid.uuid4(),
             spec,

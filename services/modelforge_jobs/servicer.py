@@ -48,7 +48,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             batch_size=request.batch_size,  # 0: the default, or what the model fixes
             priority=priority,
             labels=dict(request.labels),
-            max_attempts=request.max_attempts or settings.default_max_attempts,
+            max_attempts=request.max_attempts,  # 0: the default
             time_limit=limit or None,
             request_id=request.request_id or None,
         )
@@ -56,7 +56,9 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         if which == "dataset_id":
             return replace(spec, dataset_id=parse_id(request.dataset_id, "dataset_id"))
         if which == "inline_input":
-            spec = replace(spec, inline_input=request.inline_input.SerializeToString())
+            # In the order of their names: the same tensors sent in another order are the same input (its sha256).
+            record = jobs_pb2.DatasetRecord(tensors=sorted(request.inline_input.tensors, key=lambda t: t.name))
+            spec = replace(spec, inline_input=record.SerializeToString())
             return inline_spec(spec, request.inline_input.tensors)
         raise InvalidInput("the input is required: set inline_input or dataset_id")
 

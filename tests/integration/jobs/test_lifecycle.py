@@ -18,7 +18,7 @@ from modelforge.jobs.v1 import jobs_pb2
 from modelforge.registry.v1 import registry_pb2
 from modelforge_inference.__main__ import build as build_inference
 from modelforge_server import embedded
-from tests.fixtures.onnx_models import build_counter, image_generator, model_bytes  # noqa: F401
+from tests.fixtures.onnx_models import build_counter, build_multi_io, image_generator, model_bytes  # noqa: F401
 from tests.fixtures.polling import eventually
 from tests.fixtures.proxy import TcpProxy
 from tests.integration.inference.test_scheduling import wait_in_flight
@@ -350,7 +350,7 @@ async def test_a_request_id_repeated_with_the_same_request_answers_its_job(jobs_
 @pytest.mark.parametrize(
     ("change", "named"),
     [
-        ({"labels": {"team": "b"}}, "labels {'team': 'a'}"),
+        ({"labels": {"team": "b"}}, "labels {team=a}"),
         ({"priority": jobs_pb2.JOB_PRIORITY_HIGH}, "priority NORMAL"),
         ({"batch_size": 3}, "batch_size 2"),
         ({"max_attempts": 5}, "max_attempts 3"),
@@ -428,6 +428,40 @@ async def test_a_job_recorded_without_an_input_digest_answers_a_repeat_of_its_re
     with pytest.raises(grpc.aio.AioRpcError) as raised:  # its other fields are still compared
         await jobs_api.stub.CreateJob(inline_request("add-one", {"x": _x(4)}, request_id="from-before", batch_size=3))
     assert raised.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+    # One that read a dataset deleted since, before migration 0005 kept its id: the dataset is not looked up.
+    dataset = await upload_dataset(jobs_api.stub, dataset_file({"x": _x(6)}, record_items=4))
+    on_dataset = jobs_pb2.CreateJobRequest(
+        model_ref=registry_pb2.ModelRef(name="add-one"), dataset_id=dataset.id, request_id="read-a-dataset"
+    )
+    read_it = (await jobs_api.stub.CreateJob(on_dataset)).job
+    await jobs_api.stub.CancelJob(jobs_pb2.CancelJobRequest(id=read_it.id))  # finished: its dataset may go
+    await jobs_api.stub.DeleteDataset(jobs_pb2.DeleteDatasetRequest(id=dataset.id))
+    async with await psycopg.AsyncConnection.connect(jobs_settings.database_url or "", autocommit=True) as conn:
+        await conn.execute(
+            "UPDATE jobs.jobs SET input_digest = NULL, input_dataset_id = NULL WHERE id = %s", (read_it.id,)
+        )
+    assert (await jobs_api.stub.CreateJob(on_dataset)).job.id == read_it.id
+
+
+async def test_a_request_id_repeated_with_its_tensors_in_another_order_answers_its_job(jobs_api, inference) -> None:
+    await upload(inference, "two-inputs", model_bytes(build_multi_io()))
+    features, ids = np.ones((3, 4), np.float32), np.arange(6, dtype=np.int64).reshape(3, 2)
+    first = inline_request("two-inputs", {"features": features, "ids": ids}, request_id="ordered")
+    again = inline_request("two-inputs", {"ids": ids, "features": features}, request_id="ordered")
+    assert (await jobs_api.stub.CreateJob(first)).job.id == (await jobs_api.stub.CreateJob(again)).job.id
+
+
+async def test_a_request_id_repeated_without_max_attempts_answers_its_job_after_the_default_changed(
+    jobs_settings, start_jobs_api, inference, add_one
+) -> None:
+    await upload(inference, "add-one", add_one)
+    request = inline_request("add-one", {"x": _x(4)}, request_id="defaulted")  # max_attempts 0: the default
+    async with start_jobs_api(jobs_settings) as api:
+        first = (await api.stub.CreateJob(request)).job
+    assert first.max_attempts == jobs_settings.default_max_attempts
+    async with start_jobs_api(replace(jobs_settings, default_max_attempts=7)) as api:
+        assert (await api.stub.CreateJob(request)).job.id == first.id
 
 
 async def test_restarted_api_loses_nothing(jobs_settings, start_jobs_api, start_worker, inference, add_one) -> None:

@@ -275,8 +275,8 @@ class Job(_message.Message):
     """Output only. The state."""
     dataset_id: _builtins.str
     """Output only. The id of the dataset read, when the input was a dataset; empty for inline input. Kept when the
-    dataset is deleted (see dataset_deleted), except by versions of ModelForge before 2026-11-25: a job whose
-    dataset was deleted under one of those has dataset_deleted set and no dataset_id.
+    dataset is deleted (see dataset_deleted), except where the dataset was deleted before jobs migration 0005: such
+    a job has dataset_deleted set and no dataset_id.
     """
     batch_size: _builtins.int
     """Output only. Items per inference request."""
@@ -519,8 +519,9 @@ class CreateJobRequest(_message.Message):
     request_id: _builtins.str
     """Optional. A client-chosen id (a UUID is recommended, at most 128 characters) that makes the call
     idempotent: a CreateJob with a request_id seen before returns that job and creates nothing. The repeat must
-    ask for the same model_ref, batch_size (or 0), priority, labels, max_attempts, time_limit and input (compared
-    by sha256: the same items uploaded again as another dataset match); anything else is ALREADY_EXISTS.
+    ask for the same model_ref, batch_size and max_attempts (or 0 for either), priority, labels, time_limit and
+    input, compared by sha256: the same tensors inline, in any order, or a dataset file of the same bytes uploaded
+    again. Anything else is ALREADY_EXISTS.
     """
     @_builtins.property
     def model_ref(self) -> _registry_pb2.ModelRef:
