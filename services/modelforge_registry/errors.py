@@ -151,7 +151,8 @@ class InvalidOnnx(InvalidArgument):
 
 
 class NotServable(InvalidOnnx):
-    """A valid model that no inference replica could ever serve: the runtime check's refusal, from its signature."""
+    """A model that no inference replica could ever serve, whatever the request: the runtime check's refusal, from
+    the model's signature."""
 
     reason = "MODEL_NOT_SERVABLE"
 

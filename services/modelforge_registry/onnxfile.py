@@ -88,14 +88,19 @@ def inspect_file(path: Path, *, runtime_check: bool = True) -> Inspected:
 
 
 def _check_servable(found: Signature) -> None:
-    """Refuses a model whose signature no request could ever be served on, which ONNX Runtime itself loads: inputs
-    that are not tensors of a type ModelForge knows, no output that is one, or string inputs beside bfloat16
-    outputs. The inference service refuses the same when it loads one (its sessions module, which the registry
-    cannot import), for versions stored without this check."""
+    """Refuses a model whose signature no request could ever be served on: inputs that are not tensors of a type
+    ModelForge knows, no output that is one, or string inputs beside bfloat16 outputs. The inference service refuses
+    the same when it loads one (its sessions module, which the registry cannot import), for versions stored without
+    this check."""
     if unserved := [repr(spec.name) for spec in found.inputs if spec.dtype == "UNSPECIFIED"]:
+        which = (
+            f"inputs {', '.join(unserved)} are not tensors"
+            if len(unserved) > 1
+            else f"input {unserved[0]} is no tensor"
+        )
         raise NotServable(
-            f"its inputs {', '.join(unserved)} are not tensors of a type it serves (a sequence, a map, an optional, "
-            "or an element type such as float8); requests carry tensors only"
+            f"its {which} of a type it serves (a sequence, a map, an optional, or an element type such as float8 or "
+            "complex64); requests carry tensors only"
         )
     if all(spec.dtype == "UNSPECIFIED" for spec in found.outputs):
         raise NotServable(
@@ -256,9 +261,12 @@ def _node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
 
 
 def signature(model: onnx.ModelProto) -> Signature:
-    initializers = {tensor.name for tensor in model.graph.initializer}
-    inputs = tuple(_spec(value) for value in model.graph.input if value.name not in initializers)
-    outputs = tuple(_spec(value) for value in model.graph.output)
+    """The inputs a request feeds and the outputs: a graph input an initializer (dense or sparse) gives a default
+    for is left out, as ONNX Runtime leaves it out of a session's inputs."""
+    graph = model.graph
+    initializers = {tensor.name for tensor in graph.initializer} | {s.values.name for s in graph.sparse_initializer}
+    inputs = tuple(_spec(value) for value in graph.input if value.name not in initializers)
+    outputs = tuple(_spec(value) for value in graph.output)
     return Signature(inputs=inputs, outputs=outputs)
 
 

@@ -338,10 +338,10 @@ async def migrate(pool: AsyncConnectionPool, *, schema: str, package: str) -> li
                 )
                 applied.append(name)
                 log.info("applied migration %s.%s", schema, name)
-        known = files[-1][0] if files else 0
-        cur = await conn.execute(
-            sql.SQL("SELECT name FROM {}.schema_migrations WHERE version > %s ORDER BY version").format(ident), (known,)
-        )
+        if not files:
+            return applied
+        newer_sql = sql.SQL("SELECT name FROM {}.schema_migrations WHERE version > %s ORDER BY version")
+        cur = await conn.execute(newer_sql.format(ident), (files[-1][0],))
         if newer := [row[0] for row in await cur.fetchall()]:
             log.warning(
                 "the %s schema has migrations this version of ModelForge does not know (%s): a newer version "

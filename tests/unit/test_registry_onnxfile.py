@@ -65,8 +65,8 @@ def test_dtypes_map_to_our_names_and_unknown_ones_to_unspecified(tmp_path: Path)
 @pytest.mark.parametrize(
     ("model", "says"),
     [
-        (build_identity(TensorProto.COMPLEX64, ["batch"]), "its inputs 'x' are not tensors of a type it serves"),
-        (build_sequence_input(), "its inputs 'items' are not tensors of a type it serves"),
+        (build_identity(TensorProto.COMPLEX64, ["batch"]), "its input 'x' is no tensor of a type it serves"),
+        (build_sequence_input(), "its input 'items' is no tensor of a type it serves"),
         (build_sequence_output(), "it has no output that is a tensor of a type it serves"),
         (build_string_and_bfloat16(), "ONNX Runtime takes string inputs only on the path that cannot return bfloat16"),
     ],
@@ -82,10 +82,45 @@ def test_a_model_no_request_could_be_served_on_is_refused_unless_the_runtime_che
 
 
 def test_a_model_onnx_runtime_cannot_load_is_refused_unless_the_runtime_check_is_off(tmp_path: Path) -> None:
+    graph = helper.make_graph(  # a complex64 output beside a float one: servable, were there kernels for it
+        [helper.make_node("Identity", ["x"], ["y"]), helper.make_node("Identity", ["c"], ["z"])],
+        "complex_beside",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [2]),
+            helper.make_tensor_value_info("z", TensorProto.COMPLEX64, [1]),
+        ],
+        [helper.make_tensor("c", TensorProto.COMPLEX64, [1], [1 + 0j])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = IR_VERSION
+    path = write_model(model, tmp_path / "c.onnx")
+    with pytest.raises(InvalidOnnx, match="cannot load it: .*complex64") as raised:
+        onnxfile.inspect_file(path)
+    assert raised.value.reason == "INVALID_ONNX"
     custom = write_model(build_custom_op(), tmp_path / "custom.onnx")
     with pytest.raises(InvalidOnnx, match=r"FancyOp\(-1\) is not a registered function/op \(if the model is meant"):
         onnxfile.inspect_file(custom)
     assert onnxfile.inspect_file(custom, runtime_check=False)[0].inputs[0].name == "x"
+
+
+def test_an_input_a_sparse_initializer_gives_a_default_for_is_no_input_of_the_signature(tmp_path: Path) -> None:
+    default = helper.make_sparse_tensor(
+        helper.make_tensor("b", TensorProto.FLOAT, [1], [1.0]),
+        helper.make_tensor("i", TensorProto.INT64, [1], [0]),
+        [2],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "b"], ["y"])],
+        "sparse_default",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2]), helper.make_tensor_value_info("b", 1, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+        sparse_initializer=[default],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = IR_VERSION
+    signature, _ = onnxfile.inspect_file(write_model(model, tmp_path / "m.onnx"))
+    assert [spec.name for spec in signature.inputs] == ["x"]  # as ONNX Runtime serves it: `b` may not be fed
 
 
 def test_facts_come_from_the_file(tmp_path: Path) -> None:
