@@ -17,7 +17,7 @@ import pytest
 from modelforge.common.v1 import tensor_pb2
 from modelforge.registry.v1 import registry_pb2 as pb
 from modelforge.registry.v1 import registry_pb2_grpc as pb_grpc
-from tests.fixtures.onnx_models import build_add_one, build_custom_op, model_bytes
+from tests.fixtures.onnx_models import build_add_one, build_custom_op, build_sequence_input, model_bytes
 from tests.fixtures.polling import eventually
 from tests.fixtures.proxy import TcpProxy
 from tests.fixtures.servers import MiB, registry_settings_for, running_registry, upload_model, upload_requests
@@ -127,6 +127,16 @@ async def test_a_model_onnx_runtime_cannot_load_is_refused_saying_so_and_leaves_
     assert "MODELFORGE_RUNTIME_CHECK=false" in details
     assert str(registry.settings.data_dir) not in details  # ONNX Runtime's message names the file; ours does not
     await assert_nothing_stored(registry, "custom")
+
+
+async def test_a_model_no_request_could_be_served_on_is_refused_saying_so_and_leaves_nothing(registry) -> None:
+    code, reason, details = await failure(
+        send(registry.stub, upload_requests("seq", model_bytes(build_sequence_input())))
+    )
+    assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "MODEL_NOT_SERVABLE")
+    assert details.startswith("ModelForge cannot serve this model: its input 'items' is no tensor of a type it serves")
+    assert "MODELFORGE_RUNTIME_CHECK=false" in details
+    await assert_nothing_stored(registry, "seq")
 
 
 async def test_a_registry_without_the_runtime_check_takes_a_model_meant_for_custom_operators(
