@@ -102,6 +102,9 @@ async def test_push_list_show_alias_archive_and_remove(cli: Cli, add_one: ModelF
     moved = await cli("models", "alias", "demo", "2", "production")
     assert (moved.code, moved.out.strip()) == (0, "demo@production -> 2")
 
+    unnamed = await cli("models", "archive", "demo")  # not whichever version is newest
+    assert (unnamed.code, unnamed.err) == (2, "modelforge: 'demo' names a model, not one of its versions: give demo:N "
+                                              "or demo@ALIAS\n")  # fmt: skip
     archived = await cli("models", "archive", "demo:1")
     assert (archived.code, archived.out.strip()) == (0, "archived demo:1")
     async with AsyncRegistryClient(registry.address) as client:

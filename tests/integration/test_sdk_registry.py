@@ -99,6 +99,11 @@ async def test_versions_list_archive_restore_and_delete(client: AsyncRegistryCli
     assert caught.value.reason == "VERSION_HAS_ALIASES"
     assert await client.delete_alias("adder", "canary") == 1
     await client.delete_version("adder:1")
+    for change in (client.delete_version, client.archive, client.restore, client.update_version):
+        with pytest.raises(ValueError, match="'adder' names a model, not one of its versions: give adder:N or adder@"):
+            await change("adder")  # not whichever version happens to be newest
+    assert [v.version async for v in client.list_versions("adder")] == [3, 2]
+    assert [v.state async for v in client.list_versions("adder")] == [VersionState.READY] * 2
     updated = await client.update_version("adder:2", description="second", version_label="2.0")
     assert (updated.description, updated.version_label) == ("second", "2.0")
     with pytest.raises(FailedPreconditionError):
@@ -241,6 +246,8 @@ def _sync_scenario(address: str, model_file: Path, data: bytes, out_dir: Path) -
         assert (out_dir / "v2.onnx").read_bytes() == data
         registry.set_alias("sync-model", "production", 2)
         assert registry.archive("sync-model:1").state is VersionState.ARCHIVED
+        with pytest.raises(ValueError, match="names a model, not one of its versions"):
+            registry.delete_version("sync-model")
         try:
             registry.archive("sync-model@production")
         except FailedPreconditionError as exc:

@@ -107,6 +107,17 @@ class _Landing:
             return os.fdopen(fd, "wb"), part
 
 
+def _one_version(ref: str | ModelRef) -> ModelRef:
+    """The ref of the one version a change is for: a version number or an alias. A bare name is refused: it would
+    pick the newest READY version without saying so, and a change to it (a delete) is not for a guess."""
+    parsed = ModelRef.parse(ref)
+    if parsed.version is None and parsed.alias is None:
+        raise ValueError(
+            f"{parsed.name!r} names a model, not one of its versions: give {parsed.name}:N or {parsed.name}@ALIAS"
+        )
+    return parsed
+
+
 def _alias_not_set(error: ModelForgeError, version: ModelVersion, alias: str) -> ModelForgeError:
     """The error of a push whose version was stored but whose alias could not be set: of the same kind, saying so.
 
@@ -372,7 +383,7 @@ class RegistryClient(ChannelClient):
         return _convert.model_version(response.model_version)
 
     def _number(self, ref: str | ModelRef) -> tuple[str, int]:
-        parsed = ModelRef.parse(ref)
+        parsed = _one_version(ref)
         if parsed.version is not None:
             return parsed.name, parsed.version
         return parsed.name, self.resolve(parsed).version
@@ -417,7 +428,8 @@ class RegistryClient(ChannelClient):
         version_label: str | None = None,
         timeout: Timeout = CLIENT_TIMEOUT,
     ) -> ModelVersion:
-        """Changes a version's description, labels and/or version label (those passed)."""
+        """Changes a version's description, labels and/or version label (those passed). ``ref`` is ``name:N`` or
+        ``name@alias``; a bare name is ValueError."""
         name, number = self._number(ref)
         request = _convert.update_version_request(
             name, number, description=description, labels=labels, version_label=version_label
@@ -427,7 +439,8 @@ class RegistryClient(ChannelClient):
         return _convert.model_version(response.model_version)
 
     def archive(self, ref: str | ModelRef, *, timeout: Timeout = CLIENT_TIMEOUT) -> ModelVersion:
-        """Archives a version: it stops being "latest" and no alias may point at it.
+        """Archives a version (``name:N`` or ``name@alias``; a bare name is ValueError): it stops being "latest"
+        and no alias may point at it.
 
         Raises:
             FailedPreconditionError: an alias points at the version; move or delete the alias first.
@@ -440,7 +453,7 @@ class RegistryClient(ChannelClient):
         return _convert.model_version(response.model_version)
 
     def restore(self, ref: str | ModelRef, *, timeout: Timeout = CLIENT_TIMEOUT) -> ModelVersion:
-        """Makes an archived version READY again."""
+        """Makes an archived version (``name:N``) READY again."""
         name, number = self._number(ref)
         with translated():
             response = self.registry_stub.RestoreModelVersion(
@@ -449,7 +462,8 @@ class RegistryClient(ChannelClient):
         return _convert.model_version(response.model_version)
 
     def delete_version(self, ref: str | ModelRef, *, timeout: Timeout = CLIENT_TIMEOUT) -> bool:
-        """Deletes a version for good (its number is never reused); True if its file was removed too.
+        """Deletes a version for good (its number is never reused); True if its file was removed too. ``ref`` is
+        ``name:N`` or ``name@alias``: a bare name is ValueError, as it would delete whichever version is newest.
 
         Raises:
             FailedPreconditionError: an alias points at the version.
@@ -705,7 +719,7 @@ class AsyncRegistryClient(AsyncChannelClient):
         return _convert.model_version(response.model_version)
 
     async def _number(self, ref: str | ModelRef) -> tuple[str, int]:
-        parsed = ModelRef.parse(ref)
+        parsed = _one_version(ref)
         if parsed.version is not None:
             return parsed.name, parsed.version
         return parsed.name, (await self.resolve(parsed)).version
