@@ -36,6 +36,7 @@ from tests.fixtures.onnx_models import (  # noqa: F401
     build_constant,
     build_identity,
     build_nonzero,
+    build_tensor_and_sequence_output,
     image_generator,
     model_bytes,
     not_onnx,
@@ -120,6 +121,14 @@ async def test_push_list_show_alias_archive_and_remove(cli: Cli, add_one: ModelF
     forced = await cli("models", "rm", "demo", "--force")
     assert (forced.code, forced.out.strip()) == (0, "deleted model demo and 1 version(s)")
     assert (await cli("models", "ls")).out.splitlines()[1:] == []
+
+
+async def test_push_of_a_model_with_an_output_that_is_not_served_says_so(cli: Cli, tmp_path: Path) -> None:
+    model = write_model(build_tensor_and_sequence_output(), tmp_path / "both.onnx")
+    pushed = await cli("models", "push", str(model), "--name", "both")
+    assert pushed.code == 0 and pushed.out.startswith("pushed both:1  sha256 "), pushed.err
+    assert pushed.err.startswith("modelforge: note: both:1: output 'items' is not a tensor ModelForge serves")
+    assert pushed.err.count("\n") == 1  # the note, and no Python warning beside it
 
 
 async def test_pull_writes_the_verified_file(cli: Cli, add_one: ModelFile, tmp_path: Path) -> None:

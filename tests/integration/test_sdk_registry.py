@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
+import warnings
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -27,11 +28,20 @@ from modelforge import (
     RegistryClient,
     ResourceExhaustedError,
     UnavailableError,
+    UnservedOutputsWarning,
     VersionState,
 )
 from modelforge._channel import REGISTRY, channel_options
 from modelforge.registry.v1 import registry_pb2
-from tests.fixtures.onnx_models import ModelFile, add_one, mlp, not_onnx, onnx_dir  # noqa: F401
+from tests.fixtures.onnx_models import (  # noqa: F401
+    ModelFile,
+    add_one,
+    build_tensor_and_sequence_output,
+    mlp,
+    model_bytes,
+    not_onnx,
+    onnx_dir,
+)
 from tests.fixtures.polling import eventually
 from tests.fixtures.postgres import tables_locked
 from tests.fixtures.proxy import TcpProxy
@@ -466,3 +476,18 @@ async def test_a_client_keeps_trying_to_reach_its_service_at_least_every_two_sec
             return False
 
         await eventually(back, "the client to reach the registry again")
+
+
+async def test_a_push_of_a_model_with_outputs_that_are_not_served_warns_which(
+    client: AsyncRegistryClient, add_one: ModelFile
+) -> None:
+    with pytest.warns(UnservedOutputsWarning, match=r"both:1: output 'items' is not a tensor ModelForge serves") as w:
+        version = await client.push(model_bytes(build_tensor_and_sequence_output()), name="both")
+    assert len(w) == 1 and "options={'zipmap': False}" in str(w[0].message)
+    assert str(version.signature) == (
+        "inputs x: float32[batch, 2] -> outputs y: float32[batch, 2]; items: not a tensor ModelForge serves (a "
+        "sequence, map or optional, or another element type)"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a model whose outputs are all served: no warning
+        await client.push(add_one.data, name="plain")

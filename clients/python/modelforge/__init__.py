@@ -1,4 +1,4 @@
-"""ModelForge's Python SDK: clients of the registry and inference services, model references and errors.
+"""ModelForge's Python SDK: clients of the registry, inference and jobs services, model references and errors.
 
 ::
 
@@ -70,7 +70,7 @@ from modelforge._errors import (
 from modelforge._inference import AsyncInferenceClient, InferenceClient
 from modelforge._jobs import AsyncJob, AsyncJobsClient, Job, JobsClient
 from modelforge._refs import ModelRef
-from modelforge._registry import AsyncRegistryClient, RegistryClient
+from modelforge._registry import AsyncRegistryClient, RegistryClient, UnservedOutputsWarning
 
 __version__ = "0.1.0"
 
@@ -114,6 +114,7 @@ __all__ = [
     "PermissionDeniedError",
     "Prediction",
     "RegistryClient",
+    "UnservedOutputsWarning",
     "ResourceExhaustedError",
     "Signature",
     "Statistics",

@@ -99,6 +99,10 @@ class Signature:
     inputs: tuple[TensorSpec, ...] = ()
     outputs: tuple[TensorSpec, ...] = ()
 
+    def __str__(self) -> str:
+        inputs, outputs = ("; ".join(map(str, specs)) or "none" for specs in (self.inputs, self.outputs))
+        return f"inputs {inputs} -> outputs {outputs}"
+
 
 @dataclass(frozen=True, slots=True)
 class OnnxInfo:

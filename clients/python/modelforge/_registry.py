@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import os
 import secrets
+import warnings
 from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -105,6 +106,23 @@ class _Landing:
             except FileExistsError:
                 continue
             return os.fdopen(fd, "wb"), part
+
+
+class UnservedOutputsWarning(UserWarning):
+    """A pushed version has outputs that are not tensors ModelForge serves: predictions leave them out."""
+
+
+def _warn_of_unserved_outputs(version: ModelVersion) -> None:
+    unserved = [repr(spec.name) for spec in version.signature.outputs if spec.dtype == "unspecified"]
+    if unserved:
+        warnings.warn(
+            f"{version.ref}: output{'s' if len(unserved) > 1 else ''} {', '.join(unserved)} "
+            f"{'are' if len(unserved) > 1 else 'is'} not a tensor ModelForge serves (a sequence, a map or another "
+            "element type), so predictions leave it out; a scikit-learn classifier exported by skl2onnx with "
+            "options={'zipmap': False} returns its probabilities as a tensor",
+            UnservedOutputsWarning,
+            stacklevel=3,
+        )
 
 
 def _one_version(ref: str | ModelRef) -> ModelRef:
@@ -328,6 +346,10 @@ class RegistryClient(ChannelClient):
         Returns:
             The new version (with the alias, when one was set).
 
+        Warns:
+            UnservedOutputsWarning: some of the model's outputs are not tensors ModelForge serves (a scikit-learn
+                classifier's ZipMap, a list of dicts), so predictions leave them out.
+
         Raises:
             ValueError: the name or the alias is malformed; nothing is sent.
             InvalidArgumentError: the file is not valid ONNX, or it changed while being sent.
@@ -356,6 +378,7 @@ class RegistryClient(ChannelClient):
         except ModelForgeError as exc:
             raise _upload_failed(exc, plan) from exc
         version = _convert.model_version(response.model_version)
+        _warn_of_unserved_outputs(version)
         if alias is not None:
             try:
                 version = self.set_alias(name, alias, version.version)
@@ -697,6 +720,7 @@ class AsyncRegistryClient(AsyncChannelClient):
         except ModelForgeError as exc:
             raise _upload_failed(exc, plan) from exc
         version = _convert.model_version(response.model_version)
+        _warn_of_unserved_outputs(version)
         if alias is not None:
             try:
                 version = await self.set_alias(name, alias, version.version)

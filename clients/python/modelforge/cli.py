@@ -18,6 +18,7 @@ import secrets
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, is_dataclass
 from datetime import datetime, timedelta
@@ -44,7 +45,7 @@ from modelforge._errors import (
 from modelforge._inference import InferenceClient
 from modelforge._jobs import Job, JobsClient
 from modelforge._refs import MAX_VERSION, ModelRef
-from modelforge._registry import RegistryClient
+from modelforge._registry import RegistryClient, UnservedOutputsWarning
 
 __all__ = ["main"]
 
@@ -209,7 +210,8 @@ def cmd_models_push(ctx: Context) -> int:
     if not path.is_file():
         raise UsageError(f"no such file: {path}")
     bar = ProgressBar(f"uploading {path.name}", ctx.err)
-    with ctx.registry() as registry:
+    with ctx.registry() as registry, warnings.catch_warnings(record=True) as noted:
+        warnings.simplefilter("always", UnservedOutputsWarning)  # said as a note of the command's own
         try:
             version = registry.push(
                 path,
@@ -228,6 +230,9 @@ def cmd_models_push(ctx: Context) -> int:
     else:
         aliases = f" ({', '.join(version.aliases)})" if version.aliases else ""
         print(f"pushed {version.ref}{aliases}  sha256 {version.sha256}  {_size(version.size_bytes)}", file=ctx.out)
+    for warning in noted:
+        if issubclass(warning.category, UnservedOutputsWarning):
+            print(f"modelforge: note: {warning.message}", file=ctx.err)
     return 0
 
 
