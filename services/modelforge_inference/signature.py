@@ -163,8 +163,10 @@ def check_tensor(spec: TensorSpec, array: np.ndarray[Any, Any]) -> np.ndarray[An
         except ValueError as exc:
             raise InvalidInput(spec.name, str(exc).removeprefix(f"tensor {spec.name!r}: ")) from None
     elif array.dtype != spec.dtype or (declared_bfloat16(array) and spec.ort_type != BFLOAT16):
+        name = dtype_name(spec)
+        convert = "" if name == "bfloat16" else f"; send {name} (numpy: array.astype('{name}'))"
         raise InvalidInput(
-            spec.name, f"expected dtype {dtype_name(spec)}, got {_array_dtype_name(array)}; declared {describe(spec)}"
+            spec.name, f"expected dtype {name}, got {_array_dtype_name(array)}; declared {describe(spec)}{convert}"
         )
     if array.ndim != len(spec.shape):
         raise InvalidInput(

@@ -111,8 +111,9 @@ def check_signature(model: ResolvedModel, tensors: Sequence[TensorInfo]) -> None
 
 
 def _dtype(value: int) -> str:
+    """The element type in numpy's words ("float32"), as the SDK and the inference service say it."""
     try:
-        return tensor_codec.data_type_name(value)
+        return tensor_codec.data_type_name(value).lower()
     except ValueError:
         return str(value)
 

@@ -183,7 +183,7 @@ async def test_a_refused_submit_removes_the_dataset_it_uploaded(
 ) -> None:
     before = await stored_datasets(jobs_settings)
     wrong = np.zeros((300_000, 4), np.float64)  # 9.6 MB: uploaded as a dataset first, then refused for its dtype
-    with pytest.raises(InvalidArgumentError, match="FLOAT64"):
+    with pytest.raises(InvalidArgumentError, match="has dtype float64, the model takes float32"):
         await client.submit(adder, {"x": wrong})
     assert await stored_datasets(jobs_settings) == before
 

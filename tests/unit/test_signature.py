@@ -44,7 +44,12 @@ def test_good_inputs_come_back_in_signature_order_with_text_strings():
     [
         ({"image": np.zeros((2, 3, 8, 8), F32)}, "text", "missing"),
         (good(extra=np.zeros(1, F32)), "extra", "no such input"),
-        (good(image=np.zeros((2, 3, 8, 8), np.float64)), "image", "expected dtype float32, got float64"),
+        (
+            good(image=np.zeros((2, 3, 8, 8), np.float64)),
+            "image",
+            "expected dtype float32, got float64; declared float32 [-1, 3, 8, 8]; send float32 (numpy: "
+            "array.astype('float32'))",
+        ),
         (good(image=np.zeros((2, 3, 8), F32)), "image", "rank 4"),
         (good(image=np.zeros((2, 3, 8, 9), F32)), "image", "dimension 3 must be 8"),
         (good(text=np.zeros(2, F32)), "text", "string"),
