@@ -716,3 +716,12 @@ def test_statistics_carry_every_counter_of_the_message() -> None:
     stats = _convert.model_statistics(message)
     assert (stats.model, stats.version, stats.request_count, stats.failure_count) == ("m", 2, 5, 1)
     assert (stats.cancelled_count, stats.cache_hit_count) == (3, 4)
+
+
+def test_predictions_compare_by_identity_and_other_values_by_their_fields() -> None:
+    first, second = (modelforge.Prediction({"y": np.ones(2)}, "m", 1) for _ in range(2))
+    assert first == first and first != second  # numpy arrays have no single truth value to compare by
+    assert {first, second} == {first, second}
+    spec = TensorSpec("x", "float32", (-1, 4), ("batch", ""))
+    assert modelforge.Signature((spec,), (spec,)) == modelforge.Signature((spec,), (spec,))
+    assert str(modelforge.Signature((spec,), ())) == "inputs x: float32[batch, 4] -> outputs none"

@@ -1,7 +1,9 @@
 """The values the SDK hands back: plain frozen dataclasses, built from protobuf messages by ``_convert``.
 
-They hold Python types (``datetime``, ``tuple``, ``dict``, ``enum``), never protobuf messages, so that they
-print, compare and pickle like any other value. The raw messages stay reachable through each client's stub.
+They hold Python types (``datetime``, ``tuple``, ``dict``, ``enum``), never protobuf messages, so that they print,
+compare with ``==`` and pickle like any other value. Those holding a ``dict`` (labels, metadata) are not hashable,
+and a :class:`Prediction` compares by identity, as numpy arrays have no single truth value to compare by. The raw
+messages stay reachable through each client's stub.
 """
 
 from __future__ import annotations
@@ -243,7 +245,7 @@ class Timings:
     total: timedelta = timedelta()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class Prediction:
     """The outputs of one prediction, with the version that produced them.
 
