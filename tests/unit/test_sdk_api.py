@@ -70,6 +70,7 @@ PUBLIC = [
     "UnauthenticatedError",
     "UnavailableError",
     "UnimplementedError",
+    "UnservedOutputsWarning",
     "VersionState",
     "__version__",
 ]
@@ -725,3 +726,9 @@ def test_predictions_compare_by_identity_and_other_values_by_their_fields() -> N
     spec = TensorSpec("x", "float32", (-1, 4), ("batch", ""))
     assert modelforge.Signature((spec,), (spec,)) == modelforge.Signature((spec,), (spec,))
     assert str(modelforge.Signature((spec,), ())) == "inputs x: float32[batch, 4] -> outputs none"
+
+
+def test_states_compare_equal_to_the_strings_the_sdk_takes_for_them() -> None:
+    assert modelforge.JobState.COMPLETED == "COMPLETED" and f"{modelforge.JobState.COMPLETED}" == "COMPLETED"
+    assert modelforge.VersionState("ARCHIVED") == "ARCHIVED"
+    assert modelforge.JobPriority.HIGH == "HIGH" and modelforge.ModelState.READY == "READY"

@@ -1,9 +1,10 @@
 """The values the SDK hands back: plain frozen dataclasses, built from protobuf messages by ``_convert``.
 
 They hold Python types (``datetime``, ``tuple``, ``dict``, ``enum``), never protobuf messages, so that they print,
-compare with ``==`` and pickle like any other value. Those holding a ``dict`` (labels, metadata) are not hashable,
-and a :class:`Prediction` compares by identity, as numpy arrays have no single truth value to compare by. The raw
-messages stay reachable through each client's stub.
+compare with ``==`` and pickle like any other value. Enums are ``StrEnum``s: ``status.state == "COMPLETED"``
+holds. Those holding a ``dict`` (labels, metadata) are not hashable, and a :class:`Prediction` compares by
+identity, as numpy arrays have no single truth value to compare by. The raw messages stay reachable through each
+client's stub.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ __all__ = [
 ]
 
 
-class VersionState(enum.Enum):
+class VersionState(enum.StrEnum):
     """The lifecycle state of a model version."""
 
     READY = "READY"
@@ -52,7 +53,7 @@ class VersionState(enum.Enum):
     """Retired: never the newest version nor an alias target; still reachable by number."""
 
 
-class ModelEventType(enum.Enum):
+class ModelEventType(enum.StrEnum):
     """What a :class:`ModelEvent` reports."""
 
     WATCH_STARTED = "WATCH_STARTED"
@@ -210,7 +211,7 @@ class ModelEvent:
     event_time: datetime | None = None
 
 
-class ModelState(enum.Enum):
+class ModelState(enum.StrEnum):
     """Where a model version is in an inference server's lifecycle."""
 
     LOADING = "LOADING"
@@ -219,7 +220,7 @@ class ModelState(enum.Enum):
     FAILED = "FAILED"
 
 
-class CacheStatus(enum.Enum):
+class CacheStatus(enum.StrEnum):
     """The health of an inference server's prediction cache."""
 
     OK = "OK"
@@ -348,7 +349,7 @@ class Statistics:
     cache_status: CacheStatus = CacheStatus.DISABLED
 
 
-class JobState(enum.Enum):
+class JobState(enum.StrEnum):
     """Where a job is in its lifecycle. COMPLETED, FAILED and CANCELLED are terminal."""
 
     QUEUED = "QUEUED"
@@ -363,7 +364,7 @@ class JobState(enum.Enum):
         return self in (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED)
 
 
-class JobPriority(enum.Enum):
+class JobPriority(enum.StrEnum):
     """How urgent a job is: it orders the worker queue and sets its inference requests' priority."""
 
     LOW = "LOW"
