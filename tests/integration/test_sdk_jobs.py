@@ -734,3 +734,8 @@ async def test_a_quiet_watch_on_a_jobs_api_that_went_silent_ends_unavailable(
                 assert broken.value.code() == grpc.StatusCode.UNAVAILABLE
         finally:
             await proxy.close()
+
+
+async def test_a_submit_of_a_bare_array_says_to_name_its_input(client: AsyncJobsClient, adder: str) -> None:
+    with pytest.raises(TypeError, match=r"inputs must be a mapping of input name to array, .*; got ndarray"):
+        await client.submit(adder, np.ones((3, 4), np.float32))  # type: ignore[arg-type]

@@ -491,3 +491,8 @@ async def test_a_push_of_a_model_with_outputs_that_are_not_served_warns_which(
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a model whose outputs are all served: no warning
         await client.push(add_one.data, name="plain")
+
+
+async def test_a_push_of_a_model_object_says_to_serialize_it(client: AsyncRegistryClient, add_one: ModelFile) -> None:
+    with pytest.raises(TypeError, match=r"not ModelProto; for an onnx.ModelProto .* pass model.SerializeToString\(\)"):
+        await client.push(onnx.load_from_string(add_one.data), name="object")  # type: ignore[arg-type]

@@ -53,6 +53,11 @@ INLINE_LIMIT_BYTES = 4 * MiB
 def _arrays(source: Inputs) -> dict[str, np.ndarray[Any, Any]]:
     if isinstance(source, Mapping):
         return {name: np.asarray(value) for name, value in source.items()}
+    if not isinstance(source, str | os.PathLike):
+        raise TypeError(
+            f"inputs must be a mapping of input name to array, e.g. {{'input': items}}, or the path of a .npz file; "
+            f"got {type(source).__name__}"
+        )
     loaded = _arrayfiles.read(source)
     if isinstance(loaded, np.ndarray):
         raise ValueError(

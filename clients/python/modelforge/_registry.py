@@ -48,6 +48,14 @@ def _check_chunk(chunk_bytes: int) -> int:
     return chunk_bytes
 
 
+def _check_source(source: object) -> None:
+    if not isinstance(source, str | os.PathLike | bytes | bytearray | memoryview):
+        raise TypeError(
+            f"push takes the path of an .onnx file or its bytes, not {type(source).__name__}; for an "
+            "onnx.ModelProto (what skl2onnx and torch.onnx give), pass model.SerializeToString()"
+        )
+
+
 def _target_file(path: str | os.PathLike[str], ref: str | ModelRef) -> Path:
     """Where a download lands: ``path`` itself, or ``<dir>/<name>.onnx`` when ``path`` is a directory, or ends in a
     separator (a directory to make: Path drops the separator)."""
@@ -360,6 +368,7 @@ class RegistryClient(ChannelClient):
                 cancelled. The version stays; set the alias with :meth:`set_alias` rather than pushing again.
         """
         validate_model_name(name)  # before the file is hashed and sent, as the alias
+        _check_source(source)
         _check_chunk(chunk_bytes)
         if alias is not None:
             validate_alias(alias)  # before the upload: a version whose alias is refused afterwards would stay
@@ -701,6 +710,7 @@ class AsyncRegistryClient(AsyncChannelClient):
     ) -> ModelVersion:
         """See :meth:`RegistryClient.push`. Hashing and file reads run in a thread; progress is called on the loop."""
         validate_model_name(name)  # before the file is hashed and sent, as the alias
+        _check_source(source)
         _check_chunk(chunk_bytes)
         if alias is not None:
             validate_alias(alias)  # before the upload: a version whose alias is refused afterwards would stay
