@@ -22,6 +22,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from modelforge_server import logs
+from modelforge_server.settings import SettingsError
 
 log = logging.getLogger("modelforge.db")
 # psycopg_pool logs each failed reconnection attempt, a WARNING about every second of an outage that the dependency
@@ -193,6 +194,28 @@ class _OutagePool(AsyncConnectionPool):
             return conn
 
 
+class DatabaseUnreachable(SettingsError):
+    """The database could not be opened as the process started: it ends with one line naming it and why."""
+
+    def __init__(self, url: str, waited: float, why: str) -> None:
+        params = conninfo_to_dict(url)
+        where = f"{params.get('host') or 'localhost'}:{params.get('port') or 5432}/{params.get('dbname') or ''}"
+        super().__init__(
+            f"cannot open the PostgreSQL database {where} (tried for {waited:g} s): {why}; check "
+            "MODELFORGE_DATABASE_URL, and that the server is up and takes this role"
+        )
+
+
+async def _why_unreachable(url: str, kwargs: dict[str, Any]) -> str:
+    """What PostgreSQL (or the network) says to one more connection attempt: the pool keeps it to its own log."""
+    try:
+        conn = await AsyncConnection.connect(url, **kwargs)
+    except psycopg.Error as exc:
+        return " ".join(str(exc).split())  # libpq's lines, on one; they name no password
+    await conn.close()
+    return "it answered only once the wait was over"
+
+
 @asynccontextmanager
 async def open_pool(
     url: str,
@@ -237,7 +260,11 @@ async def open_pool(
         check=recheck.check if recheck is not None else _check,
         kwargs=kwargs,
     )
-    await pool.open(wait=True, timeout=timeout)
+    try:
+        await pool.open(wait=True, timeout=timeout)
+    except PoolTimeout:
+        await pool.close()
+        raise DatabaseUnreachable(url, timeout, await _why_unreachable(url, kwargs)) from None
     try:
         yield pool
     finally:

@@ -138,3 +138,19 @@ def test_a_host_that_cannot_be_listened_on_ends_the_service_with_one_line(tmp_pa
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith(f"modelforge-registry: MODELFORGE_HOST={host!r} is invalid: {says}")
     assert not (tmp_path / "postgres").exists()
+
+
+def test_a_database_that_cannot_be_opened_ends_the_service_with_one_line_naming_it(
+    tmp_path: Path, closed_port: int
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELFORGE_")}
+    url = f"postgresql://modelforge:s3cret@127.0.0.1:{closed_port}/models"
+    env |= {"MODELFORGE_DATA_DIR": str(tmp_path), "MODELFORGE_DATABASE_URL": url, "MODELFORGE_METRICS_PORT": "0"}
+    result = subprocess.run(
+        [sys.executable, "-m", "modelforge_registry"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2, result.stderr
+    line = result.stderr.strip().splitlines()[-1]  # after psycopg_pool's own warning, a line of the service's
+    assert line.startswith(f"modelforge-registry: cannot open the PostgreSQL database 127.0.0.1:{closed_port}/models")
+    assert "Connection refused" in line and "check MODELFORGE_DATABASE_URL" in line
+    assert "Traceback" not in result.stderr and "s3cret" not in result.stderr
