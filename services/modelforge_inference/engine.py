@@ -824,7 +824,8 @@ class InferenceEngine:
             slot.batcher = None
             slot.session = None  # the last reference: ONNX Runtime frees the session's memory
             self._release_memory_soon()  # and the heap gives it back (see allocator)
-            log.info("unloaded %s:%s", slot.model.name, slot.model.version)
+            why = f" ({slot.unload_reason.value})" if slot.unload_reason is not None else ""
+            log.info("unloaded %s:%s%s", slot.model.name, slot.model.version, why)
             if slot.unload_reason is not None and slot.load_seconds:
                 self._metrics.unloaded(slot.model.name, slot.model.version, slot.unload_reason)
         finally:

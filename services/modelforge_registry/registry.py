@@ -149,6 +149,7 @@ class ModelRegistry:
     async def delete_model(self, name: str, *, force: bool) -> int:
         """Deletes the model; with force also its versions, aliases and the files nothing else uses."""
         count, unused = await self._store.delete_model(check_model_name(name), force=force)
+        log.info("deleted model %s and %d version(s)", name, count)
         for sha256 in unused:
             await self._collect(sha256)
         return count
@@ -257,17 +258,22 @@ class ModelRegistry:
 
     async def archive(self, model: str, version: int) -> ModelVersion:
         check_model_name(model, "model")
-        archived, _ = await self._store.set_state(model, check_version(version), VersionState.ARCHIVED)
+        archived, changed = await self._store.set_state(model, check_version(version), VersionState.ARCHIVED)
+        if changed:
+            log.info("archived %s:%d", model, version)
         return archived
 
     async def restore(self, model: str, version: int) -> ModelVersion:
         check_model_name(model, "model")
-        restored, _ = await self._store.set_state(model, check_version(version), VersionState.READY)
+        restored, changed = await self._store.set_state(model, check_version(version), VersionState.READY)
+        if changed:
+            log.info("restored %s:%d", model, version)
         return restored
 
     async def delete_version(self, model: str, version: int) -> bool:
         """Deletes the version; returns True when its file went too, because no other version used it."""
         unused = await self._store.delete_version(check_model_name(model, "model"), check_version(version))
+        log.info("deleted %s:%d%s", model, version, " and its file" if unused is not None else "")
         if unused is not None:
             await self._collect(unused)
         return unused is not None
@@ -297,10 +303,15 @@ class ModelRegistry:
     async def set_alias(self, model: str, alias: str, version: int) -> tuple[ModelVersion, int]:
         check_model_name(model, "model")
         check_alias(alias)
-        return await self._store.set_alias(model, alias, check_version(version))
+        pointed, previous = await self._store.set_alias(model, alias, check_version(version))
+        if previous != version:
+            log.info("%s@%s -> %d (%s)", model, alias, version, f"was {previous}" if previous else "new")
+        return pointed, previous
 
     async def delete_alias(self, model: str, alias: str) -> int:
-        return await self._store.delete_alias(check_model_name(model, "model"), check_alias(alias))
+        previous = await self._store.delete_alias(check_model_name(model, "model"), check_alias(alias))
+        log.info("deleted alias %s@%s (was %d)", model, alias, previous)
+        return previous
 
     # Events
 

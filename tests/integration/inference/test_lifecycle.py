@@ -121,6 +121,16 @@ async def test_load_model_then_list_and_statistics(inference: RunningInference, 
     assert stats.cache_status == pb.CACHE_STATUS_OK
 
 
+async def test_an_unload_is_logged_with_its_reason(
+    inference: RunningInference, add_one: ModelFile, caplog: pytest.LogCaptureFixture
+) -> None:
+    await upload(inference, "add-one", add_one)
+    await inference.stub.LoadModel(pb.LoadModelRequest(ref=ref("add-one")))
+    with caplog.at_level(logging.INFO, logger="modelforge.inference.engine"):
+        await inference.stub.UnloadModel(pb.UnloadModelRequest(ref=ref("add-one")))
+    assert "unloaded add-one:1 (requested)" in [r.getMessage() for r in caplog.records]
+
+
 async def test_unload_of_a_model_not_loaded_is_not_found(inference: RunningInference, add_one: ModelFile) -> None:
     await upload(inference, "add-one", add_one)
 

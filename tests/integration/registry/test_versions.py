@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import grpc
 import pytest
@@ -246,3 +247,27 @@ async def test_alias_moved_while_readers_resolve_is_never_missing_or_archived(re
 
     await asyncio.gather(mover(), *(reader() for _ in range(8)))
     assert resolved and set(resolved) <= set(numbers)
+
+
+async def test_changes_to_what_is_served_are_logged(registry, add_one, caplog: pytest.LogCaptureFixture) -> None:
+    stub = registry.stub
+    for _ in range(2):
+        await upload_model(stub, "logged", add_one.data)
+    with caplog.at_level(logging.INFO, logger="modelforge.registry"):
+        await stub.SetAlias(pb.SetAliasRequest(model="logged", alias="production", version=1))
+        await stub.SetAlias(pb.SetAliasRequest(model="logged", alias="production", version=2))
+        await stub.SetAlias(pb.SetAliasRequest(model="logged", alias="production", version=2))  # no change
+        await stub.DeleteAlias(pb.DeleteAliasRequest(model="logged", alias="production"))
+        await stub.ArchiveModelVersion(pb.ArchiveModelVersionRequest(model="logged", version=1))
+        await stub.RestoreModelVersion(pb.RestoreModelVersionRequest(model="logged", version=1))
+        await stub.DeleteModelVersion(pb.DeleteModelVersionRequest(model="logged", version=1))
+        await stub.DeleteModel(pb.DeleteModelRequest(name="logged", force=True))
+    assert [r.getMessage() for r in caplog.records if r.name == "modelforge.registry"] == [
+        "logged@production -> 1 (new)",
+        "logged@production -> 2 (was 1)",
+        "deleted alias logged@production (was 2)",
+        "archived logged:1",
+        "restored logged:1",
+        "deleted logged:1",  # its file stays: version 2 is the same file
+        "deleted model logged and 1 version(s)",
+    ]
