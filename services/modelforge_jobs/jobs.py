@@ -201,7 +201,14 @@ class Jobs:
         if not created:  # a submission with the same request_id was recorded in the meantime
             _check_repeat(job, asked, digest)
             return job
-        log.info("job %s submitted: %s:%d, %d items", job.id, model.name, model.version, items)
+        log.info(
+            "job %s submitted: %s:%d, %d items",
+            job.id,
+            model.name,
+            model.version,
+            items,
+            extra={"job_id": job.id, "model": f"{model.name}:{model.version}"},
+        )
         if self._metrics is not None:
             self._metrics.job_submitted(job.priority)
         await self._enqueue(job)
@@ -234,7 +241,9 @@ class Jobs:
         try:
             await self._send(job.id, job.priority)
         except Unavailable as exc:
-            log.warning("job %s recorded but not queued yet (%s); a worker will queue it", job.id, exc)
+            log.warning(
+                "job %s recorded but not queued yet (%s); a worker will queue it", job.id, exc, extra={"job_id": job.id}
+            )
             await self._store.mark_unsent(job.id)
 
     # --- reads and state changes ----------------------------------------------------------------------------
@@ -249,7 +258,7 @@ class Jobs:
     async def cancel(self, job_id: UUID) -> Job:
         job = await self._store.cancel(job_id)
         if job is not None:
-            log.info("job %s cancelled", job_id)
+            log.info("job %s cancelled", job_id, extra={"job_id": job_id})
             return job
         job = await self._store.get_job(job_id)
         if job.state is JobState.CANCELLED:
@@ -264,7 +273,7 @@ class Jobs:
             job = await self._store.get_job(job_id)
             self._check_retryable(job)
             raise JobStateConflict(str(job_id), job.state.value, "retry", "FAILED or CANCELLED")
-        log.info("job %s queued again", job_id)
+        log.info("job %s queued again", job_id, extra={"job_id": job_id})
         await self._enqueue(requeued)
         return requeued
 
@@ -280,7 +289,7 @@ class Jobs:
         if deleted is None:
             job = await self._store.get_job(job_id)
             raise JobNotFinished(str(job_id), job.state.value)
-        log.info("job %s deleted", job_id)
+        log.info("job %s deleted", job_id, extra={"job_id": job_id})
         return deleted
 
     async def watch(self, job_id: UUID) -> AsyncIterator[Job]:

@@ -527,3 +527,23 @@ async def test_stopping_ends_open_watches_at_once_rather_than_after_the_grace_pe
             await stopping
         assert (caught.value.code(), error_reason(caught.value)) == (grpc.StatusCode.UNAVAILABLE, "REPLICA_STOPPING")
         assert "watch the job again" in (caught.value.details() or "")
+
+
+async def test_the_apis_lines_about_a_job_carry_its_id(jobs_api, inference, add_one, caplog) -> None:
+    await upload(inference, "add-one", add_one)
+    with caplog.at_level(logging.INFO, logger="modelforge.jobs"):
+        job = (await jobs_api.stub.CreateJob(inline_request("add-one", {"x": _x(4)}))).job
+        await jobs_api.stub.CancelJob(jobs_pb2.CancelJobRequest(id=job.id))
+        await jobs_api.stub.RetryJob(jobs_pb2.RetryJobRequest(id=job.id))
+        await jobs_api.stub.CancelJob(jobs_pb2.CancelJobRequest(id=job.id))
+        await jobs_api.stub.DeleteJob(jobs_pb2.DeleteJobRequest(id=job.id))
+    about = [r for r in caplog.records if r.name == "modelforge.jobs" and job.id in r.getMessage()]
+    assert [r.getMessage().split(": ")[0].removeprefix(f"job {job.id} ") for r in about] == [
+        "submitted",
+        "cancelled",
+        "queued again",
+        "cancelled",
+        "deleted",
+    ]
+    assert {str(getattr(r, "job_id", None)) for r in about} == {job.id}
+    assert about[0].model == "add-one:1"  # type: ignore[attr-defined]
