@@ -12,8 +12,10 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import os
 import socket
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
@@ -39,6 +41,9 @@ from modelforge_server.settings import SettingsError
 from modelforge_server.telemetry import Telemetry
 
 log = logging.getLogger("modelforge.jobs.worker")
+
+# A maintenance pass runs every few seconds: one that keeps failing is logged this often at most.
+MAINTENANCE_FAILURES_LOGGED_EVERY = 60.0
 
 T = TypeVar("T")
 
@@ -366,12 +371,25 @@ class WorkerResources(dramatiq.Middleware):
         return found
 
     async def _maintain(self) -> None:
+        """Runs the maintenance passes. Passes that keep failing (an outage) are logged when they start failing and
+        then once a minute at most, with how long; the first pass that works again says so."""
+        failing_since: float | None = None
+        said = -math.inf
         while True:
             await self.check_dependencies()
             try:
                 await self.maintain_once()
             except Exception as exc:
-                log.warning("maintenance pass failed: %s", exc)
+                now = time.monotonic()
+                failing_since = now if failing_since is None else failing_since
+                if now - said >= MAINTENANCE_FAILURES_LOGGED_EVERY:
+                    said = now
+                    since = f" (failing for {now - failing_since:.0f} s)" if now > failing_since else ""
+                    log.warning("maintenance pass failed%s: %s", since, exc)
+            else:
+                if failing_since is not None:
+                    log.info("maintenance passes work again, after %.0f s", time.monotonic() - failing_since)
+                failing_since, said = None, -math.inf
             await asyncio.sleep(self.settings.maintenance_interval)
 
 

@@ -318,3 +318,27 @@ async def test_a_run_cut_off_from_postgresql_resumes_on_its_worker_without_spend
 
 def retried(caplog) -> bool:
     return any(r.name.startswith("dramatiq") and "Retrying message" in r.getMessage() for r in caplog.records)
+
+
+async def test_maintenance_passes_failing_through_an_outage_are_logged_once_and_their_recovery_once(
+    jobs_settings, caplog
+) -> None:
+    proxy = await TcpProxy.to_postgres(jobs_settings.database_url or "")
+    settings = replace(jobs_settings, database_url=proxy.url, maintenance_interval=0.05)
+    try:
+        with caplog.at_level(logging.INFO, logger="modelforge.jobs.worker"):
+            async with open_resources(settings):
+                await proxy.cut()
+
+                def said(start: str) -> list[logging.LogRecord]:
+                    return [r for r in caplog.records if r.getMessage().startswith(start)]
+
+                # Every 0.05 s a pass fails: each waits out the pool's outage check, about a second.
+                await eventually(lambda: len(said("maintenance pass failed")) == 1, "the outage logged")
+                await asyncio.sleep(2.5)  # more passes fail meanwhile, and say nothing
+                await proxy.restore()
+                await eventually(lambda: said("maintenance passes work again"), "the recovery logged")
+        assert [r.levelname for r in said("maintenance pass failed")] == ["WARNING"]
+        assert len(said("maintenance passes work again")) == 1
+    finally:
+        await proxy.close()
