@@ -58,6 +58,14 @@ DISPLAY_NAME_MAX = 256  # characters of a dataset's display name
 Send = Callable[[UUID, Priority], Awaitable[None]]
 
 
+def _input_digest(spec: JobSpec, dataset: Dataset | None) -> bytes:
+    """The sha256 of a submission's input: its dataset file's (`dataset`, the one it names), or its serialized inline
+    input's."""
+    if dataset is not None:
+        return bytes.fromhex(dataset.sha256)
+    return hashlib.sha256(spec.inline_input or b"").digest()
+
+
 def _check_repeat(job: Job, spec: JobSpec, input_digest: bytes | None) -> None:
     """Refuses a submission that repeats `job`'s request_id but asks for something else (RequestIdReused). The
     input is compared by sha256, where the job kept one (migration 0007)."""
@@ -169,17 +177,19 @@ class Jobs:
             if existing is not None:
                 same_dataset = spec.dataset_id is not None and spec.dataset_id == existing.input_dataset_id
                 unknown = existing.input_digest is None  # recorded before migration 0007: the input is not compared
-                digest = existing.input_digest if same_dataset or unknown else await self._digest(spec)
+                if same_dataset or unknown:
+                    digest = existing.input_digest
+                else:
+                    digest = _input_digest(spec, await self._dataset_of(spec))
                 _check_repeat(existing, spec, digest)
                 return existing
         model = await self._registry.resolve(spec.model_ref, within=time_remaining)
-        if spec.dataset_id is not None:
-            dataset = await self._store.get_dataset(spec.dataset_id)
+        dataset = await self._dataset_of(spec)
+        if dataset is not None:
             tensors, items, input_bytes = dataset.tensors, dataset.item_count, dataset.size_bytes
-            digest = bytes.fromhex(dataset.sha256)
         else:
             tensors, items, input_bytes = spec.inline_tensors, spec.inline_items, len(spec.inline_input or b"")
-            digest = hashlib.sha256(spec.inline_input or b"").digest()
+        digest = _input_digest(spec, dataset)
         if items == 0:
             raise InvalidInput("the input holds no items; give at least one", field="inline_input")
         check_signature(model, tensors)
@@ -214,11 +224,9 @@ class Jobs:
         await self._enqueue(job)
         return job
 
-    async def _digest(self, spec: JobSpec) -> bytes:
-        """The sha256 of a submission's input: its dataset file's, or its serialized inline input's."""
-        if spec.dataset_id is not None:
-            return bytes.fromhex((await self._store.get_dataset(spec.dataset_id)).sha256)
-        return hashlib.sha256(spec.inline_input or b"").digest()
+    async def _dataset_of(self, spec: JobSpec) -> Dataset | None:
+        """The dataset a submission names; None for an inline input."""
+        return await self._store.get_dataset(spec.dataset_id) if spec.dataset_id is not None else None
 
     def _batch_size(self, model: ResolvedModel, asked: int, items: int, item_bytes: int) -> int:
         """The items per inference call: what the job asked for, or what the model fixes. A job that asks for none
