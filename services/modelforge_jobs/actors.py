@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import math
 import os
 import socket
 import time
@@ -374,7 +373,7 @@ class WorkerResources(dramatiq.Middleware):
         """Runs the maintenance passes. Passes that keep failing (an outage) are logged when they start failing and
         then once a minute at most, with how long; the first pass that works again says so."""
         failing_since: float | None = None
-        said = -math.inf
+        failures = logs.Throttle(MAINTENANCE_FAILURES_LOGGED_EVERY)
         while True:
             await self.check_dependencies()
             try:
@@ -382,14 +381,14 @@ class WorkerResources(dramatiq.Middleware):
             except Exception as exc:
                 now = time.monotonic()
                 failing_since = now if failing_since is None else failing_since
-                if now - said >= MAINTENANCE_FAILURES_LOGGED_EVERY:
-                    said = now
+                if failures.due():
                     since = f" (failing for {now - failing_since:.0f} s)" if now > failing_since else ""
                     log.warning("maintenance pass failed%s: %s", since, exc)
             else:
                 if failing_since is not None:
                     log.info("maintenance passes work again, after %.0f s", time.monotonic() - failing_since)
-                failing_since, said = None, -math.inf
+                    failures.reset()
+                failing_since = None
             await asyncio.sleep(self.settings.maintenance_interval)
 
 

@@ -112,7 +112,8 @@ class TextFormatter(logging.Formatter):
 class Throttle(logging.Filter):
     """Passes at most one line per `seconds` of the logger it is added to: a library that logs each retry of the
     same failure (an unreachable trace collector, every few seconds) says so once in a while, not all the time.
-    ``clock``: the time source, seconds."""
+    ``clock``: the time source, seconds. Code of ModelForge's own asks :meth:`due` before it logs, and may
+    :meth:`reset` it once the failure is over, so that the next one is said at once."""
 
     def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
@@ -121,11 +122,18 @@ class Throttle(logging.Filter):
         self._last = -math.inf
 
     def filter(self, record: logging.LogRecord) -> bool:
+        return self.due()
+
+    def due(self) -> bool:
+        """Whether a line may be said now (if so, the next one may not for `seconds`)."""
         now = self._clock()
         if now - self._last < self._seconds:
             return False
         self._last = now
         return True
+
+    def reset(self) -> None:
+        self._last = -math.inf
 
 
 # Libraries whose DEBUG lines come on every call ("Loaded running loop" for each RPC): left at INFO when the

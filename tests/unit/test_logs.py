@@ -155,6 +155,15 @@ def test_a_throttled_logger_passes_one_line_per_interval(root_logger: logging.Lo
     ]
 
 
+def test_a_throttle_reset_once_a_failure_is_over_lets_the_next_one_be_said_at_once() -> None:
+    now = [0.0]
+    throttle = logs.Throttle(60.0, clock=lambda: now[0])
+    assert throttle.due() and not throttle.due()  # said when it starts, then quiet
+    now[0] = 10.0
+    throttle.reset()  # it ended; another begins
+    assert throttle.due() and not throttle.due()
+
+
 def test_an_answer_grpc_could_not_send_is_an_info_line_not_an_error(root_logger: logging.Logger) -> None:
     """gRPC logs an ERROR with a traceback when a unary answer's send fails because the call ended (its client
     cancelled it) before gRPC heard so: a worker's call cancelled with its job made one in the inference log."""
