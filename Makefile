@@ -17,6 +17,11 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[server,dev]'
+	@# The editable install finds the packages through an import hook, which type checkers and editors do not run;
+	@# plain path entries to the two package roots they do read.
+	@$(BIN)/python -c 'import pathlib, sys, sysconfig; pathlib.Path(sysconfig.get_path("purelib"), \
+		"modelforge-sources.pth").write_text("".join(f"{pathlib.Path(d).resolve()}\n" for d in sys.argv[1:]))' \
+		clients/python services
 	@touch $(STAMP)
 
 ## Start the whole suite on embedded PostgreSQL and Redis (or MODELFORGE_DATABASE_URL / MODELFORGE_REDIS_URL).
