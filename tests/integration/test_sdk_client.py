@@ -109,3 +109,46 @@ async def test_every_kind_of_call_on_a_closed_client_is_client_closed(
             await call()
         assert caught.value.code == grpc.StatusCode.CANCELLED, kind
     assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "a.onnx").exists()
+
+
+async def test_client_options_reach_all_three_clients(
+    inference: RunningInference, jobs_api: RunningJobs, mlp: ModelFile
+) -> None:
+    targets = {
+        "registry": inference.registry.address,
+        "inference": inference.address,
+        "jobs": f"127.0.0.1:{jobs_api.port}",
+    }
+    large = {"input": np.ones((1024, 64), dtype=np.float32)}  # 256 KiB
+
+    def scenario() -> None:
+        with modelforge.Client(**targets) as mf:
+            assert (mf.registry.timeout, mf.inference.timeout, mf.jobs.timeout) == (30.0, 60.0, 30.0)
+            mf.upload_model(mlp.data, name="scorer")
+        with modelforge.Client(**targets, timeout=1e-6) as mf:
+            calls = {
+                "registry": lambda: list(mf.list_models()),
+                "inference": lambda: mf.predict("scorer", {"input": np.ones((1, 64), dtype=np.float32)}),
+                "jobs": lambda: list(mf.jobs.list_jobs()),
+            }
+            for service, call in calls.items():
+                with pytest.raises(modelforge.DeadlineExceededError):
+                    call()
+                assert getattr(mf, service).timeout == 1e-6
+        with modelforge.Client(**targets, timeout=None, max_message_bytes=64 * 1024) as mf:
+            assert (mf.registry.timeout, mf.inference.timeout, mf.jobs.timeout) == (None, None, None)
+            with pytest.raises(modelforge.ResourceExhaustedError, match="max_message_bytes= of the client"):
+                mf.predict("scorer", large)
+            with pytest.raises(modelforge.ResourceExhaustedError, match="max_message_bytes= of the client"):
+                mf.submit_job("scorer", large)
+
+    await asyncio.to_thread(scenario)
+
+    async with modelforge.AsyncClient(**targets, timeout=1e-6) as amf:
+        assert (amf.registry.timeout, amf.inference.timeout, amf.jobs.timeout) == (1e-6, 1e-6, 1e-6)
+        with pytest.raises(modelforge.DeadlineExceededError):
+            await amf.predict("scorer", {"input": np.ones((1, 64), dtype=np.float32)})
+    async with modelforge.AsyncClient(**targets, max_message_bytes=64 * 1024) as amf:
+        assert amf.inference.timeout == 60.0
+        with pytest.raises(modelforge.ResourceExhaustedError, match="max_message_bytes= of the client"):
+            await amf.predict("scorer", large)

@@ -8,11 +8,21 @@ from typing import Any, Self
 
 import numpy as np
 
+from modelforge._channel import CLIENT_TIMEOUT, Timeout
 from modelforge._domain import Model, ModelVersion
 from modelforge._inference import AsyncInferenceClient, InferenceClient
 from modelforge._jobs import AsyncJob, AsyncJobsClient, Job, JobsClient
 from modelforge._refs import ModelRef
 from modelforge._registry import AsyncRegistryClient, RegistryClient
+
+
+def _options(timeout: Timeout, max_message_bytes: int | None) -> dict[str, Any]:
+    """The options each per-service client is made with: the timeout only where one was given, since their
+    defaults differ."""
+    options: dict[str, Any] = {"max_message_bytes": max_message_bytes}
+    if timeout is not CLIENT_TIMEOUT:
+        options["timeout"] = timeout
+    return options
 
 
 class Client:
@@ -30,12 +40,26 @@ class Client:
         registry: ``host:port`` of the registry; defaults to ``MODELFORGE_REGISTRY_ADDRESS``, else localhost.
         inference: ``host:port`` of the inference service; defaults to ``MODELFORGE_INFERENCE_ADDRESS``.
         jobs: ``host:port`` of the jobs service; defaults to ``MODELFORGE_JOBS_ADDRESS``.
+        timeout: Seconds allowed for each call of the three clients (None for no limit); by default each keeps
+            its own (30 s for the registry and jobs clients, 60 s for the inference client). Each method's
+            ``timeout=`` replaces it for that call.
+        max_message_bytes: Largest message the three clients send or receive; None for each one's default (see
+            :class:`InferenceClient`).
     """
 
-    def __init__(self, *, registry: str | None = None, inference: str | None = None, jobs: str | None = None):
-        self.registry = RegistryClient(registry)
-        self.inference = InferenceClient(inference)
-        self.jobs = JobsClient(jobs)
+    def __init__(
+        self,
+        *,
+        registry: str | None = None,
+        inference: str | None = None,
+        jobs: str | None = None,
+        timeout: Timeout = CLIENT_TIMEOUT,
+        max_message_bytes: int | None = None,
+    ):
+        options = _options(timeout, max_message_bytes)
+        self.registry = RegistryClient(registry, **options)
+        self.inference = InferenceClient(inference, **options)
+        self.jobs = JobsClient(jobs, **options)
 
     def __enter__(self) -> Self:
         return self
@@ -74,15 +98,22 @@ class AsyncClient:
     """The asyncio twin of :class:`Client`, over the async per-service clients.
 
     Args:
-        registry: ``host:port`` of the registry; defaults to ``MODELFORGE_REGISTRY_ADDRESS``, else localhost.
-        inference: ``host:port`` of the inference service; defaults to ``MODELFORGE_INFERENCE_ADDRESS``.
-        jobs: ``host:port`` of the jobs service; defaults to ``MODELFORGE_JOBS_ADDRESS``.
+        registry, inference, jobs, timeout, max_message_bytes: As for :class:`Client`.
     """
 
-    def __init__(self, *, registry: str | None = None, inference: str | None = None, jobs: str | None = None):
-        self.registry = AsyncRegistryClient(registry)
-        self.inference = AsyncInferenceClient(inference)
-        self.jobs = AsyncJobsClient(jobs)
+    def __init__(
+        self,
+        *,
+        registry: str | None = None,
+        inference: str | None = None,
+        jobs: str | None = None,
+        timeout: Timeout = CLIENT_TIMEOUT,
+        max_message_bytes: int | None = None,
+    ):
+        options = _options(timeout, max_message_bytes)
+        self.registry = AsyncRegistryClient(registry, **options)
+        self.inference = AsyncInferenceClient(inference, **options)
+        self.jobs = AsyncJobsClient(jobs, **options)
 
     async def __aenter__(self) -> Self:
         return self

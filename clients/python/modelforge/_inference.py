@@ -143,7 +143,8 @@ class InferenceClient(ChannelClient):
         connections: int = 1,
     ) -> None:
         super().__init__(INFERENCE, target, channel, max_message_bytes, connections)
-        self._timeout = timeout
+        self.timeout = timeout
+        """Seconds allowed for each call whose own ``timeout=`` says nothing else; None for no limit."""
         stubs = [inference_pb2_grpc.InferenceServiceStub(channel) for channel in self._channels]
         self._turns = itertools.cycle(stubs)  # next() on it is one step under the GIL: callers on threads share it
         self.inference_stub = stubs[0]
@@ -195,7 +196,7 @@ class InferenceClient(ChannelClient):
             ref, inputs, outputs=outputs, priority=priority, queue_timeout=queue_timeout, cache=cache
         )
         with translated():
-            response = next(self._turns).Predict(request, timeout=call_timeout(timeout, self._timeout))
+            response = next(self._turns).Predict(request, timeout=call_timeout(timeout, self.timeout))
         return _convert.prediction(response)
 
     def predict_stream(
@@ -232,7 +233,7 @@ class InferenceClient(ChannelClient):
         Raises:
             IntegrityError: the stream was incomplete, or (with verify) an output's sha256 is missing or differs.
         """
-        seconds = call_timeout(timeout, self._timeout)
+        seconds = call_timeout(timeout, self.timeout)
         queue_timeout = _stream_queue_timeout(queue_timeout, seconds)
         request = _convert.predict_stream_request(
             ref, inputs, outputs=outputs, priority=priority, queue_timeout=queue_timeout, cache=cache, verify=verify
@@ -265,7 +266,7 @@ class InferenceClient(ChannelClient):
         """
         with translated():
             response = next(self._turns).LoadModel(
-                pb.LoadModelRequest(ref=_convert.ref_proto(ref)), timeout=call_timeout(timeout, self._timeout)
+                pb.LoadModelRequest(ref=_convert.ref_proto(ref)), timeout=call_timeout(timeout, self.timeout)
             )
         return _convert.loaded_model(response.loaded_model)
 
@@ -281,7 +282,7 @@ class InferenceClient(ChannelClient):
         """
         with translated():
             response = next(self._turns).UnloadModel(
-                pb.UnloadModelRequest(ref=_convert.ref_proto(ref)), timeout=call_timeout(timeout, self._timeout)
+                pb.UnloadModelRequest(ref=_convert.ref_proto(ref)), timeout=call_timeout(timeout, self.timeout)
             )
         return [_convert.loaded_model(m) for m in response.unloaded_models]
 
@@ -297,7 +298,7 @@ class InferenceClient(ChannelClient):
             timeout: Seconds allowed for each page's call, instead of the client's timeout; None for no limit.
         """
         stub = next(self._turns)
-        seconds = call_timeout(timeout, self._timeout)
+        seconds = call_timeout(timeout, self.timeout)
         token = ""
         while True:
             request = pb.ListLoadedModelsRequest(
@@ -318,7 +319,7 @@ class InferenceClient(ChannelClient):
         """
         with translated():
             response = next(self._turns).GetModelStatistics(
-                _statistics_request(ref), timeout=call_timeout(timeout, self._timeout)
+                _statistics_request(ref), timeout=call_timeout(timeout, self.timeout)
             )
         return _statistics(response)
 
@@ -352,7 +353,8 @@ class AsyncInferenceClient(AsyncChannelClient):
         connections: int = 1,
     ) -> None:
         super().__init__(INFERENCE, target, channel, max_message_bytes, connections)
-        self._timeout = timeout
+        self.timeout = timeout
+        """Seconds allowed for each call whose own ``timeout=`` says nothing else; None for no limit."""
         stubs = [inference_pb2_grpc.InferenceServiceStub(channel) for channel in self._channels]
         self._turns = itertools.cycle(stubs)
         self.inference_stub = stubs[0]
@@ -391,7 +393,7 @@ class AsyncInferenceClient(AsyncChannelClient):
             ref, inputs, outputs=outputs, priority=priority, queue_timeout=queue_timeout, cache=cache
         )
         with self._translated():
-            response = await next(self._turns).Predict(request, timeout=call_timeout(timeout, self._timeout))
+            response = await next(self._turns).Predict(request, timeout=call_timeout(timeout, self.timeout))
         return _convert.prediction(response)
 
     async def predict_stream(
@@ -408,7 +410,7 @@ class AsyncInferenceClient(AsyncChannelClient):
         timeout: Timeout = CLIENT_TIMEOUT,
     ) -> Prediction:
         """See :meth:`InferenceClient.predict_stream`. Progress is called on the event loop."""
-        seconds = call_timeout(timeout, self._timeout)
+        seconds = call_timeout(timeout, self.timeout)
         queue_timeout = _stream_queue_timeout(queue_timeout, seconds)
         request = _convert.predict_stream_request(
             ref, inputs, outputs=outputs, priority=priority, queue_timeout=queue_timeout, cache=cache, verify=verify
@@ -435,7 +437,7 @@ class AsyncInferenceClient(AsyncChannelClient):
         """See :meth:`InferenceClient.load`."""
         with self._translated():
             response = await next(self._turns).LoadModel(
-                pb.LoadModelRequest(ref=_convert.ref_proto(ref)), timeout=call_timeout(timeout, self._timeout)
+                pb.LoadModelRequest(ref=_convert.ref_proto(ref)), timeout=call_timeout(timeout, self.timeout)
             )
         return _convert.loaded_model(response.loaded_model)
 
@@ -443,7 +445,7 @@ class AsyncInferenceClient(AsyncChannelClient):
         """See :meth:`InferenceClient.unload`."""
         with self._translated():
             response = await next(self._turns).UnloadModel(
-                pb.UnloadModelRequest(ref=_convert.ref_proto(ref)), timeout=call_timeout(timeout, self._timeout)
+                pb.UnloadModelRequest(ref=_convert.ref_proto(ref)), timeout=call_timeout(timeout, self.timeout)
             )
         return [_convert.loaded_model(m) for m in response.unloaded_models]
 
@@ -452,7 +454,7 @@ class AsyncInferenceClient(AsyncChannelClient):
     ) -> AsyncIterator[LoadedModel]:
         """See :meth:`InferenceClient.list_loaded`; iterate with ``async for``."""
         stub = next(self._turns)
-        seconds = call_timeout(timeout, self._timeout)
+        seconds = call_timeout(timeout, self.timeout)
         token = ""
         while True:
             request = pb.ListLoadedModelsRequest(
@@ -469,6 +471,6 @@ class AsyncInferenceClient(AsyncChannelClient):
         """See :meth:`InferenceClient.statistics`."""
         with self._translated():
             response = await next(self._turns).GetModelStatistics(
-                _statistics_request(ref), timeout=call_timeout(timeout, self._timeout)
+                _statistics_request(ref), timeout=call_timeout(timeout, self.timeout)
             )
         return _statistics(response)

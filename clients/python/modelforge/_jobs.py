@@ -469,6 +469,7 @@ class JobsClient(ChannelClient):
     ) -> None:
         super().__init__(JOBS, target, channel, max_message_bytes)
         self.timeout = timeout
+        """Seconds allowed for each call whose own ``timeout=`` says nothing else; None for no limit."""
         self.jobs_stub = jobs_pb2_grpc.JobServiceStub(self._channel)
         """The generated stub over this client's channel, for calls the client does not wrap."""
 
@@ -817,6 +818,7 @@ class AsyncJobsClient(AsyncChannelClient):
     ) -> None:
         super().__init__(JOBS, target, channel, max_message_bytes)
         self.timeout = timeout
+        """Seconds allowed for each call whose own ``timeout=`` says nothing else; None for no limit."""
         self.jobs_stub = jobs_pb2_grpc.JobServiceStub(self._channel)
         """The generated stub over this client's channel, for calls the client does not wrap."""
 

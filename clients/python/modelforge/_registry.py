@@ -224,7 +224,8 @@ class RegistryClient(ChannelClient):
         max_message_bytes: int | None = None,
     ) -> None:
         super().__init__(REGISTRY, target, channel, max_message_bytes)
-        self._timeout = timeout
+        self.timeout = timeout
+        """Seconds allowed for each call whose own ``timeout=`` says nothing else; None for no limit."""
         self.registry_stub = registry_pb2_grpc.RegistryServiceStub(self._channel)
         """The generated stub over this client's channel, for calls the client does not wrap."""
 
@@ -248,14 +249,14 @@ class RegistryClient(ChannelClient):
             model=pb.Model(name=validate_model_name(name), description=description, labels=labels or {})
         )
         with translated():
-            response = self.registry_stub.CreateModel(request, timeout=call_timeout(timeout, self._timeout))
+            response = self.registry_stub.CreateModel(request, timeout=call_timeout(timeout, self.timeout))
         return _convert.model(response.model)
 
     def get_model(self, name: str, *, timeout: Timeout = CLIENT_TIMEOUT) -> Model:
         """Returns one model. Raises NotFoundError if there is none of that name."""
         with translated():
             response = self.registry_stub.GetModel(
-                pb.GetModelRequest(name=validate_model_name(name)), timeout=call_timeout(timeout, self._timeout)
+                pb.GetModelRequest(name=validate_model_name(name)), timeout=call_timeout(timeout, self.timeout)
             )
         return _convert.model(response.model)
 
@@ -283,7 +284,7 @@ class RegistryClient(ChannelClient):
                 page_token=token,
             )
             with translated():
-                page = self.registry_stub.ListModels(request, timeout=call_timeout(timeout, self._timeout))
+                page = self.registry_stub.ListModels(request, timeout=call_timeout(timeout, self.timeout))
             yield from (_convert.model(m) for m in page.models)
             if not (token := page.next_page_token):
                 return
@@ -299,7 +300,7 @@ class RegistryClient(ChannelClient):
         """Changes a model's description and/or labels (those passed; labels are replaced as a whole)."""
         request = _convert.update_model_request(name, description=description, labels=labels)
         with translated():
-            response = self.registry_stub.UpdateModel(request, timeout=call_timeout(timeout, self._timeout))
+            response = self.registry_stub.UpdateModel(request, timeout=call_timeout(timeout, self.timeout))
         return _convert.model(response.model)
 
     def delete_model(self, name: str, *, force: bool = False, timeout: Timeout = CLIENT_TIMEOUT) -> int:
@@ -315,7 +316,7 @@ class RegistryClient(ChannelClient):
         with translated():
             response = self.registry_stub.DeleteModel(
                 pb.DeleteModelRequest(name=validate_model_name(name), force=force),
-                timeout=call_timeout(timeout, self._timeout),
+                timeout=call_timeout(timeout, self.timeout),
             )
         return int(response.deleted_versions)
 
@@ -411,7 +412,7 @@ class RegistryClient(ChannelClient):
         """
         request = pb.ResolveModelRefRequest(ref=_convert.ref_proto(ref))
         with translated():
-            response = self.registry_stub.ResolveModelRef(request, timeout=call_timeout(timeout, self._timeout))
+            response = self.registry_stub.ResolveModelRef(request, timeout=call_timeout(timeout, self.timeout))
         return _convert.model_version(response.model_version)
 
     def _number(self, ref: str | ModelRef) -> tuple[str, int]:
@@ -446,7 +447,7 @@ class RegistryClient(ChannelClient):
                 state=state_value,
             )
             with translated():
-                page = self.registry_stub.ListModelVersions(request, timeout=call_timeout(timeout, self._timeout))
+                page = self.registry_stub.ListModelVersions(request, timeout=call_timeout(timeout, self.timeout))
             yield from (_convert.model_version(v) for v in page.model_versions)
             if not (token := page.next_page_token):
                 return
@@ -467,7 +468,7 @@ class RegistryClient(ChannelClient):
             name, number, description=description, labels=labels, version_label=version_label
         )
         with translated():
-            response = self.registry_stub.UpdateModelVersion(request, timeout=call_timeout(timeout, self._timeout))
+            response = self.registry_stub.UpdateModelVersion(request, timeout=call_timeout(timeout, self.timeout))
         return _convert.model_version(response.model_version)
 
     def archive(self, ref: str | ModelRef, *, timeout: Timeout = CLIENT_TIMEOUT) -> ModelVersion:
@@ -480,7 +481,7 @@ class RegistryClient(ChannelClient):
         name, number = self._number(ref)
         with translated():
             response = self.registry_stub.ArchiveModelVersion(
-                pb.ArchiveModelVersionRequest(model=name, version=number), timeout=call_timeout(timeout, self._timeout)
+                pb.ArchiveModelVersionRequest(model=name, version=number), timeout=call_timeout(timeout, self.timeout)
             )
         return _convert.model_version(response.model_version)
 
@@ -489,7 +490,7 @@ class RegistryClient(ChannelClient):
         name, number = self._number(ref)
         with translated():
             response = self.registry_stub.RestoreModelVersion(
-                pb.RestoreModelVersionRequest(model=name, version=number), timeout=call_timeout(timeout, self._timeout)
+                pb.RestoreModelVersionRequest(model=name, version=number), timeout=call_timeout(timeout, self.timeout)
             )
         return _convert.model_version(response.model_version)
 
@@ -503,7 +504,7 @@ class RegistryClient(ChannelClient):
         name, number = self._number(ref)
         with translated():
             response = self.registry_stub.DeleteModelVersion(
-                pb.DeleteModelVersionRequest(model=name, version=number), timeout=call_timeout(timeout, self._timeout)
+                pb.DeleteModelVersionRequest(model=name, version=number), timeout=call_timeout(timeout, self.timeout)
             )
         return bool(response.blob_deleted)
 
@@ -520,7 +521,7 @@ class RegistryClient(ChannelClient):
                 pb.SetAliasRequest(
                     model=validate_model_name(name), alias=validate_alias(alias), version=validate_version(version)
                 ),
-                timeout=call_timeout(timeout, self._timeout),
+                timeout=call_timeout(timeout, self.timeout),
             )
         return _convert.model_version(response.model_version)
 
@@ -529,7 +530,7 @@ class RegistryClient(ChannelClient):
         with translated():
             response = self.registry_stub.DeleteAlias(
                 pb.DeleteAliasRequest(model=validate_model_name(name), alias=validate_alias(alias)),
-                timeout=call_timeout(timeout, self._timeout),
+                timeout=call_timeout(timeout, self.timeout),
             )
         return int(response.previous_version)
 
@@ -616,7 +617,8 @@ class AsyncRegistryClient(AsyncChannelClient):
         max_message_bytes: int | None = None,
     ) -> None:
         super().__init__(REGISTRY, target, channel, max_message_bytes)
-        self._timeout = timeout
+        self.timeout = timeout
+        """Seconds allowed for each call whose own ``timeout=`` says nothing else; None for no limit."""
         self.registry_stub = registry_pb2_grpc.RegistryServiceStub(self._channel)
         """The generated stub over this client's channel, for calls the client does not wrap."""
 
@@ -635,14 +637,14 @@ class AsyncRegistryClient(AsyncChannelClient):
             model=pb.Model(name=validate_model_name(name), description=description, labels=labels or {})
         )
         with self._translated():
-            response = await self.registry_stub.CreateModel(request, timeout=call_timeout(timeout, self._timeout))
+            response = await self.registry_stub.CreateModel(request, timeout=call_timeout(timeout, self.timeout))
         return _convert.model(response.model)
 
     async def get_model(self, name: str, *, timeout: Timeout = CLIENT_TIMEOUT) -> Model:
         """See :meth:`RegistryClient.get_model`."""
         with self._translated():
             response = await self.registry_stub.GetModel(
-                pb.GetModelRequest(name=validate_model_name(name)), timeout=call_timeout(timeout, self._timeout)
+                pb.GetModelRequest(name=validate_model_name(name)), timeout=call_timeout(timeout, self.timeout)
             )
         return _convert.model(response.model)
 
@@ -664,7 +666,7 @@ class AsyncRegistryClient(AsyncChannelClient):
                 page_token=token,
             )
             with self._translated():
-                page = await self.registry_stub.ListModels(request, timeout=call_timeout(timeout, self._timeout))
+                page = await self.registry_stub.ListModels(request, timeout=call_timeout(timeout, self.timeout))
             for m in page.models:
                 yield _convert.model(m)
             if not (token := page.next_page_token):
@@ -681,7 +683,7 @@ class AsyncRegistryClient(AsyncChannelClient):
         """See :meth:`RegistryClient.update_model`."""
         request = _convert.update_model_request(name, description=description, labels=labels)
         with self._translated():
-            response = await self.registry_stub.UpdateModel(request, timeout=call_timeout(timeout, self._timeout))
+            response = await self.registry_stub.UpdateModel(request, timeout=call_timeout(timeout, self.timeout))
         return _convert.model(response.model)
 
     async def delete_model(self, name: str, *, force: bool = False, timeout: Timeout = CLIENT_TIMEOUT) -> int:
@@ -689,7 +691,7 @@ class AsyncRegistryClient(AsyncChannelClient):
         with self._translated():
             response = await self.registry_stub.DeleteModel(
                 pb.DeleteModelRequest(name=validate_model_name(name), force=force),
-                timeout=call_timeout(timeout, self._timeout),
+                timeout=call_timeout(timeout, self.timeout),
             )
         return int(response.deleted_versions)
 
@@ -749,7 +751,7 @@ class AsyncRegistryClient(AsyncChannelClient):
         """See :meth:`RegistryClient.resolve`."""
         request = pb.ResolveModelRefRequest(ref=_convert.ref_proto(ref))
         with self._translated():
-            response = await self.registry_stub.ResolveModelRef(request, timeout=call_timeout(timeout, self._timeout))
+            response = await self.registry_stub.ResolveModelRef(request, timeout=call_timeout(timeout, self.timeout))
         return _convert.model_version(response.model_version)
 
     async def _number(self, ref: str | ModelRef) -> tuple[str, int]:
@@ -778,7 +780,7 @@ class AsyncRegistryClient(AsyncChannelClient):
                 state=state_value,
             )
             with self._translated():
-                page = await self.registry_stub.ListModelVersions(request, timeout=call_timeout(timeout, self._timeout))
+                page = await self.registry_stub.ListModelVersions(request, timeout=call_timeout(timeout, self.timeout))
             for v in page.model_versions:
                 yield _convert.model_version(v)
             if not (token := page.next_page_token):
@@ -799,9 +801,7 @@ class AsyncRegistryClient(AsyncChannelClient):
             name, number, description=description, labels=labels, version_label=version_label
         )
         with self._translated():
-            response = await self.registry_stub.UpdateModelVersion(
-                request, timeout=call_timeout(timeout, self._timeout)
-            )
+            response = await self.registry_stub.UpdateModelVersion(request, timeout=call_timeout(timeout, self.timeout))
         return _convert.model_version(response.model_version)
 
     async def archive(self, ref: str | ModelRef, *, timeout: Timeout = CLIENT_TIMEOUT) -> ModelVersion:
@@ -809,7 +809,7 @@ class AsyncRegistryClient(AsyncChannelClient):
         name, number = await self._number(ref)
         with self._translated():
             response = await self.registry_stub.ArchiveModelVersion(
-                pb.ArchiveModelVersionRequest(model=name, version=number), timeout=call_timeout(timeout, self._timeout)
+                pb.ArchiveModelVersionRequest(model=name, version=number), timeout=call_timeout(timeout, self.timeout)
             )
         return _convert.model_version(response.model_version)
 
@@ -818,7 +818,7 @@ class AsyncRegistryClient(AsyncChannelClient):
         name, number = await self._number(ref)
         with self._translated():
             response = await self.registry_stub.RestoreModelVersion(
-                pb.RestoreModelVersionRequest(model=name, version=number), timeout=call_timeout(timeout, self._timeout)
+                pb.RestoreModelVersionRequest(model=name, version=number), timeout=call_timeout(timeout, self.timeout)
             )
         return _convert.model_version(response.model_version)
 
@@ -827,7 +827,7 @@ class AsyncRegistryClient(AsyncChannelClient):
         name, number = await self._number(ref)
         with self._translated():
             response = await self.registry_stub.DeleteModelVersion(
-                pb.DeleteModelVersionRequest(model=name, version=number), timeout=call_timeout(timeout, self._timeout)
+                pb.DeleteModelVersionRequest(model=name, version=number), timeout=call_timeout(timeout, self.timeout)
             )
         return bool(response.blob_deleted)
 
@@ -842,7 +842,7 @@ class AsyncRegistryClient(AsyncChannelClient):
                 pb.SetAliasRequest(
                     model=validate_model_name(name), alias=validate_alias(alias), version=validate_version(version)
                 ),
-                timeout=call_timeout(timeout, self._timeout),
+                timeout=call_timeout(timeout, self.timeout),
             )
         return _convert.model_version(response.model_version)
 
@@ -851,7 +851,7 @@ class AsyncRegistryClient(AsyncChannelClient):
         with self._translated():
             response = await self.registry_stub.DeleteAlias(
                 pb.DeleteAliasRequest(model=validate_model_name(name), alias=validate_alias(alias)),
-                timeout=call_timeout(timeout, self._timeout),
+                timeout=call_timeout(timeout, self.timeout),
             )
         return int(response.previous_version)
 
