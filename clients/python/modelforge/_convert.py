@@ -24,10 +24,12 @@ from google.protobuf import duration_pb2, field_mask_pb2, timestamp_pb2
 
 from modelforge import tensors
 from modelforge._domain import (
+    CacheMode,
     CacheStatus,
     Dataset,
     JobFailure,
     JobPriority,
+    JobPriorityName,
     JobProgress,
     JobState,
     JobStatus,
@@ -453,7 +455,7 @@ def _inference_fields(
     outputs: list[str] | tuple[str, ...] | None,
     priority: int,
     queue_timeout: float | None,
-    cache: str | None,
+    cache: CacheMode | None,
 ) -> dict[str, Any]:
     if not isinstance(inputs, Mapping):
         raise TypeError("inputs must be a mapping of input name to array, e.g. {'input': array} ({} for none)")
@@ -758,7 +760,7 @@ def job_state_proto(state: JobState | str | None) -> jobs_pb2.JobState.ValueType
     return next(k for k, v in _JOB_STATES.items() if v is wanted)
 
 
-def job_priority_proto(priority: JobPriority | str | None) -> jobs_pb2.JobPriority.ValueType:
+def job_priority_proto(priority: JobPriority | JobPriorityName | None) -> jobs_pb2.JobPriority.ValueType:
     """The enum value for ``"low"``, ``"normal"``, ``"high"`` (or a JobPriority); None means NORMAL."""
     if priority is None:
         return jobs_pb2.JOB_PRIORITY_UNSPECIFIED

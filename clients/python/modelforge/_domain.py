@@ -13,7 +13,7 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal, TypeAlias
 
 import numpy as np
 
@@ -370,6 +370,14 @@ class JobPriority(enum.StrEnum):
     LOW = "LOW"
     NORMAL = "NORMAL"
     HIGH = "HIGH"
+
+
+JobPriorityName: TypeAlias = Literal["low", "normal", "high", "LOW", "NORMAL", "HIGH"]
+"""A job priority as a string, where a :class:`JobPriority` is taken too."""
+
+CacheMode: TypeAlias = Literal["use", "bypass", "refresh"]
+"""How a prediction uses the prediction cache: read it (``use``), skip it (``bypass``) or run and rewrite the entry
+(``refresh``)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,7 @@ import numpy as np
 from modelforge import _convert
 from modelforge._channel import CLIENT_TIMEOUT, INFERENCE, AsyncChannelClient, ChannelClient, Timeout, call_timeout
 from modelforge._convert import Progress
-from modelforge._domain import LoadedModel, Prediction, Statistics
+from modelforge._domain import CacheMode, LoadedModel, Prediction, Statistics
 from modelforge._errors import DeadlineExceededError, translated
 from modelforge._refs import ModelRef
 from modelforge.inference.v1 import inference_pb2 as pb
@@ -158,7 +158,7 @@ class InferenceClient(ChannelClient):
         outputs: Sequence[str] | None = None,
         priority: int = 0,
         queue_timeout: float | None = None,
-        cache: str | None = None,
+        cache: CacheMode | None = None,
         timeout: Timeout = CLIENT_TIMEOUT,
     ) -> dict[str, np.ndarray[Any, Any]]:
         """Runs a model and returns its outputs.
@@ -188,7 +188,7 @@ class InferenceClient(ChannelClient):
         outputs: Sequence[str] | None = None,
         priority: int = 0,
         queue_timeout: float | None = None,
-        cache: str | None = None,
+        cache: CacheMode | None = None,
         timeout: Timeout = CLIENT_TIMEOUT,
     ) -> Prediction:
         """Like :meth:`predict`, and also says which version ran, the timings, and whether the cache answered."""
@@ -207,7 +207,7 @@ class InferenceClient(ChannelClient):
         outputs: Sequence[str] | None = None,
         priority: int = 0,
         queue_timeout: float | None = None,
-        cache: str | None = None,
+        cache: CacheMode | None = None,
         progress: Progress | None = None,
         verify: bool = True,
         timeout: Timeout = CLIENT_TIMEOUT,
@@ -368,7 +368,7 @@ class AsyncInferenceClient(AsyncChannelClient):
         outputs: Sequence[str] | None = None,
         priority: int = 0,
         queue_timeout: float | None = None,
-        cache: str | None = None,
+        cache: CacheMode | None = None,
         timeout: Timeout = CLIENT_TIMEOUT,
     ) -> dict[str, np.ndarray[Any, Any]]:
         """See :meth:`InferenceClient.predict`."""
@@ -385,7 +385,7 @@ class AsyncInferenceClient(AsyncChannelClient):
         outputs: Sequence[str] | None = None,
         priority: int = 0,
         queue_timeout: float | None = None,
-        cache: str | None = None,
+        cache: CacheMode | None = None,
         timeout: Timeout = CLIENT_TIMEOUT,
     ) -> Prediction:
         """See :meth:`InferenceClient.predict_full`."""
@@ -404,7 +404,7 @@ class AsyncInferenceClient(AsyncChannelClient):
         outputs: Sequence[str] | None = None,
         priority: int = 0,
         queue_timeout: float | None = None,
-        cache: str | None = None,
+        cache: CacheMode | None = None,
         progress: Progress | None = None,
         verify: bool = True,
         timeout: Timeout = CLIENT_TIMEOUT,

@@ -27,7 +27,7 @@ from modelforge import _arrayfiles, _convert
 from modelforge._channel import CLIENT_TIMEOUT, JOBS, AsyncChannelClient, ChannelClient, Timeout, call_timeout
 from modelforge._convert import DEFAULT_CHUNK_BYTES, MiB, Progress, ResultCheck, SavedResult
 from modelforge._directories import MadeDirectories
-from modelforge._domain import Dataset, JobPriority, JobState, JobStatus
+from modelforge._domain import Dataset, JobPriority, JobPriorityName, JobState, JobStatus
 from modelforge._errors import (
     DeadlineExceededError,
     FailedPreconditionError,
@@ -73,7 +73,7 @@ def _create_request(
     inline: Mapping[str, Any] | None,
     dataset_id: str | None,
     batch_size: int,
-    priority: JobPriority | str | None,
+    priority: JobPriority | JobPriorityName | None,
     labels: Mapping[str, str] | None,
     max_attempts: int,
     time_limit: float | None,
@@ -480,7 +480,7 @@ class JobsClient(ChannelClient):
         *,
         dataset: str | None = None,
         batch_size: int = 0,
-        priority: JobPriority | str | None = None,
+        priority: JobPriority | JobPriorityName | None = None,
         labels: Mapping[str, str] | None = None,
         max_attempts: int = 0,
         time_limit: float | None = None,
@@ -829,7 +829,7 @@ class AsyncJobsClient(AsyncChannelClient):
         *,
         dataset: str | None = None,
         batch_size: int = 0,
-        priority: JobPriority | str | None = None,
+        priority: JobPriority | JobPriorityName | None = None,
         labels: Mapping[str, str] | None = None,
         max_attempts: int = 0,
         time_limit: float | None = None,
