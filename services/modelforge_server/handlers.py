@@ -272,10 +272,12 @@ class _Generic(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc has no typ
 class _MethodMetrics:
     """The labelled children of one method, looked up once: `labels()` takes a lock and hashes every call."""
 
-    __slots__ = ("_metrics", "_method", "_requests", "_service", "duration", "in_flight")
+    __slots__ = ("_metrics", "_method", "_requests", "_service", "duration", "in_flight", "rpc")
 
     def __init__(self, metrics: Metrics, service: str, method: str) -> None:
         self._metrics, self._service, self._method = metrics, service, method
+        self.rpc = f"/{service}/{method}"
+        """The method's full name, for log lines about its calls."""
         self.in_flight = metrics.rpc_in_flight.labels(service, method)
         self.duration = metrics.rpc_duration.labels(service, method)
         self._requests: dict[grpc.StatusCode, Any] = {}
@@ -314,7 +316,7 @@ def _unary(
             if not (mapped or isinstance(exc, RefusedRequest)):
                 raise
             try:
-                await _refuse(request, context, exc, domain, drain)
+                await _refuse(request, context, exc, domain, drain, children.rpc)
             finally:
                 code = _final_code(context, grpc.StatusCode.UNKNOWN)
         finally:
@@ -385,7 +387,7 @@ async def _streaming(
         if not (mapped or isinstance(exc, RefusedRequest)):
             raise
         try:
-            await _refuse(request, context, exc, domain, drain)
+            await _refuse(request, context, exc, domain, drain, children.rpc)
         finally:
             code = _final_code(context, grpc.StatusCode.UNKNOWN)
     finally:
@@ -407,12 +409,13 @@ async def _write(context: grpc.aio.ServicerContext, response: Any) -> None:
 
 
 async def _refuse(
-    request: Any, context: grpc.aio.ServicerContext, exc: Exception, domain: str, drain: float
+    request: Any, context: grpc.aio.ServicerContext, exc: Exception, domain: str, drain: float, rpc: str
 ) -> NoReturn:
-    """Ends a call that raised with the status `exc` maps to; a client-streaming one after draining it."""
+    """Ends a call of method `rpc` that raised with the status `exc` maps to; a client-streaming one after draining
+    it."""
     if drain:
         await _drain(context, drain)
-    await abort(context, exc, domain)
+    await abort(context, exc, domain, rpc)
 
 
 async def _drain(context: grpc.aio.ServicerContext, seconds: float) -> None:

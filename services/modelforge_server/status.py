@@ -89,13 +89,13 @@ class AbortingContext(Protocol):
     ) -> NoReturn: ...
 
 
-async def abort(context: AbortingContext, exc: BaseException, domain: str) -> NoReturn:
-    """Ends the call with the status that `exc` maps to."""
+async def abort(context: AbortingContext, exc: BaseException, domain: str, rpc: str) -> NoReturn:
+    """Ends a call of method `rpc` (``/package.Service/Method``) with the status that `exc` maps to."""
     if isinstance(exc, NotImplementedError):
         # The generated servicer base classes raise it for RPCs a service does not implement.
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this method is not implemented by this server")
     if not isinstance(exc, errors.ServiceError):
-        log.error("unexpected error in %s", domain, exc_info=exc)
+        log.error("unexpected error in %s", rpc, extra={"rpc": rpc}, exc_info=exc)
         await context.abort(grpc.StatusCode.INTERNAL, "internal error; details are in the server log")
     status = status_for(exc, domain)
     await context.abort(code_for(exc), status.message, ((STATUS_DETAILS_KEY, status.SerializeToString()),))

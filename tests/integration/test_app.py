@@ -84,6 +84,39 @@ async def test_an_unimplemented_method_answers_unimplemented(server: tuple[app.S
     assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
+class Failing(jobs_pb2_grpc.JobServiceServicer):
+    """Fails the way a bug would: with an exception that is no ServiceError."""
+
+    async def GetJob(self, request: jobs_pb2.GetJobRequest, context: grpc.aio.ServicerContext) -> None:  # noqa: N802
+        raise KeyError(request.id)
+
+    async def WatchJob(  # noqa: N802
+        self, request: jobs_pb2.WatchJobRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[jobs_pb2.WatchJobResponse]:
+        yield jobs_pb2.WatchJobResponse()
+        raise ZeroDivisionError(request.id)
+
+
+async def test_an_unexpected_error_is_internal_for_the_client_and_logged_with_its_method_and_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with serving(Failing()) as (_, channel):
+        stub = jobs_pb2_grpc.JobServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as unary:
+            await stub.GetJob(jobs_pb2.GetJobRequest(id="j-1"))
+        with pytest.raises(grpc.aio.AioRpcError) as streamed:
+            [_ async for _ in stub.WatchJob(jobs_pb2.WatchJobRequest(id="j-2"))]
+    for caught in (unary, streamed):
+        assert caught.value.code() == grpc.StatusCode.INTERNAL
+        assert caught.value.details() == "internal error; details are in the server log"
+    logged = [r for r in caplog.records if r.getMessage().startswith("unexpected error in ")]
+    assert [(r.getMessage(), r.levelno, getattr(r, "rpc", None)) for r in logged] == [
+        (f"unexpected error in /{SERVICE.full_name}/GetJob", logging.ERROR, f"/{SERVICE.full_name}/GetJob"),
+        (f"unexpected error in /{SERVICE.full_name}/WatchJob", logging.ERROR, f"/{SERVICE.full_name}/WatchJob"),
+    ]
+    assert [type(r.exc_info[1]) if r.exc_info else None for r in logged] == [KeyError, ZeroDivisionError]
+
+
 async def test_a_request_that_is_not_a_protobuf_message_is_invalid_argument_not_a_traceback(
     server: tuple[app.Server, grpc.aio.Channel], caplog: pytest.LogCaptureFixture
 ) -> None:
