@@ -125,6 +125,23 @@ def test_sync_and_async_clients_have_the_same_methods_and_arguments(sync: type, 
             assert (param.kind, param.default) == (other.kind, other.default), f"{name}({param.name})"
 
 
+@pytest.mark.parametrize("client", [modelforge.Client, modelforge.AsyncClient], ids=lambda c: c.__name__)
+def test_the_clients_shortcuts_name_their_arguments_as_the_methods_they_call_do(client: type) -> None:
+    shortcuts = {
+        "upload_model": modelforge.RegistryClient.push,
+        "list_models": modelforge.RegistryClient.list_models,
+        "predict": modelforge.InferenceClient.predict,
+        "submit_job": modelforge.JobsClient.submit,
+    }
+    for name, method in shortcuts.items():
+        own = inspect.signature(getattr(client, name)).parameters
+        called = inspect.signature(method).parameters
+        named = [p for p in own if own[p].kind is not inspect.Parameter.VAR_KEYWORD]
+        assert named == [p for p in called if called[p].kind is not inspect.Parameter.VAR_KEYWORD][: len(named)], name
+    init = inspect.signature(client).parameters
+    assert list(init) == ["registry", "inference", "jobs", "timeout", "max_message_bytes"]
+
+
 def test_the_jobs_clients_unary_calls_take_a_timeout_of_their_own_and_waits_keep_theirs() -> None:
     # The async twins follow from the test above.
     per_call = {

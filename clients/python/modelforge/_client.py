@@ -84,14 +84,14 @@ class Client:
         return self.registry.list_models(**options)
 
     def predict(
-        self, model: str | ModelRef, inputs: Mapping[str, Any], **options: Any
+        self, ref: str | ModelRef, inputs: Mapping[str, Any], **options: Any
     ) -> dict[str, np.ndarray[Any, Any]]:
         """Runs a model and returns its outputs; see :meth:`InferenceClient.predict`."""
-        return self.inference.predict(model, inputs, **options)
+        return self.inference.predict(ref, inputs, **options)
 
-    def submit_job(self, model: str | ModelRef, inputs: Any = None, **options: Any) -> Job:
+    def submit_job(self, ref: str | ModelRef, inputs: Any = None, **options: Any) -> Job:
         """Submits a batch job and returns its handle; see :meth:`JobsClient.submit`."""
-        return self.jobs.submit(model, inputs, **options)
+        return self.jobs.submit(ref, inputs, **options)
 
 
 class AsyncClient:
@@ -139,11 +139,11 @@ class AsyncClient:
             yield model
 
     async def predict(
-        self, model: str | ModelRef, inputs: Mapping[str, Any], **options: Any
+        self, ref: str | ModelRef, inputs: Mapping[str, Any], **options: Any
     ) -> dict[str, np.ndarray[Any, Any]]:
         """Runs a model and returns its outputs; see :meth:`AsyncInferenceClient.predict`."""
-        return await self.inference.predict(model, inputs, **options)
+        return await self.inference.predict(ref, inputs, **options)
 
-    async def submit_job(self, model: str | ModelRef, inputs: Any = None, **options: Any) -> AsyncJob:
+    async def submit_job(self, ref: str | ModelRef, inputs: Any = None, **options: Any) -> AsyncJob:
         """Submits a batch job and returns its handle; see :meth:`AsyncJobsClient.submit`."""
-        return await self.jobs.submit(model, inputs, **options)
+        return await self.jobs.submit(ref, inputs, **options)
