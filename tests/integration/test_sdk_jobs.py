@@ -96,6 +96,41 @@ async def test_submit_watch_and_result(client: AsyncJobsClient, worker: InProces
     assert await job.delete() == 100
 
 
+async def test_deleting_a_job_with_its_dataset_deletes_both_once_and_no_other(
+    client: AsyncJobsClient, jobs_api: RunningJobs, worker: InProcessWorker, adder: str
+) -> None:
+    x = np.ones((6, 4), dtype=np.float32)
+    dataset = await client.upload_dataset({"x": x})
+    kept = await client.upload_dataset({"x": x})
+    first = await client.submit(adder, dataset=dataset.id)
+    second = await client.submit(adder, dataset=dataset.id)
+    inline = await client.submit(adder, {"x": x})
+    other = await client.submit(adder, dataset=kept.id)
+    for job in (first, second, inline, other):
+        assert (await job.wait(timeout=60)).state is JobState.COMPLETED
+    with pytest.raises(TypeError, match="dataset takes True or False"):
+        await first.delete(dataset="yes")  # type: ignore[arg-type]
+    assert (await client.get_job(first.id)).status.state is JobState.COMPLETED  # refused before any call
+
+    assert await first.delete(dataset=True) == 6
+    with pytest.raises(NotFoundError):
+        await client.get_dataset(dataset.id)
+    assert await second.delete(dataset=True) == 6  # its dataset went with the first: nothing more to do
+    assert await inline.delete(dataset=True) == 6
+    assert await other.delete() == 6
+    assert (await client.get_dataset(kept.id)).id == kept.id  # without dataset=True it stays
+
+    def sync_delete() -> None:
+        with JobsClient(f"127.0.0.1:{jobs_api.port}") as jobs:
+            job = jobs.submit(adder, dataset=kept.id)
+            job.wait(timeout=60)
+            assert job.delete(dataset=True) == 6
+            with pytest.raises(NotFoundError):
+                jobs.get_dataset(kept.id)
+
+    await asyncio.to_thread(sync_delete)
+
+
 async def test_submit_a_npz_file_uploads_a_dataset_with_progress(
     client: AsyncJobsClient, worker: InProcessWorker, adder: str, tmp_path: Path
 ) -> None:

@@ -32,6 +32,7 @@ from modelforge._errors import (
     DeadlineExceededError,
     FailedPreconditionError,
     ModelForgeError,
+    NotFoundError,
     UnavailableError,
     naming,
     translated,
@@ -422,17 +423,32 @@ class Job:
         self.status = _convert.job_status(response.job)
         return self.status
 
-    def delete(self, *, timeout: Timeout = CLIENT_TIMEOUT) -> int:
+    def delete(self, *, dataset: bool = False, timeout: Timeout = CLIENT_TIMEOUT) -> int:
         """Deletes a finished job and its results; returns how many items' outputs went with it.
 
         Args:
-            timeout: Seconds allowed for this call, instead of the client's timeout; None for no limit.
+            dataset: Delete the dataset the job read as well (the one :meth:`JobsClient.submit` uploaded for large
+                arrays, or the one named with ``dataset=``), once the job is gone. Nothing more happens for a job
+                of inline input, or whose dataset is gone already. A dataset that a queued or running job reads
+                stays: FailedPreconditionError, raised after the job itself was deleted.
+            timeout: Seconds allowed for each call, instead of the client's timeout; None for no limit.
         """
+        and_dataset = _dataset_to_delete(self.status, dataset)
         with translated():
             response = self._client.jobs_stub.DeleteJob(
                 pb.DeleteJobRequest(id=self.id), timeout=call_timeout(timeout, self._client.timeout)
             )
+        if and_dataset:
+            with contextlib.suppress(NotFoundError):
+                self._client.delete_dataset(self.status.dataset_id, timeout=timeout)
         return int(response.deleted_items)
+
+
+def _dataset_to_delete(status: JobStatus, wanted: object) -> bool:
+    """Whether Job.delete(dataset=...) has a dataset to delete after the job: asked for, and one not gone already."""
+    if not isinstance(wanted, bool):
+        raise TypeError(f"dataset takes True or False (whether to delete the job's dataset too), not {wanted!r}")
+    return wanted and bool(status.dataset_id) and not status.dataset_deleted
 
 
 class JobsClient(ChannelClient):
@@ -778,12 +794,16 @@ class AsyncJob:
         self.status = _convert.job_status(response.job)
         return self.status
 
-    async def delete(self, *, timeout: Timeout = CLIENT_TIMEOUT) -> int:
+    async def delete(self, *, dataset: bool = False, timeout: Timeout = CLIENT_TIMEOUT) -> int:
         """See :meth:`Job.delete`."""
+        and_dataset = _dataset_to_delete(self.status, dataset)
         with self._client._translated():
             response = await self._client.jobs_stub.DeleteJob(
                 pb.DeleteJobRequest(id=self.id), timeout=call_timeout(timeout, self._client.timeout)
             )
+        if and_dataset:
+            with contextlib.suppress(NotFoundError):
+                await self._client.delete_dataset(self.status.dataset_id, timeout=timeout)
         return int(response.deleted_items)
 
 
