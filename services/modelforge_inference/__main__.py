@@ -128,7 +128,8 @@ async def build(settings: InferenceSettings, stack: AsyncExitStack) -> app.Serve
         observer=resolver.registry_answers,
     )
     server.watch_dependency(REGISTRY_DEPENDENCY, registry_health, interval, required=False)
-    server.watch_dependency(CACHE_DEPENDENCY, cache.check, interval, required=False)
+    # The cache logs its own outage and recovery, with what they mean for predictions.
+    server.watch_dependency(CACHE_DEPENDENCY, cache.check, interval, required=False, logged=False)
     return server
 
 

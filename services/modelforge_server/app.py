@@ -122,6 +122,7 @@ class Server:
         self._checks: dict[str, tuple[Check, float]] = {}
         self._dependencies: dict[str, bool] = {}
         self._optional: set[str] = set()
+        self._unlogged: set[str] = set()  # dependencies whose own code logs their outages
         self._watchers: set[asyncio.Task[None]] = set()
         self._before_stop: list[Callable[[], Awaitable[object]]] = []
 
@@ -135,16 +136,22 @@ class Server:
             raise OSError(f"cannot listen on {address}: the address is in use or invalid")
         return port
 
-    def watch_dependency(self, name: str, check: Check, interval: float = 2.0, *, required: bool = True) -> None:
+    def watch_dependency(
+        self, name: str, check: Check, interval: float = 2.0, *, required: bool = True, logged: bool = True
+    ) -> None:
         """Keeps health NOT_SERVING while `check()` raises or times out, SERVING once it passes again.
 
         An optional dependency (``required=False``, e.g. a cache) is reported under ``dependency/<name>`` and in
         ``modelforge_dependency_up`` but leaves readiness alone: the service runs degraded without it.
+        ``logged=False``: the dependency's own code logs when it goes and comes back, so the watch does not say it
+        a second time.
         """
         self._checks[name] = (check, interval)
         self._dependencies[name] = True
         if not required:
             self._optional.add(name)
+        if not logged:
+            self._unlogged.add(name)
         self.metrics.dependency_up.labels(name).set(1)
         if self._started:
             self._watch(name)
@@ -228,12 +235,12 @@ class Server:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                if self._dependencies.get(name):
+                if self._dependencies.get(name) and name not in self._unlogged:
                     why = str(exc) or ("no answer within the check's timeout" if isinstance(exc, TimeoutError) else "")
                     log.warning("dependency %s is unreachable: %s", name, why or type(exc).__name__)
                 healthy = False
             if healthy != self._dependencies.get(name):
-                if healthy:
+                if healthy and name not in self._unlogged:
                     log.info("dependency %s is reachable again", name)
                 self._dependencies[name] = healthy
                 self.metrics.dependency_up.labels(name).set(1 if healthy else 0)

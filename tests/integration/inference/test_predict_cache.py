@@ -11,6 +11,7 @@ model has not run yet.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +22,10 @@ import numpy as np
 import pytest
 import redis.asyncio
 from google.protobuf import duration_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from modelforge.inference.v1 import inference_pb2 as pb
+from modelforge_inference.__main__ import CACHE_DEPENDENCY, CACHE_HEALTH_NAME
 from modelforge_server import embedded
 from tests.fixtures.onnx_models import ModelFile
 from tests.fixtures.servers import RunningRegistry
@@ -333,9 +336,19 @@ async def own_redis(tmp_path: Path) -> AsyncIterator[StoppableRedis]:
         await asyncio.to_thread(server.stop)  # a no-op when already stopped
 
 
+async def cache_health(running: RunningInference) -> int:
+    request = health_pb2.HealthCheckRequest(service=CACHE_HEALTH_NAME)
+    return (await health_pb2_grpc.HealthStub(running.channel).Check(request)).status
+
+
 async def test_redis_down_predictions_answer_uncached_and_the_cache_recovers_by_itself(
-    registry: RunningRegistry, own_redis: StoppableRedis, add_one: ModelFile, tmp_path: Path
+    registry: RunningRegistry,
+    own_redis: StoppableRedis,
+    add_one: ModelFile,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO)
     settings = inference_settings_for(registry.address, tmp_path / "inference", own_redis.url)
     async with running_inference(settings, registry) as running:
         await upload(running, "resilient", add_one, labels=CACHED)
@@ -361,12 +374,21 @@ async def test_redis_down_predictions_answer_uncached_and_the_cache_recovers_by_
         assert_adds_one(known_during, known)
         assert await cache_status(running) == pb.CACHE_STATUS_DEGRADED
 
+        async def reported_down() -> bool:
+            return await cache_health(running) == health_pb2.HealthCheckResponse.NOT_SERVING
+
+        await eventually(reported_down, "the health check to report the cache down")
         await own_redis.start()
 
         async def recovered() -> bool:
             return await cache_status(running) == pb.CACHE_STATUS_OK
 
         await eventually(recovered, "the cache to leave degraded mode")
+
+        async def reported_up() -> bool:
+            return await cache_health(running) == health_pb2.HealthCheckResponse.SERVING
+
+        await eventually(reported_up, "the health check to report the cache back")
         after = [await predict(running, "resilient", fresh) for _ in range(2)]
         assert [r.cache_hit for r in after] == [False, True]  # nothing was stored while degraded
         assert (await predict(running, "resilient", known)).cache_hit
@@ -377,3 +399,13 @@ async def test_redis_down_predictions_answer_uncached_and_the_cache_recovers_by_
         # Lookups that found Redis down or were skipped count neither as hits nor as misses.
         assert (stats.cache_hit_count, stats.cache_miss_count) == (3, 2)
         assert (stats.request_count, stats.failure_count, stats.execution_count) == (7, 0, 4)
+    # One outage is one warning and one recovery line for the operator, though the health check saw it too.
+    about_redis = [
+        (r.levelno, r.getMessage())
+        for r in caplog.records
+        if r.levelno >= logging.INFO
+        and (r.name == "modelforge_inference.cache" or r.getMessage().startswith(f"dependency {CACHE_DEPENDENCY} "))
+    ]
+    assert [level for level, _ in about_redis] == [logging.WARNING, logging.INFO], about_redis
+    assert about_redis[0][1].startswith("prediction cache degraded, predictions run uncached until Redis answers")
+    assert about_redis[1][1] == "prediction cache recovered: Redis answers again"
