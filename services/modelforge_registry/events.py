@@ -154,15 +154,32 @@ class EventHub:
 
 
 def _parse(payload: str) -> ModelEvent | None:
+    """The event a notification carries, or None (logged) for one the registry did not publish: anyone who may
+    connect can NOTIFY on the channel, and what they send must end neither the feed nor a watch."""
     try:
         doc: dict[str, Any] = json.loads(payload)
-        return ModelEvent(
+        event = ModelEvent(
             type=EventType(doc["type"]),
             model=doc["model"],
             version=int(doc.get("version") or 0),
             alias=doc.get("alias") or "",
             event_time=datetime.fromisoformat(doc["event_time"]),
         )
-    except (ValueError, KeyError, TypeError):
-        log.error("ignoring a malformed model event: %r", payload)
+    # OverflowError: an infinite version; RecursionError: JSON nested deeper than the parser goes.
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
+        event = None
+    # Fields of another type would fail each watch as it makes its message; WATCH_STARTED is a watch's own.
+    if (
+        event is None
+        or event.type is EventType.WATCH_STARTED
+        or not isinstance(event.model, str)
+        or not isinstance(event.alias, str)
+        or not 0 <= event.version < 2**63
+    ):
+        log.error(
+            "ignoring a malformed model event on %s (the registry alone should notify there): %r",
+            EVENTS_CHANNEL,
+            payload,
+        )
         return None
+    return event
