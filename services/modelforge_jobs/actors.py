@@ -35,7 +35,7 @@ from modelforge_jobs.settings import JobsSettings
 from modelforge_jobs.store import JobStore
 from modelforge_server import db, logs, telemetry
 from modelforge_server.channels import service_channel
-from modelforge_server.metrics import Endpoint, Metrics, multiprocess_enabled
+from modelforge_server.metrics import Endpoint, Metrics, multiprocess_enabled, process_exiting
 from modelforge_server.settings import SettingsError
 from modelforge_server.telemetry import Telemetry
 
@@ -190,6 +190,9 @@ class WorkerResources(dramatiq.Middleware):
         loop_thread = get_event_loop_thread()
         if loop_thread is not None:
             loop_thread.run_coroutine(self.close())
+        # Under `dramatiq --processes N`: a process stopped (or reloaded) leaves the gauges the fork sums, which
+        # would otherwise keep its last values, such as a dependency it last found down.
+        process_exiting()
 
     def _serve_metrics(self) -> None:
         """Serves /metrics on the worker's port; in multiprocess mode the dramatiq fork function serves instead.

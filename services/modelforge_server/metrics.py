@@ -17,9 +17,9 @@ Several processes of one role (the jobs workers that the ``dramatiq`` command fo
 multiprocess mode: set ``PROMETHEUS_MULTIPROC_DIR`` to an empty directory shared by those processes before they
 start; every process then writes its samples there, and one exposition process
 (``--fork-function modelforge_server.metrics:serve_multiprocess``) sums them. Counters and histograms add up
-across processes, and gauges are summed over live processes only, so nothing is counted twice or lost when a
-worker restarts. Processes that each serve gRPC (registry, inference, jobs API replicas) each serve their own
-port instead; Prometheus scrapes every replica.
+across processes, and gauges are combined over live processes only (summed, unless the gauge says otherwise), so
+nothing is counted twice or lost when a worker restarts. Processes that each serve gRPC (registry, inference, jobs
+API replicas) each serve their own port instead; Prometheus scrapes every replica.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ __all__ = [
     "ExpositionSettings",
     "Metrics",
     "multiprocess_enabled",
+    "process_exiting",
     "serve_multiprocess",
 ]
 
@@ -62,6 +63,13 @@ _MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 def multiprocess_enabled() -> bool:
     """True when prometheus_client writes samples to a shared directory (the variable must be set before start)."""
     return bool(os.environ.get(_MULTIPROC_ENV))
+
+
+def process_exiting() -> None:
+    """In multiprocess mode, takes this exiting process's live gauges out of the sums (prometheus_client cannot
+    tell by itself that a process is gone); elsewhere does nothing. Its counters and histograms stay counted."""
+    if multiprocess_enabled():
+        multiprocess.mark_process_dead(os.getpid())
 
 
 @dataclass(frozen=True)
@@ -95,10 +103,13 @@ class Metrics:
         self.rpc_in_flight = self.gauge(
             "modelforge_rpc_in_flight", "RPCs being handled now.", ("grpc_service", "grpc_method")
         )
+        # Across worker processes, the lowest: 1 while every process reaches the dependency, 0 once one does not
+        # (a sum would read 2 for two processes that both reach it).
         self.dependency_up = self.gauge(
             "modelforge_dependency_up",
             "1 while a dependency passes its health check, 0 while it fails.",
             ("dependency",),
+            multiprocess_mode="livemin",
         )
 
     def counter(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> Counter:
