@@ -26,11 +26,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol, TypeVar
 
+from google.protobuf.message import DecodeError
+
 from modelforge import tensors
 from modelforge.common.v1.tensor_pb2 import DataType, Tensor
 from modelforge.jobs.v1.jobs_pb2 import DatasetRecord
 from modelforge_jobs.domain import InputRecord, TensorInfo
-from modelforge_jobs.errors import InvalidDataset, InvalidInput, NoRoomForDataset
+from modelforge_jobs.errors import (
+    DatasetRecordDamaged,
+    InlineInputDamaged,
+    InvalidDataset,
+    InvalidInput,
+    NoRoomForDataset,
+)
 from modelforge_server.errors import ChecksumMismatch, FailedPrecondition, SizeMismatch
 
 T = TypeVar("T")
@@ -387,11 +395,37 @@ class _Decoded:
         items = int(message.tensors[0].shape[0]) if message.tensors and message.tensors[0].shape else 0
         return cls(first_item, items, {t.name: _Column.of(t, items) for t in message.tensors}, size)
 
+    def tensors(self) -> set[TensorInfo]:
+        return {TensorInfo(c.name, int(c.dtype), c.item_shape) for c in self.columns.values()}
 
-def _decode(record: InputRecord) -> _Decoded:
-    decoded = _Decoded.of(DatasetRecord.FromString(record.record), record.first_item, len(record.record))
+
+def _parsed(data: bytes, first_item: int) -> _Decoded:
+    """One stored record, parsed; ValueError saying what is wrong when it is not the record its upload or submit
+    checked (a job's input is checked as it arrives, so only damage at rest fails here)."""
+    try:
+        message = DatasetRecord.FromString(data)
+    except DecodeError:
+        raise ValueError("its bytes do not parse as a DatasetRecord") from None
+    try:
+        return _Decoded.of(message, first_item, len(data))
+    except InvalidDataset as exc:
+        raise ValueError(exc.detail) from None  # (a dtype tensors does not know raises ValueError itself)
+
+
+def _decode(record: InputRecord, dataset_id: str, tensors_: set[TensorInfo]) -> _Decoded:
+    """A dataset's stored record, parsed and checked against its row and the dataset's tensors (none: unchecked);
+    DatasetRecordDamaged when it is not what the upload stored. Running the job again reads the same bytes: it
+    must fail at once, not as a fault to retry."""
+    try:
+        decoded = _parsed(record.record, record.first_item)
+    except ValueError as exc:
+        raise DatasetRecordDamaged(dataset_id, record.index, str(exc)) from None
     if decoded.item_count != record.item_count:
-        raise InvalidDataset(f"record {record.index} holds {decoded.item_count} items, not {record.item_count}")
+        why = f"it holds {decoded.item_count} items where its row says {record.item_count}"
+        raise DatasetRecordDamaged(dataset_id, record.index, why)
+    if tensors_ and decoded.tensors() != tensors_:
+        why = "its tensors' names, dtypes or item shapes are not the dataset's"
+        raise DatasetRecordDamaged(dataset_id, record.index, why)
     return decoded
 
 
@@ -428,9 +462,14 @@ class Items:
 
     @classmethod
     def from_bytes(cls, data: bytes, *, delimited: bool) -> Items:
-        """From a dataset file (delimited) or one serialized record (inline input)."""
-        records = list(read_records(data)) if delimited else [DatasetRecord.FromString(data)]
-        return cls.from_records(records)
+        """From a dataset file (delimited: InvalidDataset when it is malformed) or a job's stored inline input, one
+        serialized record (InlineInputDamaged when it no longer parses or agrees with itself)."""
+        if delimited:
+            return cls.from_records(list(read_records(data)))
+        try:
+            return cls([_parsed(data, 0)])
+        except ValueError as exc:
+            raise InlineInputDamaged(str(exc)) from None
 
     def batch(self, start: int, stop: int) -> list[Tensor]:
         first = bisect.bisect_right(self._firsts, start) - 1
@@ -455,12 +494,24 @@ class DatasetItems:
     reading its batches in order makes one query per several batches. The records of the last fetch, and of the
     ones used last at most `cached_records` records and `cached_bytes` bytes, stay in memory parsed, since
     consecutive batches usually share records; memory stays bounded by those whatever the dataset's size.
+
+    A record that no longer parses, or no longer agrees with its row or with the dataset's `tensors`, raises
+    DatasetRecordDamaged naming `dataset_id` and the record.
     """
 
     def __init__(
-        self, fetch: Fetch, *, cached_records: int = 8, cached_bytes: int = 64 << 20, read_ahead: int = 0
+        self,
+        fetch: Fetch,
+        *,
+        dataset_id: str = "",
+        tensors: Sequence[TensorInfo] = (),
+        cached_records: int = 8,
+        cached_bytes: int = 64 << 20,
+        read_ahead: int = 0,
     ) -> None:
         self._fetch = fetch
+        self._dataset_id = dataset_id  # named by the error of a damaged record
+        self._tensors = set(tensors)  # every record's, as the upload found them
         self._cache: collections.OrderedDict[int, _Decoded] = collections.OrderedDict()
         self._limit = max(1, cached_records)
         self._byte_limit = cached_bytes
@@ -484,10 +535,14 @@ class DatasetItems:
         records = self._cached(start, stop)
         if records is None:
             fetched = await self._fetch(start, max(stop, start + self._read_ahead))
+
+            def decode() -> list[_Decoded]:
+                return [_decode(r, self._dataset_id, self._tensors) for r in fetched]
+
             if sum(len(r.record) for r in fetched) <= _PARSE_INLINE_BYTES:
-                decoded = [_decode(r) for r in fetched]
+                decoded = decode()
             else:
-                decoded = await asyncio.to_thread(lambda: [_decode(r) for r in fetched])
+                decoded = await asyncio.to_thread(decode)
             records = [r for r in decoded if r.first_item < stop and r.first_item + r.item_count > start]
             covered = sum(min(stop, r.first_item + r.item_count) - max(start, r.first_item) for r in records)
             if covered != stop - start:

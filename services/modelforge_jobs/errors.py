@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from modelforge_server.errors import (
     AlreadyExists,
+    DataLoss,
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
@@ -92,6 +93,31 @@ class InvalidDataset(InvalidArgument):
 
     def __init__(self, message: str) -> None:
         super().__init__(f"the dataset file is invalid: {message}", field="chunk")
+        self.detail = message  # what is wrong, without the prefix: for InputDamaged, which is about stored bytes
+
+
+class InputDamaged(DataLoss):
+    """A job's stored input, checked when it arrived, no longer parses or no longer agrees with what was stored
+    with it: damaged at rest. Every run reads the same bytes, so the job fails at once, spending no more attempts."""
+
+    reason = "INPUT_DAMAGED"
+
+
+class DatasetRecordDamaged(InputDamaged):
+    def __init__(self, dataset_id: str, index: int, why: str) -> None:
+        super().__init__(
+            f"record {index} of dataset {dataset_id} is damaged in the jobs service's database: {why}; upload the "
+            "dataset again and submit the job on the new dataset",
+            dataset=dataset_id,
+            record=str(index),
+        )
+
+
+class InlineInputDamaged(InputDamaged):
+    def __init__(self, why: str) -> None:
+        super().__init__(
+            f"the job's inline input is damaged in the jobs service's database: {why}; submit the job again"
+        )
 
 
 class JobNotFinished(FailedPrecondition):

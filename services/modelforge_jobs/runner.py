@@ -315,6 +315,8 @@ class JobRunner:
             item_bytes = bytes_per_item(dataset.size_bytes, dataset.item_count)
             source = DatasetItems(
                 fetch,
+                dataset_id=str(dataset_id),
+                tensors=dataset.tensors,
                 cached_records=2 * self._settings.batch_concurrency,
                 cached_bytes=self._settings.read_ahead_bytes,
                 read_ahead=self._settings.read_ahead_items(job.batch_size, item_bytes),
