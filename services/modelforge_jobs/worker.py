@@ -13,11 +13,17 @@ on MODELFORGE_WORKER_METRICS_PORT (default: MODELFORGE_METRICS_PORT when set, as
   whose port is taken logs a warning and runs without metrics), or 0 for all but one;
 - `dramatiq modelforge_jobs.worker --processes N`: set PROMETHEUS_MULTIPROC_DIR to an empty directory and add
   `--fork-function modelforge_server.metrics:serve_multiprocess`; the workers then serve nothing themselves, and
-  the fork serves their sum on MODELFORGE_METRICS_PORT.
+  the fork serves their sum on MODELFORGE_METRICS_PORT (unset or 0: nothing is served, and the fork says so).
+
+Each worker process logs that it is ready ("jobs worker ... ready"); Dramatiq's own lines of a worker starting and
+stopping ("Worker process is ready for action.", "Shutting down..."...) are left out below DEBUG, their warnings
+kept. The lines of Dramatiq's CLI process itself ("Dramatiq ... is booting up.") are its own, in its format:
+`dramatiq --skip-logging` leaves out its INFO lines too.
 """
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 
@@ -33,6 +39,23 @@ from modelforge_server.settings import command_line, from_env, reported
 
 SERVICE_NAME = "modelforge-jobs-worker"
 
+# Dramatiq's loggers whose INFO lines only say that a worker, or its event loop, starts or stops; and, under
+# Dramatiq's CLI, that of this worker process, created before this module is imported.
+_LIFECYCLE_LOGGERS = ("dramatiq.worker.Worker", "dramatiq.middleware.asyncio.AsyncIO")
+_CLI_PROCESS_LOGGER = "dramatiq.WorkerProcess("
+
+
+def _quiet_lifecycle() -> None:
+    """Lowers Dramatiq's start and stop lines to WARNING, unless the log level is DEBUG: ModelForge logs when a
+    worker is ready, and Dramatiq's half a dozen lines per process add nothing to that but noise."""
+    root = logging.getLogger()
+    if root.level < logging.INFO:
+        return
+    cli = [name for name in list(root.manager.loggerDict) if name.startswith(_CLI_PROCESS_LOGGER)]
+    for name in (*_LIFECYCLE_LOGGERS, *cli):
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
+
+
 if __name__ == "__main__":  # not under Dramatiq's CLI, whose arguments these are
     command_line(
         "modelforge_jobs.worker",
@@ -43,6 +66,7 @@ if __name__ == "__main__":  # not under Dramatiq's CLI, whose arguments these ar
 with reported(SERVICE_NAME):
     settings = from_env(JobsSettings)
     logs.configure(SERVICE_NAME, settings.log_level)
+    _quiet_lifecycle()
     app.use_event_loop(settings.event_loop)  # before the AsyncIO middleware makes the worker's loop
     # Before the broker and the worker's channels exist, so that the gRPC, psycopg and Redis clients are
     # instrumented.

@@ -24,6 +24,7 @@ API replicas) each serve their own port instead; Prometheus scrapes every replic
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 from collections.abc import Sequence
@@ -53,6 +54,8 @@ __all__ = [
     "process_exiting",
     "serve_multiprocess",
 ]
+
+log = logging.getLogger("modelforge.metrics")
 
 # From half a millisecond (a cache hit) to a minute (a large upload or a slow batch).
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -172,12 +175,19 @@ def serve_multiprocess() -> int:
     """Entry point of the exposition process for forked workers: sums PROMETHEUS_MULTIPROC_DIR over processes.
 
     Run it with ``dramatiq ... --fork-function modelforge_server.metrics:serve_multiprocess``; it listens on
-    MODELFORGE_HOST:MODELFORGE_METRICS_PORT until the dramatiq master stops it.
+    MODELFORGE_HOST:MODELFORGE_METRICS_PORT until the dramatiq master stops it. With that port unset or 0 it
+    serves nothing and says so: the workers serve none of their own in this mode, so no metrics are served at all.
     """
     if not multiprocess_enabled():
         raise RuntimeError(f"{_MULTIPROC_ENV} is not set; the workers have nowhere to write their metrics")
     settings = from_env(ExpositionSettings)
     if settings.metrics_port == 0:
+        log.warning(
+            "no metrics are served: MODELFORGE_METRICS_PORT is unset or 0, and in multiprocess mode (%s) only "
+            "this fork function serves the workers' metrics; set MODELFORGE_METRICS_PORT to serve them "
+            "(MODELFORGE_WORKER_METRICS_PORT does not apply here)",
+            _MULTIPROC_ENV,
+        )
         return 0
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)
