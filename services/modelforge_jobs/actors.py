@@ -193,6 +193,7 @@ class WorkerResources(dramatiq.Middleware):
         # Under `dramatiq --processes N`: a process stopped (or reloaded) leaves the gauges the fork sums, which
         # would otherwise keep its last values, such as a dependency it last found down.
         process_exiting()
+        log.info("jobs worker %s stopped", self.worker_id)
 
     def _serve_metrics(self) -> None:
         """Serves /metrics on the worker's port; in multiprocess mode the dramatiq fork function serves instead.

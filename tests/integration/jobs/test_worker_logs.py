@@ -1,5 +1,5 @@
-"""What a worker process started by Dramatiq's CLI says at INFO: ModelForge's own line that it is ready, and none
-of Dramatiq's start and stop lines, which say the same again; Dramatiq's warnings still pass."""
+"""What a worker process started by Dramatiq's CLI says at INFO: ModelForge's own lines that it is ready and has
+stopped, and none of Dramatiq's start and stop lines, which say the same again; Dramatiq's warnings still pass."""
 
 from __future__ import annotations
 
@@ -55,5 +55,7 @@ async def test_a_worker_process_logs_its_own_ready_line_and_none_of_dramatiqs_li
     assert all("[dramatiq.MainProcess]" in line for line in lines if not line.startswith("{")), lines
     ready = [r for r in records if r["logger"] == "modelforge.jobs.worker" and " ready (inference at " in r["message"]]
     assert len(ready) == 1, lines
+    stopped = [r for r in records if r["logger"] == "modelforge.jobs.worker" and r["message"].endswith(" stopped")]
+    assert [r["message"] for r in stopped] == [ready[0]["message"].partition(" ready")[0] + " stopped"], lines
     dramatiq_info = [r for r in records if r["logger"].startswith("dramatiq") and r["level"] == "INFO"]
     assert dramatiq_info == [], lines
