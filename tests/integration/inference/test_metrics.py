@@ -119,12 +119,16 @@ async def test_requests_whose_callers_went_away_count_among_the_requests(
     calls = [
         inference.stub.Predict(predict_request("slow", {"x": np.full((256, 512), i, np.float32)})) for i in range(3)
     ]
-    predicts = {"grpc_service": "modelforge.inference.v1.InferenceService", "grpc_method": "Predict"}
 
-    def in_flight() -> bool:  # every call reached the service, whose counting is what this tests
-        return inference.server.metrics.registry.get_sample_value("modelforge_rpc_in_flight", predicts) == 3
+    async def in_flight() -> bool:
+        # Every call resolved to the version and is held by it, queued or running: counted from there on, answered
+        # or not. A call that had only reached the service (modelforge_rpc_in_flight) may still be resolving its
+        # ref, when an event of the push just made asks the registry again: cancelled then, it never resolved to
+        # the version and counts for none.
+        listed = await inference.stub.ListLoadedModels(pb.ListLoadedModelsRequest(model="slow"))
+        return [m.in_flight for m in listed.loaded_models] == [3]
 
-    await eventually(in_flight, "three Predict calls in flight")
+    await eventually(in_flight, "three Predict calls held by the version")
     for call in calls:
         call.cancel()
 
