@@ -14,6 +14,7 @@ from grpc_status import rpc_status
 
 from modelforge import _errors
 from modelforge._errors import (
+    UNREACHABLE_HINT,
     AbortedError,
     AlreadyExistsError,
     CancelledError,
@@ -166,6 +167,31 @@ def test_unreachable_server_is_unavailable(closed_port: int) -> None:
         channel.unary_unary(UNARY)(b"NOT_FOUND", timeout=10)
     assert caught.value.code == grpc.StatusCode.UNAVAILABLE
     assert caught.value.reason == ""
+    assert caught.value.details.startswith(f"failed to connect to all addresses; last error: UNKNOWN: ipv4:{address}")
+    assert caught.value.details.endswith(
+        "; is the suite running (`modelforge up` starts it), and is the address right (the client's target, else "
+        "MODELFORGE_REGISTRY_ADDRESS, MODELFORGE_INFERENCE_ADDRESS or MODELFORGE_JOBS_ADDRESS)?"
+    )
+
+
+def test_an_unresolvable_host_gets_the_same_advice() -> None:
+    with (
+        grpc.insecure_channel("modelforge.invalid:50051") as channel,
+        pytest.raises(UnavailableError) as caught,
+        translated(),
+    ):
+        channel.unary_unary(UNARY)(b"NOT_FOUND", timeout=10)
+    assert caught.value.details.startswith("errors resolving modelforge.invalid:50051")
+    assert caught.value.details.endswith(UNREACHABLE_HINT)
+
+
+def test_a_services_own_unavailable_gets_no_advice_about_reaching_it(channel: grpc.Channel) -> None:
+    with pytest.raises(UnavailableError) as caught, translated():
+        channel.unary_unary(UNARY)(b"UNAVAILABLE", timeout=10)
+    assert (caught.value.reason, caught.value.details) == ("TEST_UNAVAILABLE", "failed with UNAVAILABLE")
+    with pytest.raises(UnavailableError) as caught, translated():
+        channel.unary_unary(PLAIN)(b"UNAVAILABLE", timeout=10)
+    assert caught.value.details == "no details attached"
 
 
 def test_other_exceptions_pass_through() -> None:

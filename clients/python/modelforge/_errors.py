@@ -63,6 +63,7 @@ __all__ = [
     "UnimplementedError",
     "ANSWER_TOO_LARGE_HINT",
     "REQUEST_TOO_LARGE_HINT",
+    "UNREACHABLE_HINT",
     "atranslated",
     "error_from_rpc",
     "translated",
@@ -274,6 +275,15 @@ DEADLINE_HINT = (
 )
 
 
+# gRPC's own UNAVAILABLE messages for a service it did not reach: nothing listening, or a name that did not resolve.
+_NOT_REACHED = ("failed to connect to all addresses", "errors resolving ")
+UNREACHABLE_HINT = (
+    "; is the suite running (`modelforge up` starts it), and is the address right (the client's target, else "
+    "MODELFORGE_REGISTRY_ADDRESS, MODELFORGE_INFERENCE_ADDRESS or MODELFORGE_JOBS_ADDRESS)?"
+)
+"""What the SDK adds to gRPC's message when it did not reach the service at all."""
+
+
 def _size_limit_hint(details: str) -> str:
     if any(message in details for message in _REQUEST_TOO_LARGE):
         return REQUEST_TOO_LARGE_HINT
@@ -330,6 +340,8 @@ def error_from_rpc(error: grpc.RpcError) -> ModelForgeError:
         details += _size_limit_hint(details)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED and not reason and details == _OWN_DEADLINE:
         details += DEADLINE_HINT
+    if code == grpc.StatusCode.UNAVAILABLE and not reason and details.startswith(_NOT_REACHED):
+        details += UNREACHABLE_HINT
     kind = _BY_CODE.get(code, ModelForgeError)
     return kind(
         details,
