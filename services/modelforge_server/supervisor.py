@@ -150,6 +150,11 @@ class UpOptions:
     """Program name to the processes that serve its port (inference only); 1 for those not named."""
     start_timeout: float = 120.0
     """Seconds each service may take to answer SERVING."""
+    metrics_port: int | None = None
+    """The first of the suite's consecutive metrics ports, over MODELFORGE_METRICS_PORT (0: none); None leaves the
+    variable, else the defaults, in force."""
+    worker_metrics_port: int | None = None
+    """The first jobs worker's metrics port, over MODELFORGE_WORKER_METRICS_PORT (0: none); None leaves it as is."""
 
 
 def runnable(module: str) -> bool:
@@ -306,8 +311,11 @@ def metrics_port(program: Program, env: Mapping[str, str]) -> int:
 
 def _metrics_remedy(program: Program) -> str:
     if program.default_port is None:
-        return f"{WORKER_METRICS_PORT_ENV} (0 turns the workers' metrics off)"
-    return "MODELFORGE_METRICS_PORT (the first of the suite's consecutive metrics ports; 0 turns them off)"
+        return f"--worker-metrics-port or {WORKER_METRICS_PORT_ENV} (0 turns the workers' metrics off)"
+    return (
+        "--metrics-port or MODELFORGE_METRICS_PORT (the first of the suite's consecutive metrics ports; 0 turns them "
+        "off)"
+    )
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -377,6 +385,12 @@ class Supervisor:
         self._options = options
         self._env = dict(environ)
         self._env.pop("MODELFORGE_PRIVATE_ADDRESS", None)  # one process's alone: no child is given it from here
+        for key, port in (
+            ("MODELFORGE_METRICS_PORT", options.metrics_port),
+            (WORKER_METRICS_PORT_ENV, options.worker_metrics_port),
+        ):
+            if port is not None:  # a flag over its variable, as --registry-port is over a service's default
+                self._env[key] = str(port)
         self._settings = from_env(ServerSettings, self._env)
         self._out = out
         self._stop = asyncio.Event()

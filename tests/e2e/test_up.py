@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -518,3 +519,51 @@ def test_a_second_ctrl_c_stops_up_at_once_instead_of_waiting_out_the_grace_perio
         finally:
             inference.close()
             endless.shutdown(wait=False, cancel_futures=True)
+
+
+def _consecutive_free_ports(count: int) -> int:
+    """The first of `count` consecutive ports free on 127.0.0.1 right now."""
+    while True:
+        base = _free_ports(1)[0]
+        if base + count > 65536:
+            continue
+        with contextlib.ExitStack() as held:
+            try:
+                for port in range(base, base + count):
+                    held.enter_context(socket.socket()).bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return base
+
+
+def _serves_metrics(port: int, timeout: float = 60.0) -> bool:
+    """Whether /metrics answers on `port` within `timeout` s (a worker serves it once it has booted, after `up` has
+    announced it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+                return response.status == 200 and b"# TYPE " in response.read()
+        except OSError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+
+
+def test_metrics_port_flags_move_the_suites_metrics_over_the_variables(env: Env) -> None:
+    base = _consecutive_free_ports(3)
+    (worker,) = _free_ports(1)
+    # env.environ() turns metrics off (MODELFORGE_METRICS_PORT=0 and MODELFORGE_WORKER_METRICS_PORT=0): the flags win.
+    argv = ("--metrics-port", str(base), "--worker-metrics-port", str(worker))
+    with up(env, argv=argv) as suite:
+        for port in (base, base + 1, base + 2, worker):  # registry, inference, jobs, then the worker
+            assert _serves_metrics(port), port
+        assert suite.stop() == 0
+
+
+def test_metrics_port_flags_are_in_the_help_and_refuse_a_port_out_of_range(env: Env) -> None:
+    result = run_up(env, "--metrics-port", "65536")
+    assert result.returncode == 2
+    assert "--metrics-port: 65536 is out of range: give a number from 0 to 65535" in result.stderr
+    shown = subprocess.run([str(MODELFORGE), "up", "--help"], capture_output=True, text=True, timeout=60, check=True)
+    assert "--metrics-port PORT" in shown.stdout and "--worker-metrics-port PORT" in shown.stdout

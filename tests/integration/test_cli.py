@@ -13,6 +13,10 @@ import json
 import os
 import re
 import signal
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,7 +186,10 @@ async def test_an_unreachable_registry_says_where_it_looked(closed_port: int) ->
     code = await asyncio.to_thread(main, ["models", "ls", "--registry", address, "--timeout", "5"], out=out, err=err)
     assert code == 1
     assert f"cannot reach the registry service at {address}" in err.getvalue()
-    assert "MODELFORGE_REGISTRY_ADDRESS" in err.getvalue()
+    assert err.getvalue().endswith(
+        ". Is `modelforge up` running? Point to it with --registry or MODELFORGE_REGISTRY_ADDRESS.\n"
+    )
+    assert "is the suite running" not in err.getvalue()  # the SDK's own advice, which says the same for SDK users
 
 
 async def test_predict_load_stats_and_jobs(
@@ -814,3 +821,54 @@ async def test_result_of_a_failed_job_says_why_it_failed(
     assert "It failed with FAILED_PRECONDITION OUTPUTS_NOT_PER_ITEM: " in result.err
     assert "held 3 rows for a batch of 4 items" in result.err
     assert not (tmp_path / "result.npz").exists()
+
+
+MODELFORGE = Path(sys.executable).with_name("modelforge")
+
+
+def _mapped(pid: int, library: str) -> bool:
+    """Whether process `pid` has loaded a shared library whose file name holds `library` (from /proc)."""
+    try:
+        return library in Path(f"/proc/{pid}/maps").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads what a process has loaded from /proc")
+@pytest.mark.parametrize(
+    "moment",
+    [
+        # While the SDK's modules are still importing, before modelforge.cli exists: numpy's core comes first,
+        # gRPC's a few tenths of a second later.
+        "_multiarray_umath",
+        "cygrpc",
+        "call",  # the command waiting for its call's answer
+    ],
+)
+def test_a_ctrl_c_at_any_moment_ends_the_command_with_130_and_one_line(moment: str) -> None:
+    with socket.socket() as silent:  # takes connections and never answers: the call waits out its --timeout
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        silent.settimeout(60)
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        process = subprocess.Popen(
+            [str(MODELFORGE), "models", "ls", "--registry", address, "--timeout", "60"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            if moment == "call":
+                silent.accept()[0].close()
+            else:  # polled for: a fixed delay lands in another moment on a loaded machine
+                deadline = time.monotonic() + 60
+                while not _mapped(process.pid, moment) and process.poll() is None and time.monotonic() < deadline:
+                    time.sleep(0.001)
+            process.send_signal(signal.SIGINT)
+            out, err = process.communicate(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+    assert (process.returncode, err, out) == (130, "modelforge: interrupted\n", "")

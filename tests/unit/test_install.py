@@ -16,7 +16,15 @@ import pytest
 
 
 @pytest.mark.parametrize(
-    "package", ["modelforge", "modelforge_server", "modelforge_registry", "modelforge_inference", "modelforge_jobs"]
+    "package",
+    [
+        "modelforge",
+        "modelforge_cli",
+        "modelforge_server",
+        "modelforge_registry",
+        "modelforge_inference",
+        "modelforge_jobs",
+    ],
 )
 def test_each_package_is_found_through_sys_path_without_import_hooks(package: str) -> None:
     found = importlib.machinery.PathFinder.find_spec(package, sys.path)

@@ -36,6 +36,7 @@ from modelforge._errors import (
     ANSWER_TOO_LARGE_HINT,
     DEADLINE_HINT,
     REQUEST_TOO_LARGE_HINT,
+    UNREACHABLE_HINT,
     DeadlineExceededError,
     ModelForgeError,
     NotFoundError,
@@ -198,6 +199,7 @@ def cmd_up(ctx: Context) -> int:
     options = supervisor.UpOptions(
         host=a.host, ports=ports, only=tuple(a.only or ()), workers=a.workers,
         replicas={"inference": a.inference_replicas},
+        metrics_port=a.metrics_port, worker_metrics_port=a.worker_metrics_port,
     )  # fmt: skip
     return supervisor.run(options)
 
@@ -888,6 +890,7 @@ def _seconds(text: str) -> float:
 
 
 _PORT = _whole(1, 65535)
+_PORT_OR_OFF = _whole(0, 65535)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -905,13 +908,21 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Start the suite on this machine: embedded PostgreSQL and Redis unless "
                              "MODELFORGE_DATABASE_URL / MODELFORGE_REDIS_URL are set, data under "
                              "MODELFORGE_DATA_DIR (default ./.modelforge). Ctrl-C stops everything.")  # fmt: skip
-    up.add_argument("--host", help="interface to listen on (default: $MODELFORGE_HOST or 127.0.0.1)")
+    up.add_argument("--host", metavar="HOST", help="interface to listen on (default: $MODELFORGE_HOST or 127.0.0.1)")
     up.add_argument("--registry-port", type=_PORT, metavar="PORT", help="default 50051")
     up.add_argument("--inference-port", type=_PORT, metavar="PORT", help="default 50052")
     up.add_argument("--jobs-port", type=_PORT, metavar="PORT", help="default 50053")
+    up.add_argument("--metrics-port", type=_PORT_OR_OFF, metavar="PORT",
+                    help="the first of the /metrics ports: registry, inference, jobs, then the workers count up from "
+                    "the next (default: $MODELFORGE_METRICS_PORT, else 9101-9104; 0: none)")  # fmt: skip
+    up.add_argument("--worker-metrics-port", type=_PORT_OR_OFF, metavar="PORT",
+                    help="the first jobs worker's /metrics port, the next ones counting up (default: "
+                    "$MODELFORGE_WORKER_METRICS_PORT, else after the services'; 0: none)")  # fmt: skip
     up.add_argument("--only", nargs="+", metavar="SERVICE", choices=["registry", "inference", "jobs"],
                     help="run only these: registry, inference, jobs")  # fmt: skip
-    up.add_argument("--workers", type=_whole(0), default=1, help="jobs worker processes (default 1; 0: none)")
+    up.add_argument(
+        "--workers", type=_whole(0), default=1, metavar="N", help="jobs worker processes (default 1; 0: none)"
+    )
     up.add_argument("--inference-replicas", type=_whole(1), default=1, metavar="N",
                     help="inference processes sharing its port, to use more cores (Linux; default 1)")  # fmt: skip
     up.set_defaults(run=cmd_up)
@@ -920,19 +931,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
 
     p = sub.add_parser("push", parents=[common], help="upload an ONNX file as a model's next version")
-    p.add_argument("file", metavar="FILE")
-    p.add_argument("--name", required=True, help="the model (created if it does not exist)")
-    p.add_argument("--alias", help="point this alias at the new version")
-    p.add_argument("--description", default="", help="free text for the version")
+    p.add_argument("file", metavar="FILE.onnx")
+    p.add_argument("--name", required=True, metavar="NAME", help="the model (created if it does not exist)")
+    p.add_argument("--alias", metavar="ALIAS", help="point this alias at the new version")
+    p.add_argument("--description", default="", metavar="TEXT", help="free text for the version")
     p.add_argument("--label", action="append", metavar="KEY=VALUE", help="a label for the version (repeatable)")
-    p.add_argument("--version-label", default="", help="a free-form label such as a semver")
+    p.add_argument("--version-label", default="", metavar="TEXT", help="a free-form label such as a semver")
     p.add_argument("--no-create", action="store_true", help="fail if the model does not exist")
     p.add_argument("--json", action="store_true", help="print the new version as JSON")
     p.set_defaults(run=cmd_models_push)
 
     p = sub.add_parser("ls", parents=[common], help="list models, or the versions of one model")
     p.add_argument("name", nargs="?", metavar="NAME", help="list this model's versions, newest first")
-    p.add_argument("--prefix", help="only models whose name starts with this")
+    p.add_argument("--prefix", metavar="TEXT", help="only models whose name starts with this")
     p.add_argument("--label", action="append", metavar="KEY=VALUE", help="only models with this label")
     p.add_argument("--state", choices=["READY", "ARCHIVED"], help="only versions in this state")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -949,10 +960,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="change the description or labels of a model (NAME) or a version (NAME:VERSION or NAME@ALIAS)",
     )
     p.add_argument("ref", metavar="REF", help="NAME for the model; NAME:VERSION or NAME@ALIAS for a version")
-    p.add_argument("--description", help="replace the description ('' clears it)")
+    p.add_argument("--description", metavar="TEXT", help="replace the description ('' clears it)")
     p.add_argument("--label", action="append", metavar="KEY=VALUE", help="add or replace a label (repeatable)")
     p.add_argument("--unlabel", action="append", metavar="KEY", help="remove a label (repeatable)")
-    p.add_argument("--version-label", help="replace a version's free-form label, such as a semver")
+    p.add_argument("--version-label", metavar="TEXT", help="replace a version's free-form label, such as a semver")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(run=cmd_models_set)
 
@@ -982,7 +993,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pull", parents=[common], help="download a version's file, verifying its sha256")
     p.add_argument("ref", metavar="REF")
-    p.add_argument("--out", metavar="PATH", help="file or directory to write (default: ./NAME.onnx)")
+    p.add_argument("--out", metavar="FILE.onnx|DIR", help="file or directory to write (default: ./NAME.onnx)")
     p.set_defaults(run=cmd_models_pull)
 
     p = sub.add_parser("load", parents=[common], help="load a version into the inference service now")
@@ -1008,7 +1019,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true", help="receive the outputs as a stream (large outputs)")
     p.add_argument("--no-sha256", action="store_true",
                    help="with --stream: neither end hashes the outputs (saves CPU; sizes are checked)")  # fmt: skip
-    p.add_argument("--priority", type=_whole(0, INT32_MAX), default=0,
+    p.add_argument("--priority", type=_whole(0, INT32_MAX), default=0, metavar="N",
                    help="queue priority: 1 the most urgent, up to the model's number of levels; 0 (the default) "
                    "and larger numbers, the least urgent level")  # fmt: skip
     p.add_argument("--cache", choices=["use", "bypass", "refresh"], help="what to do with the prediction cache")
@@ -1031,12 +1042,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size",
         type=_whole(0, INT32_MAX),
         default=0,
+        metavar="N",
         help="items per inference request (default: the server's, or what the model fixes)",
     )
     p.add_argument("--priority", choices=["low", "normal", "high"], help="queue priority")
     p.add_argument("--label", action="append", metavar="KEY=VALUE", help="a label for the job (repeatable)")
     p.add_argument(
-        "--max-attempts", type=_whole(0, INT32_MAX), default=0, help="runs the job may start (default: the server's)"
+        "--max-attempts",
+        type=_whole(0, INT32_MAX),
+        default=0,
+        metavar="N",
+        help="runs the job may start (default: the server's)",
     )
     p.add_argument("--time-limit", type=_seconds, metavar="SECONDS", help="how long one run may take")
     p.add_argument(
@@ -1050,7 +1066,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ls", parents=[common], help="list jobs, newest first")
     p.add_argument("--state", choices=[s.value for s in JobState], help="only jobs in this state")
-    p.add_argument("--model", help="only jobs of this model")
+    p.add_argument("--model", metavar="NAME", help="only jobs of this model")
     p.add_argument("--label", action="append", metavar="KEY=VALUE", help="only jobs with this label")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=cmd_jobs_ls)
@@ -1114,8 +1130,9 @@ def _error_line(exc: ModelForgeError, ctx: Context | None) -> str:
     if isinstance(exc, UnavailableError) and not exc.reason and ctx is not None and ctx.service is not None:
         service = ctx.service
         where = ctx.target(service)
+        details = exc.details.removesuffix(UNREACHABLE_HINT) or str(exc)  # the SDK's advice, said here for the CLI
         return (
-            f"cannot reach the {service.key} service at {where}: {exc.details or exc}. Is `modelforge up` "
+            f"cannot reach the {service.key} service at {where}: {details}. Is `modelforge up` "
             f"running? Point to it with --{service.key} or {service.env_var}."
         )
     # DEADLINE_EXCEEDED without a reason is the client's own deadline (--timeout), not a queue timeout.
@@ -1141,11 +1158,12 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: T
     """Runs the ``modelforge`` command and returns its exit status (the console script exits with it)."""
     out = out or sys.stdout
     err = err or sys.stderr
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    ctx = Context(args, out, err)
-    run: Callable[[Context], int] = args.run
+    ctx: Context | None = None
     try:
+        # In the try: a Ctrl-C while the parser is built or reads the line ends as one in the command does.
+        args = build_parser().parse_args(argv)
+        ctx = Context(args, out, err)
+        run: Callable[[Context], int] = args.run
         return run(ctx)
     except UsageError as exc:
         print(f"modelforge: {exc}", file=err)
