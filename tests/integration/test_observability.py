@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -25,12 +24,12 @@ import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from prometheus_client.parser import text_string_to_metric_families
 
 from modelforge.registry.v1 import registry_pb2, registry_pb2_grpc
 from modelforge_server import app, embedded, errors, logs, telemetry
 from modelforge_server.metrics import Metrics
 from modelforge_server.settings import ServerSettings
+from tests.fixtures.metrics import scrape
 
 REGISTRY = "modelforge.registry.v1.RegistryService"
 HEALTH = "grpc.health.v1.Health"
@@ -71,17 +70,6 @@ async def server() -> AsyncIterator[tuple[app.Server, grpc.aio.Channel]]:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         yield built, channel
     await built.stop(None)
-
-
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of /metrics, keyed by sample name and sorted labels."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
 
 
 def requests_total(samples: dict, service: str, method: str, code: str) -> float:

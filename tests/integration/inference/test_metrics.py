@@ -4,32 +4,19 @@ amount of work done."""
 from __future__ import annotations
 
 import asyncio
-import urllib.request
 from collections.abc import Iterator
 
 import grpc
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from modelforge.inference.v1 import inference_pb2 as pb
 from modelforge.registry.v1 import registry_pb2
 from modelforge_server.metrics import Endpoint
+from tests.fixtures.metrics import Samples, scrape
 from tests.fixtures.onnx_models import ModelFile, build_heavy, model_bytes
 from tests.fixtures.polling import eventually
 from tests.integration.inference.conftest import RunningInference, failure, predict_request, ref, upload
-
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def scrape(port: int) -> Samples:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
 
 
 def value(samples: Samples, name: str, model: str, version: int = 1, **labels: str) -> float:

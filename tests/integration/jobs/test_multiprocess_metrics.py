@@ -14,26 +14,14 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
-from prometheus_client.parser import text_string_to_metric_families
 
 from modelforge.jobs.v1 import jobs_pb2
 from modelforge_server import embedded
+from tests.fixtures.metrics import scrape
 from tests.fixtures.polling import eventually
 from tests.integration.jobs.conftest import inline_request, scrape_metrics, settings_env, upload, wait_terminal
-from tests.integration.jobs.test_metrics import Samples
 
 PROCESSES = 2
-
-
-def scrape_all(port: int) -> Samples:
-    """Every sample the fork serves, by name and labels."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
 
 
 async def test_forked_workers_counters_are_summed_on_the_fork_functions_port(
@@ -77,11 +65,11 @@ async def test_forked_workers_counters_are_summed_on_the_fork_functions_port(
 
         # Each worker process counts what it ran itself; the one scrape sums them, whichever ran what.
         await eventually(
-            lambda: asyncio.to_thread(lambda: scrape_all(port).get(("modelforge_jobs_completed_total", ())) == 4),
+            lambda: asyncio.to_thread(lambda: scrape(port).get(("modelforge_jobs_completed_total", ())) == 4),
             "the four completed jobs on the fork's /metrics",
             timeout=10,
         )
-        samples = await asyncio.to_thread(scrape_all, port)
+        samples = await asyncio.to_thread(scrape, port)
         assert samples[("modelforge_jobs_runs_started_total", ())] == 4
         assert samples[("modelforge_jobs_items_total", ())] == 24
         assert samples[("modelforge_jobs_batches_total", ())] == 12
@@ -92,12 +80,12 @@ async def test_forked_workers_counters_are_summed_on_the_fork_functions_port(
         # A dependency is up once, not once per process.
         await eventually(
             lambda: asyncio.to_thread(
-                lambda: scrape_all(port).get(("modelforge_dependency_up", (("dependency", "postgresql"),))) is not None
+                lambda: scrape(port).get(("modelforge_dependency_up", (("dependency", "postgresql"),))) is not None
             ),
             "the workers' dependency checks",
             timeout=10,
         )
-        samples = await asyncio.to_thread(scrape_all, port)
+        samples = await asyncio.to_thread(scrape, port)
         for dependency in ("postgresql", "redis", "inference"):
             assert samples[("modelforge_dependency_up", (("dependency", dependency),))] == 1, dependency
         # Stopped, the worker processes take their gauges out of the sums; their counters stay.

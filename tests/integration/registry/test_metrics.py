@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import urllib.request
 from collections.abc import AsyncIterator, Iterator
 
 import grpc
 import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from prometheus_client.parser import text_string_to_metric_families
 
 from modelforge.registry.v1 import registry_pb2 as pb
 from modelforge_server import telemetry
+from tests.fixtures.metrics import Samples, scrape
 from tests.fixtures.servers import RunningRegistry, upload_model
 from tests.integration.registry.calls import failure
 
@@ -31,17 +30,6 @@ RESULTS = (
     "unavailable",
     "error",
 )
-
-
-def scrape(port: int) -> Samples:
-    """Every sample of /metrics, keyed by sample name and sorted labels."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:
