@@ -3,39 +3,26 @@
 from __future__ import annotations
 
 import asyncio
-import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 
 import numpy as np
-from prometheus_client.parser import text_string_to_metric_families
 
 from modelforge.jobs.v1 import jobs_pb2
 from modelforge_server.metrics import Metrics
+from tests.fixtures.metrics import Samples, scrape
 from tests.integration.jobs.conftest import inline_request, open_resources, upload, wait_terminal
 
 JOBS = "modelforge.jobs.v1.JobService"
-
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 @contextmanager
 def scraped(metrics: Metrics) -> Iterator[Callable[[], Samples]]:
     """Serves `metrics` on a free port; yields a function that scrapes every sample over HTTP."""
     endpoint = metrics.serve("127.0.0.1", 0)
-
-    def scrape() -> Samples:
-        with urllib.request.urlopen(f"http://127.0.0.1:{endpoint.port}/metrics", timeout=10) as response:
-            text = response.read().decode()
-        return {
-            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-        }
-
     try:
-        yield scrape
+        yield lambda: scrape(endpoint.port)
     finally:
         endpoint.close()
 
